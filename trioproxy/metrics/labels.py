@@ -1,0 +1,114 @@
+"""Bounded label values: every metric label comes from a fixed set or collapses to ``other``."""
+
+from __future__ import annotations
+
+OTHER = "other"
+
+# (method-agnostic) path -> endpoint label.  Route templates only, never raw paths.
+ROUTE_LABELS: dict[str, str] = {
+    "/": "root",
+    "/api/version": "api_version",
+    "/api/tags": "api_tags",
+    "/api/show": "api_show",
+    "/api/ps": "api_ps",
+    "/api/generate": "api_generate",
+    "/api/chat": "api_chat",
+    "/api/embed": "api_embed",
+    "/api/embeddings": "api_embeddings",
+    "/api/pull": "api_model_management",
+    "/api/push": "api_model_management",
+    "/api/create": "api_model_management",
+    "/api/copy": "api_model_management",
+    "/api/delete": "api_model_management",
+    "/v1/chat/completions": "v1_chat_completions",
+    "/v1/completions": "v1_completions",
+    "/v1/embeddings": "v1_embeddings",
+    "/v1/models": "v1_models",
+}
+
+ENDPOINT_LABELS: frozenset[str] = frozenset(
+    {*ROUTE_LABELS.values(), "v1_model", "api_blobs", OTHER}
+)
+
+# Requests to these paths are the monitoring plane itself; they are never recorded,
+# so scrapes and probes cannot fill the window or skew the rates.
+UNTRACKED_PATHS: frozenset[str] = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/v1/metrics",
+        "/v1/metrics/prometheus",
+        "/v1/metrics/health",
+    }
+)
+
+METHOD_LABELS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+API_LABELS: frozenset[str] = frozenset({"ollama", "openai", OTHER})
+
+STREAM_OUTCOMES: tuple[str, ...] = ("completed", "cancelled", "timeout", "error")
+
+# Status recorded for requests that ended abnormally after the response headers went out.
+STATUS_CLIENT_CLOSED = 499  # nginx's convention for "client closed request"
+STATUS_STREAM_TIMEOUT = 504
+STATUS_STREAM_UPSTREAM_ERROR = 502
+
+
+def endpoint_label(path_or_label: str) -> str:
+    """Map a request path (or an already-valid label) to a bounded endpoint label."""
+    if path_or_label in ENDPOINT_LABELS:
+        return path_or_label
+    label = ROUTE_LABELS.get(path_or_label)
+    if label is not None:
+        return label
+    if path_or_label.startswith("/v1/models/"):
+        return "v1_model"
+    if path_or_label.startswith("/api/blobs/"):
+        return "api_blobs"
+    return OTHER
+
+
+def api_label(path: str) -> str:
+    if path.startswith("/api/") or path == "/":
+        return "ollama"
+    if path.startswith("/v1/"):
+        return "openai"
+    return OTHER
+
+
+def method_label(method: str) -> str:
+    method = method.upper()
+    return method if method in METHOD_LABELS else OTHER
+
+
+class ModelLabels:
+    """Hands out model label values from a budget of ``limit`` distinct names.
+
+    A model earns its own label the first time a request for it succeeds (so random
+    names in failing requests never grow the series count); past the budget, and for
+    models that never succeeded, the label is ``other``.
+    """
+
+    def __init__(self, limit: int = 50) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+
+    def label(self, model: str | None, *, succeeded: bool) -> str:
+        if not model:
+            return ""
+        if model in self._known:
+            return model
+        if succeeded and len(self._known) < self._limit and _plausible_model_name(model):
+            self._known.add(model)
+            return model
+        return OTHER
+
+    def allow(self, model: str) -> None:
+        """Pre-register a model (e.g. from the mapping file or the backend's model list)."""
+        if len(self._known) < self._limit and _plausible_model_name(model):
+            self._known.add(model)
+
+
+def _plausible_model_name(model: str) -> bool:
+    return 0 < len(model) <= 128 and model.isprintable()

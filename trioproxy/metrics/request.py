@@ -1,0 +1,85 @@
+"""The record of one request: what the proxy fills in and the collector consumes.
+
+Plain data plus a few helpers for stream measurements; no I/O, no web framework.
+Times are taken from ``time.perf_counter()`` (monotonic); ``timestamp`` is wall-clock
+UTC seconds at request start, for display and time-range filters only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+CHUNK_SIZES_KEPT = 100
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    # -- the guide's public fields (RequestMetrics(endpoint=..., method=..., ...)) --
+    endpoint: str
+    method: str
+    status_code: int = 0
+    duration_ms: float = 0.0
+    request_size: int = 0
+    response_size: int = 0
+    model: str = ""
+    error: str | None = None
+    timestamp: float = field(default_factory=time.time)
+    streaming: bool = False
+    # -- what the proxy adds --
+    api: str = ""
+    start: float = field(default_factory=time.perf_counter)
+    upstream_ms: float | None = None  # backend latency: request sent -> response complete
+    upstream_first_byte_ms: float | None = None
+    # -- streaming (measured to the last byte) --
+    first_byte_time_ms: float | None = None  # request start -> first body byte sent
+    first_token_time_ms: float | None = None  # request start -> first generated content
+    last_byte_time_ms: float | None = None
+    total_chunks: int = 0
+    stream_bytes: int = 0
+    chunk_sizes: list[int] = field(default_factory=list)
+    stream_outcome: str | None = None  # completed | cancelled | timeout | error
+    stream_cancelled: bool = False
+    stream_timeout: bool = False
+    # -- tokens --
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    tokens_counted: bool = False  # True when output tokens were counted from chunks, not usage
+
+    def elapsed_ms(self, now: float | None = None) -> float:
+        return ((time.perf_counter() if now is None else now) - self.start) * 1000.0
+
+    def add_chunk(self, size: int, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        at_ms = (now - self.start) * 1000.0
+        if self.first_byte_time_ms is None:
+            self.first_byte_time_ms = at_ms
+        self.last_byte_time_ms = at_ms
+        self.total_chunks += 1
+        self.stream_bytes += size
+        if len(self.chunk_sizes) < CHUNK_SIZES_KEPT:
+            self.chunk_sizes.append(size)
+
+    def mark_first_token(self, now: float | None = None) -> None:
+        if self.first_token_time_ms is None:
+            self.first_token_time_ms = self.elapsed_ms(now)
+
+    def finish(self, now: float | None = None) -> None:
+        """Set ``duration_ms`` (only if not already set by the caller)."""
+        if not self.duration_ms:
+            self.duration_ms = self.elapsed_ms(now)
+
+    @property
+    def throughput_bytes_per_second(self) -> float:
+        """Bytes over the span first byte -> last byte; a single-chunk stream uses the
+        span request start -> last byte, so it is never reported as 0."""
+        if not self.stream_bytes or self.last_byte_time_ms is None:
+            return 0.0
+        span_ms = self.last_byte_time_ms - (self.first_byte_time_ms or 0.0)
+        if span_ms <= 0.0:
+            span_ms = self.last_byte_time_ms
+        return self.stream_bytes / (span_ms / 1000.0) if span_ms > 0 else 0.0
+
+    @property
+    def avg_chunk_size(self) -> float:
+        return self.stream_bytes / self.total_chunks if self.total_chunks else 0.0
