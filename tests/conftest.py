@@ -1,0 +1,172 @@
+"""Shared fixtures: real processes on 127.0.0.1 ephemeral ports.
+
+- ``demo_backend``: the demo backend as its own process (session-wide), ``.url`` ends in /v1.
+- ``start_proxy``: start ``python -m trioproxy`` as its own process against a backend, with
+  any environment; returns a handle with ``.url``. Stopped with SIGTERM at teardown.
+- ``proxy``: one such proxy against ``demo_backend`` (session-wide, default settings).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTEN_LINE = re.compile(r"listening on (http://[0-9.]+:\d+)")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    url: str
+    output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+def _spawn(args: list[str], env: dict[str, str], timeout: float = 20.0) -> ServerProcess:
+    """Start a server process and wait for its "listening on URL" line."""
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    output: list[str] = []
+    found = threading.Event()
+    url_box: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = LISTEN_LINE.search(line)
+            if match and not found.is_set() and "demo backend at" not in line:
+                url_box.append(match.group(1))
+                found.set()
+        found.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    if not found.wait(timeout) or not url_box:
+        process.kill()
+        process.wait()
+        reader.join(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+        raise RuntimeError(f"server did not start: {args}\n{''.join(output)}")
+    return ServerProcess(process, url_box[0], output, reader)
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PROXY_"))}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING"})
+    env.update(extra)
+    return env
+
+
+def wait_healthy(url: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} never became healthy")
+
+
+@pytest.fixture(scope="session")
+def demo_backend() -> Iterator[ServerProcess]:
+    server = _spawn(
+        ["-m", "trioproxy.demo", "--host", "127.0.0.1", "--port", "0", "--token-delay", "0.005"],
+        base_env(),
+    )
+    server.url = server.url + "/v1"
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def start_proxy() -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(upstream: str | None, *args: str, **env: str) -> ServerProcess:
+        environment = base_env(**env)
+        if upstream is not None:
+            environment["OPENAI_API_BASE_URL"] = upstream
+        server = _spawn(
+            [
+                "-m",
+                "trioproxy",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--env-file",
+                "/nonexistent",
+                *args,
+            ],
+            environment,
+        )
+        wait_healthy(server.url)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_proxy(demo_backend.url, MAX_RETRIES="2", RETRY_BACKOFF="0.01")
+
+
+@pytest.fixture
+def demo_events(demo_backend: ServerProcess) -> Callable[[], list[dict]]:
+    """Read the demo backend's event log (requests it saw, and when clients went away)."""
+
+    def read() -> list[dict]:
+        base = demo_backend.url.removesuffix("/v1")
+        return httpx.get(f"{base}/_demo/events", timeout=5).json()["events"]
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def proxy_with_short_keepalive(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> str:
+    return start_proxy(demo_backend.url, KEEP_ALIVE_TIMEOUT="1").url

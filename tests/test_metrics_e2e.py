@@ -1,0 +1,238 @@
+"""Metrics against a real server with a scripted workload whose ground truth is known.
+
+The proxy and the demo backend run as their own processes; the client is httpx over real
+sockets. After the workload, the exposition (parsed with prometheus_client's parser) and the
+JSON must report exactly what was done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import ServerProcess, wait_healthy
+
+
+def scrape(url: str, accept: str | None = None) -> dict[str, list[tuple[dict[str, str], float]]]:
+    headers = {"Accept": accept} if accept else {}
+    response = httpx.get(f"{url}/v1/metrics/prometheus", headers=headers, timeout=5)
+    assert response.status_code == 200
+    samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: dict, name: str, **match: str) -> float:
+    return sum(
+        value
+        for labels, value in samples.get(name, [])
+        if all(labels.get(k) == v for k, v in match.items())
+    )
+
+
+def chat(text: str, *, stream: bool) -> dict:
+    return {
+        "model": "demo-chat",
+        "stream": stream,
+        "messages": [{"role": "user", "content": text}],
+    }
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def metered_proxy(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> ServerProcess:
+    return start_proxy(
+        demo_backend.url,
+        MAX_RETRIES="0",
+        STREAM_IDLE_TIMEOUT="0.5",
+        SYSTEM_METRICS_INTERVAL="0.5",
+    )
+
+
+def test_scripted_workload_is_reported_exactly(metered_proxy: ServerProcess) -> None:
+    url = metered_proxy.url
+    expected_input = 0
+    expected_output = 0
+    with httpx.Client(base_url=url, timeout=10) as client:
+        # 4 non-streaming Ollama chats: usage is known from their own responses
+        for _ in range(4):
+            body = client.post("/api/chat", json=chat("count [[tokens=4]]", stream=False)).json()
+            expected_input += body["prompt_eval_count"]
+            expected_output += body["eval_count"]
+        # 3 streamed Ollama chats, completed
+        for _ in range(3):
+            lines = client.post("/api/chat", json=chat("stream [[tokens=5]]", stream=True))
+            final = json.loads(lines.text.strip().splitlines()[-1])
+            assert final["done"] is True
+            expected_input += final["prompt_eval_count"]
+            expected_output += final["eval_count"]
+        # 2 streamed OpenAI chats with usage, completed
+        for _ in range(2):
+            payload = chat("relay [[tokens=6]]", stream=True)
+            payload["stream_options"] = {"include_usage": True}
+            text = client.post("/v1/chat/completions", json=payload).text
+            usage = [
+                json.loads(line[6:])["usage"]
+                for line in text.splitlines()
+                if line.startswith("data: {") and '"usage":{' in line
+            ][-1]
+            expected_input += usage["prompt_tokens"]
+            expected_output += usage["completion_tokens"]
+        # 2 backend errors, 1 unknown model (a client error)
+        for _ in range(2):
+            assert client.post("/api/chat", json=chat("[[status=500]]", stream=False)).status_code == 500
+        unknown = chat("x", stream=False) | {"model": "no-such-model"}
+        assert client.post("/api/chat", json=unknown).status_code == 404
+        # 2 streams stopped by the idle timeout after 2 tokens each (counted, not usage)
+        for _ in range(2):
+            text = client.post("/api/chat", json=chat("[[stall_after=2]]", stream=True)).text
+            assert '"error"' in text.strip().splitlines()[-1]
+            expected_output += 2
+    # 2 client disconnects mid-stream
+    for _ in range(2):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            payload = chat("long [[tokens=2000]] [[delay=0.01]]", stream=True)
+            with client.stream("POST", "/api/chat", json=payload) as response:
+                lines = response.iter_lines()
+                next(lines)
+                next(lines)
+
+    def cancelled_recorded() -> bool:
+        return total(scrape(url), "trioproxy_streams_total", outcome="cancelled") == 2
+
+    wait_for(cancelled_recorded)
+    samples = scrape(url)
+
+    assert total(samples, "http_requests_total") == 4 + 3 + 2 + 2 + 1 + 2 + 2
+    assert total(samples, "http_requests_total", status="200") == 9
+    assert total(samples, "http_requests_total", status="500") == 2
+    assert total(samples, "http_requests_total", status="404") == 1
+    assert total(samples, "http_requests_total", status="504") == 2
+    assert total(samples, "http_requests_total", status="499") == 2
+    assert total(samples, "http_requests_total", endpoint="api_chat") == 14
+    assert total(samples, "http_requests_total", endpoint="v1_chat_completions") == 2
+    assert total(samples, "trioproxy_streams_total", outcome="completed") == 5
+    assert total(samples, "trioproxy_streams_total", outcome="timeout") == 2
+    assert total(samples, "trioproxy_streams_total", outcome="cancelled") == 2
+    assert total(samples, "http_streaming_requests_total") == 9
+    assert total(samples, "http_streaming_cancelled_total") == 2
+    assert total(samples, "http_streaming_timeout_total") == 2
+    assert total(samples, "trioproxy_tokens_total", type="input") == expected_input
+    # cancelled streams add the tokens they carried before the cut: at least 2 each
+    assert total(samples, "trioproxy_tokens_total", type="output") >= expected_output + 4
+    assert total(samples, "http_request_duration_seconds_count") == 16
+    assert total(samples, "trioproxy_time_to_first_token_seconds_count") >= 7
+    # cancelled requests count neither as success nor as error: 9 ok, 4 errors (2 x 500,
+    # 2 timeouts), 1 client error, out of 14 non-cancelled
+    assert total(samples, "http_request_success_rate") == pytest.approx(9 / 14)
+    assert total(samples, "http_request_error_rate") == pytest.approx(4 / 14)
+
+    summary = httpx.get(f"{url}/v1/metrics", timeout=5).json()
+    assert summary["total_requests"] == 16
+    assert summary["cancelled_requests"] == 2
+    assert summary["success_rate"] == pytest.approx(9 / 14)
+    assert summary["streaming"]["cancelled_streams"] == 2
+    assert summary["streaming"]["timeout_streams"] == 2
+    assert summary["tokens"]["input"] == expected_input
+
+    # the monitoring plane is not traffic: scraping did not change the count
+    assert total(scrape(url), "http_requests_total") == 16
+
+
+def test_live_exposition_passes_promtool(metered_proxy: ServerProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip("promtool not installed")
+    httpx.post(f"{metered_proxy.url}/api/chat", json=chat("lint [[tokens=2]]", stream=True))
+    text = httpx.get(f"{metered_proxy.url}/v1/metrics/prometheus", timeout=5).text
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "" and checked.stderr.strip() == ""
+
+
+def test_openmetrics_when_the_scraper_asks(metered_proxy: ServerProcess) -> None:
+    response = httpx.get(
+        f"{metered_proxy.url}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        timeout=5,
+    )
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+    plain = httpx.get(f"{metered_proxy.url}/metrics", timeout=5)
+    assert plain.headers["content-type"].startswith("text/plain")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_workers_report_the_totals_of_both(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    port = _free_port()
+    env = {"OPENAI_API_BASE_URL": demo_backend.url}
+    server = _start_workers(port, env, start_proxy)
+    url = f"http://127.0.0.1:{port}"
+    pids: set[str] = set()
+    for _ in range(200):
+        # a fresh connection per request, so the kernel spreads them over both workers
+        with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+            response = client.get(f"{url}/api/version")
+            assert response.status_code == 200
+    previous = 0.0
+    for _ in range(10):
+        with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+            text = client.get(f"{url}/v1/metrics/prometheus").text
+            pids.add(client.get(f"{url}/v1/metrics").json().get("window", {}).get("pid", "?"))
+        samples: dict[str, float] = defaultdict(float)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[sample.name] += sample.value
+        assert samples["http_requests_total"] == 200
+        assert samples["http_requests_total"] >= previous
+        previous = samples["http_requests_total"]
+    server.stop()
+
+
+def _start_workers(
+    port: int, env: dict[str, str], start_proxy: Callable[..., ServerProcess]
+) -> ServerProcess:
+    from .conftest import _spawn, base_env
+
+    server = _spawn(
+        [
+            "-m", "trioproxy", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "2", "--env-file", "/nonexistent",
+        ],
+        base_env(**env),
+    )  # fmt: skip
+    wait_healthy(f"http://127.0.0.1:{port}", timeout=30)
+    return server

@@ -1,0 +1,309 @@
+"""Exposition: promtool lint, uniqueness, content negotiation, multiprocess aggregation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What Prometheus 2.x and 3.x send.
+PROM2_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+PROM3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+)
+
+
+def busy_collector() -> MetricsCollector:
+    c = MetricsCollector(system_enabled=True)
+    c.record(
+        RequestMetrics(
+            endpoint="/api/chat", method="POST", status_code=200, duration_ms=12, model="m1"
+        )
+    )
+    c.record(
+        RequestMetrics(
+            endpoint="/v1/chat/completions", method="POST", status_code=503, duration_ms=3
+        )
+    )
+    c.record(
+        RequestMetrics(
+            endpoint="/nope", method="GET", status_code=404, duration_ms=1, model='we"ird\nname'
+        )
+    )
+    c.record(  # a successful model with characters the exposition must escape
+        RequestMetrics(
+            endpoint="/api/show", method="POST", status_code=200, duration_ms=2, model='q"u\\o{te}'
+        )
+    )
+    m = RequestMetrics(
+        endpoint="/api/generate",
+        method="POST",
+        status_code=200,
+        streaming=True,
+        model="m1",
+        upstream_first_byte_ms=1.0,
+        upstream_ms=30.0,
+        input_tokens=4,
+        output_tokens=9,
+    )
+    m.add_chunk(10, m.start + 0.002)
+    m.mark_first_token(m.start + 0.003)
+    m.add_chunk(10, m.start + 0.010)
+    m.stream_outcome = "cancelled"
+    m.duration_ms = 11.0
+    c.record(m)
+    c.upstream_error("timeout")
+    c.upstream_retry("connect")
+    c.request_started()
+    return c
+
+
+def promtool_or_skip() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool must be installed in CI")
+        pytest.skip("promtool not installed")
+    return path
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["empty", "busy"])
+def test_promtool_check_metrics_is_silent(busy: bool) -> None:
+    promtool = promtool_or_skip()
+    c = busy_collector() if busy else MetricsCollector(system_enabled=False)
+    body, _ = c.render_prometheus(None)
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, check=False
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr).decode()
+    assert res.stdout == b"" and res.stderr == b""
+
+
+def test_series_are_unique_and_families_complete() -> None:
+    body, ctype = busy_collector().render_prometheus(None)
+    assert ctype == "text/plain; version=0.0.4; charset=utf-8"
+    text = body.decode()
+    assert text.endswith("\n")
+    seen: Counter[tuple] = Counter()
+    names = set()
+    for fam in text_string_to_metric_families(text):
+        names.add(fam.name)
+        for s in fam.samples:
+            seen[(s.name, tuple(sorted(s.labels.items())))] += 1
+    assert [k for k, n in seen.items() if n > 1] == []
+    helps = [ln.split()[2] for ln in text.splitlines() if ln.startswith("# HELP")]
+    assert len(helps) == len(set(helps))
+    guide = {
+        "http_requests", "http_requests_active", "http_request_success_rate",
+        "http_request_error_rate",
+        "http_request_duration_seconds", "http_request_duration_p50_seconds",
+        "http_request_duration_p95_seconds", "http_request_duration_p99_seconds",
+        "http_requests_per_endpoint", "http_request_duration_per_endpoint_seconds",
+        "http_request_errors_per_endpoint", "http_streaming_requests_per_endpoint",
+        "http_streaming_requests", "http_streaming_first_byte_time_seconds",
+        "http_streaming_throughput_bytes_per_second", "http_streaming_chunks",
+        "http_streaming_cancelled", "http_streaming_timeout", "http_streaming_avg_chunk_size_bytes",
+        "system_cpu_usage_percent", "system_memory_usage_percent", "system_memory_usage_bytes",
+        "system_disk_usage_percent", "system_uptime_seconds", "network_bytes_sent",
+        "network_bytes_recv", "disk_read_bytes", "disk_write_bytes",
+        # ours
+        "trioproxy_time_to_first_byte_seconds", "trioproxy_time_to_first_token_seconds",
+        "trioproxy_streams", "trioproxy_stream_chunks", "trioproxy_stream_bytes",
+        "trioproxy_stream_transfer_seconds", "trioproxy_tokens",
+        "trioproxy_upstream_request_duration_seconds", "trioproxy_overhead_seconds",
+        "trioproxy_upstream_errors", "trioproxy_upstream_retries", "trioproxy_build_info",
+        "trioproxy_process_resident_memory_bytes", "trioproxy_process_cpu_seconds",
+        "http_request_client_error_rate",
+    }  # fmt: skip
+    assert guide <= names, guide - names
+    types = {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+    assert types["system_uptime_seconds"] == "gauge"
+    assert types["http_request_duration_seconds"] == "histogram"
+    assert "_created" not in text
+    # the sampler fed the process series on the lazy first sample
+    rss = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.endswith("resident_memory_bytes")
+    ]
+    assert rss and rss[0] > 0
+
+
+def test_histogram_buckets_are_the_documented_ones() -> None:
+    text = busy_collector().render_prometheus(None)[0].decode()
+    les = defaultdict(list)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith("_bucket"):
+                le = s.labels["le"]
+                if le not in les[fam.name]:
+                    les[fam.name].append(le)
+    assert [float(x) for x in les["http_request_duration_seconds"]] == [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, float("inf"),
+    ]  # fmt: skip
+    assert [float(x) for x in les["trioproxy_time_to_first_token_seconds"]][:-1] == [
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+    ]  # fmt: skip
+    assert [float(x) for x in les["trioproxy_overhead_seconds"]][:-1] == [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "accept", ["application/openmetrics-text; version=1.0.0", PROM2_ACCEPT, PROM3_ACCEPT]
+)
+def test_openmetrics_when_asked(accept: str) -> None:
+    body, ctype = busy_collector().render_prometheus(accept)
+    assert ctype.startswith("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    fams = {f.name: f for f in om_parse(text)}  # the strict parser
+    assert fams["http_requests"].type == "counter"
+    assert sum(s.value for s in fams["http_requests"].samples) == 5
+
+
+@pytest.mark.parametrize("accept", [None, "", "*/*", "text/plain", "application/json"])
+def test_text_format_by_default(accept: str | None) -> None:
+    _, ctype = MetricsCollector(system_enabled=False).render_prometheus(accept)
+    assert ctype == "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def test_get_prometheus_metrics_is_text() -> None:
+    import trioproxy.metrics as pkg
+
+    previous = pkg._collector
+    try:
+        pkg.set_metrics_collector(busy_collector())
+        text = await pkg.get_prometheus_metrics()
+        assert isinstance(text, str) and "# TYPE http_requests_total counter" in text
+    finally:
+        pkg.set_metrics_collector(previous)
+
+
+# ----------------------------------------------------------------------------- multiprocess
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+    role = sys.argv[1]
+    c = MetricsCollector(system_enabled=False)
+    def rec(status, streaming=False, outcome=None):
+        m = RequestMetrics(endpoint="/api/chat", method="POST", status_code=status,
+                           duration_ms=10.0, model="m", streaming=streaming, output_tokens=2)
+        if streaming:
+            m.add_chunk(5, m.start + 0.001)
+            m.stream_outcome = outcome
+        c.request_started()
+        c.request_finished(m)
+
+    if role == "a":
+        for s in (200, 200, 500):
+            rec(s)
+        c.request_started()  # dies with one request in flight
+        print("done", flush=True)
+    elif role == "b":
+        for s in (200, 200, 200, 404):
+            rec(s)
+        rec(200, streaming=True, outcome="cancelled")
+        c.request_started(); c.request_started()  # two in flight while alive
+        # a private collector (benchmarks) must not leak into the shared files
+        private = MetricsCollector(system_enabled=False, multiprocess=False)
+        for _ in range(100):
+            private.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200))
+        print("ready", flush=True)
+        sys.stdin.readline()
+        body, _ = c.render_prometheus(None)
+        print(json.dumps({"body": body.decode(), "summary": c.summary()}), flush=True)
+        sys.stdin.readline()
+    else:
+        body, _ = c.render_prometheus(None)
+        print(json.dumps({"body": body.decode(), "summary": c.summary()}), flush=True)
+    """
+)
+
+
+def _sums(text: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name] += s.value
+    return out
+
+
+def test_multiprocess_scrape_sums_all_workers(tmp_path: Path) -> None:
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp), "PYTHONPATH": str(ROOT)}
+
+    def run(role: str, **kw) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", WORKER, role], env=env, cwd=ROOT, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,
+        )  # fmt: skip
+
+    with run("a") as a:
+        _, err_a = a.communicate(timeout=30)
+    assert a.returncode == 0, err_a
+    with run("b") as b:
+        try:
+            assert b.stdout is not None and b.stdin is not None
+            assert b.stdout.readline().strip() == "ready"
+            with run("scrape") as scraper:
+                out, err = scraper.communicate(timeout=30)
+            assert scraper.returncode == 0, err
+            seen_by_scraper = json.loads(out)
+            b.stdin.write("\n")
+            b.stdin.flush()
+            seen_by_b = json.loads(b.stdout.readline())
+            b.communicate("\n", timeout=30)
+        finally:
+            if b.poll() is None:
+                b.kill()
+                b.communicate()
+    assert b.returncode == 0
+
+    for seen in (seen_by_scraper, seen_by_b):
+        sums = _sums(seen["body"])
+        assert sums["http_requests_total"] == 8  # 3 (dead worker) + 5; the private 100 are not here
+        assert sums["http_request_duration_seconds_count"] == 8
+        assert sums["trioproxy_streams_total"] == 1
+        assert sums["http_streaming_cancelled_total"] == 1
+        assert sums["trioproxy_tokens_total"] == 16
+        assert sums["http_requests_active"] == 2  # the dead worker's in-flight request is gone
+        assert sums["trioproxy_build_info"] == 1
+        assert sums["http_request_error_rate"] == pytest.approx(1 / 7)  # 499 excluded
+        s = seen["summary"]
+        assert (
+            s["total_requests"] == 8 and s["failed_requests"] == 1 and s["cancelled_requests"] == 1
+        )
+        assert s["client_errors"] == 1 and s["active_requests"] == 2
+        assert s["tokens"]["output"] == 16
+        assert s["window"]["scope"] == "process"
+    # the JSON is the same all-time figures on any worker; the window is per process
+    assert seen_by_scraper["summary"]["window"]["size"] == 0
+    assert seen_by_b["summary"]["window"]["size"] == 5
+    assert (
+        _sums(seen_by_scraper["body"])["http_requests_total"]
+        == _sums(seen_by_b["body"])["http_requests_total"]
+    )

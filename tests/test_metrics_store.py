@@ -1,0 +1,628 @@
+"""Metrics semantics with a scripted ground truth: counters, JSON, window, health, labels."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+import trioproxy.metrics as metrics_pkg
+from trioproxy.metrics import MetricsCollector, RequestMetrics
+from trioproxy.metrics import store as st_mod
+from trioproxy.metrics.store import WindowStore, percentile
+
+
+def scrape(c: MetricsCollector) -> dict[str, list[tuple[dict[str, str], float]]]:
+    body, ctype = c.render_prometheus(None)
+    assert ctype.startswith("text/plain; version=0.0.4")
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[s.name].append((s.labels, s.value))
+    return out
+
+
+def total(samples: dict, name: str, **match: str) -> float:
+    return sum(
+        v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in match.items())
+    )
+
+
+def req(
+    endpoint: str, status: int, ms: float, model: str = "", method: str = "POST", **kw
+) -> RequestMetrics:
+    return RequestMetrics(
+        endpoint=endpoint, method=method, status_code=status, duration_ms=ms, model=model, **kw
+    )
+
+
+def stream(
+    endpoint: str,
+    outcome: str,
+    chunks: list[tuple[float, int]],
+    duration_ms: float,
+    *,
+    model: str = "llama3",
+    status: int = 200,
+    first_token_ms: float | None = None,
+    **kw,
+) -> RequestMetrics:
+    m = RequestMetrics(
+        endpoint=endpoint, method="POST", status_code=status, model=model, streaming=True, **kw
+    )
+    for at_ms, size in chunks:
+        m.add_chunk(size, m.start + at_ms / 1000.0)
+    if first_token_ms is not None:
+        m.mark_first_token(m.start + first_token_ms / 1000.0)
+    m.stream_outcome = outcome
+    m.duration_ms = duration_ms
+    return m
+
+
+def scripted() -> list[RequestMetrics]:
+    """Ten requests whose every figure is known (see the asserts)."""
+    return [
+        req("/api/chat", 200, 100.0, "llama3", input_tokens=10, output_tokens=20, upstream_ms=90.0),
+        req("/api/chat", 200, 300.0, "llama3"),
+        req("/v1/chat/completions", 500, 50.0, "gpt"),
+        req("/api/generate", 404, 10.0, "nope"),
+        req("/api/chat", 499, 1000.0, "llama3"),  # non-stream, client went away
+        stream(
+            "/api/chat", "completed", [(50, 100), (150, 100), (250, 100)], 260.0,
+            first_token_ms=60.0, output_tokens=3, tokens_counted=True,
+            upstream_first_byte_ms=45.0,
+        ),
+        stream("/v1/chat/completions", "cancelled", [(20, 10), (40, 10)], 45.0, model="gpt"),
+        stream("/api/generate", "timeout", [(30, 5)], 5000.0),
+        stream("/api/chat", "error", [], 70.0),
+        req("/custom/endpoint", 200, 150.5, "custom-model", method="GET"),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def collector() -> MetricsCollector:
+    c = MetricsCollector(system_enabled=False)
+    for m in scripted():
+        c.request_started()
+        c.request_finished(m)
+    return c
+
+
+# ----------------------------------------------------------------------------- status rules
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome", "expected"),
+    [
+        (200, None, 200),
+        (200, "completed", 200),
+        (200, "cancelled", 499),
+        (0, "cancelled", 499),
+        (200, "timeout", 504),
+        (200, "error", 502),
+        (404, "cancelled", 404),
+        (404, "error", 502),
+        (503, "error", 503),
+        (500, "timeout", 500),
+        (499, None, 499),
+    ],
+)
+def test_effective_status(code: int, outcome: str | None, expected: int) -> None:
+    assert st_mod.effective_status(code, outcome) == expected
+
+
+def test_status_classes() -> None:
+    c = st_mod.status_class
+    assert [c(200), c(204), c(302)] == [st_mod.SUCCESS] * 3
+    assert [c(400), c(404), c(429)] == [st_mod.CLIENT_ERROR] * 3
+    assert c(499) == st_mod.CANCELLED
+    assert [c(500), c(502), c(504), c(0), c(100), c(700)] == [st_mod.ERROR] * 6
+    assert st_mod.status_label(700) == "0" and st_mod.status_label(0) == "0"
+
+
+def test_stream_outcome_fallbacks() -> None:
+    m = RequestMetrics(endpoint="/api/chat", method="POST", streaming=True, status_code=200)
+    assert st_mod.stream_outcome(m) == "completed"
+    m.stream_cancelled = True
+    assert st_mod.stream_outcome(m) == "cancelled"
+    m = RequestMetrics(endpoint="/api/chat", method="POST", streaming=True, status_code=504)
+    assert st_mod.stream_outcome(m) == "timeout"
+    m = RequestMetrics(endpoint="/api/chat", method="POST", streaming=True, status_code=502)
+    assert st_mod.stream_outcome(m) == "error"
+
+
+# ----------------------------------------------------------------------------- counters
+
+
+def test_scripted_counters_are_exact(collector: MetricsCollector) -> None:
+    s = scrape(collector)
+    assert total(s, "http_requests_total") == 10
+    expected = {
+        ("ollama", "api_chat", "POST", "llama3", "200"): 3,  # 2 plain + 1 stream
+        ("openai", "v1_chat_completions", "POST", "other", "500"): 1,  # never succeeded
+        ("ollama", "api_generate", "POST", "other", "404"): 1,
+        ("ollama", "api_chat", "POST", "llama3", "499"): 1,
+        (
+            "openai",
+            "v1_chat_completions",
+            "POST",
+            "gpt",
+            "499",
+        ): 1,  # started 200: gpt earned a label
+        ("ollama", "api_generate", "POST", "llama3", "504"): 1,
+        ("ollama", "api_chat", "POST", "llama3", "502"): 1,
+        ("other", "other", "GET", "custom-model", "200"): 1,
+    }
+    got = {
+        tuple(lab[k] for k in ("api", "endpoint", "method", "model", "status")): v
+        for lab, v in s["http_requests_total"]
+    }
+    assert got == expected
+    assert total(s, "http_requests_active") == 0
+
+    assert total(s, "trioproxy_streams_total") == 4
+    for outcome in ("completed", "cancelled", "timeout", "error"):
+        assert total(s, "trioproxy_streams_total", outcome=outcome) == 1
+    assert total(s, "trioproxy_stream_chunks_total") == 6
+    assert total(s, "trioproxy_stream_bytes_total") == 325
+    # spans: 200 ms (completed) + 20 ms (cancelled) + 30 ms (single chunk: start -> last)
+    assert total(s, "trioproxy_stream_transfer_seconds_total") == pytest.approx(0.25)
+    assert total(s, "trioproxy_time_to_first_byte_seconds_count") == 3
+    assert total(s, "trioproxy_time_to_first_byte_seconds_sum") == pytest.approx(0.1)
+    assert total(s, "trioproxy_time_to_first_token_seconds_count") == 1
+    assert total(s, "trioproxy_time_to_first_token_seconds_sum") == pytest.approx(0.06)
+    assert total(s, "trioproxy_tokens_total", type="input") == 10
+    assert total(s, "trioproxy_tokens_total", type="output") == 23
+    assert total(s, "http_request_duration_seconds_count") == 10
+    assert total(s, "http_request_duration_seconds_sum") == pytest.approx(6.9855)
+    assert total(s, "trioproxy_upstream_request_duration_seconds_count") == 1
+    # overhead: 100 - 90 ms (plain); 50 - 45 ms (stream setup)
+    assert total(s, "trioproxy_overhead_seconds_count") == 2
+    assert total(s, "trioproxy_overhead_seconds_sum") == pytest.approx(0.015)
+
+    # derived families
+    assert total(s, "http_request_success_rate") == pytest.approx(4 / 8)
+    assert total(s, "http_request_error_rate") == pytest.approx(3 / 8)
+    assert total(s, "http_request_client_error_rate") == pytest.approx(1 / 8)
+    assert total(s, "http_requests_per_endpoint_total", endpoint="api_chat") == 5
+    assert total(s, "http_request_errors_per_endpoint_total", endpoint="api_chat") == 1
+    assert total(s, "http_request_errors_per_endpoint_total", endpoint="api_generate") == 1
+    assert total(s, "http_request_errors_per_endpoint_total", endpoint="v1_chat_completions") == 1
+    assert total(s, "http_streaming_requests_per_endpoint_total", endpoint="api_chat") == 2
+    assert total(
+        s, "http_request_duration_per_endpoint_seconds", endpoint="api_generate"
+    ) == pytest.approx((0.010 + 5.0) / 2)
+    assert total(s, "http_streaming_requests_total") == 4
+    assert total(s, "http_streaming_chunks_total") == 6
+    assert total(s, "http_streaming_cancelled_total") == 1
+    assert total(s, "http_streaming_timeout_total") == 1
+    assert total(s, "http_streaming_first_byte_time_seconds") == pytest.approx(0.1 / 3)
+    assert total(s, "http_streaming_throughput_bytes_per_second") == pytest.approx(325 / 0.25)
+    assert total(s, "http_streaming_avg_chunk_size_bytes") == pytest.approx(325 / 6)
+    durations = sorted(m.duration_ms for m in scripted())
+    assert total(s, "http_request_duration_p50_seconds") == pytest.approx(
+        percentile(durations, 50) / 1000
+    )
+    assert total(s, "http_request_duration_p99_seconds") == pytest.approx(
+        percentile(durations, 99) / 1000
+    )
+    assert total(s, "trioproxy_build_info") == 1
+    assert not [n for n in s if n.endswith("_created")]
+
+
+def test_scripted_json_is_exact(collector: MetricsCollector) -> None:
+    j = collector.summary()
+    assert j["enabled"] is True
+    assert "message" not in j
+    assert (j["total_requests"], j["global_total_requests"]) == (10, 10)
+    assert j["successful_requests"] == 4
+    assert j["failed_requests"] == 3
+    assert j["client_errors"] == 1
+    assert j["cancelled_requests"] == 2
+    assert j["success_rate"] == pytest.approx(0.5)
+    assert j["error_rate"] == pytest.approx(0.375)
+    assert j["client_error_rate"] == pytest.approx(0.125)
+    assert j["success_rate"] + j["error_rate"] + j["client_error_rate"] == pytest.approx(1.0)
+    assert j["active_requests"] == 0
+    durations = sorted(m.duration_ms for m in scripted())
+    perf = j["performance"]
+    assert perf["avg_duration_ms"] == pytest.approx(sum(durations) / 10)
+    assert perf["p50_duration_ms"] == pytest.approx((100.0 + 150.5) / 2)
+    assert perf["p95_duration_ms"] == pytest.approx(percentile(durations, 95))
+    assert (perf["min_duration_ms"], perf["max_duration_ms"]) == (10.0, 5000.0)
+    sj = j["streaming"]
+    assert sj["total_streaming_requests"] == 4
+    assert [
+        sj[k]
+        for k in ("completed_streams", "cancelled_streams", "timeout_streams", "error_streams")
+    ] == [
+        1,
+        1,
+        1,
+        1,
+    ]
+    assert sj["total_chunks"] == 6
+    assert sj["avg_first_byte_time_ms"] == pytest.approx(100 / 3)
+    assert sj["avg_first_token_time_ms"] == pytest.approx(60.0)
+    assert sj["avg_throughput_bytes_per_second"] == pytest.approx(1300.0)
+    assert sj["avg_chunk_size"] == pytest.approx(325 / 6)
+    assert j["tokens"] == {"input": 10, "output": 23}
+    ep = j["endpoints"]
+    assert set(ep) == {"api_chat", "api_generate", "v1_chat_completions", "other"}
+    assert ep["api_chat"]["count"] == 5
+    assert ep["api_chat"]["errors"] == 1
+    assert ep["api_chat"]["cancelled"] == 1
+    assert ep["api_chat"]["error_rate"] == pytest.approx(1 / 4)
+    assert ep["api_chat"]["streaming_requests"] == 2
+    assert ep["api_chat"]["models"] == ["llama3"]
+    assert ep["api_chat"]["avg_duration_ms"] == pytest.approx((100 + 300 + 1000 + 260 + 70) / 5)
+    assert ep["v1_chat_completions"]["models"] == ["gpt", "other"]
+    assert j["models"]["llama3"] == {"count": 6, "input_tokens": 10, "output_tokens": 23}
+    assert j["window"]["scope"] == "process"
+    assert (j["window"]["size"], j["window"]["max_size"]) == (10, 1000)
+    assert j["period"]["start"] is not None and j["period"]["start"].endswith("+00:00")
+    sysj = j["system"]
+    assert (sysj["buffer_size"], sysj["buffer_full"], sysj["max_buffer_size"]) == (10, False, 1000)
+    for key in (
+        "cpu_usage_percent",
+        "memory_usage_percent",
+        "memory_usage_bytes",
+        "disk_usage_percent",
+    ):
+        assert key in sysj
+    assert set(sysj["network_io"]) == {"bytes_sent", "bytes_recv", "packets_sent", "packets_recv"}
+    assert set(sysj["disk_io"]) == {"read_bytes", "write_bytes", "read_count", "write_count"}
+    assert set(sysj["process"]) == {
+        "pid",
+        "rss_bytes",
+        "cpu_percent",
+        "cpu_seconds",
+        "num_threads",
+        "open_fds",
+    }
+    assert sysj["sampler"]["enabled"] is False
+    assert set(j["upstream"]["errors"]) == {
+        "connect",
+        "timeout",
+        "status_4xx",
+        "status_5xx",
+        "protocol",
+        "other",
+    }
+
+
+def test_upstream_errors_retries_and_backend(collector: MetricsCollector) -> None:
+    collector.upstream_error("connect")
+    collector.upstream_error("connect")
+    collector.upstream_error("weird")  # unknown reason -> other
+    collector.upstream_retry("timeout")
+    collector.set_backend_status(False, 1234.5)
+    s = scrape(collector)
+    assert total(s, "trioproxy_upstream_errors_total", reason="connect") == 2
+    assert total(s, "trioproxy_upstream_errors_total", reason="other") == 1
+    assert total(s, "trioproxy_upstream_retries_total", reason="timeout") == 1
+    assert len(s["trioproxy_upstream_errors_total"]) == 6
+    up = collector.summary()["upstream"]
+    assert up["errors"]["connect"] == 2 and up["retries"]["timeout"] == 1
+    assert (up["backend_reachable"], up["checked_at"]) == (False, 1234.5)
+
+
+def test_empty_state_is_zeros_not_errors() -> None:
+    c = MetricsCollector(system_enabled=False)
+    j = c.summary()
+    assert j["message"] == "No requests recorded yet"
+    assert j["total_requests"] == 0 and j["success_rate"] == 0.0 and j["error_rate"] == 0.0
+    assert all(v == 0.0 for v in j["performance"].values())
+    assert j["streaming"]["avg_throughput_bytes_per_second"] == 0.0
+    assert j["endpoints"] == {} and j["models"] == {}
+    assert j["period"] == {"start": None, "end": None, "duration_seconds": 0.0}
+    f = c.filtered_summary(endpoint_filter="chat", time_range_minutes=5)
+    assert f["filtered_requests"] == 0 and f["performance"]["p99_duration_ms"] == 0.0
+    body, status = c.health()
+    assert (body["status"], status) == ("healthy", 200)
+    s = scrape(c)
+    assert total(s, "http_requests_total") == 0
+    assert total(s, "http_request_success_rate") == 0
+    assert "http_request_duration_p95_seconds" in s
+
+
+def test_counters_survive_reset_window_does_not(collector: MetricsCollector) -> None:
+    collector.reset()
+    j = collector.summary()
+    assert j["total_requests"] == 10  # all-time, monotonic
+    assert j["window"]["size"] == 0
+    assert j["performance"]["avg_duration_ms"] == 0.0
+    assert total(scrape(collector), "http_requests_total") == 10
+    f = collector.filtered_summary()
+    assert f["filtered_requests"] == 0 and f["global_total_requests"] == 10
+
+
+def test_window_is_bounded_counters_are_not() -> None:
+    c = MetricsCollector(max_metrics=5, system_enabled=False)
+    for i in range(12):
+        c.record(req("/api/chat", 200, float(i + 1), "m"))
+    j = c.summary()
+    assert j["total_requests"] == 12
+    assert j["window"]["size"] == 5
+    assert j["system"]["buffer_full"] is True
+    assert j["performance"]["min_duration_ms"] == 8.0  # the last five: 8..12
+    assert j["performance"]["p50_duration_ms"] == 10.0
+
+
+def test_percentile_window_limits_percentiles() -> None:
+    c = MetricsCollector(max_metrics=100, percentile_window=3, system_enabled=False)
+    for ms in (1000.0, 1000.0, 1.0, 2.0, 3.0):
+        c.record(req("/api/chat", 200, ms))
+    assert c.summary()["performance"]["max_duration_ms"] == 3.0
+    assert total(scrape(c), "http_request_duration_p99_seconds") == pytest.approx(0.00298)
+
+
+# ----------------------------------------------------------------------------- percentiles
+
+
+def test_percentile_linear_interpolation() -> None:
+    assert percentile([], 50) == 0.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
+    assert percentile([10.0, 20.0], 100) == 20.0
+    assert percentile([10.0, 20.0], 0) == 10.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=60),
+    st.sampled_from([0, 1, 25, 50, 90, 95, 99, 100]),
+)
+def test_percentile_matches_numpy_linear(values: list[float], p: int) -> None:
+    np = pytest.importorskip("numpy")
+    got = percentile(sorted(values), p)
+    assert got == pytest.approx(float(np.percentile(values, p)), rel=1e-9, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def test_filters_endpoint_and_time_range_including_hours() -> None:
+    c = MetricsCollector(system_enabled=False)
+    now = time.time()
+    ages_min = {"/api/chat": 5, "/v1/chat/completions": 90, "/api/generate": 30, "/api/tags": 200}
+    for path, age in ages_min.items():
+        c.record(req(path, 200, 10.0, timestamp=now - age * 60))
+    c.record(req("/api/chat", 500, 20.0, timestamp=now - 59 * 60))
+    c.record(req("/api/chat", 499, 20.0, timestamp=now - 1))
+
+    f = c.filtered_summary(endpoint_filter="CHAT")
+    assert f["filtered_requests"] == 4
+    assert set(f["endpoints"]) == {"api_chat", "v1_chat_completions"}
+    assert f["failed_requests"] == 1 and f["cancelled_requests"] == 1
+    assert f["error_rate"] == pytest.approx(1 / 3)
+    assert f["success_rate"] == pytest.approx(2 / 3)
+
+    assert c.filtered_summary(time_range_minutes=60)["filtered_requests"] == 4
+    assert c.filtered_summary(time_range_minutes=120)["filtered_requests"] == 5
+    assert c.filtered_summary(time_range_minutes=1440)["filtered_requests"] == 6
+    assert c.filtered_summary(time_range_minutes=0.5)["filtered_requests"] == 1
+    both = c.filtered_summary(endpoint_filter="chat", time_range_minutes=60)
+    assert both["filtered_requests"] == 3
+    assert both["filters"] == {
+        "endpoint_filter": "chat",
+        "time_range_minutes": 60.0,
+        "include_system_metrics": True,
+    }
+    assert "system" in both
+    assert "system" not in c.filtered_summary(include_system_metrics=False)
+    # a path works too, and maps to its label
+    assert c.filtered_summary(endpoint_filter="/api/chat")["filtered_requests"] == 3
+    assert c.filtered_summary(endpoint_filter="nothing-matches")["message"]
+    with pytest.raises(ValueError, match="positive"):
+        c.filtered_summary(time_range_minutes=0)
+    with pytest.raises(ValueError, match="positive"):
+        c.filtered_summary(time_range_minutes=-5)
+
+
+def test_filtered_streaming_block() -> None:
+    c = MetricsCollector(system_enabled=False)
+    for m in scripted():
+        c.record(m)
+    f = c.filtered_summary(endpoint_filter="api_chat")
+    sj = f["streaming"]
+    assert sj["total_streaming_requests"] == 2
+    assert (sj["completed_streams"], sj["error_streams"]) == (1, 1)
+    assert sj["total_chunks"] == 3
+    assert sj["avg_throughput_bytes_per_second"] == pytest.approx(300 / 0.2)
+
+
+def test_window_store_rejects_bad_size() -> None:
+    with pytest.raises(ValueError):
+        WindowStore(0)
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def _health(records: list[RequestMetrics], **kw) -> tuple[dict, int]:
+    c = MetricsCollector(system_enabled=False, **kw)
+    for m in records:
+        c.record(m)
+    return c.health()
+
+
+def test_health_thresholds() -> None:
+    ok = [req("/api/chat", 200, 10.0) for _ in range(96)]
+    body, status = _health(ok + [req("/api/chat", 500, 10.0)] * 4)  # 4 %
+    assert (body["status"], status) == ("healthy", 200)
+    body, status = _health(ok + [req("/api/chat", 502, 10.0)] * 6)  # 5.9 %
+    assert (body["status"], status) == ("degraded", 200)
+    assert body["checks"]["error_rate"]["status"] == "degraded"
+    body, status = _health(ok[:60] + [req("/api/chat", 500, 10.0)] * 40)
+    assert (body["status"], status) == ("unhealthy", 503)
+    assert body["thresholds"]["error_rate_unhealthy"] == 0.25
+
+
+def test_health_ignores_client_errors_and_cancellations() -> None:
+    recs = [req("/api/chat", 200, 10.0)] * 10 + [req("/api/chat", 404, 1.0)] * 50
+    recs += [req("/api/chat", 499, 1.0)] * 50
+    recs += [stream("/api/chat", "cancelled", [(1, 1)], 2.0) for _ in range(20)]
+    body, status = _health(recs)
+    assert (body["status"], status) == ("healthy", 200)
+    assert body["error_rate"] == 0.0
+    assert body["client_error_rate"] == pytest.approx(50 / 60)
+
+
+def test_health_latency_and_backend() -> None:
+    slow = [req("/api/chat", 200, 31_000.0)] * 10
+    body, status = _health(slow)
+    assert (body["status"], status) == ("degraded", 200)
+    assert body["checks"]["latency"]["p95_seconds"] == pytest.approx(31.0)
+    # long streams are not "slow requests"
+    body, _ = _health([stream("/api/chat", "completed", [(10, 5)], 120_000.0)] * 10)
+    assert body["status"] == "healthy"
+    # configurable
+    body, _ = _health(slow, health_p95_degraded_seconds=60)
+    assert body["status"] == "healthy"
+    c = MetricsCollector(system_enabled=False)
+    c.set_backend_status(False, time.time())
+    body, status = c.health()
+    assert (body["status"], status, body["backend_reachable"]) == ("unhealthy", 503, False)
+    c.set_backend_status(True, time.time())
+    assert c.health()[1] == 200
+
+
+def test_health_env_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "0.5")
+    monkeypatch.setenv("HEALTH_ERROR_RATE_UNHEALTHY", "0.9")
+    monkeypatch.setenv("HEALTH_P95_DEGRADED_SECONDS", "1")
+    c = MetricsCollector(system_enabled=False)
+    assert c.health()[0]["thresholds"]["error_rate_degraded"] == 0.5
+    for _ in range(6):
+        c.record(req("/api/chat", 200, 10.0))
+    for _ in range(4):
+        c.record(req("/api/chat", 500, 10.0))
+    assert c.health()[0]["status"] == "healthy"  # 40 % < 50 %
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_random_endpoints_and_models_create_no_new_series() -> None:
+    c = MetricsCollector(system_enabled=False, model_label_limit=5)
+    c.record(req("/x", 404, 1.0, "zzz"))
+    c.record(req("/y", 200, 1.0, ""))
+    before = {n: len(v) for n, v in scrape(c).items()}
+    rnd = random.Random(7)
+    for i in range(10_000):
+        path = "/" + "".join(rnd.choice("abcdefgh/") for _ in range(12))
+        c.record(req(path, 404 if i % 2 else 500, 1.0, f"model-{rnd.random()}"))
+    after = {n: len(v) for n, v in scrape(c).items()}
+    grew = {n for n in after if after[n] != before.get(n)}
+    assert grew <= {"http_requests_total", "http_request_duration_seconds_bucket"} | {
+        "http_request_duration_seconds_count",
+        "http_request_duration_seconds_sum",
+    }
+    # only the bounded status values may add series: 404 -> already there, 500 is new
+    assert after["http_requests_total"] - before["http_requests_total"] == 1
+    # successful random models stop getting labels at the budget
+    for i in range(2_000):
+        c.record(req("/api/chat", 200, 1.0, f"ok-{i}"))
+    models = {lab["model"] for lab, _ in scrape(c)["http_requests_total"]}
+    assert len(models - {"", "other"}) == 5
+    assert len(c.summary()["models"]) == 6  # five + other
+
+
+def test_api_label_from_record_or_path() -> None:
+    c = MetricsCollector(system_enabled=False)
+    c.record(req("/v1/models/gpt-4", 200, 1.0, method="GET"))
+    c.record(req("/api/chat", 200, 1.0, api="openai"))  # explicit api wins
+    c.record(req("api_chat", 200, 1.0))  # already a label
+    c.record(req("/api/tags", 200, 1.0, method="BREW"))
+    got = {
+        (lab["api"], lab["endpoint"], lab["method"]) for lab, _ in scrape(c)["http_requests_total"]
+    }
+    assert got == {
+        ("openai", "v1_model", "GET"),
+        ("openai", "api_chat", "POST"),
+        ("ollama", "api_chat", "POST"),
+        ("ollama", "api_tags", "other"),
+    }
+
+
+# ----------------------------------------------------------------------------- switches, logs, env
+
+
+def test_disabled_collector_records_nothing() -> None:
+    c = MetricsCollector(enabled=False, system_enabled=False)
+    c.request_started()
+    c.request_finished(req("/api/chat", 500, 1.0))
+    c.upstream_error("connect")
+    j = c.summary()
+    assert j["enabled"] is False and j["total_requests"] == 0 and j["active_requests"] == 0
+    assert c.health()[0]["enabled"] is False
+    s = scrape(c)
+    assert total(s, "http_requests_total") == 0
+    assert total(s, "trioproxy_upstream_errors_total") == 0
+
+
+def test_monitoring_plane_is_never_recorded() -> None:
+    c = MetricsCollector(system_enabled=False)
+    for path in ("/health", "/ready", "/metrics", "/v1/metrics", "/v1/metrics/prometheus"):
+        c.record(req(path, 200, 1.0, method="GET"))
+    assert c.summary()["total_requests"] == 0 and c.summary()["window"]["size"] == 0
+
+
+def test_active_gauge_counts_in_flight() -> None:
+    c = MetricsCollector(system_enabled=False)
+    c.request_started()
+    c.request_started()
+    assert c.summary()["active_requests"] == 2
+    assert total(scrape(c), "http_requests_active") == 2
+    c.request_finished(req("/api/chat", 200, 1.0))
+    assert c.health()[0]["active_requests"] == 1
+    c.request_finished(req("/api/chat", 200, 1.0))
+    c.request_finished(req("/api/chat", 200, 1.0))  # unbalanced: never below 0
+    assert total(scrape(c), "http_requests_active") == 0
+
+
+async def test_record_request_logs_only_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    c = MetricsCollector(system_enabled=False)
+    caplog.set_level(logging.DEBUG, logger="trioproxy.metrics")
+    await c.record_request(req("/api/chat", 200, 10.0))
+    await c.record_request(req("/api/chat", 200, 6000.0))
+    await c.record_request(req("/api/chat", 502, 10.0, error="boom"))
+    levels = [r.levelno for r in caplog.records if r.name == "trioproxy.metrics"]
+    assert logging.INFO not in levels
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "slow" in warnings[0] and "boom" in warnings[1]
+    assert c.summary()["total_requests"] == 3
+
+
+def test_singleton_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_ENABLED", "false")
+    monkeypatch.setenv("METRICS_MAX_REQUESTS", "7")
+    monkeypatch.setenv("SYSTEM_METRICS_INTERVAL", "2.5")
+    monkeypatch.setenv("SYSTEM_METRICS_ENABLED", "no")
+    previous = metrics_pkg._collector
+    try:
+        metrics_pkg.set_metrics_collector(None)
+        c = metrics_pkg.get_metrics_collector()
+        assert c is metrics_pkg.get_metrics_collector()
+        assert (c.enabled, c.max_metrics, c.sampler.interval, c.system_enabled) == (
+            False,
+            7,
+            2.5,
+            False,
+        )
+        monkeypatch.setenv("METRICS_MAX_REQUESTS", "lots")
+        monkeypatch.setenv("METRICS_ENABLED", "maybe")
+        metrics_pkg.set_metrics_collector(None)
+        c = metrics_pkg.get_metrics_collector()
+        assert (c.enabled, c.max_metrics) == (True, 1000)
+    finally:
+        metrics_pkg.set_metrics_collector(previous)

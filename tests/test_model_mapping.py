@@ -1,0 +1,102 @@
+"""Model mapping: lookups both ways and the two mapping-file shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trioproxy.model_mapping import MappingFileError, ModelMapper, load_mapping_file
+
+
+def test_empty_mapper_is_identity() -> None:
+    m = ModelMapper()
+    assert m.to_backend("llama3") == "llama3"
+    assert m.to_client("llama3") == "llama3"
+    assert len(m) == 0
+    assert list(m.items()) == []
+
+
+def test_forward_and_reverse() -> None:
+    m = ModelMapper({"llama3": "meta/Llama-3-8B", "qwen": "Qwen/Qwen2.5"})
+    assert m.to_backend("llama3") == "meta/Llama-3-8B"
+    assert m.to_backend("LLAMA3") == "LLAMA3"  # exact, case-sensitive
+    assert m.to_backend("other") == "other"
+    assert m.to_client("Qwen/Qwen2.5") == "qwen"
+    assert m.to_client("unknown/backend") == "unknown/backend"
+    assert len(m) == 2
+    assert dict(m.items()) == {"llama3": "meta/Llama-3-8B", "qwen": "Qwen/Qwen2.5"}
+    assert "llama3" in m and "meta/Llama-3-8B" not in m
+
+
+def test_many_to_one_first_in_file_order_wins() -> None:
+    m = ModelMapper({"b-name": "backend", "a-name": "backend"})
+    assert m.to_client("backend") == "b-name"
+    assert m.clients_for("backend") == ["b-name", "a-name"]
+    assert m.clients_for("nothing") == []
+
+
+def _write(tmp_path: Path, content: str) -> Path:
+    p = tmp_path / "map.json"
+    p.write_text(content, encoding="utf-8")
+    return p
+
+
+def test_load_flat(tmp_path: Path) -> None:
+    p = _write(tmp_path, json.dumps({"llama3": "meta/Llama-3-8B", "é": "x"}))
+    assert load_mapping_file(p) == {"llama3": "meta/Llama-3-8B", "é": "x"}
+    assert load_mapping_file(str(p)) == {"llama3": "meta/Llama-3-8B", "é": "x"}
+
+
+def test_load_nested_ignores_other_keys(tmp_path: Path) -> None:
+    doc = {"model_mappings": {"a": "A", "b": "B"}, "default_model": "a", "version": 2}
+    p = _write(tmp_path, json.dumps(doc))
+    mapping = load_mapping_file(p)
+    assert mapping == {"a": "A", "b": "B"}
+    assert list(mapping) == ["a", "b"]  # file order preserved for reverse lookups
+
+
+def test_load_empty_object(tmp_path: Path) -> None:
+    assert load_mapping_file(_write(tmp_path, "{}")) == {}
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must contain a JSON object"),
+        ('"x"', "must contain a JSON object"),
+        ('{"a": 1}', "'a'"),
+        ('{"a": null}', "'a'"),
+        ('{"a": ""}', "non-empty"),
+        ('{"": "x"}', "empty model name"),
+        ('{"model_mappings": [1]}', "'model_mappings'"),
+        ('{"model_mappings": {"a": {"b": "c"}}}', "'a'"),
+        ('{"a": "x", "a": "y"}', "duplicate key 'a'"),
+    ],
+)
+def test_load_errors(tmp_path: Path, content: str, needle: str) -> None:
+    with pytest.raises(MappingFileError, match=needle):
+        load_mapping_file(_write(tmp_path, content))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(MappingFileError, match="does not exist"):
+        load_mapping_file(tmp_path / "nope.json")
+
+
+def test_unreadable_path(tmp_path: Path) -> None:
+    with pytest.raises(MappingFileError, match="cannot read"):
+        load_mapping_file(tmp_path)  # a directory
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "map.json"
+    p.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(MappingFileError, match="cannot read"):
+        load_mapping_file(p)
+
+
+def test_error_is_value_error() -> None:
+    assert issubclass(MappingFileError, ValueError)

@@ -1,0 +1,200 @@
+"""SSE parser and encoders: spec line-ending rules, split reads, bounded buffers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trioproxy.sse import (
+    SSE_DONE,
+    SSE_DONE_BYTES,
+    SSEEvent,
+    SSEParser,
+    SSEProtocolError,
+    encode_sse,
+    openai_error_event,
+)
+
+
+def parse_all(*reads: bytes, max_line_bytes: int | None = None) -> list[SSEEvent]:
+    parser = SSEParser() if max_line_bytes is None else SSEParser(max_line_bytes)
+    events: list[SSEEvent] = []
+    for data in reads:
+        events += parser.feed(data)
+    return events + parser.close()
+
+
+def test_basic_event_and_done() -> None:
+    events = parse_all(b'data: {"a":1}\n\ndata: [DONE]\n\n')
+    assert events == [SSEEvent('{"a":1}'), SSEEvent(SSE_DONE)]
+
+
+def test_data_with_and_without_space() -> None:
+    # Only one leading space is stripped; "data:x" is legal.
+    assert parse_all(b"data:x\n\ndata:  y\n\n") == [SSEEvent("x"), SSEEvent(" y")]
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_line_endings(eol: bytes) -> None:
+    stream = b"event: e" + eol + b"data: a" + eol + b"data: b" + eol + eol
+    assert parse_all(stream) == [SSEEvent("a\nb", event="e")]
+
+
+def test_cr_lf_split_across_reads_is_one_line_end() -> None:
+    # If the CR and LF were counted as two line ends, the blank line would dispatch "a" early
+    # and there would be two events.
+    events = parse_all(b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n")
+    assert events == [SSEEvent("a\nb")]
+
+
+def test_cr_then_non_lf_next_read() -> None:
+    assert parse_all(b"data: a\r", b"\r") == [SSEEvent("a")]
+
+
+def test_comments_ignored_and_fields_kept() -> None:
+    stream = b": keep-alive\n\nid: 7\nevent: delta\nretry: 100\nfoo: bar\ndata: x\n\n"
+    assert parse_all(stream) == [SSEEvent("x", event="delta", id="7")]
+
+
+def test_event_without_data_not_dispatched_and_event_type_resets() -> None:
+    events = parse_all(b"event: ping\n\ndata: x\n\n")
+    assert events == [SSEEvent("x")]
+
+
+def test_last_event_id_persists() -> None:
+    events = parse_all(b"id: 1\ndata: a\n\ndata: b\n\nid\ndata: c\n\n")
+    assert [e.id for e in events] == ["1", "1", None]
+
+
+def test_empty_data_line_dispatches_empty_event() -> None:
+    assert parse_all(b"data\n\ndata:\n\n") == [SSEEvent(""), SSEEvent("")]
+
+
+def test_multibyte_split_across_reads() -> None:
+    payload = 'data: {"t":"héllo 世界 🎉"}\n\n'.encode()
+    for cut in range(1, len(payload)):
+        assert parse_all(payload[:cut], payload[cut:]) == [SSEEvent('{"t":"héllo 世界 🎉"}')]
+
+
+def test_invalid_utf8_replaced_not_fatal() -> None:
+    assert parse_all(b"data: a\xffb\n\n") == [SSEEvent("a\ufffdb")]
+
+
+def test_leading_bom_stripped() -> None:
+    assert parse_all(b"\xef\xbb", b"\xbfdata: x\n\n") == [SSEEvent("x")]
+
+
+def test_close_flushes_unterminated_event_and_line() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\ndata: b") == []
+    assert parser.close() == [SSEEvent("a\nb")]
+
+
+def test_close_flushes_truncated_multibyte_as_replacement() -> None:
+    assert parse_all("data: é".encode()[:-1]) == [SSEEvent("\ufffd")]
+
+
+def test_line_too_long_incomplete_raises() -> None:
+    parser = SSEParser(max_line_bytes=16)
+    parser.feed(b"data: 0123456789")  # exactly 16 bytes: fine
+    with pytest.raises(SSEProtocolError):
+        parser.feed(b"x")
+
+
+def test_line_too_long_complete_raises() -> None:
+    with pytest.raises(SSEProtocolError):
+        parse_all(b"data: " + b"x" * 100 + b"\n\n", max_line_bytes=64)
+
+
+def test_line_limit_counts_bytes_not_characters() -> None:
+    # 10 characters but 30 bytes.
+    with pytest.raises(SSEProtocolError):
+        parse_all(("世" * 10 + "\n").encode(), max_line_bytes=20)
+    with pytest.raises(SSEProtocolError):
+        SSEParser(max_line_bytes=20).feed(("世" * 10).encode())
+
+
+def test_many_short_lines_under_limit_ok() -> None:
+    stream = b"".join(b"data: %d\n\n" % i for i in range(1000))
+    events = parse_all(stream, max_line_bytes=16)
+    assert [e.data for e in events] == [str(i) for i in range(1000)]
+
+
+def test_is_a_value_error() -> None:
+    assert issubclass(SSEProtocolError, ValueError)
+
+
+def test_encode_sse_compact_utf8() -> None:
+    out = encode_sse({"a": "é\nx", "b": [1, 2]})
+    assert out == 'data: {"a":"é\\nx","b":[1,2]}\n\n'.encode()
+    assert parse_all(out) == [SSEEvent('{"a":"é\\nx","b":[1,2]}')]
+
+
+def test_done_bytes() -> None:
+    assert parse_all(SSE_DONE_BYTES) == [SSEEvent(SSE_DONE)]
+
+
+def test_openai_error_event_shape() -> None:
+    out = openai_error_event("boom")
+    (event,) = parse_all(out)
+    assert json.loads(event.data) == {
+        "error": {"message": "boom", "type": "api_error", "param": None, "code": None}
+    }
+    (event,) = parse_all(openai_error_event("slow", type_="timeout", code="504"))
+    assert json.loads(event.data)["error"] == {
+        "message": "slow",
+        "type": "timeout",
+        "param": None,
+        "code": "504",
+    }
+
+
+# -- property: any split of the byte stream yields the same events ------------------------
+
+_text = st.text(
+    alphabet=st.sampled_from(["a", "é", "世", "🎉", " ", ":", "\u2028", "x"]), max_size=8
+)
+_line = st.one_of(
+    st.builds(lambda t: "data:" + t, _text),
+    st.builds(lambda t: "data: " + t, _text),
+    st.builds(lambda t: "event: " + t, _text),
+    st.builds(lambda t: "id: " + t, _text),
+    st.builds(lambda t: ": " + t, _text),
+    st.just("data"),
+    st.just(""),
+)
+_eol = st.sampled_from(["\n", "\r\n", "\r"])
+
+
+@st.composite
+def _streams_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    lines = draw(st.lists(st.tuples(_line, _eol), max_size=20))
+    stream = "".join(line + eol for line, eol in lines).encode()
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    return stream, cuts
+
+
+@settings(max_examples=300, deadline=None)
+@given(_streams_and_cuts())
+def test_any_split_yields_same_events(case: tuple[bytes, list[int]]) -> None:
+    stream, cuts = case
+    whole = parse_all(stream)
+    bounds = [0, *cuts, len(stream)]
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    assert parse_all(*pieces) == whole
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=10), st.data())
+def test_encoded_events_roundtrip_byte_by_byte(texts: list[str], data: st.DataObject) -> None:
+    objs = [{"t": t} for t in texts]
+    stream = b"".join(encode_sse(o) for o in objs) + SSE_DONE_BYTES
+    step = data.draw(st.integers(1, 7))
+    pieces = [stream[i : i + step] for i in range(0, len(stream), step)]
+    events = parse_all(*pieces)
+    assert [json.loads(e.data) for e in events[:-1]] == objs
+    assert events[-1].data == SSE_DONE

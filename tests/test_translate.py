@@ -1,0 +1,954 @@
+"""Ollama <-> OpenAI translation: validation, request mapping, responses, streams, models.
+
+Outputs are validated against the real client models (ollama-python's pydantic types and the
+openai SDK's ``Model``) where that is cheap, since those are what break in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import struct
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ollama._types import (
+    ChatResponse,
+    EmbeddingsResponse,
+    EmbedResponse,
+    GenerateResponse,
+    ListResponse,
+    ProcessResponse,
+    ShowResponse,
+)
+from openai.types import Model as OpenAIModel
+
+from trioproxy.model_mapping import ModelMapper
+from trioproxy.translate import (
+    OllamaStreamTranslator,
+    OpenAIStreamObserver,
+    RequestValidationError,
+    Timings,
+    image_data_url,
+    is_embedding_model,
+    model_family,
+    ollama_chat_to_openai,
+    ollama_embed_to_openai,
+    ollama_embeddings_to_openai,
+    ollama_generate_to_openai,
+    ollama_ps,
+    ollama_show,
+    openai_chat_to_ollama_chat,
+    openai_chat_to_ollama_generate,
+    openai_embeddings_to_ollama_embed,
+    openai_embeddings_to_ollama_embeddings,
+    openai_model_entry,
+    openai_model_list,
+    openai_models_to_ollama_tags,
+    openai_passthrough_request,
+    parse_tool_arguments,
+    utc_timestamp,
+    validate_ollama_chat,
+    validate_ollama_embed,
+    validate_ollama_embeddings,
+    validate_ollama_generate,
+    validate_openai_body,
+)
+
+CREATED = "2024-01-02T03:04:05.000000006Z"
+TIMINGS = Timings(total_ns=3_000, prompt_eval_ns=1_000, eval_ns=2_000)
+PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 8).decode()
+GIF_B64 = base64.b64encode(b"GIF89a" + b"\0" * 8).decode()
+JPEG_B64 = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 8).decode()
+WEBP_B64 = base64.b64encode(b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 8).decode()
+WAV_B64 = base64.b64encode(b"RIFF\x10\0\0\0WAVEfmt " + b"\0" * 8).decode()
+
+
+# =============================================================================================
+# Validation
+# =============================================================================================
+
+
+def _err(fn: Any, body: object) -> RequestValidationError:
+    with pytest.raises(RequestValidationError) as info:
+        fn(body)
+    return info.value
+
+
+def test_error_message_names_field() -> None:
+    e = _err(validate_ollama_chat, {"messages": []})
+    assert e.field == "model"
+    assert str(e) == e.message == "field 'model' is required"
+    assert isinstance(e, ValueError)
+    e = _err(validate_ollama_chat, {"model": "m", "messages": {}})
+    assert str(e) == "field 'messages' must be a list"
+    e = _err(validate_ollama_chat, [])
+    assert e.field is None and "JSON object" in str(e)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": ""}, "model"),
+        ({"model": None}, "model"),
+        ({"model": 3}, "model"),
+        ({"model": "m", "messages": [1]}, "messages[0]"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": 1}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "user", "images": "x"}]}, "messages[0].images"),
+        (
+            {"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"x": 1}]}]},
+            "messages[0].tool_calls[0].function",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f",
+                              "arguments": [1]}}]}],
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ({"model": "m", "options": []}, "options"),
+        ({"model": "m", "options": {"temperature": "hot"}}, "options.temperature"),
+        ({"model": "m", "options": {"temperature": True}}, "options.temperature"),
+        ({"model": "m", "options": {"num_predict": 1.5}}, "options.num_predict"),
+        ({"model": "m", "options": {"stop": [1]}}, "options.stop[0]"),
+        ({"model": "m", "stream": "yes"}, "stream"),
+        ({"model": "m", "stream": 1}, "stream"),
+        ({"model": "m", "format": "xml"}, "format"),
+        ({"model": "m", "format": 3}, "format"),
+        ({"model": "m", "think": 3}, "think"),
+        ({"model": "m", "tools": {}}, "tools"),
+        ({"model": "m", "tools": [{"function": {}}]}, "tools[0].function.name"),
+    ],
+)
+def test_chat_validation_errors(body: dict[str, Any], field: str) -> None:
+    e = _err(validate_ollama_chat, body)
+    assert e.field == field
+    assert f"'{field}'" in str(e)
+
+
+def test_chat_validation_accepts_lenient_shapes() -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u", "images": [PNG_B64], "thinking": "t"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}],
+            },
+            {"role": "assistant", "tool_calls": [{"function": {"name": "g", "arguments": "{}"}}]},
+            {"role": "tool", "content": "r", "tool_name": "f"},
+        ],
+        "options": {"num_predict": -1, "top_k": 40, "mirostat": 2, "stop": "x", "seed": 42.0},
+        "stream": False,
+        "format": {"type": "object"},
+        "think": "high",
+        "keep_alive": "5m",
+        "unknown_field": {"anything": True},
+        "tools": [{"type": "function", "function": {"name": "f"}}, {"name": "bare"}],
+    }
+    assert validate_ollama_chat(body) is body
+    assert validate_ollama_chat({"model": "m"})["model"] == "m"  # load request
+    assert validate_ollama_chat({"model": "m", "stream": None, "options": None})
+
+
+def test_generate_validation() -> None:
+    assert validate_ollama_generate({"model": "m"})
+    assert validate_ollama_generate({"model": "m", "prompt": "p", "images": [PNG_B64]})
+    assert _err(validate_ollama_generate, {"model": "m", "prompt": 1}).field == "prompt"
+    assert _err(validate_ollama_generate, {"model": "m", "system": []}).field == "system"
+    assert _err(validate_ollama_generate, {"model": "m", "images": "x"}).field == "images"
+    assert _err(validate_ollama_generate, {"prompt": "x"}).field == "model"
+
+
+def test_embed_validation() -> None:
+    assert validate_ollama_embed({"model": "m", "input": "x"})
+    assert validate_ollama_embed({"model": "m", "input": ["x", "y"], "dimensions": 8})
+    assert _err(validate_ollama_embed, {"model": "m"}).field == "input"
+    assert _err(validate_ollama_embed, {"model": "m", "input": 3}).field == "input"
+    assert _err(validate_ollama_embed, {"model": "m", "input": ["a", 1]}).field == "input[1]"
+    assert _err(validate_ollama_embed, {"model": "m", "input": "x", "dimensions": 0}).field == (
+        "dimensions"
+    )
+    assert _err(validate_ollama_embed, {"input": "x"}).field == "model"
+
+
+def test_embeddings_validation() -> None:
+    assert validate_ollama_embeddings({"model": "m", "prompt": "x"})
+    assert validate_ollama_embeddings({"model": "m", "input": "x"})
+    assert validate_ollama_embeddings({"model": "m", "input": ["x"]})
+    assert _err(validate_ollama_embeddings, {"model": "m"}).field == "prompt"
+    assert _err(validate_ollama_embeddings, {"model": "m", "prompt": 1}).field == "prompt"
+
+
+def test_openai_body_validation() -> None:
+    assert validate_openai_body({"model": "m", "messages": "anything"})
+    assert _err(validate_openai_body, {"messages": []}).field == "model"
+    assert _err(validate_openai_body, {"model": ""}).field == "model"
+    assert _err(validate_openai_body, {"model": "m", "stream": "x"}).field == "stream"
+    assert _err(validate_openai_body, "x").field is None
+    assert validate_openai_body({}, require_model=False) == {}
+    with pytest.raises(RequestValidationError):
+        validate_openai_body({"model": 5}, require_model=False)
+
+
+# =============================================================================================
+# Request side
+# =============================================================================================
+
+
+def test_chat_request_minimal_streams_with_usage_and_no_defaults() -> None:
+    out = ollama_chat_to_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                                "backend")
+    assert out == {
+        "model": "backend",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_chat_request_non_stream_has_no_stream_options() -> None:
+    out = ollama_chat_to_openai({"model": "m", "messages": [], "stream": False}, "b")
+    assert out["stream"] is False
+    assert "stream_options" not in out
+
+
+@pytest.mark.parametrize("num_predict", [-2, -1, 0])
+def test_num_predict_special_values_omitted(num_predict: int) -> None:
+    out = ollama_generate_to_openai({"model": "m", "options": {"num_predict": num_predict}}, "b")
+    assert "max_tokens" not in out
+
+
+def test_options_mapping_only_what_was_set() -> None:
+    options = {
+        "num_predict": 128,
+        "temperature": 0,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["a", "b"],
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "top_k": 40,
+        "num_ctx": 4096,
+        "repeat_penalty": 1.1,
+        "mirostat": 1,
+    }
+    out = ollama_chat_to_openai({"model": "m", "messages": [], "options": options}, "b")
+    sampling = {k: v for k, v in out.items() if k not in ("model", "messages", "stream",
+                                                           "stream_options")}
+    assert sampling == {
+        "max_tokens": 128,
+        "temperature": 0,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["a", "b"],
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+    }
+    out = ollama_chat_to_openai({"model": "m", "messages": [], "options": {"stop": "x"}}, "b")
+    assert out["stop"] == "x"
+    assert "temperature" not in out and "top_p" not in out
+
+
+def test_format_and_think_and_keep_alive() -> None:
+    base = {"model": "m", "messages": [], "keep_alive": 0}
+    out = ollama_chat_to_openai({**base, "format": "json", "think": "low"}, "b")
+    assert out["response_format"] == {"type": "json_object"}
+    assert out["reasoning_effort"] == "low"
+    assert "keep_alive" not in out and "think" not in out and "format" not in out
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    out = ollama_chat_to_openai({**base, "format": schema, "think": True}, "b")
+    assert out["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": schema, "strict": True},
+    }
+    assert "reasoning_effort" not in out
+    out = ollama_chat_to_openai({**base, "think": "max", "format": ""}, "b")
+    assert "reasoning_effort" not in out and "response_format" not in out
+
+
+@pytest.mark.parametrize(
+    ("b64", "mime"),
+    [(PNG_B64, "png"), (JPEG_B64, "jpeg"), (GIF_B64, "gif"), (WEBP_B64, "webp"),
+     (WAV_B64, "jpeg"), ("AAAA", "jpeg")],
+)
+def test_image_sniffing(b64: str, mime: str) -> None:
+    assert image_data_url(b64) == f"data:image/{mime};base64,{b64}"
+
+
+def test_image_data_url_passthrough() -> None:
+    url = "data:image/png;base64,AAAA"
+    assert image_data_url(url) == url
+
+
+def test_chat_images_become_content_parts() -> None:
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "what is this?",
+         "images": [PNG_B64, "data:image/gif;base64,R0"]}
+    ]}
+    (msg,) = ollama_chat_to_openai(body, "b")["messages"]
+    assert msg == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
+            {"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0"}},
+        ],
+    }
+
+
+def test_generate_request() -> None:
+    body = {
+        "model": "m",
+        "prompt": "describe",
+        "system": "be brief",
+        "images": [JPEG_B64],
+        "suffix": "s",
+        "template": "t",
+        "raw": True,
+        "context": [1, 2],
+        "keep_alive": "1m",
+        "options": {"temperature": 0.2},
+        "stream": False,
+    }
+    out = ollama_generate_to_openai(body, "backend")
+    assert out == {
+        "model": "backend",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "describe"},
+                    {"type": "image_url",
+                     "image_url": {"url": f"data:image/jpeg;base64,{JPEG_B64}"}},
+                ],
+            },
+        ],
+        "stream": False,
+        "temperature": 0.2,
+    }
+    plain = ollama_generate_to_openai({"model": "m", "prompt": "p"}, "b")
+    assert plain["messages"] == [{"role": "user", "content": "p"}]
+    assert plain["stream"] is True and plain["stream_options"] == {"include_usage": True}
+
+
+def test_tools_wrapped() -> None:
+    fn = {"name": "get_weather", "description": "d", "parameters": {"type": "object"}}
+    out = ollama_chat_to_openai({"model": "m", "messages": [], "tools": [
+        {"type": "function", "function": fn}, fn, {"function": fn}]}, "b")
+    assert out["tools"] == [{"type": "function", "function": fn}] * 3
+
+
+def test_tool_call_history() -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "weather in Paris and time?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "thinking": "let me call tools",
+                "tool_calls": [
+                    {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                    {"function": {"name": "time", "arguments": {}}},
+                ],
+            },
+            {"role": "tool", "content": "12:00", "tool_name": "time"},
+            {"role": "tool", "content": "sunny"},  # no name, no id: the open call
+            {
+                "role": "assistant",
+                "content": "ok",
+                "tool_calls": [
+                    {"id": "abc", "function": {"name": "weather", "arguments": '{"city":"Nice"}'}}
+                ],
+            },
+            {"role": "tool", "content": "rain", "tool_call_id": "abc"},
+            {"role": "tool", "content": "again?"},  # nothing open: most recent call
+        ],
+    }
+    msgs = ollama_chat_to_openai(body, "b")["messages"]
+    assert msgs[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_0", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_1", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+        ],
+    }
+    assert "thinking" not in msgs[1]
+    assert msgs[2] == {"role": "tool", "content": "12:00", "tool_call_id": "call_1"}
+    assert msgs[3]["tool_call_id"] == "call_0"
+    assert msgs[4]["content"] == "ok"
+    assert msgs[4]["tool_calls"][0]["id"] == "abc"
+    assert msgs[4]["tool_calls"][0]["function"]["arguments"] == '{"city":"Nice"}'
+    assert msgs[5]["tool_call_id"] == "abc"
+    assert msgs[6]["tool_call_id"] == "abc"
+    # Deterministic: the same history gives byte-identical requests.
+    assert ollama_chat_to_openai(body, "b") == ollama_chat_to_openai(body, "b")
+
+
+def test_parallel_tool_results_in_order_without_names() -> None:
+    body = {"model": "m", "messages": [
+        {"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": {"i": 1}}},
+            {"function": {"name": "f", "arguments": {"i": 2}}},
+        ]},
+        {"role": "tool", "content": "r1", "tool_name": "f"},
+        {"role": "tool", "content": "r2", "tool_name": "f"},
+    ]}
+    msgs = ollama_chat_to_openai(body, "b")["messages"]
+    assert [m.get("tool_call_id") for m in msgs[1:]] == ["call_0", "call_1"]
+
+
+def test_passthrough_request_maps_model_only() -> None:
+    mapper = ModelMapper({"llama3": "meta/Llama-3"})
+    body = {"model": "llama3", "max_completion_tokens": 8, "messages": [], "stream": True}
+    out = openai_passthrough_request(body, mapper)
+    assert out == {"model": "meta/Llama-3", "max_completion_tokens": 8, "messages": [],
+                   "stream": True}
+    assert body["model"] == "llama3"  # input untouched
+    assert openai_passthrough_request({"model": "x"}, mapper) == {"model": "x"}
+
+
+def test_embed_requests() -> None:
+    assert ollama_embed_to_openai({"model": "m", "input": "a"}, "b") == {
+        "model": "b", "input": ["a"], "encoding_format": "float"}
+    assert ollama_embed_to_openai(
+        {"model": "m", "input": ["a", "b"], "dimensions": 64, "truncate": True,
+         "keep_alive": 0}, "b"
+    ) == {"model": "b", "input": ["a", "b"], "encoding_format": "float", "dimensions": 64}
+    assert ollama_embeddings_to_openai({"model": "m", "prompt": "p"}, "b") == {
+        "model": "b", "input": ["p"], "encoding_format": "float"}
+    assert ollama_embeddings_to_openai({"model": "m", "input": ["x", "y"]}, "b")["input"] == [
+        "x", "y"]
+
+
+# =============================================================================================
+# Response side: non-stream
+# =============================================================================================
+
+
+def test_utc_timestamp() -> None:
+    assert utc_timestamp(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456789Z"
+    assert utc_timestamp(5) == "1970-01-01T00:00:00.000000005Z"
+    now = utc_timestamp()
+    parsed = datetime.fromisoformat(now[:26] + "+00:00")
+    assert abs((datetime.now(UTC) - parsed).total_seconds()) < 5
+
+
+def _chat_resp(message: dict[str, Any], finish: str | None = "stop",
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    resp: dict[str, Any] = {
+        "id": "x", "object": "chat.completion", "created": 1, "model": "backend",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    }
+    if usage is not None:
+        resp["usage"] = usage
+    return resp
+
+
+def test_chat_response_basic() -> None:
+    resp = _chat_resp({"role": "assistant", "content": "hello"},
+                      usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+    out = openai_chat_to_ollama_chat(resp, "llama3", CREATED, TIMINGS)
+    assert out == {
+        "model": "llama3",
+        "created_at": CREATED,
+        "message": {"role": "assistant", "content": "hello"},
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 3_000,
+        "load_duration": 0,
+        "prompt_eval_count": 5,
+        "prompt_eval_duration": 1_000,
+        "eval_count": 2,
+        "eval_duration": 2_000,
+    }
+    ChatResponse.model_validate(out)
+
+
+@pytest.mark.parametrize(
+    ("finish", "reason"),
+    [("stop", "stop"), ("length", "length"), ("tool_calls", "stop"),
+     ("content_filter", "stop"), (None, "stop"), ("function_call", "stop")],
+)
+def test_done_reason_mapping(finish: str | None, reason: str) -> None:
+    out = openai_chat_to_ollama_chat(_chat_resp({"content": "x"}, finish), "m", CREATED, TIMINGS)
+    assert out["done_reason"] == reason
+    out = openai_chat_to_ollama_generate(_chat_resp({"content": "x"}, finish), "m", CREATED,
+                                         TIMINGS)
+    assert out["done_reason"] == reason
+
+
+def test_chat_response_tool_calls_thinking_null_content() -> None:
+    resp = _chat_resp(
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "hmm",
+            "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "f", "arguments": '{"a": 1, "b": [2]}'}},
+                {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{bad"}},
+                {"id": "c3", "type": "function", "function": {"name": "h", "arguments": "[1]"}},
+                {"id": "c4", "type": "function", "function": {"name": "k", "arguments": ""}},
+            ],
+        },
+        finish="tool_calls",
+    )
+    out = openai_chat_to_ollama_chat(resp, "m", CREATED, TIMINGS)
+    msg = out["message"]
+    assert msg["content"] == ""
+    assert msg["thinking"] == "hmm"
+    assert [c["function"] for c in msg["tool_calls"]] == [
+        {"index": 0, "name": "f", "arguments": {"a": 1, "b": [2]}},
+        {"index": 1, "name": "g", "arguments": {}},
+        {"index": 2, "name": "h", "arguments": {}},
+        {"index": 3, "name": "k", "arguments": {}},
+    ]
+    assert out["done_reason"] == "stop"
+    assert out["prompt_eval_count"] == 0 and out["eval_count"] == 0
+    parsed = ChatResponse.model_validate(out)
+    assert parsed.message.tool_calls[0].function.arguments == {"a": 1, "b": [2]}
+
+
+def test_chat_response_reasoning_field_and_legacy_function_call() -> None:
+    resp = _chat_resp({"content": "x", "reasoning": "r",
+                       "function_call": {"name": "f", "arguments": '{"q": 1}'}})
+    msg = openai_chat_to_ollama_chat(resp, "m", CREATED, TIMINGS)["message"]
+    assert msg["thinking"] == "r"
+    assert msg["tool_calls"][0]["function"] == {"index": 0, "name": "f", "arguments": {"q": 1}}
+
+
+def test_chat_response_without_choices_still_valid() -> None:
+    out = openai_chat_to_ollama_chat({}, "m", CREATED, TIMINGS)
+    assert out["message"] == {"role": "assistant", "content": ""}
+    ChatResponse.model_validate(out)
+
+
+def test_generate_response() -> None:
+    resp = _chat_resp({"content": "hello", "reasoning_content": "t"}, "length",
+                      {"prompt_tokens": 3, "completion_tokens": 9})
+    out = openai_chat_to_ollama_generate(resp, "m", CREATED, TIMINGS)
+    assert out["response"] == "hello" and out["thinking"] == "t"
+    assert out["done"] is True and out["done_reason"] == "length"
+    assert (out["prompt_eval_count"], out["eval_count"]) == (3, 9)
+    assert "message" not in out
+    GenerateResponse.model_validate(out)
+    out = openai_chat_to_ollama_generate(_chat_resp({"content": None}), "m", CREATED, TIMINGS)
+    assert out["response"] == "" and "thinking" not in out
+
+
+def test_parse_tool_arguments() -> None:
+    assert parse_tool_arguments('{"a": 1}') == {"a": 1}
+    assert parse_tool_arguments({"a": 1}) == {"a": 1}
+    assert parse_tool_arguments("not json") == {}
+    assert parse_tool_arguments('"str"') == {}
+    assert parse_tool_arguments(None) == {}
+
+
+# =============================================================================================
+# Streams
+# =============================================================================================
+
+
+def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
+           usage: dict[str, int] | None = None, empty_choices: bool = False) -> dict[str, Any]:
+    c: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "created": 1,
+                         "model": "b", "usage": usage}
+    c["choices"] = [] if empty_choices else [
+        {"index": 0, "delta": delta or {}, "finish_reason": finish}
+    ]
+    return c
+
+
+def _translator(kind: str = "chat") -> OllamaStreamTranslator:
+    return OllamaStreamTranslator(kind, "llama3", start_ns=1_000,  # type: ignore[arg-type]
+                                  created_at=lambda: CREATED)
+
+
+def test_stream_chat_text() -> None:
+    t = _translator()
+    lines: list[dict[str, Any]] = []
+    lines += t.feed(_chunk({"role": "assistant", "content": ""}), 1_100)
+    assert lines == []  # role-only chunk emits nothing
+    assert t.first_token_ns is None
+    lines += t.feed(_chunk({"content": "Hel"}), 1_500)
+    lines += t.feed(_chunk({"content": "lo"}), 1_900)
+    lines += t.feed(_chunk({}, finish="stop"), 2_000)
+    lines += t.feed(_chunk(usage={"prompt_tokens": 4, "completion_tokens": 2,
+                                  "total_tokens": 6}, empty_choices=True), 2_100)
+    final = t.finish(2_500)
+    assert lines == [
+        {"model": "llama3", "created_at": CREATED,
+         "message": {"role": "assistant", "content": "Hel"}, "done": False},
+        {"model": "llama3", "created_at": CREATED,
+         "message": {"role": "assistant", "content": "lo"}, "done": False},
+    ]
+    assert final == {
+        "model": "llama3", "created_at": CREATED,
+        "message": {"role": "assistant", "content": ""},
+        "done": True, "done_reason": "stop",
+        "total_duration": 1_500, "load_duration": 0,
+        "prompt_eval_count": 4, "prompt_eval_duration": 500,
+        "eval_count": 2, "eval_duration": 400,
+    }
+    for line in [*lines, final]:
+        ChatResponse.model_validate(line)
+    assert t.usage_seen and t.prompt_tokens == 4 and t.completion_tokens == 2
+    assert t.first_token_ns == 1_500 and t.content_chunks == 2
+    assert t.finish_reason == "stop"
+
+
+def test_stream_generate_thinking_and_length() -> None:
+    t = _translator("generate")
+    lines = t.feed(_chunk({"reasoning_content": "think"}), 1_200)
+    lines += t.feed(_chunk({"reasoning": "more"}), 1_300)
+    lines += t.feed(_chunk({"content": "ans"}), 1_400)
+    lines += t.feed(_chunk({"content": None}, finish="length"), 1_500)
+    final = t.finish(1_600)
+    assert [(x["response"], x.get("thinking")) for x in lines] == [
+        ("", "think"), ("", "more"), ("ans", None)]
+    assert final["response"] == "" and final["done_reason"] == "length"
+    # No usage: eval_count falls back to content-bearing chunks, prompt count to 0.
+    assert not t.usage_seen
+    assert final["eval_count"] == 3 and final["prompt_eval_count"] == 0
+    assert final["prompt_eval_duration"] == 200 and final["eval_duration"] == 200
+    for line in [*lines, final]:
+        GenerateResponse.model_validate(line)
+        assert "message" not in line
+
+
+def test_stream_chat_thinking_line_has_empty_content() -> None:
+    t = _translator()
+    (line,) = t.feed(_chunk({"reasoning_content": "hmm"}), 1_100)
+    assert line["message"] == {"role": "assistant", "content": "", "thinking": "hmm"}
+
+
+def test_stream_tool_calls_accumulated() -> None:
+    t = _translator()
+    lines = t.feed(_chunk({"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "c0", "type": "function",
+         "function": {"name": "weather", "arguments": ""}}]}), 1_100)
+    lines += t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+                    1_200)
+    lines += t.feed(_chunk({"tool_calls": [
+        {"index": 1, "id": "c1", "function": {"name": "time", "arguments": "{}"}},
+        {"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]}), 1_300)
+    assert lines == []  # nothing until finish_reason
+    lines += t.feed(_chunk({}, finish="tool_calls"), 1_400)
+    final = t.finish(1_500)
+    (tool_line,) = lines
+    assert tool_line["done"] is False
+    assert tool_line["message"]["role"] == "assistant"
+    assert tool_line["message"]["content"] == ""
+    assert tool_line["message"]["tool_calls"] == [
+        {"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}},
+         "id": "c0"},
+        {"function": {"index": 1, "name": "time", "arguments": {}}, "id": "c1"},
+    ]
+    assert final["done_reason"] == "stop"
+    assert "tool_calls" not in final["message"]
+    assert t.first_token_ns == 1_100
+    ChatResponse.model_validate(tool_line)
+    ChatResponse.model_validate(final)
+
+
+def test_stream_tool_calls_without_finish_reason_ride_on_final_line() -> None:
+    t = _translator()
+    assert t.feed(_chunk({"tool_calls": [
+        {"index": 0, "function": {"name": "f", "arguments": '{"a":1}'}}]}), 1_100) == []
+    final = t.finish(1_200)
+    assert final["done"] is True
+    assert final["message"]["tool_calls"] == [
+        {"function": {"index": 0, "name": "f", "arguments": {"a": 1}}}]
+    ChatResponse.model_validate(final)
+
+
+def test_stream_tool_calls_without_index() -> None:
+    t = _translator()
+    t.feed(_chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{"}}]}),
+           1_100)
+    t.feed(_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}), 1_200)
+    t.feed(_chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": {"x": 1}}}]}),
+           1_300)
+    (line,) = t.feed(_chunk({}, finish="tool_calls"), 1_400)
+    assert [c["function"]["arguments"] for c in line["message"]["tool_calls"]] == [{}, {"x": 1}]
+    assert [c["function"]["name"] for c in line["message"]["tool_calls"]] == ["f", "g"]
+
+
+def test_stream_no_tokens_durations() -> None:
+    t = _translator()
+    final = t.finish(5_000)
+    assert final["total_duration"] == 4_000
+    assert final["prompt_eval_duration"] == 4_000
+    assert final["eval_duration"] == 0 and final["eval_count"] == 0
+    assert t.first_token_ns is None
+
+
+def test_stream_finish_once() -> None:
+    t = _translator()
+    t.finish(2_000)
+    with pytest.raises(RuntimeError):
+        t.finish(3_000)
+    with pytest.raises(RuntimeError):
+        t.feed(_chunk({"content": "x"}), 3_000)
+    assert t.finished
+
+
+def test_error_line() -> None:
+    assert OllamaStreamTranslator.error_line("boom") == {"error": "boom"}
+    assert _translator().error_line("x") == {"error": "x"}
+
+
+def test_invalid_kind() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        OllamaStreamTranslator("embed", "m", start_ns=0)  # type: ignore[arg-type]
+
+
+def test_default_created_at_is_utc_now() -> None:
+    t = OllamaStreamTranslator("chat", "m", start_ns=0)
+    (line,) = t.feed(_chunk({"content": "x"}), 1)
+    assert line["created_at"].endswith("Z") and len(line["created_at"]) == 30
+
+
+def test_openai_observer() -> None:
+    o = OpenAIStreamObserver(start_ns=0)
+    o.feed(_chunk({"role": "assistant"}), 10)
+    o.feed(_chunk({"content": "a"}), 20)
+    o.feed(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}), 30)
+    o.feed(_chunk({}, finish="tool_calls"), 40)
+    assert not o.usage_seen and o.completion_tokens is None
+    o.feed(_chunk(usage={"prompt_tokens": 1, "completion_tokens": 2}, empty_choices=True), 50)
+    assert o.first_token_ns == 20 and o.last_token_ns == 30
+    assert o.content_chunks == 2
+    assert o.usage_seen and (o.prompt_tokens, o.completion_tokens) == (1, 2)
+    assert o.finish_reason == "tool_calls"
+    o.feed({"garbage": True}, 60)  # tolerated
+
+
+_fragment_lists = st.lists(
+    st.dictionaries(st.text(max_size=5),
+                    st.one_of(st.integers(), st.text(max_size=8), st.booleans(), st.none()),
+                    max_size=4),
+    min_size=1, max_size=3,
+)
+
+
+@st.composite
+def _tool_stream(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Chunks carrying interleaved content, thinking and split tool-call arguments."""
+    args = draw(_fragment_lists)
+    texts = [json.dumps(a, ensure_ascii=draw(st.booleans())) for a in args]
+    # Split each argument string into random fragments.
+    pieces: list[tuple[int, str]] = []
+    for i, text in enumerate(texts):
+        cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=5)))
+        bounds = [0, *cuts, len(text)]
+        pieces += [(i, text[a:b]) for a, b in itertools.pairwise(bounds)]
+    # Interleave the calls' fragments while keeping each call's own order.
+    order = draw(st.permutations(range(len(pieces))))
+    queues = {i: [p for p in pieces if p[0] == i] for i in range(len(texts))}
+    seq = [queues[pieces[k][0]].pop(0) for k in order]
+    chunks: list[dict[str, Any]] = [_chunk({"role": "assistant", "content": ""})]
+    started: set[int] = set()
+    for i, frag in seq:
+        if draw(st.booleans()):
+            chunks.append(_chunk({draw(st.sampled_from(["content", "reasoning_content"])):
+                                  draw(st.text(max_size=3))}))
+        tc: dict[str, Any] = {"index": i, "function": {"arguments": frag}}
+        if i not in started:
+            started.add(i)
+            tc.update(id=f"id{i}", type="function")
+            tc["function"]["name"] = f"fn{i}"
+        chunks.append(_chunk({"tool_calls": [tc]}))
+    finish = draw(st.sampled_from(["tool_calls", "stop", None]))
+    if finish is not None:
+        chunks.append(_chunk({}, finish=finish))
+    if draw(st.booleans()):
+        chunks.append(_chunk(usage={"prompt_tokens": 3, "completion_tokens": 4},
+                             empty_choices=True))
+    return chunks, args, draw(st.sampled_from(["chat", "generate"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_tool_stream(), st.lists(st.integers(0, 1_000_000), min_size=1))
+def test_stream_properties(case: tuple[list[dict[str, Any]], list[dict[str, Any]], str],
+                           gaps: list[int]) -> None:
+    chunks, expected_args, kind = case
+    t = OllamaStreamTranslator(kind, "m", start_ns=1_000_000)  # type: ignore[arg-type]
+    now = 1_000_000
+    lines: list[dict[str, Any]] = []
+    for n, chunk in enumerate(chunks):
+        now += gaps[n % len(gaps)]
+        lines += t.feed(chunk, now)
+    lines.append(t.finish(now + 1))
+
+    assert [line["done"] for line in lines].count(True) == 1
+    assert lines[-1]["done"] is True
+    model = ChatResponse if kind == "chat" else GenerateResponse
+    calls: list[dict[str, Any]] = []
+    for line in lines:
+        model.model_validate(line)
+        json.dumps(line)  # serializable as one NDJSON line
+        if kind == "chat":
+            assert line["message"]["role"] == "assistant"
+            assert isinstance(line["message"]["content"], str)
+            calls += line["message"].get("tool_calls", [])
+        else:
+            assert isinstance(line["response"], str)
+            calls += line.get("tool_calls", [])
+    assert [c["function"]["arguments"] for c in calls] == expected_args
+    assert [c["function"]["name"] for c in calls] == [f"fn{i}" for i in range(len(calls))]
+    final = lines[-1]
+    for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration",
+                "prompt_eval_count", "eval_count"):
+        assert type(final[key]) is int and final[key] >= 0
+    assert final["total_duration"] >= final["prompt_eval_duration"] + final["eval_duration"]
+
+
+# =============================================================================================
+# Embeddings
+# =============================================================================================
+
+
+def _emb_resp(vectors: list[Any], shuffled: bool = False) -> dict[str, Any]:
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    if shuffled:
+        data.reverse()
+    return {"object": "list", "data": data, "model": "b",
+            "usage": {"prompt_tokens": 6, "total_tokens": 6}}
+
+
+def test_embed_response_in_index_order() -> None:
+    out = openai_embeddings_to_ollama_embed(_emb_resp([[0.1], [0.2], [0.3]], shuffled=True),
+                                            "m", TIMINGS)
+    assert out == {"model": "m", "embeddings": [[0.1], [0.2], [0.3]], "total_duration": 3_000,
+                   "load_duration": 0, "prompt_eval_count": 6}
+    EmbedResponse.model_validate(out)
+
+
+def test_embed_response_base64_vectors() -> None:
+    b64 = base64.b64encode(struct.pack("<3f", 0.5, -1.0, 2.0)).decode()
+    out = openai_embeddings_to_ollama_embed(_emb_resp([b64]), "m", TIMINGS)
+    assert out["embeddings"] == [[0.5, -1.0, 2.0]]
+
+
+def test_embeddings_legacy_response() -> None:
+    out = openai_embeddings_to_ollama_embeddings(_emb_resp([[1.0, 2.0]]))
+    assert out == {"embedding": [1.0, 2.0]}
+    EmbeddingsResponse.model_validate(out)
+    out = openai_embeddings_to_ollama_embeddings(_emb_resp([[1.0], [2.0]], shuffled=True))
+    assert out == {"embedding": [1.0], "embeddings": [[1.0], [2.0]]}
+    assert openai_embeddings_to_ollama_embeddings({}) == {"embedding": []}
+
+
+# =============================================================================================
+# Models
+# =============================================================================================
+
+BACKEND_MODELS = [
+    {"id": "meta/Llama-3-8B", "object": "model", "created": 1_700_000_000, "owned_by": "meta",
+     "max_model_len": 8192},
+    {"id": "nomic-embed-text", "object": "model"},  # llama-cpp-python style: no created
+    {"id": "qwen2.5:7b", "object": "model", "created": 1_710_000_000},
+    "garbage",
+    {"object": "model"},
+]
+MAPPER = ModelMapper({"llama3": "meta/Llama-3-8B", "l3": "meta/Llama-3-8B",
+                      "missing": "not/listed"})
+
+
+def test_tags() -> None:
+    out = openai_models_to_ollama_tags(BACKEND_MODELS, MAPPER)  # type: ignore[arg-type]
+    names = [m["name"] for m in out["models"]]
+    assert names == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
+    first = out["models"][0]
+    assert first["model"] == "llama3"
+    assert first["size"] == 0
+    assert first["digest"] == "sha256:" + hashlib.sha256(b"meta/Llama-3-8B").hexdigest()
+    assert first["details"] == {"parent_model": "", "format": "gguf", "family": "llama",
+                                "families": ["llama"], "parameter_size": "",
+                                "quantization_level": ""}
+    parsed = ListResponse.model_validate(out)
+    assert parsed.models[0].modified_at == datetime.fromtimestamp(1_700_000_000, UTC)
+    assert parsed.models[2].modified_at == datetime.fromtimestamp(0, UTC)
+
+
+def test_tags_empty() -> None:
+    assert ListResponse.model_validate(openai_models_to_ollama_tags([], ModelMapper()))
+
+
+def test_show() -> None:
+    out = ollama_show("llama3", BACKEND_MODELS[0])  # type: ignore[arg-type]
+    assert out["model_info"] == {"general.architecture": "llama"}
+    assert out["capabilities"] == ["completion", "tools"]
+    parsed = ShowResponse.model_validate(out)
+    assert parsed.modelinfo == {"general.architecture": "llama"}
+    assert parsed.modified_at == datetime.fromtimestamp(1_700_000_000, UTC)
+    assert "meta/Llama-3-8B" in out["modelfile"]
+    emb = ollama_show("nomic-embed-text", None)
+    assert emb["capabilities"] == ["embedding"]
+    ShowResponse.model_validate(emb)
+    assert ollama_show("my-embedder", None, embedding=False)["capabilities"] == [
+        "completion", "tools"]
+    assert ollama_show("x", None, embedding=True)["capabilities"] == ["embedding"]
+    assert ollama_show("alias", {"id": "bge-embed"})["capabilities"] == ["embedding"]
+
+
+def test_ps() -> None:
+    now = 1_700_000_000 * 10**9
+    out = ollama_ps(BACKEND_MODELS, MAPPER, now_ns=now)  # type: ignore[arg-type]
+    parsed = ProcessResponse.model_validate(out)
+    assert [m.model for m in parsed.models] == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
+    assert parsed.models[0].context_length == 8192
+    assert parsed.models[1].context_length == 8192
+    assert parsed.models[2].context_length == 0
+    assert parsed.models[0].expires_at == datetime.fromtimestamp(1_700_000_300, UTC)
+    assert all(m["size_vram"] == 0 for m in out["models"])
+
+
+def test_openai_model_list() -> None:
+    out = openai_model_list(BACKEND_MODELS, MAPPER)  # type: ignore[arg-type]
+    assert out["object"] == "list"
+    assert [m["id"] for m in out["data"]] == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
+    assert out["data"][0] == {"id": "llama3", "object": "model", "created": 1_700_000_000,
+                              "owned_by": "meta"}
+    assert out["data"][2] == {"id": "nomic-embed-text", "object": "model", "created": 0,
+                              "owned_by": "trioproxy"}
+    for entry in out["data"]:
+        OpenAIModel.model_validate(entry, strict=True)
+
+
+def test_openai_model_entry() -> None:
+    assert openai_model_entry("x") == {"id": "x", "object": "model", "created": 0,
+                                       "owned_by": "trioproxy"}
+    assert openai_model_entry("x", {"id": "b", "created": 12.7, "owned_by": ""})["created"] == 12
+
+
+@pytest.mark.parametrize(
+    ("model_id", "family"),
+    [("meta-llama/Meta-Llama-3-8B", "llama"), ("codellama:7b", "codellama"),
+     ("Qwen/Qwen2.5-7B", "qwen"), ("gpt-4o", "gpt"), ("text-embedding-3-small", "text"),
+     ("123", "unknown")],
+)
+def test_model_family(model_id: str, family: str) -> None:
+    assert model_family(model_id) == family
+
+
+def test_is_embedding_model() -> None:
+    assert is_embedding_model("text-embedding-3-small")
+    assert is_embedding_model("nomic-Embed-text")
+    assert not is_embedding_model("llama3")

@@ -1,0 +1,215 @@
+"""``trioproxy`` / ``python -m trioproxy``: parse flags, then serve.
+
+One worker is served in this process. ``--workers N`` runs hypercorn's multi-process
+server as a child, with prometheus_client's multiprocess mode pointed at a fresh
+directory so every scrape reports the totals of all workers. ``--demo`` starts the
+built-in backend in this process tree, in its own nursery, before the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+from .logs import configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioproxy",
+        description="Ollama- and OpenAI-compatible proxy for any OpenAI-compatible backend.",
+    )
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1; env PROXY_HOST)")
+    parser.add_argument("--port", type=int, help="port to bind (default 11434; env PROXY_PORT)")
+    parser.add_argument("--workers", type=int, help="worker processes (default 1; env WORKERS)")
+    parser.add_argument("--upstream", help="backend base URL (env OPENAI_API_BASE_URL)")
+    parser.add_argument(
+        "--demo", action="store_true", help="serve the built-in simulated backend (no API key)"
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL)")
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "upstream_url": args.upstream,
+        "log_level": args.log_level.upper() if args.log_level else None,
+        "demo": True if args.demo else None,
+    }
+    settings = load_settings(dotenv_path=args.env_file, **overrides)
+    if not settings.demo:
+        settings.require_upstream()
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"trioproxy: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format, (settings.api_key or "",))
+    try:
+        _run(settings)
+    except KeyboardInterrupt:
+        pass
+    except WorkersFailed as exc:
+        print(f"trioproxy: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(settings: Settings) -> None:
+    try:
+        trio.run(serve, settings)
+    except* WorkersFailed as group:
+        raise group.exceptions[0] from None
+
+
+async def serve(settings: Settings) -> None:
+    async with trio.open_nursery() as nursery:
+        if settings.demo:
+            from .demo import DemoSettings, serve_demo
+
+            demo_url = await nursery.start(
+                partial(
+                    serve_demo,
+                    "127.0.0.1",
+                    0,
+                    DemoSettings(token_delay=settings.demo_token_delay),
+                )
+            )
+            settings = settings.with_overrides(upstream_url=demo_url)
+            print(f"trioproxy: demo backend at {demo_url}", file=sys.stderr, flush=True)
+        if settings.workers == 1:
+            await serve_in_process(settings)
+        else:
+            await serve_workers(settings)
+        nursery.cancel_scope.cancel()
+
+
+async def _until_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            return
+
+
+async def serve_in_process(settings: Settings) -> None:
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from .app import create_app
+
+    app = create_app(settings)
+    config = hypercorn_config(settings)
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+
+        async def watch_signals() -> None:
+            await _until_signal()
+            stop.set()
+
+        nursery.start_soon(watch_signals)
+        binds = await nursery.start(
+            partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        )
+        # the real address, so ``--port 0`` is usable by tests and supervisors
+        print(
+            f"trioproxy {__version__} listening on {binds[0]}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+    # hypercorn has returned: after_serving ran and the pool is closed
+
+
+def hypercorn_config(settings: Settings) -> object:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [_bind(settings.host, settings.port)]
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    config.graceful_timeout = settings.graceful_timeout
+    config.accesslog = None
+    config.read_timeout = None  # a read timeout would cut long streams (stack notes 3d)
+    return config
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_workers(settings: Settings) -> None:
+    """Run ``hypercorn -w N`` as a child; SIGTERM/SIGINT to us stops it cleanly."""
+    metrics_dir = Path(tempfile.mkdtemp(prefix="trioproxy-metrics-"))
+    env = dict(os.environ)
+    env.update(_child_env(settings))
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    command = [
+        sys.executable, "-m", "hypercorn",
+        "--worker-class", "trio",
+        "--workers", str(settings.workers),
+        "--bind", _bind(settings.host, settings.port),
+        "--keep-alive", str(max(1, round(settings.keep_alive_timeout))),
+        "--graceful-timeout", str(max(1, round(settings.graceful_timeout))),
+        "--log-level", settings.log_level,
+        "trioproxy.app:create_app()",
+    ]  # fmt: skip
+    print(
+        f"trioproxy {__version__} listening on http://{settings.host}:{settings.port} "
+        f"with {settings.workers} workers",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(partial(trio.run_process, command, env=env, check=False))
+
+            async def forward_signal() -> None:
+                await _until_signal()
+                process.send_signal(signal.SIGTERM)
+
+            nursery.start_soon(forward_signal)
+            returncode = await process.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if returncode not in (0, -signal.SIGTERM):
+        raise WorkersFailed(returncode)
+
+
+class WorkersFailed(Exception):
+    def __init__(self, returncode: int) -> None:
+        super().__init__(f"the worker server exited with status {returncode}")
+        self.returncode = returncode
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = {
+        "OPENAI_API_BASE_URL": settings.upstream_url or "",
+        "LOG_LEVEL": settings.log_level,
+        "WORKERS": "1",
+    }
+    if settings.api_key:
+        env["OPENAI_API_KEY"] = settings.api_key
+    return env
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Settings: one frozen object built from CLI flags, the environment and a ``.env`` file.
+
+Precedence: CLI flag > environment > ``.env`` in the working directory > default.
+Every setting is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from .model_mapping import MappingFileError, load_mapping_file
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the setting to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    upstream_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 11434
+    workers: int = 1
+    log_level: str = "INFO"
+    log_format: str = "text"
+    demo: bool = False
+    demo_token_delay: float = 0.02
+    request_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    stream_first_token_timeout: float = 300.0
+    stream_idle_timeout: float = 120.0
+    max_retries: int = 3
+    retry_backoff: float = 0.25
+    retry_backoff_max: float = 8.0
+    model_mapping_file: str | None = None
+    model_mapping: Mapping[str, str] = field(default_factory=dict)
+    max_request_bytes: int = 64 * 1024 * 1024
+    upstream_clients: int = 8
+    upstream_max_keepalive: int = 256
+    disable_ssl_verification: bool = False
+    ready_check_interval: float = 10.0
+    metrics_enabled: bool = True
+    metrics_max_requests: int = 1000
+    metrics_model_labels: int = 50
+    system_metrics_enabled: bool = True
+    system_metrics_interval: float = 5.0
+    graceful_timeout: float = 5.0
+    keep_alive_timeout: float = 5.0
+    cors_origins: str = ""
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def require_upstream(self) -> str:
+        if not self.upstream_url:
+            raise ConfigError(
+                "no backend configured: set OPENAI_API_BASE_URL (or pass --upstream URL), "
+                "or run with --demo"
+            )
+        return self.upstream_url
+
+
+# env name -> (field, parser)
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"expected a port 0-65535, got {value!r}")
+    return number
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+def _log_format(value: str) -> str:
+    fmt = value.strip().lower()
+    if fmt not in ("text", "json"):
+        raise ValueError(f"expected text or json, got {value!r}")
+    return fmt
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "OPENAI_API_BASE_URL": ("upstream_url", _text),
+    "OPENAI_API_KEY": ("api_key", _text),
+    "PROXY_HOST": ("host", _text),
+    "PROXY_PORT": ("port", _port),
+    "WORKERS": ("workers", _positive_int),
+    "LOG_LEVEL": ("log_level", _log_level),
+    "LOG_FORMAT": ("log_format", _log_format),
+    "DEMO_TOKEN_DELAY": ("demo_token_delay", float),
+    "REQUEST_TIMEOUT": ("request_timeout", _positive_float),
+    "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
+    "STREAM_FIRST_TOKEN_TIMEOUT": ("stream_first_token_timeout", _positive_float),
+    "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _positive_float),
+    "MAX_RETRIES": ("max_retries", _non_negative_int),
+    "RETRY_BACKOFF": ("retry_backoff", float),
+    "RETRY_BACKOFF_MAX": ("retry_backoff_max", float),
+    "MODEL_MAPPING_FILE": ("model_mapping_file", _text),
+    "MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
+    "UPSTREAM_CLIENTS": ("upstream_clients", _positive_int),
+    "UPSTREAM_MAX_KEEPALIVE": ("upstream_max_keepalive", _positive_int),
+    "DISABLE_SSL_VERIFICATION": ("disable_ssl_verification", _bool),
+    "READY_CHECK_INTERVAL": ("ready_check_interval", _positive_float),
+    "METRICS_ENABLED": ("metrics_enabled", _bool),
+    "METRICS_MAX_REQUESTS": ("metrics_max_requests", _positive_int),
+    "METRICS_MODEL_LABELS": ("metrics_model_labels", _non_negative_int),
+    "SYSTEM_METRICS_ENABLED": ("system_metrics_enabled", _bool),
+    "SYSTEM_METRICS_INTERVAL": ("system_metrics_interval", _positive_float),
+    "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
+    "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
+    "CORS_ORIGINS": ("cors_origins", _text),
+}
+
+ENV_NAMES: tuple[str, ...] = tuple(_ENV)
+
+
+def read_environment(
+    environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike[str] | None = ".env"
+) -> dict[str, str]:
+    """Merge ``.env`` (if present) under the process environment; only known names."""
+    merged: dict[str, str] = {}
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        for key, value in dotenv_values(dotenv_path).items():
+            if key in _ENV and value is not None:
+                merged[key] = value
+    source = os.environ if environ is None else environ
+    for key in _ENV:
+        if key in source:
+            merged[key] = source[key]
+    return merged
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | os.PathLike[str] | None = ".env",
+    **overrides: Any,
+) -> Settings:
+    """Build and validate settings. Raises ConfigError naming the offending setting."""
+    values: dict[str, Any] = {}
+    for name, raw in read_environment(environ, dotenv_path).items():
+        attr, parse = _ENV[name]
+        if raw.strip() == "" and attr in ("upstream_url", "api_key", "model_mapping_file"):
+            continue
+        try:
+            values[attr] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"invalid {name}: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    return _validated(settings)
+
+
+def _validated(settings: Settings) -> Settings:
+    changes: dict[str, Any] = {}
+    if settings.upstream_url:
+        changes["upstream_url"] = normalise_upstream_url(settings.upstream_url)
+    if settings.model_mapping_file:
+        try:
+            changes["model_mapping"] = load_mapping_file(settings.model_mapping_file)
+        except MappingFileError as exc:
+            raise ConfigError(f"invalid MODEL_MAPPING_FILE: {exc}") from None
+    if settings.workers < 1:
+        raise ConfigError("invalid WORKERS: expected an integer >= 1")
+    if settings.max_retries > 10:
+        raise ConfigError("invalid MAX_RETRIES: expected 0-10")
+    return replace(settings, **changes) if changes else settings
+
+
+def normalise_upstream_url(url: str) -> str:
+    """Validate the backend base URL.
+
+    A URL with no path gets ``/v1`` (where every OpenAI-compatible server lives); a URL
+    with a path is used exactly as given, so ``.../v1beta/openai`` works.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"invalid OPENAI_API_BASE_URL {url!r}: expected an http(s) URL such as "
+            "http://127.0.0.1:8000/v1"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise ConfigError(f"invalid OPENAI_API_BASE_URL {url!r}: bad port") from None
+    path = parts.path.rstrip("/")
+    if not path:
+        path = "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"

@@ -1,0 +1,731 @@
+"""The demo backend as a bare ASGI 3 app (no framework: it is the yardstick benchmarks measure
+the proxy against, so it must cost as little CPU per request and per chunk as possible).
+
+Routing is a dict lookup on the path, bodies are parsed with :mod:`json`, constant responses are
+encoded once at import, and stream chunks are assembled from pre-built string prefixes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import script
+from .script import BadRequest, ChatPlan, DemoSettings, Directives
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+MAX_EVENTS = 10_000
+MAX_FAIL_COUNTERS = 100_000
+MODEL_CREATED = 1_700_000_000  # fixed, so /v1/models is byte-identical across runs
+
+_JSON: Headers = [(b"content-type", b"application/json")]
+_SSE: Headers = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_RETRY_NOW: Headers = [(b"retry-after", b"0")]
+_CLOSE: Headers = [(b"connection", b"close")]
+_DONE = "data: [DONE]\n\n"
+# Compact output, and a prebuilt encoder: json.dumps(separators=...) would build one per call.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": MODEL_CREATED,
+        "owned_by": "trioproxy-demo",
+    }
+
+
+_MODEL_BODIES = {m: _dumps(_model_entry(m)).encode() for m in script.MODEL_IDS}
+_MODELS_BODY = _dumps(
+    {"object": "list", "data": [_model_entry(m) for m in script.MODEL_IDS]}
+).encode()
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI error body (never mid-stream: always before the start)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Headers | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or []
+
+    def body(self) -> bytes:
+        kind = _ERROR_TYPES.get(
+            self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+        )
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return _dumps({"error": error}).encode()
+
+
+def _simulated_error(status: int, why: str) -> ApiError:
+    code = "rate_limit_exceeded" if status == 429 else None
+    return ApiError(status, f"demo backend: simulated HTTP {status} ({why})", code=code)
+
+
+class _ClientGone(Exception):
+    """Raised out of the response loop once the client is known to have left."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One in-flight generation request: its ASGI send, its event-log entry, its extra headers."""
+
+    send: Send
+    entry: dict[str, Any]
+    extra_headers: Headers
+    finishing: bool = False  # the last body message is on its way: a disconnect now is not a loss
+
+    def finish(self, outcome: str) -> None:
+        """Record the outcome once; the first call wins (a disconnect beats a later send error)."""
+        if self.entry["ended"] is None:
+            self.entry["ended"] = time.time()
+            self.entry["outcome"] = outcome
+
+    async def start(self, status: int, headers: Headers) -> None:
+        message = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + self.extra_headers,
+        }
+        await self._send(message)
+
+    async def body(self, data: bytes, more: bool) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def _send(self, message: Message) -> None:
+        try:
+            await self.send(message)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # hypercorn usually drops writes to a closed socket silently (the watcher notices the
+            # disconnect instead), but a transport error can still surface here.
+            self.finish("disconnected")
+            raise _ClientGone from exc
+
+
+@dataclass(slots=True)
+class _Timing:
+    """When to send what: resolved from settings and directives once per request."""
+
+    first_delay: float
+    delay: float
+    stall_after: int | None
+    drop_after: int | None
+
+
+@dataclass(slots=True)
+class _Reply:
+    """A prepared answer: either one JSON body, or the three parts of an SSE stream."""
+
+    body: bytes = b""
+    head: str = ""  # sent right after the headers (the role chunk), before any wait
+    pieces: Iterable[str] = ()  # one SSE payload per generated token
+    tail: str = ""  # finish chunk, usage chunk and [DONE], sent together
+    stream: bool = False
+    tokens: int = 0  # for the non-stream drop/delay simulation
+
+
+class DemoApp:
+    """ASGI 3 callable; ``events`` is the bounded event log, ``reset()`` clears it and counters."""
+
+    def __init__(self, settings: DemoSettings) -> None:
+        self.settings = settings
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self._fail_counts: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        # A per-process prefix keeps completion ids unique across restarts, without a uuid4 each.
+        self._id_prefix = secrets.token_hex(4)
+        self._routes: dict[str, tuple[str, Callable[..., Awaitable[None]]]] = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/completions": ("POST", self._completions),
+            "/v1/embeddings": ("POST", self._embeddings),
+            "/v1/models": ("GET", self._models),
+            "/_demo/events": ("GET", self._events),
+            "/_demo/reset": ("POST", self._reset),
+        }
+
+    def reset(self) -> None:
+        self.events.clear()
+        self._fail_counts.clear()
+
+    # ---- ASGI entry point and plumbing ----------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        route = self._routes.get(path)
+        if route is None and path.startswith("/v1/models/"):
+            route = ("GET", self._model)
+        if route is None:
+            error = ApiError(404, f"Unknown request URL: {method} {path}", code="unknown_url")
+            await _send_error(send, error)
+        elif route[0] != method:
+            allow = [(b"allow", route[0].encode())]
+            error = ApiError(
+                405, f"Method {method} not allowed for {path}", code="method_not_allowed"
+            )
+            error.headers = allow
+            await _send_error(send, error)
+        else:
+            await route[1](scope, receive, send)
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, _MODELS_BODY)
+
+    async def _model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        model_id = scope["path"][len("/v1/models/") :]
+        body = _MODEL_BODIES.get(model_id)
+        if body is None:
+            await _send_error(send, _model_not_found(model_id))
+        else:
+            await _send_json(send, 200, body)
+
+    async def _events(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, _dumps({"events": list(self.events)}).encode())
+
+    async def _reset(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _read_body(receive)
+        self.reset()
+        await _send_json(send, 200, b'{"ok":true}')
+
+    # ---- generation endpoints -------------------------------------------------------------
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, self._prepare_chat)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, self._prepare_completion)
+
+    async def _embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, self._prepare_embeddings)
+
+    async def _generate(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        prepare: Callable[[dict[str, Any], _Exchange], tuple[_Reply, Directives]],
+    ) -> None:
+        """Shared life cycle of the three generation endpoints, including the event log entry."""
+        entry = self._new_event(scope)
+        ex = _Exchange(send, entry, [])
+        try:
+            raw = await _read_body(receive)
+            if raw is None:
+                ex.finish("disconnected")
+                return
+            entry["body_hash"] = body_hash = hashlib.sha256(raw).hexdigest()[:16]
+            try:
+                body = _parse_object(raw)
+                reply, directives = prepare(body, ex)
+                if directives.close_connection:
+                    ex.extra_headers = _CLOSE
+                self._simulate_failures(directives, body_hash)
+            except ApiError as error:
+                ex.finish("error")
+                error.headers += ex.extra_headers
+                await _send_error(send, error)
+                return
+            timing = self._timing(directives, reply)
+            await self._respond(receive, ex, reply, timing)
+        except* _ClientGone:
+            pass  # already recorded as "disconnected"
+        finally:
+            ex.finish("error")  # no-op unless something unexpected (or server shutdown) cut us off
+
+    def _new_event(self, scope: Scope) -> dict[str, Any]:
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+        entry: dict[str, Any] = {
+            "id": next(self._ids),
+            "path": scope["path"],
+            "model": None,
+            "stream": False,
+            "started": time.time(),
+            "ended": None,
+            "outcome": None,
+            "tokens_sent": 0,
+            "request_id": request_id,
+            "body_hash": None,
+        }
+        self.events.append(entry)
+        return entry
+
+    def _simulate_failures(self, directives: Directives, body_hash: str) -> None:
+        if directives.status is not None:
+            headers = _RETRY_NOW if directives.status == 429 else None
+            error = _simulated_error(directives.status, "[[status]] directive")
+            error.headers = list(headers or [])
+            raise error
+        wanted = directives.fail_first
+        if not wanted:
+            return
+        # Keyed by the body hash: a client's (or proxy's) retry of the same body counts as the
+        # same request, so "fail twice, then succeed" is observable through retries.
+        key = f"{body_hash}:{wanted}:{directives.fail_status}"
+        seen = self._fail_counts.get(key, 0)
+        if seen >= wanted:
+            return
+        if len(self._fail_counts) >= MAX_FAIL_COUNTERS:
+            self._fail_counts.clear()
+        self._fail_counts[key] = seen + 1
+        status = directives.fail_status
+        error = _simulated_error(status, f"[[fail_first]] failure {seen + 1} of {wanted}")
+        error.headers = list(_RETRY_NOW) if status == 429 else []
+        raise error
+
+    def _timing(self, d: Directives, reply: _Reply) -> _Timing:
+        settings = self.settings
+        first = d.first_delay if d.first_delay is not None else settings.first_token_delay
+        if reply.stream:
+            delay = d.delay if d.delay is not None else settings.token_delay
+        else:
+            # Non-stream answers stay instant unless a test explicitly asks for generation time
+            # with [[delay]]: then the body arrives when the equivalent stream would have ended.
+            delay = d.delay or 0.0
+        return _Timing(first, delay, d.stall_after, d.drop_after)
+
+    async def _respond(self, receive: Receive, ex: _Exchange, reply: _Reply, t: _Timing) -> None:
+        send_now = not reply.stream and not t.first_delay and not t.delay and t.stall_after is None
+        if send_now:
+            # The hot path for benchmarks: nothing to wait for, so no watcher task is needed.
+            await self._respond_once(ex, reply, t)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_disconnect, receive, ex, nursery.cancel_scope)
+            if reply.stream:
+                await self._respond_stream(ex, reply, t)
+            else:
+                await self._respond_once(ex, reply, t)
+            nursery.cancel_scope.cancel()
+
+    async def _respond_once(self, ex: _Exchange, reply: _Reply, t: _Timing) -> None:
+        wait = t.first_delay + t.delay * max(reply.tokens - 1, 0)
+        if wait:
+            await trio.sleep(wait)
+        if t.stall_after is not None:
+            await trio.sleep_forever()  # a body that never comes: the disconnect watcher ends it
+        body = reply.body
+        headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+        await ex.start(200, headers)
+        if t.drop_after is not None:
+            # Promise the full length, deliver half, then end the ASGI call without the rest:
+            # hypercorn closes the socket and the client sees an incomplete body.
+            await ex.body(body[: len(body) // 2], more=True)
+            ex.finish("error")
+            return
+        ex.finishing = True
+        await ex.body(body, more=False)
+        ex.entry["tokens_sent"] = reply.tokens
+        ex.finish("completed")
+
+    async def _respond_stream(self, ex: _Exchange, reply: _Reply, t: _Timing) -> None:
+        entry = ex.entry
+        await ex.start(200, _SSE)
+        if reply.head:
+            await ex.body(reply.head.encode(), more=True)
+        # An absolute schedule keeps the token cadence exact however long each send takes.
+        due = trio.current_time() + t.first_delay
+        sent = 0
+        for piece in itertools.chain(reply.pieces, (None,)):
+            if sent == t.stall_after:
+                await trio.sleep_forever()  # silent until the client gives up
+            if sent == t.drop_after:
+                # Ending the ASGI call mid-body makes hypercorn close the socket without the
+                # terminating zero-length chunk: the client sees a truncated stream.
+                ex.finish("error")
+                return
+            if piece is None:
+                break
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+            await ex.body(piece.encode(), more=True)
+            sent += 1
+            entry["tokens_sent"] = sent
+            due += t.delay
+        ex.finishing = True
+        await ex.body(reply.tail.encode(), more=False)
+        ex.finish("completed")
+
+    # ---- request parsing: each returns the prepared reply and the directives ---------------
+
+    def _prepare_chat(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
+        model = _model_of(body, ex, script.CHAT_MODELS, "chat completions")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty array", param="messages")
+        last = messages[-1]
+        directives = _directives(
+            script.content_text(last.get("content")) if isinstance(last, dict) else ""
+        )
+        try:
+            plan = script.plan_chat(body, messages, directives, self.settings.default_tokens)
+        except BadRequest as exc:
+            raise ApiError(400, exc.message, param=exc.param) from None
+        stream = ex.entry["stream"] = body.get("stream") is True
+        usage = _usage(script.prompt_tokens(messages), plan)
+        cid = f"chatcmpl-demo{self._id_prefix}{ex.entry['id']:x}"
+        created = int(time.time())
+        if stream:
+            return _chat_stream(cid, created, model, plan, usage, _include_usage(body)), directives
+        return _Reply(
+            body=_chat_body(cid, created, model, plan, usage), tokens=len(plan.content)
+        ), directives
+
+    def _prepare_completion(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
+        model = _model_of(body, ex, script.CHAT_MODELS, "completions")
+        prompt = body.get("prompt")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        texts = [p for p in prompts if isinstance(p, str)]
+        if not texts:
+            raise ApiError(400, "prompt must be a string or an array of strings", param="prompt")
+        directives = _directives(texts[0])
+        try:
+            tokens, finish = script.plan_completion(body, directives, self.settings.default_tokens)
+        except BadRequest as exc:
+            raise ApiError(400, exc.message, param=exc.param) from None
+        stream = ex.entry["stream"] = body.get("stream") is True
+        prompt_tokens = sum(script.count_words(t) for t in texts)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens),
+            "total_tokens": prompt_tokens + len(tokens),
+        }
+        cid = f"cmpl-demo{self._id_prefix}{ex.entry['id']:x}"
+        created = int(time.time())
+        if stream:
+            return _completion_stream(
+                cid, created, model, tokens, finish, usage, _include_usage(body)
+            ), directives
+        choice = {"text": "".join(tokens), "index": 0, "finish_reason": finish, "logprobs": None}
+        response = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        return _Reply(body=_dumps(response).encode(), tokens=len(tokens)), directives
+
+    def _prepare_embeddings(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
+        model = _model_of(body, ex, script.EMBED_MODELS, "embeddings")
+        texts = _embedding_inputs(body.get("input"))
+        directives = _directives(texts[0])
+        dimensions = body.get("dimensions", script.EMBED_DIMENSIONS)
+        if (
+            isinstance(dimensions, bool)
+            or not isinstance(dimensions, int)
+            or not 1 <= dimensions <= script.MAX_EMBED_DIMENSIONS
+        ):
+            raise ApiError(
+                400, "dimensions must be an integer between 1 and 4096", param="dimensions"
+            )
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(
+                400, "encoding_format must be 'float' or 'base64'", param="encoding_format"
+            )
+        data = []
+        for index, text in enumerate(texts):
+            vector: Any = script.embedding(text, dimensions)
+            if encoding == "base64":
+                vector = _b64(script.pack_float32(vector))
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        words = sum(script.count_words(t) for t in texts)
+        response = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": words, "total_tokens": words},
+        }
+        return _Reply(body=_dumps(response).encode()), directives
+
+
+# ---- module-level helpers (no state) -------------------------------------------------------
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client disconnected first."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body  # the usual case: one message, no copying
+    parts = [body]
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _watch_disconnect(receive: Receive, ex: _Exchange, scope: trio.CancelScope) -> None:
+    """Cancel the response the moment the client leaves, even while it is still sleeping."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not ex.finishing:
+        ex.finish("disconnected")
+        scope.cancel()
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: Headers | None = None) -> None:
+    all_headers = [*_JSON, (b"content-length", str(len(body)).encode()), *(headers or ())]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    await _send_json(send, error.status, error.body(), error.headers)
+
+
+def _parse_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _model_not_found(model: str) -> ApiError:
+    message = f"The model `{model}` does not exist or you do not have access to it."
+    return ApiError(404, message, param="model", code="model_not_found")
+
+
+def _model_of(body: dict[str, Any], ex: _Exchange, allowed: frozenset[str], what: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", param="model")
+    ex.entry["model"] = model
+    if model not in allowed:
+        if model in _MODEL_BODIES:
+            raise ApiError(400, f"The model `{model}` does not support {what}.", param="model")
+        raise _model_not_found(model)
+    return model
+
+
+def _directives(text: str) -> Directives:
+    try:
+        return script.parse_directives(text)
+    except BadRequest as exc:
+        raise ApiError(400, exc.message) from None
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _usage(prompt_tokens: int, plan: ChatPlan) -> dict[str, Any]:
+    completion = plan.completion_tokens
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+    if plan.reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": len(plan.reasoning)}
+    return usage
+
+
+def _embedding_inputs(value: Any) -> list[str]:
+    """Strings to embed; token-id inputs are embedded via their text form (still deterministic)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) for v in value):
+            return [_dumps(value)]
+        if all(isinstance(v, str | list) for v in value):
+            return [v if isinstance(v, str) else _dumps(v) for v in value]
+    raise ApiError(400, "input must be a non-empty string or array of strings", param="input")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _tool_call_id(cid: str) -> str:
+    return "call_" + cid.removeprefix("chatcmpl-")
+
+
+def _chat_body(cid: str, created: int, model: str, plan: ChatPlan, usage: dict[str, Any]) -> bytes:
+    """A non-stream chat.completion; the common passage reply reuses its cached JSON text."""
+    tool = plan.tool_call
+    if tool is None:
+        if plan.content is script.passage_tokens(len(plan.content)):
+            content = script.passage_text_json(len(plan.content))  # identity: the cached passage
+        else:
+            content = _dumps("".join(plan.content))
+        extra = f',"reasoning_content":{_dumps("".join(plan.reasoning))}' if plan.reasoning else ""
+        message = f'{{"role":"assistant","content":{content}{extra},"refusal":null}}'
+    else:
+        call = {
+            "id": _tool_call_id(cid),
+            "type": "function",
+            "function": {"name": tool.name, "arguments": tool.arguments},
+        }
+        fields: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+        if plan.reasoning:
+            fields["reasoning_content"] = "".join(plan.reasoning)
+        fields["tool_calls"] = [call]
+        message = _dumps(fields)
+    return (
+        f'{{"id":"{cid}","object":"chat.completion","created":{created},"model":{_dumps(model)},'
+        f'"choices":[{{"index":0,"message":{message},"finish_reason":"{plan.finish_reason}",'
+        f'"logprobs":null}}],"usage":{_dumps(usage)}}}'
+    ).encode()
+
+
+def _chat_stream(
+    cid: str, created: int, model: str, plan: ChatPlan, usage: dict[str, Any], include_usage: bool
+) -> _Reply:
+    """SSE parts of a chat stream; token chunks are built lazily from two fixed string halves."""
+    prefix = (
+        f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
+        f'"model":{_dumps(model)},"choices":[{{"index":0,"delta":'
+    )
+    usage_null = ',"usage":null' if include_usage else ""
+    open_suffix = f',"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
+
+    def chunk(delta: str) -> str:
+        return prefix + delta + open_suffix
+
+    head = chunk('{"role":"assistant","content":""}')
+    pieces = itertools.chain(
+        (chunk(f'{{"reasoning_content":{_dumps(tok)}}}') for tok in plan.reasoning),
+        _tool_call_pieces(chunk, cid, plan) if plan.tool_call else _content_pieces(chunk, plan),
+    )
+    tail = (
+        f'{prefix}{{}},"logprobs":null,"finish_reason":"{plan.finish_reason}"}}]{usage_null}}}\n\n'
+    )
+    if include_usage:
+        tail += (
+            f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{_dumps(model)},"choices":[],"usage":{_dumps(usage)}}}\n\n'
+        )
+    return _Reply(head=head, pieces=pieces, tail=tail + _DONE, stream=True)
+
+
+def _content_pieces(chunk: Callable[[str], str], plan: ChatPlan) -> Iterator[str]:
+    for tok in plan.content:
+        yield chunk(f'{{"content":{_dumps(tok)}}}')
+
+
+def _tool_call_pieces(chunk: Callable[[str], str], cid: str, plan: ChatPlan) -> Iterator[str]:
+    """OpenAI's shape: a first delta with id/type/name and empty arguments, then fragments."""
+    tool = plan.tool_call
+    assert tool is not None
+    first = True
+    for fragment in script.split_arguments(tool.arguments):
+        args = _dumps(fragment)
+        if first:
+            call = {
+                "index": 0,
+                "id": _tool_call_id(cid),
+                "type": "function",
+                "function": {"name": tool.name, "arguments": ""},
+            }
+            # The head delta rides with the first fragment, so it is not counted as a token.
+            yield chunk(_dumps({"tool_calls": [call]})) + chunk(
+                f'{{"tool_calls":[{{"index":0,"function":{{"arguments":{args}}}}}]}}'
+            )
+            first = False
+        else:
+            yield chunk(f'{{"tool_calls":[{{"index":0,"function":{{"arguments":{args}}}}}]}}')
+
+
+def _completion_stream(
+    cid: str,
+    created: int,
+    model: str,
+    tokens: tuple[str, ...],
+    finish: str,
+    usage: dict[str, Any],
+    include_usage: bool,
+) -> _Reply:
+    prefix = (
+        f'data: {{"id":"{cid}","object":"text_completion","created":{created},'
+        f'"model":{_dumps(model)},"choices":[{{"text":'
+    )
+    usage_null = ',"usage":null' if include_usage else ""
+    open_suffix = f',"index":0,"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
+    pieces = (prefix + _dumps(tok) + open_suffix for tok in tokens)
+    tail = f'{prefix}"","index":0,"logprobs":null,"finish_reason":"{finish}"}}]{usage_null}}}\n\n'
+    if include_usage:
+        tail += (
+            f'data: {{"id":"{cid}","object":"text_completion","created":{created},'
+            f'"model":{_dumps(model)},"choices":[],"usage":{_dumps(usage)}}}\n\n'
+        )
+    return _Reply(pieces=pieces, tail=tail + _DONE, stream=True)
+
+
+def create_demo_app(settings: DemoSettings | None = None) -> DemoApp:
+    """The demo backend's ASGI app; its event log is ``app.events`` (also GET /_demo/events)."""
+    return DemoApp(settings or DemoSettings())
+
+
+__all__ = ["ApiError", "DemoApp", "create_demo_app"]

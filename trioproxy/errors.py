@@ -1,0 +1,159 @@
+"""Errors in the caller's dialect.
+
+``/api/*`` (Ollama) gets ``{"error": "<message>"}``; ``/v1/*`` (OpenAI) gets
+``{"error": {"message", "type", "param", "code"}}``. Both the status and the message are
+decided once, by a ProxyError, so every route agrees.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class ProxyError(Exception):
+    """An error with a status code and a message meant for the client."""
+
+    status: int = 500
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "invalid_request"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+
+
+class UpstreamUnavailable(ProxyError):
+    """The backend could not be reached (connect error, refused, reset before a response)."""
+
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamStatusError(ProxyError):
+    """The backend answered with an error status; we keep its status and its message."""
+
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        status: int,
+        *,
+        body: bytes = b"",
+        content_type: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, status, headers=headers)
+        self.body = body
+        self.content_type = content_type
+
+
+def openai_error_type(status: int) -> str:
+    if status in OPENAI_ERROR_TYPES:
+        return OPENAI_ERROR_TYPES[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def ollama_error_body(message: str) -> bytes:
+    return json.dumps({"error": message}, ensure_ascii=False).encode()
+
+
+def openai_error_payload(
+    message: str, status: int, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": openai_error_type(status),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def openai_error_body(
+    message: str, status: int, *, code: str | None = None, param: str | None = None
+) -> bytes:
+    payload = openai_error_payload(message, status, code=code, param=param)
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body_for(
+    path: str, message: str, status: int, *, code: str | None = None, param: str | None = None
+) -> bytes:
+    if is_openai_path(path):
+        return openai_error_body(message, status, code=code, param=param)
+    return ollama_error_body(message)
+
+
+def upstream_error_message(body: bytes, status: int) -> str:
+    """Pull a human message out of the many error shapes backends use."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    message: Any = None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("msg")
+        elif isinstance(error, str):
+            message = error
+        if not message:
+            message = payload.get("detail") or payload.get("message")
+        if isinstance(message, list | dict):
+            message = json.dumps(message, ensure_ascii=False)
+    if not message:
+        text = body.decode("utf-8", "replace").strip()
+        message = text[:500] if text else f"backend returned HTTP {status}"
+    return f"{message}"
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """Remove a secret (the upstream API key) from any text that leaves the process."""
+    if secret and len(secret) >= 4 and secret in text:
+        return text.replace(secret, "***")
+    return text

@@ -1,0 +1,702 @@
+"""trioproxy metrics: the collector, the monitoring guide's public API, and nothing web.
+
+This package imports no web framework.  The request path (the lead's) calls
+:meth:`MetricsCollector.request_started` / :meth:`MetricsCollector.request_finished` with
+a filled-in :class:`RequestMetrics`; the monitoring endpoints call
+:meth:`MetricsCollector.summary`, :meth:`~MetricsCollector.filtered_summary`,
+:meth:`~MetricsCollector.health` and :meth:`~MetricsCollector.render_prometheus`.
+Semantics are documented in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import trio
+
+from .. import __version__
+from . import labels, store
+from .labels import API_LABELS, UNTRACKED_PATHS, ModelLabels, endpoint_label, method_label
+from .prom import (
+    PrimaryMetrics,
+    Totals,
+    aggregate,
+    derived_families,
+    multiprocess_dir_from_env,
+    render,
+)
+from .request import RequestMetrics
+from .store import WindowEntry, WindowStore
+from .system import SystemSampler
+
+log = logging.getLogger("trioproxy.metrics")
+
+SLOW_REQUEST_MS = 5000.0
+
+__all__ = [
+    "MetricsCollector",
+    "RequestMetrics",
+    "SystemSampler",
+    "get_filtered_metrics_summary",
+    "get_metrics_collector",
+    "get_metrics_summary",
+    "get_prometheus_metrics",
+    "reset_metrics",
+    "set_metrics_collector",
+    "stop_metrics_collection",
+    "track_request",
+    "track_streaming_request",
+]
+
+
+# --------------------------------------------------------------------------- env helpers
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    v = raw.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    log.warning("metrics: ignoring invalid %s=%r (expected true/false)", name, raw)
+    return default
+
+
+def _env_number(name: str, default: float, *, integer: bool = False, minimum: float = 0.0) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        log.warning("metrics: ignoring invalid %s=%r", name, raw)
+        return default
+    return value
+
+
+def _api_for(path: str, endpoint: str) -> str:
+    if path.startswith("/"):
+        return labels.api_label(path)
+    # already a label (the caller passed e.g. "api_chat")
+    if endpoint == "root" or endpoint.startswith("api_"):
+        return "ollama"
+    if endpoint.startswith("v1_"):
+        return "openai"
+    return labels.OTHER
+
+
+def _count(v: float) -> int:
+    return round(v)
+
+
+# --------------------------------------------------------------------------- collector
+
+
+class MetricsCollector:
+    """Counters/histograms (all-time, monotonic) + a sliding window + a system sampler.
+
+    Everything is synchronous and O(1) on the request path; call it from the trio
+    thread only (no locks are needed or taken).
+    """
+
+    def __init__(
+        self,
+        max_metrics: int = 1000,
+        *,
+        enabled: bool = True,
+        model_label_limit: int = 50,
+        system_interval: float = 5.0,
+        system_enabled: bool = True,
+        percentile_window: int | None = None,
+        multiprocess: bool | None = None,
+        multiprocess_dir: str | None = None,
+        health_error_rate_degraded: float | None = None,
+        health_error_rate_unhealthy: float | None = None,
+        health_p95_degraded_seconds: float | None = None,
+        health_min_requests: int | None = None,
+    ) -> None:
+        if max_metrics < 1:
+            raise ValueError("max_metrics must be >= 1")
+        if percentile_window is not None and percentile_window < 1:
+            raise ValueError("percentile_window must be >= 1")
+        self.enabled = enabled
+        self.max_metrics = max_metrics
+        self.percentile_window = min(percentile_window or max_metrics, max_metrics)
+        self.system_enabled = system_enabled
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+
+        mp_dir = multiprocess_dir or multiprocess_dir_from_env()
+        if multiprocess is None:
+            multiprocess = mp_dir is not None
+        if multiprocess and not mp_dir:
+            raise ValueError("multiprocess mode needs PROMETHEUS_MULTIPROC_DIR or multiprocess_dir")
+        self.multiprocess_dir = mp_dir if multiprocess else None
+
+        self._prom = PrimaryMetrics(multiprocess_dir=self.multiprocess_dir, version=__version__)
+        self._window = WindowStore(max_metrics)
+        self.model_labels = ModelLabels(model_label_limit)
+        self._inflight = 0
+        self._cpu_seen = 0.0
+        self._sampler = SystemSampler(system_interval, on_sample=self._on_sample)
+        self._sampling_stopped = False
+        self.backend_reachable: bool | None = None
+        self.backend_checked_at: float | None = None
+
+        self.health_error_rate_degraded = (
+            health_error_rate_degraded
+            if health_error_rate_degraded is not None
+            else _env_number("HEALTH_ERROR_RATE_DEGRADED", 0.05)
+        )
+        self.health_error_rate_unhealthy = (
+            health_error_rate_unhealthy
+            if health_error_rate_unhealthy is not None
+            else _env_number("HEALTH_ERROR_RATE_UNHEALTHY", 0.25)
+        )
+        self.health_p95_degraded_seconds = (
+            health_p95_degraded_seconds
+            if health_p95_degraded_seconds is not None
+            else _env_number("HEALTH_P95_DEGRADED_SECONDS", 30.0)
+        )
+        self.health_min_requests = (
+            health_min_requests
+            if health_min_requests is not None
+            else _env_number("HEALTH_MIN_REQUESTS", 1, integer=True, minimum=1)
+        )
+        log.debug(
+            "metrics: collector created (enabled=%s, window=%d, multiprocess=%s, "
+            "system=%s every %.1fs)",
+            enabled,
+            max_metrics,
+            self.multiprocess_dir,
+            system_enabled,
+            system_interval,
+        )
+
+    # -- hot path ------------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        if not self.enabled:
+            return
+        self._inflight += 1
+        self._prom.active.inc()
+
+    def request_finished(self, m: RequestMetrics) -> None:
+        if self._inflight > 0:
+            self._inflight -= 1
+            self._prom.active.dec()
+        self.record(m)
+
+    def record(self, m: RequestMetrics) -> None:
+        """Count one finished request (sync, O(1)): counters, histograms, the window.
+        Monitoring-plane paths (``labels.UNTRACKED_PATHS``) are ignored."""
+        if not self.enabled:
+            return
+        path = m.endpoint
+        if path in UNTRACKED_PATHS:  # defensive: scrapes and probes are never traffic
+            return
+        if not m.duration_ms:
+            m.finish()
+        endpoint = endpoint_label(path)
+        api = m.api if m.api in API_LABELS else _api_for(path, endpoint)
+        method = method_label(m.method)
+        code = m.status_code
+        streaming = m.streaming
+        if streaming:
+            outcome: str | None = store.stream_outcome(m)
+            code = store.effective_status(code, outcome)
+            fb = m.first_byte_time_ms
+            ft = m.first_token_time_ms
+            transfer_s = store.transfer_seconds(m)
+            chunks = m.total_chunks
+            nbytes = m.stream_bytes
+        else:
+            outcome = None
+            fb = ft = None
+            transfer_s = 0.0
+            chunks = nbytes = 0
+        cls = store.status_class(code)
+        # the backend accepted the model when the response started 2xx (also for a stream
+        # that broke later); failing requests never mint a model label
+        model = self.model_labels.label(m.model, succeeded=200 <= m.status_code < 300)
+        duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
+        inp = m.input_tokens or 0
+        out = m.output_tokens or 0
+        up_ms = m.upstream_ms
+        if streaming:
+            ufb = m.upstream_first_byte_ms
+            overhead_ms = fb - ufb if (fb is not None and ufb is not None) else None
+        else:
+            overhead_ms = duration_ms - up_ms if up_ms is not None else None
+
+        self._prom.observe(
+            api,
+            endpoint,
+            method,
+            model,
+            store.status_label(code),
+            duration_ms / 1000.0,
+            outcome,
+            fb / 1000.0 if fb is not None else None,
+            ft / 1000.0 if ft is not None else None,
+            chunks,
+            nbytes,
+            transfer_s,
+            inp if inp > 0 else 0,
+            out if out > 0 else 0,
+            max(up_ms, 0.0) / 1000.0 if up_ms is not None else None,
+            max(overhead_ms, 0.0) / 1000.0 if overhead_ms is not None else None,
+        )
+        self._window.append(
+            WindowEntry(
+                m.timestamp,
+                api,
+                endpoint,
+                method,
+                model,
+                code,
+                cls,
+                duration_ms,
+                streaming,
+                outcome,
+                fb,
+                ft,
+                chunks,
+                nbytes,
+                transfer_s,
+                max(inp, 0),
+                max(out, 0),
+            )
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "metrics: recorded %s %s -> %s [%s] %.1f ms%s",
+                method,
+                endpoint,
+                code,
+                store.CLASS_NAMES[cls],
+                duration_ms,
+                f" stream={outcome} chunks={chunks}" if streaming else "",
+            )
+
+    async def record_request(self, m: RequestMetrics) -> None:
+        """The monitoring guide's API: :meth:`record`, plus a warning for failed or slow
+        requests (never an INFO line per request)."""
+        self.record(m)
+        if not self.enabled:
+            return
+        if m.error or m.status_code >= 500:
+            log.warning(
+                "metrics: request failed: %s %s -> %s (%s)",
+                m.method,
+                m.endpoint,
+                m.status_code,
+                m.error or "no error message",
+            )
+        elif m.duration_ms > SLOW_REQUEST_MS:
+            log.warning(
+                "metrics: slow request: %s %s took %.0f ms", m.method, m.endpoint, m.duration_ms
+            )
+
+    def upstream_error(self, reason: str) -> None:
+        if self.enabled:
+            self._prom.upstream_error(reason)
+
+    def upstream_retry(self, reason: str) -> None:
+        if self.enabled:
+            self._prom.upstream_retry(reason)
+
+    def set_backend_status(self, reachable: bool, checked_at: float) -> None:
+        self.backend_reachable = bool(reachable)
+        self.backend_checked_at = checked_at
+
+    def allow_model(self, model: str) -> None:
+        """Give ``model`` its own label from the start (e.g. from the model mapping)."""
+        self.model_labels.allow(model)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._started_mono
+
+    @property
+    def sampler(self) -> SystemSampler:
+        return self._sampler
+
+    @property
+    def window(self) -> WindowStore:
+        return self._window
+
+    def totals(self) -> Totals:
+        """All-time totals from the primary series (every worker's, in multiprocess mode)."""
+        return aggregate(self._prom.collect())
+
+    def _count_totals(self) -> Totals:
+        """Only ``requests`` and ``active`` are filled in (cheaper than :meth:`totals`)."""
+        return aggregate(self._prom.collect_counts())
+
+    def _perf_entries(self) -> list[WindowEntry]:
+        entries = self._window.entries()
+        if len(entries) > self.percentile_window:
+            entries = entries[-self.percentile_window :]
+        return entries
+
+    def _system_snapshot(self) -> dict[str, Any]:
+        s = self._sampler
+        if (
+            self.system_enabled
+            and not self._sampling_stopped
+            and not s.running
+            and (s.samples == 0 or time.monotonic() - s.last_sample_at >= s.interval)
+        ):
+            # the sampler task is not running (not started, or used outside an app): sample
+            # on read instead, at most once per interval
+            s.sample_once()
+        return s.snapshot
+
+    def _system_block(self) -> dict[str, Any]:
+        snap = self._system_snapshot()
+        block: dict[str, Any] = {
+            "buffer_size": len(self._window),
+            "buffer_full": self._window.is_full,
+            "max_buffer_size": self._window.max_size,
+            "uptime_seconds": self.uptime_seconds,
+        }
+        block.update(snap)
+        block["network_io"] = dict(snap["network_io"])
+        block["disk_io"] = dict(snap["disk_io"])
+        block["process"] = dict(snap["process"])
+        block["sampler"] = {
+            "enabled": self.system_enabled and not self._sampling_stopped,
+            "running": self._sampler.running,
+            "interval_seconds": self._sampler.interval,
+            "samples": self._sampler.samples,
+        }
+        return block
+
+    def _window_block(self) -> dict[str, Any]:
+        return {
+            "scope": "process",
+            "pid": os.getpid(),
+            "size": len(self._window),
+            "max_size": self._window.max_size,
+            "percentile_size": min(len(self._window), self.percentile_window),
+        }
+
+    def summary(self) -> dict:
+        """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
+        t = self.totals()
+        success, client, cancelled, error = t.class_counts()
+        total = success + client + cancelled + error
+        rates = store.rates_from_counts(success, client, cancelled, error)
+        entries = self._window.entries()
+        outcomes = t.stream_outcomes()
+        chunks = sum(t.chunks.values())
+        nbytes = sum(t.stream_bytes.values())
+        transfer = sum(t.transfer.values())
+        endpoints: dict[str, Any] = {}
+        for ep, d in sorted(t.endpoints().items()):
+            classes = d["classes"]
+            count = sum(classes)
+            s, n = d["dur"]
+            endpoints[ep] = {
+                "count": _count(count),
+                "avg_duration_ms": s / n * 1000.0 if n else 0.0,
+                "errors": _count(classes[store.ERROR]),
+                "client_errors": _count(classes[store.CLIENT_ERROR]),
+                "cancelled": _count(classes[store.CANCELLED]),
+                "error_rate": store.rate(classes[store.ERROR], count - classes[store.CANCELLED]),
+                "streaming_requests": _count(d["streams"]),
+                "models": sorted(d["models"]),
+            }
+        tokens = t.tokens_by_type()
+        body: dict[str, Any] = {
+            "enabled": self.enabled,
+            "total_requests": _count(total),
+            "successful_requests": _count(success),
+            "failed_requests": _count(error),
+            "client_errors": _count(client),
+            "cancelled_requests": _count(cancelled),
+            **rates,
+            "active_requests": _count(t.active),
+            "global_total_requests": _count(total),
+            "uptime_seconds": self.uptime_seconds,
+            "performance": store.performance(self._perf_entries()),
+            "streaming": {
+                "total_streaming_requests": _count(sum(outcomes.values())),
+                "completed_streams": _count(outcomes["completed"]),
+                "cancelled_streams": _count(outcomes["cancelled"]),
+                "timeout_streams": _count(outcomes["timeout"]),
+                "error_streams": _count(outcomes["error"]),
+                "total_chunks": _count(chunks),
+                "total_bytes": _count(nbytes),
+                "avg_first_byte_time_ms": t.ttfb[0] / t.ttfb[1] * 1000.0 if t.ttfb[1] else 0.0,
+                "avg_first_token_time_ms": t.ttft[0] / t.ttft[1] * 1000.0 if t.ttft[1] else 0.0,
+                "avg_throughput_bytes_per_second": nbytes / transfer if transfer > 0 else 0.0,
+                "avg_chunk_size": nbytes / chunks if chunks else 0.0,
+            },
+            "tokens": {"input": _count(tokens["input"]), "output": _count(tokens["output"])},
+            "upstream": {
+                "errors": {k: _count(v) for k, v in sorted(t.upstream_errors.items())},
+                "retries": {k: _count(v) for k, v in sorted(t.upstream_retries.items())},
+                "backend_reachable": self.backend_reachable,
+                "checked_at": self.backend_checked_at,
+            },
+            "endpoints": endpoints,
+            "models": {
+                k: {
+                    "count": _count(v["count"]),
+                    "input_tokens": _count(v["input_tokens"]),
+                    "output_tokens": _count(v["output_tokens"]),
+                }
+                for k, v in sorted(t.models().items())
+            },
+            "period": store.period(entries),
+            "window": self._window_block(),
+            "system": self._system_block(),
+        }
+        if total == 0:
+            body["message"] = "No requests recorded yet"
+        return body
+
+    def filtered_summary(
+        self,
+        endpoint_filter: str | None = None,
+        time_range_minutes: float | None = None,
+        include_system_metrics: bool = True,
+    ) -> dict:
+        """Window figures for the requests matching the filters (this process's window)."""
+        if time_range_minutes is not None:
+            time_range_minutes = float(time_range_minutes)
+            if not time_range_minutes > 0:
+                raise ValueError("time_range_minutes must be a positive number")
+        entries = self._window.entries(endpoint_filter, time_range_minutes)
+        success, client, cancelled, error = store.class_counts(entries)
+        t = self._count_totals()
+        body: dict[str, Any] = {
+            "enabled": self.enabled,
+            "filters": {
+                "endpoint_filter": endpoint_filter,
+                "time_range_minutes": time_range_minutes,
+                "include_system_metrics": include_system_metrics,
+            },
+            "filtered_requests": len(entries),
+            "successful_requests": success,
+            "failed_requests": error,
+            "client_errors": client,
+            "cancelled_requests": cancelled,
+            **store.rates_from_counts(success, client, cancelled, error),
+            "global_active_requests": _count(t.active),
+            "global_total_requests": _count(t.total_requests),
+            "performance": store.performance(entries),
+            "streaming": store.streaming_summary(entries),
+            "endpoints": store.endpoints_summary(entries),
+            "period": store.period(entries),
+            "window": self._window_block(),
+        }
+        if not entries:
+            body["message"] = "No metrics available for specified filters"
+        if include_system_metrics:
+            body["system"] = self._system_block()
+        return body
+
+    def health(self) -> tuple[dict, int]:
+        """Body and HTTP status of ``GET /v1/metrics/health`` (503 only when unhealthy)."""
+        t = self._count_totals()
+        entries = self._window.entries()
+        counted = [e for e in entries if e.cls != store.CANCELLED]
+        n = len(counted)
+        success, client, _cancelled, error = store.class_counts(counted)
+        error_rate = store.rate(error, n)
+        perf = store.performance(self._perf_entries())
+        plain = sorted(
+            e.duration_ms
+            for e in self._perf_entries()
+            if not e.streaming and e.cls != store.CANCELLED
+        )
+        p95_plain_s = store.percentile(plain, 95) / 1000.0
+
+        enough = n >= self.health_min_requests
+        if enough and error_rate >= self.health_error_rate_unhealthy:
+            err_status = "unhealthy"
+        elif enough and error_rate >= self.health_error_rate_degraded:
+            err_status = "degraded"
+        else:
+            err_status = "ok"
+        lat_status = (
+            "degraded"
+            if len(plain) >= self.health_min_requests
+            and p95_plain_s > self.health_p95_degraded_seconds
+            else "ok"
+        )
+        if self.backend_reachable is None:
+            backend_status = "unknown"
+        else:
+            backend_status = "ok" if self.backend_reachable else "unhealthy"
+        statuses = (err_status, lat_status, backend_status)
+        if "unhealthy" in statuses:
+            status = "unhealthy"
+        elif "degraded" in statuses:
+            status = "degraded"
+        else:
+            status = "healthy"
+        body = {
+            "status": status,
+            "enabled": self.enabled,
+            "checks": {
+                "error_rate": {
+                    "status": err_status,
+                    "value": error_rate,
+                    "requests": n,
+                    "errors": error,
+                },
+                "latency": {
+                    "status": lat_status,
+                    "p95_seconds": p95_plain_s,
+                    "requests": len(plain),
+                },
+                "backend": {
+                    "status": backend_status,
+                    "reachable": self.backend_reachable,
+                    "checked_at": self.backend_checked_at,
+                },
+            },
+            "thresholds": {
+                "error_rate_degraded": self.health_error_rate_degraded,
+                "error_rate_unhealthy": self.health_error_rate_unhealthy,
+                "p95_degraded_seconds": self.health_p95_degraded_seconds,
+                "min_requests": self.health_min_requests,
+            },
+            "active_requests": _count(t.active),
+            "total_requests": _count(t.total_requests),
+            "window_requests": len(entries),
+            "success_rate": store.rate(success, n),
+            "error_rate": error_rate,
+            "client_error_rate": store.rate(client, n),
+            "avg_response_time_ms": perf["avg_duration_ms"],
+            "p95_response_time_ms": perf["p95_duration_ms"],
+            "uptime_seconds": self.uptime_seconds,
+            "buffer_utilization": len(self._window) / self._window.max_size,
+            "backend_reachable": self.backend_reachable,
+        }
+        return body, (503 if status == "unhealthy" else 200)
+
+    def render_prometheus(self, accept: str | None = None) -> tuple[bytes, str]:
+        """Exposition body and Content-Type (text 0.0.4 unless the scraper asks for
+        OpenMetrics)."""
+        system = self._system_snapshot()  # first: a lazy first sample also feeds RSS/CPU
+        families = self._prom.collect()
+        t = aggregate(families)
+        durations = sorted(e.duration_ms for e in self._perf_entries())
+        families.extend(derived_families(t, durations, system, self.uptime_seconds))
+        return render(families, accept)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run_system_sampler(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the psutil sampler until cancelled (or :meth:`stop`); start it in the app's
+        nursery: ``await app.nursery.start(collector.run_system_sampler)``."""
+        if not self.system_enabled or self._sampling_stopped:
+            task_status.started()
+            return
+        await self._sampler.run(task_status=task_status)
+
+    def stop(self) -> None:
+        """Stop system sampling (the sampler loop returns; system values stay frozen).
+        Request metrics keep being recorded."""
+        self._sampling_stopped = True
+        self._sampler.stop()
+        log.debug("metrics: system sampling stopped")
+
+    def reset(self) -> None:
+        """Clear the window (percentiles, filters, period).  Counters are monotonic since
+        process start and are never reset."""
+        self._window.clear()
+        log.debug("metrics: window cleared")
+
+    def _on_sample(self, snap: dict[str, Any]) -> None:
+        proc = snap["process"]
+        self._prom.rss.set(proc["rss_bytes"])
+        cpu = proc["cpu_seconds"]
+        if cpu > self._cpu_seen:
+            self._prom.cpu_seconds.inc(cpu - self._cpu_seen)
+            self._cpu_seen = cpu
+
+
+# --------------------------------------------------------------------------- singleton + guide API
+
+_collector: MetricsCollector | None = None
+
+
+def _collector_from_env() -> MetricsCollector:
+    return MetricsCollector(
+        max_metrics=_env_number("METRICS_MAX_REQUESTS", 1000, integer=True, minimum=1),
+        enabled=_env_bool("METRICS_ENABLED", True),
+        model_label_limit=_env_number("METRICS_MODEL_LABELS", 50, integer=True),
+        system_interval=_env_number("SYSTEM_METRICS_INTERVAL", 5.0, minimum=0.001),
+        system_enabled=_env_bool("SYSTEM_METRICS_ENABLED", True),
+    )
+
+
+def get_metrics_collector() -> MetricsCollector:
+    """The process-wide collector, created on first use from the environment
+    (``METRICS_ENABLED``, ``METRICS_MAX_REQUESTS``, ``METRICS_MODEL_LABELS``,
+    ``SYSTEM_METRICS_INTERVAL``, ``SYSTEM_METRICS_ENABLED``)."""
+    global _collector
+    if _collector is None:
+        _collector = _collector_from_env()
+    return _collector
+
+
+def set_metrics_collector(collector: MetricsCollector | None) -> None:
+    """Replace the process-wide collector (``None``: recreate from env on next use)."""
+    global _collector
+    _collector = collector
+
+
+async def get_metrics_summary() -> dict:
+    return get_metrics_collector().summary()
+
+
+async def get_filtered_metrics_summary(
+    endpoint_filter: str | None = None,
+    time_range_minutes: float | None = None,
+    include_system_metrics: bool = True,
+) -> dict:
+    return get_metrics_collector().filtered_summary(
+        endpoint_filter=endpoint_filter,
+        time_range_minutes=time_range_minutes,
+        include_system_metrics=include_system_metrics,
+    )
+
+
+async def get_prometheus_metrics() -> str:
+    """The text-format (0.0.4) exposition."""
+    body, _ = get_metrics_collector().render_prometheus(None)
+    return body.decode("utf-8")
+
+
+def reset_metrics() -> None:
+    get_metrics_collector().reset()
+
+
+def stop_metrics_collection() -> None:
+    get_metrics_collector().stop()
+
+
+from .tracking import track_request, track_streaming_request  # noqa: E402

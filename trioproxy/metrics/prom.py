@@ -1,0 +1,776 @@
+"""Prometheus side of the metrics: the primary series, scrape-time aggregation, exposition.
+
+* **Primary series** are ordinary ``prometheus_client`` metrics, updated in the request
+  hot path through cached ``.labels()`` children.  In a single process they live in a
+  private ``CollectorRegistry`` (one per collector, never the global ``REGISTRY``).  With
+  ``PROMETHEUS_MULTIPROC_DIR`` set they are prometheus_client's mmap-backed multiprocess
+  values and every scrape merges the files of all workers with ``MultiProcessCollector``.
+* **Aggregation** (:func:`aggregate`) turns the collected primary families into
+  :class:`Totals`; the JSON summary and the derived Prometheus families are both computed
+  from it, so they agree with each other and, in multiprocess mode, across workers.
+* **Derived families** (the monitoring guide's names: rates, per-endpoint, streaming,
+  window percentiles, system) are built at scrape time; they cost nothing per request.
+
+No hand-written exposition: ``prometheus_client.exposition.choose_encoder`` picks text
+0.0.4 or OpenMetrics from the ``Accept`` header.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import prometheus_client
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import values as _values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from . import store
+
+log = logging.getLogger("trioproxy.metrics")
+
+# ``x_created`` series would double the family count and confuse dashboards (the
+# text format emits them as separate gauges); the project never uses them.
+prometheus_client.disable_created_metrics()
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    40,
+    80,
+    160,
+    320,
+)
+FIRST_BYTE_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+OVERHEAD_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+)
+
+UPSTREAM_REASONS: tuple[str, ...] = (
+    "connect",
+    "timeout",
+    "status_4xx",
+    "status_5xx",
+    "protocol",
+    "other",
+)
+
+REQUEST_LABELS = ("api", "endpoint", "method", "model", "status")
+DURATION_LABELS = ("api", "endpoint", "model")
+STREAM_LABELS = ("api", "endpoint", "model", "outcome")
+FLOW_LABELS = ("api", "endpoint")
+TOKEN_LABELS = ("api", "model", "type")
+
+
+def multiprocess_dir_from_env() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+# --------------------------------------------------------------------------- value classes
+
+
+def _value_class_is_multiprocess() -> bool:
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
+
+
+def _ensure_multiprocess_value_class() -> None:
+    """prometheus_client picks its value class when it is first imported.  If the
+    multiprocess directory was set only afterwards, switch now (before any metric of
+    ours exists) instead of silently exporting per-worker numbers."""
+    if not _value_class_is_multiprocess():
+        log.warning(
+            "%s is set but prometheus_client was imported before it; "
+            "switching to multiprocess values now",
+            MULTIPROC_ENV,
+        )
+        _values.ValueClass = _values.MultiProcessValue()
+
+
+def _local(base: type) -> type:
+    """A metric class whose values stay in this process even when the process runs in
+    multiprocess mode (for private collectors, e.g. the benchmarks: they must not
+    write into, and clobber, the workers' shared files)."""
+
+    def _metric_init(self: Any) -> None:
+        saved = _values.ValueClass
+        _values.ValueClass = _values.MutexValue
+        try:
+            base._metric_init(self)
+        finally:
+            _values.ValueClass = saved
+
+    return type(f"Local{base.__name__}", (base,), {"_metric_init": _metric_init})
+
+
+_LocalCounter = _local(Counter)
+_LocalGauge = _local(Gauge)
+_LocalHistogram = _local(Histogram)
+
+
+def mark_dead_workers(path: str) -> list[int]:
+    """Drop the live-gauge files of workers that no longer exist (hypercorn has no
+    child-exit hook), so in-flight and RSS gauges only sum live processes.  Counter and
+    histogram files of dead workers stay: their counts still happened."""
+    dead: set[int] = set()
+    me = os.getpid()
+    for f in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        try:
+            pid = int(os.path.basename(f)[: -len(".db")].rsplit("_", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != me and pid not in dead and not psutil.pid_exists(pid):
+            dead.add(pid)
+    for pid in dead:
+        mark_process_dead(pid, path)
+        log.debug("metrics: removed live gauges of dead worker pid %d", pid)
+    return sorted(dead)
+
+
+# --------------------------------------------------------------------------- primary series
+
+
+class PrimaryMetrics:
+    """The primary series and their hot-path update (``observe``)."""
+
+    def __init__(self, *, multiprocess_dir: str | None, version: str) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir:
+            os.makedirs(multiprocess_dir, exist_ok=True)
+            _ensure_multiprocess_value_class()
+            registry: CollectorRegistry | None = None
+            counter, gauge, histogram = Counter, Gauge, Histogram
+        else:
+            registry = CollectorRegistry(auto_describe=False)
+            if _value_class_is_multiprocess():
+                counter, gauge, histogram = _LocalCounter, _LocalGauge, _LocalHistogram
+            else:
+                counter, gauge, histogram = Counter, Gauge, Histogram
+        self.registry = registry
+        r = {"registry": registry}
+
+        self.requests = counter(
+            "http_requests_total",
+            "HTTP requests handled by the proxy (monitoring endpoints excluded). status is "
+            "the effective status: streams that broke after the headers are 499 (client "
+            "cancelled), 504 (timeout) or 502 (upstream error).",
+            REQUEST_LABELS,
+            **r,
+        )
+        self.active = gauge(
+            "http_requests_active",
+            "Requests in flight, streams until their last byte.",
+            multiprocess_mode="livesum",
+            **r,
+        )
+        self.duration = histogram(
+            "http_request_duration_seconds",
+            "Request duration in seconds, to the last byte for streams.",
+            DURATION_LABELS,
+            buckets=LATENCY_BUCKETS,
+            **r,
+        )
+        self.ttfb = histogram(
+            "trioproxy_time_to_first_byte_seconds",
+            "Streams only: request start to the first body byte sent to the client.",
+            DURATION_LABELS,
+            buckets=FIRST_BYTE_BUCKETS,
+            **r,
+        )
+        self.ttft = histogram(
+            "trioproxy_time_to_first_token_seconds",
+            "Streams only: request start to the first generated content sent.",
+            DURATION_LABELS,
+            buckets=FIRST_BYTE_BUCKETS,
+            **r,
+        )
+        self.streams = counter(
+            "trioproxy_streams_total",
+            "Streamed responses by terminal outcome (completed|cancelled|timeout|error), "
+            "exactly one per stream.",
+            STREAM_LABELS,
+            **r,
+        )
+        self.chunks = counter(
+            "trioproxy_stream_chunks_total",
+            "Chunks sent on streamed responses.",
+            FLOW_LABELS,
+            **r,
+        )
+        self.stream_bytes = counter(
+            "trioproxy_stream_bytes_total",
+            "Body bytes sent on streamed responses.",
+            FLOW_LABELS,
+            **r,
+        )
+        self.transfer = counter(
+            "trioproxy_stream_transfer_seconds_total",
+            "Seconds between the first and the last byte of streams (request start to "
+            "last byte for single-chunk streams); throughput = bytes / this.",
+            FLOW_LABELS,
+            **r,
+        )
+        self.tokens = counter(
+            "trioproxy_tokens_total",
+            "Tokens by type (input|output): from the backend's usage, else output tokens "
+            "counted from the content chunks relayed (also for cancelled streams).",
+            TOKEN_LABELS,
+            **r,
+        )
+        self.upstream_duration = histogram(
+            "trioproxy_upstream_request_duration_seconds",
+            "Backend latency: request sent to the backend until its response completed.",
+            FLOW_LABELS,
+            buckets=LATENCY_BUCKETS,
+            **r,
+        )
+        self.overhead = histogram(
+            "trioproxy_overhead_seconds",
+            "The proxy's own time: duration minus backend time (non-streams); first byte "
+            "sent minus backend first byte (streams, setup overhead).",
+            FLOW_LABELS,
+            buckets=OVERHEAD_BUCKETS,
+            **r,
+        )
+        self.upstream_errors = counter(
+            "trioproxy_upstream_errors_total",
+            "Failed backend calls by reason "
+            "(connect|timeout|status_4xx|status_5xx|protocol|other).",
+            ("reason",),
+            **r,
+        )
+        self.upstream_retries = counter(
+            "trioproxy_upstream_retries_total",
+            "Backend call retries by the reason of the failed attempt.",
+            ("reason",),
+            **r,
+        )
+        self.build_info = gauge(
+            "trioproxy_build_info",
+            "Build information; always 1.",
+            ("version", "python"),
+            multiprocess_mode="max",
+            **r,
+        )
+        self.rss = gauge(
+            "trioproxy_process_resident_memory_bytes",
+            "Resident memory of the proxy (sum over live workers), from the sampler.",
+            multiprocess_mode="livesum",
+            **r,
+        )
+        self.cpu_seconds = counter(
+            "trioproxy_process_cpu_seconds_total",
+            "User+system CPU seconds of the proxy (all workers), from the sampler.",
+            **r,
+        )
+
+        py = "{}.{}.{}".format(*sys.version_info[:3])
+        self.build_info.labels(version, py).set(1)
+        self._upstream_error_children = {
+            k: self.upstream_errors.labels(k) for k in UPSTREAM_REASONS
+        }
+        self._upstream_retry_children = {
+            k: self.upstream_retries.labels(k) for k in UPSTREAM_REASONS
+        }
+        self.active.set(0)
+        self.rss.set(0)
+
+        self._req: dict[tuple[str, ...], Any] = {}
+        self._dur: dict[tuple[str, ...], Any] = {}
+        self._ttfb: dict[tuple[str, ...], Any] = {}
+        self._ttft: dict[tuple[str, ...], Any] = {}
+        self._streams: dict[tuple[str, ...], Any] = {}
+        self._flow: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._tok: dict[tuple[str, ...], Any] = {}
+        self._up: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    # -- hot path ----------------------------------------------------------------------
+
+    def observe(
+        self,
+        api: str,
+        endpoint: str,
+        method: str,
+        model: str,
+        status: str,
+        duration_s: float,
+        outcome: str | None,
+        first_byte_s: float | None,
+        first_token_s: float | None,
+        chunks: int,
+        nbytes: int,
+        transfer_s: float,
+        input_tokens: int,
+        output_tokens: int,
+        upstream_s: float | None,
+        overhead_s: float | None,
+    ) -> None:
+        key = (api, endpoint, method, model, status)
+        child = self._req.get(key)
+        if child is None:
+            child = self._req[key] = self.requests.labels(*key)
+        child.inc()
+
+        dkey = (api, endpoint, model)
+        child = self._dur.get(dkey)
+        if child is None:
+            child = self._dur[dkey] = self.duration.labels(*dkey)
+        child.observe(duration_s)
+
+        if outcome is not None:
+            skey = (api, endpoint, model, outcome)
+            child = self._streams.get(skey)
+            if child is None:
+                child = self._streams[skey] = self.streams.labels(*skey)
+            child.inc()
+            if first_byte_s is not None:
+                child = self._ttfb.get(dkey)
+                if child is None:
+                    child = self._ttfb[dkey] = self.ttfb.labels(*dkey)
+                child.observe(first_byte_s)
+            if first_token_s is not None:
+                child = self._ttft.get(dkey)
+                if child is None:
+                    child = self._ttft[dkey] = self.ttft.labels(*dkey)
+                child.observe(first_token_s)
+            if chunks or nbytes:
+                fkey = (api, endpoint)
+                flow = self._flow.get(fkey)
+                if flow is None:
+                    flow = self._flow[fkey] = (
+                        self.chunks.labels(*fkey),
+                        self.stream_bytes.labels(*fkey),
+                        self.transfer.labels(*fkey),
+                    )
+                flow[0].inc(chunks)
+                flow[1].inc(nbytes)
+                if transfer_s > 0.0:
+                    flow[2].inc(transfer_s)
+
+        if input_tokens > 0:
+            tkey = (api, model, "input")
+            child = self._tok.get(tkey)
+            if child is None:
+                child = self._tok[tkey] = self.tokens.labels(*tkey)
+            child.inc(input_tokens)
+        if output_tokens > 0:
+            tkey = (api, model, "output")
+            child = self._tok.get(tkey)
+            if child is None:
+                child = self._tok[tkey] = self.tokens.labels(*tkey)
+            child.inc(output_tokens)
+
+        if upstream_s is not None or overhead_s is not None:
+            ukey = (api, endpoint)
+            up = self._up.get(ukey)
+            if up is None:
+                up = self._up[ukey] = (
+                    self.upstream_duration.labels(*ukey),
+                    self.overhead.labels(*ukey),
+                )
+            if upstream_s is not None:
+                up[0].observe(upstream_s)
+            if overhead_s is not None:
+                up[1].observe(overhead_s)
+
+    def upstream_error(self, reason: str) -> None:
+        self._upstream_error_children.get(reason, self._upstream_error_children["other"]).inc()
+
+    def upstream_retry(self, reason: str) -> None:
+        self._upstream_retry_children.get(reason, self._upstream_retry_children["other"]).inc()
+
+    # -- scrape side -------------------------------------------------------------------
+
+    def collect(self) -> list[Metric]:
+        """The primary families: this process's, or the merge of every worker's files."""
+        if self.multiprocess_dir:
+            mark_dead_workers(self.multiprocess_dir)
+            return list(MultiProcessCollector(None, self.multiprocess_dir).collect())
+        assert self.registry is not None
+        return list(self.registry.collect())
+
+    def collect_counts(self) -> list[Metric]:
+        """Just the request counter and the in-flight gauge (what health and filtered
+        summaries need); skips the histograms when that is possible (one process)."""
+        if self.multiprocess_dir:
+            return self.collect()
+        return [*self.requests.collect(), *self.active.collect()]
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+@dataclass
+class Totals:
+    """All-time values of the primary families (summed over workers in multiprocess mode)."""
+
+    requests: dict[tuple[str, str, str, str, str], float] = field(default_factory=dict)
+    active: float = 0.0
+    duration: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # [sum, n]
+    ttfb: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    ttft: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    streams: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
+    chunks: dict[tuple[str, str], float] = field(default_factory=dict)
+    stream_bytes: dict[tuple[str, str], float] = field(default_factory=dict)
+    transfer: dict[tuple[str, str], float] = field(default_factory=dict)
+    tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    upstream_errors: dict[str, float] = field(default_factory=dict)
+    upstream_retries: dict[str, float] = field(default_factory=dict)
+    rss: float = 0.0
+    cpu_seconds: float = 0.0
+
+    # -- views ---------------------------------------------------------------------------
+
+    def class_counts(self) -> list[float]:
+        counts = [0.0, 0.0, 0.0, 0.0]
+        for key, v in self.requests.items():
+            counts[store.status_class(int(key[4]))] += v
+        return counts
+
+    @property
+    def total_requests(self) -> float:
+        return sum(self.requests.values())
+
+    def stream_outcomes(self) -> dict[str, float]:
+        out = {"completed": 0.0, "cancelled": 0.0, "timeout": 0.0, "error": 0.0}
+        for key, v in self.streams.items():
+            out[key[3]] = out.get(key[3], 0.0) + v
+        return out
+
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        acc: dict[str, dict[str, Any]] = {}
+
+        def get(ep: str) -> dict[str, Any]:
+            d = acc.get(ep)
+            if d is None:
+                d = acc[ep] = {
+                    "classes": [0.0, 0.0, 0.0, 0.0],
+                    "dur": [0.0, 0.0],
+                    "streams": 0.0,
+                    "models": set(),
+                }
+            return d
+
+        for (_api, ep, _m, model, status), v in self.requests.items():
+            d = get(ep)
+            d["classes"][store.status_class(int(status))] += v
+            if model:
+                d["models"].add(model)
+        for (_api, ep, _model), (s, n) in self.duration.items():
+            d = get(ep)
+            d["dur"][0] += s
+            d["dur"][1] += n
+        for (_api, ep, _model, _outcome), v in self.streams.items():
+            get(ep)["streams"] += v
+        return acc
+
+    def models(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for (_a, _e, _m, model, _s), v in self.requests.items():
+            if model:
+                d = out.setdefault(model, {"count": 0.0, "input_tokens": 0.0, "output_tokens": 0.0})
+                d["count"] += v
+        for (_a, model, typ), v in self.tokens.items():
+            if model:
+                d = out.setdefault(model, {"count": 0.0, "input_tokens": 0.0, "output_tokens": 0.0})
+                d[f"{typ}_tokens"] = d.get(f"{typ}_tokens", 0.0) + v
+        return out
+
+    def tokens_by_type(self) -> dict[str, float]:
+        out = {"input": 0.0, "output": 0.0}
+        for (_a, _m, typ), v in self.tokens.items():
+            out[typ] = out.get(typ, 0.0) + v
+        return out
+
+
+def _key(labels: dict[str, str], names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(labels.get(n, "") for n in names)
+
+
+def aggregate(families: Iterable[Metric]) -> Totals:
+    t = Totals()
+    for fam in families:
+        name = fam.name
+        if name == "http_requests":
+            for s in fam.samples:
+                if s.name == "http_requests_total":
+                    k = _key(s.labels, REQUEST_LABELS)
+                    t.requests[k] = t.requests.get(k, 0.0) + s.value  # type: ignore[index]
+        elif name == "http_requests_active":
+            t.active = sum(s.value for s in fam.samples)
+        elif name == "http_request_duration_seconds":
+            for s in fam.samples:
+                if s.name.endswith("_sum") or s.name.endswith("_count"):
+                    k = _key(s.labels, DURATION_LABELS)
+                    acc = t.duration.setdefault(k, [0.0, 0.0])  # type: ignore[arg-type]
+                    acc[0 if s.name.endswith("_sum") else 1] += s.value
+        elif name in (
+            "trioproxy_time_to_first_byte_seconds",
+            "trioproxy_time_to_first_token_seconds",
+        ):
+            acc = t.ttfb if "byte" in name else t.ttft
+            for s in fam.samples:
+                if s.name.endswith("_sum"):
+                    acc[0] += s.value
+                elif s.name.endswith("_count"):
+                    acc[1] += s.value
+        elif name == "trioproxy_streams":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    k = _key(s.labels, STREAM_LABELS)
+                    t.streams[k] = t.streams.get(k, 0.0) + s.value  # type: ignore[index]
+        elif name in (
+            "trioproxy_stream_chunks",
+            "trioproxy_stream_bytes",
+            "trioproxy_stream_transfer_seconds",
+        ):
+            target = {
+                "trioproxy_stream_chunks": t.chunks,
+                "trioproxy_stream_bytes": t.stream_bytes,
+                "trioproxy_stream_transfer_seconds": t.transfer,
+            }[name]
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    k = _key(s.labels, FLOW_LABELS)
+                    target[k] = target.get(k, 0.0) + s.value  # type: ignore[index]
+        elif name == "trioproxy_tokens":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    k = _key(s.labels, TOKEN_LABELS)
+                    t.tokens[k] = t.tokens.get(k, 0.0) + s.value  # type: ignore[index]
+        elif name in ("trioproxy_upstream_errors", "trioproxy_upstream_retries"):
+            target2 = t.upstream_errors if name.endswith("errors") else t.upstream_retries
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    r = s.labels.get("reason", "other")
+                    target2[r] = target2.get(r, 0.0) + s.value
+        elif name == "trioproxy_process_resident_memory_bytes":
+            t.rss = sum(s.value for s in fam.samples)
+        elif name == "trioproxy_process_cpu_seconds":
+            t.cpu_seconds = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    for r in UPSTREAM_REASONS:
+        t.upstream_errors.setdefault(r, 0.0)
+        t.upstream_retries.setdefault(r, 0.0)
+    return t
+
+
+# --------------------------------------------------------------------------- derived families
+
+
+def derived_families(
+    t: Totals,
+    window_durations_ms: Sequence[float],
+    system: dict[str, Any],
+    uptime_s: float,
+) -> list[Metric]:
+    """The monitoring guide's families, computed from ``t`` (all-time, aggregated), the
+    sorted window durations (this process) and the sampler's latest snapshot (host)."""
+    fams: list[Metric] = []
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        fams.append(GaugeMetricFamily(name, doc, value=float(value)))
+
+    def counter(name: str, doc: str, value: float) -> None:
+        fams.append(CounterMetricFamily(name, doc, value=float(value)))
+
+    success, client, cancelled, error = t.class_counts()
+    rates = store.rates_from_counts(success, client, cancelled, error)
+    gauge(
+        "http_request_success_rate",
+        "All-time share of 2xx/3xx responses among non-cancelled requests (0-1).",
+        rates["success_rate"],
+    )
+    gauge(
+        "http_request_error_rate",
+        "All-time share of 5xx responses (incl. streams broken by timeout/upstream error) "
+        "among non-cancelled requests (0-1); cancelled (499) counts neither way.",
+        rates["error_rate"],
+    )
+    gauge(
+        "http_request_client_error_rate",
+        "All-time share of 4xx responses (499 excluded) among non-cancelled requests (0-1).",
+        rates["client_error_rate"],
+    )
+    for p in (50, 95, 99):
+        gauge(
+            f"http_request_duration_p{p}_seconds",
+            f"{p}th percentile request duration over this process's sliding window of recent "
+            "requests (per process; use histogram_quantile on http_request_duration_seconds "
+            "for fleet-wide percentiles).",
+            store.percentile(window_durations_ms, p) / 1000.0,
+        )
+
+    eps = t.endpoints()
+    per_total = CounterMetricFamily(
+        "http_requests_per_endpoint_total", "All-time requests per endpoint.", labels=["endpoint"]
+    )
+    per_err = CounterMetricFamily(
+        "http_request_errors_per_endpoint_total",
+        "All-time 5xx responses per endpoint (incl. streams broken by timeout/upstream error).",
+        labels=["endpoint"],
+    )
+    per_stream = CounterMetricFamily(
+        "http_streaming_requests_per_endpoint_total",
+        "All-time streamed responses per endpoint.",
+        labels=["endpoint"],
+    )
+    per_dur = GaugeMetricFamily(
+        "http_request_duration_per_endpoint_seconds",
+        "All-time average request duration per endpoint (sum / count of the histogram).",
+        labels=["endpoint"],
+    )
+    for ep in sorted(eps):
+        d = eps[ep]
+        per_total.add_metric([ep], sum(d["classes"]))
+        per_err.add_metric([ep], d["classes"][store.ERROR])
+        per_stream.add_metric([ep], d["streams"])
+        s, n = d["dur"]
+        per_dur.add_metric([ep], s / n if n else 0.0)
+    fams += [per_total, per_err, per_stream, per_dur]
+
+    outcomes = t.stream_outcomes()
+    chunks = sum(t.chunks.values())
+    nbytes = sum(t.stream_bytes.values())
+    transfer = sum(t.transfer.values())
+    counter("http_streaming_requests_total", "All-time streamed responses.", sum(outcomes.values()))
+    counter("http_streaming_chunks_total", "All-time chunks sent on streams.", chunks)
+    counter(
+        "http_streaming_cancelled_total",
+        "All-time streams cancelled by the client.",
+        outcomes["cancelled"],
+    )
+    counter(
+        "http_streaming_timeout_total",
+        "All-time streams stopped by a timeout.",
+        outcomes["timeout"],
+    )
+    gauge(
+        "http_streaming_first_byte_time_seconds",
+        "All-time average time to first byte of streams.",
+        t.ttfb[0] / t.ttfb[1] if t.ttfb[1] else 0.0,
+    )
+    gauge(
+        "http_streaming_throughput_bytes_per_second",
+        "All-time stream throughput: bytes sent / seconds between first and last byte.",
+        nbytes / transfer if transfer > 0 else 0.0,
+    )
+    gauge(
+        "http_streaming_avg_chunk_size_bytes",
+        "All-time average chunk size of streams.",
+        nbytes / chunks if chunks else 0.0,
+    )
+
+    gauge(
+        "system_cpu_usage_percent",
+        "Host CPU usage percentage (latest sample).",
+        system.get("cpu_usage_percent", 0.0),
+    )
+    gauge(
+        "system_memory_usage_percent",
+        "Host memory usage percentage (latest sample).",
+        system.get("memory_usage_percent", 0.0),
+    )
+    gauge(
+        "system_memory_usage_bytes",
+        "Host memory used in bytes (latest sample).",
+        system.get("memory_usage_bytes", 0),
+    )
+    gauge(
+        "system_disk_usage_percent",
+        "Usage percentage of the / filesystem (latest sample).",
+        system.get("disk_usage_percent", 0.0),
+    )
+    gauge(
+        "system_uptime_seconds",
+        "Seconds since this proxy process started its metrics collector (a gauge: a counter "
+        "would need the _total suffix).",
+        uptime_s,
+    )
+    net = system.get("network_io") or {}
+    dio = system.get("disk_io") or {}
+    counter(
+        "network_bytes_sent_total",
+        "Host-wide network bytes sent (psutil).",
+        net.get("bytes_sent", 0),
+    )
+    counter(
+        "network_bytes_recv_total",
+        "Host-wide network bytes received (psutil).",
+        net.get("bytes_recv", 0),
+    )
+    counter(
+        "disk_read_bytes_total", "Host-wide disk bytes read (psutil).", dio.get("read_bytes", 0)
+    )
+    counter(
+        "disk_write_bytes_total",
+        "Host-wide disk bytes written (psutil).",
+        dio.get("write_bytes", 0),
+    )
+    return fams
+
+
+# --------------------------------------------------------------------------- exposition
+
+
+class _Families:
+    """A collector over a fixed list of families (what the encoders call)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def render(families: list[Metric], accept: str | None) -> tuple[bytes, str]:
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(_Families(families)), content_type

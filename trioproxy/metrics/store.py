@@ -1,0 +1,313 @@
+"""The sliding window of recent requests, the status semantics, and window summaries.
+
+Everything here is plain, synchronous Python: the window is a ``collections.deque`` with
+``maxlen`` (O(1) append, the oldest entry drops out), touched only from the trio thread,
+so it needs no lock.  Summaries sort on read, never on record.
+
+Status semantics (shared by the counters in :mod:`.prom` and the window here):
+
+* **effective status** = ``status_code``, except streams that ended abnormally while the
+  status line still said success (or no status was set): cancelled -> 499, timeout -> 504,
+  upstream error -> 502.  A stream whose status is already an error keeps it.
+* **classes**: success = 2xx/3xx; client_error = 4xx except 499; cancelled = 499;
+  error = 5xx and any invalid/unset status (so an unknown outcome is never a success).
+* **rates** are taken over the non-cancelled requests: success + error + client_error = 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from . import labels
+from .request import RequestMetrics
+
+SUCCESS = 0
+CLIENT_ERROR = 1
+CANCELLED = 2
+ERROR = 3
+
+CLASS_NAMES = ("success", "client_error", "cancelled", "error")
+
+_ABNORMAL_STATUS = {
+    "cancelled": labels.STATUS_CLIENT_CLOSED,
+    "timeout": labels.STATUS_STREAM_TIMEOUT,
+    "error": labels.STATUS_STREAM_UPSTREAM_ERROR,
+}
+
+
+def status_class(code: int) -> int:
+    """Class of an (effective) status code; see the module docstring."""
+    if 200 <= code < 400:
+        return SUCCESS
+    if code == labels.STATUS_CLIENT_CLOSED:
+        return CANCELLED
+    if 400 <= code < 500:
+        return CLIENT_ERROR
+    return ERROR  # 5xx, and 0 / 1xx / >= 600: no valid final status was recorded
+
+
+def status_label(code: int) -> str:
+    """Bounded ``status`` label value: the code itself, or ``"0"`` for anything invalid."""
+    return str(code) if 100 <= code <= 599 else "0"
+
+
+def stream_outcome(m: RequestMetrics) -> str:
+    """The single terminal outcome of a stream (``m.streaming`` must be true)."""
+    outcome = m.stream_outcome
+    if outcome in _ABNORMAL_STATUS or outcome == "completed":
+        return outcome  # type: ignore[return-value]
+    if m.stream_cancelled:
+        return "cancelled"
+    if m.stream_timeout:
+        return "timeout"
+    code = m.status_code
+    if code == labels.STATUS_CLIENT_CLOSED:
+        return "cancelled"
+    if code == labels.STATUS_STREAM_TIMEOUT:
+        return "timeout"
+    if code >= 500 or (code and code < 100):
+        return "error"
+    return "completed"
+
+
+def effective_status(code: int, outcome: str | None) -> int:
+    """Status recorded for a request: see the module docstring for the table."""
+    if outcome is None or outcome == "completed":
+        return code
+    if outcome == "cancelled":
+        return code if code >= 400 else labels.STATUS_CLIENT_CLOSED
+    return code if code >= 500 else _ABNORMAL_STATUS[outcome]
+
+
+def transfer_seconds(m: RequestMetrics) -> float:
+    """First byte -> last byte span of a stream, the denominator of its throughput.
+
+    Same definition as ``RequestMetrics.throughput_bytes_per_second``: a single-chunk
+    stream (zero span) uses request start -> last byte instead, so its bytes never come
+    with zero time.
+    """
+    last = m.last_byte_time_ms
+    if not m.stream_bytes or last is None:
+        return 0.0
+    span = last - (m.first_byte_time_ms or 0.0)
+    if span <= 0.0:
+        span = last
+    return span / 1000.0 if span > 0.0 else 0.0
+
+
+def rate(part: float, total: float) -> float:
+    return part / total if total > 0 else 0.0
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks: rank = p/100 * (n - 1)."""
+    n = len(sorted_values)
+    if n == 0:
+        return 0.0
+    if n == 1:
+        return float(sorted_values[0])
+    rank = (p / 100.0) * (n - 1)
+    lo = int(rank)
+    if lo >= n - 1:
+        return float(sorted_values[-1])
+    frac = rank - lo
+    return sorted_values[lo] + (sorted_values[lo + 1] - sorted_values[lo]) * frac
+
+
+def iso_utc(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass(slots=True)
+class WindowEntry:
+    """What the window keeps of one request: bounded labels and numbers, no raw paths."""
+
+    timestamp: float  # wall clock at request start (UTC seconds)
+    api: str
+    endpoint: str
+    method: str
+    model: str
+    status: int  # effective status
+    cls: int  # status class
+    duration_ms: float
+    streaming: bool
+    outcome: str | None
+    first_byte_ms: float | None
+    first_token_ms: float | None
+    chunks: int
+    stream_bytes: int
+    transfer_s: float
+    input_tokens: int
+    output_tokens: int
+
+
+class WindowStore:
+    """Ring buffer of the last ``max_size`` requests of this process."""
+
+    __slots__ = ("_entries", "max_size")
+
+    def __init__(self, max_size: int = 1000) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be >= 1")
+        self.max_size = max_size
+        self._entries: collections.deque[WindowEntry] = collections.deque(maxlen=max_size)
+
+    def append(self, entry: WindowEntry) -> None:
+        self._entries.append(entry)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self._entries) == self.max_size
+
+    def entries(
+        self,
+        endpoint_filter: str | None = None,
+        time_range_minutes: float | None = None,
+        *,
+        now: float | None = None,
+    ) -> list[WindowEntry]:
+        """Entries oldest -> newest, optionally filtered.
+
+        ``endpoint_filter`` is a case-insensitive substring of the endpoint label (a path
+        such as ``/api/chat`` also matches its label).  ``time_range_minutes`` keeps
+        requests that started within the last N minutes (plain timestamp subtraction, any
+        positive N).
+        """
+        items: Iterable[WindowEntry] = self._entries
+        if time_range_minutes is not None:
+            cutoff = (time.time() if now is None else now) - float(time_range_minutes) * 60.0
+            items = [e for e in items if e.timestamp >= cutoff]
+        if endpoint_filter:
+            needle = endpoint_filter.lower()
+            as_label = labels.endpoint_label(endpoint_filter) if needle.startswith("/") else None
+            if as_label == labels.OTHER and endpoint_filter not in labels.ENDPOINT_LABELS:
+                as_label = None
+            items = [e for e in items if needle in e.endpoint.lower() or e.endpoint == as_label]
+        return list(items)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def class_counts(entries: Iterable[WindowEntry]) -> list[int]:
+    counts = [0, 0, 0, 0]
+    for e in entries:
+        counts[e.cls] += 1
+    return counts
+
+
+def rates_from_counts(success: float, client: float, cancelled: float, error: float) -> dict:
+    total = success + client + cancelled + error
+    denom = total - cancelled
+    return {
+        "success_rate": rate(success, denom),
+        "error_rate": rate(error, denom),
+        "client_error_rate": rate(client, denom),
+    }
+
+
+def performance(entries: Sequence[WindowEntry]) -> dict[str, float]:
+    durations = sorted(e.duration_ms for e in entries)
+    if not durations:
+        return {
+            "avg_duration_ms": 0.0,
+            "p50_duration_ms": 0.0,
+            "p95_duration_ms": 0.0,
+            "p99_duration_ms": 0.0,
+            "min_duration_ms": 0.0,
+            "max_duration_ms": 0.0,
+        }
+    return {
+        "avg_duration_ms": sum(durations) / len(durations),
+        "p50_duration_ms": percentile(durations, 50),
+        "p95_duration_ms": percentile(durations, 95),
+        "p99_duration_ms": percentile(durations, 99),
+        "min_duration_ms": durations[0],
+        "max_duration_ms": durations[-1],
+    }
+
+
+def streaming_summary(entries: Iterable[WindowEntry]) -> dict[str, Any]:
+    streams = [e for e in entries if e.streaming]
+    outcomes = collections.Counter(e.outcome for e in streams)
+    chunks = sum(e.chunks for e in streams)
+    nbytes = sum(e.stream_bytes for e in streams)
+    transfer = sum(e.transfer_s for e in streams)
+    fb = [e.first_byte_ms for e in streams if e.first_byte_ms is not None]
+    ft = [e.first_token_ms for e in streams if e.first_token_ms is not None]
+    return {
+        "total_streaming_requests": len(streams),
+        "completed_streams": outcomes["completed"],
+        "cancelled_streams": outcomes["cancelled"],
+        "timeout_streams": outcomes["timeout"],
+        "error_streams": outcomes["error"],
+        "total_chunks": chunks,
+        "total_bytes": nbytes,
+        "avg_first_byte_time_ms": sum(fb) / len(fb) if fb else 0.0,
+        "avg_first_token_time_ms": sum(ft) / len(ft) if ft else 0.0,
+        "avg_throughput_bytes_per_second": nbytes / transfer if transfer > 0 else 0.0,
+        "avg_chunk_size": nbytes / chunks if chunks else 0.0,
+    }
+
+
+def endpoints_summary(entries: Iterable[WindowEntry]) -> dict[str, dict[str, Any]]:
+    acc: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        d = acc.get(e.endpoint)
+        if d is None:
+            d = acc[e.endpoint] = {
+                "count": 0,
+                "_dur": 0.0,
+                "errors": 0,
+                "client_errors": 0,
+                "cancelled": 0,
+                "streaming_requests": 0,
+                "_models": set(),
+            }
+        d["count"] += 1
+        d["_dur"] += e.duration_ms
+        if e.cls == ERROR:
+            d["errors"] += 1
+        elif e.cls == CLIENT_ERROR:
+            d["client_errors"] += 1
+        elif e.cls == CANCELLED:
+            d["cancelled"] += 1
+        if e.streaming:
+            d["streaming_requests"] += 1
+        if e.model:
+            d["_models"].add(e.model)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(acc):
+        d = acc[name]
+        out[name] = {
+            "count": d["count"],
+            "avg_duration_ms": d["_dur"] / d["count"],
+            "errors": d["errors"],
+            "client_errors": d["client_errors"],
+            "cancelled": d["cancelled"],
+            "error_rate": rate(d["errors"], d["count"] - d["cancelled"]),
+            "streaming_requests": d["streaming_requests"],
+            "models": sorted(d["_models"]),
+        }
+    return out
+
+
+def period(entries: Sequence[WindowEntry]) -> dict[str, Any]:
+    if not entries:
+        return {"start": None, "end": None, "duration_seconds": 0.0}
+    start = min(e.timestamp for e in entries)
+    end = max(e.timestamp for e in entries)
+    return {"start": iso_utc(start), "end": iso_utc(end), "duration_seconds": end - start}

@@ -1,0 +1,212 @@
+"""psutil sampler: host and process figures, sampled in a trio task (never its own thread).
+
+Only cheap psutil calls are used (``interval=None`` CPU readings, ``/proc`` reads): about
+0.5 ms per sample.  ``cpu_percent(None)`` reports usage since the previous call, so both
+the host and the process readings are primed when the sampler is created; the first real
+sample (taken immediately when :meth:`SystemSampler.run` starts) covers the time since.
+If a sample ever takes longer than :data:`OFFLOAD_AFTER_SECONDS` (a slow ``/`` mount, a
+huge fd table), later samples read psutil in ``trio.to_thread.run_sync`` so the event
+loop is never held up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import trio
+
+from .store import iso_utc
+
+log = logging.getLogger("trioproxy.metrics")
+
+OFFLOAD_AFTER_SECONDS = 0.02
+
+
+def empty_snapshot() -> dict[str, Any]:
+    return {
+        "cpu_usage_percent": 0.0,
+        "memory_usage_percent": 0.0,
+        "memory_usage_bytes": 0,
+        "memory_total_bytes": 0,
+        "disk_usage_percent": 0.0,
+        "network_io": {"bytes_sent": 0, "bytes_recv": 0, "packets_sent": 0, "packets_recv": 0},
+        "disk_io": {"read_bytes": 0, "write_bytes": 0, "read_count": 0, "write_count": 0},
+        "process": {
+            "pid": os.getpid(),
+            "rss_bytes": 0,
+            "cpu_percent": 0.0,
+            "cpu_seconds": 0.0,
+            "num_threads": 0,
+            "open_fds": 0,
+        },
+        "system_timestamp": None,
+    }
+
+
+class SystemSampler:
+    """Latest host/process snapshot, refreshed every ``interval`` seconds by :meth:`run`.
+
+    ``on_sample(snapshot)`` (optional) is called on the trio thread after every sample;
+    the collector uses it to feed the process RSS/CPU series.
+    """
+
+    def __init__(
+        self,
+        interval: float = 5.0,
+        *,
+        on_sample: Callable[[dict[str, Any]], None] | None = None,
+        disk_path: str = "/",
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.interval = float(interval)
+        self.on_sample = on_sample
+        self.disk_path = disk_path
+        self.snapshot: dict[str, Any] = empty_snapshot()
+        self.samples = 0
+        self.last_sample_seconds = 0.0
+        self.last_sample_at = 0.0  # time.monotonic() of the latest sample
+        self.running = False
+        self._stopped = False
+        self._offload = False
+        self._scope: trio.CancelScope | None = None
+        self._proc = psutil.Process()
+        self._prime()
+
+    def _prime(self) -> None:
+        try:
+            psutil.cpu_percent(None)
+            self._proc.cpu_percent(None)
+        except (psutil.Error, OSError):  # pragma: no cover - exotic platforms
+            pass
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def read(self) -> dict[str, Any]:
+        """One round of psutil reads -> a new snapshot dict (thread-safe, no side effects
+        on the sampler besides psutil's own CPU bookkeeping)."""
+        snap = empty_snapshot()
+        try:
+            snap["cpu_usage_percent"] = float(psutil.cpu_percent(None))
+        except (psutil.Error, OSError):
+            pass
+        try:
+            vm = psutil.virtual_memory()
+            snap["memory_usage_percent"] = float(vm.percent)
+            snap["memory_usage_bytes"] = int(vm.used)
+            snap["memory_total_bytes"] = int(vm.total)
+        except (psutil.Error, OSError):
+            pass
+        try:
+            snap["disk_usage_percent"] = float(psutil.disk_usage(self.disk_path).percent)
+        except (psutil.Error, OSError):
+            pass
+        try:
+            net = psutil.net_io_counters()
+            if net is not None:
+                snap["network_io"] = {
+                    "bytes_sent": net.bytes_sent,
+                    "bytes_recv": net.bytes_recv,
+                    "packets_sent": net.packets_sent,
+                    "packets_recv": net.packets_recv,
+                }
+        except (psutil.Error, OSError):
+            pass
+        try:
+            dio = psutil.disk_io_counters()  # None in some containers
+            if dio is not None:
+                snap["disk_io"] = {
+                    "read_bytes": dio.read_bytes,
+                    "write_bytes": dio.write_bytes,
+                    "read_count": dio.read_count,
+                    "write_count": dio.write_count,
+                }
+        except (psutil.Error, OSError):
+            pass
+        proc = snap["process"]
+        p = self._proc
+        try:
+            with p.oneshot():
+                proc["rss_bytes"] = int(p.memory_info().rss)
+                proc["cpu_percent"] = float(p.cpu_percent(None))
+                ct = p.cpu_times()
+                proc["cpu_seconds"] = float(ct.user + ct.system)
+                proc["num_threads"] = int(p.num_threads())
+                try:
+                    proc["open_fds"] = int(p.num_fds())
+                except (AttributeError, psutil.Error, OSError):  # Windows has no num_fds
+                    proc["open_fds"] = 0
+        except (psutil.Error, OSError):
+            pass
+        snap["system_timestamp"] = iso_utc(time.time())
+        return snap
+
+    def _apply(self, snap: dict[str, Any]) -> dict[str, Any]:
+        self.snapshot = snap
+        self.samples += 1
+        self.last_sample_at = time.monotonic()
+        if self.on_sample is not None:
+            try:
+                self.on_sample(snap)
+            except Exception:  # never let bookkeeping kill the sampler
+                log.exception("metrics: on_sample callback failed")
+        return snap
+
+    def sample_once(self) -> dict[str, Any]:
+        """Take one sample synchronously (about 0.5 ms) and return the new snapshot."""
+        t0 = time.perf_counter()
+        snap = self.read()
+        self.last_sample_seconds = time.perf_counter() - t0
+        return self._apply(snap)
+
+    async def _sample_async(self) -> None:
+        if self._offload:
+            t0 = time.perf_counter()
+            snap = await trio.to_thread.run_sync(self.read, abandon_on_cancel=True)
+            self.last_sample_seconds = time.perf_counter() - t0
+            self._apply(snap)
+            return
+        self.sample_once()
+        if self.last_sample_seconds > OFFLOAD_AFTER_SECONDS:
+            self._offload = True
+            log.debug(
+                "metrics: a system sample took %.1f ms; "
+                "reading psutil in a worker thread from now on",
+                self.last_sample_seconds * 1000.0,
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sample now, report started, then every ``interval`` seconds until cancelled or
+        :meth:`stop`-ped (then it returns normally and the snapshot stays frozen)."""
+        if self._stopped:
+            task_status.started()
+            return
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            self.running = True
+            try:
+                self.sample_once()  # immediate first sample: never all zeros after startup
+                task_status.started()
+                while True:
+                    await trio.sleep(self.interval)
+                    await self._sample_async()
+            finally:
+                self.running = False
+                self._scope = None
+
+    def stop(self) -> None:
+        """Stop sampling: a running :meth:`run` returns; values stay as last sampled."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped

@@ -1,0 +1,147 @@
+"""Client-facing model names <-> backend model names.
+
+Clients ask for Ollama-style names ("llama3:8b"); the backend may call the same model
+"meta-llama/Meta-Llama-3-8B-Instruct". The mapping is an exact, case-sensitive lookup; names
+without an entry pass through unchanged in both directions, so an empty mapper is the identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import ItemsView, Mapping
+from typing import Any
+
+__all__ = ["MappingFileError", "ModelMapper", "load_mapping_file"]
+
+
+class MappingFileError(ValueError):
+    """The model mapping file is missing, unreadable or malformed."""
+
+
+class ModelMapper:
+    """Forward (client -> backend) and reverse (backend -> client) model-name lookup.
+
+    Many client names may map to one backend name. The reverse lookup then returns the
+    **first** of them in mapping (file) order: that is stable and lets an operator choose the
+    name responses carry by listing it first. :meth:`clients_for` returns all of them.
+    """
+
+    __slots__ = ("_forward", "_reverse")
+
+    def __init__(self, mapping: Mapping[str, str] | None = None) -> None:
+        self._forward: dict[str, str] = dict(mapping or {})
+        self._reverse: dict[str, list[str]] = {}
+        for client, backend in self._forward.items():
+            self._reverse.setdefault(backend, []).append(client)
+
+    def to_backend(self, name: str) -> str:
+        return self._forward.get(name, name)
+
+    def to_client(self, name: str) -> str:
+        clients = self._reverse.get(name)
+        return clients[0] if clients else name
+
+    def clients_for(self, backend_name: str) -> list[str]:
+        """Every client name mapped to ``backend_name``, in file order (empty if unmapped)."""
+        return list(self._reverse.get(backend_name, ()))
+
+    def items(self) -> ItemsView[str, str]:
+        return self._forward.items()
+
+    def __len__(self) -> int:
+        return len(self._forward)
+
+    def __contains__(self, client_name: object) -> bool:
+        return client_name in self._forward
+
+    def __repr__(self) -> str:
+        return f"ModelMapper({self._forward!r})"
+
+
+def load_mapping_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a JSON mapping file.
+
+    Two shapes are accepted:
+
+    * flat: ``{"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", ...}``
+    * nested: ``{"model_mappings": {...}, "default_model": ..., ...}``; keys other than
+      ``model_mappings`` are ignored.
+
+    Names must be non-empty strings, and duplicate keys are rejected (JSON parsers silently keep
+    the last one, which would hide a mistake in the file).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise MappingFileError(f"model mapping file {os.fspath(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MappingFileError(
+            f"cannot read model mapping file {os.fspath(path)!r}: {exc}"
+        ) from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as exc:
+        raise MappingFileError(
+            f"model mapping file {os.fspath(path)!r} is not valid JSON: "
+            f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except _DuplicateKey as exc:
+        raise MappingFileError(
+            f"model mapping file {os.fspath(path)!r} has duplicate key {exc.args[0]!r}"
+        ) from None
+    return _mapping_from_document(doc, os.fspath(path))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _mapping_from_document(doc: object, where: str) -> dict[str, str]:
+    if not isinstance(doc, dict):
+        raise MappingFileError(
+            f"model mapping file {where!r} must contain a JSON object, got {_json_type(doc)}"
+        )
+    if "model_mappings" in doc:
+        mapping = doc["model_mappings"]
+        if not isinstance(mapping, dict):
+            raise MappingFileError(
+                f"'model_mappings' in {where!r} must be an object, got {_json_type(mapping)}"
+            )
+    else:
+        mapping = doc
+    for client, backend in mapping.items():
+        if not client:
+            raise MappingFileError(f"model mapping file {where!r} has an empty model name")
+        if not isinstance(backend, str) or not backend:
+            raise MappingFileError(
+                f"model mapping for {client!r} in {where!r} must be a non-empty string, "
+                f"got {_json_type(backend)}"
+            )
+    return dict(mapping)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

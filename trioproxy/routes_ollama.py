@@ -1,0 +1,191 @@
+"""The Ollama API (``/`` and ``/api/*``), translated to the OpenAI-compatible backend."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from . import translate as tr
+from .app import request_app, request_state
+from .errors import NotFound, ProxyError, error_body_for
+from .forward import call_json, note_model, open_stream, read_json_object, validated
+from .relay import NDJSON, STREAM_HEADERS, dumps, relay_ollama
+
+blueprint = Blueprint("ollama", __name__)
+
+OLLAMA_VERSION = "0.12.0"
+MODEL_MANAGEMENT = (
+    "model management is not available through trioproxy: the OpenAI-compatible backend "
+    "manages its own models"
+)
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(dumps(payload), status=status, content_type="application/json")
+
+
+@blueprint.route("/", methods=["GET", "HEAD"])
+async def root() -> Response:
+    return Response("Ollama is running", content_type="text/plain; charset=utf-8")
+
+
+@blueprint.route("/api/version", methods=["GET", "HEAD"])
+async def version() -> Response:
+    return _json({"version": OLLAMA_VERSION})
+
+
+@blueprint.route("/api/tags", methods=["GET", "HEAD"])
+async def tags() -> Response:
+    models = await request_app().catalog.models()
+    return _json(tr.openai_models_to_ollama_tags(models, request_app().mapper))
+
+
+@blueprint.get("/api/ps")
+async def ps() -> Response:
+    models = await request_app().catalog.models()
+    return _json(tr.ollama_ps(models, request_app().mapper))
+
+
+@blueprint.post("/api/show")
+async def show() -> Response:
+    body = await read_json_object()
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProxyError("field 'model' is required", 400, param="model")
+    note_model(request_state(), name)
+    backend_name = request_app().mapper.to_backend(name)
+    entry = await request_app().catalog.find(backend_name)
+    if entry is None:
+        raise NotFound(f"model '{name}' not found")
+    return _json(tr.ollama_show(name, entry))
+
+
+@blueprint.post("/api/chat")
+async def chat() -> Response:
+    body = validated(tr.validate_ollama_chat, await read_json_object())
+    return await _generate_or_chat("chat", body, tr.ollama_chat_to_openai)
+
+
+@blueprint.post("/api/generate")
+async def generate() -> Response:
+    body = validated(tr.validate_ollama_generate, await read_json_object())
+    if _is_load_request(body):
+        return _load_response(body)
+    return await _generate_or_chat("generate", body, tr.ollama_generate_to_openai)
+
+
+def _is_load_request(body: dict[str, Any]) -> bool:
+    # Ollama answers an empty prompt by loading (or, with keep_alive 0, unloading) the model;
+    # clients use it to warm up. The backend manages loading, so answer at once.
+    return not body.get("prompt") and not body.get("images")
+
+
+def _load_response(body: dict[str, Any]) -> Response:
+    keep_alive = body.get("keep_alive")
+    reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
+    note_model(request_state(), body["model"])
+    return _json(
+        {
+            "model": body["model"],
+            "created_at": tr.utc_timestamp(),
+            "response": "",
+            "done": True,
+            "done_reason": reason,
+        }
+    )
+
+
+async def _generate_or_chat(kind: str, body: dict[str, Any], to_openai: Any) -> Response:
+    app = request_app()
+    state = request_state()
+    client_model = body["model"]
+    note_model(state, client_model)
+    payload = to_openai(body, app.mapper.to_backend(client_model))
+    start_ns = time.perf_counter_ns()
+    if not payload.get("stream"):
+        resp, result = await call_json("/chat/completions", payload)
+        timings = _timings(start_ns, resp, result)
+        convert = (
+            tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate
+        )
+        out = convert(resp, client_model, tr.utc_timestamp(), timings)
+        _note_usage(resp)
+        return _json(out)
+    result = await open_stream("/chat/completions", payload)
+    metric = state.metric
+    translator = tr.OllamaStreamTranslator(kind, client_model, start_ns=start_ns)
+    body_iter = relay_ollama(
+        result.response,
+        translator,
+        settings=app.settings,
+        metric=metric,
+        metric_start=metric.start if metric else time.perf_counter(),
+        collector=app.collector,
+    )
+    response = Response(body_iter, content_type=NDJSON, headers=STREAM_HEADERS)
+    response.timeout = None
+    return response
+
+
+def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
+    total = time.perf_counter_ns() - start_ns
+    upstream_ns = int((time.perf_counter() - result.started) * 1e9)
+    prompt_ns = 0
+    eval_ns = upstream_ns
+    backend_timings = resp.get("timings") if isinstance(resp, dict) else None
+    if isinstance(backend_timings, dict):  # llama.cpp's server reports its own
+        try:
+            prompt_ns = int(float(backend_timings.get("prompt_ms", 0)) * 1e6)
+            eval_ns = int(float(backend_timings.get("predicted_ms", 0)) * 1e6)
+        except (TypeError, ValueError):
+            pass
+    return tr.Timings(total_ns=total, prompt_eval_ns=prompt_ns, eval_ns=eval_ns)
+
+
+def _note_usage(resp: Any) -> None:
+    metric = request_state().metric
+    usage = resp.get("usage") if isinstance(resp, dict) else None
+    if metric is None or not isinstance(usage, dict):
+        return
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    metric.input_tokens = prompt if isinstance(prompt, int) else None
+    metric.output_tokens = completion if isinstance(completion, int) else None
+
+
+@blueprint.post("/api/embed")
+async def embed() -> Response:
+    app = request_app()
+    body = validated(tr.validate_ollama_embed, await read_json_object())
+    note_model(request_state(), body["model"])
+    start_ns = time.perf_counter_ns()
+    payload = tr.ollama_embed_to_openai(body, app.mapper.to_backend(body["model"]))
+    resp, _ = await call_json("/embeddings", payload)
+    _note_usage(resp)
+    elapsed = time.perf_counter_ns() - start_ns
+    timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
+    return _json(tr.openai_embeddings_to_ollama_embed(resp, body["model"], timings))
+
+
+@blueprint.post("/api/embeddings")
+async def embeddings() -> Response:
+    app = request_app()
+    body = validated(tr.validate_ollama_embeddings, await read_json_object())
+    note_model(request_state(), body["model"])
+    payload = tr.ollama_embeddings_to_openai(body, app.mapper.to_backend(body["model"]))
+    resp, _ = await call_json("/embeddings", payload)
+    _note_usage(resp)
+    return _json(tr.openai_embeddings_to_ollama_embeddings(resp))
+
+
+@blueprint.route("/api/pull", methods=["POST"])
+@blueprint.route("/api/push", methods=["POST"])
+@blueprint.route("/api/create", methods=["POST"])
+@blueprint.route("/api/copy", methods=["POST"])
+@blueprint.route("/api/delete", methods=["DELETE"])
+@blueprint.route("/api/blobs/<path:digest>", methods=["POST", "HEAD"])
+async def model_management(digest: str | None = None) -> Response:
+    body = error_body_for(request.path, MODEL_MANAGEMENT, 501)
+    return Response(body, status=501, content_type="application/json")

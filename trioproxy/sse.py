@@ -1,0 +1,209 @@
+"""Server-sent events, sans-I/O: a parser fed raw bytes, and encoders for what we send.
+
+The parser follows the WHATWG "event stream interpretation" rules, because OpenAI-compatible
+backends differ in framing (CRLF from some, ``data:`` without the space from others, comments as
+keep-alives) and because network reads split lines, events and even UTF-8 characters anywhere.
+It never touches a socket: the caller feeds it whatever bytes arrived and gets back complete
+events, h11-style.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "SSE_DONE",
+    "SSE_DONE_BYTES",
+    "SSEEvent",
+    "SSEParser",
+    "SSEProtocolError",
+    "encode_sse",
+    "openai_error_event",
+]
+
+SSE_DONE = "[DONE]"
+SSE_DONE_BYTES = b"data: [DONE]\n\n"
+
+DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+class SSEProtocolError(ValueError):
+    """The byte stream cannot be an event stream we are willing to buffer (line too long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    data: str
+    event: str | None = None
+    id: str | None = None
+
+
+class SSEParser:
+    """Incremental SSE parser: ``feed(bytes) -> events``, then ``close() -> events``.
+
+    Line ends may be LF, CRLF or CR, and a CR ending one read followed by an LF starting the
+    next is a single line end. Bytes are decoded with an incremental UTF-8 decoder (invalid
+    sequences become U+FFFD rather than killing the stream), so a multibyte character split
+    across reads is reassembled.
+
+    ``id`` follows the spec's "last event ID" rule: once set it is reported on every later event
+    until another ``id:`` line changes it. ``retry:`` and unknown fields are ignored.
+
+    Memory is bounded: an incomplete line longer than ``max_line_bytes`` raises
+    :class:`SSEProtocolError`, as does any complete line over the limit.
+    """
+
+    __slots__ = (
+        "_data",
+        "_decoder",
+        "_event",
+        "_id",
+        "_max",
+        "_pending",
+        "_pending_bytes",
+        "_skip_lf",
+        "_started",
+    )
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_line_bytes <= 0:
+            raise ValueError("max_line_bytes must be positive")
+        self._max = max_line_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # The incomplete last line, kept as pieces so a long line arriving in many small reads
+        # costs O(n) instead of O(n^2) re-concatenation. Never contains CR or LF.
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        # The previous decoded text ended in CR: an LF starting the next text belongs to it.
+        self._skip_lf = False
+        self._started = False  # a leading BOM is stripped once, per spec
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._id: str | None = None
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        """Consume one read's worth of bytes; return the events it completed."""
+        return self._feed_text(self._decoder.decode(data))
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: flush the decoder and any final line, and dispatch a pending event.
+
+        Strictly the spec discards an event not terminated by a blank line; we deliver it,
+        because a backend that forgets the final blank line still meant to send it.
+        """
+        events = self._feed_text(self._decoder.decode(b"", True))
+        if self._pending:
+            line = "".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._process_line(line, events)
+        self._dispatch(events)
+        self._skip_lf = False
+        return events
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _feed_text(self, text: str) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        if not text:
+            return events
+        if not self._started:
+            self._started = True
+            if text[0] == "\ufeff":
+                text = text[1:]
+                if not text:
+                    return events
+        if self._skip_lf:
+            self._skip_lf = False
+            if text[0] == "\n":
+                text = text[1:]
+                if not text:
+                    return events
+        if "\r" in text:
+            # A trailing CR is a complete line end now; remember it so a following LF is eaten.
+            self._skip_lf = text[-1] == "\r"
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        elif "\n" not in text:
+            self._append_pending(text)
+            return events
+
+        lines = text.split("\n")
+        tail = lines.pop()
+        if self._pending:
+            self._pending.append(lines[0])
+            lines[0] = "".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+        for line in lines:
+            self._check_line(line)
+            self._process_line(line, events)
+        if tail:
+            self._append_pending(tail)
+        return events
+
+    def _append_pending(self, piece: str) -> None:
+        self._pending.append(piece)
+        # Exact UTF-8 size of what we hold; encoding only the new piece keeps this linear.
+        self._pending_bytes += len(piece) if piece.isascii() else len(piece.encode())
+        if self._pending_bytes > self._max:
+            raise SSEProtocolError(
+                f"SSE line exceeds {self._max} bytes without a line end"
+            )
+
+    def _check_line(self, line: str) -> None:
+        n = len(line)
+        # Cheap bound first: a UTF-8 character is at most 4 bytes.
+        if n * 4 <= self._max:
+            return
+        if n > self._max or len(line.encode()) > self._max:
+            raise SSEProtocolError(f"SSE line exceeds {self._max} bytes")
+
+    def _process_line(self, line: str, events: list[SSEEvent]) -> None:
+        if not line:
+            self._dispatch(events)
+            return
+        # Fast path for the line that makes up nearly all of a chat stream.
+        if line.startswith("data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(" ") else value)
+            return
+        if line[0] == ":":
+            return  # comment, typically a keep-alive
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value or None
+        elif name == "data":  # "data" alone on a line: an empty data line
+            self._data.append(value)
+        elif name == "id":
+            if "\0" not in value:  # per spec an id containing NUL is ignored
+                self._id = value or None
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        if self._data:
+            events.append(SSEEvent("\n".join(self._data), self._event, self._id))
+            self._data = []
+        # The event type is per event even when nothing was dispatched; the id persists.
+        self._event = None
+
+
+def encode_sse(obj: dict[str, Any]) -> bytes:
+    """One ``data:`` event holding compact JSON.
+
+    JSON escapes CR and LF inside strings, so the payload is always a single line and needs no
+    splitting into several ``data:`` lines.
+    """
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def openai_error_event(
+    message: str, type_: str = "api_error", code: str | int | None = None
+) -> bytes:
+    """The in-band error event the openai SDK turns into ``APIError`` mid-stream."""
+    return encode_sse(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    )

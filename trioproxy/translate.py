@@ -1,0 +1,1127 @@
+"""Ollama API <-> OpenAI API translation, sans-I/O.
+
+Everything here is a pure function or a small state machine fed parsed JSON: no sockets, no
+trio, no clock reads except the optional default in :func:`utc_timestamp`. The routes call
+``validate_*`` on the client body, ``*_to_openai`` to build the backend request, and the
+response-side functions (or :class:`OllamaStreamTranslator` for streams) to build what the
+client receives.
+
+Rules follow the translation checklist in the API reference notes: send only the sampling
+fields the client set, never emit ``null`` content, integer-nanosecond durations, tool-call
+arguments as objects for Ollama clients and JSON strings for OpenAI backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from trioproxy.model_mapping import ModelMapper
+
+__all__ = [
+    "OllamaStreamTranslator",
+    "OpenAIStreamObserver",
+    "RequestValidationError",
+    "Timings",
+    "image_data_url",
+    "is_embedding_model",
+    "model_family",
+    "ollama_chat_to_openai",
+    "ollama_embed_to_openai",
+    "ollama_embeddings_to_openai",
+    "ollama_generate_to_openai",
+    "ollama_ps",
+    "ollama_show",
+    "openai_chat_to_ollama_chat",
+    "openai_chat_to_ollama_generate",
+    "openai_embeddings_to_ollama_embed",
+    "openai_embeddings_to_ollama_embeddings",
+    "openai_model_entry",
+    "openai_model_list",
+    "openai_models_to_ollama_tags",
+    "openai_passthrough_request",
+    "parse_tool_arguments",
+    "utc_timestamp",
+    "validate_ollama_chat",
+    "validate_ollama_embed",
+    "validate_ollama_embeddings",
+    "validate_ollama_generate",
+    "validate_openai_body",
+]
+
+JSONDict = dict[str, Any]
+
+# =============================================================================================
+# Validation
+# =============================================================================================
+
+
+class RequestValidationError(ValueError):
+    """A client request body the proxy will not forward; maps to HTTP 400.
+
+    ``field`` is the offending field's path (``"messages[1].role"``) or ``None`` for the body
+    as a whole; ``message`` (also ``str(exc)``) is a full sentence naming it, e.g.
+    ``"field 'model' is required"``.
+    """
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        self.field = field
+        self.message = f"field '{field}' {problem}" if field is not None else problem
+        super().__init__(self.message)
+
+
+def _require_object(body: object) -> JSONDict:
+    if not isinstance(body, dict):
+        raise RequestValidationError(None, "request body must be a JSON object")
+    return body
+
+
+def _require_model(body: JSONDict) -> None:
+    model = body.get("model")
+    if model is None or model == "":
+        raise RequestValidationError("model", "is required")
+    if not isinstance(model, str):
+        raise RequestValidationError("model", "must be a string")
+
+
+def _check_optional(body: JSONDict, key: str, types: type | tuple[type, ...], what: str) -> None:
+    value = body.get(key)
+    # bool is an int subclass: never let True pass as a number.
+    if value is not None and (
+        not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types))
+    ):
+        raise RequestValidationError(key, f"must be {what}")
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _check_str_list(value: object, field: str) -> None:
+    if not isinstance(value, list):
+        raise RequestValidationError(field, "must be a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RequestValidationError(f"{field}[{i}]", "must be a string")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Options we translate; others (top_k, num_ctx, mirostat, ...) are accepted and ignored.
+_NUMERIC_OPTIONS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+
+
+def _check_options(body: JSONDict) -> None:
+    options = body.get("options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise RequestValidationError("options", "must be an object")
+    for key in _NUMERIC_OPTIONS:
+        value = options.get(key)
+        if value is not None and not _is_number(value):
+            raise RequestValidationError(f"options.{key}", "must be a number")
+    for key in ("num_predict", "seed"):
+        value = options.get(key)
+        if value is not None and not (_is_number(value) and float(value).is_integer()):
+            raise RequestValidationError(f"options.{key}", "must be an integer")
+    stop = options.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        _check_str_list(stop, "options.stop")
+
+
+def _check_common_generation(body: JSONDict) -> None:
+    _check_optional(body, "stream", bool, "a boolean")
+    _check_options(body)
+    fmt = body.get("format")
+    if fmt is not None and not isinstance(fmt, str | dict):
+        raise RequestValidationError("format", 'must be "json" or a JSON schema object')
+    if isinstance(fmt, str) and fmt not in ("", "json"):
+        raise RequestValidationError("format", 'must be "json" or a JSON schema object')
+    think = body.get("think")
+    if think is not None and not isinstance(think, bool | str):
+        raise RequestValidationError("think", 'must be a boolean or "low", "medium" or "high"')
+    images = body.get("images")
+    if images is not None:
+        _check_str_list(images, "images")
+
+
+def _check_tools(tools: object) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise RequestValidationError("tools", "must be a list")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise RequestValidationError(f"tools[{i}]", "must be an object")
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestValidationError(f"tools[{i}].function.name", "must be a string")
+
+
+def _check_message(msg: object, i: int) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        raise RequestValidationError(where, "must be an object")
+    if not isinstance(msg.get("role"), str) or not msg["role"]:
+        raise RequestValidationError(f"{where}.role", "must be a non-empty string")
+    # Missing/null content is accepted for every role: Ollama itself treats it as "".
+    if msg.get("content") is not None and not isinstance(msg["content"], str):
+        raise RequestValidationError(f"{where}.content", "must be a string")
+    images = msg.get("images")
+    if images is not None:
+        _check_str_list(images, f"{where}.images")
+    for key in ("tool_name", "tool_call_id"):
+        if msg.get(key) is not None and not isinstance(msg[key], str):
+            raise RequestValidationError(f"{where}.{key}", "must be a string")
+    calls = msg.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise RequestValidationError(f"{where}.tool_calls", "must be a list")
+    for j, call in enumerate(calls):
+        cwhere = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise RequestValidationError(f"{cwhere}.function", "must be an object")
+        if not isinstance(function.get("name"), str):
+            raise RequestValidationError(f"{cwhere}.function.name", "must be a string")
+        args = function.get("arguments")
+        if args is not None and not isinstance(args, dict | str):
+            raise RequestValidationError(f"{cwhere}.function.arguments", "must be an object")
+
+
+def validate_ollama_chat(body: object) -> JSONDict:
+    """Check an ``/api/chat`` body; return it unchanged. Missing ``messages`` is allowed
+    (Ollama treats it as a model-load request) and translates to an empty list."""
+    body = _require_object(body)
+    _require_model(body)
+    messages = body.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise RequestValidationError("messages", "must be a list")
+        for i, msg in enumerate(messages):
+            _check_message(msg, i)
+    _check_common_generation(body)
+    _check_tools(body.get("tools"))
+    return body
+
+
+def validate_ollama_generate(body: object) -> JSONDict:
+    """Check an ``/api/generate`` body; return it unchanged (missing prompt means "")."""
+    body = _require_object(body)
+    _require_model(body)
+    for key in ("prompt", "system", "suffix"):
+        _check_optional(body, key, str, "a string")
+    _check_common_generation(body)
+    return body
+
+
+def validate_ollama_embed(body: object) -> JSONDict:
+    """Check an ``/api/embed`` body: ``input`` is a string or a list of strings."""
+    body = _require_object(body)
+    _require_model(body)
+    if "input" not in body or body["input"] is None:
+        raise RequestValidationError("input", "is required")
+    if not isinstance(body["input"], str):
+        _check_str_list(body["input"], "input")
+    dims = body.get("dimensions")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims <= 0):
+        raise RequestValidationError("dimensions", "must be a positive integer")
+    _check_optional(body, "truncate", bool, "a boolean")
+    _check_options(body)
+    return body
+
+
+def validate_ollama_embeddings(body: object) -> JSONDict:
+    """Check a legacy ``/api/embeddings`` body: ``prompt`` string (``input`` also accepted,
+    as a string or a list of strings)."""
+    body = _require_object(body)
+    _require_model(body)
+    if body.get("prompt") is not None:
+        _check_optional(body, "prompt", str, "a string")
+    elif body.get("input") is not None:
+        if not isinstance(body["input"], str):
+            _check_str_list(body["input"], "input")
+    else:
+        raise RequestValidationError("prompt", "is required")
+    _check_options(body)
+    return body
+
+
+def validate_openai_body(body: object, *, require_model: bool = True) -> JSONDict:
+    """Minimal checks on a ``/v1/*`` body before pass-through; the backend validates the rest."""
+    body = _require_object(body)
+    if require_model or "model" in body:
+        _require_model(body)
+    _check_optional(body, "stream", bool, "a boolean")
+    return body
+
+
+# =============================================================================================
+# Request side: Ollama client -> OpenAI backend
+# =============================================================================================
+
+_REASONING_EFFORTS = frozenset({"low", "medium", "high"})
+
+
+def _sampling_from_options(options: object) -> JSONDict:
+    """Only the fields the client set: forcing defaults would override the backend's/model's."""
+    out: JSONDict = {}
+    if not isinstance(options, dict):
+        return out
+    num_predict = options.get("num_predict")
+    # -1 (unlimited), -2 (fill context) and 0 all mean "no explicit limit" for an OpenAI backend.
+    if _is_number(num_predict) and num_predict > 0:
+        out["max_tokens"] = int(num_predict)
+    for key in _NUMERIC_OPTIONS:
+        value = options.get(key)
+        if value is not None:
+            out[key] = value
+    seed = options.get("seed")
+    if seed is not None:
+        out["seed"] = int(seed)
+    stop = options.get("stop")
+    if isinstance(stop, str) and stop:
+        out["stop"] = stop
+    elif isinstance(stop, list) and stop:
+        out["stop"] = list(stop)
+    return out
+
+
+def _response_format(fmt: object) -> JSONDict | None:
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "response", "schema": fmt, "strict": True},
+        }
+    return None
+
+
+def _apply_generation_fields(out: JSONDict, body: JSONDict) -> None:
+    stream = body.get("stream")
+    out["stream"] = True if stream is None else bool(stream)  # Ollama streams by default
+    if out["stream"]:
+        # Without this, OpenAI-compatible streams carry no token counts at all.
+        out["stream_options"] = {"include_usage": True}
+    out.update(_sampling_from_options(body.get("options")))
+    response_format = _response_format(body.get("format"))
+    if response_format is not None:
+        out["response_format"] = response_format
+    think = body.get("think")
+    if isinstance(think, str) and think in _REASONING_EFFORTS:
+        out["reasoning_effort"] = think
+
+
+# Base64 prefixes of the image magic numbers; cheaper and more forgiving than decoding.
+_IMAGE_MAGIC_B64 = (
+    ("iVBORw0KGgo", "png"),
+    ("/9j/", "jpeg"),
+    ("R0lGOD", "gif"),
+)
+
+
+def _sniff_image_type(b64: str) -> str:
+    for prefix, kind in _IMAGE_MAGIC_B64:
+        if b64.startswith(prefix):
+            return kind
+    if b64.startswith("UklGR"):  # RIFF container: WEBP if bytes 8..12 say so
+        try:
+            head = base64.b64decode(b64[:16], validate=False)
+        except (binascii.Error, ValueError):
+            return "jpeg"
+        if head[8:12] == b"WEBP":
+            return "webp"
+    return "jpeg"  # the common case for camera/photo input, and what the reference used
+
+
+def image_data_url(image: str) -> str:
+    """An Ollama base64 image as a data URL; ``data:`` URLs pass through unchanged."""
+    if image.startswith("data:"):
+        return image
+    b64 = "".join(image.split()) if any(c.isspace() for c in image[:100]) else image
+    return f"data:image/{_sniff_image_type(b64)};base64,{b64}"
+
+
+def _content_with_images(text: str, images: list[str]) -> list[JSONDict]:
+    parts: list[JSONDict] = []
+    if text:
+        parts.append({"type": "text", "text": text})
+    for image in images:
+        parts.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+    return parts
+
+
+def _openai_tools(tools: list[Any]) -> list[JSONDict]:
+    out = []
+    for tool in tools:
+        if isinstance(tool.get("function"), dict):
+            out.append({**tool, "type": tool.get("type") or "function"})
+        else:  # a bare function definition: wrap it
+            out.append({"type": "function", "function": tool})
+    return out
+
+
+def _arguments_json(args: object) -> str:
+    if args is None:
+        return "{}"
+    if isinstance(args, str):
+        return args  # already JSON text (lenient: some clients send it that way)
+    return json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+
+
+class _ToolCallIds:
+    """Ids for history tool calls, and which ``tool`` message answers which call.
+
+    Generated ids are ``call_<n>`` in conversation order, so the same history always
+    translates to the same request (backend prompt caches depend on byte-identical input).
+    """
+
+    def __init__(self) -> None:
+        self._counter = 0
+        # (id, name) of calls not yet answered by a tool message, in call order.
+        self._unanswered: list[tuple[str, str]] = []
+        self._last_by_name: dict[str, str] = {}
+        self._last_id: str | None = None
+
+    def register(self, call: JSONDict) -> str:
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = f"call_{self._counter}"
+        self._counter += 1
+        name = call.get("function", {}).get("name", "")
+        self._unanswered.append((call_id, name))
+        self._last_by_name[name] = call_id
+        self._last_id = call_id
+        return call_id
+
+    def answer(self, msg: JSONDict) -> str | None:
+        own = msg.get("tool_call_id")
+        if isinstance(own, str) and own:
+            self._mark_answered(lambda cid, _name: cid == own)
+            return own
+        name = msg.get("tool_name") or msg.get("name")
+        if isinstance(name, str) and name:
+            found = self._mark_answered(lambda _cid, n: n == name)
+            if found is not None:
+                return found
+            if name in self._last_by_name:
+                return self._last_by_name[name]
+        # Results without an id or name answer the oldest open call: clients send results in
+        # call order, so this pairs parallel calls correctly.
+        found = self._mark_answered(lambda _cid, _name: True)
+        return found if found is not None else self._last_id
+
+    def _mark_answered(self, match: Callable[[str, str], bool]) -> str | None:
+        for i, (cid, name) in enumerate(self._unanswered):
+            if match(cid, name):
+                del self._unanswered[i]
+                return cid
+        return None
+
+
+def _convert_message(msg: JSONDict, ids: _ToolCallIds) -> JSONDict:
+    role = msg["role"]
+    content = msg.get("content") or ""
+    out: JSONDict = {"role": role}
+    images = msg.get("images")
+    calls = msg.get("tool_calls")
+    if images:
+        out["content"] = _content_with_images(content, images)
+    elif role == "assistant" and calls and not content:
+        out["content"] = None  # what OpenAI clients themselves send alongside tool_calls
+    else:
+        out["content"] = content
+    if calls:
+        out["tool_calls"] = [
+            {
+                "id": ids.register(call),
+                "type": "function",
+                "function": {
+                    "name": call["function"]["name"],
+                    "arguments": _arguments_json(call["function"].get("arguments")),
+                },
+            }
+            for call in calls
+        ]
+    if role == "tool":
+        call_id = ids.answer(msg)
+        if call_id is not None:
+            out["tool_call_id"] = call_id
+    name = msg.get("name")
+    if isinstance(name, str) and name and role != "tool":
+        out["name"] = name
+    # "thinking" is deliberately dropped: OpenAI backends do not accept reasoning in history.
+    return out
+
+
+def ollama_chat_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
+    """An ``/api/chat`` body (validated) as a ``/chat/completions`` request."""
+    ids = _ToolCallIds()
+    out: JSONDict = {
+        "model": backend_model,
+        "messages": [_convert_message(m, ids) for m in body.get("messages") or ()],
+    }
+    _apply_generation_fields(out, body)
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = _openai_tools(tools)
+    return out
+
+
+def ollama_generate_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
+    """An ``/api/generate`` body (validated) as a ``/chat/completions`` request.
+
+    ``suffix``, ``template``, ``raw``, ``context`` and ``keep_alive`` have no chat-completions
+    equivalent and are dropped.
+    """
+    messages: list[JSONDict] = []
+    system = body.get("system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    prompt = body.get("prompt") or ""
+    images = body.get("images")
+    messages.append(
+        {"role": "user", "content": _content_with_images(prompt, images) if images else prompt}
+    )
+    out: JSONDict = {"model": backend_model, "messages": messages}
+    _apply_generation_fields(out, body)
+    return out
+
+
+def openai_passthrough_request(body: JSONDict, mapper: ModelMapper) -> JSONDict:
+    """A ``/v1/*`` body with only ``model`` mapped; everything else (``max_completion_tokens``
+    included) is forwarded as the client wrote it."""
+    out = dict(body)
+    model = out.get("model")
+    if isinstance(model, str):
+        out["model"] = mapper.to_backend(model)
+    return out
+
+
+def ollama_embed_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
+    """An ``/api/embed`` body as ``/embeddings``; always a list input, float encoding."""
+    raw = body["input"]
+    out: JSONDict = {
+        "model": backend_model,
+        "input": [raw] if isinstance(raw, str) else list(raw),
+        "encoding_format": "float",
+    }
+    if body.get("dimensions") is not None:
+        out["dimensions"] = body["dimensions"]
+    return out
+
+
+def ollama_embeddings_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
+    """A legacy ``/api/embeddings`` body as ``/embeddings``."""
+    raw = body["prompt"] if body.get("prompt") is not None else body.get("input", "")
+    return {
+        "model": backend_model,
+        "input": [raw] if isinstance(raw, str) else list(raw),
+        "encoding_format": "float",
+    }
+
+
+# =============================================================================================
+# Response side: OpenAI backend -> Ollama client
+# =============================================================================================
+
+
+def utc_timestamp(now_ns: int | None = None) -> str:
+    """RFC 3339 UTC with nanoseconds, e.g. ``2024-05-01T12:00:00.123456789Z``.
+
+    Takes wall-clock ns since the epoch (``time.time_ns()`` by default): built from a real UTC
+    clock, never by appending ``Z`` to local time.
+    """
+    if now_ns is None:
+        now_ns = time.time_ns()
+    seconds, frac = divmod(now_ns, 1_000_000_000)
+    base = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z"
+
+
+def _rfc3339_seconds(unix_seconds: object) -> str:
+    """``created`` (Unix seconds) as RFC 3339; the epoch when absent or unusable."""
+    if not _is_number(unix_seconds):
+        unix_seconds = 0
+    try:
+        dt = datetime.fromtimestamp(int(unix_seconds), UTC)
+    except (OverflowError, OSError, ValueError):
+        dt = datetime.fromtimestamp(0, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class Timings:
+    """Measured durations of one backend call, integer nanoseconds."""
+
+    total_ns: int
+    prompt_eval_ns: int
+    eval_ns: int
+
+
+def _done_reason(finish_reason: object) -> str:
+    # Ollama clients only know stop/length; a finished tool call is a normal stop there.
+    return finish_reason if finish_reason in ("stop", "length") else "stop"
+
+
+def _int(value: object) -> int:
+    return int(value) if _is_number(value) else 0
+
+
+def _usage_counts(resp: JSONDict) -> tuple[int, int]:
+    usage = resp.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0
+    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+
+
+def _text(content: object) -> str:
+    """Message content as a string: null -> "", content-part lists joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def _thinking(obj: JSONDict) -> str:
+    # vLLM/DeepSeek say reasoning_content; Ollama's own OpenAI layer says reasoning.
+    value = obj.get("reasoning_content") or obj.get("reasoning")
+    return value if isinstance(value, str) else ""
+
+
+def parse_tool_arguments(args: object) -> JSONDict:
+    """OpenAI's JSON-string arguments as the object Ollama clients require.
+
+    Text that is not a JSON object becomes ``{}``: Ollama clients reject a string outright
+    (pydantic ``dict_type``), and a truncated call is better surfaced as empty arguments than as
+    a stream-breaking error.
+    """
+    if isinstance(args, dict):
+        return args
+    if isinstance(args, str) and args.strip():
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            return {}
+        if isinstance(parsed, dict):
+            return parsed
+    return {}
+
+
+def _ollama_tool_calls(calls: Iterable[JSONDict]) -> list[JSONDict]:
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") or {}
+        entry: JSONDict = {
+            "function": {
+                "index": i,
+                "name": function.get("name") or "",
+                "arguments": parse_tool_arguments(function.get("arguments")),
+            }
+        }
+        if call.get("id"):
+            # Not required by Ollama clients, but lets them echo it back so our request side
+            # can pair the tool result with the call.
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _final_fields(resp: JSONDict, finish_reason: object, timings: Timings) -> JSONDict:
+    prompt_tokens, completion_tokens = _usage_counts(resp)
+    return {
+        "done": True,
+        "done_reason": _done_reason(finish_reason),
+        "total_duration": int(timings.total_ns),
+        "load_duration": 0,
+        "prompt_eval_count": prompt_tokens,
+        "prompt_eval_duration": int(timings.prompt_eval_ns),
+        "eval_count": completion_tokens,
+        "eval_duration": int(timings.eval_ns),
+    }
+
+
+def _first_choice(resp: JSONDict) -> JSONDict:
+    choices = resp.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return {}
+
+
+def openai_chat_to_ollama_chat(
+    resp: JSONDict, model: str, created_at: str, timings: Timings
+) -> JSONDict:
+    """A non-stream ``/chat/completions`` response as an ``/api/chat`` response."""
+    choice = _first_choice(resp)
+    msg = choice.get("message") or {}
+    message: JSONDict = {"role": "assistant", "content": _text(msg.get("content"))}
+    thinking = _thinking(msg)
+    if thinking:
+        message["thinking"] = thinking
+    calls = msg.get("tool_calls")
+    if not calls and isinstance(msg.get("function_call"), dict):  # legacy single-call form
+        calls = [{"function": msg["function_call"]}]
+    if calls:
+        message["tool_calls"] = _ollama_tool_calls(c for c in calls if isinstance(c, dict))
+    return {
+        "model": model,
+        "created_at": created_at,
+        "message": message,
+        **_final_fields(resp, choice.get("finish_reason"), timings),
+    }
+
+
+def openai_chat_to_ollama_generate(
+    resp: JSONDict, model: str, created_at: str, timings: Timings
+) -> JSONDict:
+    """A non-stream ``/chat/completions`` response as an ``/api/generate`` response."""
+    choice = _first_choice(resp)
+    msg = choice.get("message") or {}
+    out: JSONDict = {
+        "model": model,
+        "created_at": created_at,
+        "response": _text(msg.get("content")),
+    }
+    thinking = _thinking(msg)
+    if thinking:
+        out["thinking"] = thinking
+    out.update(_final_fields(resp, choice.get("finish_reason"), timings))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _PendingToolCall:
+    id: str | None
+    name: str
+    arguments: list[str]
+
+
+class _StreamStats:
+    """What both stream consumers track for metrics: token timing, chunk counts, usage."""
+
+    def __init__(self, start_ns: int = 0) -> None:
+        self.start_ns = start_ns
+        self.first_token_ns: int | None = None
+        self.last_token_ns: int | None = None
+        self.content_chunks = 0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.finish_reason: str | None = None
+
+    @property
+    def usage_seen(self) -> bool:
+        return self.completion_tokens is not None or self.prompt_tokens is not None
+
+    def _observe(self, chunk: JSONDict, now_ns: int) -> tuple[str, str, list[Any], JSONDict]:
+        """Record one chunk; return (content, thinking, tool-call deltas, choice)."""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            # Some backends repeat (cumulative) usage on every chunk: the latest wins.
+            if _is_number(usage.get("prompt_tokens")):
+                self.prompt_tokens = int(usage["prompt_tokens"])
+            if _is_number(usage.get("completion_tokens")):
+                self.completion_tokens = int(usage["completion_tokens"])
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return "", "", [], {}
+        choice = choices[0]
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        content = _text(delta.get("content"))
+        thinking = _thinking(delta)
+        calls = delta.get("tool_calls")
+        calls = calls if isinstance(calls, list) else []
+        if content or thinking or calls:
+            # A "content-bearing" chunk: text, reasoning or a tool-call fragment. Backends send
+            # about one token per chunk, so this count stands in for eval_count without usage.
+            self.content_chunks += 1
+            if self.first_token_ns is None:
+                self.first_token_ns = now_ns
+            self.last_token_ns = now_ns
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:
+            self.finish_reason = finish
+        return content, thinking, calls, choice
+
+
+class OpenAIStreamObserver(_StreamStats):
+    """Watches a ``/v1`` stream being relayed verbatim, for metrics only.
+
+    Exposes ``first_token_ns``, ``last_token_ns``, ``content_chunks``, ``prompt_tokens``,
+    ``completion_tokens``, ``usage_seen`` and ``finish_reason``.
+    """
+
+    def feed(self, chunk: JSONDict, now_ns: int) -> None:
+        self._observe(chunk, now_ns)
+
+
+class OllamaStreamTranslator(_StreamStats):
+    """OpenAI ``chat.completion.chunk`` dicts in, Ollama NDJSON objects out.
+
+    ``feed`` returns the lines to emit now (often none: role-only and usage-only chunks produce
+    no output). ``finish`` returns the single ``done: true`` line and may be called once.
+
+    Tool-call fragments are accumulated per ``index`` and emitted as one line holding every
+    call when ``finish_reason`` arrives. If the stream ends without a finish_reason, pending
+    calls ride on the final line's ``message.tool_calls`` (chat) / ``tool_calls`` (generate),
+    so ``finish`` can still return exactly one object.
+
+    Times are monotonic ns from the same clock as ``start_ns``; ``created_at`` is called for
+    each line's wall-clock stamp.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["chat", "generate"],
+        model: str,
+        *,
+        start_ns: int,
+        created_at: Callable[[], str] = utc_timestamp,
+    ) -> None:
+        if kind not in ("chat", "generate"):
+            raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
+        super().__init__(start_ns)
+        self.kind = kind
+        self.model = model
+        self._created_at = created_at
+        self._tool_calls: dict[int, _PendingToolCall] = {}
+        self._finished = False
+
+    # -- public API -----------------------------------------------------------------------
+
+    def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        content, thinking, calls, choice = self._observe(chunk, now_ns)
+        lines: list[JSONDict] = []
+        if content or thinking:
+            lines.append(self._line(content, thinking))
+        for delta in calls:
+            if isinstance(delta, dict):
+                self._accumulate(delta)
+        finish = choice.get("finish_reason") if choice else None
+        if finish and self._tool_calls:
+            lines.append(self._line("", "", self._take_tool_calls()))
+        return lines
+
+    def finish(self, now_ns: int) -> JSONDict:
+        if self._finished:
+            raise RuntimeError("finish() called twice: a stream has exactly one done line")
+        self._finished = True
+        line = self._line("", "", self._take_tool_calls() if self._tool_calls else None)
+        first = self.first_token_ns if self.first_token_ns is not None else now_ns
+        last = self.last_token_ns if self.last_token_ns is not None else first
+        line.update(
+            done=True,
+            done_reason=_done_reason(self.finish_reason),
+            total_duration=max(0, int(now_ns - self.start_ns)),
+            load_duration=0,
+            prompt_eval_count=self.prompt_tokens or 0,
+            prompt_eval_duration=max(0, int(first - self.start_ns)),
+            eval_count=(
+                self.completion_tokens if self.completion_tokens is not None
+                else self.content_chunks
+            ),
+            eval_duration=max(0, int(last - first)),
+        )
+        return line
+
+    @staticmethod
+    def error_line(message: str) -> JSONDict:
+        """The in-band error line ollama clients raise as ``ResponseError`` mid-stream."""
+        return {"error": message}
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _line(
+        self, content: str, thinking: str, tool_calls: list[JSONDict] | None = None
+    ) -> JSONDict:
+        line: JSONDict = {"model": self.model, "created_at": self._created_at()}
+        if self.kind == "chat":
+            message: JSONDict = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            line["message"] = message
+        else:
+            line["response"] = content
+            if thinking:
+                line["thinking"] = thinking
+            if tool_calls:
+                line["tool_calls"] = tool_calls
+        line["done"] = False
+        return line
+
+    def _accumulate(self, delta: JSONDict) -> None:
+        index = delta.get("index")
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        if not isinstance(index, int):
+            # Non-conforming backend without index: a delta naming a call starts a new one,
+            # anything else continues the latest.
+            starts = delta.get("id") or function.get("name")
+            index = len(self._tool_calls) if starts or not self._tool_calls else max(
+                self._tool_calls
+            )
+        pending = self._tool_calls.get(index)
+        if pending is None:
+            pending = self._tool_calls[index] = _PendingToolCall(None, "", [])
+        if delta.get("id") and pending.id is None:
+            pending.id = delta["id"]
+        if function.get("name") and not pending.name:
+            pending.name = function["name"]
+        args = function.get("arguments")
+        if isinstance(args, str):
+            pending.arguments.append(args)
+        elif isinstance(args, dict):
+            pending.arguments.append(json.dumps(args))
+
+    def _take_tool_calls(self) -> list[JSONDict]:
+        calls = [
+            {
+                "id": p.id,
+                "function": {"name": p.name, "arguments": "".join(p.arguments)},
+            }
+            for _, p in sorted(self._tool_calls.items())
+        ]
+        self._tool_calls = {}
+        return _ollama_tool_calls(calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def _vector(embedding: object) -> list[float]:
+    if isinstance(embedding, list):
+        return embedding
+    if isinstance(embedding, str):
+        # A backend that ignored encoding_format=float: base64 of little-endian float32.
+        raw = base64.b64decode(embedding)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) - len(raw) % 4]))
+    return []
+
+
+def _vectors(resp: JSONDict) -> list[list[float]]:
+    data = resp.get("data")
+    if not isinstance(data, list):
+        return []
+    items = [d for d in data if isinstance(d, dict)]
+    items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+    return [_vector(d.get("embedding")) for d in items]
+
+
+def openai_embeddings_to_ollama_embed(resp: JSONDict, model: str, timings: Timings) -> JSONDict:
+    """``/embeddings`` response as ``/api/embed``: every vector, in input order."""
+    prompt_tokens, _ = _usage_counts(resp)
+    return {
+        "model": model,
+        "embeddings": _vectors(resp),
+        "total_duration": int(timings.total_ns),
+        "load_duration": 0,
+        "prompt_eval_count": prompt_tokens,
+    }
+
+
+def openai_embeddings_to_ollama_embeddings(resp: JSONDict) -> JSONDict:
+    """``/embeddings`` response as legacy ``/api/embeddings``: ``{"embedding": [...]}``.
+
+    The legacy API embeds one prompt. When the request carried a list ``input`` (accepted by
+    :func:`validate_ollama_embeddings`) the other vectors are not dropped silently: they are all
+    returned under ``"embeddings"`` as well, which legacy clients ignore.
+    """
+    vectors = _vectors(resp)
+    out: JSONDict = {"embedding": vectors[0] if vectors else []}
+    if len(vectors) > 1:
+        out["embeddings"] = vectors
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+# Checked in order, so "codellama" is found before "llama".
+_KNOWN_FAMILIES = (
+    "codellama", "llama", "mistral", "mixtral", "qwen", "gemma", "phi", "deepseek", "gpt",
+    "claude", "command", "falcon", "granite", "starcoder", "nomic", "bert", "olmo",
+)
+
+
+def model_family(model_id: str) -> str:
+    """A best-effort family name for ``details.family``: a known family found in the id, else
+    the leading letters of its last path segment, else ``"unknown"``."""
+    name = model_id.rsplit("/", 1)[-1].lower()
+    for family in _KNOWN_FAMILIES:
+        if family in name:
+            return family
+    letters = ""
+    for ch in name:
+        if not ch.isalpha():
+            break
+        letters += ch
+    return letters or "unknown"
+
+
+def is_embedding_model(name: str) -> bool:
+    """Heuristic: OpenAI ``/models`` does not say what a model can do, but embedding models
+    are conventionally named with "embed" (text-embedding-3-small, nomic-embed-text, bge-m3
+    is the usual exception)."""
+    return "embed" in name.lower()
+
+
+def _details(backend_id: str) -> JSONDict:
+    family = model_family(backend_id)
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def _digest(backend_id: str) -> str:
+    return "sha256:" + hashlib.sha256(backend_id.encode()).hexdigest()
+
+
+def _listed(models: Iterable[object], mapper: ModelMapper) -> list[tuple[str, JSONDict]]:
+    """(client name, backend entry) pairs: each backend model under every client name mapped
+    to it (file order), or under its own id when unmapped; duplicates dropped."""
+    out: list[tuple[str, JSONDict]] = []
+    seen: set[str] = set()
+    for entry in models:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        names = mapper.clients_for(entry["id"]) or [entry["id"]]
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                out.append((name, entry))
+    return out
+
+
+def _tag_entry(name: str, entry: JSONDict) -> JSONDict:
+    backend_id = entry["id"]
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _rfc3339_seconds(entry.get("created")),
+        "size": 0,
+        "digest": _digest(backend_id),
+        "details": _details(backend_id),
+    }
+
+
+def openai_models_to_ollama_tags(models: list[JSONDict], mapper: ModelMapper) -> JSONDict:
+    """Backend ``/models`` ``data`` as ``/api/tags``."""
+    return {"models": [_tag_entry(name, entry) for name, entry in _listed(models, mapper)]}
+
+
+def ollama_show(
+    model_name: str, backend_entry: JSONDict | None, *, embedding: bool | None = None
+) -> JSONDict:
+    """A synthetic ``/api/show`` response for ``model_name`` (the client-facing name).
+
+    ``embedding=None`` decides by :func:`is_embedding_model` on the name and backend id.
+    """
+    backend_id = backend_entry.get("id", model_name) if backend_entry else model_name
+    if not isinstance(backend_id, str):
+        backend_id = model_name
+    if embedding is None:
+        embedding = is_embedding_model(model_name) or is_embedding_model(backend_id)
+    details = _details(backend_id)
+    return {
+        "modelfile": f"# Served by trioproxy from backend model {backend_id}\nFROM {backend_id}\n",
+        "parameters": "",
+        "template": "{{ .Prompt }}",
+        "details": details,
+        # ollama-python requires this key to exist (ShowResponse alias without default).
+        "model_info": {"general.architecture": details["family"]},
+        "capabilities": ["embedding"] if embedding else ["completion", "tools"],
+        "modified_at": _rfc3339_seconds((backend_entry or {}).get("created")),
+    }
+
+
+# Context-window fields some backends add to /models entries (vLLM, llama.cpp, LiteLLM).
+_CONTEXT_KEYS = ("context_length", "max_model_len", "context_window", "max_context_length")
+
+# What Ollama reports for a model loaded with the default keep_alive.
+_PS_KEEP_ALIVE_NS = 5 * 60 * 1_000_000_000
+
+
+def ollama_ps(
+    models: list[JSONDict], mapper: ModelMapper, *, now_ns: int | None = None
+) -> JSONDict:
+    """``/api/ps``: every backend model counts as loaded (the backend serves them all), with
+    ``expires_at`` = now + Ollama's default keep-alive of 5 minutes."""
+    if now_ns is None:
+        now_ns = time.time_ns()
+    expires = utc_timestamp(now_ns + _PS_KEEP_ALIVE_NS)
+    out = []
+    for name, entry in _listed(models, mapper):
+        context = next(
+            (int(entry[k]) for k in _CONTEXT_KEYS if _is_number(entry.get(k))), 0
+        )
+        out.append(
+            {
+                "name": name,
+                "model": name,
+                "size": 0,
+                "digest": _digest(entry["id"]),
+                "details": _details(entry["id"]),
+                "expires_at": expires,
+                "size_vram": 0,
+                "context_length": context,
+            }
+        )
+    return {"models": out}
+
+
+def openai_model_entry(client_name: str, backend_entry: JSONDict | None = None) -> JSONDict:
+    """One OpenAI model object under its client-facing id. ``created`` is always an int
+    (strict SDK validation rejects entries without it, as llama-cpp-python's lack it)."""
+    entry = backend_entry or {}
+    owned_by = entry.get("owned_by")
+    return {
+        "id": client_name,
+        "object": "model",
+        "created": _int(entry.get("created")),
+        "owned_by": owned_by if isinstance(owned_by, str) and owned_by else "trioproxy",
+    }
+
+
+def openai_model_list(models: list[JSONDict], mapper: ModelMapper) -> JSONDict:
+    """Backend ``/models`` ``data`` as a client-facing OpenAI list."""
+    return {
+        "object": "list",
+        "data": [openai_model_entry(name, entry) for name, entry in _listed(models, mapper)],
+    }

@@ -1,0 +1,288 @@
+"""The backend connection pool and the retry policy.
+
+One pool per worker, sharded over several httpx clients used round-robin: a single
+httpx client slows down sharply with concurrency (httpcore scans every connection per
+queued request; stack notes P4). Retries happen only before anything reached the client:
+``send`` returns once the backend's headers (streams) or whole body (non-streams) are in
+hand, and a caller never calls it again for the same client request once it has sent
+bytes, so a stream is never replayed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+import trio
+
+from .config import Settings
+from .errors import (
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    scrub,
+    upstream_error_message,
+)
+
+log = logging.getLogger("trioproxy.upstream")
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_ERROR_BODY = 64 * 1024
+FORWARDED_RESPONSE_HEADERS = ("retry-after",)
+
+
+class UpstreamObserver(Protocol):
+    def upstream_error(self, reason: str) -> None: ...
+    def upstream_retry(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def upstream_error(self, reason: str) -> None:
+        pass
+
+    def upstream_retry(self, reason: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class UpstreamResult:
+    response: httpx.Response
+    started: float  # perf_counter when the first attempt was sent
+    headers_at: float  # perf_counter when the backend's headers arrived
+    attempts: int
+
+    @property
+    def first_byte_ms(self) -> float:
+        return (self.headers_at - self.started) * 1000.0
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        settings: Settings,
+        observer: UpstreamObserver | None = None,
+        *,
+        transport_factory: Callable[[], httpx.AsyncBaseTransport] | None = None,
+    ) -> None:
+        base_url = settings.require_upstream()
+        self._settings = settings
+        self._observer = observer or _NullObserver()
+        self._secret = settings.api_key
+        shards = max(1, settings.upstream_clients)
+        keepalive = max(1, math.ceil(settings.upstream_max_keepalive / shards))
+        headers = {"User-Agent": "trioproxy"}
+        if settings.api_key:
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=base_url + "/",
+                headers=headers,
+                timeout=httpx.Timeout(
+                    settings.request_timeout, connect=settings.connect_timeout, pool=None
+                ),
+                limits=httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=keepalive,
+                    # below hypercorn's 5 s keep-alive so we never reuse a socket the
+                    # server is about to close (stack notes P13)
+                    keepalive_expiry=4.0,
+                ),
+                verify=not settings.disable_ssl_verification,
+                transport=transport_factory() if transport_factory else None,
+                follow_redirects=False,
+            )
+            for _ in range(shards)
+        ]
+        self._next = 0
+
+    @property
+    def base_url(self) -> str:
+        return str(self._clients[0].base_url)
+
+    def set_observer(self, observer: UpstreamObserver) -> None:
+        self._observer = observer
+
+    def _client(self) -> httpx.AsyncClient:
+        self._next = (self._next + 1) % len(self._clients)
+        return self._clients[self._next]
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+        header_timeout: float | None = None,
+    ) -> UpstreamResult:
+        """Send with retries. Non-streams come back fully read; streams after the headers.
+
+        Raises UpstreamStatusError for a backend error status (body read, bounded),
+        UpstreamUnavailable / UpstreamTimeout for transport failures.
+        ``header_timeout`` bounds the wait for a streamed response's headers.
+        """
+        headers = {"X-Request-ID": request_id} if request_id else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            client = self._client()
+            req = client.build_request(method, path.lstrip("/"), content=body, headers=headers)
+            try:
+                response, headers_at = await self._attempt(client, req, stream, header_timeout)
+            except _Retryable as retry:
+                if attempt > self._settings.max_retries:
+                    self._observer.upstream_error(retry.reason)
+                    raise retry.final from None
+                self._observer.upstream_retry(retry.reason)
+                await trio.sleep(self._backoff(attempt, retry.reason, retry.retry_after))
+                continue
+            return UpstreamResult(response, started, headers_at, attempt)
+
+    async def _attempt(
+        self,
+        client: httpx.AsyncClient,
+        req: httpx.Request,
+        stream: bool,
+        header_timeout: float | None,
+    ) -> tuple[httpx.Response, float]:
+        try:
+            with trio.fail_after(header_timeout) if header_timeout else _no_deadline():
+                if stream:
+                    req.extensions["timeout"] = _stream_timeouts(self._settings)
+                response = await client.send(req, stream=True)
+        except trio.TooSlowError:
+            self._observer.upstream_error("timeout")
+            raise UpstreamTimeout("the backend did not start answering in time") from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Retryable("connect", UpstreamUnavailable(self._describe(exc))) from None
+        except httpx.RemoteProtocolError as exc:
+            # a pooled connection the backend had already closed (llama.cpp's server
+            # closes after every streamed reply): safe to retry, nothing was sent back
+            raise _Retryable("protocol", UpstreamUnavailable(self._describe(exc))) from None
+        except httpx.TimeoutException as exc:
+            self._observer.upstream_error("timeout")
+            raise UpstreamTimeout(self._describe(exc)) from None
+        except httpx.HTTPError as exc:
+            self._observer.upstream_error("other")
+            raise UpstreamUnavailable(self._describe(exc)) from None
+        headers_at = time.perf_counter()
+        if response.status_code >= 400:
+            await self._raise_for_status(response)
+        if not stream:
+            try:
+                await response.aread()
+            except httpx.RemoteProtocolError as exc:
+                raise _Retryable("protocol", UpstreamUnavailable(self._describe(exc))) from None
+            except httpx.TimeoutException as exc:
+                self._observer.upstream_error("timeout")
+                raise UpstreamTimeout(self._describe(exc)) from None
+            except httpx.HTTPError as exc:
+                self._observer.upstream_error("other")
+                raise UpstreamUnavailable(self._describe(exc)) from None
+            finally:
+                await response.aclose()
+        return response, headers_at
+
+    async def _raise_for_status(self, response: httpx.Response) -> None:
+        try:
+            body = await _read_bounded(response, MAX_ERROR_BODY)
+        except httpx.HTTPError:
+            body = b""
+        finally:
+            await response.aclose()
+        status = response.status_code
+        message = scrub(upstream_error_message(body, status), self._secret)
+        forwarded = {
+            name: response.headers[name]
+            for name in FORWARDED_RESPONSE_HEADERS
+            if name in response.headers
+        }
+        error = UpstreamStatusError(
+            message,
+            status,
+            body=body,
+            content_type=response.headers.get("content-type", ""),
+            headers=forwarded,
+        )
+        if status in RETRY_STATUSES:
+            retry_after = _retry_after_seconds(response.headers.get("retry-after"))
+            if retry_after is None or retry_after <= self._settings.retry_backoff_max:
+                reason = "status_429" if status == 429 else "status_5xx"
+                raise _Retryable(reason, error, retry_after)
+        self._observer.upstream_error("status_5xx" if status >= 500 else "status_4xx")
+        raise error
+
+    def _backoff(self, attempt: int, reason: str, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        if reason == "protocol" and attempt == 1:
+            return 0.0  # a stale pooled connection: the fresh one should just work
+        base = self._settings.retry_backoff * (2 ** (attempt - 1))
+        capped = min(self._settings.retry_backoff_max, base)
+        return capped * random.uniform(0.5, 1.0)
+
+    def _describe(self, exc: BaseException) -> str:
+        detail = str(exc) or type(exc).__name__
+        return scrub(f"backend request failed: {detail}", self._secret)
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, final: Exception, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.final = final
+        self.retry_after = retry_after
+
+
+class _no_deadline:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _stream_timeouts(settings: Settings) -> dict[str, float | None]:
+    # Streams are bounded by the first-token and idle-gap deadlines the relay enforces,
+    # not by a read timeout that would cut a slow but healthy generation.
+    return {"connect": settings.connect_timeout, "read": None, "write": 60.0, "pool": None}
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = parsed.timestamp() - time.time()
+    return max(0.0, seconds)
