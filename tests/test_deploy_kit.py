@@ -1376,7 +1376,7 @@ def test_docs_dockerfile_block_is_the_shipped_healthcheck() -> None:
     assert re.sub(r"\s+", " ", body.replace("\\\n", " ")).strip() == shipped
 
 
-def test_docs_compose_and_k8s_blocks_validate() -> None:
+def test_docs_compose_and_k8s_blocks_validate(tmp_path: Path) -> None:
     """Compose snippets against the compose-spec schema, Kubernetes objects against the
     Kubernetes schema (each when its validator is installed)."""
     blocks = [(yaml.safe_load(b), line) for b, _, line in _blocks("yaml")]
@@ -1387,26 +1387,23 @@ def test_docs_compose_and_k8s_blocks_validate() -> None:
     assert compose and k8s
     if importlib.util.find_spec("check_jsonschema") is not None:
         for doc, line in compose:
-            path = DOCS.parent / f".compose-snippet-{os.getpid()}-{line}.yml"
-            try:
-                path.write_text(yaml.safe_dump(doc))
-                proc = run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "check_jsonschema",
-                        "--builtin-schema",
-                        "vendor.compose-spec",
-                        str(path),
-                    ]
-                )
-            finally:
-                path.unlink()
+            path = tmp_path / f"compose-{line}.yml"
+            path.write_text(yaml.safe_dump(doc))
+            proc = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "check_jsonschema",
+                    "--builtin-schema",
+                    "vendor.compose-spec",
+                    str(path),
+                ]
+            )
             assert proc.returncode == 0, f"docs/monitoring.md:{line}\n{proc.stdout}"
     if importlib.util.find_spec("kubernetes_validate") is not None:
         import kubernetes_validate
 
-        for doc, line in k8s:
+        for doc, _line in k8s:
             if doc["kind"] != "ServiceMonitor":
                 kubernetes_validate.validate(doc, "1.30.0", strict=True)
 
