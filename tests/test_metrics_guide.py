@@ -19,7 +19,8 @@ import pytest
 import trioproxy.metrics as pkg
 from trioproxy.metrics import MetricsCollector
 
-GUIDE = Path("/work/shared/seed/MONITORING_INTEGRATION.md")
+# shared/ sits beside the checkout (also in CI, which copies it next to its clone)
+GUIDE = Path(__file__).resolve().parents[2] / "shared" / "seed" / "MONITORING_INTEGRATION.md"
 
 # The guide's Python blocks, verbatim (trailing blanks aside), in guide order.
 SNIPPETS: dict[str, str] = {
