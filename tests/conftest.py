@@ -170,3 +170,29 @@ def proxy_with_short_keepalive(
     demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
 ) -> str:
     return start_proxy(demo_backend.url, KEEP_ALIVE_TIMEOUT="1").url
+
+
+@pytest.fixture(scope="session")
+def proxy_no_retry(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> ServerProcess:
+    """A proxy against the demo with MAX_RETRIES=0: one attempt, backend errors come straight
+    back."""
+    return start_proxy(demo_backend.url, MAX_RETRIES="0")
+
+
+def closed_port_url() -> str:
+    """An http://127.0.0.1:PORT/v1 URL where nothing listens (the port was just released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def demo_events_for(demo_backend: ServerProcess, request_id: str) -> list[dict]:
+    """The demo's event-log entries that carry *request_id* (the proxy forwards X-Request-ID)."""
+    base = demo_backend.url.removesuffix("/v1")
+    events = httpx.get(f"{base}/_demo/events", timeout=5).json()["events"]
+    return [e for e in events if e.get("request_id") == request_id]

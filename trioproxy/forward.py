@@ -18,7 +18,7 @@ from .upstream import UpstreamResult
 
 async def read_json_object() -> dict[str, Any]:
     """The request body as a JSON object; a client mistake is a 400, never a 500."""
-    raw = await request.get_data(cache=False)
+    raw = await request.get_data()
     if not raw:
         raise BadRequest("missing request body", param=None)
     try:

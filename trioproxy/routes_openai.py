@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from . import translate as tr
 from .app import request_app, request_state
@@ -60,7 +60,11 @@ async def _forward(path: str) -> Response:
     client_model = body["model"]
     note_model(state, client_model)
     backend_model = app.mapper.to_backend(client_model)
-    payload = encode(tr.openai_passthrough_request(body, app.mapper))
+    if backend_model == client_model:
+        # nothing to rewrite: forward the client's bytes as they came
+        payload = await request.get_data()
+    else:
+        payload = encode(tr.openai_passthrough_request(body, app.mapper))
     if body.get("stream") is True:
         result = await open_stream(path, payload)
         return _stream_response(result, client_model, backend_model)

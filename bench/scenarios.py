@@ -1,0 +1,847 @@
+"""Scenarios 3a-3i of issue 5, each proxy figure next to the direct-backend figure of the same run.
+
+Everything here orchestrates: servers come from :mod:`bench.servers`, load from the
+generator process (:mod:`bench.loadgen`, started once per measured cell), and the figures
+go into one results dict that :mod:`bench.report` turns into the table, JSON and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import servers
+from .servers import ROOT, Server
+
+# --------------------------------------------------------------------------- request bodies
+
+MESSAGES = [{"role": "user", "content": "Say hello to the benchmark."}]
+OPENAI_BODY = {"model": "demo-chat", "messages": MESSAGES}
+OLLAMA_BODY = {"model": "demo-chat", "messages": MESSAGES, "stream": False}
+V1 = "/v1/chat/completions"
+OLLAMA = "/api/chat"
+PROM = "/v1/metrics/prometheus"
+
+
+def chat_request(path: str, *, stream: bool = False, directives: str = "") -> dict[str, Any]:
+    content = "Say hello to the benchmark." + (" " + directives if directives else "")
+    body: dict[str, Any] = {
+        "model": "demo-chat",
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+    }
+    return {"method": "POST", "path": path, "body": json.dumps(body)}
+
+
+NONSTREAM = {
+    V1: {"method": "POST", "path": V1, "body": json.dumps(OPENAI_BODY)},
+    OLLAMA: {"method": "POST", "path": OLLAMA, "body": json.dumps(OLLAMA_BODY)},
+}
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    cell: float  # recorded seconds per closed-loop cell
+    warmup: float
+    concs: tuple[int, ...] = (1, 4, 16, 32, 64)
+    stream_cell: float = 6.0
+    stream_conc: int = 32
+    stream_tokens: int = 100
+    stream_delay: float = 0.01
+    ttfb_cell: float = 3.0
+    disconnects: int = 200
+    hold_streams: int = 1000
+    hold_tokens: int = 25
+    hold_delay: float = 1.0
+    rounds: int = 4  # metrics on/off and 1 vs 2 workers, alternated
+    round_cell: float = 4.0
+    drift_requests: int = 100_000
+    drift_conc: int = 16
+    scrape_cell: float = 6.0
+    scrape_conc: int = 4
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if not quick:
+            return cls(quick=False, cell=5.0, warmup=1.0)
+        return cls(
+            quick=True,
+            cell=1.0,
+            warmup=0.3,
+            stream_cell=2.0,
+            ttfb_cell=1.0,
+            disconnects=40,
+            hold_tokens=6,
+            rounds=2,
+            round_cell=1.0,
+            drift_requests=10_000,
+            scrape_cell=2.0,
+        )
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A one-line stderr bar; a ticker thread moves it inside long steps by their estimate."""
+
+    def __init__(self, steps: list[tuple[str, float]], stream=None, enabled: bool = True) -> None:
+        self.estimates = dict(steps)
+        self.total = sum(self.estimates.values()) or 1.0
+        self.done = 0.0
+        self.label = ""
+        self.step_est = 0.0
+        self.step_t0 = time.monotonic()
+        self.t0 = time.monotonic()
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream is not None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._tick, daemon=True, name="bench-progress")
+            self._thread.start()
+
+    def begin(self, name: str, label: str | None = None) -> None:
+        with self._lock:
+            self.label = label or name
+            self.step_est = self.estimates.get(name, 1.0)
+            self.step_t0 = time.monotonic()
+        self.draw(force=True)
+
+    def end(self) -> None:
+        with self._lock:
+            self.done += self.step_est
+            self.step_est = 0.0
+        self.draw(force=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5 if self.tty else 10.0):
+            self.draw()
+
+    def draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            inside = min(time.monotonic() - self.step_t0, self.step_est * 0.95)
+            frac = min(1.0, (self.done + inside) / self.total)
+            label = self.label
+        width = 30
+        filled = int(frac * width)
+        bar = "#" * filled + "." * (width - filled)
+        elapsed = time.monotonic() - self.t0
+        line = f"[{bar}] {frac * 100:5.1f}%  {elapsed:5.0f} s  {label[:60]}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(110))
+        elif force:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def loadgen(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one generator process with *spec*; its JSON result."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def target_of(server: Server) -> dict[str, Any]:
+    return {"host": server.host, "port": server.port}
+
+
+def closed(
+    server: Server,
+    requests: list[dict[str, Any]],
+    conc: int,
+    *,
+    duration: float,
+    warmup: float,
+    watch: list[int] | None = None,
+    keep_samples: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    spec = {
+        **target_of(server),
+        "mode": "closed",
+        "requests": requests,
+        "conc": conc,
+        "duration": duration,
+        "warmup": warmup,
+        "watch_pids": watch or [],
+        **extra,
+    }
+    limit = (duration + warmup) * 3 + 60 if not extra.get("count") else None
+    result = loadgen(spec, timeout=limit)
+    if not keep_samples:
+        result.pop("rss_samples", None)
+    return result
+
+
+def http_json(url: str, method: str = "GET", data: bytes | None = None) -> Any:
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def rss_of(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total
+
+
+def p(result: dict[str, Any], key: str, q: str) -> float | None:
+    block = result.get(key) or {}
+    return block.get(q)
+
+
+def sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def median(values: list[float]) -> float | None:
+    s = sorted(v for v in values if v is not None)
+    if not s:
+        return None
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _cpu_busy_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("trioproxy", "trio", "quart", "quart-trio", "hypercorn", "httpx", "httpcore",
+                 "h11", "psutil", "prometheus-client", "matplotlib"):  # fmt: skip
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    nginx = servers.nginx_path()
+    commit = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip() or None
+    except OSError:
+        pass
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        mem = None
+    return {
+        "cpu_model": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "versions": versions,
+        "nginx": servers._version([nginx, "-v"]) if nginx else None,
+        "loadavg_before": list(os.getloadavg()),
+        "git_commit": commit,
+        "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+STEPS_FULL = [
+    ("start", 8),
+    ("ceiling", 14),
+    ("nonstream", 130),
+    ("stream", 45),
+    ("disconnect", 15),
+    ("metrics_onoff", 45),
+    ("scrape", 12),
+    ("drift", 160),
+    ("workers", 45),
+    ("hold", 40),
+]
+STEPS_QUICK = [
+    ("start", 8),
+    ("ceiling", 3),
+    ("nonstream", 30),
+    ("stream", 10),
+    ("disconnect", 5),
+    ("metrics_onoff", 6),
+    ("scrape", 4),
+    ("drift", 17),
+    ("workers", 8),
+    ("hold", 14),
+]
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    progress: Progress
+    log: Any = None  # callable(str) for notes as they happen
+    results: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started: list[Server] = field(default_factory=list)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.log:
+            self.log(text)
+
+    def start(self, server: Server) -> Server:
+        self.started.append(server)
+        return server
+
+    def stop(self, server: Server | None) -> None:
+        if server is None:
+            return
+        server.stop()
+        if server in self.started:
+            self.started.remove(server)
+
+    def stop_all(self) -> None:
+        for server in reversed(self.started):
+            try:
+                server.stop()
+            except Exception:
+                pass
+        self.started.clear()
+
+    def step(self, name: str, fn, label: str | None = None) -> None:
+        self.progress.begin(name, label)
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as exc:  # one broken scenario must not lose the others
+            self.results.setdefault("scenarios", {})[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.note(f"scenario {name} failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.results.setdefault("step_seconds", {})[name] = round(time.monotonic() - t0, 1)
+            self.progress.end()
+
+    def put(self, name: str, value: dict[str, Any]) -> None:
+        self.results.setdefault("scenarios", {})[name] = value
+
+    # -- run --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        busy0, total0 = _cpu_busy_jiffies()
+        self_cpu0 = _own_cpu()
+        self.results["machine"] = machine_info()
+        self.results["mode"] = "quick" if self.plan.quick else "full"
+        self.results["plan"] = self.plan.__dict__.copy()
+        self.progress.start()
+        try:
+            self.step("start", self._start_servers, "starting nginx, demo, bare ASGI, proxies")
+            if self.fixed is not None:
+                self.step("ceiling", self.s_ceiling, "generator ceiling (direct to the backend)")
+                self.step("nonstream", self.s_nonstream, "3a/3i non-streaming, c=1..64")
+                self.step("stream", self.s_stream, "3b streaming relay")
+                self.step("disconnect", self.s_disconnect, "3d client disconnect")
+                self.step("metrics_onoff", self.s_metrics_onoff, "3e metrics on vs off")
+                self.step("scrape", self.s_scrape, "3g scrape under load")
+                self.step("drift", self.s_drift, f"3f RSS drift, {self.plan.drift_requests} requests")
+                self.step("workers", self.s_workers, "3h 1 vs 2 workers")
+                self.step("hold", self.s_hold, f"3c {self.plan.hold_streams} open streams")
+        finally:
+            self.stop_all()
+            self.progress.close()
+        busy1, total1 = _cpu_busy_jiffies()
+        elapsed = time.monotonic() - t0
+        ours = _own_cpu() - self_cpu0
+        tck = os.sysconf("SC_CLK_TCK")
+        busy_s = (busy1 - busy0) / tck
+        machine = self.results["machine"]
+        machine["loadavg_after"] = list(os.getloadavg())
+        machine["busy_cores_avg"] = round(busy_s / elapsed, 3)
+        machine["bench_cores_avg"] = round(ours / elapsed, 3)
+        machine["other_cores_avg"] = round(max(0.0, busy_s - ours) / elapsed, 3)
+        self.results["duration_s"] = round(elapsed, 1)
+        self.results["notes"] = self.notes
+        return self.results
+
+    # -- servers ----------------------------------------------------------------------
+
+    fixed: Server | None = None
+    fixed_kind: str = ""
+    bare: Server | None = None
+    demo: Server | None = None
+    proxy: Server | None = None  # -> fixed backend, metrics on (the main subject)
+    proxy_stream: Server | None = None  # -> demo backend
+
+    def _start_servers(self) -> None:
+        try:
+            self.fixed = self.start(servers.start_nginx()) if servers.nginx_path() else None
+        except RuntimeError as exc:
+            self.note(f"nginx did not start ({exc}); using the bare ASGI app instead")
+            self.fixed = None
+        self.bare = self.start(servers.start_bare_asgi())
+        if self.fixed is None:
+            self.fixed = self.bare
+            self.fixed_kind = "bare-asgi (nginx not installed: FALLBACK)"
+            self.note(
+                "nginx is not installed: the fixed backend is the bare ASGI app, which is "
+                "~30x slower than nginx; direct figures are those of the bare app"
+            )
+        else:
+            self.fixed_kind = self.fixed.note or "nginx"
+        self.demo = self.start(servers.start_demo(token_delay=0.005))
+        self.proxy = self.start(servers.start_proxy(self.fixed.url + "/v1", name="proxy"))
+        self.proxy_stream = self.start(
+            servers.start_proxy(self.demo.url + "/v1", name="proxy-stream")
+        )
+        self.results["servers"] = {
+            "fixed_backend": self.fixed_kind,
+            "demo_backend": "trioproxy.demo (hypercorn trio worker)",
+            "proxy": "python -m trioproxy (1 worker, default settings)",
+        }
+
+    # -- generator ceiling ------------------------------------------------------------
+
+    def s_ceiling(self) -> None:
+        plan = self.plan
+        out = {}
+        for conc in (1, 64):
+            r = closed(self.fixed, [NONSTREAM[V1]], conc, duration=plan.cell, warmup=plan.warmup)
+            out[f"c{conc}"] = r
+        out["backend"] = self.fixed_kind
+        self.put("ceiling", out)
+
+    # -- 3a + 3i ----------------------------------------------------------------------
+
+    def s_nonstream(self) -> None:
+        plan = self.plan
+        rows: dict[str, dict[str, Any]] = {"direct": {}, "bare_asgi": {}, V1: {}, OLLAMA: {}}
+        watch = [self.proxy.pid]
+        for conc in plan.concs:
+            kw = {"duration": plan.cell, "warmup": plan.warmup}
+            rows["direct"][conc] = closed(self.fixed, [NONSTREAM[V1]], conc, **kw)
+            rows["bare_asgi"][conc] = closed(
+                self.bare, [NONSTREAM[V1]], conc, watch=[self.bare.pid], **kw
+            )
+            for path in (V1, OLLAMA):
+                rows[path][conc] = closed(self.proxy, [NONSTREAM[path]], conc, watch=watch, **kw)
+        added: dict[str, dict[int, dict[str, float | None]]] = {}
+        for path in (V1, OLLAMA):
+            added[path] = {}
+            for conc in plan.concs:
+                r, d = rows[path][conc], rows["direct"][conc]
+                added[path][conc] = {
+                    "p50": sub(p(r, "latency_ms", "p50"), p(d, "latency_ms", "p50")),
+                    "p99": sub(p(r, "latency_ms", "p99"), p(d, "latency_ms", "p99")),
+                    "rps": r["rps"],
+                    "cpu_ms_per_req": (r["cpu_s"] / r["completed"] * 1000) if r["completed"] else None,
+                }
+        self.put("nonstream", {"cells": _str_keys(rows), "added": _str_keys(added)})
+
+    # -- 3b ---------------------------------------------------------------------------
+
+    def s_stream(self) -> None:
+        plan = self.plan
+        directives = f"[[tokens={plan.stream_tokens}]][[delay={plan.stream_delay}]]"
+        direct_req = chat_request(V1, stream=True, directives=directives)
+        reqs = {
+            "direct": (self.demo, direct_req, "sse", [self.demo.pid]),
+            V1: (self.proxy_stream, direct_req, "sse", [self.proxy_stream.pid]),
+            OLLAMA: (
+                self.proxy_stream,
+                chat_request(OLLAMA, stream=True, directives=directives),
+                "ndjson",
+                [self.proxy_stream.pid],
+            ),
+        }
+        out: dict[str, Any] = {"tokens": plan.stream_tokens, "token_delay_s": plan.stream_delay}
+        # time to first byte with one stream at a time (nothing else in the way)
+        ttfb = {}
+        one = "[[tokens=5]][[delay=0.001]]"
+        for name, (server, req, chunk, _) in reqs.items():
+            path = req["path"]
+            r = closed(
+                server,
+                [chat_request(path, stream=True, directives=one)],
+                1,
+                duration=plan.ttfb_cell,
+                warmup=plan.warmup,
+                stream=True,
+                chunk=chunk,
+            )
+            ttfb[name] = r
+        # relay rate and CPU per chunk with stream_conc streams
+        relay = {}
+        for name, (server, req, chunk, watch) in reqs.items():
+            r = closed(
+                server,
+                [req],
+                plan.stream_conc,
+                duration=plan.stream_cell,
+                warmup=max(plan.warmup, 1.0),
+                stream=True,
+                chunk=chunk,
+                watch=watch,
+            )
+            r["cpu_us_per_chunk"] = r["cpu_s"] / r["chunks"] * 1e6 if r.get("chunks") else None
+            relay[name] = r
+        added = {}
+        for path in (V1, OLLAMA):
+            added[path] = {
+                "ttfb_p50": sub(p(ttfb[path], "ttfb_ms", "p50"), p(ttfb["direct"], "ttfb_ms", "p50")),
+                "ttfb_p99": sub(p(ttfb[path], "ttfb_ms", "p99"), p(ttfb["direct"], "ttfb_ms", "p99")),
+                "ttfc_p50": sub(p(ttfb[path], "ttfc_ms", "p50"), p(ttfb["direct"], "ttfc_ms", "p50")),
+                "ttfc_p99": sub(p(ttfb[path], "ttfc_ms", "p99"), p(ttfb["direct"], "ttfc_ms", "p99")),
+                "ttfb_p50_loaded": sub(
+                    p(relay[path], "ttfb_ms", "p50"), p(relay["direct"], "ttfb_ms", "p50")
+                ),
+                "cpu_us_per_chunk": relay[path]["cpu_us_per_chunk"],
+                "chunks_per_s": relay[path]["chunks_per_s"],
+            }
+        out.update({"ttfb_c1": ttfb, "relay": relay, "added": added})
+        self.put("stream", out)
+
+    # -- 3d ---------------------------------------------------------------------------
+
+    def s_disconnect(self) -> None:
+        plan = self.plan
+        base = self.demo.url
+        directives = "[[tokens=2000]][[delay=0.02]]"
+        cases = {
+            "direct": (self.demo, chat_request(V1, stream=True, directives=directives), "sse"),
+            V1: (self.proxy_stream, chat_request(V1, stream=True, directives=directives), "sse"),
+            OLLAMA: (
+                self.proxy_stream,
+                chat_request(OLLAMA, stream=True, directives=directives),
+                "ndjson",
+            ),
+        }
+        out: dict[str, Any] = {}
+        for name, (server, req, chunk) in cases.items():
+            http_json(base + "/_demo/reset", method="POST", data=b"")
+            prefix = f"bench-{name.strip('/').replace('/', '-')}-{int(time.time() * 1000)}"
+            r = loadgen(
+                {
+                    **target_of(server),
+                    "mode": "disconnect",
+                    "request": req,
+                    "count": plan.disconnects,
+                    "conc": 10,
+                    "after_chunks": 3,
+                    "chunk": chunk,
+                    "id_prefix": prefix,
+                },
+                timeout=300,
+            )
+            time.sleep(0.5)  # let the last closes reach the backend
+            events = {
+                e["request_id"]: e
+                for e in http_json(base + "/_demo/events")["events"]
+                if e.get("request_id")
+            }
+            deltas = []
+            not_closed = 0
+            for closed_ in r["closed"]:
+                e = events.get(closed_["request_id"])
+                if not e or e.get("outcome") != "disconnected" or e.get("ended") is None:
+                    not_closed += 1
+                    continue
+                deltas.append((e["ended"] - closed_["closed_at"]) * 1000.0)
+            from .loadgen import percentiles
+
+            out[name] = {
+                "samples": len(r["closed"]),
+                "backend_closed_ms": percentiles(deltas),
+                "not_closed": not_closed,
+                "stream_errors": r["errors"],
+            }
+        self.put("disconnect", out)
+
+    # -- 3e ---------------------------------------------------------------------------
+
+    def s_metrics_onoff(self) -> None:
+        plan = self.plan
+        off = self.start(
+            servers.start_proxy(self.fixed.url + "/v1", name="proxy-metrics-off", METRICS_ENABLED="false")
+        )
+        reqs = [NONSTREAM[V1], NONSTREAM[OLLAMA]]
+        rounds = []
+        try:
+            for i in range(plan.rounds):
+                order = [("on", self.proxy), ("off", off)]
+                if i % 2:
+                    order.reverse()
+                row = {}
+                for name, server in order:
+                    r = closed(server, reqs, 32, duration=plan.round_cell, warmup=plan.warmup,
+                               watch=[server.pid])  # fmt: skip
+                    row[name] = {
+                        "rps": r["rps"],
+                        "cpu_ms_per_req": r["cpu_s"] / r["completed"] * 1000 if r["completed"] else None,
+                        "p50": p(r, "latency_ms", "p50"),
+                        "p99": p(r, "latency_ms", "p99"),
+                        "errors": r["errors"],
+                    }
+                rounds.append(row)
+        finally:
+            self.stop(off)
+        on_rps = median([r["on"]["rps"] for r in rounds])
+        off_rps = median([r["off"]["rps"] for r in rounds])
+        on_cpu = median([r["on"]["cpu_ms_per_req"] for r in rounds])
+        off_cpu = median([r["off"]["cpu_ms_per_req"] for r in rounds])
+        self.put(
+            "metrics_onoff",
+            {
+                "conc": 32,
+                "rounds": rounds,
+                "rps_on": on_rps,
+                "rps_off": off_rps,
+                "throughput_ratio": ratio(on_rps, off_rps),
+                "cpu_ratio": ratio(off_cpu, on_cpu),  # throughput ratio implied by CPU/request
+                "paired_ratios": [ratio(r["on"]["rps"], r["off"]["rps"]) for r in rounds],
+            },
+        )
+
+    # -- 3g ---------------------------------------------------------------------------
+
+    def s_scrape(self) -> None:
+        plan = self.plan
+        summary = {}
+        try:
+            summary = http_json(self.proxy.url + "/v1/metrics")
+        except Exception as exc:
+            self.note(f"could not read /v1/metrics before the scrape test: {exc}")
+        done_before = _window_size(summary)
+        probe = {"method": "GET", "path": PROM, "interval": 0.05}
+        idle = closed(self.proxy, [], 0, duration=max(1.0, plan.scrape_cell / 3),
+                      warmup=0.1, probe=probe)  # fmt: skip
+        loaded = closed(
+            self.proxy,
+            [NONSTREAM[V1], NONSTREAM[OLLAMA]],
+            plan.scrape_conc,
+            duration=plan.scrape_cell,
+            warmup=plan.warmup,
+            probe=probe,
+        )
+        size = 0
+        try:
+            with urllib.request.urlopen(self.proxy.url + PROM, timeout=10) as resp:
+                size = len(resp.read())
+        except Exception:
+            pass
+        self.put(
+            "scrape",
+            {
+                "requests_before": done_before,
+                "window_full": bool(done_before and done_before >= 1000),
+                "exposition_bytes": size,
+                "idle_ms": idle.get("probe_ms"),
+                "load_conc": plan.scrape_conc,
+                "load_rps": loaded["rps"],
+                "load_latency_ms": loaded["latency_ms"],
+                "under_load_ms": loaded.get("probe_ms"),
+                "probe_errors": (idle.get("probe_errors") or 0) + (loaded.get("probe_errors") or 0),
+            },
+        )
+
+    # -- 3f ---------------------------------------------------------------------------
+
+    def s_drift(self) -> None:
+        plan = self.plan
+        pid = self.proxy.pid
+        # warm-up: the earlier scenarios already sent tens of thousands of requests
+        closed(self.proxy, [NONSTREAM[V1], NONSTREAM[OLLAMA]], plan.drift_conc, duration=2.0,
+               warmup=0.2)  # fmt: skip
+        time.sleep(1.0)
+        before = rss_of([pid])
+        r = closed(
+            self.proxy,
+            [NONSTREAM[V1], NONSTREAM[OLLAMA]],
+            plan.drift_conc,
+            duration=0,
+            warmup=0.0,
+            count=plan.drift_requests,
+            watch=[pid],
+            rss_interval=0.5,
+            keep_samples=True,
+        )
+        time.sleep(1.0)
+        after = rss_of([pid])
+        self.put(
+            "drift",
+            {
+                "requests": r["completed"],
+                "quick_mode_reduced": plan.quick,
+                "conc": plan.drift_conc,
+                "rps": r["rps"],
+                "errors": r["errors"],
+                "rss_before": before,
+                "rss_after": after,
+                "drift_bytes": after - before,
+                "rss_samples": r.get("rss_samples", []),
+            },
+        )
+
+    # -- 3h ---------------------------------------------------------------------------
+
+    def s_workers(self) -> None:
+        plan = self.plan
+        two = self.start(servers.start_proxy(self.fixed.url + "/v1", workers=2, name="proxy-2w"))
+        reqs = [NONSTREAM[V1], NONSTREAM[OLLAMA]]
+        rounds = []
+        try:
+            workers = two.worker_pids()
+            closed(two, reqs, 64, duration=1.0, warmup=0.5)  # let both workers warm up
+            for i in range(plan.rounds):
+                order = [("1", self.proxy, [self.proxy.pid]), ("2", two, workers)]
+                if i % 2:
+                    order.reverse()
+                row = {}
+                for name, server, watch in order:
+                    r = closed(server, reqs, 64, duration=plan.round_cell, warmup=plan.warmup,
+                               watch=watch)  # fmt: skip
+                    row[name] = {
+                        "rps": r["rps"],
+                        "cpu_cores": r.get("cpu_frac"),
+                        "p50": p(r, "latency_ms", "p50"),
+                        "p99": p(r, "latency_ms", "p99"),
+                        "errors": r["errors"],
+                    }
+                rounds.append(row)
+        finally:
+            self.stop(two)
+        one_rps = median([r["1"]["rps"] for r in rounds])
+        two_rps = median([r["2"]["rps"] for r in rounds])
+        self.put(
+            "workers",
+            {
+                "conc": 64,
+                "rounds": rounds,
+                "rps_1": one_rps,
+                "rps_2": two_rps,
+                "ratio": ratio(two_rps, one_rps),
+                "worker_pids": len(workers),
+            },
+        )
+
+    # -- 3c ---------------------------------------------------------------------------
+
+    def s_hold(self) -> None:
+        plan = self.plan
+        fresh = self.start(servers.start_proxy(self.demo.url + "/v1", name="proxy-hold"))
+        try:
+            directives = f"[[tokens={plan.hold_tokens}]][[delay={plan.hold_delay}]]"
+            # a few requests so the idle probe is not the first request ever
+            closed(fresh, [NONSTREAM[OLLAMA]], 1, duration=0.5, warmup=0.2)
+            r = loadgen(
+                {
+                    **target_of(fresh),
+                    "mode": "hold",
+                    "streams": plan.hold_streams,
+                    "ramp_per_s": 400,
+                    "stream_request": chat_request(OLLAMA, stream=True, directives=directives),
+                    "chunk": "ndjson",
+                    "probe": NONSTREAM[OLLAMA],
+                    "probe_count": 50,
+                    "probe_interval": 0.02,
+                    "watch_pids": [fresh.pid],
+                    "rss_interval": 0.25,
+                    "finish_timeout": plan.hold_tokens * plan.hold_delay + 60,
+                },
+                timeout=plan.hold_tokens * plan.hold_delay + 180,
+            )
+        finally:
+            self.stop(fresh)
+        r["token_delay_s"] = plan.hold_delay
+        r["tokens"] = plan.hold_tokens
+        r["latency_ratio_p50"] = ratio(p(r, "busy_ms", "p50"), p(r, "idle_ms", "p50"))
+        r["latency_ratio_p99"] = ratio(p(r, "busy_ms", "p99"), p(r, "idle_ms", "p99"))
+        self.put("hold", r)
+
+
+def _own_cpu() -> float:
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _window_size(summary: Any) -> int | None:
+    """Best effort: how many requests the metrics window holds (for the report)."""
+    if not isinstance(summary, dict):
+        return None
+    for key in ("total_requests", "requests", "window_requests", "count"):
+        value = summary.get(key)
+        if isinstance(value, int):
+            return value
+    for value in summary.values():
+        if isinstance(value, dict):
+            found = _window_size(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _str_keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _str_keys(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,281 @@
+"""Start and stop the benchmark's processes: nginx, the demo backend, the bare-ASGI app, proxies.
+
+Every server is its own process on 127.0.0.1, started with the bench's interpreter (nginx
+excepted) and stopped with SIGTERM (SIGKILL after 10 s). A reader thread drains the merged
+stdout/stderr so a chatty server can never block on a full pipe; ``Server.log()`` returns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bare_asgi import FIXED_BODY
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTEN_LINE = re.compile(r"listening on (http://[0-9.]+:\d+)")
+NGINX_CONF = Path(__file__).with_name("nginx.conf")
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    url: str  # base URL without a path ("http://127.0.0.1:PORT")
+    output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+    tmpdir: str | None = None
+    note: str = ""
+
+    @property
+    def host(self) -> str:
+        return self.url.split("//", 1)[1].rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def pids(self) -> list[int]:
+        """The process and its descendants (hypercorn ``-w N`` runs workers as children)."""
+        try:
+            import psutil
+
+            proc = psutil.Process(self.process.pid)
+            return [proc.pid] + [c.pid for c in proc.children(recursive=True)]
+        except Exception:
+            return [self.process.pid]
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: the leaves of the process tree."""
+        try:
+            import psutil
+
+            proc = psutil.Process(self.process.pid)
+            children = proc.children(recursive=True)
+            leaves = [c.pid for c in children if not c.children()]
+            return leaves or [proc.pid]
+        except Exception:
+            return [self.process.pid]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.reader is not None:
+            self.reader.join(timeout=5)
+        if self.process.stdout is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdout.close()
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The bench's environment without anything that would configure a proxy by accident."""
+    prefixes = ("OPENAI_", "PROXY_", "METRICS_", "SYSTEM_METRICS_", "UPSTREAM_", "WORKERS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("LOG_LEVEL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    wait_line: bool = True,
+    url: str | None = None,
+    timeout: float = 30.0,
+    tmpdir: str | None = None,
+) -> Server:
+    process = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    output: list[str] = []
+    found = threading.Event()
+    box: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if len(output) < 5000:
+                output.append(line)
+            m = LISTEN_LINE.search(line)
+            if m and not found.is_set() and "demo backend at" not in line:
+                box.append(m.group(1))
+                found.set()
+        found.set()
+
+    reader = threading.Thread(target=pump, daemon=True, name=f"bench-{name}-log")
+    reader.start()
+    server = Server(name, process, url or "", output, reader, tmpdir)
+    if wait_line:
+        if not found.wait(timeout) or not box:
+            server.stop()
+            raise RuntimeError(f"{name} did not start: {argv}\n{''.join(output)[-3000:]}")
+        if not server.url:
+            server.url = box[0]
+    return server
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except Exception as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer in {timeout} s: {last}")
+
+
+def nginx_path() -> str | None:
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+    )
+
+
+def start_nginx() -> Server | None:
+    """nginx with bench/nginx.conf answering the fixed chat completion; None if not installed."""
+    binary = nginx_path()
+    if binary is None:
+        return None
+    tmpdir = tempfile.mkdtemp(prefix="trioproxy-bench-nginx-")
+    port = free_port()
+    conf = (
+        NGINX_CONF.read_text()
+        .replace("@PREFIX@", tmpdir)
+        .replace("@PORT@", str(port))
+        .replace("@BODY@", FIXED_BODY.decode())
+    )
+    conf_path = Path(tmpdir, "nginx.conf")
+    conf_path.write_text(conf)
+    url = f"http://127.0.0.1:{port}"
+    server = _spawn(
+        "nginx",
+        [binary, "-p", tmpdir, "-e", f"{tmpdir}/error.log", "-c", str(conf_path)],
+        clean_env(),
+        wait_line=False,
+        url=url,
+        tmpdir=tmpdir,
+    )
+    try:
+        wait_http(url + "/v1/models", 15, server.process)
+    except RuntimeError as exc:
+        server.stop()
+        raise RuntimeError(f"nginx did not start: {exc}\n{server.log()[-2000:]}") from None
+    server.note = _version([binary, "-v"])
+    return server
+
+
+def start_bare_asgi() -> Server:
+    server = _spawn("bare-asgi", [sys.executable, "-m", "bench.bare_asgi"], clean_env())
+    wait_http(server.url + "/v1/models", 15, server.process)
+    return server
+
+
+def start_demo(token_delay: float = 0.005) -> Server:
+    server = _spawn(
+        "demo",
+        [
+            sys.executable,
+            "-m",
+            "trioproxy.demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--token-delay",
+            str(token_delay),
+        ],
+        clean_env(),
+    )
+    wait_http(server.url + "/v1/models", 15, server.process)
+    return server
+
+
+def start_proxy(upstream: str, *, workers: int = 1, name: str = "proxy", **env: str) -> Server:
+    """``python -m trioproxy`` against *upstream* (a base URL ending in /v1), default settings
+    except what *env* sets."""
+    argv = [
+        sys.executable,
+        "-m",
+        "trioproxy",
+        "--host",
+        "127.0.0.1",
+        "--upstream",
+        upstream,
+        "--env-file",
+        "/nonexistent",
+    ]
+    url = None
+    if workers > 1:
+        # the multi-worker line echoes the requested port, so choose a real one
+        port = free_port()
+        argv += ["--port", str(port), "--workers", str(workers)]
+        url = f"http://127.0.0.1:{port}"
+    else:
+        argv += ["--port", "0"]
+    server = _spawn(name, argv, clean_env(**env), url=url)
+    wait_http(server.url + "/health", 30, server.process)
+    if workers > 1:
+        # every worker must be up before it is measured: wait for the process tree
+        deadline = time.monotonic() + 20
+        while len(server.worker_pids()) < workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return server
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except Exception:
+        return ""

@@ -1,0 +1,480 @@
+"""The official ``ollama`` Python client (sync and async) against a real proxy process.
+
+Every test talks over real sockets to ``python -m trioproxy`` (the ``proxy`` fixture), which
+forwards to the demo backend in a third process. The async client runs natively under
+pytest-trio (httpx speaks trio through anyio).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+from trioproxy import translate as tr
+from trioproxy.forward import encode
+
+from .conftest import ServerProcess, demo_events_for
+
+# A valid 1x1 PNG (transparent pixel).
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+PNG_B64 = base64.b64encode(PNG_1X1).decode()
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+
+DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+COUNTS = ("prompt_eval_count", "eval_count")
+
+
+def marker() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def client() -> Iterator[Callable[..., ollama.Client]]:
+    """Factory for sync clients on a proxy; every client is closed at teardown."""
+    made: list[ollama.Client] = []
+
+    def make(proxy: ServerProcess, **kwargs: Any) -> ollama.Client:
+        made.append(ollama.Client(host=proxy.url, timeout=30, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+async def aclient() -> AsyncIterator[Callable[..., ollama.AsyncClient]]:
+    made: list[ollama.AsyncClient] = []
+
+    def make(proxy: ServerProcess, **kwargs: Any) -> ollama.AsyncClient:
+        made.append(ollama.AsyncClient(host=proxy.url, timeout=30, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+def assert_final(part: Any) -> None:
+    """The done line: done_reason, integer nanosecond durations, token counts > 0."""
+    assert part.done is True
+    assert part.done_reason == "stop"
+    for name in (*DURATIONS, *COUNTS):
+        value = getattr(part, name)
+        assert isinstance(value, int) and not isinstance(value, bool), (name, value)
+    assert part.eval_count > 0
+    assert part.prompt_eval_count > 0
+    assert part.total_duration > 0
+    assert isinstance(part.created_at, str)
+
+
+def check_stream(parts: list[Any]) -> None:
+    """Exactly one done line, and it is the last one."""
+    assert parts, "empty stream"
+    dones = [p for p in parts if p.done]
+    assert len(dones) == 1, [p.done for p in parts]
+    assert parts[-1].done is True
+    assert_final(parts[-1])
+
+
+# ---- generate and chat, streamed and not ---------------------------------------------------
+
+
+def test_generate_stream_equals_non_stream(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    c = client(proxy)
+    prompt = f"Say hello [[tokens=7]] {marker()}"
+    whole = c.generate(model="demo-chat", prompt=prompt, stream=False)
+    assert whole.model == "demo-chat"
+    assert whole.response.startswith("Hello from the trioproxy")
+    assert_final(whole)
+    assert whole.eval_count == 7
+
+    parts = list(c.generate(model="demo-chat", prompt=prompt, stream=True))
+    check_stream(parts)
+    assert "".join(p.response for p in parts) == whole.response
+    assert parts[-1].eval_count == 7
+    assert len([p for p in parts if p.response]) == 7  # token by token, not buffered
+
+
+def test_chat_stream_equals_non_stream(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    c = client(proxy)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"Hi there [[tokens=9]] {marker()}"},
+    ]
+    whole = c.chat(model="demo-chat", messages=messages, stream=False)
+    assert whole.message.role == "assistant"
+    assert whole.message.content.startswith("Hello from the trioproxy")
+    assert_final(whole)
+    assert whole.eval_count == 9
+
+    parts = list(c.chat(model="demo-chat", messages=messages, stream=True))
+    check_stream(parts)
+    assert all(p.message.role == "assistant" for p in parts)
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+    assert parts[-1].eval_count == 9
+
+
+def test_chat_options_are_honoured(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """num_predict reaches the backend as max_tokens: the reply is cut and done_reason says so."""
+    c = client(proxy)
+    messages = [{"role": "user", "content": f"Tell me a story [[tokens=20]] {marker()}"}]
+    reply = c.chat(
+        model="demo-chat", messages=messages, stream=False,
+        options={"num_predict": 4, "temperature": 0.1, "seed": 7},
+    )  # fmt: skip
+    assert reply.done_reason == "length"
+    assert reply.eval_count == 4
+    unlimited = c.chat(
+        model="demo-chat", messages=messages, stream=False, options={"num_predict": -1}
+    )
+    assert unlimited.eval_count == 20
+
+
+async def test_async_generate_and_chat(
+    proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
+) -> None:
+    c = aclient(proxy)
+    prompt = f"Async hello [[tokens=5]] {marker()}"
+    whole = await c.generate(model="demo-chat", prompt=prompt, stream=False)
+    assert_final(whole)
+    parts = [p async for p in await c.generate(model="demo-chat", prompt=prompt, stream=True)]
+    check_stream(parts)
+    assert "".join(p.response for p in parts) == whole.response
+
+    messages = [{"role": "user", "content": prompt}]
+    chat_whole = await c.chat(model="demo-chat", messages=messages, stream=False)
+    assert_final(chat_whole)
+    chat_parts = [p async for p in await c.chat(model="demo-chat", messages=messages, stream=True)]
+    check_stream(chat_parts)
+    assert "".join(p.message.content or "" for p in chat_parts) == chat_whole.message.content
+    assert chat_whole.message.content == whole.response
+
+
+# ---- tools ---------------------------------------------------------------------------------
+
+
+def _tool_call_chunks(parts: list[Any]) -> list[Any]:
+    return [p for p in parts if p.message.tool_calls]
+
+
+def test_chat_tool_call_streamed_arrives_whole_then_follow_up(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    c = client(proxy)
+    messages: list[Any] = [{"role": "user", "content": f"Weather in Paris? {marker()}"}]
+    parts = list(c.chat(model="demo-chat", messages=messages, tools=[WEATHER_TOOL], stream=True))
+    check_stream(parts)
+    with_calls = _tool_call_chunks(parts)
+    assert len(with_calls) == 1, "the tool call must arrive as ONE chunk"
+    calls = with_calls[0].message.tool_calls
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.function.name == "get_weather"
+    assert isinstance(call.function.arguments, dict)
+    assert call.function.arguments == {"city": "demo", "days": 1}
+    assert with_calls[0].done is False  # the call line comes before the done line
+
+    # Send the result back: the model answers with text.
+    messages.append(with_calls[0].message)
+    messages.append({"role": "tool", "content": "sunny, 22 C", "tool_name": "get_weather"})
+    follow = list(c.chat(model="demo-chat", messages=messages, tools=[WEATHER_TOOL], stream=True))
+    check_stream(follow)
+    assert not _tool_call_chunks(follow)
+    text = "".join(p.message.content or "" for p in follow)
+    assert text == "Thanks! The tool returned: sunny, 22 C"
+
+
+def test_chat_tool_call_non_stream(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    c = client(proxy)
+    messages: list[Any] = [{"role": "user", "content": f"Weather? {marker()}"}]
+    reply = c.chat(model="demo-chat", messages=messages, tools=[WEATHER_TOOL], stream=False)
+    assert reply.done is True
+    (call,) = reply.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert call.function.arguments == {"city": "demo", "days": 1}
+    messages += [reply.message, {"role": "tool", "content": "rain", "tool_name": "get_weather"}]
+    answer = c.chat(model="demo-chat", messages=messages, tools=[WEATHER_TOOL], stream=False)
+    assert answer.message.content == "Thanks! The tool returned: rain"
+    assert not answer.message.tool_calls
+
+
+def test_python_function_as_tool(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """The client can derive the tool schema from a Python function (a common usage)."""
+
+    def add_two_numbers(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+          a: The first number
+          b: The second number
+        """
+        return a + b
+
+    c = client(proxy)
+    reply = c.chat(
+        model="demo-chat",
+        messages=[{"role": "user", "content": f"What is 1+1? {marker()}"}],
+        tools=[add_two_numbers],
+        stream=False,
+    )
+    (call,) = reply.message.tool_calls or []
+    assert call.function.name == "add_two_numbers"
+    assert add_two_numbers(**call.function.arguments) == 2
+
+
+async def test_async_chat_tool_call_stream(
+    proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
+) -> None:
+    c = aclient(proxy)
+    messages = [{"role": "user", "content": f"Weather? {marker()}"}]
+    stream = await c.chat(model="demo-chat", messages=messages, tools=[WEATHER_TOOL], stream=True)
+    parts = [p async for p in stream]
+    check_stream(parts)
+    (chunk,) = _tool_call_chunks(parts)
+    assert chunk.message.tool_calls[0].function.arguments == {"city": "demo", "days": 1}
+
+
+# ---- images --------------------------------------------------------------------------------
+
+
+class _Capture:
+    """An httpx request hook: remembers the exact bytes the ollama client sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def __call__(self, request: httpx.Request) -> None:
+        self.bodies.append(request.read())
+
+
+def _expected_backend_hash(client_body: bytes, kind: str) -> str:
+    body = json.loads(client_body)
+    convert = tr.ollama_chat_to_openai if kind == "chat" else tr.ollama_generate_to_openai
+    return hashlib.sha256(encode(convert(body, body["model"]))).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kind", ["chat", "generate"])
+def test_images_reach_the_backend_as_data_urls(
+    proxy: ServerProcess,
+    demo_backend: ServerProcess,
+    kind: str,
+    client: Callable[..., ollama.Client],
+) -> None:
+    request_id = uuid.uuid4().hex
+    capture = _Capture()
+    c = client(proxy, headers={"X-Request-ID": request_id}, event_hooks={"request": [capture]})
+    text = f"What is in this picture? [[tokens=3]] {marker()}"
+    if kind == "chat":
+        reply = c.chat(
+            model="demo-chat",
+            messages=[{"role": "user", "content": text, "images": [PNG_1X1]}],
+            stream=False,
+        )
+        assert reply.message.content == "Hello from the"
+    else:
+        reply = c.generate(model="demo-chat", prompt=text, images=[PNG_1X1], stream=False)
+        assert reply.response == "Hello from the"
+
+    # The client sent base64; the proxy must have turned it into an image_url data URL.
+    (sent,) = capture.bodies
+    body = json.loads(sent)
+    images = body["messages"][0]["images"] if kind == "chat" else body["images"]
+    assert images == [PNG_B64]
+    convert = tr.ollama_chat_to_openai if kind == "chat" else tr.ollama_generate_to_openai
+    translated = convert(body, "demo-chat")
+    parts = translated["messages"][-1]["content"]
+    assert {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}} in parts
+    # ... and the demo received exactly those bytes (the event log keeps a hash of the body).
+    (event,) = demo_events_for(demo_backend, request_id)
+    assert event["outcome"] == "completed"
+    assert event["body_hash"] == _expected_backend_hash(sent, kind)
+
+
+# ---- thinking ------------------------------------------------------------------------------
+
+
+def test_thinking_from_reasoning_model(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    c = client(proxy)
+    messages = [{"role": "user", "content": f"Think first [[tokens=4]] {marker()}"}]
+    whole = c.chat(model="demo-reasoner", messages=messages, think=True, stream=False)
+    assert whole.message.thinking == "Let me think about a friendly answer."
+    assert whole.message.content == "Hello from the trioproxy"
+
+    parts = list(c.chat(model="demo-reasoner", messages=messages, think=True, stream=True))
+    check_stream(parts)
+    assert "".join(p.message.thinking or "" for p in parts) == whole.message.thinking
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+
+    gen = c.generate(model="demo-reasoner", prompt=messages[0]["content"], think=True)
+    assert gen.thinking == whole.message.thinking
+    assert gen.response == whole.message.content
+
+
+# ---- embeddings ----------------------------------------------------------------------------
+
+
+def test_embed_string_and_list(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
+    c = client(proxy)
+    one = c.embed(model="demo-embed", input="hello world")
+    assert len(one.embeddings) == 1
+    assert len(one.embeddings[0]) == 8
+    assert isinstance(one.total_duration, int)
+    assert one.prompt_eval_count == 2
+
+    texts = ["alpha", "beta gamma", "hello world", "delta"]
+    many = c.embed(model="demo-embed", input=texts)
+    assert len(many.embeddings) == 4
+    # In order: the vector for "hello world" is the same whether alone or third in a batch,
+    # and every text gets its own (deterministic, distinct) vector.
+    assert many.embeddings[2] == one.embeddings[0]
+    assert len({tuple(v) for v in many.embeddings}) == 4
+    for text, vector in zip(texts, many.embeddings, strict=True):
+        assert c.embed(model="demo-embed", input=text).embeddings[0] == vector
+
+
+def test_legacy_embeddings(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
+    c = client(proxy)
+    legacy = c.embeddings(model="demo-embed", prompt="hello world")
+    assert len(legacy.embedding) == 8
+    assert list(legacy.embedding) == c.embed(model="demo-embed", input="hello world").embeddings[0]
+
+
+async def test_async_embed(
+    proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
+) -> None:
+    c = aclient(proxy)
+    result = await c.embed(model="demo-embed", input=["a", "b"])
+    assert len(result.embeddings) == 2
+
+
+# ---- model info ----------------------------------------------------------------------------
+
+
+def test_list_show_ps(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
+    c = client(proxy)
+    listed = c.list()
+    names = [m.model for m in listed.models]
+    assert {"demo-chat", "demo-reasoner", "demo-embed"} <= set(names)
+    for entry in listed.models:
+        assert entry.model
+        assert entry.modified_at is not None
+        assert entry.details is not None
+
+    shown = c.show("demo-chat")
+    assert shown.modelinfo is not None
+    assert "completion" in (shown.capabilities or [])
+    assert "tools" in (shown.capabilities or [])
+    assert "embedding" in (c.show("demo-embed").capabilities or [])
+
+    running = c.ps()
+    assert "demo-chat" in [m.model for m in running.models]
+    for entry in running.models:
+        assert entry.expires_at is not None
+
+
+async def test_async_list_show_ps(
+    proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
+) -> None:
+    c = aclient(proxy)
+    assert "demo-chat" in [m.model for m in (await c.list()).models]
+    assert (await c.show("demo-chat")).modelinfo is not None
+    assert (await c.ps()).models
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_404(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
+    c = client(proxy)
+    hi = [{"role": "user", "content": "hi"}]
+    calls: list[tuple[Callable[[], Any], bool]] = [
+        (lambda: c.chat(model="no-such-model", messages=hi), False),
+        (lambda: c.chat(model="no-such-model", messages=hi, stream=True), True),
+        (lambda: c.generate(model="no-such-model", prompt="hi"), False),
+        (lambda: c.generate(model="no-such-model", prompt="hi", stream=True), True),
+        (lambda: c.show("no-such-model"), False),
+        (lambda: c.embed(model="no-such-model", input="hi"), False),
+    ]
+    for call, streamed in calls:
+        with pytest.raises(ollama.ResponseError) as info:
+            result = call()
+            if streamed:
+                list(result)  # a stream raises when it is iterated
+        assert "no-such-model" in info.value.error
+
+
+async def test_async_unknown_model_is_404(
+    proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
+) -> None:
+    c = aclient(proxy)
+    with pytest.raises(ollama.ResponseError) as info:
+        await c.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 404
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_503_is_response_error_503(
+    proxy_no_retry: ServerProcess,
+    stream: bool,
+    demo_events: Callable[[], list[dict]],
+    client: Callable[..., ollama.Client],
+) -> None:
+    c = client(proxy_no_retry)
+    messages = [{"role": "user", "content": f"[[status=503]] {marker()}"}]
+    with pytest.raises(ollama.ResponseError) as info:
+        result = c.chat(model="demo-chat", messages=messages, stream=stream)
+        if stream:
+            list(result)  # type: ignore[arg-type]
+    assert info.value.status_code == 503
+    assert "simulated HTTP 503" in info.value.error
+
+
+def test_mid_stream_failure_is_response_error(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """A backend that breaks mid-stream: the client gets the text so far, then ResponseError
+    (an in-band error line, status -1), never a JSON decode error."""
+    c = client(proxy)
+    messages = [{"role": "user", "content": f"[[drop_after=3]] {marker()}"}]
+    received: list[str] = []
+    with pytest.raises(ollama.ResponseError) as info:
+        for part in c.chat(model="demo-chat", messages=messages, stream=True):
+            received.append(part.message.content or "")
+    assert "".join(received) == "Hello from the"
+    assert info.value.status_code == -1
+    assert "mid-stream" in info.value.error
