@@ -17,13 +17,13 @@ Modes (``spec["mode"]``):
     ``conc`` connections, each sending the next request as soon as the previous response
     is complete (closed loop). ``warmup`` s unrecorded, then ``duration`` s (or ``count``
     completions) recorded. With ``stream`` the responses are streams: chunks are counted
-    (``chunk``: "sse" events or "ndjson" lines, after de-chunking) and the time to the first response byte
-    (TTFB) and to the first body byte (TTFC) is recorded per stream.
+    (``chunk``: "sse" events or "ndjson" lines, after de-chunking) and the time to the first
+    response byte (TTFB) and to the first body byte (TTFC) is recorded per stream.
 ``hold``
     Open ``streams`` long streams (ramped at ``ramp_per_s``), wait until every one has sent
     its first body byte, then time ``probe_count`` fresh requests on another connection;
-    the same probe runs once before the streams open (``idle``). Streams then run to their
-    end; every one that does not end cleanly is an error.
+    the same probe runs once before the streams open (``idle``). Hold ``hold_seconds``
+    more, then close every stream; one that ended or failed before that is an error.
 ``disconnect``
     ``count`` streams, ``conc`` at a time, each on a fresh connection with its own
     ``X-Request-ID``: read ``after_chunks`` chunks, note ``time.time()``, close the socket.
@@ -93,6 +93,7 @@ class Conn:
     ``on_done(conn, ok)``; it sends the next request itself."""
 
     __slots__ = (
+        "bad",
         "buf",
         "carry",
         "chunked",
@@ -133,6 +134,7 @@ class Conn:
         self.first_byte = 0.0
         self.first_body = 0.0
         self.close_after = False
+        self.bad = False
 
     def send(self, data: bytes, now: float) -> None:
         self._reset()
@@ -197,6 +199,8 @@ class Conn:
     def _payload(self, piece: bytes) -> None:
         if not self.first_body:
             self.first_body = perf()
+        if b'"error"' in piece:
+            self.bad = True  # an in-band error line or event
         sep = self.sep
         if sep is None:
             return
@@ -441,7 +445,9 @@ class Closed:
         probe = None
         if spec.get("probe"):
             p = spec["probe"]
-            probe = Probe(self.loop, self.addr, build_request(*self.addr, p), p.get("interval", 0.1))
+            probe = Probe(
+                self.loop, self.addr, build_request(*self.addr, p), p.get("interval", 0.1)
+            )
         conns = [Conn(self.addr, self, self.sep) for _ in range(conc)]
         start = perf()
         for c in conns:
@@ -507,7 +513,10 @@ class Closed:
 
 
 class Hold:
-    """Hold many streams open, then time fresh requests next to them."""
+    """Hold many streams open, time fresh requests next to them, then walk away from all.
+
+    An error is a stream that got a non-200 status, an in-band error, no first chunk, or
+    that ended (or broke) before the generator closed it; plus failed connects."""
 
     def __init__(self, spec: dict) -> None:
         self.spec = spec
@@ -515,13 +524,13 @@ class Hold:
         self.stream_req = build_request(*self.addr, spec["stream_request"])
         self.probe_req = build_request(*self.addr, spec["probe"])
         self.loop = Loop()
-        self.open_streams = 0
+        self.streams: list[Conn] = []
         self.first_seen = 0
-        self.completed = 0
-        self.errors = 0
+        self.ended_early = 0
         self.connect_errors = 0
         self.events = 0
         self.error_statuses: dict[int, int] = {}
+        self.probe_errors = 0
 
     def on_head(self, conn: Conn) -> None:
         if conn.status != 200:
@@ -533,11 +542,8 @@ class Hold:
         self.events += n
 
     def on_done(self, conn: Conn, ok: bool) -> None:
-        if ok and conn.status == 200:
-            self.completed += 1
-        else:
-            self.errors += 1
-        self.open_streams -= 1
+        self.ended_early += 1
+        conn.tag = "ended"
         self.loop.drop(conn)
 
     def _probe(self, n: int, watch: Watch) -> list[float]:
@@ -548,8 +554,14 @@ class Hold:
             now = perf()
             self.loop.poll(min(probe.tick(now), watch.tick(now), 0.05))
         probe.close()
-        self.probe_errors = getattr(self, "probe_errors", 0) + probe.errors
+        self.probe_errors += probe.errors
         return probe.lat
+
+    def _wait(self, seconds: float, watch: Watch, until=None) -> None:
+        deadline = perf() + seconds
+        while perf() < deadline and not (until and until()):
+            now = perf()
+            self.loop.poll(min(0.05, watch.tick(now), max(0.0, deadline - now)))
 
     def run(self) -> dict:
         spec = self.spec
@@ -566,53 +578,60 @@ class Hold:
             now = perf()
             due = min(n, int((now - t0) * ramp) + 1)
             while opened < due:
+                opened += 1
                 try:
                     c = Conn(self.addr, self, sep)
                 except OSError:
                     self.connect_errors += 1
-                    self.errors += 1
-                    opened += 1
                     continue
                 self.loop.add(c)
                 c.send(self.stream_req, now)
-                opened += 1
-                self.open_streams += 1
+                self.streams.append(c)
             self.loop.poll(min(0.005, watch.tick(now)))
-        deadline = perf() + float(spec.get("first_chunk_timeout", 30))
-        while self.first_seen + self.errors < n and perf() < deadline:
-            now = perf()
-            self.loop.poll(min(0.05, watch.tick(now)))
+        t_sent = perf() - t0
+        self._wait(
+            float(spec.get("first_chunk_timeout", 60)),
+            watch,
+            until=lambda: self.first_seen + self.ended_early >= len(self.streams),
+        )
         t_all_open = perf() - t0
-        open_at_probe = self.open_streams
+        open_at_probe = len(self.loop.conns)
         rss_open = watch.rss()
         busy = self._probe(probes, watch)
         rss_open = max(rss_open, watch.rss())
-        still_open_after_probe = self.open_streams
-        deadline = perf() + float(spec.get("finish_timeout", 120))
-        while self.open_streams > 0 and perf() < deadline:
-            now = perf()
-            self.loop.poll(min(0.05, watch.tick(now)))
-        unfinished = self.open_streams
-        self.errors += unfinished
+        self._wait(float(spec.get("hold_seconds", 5)), watch)
+        rss_open = max(rss_open, max((s[1] for s in watch.samples), default=0))
+        no_first = sum(1 for c in self.streams if not c.events and c.tag != "ended")
+        in_band = sum(1 for c in self.streams if c.bad)
+        still_open = sum(1 for c in self.streams if c.tag != "ended")
+        t_close = perf()
         for c in list(self.loop.conns.values()):
             self.loop.drop(c)
+        bad_status = sum(self.error_statuses.values())
+        errors = self.connect_errors + self.ended_early + no_first + in_band + bad_status
+        # the proxy's memory once every client is gone
+        self._wait(float(spec.get("after_seconds", 2)), watch)
         return {
             "mode": "hold",
             "streams": n,
+            "sent_after_s": t_sent,
             "all_open_after_s": t_all_open,
             "open_during_probe": open_at_probe,
-            "open_after_probe": still_open_after_probe,
-            "completed": self.completed,
-            "errors": self.errors,
+            "still_open_at_close": still_open,
+            "held_s": t_close - t0,
+            "errors": errors,
             "connect_errors": self.connect_errors,
-            "unfinished": unfinished,
+            "ended_early": self.ended_early,
+            "no_first_chunk": no_first,
+            "in_band_errors": in_band,
             "error_statuses": {str(k): v for k, v in self.error_statuses.items()},
-            "probe_errors": getattr(self, "probe_errors", 0),
+            "probe_errors": self.probe_errors,
             "chunks": self.events,
             "idle_ms": percentiles(idle),
             "busy_ms": percentiles(busy),
             "rss_idle": rss_idle,
             "rss_open": rss_open,
+            "rss_after_close": watch.rss(),
             "rss_samples": watch.samples,
         }
 

@@ -66,7 +66,7 @@ class Plan:
     ttfb_cell: float = 3.0
     disconnects: int = 200
     hold_streams: int = 1000
-    hold_tokens: int = 25
+    hold_seconds: float = 10.0  # after all are open and the probe ran
     hold_delay: float = 1.0
     rounds: int = 4  # metrics on/off and 1 vs 2 workers, alternated
     round_cell: float = 4.0
@@ -86,7 +86,7 @@ class Plan:
             stream_cell=2.0,
             ttfb_cell=1.0,
             disconnects=40,
-            hold_tokens=6,
+            hold_seconds=1.0,
             rounds=2,
             round_cell=1.0,
             drift_requests=10_000,
@@ -281,9 +281,12 @@ def machine_info() -> dict[str, Any]:
     nginx = servers.nginx_path()
     commit = None
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         pass
     try:
@@ -343,6 +346,7 @@ class Bench:
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     started: list[Server] = field(default_factory=list)
+    only: set[str] = field(default_factory=set)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -376,7 +380,9 @@ class Bench:
         try:
             fn()
         except Exception as exc:  # one broken scenario must not lose the others
-            self.results.setdefault("scenarios", {})[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            self.results.setdefault("scenarios", {})[name] = {
+                "error": f"{type(exc).__name__}: {exc}"
+            }
             self.note(f"scenario {name} failed: {type(exc).__name__}: {exc}")
         finally:
             self.results.setdefault("step_seconds", {})[name] = round(time.monotonic() - t0, 1)
@@ -389,7 +395,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        busy0, total0 = _cpu_busy_jiffies()
+        busy0, _ = _cpu_busy_jiffies()
         self_cpu0 = _own_cpu()
         self.results["machine"] = machine_info()
         self.results["mode"] = "quick" if self.plan.quick else "full"
@@ -397,20 +403,23 @@ class Bench:
         self.progress.start()
         try:
             self.step("start", self._start_servers, "starting nginx, demo, bare ASGI, proxies")
-            if self.fixed is not None:
-                self.step("ceiling", self.s_ceiling, "generator ceiling (direct to the backend)")
-                self.step("nonstream", self.s_nonstream, "3a/3i non-streaming, c=1..64")
-                self.step("stream", self.s_stream, "3b streaming relay")
-                self.step("disconnect", self.s_disconnect, "3d client disconnect")
-                self.step("metrics_onoff", self.s_metrics_onoff, "3e metrics on vs off")
-                self.step("scrape", self.s_scrape, "3g scrape under load")
-                self.step("drift", self.s_drift, f"3f RSS drift, {self.plan.drift_requests} requests")
-                self.step("workers", self.s_workers, "3h 1 vs 2 workers")
-                self.step("hold", self.s_hold, f"3c {self.plan.hold_streams} open streams")
+            for name, fn, label in (
+                ("ceiling", self.s_ceiling, "generator ceiling (direct to the backend)"),
+                ("nonstream", self.s_nonstream, "3a/3i non-streaming, c=1..64"),
+                ("stream", self.s_stream, "3b streaming relay"),
+                ("disconnect", self.s_disconnect, "3d client disconnect"),
+                ("metrics_onoff", self.s_metrics_onoff, "3e metrics on vs off"),
+                ("scrape", self.s_scrape, "3g scrape under load"),
+                ("drift", self.s_drift, f"3f RSS drift, {self.plan.drift_requests} requests"),
+                ("workers", self.s_workers, "3h 1 vs 2 workers"),
+                ("hold", self.s_hold, f"3c {self.plan.hold_streams} open streams"),
+            ):
+                if self.fixed is not None and (not self.only or name in self.only):
+                    self.step(name, fn, label)
         finally:
             self.stop_all()
             self.progress.close()
-        busy1, total1 = _cpu_busy_jiffies()
+        busy1, _ = _cpu_busy_jiffies()
         elapsed = time.monotonic() - t0
         ours = _own_cpu() - self_cpu0
         tck = os.sysconf("SC_CLK_TCK")
@@ -494,7 +503,9 @@ class Bench:
                     "p50": sub(p(r, "latency_ms", "p50"), p(d, "latency_ms", "p50")),
                     "p99": sub(p(r, "latency_ms", "p99"), p(d, "latency_ms", "p99")),
                     "rps": r["rps"],
-                    "cpu_ms_per_req": (r["cpu_s"] / r["completed"] * 1000) if r["completed"] else None,
+                    "cpu_ms_per_req": (r["cpu_s"] / r["completed"] * 1000)
+                    if r["completed"]
+                    else None,
                 }
         self.put("nonstream", {"cells": _str_keys(rows), "added": _str_keys(added)})
 
@@ -548,10 +559,18 @@ class Bench:
         added = {}
         for path in (V1, OLLAMA):
             added[path] = {
-                "ttfb_p50": sub(p(ttfb[path], "ttfb_ms", "p50"), p(ttfb["direct"], "ttfb_ms", "p50")),
-                "ttfb_p99": sub(p(ttfb[path], "ttfb_ms", "p99"), p(ttfb["direct"], "ttfb_ms", "p99")),
-                "ttfc_p50": sub(p(ttfb[path], "ttfc_ms", "p50"), p(ttfb["direct"], "ttfc_ms", "p50")),
-                "ttfc_p99": sub(p(ttfb[path], "ttfc_ms", "p99"), p(ttfb["direct"], "ttfc_ms", "p99")),
+                "ttfb_p50": sub(
+                    p(ttfb[path], "ttfb_ms", "p50"), p(ttfb["direct"], "ttfb_ms", "p50")
+                ),
+                "ttfb_p99": sub(
+                    p(ttfb[path], "ttfb_ms", "p99"), p(ttfb["direct"], "ttfb_ms", "p99")
+                ),
+                "ttfc_p50": sub(
+                    p(ttfb[path], "ttfc_ms", "p50"), p(ttfb["direct"], "ttfc_ms", "p50")
+                ),
+                "ttfc_p99": sub(
+                    p(ttfb[path], "ttfc_ms", "p99"), p(ttfb["direct"], "ttfc_ms", "p99")
+                ),
                 "ttfb_p50_loaded": sub(
                     p(relay[path], "ttfb_ms", "p50"), p(relay["direct"], "ttfb_ms", "p50")
                 ),
@@ -622,7 +641,9 @@ class Bench:
     def s_metrics_onoff(self) -> None:
         plan = self.plan
         off = self.start(
-            servers.start_proxy(self.fixed.url + "/v1", name="proxy-metrics-off", METRICS_ENABLED="false")
+            servers.start_proxy(
+                self.fixed.url + "/v1", name="proxy-metrics-off", METRICS_ENABLED="false"
+            )
         )
         reqs = [NONSTREAM[V1], NONSTREAM[OLLAMA]]
         rounds = []
@@ -637,7 +658,9 @@ class Bench:
                                watch=[server.pid])  # fmt: skip
                     row[name] = {
                         "rps": r["rps"],
-                        "cpu_ms_per_req": r["cpu_s"] / r["completed"] * 1000 if r["completed"] else None,
+                        "cpu_ms_per_req": r["cpu_s"] / r["completed"] * 1000
+                        if r["completed"]
+                        else None,
                         "p50": p(r, "latency_ms", "p50"),
                         "p99": p(r, "latency_ms", "p99"),
                         "errors": r["errors"],
@@ -790,7 +813,8 @@ class Bench:
         plan = self.plan
         fresh = self.start(servers.start_proxy(self.demo.url + "/v1", name="proxy-hold"))
         try:
-            directives = f"[[tokens={plan.hold_tokens}]][[delay={plan.hold_delay}]]"
+            # streams far longer than the test: the generator closes them itself
+            directives = f"[[tokens=100000]][[delay={plan.hold_delay}]]"
             # a few requests so the idle probe is not the first request ever
             closed(fresh, [NONSTREAM[OLLAMA]], 1, duration=0.5, warmup=0.2)
             r = loadgen(
@@ -806,14 +830,14 @@ class Bench:
                     "probe_interval": 0.02,
                     "watch_pids": [fresh.pid],
                     "rss_interval": 0.25,
-                    "finish_timeout": plan.hold_tokens * plan.hold_delay + 60,
+                    "hold_seconds": plan.hold_seconds,
+                    "first_chunk_timeout": 60,
                 },
-                timeout=plan.hold_tokens * plan.hold_delay + 180,
+                timeout=plan.hold_seconds + 240,
             )
         finally:
             self.stop(fresh)
         r["token_delay_s"] = plan.hold_delay
-        r["tokens"] = plan.hold_tokens
         r["latency_ratio_p50"] = ratio(p(r, "busy_ms", "p50"), p(r, "idle_ms", "p50"))
         r["latency_ratio_p99"] = ratio(p(r, "busy_ms", "p99"), p(r, "idle_ms", "p99"))
         self.put("hold", r)
@@ -845,3 +869,121 @@ def _str_keys(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _str_keys(v) for k, v in obj.items()}
     return obj
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+PROFILE_CASES = (
+    ("nonstream_v1", "non-stream /v1/chat/completions, c=16"),
+    ("nonstream_ollama", "non-stream /api/chat, c=16"),
+    ("stream_v1", "stream /v1/chat/completions (relayed), 32 streams"),
+    ("stream_ollama", "stream /api/chat (translated), 32 streams"),
+    ("scrape", "GET /v1/metrics/prometheus back to back, full window"),
+)
+
+
+def py_spy_path() -> str | None:
+    import shutil
+
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+class Profiler(Bench):
+    """``python -m bench --profile``: py-spy on the proxy under each kind of load.
+
+    Writes the raw folded stacks per case and a breakdown by layer (see
+    :func:`bench.report.profile_breakdown`), with CPU time per request or chunk so the
+    percentages turn into microseconds."""
+
+    seconds: float = 8.0
+
+    def run(self) -> dict[str, Any]:
+        spy = py_spy_path()
+        self.results["machine"] = machine_info()
+        self.results["mode"] = "profile"
+        if spy is None:
+            self.note("py-spy is not installed (.venv/bin/pip install py-spy): nothing profiled")
+            self.results["notes"] = self.notes
+            return self.results
+        self.progress.start()
+        try:
+            self.step("start", self._start_servers, "starting servers")
+            for name, label in PROFILE_CASES:
+                self.step(name, lambda n=name: self._profile(spy, n), label)
+        finally:
+            self.stop_all()
+            self.progress.close()
+        self.results["notes"] = self.notes
+        return self.results
+
+    def _profile(self, spy: str, name: str) -> None:
+        plan = self.plan
+        stream_dir = f"[[tokens={plan.stream_tokens}]][[delay={plan.stream_delay}]]"
+        if name.startswith("nonstream"):
+            server = self.proxy
+            path = V1 if name.endswith("v1") else OLLAMA
+            spec = {"requests": [NONSTREAM[path]], "conc": 16}
+        elif name.startswith("stream"):
+            server = self.proxy_stream
+            path = V1 if name.endswith("v1") else OLLAMA
+            spec = {
+                "requests": [chat_request(path, stream=True, directives=stream_dir)],
+                "conc": plan.stream_conc,
+                "stream": True,
+                "chunk": "sse" if path == V1 else "ndjson",
+            }
+        else:
+            server = self.proxy
+            closed(server, [NONSTREAM[V1]], 16, duration=1.5, warmup=0.2)  # fill the window
+            spec = {"requests": [{"method": "GET", "path": PROM}], "conc": 1}
+        out_dir = Path(self.results.get("out", "/tmp"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raw = out_dir / f"profile-{name}.txt"
+        full = {
+            **target_of(server),
+            "mode": "closed",
+            "duration": self.seconds + 1.0,
+            "warmup": 1.0,
+            "watch_pids": [server.pid],
+            **spec,
+        }
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        gen = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        assert gen.stdin is not None
+        gen.stdin.write(json.dumps(full))
+        gen.stdin.close()
+        time.sleep(1.3)
+        spy_out = subprocess.run(
+            [spy, "record", "--pid", str(server.pid), "--duration", str(int(self.seconds)),
+             "--rate", "200", "--format", "raw", "--output", str(raw)],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert gen.stdout is not None
+        result = json.loads(gen.stdout.read())
+        gen.wait()
+        if spy_out.returncode != 0 or not raw.exists():
+            raise RuntimeError(f"py-spy failed: {spy_out.stderr[-500:]}")
+        from .report import profile_breakdown
+
+        units = result.get("chunks") or result["completed"]
+        self.put(
+            name,
+            {
+                "raw": str(raw),
+                "rps": result["rps"],
+                "chunks_per_s": result.get("chunks_per_s"),
+                "cpu_us_per_unit": result["cpu_s"] / units * 1e6 if units else None,
+                "unit": "chunk" if result.get("chunks") else "request",
+                "breakdown": profile_breakdown(raw),
+            },
+        )

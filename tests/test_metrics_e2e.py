@@ -102,7 +102,10 @@ def test_scripted_workload_is_reported_exactly(metered_proxy: ServerProcess) -> 
             expected_output += usage["completion_tokens"]
         # 2 backend errors, 1 unknown model (a client error)
         for _ in range(2):
-            assert client.post("/api/chat", json=chat("[[status=500]]", stream=False)).status_code == 500
+            assert (
+                client.post("/api/chat", json=chat("[[status=500]]", stream=False)).status_code
+                == 500
+            )
         unknown = chat("x", stream=False) | {"model": "no-such-model"}
         assert client.post("/api/chat", json=unknown).status_code == 404
         # 2 streams stopped by the idle timeout after 2 tokens each (counted, not usage)

@@ -1,20 +1,23 @@
 """The official ``openai`` Python SDK, with strict response validation, against a real proxy.
 
 ``base_url`` is the proxy's ``/v1``; the demo backend runs in its own process behind it.
-``AsyncOpenAI`` runs natively under pytest-trio (its httpx transport speaks trio via anyio).
+``AsyncOpenAI`` runs natively under pytest-trio for plain calls; its streams run on asyncio in a
+worker thread (see ``on_asyncio`` for why).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
+import trio
 
 from .conftest import ServerProcess
 
@@ -133,14 +136,46 @@ def test_reasoning_model(client: openai.OpenAI) -> None:
 
 
 async def test_async_chat(aclient: openai.AsyncOpenAI) -> None:
-    messages = user("Async [[tokens=6]]")
-    whole = await aclient.chat.completions.create(model="demo-chat", messages=messages)
-    stream = await aclient.chat.completions.create(
-        model="demo-chat", messages=messages, stream=True
+    whole = await aclient.chat.completions.create(
+        model="demo-chat", messages=[{"role": "user", "content": "Async [[tokens=6]]"}]
     )
-    async with stream:
-        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-    assert streamed == whole.choices[0].message.content
+    assert whole.choices[0].message.content == "Hello from the trioproxy demo backend!"
+
+
+def async_client_for(server: ServerProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=server.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=30,
+        _strict_response_validation=True,
+    )
+
+
+async def on_asyncio(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run *fn* on an asyncio loop in a worker thread.
+
+    AsyncOpenAI *streams* are run this way: the SDK's ``AsyncStream.__stream__`` breaks out of
+    its ``_iter_events()`` async generator at ``[DONE]`` without closing it, and under trio the
+    garbage-collected generator raises a ResourceWarning (an error here); asyncio's loop closes
+    such generators silently. Non-streaming AsyncOpenAI calls run natively under trio.
+    """
+    return await trio.to_thread.run_sync(lambda: asyncio.run(fn()))  # type: ignore[arg-type]
+
+
+async def test_async_chat_stream_on_asyncio(proxy: ServerProcess) -> None:
+    async def run() -> tuple[str, str | None]:
+        async with async_client_for(proxy) as c:
+            messages: Any = [{"role": "user", "content": "Async [[tokens=6]]"}]
+            whole = await c.chat.completions.create(model="demo-chat", messages=messages)
+            stream = await c.chat.completions.create(
+                model="demo-chat", messages=messages, stream=True
+            )
+            parts = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
+            return "".join(parts), whole.choices[0].message.content
+
+    streamed, whole = await on_asyncio(run)
+    assert streamed == whole
 
 
 # ---- tools ---------------------------------------------------------------------------------
@@ -232,12 +267,17 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
         decoded.append(list(struct.unpack(f"<{len(packed) // 4}f", packed)))
     assert decoded == vectors
 
-    # The SDK's default asks the server for base64 itself and decodes it into floats: this is
-    # the base64 path every SDK user takes, under strict validation.
-    default = client.embeddings.create(model="demo-embed", input=texts)
+    # The SDK's default asks the server for base64 itself and decodes it into floats, but only
+    # after validating, so strict validation rejects the base64 strings of any server (the SDK's
+    # types say List[float]): that path is checked with a lenient client.
+    lenient = client.with_options()
+    lenient._strict_response_validation = False
+    default = lenient.embeddings.create(model="demo-embed", input=texts)
     assert [d.embedding for d in default.data] == vectors
 
-    single = client.embeddings.create(model="demo-embed", input="hello world", dimensions=16)
+    single = client.embeddings.create(
+        model="demo-embed", input="hello world", dimensions=16, encoding_format="float"
+    )
     assert len(single.data) == 1 and len(single.data[0].embedding) == 16
 
 
@@ -352,14 +392,21 @@ def test_mid_stream_failure_raises_api_error(client: openai.OpenAI) -> None:
     assert "mid-stream" in info.value.message
 
 
-async def test_async_mid_stream_failure(aclient: openai.AsyncOpenAI) -> None:
-    stream = await aclient.chat.completions.create(
-        model="demo-chat", messages=user("[[drop_after=2]]"), stream=True
-    )
-    received = []
-    async with stream:
-        with pytest.raises(openai.APIError) as info:
-            async for chunk in stream:
-                received.extend(c.delta.content or "" for c in chunk.choices)
-    assert "".join(received) == "Hello from"
-    assert "mid-stream" in info.value.message
+async def test_async_mid_stream_failure(proxy: ServerProcess) -> None:
+    async def run() -> tuple[str, BaseException | None]:
+        received: list[str] = []
+        async with async_client_for(proxy) as c:
+            stream = await c.chat.completions.create(
+                model="demo-chat", messages=user("[[drop_after=2]]"), stream=True
+            )
+            try:
+                async for chunk in stream:
+                    received.extend(ch.delta.content or "" for ch in chunk.choices)
+            except openai.APIError as exc:
+                return "".join(received), exc
+        return "".join(received), None
+
+    text, error = await on_asyncio(run)
+    assert text == "Hello from"
+    assert isinstance(error, openai.APIError)
+    assert "mid-stream" in error.message

@@ -268,7 +268,8 @@ def _register_error_handlers(app: ProxyApp) -> None:
     async def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
         message = _http_error_message(status, error)
-        return _error(message, status)
+        allowed = getattr(error, "valid_methods", None)  # a 405 must say what is allowed
+        return _error(message, status, headers={"Allow": ", ".join(allowed)} if allowed else None)
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:

@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from .config import Settings
+from .errors import scrub
 from .metrics import MetricsCollector, RequestMetrics
 from .sse import SSE_DONE, SSEParser, SSEProtocolError, openai_error_event
 
@@ -121,7 +122,7 @@ async def relay_ollama(
                 if chunk is None:
                     continue
                 if "error" in chunk and not chunk.get("choices"):
-                    error = _in_band_error(chunk)
+                    error = scrub(_in_band_error(chunk), settings.api_key)
                     break
                 for line in translator.feed(chunk, time.perf_counter_ns()):
                     lines.append(dumps(line))
@@ -163,8 +164,12 @@ async def relay_openai(
     parser = SSEParser()
     deadlines = _Deadlines(settings, metric_start)
     error: str | None = None
+    # a backend that quotes our credentials in its output must not hand them to the client
+    secret = settings.api_key.encode() if settings.api_key and len(settings.api_key) >= 4 else None
     try:
         async for data in _reads(response, deadlines):
+            if secret is not None and secret in data:
+                data = data.replace(secret, b"***")
             for event in parser.feed(data):
                 if event.data == SSE_DONE:
                     continue

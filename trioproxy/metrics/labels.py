@@ -43,7 +43,9 @@ UNTRACKED_PATHS: frozenset[str] = frozenset(
     }
 )
 
-METHOD_LABELS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+METHOD_LABELS: frozenset[str] = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
+)
 
 API_LABELS: frozenset[str] = frozenset({"ollama", "openai", OTHER})
 

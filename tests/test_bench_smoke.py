@@ -1,0 +1,147 @@
+"""The benchmark's machinery works (fast: the real bench is ``python -m bench``, not a test).
+
+- the load generator, as its own process, against the demo backend for ~1 s: sane numbers
+  for a closed loop, for streams (chunks, time to first byte) and for disconnects (the
+  demo's event log sees every close);
+- ``python -m bench --help``;
+- the report renders a table from partial results without inventing figures;
+- without nginx the bench falls back to the bare ASGI app as the fixed backend and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from bench import report, scenarios, servers
+from bench.loadgen import percentiles
+
+
+@pytest.fixture(scope="module")
+def demo():
+    server = servers.start_demo(token_delay=0.002)
+    yield server
+    server.stop()
+
+
+def run_loadgen(spec: dict) -> dict:
+    return scenarios.loadgen(spec, timeout=60)
+
+
+def test_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=servers.ROOT,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout and "--out" in out.stdout
+
+
+def test_closed_loop_against_demo(demo: servers.Server) -> None:
+    result = run_loadgen(
+        {
+            "host": demo.host,
+            "port": demo.port,
+            "conc": 4,
+            "warmup": 0.2,
+            "duration": 1.0,
+            "requests": [scenarios.NONSTREAM[scenarios.V1]],
+            "watch_pids": [demo.pid],
+        }
+    )
+    assert result["errors"] == 0
+    assert 0.9 < result["seconds"] < 1.5
+    assert result["completed"] > 50  # the demo answers ~1k/s; anything alive passes
+    lat = result["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"] < 1000
+    assert result["rps"] == pytest.approx(result["completed"] / result["seconds"])
+    assert 0 < result["cpu_s"] < 3 and result["rss_end"] > 10 * 1024 * 1024
+
+
+def test_streams_count_chunks(demo: servers.Server) -> None:
+    req = scenarios.chat_request(
+        scenarios.V1, stream=True, directives="[[tokens=20]][[delay=0.002]]"
+    )
+    result = run_loadgen(
+        {
+            "host": demo.host,
+            "port": demo.port,
+            "conc": 4,
+            "warmup": 0.1,
+            "duration": 1.0,
+            "stream": True,
+            "chunk": "sse",
+            "requests": [req],
+        }
+    )
+    assert result["errors"] == 0
+    assert result["completed"] > 4
+    # role chunk + 20 tokens + finish + [DONE] (+ usage): ~23 events per stream
+    per_stream = result["chunks"] / max(result["completed"], 1)
+    assert 15 < per_stream < 40
+    assert 0 < result["ttfb_ms"]["p50"] <= result["latency_ms"]["p50"]
+
+
+def test_disconnects_reach_the_backend(demo: servers.Server) -> None:
+    base = demo.url
+    urllib.request.urlopen(urllib.request.Request(base + "/_demo/reset", data=b"", method="POST"))
+    req = scenarios.chat_request(
+        scenarios.V1, stream=True, directives="[[tokens=500]][[delay=0.01]]"
+    )
+    result = run_loadgen(
+        {
+            "host": demo.host,
+            "port": demo.port,
+            "mode": "disconnect",
+            "request": req,
+            "count": 5,
+            "conc": 5,
+            "after_chunks": 2,
+            "chunk": "sse",
+            "id_prefix": "smoke",
+        }
+    )
+    assert result["errors"] == 0 and len(result["closed"]) == 5
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        events = json.loads(urllib.request.urlopen(base + "/_demo/events").read())["events"]
+        seen = {e["request_id"]: e for e in events if e["outcome"] == "disconnected"}
+        if all(c["request_id"] in seen for c in result["closed"]):
+            break
+        time.sleep(0.05)
+    for c in result["closed"]:
+        delta = seen[c["request_id"]]["ended"] - c["closed_at"]
+        assert -0.05 < delta < 2.0
+
+
+def test_percentiles() -> None:
+    stats = percentiles([float(i) for i in range(1, 101)])
+    assert stats["p50"] == pytest.approx(50.5) and stats["max"] == 100.0 and stats["n"] == 100
+    assert percentiles([])["p50"] is None
+
+
+def test_report_with_partial_results() -> None:
+    table = report.text_table({"mode": "quick", "scenarios": {}, "notes": ["hello"]})
+    assert "n/a" in table and "PASS" not in table and "note: hello" in table
+    assert len(report.target_rows({})) >= 19
+
+
+def test_falls_back_to_bare_asgi_without_nginx(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servers, "nginx_path", lambda: None)
+    plan = scenarios.Plan.make(quick=True)
+    progress = scenarios.Progress([("start", 1), ("ceiling", 1)], enabled=False)
+    bench = scenarios.Bench(plan, progress, only={"ceiling"})
+    results = bench.run()
+    assert "FALLBACK" in results["servers"]["fixed_backend"]
+    assert any("nginx is not installed" in n for n in results["notes"])
+    ceiling = results["scenarios"]["ceiling"]
+    assert ceiling["c64"]["errors"] == 0 and ceiling["c64"]["rps"] > 50
+    assert "FALLBACK" in report.text_table(results)

@@ -1,0 +1,479 @@
+"""The command line and configuration, as a user meets them: real subprocesses.
+
+``python -m trioproxy`` / the ``trioproxy`` console script / ``hypercorn ... create_app()``,
+configured by flags, the environment and a ``.env`` file; startup errors; and the upstream API
+key never leaking into a response or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from trioproxy import __version__
+from trioproxy.config import ENV_NAMES
+
+from .conftest import ROOT, ServerProcess, base_env, closed_port_url, wait_healthy
+
+StartProxy = Callable[..., ServerProcess]
+BIN = Path(sys.executable).parent
+SECRET = "sk-secret-XYZ123"
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, program: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = program or [sys.executable, "-m", "trioproxy"]
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env=env if env is not None else base_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def main_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *args: str,
+    **env: str,
+) -> tuple[int, str]:
+    """``trioproxy.cli.main`` in this process (fast) for settings that fail validation, which
+    happens before anything is served; returns (exit code, stderr)."""
+    from trioproxy import cli
+
+    for name in list(os.environ):
+        if name.startswith(("OPENAI_", "PROXY_")) or name in ENV_NAMES:
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = cli.main(["--env-file", "/nonexistent", *args])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return code, captured.err
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip("\n").split("\n")
+    assert len(lines) == 1, f"expected exactly one line on stderr, got: {stderr!r}"
+    return lines[0]
+
+
+def chat(url: str, text: str = "hi [[tokens=3]]", **extra: object) -> httpx.Response:
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": text}], **extra}
+    return httpx.post(url + "/api/chat", json={"stream": False, **body}, timeout=10)
+
+
+# ---- startup errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("program", ["module", "console-script"])
+def test_no_upstream_exits_2_with_one_line(tmp_path: Path, program: str) -> None:
+    command = [str(BIN / "trioproxy")] if program == "console-script" else None
+    result = run_cli("--env-file", str(tmp_path / "none.env"), cwd=tmp_path, program=command)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    line = one_line(result.stderr)
+    assert "OPENAI_API_BASE_URL" in line
+    assert "--demo" in line
+
+
+def test_empty_upstream_is_like_none(tmp_path: Path) -> None:
+    result = run_cli(cwd=tmp_path, env=base_env(OPENAI_API_BASE_URL=""))
+    assert result.returncode == 2
+    assert "OPENAI_API_BASE_URL" in one_line(result.stderr)
+
+
+def test_bad_upstream_url_subprocess(tmp_path: Path) -> None:
+    url = "ftp://example.com/v1"
+    result = run_cli(cwd=tmp_path, env=base_env(OPENAI_API_BASE_URL=url))
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert "OPENAI_API_BASE_URL" in line and url in line
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/v1", "not a url", "http://", "http://127.0.0.1:99999/v1"]
+)
+def test_bad_upstream_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url)
+    assert code == 2
+    line = one_line(err)
+    assert "OPENAI_API_BASE_URL" in line and url in line
+    # the same through the flag
+    code, err = main_in_process(monkeypatch, capsys, "--upstream", url)
+    assert code == 2
+    assert url in one_line(err)
+
+
+def test_bad_mapping_file_subprocess(tmp_path: Path) -> None:
+    path = tmp_path / "missing.json"
+    env = base_env(OPENAI_API_BASE_URL="http://127.0.0.1:1/v1", MODEL_MAPPING_FILE=str(path))
+    result = run_cli(cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert "MODEL_MAPPING_FILE" in line and str(path) in line
+
+
+@pytest.mark.parametrize("problem", ["missing", "directory", "not-json", "not-object", "bad-value"])
+def test_bad_mapping_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    problem: str,
+) -> None:
+    path = tmp_path / "mapping.json"
+    if problem == "directory":
+        path.mkdir()
+    elif problem == "not-json":
+        path.write_text("{llama3: demo-chat")
+    elif problem == "not-object":
+        path.write_text('["llama3"]')
+    elif problem == "bad-value":
+        path.write_text('{"llama3": 3}')
+    code, err = main_in_process(
+        monkeypatch,
+        capsys,
+        OPENAI_API_BASE_URL="http://127.0.0.1:1/v1",
+        MODEL_MAPPING_FILE=str(path),
+    )
+    assert code == 2
+    line = one_line(err)
+    assert "MODEL_MAPPING_FILE" in line and str(path) in line
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_RETRIES", "-1"),
+        ("MAX_RETRIES", "many"),
+        ("REQUEST_TIMEOUT", "0"),
+        ("STREAM_IDLE_TIMEOUT", "abc"),
+        ("PROXY_PORT", "99999"),
+        ("LOG_LEVEL", "LOUD"),
+        ("MAX_REQUEST_BYTES", "0"),
+    ],
+)
+def test_invalid_setting_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    code, err = main_in_process(
+        monkeypatch, capsys, OPENAI_API_BASE_URL="http://127.0.0.1:1/v1", **{name: value}
+    )
+    assert code == 2
+    assert name in one_line(err)
+
+
+def test_version(tmp_path: Path) -> None:
+    for command in ([str(BIN / "trioproxy")], [sys.executable, "-m", "trioproxy"]):
+        result = run_cli("--version", cwd=tmp_path, program=command)
+        assert result.returncode == 0
+        assert result.stdout.strip() == f"trioproxy {__version__}"
+
+
+def test_help_lists_the_flags(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--workers", "--upstream", "--demo", "--env-file"):
+        assert flag in result.stdout
+
+
+# ---- serving -------------------------------------------------------------------------------
+
+
+def test_demo_mode_serves(start_proxy: StartProxy) -> None:
+    server = start_proxy(None, "--demo", DEMO_TOKEN_DELAY="0.001")
+    assert "demo backend at http://127.0.0.1:" in server.log()
+    reply = chat(server.url)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["message"]["content"] == "Hello from the"
+    streamed = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert streamed.json()["choices"][0]["message"]["content"].startswith("Hello")
+    names = [m["name"] for m in httpx.get(server.url + "/api/tags").json()["models"]]
+    assert {"demo-chat", "demo-embed"} <= set(names)
+    embed = httpx.post(server.url + "/api/embed", json={"model": "demo-embed", "input": "x"})
+    assert len(embed.json()["embeddings"][0]) == 8
+
+
+def test_env_file_is_read(
+    tmp_path: Path, start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    env_file = tmp_path / "proxy.env"
+    env_file.write_text(f"# comment\nOPENAI_API_BASE_URL={demo_backend.url}\nMAX_RETRIES=0\n")
+    server = start_proxy(None, "--env-file", str(env_file))
+    assert chat(server.url).status_code == 200
+    # MAX_RETRIES=0 from the file: a backend 503 comes straight back after one attempt
+    assert chat(server.url, f"[[fail_first=1]] {time.time()}").status_code == 503
+
+
+def test_precedence_flag_over_env_over_env_file(
+    tmp_path: Path, start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    env_file = tmp_path / "proxy.env"
+    env_file.write_text(f"OPENAI_API_BASE_URL={closed_port_url()}\n")
+    # the environment beats the file
+    server = start_proxy(demo_backend.url, "--env-file", str(env_file))
+    assert chat(server.url).status_code == 200
+    # the flag beats the environment
+    server = start_proxy(closed_port_url(), "--upstream", demo_backend.url)
+    assert chat(server.url).status_code == 200
+
+
+def _spawn_in(cwd: Path, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start ``args`` in *cwd*; return the process and the first URL it reports."""
+    process = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    found: list[str] = []
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            match = re.search(r"(?:listening on|Running on) (http://[0-9.]+:\d+)", line)
+            if match and not found:
+                found.append(match.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(20) or not found:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"{args} did not start: {''.join(lines)}")
+    return process, found[0]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def test_dotenv_in_working_directory_and_proxy_port(
+    tmp_path: Path, demo_backend: ServerProcess
+) -> None:
+    """Without --env-file, ``.env`` in the working directory is read (PROXY_PORT included)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / ".env").write_text(
+        f"OPENAI_API_BASE_URL={demo_backend.url}\nPROXY_HOST=127.0.0.1\nPROXY_PORT={port}\n"
+    )
+    process, url = _spawn_in(tmp_path, [sys.executable, "-m", "trioproxy"], base_env())
+    try:
+        assert url == f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        assert chat(url).status_code == 200
+    finally:
+        _stop(process)
+
+
+def test_hypercorn_serves_create_app(tmp_path: Path, demo_backend: ServerProcess) -> None:
+    env = base_env(OPENAI_API_BASE_URL=demo_backend.url)
+    command = [
+        str(BIN / "hypercorn"),
+        "--worker-class", "trio",
+        "--bind", "127.0.0.1:0",
+        "trioproxy.app:create_app()",
+    ]  # fmt: skip
+    process, url = _spawn_in(ROOT, command, env)
+    try:
+        wait_healthy(url)
+        assert httpx.get(url + "/").text == "Ollama is running"
+        reply = chat(url)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["message"]["content"] == "Hello from the"
+        stream = httpx.post(
+            url + "/api/chat",
+            json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert stream.headers["content-type"] == "application/x-ndjson"
+        assert json.loads(stream.text.splitlines()[-1])["done"] is True
+    finally:
+        _stop(process)
+
+
+def test_hypercorn_without_upstream_says_what_to_set(tmp_path: Path) -> None:
+    command = [str(BIN / "hypercorn"), "--worker-class", "trio", "trioproxy.app:create_app()"]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=30
+    )
+    # hypercorn itself exits 0 when the app factory raises (its choice, not ours); what the
+    # user needs is the message naming the setting, and no server left running.
+    assert "OPENAI_API_BASE_URL" in result.stdout + result.stderr
+    assert "ConfigError: no backend configured" in result.stdout + result.stderr
+
+
+# ---- the API key never leaks ---------------------------------------------------------------
+
+
+class _EchoingBackend(BaseHTTPRequestHandler):
+    """A hostile backend that puts the caller's bearer token in everything it says."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _key(self) -> str:
+        return self.headers.get("Authorization", "").removeprefix("Bearer ")
+
+    def do_GET(self) -> None:
+        message = f"Incorrect API key provided: {self._key()}"
+        self._send(401, json.dumps({"error": {"message": message, "type": "auth"}}).encode())
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        if b"plain-text" in body:
+            self._send(500, f"upstream crashed, key={self._key()}".encode(), "text/plain")
+        elif b"mid-stream" in body:
+            chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+            error = {"error": {"message": f"key {self._key()} was revoked", "type": "auth"}}
+            payload = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(error)}\n\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        else:
+            message = f"Incorrect API key provided: {self._key()}"
+            error = {"error": {"message": message, "type": "invalid_request_error"}}
+            self._send(401, json.dumps(error).encode())
+
+
+@pytest.fixture(scope="module")
+def echoing_backend() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingBackend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def _exercise(url: str, texts: list[str]) -> list[str]:
+    """Every kind of request on both dialects; returns everything the client saw."""
+    seen: list[str] = []
+    with httpx.Client(base_url=url, timeout=20) as client:
+        for text in texts:
+            messages = [{"role": "user", "content": text}]
+            for stream in (False, True):
+                body = {"model": "demo-chat", "messages": messages, "stream": stream}
+                for path in ("/api/chat", "/v1/chat/completions"):
+                    response = client.post(path, json=body)
+                    seen.append(str(response.headers) + response.text)
+            response = client.post("/api/generate", json={"model": "demo-chat", "prompt": text})
+            seen.append(str(response.headers) + response.text)
+        for method, path, payload in [
+            ("GET", "/api/tags", None),
+            ("GET", "/api/ps", None),
+            ("POST", "/api/show", {"model": "demo-chat"}),
+            ("GET", "/v1/models", None),
+            ("GET", "/v1/models/demo-chat", None),
+            ("POST", "/api/embed", {"model": "demo-embed", "input": "x"}),
+            ("POST", "/v1/embeddings", {"model": "demo-embed", "input": "x"}),
+            ("GET", "/ready", None),
+            ("GET", "/metrics", None),
+            ("GET", "/v1/metrics", None),
+        ]:
+            response = client.request(method, path, json=payload)
+            seen.append(str(response.headers) + response.text)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["closed-port", "demo-with-errors", "echoing"])
+def test_api_key_never_leaks(
+    start_proxy: StartProxy,
+    demo_backend: ServerProcess,
+    echoing_backend: str,
+    backend: str,
+) -> None:
+    upstream = {
+        "closed-port": closed_port_url(),
+        "demo-with-errors": demo_backend.url,
+        "echoing": echoing_backend,
+    }[backend]
+    server = start_proxy(
+        upstream, OPENAI_API_KEY=SECRET, LOG_LEVEL="DEBUG", MAX_RETRIES="1", RETRY_BACKOFF="0.01"
+    )
+    texts = ["[[status=401]]", "[[status=500]]", "[[drop_after=1]]", "hi [[tokens=2]]"]
+    if backend == "echoing":
+        texts = ["plain", "plain-text"]
+    seen = _exercise(server.url, texts)
+    time.sleep(0.2)  # let the last log lines reach the pipe
+    log = server.log()
+    assert log.strip(), "expected some log output at DEBUG"
+    leaks = [text for text in seen if SECRET in text]
+    assert not leaks, f"the API key reached a client: {leaks[0][:500]}"
+    assert SECRET not in log, "the API key reached the log: " + next(
+        line for line in log.splitlines() if SECRET in line
+    )
+    if backend == "echoing":
+        # the backend's message still gets through, with the key masked
+        assert any("Incorrect API key provided: ***" in text for text in seen)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_api_key_never_leaks_from_a_mid_stream_error(
+    start_proxy: StartProxy, echoing_backend: str, path: str
+) -> None:
+    """A backend error event after the stream started, quoting the key. On /api/* the proxy
+    translates it into the final ``{"error": ...}`` line; on /v1/* it relays the SSE bytes.
+
+    Known failure on /v1 (reported): relay_openai passes backend bytes through untouched, so an
+    in-band error quoting the key reaches the client (the /api/* case is scrubbed)."""
+    server = start_proxy(echoing_backend, OPENAI_API_KEY=SECRET, MAX_RETRIES="0")
+    body = {"model": "m", "messages": [{"role": "user", "content": "mid-stream"}], "stream": True}
+    response = httpx.post(server.url + path, json=body, timeout=10)
+    assert response.status_code == 200
+    assert "was revoked" in response.text
+    assert SECRET not in response.text, response.text
+    assert SECRET not in server.log()
+
+
+def test_api_key_is_sent_to_the_backend(start_proxy: StartProxy, echoing_backend: str) -> None:
+    """The key is used (the echoing backend quotes it back; the proxy masks it)."""
+    server = start_proxy(echoing_backend, OPENAI_API_KEY=SECRET, MAX_RETRIES="0")
+    response = chat(server.url, "plain")
+    assert response.status_code == 401
+    assert response.json()["error"] == "Incorrect API key provided: ***"
+    without = start_proxy(echoing_backend, MAX_RETRIES="0")
+    assert chat(without.url, "plain").json()["error"] == "Incorrect API key provided: "

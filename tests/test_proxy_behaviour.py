@@ -1,0 +1,839 @@
+"""Proxy behaviour over raw HTTP: framing, request ids, errors in dialect, retries, stream
+deadlines, cancellation and model mapping.
+
+Everything runs against real processes: ``python -m trioproxy`` (one per configuration) in
+front of the demo backend (its own process). The demo's event log (``GET /_demo/events``) tells
+what the backend saw: each entry carries the ``X-Request-ID`` the proxy forwarded, the outcome
+(``completed`` / ``disconnected`` / ``error``) and wall-clock ``started`` / ``ended`` stamps that
+this process can compare with its own ``time.time()``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import ServerProcess, closed_port_url, demo_events_for
+
+# The issue's target: the backend request is closed within 50 ms of the client leaving. It is
+# asserted as is: measured 1-7 ms on 2 shared cores, even under load from other test processes.
+# Every measurement is printed (run with -s). Relax CANCEL_BOUND here if a CI host is noisier.
+CANCEL_TARGET = 0.05
+CANCEL_BOUND = CANCEL_TARGET
+CANCEL_LATENCIES: dict[str, float] = {}
+
+StartProxy = Callable[..., ServerProcess]
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+def chat_body(text: str, model: str = "demo-chat", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def ndjson(text: str) -> list[dict[str, Any]]:
+    """Parse an NDJSON body strictly: newline-terminated, no blank lines, every line JSON."""
+    assert text.endswith("\n"), repr(text[-80:])
+    lines = text[:-1].split("\n")
+    assert all(line.strip() for line in lines), f"blank NDJSON line in {text!r}"
+    return [json.loads(line) for line in lines]
+
+
+def sse_events(text: str) -> list[str]:
+    """The ``data:`` payloads of an SSE body, in order."""
+    events = []
+    for block in text.split("\n\n"):
+        data = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
+        if data:
+            events.append("\n".join(data))
+    return events
+
+
+def content_lines(lines: list[dict[str, Any]]) -> list[str]:
+    return [
+        line["message"]["content"]
+        for line in lines
+        if "message" in line and line["message"].get("content")
+    ]
+
+
+def wait_for_events(
+    demo_backend: ServerProcess,
+    request_id: str,
+    until: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 5.0,
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        events = demo_events_for(demo_backend, request_id)
+        if until(events):
+            return events
+        if time.monotonic() > deadline:
+            raise AssertionError(f"demo events for {request_id} never matched: {events}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def http(proxy: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        yield client
+
+
+def assert_ollama_error(response: httpx.Response, status: int, *needles: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    for needle in needles:
+        assert needle in body["error"], body
+    return body["error"]
+
+
+def assert_openai_error(response: httpx.Response, status: int, *needles: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    error = body["error"]
+    assert isinstance(error, dict), body
+    assert {"message", "type", "param", "code"} <= set(error), body
+    assert isinstance(error["message"], str) and isinstance(error["type"], str)
+    for needle in needles:
+        assert needle in error["message"], body
+    return error
+
+
+# ---- framing and content types -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+def test_ollama_stream_is_ndjson(http: httpx.Client, path: str) -> None:
+    body: dict[str, Any] = {"model": "demo-chat"}
+    if path == "/api/chat":
+        body["messages"] = [{"role": "user", "content": "hi [[tokens=5]]"}]
+    else:
+        body["prompt"] = "hi [[tokens=5]]"
+    response = http.post(path, json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert "\r" not in response.text
+    lines = ndjson(response.text)
+    assert len(lines) == 6  # 5 tokens, then the done line
+    assert [line["done"] for line in lines] == [False] * 5 + [True]
+
+    whole = http.post(path, json={**body, "stream": False})
+    assert whole.headers["content-type"].startswith("application/json")
+    assert whole.json()["done"] is True
+
+
+def test_openai_stream_is_event_stream(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", json=chat_body("hi [[tokens=3]]", stream=True))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers.get("cache-control") == "no-cache"
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == (
+        "Hello from the"
+    )
+    whole = http.post("/v1/chat/completions", json=chat_body("hi [[tokens=3]]"))
+    assert whole.headers["content-type"].startswith("application/json")
+
+
+def test_openai_stream_is_relayed_unbuffered(http: httpx.Client) -> None:
+    """The first token reaches the client long before the backend has finished."""
+    started = time.monotonic()
+    body = chat_body("[[tokens=6]] [[delay=0.3]]", stream=True)
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if '"content":"Hello"' in line:
+                first_token = time.monotonic() - started
+                break
+        else:
+            pytest.fail("no first token")
+    assert first_token < 0.6, f"first token after {first_token:.2f}s: the stream was buffered"
+
+
+# ---- request ids and overhead header -------------------------------------------------------
+
+
+def test_request_id_echoed_and_forwarded(http: httpx.Client, demo_backend: ServerProcess) -> None:
+    mine = "client-id-" + rid()[:8]
+    response = http.post(
+        "/api/chat", json=chat_body("hi [[tokens=2]]", stream=False), headers={"X-Request-ID": mine}
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == mine
+    (event,) = demo_events_for(demo_backend, mine)
+    assert event["outcome"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/api/version", "/api/tags", "/v1/models", "/api/nowhere", "/v1/chat/completions"]
+)
+def test_request_id_generated(http: httpx.Client, path: str) -> None:
+    method = "POST" if path == "/v1/chat/completions" else "GET"
+    response = http.request(method, path, content=b"{}" if method == "POST" else None)
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"]), response.headers
+    # an unusable incoming id (spaces, too long) is replaced, not echoed
+    response = http.request(method, path, headers={"X-Request-ID": "bad id " + "x" * 200})
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+
+
+def test_proxy_overhead_header(http: httpx.Client) -> None:
+    for path, body in [
+        ("/api/chat", chat_body("hi [[tokens=2]]", stream=False)),
+        ("/api/chat", chat_body("hi [[tokens=2]]")),
+        ("/v1/chat/completions", chat_body("hi [[tokens=2]]")),
+        ("/v1/chat/completions", chat_body("hi [[tokens=2]]", stream=True)),
+        ("/api/embed", {"model": "demo-embed", "input": "x"}),
+    ]:
+        response = http.post(path, json=body)
+        assert response.status_code == 200
+        overhead = float(response.headers["x-proxy-overhead-ms"])
+        assert 0.0 <= overhead < 1000.0, (path, overhead)
+
+
+# ---- liveness routes -----------------------------------------------------------------------
+
+
+def test_root_and_version(http: httpx.Client) -> None:
+    for method in ("GET", "HEAD"):
+        root = http.request(method, "/")
+        assert root.status_code == 200
+        assert root.headers["content-type"].startswith("text/plain")
+        if method == "GET":
+            assert root.text == "Ollama is running"
+        else:
+            assert root.content == b""
+        version = http.request(method, "/api/version")
+        assert version.status_code == 200
+        if method == "GET":
+            assert re.fullmatch(r"\d+\.\d+\.\d+", version.json()["version"])
+    assert http.head("/api/tags").status_code == 200
+
+
+# ---- client errors, in dialect -------------------------------------------------------------
+
+
+def test_invalid_json(http: httpx.Client) -> None:
+    headers = {"Content-Type": "application/json"}
+    for path in ("/api/chat", "/api/generate", "/api/embed", "/api/show"):
+        assert_ollama_error(http.post(path, content=b"{not json", headers=headers), 400, "JSON")
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        error = assert_openai_error(
+            http.post(path, content=b"{not json", headers=headers), 400, "JSON"
+        )
+        assert error["type"] == "invalid_request_error"
+    # not an object, and no body at all
+    assert_ollama_error(http.post("/api/chat", content=b"[1, 2]"), 400, "object")
+    assert_ollama_error(http.post("/api/chat", content=b""), 400)
+    assert_openai_error(http.post("/v1/chat/completions", content=b'"text"'), 400, "object")
+
+
+def test_missing_model(http: httpx.Client) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    for body in ({"messages": msgs}, {"model": "", "messages": msgs}):
+        assert_ollama_error(http.post("/api/chat", json=body), 400, "model")
+        error = assert_openai_error(http.post("/v1/chat/completions", json=body), 400, "model")
+        assert error["param"] == "model"
+    assert_ollama_error(http.post("/api/generate", json={"prompt": "hi"}), 400, "model")
+    assert_ollama_error(http.post("/api/embed", json={"input": "hi"}), 400, "model")
+    assert_ollama_error(http.post("/api/show", json={}), 400, "model")
+    assert_ollama_error(http.post("/api/chat", json={"model": 42, "messages": msgs}), 400, "model")
+
+
+def test_wrong_field_types(http: httpx.Client) -> None:
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/api/chat", {"model": "demo-chat", "messages": "hello"}, "messages"),
+        ("/api/chat", {"model": "demo-chat", "messages": [42]}, "messages[0]"),
+        ("/api/chat", {"model": "demo-chat", "messages": [{"content": "x"}]}, "messages[0].role"),
+        ("/api/chat", {**chat_body("x"), "stream": "yes"}, "stream"),
+        ("/api/chat", {**chat_body("x"), "options": {"temperature": "hot"}}, "temperature"),
+        ("/api/chat", {**chat_body("x"), "options": []}, "options"),
+        ("/api/chat", {**chat_body("x"), "tools": {"a": 1}}, "tools"),
+        ("/api/generate", {"model": "demo-chat", "prompt": ["a"]}, "prompt"),
+        ("/api/generate", {"model": "demo-chat", "prompt": "x", "images": "abc"}, "images"),
+        ("/api/embed", {"model": "demo-embed", "input": 5}, "input"),
+        ("/api/embed", {"model": "demo-embed"}, "input"),
+    ]
+    for path, body, field in cases:
+        assert_ollama_error(http.post(path, json=body), 400, field)
+    error = assert_openai_error(
+        http.post("/v1/chat/completions", json={**chat_body("x"), "stream": "yes"}), 400, "stream"
+    )
+    assert error["param"] == "stream"
+    # messages of the wrong type on /v1 are caught by the backend; its 400 is relayed as is
+    error = assert_openai_error(
+        http.post("/v1/chat/completions", json={"model": "demo-chat", "messages": "hello"}), 400
+    )
+    assert error["param"] == "messages"
+
+
+@pytest.fixture(scope="module")
+def small_body_proxy(start_proxy: StartProxy, demo_backend: ServerProcess) -> ServerProcess:
+    return start_proxy(demo_backend.url, MAX_REQUEST_BYTES="1000")
+
+
+def test_body_too_large(small_body_proxy: ServerProcess) -> None:
+    big = chat_body("x" * 2000)
+    # A fresh connection each time: see test_early_413_does_not_hang_the_connection.
+    with httpx.Client(base_url=small_body_proxy.url, timeout=10) as client:
+        assert_ollama_error(client.post("/api/chat", json=big), 413, "1000")
+    with httpx.Client(base_url=small_body_proxy.url, timeout=10) as client:
+        assert_openai_error(client.post("/v1/chat/completions", json=big), 413, "1000")
+    with httpx.Client(base_url=small_body_proxy.url, timeout=10) as client:
+        # without a Content-Length (chunked upload) the limit holds as well
+        payload = json.dumps(big).encode()
+        chunks = [payload[i : i + 500] for i in range(0, len(payload), 500)]
+        assert client.post("/api/chat", content=iter(chunks)).status_code == 413
+    with httpx.Client(base_url=small_body_proxy.url, timeout=10) as client:
+        # under the limit still works
+        assert client.post("/api/chat", json=chat_body("hi", stream=False)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("which", "path", "status"),
+    [
+        ("small_body_proxy", "/api/chat", 413),  # the headers announce too large a body
+        ("proxy", "/api/pull", 501),  # answered without reading the body
+        ("proxy", "/api/nowhere", 404),
+    ],
+)
+def test_early_answer_does_not_hang_the_connection(
+    request: pytest.FixtureRequest, which: str, path: str, status: int
+) -> None:
+    """An error can go out before the request body has arrived (413 from the announced
+    Content-Length; 404/501 without reading the body). When the body arrives only after that
+    (httpx writes headers and body separately, and large bodies take a while), the connection
+    must then be served or closed, never left hanging.
+
+    Known failure (reported): hypercorn decides to close the connection, but its
+    ``TCPServer._close()`` runs inside the request's already-cancelled scope, ``send_eof()``
+    raises ``Cancelled`` and the socket is never closed: the next request on the connection
+    waits forever, the file descriptor leaks, and graceful shutdown waits for it. Same family
+    as stack notes P1 (a hypercorn_patches.py shield around the ``Closed`` event fixes it).
+    """
+    server: ServerProcess = request.getfixturevalue(which)
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps(chat_body("x" * 2000)).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=3) as sock:
+        sock.sendall(head)
+        first = _read_until(sock, lambda got: b"\r\n\r\n" in got and got.endswith(b"}"))
+        assert first.startswith(f"HTTP/1.1 {status}".encode()), first
+        time.sleep(0.05)  # the request task has finished with the connection
+        sock.sendall(body)  # the body the server did not wait for
+        time.sleep(0.05)
+        try:
+            sock.sendall(head + body)
+            sock.settimeout(1)
+            answer = sock.recv(65536)  # a response, or b"" for a closed connection
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""  # closed: fine, the client reconnects
+        except TimeoutError:
+            pytest.fail("the connection hangs after an early answer (neither served nor closed)")
+    assert answer == b"" or answer.startswith(f"HTTP/1.1 {status}".encode()), answer
+
+
+def test_unknown_path_and_wrong_method(http: httpx.Client) -> None:
+    assert_ollama_error(http.get("/api/nowhere"), 404, "/api/nowhere")
+    # requests with a body that is never read go on fresh connections: see
+    # test_early_answer_does_not_hang_the_connection
+    assert_ollama_error(httpx.post(http.base_url.join("/api/chat/extra"), json={}), 404)
+    assert_openai_error(http.get("/v1/nowhere"), 404, "/v1/nowhere")
+    assert_openai_error(httpx.post(http.base_url.join("/v1/responses"), json={}), 404)
+    assert_ollama_error(http.get("/api/chat"), 405, "GET")
+    assert_ollama_error(http.delete("/api/tags"), 405)
+    assert_ollama_error(http.post("/"), 405)
+    error = assert_openai_error(http.get("/v1/chat/completions"), 405, "GET")
+    assert error["type"] == "invalid_request_error"
+    assert "POST" in http.get("/v1/chat/completions").headers.get("allow", "")
+
+
+def test_model_management_is_501(http: httpx.Client) -> None:
+    for method, path in [
+        ("POST", "/api/pull"),
+        ("POST", "/api/push"),
+        ("POST", "/api/create"),
+        ("POST", "/api/copy"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/blobs/sha256:" + "0" * 64),
+    ]:
+        # a fresh connection each: see test_early_answer_does_not_hang_the_connection
+        response = httpx.request(method, http.base_url.join(path), json={"model": "demo-chat"})
+        assert_ollama_error(response, 501, "backend manages")
+    assert http.head("/api/blobs/sha256:" + "0" * 64).status_code == 501
+
+
+# ---- backend failures ----------------------------------------------------------------------
+
+
+def test_backend_unreachable_is_502(start_proxy: StartProxy) -> None:
+    dead = start_proxy(closed_port_url(), MAX_RETRIES="1", RETRY_BACKOFF="0.01")
+    with httpx.Client(base_url=dead.url, timeout=20) as client:
+        for body in (chat_body("hi", stream=False), chat_body("hi")):
+            assert_ollama_error(client.post("/api/chat", json=body), 502, "backend")
+        assert_ollama_error(client.get("/api/tags"), 502)
+        assert_ollama_error(client.post("/api/embed", json={"model": "e", "input": "x"}), 502)
+        for stream in (False, True):
+            error = assert_openai_error(
+                client.post("/v1/chat/completions", json=chat_body("hi", stream=stream)), 502
+            )
+            assert error["type"] == "server_error"
+        assert_openai_error(client.get("/v1/models"), 502)
+
+
+def test_backend_timeout_is_504(start_proxy: StartProxy, demo_backend: ServerProcess) -> None:
+    slow = start_proxy(demo_backend.url, REQUEST_TIMEOUT="0.5", MAX_RETRIES="0")
+    with httpx.Client(base_url=slow.url, timeout=20) as client:
+        started = time.monotonic()
+        response = client.post("/api/chat", json=chat_body("[[first_delay=3]]", stream=False))
+        assert_ollama_error(response, 504)
+        assert time.monotonic() - started < 2.5
+        response = client.post("/v1/chat/completions", json=chat_body("[[first_delay=3]]"))
+        assert_openai_error(response, 504)
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422, 500, 503])
+def test_backend_status_kept_with_message(proxy_no_retry: ServerProcess, status: int) -> None:
+    text = f"[[status={status}]] {rid()}"
+    with httpx.Client(base_url=proxy_no_retry.url, timeout=10) as client:
+        for stream in (False, True):
+            response = client.post("/api/chat", json=chat_body(text, stream=stream))
+            assert_ollama_error(response, status, f"simulated HTTP {status}")
+            response = client.post("/v1/chat/completions", json=chat_body(text, stream=stream))
+            error = assert_openai_error(response, status, f"simulated HTTP {status}")
+            assert error["message"].startswith("demo backend:")  # the backend's own body
+
+
+# ---- retries -------------------------------------------------------------------------------
+
+
+def test_retry_until_success(http: httpx.Client, demo_backend: ServerProcess) -> None:
+    """The session proxy has MAX_RETRIES=2: two 503s, then the third attempt succeeds."""
+    for path, body in [
+        ("/api/chat", chat_body(f"[[fail_first=2]] [[tokens=3]] {rid()}")),
+        ("/v1/chat/completions", chat_body(f"[[fail_first=2]] [[tokens=3]] {rid()}")),
+    ]:
+        request_id = rid()
+        response = http.post(path, json=body, headers={"X-Request-ID": request_id})
+        assert response.status_code == 200
+        assert response.text.count("Hello") == 1  # one answer, not one per attempt
+        events = demo_events_for(demo_backend, request_id)
+        assert [e["outcome"] for e in events] == ["error", "error", "completed"]
+        assert len({e["body_hash"] for e in events}) == 1  # the same body every time
+
+
+def test_retries_exhausted(http: httpx.Client, demo_backend: ServerProcess) -> None:
+    request_id = rid()
+    body = chat_body(f"[[fail_first=5]] {rid()}", stream=False)
+    response = http.post("/api/chat", json=body, headers={"X-Request-ID": request_id})
+    assert_ollama_error(response, 503, "simulated HTTP 503")
+    assert len(demo_events_for(demo_backend, request_id)) == 3
+
+
+def test_no_retries_when_max_retries_is_0(
+    proxy_no_retry: ServerProcess, demo_backend: ServerProcess
+) -> None:
+    with httpx.Client(base_url=proxy_no_retry.url, timeout=10) as client:
+        for path in ("/api/chat", "/v1/chat/completions"):
+            request_id = rid()
+            body = chat_body(f"[[fail_first=2]] {rid()}", stream=False)
+            response = client.post(path, json=body, headers={"X-Request-ID": request_id})
+            assert response.status_code == 503
+            assert len(demo_events_for(demo_backend, request_id)) == 1
+
+
+def test_retry_after_is_honoured(start_proxy: StartProxy, demo_backend: ServerProcess) -> None:
+    """With RETRY_BACKOFF=1 a 503 waits 0.5-1 s before the retry; a 429 carrying
+    ``Retry-After: 0`` is retried at once, so the header, not the backoff, decided."""
+    patient = start_proxy(demo_backend.url, MAX_RETRIES="1", RETRY_BACKOFF="1")
+    gaps = {}
+    with httpx.Client(base_url=patient.url, timeout=20) as client:
+        for status in (429, 503):
+            request_id = rid()
+            text = f"[[fail_first=1]] [[fail_status={status}]] [[tokens=2]] {rid()}"
+            response = client.post(
+                "/api/chat",
+                json=chat_body(text, stream=False),
+                headers={"X-Request-ID": request_id},
+            )
+            assert response.status_code == 200, response.text
+            first, second = demo_events_for(demo_backend, request_id)
+            assert (first["outcome"], second["outcome"]) == ("error", "completed")
+            gaps[status] = second["started"] - first["ended"]
+    assert gaps[429] < 0.3, gaps
+    assert gaps[503] >= 0.45, gaps
+
+
+def test_429_passed_through_with_retry_after(proxy_no_retry: ServerProcess) -> None:
+    with httpx.Client(base_url=proxy_no_retry.url, timeout=10) as client:
+        for path in ("/api/chat", "/v1/chat/completions"):
+            response = client.post(path, json=chat_body(f"[[status=429]] {rid()}", stream=False))
+            assert response.status_code == 429
+            assert response.headers.get("retry-after") == "0"
+
+
+def test_broken_stream_is_never_replayed(http: httpx.Client, demo_backend: ServerProcess) -> None:
+    """A backend stream that breaks after 3 tokens: the client gets exactly those 3 tokens and
+    one error line; the backend saw ONE request although the proxy may retry (MAX_RETRIES=2)."""
+    request_id = rid()
+    response = http.post(
+        "/api/chat",
+        json=chat_body(f"[[drop_after=3]] {rid()}"),
+        headers={"X-Request-ID": request_id},
+    )
+    assert response.status_code == 200
+    lines = ndjson(response.text)
+    assert content_lines(lines) == ["Hello", " from", " the"]
+    assert len(lines) == 4
+    assert set(lines[-1]) == {"error"} and "mid-stream" in lines[-1]["error"]
+    assert not any(line.get("done") for line in lines)
+    assert len(demo_events_for(demo_backend, request_id)) == 1
+
+    request_id = rid()
+    response = http.post(
+        "/v1/chat/completions",
+        json=chat_body(f"[[drop_after=3]] {rid()}", stream=True),
+        headers={"X-Request-ID": request_id},
+    )
+    events = sse_events(response.text)
+    assert "[DONE]" not in events
+    chunks = [json.loads(e) for e in events]
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks[:-1]]
+    assert [d for d in deltas if d] == ["Hello", " from", " the"]
+    error = chunks[-1]["error"]
+    assert "mid-stream" in error["message"] and {"type", "param", "code"} <= set(error)
+    assert len(demo_events_for(demo_backend, request_id)) == 1
+
+
+# ---- stream deadlines ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def idle_proxy(start_proxy: StartProxy, demo_backend: ServerProcess) -> ServerProcess:
+    return start_proxy(demo_backend.url, STREAM_IDLE_TIMEOUT="0.5")
+
+
+@pytest.fixture(scope="module")
+def first_token_proxy(start_proxy: StartProxy, demo_backend: ServerProcess) -> ServerProcess:
+    return start_proxy(demo_backend.url, STREAM_FIRST_TOKEN_TIMEOUT="0.5")
+
+
+def test_idle_timeout_ollama(idle_proxy: ServerProcess, demo_backend: ServerProcess) -> None:
+    request_id = rid()
+    started = time.monotonic()
+    response = httpx.post(
+        idle_proxy.url + "/api/chat",
+        json=chat_body(f"[[stall_after=2]] {rid()}"),
+        headers={"X-Request-ID": request_id},
+        timeout=10,
+    )
+    elapsed = time.monotonic() - started
+    lines = ndjson(response.text)
+    assert content_lines(lines) == ["Hello", " from"]
+    assert len(lines) == 3
+    assert set(lines[-1]) == {"error"}
+    assert "STREAM_IDLE_TIMEOUT" in lines[-1]["error"]
+    assert 0.4 < elapsed < 3.0
+    # the stalled backend request was closed, not left hanging
+    (event,) = wait_for_events(demo_backend, request_id, lambda ev: ev and ev[0]["ended"])
+    assert event["outcome"] == "disconnected"
+
+
+def test_idle_timeout_openai(idle_proxy: ServerProcess) -> None:
+    response = httpx.post(
+        idle_proxy.url + "/v1/chat/completions",
+        json=chat_body(f"[[stall_after=2]] {rid()}", stream=True),
+        timeout=10,
+    )
+    events = sse_events(response.text)
+    assert "[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert "STREAM_IDLE_TIMEOUT" in error["message"]
+    assert error["code"] == "stream_timeout"
+    contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert [c for c in contents if c] == ["Hello", " from"]
+
+
+def test_idle_timeout_is_per_gap_not_total(idle_proxy: ServerProcess) -> None:
+    """1.2 s of generation with 0.2 s gaps under a 0.5 s idle timeout completes."""
+    response = httpx.post(
+        idle_proxy.url + "/api/chat",
+        json=chat_body(f"[[tokens=6]] [[delay=0.2]] {rid()}"),
+        timeout=10,
+    )
+    lines = ndjson(response.text)
+    assert lines[-1]["done"] is True and len(content_lines(lines)) == 6
+
+
+def test_first_token_timeout(first_token_proxy: ServerProcess) -> None:
+    started = time.monotonic()
+    response = httpx.post(
+        first_token_proxy.url + "/api/chat",
+        json=chat_body(f"[[first_delay=3]] {rid()}"),
+        timeout=10,
+    )
+    assert time.monotonic() - started < 2.5
+    lines = ndjson(response.text)
+    assert len(lines) == 1 and set(lines[0]) == {"error"}
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in lines[0]["error"]
+
+    response = httpx.post(
+        first_token_proxy.url + "/v1/chat/completions",
+        json=chat_body(f"[[first_delay=3]] {rid()}", stream=True),
+        timeout=10,
+    )
+    events = sse_events(response.text)
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in json.loads(events[-1])["error"]["message"]
+
+    # a reply that starts in time is not affected
+    ok = httpx.post(
+        first_token_proxy.url + "/api/chat",
+        json=chat_body(f"[[first_delay=0.1]] [[tokens=3]] [[delay=0.25]] {rid()}"),
+        timeout=10,
+    )
+    assert ndjson(ok.text)[-1]["done"] is True
+
+
+# ---- cancellation --------------------------------------------------------------------------
+
+
+def _raw_request(url: str, path: str, body: dict[str, Any], request_id: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nX-Request-ID: {request_id}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def _read_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    received = b""
+    while not done(received):
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError(f"connection closed early: {received!r}")
+        received += data
+    return received
+
+
+CANCEL_CASES = {
+    # (a) the backend has not produced a token yet (streaming request)
+    "before-first-token": ("[[first_delay=5]]", True),
+    # (b) mid-stream: 1000 tokens at 10 ms, the client leaves after a few
+    "mid-stream": ("[[tokens=1000]] [[delay=0.01]]", True),
+    # (c) a non-streaming request waiting for its whole answer
+    "non-stream-waiting": ("[[first_delay=5]]", False),
+}
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+@pytest.mark.parametrize("case", list(CANCEL_CASES))
+def test_client_disconnect_cancels_backend_request(
+    proxy: ServerProcess, demo_backend: ServerProcess, case: str, path: str
+) -> None:
+    directives, stream = CANCEL_CASES[case]
+    request_id = rid()
+    sock = _raw_request(
+        proxy.url, path, chat_body(f"{directives} {rid()}", stream=stream), request_id
+    )
+    try:
+        if case == "mid-stream":
+            # a few tokens have reached the client through the proxy
+            _read_until(sock, lambda got: got.count(b'"content":" ') >= 3)
+        else:
+            # the backend has the request and is sitting on it
+            wait_for_events(demo_backend, request_id, lambda ev: bool(ev))
+            if stream:
+                _read_until(sock, lambda got: b"\r\n\r\n" in got)  # proxy sent its headers
+            time.sleep(0.05)
+        (event,) = demo_events_for(demo_backend, request_id)
+        assert event["outcome"] is None, event  # still in flight
+    finally:
+        closed_at = time.time()
+        sock.close()
+    (event,) = wait_for_events(demo_backend, request_id, lambda ev: ev[0]["ended"] is not None)
+    latency = event["ended"] - closed_at
+    CANCEL_LATENCIES[f"{case} {path}"] = latency
+    print(f"\ncancellation {case} {path}: backend closed {latency * 1000:.1f} ms after client")
+    assert event["outcome"] == "disconnected", event
+    assert latency < CANCEL_BOUND, f"{latency * 1000:.1f} ms (target {CANCEL_TARGET * 1000} ms)"
+
+
+def test_cancellation_latencies_summary() -> None:
+    """Prints the measured latencies (the assertion per case is above)."""
+    if not CANCEL_LATENCIES:
+        pytest.skip("run together with test_client_disconnect_cancels_backend_request")
+    for name, value in sorted(CANCEL_LATENCIES.items()):
+        flag = "" if value < CANCEL_TARGET else "  (over the 50 ms target)"
+        print(f"cancellation {name}: {value * 1000:.1f} ms{flag}")
+
+
+def test_disconnect_with_httpx_stream_closes_backend(
+    http: httpx.Client, demo_backend: ServerProcess
+) -> None:
+    """The same through a normal client library: leave a stream early, the backend stops."""
+    request_id = rid()
+    body = chat_body(f"[[tokens=1000]] [[delay=0.01]] {rid()}")
+    with httpx.Client(base_url=http.base_url, timeout=10) as own:
+        with own.stream("POST", "/api/chat", json=body, headers={"X-Request-ID": request_id}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                assert json.loads(next(lines))["done"] is False
+    (event,) = wait_for_events(demo_backend, request_id, lambda ev: ev[0]["ended"] is not None)
+    assert event["outcome"] == "disconnected"
+    assert event["tokens_sent"] < 200
+
+
+# ---- model mapping -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["flat", "nested"])
+def mapped_proxy(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    start_proxy: StartProxy,
+    demo_backend: ServerProcess,
+) -> ServerProcess:
+    mapping = {"llama3": "demo-chat", "nomic-embed-text": "demo-embed"}
+    doc: dict[str, Any] = mapping
+    if request.param == "nested":
+        doc = {"model_mappings": mapping, "default_model": "llama3"}
+    path: Path = tmp_path_factory.mktemp("mapping") / f"{request.param}.json"
+    path.write_text(json.dumps(doc))
+    return start_proxy(demo_backend.url, MODEL_MAPPING_FILE=str(path))
+
+
+def test_mapping_ollama_api(mapped_proxy: ServerProcess, demo_backend: ServerProcess) -> None:
+    with httpx.Client(base_url=mapped_proxy.url, timeout=10) as client:
+        request_id = rid()
+        body = chat_body("hi [[tokens=3]]", model="llama3", stream=False)
+        reply = client.post("/api/chat", json=body, headers={"X-Request-ID": request_id})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "llama3"
+        assert reply.json()["message"]["content"] == "Hello from the"
+        (event,) = demo_events_for(demo_backend, request_id)
+        assert event["model"] == "demo-chat"  # the backend got its own name
+
+        lines = ndjson(client.post("/api/chat", json=chat_body("hi", model="llama3")).text)
+        assert {line["model"] for line in lines} == {"llama3"}
+        generated = client.post(
+            "/api/generate", json={"model": "llama3", "prompt": "hi", "stream": False}
+        )
+        assert generated.json()["model"] == "llama3"
+
+        names = [m["name"] for m in client.get("/api/tags").json()["models"]]
+        assert "llama3" in names and "nomic-embed-text" in names
+        assert [m["model"] for m in client.get("/api/tags").json()["models"]] == names
+        assert "llama3" in [m["name"] for m in client.get("/api/ps").json()["models"]]
+        assert client.post("/api/show", json={"model": "llama3"}).status_code == 200
+
+        embed = client.post("/api/embed", json={"model": "nomic-embed-text", "input": ["a", "b"]})
+        assert embed.status_code == 200 and len(embed.json()["embeddings"]) == 2
+        assert embed.json()["model"] == "nomic-embed-text"
+        # unmapped backend names still pass through
+        direct = client.post("/api/chat", json=chat_body("hi", model="demo-reasoner", stream=False))
+        assert direct.json()["model"] == "demo-reasoner"
+
+
+def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerProcess) -> None:
+    with httpx.Client(base_url=mapped_proxy.url, timeout=10) as client:
+        ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert "llama3" in ids and "nomic-embed-text" in ids
+        one = client.get("/v1/models/llama3")
+        assert one.status_code == 200 and one.json()["id"] == "llama3"
+
+        request_id = rid()
+        reply = client.post(
+            "/v1/chat/completions",
+            json=chat_body("hi [[tokens=2]]", model="llama3"),
+            headers={"X-Request-ID": request_id},
+        )
+        assert reply.status_code == 200
+        assert reply.json()["model"] == "llama3"
+        assert demo_events_for(demo_backend, request_id)[0]["model"] == "demo-chat"
+
+        stream = client.post(
+            "/v1/chat/completions",
+            json=chat_body(
+                "hi [[tokens=3]]", model="llama3", stream=True,
+                stream_options={"include_usage": True},
+            ),
+        )  # fmt: skip
+        chunks = [json.loads(e) for e in sse_events(stream.text) if e != "[DONE]"]
+        assert len(chunks) >= 5
+        assert {c["model"] for c in chunks} == {"llama3"}
+
+        embedded = client.post("/v1/embeddings", json={"model": "nomic-embed-text", "input": "a"})
+        assert embedded.json()["model"] == "nomic-embed-text"
+        legacy = client.post("/v1/completions", json={"model": "llama3", "prompt": "hi"})
+        assert legacy.json()["model"] == "llama3"
+
+
+# ---- never a 500 for a client mistake ------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_FIELDS = [
+    "model", "messages", "prompt", "input", "options", "format", "images", "tools", "think",
+    "system", "keep_alive", "stream_options", "max_tokens", "dimensions", "truncate",
+]  # fmt: skip
+
+
+_PATHS = [
+    "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+]  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.sampled_from(_PATHS),
+    body=st.dictionaries(st.sampled_from(_FIELDS), _json_values, max_size=5),
+    model=st.sampled_from([None, "demo-chat", "demo-embed", "", 3]),
+)
+def test_client_mistakes_are_never_500(
+    http: httpx.Client, path: str, body: dict[str, Any], model: Any
+) -> None:
+    if model is not None:
+        body["model"] = model
+    body["stream"] = False
+    response = http.post(path, json=body)
+    assert response.status_code < 500, (path, body, response.status_code, response.text)
+    if response.status_code >= 400:
+        if path.startswith("/v1/"):
+            assert isinstance(response.json()["error"]["message"], str)
+        else:
+            assert isinstance(response.json()["error"], str)
