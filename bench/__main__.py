@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another proxy to measure next to trioproxy in 3a (POST /v1/chat/completions): "
+        "a command line with {upstream} (the fixed backend, .../v1) and {port} filled in; "
+        "repeatable",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="instead of the bench: py-spy on the proxy under each kind of load, with a "
@@ -96,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         bench.note(f"open-file limit is {nofile}: 3c may fail for lack of file descriptors")
     if only:
         bench.only = only
+    for item in args.compare:
+        name, sep, command = item.partition("=")
+        if not sep or not name or not command:
+            print(f"--compare wants NAME=COMMAND, got {item!r}", file=sys.stderr)
+            return 2
+        bench.compare[name] = command
     results = bench.run()
     if only:
         results["only"] = sorted(only)

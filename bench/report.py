@@ -231,7 +231,7 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     ns = sc.get("nonstream", {})
     for conc in (1, 4, 16, 32, 64):
         parts = []
-        for name in ("direct", "bare_asgi", V1, OLLAMA):
+        for name in ("direct", "bare_asgi", V1, OLLAMA, *_others(results)):
             cell = _get(ns, "cells", name, conc)
             if cell:
                 lat = cell["latency_ms"]
@@ -279,6 +279,10 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return out
+
+
+def _others(results: dict[str, Any]) -> list[str]:
+    return list((results.get("servers") or {}).get("compared") or {})
 
 
 def text_table(results: dict[str, Any]) -> str:
@@ -361,6 +365,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     cells = _get(sc, "nonstream", "cells")
     if cells:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        for name in _others(results):
+            style.setdefault(name, (name, None))
         for name, (label, color) in style.items():
             series = cells.get(name) or {}
             concs = sorted(int(c) for c in series)

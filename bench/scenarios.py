@@ -72,7 +72,7 @@ class Plan:
     round_cell: float = 4.0
     drift_requests: int = 100_000
     drift_conc: int = 16
-    scrape_cell: float = 6.0
+    scrape_cell: float = 15.0
     scrape_conc: int = 4
 
     @classmethod
@@ -83,14 +83,14 @@ class Plan:
             quick=True,
             cell=1.0,
             warmup=0.3,
-            stream_cell=2.0,
-            ttfb_cell=1.0,
+            stream_cell=1.5,
+            ttfb_cell=0.8,
             disconnects=40,
             hold_seconds=1.0,
             rounds=2,
             round_cell=1.0,
             drift_requests=10_000,
-            scrape_cell=2.0,
+            scrape_cell=2.5,
         )
 
 
@@ -319,7 +319,7 @@ STEPS_FULL = [
     ("stream", 45),
     ("disconnect", 15),
     ("metrics_onoff", 45),
-    ("scrape", 12),
+    ("scrape", 22),
     ("drift", 160),
     ("workers", 45),
     ("hold", 40),
@@ -347,6 +347,8 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     started: list[Server] = field(default_factory=list)
     only: set[str] = field(default_factory=set)
+    compare: dict[str, str] = field(default_factory=dict)  # name -> command line
+    others: dict[str, Server] = field(default_factory=dict)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -359,10 +361,17 @@ class Bench:
         self.started.append(server)
         return server
 
+    def _check_log(self, server: Server) -> None:
+        text = server.log()
+        if "Traceback" in text or " ERROR " in text:
+            tail = text[-600:].replace("\n", " | ")
+            self.note(f"{server.name} logged errors during the run (tail: {tail})")
+
     def stop(self, server: Server | None) -> None:
         if server is None:
             return
         server.stop()
+        self._check_log(server)
         if server in self.started:
             self.started.remove(server)
 
@@ -370,6 +379,7 @@ class Bench:
         for server in reversed(self.started):
             try:
                 server.stop()
+                self._check_log(server)
             except Exception:
                 pass
         self.started.clear()
@@ -463,10 +473,18 @@ class Bench:
         self.proxy_stream = self.start(
             servers.start_proxy(self.demo.url + "/v1", name="proxy-stream")
         )
+        for name, command in self.compare.items():
+            try:
+                self.others[name] = self.start(
+                    servers.start_external(name, command, self.fixed.url + "/v1")
+                )
+            except Exception as exc:
+                self.note(f"could not start {name} for comparison: {exc}")
         self.results["servers"] = {
             "fixed_backend": self.fixed_kind,
             "demo_backend": "trioproxy.demo (hypercorn trio worker)",
             "proxy": "python -m trioproxy (1 worker, default settings)",
+            "compared": dict(self.compare),
         }
 
     # -- generator ceiling ------------------------------------------------------------
@@ -494,8 +512,12 @@ class Bench:
             )
             for path in (V1, OLLAMA):
                 rows[path][conc] = closed(self.proxy, [NONSTREAM[path]], conc, watch=watch, **kw)
+            for name, other in self.others.items():
+                rows.setdefault(name, {})[conc] = closed(
+                    other, [NONSTREAM[V1]], conc, watch=other.pids(), **kw
+                )
         added: dict[str, dict[int, dict[str, float | None]]] = {}
-        for path in (V1, OLLAMA):
+        for path in (V1, OLLAMA, *self.others):
             added[path] = {}
             for conc in plan.concs:
                 r, d = rows[path][conc], rows["direct"][conc]
@@ -504,7 +526,7 @@ class Bench:
                     "p99": sub(p(r, "latency_ms", "p99"), p(d, "latency_ms", "p99")),
                     "rps": r["rps"],
                     "cpu_ms_per_req": (r["cpu_s"] / r["completed"] * 1000)
-                    if r["completed"]
+                    if r["completed"] and "cpu_s" in r
                     else None,
                 }
         self.put("nonstream", {"cells": _str_keys(rows), "added": _str_keys(added)})
@@ -826,7 +848,7 @@ class Bench:
                     "stream_request": chat_request(OLLAMA, stream=True, directives=directives),
                     "chunk": "ndjson",
                     "probe": NONSTREAM[OLLAMA],
-                    "probe_count": 50,
+                    "probe_count": 50 if plan.quick else 100,
                     "probe_interval": 0.02,
                     "watch_pids": [fresh.pid],
                     "rss_interval": 0.25,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +172,10 @@ def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None 
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status < 500:
                     return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:  # it answers (404 on "/" is an answer)
+                return
+            last = exc
         except Exception as exc:
             last = exc
         time.sleep(0.05)
@@ -279,3 +285,21 @@ def _version(argv: list[str]) -> str:
         return (out.stdout + out.stderr).strip().splitlines()[0]
     except Exception:
         return ""
+
+
+def start_external(name: str, command: str, upstream: str) -> Server:
+    """Another proxy to compare, started from a command line with ``{upstream}`` (the
+    fixed backend's base URL, ending in /v1) and ``{port}`` filled in; it must serve
+    ``POST /v1/chat/completions`` on 127.0.0.1:{port}."""
+    port = free_port()
+    argv = [
+        a.replace("{upstream}", upstream).replace("{port}", str(port)) for a in shlex.split(command)
+    ]
+    url = f"http://127.0.0.1:{port}"
+    server = _spawn(name, argv, clean_env(), wait_line=False, url=url)
+    try:
+        wait_http(url + "/", 120, server.process)
+    except RuntimeError as exc:
+        server.stop()
+        raise RuntimeError(f"{name} did not start: {exc}\n{server.log()[-2000:]}") from None
+    return server
