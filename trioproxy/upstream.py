@@ -168,35 +168,34 @@ class UpstreamPool:
         except trio.TooSlowError:
             self._observer.upstream_error("timeout")
             raise UpstreamTimeout("the backend did not start answering in time") from None
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Retryable("connect", UpstreamUnavailable(self._describe(exc))) from None
-        except httpx.RemoteProtocolError as exc:
-            # a pooled connection the backend had already closed (llama.cpp's server
-            # closes after every streamed reply): safe to retry, nothing was sent back
-            raise _Retryable("protocol", UpstreamUnavailable(self._describe(exc))) from None
-        except httpx.TimeoutException as exc:
-            self._observer.upstream_error("timeout")
-            raise UpstreamTimeout(self._describe(exc)) from None
         except httpx.HTTPError as exc:
-            self._observer.upstream_error("other")
-            raise UpstreamUnavailable(self._describe(exc)) from None
+            raise self._transport_failure(exc) from None
         headers_at = time.perf_counter()
         if response.status_code >= 400:
             await self._raise_for_status(response)
         if not stream:
             try:
                 await response.aread()
-            except httpx.RemoteProtocolError as exc:
-                raise _Retryable("protocol", UpstreamUnavailable(self._describe(exc))) from None
-            except httpx.TimeoutException as exc:
-                self._observer.upstream_error("timeout")
-                raise UpstreamTimeout(self._describe(exc)) from None
             except httpx.HTTPError as exc:
-                self._observer.upstream_error("other")
-                raise UpstreamUnavailable(self._describe(exc)) from None
+                raise self._transport_failure(exc) from None
             finally:
                 await response.aclose()
         return response, headers_at
+
+    def _transport_failure(self, exc: httpx.HTTPError) -> Exception:
+        """The exception to raise for a transport error: retryable ones are wrapped."""
+        unavailable = UpstreamUnavailable(self._describe(exc))
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return _Retryable("connect", unavailable)
+        if isinstance(exc, httpx.RemoteProtocolError):
+            # a pooled connection the backend had already closed (llama.cpp's server
+            # closes after every streamed reply): safe to retry, nothing was sent back
+            return _Retryable("protocol", unavailable)
+        if isinstance(exc, httpx.TimeoutException):
+            self._observer.upstream_error("timeout")
+            return UpstreamTimeout(self._describe(exc))
+        self._observer.upstream_error("other")
+        return unavailable
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
         try:
