@@ -46,3 +46,21 @@ async def test_app_disables_quart_response_timeout() -> None:
     assert app.config["RESPONSE_TIMEOUT"] is None
     assert app.config["MAX_CONTENT_LENGTH"] == 64 * 1024 * 1024
     await trio.lowlevel.checkpoint()
+
+
+async def test_start_up_heap_is_frozen_out_of_the_collectors_sight() -> None:
+    """Full collections re-scanning the import-time heap were the latency tail (27 ms per
+    pause under load, 225 ms with 1,000 open streams; docs/performance.md)."""
+    import gc
+
+    from trioproxy.app import create_app
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:1/v1"))
+    before = gc.get_threshold()
+    try:
+        async with app.test_app():
+            assert gc.get_freeze_count() > 10_000
+            assert gc.get_threshold() == (700, 10, 100)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
