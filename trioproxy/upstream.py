@@ -6,6 +6,13 @@ queued request; stack notes P4). Retries happen only before anything reached the
 ``send`` returns once the backend's headers (streams) or whole body (non-streams) are in
 hand, and a caller never calls it again for the same client request once it has sent
 bytes, so a stream is never replayed.
+
+Requests go straight to the transport that serves the backend's URL (httpx's connection
+pool, with any ``HTTPS_PROXY`` from the environment already applied), not through
+``AsyncClient.send``: the client layers add nothing a proxy wants (redirects are not
+followed, auth is a fixed header) and one is harmful: a shared cookie jar would carry a
+``Set-Cookie`` from one user's reply into every later user's request. Skipping them also
+skips ~10 % of the CPU per request (URL merge, cookie extraction; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -100,18 +107,48 @@ class UpstreamPool:
             )
             for _ in range(shards)
         ]
+        self._transports = [_transport_for(client) for client in self._clients]
+        self._base_url = httpx.URL(base_url + "/")
+        self._default_headers = httpx.Headers(
+            {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", **headers}
+        )
+        self._urls: dict[str, httpx.URL] = {}
+        self._timeouts = httpx.Timeout(
+            settings.request_timeout, connect=settings.connect_timeout, pool=None
+        ).as_dict()
         self._next = 0
 
     @property
     def base_url(self) -> str:
-        return str(self._clients[0].base_url)
+        return str(self._base_url)
+
+    def _url(self, path: str) -> httpx.URL:
+        # paths come from our own routes (a handful), so this cache stays small
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self._base_url.join(path.lstrip("/"))
+        return url
 
     def set_observer(self, observer: UpstreamObserver) -> None:
         self._observer = observer
 
-    def _client(self) -> httpx.AsyncClient:
-        self._next = (self._next + 1) % len(self._clients)
-        return self._clients[self._next]
+    def _transport(self) -> httpx.AsyncBaseTransport:
+        self._next = (self._next + 1) % len(self._transports)
+        return self._transports[self._next]
+
+    def _build(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], stream: bool
+    ) -> httpx.Request:
+        timeouts = _stream_timeouts(self._settings) if stream else self._timeouts
+        req = httpx.Request(
+            method,
+            self._url(path),
+            headers=self._default_headers,
+            content=body,
+            extensions={"timeout": timeouts},
+        )
+        req.headers.update(headers)
+        return req
 
     async def aclose(self) -> None:
         for client in self._clients:
@@ -140,10 +177,11 @@ class UpstreamPool:
         attempt = 0
         while True:
             attempt += 1
-            client = self._client()
-            req = client.build_request(method, path.lstrip("/"), content=body, headers=headers)
+            req = self._build(method, path, body, headers, stream)
             try:
-                response, headers_at = await self._attempt(client, req, stream, header_timeout)
+                response, headers_at = await self._attempt(
+                    self._transport(), req, stream, header_timeout
+                )
             except _Retryable as retry:
                 if attempt > self._settings.max_retries:
                     self._observer.upstream_error(retry.reason)
@@ -155,16 +193,15 @@ class UpstreamPool:
 
     async def _attempt(
         self,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         req: httpx.Request,
         stream: bool,
         header_timeout: float | None,
     ) -> tuple[httpx.Response, float]:
         try:
             with trio.fail_after(header_timeout) if header_timeout else _no_deadline():
-                if stream:
-                    req.extensions["timeout"] = _stream_timeouts(self._settings)
-                response = await client.send(req, stream=True)
+                response = await transport.handle_async_request(req)
+                response.request = req
         except trio.TooSlowError:
             self._observer.upstream_error("timeout")
             raise UpstreamTimeout("the backend did not start answering in time") from None
@@ -238,6 +275,12 @@ class UpstreamPool:
     def _describe(self, exc: BaseException) -> str:
         detail = str(exc) or type(exc).__name__
         return scrub(f"backend request failed: {detail}", self._secret)
+
+
+def _transport_for(client: httpx.AsyncClient) -> httpx.AsyncBaseTransport:
+    """The transport the client would use for its base URL: its own pool, or the proxy
+    transport that ``HTTPS_PROXY`` / ``NO_PROXY`` select (httpx resolves those per URL)."""
+    return client._transport_for_url(client.base_url)
 
 
 class _Retryable(Exception):

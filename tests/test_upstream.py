@@ -1,0 +1,114 @@
+"""The backend pool calls httpx's transport directly; what the client layers did that we
+still need (environment proxies, default headers, timeouts) must survive, and what would
+harm a proxy (a cookie jar shared by every user) must stay gone."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import httpx
+import pytest
+import trio
+
+from trioproxy.config import Settings
+from trioproxy.upstream import UpstreamPool
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def _settings(upstream: str = "http://backend.test/v1", **extra: object) -> Settings:
+    return Settings(upstream_url=upstream, upstream_clients=2, **extra)  # type: ignore[arg-type]
+
+
+async def test_a_cookie_set_for_one_user_is_never_sent_for_the_next() -> None:
+    seen: list[httpx.Request] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"ok": True}, headers={"Set-Cookie": "session=alice"})
+
+    pool = UpstreamPool(_settings(), transport_factory=lambda: httpx.MockTransport(backend))
+    try:
+        for _ in range(4):  # every shard answers at least once
+            result = await pool.request("POST", "/chat/completions", body=b"{}")
+            assert result.response.json() == {"ok": True}
+    finally:
+        await pool.aclose()
+    assert len(seen) == 4
+    assert all("cookie" not in request.headers for request in seen)
+
+
+async def test_requests_carry_the_headers_and_timeouts_the_client_used_to_add() -> None:
+    seen: list[httpx.Request] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={})
+
+    settings = _settings(api_key="sk-test-1234", request_timeout=33.0, connect_timeout=4.0)
+    pool = UpstreamPool(settings, transport_factory=lambda: httpx.MockTransport(backend))
+    try:
+        await pool.request("POST", "/chat/completions", body=b"{}", request_id="abc")
+        await pool.request("POST", "chat/completions", body=b"{}", stream=True)
+        await pool.request("GET", "/models")
+    finally:
+        await pool.aclose()
+    plain, streamed, listing = seen
+    assert str(plain.url) == "http://backend.test/v1/chat/completions"
+    assert str(streamed.url) == str(plain.url)
+    assert str(listing.url) == "http://backend.test/v1/models"
+    assert plain.headers["authorization"] == "Bearer sk-test-1234"
+    assert plain.headers["x-request-id"] == "abc"
+    assert plain.headers["content-type"] == "application/json"
+    assert plain.headers["content-length"] == "2"
+    assert plain.headers["host"] == "backend.test"
+    assert plain.headers["user-agent"] == "trioproxy"
+    assert "x-request-id" not in streamed.headers
+    assert "content-type" not in listing.headers
+    assert plain.extensions["timeout"] == {
+        "connect": 4.0,
+        "read": 33.0,
+        "write": 33.0,
+        "pool": None,
+    }
+    # a slow but healthy generation is bounded by the relay's deadlines, not a read timeout
+    assert streamed.extensions["timeout"]["read"] is None
+
+
+async def test_an_http_proxy_from_the_environment_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Operators behind a corporate proxy set HTTP(S)_PROXY; the pool must honour it, as
+    httpx's client does."""
+    request_lines: list[bytes] = []
+
+    async def forward_proxy(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        request_lines.append(head.split(b"\r\n", 1)[0])
+        body = json.dumps({"via": "proxy"}).encode()
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, forward_proxy, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        for name in PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        pool = UpstreamPool(_settings("http://backend.invalid/v1"))
+        try:
+            result = await pool.request("POST", "/chat/completions", body=b"{}")
+        finally:
+            await pool.aclose()
+        nursery.cancel_scope.cancel()
+    assert result.response.json() == {"via": "proxy"}
+    assert request_lines == [b"POST http://backend.invalid/v1/chat/completions HTTP/1.1"]
