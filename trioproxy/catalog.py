@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from .errors import UpstreamStatusError
+from .exchange import Call
 from .forward import call_json
 
 CACHE_SECONDS = 5.0
@@ -22,24 +23,24 @@ class ModelCatalog:
         self._fetched_at = -1e9
         self._lock = trio.Lock()
 
-    async def models(self) -> list[dict[str, Any]]:
+    async def models(self, call: Call) -> list[dict[str, Any]]:
         if trio.current_time() - self._fetched_at < CACHE_SECONDS:
             return self._models
         async with self._lock:
             if trio.current_time() - self._fetched_at >= CACHE_SECONDS:
-                payload, _ = await call_json("/models", None, method="GET")
+                payload, _ = await call_json(call, "/models", None, method="GET")
                 data = payload.get("data") if isinstance(payload, dict) else None
                 self._models = [m for m in data or [] if isinstance(m, dict) and "id" in m]
                 self._fetched_at = trio.current_time()
         return self._models
 
-    async def find(self, backend_name: str) -> dict[str, Any] | None:
+    async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
         """The backend's entry for a model; None if the backend does not list it.
 
         Backends that do not implement ``/models`` (404/405) cannot tell us, so the model
         is assumed to exist and the backend decides when it is used."""
         try:
-            models = await self.models()
+            models = await self.models(call)
         except UpstreamStatusError as exc:
             if exc.status in (404, 405, 501):
                 return {"id": backend_name}

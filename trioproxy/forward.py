@@ -1,4 +1,4 @@
-"""Forwarding helpers shared by the Ollama and OpenAI routes: read the client's body,
+"""Forwarding helpers shared by the Ollama and OpenAI handlers: decode the client's body,
 call the backend, open a stream whose closing is guaranteed."""
 
 from __future__ import annotations
@@ -7,18 +7,15 @@ import json
 import time
 from typing import Any
 
-import httpx
-from quart import request
-
-from .app import ProxyApp, RequestState, request_app, request_state
 from .errors import BadRequest, UpstreamUnavailable
+from .exchange import Call, RequestState
 from .translate import RequestValidationError
-from .upstream import UpstreamResult
+from .upstream import UpstreamPool, UpstreamResult
 
 
-async def read_json_object() -> dict[str, Any]:
+def json_object(call: Call) -> dict[str, Any]:
     """The request body as a JSON object; a client mistake is a 400, never a 500."""
-    raw = await request.get_data()
+    raw = call.body
     if not raw:
         raise BadRequest("missing request body", param=None)
     try:
@@ -27,9 +24,9 @@ async def read_json_object() -> dict[str, Any]:
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    state = request_state()
-    if state.metric is not None and not state.metric.request_size:
-        state.metric.request_size = len(raw)
+    metric = call.state.metric
+    if metric is not None and not metric.request_size:
+        metric.request_size = len(raw)
     return body
 
 
@@ -46,55 +43,52 @@ def note_model(state: RequestState, client_model: str) -> None:
 
 
 async def call_json(
-    path: str, payload: dict[str, Any] | bytes, *, method: str = "POST"
+    call: Call, path: str, payload: dict[str, Any] | bytes | None, *, method: str = "POST"
 ) -> tuple[Any, UpstreamResult]:
     """Non-streaming backend call; returns the decoded JSON body."""
-    app = request_app()
-    state = request_state()
     body = payload if isinstance(payload, bytes | None) else encode(payload)
-    result = await pool(app).request(method, path, body=body, request_id=state.request_id)
-    _note_upstream(state, result, complete=True)
+    result = await call_raw(call, path, body, method=method)
     try:
         return result.response.json(), result
     except ValueError:
         raise UpstreamUnavailable("the backend returned a body that is not JSON") from None
 
 
-async def call_raw(path: str, body: bytes | None, *, method: str = "POST") -> UpstreamResult:
-    app = request_app()
-    state = request_state()
-    result = await pool(app).request(method, path, body=body, request_id=state.request_id)
-    _note_upstream(state, result, complete=True)
+async def call_raw(
+    call: Call, path: str, body: bytes | None, *, method: str = "POST"
+) -> UpstreamResult:
+    state = call.state
+    result = await pool(call).request(method, path, body=body, request_id=state.request_id)
+    _note_upstream(call, result, complete=True)
     return result
 
 
-async def open_stream(path: str, payload: dict[str, Any] | bytes) -> UpstreamResult:
+async def open_stream(call: Call, path: str, payload: dict[str, Any] | bytes) -> UpstreamResult:
     """Open a streamed backend response and register its closing with the request.
 
-    The close runs from the connection adapter's ``finally`` whether or not the body is
+    The close runs from the request's bookkeeping (``Tracked``) whether or not the body is
     ever iterated, so a client that leaves during the response start cannot leak the
     backend connection (stack notes P9)."""
-    app = request_app()
-    state = request_state()
+    state = call.state
     body = payload if isinstance(payload, bytes) else encode(payload)
-    result = await pool(app).request(
+    result = await pool(call).request(
         "POST",
         path,
         body=body,
         request_id=state.request_id,
         stream=True,
-        header_timeout=app.settings.stream_first_token_timeout,
+        header_timeout=call.app.settings.stream_first_token_timeout,
     )
     state.cleanups.append(result.response.aclose)
-    _note_upstream(state, result, complete=False)
+    _note_upstream(call, result, complete=False)
     if state.metric is not None:
         state.metric.streaming = True
     return result
 
 
-def _note_upstream(state: RequestState, result: UpstreamResult, *, complete: bool) -> None:
-    request_app().readiness.mark_reachable()  # type: ignore[attr-defined]
-    metric = state.metric
+def _note_upstream(call: Call, result: UpstreamResult, *, complete: bool) -> None:
+    call.app.readiness.mark_reachable()  # type: ignore[attr-defined]
+    metric = call.state.metric
     if metric is None:
         return
     metric.upstream_first_byte_ms = (result.headers_at - metric.start) * 1000.0
@@ -102,15 +96,11 @@ def _note_upstream(state: RequestState, result: UpstreamResult, *, complete: boo
         metric.upstream_ms = (time.perf_counter() - result.started) * 1000.0
 
 
-def pool(app: ProxyApp) -> Any:
-    if app.pool is None:
+def pool(call: Call) -> UpstreamPool:
+    if call.app.pool is None:
         raise UpstreamUnavailable("the backend pool is not running")
-    return app.pool
+    return call.app.pool
 
 
 def encode(payload: Any) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def response_content_type(response: httpx.Response, default: str = "application/json") -> str:
-    return response.headers.get("content-type", default)

@@ -1,4 +1,9 @@
-"""The Ollama API (``/`` and ``/api/*``), translated to the OpenAI-compatible backend."""
+"""The Ollama API (``/`` and ``/api/*``), translated to the OpenAI-compatible backend.
+
+``FAST_ROUTES`` (chat, generate, embed, embeddings) are served by ``fastpath`` for
+``POST``; the Quart routes for the same paths make other methods a 405 and serve
+in-process test clients the same handlers.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from . import translate as tr
-from .app import request_app, request_state
+from .app import current_call, quart_route
 from .errors import NotFound, ProxyError, error_body_for
-from .forward import call_json, note_model, open_stream, read_json_object, validated
+from .exchange import JSON, Call, Handler, Reply, RequestState
+from .forward import call_json, json_object, note_model, open_stream, validated
 from .relay import NDJSON, STREAM_HEADERS, dumps, relay_ollama
 
 blueprint = Blueprint("ollama", __name__)
@@ -23,7 +29,11 @@ MODEL_MANAGEMENT = (
 
 
 def _json(payload: Any, status: int = 200) -> Response:
-    return Response(dumps(payload), status=status, content_type="application/json")
+    return Response(dumps(payload), status=status, content_type=JSON)
+
+
+def _json_reply(payload: Any) -> Reply:
+    return Reply(200, dumps(payload))
 
 
 @blueprint.route("/", methods=["GET", "HEAD"])
@@ -38,42 +48,43 @@ async def version() -> Response:
 
 @blueprint.route("/api/tags", methods=["GET", "HEAD"])
 async def tags() -> Response:
-    models = await request_app().catalog.models()
-    return _json(tr.openai_models_to_ollama_tags(models, request_app().mapper))
+    call = await current_call()
+    models = await call.app.catalog.models(call)  # type: ignore[attr-defined]
+    return _json(tr.openai_models_to_ollama_tags(models, call.app.mapper))
 
 
 @blueprint.get("/api/ps")
 async def ps() -> Response:
-    models = await request_app().catalog.models()
-    return _json(tr.ollama_ps(models, request_app().mapper))
+    call = await current_call()
+    models = await call.app.catalog.models(call)  # type: ignore[attr-defined]
+    return _json(tr.ollama_ps(models, call.app.mapper))
 
 
 @blueprint.post("/api/show")
 async def show() -> Response:
-    body = await read_json_object()
+    call = await current_call()
+    body = json_object(call)
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name:
         raise ProxyError("field 'model' is required", 400, param="model")
-    note_model(request_state(), name)
-    backend_name = request_app().mapper.to_backend(name)
-    entry = await request_app().catalog.find(backend_name)
+    note_model(call.state, name)
+    backend_name = call.app.mapper.to_backend(name)
+    entry = await call.app.catalog.find(call, backend_name)  # type: ignore[attr-defined]
     if entry is None:
         raise NotFound(f"model '{name}' not found")
     return _json(tr.ollama_show(name, entry))
 
 
-@blueprint.post("/api/chat")
-async def chat() -> Response:
-    body = validated(tr.validate_ollama_chat, await read_json_object())
-    return await _generate_or_chat("chat", body, tr.ollama_chat_to_openai)
+async def chat(call: Call) -> Reply:
+    body = validated(tr.validate_ollama_chat, json_object(call))
+    return await _generate_or_chat(call, "chat", body, tr.ollama_chat_to_openai)
 
 
-@blueprint.post("/api/generate")
-async def generate() -> Response:
-    body = validated(tr.validate_ollama_generate, await read_json_object())
+async def generate(call: Call) -> Reply:
+    body = validated(tr.validate_ollama_generate, json_object(call))
     if _is_load_request(body):
-        return _load_response(body)
-    return await _generate_or_chat("generate", body, tr.ollama_generate_to_openai)
+        return _load_reply(call.state, body)
+    return await _generate_or_chat(call, "generate", body, tr.ollama_generate_to_openai)
 
 
 def _is_load_request(body: dict[str, Any]) -> bool:
@@ -82,11 +93,11 @@ def _is_load_request(body: dict[str, Any]) -> bool:
     return not body.get("prompt") and not body.get("images")
 
 
-def _load_response(body: dict[str, Any]) -> Response:
+def _load_reply(state: RequestState, body: dict[str, Any]) -> Reply:
     keep_alive = body.get("keep_alive")
     reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
-    note_model(request_state(), body["model"])
-    return _json(
+    note_model(state, body["model"])
+    return _json_reply(
         {
             "model": body["model"],
             "created_at": tr.utc_timestamp(),
@@ -97,26 +108,26 @@ def _load_response(body: dict[str, Any]) -> Response:
     )
 
 
-async def _generate_or_chat(kind: str, body: dict[str, Any], to_openai: Any) -> Response:
-    app = request_app()
-    state = request_state()
+async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_openai: Any) -> Reply:
+    app = call.app
+    state = call.state
     client_model = body["model"]
     note_model(state, client_model)
     payload = to_openai(body, app.mapper.to_backend(client_model))
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
-        resp, result = await call_json("/chat/completions", payload)
+        resp, result = await call_json(call, "/chat/completions", payload)
         timings = _timings(start_ns, resp, result)
         convert = (
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate
         )
         out = convert(resp, client_model, tr.utc_timestamp(), timings)
-        _note_usage(resp)
-        return _json(out)
-    result = await open_stream("/chat/completions", payload)
+        _note_usage(state, resp)
+        return _json_reply(out)
+    result = await open_stream(call, "/chat/completions", payload)
     metric = state.metric
     translator = tr.OllamaStreamTranslator(kind, client_model, start_ns=start_ns)
-    body_iter = relay_ollama(
+    chunks = relay_ollama(
         result.response,
         translator,
         settings=app.settings,
@@ -124,9 +135,7 @@ async def _generate_or_chat(kind: str, body: dict[str, Any], to_openai: Any) -> 
         metric_start=metric.start if metric else time.perf_counter(),
         collector=app.collector,
     )
-    response = Response(body_iter, content_type=NDJSON, headers=STREAM_HEADERS)
-    response.timeout = None
-    return response
+    return Reply(200, chunks, NDJSON, dict(STREAM_HEADERS))
 
 
 def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
@@ -144,8 +153,8 @@ def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
     return tr.Timings(total_ns=total, prompt_eval_ns=prompt_ns, eval_ns=eval_ns)
 
 
-def _note_usage(resp: Any) -> None:
-    metric = request_state().metric
+def _note_usage(state: RequestState, resp: Any) -> None:
+    metric = state.metric
     usage = resp.get("usage") if isinstance(resp, dict) else None
     if metric is None or not isinstance(usage, dict):
         return
@@ -155,29 +164,35 @@ def _note_usage(resp: Any) -> None:
     metric.output_tokens = completion if isinstance(completion, int) else None
 
 
-@blueprint.post("/api/embed")
-async def embed() -> Response:
-    app = request_app()
-    body = validated(tr.validate_ollama_embed, await read_json_object())
-    note_model(request_state(), body["model"])
+async def embed(call: Call) -> Reply:
+    body = validated(tr.validate_ollama_embed, json_object(call))
+    note_model(call.state, body["model"])
     start_ns = time.perf_counter_ns()
-    payload = tr.ollama_embed_to_openai(body, app.mapper.to_backend(body["model"]))
-    resp, _ = await call_json("/embeddings", payload)
-    _note_usage(resp)
+    payload = tr.ollama_embed_to_openai(body, call.app.mapper.to_backend(body["model"]))
+    resp, _ = await call_json(call, "/embeddings", payload)
+    _note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
-    return _json(tr.openai_embeddings_to_ollama_embed(resp, body["model"], timings))
+    return _json_reply(tr.openai_embeddings_to_ollama_embed(resp, body["model"], timings))
 
 
-@blueprint.post("/api/embeddings")
-async def embeddings() -> Response:
-    app = request_app()
-    body = validated(tr.validate_ollama_embeddings, await read_json_object())
-    note_model(request_state(), body["model"])
-    payload = tr.ollama_embeddings_to_openai(body, app.mapper.to_backend(body["model"]))
-    resp, _ = await call_json("/embeddings", payload)
-    _note_usage(resp)
-    return _json(tr.openai_embeddings_to_ollama_embeddings(resp))
+async def embeddings(call: Call) -> Reply:
+    body = validated(tr.validate_ollama_embeddings, json_object(call))
+    note_model(call.state, body["model"])
+    payload = tr.ollama_embeddings_to_openai(body, call.app.mapper.to_backend(body["model"]))
+    resp, _ = await call_json(call, "/embeddings", payload)
+    _note_usage(call.state, resp)
+    return _json_reply(tr.openai_embeddings_to_ollama_embeddings(resp))
+
+
+FAST_ROUTES: dict[str, Handler] = {
+    "/api/chat": chat,
+    "/api/generate": generate,
+    "/api/embed": embed,
+    "/api/embeddings": embeddings,
+}
+for _path, _handler in FAST_ROUTES.items():
+    quart_route(blueprint, _path, _handler)
 
 
 @blueprint.route("/api/pull", methods=["POST"])

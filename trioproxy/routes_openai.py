@@ -1,103 +1,102 @@
-"""The OpenAI API (``/v1/*``): pass-through with model mapping, streams relayed as they come."""
+"""The OpenAI API (``/v1/*``): pass-through with model mapping, streams relayed as they come.
+
+``FAST_ROUTES`` (chat, completions, embeddings) are served by ``fastpath`` for ``POST``;
+the Quart routes for the same paths make other methods a 405 and serve in-process test
+clients the same handlers.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
 from . import translate as tr
-from .app import request_app, request_state
+from .app import current_call, quart_route
 from .errors import NotFound
-from .forward import call_raw, encode, note_model, open_stream, read_json_object, validated
+from .exchange import JSON, Call, Handler, Reply
+from .forward import call_raw, encode, json_object, note_model, open_stream, validated
 from .relay import EVENT_STREAM, STREAM_HEADERS, dumps, relay_openai
 from .upstream import UpstreamResult
 
 blueprint = Blueprint("openai", __name__)
 
 
-@blueprint.post("/v1/chat/completions")
-async def chat_completions() -> Response:
-    return await _forward("/chat/completions")
+async def forward(backend_path: str, call: Call) -> Reply:
+    app = call.app
+    state = call.state
+    body = validated(tr.validate_openai_body, json_object(call))
+    client_model = body["model"]
+    note_model(state, client_model)
+    backend_model = app.mapper.to_backend(client_model)
+    if backend_model == client_model:
+        # nothing to rewrite: forward the client's bytes as they came
+        payload = call.body
+    else:
+        payload = encode(tr.openai_passthrough_request(body, app.mapper))
+    if body.get("stream") is True:
+        result = await open_stream(call, backend_path, payload)
+        return _stream_reply(call, result, client_model, backend_model)
+    result = await call_raw(call, backend_path, payload)
+    content = result.response.content
+    _note_usage(call, content)
+    if backend_model != client_model:
+        content = _rewrite_model_json(content, client_model)
+    return Reply(
+        result.response.status_code, content, result.response.headers.get("content-type", JSON)
+    )
 
 
-@blueprint.post("/v1/completions")
-async def completions() -> Response:
-    return await _forward("/completions")
-
-
-@blueprint.post("/v1/embeddings")
-async def embeddings() -> Response:
-    return await _forward("/embeddings")
+FAST_ROUTES: dict[str, Handler] = {
+    "/v1/chat/completions": partial(forward, "/chat/completions"),
+    "/v1/completions": partial(forward, "/completions"),
+    "/v1/embeddings": partial(forward, "/embeddings"),
+}
+for _path, _handler in FAST_ROUTES.items():
+    quart_route(blueprint, _path, _handler)
 
 
 @blueprint.get("/v1/models")
 async def models() -> Response:
-    listed = await request_app().catalog.models()
-    return _json(tr.openai_model_list(listed, request_app().mapper))
+    call = await current_call()
+    listed = await call.app.catalog.models(call)  # type: ignore[attr-defined]
+    return _json(tr.openai_model_list(listed, call.app.mapper))
 
 
 @blueprint.get("/v1/models/<path:model_id>")
 async def model(model_id: str) -> Response:
-    mapper = request_app().mapper
-    entry = await request_app().catalog.find(mapper.to_backend(model_id))
+    call = await current_call()
+    entry = await call.app.catalog.find(call, call.app.mapper.to_backend(model_id))  # type: ignore[attr-defined]
     if entry is None:
         raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")
     return _json(tr.openai_model_entry(model_id, entry))
 
 
 def _json(payload: Any, status: int = 200) -> Response:
-    return Response(dumps(payload), status=status, content_type="application/json")
+    return Response(dumps(payload), status=status, content_type=JSON)
 
 
-async def _forward(path: str) -> Response:
-    app = request_app()
-    state = request_state()
-    body = validated(tr.validate_openai_body, await read_json_object())
-    client_model = body["model"]
-    note_model(state, client_model)
-    backend_model = app.mapper.to_backend(client_model)
-    if backend_model == client_model:
-        # nothing to rewrite: forward the client's bytes as they came
-        payload = await request.get_data()
-    else:
-        payload = encode(tr.openai_passthrough_request(body, app.mapper))
-    if body.get("stream") is True:
-        result = await open_stream(path, payload)
-        return _stream_response(result, client_model, backend_model)
-    result = await call_raw(path, payload)
-    content = result.response.content
-    _note_usage(content)
-    if backend_model != client_model:
-        content = _rewrite_model_json(content, client_model)
-    return Response(
-        content,
-        status=result.response.status_code,
-        content_type=result.response.headers.get("content-type", "application/json"),
-    )
-
-
-def _stream_response(result: UpstreamResult, client_model: str, backend_model: str) -> Response:
-    app = request_app()
-    metric = request_state().metric
+def _stream_reply(
+    call: Call, result: UpstreamResult, client_model: str, backend_model: str
+) -> Reply:
+    metric = call.state.metric
     rewrite: Callable[[bytes], bytes] | None = None
     if backend_model != client_model:
         rewrite = _model_rewriter(backend_model, client_model)
-    body_iter = relay_openai(
+    chunks = relay_openai(
         result.response,
         tr.OpenAIStreamObserver(),
-        settings=app.settings,
+        settings=call.app.settings,
         metric=metric,
         metric_start=metric.start if metric else time.perf_counter(),
-        collector=app.collector,
+        collector=call.app.collector,
         rewrite_model=rewrite,
     )
-    response = Response(body_iter, content_type=EVENT_STREAM, headers=STREAM_HEADERS)
-    response.timeout = None
-    return response
+    return Reply(200, chunks, EVENT_STREAM, dict(STREAM_HEADERS))
 
 
 def _model_rewriter(backend_model: str, client_model: str) -> Callable[[bytes], bytes]:
@@ -132,8 +131,8 @@ def _rewrite_model_json(content: bytes, client_model: str) -> bytes:
     return content
 
 
-def _note_usage(content: bytes) -> None:
-    metric = request_state().metric
+def _note_usage(call: Call, content: bytes) -> None:
+    metric = call.state.metric
     if metric is None:
         return
     # usage sits at the end of the body; parse only when it is there

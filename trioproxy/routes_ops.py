@@ -166,4 +166,3 @@ def _flag(raw: str | None) -> bool | None:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise BadRequest(f"include_system must be true or false, got {raw!r}")
-

@@ -1,0 +1,250 @@
+"""One proxied exchange, independent of the web framework.
+
+A route handler receives a ``Call`` (the app, the request's bookkeeping, its path and
+body) and returns a ``Reply`` (status, content type, headers, and either bytes or an
+async iterator of chunks). The same handler is served by the ASGI fast path
+(``fastpath``) and through Quart (``app``); ``Tracked`` is the bookkeeping both share:
+request id, timing to the last byte, bytes sent, the request's cleanups, and the metrics
+record handed over exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.typing import ASGISendCallable, ASGISendEvent
+
+from .errors import ProxyError, UpstreamStatusError, error_body_for, is_openai_path, scrub
+from .logs import request_id_var
+from .metrics import MetricsCollector, RequestMetrics
+from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, api_label
+
+if TYPE_CHECKING:
+    from .app import ProxyApp
+
+log = logging.getLogger("trioproxy")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Per-request bookkeeping shared by the connection adapter and the handlers."""
+
+    request_id: str
+    metric: RequestMetrics | None
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Call:
+    app: ProxyApp
+    state: RequestState
+    path: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: bytes | AsyncIterator[bytes]
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Call], Awaitable[Reply]]
+
+
+def new_state(
+    collector: MetricsCollector,
+    path: str,
+    method: str,
+    request_id: str | None,
+    content_length: str | None,
+) -> RequestState:
+    if not request_id or not _REQUEST_ID_OK.match(request_id):
+        request_id = uuid.uuid4().hex
+    metric = None
+    if collector.enabled and path not in UNTRACKED_PATHS:
+        metric = RequestMetrics(endpoint=path, method=method, api=api_label(path))
+        if content_length and content_length.isdigit():
+            metric.request_size = int(content_length)
+    return RequestState(request_id, metric)
+
+
+class CountingSend:
+    """Counts body bytes on their way out; for streams, each body send is one chunk.
+
+    ``finished`` turns true when the last body event is handed to the server: hypercorn
+    reports a client's close from inside that final send, so the cancellation that
+    follows must not turn a fully sent response into a "cancelled" one."""
+
+    __slots__ = ("_metric", "_send", "finished", "sent")
+
+    def __init__(self, send: ASGISendCallable, metric: RequestMetrics | None) -> None:
+        self._send = send
+        self._metric = metric
+        self.sent = 0
+        self.finished = False
+
+    async def __call__(self, event: ASGISendEvent) -> None:
+        if event["type"] == "http.response.body":
+            body = event.get("body", b"")  # type: ignore[union-attr]
+            if not event.get("more_body", False):  # type: ignore[union-attr]
+                self.finished = True
+            if body:
+                self.sent += len(body)
+                metric = self._metric
+                if metric is not None and metric.streaming:
+                    metric.add_chunk(len(body))
+        await self._send(event)
+
+
+class Tracked:
+    """``async with Tracked(...) as send:`` around serving one request.
+
+    On exit, whatever happened (a reply, an error, the client leaving, cancellation), the
+    request's cleanups run (shielded, bounded) and its metrics record is finished and
+    handed to the collector once."""
+
+    __slots__ = ("_collector", "_token", "send", "state")
+
+    def __init__(
+        self, collector: MetricsCollector, state: RequestState, send: ASGISendCallable
+    ) -> None:
+        self._collector = collector
+        self.state = state
+        self.send = CountingSend(send, state.metric)
+
+    async def __aenter__(self) -> CountingSend:
+        self._token = request_id_var.set(self.state.request_id)
+        if self.state.metric is not None:
+            self._collector.request_started()
+        return self.send
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await _run_cleanups(self.state)
+        finally:
+            metric = self.state.metric
+            if metric is not None:
+                _finish_metric(metric, self.send.finished, error, self.send.sent)
+                self._collector.request_finished(metric)
+            request_id_var.reset(self._token)
+
+    def response_headers(self, status: int) -> list[tuple[str, str]]:
+        """What every response gets: its request id and, when a backend answered, the
+        time the proxy itself added. Also notes the status for the metrics."""
+        headers = [("X-Request-ID", self.state.request_id)]
+        metric = self.state.metric
+        if metric is not None:
+            metric.status_code = status
+            upstream = metric.upstream_first_byte_ms if metric.streaming else metric.upstream_ms
+            if upstream is not None:
+                overhead = max(0.0, metric.elapsed_ms() - upstream)
+                headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
+        return headers
+
+
+def _finish_metric(
+    metric: RequestMetrics, completed: bool, error: BaseException | None, sent: int
+) -> None:
+    metric.response_size = sent
+    metric.finish()
+    if metric.streaming:
+        if metric.stream_outcome is None:
+            if completed:
+                metric.stream_outcome = "completed"
+            elif error is None or isinstance(error, trio.Cancelled | BaseExceptionGroup):
+                metric.stream_outcome = "cancelled"
+            else:
+                metric.stream_outcome = "error"
+        metric.stream_cancelled = metric.stream_outcome == "cancelled"
+        metric.stream_timeout = metric.stream_outcome == "timeout"
+    elif not completed:
+        # the client went away while we waited (or while the body was being written)
+        metric.status_code = STATUS_CLIENT_CLOSED
+        if error is not None and not isinstance(error, trio.Cancelled | BaseExceptionGroup):
+            metric.error = type(error).__name__
+
+
+async def _run_cleanups(state: RequestState) -> None:
+    if not state.cleanups:
+        return
+    # Shielded and bounded: closing the backend connection must happen even though the
+    # request is being cancelled, but must never hang the worker.
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        for cleanup in reversed(state.cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                log.debug("cleanup failed", exc_info=True)
+    state.cleanups.clear()
+
+
+# -- errors in the caller's dialect ---------------------------------------------------------
+
+
+def error_reply(
+    path: str,
+    message: str,
+    status: int,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    body = error_body_for(path, message, status, code=code, param=param)
+    return Reply(status, body, JSON, dict(headers or {}))
+
+
+def proxy_error_reply(
+    error: ProxyError, path: str, secret: str | None, state: RequestState
+) -> Reply:
+    message = scrub(error.message, secret)
+    if state.metric is not None and state.metric.error is None:
+        state.metric.error = message[:200]
+    if isinstance(error, UpstreamStatusError):
+        log.info("backend answered %d: %s", error.status, message)
+        passthrough = _openai_shaped(error, path, secret)
+        if passthrough is not None:
+            return passthrough
+    elif error.status >= 500:
+        log.warning("%s", message)
+    return error_reply(
+        path, message, error.status, code=error.code, param=error.param, headers=error.headers
+    )
+
+
+def internal_error_reply(path: str) -> Reply:
+    return error_reply(path, "internal error in trioproxy; see the server log", 500)
+
+
+def _openai_shaped(error: UpstreamStatusError, path: str, secret: str | None) -> Reply | None:
+    """On /v1/*, a backend error already in OpenAI's shape is relayed as it came."""
+    if not is_openai_path(path) or not error.body:
+        return None
+    try:
+        payload: Any = json.loads(error.body)
+    except ValueError:
+        return None
+    inner = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(inner, dict) or "message" not in inner:
+        return None
+    body = scrub(error.body.decode("utf-8", "replace"), secret).encode()
+    return Reply(error.status, body, JSON, dict(error.headers))

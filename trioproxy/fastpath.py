@@ -1,0 +1,156 @@
+"""The proxy routes served straight from ASGI events, below Quart.
+
+``POST`` to a proxy route (chat, completions, embeddings, in both dialects) is the hot
+path: per request Quart built a werkzeug request and response, pushed an app and request
+context, routed, and ran its hooks — about a fifth of the CPU a proxied request cost
+(docs/performance.md). Here the same handlers (``Call`` in, ``Reply`` out) are served
+from the ASGI scope directly, with the same guarantees: the body is bounded and timed,
+a client that disconnects cancels the work (and so the backend request) at once, errors
+come in the caller's dialect, and ``Tracked`` does the bookkeeping. Every other request,
+including other methods on these paths (405, CORS preflight), goes through Quart.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+
+from .errors import ProxyError
+from .exchange import (
+    Call,
+    CountingSend,
+    Handler,
+    Reply,
+    Tracked,
+    internal_error_reply,
+    new_state,
+    proxy_error_reply,
+)
+
+if TYPE_CHECKING:
+    from .app import ProxyApp
+
+log = logging.getLogger("trioproxy")
+
+_WANTED_HEADERS = frozenset({b"x-request-id", b"content-length", b"origin"})
+
+
+class ClientLeft(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+def fast_handler(app: ProxyApp, scope: Any) -> Handler | None:
+    if scope["method"] != "POST" or scope.get("root_path"):
+        return None
+    return app.fast_routes.get(scope["path"])
+
+
+async def serve(
+    app: ProxyApp,
+    scope: Any,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+    handler: Handler,
+) -> None:
+    path: str = scope["path"]
+    headers = _wanted_headers(scope["headers"])
+    state = new_state(
+        app.collector, path, "POST", headers.get("x-request-id"), headers.get("content-length")
+    )
+    tracked = Tracked(app.collector, state, send)
+    async with tracked as counting_send, trio.open_nursery() as nursery:
+        try:
+            body = await _read_body(app, receive, headers.get("content-length"))
+        except ClientLeft:
+            return
+        except ProxyError as error:
+            reply = proxy_error_reply(error, path, app.settings.api_key, state)
+        else:
+            # from here on, the client leaving cancels everything below, backend call included
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            reply = await _run(handler, Call(app, state, path, body))
+        await _write(counting_send, reply, tracked, app.cors_headers(headers.get("origin")))
+        nursery.cancel_scope.cancel()
+
+
+def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in raw:
+        name = name.lower()
+        if name in _WANTED_HEADERS:
+            found[name.decode("latin-1")] = value.decode("latin-1")
+    return found
+
+
+async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str | None) -> bytes:
+    limit = app.settings.max_request_bytes
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    with trio.move_on_after(app.body_timeout) as scope:
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise ClientLeft
+            chunk = event.get("body", b"")  # type: ignore[union-attr]
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                parts.append(chunk)
+            if not event.get("more_body", False):  # type: ignore[union-attr]
+                break
+    if scope.cancelled_caught:
+        raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(f"request body is larger than the limit of {limit} bytes", 413)
+
+
+async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _run(handler: Handler, call: Call) -> Reply:
+    try:
+        return await handler(call)
+    except ProxyError as error:
+        return proxy_error_reply(error, call.path, call.app.settings.api_key, call.state)
+    except Exception:
+        log.exception("unhandled error while serving POST %s", call.path)
+        return internal_error_reply(call.path)
+
+
+async def _write(
+    send: CountingSend, reply: Reply, tracked: Tracked, extra: list[tuple[str, str]]
+) -> None:
+    headers = [(b"content-type", reply.content_type.encode("latin-1"))]
+    headers += [_encoded(item) for item in reply.headers.items()]
+    headers += [_encoded(item) for item in tracked.response_headers(reply.status)]
+    headers += [_encoded(item) for item in extra]
+    body = reply.body
+    if isinstance(body, bytes):
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    async with aclosing(body) as chunks:  # type: ignore[type-var]
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _encoded(item: tuple[str, str]) -> tuple[bytes, bytes]:
+    return item[0].lower().encode("latin-1"), item[1].encode("latin-1")
