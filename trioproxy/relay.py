@@ -67,6 +67,18 @@ class StreamTimeout(Exception):
     pass
 
 
+# After the backend's last event, how long to wait for the end of its response. Reading to
+# the end lets httpx hand the connection back to its pool (a half-read response costs a
+# fresh connection next time) and lets every generator in httpx's read chain finish.
+DRAIN_SECONDS = 0.25
+
+
+async def _drain(reads: AsyncIterator[bytes]) -> None:
+    with trio.move_on_after(DRAIN_SECONDS):
+        async for _ in reads:
+            pass
+
+
 async def _reads(response: httpx.Response, deadlines: _Deadlines) -> AsyncIterator[bytes]:
     reader = response.aiter_bytes()
     while True:
@@ -110,8 +122,10 @@ async def relay_ollama(
     parser = SSEParser()
     deadlines = _Deadlines(settings, metric_start)
     error: str | None = None
+    reads = _reads(response, deadlines)
+    done = False
     try:
-        async for data in _reads(response, deadlines):
+        async for data in reads:
             lines: list[bytes] = []
             done = False
             for event in parser.feed(data):
@@ -146,8 +160,10 @@ async def relay_ollama(
         _set_outcome(metric, "error")
         log.warning("stream ended early: %s", error)
         yield dumps({"error": error}) + b"\n"
-        return
-    yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
+    else:
+        yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
+    if done or error is not None:
+        await _drain(reads)
 
 
 async def relay_openai(

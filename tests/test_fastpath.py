@@ -1,0 +1,174 @@
+"""The proxy routes are served below Quart (``fastpath``) for POST, and through Quart for
+everything else, e.g. behind a mount point (``root_path``). Both must answer alike."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+
+from trioproxy import fastpath
+from trioproxy.app import ProxyApp, create_app
+from trioproxy.config import Settings
+
+from .conftest import ServerProcess
+
+ALLOWED = "http://ui.example"
+CHAT = [{"role": "user", "content": "hi [[tokens=3]]"}]
+VOLATILE = re.compile(
+    rb'("created_at":"[^"]*"|"created":\d+|"id":"[^"]*"|_duration":\d+|"system_fingerprint":"[^"]*")'
+)
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("/api/chat", {"model": "demo-chat", "messages": CHAT, "stream": False}),
+    ("/api/chat", {"model": "demo-chat", "messages": CHAT}),
+    ("/api/generate", {"model": "demo-chat", "prompt": "hi [[tokens=2]]", "stream": False}),
+    ("/api/generate", {"model": "demo-chat"}),
+    ("/api/embed", {"model": "demo-embed", "input": ["a", "b"]}),
+    ("/api/embeddings", {"model": "demo-embed", "prompt": "a"}),
+    ("/v1/chat/completions", {"model": "demo-chat", "messages": CHAT}),
+    ("/v1/chat/completions", {"model": "demo-chat", "messages": CHAT, "stream": True}),
+    ("/v1/completions", {"model": "demo-chat", "prompt": "hi [[tokens=2]]"}),
+    ("/v1/embeddings", {"model": "demo-embed", "input": "a"}),
+    ("/v1/chat/completions", {"model": 7}),
+    ("/api/chat", {"messages": CHAT}),
+]
+
+
+@pytest.fixture
+async def app(demo_backend: ServerProcess) -> AsyncIterator[ProxyApp]:
+    settings = Settings(upstream_url=demo_backend.url, cors_origins=ALLOWED, max_retries=0)
+    proxy = create_app(settings)
+    async with proxy.test_app():
+        yield proxy
+
+
+def _stable(body: bytes) -> bytes:
+    return VOLATILE.sub(rb"\1"[:0] + b"<volatile>", body)
+
+
+async def _post(app: ProxyApp, path: str, body: dict[str, Any], root: str = "") -> Any:
+    client = app.test_client()
+    return await client.post(
+        root + path,
+        data=json.dumps(body),
+        headers={"Origin": ALLOWED, "X-Request-ID": "case-1"},
+        root_path=root,
+    )
+
+
+@pytest.mark.parametrize(("path", "body"), CASES)
+async def test_fast_path_and_quart_answer_alike(
+    app: ProxyApp, path: str, body: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[str] = []
+    original = fastpath.serve
+
+    async def spy(*args: Any) -> None:
+        served.append(args[1]["path"])
+        await original(*args)
+
+    monkeypatch.setattr(fastpath, "serve", spy)
+    fast = await _post(app, path, body)
+    assert served == [path]
+    via_quart = await _post(app, path, body, root="/mounted")
+    assert served == [path], "a request under a root path must go through Quart"
+
+    assert fast.status_code == via_quart.status_code
+    assert fast.headers["Content-Type"] == via_quart.headers["Content-Type"]
+    for response in (fast, via_quart):
+        assert response.headers["X-Request-ID"] == "case-1"
+        assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+    # the time the proxy added, whenever the backend was asked
+    overheads = [r.headers.get("X-Proxy-Overhead-Ms") for r in (fast, via_quart)]
+    asked_backend = fast.status_code == 200 and body.keys() & {"messages", "prompt", "input"}
+    if asked_backend:
+        assert all(float(value) >= 0 for value in overheads)  # type: ignore[arg-type]
+    else:
+        assert overheads == [None, None]
+    fast_body = await fast.get_data()
+    assert _stable(fast_body) == _stable(await via_quart.get_data())
+    assert fast_body  # every case answers with content
+
+
+async def test_cors_only_for_allowed_origins_and_preflight_still_answered(app: ProxyApp) -> None:
+    client = app.test_client()
+    body = json.dumps({"model": "demo-chat", "messages": CHAT, "stream": False})
+    other = await client.post("/api/chat", data=body, headers={"Origin": "http://evil.example"})
+    assert other.status_code == 200
+    assert "Access-Control-Allow-Origin" not in other.headers
+    preflight = await client.options(
+        "/v1/chat/completions",
+        headers={"Origin": ALLOWED, "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "POST" in preflight.headers["Allow"]
+
+
+async def test_other_methods_on_a_proxy_route_get_a_405_in_dialect(app: ProxyApp) -> None:
+    client = app.test_client()
+    response = await client.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) == {"OPTIONS", "POST"}
+    assert (await response.get_json())["error"]["message"].startswith("method GET")
+    response = await client.put("/api/chat", data=b"{}")
+    assert response.status_code == 405
+    assert "PUT" in (await response.get_json())["error"]
+
+
+def _scope(path: str = "/api/chat", headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
+
+
+async def _serve_raw(app: ProxyApp, scope: Any, events: list[dict[str, Any]]) -> list[Any]:
+    """Serve one request from scripted receive events; the client then waits forever."""
+    pending = list(events)
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        if pending:
+            return pending.pop(0)
+        await trio.sleep_forever()
+
+    async def send(event: Any) -> None:
+        sent.append(event)
+
+    async def never_called(call: Any) -> Any:
+        raise AssertionError("the handler must not run")
+
+    await fastpath.serve(app, scope, receive, send, never_called)
+    return sent
+
+
+async def test_a_body_that_stops_arriving_is_a_408(app: ProxyApp) -> None:
+    app.body_timeout = 0.05
+    sent = await _serve_raw(
+        app, _scope(), [{"type": "http.request", "body": b"{", "more_body": True}]
+    )
+    assert sent[0]["status"] == 408
+    assert b"did not arrive" in sent[1]["body"]
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading(app: ProxyApp) -> None:
+    limit = app.settings.max_request_bytes
+    headers = [(b"content-length", str(limit + 1).encode())]
+    sent = await _serve_raw(app, _scope("/v1/embeddings", headers), [])
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"]["message"].endswith(f"{limit} bytes")
+
+
+async def test_a_client_gone_before_its_body_ended_gets_nothing_and_counts_as_closed(
+    app: ProxyApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[Any] = []
+    monkeypatch.setattr(app.collector, "request_finished", finished.append)
+    events = [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    assert await _serve_raw(app, _scope(), events) == []
+    assert [(m.endpoint, m.status_code) for m in finished] == [("/api/chat", 499)]
