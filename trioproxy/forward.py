@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import BadRequest, UpstreamUnavailable
 from .exchange import Call, RequestState
+from .jsonutil import compact_json
 from .translate import RequestValidationError
 from .upstream import UpstreamPool, UpstreamResult
 
@@ -102,5 +103,4 @@ def pool(call: Call) -> UpstreamPool:
     return call.app.pool
 
 
-def encode(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+encode = compact_json

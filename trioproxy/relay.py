@@ -19,6 +19,7 @@ import trio
 
 from .config import Settings
 from .errors import scrub
+from .jsonutil import compact_json
 from .metrics import MetricsCollector, RequestMetrics
 from .sse import SSE_DONE, SSEParser, SSEProtocolError, openai_error_event
 
@@ -38,8 +39,7 @@ class StreamObserver(Protocol):
     def feed(self, chunk: dict[str, Any], now_ns: int) -> Any: ...
 
 
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+dumps = compact_json
 
 
 class _Deadlines:

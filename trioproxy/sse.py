@@ -10,9 +10,10 @@ events, h11-style.
 from __future__ import annotations
 
 import codecs
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from .jsonutil import compact_json
 
 __all__ = [
     "SSE_DONE",
@@ -197,7 +198,7 @@ def encode_sse(obj: dict[str, Any]) -> bytes:
     JSON escapes CR and LF inside strings, so the payload is always a single line and needs no
     splitting into several ``data:`` lines.
     """
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(obj) + b"\n\n"
 
 
 def openai_error_event(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import struct
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from trioproxy.jsonutil import compact_json_text
 from trioproxy.model_mapping import ModelMapper
 
 __all__ = [
@@ -379,7 +381,7 @@ def _arguments_json(args: object) -> str:
         return "{}"
     if isinstance(args, str):
         return args  # already JSON text (lenient: some clients send it that way)
-    return json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+    return compact_json_text(args)
 
 
 class _ToolCallIds:
@@ -548,8 +550,13 @@ def utc_timestamp(now_ns: int | None = None) -> str:
     if now_ns is None:
         now_ns = time.time_ns()
     seconds, frac = divmod(now_ns, 1_000_000_000)
-    base = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{base}.{frac:09d}Z"
+    return f"{_utc_second(seconds)}.{frac:09d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    # a stream stamps every line; the date part changes once a second
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _rfc3339_seconds(unix_seconds: object) -> str:
