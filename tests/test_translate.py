@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,12 +29,14 @@ from ollama._types import (
 )
 from openai.types import Model as OpenAIModel
 
+from trioproxy.jsonutil import compact_json
 from trioproxy.model_mapping import ModelMapper
 from trioproxy.translate import (
     OllamaStreamTranslator,
     OpenAIStreamObserver,
     RequestValidationError,
     Timings,
+    _ContentChunks,
     image_data_url,
     is_embedding_model,
     model_family,
@@ -51,6 +54,7 @@ from trioproxy.translate import (
     openai_model_list,
     openai_models_to_ollama_tags,
     openai_passthrough_request,
+    parse_chunk,
     parse_tool_arguments,
     utc_timestamp,
     validate_ollama_chat,
@@ -817,6 +821,290 @@ def test_stream_properties(case: tuple[list[dict[str, Any]], list[dict[str, Any]
                 "prompt_eval_count", "eval_count"):
         assert type(final[key]) is int and final[key] >= 0
     assert final["total_duration"] >= final["prompt_eval_duration"] + final["eval_duration"]
+
+
+# ---- feed_text: content-only chunks found without json.loads, with the same results ----------
+
+
+class _Obj(list[tuple[str, Any]]):
+    """A JSON object as its members in order, so duplicate names can be written."""
+
+
+_JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=6),
+    st.sampled_from(["", "\n", '"', "\\", "\x00", "\x1f", "\u2028", "é", "😀", "\ud800"]),
+)
+_CONTENT_VALUES = st.one_of(
+    _JSON_SCALARS,
+    st.lists(st.builds(lambda t: _Obj([("type", "text"), ("text", t)]), st.text(max_size=3)),
+             max_size=2),
+)
+
+
+def _members(values: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[list[Any]]:
+    """Members named from ``values`` (plus an unread name), in any order, repeats allowed."""
+    names = st.sampled_from([*values, "other"])
+    return st.lists(
+        names.flatmap(lambda n: values.get(n, _JSON_SCALARS).map(lambda v: (n, v))),
+        max_size=4,
+    )
+
+
+_DELTA_MEMBERS = _members({
+    "content": _CONTENT_VALUES,
+    "role": st.just("assistant"),
+    "reasoning_content": _JSON_SCALARS,
+    "reasoning": _JSON_SCALARS,
+    "tool_calls": st.one_of(st.none(), st.just([]), st.just([_Obj([("index", 0)])])),
+    "refusal": st.none(),
+})
+_COMMON_DELTA = st.builds(lambda c: _Obj([("content", c)]), st.text(max_size=8))
+# weighted: one_of would flatten the scalars' branches and make them most of the deltas
+_DELTAS = st.integers(0, 9).flatmap(
+    lambda n: _COMMON_DELTA if n < 6 else _DELTA_MEMBERS.map(_Obj) if n < 9 else _JSON_SCALARS
+)
+_CHOICE_MEMBERS = _members({
+    "index": st.integers(0, 2),
+    "finish_reason": st.sampled_from([None, "", "stop", "length", "tool_calls"]),
+    "logprobs": st.none(),
+    "delta": _DELTAS,
+    "message": _DELTAS,
+})
+_TOP_MEMBERS = _members({
+    "id": st.text(max_size=6),
+    "created": st.integers(0, 2**40),
+    "model": st.text(max_size=6),
+    "usage": st.one_of(
+        st.none(),
+        st.builds(lambda p, c: _Obj([("prompt_tokens", p), ("completion_tokens", c)]),
+                  _JSON_SCALARS, st.integers(0, 99)),
+    ),
+    "choices": st.one_of(st.none(), st.just([])),
+    "error": _JSON_SCALARS,
+})
+
+
+@st.composite
+def _style(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "item": draw(st.sampled_from([",", ", ", " ,\n\t", "\r\n,"])),
+        "key": draw(st.sampled_from([":", ": ", " :\t"])),
+        "ascii": draw(st.booleans()),
+        "escape_names": draw(st.integers(0, 3)) == 0,  # "usage" written as "\u0075sage"
+        "pad": draw(st.sampled_from(["", " ", "\n", "\t \r"])),
+    }
+
+
+def _render(value: Any, style: dict[str, Any]) -> str:
+    if isinstance(value, _Obj):
+        return "{" + style["item"].join(
+            _name(n, style) + style["key"] + _render(v, style) for n, v in value
+        ) + "}"
+    if isinstance(value, list):
+        return "[" + style["item"].join(_render(v, style) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=style["ascii"])
+
+
+def _name(name: str, style: dict[str, Any]) -> str:
+    if style["escape_names"] and name:
+        return f'"\\u{ord(name[0]):04x}{name[1:]}"'
+    return json.dumps(name)
+
+
+# What backends send, as (members before, members after) the one that holds the rest.
+_USUAL_TOP = st.tuples(
+    st.builds(lambda i, m: [("id", i), ("object", "chat.completion.chunk"), ("created", 1),
+                            ("model", m)], st.text(max_size=4), st.text(max_size=4)),
+    st.sampled_from([[], [("usage", None)], [("system_fingerprint", "fp"), ("usage", None)]]),
+)
+_USUAL_CHOICE = st.sampled_from([
+    ([("index", 0)], [("logprobs", None), ("finish_reason", None)]),
+    ([("index", 0)], [("finish_reason", None)]),
+    ([("finish_reason", None), ("index", 0)], []),
+])
+
+
+@st.composite
+def _event_texts(draw: st.DrawFn) -> list[str]:
+    """A stream's events: chunks built around one template (as a backend repeats its id,
+    model and choice members), with other shapes, styles and non-JSON mixed in."""
+    top_before, top_after = draw(st.one_of(_USUAL_TOP, st.tuples(_TOP_MEMBERS, _TOP_MEMBERS)))
+    choice_before, choice_after = draw(
+        st.one_of(_USUAL_CHOICE, st.tuples(_CHOICE_MEMBERS, _CHOICE_MEMBERS))
+    )
+    compact = {"item": ",", "key": ":", "ascii": False, "escape_names": False, "pad": ""}
+    style = draw(st.one_of(st.just(compact), _style()))
+    texts = []
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(["template"] * 4 + ["other", "noise"]))
+        if kind == "noise":
+            texts.append(draw(st.sampled_from(["", "[DONE]", "null", "[1]", "{", '{"a":1}x'])))
+            continue
+        delta = draw(_DELTAS)
+        choice = _Obj([*choice_before, ("delta", delta), *choice_after])
+        chunk = _Obj([*top_before, ("choices", [choice]), *top_after])
+        if kind == "other":
+            chunk = _Obj([*draw(_TOP_MEMBERS), ("choices", [_Obj(draw(_CHOICE_MEMBERS))])])
+        text = _render(chunk, style if draw(st.booleans()) else draw(_style()))
+        texts.append(style["pad"] + text + style["pad"])
+    return texts
+
+
+def _stats(o: OpenAIStreamObserver | OllamaStreamTranslator) -> tuple[Any, ...]:
+    return (o.first_token_ns, o.last_token_ns, o.content_chunks, o.prompt_tokens,
+            o.completion_tokens, o.finish_reason)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_event_texts())
+def test_observer_feed_text_matches_a_full_decode(texts: list[str]) -> None:
+    fast, full = OpenAIStreamObserver(start_ns=0), OpenAIStreamObserver(start_ns=0)
+    for now, text in enumerate(texts, 1):
+        fast.feed_text(text, now)
+        chunk = parse_chunk(text)
+        if chunk is not None:
+            full.feed(chunk, now)
+        assert _stats(fast) == _stats(full), text
+
+
+def _lines_or_error(feed: Callable[[], list[bytes]]) -> list[bytes] | str:
+    try:
+        return feed()
+    except UnicodeEncodeError as exc:  # a lone surrogate cannot be UTF-8, either way
+        return type(exc).__name__
+
+
+def _full_lines(t: OllamaStreamTranslator, text: str, now: int) -> list[bytes]:
+    chunk = parse_chunk(text)
+    return [] if chunk is None else [compact_json(line) for line in t.feed(chunk, now)]
+
+
+def _fast_lines(t: OllamaStreamTranslator, text: str, now: int) -> list[bytes]:
+    line = t.feed_text(text, now)
+    if line is None:
+        return _full_lines(t, text, now)
+    # only a chunk with choices takes the fast path: the relay's in-band error check (an
+    # "error" member without choices) is never skipped
+    assert (parse_chunk(text) or {}).get("choices")
+    return [line] if line else []
+
+
+@settings(max_examples=400, deadline=None)
+@given(_event_texts(), st.sampled_from(["chat", "generate"]), st.text(max_size=4),
+       st.sampled_from(["2024-05-01T12:00:00.123456789Z", 'a"\\\n\u2028é']))
+def test_translator_feed_text_writes_the_same_bytes(
+    texts: list[str], kind: str, model: str, stamp: str
+) -> None:
+    def make() -> OllamaStreamTranslator:
+        clock = itertools.count()
+        return OllamaStreamTranslator(kind, model, start_ns=0,  # type: ignore[arg-type]
+                                      created_at=lambda: f"{stamp}{next(clock)}")
+
+    fast, full = make(), make()
+    for now, text in enumerate(texts, 1):
+        expected = _lines_or_error(lambda: _full_lines(full, text, now))  # noqa: B023
+        assert _lines_or_error(lambda: _fast_lines(fast, text, now)) == expected  # noqa: B023
+        assert _stats(fast) == _stats(full)
+    end = len(texts) + 1
+    assert _lines_or_error(lambda: [compact_json(fast.finish(end))]) == _lines_or_error(
+        lambda: [compact_json(full.finish(end))]
+    )
+
+
+_BACKEND_CHUNKS = {
+    "openai": '{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1727,'
+    '"model":"gpt-4o-mini","service_tier":"default","system_fingerprint":"fp_44",'
+    '"choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}],'
+    '"usage":null,"obfuscation":"q1"}',
+    "vllm": '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    '"choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}',
+    "ollama": '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
+    '"model":"llama3","system_fingerprint":"fp_ollama","choices":[{"index":0,'
+    '"delta":{"role":"assistant","content":"Hi"},"finish_reason":null}]}',
+    "llama.cpp": '{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"Hi"}}],'
+    '"created":1,"id":"chatcmpl-1","model":"m","system_fingerprint":"b1",'
+    '"object":"chat.completion.chunk"}',
+    "python json.dumps": json.dumps(
+        {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(_BACKEND_CHUNKS))
+def test_common_backend_chunks_take_the_fast_path(backend: str) -> None:
+    text = _BACKEND_CHUNKS[backend]
+    t = _translator()
+    for now in (1, 2):  # the second one through the remembered text around the delta
+        line = t.feed_text(text, now)
+        assert line == compact_json(
+            {"model": "llama3", "created_at": CREATED,
+             "message": {"role": "assistant", "content": "Hi"}, "done": False}
+        )
+    assert t.content_chunks == 2 and (t.first_token_ns, t.last_token_ns) == (1, 2)
+    o = OpenAIStreamObserver()
+    o.feed_text(text, 5)
+    assert o.content_chunks == 1 and o._shapes.content(text) == '"Hi"'
+
+
+_HEAD = '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{'
+_NEAR_MISSES = [
+    # a member the consumers read, written twice: json.loads keeps the last one
+    _HEAD + '"index":0,"delta":{"content":"a","content":""},"finish_reason":null}]}',
+    _HEAD + '"index":0,"delta":{"content":"a"},"delta":{},"finish_reason":null}]}',
+    _HEAD + '"index":0,"delta":{"content":"a"},"finish_reason":null,"finish_reason":"stop"}]}',
+    _HEAD + '"index":0,"delta":{"content":"a"},"finish_reason":null}],"choices":[]}',
+    _HEAD + '"index":0,"delta":{"content":"a"},"finish_reason":null}],"usage":null,'
+    '"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+    # names written with escapes are the same names to json.loads
+    _HEAD + '"index":0,"delta":{"\\u0063ontent":"a"},"finish_reason":null}]}',
+    _HEAD + '"index":0,"delta":{"content":"a"},"finish_reason":null}],"\\u0075sage":'
+    '{"prompt_tokens":1,"completion_tokens":2}}',
+    # not JSON: a raw control character, a bad escape, a Unicode digit, trailing data
+    _HEAD + '"index":0,"delta":{"content":"a\x01"},"finish_reason":null}]}',
+    _HEAD + '"index":0,"delta":{"content":"a\\x41"},"finish_reason":null}]}',
+    _HEAD.replace('"created":1', '"created":\u0661') + '"delta":{"content":"a"}}]}',
+    _HEAD + '"index":0,"delta":{"content":"a"},"finish_reason":null}]}}',
+    # reasoning and a second choice are more than content
+    _HEAD + '"index":0,"delta":{"content":"a","reasoning_content":"b"}}]}',
+    _HEAD + '"index":0,"delta":{"content":""}},{"index":1,"delta":{"content":"b"}}]}',
+]
+
+
+@pytest.mark.parametrize("text", _NEAR_MISSES)
+def test_near_misses_of_the_content_chunk_are_decoded_in_full(text: str) -> None:
+    content = json.dumps(_chunk({"content": "warm"}))  # remembers the text around a delta
+    fast, full = OpenAIStreamObserver(start_ns=0), OpenAIStreamObserver(start_ns=0)
+    for now, event in enumerate([content, text, content], 1):
+        fast.feed_text(event, now)
+        chunk = parse_chunk(event)
+        if chunk is not None:
+            full.feed(chunk, now)
+        assert _stats(fast) == _stats(full)
+    assert _ContentChunks().content(text) is None
+
+
+def test_feed_text_defers_other_chunks() -> None:
+    t = _translator()
+    finish = json.dumps(_chunk({}, finish="stop"))
+    usage = json.dumps(_chunk(usage={"prompt_tokens": 1, "completion_tokens": 2}))
+    thinking = json.dumps(_chunk({"reasoning_content": "hm"}))
+    assert [t.feed_text(x, 1) for x in (finish, usage, thinking)] == [None, None, None]
+    assert t.feed_text(json.dumps(_chunk({"role": "assistant", "content": ""})), 1) == b""
+    t.finish(2)
+    with pytest.raises(RuntimeError):
+        t.feed_text(json.dumps(_chunk({"content": "x"})), 3)
+
+
+def test_feed_text_with_a_non_string_timestamp_still_matches() -> None:
+    t = OllamaStreamTranslator("generate", "m", start_ns=0,
+                               created_at=lambda: 7)  # type: ignore[arg-type,return-value]
+    line = t.feed_text(json.dumps(_chunk({"content": "x"})), 1)
+    assert line == b'{"model":"m","created_at":7,"response":"x","done":false}'
 
 
 # =============================================================================================

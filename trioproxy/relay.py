@@ -8,8 +8,8 @@ measurements. Errors after the first byte end the stream with one in-band error 
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ from .errors import scrub
 from .jsonutil import compact_json
 from .metrics import MetricsCollector, RequestMetrics
 from .sse import SSE_DONE, SSEParser, SSEProtocolError, openai_error_event
+from .translate import OllamaStreamTranslator, parse_chunk
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -36,31 +37,10 @@ class StreamObserver(Protocol):
     prompt_tokens: int | None
     completion_tokens: int | None
 
-    def feed(self, chunk: dict[str, Any], now_ns: int) -> Any: ...
+    def feed_text(self, data: str, now_ns: int) -> None: ...
 
 
 dumps = compact_json
-
-
-class _Deadlines:
-    """First token must arrive within ``first_token`` s of the request start; after that,
-    no gap between backend reads may exceed ``idle`` s."""
-
-    def __init__(self, settings: Settings, metric_start: float) -> None:
-        now = trio.current_time()
-        already = time.perf_counter() - metric_start
-        self.first_token_at = now + settings.stream_first_token_timeout - already
-        self.idle = settings.stream_idle_timeout
-        self.token_seen = False
-
-    def next(self) -> float:
-        idle_at = trio.current_time() + self.idle
-        return idle_at if self.token_seen else min(idle_at, self.first_token_at)
-
-    def describe(self) -> str:
-        if self.token_seen:
-            return f"the backend sent nothing for {self.idle:g} s (STREAM_IDLE_TIMEOUT)"
-        return "the backend produced no token in time (STREAM_FIRST_TOKEN_TIMEOUT)"
 
 
 class StreamTimeout(Exception):
@@ -73,22 +53,90 @@ class StreamTimeout(Exception):
 DRAIN_SECONDS = 0.25
 
 
-async def _drain(reads: AsyncIterator[bytes]) -> None:
-    with trio.move_on_after(DRAIN_SECONDS):
-        async for _ in reads:
-            pass
+class _Reader:
+    """The backend's body, read by read, under the stream deadlines: the first token must
+    arrive within ``first_token`` s of the request start; after that, no gap between backend
+    reads may exceed ``idle`` s.
 
+    A cancel scope of our own around every read costs 6-20 µs per chunk, and httpcore already
+    wraps every socket read in ``trio.fail_after(read timeout)``. So the idle limit becomes
+    the body's read timeout (set here, after the headers: the wait for those is bounded by the
+    first-token timeout alone, see ``UpstreamPool._attempt``), and a scope of our own is only
+    entered before the first token, while the first-token deadline is the nearer one.
 
-async def _reads(response: httpx.Response, deadlines: _Deadlines) -> AsyncIterator[bytes]:
-    reader = response.aiter_bytes()
-    while True:
-        with trio.move_on_at(deadlines.next()) as scope:
-            chunk = await anext(reader, None)
+    Methods, not an async generator: one generator layer less per chunk, and no cancel scope
+    can ever be held open across the relay's ``yield``.
+    """
+
+    __slots__ = ("_by_transport", "_chunks", "first_token_at", "idle", "token_seen")
+
+    def __init__(self, response: httpx.Response, settings: Settings, metric_start: float) -> None:
+        already = time.perf_counter() - metric_start
+        self.first_token_at = trio.current_time() + settings.stream_first_token_timeout - already
+        self.idle = settings.stream_idle_timeout
+        self.token_seen = False
+        self._by_transport = _idle_as_read_timeout(response, self.idle)
+        self._chunks = response.aiter_bytes()
+
+    async def read(self) -> bytes | None:
+        """The next chunk of the body, ``None`` at its end; raises StreamTimeout."""
+        deadline = self._deadline()
+        try:
+            if deadline == math.inf:
+                return await anext(self._chunks, None)
+            with trio.CancelScope(deadline=deadline) as scope:
+                chunk = await anext(self._chunks, None)
+        except httpx.ReadTimeout:
+            if not self._by_transport:
+                raise  # not our idle limit: a transport failure like any other
+            raise StreamTimeout(self.describe()) from None
         if scope.cancelled_caught:
-            raise StreamTimeout(deadlines.describe())
-        if chunk is None:
-            return
-        yield chunk
+            raise StreamTimeout(self.describe())
+        return chunk
+
+    async def drain(self) -> None:
+        """Read the rest of the body, briefly (see DRAIN_SECONDS); failures don't matter now."""
+        with trio.move_on_after(DRAIN_SECONDS):
+            try:
+                async for _ in self._chunks:
+                    pass
+            except httpx.HTTPError:
+                pass
+
+    def describe(self) -> str:
+        if self.token_seen:
+            return f"the backend sent nothing for {self.idle:g} s (STREAM_IDLE_TIMEOUT)"
+        return "the backend produced no token in time (STREAM_FIRST_TOKEN_TIMEOUT)"
+
+    def _deadline(self) -> float:
+        """Our own deadline for the next read; ``inf`` when the read timeout covers it."""
+        if self.token_seen:
+            return math.inf if self._by_transport else trio.current_time() + self.idle
+        idle_at = trio.current_time() + self.idle
+        if self._by_transport:
+            return self.first_token_at if self.first_token_at < idle_at else math.inf
+        return min(idle_at, self.first_token_at)
+
+
+def _idle_as_read_timeout(response: httpx.Response, idle: float) -> bool:
+    """Make ``idle`` the read timeout of the body still to be read; whether it could be.
+
+    httpcore looks the read timeout up in the request's ``timeout`` extension when the body
+    iteration starts, which is after this. Streams are sent with no read timeout (``None``);
+    a response without a request or with another read timeout keeps our own deadlines. The
+    timeouts are replaced, not changed in place, in case the dict is shared between requests.
+    """
+    try:
+        extensions = response.request.extensions
+    except RuntimeError:  # a Response built without a request
+        return False
+    timeouts = extensions.get("timeout")
+    if not isinstance(timeouts, dict):
+        return False
+    if timeouts.get("read") is None:
+        extensions["timeout"] = {**timeouts, "read": idle}
+        return True
+    return timeouts.get("read") == idle
 
 
 def _record_tokens(metric: RequestMetrics | None, observer: StreamObserver) -> None:
@@ -111,7 +159,7 @@ def _finish_upstream(metric: RequestMetrics | None) -> None:
 
 async def relay_ollama(
     response: httpx.Response,
-    translator: Any,
+    translator: OllamaStreamTranslator,
     *,
     settings: Settings,
     metric: RequestMetrics | None,
@@ -120,28 +168,32 @@ async def relay_ollama(
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> Ollama NDJSON, one output chunk per backend read."""
     parser = SSEParser()
-    deadlines = _Deadlines(settings, metric_start)
+    reader = _Reader(response, settings, metric_start)
     error: str | None = None
-    reads = _reads(response, deadlines)
     done = False
     try:
-        async for data in reads:
+        while (data := await reader.read()) is not None:
             lines: list[bytes] = []
             done = False
             for event in parser.feed(data):
-                if event.data == SSE_DONE:
+                text = event.data
+                if text == SSE_DONE:
                     done = True
                     break
-                chunk = _parse_chunk(event.data)
-                if chunk is None:
-                    continue
-                if "error" in chunk and not chunk.get("choices"):
-                    error = scrub(_in_band_error(chunk), settings.api_key)
-                    break
-                for line in translator.feed(chunk, time.perf_counter_ns()):
-                    lines.append(dumps(line))
+                now_ns = time.perf_counter_ns()
+                line = translator.feed_text(text, now_ns)  # the common chunk, cheaply
+                if line is None:
+                    chunk = parse_chunk(text)
+                    if chunk is None:
+                        continue
+                    if "error" in chunk and not chunk.get("choices"):
+                        error = scrub(_in_band_error(chunk), settings.api_key)
+                        break
+                    lines += [dumps(out) for out in translator.feed(chunk, now_ns)]
+                elif line:
+                    lines.append(line)
                 if translator.first_token_ns is not None:
-                    deadlines.token_seen = True
+                    reader.token_seen = True
             if lines:
                 yield b"\n".join(lines) + b"\n"
             if done or error:
@@ -163,7 +215,7 @@ async def relay_ollama(
     else:
         yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
     if done or error is not None:
-        await _drain(reads)
+        await reader.drain()
 
 
 async def relay_openai(
@@ -178,22 +230,19 @@ async def relay_openai(
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> client SSE, relayed read by read; events are only observed."""
     parser = SSEParser()
-    deadlines = _Deadlines(settings, metric_start)
+    reader = _Reader(response, settings, metric_start)
     error: str | None = None
     # a backend that quotes our credentials in its output must not hand them to the client
     secret = settings.api_key.encode() if settings.api_key and len(settings.api_key) >= 4 else None
     try:
-        async for data in _reads(response, deadlines):
+        while (data := await reader.read()) is not None:
             if secret is not None and secret in data:
                 data = data.replace(secret, b"***")
             for event in parser.feed(data):
-                if event.data == SSE_DONE:
-                    continue
-                chunk = _parse_chunk(event.data)
-                if chunk is not None:
-                    observer.feed(chunk, time.perf_counter_ns())
+                if event.data != SSE_DONE:
+                    observer.feed_text(event.data, time.perf_counter_ns())
             if observer.first_token_ns is not None:
-                deadlines.token_seen = True
+                reader.token_seen = True
             yield rewrite_model(data) if rewrite_model else data
     except StreamTimeout as exc:
         error = str(exc)
@@ -215,14 +264,6 @@ async def relay_openai(
 def _set_outcome(metric: RequestMetrics | None, outcome: str) -> None:
     if metric is not None and metric.stream_outcome is None:
         metric.stream_outcome = outcome
-
-
-def _parse_chunk(data: str) -> dict[str, Any] | None:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return None
-    return chunk if isinstance(chunk, dict) else None
 
 
 def _in_band_error(chunk: dict[str, Any]) -> str:

@@ -18,11 +18,14 @@ import binascii
 import functools
 import hashlib
 import json
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.decoder import scanstring
+from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal
 
 from trioproxy.jsonutil import compact_json_text
@@ -50,6 +53,7 @@ __all__ = [
     "openai_model_list",
     "openai_models_to_ollama_tags",
     "openai_passthrough_request",
+    "parse_chunk",
     "parse_tool_arguments",
     "utc_timestamp",
     "validate_ollama_chat",
@@ -717,6 +721,116 @@ def openai_chat_to_ollama_generate(
 # ---------------------------------------------------------------------------------------------
 
 
+# The content-only chunk, recognised without json.loads. Nearly every event of a chat stream is
+#   {"id":..,"object":..,"created":..,"model":..,"choices":[{"index":0,
+#    "delta":{"content":"tok"},"logprobs":null,"finish_reason":null}]}
+# and the stream consumers need only its content. The grammar below is a subset of JSON (a
+# match is always what json.loads would accept) in which every member the consumers read is
+# either absent, present once, or only ever null; so a match means: no usage, no finish_reason,
+# no reasoning, no tool calls, and choices[0].delta.content is the captured string (or absent).
+# Anything else (a second choice, nested values in other members, escaped member names, ...)
+# does not match and is decoded in full, so the results are always exact. tests/test_translate
+# compares both ways on generated streams.
+_WS = r"[ \t\n\r]*"  # JSON whitespace exactly (\s also matches other characters)
+_STR = r'"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
+_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"  # [0-9]: \d is Unicode
+_SCALAR = rf"(?:{_STR}|{_NUM}|null|true|false)"
+_SEP = rf"{_WS},{_WS}"
+
+
+def _member(name: str, value: str) -> str:
+    return name + _WS + ":" + _WS + value
+
+
+def _other_member(read: str) -> str:
+    """A scalar member named none of ``read``; the name has no escapes, so it is literal."""
+    return _member(r'"(?!(?:' + read + r')")[^"\\\x00-\x1f]++"', _SCALAR)
+
+
+def _around(member: str, required: str) -> str:
+    """``required`` with any number of ``member`` before and after it, comma-separated."""
+    return rf"(?:{member}{_SEP})*+{required}(?:{_SEP}{member})*+"
+
+
+def _obj(body: str) -> str:
+    return r"\{" + _WS + body + _WS + r"\}"
+
+
+_DELTA_MEMBER = "(?:{}|{})".format(
+    _other_member("content|reasoning_content|reasoning|tool_calls"),
+    _member('"(?:reasoning_content|reasoning|tool_calls)"', "null"),
+)
+_CHOICE_MEMBER = "(?:{}|{})".format(
+    _other_member("delta|message|finish_reason"), _member('"finish_reason"', "null")
+)
+_TOP_MEMBER = "(?:{}|{})".format(_other_member("choices|usage"), _member('"usage"', "null"))
+_DELTA = _obj(
+    "(?:"
+    + _around(_DELTA_MEMBER, _member('"content"', f"(?:(?P<content>{_STR})|null)"))
+    + f"|(?:{_DELTA_MEMBER}(?:{_SEP}{_DELTA_MEMBER})*+)?)"
+)
+_CHOICE = _obj(_around(_CHOICE_MEMBER, _member('"delta"', f"(?P<delta>{_DELTA})")))
+_CONTENT_CHUNK = re.compile(
+    _WS
+    + _obj(_around(_TOP_MEMBER, _member('"choices"', r"\[" + _WS + _CHOICE + _WS + r"\]")))
+    + _WS
+)
+_CONTENT_DELTA = re.compile(_DELTA)
+
+
+def _decode_str(literal: str) -> str:
+    """A JSON string literal matched by _STR, decoded (by json's own C scanner)."""
+    return scanstring(literal, 1)[0]
+
+
+# Full-chunk attempts that may fail in a row before a stream is taken to have another shape.
+_MAX_SHAPE_MISSES = 8
+
+
+class _ContentChunks:
+    """Finds content-only chunks in event texts (see the grammar above).
+
+    Every chunk of a stream repeats the text around its delta (id, created, model, the choice's
+    other members), so after one full match only the delta is matched while the text before and
+    after it stays the same. That is exact as well: swapping one JSON value (the delta object)
+    for another keeps a JSON document's structure everywhere else.
+    """
+
+    __slots__ = ("_head", "_misses", "_tail")
+
+    def __init__(self) -> None:
+        self._head: str | None = None
+        self._tail = ""
+        self._misses = 0
+
+    def content(self, data: str) -> str | None:
+        """The content's JSON string literal (``'""'`` when absent or null) if ``data`` is a
+        content-only chunk; ``None`` if it must be decoded in full."""
+        head = self._head
+        if head is not None and data.startswith(head) and data.endswith(self._tail):
+            match = _CONTENT_DELTA.fullmatch(data, len(head), len(data) - len(self._tail))
+            if match is not None:
+                return match["content"] or '""'
+        if self._misses >= _MAX_SHAPE_MISSES:
+            return None
+        match = _CONTENT_CHUNK.fullmatch(data)
+        if match is None:
+            self._misses += 1
+            return None
+        self._misses = 0
+        self._head, self._tail = data[: match.start("delta")], data[match.end("delta") :]
+        return match["content"] or '""'
+
+
+def parse_chunk(data: str) -> JSONDict | None:
+    """One event's JSON object; ``None`` for anything else (ignored, as keep-alive noise)."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
 @dataclass(slots=True)
 class _PendingToolCall:
     id: str | None
@@ -735,6 +849,7 @@ class _StreamStats:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
+        self._shapes = _ContentChunks()
 
     @property
     def usage_seen(self) -> bool:
@@ -761,16 +876,19 @@ class _StreamStats:
         calls = delta.get("tool_calls")
         calls = calls if isinstance(calls, list) else []
         if content or thinking or calls:
-            # A "content-bearing" chunk: text, reasoning or a tool-call fragment. Backends send
-            # about one token per chunk, so this count stands in for eval_count without usage.
-            self.content_chunks += 1
-            if self.first_token_ns is None:
-                self.first_token_ns = now_ns
-            self.last_token_ns = now_ns
+            self._count_token(now_ns)
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self.finish_reason = finish
         return content, thinking, calls, choice
+
+    def _count_token(self, now_ns: int) -> None:
+        # A "content-bearing" chunk: text, reasoning or a tool-call fragment. Backends send
+        # about one token per chunk, so this count stands in for eval_count without usage.
+        self.content_chunks += 1
+        if self.first_token_ns is None:
+            self.first_token_ns = now_ns
+        self.last_token_ns = now_ns
 
 
 class OpenAIStreamObserver(_StreamStats):
@@ -782,6 +900,17 @@ class OpenAIStreamObserver(_StreamStats):
 
     def feed(self, chunk: JSONDict, now_ns: int) -> None:
         self._observe(chunk, now_ns)
+
+    def feed_text(self, data: str, now_ns: int) -> None:
+        """``feed`` for one event's text, with the same results; a content-only chunk (most
+        of a stream) is recognised without decoding it, anything else is decoded in full."""
+        literal = self._shapes.content(data)
+        if literal is None:
+            chunk = parse_chunk(data)
+            if chunk is not None:
+                self._observe(chunk, now_ns)
+        elif literal != '""':
+            self._count_token(now_ns)
 
 
 class OllamaStreamTranslator(_StreamStats):
@@ -815,6 +944,14 @@ class OllamaStreamTranslator(_StreamStats):
         self._created_at = created_at
         self._tool_calls: dict[int, _PendingToolCall] = {}
         self._finished = False
+        # A content line as text around its timestamp and content, for feed_text. The dict
+        # _line builds is encoded member by member with this same string encoder, so the bytes
+        # are the same.
+        self._text_head = '{"model":' + _encode_str(model) + ',"created_at":'
+        self._text_middle = (
+            ',"message":{"role":"assistant","content":' if kind == "chat" else ',"response":'
+        )
+        self._text_tail = '},"done":false}' if kind == "chat" else ',"done":false}'
 
     # -- public API -----------------------------------------------------------------------
 
@@ -832,6 +969,27 @@ class OllamaStreamTranslator(_StreamStats):
         if finish and self._tool_calls:
             lines.append(self._line("", "", self._take_tool_calls()))
         return lines
+
+    def feed_text(self, data: str, now_ns: int) -> bytes | None:
+        """``feed`` for one event's text when it is a content-only chunk: its line already
+        encoded as ``compact_json`` would (``b""`` when it has none). ``None`` for any other
+        event, which the caller decodes and passes to ``feed``."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        literal = self._shapes.content(data)
+        if literal is None:
+            return None
+        if literal == '""':
+            return b""
+        self._count_token(now_ns)
+        content = _decode_str(literal)
+        created_at = self._created_at()
+        if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
+            return compact_json_text(self._line(content, "")).encode()
+        return (
+            self._text_head + _encode_str(created_at) + self._text_middle
+            + _encode_str(content) + self._text_tail
+        ).encode()
 
     def finish(self, now_ns: int) -> JSONDict:
         if self._finished:

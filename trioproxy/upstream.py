@@ -300,8 +300,9 @@ class _no_deadline:
 
 
 def _stream_timeouts(settings: Settings) -> dict[str, float | None]:
-    # Streams are bounded by the first-token and idle-gap deadlines the relay enforces,
-    # not by a read timeout that would cut a slow but healthy generation.
+    # No read timeout while waiting for the headers: that wait is bounded by the first-token
+    # timeout alone (header_timeout), since a backend may load a model first. The relay then
+    # makes STREAM_IDLE_TIMEOUT the read timeout of the body (relay._idle_as_read_timeout).
     return {"connect": settings.connect_timeout, "read": None, "write": 60.0, "pool": None}
 
 

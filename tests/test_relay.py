@@ -1,0 +1,252 @@
+"""The relay's stream deadlines against a real socket: the idle limit is enforced by the body's
+read timeout (httpcore's own per-read ``fail_after``), the first-token limit by a cancel scope
+of ours, and neither cuts the wait for the response headers or a healthy stream."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import trio
+
+from trioproxy import relay
+from trioproxy.config import Settings
+from trioproxy.metrics import MetricsCollector
+from trioproxy.translate import OllamaStreamTranslator, OpenAIStreamObserver
+from trioproxy.upstream import UpstreamPool
+
+# (seconds to wait, bytes to send); None as the bytes: stall until the client leaves.
+Script = list[tuple[float, bytes | None]]
+
+HEAD = (
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":'
+)
+TAIL = b',"logprobs":null,"finish_reason":null}]}'
+
+
+def event(delta: bytes) -> bytes:
+    return b"data: " + HEAD + delta + TAIL + b"\n\n"
+
+
+ROLE = event(b'{"role":"assistant","content":""}')
+DONE = b"data: [DONE]\n\n"
+
+
+def token(text: str) -> bytes:
+    return event(b'{"content":' + json.dumps(text).encode() + b"}")
+
+
+async def _serve(script: Script, header_delay: float, stream: trio.SocketStream) -> None:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(65536)
+    await trio.sleep(header_delay)
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    for delay, data in script:
+        await trio.sleep(delay)
+        if data is None:
+            await trio.sleep_forever()
+        await stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
+    await stream.send_all(b"0\r\n\r\n")
+
+
+@asynccontextmanager
+async def backend(script: Script, header_delay: float = 0.0) -> AsyncIterator[str]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(
+                trio.serve_tcp,
+                functools.partial(_serve, script, header_delay),
+                0,
+                host="127.0.0.1",
+            )
+        )
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
+        nursery.cancel_scope.cancel()
+
+
+MakeRelay = Callable[[httpx.Response, Settings, MetricsCollector], AsyncIterator[bytes]]
+
+
+async def run_relay(
+    script: Script,
+    make: MakeRelay,
+    *,
+    header_delay: float = 0.0,
+    **timeouts: float,
+) -> tuple[bytes, float, httpx.Request]:
+    """Everything the relay sent, how long it took, and the backend request."""
+    async with backend(script, header_delay) as url:
+        settings = Settings(upstream_url=url, max_retries=0, **timeouts)  # type: ignore[arg-type]
+        collector = MetricsCollector(enabled=False, system_enabled=False)
+        pool = UpstreamPool(settings)
+        started = time.monotonic()
+        try:
+            result = await pool.request(
+                "POST",
+                "/chat/completions",
+                body=b"{}",
+                stream=True,
+                header_timeout=settings.stream_first_token_timeout,
+            )
+            with trio.fail_after(10):
+                out = b"".join([c async for c in make(result.response, settings, collector)])
+            await result.response.aclose()
+        finally:
+            await pool.aclose()
+        return out, time.monotonic() - started, result.response.request
+
+
+def openai(
+    response: httpx.Response, settings: Settings, collector: MetricsCollector
+) -> AsyncIterator[bytes]:
+    return relay.relay_openai(
+        response,
+        OpenAIStreamObserver(),
+        settings=settings,
+        metric=None,
+        metric_start=time.perf_counter(),
+        collector=collector,
+    )
+
+
+def ollama(
+    response: httpx.Response, settings: Settings, collector: MetricsCollector
+) -> AsyncIterator[bytes]:
+    translator = OllamaStreamTranslator(
+        "chat", "m", start_ns=time.perf_counter_ns(), created_at=lambda: "T"
+    )
+    return relay.relay_ollama(
+        response,
+        translator,
+        settings=settings,
+        metric=None,
+        metric_start=time.perf_counter(),
+        collector=collector,
+    )
+
+
+def last_error(out: bytes) -> str:
+    last = out.strip().rsplit(b"\n", 1)[-1].removeprefix(b"data: ")
+    error = json.loads(last)["error"]
+    return error["message"] if isinstance(error, dict) else error
+
+
+async def test_idle_gap_after_the_first_token_is_cut_by_the_read_timeout() -> None:
+    script: Script = [(0, ROLE), (0, token("a")), (0, token("b")), (0, None)]
+    for make in (openai, ollama):
+        out, elapsed, request = await run_relay(
+            script, make, stream_idle_timeout=0.3, stream_first_token_timeout=30
+        )
+        assert "STREAM_IDLE_TIMEOUT" in last_error(out)
+        assert 0.25 < elapsed < 3
+        # the idle limit became the body's read timeout once the headers were in
+        assert request.extensions["timeout"]["read"] == 0.3
+    first = b'{"model":"m","created_at":"T","message":{"role":"assistant","content":"a"}'
+    assert out.startswith(first)
+
+
+async def test_first_token_deadline_still_applies_after_a_role_chunk() -> None:
+    script: Script = [(0, ROLE), (0, None)]
+    for make in (openai, ollama):
+        out, elapsed, _ = await run_relay(
+            script, make, stream_idle_timeout=30, stream_first_token_timeout=0.3
+        )
+        assert "STREAM_FIRST_TOKEN_TIMEOUT" in last_error(out)
+        assert 0.25 < elapsed < 3
+
+
+async def test_idle_gap_before_the_first_token_reports_the_first_token() -> None:
+    # as before: a gap over the idle limit before any token is a first-token failure
+    script: Script = [(0, ROLE), (0, None)]
+    out, _, _ = await run_relay(
+        script, openai, stream_idle_timeout=0.3, stream_first_token_timeout=30
+    )
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in last_error(out)
+
+
+async def test_slow_headers_are_bounded_by_the_first_token_timeout_only() -> None:
+    script: Script = [(0, ROLE), (0, token("a")), (0.1, token("b")), (0.1, DONE)]
+    out, _, _ = await run_relay(
+        script,
+        openai,
+        header_delay=0.6,
+        stream_idle_timeout=0.3,
+        stream_first_token_timeout=30,
+    )
+    assert out == b"".join(data for _, data in script if data is not None)
+
+
+async def test_gaps_under_the_idle_limit_complete_byte_for_byte() -> None:
+    script: Script = [(0.1, ROLE)] + [(0.15, token(t)) for t in "abcd"] + [(0.1, DONE)]
+    out, elapsed, _ = await run_relay(
+        script, openai, stream_idle_timeout=0.4, stream_first_token_timeout=0.5
+    )
+    assert out == b"".join(data for _, data in script if data is not None)
+    assert elapsed > 0.6
+
+
+def _reader(response: httpx.Response, **timeouts: float) -> relay._Reader:
+    return relay._Reader(response, Settings(**timeouts), time.perf_counter())  # type: ignore[arg-type]
+
+
+def _stream_response(read: float | None) -> httpx.Response:
+    request = httpx.Request(
+        "POST", "http://b.test/", extensions={"timeout": {"connect": 1.0, "read": read}}
+    )
+    return httpx.Response(200, request=request, content=b"")
+
+
+async def test_no_scope_of_ours_once_the_read_timeout_covers_the_deadline() -> None:
+    reader = _reader(
+        _stream_response(None), stream_idle_timeout=10, stream_first_token_timeout=300
+    )
+    assert reader._deadline() == math.inf  # the first-token deadline is the later one
+    reader.token_seen = True
+    assert reader._deadline() == math.inf
+    near = _reader(_stream_response(None), stream_idle_timeout=10, stream_first_token_timeout=1)
+    assert near._deadline() == near.first_token_at
+
+
+async def test_the_timeouts_are_replaced_not_changed_in_place() -> None:
+    shared: dict[str, float | None] = {"connect": 1.0, "read": None}
+    request = httpx.Request("POST", "http://b.test/", extensions={"timeout": shared})
+    _reader(httpx.Response(200, request=request, content=b""), stream_idle_timeout=7)
+    assert request.extensions["timeout"] == {"connect": 1.0, "read": 7}
+    assert shared["read"] is None
+
+
+async def test_another_read_timeout_keeps_our_own_deadlines() -> None:
+    response = _stream_response(5.0)
+    reader = _reader(response, stream_idle_timeout=10, stream_first_token_timeout=300)
+    assert response.request.extensions["timeout"]["read"] == 5.0
+    reader.token_seen = True
+    assert reader._deadline() < math.inf
+    bare = _reader(httpx.Response(200, content=b""), stream_idle_timeout=10)
+    bare.token_seen = True
+    assert bare._deadline() < math.inf
+
+
+async def _collect(gen: AsyncIterator[bytes]) -> list[bytes]:
+    return [chunk async for chunk in gen]
+
+
+async def test_a_read_timeout_that_is_not_ours_is_a_broken_connection() -> None:
+    class Stalling(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield token("a")
+            raise httpx.ReadTimeout("read timed out")
+
+    response = httpx.Response(200, stream=Stalling(), request=_stream_response(5.0).request)
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+    out = await _collect(openai(response, Settings(stream_idle_timeout=10), collector))
+    assert "mid-stream: ReadTimeout" in last_error(b"".join(out))
