@@ -198,13 +198,8 @@ async def relay_ollama(
                 yield b"\n".join(lines) + b"\n"
             if done or error:
                 break
-    except StreamTimeout as exc:
-        error = str(exc)
-        _set_outcome(metric, "timeout")
-        collector.upstream_error("timeout")
-    except (httpx.HTTPError, SSEProtocolError) as exc:
-        error = f"the backend connection broke mid-stream: {type(exc).__name__}"
-        collector.upstream_error("protocol")
+    except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
+        error = _stream_broke(exc, metric, collector)
     finally:
         _finish_upstream(metric)
         _record_tokens(metric, translator)
@@ -244,13 +239,8 @@ async def relay_openai(
             if observer.first_token_ns is not None:
                 reader.token_seen = True
             yield rewrite_model(data) if rewrite_model else data
-    except StreamTimeout as exc:
-        error = str(exc)
-        _set_outcome(metric, "timeout")
-        collector.upstream_error("timeout")
-    except (httpx.HTTPError, SSEProtocolError) as exc:
-        error = f"the backend connection broke mid-stream: {type(exc).__name__}"
-        collector.upstream_error("protocol")
+    except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
+        error = _stream_broke(exc, metric, collector)
     finally:
         _finish_upstream(metric)
         _record_tokens(metric, observer)
@@ -259,6 +249,18 @@ async def relay_openai(
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         yield openai_error_event(error, "api_error", code)
+
+
+def _stream_broke(
+    exc: Exception, metric: RequestMetrics | None, collector: MetricsCollector
+) -> str:
+    """Count why a stream stopped before its end; the message for the client."""
+    if isinstance(exc, StreamTimeout):
+        _set_outcome(metric, "timeout")
+        collector.upstream_error("timeout")
+        return str(exc)
+    collector.upstream_error("protocol")
+    return f"the backend connection broke mid-stream: {type(exc).__name__}"
 
 
 def _set_outcome(metric: RequestMetrics | None, outcome: str) -> None:
