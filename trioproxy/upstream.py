@@ -84,16 +84,15 @@ class UpstreamPool:
         self._secret = settings.api_key
         shards = max(1, settings.upstream_clients)
         keepalive = max(1, math.ceil(settings.upstream_max_keepalive / shards))
-        headers = {"User-Agent": "trioproxy"}
+        headers = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "trioproxy"}
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._base_url = httpx.URL(base_url + "/")
+        self._default_headers = httpx.Headers(headers)
+        # The clients only hold the connection pools (limits, TLS, environment proxies):
+        # requests are built here and handed to their transports.
         self._clients = [
             httpx.AsyncClient(
-                base_url=base_url + "/",
-                headers=headers,
-                timeout=httpx.Timeout(
-                    settings.request_timeout, connect=settings.connect_timeout, pool=None
-                ),
                 limits=httpx.Limits(
                     max_connections=None,
                     max_keepalive_connections=keepalive,
@@ -103,15 +102,10 @@ class UpstreamPool:
                 ),
                 verify=not settings.disable_ssl_verification,
                 transport=transport_factory() if transport_factory else None,
-                follow_redirects=False,
             )
             for _ in range(shards)
         ]
-        self._transports = [_transport_for(client) for client in self._clients]
-        self._base_url = httpx.URL(base_url + "/")
-        self._default_headers = httpx.Headers(
-            {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", **headers}
-        )
+        self._transports = [client._transport_for_url(self._base_url) for client in self._clients]
         self._urls: dict[str, httpx.URL] = {}
         self._timeouts = httpx.Timeout(
             settings.request_timeout, connect=settings.connect_timeout, pool=None
@@ -275,12 +269,6 @@ class UpstreamPool:
     def _describe(self, exc: BaseException) -> str:
         detail = str(exc) or type(exc).__name__
         return scrub(f"backend request failed: {detail}", self._secret)
-
-
-def _transport_for(client: httpx.AsyncClient) -> httpx.AsyncBaseTransport:
-    """The transport the client would use for its base URL: its own pool, or the proxy
-    transport that ``HTTPS_PROXY`` / ``NO_PROXY`` select (httpx resolves those per URL)."""
-    return client._transport_for_url(client.base_url)
 
 
 class _Retryable(Exception):
