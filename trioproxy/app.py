@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, fastpath
 from . import hypercorn_patches as _hypercorn_patches  # noqa: F401  (applies the P1 fix)
 from .config import Settings, load_settings
-from .errors import ProxyError, scrub
+from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
     OVERHEAD_HEADER,
     Call,
@@ -249,7 +249,7 @@ def _http_error_message(status: int, error: HTTPException) -> str:
     if status == 405:
         return f"method {request.method} is not allowed on {request.path}"
     if status == 413:
-        return f"request body is larger than the limit of {request.max_content_length} bytes"
+        return body_too_large_message(request.max_content_length)
     return error.description or error.name
 
 

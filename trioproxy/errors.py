@@ -87,6 +87,10 @@ class UpstreamStatusError(ProxyError):
         self.content_type = content_type
 
 
+def body_too_large_message(limit: int | None) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
+
+
 def openai_error_type(status: int) -> str:
     if status in OPENAI_ERROR_TYPES:
         return OPENAI_ERROR_TYPES[status]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
-from .errors import ProxyError
+from .errors import ProxyError, body_too_large_message
 from .exchange import (
     Call,
     CountingSend,
@@ -111,7 +111,7 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
 
 
 def _too_large(limit: int) -> ProxyError:
-    return ProxyError(f"request body is larger than the limit of {limit} bytes", 413)
+    return ProxyError(body_too_large_message(limit), 413)
 
 
 async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:

@@ -43,6 +43,18 @@ def note_model(state: RequestState, client_model: str) -> None:
         state.metric.model = client_model
 
 
+def note_usage(state: RequestState, response: Any) -> None:
+    """Token counts from a backend response's ``usage``, for the metrics."""
+    metric = state.metric
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if metric is None or not isinstance(usage, dict):
+        return
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    metric.input_tokens = prompt if isinstance(prompt, int) else None
+    metric.output_tokens = completion if isinstance(completion, int) else None
+
+
 async def call_json(
     call: Call, path: str, payload: dict[str, Any] | bytes | None, *, method: str = "POST"
 ) -> tuple[Any, UpstreamResult]:

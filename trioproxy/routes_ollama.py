@@ -16,7 +16,7 @@ from . import translate as tr
 from .app import current_call, quart_route
 from .errors import NotFound, ProxyError, error_body_for
 from .exchange import JSON, Call, Handler, Reply, RequestState
-from .forward import call_json, json_object, note_model, open_stream, validated
+from .forward import call_json, json_object, note_model, note_usage, open_stream, validated
 from .relay import NDJSON, STREAM_HEADERS, dumps, relay_ollama
 
 blueprint = Blueprint("ollama", __name__)
@@ -122,7 +122,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate
         )
         out = convert(resp, client_model, tr.utc_timestamp(), timings)
-        _note_usage(state, resp)
+        note_usage(state, resp)
         return _json_reply(out)
     result = await open_stream(call, "/chat/completions", payload)
     metric = state.metric
@@ -153,24 +153,13 @@ def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
     return tr.Timings(total_ns=total, prompt_eval_ns=prompt_ns, eval_ns=eval_ns)
 
 
-def _note_usage(state: RequestState, resp: Any) -> None:
-    metric = state.metric
-    usage = resp.get("usage") if isinstance(resp, dict) else None
-    if metric is None or not isinstance(usage, dict):
-        return
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    metric.input_tokens = prompt if isinstance(prompt, int) else None
-    metric.output_tokens = completion if isinstance(completion, int) else None
-
-
 async def embed(call: Call) -> Reply:
     body = validated(tr.validate_ollama_embed, json_object(call))
     note_model(call.state, body["model"])
     start_ns = time.perf_counter_ns()
     payload = tr.ollama_embed_to_openai(body, call.app.mapper.to_backend(body["model"]))
     resp, _ = await call_json(call, "/embeddings", payload)
-    _note_usage(call.state, resp)
+    note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
     return _json_reply(tr.openai_embeddings_to_ollama_embed(resp, body["model"], timings))
@@ -181,7 +170,7 @@ async def embeddings(call: Call) -> Reply:
     note_model(call.state, body["model"])
     payload = tr.ollama_embeddings_to_openai(body, call.app.mapper.to_backend(body["model"]))
     resp, _ = await call_json(call, "/embeddings", payload)
-    _note_usage(call.state, resp)
+    note_usage(call.state, resp)
     return _json_reply(tr.openai_embeddings_to_ollama_embeddings(resp))
 
 

@@ -19,7 +19,15 @@ from . import translate as tr
 from .app import current_call, quart_route
 from .errors import NotFound
 from .exchange import JSON, Call, Handler, Reply
-from .forward import call_raw, encode, json_object, note_model, open_stream, validated
+from .forward import (
+    call_raw,
+    encode,
+    json_object,
+    note_model,
+    note_usage,
+    open_stream,
+    validated,
+)
 from .relay import EVENT_STREAM, STREAM_HEADERS, dumps, relay_openai
 from .upstream import UpstreamResult
 
@@ -132,18 +140,10 @@ def _rewrite_model_json(content: bytes, client_model: str) -> bytes:
 
 
 def _note_usage(call: Call, content: bytes) -> None:
-    metric = call.state.metric
-    if metric is None:
-        return
-    # usage sits at the end of the body; parse only when it is there
-    if b'"usage"' not in content:
+    # the body is relayed as bytes: decode it only when metrics want its usage
+    if call.state.metric is None or b'"usage"' not in content:
         return
     try:
-        usage = json.loads(content).get("usage")
-    except (ValueError, AttributeError):
+        note_usage(call.state, json.loads(content))
+    except ValueError:
         return
-    if isinstance(usage, dict):
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
-        metric.input_tokens = prompt if isinstance(prompt, int) else None
-        metric.output_tokens = completion if isinstance(completion, int) else None
