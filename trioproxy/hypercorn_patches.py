@@ -1,47 +1,124 @@
-"""Fixes for hypercorn 0.18's trio worker under quart-trio, where request cancellation
-leaks into connection housekeeping.
+"""Fixes for hypercorn 0.18's trio worker: connection housekeeping under quart-trio's
+request cancellation, and its cost per request.
 
-quart-trio ends every request by cancelling the request's nursery, and hypercorn runs some
-connection bookkeeping from inside that cancelled scope:
+1. **One keep-alive timer per connection whose deadline moves** (``IdleTimer``), in place of
+   hypercorn's ``TrioSingleTask``, which started a new timer task after every response and
+   cancelled it when the next request arrived. That spawn and cancel was about a tenth of
+   the CPU a proxied request costs (docs/performance.md). It also fixes stack notes P1:
+   quart-trio ends a request by cancelling its nursery, the stock restart ran inside that
+   cancelled scope and raised ``Cancelled``, so an idle keep-alive connection was never
+   closed. Moving a deadline never awaits, so it cannot be cancelled. The timer ends when
+   the connection stops reading, so a connection the client closed is released at once.
+2. **Closing the connection** (``TCPServer.protocol_send(Closed())``) raised ``Cancelled``
+   before the socket was closed, so a connection answered before its request body arrived
+   (an early 404/413/501) was neither served again nor closed. Shielded.
+3. **Empty writes are skipped.** h11 ends a response with a known length with zero bytes;
+   hypercorn still took the send lock and yielded to the scheduler twice to send them.
 
-1. The keep-alive idle timer restart (``TrioSingleTask.restart``) raises ``Cancelled``, so an
-   idle keep-alive connection is never closed and file descriptors leak (stack notes P1).
-2. Closing the connection (``TCPServer.protocol_send(Closed())``) raises ``Cancelled`` before
-   the socket is closed, so a connection answered before its request body arrived (an early
-   404/413/501) is neither served again nor closed: the client hangs.
-
-Shielding both lets them finish; each is bounded by socket operations that do not block.
-Importing this module applies the patches once; tests/test_server.py and
-tests/test_proxy_behaviour.py assert the closes, so a version bump cannot silently undo them.
+The semantics of the keep-alive timer are hypercorn's: a connection idle for
+``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
+a busy one after its response. Importing this module applies the patches once;
+tests/test_server.py and tests/test_hypercorn_patches.py pin the behaviour, so a version bump
+cannot silently undo them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import hypercorn.trio.tcp_server as tcp_server
-import hypercorn.trio.worker_context as worker_context
 import trio
-from hypercorn.events import Closed
+from hypercorn.events import Closed, RawData
 
-_original_restart = worker_context.TrioSingleTask.restart
+
+class IdleTimer:
+    """The keep-alive timer of one connection: ``restart`` (the connection went idle) and
+    ``stop`` (a request arrived), with ``TrioSingleTask``'s interface.
+
+    One watcher task per connection waits for shutdown inside a cancel scope whose deadline
+    is the idle deadline: infinite while a request is served. The deadline passing, or
+    shutdown while idle, closes the connection."""
+
+    __slots__ = ("_became_idle", "_closed", "_idle", "_scope", "_server")
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._scope: trio.CancelScope | None = None
+        self._idle = False
+        self._closed = False
+        self._became_idle: trio.Event | None = None
+
+    async def restart(self, task_group: Any, action: Any = None) -> None:
+        self._idle = True
+        if self._scope is None:
+            with trio.CancelScope(shield=True):
+                await task_group._nursery.start(self._watch)
+        assert self._scope is not None
+        self._scope.deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        if self._became_idle is not None:
+            self._became_idle.set()
+
+    async def stop(self) -> None:
+        self._idle = False
+        if self._scope is not None:
+            self._scope.deadline = math.inf
+
+    def connection_closed(self) -> None:
+        """Nothing more will be read from the connection (the client closed it or left
+        mid-request, or the server closed it): the watcher ends without closing it again,
+        so it never keeps a finished connection's task group open."""
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _watch(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            task_status.started()
+            await self._server.context.terminated.wait()
+            if not self._idle:  # shutting down: let the response in progress finish first
+                self._became_idle = trio.Event()
+                await self._became_idle.wait()
+        if self._closed:
+            return
+        # the idle deadline passed, or the server is shutting down and we are idle
+        with trio.CancelScope(shield=True):
+            await self._server._initiate_server_close()
+
+
+_original_init = tcp_server.TCPServer.__init__
 _original_protocol_send = tcp_server.TCPServer.protocol_send
+_original_read_data = tcp_server.TCPServer._read_data
 
 
-async def _shielded_restart(self: Any, task_group: Any, action: Any) -> None:
-    with trio.CancelScope(shield=True):
-        await _original_restart(self, task_group, action)
+def _init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _original_init(self, *args, **kwargs)
+    self.idle_task = IdleTimer(self)
+
+
+async def _read_data(self: Any) -> None:
+    try:
+        await _original_read_data(self)
+    finally:
+        # nothing more will be read: the connection closes once its tasks are done, and
+        # the timer must not hold it open (the client may have left mid-request)
+        self.idle_task.connection_closed()
 
 
 async def _protocol_send(self: Any, event: Any) -> None:
-    if isinstance(event, Closed):
+    if type(event) is RawData:
+        if event.data:
+            await _original_protocol_send(self, event)
+    elif isinstance(event, Closed):
         with trio.CancelScope(shield=True):
             await _original_protocol_send(self, event)
     else:
         await _original_protocol_send(self, event)
 
 
-if not getattr(worker_context.TrioSingleTask.restart, "_trioproxy_patched", False):
-    _shielded_restart._trioproxy_patched = True  # type: ignore[attr-defined]
-    worker_context.TrioSingleTask.restart = _shielded_restart  # type: ignore[method-assign]
+if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
+    _init._trioproxy_patched = True  # type: ignore[attr-defined]
+    tcp_server.TCPServer.__init__ = _init  # type: ignore[method-assign]
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]

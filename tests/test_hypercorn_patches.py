@@ -1,0 +1,229 @@
+"""The keep-alive timer and send path that trioproxy.hypercorn_patches puts into hypercorn.
+
+Unit tests drive ``IdleTimer`` on trio's virtual clock; the live tests check the same
+behaviour on a real proxy process with a 1 s keep-alive."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import trio
+import trio.testing
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.worker_context import EventWrapper
+
+from trioproxy.hypercorn_patches import IdleTimer, _protocol_send
+
+from .conftest import ServerProcess
+
+KEEP_ALIVE = 5.0
+
+
+class FakeServer:
+    """What IdleTimer needs of hypercorn's TCPServer, recording when it closes."""
+
+    def __init__(self) -> None:
+        self.config = SimpleNamespace(keep_alive_timeout=KEEP_ALIVE)
+        self.context = SimpleNamespace(terminated=EventWrapper())
+        self.closed_at: list[float] = []
+
+    async def _initiate_server_close(self) -> None:
+        self.closed_at.append(trio.current_time())
+
+
+class FakeTaskGroup:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+
+async def test_an_idle_connection_closes_after_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        timer = IdleTimer(server)
+        await timer.restart(FakeTaskGroup(nursery))
+    assert server.closed_at == [pytest.approx(KEEP_ALIVE)]
+
+
+async def test_every_response_moves_the_deadline_and_a_request_suspends_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        timer = IdleTimer(server)
+        group = FakeTaskGroup(nursery)
+        await timer.restart(group)
+        for _ in range(4):  # a request every 4 s, each served in 30 s (longer than keep-alive)
+            await trio.sleep(4)
+            await timer.stop()
+            await trio.sleep(30)
+            assert server.closed_at == []
+            await timer.restart(group)
+        last_response = trio.current_time()
+    assert server.closed_at == [pytest.approx(last_response + KEEP_ALIVE)]
+
+
+async def test_shutdown_closes_an_idle_connection_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        await IdleTimer(server).restart(FakeTaskGroup(nursery))
+        await trio.sleep(1)
+        await server.context.terminated.set()
+    assert server.closed_at == [pytest.approx(1.0)]
+
+
+async def test_shutdown_lets_the_response_in_progress_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        timer = IdleTimer(server)
+        group = FakeTaskGroup(nursery)
+        await timer.restart(group)
+        await timer.stop()  # a request arrives
+        await server.context.terminated.set()
+        await trio.sleep(60)
+        assert server.closed_at == []
+        await timer.restart(group)  # its response is done
+    assert server.closed_at == [pytest.approx(60.0)]
+
+
+async def test_a_closed_connection_ends_the_timer_without_closing_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer()
+    with trio.fail_after(1):  # the nursery must not wait for a timer with no deadline
+        async with trio.open_nursery() as nursery:
+            timer = IdleTimer(server)
+            await timer.restart(FakeTaskGroup(nursery))
+            await timer.stop()  # busy: no deadline
+            timer.connection_closed()  # the client left mid-request
+    assert server.closed_at == []
+
+
+async def test_empty_writes_are_not_sent_and_others_are() -> None:
+    sent: list[object] = []
+
+    class Stream:
+        async def send_all(self, data: bytes) -> None:
+            sent.append(data)
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            sent.append(event)
+
+    server = SimpleNamespace(
+        send_lock=trio.Lock(), stream=Stream(), protocol=Protocol(), idle_task=None
+    )
+    await _protocol_send(server, RawData(data=b""))
+    await _protocol_send(server, RawData(data=b"HTTP/1.1 200 OK\r\n"))
+    assert sent == [b"HTTP/1.1 200 OK\r\n"]
+
+
+async def test_closing_is_shielded_from_the_request_cancellation() -> None:
+    closed: list[str] = []
+
+    class Stream:
+        async def send_eof(self) -> None:
+            await trio.lowlevel.checkpoint()
+            closed.append("eof")
+
+        async def aclose(self) -> None:
+            closed.append("aclose")
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            closed.append(type(event).__name__)
+
+    server = SimpleNamespace(stream=Stream(), protocol=Protocol())
+    import hypercorn.trio.tcp_server as tcp_server
+
+    server._close = lambda: tcp_server.TCPServer._close(server)  # type: ignore[attr-defined]
+    with trio.CancelScope() as scope:
+        scope.cancel()  # quart-trio cancels the request before the connection is closed
+        await _protocol_send(server, Closed())
+    assert closed == ["eof", "aclose", "Closed"]
+
+
+# ---------------------------------------------------------------------------------- live
+
+
+@pytest.fixture(scope="module")
+def proxy_1s_keep_alive(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> ServerProcess:
+    return start_proxy(demo_backend.url, KEEP_ALIVE_TIMEOUT="1")
+
+
+def _address(proxy: ServerProcess) -> tuple[str, int]:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _chat(sock: socket.socket, content: str = "hi") -> bytes:
+    body = b'{"model":"demo-chat","messages":[{"role":"user","content":"%s"}]}' % content.encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    received = b""
+    while b"\r\n\r\n" not in received:
+        data = sock.recv(65536)
+        assert data, "the proxy closed the connection"
+        received += data
+    head, _, rest = received.partition(b"\r\n\r\n")
+    length = int(next(
+        line.split(b":", 1)[1] for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ))  # fmt: skip
+    while len(rest) < length:
+        data = sock.recv(65536)
+        assert data, "the proxy closed the connection mid-body"
+        rest += data
+    return head.split(b"\r\n", 1)[0]
+
+
+def test_a_connection_in_use_outlives_its_keep_alive_timeout(
+    proxy_1s_keep_alive: ServerProcess,
+) -> None:
+    with socket.create_connection(_address(proxy_1s_keep_alive), timeout=5) as sock:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:
+            assert _chat(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(0.4)
+        # a request slower than the keep-alive timeout is not cut either
+        assert _chat(sock, "[[tokens=3]][[first_delay=1.4]]").startswith(b"HTTP/1.1 200")
+        idle_from = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # then, idle, it is closed
+    assert 0.8 < time.monotonic() - idle_from < 3.0
+
+
+def test_clients_leaving_mid_request_leave_no_connection_behind(
+    proxy_1s_keep_alive: ServerProcess,
+) -> None:
+    process = psutil.Process(proxy_1s_keep_alive.process.pid)
+    with socket.create_connection(_address(proxy_1s_keep_alive), timeout=5) as sock:
+        assert _chat(sock).startswith(b"HTTP/1.1 200")  # pools warm: backend sockets opened
+    time.sleep(1.5)
+    before = process.num_fds()
+    body = b'{"model":"demo-chat","messages":[{"role":"user","content":"[[first_delay=30]]"}]}'
+    for _ in range(10):
+        with socket.create_connection(_address(proxy_1s_keep_alive), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while process.num_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process.num_fds() <= before
