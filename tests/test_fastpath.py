@@ -172,3 +172,58 @@ async def test_a_client_gone_before_its_body_ended_gets_nothing_and_counts_as_cl
     ]
     assert await _serve_raw(app, _scope(), events) == []
     assert [(m.endpoint, m.status_code) for m in finished] == [("/api/chat", 499)]
+
+
+async def _serve_answered(
+    app: ProxyApp, after_response: list[dict[str, Any]], *, autojump: bool = False
+) -> tuple[list[Any], float]:
+    """Serve one request whose handler answers at once; after the response the server
+    delivers ``after_response`` (hypercorn: http.disconnect) and then nothing."""
+    from trioproxy.exchange import Reply
+
+    pending: list[dict[str, Any]] = [{"type": "http.request", "body": b"{}"}]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        while not pending:
+            await trio.sleep_forever()
+        return pending.pop(0)
+
+    async def send(event: Any) -> None:
+        sent.append(event)
+        if event["type"] == "http.response.body" and not event.get("more_body"):
+            pending.extend(after_response)
+
+    async def handler(call: Any) -> Reply:
+        return Reply(200, b"{}")
+
+    started = trio.current_time()
+    await fastpath.serve(app, _scope(), receive, send, handler)
+    return sent, trio.current_time() - started
+
+
+async def test_the_disconnect_after_a_complete_response_ends_the_request_without_cancelling(
+    app: ProxyApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[Any] = []
+    monkeypatch.setattr(app.collector, "request_finished", finished.append)
+    cancels: list[str] = []
+    real_cancel = trio.CancelScope.cancel
+
+    def spy(scope: trio.CancelScope) -> None:
+        cancels.append("cancel")
+        real_cancel(scope)
+
+    monkeypatch.setattr(trio.CancelScope, "cancel", spy)
+    sent, took = await _serve_answered(app, [{"type": "http.disconnect"}])
+    assert [e["type"] for e in sent] == ["http.response.start", "http.response.body"]
+    assert cancels == [] and took < 0.5
+    assert [m.status_code for m in finished] == [200]
+
+
+async def test_a_server_that_never_reports_the_disconnect_does_not_hold_the_request(
+    app: ProxyApp, autojump_clock: Any
+) -> None:
+    sent, took = await _serve_answered(app, [])
+    assert sent[0]["status"] == 200
+    assert took == pytest.approx(fastpath._WATCHER_GRACE_SECONDS)

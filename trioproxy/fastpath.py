@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioproxy")
 
 _WANTED_HEADERS = frozenset({b"x-request-id", b"content-length", b"origin"})
+_WATCHER_GRACE_SECONDS = 1.0
 
 
 class ClientLeft(Exception):
@@ -71,10 +72,13 @@ async def serve(
             reply = proxy_error_reply(error, path, app.settings.api_key, state)
         else:
             # from here on, the client leaving cancels everything below, backend call included
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
             reply = await _run(handler, Call(app, state, path, body))
         await _write(counting_send, reply, tracked, app.cors_headers(headers.get("origin")))
-        nursery.cancel_scope.cancel()
+        # hypercorn hands the app http.disconnect once the response is complete, which ends
+        # the watcher without a cancellation (unwinding one costs as much as the watcher);
+        # the deadline only guards against a server that would not
+        nursery.cancel_scope.deadline = trio.current_time() + _WATCHER_GRACE_SECONDS
 
 
 def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -114,11 +118,15 @@ def _too_large(limit: int) -> ProxyError:
     return ProxyError(body_too_large_message(limit), 413)
 
 
-async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
+async def _watch_disconnect(
+    receive: ASGIReceiveCallable, scope: trio.CancelScope, response: CountingSend
+) -> None:
+    """Cancel the request when the client leaves before its response is complete."""
     while True:
         event = await receive()
         if event["type"] == "http.disconnect":
-            scope.cancel()
+            if not response.finished:
+                scope.cancel()
             return
 
 
