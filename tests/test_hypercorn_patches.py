@@ -10,11 +10,13 @@ import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import h11
 import psutil
 import pytest
 import trio
 import trio.testing
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper
 
 from trioproxy.hypercorn_patches import IdleTimer, _protocol_send
@@ -227,3 +229,82 @@ def test_clients_leaving_mid_request_leave_no_connection_behind(
     while process.num_fds() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process.num_fds() <= before
+
+
+# ------------------------------------------------------------------ one write per response
+
+
+class _Writes:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    async def __call__(self, event: object) -> None:
+        self.events.append(event)
+
+    @property
+    def raw(self) -> list[bytes]:
+        return [e.data for e in self.events if isinstance(e, RawData)]
+
+
+def _protocol_with_request(method: bytes = b"GET") -> tuple[object, _Writes]:
+    from hypercorn.config import Config
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.trio.worker_context import WorkerContext
+
+    writes = _Writes()
+    protocol = H11Protocol(
+        None,
+        Config(),
+        WorkerContext(None),
+        None,
+        None,
+        False,
+        None,
+        None,
+        writes,  # type: ignore[arg-type]
+    )
+    protocol.connection.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(protocol.connection.next_event(), h11.Request)
+    return protocol, writes
+
+
+def _response(length: int | None) -> object:
+    from hypercorn.protocol.events import Response
+
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return Response(stream_id=1, status_code=200, headers=headers)
+
+
+async def test_a_sized_response_is_one_write_with_its_body() -> None:
+    protocol, writes = _protocol_with_request()
+    await protocol.stream_send(_response(2))  # type: ignore[attr-defined]
+    assert writes.raw == []
+    await protocol.stream_send(Body(stream_id=1, data=b"{}"))  # type: ignore[attr-defined]
+    await protocol.stream_send(EndBody(stream_id=1))  # type: ignore[attr-defined]
+    assert len(writes.raw) == 1
+    head, _, body = writes.raw[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 2" in head and body == b"{}"
+
+
+async def test_a_body_less_response_is_written_at_its_end() -> None:
+    protocol, writes = _protocol_with_request(b"HEAD")
+    await protocol.stream_send(_response(2))  # type: ignore[attr-defined]
+    await protocol.stream_send(EndBody(stream_id=1))  # type: ignore[attr-defined]
+    assert len(writes.raw) == 1 and writes.raw[0].endswith(b"\r\n\r\n")
+
+
+async def test_a_streamed_response_sends_its_head_at_once() -> None:
+    protocol, writes = _protocol_with_request()
+    await protocol.stream_send(_response(None))  # type: ignore[attr-defined]
+    assert len(writes.raw) == 1 and b"transfer-encoding: chunked" in writes.raw[0].lower()
+    await protocol.stream_send(Body(stream_id=1, data=b"data: 1\n\n"))  # type: ignore[attr-defined]
+    assert len(writes.raw) == 2
+
+
+async def test_a_held_head_is_still_sent_when_the_stream_closes_early() -> None:
+    protocol, writes = _protocol_with_request()
+    await protocol.stream_send(_response(10))  # type: ignore[attr-defined]
+    await protocol.stream_send(StreamClosed(stream_id=1))  # type: ignore[attr-defined]
+    assert writes.raw and writes.raw[0].startswith(b"HTTP/1.1 200 ")

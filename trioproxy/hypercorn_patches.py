@@ -12,8 +12,11 @@ request cancellation, and its cost per request.
 2. **Closing the connection** (``TCPServer.protocol_send(Closed())``) raised ``Cancelled``
    before the socket was closed, so a connection answered before its request body arrived
    (an early 404/413/501) was neither served again nor closed. Shielded.
-3. **Empty writes are skipped.** h11 ends a response with a known length with zero bytes;
-   hypercorn still took the send lock and yielded to the scheduler twice to send them.
+3. **A response with a known length leaves in one write.** hypercorn wrote the status line
+   and headers, then the body, then h11's zero-byte end of message, each through the send
+   lock, a syscall and two scheduler yields. The head now waits for the first body bytes
+   (or the end of a body-less response) and empty writes are skipped. Streamed responses
+   (no ``Content-Length``) still send their head at once.
 
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
@@ -27,9 +30,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import h11
+import hypercorn.protocol.h11 as h11_protocol
 import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol.events import Body, EndBody
+
+_HELD_HEAD = "_trioproxy_held_head"
 
 
 class IdleTimer:
@@ -117,8 +125,43 @@ async def _protocol_send(self: Any, event: Any) -> None:
         await _original_protocol_send(self, event)
 
 
+_original_send_h11_event = h11_protocol.H11Protocol._send_h11_event
+_original_stream_send = h11_protocol.H11Protocol.stream_send
+
+
+async def _send_h11_event(self: Any, event: Any) -> None:
+    try:
+        data = self.connection.send(event)
+    except h11.LocalProtocolError:
+        if self.connection.their_state != h11.ERROR:
+            raise
+        return
+    head = self.__dict__.pop(_HELD_HEAD, None)
+    if head is not None:
+        data = head + data
+    if type(event) is h11.Response and _has_length(event):
+        self.__dict__[_HELD_HEAD] = data  # sent with the body, or at the end of the message
+    elif data:
+        await self.send(RawData(data=data))
+
+
+def _has_length(response: h11.Response) -> bool:
+    return any(name == b"content-length" for name, _ in response.headers)
+
+
+async def _stream_send(self: Any, event: Any) -> None:
+    if type(event) is not Body and type(event) is not EndBody:
+        # anything else (the stream closing early, an error) first sends a head held back
+        head = self.__dict__.pop(_HELD_HEAD, None)
+        if head:
+            await self.send(RawData(data=head))
+    await _original_stream_send(self, event)
+
+
 if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     _init._trioproxy_patched = True  # type: ignore[attr-defined]
     tcp_server.TCPServer.__init__ = _init  # type: ignore[method-assign]
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    h11_protocol.H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+    h11_protocol.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
