@@ -82,7 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare_asgi", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--with-trioproxy-patches",
+        action="store_true",
+        help="apply trioproxy's hypercorn patches first (a reference figure, not the ceiling)",
+    )
     args = parser.parse_args(argv)
+    if args.with_trioproxy_patches:
+        import trioproxy.hypercorn_patches  # noqa: F401  (patches on import)
     trio.run(_main, args.host, args.port)
 
 

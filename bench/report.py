@@ -231,7 +231,7 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     ns = sc.get("nonstream", {})
     for conc in (1, 4, 16, 32, 64):
         parts = []
-        for name in ("direct", "bare_asgi", V1, OLLAMA, *_others(results)):
+        for name in ("direct", "bare_asgi", "bare_asgi_patched", V1, OLLAMA, *_others(results)):
             cell = _get(ns, "cells", name, conc)
             if cell:
                 lat = cell["latency_ms"]

@@ -459,6 +459,9 @@ class Bench:
             self.note(f"nginx did not start ({exc}); using the bare ASGI app instead")
             self.fixed = None
         self.bare = self.start(servers.start_bare_asgi())
+        # the same app on hypercorn with trioproxy's patches: shown next to the ceiling so
+        # the share of the proxy's gain that comes from the server layer is visible
+        self.bare_patched = self.start(servers.start_bare_asgi(with_trioproxy_patches=True))
         if self.fixed is None:
             self.fixed = self.bare
             self.fixed_kind = "bare-asgi (nginx not installed: FALLBACK)"
@@ -510,6 +513,11 @@ class Bench:
             rows["bare_asgi"][conc] = closed(
                 self.bare, [NONSTREAM[V1]], conc, watch=[self.bare.pid], **kw
             )
+            if conc == 32:
+                patched = self.bare_patched
+                rows["bare_asgi_patched"] = {
+                    conc: closed(patched, [NONSTREAM[V1]], conc, watch=[patched.pid], **kw)
+                }
             for path in (V1, OLLAMA):
                 rows[path][conc] = closed(self.proxy, [NONSTREAM[path]], conc, watch=watch, **kw)
             for name, other in self.others.items():

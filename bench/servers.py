@@ -221,8 +221,11 @@ def start_nginx() -> Server | None:
     return server
 
 
-def start_bare_asgi() -> Server:
-    server = _spawn("bare-asgi", [sys.executable, "-m", "bench.bare_asgi"], clean_env())
+def start_bare_asgi(*, with_trioproxy_patches: bool = False) -> Server:
+    argv = [sys.executable, "-m", "bench.bare_asgi"]
+    if with_trioproxy_patches:
+        argv.append("--with-trioproxy-patches")
+    server = _spawn("bare-asgi", argv, clean_env())
     wait_http(server.url + "/v1/models", 15, server.process)
     return server
 
