@@ -3,13 +3,12 @@ call the backend, open a stream whose closing is guaranteed."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from .errors import BadRequest, UpstreamUnavailable
 from .exchange import Call, RequestState
-from .jsonutil import compact_json
+from .jsonutil import compact_json, loads
 from .translate import RequestValidationError
 from .upstream import UpstreamPool, UpstreamResult
 
@@ -20,7 +19,7 @@ def json_object(call: Call) -> dict[str, Any]:
     if not raw:
         raise BadRequest("missing request body", param=None)
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
     if not isinstance(body, dict):
@@ -62,7 +61,7 @@ async def call_json(
     body = payload if isinstance(payload, bytes | None) else encode(payload)
     result = await call_raw(call, path, body, method=method)
     try:
-        return result.response.json(), result
+        return loads(result.response.content), result
     except ValueError:
         raise UpstreamUnavailable("the backend returned a body that is not JSON") from None
 

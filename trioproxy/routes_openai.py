@@ -28,6 +28,7 @@ from .forward import (
     open_stream,
     validated,
 )
+from .jsonutil import loads
 from .relay import EVENT_STREAM, STREAM_HEADERS, dumps, relay_openai
 from .upstream import UpstreamResult
 
@@ -130,7 +131,7 @@ def _model_rewriter(backend_model: str, client_model: str) -> Callable[[bytes], 
 
 def _rewrite_model_json(content: bytes, client_model: str) -> bytes:
     try:
-        payload = json.loads(content)
+        payload = loads(content)
     except ValueError:
         return content
     if isinstance(payload, dict) and "model" in payload:
@@ -144,6 +145,6 @@ def _note_usage(call: Call, content: bytes) -> None:
     if call.state.metric is None or b'"usage"' not in content:
         return
     try:
-        note_usage(call.state, json.loads(content))
+        note_usage(call.state, loads(content))
     except ValueError:
         return

@@ -28,7 +28,7 @@ from json.decoder import scanstring
 from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal
 
-from trioproxy.jsonutil import compact_json_text
+from trioproxy.jsonutil import compact_json, compact_json_text, loads
 from trioproxy.model_mapping import ModelMapper
 
 __all__ = [
@@ -825,7 +825,7 @@ class _ContentChunks:
 def parse_chunk(data: str) -> JSONDict | None:
     """One event's JSON object; ``None`` for anything else (ignored, as keep-alive noise)."""
     try:
-        chunk = json.loads(data)
+        chunk = loads(data)
     except ValueError:
         return None
     return chunk if isinstance(chunk, dict) else None
@@ -985,7 +985,7 @@ class OllamaStreamTranslator(_StreamStats):
         content = _decode_str(literal)
         created_at = self._created_at()
         if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
-            return compact_json_text(self._line(content, "")).encode()
+            return compact_json(self._line(content, ""))
         return (
             self._text_head + _encode_str(created_at) + self._text_middle
             + _encode_str(content) + self._text_tail
