@@ -494,6 +494,8 @@ _OWNERS = (
     ("trioproxy/cli.py", None),  # the root of every stack: not an owner
     ("trioproxy/__main__.py", None),
     ("trioproxy/metrics/", "trioproxy.metrics"),
+    # our patches replace parts of hypercorn's per-request path: that work is the server's
+    ("trioproxy/hypercorn_patches.py", "hypercorn (server side HTTP)"),
     ("prometheus_client/", "prometheus_client"),
     ("trioproxy/", "trioproxy (app, routes, translate, relay, upstream)"),
     ("quart_trio/", "Quart + quart-trio + Werkzeug"),
@@ -514,6 +516,8 @@ _LEAF = (
     ("logging/", "logging"),
     ("contextlib.py", "contextlib"),
     ("trioproxy/metrics/", "trioproxy.metrics"),
+    # our patches replace parts of hypercorn's per-request path: that work is the server's
+    ("trioproxy/hypercorn_patches.py", "hypercorn (server side HTTP)"),
     ("prometheus_client/", "prometheus_client"),
     ("trioproxy/", "trioproxy"),
     ("quart", "Quart + quart-trio + Werkzeug"),
