@@ -125,11 +125,11 @@ async def _protocol_send(self: Any, event: Any) -> None:
         await _original_protocol_send(self, event)
 
 
-_original_send_h11_event = h11_protocol.H11Protocol._send_h11_event
 _original_stream_send = h11_protocol.H11Protocol.stream_send
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
+    # hypercorn's own version, plus holding back the head of a sized response
     try:
         data = self.connection.send(event)
     except h11.LocalProtocolError:
