@@ -43,13 +43,20 @@ class FakeTaskGroup:
         self._nursery = nursery
 
 
+async def _idle_timer(server: FakeServer, nursery: trio.Nursery) -> tuple[IdleTimer, FakeTaskGroup]:
+    """A timer for ``server`` whose connection has just gone idle (its first restart)."""
+    timer = IdleTimer(server)
+    group = FakeTaskGroup(nursery)
+    await timer.restart(group)
+    return timer, group
+
+
 async def test_an_idle_connection_closes_after_the_keep_alive_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = FakeServer()
     async with trio.open_nursery() as nursery:
-        timer = IdleTimer(server)
-        await timer.restart(FakeTaskGroup(nursery))
+        await _idle_timer(server, nursery)
     assert server.closed_at == [pytest.approx(KEEP_ALIVE)]
 
 
@@ -58,9 +65,7 @@ async def test_every_response_moves_the_deadline_and_a_request_suspends_it(
 ) -> None:
     server = FakeServer()
     async with trio.open_nursery() as nursery:
-        timer = IdleTimer(server)
-        group = FakeTaskGroup(nursery)
-        await timer.restart(group)
+        timer, group = await _idle_timer(server, nursery)
         for _ in range(4):  # a request every 4 s, each served in 30 s (longer than keep-alive)
             await trio.sleep(4)
             await timer.stop()
@@ -76,7 +81,7 @@ async def test_shutdown_closes_an_idle_connection_at_once(
 ) -> None:
     server = FakeServer()
     async with trio.open_nursery() as nursery:
-        await IdleTimer(server).restart(FakeTaskGroup(nursery))
+        await _idle_timer(server, nursery)
         await trio.sleep(1)
         await server.context.terminated.set()
     assert server.closed_at == [pytest.approx(1.0)]
@@ -87,9 +92,7 @@ async def test_shutdown_lets_the_response_in_progress_finish(
 ) -> None:
     server = FakeServer()
     async with trio.open_nursery() as nursery:
-        timer = IdleTimer(server)
-        group = FakeTaskGroup(nursery)
-        await timer.restart(group)
+        timer, group = await _idle_timer(server, nursery)
         await timer.stop()  # a request arrives
         await server.context.terminated.set()
         await trio.sleep(60)
@@ -104,8 +107,7 @@ async def test_a_closed_connection_ends_the_timer_without_closing_again(
     server = FakeServer()
     with trio.fail_after(1):  # the nursery must not wait for a timer with no deadline
         async with trio.open_nursery() as nursery:
-            timer = IdleTimer(server)
-            await timer.restart(FakeTaskGroup(nursery))
+            timer, _ = await _idle_timer(server, nursery)
             await timer.stop()  # busy: no deadline
             timer.connection_closed()  # the client left mid-request
     assert server.closed_at == []
