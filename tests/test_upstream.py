@@ -30,7 +30,7 @@ async def test_a_cookie_set_for_one_user_is_never_sent_for_the_next() -> None:
 
     pool = UpstreamPool(_settings(), transport_factory=lambda: httpx.MockTransport(backend))
     try:
-        for _ in range(4):  # every shard answers at least once
+        for _ in range(4):  # one after another: the same client (and connection) each time
             result = await pool.request("POST", "/chat/completions", body=b"{}")
             assert result.response.json() == {"ok": True}
     finally:

@@ -46,7 +46,7 @@ class Settings:
     model_mapping_file: str | None = None
     model_mapping: Mapping[str, str] = field(default_factory=dict)
     max_request_bytes: int = 64 * 1024 * 1024
-    upstream_clients: int = 8
+    upstream_clients: int = 64
     upstream_max_keepalive: int = 256
     disable_ssl_verification: bool = False
     ready_check_interval: float = 10.0

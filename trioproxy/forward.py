@@ -91,7 +91,7 @@ async def open_stream(call: Call, path: str, payload: dict[str, Any] | bytes) ->
         stream=True,
         header_timeout=call.app.settings.stream_first_token_timeout,
     )
-    state.cleanups.append(result.response.aclose)
+    state.cleanups.append(result.aclose)
     _note_upstream(call, result, complete=False)
     if state.metric is not None:
         state.metric.streaming = True

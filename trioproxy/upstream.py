@@ -1,8 +1,14 @@
 """The backend connection pool and the retry policy.
 
-One pool per worker, sharded over several httpx clients used round-robin: a single
-httpx client slows down sharply with concurrency (httpcore scans every connection per
-queued request; stack notes P4). Retries happen only before anything reached the client:
+One pool per worker, sharded over several httpx clients, each carrying one request at a
+time while there are enough of them (``ShardPicker``). One httpx client shared by
+concurrent requests slows down sharply: httpcore scans every pooled connection (a
+readability syscall each) whenever a request is assigned (stack notes P4), and it hands
+an idle HTTP/1.1 connection to every request that asks before the first one has started
+on it; all but one then fail with ``ConnectionNotAvailable`` and go round again
+(encode/httpcore#822, #1110). At 64 concurrent requests over 8 round-robin clients, 54 %
+of requests went round at least once and the slowest 1 % four times, which tripled the
+p99 (docs/performance.md). Retries happen only before anything reached the client:
 ``send`` returns once the backend's headers (streams) or whole body (non-streams) are in
 hand, and a caller never calls it again for the same client request once it has sent
 bytes, so a stream is never replayed.
@@ -18,6 +24,7 @@ skips ~10 % of the CPU per request (URL merge, cookie extraction; docs/performan
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import math
 import random
@@ -58,16 +65,56 @@ class _NullObserver:
         pass
 
 
+class ShardPicker:
+    """Which httpx client carries the next request: an idle one if any, the one that became
+    idle last (so a quiet proxy keeps reusing one warm connection and the others' expire),
+    else the least busy. Plain bookkeeping, no I/O: ``acquire`` when a request starts,
+    ``release`` once its response is closed."""
+
+    __slots__ = ("_busy", "_idle")
+
+    def __init__(self, shards: int) -> None:
+        self._busy = [0] * shards
+        self._idle = list(range(shards - 1, -1, -1))  # a stack: shard 0 on top
+
+    def acquire(self) -> int:
+        if self._idle:
+            shard = self._idle.pop()
+        else:
+            busy = self._busy
+            shard = busy.index(min(busy))
+        self._busy[shard] += 1
+        return shard
+
+    def release(self, shard: int) -> None:
+        self._busy[shard] -= 1
+        if self._busy[shard] == 0:
+            self._idle.append(shard)
+
+    def in_flight(self) -> list[int]:
+        return list(self._busy)
+
+
 @dataclass(slots=True)
 class UpstreamResult:
     response: httpx.Response
     started: float  # perf_counter when the first attempt was sent
     headers_at: float  # perf_counter when the backend's headers arrived
     attempts: int
+    release: Callable[[], None] | None = None  # hands the client back (streams, at close)
 
     @property
     def first_byte_ms(self) -> float:
         return (self.headers_at - self.started) * 1000.0
+
+    async def aclose(self) -> None:
+        """Close the response and hand its client back; safe to call more than once."""
+        try:
+            await self.response.aclose()
+        finally:
+            release, self.release = self.release, None
+            if release is not None:
+                release()
 
 
 class UpstreamPool:
@@ -89,6 +136,8 @@ class UpstreamPool:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         self._base_url = httpx.URL(base_url + "/")
         self._default_headers = httpx.Headers(headers)
+        # one TLS context for all clients: each would otherwise load the CA bundle again
+        tls = httpx.create_ssl_context(verify=not settings.disable_ssl_verification)
         # The clients only hold the connection pools (limits, TLS, environment proxies):
         # requests are built here and handed to their transports.
         self._clients = [
@@ -100,7 +149,7 @@ class UpstreamPool:
                     # server is about to close (stack notes P13)
                     keepalive_expiry=4.0,
                 ),
-                verify=not settings.disable_ssl_verification,
+                verify=tls,
                 transport=transport_factory() if transport_factory else None,
             )
             for _ in range(shards)
@@ -110,7 +159,7 @@ class UpstreamPool:
         self._timeouts = httpx.Timeout(
             settings.request_timeout, connect=settings.connect_timeout, pool=None
         ).as_dict()
-        self._next = 0
+        self._picker = ShardPicker(shards)
 
     @property
     def base_url(self) -> str:
@@ -126,9 +175,9 @@ class UpstreamPool:
     def set_observer(self, observer: UpstreamObserver) -> None:
         self._observer = observer
 
-    def _transport(self) -> httpx.AsyncBaseTransport:
-        self._next = (self._next + 1) % len(self._transports)
-        return self._transports[self._next]
+    def in_flight(self) -> list[int]:
+        """Requests in flight per client (for tests and diagnostics)."""
+        return self._picker.in_flight()
 
     def _build(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str], stream: bool
@@ -172,18 +221,32 @@ class UpstreamPool:
         while True:
             attempt += 1
             req = self._build(method, path, body, headers, stream)
+            shard = self._picker.acquire()
             try:
                 response, headers_at = await self._attempt(
-                    self._transport(), req, stream, header_timeout
+                    self._transports[shard], req, stream, header_timeout
                 )
             except _Retryable as retry:
+                self._picker.release(shard)
                 if attempt > self._settings.max_retries:
                     self._observer.upstream_error(retry.reason)
                     raise retry.final from None
                 self._observer.upstream_retry(retry.reason)
                 await trio.sleep(self._backoff(attempt, retry.reason, retry.retry_after))
                 continue
-            return UpstreamResult(response, started, headers_at, attempt)
+            except BaseException:
+                self._picker.release(shard)
+                raise
+            if not stream:
+                self._picker.release(shard)
+                return UpstreamResult(response, started, headers_at, attempt)
+            return UpstreamResult(
+                response,
+                started,
+                headers_at,
+                attempt,
+                functools.partial(self._picker.release, shard),
+            )
 
     async def _attempt(
         self,
