@@ -5,6 +5,7 @@ behaviour on a real proxy process with a 1 s keep-alive."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -130,6 +131,96 @@ async def test_empty_writes_are_not_sent_and_others_are() -> None:
     await _protocol_send(server, RawData(data=b""))
     await _protocol_send(server, RawData(data=b"HTTP/1.1 200 OK\r\n"))
     assert sent == [b"HTTP/1.1 200 OK\r\n"]
+
+
+class _Peer:
+    """A real socket pair: the server's end as hypercorn holds it, and the client's end."""
+
+    def __init__(self, send_buffer: int | None = None) -> None:
+        server_end, self.client = trio.socket.socketpair()
+        if send_buffer is not None:
+            server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.events: list[object] = []
+
+        peer = self
+
+        class Protocol:
+            async def handle(self, event: object) -> None:
+                peer.events.append(event)
+
+        self.server = SimpleNamespace(
+            send_lock=trio.Lock(), stream=trio.SocketStream(server_end), protocol=Protocol()
+        )
+
+    def __enter__(self) -> _Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.server.stream.socket.close()
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; fewer if they stop coming (a failure, not a hang)."""
+        data = b""
+        with trio.move_on_after(5):
+            while len(data) < size:
+                chunk = await self.client.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data
+
+
+async def test_a_write_the_socket_takes_goes_out_without_a_scheduler_round() -> None:
+    with _Peer() as peer:
+        with trio.testing.assert_no_checkpoints():
+            await _protocol_send(peer.server, RawData(data=b"HTTP/1.1 200 OK\r\n\r\nhi"))
+        assert await peer.read(21) == b"HTTP/1.1 200 OK\r\n\r\nhi"
+
+
+async def test_what_the_socket_cannot_take_at_once_follows_whole_and_in_order() -> None:
+    with _Peer(send_buffer=4096) as peer:
+        big = bytes(range(256)) * 8192  # 2 MiB, far more than the socket buffers
+        received: list[bytes] = []
+
+        async def slow_reader() -> None:
+            await trio.sleep(0.05)  # the first write finds the buffer full before we read
+            received.append(await peer.read(len(big) + 4))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_reader)
+            with trio.CancelScope() as scope:
+                # a request already cancelled (its client left) may still start a write;
+                # once part of it is out, the rest must follow or the framing is cut
+                scope.cancel()
+                await _protocol_send(peer.server, RawData(data=big))
+            await _protocol_send(peer.server, RawData(data=b"tail"))
+        assert received == [big + b"tail"]
+        assert peer.events == []
+
+
+async def test_a_write_waits_behind_one_still_in_progress() -> None:
+    with _Peer() as peer:
+        async with trio.open_nursery() as nursery:
+            await peer.server.send_lock.acquire()  # another write is waiting for room
+            nursery.start_soon(_protocol_send, peer.server, RawData(data=b"second"))
+            await trio.testing.wait_all_tasks_blocked()
+            readable, _, _ = select.select([peer.client.fileno()], [], [], 0)
+            assert readable == []  # nothing jumped the queue
+            peer.server.send_lock.release()
+        assert await peer.read(6) == b"second"
+
+
+async def test_a_write_to_a_closed_connection_reports_it_closed() -> None:
+    with _Peer() as peer:
+        peer.client.close()
+        for _ in range(3):  # the first write may still be buffered; then the peer is gone
+            await _protocol_send(peer.server, RawData(data=b"x" * 65536))
+        assert peer.events and all(isinstance(event, Closed) for event in peer.events)
+    with _Peer() as closed_here:
+        closed_here.server.stream.socket.close()
+        await _protocol_send(closed_here.server, RawData(data=b"late"))
+        assert [type(event) for event in closed_here.events] == [Closed]
 
 
 async def test_closing_is_shielded_from_the_request_cancellation() -> None:
