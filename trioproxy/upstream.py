@@ -36,6 +36,7 @@ from typing import Protocol
 import httpx
 import trio
 
+from . import netstream
 from .config import Settings
 from .errors import (
     UpstreamStatusError,
@@ -155,6 +156,8 @@ class UpstreamPool:
             for _ in range(shards)
         ]
         self._transports = [client._transport_for_url(self._base_url) for client in self._clients]
+        for transport in self._transports:
+            netstream.install(transport)
         self._urls: dict[str, httpx.URL] = {}
         self._timeouts = httpx.Timeout(
             settings.request_timeout, connect=settings.connect_timeout, pool=None

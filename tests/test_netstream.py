@@ -1,0 +1,198 @@
+"""The direct backend socket I/O under httpx: real sockets, a tiny trio server per test."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from trioproxy.netstream import DirectTCPBackend, DirectTCPStream, install
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _transport() -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport()
+    assert install(transport)
+    return transport
+
+
+async def _exchange(
+    handler: Handler, request: httpx.Request, *, transport: httpx.AsyncHTTPTransport | None = None
+) -> httpx.Response:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        request.url = request.url.copy_with(host="127.0.0.1", port=port)
+        transport = transport or _transport()
+        try:
+            response = await transport.handle_async_request(request)
+            await response.aread()
+        except httpx.HTTPError as exc:
+            error = exc  # raised below, outside the nursery, as itself
+        else:
+            error = None
+        finally:
+            await transport.aclose()
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return response
+
+
+def _get(timeout: float = 5.0) -> httpx.Request:
+    return httpx.Request(
+        "GET", "http://backend.test/", extensions={"timeout": httpx.Timeout(timeout).as_dict()}
+    )
+
+
+async def test_a_response_that_trickles_in_arrives_whole() -> None:
+    pieces = [b"HTTP/1.1 200 OK\r\n", b"Transfer-Encoding: chunked\r\n\r\n"]
+    pieces += [b"5\r\nhello\r\n"] * 20 + [b"0\r\n\r\n"]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_head(stream)
+        for piece in pieces:
+            await stream.send_all(piece)
+            await trio.sleep(0.001)
+
+    response = await _exchange(handler, _get())
+    assert response.status_code == 200
+    assert response.content == b"hello" * 20
+
+
+async def test_a_silent_backend_times_the_read_out() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_head(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(5), pytest.raises(httpx.ReadTimeout):
+        await _exchange(handler, _get(timeout=0.2))
+
+
+async def test_a_backend_that_hangs_up_mid_response_is_an_error_not_a_hang() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await stream.aclose()
+
+    with trio.fail_after(5), pytest.raises(httpx.RemoteProtocolError):
+        await _exchange(handler, _get())
+
+
+async def test_a_request_body_larger_than_the_socket_buffers_arrives_whole() -> None:
+    body = bytes(range(256)) * 16384  # 4 MiB
+    received: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = await _read_head(stream)
+        _, _, rest = data.partition(b"\r\n\r\n")
+        await trio.sleep(0.05)  # the client's first write finds the buffers full
+        while len(rest) < len(body):
+            rest += await stream.receive_some(65536)
+        received.append(rest)
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    request = httpx.Request("POST", "http://backend.test/", content=body)
+    request.extensions["timeout"] = httpx.Timeout(5.0).as_dict()
+    response = await _exchange(handler, request)
+    assert response.status_code == 204
+    assert received == [body]
+
+
+async def test_connections_use_the_direct_stream_and_are_reused() -> None:
+    peers: list[Any] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        peers.append(stream.socket.getpeername())
+        while await _read_head(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    transport = _transport()
+    pool = transport._pool
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        for _ in range(3):
+            response = await transport.handle_async_request(httpx.Request("GET", url))
+            assert await response.aread() == b"ok"
+        streams = [connection._connection._network_stream for connection in pool.connections]
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(peers) == 1  # one connection served all three
+    assert [type(stream) for stream in streams] == [DirectTCPStream]
+
+
+async def test_a_write_the_socket_takes_needs_no_scheduler_round() -> None:
+    client_end, server_end = trio.socket.socketpair()
+    with client_end, server_end:
+        inner = _InnerStream(trio.SocketStream(client_end))
+        stream = DirectTCPStream(inner)
+        with trio.testing.assert_no_checkpoints():
+            await stream.write(b"GET / HTTP/1.1\r\n\r\n")
+        assert await server_end.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+        await server_end.send(b"reply")
+        assert await stream.read(100) == b"reply"
+        assert inner.calls == []  # neither went through httpcore's stream
+
+
+async def test_tls_streams_are_left_to_httpcore() -> None:
+    client_end, server_end = trio.socket.socketpair()
+    with client_end, server_end:
+        inner = _InnerStream(trio.SocketStream(client_end), ssl_object=object())
+        stream = DirectTCPStream(inner)
+        await stream.write(b"x")
+        await stream.read(10)
+        assert inner.calls == ["write", "read"]
+
+
+def test_only_httpcore_pools_get_the_direct_backend() -> None:
+    assert not install(httpx.MockTransport(lambda request: httpx.Response(200)))
+    transport = httpx.AsyncHTTPTransport()
+    assert install(transport) and install(transport)
+    backend = transport._pool._network_backend
+    assert isinstance(backend, DirectTCPBackend)
+    assert not isinstance(backend._inner, DirectTCPBackend)  # installed once
+
+
+class _InnerStream(httpcore.AsyncNetworkStream):
+    """Stands in for httpcore's trio stream, recording what is delegated to it."""
+
+    def __init__(self, stream: trio.SocketStream, ssl_object: object = None) -> None:
+        self._stream = stream
+        self._ssl_object = ssl_object
+        self.calls: list[str] = []
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        self.calls.append("read")
+        return b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        self.calls.append("write")
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "socket":
+            return self._stream.socket
+        if info == "ssl_object":
+            return self._ssl_object
+        return None
