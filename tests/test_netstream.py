@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioproxy.netstream import DirectTCPBackend, DirectTCPStream, install
+from trioproxy.netstream import DirectTCPBackend, DirectTCPStream, ReadDeadlines, install
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -196,3 +196,87 @@ class _InnerStream(httpcore.AsyncNetworkStream):
         if info == "ssl_object":
             return self._ssl_object
         return None
+
+
+class _Pair:
+    """A direct stream on one end of a socket pair; the other end plays the backend."""
+
+    def __init__(self, deadlines: ReadDeadlines | None) -> None:
+        client_end, self.backend = trio.socket.socketpair()
+        self._client_end = client_end
+        self.stream = DirectTCPStream(_InnerStream(trio.SocketStream(client_end)), deadlines)
+
+    def __enter__(self) -> _Pair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client_end.close()
+        self.backend.close()
+
+
+async def _timed_read(stream: DirectTCPStream, limit: float) -> float:
+    """How long a read on a silent backend took to time out."""
+    start = trio.current_time()
+    with pytest.raises(httpcore.ReadTimeout):
+        await stream.read(100, timeout=limit)
+    return trio.current_time() - start
+
+
+async def test_the_deadline_task_times_a_silent_read_out(autojump_clock: object) -> None:
+    deadlines = ReadDeadlines()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(deadlines.run)
+        with _Pair(deadlines) as pair:
+            took: list[float] = []
+            done = trio.Event()
+
+            async def read() -> None:
+                took.append(await _timed_read(pair.stream, 5.0))
+                done.set()
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert deadlines.waiting() == 1  # kept by the task, not by a scope of its own
+            await done.wait()
+            assert took == [pytest.approx(5.0, abs=1e-6)]
+            assert deadlines.waiting() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_read_that_gets_its_data_leaves_nothing_behind(autojump_clock: object) -> None:
+    deadlines = ReadDeadlines()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(deadlines.run)
+        with _Pair(deadlines) as pair:
+            await pair.backend.send(b"data")
+            assert await pair.stream.read(100, timeout=5.0) == b"data"
+            assert deadlines.waiting() == 0
+            await trio.sleep(10)  # the task wakes for the old deadline and finds nothing due
+            await pair.backend.send(b"more")
+            assert await pair.stream.read(100, timeout=5.0) == b"more"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_shorter_timeout_is_not_held_up_by_a_longer_one(autojump_clock: object) -> None:
+    deadlines = ReadDeadlines()
+    took: dict[str, float] = {}
+
+    async def timed(name: str, stream: DirectTCPStream, limit: float) -> None:
+        took[name] = await _timed_read(stream, limit)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(deadlines.run)
+        with _Pair(deadlines) as long, _Pair(deadlines) as short:
+            async with trio.open_nursery() as reads:
+                reads.start_soon(timed, "long", long.stream, 60.0)
+                await trio.testing.wait_all_tasks_blocked()
+                reads.start_soon(timed, "short", short.stream, 1.0)
+        nursery.cancel_scope.cancel()
+    assert took == {"long": pytest.approx(60.0, abs=1e-6), "short": pytest.approx(1.0, abs=1e-6)}
+
+
+async def test_without_the_task_reads_time_themselves(autojump_clock: object) -> None:
+    deadlines = ReadDeadlines()  # never started (or already stopped)
+    with _Pair(deadlines) as pair:
+        assert await _timed_read(pair.stream, 2.0) == pytest.approx(2.0, abs=1e-6)
+        assert deadlines.waiting() == 0

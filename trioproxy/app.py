@@ -212,8 +212,8 @@ def _settle_garbage_collector() -> None:
 
 
 async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """The app's own tasks (metrics publisher, sampler, readiness checks), owned by the
-    lifespan nursery."""
+    """The app's own tasks (metrics publisher, sampler, readiness checks, backend read
+    deadlines), owned by the lifespan nursery."""
     with app.background_scope:  # type: ignore[attr-defined]
         async with trio.open_nursery() as nursery:
             if app.collector.enabled:
@@ -221,6 +221,8 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
             if app.collector.enabled and app.settings.system_metrics_enabled:
                 await nursery.start(app.collector.run_system_sampler)
             await nursery.start(app.readiness.run, app)  # type: ignore[attr-defined]
+            if app.pool is not None:
+                await nursery.start(app.pool.read_deadlines.run)
             task_status.started()
 
 

@@ -156,8 +156,10 @@ class UpstreamPool:
             for _ in range(shards)
         ]
         self._transports = [client._transport_for_url(self._base_url) for client in self._clients]
+        # run by the app (``read_deadlines.run``); until then reads time themselves
+        self.read_deadlines = netstream.ReadDeadlines()
         for transport in self._transports:
-            netstream.install(transport)
+            netstream.install(transport, self.read_deadlines)
         self._urls: dict[str, httpx.URL] = {}
         self._timeouts = httpx.Timeout(
             settings.request_timeout, connect=settings.connect_timeout, pool=None
