@@ -182,7 +182,8 @@ def target_rows(results: dict[str, Any]) -> list[Row]:
             "≥ 97 %",
             "—"
             if tr is None
-            else f"{tr * 100:.1f} % (CPU/request implies {(mo.get('cpu_ratio') or 0) * 100:.1f} %)",
+            else f"{tr * 100:.1f} % (CPU/request implies {(mo.get('cpu_ratio') or 0) * 100:.1f} %;"
+            f" {mo.get('pairs', 1)} twin pairs)",
             _check(tr, 0.97, at_least=True),
         )
     )
