@@ -495,8 +495,10 @@ _OWNERS = (
     ("trioproxy/cli.py", None),  # the root of every stack: not an owner
     ("trioproxy/__main__.py", None),
     ("trioproxy/metrics/", "trioproxy.metrics"),
-    # our patches replace parts of hypercorn's per-request path: that work is the server's
+    # our patches replace parts of hypercorn's per-request path: that work is the server's;
+    # netstream replaces httpcore's socket stream: that work is the client's
     ("trioproxy/hypercorn_patches.py", "hypercorn (server side HTTP)"),
+    ("trioproxy/netstream.py", "httpx + httpcore (client side HTTP)"),
     ("prometheus_client/", "prometheus_client"),
     ("trioproxy/", "trioproxy (app, routes, translate, relay, upstream)"),
     ("quart_trio/", "Quart + quart-trio + Werkzeug"),
@@ -517,8 +519,10 @@ _LEAF = (
     ("logging/", "logging"),
     ("contextlib.py", "contextlib"),
     ("trioproxy/metrics/", "trioproxy.metrics"),
-    # our patches replace parts of hypercorn's per-request path: that work is the server's
+    # our patches replace parts of hypercorn's per-request path: that work is the server's;
+    # netstream replaces httpcore's socket stream: that work is the client's
     ("trioproxy/hypercorn_patches.py", "hypercorn (server side HTTP)"),
+    ("trioproxy/netstream.py", "httpx + httpcore"),
     ("prometheus_client/", "prometheus_client"),
     ("trioproxy/", "trioproxy"),
     ("quart", "Quart + quart-trio + Werkzeug"),
