@@ -1,7 +1,8 @@
 """Finished requests are counted in batches while a worker is busy (MetricsCollector.record).
 
 What must hold: this process's own reads are always exact; another worker sees a record
-at the latest when its worker goes idle, fills a batch, or a publish interval passes.
+(and the number of requests in flight) at the latest when its worker goes idle, fills a
+batch, or a publish interval passes.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ WORKER = textwrap.dedent(
                 total += sum(s.value for s in family.samples if s.name.endswith("_total"))
         return total
 
+    def active_elsewhere():
+        total = 0.0
+        for family in MultiProcessCollector(None, directory).collect():
+            if family.name == "http_requests_active":
+                total += sum(s.value for s in family.samples)
+        return total
+
     def finish_one():
         c.request_started()
         c.request_finished(RequestMetrics(endpoint="/v1/chat/completions", method="POST",
@@ -95,11 +103,13 @@ WORKER = textwrap.dedent(
 
     seen = {}
     c.request_started()  # busy from here on
+    seen["active_before_publishing"] = active_elsewhere()
     for _ in range(PUBLISH_AFTER_RECORDS - 1):
         finish_one()
     seen["batch_not_full"] = seen_elsewhere()
     finish_one()
     seen["batch_full"] = seen_elsewhere()
+    seen["active_once_published"] = active_elsewhere()
     for _ in range(3):
         finish_one()
     seen["new_batch"] = seen_elsewhere()
@@ -116,6 +126,7 @@ WORKER = textwrap.dedent(
     c.request_finished(RequestMetrics(endpoint="/v1/chat/completions", method="POST",
                                       status_code=200, duration_ms=1.0))
     seen["idle"] = seen_elsewhere()
+    seen["active_idle"] = active_elsewhere()
     print(json.dumps(seen))
     """
 )
@@ -141,6 +152,10 @@ def test_other_workers_see_records_once_a_batch_fills_time_passes_or_the_worker_
         "after_interval": n + 3,
         "still_busy": n + 3,
         "idle": n + 5,  # the long request finished too: nothing is left in flight
+        # the in-flight gauge is set when publishing, like the counts
+        "active_before_publishing": 0,
+        "active_once_published": 1,
+        "active_idle": 0,
     }
 
 

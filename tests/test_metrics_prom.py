@@ -227,6 +227,7 @@ WORKER = textwrap.dedent(
             rec(s)
         rec(200, streaming=True, outcome="cancelled")
         c.request_started(); c.request_started()  # two in flight while alive
+        c.publish()  # what run_publisher does within PUBLISH_WITHIN_SECONDS
         # a private collector (benchmarks) must not leak into the shared files
         private = MetricsCollector(system_enabled=False, multiprocess=False)
         for _ in range(100):

@@ -153,6 +153,7 @@ class MetricsCollector:
         self._window = WindowStore(max_metrics)
         self.model_labels = ModelLabels(model_label_limit)
         self._inflight = 0
+        self._inflight_shown = 0  # what the in-flight gauge says (set when publishing)
         self._pending: list[RequestMetrics] = []
         self._cpu_seen = 0.0
         self._sampler = SystemSampler(system_interval, on_sample=self._on_sample)
@@ -193,15 +194,14 @@ class MetricsCollector:
     # -- hot path ------------------------------------------------------------------------
 
     def request_started(self) -> None:
+        # the in-flight gauge follows at the next publish (every read publishes first)
         if not self.enabled:
             return
         self._inflight += 1
-        self._prom.active.inc()
 
     def request_finished(self, m: RequestMetrics) -> None:
         if self._inflight > 0:
             self._inflight -= 1
-            self._prom.active.dec()
         self.record(m)
 
     def record(self, m: RequestMetrics) -> None:
@@ -231,7 +231,11 @@ class MetricsCollector:
         return len(self._pending)
 
     def publish(self) -> None:
-        """Count the records waiting in the current batch (cheap when there are none)."""
+        """Count the records waiting in the current batch and show the requests in flight
+        (cheap when nothing changed)."""
+        if self._inflight_shown != self._inflight:
+            self._inflight_shown = self._inflight
+            self._prom.active.set(self._inflight)
         pending = self._pending
         if not pending:
             return
