@@ -1,6 +1,6 @@
 """The relay's stream deadlines against a real socket: the idle limit is enforced by the body's
-read timeout (httpcore's own per-read ``fail_after``), the first-token limit by a cancel scope
-of ours, and neither cuts the wait for the response headers or a healthy stream."""
+read timeout (kept by the backend stream, ``trioproxy.netstream``), the first-token limit by a
+cancel scope of ours, and neither cuts the wait for the response headers or a healthy stream."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -42,30 +43,41 @@ def token(text: str) -> bytes:
     return event(b'{"content":' + json.dumps(text).encode() + b"}")
 
 
-async def _serve(script: Script, header_delay: float, stream: trio.SocketStream) -> None:
+async def _serve(
+    script: Script, header_delay: float, gzip: bool, stream: trio.SocketStream
+) -> None:
     head = b""
     while b"\r\n\r\n" not in head:
         head += await stream.receive_some(65536)
     await trio.sleep(header_delay)
+    encoding = b"Content-Encoding: gzip\r\n" if gzip else b""
     await stream.send_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
+        b"Transfer-Encoding: chunked\r\n" + encoding + b"\r\n"
     )
+    compressor = zlib.compressobj(wbits=31)  # gzip framing
     for delay, data in script:
         await trio.sleep(delay)
         if data is None:
             await trio.sleep_forever()
+        if gzip:
+            data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
         await stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
+    if gzip:
+        rest = compressor.flush()
+        await stream.send_all(b"%x\r\n%s\r\n" % (len(rest), rest))
     await stream.send_all(b"0\r\n\r\n")
 
 
 @asynccontextmanager
-async def backend(script: Script, header_delay: float = 0.0) -> AsyncIterator[str]:
+async def backend(
+    script: Script, header_delay: float = 0.0, gzip: bool = False
+) -> AsyncIterator[str]:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             functools.partial(
                 trio.serve_tcp,
-                functools.partial(_serve, script, header_delay),
+                functools.partial(_serve, script, header_delay, gzip),
                 0,
                 host="127.0.0.1",
             )
@@ -82,10 +94,11 @@ async def run_relay(
     make: MakeRelay,
     *,
     header_delay: float = 0.0,
+    gzip: bool = False,
     **timeouts: float,
 ) -> tuple[bytes, float, httpx.Request]:
     """Everything the relay sent, how long it took, and the backend request."""
-    async with backend(script, header_delay) as url:
+    async with backend(script, header_delay, gzip) as url:
         settings = Settings(upstream_url=url, max_retries=0, **timeouts)  # type: ignore[arg-type]
         collector = MetricsCollector(enabled=False, system_enabled=False)
         pool = UpstreamPool(settings)
@@ -195,6 +208,16 @@ async def test_gaps_under_the_idle_limit_complete_byte_for_byte() -> None:
     assert elapsed > 0.6
 
 
+async def test_a_compressed_stream_is_relayed_decoded() -> None:
+    # we ask backends for gzip; an unencoded body skips the decoder, an encoded one must not
+    script: Script = [(0, ROLE)] + [(0.01, token(t)) for t in "abc"] + [(0, DONE)]
+    out, _, _ = await run_relay(script, openai, gzip=True)
+    assert out == b"".join(data for _, data in script if data is not None)
+    lines, _, _ = await run_relay(script, ollama, gzip=True)
+    contents = [json.loads(line)["message"]["content"] for line in lines.splitlines()]
+    assert contents[:-1] == ["a", "b", "c"]  # the last line is the final summary
+
+
 def _reader(response: httpx.Response, **timeouts: float) -> relay._Reader:
     return relay._Reader(response, Settings(**timeouts), time.perf_counter())  # type: ignore[arg-type]
 
@@ -207,9 +230,7 @@ def _stream_response(read: float | None) -> httpx.Response:
 
 
 async def test_no_scope_of_ours_once_the_read_timeout_covers_the_deadline() -> None:
-    reader = _reader(
-        _stream_response(None), stream_idle_timeout=10, stream_first_token_timeout=300
-    )
+    reader = _reader(_stream_response(None), stream_idle_timeout=10, stream_first_token_timeout=300)
     assert reader._deadline() == math.inf  # the first-token deadline is the later one
     reader.token_seen = True
     assert reader._deadline() == math.inf
