@@ -8,16 +8,22 @@ batch, or a publish interval passes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 
 from trioproxy.metrics import PUBLISH_AFTER_RECORDS, MetricsCollector, RequestMetrics
+from trioproxy.metrics.prom import observe_many
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,3 +190,51 @@ async def test_the_publisher_publishes_every_interval(
             await trio.sleep(0.6)
             assert c.pending_records == 0
         nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=0.0, max_value=1e4, allow_nan=False),
+            st.sampled_from([0.0, 0.005, 0.01, 0.1, 1.0, 60.0, math.inf, math.nan]),
+        ),
+        max_size=80,
+    )
+)
+def test_a_batch_of_observations_lands_where_one_by_one_would(values: list[float]) -> None:
+    """``observe_many`` (one update per bucket touched) against prometheus_client's own
+    ``observe``, value by value, including bucket bounds, infinity and NaN."""
+    registry = CollectorRegistry()
+    buckets = (0.005, 0.01, 0.1, 1.0, 60.0)
+    one_by_one = Histogram("one", "h", ["k"], buckets=buckets, registry=registry).labels("x")
+    batched = Histogram("batched", "h", ["k"], buckets=buckets, registry=registry).labels("x")
+    for value in values:
+        one_by_one.observe(value)
+    observe_many(batched, values)
+    samples = {
+        family.name: [
+            (s.name.split("_", 1)[1], s.labels.get("le"), s.value) for s in family.samples
+        ]
+        for family in registry.collect()
+    }
+    expected, got = samples["one"], samples["batched"]
+    assert [(n, le, v) for n, le, v in got if n != "sum" and n != "created"] == [
+        (n, le, v) for n, le, v in expected if n != "sum" and n != "created"
+    ]
+    expected_sum = next(v for n, _, v in expected if n == "sum")
+    got_sum = next(v for n, _, v in got if n == "sum")
+    assert (math.isnan(expected_sum) and math.isnan(got_sum)) or got_sum == pytest.approx(
+        expected_sum
+    )
+
+
+def test_counts_reach_the_series_only_when_the_batch_is_applied() -> None:
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+    c.request_started()  # busy: finished requests wait in the batch
+    for _ in range(3):
+        c.request_started()
+        c.request_finished(_finished(tokens=4))
+    body = c.render_prometheus(None)[0].decode()  # a read publishes (and applies) first
+    assert _requests_total(body.encode()) == 3
+    assert 'trioproxy_tokens_total{api="ollama",model="m",type="output"} 12.0' in body

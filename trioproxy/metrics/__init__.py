@@ -242,6 +242,7 @@ class MetricsCollector:
         self._pending = []
         for m in pending:
             self._count(m)
+        self._prom.flush()
 
     def _count(self, m: RequestMetrics) -> None:
         path = m.endpoint

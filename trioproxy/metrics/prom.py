@@ -17,6 +17,7 @@ No hand-written exposition: ``prometheus_client.exposition.choose_encoder`` pick
 
 from __future__ import annotations
 
+import bisect
 import glob
 import logging
 import os
@@ -332,6 +333,8 @@ class PrimaryMetrics:
         self._flow: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._tok: dict[tuple[str, ...], Any] = {}
         self._up: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._batch_counts: dict[Any, float] = {}
+        self._batch_values: dict[Any, list[float]] = {}
 
     # -- hot path ----------------------------------------------------------------------
 
@@ -354,34 +357,37 @@ class PrimaryMetrics:
         upstream_s: float | None,
         overhead_s: float | None,
     ) -> None:
+        """Count one finished request into the current batch; :meth:`flush` applies it."""
+        add = self._add
+        put = self._put
         key = (api, endpoint, method, model, status)
         child = self._req.get(key)
         if child is None:
             child = self._req[key] = self.requests.labels(*key)
-        child.inc()
+        add(child, 1)
 
         dkey = (api, endpoint, model)
         child = self._dur.get(dkey)
         if child is None:
             child = self._dur[dkey] = self.duration.labels(*dkey)
-        child.observe(duration_s)
+        put(child, duration_s)
 
         if outcome is not None:
             skey = (api, endpoint, model, outcome)
             child = self._streams.get(skey)
             if child is None:
                 child = self._streams[skey] = self.streams.labels(*skey)
-            child.inc()
+            add(child, 1)
             if first_byte_s is not None:
                 child = self._ttfb.get(dkey)
                 if child is None:
                     child = self._ttfb[dkey] = self.ttfb.labels(*dkey)
-                child.observe(first_byte_s)
+                put(child, first_byte_s)
             if first_token_s is not None:
                 child = self._ttft.get(dkey)
                 if child is None:
                     child = self._ttft[dkey] = self.ttft.labels(*dkey)
-                child.observe(first_token_s)
+                put(child, first_token_s)
             if chunks or nbytes:
                 fkey = (api, endpoint)
                 flow = self._flow.get(fkey)
@@ -391,23 +397,23 @@ class PrimaryMetrics:
                         self.stream_bytes.labels(*fkey),
                         self.transfer.labels(*fkey),
                     )
-                flow[0].inc(chunks)
-                flow[1].inc(nbytes)
+                add(flow[0], chunks)
+                add(flow[1], nbytes)
                 if transfer_s > 0.0:
-                    flow[2].inc(transfer_s)
+                    add(flow[2], transfer_s)
 
         if input_tokens > 0:
             tkey = (api, model, "input")
             child = self._tok.get(tkey)
             if child is None:
                 child = self._tok[tkey] = self.tokens.labels(*tkey)
-            child.inc(input_tokens)
+            add(child, input_tokens)
         if output_tokens > 0:
             tkey = (api, model, "output")
             child = self._tok.get(tkey)
             if child is None:
                 child = self._tok[tkey] = self.tokens.labels(*tkey)
-            child.inc(output_tokens)
+            add(child, output_tokens)
 
         if upstream_s is not None or overhead_s is not None:
             ukey = (api, endpoint)
@@ -418,9 +424,32 @@ class PrimaryMetrics:
                     self.overhead.labels(*ukey),
                 )
             if upstream_s is not None:
-                up[0].observe(upstream_s)
+                put(up[0], upstream_s)
             if overhead_s is not None:
-                up[1].observe(overhead_s)
+                put(up[1], overhead_s)
+
+    def _add(self, child: Any, amount: float) -> None:
+        counts = self._batch_counts
+        counts[child] = counts.get(child, 0.0) + amount
+
+    def _put(self, child: Any, value: float) -> None:
+        values = self._batch_values.get(child)
+        if values is None:
+            self._batch_values[child] = [value]
+        else:
+            values.append(value)
+
+    def flush(self) -> None:
+        """Apply the batch: one update per counter and per histogram bucket touched, not
+        one per request (each is a lock-protected value update in prometheus_client)."""
+        if self._batch_counts:
+            counts, self._batch_counts = self._batch_counts, {}
+            for child, amount in counts.items():
+                child.inc(amount)
+        if self._batch_values:
+            values, self._batch_values = self._batch_values, {}
+            for child, observed in values.items():
+                observe_many(child, observed)
 
     def upstream_error(self, reason: str) -> None:
         self._upstream_error_children.get(reason, self._upstream_error_children["other"]).inc()
@@ -432,6 +461,7 @@ class PrimaryMetrics:
 
     def collect(self) -> list[Metric]:
         """The primary families: this process's, or the merge of every worker's files."""
+        self.flush()
         if self.multiprocess_dir:
             mark_dead_workers(self.multiprocess_dir)
             return list(MultiProcessCollector(None, self.multiprocess_dir).collect())
@@ -441,9 +471,33 @@ class PrimaryMetrics:
     def collect_counts(self) -> list[Metric]:
         """Just the request counter and the in-flight gauge (what health and filtered
         summaries need); skips the histograms when that is possible (one process)."""
+        self.flush()
         if self.multiprocess_dir:
             return self.collect()
         return [*self.requests.collect(), *self.active.collect()]
+
+
+def observe_many(child: Any, values: list[float]) -> None:
+    """``child.observe(v)`` for every value, as one update of the sum and one per bucket.
+
+    prometheus_client has no bulk observe; this uses its histogram's own fields (a pinned
+    version; without them it falls back to ``observe``). A value goes to the first bucket
+    whose bound is >= it, as ``Histogram.observe`` does; NaN goes to none."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for value in values:
+            child.observe(value)
+        return
+    tally: dict[int, int] = {}
+    for value in values:
+        if value == value:  # not NaN
+            index = bisect.bisect_left(bounds, value)
+            tally[index] = tally.get(index, 0) + 1
+    total.inc(sum(values))
+    for index, count in tally.items():
+        buckets[index].inc(count)
 
 
 # --------------------------------------------------------------------------- aggregation
