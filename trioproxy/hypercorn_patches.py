@@ -35,7 +35,6 @@ cannot silently undo them.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import h11
@@ -44,6 +43,8 @@ import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Body, EndBody
+
+from .netstream import send_what_fits
 
 _HELD_HEAD = "_trioproxy_held_head"
 
@@ -140,9 +141,7 @@ async def _send_data(server: Any, data: bytes) -> None:
         await _original_protocol_send(server, RawData(data=data))
         return
     try:
-        sent = os.write(stream.socket.fileno(), data)
-    except BlockingIOError:
-        sent = 0
+        sent = send_what_fits(stream.socket, data)
     except OSError:  # the client is gone (or the socket already closed): as hypercorn does
         await server.protocol.handle(Closed())
         return

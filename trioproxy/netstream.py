@@ -32,6 +32,16 @@ import httpcore
 import trio
 
 
+def send_what_fits(socket: trio.socket.SocketType, data: bytes) -> int:
+    """Write what the socket takes now, in one non-blocking call that no cancellation can
+    interrupt: the bytes sent, 0 when its buffer is full; ``OSError`` when the connection is
+    gone or the socket closed. No scheduler round: the caller sends any rest its own way."""
+    try:
+        return os.write(socket.fileno(), data)
+    except BlockingIOError:
+        return 0
+
+
 class ReadDeadlines:
     """The read timeouts of every ``DirectTCPStream`` of a pool, kept by one task.
 
@@ -151,9 +161,7 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
             await self._inner.write(buffer, timeout)
             return
         try:
-            sent = os.write(self._socket.fileno(), buffer)
-        except BlockingIOError:
-            sent = 0
+            sent = send_what_fits(self._socket, buffer)
         except OSError as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
         if sent < len(buffer):
