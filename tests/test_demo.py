@@ -289,6 +289,40 @@ async def test_error_shapes(http: httpx.AsyncClient) -> None:
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
+async def test_a_refused_request_keeps_its_connection_even_if_its_body_comes_late(
+    demo_url: str,
+) -> None:
+    """404 and 405 are answered after the body is read; answered before it, the body that
+    came later made hypercorn close the connection under a client about to reuse it."""
+    host, port = httpx.URL(demo_url).host, httpx.URL(demo_url).port
+    assert port is not None
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+        await trio.sleep(0.1)  # the body comes late
+        await stream.send_all(b"{}")
+        first = await _read_response(stream)
+        await stream.send_all(b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = await _read_response(stream)
+    assert first.startswith(b"HTTP/1.1 404") and second.startswith(b"HTTP/1.1 405")
+
+
+async def _read_response(stream: trio.SocketStream) -> bytes:
+    """One response with a Content-Length body; b"" if the server closed instead."""
+    data = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + body
+
+
 async def test_fail_first_counts_retries_of_one_body(http: httpx.AsyncClient) -> None:
     body = {"model": "demo-chat", "messages": user("flaky [[fail_first=2]] [[fail_status=502]]")}
     statuses = [(await http.post("/v1/chat/completions", json=body)).status_code for _ in range(3)]

@@ -203,6 +203,11 @@ class DemoApp:
         route = self._routes.get(path)
         if route is None and path.startswith("/v1/models/"):
             route = ("GET", self._model)
+        if route is None or route[0] != method:
+            # read the body before refusing: answering first made stock hypercorn close the
+            # connection whenever the body arrived after the answer, and a client reusing it
+            # then failed with "Server disconnected" (a race seen in CI)
+            await _read_body(receive)
         if route is None:
             error = ApiError(404, f"Unknown request URL: {method} {path}", code="unknown_url")
             await _send_error(send, error)
