@@ -444,6 +444,37 @@ def test_window_store_rejects_bad_size() -> None:
         WindowStore(0)
 
 
+def _kind(endpoint: str = "api_chat", streaming: bool = False) -> st_mod.RequestKind:
+    outcome = "completed" if streaming else None
+    return st_mod.RequestKind("ollama", endpoint, "POST", "m", 200, 0, streaming, outcome)
+
+
+def test_window_ring_overwrites_the_oldest_and_reads_oldest_first() -> None:
+    w = WindowStore(3)
+    nan = float("nan")
+    for i in range(5):
+        w.append(_kind(), 1000.0 + i, float(i), nan, nan, 0, 0, 0.0, i, 2 * i)
+    assert (len(w), w.is_full) == (3, True)
+    assert [e.timestamp for e in w.entries()] == [1002.0, 1003.0, 1004.0]
+    assert [e.output_tokens for e in w.entries()] == [4, 6, 8]
+    assert w.durations() == [2.0, 3.0, 4.0] and w.durations(2) == [3.0, 4.0]
+    assert [e.timestamp for e in w.entries(time_range_minutes=1, now=1063.5)] == [1004.0]
+    w.clear()
+    assert (len(w), w.entries(), w.durations()) == (0, [], [])
+    w.append(_kind("v1_embeddings"), 1.0, 5.0, nan, nan, 0, 0, 0.0, 0, 0)
+    assert [e.endpoint for e in w.entries("/v1/embeddings")] == ["v1_embeddings"]
+
+
+def test_window_entry_gives_back_what_was_recorded() -> None:
+    w = WindowStore(2)
+    w.append(_kind(streaming=True), 7.0, 12.5, 3.25, float("nan"), 4, 400, 0.01, 9, 11)
+    (e,) = w.entries()
+    assert (e.first_byte_ms, e.first_token_ms) == (3.25, None)
+    assert (e.streaming, e.outcome, e.status, e.cls) == (True, "completed", 200, 0)
+    assert (e.duration_ms, e.chunks, e.stream_bytes, e.transfer_s) == (12.5, 4, 400, 0.01)
+    assert (e.input_tokens, e.output_tokens) == (9, 11)
+
+
 # ----------------------------------------------------------------------------- health
 
 
@@ -534,6 +565,40 @@ def test_random_endpoints_and_models_create_no_new_series() -> None:
     models = {lab["model"] for lab, _ in scrape(c)["http_requests_total"]}
     assert len(models - {"", "other"}) == 5
     assert len(c.summary()["models"]) == 6  # five + other
+
+
+def test_a_model_labelled_other_gets_its_own_label_once_it_succeeds() -> None:
+    # request kinds are labelled once and remembered; minting a model label (by a
+    # success, or allow_model) must relabel that model's failing requests too
+    c = MetricsCollector(system_enabled=False)
+    c.request_started()  # busy: records wait in one batch, counted together
+    for status in (500, 200, 500):
+        c.request_started()
+        c.request_finished(req("/api/chat", status, 1.0, "fresh"))
+    c.request_started()
+    c.request_finished(req("/api/chat", 500, 1.0, "late"))
+    c.allow_model("late")
+    c.request_started()
+    c.request_finished(req("/api/chat", 500, 1.0, "late"))
+    got = {(lab["model"], lab["status"]): v for lab, v in scrape(c)["http_requests_total"]}
+    assert got == {
+        ("other", "500"): 2.0,  # "fresh" before it succeeded, "late" before it was allowed
+        ("fresh", "200"): 1.0,
+        ("fresh", "500"): 1.0,
+        ("late", "500"): 1.0,
+    }
+
+
+def test_many_request_kinds_keep_every_count() -> None:
+    c = MetricsCollector(system_enabled=False, model_label_limit=3)
+    c.request_started()
+    for i in range(metrics_pkg._KINDS_KEPT + 500):
+        c.request_started()
+        c.request_finished(req(f"/nope/{i}", 404, 1.0, f"m{i}"))
+    assert len(c._kinds) <= metrics_pkg._KINDS_KEPT
+    assert total(scrape(c), "http_requests_total", endpoint="other", model="other") == (
+        metrics_pkg._KINDS_KEPT + 500
+    )
 
 
 def test_api_label_from_record_or_path() -> None:

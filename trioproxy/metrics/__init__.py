@@ -23,6 +23,7 @@ from . import labels, store
 from .labels import API_LABELS, UNTRACKED_PATHS, ModelLabels, endpoint_label, method_label
 from .prom import (
     PrimaryMetrics,
+    RequestSeries,
     Totals,
     aggregate,
     derived_families,
@@ -40,6 +41,11 @@ PUBLISH_AFTER_RECORDS = 64
 """Largest batch of finished requests counted together (see ``MetricsCollector.record``)."""
 PUBLISH_WITHIN_SECONDS = 0.5
 """Longest a finished request waits to be counted while its worker stays busy."""
+
+# what a finished record says about its kind: path, api, method, model, status, outcome
+_RawKind = tuple[str, str, str, str, int, str | None]
+_KINDS_KEPT = 4096  # raw paths and models are unbounded: the kind cache starts over past this
+_NAN = math.nan
 
 __all__ = [
     "MetricsCollector",
@@ -155,6 +161,10 @@ class MetricsCollector:
         self._inflight = 0
         self._inflight_shown = 0  # what the in-flight gauge says (set when publishing)
         self._pending: list[RequestMetrics] = []
+        # request kind as recorded -> its bounded labels and series, so a batch resolves
+        # labels once per kind, not per request; forgotten whenever a model label is minted
+        self._kinds: dict[_RawKind, tuple[store.RequestKind, RequestSeries]] = {}
+        self._kinds_labelled = self.model_labels.size
         self._cpu_seen = 0.0
         self._sampler = SystemSampler(system_interval, on_sample=self._on_sample)
         self._sampling_stopped = False
@@ -240,93 +250,100 @@ class MetricsCollector:
         if not pending:
             return
         self._pending = []
+        if self._kinds_labelled != self.model_labels.size:
+            self._forget_kinds()  # a model was allowed in since: its label may have changed
+        debug = log.isEnabledFor(logging.DEBUG)
         for m in pending:
-            self._count(m)
+            self._count(m, debug)
         self._prom.flush()
 
-    def _count(self, m: RequestMetrics) -> None:
-        path = m.endpoint
-        endpoint = endpoint_label(path)
-        api = m.api if m.api in API_LABELS else _api_for(path, endpoint)
-        method = method_label(m.method)
-        code = m.status_code
+    def _count(self, m: RequestMetrics, debug: bool) -> None:
         streaming = m.streaming
+        outcome = store.stream_outcome(m) if streaming else None
+        raw = (m.endpoint, m.api, m.method, m.model, m.status_code, outcome)
+        known = self._kinds.get(raw)
+        kind, series = known if known is not None else self._new_kind(raw)
+        duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
+        inp = m.input_tokens or 0
+        out = m.output_tokens or 0
+        if inp < 0:
+            inp = 0
+        if out < 0:
+            out = 0
+        up_ms = m.upstream_ms
         if streaming:
-            outcome: str | None = store.stream_outcome(m)
-            code = store.effective_status(code, outcome)
             fb = m.first_byte_time_ms
             ft = m.first_token_time_ms
             transfer_s = store.transfer_seconds(m)
             chunks = m.total_chunks
             nbytes = m.stream_bytes
-        else:
-            outcome = None
-            fb = ft = None
-            transfer_s = 0.0
-            chunks = nbytes = 0
-        cls = store.status_class(code)
-        # the backend accepted the model when the response started 2xx (also for a stream
-        # that broke later); failing requests never mint a model label
-        model = self.model_labels.label(m.model, succeeded=200 <= m.status_code < 300)
-        duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
-        inp = m.input_tokens or 0
-        out = m.output_tokens or 0
-        up_ms = m.upstream_ms
-        if streaming:
             ufb = m.upstream_first_byte_ms
             overhead_ms = fb - ufb if (fb is not None and ufb is not None) else None
         else:
+            fb = ft = None
+            transfer_s = 0.0
+            chunks = nbytes = 0
             overhead_ms = duration_ms - up_ms if up_ms is not None else None
-
-        self._prom.observe(
-            api,
-            endpoint,
-            method,
-            model,
-            store.status_label(code),
+        series.add(
             duration_ms / 1000.0,
-            outcome,
             fb / 1000.0 if fb is not None else None,
             ft / 1000.0 if ft is not None else None,
             chunks,
             nbytes,
             transfer_s,
-            inp if inp > 0 else 0,
-            out if out > 0 else 0,
-            max(up_ms, 0.0) / 1000.0 if up_ms is not None else None,
-            max(overhead_ms, 0.0) / 1000.0 if overhead_ms is not None else None,
+            inp,
+            out,
+            (up_ms if up_ms > 0.0 else 0.0) / 1000.0 if up_ms is not None else None,
+            (overhead_ms if overhead_ms > 0.0 else 0.0) / 1000.0
+            if overhead_ms is not None
+            else None,
         )
         self._window.append(
-            WindowEntry(
-                m.timestamp,
-                api,
-                endpoint,
-                method,
-                model,
-                code,
-                cls,
-                duration_ms,
-                streaming,
-                outcome,
-                fb,
-                ft,
-                chunks,
-                nbytes,
-                transfer_s,
-                max(inp, 0),
-                max(out, 0),
-            )
+            kind,
+            m.timestamp,
+            duration_ms,
+            fb if fb is not None else _NAN,
+            ft if ft is not None else _NAN,
+            chunks,
+            nbytes,
+            transfer_s,
+            inp,
+            out,
         )
-        if log.isEnabledFor(logging.DEBUG):
+        if debug:
             log.debug(
                 "metrics: recorded %s %s -> %s [%s] %.1f ms%s",
-                method,
-                endpoint,
-                code,
-                store.CLASS_NAMES[cls],
+                kind.method,
+                kind.endpoint,
+                kind.status,
+                store.CLASS_NAMES[kind.cls],
                 duration_ms,
                 f" stream={outcome} chunks={chunks}" if streaming else "",
             )
+
+    def _new_kind(self, raw: _RawKind) -> tuple[store.RequestKind, RequestSeries]:
+        """Bounded labels and series for a request kind not seen before (or forgotten)."""
+        path, api_hint, raw_method, raw_model, raw_status, outcome = raw
+        endpoint = endpoint_label(path)
+        api = api_hint if api_hint in API_LABELS else _api_for(path, endpoint)
+        method = method_label(raw_method)
+        code = store.effective_status(raw_status, outcome)
+        # the backend accepted the model when the response started 2xx (also for a stream
+        # that broke later); failing requests never mint a model label
+        model = self.model_labels.label(raw_model, succeeded=200 <= raw_status < 300)
+        if self._kinds_labelled != self.model_labels.size or len(self._kinds) >= _KINDS_KEPT:
+            self._forget_kinds()
+        kind = store.RequestKind(
+            api, endpoint, method, model, code, store.status_class(code), outcome is not None,
+            outcome,
+        )  # fmt: skip
+        series = self._prom.series(api, endpoint, method, model, store.status_label(code), outcome)
+        self._kinds[raw] = found = (kind, series)
+        return found
+
+    def _forget_kinds(self) -> None:
+        self._kinds.clear()
+        self._kinds_labelled = self.model_labels.size
 
     async def record_request(self, m: RequestMetrics) -> None:
         """The monitoring guide's API: :meth:`record`, plus a warning for failed or slow
@@ -360,7 +377,9 @@ class MetricsCollector:
         self.backend_checked_at = checked_at
 
     def allow_model(self, model: str) -> None:
-        """Give ``model`` its own label from the start (e.g. from the model mapping)."""
+        """Give ``model`` its own label from the start (e.g. from the model mapping).
+        Requests already finished keep the label they had when they finished."""
+        self.publish()
         self.model_labels.allow(model)
 
     # -- reads -----------------------------------------------------------------------------
@@ -643,7 +662,7 @@ class MetricsCollector:
         self.publish()
         families = self._prom.collect()
         t = aggregate(families)
-        durations = sorted(e.duration_ms for e in self._perf_entries())
+        durations = sorted(self._window.durations(self.percentile_window))
         families.extend(derived_families(t, durations, system, self.uptime_seconds))
         return render(families, accept)
 

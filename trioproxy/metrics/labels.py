@@ -106,6 +106,11 @@ class ModelLabels:
             return model
         return OTHER
 
+    @property
+    def size(self) -> int:
+        """How many models have their own label (grows only)."""
+        return len(self._known)
+
     def allow(self, model: str) -> None:
         """Pre-register a model (e.g. from the mapping file or the backend's model list)."""
         if len(self._known) < self._limit and _plausible_model_name(model):

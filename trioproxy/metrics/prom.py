@@ -325,131 +325,31 @@ class PrimaryMetrics:
         self.active.set(0)
         self.rss.set(0)
 
-        self._req: dict[tuple[str, ...], Any] = {}
-        self._dur: dict[tuple[str, ...], Any] = {}
-        self._ttfb: dict[tuple[str, ...], Any] = {}
-        self._ttft: dict[tuple[str, ...], Any] = {}
-        self._streams: dict[tuple[str, ...], Any] = {}
-        self._flow: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        self._tok: dict[tuple[str, ...], Any] = {}
-        self._up: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._batch_counts: dict[Any, float] = {}
-        self._batch_values: dict[Any, list[float]] = {}
+        self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
+        self._touched: list[RequestSeries] = []
 
     # -- hot path ----------------------------------------------------------------------
 
-    def observe(
-        self,
-        api: str,
-        endpoint: str,
-        method: str,
-        model: str,
-        status: str,
-        duration_s: float,
-        outcome: str | None,
-        first_byte_s: float | None,
-        first_token_s: float | None,
-        chunks: int,
-        nbytes: int,
-        transfer_s: float,
-        input_tokens: int,
-        output_tokens: int,
-        upstream_s: float | None,
-        overhead_s: float | None,
-    ) -> None:
-        """Count one finished request into the current batch; :meth:`flush` applies it."""
-        add = self._add
-        put = self._put
-        key = (api, endpoint, method, model, status)
-        child = self._req.get(key)
-        if child is None:
-            child = self._req[key] = self.requests.labels(*key)
-        add(child, 1)
+    def series(
+        self, api: str, endpoint: str, method: str, model: str, status: str, outcome: str | None
+    ) -> RequestSeries:
+        """The series of one kind of request (label values already bounded)."""
+        key = (api, endpoint, method, model, status, outcome)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = RequestSeries(self, *key)
+        return found
 
-        dkey = (api, endpoint, model)
-        child = self._dur.get(dkey)
-        if child is None:
-            child = self._dur[dkey] = self.duration.labels(*dkey)
-        put(child, duration_s)
-
-        if outcome is not None:
-            skey = (api, endpoint, model, outcome)
-            child = self._streams.get(skey)
-            if child is None:
-                child = self._streams[skey] = self.streams.labels(*skey)
-            add(child, 1)
-            if first_byte_s is not None:
-                child = self._ttfb.get(dkey)
-                if child is None:
-                    child = self._ttfb[dkey] = self.ttfb.labels(*dkey)
-                put(child, first_byte_s)
-            if first_token_s is not None:
-                child = self._ttft.get(dkey)
-                if child is None:
-                    child = self._ttft[dkey] = self.ttft.labels(*dkey)
-                put(child, first_token_s)
-            if chunks or nbytes:
-                fkey = (api, endpoint)
-                flow = self._flow.get(fkey)
-                if flow is None:
-                    flow = self._flow[fkey] = (
-                        self.chunks.labels(*fkey),
-                        self.stream_bytes.labels(*fkey),
-                        self.transfer.labels(*fkey),
-                    )
-                add(flow[0], chunks)
-                add(flow[1], nbytes)
-                if transfer_s > 0.0:
-                    add(flow[2], transfer_s)
-
-        if input_tokens > 0:
-            tkey = (api, model, "input")
-            child = self._tok.get(tkey)
-            if child is None:
-                child = self._tok[tkey] = self.tokens.labels(*tkey)
-            add(child, input_tokens)
-        if output_tokens > 0:
-            tkey = (api, model, "output")
-            child = self._tok.get(tkey)
-            if child is None:
-                child = self._tok[tkey] = self.tokens.labels(*tkey)
-            add(child, output_tokens)
-
-        if upstream_s is not None or overhead_s is not None:
-            ukey = (api, endpoint)
-            up = self._up.get(ukey)
-            if up is None:
-                up = self._up[ukey] = (
-                    self.upstream_duration.labels(*ukey),
-                    self.overhead.labels(*ukey),
-                )
-            if upstream_s is not None:
-                put(up[0], upstream_s)
-            if overhead_s is not None:
-                put(up[1], overhead_s)
-
-    def _add(self, child: Any, amount: float) -> None:
-        counts = self._batch_counts
-        counts[child] = counts.get(child, 0.0) + amount
-
-    def _put(self, child: Any, value: float) -> None:
-        values = self._batch_values.get(child)
-        if values is None:
-            self._batch_values[child] = [value]
-        else:
-            values.append(value)
+    def touched(self, series: RequestSeries) -> None:
+        self._touched.append(series)
 
     def flush(self) -> None:
         """Apply the batch: one update per counter and per histogram bucket touched, not
         one per request (each is a lock-protected value update in prometheus_client)."""
-        if self._batch_counts:
-            counts, self._batch_counts = self._batch_counts, {}
-            for child, amount in counts.items():
-                child.inc(amount)
-        if self._batch_values:
-            values, self._batch_values = self._batch_values, {}
-            for child, observed in values.items():
-                observe_many(child, observed)
+        if self._touched:
+            touched, self._touched = self._touched, []
+            for series in touched:
+                series.apply()
 
     def upstream_error(self, reason: str) -> None:
         self._upstream_error_children.get(reason, self._upstream_error_children["other"]).inc()
@@ -475,6 +375,173 @@ class PrimaryMetrics:
         if self.multiprocess_dir:
             return self.collect()
         return [*self.requests.collect(), *self.active.collect()]
+
+
+class RequestSeries:
+    """The series one kind of request updates, and what the current batch has added to
+    them so far.
+
+    A request is counted with :meth:`add` (plain arithmetic, no locks); the batch reaches
+    prometheus_client in :meth:`apply`. Series a request may not touch (first byte,
+    tokens, backend time) are created on first use, so a scrape never shows series that
+    were never observed."""
+
+    __slots__ = (
+        "_duration",
+        "_flow",
+        "_metrics",
+        "_overhead",
+        "_requests",
+        "_streams",
+        "_tokens_in",
+        "_tokens_out",
+        "_ttfb",
+        "_ttft",
+        "_upstream",
+        "api",
+        "chunks",
+        "count",
+        "durations",
+        "endpoint",
+        "first_bytes",
+        "first_tokens",
+        "input_tokens",
+        "method",
+        "model",
+        "nbytes",
+        "outcome",
+        "output_tokens",
+        "overheads",
+        "status",
+        "transfer",
+        "upstreams",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        metrics: PrimaryMetrics,
+        api: str,
+        endpoint: str,
+        method: str,
+        model: str,
+        status: str,
+        outcome: str | None,
+    ) -> None:
+        self._metrics = metrics
+        self.api, self.endpoint, self.method = api, endpoint, method
+        self.model, self.status, self.outcome = model, status, outcome
+        self._requests = metrics.requests.labels(api, endpoint, method, model, status)
+        self._duration = metrics.duration.labels(api, endpoint, model)
+        self._streams = (
+            None if outcome is None else metrics.streams.labels(api, endpoint, model, outcome)
+        )
+        self._ttfb: Any = None
+        self._ttft: Any = None
+        self._flow: tuple[Any, Any, Any] | None = None
+        self._tokens_in: Any = None
+        self._tokens_out: Any = None
+        self._upstream: Any = None
+        self._overhead: Any = None
+        self.count = 0
+        self.durations: list[float] = []
+        self.first_bytes: list[float] = []
+        self.first_tokens: list[float] = []
+        self.chunks = 0
+        self.nbytes = 0
+        self.transfer = 0.0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.upstreams: list[float] = []
+        self.overheads: list[float] = []
+
+    def add(
+        self,
+        duration_s: float,
+        first_byte_s: float | None,
+        first_token_s: float | None,
+        chunks: int,
+        nbytes: int,
+        transfer_s: float,
+        input_tokens: int,
+        output_tokens: int,
+        upstream_s: float | None,
+        overhead_s: float | None,
+    ) -> None:
+        """Count one finished request into the current batch."""
+        if not self.count:
+            self._metrics.touched(self)
+        self.count += 1
+        self.durations.append(duration_s)
+        if first_byte_s is not None:
+            self.first_bytes.append(first_byte_s)
+        if first_token_s is not None:
+            self.first_tokens.append(first_token_s)
+        if chunks or nbytes:
+            self.chunks += chunks
+            self.nbytes += nbytes
+            self.transfer += transfer_s
+        if input_tokens > 0:
+            self.input_tokens += input_tokens
+        if output_tokens > 0:
+            self.output_tokens += output_tokens
+        if upstream_s is not None:
+            self.upstreams.append(upstream_s)
+        if overhead_s is not None:
+            self.overheads.append(overhead_s)
+
+    def apply(self) -> None:
+        """Hand the batch to prometheus_client and start a new one."""
+        m = self._metrics
+        api, endpoint, model = self.api, self.endpoint, self.model
+        self._requests.inc(self.count)
+        if self._streams is not None:
+            self._streams.inc(self.count)
+        self.count = 0
+        observe_many(self._duration, self.durations)
+        self.durations.clear()
+        if self.first_bytes:
+            if self._ttfb is None:
+                self._ttfb = m.ttfb.labels(api, endpoint, model)
+            observe_many(self._ttfb, self.first_bytes)
+            self.first_bytes.clear()
+        if self.first_tokens:
+            if self._ttft is None:
+                self._ttft = m.ttft.labels(api, endpoint, model)
+            observe_many(self._ttft, self.first_tokens)
+            self.first_tokens.clear()
+        if self.chunks or self.nbytes:
+            if self._flow is None:
+                self._flow = (
+                    m.chunks.labels(api, endpoint),
+                    m.stream_bytes.labels(api, endpoint),
+                    m.transfer.labels(api, endpoint),
+                )
+            self._flow[0].inc(self.chunks)
+            self._flow[1].inc(self.nbytes)
+            if self.transfer > 0.0:
+                self._flow[2].inc(self.transfer)
+            self.chunks = self.nbytes = 0
+            self.transfer = 0.0
+        if self.input_tokens:
+            if self._tokens_in is None:
+                self._tokens_in = m.tokens.labels(api, model, "input")
+            self._tokens_in.inc(self.input_tokens)
+            self.input_tokens = 0
+        if self.output_tokens:
+            if self._tokens_out is None:
+                self._tokens_out = m.tokens.labels(api, model, "output")
+            self._tokens_out.inc(self.output_tokens)
+            self.output_tokens = 0
+        if self.upstreams:
+            if self._upstream is None:
+                self._upstream = m.upstream_duration.labels(api, endpoint)
+            observe_many(self._upstream, self.upstreams)
+            self.upstreams.clear()
+        if self.overheads:
+            if self._overhead is None:
+                self._overhead = m.overhead.labels(api, endpoint)
+            observe_many(self._overhead, self.overheads)
+            self.overheads.clear()
 
 
 def observe_many(child: Any, values: list[float]) -> None:

@@ -1,8 +1,10 @@
 """The sliding window of recent requests, the status semantics, and window summaries.
 
-Everything here is plain, synchronous Python: the window is a ``collections.deque`` with
-``maxlen`` (O(1) append, the oldest entry drops out), touched only from the trio thread,
-so it needs no lock.  Summaries sort on read, never on record.
+Everything here is plain, synchronous Python: the window is a ring of preallocated
+columns (O(1) append, the oldest request is overwritten), touched only from the trio
+thread, so it needs no lock.  Recording keeps no object per request alive, only numbers
+in arrays and a reference to a shared :class:`RequestKind`; :class:`WindowEntry` objects
+are built when the window is read.  Summaries sort on read, never on record.
 
 Status semantics (shared by the counters in :mod:`.prom` and the window here):
 
@@ -17,11 +19,13 @@ Status semantics (shared by the counters in :mod:`.prom` and the window here):
 from __future__ import annotations
 
 import collections
+import math
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import labels
 from .request import RequestMetrics
@@ -125,6 +129,19 @@ def iso_utc(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
+class RequestKind(NamedTuple):
+    """The bounded labels and status of a request; one shared object per kind."""
+
+    api: str
+    endpoint: str
+    method: str
+    model: str
+    status: int  # effective status
+    cls: int  # status class
+    streaming: bool
+    outcome: str | None
+
+
 @dataclass(slots=True)
 class WindowEntry:
     """What the window keeps of one request: bounded labels and numbers, no raw paths."""
@@ -148,29 +165,99 @@ class WindowEntry:
     output_tokens: int
 
 
-class WindowStore:
-    """Ring buffer of the last ``max_size`` requests of this process."""
+def _floats(size: int) -> array[float]:
+    return array("d", bytes(8 * size))
 
-    __slots__ = ("_entries", "max_size")
+
+def _ints(size: int) -> array[int]:
+    return array("q", bytes(8 * size))
+
+
+def _optional(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+class WindowStore:
+    """Ring buffer of the last ``max_size`` requests of this process, one column per
+    field (a missing first byte or first token is stored as NaN)."""
+
+    __slots__ = (
+        "_bytes", "_chunks", "_duration", "_first_byte", "_first_token", "_input",
+        "_kind", "_next", "_output", "_size", "_timestamp", "_transfer", "max_size",
+    )  # fmt: skip
 
     def __init__(self, max_size: int = 1000) -> None:
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
         self.max_size = max_size
-        self._entries: collections.deque[WindowEntry] = collections.deque(maxlen=max_size)
+        self._next = 0
+        self._size = 0
+        self._kind: list[RequestKind | None] = [None] * max_size
+        self._timestamp = _floats(max_size)
+        self._duration = _floats(max_size)
+        self._first_byte = _floats(max_size)
+        self._first_token = _floats(max_size)
+        self._transfer = _floats(max_size)
+        self._chunks = _ints(max_size)
+        self._bytes = _ints(max_size)
+        self._input = _ints(max_size)
+        self._output = _ints(max_size)
 
-    def append(self, entry: WindowEntry) -> None:
-        self._entries.append(entry)
+    def append(
+        self,
+        kind: RequestKind,
+        timestamp: float,
+        duration_ms: float,
+        first_byte_ms: float,
+        first_token_ms: float,
+        chunks: int,
+        stream_bytes: int,
+        transfer_s: float,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        """Record one request (``first_byte_ms``/``first_token_ms``: NaN when none)."""
+        i = self._next
+        self._kind[i] = kind
+        self._timestamp[i] = timestamp
+        self._duration[i] = duration_ms
+        self._first_byte[i] = first_byte_ms
+        self._first_token[i] = first_token_ms
+        self._chunks[i] = chunks
+        self._bytes[i] = stream_bytes
+        self._transfer[i] = transfer_s
+        self._input[i] = input_tokens
+        self._output[i] = output_tokens
+        i += 1
+        self._next = 0 if i == self.max_size else i
+        if self._size < self.max_size:
+            self._size += 1
 
     def clear(self) -> None:
-        self._entries.clear()
+        self._next = 0
+        self._size = 0
+        self._kind = [None] * self.max_size
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
 
     @property
     def is_full(self) -> bool:
-        return len(self._entries) == self.max_size
+        return self._size == self.max_size
+
+    def _order(self) -> list[int]:
+        """Slot indexes, oldest request first."""
+        if self._size < self.max_size:
+            return list(range(self._size))
+        return [*range(self._next, self.max_size), *range(self._next)]
+
+    def durations(self, last: int | None = None) -> list[float]:
+        """Durations (ms) of the newest ``last`` requests (all when None), oldest first."""
+        order = self._order()
+        if last is not None and len(order) > last:
+            order = order[len(order) - last :]
+        column = self._duration
+        return [column[i] for i in order]
 
     def entries(
         self,
@@ -186,17 +273,47 @@ class WindowStore:
         requests that started within the last N minutes (plain timestamp subtraction, any
         positive N).
         """
-        items: Iterable[WindowEntry] = self._entries
+        order = self._order()
         if time_range_minutes is not None:
             cutoff = (time.time() if now is None else now) - float(time_range_minutes) * 60.0
-            items = [e for e in items if e.timestamp >= cutoff]
+            stamps = self._timestamp
+            order = [i for i in order if stamps[i] >= cutoff]
         if endpoint_filter:
             needle = endpoint_filter.lower()
             as_label = labels.endpoint_label(endpoint_filter) if needle.startswith("/") else None
             if as_label == labels.OTHER and endpoint_filter not in labels.ENDPOINT_LABELS:
                 as_label = None
-            items = [e for e in items if needle in e.endpoint.lower() or e.endpoint == as_label]
-        return list(items)
+            kinds = self._kind
+            order = [
+                i
+                for i in order
+                if needle in kinds[i].endpoint.lower()  # type: ignore[union-attr]
+                or kinds[i].endpoint == as_label  # type: ignore[union-attr]
+            ]
+        return [self._entry(i) for i in order]
+
+    def _entry(self, i: int) -> WindowEntry:
+        k = self._kind[i]
+        assert k is not None
+        return WindowEntry(
+            self._timestamp[i],
+            k.api,
+            k.endpoint,
+            k.method,
+            k.model,
+            k.status,
+            k.cls,
+            self._duration[i],
+            k.streaming,
+            k.outcome,
+            _optional(self._first_byte[i]),
+            _optional(self._first_token[i]),
+            self._chunks[i],
+            self._bytes[i],
+            self._transfer[i],
+            self._input[i],
+            self._output[i],
+        )
 
 
 # --------------------------------------------------------------------------- summaries
