@@ -71,7 +71,8 @@ class Plan:
     rounds: int = 4  # 1 vs 2 workers, alternated
     round_cell: float = 4.0
     onoff_pairs: int = 4  # metrics on/off: fresh twin pairs, each measured in alternated rounds
-    onoff_rounds: int = 2
+    onoff_rounds: int = 6
+    onoff_cell: float = 2.0  # many short rounds: one round scatters by about ±5 % here
     drift_requests: int = 100_000
     drift_conc: int = 16
     scrape_cell: float = 15.0
@@ -92,6 +93,8 @@ class Plan:
             rounds=2,
             round_cell=1.0,
             onoff_pairs=2,
+            onoff_rounds=3,
+            onoff_cell=1.0,
             drift_requests=10_000,
             scrape_cell=2.5,
         )
@@ -321,7 +324,7 @@ STEPS_FULL = [
     ("nonstream", 130),
     ("stream", 45),
     ("disconnect", 15),
-    ("metrics_onoff", 45),
+    ("metrics_onoff", 150),
     ("scrape", 22),
     ("drift", 160),
     ("workers", 45),
@@ -333,7 +336,7 @@ STEPS_QUICK = [
     ("nonstream", 30),
     ("stream", 10),
     ("disconnect", 5),
-    ("metrics_onoff", 6),
+    ("metrics_onoff", 20),
     ("scrape", 4),
     ("drift", 17),
     ("workers", 8),
@@ -699,9 +702,11 @@ class Bench:
                 for i in range(plan.onoff_rounds):
                     order = ["on", "off"] if (pair + i) % 2 == 0 else ["off", "on"]
                     row: dict[str, Any] = {"pair": pair}
+                    # later rounds only reopen connections: the twins are warm already
+                    warmup = plan.warmup if i == 0 else min(plan.warmup, 0.3)
                     for name in order:
                         server = procs[name]
-                        r = closed(server, reqs, 32, duration=plan.round_cell, warmup=plan.warmup,
+                        r = closed(server, reqs, 32, duration=plan.onoff_cell, warmup=warmup,
                                    watch=[server.pid])  # fmt: skip
                         row[name] = {
                             "rps": r["rps"],
