@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioproxy.jsonutil import compact_json, compact_json_text, loads
+from trioproxy.jsonutil import compact_json, compact_json_text, loads, top_level_member
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text()
@@ -41,3 +41,37 @@ def test_what_only_the_standard_library_accepts_still_goes_through() -> None:
 def test_invalid_json_raises_the_standard_librarys_error() -> None:
     with pytest.raises(json.JSONDecodeError, match="Expecting"):
         loads(b'{"model": ')
+
+
+# keys and strings that look like the key being looked for, or end in a backslash
+TRICKY_TEXT = st.sampled_from(
+    ["usage", '"usage', 'usage"', '"usage"', "usage\\", "\\", '\\"usage', '"usage":{', "x"]
+) | st.text(max_size=6)
+TRICKY_VALUES = st.recursive(
+    st.none() | st.integers() | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY_TEXT, inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@given(st.dictionaries(TRICKY_TEXT, TRICKY_VALUES, max_size=5) | TRICKY_VALUES, st.booleans())
+def test_top_level_member_agrees_with_decoding_the_whole_body(value: object, spaced: bool) -> None:
+    body = (json.dumps(value, indent=1) if spaced else json.dumps(value)).encode()
+    expected = value.get("usage") if isinstance(value, dict) else None
+    assert top_level_member(body, "usage") == expected
+
+
+def test_top_level_member_reads_a_completion_and_tolerates_garbage() -> None:
+    completion = {
+        "id": "c1",
+        "choices": [{"message": {"content": 'say "usage": {"prompt_tokens": 9}'}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5},
+        "system_fingerprint": "fp",
+    }
+    assert top_level_member(compact_json(completion), "usage") == completion["usage"]
+    assert top_level_member(b'{"a": {"usage": 1}, "usage": 2}', "usage") == 2
+    assert top_level_member(b'{"usage": 1, "a": {"usage": 2}}', "usage") == 1
+    assert top_level_member(b'{"usage": 1, "usage": 2}', "usage") == 2  # the last one wins
+    assert top_level_member(b'[{"usage": 1}]', "usage") is None
+    assert top_level_member(b'{"usage": 1', "usage") is None  # truncated
+    assert top_level_member(b"not json", "usage") is None

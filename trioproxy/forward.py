@@ -44,8 +44,12 @@ def note_model(state: RequestState, client_model: str) -> None:
 
 def note_usage(state: RequestState, response: Any) -> None:
     """Token counts from a backend response's ``usage``, for the metrics."""
+    note_usage_counts(state, response.get("usage") if isinstance(response, dict) else None)
+
+
+def note_usage_counts(state: RequestState, usage: Any) -> None:
+    """Token counts from a ``usage`` object, for the metrics."""
     metric = state.metric
-    usage = response.get("usage") if isinstance(response, dict) else None
     if metric is None or not isinstance(usage, dict):
         return
     prompt = usage.get("prompt_tokens")

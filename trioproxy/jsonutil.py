@@ -38,3 +38,31 @@ def loads(data: bytes | str) -> Any:
         # integers beyond 64 bits and NaN/Infinity are valid to the standard library;
         # for truly invalid input it raises its own, familiar error
         return json.loads(data)
+
+
+def top_level_member(body: bytes, key: str) -> Any:
+    """``loads(body).get(key)`` for a JSON object body, decoding only the tail from the
+    key's last occurrence when that suffices; None when the key or the object is missing.
+
+    A relayed completion is forwarded as bytes, and its ``usage`` comes last, after the
+    content: decoding the whole body for it cost the metrics more than all their
+    counting. The tail ``{"key": ... }`` decodes only when the occurrence is a key of
+    the top-level object (a nested one would leave closing brackets unmatched, a string
+    value would lack its colon), so anything else falls back to decoding the whole body.
+    """
+    needle = b'"' + key.encode() + b'"'
+    at = body.rfind(needle)
+    if at < 0:
+        return None
+    if at == 0 or body[at - 1] != 0x5C:  # not after a backslash: the quote opens a string
+        try:
+            tail = orjson.loads(b"{" + body[at:])
+        except orjson.JSONDecodeError:
+            tail = None
+        if isinstance(tail, dict):
+            return tail.get(key)
+    try:
+        whole = loads(body)
+    except ValueError:
+        return None
+    return whole.get(key) if isinstance(whole, dict) else None

@@ -24,11 +24,11 @@ from .forward import (
     encode,
     json_object,
     note_model,
-    note_usage,
+    note_usage_counts,
     open_stream,
     validated,
 )
-from .jsonutil import loads
+from .jsonutil import loads, top_level_member
 from .relay import EVENT_STREAM, STREAM_HEADERS, dumps, relay_openai
 from .upstream import UpstreamResult
 
@@ -141,10 +141,6 @@ def _rewrite_model_json(content: bytes, client_model: str) -> bytes:
 
 
 def _note_usage(call: Call, content: bytes) -> None:
-    # the body is relayed as bytes: decode it only when metrics want its usage
-    if call.state.metric is None or b'"usage"' not in content:
-        return
-    try:
-        note_usage(call.state, loads(content))
-    except ValueError:
-        return
+    # the body is relayed as bytes: decode (the tail of) it only when metrics want usage
+    if call.state.metric is not None:
+        note_usage_counts(call.state, top_level_member(content, "usage"))
