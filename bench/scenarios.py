@@ -70,9 +70,11 @@ class Plan:
     hold_delay: float = 1.0
     rounds: int = 4  # 1 vs 2 workers, alternated
     round_cell: float = 4.0
-    onoff_pairs: int = 4  # metrics on/off: fresh twin pairs, each measured in alternated rounds
-    onoff_rounds: int = 6
-    onoff_cell: float = 2.0  # many short rounds: one round scatters by about ±5 % here
+    # metrics on/off: fresh twin pairs, each measured in alternated rounds. Identical twins
+    # differ by 1-3 % here even with one hash seed, so pairs count more than rounds
+    onoff_pairs: int = 8
+    onoff_rounds: int = 3
+    onoff_cell: float = 2.0
     drift_requests: int = 100_000
     drift_conc: int = 16
     scrape_cell: float = 15.0
