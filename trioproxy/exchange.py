@@ -25,7 +25,7 @@ from hypercorn.typing import ASGISendCallable, ASGISendEvent
 from .errors import ProxyError, UpstreamStatusError, error_body_for, is_openai_path, scrub
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
-from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, api_label
+from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -34,6 +34,7 @@ log = logging.getLogger("trioproxy")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
+_OVERHEAD_HEADER_RAW = OVERHEAD_HEADER.lower().encode("latin-1")
 JSON = "application/json"
 
 
@@ -76,7 +77,8 @@ def new_state(
         request_id = os.urandom(16).hex()  # uuid4's entropy in its hex form, at a fifth of its cost
     metric = None
     if collector.enabled and path not in UNTRACKED_PATHS:
-        metric = RequestMetrics(endpoint=path, method=method, api=api_label(path))
+        # the api label follows from the path when the record is counted
+        metric = RequestMetrics(path, method)
         if content_length and content_length.isdigit():
             metric.request_size = int(content_length)
     return RequestState(request_id, metric)
@@ -151,14 +153,31 @@ class Tracked:
         """What every response gets: its request id and, when a backend answered, the
         time the proxy itself added. Also notes the status for the metrics."""
         headers = [("X-Request-ID", self.state.request_id)]
-        metric = self.state.metric
-        if metric is not None:
-            metric.status_code = status
-            upstream = metric.upstream_first_byte_ms if metric.streaming else metric.upstream_ms
-            if upstream is not None:
-                overhead = max(0.0, metric.elapsed_ms() - upstream)
-                headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
+        overhead = self._note_status(status)
+        if overhead is not None:
+            headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
         return headers
+
+    def raw_response_headers(self, status: int) -> list[tuple[bytes, bytes]]:
+        """:meth:`response_headers`, encoded for an ASGI response start."""
+        headers = [(b"x-request-id", self.state.request_id.encode("latin-1"))]
+        overhead = self._note_status(status)
+        if overhead is not None:
+            headers.append((_OVERHEAD_HEADER_RAW, b"%.3f" % overhead))
+        return headers
+
+    def _note_status(self, status: int) -> float | None:
+        """Note the status for the metrics; the time the proxy added (ms), if a backend
+        answered."""
+        metric = self.state.metric
+        if metric is None:
+            return None
+        metric.status_code = status
+        upstream = metric.upstream_first_byte_ms if metric.streaming else metric.upstream_ms
+        if upstream is None:
+            return None
+        overhead = metric.elapsed_ms() - upstream
+        return overhead if overhead > 0.0 else 0.0
 
 
 def _finish_metric(

@@ -145,7 +145,7 @@ async def _write(
 ) -> None:
     headers = [(b"content-type", reply.content_type.encode("latin-1"))]
     headers += [_encoded(item) for item in reply.headers.items()]
-    headers += [_encoded(item) for item in tracked.response_headers(reply.status)]
+    headers += tracked.raw_response_headers(reply.status)
     headers += [_encoded(item) for item in extra]
     body = reply.body
     if isinstance(body, bytes):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-CHUNK_SIZES_KEPT = 100
-
 
 @dataclass(slots=True)
 class RequestMetrics:
@@ -37,7 +35,6 @@ class RequestMetrics:
     last_byte_time_ms: float | None = None
     total_chunks: int = 0
     stream_bytes: int = 0
-    chunk_sizes: list[int] = field(default_factory=list)
     stream_outcome: str | None = None  # completed | cancelled | timeout | error
     stream_cancelled: bool = False
     stream_timeout: bool = False
@@ -57,8 +54,6 @@ class RequestMetrics:
         self.last_byte_time_ms = at_ms
         self.total_chunks += 1
         self.stream_bytes += size
-        if len(self.chunk_sizes) < CHUNK_SIZES_KEPT:
-            self.chunk_sizes.append(size)
 
     def mark_first_token(self, now: float | None = None) -> None:
         if self.first_token_time_ms is None:
