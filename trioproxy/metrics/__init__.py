@@ -407,8 +407,8 @@ class MetricsCollector:
         self.publish()
         return aggregate(self._prom.collect_counts())
 
-    def _perf_entries(self) -> list[WindowEntry]:
-        entries = self._window.entries()
+    def _perf_entries(self, entries: list[WindowEntry]) -> list[WindowEntry]:
+        """The newest ``percentile_window`` of the window's ``entries`` (oldest first)."""
         if len(entries) > self.percentile_window:
             entries = entries[-self.percentile_window :]
         return entries
@@ -493,7 +493,7 @@ class MetricsCollector:
             "active_requests": _count(t.active),
             "global_total_requests": _count(total),
             "uptime_seconds": self.uptime_seconds,
-            "performance": store.performance(self._perf_entries()),
+            "performance": store.performance(self._perf_entries(entries)),
             "streaming": {
                 "total_streaming_requests": _count(sum(outcomes.values())),
                 "completed_streams": _count(outcomes["completed"]),
@@ -582,11 +582,10 @@ class MetricsCollector:
         n = len(counted)
         success, client, _cancelled, error = store.class_counts(counted)
         error_rate = store.rate(error, n)
-        perf = store.performance(self._perf_entries())
+        recent = self._perf_entries(entries)
+        perf = store.performance(recent)
         plain = sorted(
-            e.duration_ms
-            for e in self._perf_entries()
-            if not e.streaming and e.cls != store.CANCELLED
+            e.duration_ms for e in recent if not e.streaming and e.cls != store.CANCELLED
         )
         p95_plain_s = store.percentile(plain, 95) / 1000.0
 

@@ -480,10 +480,8 @@ class RequestSeries:
             self.chunks += chunks
             self.nbytes += nbytes
             self.transfer += transfer_s
-        if input_tokens > 0:
-            self.input_tokens += input_tokens
-        if output_tokens > 0:
-            self.output_tokens += output_tokens
+        self.input_tokens += input_tokens  # never negative: the collector clamps them
+        self.output_tokens += output_tokens
         if upstream_s is not None:
             self.upstreams.append(upstream_s)
         if overhead_s is not None:
