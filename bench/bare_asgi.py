@@ -16,6 +16,7 @@ import argparse
 import signal
 import sys
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -60,7 +61,9 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
-async def _main(host: str, port: int) -> None:
+async def serve_until_signal(app: Any, name: str, host: str, port: int) -> None:
+    """Serve *app* on hypercorn's trio worker until SIGINT/SIGTERM; once bound, print
+    ``NAME listening on URL`` on stderr (the line the bench waits for)."""
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
@@ -75,7 +78,7 @@ async def _main(host: str, port: int) -> None:
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop))
-            print(f"bare asgi listening on {binds[0]}", file=sys.stderr, flush=True)
+            print(f"{name} listening on {binds[0]}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.with_trioproxy_patches:
         import trioproxy.hypercorn_patches  # noqa: F401  (patches on import)
-    trio.run(_main, args.host, args.port)
+    trio.run(serve_until_signal, app, "bare asgi", args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,28 @@ def _ms(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f} ms"
 
 
+_RELAY_LABELS = {
+    "direct": "direct\n(demo)",
+    V1: "proxy\n" + V1,
+    OLLAMA: "proxy\n" + OLLAMA,
+    "floor_httpx": "floor\nhypercorn+httpx",
+    "floor_raw": "floor\nhypercorn+raw",
+}
+
+
+def _chunk_reference(stream: dict[str, Any]) -> str:
+    """The backend's own CPU per chunk, and the stack's relay floor in the same run."""
+
+    def cpu(name: str) -> str:
+        value = _get(stream, "relay", name, "cpu_us_per_chunk")
+        return "—" if value is None else f"{value:.0f}"
+
+    return (
+        f"backend {cpu('direct')} µs/chunk; stack floor: hypercorn+httpx "
+        f"{cpu('floor_httpx')} µs, hypercorn+raw socket {cpu('floor_raw')} µs"
+    )
+
+
 def _check(value: float | None, limit: float, *, at_least: bool = False) -> bool | None:
     if value is None:
         return None
@@ -118,9 +140,7 @@ def target_rows(results: dict[str, Any]) -> list[Row]:
                 "≤ 50 µs",
                 "—" if cpu is None else f"{cpu:.0f} µs ({rate:.0f} chunks/s)",
                 _check(cpu, 50.0),
-                "backend {:.0f} µs/chunk".format(
-                    _get(st, "relay", "direct", "cpu_us_per_chunk") or 0
-                ),
+                _chunk_reference(st),
             )
         )
     h = sc.get("hold", {})
@@ -354,7 +374,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     made: list[Path] = []
     sc = results.get("scenarios", {})
     style = {"direct": ("direct backend", "k"), "bare_asgi": ("bare ASGI (3i)", "tab:gray"),
-             V1: ("proxy " + V1, "tab:blue"), OLLAMA: ("proxy " + OLLAMA, "tab:orange")}  # fmt: skip
+             V1: ("proxy " + V1, "tab:blue"), OLLAMA: ("proxy " + OLLAMA, "tab:orange"),
+             "floor_httpx": ("floor", "tab:green"), "floor_raw": ("floor", "tab:olive")}  # fmt: skip
 
     def save(fig, name: str) -> None:
         path = out / name
@@ -446,9 +467,9 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     relay = _get(sc, "stream", "relay")
     if relay:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
         names = list(relay)
-        labels = ["direct (demo)" if n == "direct" else n for n in names]
+        labels = [_RELAY_LABELS.get(n, n) for n in names]
         colors = [style.get(n, ("", "k"))[1] for n in names]
         axes[0].bar(labels, [relay[n]["chunks_per_s"] for n in names], color=colors)
         axes[0].set(ylabel="chunks/s received", title="chunk relay rate")

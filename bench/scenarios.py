@@ -324,7 +324,7 @@ STEPS_FULL = [
     ("start", 8),
     ("ceiling", 14),
     ("nonstream", 130),
-    ("stream", 45),
+    ("stream", 59),
     ("disconnect", 15),
     ("metrics_onoff", 150),
     ("scrape", 22),
@@ -336,7 +336,7 @@ STEPS_QUICK = [
     ("start", 8),
     ("ceiling", 3),
     ("nonstream", 30),
-    ("stream", 10),
+    ("stream", 15),
     ("disconnect", 5),
     ("metrics_onoff", 20),
     ("scrape", 4),
@@ -579,21 +579,21 @@ class Bench:
                 chunk=chunk,
             )
             ttfb[name] = r
-        # relay rate and CPU per chunk with stream_conc streams
+        # relay rate and CPU per chunk with stream_conc streams; next to the proxy, the
+        # stack's floor for a relay (bench/relay_floor.py): hypercorn and httpx with nothing
+        # between them, and hypercorn over a raw socket
+        floors = {
+            "floor_httpx": self.start(servers.start_relay_floor(self.demo.url)),
+            "floor_raw": self.start(servers.start_relay_floor(self.demo.url, raw=True)),
+        }
+        for name, server in floors.items():
+            reqs[name] = (server, direct_req, "sse", [server.pid])
         relay = {}
-        for name, (server, req, chunk, watch) in reqs.items():
-            r = closed(
-                server,
-                [req],
-                plan.stream_conc,
-                duration=plan.stream_cell,
-                warmup=max(plan.warmup, 1.0),
-                stream=True,
-                chunk=chunk,
-                watch=watch,
-            )
-            r["cpu_us_per_chunk"] = r["cpu_s"] / r["chunks"] * 1e6 if r.get("chunks") else None
-            relay[name] = r
+        try:
+            self._relay_cells(reqs, relay)
+        finally:
+            for server in floors.values():
+                server.stop()
         added = {}
         for path in (V1, OLLAMA):
             added[path] = {
@@ -617,6 +617,22 @@ class Bench:
             }
         out.update({"ttfb_c1": ttfb, "relay": relay, "added": added})
         self.put("stream", out)
+
+    def _relay_cells(self, reqs: dict[str, Any], relay: dict[str, Any]) -> None:
+        plan = self.plan
+        for name, (server, req, chunk, watch) in reqs.items():
+            r = closed(
+                server,
+                [req],
+                plan.stream_conc,
+                duration=plan.stream_cell,
+                warmup=max(plan.warmup, 1.0),
+                stream=True,
+                chunk=chunk,
+                watch=watch,
+            )
+            r["cpu_us_per_chunk"] = r["cpu_s"] / r["chunks"] * 1e6 if r.get("chunks") else None
+            relay[name] = r
 
     # -- 3d ---------------------------------------------------------------------------
 

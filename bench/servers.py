@@ -306,3 +306,13 @@ def start_external(name: str, command: str, upstream: str) -> Server:
         server.stop()
         raise RuntimeError(f"{name} did not start: {exc}\n{server.log()[-2000:]}") from None
     return server
+
+
+def start_relay_floor(upstream: str, *, raw: bool = False) -> Server:
+    """``bench.relay_floor`` in front of *upstream* (a base URL without /v1)."""
+    argv = [sys.executable, "-m", "bench.relay_floor", "--upstream", upstream]
+    if raw:
+        argv.append("--raw")
+    server = _spawn("relay-floor-raw" if raw else "relay-floor", argv, clean_env())
+    wait_http(server.url + "/", 15, server.process)
+    return server

@@ -5,6 +5,7 @@
   demo's event log sees every close);
 - ``python -m bench --help``;
 - the report renders a table from partial results without inventing figures;
+- the stack's relay floors (bench/relay_floor.py) pass a stream through whole;
 - without nginx the bench falls back to the bare ASGI app as the fixed backend and says so.
 """
 
@@ -88,6 +89,44 @@ def test_streams_count_chunks(demo: servers.Server) -> None:
     per_stream = result["chunks"] / max(result["completed"], 1)
     assert 15 < per_stream < 40
     assert 0 < result["ttfb_ms"]["p50"] <= result["latency_ms"]["p50"]
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["httpx", "raw"])
+def test_relay_floor_passes_streams_through(demo: servers.Server, raw: bool) -> None:
+    floor = servers.start_relay_floor(demo.url, raw=raw)
+    try:
+        req = scenarios.chat_request(
+            scenarios.V1, stream=True, directives="[[tokens=7]][[delay=0.001]]"
+        )
+        reply = urllib.request.urlopen(
+            urllib.request.Request(floor.url + scenarios.V1, data=req["body"].encode()),
+            timeout=10,
+        ).read()
+        events = [line for line in reply.split(b"\n") if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        content = "".join(
+            choice["delta"].get("content") or ""
+            for event in events[:-1]
+            for choice in json.loads(event[6:])["choices"]
+        )
+        assert len(content.split()) == 7
+        result = run_loadgen(
+            {
+                "host": floor.host,
+                "port": floor.port,
+                "conc": 4,
+                "warmup": 0.1,
+                "duration": 0.5,
+                "stream": True,
+                "chunk": "sse",
+                "requests": [req],
+                "watch_pids": [floor.pid],
+            }
+        )
+        assert result["errors"] == 0 and result["completed"] > 4
+        assert result["chunks"] > 5 * result["completed"] and result["cpu_s"] > 0
+    finally:
+        floor.stop()
 
 
 def test_disconnects_reach_the_backend(demo: servers.Server) -> None:
