@@ -168,6 +168,10 @@ def test_bad_mapping_file(
         ("PROXY_PORT", "99999"),
         ("LOG_LEVEL", "LOUD"),
         ("MAX_REQUEST_BYTES", "0"),
+        ("HEALTH_ERROR_RATE_DEGRADED", "abc"),
+        ("HEALTH_ERROR_RATE_UNHEALTHY", "1.5"),
+        ("HEALTH_P95_DEGRADED_SECONDS", "-1"),
+        ("HEALTH_MIN_REQUESTS", "0"),
     ],
 )
 def test_invalid_setting_is_named(
@@ -178,6 +182,37 @@ def test_invalid_setting_is_named(
     )
     assert code == 2
     assert name in one_line(err)
+
+
+def test_degraded_error_rate_above_unhealthy_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = main_in_process(
+        monkeypatch,
+        capsys,
+        OPENAI_API_BASE_URL="http://127.0.0.1:1/v1",
+        HEALTH_ERROR_RATE_DEGRADED="0.5",
+        HEALTH_ERROR_RATE_UNHEALTHY="0.2",
+    )
+    assert code == 2
+    assert "HEALTH_ERROR_RATE_DEGRADED" in one_line(err)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line(tmp_path: Path, workers: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "--port", str(port), "--workers", workers, "--upstream", "http://127.0.0.1:1/v1",
+            "--env-file", "/nonexistent", cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert line.startswith(f"trioproxy: error: cannot listen on 127.0.0.1:{port}")
 
 
 def test_version(tmp_path: Path) -> None:
@@ -224,6 +259,51 @@ def test_env_file_is_read(
     assert chat(server.url).status_code == 200
     # MAX_RETRIES=0 from the file: a backend 503 comes straight back after one attempt
     assert chat(server.url, f"[[fail_first=1]] {time.time()}").status_code == 503
+
+
+def test_health_thresholds_come_from_the_env_file(
+    tmp_path: Path, start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    env_file = tmp_path / "proxy.env"
+    env_file.write_text(
+        f"OPENAI_API_BASE_URL={demo_backend.url}\n"
+        "HEALTH_ERROR_RATE_DEGRADED=0.01\nHEALTH_MIN_REQUESTS=3\n"
+    )
+    server = start_proxy(None, "--env-file", str(env_file))
+    thresholds = httpx.get(server.url + "/v1/metrics/health", timeout=5).json()["thresholds"]
+    assert thresholds["error_rate_degraded"] == 0.01
+    assert thresholds["min_requests"] == 3
+    assert thresholds["error_rate_unhealthy"] == 0.25  # not in the file: the default
+
+
+def test_workers_read_the_env_file_and_report_the_real_port(
+    tmp_path: Path, demo_backend: ServerProcess
+) -> None:
+    from .conftest import _spawn
+
+    env_file = tmp_path / "workers.env"
+    env_file.write_text(
+        f"OPENAI_API_BASE_URL={demo_backend.url}\nMETRICS_MAX_REQUESTS=7\nHEALTH_MIN_REQUESTS=3\n"
+    )
+    server = _spawn(
+        [
+            "-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
+            "--env-file", str(env_file),
+        ],
+        base_env(),
+    )  # fmt: skip
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.url)
+        assert not server.url.endswith(":0")
+        wait_healthy(server.url, timeout=30)
+        for _ in range(10):  # fresh connections, so both workers are likely asked
+            with httpx.Client(timeout=5, headers={"Connection": "close"}) as client:
+                window = client.get(server.url + "/v1/metrics").json()["window"]
+                health = client.get(server.url + "/v1/metrics/health").json()
+            assert window["max_size"] == 7
+            assert health["thresholds"]["min_requests"] == 3
+    finally:
+        server.stop()
 
 
 def test_precedence_flag_over_env_over_env_file(
@@ -364,6 +444,18 @@ class _EchoingBackend(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if b"plain-text" in body:
             self._send(500, f"upstream crashed, key={self._key()}".encode(), "text/plain")
+        elif b"echo-key" in body:  # a success that quotes the key in the generated text
+            text = f"key={self._key()}"
+            if json.loads(body).get("stream"):
+                chunk = {"choices": [{"index": 0, "delta": {"content": text}}]}
+                self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(),
+                           "text/event-stream")  # fmt: skip
+            else:
+                message = {"role": "assistant", "content": text}
+                choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                self._send(
+                    200, json.dumps({"object": "chat.completion", "choices": [choice]}).encode()
+                )
         elif b"mid-stream" in body:
             chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
             error = {"error": {"message": f"key {self._key()} was revoked", "type": "auth"}}
@@ -467,6 +559,23 @@ def test_api_key_never_leaks_from_a_mid_stream_error(
     assert "was revoked" in response.text
     assert SECRET not in response.text, response.text
     assert SECRET not in server.log()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/chat/completions"])
+def test_api_key_quoted_in_generated_text_is_masked(
+    start_proxy: StartProxy, echoing_backend: str, path: str, stream: bool
+) -> None:
+    server = start_proxy(echoing_backend, OPENAI_API_KEY=SECRET, MAX_RETRIES="0")
+    if path == "/api/generate":
+        body: dict[str, object] = {"model": "m", "prompt": "echo-key", "stream": stream}
+    else:
+        body = {"model": "m", "messages": [{"role": "user", "content": "echo-key"}]}
+        body["stream"] = stream
+    response = httpx.post(server.url + path, json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    assert "key=***" in response.text
+    assert SECRET not in response.text
 
 
 def test_api_key_is_sent_to_the_backend(start_proxy: StartProxy, echoing_backend: str) -> None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -613,6 +615,26 @@ def test_first_token_timeout(first_token_proxy: ServerProcess) -> None:
     assert ndjson(ok.text)[-1]["done"] is True
 
 
+def test_legacy_completion_streams_are_bounded_by_the_idle_gap_not_the_first_token(
+    first_token_proxy: ServerProcess,
+) -> None:
+    """A /v1/completions stream carries its tokens as ``choices[0].text``: once they flow,
+    the first-token deadline (0.5 s here) must not end it (1.2 s of tokens)."""
+    response = httpx.post(
+        first_token_proxy.url + "/v1/completions",
+        json={
+            "model": "demo-chat",
+            "prompt": f"[[tokens=6]] [[delay=0.2]] {rid()}",
+            "stream": True,
+        },
+        timeout=10,
+    )
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]", events[-2:]
+    texts = [json.loads(e)["choices"][0].get("text") for e in events[:-1]]
+    assert len([t for t in texts if t]) == 6
+
+
 # ---- cancellation --------------------------------------------------------------------------
 
 
@@ -793,15 +815,18 @@ def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerPro
 
 # ---- never a 500 for a client mistake ------------------------------------------------------
 
+def _json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # a named function: hypothesis checks by reading the source that the argument is used
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+
+
 _json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-5, 5)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=5),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
+    _json_containers,
     max_leaves=6,
 )
 _FIELDS = [
@@ -837,3 +862,70 @@ def test_client_mistakes_are_never_500(
             assert isinstance(response.json()["error"]["message"], str)
         else:
             assert isinstance(response.json()["error"], str)
+
+
+# ---- a backend answering 2xx with a body of the wrong shape ----------------------------------
+
+# model name -> the 2xx JSON body the fake backend answers with
+_WRONG_SHAPES = {
+    "a-list": "[1, 2]",
+    "a-number": "123",
+    "null": "null",
+    "message-is-text": '{"choices": [{"message": "text"}]}',
+    "tool-call-is-text": (
+        '{"choices": [{"message": {"content": "a", "tool_calls": [{"function": "x"}]}}]}'
+    ),
+    "embedding-is-text": '{"data": [{"embedding": "abc"}]}',
+    "no-data": "[]",
+}
+
+
+class _WrongShapeBackend(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = _WRONG_SHAPES[request["model"]].encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def wrong_shape_proxy(start_proxy: StartProxy) -> Iterator[ServerProcess]:
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _WrongShapeBackend)
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    yield start_proxy(f"http://127.0.0.1:{backend.server_address[1]}/v1", MAX_RETRIES="0")
+    backend.shutdown()
+    backend.server_close()
+
+
+_CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+_NOT_AN_OBJECT = ["a-list", "a-number", "null"]
+_WRONG_FOR = [
+    *[("/api/chat", _CHAT, m) for m in [*_NOT_AN_OBJECT, "message-is-text", "tool-call-is-text"]],
+    *[("/api/generate", {"prompt": "hi", "stream": False}, m)
+      for m in [*_NOT_AN_OBJECT, "message-is-text"]],
+    *[("/api/embed", {"input": "hi"}, m) for m in [*_NOT_AN_OBJECT, "embedding-is-text"]],
+    *[("/api/embeddings", {"prompt": "hi"}, m)
+      for m in [*_NOT_AN_OBJECT, "embedding-is-text", "no-data"]],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "model"), _WRONG_FOR)
+def test_a_backend_body_of_the_wrong_shape_is_a_502_in_dialect(
+    wrong_shape_proxy: ServerProcess, path: str, body: dict[str, Any], model: str
+) -> None:
+    """Valid JSON of another shape than the backend's API promises is the backend's fault:
+    502 in the caller's dialect, never our own 500 (which a traceback in our log would
+    suggest). Shapes the translation tolerates (no ``choices``, no ``data``) are left out."""
+    response = httpx.post(wrong_shape_proxy.url + path, json={"model": model, **body}, timeout=10)
+    assert response.status_code == 502, response.text
+    assert set(response.json()) == {"error"}
+    assert "unexpected shape" in response.json()["error"]

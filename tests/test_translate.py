@@ -743,6 +743,22 @@ def test_openai_observer() -> None:
     o.feed({"garbage": True}, 60)  # tolerated
 
 
+def test_openai_observer_reads_legacy_completion_chunks() -> None:
+    """/v1/completions streams put the text on the choice: it is a token like any other
+    (the relay's first-token deadline and the token metrics depend on it)."""
+
+    def legacy(text: str, finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"id": "cmpl-1", "object": "text_completion", "choices": [choice]}
+
+    o = OpenAIStreamObserver(start_ns=0)
+    o.feed_text(json.dumps(legacy("")), 10)
+    o.feed_text(json.dumps(legacy("Hello")), 20)
+    o.feed_text(json.dumps(legacy(" there", finish="stop")), 30)
+    assert o.first_token_ns == 20 and o.last_token_ns == 30
+    assert o.content_chunks == 2 and o.finish_reason == "stop"
+
+
 _fragment_lists = st.lists(
     st.dictionaries(st.text(max_size=5),
                     st.one_of(st.integers(), st.text(max_size=8), st.booleans(), st.none()),

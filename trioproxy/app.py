@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import Any
 
 import trio
@@ -22,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, fastpath
 from . import hypercorn_patches as _hypercorn_patches  # noqa: F401  (applies the P1 fix)
-from .config import Settings, load_settings
+from .config import ENV_FILE_VARIABLE, Settings, load_settings
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
     OVERHEAD_HEADER,
@@ -33,6 +34,7 @@ from .exchange import (
     Tracked,
     error_reply,
     internal_error_reply,
+    masked,
     new_state,
     proxy_error_reply,
 )
@@ -91,6 +93,7 @@ class ProxyApp(QuartTrio):
     fast_routes: dict[str, Handler]
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
+    secret: bytes | None = None  # the backend API key, masked in every reply body
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         allowed = self.cors_origins
@@ -110,12 +113,15 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     Usable directly by hypercorn: ``hypercorn --worker-class trio 'trioproxy.app:create_app()'``.
     """
     if settings is None:
-        settings = load_settings(**overrides)
+        env_file = os.environ.get(ENV_FILE_VARIABLE, ".env")
+        settings = load_settings(dotenv_path=env_file or None, **overrides)
         configure_logging(settings.log_level, settings.log_format, (settings.api_key or "",))
     settings.require_upstream()
 
     app = ProxyApp(__name__)
     app.settings = settings
+    key = settings.api_key
+    app.secret = key.encode() if key and len(key) >= 4 else None  # as errors.scrub
     app.config.update(
         RESPONSE_TIMEOUT=None,
         BODY_TIMEOUT=ProxyApp.body_timeout,
@@ -130,6 +136,10 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         model_label_limit=settings.metrics_model_labels,
         system_interval=settings.system_metrics_interval,
         system_enabled=settings.system_metrics_enabled,
+        health_error_rate_degraded=settings.health_error_rate_degraded,
+        health_error_rate_unhealthy=settings.health_error_rate_unhealthy,
+        health_p95_degraded_seconds=settings.health_p95_degraded_seconds,
+        health_min_requests=settings.health_min_requests,
     )
     for client_name, backend_name in settings.model_mapping.items():
         app.collector.model_labels.allow(client_name)
@@ -186,7 +196,8 @@ def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:
     """Serve a fast-path handler through Quart too (other methods get Quart's 405)."""
 
     async def view() -> Response:
-        return reply_response(await handler(await current_call()))
+        call = await current_call()
+        return reply_response(masked(await handler(call), call.app.secret))
 
     view.__name__ = "fast_" + path.strip("/").replace("/", "_")
     blueprint.add_url_rule(path, view_func=view, methods=["POST"])

@@ -12,6 +12,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from functools import partial
@@ -20,7 +21,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings
+from .config import ENV_FILE_VARIABLE, ConfigError, Settings, load_settings
 from .logs import configure_logging
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(settings)
     except KeyboardInterrupt:
         pass
-    except WorkersFailed as exc:
+    except (WorkersFailed, ListenFailed) as exc:
         print(f"trioproxy: error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(settings: Settings) -> None:
     try:
         trio.run(serve, settings)
-    except* WorkersFailed as group:
+    except* (WorkersFailed, ListenFailed) as group:
         raise group.exceptions[0] from None
 
 
@@ -116,8 +117,10 @@ async def serve_in_process(settings: Settings) -> None:
 
     from .app import create_app
 
+    listener = listen(settings.host, settings.port)
     app = create_app(settings)
     config = hypercorn_config(settings)
+    config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
 
@@ -155,8 +158,36 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound here rather than by hypercorn: a port in use is
+    one clear line instead of a traceback, and with ``--port 0`` the real port is known
+    before any worker starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ListenFailed(f"cannot listen on {_bind(host, port)}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ListenFailed(f"cannot listen on {_bind(host, port)}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class ListenFailed(Exception):
+    pass
+
+
 async def serve_workers(settings: Settings) -> None:
-    """Run ``hypercorn -w N`` as a child; SIGTERM/SIGINT to us stops it cleanly."""
+    """Run ``hypercorn -w N`` as a child on a socket bound here; SIGTERM/SIGINT to us stops
+    it cleanly."""
+    listener = listen(settings.host, settings.port)
+    host, port = listener.getsockname()[:2]
     metrics_dir = Path(tempfile.mkdtemp(prefix="trioproxy-metrics-"))
     env = dict(os.environ)
     env.update(_child_env(settings))
@@ -165,21 +196,30 @@ async def serve_workers(settings: Settings) -> None:
         sys.executable, "-m", "hypercorn",
         "--worker-class", "trio",
         "--workers", str(settings.workers),
-        "--bind", _bind(settings.host, settings.port),
+        "--bind", f"fd://{listener.fileno()}",
         "--keep-alive", str(max(1, round(settings.keep_alive_timeout))),
         "--graceful-timeout", str(max(1, round(settings.graceful_timeout))),
         "--log-level", settings.log_level,
         "trioproxy.app:create_app()",
     ]  # fmt: skip
-    print(
-        f"trioproxy {__version__} listening on http://{settings.host}:{settings.port} "
-        f"with {settings.workers} workers",
-        file=sys.stderr,
-        flush=True,
-    )
     try:
         async with trio.open_nursery() as nursery:
-            process = await nursery.start(partial(trio.run_process, command, env=env, check=False))
+            process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    command,
+                    env=env,
+                    check=False,
+                    pass_fds=(listener.fileno(),),
+                )
+            )
+            listener.close()  # the child has its own copy
+            print(
+                f"trioproxy {__version__} listening on http://{_bind(host, port)} "
+                f"with {settings.workers} workers",
+                file=sys.stderr,
+                flush=True,
+            )
 
             async def forward_signal() -> None:
                 await _until_signal()
@@ -189,6 +229,7 @@ async def serve_workers(settings: Settings) -> None:
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
+        listener.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if returncode not in (0, -signal.SIGTERM):
         raise WorkersFailed(returncode)
@@ -201,10 +242,14 @@ class WorkersFailed(Exception):
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
+    """What the workers' ``create_app()`` must see besides our environment: the settings
+    given as flags, and the same dotenv file (none when the file does not exist)."""
+    env_file = settings.env_file
     env = {
         "OPENAI_API_BASE_URL": settings.upstream_url or "",
         "LOG_LEVEL": settings.log_level,
         "WORKERS": "1",
+        ENV_FILE_VARIABLE: str(Path(env_file).resolve()) if env_file else "",
     }
     if settings.api_key:
         env["OPENAI_API_KEY"] = settings.api_key

@@ -19,6 +19,9 @@ from dotenv import dotenv_values
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ENV_FILE_VARIABLE = "TRIOPROXY_ENV_FILE"
+"""Names the dotenv file ``create_app()`` reads when it builds its own settings (default
+``.env``; empty for none). ``--workers`` sets it for its workers to the ``--env-file``."""
 
 
 class ConfigError(ValueError):
@@ -55,9 +58,14 @@ class Settings:
     metrics_model_labels: int = 50
     system_metrics_enabled: bool = True
     system_metrics_interval: float = 5.0
+    health_error_rate_degraded: float = 0.05
+    health_error_rate_unhealthy: float = 0.25
+    health_p95_degraded_seconds: float = 30.0
+    health_min_requests: int = 1
     graceful_timeout: float = 5.0
     keep_alive_timeout: float = 5.0
     cors_origins: str = ""
+    env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -99,6 +107,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise ValueError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise ValueError(f"expected a fraction between 0 and 1, got {value!r}")
     return number
 
 
@@ -154,6 +169,10 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_MODEL_LABELS": ("metrics_model_labels", _non_negative_int),
     "SYSTEM_METRICS_ENABLED": ("system_metrics_enabled", _bool),
     "SYSTEM_METRICS_INTERVAL": ("system_metrics_interval", _positive_float),
+    "HEALTH_ERROR_RATE_DEGRADED": ("health_error_rate_degraded", _fraction),
+    "HEALTH_ERROR_RATE_UNHEALTHY": ("health_error_rate_unhealthy", _fraction),
+    "HEALTH_P95_DEGRADED_SECONDS": ("health_p95_degraded_seconds", _positive_float),
+    "HEALTH_MIN_REQUESTS": ("health_min_requests", _positive_int),
     "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
     "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
     "CORS_ORIGINS": ("cors_origins", _text),
@@ -194,6 +213,8 @@ def load_settings(
         except ValueError as exc:
             raise ConfigError(f"invalid {name}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        values["env_file"] = str(dotenv_path)
     settings = Settings(**values)
     return _validated(settings)
 
@@ -211,6 +232,11 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError("invalid WORKERS: expected an integer >= 1")
     if settings.max_retries > 10:
         raise ConfigError("invalid MAX_RETRIES: expected 0-10")
+    if settings.health_error_rate_degraded > settings.health_error_rate_unhealthy:
+        raise ConfigError(
+            "invalid HEALTH_ERROR_RATE_DEGRADED: above HEALTH_ERROR_RATE_UNHEALTHY "
+            f"({settings.health_error_rate_degraded:g} > {settings.health_error_rate_unhealthy:g})"
+        )
     return replace(settings, **changes) if changes else settings
 
 

@@ -63,6 +63,13 @@ class UpstreamUnavailable(ProxyError):
     code = "upstream_unavailable"
 
 
+class BadUpstreamResponse(ProxyError):
+    """The backend answered 2xx with a body that is not what its API promises."""
+
+    status = 502
+    code = "bad_upstream_response"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"

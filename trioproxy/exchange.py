@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,27 @@ class Reply:
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
+
+
+def masked(reply: Reply, secret: bytes | None) -> Reply:
+    """``reply`` with ``secret`` (the backend API key) replaced by ``***`` in its body: a
+    backend that quotes our credentials, in an echo or in generated text, must not hand
+    them to a client. A stream is masked read by read."""
+    if secret is None:
+        return reply
+    body = reply.body
+    if isinstance(body, bytes):
+        if secret in body:
+            reply.body = body.replace(secret, b"***")
+    else:
+        reply.body = _masked_chunks(body, secret)
+    return reply
+
+
+async def _masked_chunks(chunks: AsyncIterator[bytes], secret: bytes) -> AsyncIterator[bytes]:
+    async with aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            yield chunk.replace(secret, b"***") if secret in chunk else chunk
 
 
 def new_state(

@@ -27,6 +27,7 @@ from .exchange import (
     Reply,
     Tracked,
     internal_error_reply,
+    masked,
     new_state,
     proxy_error_reply,
 )
@@ -132,7 +133,7 @@ async def _watch_disconnect(
 
 async def _run(handler: Handler, call: Call) -> Reply:
     try:
-        return await handler(call)
+        return masked(await handler(call), call.app.secret)
     except ProxyError as error:
         return proxy_error_reply(error, call.path, call.app.settings.api_key, call.state)
     except Exception:

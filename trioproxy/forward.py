@@ -3,14 +3,19 @@ call the backend, open a stream whose closing is guaranteed."""
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from .errors import BadRequest, UpstreamUnavailable
+from .errors import BadRequest, BadUpstreamResponse, UpstreamUnavailable
 from .exchange import Call, RequestState
 from .jsonutil import compact_json, loads
 from .translate import RequestValidationError
 from .upstream import UpstreamPool, UpstreamResult
+
+log = logging.getLogger("trioproxy.forward")
+T = TypeVar("T")
 
 
 def json_object(call: Call) -> dict[str, Any]:
@@ -67,7 +72,22 @@ async def call_json(
     try:
         return loads(result.response.content), result
     except ValueError:
-        raise UpstreamUnavailable("the backend returned a body that is not JSON") from None
+        call.app.collector.upstream_error("protocol")
+        raise BadUpstreamResponse("the backend returned a body that is not JSON") from None
+
+
+def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:
+    """``translate(*args)`` on a backend's decoded 2xx body. The translations are pure and
+    trust the shape of the backend's API, so a failure here means a body of another shape:
+    the backend's fault (502), not ours (500); logged with its trace in case it is ours."""
+    try:
+        return translate(*args)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        log.warning("the backend's response has an unexpected shape", exc_info=True)
+        call.app.collector.upstream_error("protocol")
+        raise BadUpstreamResponse(
+            f"the backend returned a response of an unexpected shape ({type(exc).__name__})"
+        ) from None
 
 
 async def call_raw(

@@ -16,7 +16,15 @@ from . import translate as tr
 from .app import current_call, quart_route
 from .errors import NotFound, ProxyError, error_body_for
 from .exchange import JSON, Call, Handler, Reply, RequestState
-from .forward import call_json, json_object, note_model, note_usage, open_stream, validated
+from .forward import (
+    call_json,
+    from_backend,
+    json_object,
+    note_model,
+    note_usage,
+    open_stream,
+    validated,
+)
 from .relay import NDJSON, STREAM_HEADERS, dumps, relay_ollama
 
 blueprint = Blueprint("ollama", __name__)
@@ -121,7 +129,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
         convert = (
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate
         )
-        out = convert(resp, client_model, tr.utc_timestamp(), timings)
+        out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
         return _json_reply(out)
     result = await open_stream(call, "/chat/completions", payload)
@@ -162,7 +170,9 @@ async def embed(call: Call) -> Reply:
     note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
-    return _json_reply(tr.openai_embeddings_to_ollama_embed(resp, body["model"], timings))
+    return _json_reply(
+        from_backend(call, tr.openai_embeddings_to_ollama_embed, resp, body["model"], timings)
+    )
 
 
 async def embeddings(call: Call) -> Reply:
@@ -171,7 +181,7 @@ async def embeddings(call: Call) -> Reply:
     payload = tr.ollama_embeddings_to_openai(body, call.app.mapper.to_backend(body["model"]))
     resp, _ = await call_json(call, "/embeddings", payload)
     note_usage(call.state, resp)
-    return _json_reply(tr.openai_embeddings_to_ollama_embeddings(resp))
+    return _json_reply(from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp))
 
 
 FAST_ROUTES: dict[str, Handler] = {

@@ -870,7 +870,9 @@ class _StreamStats:
         choice = choices[0]
         delta = choice.get("delta")
         if not isinstance(delta, dict):
-            delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            message = choice.get("message")
+            # a legacy /v1/completions chunk carries its text on the choice itself
+            delta = message if isinstance(message, dict) else {"content": choice.get("text")}
         content = _text(delta.get("content"))
         thinking = _thinking(delta)
         calls = delta.get("tool_calls")
