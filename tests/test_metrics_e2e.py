@@ -164,6 +164,24 @@ def test_scripted_workload_is_reported_exactly(metered_proxy: ServerProcess) -> 
     assert total(scrape(url), "http_requests_total") == 16
 
 
+def test_model_management_refusals_do_not_degrade_health(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """``ollama pull`` against the proxy gets 501 (the backend owns its models): counted
+    under its status, as a client error, never as a failure of the service."""
+    url = start_proxy(demo_backend.url).url
+    assert httpx.post(f"{url}/api/chat", json=chat("hi", stream=False), timeout=10).is_success
+    for _ in range(3):
+        assert httpx.post(f"{url}/api/pull", json={"model": "llama3"}).status_code == 501
+    health = httpx.get(f"{url}/v1/metrics/health", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "healthy"
+    assert health.json()["error_rate"] == 0.0
+    assert health.json()["client_error_rate"] == 0.75
+    samples = scrape(url)
+    assert total(samples, "http_requests_total", status="501") == 3
+    assert total(samples, "http_request_errors_per_endpoint_total") == 0
+
+
 def test_live_exposition_passes_promtool(metered_proxy: ServerProcess) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -120,9 +120,10 @@ def test_effective_status(code: int, outcome: str | None, expected: int) -> None
 def test_status_classes() -> None:
     c = st_mod.status_class
     assert [c(200), c(204), c(302)] == [st_mod.SUCCESS] * 3
-    assert [c(400), c(404), c(429)] == [st_mod.CLIENT_ERROR] * 3
+    # 501: a feature not offered (ollama pull): the client's request, not a failure
+    assert [c(400), c(404), c(429), c(501)] == [st_mod.CLIENT_ERROR] * 4
     assert c(499) == st_mod.CANCELLED
-    assert [c(500), c(502), c(504), c(0), c(100), c(700)] == [st_mod.ERROR] * 6
+    assert [c(500), c(502), c(503), c(504), c(0), c(100), c(700)] == [st_mod.ERROR] * 7
     assert st_mod.status_label(700) == "0" and st_mod.status_label(0) == "0"
 
 

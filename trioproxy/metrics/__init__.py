@@ -351,7 +351,7 @@ class MetricsCollector:
         self.record(m)
         if not self.enabled:
             return
-        if m.error or m.status_code >= 500:
+        if m.error or (m.status_code >= 500 and m.status_code != store.NOT_IMPLEMENTED):
             log.warning(
                 "metrics: request failed: %s %s -> %s (%s)",
                 m.method,

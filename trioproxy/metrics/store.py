@@ -11,8 +11,10 @@ Status semantics (shared by the counters in :mod:`.prom` and the window here):
 * **effective status** = ``status_code``, except streams that ended abnormally while the
   status line still said success (or no status was set): cancelled -> 499, timeout -> 504,
   upstream error -> 502.  A stream whose status is already an error keeps it.
-* **classes**: success = 2xx/3xx; client_error = 4xx except 499; cancelled = 499;
-  error = 5xx and any invalid/unset status (so an unknown outcome is never a success).
+* **classes**: success = 2xx/3xx; client_error = 4xx except 499, and 501 (a feature not
+  offered, such as Ollama's model management: asking again cannot succeed, and nothing
+  failed); cancelled = 499; error = the other 5xx and any invalid/unset status (so an
+  unknown outcome is never a success).
 * **rates** are taken over the non-cancelled requests: success + error + client_error = 1.
 """
 
@@ -36,6 +38,7 @@ CANCELLED = 2
 ERROR = 3
 
 CLASS_NAMES = ("success", "client_error", "cancelled", "error")
+NOT_IMPLEMENTED = 501
 
 _ABNORMAL_STATUS = {
     "cancelled": labels.STATUS_CLIENT_CLOSED,
@@ -50,7 +53,7 @@ def status_class(code: int) -> int:
         return SUCCESS
     if code == labels.STATUS_CLIENT_CLOSED:
         return CANCELLED
-    if 400 <= code < 500:
+    if 400 <= code < 500 or code == NOT_IMPLEMENTED:
         return CLIENT_ERROR
     return ERROR  # 5xx, and 0 / 1xx / >= 600: no valid final status was recorded
 
