@@ -929,3 +929,32 @@ def test_a_backend_body_of_the_wrong_shape_is_a_502_in_dialect(
     assert response.status_code == 502, response.text
     assert set(response.json()) == {"error"}
     assert "unexpected shape" in response.json()["error"]
+
+
+# ---- load / unload calls ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "output"),
+    [
+        ("/api/generate", {"prompt": ""}, "response"),
+        ("/api/generate", {}, "response"),
+        ("/api/chat", {"messages": []}, "message"),
+        ("/api/chat", {}, "message"),
+    ],
+)
+def test_load_and_unload_calls_answer_at_once_for_known_models_only(
+    http: httpx.Client, path: str, body: dict[str, Any], output: str
+) -> None:
+    """An empty prompt (or chat) loads the model, with keep_alive 0 unloads it (Ollama's
+    warm-up call); an unknown model is a 404, as Ollama's."""
+    loaded = http.post(path, json={"model": "demo-chat", **body})
+    assert loaded.status_code == 200, loaded.text
+    reply = loaded.json()
+    assert reply["done"] is True and reply["done_reason"] == "load"
+    assert reply[output] in ("", {"role": "assistant", "content": ""})
+    unloaded = http.post(path, json={"model": "demo-chat", "keep_alive": 0, **body})
+    assert unloaded.json()["done_reason"] == "unload"
+    unknown = http.post(path, json={"model": "no-such-model", **body})
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "model 'no-such-model' not found"}

@@ -15,7 +15,7 @@ from quart import Blueprint, Response, request
 from . import translate as tr
 from .app import current_call, quart_route
 from .errors import NotFound, ProxyError, error_body_for
-from .exchange import JSON, Call, Handler, Reply, RequestState
+from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_json,
     from_backend,
@@ -85,35 +85,36 @@ async def show() -> Response:
 
 async def chat(call: Call) -> Reply:
     body = validated(tr.validate_ollama_chat, json_object(call))
+    if not body.get("messages"):
+        return await _load_reply(call, "chat", body)
     return await _generate_or_chat(call, "chat", body, tr.ollama_chat_to_openai)
 
 
 async def generate(call: Call) -> Reply:
     body = validated(tr.validate_ollama_generate, json_object(call))
-    if _is_load_request(body):
-        return _load_reply(call.state, body)
+    if not body.get("prompt") and not body.get("images"):
+        return await _load_reply(call, "generate", body)
     return await _generate_or_chat(call, "generate", body, tr.ollama_generate_to_openai)
 
 
-def _is_load_request(body: dict[str, Any]) -> bool:
-    # Ollama answers an empty prompt by loading (or, with keep_alive 0, unloading) the model;
-    # clients use it to warm up. The backend manages loading, so answer at once.
-    return not body.get("prompt") and not body.get("images")
-
-
-def _load_reply(state: RequestState, body: dict[str, Any]) -> Reply:
+async def _load_reply(call: Call, kind: str, body: dict[str, Any]) -> Reply:
+    """Ollama answers an empty prompt (or chat) by loading the model, or with keep_alive 0
+    by unloading it; clients use it to warm up. The backend manages loading, so answer at
+    once, for a model the backend has: an unknown one is a 404, as Ollama's."""
+    name = body["model"]
+    note_model(call.state, name)
+    catalog = call.app.catalog  # type: ignore[attr-defined]
+    if await catalog.find(call, call.app.mapper.to_backend(name)) is None:
+        raise NotFound(f"model '{name}' not found")
     keep_alive = body.get("keep_alive")
-    reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
-    note_model(state, body["model"])
-    return _json_reply(
-        {
-            "model": body["model"],
-            "created_at": tr.utc_timestamp(),
-            "response": "",
-            "done": True,
-            "done_reason": reason,
-        }
-    )
+    reply: dict[str, Any] = {"model": name, "created_at": tr.utc_timestamp()}
+    if kind == "chat":
+        reply["message"] = {"role": "assistant", "content": ""}
+    else:
+        reply["response"] = ""
+    reply["done"] = True
+    reply["done_reason"] = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
+    return _json_reply(reply)
 
 
 async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_openai: Any) -> Reply:
