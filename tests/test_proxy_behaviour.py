@@ -255,6 +255,7 @@ def test_missing_model(http: httpx.Client) -> None:
     assert_ollama_error(http.post("/api/generate", json={"prompt": "hi"}), 400, "model")
     assert_ollama_error(http.post("/api/embed", json={"input": "hi"}), 400, "model")
     assert_ollama_error(http.post("/api/show", json={}), 400, "model")
+    assert_ollama_error(http.post("/api/show", json={"model": 5}), 400, "must be a string")
     assert_ollama_error(http.post("/api/chat", json={"model": 42, "messages": msgs}), 400, "model")
 
 

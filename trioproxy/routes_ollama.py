@@ -73,8 +73,10 @@ async def show() -> Response:
     call = await current_call()
     body = json_object(call)
     name = body.get("model") or body.get("name")
-    if not isinstance(name, str) or not name:
+    if not name:
         raise ProxyError("field 'model' is required", 400, param="model")
+    if not isinstance(name, str):
+        raise ProxyError("field 'model' must be a string", 400, param="model")
     note_model(call.state, name)
     backend_name = call.app.mapper.to_backend(name)
     entry = await call.app.catalog.find(call, backend_name)  # type: ignore[attr-defined]
