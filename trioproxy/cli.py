@@ -162,19 +162,15 @@ def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound here rather than by hypercorn: a port in use is
     one clear line instead of a traceback, and with ``--port 0`` the real port is known
     before any worker starts."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise ListenFailed(f"cannot listen on {_bind(host, port)}: {exc}") from None
+    # the address family follows the host's spelling, as hypercorn's own binding does
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ListenFailed(f"cannot listen on {_bind(host, port)}: {exc.strerror}") from None
+        reason = exc.strerror or str(exc)
+        raise ListenFailed(f"cannot listen on {_bind(host, port)}: {reason}") from None
     sock.set_inheritable(True)
     return sock
 
