@@ -33,6 +33,11 @@ def test_compact_utf8_without_spaces() -> None:
 def test_what_only_the_standard_library_accepts_still_goes_through() -> None:
     big = 2**70
     assert loads(b'{"seed": %d}' % big) == {"seed": big}
+    # orjson decodes these as floats: -9.223372036854776e+18, 1.8446744073709552e+19
+    for exact in (-(2**63) - 1, 2**64, 2**64 + 1, -(10**30) - 7):
+        value = loads(b'{"seed": %d}' % exact)["seed"]
+        assert value == exact and type(value) is int
+        assert loads(f"[{exact}]") == [exact]
     assert compact_json({"seed": big}) == b'{"seed":%d}' % big
     assert math.isnan(loads(b"[NaN]")[0])
     assert compact_json({1: "a"}) == b'{"1":"a"}'

@@ -2,11 +2,12 @@
 
 orjson (a maintained C-extension library) decodes and encodes the bodies several times
 faster than the standard library, which matters twice per request and once per streamed
-line. Where orjson refuses what the standard library accepts (integers beyond 64 bits,
-``NaN``, non-string keys), the standard library answers instead, so the proxy accepts
-every body it accepted before, and a client's malformed body gets the standard library's
-error message. Output differs only in spelling that JSON leaves open (``1e-05`` is written
-``1e-5``) and in ``NaN``, which orjson writes as ``null``, the valid JSON for it."""
+line. Where orjson refuses what the standard library accepts (``NaN``, non-string keys)
+or decodes it inexactly (integers beyond 64 bits), the standard library answers instead,
+so the proxy accepts every body it accepted before, and a client's malformed body gets
+the standard library's error message. Output differs only in spelling that JSON leaves
+open (``1e-05`` is written ``1e-5``) and in ``NaN``, which orjson writes as ``null``, the
+valid JSON for it."""
 
 from __future__ import annotations
 
@@ -30,8 +31,23 @@ def compact_json_text(obj: Any) -> str:
     return compact_json(obj).decode()
 
 
+# A run of 19 digits may be an integer beyond 64 bits, which orjson decodes as an inexact
+# float (-9223372036854775809 -> -9.223372036854776e18); the standard library keeps it
+# exact. Mapping every digit to "1" and looking for 19 of them in a row is the cheapest
+# test found: 0.3 µs on a 300-byte body (a regular expression took 2.8 µs).
+_DIGIT_MAP = bytes(0x31 if 0x30 <= i <= 0x39 else 0x30 for i in range(256))
+_LONG_RUN = b"1" * 19
+
+
+def _has_long_digit_run(data: bytes | str) -> bool:
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return _LONG_RUN in raw.translate(_DIGIT_MAP)
+
+
 def loads(data: bytes | str) -> Any:
     """Decode JSON; raises ``ValueError`` (``json.JSONDecodeError``) on invalid input."""
+    if _has_long_digit_run(data):
+        return json.loads(data)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
