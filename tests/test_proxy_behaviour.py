@@ -494,6 +494,22 @@ def test_429_passed_through_with_retry_after(proxy_no_retry: ServerProcess) -> N
             assert response.headers.get("retry-after") == "0"
 
 
+def test_a_reply_that_breaks_off_mid_body_is_never_replayed(
+    http: httpx.Client, demo_backend: ServerProcess
+) -> None:
+    """A non-stream reply cut off after its headers: the backend did the work, so the
+    proxy answers 502 instead of asking again (MAX_RETRIES=2 here)."""
+    for path in ("/v1/chat/completions", "/api/chat"):
+        request_id = rid()
+        response = http.post(
+            path,
+            json=chat_body(f"[[tokens=200]] [[drop_after=150]] {rid()}", stream=False),
+            headers={"X-Request-ID": request_id},
+        )
+        assert response.status_code == 502, response.text
+        assert len(demo_events_for(demo_backend, request_id)) == 1
+
+
 def test_broken_stream_is_never_replayed(http: httpx.Client, demo_backend: ServerProcess) -> None:
     """A backend stream that breaks after 3 tokens: the client gets exactly those 3 tokens and
     one error line; the backend saw ONE request although the proxy may retry (MAX_RETRIES=2)."""

@@ -276,16 +276,20 @@ class UpstreamPool:
             try:
                 await response.aread()
             except httpx.HTTPError as exc:
-                raise self._transport_failure(exc) from None
+                raise self._transport_failure(exc, body_started=True) from None
             finally:
                 await response.aclose()
         return response, headers_at
 
-    def _transport_failure(self, exc: httpx.HTTPError) -> Exception:
-        """The exception to raise for a transport error: retryable ones are wrapped."""
+    def _transport_failure(self, exc: httpx.HTTPError, *, body_started: bool = False) -> Exception:
+        """The exception to raise for a transport error: retryable ones are wrapped. Once
+        the response has started, nothing is retried: the backend did the work already."""
         unavailable = UpstreamUnavailable(self._describe(exc))
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return _Retryable("connect", unavailable)
+        if isinstance(exc, httpx.RemoteProtocolError) and body_started:
+            self._observer.upstream_error("protocol")
+            return unavailable
         if isinstance(exc, httpx.RemoteProtocolError):
             # a pooled connection the backend had already closed (llama.cpp's server
             # closes after every streamed reply): safe to retry, nothing was sent back
