@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -975,3 +976,39 @@ def test_load_and_unload_calls_answer_at_once_for_known_models_only(
     unknown = http.post(path, json={"model": "no-such-model", **body})
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "model 'no-such-model' not found"}
+
+
+# ---- a backend that fails the model list --------------------------------------------------
+
+
+def test_concurrent_model_lists_share_one_failed_fetch(start_proxy: StartProxy) -> None:
+    """20 clients ask for the model list while the backend hangs up on every connection:
+    they all get the 502 of one fetch (with its retry), not one fetch each in a queue."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def hang_up_on_everyone() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=hang_up_on_everyone, daemon=True).start()
+    try:
+        upstream = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        proxy = start_proxy(upstream, MAX_RETRIES="1", RETRY_BACKOFF="0.01")
+
+        def ask(path: str) -> int:
+            return httpx.get(proxy.url + path, timeout=30).status_code
+
+        paths = ["/api/tags", "/v1/models"] * 10
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            statuses = list(pool.map(ask, paths))
+        assert statuses == [502] * 20
+        # one fetch and its retry, plus the readiness check's; one fetch each would be ~40
+        assert 2 <= len(accepted) <= 6, len(accepted)
+    finally:
+        listener.close()

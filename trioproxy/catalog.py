@@ -10,28 +10,42 @@ from typing import Any
 
 import trio
 
-from .errors import UpstreamStatusError
+from .errors import ProxyError, UpstreamStatusError
 from .exchange import Call
 from .forward import call_json
 
 CACHE_SECONDS = 5.0
+FAILURE_CACHE_SECONDS = 1.0
+"""How long a failed fetch answers for the next ones. Requests that queued behind it
+get its error at once instead of each trying again, with retries, one after another."""
 
 
 class ModelCatalog:
     def __init__(self) -> None:
         self._models: list[dict[str, Any]] = []
         self._fetched_at = -1e9
+        self._failure: ProxyError | None = None
+        self._failed_at = -1e9
         self._lock = trio.Lock()
 
     async def models(self, call: Call) -> list[dict[str, Any]]:
         if trio.current_time() - self._fetched_at < CACHE_SECONDS:
             return self._models
         async with self._lock:
-            if trio.current_time() - self._fetched_at >= CACHE_SECONDS:
+            now = trio.current_time()
+            if now - self._fetched_at < CACHE_SECONDS:
+                return self._models
+            if self._failure is not None and now - self._failed_at < FAILURE_CACHE_SECONDS:
+                raise self._failure.with_traceback(None)
+            try:
                 payload, _ = await call_json(call, "/models", None, method="GET")
-                data = payload.get("data") if isinstance(payload, dict) else None
-                self._models = [m for m in data or [] if isinstance(m, dict) and "id" in m]
-                self._fetched_at = trio.current_time()
+            except ProxyError as failure:
+                self._failure, self._failed_at = failure, trio.current_time()
+                raise
+            data = payload.get("data") if isinstance(payload, dict) else None
+            self._models = [m for m in data or [] if isinstance(m, dict) and "id" in m]
+            self._fetched_at = trio.current_time()
+            self._failure = None
         return self._models
 
     async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
