@@ -586,3 +586,76 @@ def test_api_key_is_sent_to_the_backend(start_proxy: StartProxy, echoing_backend
     assert response.json()["error"] == "Incorrect API key provided: ***"
     without = start_proxy(echoing_backend, MAX_RETRIES="0")
     assert chat(without.url, "plain").json()["error"] == "Incorrect API key provided: "
+
+
+# ---- stopping --------------------------------------------------------------------------------
+
+
+def _stream_in_thread(url: str, tokens: int, delay: float) -> tuple[threading.Thread, list[str]]:
+    """Read an /api/chat stream in a thread; the lines (or the error) land in the list."""
+    lines: list[str] = []
+
+    def read() -> None:
+        text = f"hi [[tokens={tokens}]] [[delay={delay}]]"
+        body = {"model": "demo-chat", "messages": [{"role": "user", "content": text}]}
+        try:
+            with httpx.stream("POST", url + "/api/chat", json=body, timeout=30) as response:
+                lines.extend(response.iter_lines())
+        except httpx.HTTPError as exc:
+            lines.append(f"broken: {exc!r}")
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, lines
+
+
+def _start_demo_proxy(workers: int, **env: str) -> ServerProcess:
+    from .conftest import _spawn
+
+    args = ["-m", "trioproxy", "--demo", "--host", "127.0.0.1", "--port", "0",
+            "--workers", str(workers), "--env-file", "/nonexistent"]  # fmt: skip
+    return _spawn(args, base_env(DEMO_TOKEN_DELAY="0.01", **env), timeout=30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_a_stream_in_flight_finish(workers: int) -> None:
+    """With two workers, hypercorn's master sends SIGTERM to a busy worker as soon as the
+    idle one has exited; the workers ignore it and drain like a single process does."""
+    server = _start_demo_proxy(workers)
+    try:
+        import socket
+
+        host, port = server.url.removeprefix("http://").split(":")
+        socket.create_connection((host, int(port)), timeout=2).close()  # listening already
+        wait_healthy(server.url, timeout=30)
+        thread, lines = _stream_in_thread(server.url, tokens=20, delay=0.1)
+        time.sleep(0.6)  # the stream is under way
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(timeout=15)
+        assert server.process.wait(timeout=15) == 0
+        assert lines and json.loads(lines[-1])["done"] is True, lines[-3:]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_signal_stops_at_once(workers: int) -> None:
+    server = _start_demo_proxy(workers, GRACEFUL_TIMEOUT="30")
+    try:
+        wait_healthy(server.url, timeout=30)
+        thread, _ = _stream_in_thread(server.url, tokens=300, delay=0.1)
+        time.sleep(0.6)
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        code = server.process.wait(timeout=15)
+        assert time.monotonic() - started < 10  # not the 30 s drain
+        thread.join(timeout=5)
+        server.reader.join(timeout=5)  # type: ignore[union-attr]
+        log = server.log()
+        assert code == 0, log
+        assert "stopping now (second signal)" in log
+        assert "Traceback" not in log
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 from typing import Any
 
 import trio
@@ -23,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, fastpath
 from . import hypercorn_patches as _hypercorn_patches  # noqa: F401  (applies the P1 fix)
-from .config import ENV_FILE_VARIABLE, Settings, load_settings
+from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, Settings, load_settings
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
     OVERHEAD_HEADER,
@@ -117,6 +118,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         settings = load_settings(dotenv_path=env_file or None, **overrides)
         configure_logging(settings.log_level, settings.log_format, (settings.api_key or "",))
     settings.require_upstream()
+    if os.environ.get(WORKER_VARIABLE) == "1":
+        _drain_on_hypercorns_event_only()
 
     app = ProxyApp(__name__)
     app.settings = settings
@@ -190,6 +193,14 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
 async def current_call() -> Call:
     """The ``Call`` for a request Quart is serving (the body read within Quart's limits)."""
     return Call(request_app(), request_state(), request.path, await request.get_data())
+
+
+def _drain_on_hypercorns_event_only() -> None:
+    """In a worker of ``--workers N``: ignore SIGTERM. hypercorn's master stops its workers
+    through a shared event, on which each drains its requests for ``GRACEFUL_TIMEOUT``; but
+    as soon as one worker has exited (an idle one at once) it sends SIGTERM to the others,
+    which by default ends them on the spot, streams and all. SIGKILL still stops a worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:

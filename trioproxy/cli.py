@@ -9,20 +9,24 @@ built-in backend in this process tree, in its own nursery, before the proxy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from . import __version__
-from .config import ENV_FILE_VARIABLE, ConfigError, Settings, load_settings
+from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, ConfigError, Settings, load_settings
 from .logs import configure_logging
+
+LISTEN_BACKLOG = 100  # hypercorn's default; it calls listen() again with its own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +85,8 @@ def _run(settings: Settings) -> None:
         trio.run(serve, settings)
     except* (WorkersFailed, ListenFailed) as group:
         raise group.exceptions[0] from None
+    except* KeyboardInterrupt:
+        raise KeyboardInterrupt from None  # Ctrl-C before the signal watcher took over
 
 
 async def serve(settings: Settings) -> None:
@@ -105,11 +111,24 @@ async def serve(settings: Settings) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _until_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def watch_signals(
+    drain: Callable[[], None],
+    stop_now: Callable[[], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGTERM or SIGINT: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``); a second
+    one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a traceback."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
+        draining = False
         async for _ in signals:
-            return
+            if draining:
+                print("trioproxy: stopping now (second signal)", file=sys.stderr, flush=True)
+                stop_now()
+                return
+            draining = True
+            drain()
 
 
 async def serve_in_process(settings: Settings) -> None:
@@ -123,22 +142,18 @@ async def serve_in_process(settings: Settings) -> None:
     config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-
-        async def watch_signals() -> None:
-            await _until_signal()
-            stop.set()
-
-        nursery.start_soon(watch_signals)
-        binds = await nursery.start(
-            partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-        )
-        # the real address, so ``--port 0`` is usable by tests and supervisors
-        print(
-            f"trioproxy {__version__} listening on {binds[0]}",
-            file=sys.stderr,
-            flush=True,
-        )
-        await stop.wait()
+        await nursery.start(watch_signals, stop.set, nursery.cancel_scope.cancel)
+        async with trio.open_nursery() as server:
+            binds = await server.start(
+                partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            )
+            # the real address, so ``--port 0`` is usable by tests and supervisors
+            print(
+                f"trioproxy {__version__} listening on {binds[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
+        nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
 
 
@@ -171,6 +186,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         reason = exc.strerror or str(exc)
         raise ListenFailed(f"cannot listen on {_bind(host, port)}: {reason}") from None
+    sock.listen(LISTEN_BACKLOG)  # connections queue from now on, before any worker runs
     sock.set_inheritable(True)
     return sock
 
@@ -184,7 +200,9 @@ async def serve_workers(settings: Settings) -> None:
     it cleanly."""
     listener = listen(settings.host, settings.port)
     host, port = listener.getsockname()[:2]
-    metrics_dir = Path(tempfile.mkdtemp(prefix="trioproxy-metrics-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="trioproxy-"))
+    metrics_dir = run_dir / "metrics"
+    metrics_dir.mkdir()
     env = dict(os.environ)
     env.update(_child_env(settings))
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -193,8 +211,8 @@ async def serve_workers(settings: Settings) -> None:
         "--worker-class", "trio",
         "--workers", str(settings.workers),
         "--bind", f"fd://{listener.fileno()}",
-        "--keep-alive", str(max(1, round(settings.keep_alive_timeout))),
-        "--graceful-timeout", str(max(1, round(settings.graceful_timeout))),
+        # hypercorn's flags take whole seconds; its config file keeps 2.5 as 2.5
+        "--config", str(_timeouts_file(run_dir / "hypercorn.toml", settings)),
         "--log-level", settings.log_level,
         "trioproxy.app:create_app()",
     ]  # fmt: skip
@@ -207,6 +225,9 @@ async def serve_workers(settings: Settings) -> None:
                     env=env,
                     check=False,
                     pass_fds=(listener.fileno(),),
+                    # its own process group: a signal to ours (systemd, a terminal) must not
+                    # reach the workers directly, or they stop without draining
+                    start_new_session=True,
                 )
             )
             listener.close()  # the child has its own copy
@@ -217,18 +238,32 @@ async def serve_workers(settings: Settings) -> None:
                 flush=True,
             )
 
-            async def forward_signal() -> None:
-                await _until_signal()
-                process.send_signal(signal.SIGTERM)
+            killed = False
 
-            nursery.start_soon(forward_signal)
+            def stop_now() -> None:
+                nonlocal killed
+                killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+            await nursery.start(
+                watch_signals, partial(process.send_signal, signal.SIGTERM), stop_now
+            )
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
         listener.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    if returncode not in (0, -signal.SIGTERM):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if returncode not in (0, -signal.SIGTERM) and not killed:
         raise WorkersFailed(returncode)
+
+
+def _timeouts_file(path: Path, settings: Settings) -> Path:
+    path.write_text(
+        f"keep_alive_timeout = {settings.keep_alive_timeout!r}\n"
+        f"graceful_timeout = {settings.graceful_timeout!r}\n"
+    )
+    return path
 
 
 class WorkersFailed(Exception):
@@ -245,6 +280,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "OPENAI_API_BASE_URL": settings.upstream_url or "",
         "LOG_LEVEL": settings.log_level,
         "WORKERS": "1",
+        WORKER_VARIABLE: "1",
         ENV_FILE_VARIABLE: str(Path(env_file).resolve()) if env_file else "",
     }
     if settings.api_key:

@@ -22,6 +22,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV_FILE_VARIABLE = "TRIOPROXY_ENV_FILE"
 """Names the dotenv file ``create_app()`` reads when it builds its own settings (default
 ``.env``; empty for none). ``--workers`` sets it for its workers to the ``--env-file``."""
+WORKER_VARIABLE = "TRIOPROXY_WORKER"
+"""``1`` in the hypercorn workers that ``--workers N`` starts (see ``app.create_app``)."""
 
 
 class ConfigError(ValueError):
