@@ -124,6 +124,21 @@ def test_many_short_lines_under_limit_ok() -> None:
     assert [e.data for e in events] == [str(i) for i in range(1000)]
 
 
+def test_an_event_of_many_short_data_lines_is_bounded_too() -> None:
+    """Every line is short, but no blank line ends the event: its data must not grow
+    without bound (the fast path and the general path both count)."""
+    parser = SSEParser(max_line_bytes=64)
+    assert parser.feed(b"data: 0123456789\n" * 6) == []  # 60 characters held
+    with pytest.raises(SSEProtocolError, match="event exceeds"):
+        parser.feed(b"data: 0123456789\n")
+    general = SSEParser(max_line_bytes=64)
+    general.feed(b"data: 0123456789\r" * 5 + b"data: 0123456789abcdef")
+    with pytest.raises(SSEProtocolError, match="event exceeds"):
+        general.close()  # the unfinished last line goes through _process_line
+    # many events, each under the limit, are fine
+    assert len(parse_all(b"data: 0123456789\ndata: x\n\n" * 100, max_line_bytes=64)) == 100
+
+
 def test_is_a_value_error() -> None:
     assert issubclass(SSEProtocolError, ValueError)
 

@@ -54,11 +54,13 @@ class SSEParser:
     until another ``id:`` line changes it. ``retry:`` and unknown fields are ignored.
 
     Memory is bounded: an incomplete line longer than ``max_line_bytes`` raises
-    :class:`SSEProtocolError`, as does any complete line over the limit.
+    :class:`SSEProtocolError`, as does any complete line over the limit, and an event whose
+    data lines add up to more than that many characters.
     """
 
     __slots__ = (
         "_data",
+        "_data_size",
         "_decoder",
         "_event",
         "_id",
@@ -82,6 +84,7 @@ class SSEParser:
         self._skip_lf = False
         self._started = False  # a leading BOM is stripped once, per spec
         self._data: list[str] = []
+        self._data_size = 0  # characters in _data: an event is bounded like a line
         self._event: str | None = None
         self._id: str | None = None
 
@@ -145,7 +148,11 @@ class SSEParser:
             if len(line) > quick_max:
                 self._check_line(line)
             if line.startswith("data:"):
-                self._data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+                value = line[6:] if line.startswith(" ", 5) else line[5:]
+                self._data.append(value)
+                self._data_size += len(value)
+                if self._data_size > self._max:
+                    self._event_too_large()
             elif line:
                 self._process_line(line, events)
             else:
@@ -175,7 +182,7 @@ class SSEParser:
         # Fast path for the line that makes up nearly all of a chat stream.
         if line.startswith("data:"):
             value = line[5:]
-            self._data.append(value[1:] if value.startswith(" ") else value)
+            self._add_data(value[1:] if value.startswith(" ") else value)
             return
         if line[0] == ":":
             return  # comment, typically a keep-alive
@@ -185,15 +192,25 @@ class SSEParser:
         if name == "event":
             self._event = value or None
         elif name == "data":  # "data" alone on a line: an empty data line
-            self._data.append(value)
+            self._add_data(value)
         elif name == "id":
             if "\0" not in value:  # per spec an id containing NUL is ignored
                 self._id = value or None
+
+    def _add_data(self, value: str) -> None:
+        self._data.append(value)
+        self._data_size += len(value)
+        if self._data_size > self._max:
+            self._event_too_large()
+
+    def _event_too_large(self) -> None:
+        raise SSEProtocolError(f"SSE event exceeds {self._max} characters of data")
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         if self._data:
             events.append(SSEEvent("\n".join(self._data), self._event, self._id))
             self._data = []
+            self._data_size = 0
         # The event type is per event even when nothing was dispatched; the id persists.
         self._event = None
 
