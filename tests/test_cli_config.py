@@ -659,3 +659,24 @@ def test_a_second_signal_stops_at_once(workers: int) -> None:
         assert "Traceback" not in log
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streams_longer_than_the_grace_period_end_in_band(workers: int) -> None:
+    """hypercorn would cut them mid-chunk when GRACEFUL_TIMEOUT runs out; they end a
+    little before, with one error line in their dialect and a proper end of response."""
+    server = _start_demo_proxy(workers, GRACEFUL_TIMEOUT="1.5")
+    try:
+        wait_healthy(server.url, timeout=30)
+        thread, lines = _stream_in_thread(server.url, tokens=100, delay=0.1)
+        time.sleep(0.6)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(timeout=15)
+        assert server.process.wait(timeout=15) == 0
+        assert time.monotonic() - started < 5  # not the 10 s the stream would take
+        assert not any(line.startswith("broken") for line in lines), lines[-2:]
+        last = json.loads(lines[-1])
+        assert set(last) == {"error"} and "shutting down" in last["error"]
+    finally:
+        server.stop()

@@ -230,3 +230,45 @@ async def test_a_server_that_never_reports_the_disconnect_does_not_hold_the_requ
     sent, took = await _serve_answered(app, [])
     assert sent[0]["status"] == 200
     assert took == pytest.approx(fastpath._WATCHER_GRACE_SECONDS)
+
+
+async def test_a_shutdown_ends_open_streams_in_band_and_counts_them(app: ProxyApp) -> None:
+    """hypercorn announces its graceful shutdown (``OpenStreams.begin_shutdown``): streams
+    still running a little before the grace period ends get one error line in their
+    dialect and a proper end, and count as 503 errors, not as completed or cancelled."""
+    text = "hi [[tokens=200]] [[delay=0.05]]"
+    requests = {
+        "/api/chat": {"model": "demo-chat", "messages": [{"role": "user", "content": text}]},
+        "/v1/chat/completions": {
+            "model": "demo-chat",
+            "messages": [{"role": "user", "content": text}],
+            "stream": True,
+        },
+    }
+    replies: dict[str, Any] = {}
+
+    async def ask(path: str) -> None:
+        replies[path] = await _post(app, path, requests[path])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for path in requests:
+                nursery.start_soon(ask, path)
+            while len(app.open_streams) < 2:  # noqa: ASYNC110  (nothing to wait on)
+                await trio.sleep(0.01)
+            app.open_streams.begin_shutdown(0.4)  # streams end at +0.3 s, not after 10 s
+
+    ndjson = (await replies["/api/chat"].get_data()).decode().splitlines()
+    assert json.loads(ndjson[-1]) == {"error": fastpath.SHUTDOWN_MESSAGE}
+    assert json.loads(ndjson[-2])["done"] is False  # cut short, after some tokens
+    events = (await replies["/v1/chat/completions"].get_data()).decode().split("\n\n")
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["message"] == fastpath.SHUTDOWN_MESSAGE
+    assert error["code"] == "service_unavailable"
+    assert len(app.open_streams) == 0
+    exposition = app.collector.render_prometheus()[0].decode()
+    for endpoint in ("api_chat", "v1_chat_completions"):
+        assert re.search(
+            rf'http_requests_total{{[^}}]*endpoint="{endpoint}"[^}}]*status="503"}} 1\.0',
+            exposition,
+        )

@@ -22,8 +22,11 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, fastpath
-from . import hypercorn_patches as _hypercorn_patches  # noqa: F401  (applies the P1 fix)
+from . import (
+    __version__,
+    fastpath,
+    hypercorn_patches,  # applies its fixes on import
+)
 from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, Settings, load_settings
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
@@ -92,6 +95,7 @@ class ProxyApp(QuartTrio):
     mapper: ModelMapper
     pool: UpstreamPool | None
     fast_routes: dict[str, Handler]
+    open_streams: fastpath.OpenStreams
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
     secret: bytes | None = None  # the backend API key, masked in every reply body
@@ -162,6 +166,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.register_blueprint(ollama_routes)
     app.register_blueprint(openai_routes)
     app.fast_routes = {**ollama_fast_routes, **openai_fast_routes}
+    app.open_streams = fastpath.OpenStreams()
     _register_error_handlers(app)
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
     app.catalog = ModelCatalog()  # type: ignore[attr-defined]
@@ -242,17 +247,23 @@ def _settle_garbage_collector() -> None:
 
 async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """The app's own tasks (metrics publisher, sampler, readiness checks, backend read
-    deadlines), owned by the lifespan nursery."""
-    with app.background_scope:  # type: ignore[attr-defined]
-        async with trio.open_nursery() as nursery:
-            if app.collector.enabled:
-                await nursery.start(app.collector.run_publisher)
-            if app.collector.enabled and app.settings.system_metrics_enabled:
-                await nursery.start(app.collector.run_system_sampler)
-            await nursery.start(app.readiness.run, app)  # type: ignore[attr-defined]
-            if app.pool is not None:
-                await nursery.start(app.pool.read_deadlines.run)
-            task_status.started()
+    deadlines), owned by the lifespan nursery; and, while they run, the app hears when
+    hypercorn begins its graceful shutdown (streams then end in-band before it is over)."""
+    grace = app.settings.graceful_timeout
+    stop_listening = hypercorn_patches.on_shutdown(lambda: app.open_streams.begin_shutdown(grace))
+    try:
+        with app.background_scope:  # type: ignore[attr-defined]
+            async with trio.open_nursery() as nursery:
+                if app.collector.enabled:
+                    await nursery.start(app.collector.run_publisher)
+                if app.collector.enabled and app.settings.system_metrics_enabled:
+                    await nursery.start(app.collector.run_system_sampler)
+                await nursery.start(app.readiness.run, app)  # type: ignore[attr-defined]
+                if app.pool is not None:
+                    await nursery.start(app.pool.read_deadlines.run)
+                task_status.started()
+    finally:
+        stop_listening()
 
 
 def _register_error_handlers(app: ProxyApp) -> None:

@@ -13,7 +13,9 @@ including other methods on these paths (405, CORS preflight), goes through Quart
 from __future__ import annotations
 
 import logging
-from contextlib import aclosing
+import math
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -31,6 +33,7 @@ from .exchange import (
     new_state,
     proxy_error_reply,
 )
+from .relay import in_band_error
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -75,7 +78,8 @@ async def serve(
             # from here on, the client leaving cancels everything below, backend call included
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
             reply = await _run(handler, Call(app, state, path, body))
-        await _write(counting_send, reply, tracked, app.cors_headers(headers.get("origin")))
+        cors = app.cors_headers(headers.get("origin"))
+        await _write(counting_send, reply, tracked, cors, app.open_streams)
         # hypercorn hands the app http.disconnect once the response is complete, which ends
         # the watcher without a cancellation (unwinding one costs as much as the watcher);
         # the deadline only guards against a server that would not
@@ -142,7 +146,11 @@ async def _run(handler: Handler, call: Call) -> Reply:
 
 
 async def _write(
-    send: CountingSend, reply: Reply, tracked: Tracked, extra: list[tuple[str, str]]
+    send: CountingSend,
+    reply: Reply,
+    tracked: Tracked,
+    extra: list[tuple[str, str]],
+    streams: OpenStreams,
 ) -> None:
     headers = [(b"content-type", reply.content_type.encode("latin-1"))]
     headers += [_encoded(item) for item in reply.headers.items()]
@@ -155,10 +163,61 @@ async def _write(
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    async with aclosing(body) as chunks:  # type: ignore[type-var]
-        async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    with streams.tracking() as scope:
+        async with aclosing(body) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    if scope.cancelled_caught:  # the proxy is shutting down: end in-band, not mid-chunk
+        end = in_band_error(reply.content_type, SHUTDOWN_MESSAGE, code="service_unavailable")
+        if end:
+            await send({"type": "http.response.body", "body": end, "more_body": True})
+        _note_shutdown(tracked)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+SHUTDOWN_MESSAGE = "the proxy is shutting down; the stream ended before the backend finished"
+
+
+def _note_shutdown(tracked: Tracked) -> None:
+    metric = tracked.state.metric
+    if metric is not None:
+        metric.status_code = 503  # the effective status of a stream cut short by us
+        metric.stream_outcome = "error"
+
+
+class OpenStreams:
+    """The streamed responses being written, so that a shutdown can end them in-band a
+    little before hypercorn's grace period runs out and it cuts them mid-chunk.
+
+    Each stream runs in a cancel scope of its own (entered once per stream, around the
+    writing loop, never inside the relay's generator); ``begin_shutdown`` gives every scope,
+    and every later one, the deadline ``grace - margin`` from now."""
+
+    __slots__ = ("_end_at", "_scopes")
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self._end_at = math.inf
+
+    def begin_shutdown(self, grace: float) -> None:
+        self._end_at = trio.current_time() + grace - min(SHUTDOWN_MARGIN, grace / 4)
+        for scope in self._scopes:
+            scope.deadline = min(scope.deadline, self._end_at)
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    @contextmanager
+    def tracking(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope(deadline=self._end_at) as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+
+SHUTDOWN_MARGIN = 0.5  # seconds before the grace period ends that streams are ended
 
 
 def _encoded(item: tuple[str, str]) -> tuple[bytes, bytes]:

@@ -25,6 +25,11 @@ request cancellation, and its cost per request.
    cancellation can never cut a response in the middle of its framing. Paired A/B: 175-200
    µs less CPU per proxied request at 32-64 concurrent requests (docs/performance.md).
 
+5. **Shutdown is announced.** ``on_shutdown(listener)`` calls ``listener()`` when hypercorn
+   begins its graceful shutdown (its worker context's ``terminated`` event is set, just
+   before requests in flight get ``graceful_timeout`` seconds), so the app can end long
+   streams in-band before that time runs out and hypercorn cuts them mid-chunk.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -35,6 +40,7 @@ cannot silently undo them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -43,6 +49,7 @@ import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Body, EndBody
+from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 
 from .netstream import send_what_fits
 
@@ -183,6 +190,33 @@ async def _stream_send(self: Any, event: Any) -> None:
     await _original_stream_send(self, event)
 
 
+_shutdown_listeners: list[Callable[[], None]] = []
+
+
+def on_shutdown(listener: Callable[[], None]) -> Callable[[], None]:
+    """Call ``listener()`` (from hypercorn's task, so it must not block) when hypercorn
+    begins its graceful shutdown; returns the function that unsubscribes it."""
+    _shutdown_listeners.append(listener)
+    return lambda: _shutdown_listeners.remove(listener)
+
+
+class _AnnouncedShutdown(EventWrapper):
+    async def set(self) -> None:
+        first = not self.is_set()
+        await super().set()
+        if first:
+            for listener in list(_shutdown_listeners):
+                listener()
+
+
+_original_context_init = WorkerContext.__init__
+
+
+def _context_init(self: Any, max_requests: int | None) -> None:
+    _original_context_init(self, max_requests)
+    self.terminated = _AnnouncedShutdown()
+
+
 if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     _init._trioproxy_patched = True  # type: ignore[attr-defined]
     tcp_server.TCPServer.__init__ = _init  # type: ignore[method-assign]
@@ -190,3 +224,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
     h11_protocol.H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     h11_protocol.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
+    WorkerContext.__init__ = _context_init  # type: ignore[method-assign]

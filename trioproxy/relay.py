@@ -251,6 +251,16 @@ async def relay_openai(
         yield openai_error_event(error, "api_error", code)
 
 
+def in_band_error(content_type: str, message: str, *, code: str | None = None) -> bytes | None:
+    """The line that ends a stream of this content type early, in its dialect: what
+    ollama clients raise as ``ResponseError``, the openai SDK as ``APIError``."""
+    if content_type == NDJSON:
+        return dumps({"error": message}) + b"\n"
+    if content_type == EVENT_STREAM:
+        return openai_error_event(message, "api_error", code)
+    return None
+
+
 def _stream_broke(
     exc: Exception, metric: RequestMetrics | None, collector: MetricsCollector
 ) -> str:

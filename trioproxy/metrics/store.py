@@ -10,7 +10,8 @@ Status semantics (shared by the counters in :mod:`.prom` and the window here):
 
 * **effective status** = ``status_code``, except streams that ended abnormally while the
   status line still said success (or no status was set): cancelled -> 499, timeout -> 504,
-  upstream error -> 502.  A stream whose status is already an error keeps it.
+  upstream error -> 502.  A stream whose status is already an error keeps it (the proxy
+  shutting down sets 503 itself, see ``fastpath``).
 * **classes**: success = 2xx/3xx; client_error = 4xx except 499, and 501 (a feature not
   offered, such as Ollama's model management: asking again cannot succeed, and nothing
   failed); cancelled = 499; error = the other 5xx and any invalid/unset status (so an
