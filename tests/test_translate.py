@@ -555,6 +555,17 @@ def test_generate_response() -> None:
     assert out["response"] == "" and "thinking" not in out
 
 
+def test_generate_response_keeps_tool_calls_at_the_top_level() -> None:
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    resp = _chat_resp({"content": None, "tool_calls": [call]}, "tool_calls")
+    out = openai_chat_to_ollama_generate(resp, "m", CREATED, TIMINGS)
+    assert out["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert out["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert out["response"] == "" and out["done_reason"] == "stop"
+    GenerateResponse.model_validate(out)
+
+
 def test_parse_tool_arguments() -> None:
     assert parse_tool_arguments('{"a": 1}') == {"a": 1}
     assert parse_tool_arguments({"a": 1}) == {"a": 1}

@@ -685,11 +685,9 @@ def openai_chat_to_ollama_chat(
     thinking = _thinking(msg)
     if thinking:
         message["thinking"] = thinking
-    calls = msg.get("tool_calls")
-    if not calls and isinstance(msg.get("function_call"), dict):  # legacy single-call form
-        calls = [{"function": msg["function_call"]}]
+    calls = _message_tool_calls(msg)
     if calls:
-        message["tool_calls"] = _ollama_tool_calls(c for c in calls if isinstance(c, dict))
+        message["tool_calls"] = calls
     return {
         "model": model,
         "created_at": created_at,
@@ -712,8 +710,21 @@ def openai_chat_to_ollama_generate(
     thinking = _thinking(msg)
     if thinking:
         out["thinking"] = thinking
+    calls = _message_tool_calls(msg)
+    if calls:  # as the streamed /api/generate carries them: at the top level
+        out["tool_calls"] = calls
     out.update(_final_fields(resp, choice.get("finish_reason"), timings))
     return out
+
+
+def _message_tool_calls(msg: JSONDict) -> list[JSONDict]:
+    """A response message's tool calls in Ollama's form (also the legacy single call)."""
+    calls = msg.get("tool_calls")
+    if not calls and isinstance(msg.get("function_call"), dict):  # legacy single-call form
+        calls = [{"function": msg["function_call"]}]
+    if not isinstance(calls, list):
+        return []
+    return _ollama_tool_calls(c for c in calls if isinstance(c, dict))
 
 
 # ---------------------------------------------------------------------------------------------
