@@ -511,6 +511,22 @@ def test_a_reply_that_breaks_off_mid_body_is_never_replayed(
         assert len(demo_events_for(demo_backend, request_id)) == 1
 
 
+def test_a_stream_that_breaks_before_its_first_line_gets_a_real_status(
+    http: httpx.Client, demo_backend: ServerProcess
+) -> None:
+    """The backend hangs up after its role chunk: an Ollama client has received nothing yet
+    (the role chunk makes no line), so it gets a 502 in its dialect, not 200 and one line;
+    the backend saw one request."""
+    request_id = rid()
+    response = http.post(
+        "/api/chat",
+        json=chat_body(f"[[drop_after=0]] {rid()}"),
+        headers={"X-Request-ID": request_id},
+    )
+    assert_ollama_error(response, 502, "broke")
+    assert len(demo_events_for(demo_backend, request_id)) == 1
+
+
 def test_broken_stream_is_never_replayed(http: httpx.Client, demo_backend: ServerProcess) -> None:
     """A backend stream that breaks after 3 tokens: the client gets exactly those 3 tokens and
     one error line; the backend saw ONE request although the proxy may retry (MAX_RETRIES=2)."""
@@ -605,6 +621,8 @@ def test_idle_timeout_is_per_gap_not_total(idle_proxy: ServerProcess) -> None:
 
 
 def test_first_token_timeout(first_token_proxy: ServerProcess) -> None:
+    """Nothing was sent yet when the deadline passes: a real 504 in the caller's dialect
+    (the reference: before the first byte, a status; after it, an in-band line)."""
     started = time.monotonic()
     response = httpx.post(
         first_token_proxy.url + "/api/chat",
@@ -612,17 +630,20 @@ def test_first_token_timeout(first_token_proxy: ServerProcess) -> None:
         timeout=10,
     )
     assert time.monotonic() - started < 2.5
-    lines = ndjson(response.text)
-    assert len(lines) == 1 and set(lines[0]) == {"error"}
-    assert "STREAM_FIRST_TOKEN_TIMEOUT" in lines[0]["error"]
+    message = assert_ollama_error(response, 504, "STREAM_FIRST_TOKEN_TIMEOUT")
+    assert message
 
+    # /v1 relays the backend's bytes as they come: its role chunk went out already, so
+    # the deadline ends the stream in band
     response = httpx.post(
         first_token_proxy.url + "/v1/chat/completions",
         json=chat_body(f"[[first_delay=3]] {rid()}", stream=True),
         timeout=10,
     )
-    events = sse_events(response.text)
-    assert "STREAM_FIRST_TOKEN_TIMEOUT" in json.loads(events[-1])["error"]["message"]
+    assert response.status_code == 200
+    error = json.loads(sse_events(response.text)[-1])["error"]
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in error["message"]
+    assert error["code"] == "stream_timeout"
 
     # a reply that starts in time is not affected
     ok = httpx.post(

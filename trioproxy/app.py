@@ -13,6 +13,8 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -40,6 +42,7 @@ from .exchange import (
     internal_error_reply,
     masked,
     new_state,
+    primed,
     proxy_error_reply,
 )
 from .logs import configure_logging
@@ -213,19 +216,29 @@ def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:
 
     async def view() -> Response:
         call = await current_call()
-        return reply_response(masked(await handler(call), call.app.secret))
+        return reply_response(await primed(masked(await handler(call), call.app.secret)))
 
     view.__name__ = "fast_" + path.strip("/").replace("/", "_")
     blueprint.add_url_rule(path, view_func=view, methods=["POST"])
 
 
 def reply_response(reply: Reply) -> Response:
-    response = Response(reply.body, status=reply.status, content_type=reply.content_type)
+    body = reply.body
+    if reply.first is not None and not isinstance(body, bytes):
+        body = _after(reply.first, body)
+    response = Response(body, status=reply.status, content_type=reply.content_type)
     for name, value in reply.headers.items():
         response.headers[name] = value
     if not isinstance(reply.body, bytes):
         response.timeout = None
     return response
+
+
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async with aclosing(rest):  # type: ignore[type-var]
+        async for chunk in rest:
+            yield chunk
 
 
 YOUNG_COLLECTION_THRESHOLD = 10_000

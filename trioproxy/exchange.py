@@ -62,9 +62,20 @@ class Reply:
     body: bytes | AsyncIterator[bytes]
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
+    first: bytes | None = None  # a stream's first chunk, read before the response starts
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
+
+
+async def primed(reply: Reply) -> Reply:
+    """A stream's reply once its first chunk is there (``reply.first``). Until then nothing
+    has been sent, so a failure before it (the first-token deadline, an error event from the
+    backend, a broken connection) raises its ``ProxyError`` from the stream and gets a real
+    status and a JSON body in the caller's dialect, not a 200 and one error line."""
+    if not isinstance(reply.body, bytes):
+        reply.first = await anext(reply.body, None)
+    return reply
 
 
 def masked(reply: Reply, secret: bytes | None) -> Reply:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from .exchange import (
     Handler,
     Reply,
     Tracked,
+    error_reply,
     internal_error_reply,
     masked,
     new_state,
@@ -42,6 +43,7 @@ log = logging.getLogger("trioproxy")
 
 _WANTED_HEADERS = frozenset({b"x-request-id", b"content-length", b"origin"})
 _WATCHER_GRACE_SECONDS = 1.0
+Header = tuple[bytes, bytes]
 
 
 class ClientLeft(Exception):
@@ -77,9 +79,15 @@ async def serve(
         else:
             # from here on, the client leaving cancels everything below, backend call included
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
-            reply = await _run(handler, Call(app, state, path, body))
+            call = Call(app, state, path, body)
+            reply = await _run(handler, call)
         cors = app.cors_headers(headers.get("origin"))
-        await _write(counting_send, reply, tracked, cors, app.open_streams)
+        head = _head(reply, tracked, cors)  # X-Proxy-Overhead-Ms: up to the backend's headers
+        if not isinstance(reply.body, bytes):
+            failed = await _first_chunk(reply, call, app.open_streams)
+            if failed is not None:
+                reply, head = failed, _head(failed, tracked, cors)
+        await _write(counting_send, reply, head, tracked, app.open_streams)
         # hypercorn hands the app http.disconnect once the response is complete, which ends
         # the watcher without a cancellation (unwinding one costs as much as the watcher);
         # the deadline only guards against a server that would not
@@ -139,23 +147,51 @@ async def _run(handler: Handler, call: Call) -> Reply:
     try:
         return masked(await handler(call), call.app.secret)
     except ProxyError as error:
-        return proxy_error_reply(error, call.path, call.app.settings.api_key, call.state)
+        return _failure(error, call)
     except Exception:
         log.exception("unhandled error while serving POST %s", call.path)
         return internal_error_reply(call.path)
 
 
-async def _write(
-    send: CountingSend,
-    reply: Reply,
-    tracked: Tracked,
-    extra: list[tuple[str, str]],
-    streams: OpenStreams,
-) -> None:
+def _failure(error: ProxyError, call: Call) -> Reply:
+    return proxy_error_reply(error, call.path, call.app.settings.api_key, call.state)
+
+
+async def _first_chunk(reply: Reply, call: Call, streams: OpenStreams) -> Reply | None:
+    """Read a stream's first chunk into ``reply.first`` before the response starts. Until
+    then nothing has been sent, so a failure (the first-token deadline, a backend that
+    hangs up, an error event before any output) gets a real status and a JSON body in the
+    caller's dialect: the reply to send instead, else None."""
+    body: AsyncIterator[bytes] = reply.body  # type: ignore[assignment]
+    with streams.tracking() as scope:
+        try:
+            reply.first = await anext(body, None)
+        except ProxyError as error:
+            return _failure(error, call)
+        except Exception:
+            log.exception("unhandled error while serving POST %s", call.path)
+            return internal_error_reply(call.path)
+    if scope.cancelled_caught:
+        await body.aclose()  # type: ignore[attr-defined]
+        return error_reply(call.path, SHUTDOWN_MESSAGE, 503)
+    return None
+
+
+def _head(reply: Reply, tracked: Tracked, extra: list[tuple[str, str]]) -> list[Header]:
     headers = [(b"content-type", reply.content_type.encode("latin-1"))]
     headers += [_encoded(item) for item in reply.headers.items()]
     headers += tracked.raw_response_headers(reply.status)
     headers += [_encoded(item) for item in extra]
+    return headers
+
+
+async def _write(
+    send: CountingSend,
+    reply: Reply,
+    headers: list[Header],
+    tracked: Tracked,
+    streams: OpenStreams,
+) -> None:
     body = reply.body
     if isinstance(body, bytes):
         headers.append((b"content-length", b"%d" % len(body)))
@@ -165,6 +201,8 @@ async def _write(
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     with streams.tracking() as scope:
         async with aclosing(body) as chunks:  # type: ignore[type-var]
+            if reply.first is not None:
+                await send({"type": "http.response.body", "body": reply.first, "more_body": True})
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
     if scope.cancelled_caught:  # the proxy is shutting down: end in-band, not mid-chunk

@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from .config import Settings
-from .errors import scrub
+from .errors import ProxyError, UpstreamTimeout, scrub
 from .jsonutil import compact_json
 from .metrics import MetricsCollector, RequestMetrics
 from .sse import SSE_DONE, SSEParser, SSEProtocolError, openai_error_event
@@ -175,6 +175,7 @@ async def relay_ollama(
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
     done = False
+    sent = timed_out = False
     try:
         while (data := await reader.read()) is not None:
             lines: list[bytes] = []
@@ -200,15 +201,19 @@ async def relay_ollama(
                     reader.token_seen = True
             if lines:
                 yield b"\n".join(lines) + b"\n"
+                sent = True
             if done or error:
                 break
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
         error = _stream_broke(exc, metric, collector)
+        timed_out = isinstance(exc, StreamTimeout)
     finally:
         _finish_upstream(metric)
         _record_tokens(metric, translator)
     if error is not None:
         _set_outcome(metric, "error")
+        if not sent:
+            raise _failed_before_the_first_byte(error, timed_out)
         log.warning("stream ended early: %s", error)
         yield dumps({"error": error}) + b"\n"
     else:
@@ -231,6 +236,7 @@ async def relay_openai(
     parser = SSEParser()
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
+    sent = timed_out = False
     try:
         while (data := await reader.read()) is not None:
             for event in parser.feed(data):
@@ -239,16 +245,28 @@ async def relay_openai(
             if observer.first_token_ns is not None:
                 reader.token_seen = True
             yield rewrite_model(data) if rewrite_model else data
+            sent = True
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
         error = _stream_broke(exc, metric, collector)
+        timed_out = isinstance(exc, StreamTimeout)
     finally:
         _finish_upstream(metric)
         _record_tokens(metric, observer)
     if error is not None:
         _set_outcome(metric, "error")
+        if not sent:
+            raise _failed_before_the_first_byte(error, timed_out)
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         yield openai_error_event(error, "api_error", code)
+
+
+def _failed_before_the_first_byte(message: str, timed_out: bool) -> ProxyError:
+    """Nothing was sent yet (``exchange.primed`` waits for the first chunk), so the client
+    gets a real status: 504 for a deadline, 502 for anything else the backend did."""
+    if timed_out:
+        return UpstreamTimeout(message, code="stream_timeout")
+    return ProxyError(message, 502, code="upstream_error")
 
 
 def in_band_error(content_type: str, message: str, *, code: str | None = None) -> bytes | None:
