@@ -280,3 +280,31 @@ async def test_a_read_timeout_that_is_not_ours_is_a_broken_connection() -> None:
     collector = MetricsCollector(enabled=False, system_enabled=False)
     out = await _collect(openai(response, Settings(stream_idle_timeout=10), collector))
     assert "mid-stream: ReadTimeout" in last_error(b"".join(out))
+
+
+async def test_a_mapped_model_name_split_between_reads_is_rewritten_whole() -> None:
+    """The backend's model name ("m") is the client's "llama3" in every event, also when a
+    read ends in the middle of it (each script step is one read, 50 ms apart)."""
+    from trioproxy.routes_openai import _model_rewriter
+
+    whole = token("a")
+    at = whole.index(b'"model":"m"') + len(b'"model":"')
+    script: Script = [(0, ROLE), (0.05, whole[:at]), (0.05, whole[at:] + token("b")), (0.05, DONE)]
+
+    def mapped(
+        response: httpx.Response, settings: Settings, collector: MetricsCollector
+    ) -> AsyncIterator[bytes]:
+        return relay.relay_openai(
+            response,
+            OpenAIStreamObserver(),
+            settings=settings,
+            metric=None,
+            metric_start=time.perf_counter(),
+            collector=collector,
+            rewrite_model=_model_rewriter("m", "llama3"),
+        )
+
+    out, _, _ = await run_relay(script, mapped, stream_first_token_timeout=30)
+    expected = b"".join(data for _, data in script if data is not None)
+    assert out == expected.replace(b'"model":"m"', b'"model":"llama3"')
+    assert out.count(b'"model":"llama3"') == 3

@@ -232,11 +232,16 @@ async def relay_openai(
     collector: MetricsCollector,
     rewrite_model: Callable[[bytes], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Backend SSE -> client SSE, relayed read by read; events are only observed."""
+    """Backend SSE -> client SSE, relayed read by read; events are only observed.
+
+    With ``rewrite_model`` (a mapped model name), a read's unfinished last line waits for
+    the next read: a name split between two reads is rewritten whole. The SSE parser bounds
+    a line, so the wait is bounded too."""
     parser = SSEParser()
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
     sent = timed_out = False
+    held = b""
     try:
         while (data := await reader.read()) is not None:
             for event in parser.feed(data):
@@ -244,7 +249,12 @@ async def relay_openai(
                     observer.feed_text(event.data, time.perf_counter_ns())
             if observer.first_token_ns is not None:
                 reader.token_seen = True
-            yield rewrite_model(data) if rewrite_model else data
+            if rewrite_model is not None:
+                data, held = _whole_lines(held + data)
+                if not data:
+                    continue
+                data = rewrite_model(data)
+            yield data
             sent = True
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
         error = _stream_broke(exc, metric, collector)
@@ -252,6 +262,9 @@ async def relay_openai(
     finally:
         _finish_upstream(metric)
         _record_tokens(metric, observer)
+    if held and rewrite_model is not None:
+        yield rewrite_model(held)
+        sent = True
     if error is not None:
         _set_outcome(metric, "error")
         if not sent:
@@ -259,6 +272,12 @@ async def relay_openai(
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         yield openai_error_event(error, "api_error", code)
+
+
+def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` cut after its last line end (LF or CR): the whole lines, and the rest."""
+    cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+    return data[:cut], data[cut:]
 
 
 def _failed_before_the_first_byte(message: str, timed_out: bool) -> ProxyError:
