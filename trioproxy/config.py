@@ -98,6 +98,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
+    return number
+
+
 def _non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -152,14 +159,14 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKERS": ("workers", _positive_int),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
-    "DEMO_TOKEN_DELAY": ("demo_token_delay", float),
+    "DEMO_TOKEN_DELAY": ("demo_token_delay", _non_negative_float),
     "REQUEST_TIMEOUT": ("request_timeout", _positive_float),
     "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
     "STREAM_FIRST_TOKEN_TIMEOUT": ("stream_first_token_timeout", _positive_float),
     "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _positive_float),
     "MAX_RETRIES": ("max_retries", _non_negative_int),
-    "RETRY_BACKOFF": ("retry_backoff", float),
-    "RETRY_BACKOFF_MAX": ("retry_backoff_max", float),
+    "RETRY_BACKOFF": ("retry_backoff", _non_negative_float),
+    "RETRY_BACKOFF_MAX": ("retry_backoff_max", _non_negative_float),
     "MODEL_MAPPING_FILE": ("model_mapping_file", _text),
     "MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
     "UPSTREAM_CLIENTS": ("upstream_clients", _positive_int),
