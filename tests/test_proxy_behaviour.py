@@ -1033,3 +1033,26 @@ def test_concurrent_model_lists_share_one_failed_fetch(start_proxy: StartProxy) 
         assert 2 <= len(accepted) <= 6, len(accepted)
     finally:
         listener.close()
+
+
+# ---- the replaced proxy's aliases --------------------------------------------------------------
+
+
+def test_the_replaced_proxys_aliases_answer_alike(http: httpx.Client) -> None:
+    counted_before = http.get("/v1/metrics").json()["total_requests"]
+    for path in ("/health", "/v1/health"):
+        body = http.get(path).json()
+        assert body["status"] == "healthy" and body["service"] == "trioproxy"
+    version = http.get("/v1/version").json()
+    assert version["service"] == "trioproxy" and version["api_version"] == "v1"
+    assert version["version_info"] == [int(p) for p in version["version"].split(".")]
+    tags = http.get("/api/tags").json()
+    assert http.get("/api/models").json() == tags == http.get("/v1/tags").json()
+    assert {m["name"] for m in tags["models"]} >= {"demo-chat", "demo-embed"}
+    for suffix in ("", "/health"):
+        assert http.get("/api/metrics" + suffix).status_code == 200
+    exposition = http.get("/api/metrics/prometheus").text
+    assert "# TYPE http_requests_total counter" in exposition
+    # monitoring paths are never counted as traffic, under either prefix: only the three
+    # model lists and /v1/version were
+    assert http.get("/api/metrics").json()["total_requests"] == counted_before + 4

@@ -55,6 +55,8 @@ async def version() -> Response:
 
 
 @blueprint.route("/api/tags", methods=["GET", "HEAD"])
+@blueprint.route("/api/models", methods=["GET", "HEAD"])  # aliases the replaced proxy served
+@blueprint.route("/v1/tags", methods=["GET", "HEAD"])
 async def tags() -> Response:
     call = await current_call()
     models = await call.app.catalog.models(call)  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 import time
 from typing import Any
 
@@ -88,8 +89,29 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 @blueprint.get("/health")
+@blueprint.get("/v1/health")
 async def health() -> Response:
-    return _json({"status": "ok", "service": "trioproxy", "version": __version__})
+    """Liveness: the process serves. ``healthy`` as the replaced proxy said, for probes
+    that match the body; whether the backend answers is ``/ready``'s question."""
+    return _json({"status": "healthy", "service": "trioproxy", "version": __version__})
+
+
+@blueprint.get("/v1/version")
+async def proxy_version() -> Response:
+    """The proxy's own version (``/api/version`` is the Ollama version clients gate on)."""
+    return _json(
+        {
+            "service": "trioproxy",
+            "version": __version__,
+            "version_info": [int(part) for part in __version__.split(".")[:3]],
+            "api_version": "v1",
+            "python_version": platform.python_version(),
+            "uptime_seconds": round(time.time() - _STARTED_AT, 3),
+        }
+    )
+
+
+_STARTED_AT = time.time()
 
 
 @blueprint.get("/ready")
@@ -115,6 +137,7 @@ async def ready() -> Response:
 
 
 @blueprint.get("/v1/metrics")
+@blueprint.get("/api/metrics")  # the replaced proxy served its metrics under both prefixes
 async def metrics_json() -> Response:
     collector = request_app().collector
     args = request.args
@@ -133,6 +156,7 @@ async def metrics_json() -> Response:
 
 
 @blueprint.get("/v1/metrics/prometheus")
+@blueprint.get("/api/metrics/prometheus")
 @blueprint.get("/metrics")
 async def metrics_prometheus() -> Response:
     body, content_type = request_app().collector.render_prometheus(request.headers.get("Accept"))
@@ -140,6 +164,7 @@ async def metrics_prometheus() -> Response:
 
 
 @blueprint.get("/v1/metrics/health")
+@blueprint.get("/api/metrics/health")
 async def metrics_health() -> Response:
     body, status = request_app().collector.health()
     return _json(body, status)

@@ -9,6 +9,8 @@ ROUTE_LABELS: dict[str, str] = {
     "/": "root",
     "/api/version": "api_version",
     "/api/tags": "api_tags",
+    "/api/models": "api_tags",
+    "/v1/tags": "api_tags",
     "/api/show": "api_show",
     "/api/ps": "api_ps",
     "/api/generate": "api_generate",
@@ -24,6 +26,7 @@ ROUTE_LABELS: dict[str, str] = {
     "/v1/completions": "v1_completions",
     "/v1/embeddings": "v1_embeddings",
     "/v1/models": "v1_models",
+    "/v1/version": "v1_version",
 }
 
 ENDPOINT_LABELS: frozenset[str] = frozenset(
@@ -35,11 +38,15 @@ ENDPOINT_LABELS: frozenset[str] = frozenset(
 UNTRACKED_PATHS: frozenset[str] = frozenset(
     {
         "/health",
+        "/v1/health",
         "/ready",
         "/metrics",
         "/v1/metrics",
         "/v1/metrics/prometheus",
         "/v1/metrics/health",
+        "/api/metrics",
+        "/api/metrics/prometheus",
+        "/api/metrics/health",
     }
 )
 
