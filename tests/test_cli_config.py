@@ -683,3 +683,33 @@ def test_streams_longer_than_the_grace_period_end_in_band(workers: int) -> None:
         assert set(last) == {"error"} and "shutting down" in last["error"]
     finally:
         server.stop()
+
+
+# ---- access log ------------------------------------------------------------------------------
+
+
+def test_access_log_is_one_line_per_request_when_asked_for(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    server = start_proxy(
+        demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO", LOG_FORMAT="json",
+        OPENAI_API_KEY=SECRET,
+    )  # fmt: skip
+    chat_reply = httpx.post(
+        server.url + "/api/chat",
+        json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi [[tokens=3]]"}]},
+        headers={"X-Request-ID": "access-1"},
+        timeout=10,
+    )
+    assert chat_reply.status_code == 200
+    assert httpx.get(server.url + "/no/such/path", headers={"X-Request-ID": "access-2"}).is_error
+    time.sleep(0.3)  # let the lines reach the pipe
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    access = {e["request_id"]: e["message"] for e in lines if e["logger"] == "trioproxy.access"}
+    assert re.fullmatch(r"POST /api/chat 200 [0-9.]+ ms \d+ B \(completed\)", access["access-1"])
+    assert re.fullmatch(r"GET /no/such/path 404 [0-9.]+ ms \d+ B", access["access-2"])
+    assert SECRET not in server.log()
+    quiet = start_proxy(demo_backend.url, LOG_LEVEL="INFO", LOG_FORMAT="json")
+    assert httpx.get(quiet.url + "/api/tags").status_code == 200
+    time.sleep(0.3)
+    assert "trioproxy.access" not in quiet.log()

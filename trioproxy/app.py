@@ -33,6 +33,7 @@ from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, Settings, load_settings
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
     OVERHEAD_HEADER,
+    AccessLine,
     Call,
     Handler,
     Reply,
@@ -79,7 +80,8 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             headers.get("Content-Length"),
         )
         request.trioproxy_state = state
-        tracked = Tracked(app.collector, state, send)
+        access = AccessLine(request.method, request.path) if app.settings.access_log else None
+        tracked = Tracked(app.collector, state, send, access)
         async with tracked as counting_send:
             response = await app.handle_request(request)
             for name, value in tracked.response_headers(response.status_code):

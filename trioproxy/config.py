@@ -39,6 +39,7 @@ class Settings:
     workers: int = 1
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = False
     demo: bool = False
     demo_token_delay: float = 0.02
     request_timeout: float = 600.0
@@ -159,6 +160,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKERS": ("workers", _positive_int),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
+    "ACCESS_LOG": ("access_log", _bool),
     "DEMO_TOKEN_DELAY": ("demo_token_delay", _non_negative_float),
     "REQUEST_TIMEOUT": ("request_timeout", _positive_float),
     "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),

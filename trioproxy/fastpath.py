@@ -23,6 +23,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from .errors import ProxyError, body_too_large_message
 from .exchange import (
+    AccessLine,
     Call,
     CountingSend,
     Handler,
@@ -68,7 +69,8 @@ async def serve(
     state = new_state(
         app.collector, path, "POST", headers.get("x-request-id"), headers.get("content-length")
     )
-    tracked = Tracked(app.collector, state, send)
+    access = AccessLine("POST", path) if app.settings.access_log else None
+    tracked = Tracked(app.collector, state, send, access)
     async with tracked as counting_send, trio.open_nursery() as nursery:
         try:
             body = await _read_body(app, receive, headers.get("content-length"))
