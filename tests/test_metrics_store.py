@@ -488,10 +488,11 @@ def _health(records: list[RequestMetrics], **kw) -> tuple[dict, int]:
 
 def test_health_thresholds() -> None:
     ok = [req("/api/chat", 200, 10.0) for _ in range(96)]
-    body, status = _health(ok + [req("/api/chat", 500, 10.0)] * 4)  # 4 %
+    body, status = _health(ok + [req("/api/chat", 500, 10.0)] * 10)  # 9.4 %
     assert (body["status"], status) == ("healthy", 200)
-    body, status = _health(ok + [req("/api/chat", 502, 10.0)] * 6)  # 5.9 %
+    body, status = _health(ok + [req("/api/chat", 502, 10.0)] * 11)  # 10.3 %
     assert (body["status"], status) == ("degraded", 200)
+    assert body["thresholds"]["error_rate_degraded"] == 0.1  # the guide's threshold
     assert body["checks"]["error_rate"]["status"] == "degraded"
     body, status = _health(ok[:60] + [req("/api/chat", 500, 10.0)] * 40)
     assert (body["status"], status) == ("unhealthy", 503)

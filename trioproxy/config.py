@@ -61,7 +61,7 @@ class Settings:
     metrics_model_labels: int = 50
     system_metrics_enabled: bool = True
     system_metrics_interval: float = 5.0
-    health_error_rate_degraded: float = 0.05
+    health_error_rate_degraded: float = 0.1  # the guide's and the replaced proxy's
     health_error_rate_unhealthy: float = 0.25
     health_p95_degraded_seconds: float = 30.0
     health_min_requests: int = 1

@@ -174,7 +174,7 @@ class MetricsCollector:
         self.health_error_rate_degraded = (
             health_error_rate_degraded
             if health_error_rate_degraded is not None
-            else _env_number("HEALTH_ERROR_RATE_DEGRADED", 0.05)
+            else _env_number("HEALTH_ERROR_RATE_DEGRADED", 0.1)
         )
         self.health_error_rate_unhealthy = (
             health_error_rate_unhealthy
