@@ -713,3 +713,23 @@ def test_access_log_is_one_line_per_request_when_asked_for(
     assert httpx.get(quiet.url + "/api/tags").status_code == 200
     time.sleep(0.3)
     assert "trioproxy.access" not in quiet.log()
+
+
+def test_past_max_concurrent_requests_a_request_is_refused_at_once(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """With one request in flight and a limit of one, the next gets 503 + Retry-After in
+    its dialect without waiting; once the first is done, requests are served again."""
+    server = start_proxy(demo_backend.url, MAX_CONCURRENT_REQUESTS="1")
+    thread, lines = _stream_in_thread(server.url, tokens=30, delay=0.05)
+    time.sleep(0.5)  # the stream (1.5 s) is in flight
+    quick = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    for path in ("/api/chat", "/v1/chat/completions"):
+        refused = httpx.post(server.url + path, json=quick, timeout=5)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        error = refused.json()["error"]
+        assert "MAX_CONCURRENT_REQUESTS" in (error if path == "/api/chat" else error["message"])
+    thread.join(timeout=10)
+    assert json.loads(lines[-1])["done"] is True
+    assert httpx.post(server.url + "/api/chat", json=quick, timeout=5).status_code == 200
+    assert "MAX_CONCURRENT_REQUESTS" not in server.log()  # counted, not logged per refusal

@@ -101,6 +101,7 @@ class ProxyApp(QuartTrio):
     pool: UpstreamPool | None
     fast_routes: dict[str, Handler]
     open_streams: fastpath.OpenStreams
+    admission: fastpath.Admission
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
     secret: bytes | None = None  # the backend API key, masked in every reply body
@@ -172,6 +173,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.register_blueprint(openai_routes)
     app.fast_routes = {**ollama_fast_routes, **openai_fast_routes}
     app.open_streams = fastpath.OpenStreams()
+    app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
     app.catalog = ModelCatalog()  # type: ignore[attr-defined]

@@ -52,6 +52,7 @@ class Settings:
     model_mapping_file: str | None = None
     model_mapping: Mapping[str, str] = field(default_factory=dict)
     max_request_bytes: int = 64 * 1024 * 1024
+    max_concurrent_requests: int = 2048
     upstream_clients: int = 64
     upstream_max_keepalive: int = 256
     disable_ssl_verification: bool = False
@@ -171,6 +172,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RETRY_BACKOFF_MAX": ("retry_backoff_max", _non_negative_float),
     "MODEL_MAPPING_FILE": ("model_mapping_file", _text),
     "MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
+    "MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", _positive_int),
     "UPSTREAM_CLIENTS": ("upstream_clients", _positive_int),
     "UPSTREAM_MAX_KEEPALIVE": ("upstream_max_keepalive", _positive_int),
     "DISABLE_SSL_VERIFICATION": ("disable_ssl_verification", _bool),

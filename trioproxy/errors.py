@@ -25,6 +25,7 @@ class ProxyError(Exception):
     """An error with a status code and a message meant for the client."""
 
     status: int = 500
+    quiet = False  # True: not logged when answered (it is still counted)
     code: str | None = None
 
     def __init__(
@@ -68,6 +69,21 @@ class BadUpstreamResponse(ProxyError):
 
     status = 502
     code = "bad_upstream_response"
+
+
+class ServerBusy(ProxyError):
+    """More proxy requests in flight than ``MAX_CONCURRENT_REQUESTS``: come back shortly."""
+
+    status = 503
+    code = "server_busy"
+    quiet = True  # counted in the metrics; a log line per refusal would add to the load
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the proxy is serving its limit of {limit} requests (MAX_CONCURRENT_REQUESTS); "
+            "retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
 
 class UpstreamTimeout(ProxyError):

@@ -319,7 +319,7 @@ def proxy_error_reply(
         passthrough = _openai_shaped(error, path, secret)
         if passthrough is not None:
             return passthrough
-    elif error.status >= 500:
+    elif error.status >= 500 and not error.quiet:
         log.warning("%s", message)
     return error_reply(
         path, message, error.status, code=error.code, param=error.param, headers=error.headers

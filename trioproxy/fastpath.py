@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
-from .errors import ProxyError, body_too_large_message
+from .errors import ProxyError, ServerBusy, body_too_large_message
 from .exchange import (
     AccessLine,
     Call,
@@ -71,29 +71,58 @@ async def serve(
     )
     access = AccessLine("POST", path) if app.settings.access_log else None
     tracked = Tracked(app.collector, state, send, access)
-    async with tracked as counting_send, trio.open_nursery() as nursery:
-        try:
-            body = await _read_body(app, receive, headers.get("content-length"))
-        except ClientLeft:
-            return
-        except ProxyError as error:
-            reply = proxy_error_reply(error, path, app.settings.api_key, state)
-        else:
-            # from here on, the client leaving cancels everything below, backend call included
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
-            call = Call(app, state, path, body)
-            reply = await _run(handler, call)
-        cors = app.cors_headers(headers.get("origin"))
-        head = _head(reply, tracked, cors)  # X-Proxy-Overhead-Ms: up to the backend's headers
-        if not isinstance(reply.body, bytes):
-            failed = await _first_chunk(reply, call, app.open_streams)
-            if failed is not None:
-                reply, head = failed, _head(failed, tracked, cors)
-        await _write(counting_send, reply, head, tracked, app.open_streams)
-        # hypercorn hands the app http.disconnect once the response is complete, which ends
-        # the watcher without a cancellation (unwinding one costs as much as the watcher);
-        # the deadline only guards against a server that would not
-        nursery.cancel_scope.deadline = trio.current_time() + _WATCHER_GRACE_SECONDS
+    admitted = app.admission.enter()
+    try:
+        async with tracked as counting_send, trio.open_nursery() as nursery:
+            try:
+                if not admitted:
+                    raise ServerBusy(app.admission.limit)
+                body = await _read_body(app, receive, headers.get("content-length"))
+            except ClientLeft:
+                return
+            except ProxyError as error:
+                reply = proxy_error_reply(error, path, app.settings.api_key, state)
+            else:
+                # from here on, the client leaving cancels everything below, the backend
+                # call included
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
+                call = Call(app, state, path, body)
+                reply = await _run(handler, call)
+            cors = app.cors_headers(headers.get("origin"))
+            head = _head(reply, tracked, cors)  # X-Proxy-Overhead-Ms: up to the backend's headers
+            if not isinstance(reply.body, bytes):
+                failed = await _first_chunk(reply, call, app.open_streams)
+                if failed is not None:
+                    reply, head = failed, _head(failed, tracked, cors)
+            await _write(counting_send, reply, head, tracked, app.open_streams)
+            # hypercorn hands the app http.disconnect once the response is complete, which
+            # ends the watcher without a cancellation (unwinding one costs as much as the
+            # watcher); the deadline only guards against a server that would not
+            nursery.cancel_scope.deadline = trio.current_time() + _WATCHER_GRACE_SECONDS
+    finally:
+        if admitted:
+            app.admission.leave()
+
+
+class Admission:
+    """The bound on proxy requests in flight (``MAX_CONCURRENT_REQUESTS``): past it, a
+    request is answered 503 with ``Retry-After`` at once, before its body is read, instead
+    of adding to a backlog whose memory and latency would grow without limit."""
+
+    __slots__ = ("in_flight", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def enter(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
 
 
 def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
