@@ -38,6 +38,14 @@ def test_what_only_the_standard_library_accepts_still_goes_through() -> None:
         value = loads(b'{"seed": %d}' % exact)["seed"]
         assert value == exact and type(value) is int
         assert loads(f"[{exact}]") == [exact]
+    # a long run of digits after a decimal point is a float's fraction: orjson decodes it
+    # (the standard library's slower path is only for integers)
+    from trioproxy.jsonutil import _has_long_digit_run
+
+    assert not _has_long_digit_run(b'{"embedding": [0.00012345678901234567, -1.5e-05]}')
+    assert _has_long_digit_run(b"12345678901234567890") and _has_long_digit_run(
+        b"[-1234567890123456789]"
+    )
     assert compact_json({"seed": big}) == b'{"seed":%d}' % big
     assert math.isnan(loads(b"[NaN]")[0])
     assert compact_json({1: "a"}) == b'{"1":"a"}'

@@ -128,13 +128,17 @@ def test_an_event_of_many_short_data_lines_is_bounded_too() -> None:
     """Every line is short, but no blank line ends the event: its data must not grow
     without bound (the fast path and the general path both count)."""
     parser = SSEParser(max_line_bytes=64)
-    assert parser.feed(b"data: 0123456789\n" * 6) == []  # 60 characters held
+    assert parser.feed(b"data: 0123456789\n" * 5) == []  # 55 characters held, newlines too
     with pytest.raises(SSEProtocolError, match="event exceeds"):
         parser.feed(b"data: 0123456789\n")
     general = SSEParser(max_line_bytes=64)
     general.feed(b"data: 0123456789\r" * 5 + b"data: 0123456789abcdef")
     with pytest.raises(SSEProtocolError, match="event exceeds"):
         general.close()  # the unfinished last line goes through _process_line
+    # empty data lines count too (each adds a newline to the event)
+    empty = SSEParser(max_line_bytes=1000)
+    with pytest.raises(SSEProtocolError, match="event exceeds"):
+        empty.feed(b"data:\n" * 2000)
     # many events, each under the limit, are fine
     assert len(parse_all(b"data: 0123456789\ndata: x\n\n" * 100, max_line_bytes=64)) == 100
 

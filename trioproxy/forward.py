@@ -70,7 +70,9 @@ async def call_json(
     body = payload if isinstance(payload, bytes | None) else encode(payload)
     result = await call_raw(call, path, body, method=method)
     try:
-        return loads(result.response.content), result
+        # embeddings are floats only: no integer there needs the exactness test
+        exact = path != "/embeddings"
+        return loads(result.response.content, exact_integers=exact), result
     except ValueError:
         call.app.collector.upstream_error("protocol")
         raise BadUpstreamResponse("the backend returned a body that is not JSON") from None

@@ -150,7 +150,7 @@ class SSEParser:
             if line.startswith("data:"):
                 value = line[6:] if line.startswith(" ", 5) else line[5:]
                 self._data.append(value)
-                self._data_size += len(value)
+                self._data_size += len(value) + 1  # and the newline that joins it
                 if self._data_size > self._max:
                     self._event_too_large()
             elif line:
@@ -199,7 +199,7 @@ class SSEParser:
 
     def _add_data(self, value: str) -> None:
         self._data.append(value)
-        self._data_size += len(value)
+        self._data_size += len(value) + 1  # and the newline that joins it
         if self._data_size > self._max:
             self._event_too_large()
 
