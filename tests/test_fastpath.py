@@ -272,3 +272,38 @@ async def test_a_shutdown_ends_open_streams_in_band_and_counts_them(app: ProxyAp
             rf'http_requests_total{{[^}}]*endpoint="{endpoint}"[^}}]*status="503"}} 1\.0',
             exposition,
         )
+
+
+async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> None:
+    """After its done line, a relay still reads the rest of the backend's body; a shutdown
+    that cuts that housekeeping must not append an error or count the stream as failed."""
+    from trioproxy.exchange import RequestState, Tracked
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+    from trioproxy.relay import NDJSON, StreamEnd
+
+    streams = fastpath.OpenStreams()
+    metric = RequestMetrics("/api/chat", "POST", streaming=True)
+    end = StreamEnd()
+
+    async def body() -> Any:
+        yield b'{"done":false}\n'
+        end.reached = True
+        yield b'{"done":true}\n'
+        streams.begin_shutdown(0.2)  # hypercorn announces its shutdown during the drain
+        await trio.sleep_forever()  # the rest of the backend's body never comes
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: Any) -> None:
+        sent.append(event)
+
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+    tracked = Tracked(collector, RequestState("r1", metric), send)
+    reply = fastpath.Reply(200, body(), NDJSON, end=end)
+    with trio.fail_after(5):
+        async with tracked as counting_send:
+            await fastpath._write(counting_send, reply, [], tracked, streams)
+    bodies = b"".join(e.get("body", b"") for e in sent if e["type"] == "http.response.body")
+    assert bodies == b'{"done":false}\n{"done":true}\n'
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert metric.stream_outcome == "completed" and metric.status_code != 503

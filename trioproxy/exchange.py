@@ -28,6 +28,7 @@ from .errors import ProxyError, UpstreamStatusError, error_body_for, is_openai_p
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS
+from .metrics.store import effective_status
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -64,6 +65,7 @@ class Reply:
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
     first: bytes | None = None  # a stream's first chunk, read before the response starts
+    end: Any = None  # a stream's relay.StreamEnd: whether its last line is out
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
@@ -200,11 +202,13 @@ class Tracked:
             headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
         return headers
 
-    def raw_response_headers(self, status: int) -> list[tuple[bytes, bytes]]:
+    def raw_response_headers(
+        self, status: int, *, overhead_header: bool = True
+    ) -> list[tuple[bytes, bytes]]:
         """:meth:`response_headers`, encoded for an ASGI response start."""
         headers = [(b"x-request-id", self.state.request_id.encode("latin-1"))]
         overhead = self._note_status(status)
-        if overhead is not None:
+        if overhead is not None and overhead_header:
             headers.append((_OVERHEAD_HEADER_RAW, b"%.3f" % overhead))
         return headers
 
@@ -242,7 +246,7 @@ class AccessLine:
     def write(self, status: int, send: CountingSend, metric: RequestMetrics | None) -> None:
         outcome = metric.stream_outcome if metric is not None and metric.streaming else None
         if metric is not None and metric.status_code:
-            status = metric.status_code
+            status = effective_status(metric.status_code, outcome)
         if not send.finished and outcome is None:
             outcome = "client left" if status else "no response"
         access_log.info(

@@ -93,7 +93,8 @@ async def serve(
             if not isinstance(reply.body, bytes):
                 failed = await _first_chunk(reply, call, app.open_streams)
                 if failed is not None:
-                    reply, head = failed, _head(failed, tracked, cors)
+                    # the time a failure took is not the proxy's overhead: no such header
+                    reply, head = failed, _head(failed, tracked, cors, overhead=False)
             await _write(counting_send, reply, head, tracked, app.open_streams)
             # hypercorn hands the app http.disconnect once the response is complete, which
             # ends the watcher without a cancellation (unwinding one costs as much as the
@@ -204,14 +205,18 @@ async def _first_chunk(reply: Reply, call: Call, streams: OpenStreams) -> Reply 
             return internal_error_reply(call.path)
     if scope.cancelled_caught:
         await body.aclose()  # type: ignore[attr-defined]
+        if call.state.metric is not None:
+            call.state.metric.stream_outcome = "error"  # a stream the shutdown ended
         return error_reply(call.path, SHUTDOWN_MESSAGE, 503)
     return None
 
 
-def _head(reply: Reply, tracked: Tracked, extra: list[tuple[str, str]]) -> list[Header]:
+def _head(
+    reply: Reply, tracked: Tracked, extra: list[tuple[str, str]], *, overhead: bool = True
+) -> list[Header]:
     headers = [(b"content-type", reply.content_type.encode("latin-1"))]
     headers += [_encoded(item) for item in reply.headers.items()]
-    headers += tracked.raw_response_headers(reply.status)
+    headers += tracked.raw_response_headers(reply.status, overhead_header=overhead)
     headers += [_encoded(item) for item in extra]
     return headers
 
@@ -236,7 +241,8 @@ async def _write(
                 await send({"type": "http.response.body", "body": reply.first, "more_body": True})
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    if scope.cancelled_caught:  # the proxy is shutting down: end in-band, not mid-chunk
+    ended = reply.end is not None and reply.end.reached
+    if scope.cancelled_caught and not ended:  # shutting down: end in-band, not mid-chunk
         end = in_band_error(reply.content_type, SHUTDOWN_MESSAGE, code="service_unavailable")
         if end:
             await send({"type": "http.response.body", "body": end, "more_body": True})

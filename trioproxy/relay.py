@@ -53,6 +53,17 @@ class StreamTimeout(Exception):
 DRAIN_SECONDS = 0.25
 
 
+class StreamEnd:
+    """Set by a relay once the stream's last line (its done line, ``[DONE]`` or its error
+    line) is out. What the relay does after (reading the rest of the backend's body) is
+    housekeeping that a shutdown may cut without telling the client anything."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self) -> None:
+        self.reached = False
+
+
 class _Reader:
     """The backend's body, read by read, under the stream deadlines: the first token must
     arrive within ``first_token`` s of the request start; after that, no gap between backend
@@ -169,6 +180,7 @@ async def relay_ollama(
     metric: RequestMetrics | None,
     metric_start: float,
     collector: MetricsCollector,
+    end: StreamEnd | None = None,
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> Ollama NDJSON, one output chunk per backend read."""
     parser = SSEParser()
@@ -215,8 +227,10 @@ async def relay_ollama(
         if not sent:
             raise _failed_before_the_first_byte(error, timed_out)
         log.warning("stream ended early: %s", error)
+        _reached(end)
         yield dumps({"error": error}) + b"\n"
     else:
+        _reached(end)
         yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
     if done or error is not None:
         await reader.drain()
@@ -231,6 +245,7 @@ async def relay_openai(
     metric_start: float,
     collector: MetricsCollector,
     rewrite_model: Callable[[bytes], bytes] | None = None,
+    end: StreamEnd | None = None,
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> client SSE, relayed read by read; events are only observed.
 
@@ -247,6 +262,8 @@ async def relay_openai(
             for event in parser.feed(data):
                 if event.data != SSE_DONE:
                     observer.feed_text(event.data, time.perf_counter_ns())
+                else:
+                    _reached(end)
             if observer.first_token_ns is not None:
                 reader.token_seen = True
             if rewrite_model is not None:
@@ -271,7 +288,13 @@ async def relay_openai(
             raise _failed_before_the_first_byte(error, timed_out)
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
+        _reached(end)
         yield openai_error_event(error, "api_error", code)
+
+
+def _reached(end: StreamEnd | None) -> None:
+    if end is not None:
+        end.reached = True
 
 
 def _whole_lines(data: bytes) -> tuple[bytes, bytes]:

@@ -25,7 +25,7 @@ from .forward import (
     open_stream,
     validated,
 )
-from .relay import NDJSON, STREAM_HEADERS, dumps, relay_ollama
+from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 
 blueprint = Blueprint("ollama", __name__)
 
@@ -147,8 +147,9 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
         metric=metric,
         metric_start=metric.start if metric else time.perf_counter(),
         collector=app.collector,
+        end=(end := StreamEnd()),
     )
-    return Reply(200, chunks, NDJSON, dict(STREAM_HEADERS))
+    return Reply(200, chunks, NDJSON, dict(STREAM_HEADERS), end=end)
 
 
 def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:

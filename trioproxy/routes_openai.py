@@ -29,7 +29,7 @@ from .forward import (
     validated,
 )
 from .jsonutil import loads, top_level_member
-from .relay import EVENT_STREAM, STREAM_HEADERS, dumps, relay_openai
+from .relay import EVENT_STREAM, STREAM_HEADERS, StreamEnd, dumps, relay_openai
 from .upstream import UpstreamResult
 
 blueprint = Blueprint("openai", __name__)
@@ -104,8 +104,9 @@ def _stream_reply(
         metric_start=metric.start if metric else time.perf_counter(),
         collector=call.app.collector,
         rewrite_model=rewrite,
+        end=(end := StreamEnd()),
     )
-    return Reply(200, chunks, EVENT_STREAM, dict(STREAM_HEADERS))
+    return Reply(200, chunks, EVENT_STREAM, dict(STREAM_HEADERS), end=end)
 
 
 def _model_rewriter(backend_model: str, client_model: str) -> Callable[[bytes], bytes]:
