@@ -239,8 +239,8 @@ def reply_response(reply: Reply) -> Response:
 
 
 async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async with aclosing(rest):  # type: ignore[type-var]
+    async with aclosing(rest):  # type: ignore[type-var]  (closed even if we are at `first`)
+        yield first
         async for chunk in rest:
             yield chunk
 

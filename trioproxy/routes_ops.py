@@ -6,6 +6,7 @@ probes cannot drown the figures they report.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import platform
@@ -103,7 +104,7 @@ async def proxy_version() -> Response:
         {
             "service": "trioproxy",
             "version": __version__,
-            "version_info": [int(part) for part in __version__.split(".")[:3]],
+            "version_info": _version_info(__version__),
             "api_version": "v1",
             "python_version": platform.python_version(),
             "uptime_seconds": round(time.time() - _STARTED_AT, 3),
@@ -112,6 +113,15 @@ async def proxy_version() -> Response:
 
 
 _STARTED_AT = time.time()
+
+
+def _version_info(version: str) -> list[int]:
+    """[major, minor, patch] from a version such as 0.2.0 or 0.2.0rc1 (its leading digits)."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits) if digits else 0)
+    return parts
 
 
 @blueprint.get("/ready")
