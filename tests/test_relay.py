@@ -121,7 +121,10 @@ async def run_relay(
 
 
 def openai(
-    response: httpx.Response, settings: Settings, collector: MetricsCollector
+    response: httpx.Response,
+    settings: Settings,
+    collector: MetricsCollector,
+    rewrite_model: Callable[[bytes], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
     return relay.relay_openai(
         response,
@@ -130,6 +133,7 @@ def openai(
         metric=None,
         metric_start=time.perf_counter(),
         collector=collector,
+        rewrite_model=rewrite_model,
     )
 
 
@@ -291,19 +295,7 @@ async def test_a_mapped_model_name_split_between_reads_is_rewritten_whole() -> N
     at = whole.index(b'"model":"m"') + len(b'"model":"')
     script: Script = [(0, ROLE), (0.05, whole[:at]), (0.05, whole[at:] + token("b")), (0.05, DONE)]
 
-    def mapped(
-        response: httpx.Response, settings: Settings, collector: MetricsCollector
-    ) -> AsyncIterator[bytes]:
-        return relay.relay_openai(
-            response,
-            OpenAIStreamObserver(),
-            settings=settings,
-            metric=None,
-            metric_start=time.perf_counter(),
-            collector=collector,
-            rewrite_model=_model_rewriter("m", "llama3"),
-        )
-
+    mapped = functools.partial(openai, rewrite_model=_model_rewriter("m", "llama3"))
     out, _, _ = await run_relay(script, mapped, stream_first_token_timeout=30)
     expected = b"".join(data for _, data in script if data is not None)
     assert out == expected.replace(b'"model":"m"', b'"model":"llama3"')

@@ -181,8 +181,13 @@ async def _run(handler: Handler, call: Call) -> Reply:
     except ProxyError as error:
         return _failure(error, call)
     except Exception:
-        log.exception("unhandled error while serving POST %s", call.path)
-        return internal_error_reply(call.path)
+        return _unexpected(call)
+
+
+def _unexpected(call: Call) -> Reply:
+    """Our own bug: logged with its trace, a 500 for the client."""
+    log.exception("unhandled error while serving POST %s", call.path)
+    return internal_error_reply(call.path)
 
 
 def _failure(error: ProxyError, call: Call) -> Reply:
@@ -201,8 +206,7 @@ async def _first_chunk(reply: Reply, call: Call, streams: OpenStreams) -> Reply 
         except ProxyError as error:
             return _failure(error, call)
         except Exception:
-            log.exception("unhandled error while serving POST %s", call.path)
-            return internal_error_reply(call.path)
+            return _unexpected(call)
     if scope.cancelled_caught:
         await body.aclose()  # type: ignore[attr-defined]
         if call.state.metric is not None:

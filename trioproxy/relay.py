@@ -228,7 +228,7 @@ async def relay_ollama(
             raise _failed_before_the_first_byte(error, timed_out)
         log.warning("stream ended early: %s", error)
         _reached(end)
-        yield dumps({"error": error}) + b"\n"
+        yield ndjson_error(error)
     else:
         _reached(end)
         yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
@@ -311,11 +311,16 @@ def _failed_before_the_first_byte(message: str, timed_out: bool) -> ProxyError:
     return ProxyError(message, 502, code="upstream_error")
 
 
+def ndjson_error(message: str) -> bytes:
+    """The line ollama clients raise as ``ResponseError`` mid-stream."""
+    return dumps({"error": message}) + b"\n"
+
+
 def in_band_error(content_type: str, message: str, *, code: str | None = None) -> bytes | None:
     """The line that ends a stream of this content type early, in its dialect: what
     ollama clients raise as ``ResponseError``, the openai SDK as ``APIError``."""
     if content_type == NDJSON:
-        return dumps({"error": message}) + b"\n"
+        return ndjson_error(message)
     if content_type == EVENT_STREAM:
         return openai_error_event(message, "api_error", code)
     return None
