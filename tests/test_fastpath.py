@@ -1,5 +1,7 @@
-"""The proxy routes are served below Quart (``fastpath``) for POST, and through Quart for
-everything else, e.g. behind a mount point (``root_path``). Both must answer alike."""
+"""The proxy routes are served below Quart (``fastpath``) for POST, also behind a mount
+point (``root_path``), and through Quart for everything else. The Quart views of these
+routes remain (for other ASGI servers' test clients and as the reference): both must
+answer alike."""
 
 from __future__ import annotations
 
@@ -74,8 +76,9 @@ async def test_fast_path_and_quart_answer_alike(
     monkeypatch.setattr(fastpath, "serve", spy)
     fast = await _post(app, path, body)
     assert served == [path]
-    via_quart = await _post(app, path, body, root="/mounted")
-    assert served == [path], "a request under a root path must go through Quart"
+    monkeypatch.setattr(fastpath, "fast_route", lambda app, scope: None)
+    via_quart = await _post(app, path, body)
+    assert served == [path]
 
     assert fast.status_code == via_quart.status_code
     assert fast.headers["Content-Type"] == via_quart.headers["Content-Type"]
@@ -95,6 +98,43 @@ async def test_fast_path_and_quart_answer_alike(
     fast_body = await fast.get_data()
     assert _stable(fast_body) == _stable(await via_quart.get_data())
     assert fast_body  # every case answers with content
+
+
+async def test_under_a_mount_point_the_proxy_routes_are_served_below_quart(
+    app: ProxyApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a mount point the fast path applies too, so the bound on requests in flight
+    and the in-band end at shutdown hold there as well; the metrics see the route path."""
+    served: list[str] = []
+    finished: list[Any] = []
+    original = fastpath.serve
+
+    async def spy(*args: Any) -> None:
+        served.append(args[4])
+        await original(*args)
+
+    monkeypatch.setattr(fastpath, "serve", spy)
+    monkeypatch.setattr(app.collector, "request_finished", finished.append)
+    body = {"model": "demo-chat", "messages": CHAT, "stream": False}
+    mounted = await _post(app, "/api/chat", body, root="/llm")
+    assert mounted.status_code == 200
+    assert (await mounted.get_json())["message"]["content"]
+    assert served == ["/api/chat"]
+    assert [m.endpoint for m in finished] == ["/api/chat"]
+    app.admission.limit = 0
+    busy = await _post(app, "/v1/chat/completions", body, root="/llm")
+    assert busy.status_code == 503
+    assert busy.headers["Retry-After"]
+
+
+@pytest.mark.parametrize("target", ["/api/chat", "/llm"])
+async def test_outside_the_mount_point_a_proxy_path_is_not_found(
+    app: ProxyApp, target: str
+) -> None:
+    body = json.dumps({"model": "demo-chat", "messages": CHAT, "stream": False})
+    client = app.test_client()
+    response = await client.post(target, data=body, root_path="/llm")
+    assert response.status_code == 404
 
 
 async def test_cors_only_for_allowed_origins_and_preflight_still_answered(app: ProxyApp) -> None:
@@ -127,10 +167,20 @@ def _scope(path: str = "/api/chat", headers: list[tuple[bytes, bytes]] | None = 
     return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
 
 
-async def _serve_raw(app: ProxyApp, scope: Any, events: list[dict[str, Any]]) -> list[Any]:
+async def _never_called(call: Any) -> Any:
+    raise AssertionError("the handler must not run")
+
+
+async def _serve_raw(
+    app: ProxyApp,
+    scope: Any,
+    events: list[dict[str, Any]],
+    handler: Any = _never_called,
+    sent: list[Any] | None = None,
+) -> list[Any]:
     """Serve one request from scripted receive events; the client then waits forever."""
     pending = list(events)
-    sent: list[Any] = []
+    sent = [] if sent is None else sent
 
     async def receive() -> Any:
         if pending:
@@ -140,10 +190,7 @@ async def _serve_raw(app: ProxyApp, scope: Any, events: list[dict[str, Any]]) ->
     async def send(event: Any) -> None:
         sent.append(event)
 
-    async def never_called(call: Any) -> Any:
-        raise AssertionError("the handler must not run")
-
-    await fastpath.serve(app, scope, receive, send, never_called)
+    await fastpath.serve(app, scope, receive, send, scope["path"], handler)
     return sent
 
 
@@ -201,7 +248,7 @@ async def _serve_answered(
         return Reply(200, b"{}")
 
     started = trio.current_time()
-    await fastpath.serve(app, _scope(), receive, send, handler)
+    await fastpath.serve(app, _scope(), receive, send, "/api/chat", handler)
     return sent, trio.current_time() - started
 
 
@@ -232,8 +279,8 @@ async def test_a_server_that_never_reports_the_disconnect_does_not_hold_the_requ
     assert took == pytest.approx(fastpath._WATCHER_GRACE_SECONDS)
 
 
-async def test_a_shutdown_ends_open_streams_in_band_and_counts_them(app: ProxyApp) -> None:
-    """hypercorn announces its graceful shutdown (``OpenStreams.begin_shutdown``): streams
+async def test_a_shutdown_ends_in_progress_in_band_and_counts_them(app: ProxyApp) -> None:
+    """hypercorn announces its graceful shutdown (``InProgress.begin_shutdown``): streams
     still running a little before the grace period ends get one error line in their
     dialect and a proper end, and count as 503 errors, not as completed or cancelled."""
     text = "hi [[tokens=200]] [[delay=0.05]]"
@@ -254,9 +301,9 @@ async def test_a_shutdown_ends_open_streams_in_band_and_counts_them(app: ProxyAp
         async with trio.open_nursery() as nursery:
             for path in requests:
                 nursery.start_soon(ask, path)
-            while len(app.open_streams) < 2:  # noqa: ASYNC110  (nothing to wait on)
+            while len(app.in_progress) < 2:  # noqa: ASYNC110  (nothing to wait on)
                 await trio.sleep(0.01)
-            app.open_streams.begin_shutdown(0.4)  # streams end at +0.3 s, not after 10 s
+            app.in_progress.begin_shutdown(0.4)  # streams end at +0.3 s, not after 10 s
 
     ndjson = (await replies["/api/chat"].get_data()).decode().splitlines()
     assert json.loads(ndjson[-1]) == {"error": fastpath.SHUTDOWN_MESSAGE}
@@ -265,13 +312,40 @@ async def test_a_shutdown_ends_open_streams_in_band_and_counts_them(app: ProxyAp
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["message"] == fastpath.SHUTDOWN_MESSAGE
     assert error["code"] == "service_unavailable"
-    assert len(app.open_streams) == 0
+    assert len(app.in_progress) == 0
     exposition = app.collector.render_prometheus()[0].decode()
     for endpoint in ("api_chat", "v1_chat_completions"):
         assert re.search(
             rf'http_requests_total{{[^}}]*endpoint="{endpoint}"[^}}]*status="503"}} 1\.0',
             exposition,
         )
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_a_shutdown_answers_requests_still_waiting_for_the_backend(
+    app: ProxyApp, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[Any] = []
+    monkeypatch.setattr(app.collector, "request_finished", finished.append)
+    sent: list[Any] = []
+    request = [{"type": "http.request", "body": b"{}"}]
+
+    async def slow_backend(call: Any) -> Any:
+        call.state.metric.streaming = True
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_raw, app, _scope(path), request, slow_backend, sent)
+            while not len(app.in_progress):  # noqa: ASYNC110  (nothing to wait on)
+                await trio.sleep(0.01)
+            app.in_progress.begin_shutdown(0.2)
+    assert sent[0]["status"] == 503
+    error = json.loads(sent[1]["body"])["error"]
+    message = error if path.startswith("/api/") else error["message"]
+    assert message == fastpath.SHUTDOWN_WAITING_MESSAGE
+    assert [(m.status_code, m.stream_outcome) for m in finished] == [(503, "error")]
+    assert len(app.in_progress) == 0
 
 
 async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> None:
@@ -281,7 +355,7 @@ async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> 
     from trioproxy.metrics import MetricsCollector, RequestMetrics
     from trioproxy.relay import NDJSON, StreamEnd
 
-    streams = fastpath.OpenStreams()
+    streams = fastpath.InProgress()
     metric = RequestMetrics("/api/chat", "POST", streaming=True)
     end = StreamEnd()
 

@@ -61,9 +61,9 @@ def request_state() -> RequestState:
 class TrackedHTTPConnection(TrioASGIHTTPConnection):
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         app: ProxyApp = self.app  # type: ignore[assignment]
-        handler = fastpath.fast_handler(app, self.scope)
-        if handler is not None:
-            await fastpath.serve(app, self.scope, receive, send, handler)
+        route = fastpath.fast_route(app, self.scope)
+        if route is not None:
+            await fastpath.serve(app, self.scope, receive, send, *route)
         else:
             await super().__call__(receive, send)
 
@@ -100,7 +100,7 @@ class ProxyApp(QuartTrio):
     mapper: ModelMapper
     pool: UpstreamPool | None
     fast_routes: dict[str, Handler]
-    open_streams: fastpath.OpenStreams
+    in_progress: fastpath.InProgress
     admission: fastpath.Admission
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.register_blueprint(ollama_routes)
     app.register_blueprint(openai_routes)
     app.fast_routes = {**ollama_fast_routes, **openai_fast_routes}
-    app.open_streams = fastpath.OpenStreams()
+    app.in_progress = fastpath.InProgress()
     app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
@@ -267,7 +267,7 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
     deadlines), owned by the lifespan nursery; and, while they run, the app hears when
     hypercorn begins its graceful shutdown (streams then end in-band before it is over)."""
     grace = app.settings.graceful_timeout
-    stop_listening = hypercorn_patches.on_shutdown(lambda: app.open_streams.begin_shutdown(grace))
+    stop_listening = hypercorn_patches.on_shutdown(lambda: app.in_progress.begin_shutdown(grace))
     try:
         with app.background_scope:  # type: ignore[attr-defined]
             async with trio.open_nursery() as nursery:

@@ -51,10 +51,19 @@ class ClientLeft(Exception):
     """The client disconnected before its request body was complete."""
 
 
-def fast_handler(app: ProxyApp, scope: Any) -> Handler | None:
-    if scope["method"] != "POST" or scope.get("root_path"):
+def fast_route(app: ProxyApp, scope: Any) -> tuple[str, Handler] | None:
+    """The route path and handler of a ``POST`` to a proxy route, else None. Under a mount
+    point (``root_path``) the route is the path below it, as Quart routes it."""
+    if scope["method"] != "POST":
         return None
-    return app.fast_routes.get(scope["path"])
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root:
+        if path == root or not path.startswith(root):
+            return None  # Quart answers 404, as for any path outside the mount point
+        path = path[len(root) :]
+    handler = app.fast_routes.get(path)
+    return None if handler is None else (path, handler)
 
 
 async def serve(
@@ -62,9 +71,9 @@ async def serve(
     scope: Any,
     receive: ASGIReceiveCallable,
     send: ASGISendCallable,
+    path: str,
     handler: Handler,
 ) -> None:
-    path: str = scope["path"]
     headers = _wanted_headers(scope["headers"])
     state = new_state(
         app.collector, path, "POST", headers.get("x-request-id"), headers.get("content-length")
@@ -87,15 +96,15 @@ async def serve(
                 # call included
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
                 call = Call(app, state, path, body)
-                reply = await _run(handler, call)
+                reply = await _run_until_shutdown(handler, call, app.in_progress)
             cors = app.cors_headers(headers.get("origin"))
             head = _head(reply, tracked, cors)  # X-Proxy-Overhead-Ms: up to the backend's headers
             if not isinstance(reply.body, bytes):
-                failed = await _first_chunk(reply, call, app.open_streams)
+                failed = await _first_chunk(reply, call, app.in_progress)
                 if failed is not None:
                     # the time a failure took is not the proxy's overhead: no such header
                     reply, head = failed, _head(failed, tracked, cors, overhead=False)
-            await _write(counting_send, reply, head, tracked, app.open_streams)
+            await _write(counting_send, reply, head, tracked, app.in_progress)
             # hypercorn hands the app http.disconnect once the response is complete, which
             # ends the watcher without a cancellation (unwinding one costs as much as the
             # watcher); the deadline only guards against a server that would not
@@ -184,6 +193,19 @@ async def _run(handler: Handler, call: Call) -> Reply:
         return _unexpected(call)
 
 
+async def _run_until_shutdown(handler: Handler, call: Call, in_progress: InProgress) -> Reply:
+    """``_run``, ended with a 503 in the caller's dialect a little before hypercorn's grace
+    period runs out: a request still waiting for the backend then would be cut without
+    any response."""
+    with in_progress.tracking():
+        return await _run(handler, call)
+    # only a shutdown's deadline gets here
+    metric = call.state.metric
+    if metric is not None and metric.streaming:
+        metric.stream_outcome = "error"
+    return error_reply(call.path, SHUTDOWN_WAITING_MESSAGE, 503)
+
+
 def _unexpected(call: Call) -> Reply:
     """Our own bug: logged with its trace, a 500 for the client."""
     log.exception("unhandled error while serving POST %s", call.path)
@@ -194,7 +216,7 @@ def _failure(error: ProxyError, call: Call) -> Reply:
     return proxy_error_reply(error, call.path, call.app.settings.api_key, call.state)
 
 
-async def _first_chunk(reply: Reply, call: Call, streams: OpenStreams) -> Reply | None:
+async def _first_chunk(reply: Reply, call: Call, streams: InProgress) -> Reply | None:
     """Read a stream's first chunk into ``reply.first`` before the response starts. Until
     then nothing has been sent, so a failure (the first-token deadline, a backend that
     hangs up, an error event before any output) gets a real status and a JSON body in the
@@ -230,7 +252,7 @@ async def _write(
     reply: Reply,
     headers: list[Header],
     tracked: Tracked,
-    streams: OpenStreams,
+    streams: InProgress,
 ) -> None:
     body = reply.body
     if isinstance(body, bytes):
@@ -255,6 +277,7 @@ async def _write(
 
 
 SHUTDOWN_MESSAGE = "the proxy is shutting down; the stream ended before the backend finished"
+SHUTDOWN_WAITING_MESSAGE = "the proxy is shutting down; the backend did not answer in time"
 
 
 def _note_shutdown(tracked: Tracked) -> None:
@@ -264,13 +287,15 @@ def _note_shutdown(tracked: Tracked) -> None:
         metric.stream_outcome = "error"
 
 
-class OpenStreams:
-    """The streamed responses being written, so that a shutdown can end them in-band a
-    little before hypercorn's grace period runs out and it cuts them mid-chunk.
+class InProgress:
+    """The proxy requests in progress (waiting for the backend, or writing a stream), so
+    that a shutdown can answer them a little before hypercorn's grace period runs out and
+    it cuts them without a response or mid-chunk: a 503 for those still waiting, an
+    in-band end for streams.
 
-    Each stream runs in a cancel scope of its own (entered once per stream, around the
-    writing loop, never inside the relay's generator); ``begin_shutdown`` gives every scope,
-    and every later one, the deadline ``grace - margin`` from now."""
+    Each phase runs in a cancel scope of its own (never inside the relay's generator);
+    ``begin_shutdown`` gives every scope, and every later one, the deadline
+    ``grace - margin`` from now."""
 
     __slots__ = ("_end_at", "_scopes")
 
@@ -296,7 +321,7 @@ class OpenStreams:
                 self._scopes.discard(scope)
 
 
-SHUTDOWN_MARGIN = 0.5  # seconds before the grace period ends that streams are ended
+SHUTDOWN_MARGIN = 0.5  # seconds before the grace period ends that requests are answered
 
 
 def _encoded(item: tuple[str, str]) -> tuple[bytes, bytes]:
