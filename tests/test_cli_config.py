@@ -435,6 +435,15 @@ class _EchoingBackend(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_in_two(self, payload: bytes, cut: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload[:cut])
+        time.sleep(0.05)  # the proxy reads the first part on its own
+        self.wfile.write(payload[cut:])
+
     def _key(self) -> str:
         return self.headers.get("Authorization", "").removeprefix("Bearer ")
 
@@ -451,8 +460,11 @@ class _EchoingBackend(BaseHTTPRequestHandler):
             text = f"key={self._key()}"
             if json.loads(body).get("stream"):
                 chunk = {"choices": [{"index": 0, "delta": {"content": text}}]}
-                self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(),
-                           "text/event-stream")  # fmt: skip
+                payload = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+                if b"echo-key-split" in body:  # two writes, the cut inside the key
+                    self._send_in_two(payload, payload.index(b"key=") + 4 + len(self._key()) // 2)
+                else:
+                    self._send(200, payload, "text/event-stream")
             else:
                 message = {"role": "assistant", "content": text}
                 choice = {"index": 0, "message": message, "finish_reason": "stop"}
@@ -579,6 +591,20 @@ def test_api_key_quoted_in_generated_text_is_masked(
     assert response.status_code == 200, response.text
     assert "key=***" in response.text
     assert SECRET not in response.text
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_api_key_split_across_two_backend_reads_is_masked(
+    start_proxy: StartProxy, echoing_backend: str, path: str
+) -> None:
+    server = start_proxy(echoing_backend, OPENAI_API_KEY=SECRET, MAX_RETRIES="0")
+    body = {"model": "m", "messages": [{"role": "user", "content": "echo-key-split"}],
+            "stream": True}  # fmt: skip
+    response = httpx.post(server.url + path, json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    assert "key=***" in response.text
+    assert SECRET not in response.text
+    assert SECRET[: len(SECRET) // 2] not in response.text  # no half of it either
 
 
 def test_api_key_is_sent_to_the_backend(start_proxy: StartProxy, echoing_backend: str) -> None:

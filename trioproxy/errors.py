@@ -184,3 +184,56 @@ def scrub(text: str, secret: str | None) -> str:
     if secret and len(secret) >= 4 and secret in text:
         return text.replace(secret, "***")
     return text
+
+
+class SecretMask:
+    """Masks a secret in a body that arrives in pieces, also where a piece ends inside it.
+
+    ``feed`` returns what can go out now: the secret's complete occurrences replaced by
+    ``***`` (leftmost first, as ``bytes.replace``), minus the shortest tail that could
+    still be the start of one; ``flush`` returns that tail when the body ends. Only a tail
+    that *is* the start of the secret is held back, so ordinary reads pass whole and at
+    once."""
+
+    __slots__ = ("_held", "_secret")
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._held = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        data = self._held + piece if self._held else piece
+        secret = self._secret
+        done = b""
+        if secret in data:
+            end = _after_last_match(data, secret)
+            done, data = data[:end].replace(secret, b"***"), data[end:]
+        cut = _partial_start(data, secret)
+        self._held = data[cut:]
+        return done + data[:cut] if cut else done
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+
+def _after_last_match(data: bytes, secret: bytes) -> int:
+    """Where the last of the secret's leftmost-first occurrences in ``data`` ends."""
+    end = 0
+    found = data.find(secret)
+    while found != -1:
+        end = found + len(secret)
+        found = data.find(secret, end)
+    return end
+
+
+def _partial_start(data: bytes, secret: bytes) -> int:
+    """The start of the longest tail of ``data`` that is a proper prefix of the secret
+    (``len(data)`` if none)."""
+    first = secret[:1]
+    at = data.find(first, max(0, len(data) - len(secret) + 1))
+    while at != -1:
+        if secret.startswith(data[at:]):
+            return at
+        at = data.find(first, at + 1)
+    return len(data)

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
-from .errors import ProxyError, UpstreamStatusError, error_body_for, is_openai_path, scrub
+from .errors import (
+    ProxyError,
+    SecretMask,
+    UpstreamStatusError,
+    error_body_for,
+    is_openai_path,
+    scrub,
+)
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS
@@ -84,7 +91,7 @@ async def primed(reply: Reply) -> Reply:
 def masked(reply: Reply, secret: bytes | None) -> Reply:
     """``reply`` with ``secret`` (the backend API key) replaced by ``***`` in its body: a
     backend that quotes our credentials, in an echo or in generated text, must not hand
-    them to a client. A stream is masked read by read."""
+    them to a client. A stream is masked as it goes, also where a read ends inside the key."""
     if secret is None:
         return reply
     body = reply.body
@@ -97,9 +104,15 @@ def masked(reply: Reply, secret: bytes | None) -> Reply:
 
 
 async def _masked_chunks(chunks: AsyncIterator[bytes], secret: bytes) -> AsyncIterator[bytes]:
+    mask = SecretMask(secret)
     async with aclosing(chunks):  # type: ignore[type-var]
         async for chunk in chunks:
-            yield chunk.replace(secret, b"***") if secret in chunk else chunk
+            out = mask.feed(chunk)
+            if out:
+                yield out
+    rest = mask.flush()
+    if rest:
+        yield rest
 
 
 def new_state(
