@@ -128,6 +128,10 @@ def test_error_message_names_field() -> None:
         ({"model": "m", "format": "xml"}, "format"),
         ({"model": "m", "format": 3}, "format"),
         ({"model": "m", "think": 3}, "think"),
+        ({"model": "m", "think": "extreme"}, "think"),
+        ({"model": "m", "think": ""}, "think"),
+        ({"model": "m", "think": ["high"]}, "think"),
+        ({"model": "m", "think": {"level": "high"}}, "think"),
         ({"model": "m", "tools": {}}, "tools"),
         ({"model": "m", "tools": [{"function": {}}]}, "tools[0].function.name"),
     ],
@@ -278,7 +282,8 @@ def test_format_and_think_and_keep_alive() -> None:
     }
     assert "reasoning_effort" not in out
     out = ollama_chat_to_openai({**base, "think": "max", "format": ""}, "b")
-    assert "reasoning_effort" not in out and "response_format" not in out
+    assert out["reasoning_effort"] == "high"  # the highest effort every backend accepts
+    assert "response_format" not in out
 
 
 @pytest.mark.parametrize(

@@ -155,8 +155,10 @@ def _check_common_generation(body: JSONDict) -> None:
     if isinstance(fmt, str) and fmt not in ("", "json"):
         raise RequestValidationError("format", 'must be "json" or a JSON schema object')
     think = body.get("think")
-    if think is not None and not isinstance(think, bool | str):
-        raise RequestValidationError("think", 'must be a boolean or "low", "medium" or "high"')
+    if think is not None and not isinstance(think, bool) and _THINK_LEVELS.get(str(think)) is None:
+        raise RequestValidationError(
+            "think", 'must be a boolean or "low", "medium", "high" or "max"'
+        )
     images = body.get("images")
     if images is not None:
         _check_str_list(images, "images")
@@ -278,7 +280,10 @@ def validate_openai_body(body: object, *, require_model: bool = True) -> JSONDic
 # Request side: Ollama client -> OpenAI backend
 # =============================================================================================
 
-_REASONING_EFFORTS = frozenset({"low", "medium", "high"})
+# Ollama's think levels as OpenAI's reasoning_effort. "max" is "high": the highest effort
+# every reasoning backend accepts (OpenAI's "xhigh" exists on a few models only, and an
+# unknown effort is a 400 from the backend). Booleans carry no effort and are not sent.
+_THINK_LEVELS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
 
 
 def _sampling_from_options(options: object) -> JSONDict:
@@ -327,8 +332,8 @@ def _apply_generation_fields(out: JSONDict, body: JSONDict) -> None:
     if response_format is not None:
         out["response_format"] = response_format
     think = body.get("think")
-    if isinstance(think, str) and think in _REASONING_EFFORTS:
-        out["reasoning_effort"] = think
+    if isinstance(think, str) and think in _THINK_LEVELS:
+        out["reasoning_effort"] = _THINK_LEVELS[think]
 
 
 # Base64 prefixes of the image magic numbers; cheaper and more forgiving than decoding.
