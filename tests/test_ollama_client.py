@@ -374,6 +374,24 @@ def test_legacy_embeddings(proxy: ServerProcess, client: Callable[..., ollama.Cl
     assert list(legacy.embedding) == c.embed(model="demo-embed", input="hello world").embeddings[0]
 
 
+def test_empty_input_gets_no_vectors_as_from_ollama(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """Vector stores send empty batches; Ollama answers them (and an empty prompt on the
+    legacy endpoint, which loads the model) with no vectors, for a model it has."""
+    c = client(proxy)
+    for empty in ([], ""):
+        reply = c.embed(model="demo-embed", input=empty)
+        assert reply.embeddings == [] and reply.model == "demo-embed"
+    assert list(c.embeddings(model="demo-embed", prompt="").embedding) == []
+    with pytest.raises(ollama.ResponseError) as info:
+        c.embed(model="no-such-model", input=[])
+    assert info.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as info:
+        c.embeddings(model="no-such-model", prompt="")
+    assert info.value.status_code == 404
+
+
 async def test_async_embed(
     proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
 ) -> None:
@@ -420,6 +438,7 @@ async def test_async_list_show_ps(
 
 
 def test_unknown_model_is_404(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
+    """In Ollama's words (tools match them), whatever the backend said."""
     c = client(proxy)
     hi = [{"role": "user", "content": "hi"}]
     calls: list[tuple[Callable[[], Any], bool]] = [
@@ -427,15 +446,19 @@ def test_unknown_model_is_404(proxy: ServerProcess, client: Callable[..., ollama
         (lambda: c.chat(model="no-such-model", messages=hi, stream=True), True),
         (lambda: c.generate(model="no-such-model", prompt="hi"), False),
         (lambda: c.generate(model="no-such-model", prompt="hi", stream=True), True),
-        (lambda: c.show("no-such-model"), False),
         (lambda: c.embed(model="no-such-model", input="hi"), False),
+        (lambda: c.embeddings(model="no-such-model", prompt="hi"), False),
     ]
     for call, streamed in calls:
         with pytest.raises(ollama.ResponseError) as info:
             result = call()
             if streamed:
                 list(result)  # a stream raises when it is iterated
-        assert "no-such-model" in info.value.error
+        assert info.value.error == 'model "no-such-model" not found, try pulling it first'
+        assert info.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as info:
+        c.show("no-such-model")
+    assert info.value.error == "model 'no-such-model' not found"  # as Ollama's show says it
 
 
 async def test_async_unknown_model_is_404(

@@ -8,13 +8,15 @@ in-process test clients the same handlers.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from quart import Blueprint, Response, request
 
 from . import translate as tr
 from .app import current_call, quart_route
-from .errors import NotFound, ProxyError, error_body_for
+from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_json,
@@ -107,9 +109,7 @@ async def _load_reply(call: Call, kind: str, body: dict[str, Any]) -> Reply:
     once, for a model the backend has: an unknown one is a 404, as Ollama's."""
     name = body["model"]
     note_model(call.state, name)
-    catalog = call.app.catalog  # type: ignore[attr-defined]
-    if await catalog.find(call, call.app.mapper.to_backend(name)) is None:
-        raise NotFound(f"model '{name}' not found")
+    await _require_known_model(call, name)
     keep_alive = body.get("keep_alive")
     reply: dict[str, Any] = {"model": name, "created_at": tr.utc_timestamp()}
     if kind == "chat":
@@ -121,15 +121,25 @@ async def _load_reply(call: Call, kind: str, body: dict[str, Any]) -> Reply:
     return _json_reply(reply)
 
 
+async def _require_known_model(call: Call, name: str) -> None:
+    """For answers given without asking the backend to generate: the model must be one
+    the backend lists, as Ollama checks its own."""
+    catalog = call.app.catalog  # type: ignore[attr-defined]
+    if await catalog.find(call, call.app.mapper.to_backend(name)) is None:
+        raise NotFound(f"model '{name}' not found")
+
+
 async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_openai: Any) -> Reply:
     app = call.app
     state = call.state
     client_model = body["model"]
     note_model(state, client_model)
-    payload = to_openai(body, app.mapper.to_backend(client_model))
+    backend_model = app.mapper.to_backend(client_model)
+    payload = to_openai(body, backend_model)
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
-        resp, result = await call_json(call, "/chat/completions", payload)
+        with _model_not_found_as_ollama(client_model, backend_model):
+            resp, result = await call_json(call, "/chat/completions", payload)
         timings = _timings(start_ns, resp, result)
         convert = (
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate
@@ -137,7 +147,8 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
         out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
         return _json_reply(out)
-    result = await open_stream(call, "/chat/completions", payload)
+    with _model_not_found_as_ollama(client_model, backend_model):
+        result = await open_stream(call, "/chat/completions", payload)
     metric = state.metric
     translator = tr.OllamaStreamTranslator(kind, client_model, start_ns=start_ns)
     chunks = relay_ollama(
@@ -170,9 +181,15 @@ def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
 async def embed(call: Call) -> Reply:
     body = validated(tr.validate_ollama_embed, json_object(call))
     note_model(call.state, body["model"])
+    if body["input"] in ("", []):  # Ollama answers "no input" with no vectors (vector
+        # stores send empty batches); OpenAI backends reject an empty input
+        await _require_known_model(call, body["model"])
+        return _json_reply({"model": body["model"], "embeddings": []})
     start_ns = time.perf_counter_ns()
-    payload = tr.ollama_embed_to_openai(body, call.app.mapper.to_backend(body["model"]))
-    resp, _ = await call_json(call, "/embeddings", payload)
+    backend_model = call.app.mapper.to_backend(body["model"])
+    payload = tr.ollama_embed_to_openai(body, backend_model)
+    with _model_not_found_as_ollama(body["model"], backend_model):
+        resp, _ = await call_json(call, "/embeddings", payload)
     note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
@@ -184,10 +201,35 @@ async def embed(call: Call) -> Reply:
 async def embeddings(call: Call) -> Reply:
     body = validated(tr.validate_ollama_embeddings, json_object(call))
     note_model(call.state, body["model"])
-    payload = tr.ollama_embeddings_to_openai(body, call.app.mapper.to_backend(body["model"]))
-    resp, _ = await call_json(call, "/embeddings", payload)
+    if tr.ollama_embeddings_input(body) in ("", []):  # Ollama: an empty prompt loads the model
+        await _require_known_model(call, body["model"])
+        return _json_reply({"embedding": []})
+    backend_model = call.app.mapper.to_backend(body["model"])
+    payload = tr.ollama_embeddings_to_openai(body, backend_model)
+    with _model_not_found_as_ollama(body["model"], backend_model):
+        resp, _ = await call_json(call, "/embeddings", payload)
     note_usage(call.state, resp)
     return _json_reply(from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp))
+
+
+@contextmanager
+def _model_not_found_as_ollama(client_model: str, backend_model: str) -> Iterator[None]:
+    """A backend's "no such model" 404 in Ollama's words, naming the model the client
+    asked for (under a mapping, not the backend's name for it). Tools match Ollama's
+    wording; a 404 about anything else keeps the backend's message."""
+    try:
+        yield
+    except UpstreamStatusError as error:
+        if error.status == 404 and _is_about_the_model(error, backend_model):
+            message = f'model "{client_model}" not found, try pulling it first'
+            raise ProxyError(message, 404, param="model") from None
+        raise
+
+
+def _is_about_the_model(error: UpstreamStatusError, backend_model: str) -> bool:
+    return b"model_not_found" in error.body or (
+        bool(backend_model) and backend_model in error.message
+    )
 
 
 FAST_ROUTES: dict[str, Handler] = {

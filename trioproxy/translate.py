@@ -535,9 +535,14 @@ def ollama_embed_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     return out
 
 
+def ollama_embeddings_input(body: JSONDict) -> str | list[str]:
+    """What a legacy ``/api/embeddings`` body asks to embed: ``prompt``, else ``input``."""
+    return body["prompt"] if body.get("prompt") is not None else body.get("input", "")
+
+
 def ollama_embeddings_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     """A legacy ``/api/embeddings`` body as ``/embeddings``."""
-    raw = body["prompt"] if body.get("prompt") is not None else body.get("input", "")
+    raw = ollama_embeddings_input(body)
     return {
         "model": backend_model,
         "input": [raw] if isinstance(raw, str) else list(raw),
