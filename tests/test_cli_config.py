@@ -593,10 +593,12 @@ def test_api_key_quoted_in_generated_text_is_masked(
     assert SECRET not in response.text
 
 
-@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
 def test_api_key_split_across_two_backend_reads_is_masked(
-    start_proxy: StartProxy, echoing_backend: str, path: str
+    start_proxy: StartProxy, echoing_backend: str
 ) -> None:
+    """On /v1 the backend's reads are relayed as they come (/api/* streams are rebuilt
+    from whole events, so a split never reaches them)."""
+    path = "/v1/chat/completions"
     server = start_proxy(echoing_backend, OPENAI_API_KEY=SECRET, MAX_RETRIES="0")
     body = {"model": "m", "messages": [{"role": "user", "content": "echo-key-split"}],
             "stream": True}  # fmt: skip

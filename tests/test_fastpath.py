@@ -127,6 +127,22 @@ async def test_under_a_mount_point_the_proxy_routes_are_served_below_quart(
     assert busy.headers["Retry-After"]
 
 
+@pytest.mark.parametrize(
+    ("root", "target"),
+    [("/llm", "/llm/api/chat"), ("/llm/", "/llm/api/chat"), ("/llm", "/llm//api/chat"),
+     ("", "//api/chat"), ("/llm", "/llmapi/chat")],
+)  # fmt: skip
+async def test_every_path_quart_would_route_to_a_proxy_route_takes_the_fast_path(
+    app: ProxyApp, root: str, target: str
+) -> None:
+    """werkzeug routes these to /api/chat; through Quart they would escape the bound on
+    requests in flight (and the shutdown handling)."""
+    app.admission.limit = 0
+    body = json.dumps({"model": "demo-chat", "messages": CHAT, "stream": False})
+    response = await app.test_client().post(target, data=body, root_path=root)
+    assert response.status_code == 503
+
+
 @pytest.mark.parametrize("target", ["/api/chat", "/llm"])
 async def test_outside_the_mount_point_a_proxy_path_is_not_found(
     app: ProxyApp, target: str
@@ -331,8 +347,7 @@ async def test_a_shutdown_answers_requests_still_waiting_for_the_backend(
     request = [{"type": "http.request", "body": b"{}"}]
 
     async def slow_backend(call: Any) -> Any:
-        call.state.metric.streaming = True
-        await trio.sleep_forever()
+        await trio.sleep_forever()  # no headers from the backend yet
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -344,7 +359,7 @@ async def test_a_shutdown_answers_requests_still_waiting_for_the_backend(
     error = json.loads(sent[1]["body"])["error"]
     message = error if path.startswith("/api/") else error["message"]
     assert message == fastpath.SHUTDOWN_WAITING_MESSAGE
-    assert [(m.status_code, m.stream_outcome) for m in finished] == [(503, "error")]
+    assert [(m.status_code, m.streaming) for m in finished] == [(503, False)]
     assert len(app.in_progress) == 0
 
 

@@ -272,7 +272,7 @@ def test_wrong_field_types(http: httpx.Client) -> None:
         ("/api/generate", {"model": "demo-chat", "prompt": ["a"]}, "prompt"),
         ("/api/generate", {"model": "demo-chat", "prompt": "x", "images": "abc"}, "images"),
         ("/api/embed", {"model": "demo-embed", "input": 5}, "input"),
-        ("/api/embed", {"model": "demo-embed"}, "input"),
+        ("/api/embed", {"model": "demo-embed", "input": [[1]]}, "input[0]"),
     ]
     for path, body, field in cases:
         assert_ollama_error(http.post(path, json=body), 400, field)
@@ -996,7 +996,7 @@ def test_load_and_unload_calls_answer_at_once_for_known_models_only(
     assert unloaded.json()["done_reason"] == "unload"
     unknown = http.post(path, json={"model": "no-such-model", **body})
     assert unknown.status_code == 404
-    assert unknown.json() == {"error": "model 'no-such-model' not found"}
+    assert unknown.json() == {"error": 'model "no-such-model" not found, try pulling it first'}
 
 
 # ---- a backend that fails the model list --------------------------------------------------
@@ -1056,3 +1056,31 @@ def test_the_replaced_proxys_aliases_answer_alike(http: httpx.Client) -> None:
     # monitoring paths are never counted as traffic, under either prefix: only the three
     # model lists and /v1/version were
     assert http.get("/api/metrics").json()["total_requests"] == counted_before + 4
+
+
+# ---- a backend's 404: about the model or not ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "model", "about_the_model"),
+    [
+        (b'{"error":{"message":"The model `gpt-x` does not exist","code":"model_not_found"}}',
+         "gpt-x", True),
+        (b'{"object":"error","message":"The model `llama3` does not exist.","code":404}',
+         "llama3", True),
+        (b'{"error":{"message":"model \'m\' not found"}}', "m", True),
+        (b"<html><head><title>404 Not Found</title></head><body>nginx</body></html>",
+         "nginx", False),
+        (b'{"error":{"message":"Invalid URL (POST /v1/embeddings)"}}', "embeddings", False),
+        (b'{"detail":"Not Found"}', "Not", False),
+        (b'{"error":{"message":"no model route for llama3-8b"}}', "llama3", False),
+    ],
+)  # fmt: skip
+def test_only_a_404_about_the_model_reads_as_ollamas_model_not_found(
+    body: bytes, model: str, about_the_model: bool
+) -> None:
+    from trioproxy.errors import UpstreamStatusError, upstream_error_message
+    from trioproxy.routes_ollama import _is_about_the_model
+
+    error = UpstreamStatusError(upstream_error_message(body, 404), 404, body=body)
+    assert _is_about_the_model(error, model) is about_the_model

@@ -63,6 +63,11 @@ def fast_route(app: ProxyApp, scope: Any) -> tuple[str, Handler] | None:
             return None  # Quart answers 404, as for any path outside the mount point
         path = path[len(root) :]
     handler = app.fast_routes.get(path)
+    if handler is None:
+        # werkzeug routes "//api/chat" (or "api/chat" below "/llm/") as "/api/chat": so
+        # must we, or such a request would be served through Quart, past our bounds
+        path = "/" + path.lstrip("/")
+        handler = app.fast_routes.get(path)
     return None if handler is None else (path, handler)
 
 
@@ -199,10 +204,8 @@ async def _run_until_shutdown(handler: Handler, call: Call, in_progress: InProgr
     any response."""
     with in_progress.tracking():
         return await _run(handler, call)
-    # only a shutdown's deadline gets here
-    metric = call.state.metric
-    if metric is not None and metric.streaming:
-        metric.stream_outcome = "error"
+    # only a shutdown's deadline gets here; like any failure before the backend's headers,
+    # the request is recorded with its status (a stream is a stream from its headers on)
     return error_reply(call.path, SHUTDOWN_WAITING_MESSAGE, 503)
 
 

@@ -7,6 +7,7 @@ in-process test clients the same handlers.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,7 +127,13 @@ async def _require_known_model(call: Call, name: str) -> None:
     the backend lists, as Ollama checks its own."""
     catalog = call.app.catalog  # type: ignore[attr-defined]
     if await catalog.find(call, call.app.mapper.to_backend(name)) is None:
-        raise NotFound(f"model '{name}' not found")
+        raise NotFound(_not_found_message(name))
+
+
+def _not_found_message(name: str) -> str:
+    """Ollama's answer for a model it does not have, on its generation and embedding
+    endpoints (``/api/show`` words it ``model 'x' not found``)."""
+    return f'model "{name}" not found, try pulling it first'
 
 
 async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_openai: Any) -> Reply:
@@ -181,8 +188,9 @@ def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
 async def embed(call: Call) -> Reply:
     body = validated(tr.validate_ollama_embed, json_object(call))
     note_model(call.state, body["model"])
-    if body["input"] in ("", []):  # Ollama answers "no input" with no vectors (vector
-        # stores send empty batches); OpenAI backends reject an empty input
+    if body.get("input") in (None, "", []):
+        # Ollama answers "nothing to embed" with no vectors (vector stores send empty
+        # batches); OpenAI backends reject an empty input
         await _require_known_model(call, body["model"])
         return _json_reply({"model": body["model"], "embeddings": []})
     start_ns = time.perf_counter_ns()
@@ -221,15 +229,24 @@ def _model_not_found_as_ollama(client_model: str, backend_model: str) -> Iterato
         yield
     except UpstreamStatusError as error:
         if error.status == 404 and _is_about_the_model(error, backend_model):
-            message = f'model "{client_model}" not found, try pulling it first'
-            raise ProxyError(message, 404, param="model") from None
+            raise ProxyError(_not_found_message(client_model), 404, param="model") from None
         raise
 
 
+_MODEL_WORD = re.compile(r"\bmodel\b", re.IGNORECASE)
+
+
 def _is_about_the_model(error: UpstreamStatusError, backend_model: str) -> bool:
-    return b"model_not_found" in error.body or (
-        bool(backend_model) and backend_model in error.message
-    )
+    """OpenAI's ``model_not_found`` code, or a message about a model that names ours as a
+    whole word (vLLM: "The model `x` does not exist."); not a 404 for a missing route
+    whose page happens to contain the name."""
+    if b"model_not_found" in error.body:
+        return True
+    message = error.message
+    if not backend_model or not _MODEL_WORD.search(message):
+        return False
+    named = rf"(?<![\w./:-]){re.escape(backend_model)}(?![\w./:-])"
+    return re.search(named, message) is not None
 
 
 FAST_ROUTES: dict[str, Handler] = {

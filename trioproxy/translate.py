@@ -236,12 +236,11 @@ def validate_ollama_generate(body: object) -> JSONDict:
 
 
 def validate_ollama_embed(body: object) -> JSONDict:
-    """Check an ``/api/embed`` body: ``input`` is a string or a list of strings."""
+    """Check an ``/api/embed`` body: ``input`` is a string or a list of strings, or absent
+    (nothing to embed, as an empty one)."""
     body = _require_object(body)
     _require_model(body)
-    if "input" not in body or body["input"] is None:
-        raise RequestValidationError("input", "is required")
-    if not isinstance(body["input"], str):
+    if body.get("input") is not None and not isinstance(body["input"], str):
         _check_str_list(body["input"], "input")
     dims = body.get("dimensions")
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims <= 0):
