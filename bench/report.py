@@ -277,7 +277,7 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(
             (
                 f"stream relay, {results.get('plan', {}).get('stream_conc')} streams",
-                "; ".join(f"{k}: {v['chunks_per_s']:.0f} chunks/s" for k, v in relay.items()),
+                "; ".join(f"{k}: {_relay_figure(v)}" for k, v in relay.items()),
             )
         )
     h = sc.get("hold", {})
@@ -360,6 +360,12 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- plots
 
 
+def _relay_figure(cell: dict[str, Any]) -> str:
+    cpu = cell.get("cpu_us_per_chunk")
+    per_chunk = f", {cpu:.0f} µs CPU/chunk" if cpu is not None else ""
+    return f"{cell['chunks_per_s']:.0f} chunks/s{per_chunk}"
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -387,8 +393,9 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     cells = _get(sc, "nonstream", "cells")
     if cells:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        for name in _others(results):
-            style.setdefault(name, (name, None))
+        spare = iter(("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan"))
+        for name in _others(results):  # compared proxies: colours no other line has
+            style.setdefault(name, (name, next(spare, None)))
         for name, (label, color) in style.items():
             series = cells.get(name) or {}
             concs = sorted(int(c) for c in series)

@@ -586,6 +586,7 @@ class Bench:
             "floor_httpx": self.start(servers.start_relay_floor(self.demo.url)),
             "floor_raw": self.start(servers.start_relay_floor(self.demo.url, raw=True)),
         }
+        floors.update(self._compared_relays())
         for name, server in floors.items():
             reqs[name] = (server, direct_req, "sse", [server.pid])
         relay = {}
@@ -617,6 +618,19 @@ class Bench:
             }
         out.update({"ttfb_c1": ttfb, "relay": relay, "added": added})
         self.put("stream", out)
+
+    def _compared_relays(self) -> dict[str, Any]:
+        """The proxies given with --compare, each started again in front of the demo
+        backend, so their /v1 stream relay is measured like trioproxy's."""
+        started = {}
+        for name, command in self.compare.items():
+            try:
+                server = servers.start_external(name, command, self.demo.url + "/v1")
+            except Exception as exc:
+                self.note(f"could not start {name} for the stream relay: {exc}")
+                continue
+            started[name] = self.start(server)
+        return started
 
     def _relay_cells(self, reqs: dict[str, Any], relay: dict[str, Any]) -> None:
         plan = self.plan

@@ -161,6 +161,33 @@ def test_disconnects_reach_the_backend(demo: servers.Server) -> None:
         assert -0.05 < delta < 2.0
 
 
+def test_a_compared_proxy_is_started_in_front_of_the_stream_backend(
+    demo: servers.Server,
+) -> None:
+    """--compare NAME=COMMAND: the command gets {upstream} and {port}; for 3b it is started
+    again in front of the demo backend and measured like trioproxy's /v1 relay."""
+    command = f"{sys.executable} -m trioproxy --host 127.0.0.1 --port {{port}} "
+    command += "--upstream {upstream} --env-file /nonexistent"
+    plan = scenarios.Plan.make(quick=True)
+    progress = scenarios.Progress([("start", 1)], enabled=False)
+    bench = scenarios.Bench(plan, progress, compare={"copy": command, "broken": "false {port}"})
+    bench.demo = demo
+    started = bench._compared_relays()
+    try:
+        assert list(started) == ["copy"]
+        assert any("could not start broken" in note for note in bench.notes)
+        req = scenarios.chat_request(scenarios.V1, stream=True, directives="[[tokens=4]]")
+        copy = started["copy"]
+        reply = urllib.request.urlopen(
+            urllib.request.Request(copy.url + scenarios.V1, data=req["body"].encode()),
+            timeout=10,
+        ).read()
+        assert reply.rstrip().endswith(b"data: [DONE]")
+    finally:
+        for server in started.values():
+            server.stop()
+
+
 def test_percentiles() -> None:
     stats = percentiles([float(i) for i in range(1, 101)])
     assert stats["p50"] == pytest.approx(50.5) and stats["max"] == 100.0 and stats["n"] == 100
