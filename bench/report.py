@@ -382,6 +382,9 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     style = {"direct": ("direct backend", "k"), "bare_asgi": ("bare ASGI (3i)", "tab:gray"),
              V1: ("proxy " + V1, "tab:blue"), OLLAMA: ("proxy " + OLLAMA, "tab:orange"),
              "floor_httpx": ("floor", "tab:green"), "floor_raw": ("floor", "tab:olive")}  # fmt: skip
+    spare = iter(("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan"))
+    for name in _others(results):  # compared proxies: colours no other line has
+        style.setdefault(name, (name, next(spare, None)))
 
     def save(fig, name: str) -> None:
         path = out / name
@@ -393,9 +396,6 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     cells = _get(sc, "nonstream", "cells")
     if cells:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        spare = iter(("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan"))
-        for name in _others(results):  # compared proxies: colours no other line has
-            style.setdefault(name, (name, next(spare, None)))
         for name, (label, color) in style.items():
             series = cells.get(name) or {}
             concs = sorted(int(c) for c in series)
