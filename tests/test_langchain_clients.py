@@ -558,6 +558,20 @@ def test_chat_openai_invoke(chat_openai: Callable[..., ChatOpenAI]) -> None:
     assert isinstance(reply.id, str) and reply.id
 
 
+def test_chat_openai_on_the_responses_api(chat_openai: Callable[..., ChatOpenAI]) -> None:
+    """``use_responses_api=True``: LangChain speaks /v1/responses, whole and streamed."""
+    prompt = "Say hello [[tokens=5]]"
+    llm = chat_openai(use_responses_api=True)
+    reply = llm.invoke(prompt)
+    assert reply.text == passage(5)
+    assert reply.usage_metadata is not None
+    assert reply.usage_metadata["output_tokens"] == 5
+    assert reply.usage_metadata["input_tokens"] == word_count(prompt)
+    chunks = list(llm.stream(prompt))
+    assert "".join(c.text for c in chunks) == passage(5)
+    assert sum(c.usage_metadata["output_tokens"] for c in chunks if c.usage_metadata) == 5
+
+
 def test_chat_openai_stream_usage(chat_openai: Callable[..., ChatOpenAI]) -> None:
     prompt = "Count me [[tokens=5]]"
     llm = chat_openai(stream_usage=True)

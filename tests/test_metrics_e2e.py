@@ -257,3 +257,27 @@ def _start_workers(
     )  # fmt: skip
     wait_healthy(f"http://127.0.0.1:{port}", timeout=30)
     return server
+
+
+def test_responses_api_tokens_and_first_token_are_measured(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """/v1/responses speaks other events than chat completions: its tokens, usage and
+    time to first token are read from them (a stream, and a reply as a whole)."""
+    url = start_proxy(demo_backend.url, MAX_RETRIES="0").url
+    body = {"model": "demo-chat", "input": "hello [[tokens=7]] [[first_delay=0.05]]"}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        whole = client.post("/v1/responses", json=body).json()
+        streamed = client.post("/v1/responses", json=body | {"stream": True})
+    prompt = whole["usage"]["input_tokens"]
+    assert prompt > 0 and whole["usage"]["output_tokens"] == 7
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert "event: response.completed" in streamed.text
+    samples = scrape(url)
+    assert total(samples, "http_requests_total", endpoint="v1_responses", status="200") == 2
+    assert total(samples, "trioproxy_streams_total", outcome="completed") == 1
+    assert total(samples, "trioproxy_tokens_total", type="input") == 2 * prompt
+    assert total(samples, "trioproxy_tokens_total", type="output") == 14
+    ttft = [v for labels, v in samples["trioproxy_time_to_first_token_seconds_sum"]]
+    assert total(samples, "trioproxy_time_to_first_token_seconds_count") == 1
+    assert 0.05 <= sum(ttft) < 2.0

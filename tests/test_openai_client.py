@@ -410,3 +410,39 @@ async def test_async_mid_stream_failure(proxy: ServerProcess) -> None:
     assert text == "Hello from"
     assert isinstance(error, openai.APIError)
     assert "mid-stream" in error.message
+
+
+# ---- the Responses API ---------------------------------------------------------------------
+
+
+def test_responses_non_stream_and_stream(client: openai.OpenAI) -> None:
+    """``client.responses.create``, forwarded to the backend's /responses as it came; the
+    SDK validates every event strictly (``_strict_response_validation``)."""
+    whole = client.responses.create(model="demo-chat", input=f"Hello [[tokens=6]] {marker()}")
+    assert whole.status == "completed" and whole.model == "demo-chat"
+    assert len(whole.output_text.split()) == 6
+    assert whole.usage is not None and whole.usage.output_tokens == 6
+    events = list(
+        client.responses.create(model="demo-chat", input=user("Hello [[tokens=6]]"), stream=True)
+    )
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == whole.output_text
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.usage is not None
+    assert events[-1].response.usage.output_tokens == 6
+
+
+def test_responses_cut_by_max_output_tokens(client: openai.OpenAI) -> None:
+    reply = client.responses.create(
+        model="demo-chat", input=f"Hello [[tokens=9]] {marker()}", max_output_tokens=3
+    )
+    assert reply.status == "incomplete"
+    assert reply.incomplete_details is not None
+    assert reply.incomplete_details.reason == "max_output_tokens"
+    assert len(reply.output_text.split()) == 3
+
+
+def test_responses_unknown_model_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(model="no-such-model", input="hi")
+    assert "no-such-model" in info.value.message

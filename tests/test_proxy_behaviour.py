@@ -362,7 +362,8 @@ def test_unknown_path_and_wrong_method(http: httpx.Client) -> None:
     # test_early_answer_does_not_hang_the_connection
     assert_ollama_error(httpx.post(http.base_url.join("/api/chat/extra"), json={}), 404)
     assert_openai_error(http.get("/v1/nowhere"), 404, "/v1/nowhere")
-    assert_openai_error(httpx.post(http.base_url.join("/v1/responses"), json={}), 404)
+    assert_openai_error(httpx.post(http.base_url.join("/v1/messages"), json={}), 404)
+    assert_openai_error(http.get("/v1/responses/resp_1"), 404)  # only creation is forwarded
     assert_ollama_error(http.get("/api/chat"), 405, "GET")
     assert_ollama_error(http.delete("/api/tags"), 405)
     assert_ollama_error(http.post("/"), 405)
@@ -850,6 +851,21 @@ def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerPro
         assert embedded.json()["model"] == "nomic-embed-text"
         legacy = client.post("/v1/completions", json={"model": "llama3", "prompt": "hi"})
         assert legacy.json()["model"] == "llama3"
+
+        request_id = rid()
+        response = client.post(
+            "/v1/responses",
+            json={"model": "llama3", "input": "hi [[tokens=2]]"},
+            headers={"X-Request-ID": request_id},
+        )
+        assert response.status_code == 200 and response.json()["model"] == "llama3"
+        assert demo_events_for(demo_backend, request_id)[0]["model"] == "demo-chat"
+        streamed = client.post(
+            "/v1/responses", json={"model": "llama3", "input": "hi [[tokens=3]]", "stream": True}
+        )
+        named = {e["response"]["model"] for e in map(json.loads, sse_events(streamed.text))
+                 if "response" in e}  # fmt: skip
+        assert named == {"llama3"}
 
 
 # ---- never a 500 for a client mistake ------------------------------------------------------

@@ -35,6 +35,7 @@ from trioproxy.translate import (
     OllamaStreamTranslator,
     OpenAIStreamObserver,
     RequestValidationError,
+    ResponsesStreamObserver,
     Timings,
     _ContentChunks,
     image_data_url,
@@ -1272,3 +1273,38 @@ def test_is_embedding_model() -> None:
     assert is_embedding_model("text-embedding-3-small")
     assert is_embedding_model("nomic-Embed-text")
     assert not is_embedding_model("llama3")
+
+
+# ---- the Responses API stream observer ---------------------------------------------------
+
+
+def _response_event(kind: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, "sequence_number": 0, **fields}, separators=(",", ":"))
+
+
+def test_responses_observer_counts_deltas_and_reads_the_closing_usage() -> None:
+    o = ResponsesStreamObserver()
+    usage = {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
+    events = [
+        (_response_event("response.created", response={"status": "in_progress"}), 10),
+        (_response_event("response.output_text.delta", delta="", item_id="m"), 15),
+        (_response_event("response.reasoning_text.delta", delta="hmm", item_id="m"), 20),
+        (_response_event("response.output_text.delta", delta="Hi", item_id="m"), 30),
+        ('{"sequence_number":1,"type":"response.function_call_arguments.delta","delta":"{"}', 40),
+        (_response_event("response.output_text.done", text="Hi", item_id="m"), 50),
+        (_response_event("response.completed", response={"status": "completed", "usage": usage}),
+         60),
+        ("not json", 70),
+    ]  # fmt: skip
+    for data, now in events:
+        o.feed_text(data, now)
+    assert (o.first_token_ns, o.last_token_ns, o.content_chunks) == (20, 40, 3)
+    assert (o.prompt_tokens, o.completion_tokens, o.finish_reason) == (5, 3, "completed")
+
+
+@pytest.mark.parametrize("end", ["response.incomplete", "response.failed"])
+def test_responses_observer_reads_usage_from_every_closing_event(end: str) -> None:
+    o = ResponsesStreamObserver()
+    closing = {"status": end[9:], "usage": {"output_tokens": 2}}
+    o.feed_text(_response_event(end, response=closing), 1)
+    assert (o.completion_tokens, o.prompt_tokens, o.finish_reason) == (2, None, end[9:])

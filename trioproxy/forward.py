@@ -53,12 +53,13 @@ def note_usage(state: RequestState, response: Any) -> None:
 
 
 def note_usage_counts(state: RequestState, usage: Any) -> None:
-    """Token counts from a ``usage`` object, for the metrics."""
+    """Token counts from a ``usage`` object, for the metrics (Chat Completions' names, or
+    the Responses API's ``input_tokens`` / ``output_tokens``)."""
     metric = state.metric
     if metric is None or not isinstance(usage, dict):
         return
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
     metric.input_tokens = prompt if isinstance(prompt, int) else None
     metric.output_tokens = completion if isinstance(completion, int) else None
 

@@ -1,6 +1,6 @@
 """The OpenAI API (``/v1/*``): pass-through with model mapping, streams relayed as they come.
 
-``FAST_ROUTES`` (chat, completions, embeddings) are served by ``fastpath`` for ``POST``;
+``FAST_ROUTES`` (chat, completions, embeddings, responses) are served by ``fastpath`` for ``POST``;
 the Quart routes for the same paths make other methods a 405 and serve in-process test
 clients the same handlers.
 """
@@ -29,7 +29,14 @@ from .forward import (
     validated,
 )
 from .jsonutil import loads, top_level_member
-from .relay import EVENT_STREAM, STREAM_HEADERS, StreamEnd, dumps, relay_openai
+from .relay import (
+    EVENT_STREAM,
+    STREAM_HEADERS,
+    StreamEnd,
+    StreamObserver,
+    dumps,
+    relay_openai,
+)
 from .upstream import UpstreamResult
 
 blueprint = Blueprint("openai", __name__)
@@ -49,7 +56,12 @@ async def forward(backend_path: str, call: Call) -> Reply:
         payload = encode(tr.openai_passthrough_request(body, app.mapper))
     if body.get("stream") is True:
         result = await open_stream(call, backend_path, payload)
-        return _stream_reply(call, result, client_model, backend_model)
+        observer = (
+            tr.ResponsesStreamObserver()
+            if backend_path == "/responses"
+            else tr.OpenAIStreamObserver()
+        )
+        return _stream_reply(call, result, client_model, backend_model, observer)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
     _note_usage(call, content)
@@ -64,6 +76,7 @@ FAST_ROUTES: dict[str, Handler] = {
     "/v1/chat/completions": partial(forward, "/chat/completions"),
     "/v1/completions": partial(forward, "/completions"),
     "/v1/embeddings": partial(forward, "/embeddings"),
+    "/v1/responses": partial(forward, "/responses"),
 }
 for _path, _handler in FAST_ROUTES.items():
     quart_route(blueprint, _path, _handler)
@@ -90,7 +103,11 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 def _stream_reply(
-    call: Call, result: UpstreamResult, client_model: str, backend_model: str
+    call: Call,
+    result: UpstreamResult,
+    client_model: str,
+    backend_model: str,
+    observer: StreamObserver,
 ) -> Reply:
     metric = call.state.metric
     rewrite: Callable[[bytes], bytes] | None = None
@@ -98,7 +115,7 @@ def _stream_reply(
         rewrite = _model_rewriter(backend_model, client_model)
     chunks = relay_openai(
         result.response,
-        tr.OpenAIStreamObserver(),
+        observer,
         settings=call.app.settings,
         metric=metric,
         metric_start=metric.start if metric else time.perf_counter(),

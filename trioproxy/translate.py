@@ -935,6 +935,50 @@ class OpenAIStreamObserver(_StreamStats):
             self._count_token(now_ns)
 
 
+class ResponsesStreamObserver(_StreamStats):
+    """Watches a ``/v1/responses`` stream (OpenAI's Responses API) being relayed verbatim,
+    for metrics only: every ``*.delta`` event with content is a token (text, refusal,
+    reasoning, tool-call arguments); the closing ``response.completed`` (or
+    ``.incomplete`` / ``.failed``) event carries ``usage`` and the status."""
+
+    _TEXT_DELTA = '{"type":"response.output_text.delta"'
+
+    def feed_text(self, data: str, now_ns: int) -> None:
+        # OpenAI writes "type" first: a text delta (most of a stream) needs no decoding
+        if data.startswith(self._TEXT_DELTA) and '"delta":""' not in data:
+            self._count_token(now_ns)
+            return
+        event = parse_chunk(data)
+        if event is not None:
+            self.feed(event, now_ns)
+
+    def feed(self, event: JSONDict, now_ns: int) -> None:
+        kind = event.get("type")
+        if not isinstance(kind, str):
+            return
+        if kind.endswith(".delta"):
+            if event.get("delta"):
+                self._count_token(now_ns)
+        elif kind in _RESPONSE_ENDS:
+            self._finish(event.get("response"))
+
+    def _finish(self, response: object) -> None:
+        if not isinstance(response, dict):
+            return
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            if _is_number(usage.get("input_tokens")):
+                self.prompt_tokens = int(usage["input_tokens"])
+            if _is_number(usage.get("output_tokens")):
+                self.completion_tokens = int(usage["output_tokens"])
+        status = response.get("status")
+        if isinstance(status, str) and status:
+            self.finish_reason = status
+
+
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 class OllamaStreamTranslator(_StreamStats):
     """OpenAI ``chat.completion.chunk`` dicts in, Ollama NDJSON objects out.
 

@@ -11,17 +11,20 @@ Models: ``demo-chat`` (text, tool calls, JSON mode), ``demo-reasoner`` (streams 
 ``reasoning_content`` tokens first) and ``demo-embed`` (deterministic unit vectors).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
-``GET /v1/models``, ``GET /v1/models/{id}``; test helpers ``GET /_demo/events`` (event log) and
+``POST /v1/responses`` (the Responses API, text output), ``GET /v1/models``,
+``GET /v1/models/{id}``; test helpers ``GET /_demo/events`` (event log) and
 ``POST /_demo/reset`` (clears the log and the ``fail_first`` counters).
 
 Test hooks
 ----------
 The proxy forwards request bodies, so hooks travel inside them: write ``[[name=value]]`` or
 ``[[name]]`` anywhere in the content of the LAST chat message (the prompt for /v1/completions, the
-first input for /v1/embeddings). Unknown or malformed directives are answered with HTTP 400.
+first input for /v1/embeddings, the last input message for /v1/responses). Unknown or malformed
+directives are answered with HTTP 400.
 
 ``[[tokens=N]]``
-    Reply length in tokens (``max_tokens`` / ``max_completion_tokens`` still cap it).
+    Reply length in tokens (``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``
+    still cap it).
 ``[[delay=S]]``
     Seconds between streamed tokens. A non-stream reply normally comes at once; with an explicit
     ``[[delay]]`` it arrives when the equivalent stream would have ended.
@@ -46,7 +49,7 @@ Errors before the response starts are always a JSON error body with a non-200 st
 
 Event log
 ---------
-Every request to the three generation endpoints appends ``{"id", "path", "model", "stream",
+Every request to the four generation endpoints appends ``{"id", "path", "model", "stream",
 "started", "ended", "outcome", "tokens_sent", "request_id", "body_hash"}`` (wall-clock
 ``time.time()`` stamps so other processes can compare). ``outcome`` is ``None`` while in flight,
 then ``"completed"``, ``"disconnected"`` (the client left first; ``ended`` is when that was noticed)

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -29,6 +29,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
+_T = TypeVar("_T")
 MAX_EVENTS = 10_000
 MAX_FAIL_COUNTERS = 100_000
 MODEL_CREATED = 1_700_000_000  # fixed, so /v1/models is byte-identical across runs
@@ -179,6 +180,7 @@ class DemoApp:
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/completions": ("POST", self._completions),
             "/v1/embeddings": ("POST", self._embeddings),
+            "/v1/responses": ("POST", self._responses),
             "/v1/models": ("GET", self._models),
             "/_demo/events": ("GET", self._events),
             "/_demo/reset": ("POST", self._reset),
@@ -250,6 +252,9 @@ class DemoApp:
 
     async def _embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._generate(scope, receive, send, self._prepare_embeddings)
+
+    async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, self._prepare_response)
 
     async def _generate(
         self,
@@ -412,10 +417,7 @@ class DemoApp:
         directives = _directives(
             script.content_text(last.get("content")) if isinstance(last, dict) else ""
         )
-        try:
-            plan = script.plan_chat(body, messages, directives, self.settings.default_tokens)
-        except BadRequest as exc:
-            raise ApiError(400, exc.message, param=exc.param) from None
+        plan = _planned(script.plan_chat, body, messages, directives, self.settings.default_tokens)
         stream = ex.entry["stream"] = body.get("stream") is True
         usage = _usage(script.prompt_tokens(messages), plan)
         cid = f"chatcmpl-demo{self._id_prefix}{ex.entry['id']:x}"
@@ -434,10 +436,9 @@ class DemoApp:
         if not texts:
             raise ApiError(400, "prompt must be a string or an array of strings", param="prompt")
         directives = _directives(texts[0])
-        try:
-            tokens, finish = script.plan_completion(body, directives, self.settings.default_tokens)
-        except BadRequest as exc:
-            raise ApiError(400, exc.message, param=exc.param) from None
+        tokens, finish = _planned(
+            script.plan_completion, body, directives, self.settings.default_tokens
+        )
         stream = ex.entry["stream"] = body.get("stream") is True
         prompt_tokens = sum(script.count_words(t) for t in texts)
         usage = {
@@ -460,6 +461,24 @@ class DemoApp:
             "choices": [choice],
             "usage": usage,
         }
+        return _Reply(body=_dumps(response).encode(), tokens=len(tokens)), directives
+
+    def _prepare_response(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
+        """OpenAI's Responses API, text output only: ``input`` is a string or a list of
+        messages; ``max_output_tokens`` caps the reply (status "incomplete")."""
+        model = _model_of(body, ex, script.CHAT_MODELS, "responses")
+        texts = _response_input_texts(body.get("input"))
+        directives = _directives(texts[-1])
+        tokens, finish = _planned(
+            script.plan_response, body, directives, self.settings.default_tokens
+        )
+        stream = ex.entry["stream"] = body.get("stream") is True
+        input_tokens = sum(script.count_words(t) for t in texts)
+        response = _response_object(
+            f"resp_demo{self._id_prefix}{ex.entry['id']:x}", model, tokens, finish, input_tokens
+        )
+        if stream:
+            return _response_stream(response, tokens), directives
         return _Reply(body=_dumps(response).encode(), tokens=len(tokens)), directives
 
     def _prepare_embeddings(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
@@ -571,6 +590,14 @@ def _model_of(body: dict[str, Any], ex: _Exchange, allowed: frozenset[str], what
             raise ApiError(400, f"The model `{model}` does not support {what}.", param="model")
         raise _model_not_found(model)
     return model
+
+
+def _planned(plan: Callable[..., _T], *args: Any) -> _T:
+    """``plan(*args)``, its BadRequest answered as a 400."""
+    try:
+        return plan(*args)
+    except BadRequest as exc:
+        raise ApiError(400, exc.message, param=exc.param) from None
 
 
 def _directives(text: str) -> Directives:
@@ -726,6 +753,88 @@ def _completion_stream(
             f'"model":{_dumps(model)},"choices":[],"usage":{_dumps(usage)}}}\n\n'
         )
     return _Reply(pieces=pieces, tail=tail + _DONE, stream=True)
+
+
+def _response_input_texts(value: Any) -> list[str]:
+    """The texts of a Responses API ``input``: a string, or messages whose content is a
+    string or a list of ``input_text`` parts."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value:
+        texts = [
+            script.content_text(item.get("content")) for item in value if isinstance(item, dict)
+        ]
+        if texts:
+            return texts
+    raise ApiError(400, "input must be a non-empty string or array of messages", param="input")
+
+
+def _response_object(
+    rid: str, model: str, tokens: tuple[str, ...], finish: str, input_tokens: int
+) -> dict[str, Any]:
+    """A complete Responses API ``response`` object holding the whole reply."""
+    text = "".join(tokens)
+    message = {
+        "id": "msg_" + rid.removeprefix("resp_"),
+        "type": "message",
+        "status": "completed" if finish == "stop" else "incomplete",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed" if finish == "stop" else "incomplete",
+        "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+        "model": model,
+        "output": [message],
+        "error": None,
+        "instructions": None,
+        "metadata": {},
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": len(tokens),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + len(tokens),
+        },
+    }
+
+
+def _response_stream(response: dict[str, Any], tokens: tuple[str, ...]) -> _Reply:
+    """The Responses API's typed SSE events for a text reply, as OpenAI sends them."""
+    seq = itertools.count()
+    message = response["output"][0]
+    item_id = message["id"]
+
+    def event(kind: str, **fields: Any) -> str:
+        data = _dumps({"type": kind, "sequence_number": next(seq), **fields})
+        return f"event: {kind}\ndata: {data}\n\n"
+
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    empty_item = {**message, "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    head = (
+        event("response.created", response=started)
+        + event("response.in_progress", response=started)
+        + event("response.output_item.added", output_index=0, item=empty_item)
+        + event("response.content_part.added", part=part, **at)
+    )
+    pieces = [event("response.output_text.delta", delta=tok, logprobs=[], **at) for tok in tokens]
+    text = message["content"][0]["text"]
+    done = "response.completed" if response["status"] == "completed" else "response.incomplete"
+    tail = (
+        event("response.output_text.done", text=text, logprobs=[], **at)
+        + event("response.content_part.done", part={**part, "text": text}, **at)
+        + event("response.output_item.done", output_index=0, item=message)
+        + event(done, response=response)
+    )
+    return _Reply(head=head, pieces=pieces, tail=tail, stream=True)
 
 
 def create_demo_app(settings: DemoSettings | None = None) -> DemoApp:

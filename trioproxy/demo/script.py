@@ -303,11 +303,22 @@ def plan_chat(
     return ChatPlan(content, reasoning)
 
 
-def plan_completion(
+def plan_response(
     body: dict[str, Any], directives: Directives, default_tokens: int
 ) -> tuple[tuple[str, ...], str]:
+    """Tokens and how the reply ends ("stop", or "length" when ``max_output_tokens`` cut
+    it) for the Responses API endpoint."""
+    return plan_completion(body, directives, default_tokens, limit_field="max_output_tokens")
+
+
+def plan_completion(
+    body: dict[str, Any],
+    directives: Directives,
+    default_tokens: int,
+    limit_field: str = "max_tokens",
+) -> tuple[tuple[str, ...], str]:
     """Tokens and finish_reason for the legacy /v1/completions endpoint."""
-    limit = token_limit(body, "max_tokens")
+    limit = token_limit(body, limit_field)
     wanted = directives.tokens if directives.tokens is not None else default_tokens
     if limit is None or limit >= wanted:
         return passage_tokens(wanted), "stop"

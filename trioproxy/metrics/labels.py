@@ -25,6 +25,7 @@ ROUTE_LABELS: dict[str, str] = {
     "/v1/chat/completions": "v1_chat_completions",
     "/v1/completions": "v1_completions",
     "/v1/embeddings": "v1_embeddings",
+    "/v1/responses": "v1_responses",
     "/v1/models": "v1_models",
     "/v1/version": "v1_version",
 }
