@@ -18,8 +18,12 @@ import trio
 from trioproxy import relay
 from trioproxy.config import Settings
 from trioproxy.errors import UpstreamTimeout
-from trioproxy.metrics import MetricsCollector
-from trioproxy.translate import OllamaStreamTranslator, OpenAIStreamObserver
+from trioproxy.metrics import MetricsCollector, RequestMetrics
+from trioproxy.translate import (
+    OllamaStreamTranslator,
+    OpenAIStreamObserver,
+    ResponsesStreamObserver,
+)
 from trioproxy.upstream import UpstreamPool
 
 # (seconds to wait, bytes to send); None as the bytes: stall until the client leaves.
@@ -300,3 +304,86 @@ async def test_a_mapped_model_name_split_between_reads_is_rewritten_whole() -> N
     expected = b"".join(data for _, data in script if data is not None)
     assert out == expected.replace(b'"model":"m"', b'"model":"llama3"')
     assert out.count(b'"model":"llama3"') == 3
+
+
+# ---- how a stream ends: its last event, not the backend closing the body -----------------
+
+
+def responses_event(kind: str, **fields: object) -> bytes:
+    data = json.dumps({"type": kind, "sequence_number": 0, **fields}).encode()
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+CREATED = responses_event("response.created", response={"status": "in_progress"})
+COMPLETED = responses_event(
+    "response.completed",
+    response={"status": "completed", "usage": {"input_tokens": 2, "output_tokens": 1}},
+)
+
+
+def text_delta(text: str) -> bytes:
+    return responses_event("response.output_text.delta", delta=text, item_id="m")
+
+
+def observed(
+    observer: Callable[[], object], metric: RequestMetrics | None = None
+) -> MakeRelay:
+    def make(
+        response: httpx.Response, settings: Settings, collector: MetricsCollector
+    ) -> AsyncIterator[bytes]:
+        return relay.relay_openai(
+            response,
+            observer(),  # type: ignore[arg-type]
+            settings=settings,
+            metric=metric,
+            metric_start=time.perf_counter(),
+            collector=collector,
+        )
+
+    return make
+
+
+async def test_a_stream_ends_at_its_last_event_even_if_the_backend_keeps_the_body_open() -> None:
+    """After [DONE], or the Responses API's closing event (it has no [DONE]), the relay
+    stops: a backend that keeps the body open must not get an error line appended."""
+    cases = [
+        ([(0, ROLE), (0, token("a")), (0, DONE), (0, None)], OpenAIStreamObserver, DONE),
+        ([(0, CREATED), (0, text_delta("a")), (0, COMPLETED), (0, None)],
+         ResponsesStreamObserver, COMPLETED),
+    ]  # fmt: skip
+    for script, observer, last in cases:
+        out, elapsed, _ = await run_relay(
+            script, observed(observer), stream_idle_timeout=0.3, stream_first_token_timeout=30
+        )
+        assert out.endswith(last), out[-200:]
+        assert elapsed < 2
+
+
+async def test_finished_output_items_lift_the_first_token_deadline() -> None:
+    """A Responses stream may work for long before its first text (a hosted web search):
+    a finished output item is progress, so only the idle limit applies from there on."""
+    searched = responses_event("response.output_item.done", item={"type": "web_search_call"})
+    script: Script = [(0, CREATED), (0, searched), (0.5, text_delta("a")), (0, COMPLETED)]
+    out, elapsed, _ = await run_relay(
+        script,
+        observed(ResponsesStreamObserver),
+        stream_idle_timeout=5,
+        stream_first_token_timeout=0.3,
+    )
+    assert out.endswith(COMPLETED) and b'"error"' not in out
+    assert elapsed >= 0.5
+
+
+async def test_a_failure_the_backend_reports_in_the_stream_counts_as_an_error() -> None:
+    failed = responses_event("response.failed", response={"status": "failed", "usage": None})
+    chat_error = b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+    cases = [
+        ([(0, CREATED), (0, text_delta("a")), (0, failed)], ResponsesStreamObserver),
+        ([(0, CREATED), (0, responses_event("error", message="boom"))], ResponsesStreamObserver),
+        ([(0, ROLE), (0, token("a")), (0, chat_error)], OpenAIStreamObserver),
+    ]
+    for script, observer in cases:
+        metric = RequestMetrics("/v1/responses", "POST", streaming=True)
+        out, _, _ = await run_relay(script, observed(observer, metric))
+        assert out.endswith(script[-1][1])  # type: ignore[arg-type]  (relayed as it came)
+        assert metric.stream_outcome == "error"

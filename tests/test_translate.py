@@ -1308,3 +1308,18 @@ def test_responses_observer_reads_usage_from_every_closing_event(end: str) -> No
     closing = {"status": end[9:], "usage": {"output_tokens": 2}}
     o.feed_text(_response_event(end, response=closing), 1)
     assert (o.completion_tokens, o.prompt_tokens, o.finish_reason) == (2, None, end[9:])
+
+
+def test_responses_observer_tells_the_relay_about_progress_the_end_and_failures() -> None:
+    o = ResponsesStreamObserver()
+    o.feed_text(_response_event("response.output_item.added", item={"type": "reasoning"}), 1)
+    assert not (o.progressed or o.ended or o.failed)  # an announced item is not work done
+    o.feed_text(_response_event("response.output_item.done", item={"type": "reasoning"}), 2)
+    assert o.progressed and o.first_token_ns is None  # progress, but no token yet
+    o.feed_text(_response_event("response.failed", response={"status": "failed"}), 3)
+    assert o.ended and o.failed
+    chat = OpenAIStreamObserver()
+    chat.feed_text('{"error":null,"choices":[]}', 1)
+    assert not chat.failed
+    chat.feed_text('{"error":{"message":"overloaded"}}', 2)
+    assert chat.failed and not chat.ended  # a chat stream ends with [DONE]

@@ -36,6 +36,9 @@ class StreamObserver(Protocol):
     content_chunks: int
     prompt_tokens: int | None
     completion_tokens: int | None
+    progressed: bool  # past the first-token deadline: output (or other work) came
+    ended: bool  # the stream's last event is out (Responses streams have no [DONE])
+    failed: bool  # the backend reported a failure in the stream
 
     def feed_text(self, data: str, now_ns: int) -> None: ...
 
@@ -251,11 +254,15 @@ async def relay_openai(
 
     With ``rewrite_model`` (a mapped model name), a read's unfinished last line waits for
     the next read: a name split between two reads is rewritten whole. The SSE parser bounds
-    a line, so the wait is bounded too."""
+    a line, so the wait is bounded too.
+
+    Once the stream's last event is out (``[DONE]``, or the Responses API's closing event),
+    the rest of the backend's body is only drained, briefly: a backend that keeps the body
+    open after it must not turn a finished stream into a timed-out one."""
     parser = SSEParser()
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
-    sent = timed_out = False
+    sent = timed_out = finished = False
     held = b""
     try:
         while (data := await reader.read()) is not None:
@@ -263,9 +270,12 @@ async def relay_openai(
                 if event.data != SSE_DONE:
                     observer.feed_text(event.data, time.perf_counter_ns())
                 else:
-                    _reached(end)
-            if observer.first_token_ns is not None:
+                    finished = True
+            if observer.progressed:
                 reader.token_seen = True
+            if finished or observer.ended:
+                finished = True
+                _reached(end)
             if rewrite_model is not None:
                 data, held = _whole_lines(held + data)
                 if not data:
@@ -273,6 +283,8 @@ async def relay_openai(
                 data = rewrite_model(data)
             yield data
             sent = True
+            if finished:
+                break
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
         error = _stream_broke(exc, metric, collector)
         timed_out = isinstance(exc, StreamTimeout)
@@ -282,6 +294,8 @@ async def relay_openai(
     if held and rewrite_model is not None:
         yield rewrite_model(held)
         sent = True
+    if error is None and observer.failed:
+        _set_outcome(metric, "error")  # relayed as the backend sent it; counted as failed
     if error is not None:
         _set_outcome(metric, "error")
         if not sent:
@@ -290,6 +304,8 @@ async def relay_openai(
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         _reached(end)
         yield openai_error_event(error, "api_error", code)
+    if finished:
+        await reader.drain()
 
 
 def _reached(end: StreamEnd | None) -> None:

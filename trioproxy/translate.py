@@ -869,6 +869,11 @@ class _StreamStats:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
+        # the stream's own account of itself, for the relay: work came out (the deadline
+        # for a first token no longer applies), the last event is out, the backend failed
+        self.progressed = False
+        self.ended = False
+        self.failed = False
         self._shapes = _ContentChunks()
 
     @property
@@ -886,6 +891,8 @@ class _StreamStats:
                 self.completion_tokens = int(usage["completion_tokens"])
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            if chunk.get("error"):
+                self.failed = True  # an error event in the stream: the backend gave up
             return "", "", [], {}
         choice = choices[0]
         delta = choice.get("delta")
@@ -910,6 +917,7 @@ class _StreamStats:
         self.content_chunks += 1
         if self.first_token_ns is None:
             self.first_token_ns = now_ns
+            self.progressed = True
         self.last_token_ns = now_ns
 
 
@@ -936,10 +944,12 @@ class OpenAIStreamObserver(_StreamStats):
 
 
 class ResponsesStreamObserver(_StreamStats):
-    """Watches a ``/v1/responses`` stream (OpenAI's Responses API) being relayed verbatim,
-    for metrics only: every ``*.delta`` event with content is a token (text, refusal,
-    reasoning, tool-call arguments); the closing ``response.completed`` (or
-    ``.incomplete`` / ``.failed``) event carries ``usage`` and the status."""
+    """Watches a ``/v1/responses`` stream (OpenAI's Responses API) being relayed verbatim:
+    every ``*.delta`` event with content is a token (text, refusal, reasoning, tool-call
+    arguments); a finished output item (a hosted web search, a tool call) is progress even
+    before any token; the closing ``response.completed`` (or ``.incomplete`` / ``.failed``)
+    event carries ``usage`` and the status, and is the stream's last (there is no
+    ``[DONE]``); ``response.failed`` and ``error`` events mean the backend failed."""
 
     _TEXT_DELTA = '{"type":"response.output_text.delta"'
 
@@ -959,8 +969,14 @@ class ResponsesStreamObserver(_StreamStats):
         if kind.endswith(".delta"):
             if event.get("delta"):
                 self._count_token(now_ns)
+        elif kind == "response.output_item.done":
+            self.progressed = True
         elif kind in _RESPONSE_ENDS:
+            self.ended = True
+            self.failed = kind == "response.failed"
             self._finish(event.get("response"))
+        elif kind == "error":
+            self.ended = self.failed = True
 
     def _finish(self, response: object) -> None:
         if not isinstance(response, dict):
