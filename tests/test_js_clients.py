@@ -399,6 +399,15 @@ def test_openai_chat(run: RunScenario) -> None:
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 5
 
 
+def test_openai_responses_api(run: RunScenario) -> None:
+    out = run("openai-responses")
+    assert out["text"] == text(5) and out["status"] == "completed"
+    assert out["usage"]["output_tokens"] == 5
+    assert out["deltas"] == tokens(5)  # one event per token, in order
+    assert out["finalText"] == text(5)
+    assert out["finalUsage"]["output_tokens"] == 5
+
+
 def test_openai_chat_stream_include_usage(run: RunScenario) -> None:
     out = run("openai-chat-stream")
     assert len(out["ids"]) == 1

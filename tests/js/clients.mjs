@@ -356,6 +356,29 @@ async function openaiChatStream() {
   };
 }
 
+async function openaiResponses() {
+  // The Responses API, whole and streamed (the SDK's own stream helper)
+  const whole = await openai().responses.create({
+    model: "demo-chat",
+    input: "Hello [[tokens=5]]",
+  });
+  const stream = openai().responses.stream({
+    model: "demo-chat",
+    input: user("Hello [[tokens=5]]"),
+  });
+  const deltas = [];
+  stream.on("response.output_text.delta", (event) => deltas.push(event.delta));
+  const final = await stream.finalResponse();
+  return {
+    text: whole.output_text,
+    status: whole.status,
+    usage: whole.usage,
+    deltas,
+    finalText: final.output_text,
+    finalUsage: final.usage,
+  };
+}
+
 async function openaiTools() {
   // The SDK's own stream helper reassembles the argument fragments.
   const runner = openai().chat.completions.stream({
@@ -442,6 +465,7 @@ const SCENARIOS = {
   "langchain-embeddings": langchainEmbeddings,
   "openai-chat": openaiChat,
   "openai-chat-stream": openaiChatStream,
+  "openai-responses": openaiResponses,
   "openai-tools": openaiTools,
   "openai-embeddings": openaiEmbeddings,
   "openai-models": openaiModels,
