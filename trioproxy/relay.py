@@ -273,8 +273,8 @@ async def relay_openai(
                     finished = True
             if observer.progressed:
                 reader.token_seen = True
-            if finished or observer.ended:
-                finished = True
+            finished = finished or observer.ended
+            if finished:
                 _reached(end)
             if rewrite_model is not None:
                 data, held = _whole_lines(held + data)
@@ -294,10 +294,9 @@ async def relay_openai(
     if held and rewrite_model is not None:
         yield rewrite_model(held)
         sent = True
-    if error is None and observer.failed:
-        _set_outcome(metric, "error")  # relayed as the backend sent it; counted as failed
-    if error is not None:
+    if error is not None or observer.failed:  # a reported failure is relayed as it came
         _set_outcome(metric, "error")
+    if error is not None:
         if not sent:
             raise _failed_before_the_first_byte(error, timed_out)
         log.warning("stream ended early: %s", error)

@@ -42,7 +42,11 @@ from .upstream import UpstreamResult
 blueprint = Blueprint("openai", __name__)
 
 
-async def forward(backend_path: str, call: Call) -> Reply:
+async def forward(
+    backend_path: str,
+    call: Call,
+    observer: Callable[[], StreamObserver] = tr.OpenAIStreamObserver,
+) -> Reply:
     app = call.app
     state = call.state
     body = validated(tr.validate_openai_body, json_object(call))
@@ -56,12 +60,7 @@ async def forward(backend_path: str, call: Call) -> Reply:
         payload = encode(tr.openai_passthrough_request(body, app.mapper))
     if body.get("stream") is True:
         result = await open_stream(call, backend_path, payload)
-        observer = (
-            tr.ResponsesStreamObserver()
-            if backend_path == "/responses"
-            else tr.OpenAIStreamObserver()
-        )
-        return _stream_reply(call, result, client_model, backend_model, observer)
+        return _stream_reply(call, result, client_model, backend_model, observer())
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
     _note_usage(call, content)
@@ -76,7 +75,8 @@ FAST_ROUTES: dict[str, Handler] = {
     "/v1/chat/completions": partial(forward, "/chat/completions"),
     "/v1/completions": partial(forward, "/completions"),
     "/v1/embeddings": partial(forward, "/embeddings"),
-    "/v1/responses": partial(forward, "/responses"),
+    # its events are not chat chunks: they get their own observer
+    "/v1/responses": partial(forward, "/responses", observer=tr.ResponsesStreamObserver),
 }
 for _path, _handler in FAST_ROUTES.items():
     quart_route(blueprint, _path, _handler)

@@ -882,13 +882,8 @@ class _StreamStats:
 
     def _observe(self, chunk: JSONDict, now_ns: int) -> tuple[str, str, list[Any], JSONDict]:
         """Record one chunk; return (content, thinking, tool-call deltas, choice)."""
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            # Some backends repeat (cumulative) usage on every chunk: the latest wins.
-            if _is_number(usage.get("prompt_tokens")):
-                self.prompt_tokens = int(usage["prompt_tokens"])
-            if _is_number(usage.get("completion_tokens")):
-                self.completion_tokens = int(usage["completion_tokens"])
+        # Some backends repeat (cumulative) usage on every chunk: the latest wins.
+        self._take_usage(chunk.get("usage"), "prompt_tokens", "completion_tokens")
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             if chunk.get("error"):
@@ -910,6 +905,13 @@ class _StreamStats:
         if isinstance(finish, str) and finish:
             self.finish_reason = finish
         return content, thinking, calls, choice
+
+    def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
+        if isinstance(usage, dict):
+            if _is_number(usage.get(input_key)):
+                self.prompt_tokens = int(usage[input_key])
+            if _is_number(usage.get(output_key)):
+                self.completion_tokens = int(usage[output_key])
 
     def _count_token(self, now_ns: int) -> None:
         # A "content-bearing" chunk: text, reasoning or a tool-call fragment. Backends send
@@ -981,12 +983,7 @@ class ResponsesStreamObserver(_StreamStats):
     def _finish(self, response: object) -> None:
         if not isinstance(response, dict):
             return
-        usage = response.get("usage")
-        if isinstance(usage, dict):
-            if _is_number(usage.get("input_tokens")):
-                self.prompt_tokens = int(usage["input_tokens"])
-            if _is_number(usage.get("output_tokens")):
-                self.completion_tokens = int(usage["output_tokens"])
+        self._take_usage(response.get("usage"), "input_tokens", "output_tokens")
         status = response.get("status")
         if isinstance(status, str) and status:
             self.finish_reason = status
