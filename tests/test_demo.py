@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from trioproxy.demo import DemoSettings, create_demo_app, serve_demo
+from trioproxy.demo import responses as demo_responses
 from trioproxy.demo import script as demo_script
 
 FAST = DemoSettings(token_delay=0.001, first_token_delay=0.0, default_tokens=24)
@@ -107,6 +108,25 @@ def test_directives_parse_and_reject() -> None:
     for bad in ("[[nope=1]]", "[[tokens=x]]", "[[status=200]]", "[[delay=-1]]", "[[delay=nan]]"):
         with pytest.raises(demo_script.DirectiveError):
             demo_script.parse_directives(bad)
+
+
+def test_stored_responses_are_bounded_oldest_first() -> None:
+    store = demo_responses.ResponseStore(limit=3)
+    for n in range(5):
+        store.add({"id": f"resp_{n}"}, (), {"input": "hi"})
+    assert len(store) == 3
+    assert store.get("resp_1") is None and store.get("resp_4") is not None
+
+
+def test_input_items_are_paged_as_openai_pages_them() -> None:
+    items = demo_responses.input_items(["a", *({"role": "user", "content": w} for w in "bcd")], "r")
+    assert len(items) == 3  # a bare string in a list is no message
+    first = demo_responses.item_page(items, {"order": ["asc"], "limit": ["2"]})
+    assert [i["content"][0]["text"] for i in first["data"]] == ["b", "c"] and first["has_more"]
+    rest = demo_responses.item_page(items, {"order": ["asc"], "after": [first["last_id"]]})
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["d"] and not rest["has_more"]
+    newest = demo_responses.item_page(items, {})
+    assert newest["first_id"] == items[-1]["id"]
 
 
 def test_script_is_deterministic() -> None:

@@ -50,6 +50,10 @@ def chat(text: str, *, stream: bool) -> dict:
     }
 
 
+def sse_data(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -281,3 +285,30 @@ def test_responses_api_tokens_and_first_token_are_measured(
     ttft = [v for labels, v in samples["trioproxy_time_to_first_token_seconds_sum"]]
     assert total(samples, "trioproxy_time_to_first_token_seconds_count") == 1
     assert 0.05 <= sum(ttft) < 2.0
+
+
+def test_responses_read_again_are_not_counted_again(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """A stored response retrieved, or its stream resumed, was generated (and counted) by
+    the request that created it: those requests are counted, its tokens are not again, and
+    a replayed delta is no time to first token."""
+    url = start_proxy(demo_backend.url, MAX_RETRIES="0").url
+    body = {"model": "demo-chat", "input": "hello [[tokens=4]]", "stream": True}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        streamed = client.post("/v1/responses", json=body)
+        created = json.loads(sse_data(streamed.text)[0])["response"]
+        wait_for(lambda: total(scrape(url), "trioproxy_streams_total") == 1)
+        before = scrape(url)
+        whole = client.get(f"/v1/responses/{created['id']}")
+        resumed = client.get(f"/v1/responses/{created['id']}", params={"stream": "true"})
+        items = client.get(f"/v1/responses/{created['id']}/input_items")
+    assert whole.status_code == resumed.status_code == items.status_code == 200
+    assert resumed.headers["content-type"].startswith("text/event-stream")
+    assert "event: response.completed" in resumed.text
+    wait_for(lambda: total(scrape(url), "trioproxy_streams_total") == 2)
+    after = scrape(url)
+    for name in ("trioproxy_tokens_total", "trioproxy_time_to_first_token_seconds_count"):
+        assert total(after, name) == total(before, name) > 0, name
+    assert total(after, "http_requests_total", endpoint="v1_response", status="200") == 3
+    assert total(after, "trioproxy_streams_total", outcome="completed") == 2

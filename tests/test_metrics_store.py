@@ -606,6 +606,8 @@ def test_many_request_kinds_keep_every_count() -> None:
 def test_api_label_from_record_or_path() -> None:
     c = MetricsCollector(system_enabled=False)
     c.record(req("/v1/models/gpt-4", 200, 1.0, method="GET"))
+    c.record(req("/v1/responses/resp_1/input_items", 200, 1.0, method="GET"))
+    c.record(req("/v1/responses/input_tokens", 200, 1.0))
     c.record(req("/api/chat", 200, 1.0, api="openai"))  # explicit api wins
     c.record(req("api_chat", 200, 1.0))  # already a label
     c.record(req("/api/tags", 200, 1.0, method="BREW"))
@@ -614,6 +616,8 @@ def test_api_label_from_record_or_path() -> None:
     }
     assert got == {
         ("openai", "v1_model", "GET"),
+        ("openai", "v1_response", "GET"),
+        ("openai", "v1_responses_input_tokens", "POST"),
         ("openai", "api_chat", "POST"),
         ("ollama", "api_chat", "POST"),
         ("ollama", "api_tags", "other"),

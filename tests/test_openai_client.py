@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
@@ -446,3 +447,82 @@ def test_responses_unknown_model_not_found(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.responses.create(model="no-such-model", input="hi")
     assert "no-such-model" in info.value.message
+
+
+def test_responses_stored_retrieved_listed_and_deleted(client: openai.OpenAI) -> None:
+    """The routes by id reach the backend: a stored response comes back as it was created,
+    its input items list, and once deleted it is gone (404 from the backend)."""
+    conversation: Any = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"Hello [[tokens=4]] {marker()}"},
+    ]
+    created = client.responses.create(model="demo-chat", input=conversation)
+    again = client.responses.retrieve(created.id)
+    assert again.id == created.id and again.model == "demo-chat"
+    assert again.output_text == created.output_text and again.status == "completed"
+
+    items = client.responses.input_items.list(created.id, order="asc")
+    texts = [item.content[0].text for item in items.data]  # type: ignore[union-attr]
+    assert texts == [message["content"] for message in conversation]
+    newest = client.responses.input_items.list(created.id, limit=1)
+    assert [item.id for item in newest.data] == [items.data[-1].id] and newest.has_more
+
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.retrieve(created.id)
+    assert created.id in info.value.message
+
+
+def test_responses_background_polled_and_cancelled(client: openai.OpenAI) -> None:
+    queued = client.responses.create(
+        model="demo-chat", input=f"Hello [[tokens=3]] {marker()}", background=True
+    )
+    assert queued.status == "queued" and queued.output == []
+    polled = client.responses.retrieve(queued.id)
+    assert polled.status == "completed" and len(polled.output_text.split()) == 3
+    assert client.responses.cancel(queued.id).id == queued.id
+
+    foreground = client.responses.create(model="demo-chat", input=f"Hello {marker()}")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.cancel(foreground.id)
+    assert "background" in info.value.message
+
+
+def test_responses_stream_resumed_after_an_event(client: openai.OpenAI) -> None:
+    """``retrieve(stream=True, starting_after=N)`` (``GET /responses/{id}?stream=true``)
+    is relayed as a stream: the events after N, validated strictly by the SDK."""
+    live = list(
+        client.responses.create(model="demo-chat", input=user("Hello [[tokens=5]]"), stream=True)
+    )
+    response_id = live[0].response.id  # type: ignore[union-attr]
+    resumed = list(client.responses.retrieve(response_id, stream=True, starting_after=5))
+    assert [e.sequence_number for e in resumed] == [e.sequence_number for e in live[6:]]
+    assert [e.type for e in resumed] == [e.type for e in live[6:]]
+    assert resumed[-1].type == "response.completed"
+
+
+def test_responses_input_tokens_and_compact(client: openai.OpenAI) -> None:
+    counted = client.responses.input_tokens.count(
+        model="demo-chat", input="one two three", instructions="four five"
+    )
+    assert counted.object == "response.input_tokens" and counted.input_tokens == 5
+    assert client.responses.input_tokens.count(input="no model named").input_tokens == 3
+
+    earlier = client.responses.create(model="demo-chat", input=f"Hello [[tokens=3]] {marker()}")
+    compacted = client.responses.compact(model="demo-chat", previous_response_id=earlier.id)
+    assert compacted.object == "response.compaction"
+    assert compacted.output[-1].type == "compaction"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.compact(model="no-such-model", input="hi")
+
+
+def test_responses_ids_that_could_address_another_route_are_refused(proxy: ServerProcess) -> None:
+    """A response id goes into the backend's URL with the proxy's key: an id with anything
+    but OpenAI's characters is refused before the backend (the SDK refuses ".." itself)."""
+    with httpx.Client(base_url=proxy.url + "/v1", timeout=10) as http:
+        for bad in ("resp.1", "resp%201", "%2E%2E", "x" * 129):
+            reply = http.get(f"/responses/{bad}/input_items")
+            assert reply.status_code == 400, (bad, reply.text)
+            assert reply.json()["error"]["param"] == "response_id"
+        # an encoded slash is a slash: no route has one in an id
+        assert http.delete("/responses/..%2Fmodels").status_code == 404

@@ -363,7 +363,7 @@ def test_unknown_path_and_wrong_method(http: httpx.Client) -> None:
     assert_ollama_error(httpx.post(http.base_url.join("/api/chat/extra"), json={}), 404)
     assert_openai_error(http.get("/v1/nowhere"), 404, "/v1/nowhere")
     assert_openai_error(httpx.post(http.base_url.join("/v1/messages"), json={}), 404)
-    assert_openai_error(http.get("/v1/responses/resp_1"), 404)  # only creation is forwarded
+    assert_openai_error(http.get("/v1/responses/resp_1"), 404)  # the backend has no such response
     assert_ollama_error(http.get("/api/chat"), 405, "GET")
     assert_ollama_error(http.delete("/api/tags"), 405)
     assert_ollama_error(http.post("/"), 405)
@@ -864,6 +864,15 @@ def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerPro
             "/v1/responses", json={"model": "llama3", "input": "hi [[tokens=3]]", "stream": True}
         )
         named = {e["response"]["model"] for e in map(json.loads, sse_events(streamed.text))
+                 if "response" in e}  # fmt: skip
+        assert named == {"llama3"}
+
+        # read again by id: the backend's name is mapped back in the object and the events
+        response_id = response.json()["id"]
+        assert client.get(f"/v1/responses/{response_id}").json()["model"] == "llama3"
+        assert client.post(f"/v1/responses/{response_id}/cancel").status_code == 400
+        resumed = client.get(f"/v1/responses/{response_id}", params={"stream": "true"})
+        named = {e["response"]["model"] for e in map(json.loads, sse_events(resumed.text))
                  if "response" in e}  # fmt: skip
         assert named == {"llama3"}
 

@@ -22,6 +22,7 @@ from trioproxy.metrics import MetricsCollector, RequestMetrics
 from trioproxy.translate import (
     OllamaStreamTranslator,
     OpenAIStreamObserver,
+    ReplayedResponsesObserver,
     ResponsesStreamObserver,
 )
 from trioproxy.upstream import UpstreamPool
@@ -299,7 +300,7 @@ async def test_a_mapped_model_name_split_between_reads_is_rewritten_whole() -> N
     at = whole.index(b'"model":"m"') + len(b'"model":"')
     script: Script = [(0, ROLE), (0.05, whole[:at]), (0.05, whole[at:] + token("b")), (0.05, DONE)]
 
-    mapped = functools.partial(openai, rewrite_model=_model_rewriter("m", "llama3"))
+    mapped = functools.partial(openai, rewrite_model=_model_rewriter({"m": "llama3"}))
     out, _, _ = await run_relay(script, mapped, stream_first_token_timeout=30)
     expected = b"".join(data for _, data in script if data is not None)
     assert out == expected.replace(b'"model":"m"', b'"model":"llama3"')
@@ -387,3 +388,17 @@ async def test_a_failure_the_backend_reports_in_the_stream_counts_as_an_error() 
         out, _, _ = await run_relay(script, observed(observer, metric))
         assert out.endswith(script[-1][1])  # type: ignore[arg-type]  (relayed as it came)
         assert metric.stream_outcome == "error"
+
+
+async def test_a_resumed_responses_stream_is_watched_but_not_counted_again() -> None:
+    """``GET /v1/responses/{id}?stream=true`` replays a response its POST already counted:
+    the replay ends at its closing event and lifts the first-token deadline, but adds no
+    tokens, usage or time to first token."""
+    script: Script = [(0, CREATED), (0, text_delta("a")), (0.4, text_delta("b")), (0, COMPLETED)]
+    metric = RequestMetrics("/v1/responses/resp_1", "GET", streaming=True)
+    out, _, _ = await run_relay(
+        script, observed(ReplayedResponsesObserver, metric), stream_first_token_timeout=0.2
+    )
+    assert out.endswith(COMPLETED)
+    assert metric.stream_outcome != "error" and metric.first_token_time_ms is None
+    assert not metric.input_tokens and not metric.output_tokens

@@ -35,9 +35,9 @@ def json_object(call: Call) -> dict[str, Any]:
     return body
 
 
-def validated(validator: Any, body: Any) -> dict[str, Any]:
+def validated(validator: Any, body: Any, **options: Any) -> dict[str, Any]:
     try:
-        return validator(body)
+        return validator(body, **options)
     except RequestValidationError as exc:
         raise BadRequest(str(exc), param=exc.field) from None
 
@@ -102,16 +102,18 @@ async def call_raw(
     return result
 
 
-async def open_stream(call: Call, path: str, payload: dict[str, Any] | bytes) -> UpstreamResult:
+async def open_stream(
+    call: Call, path: str, payload: dict[str, Any] | bytes | None, *, method: str = "POST"
+) -> UpstreamResult:
     """Open a streamed backend response and register its closing with the request.
 
     The close runs from the request's bookkeeping (``Tracked``) whether or not the body is
     ever iterated, so a client that leaves during the response start cannot leak the
     backend connection (stack notes P9)."""
     state = call.state
-    body = payload if isinstance(payload, bytes) else encode(payload)
+    body = payload if isinstance(payload, bytes | None) else encode(payload)
     result = await pool(call).request(
-        "POST",
+        method,
         path,
         body=body,
         request_id=state.request_id,

@@ -989,6 +989,19 @@ class ResponsesStreamObserver(_StreamStats):
             self.finish_reason = status
 
 
+class ReplayedResponsesObserver(ResponsesStreamObserver):
+    """Watches a resumed Responses stream (``GET /v1/responses/{id}?stream=true``): the
+    backend replays the events of a response generated, and counted, by its ``POST``. Its
+    end, failures and progress are watched as for a live stream, but its tokens and usage
+    are not counted again, and a replayed delta is no time to first token."""
+
+    def _count_token(self, now_ns: int) -> None:
+        self.progressed = True
+
+    def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
+        pass
+
+
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 

@@ -51,6 +51,7 @@ log = logging.getLogger("trioproxy.upstream")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_ERROR_BODY = 64 * 1024
 FORWARDED_RESPONSE_HEADERS = ("retry-after",)
+_URL_CACHE_SIZE = 32
 
 
 class UpstreamObserver(Protocol):
@@ -171,10 +172,12 @@ class UpstreamPool:
         return str(self._base_url)
 
     def _url(self, path: str) -> httpx.URL:
-        # paths come from our own routes (a handful), so this cache stays small
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = self._base_url.join(path.lstrip("/"))
+            url = self._base_url.join(path.lstrip("/"))
+            # our routes' fixed paths fill it; paths with a response id stay out of it
+            if len(self._urls) < _URL_CACHE_SIZE:
+                self._urls[path] = url
         return url
 
     def set_observer(self, observer: UpstreamObserver) -> None:

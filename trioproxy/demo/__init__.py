@@ -11,7 +11,10 @@ Models: ``demo-chat`` (text, tool calls, JSON mode), ``demo-reasoner`` (streams 
 ``reasoning_content`` tokens first) and ``demo-embed`` (deterministic unit vectors).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
-``POST /v1/responses`` (the Responses API, text output), ``GET /v1/models``,
+``POST /v1/responses`` (the Responses API, text output; stored, with ``background``), its
+routes by id (``GET``/``DELETE /v1/responses/{id}``, ``?stream=true&starting_after=N``
+replays the events, ``POST …/cancel``, ``GET …/input_items``), ``POST
+/v1/responses/input_tokens`` and ``/v1/responses/compact``, ``GET /v1/models``,
 ``GET /v1/models/{id}``; test helpers ``GET /_demo/events`` (event log) and
 ``POST /_demo/reset`` (clears the log and the ``fail_first`` counters).
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import secrets
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import script
+from . import responses, script
 from .script import BadRequest, ChatPlan, DemoSettings, Directives
 
 Scope = dict[str, Any]
@@ -43,6 +44,7 @@ _SSE: Headers = [
 _RETRY_NOW: Headers = [(b"retry-after", b"0")]
 _CLOSE: Headers = [(b"connection", b"close")]
 _DONE = "data: [DONE]\n\n"
+_BY_ID = "/v1/responses/"
 # Compact output, and a prebuilt encoder: json.dumps(separators=...) would build one per call.
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -172,6 +174,7 @@ class DemoApp:
     def __init__(self, settings: DemoSettings) -> None:
         self.settings = settings
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.responses = responses.ResponseStore()
         self._fail_counts: dict[str, int] = {}
         self._ids = itertools.count(1)
         # A per-process prefix keeps completion ids unique across restarts, without a uuid4 each.
@@ -181,6 +184,8 @@ class DemoApp:
             "/v1/completions": ("POST", self._completions),
             "/v1/embeddings": ("POST", self._embeddings),
             "/v1/responses": ("POST", self._responses),
+            "/v1/responses/input_tokens": ("POST", self._input_tokens),
+            "/v1/responses/compact": ("POST", self._compact),
             "/v1/models": ("GET", self._models),
             "/_demo/events": ("GET", self._events),
             "/_demo/reset": ("POST", self._reset),
@@ -189,6 +194,7 @@ class DemoApp:
     def reset(self) -> None:
         self.events.clear()
         self._fail_counts.clear()
+        self.responses.clear()
 
     # ---- ASGI entry point and plumbing ----------------------------------------------------
 
@@ -205,6 +211,8 @@ class DemoApp:
         route = self._routes.get(path)
         if route is None and path.startswith("/v1/models/"):
             route = ("GET", self._model)
+        elif route is None and path.startswith(_BY_ID):
+            route = self._by_id_route(method, path)
         if route is None or route[0] != method:
             # read the body before refusing: answering first made stock hypercorn close the
             # connection whenever the body arrived after the answer, and a client reusing it
@@ -233,6 +241,82 @@ class DemoApp:
             await _send_error(send, _model_not_found(model_id))
         else:
             await _send_json(send, 200, body)
+
+    def _by_id_route(
+        self, method: str, path: str
+    ) -> tuple[str, Callable[..., Awaitable[None]]] | None:
+        action = path[len(_BY_ID) :].partition("/")[2]
+        if action == "":
+            return (method if method in ("GET", "DELETE") else "GET", self._stored_response)
+        allowed = {"cancel": "POST", "input_items": "GET"}.get(action)
+        return None if allowed is None else (allowed, self._stored_response)
+
+    async def _stored_response(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The Responses API's routes by id: retrieve (``stream=true`` replays the events
+        after ``starting_after``), delete, cancel (background responses only), input items."""
+        await _read_body(receive)
+        rid, _, action = scope["path"][len(_BY_ID) :].partition("/")
+        query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"))
+        stored = self.responses.get(rid)
+        try:
+            if stored is None:
+                raise ApiError(404, f"Response with id '{rid}' not found.", param="response_id")
+            if action == "input_items":
+                page = _planned(responses.item_page, stored.items, query)
+                await _send_json(send, 200, _dumps(page).encode())
+            elif action == "cancel":
+                if not stored.background:
+                    message = "Only responses created with background=true can be cancelled."
+                    raise ApiError(400, message, param="response_id")
+                await _send_json(send, 200, _dumps(stored.response).encode())
+            elif scope["method"] == "DELETE":
+                self.responses.delete(rid)
+                deleted = {"id": rid, "object": "response.deleted", "deleted": True}
+                await _send_json(send, 200, _dumps(deleted).encode())
+            elif query.get("stream", [""])[0].lower() == "true":
+                await _replay(send, stored, query)
+            else:
+                await _send_json(send, 200, _dumps(stored.response).encode())
+        except ApiError as error:
+            await _send_error(send, error)
+
+    async def _input_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await _read_body(receive)
+        if raw is None:
+            return
+        try:
+            body = _parse_object(raw)
+            if body.get("model") is not None:
+                _checked_model(body, script.CHAT_MODELS, "responses")
+            count = _planned(responses.count_input_tokens, body)
+        except ApiError as error:
+            await _send_error(send, error)
+            return
+        answer = {"object": "response.input_tokens", "input_tokens": count}
+        await _send_json(send, 200, _dumps(answer).encode())
+
+    async def _compact(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await _read_body(receive)
+        if raw is None:
+            return
+        try:
+            body = _parse_object(raw)
+            _checked_model(body, script.CHAT_MODELS, "responses")
+            earlier = None
+            previous = body.get("previous_response_id")
+            if previous is not None:
+                earlier = self.responses.get(str(previous))
+                if earlier is None:
+                    message = f"Previous response with id '{previous}' not found."
+                    raise ApiError(404, message, param="previous_response_id")
+            elif body.get("input") is None:
+                raise ApiError(400, "input or previous_response_id is required", param="input")
+            rid = f"resp_demo{self._id_prefix}{next(self._ids):x}"
+            answer = _planned(responses.compacted, rid, body, earlier)
+        except ApiError as error:
+            await _send_error(send, error)
+            return
+        await _send_json(send, 200, _dumps(answer).encode())
 
     async def _events(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_json(send, 200, _dumps({"events": list(self.events)}).encode())
@@ -465,20 +549,25 @@ class DemoApp:
 
     def _prepare_response(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
         """OpenAI's Responses API, text output only: ``input`` is a string or a list of
-        messages; ``max_output_tokens`` caps the reply (status "incomplete")."""
+        messages; ``max_output_tokens`` caps the reply (status "incomplete"). Stored unless
+        ``store`` is false; ``background`` answers "queued" and stores the finished reply."""
         model = _model_of(body, ex, script.CHAT_MODELS, "responses")
-        texts = _response_input_texts(body.get("input"))
+        texts = _planned(responses.input_texts, body.get("input"))
         directives = _directives(texts[-1])
         tokens, finish = _planned(
             script.plan_response, body, directives, self.settings.default_tokens
         )
         stream = ex.entry["stream"] = body.get("stream") is True
         input_tokens = sum(script.count_words(t) for t in texts)
-        response = _response_object(
+        response = responses.response_object(
             f"resp_demo{self._id_prefix}{ex.entry['id']:x}", model, tokens, finish, input_tokens
         )
+        if body.get("store") is not False:
+            self.responses.add(response, tokens, body)
         if stream:
-            return _response_stream(response, tokens), directives
+            return _response_stream(responses.stream_events(response, tokens)), directives
+        if body.get("background") is True:
+            response = responses.queued(response)
         return _Reply(body=_dumps(response).encode(), tokens=len(tokens)), directives
 
     def _prepare_embeddings(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
@@ -582,9 +671,15 @@ def _model_not_found(model: str) -> ApiError:
 
 def _model_of(body: dict[str, Any], ex: _Exchange, allowed: frozenset[str], what: str) -> str:
     model = body.get("model")
+    if isinstance(model, str):
+        ex.entry["model"] = model
+    return _checked_model(body, allowed, what)
+
+
+def _checked_model(body: dict[str, Any], allowed: frozenset[str], what: str) -> str:
+    model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", param="model")
-    ex.entry["model"] = model
     if model not in allowed:
         if model in _MODEL_BODIES:
             raise ApiError(400, f"The model `{model}` does not support {what}.", param="model")
@@ -755,86 +850,27 @@ def _completion_stream(
     return _Reply(pieces=pieces, tail=tail + _DONE, stream=True)
 
 
-def _response_input_texts(value: Any) -> list[str]:
-    """The texts of a Responses API ``input``: a string, or messages whose content is a
-    string or a list of ``input_text`` parts."""
-    if isinstance(value, str) and value:
-        return [value]
-    if isinstance(value, list) and value:
-        texts = [
-            script.content_text(item.get("content")) for item in value if isinstance(item, dict)
-        ]
-        if texts:
-            return texts
-    raise ApiError(400, "input must be a non-empty string or array of messages", param="input")
+async def _replay(send: Send, stored: responses.Stored, query: dict[str, list[str]]) -> None:
+    """A stored response's stream again, from the event after ``starting_after``."""
+    try:
+        after = int(query.get("starting_after", ["-1"])[0])
+    except ValueError:
+        raise ApiError(400, "starting_after must be an integer", param="starting_after") from None
+    events = responses.stream_events(stored.response, stored.tokens)[after + 1 :]
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    for event in events:
+        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _response_object(
-    rid: str, model: str, tokens: tuple[str, ...], finish: str, input_tokens: int
-) -> dict[str, Any]:
-    """A complete Responses API ``response`` object holding the whole reply."""
-    text = "".join(tokens)
-    message = {
-        "id": "msg_" + rid.removeprefix("resp_"),
-        "type": "message",
-        "status": "completed" if finish == "stop" else "incomplete",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    }
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "completed" if finish == "stop" else "incomplete",
-        "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
-        "model": model,
-        "output": [message],
-        "error": None,
-        "instructions": None,
-        "metadata": {},
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": len(tokens),
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + len(tokens),
-        },
-    }
-
-
-def _response_stream(response: dict[str, Any], tokens: tuple[str, ...]) -> _Reply:
-    """The Responses API's typed SSE events for a text reply, as OpenAI sends them."""
-    seq = itertools.count()
-    message = response["output"][0]
-    item_id = message["id"]
-
-    def event(kind: str, **fields: Any) -> str:
-        data = _dumps({"type": kind, "sequence_number": next(seq), **fields})
-        return f"event: {kind}\ndata: {data}\n\n"
-
-    started = {**response, "status": "in_progress", "output": [], "usage": None}
-    empty_item = {**message, "status": "in_progress", "content": []}
-    part = {"type": "output_text", "text": "", "annotations": []}
-    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    head = (
-        event("response.created", response=started)
-        + event("response.in_progress", response=started)
-        + event("response.output_item.added", output_index=0, item=empty_item)
-        + event("response.content_part.added", part=part, **at)
+def _response_stream(events: list[str]) -> _Reply:
+    opening, closing = responses.OPENING_EVENTS, responses.CLOSING_EVENTS
+    return _Reply(
+        head="".join(events[:opening]),
+        pieces=events[opening:-closing],
+        tail="".join(events[-closing:]),
+        stream=True,
     )
-    pieces = [event("response.output_text.delta", delta=tok, logprobs=[], **at) for tok in tokens]
-    text = message["content"][0]["text"]
-    done = "response.completed" if response["status"] == "completed" else "response.incomplete"
-    tail = (
-        event("response.output_text.done", text=text, logprobs=[], **at)
-        + event("response.content_part.done", part={**part, "text": text}, **at)
-        + event("response.output_item.done", output_index=0, item=message)
-        + event(done, response=response)
-    )
-    return _Reply(head=head, pieces=pieces, tail=tail, stream=True)
 
 
 def create_demo_app(settings: DemoSettings | None = None) -> DemoApp:

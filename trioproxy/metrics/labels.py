@@ -26,12 +26,14 @@ ROUTE_LABELS: dict[str, str] = {
     "/v1/completions": "v1_completions",
     "/v1/embeddings": "v1_embeddings",
     "/v1/responses": "v1_responses",
+    "/v1/responses/input_tokens": "v1_responses_input_tokens",
+    "/v1/responses/compact": "v1_responses_compact",
     "/v1/models": "v1_models",
     "/v1/version": "v1_version",
 }
 
 ENDPOINT_LABELS: frozenset[str] = frozenset(
-    {*ROUTE_LABELS.values(), "v1_model", "api_blobs", OTHER}
+    {*ROUTE_LABELS.values(), "v1_model", "v1_response", "api_blobs", OTHER}
 )
 
 # Requests to these paths are the monitoring plane itself; they are never recorded,
@@ -74,6 +76,8 @@ def endpoint_label(path_or_label: str) -> str:
         return label
     if path_or_label.startswith("/v1/models/"):
         return "v1_model"
+    if path_or_label.startswith("/v1/responses/"):
+        return "v1_response"  # a response by id: retrieve, delete, cancel, input items
     if path_or_label.startswith("/api/blobs/"):
         return "api_blobs"
     return OTHER
