@@ -29,6 +29,7 @@ from . import (
     fastpath,
     hypercorn_patches,  # applies its fixes on import
 )
+from .auth import ClientKeys
 from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, Settings, load_settings
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
@@ -105,6 +106,7 @@ class ProxyApp(QuartTrio):
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
     secret: bytes | None = None  # the backend API key, masked in every reply body
+    client_keys: ClientKeys
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         allowed = self.cors_origins
@@ -126,7 +128,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     if settings is None:
         env_file = os.environ.get(ENV_FILE_VARIABLE, ".env")
         settings = load_settings(dotenv_path=env_file or None, **overrides)
-        configure_logging(settings.log_level, settings.log_format, (settings.api_key or "",))
+        secrets = (settings.api_key or "", *settings.proxy_api_keys)
+        configure_logging(settings.log_level, settings.log_format, secrets)
     settings.require_upstream()
     if os.environ.get(WORKER_VARIABLE) == "1":
         _drain_on_hypercorns_event_only()
@@ -143,6 +146,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         JSON_SORT_KEYS=False,
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
+    app.client_keys = ClientKeys(
+        settings.proxy_api_keys, metrics_open=not settings.metrics_require_auth
+    )
     app.collector = MetricsCollector(
         max_metrics=settings.metrics_max_requests,
         enabled=settings.metrics_enabled,
@@ -175,6 +181,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.in_progress = fastpath.InProgress()
     app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)
+    if app.client_keys:
+        _require_client_keys(app)
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
     app.catalog = ModelCatalog()  # type: ignore[attr-defined]
 
@@ -319,6 +327,14 @@ def request_app() -> ProxyApp:
     from quart import current_app
 
     return current_app._get_current_object()  # type: ignore[return-value]
+
+
+def _require_client_keys(app: ProxyApp) -> None:
+    """Quart's side of ``PROXY_API_KEYS`` (the fast path checks its own requests)."""
+
+    @app.before_request
+    async def _authenticate() -> None:
+        app.client_keys.check(request.method, request.path, request.headers.get("Authorization"))
 
 
 def _enable_cors(app: ProxyApp, origins: str) -> None:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from .auth import parse_keys
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -69,6 +70,9 @@ class Settings:
     graceful_timeout: float = 5.0
     keep_alive_timeout: float = 5.0
     cors_origins: str = ""
+    proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    proxy_api_keys_file: str | None = None
+    metrics_require_auth: bool = False
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -189,6 +193,9 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
     "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
     "CORS_ORIGINS": ("cors_origins", _text),
+    "PROXY_API_KEYS": ("proxy_api_keys", parse_keys),
+    "PROXY_API_KEYS_FILE": ("proxy_api_keys_file", _text),
+    "METRICS_REQUIRE_AUTH": ("metrics_require_auth", _bool),
 }
 
 ENV_NAMES: tuple[str, ...] = tuple(_ENV)
@@ -210,6 +217,9 @@ def read_environment(
     return merged
 
 
+_OPTIONAL_TEXT = ("upstream_url", "api_key", "model_mapping_file", "proxy_api_keys_file")
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     dotenv_path: str | os.PathLike[str] | None = ".env",
@@ -219,7 +229,7 @@ def load_settings(
     values: dict[str, Any] = {}
     for name, raw in read_environment(environ, dotenv_path).items():
         attr, parse = _ENV[name]
-        if raw.strip() == "" and attr in ("upstream_url", "api_key", "model_mapping_file"):
+        if raw.strip() == "" and attr in _OPTIONAL_TEXT:
             continue
         try:
             values[attr] = parse(raw)
@@ -241,6 +251,15 @@ def _validated(settings: Settings) -> Settings:
             changes["model_mapping"] = load_mapping_file(settings.model_mapping_file)
         except MappingFileError as exc:
             raise ConfigError(f"invalid MODEL_MAPPING_FILE: {exc}") from None
+    if settings.proxy_api_keys_file:
+        changes["proxy_api_keys"] = settings.proxy_api_keys + _keys_from_file(
+            settings.proxy_api_keys_file
+        )
+    if settings.metrics_require_auth and not changes.get("proxy_api_keys", settings.proxy_api_keys):
+        raise ConfigError(
+            "invalid METRICS_REQUIRE_AUTH: no client keys to require; set PROXY_API_KEYS "
+            "or PROXY_API_KEYS_FILE"
+        )
     if settings.workers < 1:
         raise ConfigError("invalid WORKERS: expected an integer >= 1")
     if settings.max_retries > 10:
@@ -251,6 +270,17 @@ def _validated(settings: Settings) -> Settings:
             f"({settings.health_error_rate_degraded:g} > {settings.health_error_rate_unhealthy:g})"
         )
     return replace(settings, **changes) if changes else settings
+
+
+def _keys_from_file(path: str) -> tuple[str, ...]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"invalid PROXY_API_KEYS_FILE: cannot read {path!r} ({exc})") from None
+    keys = parse_keys(text)
+    if not keys:
+        raise ConfigError(f"invalid PROXY_API_KEYS_FILE: {path!r} holds no key")
+    return keys
 
 
 def normalise_upstream_url(url: str) -> str:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioproxy")
 
-_WANTED_HEADERS = frozenset({b"x-request-id", b"content-length", b"origin"})
+_WANTED_HEADERS = frozenset({b"x-request-id", b"content-length", b"origin", b"authorization"})
 _WATCHER_GRACE_SECONDS = 1.0
 Header = tuple[bytes, bytes]
 
@@ -89,6 +89,8 @@ async def serve(
     try:
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
+                if app.client_keys:
+                    app.client_keys.check("POST", path, headers.get("authorization"))
                 if not admitted:
                     raise ServerBusy(app.admission.limit)
                 body = await _read_body(app, receive, headers.get("content-length"))

@@ -1,0 +1,161 @@
+"""Client keys (``PROXY_API_KEYS``): without one, no caller spends the backend's key.
+
+The official clients send their key as ``Authorization: Bearer``; a refusal is a 401 in the
+caller's dialect, counted in the metrics, and never quotes what was sent. Probes stay open,
+and the metrics endpoints too unless ``METRICS_REQUIRE_AUTH``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from trioproxy.app import create_app
+from trioproxy.auth import ClientKeys, Unauthorized, parse_keys
+from trioproxy.config import ConfigError, Settings, load_settings
+
+from .conftest import ServerProcess
+from .test_metrics_e2e import scrape, total
+
+KEY = "tp-client-key-0123456789"
+OTHER_KEY = "tp-second-key-9876543210"
+WRONG = "sk-a-real-key-for-somewhere-else"
+StartProxy = Callable[..., ServerProcess]
+
+
+# ---- the rules, without sockets ------------------------------------------------------------
+
+
+def test_a_key_is_required_except_for_probes_preflights_and_open_metrics() -> None:
+    keys = ClientKeys([KEY, OTHER_KEY])
+    for path in ("/", "/health", "/v1/health", "/ready", "/metrics", "/v1/metrics/prometheus"):
+        keys.check("GET", path, None)
+    keys.check("OPTIONS", "/api/chat", None)
+    keys.check("POST", "/api/chat", f"Bearer {KEY}")
+    keys.check("POST", "/api/chat", f"bearer  {OTHER_KEY} ")
+    refused = [None, "", KEY, f"Basic {KEY}", f"Bearer {KEY[:-1]}", f"Bearer {KEY}x", "Bearer "]
+    for authorization in refused:
+        with pytest.raises(Unauthorized) as info:
+            keys.check("POST", "/v1/chat/completions", authorization)
+        assert KEY not in info.value.message and info.value.status == 401
+    closed = ClientKeys([KEY], metrics_open=False)
+    closed.check("GET", "/health", None)
+    with pytest.raises(Unauthorized):
+        closed.check("GET", "/v1/metrics/prometheus", None)
+    ClientKeys([]).check("POST", "/api/chat", None)  # no keys: the proxy is open
+
+
+def test_keys_come_from_the_environment_and_a_file(tmp_path: Path) -> None:
+    assert parse_keys(f" {KEY} ,, {OTHER_KEY}\n") == (KEY, OTHER_KEY)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# team keys\n{OTHER_KEY}\n\n")
+    environ = {"PROXY_API_KEYS": KEY, "PROXY_API_KEYS_FILE": str(keys_file)}
+    settings = load_settings(environ, dotenv_path=None)
+    assert settings.proxy_api_keys == (KEY, OTHER_KEY)
+    assert KEY not in repr(settings)
+    with pytest.raises(ConfigError, match="METRICS_REQUIRE_AUTH"):
+        load_settings({"METRICS_REQUIRE_AUTH": "true"}, dotenv_path=None)
+    with pytest.raises(ConfigError, match="PROXY_API_KEYS_FILE"):
+        load_settings({"PROXY_API_KEYS_FILE": str(tmp_path / "missing")}, dotenv_path=None)
+    keys_file.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="holds no key"):
+        load_settings({"PROXY_API_KEYS_FILE": str(keys_file)}, dotenv_path=None)
+
+
+async def test_under_a_mount_point_probes_stay_open(demo_backend: ServerProcess) -> None:
+    settings = Settings(upstream_url=demo_backend.url, proxy_api_keys=(KEY,))
+    app = create_app(settings)
+    async with app.test_app():
+        client = app.test_client()
+        assert (await client.get("/llm/health", root_path="/llm")).status_code == 200
+        assert (await client.get("/llm/api/tags", root_path="/llm")).status_code == 401
+        body = json.dumps({"model": "demo-chat", "messages": []})
+        refused = await client.post("/llm/api/chat", data=body, root_path="/llm")
+        assert refused.status_code == 401
+
+
+# ---- real clients against a real proxy -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(start_proxy: StartProxy, demo_backend: ServerProcess) -> ServerProcess:
+    return start_proxy(demo_backend.url, PROXY_API_KEYS=f"{KEY},{OTHER_KEY}", LOG_LEVEL="DEBUG")
+
+
+def test_openai_clients_pass_with_a_key_and_are_refused_without(guarded: ServerProcess) -> None:
+    base = guarded.url + "/v1"
+    with openai.OpenAI(base_url=base, api_key=KEY, max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "hi [[tokens=3]]"}]
+        )
+        assert reply.choices[0].message.content
+        chunks = list(
+            client.chat.completions.create(
+                model="demo-chat", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+        assert chunks and [m.id for m in client.models.list()]
+    with openai.OpenAI(base_url=base, api_key=WRONG, max_retries=0) as intruder:
+        with pytest.raises(openai.AuthenticationError) as info:
+            intruder.chat.completions.create(
+                model="demo-chat", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert info.value.code == "invalid_api_key" and WRONG not in info.value.message
+        with pytest.raises(openai.AuthenticationError):
+            intruder.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            intruder.responses.retrieve("resp_1")
+
+
+def test_ollama_clients_pass_with_a_key_and_are_refused_without(guarded: ServerProcess) -> None:
+    def client(authorization: str | None = None) -> ollama.Client:
+        headers = {"Authorization": authorization} if authorization else None
+        return ollama.Client(host=guarded.url, timeout=30, headers=headers)
+
+    with client(f"Bearer {OTHER_KEY}") as keyed:
+        reply = keyed.chat(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+        assert reply.message.content
+        assert [m.model for m in keyed.list().models]
+    for authorization in (None, f"Bearer {WRONG}"):
+        with client(authorization) as refused:
+            with pytest.raises(ollama.ResponseError) as info:
+                refused.chat(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+            assert info.value.status_code == 401 and WRONG not in info.value.error
+            with pytest.raises(ollama.ResponseError):
+                refused.list()
+
+
+def test_refusals_are_counted_and_probes_and_metrics_stay_open(guarded: ServerProcess) -> None:
+    with httpx.Client(base_url=guarded.url, timeout=10) as http:
+        refused = http.post("/api/chat", json={"model": "demo-chat", "messages": []})
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        assert set(refused.json()) == {"error"}  # Ollama's dialect
+        assert http.get("/").status_code == 200
+        assert http.get("/health").status_code == 200
+        assert http.get("/ready").status_code == 200
+        assert http.options("/api/chat").status_code != 401
+    samples = scrape(guarded.url)
+    assert total(samples, "http_requests_total", endpoint="api_chat", status="401") >= 1
+    assert KEY not in guarded.log() and WRONG not in guarded.log()
+
+
+def test_metrics_can_require_a_key_too(
+    start_proxy: StartProxy, demo_backend: ServerProcess, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(KEY + "\n")
+    url = start_proxy(
+        demo_backend.url, PROXY_API_KEYS_FILE=str(keys_file), METRICS_REQUIRE_AUTH="true"
+    ).url
+    with httpx.Client(base_url=url, timeout=10) as http:
+        assert http.get("/health").status_code == 200
+        for path in ("/v1/metrics/prometheus", "/metrics", "/api/metrics"):
+            assert http.get(path).status_code == 401, path
+        keyed = http.get("/v1/metrics/prometheus", headers={"Authorization": f"Bearer {KEY}"})
+        assert keyed.status_code == 200 and "http_requests_total" in keyed.text
