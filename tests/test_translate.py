@@ -1302,6 +1302,14 @@ def test_responses_observer_counts_deltas_and_reads_the_closing_usage() -> None:
     assert (o.prompt_tokens, o.completion_tokens, o.finish_reason) == (5, 3, "completed")
 
 
+def test_responses_observer_counts_speech_by_its_transcript_not_its_audio_bytes() -> None:
+    o = ResponsesStreamObserver()
+    for n, word in enumerate(["Hel", "lo"]):
+        o.feed_text(_response_event("response.audio.delta", delta="UklGRiQ="), 10 + n)
+        o.feed_text(_response_event("response.audio.transcript.delta", delta=word), 20 + n)
+    assert (o.first_token_ns, o.content_chunks) == (20, 2)
+
+
 @pytest.mark.parametrize("end", ["response.incomplete", "response.failed"])
 def test_responses_observer_reads_usage_from_every_closing_event(end: str) -> None:
     o = ResponsesStreamObserver()

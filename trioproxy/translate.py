@@ -969,7 +969,7 @@ class ResponsesStreamObserver(_StreamStats):
         if not isinstance(kind, str):
             return
         if kind.endswith(".delta"):
-            if event.get("delta"):
+            if event.get("delta") and kind not in _NOT_TOKENS:
                 self._count_token(now_ns)
         elif kind == "response.output_item.done":
             self.progressed = True
@@ -1003,6 +1003,8 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
 
 
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# audio bytes, not tokens: the speech's tokens are counted by its transcript's deltas
+_NOT_TOKENS = frozenset({"response.audio.delta"})
 
 
 class OllamaStreamTranslator(_StreamStats):
