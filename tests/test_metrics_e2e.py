@@ -151,6 +151,13 @@ def test_scripted_workload_is_reported_exactly(metered_proxy: ServerProcess) -> 
     assert total(samples, "trioproxy_tokens_total", type="output") >= expected_output + 4
     assert total(samples, "http_request_duration_seconds_count") == 16
     assert total(samples, "trioproxy_time_to_first_token_seconds_count") >= 7
+    # every stream here had a first token; those with two or more have a time per token
+    # (the demo backend's 5 ms pace, 10 ms for the ones cut short)
+    assert total(samples, "trioproxy_streams_without_first_token_total") == 0
+    gaps = total(samples, "trioproxy_time_per_output_token_seconds_count")
+    assert 7 <= gaps <= total(samples, "trioproxy_time_to_first_token_seconds_count")
+    mean_gap = total(samples, "trioproxy_time_per_output_token_seconds_sum") / gaps
+    assert 0.004 <= mean_gap < 0.05
     # cancelled requests count neither as success nor as error: 9 ok, 4 errors (2 x 500,
     # 2 timeouts), 1 client error, out of 14 non-cancelled
     assert total(samples, "http_request_success_rate") == pytest.approx(9 / 14)
@@ -312,3 +319,30 @@ def test_responses_read_again_are_not_counted_again(
         assert total(after, name) == total(before, name) > 0, name
     assert total(after, "http_requests_total", endpoint="v1_response", status="200") == 3
     assert total(after, "trioproxy_streams_total", outcome="completed") == 2
+
+
+def test_streams_without_a_first_token_are_counted_by_why(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """A time-to-first-token histogram leaves out the streams that never had one: they are
+    counted by reason, so a rise in cancelled-before-output or timeouts shows."""
+    url = start_proxy(demo_backend.url, MAX_RETRIES="0", STREAM_FIRST_TOKEN_TIMEOUT="0.3").url
+    with httpx.Client(base_url=url, timeout=10) as client:
+        late = client.post("/api/chat", json=chat("[[first_delay=2]]", stream=True))
+        assert late.status_code == 504
+        broken = client.post("/v1/chat/completions", json=chat("[[drop_after=0]]", stream=True))
+        assert '"error"' in broken.text
+        payload = chat("[[first_delay=0.25]]", stream=True)
+        with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+            next(response.iter_lines())  # the role chunk: headers are out, no token yet
+
+    def counted() -> dict[str, float]:
+        samples = scrape(url)["trioproxy_streams_without_first_token_total"]
+        return {labels["reason"]: value for labels, value in samples if value}
+
+    wait_for(lambda: sum(counted().values()) == 3)
+    assert counted() == {"timeout": 1, "error": 1, "cancelled": 1}
+    summary = httpx.get(f"{url}/v1/metrics", timeout=5).json()["streaming"]
+    assert summary["streams_without_first_token"] == {
+        "no_output": 0, "cancelled": 1, "timeout": 1, "error": 1
+    }  # fmt: skip

@@ -138,6 +138,32 @@ def test_stream_outcome_fallbacks() -> None:
     assert st_mod.stream_outcome(m) == "error"
 
 
+def test_time_per_output_token_and_streams_without_a_first_token() -> None:
+    """Once per stream with two tokens or more: (last - first) / (tokens - 1), by usage or
+    by the chunks counted; a stream without a first token counts by why it ended."""
+    c = MetricsCollector(system_enabled=False)
+    timed = stream("/api/chat", "completed", [(50.0, 10)], 400.0, first_token_ms=100.0)
+    timed.last_token_time_ms, timed.output_tokens = 280.0, 10  # 9 gaps of 20 ms
+    single = stream("/api/chat", "completed", [(50.0, 10)], 400.0, first_token_ms=100.0)
+    single.last_token_time_ms, single.output_tokens = 100.0, 1  # no gap to measure
+    empty = stream("/v1/chat/completions", "completed", [(50.0, 10)], 60.0)
+    cut = stream("/v1/chat/completions", "cancelled", [(50.0, 10)], 60.0, status=499)
+    late = stream("/api/chat", "timeout", [], 300.0, status=504)
+    plain = req("/api/chat", 200, 100.0, "llama3", output_tokens=5)
+    for m in (timed, single, empty, cut, late, plain):
+        c.request_finished(m)
+    s = scrape(c)
+    assert total(s, "trioproxy_time_per_output_token_seconds_count") == 1
+    assert total(s, "trioproxy_time_per_output_token_seconds_sum") == pytest.approx(0.02)
+    without = {lab["reason"]: v for lab, v in s["trioproxy_streams_without_first_token_total"]}
+    assert without == {"no_output": 1, "cancelled": 1, "timeout": 1}
+    streaming = c.summary()["streaming"]
+    assert streaming["avg_time_per_output_token_ms"] == pytest.approx(20.0)
+    assert streaming["streams_without_first_token"] == {
+        "no_output": 1, "cancelled": 1, "timeout": 1, "error": 0
+    }  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- counters
 
 

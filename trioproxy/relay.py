@@ -33,6 +33,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 class StreamObserver(Protocol):
     first_token_ns: int | None
+    last_token_ns: int | None
     content_chunks: int
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -162,6 +163,8 @@ def _record_tokens(metric: RequestMetrics | None, observer: StreamObserver) -> N
         return
     if observer.first_token_ns is not None and metric.first_token_time_ms is None:
         metric.first_token_time_ms = (observer.first_token_ns / 1e9 - metric.start) * 1000.0
+    if observer.last_token_ns is not None:
+        metric.last_token_time_ms = (observer.last_token_ns / 1e9 - metric.start) * 1000.0
     metric.input_tokens = observer.prompt_tokens
     if observer.completion_tokens is not None:
         metric.output_tokens = observer.completion_tokens

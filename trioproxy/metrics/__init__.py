@@ -22,6 +22,7 @@ from .. import __version__
 from . import labels, store
 from .labels import API_LABELS, UNTRACKED_PATHS, ModelLabels, endpoint_label, method_label
 from .prom import (
+    NO_TOKEN_REASONS,
     PrimaryMetrics,
     RequestSeries,
     Totals,
@@ -105,6 +106,19 @@ def _api_for(path: str, endpoint: str) -> str:
     if endpoint.startswith("v1_"):
         return "openai"
     return labels.OTHER
+
+
+def _time_per_output_token(
+    first_token_ms: float | None, last_token_ms: float | None, output_tokens: int
+) -> float | None:
+    """Seconds between output tokens over a stream, (last - first) / (tokens - 1): what
+    OpenTelemetry's gen_ai.server.time_per_output_token measures, but from the tokens
+    themselves, so a trailing usage chunk or a slow close does not count. None without
+    two tokens (the usage count, or the content chunks seen when there was none)."""
+    if first_token_ms is None or last_token_ms is None or output_tokens < 2:
+        return None
+    span_ms = last_token_ms - first_token_ms
+    return span_ms / (output_tokens - 1) / 1000.0 if span_ms > 0.0 else None
 
 
 def _count(v: float) -> int:
@@ -271,9 +285,11 @@ class MetricsCollector:
         if out < 0:
             out = 0
         up_ms = m.upstream_ms
+        token_gap_s = None
         if streaming:
             fb = m.first_byte_time_ms
             ft = m.first_token_time_ms
+            token_gap_s = _time_per_output_token(ft, m.last_token_time_ms, out)
             transfer_s = store.transfer_seconds(m)
             chunks = m.total_chunks
             nbytes = m.stream_bytes
@@ -297,6 +313,7 @@ class MetricsCollector:
             (overhead_ms if overhead_ms > 0.0 else 0.0) / 1000.0
             if overhead_ms is not None
             else None,
+            token_gap_s,
         )
         self._window.append(
             kind,
@@ -504,6 +521,13 @@ class MetricsCollector:
                 "total_bytes": _count(nbytes),
                 "avg_first_byte_time_ms": t.ttfb[0] / t.ttfb[1] * 1000.0 if t.ttfb[1] else 0.0,
                 "avg_first_token_time_ms": t.ttft[0] / t.ttft[1] * 1000.0 if t.ttft[1] else 0.0,
+                "avg_time_per_output_token_ms": (
+                    t.tpot[0] / t.tpot[1] * 1000.0 if t.tpot[1] else 0.0
+                ),
+                "streams_without_first_token": {
+                    reason: _count(t.no_first_token.get(reason, 0.0))
+                    for reason in NO_TOKEN_REASONS.values()
+                },
                 "avg_throughput_bytes_per_second": nbytes / transfer if transfer > 0 else 0.0,
                 "avg_chunk_size": nbytes / chunks if chunks else 0.0,
             },

@@ -82,6 +82,26 @@ FIRST_BYTE_BUCKETS: tuple[float, ...] = (
     30,
     60,
 )
+# OpenTelemetry's gen_ai.server.time_per_output_token buckets, with three below 10 ms for
+# the fast local models (vLLM, llama.cpp) a proxy like this one fronts
+TOKEN_GAP_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 OVERHEAD_BUCKETS: tuple[float, ...] = (
     0.0001,
     0.00025,
@@ -109,6 +129,14 @@ UPSTREAM_REASONS: tuple[str, ...] = (
 REQUEST_LABELS = ("api", "endpoint", "method", "model", "status")
 DURATION_LABELS = ("api", "endpoint", "model")
 STREAM_LABELS = ("api", "endpoint", "model", "outcome")
+NO_TOKEN_LABELS = ("api", "endpoint", "model", "reason")
+# why a stream produced no token: its outcome, or no_output for one that completed empty
+NO_TOKEN_REASONS: dict[str, str] = {
+    "completed": "no_output",
+    "cancelled": "cancelled",
+    "timeout": "timeout",
+    "error": "error",
+}
 FLOW_LABELS = ("api", "endpoint")
 TOKEN_LABELS = ("api", "model", "type")
 
@@ -232,6 +260,22 @@ class PrimaryMetrics:
             "Streams only: request start to the first generated content sent.",
             DURATION_LABELS,
             buckets=FIRST_BYTE_BUCKETS,
+            **r,
+        )
+        self.tpot = histogram(
+            "trioproxy_time_per_output_token_seconds",
+            "Streams only: the time between output tokens, (last token - first token) / "
+            "(output tokens - 1), once per stream with two or more tokens.",
+            DURATION_LABELS,
+            buckets=TOKEN_GAP_BUCKETS,
+            **r,
+        )
+        self.no_first_token = counter(
+            "trioproxy_streams_without_first_token_total",
+            "Streams that ended before any generated token, by reason "
+            "(cancelled|timeout|error, or no_output for a stream that completed empty); "
+            "they are in no time-to-first-token observation.",
+            NO_TOKEN_LABELS,
             **r,
         )
         self.streams = counter(
@@ -390,11 +434,13 @@ class RequestSeries:
         "_duration",
         "_flow",
         "_metrics",
+        "_no_token",
         "_overhead",
         "_requests",
         "_streams",
         "_tokens_in",
         "_tokens_out",
+        "_tpot",
         "_ttfb",
         "_ttft",
         "_upstream",
@@ -409,10 +455,12 @@ class RequestSeries:
         "method",
         "model",
         "nbytes",
+        "no_token",
         "outcome",
         "output_tokens",
         "overheads",
         "status",
+        "token_gaps",
         "transfer",
         "upstreams",
     )  # fmt: skip
@@ -437,6 +485,8 @@ class RequestSeries:
         )
         self._ttfb: Any = None
         self._ttft: Any = None
+        self._tpot: Any = None
+        self._no_token: Any = None
         self._flow: tuple[Any, Any, Any] | None = None
         self._tokens_in: Any = None
         self._tokens_out: Any = None
@@ -446,6 +496,8 @@ class RequestSeries:
         self.durations: list[float] = []
         self.first_bytes: list[float] = []
         self.first_tokens: list[float] = []
+        self.token_gaps: list[float] = []
+        self.no_token = 0
         self.chunks = 0
         self.nbytes = 0
         self.transfer = 0.0
@@ -466,8 +518,10 @@ class RequestSeries:
         output_tokens: int,
         upstream_s: float | None,
         overhead_s: float | None,
+        token_gap_s: float | None = None,
     ) -> None:
-        """Count one finished request into the current batch."""
+        """Count one finished request into the current batch (``token_gap_s``: a stream's
+        time per output token)."""
         if not self.count:
             self._metrics.touched(self)
         self.count += 1
@@ -476,6 +530,10 @@ class RequestSeries:
             self.first_bytes.append(first_byte_s)
         if first_token_s is not None:
             self.first_tokens.append(first_token_s)
+            if token_gap_s is not None:
+                self.token_gaps.append(token_gap_s)
+        elif self.outcome is not None:
+            self.no_token += 1  # a stream without a first token
         if chunks or nbytes:
             self.chunks += chunks
             self.nbytes += nbytes
@@ -507,6 +565,17 @@ class RequestSeries:
                 self._ttft = m.ttft.labels(api, endpoint, model)
             observe_many(self._ttft, self.first_tokens)
             self.first_tokens.clear()
+        if self.token_gaps:
+            if self._tpot is None:
+                self._tpot = m.tpot.labels(api, endpoint, model)
+            observe_many(self._tpot, self.token_gaps)
+            self.token_gaps.clear()
+        if self.no_token:
+            if self._no_token is None:
+                reason = NO_TOKEN_REASONS.get(self.outcome or "", "error")
+                self._no_token = m.no_first_token.labels(api, endpoint, model, reason)
+            self._no_token.inc(self.no_token)
+            self.no_token = 0
         if self.chunks or self.nbytes:
             if self._flow is None:
                 self._flow = (
@@ -577,6 +646,8 @@ class Totals:
     duration: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # [sum, n]
     ttfb: list[float] = field(default_factory=lambda: [0.0, 0.0])
     ttft: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    tpot: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    no_first_token: dict[str, float] = field(default_factory=dict)  # by reason
     streams: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
     chunks: dict[tuple[str, str], float] = field(default_factory=dict)
     stream_bytes: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -675,13 +746,19 @@ def aggregate(families: Iterable[Metric]) -> Totals:
         elif name in (
             "trioproxy_time_to_first_byte_seconds",
             "trioproxy_time_to_first_token_seconds",
+            "trioproxy_time_per_output_token_seconds",
         ):
-            acc = t.ttfb if "byte" in name else t.ttft
+            acc = t.ttfb if "byte" in name else t.ttft if "first" in name else t.tpot
             for s in fam.samples:
                 if s.name.endswith("_sum"):
                     acc[0] += s.value
                 elif s.name.endswith("_count"):
                     acc[1] += s.value
+        elif name == "trioproxy_streams_without_first_token":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    r = s.labels.get("reason", "error")
+                    t.no_first_token[r] = t.no_first_token.get(r, 0.0) + s.value
         elif name == "trioproxy_streams":
             for s in fam.samples:
                 if s.name.endswith("_total"):

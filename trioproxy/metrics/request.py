@@ -32,6 +32,7 @@ class RequestMetrics:
     # -- streaming (measured to the last byte) --
     first_byte_time_ms: float | None = None  # request start -> first body byte sent
     first_token_time_ms: float | None = None  # request start -> first generated content
+    last_token_time_ms: float | None = None  # request start -> last generated content
     last_byte_time_ms: float | None = None
     total_chunks: int = 0
     stream_bytes: int = 0
