@@ -106,7 +106,7 @@ class ProxyApp(QuartTrio):
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
     secret: bytes | None = None  # the backend API key, masked in every reply body
-    client_keys: ClientKeys
+    client_keys: ClientKeys | None = None
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         allowed = self.cors_origins
@@ -146,9 +146,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         JSON_SORT_KEYS=False,
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
-    app.client_keys = ClientKeys(
-        settings.proxy_api_keys, metrics_open=not settings.metrics_require_auth
-    )
+    keys = ClientKeys(settings.proxy_api_keys, metrics_open=not settings.metrics_require_auth)
+    app.client_keys = keys if keys else None  # None: an open proxy, one test per request
     app.collector = MetricsCollector(
         max_metrics=settings.metrics_max_requests,
         enabled=settings.metrics_enabled,
@@ -181,8 +180,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.in_progress = fastpath.InProgress()
     app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)
-    if app.client_keys:
-        _require_client_keys(app)
+    if app.client_keys is not None:
+        _require_client_keys(app, app.client_keys)
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
     app.catalog = ModelCatalog()  # type: ignore[attr-defined]
 
@@ -329,12 +328,12 @@ def request_app() -> ProxyApp:
     return current_app._get_current_object()  # type: ignore[return-value]
 
 
-def _require_client_keys(app: ProxyApp) -> None:
+def _require_client_keys(app: ProxyApp, keys: ClientKeys) -> None:
     """Quart's side of ``PROXY_API_KEYS`` (the fast path checks its own requests)."""
 
     @app.before_request
     async def _authenticate() -> None:
-        app.client_keys.check(request.method, request.path, request.headers.get("Authorization"))
+        keys.check(request.method, request.path, request.headers.get("Authorization"))
 
 
 def _enable_cors(app: ProxyApp, origins: str) -> None:

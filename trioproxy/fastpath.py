@@ -89,7 +89,7 @@ async def serve(
     try:
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
-                if app.client_keys:
+                if app.client_keys is not None:
                     app.client_keys.check("POST", path, headers.get("authorization"))
                 if not admitted:
                     raise ServerBusy(app.admission.limit)
