@@ -8,6 +8,7 @@ and the metrics endpoints too unless ``METRICS_REQUIRE_AUTH``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import openai
 import pytest
 
 from trioproxy.app import create_app
-from trioproxy.auth import ClientKeys, Unauthorized, parse_keys
+from trioproxy.auth import ClientKeys, Unauthorized, parse_keys, split_entry
 from trioproxy.config import ConfigError, Settings, load_settings
 
 from .conftest import ServerProcess
@@ -37,8 +38,8 @@ def test_a_key_is_required_except_for_probes_preflights_and_open_metrics() -> No
     for path in ("/", "/health", "/v1/health", "/ready", "/metrics", "/v1/metrics/prometheus"):
         keys.check("GET", path, None)
     keys.check("OPTIONS", "/api/chat", None)
-    keys.check("POST", "/api/chat", f"Bearer {KEY}")
-    keys.check("POST", "/api/chat", f"bearer  {OTHER_KEY} ")
+    assert keys.check("POST", "/api/chat", f"Bearer {KEY}") == split_entry(KEY)[0]
+    assert keys.check("POST", "/api/chat", f"bearer  {OTHER_KEY} ") == split_entry(OTHER_KEY)[0]
     refused = [None, "", KEY, f"Basic {KEY}", f"Bearer {KEY[:-1]}", f"Bearer {KEY}x", "Bearer "]
     for authorization in refused:
         with pytest.raises(Unauthorized) as info:
@@ -49,6 +50,21 @@ def test_a_key_is_required_except_for_probes_preflights_and_open_metrics() -> No
     with pytest.raises(Unauthorized):
         closed.check("GET", "/v1/metrics/prometheus", None)
     ClientKeys([]).check("POST", "/api/chat", None)  # no keys: the proxy is open
+
+
+def test_a_key_names_its_client_or_is_named_by_its_digest() -> None:
+    assert split_entry(f"team-a:{KEY}") == ("team-a", KEY)
+    named, key = split_entry(KEY)
+    assert key == KEY and re.fullmatch(r"key-[0-9a-f]{8}", named) and named not in KEY
+    # not a name: the whole entry is the key
+    assert split_entry(f"no spaces:{KEY}")[1] == f"no spaces:{KEY}"
+    assert split_entry("trailing:")[1] == "trailing:"
+    keys = ClientKeys([f"team-a:{KEY}", OTHER_KEY])
+    assert keys.check("GET", "/api/tags", f"Bearer {KEY}") == "team-a"
+    with pytest.raises(Unauthorized):
+        keys.check("GET", "/api/tags", f"Bearer team-a:{KEY}")
+    settings = Settings(api_key="sk-backend", proxy_api_keys=(f"team-a:{KEY}", OTHER_KEY))
+    assert settings.secrets == ("sk-backend", KEY, OTHER_KEY)
 
 
 def test_keys_come_from_the_environment_and_a_file(tmp_path: Path) -> None:
@@ -85,7 +101,12 @@ async def test_under_a_mount_point_probes_stay_open(demo_backend: ServerProcess)
 
 @pytest.fixture(scope="module")
 def guarded(start_proxy: StartProxy, demo_backend: ServerProcess) -> ServerProcess:
-    return start_proxy(demo_backend.url, PROXY_API_KEYS=f"{KEY},{OTHER_KEY}", LOG_LEVEL="DEBUG")
+    return start_proxy(
+        demo_backend.url,
+        PROXY_API_KEYS=f"team-a:{KEY},{OTHER_KEY}",
+        LOG_LEVEL="DEBUG",
+        ACCESS_LOG="true",
+    )
 
 
 def test_openai_clients_pass_with_a_key_and_are_refused_without(guarded: ServerProcess) -> None:
@@ -159,3 +180,28 @@ def test_metrics_can_require_a_key_too(
             assert http.get(path).status_code == 401, path
         keyed = http.get("/v1/metrics/prometheus", headers={"Authorization": f"Bearer {KEY}"})
         assert keyed.status_code == 200 and "http_requests_total" in keyed.text
+
+
+def test_requests_and_tokens_are_counted_per_client(guarded: ServerProcess) -> None:
+    """Each key's client (named, or by its digest) gets its requests and tokens counted;
+    the access log names it too, never its key."""
+    unnamed = split_entry(OTHER_KEY)[0]
+    before = scrape(guarded.url)
+    with httpx.Client(base_url=guarded.url, timeout=10) as http:
+        for key, body in ((KEY, "a [[tokens=3]]"), (OTHER_KEY, "b [[tokens=5]]")):
+            chat = {"model": "demo-chat", "messages": [{"role": "user", "content": body}]}
+            keyed = {"Authorization": f"Bearer {key}"}
+            reply = http.post("/v1/chat/completions", json=chat, headers=keyed)
+            assert reply.status_code == 200
+    after = scrape(guarded.url)
+
+    def grew(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert grew("trioproxy_client_requests_total", client="team-a") == 1
+    assert grew("trioproxy_client_requests_total", client=unnamed) == 1
+    assert grew("trioproxy_client_tokens_total", client="team-a", type="output") == 3
+    assert grew("trioproxy_client_tokens_total", client=unnamed, type="output") == 5
+    clients = httpx.get(f"{guarded.url}/v1/metrics", timeout=5).json()["clients"]
+    assert set(clients) == {"team-a", unnamed} and clients["team-a"]["requests"] >= 1
+    assert "client=team-a" in guarded.log() and KEY not in guarded.log()

@@ -78,6 +78,8 @@ PRIMARY = {
     "trioproxy_tokens_total",
     "trioproxy_upstream_errors_total",
     "trioproxy_upstream_retries_total",
+    "trioproxy_client_requests_total",
+    "trioproxy_client_tokens_total",
     "trioproxy_build_info",
     "trioproxy_process_resident_memory_bytes",
     "trioproxy_process_cpu_seconds_total",

@@ -44,6 +44,7 @@ from .exchange import (
     internal_error_reply,
     masked,
     new_state,
+    note_client,
     primed,
     proxy_error_reply,
 )
@@ -128,8 +129,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     if settings is None:
         env_file = os.environ.get(ENV_FILE_VARIABLE, ".env")
         settings = load_settings(dotenv_path=env_file or None, **overrides)
-        secrets = (settings.api_key or "", *settings.proxy_api_keys)
-        configure_logging(settings.log_level, settings.log_format, secrets)
+        configure_logging(settings.log_level, settings.log_format, settings.secrets)
     settings.require_upstream()
     if os.environ.get(WORKER_VARIABLE) == "1":
         _drain_on_hypercorns_event_only()
@@ -333,7 +333,8 @@ def _require_client_keys(app: ProxyApp, keys: ClientKeys) -> None:
 
     @app.before_request
     async def _authenticate() -> None:
-        keys.check(request.method, request.path, request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        note_client(request_state(), keys.check(request.method, request.path, authorization))
 
 
 def _enable_cors(app: ProxyApp, origins: str) -> None:

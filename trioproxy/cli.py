@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trioproxy: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format, (settings.api_key or "",))
+    configure_logging(settings.log_level, settings.log_format, settings.secrets)
     try:
         _run(settings)
     except KeyboardInterrupt:

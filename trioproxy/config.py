@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from .auth import parse_keys
+from .auth import parse_keys, split_entry
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -74,6 +74,11 @@ class Settings:
     proxy_api_keys_file: str | None = None
     metrics_require_auth: bool = False
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What log lines must never show: the backend's key and the clients' keys."""
+        return (self.api_key or "", *(split_entry(e)[1] for e in self.proxy_api_keys))
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -133,6 +133,12 @@ def new_state(
     return RequestState(request_id, metric)
 
 
+def note_client(state: RequestState, client: str | None) -> None:
+    """The client's name (from its key) for the metrics and the access log."""
+    if client and state.metric is not None:
+        state.metric.client = client
+
+
 class CountingSend:
     """Counts body bytes on their way out; for streams, each body send is one chunk.
 
@@ -263,13 +269,14 @@ class AccessLine:
         if not send.finished and outcome is None:
             outcome = "client left" if status else "no response"
         access_log.info(
-            "%s %s %s %.1f ms %d B%s",
+            "%s %s %s %.1f ms %d B%s%s",
             self.method,
             self.path,
             status or "-",
             (time.perf_counter() - self.started) * 1000.0,
             send.sent,
             f" ({outcome})" if outcome else "",
+            f" client={metric.client}" if metric is not None and metric.client else "",
         )
 
 

@@ -33,6 +33,7 @@ from .exchange import (
     internal_error_reply,
     masked,
     new_state,
+    note_client,
     proxy_error_reply,
 )
 from .relay import in_band_error
@@ -90,7 +91,8 @@ async def serve(
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
                 if app.client_keys is not None:
-                    app.client_keys.check("POST", path, headers.get("authorization"))
+                    client = app.client_keys.check("POST", path, headers.get("authorization"))
+                    note_client(state, client)
                 if not admitted:
                     raise ServerBusy(app.admission.limit)
                 body = await _read_body(app, receive, headers.get("content-length"))

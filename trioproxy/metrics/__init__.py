@@ -315,6 +315,8 @@ class MetricsCollector:
             else None,
             token_gap_s,
         )
+        if m.client:
+            self._prom.count_client(m.client, inp, out)
         self._window.append(
             kind,
             m.timestamp,
@@ -539,6 +541,10 @@ class MetricsCollector:
                 "checked_at": self.backend_checked_at,
             },
             "endpoints": endpoints,
+            "clients": {
+                name: {key: _count(value) for key, value in figures.items()}
+                for name, figures in sorted(t.clients.items())
+            },
             "models": {
                 k: {
                     "count": _count(v["count"]),

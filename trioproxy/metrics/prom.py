@@ -339,6 +339,19 @@ class PrimaryMetrics:
             ("reason",),
             **r,
         )
+        self.client_requests = counter(
+            "trioproxy_client_requests_total",
+            "Requests by the client that made them, named by its key (PROXY_API_KEYS); "
+            "only with client keys.",
+            ("client",),
+            **r,
+        )
+        self.client_tokens = counter(
+            "trioproxy_client_tokens_total",
+            "Tokens (input|output) by the client whose requests used them; only with client keys.",
+            ("client", "type"),
+            **r,
+        )
         self.build_info = gauge(
             "trioproxy_build_info",
             "Build information; always 1.",
@@ -394,6 +407,14 @@ class PrimaryMetrics:
             touched, self._touched = self._touched, []
             for series in touched:
                 series.apply()
+
+    def count_client(self, client: str, input_tokens: int, output_tokens: int) -> None:
+        """One request of a named client (few, configured names: not batched)."""
+        self.client_requests.labels(client).inc()
+        if input_tokens:
+            self.client_tokens.labels(client, "input").inc(input_tokens)
+        if output_tokens:
+            self.client_tokens.labels(client, "output").inc(output_tokens)
 
     def upstream_error(self, reason: str) -> None:
         self._upstream_error_children.get(reason, self._upstream_error_children["other"]).inc()
@@ -653,6 +674,7 @@ class Totals:
     stream_bytes: dict[tuple[str, str], float] = field(default_factory=dict)
     transfer: dict[tuple[str, str], float] = field(default_factory=dict)
     tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    clients: dict[str, dict[str, float]] = field(default_factory=dict)
     upstream_errors: dict[str, float] = field(default_factory=dict)
     upstream_retries: dict[str, float] = field(default_factory=dict)
     rss: float = 0.0
@@ -783,6 +805,16 @@ def aggregate(families: Iterable[Metric]) -> Totals:
                 if s.name.endswith("_total"):
                     k = _key(s.labels, TOKEN_LABELS)
                     t.tokens[k] = t.tokens.get(k, 0.0) + s.value  # type: ignore[index]
+        elif name in ("trioproxy_client_requests", "trioproxy_client_tokens"):
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    what = s.labels.get("type", "requests")
+                    what = what if what == "requests" else f"{what}_tokens"
+                    client = t.clients.setdefault(
+                        s.labels.get("client", ""),
+                        {"requests": 0.0, "input_tokens": 0.0, "output_tokens": 0.0},
+                    )
+                    client[what] = client.get(what, 0.0) + s.value
         elif name in ("trioproxy_upstream_errors", "trioproxy_upstream_retries"):
             target2 = t.upstream_errors if name.endswith("errors") else t.upstream_retries
             for s in fam.samples:

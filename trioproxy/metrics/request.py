@@ -26,6 +26,7 @@ class RequestMetrics:
     streaming: bool = False
     # -- what the proxy adds --
     api: str = ""
+    client: str = ""  # the client's name, with PROXY_API_KEYS
     start: float = field(default_factory=time.perf_counter)
     upstream_ms: float | None = None  # backend latency: request sent -> response complete
     upstream_first_byte_ms: float | None = None
