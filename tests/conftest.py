@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTEN_LINE = re.compile(r"listening on (http://[0-9.]+:\d+)")
+LISTEN_LINE = re.compile(r"listening on (https?://[0-9.]+:\d+)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -166,7 +167,16 @@ def hypercorn_config(settings: Settings) -> object:
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
     config.read_timeout = None  # a read timeout would cut long streams (stack notes 3d)
+    if settings.tls_certfile:
+        config.certfile = settings.tls_certfile
+        config.keyfile = settings.tls_keyfile
+        config.alpn_protocols = list(ALPN_PROTOCOLS)
     return config
+
+
+# HTTP/1.1 only, also over TLS: hypercorn's HTTP/2 is not what the proxy's streaming,
+# disconnect and shutdown handling (and hypercorn_patches) are built and tested on
+ALPN_PROTOCOLS = ("http/1.1",)
 
 
 def _bind(host: str, port: int) -> str:
@@ -200,6 +210,7 @@ async def serve_workers(settings: Settings) -> None:
     it cleanly."""
     listener = listen(settings.host, settings.port)
     host, port = listener.getsockname()[:2]
+    scheme = "https" if settings.tls_certfile else "http"
     run_dir = Path(tempfile.mkdtemp(prefix="trioproxy-"))
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
@@ -232,7 +243,7 @@ async def serve_workers(settings: Settings) -> None:
             )
             listener.close()  # the child has its own copy
             print(
-                f"trioproxy {__version__} listening on http://{_bind(host, port)} "
+                f"trioproxy {__version__} listening on {scheme}://{_bind(host, port)} "
                 f"with {settings.workers} workers",
                 file=sys.stderr,
                 flush=True,
@@ -259,10 +270,19 @@ async def serve_workers(settings: Settings) -> None:
 
 
 def _timeouts_file(path: Path, settings: Settings) -> Path:
-    path.write_text(
-        f"keep_alive_timeout = {settings.keep_alive_timeout!r}\n"
-        f"graceful_timeout = {settings.graceful_timeout!r}\n"
-    )
+    """hypercorn's TOML config for the workers: the timeouts, and TLS if configured."""
+    lines = [
+        f"keep_alive_timeout = {settings.keep_alive_timeout!r}",
+        f"graceful_timeout = {settings.graceful_timeout!r}",
+    ]
+    if settings.tls_certfile:
+        # a JSON string is a TOML basic string
+        lines += [
+            f"certfile = {json.dumps(settings.tls_certfile)}",
+            f"keyfile = {json.dumps(settings.tls_keyfile)}",
+            f"alpn_protocols = {json.dumps(list(ALPN_PROTOCOLS))}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

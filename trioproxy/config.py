@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,6 +74,8 @@ class Settings:
     proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
     proxy_api_keys_file: str | None = None
     metrics_require_auth: bool = False
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
 
     @property
@@ -201,6 +204,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PROXY_API_KEYS": ("proxy_api_keys", parse_keys),
     "PROXY_API_KEYS_FILE": ("proxy_api_keys_file", _text),
     "METRICS_REQUIRE_AUTH": ("metrics_require_auth", _bool),
+    "TLS_CERTFILE": ("tls_certfile", _text),
+    "TLS_KEYFILE": ("tls_keyfile", _text),
 }
 
 ENV_NAMES: tuple[str, ...] = tuple(_ENV)
@@ -222,7 +227,14 @@ def read_environment(
     return merged
 
 
-_OPTIONAL_TEXT = ("upstream_url", "api_key", "model_mapping_file", "proxy_api_keys_file")
+_OPTIONAL_TEXT = (
+    "upstream_url",
+    "api_key",
+    "model_mapping_file",
+    "proxy_api_keys_file",
+    "tls_certfile",
+    "tls_keyfile",
+)
 
 
 def load_settings(
@@ -265,6 +277,7 @@ def _validated(settings: Settings) -> Settings:
             "invalid METRICS_REQUIRE_AUTH: no client keys to require; set PROXY_API_KEYS "
             "or PROXY_API_KEYS_FILE"
         )
+    _check_tls(settings.tls_certfile, settings.tls_keyfile)
     if settings.workers < 1:
         raise ConfigError("invalid WORKERS: expected an integer >= 1")
     if settings.max_retries > 10:
@@ -275,6 +288,24 @@ def _validated(settings: Settings) -> Settings:
             f"({settings.health_error_rate_degraded:g} > {settings.health_error_rate_unhealthy:g})"
         )
     return replace(settings, **changes) if changes else settings
+
+
+def _check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """Both files or neither, and a pair that loads: a mistake stops the program before it
+    serves, not at the first client's handshake."""
+    if not certfile and not keyfile:
+        return
+    if not certfile or not keyfile:
+        missing = "TLS_KEYFILE" if certfile else "TLS_CERTFILE"
+        raise ConfigError(f"invalid {missing}: TLS needs both TLS_CERTFILE and TLS_KEYFILE")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"invalid TLS_CERTFILE/TLS_KEYFILE: cannot load {certfile!r} with {keyfile!r} "
+            f"({reason})"
+        ) from None
 
 
 def _keys_from_file(path: str) -> tuple[str, ...]:
