@@ -476,3 +476,8 @@ async def test_subprocess_reports_port_and_stops_on_sigterm() -> None:
             process.kill()
             await process.wait()
         await process.stdout.aclose()
+
+
+async def test_compact_refuses_an_input_of_the_wrong_type(http: httpx.AsyncClient) -> None:
+    reply = await http.post("/v1/responses/compact", json={"model": "demo-chat", "input": 5})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input"

@@ -396,3 +396,29 @@ async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> 
     assert bodies == b'{"done":false}\n{"done":true}\n'
     assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert metric.stream_outcome == "completed" and metric.status_code != 503
+
+
+async def test_a_query_a_url_cannot_hold_is_forwarded_encoded_not_a_500(app: ProxyApp) -> None:
+    """HTTP/2 lets control bytes through in a query; the by-id routes put the query into
+    the backend's URL, which must not fail on them."""
+    from hypercorn.typing import HTTPScope
+
+    sent: list[dict[str, Any]] = []
+    scope: HTTPScope = {  # type: ignore[typeddict-item]
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "2", "method": "GET",
+        "scheme": "http", "path": "/v1/responses/resp_none/input_items",
+        "raw_path": b"/v1/responses/resp_none/input_items", "query_string": b"after=\x01\x7f",
+        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": None,
+        "extensions": {},
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else await trio.sleep_forever()  # type: ignore[func-returns-value]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 404  # the demo backend's "no such response", not our 500
+    assert app.pool is not None and set(app.pool._urls) <= {"/models", "/responses"}

@@ -346,3 +346,46 @@ def test_streams_without_a_first_token_are_counted_by_why(
     assert summary["streams_without_first_token"] == {
         "no_output": 0, "cancelled": 1, "timeout": 1, "error": 1
     }  # fmt: skip
+
+
+def test_responses_whose_usage_comes_later_are_counted_once_when_it_does(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """A background response answers "queued" without usage, and a stream cut before its
+    end counted only what it carried: the usage a later poll (or resumed stream) brings
+    counts then, the rest only, once."""
+    url = start_proxy(demo_backend.url, MAX_RETRIES="0").url
+
+    def tokens() -> tuple[float, float]:
+        samples = scrape(url)
+        return (
+            total(samples, "trioproxy_tokens_total", type="input"),
+            total(samples, "trioproxy_tokens_total", type="output"),
+        )
+
+    with httpx.Client(base_url=url, timeout=10) as client:
+        body = {"model": "demo-chat", "input": "one two three [[tokens=7]]", "background": True}
+        queued = client.post("/v1/responses", json=body).json()
+        assert queued["status"] == "queued" and tokens() == (0, 0)
+        done = client.get(f"/v1/responses/{queued['id']}").json()
+        expected = (done["usage"]["input_tokens"], 7)
+        wait_for(lambda: tokens() == expected)
+        client.get(f"/v1/responses/{queued['id']}")  # polled again: nothing more
+        time.sleep(0.2)
+        assert tokens() == expected
+
+    # a stream cut after a few tokens, then resumed to its end
+    payload = {"model": "demo-chat", "input": "cut [[tokens=40]] [[delay=0.01]]", "stream": True}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        with client.stream("POST", "/v1/responses", json=payload) as response:
+            lines = response.iter_lines()
+            created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            for _ in range(8):
+                next(lines)
+    wait_for(lambda: total(scrape(url), "trioproxy_streams_total", outcome="cancelled") == 1)
+    cut_input, cut_output = tokens()
+    assert cut_input == expected[0] and expected[1] < cut_output < expected[1] + 40
+    with httpx.Client(base_url=url, timeout=10) as client:
+        resumed = client.get(f"/v1/responses/{created['response']['id']}?stream=true")
+        usage = json.loads(sse_data(resumed.text)[-1])["response"]["usage"]
+    wait_for(lambda: tokens() == (expected[0] + usage["input_tokens"], expected[1] + 40))

@@ -143,14 +143,17 @@ def test_time_per_output_token_and_streams_without_a_first_token() -> None:
     by the chunks counted; a stream without a first token counts by why it ended."""
     c = MetricsCollector(system_enabled=False)
     timed = stream("/api/chat", "completed", [(50.0, 10)], 400.0, first_token_ms=100.0)
-    timed.last_token_time_ms, timed.output_tokens = 280.0, 10  # 9 gaps of 20 ms
+    # 9 gaps of 20 ms between the 10 tokens streamed; the usage also counts 500 reasoning
+    # tokens the backend never streamed, which must not shrink the gap
+    timed.last_token_time_ms, timed.token_chunks, timed.output_tokens = 280.0, 10, 510
     single = stream("/api/chat", "completed", [(50.0, 10)], 400.0, first_token_ms=100.0)
-    single.last_token_time_ms, single.output_tokens = 100.0, 1  # no gap to measure
+    single.last_token_time_ms, single.token_chunks = 100.0, 1  # no gap to measure
     empty = stream("/v1/chat/completions", "completed", [(50.0, 10)], 60.0)
+    replayed = stream("/v1/responses/resp_1", "completed", [(50.0, 10)], 60.0, replayed=True)
     cut = stream("/v1/chat/completions", "cancelled", [(50.0, 10)], 60.0, status=499)
     late = stream("/api/chat", "timeout", [], 300.0, status=504)
     plain = req("/api/chat", 200, 100.0, "llama3", output_tokens=5)
-    for m in (timed, single, empty, cut, late, plain):
+    for m in (timed, single, empty, replayed, cut, late, plain):
         c.request_finished(m)
     s = scrape(c)
     assert total(s, "trioproxy_time_per_output_token_seconds_count") == 1

@@ -402,3 +402,15 @@ async def test_a_resumed_responses_stream_is_watched_but_not_counted_again() -> 
     assert out.endswith(COMPLETED)
     assert metric.stream_outcome != "error" and metric.first_token_time_ms is None
     assert not metric.input_tokens and not metric.output_tokens
+
+
+def test_mapped_model_names_are_rewritten_each_once() -> None:
+    """Clients b and a map to backends c and b: a stream naming c must read b, not a (the
+    rename of c must not be renamed again)."""
+    from trioproxy.routes_openai import _model_rewriter
+
+    rewrite = _model_rewriter({"c": "b", "b": "a"})
+    assert rewrite is not None
+    line = b'data: {"model":"c","x":{"model": "b"}}\n\n'
+    assert rewrite(line) == b'data: {"model":"b","x":{"model": "a"}}\n\n'
+    assert _model_rewriter({"same": "same"}) is None

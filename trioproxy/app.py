@@ -48,6 +48,7 @@ from .exchange import (
     primed,
     proxy_error_reply,
 )
+from .ledger import ResponsesLedger
 from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
 from .model_mapping import ModelMapper
@@ -108,6 +109,7 @@ class ProxyApp(QuartTrio):
     cors_origins: frozenset[str] = frozenset()
     secret: bytes | None = None  # the backend API key, masked in every reply body
     client_keys: ClientKeys | None = None
+    ledger: ResponsesLedger  # Responses API usage still owed to the metrics
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         allowed = self.cors_origins
@@ -146,6 +148,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         JSON_SORT_KEYS=False,
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
+    app.ledger = ResponsesLedger()
     keys = ClientKeys(settings.proxy_api_keys, metrics_open=not settings.metrics_require_auth)
     app.client_keys = keys if keys else None  # None: an open proxy, one test per request
     app.collector = MetricsCollector(

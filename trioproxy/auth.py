@@ -10,7 +10,9 @@ Keys are kept as SHA-256 digests and a presented key is looked up by its digest,
 time a comparison takes says nothing about how much of a key was right.
 
 An entry ``name:key`` names its client in the metrics (``trioproxy_client_*``) and the
-access log; a bare key is named ``key-`` and the first 8 hex digits of its digest.
+access log; a bare key is named by its place in the list (``key-1``, ``key-2``, ...): nothing
+derived from a key is ever shown, so the open metrics give no way to test a guess. Keys
+are printable ASCII without spaces or commas (what an HTTP header carries unchanged).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .metrics.labels import UNTRACKED_PATHS
 PROBE_PATHS = frozenset({"/", "/health", "/v1/health", "/ready"})
 METRICS_PATHS = UNTRACKED_PATHS - PROBE_PATHS
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # visible ASCII but the comma
 
 
 class Unauthorized(ProxyError):
@@ -44,7 +47,7 @@ class ClientKeys:
     __slots__ = ("_names", "_open_paths")
 
     def __init__(self, entries: Iterable[str], *, metrics_open: bool = True) -> None:
-        self._names = {_digest(key): name for name, key in map(split_entry, entries)}
+        self._names = {_digest(key): name for name, key in client_keys(entries)}
         self._open_paths = PROBE_PATHS | METRICS_PATHS if metrics_open else PROBE_PATHS
 
     def __bool__(self) -> bool:
@@ -68,17 +71,27 @@ class ClientKeys:
         return name
 
 
-def split_entry(entry: str) -> tuple[str, str]:
-    """The client name and the key of a ``PROXY_API_KEYS`` entry (``name:key``, or a bare
-    key, named by its digest)."""
-    name, separator, key = entry.partition(":")
-    if separator and key and _CLIENT_NAME.fullmatch(name):
-        return name, key
-    return "key-" + hashlib.sha256(entry.encode("utf-8", "surrogateescape")).hexdigest()[:8], entry
+def client_keys(entries: Iterable[str]) -> list[tuple[str, str]]:
+    """(client name, key) for each ``PROXY_API_KEYS`` entry: ``name:key``, or a bare key
+    named by its place in the list. Raises ``ValueError`` for a key an HTTP header cannot
+    carry as it is."""
+    pairs = []
+    for position, entry in enumerate(entries, start=1):
+        name, separator, key = (part.strip() for part in entry.partition(":"))
+        if not (separator and key and _CLIENT_NAME.fullmatch(name)):
+            name, key = f"key-{position}", entry.strip()
+        if not _KEY.fullmatch(key):
+            raise ValueError(
+                f"the key of entry {position} ({name}) must be printable ASCII without "
+                "spaces or commas"
+            )
+        pairs.append((name, key))
+    return pairs
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    # a header value arrives decoded as latin-1: an ASCII key is the same either way
+    return hashlib.sha256(key.encode("latin-1", "replace")).digest()
 
 
 def parse_keys(text: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from .auth import parse_keys, split_entry
+from .auth import client_keys, parse_keys
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -81,7 +81,7 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """What log lines must never show: the backend's key and the clients' keys."""
-        return (self.api_key or "", *(split_entry(e)[1] for e in self.proxy_api_keys))
+        return (self.api_key or "", *(key for _, key in client_keys(self.proxy_api_keys)))
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -272,7 +272,12 @@ def _validated(settings: Settings) -> Settings:
         changes["proxy_api_keys"] = settings.proxy_api_keys + _keys_from_file(
             settings.proxy_api_keys_file
         )
-    if settings.metrics_require_auth and not changes.get("proxy_api_keys", settings.proxy_api_keys):
+    keys = changes.get("proxy_api_keys", settings.proxy_api_keys)
+    try:
+        client_keys(keys)
+    except ValueError as exc:
+        raise ConfigError(f"invalid PROXY_API_KEYS: {exc}") from None
+    if settings.metrics_require_auth and not keys:
         raise ConfigError(
             "invalid METRICS_REQUIRE_AUTH: no client keys to require; set PROXY_API_KEYS "
             "or PROXY_API_KEYS_FILE"

@@ -55,6 +55,7 @@ class RequestState:
     request_id: str
     metric: RequestMetrics | None
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    client: str = ""  # the client's name, from its key (PROXY_API_KEYS)
 
 
 @dataclass(slots=True)
@@ -135,8 +136,10 @@ def new_state(
 
 def note_client(state: RequestState, client: str | None) -> None:
     """The client's name (from its key) for the metrics and the access log."""
-    if client and state.metric is not None:
-        state.metric.client = client
+    if client:
+        state.client = client
+        if state.metric is not None:
+            state.metric.client = client
 
 
 class CountingSend:
@@ -209,7 +212,7 @@ class Tracked:
                 _finish_metric(metric, self.send.finished, error, self.send.sent)
                 self._collector.request_finished(metric)
             if self._access is not None:
-                self._access.write(self.status, self.send, metric)
+                self._access.write(self.status, self.send, metric, self.state.client)
             request_id_var.reset(self._token)
 
     def response_headers(self, status: int) -> list[tuple[str, str]]:
@@ -262,7 +265,9 @@ class AccessLine:
         self.path = path
         self.started = time.perf_counter()
 
-    def write(self, status: int, send: CountingSend, metric: RequestMetrics | None) -> None:
+    def write(
+        self, status: int, send: CountingSend, metric: RequestMetrics | None, client: str = ""
+    ) -> None:
         outcome = metric.stream_outcome if metric is not None and metric.streaming else None
         if metric is not None and metric.status_code:
             status = effective_status(metric.status_code, outcome)
@@ -276,7 +281,7 @@ class AccessLine:
             (time.perf_counter() - self.started) * 1000.0,
             send.sent,
             f" ({outcome})" if outcome else "",
-            f" client={metric.client}" if metric is not None and metric.client else "",
+            f" client={client}" if client else "",
         )
 
 

@@ -165,6 +165,7 @@ def _record_tokens(metric: RequestMetrics | None, observer: StreamObserver) -> N
         metric.first_token_time_ms = (observer.first_token_ns / 1e9 - metric.start) * 1000.0
     if observer.last_token_ns is not None:
         metric.last_token_time_ms = (observer.last_token_ns / 1e9 - metric.start) * 1000.0
+    metric.token_chunks = observer.content_chunks
     metric.input_tokens = observer.prompt_tokens
     if observer.completion_tokens is not None:
         metric.output_tokens = observer.completion_tokens
@@ -252,8 +253,10 @@ async def relay_openai(
     collector: MetricsCollector,
     rewrite_model: Callable[[bytes], bytes] | None = None,
     end: StreamEnd | None = None,
+    on_finish: Callable[[], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> client SSE, relayed read by read; events are only observed.
+    ``on_finish`` runs once the backend's stream is over (however it ended).
 
     With ``rewrite_model`` (a mapped model name), a read's unfinished last line waits for
     the next read: a name split between two reads is rewritten whole. The SSE parser bounds
@@ -294,6 +297,8 @@ async def relay_openai(
     finally:
         _finish_upstream(metric)
         _record_tokens(metric, observer)
+        if on_finish is not None:
+            on_finish()
     if held and rewrite_model is not None:
         yield rewrite_model(held)
         sent = True

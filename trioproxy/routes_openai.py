@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from quart import Blueprint, Response, request
 
@@ -31,6 +32,7 @@ from .forward import (
     validated,
 )
 from .jsonutil import loads, top_level_member
+from .ledger import Counted, ResponsesLedger, finished_usage, pending_id
 from .relay import (
     EVENT_STREAM,
     STREAM_HEADERS,
@@ -49,6 +51,7 @@ async def forward(
     call: Call,
     observer: Callable[[], StreamObserver] = tr.OpenAIStreamObserver,
     require_model: bool = True,
+    creates_response: bool = False,
 ) -> Reply:
     app = call.app
     state = call.state
@@ -68,10 +71,14 @@ async def forward(
         rewrite = None
         if backend_model != client_model:
             rewrite = _model_rewriter({backend_model: client_model})
-        return _stream_reply(call, result, observer(), rewrite)
+        watcher = observer()
+        on_finish = partial(_owe_if_cut, app.ledger, watcher) if creates_response else None
+        return _stream_reply(call, result, watcher, rewrite, on_finish)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
     _note_usage(call, content)
+    if creates_response and body.get("background") is True:
+        _owe_when_queued(app.ledger, content)
     if backend_model != client_model:
         content = _rewrite_model_json(content, client_model)
     return _whole_reply(result, content)
@@ -82,7 +89,9 @@ FAST_ROUTES: dict[str, Handler] = {
     "/v1/completions": partial(forward, "/completions"),
     "/v1/embeddings": partial(forward, "/embeddings"),
     # its events are not chat chunks: they get their own observer
-    "/v1/responses": partial(forward, "/responses", observer=tr.ResponsesStreamObserver),
+    "/v1/responses": partial(
+        forward, "/responses", observer=tr.ResponsesStreamObserver, creates_response=True
+    ),
     "/v1/responses/input_tokens": partial(forward, "/responses/input_tokens", require_model=False),
     "/v1/responses/compact": partial(forward, "/responses/compact"),
 }
@@ -93,6 +102,7 @@ for _path, _handler in FAST_ROUTES.items():
 # A response id goes into the backend's URL with our API key: only the characters of
 # OpenAI's ids ("resp_" and hex) pass, so "..", "%2F" or "?" cannot address another route.
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_QUERY_SAFE = "&=+%/:,;@!$'()*?~[]"
 
 
 @blueprint.route("/v1/responses/<response_id>", methods=["GET", "DELETE"])
@@ -121,30 +131,76 @@ async def _serve_by_id(
         raise BadRequest(message, param="response_id")
     path = f"/responses/{response_id}{suffix}"
     if request.query_string:
-        path += "?" + request.query_string.decode("latin-1")
-    reply = await by_id(call, method, path, stream=stream)
+        # as it came, but with anything a URL cannot hold (control bytes, which HTTP/2
+        # lets through) percent-encoded: a client's odd query is not our 500
+        path += "?" + quote(request.query_string.decode("latin-1"), safe=_QUERY_SAFE)
+    reply = await by_id(call, method, path, response_id, stream=stream)
     return reply_response(await primed(masked(reply, call.app.secret)))
 
 
-async def by_id(call: Call, method: str, backend_path: str, *, stream: bool) -> Reply:
+async def by_id(
+    call: Call, method: str, backend_path: str, response_id: str, *, stream: bool
+) -> Reply:
     """A Responses API route by id, forwarded as it came (nothing in it names a model);
-    the backend's model names in the answer are mapped back. What it returns was generated,
-    and its tokens counted, by the ``POST`` that created the response: nothing is counted
-    again, not even for a resumed stream, which replays that response's events."""
-    mapper = call.app.mapper
+    the backend's model names in the answer are mapped back. What it returns was counted
+    by the request that created the response, except the usage the ledger says is owed
+    (a background response, a stream cut before its end): that counts here, once."""
+    app = call.app
+    mapper = app.mapper
     if stream:
         result = await open_stream(call, backend_path, None, method=method)
+        if call.state.metric is not None:
+            call.state.metric.replayed = True
         rewrite = _model_rewriter({b: mapper.to_client(b) for _, b in mapper.items()})
-        return _stream_reply(call, result, tr.ReplayedResponsesObserver(), rewrite)
+        watcher = tr.ReplayedResponsesObserver(app.ledger.owed(response_id))
+        settle = partial(_settled_if_counted, app.ledger, watcher, response_id)
+        return _stream_reply(call, result, watcher, rewrite, settle)
     result = await call_raw(call, backend_path, None, method=method)
     content = result.response.content
-    model = _json_member(content, "model")
+    if method == "DELETE":
+        app.ledger.forget(response_id)
+        return _whole_reply(result, content)
+    payload = _json_object(content)
+    _settle(call, app.ledger, payload)
+    model = payload.get("model") if payload is not None else None
     if isinstance(model, str):
         client_model = mapper.to_client(model)
         note_model(call.state, client_model)
         if client_model != model:
             content = _rewrite_model_json(content, client_model)
     return _whole_reply(result, content)
+
+
+def _owe_when_queued(ledger: ResponsesLedger, content: bytes) -> None:
+    response_id = pending_id(_json_object(content))
+    if response_id is not None:
+        ledger.owe(response_id, Counted())
+
+
+def _owe_if_cut(ledger: ResponsesLedger, watcher: StreamObserver) -> None:
+    """A stream that ended before its usage counted the tokens it carried: the rest is
+    owed (a resumed stream, or a poll, settles it)."""
+    response_id = getattr(watcher, "response_id", None)
+    if response_id is not None and watcher.completion_tokens is None:
+        ledger.owe(response_id, Counted(0, watcher.content_chunks))
+
+
+def _settled_if_counted(
+    ledger: ResponsesLedger, watcher: tr.ReplayedResponsesObserver, response_id: str
+) -> None:
+    if watcher.settled:
+        ledger.forget(response_id)
+
+
+def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None) -> None:
+    """Count the usage a finished response still owes the metrics."""
+    finished = finished_usage(payload)
+    if finished is None:
+        return
+    owed = ledger.settle(*finished)
+    metric = call.state.metric
+    if owed is not None and metric is not None:
+        metric.input_tokens, metric.output_tokens = owed
 
 
 @blueprint.get("/v1/models")
@@ -172,12 +228,12 @@ def _whole_reply(result: UpstreamResult, content: bytes) -> Reply:
     return Reply(response.status_code, content, response.headers.get("content-type", JSON))
 
 
-def _json_member(content: bytes, name: str) -> Any:
+def _json_object(content: bytes) -> dict[str, Any] | None:
     try:
         payload = loads(content)
     except ValueError:
         return None
-    return payload.get(name) if isinstance(payload, dict) else None
+    return payload if isinstance(payload, dict) else None
 
 
 def _stream_reply(
@@ -185,6 +241,7 @@ def _stream_reply(
     result: UpstreamResult,
     observer: StreamObserver,
     rewrite: Callable[[bytes], bytes] | None,
+    on_finish: Callable[[], None] | None = None,
 ) -> Reply:
     metric = call.state.metric
     chunks = relay_openai(
@@ -196,32 +253,43 @@ def _stream_reply(
         collector=call.app.collector,
         rewrite_model=rewrite,
         end=(end := StreamEnd()),
+        on_finish=on_finish,
     )
     return Reply(200, chunks, EVENT_STREAM, dict(STREAM_HEADERS), end=end)
 
 
 def _model_rewriter(names: dict[str, str]) -> Callable[[bytes], bytes] | None:
     """Rewrites the backend's model names (keys) to the client's (values) in raw JSON
-    lines; None if there is nothing to rewrite."""
-    pairs = [
-        (
-            f'"model":{sep}{json.dumps(backend)}'.encode(),
-            f'"model":{sep}{json.dumps(client)}'.encode(),
-        )
+    lines, each name once (a chain of renames must not rename a rename); None if there is
+    nothing to rewrite."""
+    renames = {
+        _model_member(backend, sep): _model_member(client, sep)
         for backend, client in names.items()
         if backend != client
         # backends write compact JSON; both spellings cover the common serialisers
         for sep in ("", " ")
-    ]
-    if not pairs:
+    }
+    if not renames:
         return None
+    if len(renames) == 2:  # one name (the hot path): two plain replaces
+        (old, new), (old_spaced, new_spaced) = renames.items()
+
+        def rewrite_one(data: bytes) -> bytes:
+            return data.replace(old, new).replace(old_spaced, new_spaced)
+
+        return rewrite_one
+    pattern = re.compile(
+        b"|".join(re.escape(old) for old in sorted(renames, key=len, reverse=True))
+    )
 
     def rewrite(data: bytes) -> bytes:
-        for old, new in pairs:
-            data = data.replace(old, new)
-        return data
+        return pattern.sub(lambda match: renames[match.group(0)], data)
 
     return rewrite
+
+
+def _model_member(name: str, separator: str) -> bytes:
+    return f'"model":{separator}{json.dumps(name)}'.encode()
 
 
 def _rewrite_model_json(content: bytes, client_model: str) -> bytes:

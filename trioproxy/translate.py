@@ -29,6 +29,7 @@ from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal
 
 from trioproxy.jsonutil import compact_json, compact_json_text, loads
+from trioproxy.ledger import Counted
 from trioproxy.model_mapping import ModelMapper
 
 __all__ = [
@@ -954,6 +955,7 @@ class ResponsesStreamObserver(_StreamStats):
     ``[DONE]``); ``response.failed`` and ``error`` events mean the backend failed."""
 
     _TEXT_DELTA = '{"type":"response.output_text.delta"'
+    response_id: str | None = None  # from the first event that carries the response
 
     def feed_text(self, data: str, now_ns: int) -> None:
         # OpenAI writes "type" first: a text delta (most of a stream) needs no decoding
@@ -979,6 +981,10 @@ class ResponsesStreamObserver(_StreamStats):
             self._finish(event.get("response"))
         elif kind == "error":
             self.ended = self.failed = True
+        elif kind == "response.created" and self.response_id is None:
+            response = event.get("response")
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.response_id = response["id"]
 
     def _finish(self, response: object) -> None:
         if not isinstance(response, dict):
@@ -991,15 +997,30 @@ class ResponsesStreamObserver(_StreamStats):
 
 class ReplayedResponsesObserver(ResponsesStreamObserver):
     """Watches a resumed Responses stream (``GET /v1/responses/{id}?stream=true``): the
-    backend replays the events of a response generated, and counted, by its ``POST``. Its
-    end, failures and progress are watched as for a live stream, but its tokens and usage
-    are not counted again, and a replayed delta is no time to first token."""
+    backend replays the events of a response whose creating request counted it. Its end,
+    failures and progress are watched as for a live stream, but its deltas are not counted
+    again, nor is a replayed delta a time to first token. Only with ``owed`` (what was
+    counted for a response whose usage is still to come: a background one, or a stream
+    cut before its end, see ``ledger``) does its closing usage count: the rest, once
+    (``settled``)."""
+
+    def __init__(self, owed: Counted | None = None) -> None:
+        super().__init__()
+        self.owed = owed
+        self.settled = False
 
     def _count_token(self, now_ns: int) -> None:
         self.progressed = True
 
     def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
-        pass
+        owed = self.owed
+        if owed is None or self.settled or not isinstance(usage, dict):
+            return
+        total_in, total_out = usage.get(input_key), usage.get(output_key)
+        if isinstance(total_in, int) and isinstance(total_out, int):
+            self.prompt_tokens = max(total_in - owed.input_tokens, 0)
+            self.completion_tokens = max(total_out - owed.output_tokens, 0)
+            self.settled = True
 
 
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})

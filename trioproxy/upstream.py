@@ -51,7 +51,17 @@ log = logging.getLogger("trioproxy.upstream")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_ERROR_BODY = 64 * 1024
 FORWARDED_RESPONSE_HEADERS = ("retry-after",)
-_URL_CACHE_SIZE = 32
+_FIXED_PATHS = frozenset(
+    {
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/responses",
+        "/responses/input_tokens",
+        "/responses/compact",
+        "/models",
+    }
+)
 
 
 class UpstreamObserver(Protocol):
@@ -175,8 +185,8 @@ class UpstreamPool:
         url = self._urls.get(path)
         if url is None:
             url = self._base_url.join(path.lstrip("/"))
-            # our routes' fixed paths fill it; paths with a response id stay out of it
-            if len(self._urls) < _URL_CACHE_SIZE:
+            # our routes' fixed paths only: a path with an id or a query is not worth keeping
+            if path in _FIXED_PATHS:
                 self._urls[path] = url
         return url
 

@@ -121,6 +121,8 @@ OPENING_EVENTS = CLOSING_EVENTS = 4  # around the deltas in ``stream_events``
 def input_items(value: Any, rid: str) -> list[dict[str, Any]]:
     """A request's ``input`` as the items ``GET /responses/{id}/input_items`` lists."""
     messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    if not isinstance(messages, list):
+        raise BadRequest("input must be a string or an array of messages", param="input")
     items = []
     for n, message in enumerate(m for m in messages if isinstance(m, dict)):
         item_id = f"msg_{rid.removeprefix('resp_')}_in{n}"

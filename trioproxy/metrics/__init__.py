@@ -109,16 +109,17 @@ def _api_for(path: str, endpoint: str) -> str:
 
 
 def _time_per_output_token(
-    first_token_ms: float | None, last_token_ms: float | None, output_tokens: int
+    first_token_ms: float | None, last_token_ms: float | None, tokens_seen: int
 ) -> float | None:
     """Seconds between output tokens over a stream, (last - first) / (tokens - 1): what
-    OpenTelemetry's gen_ai.server.time_per_output_token measures, but from the tokens
-    themselves, so a trailing usage chunk or a slow close does not count. None without
-    two tokens (the usage count, or the content chunks seen when there was none)."""
-    if first_token_ms is None or last_token_ms is None or output_tokens < 2:
+    OpenTelemetry's gen_ai.server.time_per_output_token measures, but from the tokens the
+    stream carried (its content chunks, about one token each), so neither a trailing usage
+    chunk nor reasoning tokens the backend counts but never streams (OpenAI's o-series)
+    skew it. None without two of them."""
+    if first_token_ms is None or last_token_ms is None or tokens_seen < 2:
         return None
     span_ms = last_token_ms - first_token_ms
-    return span_ms / (output_tokens - 1) / 1000.0 if span_ms > 0.0 else None
+    return span_ms / (tokens_seen - 1) / 1000.0 if span_ms > 0.0 else None
 
 
 def _count(v: float) -> int:
@@ -289,7 +290,7 @@ class MetricsCollector:
         if streaming:
             fb = m.first_byte_time_ms
             ft = m.first_token_time_ms
-            token_gap_s = _time_per_output_token(ft, m.last_token_time_ms, out)
+            token_gap_s = _time_per_output_token(ft, m.last_token_time_ms, m.token_chunks)
             transfer_s = store.transfer_seconds(m)
             chunks = m.total_chunks
             nbytes = m.stream_bytes
@@ -314,6 +315,7 @@ class MetricsCollector:
             if overhead_ms is not None
             else None,
             token_gap_s,
+            streaming and ft is None and not m.replayed,
         )
         if m.client:
             self._prom.count_client(m.client, inp, out)

@@ -540,9 +540,10 @@ class RequestSeries:
         upstream_s: float | None,
         overhead_s: float | None,
         token_gap_s: float | None = None,
+        no_first_token: bool = False,
     ) -> None:
         """Count one finished request into the current batch (``token_gap_s``: a stream's
-        time per output token)."""
+        time per output token; ``no_first_token``: a stream that ended without one)."""
         if not self.count:
             self._metrics.touched(self)
         self.count += 1
@@ -553,8 +554,8 @@ class RequestSeries:
             self.first_tokens.append(first_token_s)
             if token_gap_s is not None:
                 self.token_gaps.append(token_gap_s)
-        elif self.outcome is not None:
-            self.no_token += 1  # a stream without a first token
+        elif no_first_token:
+            self.no_token += 1
         if chunks or nbytes:
             self.chunks += chunks
             self.nbytes += nbytes

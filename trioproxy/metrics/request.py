@@ -34,6 +34,8 @@ class RequestMetrics:
     first_byte_time_ms: float | None = None  # request start -> first body byte sent
     first_token_time_ms: float | None = None  # request start -> first generated content
     last_token_time_ms: float | None = None  # request start -> last generated content
+    token_chunks: int = 0  # chunks with generated content seen (about one token each)
+    replayed: bool = False  # a stream replaying a response generated before (no TTFT)
     last_byte_time_ms: float | None = None
     total_chunks: int = 0
     stream_bytes: int = 0

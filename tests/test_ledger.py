@@ -1,0 +1,50 @@
+"""The ledger of Responses API usage still owed to the metrics, without sockets."""
+
+from __future__ import annotations
+
+from trioproxy.ledger import Counted, ResponsesLedger, finished_usage, pending_id
+from trioproxy.translate import ReplayedResponsesObserver
+
+
+def test_owed_usage_is_settled_once_for_the_rest_only() -> None:
+    ledger = ResponsesLedger()
+    ledger.owe("resp_1", Counted(0, 12))  # a stream cut after 12 tokens
+    usage = {"input_tokens": 5, "output_tokens": 40}
+    assert ledger.settle("resp_1", usage) == (5, 28)
+    assert ledger.settle("resp_1", usage) is None  # once
+    assert ledger.settle("resp_2", usage) is None  # nothing owed
+    ledger.owe("resp_3", Counted())
+    assert ledger.settle("resp_3", None) is None and ledger.owed("resp_3") is not None
+    ledger.owe("resp_4", Counted(0, 50))  # counted more than the usage says: never negative
+    assert ledger.settle("resp_4", {"input_tokens": 1, "output_tokens": 30}) == (1, 0)
+
+
+def test_the_ledger_is_bounded_oldest_first() -> None:
+    ledger = ResponsesLedger(limit=2)
+    for n in range(3):
+        ledger.owe(f"resp_{n}", Counted())
+    assert len(ledger) == 2 and ledger.owed("resp_0") is None
+
+
+def test_finished_and_pending_responses() -> None:
+    done = {"id": "resp_1", "status": "completed", "usage": {"input_tokens": 1}}
+    assert finished_usage(done) == ("resp_1", {"input_tokens": 1})
+    assert finished_usage({"id": "resp_1", "status": "queued"}) is None
+    assert pending_id({"id": "resp_1", "status": "queued"}) == "resp_1"
+    assert pending_id(done) is None and pending_id(None) is None
+
+
+def test_a_replayed_stream_counts_only_what_is_owed() -> None:
+    closing = (
+        '{"type":"response.completed","sequence_number":9,"response":{"status":"completed",'
+        '"usage":{"input_tokens":5,"output_tokens":40}}}'
+    )
+    delta = '{"type":"response.output_text.delta","sequence_number":3,"delta":"hi"}'
+    counted_before = ReplayedResponsesObserver()
+    owed = ReplayedResponsesObserver(Counted(0, 12))
+    for watcher in (counted_before, owed):
+        watcher.feed_text(delta, 1)
+        watcher.feed_text(closing, 2)
+    assert counted_before.completion_tokens is None and not counted_before.settled
+    assert (owed.prompt_tokens, owed.completion_tokens, owed.settled) == (5, 28, True)
+    assert owed.content_chunks == 0 and owed.first_token_ns is None and owed.progressed

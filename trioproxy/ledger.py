@@ -1,0 +1,81 @@
+"""Tokens the Responses API still owes the metrics (sans-I/O).
+
+Most responses are counted by the request that creates them: its reply, or its stream's
+closing event, carries ``usage``. Two kinds are not: a ``background`` response answers
+"queued" with no usage, and a stream cut before its closing event counted only the tokens
+it carried. Their usage arrives later, on a ``GET /v1/responses/{id}`` (or a resumed
+stream, or a cancel) once the response is finished. The ledger remembers what was counted
+for such ids, so that the later request counts the rest, once.
+
+Per worker and bounded (the oldest entries go first): a poll answered by another worker
+than the one that created the response counts nothing (tokens are missed, never doubled).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+MAX_OWED = 10_000
+FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+
+@dataclass(slots=True)
+class Counted:
+    """What a response's earlier requests counted: input and output tokens."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ResponsesLedger:
+    __slots__ = ("_limit", "_owed")
+
+    def __init__(self, limit: int = MAX_OWED) -> None:
+        self._limit = limit
+        self._owed: OrderedDict[str, Counted] = OrderedDict()
+
+    def owe(self, response_id: str, counted: Counted) -> None:
+        """``response_id``'s usage is still to come; ``counted`` is what was counted."""
+        self._owed[response_id] = counted
+        self._owed.move_to_end(response_id)
+        while len(self._owed) > self._limit:
+            self._owed.popitem(last=False)
+
+    def owed(self, response_id: str) -> Counted | None:
+        return self._owed.get(response_id)
+
+    def settle(self, response_id: str, usage: Any) -> tuple[int, int] | None:
+        """The tokens still to count for ``response_id`` given its final ``usage``
+        (input, output), once; None if nothing is owed or ``usage`` says nothing."""
+        counted = self._owed.get(response_id)
+        if counted is None or not isinstance(usage, dict):
+            return None
+        total_in, total_out = usage.get("input_tokens"), usage.get("output_tokens")
+        if not isinstance(total_in, int) or not isinstance(total_out, int):
+            return None
+        del self._owed[response_id]
+        return max(total_in - counted.input_tokens, 0), max(total_out - counted.output_tokens, 0)
+
+    def forget(self, response_id: str) -> None:
+        self._owed.pop(response_id, None)
+
+    def __len__(self) -> int:
+        return len(self._owed)
+
+
+def finished_usage(response: Any) -> tuple[str, Any] | None:
+    """(id, usage) of a finished Responses API ``response`` object, else None."""
+    if not isinstance(response, dict) or response.get("status") not in FINISHED:
+        return None
+    response_id = response.get("id")
+    return (response_id, response.get("usage")) if isinstance(response_id, str) else None
+
+
+def pending_id(response: Any) -> str | None:
+    """The id of a response object that is not finished yet (a queued background one)."""
+    if not isinstance(response, dict) or response.get("status") in FINISHED:
+        return None
+    response_id = response.get("id")
+    return response_id if isinstance(response_id, str) else None
