@@ -45,15 +45,18 @@ def _start(upstream: str, files: dict[str, str], *args: str) -> ServerProcess:
     server = _spawn([*command, "--env-file", "/nonexistent"], env)
     assert server.url.startswith("https://"), server.url
     deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(server.url + "/health", verify=trusting(files), timeout=2).is_success:
-                return server
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-        time.sleep(0.1)
+    try:
+        while True:
+            try:
+                if httpx.get(server.url + "/health", verify=trusting(files), timeout=2).is_success:
+                    return server
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+    except BaseException:
+        server.stop()  # whatever went wrong, no server outlives its test
+        raise
 
 
 @pytest.fixture(scope="module")
