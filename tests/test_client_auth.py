@@ -60,6 +60,8 @@ def test_a_key_names_its_client_or_is_named_by_its_place() -> None:
     ]  # fmt: skip
     # not a name before the colon: the whole entry is the key
     assert client_keys([f"no/name:{KEY}"]) == [("key-1", f"no/name:{KEY}")]
+    with pytest.raises(ValueError, match="two entries are named key-1"):
+        client_keys([KEY, f"key-1:{OTHER_KEY}"])  # their counts would merge
     with pytest.raises(ValueError) as info:
         client_keys(["clé-secrète"])
     assert "key-1" in str(info.value) and "secr" not in str(info.value)

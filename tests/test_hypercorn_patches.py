@@ -401,3 +401,28 @@ async def test_a_held_head_is_still_sent_when_the_stream_closes_early() -> None:
     await protocol.stream_send(_response(10))  # type: ignore[attr-defined]
     await protocol.stream_send(StreamClosed(stream_id=1))  # type: ignore[attr-defined]
     assert writes.raw and writes.raw[0].startswith(b"HTTP/1.1 200 ")
+
+
+def _exchange(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and b"connection: close" not in answer.lower():
+                break  # a kept-alive HTTP/1.1 answer: its head is enough
+        return answer
+
+
+def test_http2_is_not_spoken_even_when_a_client_asks_for_it(proxy: ServerProcess) -> None:
+    """The proxy's streaming, disconnect and shutdown handling are HTTP/1.1's: an h2c
+    upgrade is served in HTTP/1.1, and HTTP/2 with prior knowledge is refused."""
+    upgrade = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    assert _exchange(proxy.url, upgrade).startswith(b"HTTP/1.1 200 ")
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    answer = _exchange(proxy.url, preface)
+    assert answer.startswith(b"HTTP/1.1 505 "), answer[:80]

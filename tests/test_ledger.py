@@ -34,17 +34,26 @@ def test_finished_and_pending_responses() -> None:
     assert pending_id(done) is None and pending_id(None) is None
 
 
-def test_a_replayed_stream_counts_only_what_is_owed() -> None:
+def test_a_replayed_stream_counts_only_what_is_owed_and_settles_it_at_once() -> None:
     closing = (
         '{"type":"response.completed","sequence_number":9,"response":{"status":"completed",'
         '"usage":{"input_tokens":5,"output_tokens":40}}}'
     )
+    created = (
+        '{"type":"response.created","sequence_number":0,"response":{"id":"resp_1",'
+        '"model":"gpt-x","status":"in_progress"}}'
+    )
     delta = '{"type":"response.output_text.delta","sequence_number":3,"delta":"hi"}'
-    counted_before = ReplayedResponsesObserver()
-    owed = ReplayedResponsesObserver(Counted(0, 12))
+    ledger = ResponsesLedger()
+    counted_before = ReplayedResponsesObserver(ledger, "resp_0")
+    ledger.owe("resp_1", Counted(0, 12))
+    owed = ReplayedResponsesObserver(ledger, "resp_1")
     for watcher in (counted_before, owed):
-        watcher.feed_text(delta, 1)
-        watcher.feed_text(closing, 2)
+        for data in (created, delta, closing):
+            watcher.feed_text(data, 1)
     assert counted_before.completion_tokens is None and not counted_before.settled
     assert (owed.prompt_tokens, owed.completion_tokens, owed.settled) == (5, 28, True)
     assert owed.content_chunks == 0 and owed.first_token_ns is None and owed.progressed
+    assert (owed.response_id, owed.response_model) == ("resp_1", "gpt-x")
+    # settled the moment the closing event came: a poll at the same time counts nothing
+    assert ledger.settle("resp_1", {"input_tokens": 5, "output_tokens": 40}) is None

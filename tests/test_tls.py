@@ -15,6 +15,7 @@ import ollama
 import openai
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from trioproxy.config import ConfigError, load_settings
 
@@ -134,5 +135,17 @@ def test_a_bad_certificate_pair_stops_it_before_it_serves(
     missing = {"TLS_CERTFILE": str(tmp_path / "none.pem"), "TLS_KEYFILE": tls_files["key"]}
     with pytest.raises(ConfigError, match="cannot load"):
         load_settings(missing, dotenv_path=None)
+    encrypted = tmp_path / "encrypted.pem"
+    key = serialization.load_pem_private_key(Path(tls_files["key"]).read_bytes(), None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    locked = {"TLS_CERTFILE": tls_files["cert"], "TLS_KEYFILE": str(encrypted)}
+    with pytest.raises(ConfigError, match="encrypted"):  # never a prompt on the terminal
+        load_settings(locked, dotenv_path=None)
     ok = load_settings({"TLS_CERTFILE": tls_files["cert"], "TLS_KEYFILE": tls_files["key"]})
     assert ok.tls_certfile == tls_files["cert"]

@@ -85,6 +85,8 @@ def client_keys(entries: Iterable[str]) -> list[tuple[str, str]]:
                 f"the key of entry {position} ({name}) must be printable ASCII without "
                 "spaces or commas"
             )
+        if any(name == known for known, _ in pairs):
+            raise ValueError(f"two entries are named {name}: their counts would merge")
         pairs.append((name, key))
     return pairs
 

@@ -304,13 +304,27 @@ def _check_tls(certfile: str | None, keyfile: str | None) -> None:
         missing = "TLS_KEYFILE" if certfile else "TLS_CERTFILE"
         raise ConfigError(f"invalid {missing}: TLS needs both TLS_CERTFILE and TLS_KEYFILE")
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile, password=_no_password)
+    except _EncryptedKey:
+        raise ConfigError(
+            f"invalid TLS_KEYFILE: {keyfile!r} is encrypted; give the key without a "
+            "passphrase (hypercorn would ask for it on the terminal)"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(
             f"invalid TLS_CERTFILE/TLS_KEYFILE: cannot load {certfile!r} with {keyfile!r} "
             f"({reason})"
         ) from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    raise _EncryptedKey  # only called for a key that has a passphrase
 
 
 def _keys_from_file(path: str) -> tuple[str, ...]:

@@ -30,6 +30,13 @@ request cancellation, and its cost per request.
    before requests in flight get ``graceful_timeout`` seconds), so the app can end long
    streams in-band before that time runs out and hypercorn cuts them mid-chunk.
 
+6. **HTTP/1.1 only.** hypercorn's HTTP/1.1 protocol switched a connection to HTTP/2 on an
+   ``Upgrade: h2c`` request or on HTTP/2's preface sent with prior knowledge, even when
+   ALPN offers only HTTP/1.1 (``cli.ALPN_PROTOCOLS``). The streaming, disconnect and
+   shutdown handling (and patches 1-4) are built for HTTP/1.1, so an h2c upgrade is
+   ignored (served in HTTP/1.1, which an upgrade request allows) and the preface gets
+   ``505 HTTP Version Not Supported`` and a close.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -44,6 +51,7 @@ from collections.abc import Callable
 from typing import Any
 
 import h11
+import hypercorn.protocol as protocol_wrapper
 import hypercorn.protocol.h11 as h11_protocol
 import hypercorn.trio.tcp_server as tcp_server
 import trio
@@ -190,6 +198,20 @@ async def _stream_send(self: Any, event: Any) -> None:
     await _original_stream_send(self, event)
 
 
+async def _check_protocol(self: Any, event: h11.Request) -> None:
+    if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
+        raise h11_protocol.H2ProtocolAssumedError(b"")
+    # an "Upgrade: h2c" header is ignored: the request is served in HTTP/1.1
+
+
+async def _handle_http11_only(self: Any, event: Any) -> None:
+    try:
+        return await self.protocol.handle(event)  # type: ignore[no-any-return]
+    except h11_protocol.H2ProtocolAssumedError:
+        await self.protocol._send_error_response(505)
+        await self.protocol.send(Closed())
+
+
 _shutdown_listeners: list[Callable[[], None]] = []
 
 
@@ -225,3 +247,5 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     h11_protocol.H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     h11_protocol.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     WorkerContext.__init__ = _context_init  # type: ignore[method-assign]
+    h11_protocol.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
+    protocol_wrapper.ProtocolWrapper.handle = _handle_http11_only  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote_from_bytes
 
 from quart import Blueprint, Response, request
 
@@ -72,7 +72,9 @@ async def forward(
         if backend_model != client_model:
             rewrite = _model_rewriter({backend_model: client_model})
         watcher = observer()
-        on_finish = partial(_owe_if_cut, app.ledger, watcher) if creates_response else None
+        # a response not stored cannot be polled: nothing to owe for it
+        stored = creates_response and body.get("store") is not False
+        on_finish = partial(_owe_if_cut, app.ledger, watcher) if stored else None
         return _stream_reply(call, result, watcher, rewrite, on_finish)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
@@ -133,7 +135,7 @@ async def _serve_by_id(
     if request.query_string:
         # as it came, but with anything a URL cannot hold (control bytes, which HTTP/2
         # lets through) percent-encoded: a client's odd query is not our 500
-        path += "?" + quote(request.query_string.decode("latin-1"), safe=_QUERY_SAFE)
+        path += "?" + quote_from_bytes(request.query_string, safe=_QUERY_SAFE)
     reply = await by_id(call, method, path, response_id, stream=stream)
     return reply_response(await primed(masked(reply, call.app.secret)))
 
@@ -152,9 +154,9 @@ async def by_id(
         if call.state.metric is not None:
             call.state.metric.replayed = True
         rewrite = _model_rewriter({b: mapper.to_client(b) for _, b in mapper.items()})
-        watcher = tr.ReplayedResponsesObserver(app.ledger.owed(response_id))
-        settle = partial(_settled_if_counted, app.ledger, watcher, response_id)
-        return _stream_reply(call, result, watcher, rewrite, settle)
+        watcher = tr.ReplayedResponsesObserver(app.ledger, response_id)
+        named = partial(_note_streamed_model, call, watcher)
+        return _stream_reply(call, result, watcher, rewrite, named)
     result = await call_raw(call, backend_path, None, method=method)
     content = result.response.content
     if method == "DELETE":
@@ -185,11 +187,10 @@ def _owe_if_cut(ledger: ResponsesLedger, watcher: StreamObserver) -> None:
         ledger.owe(response_id, Counted(0, watcher.content_chunks))
 
 
-def _settled_if_counted(
-    ledger: ResponsesLedger, watcher: tr.ReplayedResponsesObserver, response_id: str
-) -> None:
-    if watcher.settled:
-        ledger.forget(response_id)
+def _note_streamed_model(call: Call, watcher: tr.ResponsesStreamObserver) -> None:
+    """The model a resumed stream names (its tokens, if any are owed, go under it)."""
+    if watcher.response_model is not None:
+        note_model(call.state, call.app.mapper.to_client(watcher.response_model))
 
 
 def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None) -> None:

@@ -29,7 +29,7 @@ from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal
 
 from trioproxy.jsonutil import compact_json, compact_json_text, loads
-from trioproxy.ledger import Counted
+from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper
 
 __all__ = [
@@ -955,7 +955,8 @@ class ResponsesStreamObserver(_StreamStats):
     ``[DONE]``); ``response.failed`` and ``error`` events mean the backend failed."""
 
     _TEXT_DELTA = '{"type":"response.output_text.delta"'
-    response_id: str | None = None  # from the first event that carries the response
+    response_id: str | None = None  # from the event that opens the stream
+    response_model: str | None = None  # the same
 
     def feed_text(self, data: str, now_ns: int) -> None:
         # OpenAI writes "type" first: a text delta (most of a stream) needs no decoding
@@ -983,8 +984,11 @@ class ResponsesStreamObserver(_StreamStats):
             self.ended = self.failed = True
         elif kind == "response.created" and self.response_id is None:
             response = event.get("response")
-            if isinstance(response, dict) and isinstance(response.get("id"), str):
-                self.response_id = response["id"]
+            if isinstance(response, dict):
+                if isinstance(response.get("id"), str):
+                    self.response_id = response["id"]
+                if isinstance(response.get("model"), str):
+                    self.response_model = response["model"]
 
     def _finish(self, response: object) -> None:
         if not isinstance(response, dict):
@@ -999,27 +1003,26 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
     """Watches a resumed Responses stream (``GET /v1/responses/{id}?stream=true``): the
     backend replays the events of a response whose creating request counted it. Its end,
     failures and progress are watched as for a live stream, but its deltas are not counted
-    again, nor is a replayed delta a time to first token. Only with ``owed`` (what was
-    counted for a response whose usage is still to come: a background one, or a stream
-    cut before its end, see ``ledger``) does its closing usage count: the rest, once
-    (``settled``)."""
+    again, nor is a replayed delta a time to first token. Only usage the ``ledger`` says
+    is still owed for ``response_id`` (a background response, a stream cut before its end)
+    counts, the rest only, settled in the ledger the moment the closing event arrives, so
+    a poll at the same time cannot count it too (``settled``)."""
 
-    def __init__(self, owed: Counted | None = None) -> None:
+    def __init__(self, ledger: ResponsesLedger | None = None, response_id: str = "") -> None:
         super().__init__()
-        self.owed = owed
+        self._ledger = ledger
+        self._owed_id = response_id
         self.settled = False
 
     def _count_token(self, now_ns: int) -> None:
         self.progressed = True
 
     def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
-        owed = self.owed
-        if owed is None or self.settled or not isinstance(usage, dict):
+        if self._ledger is None or self.settled:
             return
-        total_in, total_out = usage.get(input_key), usage.get(output_key)
-        if isinstance(total_in, int) and isinstance(total_out, int):
-            self.prompt_tokens = max(total_in - owed.input_tokens, 0)
-            self.completion_tokens = max(total_out - owed.output_tokens, 0)
+        rest = self._ledger.settle(self._owed_id, usage)
+        if rest is not None:
+            self.prompt_tokens, self.completion_tokens = rest
             self.settled = True
 
 
