@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from trioproxy.app import create_app
-from trioproxy.auth import ClientKeys, Unauthorized, client_keys, parse_keys
+from trioproxy.auth import ClientBusy, ClientKeys, Unauthorized, client_keys, parse_keys
 from trioproxy.config import ConfigError, Settings, load_settings
 
 from .conftest import ServerProcess
@@ -50,6 +50,16 @@ def test_a_key_is_required_except_for_probes_preflights_and_open_metrics() -> No
     with pytest.raises(Unauthorized):
         closed.check("GET", "/v1/metrics/prometheus", None)
     ClientKeys([]).check("POST", "/api/chat", None)  # no keys: the proxy is open
+    limited = ClientKeys([KEY], limit=2)
+    limited.enter("key-1")
+    limited.enter("key-1")
+    with pytest.raises(ClientBusy):
+        limited.enter("key-1")
+    limited.leave("key-1")
+    limited.enter("key-1")  # a slot came free
+    limited.leave("key-1")
+    limited.leave("key-1")
+    assert limited.in_flight("key-1") == 0
 
 
 def test_a_key_names_its_client_or_is_named_by_its_place() -> None:
@@ -232,3 +242,38 @@ async def test_the_access_log_names_the_client_without_metrics_too(
             )
     assert reply.status_code == 200
     assert any("client=team-a" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_at_its_limit_of_requests_in_flight_waits_its_turn(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """CLIENT_MAX_CONCURRENT_REQUESTS: one client's flood cannot take every slot. Past its
+    limit a client gets 429 with Retry-After, in its dialect; others are served; a stream
+    holds its slot until its end."""
+    url = start_proxy(
+        demo_backend.url,
+        PROXY_API_KEYS=f"team-a:{KEY},team-b:{OTHER_KEY}",
+        CLIENT_MAX_CONCURRENT_REQUESTS="1",
+    ).url
+    as_a = {"Authorization": f"Bearer {KEY}"}
+    as_b = {"Authorization": f"Bearer {OTHER_KEY}"}
+    slow = {"model": "demo-chat", "messages": [{"role": "user", "content": "[[delay=0.05]]"}]}
+    quick = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=url, timeout=10) as http:
+        with http.stream(
+            "POST", "/v1/chat/completions", json=slow | {"stream": True}, headers=as_a
+        ) as holding:
+            lines = holding.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # team-a's one slot is taken until this stream ends
+            refused = http.post("/v1/chat/completions", json=quick, headers=as_a)
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            ollama_refused = http.post("/api/chat", json=quick | {"stream": False}, headers=as_a)
+            assert ollama_refused.status_code == 429 and set(ollama_refused.json()) == {"error"}
+            assert http.post("/v1/chat/completions", json=quick, headers=as_b).status_code == 200
+            assert sum(1 for _ in lines) > 20  # the held stream was served to its end
+        assert http.post("/v1/chat/completions", json=quick, headers=as_a).status_code == 200
+    samples = scrape(url)
+    assert total(samples, "http_requests_total", status="429") == 2
+    with pytest.raises(ConfigError, match="CLIENT_MAX_CONCURRENT_REQUESTS"):
+        load_settings({"CLIENT_MAX_CONCURRENT_REQUESTS": "4"}, dotenv_path=None)

@@ -149,7 +149,11 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
     app.ledger = ResponsesLedger()
-    keys = ClientKeys(settings.proxy_api_keys, metrics_open=not settings.metrics_require_auth)
+    keys = ClientKeys(
+        settings.proxy_api_keys,
+        metrics_open=not settings.metrics_require_auth,
+        limit=settings.client_max_concurrent_requests,
+    )
     app.client_keys = keys if keys else None  # None: an open proxy, one test per request
     app.collector = MetricsCollector(
         max_metrics=settings.metrics_max_requests,

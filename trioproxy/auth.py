@@ -40,15 +40,52 @@ class Unauthorized(ProxyError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class ClientBusy(ProxyError):
+    """A client has ``CLIENT_MAX_CONCURRENT_REQUESTS`` proxy requests in flight already."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    quiet = True  # counted in the metrics, per client
+
+    def __init__(self, client: str, limit: int) -> None:
+        super().__init__(
+            f"client {client} has its limit of {limit} requests in flight "
+            "(CLIENT_MAX_CONCURRENT_REQUESTS); retry when one has ended",
+            headers={"Retry-After": "1"},
+        )
+
+
 class ClientKeys:
-    """The keys clients may present, each with its client's name; empty means no
-    authentication."""
+    """The keys clients may present, each with its client's name, and each client's proxy
+    requests in flight (at most ``limit``, 0 for no limit); empty means no authentication."""
 
-    __slots__ = ("_names", "_open_paths")
+    __slots__ = ("_in_flight", "_names", "_open_paths", "limit")
 
-    def __init__(self, entries: Iterable[str], *, metrics_open: bool = True) -> None:
+    def __init__(
+        self, entries: Iterable[str], *, metrics_open: bool = True, limit: int = 0
+    ) -> None:
         self._names = {_digest(key): name for name, key in client_keys(entries)}
         self._open_paths = PROBE_PATHS | METRICS_PATHS if metrics_open else PROBE_PATHS
+        self.limit = limit
+        self._in_flight: dict[str, int] = {}
+
+    def enter(self, client: str) -> None:
+        """Count a proxy request of ``client`` in; raises ``ClientBusy`` past its limit.
+        Every successful ``enter`` is paired with a ``leave``."""
+        count = self._in_flight.get(client, 0)
+        if self.limit and count >= self.limit:
+            raise ClientBusy(client, self.limit)
+        self._in_flight[client] = count + 1
+
+    def leave(self, client: str) -> None:
+        count = self._in_flight[client] - 1
+        if count:
+            self._in_flight[client] = count
+        else:
+            del self._in_flight[client]  # the dict holds only clients with requests
+
+    def in_flight(self, client: str) -> int:
+        return self._in_flight.get(client, 0)
 
     def __bool__(self) -> bool:
         return bool(self._names)

@@ -74,6 +74,7 @@ class Settings:
     proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
     proxy_api_keys_file: str | None = None
     metrics_require_auth: bool = False
+    client_max_concurrent_requests: int = 0
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
@@ -204,6 +205,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PROXY_API_KEYS": ("proxy_api_keys", parse_keys),
     "PROXY_API_KEYS_FILE": ("proxy_api_keys_file", _text),
     "METRICS_REQUIRE_AUTH": ("metrics_require_auth", _bool),
+    "CLIENT_MAX_CONCURRENT_REQUESTS": ("client_max_concurrent_requests", _non_negative_int),
     "TLS_CERTFILE": ("tls_certfile", _text),
     "TLS_KEYFILE": ("tls_keyfile", _text),
 }
@@ -277,11 +279,14 @@ def _validated(settings: Settings) -> Settings:
         client_keys(keys)
     except ValueError as exc:
         raise ConfigError(f"invalid PROXY_API_KEYS: {exc}") from None
-    if settings.metrics_require_auth and not keys:
-        raise ConfigError(
-            "invalid METRICS_REQUIRE_AUTH: no client keys to require; set PROXY_API_KEYS "
-            "or PROXY_API_KEYS_FILE"
-        )
+    for name, wanted in (
+        ("METRICS_REQUIRE_AUTH", settings.metrics_require_auth),
+        ("CLIENT_MAX_CONCURRENT_REQUESTS", settings.client_max_concurrent_requests),
+    ):
+        if wanted and not keys:
+            raise ConfigError(
+                f"invalid {name}: it needs client keys; set PROXY_API_KEYS or PROXY_API_KEYS_FILE"
+            )
     _check_tls(settings.tls_certfile, settings.tls_keyfile)
     if settings.workers < 1:
         raise ConfigError("invalid WORKERS: expected an integer >= 1")

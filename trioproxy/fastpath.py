@@ -87,12 +87,16 @@ async def serve(
     access = AccessLine("POST", path) if app.settings.access_log else None
     tracked = Tracked(app.collector, state, send, access)
     admitted = app.admission.enter()
+    holding: str | None = None  # the client whose count of requests in flight we raised
     try:
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
                 if app.client_keys is not None:
                     client = app.client_keys.check("POST", path, headers.get("authorization"))
                     note_client(state, client)
+                    if client is not None:
+                        app.client_keys.enter(client)
+                        holding = client
                 if not admitted:
                     raise ServerBusy(app.admission.limit)
                 body = await _read_body(app, receive, headers.get("content-length"))
@@ -121,6 +125,8 @@ async def serve(
     finally:
         if admitted:
             app.admission.leave()
+        if holding is not None:
+            app.client_keys.leave(holding)  # type: ignore[union-attr]
 
 
 class Admission:
