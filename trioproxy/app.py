@@ -234,10 +234,16 @@ def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:
 
     async def view() -> Response:
         call = await current_call()
-        return reply_response(await primed(masked(await handler(call), call.app.secret)))
+        return await served(call, await handler(call))
 
     view.__name__ = "fast_" + path.strip("/").replace("/", "_")
     blueprint.add_url_rule(path, view_func=view, methods=["POST"])
+
+
+async def served(call: Call, reply: Reply) -> Response:
+    """A handler's reply as Quart's response: the backend key masked, a stream's first
+    chunk read (so a failure before it gets a real status)."""
+    return reply_response(await primed(masked(reply, call.app.secret)))
 
 
 def reply_response(reply: Reply) -> Response:

@@ -19,9 +19,9 @@ from urllib.parse import quote_from_bytes
 from quart import Blueprint, Response, request
 
 from . import translate as tr
-from .app import current_call, quart_route, reply_response
+from .app import current_call, quart_route, served
 from .errors import BadRequest, NotFound
-from .exchange import JSON, Call, Handler, Reply, masked, primed
+from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_raw,
     encode,
@@ -137,7 +137,7 @@ async def _serve_by_id(
         # lets through) percent-encoded: a client's odd query is not our 500
         path += "?" + quote_from_bytes(request.query_string, safe=_QUERY_SAFE)
     reply = await by_id(call, method, path, response_id, stream=stream)
-    return reply_response(await primed(masked(reply, call.app.secret)))
+    return await served(call, reply)
 
 
 async def by_id(
