@@ -25,6 +25,25 @@ def test_what_it_writes_decodes_to_the_same_value_with_either_library(value: obj
     assert loads(written) == value == json.loads(written)
 
 
+LINE_ENDS_IN_TEXT = st.text(alphabet=st.sampled_from("a\u0085\u2028\u2029\n\x0b\x1c"))
+
+
+@given(st.recursive(LINE_ENDS_IN_TEXT, lambda inner: st.lists(inner, max_size=3), max_leaves=8))
+def test_what_it_writes_is_one_line_to_pythons_splitlines(value: object) -> None:
+    """ollama-python reads NDJSON with httpx's ``iter_lines``, which splits where
+    ``str.splitlines`` does: also at U+0085, U+2028 and U+2029, which JSON may leave
+    unescaped. A line cut there fails to decode in the client."""
+    written = compact_json(value)
+    assert len(written.decode().splitlines()) == 1
+    assert loads(written) == value
+
+
+def test_a_lone_surrogate_from_a_client_is_written_as_the_escape_it_came_as() -> None:
+    value = loads(b'{"content": "half an emoji \\ud83d"}')
+    assert compact_json(value) == b'{"content":"half an emoji \\ud83d"}'
+    assert loads(compact_json(value)) == value
+
+
 def test_compact_utf8_without_spaces() -> None:
     assert compact_json({"a": [1, "é"]}) == '{"a":[1,"é"]}'.encode()
     assert compact_json_text({"b": None}) == '{"b":null}'

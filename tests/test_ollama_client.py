@@ -384,6 +384,8 @@ def test_empty_input_gets_no_vectors_as_from_ollama(
         reply = c.embed(model="demo-embed", input=empty)
         assert reply.embeddings == [] and reply.model == "demo-embed"
     assert list(c.embeddings(model="demo-embed", prompt="").embedding) == []
+    # the client leaves a None prompt out of the body: still an empty prompt to Ollama
+    assert list(c.embeddings(model="demo-embed").embedding) == []
     no_input = httpx.post(proxy.url + "/api/embed", json={"model": "demo-embed"}, timeout=10)
     assert no_input.status_code == 200 and no_input.json()["embeddings"] == []
     for call in (

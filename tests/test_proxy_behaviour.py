@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -931,6 +933,30 @@ def test_client_mistakes_are_never_500(
             assert isinstance(response.json()["error"], str)
 
 
+@pytest.mark.parametrize("path", _PATHS)
+def test_a_half_emoji_from_a_client_is_forwarded_not_a_500(http: httpx.Client, path: str) -> None:
+    """JavaScript clients that cut text inside a surrogate pair send a lone ``\\ud83d``
+    escape: valid JSON, with no UTF-8 spelling. It goes on as the escape it came as."""
+    model = "demo-embed" if "embed" in path else "demo-chat"
+    text = '"hi \\ud83d"'
+    body = (
+        f'{{"model": "{model}", "stream": false, "prompt": {text}, "input": {text},'
+        f' "messages": [{{"role": "user", "content": {text}}}]}}'
+    )
+    response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/show", "/v1/chat/completions"])
+def test_a_body_nested_too_deeply_is_a_400(http: httpx.Client, path: str) -> None:
+    body = '{"model": "demo-chat", "messages": %s}' % ("[" * 100_000 + "]" * 100_000)
+    response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    message = error["message"] if path.startswith("/v1/") else error
+    assert "nested too deeply" in message
+
+
 # ---- a backend answering 2xx with a body of the wrong shape ----------------------------------
 
 # model name -> the 2xx JSON body the fake backend answers with
@@ -944,6 +970,29 @@ _WRONG_SHAPES = {
     ),
     "embedding-is-text": '{"data": [{"embedding": "abc"}]}',
     "no-data": "[]",
+    "no-choices": "{}",
+    "error-with-200": '{"error": {"message": "quota exceeded", "type": "insufficient_quota"}}',
+}
+
+_COMPLETION = {
+    "id": "c1", "object": "chat.completion", "created": 1, "model": "full-json",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "full answer"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+}  # fmt: skip
+_HELLO = (
+    'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"cut",'
+    '"choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},'
+    '"finish_reason":null}]}\n\n'
+)
+# model name -> (content type, body) the fake backend answers a stream request with
+_STREAM_SHAPES = {
+    "full-json": ("application/json", json.dumps(_COMPLETION)),
+    "error-with-200": ("application/json", _WRONG_SHAPES["error-with-200"]),
+    "no-choices": ("application/json", "{}"),
+    "empty": ("text/event-stream", ""),
+    "plain-text": ("text/plain", "oops, not a stream"),
+    "cut": ("text/event-stream", _HELLO),
 }
 
 
@@ -955,9 +1004,14 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        body = _WRONG_SHAPES[request["model"]].encode()
+        content_type, text = (
+            _STREAM_SHAPES[request["model"]]
+            if request.get("stream")
+            else ("application/json", _WRONG_SHAPES[request["model"]])
+        )
+        body = text.encode()
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -998,6 +1052,107 @@ def test_a_backend_body_of_the_wrong_shape_is_a_502_in_dialect(
     assert "unexpected shape" in response.json()["error"]
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+def test_a_completion_without_choices_or_with_an_error_is_a_502_not_an_empty_answer(
+    wrong_shape_proxy: ServerProcess, path: str
+) -> None:
+    """Some gateways answer a failure with 200 and an error body; an empty 200 would pass
+    it off as the model saying nothing."""
+    body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    for model, words in (("no-choices", "unexpected shape"), ("error-with-200", "quota exceeded")):
+        response = httpx.post(wrong_shape_proxy.url + path, json={**body, "model": model},
+                              timeout=10)  # fmt: skip
+        assert response.status_code == 502, response.text
+        assert words in response.json()["error"]
+
+
+def _ollama_stream(proxy: ServerProcess, model: str) -> tuple[list[str], BaseException | None]:
+    """What ollama-python's streaming chat yields (its text), and what it raised."""
+    texts: list[str] = []
+    with ollama.Client(host=proxy.url, timeout=10) as client:
+        try:
+            for part in client.chat(model=model, messages=[{"role": "user", "content": "hi"}],
+                                    stream=True):  # fmt: skip
+                texts.append(part.message.content or "")
+        except ollama.ResponseError as error:
+            return texts, error
+    return texts, None
+
+
+def _openai_stream(proxy: ServerProcess, model: str) -> tuple[list[str], BaseException | None]:
+    texts: list[str] = []
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        try:
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            for chunk in stream:
+                texts.extend(c.delta.content or "" for c in chunk.choices)
+        except openai.APIError as error:
+            return texts, error
+    return texts, None
+
+
+@pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+def test_a_backend_that_ignores_stream_and_answers_json_is_streamed_as_one_chunk(
+    wrong_shape_proxy: ServerProcess, consume: Any
+) -> None:
+    texts, error = consume(wrong_shape_proxy, "full-json")
+    assert error is None
+    assert "".join(texts) == "full answer"
+
+
+@pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ("error-with-200", "quota exceeded"),
+        ("no-choices", "not a completion"),
+        ("empty", "ended before its last event"),
+        ("plain-text", "not an event stream"),
+    ],
+)
+def test_a_stream_answer_with_nothing_in_it_is_a_502_not_an_empty_answer(
+    wrong_shape_proxy: ServerProcess, consume: Any, model: str, words: str
+) -> None:
+    texts, error = consume(wrong_shape_proxy, model)
+    assert "".join(texts) == ""
+    assert error is not None and words in str(error)
+    assert getattr(error, "status_code", None) == 502
+
+
+@pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+def test_a_stream_cut_before_its_end_is_an_error_not_a_finished_answer(
+    wrong_shape_proxy: ServerProcess, consume: Any
+) -> None:
+    """The body ended cleanly, but the stream never said it was done (no finish_reason,
+    no [DONE]): the client learns that the answer it has is cut, in its dialect."""
+    before = _error_streams(wrong_shape_proxy)
+    texts, error = consume(wrong_shape_proxy, "cut")
+    assert "".join(texts) == "Hello"
+    assert error is not None and "ended before its last event" in str(error)
+    assert _error_streams(wrong_shape_proxy) == before + 1
+
+
+def _error_streams(proxy: ServerProcess) -> int:
+    summary = httpx.get(proxy.url + "/v1/metrics", timeout=10).json()
+    return int(summary["streaming"]["error_streams"])
+
+
+@pytest.mark.parametrize("placeholder", ["demo", "backend"])
+def test_a_placeholder_backend_key_is_not_masked_out_of_answers(
+    start_proxy: StartProxy, demo_backend: ServerProcess, placeholder: str
+) -> None:
+    """Local backends get placeholder keys (``ollama``, ``EMPTY``, ``dummy``): words a
+    model may write. Masking them would corrupt the answer and protect nothing; a key of
+    12 characters or more is masked (tests/test_cli_config.py)."""
+    proxy = start_proxy(demo_backend.url, OPENAI_API_KEY=placeholder)
+    body = {"model": "demo-chat", "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=10).json()
+    assert "trioproxy demo backend" in answer["message"]["content"]
+
+
 # ---- load / unload calls ---------------------------------------------------------------------
 
 
@@ -1025,6 +1180,20 @@ def test_load_and_unload_calls_answer_at_once_for_known_models_only(
     unknown = http.post(path, json={"model": "no-such-model", **body})
     assert unknown.status_code == 404
     assert unknown.json() == {"error": 'model "no-such-model" not found, try pulling it first'}
+
+
+def test_a_backend_without_a_model_list_lists_no_models_to_ollama_clients(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """Open WebUI and ``ollama.list()`` poll the list; a backend with no ``/models`` route
+    (this one answers 501) has no models to list, as an Ollama with none pulled, while a
+    model it is asked for is still tried."""
+    with ollama.Client(host=wrong_shape_proxy.url, timeout=10) as client:
+        assert client.list().models == []
+        assert client.ps().models == []
+        assert client.show("anything").modelfile  # no list to check it against: assumed there
+    openai_list = httpx.get(wrong_shape_proxy.url + "/v1/models", timeout=10)
+    assert openai_list.status_code == 501  # /v1 is a pass-through: the backend's answer
 
 
 # ---- a backend that fails the model list --------------------------------------------------

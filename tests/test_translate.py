@@ -28,6 +28,7 @@ from ollama._types import (
     ShowResponse,
 )
 from openai.types import Model as OpenAIModel
+from pydantic import BaseModel
 
 from trioproxy.jsonutil import compact_json
 from trioproxy.model_mapping import ModelMapper
@@ -43,6 +44,7 @@ from trioproxy.translate import (
     model_family,
     ollama_chat_to_openai,
     ollama_embed_to_openai,
+    ollama_embeddings_input,
     ollama_embeddings_to_openai,
     ollama_generate_to_openai,
     ollama_ps,
@@ -94,6 +96,59 @@ def test_error_message_names_field() -> None:
     assert str(e) == "field 'messages' must be a list"
     e = _err(validate_ollama_chat, [])
     assert e.field is None and "JSON object" in str(e)
+
+
+class _City(BaseModel):
+    name: str
+    population: int | None = None
+
+
+class _Country(BaseModel):
+    name: str
+    capital: _City
+    languages: list[str] = []
+
+
+_CLOSED_ITEM = {
+    "type": "object",
+    "properties": {"x": {"type": "integer"}},
+    "required": ["x"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"a": {"type": "string"}}},  # open, nothing required
+        {**_CLOSED_ITEM, "required": []},  # a property not required
+        {**_CLOSED_ITEM, "properties": {"x": {"type": "array", "items": {"type": "object"}}}},
+        {**_CLOSED_ITEM, "$defs": {"Item": {**_CLOSED_ITEM, "additionalProperties": True}}},
+        {"anyOf": [_CLOSED_ITEM, {"type": "object", "properties": {}}]},
+        _Country.model_json_schema(),  # the ollama-python README's structured-output example
+    ],
+)
+def test_a_schema_openai_strict_mode_would_refuse_is_sent_without_strict(
+    schema: dict[str, Any],
+) -> None:
+    """Ollama holds an answer to any schema; OpenAI's strict mode refuses a schema with an
+    open object or an optional property (a 400 for the standard pydantic example), so such
+    a schema goes without ``strict`` and the backend follows it as best it can."""
+    body = {"model": "m", "messages": [], "format": schema}
+    assert ollama_chat_to_openai(body, "b")["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": schema},
+    }
+
+
+def test_a_closed_nested_schema_keeps_strict_mode() -> None:
+    schema = {
+        **_CLOSED_ITEM,
+        "properties": {"x": {"type": "array", "items": {"$ref": "#/$defs/Item"}}},
+        "$defs": {"Item": _CLOSED_ITEM},
+    }
+    out = ollama_chat_to_openai({"model": "m", "messages": [], "format": schema}, "b")
+    assert out["response_format"]["json_schema"]["strict"] is True
 
 
 @pytest.mark.parametrize(
@@ -195,7 +250,9 @@ def test_embeddings_validation() -> None:
     assert validate_ollama_embeddings({"model": "m", "prompt": "x"})
     assert validate_ollama_embeddings({"model": "m", "input": "x"})
     assert validate_ollama_embeddings({"model": "m", "input": ["x"]})
-    assert _err(validate_ollama_embeddings, {"model": "m"}).field == "prompt"
+    assert validate_ollama_embeddings({"model": "m"})  # no prompt: Ollama loads the model
+    assert ollama_embeddings_input({"model": "m"}) == ""
+    assert ollama_embeddings_input({"model": "m", "input": None}) == ""
     assert _err(validate_ollama_embeddings, {"model": "m", "prompt": 1}).field == "prompt"
 
 
@@ -275,11 +332,16 @@ def test_format_and_think_and_keep_alive() -> None:
     assert out["response_format"] == {"type": "json_object"}
     assert out["reasoning_effort"] == "low"
     assert "keep_alive" not in out and "think" not in out and "format" not in out
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-    out = ollama_chat_to_openai({**base, "format": schema, "think": True}, "b")
+    closed = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    out = ollama_chat_to_openai({**base, "format": closed, "think": True}, "b")
     assert out["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "response", "schema": schema, "strict": True},
+        "json_schema": {"name": "response", "schema": closed, "strict": True},
     }
     assert "reasoning_effort" not in out
     out = ollama_chat_to_openai({**base, "think": "max", "format": ""}, "b")
@@ -542,10 +604,13 @@ def test_chat_response_reasoning_field_and_legacy_function_call() -> None:
     assert msg["tool_calls"][0]["function"] == {"index": 0, "name": "f", "arguments": {"q": 1}}
 
 
-def test_chat_response_without_choices_still_valid() -> None:
-    out = openai_chat_to_ollama_chat({}, "m", CREATED, TIMINGS)
-    assert out["message"] == {"role": "assistant", "content": ""}
-    ChatResponse.model_validate(out)
+@pytest.mark.parametrize("resp", [{}, {"choices": []}, {"choices": ["text"]}])
+def test_a_completion_without_choices_is_not_an_empty_answer(resp: dict[str, Any]) -> None:
+    """The caller turns this into a 502: an empty 200 would pass a backend's failure off
+    as the model saying nothing."""
+    for convert in (openai_chat_to_ollama_chat, openai_chat_to_ollama_generate):
+        with pytest.raises(ValueError, match="without choices"):
+            convert(resp, "m", CREATED, TIMINGS)
 
 
 def test_generate_response() -> None:
@@ -708,6 +773,38 @@ def test_stream_tool_calls_without_index() -> None:
     (line,) = t.feed(_chunk({}, finish="tool_calls"), 1_400)
     assert [c["function"]["arguments"] for c in line["message"]["tool_calls"]] == [{}, {"x": 1}]
     assert [c["function"]["name"] for c in line["message"]["tool_calls"]] == ["f", "g"]
+
+
+def test_stream_parallel_tool_calls_that_all_say_index_0_stay_apart() -> None:
+    """Ollama's own /v1, SGLang and Gemini's OpenAI layer number every call 0 and tell
+    them apart by id: a new id at a used index is a new call, not more arguments."""
+    t = _translator()
+    for call_id, name, args in (("call_1", "weather", '{"city": "Paris"}'),
+                                ("call_2", "time", '{"zone": "CET"}')):
+        t.feed(_chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                        "function": {"name": name, "arguments": args}}]}),
+               1_100)
+    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}), 1_200)
+    (line,) = t.feed(_chunk({}, finish="tool_calls"), 1_300)
+    assert line["message"]["tool_calls"] == [
+        {"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}},
+         "id": "call_1"},
+        {"function": {"index": 1, "name": "time", "arguments": {"zone": "CET"}},
+         "id": "call_2"},
+    ]
+    ChatResponse.model_validate(line)
+
+
+def test_stream_tool_call_at_a_used_index_with_another_name_is_another_call() -> None:
+    t = _translator()
+    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{}"}}]}),
+           1_100)
+    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]}),
+           1_150)  # a backend repeating the name on a continuation: the same call
+    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "g", "arguments": "{}"}}]}),
+           1_200)
+    final = t.finish(1_300)
+    assert [c["function"]["name"] for c in final["message"]["tool_calls"]] == ["f", "g"]
 
 
 def test_stream_no_tokens_durations() -> None:
@@ -1046,6 +1143,22 @@ def test_translator_feed_text_writes_the_same_bytes(
     assert _lines_or_error(lambda: [compact_json(fast.finish(end))]) == _lines_or_error(
         lambda: [compact_json(full.finish(end))]
     )
+
+
+@pytest.mark.parametrize("kind", ["chat", "generate"])
+def test_a_line_end_inside_content_does_not_cut_the_ndjson_line(kind: str) -> None:
+    """ollama-python splits NDJSON where str.splitlines does (U+2028 too): the line of a
+    token holding one must stay one line, on the fast path and the full one."""
+    t = OllamaStreamTranslator(kind, "m\u2029", start_ns=0)  # type: ignore[arg-type]
+    text = json.dumps(_chunk({"content": "one\u2028two\u0085three"}), ensure_ascii=False)
+    fast = t.feed_text(text, 1)
+    assert fast is not None
+    (full,) = t.feed(_chunk({"content": "one\u2028two\u0085three", "role": "assistant"}), 2)
+    for line in (fast, compact_json(full)):
+        (only,) = line.decode().splitlines()
+        decoded = json.loads(only)
+        text_out = decoded["message"]["content"] if kind == "chat" else decoded["response"]
+        assert text_out == "one\u2028two\u0085three" and decoded["model"] == "m\u2029"
 
 
 _BACKEND_CHUNKS = {

@@ -47,6 +47,7 @@ from .exchange import (
     note_client,
     primed,
     proxy_error_reply,
+    reply_secret,
 )
 from .ledger import ResponsesLedger
 from .logs import configure_logging
@@ -107,7 +108,7 @@ class ProxyApp(QuartTrio):
     admission: fastpath.Admission
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
-    secret: bytes | None = None  # the backend API key, masked in every reply body
+    secret: bytes | None = None  # the backend API key, masked in reply bodies (reply_secret)
     client_keys: ClientKeys | None = None
     ledger: ResponsesLedger  # Responses API usage still owed to the metrics
 
@@ -138,8 +139,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
 
     app = ProxyApp(__name__)
     app.settings = settings
-    key = settings.api_key
-    app.secret = key.encode() if key and len(key) >= 4 else None  # as errors.scrub
+    app.secret = reply_secret(settings.api_key)
     app.config.update(
         RESPONSE_TIMEOUT=None,
         BODY_TIMEOUT=ProxyApp.body_timeout,

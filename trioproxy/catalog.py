@@ -20,6 +20,10 @@ FAILURE_CACHE_SECONDS = 1.0
 get its error at once instead of each trying again, with retries, one after another."""
 
 
+# what a backend without a /models route answers there
+_NO_MODEL_LIST = (404, 405, 501)
+
+
 class ModelCatalog:
     def __init__(self) -> None:
         self._models: list[dict[str, Any]] = []
@@ -48,6 +52,17 @@ class ModelCatalog:
             self._failure = None
         return self._models
 
+    async def listed(self, call: Call) -> list[dict[str, Any]]:
+        """:meth:`models` for listing them to a client; empty for a backend that does not
+        implement ``/models`` (404/405/501), so clients that poll the list (Open WebUI,
+        ``ollama.list()``) still get a list, as from an Ollama with no models pulled."""
+        try:
+            return await self.models(call)
+        except UpstreamStatusError as exc:
+            if exc.status in _NO_MODEL_LIST:
+                return []
+            raise
+
     async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
         """The backend's entry for a model; None if the backend does not list it.
 
@@ -56,7 +71,7 @@ class ModelCatalog:
         try:
             models = await self.models(call)
         except UpstreamStatusError as exc:
-            if exc.status in (404, 405, 501):
+            if exc.status in _NO_MODEL_LIST:
                 return {"id": backend_name}
             raise
         for entry in models:

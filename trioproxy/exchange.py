@@ -89,6 +89,20 @@ async def primed(reply: Reply) -> Reply:
     return reply
 
 
+# The shortest backend key masked in reply bodies. Local backends are given placeholder
+# keys ("ollama", "EMPTY", "dummy", "lm-studio", "not-needed"), words a model may well
+# write: masking those would corrupt answers and protect nothing. Error messages and logs
+# are scrubbed of any key of 4 characters or more (errors.scrub).
+MIN_KEY_MASKED_IN_REPLIES = 12
+
+
+def reply_secret(api_key: str | None) -> bytes | None:
+    """What :func:`masked` masks in reply bodies for this backend key, if anything."""
+    if api_key and len(api_key) >= MIN_KEY_MASKED_IN_REPLIES:
+        return api_key.encode()
+    return None
+
+
 def masked(reply: Reply, secret: bytes | None) -> Reply:
     """``reply`` with ``secret`` (the backend API key) replaced by ``***`` in its body: a
     backend that quotes our credentials, in an echo or in generated text, must not hand

@@ -8,7 +8,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import BadRequest, BadUpstreamResponse, UpstreamUnavailable
+from .errors import (
+    BadRequest,
+    BadUpstreamResponse,
+    UpstreamUnavailable,
+    scrub,
+    upstream_error_message,
+)
 from .exchange import Call, RequestState
 from .jsonutil import compact_json, loads
 from .translate import RequestValidationError
@@ -27,6 +33,8 @@ def json_object(call: Call) -> dict[str, Any]:
         body = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON in request body: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     metric = call.state.metric
@@ -73,10 +81,27 @@ async def call_json(
     try:
         # embeddings are floats only: no integer there needs the exactness test
         exact = path != "/embeddings"
-        return loads(result.response.content, exact_integers=exact), result
+        payload = loads(result.response.content, exact_integers=exact)
     except ValueError:
         call.app.collector.upstream_error("protocol")
         raise BadUpstreamResponse("the backend returned a body that is not JSON") from None
+    if _reports_an_error(payload):
+        # some gateways answer a failure with 200 and an error body: not an empty answer
+        call.app.collector.upstream_error("protocol")
+        message = upstream_error_message(result.response.content, 200)
+        raise BadUpstreamResponse(
+            scrub(f"the backend reported an error: {message}", call.app.settings.api_key)
+        )
+    return payload, result
+
+
+def _reports_an_error(payload: Any) -> bool:
+    return (
+        isinstance(payload, dict)
+        and bool(payload.get("error"))
+        and not payload.get("choices")
+        and not payload.get("data")
+    )
 
 
 def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:

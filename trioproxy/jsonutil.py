@@ -17,14 +17,38 @@ from typing import Any
 import orjson
 
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"))
+# the line ends of str.splitlines that JSON writes unescaped, in UTF-8 and as JSON escapes
+_RAW_LINE_SEPARATORS = tuple(
+    (chr(code).encode(), b"\\u%04x" % code) for code in (0x85, 0x2028, 0x2029)
+)
 
 
 def compact_json(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (no spaces, non-ASCII kept as is)."""
+    """Compact UTF-8 JSON (no spaces, non-ASCII kept as is, except three line ends:
+    see :func:`escape_line_separators`)."""
     try:
-        return orjson.dumps(obj)
+        out = orjson.dumps(obj)
     except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, non-str keys, ...
-        return _COMPACT.encode(obj).encode()
+        try:
+            out = _COMPACT.encode(obj).encode()
+        except UnicodeEncodeError:
+            # a lone surrogate, decoded from a client's "\ud83d" escape: kept as that
+            # escape, as it came (it has no UTF-8 spelling)
+            return _COMPACT_ASCII.encode(obj).encode()
+    return escape_line_separators(out)
+
+
+def escape_line_separators(data: bytes) -> bytes:
+    """U+0085, U+2028 and U+2029 written as JSON escapes (``\\u2028``): all three are
+    valid inside a JSON string, but Python's ``str.splitlines`` (which httpx's
+    ``iter_lines`` uses, and so ollama-python) ends a line at them, cutting an NDJSON line
+    in two. Ollama's own encoder (Go's ``encoding/json``) escapes the last two for the
+    same reason."""
+    for raw, escaped in _RAW_LINE_SEPARATORS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
 
 
 def compact_json_text(obj: Any) -> str:

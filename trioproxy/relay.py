@@ -19,9 +19,16 @@ import trio
 
 from .config import Settings
 from .errors import ProxyError, UpstreamTimeout, scrub
-from .jsonutil import compact_json
+from .jsonutil import compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
-from .sse import SSE_DONE, SSEParser, SSEProtocolError, openai_error_event
+from .sse import (
+    DEFAULT_MAX_LINE_BYTES,
+    SSE_DONE,
+    SSEParser,
+    SSEProtocolError,
+    encode_sse,
+    openai_error_event,
+)
 from .translate import OllamaStreamTranslator, parse_chunk
 
 log = logging.getLogger("trioproxy.relay")
@@ -40,6 +47,8 @@ class StreamObserver(Protocol):
     progressed: bool  # past the first-token deadline: output (or other work) came
     ended: bool  # the stream's last event is out (Responses streams have no [DONE])
     failed: bool  # the backend reported a failure in the stream
+    finish_reason: str | None  # the stream's own, once it told one
+    must_end: bool  # a body ending before the stream's last event is a broken stream
 
     def feed_text(self, data: str, now_ns: int) -> None: ...
 
@@ -189,17 +198,28 @@ async def relay_ollama(
     collector: MetricsCollector,
     end: StreamEnd | None = None,
 ) -> AsyncIterator[bytes]:
-    """Backend SSE -> Ollama NDJSON, one output chunk per backend read."""
+    """Backend SSE -> Ollama NDJSON, one output chunk per backend read.
+
+    A backend that answers the stream request with one JSON completion (it ignored
+    ``stream``) is translated as a stream of that one chunk; a stream that stops before
+    its end (no ``finish_reason``, no ``[DONE]``) is an error, not a finished answer."""
     parser = SSEParser()
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
-    done = False
+    done = first = False
     sent = timed_out = False
     try:
         while (data := await reader.read()) is not None:
             lines: list[bytes] = []
-            done = False
-            for event in parser.feed(data):
+            if not first:
+                first = True
+                if _opens_json(data):
+                    whole = await _rest_of_body(reader, data)
+                    lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
+                    done = True
+                elif not _looks_like_events(response, data):
+                    raise _NotAStream(_not_a_stream(response))
+            for event in () if done else parser.feed(data):
                 text = event.data
                 if text == SSE_DONE:
                     done = True
@@ -223,8 +243,11 @@ async def relay_ollama(
                 sent = True
             if done or error:
                 break
-    except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
-        error = _stream_broke(exc, metric, collector)
+        else:
+            if translator.finish_reason is None:
+                raise _Unfinished()
+    except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
+        error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
     finally:
         _finish_upstream(metric)
@@ -268,10 +291,17 @@ async def relay_openai(
     parser = SSEParser()
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
-    sent = timed_out = finished = False
+    sent = timed_out = finished = first = False
     held = b""
     try:
         while (data := await reader.read()) is not None:
+            if not first:
+                first = True
+                if _opens_json(data):
+                    whole = await _rest_of_body(reader, data)
+                    data = _completion_as_events(whole, observer)
+                elif not _looks_like_events(response, data):
+                    raise _NotAStream(_not_a_stream(response))
             for event in parser.feed(data):
                 if event.data != SSE_DONE:
                     observer.feed_text(event.data, time.perf_counter_ns())
@@ -291,8 +321,11 @@ async def relay_openai(
             sent = True
             if finished:
                 break
-    except (StreamTimeout, httpx.HTTPError, SSEProtocolError) as exc:
-        error = _stream_broke(exc, metric, collector)
+        else:
+            if _unfinished(observer):
+                raise _Unfinished()
+    except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
+        error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
     finally:
         _finish_upstream(metric)
@@ -313,6 +346,104 @@ async def relay_openai(
         yield openai_error_event(error, "api_error", code)
     if finished:
         await reader.drain()
+
+
+class _Unfinished(Exception):
+    """The backend's body ended before its stream did."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the backend's stream ended before its last event (no finish_reason, no [DONE])"
+        )
+
+
+def _unfinished(observer: StreamObserver) -> bool:
+    """Whether a relayed stream whose body is over still lacks its end: no finish_reason,
+    no closing event, and no failure the backend reported (relayed as it came)."""
+    if not observer.must_end or observer.failed or observer.ended:
+        return False
+    return observer.finish_reason is None
+
+
+class _NotAStream(Exception):
+    """The backend answered a stream request with a JSON body that is not a completion."""
+
+
+# A JSON body answering a stream request is read whole, up to the SSE parser's own bound.
+MAX_JSON_ANSWER = DEFAULT_MAX_LINE_BYTES
+
+
+def _opens_json(data: bytes) -> bool:
+    """Whether the body's first read opens a JSON object: an event stream's lines start
+    with a field name (``data:``), a comment (``:``) or a line end, never ``{``."""
+    return data.lstrip()[:1] == b"{"
+
+
+# how an event stream's first line starts when its content type does not say what it is
+_EVENT_LINE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
+
+
+def _looks_like_events(response: httpx.Response, first: bytes) -> bool:
+    """Whether a body whose first read is ``first`` is an event stream: its content type
+    says so, or its first line reads like one (for backends that mislabel it)."""
+    if "event-stream" in response.headers.get("content-type", ""):
+        return True
+    return first.lstrip().startswith(_EVENT_LINE_STARTS)
+
+
+def _not_a_stream(response: httpx.Response) -> str:
+    content_type = response.headers.get("content-type", "") or "no content type"
+    return f"the backend answered the stream with {content_type[:80]}, not an event stream"
+
+
+async def _rest_of_body(reader: _Reader, first: bytes) -> Any:
+    """The whole (bounded) body that began with ``first``, decoded."""
+    parts, size = [first], len(first)
+    while (more := await reader.read()) is not None:
+        size += len(more)
+        if size > MAX_JSON_ANSWER:
+            raise _NotAStream(
+                f"the backend answered the stream with a JSON body over {MAX_JSON_ANSWER} bytes"
+            )
+        parts.append(more)
+    try:
+        return loads(b"".join(parts))
+    except ValueError:
+        raise _NotAStream("the backend answered the stream with a body that is not JSON") from None
+
+
+def _completion(whole: Any) -> dict[str, Any]:
+    """The completion a JSON answer holds; raises _NotAStream for anything else (the
+    backend's ``error`` is the message then)."""
+    if isinstance(whole, dict):
+        if isinstance(whole.get("choices"), list) and whole["choices"]:
+            return whole
+        if whole.get("error"):
+            raise _NotAStream(f"the backend reported an error: {_in_band_error(whole)}")
+    raise _NotAStream("the backend answered the stream with JSON that is not a completion")
+
+
+def _completion_as_chunk(whole: Any, translator: OllamaStreamTranslator) -> list[dict[str, Any]]:
+    """A backend's JSON completion (it ignored ``stream``) as the lines of its one chunk."""
+    return translator.feed(_completion(whole), time.perf_counter_ns())
+
+
+def _completion_as_events(whole: Any, observer: StreamObserver) -> bytes:
+    """A backend's JSON chat completion (it ignored ``stream``) as the event stream it
+    would have sent: one chunk holding the whole message, then ``[DONE]``."""
+    completion = _completion(whole)
+    if completion.get("object") == "chat.completion":
+        chunk = {**completion, "object": "chat.completion.chunk"}
+        chunk["choices"] = [
+            {**choice, "delta": choice.get("message") or {}}
+            for choice in completion["choices"]
+            if isinstance(choice, dict)
+        ]
+        for choice in chunk["choices"]:
+            choice.pop("message", None)
+    else:  # a legacy text completion: its chunks have the same shape
+        chunk = completion
+    return encode_sse(chunk) + b"data: [DONE]\n\n"
 
 
 def _reached(end: StreamEnd | None) -> None:
@@ -350,7 +481,7 @@ def in_band_error(content_type: str, message: str, *, code: str | None = None) -
 
 
 def _stream_broke(
-    exc: Exception, metric: RequestMetrics | None, collector: MetricsCollector
+    exc: Exception, metric: RequestMetrics | None, collector: MetricsCollector, settings: Settings
 ) -> str:
     """Count why a stream stopped before its end; the message for the client."""
     if isinstance(exc, StreamTimeout):
@@ -358,6 +489,8 @@ def _stream_broke(
         collector.upstream_error("timeout")
         return str(exc)
     collector.upstream_error("protocol")
+    if isinstance(exc, _Unfinished | _NotAStream):
+        return scrub(str(exc), settings.api_key)
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
 
 

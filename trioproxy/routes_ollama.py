@@ -62,14 +62,14 @@ async def version() -> Response:
 @blueprint.route("/v1/tags", methods=["GET", "HEAD"])
 async def tags() -> Response:
     call = await current_call()
-    models = await call.app.catalog.models(call)  # type: ignore[attr-defined]
+    models = await call.app.catalog.listed(call)  # type: ignore[attr-defined]
     return _json(tr.openai_models_to_ollama_tags(models, call.app.mapper))
 
 
 @blueprint.get("/api/ps")
 async def ps() -> Response:
     call = await current_call()
-    models = await call.app.catalog.models(call)  # type: ignore[attr-defined]
+    models = await call.app.catalog.listed(call)  # type: ignore[attr-defined]
     return _json(tr.ollama_ps(models, call.app.mapper))
 
 

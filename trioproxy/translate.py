@@ -28,7 +28,12 @@ from json.decoder import scanstring
 from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal
 
-from trioproxy.jsonutil import compact_json, compact_json_text, loads
+from trioproxy.jsonutil import (
+    compact_json,
+    compact_json_text,
+    escape_line_separators,
+    loads,
+)
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper
 
@@ -253,7 +258,8 @@ def validate_ollama_embed(body: object) -> JSONDict:
 
 def validate_ollama_embeddings(body: object) -> JSONDict:
     """Check a legacy ``/api/embeddings`` body: ``prompt`` string (``input`` also accepted,
-    as a string or a list of strings)."""
+    as a string or a list of strings). Neither is an empty prompt, as to Ollama: the
+    official clients leave ``prompt`` out when it is None."""
     body = _require_object(body)
     _require_model(body)
     if body.get("prompt") is not None:
@@ -261,8 +267,6 @@ def validate_ollama_embeddings(body: object) -> JSONDict:
     elif body.get("input") is not None:
         if not isinstance(body["input"], str):
             _check_str_list(body["input"], "input")
-    else:
-        raise RequestValidationError("prompt", "is required")
     _check_options(body)
     return body
 
@@ -314,11 +318,50 @@ def _response_format(fmt: object) -> JSONDict | None:
     if fmt == "json":
         return {"type": "json_object"}
     if isinstance(fmt, dict):
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": "response", "schema": fmt, "strict": True},
-        }
+        json_schema: JSONDict = {"name": "response", "schema": fmt}
+        if _strict_compatible(fmt):
+            json_schema["strict"] = True
+        return {"type": "json_schema", "json_schema": json_schema}
     return None
+
+
+# where a JSON schema nests other schemas
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not")
+
+
+def _strict_compatible(schema: object, depth: int = 0) -> bool:
+    """Whether OpenAI's strict mode accepts this schema's objects: each one closed
+    (``additionalProperties: false``) and requiring all its properties. Ollama holds
+    every answer to its schema; strict mode is how OpenAI does that, but it refuses a
+    schema that breaks these rules (a pydantic model's, usually), which is then sent
+    without ``strict`` for the backend to follow as best it can."""
+    if depth > 64:
+        return False
+    if isinstance(schema, list):
+        return all(_strict_compatible(item, depth + 1) for item in schema)
+    if not isinstance(schema, dict):
+        return True
+    properties = schema.get("properties")
+    if schema.get("type") == "object" or isinstance(properties, dict):
+        if schema.get("additionalProperties") is not False:
+            return False
+        names = set(properties) if isinstance(properties, dict) else set()
+        required = schema.get("required", [])
+        if not isinstance(required, list) or set(required) != names:
+            return False
+    for key in _SUBSCHEMA_MAPS:
+        nested = schema.get(key)
+        if isinstance(nested, dict) and not all(
+            _strict_compatible(sub, depth + 1) for sub in nested.values()
+        ):
+            return False
+    for key in (*_SUBSCHEMA_LISTS, *_SUBSCHEMA_ONE):
+        nested = schema.get(key)
+        if isinstance(nested, dict | list) and not _strict_compatible(nested, depth + 1):
+            return False
+    return True
 
 
 def _apply_generation_fields(out: JSONDict, body: JSONDict) -> None:
@@ -537,7 +580,10 @@ def ollama_embed_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
 
 def ollama_embeddings_input(body: JSONDict) -> str | list[str]:
     """What a legacy ``/api/embeddings`` body asks to embed: ``prompt``, else ``input``."""
-    return body["prompt"] if body.get("prompt") is not None else body.get("input", "")
+    if body.get("prompt") is not None:
+        return body["prompt"]
+    given = body.get("input")
+    return "" if given is None else given
 
 
 def ollama_embeddings_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
@@ -679,10 +725,11 @@ def _final_fields(resp: JSONDict, finish_reason: object, timings: Timings) -> JS
 
 
 def _first_choice(resp: JSONDict) -> JSONDict:
+    """A completion's first choice; ValueError when it has none (not an empty answer)."""
     choices = resp.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         return choices[0]
-    return {}
+    raise ValueError("a completion without choices")
 
 
 def openai_chat_to_ollama_chat(
@@ -857,10 +904,23 @@ class _PendingToolCall:
     id: str | None
     name: str
     arguments: list[str]
+    # where the call goes among the others: the backend's index, then the order of starts
+    order: tuple[int, int] = (0, 0)
+
+
+def _starts_another_call(pending: _PendingToolCall, call_id: Any, name: Any) -> bool:
+    """Whether a delta at an index already in use begins a call of its own: it carries
+    another call's id, or another function's name (a continuation repeats neither)."""
+    if call_id and pending.id is not None and call_id != pending.id:
+        return True
+    return bool(name) and bool(pending.name) and name != pending.name
 
 
 class _StreamStats:
     """What both stream consumers track for metrics: token timing, chunk counts, usage."""
+
+    # whether a body that ends without the stream's last event is a broken stream
+    must_end = True
 
     def __init__(self, start_ns: int = 0) -> None:
         self.start_ns = start_ns
@@ -1014,6 +1074,10 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
         self._owed_id = response_id
         self.settled = False
 
+    # a replay may start after the last event there is (``starting_after``): it then
+    # carries no closing event of its own
+    must_end = False
+
     def _count_token(self, now_ns: int) -> None:
         self.progressed = True
 
@@ -1060,7 +1124,9 @@ class OllamaStreamTranslator(_StreamStats):
         self.kind = kind
         self.model = model
         self._created_at = created_at
-        self._tool_calls: dict[int, _PendingToolCall] = {}
+        # calls in the order they started; where each backend index is being written
+        self._tool_calls: list[_PendingToolCall] = []
+        self._slot_of_index: dict[int, int] = {}
         self._finished = False
         # A content line as text around its timestamp and content, for feed_text. The dict
         # _line builds is encoded member by member with this same string encoder, so the bytes
@@ -1104,10 +1170,12 @@ class OllamaStreamTranslator(_StreamStats):
         created_at = self._created_at()
         if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
             return compact_json(self._line(content, ""))
-        return (
-            self._text_head + _encode_str(created_at) + self._text_middle
-            + _encode_str(content) + self._text_tail
-        ).encode()
+        return escape_line_separators(
+            (
+                self._text_head + _encode_str(created_at) + self._text_middle
+                + _encode_str(content) + self._text_tail
+            ).encode()
+        )
 
     def finish(self, now_ns: int) -> JSONDict:
         if self._finished:
@@ -1165,20 +1233,33 @@ class OllamaStreamTranslator(_StreamStats):
     def _accumulate(self, delta: JSONDict) -> None:
         index = delta.get("index")
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
-        if not isinstance(index, int):
+        call_id = delta.get("id")
+        name = function.get("name")
+        calls = self._tool_calls
+        slot: int | None
+        if isinstance(index, int):
+            slot = self._slot_of_index.get(index)
+            if slot is not None and _starts_another_call(calls[slot], call_id, name):
+                # Parallel calls that all say index 0, told apart by their ids (Ollama's
+                # own /v1, SGLang, Gemini's OpenAI layer): a new id is a new call.
+                slot = None
+        elif (call_id or name) or not calls:
             # Non-conforming backend without index: a delta naming a call starts a new one,
             # anything else continues the latest.
-            starts = delta.get("id") or function.get("name")
-            index = len(self._tool_calls) if starts or not self._tool_calls else max(
-                self._tool_calls
-            )
-        pending = self._tool_calls.get(index)
-        if pending is None:
-            pending = self._tool_calls[index] = _PendingToolCall(None, "", [])
-        if delta.get("id") and pending.id is None:
-            pending.id = delta["id"]
-        if function.get("name") and not pending.name:
-            pending.name = function["name"]
+            slot = None
+        else:
+            slot = len(calls) - 1
+        if slot is None:
+            slot = len(calls)
+            position = index if isinstance(index, int) else slot
+            calls.append(_PendingToolCall(None, "", [], (position, slot)))
+            if isinstance(index, int):
+                self._slot_of_index[index] = slot
+        pending = calls[slot]
+        if call_id and pending.id is None:
+            pending.id = call_id
+        if name and not pending.name:
+            pending.name = name
         args = function.get("arguments")
         if isinstance(args, str):
             pending.arguments.append(args)
@@ -1191,9 +1272,10 @@ class OllamaStreamTranslator(_StreamStats):
                 "id": p.id,
                 "function": {"name": p.name, "arguments": "".join(p.arguments)},
             }
-            for _, p in sorted(self._tool_calls.items())
+            for p in sorted(self._tool_calls, key=lambda p: p.order)
         ]
-        self._tool_calls = {}
+        self._tool_calls = []
+        self._slot_of_index = {}
         return _ollama_tool_calls(calls)
 
 

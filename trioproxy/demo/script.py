@@ -332,8 +332,10 @@ def embedding(text: str, dimensions: int) -> list[float]:
     """
     raw: list[float] = []
     counter = 0
+    # a lone surrogate (a client's "\ud83d" escape) has no UTF-8 spelling: hashed as is
+    data = text.encode("utf-8", "surrogatepass")
     while len(raw) < dimensions:
-        digest = hashlib.sha256(counter.to_bytes(4, "little") + text.encode()).digest()
+        digest = hashlib.sha256(counter.to_bytes(4, "little") + data).digest()
         raw.extend(v / 2**31 - 1.0 for v in struct.unpack("<8I", digest))
         counter += 1
     raw = raw[:dimensions]
