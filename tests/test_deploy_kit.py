@@ -531,7 +531,7 @@ def test_alert_rules_are_complete_and_use_counters() -> None:
         assert anchor == r["alert"].lower()
     by_name = {r["alert"]: r for r in rules}
     err = by_name["HighErrorRate"]["expr"]
-    assert 'status=~"5.."' in err and 'status!="499"' in err and "rate(" in err
+    assert 'status=~"5..|0", status!="501"' in err and 'status!="499"' in err and "rate(" in err
     assert "histogram_quantile(0.95" in by_name["HighResponseTime"]["expr"]
     assert "_bucket" in by_name["HighResponseTime"]["expr"]
     assert by_name["ServiceDown"]["expr"].strip() == f'up{{job="{JOB}"}} == 0'
@@ -812,6 +812,92 @@ def test_dashboard_covers_the_metrics() -> None:
         if "histogram_quantile" in e:
             assert re.search(r"by \([^)]*\ble\)", e), f"histogram_quantile without le: {e}"
         assert 'job=~"$job"' in e, f"every query selects the job variable: {e}"
+
+
+# The ratio panels and the error-rate alert, and the product figure each must equal.
+RATE_QUERIES: dict[tuple[str, str], tuple[str, str]] = {
+    # (panel title, refId) -> (figure of the product, labels of the result)
+    ("Error rate (5xx)", "A"): ("error_rate", "{}"),
+    ("Error rate (5xx share)", "A"): ("error_rate", "{}"),
+    ("Error rate (5xx share)", "B"): ("error_rate", '{api="ollama"}'),
+    ("Client errors and cancellations", "A"): ("client_error_rate", "{}"),
+    ("Client errors and cancellations", "B"): ("cancelled_share", "{}"),
+    ("Error rate by model", "A"): ("error_rate", '{model="m"}'),
+}
+
+
+def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
+    """The same traffic through the product (/v1/metrics, the rate gauges) and through the
+    dashboard's and the alert's PromQL over the series it exports must give the same
+    rates. "Client errors and cancellations" divided 4xx (499 included) by all but 499
+    and left 501 out: 0.50 where the product said 0.643."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+    promtool = require_tool("promtool")
+    collector = MetricsCollector(system_enabled=False, multiprocess=False)
+    # every class: success, client error (4xx, 501), cancelled (499), error (5xx, and no
+    # valid final status: none, or 1xx)
+    mix = {200: 5, 204: 1, 304: 1, 401: 2, 404: 3, 499: 4, 501: 2, 500: 1, 502: 1, 504: 1, 0: 1,
+           101: 1}  # fmt: skip
+    for status, count in mix.items():
+        for _ in range(count):
+            collector.record(
+                RequestMetrics(endpoint="/api/chat", method="POST", status_code=status, model="m")
+            )
+    summary = collector.summary()
+    product = {
+        "error_rate": summary["error_rate"],
+        "client_error_rate": summary["client_error_rate"],
+        "cancelled_share": summary["cancelled_requests"] / summary["total_requests"],
+    }
+    # of the 19 requests not cancelled: 7 client errors (401, 404, 501), 5 errors
+    assert product["client_error_rate"] == pytest.approx(7 / 19)
+    assert product["error_rate"] == pytest.approx(5 / 19)
+
+    exposition = collector.render_prometheus(None)[0].decode()
+    series = []
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == "http_requests_total":
+                labels = {"job": JOB, "instance": "p0:11434", **sample.labels}
+                selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+                series.append({"series": f"http_requests_total{{{selector}}}",
+                               "values": f"0+{sample.value:g}x10"})  # fmt: skip
+    panels = {
+        (p["title"], t["refId"]): t["expr"] for p in _panels(_dashboard()) for t in p["targets"]
+    }
+    exprs = {
+        f"{title} [{ref}]": (
+            grafana_to_promql(panels[(title, ref)]).replace("[1m]", "[5m]"),
+            product[figure],
+            labels,
+        )
+        for (title, ref), (figure, labels) in RATE_QUERIES.items()
+    }
+    alert = next(r for r in _alert_rules() if r["alert"] == "HighErrorRate")["expr"]
+    exprs["HighErrorRate"] = (alert.rsplit(">", 1)[0], product["error_rate"], f'{{job="{JOB}"}}')
+    # promtool compares values exactly: ask whether the rate is within 1e-9 of the product's
+    cases = [
+        {
+            "name": f"{name}: {v!r}",
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {
+                    "expr": f"abs(({expr}) - {v!r}) < bool 1e-9",
+                    "eval_time": "10m",
+                    "exp_samples": [{"labels": lbl, "value": 1}],
+                }
+            ],
+        }
+        for name, (expr, v, lbl) in exprs.items()
+    ]
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": cases}
+    path = tmp_path / "rates_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    assert_ok(run([promtool, "test", "rules", str(path)]))
 
 
 # --------------------------------------------------------------------------- Grafana provisioning

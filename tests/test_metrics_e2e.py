@@ -12,9 +12,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -262,7 +264,7 @@ def _start_workers(
     server = _spawn(
         [
             "-m", "trioproxy", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "2", "--env-file", "/nonexistent",
+            "--workers", "2", "--env-file", "",
         ],
         base_env(**env),
     )  # fmt: skip
@@ -389,3 +391,136 @@ def test_responses_whose_usage_comes_later_are_counted_once_when_it_does(
         resumed = client.get(f"/v1/responses/{created['response']['id']}?stream=true")
         usage = json.loads(sse_data(resumed.text)[-1])["response"]["usage"]
     wait_for(lambda: tokens() == (expected[0] + usage["input_tokens"], expected[1] + 40))
+
+
+HOST_COUNTERS = (
+    "network_bytes_sent_total",
+    "network_bytes_recv_total",
+    "disk_read_bytes_total",
+    "disk_write_bytes_total",
+)
+
+
+def test_host_counters_never_go_down_whichever_worker_answers(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """Each worker exposed its own psutil sample as the host counters: scrapes answered
+    alternately by two workers went back and forth (103650276396 then 103650266526 bytes
+    sent), which Prometheus reads as counter resets. The workers sample out of step, and
+    every scrape moves the loopback counters in between."""
+    port = _free_port()
+    env = {"OPENAI_API_BASE_URL": demo_backend.url, "SYSTEM_METRICS_INTERVAL": "0.3"}
+    server = _start_workers(port, env, start_proxy)
+    url = f"http://127.0.0.1:{port}"
+    pids: set[int] = set()
+    previous = dict.fromkeys(HOST_COUNTERS, 0.0)
+    previous_json = 0
+    try:
+        for attempt in range(300):
+            if len(pids) == 2 and attempt >= 80:
+                break
+            # a fresh connection per scrape, so the kernel spreads them over both workers
+            with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+                samples = scrape(url)
+                summary = client.get(f"{url}/v1/metrics").json()
+            pids.add(summary["window"]["pid"])
+            for name in HOST_COUNTERS:
+                value = total(samples, name)
+                assert value >= previous[name], (name, previous[name], value)
+                previous[name] = value
+            sent = summary["system"]["network_io"]["bytes_sent"]
+            assert sent >= previous_json, (previous_json, sent)
+            previous_json = sent
+        assert len(pids) == 2, "one worker answered every scrape: nothing was compared"
+    finally:
+        server.stop()
+
+
+def test_system_metrics_disabled_are_absent_from_the_exposition(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    url = start_proxy(demo_backend.url, SYSTEM_METRICS_ENABLED="false").url
+    samples = scrape(url)
+    for name in (
+        "system_cpu_usage_percent", "system_memory_usage_percent", *HOST_COUNTERS,
+        "trioproxy_process_resident_memory_bytes", "trioproxy_process_cpu_seconds_total",
+    ):  # fmt: skip
+        assert name not in samples, name
+    assert "system_uptime_seconds" in samples
+    system = httpx.get(f"{url}/v1/metrics", timeout=5).json()["system"]
+    assert system["cpu_usage_percent"] is None and system["process"]["rss_bytes"] is None
+    assert system["sampler"]["enabled"] is False
+    assert httpx.get(f"{url}/v1/metrics/health", timeout=5).status_code == 200
+
+
+def _hypercorn(port: int, **env: str) -> subprocess.Popen[str]:
+    """``hypercorn --worker-class trio --workers 2 'trioproxy.app:create_app()'``, as
+    docs/configuration.md shows it, with settings from the environment only."""
+    from .conftest import ROOT, base_env
+
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--workers", "2",
+            "--bind", f"127.0.0.1:{port}", "trioproxy.app:create_app()",
+        ],
+        cwd=ROOT, env=base_env(TRIOPROXY_ENV_FILE="", **env), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.terminate()
+    try:
+        output, _ = process.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
+
+
+def test_plain_hypercorn_workers_without_a_shared_directory_are_warned_about(
+    demo_backend: ServerProcess,
+) -> None:
+    port = _free_port()
+    process = _hypercorn(port, OPENAI_API_BASE_URL=demo_backend.url, LOG_LEVEL="WARNING")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=30)
+    finally:
+        output = _stop(process)
+    warnings = [line for line in output.splitlines() if "PROMETHEUS_MULTIPROC_DIR" in line]
+    assert len(warnings) == 2, output  # one per worker
+    assert all("hypercorn runs 2 workers" in line for line in warnings)
+
+
+def test_plain_hypercorn_workers_with_a_shared_directory_agree(
+    demo_backend: ServerProcess, tmp_path: Path
+) -> None:
+    """The documented fix: an empty PROMETHEUS_MULTIPROC_DIR; then no warning, and every
+    scrape has every worker's requests."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _hypercorn(
+        port,
+        OPENAI_API_BASE_URL=demo_backend.url,
+        LOG_LEVEL="WARNING",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+    )
+    try:
+        wait_healthy(url, timeout=30)
+        for _ in range(40):
+            with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+                assert client.get(f"{url}/api/version").status_code == 200
+        wait_for(lambda: total(scrape(url), "http_requests_total") == 40)
+        for _ in range(10):
+            with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+                text = client.get(f"{url}/metrics").text
+            counted = sum(
+                s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "http_requests_total"
+            )
+            assert counted == 40
+    finally:
+        output = _stop(process)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in output, output

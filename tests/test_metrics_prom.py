@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -308,3 +311,74 @@ def test_multiprocess_scrape_sums_all_workers(tmp_path: Path) -> None:
         _sums(seen_by_scraper["body"])["http_requests_total"]
         == _sums(seen_by_b["body"])["http_requests_total"]
     )
+
+
+# ----------------------------------------------------------------------------- unshared workers
+
+
+@pytest.mark.parametrize(
+    ("argv", "workers"),
+    [
+        (["/venv/bin/python", "/venv/bin/hypercorn", "--worker-class", "trio", "--workers",
+          "2", "trioproxy.app:create_app()"], 2),
+        (["python", "-m", "hypercorn", "-k", "trio", "-w", "4", "trioproxy.app:create_app()"], 4),
+        (["hypercorn", "-w3", "trioproxy.app:create_app()"], 3),
+        (["hypercorn", "--workers=5", "--worker-class", "trio", "app:create_app()"], 5),
+        (["hypercorn", "--worker-class", "trio", "trioproxy.app:create_app()"], 1),
+        (["hypercorn", "--workers", "many", "app"], 1),
+        (["python", "-m", "trioproxy", "--workers", "2"], 0),
+        (["gunicorn", "-w", "4"], 0),
+        ([], 0),
+    ],
+)  # fmt: skip
+def test_hypercorn_workers_from_a_command_line(argv: list[str], workers: int) -> None:
+    from trioproxy.metrics.prom import hypercorn_workers
+
+    assert hypercorn_workers(argv) == workers
+
+
+@contextlib.contextmanager
+def _metrics_warnings() -> Iterator[list[str]]:
+    """The metrics logger's messages, also when logging was configured not to propagate."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("trioproxy.metrics")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_unshared_workers_are_warned_about_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hypercorn --workers N without PROMETHEUS_MULTIPROC_DIR: every worker has its own
+    registry and each scrape reports whichever answered (16, 16, 4, 16 requests...)."""
+    from trioproxy.metrics import prom
+
+    monkeypatch.delenv(prom.MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(prom, "_workers_checked", False)
+    monkeypatch.setattr(prom, "_parent_hypercorn_workers", lambda: 2)
+    with _metrics_warnings() as seen:
+        MetricsCollector(system_enabled=False)
+        MetricsCollector(system_enabled=False)
+    warnings = [message for message in seen if "PROMETHEUS_MULTIPROC_DIR" in message]
+    assert len(warnings) == 1 and "hypercorn runs 2 workers" in warnings[0]
+    assert "\n" not in warnings[0]
+
+
+def test_no_warning_for_one_worker_or_an_explicit_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trioproxy.metrics import prom
+
+    monkeypatch.delenv(prom.MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(prom, "_parent_hypercorn_workers", lambda: 1)
+    monkeypatch.setattr(prom, "_workers_checked", False)
+    with _metrics_warnings() as seen:
+        MetricsCollector(system_enabled=False)
+        monkeypatch.setattr(prom, "_parent_hypercorn_workers", lambda: 8)
+        monkeypatch.setattr(prom, "_workers_checked", False)
+        MetricsCollector(system_enabled=False, multiprocess=False)  # the benchmarks' choice
+    assert not [message for message in seen if "PROMETHEUS_MULTIPROC_DIR" in message]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy.metrics import MetricsCollector
 from trioproxy.metrics import system as system_mod
@@ -66,12 +70,12 @@ async def test_stop_ends_the_loop_and_freezes_values() -> None:
     assert c.sampler.samples == frozen
 
 
-async def test_disabled_sampler_returns_at_once_and_stays_zero() -> None:
+async def test_disabled_sampler_returns_at_once_and_measures_nothing() -> None:
     c = MetricsCollector(system_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(c.run_system_sampler)
     assert c.sampler.samples == 0
-    assert c.summary()["system"]["cpu_usage_percent"] == 0.0
+    assert c.summary()["system"]["cpu_usage_percent"] is None  # unmeasured, not an idle 0
 
 
 def test_missing_disk_io_counters_are_handled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,3 +118,116 @@ async def test_process_series_follow_the_sampler() -> None:
 def test_bad_interval() -> None:
     with pytest.raises(ValueError):
         SystemSampler(0)
+
+
+# ----------------------------------------------------------------------------- host counters
+
+
+HOST_COUNTERS = (
+    "network_bytes_sent_total",
+    "network_bytes_recv_total",
+    "disk_read_bytes_total",
+    "disk_write_bytes_total",
+)
+
+
+def _exposed(c: MetricsCollector) -> dict[str, float]:
+    text = c.render_prometheus(None)[0].decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _growing_kernel_counters(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """psutil's I/O counters, growing by 1000 bytes on every read (as the kernel's do);
+    returns the keyword arguments of each call."""
+    reads = itertools.count(1)
+    calls: list[dict[str, Any]] = []
+
+    def net(*_a: Any, **kw: Any) -> SimpleNamespace:
+        calls.append(kw)
+        n = next(reads) * 1000
+        return SimpleNamespace(bytes_sent=n, bytes_recv=n, packets_sent=n, packets_recv=n)
+
+    def disk(*_a: Any, **kw: Any) -> SimpleNamespace:
+        calls.append(kw)
+        n = next(reads) * 1000
+        return SimpleNamespace(read_bytes=n, write_bytes=n, read_count=n, write_count=n)
+
+    monkeypatch.setattr(psutil, "net_io_counters", net)
+    monkeypatch.setattr(psutil, "disk_io_counters", disk)
+    return calls
+
+
+def test_host_counters_never_go_down_whichever_worker_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers sample at different moments; scrapes alternate between them. With each
+    worker's own sample as the counter, a scrape of the worker that sampled earlier went
+    below the one before (Prometheus reads a reset: a spike on every dashboard)."""
+    calls = _growing_kernel_counters(monkeypatch)
+    first = MetricsCollector(system_interval=3600.0, multiprocess=False)
+    second = MetricsCollector(system_interval=3600.0, multiprocess=False)
+    first.sampler.sample_once()
+    second.sampler.sample_once()  # later: the kernel's counters have grown since
+    seen: dict[str, list[float]] = {name: [] for name in HOST_COUNTERS}
+    json_seen: list[int] = []
+    for worker in (second, first, second, first):
+        exposed = _exposed(worker)
+        for name in HOST_COUNTERS:
+            seen[name].append(exposed[name])
+        json_seen.append(worker.summary()["system"]["network_io"]["bytes_sent"])
+    for name, values in seen.items():
+        assert values == sorted(values) and len(set(values)) == len(values), (name, values)
+    assert json_seen == sorted(json_seen), json_seen
+    # the kernel's own figures: psutil's per-process wrap correction would differ by worker
+    assert calls and all(kw.get("nowrap") is False for kw in calls)
+
+
+def test_a_stopped_sampler_freezes_the_host_counters_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    _growing_kernel_counters(monkeypatch)
+    c = MetricsCollector(system_interval=3600.0, multiprocess=False)
+    c.sampler.sample_once()
+    c.stop()
+    frozen = c.sampler.snapshot["network_io"]["bytes_sent"]
+    assert _exposed(c)["network_bytes_sent_total"] == frozen
+    assert c.summary()["system"]["network_io"]["bytes_sent"] == frozen
+
+
+# ----------------------------------------------------------------------------- disabled
+
+SYSTEM_FAMILIES = (
+    "system_cpu_usage_percent",
+    "system_memory_usage_percent",
+    "system_memory_usage_bytes",
+    "system_disk_usage_percent",
+    *HOST_COUNTERS,
+    "trioproxy_process_resident_memory_bytes",
+    "trioproxy_process_cpu_seconds_total",
+)
+
+
+def test_disabled_system_metrics_are_absent_not_zero() -> None:
+    """SYSTEM_METRICS_ENABLED=false reported 0 % CPU, 0 % memory and 0 bytes RSS: false
+    zeros on the dashboards, and HighCPUUsage/HighMemoryUsage silenced by a measurement
+    that never happened. Now the families are absent and the JSON says null."""
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+    exposed = _exposed(c)
+    assert not [name for name in SYSTEM_FAMILIES if name in exposed]
+    assert exposed["system_uptime_seconds"] >= 0  # the proxy's own uptime: still known
+    system = c.summary()["system"]
+    for key in ("cpu_usage_percent", "memory_usage_percent", "memory_usage_bytes",
+                "memory_total_bytes", "disk_usage_percent", "system_timestamp"):  # fmt: skip
+        assert key in system and system[key] is None, key
+    assert set(system["network_io"]) == {"bytes_sent", "bytes_recv", "packets_sent", "packets_recv"}
+    assert set(system["network_io"].values()) == {None}
+    assert set(system["disk_io"].values()) == {None}
+    process = system["process"]
+    assert process.pop("pid") > 0 and set(process.values()) == {None}
+    assert c.filtered_summary()["system"]["process"]["rss_bytes"] is None
+    body, status = c.health()  # health never reads them: no crash, nothing unhealthy
+    assert status == 200 and body["status"] == "healthy"
+
+
+def test_enabled_system_metrics_are_all_there() -> None:
+    exposed = _exposed(MetricsCollector(system_interval=3600.0, multiprocess=False))
+    assert [name for name in SYSTEM_FAMILIES if name not in exposed] == []
+    assert exposed["trioproxy_process_resident_memory_bytes"] > 0

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
-from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS
+from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, loggable_path
 from .metrics.store import effective_status
 
 if TYPE_CHECKING:
@@ -268,9 +268,11 @@ access_log = logging.getLogger("trioproxy.access")
 
 class AccessLine:
     """``ACCESS_LOG=true``: one INFO line per request on logger ``trioproxy.access`` when
-    it is finished, with its request id (as every line about a request). Method, path,
-    status, duration, bytes sent and, for a stream, how it ended; never headers or bodies,
-    so nothing secret. Off by default: a line per request costs a few percent of one."""
+    it is finished, with its request id (as every line about a request). Method, path
+    (percent-encoded where it holds anything but plain URL characters, so a client's
+    ``%0a`` cannot forge a line), status, duration, bytes sent and, for a stream, how it
+    ended; never headers or bodies, so nothing secret. Off by default: a line per request
+    costs a few percent of one."""
 
     __slots__ = ("method", "path", "started")
 
@@ -287,10 +289,11 @@ class AccessLine:
             status = effective_status(metric.status_code, outcome)
         if not send.finished and outcome is None:
             outcome = "client left" if status else "no response"
+        # method and path come from the client: escaped, so one request is one line
         access_log.info(
             "%s %s %s %.1f ms %d B%s%s",
-            self.method,
-            self.path,
+            loggable_path(self.method),
+            loggable_path(self.path),
             status or "-",
             (time.perf_counter() - self.started) * 1000.0,
             send.sent,

@@ -11,6 +11,7 @@ import logging
 import math
 import platform
 import time
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -19,63 +20,167 @@ from quart import Blueprint, Response, request
 from . import __version__
 from .app import request_app
 from .config import Settings
-from .errors import BadRequest
+from .errors import BadRequest, UpstreamStatusError, scrub
+from .metrics import MetricsCollector
 from .relay import dumps
+from .upstream import UpstreamPool
 
 log = logging.getLogger("trioproxy.ready")
 
 blueprint = Blueprint("ops", __name__)
 
 
+CHECK_TIMEOUT_SECONDS = 2.0
+"""Longest a readiness check waits for the backend (or ``READY_CHECK_INTERVAL`` if less):
+well under the 3 s ``timeoutSeconds`` of the shipped Kubernetes probe, so a probe that
+has to wait for a check still gets its answer in time."""
+
+
 class ReadinessChecker:
     """Knows whether the backend answered recently, without asking it on every probe.
 
-    Any successful backend exchange counts; when none happened within the check interval,
-    a background task asks ``GET /models`` (cheap on every OpenAI-compatible server)."""
+    Evidence comes from any successful backend exchange of a request
+    (:meth:`mark_reachable`) and from checks, ``GET /models`` (cheap on every
+    OpenAI-compatible server): a background task checks every ``READY_CHECK_INTERVAL``
+    while no request proved the backend reachable, and ``/ready`` checks only when no
+    result of the last interval says either way. A failed check stands for the interval
+    too, so probes of a down backend are answered from it; concurrent probes share one
+    check.
+
+    A check is a single attempt of at most :data:`CHECK_TIMEOUT_SECONDS`, through a
+    one-connection pool of its own: never retried, and never counted as a failed backend
+    call (``trioproxy_upstream_errors_total`` / ``_retries_total`` count requests' calls
+    only), so probing a down backend neither piles up connections nor fires the
+    UpstreamErrors alert. Its failure shows in ``/ready``'s ``backend_error``, in
+    ``upstream.backend_reachable`` and in the health check's ``backend``."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.reachable: bool | None = None
-        self.checked_at: float = 0.0  # wall clock, for display
-        self._last_ok = -math.inf  # trio clock
         self.last_error: str | None = None
+        self._last_ok = -math.inf  # trio clock: the latest evidence the backend answers
+        self._last_check = -math.inf  # trio clock: when the latest check ended
+        self._checking: trio.Event | None = None  # the running check's end
+        self._pool: UpstreamPool | None = None
+        self._closed = False
+        self._collector: MetricsCollector | None = None  # the app's: told every change
+
+    @property
+    def interval(self) -> float:
+        return self._settings.ready_check_interval
+
+    @property
+    def timeout(self) -> float:
+        return min(CHECK_TIMEOUT_SECONDS, self.interval)
+
+    @property
+    def checked_at(self) -> float | None:
+        """Wall clock of the latest evidence either way (for display), None before any."""
+        latest = max(self._last_ok, self._last_check)
+        if latest == -math.inf:
+            return None
+        return time.time() - (_now() - latest)
 
     def mark_reachable(self) -> None:
+        """A request's backend exchange succeeded. Runs per request: one clock read, and
+        the bookkeeping only when the state changes."""
         self._last_ok = _now()
-        self.reachable = True
-        self.checked_at = time.time()
+        if self.reachable is not True:
+            self._record(True, None)
 
     def fresh(self) -> bool:
-        return (
-            self.reachable is True
-            and _now() - self._last_ok <= 3 * self._settings.ready_check_interval
-        )
+        """The backend answered within the last three intervals (and no check since
+        failed)."""
+        return self.reachable is True and _now() - self._last_ok <= 3 * self.interval
+
+    def failed_recently(self) -> bool:
+        """The latest check failed less than an interval ago: its answer still stands."""
+        return self.reachable is False and _now() - self._last_check < self.interval
 
     async def run(self, app: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Check whenever an interval passed without evidence either way, until cancelled
+        (then the checks' pool is closed)."""
+        self._collector = app.collector
         task_status.started()
-        interval = self._settings.ready_check_interval
-        while True:
-            if _now() - self._last_ok >= interval:
-                await self.check(app)
-            await trio.sleep(interval)
+        try:
+            while True:
+                latest = max(self._last_ok, self._last_check)
+                if _now() - latest >= self.interval:
+                    await self.check(app)
+                else:
+                    await trio.sleep_until(latest + self.interval)
+        finally:
+            await self._close()
+
+    async def refresh(self, app: Any) -> None:
+        """What a probe needs: a check, unless a result of the last interval stands (a
+        success, or a failure) or one is running (then its result, when it ends)."""
+        if not (self.fresh() or self.failed_recently()):
+            await self.check(app)
 
     async def check(self, app: Any) -> None:
-        pool = app.pool
-        ok = False
-        if pool is not None:
+        """Ask the backend once; a caller that finds a check running waits for it instead
+        (bounded by the check's timeout)."""
+        self._collector = app.collector
+        if self._checking is not None:
+            await self._checking.wait()
+            return
+        self._checking = done = trio.Event()
+        try:
+            error = await self._ask_backend()
+            self._last_check = _now()
+            if error is None:
+                self._last_ok = self._last_check
+            self._record(error is None, error)
+        finally:
+            self._checking = None
+            done.set()
+
+    async def _ask_backend(self) -> str | None:
+        """``GET /models`` once: None if the backend answered (any status below 500; one
+        without the route, or refusing our key, is up), else why not."""
+        timeout = self.timeout
+        with trio.move_on_after(timeout):
             try:
-                with trio.move_on_after(min(5.0, self._settings.ready_check_interval)):
-                    result = await pool.request("GET", "/models")
-                    ok = result.response.status_code < 500
-            except Exception as exc:
-                self.last_error = str(exc)[:200]
-        if ok:
-            self.mark_reachable()
-            self.last_error = None
-        else:
-            self.reachable = False
-            self.checked_at = time.time()
-        app.collector.set_backend_status(bool(ok), self.checked_at)
+                await (await self._check_pool()).request("GET", "/models")
+                return None
+            except UpstreamStatusError as exc:
+                return None if exc.status < 500 else exc.message[:200]
+            except Exception as exc:  # unreachable, for whatever reason: say why
+                return scrub(str(exc) or type(exc).__name__, self._settings.api_key)[:200]
+        return f"the backend did not answer within {timeout:g} s"
+
+    async def _check_pool(self) -> UpstreamPool:
+        """The checks' own pool: one client, one kept connection, one attempt, bounded
+        timeouts, no metrics observer (checks are not request traffic)."""
+        if self._pool is None:
+            if self._closed:
+                raise RuntimeError("shutting down")
+            bound = self.timeout
+            settings = replace(
+                self._settings,
+                max_retries=0,
+                upstream_clients=1,
+                upstream_max_keepalive=1,
+                connect_timeout=min(self._settings.connect_timeout, bound),
+                request_timeout=min(self._settings.request_timeout, bound),
+            )
+            # building one loads the CA bundle (tens of ms): not on the event loop
+            self._pool = await trio.to_thread.run_sync(UpstreamPool, settings)
+        return self._pool
+
+    async def _close(self) -> None:
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await pool.aclose()
+
+    def _record(self, reachable: bool, error: str | None) -> None:
+        self.reachable = reachable
+        self.last_error = error
+        if self._collector is not None:
+            self._collector.set_backend_status(reachable, self.checked_at or time.time())
 
 
 def _now() -> float:
@@ -128,10 +233,9 @@ def _version_info(version: str) -> list[int]:
 async def ready() -> Response:
     app = request_app()
     checker: ReadinessChecker = app.readiness  # type: ignore[attr-defined]
-    if not checker.fresh() and app.pool is not None:
-        # No recent evidence either way (e.g. right after start): check now, once.
-        with trio.move_on_after(5):
-            await checker.check(app)
+    # answered from the last interval's result when there is one, success or failure;
+    # else from one shared check of at most CHECK_TIMEOUT_SECONDS
+    await checker.refresh(app)
     ready_now = checker.fresh()
     body = {
         "status": "ready" if ready_now else "not ready",
@@ -139,7 +243,7 @@ async def ready() -> Response:
             "settings": "ok",
             "backend": "reachable" if ready_now else "unreachable",
         },
-        "backend_checked_at": checker.checked_at or None,
+        "backend_checked_at": checker.checked_at,
     }
     if not ready_now and checker.last_error:
         body["backend_error"] = checker.last_error

@@ -20,7 +20,15 @@ import trio
 
 from .. import __version__
 from . import labels, store
-from .labels import API_LABELS, UNTRACKED_PATHS, ModelLabels, endpoint_label, method_label
+from .labels import (
+    API_LABELS,
+    UNTRACKED_PATHS,
+    ModelLabels,
+    endpoint_label,
+    loggable_path,
+    loggable_text,
+    method_label,
+)
 from .prom import (
     NO_TOKEN_REASONS,
     PrimaryMetrics,
@@ -30,10 +38,11 @@ from .prom import (
     derived_families,
     multiprocess_dir_from_env,
     render,
+    warn_if_workers_share_nothing,
 )
 from .request import RequestMetrics
 from .store import WindowEntry, WindowStore
-from .system import SystemSampler
+from .system import SystemSampler, read_io_counters, unmeasured_snapshot
 
 log = logging.getLogger("trioproxy.metrics")
 
@@ -166,11 +175,18 @@ class MetricsCollector:
         mp_dir = multiprocess_dir or multiprocess_dir_from_env()
         if multiprocess is None:
             multiprocess = mp_dir is not None
+            if not multiprocess:
+                # a private registry: right for one process, wrong under a server's workers
+                warn_if_workers_share_nothing()
         if multiprocess and not mp_dir:
             raise ValueError("multiprocess mode needs PROMETHEUS_MULTIPROC_DIR or multiprocess_dir")
         self.multiprocess_dir = mp_dir if multiprocess else None
 
-        self._prom = PrimaryMetrics(multiprocess_dir=self.multiprocess_dir, version=__version__)
+        self._prom = PrimaryMetrics(
+            multiprocess_dir=self.multiprocess_dir,
+            version=__version__,
+            process_metrics=system_enabled,
+        )
         self._window = WindowStore(max_metrics)
         self.model_labels = ModelLabels(model_label_limit)
         self._inflight = 0
@@ -182,6 +198,8 @@ class MetricsCollector:
         self._kinds_labelled = self.model_labels.size
         self._cpu_seen = 0.0
         self._sampler = SystemSampler(system_interval, on_sample=self._on_sample)
+        if not system_enabled:
+            self._sampler.snapshot = unmeasured_snapshot()  # never sampled: null, not 0
         self._sampling_stopped = False
         self.backend_reachable: bool | None = None
         self.backend_checked_at: float | None = None
@@ -372,17 +390,21 @@ class MetricsCollector:
         self.record(m)
         if not self.enabled:
             return
+        # method, path and error can come from clients or backends: escaped, one line each
         if m.error or (m.status_code >= 500 and m.status_code != store.NOT_IMPLEMENTED):
             log.warning(
                 "metrics: request failed: %s %s -> %s (%s)",
-                m.method,
-                m.endpoint,
+                loggable_path(m.method),
+                loggable_path(m.endpoint),
                 m.status_code,
-                m.error or "no error message",
+                loggable_text(m.error) if m.error else "no error message",
             )
         elif m.duration_ms > SLOW_REQUEST_MS:
             log.warning(
-                "metrics: slow request: %s %s took %.0f ms", m.method, m.endpoint, m.duration_ms
+                "metrics: slow request: %s %s took %.0f ms",
+                loggable_path(m.method),
+                loggable_path(m.endpoint),
+                m.duration_ms,
             )
 
     def upstream_error(self, reason: str) -> None:
@@ -447,8 +469,19 @@ class MetricsCollector:
             s.sample_once()
         return s.snapshot
 
+    def _host_io(self, snap: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The host's network and disk counters: the kernel's, read now (cheap ``/proc``
+        reads), so every worker reports the same ever-growing totals; a worker's own
+        periodic sample would be older or newer than another's and the counters would go
+        back and forth between scrapes. Frozen with the sampler (:meth:`stop`); ``None``
+        values when system metrics are disabled."""
+        if self.system_enabled and not self._sampling_stopped:
+            return read_io_counters()
+        return snap["network_io"], snap["disk_io"]
+
     def _system_block(self) -> dict[str, Any]:
         snap = self._system_snapshot()
+        network_io, disk_io = self._host_io(snap)
         block: dict[str, Any] = {
             "buffer_size": len(self._window),
             "buffer_full": self._window.is_full,
@@ -456,8 +489,8 @@ class MetricsCollector:
             "uptime_seconds": self.uptime_seconds,
         }
         block.update(snap)
-        block["network_io"] = dict(snap["network_io"])
-        block["disk_io"] = dict(snap["disk_io"])
+        block["network_io"] = dict(network_io)
+        block["disk_io"] = dict(disk_io)
         block["process"] = dict(snap["process"])
         block["sampler"] = {
             "enabled": self.system_enabled and not self._sampling_stopped,
@@ -694,7 +727,9 @@ class MetricsCollector:
         families = self._prom.collect()
         t = aggregate(families)
         durations = sorted(self._window.durations(self.percentile_window))
-        families.extend(derived_families(t, durations, system, self.uptime_seconds))
+        host = system if self.system_enabled else None  # disabled: absent, not 0
+        io = self._host_io(system) if host is not None else None
+        families.extend(derived_families(t, durations, host, self.uptime_seconds, io))
         return render(families, accept)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -738,11 +773,14 @@ class MetricsCollector:
         log.debug("metrics: window cleared")
 
     def _on_sample(self, snap: dict[str, Any]) -> None:
+        rss, cpu_seconds = self._prom.rss, self._prom.cpu_seconds
+        if rss is None or cpu_seconds is None:  # system metrics disabled: no such series
+            return
         proc = snap["process"]
-        self._prom.rss.set(proc["rss_bytes"])
+        rss.set(proc["rss_bytes"])
         cpu = proc["cpu_seconds"]
         if cpu > self._cpu_seen:
-            self._prom.cpu_seconds.inc(cpu - self._cpu_seen)
+            cpu_seconds.inc(cpu - self._cpu_seen)
             self._cpu_seen = cpu
 
 

@@ -1,6 +1,10 @@
-"""Bounded label values: every metric label comes from a fixed set or collapses to ``other``."""
+"""Bounded label values: every metric label comes from a fixed set or collapses to ``other``;
+and client-supplied text made safe for log lines."""
 
 from __future__ import annotations
+
+import re
+from urllib.parse import quote
 
 OTHER = "other"
 
@@ -131,3 +135,29 @@ class ModelLabels:
 
 def _plausible_model_name(model: str) -> bool:
     return 0 < len(model) <= 128 and model.isprintable()
+
+
+# --------------------------------------------------------------------------- text for log lines
+
+# what a path needs no escaping for: the characters a URL path may carry as they are
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/_.~:@!$&'()*+,;=-]*")
+_PATH_SAFE = "/:@!$&'()*+,;="
+
+
+def loggable_path(path: str) -> str:
+    """``path`` (decoded by the server) for a log line, percent-encoded again where it
+    needs it: a client's ``%0a`` must not end the line and start a forged one, nor a
+    ``%20`` add fields to it. ``%`` itself is encoded too, so the line is unambiguous.
+    The common path is returned as it is (one regex match)."""
+    if _PLAIN_PATH.fullmatch(path):
+        return path
+    # backslashreplace: a path the server decoded with surrogates must not raise here
+    return quote(path, safe=_PATH_SAFE, errors="backslashreplace")
+
+
+def loggable_text(text: str) -> str:
+    """Free text (an error message) for a log line: non-printable characters escaped
+    (``\\n``, ``\\x1b``), so it stays on its line."""
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import glob
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -145,6 +146,70 @@ def multiprocess_dir_from_env() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+_workers_checked = False
+
+
+def warn_if_workers_share_nothing() -> None:
+    """Once per process: warn when this process is one of several hypercorn workers while
+    the metrics are per process (no ``PROMETHEUS_MULTIPROC_DIR``). Each scrape would then
+    report whichever worker answered, and the counters would jump between them.
+
+    hypercorn's worker count is not visible to the app, so it is read from the command
+    line of the parent process (``hypercorn ... --workers N``); a count set only in a
+    hypercorn config file is not seen. Costs nothing outside a multiprocessing child."""
+    global _workers_checked
+    if _workers_checked:
+        return
+    _workers_checked = True
+    workers = _parent_hypercorn_workers()
+    if workers > 1:
+        log.warning(
+            "metrics: hypercorn runs %d workers but %s is not set, so each worker reports "
+            "only its own requests and scrapes jump between them; set %s to an empty "
+            "directory (or run trioproxy --workers %d); see docs/metrics.md",
+            workers,
+            MULTIPROC_ENV,
+            MULTIPROC_ENV,
+            workers,
+        )
+
+
+def _parent_hypercorn_workers() -> int:
+    """The ``--workers`` of the hypercorn that started this process; 0 if none did."""
+    parent = multiprocessing.parent_process()  # hypercorn spawns its workers with it
+    if parent is None or parent.pid is None:
+        return 0
+    try:
+        cmdline = psutil.Process(parent.pid).cmdline()
+    except (psutil.Error, OSError):
+        return 0
+    return hypercorn_workers(cmdline)
+
+
+def hypercorn_workers(argv: Sequence[str]) -> int:
+    """Workers a hypercorn command line asks for: 1 by default, 0 if it is not hypercorn
+    (``hypercorn ...``, ``python /venv/bin/hypercorn ...``, ``python -m hypercorn ...``)."""
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) in ("hypercorn", "hypercorn.exe"):
+            return _workers_option(argv[i + 1 :])
+    return 0
+
+
+def _workers_option(args: Sequence[str]) -> int:
+    workers = "1"  # hypercorn's default
+    for i, arg in enumerate(args):
+        if arg in ("-w", "--workers") and i + 1 < len(args):
+            workers = args[i + 1]
+        elif arg.startswith("--workers="):
+            workers = arg.partition("=")[2]
+        elif arg.startswith("-w") and not arg.startswith("--") and len(arg) > 2:
+            workers = arg[2:]
+    try:
+        return int(workers)
+    except ValueError:
+        return 1
+
+
 # --------------------------------------------------------------------------- value classes
 
 
@@ -211,7 +276,9 @@ def mark_dead_workers(path: str) -> list[int]:
 class PrimaryMetrics:
     """The primary series and their hot-path update (``observe``)."""
 
-    def __init__(self, *, multiprocess_dir: str | None, version: str) -> None:
+    def __init__(
+        self, *, multiprocess_dir: str | None, version: str, process_metrics: bool = True
+    ) -> None:
         self.multiprocess_dir = multiprocess_dir
         if multiprocess_dir:
             os.makedirs(multiprocess_dir, exist_ok=True)
@@ -359,17 +426,23 @@ class PrimaryMetrics:
             multiprocess_mode="max",
             **r,
         )
-        self.rss = gauge(
-            "trioproxy_process_resident_memory_bytes",
-            "Resident memory of the proxy (sum over live workers), from the sampler.",
-            multiprocess_mode="livesum",
-            **r,
-        )
-        self.cpu_seconds = counter(
-            "trioproxy_process_cpu_seconds_total",
-            "User+system CPU seconds of the proxy (all workers), from the sampler.",
-            **r,
-        )
+        # Only with the sampler (system metrics enabled): without one there is no
+        # measurement, and a series stuck at 0 would read as one on every dashboard.
+        self.rss: Gauge | None = None
+        self.cpu_seconds: Counter | None = None
+        if process_metrics:
+            self.rss = gauge(
+                "trioproxy_process_resident_memory_bytes",
+                "Resident memory of the proxy (sum over live workers), from the sampler.",
+                multiprocess_mode="livesum",
+                **r,
+            )
+            self.cpu_seconds = counter(
+                "trioproxy_process_cpu_seconds_total",
+                "User+system CPU seconds of the proxy (all workers), from the sampler.",
+                **r,
+            )
+            self.rss.set(0)
 
         py = "{}.{}.{}".format(*sys.version_info[:3])
         self.build_info.labels(version, py).set(1)
@@ -380,7 +453,6 @@ class PrimaryMetrics:
             k: self.upstream_retries.labels(k) for k in UPSTREAM_REASONS
         }
         self.active.set(0)
-        self.rss.set(0)
 
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
@@ -838,11 +910,14 @@ def aggregate(families: Iterable[Metric]) -> Totals:
 def derived_families(
     t: Totals,
     window_durations_ms: Sequence[float],
-    system: dict[str, Any],
+    system: dict[str, Any] | None,
     uptime_s: float,
+    io: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> list[Metric]:
     """The monitoring guide's families, computed from ``t`` (all-time, aggregated), the
-    sorted window durations (this process) and the sampler's latest snapshot (host)."""
+    sorted window durations (this process), the sampler's latest snapshot (host gauges)
+    and ``io``, the host's network and disk counters read for this scrape (else the
+    snapshot's). ``system`` None (system metrics disabled): no host families at all."""
     fams: list[Metric] = []
 
     def gauge(name: str, doc: str, value: float) -> None:
@@ -939,51 +1014,48 @@ def derived_families(
     )
 
     gauge(
-        "system_cpu_usage_percent",
-        "Host CPU usage percentage (latest sample).",
-        system.get("cpu_usage_percent", 0.0),
-    )
-    gauge(
-        "system_memory_usage_percent",
-        "Host memory usage percentage (latest sample).",
-        system.get("memory_usage_percent", 0.0),
-    )
-    gauge(
-        "system_memory_usage_bytes",
-        "Host memory used in bytes (latest sample).",
-        system.get("memory_usage_bytes", 0),
-    )
-    gauge(
-        "system_disk_usage_percent",
-        "Usage percentage of the / filesystem (latest sample).",
-        system.get("disk_usage_percent", 0.0),
-    )
-    gauge(
         "system_uptime_seconds",
         "Seconds since this proxy process started its metrics collector (a gauge: a counter "
         "would need the _total suffix).",
         uptime_s,
     )
-    net = system.get("network_io") or {}
-    dio = system.get("disk_io") or {}
-    counter(
-        "network_bytes_sent_total",
-        "Host-wide network bytes sent (psutil).",
-        net.get("bytes_sent", 0),
-    )
-    counter(
-        "network_bytes_recv_total",
-        "Host-wide network bytes received (psutil).",
-        net.get("bytes_recv", 0),
-    )
-    counter(
-        "disk_read_bytes_total", "Host-wide disk bytes read (psutil).", dio.get("read_bytes", 0)
-    )
-    counter(
-        "disk_write_bytes_total",
-        "Host-wide disk bytes written (psutil).",
-        dio.get("write_bytes", 0),
-    )
+    if system is not None:
+        fams += _host_families(system, io or (system["network_io"], system["disk_io"]))
+    return fams
+
+
+def _host_families(
+    system: dict[str, Any], io: tuple[dict[str, int], dict[str, int]]
+) -> list[Metric]:
+    """Host gauges from the sampler's latest sample; host counters from ``io``, the
+    kernel's counters as read for this scrape: the same whichever worker answers, so they
+    never go down between two scrapes (a worker's own sample, older or newer than the
+    other's, would)."""
+    net, dio = io
+    gauges = (
+        ("system_cpu_usage_percent", "Host CPU usage percentage (latest sample).",
+         system["cpu_usage_percent"]),
+        ("system_memory_usage_percent", "Host memory usage percentage (latest sample).",
+         system["memory_usage_percent"]),
+        ("system_memory_usage_bytes", "Host memory used in bytes (latest sample).",
+         system["memory_usage_bytes"]),
+        ("system_disk_usage_percent", "Usage percentage of the / filesystem (latest sample).",
+         system["disk_usage_percent"]),
+    )  # fmt: skip
+    counters = (
+        ("network_bytes_sent_total", "Host-wide network bytes sent (kernel counters, "
+         "read at scrape time).", net["bytes_sent"]),
+        ("network_bytes_recv_total", "Host-wide network bytes received (kernel counters, "
+         "read at scrape time).", net["bytes_recv"]),
+        ("disk_read_bytes_total", "Host-wide disk bytes read (kernel counters, read at "
+         "scrape time).", dio["read_bytes"]),
+        ("disk_write_bytes_total", "Host-wide disk bytes written (kernel counters, read at "
+         "scrape time).", dio["write_bytes"]),
+    )  # fmt: skip
+    fams: list[Metric] = [
+        GaugeMetricFamily(name, doc, value=float(value)) for name, doc, value in gauges
+    ]
+    fams += [CounterMetricFamily(name, doc, value=float(value)) for name, doc, value in counters]
     return fams
 
 

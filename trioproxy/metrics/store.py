@@ -15,7 +15,9 @@ Status semantics (shared by the counters in :mod:`.prom` and the window here):
 * **classes**: success = 2xx/3xx; client_error = 4xx except 499, and 501 (a feature not
   offered, such as Ollama's model management: asking again cannot succeed, and nothing
   failed); cancelled = 499; error = the other 5xx and any invalid/unset status (so an
-  unknown outcome is never a success).
+  unknown outcome is never a success), labelled ``status="0"``: so in PromQL errors are
+  exactly ``status=~"5..|0", status!="501"`` and client errors
+  ``status=~"4..|501", status!="499"`` (the dashboard and alerts use these).
 * **rates** are taken over the non-cancelled requests: success + error + client_error = 1.
 """
 
@@ -60,8 +62,10 @@ def status_class(code: int) -> int:
 
 
 def status_label(code: int) -> str:
-    """Bounded ``status`` label value: the code itself, or ``"0"`` for anything invalid."""
-    return str(code) if 100 <= code <= 599 else "0"
+    """Bounded ``status`` label value: the code itself, or ``"0"`` for anything that is no
+    valid final status (none, 1xx, out of range): every error-class code that is not 5xx
+    has the one label, so a query can select the error class exactly."""
+    return str(code) if 200 <= code <= 599 else "0"
 
 
 def stream_outcome(m: RequestMetrics) -> str:

@@ -7,6 +7,11 @@ sample (taken immediately when :meth:`SystemSampler.run` starts) covers the time
 If a sample ever takes longer than :data:`OFFLOAD_AFTER_SECONDS` (a slow ``/`` mount, a
 huge fd table), later samples read psutil in ``trio.to_thread.run_sync`` so the event
 loop is never held up.
+
+The host's network and disk byte counters are also read at scrape time
+(:func:`read_io_counters`, two ``/proc`` reads, about 0.1 ms): every worker then reports the
+kernel's current totals, so they never go down from one scrape to the next whichever
+worker answers (a sample of each worker's own would).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ def empty_snapshot() -> dict[str, Any]:
         "memory_usage_bytes": 0,
         "memory_total_bytes": 0,
         "disk_usage_percent": 0.0,
-        "network_io": {"bytes_sent": 0, "bytes_recv": 0, "packets_sent": 0, "packets_recv": 0},
-        "disk_io": {"read_bytes": 0, "write_bytes": 0, "read_count": 0, "write_count": 0},
+        "network_io": _empty_network_io(),
+        "disk_io": _empty_disk_io(),
         "process": {
             "pid": os.getpid(),
             "rss_bytes": 0,
@@ -45,6 +50,66 @@ def empty_snapshot() -> dict[str, Any]:
             "open_fds": 0,
         },
         "system_timestamp": None,
+    }
+
+
+def unmeasured_snapshot() -> dict[str, Any]:
+    """The snapshot's shape with ``None`` for every measured figure (``pid`` is known): what
+    a collector with system metrics disabled reports. A 0 would read as a measurement (an
+    idle host) on dashboards, and the host alerts could never tell it apart."""
+    snap: dict[str, Any] = {
+        key: dict.fromkeys(value) if isinstance(value, dict) else None
+        for key, value in empty_snapshot().items()
+    }
+    snap["process"]["pid"] = os.getpid()
+    return snap
+
+
+def _empty_network_io() -> dict[str, int]:
+    return {"bytes_sent": 0, "bytes_recv": 0, "packets_sent": 0, "packets_recv": 0}
+
+
+def _empty_disk_io() -> dict[str, int]:
+    return {"read_bytes": 0, "write_bytes": 0, "read_count": 0, "write_count": 0}
+
+
+def read_io_counters() -> tuple[dict[str, int], dict[str, int]]:
+    """The host's network and disk I/O counters as the kernel has them now (``/proc``).
+
+    ``nowrap=False``: psutil's wrap-around correction keeps a cache per process, so two
+    workers started at different times could add different offsets and disagree; the
+    kernel's own figures are the same in every process. 0s where psutil has none (no disk
+    counters in some containers)."""
+    return _read_network_io(), _read_disk_io()
+
+
+def _read_network_io() -> dict[str, int]:
+    try:
+        net = psutil.net_io_counters(nowrap=False)
+    except (psutil.Error, OSError):
+        net = None
+    if net is None:
+        return _empty_network_io()
+    return {
+        "bytes_sent": net.bytes_sent,
+        "bytes_recv": net.bytes_recv,
+        "packets_sent": net.packets_sent,
+        "packets_recv": net.packets_recv,
+    }
+
+
+def _read_disk_io() -> dict[str, int]:
+    try:
+        dio = psutil.disk_io_counters(nowrap=False)  # None in some containers
+    except (psutil.Error, OSError):
+        dio = None
+    if dio is None:
+        return _empty_disk_io()
+    return {
+        "read_bytes": dio.read_bytes,
+        "write_bytes": dio.write_bytes,
+        "read_count": dio.read_count,
+        "write_count": dio.write_count,
     }
 
 
@@ -106,28 +171,7 @@ class SystemSampler:
             snap["disk_usage_percent"] = float(psutil.disk_usage(self.disk_path).percent)
         except (psutil.Error, OSError):
             pass
-        try:
-            net = psutil.net_io_counters()
-            if net is not None:
-                snap["network_io"] = {
-                    "bytes_sent": net.bytes_sent,
-                    "bytes_recv": net.bytes_recv,
-                    "packets_sent": net.packets_sent,
-                    "packets_recv": net.packets_recv,
-                }
-        except (psutil.Error, OSError):
-            pass
-        try:
-            dio = psutil.disk_io_counters()  # None in some containers
-            if dio is not None:
-                snap["disk_io"] = {
-                    "read_bytes": dio.read_bytes,
-                    "write_bytes": dio.write_bytes,
-                    "read_count": dio.read_count,
-                    "write_count": dio.write_count,
-                }
-        except (psutil.Error, OSError):
-            pass
+        snap["network_io"], snap["disk_io"] = read_io_counters()
         proc = snap["process"]
         p = self._proc
         try:

@@ -1,0 +1,106 @@
+"""ACCESS_LOG=true: one request is one line, whatever its path holds.
+
+The server decodes the path (``%0a`` becomes a newline) before the access line is written;
+a client must not be able to end that line and forge another one.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from trioproxy.metrics.labels import loggable_path, loggable_text
+
+from .conftest import ServerProcess
+
+StartProxy = Callable[..., ServerProcess]
+
+KEY = "sk-access-log-test-key"
+# The reviewer's request: a 401 whose path carries a complete, plausible access line.
+FORGED = "2020-01-02 21:11:45,337 INFO trioproxy.access [abc] POST /api/chat 200 client=alice"
+INJECTING_PATH = (
+    "/api/x%0a2020-01-02%2021:11:45,337%20INFO%20trioproxy.access%20%5Babc%5D"
+    "%20POST%20/api/chat%20200%20client=alice"
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/api/chat", "/api/chat"),
+        ("/v1/models/org/model:tag", "/v1/models/org/model:tag"),
+        ("/api/x\n2026 INFO forged", "/api/x%0A2026%20INFO%20forged"),
+        ("/a\r\x1b[31mred", "/a%0D%1B%5B31mred"),
+        ("/100%", "/100%25"),  # % itself, so the encoded form is unambiguous
+        ("/caf\u00e9", "/caf%C3%A9"),
+        ("/\u2028", "/%E2%80%A8"),  # a line separator to some log viewers
+        ("/\udcff", "/%5Cudcff"),  # a surrogate from undecodable bytes: no exception
+    ],
+)
+def test_loggable_path(path: str, logged: str) -> None:
+    assert loggable_path(path) == logged
+
+
+def test_loggable_text_keeps_one_line() -> None:
+    assert loggable_text("backend said: no") == "backend said: no"
+    assert loggable_text("a\nb\x1bc") == "a\\nb\\x1bc"
+
+
+def raw_get(url: str, target: str, request_id: str) -> bytes:
+    """A request with the target exactly as given (an HTTP client would re-encode it)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Request-ID: {request_id}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def lines_of(server: ServerProcess, request_id: str, timeout: float = 5.0) -> list[str]:
+    """The server's log lines carrying ``request_id``, once its access line is out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in server.log().splitlines() if request_id in line]
+        if any("trioproxy.access" in line for line in lines):
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"no access line for {request_id}:\n{server.log()}")
+
+
+@pytest.mark.parametrize("keys", [True, False], ids=["with-keys", "open"])
+def test_a_path_cannot_forge_an_access_line(
+    demo_backend: ServerProcess, start_proxy: StartProxy, keys: bool
+) -> None:
+    env = {"ACCESS_LOG": "true", "LOG_LEVEL": "INFO"}
+    if keys:
+        env["PROXY_API_KEYS"] = f"alice:{KEY}"
+    proxy = start_proxy(demo_backend.url, **env)
+    answer = raw_get(proxy.url, INJECTING_PATH, "inject-1")
+    assert answer.startswith(b"HTTP/1.1 401" if keys else b"HTTP/1.1 404"), answer[:40]
+    mine = [line for line in lines_of(proxy, "inject-1") if "trioproxy.access" in line]
+    assert len(mine) == 1, mine
+    assert "/api/x%0A2020-01-02%2021:11:45,337%20INFO" in mine[0]
+    # nothing the client sent became a line of its own
+    assert not [line for line in proxy.log().splitlines() if line.startswith("2020-01-02")]
+    assert FORGED not in proxy.log().splitlines()
+
+
+def test_json_access_lines_are_one_object_each(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO", LOG_FORMAT="json")
+    raw_get(proxy.url, INJECTING_PATH, "inject-2")
+    mine = lines_of(proxy, "inject-2")
+    entries = [json.loads(line) for line in mine]  # every line is one JSON object
+    access = [e for e in entries if e["logger"] == "trioproxy.access"]
+    assert len(access) == 1 and access[0]["request_id"] == "inject-2"
+    assert "\n" not in access[0]["message"]
+    assert access[0]["message"].startswith("GET /api/x%0A2020-01-02%2021:11:45,337%20INFO")

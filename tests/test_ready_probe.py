@@ -1,0 +1,232 @@
+"""/ready: answered from the last check, failures included; one bounded check at a time,
+never counted as a failed backend call of a request.
+
+Unit tests drive ``ReadinessChecker`` on trio's autojump clock with a scripted backend;
+the rest run a real proxy against real sockets that refuse, hang up or never answer.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trioproxy.config import Settings
+from trioproxy.metrics import MetricsCollector
+from trioproxy.routes_ops import CHECK_TIMEOUT_SECONDS, ReadinessChecker
+
+from .conftest import ServerProcess
+
+StartProxy = Callable[..., ServerProcess]
+
+
+# ----------------------------------------------------------------------------- unit
+
+
+@dataclass
+class FakeApp:
+    collector: MetricsCollector
+
+
+class ScriptedBackend:
+    """Stands in for ``ReadinessChecker._ask_backend``: counts the checks, takes
+    ``delay`` seconds, answers ``error`` (None: reachable)."""
+
+    def __init__(self, error: str | None = "refused", delay: float = 0.0) -> None:
+        self.error = error
+        self.delay = delay
+        self.calls = 0
+
+    async def __call__(self) -> str | None:
+        self.calls += 1
+        await trio.sleep(self.delay)
+        return self.error
+
+
+def checker_with(
+    backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch, interval: float = 10.0
+) -> tuple[ReadinessChecker, FakeApp]:
+    checker = ReadinessChecker(
+        Settings(upstream_url="http://127.0.0.1:1/v1", ready_check_interval=interval)
+    )
+    monkeypatch.setattr(checker, "_ask_backend", backend)
+    return checker, FakeApp(MetricsCollector(system_enabled=False))
+
+
+async def test_a_failed_check_stands_for_the_interval(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend("refused")
+    checker, app = checker_with(backend, monkeypatch)
+    for _ in range(20):
+        await checker.refresh(app)
+        assert not checker.fresh() and checker.last_error == "refused"
+        await trio.sleep(0.4)  # 20 probes within 8 s < the 10 s interval
+    assert backend.calls == 1
+    await trio.sleep(2.1)  # past the interval: the next probe checks again
+    backend.error = None
+    await checker.refresh(app)
+    assert backend.calls == 2 and checker.fresh() and checker.last_error is None
+
+
+async def test_concurrent_probes_share_one_check(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = ScriptedBackend("no answer", delay=CHECK_TIMEOUT_SECONDS)
+    checker, app = checker_with(backend, monkeypatch)
+    finished: list[float] = []
+
+    async def probe() -> None:
+        await checker.refresh(app)
+        finished.append(trio.current_time())
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(probe)
+    assert backend.calls == 1
+    assert len(finished) == 10
+    assert max(finished) - started <= CHECK_TIMEOUT_SECONDS + 0.01
+
+
+async def test_the_background_task_keeps_the_result_current(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Checked once per interval while the backend is down, so probes never wait; never
+    while requests prove it reachable."""
+    backend = ScriptedBackend("refused")
+    checker, app = checker_with(backend, monkeypatch, interval=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(checker.run, app)
+        await trio.sleep(35)  # checks at 0, 10, 20, 30
+        assert backend.calls == 4
+        for _ in range(10):  # probes in between are answered from the last check
+            await checker.refresh(app)
+        assert backend.calls == 4
+        backend.error = None
+        for _ in range(60):  # traffic proves the backend reachable every second
+            checker.mark_reachable()
+            await trio.sleep(1)
+        assert backend.calls == 4  # none since 30 s: requests proved it reachable
+        assert checker.fresh()
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_that_reach_the_backend_clear_a_failed_check_in_health(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """/v1/metrics/health's backend check followed only the checks, which stop while
+    requests prove the backend reachable: it said unhealthy (503) for as long as traffic
+    flowed after one failed check."""
+    checker, app = checker_with(ScriptedBackend("refused"), monkeypatch)
+    await checker.check(app)
+    body, status = app.collector.health()
+    assert status == 503 and body["checks"]["backend"]["status"] == "unhealthy"
+    checker.mark_reachable()
+    body, status = app.collector.health()
+    assert status == 200 and body["checks"]["backend"]["status"] == "ok"
+    assert checker.fresh()
+
+
+# ----------------------------------------------------------------------------- real sockets
+
+
+@dataclass
+class FakeBackend:
+    url: str
+    accepted: list[socket.socket]
+
+
+@pytest.fixture
+def hanging_backend() -> Iterator[FakeBackend]:
+    """Accepts connections and never answers."""
+    yield from _listener(keep=True)
+
+
+@pytest.fixture
+def hanging_up_backend() -> Iterator[FakeBackend]:
+    """Accepts connections and closes them at once (every attempt fails, and is
+    retryable for requests)."""
+    yield from _listener(keep=False)
+
+
+def _listener(*, keep: bool) -> Iterator[FakeBackend]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    backend = FakeBackend(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", [])
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            backend.accepted.append(conn)
+            if not keep:
+                conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield backend
+    listener.close()
+    for conn in backend.accepted:
+        conn.close()
+
+
+def upstream_counts(url: str) -> dict[str, Any]:
+    upstream = httpx.get(f"{url}/v1/metrics", timeout=5).json()["upstream"]
+    return {"errors": upstream["errors"], "retries": upstream["retries"]}
+
+
+def test_probes_of_a_failing_backend_are_answered_from_the_cached_check(
+    start_proxy: StartProxy, hanging_up_backend: FakeBackend
+) -> None:
+    proxy = start_proxy(
+        hanging_up_backend.url, MAX_RETRIES="3", RETRY_BACKOFF="0.01", READY_CHECK_INTERVAL="30"
+    )
+    with httpx.Client(base_url=proxy.url, timeout=10) as http:
+        answers = [http.get("/ready") for _ in range(20)]
+    assert [a.status_code for a in answers] == [503] * 20
+    assert "backend request failed" in answers[-1].json()["backend_error"]
+    # one check at start, a single attempt; 20 probes with retries were 80 connections
+    assert len(hanging_up_backend.accepted) <= 2, len(hanging_up_backend.accepted)
+    # checks are no request traffic: the UpstreamErrors alert does not see them
+    zero = dict.fromkeys(["connect", "other", "protocol", "status_4xx", "status_5xx", "timeout"], 0)
+    assert upstream_counts(proxy.url) == {"errors": zero, "retries": zero}
+    health = httpx.get(f"{proxy.url}/v1/metrics/health", timeout=5).json()
+    assert health["checks"]["backend"]["status"] == "unhealthy"
+
+
+def test_probes_of_a_silent_backend_answer_within_the_probe_timeout(
+    start_proxy: StartProxy, hanging_backend: FakeBackend
+) -> None:
+    """The shipped Kubernetes probe gives /ready 3 s; a backend that accepts and never
+    answers held every probe 5 s."""
+    proxy = start_proxy(hanging_backend.url, READY_CHECK_INTERVAL="30")
+
+    def probe(_: int) -> tuple[int, float]:
+        started = time.monotonic()
+        status = httpx.get(f"{proxy.url}/ready", timeout=10).status_code
+        return status, time.monotonic() - started
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        first = list(pool.map(probe, range(10)))
+    assert [status for status, _ in first] == [503] * 10
+    assert max(took for _, took in first) < 3.0, first
+    status, took = probe(0)
+    assert status == 503 and took < 0.5, took  # the failure stands: no new check
+    assert len(hanging_backend.accepted) == 1  # the one check the probes shared
+    assert "did not answer" in httpx.get(f"{proxy.url}/ready").json()["backend_error"]
+
+
+def test_ready_when_the_backend_answers(proxy: ServerProcess) -> None:
+    response = httpx.get(f"{proxy.url}/ready", timeout=5)
+    assert response.status_code == 200
+    assert response.json()["checks"]["backend"] == "reachable"
+    assert isinstance(response.json()["backend_checked_at"], float)
