@@ -262,7 +262,7 @@ def start_proxy(upstream: str, *, workers: int = 1, name: str = "proxy", **env: 
         "--upstream",
         upstream,
         "--env-file",
-        "/nonexistent",
+        "",  # read no env file
     ]
     url = None
     if workers > 1:

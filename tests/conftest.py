@@ -135,7 +135,7 @@ def start_proxy() -> Iterator[Callable[..., ServerProcess]]:
                 "--port",
                 "0",
                 "--env-file",
-                "/nonexistent",
+                "",  # read no env file
                 *args,
             ],
             environment,

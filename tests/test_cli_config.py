@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from trioproxy import __version__
-from trioproxy.config import ENV_NAMES
+from trioproxy.config import ENV_NAMES, ConfigError, load_settings, redact_url, url_credentials
 
 from .conftest import ROOT, ServerProcess, base_env, closed_port_url, wait_healthy
 
@@ -53,15 +53,20 @@ def main_in_process(
     **env: str,
 ) -> tuple[int, str]:
     """``trioproxy.cli.main`` in this process (fast) for settings that fail validation, which
-    happens before anything is served; returns (exit code, stderr)."""
+    happens before anything is served; returns (exit code, stderr). Settings that pass
+    fail the test at once rather than serve."""
     from trioproxy import cli
 
+    def must_not_serve(settings: object) -> None:
+        raise AssertionError(f"accepted, would serve: {settings!r}")
+
+    monkeypatch.setattr(cli, "_run", must_not_serve)
     for name in list(os.environ):
-        if name.startswith(("OPENAI_", "PROXY_")) or name in ENV_NAMES:
+        if name.startswith(("OPENAI_", "PROXY_", "TRIOPROXY_")) or name in ENV_NAMES:
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    code = cli.main(["--env-file", "/nonexistent", *args])
+    code = cli.main(["--env-file", "", *args])
     captured = capsys.readouterr()
     assert captured.out == ""
     return code, captured.err
@@ -84,7 +89,7 @@ def chat(url: str, text: str = "hi [[tokens=3]]", **extra: object) -> httpx.Resp
 @pytest.mark.parametrize("program", ["module", "console-script"])
 def test_no_upstream_exits_2_with_one_line(tmp_path: Path, program: str) -> None:
     command = [str(BIN / "trioproxy")] if program == "console-script" else None
-    result = run_cli("--env-file", str(tmp_path / "none.env"), cwd=tmp_path, program=command)
+    result = run_cli("--env-file", "", cwd=tmp_path, program=command)
     assert result.returncode == 2
     assert result.stdout == ""
     line = one_line(result.stderr)
@@ -201,6 +206,163 @@ def test_degraded_error_rate_above_unhealthy_is_named(
     assert "HEALTH_ERROR_RATE_DEGRADED" in one_line(err)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [
+        ("--port", "70000", "--port"),
+        ("--port", "-5", "--port"),
+        ("--port", "eighty", "--port"),
+        ("--log-level", "verbose", "--log-level"),
+        ("--workers", "0", "--workers"),
+        ("--workers", "many", "--workers"),
+        ("--host", "", "--host"),
+        ("--host", "  ", "--host"),
+        ("--upstream", "ftp://example.com/v1", "OPENAI_API_BASE_URL"),
+    ],
+)
+def test_flags_are_checked_like_their_environment_variables(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    value: str,
+    named: str,
+) -> None:
+    """A flag's value goes through the parser of the variable it stands for: exit 2 and
+    one line naming the flag, never a traceback (--port 70000 was an OverflowError)."""
+    code, err = main_in_process(
+        monkeypatch, capsys, flag, value, OPENAI_API_BASE_URL="http://127.0.0.1:1/v1"
+    )
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"trioproxy: error: invalid {named}"), line
+
+
+def test_flag_values_are_normalised_like_the_environment(tmp_path: Path) -> None:
+    from trioproxy import cli
+
+    args = cli.build_parser().parse_args(
+        ["--port", "0", "--log-level", "debug", "--workers", "2", "--host", " ::1 ",
+         "--upstream", "http://127.0.0.1:1", "--env-file", ""]
+    )  # fmt: skip
+    settings = cli.settings_from_args(args)
+    assert (settings.port, settings.log_level, settings.workers) == (0, "DEBUG", 2)
+    assert (settings.host, settings.upstream_url) == ("::1", "http://127.0.0.1:1/v1")
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_proxy_host_is_refused_not_every_interface(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """The socket API reads an empty address as every interface: a template variable left
+    empty would quietly serve an open proxy to the network."""
+    code, err = main_in_process(
+        monkeypatch, capsys, OPENAI_API_BASE_URL="http://127.0.0.1:1/v1", PROXY_HOST=value
+    )
+    assert code == 2
+    assert one_line(err).startswith("trioproxy: error: invalid PROXY_HOST: empty")
+    with pytest.raises(ConfigError, match="PROXY_HOST"):
+        load_settings({}, dotenv_path=None, host=value)  # given already parsed, too
+    assert load_settings({}, dotenv_path=None).host == "127.0.0.1"  # unset: loopback
+
+
+@pytest.mark.parametrize("problem", ["missing", "directory"])
+def test_an_env_file_named_on_the_command_line_must_exist(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    problem: str,
+) -> None:
+    """A mistyped path must not silently drop what the file says (PROXY_API_KEYS, say)."""
+    path = tmp_path / "proxy.env"
+    if problem == "directory":
+        path.mkdir()
+    code, err = main_in_process(
+        monkeypatch, capsys, "--env-file", str(path), OPENAI_API_BASE_URL="http://127.0.0.1:1/v1"
+    )
+    assert code == 2
+    line = one_line(err)
+    assert "env file" in line and str(path) in line
+    assert "--env-file ''" in line  # how to say "none"
+
+
+def test_an_env_file_named_by_trioproxy_env_file_must_exist(tmp_path: Path) -> None:
+    """``create_app()`` under plain hypercorn (and in the workers) reads TRIOPROXY_ENV_FILE."""
+    path = tmp_path / "typo.env"
+    env = base_env(OPENAI_API_BASE_URL="http://127.0.0.1:1/v1", TRIOPROXY_ENV_FILE=str(path))
+    result = subprocess.run(
+        [sys.executable, "-c", "from trioproxy.app import create_app; create_app()"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"ConfigError: cannot read the env file {str(path)!r}" in result.stderr
+
+
+def test_env_file_empty_reads_none_and_a_missing_default_is_fine(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("OPENAI_API_BASE_URL=http://127.0.0.1:1/v1\n")
+    result = run_cli("--env-file", "", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no backend configured" in one_line(result.stderr)  # the .env was not read
+    (tmp_path / ".env").unlink()
+    (tmp_path / ".env").mkdir()  # a virtualenv named .env is no env file
+    result = run_cli(cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no backend configured" in one_line(result.stderr)
+
+
+def test_a_startup_error_is_a_json_line_when_json_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = main_in_process(monkeypatch, capsys, "--port", "99999", LOG_FORMAT="json")
+    assert code == 2
+    entry = json.loads(one_line(err))
+    assert entry["level"] == "ERROR" and entry["logger"] == "trioproxy"
+    assert entry["message"].startswith("invalid --port")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "secrets"),
+    [
+        ("http://user:s3cretpw@127.0.0.1:8000/v1", "http://***@127.0.0.1:8000/v1", ("s3cretpw",)),
+        ("https://tok%40en99@host/v1", "https://***@host/v1", ("tok%40en99", "tok@en99")),
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1", ()),
+        ("not a url", "not a url", ()),
+    ],
+)
+def test_backend_url_credentials_are_masked(url: str, shown: str, secrets: tuple[str]) -> None:
+    assert redact_url(url) == shown
+    assert url_credentials(url) == secrets
+
+
+def test_backend_url_credentials_never_reach_an_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "http://user:s3cretpw@127.0.0.1:99999/v1"
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url)
+    assert code == 2
+    line = one_line(err)
+    assert "s3cretpw" not in line and "http://***@127.0.0.1:99999/v1" in line
+
+
+def test_backend_url_credentials_never_reach_the_log(demo_backend: ServerProcess) -> None:
+    from .conftest import _spawn
+
+    upstream = demo_backend.url.replace("http://", "http://user:s3cretpw@")
+    server = _spawn(
+        ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--env-file", "",
+         "--upstream", upstream],
+        base_env(LOG_LEVEL="DEBUG", MAX_RETRIES="0"),
+    )  # fmt: skip
+    try:
+        wait_healthy(server.url)
+        assert chat(server.url).status_code == 200
+        assert chat(server.url, "[[status=500]]").status_code == 500
+    finally:
+        server.stop()
+    log = server.log()
+    assert "serving; backend http://***@127.0.0.1:" in log
+    assert "s3cretpw" not in log
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_port_in_use_is_one_line(tmp_path: Path, workers: str) -> None:
     import socket
@@ -211,7 +373,7 @@ def test_a_port_in_use_is_one_line(tmp_path: Path, workers: str) -> None:
         port = busy.getsockname()[1]
         result = run_cli(
             "--port", str(port), "--workers", workers, "--upstream", "http://127.0.0.1:1/v1",
-            "--env-file", "/nonexistent", cwd=tmp_path,
+            "--env-file", "", cwd=tmp_path,
         )  # fmt: skip
     assert result.returncode == 1
     line = one_line(result.stderr)
@@ -644,7 +806,7 @@ def _start_demo_proxy(workers: int, **env: str) -> ServerProcess:
     from .conftest import _spawn
 
     args = ["-m", "trioproxy", "--demo", "--host", "127.0.0.1", "--port", "0",
-            "--workers", str(workers), "--env-file", "/nonexistent"]  # fmt: skip
+            "--workers", str(workers), "--env-file", ""]  # fmt: skip
     return _spawn(args, base_env(DEMO_TOKEN_DELAY="0.01", **env), timeout=30)
 
 

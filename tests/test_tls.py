@@ -43,7 +43,7 @@ def _start(upstream: str, files: dict[str, str], *args: str) -> ServerProcess:
         OPENAI_API_BASE_URL=upstream, TLS_CERTFILE=files["cert"], TLS_KEYFILE=files["key"]
     )
     command = ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *args]
-    server = _spawn([*command, "--env-file", "/nonexistent"], env)
+    server = _spawn([*command, "--env-file", ""], env)
     assert server.url.startswith("https://"), server.url
     deadline = time.monotonic() + 20
     try:

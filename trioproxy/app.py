@@ -30,7 +30,14 @@ from . import (
     hypercorn_patches,  # applies its fixes on import
 )
 from .auth import ClientKeys
-from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, Settings, load_settings
+from .config import (
+    DEFAULT_ENV_FILE,
+    ENV_FILE_VARIABLE,
+    WORKER_VARIABLE,
+    Settings,
+    load_settings,
+    redact_url,
+)
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
     OVERHEAD_HEADER,
@@ -52,6 +59,7 @@ from .exchange import (
 from .ledger import ResponsesLedger
 from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
+from .metrics.labels import loggable_path
 from .model_mapping import ModelMapper
 from .upstream import UpstreamPool
 
@@ -130,8 +138,13 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     Usable directly by hypercorn: ``hypercorn --worker-class trio 'trioproxy.app:create_app()'``.
     """
     if settings is None:
-        env_file = os.environ.get(ENV_FILE_VARIABLE, ".env")
-        settings = load_settings(dotenv_path=env_file or None, **overrides)
+        # a file named by the variable must exist, even one named ".env"; "" reads none
+        env_file = os.environ.get(ENV_FILE_VARIABLE)
+        settings = load_settings(
+            dotenv_path=DEFAULT_ENV_FILE if env_file is None else env_file or None,
+            env_file_required=bool(env_file),
+            **overrides,
+        )
         configure_logging(settings.log_level, settings.log_format, settings.secrets)
     settings.require_upstream()
     if os.environ.get(WORKER_VARIABLE) == "1":
@@ -201,7 +214,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         log.info(
             "trioproxy %s serving; backend %s",
             __version__,
-            scrub(settings.upstream_url or "", settings.api_key),
+            # the URL's user:password shown as ***, the API key scrubbed should the URL hold it
+            scrub(redact_url(settings.upstream_url or ""), settings.api_key),
         )
 
     @app.after_serving
@@ -321,7 +335,9 @@ def _register_error_handlers(app: ProxyApp) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:
-        log.exception("unhandled error while serving %s %s", request.method, request.path)
+        # escaped like the access log: a decoded %0a in the path must not forge a log line
+        method, path = loggable_path(request.method), loggable_path(request.path)
+        log.exception("unhandled error while serving %s %s", method, path)
         return reply_response(internal_error_reply(request.path))
 
 

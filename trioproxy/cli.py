@@ -2,8 +2,10 @@
 
 One worker is served in this process. ``--workers N`` runs hypercorn's multi-process
 server as a child, with prometheus_client's multiprocess mode pointed at a fresh
-directory so every scrape reports the totals of all workers. ``--demo`` starts the
-built-in backend in this process tree, in its own nursery, before the proxy.
+directory so every scrape reports the totals of all workers; the child stops when this
+process is gone, and this process exits non-zero when the child stops unasked.
+``--demo`` starts the built-in backend in this process tree, in its own nursery, before
+the proxy.
 """
 
 from __future__ import annotations
@@ -11,21 +13,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from . import __version__
-from .config import ENV_FILE_VARIABLE, WORKER_VARIABLE, ConfigError, Settings, load_settings
-from .logs import configure_logging
+from .config import (
+    DEFAULT_ENV_FILE,
+    ENV_FILE_VARIABLE,
+    WORKER_VARIABLE,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_setting,
+    read_environment,
+)
+from .logs import HYPERCORN_LOGGER, configure_logging, hypercorn_log_config, notice
 
 LISTEN_BACKLOG = 100  # hypercorn's default; it calls listen() again with its own
 
@@ -35,32 +50,53 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trioproxy",
         description="Ollama- and OpenAI-compatible proxy for any OpenAI-compatible backend.",
     )
+    # values stay strings here: config parses and checks them as their environment variables
     parser.add_argument("--host", help="address to bind (default 127.0.0.1; env PROXY_HOST)")
-    parser.add_argument("--port", type=int, help="port to bind (default 11434; env PROXY_PORT)")
-    parser.add_argument("--workers", type=int, help="worker processes (default 1; env WORKERS)")
+    parser.add_argument("--port", help="port to bind (default 11434; env PROXY_PORT)")
+    parser.add_argument("--workers", help="worker processes (default 1; env WORKERS)")
     parser.add_argument("--upstream", help="backend base URL (env OPENAI_API_BASE_URL)")
     parser.add_argument(
         "--demo", action="store_true", help="serve the built-in simulated backend (no API key)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL)")
-    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    parser.add_argument(
+        "--env-file",
+        help="dotenv file to read; it must exist ('' for none; default .env if present)",
+    )
     parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
     return parser
 
 
+# flag -> the environment variable it stands for
+FLAGS = {
+    "host": "PROXY_HOST",
+    "port": "PROXY_PORT",
+    "workers": "WORKERS",
+    "upstream": "OPENAI_API_BASE_URL",
+    "log_level": "LOG_LEVEL",
+}
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "workers": args.workers,
-        "upstream_url": args.upstream,
-        "log_level": args.log_level.upper() if args.log_level else None,
-        "demo": True if args.demo else None,
-    }
-    settings = load_settings(dotenv_path=args.env_file, **overrides)
+    overrides: dict[str, Any] = {"demo": True if args.demo else None}
+    for dest, name in FLAGS.items():
+        raw = getattr(args, dest)
+        if raw is not None:
+            attr, value = parse_setting(name, raw, "--" + dest.replace("_", "-"))
+            overrides[attr] = value
+    path, required = _env_file(args)
+    settings = load_settings(dotenv_path=path, env_file_required=required, **overrides)
     if not settings.demo:
         settings.require_upstream()
     return settings
+
+
+def _env_file(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """The dotenv file to read and whether it must exist: a file named on the command
+    line must; the default ``.env`` is read if present; ``--env-file ''`` reads none."""
+    if args.env_file is None:
+        return DEFAULT_ENV_FILE, False
+    return (args.env_file, True) if args.env_file else (None, False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
-        print(f"trioproxy: error: {exc}", file=sys.stderr)
+        notice(f"trioproxy: error: {exc}", "ERROR", fmt=_log_format_hint(args))
         return 2
     configure_logging(settings.log_level, settings.log_format, settings.secrets)
     try:
@@ -76,9 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except (WorkersFailed, ListenFailed) as exc:
-        print(f"trioproxy: error: {exc}", file=sys.stderr)
+        notice(f"trioproxy: error: {exc}", "ERROR")
         return 1
     return 0
+
+
+def _log_format_hint(args: argparse.Namespace) -> str:
+    """LOG_FORMAT as far as it can be read when the settings are invalid: the line saying
+    so is JSON too where JSON was asked for."""
+    try:
+        raw = read_environment(None, *_env_file(args)).get("LOG_FORMAT", "")
+    except ConfigError:  # the env file is what failed
+        raw = os.environ.get("LOG_FORMAT", "")
+    return "json" if raw.strip().lower() == "json" else "text"
 
 
 def _run(settings: Settings) -> None:
@@ -104,7 +150,7 @@ async def serve(settings: Settings) -> None:
                 )
             )
             settings = settings.with_overrides(upstream_url=demo_url)
-            print(f"trioproxy: demo backend at {demo_url}", file=sys.stderr, flush=True)
+            notice(f"trioproxy: demo backend at {demo_url}")
         if settings.workers == 1:
             await serve_in_process(settings)
         else:
@@ -125,7 +171,7 @@ async def watch_signals(
         draining = False
         async for _ in signals:
             if draining:
-                print("trioproxy: stopping now (second signal)", file=sys.stderr, flush=True)
+                notice("trioproxy: stopping now (second signal)", "WARNING")
                 stop_now()
                 return
             draining = True
@@ -149,11 +195,7 @@ async def serve_in_process(settings: Settings) -> None:
                 partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
             )
             # the real address, so ``--port 0`` is usable by tests and supervisors
-            print(
-                f"trioproxy {__version__} listening on {binds[0]}",
-                file=sys.stderr,
-                flush=True,
-            )
+            notice(f"trioproxy {__version__} listening on {binds[0]}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
 
@@ -166,6 +208,8 @@ def hypercorn_config(settings: Settings) -> object:
     config.keep_alive_timeout = settings.keep_alive_timeout
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
+    # hypercorn's lines through our handler (configure_logging set it up), in LOG_FORMAT
+    config.errorlog = logging.getLogger(HYPERCORN_LOGGER)
     config.read_timeout = None  # a read timeout would cut long streams (stack notes 3d)
     if settings.tls_certfile:
         config.certfile = settings.tls_certfile
@@ -206,8 +250,10 @@ class ListenFailed(Exception):
 
 
 async def serve_workers(settings: Settings) -> None:
-    """Run ``hypercorn -w N`` as a child on a socket bound here; SIGTERM/SIGINT to us stops
-    it cleanly."""
+    """Run ``hypercorn -w N`` as a child on a socket bound here. SIGTERM/SIGINT to us stops
+    it cleanly; it stops when this process is gone, however it went (``hypercorn_child``);
+    and when it stops without being asked, this process exits non-zero (``ServerStopped``)
+    so that a supervisor restarts it."""
     listener = listen(settings.host, settings.port)
     host, port = listener.getsockname()[:2]
     scheme = "https" if settings.tls_certfile else "http"
@@ -217,16 +263,22 @@ async def serve_workers(settings: Settings) -> None:
     env = dict(os.environ)
     env.update(_child_env(settings))
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # the child reads EOF on its end once ours is closed: when this process exits, even
+    # by SIGKILL (we never write to it)
+    lifeline, our_end = os.pipe()
     command = [
-        sys.executable, "-m", "hypercorn",
+        sys.executable, "-c", HYPERCORN_CHILD,
+        str(lifeline), repr(settings.graceful_timeout + CHILD_STOP_MARGIN),
         "--worker-class", "trio",
         "--workers", str(settings.workers),
         "--bind", f"fd://{listener.fileno()}",
         # hypercorn's flags take whole seconds; its config file keeps 2.5 as 2.5
         "--config", str(_timeouts_file(run_dir / "hypercorn.toml", settings)),
+        "--log-config", f"json:{_log_config_file(run_dir / 'logging.json', settings)}",
         "--log-level", settings.log_level,
         "trioproxy.app:create_app()",
     ]  # fmt: skip
+    asked = killed = False  # whether we signalled it to stop; to stop at once
     try:
         async with trio.open_nursery() as nursery:
             process = await nursery.start(
@@ -235,38 +287,89 @@ async def serve_workers(settings: Settings) -> None:
                     command,
                     env=env,
                     check=False,
-                    pass_fds=(listener.fileno(),),
+                    pass_fds=(listener.fileno(), lifeline),
                     # its own process group: a signal to ours (systemd, a terminal) must not
                     # reach the workers directly, or they stop without draining
                     start_new_session=True,
                 )
             )
             listener.close()  # the child has its own copy
-            print(
+            notice(
                 f"trioproxy {__version__} listening on {scheme}://{_bind(host, port)} "
-                f"with {settings.workers} workers",
-                file=sys.stderr,
-                flush=True,
+                f"with {settings.workers} workers"
             )
 
-            killed = False
+            def drain() -> None:
+                nonlocal asked
+                asked = True
+                process.send_signal(signal.SIGTERM)
 
             def stop_now() -> None:
-                nonlocal killed
-                killed = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                nonlocal asked, killed
+                asked = killed = True
+                _kill_group(process.pid)
 
-            await nursery.start(
-                watch_signals, partial(process.send_signal, signal.SIGTERM), stop_now
-            )
+            await nursery.start(watch_signals, drain, stop_now)
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
         listener.close()
+        os.close(lifeline)
+        os.close(our_end)  # if the child still runs (we are being cancelled), it stops
         shutil.rmtree(run_dir, ignore_errors=True)
-    if returncode not in (0, -signal.SIGTERM) and not killed:
+    failed = returncode not in (0, -signal.SIGTERM) and not killed
+    if not asked or failed:
+        _kill_group(process.pid)  # a worker left without its master would keep the port
+    if not asked:
+        raise ServerStopped(returncode)
+    if failed:
         raise WorkersFailed(returncode)
+
+
+def _kill_group(pgid: int) -> None:
+    # the child leads its own process group (start_new_session), its workers in it
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+HYPERCORN_CHILD = "from trioproxy.cli import hypercorn_child; hypercorn_child()"
+CHILD_STOP_MARGIN = 5.0
+"""Seconds past GRACEFUL_TIMEOUT that a child whose parent is gone gets to stop."""
+
+
+def hypercorn_child() -> None:
+    """The child of ``--workers N``: ``hypercorn ARGS`` after two arguments of ours, the
+    lifeline's file descriptor and how long stopping may take.
+
+    hypercorn's master does not notice when trioproxy is gone; its workers would keep the
+    port, answering /health while requests fail (the demo backend went with trioproxy),
+    and block a restart. A thread waits for EOF on the lifeline, which comes when
+    trioproxy has exited in any way. (PR_SET_PDEATHSIG would not do: trio starts the
+    child from a worker thread, whose exit after 10 s idle counts as the parent's death.)"""
+    lifeline, deadline = int(sys.argv[1]), float(sys.argv[2])
+    watcher = threading.Thread(target=_stop_with_parent, args=(lifeline, deadline), daemon=True)
+    watcher.start()
+    from hypercorn.__main__ import main as hypercorn_main
+
+    sys.exit(hypercorn_main(sys.argv[3:]))
+
+
+def _stop_with_parent(lifeline: int, deadline: float) -> None:
+    with contextlib.suppress(OSError):
+        os.read(lifeline, 1)  # returns at EOF: trioproxy is gone
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        # hypercorn's handler is in place: its workers drain, as on our own SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(deadline)
+    # not serving yet (SIGTERM would end the master alone, leaving the workers it may
+    # just have started), or still here after the deadline: the whole group at once
+    os.killpg(0, signal.SIGKILL)
+
+
+def _log_config_file(path: Path, settings: Settings) -> Path:
+    """hypercorn's logging config for the workers: its lines in our format."""
+    path.write_text(json.dumps(hypercorn_log_config(settings.log_level)))
+    return path
 
 
 def _timeouts_file(path: Path, settings: Settings) -> Path:
@@ -287,9 +390,22 @@ def _timeouts_file(path: Path, settings: Settings) -> Path:
 
 
 class WorkersFailed(Exception):
-    def __init__(self, returncode: int) -> None:
-        super().__init__(f"the worker server exited with status {returncode}")
+    def __init__(self, returncode: int, message: str | None = None) -> None:
+        super().__init__(message or f"the worker server exited with status {returncode}")
         self.returncode = returncode
+
+
+class ServerStopped(WorkersFailed):
+    """The worker server stopped although nobody asked it to: a worker died, say. hypercorn
+    then stops the others and may exit 0 (the status of the last worker it joined); this
+    process must fail anyway, or ``Restart=on-failure`` never restarts it."""
+
+    def __init__(self, returncode: int) -> None:
+        super().__init__(
+            returncode,
+            f"the worker server stopped without being asked (exit status {returncode}; "
+            "a worker died?); exiting with status 1 so that a supervisor restarts trioproxy",
+        )
 
 
 def _child_env(settings: Settings) -> dict[str, str]:

@@ -1,19 +1,22 @@
 """Settings: one frozen object built from CLI flags, the environment and a ``.env`` file.
 
 Precedence: CLI flag > environment > ``.env`` in the working directory > default.
+A flag's value is parsed and checked exactly as the environment variable it stands for.
 Every setting is documented in docs/configuration.md.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -21,6 +24,8 @@ from .auth import client_keys, parse_keys
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_ENV_FILE = ".env"
+"""Read when present; any other dotenv file named must exist (see ``read_environment``)."""
 ENV_FILE_VARIABLE = "TRIOPROXY_ENV_FILE"
 """Names the dotenv file ``create_app()`` reads when it builds its own settings (default
 ``.env``; empty for none). ``--workers`` sets it for its workers to the ``--env-file``."""
@@ -81,8 +86,13 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """What log lines must never show: the backend's key and the clients' keys."""
-        return (self.api_key or "", *(key for _, key in client_keys(self.proxy_api_keys)))
+        """What log lines must never show: the backend's key and credentials in its URL,
+        and the clients' keys."""
+        return (
+            self.api_key or "",
+            *url_credentials(self.upstream_url or ""),
+            *(key for _, key in client_keys(self.proxy_api_keys)),
+        )
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -166,10 +176,19 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+def _host(value: str) -> str:
+    host = value.strip()
+    if not host:
+        # the socket API reads "" as every interface: an unset template variable would
+        # quietly expose the proxy
+        raise ValueError("empty; give an address such as 127.0.0.1, or 0.0.0.0 for all")
+    return host
+
+
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPENAI_API_BASE_URL": ("upstream_url", _text),
     "OPENAI_API_KEY": ("api_key", _text),
-    "PROXY_HOST": ("host", _text),
+    "PROXY_HOST": ("host", _host),
     "PROXY_PORT": ("port", _port),
     "WORKERS": ("workers", _positive_int),
     "LOG_LEVEL": ("log_level", _log_level),
@@ -214,19 +233,52 @@ ENV_NAMES: tuple[str, ...] = tuple(_ENV)
 
 
 def read_environment(
-    environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike[str] | None = ".env"
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | os.PathLike[str] | None = DEFAULT_ENV_FILE,
+    env_file_required: bool | None = None,
 ) -> dict[str, str]:
-    """Merge ``.env`` (if present) under the process environment; only known names."""
-    merged: dict[str, str] = {}
-    if dotenv_path is not None and Path(dotenv_path).is_file():
-        for key, value in dotenv_values(dotenv_path).items():
-            if key in _ENV and value is not None:
-                merged[key] = value
+    """Merge the dotenv file under the process environment; only known names.
+
+    A file that must exist and cannot be read is a ConfigError: settings such as
+    ``PROXY_API_KEYS`` in a mistyped path must not silently go missing. It must exist
+    when ``env_file_required``; when that is None, unless it is the default ``.env``."""
+    merged = dict(_dotenv(dotenv_path, env_file_required) or {})
     source = os.environ if environ is None else environ
     for key in _ENV:
         if key in source:
             merged[key] = source[key]
     return merged
+
+
+def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> dict[str, str] | None:
+    """The known settings in the dotenv file; None when there is none to read."""
+    if path is None:
+        return None
+    if required is None:
+        required = os.fspath(path) != DEFAULT_ENV_FILE
+    # the default is skipped unless it is a file (a virtualenv named .env is common)
+    if not required and not Path(path).is_file():
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"cannot read the env file {os.fspath(path)!r} ({reason}); "
+            "--env-file '' (or TRIOPROXY_ENV_FILE=) reads none"
+        ) from None
+    values = dotenv_values(stream=io.StringIO(text))
+    return {key: value for key, value in values.items() if key in _ENV and value is not None}
+
+
+def parse_setting(name: str, raw: str, given_as: str | None = None) -> tuple[str, Any]:
+    """The ``Settings`` field and value for the setting ``name`` (its environment name)
+    given as ``raw``; a ConfigError names ``given_as`` (a flag, say) or ``name``."""
+    attr, parse = _ENV[name]
+    try:
+        return attr, parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {given_as or name}: {exc}") from None
 
 
 _OPTIONAL_TEXT = (
@@ -241,19 +293,18 @@ _OPTIONAL_TEXT = (
 
 def load_settings(
     environ: Mapping[str, str] | None = None,
-    dotenv_path: str | os.PathLike[str] | None = ".env",
+    dotenv_path: str | os.PathLike[str] | None = DEFAULT_ENV_FILE,
+    env_file_required: bool | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build and validate settings. Raises ConfigError naming the offending setting."""
+    """Build and validate settings. Raises ConfigError naming the offending setting.
+    ``overrides`` are already parsed values (``parse_setting`` parses a flag's)."""
     values: dict[str, Any] = {}
-    for name, raw in read_environment(environ, dotenv_path).items():
-        attr, parse = _ENV[name]
-        if raw.strip() == "" and attr in _OPTIONAL_TEXT:
+    for name, raw in read_environment(environ, dotenv_path, env_file_required).items():
+        if raw.strip() == "" and _ENV[name][0] in _OPTIONAL_TEXT:
             continue
-        try:
-            values[attr] = parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"invalid {name}: {exc}") from None
+        attr, value = parse_setting(name, raw)
+        values[attr] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     if dotenv_path is not None and Path(dotenv_path).is_file():
         values["env_file"] = str(dotenv_path)
@@ -262,7 +313,7 @@ def load_settings(
 
 
 def _validated(settings: Settings) -> Settings:
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = _reparsed(settings)
     if settings.upstream_url:
         changes["upstream_url"] = normalise_upstream_url(settings.upstream_url)
     if settings.model_mapping_file:
@@ -298,6 +349,23 @@ def _validated(settings: Settings) -> Settings:
             f"({settings.health_error_rate_degraded:g} > {settings.health_error_rate_unhealthy:g})"
         )
     return replace(settings, **changes) if changes else settings
+
+
+def _reparsed(settings: Settings) -> dict[str, Any]:
+    """Values given already parsed (``create_app(**overrides)``, ``Settings(...)``) get the
+    parsers' checks too: an empty host, a port out of range or an unknown log level would
+    otherwise fail later, with a traceback or, for the host, not at all."""
+    changes: dict[str, Any] = {}
+    for name, value in (
+        ("PROXY_HOST", settings.host),
+        ("PROXY_PORT", str(settings.port)),
+        ("LOG_LEVEL", settings.log_level),
+        ("LOG_FORMAT", settings.log_format),
+    ):
+        attr, parsed = parse_setting(name, value)
+        if parsed != getattr(settings, attr):
+            changes[attr] = parsed
+    return changes
 
 
 def _check_tls(certfile: str | None, keyfile: str | None) -> None:
@@ -349,17 +417,43 @@ def normalise_upstream_url(url: str) -> str:
     A URL with no path gets ``/v1`` (where every OpenAI-compatible server lives); a URL
     with a path is used exactly as given, so ``.../v1beta/openai`` works.
     """
-    parts = urlsplit(url.strip())
+    shown = redact_url(url)  # the URL's credentials never reach an error line
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # an unclosed "[" of an IPv6 address, say
+        raise ConfigError(f"invalid OPENAI_API_BASE_URL {shown!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            f"invalid OPENAI_API_BASE_URL {url!r}: expected an http(s) URL such as "
+            f"invalid OPENAI_API_BASE_URL {shown!r}: expected an http(s) URL such as "
             "http://127.0.0.1:8000/v1"
         )
     try:
         parts.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError:
-        raise ConfigError(f"invalid OPENAI_API_BASE_URL {url!r}: bad port") from None
+        raise ConfigError(f"invalid OPENAI_API_BASE_URL {shown!r}: bad port") from None
     path = parts.path.rstrip("/")
     if not path:
         path = "/v1"
     return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its userinfo (``user:password@``) shown as ``***@``: how a URL appears
+    in log lines and errors."""
+    return _USERINFO.sub(r"\1***@", url, count=1)
+
+
+def url_credentials(url: str) -> tuple[str, ...]:
+    """The secret in a URL's userinfo, as written and decoded, for the log filter: the
+    password, or the user name when there is no password (a token given as user name).
+    A bare user name is not masked everywhere: ``user`` would hide every such word."""
+    match = _USERINFO.match(url.strip())
+    if match is None:
+        return ()
+    userinfo = match.group(0).removeprefix(match.group(1) or "")[:-1]
+    user, colon, password = userinfo.partition(":")
+    secret = password if colon else user
+    return tuple(dict.fromkeys(v for v in (secret, unquote(secret)) if v))

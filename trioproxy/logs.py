@@ -2,6 +2,8 @@
 
 The request id lives in a context variable set once per request by the connection
 adapter, so every log call made while serving it (handlers, relay, upstream) sees it.
+hypercorn's own lines (logger ``hypercorn.error``) and the program's notices on stderr
+come out in the same format, so ``LOG_FORMAT=json`` means every line is JSON.
 """
 
 from __future__ import annotations
@@ -48,15 +50,64 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+HYPERCORN_LOGGER = "hypercorn.error"  # hypercorn's startup and error lines
+NOTICE_PREFIX = "trioproxy: "
+
+# What the last configure_logging() chose, for the handlers built later in the same
+# process (hypercorn's, in a --workers worker) and for notices.
+_format = "text"
+_secrets: tuple[str, ...] = ()
 
 
 def configure_logging(
     level: str = "INFO", fmt: str = "text", secrets: tuple[str, ...] = ()
 ) -> None:
+    global _format, _secrets
+    _format, _secrets = fmt, secrets
+    handler = configured_handler()
+    for name in ("trioproxy", HYPERCORN_LOGGER):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def configured_handler() -> logging.Handler:
+    """A stderr handler in the configured format that scrubs the configured secrets.
+    Named in ``hypercorn_log_config`` as a factory, so it takes no arguments."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestContextFilter(secrets))
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger("trioproxy")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    handler.addFilter(RequestContextFilter(_secrets))
+    handler.setFormatter(JsonFormatter() if _format == "json" else logging.Formatter(TEXT_FORMAT))
+    return handler
+
+
+def hypercorn_log_config(level: str) -> dict[str, object]:
+    """hypercorn's ``logconfig`` (dictConfig) for the workers of ``--workers N``: its lines
+    through our handler. hypercorn applies it in each worker after the app factory ran
+    ``configure_logging``, so the handler has that worker's format and secrets. Loggers it
+    does not name (ours) are left as they are."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"trioproxy": {"()": f"{__name__}.configured_handler"}},
+        "loggers": {
+            HYPERCORN_LOGGER: {"handlers": ["trioproxy"], "level": level, "propagate": False}
+        },
+    }
+
+
+def notice(line: str, level: str = "INFO", fmt: str | None = None) -> None:
+    """One line on stderr whatever the log level: what an operator must always see (where
+    the proxy listens, why it stops). Text: the line as given. JSON: one object like every
+    log line, without the ``trioproxy: [error: ]`` prefix. ``fmt`` for the errors found before
+    logging is configured."""
+    record = logging.makeLogRecord(
+        {"name": "trioproxy", "levelname": level, "levelno": logging.getLevelName(level)}
+    )
+    record.msg = line
+    RequestContextFilter(_secrets).filter(record)  # the secrets scrubbed, as on log lines
+    line = record.getMessage()
+    if (fmt or _format) == "json":
+        record.msg = line.removeprefix(NOTICE_PREFIX).removeprefix("error: ")  # in "level"
+        line = JsonFormatter().format(record)
+    print(line, file=sys.stderr, flush=True)

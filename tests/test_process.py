@@ -1,0 +1,161 @@
+"""The process tree of ``--workers N``, as a supervisor sees it: real processes on 127.0.0.1.
+
+trioproxy runs hypercorn's multi-process server as a child (its master, and the master's
+workers). Whatever happens to one side, the other must not carry on as if nothing did: a
+worker that dies makes trioproxy fail (so systemd's ``Restart=on-failure`` restarts it), a
+trioproxy that is killed takes the worker server down (so the port is free for the
+restart); and ``LOG_FORMAT=json`` holds for every line any of them writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+
+import httpx
+import psutil
+import pytest
+
+from .conftest import ServerProcess, wait_healthy
+from .test_cli_config import _start_demo_proxy, chat
+
+
+def _running_on(server: ServerProcess) -> int:
+    """How many hypercorn servers said they serve the proxy's address (hypercorn logs
+    "Running on URL" once a worker accepts connections)."""
+    return sum(f"Running on {server.url} " in line for line in server.output)
+
+
+def _wait_for_workers(server: ServerProcess, workers: int) -> list[psutil.Process]:
+    """The worker processes, once all of them serve (needs LOG_LEVEL=INFO). With one
+    worker, the process serving is trioproxy's own."""
+    deadline = time.monotonic() + 30
+    while _running_on(server) < workers:
+        assert time.monotonic() < deadline, server.log()
+        assert server.process.poll() is None, server.log()
+        time.sleep(0.05)
+    tree = psutil.Process(server.process.pid).children(recursive=True)
+    found = [p for p in tree if "spawn_main" in " ".join(p.cmdline())]
+    assert len(found) == (workers if workers > 1 else 0), [p.cmdline() for p in tree]
+    return found or [psutil.Process(server.process.pid)]
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        # a zombie is gone for our purposes: whoever adopted it has yet to reap it
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    """What a failed test left running. Before ``server.stop()``: an orphaned worker holds
+    the output pipe open, and closing it under the reading thread would block."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_a_worker_that_dies_makes_trioproxy_exit_with_a_failure() -> None:
+    """hypercorn then stops its other workers and exits 0 (the status of the last worker it
+    joined); trioproxy did not ask it to stop, so it says so and exits 1."""
+    server = _start_demo_proxy(2, LOG_LEVEL="INFO")
+    descendants: list[psutil.Process] = []
+    try:
+        workers = _wait_for_workers(server, 2)
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        workers[0].send_signal(signal.SIGKILL)
+        code = server.process.wait(timeout=15)
+        server.reader.join(timeout=5)  # type: ignore[union-attr]
+        log = server.log()
+        assert code == 1, log
+        last = log.strip().splitlines()[-1]
+        assert last.startswith("trioproxy: error: the worker server stopped without being asked")
+        assert "Traceback" not in log
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in descendants):  # nothing of it is left behind
+            assert time.monotonic() < deadline, [p for p in descendants if not _gone(p)]
+            time.sleep(0.05)
+    finally:
+        _kill(descendants)
+        server.stop()
+
+
+def test_killing_trioproxy_takes_its_worker_server_down() -> None:
+    """SIGKILL leaves trioproxy no chance to stop its child: the child notices by itself.
+    Else its workers keep the port, answering /health while every request fails (the demo
+    backend died with trioproxy), and a restart cannot bind."""
+    server = _start_demo_proxy(2, LOG_LEVEL="INFO", GRACEFUL_TIMEOUT="1")
+    port = int(server.url.rsplit(":", 1)[1])
+    descendants: list[psutil.Process] = []
+    try:
+        _wait_for_workers(server, 2)
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        assert len(descendants) >= 3  # hypercorn's master and two workers
+        server.process.kill()
+        server.process.wait(timeout=5)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in descendants):
+            assert time.monotonic() < deadline, [p.cmdline() for p in descendants if not _gone(p)]
+            time.sleep(0.05)
+        assert _port_is_free(port)
+    finally:
+        _kill(descendants)
+        server.stop()
+
+
+def test_the_worker_server_outlives_the_thread_that_started_it() -> None:
+    """trio starts the child from a worker thread that exits after 10 s idle: whatever ties
+    the child to trioproxy must not mistake that for trioproxy's death (PR_SET_PDEATHSIG
+    would, and take the server down after 10 s)."""
+    server = _start_demo_proxy(2)
+    try:
+        wait_healthy(server.url, timeout=30)
+        time.sleep(11)
+        assert server.process.poll() is None
+        assert chat(server.url).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_log_format_json_means_every_line_is_json(workers: int) -> None:
+    """hypercorn's own lines ("Running on ...", in every worker) and trioproxy's notices
+    ("listening on", "demo backend at") included."""
+    server = _start_demo_proxy(workers, LOG_FORMAT="json", LOG_LEVEL="INFO", ACCESS_LOG="true")
+    try:
+        _wait_for_workers(server, workers)
+        assert chat(server.url).status_code == 200
+        assert httpx.get(server.url + "/no/such/path", timeout=5).status_code == 404
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+        server.reader.join(timeout=5)  # type: ignore[union-attr]
+    finally:
+        server.stop()
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line: {line!r}\n{server.log()}")
+    messages = {(e["logger"], e["message"]) for e in entries}
+    assert ("hypercorn.error", f"Running on {server.url} (CTRL + C to quit)") in messages
+    assert any(re.fullmatch(r"demo backend at http://\S+/v1", m) for _, m in messages)
+    listening = f"listening on {server.url}"
+    assert any(logger == "trioproxy" and listening in m for logger, m in messages)
+    assert any(e["logger"] == "trioproxy.access" for e in entries)
