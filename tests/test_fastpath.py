@@ -166,6 +166,13 @@ async def test_cors_only_for_allowed_origins_and_preflight_still_answered(app: P
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == ALLOWED
     assert "POST" in preflight.headers["Allow"]
+    # browsers never let "*" cover Authorization: it is named; the answer depends on the
+    # origin asking (caches must know); the SDK may read the backend's retry advice
+    allowed_headers = preflight.headers["Access-Control-Allow-Headers"].split(", ")
+    assert "Authorization" in allowed_headers
+    assert preflight.headers["Vary"] == "Origin"
+    exposed = preflight.headers["Access-Control-Expose-Headers"].split(", ")
+    assert {"Retry-After", "retry-after-ms", "x-should-retry", "*"} <= set(exposed)
 
 
 async def test_other_methods_on_a_proxy_route_get_a_405_in_dialect(app: ProxyApp) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import ollama
@@ -985,15 +985,32 @@ _HELLO = (
     '"choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},'
     '"finish_reason":null}]}\n\n'
 )
+_TOOL_CALLS = [
+    {"id": f"call_{i}", "type": "function",
+     "function": {"name": name, "arguments": json.dumps({"city": "Paris"})}}
+    for i, name in enumerate(["weather", "time"])
+]  # fmt: skip
+_TOOL_COMPLETION = {
+    **_COMPLETION,
+    "choices": [{"index": 0, "finish_reason": "tool_calls",
+                 "message": {"role": "assistant", "content": None, "tool_calls": _TOOL_CALLS}}],
+}  # fmt: skip
 # model name -> (content type, body) the fake backend answers a stream request with
 _STREAM_SHAPES = {
     "full-json": ("application/json", json.dumps(_COMPLETION)),
+    "full-json-tools": ("application/json", json.dumps(_TOOL_COMPLETION)),
     "error-with-200": ("application/json", _WRONG_SHAPES["error-with-200"]),
     "no-choices": ("application/json", "{}"),
     "empty": ("text/event-stream", ""),
     "plain-text": ("text/plain", "oops, not a stream"),
     "cut": ("text/event-stream", _HELLO),
-}
+    "context-too-long": ("text/event-stream", "data: " + json.dumps({"error": {
+        "message": "This model's maximum context length is 8192 tokens",
+        "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded"}}) + "\n\n"),
+    "overloaded": ("text/event-stream", 'data: {"error": {"message": "overloaded",'
+                   ' "type": "server_error"}}\n\n'),
+}  # fmt: skip
 
 
 class _WrongShapeBackend(BaseHTTPRequestHandler):
@@ -1102,6 +1119,27 @@ def test_a_backend_that_ignores_stream_and_answers_json_is_streamed_as_one_chunk
     assert "".join(texts) == "full answer"
 
 
+def test_a_json_answer_with_tool_calls_works_with_the_sdks_stream_helpers(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """The made-up chunk numbers its tool calls: the openai SDK's ``stream()`` helper
+    indexes its accumulation by them, and ollama-python gets both calls."""
+    tools: Any = [{"type": "function", "function": {"name": n, "parameters": {}}}
+                  for n in ("weather", "time")]  # fmt: skip
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=wrong_shape_proxy.url + "/v1", api_key="x", max_retries=0) as c:
+        with c.chat.completions.stream(model="full-json-tools", messages=messages,
+                                       tools=tools) as stream:  # fmt: skip
+            final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert [(t.id, t.function.name) for t in calls] == [("call_0", "weather"), ("call_1", "time")]
+    with ollama.Client(host=wrong_shape_proxy.url, timeout=10) as client:
+        parts = list(client.chat(model="full-json-tools", messages=messages, stream=True))
+    called = [t.function.name for p in parts for t in (p.message.tool_calls or [])]
+    assert called == ["weather", "time"]
+    assert parts[-1].done
+
+
 @pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
 @pytest.mark.parametrize(
     ("model", "words"),
@@ -1119,6 +1157,22 @@ def test_a_stream_answer_with_nothing_in_it_is_a_502_not_an_empty_answer(
     assert "".join(texts) == ""
     assert error is not None and words in str(error)
     assert getattr(error, "status_code", None) == 502
+
+
+@pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+@pytest.mark.parametrize(("model", "status"), [("context-too-long", 400), ("overloaded", 502)])
+def test_a_stream_the_backend_fails_at_once_gets_a_real_status(
+    wrong_shape_proxy: ServerProcess, consume: Any, model: str, status: int
+) -> None:
+    """An error as the stream's first event: nothing was sent, so the client gets a real
+    status in its dialect, a 4xx for its own mistake (the openai SDK's BadRequestError,
+    which LangChain and others test for a context that is too long), else a 502."""
+    texts, error = consume(wrong_shape_proxy, model)
+    assert texts == []
+    assert getattr(error, "status_code", None) == status, error
+    if status == 400 and isinstance(error, openai.BadRequestError):
+        assert error.code == "context_length_exceeded"
+        assert "maximum context length" in error.message
 
 
 @pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
@@ -1153,6 +1207,78 @@ def test_a_placeholder_backend_key_is_not_masked_out_of_answers(
     assert "trioproxy demo backend" in answer["message"]["content"]
 
 
+# ---- what a backend says about retries and its rate limits ----------------------------------
+
+_LIMITS = {"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499",
+           "x-ratelimit-reset-tokens": "6ms"}  # fmt: skip
+
+
+class _RateLimitingBackend(BaseHTTPRequestHandler):
+    """Answers the model "refuses" with a 503 that says not to retry, anything else with a
+    completion (an event stream when asked); every answer carries rate-limit headers."""
+
+    protocol_version = "HTTP/1.1"
+    attempts: ClassVar[list[str]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.attempts.append(request["model"])
+        if request["model"] == "refuses":
+            status, content_type = 503, "application/json"
+            body = '{"error": {"message": "busy, and retrying will not help"}}'
+            extra = {"x-should-retry": "false", "retry-after-ms": "1500", "retry-after": "2"}
+        elif request.get("stream"):
+            status, content_type, extra = 200, "text/event-stream", {}
+            body = _HELLO + 'data: {"choices": [{"index": 0, "delta": {},' \
+                ' "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+        else:
+            status, content_type, extra = 200, "application/json", {}
+            body = json.dumps(_COMPLETION)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body.encode())))
+        for name, value in {**_LIMITS, **extra}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+
+def test_the_backends_retry_advice_and_rate_limits_reach_the_client(
+    start_proxy: StartProxy,
+) -> None:
+    """The openai SDK obeys x-should-retry and retry-after-ms, and clients pace themselves
+    by x-ratelimit-*: the proxy passes them on, and does not retry what the backend says
+    a retry would not help (one failure used to become MAX_RETRIES+1 backend calls, times
+    the SDK's own retries)."""
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _RateLimitingBackend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{backend.server_address[1]}/v1"
+        proxy = start_proxy(url, MAX_RETRIES="2", RETRY_BACKOFF="0.01")
+        chat = proxy.url + "/v1/chat/completions"
+        messages = [{"role": "user", "content": "hi"}]
+        refused = httpx.post(chat, json={"model": "refuses", "messages": messages}, timeout=10)
+        assert refused.status_code == 503
+        assert _RateLimitingBackend.attempts.count("refuses") == 1
+        assert refused.headers["x-should-retry"] == "false"
+        assert refused.headers["retry-after-ms"] == "1500"
+        for stream in (False, True):
+            body = {"model": "m", "messages": messages, "stream": stream}
+            with httpx.stream("POST", chat, json=body, timeout=10) as answer:
+                assert answer.status_code == 200
+                assert {k: answer.headers.get(k) for k in _LIMITS} == _LIMITS
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x") as client:  # 2 retries
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(model="refuses", messages=messages)  # type: ignore[arg-type]
+        assert _RateLimitingBackend.attempts.count("refuses") == 2  # the SDK believed it too
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
 # ---- load / unload calls ---------------------------------------------------------------------
 
 
@@ -1182,7 +1308,7 @@ def test_load_and_unload_calls_answer_at_once_for_known_models_only(
     assert unknown.json() == {"error": 'model "no-such-model" not found, try pulling it first'}
 
 
-def test_a_backend_without_a_model_list_lists_no_models_to_ollama_clients(
+def test_a_backend_without_a_model_list_lists_no_models_to_clients(
     wrong_shape_proxy: ServerProcess,
 ) -> None:
     """Open WebUI and ``ollama.list()`` poll the list; a backend with no ``/models`` route
@@ -1192,8 +1318,8 @@ def test_a_backend_without_a_model_list_lists_no_models_to_ollama_clients(
         assert client.list().models == []
         assert client.ps().models == []
         assert client.show("anything").modelfile  # no list to check it against: assumed there
-    openai_list = httpx.get(wrong_shape_proxy.url + "/v1/models", timeout=10)
-    assert openai_list.status_code == 501  # /v1 is a pass-through: the backend's answer
+    with openai.OpenAI(base_url=wrong_shape_proxy.url + "/v1", api_key="x", max_retries=0) as c:
+        assert list(c.models.list()) == []  # connection checks (Open WebUI) pass
 
 
 # ---- a backend that fails the model list --------------------------------------------------

@@ -11,6 +11,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import trio
@@ -196,13 +197,46 @@ async def test_first_token_deadline_still_applies_after_a_role_chunk() -> None:
     assert "STREAM_FIRST_TOKEN_TIMEOUT" in failures[0].message
 
 
-async def test_idle_gap_before_the_first_token_reports_the_first_token() -> None:
-    # as before: a gap over the idle limit before any token is a first-token failure
-    script: Script = [(0, ROLE), (0, None)]
-    out, _, _ = await run_relay(
-        script, openai, stream_idle_timeout=0.3, stream_first_token_timeout=30
+async def test_before_the_first_token_only_its_own_deadline_applies() -> None:
+    """A reasoning model may think in silence after its first event for longer than the
+    idle limit: until the first token, STREAM_FIRST_TOKEN_TIMEOUT alone bounds the wait."""
+    script: Script = [(0, ROLE), (0.6, token("a")), (0.05, token("b")), (0, DONE)]
+    for make in (openai, ollama):
+        out, elapsed, _ = await run_relay(
+            script, make, stream_idle_timeout=0.3, stream_first_token_timeout=5
+        )
+        assert b"error" not in out and elapsed > 0.6
+    silent: Script = [(0, ROLE), (0, None)]
+    out, elapsed, _ = await run_relay(
+        silent, openai, stream_idle_timeout=0.3, stream_first_token_timeout=1.0
     )
     assert "STREAM_FIRST_TOKEN_TIMEOUT" in last_error(out)
+    assert 0.9 < elapsed < 3  # the first-token deadline, not the 0.3 s idle limit
+
+
+async def test_the_idle_limit_applies_again_from_the_first_token_on() -> None:
+    script: Script = [(0, ROLE), (0.5, token("a")), (0, None)]
+    out, elapsed, _ = await run_relay(
+        script, openai, stream_idle_timeout=0.3, stream_first_token_timeout=5
+    )
+    assert "STREAM_IDLE_TIMEOUT" in last_error(out)
+    assert 0.75 < elapsed < 3  # 0.5 s to the first token, then the 0.3 s idle limit
+
+
+async def test_a_held_read_timeout_goes_back_with_the_connection() -> None:
+    """The connection returns to the pool: a stream that ended before its first token
+    must not leave it without a read timeout for the next request."""
+    held: list[Any] = []
+
+    def keep(response: httpx.Response, settings: Settings, collector: MetricsCollector) -> Any:
+        held.append(response.extensions["network_stream"])
+        return openai(response, settings, collector)
+
+    out, _, _ = await run_relay(
+        [(0, ROLE), (0, None)], keep, stream_idle_timeout=0.3, stream_first_token_timeout=0.5
+    )
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in last_error(out)
+    assert held and held[0]._held is False
 
 
 async def test_slow_headers_are_bounded_by_the_first_token_timeout_only() -> None:

@@ -1358,8 +1358,9 @@ def test_openai_model_list() -> None:
     out = openai_model_list(BACKEND_MODELS, MAPPER)  # type: ignore[arg-type]
     assert out["object"] == "list"
     assert [m["id"] for m in out["data"]] == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
+    # the backend's other fields stay (what clients size prompts by)
     assert out["data"][0] == {"id": "llama3", "object": "model", "created": 1_700_000_000,
-                              "owned_by": "meta"}
+                              "owned_by": "meta", "max_model_len": 8192}
     assert out["data"][2] == {"id": "nomic-embed-text", "object": "model", "created": 0,
                               "owned_by": "trioproxy"}
     for entry in out["data"]:
@@ -1370,6 +1371,12 @@ def test_openai_model_entry() -> None:
     assert openai_model_entry("x") == {"id": "x", "object": "model", "created": 0,
                                        "owned_by": "trioproxy"}
     assert openai_model_entry("x", {"id": "b", "created": 12.7, "owned_by": ""})["created"] == 12
+    # vLLM's entry names the backend's model again in "root": a mapping must not leak it
+    vllm = {"id": "meta/Llama-3-8B", "object": "model", "created": 1, "owned_by": "vllm",
+            "root": "meta/Llama-3-8B", "parent": None, "max_model_len": 8192}
+    assert openai_model_entry("llama3", vllm) == {
+        "id": "llama3", "object": "model", "created": 1, "owned_by": "vllm", "parent": None,
+        "max_model_len": 8192}
 
 
 @pytest.mark.parametrize(

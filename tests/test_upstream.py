@@ -4,6 +4,7 @@ harm a proxy (a cookie jar shared by every user) must stay gone."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 
@@ -74,6 +75,32 @@ async def test_requests_carry_the_headers_and_timeouts_the_client_used_to_add() 
     }
     # a slow but healthy generation is bounded by the relay's deadlines, not a read timeout
     assert streamed.extensions["timeout"]["read"] is None
+
+
+@pytest.mark.parametrize(("api_key", "expected"), [
+    (None, "Basic " + base64.b64encode(b"us@er:p:ss").decode()),
+    ("sk-test-1234", "Bearer sk-test-1234"),  # the API key wins; the URL's pair is dropped
+])  # fmt: skip
+async def test_credentials_in_the_backend_url_are_sent_as_basic_auth(
+    api_key: str | None, expected: str
+) -> None:
+    """A backend behind basic auth, reached as http://user:password@host/v1: the requests
+    go to the transports directly, which would drop the pair from the URL."""
+    seen: list[httpx.Request] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={})
+
+    settings = _settings("http://us%40er:p%3Ass@backend.test/v1", api_key=api_key)
+    pool = UpstreamPool(settings, transport_factory=lambda: httpx.MockTransport(backend))
+    try:
+        await pool.request("GET", "/models")
+    finally:
+        await pool.aclose()
+    (request,) = seen
+    assert request.headers["authorization"] == expected
+    assert str(request.url) == "http://backend.test/v1/models"  # no pair in the URL
 
 
 async def test_an_http_proxy_from_the_environment_is_used(

@@ -104,6 +104,11 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         nursery.cancel_scope.cancel()
 
 
+_EXPOSED_HEADERS = (
+    f"X-Request-ID, {OVERHEAD_HEADER}, Retry-After, retry-after-ms, x-should-retry, *"
+)
+
+
 class ProxyApp(QuartTrio):
     asgi_http_class = TrackedHTTPConnection
 
@@ -124,12 +129,18 @@ class ProxyApp(QuartTrio):
         allowed = self.cors_origins
         if not origin or not allowed or ("*" not in allowed and origin not in allowed):
             return []
-        return [
+        headers = [
             ("Access-Control-Allow-Origin", "*" if "*" in allowed else origin),
-            ("Access-Control-Allow-Headers", "*"),
+            # the wildcard never covers Authorization (Fetch spec): it is named
+            ("Access-Control-Allow-Headers", "Authorization, *"),
             ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS, HEAD"),
-            ("Access-Control-Expose-Headers", f"X-Request-ID, {OVERHEAD_HEADER}"),
+            # retry advice and rate limits, for the JavaScript SDK to read; "*" for the
+            # x-ratelimit-* family, which has no fixed list of names
+            ("Access-Control-Expose-Headers", _EXPOSED_HEADERS),
         ]
+        if "*" not in allowed:
+            headers.append(("Vary", "Origin"))  # the answer depends on who asks
+        return headers
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:

@@ -99,7 +99,7 @@ class ReadDeadlines:
 class DirectTCPStream(httpcore.AsyncNetworkStream):
     """An httpcore stream over plain TCP that reads and writes the socket directly."""
 
-    __slots__ = ("_deadlines", "_expired", "_inner", "_socket")
+    __slots__ = ("_deadlines", "_expired", "_held", "_inner", "_socket")
 
     def __init__(
         self, inner: httpcore.AsyncNetworkStream, deadlines: ReadDeadlines | None = None
@@ -107,13 +107,25 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         self._inner = inner
         self._deadlines = deadlines
         self._expired = False
+        self._held = False
         socket = inner.get_extra_info("socket")
         plain = inner.get_extra_info("ssl_object") is None and isinstance(
             socket, trio.socket.SocketType
         )
         self._socket: trio.socket.SocketType | None = socket if plain else None
 
+    def hold_read_timeout(self) -> None:
+        """Read without httpcore's read timeout until :meth:`release_read_timeout`: its
+        timeout is fixed for a whole response body, and a stream's first token has a
+        deadline of its own (kept by the relay) that may be later."""
+        self._held = True
+
+    def release_read_timeout(self) -> None:
+        self._held = False
+
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._held:
+            timeout = None
         socket = self._socket
         if socket is None:
             return await self._inner.read(max_bytes, timeout)

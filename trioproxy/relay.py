@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import ProxyError, UpstreamTimeout, scrub
 from .jsonutil import compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
+from .netstream import DirectTCPStream
 from .sse import (
     DEFAULT_MAX_LINE_BYTES,
     SSE_DONE,
@@ -87,13 +88,16 @@ class _Reader:
     ``netstream.ReadDeadlines``). So the idle limit becomes the body's read timeout (set
     here, after the headers: the wait for those is bounded by the first-token timeout alone,
     see ``UpstreamPool._attempt``), and a scope of our own is only entered before the first
-    token, while the first-token deadline is the nearer one.
+    token. Until then the first-token deadline alone applies (a reasoning model may think in
+    silence for minutes after its first event): the connection's read timeout is held
+    (``netstream.DirectTCPStream.hold_read_timeout``) until :meth:`saw_token`, and
+    :meth:`release` gives it back however the stream ends.
 
     Methods, not an async generator: one generator layer less per chunk, and no cancel scope
     can ever be held open across the relay's ``yield``.
     """
 
-    __slots__ = ("_by_transport", "_chunks", "first_token_at", "idle", "token_seen")
+    __slots__ = ("_by_transport", "_chunks", "_held", "first_token_at", "idle", "token_seen")
 
     def __init__(self, response: httpx.Response, settings: Settings, metric_start: float) -> None:
         already = time.perf_counter() - metric_start
@@ -101,6 +105,11 @@ class _Reader:
         self.idle = settings.stream_idle_timeout
         self.token_seen = False
         self._by_transport = _idle_as_read_timeout(response, self.idle)
+        stream = response.extensions.get("network_stream")
+        self._held: DirectTCPStream | None = None
+        if self._by_transport and isinstance(stream, DirectTCPStream):
+            stream.hold_read_timeout()
+            self._held = stream
         # an unencoded body needs no decoder: one generator layer and two list
         # allocations less per chunk
         encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
@@ -117,10 +126,21 @@ class _Reader:
         except httpx.ReadTimeout:
             if not self._by_transport:
                 raise  # not our idle limit: a transport failure like any other
-            raise StreamTimeout(self.describe()) from None
+            raise StreamTimeout(self.describe(by_transport=True)) from None
         if scope.cancelled_caught:
             raise StreamTimeout(self.describe())
         return chunk
+
+    def saw_token(self) -> None:
+        """The first token (or other progress) came: the idle limit applies from now on."""
+        self.token_seen = True
+        self.release()
+
+    def release(self) -> None:
+        """Give the connection its read timeout back (it goes back to the pool)."""
+        if self._held is not None:
+            self._held.release_read_timeout()
+            self._held = None
 
     async def drain(self) -> None:
         """Read the rest of the body, briefly (see DRAIN_SECONDS); failures don't matter now."""
@@ -131,8 +151,9 @@ class _Reader:
             except httpx.HTTPError:
                 pass
 
-    def describe(self) -> str:
-        if self.token_seen:
+    def describe(self, *, by_transport: bool = False) -> str:
+        """Which limit a stream ran into: the read timeout is the idle limit."""
+        if self.token_seen or by_transport:
             return f"the backend sent nothing for {self.idle:g} s (STREAM_IDLE_TIMEOUT)"
         return "the backend produced no token in time (STREAM_FIRST_TOKEN_TIMEOUT)"
 
@@ -140,6 +161,8 @@ class _Reader:
         """Our own deadline for the next read; ``inf`` when the read timeout covers it."""
         if self.token_seen:
             return math.inf if self._by_transport else trio.current_time() + self.idle
+        if self._held is not None:
+            return self.first_token_at  # the read timeout is held until the first token
         idle_at = trio.current_time() + self.idle
         if self._by_transport:
             return self.first_token_at if self.first_token_at < idle_at else math.inf
@@ -231,13 +254,15 @@ async def relay_ollama(
                     if chunk is None:
                         continue
                     if "error" in chunk and not chunk.get("choices"):
+                        if not sent and not lines:
+                            raise _FailedAtOnce(chunk["error"])
                         error = scrub(_in_band_error(chunk), settings.api_key)
                         break
                     lines += [dumps(out) for out in translator.feed(chunk, now_ns)]
                 elif line:
                     lines.append(line)
-                if translator.first_token_ns is not None:
-                    reader.token_seen = True
+                if not reader.token_seen and translator.first_token_ns is not None:
+                    reader.saw_token()
             if lines:
                 yield b"\n".join(lines) + b"\n"
                 sent = True
@@ -249,7 +274,10 @@ async def relay_ollama(
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
+    except _FailedAtOnce as failure:
+        raise _refused(failure.error, metric, settings) from None
     finally:
+        reader.release()
         _finish_upstream(metric)
         _record_tokens(metric, translator)
     if error is not None:
@@ -307,8 +335,10 @@ async def relay_openai(
                     observer.feed_text(event.data, time.perf_counter_ns())
                 else:
                     finished = True
-            if observer.progressed:
-                reader.token_seen = True
+            if observer.failed and not sent and observer.first_token_ns is None:
+                raise _FailedAtOnce(observer.error)  # its first word was the failure
+            if observer.progressed and not reader.token_seen:
+                reader.saw_token()
             finished = finished or observer.ended
             if finished:
                 _reached(end)
@@ -327,7 +357,10 @@ async def relay_openai(
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
+    except _FailedAtOnce as failure:
+        raise _refused(failure.error, metric, settings) from None
     finally:
+        reader.release()
         _finish_upstream(metric)
         _record_tokens(metric, observer)
         if on_finish is not None:
@@ -363,6 +396,51 @@ def _unfinished(observer: StreamObserver) -> bool:
     if not observer.must_end or observer.failed or observer.ended:
         return False
     return observer.finish_reason is None
+
+
+class _FailedAtOnce(Exception):
+    """The backend's first event reported a failure: nothing was sent, so the client can
+    still get a real status for it."""
+
+    def __init__(self, error: object) -> None:
+        super().__init__("the backend failed the stream before its first event")
+        self.error = error
+
+
+def _refused(error: object, metric: RequestMetrics | None, settings: Settings) -> ProxyError:
+    """The client's error for a stream the backend failed at once: a mistake of the
+    client's that the backend found in the stream (OpenAI's ``invalid_request_error``, a
+    4xx code: a context too long, a rate limit) is that 4xx, like the same mistake found
+    before the stream; anything else is a 502. A 4xx is a refused request, not a stream."""
+    message = scrub(_error_text(error), settings.api_key)
+    status = _client_status(error)
+    if status is None:
+        _set_outcome(metric, "error")
+        return ProxyError(message, 502, code="upstream_error")
+    if metric is not None:
+        metric.streaming = False
+    code = error.get("code") if isinstance(error, dict) else None
+    return ProxyError(message, status, code=code if isinstance(code, str) else None)
+
+
+def _client_status(error: object) -> int | None:
+    if not isinstance(error, dict):
+        return None
+    for key in ("status", "code"):
+        value = error.get(key)
+        if isinstance(value, int) and 400 <= value < 500:
+            return value
+    if error.get("type") == "invalid_request_error":
+        return 400
+    if error.get("code") in ("rate_limit_exceeded", "insufficient_quota"):
+        return 429
+    return None
+
+
+def _error_text(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error) if error else "the backend failed the stream"
 
 
 class _NotAStream(Exception):
@@ -435,15 +513,25 @@ def _completion_as_events(whole: Any, observer: StreamObserver) -> bytes:
     if completion.get("object") == "chat.completion":
         chunk = {**completion, "object": "chat.completion.chunk"}
         chunk["choices"] = [
-            {**choice, "delta": choice.get("message") or {}}
-            for choice in completion["choices"]
-            if isinstance(choice, dict)
+            _choice_as_delta(choice) for choice in completion["choices"] if isinstance(choice, dict)
         ]
-        for choice in chunk["choices"]:
-            choice.pop("message", None)
     else:  # a legacy text completion: its chunks have the same shape
         chunk = completion
     return encode_sse(chunk) + b"data: [DONE]\n\n"
+
+
+def _choice_as_delta(choice: dict[str, Any]) -> dict[str, Any]:
+    """A completion's choice as a chunk's: its message as the delta, and each tool call
+    numbered (a delta's tool calls need their ``index``; a message's have none)."""
+    delta = dict(choice.get("message") or {})
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [
+            {**call, "index": i} if isinstance(call, dict) else call for i, call in enumerate(calls)
+        ]
+    out = {key: value for key, value in choice.items() if key != "message"}
+    out["delta"] = delta
+    return out
 
 
 def _reached(end: StreamEnd | None) -> None:

@@ -41,7 +41,7 @@ from .relay import (
     dumps,
     relay_openai,
 )
-from .upstream import UpstreamResult
+from .upstream import UpstreamResult, forwarded_headers
 
 blueprint = Blueprint("openai", __name__)
 
@@ -207,7 +207,7 @@ def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None)
 @blueprint.get("/v1/models")
 async def models() -> Response:
     call = await current_call()
-    listed = await call.app.catalog.models(call)  # type: ignore[attr-defined]
+    listed = await call.app.catalog.listed(call)  # type: ignore[attr-defined]
     return _json(tr.openai_model_list(listed, call.app.mapper))
 
 
@@ -226,7 +226,12 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 def _whole_reply(result: UpstreamResult, content: bytes) -> Reply:
     response = result.response
-    return Reply(response.status_code, content, response.headers.get("content-type", JSON))
+    return Reply(
+        response.status_code,
+        content,
+        response.headers.get("content-type", JSON),
+        forwarded_headers(response.headers),
+    )
 
 
 def _json_object(content: bytes) -> dict[str, Any] | None:
@@ -256,7 +261,8 @@ def _stream_reply(
         end=(end := StreamEnd()),
         on_finish=on_finish,
     )
-    return Reply(200, chunks, EVENT_STREAM, dict(STREAM_HEADERS), end=end)
+    headers = {**forwarded_headers(result.response.headers), **STREAM_HEADERS}
+    return Reply(200, chunks, EVENT_STREAM, headers, end=end)
 
 
 def _model_rewriter(names: dict[str, str]) -> Callable[[bytes], bytes] | None:

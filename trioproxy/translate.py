@@ -935,6 +935,7 @@ class _StreamStats:
         self.progressed = False
         self.ended = False
         self.failed = False
+        self.error: object = None  # what the backend said when it failed, if anything
         self._shapes = _ContentChunks()
 
     @property
@@ -949,6 +950,7 @@ class _StreamStats:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             if chunk.get("error"):
                 self.failed = True  # an error event in the stream: the backend gave up
+                self.error = chunk["error"]
             return "", "", [], {}
         choice = choices[0]
         delta = choice.get("delta")
@@ -1039,9 +1041,13 @@ class ResponsesStreamObserver(_StreamStats):
         elif kind in _RESPONSE_ENDS:
             self.ended = True
             self.failed = kind == "response.failed"
+            if self.failed:
+                response = event.get("response")
+                self.error = response.get("error") if isinstance(response, dict) else None
             self._finish(event.get("response"))
         elif kind == "error":
             self.ended = self.failed = True
+            self.error = event.get("error") or event  # {"type": "error", "code", "message"}
         elif kind == "response.created" and self.response_id is None:
             response = event.get("response")
             if isinstance(response, dict):
@@ -1472,11 +1478,16 @@ def ollama_ps(
 
 
 def openai_model_entry(client_name: str, backend_entry: JSONDict | None = None) -> JSONDict:
-    """One OpenAI model object under its client-facing id. ``created`` is always an int
-    (strict SDK validation rejects entries without it, as llama-cpp-python's lack it)."""
+    """One OpenAI model object under its client-facing id, with the backend's other
+    fields (vLLM's ``max_model_len``, OpenRouter's ``context_length``, pricing: what
+    clients size their prompts by). ``created`` is always an int (strict SDK validation
+    rejects entries without it, as llama-cpp-python's lack it)."""
     entry = backend_entry or {}
     owned_by = entry.get("owned_by")
+    backend_id = entry.get("id")
     return {
+        # a field naming the backend's id (vLLM's "root") would undo a model mapping
+        **{key: value for key, value in entry.items() if value != backend_id},
         "id": client_name,
         "object": "model",
         "created": _int(entry.get("created")),

@@ -23,6 +23,7 @@ skips ~10 % of the CPU per request (URL merge, cookie extraction; docs/performan
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import functools
 import logging
@@ -50,7 +51,25 @@ log = logging.getLogger("trioproxy.upstream")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_ERROR_BODY = 64 * 1024
-FORWARDED_RESPONSE_HEADERS = ("retry-after",)
+# What a backend says about retrying and its rate limits, for the client: the openai SDK
+# obeys x-should-retry first and prefers retry-after-ms to retry-after; x-ratelimit-*
+# (OpenAI, OpenRouter, Azure, LiteLLM) is what clients pace themselves by.
+FORWARDED_RESPONSE_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+FORWARDED_HEADER_PREFIX = "x-ratelimit-"
+MAX_FORWARDED_HEADERS = 16
+
+
+def forwarded_headers(headers: httpx.Headers) -> dict[str, str]:
+    """The backend's retry and rate-limit headers (bounded in number), to pass on."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_HEADER_PREFIX):
+            out[name] = value
+            if len(out) == MAX_FORWARDED_HEADERS:
+                break
+    return out
+
+
 _FIXED_PATHS = frozenset(
     {
         "/chat/completions",
@@ -144,9 +163,15 @@ class UpstreamPool:
         shards = max(1, settings.upstream_clients)
         keepalive = max(1, math.ceil(settings.upstream_max_keepalive / shards))
         headers = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "trioproxy"}
+        url = httpx.URL(base_url + "/")
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
-        self._base_url = httpx.URL(base_url + "/")
+        elif url.username or url.password:
+            # user:password in the URL (a backend behind basic auth): the transports are
+            # handed requests directly and would drop it, so it becomes the header
+            pair = f"{url.username}:{url.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        self._base_url = url.copy_with(username=None, password=None)
         self._default_headers = httpx.Headers(headers)
         # one TLS context for all clients: each would otherwise load the CA bundle again
         tls = httpx.create_ssl_context(verify=not settings.disable_ssl_verification)
@@ -322,11 +347,7 @@ class UpstreamPool:
             await response.aclose()
         status = response.status_code
         message = scrub(upstream_error_message(body, status), self._secret)
-        forwarded = {
-            name: response.headers[name]
-            for name in FORWARDED_RESPONSE_HEADERS
-            if name in response.headers
-        }
+        forwarded = forwarded_headers(response.headers)
         error = UpstreamStatusError(
             message,
             status,
@@ -334,7 +355,8 @@ class UpstreamPool:
             content_type=response.headers.get("content-type", ""),
             headers=forwarded,
         )
-        if status in RETRY_STATUSES:
+        # a backend that says a retry would not help (the openai SDK's own rule) is believed
+        if status in RETRY_STATUSES and response.headers.get("x-should-retry") != "false":
             retry_after = _retry_after_seconds(response.headers.get("retry-after"))
             if retry_after is None or retry_after <= self._settings.retry_backoff_max:
                 reason = "status_429" if status == 429 else "status_5xx"
