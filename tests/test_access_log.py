@@ -104,3 +104,33 @@ def test_json_access_lines_are_one_object_each(
     assert len(access) == 1 and access[0]["request_id"] == "inject-2"
     assert "\n" not in access[0]["message"]
     assert access[0]["message"].startswith("GET /api/x%0A2020-01-02%2021:11:45,337%20INFO")
+
+
+def test_a_backend_message_that_echoes_a_line_end_stays_on_its_line() -> None:
+    """A backend's error quotes what the client sent ("The model `X` does not exist"): a
+    model name holding a line end must not forge a line in the text log, whoever logs it."""
+    import io
+    import logging
+
+    from trioproxy.logs import TEXT_FORMAT, RequestContextFilter, TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    logger = logging.getLogger("trioproxy.test-forged-lines")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        forged = "x\n2020-01-02 00:00:00,000 INFO trioproxy.access [0] POST /v1/admin 200"
+        logger.warning("backend answered %d: The model `%s` does not exist", 404, forged)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("unhandled")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert "does not exist" in lines[0] and "\\n2020-01-02" in lines[0]
+    assert not any(line.startswith("2020-01-02") for line in lines)
+    assert lines[-1] == "ValueError: boom"  # a traceback keeps its own lines

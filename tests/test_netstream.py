@@ -166,6 +166,24 @@ async def test_tls_streams_are_left_to_httpcore() -> None:
         assert inner.calls == ["write", "read"]
 
 
+async def test_an_https_stream_can_hold_its_read_timeout_too() -> None:
+    """A relay holds the read timeout until a stream's first token (relay._Reader): the
+    stream httpcore gets after TLS must still be ours, or an https backend (OpenAI) would
+    keep the idle limit before the first token."""
+    client_end, server_end = trio.socket.socketpair()
+    with client_end, server_end:
+        plain = DirectTCPStream(_InnerStream(trio.SocketStream(client_end)))
+        tls = await plain.start_tls(None, "backend.test")
+        assert isinstance(tls, DirectTCPStream)
+        inner: Any = tls._inner
+        await tls.read(10, timeout=5.0)
+        tls.hold_read_timeout()
+        await tls.read(10, timeout=5.0)
+        tls.release_read_timeout()
+        await tls.read(10, timeout=5.0)
+        assert inner.timeouts == [5.0, None, 5.0]
+
+
 def test_only_httpcore_pools_get_the_direct_backend() -> None:
     assert not install(httpx.MockTransport(lambda request: httpx.Response(200)))
     transport = httpx.AsyncHTTPTransport()
@@ -182,10 +200,20 @@ class _InnerStream(httpcore.AsyncNetworkStream):
         self._stream = stream
         self._ssl_object = ssl_object
         self.calls: list[str] = []
+        self.timeouts: list[float | None] = []
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         self.calls.append("read")
+        self.timeouts.append(timeout)
         return b""
+
+    async def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore.AsyncNetworkStream:
+        return _InnerStream(self._stream, ssl_object=object())
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         self.calls.append("write")

@@ -10,10 +10,13 @@ restart); and ``LOG_FORMAT=json`` holds for every line any of them writes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -159,3 +162,30 @@ def test_log_format_json_means_every_line_is_json(workers: int) -> None:
     listening = f"listening on {server.url}"
     assert any(logger == "trioproxy" and listening in m for logger, m in messages)
     assert any(e["logger"] == "trioproxy.access" for e in entries)
+
+
+def test_workers_get_the_settings_of_an_env_file_that_can_be_read_once(tmp_path: Path) -> None:
+    """A decrypted secret handed over as a pipe (``--env-file <(sops -d …)``) is read once,
+    by trioproxy: its workers must get what it set, not read nothing and run open."""
+    from .conftest import _spawn, base_env
+
+    fifo = tmp_path / "secrets.env"
+    os.mkfifo(fifo)
+    writer = threading.Thread(
+        target=lambda: fifo.write_text("PROXY_API_KEYS=tp-piped-key-0123456789\n"), daemon=True
+    )
+    writer.start()
+    args = ["-m", "trioproxy", "--demo", "--host", "127.0.0.1", "--port", "0",
+            "--workers", "2", "--env-file", str(fifo)]  # fmt: skip
+    server = _spawn(args, base_env(DEMO_TOKEN_DELAY="0.01", LOG_LEVEL="INFO"), timeout=30)
+    try:
+        _wait_for_workers(server, 2)
+        for _ in range(6):  # new connections: both workers answer some
+            assert chat(server.url).status_code == 401
+        keyed = {"Authorization": "Bearer tp-piped-key-0123456789"}
+        body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(server.url + "/api/chat", json={**body, "stream": False},
+                            headers=keyed, timeout=10)  # fmt: skip
+        assert answer.status_code == 200
+    finally:
+        server.stop()

@@ -1010,6 +1010,11 @@ _STREAM_SHAPES = {
         "code": "context_length_exceeded"}}) + "\n\n"),
     "overloaded": ("text/event-stream", 'data: {"error": {"message": "overloaded",'
                    ' "type": "server_error"}}\n\n'),
+    # LiteLLM's errors carry their status as text
+    "litellm-too-long": ("text/event-stream", 'data: {"error": {"message": "context window'
+                         ' exceeded", "type": null, "param": null, "code": "400"}}\n\n'),
+    "full-json-no-object": ("application/json", json.dumps(
+        {k: v for k, v in _COMPLETION.items() if k != "object"})),
 }  # fmt: skip
 
 
@@ -1111,10 +1116,11 @@ def _openai_stream(proxy: ServerProcess, model: str) -> tuple[list[str], BaseExc
 
 
 @pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+@pytest.mark.parametrize("model", ["full-json", "full-json-no-object"])
 def test_a_backend_that_ignores_stream_and_answers_json_is_streamed_as_one_chunk(
-    wrong_shape_proxy: ServerProcess, consume: Any
+    wrong_shape_proxy: ServerProcess, consume: Any, model: str
 ) -> None:
-    texts, error = consume(wrong_shape_proxy, "full-json")
+    texts, error = consume(wrong_shape_proxy, model)
     assert error is None
     assert "".join(texts) == "full answer"
 
@@ -1160,7 +1166,10 @@ def test_a_stream_answer_with_nothing_in_it_is_a_502_not_an_empty_answer(
 
 
 @pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
-@pytest.mark.parametrize(("model", "status"), [("context-too-long", 400), ("overloaded", 502)])
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("context-too-long", 400), ("litellm-too-long", 400), ("overloaded", 502)],
+)
 def test_a_stream_the_backend_fails_at_once_gets_a_real_status(
     wrong_shape_proxy: ServerProcess, consume: Any, model: str, status: int
 ) -> None:
@@ -1170,7 +1179,7 @@ def test_a_stream_the_backend_fails_at_once_gets_a_real_status(
     texts, error = consume(wrong_shape_proxy, model)
     assert texts == []
     assert getattr(error, "status_code", None) == status, error
-    if status == 400 and isinstance(error, openai.BadRequestError):
+    if model == "context-too-long" and isinstance(error, openai.BadRequestError):
         assert error.code == "context_length_exceeded"
         assert "maximum context length" in error.message
 
@@ -1230,6 +1239,10 @@ class _RateLimitingBackend(BaseHTTPRequestHandler):
             status, content_type = 503, "application/json"
             body = '{"error": {"message": "busy, and retrying will not help"}}'
             extra = {"x-should-retry": "false", "retry-after-ms": "1500", "retry-after": "2"}
+        elif request["model"] == "limited-stream":  # the refusal comes as the first event
+            status, content_type, extra = 200, "text/event-stream", {"retry-after": "7"}
+            body = 'data: {"error": {"message": "slow down", "code": "rate_limit_exceeded"}}\n\n'
+
         elif request.get("stream"):
             status, content_type, extra = 200, "text/event-stream", {}
             body = _HELLO + 'data: {"choices": [{"index": 0, "delta": {},' \
@@ -1274,6 +1287,11 @@ def test_the_backends_retry_advice_and_rate_limits_reach_the_client(
             with pytest.raises(openai.InternalServerError):
                 client.chat.completions.create(model="refuses", messages=messages)  # type: ignore[arg-type]
         assert _RateLimitingBackend.attempts.count("refuses") == 2  # the SDK believed it too
+        limited = httpx.post(chat, json={"model": "limited-stream", "messages": messages,
+                                         "stream": True}, timeout=10)  # fmt: skip
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == "7"
+        assert limited.headers["x-ratelimit-remaining-requests"] == "499"
     finally:
         backend.shutdown()
         backend.server_close()

@@ -807,6 +807,17 @@ def test_stream_tool_call_at_a_used_index_with_another_name_is_another_call() ->
     assert [c["function"]["name"] for c in final["message"]["tool_calls"]] == ["f", "g"]
 
 
+def test_stream_whole_calls_to_one_function_at_index_0_without_ids_stay_apart() -> None:
+    """Gemini's OpenAI layer sends each parallel call whole, all at index 0, no ids."""
+    t = _translator()
+    for city in ("Paris", "London"):
+        t.feed(_chunk({"tool_calls": [{"index": 0, "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": city})}}]}), 1_100)
+    final = t.finish(1_200)
+    assert [c["function"]["arguments"] for c in final["message"]["tool_calls"]] == [
+        {"city": "Paris"}, {"city": "London"}]
+
+
 def test_stream_no_tokens_durations() -> None:
     t = _translator()
     final = t.finish(5_000)
@@ -1159,6 +1170,16 @@ def test_a_line_end_inside_content_does_not_cut_the_ndjson_line(kind: str) -> No
         decoded = json.loads(only)
         text_out = decoded["message"]["content"] if kind == "chat" else decoded["response"]
         assert text_out == "one\u2028two\u0085three" and decoded["model"] == "m\u2029"
+
+
+def test_half_an_emoji_from_the_backend_is_written_as_its_escape() -> None:
+    """A backend that slices text by UTF-16 length sends an emoji's surrogates in two
+    chunks, each a lone escape: valid JSON with no UTF-8 spelling."""
+    t = _translator()
+    text = '{"choices":[{"index":0,"delta":{"content":"hi \\ud83d"},"finish_reason":null}]}'
+    line = t.feed_text(text, 1)
+    assert line is not None and b"\\ud83d" in line
+    assert json.loads(line)["message"]["content"] == "hi \ud83d"
 
 
 _BACKEND_CHUNKS = {

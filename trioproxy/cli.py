@@ -410,15 +410,18 @@ class ServerStopped(WorkersFailed):
 
 def _child_env(settings: Settings) -> dict[str, str]:
     """What the workers' ``create_app()`` must see besides our environment: the settings
-    given as flags, and the same dotenv file (none when the file does not exist)."""
-    env_file = settings.env_file
+    given as flags, and what the dotenv file set, as read here (a pipe or a /dev/fd path,
+    a decrypted secret, cannot be read a second time), under our environment as here."""
     env = {
+        name: value for name, value in settings.env_file_values.items() if name not in os.environ
+    }
+    env.update({
         "OPENAI_API_BASE_URL": settings.upstream_url or "",
         "LOG_LEVEL": settings.log_level,
         "WORKERS": "1",
         WORKER_VARIABLE: "1",
-        ENV_FILE_VARIABLE: str(Path(env_file).resolve()) if env_file else "",
-    }
+        ENV_FILE_VARIABLE: "",  # read none: its settings are in the environment above
+    })  # fmt: skip
     if settings.api_key:
         env["OPENAI_API_KEY"] = settings.api_key
     return env

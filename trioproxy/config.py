@@ -83,6 +83,9 @@ class Settings:
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
+    # what that file set (known names only), for workers: a pipe or a /dev/fd path (a
+    # decrypted secret) cannot be read twice; never shown (it holds keys)
+    env_file_values: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -242,7 +245,13 @@ def read_environment(
     A file that must exist and cannot be read is a ConfigError: settings such as
     ``PROXY_API_KEYS`` in a mistyped path must not silently go missing. It must exist
     when ``env_file_required``; when that is None, unless it is the default ``.env``."""
-    merged = dict(_dotenv(dotenv_path, env_file_required) or {})
+    return _under_environment(_dotenv(dotenv_path, env_file_required) or {}, environ)
+
+
+def _under_environment(
+    file_values: Mapping[str, str], environ: Mapping[str, str] | None
+) -> dict[str, str]:
+    merged = dict(file_values)
     source = os.environ if environ is None else environ
     for key in _ENV:
         if key in source:
@@ -300,14 +309,16 @@ def load_settings(
     """Build and validate settings. Raises ConfigError naming the offending setting.
     ``overrides`` are already parsed values (``parse_setting`` parses a flag's)."""
     values: dict[str, Any] = {}
-    for name, raw in read_environment(environ, dotenv_path, env_file_required).items():
+    file_values = _dotenv(dotenv_path, env_file_required) or {}
+    for name, raw in _under_environment(file_values, environ).items():
         if raw.strip() == "" and _ENV[name][0] in _OPTIONAL_TEXT:
             continue
         attr, value = parse_setting(name, raw)
         values[attr] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if dotenv_path is not None and Path(dotenv_path).is_file():
+    if file_values or (dotenv_path is not None and Path(dotenv_path).is_file()):
         values["env_file"] = str(dotenv_path)
+    values["env_file_values"] = file_values
     settings = Settings(**values)
     return _validated(settings)
 

@@ -14,6 +14,8 @@ import logging
 import sys
 import time
 
+from .metrics.labels import loggable_text
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
@@ -49,6 +51,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """One record, one line: a message holding a line end (a backend's error text that
+    echoes a client's input, say) has it escaped, so no text can forge a line of its own;
+    a traceback still follows on its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = loggable_text(record.message)
+        return super().formatMessage(record)
+
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 HYPERCORN_LOGGER = "hypercorn.error"  # hypercorn's startup and error lines
 NOTICE_PREFIX = "trioproxy: "
@@ -77,7 +89,7 @@ def configured_handler() -> logging.Handler:
     Named in ``hypercorn_log_config`` as a factory, so it takes no arguments."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter(_secrets))
-    handler.setFormatter(JsonFormatter() if _format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if _format == "json" else TextFormatter(TEXT_FORMAT))
     return handler
 
 

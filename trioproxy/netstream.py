@@ -188,7 +188,10 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        # still ours over TLS (its reads go through the TLS stream): a relay holds the
+        # read timeout of an https backend's stream as of a plain one
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return DirectTCPStream(tls, self._deadlines)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)

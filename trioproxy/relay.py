@@ -31,6 +31,7 @@ from .sse import (
     openai_error_event,
 )
 from .translate import OllamaStreamTranslator, parse_chunk
+from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -275,7 +276,7 @@ async def relay_ollama(
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
     except _FailedAtOnce as failure:
-        raise _refused(failure.error, metric, settings) from None
+        raise _refused(failure.error, metric, settings, response) from None
     finally:
         reader.release()
         _finish_upstream(metric)
@@ -358,7 +359,7 @@ async def relay_openai(
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
     except _FailedAtOnce as failure:
-        raise _refused(failure.error, metric, settings) from None
+        raise _refused(failure.error, metric, settings, response) from None
     finally:
         reader.release()
         _finish_upstream(metric)
@@ -407,20 +408,24 @@ class _FailedAtOnce(Exception):
         self.error = error
 
 
-def _refused(error: object, metric: RequestMetrics | None, settings: Settings) -> ProxyError:
+def _refused(
+    error: object, metric: RequestMetrics | None, settings: Settings, response: httpx.Response
+) -> ProxyError:
     """The client's error for a stream the backend failed at once: a mistake of the
     client's that the backend found in the stream (OpenAI's ``invalid_request_error``, a
     4xx code: a context too long, a rate limit) is that 4xx, like the same mistake found
     before the stream; anything else is a 502. A 4xx is a refused request, not a stream."""
     message = scrub(_error_text(error), settings.api_key)
     status = _client_status(error)
+    headers = forwarded_headers(response.headers)  # a rate limit's retry-after, say
     if status is None:
         _set_outcome(metric, "error")
-        return ProxyError(message, 502, code="upstream_error")
+        return ProxyError(message, 502, code="upstream_error", headers=headers)
     if metric is not None:
         metric.streaming = False
     code = error.get("code") if isinstance(error, dict) else None
-    return ProxyError(message, status, code=code if isinstance(code, str) else None)
+    code = code if isinstance(code, str) and not code.isdigit() else None
+    return ProxyError(message, status, code=code, headers=headers)
 
 
 def _client_status(error: object) -> int | None:
@@ -428,6 +433,8 @@ def _client_status(error: object) -> int | None:
         return None
     for key in ("status", "code"):
         value = error.get(key)
+        if isinstance(value, str) and value.isdigit():  # LiteLLM writes "400"
+            value = int(value)
         if isinstance(value, int) and 400 <= value < 500:
             return value
     if error.get("type") == "invalid_request_error":
@@ -510,10 +517,13 @@ def _completion_as_events(whole: Any, observer: StreamObserver) -> bytes:
     """A backend's JSON chat completion (it ignored ``stream``) as the event stream it
     would have sent: one chunk holding the whole message, then ``[DONE]``."""
     completion = _completion(whole)
-    if completion.get("object") == "chat.completion":
+    choices = completion["choices"]
+    if completion.get("object") == "chat.completion" or any(
+        isinstance(choice, dict) and "message" in choice for choice in choices
+    ):
         chunk = {**completion, "object": "chat.completion.chunk"}
         chunk["choices"] = [
-            _choice_as_delta(choice) for choice in completion["choices"] if isinstance(choice, dict)
+            _choice_as_delta(choice) for choice in choices if isinstance(choice, dict)
         ]
     else:  # a legacy text completion: its chunks have the same shape
         chunk = completion

@@ -908,12 +908,29 @@ class _PendingToolCall:
     order: tuple[int, int] = (0, 0)
 
 
-def _starts_another_call(pending: _PendingToolCall, call_id: Any, name: Any) -> bool:
+def _starts_another_call(
+    pending: _PendingToolCall, call_id: Any, name: Any, arguments: Any
+) -> bool:
     """Whether a delta at an index already in use begins a call of its own: it carries
-    another call's id, or another function's name (a continuation repeats neither)."""
+    another call's id, or a function's name and arguments while the call there has whole
+    arguments already (Gemini's layer sends each parallel call whole, all at index 0,
+    without ids; a continuation that repeats the name comes before the arguments end)."""
     if call_id and pending.id is not None and call_id != pending.id:
         return True
-    return bool(name) and bool(pending.name) and name != pending.name
+    if not name or not pending.name:
+        return False
+    if name != pending.name:
+        return True
+    return bool(arguments) and _whole_object("".join(pending.arguments))
+
+
+def _whole_object(arguments: str) -> bool:
+    if not arguments.rstrip().endswith("}"):
+        return False  # the common case, without decoding
+    try:
+        return isinstance(json.loads(arguments), dict)
+    except ValueError:
+        return False
 
 
 class _StreamStats:
@@ -1176,12 +1193,14 @@ class OllamaStreamTranslator(_StreamStats):
         created_at = self._created_at()
         if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
             return compact_json(self._line(content, ""))
-        return escape_line_separators(
-            (
-                self._text_head + _encode_str(created_at) + self._text_middle
-                + _encode_str(content) + self._text_tail
-            ).encode()
+        text = (
+            self._text_head + _encode_str(created_at) + self._text_middle
+            + _encode_str(content) + self._text_tail
         )
+        try:
+            return escape_line_separators(text.encode())
+        except UnicodeEncodeError:  # half a surrogate pair (an emoji cut in two): escaped
+            return compact_json(self._line(content, ""))
 
     def finish(self, now_ns: int) -> JSONDict:
         if self._finished:
@@ -1245,7 +1264,8 @@ class OllamaStreamTranslator(_StreamStats):
         slot: int | None
         if isinstance(index, int):
             slot = self._slot_of_index.get(index)
-            if slot is not None and _starts_another_call(calls[slot], call_id, name):
+            arguments = function.get("arguments")
+            if slot is not None and _starts_another_call(calls[slot], call_id, name, arguments):
                 # Parallel calls that all say index 0, told apart by their ids (Ollama's
                 # own /v1, SGLang, Gemini's OpenAI layer): a new id is a new call.
                 slot = None
