@@ -257,7 +257,7 @@ async def relay_ollama(
                     if "error" in chunk and not chunk.get("choices"):
                         if not sent and not lines:
                             raise _FailedAtOnce(chunk["error"])
-                        error = scrub(_in_band_error(chunk), settings.api_key)
+                        error = scrub(_error_text(chunk.get("error")), settings.api_key)
                         break
                     lines += [dumps(out) for out in translator.feed(chunk, now_ns)]
                 elif line:
@@ -415,7 +415,8 @@ def _refused(
     client's that the backend found in the stream (OpenAI's ``invalid_request_error``, a
     4xx code: a context too long, a rate limit) is that 4xx, like the same mistake found
     before the stream; anything else is a 502. A 4xx is a refused request, not a stream."""
-    message = scrub(_error_text(error), settings.api_key)
+    text = _error_text(error) if error else "the backend failed the stream"
+    message = scrub(text, settings.api_key)
     status = _client_status(error)
     headers = forwarded_headers(response.headers)  # a rate limit's retry-after, say
     if status is None:
@@ -445,9 +446,10 @@ def _client_status(error: object) -> int | None:
 
 
 def _error_text(error: object) -> str:
+    """The message of a backend's ``error`` member: an object's ``message``, or the text."""
     if isinstance(error, dict):
         return str(error.get("message") or error)
-    return str(error) if error else "the backend failed the stream"
+    return str(error)
 
 
 class _NotAStream(Exception):
@@ -504,7 +506,8 @@ def _completion(whole: Any) -> dict[str, Any]:
         if isinstance(whole.get("choices"), list) and whole["choices"]:
             return whole
         if whole.get("error"):
-            raise _NotAStream(f"the backend reported an error: {_in_band_error(whole)}")
+            reported = _error_text(whole["error"])
+            raise _NotAStream(f"the backend reported an error: {reported}")
     raise _NotAStream("the backend answered the stream with JSON that is not a completion")
 
 
@@ -595,10 +598,3 @@ def _stream_broke(
 def _set_outcome(metric: RequestMetrics | None, outcome: str) -> None:
     if metric is not None and metric.stream_outcome is None:
         metric.stream_outcome = outcome
-
-
-def _in_band_error(chunk: dict[str, Any]) -> str:
-    error = chunk.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
