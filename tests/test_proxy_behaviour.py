@@ -884,6 +884,7 @@ def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerPro
 
 # ---- never a 500 for a client mistake ------------------------------------------------------
 
+
 def _json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     # a named function: hypothesis checks by reading the source that the argument is used
     return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
@@ -1245,8 +1246,10 @@ class _RateLimitingBackend(BaseHTTPRequestHandler):
 
         elif request.get("stream"):
             status, content_type, extra = 200, "text/event-stream", {}
-            body = _HELLO + 'data: {"choices": [{"index": 0, "delta": {},' \
+            body = (
+                _HELLO + 'data: {"choices": [{"index": 0, "delta": {},'
                 ' "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+            )
         else:
             status, content_type, extra = 200, "application/json", {}
             body = json.dumps(_COMPLETION)

@@ -360,9 +360,7 @@ def text_delta(text: str) -> bytes:
     return responses_event("response.output_text.delta", delta=text, item_id="m")
 
 
-def observed(
-    observer: Callable[[], object], metric: RequestMetrics | None = None
-) -> MakeRelay:
+def observed(observer: Callable[[], object], metric: RequestMetrics | None = None) -> MakeRelay:
     def make(
         response: httpx.Response, settings: Settings, collector: MetricsCollector
     ) -> AsyncIterator[bytes]:

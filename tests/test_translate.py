@@ -169,8 +169,12 @@ def test_a_closed_nested_schema_keeps_strict_mode() -> None:
         (
             {
                 "model": "m",
-                "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f",
-                              "arguments": [1]}}]}],
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"function": {"name": "f", "arguments": [1]}}],
+                    }
+                ],
             },
             "messages[0].tool_calls[0].function.arguments",
         ),
@@ -273,8 +277,9 @@ def test_openai_body_validation() -> None:
 
 
 def test_chat_request_minimal_streams_with_usage_and_no_defaults() -> None:
-    out = ollama_chat_to_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-                                "backend")
+    out = ollama_chat_to_openai(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "backend"
+    )
     assert out == {
         "model": "backend",
         "messages": [{"role": "user", "content": "hi"}],
@@ -310,8 +315,9 @@ def test_options_mapping_only_what_was_set() -> None:
         "mirostat": 1,
     }
     out = ollama_chat_to_openai({"model": "m", "messages": [], "options": options}, "b")
-    sampling = {k: v for k, v in out.items() if k not in ("model", "messages", "stream",
-                                                           "stream_options")}
+    sampling = {
+        k: v for k, v in out.items() if k not in ("model", "messages", "stream", "stream_options")
+    }
     assert sampling == {
         "max_tokens": 128,
         "temperature": 0,
@@ -351,8 +357,14 @@ def test_format_and_think_and_keep_alive() -> None:
 
 @pytest.mark.parametrize(
     ("b64", "mime"),
-    [(PNG_B64, "png"), (JPEG_B64, "jpeg"), (GIF_B64, "gif"), (WEBP_B64, "webp"),
-     (WAV_B64, "jpeg"), ("AAAA", "jpeg")],
+    [
+        (PNG_B64, "png"),
+        (JPEG_B64, "jpeg"),
+        (GIF_B64, "gif"),
+        (WEBP_B64, "webp"),
+        (WAV_B64, "jpeg"),
+        ("AAAA", "jpeg"),
+    ],
 )
 def test_image_sniffing(b64: str, mime: str) -> None:
     assert image_data_url(b64) == f"data:image/{mime};base64,{b64}"
@@ -364,10 +376,16 @@ def test_image_data_url_passthrough() -> None:
 
 
 def test_chat_images_become_content_parts() -> None:
-    body = {"model": "m", "messages": [
-        {"role": "user", "content": "what is this?",
-         "images": [PNG_B64, "data:image/gif;base64,R0"]}
-    ]}
+    body = {
+        "model": "m",
+        "messages": [
+            {
+                "role": "user",
+                "content": "what is this?",
+                "images": [PNG_B64, "data:image/gif;base64,R0"],
+            }
+        ],
+    }
     (msg,) = ollama_chat_to_openai(body, "b")["messages"]
     assert msg == {
         "role": "user",
@@ -402,8 +420,10 @@ def test_generate_request() -> None:
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "describe"},
-                    {"type": "image_url",
-                     "image_url": {"url": f"data:image/jpeg;base64,{JPEG_B64}"}},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": f"data:image/jpeg;base64,{JPEG_B64}"},
+                    },
                 ],
             },
         ],
@@ -417,8 +437,14 @@ def test_generate_request() -> None:
 
 def test_tools_wrapped() -> None:
     fn = {"name": "get_weather", "description": "d", "parameters": {"type": "object"}}
-    out = ollama_chat_to_openai({"model": "m", "messages": [], "tools": [
-        {"type": "function", "function": fn}, fn, {"function": fn}]}, "b")
+    out = ollama_chat_to_openai(
+        {
+            "model": "m",
+            "messages": [],
+            "tools": [{"type": "function", "function": fn}, fn, {"function": fn}],
+        },
+        "b",
+    )
     assert out["tools"] == [{"type": "function", "function": fn}] * 3
 
 
@@ -454,8 +480,11 @@ def test_tool_call_history() -> None:
         "role": "assistant",
         "content": None,
         "tool_calls": [
-            {"id": "call_0", "type": "function",
-             "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
+            },
             {"id": "call_1", "type": "function", "function": {"name": "time", "arguments": "{}"}},
         ],
     }
@@ -472,14 +501,20 @@ def test_tool_call_history() -> None:
 
 
 def test_parallel_tool_results_in_order_without_names() -> None:
-    body = {"model": "m", "messages": [
-        {"role": "assistant", "tool_calls": [
-            {"function": {"name": "f", "arguments": {"i": 1}}},
-            {"function": {"name": "f", "arguments": {"i": 2}}},
-        ]},
-        {"role": "tool", "content": "r1", "tool_name": "f"},
-        {"role": "tool", "content": "r2", "tool_name": "f"},
-    ]}
+    body = {
+        "model": "m",
+        "messages": [
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"function": {"name": "f", "arguments": {"i": 1}}},
+                    {"function": {"name": "f", "arguments": {"i": 2}}},
+                ],
+            },
+            {"role": "tool", "content": "r1", "tool_name": "f"},
+            {"role": "tool", "content": "r2", "tool_name": "f"},
+        ],
+    }
     msgs = ollama_chat_to_openai(body, "b")["messages"]
     assert [m.get("tool_call_id") for m in msgs[1:]] == ["call_0", "call_1"]
 
@@ -488,23 +523,35 @@ def test_passthrough_request_maps_model_only() -> None:
     mapper = ModelMapper({"llama3": "meta/Llama-3"})
     body = {"model": "llama3", "max_completion_tokens": 8, "messages": [], "stream": True}
     out = openai_passthrough_request(body, mapper)
-    assert out == {"model": "meta/Llama-3", "max_completion_tokens": 8, "messages": [],
-                   "stream": True}
+    assert out == {
+        "model": "meta/Llama-3",
+        "max_completion_tokens": 8,
+        "messages": [],
+        "stream": True,
+    }
     assert body["model"] == "llama3"  # input untouched
     assert openai_passthrough_request({"model": "x"}, mapper) == {"model": "x"}
 
 
 def test_embed_requests() -> None:
     assert ollama_embed_to_openai({"model": "m", "input": "a"}, "b") == {
-        "model": "b", "input": ["a"], "encoding_format": "float"}
+        "model": "b",
+        "input": ["a"],
+        "encoding_format": "float",
+    }
     assert ollama_embed_to_openai(
-        {"model": "m", "input": ["a", "b"], "dimensions": 64, "truncate": True,
-         "keep_alive": 0}, "b"
+        {"model": "m", "input": ["a", "b"], "dimensions": 64, "truncate": True, "keep_alive": 0},
+        "b",
     ) == {"model": "b", "input": ["a", "b"], "encoding_format": "float", "dimensions": 64}
     assert ollama_embeddings_to_openai({"model": "m", "prompt": "p"}, "b") == {
-        "model": "b", "input": ["p"], "encoding_format": "float"}
+        "model": "b",
+        "input": ["p"],
+        "encoding_format": "float",
+    }
     assert ollama_embeddings_to_openai({"model": "m", "input": ["x", "y"]}, "b")["input"] == [
-        "x", "y"]
+        "x",
+        "y",
+    ]
 
 
 # =============================================================================================
@@ -520,10 +567,14 @@ def test_utc_timestamp() -> None:
     assert abs((datetime.now(UTC) - parsed).total_seconds()) < 5
 
 
-def _chat_resp(message: dict[str, Any], finish: str | None = "stop",
-               usage: dict[str, int] | None = None) -> dict[str, Any]:
+def _chat_resp(
+    message: dict[str, Any], finish: str | None = "stop", usage: dict[str, int] | None = None
+) -> dict[str, Any]:
     resp: dict[str, Any] = {
-        "id": "x", "object": "chat.completion", "created": 1, "model": "backend",
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "backend",
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
     }
     if usage is not None:
@@ -532,8 +583,10 @@ def _chat_resp(message: dict[str, Any], finish: str | None = "stop",
 
 
 def test_chat_response_basic() -> None:
-    resp = _chat_resp({"role": "assistant", "content": "hello"},
-                      usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+    resp = _chat_resp(
+        {"role": "assistant", "content": "hello"},
+        usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    )
     out = openai_chat_to_ollama_chat(resp, "llama3", CREATED, TIMINGS)
     assert out == {
         "model": "llama3",
@@ -553,14 +606,21 @@ def test_chat_response_basic() -> None:
 
 @pytest.mark.parametrize(
     ("finish", "reason"),
-    [("stop", "stop"), ("length", "length"), ("tool_calls", "stop"),
-     ("content_filter", "stop"), (None, "stop"), ("function_call", "stop")],
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("tool_calls", "stop"),
+        ("content_filter", "stop"),
+        (None, "stop"),
+        ("function_call", "stop"),
+    ],
 )
 def test_done_reason_mapping(finish: str | None, reason: str) -> None:
     out = openai_chat_to_ollama_chat(_chat_resp({"content": "x"}, finish), "m", CREATED, TIMINGS)
     assert out["done_reason"] == reason
-    out = openai_chat_to_ollama_generate(_chat_resp({"content": "x"}, finish), "m", CREATED,
-                                         TIMINGS)
+    out = openai_chat_to_ollama_generate(
+        _chat_resp({"content": "x"}, finish), "m", CREATED, TIMINGS
+    )
     assert out["done_reason"] == reason
 
 
@@ -571,8 +631,11 @@ def test_chat_response_tool_calls_thinking_null_content() -> None:
             "content": None,
             "reasoning_content": "hmm",
             "tool_calls": [
-                {"id": "c1", "type": "function",
-                 "function": {"name": "f", "arguments": '{"a": 1, "b": [2]}'}},
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"a": 1, "b": [2]}'},
+                },
                 {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{bad"}},
                 {"id": "c3", "type": "function", "function": {"name": "h", "arguments": "[1]"}},
                 {"id": "c4", "type": "function", "function": {"name": "k", "arguments": ""}},
@@ -597,8 +660,9 @@ def test_chat_response_tool_calls_thinking_null_content() -> None:
 
 
 def test_chat_response_reasoning_field_and_legacy_function_call() -> None:
-    resp = _chat_resp({"content": "x", "reasoning": "r",
-                       "function_call": {"name": "f", "arguments": '{"q": 1}'}})
+    resp = _chat_resp(
+        {"content": "x", "reasoning": "r", "function_call": {"name": "f", "arguments": '{"q": 1}'}}
+    )
     msg = openai_chat_to_ollama_chat(resp, "m", CREATED, TIMINGS)["message"]
     assert msg["thinking"] == "r"
     assert msg["tool_calls"][0]["function"] == {"index": 0, "name": "f", "arguments": {"q": 1}}
@@ -614,8 +678,11 @@ def test_a_completion_without_choices_is_not_an_empty_answer(resp: dict[str, Any
 
 
 def test_generate_response() -> None:
-    resp = _chat_resp({"content": "hello", "reasoning_content": "t"}, "length",
-                      {"prompt_tokens": 3, "completion_tokens": 9})
+    resp = _chat_resp(
+        {"content": "hello", "reasoning_content": "t"},
+        "length",
+        {"prompt_tokens": 3, "completion_tokens": 9},
+    )
     out = openai_chat_to_ollama_generate(resp, "m", CREATED, TIMINGS)
     assert out["response"] == "hello" and out["thinking"] == "t"
     assert out["done"] is True and out["done_reason"] == "length"
@@ -627,8 +694,11 @@ def test_generate_response() -> None:
 
 
 def test_generate_response_keeps_tool_calls_at_the_top_level() -> None:
-    call = {"id": "c1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
     resp = _chat_resp({"content": None, "tool_calls": [call]}, "tool_calls")
     out = openai_chat_to_ollama_generate(resp, "m", CREATED, TIMINGS)
     assert out["tool_calls"][0]["function"]["name"] == "get_weather"
@@ -650,19 +720,32 @@ def test_parse_tool_arguments() -> None:
 # =============================================================================================
 
 
-def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
-           usage: dict[str, int] | None = None, empty_choices: bool = False) -> dict[str, Any]:
-    c: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "created": 1,
-                         "model": "b", "usage": usage}
-    c["choices"] = [] if empty_choices else [
-        {"index": 0, "delta": delta or {}, "finish_reason": finish}
-    ]
+def _chunk(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    usage: dict[str, int] | None = None,
+    empty_choices: bool = False,
+) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "b",
+        "usage": usage,
+    }
+    c["choices"] = (
+        [] if empty_choices else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
+    )
     return c
 
 
 def _translator(kind: str = "chat") -> OllamaStreamTranslator:
-    return OllamaStreamTranslator(kind, "llama3", start_ns=1_000,  # type: ignore[arg-type]
-                                  created_at=lambda: CREATED)
+    return OllamaStreamTranslator(
+        kind,
+        "llama3",
+        start_ns=1_000,  # type: ignore[arg-type]
+        created_at=lambda: CREATED,
+    )
 
 
 def test_stream_chat_text() -> None:
@@ -674,22 +757,40 @@ def test_stream_chat_text() -> None:
     lines += t.feed(_chunk({"content": "Hel"}), 1_500)
     lines += t.feed(_chunk({"content": "lo"}), 1_900)
     lines += t.feed(_chunk({}, finish="stop"), 2_000)
-    lines += t.feed(_chunk(usage={"prompt_tokens": 4, "completion_tokens": 2,
-                                  "total_tokens": 6}, empty_choices=True), 2_100)
+    lines += t.feed(
+        _chunk(
+            usage={"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6},
+            empty_choices=True,
+        ),
+        2_100,
+    )
     final = t.finish(2_500)
     assert lines == [
-        {"model": "llama3", "created_at": CREATED,
-         "message": {"role": "assistant", "content": "Hel"}, "done": False},
-        {"model": "llama3", "created_at": CREATED,
-         "message": {"role": "assistant", "content": "lo"}, "done": False},
+        {
+            "model": "llama3",
+            "created_at": CREATED,
+            "message": {"role": "assistant", "content": "Hel"},
+            "done": False,
+        },
+        {
+            "model": "llama3",
+            "created_at": CREATED,
+            "message": {"role": "assistant", "content": "lo"},
+            "done": False,
+        },
     ]
     assert final == {
-        "model": "llama3", "created_at": CREATED,
+        "model": "llama3",
+        "created_at": CREATED,
         "message": {"role": "assistant", "content": ""},
-        "done": True, "done_reason": "stop",
-        "total_duration": 1_500, "load_duration": 0,
-        "prompt_eval_count": 4, "prompt_eval_duration": 500,
-        "eval_count": 2, "eval_duration": 400,
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 1_500,
+        "load_duration": 0,
+        "prompt_eval_count": 4,
+        "prompt_eval_duration": 500,
+        "eval_count": 2,
+        "eval_duration": 400,
     }
     for line in [*lines, final]:
         ChatResponse.model_validate(line)
@@ -706,7 +807,10 @@ def test_stream_generate_thinking_and_length() -> None:
     lines += t.feed(_chunk({"content": None}, finish="length"), 1_500)
     final = t.finish(1_600)
     assert [(x["response"], x.get("thinking")) for x in lines] == [
-        ("", "think"), ("", "more"), ("ans", None)]
+        ("", "think"),
+        ("", "more"),
+        ("ans", None),
+    ]
     assert final["response"] == "" and final["done_reason"] == "length"
     # No usage: eval_count falls back to content-bearing chunks, prompt count to 0.
     assert not t.usage_seen
@@ -725,14 +829,36 @@ def test_stream_chat_thinking_line_has_empty_content() -> None:
 
 def test_stream_tool_calls_accumulated() -> None:
     t = _translator()
-    lines = t.feed(_chunk({"role": "assistant", "tool_calls": [
-        {"index": 0, "id": "c0", "type": "function",
-         "function": {"name": "weather", "arguments": ""}}]}), 1_100)
-    lines += t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
-                    1_200)
-    lines += t.feed(_chunk({"tool_calls": [
-        {"index": 1, "id": "c1", "function": {"name": "time", "arguments": "{}"}},
-        {"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]}), 1_300)
+    lines = t.feed(
+        _chunk(
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "c0",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": ""},
+                    }
+                ],
+            }
+        ),
+        1_100,
+    )
+    lines += t.feed(
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}), 1_200
+    )
+    lines += t.feed(
+        _chunk(
+            {
+                "tool_calls": [
+                    {"index": 1, "id": "c1", "function": {"name": "time", "arguments": "{}"}},
+                    {"index": 0, "function": {"arguments": 'ty": "Paris"}'}},
+                ]
+            }
+        ),
+        1_300,
+    )
     assert lines == []  # nothing until finish_reason
     lines += t.feed(_chunk({}, finish="tool_calls"), 1_400)
     final = t.finish(1_500)
@@ -741,8 +867,7 @@ def test_stream_tool_calls_accumulated() -> None:
     assert tool_line["message"]["role"] == "assistant"
     assert tool_line["message"]["content"] == ""
     assert tool_line["message"]["tool_calls"] == [
-        {"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}},
-         "id": "c0"},
+        {"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}}, "id": "c0"},
         {"function": {"index": 1, "name": "time", "arguments": {}}, "id": "c1"},
     ]
     assert final["done_reason"] == "stop"
@@ -754,22 +879,33 @@ def test_stream_tool_calls_accumulated() -> None:
 
 def test_stream_tool_calls_without_finish_reason_ride_on_final_line() -> None:
     t = _translator()
-    assert t.feed(_chunk({"tool_calls": [
-        {"index": 0, "function": {"name": "f", "arguments": '{"a":1}'}}]}), 1_100) == []
+    assert (
+        t.feed(
+            _chunk(
+                {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"a":1}'}}]}
+            ),
+            1_100,
+        )
+        == []
+    )
     final = t.finish(1_200)
     assert final["done"] is True
     assert final["message"]["tool_calls"] == [
-        {"function": {"index": 0, "name": "f", "arguments": {"a": 1}}}]
+        {"function": {"index": 0, "name": "f", "arguments": {"a": 1}}}
+    ]
     ChatResponse.model_validate(final)
 
 
 def test_stream_tool_calls_without_index() -> None:
     t = _translator()
-    t.feed(_chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{"}}]}),
-           1_100)
+    t.feed(
+        _chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{"}}]}), 1_100
+    )
     t.feed(_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}), 1_200)
-    t.feed(_chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": {"x": 1}}}]}),
-           1_300)
+    t.feed(
+        _chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": {"x": 1}}}]}),
+        1_300,
+    )
     (line,) = t.feed(_chunk({}, finish="tool_calls"), 1_400)
     assert [c["function"]["arguments"] for c in line["message"]["tool_calls"]] == [{}, {"x": 1}]
     assert [c["function"]["name"] for c in line["message"]["tool_calls"]] == ["f", "g"]
@@ -779,30 +915,48 @@ def test_stream_parallel_tool_calls_that_all_say_index_0_stay_apart() -> None:
     """Ollama's own /v1, SGLang and Gemini's OpenAI layer number every call 0 and tell
     them apart by id: a new id at a used index is a new call, not more arguments."""
     t = _translator()
-    for call_id, name, args in (("call_1", "weather", '{"city": "Paris"}'),
-                                ("call_2", "time", '{"zone": "CET"}')):
-        t.feed(_chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
-                                        "function": {"name": name, "arguments": args}}]}),
-               1_100)
+    for call_id, name, args in (
+        ("call_1", "weather", '{"city": "Paris"}'),
+        ("call_2", "time", '{"zone": "CET"}'),
+    ):
+        t.feed(
+            _chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": args},
+                        }
+                    ]
+                }
+            ),
+            1_100,
+        )
     t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": ""}}]}), 1_200)
     (line,) = t.feed(_chunk({}, finish="tool_calls"), 1_300)
     assert line["message"]["tool_calls"] == [
-        {"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}},
-         "id": "call_1"},
-        {"function": {"index": 1, "name": "time", "arguments": {"zone": "CET"}},
-         "id": "call_2"},
+        {
+            "function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}},
+            "id": "call_1",
+        },
+        {"function": {"index": 1, "name": "time", "arguments": {"zone": "CET"}}, "id": "call_2"},
     ]
     ChatResponse.model_validate(line)
 
 
 def test_stream_tool_call_at_a_used_index_with_another_name_is_another_call() -> None:
     t = _translator()
-    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{}"}}]}),
-           1_100)
-    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]}),
-           1_150)  # a backend repeating the name on a continuation: the same call
-    t.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "g", "arguments": "{}"}}]}),
-           1_200)
+    t.feed(
+        _chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{}"}}]}), 1_100
+    )
+    t.feed(
+        _chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]}), 1_150
+    )  # a backend repeating the name on a continuation: the same call
+    t.feed(
+        _chunk({"tool_calls": [{"index": 0, "function": {"name": "g", "arguments": "{}"}}]}), 1_200
+    )
     final = t.finish(1_300)
     assert [c["function"]["name"] for c in final["message"]["tool_calls"]] == ["f", "g"]
 
@@ -811,11 +965,27 @@ def test_stream_whole_calls_to_one_function_at_index_0_without_ids_stay_apart() 
     """Gemini's OpenAI layer sends each parallel call whole, all at index 0, no ids."""
     t = _translator()
     for city in ("Paris", "London"):
-        t.feed(_chunk({"tool_calls": [{"index": 0, "function": {
-            "name": "get_weather", "arguments": json.dumps({"city": city})}}]}), 1_100)
+        t.feed(
+            _chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "function": {
+                                "name": "get_weather",
+                                "arguments": json.dumps({"city": city}),
+                            },
+                        }
+                    ]
+                }
+            ),
+            1_100,
+        )
     final = t.finish(1_200)
     assert [c["function"]["arguments"] for c in final["message"]["tool_calls"]] == [
-        {"city": "Paris"}, {"city": "London"}]
+        {"city": "Paris"},
+        {"city": "London"},
+    ]
 
 
 def test_stream_no_tokens_durations() -> None:
@@ -885,10 +1055,13 @@ def test_openai_observer_reads_legacy_completion_chunks() -> None:
 
 
 _fragment_lists = st.lists(
-    st.dictionaries(st.text(max_size=5),
-                    st.one_of(st.integers(), st.text(max_size=8), st.booleans(), st.none()),
-                    max_size=4),
-    min_size=1, max_size=3,
+    st.dictionaries(
+        st.text(max_size=5),
+        st.one_of(st.integers(), st.text(max_size=8), st.booleans(), st.none()),
+        max_size=4,
+    ),
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -911,8 +1084,15 @@ def _tool_stream(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, 
     started: set[int] = set()
     for i, frag in seq:
         if draw(st.booleans()):
-            chunks.append(_chunk({draw(st.sampled_from(["content", "reasoning_content"])):
-                                  draw(st.text(max_size=3))}))
+            chunks.append(
+                _chunk(
+                    {
+                        draw(st.sampled_from(["content", "reasoning_content"])): draw(
+                            st.text(max_size=3)
+                        )
+                    }
+                )
+            )
         tc: dict[str, Any] = {"index": i, "function": {"arguments": frag}}
         if i not in started:
             started.add(i)
@@ -923,15 +1103,17 @@ def _tool_stream(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, 
     if finish is not None:
         chunks.append(_chunk({}, finish=finish))
     if draw(st.booleans()):
-        chunks.append(_chunk(usage={"prompt_tokens": 3, "completion_tokens": 4},
-                             empty_choices=True))
+        chunks.append(
+            _chunk(usage={"prompt_tokens": 3, "completion_tokens": 4}, empty_choices=True)
+        )
     return chunks, args, draw(st.sampled_from(["chat", "generate"]))
 
 
 @settings(max_examples=200, deadline=None)
 @given(_tool_stream(), st.lists(st.integers(0, 1_000_000), min_size=1))
-def test_stream_properties(case: tuple[list[dict[str, Any]], list[dict[str, Any]], str],
-                           gaps: list[int]) -> None:
+def test_stream_properties(
+    case: tuple[list[dict[str, Any]], list[dict[str, Any]], str], gaps: list[int]
+) -> None:
     chunks, expected_args, kind = case
     t = OllamaStreamTranslator(kind, "m", start_ns=1_000_000)  # type: ignore[arg-type]
     now = 1_000_000
@@ -958,8 +1140,14 @@ def test_stream_properties(case: tuple[list[dict[str, Any]], list[dict[str, Any]
     assert [c["function"]["arguments"] for c in calls] == expected_args
     assert [c["function"]["name"] for c in calls] == [f"fn{i}" for i in range(len(calls))]
     final = lines[-1]
-    for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration",
-                "prompt_eval_count", "eval_count"):
+    for key in (
+        "total_duration",
+        "load_duration",
+        "prompt_eval_duration",
+        "eval_duration",
+        "prompt_eval_count",
+        "eval_count",
+    ):
         assert type(final[key]) is int and final[key] >= 0
     assert final["total_duration"] >= final["prompt_eval_duration"] + final["eval_duration"]
 
@@ -981,8 +1169,9 @@ _JSON_SCALARS = st.one_of(
 )
 _CONTENT_VALUES = st.one_of(
     _JSON_SCALARS,
-    st.lists(st.builds(lambda t: _Obj([("type", "text"), ("text", t)]), st.text(max_size=3)),
-             max_size=2),
+    st.lists(
+        st.builds(lambda t: _Obj([("type", "text"), ("text", t)]), st.text(max_size=3)), max_size=2
+    ),
 )
 
 
@@ -995,38 +1184,47 @@ def _members(values: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[lis
     )
 
 
-_DELTA_MEMBERS = _members({
-    "content": _CONTENT_VALUES,
-    "role": st.just("assistant"),
-    "reasoning_content": _JSON_SCALARS,
-    "reasoning": _JSON_SCALARS,
-    "tool_calls": st.one_of(st.none(), st.just([]), st.just([_Obj([("index", 0)])])),
-    "refusal": st.none(),
-})
+_DELTA_MEMBERS = _members(
+    {
+        "content": _CONTENT_VALUES,
+        "role": st.just("assistant"),
+        "reasoning_content": _JSON_SCALARS,
+        "reasoning": _JSON_SCALARS,
+        "tool_calls": st.one_of(st.none(), st.just([]), st.just([_Obj([("index", 0)])])),
+        "refusal": st.none(),
+    }
+)
 _COMMON_DELTA = st.builds(lambda c: _Obj([("content", c)]), st.text(max_size=8))
 # weighted: one_of would flatten the scalars' branches and make them most of the deltas
 _DELTAS = st.integers(0, 9).flatmap(
     lambda n: _COMMON_DELTA if n < 6 else _DELTA_MEMBERS.map(_Obj) if n < 9 else _JSON_SCALARS
 )
-_CHOICE_MEMBERS = _members({
-    "index": st.integers(0, 2),
-    "finish_reason": st.sampled_from([None, "", "stop", "length", "tool_calls"]),
-    "logprobs": st.none(),
-    "delta": _DELTAS,
-    "message": _DELTAS,
-})
-_TOP_MEMBERS = _members({
-    "id": st.text(max_size=6),
-    "created": st.integers(0, 2**40),
-    "model": st.text(max_size=6),
-    "usage": st.one_of(
-        st.none(),
-        st.builds(lambda p, c: _Obj([("prompt_tokens", p), ("completion_tokens", c)]),
-                  _JSON_SCALARS, st.integers(0, 99)),
-    ),
-    "choices": st.one_of(st.none(), st.just([])),
-    "error": _JSON_SCALARS,
-})
+_CHOICE_MEMBERS = _members(
+    {
+        "index": st.integers(0, 2),
+        "finish_reason": st.sampled_from([None, "", "stop", "length", "tool_calls"]),
+        "logprobs": st.none(),
+        "delta": _DELTAS,
+        "message": _DELTAS,
+    }
+)
+_TOP_MEMBERS = _members(
+    {
+        "id": st.text(max_size=6),
+        "created": st.integers(0, 2**40),
+        "model": st.text(max_size=6),
+        "usage": st.one_of(
+            st.none(),
+            st.builds(
+                lambda p, c: _Obj([("prompt_tokens", p), ("completion_tokens", c)]),
+                _JSON_SCALARS,
+                st.integers(0, 99),
+            ),
+        ),
+        "choices": st.one_of(st.none(), st.just([])),
+        "error": _JSON_SCALARS,
+    }
+)
 
 
 @st.composite
@@ -1042,9 +1240,13 @@ def _style(draw: st.DrawFn) -> dict[str, Any]:
 
 def _render(value: Any, style: dict[str, Any]) -> str:
     if isinstance(value, _Obj):
-        return "{" + style["item"].join(
-            _name(n, style) + style["key"] + _render(v, style) for n, v in value
-        ) + "}"
+        return (
+            "{"
+            + style["item"].join(
+                _name(n, style) + style["key"] + _render(v, style) for n, v in value
+            )
+            + "}"
+        )
     if isinstance(value, list):
         return "[" + style["item"].join(_render(v, style) for v in value) + "]"
     return json.dumps(value, ensure_ascii=style["ascii"])
@@ -1058,15 +1260,20 @@ def _name(name: str, style: dict[str, Any]) -> str:
 
 # What backends send, as (members before, members after) the one that holds the rest.
 _USUAL_TOP = st.tuples(
-    st.builds(lambda i, m: [("id", i), ("object", "chat.completion.chunk"), ("created", 1),
-                            ("model", m)], st.text(max_size=4), st.text(max_size=4)),
+    st.builds(
+        lambda i, m: [("id", i), ("object", "chat.completion.chunk"), ("created", 1), ("model", m)],
+        st.text(max_size=4),
+        st.text(max_size=4),
+    ),
     st.sampled_from([[], [("usage", None)], [("system_fingerprint", "fp"), ("usage", None)]]),
 )
-_USUAL_CHOICE = st.sampled_from([
-    ([("index", 0)], [("logprobs", None), ("finish_reason", None)]),
-    ([("index", 0)], [("finish_reason", None)]),
-    ([("finish_reason", None), ("index", 0)], []),
-])
+_USUAL_CHOICE = st.sampled_from(
+    [
+        ([("index", 0)], [("logprobs", None), ("finish_reason", None)]),
+        ([("index", 0)], [("finish_reason", None)]),
+        ([("finish_reason", None), ("index", 0)], []),
+    ]
+)
 
 
 @st.composite
@@ -1096,8 +1303,14 @@ def _event_texts(draw: st.DrawFn) -> list[str]:
 
 
 def _stats(o: OpenAIStreamObserver | OllamaStreamTranslator) -> tuple[Any, ...]:
-    return (o.first_token_ns, o.last_token_ns, o.content_chunks, o.prompt_tokens,
-            o.completion_tokens, o.finish_reason)
+    return (
+        o.first_token_ns,
+        o.last_token_ns,
+        o.content_chunks,
+        o.prompt_tokens,
+        o.completion_tokens,
+        o.finish_reason,
+    )
 
 
 @settings(max_examples=400, deadline=None)
@@ -1135,15 +1348,23 @@ def _fast_lines(t: OllamaStreamTranslator, text: str, now: int) -> list[bytes]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(_event_texts(), st.sampled_from(["chat", "generate"]), st.text(max_size=4),
-       st.sampled_from(["2024-05-01T12:00:00.123456789Z", 'a"\\\n\u2028é']))
+@given(
+    _event_texts(),
+    st.sampled_from(["chat", "generate"]),
+    st.text(max_size=4),
+    st.sampled_from(["2024-05-01T12:00:00.123456789Z", 'a"\\\n\u2028é']),
+)
 def test_translator_feed_text_writes_the_same_bytes(
     texts: list[str], kind: str, model: str, stamp: str
 ) -> None:
     def make() -> OllamaStreamTranslator:
         clock = itertools.count()
-        return OllamaStreamTranslator(kind, model, start_ns=0,  # type: ignore[arg-type]
-                                      created_at=lambda: f"{stamp}{next(clock)}")
+        return OllamaStreamTranslator(
+            kind,
+            model,
+            start_ns=0,  # type: ignore[arg-type]
+            created_at=lambda: f"{stamp}{next(clock)}",
+        )
 
     fast, full = make(), make()
     for now, text in enumerate(texts, 1):
@@ -1196,8 +1417,13 @@ _BACKEND_CHUNKS = {
     '"created":1,"id":"chatcmpl-1","model":"m","system_fingerprint":"b1",'
     '"object":"chat.completion.chunk"}',
     "python json.dumps": json.dumps(
-        {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
-         "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+        {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+        }
     ),
 }
 
@@ -1209,8 +1435,12 @@ def test_common_backend_chunks_take_the_fast_path(backend: str) -> None:
     for now in (1, 2):  # the second one through the remembered text around the delta
         line = t.feed_text(text, now)
         assert line == compact_json(
-            {"model": "llama3", "created_at": CREATED,
-             "message": {"role": "assistant", "content": "Hi"}, "done": False}
+            {
+                "model": "llama3",
+                "created_at": CREATED,
+                "message": {"role": "assistant", "content": "Hi"},
+                "done": False,
+            }
         )
     assert t.content_chunks == 2 and (t.first_token_ns, t.last_token_ns) == (1, 2)
     o = OpenAIStreamObserver()
@@ -1268,8 +1498,7 @@ def test_feed_text_defers_other_chunks() -> None:
 
 
 def test_feed_text_with_a_non_string_timestamp_still_matches() -> None:
-    t = OllamaStreamTranslator("generate", "m", start_ns=0,
-                               created_at=lambda: 7)  # type: ignore[arg-type,return-value]
+    t = OllamaStreamTranslator("generate", "m", start_ns=0, created_at=lambda: 7)  # type: ignore[arg-type,return-value]
     line = t.feed_text(json.dumps(_chunk({"content": "x"})), 1)
     assert line == b'{"model":"m","created_at":7,"response":"x","done":false}'
 
@@ -1283,15 +1512,25 @@ def _emb_resp(vectors: list[Any], shuffled: bool = False) -> dict[str, Any]:
     data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
     if shuffled:
         data.reverse()
-    return {"object": "list", "data": data, "model": "b",
-            "usage": {"prompt_tokens": 6, "total_tokens": 6}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": "b",
+        "usage": {"prompt_tokens": 6, "total_tokens": 6},
+    }
 
 
 def test_embed_response_in_index_order() -> None:
-    out = openai_embeddings_to_ollama_embed(_emb_resp([[0.1], [0.2], [0.3]], shuffled=True),
-                                            "m", TIMINGS)
-    assert out == {"model": "m", "embeddings": [[0.1], [0.2], [0.3]], "total_duration": 3_000,
-                   "load_duration": 0, "prompt_eval_count": 6}
+    out = openai_embeddings_to_ollama_embed(
+        _emb_resp([[0.1], [0.2], [0.3]], shuffled=True), "m", TIMINGS
+    )
+    assert out == {
+        "model": "m",
+        "embeddings": [[0.1], [0.2], [0.3]],
+        "total_duration": 3_000,
+        "load_duration": 0,
+        "prompt_eval_count": 6,
+    }
     EmbedResponse.model_validate(out)
 
 
@@ -1315,15 +1554,21 @@ def test_embeddings_legacy_response() -> None:
 # =============================================================================================
 
 BACKEND_MODELS = [
-    {"id": "meta/Llama-3-8B", "object": "model", "created": 1_700_000_000, "owned_by": "meta",
-     "max_model_len": 8192},
+    {
+        "id": "meta/Llama-3-8B",
+        "object": "model",
+        "created": 1_700_000_000,
+        "owned_by": "meta",
+        "max_model_len": 8192,
+    },
     {"id": "nomic-embed-text", "object": "model"},  # llama-cpp-python style: no created
     {"id": "qwen2.5:7b", "object": "model", "created": 1_710_000_000},
     "garbage",
     {"object": "model"},
 ]
-MAPPER = ModelMapper({"llama3": "meta/Llama-3-8B", "l3": "meta/Llama-3-8B",
-                      "missing": "not/listed"})
+MAPPER = ModelMapper(
+    {"llama3": "meta/Llama-3-8B", "l3": "meta/Llama-3-8B", "missing": "not/listed"}
+)
 
 
 def test_tags() -> None:
@@ -1334,9 +1579,14 @@ def test_tags() -> None:
     assert first["model"] == "llama3"
     assert first["size"] == 0
     assert first["digest"] == "sha256:" + hashlib.sha256(b"meta/Llama-3-8B").hexdigest()
-    assert first["details"] == {"parent_model": "", "format": "gguf", "family": "llama",
-                                "families": ["llama"], "parameter_size": "",
-                                "quantization_level": ""}
+    assert first["details"] == {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
     parsed = ListResponse.model_validate(out)
     assert parsed.models[0].modified_at == datetime.fromtimestamp(1_700_000_000, UTC)
     assert parsed.models[2].modified_at == datetime.fromtimestamp(0, UTC)
@@ -1358,7 +1608,9 @@ def test_show() -> None:
     assert emb["capabilities"] == ["embedding"]
     ShowResponse.model_validate(emb)
     assert ollama_show("my-embedder", None, embedding=False)["capabilities"] == [
-        "completion", "tools"]
+        "completion",
+        "tools",
+    ]
     assert ollama_show("x", None, embedding=True)["capabilities"] == ["embedding"]
     assert ollama_show("alias", {"id": "bge-embed"})["capabilities"] == ["embedding"]
 
@@ -1380,31 +1632,61 @@ def test_openai_model_list() -> None:
     assert out["object"] == "list"
     assert [m["id"] for m in out["data"]] == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
     # the backend's other fields stay (what clients size prompts by)
-    assert out["data"][0] == {"id": "llama3", "object": "model", "created": 1_700_000_000,
-                              "owned_by": "meta", "max_model_len": 8192}
-    assert out["data"][2] == {"id": "nomic-embed-text", "object": "model", "created": 0,
-                              "owned_by": "trioproxy"}
+    assert out["data"][0] == {
+        "id": "llama3",
+        "object": "model",
+        "created": 1_700_000_000,
+        "owned_by": "meta",
+        "max_model_len": 8192,
+    }
+    assert out["data"][2] == {
+        "id": "nomic-embed-text",
+        "object": "model",
+        "created": 0,
+        "owned_by": "trioproxy",
+    }
     for entry in out["data"]:
         OpenAIModel.model_validate(entry, strict=True)
 
 
 def test_openai_model_entry() -> None:
-    assert openai_model_entry("x") == {"id": "x", "object": "model", "created": 0,
-                                       "owned_by": "trioproxy"}
+    assert openai_model_entry("x") == {
+        "id": "x",
+        "object": "model",
+        "created": 0,
+        "owned_by": "trioproxy",
+    }
     assert openai_model_entry("x", {"id": "b", "created": 12.7, "owned_by": ""})["created"] == 12
     # vLLM's entry names the backend's model again in "root": a mapping must not leak it
-    vllm = {"id": "meta/Llama-3-8B", "object": "model", "created": 1, "owned_by": "vllm",
-            "root": "meta/Llama-3-8B", "parent": None, "max_model_len": 8192}
+    vllm = {
+        "id": "meta/Llama-3-8B",
+        "object": "model",
+        "created": 1,
+        "owned_by": "vllm",
+        "root": "meta/Llama-3-8B",
+        "parent": None,
+        "max_model_len": 8192,
+    }
     assert openai_model_entry("llama3", vllm) == {
-        "id": "llama3", "object": "model", "created": 1, "owned_by": "vllm", "parent": None,
-        "max_model_len": 8192}
+        "id": "llama3",
+        "object": "model",
+        "created": 1,
+        "owned_by": "vllm",
+        "parent": None,
+        "max_model_len": 8192,
+    }
 
 
 @pytest.mark.parametrize(
     ("model_id", "family"),
-    [("meta-llama/Meta-Llama-3-8B", "llama"), ("codellama:7b", "codellama"),
-     ("Qwen/Qwen2.5-7B", "qwen"), ("gpt-4o", "gpt"), ("text-embedding-3-small", "text"),
-     ("123", "unknown")],
+    [
+        ("meta-llama/Meta-Llama-3-8B", "llama"),
+        ("codellama:7b", "codellama"),
+        ("Qwen/Qwen2.5-7B", "qwen"),
+        ("gpt-4o", "gpt"),
+        ("text-embedding-3-small", "text"),
+        ("123", "unknown"),
+    ],
 )
 def test_model_family(model_id: str, family: str) -> None:
     assert model_family(model_id) == family

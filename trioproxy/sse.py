@@ -166,9 +166,7 @@ class SSEParser:
         # Exact UTF-8 size of what we hold; encoding only the new piece keeps this linear.
         self._pending_bytes += len(piece) if piece.isascii() else len(piece.encode())
         if self._pending_bytes > self._max:
-            raise SSEProtocolError(
-                f"SSE line exceeds {self._max} bytes without a line end"
-            )
+            raise SSEProtocolError(f"SSE line exceeds {self._max} bytes without a line end")
 
     def _check_line(self, line: str) -> None:
         # Called for lines over _max // 4 characters only (a UTF-8 character is at most 4 bytes).
@@ -228,6 +226,4 @@ def openai_error_event(
     message: str, type_: str = "api_error", code: str | int | None = None
 ) -> bytes:
     """The in-band error event the openai SDK turns into ``APIError`` mid-stream."""
-    return encode_sse(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    )
+    return encode_sse({"error": {"message": message, "type": type_, "param": None, "code": code}})

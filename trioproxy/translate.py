@@ -1194,8 +1194,11 @@ class OllamaStreamTranslator(_StreamStats):
         if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
             return compact_json(self._line(content, ""))
         text = (
-            self._text_head + _encode_str(created_at) + self._text_middle
-            + _encode_str(content) + self._text_tail
+            self._text_head
+            + _encode_str(created_at)
+            + self._text_middle
+            + _encode_str(content)
+            + self._text_tail
         )
         try:
             return escape_line_separators(text.encode())
@@ -1217,7 +1220,8 @@ class OllamaStreamTranslator(_StreamStats):
             prompt_eval_count=self.prompt_tokens or 0,
             prompt_eval_duration=max(0, int(first - self.start_ns)),
             eval_count=(
-                self.completion_tokens if self.completion_tokens is not None
+                self.completion_tokens
+                if self.completion_tokens is not None
                 else self.content_chunks
             ),
             eval_duration=max(0, int(last - first)),
@@ -1361,8 +1365,23 @@ def openai_embeddings_to_ollama_embeddings(resp: JSONDict) -> JSONDict:
 
 # Checked in order, so "codellama" is found before "llama".
 _KNOWN_FAMILIES = (
-    "codellama", "llama", "mistral", "mixtral", "qwen", "gemma", "phi", "deepseek", "gpt",
-    "claude", "command", "falcon", "granite", "starcoder", "nomic", "bert", "olmo",
+    "codellama",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen",
+    "gemma",
+    "phi",
+    "deepseek",
+    "gpt",
+    "claude",
+    "command",
+    "falcon",
+    "granite",
+    "starcoder",
+    "nomic",
+    "bert",
+    "olmo",
 )
 
 
@@ -1479,9 +1498,7 @@ def ollama_ps(
     expires = utc_timestamp(now_ns + _PS_KEEP_ALIVE_NS)
     out = []
     for name, entry in _listed(models, mapper):
-        context = next(
-            (int(entry[k]) for k in _CONTEXT_KEYS if _is_number(entry.get(k))), 0
-        )
+        context = next((int(entry[k]) for k in _CONTEXT_KEYS if _is_number(entry.get(k))), 0)
         out.append(
             {
                 "name": name,
