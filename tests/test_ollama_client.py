@@ -345,6 +345,28 @@ def test_thinking_from_reasoning_model(
     assert gen.response == whole.message.content
 
 
+def test_think_false_hides_the_thinking(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """As Ollama: no ``thinking`` when the client says ``think=False`` (Open WebUI's toggle),
+    streamed or not, on chat and generate; the answer is the same."""
+    c = client(proxy)
+    messages = [{"role": "user", "content": f"Think first [[tokens=4]] {marker()}"}]
+    whole = c.chat(model="demo-reasoner", messages=messages, think=False, stream=False)
+    assert whole.message.thinking is None
+    assert whole.message.content == "Hello from the trioproxy"
+    parts = list(c.chat(model="demo-reasoner", messages=messages, think=False, stream=True))
+    check_stream(parts)
+    assert all(p.message.thinking is None for p in parts)
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+    for stream in (False, True):
+        generated = c.generate(model="demo-reasoner", prompt=messages[0]["content"],
+                               think=False, stream=stream)  # fmt: skip
+        pieces = list(generated) if stream else [generated]
+        assert all(p.thinking is None for p in pieces)
+        assert "".join(p.response for p in pieces) == whole.message.content
+
+
 # ---- embeddings ----------------------------------------------------------------------------
 
 

@@ -973,7 +973,14 @@ _WRONG_SHAPES = {
     "no-data": "[]",
     "no-choices": "{}",
     "error-with-200": '{"error": {"message": "quota exceeded", "type": "insufficient_quota"}}',
-}
+    # OpenRouter's failed completion: an error beside a choice finished with "error"
+    "openrouter-error": json.dumps({
+        "error": {"code": 502, "message": "Provider disconnected unexpectedly"},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                     "finish_reason": "error"}]}),
+    "refusal": json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "I can't help with that"}}]}),
+}  # fmt: skip
 
 _COMPLETION = {
     "id": "c1", "object": "chat.completion", "created": 1, "model": "full-json",
@@ -996,6 +1003,20 @@ _TOOL_COMPLETION = {
     "choices": [{"index": 0, "finish_reason": "tool_calls",
                  "message": {"role": "assistant", "content": None, "tool_calls": _TOOL_CALLS}}],
 }  # fmt: skip
+
+
+def _chunk_event(delta: dict[str, Any], finish: str | None = None) -> str:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    return "data: " + json.dumps(chunk) + "\n\n"
+
+
+# OpenRouter's documented mid-stream error
+_OPENROUTER_ERROR = {
+    "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+    "error": {"code": 502, "message": "Provider disconnected unexpectedly"},
+    "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+}  # fmt: skip
 # model name -> (content type, body) the fake backend answers a stream request with
 _STREAM_SHAPES = {
     "full-json": ("application/json", json.dumps(_COMPLETION)),
@@ -1016,6 +1037,14 @@ _STREAM_SHAPES = {
                          ' exceeded", "type": null, "param": null, "code": "400"}}\n\n'),
     "full-json-no-object": ("application/json", json.dumps(
         {k: v for k, v in _COMPLETION.items() if k != "object"})),
+    "openrouter-mid-error": ("text/event-stream", _HELLO + _chunk_event({"content": " wor"})
+                             + "data: " + json.dumps(_OPENROUTER_ERROR) + "\n\n"),
+    "openrouter-error-first": ("text/event-stream",
+                               "data: " + json.dumps(_OPENROUTER_ERROR) + "\n\n"),
+    "refusal": ("text/event-stream", _chunk_event({"content": None, "refusal": "I can't"})
+                + _chunk_event({}, finish="stop") + "data: [DONE]\n\n"),
+    "refuses-stream-options": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
+                               + "data: [DONE]\n\n"),
 }  # fmt: skip
 
 
@@ -1025,15 +1054,25 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+    stream_requests: ClassVar[list[dict[str, Any]]] = []
+
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if request.get("stream"):
+            self.stream_requests.append(request)
+        status = 200
         content_type, text = (
             _STREAM_SHAPES[request["model"]]
             if request.get("stream")
             else ("application/json", _WRONG_SHAPES[request["model"]])
         )
+        if request["model"] == "refuses-stream-options" and "stream_options" in request:
+            status, content_type = 422, "application/json"  # as Mistral's API does
+            text = json.dumps({"object": "error", "type": "invalid_request_error", "message": {
+                "detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                            "msg": "Extra inputs are not permitted"}]}})  # fmt: skip
         body = text.encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1428,3 +1467,66 @@ def test_only_a_404_about_the_model_reads_as_ollamas_model_not_found(
 
     error = UpstreamStatusError(upstream_error_message(body, 404), 404, body=body)
     assert _is_about_the_model(error, model) is about_the_model
+
+
+@pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+def test_an_error_in_the_middle_of_a_stream_is_an_error_not_a_finished_answer(
+    wrong_shape_proxy: ServerProcess, consume: Any
+) -> None:
+    """OpenRouter reports a provider failing mid-stream as a chunk with an ``error`` beside
+    a choice finished with ``finish_reason: "error"``. Ollama clients must not get it as a
+    normal stop (the cut answer would pass for a whole one): they get an error line; the
+    openai SDK raises on the chunk, relayed as it came. Both count as an error stream."""
+    before = _error_streams(wrong_shape_proxy)
+    texts, error = consume(wrong_shape_proxy, "openrouter-mid-error")
+    assert "".join(texts) == "Hello wor"
+    assert error is not None and "Provider disconnected unexpectedly" in str(error)
+    assert _error_streams(wrong_shape_proxy) == before + 1
+
+
+@pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])
+def test_an_error_with_choices_as_the_first_event_gets_a_real_status(
+    wrong_shape_proxy: ServerProcess, consume: Any
+) -> None:
+    texts, error = consume(wrong_shape_proxy, "openrouter-error-first")
+    assert texts == []
+    assert getattr(error, "status_code", None) == 502, error
+    assert "Provider disconnected unexpectedly" in str(error)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+def test_a_completion_finished_with_an_error_is_a_502_not_an_empty_answer(
+    wrong_shape_proxy: ServerProcess, path: str
+) -> None:
+    body = {"model": "openrouter-error", "prompt": "hi", "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    response = httpx.post(wrong_shape_proxy.url + path, json=body, timeout=10)
+    assert response.status_code == 502, response.text
+    assert "Provider disconnected unexpectedly" in response.json()["error"]
+
+
+def test_a_refusal_reaches_ollama_clients_as_the_answer(wrong_shape_proxy: ServerProcess) -> None:
+    """A refusal (OpenAI's structured outputs) has no field in Ollama's API: it is the
+    answer's text, streamed or not, never an empty answer."""
+    texts, error = _ollama_stream(wrong_shape_proxy, "refusal")
+    assert error is None and "".join(texts) == "I can't"
+    with ollama.Client(host=wrong_shape_proxy.url, timeout=10) as client:
+        answer = client.chat(model="refusal", messages=[{"role": "user", "content": "hi"}])
+        assert answer.message.content == "I can't help with that"
+        generated = client.generate(model="refusal", prompt="hi")
+        assert generated.response == "I can't help with that"
+
+
+def test_a_backend_that_refuses_stream_options_still_streams_to_ollama_clients(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """Mistral's API refuses ``stream_options`` (422, extra_forbidden), which the proxy
+    adds to get token counts. The stream is asked again without it, and later streams go
+    without it from the start; ollama-python (which streams by default) works."""
+    sent = _WrongShapeBackend.stream_requests
+    sent.clear()
+    for _ in range(2):
+        texts, error = _ollama_stream(wrong_shape_proxy, "refuses-stream-options")
+        assert error is None, error
+        assert "".join(texts) == "Hello"
+    assert ["stream_options" in request for request in sent] == [True, False, False]

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import itertools
 import json
+import re
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from trioproxy.translate import (
     ResponsesStreamObserver,
     Timings,
     _ContentChunks,
+    _generated_call_id,
     image_data_url,
     is_embedding_model,
     model_family,
@@ -481,16 +483,20 @@ def test_tool_call_history() -> None:
         "content": None,
         "tool_calls": [
             {
-                "id": "call_0",
+                "id": "call00000",
                 "type": "function",
                 "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
             },
-            {"id": "call_1", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+            {
+                "id": "call00001",
+                "type": "function",
+                "function": {"name": "time", "arguments": "{}"},
+            },
         ],
     }
     assert "thinking" not in msgs[1]
-    assert msgs[2] == {"role": "tool", "content": "12:00", "tool_call_id": "call_1"}
-    assert msgs[3]["tool_call_id"] == "call_0"
+    assert msgs[2] == {"role": "tool", "content": "12:00", "tool_call_id": "call00001"}
+    assert msgs[3]["tool_call_id"] == "call00000"
     assert msgs[4]["content"] == "ok"
     assert msgs[4]["tool_calls"][0]["id"] == "abc"
     assert msgs[4]["tool_calls"][0]["function"]["arguments"] == '{"city":"Nice"}'
@@ -516,7 +522,20 @@ def test_parallel_tool_results_in_order_without_names() -> None:
         ],
     }
     msgs = ollama_chat_to_openai(body, "b")["messages"]
-    assert [m.get("tool_call_id") for m in msgs[1:]] == ["call_0", "call_1"]
+    assert [m.get("tool_call_id") for m in msgs[1:]] == ["call00000", "call00001"]
+
+
+@pytest.mark.parametrize(("number", "expected"), [
+    (0, "call00000"), (1, "call00001"), (35, "call0000z"), (36, "call00010"),
+    (36**5 - 1, "callzzzzz"), (36**5, "call100000"),
+])  # fmt: skip
+def test_generated_tool_call_ids_are_nine_letters_and_digits(number: int, expected: str) -> None:
+    """Mistral's models (its API, vLLM serving them) refuse any other tool-call id shape
+    than nine letters and digits, and ollama-python never echoes a backend's own id back:
+    ids the proxy makes up must pass there."""
+    assert _generated_call_id(number) == expected
+    if number < 36**5:
+        assert re.fullmatch(r"[a-zA-Z0-9]{9}", expected)
 
 
 def test_passthrough_request_maps_model_only() -> None:
@@ -1310,6 +1329,7 @@ def _stats(o: OpenAIStreamObserver | OllamaStreamTranslator) -> tuple[Any, ...]:
         o.prompt_tokens,
         o.completion_tokens,
         o.finish_reason,
+        o.failed,
     )
 
 
@@ -1466,8 +1486,12 @@ _NEAR_MISSES = [
     _HEAD + '"index":0,"delta":{"content":"a\\x41"},"finish_reason":null}]}',
     _HEAD.replace('"created":1', '"created":\u0661') + '"delta":{"content":"a"}}]}',
     _HEAD + '"index":0,"delta":{"content":"a"},"finish_reason":null}]}}',
-    # reasoning and a second choice are more than content
+    # reasoning, a refusal and a second choice are more than content
     _HEAD + '"index":0,"delta":{"content":"a","reasoning_content":"b"}}]}',
+    _HEAD + '"index":0,"delta":{"content":null,"refusal":"I cannot"},"finish_reason":null}]}',
+    # an error beside the choices is a failure, whatever the delta says
+    _HEAD.replace('"created":1', '"created":1,"error":"boom"')
+    + '"index":0,"delta":{"content":"a"},"finish_reason":null}]}',
     _HEAD + '"index":0,"delta":{"content":""}},{"index":1,"delta":{"content":"b"}}]}',
 ]
 
@@ -1598,10 +1622,12 @@ def test_tags_empty() -> None:
 
 def test_show() -> None:
     out = ollama_show("llama3", BACKEND_MODELS[0])  # type: ignore[arg-type]
-    assert out["model_info"] == {"general.architecture": "llama"}
+    # the context window the backend lists, where Ollama's clients (Zed, Continue) read it
+    info = {"general.architecture": "llama", "llama.context_length": 8192}
+    assert out["model_info"] == info
     assert out["capabilities"] == ["completion", "tools"]
     parsed = ShowResponse.model_validate(out)
-    assert parsed.modelinfo == {"general.architecture": "llama"}
+    assert parsed.modelinfo == info
     assert parsed.modified_at == datetime.fromtimestamp(1_700_000_000, UTC)
     assert "meta/Llama-3-8B" in out["modelfile"]
     emb = ollama_show("nomic-embed-text", None)
@@ -1613,6 +1639,14 @@ def test_show() -> None:
     ]
     assert ollama_show("x", None, embedding=True)["capabilities"] == ["embedding"]
     assert ollama_show("alias", {"id": "bge-embed"})["capabilities"] == ["embedding"]
+    # OpenRouter's entries say what a model takes and does
+    openrouter = {"id": "openai/gpt-4o", "context_length": 128000,
+                  "architecture": {"input_modalities": ["text", "image"]},
+                  "supported_parameters": ["tools", "reasoning", "temperature"]}  # fmt: skip
+    shown = ollama_show("gpt-4o", openrouter)
+    assert shown["capabilities"] == ["completion", "tools", "vision", "thinking"]
+    assert ShowResponse.model_validate(shown).capabilities == shown["capabilities"]
+    assert ollama_show("x", {"id": "x"})["model_info"] == {"general.architecture": "x"}
 
 
 def test_ps() -> None:
@@ -1754,3 +1788,71 @@ def test_responses_observer_tells_the_relay_about_progress_the_end_and_failures(
     assert not chat.failed
     chat.feed_text('{"error":{"message":"overloaded"}}', 2)
     assert chat.failed and not chat.ended  # a chat stream ends with [DONE]
+
+
+# =============================================================================================
+# Failures, refusals and hidden thinking in a stream
+# =============================================================================================
+
+
+def _openrouter_error_chunk() -> dict[str, Any]:
+    """OpenRouter's documented mid-stream error: an error beside a choice finished with
+    ``finish_reason: "error"``."""
+    chunk = _chunk({"content": ""}, finish="error")
+    chunk["error"] = {"code": 502, "message": "Provider disconnected unexpectedly"}
+    return chunk
+
+
+@pytest.mark.parametrize("consumer", [OpenAIStreamObserver, _translator])
+def test_an_error_beside_choices_fails_the_stream(consumer: Callable[[], Any]) -> None:
+    o = consumer()
+    o.feed(_chunk({"content": "Hello"}), 1)
+    assert not o.failed
+    o.feed(_openrouter_error_chunk(), 2)
+    assert o.failed
+    assert o.error == {"code": 502, "message": "Provider disconnected unexpectedly"}
+
+
+def test_finish_reason_error_alone_fails_the_stream() -> None:
+    o = OpenAIStreamObserver()
+    o.feed(_chunk({"content": "Hel"}), 1)
+    o.feed(_chunk({}, finish="error"), 2)
+    assert o.failed and o.error == 'the backend ended the answer with finish_reason "error"'
+
+
+def test_a_refusal_is_the_answer_on_the_ollama_api() -> None:
+    """OpenAI's structured outputs refuse in ``refusal``, with ``content`` null; Ollama has
+    no field for it, so it is the content (an empty answer would read as the model saying
+    nothing, and a ``format`` caller would fail to parse it)."""
+    t = _translator()
+    lines = t.feed_text(json.dumps(_chunk({"content": None, "refusal": "I can't"})), 1)
+    assert lines is None  # not the content-only shape: decoded in full
+    lines = t.feed(_chunk({"content": None, "refusal": "I can't"}), 1)
+    assert [line["message"]["content"] for line in lines] == ["I can't"]
+    assert t.content_chunks == 1
+    message = {"role": "assistant", "content": None, "refusal": "I can't help"}
+    resp = {"choices": [{"message": message, "finish_reason": "stop"}]}
+    timings = Timings(total_ns=1, prompt_eval_ns=0, eval_ns=1)
+    assert openai_chat_to_ollama_chat(resp, "m", CREATED, timings)["message"]["content"] == (
+        "I can't help"
+    )
+    assert openai_chat_to_ollama_generate(resp, "m", CREATED, timings)["response"] == (
+        "I can't help"
+    )
+
+
+def test_think_false_hides_the_thinking_but_counts_its_tokens() -> None:
+    t = OllamaStreamTranslator("chat", "m", start_ns=0, created_at=lambda: CREATED,
+                               show_thinking=False)  # fmt: skip
+    assert t.feed(_chunk({"reasoning_content": "hmm"}), 1) == []
+    lines = t.feed(_chunk({"reasoning_content": "so", "content": "Hi"}), 2)
+    assert [line["message"] for line in lines] == [{"role": "assistant", "content": "Hi"}]
+    assert t.content_chunks == 2  # the reasoning was generated, so it is tokens all the same
+    message = {"role": "assistant", "content": "Hi", "reasoning_content": "hmm"}
+    resp = {"choices": [{"message": message, "finish_reason": "stop"}]}
+    timings = Timings(total_ns=1, prompt_eval_ns=0, eval_ns=1)
+    chat = openai_chat_to_ollama_chat(resp, "m", CREATED, timings, show_thinking=False)
+    assert chat["message"] == {"role": "assistant", "content": "Hi"}
+    generate = openai_chat_to_ollama_generate(resp, "m", CREATED, timings, show_thinking=False)
+    assert "thinking" not in generate
+    assert openai_chat_to_ollama_chat(resp, "m", CREATED, timings)["message"]["thinking"] == "hmm"

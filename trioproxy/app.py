@@ -189,6 +189,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         health_error_rate_unhealthy=settings.health_error_rate_unhealthy,
         health_p95_degraded_seconds=settings.health_p95_degraded_seconds,
         health_min_requests=settings.health_min_requests,
+        health_window_seconds=settings.health_window_seconds,
     )
     for client_name, backend_name in settings.model_mapping.items():
         app.collector.model_labels.allow(client_name)
@@ -197,6 +198,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.pool = None
 
     from .catalog import ModelCatalog
+    from .forward import BackendQuirks
     from .routes_ollama import FAST_ROUTES as ollama_fast_routes
     from .routes_ollama import blueprint as ollama_routes
     from .routes_openai import FAST_ROUTES as openai_fast_routes
@@ -215,6 +217,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         _require_client_keys(app, app.client_keys)
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
     app.catalog = ModelCatalog()  # type: ignore[attr-defined]
+    app.backend_quirks = BackendQuirks()  # type: ignore[attr-defined]
 
     @app.before_serving
     async def _start() -> None:

@@ -6,18 +6,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import (
     BadRequest,
     BadUpstreamResponse,
+    ProxyError,
+    UpstreamStatusError,
+    UpstreamTimeout,
     UpstreamUnavailable,
     scrub,
     upstream_error_message,
 )
 from .exchange import Call, RequestState
 from .jsonutil import compact_json, loads
-from .translate import RequestValidationError
+from .metrics.request import RequestMetrics
+from .translate import FINISHED_WITH_ERROR, RequestValidationError
 from .upstream import UpstreamPool, UpstreamResult
 
 log = logging.getLogger("trioproxy.forward")
@@ -88,7 +93,11 @@ async def call_json(
     if _reports_an_error(payload):
         # some gateways answer a failure with 200 and an error body: not an empty answer
         call.app.collector.upstream_error("protocol")
-        message = upstream_error_message(result.response.content, 200)
+        message = (
+            upstream_error_message(result.response.content, 200)
+            if payload.get("error")
+            else FINISHED_WITH_ERROR
+        )
         raise BadUpstreamResponse(
             scrub(f"the backend reported an error: {message}", call.app.settings.api_key)
         )
@@ -96,12 +105,17 @@ async def call_json(
 
 
 def _reports_an_error(payload: Any) -> bool:
-    return (
-        isinstance(payload, dict)
-        and bool(payload.get("error"))
-        and not payload.get("choices")
-        and not payload.get("data")
-    )
+    """An ``error`` member instead of an answer, or choices that end with
+    ``finish_reason: "error"`` (OpenRouter's failed completion carries an error too)."""
+    if not isinstance(payload, dict) or payload.get("data"):
+        return False
+    choices = payload.get("choices")
+    if isinstance(choices, list) and choices:
+        return any(
+            isinstance(choice, dict) and choice.get("finish_reason") == "error"
+            for choice in choices
+        )
+    return bool(payload.get("error")) and not choices
 
 
 def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:
@@ -137,19 +151,72 @@ async def open_stream(
     backend connection (stack notes P9)."""
     state = call.state
     body = payload if isinstance(payload, bytes | None) else encode(payload)
-    result = await pool(call).request(
-        method,
-        path,
-        body=body,
-        request_id=state.request_id,
-        stream=True,
-        header_timeout=call.app.settings.stream_first_token_timeout,
-    )
+    metric = state.metric
+    if metric is not None:
+        # a stream from the start: one that times out, fails or is left by its client
+        # before the backend's headers is a stream that got no first token, too
+        metric.streaming = True
+    try:
+        result = await pool(call).request(
+            method,
+            path,
+            body=body,
+            request_id=state.request_id,
+            stream=True,
+            header_timeout=call.app.settings.stream_first_token_timeout,
+        )
+    except ProxyError as error:
+        if metric is not None:
+            _note_stream_refused(metric, error)
+        raise
     state.cleanups.append(result.aclose)
     _note_upstream(call, result, complete=False)
-    if state.metric is not None:
-        state.metric.streaming = True
     return result
+
+
+def _note_stream_refused(metric: RequestMetrics, error: ProxyError) -> None:
+    """A backend's 4xx is a refused request, not a stream (as one refused at the stream's
+    first event); a timeout waiting for the headers is a timed-out stream, anything else a
+    failed one."""
+    if isinstance(error, UpstreamStatusError) and error.status < 500:
+        metric.streaming = False
+    elif isinstance(error, UpstreamTimeout):
+        metric.stream_outcome = "timeout"
+    else:
+        metric.stream_outcome = "error"
+
+
+@dataclass
+class BackendQuirks:
+    """What the backend was found to refuse, so that later requests leave it out."""
+
+    # Mistral's API refuses stream_options (422 extra_forbidden)
+    refuses_stream_options: bool = False
+
+
+async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
+    """``open_stream`` for a chat completion the proxy wrote: ``stream_options`` (it asks
+    for the token counts) is left out for a backend that refuses it, from the first refusal
+    on; the stream's tokens are then counted from its chunks."""
+    quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
+    if quirks.refuses_stream_options:
+        payload.pop("stream_options", None)
+    try:
+        return await open_stream(call, "/chat/completions", payload)
+    except UpstreamStatusError as error:
+        if "stream_options" not in payload or not _refuses_stream_options(error):
+            raise
+    quirks.refuses_stream_options = True
+    log.warning(
+        "the backend refuses stream_options; streams now go without it, and their token "
+        "counts come from the chunks unless the backend reports usage anyway"
+    )
+    del payload["stream_options"]
+    return await open_stream(call, "/chat/completions", payload)
+
+
+def _refuses_stream_options(error: UpstreamStatusError) -> bool:
+    return error.status in (400, 422) and b"stream_options" in error.body
 
 
 def _note_upstream(call: Call, result: UpstreamResult, *, complete: bool) -> None:

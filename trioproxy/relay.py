@@ -30,7 +30,7 @@ from .sse import (
     encode_sse,
     openai_error_event,
 )
-from .translate import OllamaStreamTranslator, parse_chunk
+from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, parse_chunk
 from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
@@ -254,10 +254,11 @@ async def relay_ollama(
                     chunk = parse_chunk(text)
                     if chunk is None:
                         continue
-                    if "error" in chunk and not chunk.get("choices"):
+                    if _reports_failure(chunk):  # its text is not part of the answer
+                        failure = chunk.get("error") or FINISHED_WITH_ERROR
                         if not sent and not lines:
-                            raise _FailedAtOnce(chunk["error"])
-                        error = scrub(_error_text(chunk.get("error")), settings.api_key)
+                            raise _FailedAtOnce(failure)
+                        error = scrub(_error_text(failure), settings.api_key)
                         break
                     lines += [dumps(out) for out in translator.feed(chunk, now_ns)]
                 elif line:
@@ -443,6 +444,20 @@ def _client_status(error: object) -> int | None:
     if error.get("code") in ("rate_limit_exceeded", "insufficient_quota"):
         return 429
     return None
+
+
+def _reports_failure(chunk: dict[str, Any]) -> bool:
+    """An error event (``{"error": ...}``), also one that carries choices, as OpenRouter's
+    mid-stream error does, or a choice finished with ``finish_reason: "error"``."""
+    if chunk.get("error"):
+        return True
+    choices = chunk.get("choices")
+    return (
+        isinstance(choices, list)
+        and bool(choices)
+        and isinstance(choices[0], dict)
+        and choices[0].get("finish_reason") == "error"
+    )
 
 
 def _error_text(error: object) -> str:

@@ -7,6 +7,7 @@ in-process test clients the same handlers.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from .forward import (
     json_object,
     note_model,
     note_usage,
-    open_stream,
+    open_chat_stream,
     validated,
 )
 from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
@@ -143,21 +144,27 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     note_model(state, client_model)
     backend_model = app.mapper.to_backend(client_model)
     payload = to_openai(body, backend_model)
+    # think: false hides the reasoning: OpenAI-compatible backends have no portable way to
+    # be told not to reason (reasoning_effort "none" is a 400 on most models)
+    show_thinking = body.get("think") is not False
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
         with _model_not_found_as_ollama(client_model, backend_model):
             resp, result = await call_json(call, "/chat/completions", payload)
         timings = _timings(start_ns, resp, result)
-        convert = (
-            tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate
+        convert = functools.partial(
+            tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
+            show_thinking=show_thinking,
         )
         out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
         return _json_reply(out)
     with _model_not_found_as_ollama(client_model, backend_model):
-        result = await open_stream(call, "/chat/completions", payload)
+        result = await open_chat_stream(call, payload)
     metric = state.metric
-    translator = tr.OllamaStreamTranslator(kind, client_model, start_ns=start_ns)
+    translator = tr.OllamaStreamTranslator(
+        kind, client_model, start_ns=start_ns, show_thinking=show_thinking
+    )
     chunks = relay_ollama(
         result.response,
         translator,

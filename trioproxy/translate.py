@@ -436,11 +436,27 @@ def _arguments_json(args: object) -> str:
     return compact_json_text(args)
 
 
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _generated_call_id(number: int) -> str:
+    """``call`` and at least five base-36 digits (more only beyond 36**5 calls)."""
+    digits = ""
+    while number or len(digits) < 5:
+        number, digit = divmod(number, 36)
+        digits = _BASE36[digit] + digits
+    return "call" + digits
+
+
 class _ToolCallIds:
     """Ids for history tool calls, and which ``tool`` message answers which call.
 
-    Generated ids are ``call_<n>`` in conversation order, so the same history always
-    translates to the same request (backend prompt caches depend on byte-identical input).
+    Generated ids are ``call`` and the call's number in conversation order as five base-36
+    digits (``call00000``), so the same history always translates to the same request
+    (backend prompt caches depend on byte-identical input). Nine letters and digits is the
+    one id shape every backend accepts: Mistral's models (its API, vLLM serving them)
+    refuse any other ("must be a-z, A-Z, 0-9, with a length of 9"), and ollama-python
+    cannot echo the backend's own ids back (its ToolCall has no id).
     """
 
     def __init__(self) -> None:
@@ -453,7 +469,7 @@ class _ToolCallIds:
     def register(self, call: JSONDict) -> str:
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
-            call_id = f"call_{self._counter}"
+            call_id = _generated_call_id(self._counter)
         self._counter += 1
         name = call.get("function", {}).get("name", "")
         self._unanswered.append((call_id, name))
@@ -666,6 +682,17 @@ def _text(content: object) -> str:
     return ""
 
 
+def _refusal(obj: JSONDict) -> str:
+    """A model's refusal (OpenAI's structured outputs answer with it instead of content):
+    Ollama has no field for it, and it is the model's answer, so it is shown as content."""
+    value = obj.get("refusal")
+    return value if isinstance(value, str) else ""
+
+
+# what a stream or completion that ended with finish_reason "error" and no error member says
+FINISHED_WITH_ERROR = 'the backend ended the answer with finish_reason "error"'
+
+
 def _thinking(obj: JSONDict) -> str:
     # vLLM/DeepSeek say reasoning_content; Ollama's own OpenAI layer says reasoning.
     value = obj.get("reasoning_content") or obj.get("reasoning")
@@ -733,13 +760,15 @@ def _first_choice(resp: JSONDict) -> JSONDict:
 
 
 def openai_chat_to_ollama_chat(
-    resp: JSONDict, model: str, created_at: str, timings: Timings
+    resp: JSONDict, model: str, created_at: str, timings: Timings, *, show_thinking: bool = True
 ) -> JSONDict:
-    """A non-stream ``/chat/completions`` response as an ``/api/chat`` response."""
+    """A non-stream ``/chat/completions`` response as an ``/api/chat`` response; its
+    reasoning as ``thinking`` unless the client said ``think: false``."""
     choice = _first_choice(resp)
     msg = choice.get("message") or {}
-    message: JSONDict = {"role": "assistant", "content": _text(msg.get("content"))}
-    thinking = _thinking(msg)
+    content = _text(msg.get("content")) + _refusal(msg)
+    message: JSONDict = {"role": "assistant", "content": content}
+    thinking = _thinking(msg) if show_thinking else ""
     if thinking:
         message["thinking"] = thinking
     calls = _message_tool_calls(msg)
@@ -754,17 +783,18 @@ def openai_chat_to_ollama_chat(
 
 
 def openai_chat_to_ollama_generate(
-    resp: JSONDict, model: str, created_at: str, timings: Timings
+    resp: JSONDict, model: str, created_at: str, timings: Timings, *, show_thinking: bool = True
 ) -> JSONDict:
-    """A non-stream ``/chat/completions`` response as an ``/api/generate`` response."""
+    """A non-stream ``/chat/completions`` response as an ``/api/generate`` response; its
+    reasoning as ``thinking`` unless the client said ``think: false``."""
     choice = _first_choice(resp)
     msg = choice.get("message") or {}
     out: JSONDict = {
         "model": model,
         "created_at": created_at,
-        "response": _text(msg.get("content")),
+        "response": _text(msg.get("content")) + _refusal(msg),
     }
-    thinking = _thinking(msg)
+    thinking = _thinking(msg) if show_thinking else ""
     if thinking:
         out["thinking"] = thinking
     calls = _message_tool_calls(msg)
@@ -825,13 +855,15 @@ def _obj(body: str) -> str:
 
 
 _DELTA_MEMBER = "(?:{}|{})".format(
-    _other_member("content|reasoning_content|reasoning|tool_calls"),
-    _member('"(?:reasoning_content|reasoning|tool_calls)"', "null"),
+    _other_member("content|reasoning_content|reasoning|tool_calls|refusal"),
+    _member('"(?:reasoning_content|reasoning|tool_calls|refusal)"', "null"),
 )
 _CHOICE_MEMBER = "(?:{}|{})".format(
     _other_member("delta|message|finish_reason"), _member('"finish_reason"', "null")
 )
-_TOP_MEMBER = "(?:{}|{})".format(_other_member("choices|usage"), _member('"usage"', "null"))
+_TOP_MEMBER = "(?:{}|{})".format(
+    _other_member("choices|usage|error"), _member('"(?:usage|error)"', "null")
+)
 _DELTA = _obj(
     "(?:"
     + _around(_DELTA_MEMBER, _member('"content"', f"(?:(?P<content>{_STR})|null)"))
@@ -963,11 +995,12 @@ class _StreamStats:
         """Record one chunk; return (content, thinking, tool-call deltas, choice)."""
         # Some backends repeat (cumulative) usage on every chunk: the latest wins.
         self._take_usage(chunk.get("usage"), "prompt_tokens", "completion_tokens")
+        if chunk.get("error"):
+            # an error event in the stream: the backend gave up (OpenRouter's carries
+            # choices too, with finish_reason "error")
+            self._fail(chunk["error"])
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            if chunk.get("error"):
-                self.failed = True  # an error event in the stream: the backend gave up
-                self.error = chunk["error"]
             return "", "", [], {}
         choice = choices[0]
         delta = choice.get("delta")
@@ -975,7 +1008,7 @@ class _StreamStats:
             message = choice.get("message")
             # a legacy /v1/completions chunk carries its text on the choice itself
             delta = message if isinstance(message, dict) else {"content": choice.get("text")}
-        content = _text(delta.get("content"))
+        content = _text(delta.get("content")) + _refusal(delta)
         thinking = _thinking(delta)
         calls = delta.get("tool_calls")
         calls = calls if isinstance(calls, list) else []
@@ -984,7 +1017,14 @@ class _StreamStats:
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self.finish_reason = finish
+            if finish == "error":
+                self._fail(FINISHED_WITH_ERROR)
         return content, thinking, calls, choice
+
+    def _fail(self, error: object) -> None:
+        if not self.failed:  # the first account of the failure is the one that explains it
+            self.failed = True
+            self.error = error
 
     def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
         if isinstance(usage, dict):
@@ -1140,12 +1180,15 @@ class OllamaStreamTranslator(_StreamStats):
         *,
         start_ns: int,
         created_at: Callable[[], str] = utc_timestamp,
+        show_thinking: bool = True,
     ) -> None:
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
         super().__init__(start_ns)
         self.kind = kind
         self.model = model
+        # think: false hides the reasoning; its chunks are still tokens the backend made
+        self._show_thinking = show_thinking
         self._created_at = created_at
         # calls in the order they started; where each backend index is being written
         self._tool_calls: list[_PendingToolCall] = []
@@ -1166,6 +1209,8 @@ class OllamaStreamTranslator(_StreamStats):
         if self._finished:
             raise RuntimeError("feed() after finish()")
         content, thinking, calls, choice = self._observe(chunk, now_ns)
+        if not self._show_thinking:
+            thinking = ""
         lines: list[JSONDict] = []
         if content or thinking:
             lines.append(self._line(content, thinking))
@@ -1469,16 +1514,39 @@ def ollama_show(
     if embedding is None:
         embedding = is_embedding_model(model_name) or is_embedding_model(backend_id)
     details = _details(backend_id)
+    entry = backend_entry or {}
+    # ollama-python requires this key to exist (ShowResponse alias without default).
+    model_info: JSONDict = {"general.architecture": details["family"]}
+    context = _context_length(entry)
+    if context:  # where Ollama's tools (Zed, Continue) read the context window
+        model_info[f"{details['family']}.context_length"] = context
     return {
         "modelfile": f"# Served by trioproxy from backend model {backend_id}\nFROM {backend_id}\n",
         "parameters": "",
         "template": "{{ .Prompt }}",
         "details": details,
-        # ollama-python requires this key to exist (ShowResponse alias without default).
-        "model_info": {"general.architecture": details["family"]},
-        "capabilities": ["embedding"] if embedding else ["completion", "tools"],
-        "modified_at": _rfc3339_seconds((backend_entry or {}).get("created")),
+        "model_info": model_info,
+        "capabilities": ["embedding"] if embedding else _capabilities(entry),
+        "modified_at": _rfc3339_seconds(entry.get("created")),
     }
+
+
+def _context_length(entry: JSONDict) -> int:
+    return next((int(entry[k]) for k in _CONTEXT_KEYS if _is_number(entry.get(k))), 0)
+
+
+def _capabilities(entry: JSONDict) -> list[str]:
+    """A generation model's capabilities: completion and tools, plus what the backend's
+    entry says beyond them (OpenRouter's input modalities and supported parameters)."""
+    out = ["completion", "tools"]
+    architecture = entry.get("architecture")
+    modalities = architecture.get("input_modalities") if isinstance(architecture, dict) else None
+    if isinstance(modalities, list) and "image" in modalities:
+        out.append("vision")
+    parameters = entry.get("supported_parameters")
+    if isinstance(parameters, list) and "reasoning" in parameters:
+        out.append("thinking")
+    return out
 
 
 # Context-window fields some backends add to /models entries (vLLM, llama.cpp, LiteLLM).
@@ -1498,7 +1566,7 @@ def ollama_ps(
     expires = utc_timestamp(now_ns + _PS_KEEP_ALIVE_NS)
     out = []
     for name, entry in _listed(models, mapper):
-        context = next((int(entry[k]) for k in _CONTEXT_KEYS if _is_number(entry.get(k))), 0)
+        context = _context_length(entry)
         out.append(
             {
                 "name": name,
