@@ -7,15 +7,18 @@ JSON must report exactly what was done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -524,3 +527,77 @@ def test_plain_hypercorn_workers_with_a_shared_directory_agree(
     finally:
         output = _stop(process)
     assert "PROMETHEUS_MULTIPROC_DIR" not in output, output
+
+
+class _SlowHeadersBackend(BaseHTTPRequestHandler):
+    """Model ``slow``: the headers come after 3 s; ``limited``: 429 at once; ``broken``:
+    500 at once."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model = request["model"]
+        if model == "slow":
+            time.sleep(3)
+        status = {"limited": 429, "broken": 500}.get(model, 200)
+        body = b'{"error": {"message": "no"}}' if status != 200 else b"data: [DONE]\n\n"
+        self.send_response(status)
+        self.send_header(
+            "Content-Type", "application/json" if status != 200 else "text/event-stream"
+        )
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+
+
+def test_streams_that_fail_before_the_backends_headers_are_streams_too(
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """A stream request that times out waiting for the backend's headers is a timed-out
+    stream without a first token, whichever side of the headers the backend stalled on; a
+    client that gives up waiting cancelled a stream; a backend 500 failed one. A backend
+    429 refused the request (not a stream) and is counted as the backend's rate limit."""
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHeadersBackend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        url = start_proxy(f"http://127.0.0.1:{backend.server_address[1]}/v1", MAX_RETRIES="0",
+                          STREAM_FIRST_TOKEN_TIMEOUT="0.5").url  # fmt: skip
+        body = {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=url, timeout=10) as client:
+            assert client.post("/api/chat", json=body).status_code == 504
+            assert client.post("/v1/chat/completions", json=body).status_code == 504
+            for model, status in (("limited", 429), ("broken", 500)):
+                answer = client.post("/v1/chat/completions", json={**body, "model": model})
+                assert answer.status_code == status
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up before the 0.5 s
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.2)
+
+        def streams() -> dict[str, float]:
+            return _by_label(scrape(url)["trioproxy_streams_total"], "outcome")
+
+        wait_for(lambda: sum(streams().values()) == 4)
+        assert streams() == {"timeout": 2, "error": 1, "cancelled": 1}
+        samples = scrape(url)
+        assert total(samples, "http_streaming_timeout_total") == 2
+        no_token = _by_label(samples["trioproxy_streams_without_first_token_total"], "reason")
+        assert no_token == {"timeout": 2, "error": 1, "cancelled": 1}
+        assert total(samples, "trioproxy_upstream_errors_total", reason="status_429") == 1
+        assert total(samples, "trioproxy_upstream_errors_total", reason="status_4xx") == 0
+        assert total(samples, "trioproxy_upstream_errors_total", reason="timeout") == 2
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def _by_label(samples: list[tuple[dict[str, str], float]], label: str) -> dict[str, float]:
+    """The samples' values summed by one label's value (zeros left out)."""
+    out: dict[str, float] = defaultdict(float)
+    for labels, value in samples:
+        if value:
+            out[labels[label]] += value
+    return dict(out)

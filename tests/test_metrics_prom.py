@@ -161,10 +161,11 @@ def test_histogram_buckets_are_the_documented_ones() -> None:
                 if le not in les[fam.name]:
                     les[fam.name].append(le)
     assert [float(x) for x in les["http_request_duration_seconds"]] == [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, float("inf"),
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280,
+        float("inf"),
     ]  # fmt: skip
     assert [float(x) for x in les["trioproxy_time_to_first_token_seconds"]][:-1] == [
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
     ]  # fmt: skip
     assert [float(x) for x in les["trioproxy_overhead_seconds"]][:-1] == [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,

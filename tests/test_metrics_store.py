@@ -282,7 +282,8 @@ def test_scripted_json_is_exact(collector: MetricsCollector) -> None:
     assert sj["avg_first_token_time_ms"] == pytest.approx(60.0)
     assert sj["avg_throughput_bytes_per_second"] == pytest.approx(1300.0)
     assert sj["avg_chunk_size"] == pytest.approx(325 / 6)
-    assert j["tokens"] == {"input": 10, "output": 23}
+    # the stream's 3 output tokens were counted from its chunks (tokens_counted): estimated
+    assert j["tokens"] == {"input": 10, "output": 23, "output_estimated": 3}
     ep = j["endpoints"]
     assert set(ep) == {"api_chat", "api_generate", "v1_chat_completions", "other"}
     assert ep["api_chat"]["count"] == 5
@@ -321,6 +322,7 @@ def test_scripted_json_is_exact(collector: MetricsCollector) -> None:
         "connect",
         "timeout",
         "status_4xx",
+        "status_429",
         "status_5xx",
         "protocol",
         "other",
@@ -337,7 +339,7 @@ def test_upstream_errors_retries_and_backend(collector: MetricsCollector) -> Non
     assert total(s, "trioproxy_upstream_errors_total", reason="connect") == 2
     assert total(s, "trioproxy_upstream_errors_total", reason="other") == 1
     assert total(s, "trioproxy_upstream_retries_total", reason="timeout") == 1
-    assert len(s["trioproxy_upstream_errors_total"]) == 6
+    assert len(s["trioproxy_upstream_errors_total"]) == 7  # every reason, even at 0
     up = collector.summary()["upstream"]
     assert up["errors"]["connect"] == 2 and up["retries"]["timeout"] == 1
     assert (up["backend_reachable"], up["checked_at"]) == (False, 1234.5)
@@ -555,6 +557,50 @@ def test_health_latency_and_backend() -> None:
     assert (body["status"], status, body["backend_reachable"]) == ("unhealthy", 503, False)
     c.set_backend_status(True, time.time())
     assert c.health()[1] == 200
+
+
+def test_health_forgets_failures_older_than_its_window() -> None:
+    """An idle proxy is not unhealthy forever for the failures it last saw: only requests
+    of the last HEALTH_WINDOW_SECONDS count (the window of recent requests has no age)."""
+    old = time.time() - 120.0
+    failures = [req("/api/chat", 500, 10.0, timestamp=old) for _ in range(30)]
+    body, status = _health(failures, health_window_seconds=60)
+    assert (body["status"], status) == ("healthy", 200)
+    assert body["checks"]["error_rate"]["requests"] == 0
+    assert body["thresholds"]["window_seconds"] == 60
+    body, status = _health(failures)  # the default window is 300 s: they still count
+    assert (body["status"], status) == ("unhealthy", 503)
+    recent = [req("/api/chat", 200, 10.0)] * 3
+    body, _ = _health(failures + recent, health_window_seconds=60)
+    assert body["checks"]["error_rate"] == {"status": "ok", "value": 0.0, "requests": 3,
+                                            "errors": 0}  # fmt: skip
+
+
+def test_the_stream_averages_are_no_value_before_the_first_stream() -> None:
+    """A 0 would read as a measurement: the guide's StreamingPerformanceDegraded alert
+    (throughput < 1000) would fire on every proxy that has not streamed yet."""
+    c = MetricsCollector(system_enabled=False)
+    c.record(req("/api/chat", 200, 10.0))
+    samples = scrape(c)
+    for name in ("http_streaming_throughput_bytes_per_second",
+                 "http_streaming_avg_chunk_size_bytes",
+                 "http_streaming_first_byte_time_seconds"):  # fmt: skip
+        ((_, value),) = samples[name]
+        assert value != value, name  # NaN
+    c.record(stream("/api/chat", "completed", [(10, 100), (20, 100)], 30.0, first_token_ms=10.0))
+    ((_, throughput),) = scrape(c)["http_streaming_throughput_bytes_per_second"]
+    assert throughput > 0
+
+
+def test_request_durations_say_whether_they_were_a_stream() -> None:
+    c = MetricsCollector(system_enabled=False)
+    c.record(req("/api/chat", 200, 10.0, "llama3"))
+    c.record(stream("/api/chat", "completed", [(10, 5)], 60_000.0, first_token_ms=10.0))
+    samples = scrape(c)
+    name = "http_request_duration_seconds_count"
+    assert total(samples, name, stream="false") == 1
+    assert total(samples, name, stream="true") == 1
+    assert c.summary()["endpoints"]["api_chat"]["count"] == 2
 
 
 def test_health_env_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,7 +197,8 @@ def test_probes_of_a_failing_backend_are_answered_from_the_cached_check(
     # one check at start, a single attempt; 20 probes with retries were 80 connections
     assert len(hanging_up_backend.accepted) <= 2, len(hanging_up_backend.accepted)
     # checks are no request traffic: the UpstreamErrors alert does not see them
-    zero = dict.fromkeys(["connect", "other", "protocol", "status_4xx", "status_5xx", "timeout"], 0)
+    reasons = ["connect", "other", "protocol", "status_4xx", "status_429", "status_5xx", "timeout"]
+    zero = dict.fromkeys(reasons, 0)
     assert upstream_counts(proxy.url) == {"errors": zero, "retries": zero}
     health = httpx.get(f"{proxy.url}/v1/metrics/health", timeout=5).json()
     assert health["checks"]["backend"]["status"] == "unhealthy"

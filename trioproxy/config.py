@@ -73,6 +73,7 @@ class Settings:
     health_error_rate_unhealthy: float = 0.25
     health_p95_degraded_seconds: float = 30.0
     health_min_requests: int = 1
+    health_window_seconds: float = 300.0
     graceful_timeout: float = 5.0
     keep_alive_timeout: float = 5.0
     cors_origins: str = ""
@@ -221,6 +222,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "HEALTH_ERROR_RATE_UNHEALTHY": ("health_error_rate_unhealthy", _fraction),
     "HEALTH_P95_DEGRADED_SECONDS": ("health_p95_degraded_seconds", _positive_float),
     "HEALTH_MIN_REQUESTS": ("health_min_requests", _positive_int),
+    "HEALTH_WINDOW_SECONDS": ("health_window_seconds", _positive_float),
     "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
     "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
     "CORS_ORIGINS": ("cors_origins", _text),

@@ -359,9 +359,8 @@ class UpstreamPool:
         if status in RETRY_STATUSES and response.headers.get("x-should-retry") != "false":
             retry_after = _retry_after_seconds(response.headers.get("retry-after"))
             if retry_after is None or retry_after <= self._settings.retry_backoff_max:
-                reason = "status_429" if status == 429 else "status_5xx"
-                raise _Retryable(reason, error, retry_after)
-        self._observer.upstream_error("status_5xx" if status >= 500 else "status_4xx")
+                raise _Retryable(_status_reason(status), error, retry_after)
+        self._observer.upstream_error(_status_reason(status))
         raise error
 
     def _backoff(self, attempt: int, reason: str, retry_after: float | None) -> float:
@@ -376,6 +375,12 @@ class UpstreamPool:
     def _describe(self, exc: BaseException) -> str:
         detail = str(exc) or type(exc).__name__
         return scrub(f"backend request failed: {detail}", self._secret)
+
+
+def _status_reason(status: int) -> str:
+    if status == 429:
+        return "status_429"
+    return "status_5xx" if status >= 500 else "status_4xx"
 
 
 class _Retryable(Exception):

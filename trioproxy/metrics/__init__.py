@@ -160,6 +160,7 @@ class MetricsCollector:
         health_error_rate_unhealthy: float | None = None,
         health_p95_degraded_seconds: float | None = None,
         health_min_requests: int | None = None,
+        health_window_seconds: float | None = None,
     ) -> None:
         if max_metrics < 1:
             raise ValueError("max_metrics must be >= 1")
@@ -223,6 +224,13 @@ class MetricsCollector:
             health_min_requests
             if health_min_requests is not None
             else _env_number("HEALTH_MIN_REQUESTS", 1, integer=True, minimum=1)
+        )
+        # health judges recent requests only: an idle proxy is not unhealthy forever for
+        # the failures it last saw, however long ago
+        self.health_window_seconds = (
+            health_window_seconds
+            if health_window_seconds is not None
+            else _env_number("HEALTH_WINDOW_SECONDS", 300.0, minimum=1.0)
         )
         log.debug(
             "metrics: collector created (enabled=%s, window=%d, multiprocess=%s, "
@@ -334,6 +342,7 @@ class MetricsCollector:
             else None,
             token_gap_s,
             streaming and ft is None and not m.replayed,
+            m.tokens_counted,
         )
         if m.client:
             self._prom.count_client(m.client, inp, out)
@@ -568,7 +577,12 @@ class MetricsCollector:
                 "avg_throughput_bytes_per_second": nbytes / transfer if transfer > 0 else 0.0,
                 "avg_chunk_size": nbytes / chunks if chunks else 0.0,
             },
-            "tokens": {"input": _count(tokens["input"]), "output": _count(tokens["output"])},
+            "tokens": {
+                "input": _count(tokens["input"]),
+                "output": _count(tokens["output"]),
+                # the part of "output" counted from stream chunks: the backend sent no usage
+                "output_estimated": _count(t.tokens_estimated),
+            },
             "upstream": {
                 "errors": {k: _count(v) for k, v in sorted(t.upstream_errors.items())},
                 "retries": {k: _count(v) for k, v in sorted(t.upstream_retries.items())},
@@ -642,7 +656,7 @@ class MetricsCollector:
         """Body and HTTP status of ``GET /v1/metrics/health`` (503 only when unhealthy)."""
         self.publish()
         t = self._count_totals()
-        entries = self._window.entries()
+        entries = self._window.entries(None, self.health_window_seconds / 60.0)
         counted = [e for e in entries if e.cls != store.CANCELLED]
         n = len(counted)
         success, client, _cancelled, error = store.class_counts(counted)
@@ -704,6 +718,7 @@ class MetricsCollector:
                 "error_rate_unhealthy": self.health_error_rate_unhealthy,
                 "p95_degraded_seconds": self.health_p95_degraded_seconds,
                 "min_requests": self.health_min_requests,
+                "window_seconds": self.health_window_seconds,
             },
             "active_requests": _count(t.active),
             "total_requests": _count(t.total_requests),

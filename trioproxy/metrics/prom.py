@@ -48,6 +48,7 @@ log = logging.getLogger("trioproxy.metrics")
 prometheus_client.disable_created_metrics()
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_NAN = float("nan")  # an average of nothing yet: no value, where 0 would read as a measurement
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.005,
@@ -66,6 +67,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     80,
     160,
     320,
+    640,
+    1280,
 )
 FIRST_BYTE_BUCKETS: tuple[float, ...] = (
     0.001,
@@ -82,6 +85,8 @@ FIRST_BYTE_BUCKETS: tuple[float, ...] = (
     10,
     30,
     60,
+    120,
+    300,  # STREAM_FIRST_TOKEN_TIMEOUT's default: a first token that came just in time
 )
 # OpenTelemetry's gen_ai.server.time_per_output_token buckets, with three below 10 ms for
 # the fast local models (vLLM, llama.cpp) a proxy like this one fronts
@@ -122,6 +127,7 @@ UPSTREAM_REASONS: tuple[str, ...] = (
     "connect",
     "timeout",
     "status_4xx",
+    "status_429",  # the backend's rate limit: not the client's mistake, nor a failure of it
     "status_5xx",
     "protocol",
     "other",
@@ -129,6 +135,9 @@ UPSTREAM_REASONS: tuple[str, ...] = (
 
 REQUEST_LABELS = ("api", "endpoint", "method", "model", "status")
 DURATION_LABELS = ("api", "endpoint", "model")
+# whether the request was a stream ("true"/"false"): a stream is timed to its last token,
+# so a latency alert on plain requests needs to leave streams out
+REQUEST_DURATION_LABELS = (*DURATION_LABELS, "stream")
 STREAM_LABELS = ("api", "endpoint", "model", "outcome")
 NO_TOKEN_LABELS = ("api", "endpoint", "model", "reason")
 # why a stream produced no token: its outcome, or no_output for one that completed empty
@@ -310,8 +319,8 @@ class PrimaryMetrics:
         )
         self.duration = histogram(
             "http_request_duration_seconds",
-            "Request duration in seconds, to the last byte for streams.",
-            DURATION_LABELS,
+            'Request duration in seconds, to the last byte for streams (stream="true").',
+            REQUEST_DURATION_LABELS,
             buckets=LATENCY_BUCKETS,
             **r,
         )
@@ -371,6 +380,13 @@ class PrimaryMetrics:
             FLOW_LABELS,
             **r,
         )
+        self.tokens_estimated = counter(
+            "trioproxy_tokens_estimated_total",
+            'The part of trioproxy_tokens_total{type="output"} counted from a stream\'s '
+            "content chunks (about one token each) because the backend reported no usage.",
+            ("api", "model"),
+            **r,
+        )
         self.tokens = counter(
             "trioproxy_tokens_total",
             "Tokens by type (input|output): from the backend's usage, else output tokens "
@@ -396,7 +412,7 @@ class PrimaryMetrics:
         self.upstream_errors = counter(
             "trioproxy_upstream_errors_total",
             "Failed backend calls by reason "
-            "(connect|timeout|status_4xx|status_5xx|protocol|other).",
+            "(connect|timeout|status_4xx|status_429|status_5xx|protocol|other).",
             ("reason",),
             **r,
         )
@@ -531,6 +547,7 @@ class RequestSeries:
         "_overhead",
         "_requests",
         "_streams",
+        "_tokens_estimated",
         "_tokens_in",
         "_tokens_out",
         "_tpot",
@@ -542,6 +559,7 @@ class RequestSeries:
         "count",
         "durations",
         "endpoint",
+        "estimated_tokens",
         "first_bytes",
         "first_tokens",
         "input_tokens",
@@ -572,7 +590,9 @@ class RequestSeries:
         self.api, self.endpoint, self.method = api, endpoint, method
         self.model, self.status, self.outcome = model, status, outcome
         self._requests = metrics.requests.labels(api, endpoint, method, model, status)
-        self._duration = metrics.duration.labels(api, endpoint, model)
+        self._duration = metrics.duration.labels(
+            api, endpoint, model, "false" if outcome is None else "true"
+        )
         self._streams = (
             None if outcome is None else metrics.streams.labels(api, endpoint, model, outcome)
         )
@@ -583,6 +603,7 @@ class RequestSeries:
         self._flow: tuple[Any, Any, Any] | None = None
         self._tokens_in: Any = None
         self._tokens_out: Any = None
+        self._tokens_estimated: Any = None
         self._upstream: Any = None
         self._overhead: Any = None
         self.count = 0
@@ -596,6 +617,7 @@ class RequestSeries:
         self.transfer = 0.0
         self.input_tokens = 0
         self.output_tokens = 0
+        self.estimated_tokens = 0
         self.upstreams: list[float] = []
         self.overheads: list[float] = []
 
@@ -613,9 +635,11 @@ class RequestSeries:
         overhead_s: float | None,
         token_gap_s: float | None = None,
         no_first_token: bool = False,
+        estimated: bool = False,
     ) -> None:
         """Count one finished request into the current batch (``token_gap_s``: a stream's
-        time per output token; ``no_first_token``: a stream that ended without one)."""
+        time per output token; ``no_first_token``: a stream that ended without one;
+        ``estimated``: its output tokens were counted from chunks, not reported)."""
         if not self.count:
             self._metrics.touched(self)
         self.count += 1
@@ -634,6 +658,8 @@ class RequestSeries:
             self.transfer += transfer_s
         self.input_tokens += input_tokens  # never negative: the collector clamps them
         self.output_tokens += output_tokens
+        if estimated:
+            self.estimated_tokens += output_tokens
         if upstream_s is not None:
             self.upstreams.append(upstream_s)
         if overhead_s is not None:
@@ -693,6 +719,11 @@ class RequestSeries:
                 self._tokens_out = m.tokens.labels(api, model, "output")
             self._tokens_out.inc(self.output_tokens)
             self.output_tokens = 0
+        if self.estimated_tokens:
+            if self._tokens_estimated is None:
+                self._tokens_estimated = m.tokens_estimated.labels(api, model)
+            self._tokens_estimated.inc(self.estimated_tokens)
+            self.estimated_tokens = 0
         if self.upstreams:
             if self._upstream is None:
                 self._upstream = m.upstream_duration.labels(api, endpoint)
@@ -747,6 +778,7 @@ class Totals:
     stream_bytes: dict[tuple[str, str], float] = field(default_factory=dict)
     transfer: dict[tuple[str, str], float] = field(default_factory=dict)
     tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    tokens_estimated: float = 0.0
     clients: dict[str, dict[str, float]] = field(default_factory=dict)
     upstream_errors: dict[str, float] = field(default_factory=dict)
     upstream_retries: dict[str, float] = field(default_factory=dict)
@@ -873,6 +905,8 @@ def aggregate(families: Iterable[Metric]) -> Totals:
                 if s.name.endswith("_total"):
                     k = _key(s.labels, FLOW_LABELS)
                     target[k] = target.get(k, 0.0) + s.value  # type: ignore[index]
+        elif name == "trioproxy_tokens_estimated":
+            t.tokens_estimated += sum(s.value for s in fam.samples if s.name.endswith("_total"))
         elif name == "trioproxy_tokens":
             for s in fam.samples:
                 if s.name.endswith("_total"):
@@ -999,18 +1033,19 @@ def derived_families(
     )
     gauge(
         "http_streaming_first_byte_time_seconds",
-        "All-time average time to first byte of streams.",
-        t.ttfb[0] / t.ttfb[1] if t.ttfb[1] else 0.0,
+        "All-time average time to first byte of streams (NaN before the first stream).",
+        t.ttfb[0] / t.ttfb[1] if t.ttfb[1] else _NAN,
     )
     gauge(
         "http_streaming_throughput_bytes_per_second",
-        "All-time stream throughput: bytes sent / seconds between first and last byte.",
-        nbytes / transfer if transfer > 0 else 0.0,
+        "All-time stream throughput: bytes sent / seconds between first and last byte "
+        "(NaN before the first stream that sent any, so '< threshold' alerts stay quiet).",
+        nbytes / transfer if transfer > 0 else _NAN,
     )
     gauge(
         "http_streaming_avg_chunk_size_bytes",
-        "All-time average chunk size of streams.",
-        nbytes / chunks if chunks else 0.0,
+        "All-time average chunk size of streams (NaN before the first chunk).",
+        nbytes / chunks if chunks else _NAN,
     )
 
     gauge(
