@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 SCENARIOS = ("ceiling", "nonstream", "stream", "disconnect", "metrics_onoff", "scrape", "drift",
              "workers", "hold")  # fmt: skip
@@ -63,10 +65,26 @@ def raise_nofile() -> int:
     return want
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (timeout, a CI cancel, docker stop) unwinds like Ctrl-C: every server the
+    # bench started is stopped on the way out
+    raise SystemExit(128 + signum)
+
+
+def _usable_out(out: Path) -> str | None:
+    """Why results could not be written to ``out`` (checked before a run of minutes)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--out {out}: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import report, scenarios
 
+    signal.signal(signal.SIGTERM, _terminated)
     nofile = raise_nofile()  # 1,000 streams need ~2,000 fds per process; children inherit
     plan = scenarios.Plan.make(args.quick)
     mode = "quick" if args.quick else "full"
@@ -92,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out or Path(__file__).parent / "out" / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
         )
         profiler.results["out"] = str(out)
+        if (problem := _usable_out(out)) is not None:
+            print(problem, file=sys.stderr)
+            return 2
         results = profiler.run()
         out.mkdir(parents=True, exist_ok=True)
         (out / "profile.json").write_text(json.dumps(results, indent=1, default=str))
@@ -100,16 +121,21 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         print(f"\nwritten to {out}: profile.json, profile.txt, profile-*.txt (py-spy raw stacks)")
         return 0
+    for item in args.compare:
+        name, sep, command = item.partition("=")
+        if not sep or not name or not command:
+            print(f"--compare wants NAME=COMMAND, got {item!r}", file=sys.stderr)
+            return 2
+    if (problem := _usable_out(out)) is not None:
+        print(problem, file=sys.stderr)
+        return 2
     bench = scenarios.Bench(plan, progress, log=log)
     if nofile < 2500:
         bench.note(f"open-file limit is {nofile}: 3c may fail for lack of file descriptors")
     if only:
         bench.only = only
     for item in args.compare:
-        name, sep, command = item.partition("=")
-        if not sep or not name or not command:
-            print(f"--compare wants NAME=COMMAND, got {item!r}", file=sys.stderr)
-            return 2
+        name, _, command = item.partition("=")
         bench.compare[name] = command
     results = bench.run()
     if only:

@@ -433,8 +433,8 @@ class Closed:
                 return
             self.loop.add(conn)
         self._fire(conn, now)
-        if self.count and self.done >= self.count:
-            self.stopping = True
+        if self.count and (self.done >= self.count or self.errors >= self.count):
+            self.stopping = True  # as many failures as wanted answers: it will not get there
 
     def run(self) -> dict:
         spec = self.spec

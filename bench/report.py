@@ -235,7 +235,36 @@ def target_rows(results: dict[str, Any]) -> list[Row]:
             "requests at that load p99 " + _ms(_get(sp, "load_latency_ms", "p99"), 1),
         )
     )
-    return rows
+    return [_with_errors(row, _errors_behind(row.figure, sc)) for row in rows]
+
+
+def _errors_behind(figure: str, sc: dict[str, Any]) -> int:
+    """Failed requests in the cells a target row's figure comes from: the generator leaves
+    them out of the rates and latencies, so a figure could pass on the answers that
+    worked while the rest failed."""
+    cells = _get(sc, "nonstream", "cells") or {}
+    for path in (V1, OLLAMA):
+        if not figure.endswith(path) and f", {path} (" not in figure:
+            continue
+        for prefix, conc in (("added latency c=1", 1), ("added p99 c=16", 16),
+                             ("throughput c=32", 32)):  # fmt: skip
+            if figure.startswith(prefix):
+                return int(_get(cells, path, conc, "errors") or 0)
+        if figure.startswith("proxy CPU per stream chunk"):
+            return int(_get(sc, "stream", "relay", path, "errors") or 0)
+    if figure.startswith("2 workers"):
+        rounds = _get(sc, "workers", "rounds") or []
+        return sum(int(side.get("errors") or 0) for row in rounds for side in row.values())
+    if figure.startswith("RSS drift"):
+        return int(_get(sc, "drift", "errors") or 0)
+    return 0
+
+
+def _with_errors(row: Row, errors: int) -> Row:
+    if not errors:
+        return row
+    return Row(row.figure, row.target, f"{row.measured}; {errors} FAILED requests", False,
+               row.direct)  # fmt: skip
 
 
 def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -246,7 +275,8 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(
             (
                 "load generator ceiling (direct to {}, c=64 / c=1)".format(ce.get("backend", "?")),
-                f"{ce['c64']['rps']:.0f} req/s / {ce['c1']['rps']:.0f} req/s (p50 {ce['c1']['latency_ms']['p50']:.3f} ms)",
+                f"{ce['c64']['rps']:.0f} req/s / {ce['c1']['rps']:.0f} req/s "
+                f"(p50 {_num(_get(ce, 'c1', 'latency_ms', 'p50'), 3)} ms)",
             )
         )
     ns = sc.get("nonstream", {})
@@ -255,10 +285,7 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         for name in ("direct", "bare_asgi", "bare_asgi_patched", V1, OLLAMA, *_others(results)):
             cell = _get(ns, "cells", name, conc)
             if cell:
-                lat = cell["latency_ms"]
-                parts.append(
-                    f"{name}: {cell['rps']:.0f}/s p50 {lat['p50']:.2f} p99 {lat['p99']:.2f}"
-                )
+                parts.append(_cell_text(name, cell))
         if parts:
             out.append((f"non-stream c={conc}", "; ".join(parts)))
     st = sc.get("stream", {})
@@ -302,6 +329,28 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _num(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _cell_text(name: str, cell: dict[str, Any]) -> str:
+    """One cell of the generator: the rate and latencies of the answers that worked, and
+    how many failed, by status (a proxy that refused half the load must not look fast)."""
+    lat = cell.get("latency_ms") or {}
+    text = (
+        f"{name}: {cell.get('rps', 0):.0f}/s p50 {_num(lat.get('p50'))} p99 {_num(lat.get('p99'))}"
+    )
+    errors = int(cell.get("errors") or 0)
+    if errors:
+        statuses = cell.get("error_statuses") or {}
+        by_status = ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items()))
+        failed = errors - sum(statuses.values())
+        if failed:
+            by_status += (", " if by_status else "") + f"no answer: {failed}"
+        text += f" (+{errors} FAILED: {by_status})"
+    return text
+
+
 def _others(results: dict[str, Any]) -> list[str]:
     return list((results.get("servers") or {}).get("compared") or {})
 
@@ -319,15 +368,21 @@ def text_table(results: dict[str, Any]) -> str:
         lines.append(
             f"{r.figure.ljust(w1)}  {r.target.ljust(w2)}  {r.measured.ljust(w3)}  {r.verdict:7s}  {r.direct}"
         )
-    passed = sum(1 for r in rows if r.ok)
-    lines.append(
-        f"{passed}/{len(rows)} targets met  ({results.get('mode')} run, {results.get('duration_s')} s)"
-    )
+    lines.append(f"{_tally(rows)}  ({results.get('mode')} run, {results.get('duration_s')} s)")
     for k, v in info_rows(results):
         lines.append(f"  {k}: {v}")
     for note in results.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _tally(rows: list[Row]) -> str:
+    passed = sum(1 for r in rows if r.ok)
+    unmeasured = sum(1 for r in rows if r.ok is None)
+    text = f"{passed}/{len(rows)} targets met"
+    if unmeasured:
+        text += f" ({unmeasured} not measured in this run: n/a)"
+    return text
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -363,7 +418,8 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
 def _relay_figure(cell: dict[str, Any]) -> str:
     cpu = cell.get("cpu_us_per_chunk")
     per_chunk = f", {cpu:.0f} µs CPU/chunk" if cpu is not None else ""
-    return f"{cell['chunks_per_s']:.0f} chunks/s{per_chunk}"
+    failed = f" (+{cell['errors']} FAILED streams)" if cell.get("errors") else ""
+    return f"{cell.get('chunks_per_s', 0):.0f} chunks/s{per_chunk}{failed}"
 
 
 def plots(results: dict[str, Any], out: Path) -> list[Path]:

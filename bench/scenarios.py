@@ -219,7 +219,9 @@ def closed(
         "watch_pids": watch or [],
         **extra,
     }
-    limit = (duration + warmup) * 3 + 60 if not extra.get("count") else None
+    # a counted run ends after `count` answers (or as many failures); the limit only stops
+    # a generator that hangs
+    limit = (duration + warmup) * 3 + 60 if not extra.get("count") else 900.0
     result = loadgen(spec, timeout=limit)
     if not keep_samples:
         result.pop("rss_samples", None)
@@ -358,6 +360,7 @@ class Bench:
     only: set[str] = field(default_factory=set)
     compare: dict[str, str] = field(default_factory=dict)  # name -> command line
     others: dict[str, Server] = field(default_factory=dict)
+    unstarted: set[str] = field(default_factory=set)  # compared proxies that did not start
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -491,6 +494,7 @@ class Bench:
                     servers.start_external(name, command, self.fixed.url + "/v1")
                 )
             except Exception as exc:
+                self.unstarted.add(name)
                 self.note(f"could not start {name} for comparison: {exc}")
         self.results["servers"] = {
             "fixed_backend": self.fixed_kind,
@@ -587,9 +591,12 @@ class Bench:
             "floor_httpx": self.start(servers.start_relay_floor(self.demo.url)),
             "floor_raw": self.start(servers.start_relay_floor(self.demo.url, raw=True)),
         }
-        floors.update(self._compared_relays())
+        compared = self._compared_relays()
+        floors.update(compared)
         for name, server in floors.items():
-            reqs[name] = (server, direct_req, "sse", [server.pid])
+            # a compared proxy may run workers or sit behind a wrapper: its whole tree
+            watch = server.pids() if name in compared else [server.pid]
+            reqs[name] = (server, direct_req, "sse", watch)
         relay = {}
         try:
             self._relay_cells(reqs, relay)
@@ -625,6 +632,8 @@ class Bench:
         backend, so their /v1 stream relay is measured like trioproxy's."""
         started = {}
         for name, command in self.compare.items():
+            if name in self.unstarted:
+                continue  # it did not start for 3a: not another minute of waiting
             try:
                 server = servers.start_external(name, command, self.demo.url + "/v1")
             except Exception as exc:
@@ -866,14 +875,18 @@ class Bench:
 
     def s_workers(self) -> None:
         plan = self.plan
+        # both sides fresh: the shared proxy has served every earlier scenario, and an aged
+        # process measured slower than a fresh one (see 3e), which would flatter the ratio
+        one = self.start(servers.start_proxy(self.fixed.url + "/v1", name="proxy-1w"))
         two = self.start(servers.start_proxy(self.fixed.url + "/v1", workers=2, name="proxy-2w"))
         reqs = [NONSTREAM[V1], NONSTREAM[OLLAMA]]
         rounds = []
         try:
             workers = two.worker_pids()
-            closed(two, reqs, 64, duration=1.0, warmup=0.5)  # let both workers warm up
+            for server in (one, two):  # warm-up: every worker's pools and caches
+                closed(server, reqs, 64, duration=1.0, warmup=0.5)
             for i in range(plan.rounds):
-                order = [("1", self.proxy, [self.proxy.pid]), ("2", two, workers)]
+                order = [("1", one, [one.pid]), ("2", two, workers)]
                 if i % 2:
                     order.reverse()
                 row = {}
@@ -890,6 +903,7 @@ class Bench:
                 rounds.append(row)
         finally:
             self.stop(two)
+            self.stop(one)
         one_rps = median([r["1"]["rps"] for r in rounds])
         two_rps = median([r["2"]["rps"] for r in rounds])
         self.put(

@@ -1,8 +1,10 @@
 """Start and stop the benchmark's processes: nginx, the demo backend, the bare-ASGI app, proxies.
 
 Every server is its own process on 127.0.0.1, started with the bench's interpreter (nginx
-excepted) and stopped with SIGTERM (SIGKILL after 10 s). A reader thread drains the merged
-stdout/stderr so a chatty server can never block on a full pipe; ``Server.log()`` returns it.
+excepted) in a session of its own, and stopped with SIGTERM to that whole process group
+(SIGKILL after 10 s): a proxy started through a wrapper (``sh -c``, ``env``) or one that
+starts workers leaves nothing behind. A reader thread drains the merged stdout/stderr so a
+chatty server can never block on a full pipe; ``Server.log()`` returns it.
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ class Server:
             return [self.process.pid]
 
     def worker_pids(self) -> list[int]:
-        """The processes that serve requests: the leaves of the process tree."""
+        """The processes that serve requests: the leaves of the process tree, except
+        multiprocessing's resource tracker (a helper, not a worker)."""
         try:
             import psutil
 
             proc = psutil.Process(self.process.pid)
             children = proc.children(recursive=True)
-            leaves = [c.pid for c in children if not c.children()]
+            leaves = [c.pid for c in children if not c.children() and not _is_helper(c)]
             return leaves or [proc.pid]
         except Exception:
             return [self.process.pid]
@@ -79,16 +82,20 @@ class Server:
         return self.process.poll() is None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """SIGTERM to the server's process group, SIGKILL to what is left after 10 s."""
+        group = self.process.pid  # its own session: the group is everything it started
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_group(group, signal.SIGKILL)
+        self.process.wait()
         if self.reader is not None:
             self.reader.join(timeout=5)
-        if self.process.stdout is not None:
+        # closing the pipe while the reader still reads it would wait for the reader's lock
+        if self.process.stdout is not None and (self.reader is None or not self.reader.is_alive()):
             with contextlib.suppress(OSError):
                 self.process.stdout.close()
         if self.tmpdir:
@@ -96,6 +103,26 @@ class Server:
 
     def log(self) -> str:
         return "".join(self.output)
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _is_helper(proc: object) -> bool:
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())  # type: ignore[attr-defined]
+    except Exception:
+        return False
 
 
 def free_port() -> int:
@@ -134,6 +161,7 @@ def _spawn(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        start_new_session=True,  # a process group of its own, stopped as a whole
     )
     output: list[str] = []
     found = threading.Event()
@@ -154,7 +182,12 @@ def _spawn(
     reader.start()
     server = Server(name, process, url or "", output, reader, tmpdir)
     if wait_line:
-        if not found.wait(timeout) or not box:
+        try:
+            started = found.wait(timeout) and bool(box)
+        except BaseException:  # Ctrl-C while it starts: nobody else knows of it yet
+            server.stop()
+            raise
+        if not started:
             server.stop()
             raise RuntimeError(f"{name} did not start: {argv}\n{''.join(output)[-3000:]}")
         if not server.url:
@@ -180,6 +213,16 @@ def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None 
             last = exc
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer in {timeout} s: {last}")
+
+
+def _await_http(server: Server, url: str, timeout: float) -> None:
+    """``wait_http`` for a server just started; it is stopped if it never answers, or if
+    the wait is interrupted (nobody else knows of it yet)."""
+    try:
+        wait_http(url, timeout, server.process)
+    except BaseException:
+        server.stop()
+        raise
 
 
 def nginx_path() -> str | None:
@@ -213,9 +256,8 @@ def start_nginx() -> Server | None:
         tmpdir=tmpdir,
     )
     try:
-        wait_http(url + "/v1/models", 15, server.process)
+        _await_http(server, url + "/v1/models", 15)
     except RuntimeError as exc:
-        server.stop()
         raise RuntimeError(f"nginx did not start: {exc}\n{server.log()[-2000:]}") from None
     server.note = _version([binary, "-v"])
     return server
@@ -226,7 +268,7 @@ def start_bare_asgi(*, with_trioproxy_patches: bool = False) -> Server:
     if with_trioproxy_patches:
         argv.append("--with-trioproxy-patches")
     server = _spawn("bare-asgi", argv, clean_env())
-    wait_http(server.url + "/v1/models", 15, server.process)
+    _await_http(server, server.url + "/v1/models", 15)
     return server
 
 
@@ -246,7 +288,7 @@ def start_demo(token_delay: float = 0.005) -> Server:
         ],
         clean_env(),
     )
-    wait_http(server.url + "/v1/models", 15, server.process)
+    _await_http(server, server.url + "/v1/models", 15)
     return server
 
 
@@ -273,7 +315,7 @@ def start_proxy(upstream: str, *, workers: int = 1, name: str = "proxy", **env: 
     else:
         argv += ["--port", "0"]
     server = _spawn(name, argv, clean_env(**env), url=url)
-    wait_http(server.url + "/health", 30, server.process)
+    _await_http(server, server.url + "/health", 30)
     if workers > 1:
         # every worker must be up before it is measured: wait for the process tree
         deadline = time.monotonic() + 20
@@ -301,11 +343,14 @@ def start_external(name: str, command: str, upstream: str) -> Server:
     url = f"http://127.0.0.1:{port}"
     server = _spawn(name, argv, clean_env(), wait_line=False, url=url)
     try:
-        wait_http(url + "/", 120, server.process)
+        _await_http(server, url + "/", EXTERNAL_START_SECONDS)
     except RuntimeError as exc:
-        server.stop()
         raise RuntimeError(f"{name} did not start: {exc}\n{server.log()[-2000:]}") from None
     return server
+
+
+# LiteLLM's proxy takes 10-30 s to import and start on a 2-core machine
+EXTERNAL_START_SECONDS = 60.0
 
 
 def start_relay_floor(upstream: str, *, raw: bool = False) -> Server:
@@ -314,5 +359,5 @@ def start_relay_floor(upstream: str, *, raw: bool = False) -> Server:
     if raw:
         argv.append("--raw")
     server = _spawn("relay-floor-raw" if raw else "relay-floor", argv, clean_env())
-    wait_http(server.url + "/", 15, server.process)
+    _await_http(server, server.url + "/", 15)
     return server

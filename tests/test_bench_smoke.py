@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
+import psutil
 import pytest
 
 from bench import report, scenarios, servers
@@ -211,3 +215,77 @@ def test_falls_back_to_bare_asgi_without_nginx(monkeypatch: pytest.MonkeyPatch) 
     ceiling = results["scenarios"]["ceiling"]
     assert ceiling["c64"]["errors"] == 0 and ceiling["c64"]["rps"] > 50
     assert "FALLBACK" in report.text_table(results)
+
+
+def test_a_server_started_through_a_wrapper_is_stopped_whole() -> None:
+    """A compared proxy given as ``sh -c '...; true'`` runs as the wrapper's child: stopping
+    only the wrapper left it running (and the bench waited forever on its pipe)."""
+    code = "import time; print('listening on http://127.0.0.1:9', flush=True); time.sleep(600)"
+    child = f'{sys.executable} -c "{code}"'
+    server = servers._spawn("wrapped", ["sh", "-c", f"{child}; true"], servers.clean_env())
+    inner = psutil.Process(server.pid).children(recursive=True)
+    assert inner, "the wrapper's child is running"
+    stopper = threading.Thread(target=server.stop, daemon=True)  # it used to hang
+    stopper.start()
+    stopper.join(30)
+    assert not stopper.is_alive(), "stop() returned"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in inner)
+
+
+def test_failed_requests_are_shown_and_fail_their_target() -> None:
+    """The generator leaves failed requests out of rates and latencies: a proxy answering
+    503 to most of the load must not look fast, nor a target pass on what worked."""
+    failing = {"rps": 0.0, "latency_ms": {"p50": None, "p99": None}, "errors": 40,
+               "error_statuses": {"401": 40}}  # fmt: skip
+    half = {"rps": 900.0, "latency_ms": {"p50": 0.9, "p99": 1.5}, "errors": 12,
+            "error_statuses": {"503": 10}}  # fmt: skip
+    direct = {"rps": 9000.0, "latency_ms": {"p50": 0.1, "p99": 0.2}, "errors": 0}
+    results = {
+        "mode": "quick",
+        "servers": {"compared": {"other": "cmd"}},
+        "scenarios": {"nonstream": {
+            "cells": {"direct": {1: direct}, scenarios.V1: {1: half}, "other": {1: failing}},
+            "added": {scenarios.V1: {1: {"p50": 0.8, "p99": 1.3}}},
+        }},
+    }  # fmt: skip
+    table = report.text_table(results)
+    assert "other: 0/s p50 — p99 — (+40 FAILED: 401: 40)" in table
+    assert "(+12 FAILED: 503: 10, no answer: 2)" in table
+    (row,) = [r for r in report.target_rows(results)
+              if r.figure == f"added latency c=1 p50, {scenarios.V1}"]  # fmt: skip
+    assert row.ok is False and "12 FAILED requests" in row.measured
+
+
+def test_an_unusable_out_folder_is_refused_before_the_run(tmp_path: Path) -> None:
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(a_file)],
+        capture_output=True, text=True, cwd=servers.ROOT, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--out" in out.stderr
+
+
+def test_sigterm_stops_every_server_the_bench_started(tmp_path: Path) -> None:
+    """timeout(1), a CI cancel and docker stop send SIGTERM: the bench stops what it
+    started, as on Ctrl-C."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--only", "ceiling", "--no-progress",
+         "--out", str(tmp_path / "out")],
+        cwd=servers.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and len(children) < 3:
+            time.sleep(0.2)
+            children = [c for c in psutil.Process(bench.pid).children()
+                        if "bench.loadgen" not in " ".join(c.cmdline())]  # fmt: skip
+        assert len(children) >= 3, "servers started"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
