@@ -531,7 +531,7 @@ def test_plain_hypercorn_workers_with_a_shared_directory_agree(
 
 class _SlowHeadersBackend(BaseHTTPRequestHandler):
     """Model ``slow``: the headers come after 3 s; ``limited``: 429 at once; ``broken``:
-    500 at once."""
+    500 at once; ``unsupported``: 501 at once; any GET: 500 at once."""
 
     protocol_version = "HTTP/1.1"
 
@@ -543,7 +543,7 @@ class _SlowHeadersBackend(BaseHTTPRequestHandler):
         model = request["model"]
         if model == "slow":
             time.sleep(3)
-        status = {"limited": 429, "broken": 500}.get(model, 200)
+        status = {"limited": 429, "broken": 500, "unsupported": 501}.get(model, 200)
         body = b'{"error": {"message": "no"}}' if status != 200 else b"data: [DONE]\n\n"
         self.send_response(status)
         self.send_header(
@@ -553,6 +553,14 @@ class _SlowHeadersBackend(BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        body = b'{"error": {"message": "down"}}'
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 def test_streams_that_fail_before_the_backends_headers_are_streams_too(
@@ -571,18 +579,26 @@ def test_streams_that_fail_before_the_backends_headers_are_streams_too(
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.post("/api/chat", json=body).status_code == 504
             assert client.post("/v1/chat/completions", json=body).status_code == 504
-            for model, status in (("limited", 429), ("broken", 500)):
+            for model, status in (("limited", 429), ("broken", 500), ("unsupported", 501)):
                 answer = client.post("/v1/chat/completions", json={**body, "model": model})
                 assert answer.status_code == status
+            # a resumed Responses stream replays a response counted before: never a stream
+            # without a first token, even when it fails before the backend answers
+            assert client.get("/v1/responses/resp_1?stream=true").status_code == 500
         with pytest.raises(httpx.ReadTimeout):  # the client gives up before the 0.5 s
             httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.2)
 
         def streams() -> dict[str, float]:
             return _by_label(scrape(url)["trioproxy_streams_total"], "outcome")
 
-        wait_for(lambda: sum(streams().values()) == 4)
-        assert streams() == {"timeout": 2, "error": 1, "cancelled": 1}
+        wait_for(lambda: sum(streams().values()) == 5)
+        assert streams() == {"timeout": 2, "error": 2, "cancelled": 1}
         samples = scrape(url)
+        # their error replies are no stream traffic: the throughput stays undefined
+        assert total(samples, "trioproxy_stream_bytes_total") == 0
+        assert total(samples, "trioproxy_time_to_first_byte_seconds_count") == 0
+        (throughput,) = [v for _, v in samples["http_streaming_throughput_bytes_per_second"]]
+        assert throughput != throughput  # NaN
         assert total(samples, "http_streaming_timeout_total") == 2
         no_token = _by_label(samples["trioproxy_streams_without_first_token_total"], "reason")
         assert no_token == {"timeout": 2, "error": 1, "cancelled": 1}

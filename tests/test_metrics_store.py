@@ -574,6 +574,10 @@ def test_health_forgets_failures_older_than_its_window() -> None:
     body, _ = _health(failures + recent, health_window_seconds=60)
     assert body["checks"]["error_rate"] == {"status": "ok", "value": 0.0, "requests": 3,
                                             "errors": 0}  # fmt: skip
+    # a request counts by when it ended: a timeout that waited longer than the window
+    timed_out = req("/api/chat", 504, 390_000.0, timestamp=time.time() - 400.0)
+    body, status = _health([timed_out], health_window_seconds=60)
+    assert (body["status"], status) == ("unhealthy", 503)
 
 
 def test_the_stream_averages_are_no_value_before_the_first_stream() -> None:

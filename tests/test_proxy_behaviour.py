@@ -1039,6 +1039,10 @@ _STREAM_SHAPES = {
         {k: v for k, v in _COMPLETION.items() if k != "object"})),
     "openrouter-mid-error": ("text/event-stream", _HELLO + _chunk_event({"content": " wor"})
                              + "data: " + json.dumps(_OPENROUTER_ERROR) + "\n\n"),
+    "openrouter-error-json": ("application/json", json.dumps({
+        "error": {"code": 502, "message": "Provider disconnected unexpectedly"},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hel"},
+                     "finish_reason": "error"}]})),
     "openrouter-error-first": ("text/event-stream",
                                "data: " + json.dumps(_OPENROUTER_ERROR) + "\n\n"),
     "refusal": ("text/event-stream", _chunk_event({"content": None, "refusal": "I can't"})
@@ -1191,6 +1195,7 @@ def test_a_json_answer_with_tool_calls_works_with_the_sdks_stream_helpers(
     ("model", "words"),
     [
         ("error-with-200", "quota exceeded"),
+        ("openrouter-error-json", "Provider disconnected unexpectedly"),
         ("no-choices", "not a completion"),
         ("empty", "ended before its last event"),
         ("plain-text", "not an event stream"),
@@ -1530,3 +1535,6 @@ def test_a_backend_that_refuses_stream_options_still_streams_to_ollama_clients(
         assert error is None, error
         assert "".join(texts) == "Hello"
     assert ["stream_options" in request for request in sent] == [True, False, False]
+    # per model: another one behind the same backend still gets its token counts
+    _ollama_stream(wrong_shape_proxy, "full-json")
+    assert "stream_options" in sent[-1]

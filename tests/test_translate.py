@@ -1647,6 +1647,15 @@ def test_show() -> None:
     assert shown["capabilities"] == ["completion", "tools", "vision", "thinking"]
     assert ShowResponse.model_validate(shown).capabilities == shown["capabilities"]
     assert ollama_show("x", {"id": "x"})["model_info"] == {"general.architecture": "x"}
+    # a context window that decodes as infinity (1e400) is no context window: left out
+    huge = ollama_show("x", {"id": "x", "context_length": float("inf")})
+    assert huge["model_info"] == {"general.architecture": "x"}
+    assert (
+        ollama_ps([{"id": "x", "max_model_len": float("inf")}], MAPPER)["models"][0][
+            "context_length"
+        ]
+        == 0
+    )
 
 
 def test_ps() -> None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import base64
 import functools
 import json
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
 from trioproxy.config import Settings
+from trioproxy.errors import UpstreamStatusError
+from trioproxy.forward import refuses_stream_options
 from trioproxy.upstream import UpstreamPool
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -139,3 +142,27 @@ async def test_an_http_proxy_from_the_environment_is_used(
         nursery.cancel_scope.cancel()
     assert result.response.json() == {"via": "proxy"}
     assert request_lines == [b"POST http://backend.invalid/v1/chat/completions HTTP/1.1"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "refuses"),
+    [
+        # Mistral's API: pydantic's extra_forbidden, located at the field
+        (422, {"object": "error", "message": {"detail": [{"type": "extra_forbidden",
+               "loc": ["body", "stream_options"], "msg": "Extra inputs are not permitted"}]}},
+         True),
+        (400, {"error": {"message": "Unrecognized request argument supplied: stream_options"}},
+         True),
+        # an error that only echoes the request is no refusal of the field
+        (400, {"error": {"message": 'prompt too long; request was: {"stream": true, '
+               '"stream_options": {"include_usage": true}, "messages": []}'}}, False),
+        (422, {"detail": [{"loc": ["body", "messages"], "msg": "field required"}],
+               "input": {"stream_options": {"include_usage": True}}}, False),
+        (500, {"error": {"message": "stream_options: unknown field"}}, False),
+    ],
+)  # fmt: skip
+def test_only_a_refusal_of_the_field_itself_drops_stream_options(
+    status: int, body: dict[str, Any], refuses: bool
+) -> None:
+    error = UpstreamStatusError("x", status, body=json.dumps(body).encode())
+    assert refuses_stream_options(error) is refuses

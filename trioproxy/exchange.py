@@ -179,7 +179,7 @@ class CountingSend:
             if body:
                 self.sent += len(body)
                 metric = self._metric
-                if metric is not None and metric.streaming:
+                if metric is not None and metric.streaming and not metric.answered_plainly:
                     metric.add_chunk(len(body))
         await self._send(event)
 

@@ -4,9 +4,10 @@ call the backend, open a stream whose closing is guaranteed."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import (
@@ -178,45 +179,99 @@ def _note_stream_refused(metric: RequestMetrics, error: ProxyError) -> None:
     """A backend's 4xx is a refused request, not a stream (as one refused at the stream's
     first event); a timeout waiting for the headers is a timed-out stream, anything else a
     failed one."""
-    if isinstance(error, UpstreamStatusError) and error.status < 500:
-        metric.streaming = False
-    elif isinstance(error, UpstreamTimeout):
-        metric.stream_outcome = "timeout"
-    else:
-        metric.stream_outcome = "error"
+    if isinstance(error, UpstreamStatusError) and (error.status < 500 or error.status == 501):
+        metric.streaming = False  # 501: the backend does not do it, a client error here too
+        return
+    metric.stream_outcome = "timeout" if isinstance(error, UpstreamTimeout) else "error"
+    metric.answered_plainly = True
 
 
 @dataclass
 class BackendQuirks:
     """What the backend was found to refuse, so that later requests leave it out."""
 
-    # Mistral's API refuses stream_options (422 extra_forbidden)
-    refuses_stream_options: bool = False
+    # backend models whose streams refuse stream_options (Mistral's API: 422 extra_forbidden);
+    # per model, since a gateway may front some backends that take it and some that do not
+    refuses_stream_options: set[str] = field(default_factory=set)
+
+    # bounds the set: a backend that accepts any model name cannot grow it without end
+    MAX_MODELS = 1000
+
+    def note_refusal(self, model: str) -> bool:
+        """Remember that ``model`` refuses stream_options; whether it is news."""
+        if model in self.refuses_stream_options:
+            return False
+        if len(self.refuses_stream_options) < self.MAX_MODELS:
+            self.refuses_stream_options.add(model)
+        return True
 
 
 async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
     """``open_stream`` for a chat completion the proxy wrote: ``stream_options`` (it asks
-    for the token counts) is left out for a backend that refuses it, from the first refusal
-    on; the stream's tokens are then counted from its chunks."""
+    for the token counts) is left out for a backend model that refused it, from the first
+    refusal on; those streams' tokens are then counted from their chunks."""
     quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
-    if quirks.refuses_stream_options:
+    model = str(payload.get("model", ""))
+    if model in quirks.refuses_stream_options:
         payload.pop("stream_options", None)
     try:
         return await open_stream(call, "/chat/completions", payload)
     except UpstreamStatusError as error:
-        if "stream_options" not in payload or not _refuses_stream_options(error):
+        if "stream_options" not in payload or not refuses_stream_options(error):
             raise
-    quirks.refuses_stream_options = True
-    log.warning(
-        "the backend refuses stream_options; streams now go without it, and their token "
-        "counts come from the chunks unless the backend reports usage anyway"
-    )
+    if quirks.note_refusal(model):
+        log.warning(
+            "the backend refuses stream_options for model %s; its streams now go without "
+            "it, and their output tokens are counted from the chunks",
+            model,
+        )
     del payload["stream_options"]
     return await open_stream(call, "/chat/completions", payload)
 
 
-def _refuses_stream_options(error: UpstreamStatusError) -> bool:
-    return error.status in (400, 422) and b"stream_options" in error.body
+# words with which validators refuse a field they do not know (pydantic: extra_forbidden,
+# "Extra inputs are not permitted"; others: unrecognized, unknown, unsupported)
+_REFUSES_A_FIELD = re.compile(
+    rb"extra|unrecogni[sz]ed|unknown|unsupported|not supported|not permitted"
+    rb"|not allowed|forbidden|unexpected",
+    re.IGNORECASE,
+)
+# how close to the field's name such a word must be: an error that merely echoes the
+# request (a "prompt too long" quoting the whole body) must not look like a refusal
+_NEAR = 80
+
+
+def refuses_stream_options(error: UpstreamStatusError) -> bool:
+    """Whether a backend's 400/422 refuses the ``stream_options`` field itself: a
+    validation error located at that field (pydantic's ``loc``), or a message that names
+    it next to a word of refusal."""
+    if error.status not in (400, 422) or b"stream_options" not in error.body:
+        return False
+    try:
+        payload = loads(error.body)
+    except ValueError:
+        payload = None
+    if _located_at_stream_options(payload):
+        return True
+    for at in re.finditer(rb"stream_options", error.body):
+        window = error.body[max(0, at.start() - _NEAR) : at.end() + _NEAR]
+        if _REFUSES_A_FIELD.search(window):
+            return True
+    return False
+
+
+def _located_at_stream_options(payload: Any, depth: int = 0) -> bool:
+    """A validation error's entry whose ``loc`` names the field, anywhere in the body."""
+    if depth > 6:
+        return False
+    if isinstance(payload, dict):
+        loc = payload.get("loc")
+        if isinstance(loc, list) and "stream_options" in loc:
+            return True
+        return any(_located_at_stream_options(v, depth + 1) for v in payload.values())
+    if isinstance(payload, list):
+        return any(_located_at_stream_options(v, depth + 1) for v in payload)
+    return False
 
 
 def _note_upstream(call: Call, result: UpstreamResult, *, complete: bool) -> None:

@@ -285,7 +285,7 @@ async def relay_ollama(
     if error is not None:
         _set_outcome(metric, "error")
         if not sent:
-            raise _failed_before_the_first_byte(error, timed_out)
+            raise _failed_before_the_first_byte(error, timed_out, metric)
         log.warning("stream ended early: %s", error)
         _reached(end)
         yield ndjson_error(error)
@@ -374,7 +374,7 @@ async def relay_openai(
         _set_outcome(metric, "error")
     if error is not None:
         if not sent:
-            raise _failed_before_the_first_byte(error, timed_out)
+            raise _failed_before_the_first_byte(error, timed_out, metric)
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         _reached(end)
@@ -422,6 +422,8 @@ def _refused(
     headers = forwarded_headers(response.headers)  # a rate limit's retry-after, say
     if status is None:
         _set_outcome(metric, "error")
+        if metric is not None:
+            metric.answered_plainly = True
         return ProxyError(message, 502, code="upstream_error", headers=headers)
     if metric is not None:
         metric.streaming = False
@@ -519,6 +521,9 @@ def _completion(whole: Any) -> dict[str, Any]:
     backend's ``error`` is the message then)."""
     if isinstance(whole, dict):
         if isinstance(whole.get("choices"), list) and whole["choices"]:
+            if _reports_failure(whole):  # a failed completion is no answer to stream
+                reported = _error_text(whole.get("error") or FINISHED_WITH_ERROR)
+                raise _NotAStream(f"the backend reported an error: {reported}")
             return whole
         if whole.get("error"):
             reported = _error_text(whole["error"])
@@ -573,9 +578,13 @@ def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
     return data[:cut], data[cut:]
 
 
-def _failed_before_the_first_byte(message: str, timed_out: bool) -> ProxyError:
+def _failed_before_the_first_byte(
+    message: str, timed_out: bool, metric: RequestMetrics | None
+) -> ProxyError:
     """Nothing was sent yet (``exchange.primed`` waits for the first chunk), so the client
     gets a real status: 504 for a deadline, 502 for anything else the backend did."""
+    if metric is not None:
+        metric.answered_plainly = True
     if timed_out:
         return UpstreamTimeout(message, code="stream_timeout")
     return ProxyError(message, 502, code="upstream_error")

@@ -150,9 +150,9 @@ async def by_id(
     app = call.app
     mapper = app.mapper
     if stream:
-        result = await open_stream(call, backend_path, None, method=method)
         if call.state.metric is not None:
-            call.state.metric.replayed = True
+            call.state.metric.replayed = True  # also if it fails before the backend answers
+        result = await open_stream(call, backend_path, None, method=method)
         rewrite = _model_rewriter({b: mapper.to_client(b) for _, b in mapper.items()})
         watcher = tr.ReplayedResponsesObserver(app.ledger, response_id)
         named = partial(_note_streamed_model, call, watcher)

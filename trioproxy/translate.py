@@ -18,6 +18,7 @@ import binascii
 import functools
 import hashlib
 import json
+import math
 import re
 import struct
 import time
@@ -1532,7 +1533,13 @@ def ollama_show(
 
 
 def _context_length(entry: JSONDict) -> int:
-    return next((int(entry[k]) for k in _CONTEXT_KEYS if _is_number(entry.get(k))), 0)
+    """The context window a backend's /models entry gives; 0 for none (or nonsense: a
+    huge number decodes as infinity)."""
+    for key in _CONTEXT_KEYS:
+        value = entry.get(key)
+        if _is_number(value) and math.isfinite(value) and value > 0:
+            return int(value)
+    return 0
 
 
 def _capabilities(entry: JSONDict) -> list[str]:

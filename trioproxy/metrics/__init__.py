@@ -656,7 +656,12 @@ class MetricsCollector:
         """Body and HTTP status of ``GET /v1/metrics/health`` (503 only when unhealthy)."""
         self.publish()
         t = self._count_totals()
-        entries = self._window.entries(None, self.health_window_seconds / 60.0)
+        # requests that ENDED in the health window: a timeout is recorded when it ends,
+        # after waiting longer than any window might be
+        cutoff = time.time() - self.health_window_seconds
+        entries = [
+            e for e in self._window.entries() if e.timestamp + e.duration_ms / 1000.0 >= cutoff
+        ]
         counted = [e for e in entries if e.cls != store.CANCELLED]
         n = len(counted)
         success, client, _cancelled, error = store.class_counts(counted)

@@ -42,6 +42,9 @@ class RequestMetrics:
     stream_outcome: str | None = None  # completed | cancelled | timeout | error
     stream_cancelled: bool = False
     stream_timeout: bool = False
+    # a stream request answered with a plain error reply before its stream began: a
+    # stream by its outcome, but that reply is no stream traffic (bytes, chunks, TTFB)
+    answered_plainly: bool = False
     # -- tokens --
     input_tokens: int | None = None
     output_tokens: int | None = None
