@@ -20,6 +20,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Body, EndBody, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper
 
+from trioproxy import hypercorn_patches
 from trioproxy.hypercorn_patches import IdleTimer, _protocol_send
 
 from .conftest import ServerProcess
@@ -197,6 +198,21 @@ async def test_what_the_socket_cannot_take_at_once_follows_whole_and_in_order() 
             await _protocol_send(peer.server, RawData(data=b"tail"))
         assert received == [big + b"tail"]
         assert peer.events == []
+
+
+async def test_a_client_that_reads_nothing_is_closed_after_the_write_timeout() -> None:
+    """hypercorn's write waited for room without limit: a client that stopped reading held
+    its request (and its slot, and its backend connection) for ever."""
+    hypercorn_patches.set_write_timeout(0.2)
+    try:
+        with _Peer(send_buffer=4096) as peer:
+            with trio.fail_after(5):
+                await _protocol_send(peer.server, RawData(data=b"x" * (4 << 20)))
+            assert peer.events and isinstance(peer.events[-1], Closed)
+            with pytest.raises(trio.ClosedResourceError):
+                await peer.server.stream.send_all(b"more")
+    finally:
+        hypercorn_patches.set_write_timeout(60.0)
 
 
 async def test_a_write_waits_behind_one_still_in_progress() -> None:

@@ -76,3 +76,10 @@ async def test_benchmarks_tiny_iterations_do_not_crash() -> None:
     results = await run_performance_benchmarks(iterations=1)
     assert results["summary"]["total_tests"] == 6
     assert math.isfinite(results["summary"]["max_overhead_percent"])
+
+
+async def test_few_iterations_are_as_many_concurrent_requests() -> None:
+    """Under the batch size of 10, the concurrent scenario reported 10 iterations anyway."""
+    results = await run_performance_benchmarks(iterations=5)
+    assert results["concurrent_tracking"]["iterations"] == 5
+    assert results["simple_tracking"]["iterations"] == 5

@@ -7,7 +7,6 @@ JSON must report exactly what was done.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -26,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ServerProcess, wait_healthy
+from .fakes import ScriptedHandler, serving
 
 
 def scrape(url: str, accept: str | None = None) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -486,13 +485,26 @@ def test_plain_hypercorn_workers_without_a_shared_directory_are_warned_about(
 ) -> None:
     port = _free_port()
     process = _hypercorn(port, OPENAI_API_BASE_URL=demo_backend.url, LOG_LEVEL="WARNING")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    reader.start()
+
+    def warnings() -> list[str]:
+        return [line for line in list(lines) if "PROMETHEUS_MULTIPROC_DIR" in line]
+
     try:
         wait_healthy(f"http://127.0.0.1:{port}", timeout=30)
+        # the second worker may start later than the first answers (a loaded machine)
+        wait_for(lambda: len(warnings()) >= 2, timeout=30)
     finally:
-        output = _stop(process)
-    warnings = [line for line in output.splitlines() if "PROMETHEUS_MULTIPROC_DIR" in line]
-    assert len(warnings) == 2, output  # one per worker
-    assert all("hypercorn runs 2 workers" in line for line in warnings)
+        process.terminate()
+        process.wait(timeout=15)
+        reader.join(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+    output = "".join(lines)
+    assert len(warnings()) == 2, output  # one per worker
+    assert all("hypercorn runs 2 workers" in line for line in warnings())
 
 
 def test_plain_hypercorn_workers_with_a_shared_directory_agree(
@@ -529,38 +541,22 @@ def test_plain_hypercorn_workers_with_a_shared_directory_agree(
     assert "PROMETHEUS_MULTIPROC_DIR" not in output, output
 
 
-class _SlowHeadersBackend(BaseHTTPRequestHandler):
+class _SlowHeadersBackend(ScriptedHandler):
     """Model ``slow``: the headers come after 3 s; ``limited``: 429 at once; ``broken``:
     500 at once; ``unsupported``: 501 at once; any GET: 500 at once."""
 
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
     def do_POST(self) -> None:
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        model = request["model"]
+        model = self.json_body()["model"]
         if model == "slow":
             time.sleep(3)
         status = {"limited": 429, "broken": 500, "unsupported": 501}.get(model, 200)
-        body = b'{"error": {"message": "no"}}' if status != 200 else b"data: [DONE]\n\n"
-        self.send_response(status)
-        self.send_header(
-            "Content-Type", "application/json" if status != 200 else "text/event-stream"
-        )
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        with contextlib.suppress(OSError):
-            self.wfile.write(body)
+        if status == 200:
+            self.answer(200, b"data: [DONE]\n\n", "text/event-stream")
+        else:
+            self.answer(status, b'{"error": {"message": "no"}}')
 
     def do_GET(self) -> None:
-        body = b'{"error": {"message": "down"}}'
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(500, b'{"error": {"message": "down"}}')
 
 
 def test_streams_that_fail_before_the_backends_headers_are_streams_too(
@@ -570,11 +566,8 @@ def test_streams_that_fail_before_the_backends_headers_are_streams_too(
     stream without a first token, whichever side of the headers the backend stalled on; a
     client that gives up waiting cancelled a stream; a backend 500 failed one. A backend
     429 refused the request (not a stream) and is counted as the backend's rate limit."""
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHeadersBackend)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    try:
-        url = start_proxy(f"http://127.0.0.1:{backend.server_address[1]}/v1", MAX_RETRIES="0",
-                          STREAM_FIRST_TOKEN_TIMEOUT="0.5").url  # fmt: skip
+    with serving(_SlowHeadersBackend) as backend:
+        url = start_proxy(backend, MAX_RETRIES="0", STREAM_FIRST_TOKEN_TIMEOUT="0.5").url
         body = {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.post("/api/chat", json=body).status_code == 504
@@ -605,9 +598,6 @@ def test_streams_that_fail_before_the_backends_headers_are_streams_too(
         assert total(samples, "trioproxy_upstream_errors_total", reason="status_429") == 1
         assert total(samples, "trioproxy_upstream_errors_total", reason="status_4xx") == 0
         assert total(samples, "trioproxy_upstream_errors_total", reason="timeout") == 2
-    finally:
-        backend.shutdown()
-        backend.server_close()
 
 
 def _by_label(samples: list[tuple[dict[str, str], float]], label: str) -> dict[str, float]:

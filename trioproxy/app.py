@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -61,6 +62,7 @@ from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
 from .metrics.labels import loggable_path
 from .model_mapping import ModelMapper
+from .relay import in_band_error
 from .upstream import UpstreamPool
 
 log = logging.getLogger("trioproxy")
@@ -73,6 +75,11 @@ def request_state() -> RequestState:
 class TrackedHTTPConnection(TrioASGIHTTPConnection):
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         app: ProxyApp = self.app  # type: ignore[assignment]
+        path = self.scope["path"]
+        if "//" in path:
+            # "/api//tags" is "/api/tags", served, not redirected: werkzeug would answer a
+            # 308 to a URL built from the client's Host header (and a preflight gets none)
+            self.scope["path"] = _REPEATED_SLASHES.sub("/", path)
         route = fastpath.fast_route(app, self.scope)
         if route is not None:
             await fastpath.serve(app, self.scope, receive, send, *route)
@@ -127,8 +134,13 @@ class ProxyApp(QuartTrio):
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         allowed = self.cors_origins
-        if not origin or not allowed or ("*" not in allowed and origin not in allowed):
+        if not allowed:
             return []
+        # the answer depends on who asks: a shared cache must not hand one origin's answer
+        # (with or without CORS headers) to another
+        vary = [] if "*" in allowed else [("Vary", "Origin")]
+        if not origin or ("*" not in allowed and origin not in allowed):
+            return vary
         headers = [
             ("Access-Control-Allow-Origin", "*" if "*" in allowed else origin),
             # the wildcard never covers Authorization (Fetch spec): it is named
@@ -138,9 +150,7 @@ class ProxyApp(QuartTrio):
             # x-ratelimit-* family, which has no fixed list of names
             ("Access-Control-Expose-Headers", _EXPOSED_HEADERS),
         ]
-        if "*" not in allowed:
-            headers.append(("Vary", "Origin"))  # the answer depends on who asks
-        return headers
+        return headers + vary
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
@@ -172,6 +182,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         JSON_SORT_KEYS=False,
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
+    hypercorn_patches.set_write_timeout(settings.client_write_timeout)
     app.ledger = ResponsesLedger()
     keys = ClientKeys(
         settings.proxy_api_keys,
@@ -270,14 +281,14 @@ def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:
 
 async def served(call: Call, reply: Reply) -> Response:
     """A handler's reply as Quart's response: the backend key masked, a stream's first
-    chunk read (so a failure before it gets a real status)."""
-    return reply_response(await primed(masked(reply, call.app.secret)))
+    chunk read (so a failure before it gets a real status), its end in-band at shutdown."""
+    return reply_response(await primed(masked(reply, call.app.secret)), call)
 
 
-def reply_response(reply: Reply) -> Response:
+def reply_response(reply: Reply, call: Call | None = None) -> Response:
     body = reply.body
     if reply.first is not None and not isinstance(body, bytes):
-        body = _after(reply.first, body)
+        body = _after(reply, body, call)
     response = Response(body, status=reply.status, content_type=reply.content_type)
     for name, value in reply.headers.items():
         response.headers[name] = value
@@ -286,11 +297,38 @@ def reply_response(reply: Reply) -> Response:
     return response
 
 
-async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _after(
+    reply: Reply, rest: AsyncIterator[bytes], call: Call | None
+) -> AsyncIterator[bytes]:
+    """A stream after its first chunk; at shutdown it ends in-band before hypercorn's grace
+    period runs out (as the fast path's streams do), not cut in the middle of a chunk. Each
+    read runs in the shutdown's cancel scope; no scope is open across a yield."""
     async with aclosing(rest):  # type: ignore[type-var]  (closed even if we are at `first`)
-        yield first
-        async for chunk in rest:
+        yield reply.first  # type: ignore[misc]
+        while True:
+            if call is None:
+                chunk = await anext(rest, None)
+            else:
+                with call.app.in_progress.tracking() as scope:  # type: ignore[attr-defined]
+                    chunk = await anext(rest, None)
+                if scope.cancelled_caught:
+                    if (reply.end is None or not reply.end.reached) and (
+                        end := _shutdown_end(reply, call)
+                    ):
+                        yield end
+                    return
+            if chunk is None:
+                return
             yield chunk
+
+
+def _shutdown_end(reply: Reply, call: Call) -> bytes:
+    metric = call.state.metric
+    if metric is not None:
+        metric.status_code = 503  # the effective status of a stream cut short by us
+        metric.stream_outcome = "error"
+    end = in_band_error(reply.content_type, fastpath.SHUTDOWN_MESSAGE, code="service_unavailable")
+    return end or b""
 
 
 YOUNG_COLLECTION_THRESHOLD = 10_000
@@ -331,20 +369,29 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
         stop_listening()
 
 
+_REPEATED_SLASHES = re.compile(r"/{2,}")
+# a refusal of these before their body is read ends the connection (hypercorn cannot read
+# past an unread body), so the reply says so
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 def _register_error_handlers(app: ProxyApp) -> None:
     @app.errorhandler(ProxyError)
     async def _proxy_error(error: ProxyError) -> Response:
         settings: Settings = request_app().settings
-        return reply_response(
-            proxy_error_reply(error, request.path, settings.api_key, request_state())
-        )
+        reply = proxy_error_reply(error, request.path, settings.api_key, request_state())
+        if error.status == 401 and request.method in _BODY_METHODS:
+            reply.headers = {**reply.headers, "Connection": "close"}
+        return reply_response(reply)
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
         message = _http_error_message(status, error)
         allowed = getattr(error, "valid_methods", None)  # a 405 must say what is allowed
-        headers = {"Allow": ", ".join(allowed)} if allowed else None
+        headers = {"Allow": ", ".join(allowed)} if allowed else {}
+        if status == 413:  # answered before the body was read: the connection will close
+            headers["Connection"] = "close"
         return reply_response(error_reply(request.path, message, status, headers=headers))
 
     @app.errorhandler(Exception)

@@ -161,32 +161,33 @@ async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
         "streaming_tracking", n, s, w, cpu, stream_base, memory_mb=max(0.0, _rss_mb() - rss0)
     )
 
-    # -- concurrent tracking: batches of 10 in a nursery --------------------------
-    batches = max(1, n // BATCH)
+    # -- concurrent tracking: batches of 10 in a nursery (fewer when n is smaller) -
+    size = min(BATCH, n)
+    batches = max(1, n // size)
 
     async def batch_plain() -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(BATCH):
+            for _ in range(size):
                 nursery.start_soon(plain)
 
     async def batch_tracked() -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(BATCH):
+            for _ in range(size):
                 nursery.start_soon(tracked)
 
     s0, _, _ = await _time_each(batch_plain, batches)
-    batch_base = _stats([x // BATCH for x in s0])["avg_time_ms"]
+    batch_base = _stats([x // size for x in s0])["avg_time_ms"]
     rss0 = _rss_mb()
     s, w, cpu = await _time_each(batch_tracked, batches)
     results["concurrent_tracking"] = _result(
         "concurrent_tracking",
-        batches * BATCH,
+        batches * size,
         s,
         w,
         cpu,
         batch_base,
         memory_mb=max(0.0, _rss_mb() - rss0),
-        per=BATCH,
+        per=size,
     )
 
     # -- memory stress: n x 10 records (the window stays bounded) -----------------

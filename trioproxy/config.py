@@ -59,6 +59,7 @@ class Settings:
     model_mapping_file: str | None = None
     model_mapping: Mapping[str, str] = field(default_factory=dict)
     max_request_bytes: int = 64 * 1024 * 1024
+    max_response_bytes: int = 256 * 1024 * 1024
     max_concurrent_requests: int = 2048
     upstream_clients: int = 64
     upstream_max_keepalive: int = 256
@@ -76,6 +77,7 @@ class Settings:
     health_window_seconds: float = 300.0
     graceful_timeout: float = 5.0
     keep_alive_timeout: float = 5.0
+    client_write_timeout: float = 60.0
     cors_origins: str = ""
     proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
     proxy_api_keys_file: str | None = None
@@ -208,6 +210,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RETRY_BACKOFF_MAX": ("retry_backoff_max", _non_negative_float),
     "MODEL_MAPPING_FILE": ("model_mapping_file", _text),
     "MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
+    "MAX_RESPONSE_BYTES": ("max_response_bytes", _positive_int),
     "MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", _positive_int),
     "UPSTREAM_CLIENTS": ("upstream_clients", _positive_int),
     "UPSTREAM_MAX_KEEPALIVE": ("upstream_max_keepalive", _positive_int),
@@ -225,6 +228,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "HEALTH_WINDOW_SECONDS": ("health_window_seconds", _positive_float),
     "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
     "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
+    "CLIENT_WRITE_TIMEOUT": ("client_write_timeout", _positive_float),
     "CORS_ORIGINS": ("cors_origins", _text),
     "PROXY_API_KEYS": ("proxy_api_keys", parse_keys),
     "PROXY_API_KEYS_FILE": ("proxy_api_keys_file", _text),

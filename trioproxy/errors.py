@@ -121,7 +121,12 @@ def openai_error_type(status: int) -> str:
 
 
 def ollama_error_body(message: str) -> bytes:
-    return json.dumps({"error": message}, ensure_ascii=False).encode()
+    # a lone surrogate (a client's "\ud800" quoted back in the message) has no UTF-8
+    # spelling: it is kept as the JSON escape it came as, never a 500
+    try:
+        return json.dumps({"error": message}, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps({"error": message}).encode()
 
 
 def openai_error_payload(

@@ -104,6 +104,9 @@ async def serve(
                 return
             except ProxyError as error:
                 reply = proxy_error_reply(error, path, app.settings.api_key, state)
+                # answered before the body was read: the server closes the connection after
+                # this reply, so it says so (a client would reuse it and find it closed)
+                reply.headers = {**reply.headers, "Connection": "close"}
             else:
                 # from here on, the client leaving cancels everything below, the backend
                 # call included

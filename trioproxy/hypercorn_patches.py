@@ -24,6 +24,10 @@ request cancellation, and its cost per request.
    does not take (a slow reader, a full buffer) goes hypercorn's way, shielded, so a
    cancellation can never cut a response in the middle of its framing. Paired A/B: 175-200
    µs less CPU per proxied request at 32-64 concurrent requests (docs/performance.md).
+   Such a wait is bounded (``set_write_timeout``, CLIENT_WRITE_TIMEOUT): hypercorn's was
+   not, so a client that stopped reading held its request, its slot under
+   MAX_CONCURRENT_REQUESTS and its backend connection for ever. Past the limit the
+   connection is closed, which the request sees as its client leaving.
 
 5. **Shutdown is announced.** ``on_shutdown(listener)`` calls ``listener()`` when hypercorn
    begins its graceful shutdown (its worker context's ``terminated`` event is set, just
@@ -37,6 +41,11 @@ request cancellation, and its cost per request.
    ignored (served in HTTP/1.1, which an upgrade request allows) and the preface gets
    ``505 HTTP Version Not Supported`` and a close.
 
+7. **No request with both Content-Length and Transfer-Encoding.** h11 reads such a body by
+   its chunks and keeps the connection; a front proxy that went by the length would take
+   the rest for another request: the shape of request smuggling. RFC 9112 (6.3) lets a
+   server refuse it and forbids keeping the connection: it gets a 400 and a close.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -46,6 +55,7 @@ cannot silently undo them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -124,6 +134,9 @@ _original_protocol_send = tcp_server.TCPServer.protocol_send
 _original_read_data = tcp_server.TCPServer._read_data
 
 
+log = logging.getLogger("trioproxy")
+
+
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     _original_init(self, *args, **kwargs)
     self.idle_task = IdleTimer(self)
@@ -152,8 +165,8 @@ async def _protocol_send(self: Any, event: Any) -> None:
 async def _send_data(server: Any, data: bytes) -> None:
     stream = server.stream
     if type(stream) is not trio.SocketStream or server.send_lock.locked():
-        # TLS, or another write still waiting for room: queue behind it, hypercorn's way
-        await _original_protocol_send(server, RawData(data=data))
+        # TLS, or another write still waiting for room: queue behind it
+        await _send_rest(server, data)
         return
     try:
         sent = send_what_fits(stream.socket, data)
@@ -161,8 +174,39 @@ async def _send_data(server: Any, data: bytes) -> None:
         await server.protocol.handle(Closed())
         return
     if sent < len(data):
-        with trio.CancelScope(shield=True):  # part of the framing is out: finish it
-            await _original_protocol_send(server, RawData(data=data[sent:]))
+        await _send_rest(server, data[sent:])
+
+
+_write_timeout = 60.0
+
+
+def set_write_timeout(seconds: float) -> None:
+    """How long a write may wait for a client to make room (CLIENT_WRITE_TIMEOUT)."""
+    global _write_timeout
+    _write_timeout = seconds
+
+
+async def _send_rest(server: Any, data: bytes) -> None:
+    """hypercorn's write (behind its send lock, shielded: part of the framing may be out
+    already), bounded by the write timeout; a client that does not make room in that time
+    has stopped reading, and its connection is closed."""
+    gone = False
+    # the shield covers the wait for the lock too: a request cancelled since its first
+    # bytes went out must still finish the framing it started
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + _write_timeout
+        async with server.send_lock:
+            try:
+                await server.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                gone = True
+    if scope.cancelled_caught:
+        log.info("closing a connection whose client read nothing for %g s", _write_timeout)
+        with trio.CancelScope(shield=True):
+            await server.stream.aclose()  # as hypercorn closes one (idempotent)
+            await server.protocol.handle(Closed())
+    elif gone:
+        await server.protocol.handle(Closed())
 
 
 _original_stream_send = h11_protocol.H11Protocol.stream_send
@@ -198,10 +242,19 @@ async def _stream_send(self: Any, event: Any) -> None:
     await _original_stream_send(self, event)
 
 
+class _AmbiguousLength(Exception):
+    """A request with both Content-Length and Transfer-Encoding (RFC 9112 6.3)."""
+
+
 async def _check_protocol(self: Any, event: h11.Request) -> None:
     if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
         raise h11_protocol.H2ProtocolAssumedError(b"")
     # an "Upgrade: h2c" header is ignored: the request is served in HTTP/1.1
+    for name, _ in event.headers:
+        if name == b"transfer-encoding":  # rare: no cost for the usual request
+            if any(other == b"content-length" for other, _ in event.headers):
+                raise _AmbiguousLength
+            break
 
 
 async def _handle_http11_only(self: Any, event: Any) -> None:
@@ -209,6 +262,9 @@ async def _handle_http11_only(self: Any, event: Any) -> None:
         return await self.protocol.handle(event)  # type: ignore[no-any-return]
     except h11_protocol.H2ProtocolAssumedError:
         await self.protocol._send_error_response(505)
+        await self.protocol.send(Closed())
+    except _AmbiguousLength:
+        await self.protocol._send_error_response(400)
         await self.protocol.send(Closed())
 
 

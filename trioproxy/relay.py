@@ -419,7 +419,7 @@ def _refused(
     text = _error_text(error) if error else "the backend failed the stream"
     message = scrub(text, settings.api_key)
     status = _client_status(error)
-    headers = forwarded_headers(response.headers)  # a rate limit's retry-after, say
+    headers = forwarded_headers(response.headers, settings.api_key)  # a retry-after, say
     if status is None:
         _set_outcome(metric, "error")
         if metric is not None:

@@ -83,7 +83,7 @@ async def forward(
         _owe_when_queued(app.ledger, content)
     if backend_model != client_model:
         content = _rewrite_model_json(content, client_model)
-    return _whole_reply(result, content)
+    return _whole_reply(call, result, content)
 
 
 FAST_ROUTES: dict[str, Handler] = {
@@ -161,7 +161,7 @@ async def by_id(
     content = result.response.content
     if method == "DELETE":
         app.ledger.forget(response_id)
-        return _whole_reply(result, content)
+        return _whole_reply(call, result, content)
     payload = _json_object(content)
     _settle(call, app.ledger, payload)
     model = payload.get("model") if payload is not None else None
@@ -170,7 +170,7 @@ async def by_id(
         note_model(call.state, client_model)
         if client_model != model:
             content = _rewrite_model_json(content, client_model)
-    return _whole_reply(result, content)
+    return _whole_reply(call, result, content)
 
 
 def _owe_when_queued(ledger: ResponsesLedger, content: bytes) -> None:
@@ -224,13 +224,13 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(dumps(payload), status=status, content_type=JSON)
 
 
-def _whole_reply(result: UpstreamResult, content: bytes) -> Reply:
+def _whole_reply(call: Call, result: UpstreamResult, content: bytes) -> Reply:
     response = result.response
     return Reply(
         response.status_code,
         content,
         response.headers.get("content-type", JSON),
-        forwarded_headers(response.headers),
+        forwarded_headers(response.headers, call.app.settings.api_key),
     )
 
 
@@ -261,7 +261,8 @@ def _stream_reply(
         end=(end := StreamEnd()),
         on_finish=on_finish,
     )
-    headers = {**forwarded_headers(result.response.headers), **STREAM_HEADERS}
+    secret = call.app.settings.api_key
+    headers = {**forwarded_headers(result.response.headers, secret), **STREAM_HEADERS}
     return Reply(200, chunks, EVENT_STREAM, headers, end=end)
 
 

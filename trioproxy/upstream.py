@@ -40,6 +40,7 @@ import trio
 from . import netstream
 from .config import Settings
 from .errors import (
+    BadUpstreamResponse,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -59,12 +60,13 @@ FORWARDED_HEADER_PREFIX = "x-ratelimit-"
 MAX_FORWARDED_HEADERS = 16
 
 
-def forwarded_headers(headers: httpx.Headers) -> dict[str, str]:
-    """The backend's retry and rate-limit headers (bounded in number), to pass on."""
+def forwarded_headers(headers: httpx.Headers, secret: str | None) -> dict[str, str]:
+    """The backend's retry and rate-limit headers (bounded in number), to pass on; a
+    backend that echoes our key in one does not hand it to the client."""
     out: dict[str, str] = {}
     for name, value in headers.items():
         if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_HEADER_PREFIX):
-            out[name] = value
+            out[name] = scrub(value, secret)
             if len(out) == MAX_FORWARDED_HEADERS:
                 break
     return out
@@ -312,12 +314,30 @@ class UpstreamPool:
             await self._raise_for_status(response)
         if not stream:
             try:
-                await response.aread()
+                await self._read_whole(response)
             except httpx.HTTPError as exc:
                 raise self._transport_failure(exc, body_started=True) from None
             finally:
                 await response.aclose()
         return response, headers_at
+
+    async def _read_whole(self, response: httpx.Response) -> None:
+        """``response.aread()``, bounded by MAX_RESPONSE_BYTES (decoded): a backend body
+        that never ends, or a small gzip body that unpacks to gigabytes, is a 502, not a
+        worker that runs out of memory."""
+        limit = self._settings.max_response_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for part in response.aiter_bytes():
+            size += len(part)
+            if size > limit:
+                self._observer.upstream_error("protocol")
+                raise BadUpstreamResponse(
+                    f"the backend's response is larger than {limit} bytes (MAX_RESPONSE_BYTES)"
+                )
+            parts.append(part)
+        # what aread() keeps: response.content works as after it
+        response._content = b"".join(parts)
 
     def _transport_failure(self, exc: httpx.HTTPError, *, body_started: bool = False) -> Exception:
         """The exception to raise for a transport error: retryable ones are wrapped. Once
@@ -347,7 +367,7 @@ class UpstreamPool:
             await response.aclose()
         status = response.status_code
         message = scrub(upstream_error_message(body, status), self._secret)
-        forwarded = forwarded_headers(response.headers)
+        forwarded = forwarded_headers(response.headers, self._secret)
         error = UpstreamStatusError(
             message,
             status,

@@ -1,0 +1,272 @@
+"""What the proxy bounds and refuses at the HTTP layer, each found by a review against the
+running program: a backend body without end, a client that stops reading, replies sent
+before the body was read, request smuggling shapes, paths with repeated slashes, a lone
+surrogate in a model name, CORS caching, and the backend's key in relayed headers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+
+StartProxy = Callable[..., ServerProcess]
+BACKEND_KEY = "sk-backend-secret-0123456789"
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+class _Backend(ScriptedHandler):
+    """Model ``huge``: a 2 MB completion; ``bomb``: 4 MB of zeros gzipped to a few KB;
+    ``echo``: a completion whose rate-limit header echoes the key it was sent."""
+
+    def do_POST(self) -> None:
+        model = self.json_body()["model"]
+        extra: dict[str, str] = {}
+        if model == "huge":
+            body = json.dumps(_completion("x" * 2_000_000)).encode()
+        elif model == "bomb":
+            body = gzip.compress(b"0" * 4_000_000)
+            extra["Content-Encoding"] = "gzip"
+        else:
+            body = json.dumps(_completion("ok")).encode()
+            extra["x-ratelimit-echo"] = self.headers.get("Authorization", "")
+        self.answer(200, body, headers=extra)
+
+
+def _completion(text: str) -> dict[str, Any]:
+    return {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def odd_backend_proxy(start_proxy: StartProxy) -> Iterator[ServerProcess]:
+    with serving(_Backend) as url:
+        yield start_proxy(
+            url, MAX_RETRIES="0", MAX_RESPONSE_BYTES="1000000", OPENAI_API_KEY=BACKEND_KEY
+        )
+
+
+@pytest.mark.parametrize("model", ["huge", "bomb"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_backend_body_over_the_limit_is_a_502_not_a_worker_out_of_memory(
+    odd_backend_proxy: ServerProcess, model: str, path: str
+) -> None:
+    """A body without end (or a small gzip body that unpacks to gigabytes) used to be read
+    whole into memory; past MAX_RESPONSE_BYTES (decoded) it is a 502."""
+    body = {"model": model, "stream": False, **CHAT}
+    answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=20)
+    assert answer.status_code == 502, answer.text
+    assert "MAX_RESPONSE_BYTES" in answer.text
+
+
+def test_the_backend_key_echoed_in_a_relayed_header_is_masked(
+    odd_backend_proxy: ServerProcess,
+) -> None:
+    answer = httpx.post(
+        odd_backend_proxy.url + "/v1/chat/completions", json={"model": "echo", **CHAT}, timeout=10
+    )
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-echo"] == "Bearer ***"
+    assert BACKEND_KEY not in str(answer.headers)
+
+
+def test_a_client_that_stops_reading_frees_its_slot(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """A client that reads nothing used to hold its request, its slot under
+    MAX_CONCURRENT_REQUESTS and its backend connection for ever (no write timeout)."""
+    proxy = start_proxy(demo_backend.url, MAX_CONCURRENT_REQUESTS="1", CLIENT_WRITE_TIMEOUT="1")
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {
+            "model": "demo-chat",
+            "stream": True,
+            "messages": [
+                {"role": "user", "content": "[[tokens=200000]][[delay=0]] " + "long " * 200}
+            ],
+        }
+    ).encode()
+    sleeper = socket.socket()
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sleeper.connect((host, int(port)))
+    try:
+        sleeper.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(0.5)
+        assert (
+            httpx.post(
+                proxy.url + "/api/chat", json={"model": "demo-chat", **CHAT}, timeout=5
+            ).status_code
+            == 503
+        )  # the one slot is taken
+        deadline = time.monotonic() + 20
+        status = 503
+        while status == 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = httpx.post(
+                proxy.url + "/api/chat",
+                timeout=5,
+                json={"model": "demo-chat", "stream": False, **CHAT},
+            ).status_code
+        assert status == 200, "the slot was freed once the client was taken to be gone"
+    finally:
+        sleeper.close()
+
+
+def _raw(url: str, request: bytes, read_for: float = 2.0) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=read_for) as sock:
+        sock.sendall(request)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+@pytest.fixture(scope="module")
+def guarded_proxy(start_proxy: StartProxy, demo_backend: ServerProcess) -> ServerProcess:
+    return start_proxy(
+        demo_backend.url,
+        MAX_REQUEST_BYTES="1000",
+        PROXY_API_KEYS="alice:alice-key-0123456789",
+        CORS_ORIGINS="https://app.example",
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/api/chat", {"Authorization": "Bearer alice-key-0123456789"}, 413),
+        ("/api/show", {"Authorization": "Bearer alice-key-0123456789"}, 413),
+        ("/api/chat", {"Authorization": "Bearer wrong"}, 401),
+        ("/api/show", {"Authorization": "Bearer wrong"}, 401),
+    ],
+)
+def test_a_reply_before_the_body_was_read_says_the_connection_closes(
+    guarded_proxy: ServerProcess, path: str, headers: dict[str, str], status: int
+) -> None:
+    """The server closes such a connection; without ``Connection: close`` a pooling client
+    reused it and found it closed ("Server disconnected without sending a response")."""
+    answer = httpx.post(
+        guarded_proxy.url + path,
+        content=b"x" * 200_000,
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert answer.status_code == status
+    assert answer.headers.get("connection") == "close"
+
+
+def test_a_request_with_both_lengths_is_refused_and_closed(guarded_proxy: ServerProcess) -> None:
+    """Content-Length and Transfer-Encoding together are the shape of request smuggling:
+    RFC 9112 lets a server refuse it and forbids keeping the connection."""
+    request = (
+        b"POST /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    received = _raw(guarded_proxy.url, request)
+    assert received.startswith(b"HTTP/1.1 400")
+    assert received.count(b"HTTP/1.1") == 1  # nothing served after it
+
+
+@pytest.mark.parametrize("path", ["/api//tags", "//api/tags", "/api/tags//"])
+def test_repeated_slashes_are_served_not_redirected(
+    guarded_proxy: ServerProcess, path: str
+) -> None:
+    """werkzeug answered "/api//tags" with a 308 to a URL built from the Host header."""
+    answer = httpx.get(
+        guarded_proxy.url + path,
+        headers={"Host": "evil.example", "Authorization": "Bearer alice-key-0123456789"},
+        timeout=10,
+    )
+    assert answer.status_code != 308 and "location" not in answer.headers
+    if path != "/api/tags//":
+        assert answer.status_code == 200 and "models" in answer.json()
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/show"])
+def test_a_lone_surrogate_in_a_model_name_is_never_a_500(proxy: ServerProcess, path: str) -> None:
+    body = b'{"model": "\\ud800", "prompt": "hi", "input": "hi", "messages": []}'
+    answer = httpx.post(proxy.url + path, content=body, timeout=10)
+    assert answer.status_code < 500, answer.text
+    assert "error" in json.loads(answer.content)
+
+
+def test_every_cors_answer_varies_by_origin(guarded_proxy: ServerProcess) -> None:
+    """A shared cache must not hand the answer without CORS headers to the allowed origin."""
+    for origin in (None, "https://other.example", "https://app.example"):
+        headers = {"Origin": origin} if origin else {}
+        answer = httpx.get(guarded_proxy.url + "/health", headers=headers, timeout=10)
+        assert answer.headers.get("vary") == "Origin", origin
+
+
+class _SlowResponsesBackend(BaseHTTPRequestHandler):
+    """``GET /v1/responses/{id}?stream=true``: a Responses stream of 100 deltas, one per
+    0.1 s (HTTP/1.0: the body ends at the close)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        try:
+            for i in range(100):
+                event = {"type": "response.output_text.delta", "delta": f"w{i} "}
+                self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+
+def test_a_quart_routed_stream_ends_in_band_at_shutdown(start_proxy: StartProxy) -> None:
+    """Streams served through Quart (a resumed Responses stream) were cut mid-chunk when
+    GRACEFUL_TIMEOUT ran out; like the fast path's, they now end with an error event."""
+    with serving(_SlowResponsesBackend) as url:
+        proxy = start_proxy(url, GRACEFUL_TIMEOUT="1.5")
+        lines: list[str] = []
+        problems: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                with httpx.stream("GET", proxy.url + "/v1/responses/resp_slow?stream=true",
+                                  timeout=20) as response:  # fmt: skip
+                    lines.extend(line for line in response.iter_lines() if line)
+            except httpx.HTTPError as error:
+                problems.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.6)
+        proxy.process.send_signal(signal.SIGTERM)
+        reader.join(timeout=15)
+        assert proxy.process.wait(timeout=15) == 0
+        assert not problems, problems
+        last = json.loads(lines[-1].removeprefix("data: "))
+        assert "shutting down" in json.dumps(last), lines[-2:]
+        assert len(lines) < 60  # ended by the shutdown, not by the backend's end
