@@ -65,9 +65,14 @@ def raise_nofile() -> int:
     return want
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
+def _interrupted(signum: int, frame: FrameType | None) -> None:
     # SIGTERM (timeout, a CI cancel, docker stop) unwinds like Ctrl-C: every server the
-    # bench started is stopped on the way out
+    # bench started is stopped on the way out, and a second signal does not cut that short
+    # (each server is a process group of its own: one not stopped would outlive the bench)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import report, scenarios
 
-    signal.signal(signal.SIGTERM, _terminated)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupted)
     nofile = raise_nofile()  # 1,000 streams need ~2,000 fds per process; children inherit
     plan = scenarios.Plan.make(args.quick)
     mode = "quick" if args.quick else "full"

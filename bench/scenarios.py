@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -51,6 +52,10 @@ NONSTREAM = {
 
 
 # --------------------------------------------------------------------------- plan
+
+
+# the signals that stop a run; the cleanup does not heed them again
+_STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -388,13 +393,22 @@ class Bench:
             self.started.remove(server)
 
     def stop_all(self) -> None:
-        for server in reversed(self.started):
-            try:
-                server.stop()
-                self._check_log(server)
-            except Exception:
-                pass
-        self.started.clear()
+        """Stop every server, deaf to a second Ctrl-C or SIGTERM meanwhile: each server is
+        a process group of its own, so one left behind by an interrupted cleanup would
+        outlive the bench."""
+        deaf = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOPS} if deaf else {}
+        try:
+            for server in reversed(self.started):
+                try:
+                    server.stop()
+                    self._check_log(server)
+                except Exception:
+                    pass
+            self.started.clear()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def step(self, name: str, fn, label: str | None = None) -> None:
         self.progress.begin(name, label)

@@ -270,3 +270,25 @@ def test_a_quart_routed_stream_ends_in_band_at_shutdown(start_proxy: StartProxy)
         last = json.loads(lines[-1].removeprefix("data: "))
         assert "shutting down" in json.dumps(last), lines[-2:]
         assert len(lines) < 60  # ended by the shutdown, not by the backend's end
+
+
+def _connections_used(url: str, requests: list[tuple[str, str, bytes, dict[str, str]]]) -> int:
+    """How many connections one pooled client needed for ``requests`` in turn."""
+    streams = set()
+    with httpx.Client(limits=httpx.Limits(max_connections=1), timeout=10) as client:
+        for method, path, body, headers in requests:
+            answer = client.request(method, url + path, content=body, headers=headers)
+            streams.add(id(answer.extensions["network_stream"]))
+    return len(streams)
+
+
+def test_a_refused_request_with_a_small_body_keeps_its_connection(
+    guarded_proxy: ServerProcess, proxy: ServerProcess
+) -> None:
+    """A client retrying a 401, 429 or 503 keeps its connection: the refused request's
+    small body is read and dropped, so only an unread body closes the connection."""
+    wrong = {"Authorization": "Bearer wrong", "Content-Type": "application/json"}
+    refused = [("POST", "/api/chat", b'{"model": "demo-chat"}', wrong)] * 5
+    assert _connections_used(guarded_proxy.url, refused) == 1
+    elsewhere = [("POST", "/v1/nothing", b"x" * 200_000, {}), ("POST", "/api/tags", b"{}", {})]
+    assert _connections_used(proxy.url, elsewhere * 3) == 1  # 404 and 405 through Quart

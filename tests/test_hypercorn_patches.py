@@ -5,6 +5,7 @@ behaviour on a real proxy process with a 1 s keep-alive."""
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 import time
@@ -213,6 +214,42 @@ async def test_a_client_that_reads_nothing_is_closed_after_the_write_timeout() -
                 await peer.server.stream.send_all(b"more")
     finally:
         hypercorn_patches.set_write_timeout(60.0)
+
+
+async def test_a_write_timeout_limits_a_stall_not_a_slow_download() -> None:
+    """A client that reads, however slowly, is never cut: the timeout restarts whenever
+    the next piece goes out."""
+    hypercorn_patches.set_write_timeout(0.3)
+    try:
+        with _Peer(send_buffer=4096) as peer:
+            peer.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            data = bytes(range(256)) * 4096  # 1 MiB: seconds at the reader's pace below
+            received = bytearray()
+
+            async def slow_reader() -> None:
+                while len(received) < len(data):
+                    received.extend(await peer.client.recv(32 * 1024))
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_reader)
+                await hypercorn_patches._send_rest(peer.server, data)
+            assert peer.events == []  # not taken for gone
+            assert bytes(received) == data
+    finally:
+        hypercorn_patches.set_write_timeout(60.0)
+
+
+async def test_a_shutdown_ends_a_stalled_write_within_its_grace_period() -> None:
+    try:
+        with _Peer(send_buffer=4096) as peer, trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hypercorn_patches._send_rest, peer.server, b"x" * (4 << 20))
+                await trio.sleep(0.1)
+                hypercorn_patches.end_writes_within(0.2)  # the write timeout is 60 s
+            assert peer.events and isinstance(peer.events[-1], Closed)
+    finally:
+        hypercorn_patches._writes_end_at = math.inf
 
 
 async def test_a_write_waits_behind_one_still_in_progress() -> None:

@@ -353,7 +353,12 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
     deadlines), owned by the lifespan nursery; and, while they run, the app hears when
     hypercorn begins its graceful shutdown (streams then end in-band before it is over)."""
     grace = app.settings.graceful_timeout
-    stop_listening = hypercorn_patches.on_shutdown(lambda: app.in_progress.begin_shutdown(grace))
+
+    def shutting_down() -> None:
+        app.in_progress.begin_shutdown(grace)
+        hypercorn_patches.end_writes_within(grace)
+
+    stop_listening = hypercorn_patches.on_shutdown(shutting_down)
     try:
         with app.background_scope:  # type: ignore[attr-defined]
             async with trio.open_nursery() as nursery:
@@ -380,7 +385,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
     async def _proxy_error(error: ProxyError) -> Response:
         settings: Settings = request_app().settings
         reply = proxy_error_reply(error, request.path, settings.api_key, request_state())
-        if error.status == 401 and request.method in _BODY_METHODS:
+        if await _body_left_unread(error.status):
             reply.headers = {**reply.headers, "Connection": "close"}
         return reply_response(reply)
 
@@ -390,7 +395,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
         message = _http_error_message(status, error)
         allowed = getattr(error, "valid_methods", None)  # a 405 must say what is allowed
         headers = {"Allow": ", ".join(allowed)} if allowed else {}
-        if status == 413:  # answered before the body was read: the connection will close
+        if await _body_left_unread(status):
             headers["Connection"] = "close"
         return reply_response(error_reply(request.path, message, status, headers=headers))
 
@@ -400,6 +405,24 @@ def _register_error_handlers(app: ProxyApp) -> None:
         method, path = loggable_path(request.method), loggable_path(request.path)
         log.exception("unhandled error while serving %s %s", method, path)
         return reply_response(internal_error_reply(request.path))
+
+
+async def _body_left_unread(status: int) -> bool:
+    """Whether an error reply goes out with the request's body unread: hypercorn then
+    closes the connection, and the reply must say so (a pooling client would reuse it and
+    fail). A body that arrives within a second (under the size limit) is read and dropped
+    instead, so the connection serves the next request."""
+    if request.method not in _BODY_METHODS:
+        return False
+    if status in (408, 413):
+        return True
+    with trio.move_on_after(1.0):
+        try:
+            await request.get_data(cache=False)
+        except Exception:  # over the size limit, or the client left
+            return True
+        return False
+    return True
 
 
 def _http_error_message(status: int, error: HTTPException) -> str:

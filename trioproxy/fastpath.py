@@ -104,9 +104,11 @@ async def serve(
                 return
             except ProxyError as error:
                 reply = proxy_error_reply(error, path, app.settings.api_key, state)
-                # answered before the body was read: the server closes the connection after
-                # this reply, so it says so (a client would reuse it and find it closed)
-                reply.headers = {**reply.headers, "Connection": "close"}
+                if not await _discard_body(receive, headers.get("content-length"), error):
+                    # answered before its body was read: the server closes the connection
+                    # after this reply, so it says so (a client would reuse it, find it
+                    # closed and fail)
+                    reply.headers = {**reply.headers, "Connection": "close"}
             else:
                 # from here on, the client leaving cancels everything below, the backend
                 # call included
@@ -184,6 +186,30 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
     if scope.cancelled_caught:
         raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# a refused request's body up to this size is read and dropped, so its connection serves
+# the next request (a client retrying a 429 or 503 keeps its connection)
+_DISCARDED_BODY_LIMIT = 64 * 1024
+_DISCARD_SECONDS = 1.0
+
+
+async def _discard_body(
+    receive: ASGIReceiveCallable, declared: str | None, error: ProxyError
+) -> bool:
+    """Read and drop a refused request's small body; whether the connection can go on."""
+    if error.status in (408, 413) or declared is None or not declared.isdigit():
+        return False  # the body is partly read, too large, or of unknown length
+    if int(declared) > _DISCARDED_BODY_LIMIT:
+        return False
+    with trio.move_on_after(_DISCARD_SECONDS):
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                return False
+            if not event.get("more_body", False):  # type: ignore[union-attr]
+                return True
+    return False
 
 
 def _too_large(limit: int) -> ProxyError:

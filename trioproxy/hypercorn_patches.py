@@ -26,8 +26,9 @@ request cancellation, and its cost per request.
    µs less CPU per proxied request at 32-64 concurrent requests (docs/performance.md).
    Such a wait is bounded (``set_write_timeout``, CLIENT_WRITE_TIMEOUT): hypercorn's was
    not, so a client that stopped reading held its request, its slot under
-   MAX_CONCURRENT_REQUESTS and its backend connection for ever. Past the limit the
-   connection is closed, which the request sees as its client leaving.
+   MAX_CONCURRENT_REQUESTS and its backend connection for ever. The limit is on a stall
+   (no room for the next 64 KiB), not on the whole body, and a shutdown shortens it to
+   its grace period (``end_writes_within``). Past it the connection is closed.
 
 5. **Shutdown is announced.** ``on_shutdown(listener)`` calls ``listener()`` when hypercorn
    begins its graceful shutdown (its worker context's ``terminated`` event is set, just
@@ -178,6 +179,11 @@ async def _send_data(server: Any, data: bytes) -> None:
 
 
 _write_timeout = 60.0
+# the latest a write may wait once a shutdown began (its grace period): trio time
+_writes_end_at = math.inf
+# piece by piece, so the write timeout measures a stall, not the whole body's download
+_WRITE_PIECE = 64 * 1024
+_waiting_writes: set[trio.CancelScope] = set()
 
 
 def set_write_timeout(seconds: float) -> None:
@@ -186,22 +192,38 @@ def set_write_timeout(seconds: float) -> None:
     _write_timeout = seconds
 
 
+def end_writes_within(seconds: float) -> None:
+    """A shutdown began: no write waits for a client past ``seconds`` from now (the grace
+    period), however long the write timeout; a second signal is not held up by them."""
+    global _writes_end_at
+    _writes_end_at = min(_writes_end_at, trio.current_time() + seconds)
+    for scope in _waiting_writes:
+        scope.deadline = min(scope.deadline, _writes_end_at)
+
+
 async def _send_rest(server: Any, data: bytes) -> None:
     """hypercorn's write (behind its send lock, shielded: part of the framing may be out
-    already), bounded by the write timeout; a client that does not make room in that time
-    has stopped reading, and its connection is closed."""
+    already), bounded: a client that makes no room for the next piece within the write
+    timeout has stopped reading, and its connection is closed."""
     gone = False
+    view = memoryview(data)
     # the shield covers the wait for the lock too: a request cancelled since its first
     # bytes went out must still finish the framing it started
     with trio.CancelScope(shield=True) as scope:
-        scope.deadline = trio.current_time() + _write_timeout
-        async with server.send_lock:
-            try:
-                await server.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                gone = True
+        _waiting_writes.add(scope)
+        try:
+            scope.deadline = min(trio.current_time() + _write_timeout, _writes_end_at)
+            async with server.send_lock:
+                for at in range(0, len(view), _WRITE_PIECE):
+                    # progress: the client reads, so the wait starts again
+                    scope.deadline = min(trio.current_time() + _write_timeout, _writes_end_at)
+                    await server.stream.send_all(view[at : at + _WRITE_PIECE])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            gone = True
+        finally:
+            _waiting_writes.discard(scope)
     if scope.cancelled_caught:
-        log.info("closing a connection whose client read nothing for %g s", _write_timeout)
+        log.info("closing a connection whose client made no room for %g s", _write_timeout)
         with trio.CancelScope(shield=True):
             await server.stream.aclose()  # as hypercorn closes one (idempotent)
             await server.protocol.handle(Closed())
