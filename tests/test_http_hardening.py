@@ -192,6 +192,37 @@ def test_a_request_with_both_lengths_is_refused_and_closed(guarded_proxy: Server
     assert received.count(b"HTTP/1.1") == 1  # nothing served after it
 
 
+def _expecting_continue(path: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer alice-key-0123456789\r\nContent-Length: {length}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/api/show"])
+def test_a_body_over_the_limit_is_refused_without_being_invited(
+    guarded_proxy: ServerProcess, path: str
+) -> None:
+    """RFC 9110 15.2.1: a server that will refuse the body answers ``Expect: 100-continue``
+    with the final status, not with an invitation to upload it first."""
+    received = _raw(guarded_proxy.url, _expecting_continue(path, 5000), read_for=1.0)
+    assert received.startswith(b"HTTP/1.1 413"), received[:80]
+    assert b"100 Continue" not in received
+
+
+def test_a_body_within_the_limit_is_invited_with_100_continue(
+    guarded_proxy: ServerProcess,
+) -> None:
+    body = json.dumps({"model": "demo-chat", "messages": [], "stream": False}).encode()
+    host, port = guarded_proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(_expecting_continue("/api/chat", len(body)))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100")
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
 @pytest.mark.parametrize("path", ["/api//tags", "//api/tags", "/api/tags//"])
 def test_repeated_slashes_are_served_not_redirected(
     guarded_proxy: ServerProcess, path: str

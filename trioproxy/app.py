@@ -183,6 +183,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
     hypercorn_patches.set_write_timeout(settings.client_write_timeout)
+    hypercorn_patches.set_body_limit(settings.max_request_bytes)
     app.ledger = ResponsesLedger()
     keys = ClientKeys(
         settings.proxy_api_keys,

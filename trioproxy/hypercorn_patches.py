@@ -47,6 +47,13 @@ request cancellation, and its cost per request.
    the rest for another request: the shape of request smuggling. RFC 9112 (6.3) lets a
    server refuse it and forbids keeping the connection: it gets a 400 and a close.
 
+8. **No ``100 Continue`` for a body that will be refused.** hypercorn answered ``Expect:
+   100-continue`` at once, before the app saw the request, so a client declaring a body
+   over MAX_REQUEST_BYTES was invited to send it and then refused (RFC 9110 15.2.1: a
+   server that will reject the body should answer with the final status instead). The 100
+   is now withheld when the declared Content-Length is over the limit
+   (``set_body_limit``); the app's 413 then arrives in its place.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -186,6 +193,25 @@ _WRITE_PIECE = 64 * 1024
 _waiting_writes: set[trio.CancelScope] = set()
 
 
+_body_limit: int | None = None
+
+
+def set_body_limit(limit: int | None) -> None:
+    """The largest request body the app reads (MAX_REQUEST_BYTES): a request declaring a
+    larger one is not invited to send it with ``100 Continue``."""
+    global _body_limit
+    _body_limit = limit
+
+
+def _refuses_declared_body(protocol: Any) -> bool:
+    if _body_limit is None or protocol.stream is None:
+        return False
+    for name, value in protocol.stream.scope["headers"]:
+        if name == b"content-length":
+            return value.isdigit() and int(value) > _body_limit
+    return False
+
+
 def set_write_timeout(seconds: float) -> None:
     """How long a write may wait for a client to make room (CLIENT_WRITE_TIMEOUT)."""
     global _write_timeout
@@ -236,6 +262,8 @@ _original_stream_send = h11_protocol.H11Protocol.stream_send
 
 async def _send_h11_event(self: Any, event: Any) -> None:
     # hypercorn's own version, plus holding back the head of a sized response
+    if type(event) is h11.InformationalResponse and _refuses_declared_body(self):
+        return  # the app's 413 answers instead; h11 stops waiting once it is sent
     try:
         data = self.connection.send(event)
     except h11.LocalProtocolError:
