@@ -28,11 +28,16 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 class _Backend(ScriptedHandler):
     """Model ``huge``: a 2 MB completion; ``bomb``: 4 MB of zeros gzipped to a few KB;
-    ``echo``: a completion whose rate-limit header echoes the key it was sent."""
+    ``echo``: a completion whose rate-limit header echoes the key it was sent; ``moved``: a
+    redirect elsewhere, with the key in its query."""
 
     def do_POST(self) -> None:
         model = self.json_body()["model"]
         extra: dict[str, str] = {}
+        if model == "moved":
+            location = f"https://elsewhere.example/v1/chat/completions?key={BACKEND_KEY}"
+            self.answer(308, b"", headers={"Location": location})
+            return
         if model == "huge":
             body = json.dumps(_completion("x" * 2_000_000)).encode()
         elif model == "bomb":
@@ -75,6 +80,23 @@ def test_a_backend_body_over_the_limit_is_a_502_not_a_worker_out_of_memory(
     answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=20)
     assert answer.status_code == 502, answer.text
     assert "MAX_RESPONSE_BYTES" in answer.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_backend_redirect_is_a_502_naming_where_it_points(
+    odd_backend_proxy: ServerProcess, path: str, stream: bool
+) -> None:
+    """It used to reach /v1 clients as a bare 308 without its Location, and /api clients
+    as "not JSON"; following it would send the backend key elsewhere."""
+    body = {"model": "moved", "stream": stream, **CHAT}
+    answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=10)
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    message = error if path.startswith("/api") else error["message"]
+    assert "redirects (308) to https://elsewhere.example/v1/chat/completions;" in message
+    assert "OPENAI_API_BASE_URL" in message
+    assert BACKEND_KEY not in answer.text and "key=" not in answer.text
 
 
 def test_the_backend_key_echoed_in_a_relayed_header_is_masked(

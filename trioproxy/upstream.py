@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import httpx
 import trio
@@ -312,6 +312,8 @@ class UpstreamPool:
         headers_at = time.perf_counter()
         if response.status_code >= 400:
             await self._raise_for_status(response)
+        if response.status_code >= 300:
+            await self._refuse_redirect(response)
         if not stream:
             try:
                 await self._read_whole(response)
@@ -382,6 +384,25 @@ class UpstreamPool:
                 raise _Retryable(_status_reason(status), error, retry_after)
         self._observer.upstream_error(_status_reason(status))
         raise error
+
+    async def _refuse_redirect(self, response: httpx.Response) -> NoReturn:
+        """A backend redirect is not followed (a request would silently go elsewhere, with
+        the backend key) nor passed on (the client would leave the proxy): it is a 502
+        that names where the backend points, so the base URL can be corrected."""
+        await response.aclose()
+        try:
+            target = response.request.url.join(response.headers.get("location", ""))
+            named = str(target.copy_with(query=None, fragment=None, username=None, password=None))
+        except (httpx.InvalidURL, UnicodeError):
+            named = "an address that is not a valid URL"
+        self._observer.upstream_error("protocol")
+        raise BadUpstreamResponse(
+            scrub(
+                f"the backend redirects ({response.status_code}) to {named}; redirects are "
+                "not followed: set OPENAI_API_BASE_URL to the backend's address",
+                self._secret,
+            )
+        )
 
     def _backoff(self, attempt: int, reason: str, retry_after: float | None) -> float:
         if retry_after is not None:
