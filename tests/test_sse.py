@@ -16,6 +16,7 @@ from trioproxy.sse import (
     SSEParser,
     SSEProtocolError,
     encode_sse,
+    error_fields_as_data,
     openai_error_event,
 )
 
@@ -217,3 +218,25 @@ def test_encoded_events_roundtrip_byte_by_byte(texts: list[str], data: st.DataOb
     events = parse_all(*pieces)
     assert [json.loads(e.data) for e in events[:-1]] == objs
     assert events[-1].data == SSE_DONE
+
+
+def test_an_error_field_becomes_an_error_event_with_openais_error_chunk() -> None:
+    """llama.cpp's server before October 2025 wrote failures as ``error: {json}``."""
+    parser = SSEParser()
+    events = parser.feed(b'error: {"code":400,"message":"too long"}\n\ndata: [DONE]\n\n')
+    assert [(e.event, json.loads(e.data)) for e in events[:1]] == [
+        ("error", {"error": {"code": 400, "message": "too long"}})
+    ]
+    assert events[1].data == SSE_DONE
+    assert json.loads(SSEParser().feed(b"error: out of memory\n\n")[0].data) == {
+        "error": {"message": "out of memory"}
+    }
+
+
+def test_error_lines_are_rewritten_as_data_lines_and_nothing_else() -> None:
+    raw = b'data: {"a":1}\n\nerror: {"message":"x"}\r\n\r\ndata: [DONE]\n\n'
+    assert error_fields_as_data(raw) == (
+        b'data: {"a":1}\n\ndata: {"error":{"message":"x"}}\r\n\r\ndata: [DONE]\n\n'
+    )
+    events = SSEParser().feed(error_fields_as_data(raw))
+    assert [e.event for e in events] == [None, None, None]

@@ -24,10 +24,12 @@ from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream
 from .sse import (
     DEFAULT_MAX_LINE_BYTES,
+    ERROR_FIELD_EVENT,
     SSE_DONE,
     SSEParser,
     SSEProtocolError,
     encode_sse,
+    error_fields_as_data,
     openai_error_event,
 )
 from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, parse_chunk
@@ -292,6 +294,9 @@ async def relay_ollama(
     else:
         _reached(end)
         yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
+        # the done line is out: a client that leaves now (ollama-js stops reading at it)
+        # has the whole answer, whatever happens to the drain below
+        _set_outcome(metric, "completed")
     if done or error is not None:
         await reader.drain()
 
@@ -335,10 +340,16 @@ async def relay_openai(
             for event in parser.feed(data):
                 if event.data != SSE_DONE:
                     observer.feed_text(event.data, time.perf_counter_ns())
+                    if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
+                        data = error_fields_as_data(data)
                 else:
                     finished = True
-            if observer.failed and not sent and observer.first_token_ns is None:
-                raise _FailedAtOnce(observer.error)  # its first word was the failure
+            if observer.failed:
+                if not sent and observer.first_token_ns is None:
+                    raise _FailedAtOnce(observer.error)  # its first word was the failure
+                # the client learns of it with this read and may leave at once (the openai
+                # SDK raises and closes): the outcome must not wait for the end
+                _set_outcome(metric, "error")
             if observer.progressed and not reader.token_seen:
                 reader.saw_token()
             finished = finished or observer.ended
@@ -380,6 +391,9 @@ async def relay_openai(
         _reached(end)
         yield openai_error_event(error, "api_error", code)
     if finished:
+        # [DONE] is out: the openai SDK closes the response at it, and the stream counts
+        # as completed though the drain below is cut short
+        _set_outcome(metric, "completed")
         await reader.drain()
 
 

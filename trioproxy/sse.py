@@ -10,18 +10,23 @@ events, h11-style.
 from __future__ import annotations
 
 import codecs
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonutil import compact_json
+from .jsonutil import compact_json, compact_json_text
 
 __all__ = [
+    "ERROR_FIELD_EVENT",
     "SSE_DONE",
     "SSE_DONE_BYTES",
     "SSEEvent",
     "SSEParser",
     "SSEProtocolError",
     "encode_sse",
+    "error_field_as_data",
+    "error_fields_as_data",
     "openai_error_event",
 ]
 
@@ -29,6 +34,33 @@ SSE_DONE = "[DONE]"
 SSE_DONE_BYTES = b"data: [DONE]\n\n"
 
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+# the event type of an ``error:`` field (llama.cpp's older servers): see SSEParser
+ERROR_FIELD_EVENT = "error"
+
+
+def error_field_as_data(value: str) -> str:
+    """An ``error:`` field's value as the data of OpenAI's error chunk."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        parsed = {"message": value or "the backend reported an error"}
+    return compact_json_text({"error": parsed})
+
+
+_ERROR_FIELD_LINE = re.compile(rb"^error:[ ]?([^\r\n]*)", re.MULTILINE)
+
+
+def error_fields_as_data(data: bytes) -> bytes:
+    """Raw event-stream bytes with each ``error:`` line rewritten as the ``data:`` line of
+    OpenAI's error chunk, for clients (the openai SDK) that ignore unknown fields."""
+    return _ERROR_FIELD_LINE.sub(
+        lambda line: b"data: " + error_field_as_data(line[1].decode(errors="replace")).encode(),
+        data,
+    )
 
 
 class SSEProtocolError(ValueError):
@@ -51,7 +83,11 @@ class SSEParser:
     across reads is reassembled.
 
     ``id`` follows the spec's "last event ID" rule: once set it is reported on every later event
-    until another ``id:`` line changes it. ``retry:`` and unknown fields are ignored.
+    until another ``id:`` line changes it. ``retry:`` and unknown fields are ignored, except
+    one: llama.cpp's server before October 2025 (PR 16486) reported a failure as an
+    ``error: {json}`` line, then ``data: [DONE]``. Ignoring it would make the failure a
+    finished answer, so it becomes an ``error`` event whose data is OpenAI's error chunk,
+    ``{"error": {json}}`` (see :func:`error_field_as_data`).
 
     Memory is bounded: an incomplete line longer than ``max_line_bytes`` raises
     :class:`SSEProtocolError`, as does any complete line over the limit, and an event whose
@@ -194,6 +230,9 @@ class SSEParser:
         elif name == "id":
             if "\0" not in value:  # per spec an id containing NUL is ignored
                 self._id = value or None
+        elif name == "error":
+            self._event = ERROR_FIELD_EVENT
+            self._add_data(error_field_as_data(value))
 
     def _add_data(self, value: str) -> None:
         self._data.append(value)

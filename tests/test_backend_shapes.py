@@ -1,0 +1,173 @@
+"""Streams shaped like real backends' that the demo backend does not produce, driven with
+the official clients: older llama.cpp servers' ``error:`` field, and a backend that ends
+its body a moment after ``[DONE]`` (a remote backend's last read)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+from .test_metrics_e2e import scrape, total
+
+StartProxy = Callable[..., ServerProcess]
+MODEL = "qwen2.5-7b-instruct-q4_k_m.gguf"
+CONTEXT_ERROR = {
+    "code": 400,
+    "message": "the request exceeds the available context size, try increasing it",
+    "type": "exceed_context_size_error",
+}
+DECODE_ERROR = {"code": 500, "message": "llama_decode failed", "type": "server_error"}
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"delta": delta, "finish_reason": finish, "index": 0}
+    body = {
+        "choices": [choice],
+        "created": 1,
+        "id": "c",
+        "model": MODEL,
+        "object": "chat.completion.chunk",
+    }
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+# per scenario (the last message's content): the body's pieces, each written and flushed
+# on its own, and how long the backend waits before ending the body
+SCRIPTS: dict[str, tuple[list[bytes], float]] = {
+    "error-first": ([b"error: " + json.dumps(CONTEXT_ERROR).encode() + b"\n\n", DONE], 0.0),
+    "error-mid": (
+        [
+            _chunk({"role": "assistant", "content": "Hello"}),
+            _chunk({"content": " wor"}),
+            b"error: " + json.dumps(DECODE_ERROR).encode() + b"\n\n",
+            DONE,
+        ],
+        0.0,
+    ),
+    "slow-end": ([_chunk({"content": "Hi"}), _chunk({}, "stop"), DONE], 0.2),
+}
+
+
+class _Backend(ScriptedHandler):
+    def do_GET(self) -> None:
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode())
+
+    def do_POST(self) -> None:
+        scenario = self.json_body()["messages"][-1]["content"]
+        pieces, end_after = SCRIPTS[scenario]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for piece in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+                time.sleep(0.01)  # each piece in a read of its own
+            time.sleep(end_after)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the proxy gave up on the body
+
+
+@pytest.fixture(scope="module")
+def shaped(start_proxy: StartProxy) -> Iterator[ServerProcess]:
+    with serving(_Backend) as url:
+        yield start_proxy(url, MAX_RETRIES="0")
+
+
+@pytest.fixture
+def ollama_client(shaped: ServerProcess) -> Iterator[ollama.Client]:
+    client = ollama.Client(host=shaped.url, timeout=10)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def openai_client(shaped: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=shaped.url + "/v1", api_key="x", max_retries=0, _strict_response_validation=True
+    ) as client:
+        yield client
+
+
+def _ask(scenario: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": scenario}]
+
+
+def _streams(url: str, outcome: str, api: str) -> float:
+    return total(scrape(url), "trioproxy_streams_total", outcome=outcome, api=api)
+
+
+def _settled(read: Callable[[], float], expected: float) -> float:
+    """The value once the request's record is in (it lands after the response ends)."""
+    deadline = time.monotonic() + 5
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+def test_an_error_field_as_the_first_event_is_the_backends_status(
+    ollama_client: ollama.Client, openai_client: openai.OpenAI
+) -> None:
+    """llama.cpp's server before October 2025 wrote a failure as ``error: {json}``, then
+    ``[DONE]``: it used to reach Ollama clients as an empty, finished answer."""
+    with pytest.raises(ollama.ResponseError) as refused:
+        list(ollama_client.chat(MODEL, _ask("error-first"), stream=True))
+    assert refused.value.status_code == 400
+    assert "exceeds the available context size" in refused.value.error
+    chat = openai_client.chat.completions
+    with pytest.raises(openai.BadRequestError, match="exceeds the available context"):
+        list(chat.create(model=MODEL, messages=_ask("error-first"), stream=True))
+
+
+def test_an_error_field_mid_stream_fails_the_stream_for_both_apis(
+    shaped: ServerProcess, ollama_client: ollama.Client, openai_client: openai.OpenAI
+) -> None:
+    before = {api: _streams(shaped.url, "error", api) for api in ("ollama", "openai")}
+    lines: list[str] = []
+    with pytest.raises(ollama.ResponseError, match="llama_decode failed"):
+        for part in ollama_client.chat(MODEL, _ask("error-mid"), stream=True):
+            lines.append(part.message.content or "")
+    assert "".join(lines) == "Hello wor"
+    chat = openai_client.chat.completions
+    with pytest.raises(openai.APIError, match="llama_decode failed"):
+        list(chat.create(model=MODEL, messages=_ask("error-mid"), stream=True))
+    for api in ("ollama", "openai"):
+        # the openai SDK closes the response at the error: the stream failed, it was not
+        # cancelled by the client
+        assert _settled(lambda a=api: _streams(shaped.url, "error", a), before[api] + 1) == (
+            before[api] + 1
+        )
+
+
+def test_a_stream_the_client_closes_at_its_end_is_completed(
+    shaped: ServerProcess, openai_client: openai.OpenAI
+) -> None:
+    """The openai SDK closes the response at ``[DONE]``, ollama-js at the done line; the
+    proxy was still reading the backend's end and counted these streams as cancelled."""
+    before = {api: _streams(shaped.url, "completed", api) for api in ("ollama", "openai")}
+    chat = openai_client.chat.completions
+    chunks = list(chat.create(model=MODEL, messages=_ask("slow-end"), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi"
+    body = {"model": MODEL, "messages": _ask("slow-end")}
+    with httpx.stream("POST", shaped.url + "/api/chat", json=body, timeout=10) as response:
+        for line in response.iter_lines():
+            if json.loads(line)["done"]:
+                break  # and close, as ollama-js does
+    for api in ("ollama", "openai"):
+        assert _settled(lambda a=api: _streams(shaped.url, "completed", a), before[api] + 1) == (
+            before[api] + 1
+        )
+    assert _streams(shaped.url, "cancelled", "openai") == 0
+    assert _streams(shaped.url, "cancelled", "ollama") == 0
