@@ -1,6 +1,7 @@
-"""Streams shaped like real backends' that the demo backend does not produce, driven with
-the official clients: older llama.cpp servers' ``error:`` field, and a backend that ends
-its body a moment after ``[DONE]`` (a remote backend's last read)."""
+"""Backends' shapes that the demo backend does not produce, driven with the official
+clients: older llama.cpp servers' ``error:`` field, a backend that ends its body a moment
+after ``[DONE]`` (a remote backend's last read), and Ollama's own ``/v1`` as the backend
+(it lists every model with its tag)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .test_metrics_e2e import scrape, total
 
 StartProxy = Callable[..., ServerProcess]
 MODEL = "qwen2.5-7b-instruct-q4_k_m.gguf"
+OLLAMA_MODEL = "llama3.2:latest"  # how Ollama's /v1/models lists a model
 CONTEXT_ERROR = {
     "code": 400,
     "message": "the request exceeds the available context size, try increasing it",
@@ -60,10 +62,22 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
 
 class _Backend(ScriptedHandler):
     def do_GET(self) -> None:
-        self.answer(200, json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode())
+        listed = [{"id": MODEL}, {"id": OLLAMA_MODEL}, {"id": "nomic-embed-text:latest"}]
+        self.answer(200, json.dumps({"object": "list", "data": listed}).encode())
 
     def do_POST(self) -> None:
-        scenario = self.json_body()["messages"][-1]["content"]
+        body = self.json_body()
+        if self.path.endswith("/embeddings"):
+            vectors = [{"object": "embedding", "index": 0, "embedding": [0.5, 0.5]}]
+            self.answer(200, json.dumps({"object": "list", "data": vectors}).encode())
+            return
+        if body["model"] == "llama3.2":  # Ollama takes a name without its tag
+            completion = {"id": "c", "object": "chat.completion", "created": 1, "model": "x"}
+            message = {"role": "assistant", "content": "hi there"}
+            completion["choices"] = [{"index": 0, "finish_reason": "stop", "message": message}]
+            self.answer(200, json.dumps(completion).encode())
+            return
+        scenario = body["messages"][-1]["content"]
         pieces, end_after = SCRIPTS[scenario]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -171,3 +185,16 @@ def test_a_stream_the_client_closes_at_its_end_is_completed(
         )
     assert _streams(shaped.url, "cancelled", "openai") == 0
     assert _streams(shaped.url, "cancelled", "ollama") == 0
+
+
+def test_a_name_without_its_tag_finds_the_model_an_ollama_backend_lists_with_it(
+    ollama_client: ollama.Client,
+) -> None:
+    """``ollama run llama3.2`` asks ``/api/show`` first: it was a 404 because the backend
+    (Ollama's own /v1) lists ``llama3.2:latest``."""
+    assert ollama_client.show("llama3.2").modelinfo is not None
+    assert ollama_client.generate("llama3.2", "").done_reason == "load"
+    answer = ollama_client.chat("llama3.2", _ask("hello"), stream=False)
+    assert answer.message.content == "hi there" and answer.model == "llama3.2"
+    assert ollama_client.embed("nomic-embed-text", ["x"]).embeddings == [[0.5, 0.5]]
+    assert "llama3.2:latest" in [m.model for m in ollama_client.list().models]

@@ -410,7 +410,7 @@ def test_demo_mode_serves(start_proxy: StartProxy) -> None:
     )
     assert streamed.json()["choices"][0]["message"]["content"].startswith("Hello")
     names = [m["name"] for m in httpx.get(server.url + "/api/tags").json()["models"]]
-    assert {"demo-chat", "demo-embed"} <= set(names)
+    assert {"demo-chat:latest", "demo-embed:latest"} <= set(names)
     embed = httpx.post(server.url + "/api/embed", json={"model": "demo-embed", "input": "x"})
     assert len(embed.json()["embeddings"][0]) == 8
 

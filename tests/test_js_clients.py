@@ -49,6 +49,8 @@ if NODE is None or NPM is None:
     )
 
 DEMO_MODELS = {"demo-chat", "demo-reasoner", "demo-embed"}
+# as Ollama's lists spell them (NAME:latest); OpenAI's list keeps the backend's ids
+OLLAMA_LISTED = {f"{name}:latest" for name in DEMO_MODELS}
 DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 COUNTS = ("prompt_eval_count", "eval_count")
 WEATHER_ARGS = {"city": "demo", "days": 1}  # what the demo fills in for clients.mjs's tool
@@ -253,8 +255,8 @@ def test_ollama_legacy_embeddings(run: RunScenario) -> None:
 
 def test_ollama_list(run: RunScenario) -> None:
     models = run("ollama-list")["models"]
-    assert DEMO_MODELS <= {m["model"] for m in models}
-    assert DEMO_MODELS <= {m["name"] for m in models}  # @langchain/ollama looks for `name`
+    assert OLLAMA_LISTED <= {m["model"] for m in models}
+    assert OLLAMA_LISTED <= {m["name"] for m in models}  # @langchain/ollama looks for `name`
     for entry in models:
         assert isinstance(entry["modified_at"], str)
         assert isinstance(entry["details"], dict)
@@ -272,7 +274,7 @@ def test_ollama_show(run: RunScenario) -> None:
 
 def test_ollama_ps(run: RunScenario) -> None:
     models = run("ollama-ps")["models"]
-    assert "demo-chat" in {m["model"] for m in models}
+    assert "demo-chat:latest" in {m["model"] for m in models}
     for entry in models:
         assert isinstance(entry["expires_at"], str)
         assert is_int(entry["size_vram"])

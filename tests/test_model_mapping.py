@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from trioproxy.model_mapping import MappingFileError, ModelMapper, load_mapping_file
+from trioproxy.model_mapping import (
+    MappingFileError,
+    ModelMapper,
+    load_mapping_file,
+    same_model,
+    with_default_tag,
+)
 
 
 def test_empty_mapper_is_identity() -> None:
@@ -100,3 +106,25 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 def test_error_is_value_error() -> None:
     assert issubclass(MappingFileError, ValueError)
+
+
+def test_ollamas_default_tag_names_the_same_model() -> None:
+    assert with_default_tag("llama3") == "llama3:latest"
+    assert with_default_tag("qwen2.5:7b") == "qwen2.5:7b"
+    assert with_default_tag("hf.co/org/model") == "hf.co/org/model:latest"
+    assert with_default_tag("localhost:5000/org/model") == "localhost:5000/org/model:latest"
+    assert same_model("llama3.2:latest", "llama3.2") and same_model("gpt-4o", "gpt-4o:latest")
+    assert not same_model("llama3.2:1b", "llama3.2")
+
+
+def test_a_latest_tag_the_mapping_does_not_name_goes_to_the_backend_without_it() -> None:
+    """Open WebUI sends NAME:latest for every name it listed without a tag."""
+    bare = ModelMapper()
+    assert bare.to_backend("gpt-4o-mini:latest") == "gpt-4o-mini"
+    assert bare.to_backend("gpt-4o-mini") == "gpt-4o-mini"
+    assert bare.to_backend(":latest") == ":latest"
+    mapped = ModelMapper({"llama3": "meta/Llama-3-8B", "phi:latest": "microsoft/phi-4"})
+    assert mapped.to_backend("llama3:latest") == "meta/Llama-3-8B"
+    assert mapped.to_backend("phi") == "microsoft/phi-4"
+    assert mapped.to_backend("phi:latest") == "microsoft/phi-4"
+    assert mapped.to_backend("qwen:7b") == "qwen:7b"

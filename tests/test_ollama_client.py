@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import ollama
+import openai
 import pytest
 
 from trioproxy import translate as tr
@@ -435,7 +436,8 @@ def test_list_show_ps(proxy: ServerProcess, client: Callable[..., ollama.Client]
     c = client(proxy)
     listed = c.list()
     names = [m.model for m in listed.models]
-    assert {"demo-chat", "demo-reasoner", "demo-embed"} <= set(names)
+    # Ollama's spelling: a name without a tag is NAME:latest
+    assert {"demo-chat:latest", "demo-reasoner:latest", "demo-embed:latest"} <= set(names)
     for entry in listed.models:
         assert entry.model
         assert entry.modified_at is not None
@@ -448,7 +450,7 @@ def test_list_show_ps(proxy: ServerProcess, client: Callable[..., ollama.Client]
     assert "embedding" in (c.show("demo-embed").capabilities or [])
 
     running = c.ps()
-    assert "demo-chat" in [m.model for m in running.models]
+    assert "demo-chat:latest" in [m.model for m in running.models]
     for entry in running.models:
         assert entry.expires_at is not None
 
@@ -457,9 +459,36 @@ async def test_async_list_show_ps(
     proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
 ) -> None:
     c = aclient(proxy)
-    assert "demo-chat" in [m.model for m in (await c.list()).models]
+    assert "demo-chat:latest" in [m.model for m in (await c.list()).models]
     assert (await c.show("demo-chat")).modelinfo is not None
     assert (await c.ps()).models
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_a_name_is_the_same_model_with_and_without_its_latest_tag(
+    proxy: ServerProcess, client: Callable[..., ollama.Client], tagged: bool
+) -> None:
+    """Open WebUI adds ``:latest`` to every name without a tag, looks it up in
+    ``/api/tags`` and sends it on every route (its unload is a generate with an empty
+    prompt and ``keep_alive: 0``); as in Ollama, ``NAME`` and ``NAME:latest`` are one
+    model, wherever the name is used."""
+    c = client(proxy)
+    chat, embed = (
+        ("demo-chat:latest", "demo-embed:latest") if tagged else ("demo-chat", "demo-embed")
+    )
+    assert chat in [m.model for m in c.list().models] or not tagged
+    answer = c.chat(chat, [{"role": "user", "content": "hi"}])
+    assert answer.message.content and answer.model == chat
+    assert "".join(p.response for p in c.generate(chat, "hi", stream=True))
+    assert c.generate(chat, "", keep_alive=0).done_reason == "unload"
+    assert c.show(chat).modelinfo is not None
+    assert len(c.embed(embed, ["a", "b"]).embeddings) == 2
+    openai_client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with openai_client:
+        completion = openai_client.chat.completions.create(
+            model=chat, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert completion.choices[0].message.content
 
 
 # ---- errors --------------------------------------------------------------------------------

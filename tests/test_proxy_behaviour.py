@@ -811,9 +811,11 @@ def test_mapping_ollama_api(mapped_proxy: ServerProcess, demo_backend: ServerPro
         assert generated.json()["model"] == "llama3"
 
         names = [m["name"] for m in client.get("/api/tags").json()["models"]]
-        assert "llama3" in names and "nomic-embed-text" in names
+        assert "llama3:latest" in names and "nomic-embed-text:latest" in names
         assert [m["model"] for m in client.get("/api/tags").json()["models"]] == names
-        assert "llama3" in [m["name"] for m in client.get("/api/ps").json()["models"]]
+        assert "llama3:latest" in [m["name"] for m in client.get("/api/ps").json()["models"]]
+        tagged = client.post("/api/chat", json=chat_body("hi", model="llama3:latest", stream=False))
+        assert tagged.json()["model"] == "llama3:latest"  # the mapping applies to it too
         assert client.post("/api/show", json={"model": "llama3"}).status_code == 200
 
         embed = client.post("/api/embed", json={"model": "nomic-embed-text", "input": ["a", "b"]})
@@ -1436,7 +1438,7 @@ def test_the_replaced_proxys_aliases_answer_alike(http: httpx.Client) -> None:
     assert version["version_info"] == [int(p) for p in version["version"].split(".")]
     tags = http.get("/api/tags").json()
     assert http.get("/api/models").json() == tags == http.get("/v1/tags").json()
-    assert {m["name"] for m in tags["models"]} >= {"demo-chat", "demo-embed"}
+    assert {m["name"] for m in tags["models"]} >= {"demo-chat:latest", "demo-embed:latest"}
     for suffix in ("", "/health"):
         assert http.get("/api/metrics" + suffix).status_code == 200
     exposition = http.get("/api/metrics/prometheus").text

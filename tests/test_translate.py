@@ -1598,9 +1598,10 @@ MAPPER = ModelMapper(
 def test_tags() -> None:
     out = openai_models_to_ollama_tags(BACKEND_MODELS, MAPPER)  # type: ignore[arg-type]
     names = [m["name"] for m in out["models"]]
-    assert names == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
+    # spelled as Ollama lists them: Open WebUI looks "NAME:latest" up in this list
+    assert names == ["llama3:latest", "l3:latest", "nomic-embed-text:latest", "qwen2.5:7b"]
     first = out["models"][0]
-    assert first["model"] == "llama3"
+    assert first["model"] == "llama3:latest"
     assert first["size"] == 0
     assert first["digest"] == "sha256:" + hashlib.sha256(b"meta/Llama-3-8B").hexdigest()
     assert first["details"] == {
@@ -1662,7 +1663,12 @@ def test_ps() -> None:
     now = 1_700_000_000 * 10**9
     out = ollama_ps(BACKEND_MODELS, MAPPER, now_ns=now)  # type: ignore[arg-type]
     parsed = ProcessResponse.model_validate(out)
-    assert [m.model for m in parsed.models] == ["llama3", "l3", "nomic-embed-text", "qwen2.5:7b"]
+    assert [m.model for m in parsed.models] == [
+        "llama3:latest",
+        "l3:latest",
+        "nomic-embed-text:latest",
+        "qwen2.5:7b",
+    ]
     assert parsed.models[0].context_length == 8192
     assert parsed.models[1].context_length == 8192
     assert parsed.models[2].context_length == 0

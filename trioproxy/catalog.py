@@ -13,6 +13,7 @@ import trio
 from .errors import ProxyError, UpstreamStatusError
 from .exchange import Call
 from .forward import call_json
+from .model_mapping import same_model
 
 CACHE_SECONDS = 5.0
 FAILURE_CACHE_SECONDS = 1.0
@@ -76,5 +77,8 @@ class ModelCatalog:
             raise
         for entry in models:
             if entry.get("id") == backend_name:
+                return entry
+        for entry in models:  # Ollama's rule: NAME is NAME:latest (Ollama lists the tag)
+            if isinstance(entry.get("id"), str) and same_model(entry["id"], backend_name):
                 return entry
         return None

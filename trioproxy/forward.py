@@ -23,6 +23,7 @@ from .errors import (
 from .exchange import Call, RequestState
 from .jsonutil import compact_json, loads
 from .metrics.request import RequestMetrics
+from .model_mapping import DEFAULT_TAG
 from .translate import FINISHED_WITH_ERROR, RequestValidationError
 from .upstream import UpstreamPool, UpstreamResult
 
@@ -58,7 +59,8 @@ def validated(validator: Any, body: Any, **options: Any) -> dict[str, Any]:
 
 def note_model(state: RequestState, client_model: str) -> None:
     if state.metric is not None:
-        state.metric.model = client_model
+        # NAME:latest is NAME (Ollama's rule, model_mapping): one model, one label
+        state.metric.model = client_model.removesuffix(DEFAULT_TAG) or client_model
 
 
 def note_usage(state: RequestState, response: Any) -> None:

@@ -3,6 +3,13 @@
 Clients ask for Ollama-style names ("llama3:8b"); the backend may call the same model
 "meta-llama/Meta-Llama-3-8B-Instruct". The mapping is an exact, case-sensitive lookup; names
 without an entry pass through unchanged in both directions, so an empty mapper is the identity.
+
+One rule of Ollama's comes on top: a name without a tag means ``NAME:latest``, and the two
+spellings are one model. Ollama clients rely on it (Open WebUI adds ``:latest`` to every
+name without a tag before it looks the model up in ``/api/tags``), while OpenAI-compatible
+backends list their ids without tags. So Ollama's lists show every name with its tag
+(:func:`with_default_tag`), and a name ending in ``:latest`` that the mapping does not name
+goes to the backend without it.
 """
 
 from __future__ import annotations
@@ -12,7 +19,26 @@ import os
 from collections.abc import ItemsView, Mapping
 from typing import Any
 
-__all__ = ["MappingFileError", "ModelMapper", "load_mapping_file"]
+__all__ = [
+    "DEFAULT_TAG",
+    "MappingFileError",
+    "ModelMapper",
+    "load_mapping_file",
+    "same_model",
+    "with_default_tag",
+]
+
+DEFAULT_TAG = ":latest"
+
+
+def with_default_tag(name: str) -> str:
+    """Ollama's full spelling of a model name: one without a tag is ``NAME:latest``."""
+    return name if ":" in name.rpartition("/")[2] else name + DEFAULT_TAG
+
+
+def same_model(listed: str, wanted: str) -> bool:
+    """Whether two names are one model by Ollama's rule (``NAME`` is ``NAME:latest``)."""
+    return listed == wanted or with_default_tag(listed) == with_default_tag(wanted)
 
 
 class MappingFileError(ValueError):
@@ -36,7 +62,15 @@ class ModelMapper:
             self._reverse.setdefault(backend, []).append(client)
 
     def to_backend(self, name: str) -> str:
-        return self._forward.get(name, name)
+        mapped = self._forward.get(name)
+        if mapped is not None:
+            return mapped
+        if name.endswith(DEFAULT_TAG) and len(name) > len(DEFAULT_TAG):
+            bare = name[: -len(DEFAULT_TAG)]
+            return self._forward.get(bare, bare)
+        if self._forward and ":" not in name.rpartition("/")[2]:
+            return self._forward.get(name + DEFAULT_TAG, name)
+        return name
 
     def to_client(self, name: str) -> str:
         clients = self._reverse.get(name)

@@ -36,7 +36,7 @@ from trioproxy.jsonutil import (
     loads,
 )
 from trioproxy.ledger import ResponsesLedger
-from trioproxy.model_mapping import ModelMapper
+from trioproxy.model_mapping import ModelMapper, with_default_tag
 
 __all__ = [
     "OllamaStreamTranslator",
@@ -1469,16 +1469,19 @@ def _digest(backend_id: str) -> str:
     return "sha256:" + hashlib.sha256(backend_id.encode()).hexdigest()
 
 
-def _listed(models: Iterable[object], mapper: ModelMapper) -> list[tuple[str, JSONDict]]:
+def _listed(
+    models: Iterable[object], mapper: ModelMapper, *, tagged: bool = False
+) -> list[tuple[str, JSONDict]]:
     """(client name, backend entry) pairs: each backend model under every client name mapped
-    to it (file order), or under its own id when unmapped; duplicates dropped."""
+    to it (file order), or under its own id when unmapped; duplicates dropped. ``tagged``
+    (Ollama's lists) spells each name with its tag, as Ollama does (``NAME:latest``)."""
     out: list[tuple[str, JSONDict]] = []
     seen: set[str] = set()
     for entry in models:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             continue
         names = mapper.clients_for(entry["id"]) or [entry["id"]]
-        for name in names:
+        for name in map(with_default_tag, names) if tagged else names:
             if name not in seen:
                 seen.add(name)
                 out.append((name, entry))
@@ -1499,7 +1502,8 @@ def _tag_entry(name: str, entry: JSONDict) -> JSONDict:
 
 def openai_models_to_ollama_tags(models: list[JSONDict], mapper: ModelMapper) -> JSONDict:
     """Backend ``/models`` ``data`` as ``/api/tags``."""
-    return {"models": [_tag_entry(name, entry) for name, entry in _listed(models, mapper)]}
+    listed = _listed(models, mapper, tagged=True)
+    return {"models": [_tag_entry(name, entry) for name, entry in listed]}
 
 
 def ollama_show(
@@ -1572,7 +1576,7 @@ def ollama_ps(
         now_ns = time.time_ns()
     expires = utc_timestamp(now_ns + _PS_KEEP_ALIVE_NS)
     out = []
-    for name, entry in _listed(models, mapper):
+    for name, entry in _listed(models, mapper, tagged=True):
         context = _context_length(entry)
         out.append(
             {
