@@ -198,3 +198,19 @@ def test_a_name_without_its_tag_finds_the_model_an_ollama_backend_lists_with_it(
     assert answer.message.content == "hi there" and answer.model == "llama3.2"
     assert ollama_client.embed("nomic-embed-text", ["x"]).embeddings == [[0.5, 0.5]]
     assert "llama3.2:latest" in [m.model for m in ollama_client.list().models]
+    assert ollama_client.chat("llama3.2:latest", _ask("hello")).model == "llama3.2:latest"
+
+
+def test_both_spellings_of_a_name_are_one_metrics_label(
+    shaped: ServerProcess, ollama_client: ollama.Client
+) -> None:
+    def chats(model: str) -> float:
+        return total(scrape(shaped.url), "http_requests_total", model=model, endpoint="api_chat")
+
+    before = chats("llama3.2")
+    ollama_client.chat("llama3.2:latest", _ask("hello"))
+    ollama_client.chat("llama3.2", _ask("hello"))
+    assert _settled(lambda: chats("llama3.2"), before + 2) == before + 2
+    samples = scrape(shaped.url)
+    models = {labels.get("model") for series in samples.values() for labels, _ in series}
+    assert "llama3.2" in models and "llama3.2:latest" not in models
