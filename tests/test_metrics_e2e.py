@@ -596,7 +596,8 @@ def test_streams_that_fail_before_the_backends_headers_are_streams_too(
         no_token = _by_label(samples["trioproxy_streams_without_first_token_total"], "reason")
         assert no_token == {"timeout": 2, "error": 1, "cancelled": 1}
         assert total(samples, "trioproxy_upstream_errors_total", reason="status_429") == 1
-        assert total(samples, "trioproxy_upstream_errors_total", reason="status_4xx") == 0
+        # the 501: a route the backend lacks, a client's mistake here too
+        assert total(samples, "trioproxy_upstream_errors_total", reason="status_4xx") == 1
         assert total(samples, "trioproxy_upstream_errors_total", reason="timeout") == 2
 
 
@@ -607,3 +608,62 @@ def _by_label(samples: list[tuple[dict[str, str], float]], label: str) -> dict[s
         if value:
             out[labels[label]] += value
     return dict(out)
+
+
+def test_a_backend_501_is_the_clients_mistake_in_the_upstream_errors_too(
+    metered_proxy: ServerProcess,
+) -> None:
+    """The request metrics count a 501 as a client error; counted as status_5xx it fired
+    the UpstreamErrors alert (which leaves status_4xx and status_429 out)."""
+    before = scrape(metered_proxy.url)
+    for _ in range(3):
+        answer = httpx.post(
+            f"{metered_proxy.url}/v1/chat/completions", json=chat("[[status=501]]", stream=False)
+        )
+        assert answer.status_code == 501
+    after = scrape(metered_proxy.url)
+
+    def added(reason: str) -> float:
+        name = "trioproxy_upstream_errors_total"
+        return total(after, name, reason=reason) - total(before, name, reason=reason)
+
+    assert (added("status_4xx"), added("status_5xx")) == (3, 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/chat", chat("[[first_delay=0.4]] [[tokens=2]]", stream=True)),
+        ("/api/generate", {"model": "demo-chat", "prompt": "[[first_delay=0.4]] [[tokens=2]]"}),
+        (
+            "/v1/completions",
+            {"model": "demo-chat", "prompt": "[[first_delay=0.4]] [[tokens=2]]", "stream": True},
+        ),
+        ("/v1/chat/completions", chat("[[first_delay=0.4]] [[tokens=2]]", stream=True)),
+    ],
+)
+def test_a_streams_overhead_leaves_out_the_wait_for_its_first_token(
+    metered_proxy: ServerProcess, path: str, body: dict
+) -> None:
+    """The wait for the model's first token was counted as the proxy's own time on the
+    routes whose first bytes wait for content (Ollama's, the legacy completions)."""
+    url = metered_proxy.url
+    before = scrape(url)
+    with httpx.stream("POST", url + path, json=body, timeout=10) as response:
+        header = float(response.headers["x-proxy-overhead-ms"])
+        assert response.read()
+    wait_for(
+        lambda: (
+            total(scrape(url), "trioproxy_overhead_seconds_count")
+            > total(before, "trioproxy_overhead_seconds_count")
+        )
+    )
+    after = scrape(url)
+
+    def added(name: str) -> float:
+        return total(after, name) - total(before, name)
+
+    assert added("trioproxy_overhead_seconds_count") == 1
+    assert added("trioproxy_time_to_first_token_seconds_sum") >= 0.4
+    assert added("trioproxy_overhead_seconds_sum") == pytest.approx(header / 1000, abs=1e-6)
+    assert added("trioproxy_overhead_seconds_sum") < 0.2

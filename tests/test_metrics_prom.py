@@ -63,6 +63,7 @@ def busy_collector() -> MetricsCollector:
         streaming=True,
         model="m1",
         upstream_first_byte_ms=1.0,
+        overhead_ms=1.0,
         upstream_ms=30.0,
         input_tokens=4,
         output_tokens=9,

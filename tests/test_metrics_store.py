@@ -76,7 +76,7 @@ def scripted() -> list[RequestMetrics]:
         stream(
             "/api/chat", "completed", [(50, 100), (150, 100), (250, 100)], 260.0,
             first_token_ms=60.0, output_tokens=3, tokens_counted=True,
-            upstream_first_byte_ms=45.0,
+            upstream_first_byte_ms=45.0, overhead_ms=5.0,
         ),
         stream("/v1/chat/completions", "cancelled", [(20, 10), (40, 10)], 45.0, model="gpt"),
         stream("/api/generate", "timeout", [(30, 5)], 5000.0),
@@ -212,7 +212,7 @@ def test_scripted_counters_are_exact(collector: MetricsCollector) -> None:
     assert total(s, "http_request_duration_seconds_count") == 10
     assert total(s, "http_request_duration_seconds_sum") == pytest.approx(6.9855)
     assert total(s, "trioproxy_upstream_request_duration_seconds_count") == 1
-    # overhead: 100 - 90 ms (plain); 50 - 45 ms (stream setup)
+    # overhead: 100 - 90 ms (plain); 5 ms (the stream's, fixed at its head)
     assert total(s, "trioproxy_overhead_seconds_count") == 2
     assert total(s, "trioproxy_overhead_seconds_sum") == pytest.approx(0.015)
 
@@ -548,6 +548,13 @@ def test_health_latency_and_backend() -> None:
     # long streams are not "slow requests"
     body, _ = _health([stream("/api/chat", "completed", [(10, 5)], 120_000.0)] * 10)
     assert body["status"] == "healthy"
+    # a client's slow mistakes (a slow upload answered 400, a 429 waited out) are not the
+    # service's latency; a slow failure of the service is
+    slow_mistakes = [req("/api/chat", 400, 31_000.0), req("/api/chat", 429, 31_000.0)] * 5
+    body, _ = _health([req("/api/chat", 200, 10.0), *slow_mistakes])
+    assert body["status"] == "healthy" and body["checks"]["latency"]["requests"] == 1
+    body, _ = _health([req("/api/chat", 200, 10.0)] * 95 + [req("/api/chat", 504, 31_000.0)] * 9)
+    assert body["checks"]["latency"]["status"] == "degraded"
     # configurable
     body, _ = _health(slow, health_p95_degraded_seconds=60)
     assert body["status"] == "healthy"

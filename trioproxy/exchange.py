@@ -235,6 +235,7 @@ class Tracked:
         headers = [("X-Request-ID", self.state.request_id)]
         overhead = self._note_status(status)
         if overhead is not None:
+            self._note_overhead(overhead)
             headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
         return headers
 
@@ -245,6 +246,7 @@ class Tracked:
         headers = [(b"x-request-id", self.state.request_id.encode("latin-1"))]
         overhead = self._note_status(status)
         if overhead is not None and overhead_header:
+            self._note_overhead(overhead)
             headers.append((_OVERHEAD_HEADER_RAW, b"%.3f" % overhead))
         return headers
 
@@ -261,6 +263,13 @@ class Tracked:
             return None
         overhead = metric.elapsed_ms() - upstream
         return overhead if overhead > 0.0 else 0.0
+
+    def _note_overhead(self, overhead: float) -> None:
+        """A stream's overhead is fixed when its head goes out: what it waits for after
+        (the first token) is the model's time, not the proxy's."""
+        metric = self.state.metric
+        if metric is not None and metric.streaming:
+            metric.overhead_ms = overhead
 
 
 access_log = logging.getLogger("trioproxy.access")

@@ -281,7 +281,7 @@ def _note_upstream(call: Call, result: UpstreamResult, *, complete: bool) -> Non
     metric = call.state.metric
     if metric is None:
         return
-    metric.upstream_first_byte_ms = (result.headers_at - metric.start) * 1000.0
+    metric.upstream_first_byte_ms = (result.headers_at - result.started) * 1000.0
     if complete:
         metric.upstream_ms = (time.perf_counter() - result.started) * 1000.0
 

@@ -421,7 +421,9 @@ class UpstreamPool:
 def _status_reason(status: int) -> str:
     if status == 429:
         return "status_429"
-    return "status_5xx" if status >= 500 else "status_4xx"
+    # 501: the backend lacks what the client asked for, the client's mistake here as in
+    # the request metrics; the UpstreamErrors alert must not fire on it
+    return "status_5xx" if status >= 500 and status != 501 else "status_4xx"
 
 
 class _Retryable(Exception):

@@ -320,8 +320,7 @@ class MetricsCollector:
             transfer_s = store.transfer_seconds(m)
             chunks = m.total_chunks
             nbytes = m.stream_bytes
-            ufb = m.upstream_first_byte_ms
-            overhead_ms = fb - ufb if (fb is not None and ufb is not None) else None
+            overhead_ms = m.overhead_ms
         else:
             fb = ft = None
             transfer_s = 0.0
@@ -668,8 +667,12 @@ class MetricsCollector:
         error_rate = store.rate(error, n)
         recent = self._perf_entries(entries)
         perf = store.performance(recent)
+        # a client's mistakes and departures say nothing of the service's speed: a slow
+        # upload that ends in a 400, a request waiting out a backend's Retry-After
         plain = sorted(
-            e.duration_ms for e in recent if not e.streaming and e.cls != store.CANCELLED
+            e.duration_ms
+            for e in recent
+            if not e.streaming and (e.cls == store.SUCCESS or e.cls == store.ERROR)
         )
         p95_plain_s = store.percentile(plain, 95) / 1000.0
 

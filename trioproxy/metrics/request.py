@@ -29,7 +29,10 @@ class RequestMetrics:
     client: str = ""  # the client's name, with PROXY_API_KEYS
     start: float = field(default_factory=time.perf_counter)
     upstream_ms: float | None = None  # backend latency: request sent -> response complete
-    upstream_first_byte_ms: float | None = None
+    upstream_first_byte_ms: float | None = None  # request sent -> the backend's headers
+    # a stream's own time in the proxy: before the backend was asked, and from its headers
+    # to the proxy's (the wait for the first token is the model's, not the proxy's)
+    overhead_ms: float | None = None
     # -- streaming (measured to the last byte) --
     first_byte_time_ms: float | None = None  # request start -> first body byte sent
     first_token_time_ms: float | None = None  # request start -> first generated content
