@@ -249,6 +249,20 @@ def test_invalid_json(http: httpx.Client) -> None:
     assert_openai_error(http.post("/v1/chat/completions", content=b'"text"'), 400, "object")
 
 
+def test_bytes_that_are_not_utf8_are_read_as_ollama_reads_them(http: httpx.Client) -> None:
+    """Windows PowerShell 5.1 sends a string body as Latin-1; Ollama (Go's decoder) reads
+    such bytes as U+FFFD and answers. OpenAI's routes keep refusing them."""
+    body = (
+        '{"model": "demo-chat", "stream": false, "messages": [{"role": "user", "content": "café"}]}'
+    )
+    latin1 = body.encode("latin-1")
+    answer = http.post("/api/chat", content=latin1, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["message"]["content"]
+    assert_ollama_error(http.post("/api/chat", content=b"{\xe9", headers={}), 400, "JSON")
+    assert_openai_error(http.post("/v1/chat/completions", content=latin1), 400, "JSON")
+
+
 def test_missing_model(http: httpx.Client) -> None:
     msgs = [{"role": "user", "content": "hi"}]
     for body in ({"messages": msgs}, {"model": "", "messages": msgs}):

@@ -38,7 +38,11 @@ def json_object(call: Call) -> dict[str, Any]:
         raise BadRequest("missing request body", param=None)
     try:
         body = loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        if not call.path.startswith("/api/"):
+            raise BadRequest(f"invalid JSON in request body: {exc}") from None
+        body = _loads_as_ollama(raw)
+    except ValueError as exc:
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
     except RecursionError:
         raise BadRequest("invalid JSON in request body: nested too deeply") from None
@@ -48,6 +52,17 @@ def json_object(call: Call) -> dict[str, Any]:
     if metric is not None and not metric.request_size:
         metric.request_size = len(raw)
     return body
+
+
+def _loads_as_ollama(raw: bytes) -> Any:
+    """Ollama's decoder (Go's) reads bytes that are not UTF-8 as U+FFFD, so its clients
+    get away with them (Windows PowerShell 5.1 sends Latin-1): on ``/api/*`` so do we."""
+    try:
+        return loads(raw.decode(errors="replace"))
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON in request body: nested too deeply") from None
 
 
 def validated(validator: Any, body: Any, **options: Any) -> dict[str, Any]:
