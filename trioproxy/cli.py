@@ -182,6 +182,7 @@ async def serve_in_process(settings: Settings) -> None:
     from hypercorn.trio import serve as hypercorn_serve
 
     from .app import create_app
+    from .exchange import stop_at_once
 
     listener = listen(settings.host, settings.port)
     app = create_app(settings)
@@ -189,7 +190,12 @@ async def serve_in_process(settings: Settings) -> None:
     config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-        await nursery.start(watch_signals, stop.set, nursery.cancel_scope.cancel)
+
+        def stop_now() -> None:
+            stop_at_once()  # what is cut now is counted as the proxy's doing
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(watch_signals, stop.set, stop_now)
         async with trio.open_nursery() as server:
             binds = await server.start(
                 partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]

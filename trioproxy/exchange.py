@@ -311,25 +311,41 @@ class AccessLine:
         )
 
 
+STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping
+_stopped_at_once = False
+
+
+def stop_at_once() -> None:
+    """The server is being stopped without its grace period (a second signal): requests
+    it cancels from now on were cut by the proxy (503), not left by their clients (499)."""
+    global _stopped_at_once
+    _stopped_at_once = True
+
+
 def _finish_metric(
     metric: RequestMetrics, completed: bool, error: BaseException | None, sent: int
 ) -> None:
     metric.response_size = sent
     metric.finish()
+    cut = error is None or isinstance(error, trio.Cancelled | BaseExceptionGroup)
     if metric.streaming:
         if metric.stream_outcome is None:
             if completed:
                 metric.stream_outcome = "completed"
-            elif error is None or isinstance(error, trio.Cancelled | BaseExceptionGroup):
+            elif cut and _stopped_at_once:
+                metric.status_code = STATUS_SHUT_DOWN
+                metric.stream_outcome = "error"
+            elif cut:
                 metric.stream_outcome = "cancelled"
             else:
                 metric.stream_outcome = "error"
         metric.stream_cancelled = metric.stream_outcome == "cancelled"
         metric.stream_timeout = metric.stream_outcome == "timeout"
     elif not completed:
-        # the client went away while we waited (or while the body was being written)
-        metric.status_code = STATUS_CLIENT_CLOSED
-        if error is not None and not isinstance(error, trio.Cancelled | BaseExceptionGroup):
+        # the client went away while we waited (or while the body was being written), or
+        # the server was stopped at once
+        metric.status_code = STATUS_SHUT_DOWN if cut and _stopped_at_once else STATUS_CLIENT_CLOSED
+        if error is not None and not cut:
             metric.error = type(error).__name__
 
 
