@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -149,3 +149,17 @@ def test_a_bad_certificate_pair_stops_it_before_it_serves(
         load_settings(locked, dotenv_path=None)
     ok = load_settings({"TLS_CERTFILE": tls_files["cert"], "TLS_KEYFILE": tls_files["key"]})
     assert ok.tls_certfile == tls_files["cert"]
+
+
+def test_a_backend_whose_certificate_is_not_trusted_is_named_as_such(
+    https_proxy: str, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """httpx's ConnectError says nothing under trio: the reason (what tells an operator
+    to set SSL_CERT_FILE) is in its cause's cause, and was left out."""
+    front = start_proxy(https_proxy + "/v1", MAX_RETRIES="0")
+    body = {"model": "demo-chat", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(front.url + "/api/chat", json=body, timeout=10)
+    assert answer.status_code == 502
+    assert "certificate verify failed" in answer.json()["error"]
+    ready = httpx.get(front.url + "/ready", timeout=10).json()
+    assert "certificate verify failed" in ready["backend_error"]

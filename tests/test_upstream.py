@@ -166,3 +166,22 @@ def test_only_a_refusal_of_the_field_itself_drops_stream_options(
 ) -> None:
     error = UpstreamStatusError("x", status, body=json.dumps(body).encode())
     assert refuses_stream_options(error) is refuses
+
+
+def test_a_failure_without_words_is_described_by_its_cause() -> None:
+    import httpx
+    import trio
+
+    from trioproxy.upstream import failure_detail
+
+    handshake = ValueError("certificate verify failed: self-signed")  # as ssl's, in words
+    broken = trio.BrokenResourceError()
+    broken.__cause__ = handshake
+    connect = httpx.ConnectError("")
+    connect.__cause__ = broken
+    assert failure_detail(connect) == "ConnectError: certificate verify failed: self-signed"
+    assert failure_detail(httpx.ConnectError("refused")) == "refused"
+    assert failure_detail(httpx.ReadTimeout("")) == "ReadTimeout"
+    looped = httpx.ConnectError("")
+    looped.__context__ = looped
+    assert failure_detail(looped) == "ConnectError"

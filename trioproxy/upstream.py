@@ -414,8 +414,23 @@ class UpstreamPool:
         return capped * random.uniform(0.5, 1.0)
 
     def _describe(self, exc: BaseException) -> str:
-        detail = str(exc) or type(exc).__name__
-        return scrub(f"backend request failed: {detail}", self._secret)
+        return scrub(f"backend request failed: {failure_detail(exc)}", self._secret)
+
+
+def failure_detail(exc: BaseException) -> str:
+    """What went wrong, in words: the exception's message or, when it has none, the first
+    cause that has one. httpx's ConnectError over trio says nothing; a failed TLS
+    handshake's reason (``certificate verify failed: self-signed certificate``, a server
+    that does not speak TLS) is in its cause's cause, and it is what tells an operator
+    to set SSL_CERT_FILE or fix the URL's scheme."""
+    cause: BaseException | None = exc
+    for _ in range(6):  # a cycle in a cause chain must not hang us
+        if cause is None:
+            break
+        if text := str(cause):
+            return text if cause is exc else f"{type(exc).__name__}: {text}"
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
 
 
 def _status_reason(status: int) -> str:
