@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import ollama
@@ -214,3 +214,38 @@ def test_both_spellings_of_a_name_are_one_metrics_label(
     samples = scrape(shaped.url)
     models = {labels.get("model") for series in samples.values() for labels, _ in series}
     assert "llama3.2" in models and "llama3.2:latest" not in models
+
+
+class _Azure(ScriptedHandler):
+    """Answers anything, remembering the paths it was asked for."""
+
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "gpt4o"}]}).encode())
+
+    def do_POST(self) -> None:
+        self.json_body()
+        self.paths.append(self.path)
+        message = {"role": "assistant", "content": "ok"}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        completion = {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt4o"}
+        self.answer(200, json.dumps({**completion, "choices": [choice]}).encode())
+
+
+def test_a_query_in_the_base_url_goes_with_every_backend_request(
+    start_proxy: StartProxy,
+) -> None:
+    """Azure OpenAI's deployments need ``?api-version=``: it used to be dropped."""
+    with serving(_Azure) as url:
+        base = url.removesuffix("/v1") + "/openai/deployments/gpt4o?api-version=2024-10-21"
+        proxy = start_proxy(base, MAX_RETRIES="0")
+        body = {"model": "gpt4o", "messages": _ask("hi")}
+        assert httpx.post(proxy.url + "/v1/chat/completions", json=body).status_code == 200
+        assert httpx.get(proxy.url + "/api/tags").json()["models"]
+    # (the readiness checks' GET /models included)
+    assert set(_Azure.paths) == {
+        "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21",
+        "/openai/deployments/gpt4o/models?api-version=2024-10-21",
+    }

@@ -432,7 +432,8 @@ def normalise_upstream_url(url: str) -> str:
     """Validate the backend base URL.
 
     A URL with no path gets ``/v1`` (where every OpenAI-compatible server lives); a URL
-    with a path is used exactly as given, so ``.../v1beta/openai`` works.
+    with a path is used exactly as given, so ``.../v1beta/openai`` works. A query is kept
+    and sent with every backend request (Azure OpenAI's ``?api-version=...``).
     """
     shown = redact_url(url)  # the URL's credentials never reach an error line
     try:
@@ -451,7 +452,8 @@ def normalise_upstream_url(url: str) -> str:
     path = parts.path.rstrip("/")
     if not path:
         path = "/v1"
-    return f"{parts.scheme}://{parts.netloc}{path}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{path}{query}"
 
 
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")

@@ -165,7 +165,10 @@ class UpstreamPool:
         shards = max(1, settings.upstream_clients)
         keepalive = max(1, math.ceil(settings.upstream_max_keepalive / shards))
         headers = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "trioproxy"}
-        url = httpx.URL(base_url + "/")
+        base, _, query = base_url.partition("?")
+        url = httpx.URL(base + "/")
+        # sent with every request: Azure OpenAI's deployments need their ?api-version=
+        self._base_params = httpx.QueryParams(query) if query else None
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         elif url.username or url.password:
@@ -206,12 +209,15 @@ class UpstreamPool:
 
     @property
     def base_url(self) -> str:
-        return str(self._base_url)
+        params = f"?{self._base_params}" if self._base_params is not None else ""
+        return str(self._base_url) + params
 
     def _url(self, path: str) -> httpx.URL:
         url = self._urls.get(path)
         if url is None:
             url = self._base_url.join(path.lstrip("/"))
+            if self._base_params is not None:
+                url = url.copy_merge_params(self._base_params)
             # our routes' fixed paths only: a path with an id or a query is not worth keeping
             if path in _FIXED_PATHS:
                 self._urls[path] = url
