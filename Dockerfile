@@ -32,10 +32,12 @@ WORKDIR /tmp
 USER 10001:10001
 EXPOSE 11434
 
-# The slim image has no curl: probe /health with the Python standard library.
-# urlopen raises on connection errors and on any non-2xx answer -> exit code 1.
+# The slim image has no curl: the package's probe asks /health with the standard library,
+# where the proxy listens by its own settings (PROXY_PORT, https with TLS_CERTFILE); exit 1
+# on a refused connection or any answer that is not 2xx. Set the port with PROXY_PORT,
+# not --port: the probe cannot see the command line.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PROXY_PORT', '11434'), timeout=3)"]
+    CMD ["python", "-m", "trioproxy.probe"]
 
 ENTRYPOINT ["/bin/sh", "-c", "if [ \"${1#-}\" != \"$1\" ]; then set -- trioproxy \"$@\"; fi; exec \"$@\"", "trioproxy-entrypoint"]
 CMD ["trioproxy"]

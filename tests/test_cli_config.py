@@ -968,3 +968,19 @@ def test_past_max_concurrent_requests_a_request_is_refused_at_once(
     assert json.loads(lines[-1])["done"] is True
     assert httpx.post(server.url + "/api/chat", json=quick, timeout=5).status_code == 200
     assert "MAX_CONCURRENT_REQUESTS" not in server.log()  # counted, not logged per refusal
+
+
+def test_the_container_probe_knocks_where_the_proxy_listens() -> None:
+    from trioproxy.probe import health_url
+
+    def url(**env: str) -> str:
+        return health_url(load_settings(environ=env, dotenv_path=None))
+
+    assert url() == "http://127.0.0.1:11434/health"
+    assert url(PROXY_HOST="0.0.0.0", PROXY_PORT="8080") == "http://127.0.0.1:8080/health"
+    assert url(PROXY_HOST="::") == "http://[::1]:11434/health"
+    assert url(PROXY_HOST="10.1.2.3") == "http://10.1.2.3:11434/health"
+    from dataclasses import replace
+
+    tls = replace(load_settings({}, dotenv_path=None), tls_certfile="/c.pem")
+    assert health_url(tls) == "https://127.0.0.1:11434/health"

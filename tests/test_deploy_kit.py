@@ -1147,7 +1147,7 @@ def test_dockerfile_essentials() -> None:
     assert "PROXY_HOST=0.0.0.0" in env
     (hc,) = get("HEALTHCHECK")
     assert "curl" not in hc and "wget" not in hc, "no curl/wget in python:3.11-slim"
-    assert "/health" in hc
+    assert "trioproxy.probe" in hc  # run against a real server below
 
 
 def _exec_form(rest: str) -> list[str]:
@@ -1190,24 +1190,25 @@ def health_server() -> Iterator[tuple[int, type[_Health]]]:
 
 
 def test_dockerfile_healthcheck_really_probes_health(
-    health_server: tuple[int, type[_Health]],
+    health_server: tuple[int, type[_Health]], tmp_path: Path
 ) -> None:
     """Run the HEALTHCHECK command as Docker would (exec form), with this Python."""
     port, handler = health_server
     cmd = _healthcheck_cmd()
     assert cmd[0] == "python"
     argv = [sys.executable, *cmd[1:]]
-    env = {**os.environ, "PROXY_PORT": str(port)}
-    assert run(argv, env=env).returncode == 0
+    env = {**os.environ, "PROXY_PORT": str(port), "PROXY_HOST": "0.0.0.0"}
+    assert run(argv, cwd=tmp_path, env=env).returncode == 0
     handler.status = 503
-    assert run(argv, env=env).returncode != 0
+    assert run(argv, cwd=tmp_path, env=env).returncode != 0
     # Nothing listening -> unhealthy.
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    assert run(argv, env={**os.environ, "PROXY_PORT": str(free)}).returncode != 0
+    free_env = {**os.environ, "PROXY_PORT": str(free)}
+    assert run(argv, cwd=tmp_path, env=free_env).returncode != 0
 
 
 def test_dockerfile_entrypoint_passes_flags_to_trioproxy(tmp_path: Path) -> None:

@@ -163,3 +163,18 @@ def test_a_backend_whose_certificate_is_not_trusted_is_named_as_such(
     assert "certificate verify failed" in answer.json()["error"]
     ready = httpx.get(front.url + "/ready", timeout=10).json()
     assert "certificate verify failed" in ready["backend_error"]
+
+
+def test_the_container_probe_knocks_over_https(https_proxy: str, tls_files: dict[str, str]) -> None:
+    """The image's HEALTHCHECK (``python -m trioproxy.probe``) probed plain HTTP on a
+    proxy serving HTTPS, so the container was marked unhealthy for ever."""
+    import subprocess
+    import sys
+
+    port = https_proxy.rsplit(":", 1)[1]
+    env = base_env(PROXY_PORT=port, TLS_CERTFILE=tls_files["cert"], TLS_KEYFILE=tls_files["key"])
+    probe = [sys.executable, "-m", "trioproxy.probe"]
+    folder = Path(tls_files["ca"]).parent  # no .env there
+    assert subprocess.run(probe, env=env, cwd=folder, timeout=30).returncode == 0
+    plain = {k: v for k, v in env.items() if not k.startswith("TLS_")}
+    assert subprocess.run(probe, env=plain, cwd=folder, timeout=30).returncode == 1
