@@ -168,6 +168,12 @@ def test_bad_mapping_file(
     [
         ("MAX_RETRIES", "-1"),
         ("MAX_RETRIES", "many"),
+        ("MAX_RETRIES", "11"),
+        # a typo's extra zeros: a clear refusal, not a fork bomb or gigabytes preallocated
+        ("WORKERS", "100000"),
+        ("METRICS_MAX_REQUESTS", "1000000000000"),
+        ("UPSTREAM_CLIENTS", "1000000"),
+        ("METRICS_MODEL_LABELS", "100000"),
         ("REQUEST_TIMEOUT", "0"),
         ("STREAM_IDLE_TIMEOUT", "abc"),
         ("PROXY_PORT", "99999"),

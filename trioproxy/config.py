@@ -150,6 +150,20 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    """An integer setting with an upper bound too: a typo's extra zeros must be a clear
+    refusal at start, not a worker that forks a thousand processes or preallocates
+    gigabytes."""
+
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {value!r}")
+        return number
+
+    return parse
+
+
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:  # NaN fails too
@@ -196,7 +210,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPENAI_API_KEY": ("api_key", _text),
     "PROXY_HOST": ("host", _host),
     "PROXY_PORT": ("port", _port),
-    "WORKERS": ("workers", _positive_int),
+    "WORKERS": ("workers", _int_between(1, 256)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "ACCESS_LOG": ("access_log", _bool),
@@ -205,20 +219,20 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
     "STREAM_FIRST_TOKEN_TIMEOUT": ("stream_first_token_timeout", _positive_float),
     "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _positive_float),
-    "MAX_RETRIES": ("max_retries", _non_negative_int),
+    "MAX_RETRIES": ("max_retries", _int_between(0, 10)),
     "RETRY_BACKOFF": ("retry_backoff", _non_negative_float),
     "RETRY_BACKOFF_MAX": ("retry_backoff_max", _non_negative_float),
     "MODEL_MAPPING_FILE": ("model_mapping_file", _text),
     "MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
     "MAX_RESPONSE_BYTES": ("max_response_bytes", _positive_int),
     "MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", _positive_int),
-    "UPSTREAM_CLIENTS": ("upstream_clients", _positive_int),
+    "UPSTREAM_CLIENTS": ("upstream_clients", _int_between(1, 1_024)),
     "UPSTREAM_MAX_KEEPALIVE": ("upstream_max_keepalive", _positive_int),
     "DISABLE_SSL_VERIFICATION": ("disable_ssl_verification", _bool),
     "READY_CHECK_INTERVAL": ("ready_check_interval", _positive_float),
     "METRICS_ENABLED": ("metrics_enabled", _bool),
-    "METRICS_MAX_REQUESTS": ("metrics_max_requests", _positive_int),
-    "METRICS_MODEL_LABELS": ("metrics_model_labels", _non_negative_int),
+    "METRICS_MAX_REQUESTS": ("metrics_max_requests", _int_between(1, 1_000_000)),
+    "METRICS_MODEL_LABELS": ("metrics_model_labels", _int_between(0, 10_000)),
     "SYSTEM_METRICS_ENABLED": ("system_metrics_enabled", _bool),
     "SYSTEM_METRICS_INTERVAL": ("system_metrics_interval", _positive_float),
     "HEALTH_ERROR_RATE_DEGRADED": ("health_error_rate_degraded", _fraction),
