@@ -990,3 +990,12 @@ def test_the_container_probe_knocks_where_the_proxy_listens() -> None:
 
     tls = replace(load_settings({}, dotenv_path=None), tls_certfile="/c.pem")
     assert health_url(tls) == "https://127.0.0.1:11434/health"
+
+
+def test_a_flag_rescues_a_bad_value_in_the_environment() -> None:
+    """Flags take precedence over the environment, so a bad value there that a flag
+    replaces is not an error."""
+    settings = load_settings({"PROXY_PORT": "80000"}, dotenv_path=None, port=8080)
+    assert settings.port == 8080
+    with pytest.raises(ConfigError, match="PROXY_PORT"):
+        load_settings({"PROXY_PORT": "80000"}, dotenv_path=None)

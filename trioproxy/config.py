@@ -330,7 +330,10 @@ def load_settings(
     ``overrides`` are already parsed values (``parse_setting`` parses a flag's)."""
     values: dict[str, Any] = {}
     file_values = _dotenv(dotenv_path, env_file_required) or {}
+    given = {attr for attr, value in overrides.items() if value is not None}
     for name, raw in _under_environment(file_values, environ).items():
+        if _ENV[name][0] in given:
+            continue  # a flag wins, and rescues a bad value in the environment
         if raw.strip() == "" and _ENV[name][0] in _OPTIONAL_TEXT:
             continue
         attr, value = parse_setting(name, raw)
