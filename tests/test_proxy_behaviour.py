@@ -10,6 +10,7 @@ this process can compare with its own ``time.time()``.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
@@ -1368,6 +1369,12 @@ def test_the_backends_retry_advice_and_rate_limits_reach_the_client(
     [
         ("/api/generate", {"prompt": ""}, "response"),
         ("/api/generate", {}, "response"),
+        # Ollama answers an empty prompt at once whatever images come with it
+        (
+            "/api/generate",
+            {"prompt": "", "images": [base64.b64encode(b"GIF89a").decode()]},
+            "response",
+        ),
         ("/api/chat", {"messages": []}, "message"),
         ("/api/chat", {}, "message"),
     ],
@@ -1382,8 +1389,9 @@ def test_load_and_unload_calls_answer_at_once_for_known_models_only(
     reply = loaded.json()
     assert reply["done"] is True and reply["done_reason"] == "load"
     assert reply[output] in ("", {"role": "assistant", "content": ""})
-    unloaded = http.post(path, json={"model": "demo-chat", "keep_alive": 0, **body})
-    assert unloaded.json()["done_reason"] == "unload"
+    for zero in (0, "0m0s", "0.0h"):  # any spelling of Go's zero duration
+        unloaded = http.post(path, json={"model": "demo-chat", "keep_alive": zero, **body})
+        assert unloaded.json()["done_reason"] == "unload"
     unknown = http.post(path, json={"model": "no-such-model", **body})
     assert unknown.status_code == 404
     assert unknown.json() == {"error": 'model "no-such-model" not found, try pulling it first'}

@@ -43,6 +43,7 @@ from trioproxy.translate import (
     _generated_call_id,
     image_data_url,
     is_embedding_model,
+    keep_alive_unloads,
     model_family,
     ollama_chat_to_openai,
     ollama_embed_to_openai,
@@ -183,7 +184,7 @@ def test_a_closed_nested_schema_keeps_strict_mode() -> None:
         ({"model": "m", "options": []}, "options"),
         ({"model": "m", "options": {"temperature": "hot"}}, "options.temperature"),
         ({"model": "m", "options": {"temperature": True}}, "options.temperature"),
-        ({"model": "m", "options": {"num_predict": 1.5}}, "options.num_predict"),
+        ({"model": "m", "options": {"num_predict": "10"}}, "options.num_predict"),
         ({"model": "m", "options": {"stop": [1]}}, "options.stop[0]"),
         ({"model": "m", "stream": "yes"}, "stream"),
         ({"model": "m", "stream": 1}, "stream"),
@@ -1871,3 +1872,71 @@ def test_think_false_hides_the_thinking_but_counts_its_tokens() -> None:
     generate = openai_chat_to_ollama_generate(resp, "m", CREATED, timings, show_thinking=False)
     assert "thinking" not in generate
     assert openai_chat_to_ollama_chat(resp, "m", CREATED, timings)["message"]["thinking"] == "hmm"
+
+
+# ---- read as Ollama reads them (its Go types) ------------------------------------------------
+
+
+def test_roles_are_read_in_lower_case_as_ollama_reads_them() -> None:
+    """A "Tool" message lost its tool_call_id (the checks were case-sensitive) and
+    OpenAI refuses a role spelled "User"."""
+    call = {"function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    body = validate_ollama_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "User", "content": "weather?"},
+                {"role": "ASSISTANT", "content": "", "tool_calls": [call]},
+                {"role": "Tool", "content": "rain", "tool_name": "weather"},
+            ],
+        }
+    )
+    out = ollama_chat_to_openai(body, "b")
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant", "tool"]
+    assert out["messages"][1]["content"] is None
+    assert out["messages"][2]["tool_call_id"] == out["messages"][1]["tool_calls"][0]["id"]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "string", "enum": ["a", "b"]},
+        {"anyOf": [{"type": "object", "properties": {}, "additionalProperties": False}]},
+        {},
+    ],
+)
+def test_strict_mode_only_for_a_schema_with_an_object_at_its_top(schema: dict) -> None:
+    """OpenAI's strict mode refuses any other top (a 400); Ollama accepts them."""
+    out = ollama_generate_to_openai(
+        validate_ollama_generate({"model": "m", "prompt": "p", "format": schema}), "b"
+    )
+    assert out["response_format"]["type"] == "json_schema"
+    assert "strict" not in out["response_format"]["json_schema"]
+
+
+def test_options_read_as_ollamas_go_decoder_reads_them() -> None:
+    def sampling(**options: Any) -> dict:
+        body = validate_ollama_generate({"model": "m", "prompt": "p", "options": options})
+        return ollama_generate_to_openai(body, "b")
+
+    assert "seed" not in sampling(seed=-1)  # Ollama's default: a random seed
+    assert sampling(seed=42.7)["seed"] == 42  # the fraction dropped
+    assert sampling(num_predict=10.5)["max_tokens"] == 10
+    assert "max_tokens" not in sampling(num_predict=0.5)
+    with pytest.raises(RequestValidationError, match=r"options\.seed"):
+        sampling(seed="42")
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "unloads"),
+    [
+        (0, True), (0.0, True), ("0", True), ("0s", True), ("0m", True), ("0h", True),
+        ("0ms", True), ("0.0s", True), ("0m0s", True), ("5m", False), (-1, False),
+        ("-1", False), ("1h0m", False), (None, False), ("never", False), (True, False),
+    ],
+)  # fmt: skip
+def test_keep_alive_zero_in_any_go_duration_spelling_unloads(
+    keep_alive: object, unloads: bool
+) -> None:
+    assert keep_alive_unloads(keep_alive) is unloads

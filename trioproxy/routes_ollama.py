@@ -100,7 +100,7 @@ async def chat(call: Call) -> Reply:
 
 async def generate(call: Call) -> Reply:
     body = validated(tr.validate_ollama_generate, json_object(call))
-    if not body.get("prompt") and not body.get("images"):
+    if not body.get("prompt"):  # images or not, as Ollama answers it
         return await _load_reply(call, "generate", body)
     return await _generate_or_chat(call, "generate", body, tr.ollama_generate_to_openai)
 
@@ -119,7 +119,7 @@ async def _load_reply(call: Call, kind: str, body: dict[str, Any]) -> Reply:
     else:
         reply["response"] = ""
     reply["done"] = True
-    reply["done_reason"] = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
+    reply["done_reason"] = "unload" if tr.keep_alive_unloads(keep_alive) else "load"
     return _json_reply(reply)
 
 

@@ -146,7 +146,8 @@ def _check_options(body: JSONDict) -> None:
             raise RequestValidationError(f"options.{key}", "must be a number")
     for key in ("num_predict", "seed"):
         value = options.get(key)
-        if value is not None and not (_is_number(value) and float(value).is_integer()):
+        # a fraction is dropped, as Ollama's Go decoder drops it (10.5 -> 10)
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
             raise RequestValidationError(f"options.{key}", "must be an integer")
     stop = options.get("stop")
     if stop is not None and not isinstance(stop, str):
@@ -217,8 +218,9 @@ def _check_message(msg: object, i: int) -> None:
 
 
 def validate_ollama_chat(body: object) -> JSONDict:
-    """Check an ``/api/chat`` body; return it unchanged. Missing ``messages`` is allowed
-    (Ollama treats it as a model-load request) and translates to an empty list."""
+    """Check an ``/api/chat`` body; return it with its roles in lower case, as Ollama reads
+    them ("User" is "user"). Missing ``messages`` is allowed (Ollama treats it as a
+    model-load request) and translates to an empty list."""
     body = _require_object(body)
     _require_model(body)
     messages = body.get("messages")
@@ -227,6 +229,8 @@ def validate_ollama_chat(body: object) -> JSONDict:
             raise RequestValidationError("messages", "must be a list")
         for i, msg in enumerate(messages):
             _check_message(msg, i)
+            if not msg["role"].islower():
+                msg["role"] = msg["role"].lower()
     _check_common_generation(body)
     _check_tools(body.get("tools"))
     return body
@@ -291,6 +295,26 @@ def validate_openai_body(body: object, *, require_model: bool = True) -> JSONDic
 _THINK_LEVELS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
 
 
+# Go's time.ParseDuration, which Ollama reads keep_alive with: "1h30m", "0.5s", "300ms"
+_GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+
+
+def keep_alive_unloads(keep_alive: object) -> bool:
+    """Whether ``keep_alive`` is zero (Ollama then unloads the model): a number of
+    seconds, or a Go duration string in any spelling ("0", "0s", "0m0s", "0.0h")."""
+    if _is_number(keep_alive):
+        return keep_alive == 0
+    if not isinstance(keep_alive, str):
+        return False
+    text = keep_alive.strip()
+    if text in ("0", "+0", "-0"):
+        return True
+    if not _GO_DURATION.fullmatch(text):
+        return False
+    return all(float(number) == 0 for number, _ in _GO_DURATION_PART.findall(text))
+
+
 def _sampling_from_options(options: object) -> JSONDict:
     """Only the fields the client set: forcing defaults would override the backend's/model's."""
     out: JSONDict = {}
@@ -298,14 +322,15 @@ def _sampling_from_options(options: object) -> JSONDict:
         return out
     num_predict = options.get("num_predict")
     # -1 (unlimited), -2 (fill context) and 0 all mean "no explicit limit" for an OpenAI backend.
-    if _is_number(num_predict) and num_predict > 0:
+    if _is_number(num_predict) and int(num_predict) > 0:
         out["max_tokens"] = int(num_predict)
     for key in _NUMERIC_OPTIONS:
         value = options.get(key)
         if value is not None:
             out[key] = value
     seed = options.get("seed")
-    if seed is not None:
+    # -1 is Ollama's default, a random seed; to an OpenAI backend it is a fixed one
+    if seed is not None and int(seed) != -1:
         out["seed"] = int(seed)
     stop = options.get("stop")
     if isinstance(stop, str) and stop:
@@ -320,7 +345,8 @@ def _response_format(fmt: object) -> JSONDict | None:
         return {"type": "json_object"}
     if isinstance(fmt, dict):
         json_schema: JSONDict = {"name": "response", "schema": fmt}
-        if _strict_compatible(fmt):
+        # strict mode also wants an object at the top (not an array, a string, an anyOf)
+        if fmt.get("type") == "object" and "anyOf" not in fmt and _strict_compatible(fmt):
             json_schema["strict"] = True
         return {"type": "json_schema", "json_schema": json_schema}
     return None
