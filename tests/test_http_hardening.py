@@ -5,8 +5,11 @@ surrogate in a model name, CORS caching, and the backend's key in relayed header
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import itertools
 import json
+import re
 import signal
 import socket
 import threading
@@ -29,11 +32,17 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 class _Backend(ScriptedHandler):
     """Model ``huge``: a 2 MB completion; ``bomb``: 4 MB of zeros gzipped to a few KB;
     ``echo``: a completion whose rate-limit header echoes the key it was sent; ``moved``: a
-    redirect elsewhere, with the key in its query."""
+    redirect elsewhere, with the key in its query; ``err-stall``: a 500 whose body stalls;
+    ``trickle``: a completion a byte at a time; ``tools-forever``: a stream of tool-call
+    arguments that never ends."""
 
     def do_POST(self) -> None:
         model = self.json_body()["model"]
         extra: dict[str, str] = {}
+        if model in _MISBEHAVIOURS:
+            with contextlib.suppress(OSError):  # the proxy hangs up on us
+                _MISBEHAVIOURS[model](self)
+            return
         if model == "moved":
             location = f"https://elsewhere.example/v1/chat/completions?key={BACKEND_KEY}"
             self.answer(308, b"", headers={"Location": location})
@@ -47,6 +56,48 @@ class _Backend(ScriptedHandler):
             body = json.dumps(_completion("ok")).encode()
             extra["x-ratelimit-echo"] = self.headers.get("Authorization", "")
         self.answer(200, body, headers=extra)
+
+
+def _stall_an_error(handler: ScriptedHandler) -> None:
+    handler.send_response(500)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    handler.wfile.write(b'{"error":')
+    handler.wfile.flush()
+    time.sleep(15)
+
+
+def _trickle(handler: ScriptedHandler) -> None:
+    body = json.dumps(_completion("ok")).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    for byte in body:
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+        time.sleep(0.5)
+
+
+def _tools_forever(handler: ScriptedHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    start = {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}
+    more = {"index": 0, "function": {"arguments": "x" * 65536}}
+    for call in itertools.chain([start], itertools.repeat(more, 100_000)):
+        chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
+            "tool_calls": [call]}, "finish_reason": None}]}  # fmt: skip
+        event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+
+
+_MISBEHAVIOURS: dict[str, Callable[[ScriptedHandler], None]] = {
+    "err-stall": _stall_an_error,
+    "trickle": _trickle,
+    "tools-forever": _tools_forever,
+}
 
 
 def _completion(text: str) -> dict[str, Any]:
@@ -65,7 +116,11 @@ def _completion(text: str) -> dict[str, Any]:
 def odd_backend_proxy(start_proxy: StartProxy) -> Iterator[ServerProcess]:
     with serving(_Backend) as url:
         yield start_proxy(
-            url, MAX_RETRIES="0", MAX_RESPONSE_BYTES="1000000", OPENAI_API_KEY=BACKEND_KEY
+            url,
+            MAX_RETRIES="0",
+            MAX_RESPONSE_BYTES="1000000",
+            OPENAI_API_KEY=BACKEND_KEY,
+            REQUEST_TIMEOUT="2",
         )
 
 
@@ -80,6 +135,50 @@ def test_a_backend_body_over_the_limit_is_a_502_not_a_worker_out_of_memory(
     answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=20)
     assert answer.status_code == 502, answer.text
     assert "MAX_RESPONSE_BYTES" in answer.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_an_error_whose_body_stalls_is_answered_with_its_status(
+    odd_backend_proxy: ServerProcess, path: str, stream: bool
+) -> None:
+    """A stream's reads have no timeout of their own: the request hung, holding its slot."""
+    body = {"model": "err-stall", "stream": stream, **CHAT}
+    started = time.monotonic()
+    answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=20)
+    assert answer.status_code == 500
+    assert time.monotonic() - started < 10
+
+
+def test_a_body_that_trickles_is_bounded_by_the_request_timeout(
+    odd_backend_proxy: ServerProcess,
+) -> None:
+    """httpx bounds each read, not the body: a byte every half second held it for ever."""
+    body = {"model": "trickle", "stream": False, **CHAT}
+    started = time.monotonic()
+    answer = httpx.post(odd_backend_proxy.url + "/v1/chat/completions", json=body, timeout=20)
+    assert answer.status_code == 504
+    assert "REQUEST_TIMEOUT" in answer.json()["error"]["message"]
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+def test_tool_calls_that_never_end_are_cut_not_held_without_bound(
+    odd_backend_proxy: ServerProcess, path: str
+) -> None:
+    """Ollama sends a tool call whole, so its fragments are held: a backend streaming
+    arguments for ever grew the worker by 50 MB/s."""
+    body = {"model": "tools-forever", "prompt": "p", **CHAT}
+    answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=20)
+    assert answer.status_code == 502
+    assert "tool calls exceed" in answer.json()["error"]
+    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", _status(odd_backend_proxy)).group(1))
+    assert rss_kb < 300_000
+
+
+def _status(server: ServerProcess) -> str:
+    with open(f"/proc/{server.process.pid}/status") as status:
+        return status.read()
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -1940,3 +1940,18 @@ def test_keep_alive_zero_in_any_go_duration_spelling_unloads(
     keep_alive: object, unloads: bool
 ) -> None:
     assert keep_alive_unloads(keep_alive) is unloads
+
+
+def test_tool_call_fragments_held_are_bounded() -> None:
+    from trioproxy.translate import MAX_HELD_TOOL_CALL_BYTES, StreamTooLarge
+
+    translator = OllamaStreamTranslator("chat", "m", start_ns=0)
+    piece = "x" * 65536
+
+    def fragment(call: dict) -> dict:
+        return {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+    translator.feed(fragment({"index": 0, "id": "c", "function": {"name": "f"}}), 1)
+    with pytest.raises(StreamTooLarge):
+        for _ in range(MAX_HELD_TOOL_CALL_BYTES // len(piece) + 1):
+            translator.feed(fragment({"index": 0, "function": {"arguments": piece}}), 2)

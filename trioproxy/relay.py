@@ -32,7 +32,7 @@ from .sse import (
     error_fields_as_data,
     openai_error_event,
 )
-from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, parse_chunk
+from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, StreamTooLarge, parse_chunk
 from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
@@ -275,7 +275,14 @@ async def relay_ollama(
         else:
             if translator.finish_reason is None:
                 raise _Unfinished()
-    except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
+    except (
+        StreamTimeout,
+        httpx.HTTPError,
+        SSEProtocolError,
+        StreamTooLarge,
+        _Unfinished,
+        _NotAStream,
+    ) as exc:
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
     except _FailedAtOnce as failure:
@@ -628,7 +635,7 @@ def _stream_broke(
         collector.upstream_error("timeout")
         return str(exc)
     collector.upstream_error("protocol")
-    if isinstance(exc, _Unfinished | _NotAStream):
+    if isinstance(exc, _Unfinished | _NotAStream | StreamTooLarge):
         return scrub(str(exc), settings.api_key)
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
 

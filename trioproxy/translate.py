@@ -958,6 +958,17 @@ def parse_chunk(data: str) -> JSONDict | None:
     return chunk if isinstance(chunk, dict) else None
 
 
+# Tool-call fragments are held until the calls are whole (Ollama sends them whole): a
+# backend that streams arguments for ever must not grow a worker without bound. The same
+# bound as an SSE line or event (sse.DEFAULT_MAX_LINE_BYTES).
+MAX_HELD_TOOL_CALL_BYTES = 8 * 1024 * 1024
+_TOOL_CALL_OVERHEAD = 64  # what a call holds besides its arguments, roughly
+
+
+class StreamTooLarge(ValueError):
+    """A stream asks the translator to hold more than it is willing to."""
+
+
 @dataclass(slots=True)
 class _PendingToolCall:
     id: str | None
@@ -1220,6 +1231,7 @@ class OllamaStreamTranslator(_StreamStats):
         # calls in the order they started; where each backend index is being written
         self._tool_calls: list[_PendingToolCall] = []
         self._slot_of_index: dict[int, int] = {}
+        self._tool_call_bytes = 0  # held until the calls are whole: bounded
         self._finished = False
         # A content line as text around its timestamp and content, for feed_text. The dict
         # _line builds is encoded member by member with this same string encoder, so the bytes
@@ -1355,6 +1367,7 @@ class OllamaStreamTranslator(_StreamStats):
             slot = len(calls)
             position = index if isinstance(index, int) else slot
             calls.append(_PendingToolCall(None, "", [], (position, slot)))
+            self._hold(_TOOL_CALL_OVERHEAD)
             if isinstance(index, int):
                 self._slot_of_index[index] = slot
         pending = calls[slot]
@@ -1363,10 +1376,19 @@ class OllamaStreamTranslator(_StreamStats):
         if name and not pending.name:
             pending.name = name
         args = function.get("arguments")
+        if isinstance(args, dict):
+            args = json.dumps(args)
         if isinstance(args, str):
+            self._hold(len(args))
             pending.arguments.append(args)
-        elif isinstance(args, dict):
-            pending.arguments.append(json.dumps(args))
+
+    def _hold(self, size: int) -> None:
+        self._tool_call_bytes += size
+        if self._tool_call_bytes > MAX_HELD_TOOL_CALL_BYTES:
+            raise StreamTooLarge(
+                f"the backend's tool calls exceed {MAX_HELD_TOOL_CALL_BYTES} bytes before they "
+                "end (a backend that never finishes them?)"
+            )
 
     def _take_tool_calls(self) -> list[JSONDict]:
         calls = [
@@ -1378,6 +1400,7 @@ class OllamaStreamTranslator(_StreamStats):
         ]
         self._tool_calls = []
         self._slot_of_index = {}
+        self._tool_call_bytes = 0
         return _ollama_tool_calls(calls)
 
 

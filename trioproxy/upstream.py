@@ -52,6 +52,7 @@ log = logging.getLogger("trioproxy.upstream")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_ERROR_BODY = 64 * 1024
+ERROR_BODY_SECONDS = 5.0
 # What a backend says about retrying and its rate limits, for the client: the openai SDK
 # obeys x-should-retry first and prefers retry-after-ms to retry-after; x-ratelimit-*
 # (OpenAI, OpenRouter, Azure, LiteLLM) is what clients pace themselves by.
@@ -322,7 +323,16 @@ class UpstreamPool:
             await self._refuse_redirect(response)
         if not stream:
             try:
-                await self._read_whole(response)
+                # httpx bounds each read, not the body: one that trickles a byte at a
+                # time would hold the request (and its slot) for ever
+                with trio.fail_after(self._settings.request_timeout):
+                    await self._read_whole(response)
+            except trio.TooSlowError:
+                self._observer.upstream_error("timeout")
+                raise UpstreamTimeout(
+                    "the backend's response did not complete within "
+                    f"{self._settings.request_timeout:g} s (REQUEST_TIMEOUT)"
+                ) from None
             except httpx.HTTPError as exc:
                 raise self._transport_failure(exc, body_started=True) from None
             finally:
@@ -367,10 +377,14 @@ class UpstreamPool:
         return unavailable
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
+        body = b""
         try:
-            body = await _read_bounded(response, MAX_ERROR_BODY)
+            # a stream's reads have no timeout of their own: an error body that stalls
+            # must not hold the request (the status says enough without it)
+            with trio.move_on_after(min(ERROR_BODY_SECONDS, self._settings.request_timeout)):
+                body = await _read_bounded(response, MAX_ERROR_BODY)
         except httpx.HTTPError:
-            body = b""
+            pass
         finally:
             await response.aclose()
         status = response.status_code
