@@ -424,6 +424,36 @@ def test_a_quart_routed_stream_ends_in_band_at_shutdown(start_proxy: StartProxy)
         assert len(lines) < 60  # ended by the shutdown, not by the backend's end
 
 
+class _HangingModels(ScriptedHandler):
+    def do_GET(self) -> None:
+        time.sleep(10)  # a model list that does not come
+
+
+def test_quart_routed_requests_waiting_at_shutdown_get_a_503_in_their_dialect(
+    start_proxy: StartProxy,
+) -> None:
+    """The fast path's requests did; Quart's (the model lists) were cut with an empty 500
+    when GRACEFUL_TIMEOUT ran out."""
+    with serving(_HangingModels) as url:
+        proxy = start_proxy(url, GRACEFUL_TIMEOUT="1.5", READY_CHECK_INTERVAL="600")
+        answers: dict[str, httpx.Response] = {}
+
+        def ask(path: str) -> None:
+            answers[path] = httpx.get(proxy.url + path, timeout=20)
+
+        askers = [threading.Thread(target=ask, args=(p,)) for p in ("/v1/models", "/api/tags")]
+        for asker in askers:
+            asker.start()
+        time.sleep(0.5)
+        proxy.process.send_signal(signal.SIGTERM)
+        for asker in askers:
+            asker.join(timeout=15)
+        assert proxy.process.wait(timeout=15) == 0
+    assert answers["/v1/models"].status_code == answers["/api/tags"].status_code == 503
+    assert "shutting down" in answers["/v1/models"].json()["error"]["message"]
+    assert "shutting down" in answers["/api/tags"].json()["error"]
+
+
 def _connections_used(url: str, requests: list[tuple[str, str, bytes, dict[str, str]]]) -> int:
     """How many connections one pooled client needed for ``requests`` in turn."""
     streams = set()

@@ -132,6 +132,15 @@ class ProxyApp(QuartTrio):
     client_keys: ClientKeys | None = None
     ledger: ResponsesLedger  # Responses API usage still owed to the metrics
 
+    async def dispatch_request(self, request_context: Any = None) -> Any:
+        """Quart's dispatch, ended with a 503 in the caller's dialect a little before
+        hypercorn's grace period runs out, as the fast path's requests are: a request still
+        waiting for the backend then (``/v1/models``, a resumed stream before its first
+        chunk) was cut with an empty 500."""
+        with self.in_progress.tracking():
+            return await super().dispatch_request(request_context)
+        return reply_response(error_reply(request.path, fastpath.SHUTDOWN_WAITING_MESSAGE, 503))
+
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         allowed = self.cors_origins
         if not allowed:
