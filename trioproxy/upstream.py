@@ -323,16 +323,7 @@ class UpstreamPool:
             await self._refuse_redirect(response)
         if not stream:
             try:
-                # httpx bounds each read, not the body: one that trickles a byte at a
-                # time would hold the request (and its slot) for ever
-                with trio.fail_after(self._settings.request_timeout):
-                    await self._read_whole(response)
-            except trio.TooSlowError:
-                self._observer.upstream_error("timeout")
-                raise UpstreamTimeout(
-                    "the backend's response did not complete within "
-                    f"{self._settings.request_timeout:g} s (REQUEST_TIMEOUT)"
-                ) from None
+                await self._read_whole(response)
             except httpx.HTTPError as exc:
                 raise self._transport_failure(exc, body_started=True) from None
             finally:
@@ -344,9 +335,20 @@ class UpstreamPool:
         that never ends, or a small gzip body that unpacks to gigabytes, is a 502, not a
         worker that runs out of memory."""
         limit = self._settings.max_response_bytes
+        # httpx bounds each read, not the body: one that trickles a byte at a time would
+        # hold the request (and its slot) for ever. A clock read per read, not a cancel
+        # scope per request: the bound is this plus at most one read's timeout.
+        timeout = self._settings.request_timeout
+        deadline = time.perf_counter() + timeout
         parts: list[bytes] = []
         size = 0
         async for part in response.aiter_bytes():
+            if time.perf_counter() > deadline:
+                self._observer.upstream_error("timeout")
+                raise UpstreamTimeout(
+                    f"the backend's response did not complete within {timeout:g} s "
+                    "(REQUEST_TIMEOUT)"
+                )
             size += len(part)
             if size > limit:
                 self._observer.upstream_error("protocol")
