@@ -37,12 +37,8 @@ def json_object(call: Call) -> dict[str, Any]:
     if not raw:
         raise BadRequest("missing request body", param=None)
     try:
-        body = loads(raw)
-    except UnicodeDecodeError as exc:
-        if not call.path.startswith("/api/"):
-            raise BadRequest(f"invalid JSON in request body: {exc}") from None
-        body = _loads_as_ollama(raw)
-    except ValueError as exc:
+        body = _decoded(raw, lenient=call.path.startswith("/api/"))
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
     except RecursionError:
         raise BadRequest("invalid JSON in request body: nested too deeply") from None
@@ -54,15 +50,16 @@ def json_object(call: Call) -> dict[str, Any]:
     return body
 
 
-def _loads_as_ollama(raw: bytes) -> Any:
-    """Ollama's decoder (Go's) reads bytes that are not UTF-8 as U+FFFD, so its clients
-    get away with them (Windows PowerShell 5.1 sends Latin-1): on ``/api/*`` so do we."""
+def _decoded(raw: bytes, *, lenient: bool) -> Any:
+    """``loads``; ``lenient`` (``/api/*``) reads bytes that are not UTF-8 as U+FFFD, as
+    Ollama's decoder (Go's) does, so its clients get away with them (Windows PowerShell
+    5.1 sends Latin-1)."""
     try:
-        return loads(raw.decode(errors="replace"))
-    except ValueError as exc:
-        raise BadRequest(f"invalid JSON in request body: {exc}") from None
-    except RecursionError:
-        raise BadRequest("invalid JSON in request body: nested too deeply") from None
+        return loads(raw)
+    except UnicodeDecodeError:
+        if not lenient:
+            raise
+    return loads(raw.decode(errors="replace"))
 
 
 def validated(validator: Any, body: Any, **options: Any) -> dict[str, Any]:

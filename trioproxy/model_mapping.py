@@ -31,9 +31,13 @@ __all__ = [
 DEFAULT_TAG = ":latest"
 
 
+def _has_tag(name: str) -> bool:
+    return ":" in name.rpartition("/")[2]  # "host:5000/model" has none
+
+
 def with_default_tag(name: str) -> str:
     """Ollama's full spelling of a model name: one without a tag is ``NAME:latest``."""
-    return name if ":" in name.rpartition("/")[2] else name + DEFAULT_TAG
+    return name if _has_tag(name) else name + DEFAULT_TAG
 
 
 def same_model(listed: str, wanted: str) -> bool:
@@ -68,7 +72,7 @@ class ModelMapper:
         if name.endswith(DEFAULT_TAG) and len(name) > len(DEFAULT_TAG):
             bare = name[: -len(DEFAULT_TAG)]
             return self._forward.get(bare, bare)
-        if self._forward and ":" not in name.rpartition("/")[2]:
+        if self._forward and not _has_tag(name):
             return self._forward.get(name + DEFAULT_TAG, name)
         return name
 

@@ -10,12 +10,11 @@ events, h11-style.
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonutil import compact_json, compact_json_text
+from .jsonutil import compact_json, compact_json_text, loads
 
 __all__ = [
     "ERROR_FIELD_EVENT",
@@ -43,7 +42,7 @@ ERROR_FIELD_EVENT = "error"
 def error_field_as_data(value: str) -> str:
     """An ``error:`` field's value as the data of OpenAI's error chunk."""
     try:
-        parsed = json.loads(value)
+        parsed = loads(value)
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):

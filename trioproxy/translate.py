@@ -37,6 +37,7 @@ from trioproxy.jsonutil import (
 )
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper, with_default_tag
+from trioproxy.sse import DEFAULT_MAX_LINE_BYTES
 
 __all__ = [
     "OllamaStreamTranslator",
@@ -297,7 +298,7 @@ _THINK_LEVELS = {"low": "low", "medium": "medium", "high": "high", "max": "high"
 
 # Go's time.ParseDuration, which Ollama reads keep_alive with: "1h30m", "0.5s", "300ms"
 _GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_GO_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_GO_DURATION = re.compile(rf"[-+]?(?:{_GO_DURATION_PART.pattern})+")
 
 
 def keep_alive_unloads(keep_alive: object) -> bool:
@@ -960,8 +961,8 @@ def parse_chunk(data: str) -> JSONDict | None:
 
 # Tool-call fragments are held until the calls are whole (Ollama sends them whole): a
 # backend that streams arguments for ever must not grow a worker without bound. The same
-# bound as an SSE line or event (sse.DEFAULT_MAX_LINE_BYTES).
-MAX_HELD_TOOL_CALL_BYTES = 8 * 1024 * 1024
+# bound as an SSE line or event.
+MAX_HELD_TOOL_CALL_BYTES = DEFAULT_MAX_LINE_BYTES
 _TOOL_CALL_OVERHEAD = 64  # what a call holds besides its arguments, roughly
 
 
