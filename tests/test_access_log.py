@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from trioproxy.metrics.labels import loggable_path, loggable_text
@@ -134,3 +135,44 @@ def test_a_backend_message_that_echoes_a_line_end_stays_on_its_line() -> None:
     assert "does not exist" in lines[0] and "\\n2020-01-02" in lines[0]
     assert not any(line.startswith("2020-01-02") for line in lines)
     assert lines[-1] == "ValueError: boom"  # a traceback keeps its own lines
+
+
+def _send_raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_requests_the_server_refuses_below_the_app_are_logged_and_counted(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """A malformed head, a request with both lengths (smuggling) and HTTP/2's preface are
+    answered by the server before the app sees them: still one access line and one counted
+    request each, with the status the client got."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    refused = {
+        b"NOT A REQUEST LINE\r\n\r\n": b"HTTP/1.1 400",
+        (
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ): b"HTTP/1.1 400",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n": b"HTTP/1.1 505",
+    }
+    for request, status in refused.items():
+        assert _send_raw(proxy.url, request).startswith(status)
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 3)
+    samples = scrape(proxy.url)
+    assert total(samples, "http_requests_total", status="400", endpoint="other") == 2
+    assert total(samples, "http_requests_total", status="505", endpoint="other") == 1
+    lines = [line for line in proxy.log().splitlines() if "trioproxy.access" in line]
+    assert sum("- - 400 " in line for line in lines) == 2, lines
+    assert sum("- - 505 " in line for line in lines) == 1, lines
+    # a request served normally afterwards is one more, not lost among them
+    httpx.get(proxy.url + "/api/tags", timeout=5)
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 4)

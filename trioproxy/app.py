@@ -55,6 +55,7 @@ from .exchange import (
     note_client,
     primed,
     proxy_error_reply,
+    record_protocol_refusal,
     reply_secret,
 )
 from .ledger import ResponsesLedger
@@ -368,7 +369,11 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
         app.in_progress.begin_shutdown(grace)
         hypercorn_patches.end_writes_within(grace)
 
+    def refused(status: int) -> None:
+        record_protocol_refusal(app.collector, app.settings.access_log, status)
+
     stop_listening = hypercorn_patches.on_shutdown(shutting_down)
+    stop_hearing_refusals = hypercorn_patches.on_protocol_error(refused)
     try:
         with app.background_scope:  # type: ignore[attr-defined]
             async with trio.open_nursery() as nursery:
@@ -382,6 +387,7 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
                 task_status.started()
     finally:
         stop_listening()
+        stop_hearing_refusals()
 
 
 _REPEATED_SLASHES = re.compile(r"/{2,}")

@@ -54,6 +54,13 @@ request cancellation, and its cost per request.
    is now withheld when the declared Content-Length is over the limit
    (``set_body_limit``); the app's 413 then arrives in its place.
 
+9. **Refusals below the app are heard.** A request hypercorn answers itself before the
+   app sees it (h11's 400 for a malformed request line or header, 431 for a head over
+   h11's limit, and the 400 / 505 of patches 6 and 7) is reported to
+   ``on_protocol_error`` listeners, so the access log and the request metrics count it
+   like any other answer instead of never hearing of it. A protocol error in the middle
+   of a request the app is serving is not reported: the app records that request.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -337,6 +344,27 @@ class _AnnouncedShutdown(EventWrapper):
                 listener()
 
 
+_protocol_error_listeners: list[Callable[[int], None]] = []
+
+
+def on_protocol_error(listener: Callable[[int], None]) -> Callable[[], None]:
+    """Call ``listener(status)`` (from hypercorn's task, so it must not block) when a
+    request is refused at the protocol level before the app saw it; returns the function
+    that unsubscribes it."""
+    _protocol_error_listeners.append(listener)
+    return lambda: _protocol_error_listeners.remove(listener)
+
+
+_original_send_error_response = h11_protocol.H11Protocol._send_error_response
+
+
+async def _send_error_response(self: Any, status_code: int) -> None:
+    if self.stream is None:  # otherwise the app is serving the request and records it
+        for listener in list(_protocol_error_listeners):
+            listener(status_code)
+    await _original_send_error_response(self, status_code)
+
+
 _original_context_init = WorkerContext.__init__
 
 
@@ -355,3 +383,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     WorkerContext.__init__ = _context_init  # type: ignore[method-assign]
     h11_protocol.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
     protocol_wrapper.ProtocolWrapper.handle = _handle_http11_only  # type: ignore[method-assign]
+    h11_protocol.H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
