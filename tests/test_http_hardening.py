@@ -254,6 +254,43 @@ def test_a_client_that_stops_reading_frees_its_slot(
         sleeper.close()
 
 
+def test_a_reply_the_client_never_took_is_not_counted_as_served(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """A whole non-stream reply handed to the server returned normally to the app even when
+    the client made no room for it and the write timeout closed the connection: it was
+    recorded as a 200. It is a request the client did not take (499), as a stream's is."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    proxy = start_proxy(
+        demo_backend.url, CLIENT_WRITE_TIMEOUT="1", ACCESS_LOG="true", LOG_LEVEL="INFO"
+    )
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {
+            "model": "demo-chat",
+            "stream": False,
+            "messages": [{"role": "user", "content": "[[tokens=400000]] long"}],
+        }
+    ).encode()
+    sleeper = socket.socket()
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sleeper.connect((host, int(port)))
+    try:
+        sleeper.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 1, timeout=20)
+    finally:
+        sleeper.close()
+    samples = scrape(proxy.url)
+    assert total(samples, "http_requests_total", endpoint="api_chat", status="499") == 1
+    assert total(samples, "http_requests_total", status="200") == 0
+    access = [line for line in proxy.log().splitlines() if "POST /api/chat" in line]
+    assert len(access) == 1 and " 499 " in access[0] and "(client left)" in access[0], access
+
+
 def _raw(url: str, request: bytes, read_for: float = 2.0) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=read_for) as sock:

@@ -32,6 +32,7 @@ from .errors import (
     is_openai_path,
     scrub,
 )
+from .hypercorn_patches import write_cut
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, loggable_path
@@ -221,6 +222,8 @@ class Tracked:
         try:
             await _run_cleanups(self.state)
         finally:
+            if self.send.finished and write_cut.get():
+                self.send.finished = False  # handed to the server, but never delivered whole
             metric = self.state.metric
             if metric is not None:
                 _finish_metric(metric, self.send.finished, error, self.send.sent)

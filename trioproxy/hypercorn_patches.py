@@ -73,6 +73,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import h11
@@ -186,11 +187,17 @@ async def _send_data(server: Any, data: bytes) -> None:
     try:
         sent = send_what_fits(stream.socket, data)
     except OSError:  # the client is gone (or the socket already closed): as hypercorn does
+        write_cut.set(True)
         await server.protocol.handle(Closed())
         return
     if sent < len(data):
         await _send_rest(server, data[sent:])
 
+
+# set in the task whose write the client did not take whole (it made no room within the
+# write timeout, or was gone): its send returned normally, so this is how the app learns
+# that its response did not arrive
+write_cut: ContextVar[bool] = ContextVar("trioproxy_write_cut", default=False)
 
 _write_timeout = 60.0
 # the latest a write may wait once a shutdown began (its grace period): trio time
@@ -255,6 +262,8 @@ async def _send_rest(server: Any, data: bytes) -> None:
             gone = True
         finally:
             _waiting_writes.discard(scope)
+    if scope.cancelled_caught or gone:
+        write_cut.set(True)
     if scope.cancelled_caught:
         log.info("closing a connection whose client made no room for %g s", _write_timeout)
         with trio.CancelScope(shield=True):
