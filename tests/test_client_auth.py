@@ -146,6 +146,7 @@ def test_openai_clients_pass_with_a_key_and_are_refused_without(guarded: ServerP
                 model="demo-chat", messages=[{"role": "user", "content": "hi"}]
             )
         assert info.value.code == "invalid_api_key" and WRONG not in info.value.message
+        assert info.value.type == "invalid_request_error"  # as OpenAI's own API writes it
         with pytest.raises(openai.AuthenticationError):
             intruder.models.list()
         with pytest.raises(openai.AuthenticationError):

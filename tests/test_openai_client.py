@@ -302,8 +302,10 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
         assert isinstance(m.owned_by, str)
     one = client.models.retrieve("demo-chat")
     assert one.id == "demo-chat" and one.object == "model"
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("no-such-model")
+    # OpenAI's own words for it: the type is the same as a 400's, the code tells them apart
+    assert (info.value.type, info.value.code) == ("invalid_request_error", "model_not_found")
 
 
 async def test_async_models(aclient: openai.AsyncOpenAI) -> None:

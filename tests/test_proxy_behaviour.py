@@ -513,6 +513,41 @@ def test_429_passed_through_with_retry_after(proxy_no_retry: ServerProcess) -> N
             assert response.headers.get("retry-after") == "0"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_retries_by_itself_gets_the_failure_at_once(
+    proxy: ServerProcess, demo_backend: ServerProcess, stream: bool
+) -> None:
+    """The openai SDKs retry by themselves and say so (x-stainless-retry-count): the
+    proxy's retries (MAX_RETRIES=2 here) multiplied with theirs, 2 SDK attempts were 6
+    backend calls, and its waits counted against the SDK's timeout. Such a client gets the
+    backend's failure at once: one backend call per attempt it makes."""
+    request_id = rid()
+    text = f"[[fail_first=5]] [[fail_status=429]] {rid()}"
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=1) as client:
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(  # a stream's failure is its status, too
+                model="demo-chat",
+                messages=[{"role": "user", "content": text}],
+                stream=stream,
+                extra_headers={"X-Request-ID": request_id},
+            )
+    assert [e["outcome"] for e in demo_events_for(demo_backend, request_id)] == ["error"] * 2
+
+
+def test_retry_after_ms_is_read_before_retry_after() -> None:
+    """The openai SDK prefers retry-after-ms (finer); so does the proxy's own retry."""
+    from trioproxy.upstream import _retry_after_seconds
+
+    assert _retry_after_seconds(httpx.Headers({"retry-after-ms": "300"})) == 0.3
+    both = httpx.Headers({"retry-after-ms": "250", "retry-after": "2"})
+    assert _retry_after_seconds(both) == 0.25
+    assert _retry_after_seconds(httpx.Headers({"retry-after": "2"})) == 2.0
+    malformed = httpx.Headers({"retry-after-ms": "soon", "retry-after": "1"})
+    assert _retry_after_seconds(malformed) == 1.0
+    assert _retry_after_seconds(httpx.Headers({"retry-after-ms": "-5"})) == 0.0
+    assert _retry_after_seconds(httpx.Headers({})) is None
+
+
 def test_a_reply_that_breaks_off_mid_body_is_never_replayed(
     http: httpx.Client, demo_backend: ServerProcess
 ) -> None:
@@ -1244,6 +1279,8 @@ def test_a_stream_the_backend_fails_at_once_gets_a_real_status(
     if model == "context-too-long" and isinstance(error, openai.BadRequestError):
         assert error.code == "context_length_exceeded"
         assert "maximum context length" in error.message
+        # the backend's error object as it wrote it: LangChain reads param and type
+        assert error.param == "messages" and error.type == "invalid_request_error"
 
 
 @pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])

@@ -41,6 +41,7 @@ from .config import (
 )
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
+    CLIENT_RETRIES_NAME,
     OVERHEAD_HEADER,
     AccessLine,
     Call,
@@ -99,6 +100,7 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             headers.get("X-Request-ID"),
             headers.get("Content-Length"),
         )
+        state.client_retries = CLIENT_RETRIES_NAME in headers
         request.trioproxy_state = state
         access = AccessLine(request.method, request.path) if app.settings.access_log else None
         tracked = Tracked(app.collector, state, send, access)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# the types OpenAI's API itself writes (a wrong key and an unknown model are
+# invalid_request_error there, told apart by their code)
 OPENAI_ERROR_TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",

@@ -49,6 +49,12 @@ _OVERHEAD_HEADER_RAW = OVERHEAD_HEADER.lower().encode("latin-1")
 JSON = "application/json"
 
 
+# sent by the Stainless-generated SDKs (openai-python, openai-node, and what builds on
+# them, LangChain's ChatOpenAI among them) on every attempt: the client retries by itself
+CLIENT_RETRIES_NAME = "x-stainless-retry-count"
+CLIENT_RETRIES_HEADER = CLIENT_RETRIES_NAME.encode()
+
+
 @dataclass(slots=True)
 class RequestState:
     """Per-request bookkeeping shared by the connection adapter and the handlers."""
@@ -57,6 +63,9 @@ class RequestState:
     metric: RequestMetrics | None
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     client: str = ""  # the client's name, from its key (PROXY_API_KEYS)
+    # the client retries failed requests itself (the openai SDKs say so with their
+    # x-stainless-retry-count header): the proxy's own retries would multiply with its
+    client_retries: bool = False
 
 
 @dataclass(slots=True)

@@ -23,6 +23,8 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from .errors import ProxyError, ServerBusy, body_too_large_message
 from .exchange import (
+    CLIENT_RETRIES_HEADER,
+    CLIENT_RETRIES_NAME,
     AccessLine,
     Call,
     CountingSend,
@@ -43,7 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioproxy")
 
-_WANTED_HEADERS = frozenset({b"x-request-id", b"content-length", b"origin", b"authorization"})
+_WANTED_HEADERS = frozenset(
+    {b"x-request-id", b"content-length", b"origin", b"authorization", CLIENT_RETRIES_HEADER}
+)
 _WATCHER_GRACE_SECONDS = 1.0
 Header = tuple[bytes, bytes]
 
@@ -84,6 +88,7 @@ async def serve(
     state = new_state(
         app.collector, path, "POST", headers.get("x-request-id"), headers.get("content-length")
     )
+    state.client_retries = CLIENT_RETRIES_NAME in headers
     access = AccessLine("POST", path) if app.settings.access_log else None
     tracked = Tracked(app.collector, state, send, access)
     admitted = app.admission.enter()

@@ -151,7 +151,9 @@ async def call_raw(
     call: Call, path: str, body: bytes | None, *, method: str = "POST"
 ) -> UpstreamResult:
     state = call.state
-    result = await pool(call).request(method, path, body=body, request_id=state.request_id)
+    result = await pool(call).request(
+        method, path, body=body, request_id=state.request_id, client_retries=state.client_retries
+    )
     _note_upstream(call, result, complete=True)
     return result
 
@@ -177,6 +179,7 @@ async def open_stream(
             path,
             body=body,
             request_id=state.request_id,
+            client_retries=state.client_retries,
             stream=True,
             header_timeout=call.app.settings.stream_first_token_timeout,
         )

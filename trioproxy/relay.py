@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from .config import Settings
-from .errors import ProxyError, UpstreamTimeout, scrub
+from .errors import ProxyError, UpstreamStatusError, UpstreamTimeout, scrub
 from .jsonutil import compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream
@@ -448,9 +448,12 @@ def _refused(
         return ProxyError(message, 502, code="upstream_error", headers=headers)
     if metric is not None:
         metric.streaming = False
-    code = error.get("code") if isinstance(error, dict) else None
-    code = code if isinstance(code, str) and not code.isdigit() else None
-    return ProxyError(message, status, code=code, headers=headers)
+    # the backend's own error object, as a status error's body would be: an OpenAI client
+    # gets it as written (type, param, code); an Ollama client gets its message
+    body = compact_json({"error": error}) if isinstance(error, dict) else b""
+    return UpstreamStatusError(
+        message, status, body=body, content_type="application/json", headers=headers
+    )
 
 
 def _client_status(error: object) -> int | None:

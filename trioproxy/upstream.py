@@ -256,6 +256,7 @@ class UpstreamPool:
         *,
         body: bytes | None = None,
         request_id: str | None = None,
+        client_retries: bool = False,
         stream: bool = False,
         header_timeout: float | None = None,
     ) -> UpstreamResult:
@@ -263,7 +264,12 @@ class UpstreamPool:
 
         Raises UpstreamStatusError for a backend error status (body read, bounded),
         UpstreamUnavailable / UpstreamTimeout for transport failures.
-        ``header_timeout`` bounds the wait for a streamed response's headers.
+        ``header_timeout`` bounds the wait for a streamed response's headers. A client that
+        retries by itself (``client_retries``) gets the failure at once: its retries, with
+        the waits it chooses within its own timeout, would multiply with the proxy's (an
+        SDK's 3 attempts times 4 = 12 backend calls). Only a pooled connection the backend
+        had closed is tried again for it: that failure is the pool's, not the backend's
+        answer.
         """
         headers = {"X-Request-ID": request_id} if request_id else {}
         if body is not None:
@@ -280,7 +286,9 @@ class UpstreamPool:
                 )
             except _Retryable as retry:
                 self._picker.release(shard)
-                if attempt > self._settings.max_retries:
+                if attempt > self._settings.max_retries or (
+                    client_retries and not _stale_connection(retry, attempt)
+                ):
                     self._observer.upstream_error(retry.reason)
                     raise retry.final from None
                 self._observer.upstream_retry(retry.reason)
@@ -401,7 +409,7 @@ class UpstreamPool:
         )
         # a backend that says a retry would not help (the openai SDK's own rule) is believed
         if status in RETRY_STATUSES and response.headers.get("x-should-retry") != "false":
-            retry_after = _retry_after_seconds(response.headers.get("retry-after"))
+            retry_after = _retry_after_seconds(response.headers)
             if retry_after is None or retry_after <= self._settings.retry_backoff_max:
                 raise _Retryable(_status_reason(status), error, retry_after)
         self._observer.upstream_error(_status_reason(status))
@@ -497,7 +505,23 @@ async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)[:limit]
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
+def _stale_connection(retry: _Retryable, attempt: int) -> bool:
+    return retry.reason == "protocol" and attempt == 1
+
+
+def _retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The wait a backend asks for: ``retry-after-ms`` first (OpenAI's, finer), as the
+    openai SDK reads them, then ``retry-after`` in seconds or as an HTTP date."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            waited = float(milliseconds) / 1000.0
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(waited):
+                return max(0.0, waited)
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
