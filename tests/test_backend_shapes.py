@@ -22,6 +22,7 @@ from .test_metrics_e2e import scrape, total
 StartProxy = Callable[..., ServerProcess]
 MODEL = "qwen2.5-7b-instruct-q4_k_m.gguf"
 OLLAMA_MODEL = "llama3.2:latest"  # how Ollama's /v1/models lists a model
+STRICT_TAGGED = "strict:latest"  # vLLM --served-model-name strict:latest: only that spelling
 CONTEXT_ERROR = {
     "code": 400,
     "message": "the request exceeds the available context size, try increasing it",
@@ -63,6 +64,7 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
 class _Backend(ScriptedHandler):
     def do_GET(self) -> None:
         listed = [{"id": MODEL}, {"id": OLLAMA_MODEL}, {"id": "nomic-embed-text:latest"}]
+        listed.append({"id": STRICT_TAGGED})
         self.answer(200, json.dumps({"object": "list", "data": listed}).encode())
 
     def do_POST(self) -> None:
@@ -71,7 +73,11 @@ class _Backend(ScriptedHandler):
             vectors = [{"object": "embedding", "index": 0, "embedding": [0.5, 0.5]}]
             self.answer(200, json.dumps({"object": "list", "data": vectors}).encode())
             return
-        if body["model"] == "llama3.2":  # Ollama takes a name without its tag
+        if body["model"] == "strict":
+            error = {"message": "The model `strict` does not exist.", "code": 404}
+            self.answer(404, json.dumps({"error": error}).encode())
+            return
+        if body["model"] in ("llama3.2", OLLAMA_MODEL, STRICT_TAGGED):
             completion = {"id": "c", "object": "chat.completion", "created": 1, "model": "x"}
             message = {"role": "assistant", "content": "hi there"}
             completion["choices"] = [{"index": 0, "finish_reason": "stop", "message": message}]
@@ -199,6 +205,19 @@ def test_a_name_without_its_tag_finds_the_model_an_ollama_backend_lists_with_it(
     assert ollama_client.embed("nomic-embed-text", ["x"]).embeddings == [[0.5, 0.5]]
     assert "llama3.2:latest" in [m.model for m in ollama_client.list().models]
     assert ollama_client.chat("llama3.2:latest", _ask("hello")).model == "llama3.2:latest"
+
+
+def test_a_model_the_backend_lists_with_its_latest_tag_is_asked_for_with_it(
+    openai_client: openai.OpenAI, ollama_client: ollama.Client
+) -> None:
+    """Ollama's rule (NAME:latest is NAME) dropped the tag on the way to the backend, so a
+    model the backend lists, and takes, only as ``strict:latest`` (vLLM's
+    --served-model-name) was listed by the proxy and then a 404 for OpenAI clients and
+    for Open WebUI, which sends the tag."""
+    assert STRICT_TAGGED in [m.id for m in openai_client.models.list()]
+    answer = openai_client.chat.completions.create(model=STRICT_TAGGED, messages=_ask("hi"))  # type: ignore[arg-type]
+    assert answer.choices[0].message.content == "hi there"
+    assert ollama_client.chat(STRICT_TAGGED, _ask("hi")).message.content == "hi there"
 
 
 def test_both_spellings_of_a_name_are_one_metrics_label(

@@ -28,6 +28,7 @@ _NO_MODEL_LIST = (404, 405, 501)
 class ModelCatalog:
     def __init__(self) -> None:
         self._models: list[dict[str, Any]] = []
+        self._ids: frozenset[str] | None = None  # of the last list fetched
         self._fetched_at = -1e9
         self._failure: ProxyError | None = None
         self._failed_at = -1e9
@@ -49,6 +50,7 @@ class ModelCatalog:
                 raise
             data = payload.get("data") if isinstance(payload, dict) else None
             self._models = [m for m in data or [] if isinstance(m, dict) and "id" in m]
+            self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
             self._fetched_at = trio.current_time()
             self._failure = None
         return self._models
@@ -63,6 +65,17 @@ class ModelCatalog:
             if exc.status in _NO_MODEL_LIST:
                 return []
             raise
+
+    async def lists(self, call: Call, backend_name: str) -> bool:
+        """Whether the backend lists a model by exactly this name, in the last list fetched
+        (fetched now only if there is none: lists change rarely, and a request must not
+        wait for one every few seconds); False if the backend cannot say."""
+        if self._ids is None:
+            try:
+                await self.models(call)
+            except ProxyError:
+                return False
+        return self._ids is not None and backend_name in self._ids
 
     async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
         """The backend's entry for a model; None if the backend does not list it.
@@ -82,3 +95,15 @@ class ModelCatalog:
             if isinstance(entry.get("id"), str) and same_model(entry["id"], backend_name):
                 return entry
         return None
+
+
+async def backend_name_for(call: Call, name: str) -> str:
+    """The backend's name for a client's model: the mapping's, where by Ollama's rule a
+    ``NAME:latest`` the mapping does not name is ``NAME`` (Open WebUI adds the tag to every
+    name), unless the backend lists the tagged spelling itself: vLLM serving
+    ``--served-model-name x:latest`` takes only that one (Ollama's own /v1 takes both).
+    Only such names cost a look at the cached list."""
+    mapper = call.app.mapper
+    if mapper.drops_tag(name) and await call.app.catalog.lists(call, name):  # type: ignore[attr-defined]
+        return name
+    return mapper.to_backend(name)

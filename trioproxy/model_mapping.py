@@ -9,7 +9,8 @@ spellings are one model. Ollama clients rely on it (Open WebUI adds ``:latest`` 
 name without a tag before it looks the model up in ``/api/tags``), while OpenAI-compatible
 backends list their ids without tags. So Ollama's lists show every name with its tag
 (:func:`with_default_tag`), and a name ending in ``:latest`` that the mapping does not name
-goes to the backend without it.
+goes to the backend without it (unless the backend lists it with the tag: see
+``catalog.backend_name_for``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ class ModelMapper:
         if self._forward and not _has_tag(name):
             return self._forward.get(name + DEFAULT_TAG, name)
         return name
+
+    def drops_tag(self, name: str) -> bool:
+        """Whether :meth:`to_backend` takes ``:latest`` off a name the mapping does not
+        name under either spelling."""
+        if not name.endswith(DEFAULT_TAG) or len(name) == len(DEFAULT_TAG):
+            return False
+        return name not in self._forward and name[: -len(DEFAULT_TAG)] not in self._forward
 
     def to_client(self, name: str) -> str:
         clients = self._reverse.get(name)

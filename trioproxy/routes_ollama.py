@@ -18,6 +18,7 @@ from quart import Blueprint, Response, request
 
 from . import translate as tr
 from .app import current_call, quart_route
+from .catalog import backend_name_for
 from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
@@ -142,7 +143,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     state = call.state
     client_model = body["model"]
     note_model(state, client_model)
-    backend_model = app.mapper.to_backend(client_model)
+    backend_model = await backend_name_for(call, client_model)
     payload = to_openai(body, backend_model)
     # think: false hides the reasoning: OpenAI-compatible backends have no portable way to
     # be told not to reason (reasoning_effort "none" is a 400 on most models)
@@ -201,7 +202,7 @@ async def embed(call: Call) -> Reply:
         await _require_known_model(call, body["model"])
         return _json_reply({"model": body["model"], "embeddings": []})
     start_ns = time.perf_counter_ns()
-    backend_model = call.app.mapper.to_backend(body["model"])
+    backend_model = await backend_name_for(call, body["model"])
     payload = tr.ollama_embed_to_openai(body, backend_model)
     with _model_not_found_as_ollama(body["model"], backend_model):
         resp, _ = await call_json(call, "/embeddings", payload)
@@ -219,7 +220,7 @@ async def embeddings(call: Call) -> Reply:
     if tr.ollama_embeddings_input(body) in ("", []):  # Ollama: an empty prompt loads the model
         await _require_known_model(call, body["model"])
         return _json_reply({"embedding": []})
-    backend_model = call.app.mapper.to_backend(body["model"])
+    backend_model = await backend_name_for(call, body["model"])
     payload = tr.ollama_embeddings_to_openai(body, backend_model)
     with _model_not_found_as_ollama(body["model"], backend_model):
         resp, _ = await call_json(call, "/embeddings", payload)

@@ -20,6 +20,7 @@ from quart import Blueprint, Response, request
 
 from . import translate as tr
 from .app import current_call, quart_route, served
+from .catalog import backend_name_for
 from .errors import BadRequest, NotFound
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
@@ -60,12 +61,12 @@ async def forward(
     backend_model = client_model
     if client_model is not None:
         note_model(state, client_model)
-        backend_model = app.mapper.to_backend(client_model)
+        backend_model = await backend_name_for(call, client_model)
     if backend_model == client_model:
         # nothing to rewrite: forward the client's bytes as they came
         payload = call.body
     else:
-        payload = encode(tr.openai_passthrough_request(body, app.mapper))
+        payload = encode(tr.openai_passthrough_request(body, backend_model))
     if body.get("stream") is True:
         result = await open_stream(call, backend_path, payload)
         rewrite = None

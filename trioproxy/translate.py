@@ -599,14 +599,10 @@ def ollama_generate_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     return out
 
 
-def openai_passthrough_request(body: JSONDict, mapper: ModelMapper) -> JSONDict:
-    """A ``/v1/*`` body with only ``model`` mapped; everything else (``max_completion_tokens``
-    included) is forwarded as the client wrote it."""
-    out = dict(body)
-    model = out.get("model")
-    if isinstance(model, str):
-        out["model"] = mapper.to_backend(model)
-    return out
+def openai_passthrough_request(body: JSONDict, backend_model: str) -> JSONDict:
+    """A ``/v1/*`` body with only ``model`` replaced by the backend's name; everything else
+    (``max_completion_tokens`` included) is forwarded as the client wrote it."""
+    return {**body, "model": backend_model}
 
 
 def ollama_embed_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
