@@ -6,6 +6,7 @@ after ``[DONE]`` (a remote backend's last read), and Ollama's own ``/v1`` as the
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -58,6 +59,9 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
         0.0,
     ),
     "slow-end": ([_chunk({"content": "Hi"}), _chunk({}, "stop"), DONE], 0.2),
+    # the body ends (or the connection breaks) inside an event
+    "cut-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id": "c'], 0),
+    "broken-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id'], 0),
 }
 
 
@@ -95,6 +99,10 @@ class _Backend(ScriptedHandler):
                 self.wfile.flush()
                 time.sleep(0.01)  # each piece in a read of its own
             time.sleep(end_after)
+            if scenario.startswith("broken-"):
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)  # no end of the chunked body
+                return
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
             pass  # the proxy gave up on the body
@@ -169,6 +177,24 @@ def test_an_error_field_mid_stream_fails_the_stream_for_both_apis(
         assert _settled(lambda a=api: _streams(shaped.url, "error", a), before[api] + 1) == (
             before[api] + 1
         )
+
+
+@pytest.mark.parametrize("scenario", ["cut-mid-event", "broken-mid-event"])
+def test_a_stream_broken_off_inside_an_event_ends_with_a_readable_error(
+    openai_client: openai.OpenAI, scenario: str
+) -> None:
+    """The proxy relayed the half event, then its error event right after it: glued
+    together, they were one event the openai SDK could not parse (JSONDecodeError instead
+    of the proxy's APIError). Only whole events are relayed."""
+    texts: list[str] = []
+    with pytest.raises(openai.APIError) as failed:
+        for chunk in openai_client.chat.completions.create(
+            model=MODEL, messages=_ask(scenario), stream=True
+        ):
+            texts.append(chunk.choices[0].delta.content or "")
+    assert "".join(texts) == "Hello"
+    expected = "ended before its last event" if scenario.startswith("cut") else "broke mid-stream"
+    assert expected in failed.value.message
 
 
 def test_a_stream_the_client_closes_at_its_end_is_completed(

@@ -240,3 +240,32 @@ def test_error_lines_are_rewritten_as_data_lines_and_nothing_else() -> None:
     )
     events = SSEParser().feed(error_fields_as_data(raw))
     assert [e.event for e in events] == [None, None, None]
+
+
+def test_mid_event_says_whether_the_bytes_so_far_end_inside_an_event() -> None:
+    """What the /v1 relay holds back, so it never relays half an event."""
+    parser = SSEParser()
+    assert not parser.mid_event
+    for piece, inside in [
+        (b'data: {"a"', True),  # a line cut short
+        (b": 1}\n", True),  # the line is whole, the event is not
+        (b"\n", False),  # its blank line ends it
+        (b": ping\n", False),  # a comment is no event
+        (b"event: done\n", True),
+        (b"data: x\r\n\r\n", False),
+    ]:
+        parser.feed(piece)
+        assert parser.mid_event is inside, piece
+
+
+def test_only_whole_events_are_relayed_when_a_read_ends_inside_one() -> None:
+    from trioproxy.relay import _whole_events
+
+    assert _whole_events(b"data: 1\n\ndata: 2", True) == (b"data: 1\n\n", b"data: 2")
+    assert _whole_events(b"data: 1\r\n\r\ndata: 2\r\n", True) == (
+        b"data: 1\r\n\r\n",
+        b"data: 2\r\n",
+    )
+    assert _whole_events(b"data: 1\r\rdata", True) == (b"data: 1\r\r", b"data")
+    assert _whole_events(b"data: half", True) == (b"", b"data: half")
+    assert _whole_events(b"data: 1\n\n", False) == (b"data: 1\n\n", b"")

@@ -323,9 +323,12 @@ async def relay_openai(
     """Backend SSE -> client SSE, relayed read by read; events are only observed.
     ``on_finish`` runs once the backend's stream is over (however it ended).
 
-    With ``rewrite_model`` (a mapped model name), a read's unfinished last line waits for
-    the next read: a name split between two reads is rewritten whole. The SSE parser bounds
-    a line, so the wait is bounded too.
+    Whole events only: a read that ends inside an event keeps that event's start until the
+    read that ends it, so a backend that breaks off mid-event never leaves half an event
+    before the proxy's error event (the openai SDK would fail to parse the two glued
+    together), and a mapped model name split between two reads is rewritten whole. The
+    SSE parser bounds an event, so what is held is bounded too. A read of whole events,
+    the usual one, is passed on as it came.
 
     Once the stream's last event is out (``[DONE]``, or the Responses API's closing event),
     the rest of the backend's body is only drained, briefly: a backend that keeps the body
@@ -362,10 +365,11 @@ async def relay_openai(
             finished = finished or observer.ended
             if finished:
                 _reached(end)
-            if rewrite_model is not None:
-                data, held = _whole_lines(held + data)
+            if held or parser.mid_event:
+                data, held = _whole_events(held + data, parser.mid_event)
                 if not data:
                     continue
+            if rewrite_model is not None:
                 data = rewrite_model(data)
             yield data
             sent = True
@@ -385,8 +389,8 @@ async def relay_openai(
         _record_tokens(metric, observer)
         if on_finish is not None:
             on_finish()
-    if held and rewrite_model is not None:
-        yield rewrite_model(held)
+    if held and error is None:  # a last event without its blank line: as it came
+        yield rewrite_model(held) if rewrite_model is not None else held
         sent = True
     if error is not None or observer.failed:  # a reported failure is relayed as it came
         _set_outcome(metric, "error")
@@ -596,9 +600,18 @@ def _reached(end: StreamEnd | None) -> None:
         end.reached = True
 
 
-def _whole_lines(data: bytes) -> tuple[bytes, bytes]:
-    """``data`` cut after its last line end (LF or CR): the whole lines, and the rest."""
-    cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+def _whole_events(data: bytes, mid_event: bool) -> tuple[bytes, bytes]:
+    """``data`` cut after its last event's end (a blank line) when it ends inside an event:
+    the whole events, and the rest."""
+    if not mid_event:
+        return data, b""
+    ends = [at + len(end) for end in _EVENT_ENDS if (at := data.rfind(end)) >= 0]
+    if not ends:
+        return b"", data
+    cut = max(ends)
     return data[:cut], data[cut:]
 
 

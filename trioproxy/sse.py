@@ -127,6 +127,12 @@ class SSEParser:
         """Consume one read's worth of bytes; return the events it completed."""
         return self._feed_text(self._decoder.decode(data))
 
+    @property
+    def mid_event(self) -> bool:
+        """Whether the bytes fed so far end inside an event (a line or an event not yet
+        ended by its blank line)."""
+        return bool(self._pending or self._data or self._event is not None)
+
     def close(self) -> list[SSEEvent]:
         """End of stream: flush the decoder and any final line, and dispatch a pending event.
 
