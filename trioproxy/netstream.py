@@ -16,6 +16,9 @@ A read timeout costs a cancel scope per read (about 15 µs per relayed chunk). W
 ``ReadDeadlines`` task runs, the streams register their deadline with it instead: one task
 sleeps until the earliest deadline and closes the socket of a read that is still waiting
 then, which ends that read with ``ReadTimeout``. Without the task, reads use a scope.
+
+One fix to httpcore's HTTP/1.1 connection comes with it: a backend that sends bytes past
+the end of its response gets that connection closed, not pooled (``_response_closed``).
 """
 
 # httpcore's stream and backend interface passes timeouts as parameters
@@ -28,8 +31,10 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import h11
 import httpcore
 import trio
+from httpcore._async import http11
 
 
 def send_what_fits(socket: trio.socket.SocketType, data: bytes) -> int:
@@ -242,3 +247,23 @@ def install(transport: object, deadlines: ReadDeadlines | None = None) -> bool:
     if not isinstance(backend, DirectTCPBackend):
         pool._network_backend = DirectTCPBackend(backend, deadlines)
     return True
+
+
+_original_response_closed = http11.AsyncHTTP11Connection._response_closed
+
+
+async def _response_closed(self: Any) -> None:
+    """httpcore's, except that a connection whose backend sent more than its response is
+    closed instead of pooled. h11 keeps such bytes as the start of the next response: the
+    next request on the connection would get them as its status line, fail as a "stale
+    pooled connection" and be sent again, after the backend had already run it once."""
+    state = self._h11_state
+    if state.their_state is h11.DONE and state.trailing_data[0]:
+        await self.aclose()
+        return
+    await _original_response_closed(self)
+
+
+if not getattr(http11.AsyncHTTP11Connection._response_closed, "_trioproxy_patched", False):
+    _response_closed._trioproxy_patched = True  # type: ignore[attr-defined]
+    http11.AsyncHTTP11Connection._response_closed = _response_closed  # type: ignore[method-assign]
