@@ -373,7 +373,9 @@ class UpstreamPool:
         unavailable = UpstreamUnavailable(self._describe(exc))
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return _Retryable("connect", unavailable)
-        if isinstance(exc, httpx.RemoteProtocolError) and body_started:
+        if body_started and not isinstance(exc, httpx.TimeoutException):
+            # a body cut (reset, closed early) or unreadable (corrupt gzip): a broken
+            # answer, as the same failure of a stream is counted
             self._observer.upstream_error("protocol")
             return unavailable
         if isinstance(exc, httpx.RemoteProtocolError):
