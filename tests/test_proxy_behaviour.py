@@ -14,6 +14,8 @@ import base64
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -1585,6 +1587,8 @@ def test_the_replaced_proxys_aliases_answer_alike(http: httpx.Client) -> None:
         (b'{"error":{"message":"Invalid URL (POST /v1/embeddings)"}}', "embeddings", False),
         (b'{"detail":"Not Found"}', "Not", False),
         (b'{"error":{"message":"no model route for llama3-8b"}}', "llama3", False),
+        (b'{"error":{"message":"model llama3-8b or llama3 not found"}}', "llama3", True),
+        (b'{"error":{"message":"The model `a.b` does not exist"}}', "a", False),
     ],
 )  # fmt: skip
 def test_only_a_404_about_the_model_reads_as_ollamas_model_not_found(
@@ -1595,6 +1599,19 @@ def test_only_a_404_about_the_model_reads_as_ollamas_model_not_found(
 
     error = UpstreamStatusError(upstream_error_message(body, 404), 404, body=body)
     assert _is_about_the_model(error, model) is about_the_model
+
+
+def test_a_huge_model_name_in_a_backends_404_is_read_in_linear_time() -> None:
+    """The name was compiled into a pattern: a client's 20 MB model name, quoted back in
+    vLLM's 404, held the worker 10 s. Run apart, so a regression fails, not hangs."""
+    code = """
+from trioproxy.errors import UpstreamStatusError
+from trioproxy.routes_ollama import _is_about_the_model
+name = "m" * 40_000_000
+error = UpstreamStatusError(f"The model `{name}` does not exist.", 404)
+assert _is_about_the_model(error, name) and not _is_about_the_model(error, name[:-1])
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
 
 
 @pytest.mark.parametrize("consume", [_ollama_stream, _openai_stream])

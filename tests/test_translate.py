@@ -12,6 +12,8 @@ import itertools
 import json
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -1938,6 +1940,33 @@ def test_keep_alive_zero_in_any_go_duration_spelling_unloads(
     keep_alive: object, unloads: bool
 ) -> None:
     assert keep_alive_unloads(keep_alive) is unloads
+
+
+def test_a_crafted_keep_alive_is_read_in_linear_time() -> None:
+    """The Go-duration pattern split a run of digits every possible way: 82 bytes of
+    ``"11111111s" * 9 + "!"`` held the worker 30 s, and each group multiplied it by 8.
+    Run apart, so a regression fails here instead of hanging the suite."""
+    code = (
+        "from trioproxy.translate import keep_alive_unloads as k;"
+        "assert not k('11111111s' * 40 + '!') and not k('1' * 100000 + 's!')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
+
+
+def test_a_long_tool_history_is_paired_in_linear_time() -> None:
+    """Each tool message scanned every open call: 20,000 calls answered by ids that match
+    none of them (a 1.7 MB body) held the worker 20 s. Run apart, as above."""
+    code = """
+from trioproxy.translate import validate_ollama_chat, ollama_chat_to_openai
+n = 60000
+calls = [{"function": {"name": "f", "arguments": {}}} for _ in range(n)]
+messages = [{"role": "assistant", "content": "", "tool_calls": calls}]
+messages += [{"role": "tool", "content": "x", "tool_call_id": f"no{i}"} for i in range(n)]
+messages += [{"role": "tool", "content": "x"} for _ in range(n)]  # the oldest open call each
+out = ollama_chat_to_openai(validate_ollama_chat({"model": "m", "messages": messages}), "m")
+assert out["messages"][-1]["tool_call_id"] == out["messages"][0]["tool_calls"][-1]["id"]
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 
 def test_tool_call_fragments_held_are_bounded() -> None:

@@ -22,6 +22,7 @@ import math
 import re
 import struct
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -297,7 +298,9 @@ _THINK_LEVELS = {"low": "low", "medium": "medium", "high": "high", "max": "high"
 
 
 # Go's time.ParseDuration, which Ollama reads keep_alive with: "1h30m", "0.5s", "300ms"
-_GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# (each number has one way to match: "\d+\.?\d*" split a run of digits every possible way,
+# and backtracking over a client's "11111111s…!" took seconds per group)
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_DURATION = re.compile(rf"[-+]?(?:{_GO_DURATION_PART.pattern})+")
 
 
@@ -489,18 +492,26 @@ class _ToolCallIds:
 
     def __init__(self) -> None:
         self._counter = 0
-        # (id, name) of calls not yet answered by a tool message, in call order.
-        self._unanswered: list[tuple[str, str]] = []
+        # calls not yet answered by a tool message, by their number, in call order; and
+        # their numbers by id and by name, oldest first (numbers of calls answered since
+        # are skipped when met): each lookup is O(1), where a scan of the open calls per
+        # tool message made a history of many calls quadratic (20,000 took 20 s)
+        self._unanswered: OrderedDict[int, str] = OrderedDict()  # O(1) oldest, unlike dict
+        self._by_id: dict[str, deque[int]] = {}
+        self._by_name: dict[str, deque[int]] = {}
         self._last_by_name: dict[str, str] = {}
         self._last_id: str | None = None
 
     def register(self, call: JSONDict) -> str:
+        number = self._counter
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
-            call_id = _generated_call_id(self._counter)
+            call_id = _generated_call_id(number)
         self._counter += 1
         name = call.get("function", {}).get("name", "")
-        self._unanswered.append((call_id, name))
+        self._unanswered[number] = call_id
+        self._by_id.setdefault(call_id, deque()).append(number)
+        self._by_name.setdefault(name, deque()).append(number)
         self._last_by_name[name] = call_id
         self._last_id = call_id
         return call_id
@@ -508,25 +519,27 @@ class _ToolCallIds:
     def answer(self, msg: JSONDict) -> str | None:
         own = msg.get("tool_call_id")
         if isinstance(own, str) and own:
-            self._mark_answered(lambda cid, _name: cid == own)
+            self._take_oldest(self._by_id.get(own))
             return own
         name = msg.get("tool_name") or msg.get("name")
         if isinstance(name, str) and name:
-            found = self._mark_answered(lambda _cid, n: n == name)
+            found = self._take_oldest(self._by_name.get(name))
             if found is not None:
                 return found
             if name in self._last_by_name:
                 return self._last_by_name[name]
         # Results without an id or name answer the oldest open call: clients send results in
         # call order, so this pairs parallel calls correctly.
-        found = self._mark_answered(lambda _cid, _name: True)
-        return found if found is not None else self._last_id
+        if self._unanswered:
+            return self._unanswered.popitem(last=False)[1]
+        return self._last_id
 
-    def _mark_answered(self, match: Callable[[str, str], bool]) -> str | None:
-        for i, (cid, name) in enumerate(self._unanswered):
-            if match(cid, name):
-                del self._unanswered[i]
-                return cid
+    def _take_oldest(self, numbers: deque[int] | None) -> str | None:
+        """The oldest open call among ``numbers``, now answered; None if none is open."""
+        while numbers:
+            call_id = self._unanswered.pop(numbers.popleft(), None)
+            if call_id is not None:
+                return call_id
         return None
 
 
