@@ -1074,6 +1074,49 @@ def test_a_body_nested_too_deeply_is_a_400(http: httpx.Client, path: str) -> Non
     assert "nested too deeply" in message
 
 
+def _nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [300, 1010])
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        ("/api/chat", '{"model": "demo-chat", "messages": [], "format": %s}'),
+        (
+            "/api/chat",
+            '{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}],'
+            ' "tools": [{"type": "function", "function": {"name": "f", "parameters": %s}}]}',
+        ),
+        (
+            "/api/chat",
+            '{"model": "demo-chat", "messages": [{"role": "assistant", "content": "",'
+            ' "tool_calls": [{"function": {"name": "f", "arguments": %s}}]}]}',
+        ),
+        ("/v1/chat/completions", '{"model": "demo-chat", "messages": [], "metadata": %s}'),
+    ],
+)
+def test_a_body_that_could_be_read_but_not_written_again_is_a_400(
+    http: httpx.Client, path: str, template: str, depth: int
+) -> None:
+    """Between the depth orjson writes (254) and the depth the decoders read (1,000 and
+    more), a body was read and then failed to be written for the backend: a 500."""
+    response = http.post(
+        path, content=template % _nested(depth), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in response.text
+
+
+def test_a_lone_surrogate_quoted_in_an_error_keeps_the_error_in_openais_shape() -> None:
+    """A backend's 422 quoting a client's lone ``\ud83d`` (FastAPI's ``detail``) made the
+    OpenAI error body fail to encode: a bare 500 with an empty body."""
+    from trioproxy.errors import openai_error_body
+
+    body = json.loads(openai_error_body("bad input: '\ud83d'", 422))
+    assert body["error"]["message"] == "bad input: '\ud83d'"
+
+
 # ---- a backend answering 2xx with a body of the wrong shape ----------------------------------
 
 # model name -> the 2xx JSON body the fake backend answers with

@@ -148,7 +148,10 @@ def openai_error_body(
     message: str, status: int, *, code: str | None = None, param: str | None = None
 ) -> bytes:
     payload = openai_error_payload(message, status, code=code, param=param)
-    return json.dumps(payload, ensure_ascii=False).encode()
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate a backend quoted back: kept as its escape
+        return json.dumps(payload).encode()
 
 
 def is_openai_path(path: str) -> bool:

@@ -44,10 +44,37 @@ def json_object(call: Call) -> dict[str, Any]:
         raise BadRequest("invalid JSON in request body: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    # every container adds a level at most: only a body with many can be too deep
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and nested_deeper_than(
+        body, MAX_JSON_DEPTH
+    ):
+        raise BadRequest(
+            f"invalid JSON in request body: nested too deeply (over {MAX_JSON_DEPTH} levels)"
+        )
     metric = call.state.metric
     if metric is not None and not metric.request_size:
         metric.request_size = len(raw)
     return body
+
+
+# deeper than this, a body could be decoded but not always written again (orjson writes
+# 254 levels, the standard library as many as the stack has room for): a 500 for a
+# client's mistake. No API's body comes near it.
+MAX_JSON_DEPTH = 200
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` deep (without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def _decoded(raw: bytes, *, lenient: bool) -> Any:
