@@ -1139,6 +1139,10 @@ _WRONG_SHAPES = {
                      "finish_reason": "error"}]}),
     "refusal": json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": None, "refusal": "I can't help with that"}}]}),
+    # not JSON at all
+    "cut-short": '{"id": "c1", "object": "chat.completion", "choi',
+    "empty-body": "",
+    "html-page": "<html><body>Bad gateway</body></html>",
 }  # fmt: skip
 
 _COMPLETION = {
@@ -1262,6 +1266,39 @@ _WRONG_FOR = [
     *[("/api/embeddings", {"prompt": "hi"}, m)
       for m in [*_NOT_AN_OBJECT, "embedding-is-text", "no-data"]],
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["cut-short", "empty-body", "html-page", "a-list"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/completions"])
+def test_a_2xx_body_that_is_no_json_object_is_a_502_on_v1_too(
+    wrong_shape_proxy: ServerProcess, path: str, model: str
+) -> None:
+    """/v1 relays a backend's answer as bytes: one that is not a JSON object reached the
+    openai SDK as a 200 it could not read (JSONDecodeError, or a str for an HTML page),
+    counted as a success."""
+    body = {"model": model, "prompt": "hi", "input": "hi", **_CHAT}
+    response = httpx.post(wrong_shape_proxy.url + path, json=body, timeout=10)
+    assert response.status_code == 502, response.text
+    assert "not a JSON object" in response.json()["error"]["message"]
+
+
+def test_a_large_2xx_body_is_checked_by_its_ends() -> None:
+    """Past 256 KiB (a batch of embeddings) decoding to check would cost milliseconds:
+    the ends tell a cut, empty or HTML body."""
+    from types import SimpleNamespace
+
+    from trioproxy.errors import BadUpstreamResponse
+    from trioproxy.forward import require_json_object
+
+    errors: list[str] = []
+    call = SimpleNamespace(
+        app=SimpleNamespace(collector=SimpleNamespace(upstream_error=errors.append))
+    )
+    vectors = json.dumps({"data": [{"embedding": [0.25] * 50_000}]}).encode()
+    require_json_object(call, vectors + b"\n")  # type: ignore[arg-type]
+    with pytest.raises(BadUpstreamResponse):
+        require_json_object(call, vectors[:-10])  # type: ignore[arg-type]
+    assert errors == ["protocol"]
 
 
 @pytest.mark.parametrize(("path", "body", "model"), _WRONG_FOR)

@@ -146,6 +146,28 @@ async def call_json(
     return payload, result
 
 
+# up to this size a relayed 2xx body is decoded to be sure it is JSON (about 1 µs per KB);
+# a larger one (a batch of embeddings) is checked for its ends, which is what a cut body,
+# an empty one or an HTML page fails
+_FULLY_CHECKED_BYTES = 256 * 1024
+
+
+def require_json_object(call: Call, content: bytes) -> None:
+    """A 2xx body relayed as bytes must be the JSON object the API promises: an empty,
+    cut or HTML body would reach an OpenAI client as a success it cannot read."""
+    if len(content) <= _FULLY_CHECKED_BYTES:
+        try:
+            whole = isinstance(loads(content, exact_integers=False), dict)
+        except ValueError:
+            whole = False
+    else:
+        stripped = content.strip()
+        whole = stripped.startswith(b"{") and stripped.endswith(b"}")
+    if not whole:
+        call.app.collector.upstream_error("protocol")
+        raise BadUpstreamResponse("the backend returned a body that is not a JSON object")
+
+
 def _reports_an_error(payload: Any) -> bool:
     """An ``error`` member instead of an answer, or choices that end with
     ``finish_reason: "error"`` (OpenRouter's failed completion carries an error too)."""

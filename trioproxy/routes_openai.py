@@ -30,6 +30,7 @@ from .forward import (
     note_model,
     note_usage_counts,
     open_stream,
+    require_json_object,
     validated,
 )
 from .jsonutil import loads, top_level_member
@@ -79,6 +80,7 @@ async def forward(
         return _stream_reply(call, result, watcher, rewrite, on_finish)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
+    require_json_object(call, content)
     _note_usage(call, content)
     if creates_response and body.get("background") is True:
         _owe_when_queued(app.ledger, content)
