@@ -254,6 +254,27 @@ def test_a_client_that_stops_reading_frees_its_slot(
         sleeper.close()
 
 
+def test_a_body_that_stalls_frees_its_slot_after_client_body_timeout(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """A POST that sent its headers and no body held its slot under
+    MAX_CONCURRENT_REQUESTS for the whole body timeout (300 s): enough such sockets and
+    every proxy request was a 503. A body that makes no progress for
+    CLIENT_BODY_TIMEOUT is a 408, and the slot is free again."""
+    proxy = start_proxy(demo_backend.url, MAX_CONCURRENT_REQUESTS="1", CLIENT_BODY_TIMEOUT="1")
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as silent:
+        silent.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model":'  # and then nothing
+        )
+        answer = silent.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"stalled: no bytes for 1 s" in answer
+    chat = {"model": "demo-chat", "stream": False, **CHAT}
+    assert httpx.post(proxy.url + "/api/chat", json=chat, timeout=5).status_code == 200
+
+
 def test_a_reply_the_client_never_took_is_not_counted_as_served(
     start_proxy: StartProxy, demo_backend: ServerProcess
 ) -> None:

@@ -112,12 +112,24 @@ def test_plain_http_gets_no_answer_from_the_tls_port(https_proxy: str) -> None:
         httpx.get(https_proxy.replace("https://", "http://") + "/health", timeout=5)
 
 
-def test_workers_serve_tls_too(demo_backend: ServerProcess, tls_files: dict[str, str]) -> None:
+def test_workers_serve_tls_too(
+    demo_backend: ServerProcess, tls_files: dict[str, str], https_proxy: str
+) -> None:
+    """And a connection that never starts its handshake is closed like an idle one
+    (KEEP_ALIVE_TIMEOUT, 5 s here), by one process or by workers: hypercorn held it 60 s,
+    so a few hundred such sockets held as many connections that long."""
     server = _start(demo_backend.url, tls_files, "--workers", "2")
     try:
         with httpx.Client(base_url=server.url, verify=trusting(tls_files), timeout=10) as http:
             body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
             assert http.post("/api/chat", json=body | {"stream": False}).status_code == 200
+        silent = [
+            socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20)
+            for url in (https_proxy, server.url)
+        ]
+        for connection in silent:
+            with connection:
+                assert connection.recv(1) == b""  # closed by the server, long before 60 s
     finally:
         server.stop()
 

@@ -78,6 +78,7 @@ class Settings:
     graceful_timeout: float = 5.0
     keep_alive_timeout: float = 5.0
     client_write_timeout: float = 60.0
+    client_body_timeout: float = 30.0
     cors_origins: str = ""
     proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
     proxy_api_keys_file: str | None = None
@@ -243,6 +244,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
     "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
     "CLIENT_WRITE_TIMEOUT": ("client_write_timeout", _positive_float),
+    "CLIENT_BODY_TIMEOUT": ("client_body_timeout", _positive_float),
     "CORS_ORIGINS": ("cors_origins", _text),
     "PROXY_API_KEYS": ("proxy_api_keys", parse_keys),
     "PROXY_API_KEYS_FILE": ("proxy_api_keys_file", _text),

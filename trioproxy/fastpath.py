@@ -175,7 +175,12 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
         raise _too_large(limit)
     parts: list[bytes] = []
     size = 0
-    with trio.move_on_after(app.body_timeout) as scope:
+    # the whole body within body_timeout, and no stall longer than CLIENT_BODY_TIMEOUT: a
+    # request holds its slot under MAX_CONCURRENT_REQUESTS while its body is awaited, so
+    # headers alone must not hold one for the whole body timeout
+    stall = app.settings.client_body_timeout
+    whole_by = trio.current_time() + app.body_timeout
+    with trio.CancelScope(deadline=min(whole_by, trio.current_time() + stall)) as scope:
         while True:
             event = await receive()
             if event["type"] == "http.disconnect":
@@ -186,10 +191,13 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
                 if size > limit:
                     raise _too_large(limit)
                 parts.append(chunk)
+                scope.deadline = min(whole_by, trio.current_time() + stall)
             if not event.get("more_body", False):  # type: ignore[union-attr]
                 break
     if scope.cancelled_caught:
-        raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
+        if trio.current_time() >= whole_by:
+            raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
+        raise ProxyError(f"the request body stalled: no bytes for {stall:g} s", 408)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
