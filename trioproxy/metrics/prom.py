@@ -141,13 +141,7 @@ DURATION_LABELS = ("api", "endpoint", "model")
 REQUEST_DURATION_LABELS = (*DURATION_LABELS, "stream")
 STREAM_LABELS = ("api", "endpoint", "model", "outcome")
 NO_TOKEN_LABELS = ("api", "endpoint", "model", "reason")
-# why a stream produced no token: its outcome, or no_output for one that completed empty
-NO_TOKEN_REASONS: dict[str, str] = {
-    "completed": "no_output",
-    "cancelled": "cancelled",
-    "timeout": "timeout",
-    "error": "error",
-}
+NO_TOKEN_REASONS = store.NO_TOKEN_REASONS  # the window's filtered summaries use them too
 FLOW_LABELS = ("api", "endpoint")
 TOKEN_LABELS = ("api", "model", "type")
 
