@@ -258,6 +258,35 @@ def test_two_workers_report_the_totals_of_both(
     server.stop()
 
 
+def test_fresh_workers_describe_the_families_one_process_does(
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """``--workers 2`` left out HELP/TYPE of every labelled family without samples (16 on
+    a fresh proxy; the client families for good without PROXY_API_KEYS) where one process
+    describes them all from the start: the same scrape before and after traffic."""
+    down = "http://127.0.0.1:9/v1"  # nothing listens: no backend is needed here
+    single = start_proxy(down).url
+    port = _free_port()
+    workers = _start_workers(port, {"OPENAI_API_BASE_URL": down}, start_proxy)
+    url = f"http://127.0.0.1:{port}"
+
+    def described(base: str) -> list[str]:
+        with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+            text = client.get(f"{base}/metrics").text
+        return sorted(ln for ln in text.splitlines() if ln.startswith(("# HELP", "# TYPE")))
+
+    try:
+        for _ in range(4):  # a fresh connection each: the kernel spreads them over workers
+            assert described(url) == described(single)
+        for base in (single, url, url):
+            with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+                assert client.get(f"{base}/nope").status_code == 404
+        for _ in range(4):
+            assert described(url) == described(single)
+    finally:
+        workers.stop()
+
+
 def _start_workers(
     port: int, env: dict[str, str], start_proxy: Callable[..., ServerProcess]
 ) -> ServerProcess:

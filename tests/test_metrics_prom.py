@@ -315,6 +315,56 @@ def test_multiprocess_scrape_sums_all_workers(tmp_path: Path) -> None:
     )
 
 
+FRESH_WORKER = textwrap.dedent(
+    """
+    import json
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+    c = MetricsCollector(system_enabled=False)
+    fresh, _ = c.render_prometheus(None)
+    c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200, model="m"))
+    busy, _ = c.render_prometheus(None)
+    print(json.dumps({"fresh": fresh.decode(), "busy": busy.decode()}), flush=True)
+    """
+)
+
+
+def _descriptions(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith(("# HELP", "# TYPE")))
+
+
+def test_a_fresh_worker_describes_every_family_as_one_process_does(tmp_path: Path) -> None:
+    """A worker's files hold only series with a value, so a fresh --workers N proxy left
+    out HELP/TYPE of 16 labelled families until requests created samples, and the client
+    families (no samples without PROXY_API_KEYS) for good; one process describes them all
+    from the start."""
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp), "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-c", FRESH_WORKER], env=env, cwd=ROOT, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    worker = json.loads(res.stdout)
+
+    single = MetricsCollector(system_enabled=False, multiprocess=False)
+    fresh, _ = single.render_prometheus(None)
+    single.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200, model="m"))
+    busy, _ = single.render_prometheus(None)
+
+    assert "# TYPE trioproxy_client_requests_total counter" in fresh.decode()
+    assert _descriptions(worker["fresh"]) == _descriptions(fresh.decode())
+    assert _descriptions(worker["busy"]) == _descriptions(busy.decode())
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        lint = subprocess.run(
+            [promtool, "check", "metrics"], input=worker["fresh"].encode(),
+            capture_output=True, check=False,
+        )  # fmt: skip
+        assert lint.returncode == 0 and lint.stdout == lint.stderr == b"", lint
+
+
 # ----------------------------------------------------------------------------- unshared workers
 
 

@@ -167,6 +167,42 @@ def test_time_per_output_token_and_streams_without_a_first_token() -> None:
     }  # fmt: skip
 
 
+def test_filtered_streaming_has_the_summary_keys_over_its_window() -> None:
+    """A filtered view's streaming object lacked avg_time_per_output_token_ms and
+    streams_without_first_token; it carries every key of the summary's, computed over
+    the requests it selects."""
+    c = MetricsCollector(system_enabled=False)
+    timed = stream("/api/chat", "completed", [(50.0, 10)], 400.0, first_token_ms=100.0)
+    timed.last_token_time_ms, timed.token_chunks = 280.0, 10  # 9 gaps of 20 ms
+    slow = stream("/v1/chat/completions", "completed", [(50.0, 10)], 400.0, first_token_ms=90.0)
+    slow.last_token_time_ms, slow.token_chunks = 490.0, 5  # 4 gaps of 100 ms
+    empty = stream("/v1/chat/completions", "completed", [(50.0, 10)], 60.0)
+    replayed = stream("/v1/responses/resp_1", "completed", [(50.0, 10)], 60.0, replayed=True)
+    cut = stream("/v1/chat/completions", "cancelled", [(50.0, 10)], 60.0, status=499)
+    late = stream("/api/chat", "timeout", [], 300.0, status=504)
+    broken = stream("/api/generate", "error", [(50.0, 10)], 60.0, status=502)
+    for m in (timed, slow, empty, replayed, cut, late, broken):
+        c.request_finished(m)
+    everything = c.summary()["streaming"]
+    window = c.filtered_summary(time_range_minutes=600)["streaming"]
+    assert list(window) == list(everything)
+    assert window["avg_time_per_output_token_ms"] == pytest.approx(60.0)  # (20 + 100) / 2
+    assert window["streams_without_first_token"] == {
+        "no_output": 1, "cancelled": 1, "timeout": 1, "error": 1
+    }  # fmt: skip
+    for key, value in everything.items():  # the window holds every request here
+        assert window[key] == (value if isinstance(value, dict) else pytest.approx(value)), key
+    openai = c.filtered_summary(endpoint_filter="v1_chat")["streaming"]
+    assert openai["avg_time_per_output_token_ms"] == pytest.approx(100.0)
+    assert openai["streams_without_first_token"] == {
+        "no_output": 1, "cancelled": 1, "timeout": 0, "error": 0
+    }  # fmt: skip
+    none = c.filtered_summary(endpoint_filter="nothing-matches")["streaming"]
+    assert list(none) == list(everything)
+    assert none["avg_time_per_output_token_ms"] == 0.0
+    assert set(none["streams_without_first_token"].values()) == {0}
+
+
 # ----------------------------------------------------------------------------- counters
 
 
@@ -505,6 +541,9 @@ def test_window_entry_gives_back_what_was_recorded() -> None:
     assert (e.streaming, e.outcome, e.status, e.cls) == (True, "completed", 200, 0)
     assert (e.duration_ms, e.chunks, e.stream_bytes, e.transfer_s) == (12.5, 4, 400, 0.01)
     assert (e.input_tokens, e.output_tokens) == (9, 11)
+    assert (e.time_per_output_token_ms, e.replayed) == (None, False)
+    w.append(_kind(streaming=True), 8.0, 1.0, 0.5, 0.75, 2, 20, 0.01, 0, 2, 0.25, True)
+    assert (w.entries()[-1].time_per_output_token_ms, w.entries()[-1].replayed) == (0.25, True)
 
 
 # ----------------------------------------------------------------------------- health

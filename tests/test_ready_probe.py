@@ -120,6 +120,56 @@ async def test_the_background_task_keeps_the_result_current(
         nursery.cancel_scope.cancel()
 
 
+async def test_probes_never_wait_for_a_check_when_a_result_stands(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The failed result expired exactly when the background task started its next check,
+    so a probe during that check (2 s, a backend that never answers) waited for it: once
+    per cycle a probe took ~2 s, past Kubernetes' default 1 s probe timeout. Only the
+    probes before the very first result may wait."""
+    backend = ScriptedBackend("no answer", delay=CHECK_TIMEOUT_SECONDS)
+    checker, app = checker_with(backend, monkeypatch, interval=10.0)
+    waits: list[tuple[float, float]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(checker.run, app)
+        await checker.refresh(app)  # no result yet: this one waits for the first check
+        assert checker.reachable is False
+        while trio.current_time() < 40:  # checks at 0, 12, 24, 36 (2 s each)
+            await trio.sleep(0.25)
+            started = trio.current_time()
+            await checker.refresh(app)
+            waits.append((started, trio.current_time() - started))
+            assert checker.reachable is False and checker.last_error == "no answer"
+        nursery.cancel_scope.cancel()
+    assert backend.calls == 4  # the probes started none of their own
+    assert max(took for _, took in waits) == 0, [w for w in waits if w[1]]
+
+
+async def test_without_the_background_task_a_probe_checks_and_others_do_not_wait(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nothing else would check, so an expired result sends one probe to the backend; a
+    probe that comes while that check runs answers from the previous result."""
+    backend = ScriptedBackend("no answer", delay=CHECK_TIMEOUT_SECONDS)
+    checker, app = checker_with(backend, monkeypatch, interval=10.0)
+    await checker.refresh(app)
+    await trio.sleep(10)  # the failure has expired
+    finished: dict[str, float] = {}
+
+    async def probe(name: str) -> None:
+        await checker.refresh(app)
+        finished[name] = trio.current_time()
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe, "first")
+        await trio.sleep(0.5)
+        nursery.start_soon(probe, "second")
+    assert backend.calls == 2
+    assert finished["first"] - started == pytest.approx(CHECK_TIMEOUT_SECONDS)
+    assert finished["second"] - started == pytest.approx(0.5)
+
+
 async def test_requests_that_reach_the_backend_clear_a_failed_check_in_health(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -224,6 +274,25 @@ def test_probes_of_a_silent_backend_answer_within_the_probe_timeout(
     assert status == 503 and took < 0.5, took  # the failure stands: no new check
     assert len(hanging_backend.accepted) == 1  # the one check the probes shared
     assert "did not answer" in httpx.get(f"{proxy.url}/ready").json()["backend_error"]
+
+
+def test_probes_of_a_silent_backend_never_wait_for_the_next_check(
+    start_proxy: StartProxy, hanging_backend: FakeBackend
+) -> None:
+    """With a 1 s interval the proxy checks for 1 s every 2 s; a probe during a check
+    waited for it (up to 1 s) although the previous failure was there to answer from."""
+    proxy = start_proxy(hanging_backend.url, READY_CHECK_INTERVAL="1")
+    with httpx.Client(base_url=proxy.url, timeout=10) as http:
+        assert http.get("/ready").status_code == 503  # the first result
+        took = []
+        deadline = time.monotonic() + 5  # two and a half check cycles
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            assert http.get("/ready").status_code == 503
+            took.append(time.monotonic() - started)
+            time.sleep(0.05)
+    assert len(hanging_backend.accepted) >= 2  # checks did run meanwhile
+    assert max(took) < 0.3, sorted(took)[-5:]
 
 
 def test_ready_when_the_backend_answers(proxy: ServerProcess) -> None:

@@ -42,9 +42,10 @@ class ReadinessChecker:
     Evidence comes from any successful backend exchange of a request
     (:meth:`mark_reachable`) and from checks, ``GET /models`` (cheap on every
     OpenAI-compatible server): a background task checks every ``READY_CHECK_INTERVAL``
-    while no request proved the backend reachable, and ``/ready`` checks only when no
-    result of the last interval says either way. A failed check stands for the interval
-    too, so probes of a down backend are answered from it; concurrent probes share one
+    while no request proved the backend reachable, and ``/ready`` checks only when there
+    is no result to answer from. A failed check stands for the interval too, and any
+    result stands until the next check ends, so probes of a down backend are answered
+    from it at once, never held by a check in progress; concurrent probes share one
     check.
 
     A check is a single attempt of at most :data:`CHECK_TIMEOUT_SECONDS`, through a
@@ -61,6 +62,7 @@ class ReadinessChecker:
         self._last_ok = -math.inf  # trio clock: the latest evidence the backend answers
         self._last_check = -math.inf  # trio clock: when the latest check ended
         self._checking: trio.Event | None = None  # the running check's end
+        self._scheduled = False  # run() is alive: it starts every check that falls due
         self._pool: UpstreamPool | None = None
         self._closed = False
         self._collector: MetricsCollector | None = None  # the app's: told every change
@@ -101,6 +103,7 @@ class ReadinessChecker:
         """Check whenever an interval passed without evidence either way, until cancelled
         (then the checks' pool is closed)."""
         self._collector = app.collector
+        self._scheduled = True
         task_status.started()
         try:
             while True:
@@ -110,13 +113,24 @@ class ReadinessChecker:
                 else:
                     await trio.sleep_until(latest + self.interval)
         finally:
+            self._scheduled = False
             await self._close()
 
     async def refresh(self, app: Any) -> None:
-        """What a probe needs: a check, unless a result of the last interval stands (a
-        success, or a failure) or one is running (then its result, when it ends)."""
-        if not (self.fresh() or self.failed_recently()):
-            await self.check(app)
+        """What a probe needs: the latest result, success or failure, while it is of the
+        last interval or while a newer one is on its way (a check running, or due from
+        :meth:`run`); a check only when there is no result at all (then it waits for
+        the one running, if any) or nothing else will check.
+
+        A result that has just expired is not waited past: :meth:`run` starts its
+        check exactly when the last result turns an interval old, and a probe that
+        waited for that check would take up to :data:`CHECK_TIMEOUT_SECONDS` whenever
+        the backend hangs, longer than a probe's usual 1 s timeout."""
+        if self.fresh() or self.failed_recently():
+            return
+        if self.reachable is not None and (self._checking is not None or self._scheduled):
+            return
+        await self.check(app)
 
     async def check(self, app: Any) -> None:
         """Ask the backend once; a caller that finds a check running waits for it instead

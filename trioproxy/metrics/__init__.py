@@ -356,6 +356,8 @@ class MetricsCollector:
             transfer_s,
             inp,
             out,
+            token_gap_s * 1000.0 if token_gap_s is not None else _NAN,
+            m.replayed,
         )
         if debug:
             log.debug(

@@ -32,6 +32,7 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import values as _values
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -140,13 +141,7 @@ DURATION_LABELS = ("api", "endpoint", "model")
 REQUEST_DURATION_LABELS = (*DURATION_LABELS, "stream")
 STREAM_LABELS = ("api", "endpoint", "model", "outcome")
 NO_TOKEN_LABELS = ("api", "endpoint", "model", "reason")
-# why a stream produced no token: its outcome, or no_output for one that completed empty
-NO_TOKEN_REASONS: dict[str, str] = {
-    "completed": "no_output",
-    "cancelled": "cancelled",
-    "timeout": "timeout",
-    "error": "error",
-}
+NO_TOKEN_REASONS = store.NO_TOKEN_REASONS  # the window's filtered summaries use them too
 FLOW_LABELS = ("api", "endpoint")
 TOKEN_LABELS = ("api", "model", "type")
 
@@ -469,6 +464,13 @@ class PrimaryMetrics:
             k: self.upstream_retries.labels(k) for k in UPSTREAM_REASONS
         }
         self.active.set(0)
+        # Every family declared above, in order. A worker's mmap file holds only the series
+        # that have a value, so the merge of the files knows nothing of a labelled family
+        # without samples yet (or ever: the client families without PROXY_API_KEYS); the
+        # scrape adds their HELP/TYPE from here, as one process's registry does.
+        self._families: list[MetricWrapperBase] = [
+            m for m in vars(self).values() if isinstance(m, MetricWrapperBase)
+        ]
 
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
@@ -517,7 +519,14 @@ class PrimaryMetrics:
         self.flush()
         if self.multiprocess_dir:
             mark_dead_workers(self.multiprocess_dir)
-            return list(MultiProcessCollector(None, self.multiprocess_dir).collect())
+            merged = {
+                m.name: m for m in MultiProcessCollector(None, self.multiprocess_dir).collect()
+            }
+            families: list[Metric] = []
+            for metric in self._families:
+                for described in metric.describe():  # no samples: its name, HELP and TYPE
+                    families.append(merged.pop(described.name, described))
+            return [*families, *merged.values()]  # anything else in the files, kept
         assert self.registry is not None
         return list(self.registry.collect())
 

@@ -43,6 +43,14 @@ ERROR = 3
 CLASS_NAMES = ("success", "client_error", "cancelled", "error")
 NOT_IMPLEMENTED = 501
 
+# why a stream produced no token: its outcome, or no_output for one that completed empty
+NO_TOKEN_REASONS: dict[str, str] = {
+    "completed": "no_output",
+    "cancelled": "cancelled",
+    "timeout": "timeout",
+    "error": "error",
+}
+
 _ABNORMAL_STATUS = {
     "cancelled": labels.STATUS_CLIENT_CLOSED,
     "timeout": labels.STATUS_STREAM_TIMEOUT,
@@ -171,6 +179,8 @@ class WindowEntry:
     transfer_s: float
     input_tokens: int
     output_tokens: int
+    time_per_output_token_ms: float | None = None  # streams with two or more tokens
+    replayed: bool = False  # a stream replaying an earlier response: no first token due
 
 
 def _floats(size: int) -> array[float]:
@@ -191,7 +201,8 @@ class WindowStore:
 
     __slots__ = (
         "_bytes", "_chunks", "_duration", "_first_byte", "_first_token", "_input",
-        "_kind", "_next", "_output", "_size", "_timestamp", "_transfer", "max_size",
+        "_kind", "_next", "_output", "_replayed", "_size", "_timestamp", "_token_gap",
+        "_transfer", "max_size",
     )  # fmt: skip
 
     def __init__(self, max_size: int = 1000) -> None:
@@ -210,6 +221,8 @@ class WindowStore:
         self._bytes = _ints(max_size)
         self._input = _ints(max_size)
         self._output = _ints(max_size)
+        self._token_gap = _floats(max_size)
+        self._replayed = bytearray(max_size)
 
     def append(
         self,
@@ -223,8 +236,11 @@ class WindowStore:
         transfer_s: float,
         input_tokens: int,
         output_tokens: int,
+        token_gap_ms: float = math.nan,
+        replayed: bool = False,
     ) -> None:
-        """Record one request (``first_byte_ms``/``first_token_ms``: NaN when none)."""
+        """Record one request (``first_byte_ms``/``first_token_ms``/``token_gap_ms``, the
+        time per output token: NaN when none)."""
         i = self._next
         self._kind[i] = kind
         self._timestamp[i] = timestamp
@@ -236,6 +252,8 @@ class WindowStore:
         self._transfer[i] = transfer_s
         self._input[i] = input_tokens
         self._output[i] = output_tokens
+        self._token_gap[i] = token_gap_ms
+        self._replayed[i] = replayed
         i += 1
         self._next = 0 if i == self.max_size else i
         if self._size < self.max_size:
@@ -321,6 +339,8 @@ class WindowStore:
             self._transfer[i],
             self._input[i],
             self._output[i],
+            _optional(self._token_gap[i]),
+            bool(self._replayed[i]),
         )
 
 
@@ -366,6 +386,9 @@ def performance(entries: Sequence[WindowEntry]) -> dict[str, float]:
 
 
 def streaming_summary(entries: Iterable[WindowEntry]) -> dict[str, Any]:
+    """The summary's ``streaming`` object over window entries: the same keys as the
+    all-time one, each figure defined as there (averages over the streams that have the
+    figure; streams without a first token by the reason of the Prometheus counter)."""
     streams = [e for e in entries if e.streaming]
     outcomes = collections.Counter(e.outcome for e in streams)
     chunks = sum(e.chunks for e in streams)
@@ -373,6 +396,11 @@ def streaming_summary(entries: Iterable[WindowEntry]) -> dict[str, Any]:
     transfer = sum(e.transfer_s for e in streams)
     fb = [e.first_byte_ms for e in streams if e.first_byte_ms is not None]
     ft = [e.first_token_ms for e in streams if e.first_token_ms is not None]
+    gaps = [e.time_per_output_token_ms for e in streams if e.time_per_output_token_ms is not None]
+    without_token = dict.fromkeys(NO_TOKEN_REASONS.values(), 0)
+    for e in streams:
+        if e.first_token_ms is None and not e.replayed:
+            without_token[NO_TOKEN_REASONS.get(e.outcome or "", "error")] += 1
     return {
         "total_streaming_requests": len(streams),
         "completed_streams": outcomes["completed"],
@@ -383,6 +411,8 @@ def streaming_summary(entries: Iterable[WindowEntry]) -> dict[str, Any]:
         "total_bytes": nbytes,
         "avg_first_byte_time_ms": sum(fb) / len(fb) if fb else 0.0,
         "avg_first_token_time_ms": sum(ft) / len(ft) if ft else 0.0,
+        "avg_time_per_output_token_ms": sum(gaps) / len(gaps) if gaps else 0.0,
+        "streams_without_first_token": without_token,
         "avg_throughput_bytes_per_second": nbytes / transfer if transfer > 0 else 0.0,
         "avg_chunk_size": nbytes / chunks if chunks else 0.0,
     }
