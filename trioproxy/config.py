@@ -7,6 +7,7 @@ Every setting is documented in docs/configuration.md.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import os
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from dotenv import dotenv_values
 
 from .auth import client_keys, parse_keys
+from .errors import BackendSecrets
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -89,14 +91,26 @@ class Settings:
     # what that file set (known names only), for workers: a pipe or a /dev/fd path (a
     # decrypted secret) cannot be read twice; never shown (it holds keys)
     env_file_values: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # derived from api_key and upstream_url (__post_init__): what is masked wherever the
+    # proxy's output could quote what it sent the backend
+    backend_secrets: BackendSecrets = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        url = self.upstream_url or ""
+        # the basic credential also without its "=" padding: quoted so, it still holds the
+        # whole user:password
+        credential = basic_credential(url) or ""
+        secrets = BackendSecrets.of(
+            self.api_key or "", *url_credentials(url), credential, credential.rstrip("=")
+        )
+        object.__setattr__(self, "backend_secrets", secrets)  # frozen: set once, here
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """What log lines must never show: the backend's key and credentials in its URL,
-        and the clients' keys."""
+        """What log lines must never show: the backend's secrets (its key, the credentials
+        in its URL and the basic-auth credential made of them), and the clients' keys."""
         return (
-            self.api_key or "",
-            *url_credentials(self.upstream_url or ""),
+            *self.backend_secrets.texts,
             *(key for _, key in client_keys(self.proxy_api_keys)),
         )
 
@@ -493,3 +507,17 @@ def url_credentials(url: str) -> tuple[str, ...]:
     user, colon, password = userinfo.partition(":")
     secret = password if colon else user
     return tuple(dict.fromkeys(v for v in (secret, unquote(secret)) if v))
+
+
+def basic_credential(url: str) -> str | None:
+    """What ``user:password@`` in ``url`` is sent to the backend as: the base64 of the
+    decoded ``user:password`` in ``Authorization: Basic …`` (None without userinfo). One
+    function for the header and for the masking, so what is masked is what is sent."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    if not (user or password):
+        return None
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
