@@ -369,6 +369,35 @@ def test_backend_url_credentials_never_reach_the_log(demo_backend: ServerProcess
     assert "s3cretpw" not in log
 
 
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("sk-backend-SECRET\n0123456789", "a line end at character 18"),
+        ("sk-backend-SECRET\r\n", None),  # a CRLF file's line end is only trimmed
+        ("sk-backend-SECRET\t0123456789", "a control character at character 18"),
+        ("sk-backend-SECRETé0123456789", "a non-ASCII character at character 18"),
+    ],
+)
+def test_a_backend_key_no_http_header_can_hold_stops_the_program(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], key: str, kind: str | None
+) -> None:
+    """h11 refused such a key in the header at the first request and quoted it escaped
+    (past the scrubbing) to every client, /ready and the log; httpx could not encode a
+    non-ASCII one and the proxy crashed after saying it listened. Refused before serving,
+    without quoting it."""
+    url = "http://127.0.0.1:9/v1"
+    if kind is None:
+        assert load_settings({"OPENAI_API_KEY": key}, dotenv_path=None).api_key == key.strip()
+        return
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url, OPENAI_API_KEY=key)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"trioproxy: error: invalid OPENAI_API_KEY: {kind} (not shown)")
+    assert "SECRET" not in line and "0123" not in line
+    with pytest.raises(ConfigError, match=kind):  # given already parsed (create_app(...))
+        load_settings({}, dotenv_path=None, upstream_url=url, api_key=key)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_port_in_use_is_one_line(tmp_path: Path, workers: str) -> None:
     import socket

@@ -219,9 +219,33 @@ def _host(value: str) -> str:
     return host
 
 
+def _api_key(value: str) -> str:
+    """The backend key, which goes out in an HTTP header: only printable ASCII. h11 refuses
+    a line end or a control character in a header (its error quotes the header escaped,
+    past the scrubbing of the key as written) and httpx cannot encode a non-ASCII letter
+    (a crash after the proxy said it listens), so such a key is refused here, named by
+    the character's kind and place only: the message must not quote the key."""
+    key = value.strip()
+    for place, char in enumerate(key, 1):
+        if not " " <= char <= "~":
+            kind = (
+                "a line end"
+                if char in "\r\n"
+                else "a non-ASCII character"
+                if char > "~"
+                else "a control character"
+            )
+            raise ValueError(
+                f"{kind} at character {place} (not shown); the key is sent in an HTTP "
+                "header, which takes printable ASCII only (a multi-line secret file, or a "
+                "stray character pasted with the key?)"
+            )
+    return key
+
+
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPENAI_API_BASE_URL": ("upstream_url", _text),
-    "OPENAI_API_KEY": ("api_key", _text),
+    "OPENAI_API_KEY": ("api_key", _api_key),
     "PROXY_HOST": ("host", _host),
     "PROXY_PORT": ("port", _port),
     "WORKERS": ("workers", _int_between(1, 256)),
@@ -409,6 +433,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("PROXY_PORT", str(settings.port)),
         ("LOG_LEVEL", settings.log_level),
         ("LOG_FORMAT", settings.log_format),
+        *((("OPENAI_API_KEY", settings.api_key),) if settings.api_key else ()),
     ):
         attr, parsed = parse_setting(name, value)
         if parsed != getattr(settings, attr):
