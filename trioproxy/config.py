@@ -496,6 +496,16 @@ def normalise_upstream_url(url: str) -> str:
         parts = urlsplit(url.strip())
     except ValueError as exc:  # an unclosed "[" of an IPv6 address, say
         raise ConfigError(f"invalid OPENAI_API_BASE_URL {shown!r}: {exc}") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # A password with an unencoded "/", "?" or "#" ends the host there: the rest of
+        # it reads as a path (or the part before the "/" as a port), so it would be
+        # printed and the wrong host asked. No base URL needs a literal "@" after its
+        # host, so the URL is refused, and not shown: where its password ends is unknown.
+        raise ConfigError(
+            "invalid OPENAI_API_BASE_URL (not shown): an '@' after the host; percent-encode "
+            "'/', '?', '#' and '@' in a user name or password (%2F, %3F, %23, %40), and "
+            "'@' in the path or query (%40)"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"invalid OPENAI_API_BASE_URL {shown!r}: expected an http(s) URL such as "
@@ -513,12 +523,15 @@ def normalise_upstream_url(url: str) -> str:
 
 
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
+# For display, everything up to the URL's last "@": a password holding an unencoded "/",
+# "?" or "#" runs past where the userinfo ends by the RFC, and hiding a path is harmless.
+_SHOWN_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?.*@", re.DOTALL)
 
 
 def redact_url(url: str) -> str:
     """``url`` with its userinfo (``user:password@``) shown as ``***@``: how a URL appears
     in log lines and errors."""
-    return _USERINFO.sub(r"\1***@", url, count=1)
+    return _SHOWN_USERINFO.sub(r"\1***@", url, count=1)
 
 
 def url_credentials(url: str) -> tuple[str, ...]:
