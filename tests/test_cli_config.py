@@ -23,7 +23,14 @@ import httpx
 import pytest
 
 from trioproxy import __version__
-from trioproxy.config import ENV_NAMES, ConfigError, load_settings, redact_url, url_credentials
+from trioproxy.config import (
+    ENV_NAMES,
+    ConfigError,
+    basic_credential,
+    load_settings,
+    redact_url,
+    url_credentials,
+)
 
 from .conftest import ROOT, ServerProcess, base_env, closed_port_url, wait_healthy
 
@@ -349,6 +356,33 @@ def test_backend_url_credentials_never_reach_an_error_line(
     assert "s3cretpw" not in line and "http://***@127.0.0.1:99999/v1" in line
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://svcuser:Pa55/w0rd@127.0.0.1:26100/v1",  # "Pa55" read as a bad port
+        "http://svcuser:Pa55#w0rd@127.0.0.1:26100/v1",
+        "http://svcuser:Pa55?w0rd@127.0.0.1:26100/v1",
+        "http://svcuser:8080/w0rd@127.0.0.1:26100/v1",  # a valid URL to host svcuser
+        "http://127.0.0.1:26100/v1/w0rd@x",  # ambiguous with the one above: "@" is %40
+    ],
+)
+def test_a_password_with_an_unencoded_delimiter_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """The userinfo ends, by the RFC, at the first "/", "?" or "#": the password's rest was
+    printed in the error (and, with "8080/...", in the "serving; backend" line of a proxy
+    asking host "svcuser")."""
+    assert "w0rd" not in redact_url(url)
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url)
+    assert code == 2
+    line = one_line(err)
+    assert "invalid OPENAI_API_BASE_URL (not shown): an '@' after the host" in line
+    assert "%2F" in line and "w0rd" not in line and "Pa55" not in line
+    if "Pa55/" in url:  # encoded, it is a password like any other
+        encoded = load_settings({"OPENAI_API_BASE_URL": url.replace("Pa55/", "Pa55%2F")}, None)
+        assert basic_credential(encoded.upstream_url or "") == "c3ZjdXNlcjpQYTU1L3cwcmQ="
+
+
 def test_backend_url_credentials_never_reach_the_log(demo_backend: ServerProcess) -> None:
     from .conftest import _spawn
 
@@ -367,6 +401,35 @@ def test_backend_url_credentials_never_reach_the_log(demo_backend: ServerProcess
     log = server.log()
     assert "serving; backend http://***@127.0.0.1:" in log
     assert "s3cretpw" not in log
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("sk-backend-SECRET\n0123456789", "a line end at character 18"),
+        ("sk-backend-SECRET\r\n", None),  # a CRLF file's line end is only trimmed
+        ("sk-backend-SECRET\t0123456789", "a control character at character 18"),
+        ("sk-backend-SECRETé0123456789", "a non-ASCII character at character 18"),
+    ],
+)
+def test_a_backend_key_no_http_header_can_hold_stops_the_program(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], key: str, kind: str | None
+) -> None:
+    """h11 refused such a key in the header at the first request and quoted it escaped
+    (past the scrubbing) to every client, /ready and the log; httpx could not encode a
+    non-ASCII one and the proxy crashed after saying it listened. Refused before serving,
+    without quoting it."""
+    url = "http://127.0.0.1:9/v1"
+    if kind is None:
+        assert load_settings({"OPENAI_API_KEY": key}, dotenv_path=None).api_key == key.strip()
+        return
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url, OPENAI_API_KEY=key)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"trioproxy: error: invalid OPENAI_API_KEY: {kind} (not shown)")
+    assert "SECRET" not in line and "0123" not in line
+    with pytest.raises(ConfigError, match=kind):  # given already parsed (create_app(...))
+        load_settings({}, dotenv_path=None, upstream_url=url, api_key=key)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

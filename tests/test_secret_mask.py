@@ -4,6 +4,7 @@ would give, and nothing is held back that could not be the start of the key."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioproxy.errors import SecretMask
+from trioproxy.config import Settings, basic_credential
+from trioproxy.errors import BackendSecrets, SecretMask, SecretsMask
 from trioproxy.exchange import Reply, masked
 
 KEY = b"sk-proj-abc123"
@@ -63,6 +65,57 @@ async def test_a_streamed_reply_is_masked_across_reads() -> None:
         yield KEY[5:] + b"\n"
         yield KEY[:3]  # the stream ends inside what looks like the key
 
-    reply = masked(Reply(200, body()), KEY)
+    reply = masked(Reply(200, body()), BackendSecrets.of(KEY.decode()))
     chunks = [chunk async for chunk in reply.body]  # type: ignore[union-attr]
     assert chunks == [b"key: ", b"***\n", KEY[:3]]
+
+
+_ABC = st.binary(max_size=40).map(lambda b: bytes(97 + x % 3 for x in b))
+
+
+@given(
+    secrets=st.lists(
+        st.binary(min_size=1, max_size=5).map(lambda b: bytes(97 + x % 3 for x in b)),
+        min_size=2,
+        max_size=3,
+        unique=True,
+    ),
+    body=_ABC,
+    cuts=st.lists(st.integers(0, 1000), max_size=12),
+)
+def test_several_secrets_split_anyhow_mask_like_the_whole_body(
+    secrets: list[bytes], body: bytes, cuts: list[int]
+) -> None:
+    """The API key and the URL's credentials together: secrets that overlap, or that
+    start one another (``ab`` and ``abc``), come out as masking the whole body gives."""
+    whole = BackendSecrets(replies=tuple(secrets))
+    mask = whole.stream_mask()
+    assert isinstance(mask, SecretsMask)
+    out = [mask.feed(piece) for piece in _pieces(body, cuts)]
+    assert b"".join([*out, mask.flush()]) == whole.mask_body(body)
+
+
+def test_several_secrets_hold_back_only_a_possible_start() -> None:
+    mask = SecretsMask((b"sk-proj-abc123", b"c3ZjdXNlcjpw"))
+    assert mask.feed(b'data: {"x":1}\n\n') == b'data: {"x":1}\n\n'
+    assert mask.feed(b"key sk-proj-abc123 basic c3Zj") == b"key *** basic "
+    assert mask.feed(b"dXNlcjpw!") == b"***!"
+    assert mask.feed(b"sk-") == b""
+    assert mask.flush() == b"sk-"
+
+
+def test_the_backend_secrets_are_its_key_and_the_urls_credentials_as_sent() -> None:
+    """Every form the backend is sent (or may quote) a credential in: the key, the URL's
+    password as written and decoded, and the basic-auth credential (base64, with and
+    without its padding, JSON-escaped where it holds a slash)."""
+    settings = Settings(upstream_url="http://svcuser:Sup3r%2FSecret@h/v1", api_key="sk-proj-abc123")
+    basic = base64.b64encode(b"svcuser:Sup3r/Secret").decode()
+    assert basic == basic_credential(settings.upstream_url or "")
+    texts = settings.backend_secrets.texts
+    assert {"sk-proj-abc123", "Sup3r%2FSecret", "Sup3r/Secret", basic} <= set(texts)
+    assert "Sup3r\\/Secret" in texts  # as a JSON encoder that escapes "/" writes it
+    assert basic.rstrip("=") in texts
+    assert list(texts) == sorted(texts, key=len, reverse=True)  # a longer one replaced whole
+    assert Settings(api_key="sk-proj-abc123").backend_secrets.replies == (b"sk-proj-abc123",)
+    # placeholder keys are scrubbed from errors, never masked in answers
+    assert Settings(api_key="EMPTY").backend_secrets == BackendSecrets(("EMPTY",), ())

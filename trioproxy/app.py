@@ -57,7 +57,6 @@ from .exchange import (
     primed,
     proxy_error_reply,
     record_protocol_refusal,
-    reply_secret,
 )
 from .ledger import ResponsesLedger
 from .logs import configure_logging
@@ -131,7 +130,6 @@ class ProxyApp(QuartTrio):
     admission: fastpath.Admission
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
-    secret: bytes | None = None  # the backend API key, masked in reply bodies (reply_secret)
     client_keys: ClientKeys | None = None
     ledger: ResponsesLedger  # Responses API usage still owed to the metrics
 
@@ -185,7 +183,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
 
     app = ProxyApp(__name__)
     app.settings = settings
-    app.secret = reply_secret(settings.api_key)
     app.config.update(
         RESPONSE_TIMEOUT=None,
         BODY_TIMEOUT=ProxyApp.body_timeout,
@@ -252,8 +249,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         log.info(
             "trioproxy %s serving; backend %s",
             __version__,
-            # the URL's user:password shown as ***, the API key scrubbed should the URL hold it
-            scrub(redact_url(settings.upstream_url or ""), settings.api_key),
+            # the URL's user:password shown as ***, the secrets scrubbed should the URL hold one
+            scrub(redact_url(settings.upstream_url or ""), settings.backend_secrets),
         )
 
     @app.after_serving
@@ -295,7 +292,7 @@ def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:
 async def served(call: Call, reply: Reply) -> Response:
     """A handler's reply as Quart's response: the backend key masked, a stream's first
     chunk read (so a failure before it gets a real status), its end in-band at shutdown."""
-    return reply_response(await primed(masked(reply, call.app.secret)), call)
+    return reply_response(await primed(masked(reply, call.app.settings.backend_secrets)), call)
 
 
 def reply_response(reply: Reply, call: Call | None = None) -> Response:
@@ -402,7 +399,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
     @app.errorhandler(ProxyError)
     async def _proxy_error(error: ProxyError) -> Response:
         settings: Settings = request_app().settings
-        reply = proxy_error_reply(error, request.path, settings.api_key, request_state())
+        reply = proxy_error_reply(error, request.path, settings.backend_secrets, request_state())
         if await _body_left_unread(error.status):
             reply.headers = {**reply.headers, "Connection": "close"}
         return reply_response(reply)

@@ -7,6 +7,7 @@ Every setting is documented in docs/configuration.md.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import os
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from dotenv import dotenv_values
 
 from .auth import client_keys, parse_keys
+from .errors import BackendSecrets
 from .model_mapping import MappingFileError, load_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -90,14 +92,26 @@ class Settings:
     # what that file set (known names only), for workers: a pipe or a /dev/fd path (a
     # decrypted secret) cannot be read twice; never shown (it holds keys)
     env_file_values: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # derived from api_key and upstream_url (__post_init__): what is masked wherever the
+    # proxy's output could quote what it sent the backend
+    backend_secrets: BackendSecrets = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        url = self.upstream_url or ""
+        # the basic credential also without its "=" padding: quoted so, it still holds the
+        # whole user:password
+        credential = basic_credential(url) or ""
+        secrets = BackendSecrets.of(
+            self.api_key or "", *url_credentials(url), credential, credential.rstrip("=")
+        )
+        object.__setattr__(self, "backend_secrets", secrets)  # frozen: set once, here
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """What log lines must never show: the backend's key and credentials in its URL,
-        and the clients' keys."""
+        """What log lines must never show: the backend's secrets (its key, the credentials
+        in its URL and the basic-auth credential made of them), and the clients' keys."""
         return (
-            self.api_key or "",
-            *url_credentials(self.upstream_url or ""),
+            *self.backend_secrets.texts,
             *(key for _, key in client_keys(self.proxy_api_keys)),
         )
 
@@ -206,9 +220,33 @@ def _host(value: str) -> str:
     return host
 
 
+def _api_key(value: str) -> str:
+    """The backend key, which goes out in an HTTP header: only printable ASCII. h11 refuses
+    a line end or a control character in a header (its error quotes the header escaped,
+    past the scrubbing of the key as written) and httpx cannot encode a non-ASCII letter
+    (a crash after the proxy said it listens), so such a key is refused here, named by
+    the character's kind and place only: the message must not quote the key."""
+    key = value.strip()
+    for place, char in enumerate(key, 1):
+        if not " " <= char <= "~":
+            kind = (
+                "a line end"
+                if char in "\r\n"
+                else "a non-ASCII character"
+                if char > "~"
+                else "a control character"
+            )
+            raise ValueError(
+                f"{kind} at character {place} (not shown); the key is sent in an HTTP "
+                "header, which takes printable ASCII only (a multi-line secret file, or a "
+                "stray character pasted with the key?)"
+            )
+    return key
+
+
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPENAI_API_BASE_URL": ("upstream_url", _text),
-    "OPENAI_API_KEY": ("api_key", _text),
+    "OPENAI_API_KEY": ("api_key", _api_key),
     "PROXY_HOST": ("host", _host),
     "PROXY_PORT": ("port", _port),
     "WORKERS": ("workers", _int_between(1, 256)),
@@ -397,6 +435,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("PROXY_PORT", str(settings.port)),
         ("LOG_LEVEL", settings.log_level),
         ("LOG_FORMAT", settings.log_format),
+        *((("OPENAI_API_KEY", settings.api_key),) if settings.api_key else ()),
     ):
         attr, parsed = parse_setting(name, value)
         if parsed != getattr(settings, attr):
@@ -459,6 +498,16 @@ def normalise_upstream_url(url: str) -> str:
         parts = urlsplit(url.strip())
     except ValueError as exc:  # an unclosed "[" of an IPv6 address, say
         raise ConfigError(f"invalid OPENAI_API_BASE_URL {shown!r}: {exc}") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # A password with an unencoded "/", "?" or "#" ends the host there: the rest of
+        # it reads as a path (or the part before the "/" as a port), so it would be
+        # printed and the wrong host asked. No base URL needs a literal "@" after its
+        # host, so the URL is refused, and not shown: where its password ends is unknown.
+        raise ConfigError(
+            "invalid OPENAI_API_BASE_URL (not shown): an '@' after the host; percent-encode "
+            "'/', '?', '#' and '@' in a user name or password (%2F, %3F, %23, %40), and "
+            "'@' in the path or query (%40)"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"invalid OPENAI_API_BASE_URL {shown!r}: expected an http(s) URL such as "
@@ -476,12 +525,15 @@ def normalise_upstream_url(url: str) -> str:
 
 
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
+# For display, everything up to the URL's last "@": a password holding an unencoded "/",
+# "?" or "#" runs past where the userinfo ends by the RFC, and hiding a path is harmless.
+_SHOWN_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?.*@", re.DOTALL)
 
 
 def redact_url(url: str) -> str:
     """``url`` with its userinfo (``user:password@``) shown as ``***@``: how a URL appears
     in log lines and errors."""
-    return _USERINFO.sub(r"\1***@", url, count=1)
+    return _SHOWN_USERINFO.sub(r"\1***@", url, count=1)
 
 
 def url_credentials(url: str) -> tuple[str, ...]:
@@ -495,3 +547,17 @@ def url_credentials(url: str) -> tuple[str, ...]:
     user, colon, password = userinfo.partition(":")
     secret = password if colon else user
     return tuple(dict.fromkeys(v for v in (secret, unquote(secret)) if v))
+
+
+def basic_credential(url: str) -> str | None:
+    """What ``user:password@`` in ``url`` is sent to the backend as: the base64 of the
+    decoded ``user:password`` in ``Authorization: Basic …`` (None without userinfo). One
+    function for the header and for the masking, so what is masked is what is sent."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    if not (user or password):
+        return None
+    return base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -8,6 +8,8 @@ decided once, by a ProxyError, so every route agrees.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 # the types OpenAI's API itself writes (a wrong key and an unknown model are
@@ -189,11 +191,77 @@ def upstream_error_message(body: bytes, status: int) -> str:
     return f"{message}"
 
 
-def scrub(text: str, secret: str | None) -> str:
-    """Remove a secret (the upstream API key) from any text that leaves the process."""
-    if secret and len(secret) >= 4 and secret in text:
-        return text.replace(secret, "***")
-    return text
+# Secrets shorter than this are not scrubbed from text: a 3-letter "key" would hide words.
+MIN_SECRET_SCRUBBED = 4
+# The shortest secret masked in reply bodies. Local backends are given placeholder keys
+# ("ollama", "EMPTY", "dummy", "lm-studio", "not-needed"), words a model may well write:
+# masking those would corrupt answers and protect nothing. Error messages and logs are
+# scrubbed of any secret of MIN_SECRET_SCRUBBED characters or more.
+MIN_SECRET_MASKED_IN_REPLIES = 12
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSecrets:
+    """Every secret the proxy sends to the backend, in every form a backend's answer may
+    quote it, built once from the settings (``Settings.backend_secrets``). One object, so
+    a masking site cannot mask one credential and forget another.
+
+    ``texts``: scrubbed from error messages, log lines and metrics (longest first, so a
+    secret that contains another is replaced whole). ``replies``: masked in reply bodies."""
+
+    texts: tuple[str, ...] = ()
+    replies: tuple[bytes, ...] = ()
+
+    @classmethod
+    def of(cls, *secrets: str) -> BackendSecrets:
+        forms = {form for secret in secrets if secret for form in _quoted_forms(secret)}
+        texts = sorted((f for f in forms if len(f) >= MIN_SECRET_SCRUBBED), key=len, reverse=True)
+        replies = [f.encode() for f in texts if len(f) >= MIN_SECRET_MASKED_IN_REPLIES]
+        return cls(tuple(texts), tuple(replies))
+
+    def scrub(self, text: str) -> str:
+        for secret in self.texts:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def mask_body(self, body: bytes) -> bytes:
+        """``body`` with every reply secret replaced by ``***``: what :meth:`stream_mask`
+        gives for the same body, however its reads split it."""
+        replies = self.replies
+        if len(replies) == 1:
+            return body.replace(replies[0], b"***") if replies[0] in body else body
+        return _alternatives(replies).sub(b"***", body) if replies else body
+
+    def stream_mask(self) -> SecretMask | SecretsMask:
+        """A mask for one body that arrives in pieces. With one secret (an API key alone,
+        the common case) the single-secret mask: a read costs two ``find`` calls."""
+        if len(self.replies) == 1:
+            return SecretMask(self.replies[0])
+        return SecretsMask(self.replies)
+
+
+NO_SECRETS = BackendSecrets()
+
+
+def _quoted_forms(secret: str) -> tuple[str, ...]:
+    """``secret`` as a backend may quote it: as is, and inside a JSON string (escaped,
+    with ``ensure_ascii`` or not, and with ``/`` as ``\\/`` as PHP writes it: base64 holds
+    slashes). Bodies are masked as they come, undecoded, so each form must be masked."""
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    forms = (secret, escaped, json.dumps(secret)[1:-1], escaped.replace("/", "\\/"))
+    return tuple(dict.fromkeys(forms))
+
+
+def _alternatives(secrets: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    # longest first: where two secrets start at one place, the longer is masked whole
+    ordered = sorted(secrets, key=len, reverse=True)
+    return re.compile(b"|".join(re.escape(s) for s in ordered))
+
+
+def scrub(text: str, secrets: BackendSecrets) -> str:
+    """Remove the backend's secrets from any text that leaves the process."""
+    return secrets.scrub(text)
 
 
 class SecretMask:
@@ -247,3 +315,49 @@ def _partial_start(data: bytes, secret: bytes) -> int:
             return at
         at = data.find(first, at + 1)
     return len(data)
+
+
+class SecretsMask:
+    """:class:`SecretMask` for several secrets (an API key and the URL's credentials, or
+    forms of one): the reads' outputs add up to what masking the whole body gives
+    (:meth:`BackendSecrets.mask_body`), and only a tail that could start a secret is held.
+
+    A match is final only where the body so far does not end inside a secret started
+    before it or at it: with ``abc`` and ``abcdef`` both secret, a read that ends in
+    ``abc`` waits for the next."""
+
+    __slots__ = ("_held", "_pattern", "_secrets")
+
+    def __init__(self, secrets: tuple[bytes, ...]) -> None:
+        self._secrets = secrets
+        self._pattern = _alternatives(secrets)
+        self._held = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        data = self._held + piece if self._held else piece
+        out: list[bytes] = []
+        pos = 0
+        while True:
+            # from the first place where the body so far ends inside a secret, the whole
+            # body may hold a longer or an earlier secret than this read does: held
+            tail = data[pos:] if pos else data
+            cut = len(tail)
+            for secret in self._secrets:
+                cut = min(cut, _partial_start(tail, secret))
+            cut += pos
+            match = self._pattern.search(data, pos)
+            if match is None or match.start() >= cut:
+                break
+            out += (data[pos : match.start()], b"***")
+            pos = match.end()
+        if not out and cut == len(data):
+            self._held = b""
+            return data  # the common read: nothing to mask, nothing to hold
+        out.append(data[pos:cut])
+        self._held = data[cut:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        # what was held may hold a whole secret whose longer rival never came
+        held, self._held = self._held, b""
+        return self._pattern.sub(b"***", held)

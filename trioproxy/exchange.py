@@ -25,8 +25,8 @@ import trio
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
 from .errors import (
+    BackendSecrets,
     ProxyError,
-    SecretMask,
     UpstreamStatusError,
     error_body_for,
     is_openai_path,
@@ -99,37 +99,25 @@ async def primed(reply: Reply) -> Reply:
     return reply
 
 
-# The shortest backend key masked in reply bodies. Local backends are given placeholder
-# keys ("ollama", "EMPTY", "dummy", "lm-studio", "not-needed"), words a model may well
-# write: masking those would corrupt answers and protect nothing. Error messages and logs
-# are scrubbed of any key of 4 characters or more (errors.scrub).
-MIN_KEY_MASKED_IN_REPLIES = 12
-
-
-def reply_secret(api_key: str | None) -> bytes | None:
-    """What :func:`masked` masks in reply bodies for this backend key, if anything."""
-    if api_key and len(api_key) >= MIN_KEY_MASKED_IN_REPLIES:
-        return api_key.encode()
-    return None
-
-
-def masked(reply: Reply, secret: bytes | None) -> Reply:
-    """``reply`` with ``secret`` (the backend API key) replaced by ``***`` in its body: a
-    backend that quotes our credentials, in an echo or in generated text, must not hand
-    them to a client. A stream is masked as it goes, also where a read ends inside the key."""
-    if secret is None:
+def masked(reply: Reply, secrets: BackendSecrets) -> Reply:
+    """``reply`` with the backend's secrets (``secrets.replies``: its key, the credentials in
+    its URL, as sent) replaced by ``***`` in its body: a backend that quotes our credentials,
+    in an echo or in generated text, must not hand them to a client. A stream is masked as
+    it goes, also where a read ends inside a secret."""
+    if not secrets.replies:
         return reply
     body = reply.body
     if isinstance(body, bytes):
-        if secret in body:
-            reply.body = body.replace(secret, b"***")
+        reply.body = secrets.mask_body(body)
     else:
-        reply.body = _masked_chunks(body, secret)
+        reply.body = _masked_chunks(body, secrets)
     return reply
 
 
-async def _masked_chunks(chunks: AsyncIterator[bytes], secret: bytes) -> AsyncIterator[bytes]:
-    mask = SecretMask(secret)
+async def _masked_chunks(
+    chunks: AsyncIterator[bytes], secrets: BackendSecrets
+) -> AsyncIterator[bytes]:
+    mask = secrets.stream_mask()
     async with aclosing(chunks):  # type: ignore[type-var]
         async for chunk in chunks:
             out = mask.feed(chunk)
@@ -406,14 +394,14 @@ def error_reply(
 
 
 def proxy_error_reply(
-    error: ProxyError, path: str, secret: str | None, state: RequestState
+    error: ProxyError, path: str, secrets: BackendSecrets, state: RequestState
 ) -> Reply:
-    message = scrub(error.message, secret)
+    message = scrub(error.message, secrets)
     if state.metric is not None and state.metric.error is None:
         state.metric.error = message[:200]
     if isinstance(error, UpstreamStatusError):
         log.info("backend answered %d: %s", error.status, message)
-        passthrough = _openai_shaped(error, path, secret)
+        passthrough = _openai_shaped(error, path, secrets)
         if passthrough is not None:
             return passthrough
     elif error.status >= 500 and not error.quiet:
@@ -427,7 +415,7 @@ def internal_error_reply(path: str) -> Reply:
     return error_reply(path, "internal error in trioproxy; see the server log", 500)
 
 
-def _openai_shaped(error: UpstreamStatusError, path: str, secret: str | None) -> Reply | None:
+def _openai_shaped(error: UpstreamStatusError, path: str, secrets: BackendSecrets) -> Reply | None:
     """On /v1/*, a backend error already in OpenAI's shape is relayed as it came."""
     if not is_openai_path(path) or not error.body:
         return None
@@ -438,5 +426,5 @@ def _openai_shaped(error: UpstreamStatusError, path: str, secret: str | None) ->
     inner = payload.get("error") if isinstance(payload, dict) else None
     if not isinstance(inner, dict) or "message" not in inner:
         return None
-    body = scrub(error.body.decode("utf-8", "replace"), secret).encode()
+    body = scrub(error.body.decode("utf-8", "replace"), secrets).encode()
     return Reply(error.status, body, JSON, dict(error.headers))

@@ -108,7 +108,7 @@ async def serve(
             except ClientLeft:
                 return
             except ProxyError as error:
-                reply = proxy_error_reply(error, path, app.settings.api_key, state)
+                reply = proxy_error_reply(error, path, app.settings.backend_secrets, state)
                 if not await _discard_body(receive, headers.get("content-length"), error):
                     # answered before its body was read: the server closes the connection
                     # after this reply, so it says so (a client would reuse it, find it
@@ -243,7 +243,7 @@ async def _watch_disconnect(
 
 async def _run(handler: Handler, call: Call) -> Reply:
     try:
-        return masked(await handler(call), call.app.secret)
+        return masked(await handler(call), call.app.settings.backend_secrets)
     except ProxyError as error:
         return _failure(error, call)
     except Exception:
@@ -268,7 +268,7 @@ def _unexpected(call: Call) -> Reply:
 
 
 def _failure(error: ProxyError, call: Call) -> Reply:
-    return proxy_error_reply(error, call.path, call.app.settings.api_key, call.state)
+    return proxy_error_reply(error, call.path, call.app.settings.backend_secrets, call.state)
 
 
 async def _first_chunk(reply: Reply, call: Call, streams: InProgress) -> Reply | None:

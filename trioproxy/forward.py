@@ -152,7 +152,7 @@ async def call_json(
             else FINISHED_WITH_ERROR
         )
         raise BadUpstreamResponse(
-            scrub(f"the backend reported an error: {message}", call.app.settings.api_key)
+            scrub(f"the backend reported an error: {message}", call.app.settings.backend_secrets)
         )
     return payload, result
 

@@ -260,7 +260,7 @@ async def relay_ollama(
                         failure = chunk.get("error") or FINISHED_WITH_ERROR
                         if not sent and not lines:
                             raise _FailedAtOnce(failure)
-                        error = scrub(_error_text(failure), settings.api_key)
+                        error = scrub(_error_text(failure), settings.backend_secrets)
                         break
                     lines += [dumps(out) for out in translator.feed(chunk, now_ns)]
                 elif line:
@@ -442,9 +442,9 @@ def _refused(
     4xx code: a context too long, a rate limit) is that 4xx, like the same mistake found
     before the stream; anything else is a 502. A 4xx is a refused request, not a stream."""
     text = _error_text(error) if error else "the backend failed the stream"
-    message = scrub(text, settings.api_key)
+    message = scrub(text, settings.backend_secrets)
     status = _client_status(error)
-    headers = forwarded_headers(response.headers, settings.api_key)  # a retry-after, say
+    headers = forwarded_headers(response.headers, settings.backend_secrets)  # a retry-after, say
     if status is None:
         _set_outcome(metric, "error")
         if metric is not None:
@@ -652,7 +652,7 @@ def _stream_broke(
         return str(exc)
     collector.upstream_error("protocol")
     if isinstance(exc, _Unfinished | _NotAStream | StreamTooLarge):
-        return scrub(str(exc), settings.api_key)
+        return scrub(str(exc), settings.backend_secrets)
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
 
 

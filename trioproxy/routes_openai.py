@@ -233,7 +233,7 @@ def _whole_reply(call: Call, result: UpstreamResult, content: bytes) -> Reply:
         response.status_code,
         content,
         response.headers.get("content-type", JSON),
-        forwarded_headers(response.headers, call.app.settings.api_key),
+        forwarded_headers(response.headers, call.app.settings.backend_secrets),
     )
 
 
@@ -264,8 +264,8 @@ def _stream_reply(
         end=(end := StreamEnd()),
         on_finish=on_finish,
     )
-    secret = call.app.settings.api_key
-    headers = {**forwarded_headers(result.response.headers, secret), **STREAM_HEADERS}
+    secrets = call.app.settings.backend_secrets
+    headers = {**forwarded_headers(result.response.headers, secrets), **STREAM_HEADERS}
     return Reply(200, chunks, EVENT_STREAM, headers, end=end)
 
 

@@ -161,7 +161,7 @@ class ReadinessChecker:
             except UpstreamStatusError as exc:
                 return None if exc.status < 500 else exc.message[:200]
             except Exception as exc:  # unreachable, for whatever reason: say why
-                return scrub(str(exc) or type(exc).__name__, self._settings.api_key)[:200]
+                return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
         return f"the backend did not answer within {timeout:g} s"
 
     async def _check_pool(self) -> UpstreamPool:

@@ -23,7 +23,6 @@ skips ~10 % of the CPU per request (URL merge, cookie extraction; docs/performan
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import functools
 import logging
@@ -38,8 +37,9 @@ import httpx
 import trio
 
 from . import netstream
-from .config import Settings
+from .config import Settings, basic_credential
 from .errors import (
+    BackendSecrets,
     BadUpstreamResponse,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -61,13 +61,13 @@ FORWARDED_HEADER_PREFIX = "x-ratelimit-"
 MAX_FORWARDED_HEADERS = 16
 
 
-def forwarded_headers(headers: httpx.Headers, secret: str | None) -> dict[str, str]:
+def forwarded_headers(headers: httpx.Headers, secrets: BackendSecrets) -> dict[str, str]:
     """The backend's retry and rate-limit headers (bounded in number), to pass on; a
-    backend that echoes our key in one does not hand it to the client."""
+    backend that echoes our credentials in one does not hand them to the client."""
     out: dict[str, str] = {}
     for name, value in headers.items():
         if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_HEADER_PREFIX):
-            out[name] = scrub(value, secret)
+            out[name] = scrub(value, secrets)
             if len(out) == MAX_FORWARDED_HEADERS:
                 break
     return out
@@ -162,7 +162,7 @@ class UpstreamPool:
         base_url = settings.require_upstream()
         self._settings = settings
         self._observer = observer or _NullObserver()
-        self._secret = settings.api_key
+        self._secrets = settings.backend_secrets
         shards = max(1, settings.upstream_clients)
         keepalive = max(1, math.ceil(settings.upstream_max_keepalive / shards))
         headers = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "trioproxy"}
@@ -172,11 +172,10 @@ class UpstreamPool:
         self._base_params = httpx.QueryParams(query) if query else None
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
-        elif url.username or url.password:
+        elif credential := basic_credential(base_url):
             # user:password in the URL (a backend behind basic auth): the transports are
             # handed requests directly and would drop it, so it becomes the header
-            pair = f"{url.username}:{url.password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["Authorization"] = f"Basic {credential}"
         self._base_url = url.copy_with(username=None, password=None)
         self._default_headers = httpx.Headers(headers)
         # one TLS context for all clients: each would otherwise load the CA bundle again
@@ -400,8 +399,8 @@ class UpstreamPool:
         finally:
             await response.aclose()
         status = response.status_code
-        message = scrub(upstream_error_message(body, status), self._secret)
-        forwarded = forwarded_headers(response.headers, self._secret)
+        message = scrub(upstream_error_message(body, status), self._secrets)
+        forwarded = forwarded_headers(response.headers, self._secrets)
         error = UpstreamStatusError(
             message,
             status,
@@ -432,7 +431,7 @@ class UpstreamPool:
             scrub(
                 f"the backend redirects ({response.status_code}) to {named}; redirects are "
                 "not followed: set OPENAI_API_BASE_URL to the backend's address",
-                self._secret,
+                self._secrets,
             )
         )
 
@@ -446,7 +445,7 @@ class UpstreamPool:
         return capped * random.uniform(0.5, 1.0)
 
     def _describe(self, exc: BaseException) -> str:
-        return scrub(f"backend request failed: {failure_detail(exc)}", self._secret)
+        return scrub(f"backend request failed: {failure_detail(exc)}", self._secrets)
 
 
 def failure_detail(exc: BaseException) -> str:

@@ -1,0 +1,123 @@
+"""Credentials in OPENAI_API_BASE_URL (``http://user:password@host/v1``) are secrets like
+OPENAI_API_KEY: a backend that quotes the ``Authorization: Basic …`` it received must not
+hand them to a client (error bodies relayed or rebuilt, answers, streams, headers, the
+unauthenticated /ready) or to the log, in either log format."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from .conftest import ServerProcess
+
+StartProxy = Callable[..., ServerProcess]
+
+USER, PASSWORD = "svcuser", "Sup3rSecretPass"
+BASIC = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+MESSAGES = [{"role": "user", "content": "x"}]
+LEAKS = (PASSWORD, BASIC.rstrip("="))  # the base64 without its padding holds it all too
+
+
+class _QuotingBackend(BaseHTTPRequestHandler):
+    """Quotes the Authorization header it got in everything it says."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[str] = []  # the Authorization headers received
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _auth(self) -> str:
+        auth = self.headers.get("Authorization", "")
+        self.seen.append(auth)
+        return auth
+
+    def _send(self, status: int, payload: object, content_type: str = "application/json") -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-ratelimit-echo", self.headers.get("Authorization", ""))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # the readiness check's GET /models fails, quoting it
+        self._send(500, {"error": {"message": f"models broken; you sent {self._auth()}"}})
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        auth = self._auth()
+        if request.get("model") == "refuse":
+            error = {"message": f"bad credentials: {auth}", "type": "invalid_request_error"}
+            self._send(401, {"error": error})
+        elif request.get("model") == "plain":
+            self._send(400, f"you sent {auth}".encode(), "text/plain")
+        elif request.get("stream"):
+            chunk = {"choices": [{"index": 0, "delta": {"content": f"you sent {auth}"}}]}
+            payload = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+            cut = payload.index(b"Basic ") + 10  # two reads, the cut inside the credential
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[:cut])
+            self.wfile.flush()
+            time.sleep(0.05)
+            self.wfile.write(payload[cut:])
+        else:
+            message = {"role": "assistant", "content": f"you sent {auth}"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            self._send(200, {"object": "chat.completion", "choices": [choice]})
+
+
+@pytest.fixture(scope="module")
+def quoting_backend() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _QuotingBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_url_credentials_never_leak(
+    start_proxy: StartProxy, quoting_backend: str, log_format: str
+) -> None:
+    _QuotingBackend.seen.clear()
+    server = start_proxy(
+        f"http://{USER}:{PASSWORD}@{quoting_backend}/v1",
+        LOG_FORMAT=log_format,
+        LOG_LEVEL="DEBUG",
+        MAX_RETRIES="0",
+        READY_CHECK_INTERVAL="0.2",
+    )
+    seen: list[str] = []
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for model in ("refuse", "plain", "answer"):
+            for stream in (False, True):
+                body = {"model": model, "stream": stream, "messages": MESSAGES}
+                for path in ("/v1/chat/completions", "/api/chat"):
+                    answer = client.post(path, json=body)
+                    seen.append(f"{path} {model} {stream}: {answer.headers} {answer.text}")
+        time.sleep(0.5)  # a readiness check has failed by now
+        ready = client.get("/ready")
+        seen.append(f"/ready: {ready.text}")
+    time.sleep(0.2)  # the last log lines reach the pipe
+    log = server.log()
+
+    assert f"Basic {BASIC}" in _QuotingBackend.seen  # the credential was sent
+    assert "models broken; you sent Basic ***" in ready.text  # /ready quotes the failure
+    assert any("bad credentials: Basic ***" in text for text in seen)  # relayed, masked
+    assert any("you sent Basic ***" in text for text in seen if "answer True" in text)
+    for secret in LEAKS:
+        leaks = [text for text in seen if secret in text]
+        assert not leaks, f"{secret} reached a client: {leaks[0][:400]}"
+        assert secret not in log, next(line for line in log.splitlines() if secret in line)
+    assert "backend answered 401: bad credentials: Basic ***" in log
