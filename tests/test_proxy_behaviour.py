@@ -585,6 +585,49 @@ def test_a_backend_connection_with_bytes_past_its_response_is_not_reused(
     assert _OverlongBackend.seen == ["q0", "q1", "q2"]  # each once
 
 
+_CHAT_HI = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+class _NoModelListBackend(ScriptedHandler):
+    """No /models route (an Azure deployment URL, say); answers every chat."""
+
+    lists: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        type(self).lists += 1
+        self.answer(404, b'{"error": {"message": "Not Found"}}')
+
+    def do_POST(self) -> None:
+        model = self.json_body()["model"]
+        completion = {
+            "id": "c", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": model}}],
+        }  # fmt: skip
+        self.answer(200, json.dumps(completion).encode())
+
+
+def test_a_backend_without_a_model_list_is_not_asked_for_one_per_request(
+    start_proxy: StartProxy,
+) -> None:
+    """Whether to keep a name's ``:latest`` depends on the backend's list; a backend that
+    has none was asked for it again by every such request (after the 1 s failure cache),
+    with its retries, before the request itself."""
+    with serving(_NoModelListBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        asked: list[int] = []
+        for _ in range(3):
+            answer = httpx.post(
+                proxy.url + "/api/chat",
+                json={"model": "llama3:latest", "stream": False, **_CHAT_HI},
+                timeout=10,
+            )
+            assert answer.json()["message"]["content"] == "llama3"  # the tag dropped
+            asked.append(_NoModelListBackend.lists)  # readiness asks too, before the first
+            time.sleep(1.2)
+    assert asked[0] >= 1 and asked[2] == asked[0]
+
+
 class _CorruptGzipBackend(ScriptedHandler):
     def do_POST(self) -> None:
         self.json_body()

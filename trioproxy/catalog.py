@@ -16,6 +16,7 @@ from .forward import call_json
 from .model_mapping import same_model
 
 CACHE_SECONDS = 5.0
+NO_LIST_RETRY_SECONDS = 60.0
 FAILURE_CACHE_SECONDS = 1.0
 """How long a failed fetch answers for the next ones. Requests that queued behind it
 get its error at once instead of each trying again, with retries, one after another."""
@@ -29,6 +30,7 @@ class ModelCatalog:
     def __init__(self) -> None:
         self._models: list[dict[str, Any]] = []
         self._ids: frozenset[str] | None = None  # of the last list fetched
+        self._no_ids_until = -1e9  # trio clock: a fetch for lists() failed; not asked again
         self._fetched_at = -1e9
         self._failure: ProxyError | None = None
         self._failed_at = -1e9
@@ -68,12 +70,15 @@ class ModelCatalog:
 
     async def lists(self, call: Call, backend_name: str) -> bool:
         """Whether the backend lists a model by exactly this name, in the last list fetched
-        (fetched now only if there is none: lists change rarely, and a request must not
-        wait for one every few seconds); False if the backend cannot say."""
-        if self._ids is None:
+        (any fetch refreshes it: Open WebUI polls the list; a request fetches one only if
+        there is none, since lists change rarely and a request must not wait for one every
+        few seconds); False if the backend cannot say. A backend without a list, or one
+        that failed to give it, is not asked again for a minute on a request's path."""
+        if self._ids is None and trio.current_time() >= self._no_ids_until:
             try:
                 await self.models(call)
             except ProxyError:
+                self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
                 return False
         return self._ids is not None and backend_name in self._ids
 
