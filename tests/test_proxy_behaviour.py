@@ -1118,16 +1118,22 @@ def test_a_body_nested_too_deeply_is_a_400(http: httpx.Client, path: str) -> Non
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
-def test_a_body_of_a_million_tiny_values_is_refused_before_it_is_decoded(
+def test_a_body_of_millions_of_tiny_values_is_refused_before_it_is_decoded(
     http: httpx.Client, path: str
 ) -> None:
     """Decoded, tiny values take about 30 times their bytes: 57 MiB of ``[],`` made one
-    request hold 1.9 GB. Past 1 MiB, a body with over a million values is a 413."""
-    values = "[" + "0," * 1_000_001 + "0]"
+    request hold 1.9 GB. Past 1 MiB, a body with over 2 million values (or half a million
+    arrays and objects) is a 413; a batch of token arrays as LangChain sends it (1,000
+    inputs) is not refused."""
+    values = "[" + "0," * 2_000_001 + "0]"
     body = '{"model": "demo-chat", "messages": [], "metadata": {"x": ' + values + "}}"
     response = http.post(path, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 413, response.text
-    assert "more than 1,000,000 JSON values" in response.text
+    assert "more than 2,000,000 commas" in response.text
+    containers = '{"model": "demo-chat", "messages": [], "x": [' + "[]," * 500_001 + "[]]}"
+    response = http.post(path, content=containers, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "more than 500,000 JSON arrays and objects" in response.text
     fine = (
         '{"model": "demo-chat", "messages": [{"role": "user", "content": "%s"}], "stream": false}'
     )
@@ -1138,17 +1144,22 @@ def test_a_body_of_a_million_tiny_values_is_refused_before_it_is_decoded(
         ).status_code
         == 200
     )
+    batch = {"model": "demo-embed", "input": [[7] * 1001] * 1000}  # 1,001,000 token ids
+    assert http.post("/v1/embeddings", json=batch).status_code != 413
 
 
 def _nested(depth: int) -> str:
     return '{"a": ' * depth + "1" + "}" * depth
 
 
-@pytest.mark.parametrize("depth", [300, 1010])
+@pytest.mark.parametrize("depth", [1010])
 @pytest.mark.parametrize(
     ("path", "template"),
     [
-        ("/api/chat", '{"model": "demo-chat", "messages": [], "format": %s}'),
+        (
+            "/api/chat",
+            '{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "format": %s}',
+        ),
         (
             "/api/chat",
             '{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}],'
@@ -1159,14 +1170,14 @@ def _nested(depth: int) -> str:
             '{"model": "demo-chat", "messages": [{"role": "assistant", "content": "",'
             ' "tool_calls": [{"function": {"name": "f", "arguments": %s}}]}]}',
         ),
-        ("/v1/chat/completions", '{"model": "demo-chat", "messages": [], "metadata": %s}'),
     ],
 )
 def test_a_body_that_could_be_read_but_not_written_again_is_a_400(
     http: httpx.Client, path: str, template: str, depth: int
 ) -> None:
-    """Between the depth orjson writes (254) and the depth the decoders read (1,000 and
-    more), a body was read and then failed to be written for the backend: a 500."""
+    """Between the depth the standard library writes (about 900 levels) and the depth
+    orjson reads (1,024), a body was read and then failed to be written for the backend:
+    a 500 with a traceback, counted as an error by health."""
     response = http.post(
         path, content=template % _nested(depth), headers={"Content-Type": "application/json"}
     )
@@ -1745,6 +1756,17 @@ def test_only_a_404_about_the_model_reads_as_ollamas_model_not_found(
 
     error = UpstreamStatusError(upstream_error_message(body, 404), 404, body=body)
     assert _is_about_the_model(error, model) is about_the_model
+
+
+def test_a_huge_model_name_is_not_echoed_whole(http: httpx.Client) -> None:
+    """``/api/show`` quoted a 20 MB model name back in its 404: a 20 MB error body."""
+    name = "m" * 1_000_000
+    for path in ("/api/show", "/api/generate"):
+        answer = http.post(path, json={"model": name, "prompt": ""})
+        assert answer.status_code == 404 and len(answer.content) < 1000, answer.text[:300]
+        assert "1,000,000 characters" in answer.json()["error"]
+    answer = http.get(f"/v1/models/{'m' * 60_000}")
+    assert answer.status_code == 404 and len(answer.content) < 1000
 
 
 def test_a_huge_model_name_in_a_backends_404_is_read_in_linear_time() -> None:

@@ -58,6 +58,7 @@ from .exchange import (
     proxy_error_reply,
     record_protocol_refusal,
 )
+from .forward import deep_body_error
 from .ledger import ResponsesLedger
 from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
@@ -77,6 +78,10 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         app: ProxyApp = self.app  # type: ignore[assignment]
         path = self.scope["path"]
+        if path[:1] != "/":
+            # the absolute form ("POST http://host/api/chat"), which RFC 9112 3.2.2 has a
+            # server accept: its path is the URL's (hypercorn passes the whole target)
+            path = self.scope["path"] = _path_of_absolute_target(path)
         if "//" in path:
             # "/api//tags" is "/api/tags", served, not redirected: werkzeug would answer a
             # 308 to a URL built from the client's Host header (and a preflight gets none)
@@ -390,6 +395,16 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
 
 
 _REPEATED_SLASHES = re.compile(r"/{2,}")
+
+
+def _path_of_absolute_target(target: str) -> str:
+    scheme, _, rest = target.partition("://")
+    if not rest or not scheme.isalpha():
+        return target  # not a URL: routed as it is (a 404)
+    at = rest.find("/")
+    return rest[at:] if at >= 0 else "/"
+
+
 # a refusal of these before their body is read ends the connection (hypercorn cannot read
 # past an unread body), so the reply says so
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -416,6 +431,10 @@ def _register_error_handlers(app: ProxyApp) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:
+        if isinstance(error, RecursionError):
+            deep = deep_body_error(await request.get_data(cache=True))
+            if deep is not None:
+                return await _proxy_error(deep)
         # escaped like the access log: a decoded %0a in the path must not forge a log line
         method, path = loggable_path(request.method), loggable_path(request.path)
         log.exception("unhandled error while serving %s %s", method, path)
