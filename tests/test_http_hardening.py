@@ -254,6 +254,23 @@ def test_a_client_that_stops_reading_frees_its_slot(
         sleeper.close()
 
 
+def test_a_request_target_in_absolute_form_is_served_by_its_path(
+    guarded_proxy: ServerProcess,
+) -> None:
+    """RFC 9112 3.2.2: a server accepts ``GET http://host/path``; the host was read as the
+    path's first segment (a 404 for ``/host/api/tags``)."""
+    host = guarded_proxy.url.removeprefix("http://")
+    for target, status in [
+        (f"http://{host}/health", b"200"),
+        (f"http://{host}/api/chat", b"401"),  # routed, and checked like any request
+        (f"http://{host}", b"200"),  # the root
+    ]:
+        method = "POST" if target.endswith("chat") else "GET"
+        request = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+        received = _raw(guarded_proxy.url, request.encode())
+        assert received.startswith(b"HTTP/1.1 " + status), (target, received[:200])
+
+
 def test_a_body_that_stalls_frees_its_slot_after_client_body_timeout(
     start_proxy: StartProxy, demo_backend: ServerProcess
 ) -> None:

@@ -267,5 +267,6 @@ def test_only_whole_events_are_relayed_when_a_read_ends_inside_one() -> None:
         b"data: 2\r\n",
     )
     assert _whole_events(b"data: 1\r\rdata", True) == (b"data: 1\r\r", b"data")
+    assert _whole_events(b"data: 1\n\rdata", True) == (b"data: 1\n\r", b"data")  # LF, then CR
     assert _whole_events(b"data: half", True) == (b"", b"data: half")
     assert _whole_events(b"data: 1\n\n", False) == (b"data: 1\n\n", b"")

@@ -228,8 +228,8 @@ def hypercorn_config(settings: Settings) -> object:
 def tls_handshake_timeout(settings: Settings) -> float:
     """A connection that has not finished its TLS handshake is an idle one: hypercorn
     held it 60 s, so a few hundred sockets that never start one held as many connections
-    that long (at most 10 s, sooner with a shorter KEEP_ALIVE_TIMEOUT)."""
-    return min(settings.keep_alive_timeout, 10.0)
+    that long (KEEP_ALIVE_TIMEOUT, between 3 s, for distant clients, and 10 s)."""
+    return max(3.0, min(settings.keep_alive_timeout, 10.0))
 
 
 # HTTP/1.1 only, also over TLS: hypercorn's HTTP/2 is not what the proxy's streaming,

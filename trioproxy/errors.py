@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # the types OpenAI's API itself writes (a wrong key and an unknown model are
@@ -114,6 +114,16 @@ class UpstreamStatusError(ProxyError):
         self.content_type = content_type
 
 
+_SHOWN_NAME_CHARS = 256
+
+
+def shown_name(name: str) -> str:
+    """A client's name as an error quotes it: a 20 MB model name must not come back whole."""
+    if len(name) <= _SHOWN_NAME_CHARS:
+        return name
+    return f"{name[:_SHOWN_NAME_CHARS]}… ({len(name):,} characters)"
+
+
 def body_too_large_message(limit: int | None) -> str:
     return f"request body is larger than the limit of {limit} bytes"
 
@@ -211,13 +221,19 @@ class BackendSecrets:
 
     texts: tuple[str, ...] = ()
     replies: tuple[bytes, ...] = ()
+    # the replies as one pattern, compiled once (None with fewer than two)
+    pattern: re.Pattern[bytes] | None = field(init=False, default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.replies) > 1:
+            object.__setattr__(self, "pattern", _alternatives(self.replies))  # frozen
 
     @classmethod
     def of(cls, *secrets: str) -> BackendSecrets:
         forms = {form for secret in secrets if secret for form in _quoted_forms(secret)}
         texts = sorted((f for f in forms if len(f) >= MIN_SECRET_SCRUBBED), key=len, reverse=True)
-        replies = [f.encode() for f in texts if len(f) >= MIN_SECRET_MASKED_IN_REPLIES]
-        return cls(tuple(texts), tuple(replies))
+        replies = tuple(f.encode() for f in texts if len(f) >= MIN_SECRET_MASKED_IN_REPLIES)
+        return cls(tuple(texts), replies)
 
     def scrub(self, text: str) -> str:
         for secret in self.texts:
@@ -228,17 +244,19 @@ class BackendSecrets:
     def mask_body(self, body: bytes) -> bytes:
         """``body`` with every reply secret replaced by ``***``: what :meth:`stream_mask`
         gives for the same body, however its reads split it."""
+        if self.pattern is not None:
+            return self.pattern.sub(b"***", body)
         replies = self.replies
-        if len(replies) == 1:
+        if replies:
             return body.replace(replies[0], b"***") if replies[0] in body else body
-        return _alternatives(replies).sub(b"***", body) if replies else body
+        return body
 
     def stream_mask(self) -> SecretMask | SecretsMask:
         """A mask for one body that arrives in pieces. With one secret (an API key alone,
         the common case) the single-secret mask: a read costs two ``find`` calls."""
-        if len(self.replies) == 1:
+        if self.pattern is None:
             return SecretMask(self.replies[0])
-        return SecretsMask(self.replies)
+        return SecretsMask(self.replies, self.pattern)
 
 
 NO_SECRETS = BackendSecrets()
@@ -328,9 +346,11 @@ class SecretsMask:
 
     __slots__ = ("_held", "_pattern", "_secrets")
 
-    def __init__(self, secrets: tuple[bytes, ...]) -> None:
+    def __init__(
+        self, secrets: tuple[bytes, ...], pattern: re.Pattern[bytes] | None = None
+    ) -> None:
         self._secrets = secrets
-        self._pattern = _alternatives(secrets)
+        self._pattern = pattern if pattern is not None else _alternatives(secrets)
         self._held = b""
 
     def feed(self, piece: bytes) -> bytes:

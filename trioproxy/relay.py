@@ -600,7 +600,8 @@ def _reached(end: StreamEnd | None) -> None:
         end.reached = True
 
 
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+# a blank line after a line end, in every spelling the parser reads (LF, CRLF, CR)
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r")
 
 
 def _whole_events(data: bytes, mid_event: bool) -> tuple[bytes, bytes]:

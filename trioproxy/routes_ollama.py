@@ -19,7 +19,7 @@ from quart import Blueprint, Response, request
 from . import translate as tr
 from .app import current_call, quart_route
 from .catalog import backend_name_for
-from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for
+from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_json,
@@ -88,7 +88,7 @@ async def show() -> Response:
     backend_name = call.app.mapper.to_backend(name)
     entry = await call.app.catalog.find(call, backend_name)  # type: ignore[attr-defined]
     if entry is None:
-        raise NotFound(f"model '{name}' not found")
+        raise NotFound(f"model '{shown_name(name)}' not found")
     return _json(tr.ollama_show(name, entry))
 
 
@@ -135,7 +135,7 @@ async def _require_known_model(call: Call, name: str) -> None:
 def _not_found_message(name: str) -> str:
     """Ollama's answer for a model it does not have, on its generation and embedding
     endpoints (``/api/show`` words it ``model 'x' not found``)."""
-    return f'model "{name}" not found, try pulling it first'
+    return f'model "{shown_name(name)}" not found, try pulling it first'
 
 
 async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_openai: Any) -> Reply:

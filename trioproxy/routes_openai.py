@@ -21,7 +21,7 @@ from quart import Blueprint, Response, request
 from . import translate as tr
 from .app import current_call, quart_route, served
 from .catalog import backend_name_for
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_raw,
@@ -219,7 +219,7 @@ async def model(model_id: str) -> Response:
     call = await current_call()
     entry = await call.app.catalog.find(call, call.app.mapper.to_backend(model_id))  # type: ignore[attr-defined]
     if entry is None:
-        raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")
+        raise NotFound(f"The model '{shown_name(model_id)}' does not exist", code="model_not_found")
     return _json(tr.openai_model_entry(model_id, entry))
 
 

@@ -50,9 +50,9 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     409: "conflict_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
