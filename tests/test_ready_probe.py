@@ -212,18 +212,28 @@ def _listener(*, keep: bool) -> Iterator[FakeBackend]:
     listener = socket.create_server(("127.0.0.1", 0))
     backend = FakeBackend(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", [])
 
+    listener.settimeout(0.05)  # so the thread sees the end promptly
+    done = threading.Event()
+
     def accept() -> None:
-        while True:
+        while not done.is_set():
             try:
                 conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             backend.accepted.append(conn)
             if not keep:
                 conn.close()
 
-    threading.Thread(target=accept, daemon=True).start()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
     yield backend
+    # the proxy may still be connecting: the thread ends before the connections are
+    # closed, or one it accepted after would be left open (a ResourceWarning later on)
+    done.set()
+    thread.join(timeout=5)
     listener.close()
     for conn in backend.accepted:
         conn.close()
