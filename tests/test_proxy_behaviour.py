@@ -216,6 +216,28 @@ def test_proxy_overhead_header(http: httpx.Client) -> None:
         assert 0.0 <= overhead < 1000.0, (path, overhead)
 
 
+def test_a_slow_upload_is_not_the_proxys_overhead(proxy: ServerProcess) -> None:
+    """X-Proxy-Overhead-Ms (and trioproxy_overhead_seconds) counted the wait for a body the
+    client sent slowly: 6 s of "proxy time" for a 74-byte body sent 12 bytes a second."""
+    body = json.dumps(chat_body("hi [[tokens=2]]", stream=False)).encode()
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for piece in (body[:10], body[10:20], body[20:]):
+            client.sendall(piece)
+            time.sleep(0.3)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].decode().lower()
+    assert head.startswith("http/1.1 200"), head
+    overhead = float(re.search(r"x-proxy-overhead-ms: ([0-9.]+)", head).group(1))  # type: ignore[union-attr]
+    assert overhead < 300, overhead  # the upload took 600 ms
+
+
 # ---- liveness routes -----------------------------------------------------------------------
 
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--demo", action="store_true", help="serve the built-in simulated backend (no API key)"
     )
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR, CRITICAL (env LOG_LEVEL)")
     parser.add_argument(
         "--env-file",
         help="dotenv file to read; it must exist ('' for none; default .env if present)",

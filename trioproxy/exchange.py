@@ -261,7 +261,7 @@ class Tracked:
         upstream = metric.upstream_first_byte_ms if metric.streaming else metric.upstream_ms
         if upstream is None:
             return None
-        overhead = metric.elapsed_ms() - upstream
+        overhead = metric.elapsed_ms() - upstream - metric.body_wait_ms
         return overhead if overhead > 0.0 else 0.0
 
     def _note_overhead(self, overhead: float) -> None:

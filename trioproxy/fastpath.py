@@ -106,6 +106,8 @@ async def serve(
                 if not admitted:
                     raise ServerBusy(app.admission.limit)
                 body = await _read_body(app, receive, headers.get("content-length"))
+                if state.metric is not None:  # a slow upload is not the proxy's overhead
+                    state.metric.body_wait_ms = state.metric.elapsed_ms()
             except ClientLeft:
                 return
             except ProxyError as error:

@@ -33,6 +33,7 @@ class RequestMetrics:
     # a stream's own time in the proxy: before the backend was asked, and from its headers
     # to the proxy's (the wait for the first token is the model's, not the proxy's)
     overhead_ms: float | None = None
+    body_wait_ms: float = 0.0  # request start -> its body read: the client's time, not ours
     # -- streaming (measured to the last byte) --
     first_byte_time_ms: float | None = None  # request start -> first body byte sent
     first_token_time_ms: float | None = None  # request start -> first generated content
