@@ -73,12 +73,16 @@ class ModelCatalog:
         (any fetch refreshes it: Open WebUI polls the list; a request fetches one only if
         there is none, since lists change rarely and a request must not wait for one every
         few seconds); False if the backend cannot say. A backend without a list, or one
-        that failed to give it, is not asked again for a minute on a request's path."""
+        that answers it has none (404/405/501), is not asked again for a minute on a
+        request's path; other failures are remembered for the 1 s failure cache only."""
         if self._ids is None and trio.current_time() >= self._no_ids_until:
             try:
                 await self.models(call)
-            except ProxyError:
-                self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
+            except UpstreamStatusError as exc:
+                if exc.status in _NO_MODEL_LIST:  # no list to have: not asked for a while
+                    self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
+                return False
+            except ProxyError:  # a passing failure (503, timeout): the 1 s failure cache
                 return False
         return self._ids is not None and backend_name in self._ids
 

@@ -325,7 +325,8 @@ class MetricsCollector:
             fb = ft = None
             transfer_s = 0.0
             chunks = nbytes = 0
-            overhead_ms = duration_ms - up_ms if up_ms is not None else None
+            # the client's upload time is not the proxy's, as in X-Proxy-Overhead-Ms
+            overhead_ms = duration_ms - up_ms - m.body_wait_ms if up_ms is not None else None
         series.add(
             duration_ms / 1000.0,
             fb / 1000.0 if fb is not None else None,
