@@ -194,12 +194,8 @@ def require_json_object(call: Call, content: bytes) -> None:
     cut or HTML body would reach an OpenAI client as a success it cannot read. Its ends
     tell (decoding it whole to be sure would undo relaying it as bytes: 300 µs for a batch
     of embeddings); the metrics' ``usage`` lookup decodes its tail anyway."""
-    first, last = 0, len(content) - 1
-    while first <= last and content[first] in _JSON_SPACE:
-        first += 1
-    while last > first and content[last] in _JSON_SPACE:
-        last -= 1
-    if first >= last or content[first] != 0x7B or content[last] != 0x7D:  # "{" ... "}"
+    body = content.strip(_JSON_SPACE)  # C speed; a copy only when there is space
+    if len(body) < 2 or body[:1] != b"{" or body[-1:] != b"}":
         call.app.collector.upstream_error("protocol")
         raise BadUpstreamResponse("the backend returned a body that is not a JSON object")
 
