@@ -176,3 +176,28 @@ def test_requests_the_server_refuses_below_the_app_are_logged_and_counted(
     # a request served normally afterwards is one more, not lost among them
     httpx.get(proxy.url + "/api/tags", timeout=5)
     wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 4)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/show"])  # served below Quart / by Quart
+def test_a_body_the_server_refuses_midway_is_recorded_with_the_status_sent(
+    demo_backend: ServerProcess, start_proxy: StartProxy, path: str
+) -> None:
+    """A malformed chunk in a request's body: the server answers 400 while the app reads
+    the body. The app sees only a disconnect, but the client got a 400, not a request it
+    left (499)."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    malformed = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\nzz\r\n'
+    ).encode()
+    assert _send_raw(proxy.url, malformed).startswith(b"HTTP/1.1 400")
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 1)
+    samples = scrape(proxy.url)
+    assert total(samples, "http_requests_total", status="400") == 1
+    assert total(samples, "http_requests_total", status="499") == 0
+    lines = [line for line in proxy.log().splitlines() if "trioproxy.access" in line]
+    posts = [line for line in lines if " POST " in line]
+    assert len(posts) == 1 and f"POST {path} 400 " in posts[0], lines
+    assert "client left" not in posts[0]

@@ -219,6 +219,17 @@ def test_proxy_overhead_header(http: httpx.Client) -> None:
 def test_a_slow_upload_is_not_the_proxys_overhead(proxy: ServerProcess) -> None:
     """X-Proxy-Overhead-Ms (and trioproxy_overhead_seconds) counted the wait for a body the
     client sent slowly: 6 s of "proxy time" for a 74-byte body sent 12 bytes a second."""
+    from .test_metrics_e2e import scrape, total
+
+    def overheads() -> tuple[float, float]:
+        """(all observations, those within 250 ms) of /api/chat's overhead histogram"""
+        samples = scrape(proxy.url)
+        name, chat = "trioproxy_overhead_seconds", {"endpoint": "api_chat"}
+        return total(samples, f"{name}_count", **chat), total(
+            samples, f"{name}_bucket", le="0.25", **chat
+        )
+
+    before = overheads()
     body = json.dumps(chat_body("hi [[tokens=2]]", stream=False)).encode()
     host, port = proxy.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as client:
@@ -236,6 +247,9 @@ def test_a_slow_upload_is_not_the_proxys_overhead(proxy: ServerProcess) -> None:
     assert head.startswith("http/1.1 200"), head
     overhead = float(re.search(r"x-proxy-overhead-ms: ([0-9.]+)", head).group(1))  # type: ignore[union-attr]
     assert overhead < 300, overhead  # the upload took 600 ms
+    after = overheads()
+    # the histogram too: one more observation, and it is below 250 ms
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1), (before, after)
 
 
 # ---- liveness routes -----------------------------------------------------------------------

@@ -107,7 +107,7 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         state.client_retries = CLIENT_RETRIES_NAME in headers
         request.trioproxy_state = state
         access = AccessLine(request.method, request.path) if app.settings.access_log else None
-        tracked = Tracked(app.collector, state, send, access)
+        tracked = Tracked(app.collector, state, send, access, self.scope)
         async with tracked as counting_send:
             response = await app.handle_request(request)
             for name, value in tracked.response_headers(response.status_code):

@@ -32,7 +32,7 @@ from .errors import (
     is_openai_path,
     scrub,
 )
-from .hypercorn_patches import write_cut
+from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, loggable_path
@@ -189,7 +189,7 @@ class Tracked:
     request's cleanups run (shielded, bounded) and its metrics record is finished and
     handed to the collector once."""
 
-    __slots__ = ("_access", "_collector", "_token", "send", "state", "status")
+    __slots__ = ("_access", "_collector", "_scope", "_token", "send", "state", "status")
 
     def __init__(
         self,
@@ -197,11 +197,13 @@ class Tracked:
         state: RequestState,
         send: ASGISendCallable,
         access: AccessLine | None = None,
+        scope: dict[str, Any] | None = None,
     ) -> None:
         self._collector = collector
         self.state = state
         self.send = CountingSend(send, state.metric)
         self._access = access
+        self._scope = scope  # the request's ASGI scope, where the server notes a refusal
         self.status = 0
 
     async def __aenter__(self) -> CountingSend:
@@ -221,6 +223,8 @@ class Tracked:
         finally:
             if self.send.finished and write_cut.get():
                 self.send.finished = False  # handed to the server, but never delivered whole
+            if not self.send.finished and self._scope is not None:
+                self._note_refusal(self._scope.get(REFUSED_MID_REQUEST))
             metric = self.state.metric
             if metric is not None:
                 _finish_metric(metric, self.send.finished, error, self.send.sent)
@@ -228,6 +232,13 @@ class Tracked:
             if self._access is not None:
                 self._access.write(self.status, self.send, metric, self.state.client)
             request_id_var.reset(self._token)
+
+    def _note_refusal(self, status: int | None) -> None:
+        """The server answered the request itself (``status``, a malformed body: see
+        hypercorn_patches 9) while the app read it: the client got that answer, whole."""
+        if status is not None:
+            self._note_status(status)
+            self.send.finished = True
 
     def response_headers(self, status: int) -> list[tuple[str, str]]:
         """What every response gets: its request id and, when a backend answered, the

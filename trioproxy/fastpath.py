@@ -91,7 +91,7 @@ async def serve(
     )
     state.client_retries = CLIENT_RETRIES_NAME in headers
     access = AccessLine("POST", path) if app.settings.access_log else None
-    tracked = Tracked(app.collector, state, send, access)
+    tracked = Tracked(app.collector, state, send, access, scope)
     admitted = app.admission.enter()
     holding: str | None = None  # the client whose count of requests in flight we raised
     try:

@@ -59,7 +59,9 @@ request cancellation, and its cost per request.
    h11's limit, and the 400 / 505 of patches 6 and 7) is reported to
    ``on_protocol_error`` listeners, so the access log and the request metrics count it
    like any other answer instead of never hearing of it. A protocol error in the middle
-   of a request the app is serving is not reported: the app records that request.
+   of a request the app is serving (a malformed chunk of its body) is noted in that
+   request's ASGI scope (``REFUSED_MID_REQUEST``) instead: the app records the request
+   with the status the client got, not as a client that left.
 
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
@@ -367,10 +369,20 @@ def on_protocol_error(listener: Callable[[int], None]) -> Callable[[], None]:
 _original_send_error_response = h11_protocol.H11Protocol._send_error_response
 
 
+# the ASGI scope's key for the status the server answered a request the app was reading
+# (a malformed chunk in its body): the app sees only the disconnect that follows, and
+# records this status instead of a client that left (499)
+REFUSED_MID_REQUEST = "trioproxy.refused"
+
+
 async def _send_error_response(self: Any, status_code: int) -> None:
-    if self.stream is None:  # otherwise the app is serving the request and records it
+    if self.stream is None:
         for listener in list(_protocol_error_listeners):
             listener(status_code)
+    else:  # the app is serving the request and records it
+        scope = getattr(self.stream, "scope", None)
+        if scope is not None:
+            scope[REFUSED_MID_REQUEST] = status_code
     await _original_send_error_response(self, status_code)
 
 
