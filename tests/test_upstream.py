@@ -185,3 +185,47 @@ def test_a_failure_without_words_is_described_by_its_cause() -> None:
     looped = httpx.ConnectError("")
     looped.__context__ = looped
     assert failure_detail(looped) == "ConnectError"
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError])
+@pytest.mark.parametrize("client_retries", [False, True])
+async def test_a_connection_that_breaks_before_any_answer_is_tried_again(
+    error: type[httpx.TransportError], client_retries: bool
+) -> None:
+    """A reset (ECONNRESET on the read, EPIPE on the write) before the response's head is
+    the same stale pooled connection as an EOF there: retried, also for a client that
+    retries by itself, and counted as a retry, not as a failure."""
+    calls: list[httpx.Request] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise error("connection reset by peer", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    class Observer:
+        def __init__(self) -> None:
+            self.retries: list[str] = []
+            self.errors: list[str] = []
+
+        def upstream_retry(self, reason: str) -> None:
+            self.retries.append(reason)
+
+        def upstream_error(self, reason: str) -> None:
+            self.errors.append(reason)
+
+    observer = Observer()
+    pool = UpstreamPool(
+        _settings(retry_backoff=0.001),
+        transport_factory=lambda: httpx.MockTransport(backend),
+        observer=observer,
+    )
+    try:
+        result = await pool.request(
+            "POST", "/chat/completions", body=b"{}", client_retries=client_retries
+        )
+    finally:
+        await pool.aclose()
+    assert result.response.json() == {"ok": True}
+    assert len(calls) == 2
+    assert (observer.retries, observer.errors) == (["protocol"], [])

@@ -377,9 +377,10 @@ class UpstreamPool:
             # answer, as the same failure of a stream is counted
             self._observer.upstream_error("protocol")
             return unavailable
-        if isinstance(exc, httpx.RemoteProtocolError):
+        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
             # a pooled connection the backend had already closed (llama.cpp's server
-            # closes after every streamed reply): safe to retry, nothing was sent back
+            # closes after every streamed reply), found out by an EOF, or by a reset when
+            # our request crossed its close: safe to retry, nothing was sent back
             return _Retryable("protocol", unavailable)
         if isinstance(exc, httpx.TimeoutException):
             self._observer.upstream_error("timeout")
