@@ -229,3 +229,20 @@ async def test_a_connection_that_breaks_before_any_answer_is_tried_again(
     assert result.response.json() == {"ok": True}
     assert len(calls) == 2
     assert (observer.retries, observer.errors) == (["protocol"], [])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_status_http_does_not_define_is_a_bad_answer(stream: bool) -> None:
+    """h11 takes 600-999 as a status: passed on, a client got status 999 and the metrics
+    recorded it as status 0."""
+    from trioproxy.errors import BadUpstreamResponse
+
+    pool = UpstreamPool(
+        _settings(),
+        transport_factory=lambda: httpx.MockTransport(lambda _: httpx.Response(999, json={})),
+    )
+    try:
+        with pytest.raises(BadUpstreamResponse, match="status 999"):
+            await pool.request("POST", "/chat/completions", body=b"{}", stream=stream)
+    finally:
+        await pool.aclose()

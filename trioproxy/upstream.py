@@ -325,6 +325,8 @@ class UpstreamPool:
             raise self._transport_failure(exc) from None
         headers_at = time.perf_counter()
         if response.status_code >= 400:
+            if response.status_code > MAX_HTTP_STATUS:
+                await self._refuse_status(response)
             await self._raise_for_status(response)
         if response.status_code >= 300:
             await self._refuse_redirect(response)
@@ -417,6 +419,15 @@ class UpstreamPool:
         self._observer.upstream_error(_status_reason(status))
         raise error
 
+    async def _refuse_status(self, response: httpx.Response) -> NoReturn:
+        """h11 reads any three digits as a status; past 599 HTTP defines none, and passed
+        on it would reach the client unchanged and the metrics as no status class."""
+        await response.aclose()
+        self._observer.upstream_error("protocol")
+        raise BadUpstreamResponse(
+            f"the backend answered with status {response.status_code}, which HTTP does not define"
+        )
+
     async def _refuse_redirect(self, response: httpx.Response) -> NoReturn:
         """A backend redirect is not followed (a request would silently go elsewhere, with
         the backend key) nor passed on (the client would leave the proxy): it is a 502
@@ -471,6 +482,9 @@ def _status_reason(status: int) -> str:
     # 501: the backend lacks what the client asked for, the client's mistake here as in
     # the request metrics; the UpstreamErrors alert must not fire on it
     return "status_5xx" if status >= 500 and status != 501 else "status_4xx"
+
+
+MAX_HTTP_STATUS = 599  # RFC 9110 15: status codes are 100-599
 
 
 class _Retryable(Exception):
