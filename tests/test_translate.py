@@ -509,6 +509,34 @@ def test_tool_call_history() -> None:
     assert ollama_chat_to_openai(body, "b") == ollama_chat_to_openai(body, "b")
 
 
+def test_a_tool_result_whose_id_names_no_call_answers_the_call_it_pairs_with() -> None:
+    """ollama-python's ToolCall has no id, so a history's call loses the backend's id while
+    its result keeps ``tool_call_id``: forwarded as is, the result answered no call and an
+    OpenAI-compatible backend refuses the request."""
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "w?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                    {"function": {"name": "get_time", "arguments": {}}},
+                ],
+            },
+            {"role": "tool", "content": "12:00", "tool_name": "get_time", "tool_call_id": "t_9"},
+            {"role": "tool", "content": "20C", "tool_call_id": "toolu_01A"},
+            {"role": "tool", "content": "?", "tool_call_id": "orphan"},  # none open: the last
+        ],
+    }
+    msgs = ollama_chat_to_openai(body, "b")["messages"]
+    assert [m.get("tool_call_id") for m in msgs[2:]] == ["call00001", "call00000", "call00001"]
+    # no call in the history at all: the client's id is all there is
+    lone = {"model": "m", "messages": [{"role": "tool", "content": "x", "tool_call_id": "k1"}]}
+    assert ollama_chat_to_openai(lone, "b")["messages"][0]["tool_call_id"] == "k1"
+
+
 def test_parallel_tool_results_in_order_without_names() -> None:
     body = {
         "model": "m",

@@ -519,8 +519,17 @@ class _ToolCallIds:
     def answer(self, msg: JSONDict) -> str | None:
         own = msg.get("tool_call_id")
         if isinstance(own, str) and own:
-            self._take_oldest(self._by_id.get(own))
-            return own
+            if own in self._by_id:
+                self._take_oldest(self._by_id[own])
+                return own
+            # an id no call in the history has: the client kept a backend's id on the
+            # result while the call lost it (ollama-python's ToolCall has no id), and a
+            # result answering no call is refused by OpenAI-compatible backends
+            paired = self._pair_without_id(msg)
+            return own if paired is None else paired
+        return self._pair_without_id(msg)
+
+    def _pair_without_id(self, msg: JSONDict) -> str | None:
         name = msg.get("tool_name") or msg.get("name")
         if isinstance(name, str) and name:
             found = self._take_oldest(self._by_name.get(name))
