@@ -187,6 +187,11 @@ def test_a_closed_nested_schema_keeps_strict_mode() -> None:
         ({"model": "m", "options": {"temperature": "hot"}}, "options.temperature"),
         ({"model": "m", "options": {"temperature": True}}, "options.temperature"),
         ({"model": "m", "options": {"num_predict": "10"}}, "options.num_predict"),
+        # not finite: forwarded, they became null, the backend's default, silently
+        ({"model": "m", "options": {"temperature": float("nan")}}, "options.temperature"),
+        ({"model": "m", "options": {"top_p": float("inf")}}, "options.top_p"),
+        ({"model": "m", "options": {"num_predict": 1e300}}, "options.num_predict"),
+        ({"model": "m", "options": {"seed": -(2**63) - 1}}, "options.seed"),
         ({"model": "m", "options": {"stop": [1]}}, "options.stop[0]"),
         ({"model": "m", "stream": "yes"}, "stream"),
         ({"model": "m", "stream": 1}, "stream"),

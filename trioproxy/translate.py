@@ -136,6 +136,9 @@ def _is_number(value: object) -> bool:
 _NUMERIC_OPTIONS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
 
+_INT64_LIMIT = 2**63  # Ollama reads num_predict and seed as Go ints
+
+
 def _check_options(body: JSONDict) -> None:
     options = body.get("options")
     if options is None:
@@ -144,13 +147,17 @@ def _check_options(body: JSONDict) -> None:
         raise RequestValidationError("options", "must be an object")
     for key in _NUMERIC_OPTIONS:
         value = options.get(key)
-        if value is not None and not _is_number(value):
-            raise RequestValidationError(f"options.{key}", "must be a number")
+        # NaN, Infinity and 1e400 (infinite once read) are no numbers to Ollama's Go
+        # decoder either; forwarded, they became null: the backend's default, silently
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise RequestValidationError(f"options.{key}", "must be a finite number")
     for key in ("num_predict", "seed"):
         value = options.get(key)
         # a fraction is dropped, as Ollama's Go decoder drops it (10.5 -> 10)
-        if value is not None and not (_is_number(value) and math.isfinite(value)):
-            raise RequestValidationError(f"options.{key}", "must be an integer")
+        if value is not None and not (
+            _is_number(value) and math.isfinite(value) and abs(value) < _INT64_LIMIT
+        ):
+            raise RequestValidationError(f"options.{key}", "must be a 64-bit integer")
     stop = options.get("stop")
     if stop is not None and not isinstance(stop, str):
         _check_str_list(stop, "options.stop")
