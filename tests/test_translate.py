@@ -663,7 +663,7 @@ def test_chat_response_basic() -> None:
         ("stop", "stop"),
         ("length", "length"),
         ("tool_calls", "stop"),
-        ("content_filter", "stop"),
+        ("content_filter", "content_filter"),  # a cut answer must not read as finished
         (None, "stop"),
         ("function_call", "stop"),
     ],

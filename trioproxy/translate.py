@@ -709,8 +709,12 @@ class Timings:
 
 
 def _done_reason(finish_reason: object) -> str:
-    # Ollama clients only know stop/length; a finished tool call is a normal stop there.
-    return finish_reason if finish_reason in ("stop", "length") else "stop"
+    # Ollama's own are stop/length, and a finished tool call is a normal stop there; an
+    # answer cut by the backend's content filter says so (clients read done_reason as any
+    # string), or a cut answer would read as a finished one
+    if finish_reason in ("stop", "length", "content_filter"):
+        return finish_reason  # type: ignore[return-value]
+    return "stop"
 
 
 def _int(value: object) -> int:
