@@ -747,7 +747,7 @@ def parse_tool_arguments(args: object) -> JSONDict:
         return args
     if isinstance(args, str) and args.strip():
         try:
-            parsed = json.loads(args)
+            parsed = loads(args)
         except ValueError:
             return {}
         if isinstance(parsed, dict):
@@ -1008,7 +1008,7 @@ def _whole_object(arguments: str) -> bool:
     if not arguments.rstrip().endswith("}"):
         return False  # the common case, without decoding
     try:
-        return isinstance(json.loads(arguments), dict)
+        return isinstance(loads(arguments), dict)
     except ValueError:
         return False
 

@@ -1,0 +1,186 @@
+"""JSON too deep for the proxy's codecs, and bodies that are not quite one JSON object,
+end to end: a client's deep body is the client's 400, a backend's deep answer the
+backend's 502, in the caller's dialect, whichever of the two is deep (a deep client
+body once made the proxy blame the client for a backend's deep answer).
+
+The fake backend answers by the request's model name (read from the raw bytes: the
+request itself may be too deep for the standard library to decode)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+
+StartProxy = Callable[..., ServerProcess]
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    return '{"a":' * depth + leaf + "}" * depth
+
+
+COMPLETION = {
+    "id": "c",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "m",
+    "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}
+    ],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+CHUNKS = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}}]},
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+]
+DEEP_ANSWER = nested(2000).encode()
+# per model: the 2xx body the backend answers with, whatever the request
+ANSWERS: dict[str, bytes] = {
+    "deep": DEEP_ANSWER,
+}
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"]*)"')
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
+
+
+class _Backend(ScriptedHandler):
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        found = _MODEL.search(raw)
+        model = found[1].decode() if found else ""
+        if model == "deep-error":
+            self.answer(500, DEEP_ANSWER)
+        elif model in ANSWERS:
+            self.answer(200, ANSWERS[model])
+        elif _STREAM.search(raw):
+            events = b"".join(b"data: %s\n\n" % json.dumps(c).encode() for c in CHUNKS)
+            self.answer(200, events + b"data: [DONE]\n\n", "text/event-stream")
+        else:
+            self.answer(200, json.dumps(COMPLETION).encode())
+
+
+@pytest.fixture(scope="module")
+def proxy(start_proxy: StartProxy) -> Iterator[ServerProcess]:
+    with serving(_Backend) as url:
+        yield start_proxy(url, MAX_RETRIES="0")
+
+
+def _post(proxy: ServerProcess, path: str, body: str | bytes) -> httpx.Response:
+    return httpx.post(
+        proxy.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=20
+    )
+
+
+def _chat(model: str, stream: bool, extra: str = "") -> str:
+    """A chat request in either dialect (the same fields serve both), ``extra`` members
+    spliced in as raw JSON text."""
+    messages = '[{"role": "user", "content": "hi"}]'
+    return f'{{"model": "{model}", "stream": {json.dumps(stream)}, "messages": {messages}{extra}}}'
+
+
+def _error_message(response: httpx.Response, path: str) -> str:
+    """The error's message, asserting the dialect of ``path``."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    if path.startswith("/v1/"):
+        error = body["error"]
+        assert {"message", "type", "param", "code"} <= set(error), body
+        return str(error["message"])
+    assert isinstance(body["error"], str), body
+    return body["error"]
+
+
+PATHS = ["/api/chat", "/v1/chat/completions"]
+STREAMS = [False, True]
+EVERY_CHAT = [(path, stream) for path in PATHS for stream in STREAMS]
+# a /v1 answer not asked to stream is relayed as bytes, undecoded: see
+# test_a_deep_v1_answer_is_relayed_as_it_came
+DECODED = [chat for chat in EVERY_CHAT if chat != ("/v1/chat/completions", False)]
+
+
+@pytest.mark.parametrize(("path", "stream"), DECODED)
+@pytest.mark.parametrize("client_depth", [0, 300])
+def test_a_backends_deep_answer_is_a_502_in_dialect(
+    proxy: ServerProcess, path: str, stream: bool, client_depth: int
+) -> None:
+    """2,000 levels: orjson stops at 1,024 and the standard library's recursion fails.
+    That was a 500, or the client's 400 when the client's own body was over 200 levels
+    deep."""
+    extra = f', "metadata": {nested(client_depth)}' if client_depth else ""
+    response = _post(proxy, path, _chat("deep", stream, extra))
+    assert response.status_code == 502, response.text
+    assert "JSON" in _error_message(response, path)
+
+
+def test_a_deep_v1_answer_is_relayed_as_it_came(proxy: ServerProcess) -> None:
+    """/v1 relays a 2xx body as bytes, checked by its ends only (decoding every body to
+    know its depth would undo that): the proxy itself never fails on it."""
+    response = _post(proxy, "/v1/chat/completions", _chat("deep", False))
+    assert response.status_code == 200
+    assert response.content == DEEP_ANSWER
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_backends_deep_error_body_keeps_its_status_in_dialect(
+    proxy: ServerProcess, path: str
+) -> None:
+    """The message is read out of a backend's error body: a deep one made that a 500
+    of our own (a traceback in the log) rather than the backend's error."""
+    response = _post(proxy, path, _chat("deep-error", False, f', "metadata": {nested(300)}'))
+    assert response.status_code == 500, response.text
+    assert "internal error in trioproxy" not in _error_message(response, path)
+
+
+@pytest.mark.parametrize(("path", "stream"), EVERY_CHAT)
+@pytest.mark.parametrize("depth", [300, 2000])
+def test_a_clients_deep_body_is_forwarded_or_its_400_never_a_500(
+    proxy: ServerProcess, path: str, stream: bool, depth: int
+) -> None:
+    """300 levels are read and written again; 2,000 cannot be read."""
+    response = _post(proxy, path, _chat("ok", stream, f', "metadata": {nested(depth)}'))
+    if depth == 300:
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in _error_message(response, path)
+
+
+LATIN = '"caf\xe9"'  # é: one byte that is not UTF-8 when the body is sent as Latin-1
+OLLAMA_DEEP_PARTS = [
+    # the format becomes a JSON schema in the payload, written by forward.encode
+    ', "format": %s',
+    # a tool call's arguments become JSON text while the request is translated
+    ', "tools": [], "messages": [{"role": "assistant", "content": "", "tool_calls":'
+    ' [{"function": {"name": "f", "arguments": %s}}]}]',
+]
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+@pytest.mark.parametrize("part", OLLAMA_DEEP_PARTS)
+@pytest.mark.parametrize("not_utf8", [False, True])
+def test_an_ollama_body_read_but_too_deep_to_write_is_a_400(
+    proxy: ServerProcess, stream: bool, part: str, not_utf8: bool
+) -> None:
+    """1,010 levels: read (orjson reads 1,024) but not written again for the backend (the
+    standard library writes about 900). With a byte that is not UTF-8 (read as U+FFFD on
+    /api/*, as Ollama reads it) this was a 500: the old check re-read the body strictly."""
+    body = _chat("ok", stream).removesuffix("}") + part % nested(1010, LATIN) + "}"
+    raw = body.encode("latin-1") if not_utf8 else body.encode()
+    # the later "messages" member wins, as in every JSON decoder the proxy uses
+    response = _post(proxy, "/api/chat", raw)
+    assert response.status_code == 400, response.text
+    assert "nested too deeply to be forwarded" in _error_message(response, "/api/chat")
+
+
+@pytest.mark.parametrize("depth", [300, 2000])
+def test_a_deep_ollama_body_with_bytes_that_are_not_utf8_is_no_500(
+    proxy: ServerProcess, depth: int
+) -> None:
+    body = _chat("ok", False, f', "metadata": {nested(depth, LATIN)}')
+    response = _post(proxy, "/api/chat", body.encode("latin-1"))
+    assert response.status_code == (200 if depth == 300 else 400), response.text
