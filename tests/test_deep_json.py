@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from .conftest import ServerProcess
@@ -43,6 +45,8 @@ DEEP_ANSWER = nested(2000).encode()
 # per model: the 2xx body the backend answers with, whatever the request
 ANSWERS: dict[str, bytes] = {
     "deep": DEEP_ANSWER,
+    "bom": b"\xef\xbb\xbf" + json.dumps(COMPLETION).encode(),
+    "ndjson": b'{"a":1}\n{"b":2}\n',
 }
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]*)"')
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
@@ -184,3 +188,54 @@ def test_a_deep_ollama_body_with_bytes_that_are_not_utf8_is_no_500(
     body = _chat("ok", False, f', "metadata": {nested(depth, LATIN)}')
     response = _post(proxy, "/api/chat", body.encode("latin-1"))
     assert response.status_code == (200 if depth == 300 else 400), response.text
+
+
+def test_a_body_with_a_byte_order_mark_reaches_the_openai_sdk(proxy: ServerProcess) -> None:
+    """The openai SDK reads a body with a UTF-8 BOM (``json.loads`` on bytes skips it):
+    the proxy's check by the body's ends must not make it a 502."""
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        answer = client.chat.completions.create(
+            model="bom", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert answer.choices[0].message.content == "hi"
+
+
+def test_ndjson_is_not_passed_off_as_one_json_object(proxy: ServerProcess) -> None:
+    response = _post(proxy, "/v1/chat/completions", _chat("ndjson", False))
+    assert response.status_code == 502, response.text
+    assert "not a JSON object" in _error_message(response, "/v1/chat/completions")
+
+
+def _checked(content: bytes) -> bool:
+    from types import SimpleNamespace
+
+    from trioproxy.errors import BadUpstreamResponse
+    from trioproxy.forward import require_json_object
+
+    call: Any = SimpleNamespace(app=SimpleNamespace(collector=SimpleNamespace(upstream_error=id)))
+    try:
+        require_json_object(call, content)
+    except BadUpstreamResponse:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("content", "passes"),
+    [
+        (b'\xef\xbb\xbf{"a": 1}', True),
+        (b'\xef\xbb\xbf {"a": 1}\n', True),
+        (b"\xef\xbb\xbf", False),
+        (b'{\n  "a": {\n    "b": 1\n  },\n  "c": {}\n}\n', True),  # pretty-printed
+        (b'{"a": "}\\n{"}', True),  # an escaped line break inside a string
+        (b'{"a":1}\n{"b":2}', False),
+        (b'{"a":1}\r\n\r\n  {"b":2}\n', False),
+        (b'{"a":1} \n{"b":2}', False),
+        # the first line break is looked for within 64 KiB only: the check stays cheap
+        (b'{"a":"' + b"x" * 70_000 + b'"}\n{"b":2}', True),
+    ],
+)
+def test_a_relayed_body_is_checked_by_its_ends_and_first_line_break(
+    content: bytes, passes: bool
+) -> None:
+    assert _checked(content) is passes
