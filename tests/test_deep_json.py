@@ -48,6 +48,31 @@ ANSWERS: dict[str, bytes] = {
     "bom": b"\xef\xbb\xbf" + json.dumps(COMPLETION).encode(),
     "ndjson": b'{"a":1}\n{"b":2}\n',
 }
+
+
+def _tool_call_event(arguments: str) -> bytes:
+    """A chunk calling ``f`` with ``arguments`` (JSON text: a string or an object)."""
+    call = '{"index":0,"id":"t","type":"function","function":{"name":"f","arguments":%s}}'
+    delta = '{"role":"assistant","tool_calls":[%s]}' % (call % arguments)
+    return b'data: {"choices":[{"index":0,"delta":%s}]}\n\n' % delta.encode()
+
+
+def _events(*first: bytes, finish: str = "stop") -> bytes:
+    """An event stream: ``first``, then the chunks of a finished answer."""
+    chunks = [*CHUNKS[:-1], {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
+    rest = b"".join(b"data: %s\n\n" % json.dumps(c).encode() for c in chunks)
+    return b"".join(first) + rest + b"data: [DONE]\n\n"
+
+
+# arguments as JSON text: read (1,024 levels), not written again (~900)
+DEEP_ARGUMENTS = json.dumps(nested(1010))
+# per model: the event stream the backend answers a stream request with
+STREAMS_OF: dict[str, bytes] = {
+    "deep-event": _events(b'data: {"choices":[],"x":%s}\n\n' % DEEP_ANSWER),
+    "deep-args": _events(_tool_call_event(DEEP_ARGUMENTS), finish="tool_calls"),
+    "deep-args-object": _events(_tool_call_event(nested(1010)), finish="tool_calls"),
+}
+DEEP_CALL = {"id": "t", "type": "function", "function": {"name": "f", "arguments": nested(1010)}}
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]*)"')
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
 
@@ -62,8 +87,11 @@ class _Backend(ScriptedHandler):
         elif model in ANSWERS:
             self.answer(200, ANSWERS[model])
         elif _STREAM.search(raw):
-            events = b"".join(b"data: %s\n\n" % json.dumps(c).encode() for c in CHUNKS)
-            self.answer(200, events + b"data: [DONE]\n\n", "text/event-stream")
+            self.answer(200, STREAMS_OF.get(model, _events()), "text/event-stream")
+        elif model == "deep-args":
+            completion = json.loads(json.dumps(COMPLETION))
+            completion["choices"][0]["message"]["tool_calls"] = [DEEP_CALL]
+            self.answer(200, json.dumps(completion).encode())
         else:
             self.answer(200, json.dumps(COMPLETION).encode())
 
@@ -138,6 +166,36 @@ def test_a_backends_deep_error_body_keeps_its_status_in_dialect(
     response = _post(proxy, path, _chat("deep-error", False, f', "metadata": {nested(300)}'))
     assert response.status_code == 500, response.text
     assert "internal error in trioproxy" not in _error_message(response, path)
+
+
+@pytest.mark.parametrize(
+    ("model", "stream", "words"),
+    [
+        ("deep-event", True, "nested too deeply to be read"),
+        ("deep-args", True, "nested too deeply to be written"),
+        ("deep-args-object", True, "nested too deeply to be written"),
+        ("deep-args", False, "nested too deeply to be written"),
+    ],
+)
+def test_a_backends_deep_event_or_tool_call_is_a_502_for_an_ollama_client(
+    proxy: ServerProcess, model: str, stream: bool, words: str
+) -> None:
+    """An event too deep to read was dropped as keep-alive noise (or a RecursionError);
+    a tool call's arguments, read as JSON for Ollama's clients (1,010 levels), could not
+    be written again: a 500, or a stream broken without a word."""
+    response = _post(proxy, "/api/chat", _chat(model, stream))
+    assert response.status_code == 502, response.text
+    assert words in _error_message(response, "/api/chat")
+
+
+@pytest.mark.parametrize("model", ["deep-event", "deep-args", "deep-args-object"])
+def test_a_backends_deep_event_is_relayed_to_an_openai_client(
+    proxy: ServerProcess, model: str
+) -> None:
+    """/v1 streams are relayed as they came; the proxy only watches them."""
+    response = _post(proxy, "/v1/chat/completions", _chat(model, True))
+    assert response.status_code == 200, response.text
+    assert response.content == STREAMS_OF[model]
 
 
 @pytest.mark.parametrize(("path", "stream"), EVERY_CHAT)

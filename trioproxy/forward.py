@@ -241,9 +241,14 @@ def _reports_an_error(payload: Any) -> bool:
 def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:
     """``translate(*args)`` on a backend's decoded 2xx body. The translations are pure and
     trust the shape of the backend's API, so a failure here means a body of another shape:
-    the backend's fault (502), not ours (500); logged with its trace in case it is ours."""
+    the backend's fault (502), not ours (500); logged with its trace in case it is ours.
+    So is JSON read from it (a tool call's arguments, up to 1,024 levels) that cannot be
+    written again for the client (about 900): not logged, since it is not ours."""
     try:
         return translate(*args)
+    except NestedTooDeeply as exc:
+        call.app.collector.upstream_error("protocol")
+        raise BadUpstreamResponse(f"the backend's response is {exc}") from None
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
         log.warning("the backend's response has an unexpected shape", exc_info=True)
         call.app.collector.upstream_error("protocol")
