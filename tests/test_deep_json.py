@@ -71,6 +71,9 @@ STREAMS_OF: dict[str, bytes] = {
     "deep-event": _events(b'data: {"choices":[],"x":%s}\n\n' % DEEP_ANSWER),
     "deep-args": _events(_tool_call_event(DEEP_ARGUMENTS), finish="tool_calls"),
     "deep-args-object": _events(_tool_call_event(nested(1010)), finish="tool_calls"),
+    # an older llama.cpp server's error field, and an error object without a message
+    "deep-error-field": b'error: {"code":500,"message":"boom","x":%s}\n\n' % nested(1010).encode(),
+    "deep-error-event": b'data: {"error":{"code":400,"x":%s}}\n\n' % nested(1010).encode(),
 }
 DEEP_CALL = {"id": "t", "type": "function", "function": {"name": "f", "arguments": nested(1010)}}
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]*)"')
@@ -196,6 +199,21 @@ def test_a_backends_deep_event_is_relayed_to_an_openai_client(
     response = _post(proxy, "/v1/chat/completions", _chat(model, True))
     assert response.status_code == 200, response.text
     assert response.content == STREAMS_OF[model]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("model", "status", "words"),
+    [("deep-error-field", 502, "boom"), ("deep-error-event", 400, "nested too deeply")],
+)
+def test_a_backends_deep_error_in_a_stream_keeps_its_status_in_dialect(
+    proxy: ServerProcess, path: str, model: str, status: int, words: str
+) -> None:
+    """The error object read from the stream (1,010 levels) could not be written again
+    for the client, nor shown as text: a 500, or a /v1 stream cut without a word."""
+    response = _post(proxy, path, _chat(model, True))
+    assert response.status_code == status, response.text
+    assert words in _error_message(response, path)
 
 
 @pytest.mark.parametrize(("path", "stream"), EVERY_CHAT)

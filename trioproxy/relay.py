@@ -460,10 +460,21 @@ def _refused(
         metric.streaming = False
     # the backend's own error object, as a status error's body would be: an OpenAI client
     # gets it as written (type, param, code); an Ollama client gets its message
-    body = compact_json({"error": error}) if isinstance(error, dict) else b""
+    body = _error_body(error)
     return UpstreamStatusError(
         message, status, body=body, content_type="application/json", headers=headers
     )
+
+
+def _error_body(error: object) -> bytes:
+    """The backend's ``error`` object as a status error's body; none (the proxy's own body
+    from the message then) for anything else, or for an object too deep to write again."""
+    if not isinstance(error, dict):
+        return b""
+    try:
+        return compact_json({"error": error})
+    except NestedTooDeeply:
+        return b""
 
 
 def _client_status(error: object) -> int | None:
@@ -499,8 +510,11 @@ def _reports_failure(chunk: dict[str, Any]) -> bool:
 def _error_text(error: object) -> str:
     """The message of a backend's ``error`` member: an object's ``message``, or the text."""
     if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
+        error = error.get("message") or error
+    try:
+        return str(error)
+    except RecursionError:  # the repr of a list or dict recurses, as deep as the JSON read
+        return "the backend reported an error nested too deeply to be shown"
 
 
 class _NotAStream(Exception):
