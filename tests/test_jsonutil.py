@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioproxy.jsonutil import compact_json, compact_json_text, loads, top_level_member
+from trioproxy.jsonutil import (
+    NestedTooDeeply,
+    compact_json,
+    compact_json_text,
+    loads,
+    top_level_member,
+)
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text()
@@ -73,6 +79,33 @@ def test_what_only_the_standard_library_accepts_still_goes_through() -> None:
 def test_invalid_json_raises_the_standard_librarys_error() -> None:
     with pytest.raises(json.JSONDecodeError, match="Expecting"):
         loads(b'{"model": ')
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[" * 2000 + b"]" * 2000,  # past orjson's 1,024 levels: the standard library's turn
+        "[" * 2000 + "]" * 2000,
+        b"[" * 2000 + b"12345678901234567890" + b"]" * 2000,  # straight to the standard library
+    ],
+)
+def test_json_too_deep_to_read_is_a_value_error_not_a_recursion_error(
+    text: bytes | str,
+) -> None:
+    """A RecursionError reached the request handler, which could not tell whose body it
+    was (the client's, or the backend's): a ValueError is bad JSON to every caller."""
+    with pytest.raises(NestedTooDeeply, match="nested too deeply") as raised:
+        loads(text)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_json_too_deep_to_write_is_a_value_error_not_a_recursion_error() -> None:
+    """orjson writes 254 levels, the standard library about 900: what orjson reads (1,024)
+    may not be written again."""
+    deep = loads(b"[" * 1020 + b"]" * 1020)
+    with pytest.raises(NestedTooDeeply, match="nested too deeply"):
+        compact_json(deep)
+    assert compact_json(loads(b"[" * 300 + b"]" * 300)) == b"[" * 300 + b"]" * 300
 
 
 # keys and strings that look like the key being looked for, or end in a backslash

@@ -58,7 +58,6 @@ from .exchange import (
     proxy_error_reply,
     record_protocol_refusal,
 )
-from .forward import deep_body_error
 from .ledger import ResponsesLedger
 from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
@@ -431,10 +430,6 @@ def _register_error_handlers(app: ProxyApp) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:
-        if isinstance(error, RecursionError):
-            deep = deep_body_error(await request.get_data(cache=True))
-            if deep is not None:
-                return await _proxy_error(deep)
         # escaped like the access log: a decoded %0a in the path must not forge a log line
         method, path = loggable_path(request.method), loggable_path(request.path)
         log.exception("unhandled error while serving %s %s", method, path)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .jsonutil import loads
+
 # the types OpenAI's API itself writes (a wrong key and an unknown model are
 # invalid_request_error there, told apart by their code)
 OPENAI_ERROR_TYPES = {
@@ -181,8 +183,8 @@ def error_body_for(
 def upstream_error_message(body: bytes, status: int) -> str:
     """Pull a human message out of the many error shapes backends use."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        payload = loads(body)  # a ValueError, never RecursionError, for a deep body
+    except ValueError:
         payload = None
     message: Any = None
     if isinstance(payload, dict):
@@ -194,11 +196,20 @@ def upstream_error_message(body: bytes, status: int) -> str:
         if not message:
             message = payload.get("detail") or payload.get("message")
         if isinstance(message, list | dict):
-            message = json.dumps(message, ensure_ascii=False)
+            message = _as_text(message)
     if not message:
         text = body.decode("utf-8", "replace").strip()
         message = text[:500] if text else f"backend returned HTTP {status}"
     return f"{message}"
+
+
+def _as_text(detail: list[Any] | dict[str, Any]) -> str | None:
+    """A structured error detail as JSON text; None when too deep to write (the body's
+    own text is the message then)."""
+    try:
+        return json.dumps(detail, ensure_ascii=False)
+    except RecursionError:
+        return None
 
 
 # Secrets shorter than this are not scrubbed from text: a 3-letter "key" would hide words.

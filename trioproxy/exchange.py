@@ -10,7 +10,6 @@ record handed over exactly once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from .errors import (
     scrub,
 )
 from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut
+from .jsonutil import loads
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, loggable_path
@@ -431,7 +431,7 @@ def _openai_shaped(error: UpstreamStatusError, path: str, secrets: BackendSecret
     if not is_openai_path(path) or not error.body:
         return None
     try:
-        payload: Any = json.loads(error.body)
+        payload: Any = loads(error.body)  # never RecursionError: a backend's deep body
     except ValueError:
         return None
     inner = payload.get("error") if isinstance(payload, dict) else None

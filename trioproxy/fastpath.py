@@ -38,7 +38,6 @@ from .exchange import (
     note_client,
     proxy_error_reply,
 )
-from .forward import deep_body_error
 from .relay import in_band_error
 
 if TYPE_CHECKING:
@@ -249,9 +248,6 @@ async def _run(handler: Handler, call: Call) -> Reply:
         return masked(await handler(call), call.app.settings.backend_secrets)
     except ProxyError as error:
         return _failure(error, call)
-    except RecursionError:
-        deep = deep_body_error(call.body)
-        return _unexpected(call) if deep is None else _failure(deep, call)
     except Exception:
         return _unexpected(call)
 

@@ -21,7 +21,7 @@ from .errors import (
     upstream_error_message,
 )
 from .exchange import Call, RequestState
-from .jsonutil import compact_json, loads
+from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
 from .translate import FINISHED_WITH_ERROR, RequestValidationError
@@ -40,10 +40,8 @@ def json_object(call: Call) -> dict[str, Any]:
         _refuse_what_decodes_too_large(raw)
     try:
         body = _decoded(raw, lenient=call.path.startswith("/api/"))
-    except ValueError as exc:  # UnicodeDecodeError included
+    except ValueError as exc:  # UnicodeDecodeError and NestedTooDeeply included
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
-    except RecursionError:
-        raise BadRequest("invalid JSON in request body: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     metric = call.state.metric
@@ -82,41 +80,6 @@ def _refuse_what_decodes_too_large(raw: bytes) -> None:
         )
 
 
-# orjson reads 1,024 levels but writes 254, and the standard library, which writes the
-# rest, only as many as the stack has room for (about 900 here): a body between the two
-# is read, then fails to be written for the backend. Checking every body's depth would
-# cost more than decoding it, so the failure is read when it happens (deep_body_error).
-MAX_JSON_DEPTH = 200
-
-
-def deep_body_error(body: bytes) -> ProxyError | None:
-    """For a RecursionError met while serving a request: the client's 400 when its body
-    nests deeper than :data:`MAX_JSON_DEPTH`, else None (then it is our own bug)."""
-    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
-        return None
-    try:
-        decoded = loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not nested_deeper_than(decoded, MAX_JSON_DEPTH):
-        return None
-    return BadRequest("invalid JSON in request body: nested too deeply to be forwarded")
-
-
-def nested_deeper_than(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests containers more than ``limit`` deep (without recursion)."""
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item
-        for child in children:
-            if isinstance(child, dict | list):
-                if depth >= limit:
-                    return True
-                pending.append((child, depth + 1))
-    return False
-
-
 def _decoded(raw: bytes, *, lenient: bool) -> Any:
     """``loads``; ``lenient`` (``/api/*``) reads bytes that are not UTF-8 as U+FFFD, as
     Ollama's decoder (Go's) does, so its clients get away with them (Windows PowerShell
@@ -127,6 +90,32 @@ def _decoded(raw: bytes, *, lenient: bool) -> Any:
         if not lenient:
             raise
     return loads(raw.decode(errors="replace"))
+
+
+def encode(payload: Any) -> bytes:
+    """A request body the proxy wrote from the client's, for the backend. orjson reads 1,024
+    levels but writes 254, and the standard library, which writes the rest, only about 900
+    (jsonutil): a client's body between the two is read, then cannot be written. Only the
+    client can fix that, so it is the client's 400; checking every body's depth up front
+    would cost more than decoding it."""
+    try:
+        return compact_json(payload)
+    except NestedTooDeeply:
+        raise _too_deep_to_forward() from None
+
+
+def for_backend(translate: Callable[..., T], *args: Any) -> T:
+    """``translate(*args)`` on the client's request: a translation that writes part of it
+    as JSON text (a tool call's arguments) fails for the client's depth as :func:`encode`
+    does, a 400."""
+    try:
+        return translate(*args)
+    except NestedTooDeeply:
+        raise _too_deep_to_forward() from None
+
+
+def _too_deep_to_forward() -> BadRequest:
+    return BadRequest("invalid JSON in request body: nested too deeply to be forwarded")
 
 
 def validated(validator: Any, body: Any, **options: Any) -> dict[str, Any]:
@@ -169,9 +158,9 @@ async def call_json(
         # embeddings are floats only: no integer there needs the exactness test
         exact = path != "/embeddings"
         payload = loads(result.response.content, exact_integers=exact)
-    except ValueError:
+    except ValueError as exc:
         call.app.collector.upstream_error("protocol")
-        raise BadUpstreamResponse("the backend returned a body that is not JSON") from None
+        raise BadUpstreamResponse(_not_json_message(exc)) from None
     if _reports_an_error(payload):
         # some gateways answer a failure with 200 and an error body: not an empty answer
         call.app.collector.upstream_error("protocol")
@@ -186,18 +175,53 @@ async def call_json(
     return payload, result
 
 
+def _not_json_message(exc: ValueError) -> str:
+    if isinstance(exc, NestedTooDeeply):
+        return "the backend returned JSON nested too deeply to be read"
+    return "the backend returned a body that is not JSON"
+
+
 _JSON_SPACE = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"
 
 
 def require_json_object(call: Call, content: bytes) -> None:
     """A 2xx body relayed as bytes must be the JSON object the API promises: an empty,
     cut or HTML body would reach an OpenAI client as a success it cannot read. Its ends
     tell (decoding it whole to be sure would undo relaying it as bytes: 300 µs for a batch
-    of embeddings); the metrics' ``usage`` lookup decodes its tail anyway."""
+    of embeddings); the metrics' ``usage`` lookup decodes its tail anyway.
+
+    A UTF-8 byte order mark before the object passes, relayed as it came: the openai SDK
+    reads a body with httpx's ``Response.json`` (``json.loads`` on bytes, which skips it),
+    and a browser's ``fetch`` drops it too. NDJSON (``{...}`` line after line, an Ollama
+    API where an OpenAI one was expected) has the ends of one object: it is caught by its
+    first line break when that falls within the first 64 KiB (:func:`_objects_on_lines`);
+    an object split across lines further on, or a body whose depth is more than a JSON
+    decoder reads (1,024 levels), passes: only a whole decode would tell."""
     body = content.strip(_JSON_SPACE)  # C speed; a copy only when there is space
-    if len(body) < 2 or body[:1] != b"{" or body[-1:] != b"}":
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :].lstrip(_JSON_SPACE)  # a copy, for this rare body only
+    if len(body) < 2 or body[:1] != b"{" or body[-1:] != b"}" or _objects_on_lines(body):
         call.app.collector.upstream_error("protocol")
         raise BadUpstreamResponse("the backend returned a body that is not a JSON object")
+
+
+# how far the first line break is looked for (memchr: 0.6 µs; a whole 1.2 MB batch of
+# embeddings without one took 10 µs)
+_LINE_BREAK_WINDOW = 64 * 1024
+_NEXT_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+
+
+def _objects_on_lines(body: bytes) -> bool:
+    """Whether the first line break stands between a ``}`` and a ``{``: never one JSON
+    value (a line break cannot be inside a JSON string, and two values need a comma
+    between them), but what NDJSON looks like. Pretty-printed JSON breaks its first line
+    after ``{``, so this costs it one ``find``."""
+    at = body.find(b"\n", 0, _LINE_BREAK_WINDOW)
+    if at < 0:
+        return False
+    before = body[max(0, at - 16) : at].rstrip(_JSON_SPACE)  # a few bytes, not the body
+    return before.endswith(b"}") and _NEXT_OBJECT.match(body, at) is not None
 
 
 def _reports_an_error(payload: Any) -> bool:
@@ -217,9 +241,14 @@ def _reports_an_error(payload: Any) -> bool:
 def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:
     """``translate(*args)`` on a backend's decoded 2xx body. The translations are pure and
     trust the shape of the backend's API, so a failure here means a body of another shape:
-    the backend's fault (502), not ours (500); logged with its trace in case it is ours."""
+    the backend's fault (502), not ours (500); logged with its trace in case it is ours.
+    So is JSON read from it (a tool call's arguments, up to 1,024 levels) that cannot be
+    written again for the client (about 900): not logged, since it is not ours."""
     try:
         return translate(*args)
+    except NestedTooDeeply as exc:
+        call.app.collector.upstream_error("protocol")
+        raise BadUpstreamResponse(f"the backend's response is {exc}") from None
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
         log.warning("the backend's response has an unexpected shape", exc_info=True)
         call.app.collector.upstream_error("protocol")
@@ -386,6 +415,3 @@ def pool(call: Call) -> UpstreamPool:
     if call.app.pool is None:
         raise UpstreamUnavailable("the backend pool is not running")
     return call.app.pool
-
-
-encode = compact_json

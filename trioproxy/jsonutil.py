@@ -7,7 +7,15 @@ or decodes it inexactly (integers beyond 64 bits), the standard library answers 
 so the proxy accepts every body it accepted before, and a client's malformed body gets
 the standard library's error message. Output differs only in spelling that JSON leaves
 open (``1e-05`` is written ``1e-5``) and in ``NaN``, which orjson writes as ``null``, the
-valid JSON for it."""
+valid JSON for it.
+
+Depth: orjson reads 1,024 levels and writes 254; the standard library, which takes over
+beyond either, recurses, so it reads and writes only as deep as the stack has room for
+(about 900 levels here, fewer when called deep in a stack). Past those limits neither
+:func:`loads` nor :func:`compact_json` lets a ``RecursionError`` out: both raise
+:class:`NestedTooDeeply`, a ``ValueError``, so that every caller's handling of bad JSON
+applies (a client's body is its 400, a backend's body the backend's 502), and a
+``RecursionError`` left to reach the request handler is our own bug, not a deep body."""
 
 from __future__ import annotations
 
@@ -24,19 +32,32 @@ _RAW_LINE_SEPARATORS = tuple(
 )
 
 
+class NestedTooDeeply(ValueError):
+    """JSON nested deeper than :func:`loads` can read or :func:`compact_json` can write
+    (see the module's docstring): bad JSON to the caller, as a syntax error is."""
+
+
 def compact_json(obj: Any) -> bytes:
     """Compact UTF-8 JSON (no spaces, non-ASCII kept as is, except three line ends:
-    see :func:`escape_line_separators`)."""
+    see :func:`escape_line_separators`); :class:`NestedTooDeeply` past the depth the
+    standard library writes."""
     try:
         out = orjson.dumps(obj)
     except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, non-str keys, ...
         try:
-            out = _COMPACT.encode(obj).encode()
-        except UnicodeEncodeError:
-            # a lone surrogate, decoded from a client's "\ud83d" escape: kept as that
-            # escape, as it came (it has no UTF-8 spelling)
-            return _COMPACT_ASCII.encode(obj).encode()
+            out = _stdlib_compact(obj)
+        except RecursionError:
+            raise NestedTooDeeply("nested too deeply to be written as JSON") from None
     return escape_line_separators(out)
+
+
+def _stdlib_compact(obj: Any) -> bytes:
+    try:
+        return _COMPACT.encode(obj).encode()
+    except UnicodeEncodeError:
+        # a lone surrogate, decoded from a client's "\ud83d" escape: kept as that
+        # escape, as it came (it has no UTF-8 spelling)
+        return _COMPACT_ASCII.encode(obj).encode()
 
 
 def escape_line_separators(data: bytes) -> bytes:
@@ -73,19 +94,25 @@ def _has_long_digit_run(data: bytes | str) -> bool:
 
 
 def loads(data: bytes | str, *, exact_integers: bool = True) -> Any:
-    """Decode JSON; raises ``ValueError`` (``json.JSONDecodeError``) on invalid input.
+    """Decode JSON; raises ``ValueError`` (``json.JSONDecodeError``, or
+    :class:`NestedTooDeeply`) on invalid input, never ``RecursionError``.
 
     ``exact_integers=False`` skips the test for integers beyond 64 bits, for bodies that
     cannot hold one worth keeping exact (a backend's embeddings: thousands of floats,
     where the test would cost as much as orjson's decoding)."""
-    if exact_integers and _has_long_digit_run(data):
-        return json.loads(data)
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        # integers beyond 64 bits and NaN/Infinity are valid to the standard library;
-        # for truly invalid input it raises its own, familiar error
-        return json.loads(data)
+        if exact_integers and _has_long_digit_run(data):
+            return json.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            # integers beyond 64 bits and NaN/Infinity are valid to the standard library;
+            # for truly invalid input it raises its own, familiar error
+            return json.loads(data)
+    except RecursionError:
+        # the standard library's decoder recurses: past ~900 levels (orjson stops at
+        # 1,024 and hands over) the stack, not the JSON, gives out
+        raise NestedTooDeeply("nested too deeply to be read as JSON") from None
 
 
 def top_level_member(body: bytes, key: str) -> Any:

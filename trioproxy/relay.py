@@ -19,7 +19,7 @@ import trio
 
 from .config import Settings
 from .errors import ProxyError, UpstreamStatusError, UpstreamTimeout, scrub
-from .jsonutil import compact_json, loads
+from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream
 from .sse import (
@@ -32,7 +32,7 @@ from .sse import (
     error_fields_as_data,
     openai_error_event,
 )
-from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, StreamTooLarge, parse_chunk
+from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, StreamTooLarge, read_chunk
 from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
@@ -253,7 +253,7 @@ async def relay_ollama(
                 now_ns = time.perf_counter_ns()
                 line = translator.feed_text(text, now_ns)  # the common chunk, cheaply
                 if line is None:
-                    chunk = parse_chunk(text)
+                    chunk = read_chunk(text)
                     if chunk is None:
                         continue
                     if _reports_failure(chunk):  # its text is not part of the answer
@@ -282,6 +282,7 @@ async def relay_ollama(
         StreamTooLarge,
         _Unfinished,
         _NotAStream,
+        NestedTooDeeply,  # an event, or what it becomes for Ollama's clients
     ) as exc:
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
@@ -291,6 +292,11 @@ async def relay_ollama(
         reader.release()
         _finish_upstream(metric)
         _record_tokens(metric, translator)
+    if error is None:
+        try:  # the done line carries tool calls whose arguments may be too deep to write
+            last = dumps(translator.finish(time.perf_counter_ns())) + b"\n"
+        except NestedTooDeeply as exc:
+            error = _stream_broke(exc, metric, collector, settings)
     if error is not None:
         _set_outcome(metric, "error")
         if not sent:
@@ -300,7 +306,7 @@ async def relay_ollama(
         yield ndjson_error(error)
     else:
         _reached(end)
-        yield dumps(translator.finish(time.perf_counter_ns())) + b"\n"
+        yield last
         # the done line is out: a client that leaves now (ollama-js stops reading at it)
         # has the whole answer, whatever happens to the drain below
         _set_outcome(metric, "completed")
@@ -454,10 +460,21 @@ def _refused(
         metric.streaming = False
     # the backend's own error object, as a status error's body would be: an OpenAI client
     # gets it as written (type, param, code); an Ollama client gets its message
-    body = compact_json({"error": error}) if isinstance(error, dict) else b""
+    body = _error_body(error)
     return UpstreamStatusError(
         message, status, body=body, content_type="application/json", headers=headers
     )
+
+
+def _error_body(error: object) -> bytes:
+    """The backend's ``error`` object as a status error's body; none (the proxy's own body
+    from the message then) for anything else, or for an object too deep to write again."""
+    if not isinstance(error, dict):
+        return b""
+    try:
+        return compact_json({"error": error})
+    except NestedTooDeeply:
+        return b""
 
 
 def _client_status(error: object) -> int | None:
@@ -493,8 +510,11 @@ def _reports_failure(chunk: dict[str, Any]) -> bool:
 def _error_text(error: object) -> str:
     """The message of a backend's ``error`` member: an object's ``message``, or the text."""
     if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
+        error = error.get("message") or error
+    try:
+        return str(error)
+    except RecursionError:  # the repr of a list or dict recurses, as deep as the JSON read
+        return "the backend reported an error nested too deeply to be shown"
 
 
 class _NotAStream(Exception):
@@ -654,6 +674,8 @@ def _stream_broke(
     collector.upstream_error("protocol")
     if isinstance(exc, _Unfinished | _NotAStream | StreamTooLarge):
         return scrub(str(exc), settings.backend_secrets)
+    if isinstance(exc, NestedTooDeeply):
+        return f"the backend sent an event {exc}"
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
 
 

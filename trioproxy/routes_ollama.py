@@ -23,6 +23,7 @@ from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for, s
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_json,
+    for_backend,
     from_backend,
     json_object,
     note_model,
@@ -144,7 +145,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     client_model = body["model"]
     note_model(state, client_model)
     backend_model = await backend_name_for(call, client_model)
-    payload = to_openai(body, backend_model)
+    payload = for_backend(to_openai, body, backend_model)
     # think: false hides the reasoning: OpenAI-compatible backends have no portable way to
     # be told not to reason (reasoning_effort "none" is a 400 on most models)
     show_thinking = body.get("think") is not False
@@ -159,7 +160,9 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
         )
         out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
-        return _json_reply(out)
+        # the backend's tool call arguments, read up to 1,024 levels deep, may be too deep
+        # to write again (jsonutil): the backend's fault too
+        return Reply(200, from_backend(call, dumps, out))
     with _model_not_found_as_ollama(client_model, backend_model):
         result = await open_chat_stream(call, payload)
     metric = state.metric

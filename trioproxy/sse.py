@@ -40,14 +40,15 @@ ERROR_FIELD_EVENT = "error"
 
 
 def error_field_as_data(value: str) -> str:
-    """An ``error:`` field's value as the data of OpenAI's error chunk."""
+    """An ``error:`` field's value as the data of OpenAI's error chunk: its object, or its
+    text as the message when it is no object or one too deep to read or write again."""
     try:
         parsed = loads(value)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        parsed = {"message": value or "the backend reported an error"}
-    return compact_json_text({"error": parsed})
+        if isinstance(parsed, dict):
+            return compact_json_text({"error": parsed})
+    except ValueError:  # NestedTooDeeply included
+        pass
+    return compact_json_text({"error": {"message": value or "the backend reported an error"}})
 
 
 _ERROR_FIELD_LINE = re.compile(rb"^error:[ ]?([^\r\n]*)", re.MULTILINE)

@@ -17,7 +17,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import json
 import math
 import re
 import struct
@@ -31,6 +30,7 @@ from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal
 
 from trioproxy.jsonutil import (
+    NestedTooDeeply,
     compact_json,
     compact_json_text,
     escape_line_separators,
@@ -64,6 +64,7 @@ __all__ = [
     "openai_passthrough_request",
     "parse_chunk",
     "parse_tool_arguments",
+    "read_chunk",
     "utc_timestamp",
     "validate_ollama_chat",
     "validate_ollama_embed",
@@ -767,7 +768,7 @@ def parse_tool_arguments(args: object) -> JSONDict:
         return args
     if isinstance(args, str) and args.strip():
         try:
-            parsed = json.loads(args)
+            parsed = loads(args)
         except ValueError:
             return {}
         if isinstance(parsed, dict):
@@ -980,9 +981,22 @@ class _ContentChunks:
 
 
 def parse_chunk(data: str) -> JSONDict | None:
-    """One event's JSON object; ``None`` for anything else (ignored, as keep-alive noise)."""
+    """One event's JSON object; ``None`` for anything else (ignored, as keep-alive noise),
+    an event too deep to read included: the observers only watch a stream relayed as it
+    came, which its client may well read."""
+    try:
+        return read_chunk(data)
+    except NestedTooDeeply:
+        return None
+
+
+def read_chunk(data: str) -> JSONDict | None:
+    """:func:`parse_chunk`, but an event too deep to read raises :class:`NestedTooDeeply`:
+    for a stream translated to Ollama's, it may hold the answer, so it is not noise."""
     try:
         chunk = loads(data)
+    except NestedTooDeeply:
+        raise
     except ValueError:
         return None
     return chunk if isinstance(chunk, dict) else None
@@ -1028,7 +1042,7 @@ def _whole_object(arguments: str) -> bool:
     if not arguments.rstrip().endswith("}"):
         return False  # the common case, without decoding
     try:
-        return isinstance(json.loads(arguments), dict)
+        return isinstance(loads(arguments), dict)
     except ValueError:
         return False
 
@@ -1407,7 +1421,8 @@ class OllamaStreamTranslator(_StreamStats):
             pending.name = name
         args = function.get("arguments")
         if isinstance(args, dict):
-            args = json.dumps(args)
+            # too deep to write (NestedTooDeeply): the relay ends the stream, the backend's fault
+            args = compact_json_text(args)
         if isinstance(args, str):
             self._hold(len(args))
             pending.arguments.append(args)
