@@ -62,6 +62,11 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
     # the body ends (or the connection breaks) inside an event
     "cut-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id": "c'], 0),
     "broken-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id'], 0),
+    # the last event's line, then the body's end: no blank line, no [DONE]
+    "no-final-blank-line": (
+        [_chunk({"role": "assistant", "content": "Hel"}), _chunk({"content": "lo"}, "stop")[:-1]],
+        0,
+    ),
 }
 
 
@@ -195,6 +200,21 @@ def test_a_stream_broken_off_inside_an_event_ends_with_a_readable_error(
     assert "".join(texts) == "Hello"
     expected = "ended before its last event" if scenario.startswith("cut") else "broke mid-stream"
     assert expected in failed.value.message
+
+
+def test_a_last_event_without_its_blank_line_reaches_both_sdks(
+    openai_client: openai.OpenAI, ollama_client: ollama.Client
+) -> None:
+    """It holds the finish_reason: the proxy dropped it and called a finished answer
+    broken (both SDKs raised). The openai SDK dispatches an event at its blank line only,
+    so the proxy completes the event."""
+    chat = openai_client.chat.completions
+    chunks = list(chat.create(model=MODEL, messages=_ask("no-final-blank-line"), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    parts = list(ollama_client.chat(MODEL, messages=_ask("no-final-blank-line"), stream=True))
+    assert "".join(part.message.content or "" for part in parts) == "Hello"
+    assert parts[-1].done and parts[-1].done_reason == "stop"
 
 
 def test_a_stream_the_client_closes_at_its_end_is_completed(

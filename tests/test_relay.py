@@ -446,3 +446,44 @@ def test_mapped_model_names_are_rewritten_each_once() -> None:
     line = b'data: {"model":"c","x":{"model": "b"}}\n\n'
     assert rewrite(line) == b'data: {"model":"b","x":{"model": "a"}}\n\n'
     assert _model_rewriter({"same": "same"}) is None
+
+
+def finish(reason: str = "stop") -> bytes:
+    return (
+        b"data: " + HEAD + b'{"content":"b"},"logprobs":null,"finish_reason":"'
+        + reason.encode() + b'"}]}'
+    )  # fmt: skip
+
+
+USAGE = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}'
+)
+
+
+async def test_a_last_event_without_its_blank_line_still_counts() -> None:
+    """A backend that ends its body after the last event's line (no blank line, no
+    [DONE]): that event holds the finish_reason (or the usage), so the answer is
+    finished, not broken, and its text and counts are not lost."""
+    completed = {b"\n": b"\n", b"": b"\n\n", b"\r\n": b"\n", b"\r": b"\r"}
+    for ending, blank_line in completed.items():
+        script: Script = [(0, ROLE), (0, token("a")), (0, finish() + ending)]
+        out, _, _ = await run_relay(script, ollama)
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert "error" not in lines[-1], (ending, lines[-1])
+        assert "".join(line["message"]["content"] for line in lines) == "ab"
+        assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
+
+        out, _, _ = await run_relay(script, openai)
+        assert b'"error"' not in out, (ending, out[-200:])
+        # completed, so that an SSE reader (the openai SDK's) dispatches it
+        assert out.endswith(finish() + ending + blank_line)
+        events = [e for e in out.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n") if e]
+        assert json.loads(events[-1].removeprefix(b"data: "))["choices"][0]["finish_reason"] == (
+            "stop"
+        )
+
+    script = [(0, ROLE), (0, token("a")), (0, finish() + b"\n\n"), (0, USAGE + b"\n")]
+    out, _, _ = await run_relay(script, ollama)
+    done = json.loads(out.splitlines()[-1])
+    assert (done["prompt_eval_count"], done["eval_count"]) == (11, 7)

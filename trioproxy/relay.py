@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -235,17 +236,24 @@ async def relay_ollama(
     done = first = False
     sent = timed_out = False
     try:
-        while (data := await reader.read()) is not None:
+        while True:
+            data = await reader.read()
             lines: list[bytes] = []
-            if not first:
-                first = True
-                if _opens_json(data):
-                    whole = await _rest_of_body(reader, data)
-                    lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
-                    done = True
-                elif not _looks_like_events(response, data):
-                    raise _NotAStream(_not_a_stream(response))
-            for event in () if done else parser.feed(data):
+            if data is None:
+                # a last event without its blank line was still meant (it may hold the
+                # finish_reason and the usage)
+                events = parser.close()
+            else:
+                if not first:
+                    first = True
+                    if _opens_json(data):
+                        whole = await _rest_of_body(reader, data)
+                        lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
+                        done = True
+                    elif not _looks_like_events(response, data):
+                        raise _NotAStream(_not_a_stream(response))
+                events = [] if done else parser.feed(data)
+            for event in events:
                 text = event.data
                 if text == SSE_DONE:
                     done = True
@@ -272,9 +280,10 @@ async def relay_ollama(
                 sent = True
             if done or error:
                 break
-        else:
-            if translator.finish_reason is None:
-                raise _Unfinished()
+            if data is None:
+                if translator.finish_reason is None:
+                    raise _Unfinished()
+                break
     except (
         StreamTimeout,
         httpx.HTTPError,
@@ -382,6 +391,11 @@ async def relay_openai(
             if finished:
                 break
         else:
+            for event in parser.close():  # a last event without its blank line: still meant
+                if event.data == SSE_DONE:
+                    finished = True
+                else:
+                    observer.feed_text(event.data, time.perf_counter_ns())
             if _unfinished(observer):
                 raise _Unfinished()
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
@@ -395,7 +409,8 @@ async def relay_openai(
         _record_tokens(metric, observer)
         if on_finish is not None:
             on_finish()
-    if held and error is None:  # a last event without its blank line: as it came
+    if held and error is None:  # a last event without its blank line, completed
+        held += _EVENT_END_FOR[held[-1:]]  # or the openai SDK would never dispatch it
         yield rewrite_model(held) if rewrite_model is not None else held
         sent = True
     if error is not None or observer.failed:  # a reported failure is relayed as it came
@@ -622,6 +637,8 @@ def _reached(end: StreamEnd | None) -> None:
 
 # a blank line after a line end, in every spelling the parser reads (LF, CRLF, CR)
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r")
+# what completes an event cut off after its last byte: the blank line (and the line end)
+_EVENT_END_FOR = defaultdict(lambda: b"\n\n", {b"\n": b"\n", b"\r": b"\r"})
 
 
 def _whole_events(data: bytes, mid_event: bool) -> tuple[bytes, bytes]:
