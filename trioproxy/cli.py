@@ -363,9 +363,54 @@ def hypercorn_child() -> None:
     lifeline, deadline = int(sys.argv[1]), float(sys.argv[2])
     watcher = threading.Thread(target=_stop_with_parent, args=(lifeline, deadline), daemon=True)
     watcher.start()
+    _close_listeners_when_stopping()
     from hypercorn.__main__ import main as hypercorn_main
 
     sys.exit(hypercorn_main(sys.argv[3:]))
+
+
+def _close_listeners_when_stopping() -> None:
+    """hypercorn's master keeps its copies of the listening sockets until its workers have
+    exited (it would need them to start a worker again), so while they drained, new
+    connections queued in the backlog and hung instead of being refused (a load balancer
+    or client then tries another instance). The handler it installs for SIGTERM and SIGINT
+    (the start of its stop, also when trioproxy is gone) now closes them first; each worker
+    closes its own copy when it stops accepting."""
+    import hypercorn.run as hypercorn_run
+    from hypercorn.config import Config, Sockets
+
+    listeners: list[socket.socket] = []
+    create_sockets = Config.create_sockets
+
+    def create_and_keep(config: Config) -> Sockets:
+        sockets = create_sockets(config)
+        listeners.extend(sockets.secure_sockets + sockets.insecure_sockets)
+        return sockets
+
+    Config.create_sockets = create_and_keep  # type: ignore[method-assign]
+    hypercorn_run.signal = _ListenersClosedOnStop(listeners)  # type: ignore[assignment]
+
+
+class _ListenersClosedOnStop:
+    """The ``signal`` module as hypercorn.run sees it, but for the handler it installs for
+    SIGTERM and SIGINT, which closes ``listeners`` before it runs."""
+
+    def __init__(self, listeners: list[socket.socket]) -> None:
+        self._listeners = listeners
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    def signal(self, signum: int, handler: Any) -> Any:
+        if signum in (signal.SIGTERM, signal.SIGINT) and callable(handler):
+            handler = partial(_close_then, self._listeners, handler)
+        return signal.signal(signum, handler)
+
+
+def _close_then(listeners: list[socket.socket], handler: Callable[..., None], *args: Any) -> None:
+    for listener in listeners:
+        listener.close()
+    handler(*args)
 
 
 def _stop_with_parent(lifeline: int, deadline: float) -> None:
