@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -126,3 +127,25 @@ def test_a_request_received_behind_the_one_in_flight_does_not_hold_the_shutdown(
         assert time.monotonic() - started < 5, "held for the grace period"
     finally:
         server.stop()
+
+
+def test_a_reply_cut_at_the_end_of_the_grace_period_is_recorded_as_the_proxys_doing(
+    start_proxy: Callable[..., ServerProcess], demo_backend: ServerProcess
+) -> None:
+    """A client still taking its reply when GRACEFUL_TIMEOUT runs out is cut by the proxy:
+    a 503, as the metrics document it, not a 499 (a client that went away)."""
+    proxy = start_proxy(demo_backend.url, GRACEFUL_TIMEOUT="1", ACCESS_LOG="true", LOG_LEVEL="INFO")
+    with socket.socket() as sleeper:
+        sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sleeper.settimeout(10)
+        sleeper.connect(_address(proxy))
+        sleeper.sendall(_chat_request("[[tokens=400000]] long"))
+        assert sleeper.recv(1, socket.MSG_PEEK)  # the reply is going out; we take no more
+        time.sleep(0.2)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=10) == 0
+    assert proxy.reader is not None
+    proxy.reader.join(timeout=5)
+    access = [line for line in proxy.log().splitlines() if "POST /api/chat" in line]
+    assert len(access) == 1 and " 503 " in access[0], access
+    assert "(cut by the shutdown)" in access[0], access

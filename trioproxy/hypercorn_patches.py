@@ -28,7 +28,9 @@ request cancellation, and its cost per request.
    not, so a client that stopped reading held its request, its slot under
    MAX_CONCURRENT_REQUESTS and its backend connection for ever. The limit is on a stall
    (no room for the next 64 KiB), not on the whole body, and a shutdown shortens it to
-   its grace period (``end_writes_within``). Past it the connection is closed.
+   its grace period (``end_writes_within``). Past it the connection is closed, and a
+   write cut by that shutdown is the proxy's doing (``write_cut_by_shutdown``: a 503 in
+   the metrics, not a client that left).
 
 5. **Shutdown is announced.** ``on_shutdown(listener)`` calls ``listener()`` when hypercorn
    begins its graceful shutdown (its worker context's ``terminated`` event is set, just
@@ -208,6 +210,9 @@ async def _send_data(server: Any, data: bytes) -> None:
 # write timeout, or was gone): its send returned normally, so this is how the app learns
 # that its response did not arrive
 write_cut: ContextVar[bool] = ContextVar("trioproxy_write_cut", default=False)
+# set with it when the write was cut by the end of a shutdown's grace period: the proxy
+# cut that response (503), its client did not leave (499)
+write_cut_by_shutdown: ContextVar[bool] = ContextVar("trioproxy_shutdown_cut", default=False)
 
 _write_timeout = 60.0
 # the latest a write may wait once a shutdown began (its grace period): trio time
@@ -275,7 +280,11 @@ async def _send_rest(server: Any, data: bytes) -> None:
     if scope.cancelled_caught or gone:
         write_cut.set(True)
     if scope.cancelled_caught:
-        log.info("closing a connection whose client made no room for %g s", _write_timeout)
+        if _writes_end_at <= trio.current_time():
+            write_cut_by_shutdown.set(True)
+            log.info("closing a connection whose client took no more before shutting down")
+        else:
+            log.info("closing a connection whose client made no room for %g s", _write_timeout)
         with trio.CancelScope(shield=True):
             await server.stream.aclose()  # as hypercorn closes one (idempotent)
             await server.protocol.handle(Closed())
