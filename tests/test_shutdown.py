@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from .conftest import ServerProcess, wait_healthy
@@ -149,3 +151,46 @@ def test_a_reply_cut_at_the_end_of_the_grace_period_is_recorded_as_the_proxys_do
     access = [line for line in proxy.log().splitlines() if "POST /api/chat" in line]
     assert len(access) == 1 and " 503 " in access[0], access
     assert "(cut by the shutdown)" in access[0], access
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_requests_still_waiting_for_the_backend_get_a_503(signals: int) -> None:
+    """In their caller's dialect, however the proxy stops. On one signal hypercorn would
+    close their connections without a response when GRACEFUL_TIMEOUT runs out: they are
+    answered a little before. On a second one hypercorn, cancelled at once, answered them
+    with an empty 500: they are answered at once, and the process still stops at once."""
+    server = _start_demo_proxy(1, GRACEFUL_TIMEOUT="1.5" if signals == 1 else "30")
+    replies: dict[str, httpx.Response | str] = {}
+    messages = [{"role": "user", "content": "hi [[first_delay=20]]"}]
+    bodies = {
+        "/api/chat": {"model": "demo-chat", "messages": messages, "stream": False},
+        "/v1/chat/completions": {"model": "demo-chat", "messages": messages},
+    }
+
+    def ask(path: str) -> None:
+        try:
+            replies[path] = httpx.post(server.url + path, json=bodies[path], timeout=30)
+        except httpx.HTTPError as exc:
+            replies[path] = f"broken: {exc!r}"
+
+    try:
+        wait_healthy(server.url, timeout=30)
+        threads = [threading.Thread(target=ask, args=(path,), daemon=True) for path in bodies]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.6)  # both wait for the backend
+        started = time.monotonic()
+        for _ in range(signals):
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        for thread in threads:
+            thread.join(timeout=15)
+        assert server.process.wait(timeout=15) == 0
+        assert time.monotonic() - started < (5 if signals == 1 else 3)
+        ollama, openai = replies["/api/chat"], replies["/v1/chat/completions"]
+        assert isinstance(ollama, httpx.Response) and ollama.status_code == 503, ollama
+        assert isinstance(openai, httpx.Response) and openai.status_code == 503, openai
+        assert "shutting down" in ollama.json()["error"]
+        assert "shutting down" in openai.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -181,6 +181,7 @@ async def watch_signals(
 async def serve_in_process(settings: Settings) -> None:
     from hypercorn.trio import serve as hypercorn_serve
 
+    from . import hypercorn_patches
     from .app import create_app
     from .exchange import stop_at_once
 
@@ -193,7 +194,12 @@ async def serve_in_process(settings: Settings) -> None:
 
         def stop_now() -> None:
             stop_at_once()  # what is cut now is counted as the proxy's doing
-            nursery.cancel_scope.cancel()
+            # hypercorn, cancelled, answers a request still waiting with an empty 500: it
+            # gets its 503 in its dialect first (a stream its in-band end), written within
+            # a moment, and whatever is still running then is cut
+            app.in_progress.begin_shutdown(0.0)
+            hypercorn_patches.end_writes_within(STOP_NOW_SECONDS)
+            nursery.cancel_scope.deadline = trio.current_time() + STOP_NOW_SECONDS
 
         await nursery.start(watch_signals, stop.set, stop_now)
         async with trio.open_nursery() as server:
@@ -204,6 +210,10 @@ async def serve_in_process(settings: Settings) -> None:
             notice(f"trioproxy {__version__} listening on {binds[0]}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
+
+
+STOP_NOW_SECONDS = 0.5
+"""How long a second signal leaves for the 503s and in-band ends it makes to be written."""
 
 
 def hypercorn_config(settings: Settings) -> object:
