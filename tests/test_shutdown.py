@@ -194,3 +194,19 @@ def test_requests_still_waiting_for_the_backend_get_a_503(signals: int) -> None:
         assert "shutting down" in openai.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_sighup_drains_like_sigterm() -> None:
+    """SIGHUP (a closed terminal or SSH session) killed the process, streams and all."""
+    server = _start_demo_proxy(1, GRACEFUL_TIMEOUT="10")
+    try:
+        wait_healthy(server.url, timeout=30)
+        with socket.create_connection(_address(server), timeout=10) as sock:
+            sock.sendall(_chat_request("hi [[tokens=10]] [[delay=0.1]]", stream=True))
+            time.sleep(0.4)  # the stream is under way
+            server.process.send_signal(signal.SIGHUP)
+            head, _ = _read_stream(sock)
+            assert head.startswith(b"http/1.1 200")
+        assert server.process.wait(timeout=10) == 0
+    finally:
+        server.stop()

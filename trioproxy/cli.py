@@ -158,15 +158,20 @@ async def serve(settings: Settings) -> None:
         nursery.cancel_scope.cancel()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def watch_signals(
     drain: Callable[[], None],
     stop_now: Callable[[], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """SIGTERM or SIGINT: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``); a second
-    one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a traceback."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGTERM, SIGINT or SIGHUP: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``);
+    a second one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a
+    traceback. SIGHUP (a closed terminal or SSH session; a reload, to some supervisors)
+    killed the process by default, streams and all: there is no reload, so it drains."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         task_status.started()
         draining = False
         async for _ in signals:
@@ -274,10 +279,10 @@ class ListenFailed(Exception):
 
 
 async def serve_workers(settings: Settings) -> None:
-    """Run ``hypercorn -w N`` as a child on a socket bound here. SIGTERM/SIGINT to us stops
-    it cleanly; it stops when this process is gone, however it went (``hypercorn_child``);
-    and when it stops without being asked, this process exits non-zero (``ServerStopped``)
-    so that a supervisor restarts it."""
+    """Run ``hypercorn -w N`` as a child on a socket bound here. A stop signal to us
+    (``STOP_SIGNALS``) stops it cleanly; it stops when this process is gone, however it
+    went (``hypercorn_child``); and when it stops without being asked, this process exits
+    non-zero (``ServerStopped``) so that a supervisor restarts it."""
     listener = listen(settings.host, settings.port)
     host, port = listener.getsockname()[:2]
     scheme = "https" if settings.tls_certfile else "http"
