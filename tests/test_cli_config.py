@@ -948,47 +948,6 @@ def test_streams_longer_than_the_grace_period_end_in_band(workers: int) -> None:
         server.stop()
 
 
-def test_requests_still_waiting_for_the_backend_get_a_503_before_the_grace_period_ends() -> None:
-    """hypercorn would close their connections without a response when GRACEFUL_TIMEOUT
-    runs out; they are answered a little before, in their caller's dialect."""
-    server = _start_demo_proxy(1, GRACEFUL_TIMEOUT="1.5")
-    replies: dict[str, httpx.Response | str] = {}
-    text = "hi [[tokens=100]] [[delay=0.1]]"  # the demo answers after 10 s
-    requests = {
-        "/api/chat": {"model": "demo-chat", "messages": [{"role": "user", "content": text}],
-                      "stream": False},
-        "/v1/chat/completions": {"model": "demo-chat",
-                                 "messages": [{"role": "user", "content": text}]},
-    }  # fmt: skip
-
-    def ask(path: str) -> None:
-        try:
-            replies[path] = httpx.post(server.url + path, json=requests[path], timeout=30)
-        except httpx.HTTPError as exc:
-            replies[path] = f"broken: {exc!r}"
-
-    try:
-        wait_healthy(server.url, timeout=30)
-        threads = [threading.Thread(target=ask, args=(path,), daemon=True) for path in requests]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.6)  # both wait for the backend
-        started = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(timeout=15)
-        assert server.process.wait(timeout=15) == 0
-        assert time.monotonic() - started < 5
-        ollama, openai = replies["/api/chat"], replies["/v1/chat/completions"]
-        assert isinstance(ollama, httpx.Response), ollama
-        assert isinstance(openai, httpx.Response), openai
-        assert ollama.status_code == openai.status_code == 503
-        assert "shutting down" in ollama.json()["error"]
-        assert "shutting down" in openai.json()["error"]["message"]
-    finally:
-        server.stop()
-
-
 # ---- access log ------------------------------------------------------------------------------
 
 

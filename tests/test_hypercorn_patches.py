@@ -479,3 +479,18 @@ def test_http2_is_not_spoken_even_when_a_client_asks_for_it(proxy: ServerProcess
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     answer = _exchange(proxy.url, preface)
     assert answer.startswith(b"HTTP/1.1 505 "), answer[:80]
+
+
+async def test_a_request_arriving_as_a_connection_closes_is_not_waited_for() -> None:
+    """The reader of a connection closed at shutdown, handed a request that arrived just
+    then, waited for a turn that never came (the shutdown was held for its grace period)."""
+    protocol, writes = _protocol_with_request()
+    connection = protocol.connection  # type: ignore[attr-defined]
+    assert isinstance(connection.next_event(), h11.EndOfMessage)
+    connection.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+    connection.send(h11.EndOfMessage())
+    await protocol.context.terminated.set()  # type: ignore[attr-defined]
+    await protocol._maybe_recycle()  # type: ignore[attr-defined]
+    assert isinstance(writes.events[-1], Closed)
+    with trio.fail_after(1), pytest.raises(hypercorn_patches._NoMoreReads):
+        await protocol.handle(RawData(data=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))  # type: ignore[attr-defined]

@@ -189,3 +189,57 @@ def test_workers_get_the_settings_of_an_env_file_that_can_be_read_once(tmp_path:
         assert answer.status_code == 200
     finally:
         server.stop()
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except TimeoutError:
+        return False  # queued in a backlog nobody accepts from
+    return False
+
+
+def _busy_connections(port: int, workers: list[psutil.Process]) -> list[socket.socket]:
+    """Connections each holding a request whose body is still coming, until every worker
+    holds one: all of them drain (hypercorn's master closed its sockets as soon as an idle
+    worker had exited)."""
+    busy: list[socket.socket] = []
+    while not all(
+        any(c.laddr.port == port and c.status == "ESTABLISHED" for c in w.net_connections())
+        for w in workers
+    ):
+        assert len(busy) < 50, "the connections all went to one worker"
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        busy.append(sock)
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.05)
+    return busy
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_new_connections_are_refused_while_the_workers_drain(how: str) -> None:
+    """hypercorn's master kept its copy of the listening socket until its workers exited:
+    while they drained requests in flight, new connections were accepted by the kernel and
+    hung in the backlog instead of being refused, so that a load balancer or client would
+    try elsewhere. Also when trioproxy itself is killed."""
+    server = _start_demo_proxy(2, LOG_LEVEL="INFO", GRACEFUL_TIMEOUT="20")
+    port = int(server.url.rsplit(":", 1)[1])
+    descendants: list[psutil.Process] = []
+    busy: list[socket.socket] = []
+    try:
+        workers = _wait_for_workers(server, 2)
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        busy = _busy_connections(port, workers)
+        server.process.send_signal(getattr(signal, how))
+        deadline = time.monotonic() + 3
+        while not _refused(port):
+            assert time.monotonic() < deadline, "new connections still accepted"
+            time.sleep(0.05)
+        assert not any(_gone(w) for w in workers)  # refused during the drain
+    finally:
+        for sock in busy:
+            sock.close()
+        _kill(descendants)
+        server.stop()

@@ -158,15 +158,20 @@ async def serve(settings: Settings) -> None:
         nursery.cancel_scope.cancel()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def watch_signals(
     drain: Callable[[], None],
     stop_now: Callable[[], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """SIGTERM or SIGINT: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``); a second
-    one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a traceback."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGTERM, SIGINT or SIGHUP: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``);
+    a second one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a
+    traceback. SIGHUP (a closed terminal or SSH session; a reload, to some supervisors)
+    killed the process by default, streams and all: there is no reload, so it drains."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         task_status.started()
         draining = False
         async for _ in signals:
@@ -181,6 +186,7 @@ async def watch_signals(
 async def serve_in_process(settings: Settings) -> None:
     from hypercorn.trio import serve as hypercorn_serve
 
+    from . import hypercorn_patches
     from .app import create_app
     from .exchange import stop_at_once
 
@@ -193,7 +199,12 @@ async def serve_in_process(settings: Settings) -> None:
 
         def stop_now() -> None:
             stop_at_once()  # what is cut now is counted as the proxy's doing
-            nursery.cancel_scope.cancel()
+            # hypercorn, cancelled, answers a request still waiting with an empty 500: it
+            # gets its 503 in its dialect first (a stream its in-band end), written within
+            # a moment, and whatever is still running then is cut
+            app.in_progress.begin_shutdown(0.0)
+            hypercorn_patches.end_writes_within(STOP_NOW_SECONDS)
+            nursery.cancel_scope.deadline = trio.current_time() + STOP_NOW_SECONDS
 
         await nursery.start(watch_signals, stop.set, stop_now)
         async with trio.open_nursery() as server:
@@ -204,6 +215,10 @@ async def serve_in_process(settings: Settings) -> None:
             notice(f"trioproxy {__version__} listening on {binds[0]}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
+
+
+STOP_NOW_SECONDS = 0.5
+"""How long a second signal leaves for the 503s and in-band ends it makes to be written."""
 
 
 def hypercorn_config(settings: Settings) -> object:
@@ -264,10 +279,10 @@ class ListenFailed(Exception):
 
 
 async def serve_workers(settings: Settings) -> None:
-    """Run ``hypercorn -w N`` as a child on a socket bound here. SIGTERM/SIGINT to us stops
-    it cleanly; it stops when this process is gone, however it went (``hypercorn_child``);
-    and when it stops without being asked, this process exits non-zero (``ServerStopped``)
-    so that a supervisor restarts it."""
+    """Run ``hypercorn -w N`` as a child on a socket bound here. A stop signal to us
+    (``STOP_SIGNALS``) stops it cleanly; it stops when this process is gone, however it
+    went (``hypercorn_child``); and when it stops without being asked, this process exits
+    non-zero (``ServerStopped``) so that a supervisor restarts it."""
     listener = listen(settings.host, settings.port)
     host, port = listener.getsockname()[:2]
     scheme = "https" if settings.tls_certfile else "http"
@@ -363,9 +378,54 @@ def hypercorn_child() -> None:
     lifeline, deadline = int(sys.argv[1]), float(sys.argv[2])
     watcher = threading.Thread(target=_stop_with_parent, args=(lifeline, deadline), daemon=True)
     watcher.start()
+    _close_listeners_when_stopping()
     from hypercorn.__main__ import main as hypercorn_main
 
     sys.exit(hypercorn_main(sys.argv[3:]))
+
+
+def _close_listeners_when_stopping() -> None:
+    """hypercorn's master keeps its copies of the listening sockets until its workers have
+    exited (it would need them to start a worker again), so while they drained, new
+    connections queued in the backlog and hung instead of being refused (a load balancer
+    or client then tries another instance). The handler it installs for SIGTERM and SIGINT
+    (the start of its stop, also when trioproxy is gone) now closes them first; each worker
+    closes its own copy when it stops accepting."""
+    import hypercorn.run as hypercorn_run
+    from hypercorn.config import Config, Sockets
+
+    listeners: list[socket.socket] = []
+    create_sockets = Config.create_sockets
+
+    def create_and_keep(config: Config) -> Sockets:
+        sockets = create_sockets(config)
+        listeners.extend(sockets.secure_sockets + sockets.insecure_sockets)
+        return sockets
+
+    Config.create_sockets = create_and_keep  # type: ignore[method-assign]
+    hypercorn_run.signal = _ListenersClosedOnStop(listeners)  # type: ignore[assignment]
+
+
+class _ListenersClosedOnStop:
+    """The ``signal`` module as hypercorn.run sees it, but for the handler it installs for
+    SIGTERM and SIGINT, which closes ``listeners`` before it runs."""
+
+    def __init__(self, listeners: list[socket.socket]) -> None:
+        self._listeners = listeners
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    def signal(self, signum: int, handler: Any) -> Any:
+        if signum in (signal.SIGTERM, signal.SIGINT) and callable(handler):
+            handler = partial(_close_then, self._listeners, handler)
+        return signal.signal(signum, handler)
+
+
+def _close_then(listeners: list[socket.socket], handler: Callable[..., None], *args: Any) -> None:
+    for listener in listeners:
+        listener.close()
+    handler(*args)
 
 
 def _stop_with_parent(lifeline: int, deadline: float) -> None:

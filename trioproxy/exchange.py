@@ -31,7 +31,7 @@ from .errors import (
     is_openai_path,
     scrub,
 )
-from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut
+from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut, write_cut_by_shutdown
 from .jsonutil import loads
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
@@ -227,7 +227,8 @@ class Tracked:
                 self._note_refusal(self._scope.get(REFUSED_MID_REQUEST))
             metric = self.state.metric
             if metric is not None:
-                _finish_metric(metric, self.send.finished, error, self.send.sent)
+                by_proxy = _stopped_at_once or write_cut_by_shutdown.get()
+                _finish_metric(metric, self.send.finished, error, self.send.sent, by_proxy)
                 self._collector.request_finished(metric)
             if self._access is not None:
                 self._access.write(self.status, self.send, metric, self.state.client)
@@ -308,7 +309,7 @@ class AccessLine:
         if metric is not None and metric.status_code:
             status = effective_status(metric.status_code, outcome)
         if not send.finished and outcome is None:
-            outcome = "client left" if status else "no response"
+            outcome = _unfinished(status, metric)
         # method and path come from the client: escaped, so one request is one line
         access_log.info(
             "%s %s %s %.1f ms %d B%s%s",
@@ -320,6 +321,15 @@ class AccessLine:
             f" ({outcome})" if outcome else "",
             f" client={client}" if client else "",
         )
+
+
+def _unfinished(status: int, metric: RequestMetrics | None) -> str:
+    """How a reply that did not go out whole ended (a stream says it by its outcome)."""
+    if not status:
+        return "no response"
+    if metric is not None and metric.status_code == STATUS_SHUT_DOWN:
+        return "cut by the shutdown"  # (a client that left is a 499, whatever the reply)
+    return "client left"
 
 
 def record_protocol_refusal(collector: MetricsCollector, access_log_on: bool, status: int) -> None:
@@ -348,8 +358,14 @@ def stop_at_once() -> None:
 
 
 def _finish_metric(
-    metric: RequestMetrics, completed: bool, error: BaseException | None, sent: int
+    metric: RequestMetrics,
+    completed: bool,
+    error: BaseException | None,
+    sent: int,
+    by_proxy: bool,
 ) -> None:
+    """``by_proxy``: what was cut (not completed) was cut by the proxy stopping, a
+    second signal or the end of a shutdown's grace period, not left by its client."""
     metric.response_size = sent
     metric.finish()
     cut = error is None or isinstance(error, trio.Cancelled | BaseExceptionGroup)
@@ -357,7 +373,7 @@ def _finish_metric(
         if metric.stream_outcome is None:
             if completed:
                 metric.stream_outcome = "completed"
-            elif cut and _stopped_at_once:
+            elif cut and by_proxy:
                 metric.status_code = STATUS_SHUT_DOWN
                 metric.stream_outcome = "error"
             elif cut:
@@ -369,7 +385,7 @@ def _finish_metric(
     elif not completed:
         # the client went away while we waited (or while the body was being written), or
         # the server was stopped at once
-        metric.status_code = STATUS_SHUT_DOWN if cut and _stopped_at_once else STATUS_CLIENT_CLOSED
+        metric.status_code = STATUS_SHUT_DOWN if cut and by_proxy else STATUS_CLIENT_CLOSED
         if error is not None and not cut:
             metric.error = type(error).__name__
 

@@ -28,12 +28,17 @@ request cancellation, and its cost per request.
    not, so a client that stopped reading held its request, its slot under
    MAX_CONCURRENT_REQUESTS and its backend connection for ever. The limit is on a stall
    (no room for the next 64 KiB), not on the whole body, and a shutdown shortens it to
-   its grace period (``end_writes_within``). Past it the connection is closed.
+   its grace period (``end_writes_within``). Past it the connection is closed, and a
+   write cut by that shutdown is the proxy's doing (``write_cut_by_shutdown``: a 503 in
+   the metrics, not a client that left).
 
 5. **Shutdown is announced.** ``on_shutdown(listener)`` calls ``listener()`` when hypercorn
    begins its graceful shutdown (its worker context's ``terminated`` event is set, just
    before requests in flight get ``graceful_timeout`` seconds), so the app can end long
-   streams in-band before that time runs out and hypercorn cuts them mid-chunk.
+   streams in-band before that time runs out and hypercorn cuts them mid-chunk. From then
+   on every response says ``Connection: close``: hypercorn closes the connection after it
+   but did not say so, so a pooling client (httpx, the openai SDK) reused it and failed on
+   its next request instead of opening a connection to a live instance.
 
 6. **HTTP/1.1 only.** hypercorn's HTTP/1.1 protocol switched a connection to HTTP/2 on an
    ``Upgrade: h2c`` request or on HTTP/2's preface sent with prior knowledge, even when
@@ -63,6 +68,13 @@ request cancellation, and its cost per request.
    request's ASGI scope (``REFUSED_MID_REQUEST``) instead: the app records the request
    with the status the client got, not as a client that left.
 
+10. **A connection closing at shutdown does not hold it.** A request received behind the
+    one answered (pipelined, or sent just as its response went out) made hypercorn's
+    reader wait for a turn that never came once the connection was not recycled, holding
+    the shutdown for its whole grace period. At shutdown such a request is now served
+    (its response says ``Connection: close``); and the reader of a connection that is
+    not recycled stops at once (``_ReadsEnded``) instead of waiting.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -83,7 +95,7 @@ import hypercorn.protocol as protocol_wrapper
 import hypercorn.protocol.h11 as h11_protocol
 import hypercorn.trio.tcp_server as tcp_server
 import trio
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 
@@ -200,6 +212,9 @@ async def _send_data(server: Any, data: bytes) -> None:
 # write timeout, or was gone): its send returned normally, so this is how the app learns
 # that its response did not arrive
 write_cut: ContextVar[bool] = ContextVar("trioproxy_write_cut", default=False)
+# set with it when the write was cut by the end of a shutdown's grace period: the proxy
+# cut that response (503), its client did not leave (499)
+write_cut_by_shutdown: ContextVar[bool] = ContextVar("trioproxy_shutdown_cut", default=False)
 
 _write_timeout = 60.0
 # the latest a write may wait once a shutdown began (its grace period): trio time
@@ -267,7 +282,11 @@ async def _send_rest(server: Any, data: bytes) -> None:
     if scope.cancelled_caught or gone:
         write_cut.set(True)
     if scope.cancelled_caught:
-        log.info("closing a connection whose client made no room for %g s", _write_timeout)
+        if _writes_end_at <= trio.current_time():
+            write_cut_by_shutdown.set(True)
+            log.info("closing a connection whose client took no more before shutting down")
+        else:
+            log.info("closing a connection whose client made no room for %g s", _write_timeout)
         with trio.CancelScope(shield=True):
             await server.stream.aclose()  # as hypercorn closes one (idempotent)
             await server.protocol.handle(Closed())
@@ -282,6 +301,8 @@ async def _send_h11_event(self: Any, event: Any) -> None:
     # hypercorn's own version, plus holding back the head of a sized response
     if type(event) is h11.InformationalResponse and _refuses_declared_body(self):
         return  # the app's 413 answers instead; h11 stops waiting once it is sent
+    if type(event) is h11.Response and self.context.terminated.is_set():
+        event = _closing(event)
     try:
         data = self.connection.send(event)
     except h11.LocalProtocolError:
@@ -295,6 +316,16 @@ async def _send_h11_event(self: Any, event: Any) -> None:
         self.__dict__[_HELD_HEAD] = data  # sent with the body, or at the end of the message
     elif data:
         await self.send(RawData(data=data))
+
+
+def _closing(response: h11.Response) -> h11.Response:
+    """``response`` saying that the connection closes after it, as it does once a shutdown
+    began: a pooling client that is not told reuses the connection and finds it closed."""
+    for name, value in response.headers:
+        if name == b"connection" and b"close" in value.lower():
+            return response
+    headers = [*response.headers, (b"connection", b"close")]
+    return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
 
 
 def _has_length(response: h11.Response) -> bool:
@@ -328,12 +359,69 @@ async def _check_protocol(self: Any, event: h11.Request) -> None:
 async def _handle_http11_only(self: Any, event: Any) -> None:
     try:
         return await self.protocol.handle(event)  # type: ignore[no-any-return]
+    except _NoMoreReads:
+        return  # the connection is closing: its reader finds the stream closed and ends
     except h11_protocol.H2ProtocolAssumedError:
         await self.protocol._send_error_response(505)
         await self.protocol.send(Closed())
     except _AmbiguousLength:
         await self.protocol._send_error_response(400)
         await self.protocol.send(Closed())
+
+
+class _NoMoreReads(Exception):
+    """Raised to the connection's reader where hypercorn would wait to read the next
+    request of a connection that is closing."""
+
+
+class _ReadsEnded:
+    """``can_read`` of a connection that will not be recycled. hypercorn's reader, with a
+    request already received behind the one answered (h11's ``PAUSED``), waited for
+    ``can_read``, was woken by the close, found the request still there and waited again:
+    for ever, holding the connection's task, and a shutdown, for its whole grace period."""
+
+    async def set(self) -> None:
+        pass
+
+    async def clear(self) -> None:
+        pass
+
+    async def wait(self) -> None:
+        raise _NoMoreReads
+
+    def is_set(self) -> bool:
+        return True
+
+
+_READS_ENDED = _ReadsEnded()
+
+
+async def _maybe_recycle(self: Any) -> None:
+    """hypercorn's, plus: at shutdown a request already received behind the one answered
+    is served (its response says ``Connection: close``), not left unanswered; and a
+    connection that is not recycled ends its reader (``_ReadsEnded``)."""
+    await self._close_stream()
+    connection = self.connection
+    shutting_down = self.context.terminated.is_set()
+    if (
+        connection.our_state is h11.DONE
+        and connection.their_state is h11.DONE
+        and (not shutting_down or connection.trailing_data[0])
+    ):
+        try:
+            connection.start_next_cycle()
+        except h11.LocalProtocolError:
+            pass
+        else:
+            await self.can_read.set()
+            if not shutting_down:
+                # at shutdown the connection is busy with the request it has, not idle:
+                # the keep-alive timer would close it under that request
+                await self.send(Updated(idle=True))
+            return
+    reading, self.can_read = self.can_read, _READS_ENDED
+    await reading.set()
+    await self.send(Closed())
 
 
 _shutdown_listeners: list[Callable[[], None]] = []
@@ -401,6 +489,7 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
     h11_protocol.H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     h11_protocol.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
+    h11_protocol.H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]
     WorkerContext.__init__ = _context_init  # type: ignore[method-assign]
     h11_protocol.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
     protocol_wrapper.ProtocolWrapper.handle = _handle_http11_only  # type: ignore[method-assign]

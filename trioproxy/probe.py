@@ -9,6 +9,7 @@ line is not in the environment: in a container, set ``PROXY_PORT`` instead.
 
 from __future__ import annotations
 
+import http.client
 import ssl
 import sys
 import urllib.error
@@ -50,6 +51,11 @@ def main() -> int:
             return 0  # urlopen raises on any status that is not 2xx or 3xx
     except (urllib.error.URLError, OSError) as exc:
         print(f"trioproxy probe: {url}: {exc}", file=sys.stderr)
+        return 1
+    except (http.client.HTTPException, ValueError) as exc:
+        # something else answers on the port (or half an answer): its bytes are in repr's
+        # quotes, so the reason stays one line
+        print(f"trioproxy probe: {url}: not an HTTP answer: {exc!r}", file=sys.stderr)
         return 1
 
 
