@@ -1107,6 +1107,21 @@ def test_openai_observer_reads_legacy_completion_chunks() -> None:
     assert o.content_chunks == 2 and o.finish_reason == "stop"
 
 
+def test_openai_observer_counts_function_call_and_audio_deltas_as_tokens() -> None:
+    """A legacy ``functions`` call and gpt-4o-audio stream no text: such a stream never
+    had its first token, so the first-token deadline cut it mid-flow."""
+    for delta in (
+        {"function_call": {"name": "f", "arguments": ""}},
+        {"audio": {"id": "a1", "transcript": "Hi", "data": "AAAA"}},
+    ):
+        o = OpenAIStreamObserver(start_ns=0)
+        o.feed_text(json.dumps(_chunk({"role": "assistant", "content": None})), 10)
+        assert o.first_token_ns is None
+        o.feed_text(json.dumps(_chunk(delta)), 20)
+        o.feed_text(json.dumps(_chunk(delta)), 30)
+        assert (o.first_token_ns, o.last_token_ns, o.content_chunks) == (20, 30, 2), delta
+
+
 _fragment_lists = st.lists(
     st.dictionaries(
         st.text(max_size=5),

@@ -1047,6 +1047,13 @@ def _whole_object(arguments: str) -> bool:
         return False
 
 
+def _other_output(delta: JSONDict) -> bool:
+    """Output besides text and tool calls: a legacy ``functions`` call, or audio
+    (gpt-4o-audio streams its transcript and data there). Without it such a stream never
+    had its first token, and the first-token deadline cut it however fast it flowed."""
+    return bool(delta.get("function_call") or delta.get("audio"))
+
+
 class _StreamStats:
     """What both stream consumers track for metrics: token timing, chunk counts, usage."""
 
@@ -1094,7 +1101,7 @@ class _StreamStats:
         thinking = _thinking(delta)
         calls = delta.get("tool_calls")
         calls = calls if isinstance(calls, list) else []
-        if content or thinking or calls:
+        if content or thinking or calls or _other_output(delta):
             self._count_token(now_ns)
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
@@ -1116,8 +1123,9 @@ class _StreamStats:
                 self.completion_tokens = int(usage[output_key])
 
     def _count_token(self, now_ns: int) -> None:
-        # A "content-bearing" chunk: text, reasoning or a tool-call fragment. Backends send
-        # about one token per chunk, so this count stands in for eval_count without usage.
+        # A "content-bearing" chunk: text, reasoning, a tool-call fragment, other output.
+        # Backends send about one token per chunk, so this count stands in for eval_count
+        # without usage.
         self.content_chunks += 1
         if self.first_token_ns is None:
             self.first_token_ns = now_ns
