@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from trioproxy import relay
@@ -487,3 +488,24 @@ async def test_a_last_event_without_its_blank_line_still_counts() -> None:
     out, _, _ = await run_relay(script, ollama)
     done = json.loads(out.splitlines()[-1])
     assert (done["prompt_eval_count"], done["eval_count"]) == (11, 7)
+
+
+# the relay stops reading mid-body: the response is closed, but httpx's generators over
+# it are left to the garbage collector, which warns
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_event_is_bounded_like_a_whole_answer() -> None:
+    """An event over the SSE parser's old fixed 8 MiB (a Responses image, base64) ended
+    the stream as a "broken connection": an event may now be as large as a non-stream
+    answer (MAX_RESPONSE_BYTES), and past that the error says which limit it met."""
+    big = "x" * (9 * 1024 * 1024)
+    script: Script = [(0, ROLE), (0, token(big)), (0, token("!")), (0, DONE)]
+    out, _, _ = await run_relay(script, openai)
+    assert out.endswith(DONE) and token(big) in out and b'"error"' not in out
+    out, _, _ = await run_relay(script, ollama)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert "".join(line["message"]["content"] for line in lines) == big + "!"
+
+    small: Script = [(0, ROLE), (0, token("a")), (0.05, token("y" * 5000)), (0, DONE)]
+    for make in (openai, ollama):
+        out, _, _ = await run_relay(small, make, max_response_bytes=4096)
+        assert "MAX_RESPONSE_BYTES" in last_error(out), out[-300:]

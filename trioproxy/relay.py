@@ -24,7 +24,6 @@ from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream
 from .sse import (
-    DEFAULT_MAX_LINE_BYTES,
     ERROR_FIELD_EVENT,
     SSE_DONE,
     SSEParser,
@@ -230,7 +229,7 @@ async def relay_ollama(
     A backend that answers the stream request with one JSON completion (it ignored
     ``stream``) is translated as a stream of that one chunk; a stream that stops before
     its end (no ``finish_reason``, no ``[DONE]``) is an error, not a finished answer."""
-    parser = SSEParser()
+    parser = SSEParser(settings.max_response_bytes)  # an event as large as an answer
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
     done = first = False
@@ -247,7 +246,7 @@ async def relay_ollama(
                 if not first:
                     first = True
                     if _opens_json(data):
-                        whole = await _rest_of_body(reader, data)
+                        whole = await _rest_of_body(reader, data, settings.max_response_bytes)
                         lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
                         done = True
                     elif not _looks_like_events(response, data):
@@ -348,7 +347,7 @@ async def relay_openai(
     Once the stream's last event is out (``[DONE]``, or the Responses API's closing event),
     the rest of the backend's body is only drained, briefly: a backend that keeps the body
     open after it must not turn a finished stream into a timed-out one."""
-    parser = SSEParser()
+    parser = SSEParser(settings.max_response_bytes)  # an event as large as an answer
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
     sent = timed_out = finished = first = False
@@ -358,7 +357,7 @@ async def relay_openai(
             if not first:
                 first = True
                 if _opens_json(data):
-                    whole = await _rest_of_body(reader, data)
+                    whole = await _rest_of_body(reader, data, settings.max_response_bytes)
                     data = _completion_as_events(whole, observer)
                 elif not _looks_like_events(response, data):
                     raise _NotAStream(_not_a_stream(response))
@@ -536,10 +535,6 @@ class _NotAStream(Exception):
     """The backend answered a stream request with a JSON body that is not a completion."""
 
 
-# A JSON body answering a stream request is read whole, up to the SSE parser's own bound.
-MAX_JSON_ANSWER = DEFAULT_MAX_LINE_BYTES
-
-
 def _opens_json(data: bytes) -> bool:
     """Whether the body's first read opens a JSON object: an event stream's lines start
     with a field name (``data:``), a comment (``:``) or a line end, never ``{``."""
@@ -563,14 +558,16 @@ def _not_a_stream(response: httpx.Response) -> str:
     return f"the backend answered the stream with {content_type[:80]}, not an event stream"
 
 
-async def _rest_of_body(reader: _Reader, first: bytes) -> Any:
-    """The whole (bounded) body that began with ``first``, decoded."""
+async def _rest_of_body(reader: _Reader, first: bytes, limit: int) -> Any:
+    """The whole body that began with ``first``, decoded; bounded like a non-stream answer
+    (MAX_RESPONSE_BYTES)."""
     parts, size = [first], len(first)
     while (more := await reader.read()) is not None:
         size += len(more)
-        if size > MAX_JSON_ANSWER:
+        if size > limit:
             raise _NotAStream(
-                f"the backend answered the stream with a JSON body over {MAX_JSON_ANSWER} bytes"
+                f"the backend answered the stream with a JSON body over {limit} bytes "
+                "(MAX_RESPONSE_BYTES)"
             )
         parts.append(more)
     try:
@@ -693,6 +690,8 @@ def _stream_broke(
         return scrub(str(exc), settings.backend_secrets)
     if isinstance(exc, NestedTooDeeply):
         return f"the backend sent an event {exc}"
+    if isinstance(exc, SSEProtocolError):  # an event or line past MAX_RESPONSE_BYTES
+        return f"the backend's stream could not be relayed: {exc} (MAX_RESPONSE_BYTES)"
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
 
 
