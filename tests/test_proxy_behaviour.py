@@ -1019,6 +1019,23 @@ def test_mapping_ollama_api(mapped_proxy: ServerProcess, demo_backend: ServerPro
         assert direct.json()["model"] == "demo-reasoner"
 
 
+def test_a_model_the_backend_names_otherwise_is_kept_in_a_stream_or_not() -> None:
+    """Only the backend's name for the mapped model is the client's: the non-stream body
+    turned any model into the client's name, while a stream kept another one (OpenAI's
+    dated version of an alias, OpenRouter's pick for openrouter/auto)."""
+    from trioproxy.routes_openai import _model_rewriter, _rewrite_model_json
+
+    def body(model: str) -> bytes:
+        return json.dumps({"id": "c", "model": model, "choices": []}).encode()
+
+    for answered, shown in [("dated", "fast"), ("dated-2024-07-18", "dated-2024-07-18")]:
+        whole = json.loads(_rewrite_model_json(body(answered), "dated", "fast"))
+        rewrite = _model_rewriter({"dated": "fast"})
+        assert rewrite is not None
+        streamed = json.loads(rewrite(body(answered).replace(b": ", b":")))
+        assert whole["model"] == streamed["model"] == shown
+
+
 def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerProcess) -> None:
     with httpx.Client(base_url=mapped_proxy.url, timeout=10) as client:
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]

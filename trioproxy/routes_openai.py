@@ -85,7 +85,7 @@ async def forward(
     if creates_response and body.get("background") is True:
         _owe_when_queued(app.ledger, content)
     if backend_model != client_model:
-        content = _rewrite_model_json(content, client_model)
+        content = _rewrite_model_json(content, backend_model, client_model)
     return _whole_reply(call, result, content)
 
 
@@ -172,7 +172,7 @@ async def by_id(
         client_model = mapper.to_client(model)
         note_model(call.state, client_model)
         if client_model != model:
-            content = _rewrite_model_json(content, client_model)
+            content = _rewrite_model_json(content, model, client_model)
     return _whole_reply(call, result, content)
 
 
@@ -303,12 +303,16 @@ def _model_member(name: str, separator: str) -> bytes:
     return f'"model":{separator}{json.dumps(name)}'.encode()
 
 
-def _rewrite_model_json(content: bytes, client_model: str) -> bytes:
+def _rewrite_model_json(content: bytes, backend_model: str, client_model: str) -> bytes:
+    """The backend's name for the model as the client's, as streams have it rewritten
+    (``_model_rewriter``): only that name. A backend that names another model (OpenAI's
+    dated version of an alias, OpenRouter's choice for ``openrouter/auto``) says which
+    model answered, in a stream or not."""
     try:
         payload = loads(content)
     except ValueError:
         return content
-    if isinstance(payload, dict) and "model" in payload:
+    if isinstance(payload, dict) and payload.get("model") == backend_model:
         payload["model"] = client_model
         return dumps(payload)
     return content
