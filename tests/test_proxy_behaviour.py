@@ -1273,6 +1273,8 @@ _WRONG_SHAPES = {
     "cut-short": '{"id": "c1", "object": "chat.completion", "choi',
     "empty-body": "",
     "html-page": "<html><body>Bad gateway</body></html>",
+    "refuses-max-tokens": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "thought it through"}}]}),
 }  # fmt: skip
 
 _COMPLETION = {
@@ -1342,7 +1344,19 @@ _STREAM_SHAPES = {
                 + _chunk_event({}, finish="stop") + "data: [DONE]\n\n"),
     "refuses-stream-options": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
                                + "data: [DONE]\n\n"),
+    "refuses-max-tokens": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
+                           + "data: [DONE]\n\n"),
 }  # fmt: skip
+# OpenAI's answer to max_tokens from one of its reasoning models
+_MAX_TOKENS_REFUSED = {
+    "error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+}
 
 
 class _WrongShapeBackend(BaseHTTPRequestHandler):
@@ -1352,9 +1366,11 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
         pass
 
     stream_requests: ClassVar[list[dict[str, Any]]] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append(request)
         if request.get("stream"):
             self.stream_requests.append(request)
         status = 200
@@ -1368,6 +1384,9 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
             text = json.dumps({"object": "error", "type": "invalid_request_error", "message": {
                 "detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
                             "msg": "Extra inputs are not permitted"}]}})  # fmt: skip
+        if request["model"] == "refuses-max-tokens" and "max_tokens" in request:
+            status, content_type = 400, "application/json"
+            text = json.dumps(_MAX_TOKENS_REFUSED)
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -1881,6 +1900,28 @@ def test_a_refusal_reaches_ollama_clients_as_the_answer(wrong_shape_proxy: Serve
         assert answer.message.content == "I can't help with that"
         generated = client.generate(model="refusal", prompt="hi")
         assert generated.response == "I can't help with that"
+
+
+def test_num_predict_goes_as_max_completion_tokens_to_a_model_that_refuses_max_tokens(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """OpenAI's reasoning models refuse ``max_tokens`` (num_predict's usual name) and ask
+    for ``max_completion_tokens``: the request is sent again so, and later ones go so from
+    the start, streamed or not; other models keep ``max_tokens``."""
+    sent = _WrongShapeBackend.requests
+    sent.clear()
+    options = {"num_predict": 64}
+    with ollama.Client(host=wrong_shape_proxy.url, timeout=10) as client:
+        asked = [{"role": "user", "content": "hi"}]
+        answer = client.chat(model="refuses-max-tokens", messages=asked, options=options)
+        assert answer.message.content == "thought it through"
+        parts = client.chat(
+            model="refuses-max-tokens", messages=asked, options=options, stream=True
+        )
+        assert "".join(part.message.content or "" for part in parts) == "Hello"
+        client.chat(model="refusal", messages=asked, options=options)
+    limits = [(r.get("max_tokens"), r.get("max_completion_tokens")) for r in sent]
+    assert limits == [(64, None), (None, 64), (None, 64), (64, None)]
 
 
 def test_a_backend_that_refuses_stream_options_still_streams_to_ollama_clients(

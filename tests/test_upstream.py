@@ -15,7 +15,7 @@ import trio
 
 from trioproxy.config import Settings
 from trioproxy.errors import UpstreamStatusError
-from trioproxy.forward import refuses_stream_options
+from trioproxy.forward import refuses_stream_options, wants_max_completion_tokens
 from trioproxy.upstream import UpstreamPool
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -246,3 +246,22 @@ async def test_a_status_http_does_not_define_is_a_bad_answer(stream: bool) -> No
             await pool.request("POST", "/chat/completions", body=b"{}", stream=stream)
     finally:
         await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "wanted"),
+    [
+        (400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
+              "Use 'max_completion_tokens' instead.", True),
+        (400, "max_tokens is not supported for o1; use max_completion_tokens", True),
+        # a limit too large is not a refusal of the field
+        (400, "max_tokens is too large: 100000. This model supports at most 4096 completion "
+              "tokens, whereas you provided 100000 (max_completion_tokens).", False),
+        (404, "Unsupported parameter: 'max_tokens'. Use 'max_completion_tokens'.", False),
+    ],
+)  # fmt: skip
+def test_a_refusal_of_max_tokens_is_told_from_other_errors(
+    status: int, message: str, wanted: bool
+) -> None:
+    body = json.dumps({"error": {"message": message, "param": "max_tokens"}}).encode()
+    assert wants_max_completion_tokens(UpstreamStatusError(message, status, body=body)) is wanted

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from .errors import (
@@ -321,22 +322,87 @@ class BackendQuirks:
     # per model, since a gateway may front some backends that take it and some that do not
     refuses_stream_options: set[str] = field(default_factory=set)
 
-    # bounds the set: a backend that accepts any model name cannot grow it without end
+    # backend models that refuse max_tokens for max_completion_tokens (OpenAI's reasoning
+    # models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens'")
+    wants_max_completion_tokens: set[str] = field(default_factory=set)
+
+    # bounds each set: a backend that accepts any model name cannot grow it without end
     MAX_MODELS = 1000
 
     def note_refusal(self, model: str) -> bool:
         """Remember that ``model`` refuses stream_options; whether it is news."""
-        if model in self.refuses_stream_options:
+        return self._note(self.refuses_stream_options, model)
+
+    def note_wants_max_completion_tokens(self, model: str) -> bool:
+        """Remember that ``model`` takes max_completion_tokens only; whether it is news."""
+        return self._note(self.wants_max_completion_tokens, model)
+
+    def _note(self, models: set[str], model: str) -> bool:
+        if model in models:
             return False
-        if len(self.refuses_stream_options) < self.MAX_MODELS:
-            self.refuses_stream_options.add(model)
+        if len(models) < self.MAX_MODELS:
+            models.add(model)
         return True
+
+
+async def call_chat(call: Call, payload: dict[str, Any]) -> tuple[Any, UpstreamResult]:
+    """``call_json`` for a chat completion the proxy wrote (see :func:`_token_limit_as_taken`)."""
+    return await _token_limit_as_taken(
+        call, payload, lambda sent: call_json(call, "/chat/completions", sent)
+    )
 
 
 async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
     """``open_stream`` for a chat completion the proxy wrote: ``stream_options`` (it asks
     for the token counts) is left out for a backend model that refused it, from the first
-    refusal on; those streams' tokens are then counted from their chunks."""
+    refusal on; those streams' tokens are then counted from their chunks. The token limit
+    goes as the backend takes it (:func:`_token_limit_as_taken`)."""
+    return await _token_limit_as_taken(call, payload, partial(_open_chat_stream, call))
+
+
+async def _token_limit_as_taken(
+    call: Call, payload: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[T]]
+) -> T:
+    """``send(payload)`` with the output limit the proxy wrote (``num_predict`` as
+    ``max_tokens``, which most backends take) renamed ``max_completion_tokens`` for a
+    backend model that refused ``max_tokens`` for it (OpenAI's reasoning models), from
+    the first refusal on."""
+    quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
+    model = str(payload.get("model", ""))
+    if "max_tokens" in payload and model in quirks.wants_max_completion_tokens:
+        payload["max_completion_tokens"] = payload.pop("max_tokens")
+    try:
+        return await send(payload)
+    except UpstreamStatusError as error:
+        if "max_tokens" not in payload or not wants_max_completion_tokens(error):
+            raise
+    if quirks.note_wants_max_completion_tokens(model):
+        log.warning(
+            "the backend takes max_completion_tokens, not max_tokens, for model %s; "
+            "its output limits now go as that",
+            model,
+        )
+    payload["max_completion_tokens"] = payload.pop("max_tokens")
+    return await send(payload)
+
+
+def wants_max_completion_tokens(error: UpstreamStatusError) -> bool:
+    """Whether a backend's 400 refuses ``max_tokens`` and names ``max_completion_tokens``
+    as the field to use (OpenAI's wording for its reasoning models)."""
+    body = error.body
+    return (
+        error.status == 400
+        and b"max_completion_tokens" in body
+        and _REFUSES_MAX_TOKENS.search(body) is not None
+    )
+
+
+_REFUSES_MAX_TOKENS = re.compile(
+    rb"max_tokens.{0,80}not supported|unsupported.{0,80}max_tokens", re.IGNORECASE
+)
+
+
+async def _open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
     quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
     model = str(payload.get("model", ""))
     if model in quirks.refuses_stream_options:

@@ -22,6 +22,7 @@ from .catalog import backend_name_for
 from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
+    call_chat,
     call_json,
     for_backend,
     from_backend,
@@ -152,7 +153,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
         with _model_not_found_as_ollama(client_model, backend_model):
-            resp, result = await call_json(call, "/chat/completions", payload)
+            resp, result = await call_chat(call, payload)
         timings = _timings(start_ns, resp, result)
         convert = functools.partial(
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
