@@ -170,3 +170,18 @@ def test_a_routes_suffix_is_not_taken_for_part_of_an_id(proxy: ServerProcess) ->
         assert wrong.status_code == 405, wrong.text
         assert "GET" in wrong.headers["Allow"]
     assert _Backend.seen == []
+
+
+def test_head_asks_the_backend_with_get_and_answers_without_a_body(proxy: ServerProcess) -> None:
+    """HEAD is GET without the body, on both routes by id that take GET: the backend (which
+    has no HEAD on them) is asked with GET, and the client gets GET's status and headers."""
+    for path in (PREFIX + "resp_1", PREFIX + "resp_1/input_items"):
+        _Backend.seen.clear()
+        with httpx.Client(base_url=proxy.url, timeout=10) as http:
+            got = http.get(path)
+            head = http.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["Content-Type"] == got.headers["Content-Type"]
+        assert head.headers["Content-Length"] == str(len(got.content))
+        assert head.headers["x-ratelimit-remaining-requests"] == "7"
+        assert _Backend.seen == [("GET", path)] * 2

@@ -126,8 +126,9 @@ _SUFFIX_METHODS = {"/cancel": ["OPTIONS", "POST"], "/input_items": ["GET", "HEAD
 async def stored_response(response_id: str) -> Response:
     """Retrieve (or, with ``stream=true``, resume the stream of) a stored response; delete it."""
     _refuse_a_suffix(response_id)
-    resume = request.method == "GET" and request.args.get("stream", "").lower() == "true"
-    return await _serve_by_id(request.method, response_id, "", stream=resume)
+    method = _backend_method()
+    resume = method == "GET" and request.args.get("stream", "").lower() == "true"
+    return await _serve_by_id(method, response_id, "", stream=resume)
 
 
 @blueprint.post("/v1/responses/<path:response_id>/cancel")
@@ -137,7 +138,13 @@ async def cancel_response(response_id: str) -> Response:
 
 @blueprint.get("/v1/responses/<path:response_id>/input_items")
 async def response_input_items(response_id: str) -> Response:
-    return await _serve_by_id("GET", response_id, "/input_items")
+    return await _serve_by_id(_backend_method(), response_id, "/input_items")
+
+
+def _backend_method() -> str:
+    """HEAD asks the backend with GET (OpenAI's API has no HEAD on these routes): the client
+    gets GET's status and headers, and the server sends no body."""
+    return "GET" if request.method == "HEAD" else request.method
 
 
 def _refuse_a_suffix(response_id: str) -> None:
