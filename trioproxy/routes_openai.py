@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
-from urllib.parse import quote_from_bytes
+from urllib.parse import quote, quote_from_bytes, unquote
 
 from quart import Blueprint, Response, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from . import translate as tr
 from .app import current_call, quart_route, served
@@ -104,37 +105,89 @@ for _path, _handler in FAST_ROUTES.items():
     quart_route(blueprint, _path, _handler)
 
 
-# A response id goes into the backend's URL with our API key: only the characters of
-# OpenAI's ids ("resp_" and hex) pass, so "..", "%2F" or "?" cannot address another route.
-_RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# A response id goes into the backend's URL, which carries the proxy's API key. Ids are
+# OpenAI's, vLLM's, OpenRouter's and Ollama's (letters, digits, "_" and "-") and LiteLLM's
+# ("resp_" and the standard base64 of its routing data: 200-odd characters with "+", "/"
+# and "="). So the characters of base64 and base64url, at most 1,024 of them. Not ".",
+# "%", "?", "#" or a space: the id, encoded as one path segment, is then never a
+# dot-segment, a second encoding, a query or a fragment in the backend's URL.
+_ID_MAX = 1024
+_ID_OTHER = re.compile(r"[^A-Za-z0-9_+/=-]")
+_ID_ALPHABET = "letters, digits, '_', '-', '+', '/' and '='"
+# "/" is "%2F" (one segment); "+" and "=" stay as they are, as the openai SDK sends them
+_SEGMENT_SAFE = "+="
 _QUERY_SAFE = "&=+%/:,;@!$'()*?~[]"
+# The routes' suffixes, and the methods they take: an id may hold "/" (so its routes take
+# a path), but "GET …/cancel" is still the wrong method for cancel, not a retrieve
+_SUFFIX_METHODS = {"/cancel": ["OPTIONS", "POST"], "/input_items": ["GET", "HEAD", "OPTIONS"]}
 
 
-@blueprint.route("/v1/responses/<response_id>", methods=["GET", "DELETE"])
+@blueprint.route("/v1/responses/<path:response_id>", methods=["GET", "DELETE"])
 async def stored_response(response_id: str) -> Response:
     """Retrieve (or, with ``stream=true``, resume the stream of) a stored response; delete it."""
-    resume = request.method == "GET" and request.args.get("stream", "").lower() == "true"
-    return await _serve_by_id(request.method, response_id, "", stream=resume)
+    _refuse_a_suffix(response_id)
+    method = _backend_method()
+    resume = method == "GET" and request.args.get("stream", "").lower() == "true"
+    return await _serve_by_id(method, response_id, "", stream=resume)
 
 
-@blueprint.post("/v1/responses/<response_id>/cancel")
+@blueprint.post("/v1/responses/<path:response_id>/cancel")
 async def cancel_response(response_id: str) -> Response:
     return await _serve_by_id("POST", response_id, "/cancel")
 
 
-@blueprint.get("/v1/responses/<response_id>/input_items")
+@blueprint.get("/v1/responses/<path:response_id>/input_items")
 async def response_input_items(response_id: str) -> Response:
-    return await _serve_by_id("GET", response_id, "/input_items")
+    return await _serve_by_id(_backend_method(), response_id, "/input_items")
+
+
+def _backend_method() -> str:
+    """HEAD asks the backend with GET (OpenAI's API has no HEAD on these routes): the client
+    gets GET's status and headers, and the server sends no body."""
+    return "GET" if request.method == "HEAD" else request.method
+
+
+def _refuse_a_suffix(response_id: str) -> None:
+    """A 405 for ``GET``/``DELETE …/cancel`` and ``DELETE …/input_items``, as before ids
+    could hold "/": the path routes take them for ids ending in the suffix."""
+    for suffix, methods in _SUFFIX_METHODS.items():
+        if response_id.endswith(suffix):
+            raise MethodNotAllowed(valid_methods=methods)
+
+
+def _checked_id(response_id: str) -> str:
+    """The id as one segment of the backend's path, or a 400 that says what is wrong."""
+    problem = _id_problem(response_id)
+    if problem is not None:
+        raise BadRequest(f"invalid response id {problem}", param="response_id")
+    return quote(response_id, safe=_SEGMENT_SAFE)
+
+
+def _id_problem(response_id: str) -> str | None:
+    if len(response_id) > _ID_MAX:
+        return f"({len(response_id):,} characters long): at most {_ID_MAX:,} characters"
+    if _held_an_empty_segment():
+        return "(it begins with '/' or holds '//'): an empty path segment cannot be passed on"
+    other = _ID_OTHER.search(response_id)
+    if other is not None:
+        shown = f"{response_id[:64]!r}" + ("…" if len(response_id) > 64 else "")
+        return f"{shown}: {other.group()!r} is not allowed ({_ID_ALPHABET} only)"
+    return None
+
+
+def _held_an_empty_segment() -> bool:
+    """Whether the id as sent began with "/" or held "//": the app merges repeated slashes
+    before routing, so the id routed is another than the one sent."""
+    raw: bytes = request.scope.get("raw_path", b"")
+    sent = unquote(raw.decode("latin-1")).partition("/responses/")[2]
+    return sent.startswith("/") or "//" in sent
 
 
 async def _serve_by_id(
     method: str, response_id: str, suffix: str, *, stream: bool = False
 ) -> Response:
     call = await current_call()
-    if not _RESPONSE_ID.fullmatch(response_id):
-        message = f"invalid response id {response_id[:64]!r}: letters, digits, '_' and '-' only"
-        raise BadRequest(message, param="response_id")
-    path = f"/responses/{response_id}{suffix}"
+    path = f"/responses/{_checked_id(response_id)}{suffix}"
     if request.query_string:
         # as it came, but with anything a URL cannot hold (control bytes, which HTTP/2
         # lets through) percent-encoded: a client's odd query is not our 500
