@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import store
 
@@ -258,20 +258,60 @@ _LocalHistogram = _local(Histogram)
 def mark_dead_workers(path: str) -> list[int]:
     """Drop the live-gauge files of workers that no longer exist (hypercorn has no
     child-exit hook), so in-flight and RSS gauges only sum live processes.  Counter and
-    histogram files of dead workers stay: their counts still happened."""
-    dead: set[int] = set()
+    histogram files of dead workers stay: their counts still happened.
+
+    Every worker scrapes, so two may clean up the same dead worker at once: the files are
+    removed here, a file the other worker removed first is no error (prometheus_client's
+    ``mark_process_dead`` would raise ``FileNotFoundError`` and fail the scrape)."""
     me = os.getpid()
+    dead: set[int] = set()
     for f in glob.glob(os.path.join(path, "gauge_live*_*.db")):
-        try:
-            pid = int(os.path.basename(f)[: -len(".db")].rsplit("_", 1)[1])
-        except (IndexError, ValueError):
+        pid = _live_gauge_pid(f)
+        if pid is None or pid == me:
             continue
-        if pid != me and pid not in dead and not psutil.pid_exists(pid):
+        if pid in dead or not psutil.pid_exists(pid):
             dead.add(pid)
-    for pid in dead:
-        mark_process_dead(pid, path)
+            _remove_if_there(f)
+    for pid in sorted(dead):
         log.debug("metrics: removed live gauges of dead worker pid %d", pid)
     return sorted(dead)
+
+
+def _live_gauge_pid(filename: str) -> int | None:
+    """The pid of a live gauge file (``gauge_<live mode>_<pid>.db``: the files
+    ``mark_process_dead`` removes), else None."""
+    parts = os.path.basename(filename)[: -len(".db")].split("_")
+    if len(parts) != 3 or parts[0] != "gauge" or not parts[1].startswith("live"):
+        return None
+    try:
+        return int(parts[2])
+    except ValueError:
+        return None
+
+
+def _remove_if_there(filename: str) -> None:
+    try:
+        os.remove(filename)
+    except FileNotFoundError:
+        pass  # another worker's scrape removed it first
+
+
+def merged_families(path: str) -> list[Metric]:
+    """The merge of every worker's files in ``path``, tolerant of the files changing
+    under the scrape: a live gauge file removed by another worker's cleanup is skipped
+    (by prometheus_client), and so is a file a starting worker has created but not yet
+    sized (it holds no value yet, and reading it would fail on its missing header)."""
+    files: list[str] = []
+    for f in glob.glob(os.path.join(path, "*.db")):
+        try:
+            if os.stat(f).st_size >= _MMAP_HEADER:
+                files.append(f)
+        except FileNotFoundError:
+            continue  # removed since the glob: a dead worker's live gauge
+    return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+_MMAP_HEADER = 8  # prometheus_client's mmap files start with 8 bytes: used size, padding
 
 
 # --------------------------------------------------------------------------- primary series
@@ -519,9 +559,7 @@ class PrimaryMetrics:
         self.flush()
         if self.multiprocess_dir:
             mark_dead_workers(self.multiprocess_dir)
-            merged = {
-                m.name: m for m in MultiProcessCollector(None, self.multiprocess_dir).collect()
-            }
+            merged = {m.name: m for m in merged_families(self.multiprocess_dir)}
             families: list[Metric] = []
             for metric in self._families:
                 for described in metric.describe():  # no samples: its name, HELP and TYPE
