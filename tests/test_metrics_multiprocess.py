@@ -5,6 +5,7 @@ multiprocess values in a collector runs in a subprocess of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,54 @@ def test_a_scrape_survives_files_changing_under_it(tmp_path: Path) -> None:
     assert first == "200 1"
     assert "http_requests_active 0.0" in body  # the dead worker's in-flight 1 is gone
     assert not list(mp.glob(f"gauge_live*_{DEAD}.db"))
+
+
+SECOND_COLLECTOR = textwrap.dedent(
+    """
+    import gc, json
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+    def rec(c, n):
+        for _ in range(n):
+            c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200))
+
+    seen = []
+    app = MetricsCollector(system_enabled=False)  # the app's: the process's writer
+    rec(app, 10)
+    seen.append(app.summary()["total_requests"])
+    own = MetricsCollector(max_metrics=500, system_enabled=False)  # docs/monitoring.md
+    rec(own, 1)
+    seen.append(app.summary()["total_requests"])
+    rec(app, 5)
+    seen.append(app.summary()["total_requests"])
+    rec(own, 1)
+    seen.append(app.summary()["total_requests"])
+    seen.append(own.summary()["total_requests"])
+    del app
+    gc.collect()
+    after = MetricsCollector(system_enabled=False)  # the writer is gone: this one takes over
+    rec(after, 1)
+    seen.append(after.summary()["total_requests"])
+    print(json.dumps(seen), flush=True)
+    """
+)
+
+
+def test_a_second_collector_in_a_worker_never_moves_the_shared_counters(
+    tmp_path: Path,
+) -> None:
+    """Two collectors writing one process's multiprocess files each wrote its own count
+    over the other's (10 -> 11 -> 15 -> 12). The first is the process's writer; another
+    counts only its own requests, in the process, as it would without --workers."""
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp), "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-c", SECOND_COLLECTOR], env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    app, app_after_own, app_more, app_after_own_again, own, taken_over = json.loads(res.stdout)
+    assert [app, app_after_own, app_more, app_after_own_again] == [10, 10, 15, 15]
+    assert own == 2
+    assert taken_over == 16  # carries on from the files

@@ -35,6 +35,7 @@ from .prom import (
     RequestSeries,
     Totals,
     aggregate,
+    claim_shared_files,
     derived_families,
     multiprocess_dir_from_env,
     render,
@@ -135,6 +136,18 @@ def _count(v: float) -> int:
     return round(v)
 
 
+def _note_second_collector(mp_dir: str | None, *, asked: bool) -> None:
+    """Another collector of this process already writes the shared files: this one keeps
+    its values in the process, as with ``multiprocess=False`` (a warning when the caller
+    asked for the shared files outright)."""
+    log.log(
+        logging.WARNING if asked else logging.INFO,
+        "metrics: another collector of this process already writes the multiprocess files "
+        "in %s; this one counts only its own requests, in this process (see docs/metrics.md)",
+        mp_dir,
+    )
+
+
 # --------------------------------------------------------------------------- collector
 
 
@@ -174,6 +187,7 @@ class MetricsCollector:
         self._started_mono = time.monotonic()
 
         mp_dir = multiprocess_dir or multiprocess_dir_from_env()
+        multiprocess_asked = bool(multiprocess)
         if multiprocess is None:
             multiprocess = mp_dir is not None
             if not multiprocess:
@@ -181,6 +195,9 @@ class MetricsCollector:
                 warn_if_workers_share_nothing()
         if multiprocess and not mp_dir:
             raise ValueError("multiprocess mode needs PROMETHEUS_MULTIPROC_DIR or multiprocess_dir")
+        if multiprocess and not claim_shared_files(self):
+            _note_second_collector(mp_dir, asked=multiprocess_asked)
+            multiprocess = False
         self.multiprocess_dir = mp_dir if multiprocess else None
 
         self._prom = PrimaryMetrics(

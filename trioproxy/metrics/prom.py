@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,6 +313,28 @@ def merged_families(path: str) -> list[Metric]:
 
 
 _MMAP_HEADER = 8  # prometheus_client's mmap files start with 8 bytes: used size, padding
+
+
+_writer: weakref.ref[Any] | None = None
+_writer_pid = 0
+
+
+def claim_shared_files(owner: Any) -> bool:
+    """Make ``owner`` (a collector) the one writer of this process's multiprocess files;
+    False when another live collector of this process already is.
+
+    prometheus_client's multiprocess values keep their value in memory and write it to
+    the process's file on every change, one slot per series: two collectors writing the
+    same series would each write their own count over the other's, and the counters
+    would go backwards. So one collector per process writes the files; it stops being
+    the writer when it is garbage-collected (a later collector then takes over and
+    carries on from the counts in the files)."""
+    global _writer, _writer_pid
+    pid = os.getpid()
+    if _writer is not None and _writer_pid == pid and _writer() is not None:
+        return False
+    _writer, _writer_pid = weakref.ref(owner), pid
+    return True
 
 
 # --------------------------------------------------------------------------- primary series
