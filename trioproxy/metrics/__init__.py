@@ -53,8 +53,9 @@ PUBLISH_AFTER_RECORDS = 64
 PUBLISH_WITHIN_SECONDS = 0.5
 """Longest a finished request waits to be counted while its worker stays busy."""
 
-# what a finished record says about its kind: path, api, method, model, status, outcome
-_RawKind = tuple[str, str, str, str, int, str | None]
+# what a finished record says about its kind: path, api, method, model, status, outcome,
+# and the status its stream started with (0: none, or not a stream)
+_RawKind = tuple[str, str, str, str, int, str | None, int]
 _KINDS_KEPT = 4096  # raw paths and models are unbounded: the kind cache starts over past this
 _NAN = math.nan
 
@@ -318,7 +319,7 @@ class MetricsCollector:
     def _count(self, m: RequestMetrics, debug: bool) -> None:
         streaming = m.streaming
         outcome = store.stream_outcome(m) if streaming else None
-        raw = (m.endpoint, m.api, m.method, m.model, m.status_code, outcome)
+        raw = (m.endpoint, m.api, m.method, m.model, m.status_code, outcome, m.started_status)
         known = self._kinds.get(raw)
         kind, series = known if known is not None else self._new_kind(raw)
         duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
@@ -390,14 +391,16 @@ class MetricsCollector:
 
     def _new_kind(self, raw: _RawKind) -> tuple[store.RequestKind, RequestSeries]:
         """Bounded labels and series for a request kind not seen before (or forgotten)."""
-        path, api_hint, raw_method, raw_model, raw_status, outcome = raw
+        path, api_hint, raw_method, raw_model, raw_status, outcome, started = raw
         endpoint = endpoint_label(path)
         api = api_hint if api_hint in API_LABELS else _api_for(path, endpoint)
         method = method_label(raw_method)
         code = store.effective_status(raw_status, outcome)
-        # the backend accepted the model when the response started 2xx (also for a stream
-        # that broke later); failing requests never mint a model label
-        model = self.model_labels.label(raw_model, succeeded=200 <= raw_status < 300)
+        # the backend accepted the model when the response started 2xx: for a stream, the
+        # status its first byte went out with (a stream the shutdown cut is a 503 by now);
+        # failing requests never mint a model label
+        accepted = started or raw_status
+        model = self.model_labels.label(raw_model, succeeded=200 <= accepted < 300)
         if self._kinds_labelled != self.model_labels.size or len(self._kinds) >= _KINDS_KEPT:
             self._forget_kinds()
         kind = store.RequestKind(
