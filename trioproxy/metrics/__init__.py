@@ -207,7 +207,8 @@ class MetricsCollector:
             process_metrics=system_enabled,
         )
         self._window = WindowStore(max_metrics)
-        self.model_labels = ModelLabels(model_label_limit)
+        # the proxy's label budget, shared by its workers (or this process's alone)
+        self.model_labels = ModelLabels(model_label_limit, shared_dir=self.multiprocess_dir)
         self._inflight = 0
         self._inflight_shown = 0  # what the in-flight gauge says (set when publishing)
         self._pending: list[RequestMetrics] = []
@@ -800,6 +801,8 @@ class MetricsCollector:
         try:
             while True:
                 await trio.sleep(PUBLISH_WITHIN_SECONDS)
+                # names other workers admitted: relabel the kinds cached as "other"
+                self.model_labels.refresh()
                 self.publish()
         finally:
             self.publish()
