@@ -4,7 +4,8 @@
   hot path through cached ``.labels()`` children.  In a single process they live in a
   private ``CollectorRegistry`` (one per collector, never the global ``REGISTRY``).  With
   ``PROMETHEUS_MULTIPROC_DIR`` set they are prometheus_client's mmap-backed multiprocess
-  values and every scrape merges the files of all workers with ``MultiProcessCollector``.
+  values (of one collector per process: :func:`claim_shared_files`) and every scrape
+  merges the files of all workers (:func:`merged_families`).
 * **Aggregation** (:func:`aggregate`) turns the collected primary families into
   :class:`Totals`; the JSON summary and the derived Prometheus families are both computed
   from it, so they agree with each other and, in multiprocess mode, across workers.
@@ -297,6 +298,9 @@ def _remove_if_there(filename: str) -> None:
         pass  # another worker's scrape removed it first
 
 
+_MMAP_HEADER = 8  # prometheus_client's mmap files start with 8 bytes: used size, padding
+
+
 def merged_families(path: str) -> list[Metric]:
     """The merge of every worker's files in ``path``, tolerant of the files changing
     under the scrape: a live gauge file removed by another worker's cleanup is skipped
@@ -310,9 +314,6 @@ def merged_families(path: str) -> list[Metric]:
         except FileNotFoundError:
             continue  # removed since the glob: a dead worker's live gauge
     return list(MultiProcessCollector.merge(files, accumulate=True))
-
-
-_MMAP_HEADER = 8  # prometheus_client's mmap files start with 8 bytes: used size, padding
 
 
 _writer: weakref.ref[Any] | None = None
