@@ -716,6 +716,36 @@ def test_a_model_labelled_other_gets_its_own_label_once_it_succeeds() -> None:
     }
 
 
+def _stream_ended_by(head: int, then: int, model: str) -> RequestMetrics:
+    """A stream whose head went out with ``head``, a first chunk after it, and then the
+    status the request path noted when it ended (``then``): what fastpath records for a
+    stream the proxy's shutdown cut (200, then 503) or answered with a 503 at once."""
+    m = RequestMetrics(endpoint="/v1/chat/completions", method="POST", model=model)
+    m.streaming = True
+    m.status_code = head
+    m.add_chunk(12)
+    m.status_code = then
+    m.stream_outcome = "error"
+    return m
+
+
+def test_a_stream_the_shutdown_cut_keeps_its_model_label() -> None:
+    """docs/metrics.md: a stream that started 2xx and broke later keeps its label. The
+    shutdown rewrites the status of a stream it cuts to 503 after the head went out 200:
+    the label follows the status the stream started with, not that 503."""
+    c = MetricsCollector(system_enabled=False)
+    c.record(_stream_ended_by(200, 503, "cut-by-shutdown"))
+    c.record(_stream_ended_by(503, 503, "refused-at-once"))  # never started 2xx
+    got = {
+        (lab["model"], lab["status"]): v
+        for lab, v in scrape(c)["http_requests_total"]
+        if lab["endpoint"] == "v1_chat_completions"
+    }
+    assert got == {("cut-by-shutdown", "503"): 1.0, ("other", "503"): 1.0}
+    outcomes = {(lab["model"], lab["outcome"]) for lab, _ in scrape(c)["trioproxy_streams_total"]}
+    assert outcomes == {("cut-by-shutdown", "error"), ("other", "error")}
+
+
 def test_many_request_kinds_keep_every_count() -> None:
     c = MetricsCollector(system_enabled=False, model_label_limit=3)
     c.request_started()

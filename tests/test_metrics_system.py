@@ -231,3 +231,24 @@ def test_enabled_system_metrics_are_all_there() -> None:
     exposed = _exposed(MetricsCollector(system_interval=3600.0, multiprocess=False))
     assert [name for name in SYSTEM_FAMILIES if name not in exposed] == []
     assert exposed["trioproxy_process_resident_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("metrics_enabled", [True, False])
+async def test_every_worker_samples_from_its_start(metrics_enabled: bool) -> None:
+    """The process RSS/CPU series are the sum over live workers: each worker must sample
+    from its start, also with METRICS_ENABLED=false (requests not recorded, system
+    metrics still served), not only once a scrape reaches it."""
+    from trioproxy.app import create_app
+    from trioproxy.config import Settings
+
+    from .conftest import closed_port_url
+
+    settings = Settings(
+        upstream_url=closed_port_url(),
+        metrics_enabled=metrics_enabled,
+        system_metrics_interval=60.0,
+    )
+    app = create_app(settings)
+    async with app.test_app():
+        assert app.collector.sampler.running
+        assert app.collector.sampler.samples == 1

@@ -132,6 +132,28 @@ async def test_stream_completed_measures_chunks_and_bytes() -> None:
     assert s["avg_throughput_bytes_per_second"] > 0
 
 
+async def test_without_a_predicate_the_first_item_is_the_first_token() -> None:
+    """The guide's wrapper(stream) has no first_token predicate: a completed stream that
+    sent chunks has its first token at its first item, and only an empty one counts as
+    a stream without a first token (no_output)."""
+    c = new()
+    async with track_streaming_request("/api/chat", "POST", collector=c) as (m, wrap):
+        async for _ in wrap(source(3)):
+            pass
+    assert m.first_token_time_ms == m.first_byte_time_ms
+    async with track_streaming_request("/api/chat", "POST", collector=c) as (_, wrap):
+        async for _ in wrap(source(0)):
+            pass
+    s = c.summary()["streaming"]
+    assert s["streams_without_first_token"] == {
+        "no_output": 1,
+        "cancelled": 0,
+        "timeout": 0,
+        "error": 0,
+    }
+    assert s["avg_first_token_time_ms"] > 0
+
+
 async def test_str_chunks_count_utf8_bytes_and_first_token() -> None:
     c = new()
     async with track_streaming_request("/api/chat", "POST", collector=c) as (m, wrap):

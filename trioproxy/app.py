@@ -382,7 +382,9 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
             async with trio.open_nursery() as nursery:
                 if app.collector.enabled:
                     await nursery.start(app.collector.run_publisher)
-                if app.collector.enabled and app.settings.system_metrics_enabled:
+                # also with request metrics off: the process RSS/CPU series are the sum
+                # over live workers, so every worker samples from its start
+                if app.settings.system_metrics_enabled:
                     await nursery.start(app.collector.run_system_sampler)
                 await nursery.start(app.readiness.run, app)  # type: ignore[attr-defined]
                 if app.pool is not None:

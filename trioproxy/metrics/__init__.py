@@ -35,6 +35,7 @@ from .prom import (
     RequestSeries,
     Totals,
     aggregate,
+    claim_shared_files,
     derived_families,
     multiprocess_dir_from_env,
     render,
@@ -52,8 +53,9 @@ PUBLISH_AFTER_RECORDS = 64
 PUBLISH_WITHIN_SECONDS = 0.5
 """Longest a finished request waits to be counted while its worker stays busy."""
 
-# what a finished record says about its kind: path, api, method, model, status, outcome
-_RawKind = tuple[str, str, str, str, int, str | None]
+# what a finished record says about its kind: path, api, method, model, status, outcome,
+# and the status its stream started with (0: none, or not a stream)
+_RawKind = tuple[str, str, str, str, int, str | None, int]
 _KINDS_KEPT = 4096  # raw paths and models are unbounded: the kind cache starts over past this
 _NAN = math.nan
 
@@ -135,6 +137,18 @@ def _count(v: float) -> int:
     return round(v)
 
 
+def _note_second_collector(mp_dir: str | None, *, asked: bool) -> None:
+    """Another collector of this process already writes the shared files: this one keeps
+    its values in the process, as with ``multiprocess=False`` (a warning when the caller
+    asked for the shared files outright)."""
+    log.log(
+        logging.WARNING if asked else logging.INFO,
+        "metrics: another collector of this process already writes the multiprocess files "
+        "in %s; this one counts only its own requests, in this process (see docs/metrics.md)",
+        mp_dir,
+    )
+
+
 # --------------------------------------------------------------------------- collector
 
 
@@ -174,6 +188,7 @@ class MetricsCollector:
         self._started_mono = time.monotonic()
 
         mp_dir = multiprocess_dir or multiprocess_dir_from_env()
+        multiprocess_asked = bool(multiprocess)
         if multiprocess is None:
             multiprocess = mp_dir is not None
             if not multiprocess:
@@ -181,6 +196,9 @@ class MetricsCollector:
                 warn_if_workers_share_nothing()
         if multiprocess and not mp_dir:
             raise ValueError("multiprocess mode needs PROMETHEUS_MULTIPROC_DIR or multiprocess_dir")
+        if multiprocess and not claim_shared_files(self):
+            _note_second_collector(mp_dir, asked=multiprocess_asked)
+            multiprocess = False
         self.multiprocess_dir = mp_dir if multiprocess else None
 
         self._prom = PrimaryMetrics(
@@ -189,7 +207,8 @@ class MetricsCollector:
             process_metrics=system_enabled,
         )
         self._window = WindowStore(max_metrics)
-        self.model_labels = ModelLabels(model_label_limit)
+        # the proxy's label budget, shared by its workers (or this process's alone)
+        self.model_labels = ModelLabels(model_label_limit, shared_dir=self.multiprocess_dir)
         self._inflight = 0
         self._inflight_shown = 0  # what the in-flight gauge says (set when publishing)
         self._pending: list[RequestMetrics] = []
@@ -301,7 +320,7 @@ class MetricsCollector:
     def _count(self, m: RequestMetrics, debug: bool) -> None:
         streaming = m.streaming
         outcome = store.stream_outcome(m) if streaming else None
-        raw = (m.endpoint, m.api, m.method, m.model, m.status_code, outcome)
+        raw = (m.endpoint, m.api, m.method, m.model, m.status_code, outcome, m.started_status)
         known = self._kinds.get(raw)
         kind, series = known if known is not None else self._new_kind(raw)
         duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
@@ -373,14 +392,16 @@ class MetricsCollector:
 
     def _new_kind(self, raw: _RawKind) -> tuple[store.RequestKind, RequestSeries]:
         """Bounded labels and series for a request kind not seen before (or forgotten)."""
-        path, api_hint, raw_method, raw_model, raw_status, outcome = raw
+        path, api_hint, raw_method, raw_model, raw_status, outcome, started = raw
         endpoint = endpoint_label(path)
         api = api_hint if api_hint in API_LABELS else _api_for(path, endpoint)
         method = method_label(raw_method)
         code = store.effective_status(raw_status, outcome)
-        # the backend accepted the model when the response started 2xx (also for a stream
-        # that broke later); failing requests never mint a model label
-        model = self.model_labels.label(raw_model, succeeded=200 <= raw_status < 300)
+        # the backend accepted the model when the response started 2xx: for a stream, the
+        # status its first byte went out with (a stream the shutdown cut is a 503 by now);
+        # failing requests never mint a model label
+        accepted = started or raw_status
+        model = self.model_labels.label(raw_model, succeeded=200 <= accepted < 300)
         if self._kinds_labelled != self.model_labels.size or len(self._kinds) >= _KINDS_KEPT:
             self._forget_kinds()
         kind = store.RequestKind(
@@ -780,6 +801,8 @@ class MetricsCollector:
         try:
             while True:
                 await trio.sleep(PUBLISH_WITHIN_SECONDS)
+                # names other workers admitted: relabel the kinds cached as "other"
+                self.model_labels.refresh()
                 self.publish()
         finally:
             self.publish()

@@ -3,8 +3,12 @@ and client-supplied text made safe for log lines."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from urllib.parse import quote
+
+log = logging.getLogger("trioproxy.metrics")
 
 OTHER = "other"
 
@@ -106,19 +110,29 @@ class ModelLabels:
     A model earns its own label the first time a request for it succeeds (so random
     names in failing requests never grow the series count); past the budget, and for
     models that never succeeded, the label is ``other``.
-    """
 
-    def __init__(self, limit: int = 50) -> None:
+    With ``shared_dir`` (the multiprocess directory of ``--workers N``) the budget and the
+    names are the proxy's, not the process's: a name one worker admits is labelled so on
+    every worker (else a model's failures on another worker would count as ``other``).
+    Names are read from the directory only when a name not known here is labelled (once
+    per request kind, the collector caches kinds) and in :meth:`refresh`, never per
+    request."""
+
+    def __init__(self, limit: int = 50, shared_dir: str | None = None) -> None:
         self._limit = limit
         self._known: set[str] = set()
+        self._shared = SharedModelNames(shared_dir, limit) if shared_dir else None
 
     def label(self, model: str | None, *, succeeded: bool) -> str:
         if not model:
             return ""
         if model in self._known:
             return model
-        if succeeded and len(self._known) < self._limit and _plausible_model_name(model):
-            self._known.add(model)
+        if self._shared is not None:
+            self.refresh()  # another worker may have admitted it
+            if model in self._known:
+                return model
+        if succeeded and self._admit(model):
             return model
         return OTHER
 
@@ -129,8 +143,78 @@ class ModelLabels:
 
     def allow(self, model: str) -> None:
         """Pre-register a model (e.g. from the mapping file or the backend's model list)."""
-        if len(self._known) < self._limit and _plausible_model_name(model):
+        if model and model not in self._known:
+            self._admit(model)
+
+    def refresh(self) -> None:
+        """Learn the names other workers admitted since the last look (cheap: one failed
+        ``open`` when there are none)."""
+        if self._shared is not None:
+            self._known.update(self._shared.read_new())
+
+    def _admit(self, model: str) -> bool:
+        if len(self._known) >= self._limit or not _plausible_model_name(model):
+            return False
+        shared = self._shared
+        if shared is None:
             self._known.add(model)
+            return True
+        try:
+            while shared.take(model):
+                self._known.update(shared.read_new())
+                if model in self._known:
+                    return True
+        except OSError as error:  # an unwritable directory: the budget stays per process
+            log.warning("metrics: model labels not shared between workers: %s", error)
+            self._shared = None
+            return self._admit(model)
+        return False
+
+
+class SharedModelNames:
+    """The model names admitted by all workers: one file per slot of the budget in the
+    multiprocess directory, ``model_label_<n>`` holding the name, taken in order. A slot
+    is taken with a hard link of a file already written, so it either does not exist or
+    holds its whole name; two workers taking the same slot: one gets it, the other reads
+    it and tries the next. The files end in no ``.db``: the scrape's merge ignores them."""
+
+    __slots__ = ("_dir", "_limit", "_read")
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self._dir = directory
+        self._limit = limit
+        self._read = 0  # slots read so far: every slot below it is taken
+
+    def _slot(self, n: int) -> str:
+        return os.path.join(self._dir, f"model_label_{n}")
+
+    def read_new(self) -> list[str]:
+        """The names in the slots taken since the last call."""
+        names: list[str] = []
+        while self._read < self._limit:
+            try:
+                with open(self._slot(self._read), "rb") as f:
+                    names.append(f.read().decode("utf-8", "replace"))
+            except FileNotFoundError:
+                break
+            self._read += 1
+        return names
+
+    def take(self, model: str) -> bool:
+        """Try to take the first slot not read yet for ``model``; False when the budget
+        is spent. Whoever took it, :meth:`read_new` reads it next."""
+        if self._read >= self._limit:
+            return False
+        draft = os.path.join(self._dir, f".model_label_draft_{os.getpid()}")
+        with open(draft, "wb") as f:
+            f.write(model.encode("utf-8"))
+        try:
+            os.link(draft, self._slot(self._read))
+        except FileExistsError:
+            pass  # another worker took it first
+        finally:
+            os.remove(draft)
+        return True
 
 
 def _plausible_model_name(model: str) -> bool:

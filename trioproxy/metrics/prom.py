@@ -4,7 +4,8 @@
   hot path through cached ``.labels()`` children.  In a single process they live in a
   private ``CollectorRegistry`` (one per collector, never the global ``REGISTRY``).  With
   ``PROMETHEUS_MULTIPROC_DIR`` set they are prometheus_client's mmap-backed multiprocess
-  values and every scrape merges the files of all workers with ``MultiProcessCollector``.
+  values (of one collector per process: :func:`claim_shared_files`) and every scrape
+  merges the files of all workers (:func:`merged_families`).
 * **Aggregation** (:func:`aggregate`) turns the collected primary families into
   :class:`Totals`; the JSON summary and the derived Prometheus families are both computed
   from it, so they agree with each other and, in multiprocess mode, across workers.
@@ -23,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +40,7 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import store
 
@@ -258,20 +260,82 @@ _LocalHistogram = _local(Histogram)
 def mark_dead_workers(path: str) -> list[int]:
     """Drop the live-gauge files of workers that no longer exist (hypercorn has no
     child-exit hook), so in-flight and RSS gauges only sum live processes.  Counter and
-    histogram files of dead workers stay: their counts still happened."""
-    dead: set[int] = set()
+    histogram files of dead workers stay: their counts still happened.
+
+    Every worker scrapes, so two may clean up the same dead worker at once: the files are
+    removed here, a file the other worker removed first is no error (prometheus_client's
+    ``mark_process_dead`` would raise ``FileNotFoundError`` and fail the scrape)."""
     me = os.getpid()
+    dead: set[int] = set()
     for f in glob.glob(os.path.join(path, "gauge_live*_*.db")):
-        try:
-            pid = int(os.path.basename(f)[: -len(".db")].rsplit("_", 1)[1])
-        except (IndexError, ValueError):
+        pid = _live_gauge_pid(f)
+        if pid is None or pid == me:
             continue
-        if pid != me and pid not in dead and not psutil.pid_exists(pid):
+        if pid in dead or not psutil.pid_exists(pid):
             dead.add(pid)
-    for pid in dead:
-        mark_process_dead(pid, path)
+            _remove_if_there(f)
+    for pid in sorted(dead):
         log.debug("metrics: removed live gauges of dead worker pid %d", pid)
     return sorted(dead)
+
+
+def _live_gauge_pid(filename: str) -> int | None:
+    """The pid of a live gauge file (``gauge_<live mode>_<pid>.db``: the files
+    ``mark_process_dead`` removes), else None."""
+    parts = os.path.basename(filename)[: -len(".db")].split("_")
+    if len(parts) != 3 or parts[0] != "gauge" or not parts[1].startswith("live"):
+        return None
+    try:
+        return int(parts[2])
+    except ValueError:
+        return None
+
+
+def _remove_if_there(filename: str) -> None:
+    try:
+        os.remove(filename)
+    except FileNotFoundError:
+        pass  # another worker's scrape removed it first
+
+
+_MMAP_HEADER = 8  # prometheus_client's mmap files start with 8 bytes: used size, padding
+
+
+def merged_families(path: str) -> list[Metric]:
+    """The merge of every worker's files in ``path``, tolerant of the files changing
+    under the scrape: a live gauge file removed by another worker's cleanup is skipped
+    (by prometheus_client), and so is a file a starting worker has created but not yet
+    sized (it holds no value yet, and reading it would fail on its missing header)."""
+    files: list[str] = []
+    for f in glob.glob(os.path.join(path, "*.db")):
+        try:
+            if os.stat(f).st_size >= _MMAP_HEADER:
+                files.append(f)
+        except FileNotFoundError:
+            continue  # removed since the glob: a dead worker's live gauge
+    return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+_writer: weakref.ref[Any] | None = None
+_writer_pid = 0
+
+
+def claim_shared_files(owner: Any) -> bool:
+    """Make ``owner`` (a collector) the one writer of this process's multiprocess files;
+    False when another live collector of this process already is.
+
+    prometheus_client's multiprocess values keep their value in memory and write it to
+    the process's file on every change, one slot per series: two collectors writing the
+    same series would each write their own count over the other's, and the counters
+    would go backwards. So one collector per process writes the files; it stops being
+    the writer when it is garbage-collected (a later collector then takes over and
+    carries on from the counts in the files)."""
+    global _writer, _writer_pid
+    pid = os.getpid()
+    if _writer is not None and _writer_pid == pid and _writer() is not None:
+        return False
+    _writer, _writer_pid = weakref.ref(owner), pid
+    return True
 
 
 # --------------------------------------------------------------------------- primary series
@@ -519,9 +583,7 @@ class PrimaryMetrics:
         self.flush()
         if self.multiprocess_dir:
             mark_dead_workers(self.multiprocess_dir)
-            merged = {
-                m.name: m for m in MultiProcessCollector(None, self.multiprocess_dir).collect()
-            }
+            merged = {m.name: m for m in merged_families(self.multiprocess_dir)}
             families: list[Metric] = []
             for metric in self._families:
                 for described in metric.describe():  # no samples: its name, HELP and TYPE

@@ -53,6 +53,10 @@ class RequestMetrics:
     input_tokens: int | None = None
     output_tokens: int | None = None
     tokens_counted: bool = False  # True when output tokens were counted from chunks, not usage
+    # the status when a stream's first body byte went out: what the response started with,
+    # kept when a break rewrites status_code later (a shutdown's 503), so the model label
+    # still follows the backend's acceptance; 0 before any byte (and for non-streams)
+    started_status: int = 0
 
     def elapsed_ms(self, now: float | None = None) -> float:
         return ((time.perf_counter() if now is None else now) - self.start) * 1000.0
@@ -62,6 +66,7 @@ class RequestMetrics:
         at_ms = (now - self.start) * 1000.0
         if self.first_byte_time_ms is None:
             self.first_byte_time_ms = at_ms
+            self.started_status = self.status_code
         self.last_byte_time_ms = at_ms
         self.total_chunks += 1
         self.stream_bytes += size

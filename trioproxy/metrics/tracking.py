@@ -11,7 +11,9 @@
 ``async with track_streaming_request(endpoint, method) as (metric, wrapper):``
     ``wrapper(stream)`` returns an async iterator that passes items through unchanged and
     measures first byte (from request start), chunks, bytes (``len`` of bytes-like items,
-    UTF-8 length of ``str``) and last byte.  The stream's single terminal outcome:
+    UTF-8 length of ``str``), last byte and the first token: the first item, or the
+    first for which ``wrapper(stream, first_token=predicate)`` is true.  The stream's
+    single terminal outcome:
     normal end -> ``completed``; ``trio.Cancelled`` / ``GeneratorExit`` / ``aclose()``
     before the end -> ``cancelled`` (``timeout`` when the cancellation came from an
     expired deadline); ``trio.TooSlowError`` / ``TimeoutError`` -> ``timeout``; any
@@ -185,11 +187,9 @@ class TrackedStream:
         now = time.perf_counter()
         m = self.metric
         m.add_chunk(chunk_size(item), now)
-        if (
-            self._first_token is not None
-            and m.first_token_time_ms is None
-            and self._first_token(item)
-        ):
+        # without a predicate the first item is the first token: a stream that sent
+        # items is no stream "without a first token" (no_output)
+        if m.first_token_time_ms is None and (self._first_token is None or self._first_token(item)):
             m.mark_first_token(now)
         return item
 
