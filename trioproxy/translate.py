@@ -1328,7 +1328,7 @@ class OllamaStreamTranslator(_StreamStats):
         content = _decode_str(literal)
         created_at = self._created_at()
         if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
-            return compact_json(self._line(content, ""))
+            return compact_json(self._line(content, "", created_at=created_at))
         text = (
             self._text_head
             + _encode_str(created_at)
@@ -1339,7 +1339,8 @@ class OllamaStreamTranslator(_StreamStats):
         try:
             return escape_line_separators(text.encode())
         except UnicodeEncodeError:  # half a surrogate pair (an emoji cut in two): escaped
-            return compact_json(self._line(content, ""))
+            # (the line's own time: the clock is not read twice for one line)
+            return compact_json(self._line(content, "", created_at=created_at))
 
     def finish(self, now_ns: int) -> JSONDict:
         if self._finished:
@@ -1376,9 +1377,15 @@ class OllamaStreamTranslator(_StreamStats):
     # -- internals ------------------------------------------------------------------------
 
     def _line(
-        self, content: str, thinking: str, tool_calls: list[JSONDict] | None = None
+        self,
+        content: str,
+        thinking: str,
+        tool_calls: list[JSONDict] | None = None,
+        created_at: Any = None,
     ) -> JSONDict:
-        line: JSONDict = {"model": self.model, "created_at": self._created_at()}
+        if created_at is None:
+            created_at = self._created_at()
+        line: JSONDict = {"model": self.model, "created_at": created_at}
         if self.kind == "chat":
             message: JSONDict = {"role": "assistant", "content": content}
             if thinking:
