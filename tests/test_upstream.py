@@ -265,3 +265,22 @@ def test_a_refusal_of_max_tokens_is_told_from_other_errors(
 ) -> None:
     body = json.dumps({"error": {"message": message, "param": "max_tokens"}}).encode()
     assert wants_max_completion_tokens(UpstreamStatusError(message, status, body=body)) is wanted
+
+
+def test_the_backends_request_id_is_passed_on_beside_ours() -> None:
+    """OpenAI's support asks for its ``req_...`` id, which the proxy's own X-Request-ID
+    replaced; it reaches the client as X-Upstream-Request-ID, bounded and masked."""
+    from trioproxy.errors import BackendSecrets
+    from trioproxy.upstream import forwarded_headers
+
+    secrets = BackendSecrets.of("sk-secret-key-1234")
+    headers = httpx.Headers(
+        {"x-request-id": "req_abc123", "retry-after": "1", "content-type": "application/json"}
+    )
+    assert forwarded_headers(headers, secrets) == {
+        "x-upstream-request-id": "req_abc123",
+        "retry-after": "1",
+    }
+    # masked before it is cut: no first letters of the key at the cut
+    echoed = httpx.Headers({"x-request-id": "x" * 199 + "sk-secret-key-1234"})
+    assert forwarded_headers(echoed, secrets)["x-upstream-request-id"] == "x" * 199 + "*"

@@ -68,9 +68,19 @@ def forwarded_headers(headers: httpx.Headers, secrets: BackendSecrets) -> dict[s
     for name, value in headers.items():
         if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_HEADER_PREFIX):
             out[name] = scrub(value, secrets)
-            if len(out) == MAX_FORWARDED_HEADERS:
-                break
+        elif name == "x-request-id":
+            # the backend's id for the call (OpenAI's req_..., which its support asks
+            # for), beside the proxy's own X-Request-ID
+            out[UPSTREAM_REQUEST_ID] = scrub(value, secrets)[:MAX_UPSTREAM_ID_CHARS]
+        else:
+            continue
+        if len(out) == MAX_FORWARDED_HEADERS:
+            break
     return out
+
+
+UPSTREAM_REQUEST_ID = "x-upstream-request-id"
+MAX_UPSTREAM_ID_CHARS = 200
 
 
 _FIXED_PATHS = frozenset(
