@@ -243,3 +243,16 @@ def test_new_connections_are_refused_while_the_workers_drain(how: str) -> None:
             sock.close()
         _kill(descendants)
         server.stop()
+
+
+def test_a_stop_signal_as_the_workers_start_is_a_clean_stop() -> None:
+    """trioproxy printed its "listening" line before it watched for signals: a SIGTERM
+    sent on reading that line (a supervisor stopping a service it just started) ended it
+    by the signal's default (exit -15) instead of a drain and exit 0."""
+    for _ in range(3):
+        server = _start_demo_proxy(2)
+        try:
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=30) == 0, server.log()
+        finally:
+            server.stop()

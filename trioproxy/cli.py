@@ -308,8 +308,25 @@ async def serve_workers(settings: Settings) -> None:
         "trioproxy.app:create_app()",
     ]  # fmt: skip
     asked = killed = False  # whether we signalled it to stop; to stop at once
+    process: trio.Process | None = None
+
+    def drain() -> None:
+        nonlocal asked
+        asked = True
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+
+    def stop_now() -> None:
+        nonlocal asked, killed
+        asked = killed = True
+        if process is not None:
+            _kill_group(process.pid)
+
     try:
         async with trio.open_nursery() as nursery:
+            # signals are ours before the child exists: one arriving as it starts (or as
+            # the line below is read) must drain it, not end this process by default
+            await nursery.start(watch_signals, drain, stop_now)
             process = await nursery.start(
                 partial(
                     trio.run_process,
@@ -323,22 +340,14 @@ async def serve_workers(settings: Settings) -> None:
                 )
             )
             listener.close()  # the child has its own copy
-            notice(
-                f"trioproxy {__version__} listening on {scheme}://{_bind(host, port)} "
-                f"with {settings.workers} workers"
-            )
-
-            def drain() -> None:
-                nonlocal asked
-                asked = True
-                process.send_signal(signal.SIGTERM)
-
-            def stop_now() -> None:
-                nonlocal asked, killed
-                asked = killed = True
+            if asked:  # before it could serve, or set its own handlers: nothing to drain
+                killed = True
                 _kill_group(process.pid)
-
-            await nursery.start(watch_signals, drain, stop_now)
+            else:
+                notice(
+                    f"trioproxy {__version__} listening on {scheme}://{_bind(host, port)} "
+                    f"with {settings.workers} workers"
+                )
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
     finally:
@@ -347,8 +356,9 @@ async def serve_workers(settings: Settings) -> None:
         os.close(our_end)  # if the child still runs (we are being cancelled), it stops
         shutil.rmtree(run_dir, ignore_errors=True)
     failed = returncode not in (0, -signal.SIGTERM) and not killed
-    if not asked or failed:
-        _kill_group(process.pid)  # a worker left without its master would keep the port
+    # a worker left without its master would keep the port (the master may have been
+    # stopped before it set its handlers): after a drain there is nothing left to kill
+    _kill_group(process.pid)
     if not asked:
         raise ServerStopped(returncode)
     if failed:
