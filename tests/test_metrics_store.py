@@ -852,3 +852,33 @@ def test_singleton_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (c.enabled, c.max_metrics) == (True, 1000)
     finally:
         metrics_pkg.set_metrics_collector(previous)
+
+
+def test_settings_out_of_the_proxys_range_are_ignored_from_env(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proxy refuses these (exit 2); the Python API took them as given (a window of
+    5,000,000 requests, an error-rate threshold of 2): ignored with a warning, as
+    documented, the default applying."""
+    monkeypatch.setenv("METRICS_MAX_REQUESTS", "5000000")
+    monkeypatch.setenv("METRICS_MODEL_LABELS", "20000")
+    monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "2")
+    previous = metrics_pkg._collector
+    try:
+        metrics_pkg.set_metrics_collector(None)
+        c = metrics_pkg.get_metrics_collector()
+        assert (c.max_metrics, c.model_labels._limit, c.health_error_rate_degraded) == (
+            1000,
+            50,
+            0.1,
+        )
+        monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "0.5")
+        monkeypatch.setenv("HEALTH_ERROR_RATE_UNHEALTHY", "0.3")
+        metrics_pkg.set_metrics_collector(None)
+        c = metrics_pkg.get_metrics_collector()
+        assert (c.health_error_rate_degraded, c.health_error_rate_unhealthy) == (0.1, 0.25)
+    finally:
+        metrics_pkg.set_metrics_collector(previous)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("METRICS_MAX_REQUESTS" in w for w in warnings), warnings
+    assert any("HEALTH_ERROR_RATE_DEGRADED=0.5" in w for w in warnings), warnings

@@ -95,6 +95,9 @@ def _env_bool(name: str, default: bool) -> bool:
 
 
 def _env_number(name: str, default: float, *, integer: bool = False, minimum: float = 0.0) -> Any:
+    """A setting from the environment, checked as the proxy checks it (its range too:
+    ``METRICS_MAX_REQUESTS=5000000`` is refused there, so here it is ignored with a
+    warning, not taken); the default when it is unset or invalid."""
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
@@ -102,10 +105,22 @@ def _env_number(name: str, default: float, *, integer: bool = False, minimum: fl
         value = int(raw) if integer else float(raw)
     except ValueError:
         value = None
-    if value is None or not math.isfinite(value) or value < minimum:
+    if value is None or not math.isfinite(value) or value < minimum or not _in_range(name, raw):
         log.warning("metrics: ignoring invalid %s=%r", name, raw)
         return default
     return value
+
+
+def _in_range(name: str, raw: str) -> bool:
+    from ..config import ConfigError, parse_setting  # the proxy's own rules for the setting
+
+    try:
+        parse_setting(name, raw)
+    except ConfigError:
+        return False
+    except KeyError:  # not one of the proxy's settings: the checks above are all there is
+        return True
+    return True
 
 
 def _api_for(path: str, endpoint: str) -> str:
@@ -234,6 +249,15 @@ class MetricsCollector:
             if health_error_rate_unhealthy is not None
             else _env_number("HEALTH_ERROR_RATE_UNHEALTHY", 0.25)
         )
+        if self.health_error_rate_degraded > self.health_error_rate_unhealthy:
+            # as the proxy refuses them (HEALTH_ERROR_RATE_DEGRADED above _UNHEALTHY)
+            log.warning(
+                "metrics: ignoring HEALTH_ERROR_RATE_DEGRADED=%g above "
+                "HEALTH_ERROR_RATE_UNHEALTHY=%g",
+                self.health_error_rate_degraded,
+                self.health_error_rate_unhealthy,
+            )
+            self.health_error_rate_degraded, self.health_error_rate_unhealthy = 0.1, 0.25
         self.health_p95_degraded_seconds = (
             health_p95_degraded_seconds
             if health_p95_degraded_seconds is not None
