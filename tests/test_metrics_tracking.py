@@ -154,6 +154,22 @@ async def test_without_a_predicate_the_first_item_is_the_first_token() -> None:
     assert s["avg_first_token_time_ms"] > 0
 
 
+async def test_the_guides_recipe_may_pass_the_generator_function_itself() -> None:
+    """The monitoring guide writes ``wrapper(response_stream)`` with the function, not
+    its call: ``TypeError: 'function' object is not iterable`` before."""
+    c = new()
+
+    async def response_stream() -> AsyncIterator[bytes]:
+        for _ in range(2):
+            yield b"ab"
+
+    async with track_streaming_request("/api/stream", "POST", collector=c) as (m, wrapper):
+        m.status_code = 200
+        stream = wrapper(response_stream)
+        got = [chunk async for chunk in stream]
+    assert got == [b"ab", b"ab"] and (m.total_chunks, m.stream_outcome) == (2, "completed")
+
+
 async def test_str_chunks_count_utf8_bytes_and_first_token() -> None:
     c = new()
     async with track_streaming_request("/api/chat", "POST", collector=c) as (m, wrap):

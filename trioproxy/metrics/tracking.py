@@ -215,10 +215,18 @@ async def track_streaming_request(
     wrappers: list[TrackedStream] = []
 
     def wrapper(
-        stream: AsyncIterable[Any] | Iterable[Any],
+        stream: AsyncIterable[Any] | Iterable[Any] | Callable[[], Any],
         *,
         first_token: Callable[[Any], bool] | None = None,
     ) -> TrackedStream:
+        if (
+            callable(stream)
+            and not hasattr(stream, "__aiter__")
+            and not hasattr(stream, "__iter__")
+        ):
+            # the monitoring guide's recipe passes the generator function itself
+            # (``wrapper(response_stream)``): its stream is what calling it gives
+            stream = stream()
         ts = TrackedStream(stream, m, first_token)
         wrappers.append(ts)
         return ts
