@@ -531,7 +531,7 @@ def test_alert_rules_are_complete_and_use_counters() -> None:
         assert anchor == r["alert"].lower()
     by_name = {r["alert"]: r for r in rules}
     err = by_name["HighErrorRate"]["expr"]
-    assert 'status=~"5..|0", status!="501"' in err and 'status!="499"' in err and "rate(" in err
+    assert 'status=~"5..|0", status!~"501|505"' in err and 'status!="499"' in err and "rate(" in err
     assert "histogram_quantile(0.95" in by_name["HighResponseTime"]["expr"]
     assert "_bucket" in by_name["HighResponseTime"]["expr"]
     assert by_name["ServiceDown"]["expr"].strip() == f'up{{job="{JOB}"}} == 0'
@@ -830,17 +830,18 @@ def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
     """The same traffic through the product (/v1/metrics, the rate gauges) and through the
     dashboard's and the alert's PromQL over the series it exports must give the same
     rates. "Client errors and cancellations" divided 4xx (499 included) by all but 499
-    and left 501 out: 0.50 where the product said 0.643."""
+    and left 501 out: 0.50 where the product said 0.643; 505 (HTTP/2 spoken to the HTTP/1.1
+    port) is the client's mistake like 501."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from trioproxy.metrics import MetricsCollector, RequestMetrics
 
     promtool = require_tool("promtool")
     collector = MetricsCollector(system_enabled=False, multiprocess=False)
-    # every class: success, client error (4xx, 501), cancelled (499), error (5xx, and no
+    # every class: success, client error (4xx, 501, 505), cancelled (499), error (5xx, and no
     # valid final status: none, or 1xx)
-    mix = {200: 5, 204: 1, 304: 1, 401: 2, 404: 3, 499: 4, 501: 2, 500: 1, 502: 1, 504: 1, 0: 1,
-           101: 1}  # fmt: skip
+    mix = {200: 5, 204: 1, 304: 1, 401: 2, 404: 3, 499: 4, 501: 2, 505: 2, 500: 1, 502: 1,
+           504: 1, 0: 1, 101: 1}  # fmt: skip
     for status, count in mix.items():
         for _ in range(count):
             collector.record(
@@ -852,9 +853,9 @@ def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
         "client_error_rate": summary["client_error_rate"],
         "cancelled_share": summary["cancelled_requests"] / summary["total_requests"],
     }
-    # of the 19 requests not cancelled: 7 client errors (401, 404, 501), 5 errors
-    assert product["client_error_rate"] == pytest.approx(7 / 19)
-    assert product["error_rate"] == pytest.approx(5 / 19)
+    # of the 21 requests not cancelled: 9 client errors (401, 404, 501, 505), 5 errors
+    assert product["client_error_rate"] == pytest.approx(9 / 21)
+    assert product["error_rate"] == pytest.approx(5 / 21)
 
     exposition = collector.render_prometheus(None)[0].decode()
     series = []
