@@ -901,6 +901,72 @@ def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
     assert_ok(run([promtool, "test", "rules", str(path)]))
 
 
+def _share_exprs(exprs: dict[str, str]) -> dict[str, str]:
+    """The ratio queries whose numerator selects a class of requests or streams (errors,
+    client errors, cancellations, timeouts...): series that may not exist yet."""
+    return {
+        name: e
+        for name, e in exprs.items()
+        if "/" in e and metric_names(e) <= {"http_requests_total", "trioproxy_streams_total",
+                                            "trioproxy_streams_without_first_token_total"}
+    }  # fmt: skip
+
+
+def test_share_panels_show_zero_before_the_first_error(tmp_path: Path) -> None:
+    """Before the first error, cancellation or timeout their series do not exist: a plain
+    ``sum(numerator) / sum(denominator)`` is empty ("No data") while /v1/metrics says
+    error_rate 0. With traffic and no such series, every share panel must say 0 (per
+    ``api`` / ``model`` where it is split so)."""
+    promtool = require_tool("promtool")
+    where = f'job="{JOB}",instance="p0:11434"'
+    series = [
+        {"series": f'http_requests_total{{{where},api="ollama",endpoint="api_chat",'
+                   f'method="POST",model="m",status="200"}}', "values": "0+60x20"},
+        {"series": f'http_requests_total{{{where},api="openai",endpoint="v1_chat_completions",'
+                   f'method="POST",model="n",status="200"}}', "values": "0+60x20"},
+        {"series": f'trioproxy_streams_total{{{where},api="ollama",endpoint="api_chat",'
+                   f'model="m",outcome="completed"}}', "values": "0+30x20"},
+    ]  # fmt: skip
+    split = {"api": ("ollama", "openai"), "model": ("m", "n")}
+    cases = []
+    shares = _share_exprs(_dashboard_exprs())
+    assert len(shares) >= 8, sorted(shares)
+    for name, e in shares.items():
+        by = re.match(r"\(?sum by \((\w+)\)", e)
+        samples = (
+            [{"labels": f'{{{by.group(1)}="{v}"}}', "value": 0} for v in split[by.group(1)]]
+            if by
+            else [{"labels": "{}", "value": 0}]
+        )
+        cases.append({
+            "name": name,
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {"expr": grafana_to_promql(e), "eval_time": "10m", "exp_samples": samples}
+            ],
+        })  # fmt: skip
+    path = tmp_path / "zero_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": cases}))
+    assert_ok(run([promtool, "test", "rules", str(path)]))
+
+
+def test_docs_share_queries_are_the_dashboards() -> None:
+    """The share queries of the panels in docs/monitoring.md are the dashboard's own, so
+    a fix to one (such as the ``or vector(0)`` that keeps them from "No data") is not lost
+    in the other."""
+    dashboard = set(_dashboard_exprs().values())
+    docs = {
+        f"line {line} {t['refId']}": t["expr"]
+        for body, _mode, line in _blocks("json")
+        if isinstance(doc := json.loads(body), dict) and "targets" in doc
+        for t in doc["targets"]
+    }
+    shares = _share_exprs(docs)
+    assert shares, "the docs show a share panel"
+    assert not {k: e for k, e in shares.items() if e not in dashboard}
+
+
 # --------------------------------------------------------------------------- Grafana provisioning
 
 
