@@ -531,7 +531,7 @@ def test_alert_rules_are_complete_and_use_counters() -> None:
         assert anchor == r["alert"].lower()
     by_name = {r["alert"]: r for r in rules}
     err = by_name["HighErrorRate"]["expr"]
-    assert 'status=~"5..|0", status!="501"' in err and 'status!="499"' in err and "rate(" in err
+    assert 'status=~"5..|0", status!~"501|505"' in err and 'status!="499"' in err and "rate(" in err
     assert "histogram_quantile(0.95" in by_name["HighResponseTime"]["expr"]
     assert "_bucket" in by_name["HighResponseTime"]["expr"]
     assert by_name["ServiceDown"]["expr"].strip() == f'up{{job="{JOB}"}} == 0'
@@ -830,17 +830,18 @@ def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
     """The same traffic through the product (/v1/metrics, the rate gauges) and through the
     dashboard's and the alert's PromQL over the series it exports must give the same
     rates. "Client errors and cancellations" divided 4xx (499 included) by all but 499
-    and left 501 out: 0.50 where the product said 0.643."""
+    and left 501 out: 0.50 where the product said 0.643; 505 (HTTP/2 spoken to the HTTP/1.1
+    port) is the client's mistake like 501."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from trioproxy.metrics import MetricsCollector, RequestMetrics
 
     promtool = require_tool("promtool")
     collector = MetricsCollector(system_enabled=False, multiprocess=False)
-    # every class: success, client error (4xx, 501), cancelled (499), error (5xx, and no
+    # every class: success, client error (4xx, 501, 505), cancelled (499), error (5xx, and no
     # valid final status: none, or 1xx)
-    mix = {200: 5, 204: 1, 304: 1, 401: 2, 404: 3, 499: 4, 501: 2, 500: 1, 502: 1, 504: 1, 0: 1,
-           101: 1}  # fmt: skip
+    mix = {200: 5, 204: 1, 304: 1, 401: 2, 404: 3, 499: 4, 501: 2, 505: 2, 500: 1, 502: 1,
+           504: 1, 0: 1, 101: 1}  # fmt: skip
     for status, count in mix.items():
         for _ in range(count):
             collector.record(
@@ -852,9 +853,9 @@ def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
         "client_error_rate": summary["client_error_rate"],
         "cancelled_share": summary["cancelled_requests"] / summary["total_requests"],
     }
-    # of the 19 requests not cancelled: 7 client errors (401, 404, 501), 5 errors
-    assert product["client_error_rate"] == pytest.approx(7 / 19)
-    assert product["error_rate"] == pytest.approx(5 / 19)
+    # of the 21 requests not cancelled: 9 client errors (401, 404, 501, 505), 5 errors
+    assert product["client_error_rate"] == pytest.approx(9 / 21)
+    assert product["error_rate"] == pytest.approx(5 / 21)
 
     exposition = collector.render_prometheus(None)[0].decode()
     series = []
@@ -898,6 +899,72 @@ def test_rate_panels_and_alert_agree_with_the_product(tmp_path: Path) -> None:
     path = tmp_path / "rates_test.yml"
     path.write_text(yaml.safe_dump(tests))
     assert_ok(run([promtool, "test", "rules", str(path)]))
+
+
+def _share_exprs(exprs: dict[str, str]) -> dict[str, str]:
+    """The ratio queries whose numerator selects a class of requests or streams (errors,
+    client errors, cancellations, timeouts...): series that may not exist yet."""
+    return {
+        name: e
+        for name, e in exprs.items()
+        if "/" in e and metric_names(e) <= {"http_requests_total", "trioproxy_streams_total",
+                                            "trioproxy_streams_without_first_token_total"}
+    }  # fmt: skip
+
+
+def test_share_panels_show_zero_before_the_first_error(tmp_path: Path) -> None:
+    """Before the first error, cancellation or timeout their series do not exist: a plain
+    ``sum(numerator) / sum(denominator)`` is empty ("No data") while /v1/metrics says
+    error_rate 0. With traffic and no such series, every share panel must say 0 (per
+    ``api`` / ``model`` where it is split so)."""
+    promtool = require_tool("promtool")
+    where = f'job="{JOB}",instance="p0:11434"'
+    series = [
+        {"series": f'http_requests_total{{{where},api="ollama",endpoint="api_chat",'
+                   f'method="POST",model="m",status="200"}}', "values": "0+60x20"},
+        {"series": f'http_requests_total{{{where},api="openai",endpoint="v1_chat_completions",'
+                   f'method="POST",model="n",status="200"}}', "values": "0+60x20"},
+        {"series": f'trioproxy_streams_total{{{where},api="ollama",endpoint="api_chat",'
+                   f'model="m",outcome="completed"}}', "values": "0+30x20"},
+    ]  # fmt: skip
+    split = {"api": ("ollama", "openai"), "model": ("m", "n")}
+    cases = []
+    shares = _share_exprs(_dashboard_exprs())
+    assert len(shares) >= 8, sorted(shares)
+    for name, e in shares.items():
+        by = re.match(r"\(?sum by \((\w+)\)", e)
+        samples = (
+            [{"labels": f'{{{by.group(1)}="{v}"}}', "value": 0} for v in split[by.group(1)]]
+            if by
+            else [{"labels": "{}", "value": 0}]
+        )
+        cases.append({
+            "name": name,
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {"expr": grafana_to_promql(e), "eval_time": "10m", "exp_samples": samples}
+            ],
+        })  # fmt: skip
+    path = tmp_path / "zero_test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": cases}))
+    assert_ok(run([promtool, "test", "rules", str(path)]))
+
+
+def test_docs_share_queries_are_the_dashboards() -> None:
+    """The share queries of the panels in docs/monitoring.md are the dashboard's own, so
+    a fix to one (such as the ``or vector(0)`` that keeps them from "No data") is not lost
+    in the other."""
+    dashboard = set(_dashboard_exprs().values())
+    docs = {
+        f"line {line} {t['refId']}": t["expr"]
+        for body, _mode, line in _blocks("json")
+        if isinstance(doc := json.loads(body), dict) and "targets" in doc
+        for t in doc["targets"]
+    }
+    shares = _share_exprs(docs)
+    assert shares, "the docs show a share panel"
+    assert not {k: e for k, e in shares.items() if e not in dashboard}
 
 
 # --------------------------------------------------------------------------- Grafana provisioning

@@ -121,10 +121,31 @@ def test_status_classes() -> None:
     c = st_mod.status_class
     assert [c(200), c(204), c(302)] == [st_mod.SUCCESS] * 3
     # 501: a feature not offered (ollama pull): the client's request, not a failure
-    assert [c(400), c(404), c(429), c(501)] == [st_mod.CLIENT_ERROR] * 4
+    # 505: HTTP/2's preface on the HTTP/1.1 port (a gRPC client, a scanner): the client's
+    assert [c(400), c(404), c(429), c(501), c(505)] == [st_mod.CLIENT_ERROR] * 5
     assert c(499) == st_mod.CANCELLED
     assert [c(500), c(502), c(503), c(504), c(0), c(100), c(700)] == [st_mod.ERROR] * 7
     assert st_mod.status_label(700) == "0" and st_mod.status_label(0) == "0"
+
+
+def test_505_is_a_client_error_everywhere() -> None:
+    """A client sending HTTP/2's preface (``PRI * HTTP/2.0``) to the HTTP/1.1 port gets 505
+    (endpoint ``other``). Counted as an error, any such client raised error_rate, degraded
+    /v1/metrics/health and fired HighErrorRate: like 501 it is a client error."""
+    c = MetricsCollector(system_enabled=False, health_min_requests=1)
+    for _ in range(20):
+        c.record(req("PRI", 505, 1.0, method="PRI"))
+    c.record(req("/api/chat", 200, 5.0))
+    j = c.summary()
+    assert j["error_rate"] == 0.0
+    assert j["client_error_rate"] == pytest.approx(20 / 21)
+    body, status = c.health()
+    assert (body["status"], status) == ("healthy", 200)
+    s = scrape(c)
+    assert total(s, "http_requests_total", status="505", endpoint="other") == 20
+    assert total(s, "http_request_error_rate") == 0
+    assert total(s, "http_request_client_error_rate") == pytest.approx(20 / 21)
+    assert total(s, "http_request_errors_per_endpoint_total") == 0
 
 
 def test_stream_outcome_fallbacks() -> None:

@@ -14,10 +14,12 @@ Status semantics (shared by the counters in :mod:`.prom` and the window here):
   shutting down sets 503 itself, see ``fastpath``).
 * **classes**: success = 2xx/3xx; client_error = 4xx except 499, and 501 (a feature not
   offered, such as Ollama's model management: asking again cannot succeed, and nothing
-  failed); cancelled = 499; error = the other 5xx and any invalid/unset status (so an
-  unknown outcome is never a success), labelled ``status="0"``: so in PromQL errors are
-  exactly ``status=~"5..|0", status!="501"`` and client errors
-  ``status=~"4..|501", status!="499"`` (the dashboard and alerts use these).
+  failed) and 505 (HTTP Version Not Supported: a client speaking HTTP/2's preface to the
+  HTTP/1.1 port, a misconfigured gRPC client or a scanner; nothing of the service failed);
+  cancelled = 499; error = the other 5xx and any invalid/unset status (so an unknown
+  outcome is never a success), labelled ``status="0"``: so in PromQL errors are exactly
+  ``status=~"5..|0", status!~"501|505"`` and client errors
+  ``status=~"4..|501|505", status!="499"`` (the dashboard and alerts use these).
 * **rates** are taken over the non-cancelled requests: success + error + client_error = 1.
 """
 
@@ -42,6 +44,9 @@ ERROR = 3
 
 CLASS_NAMES = ("success", "client_error", "cancelled", "error")
 NOT_IMPLEMENTED = 501
+HTTP_VERSION_NOT_SUPPORTED = 505
+# the 5xx that are the client's doing, never errors (see the module docstring)
+CLIENT_ERROR_5XX = frozenset((NOT_IMPLEMENTED, HTTP_VERSION_NOT_SUPPORTED))
 
 # why a stream produced no token: its outcome, or no_output for one that completed empty
 NO_TOKEN_REASONS: dict[str, str] = {
@@ -64,7 +69,7 @@ def status_class(code: int) -> int:
         return SUCCESS
     if code == labels.STATUS_CLIENT_CLOSED:
         return CANCELLED
-    if 400 <= code < 500 or code == NOT_IMPLEMENTED:
+    if 400 <= code < 500 or code in CLIENT_ERROR_5XX:
         return CLIENT_ERROR
     return ERROR  # 5xx, and 0 / 1xx / >= 600: no valid final status was recorded
 
