@@ -842,12 +842,15 @@ async def test_record_request_logs_only_warnings(caplog: pytest.LogCaptureFixtur
     await c.record_request(req("/api/chat", 200, 10.0))
     await c.record_request(req("/api/chat", 200, 6000.0))
     await c.record_request(req("/api/chat", 502, 10.0, error="boom"))
+    # client errors: a feature not offered, HTTP/2 sent to the HTTP/1.1 port
+    await c.record_request(req("/api/pull", 501, 10.0))
+    await c.record_request(req("", 505, 1.0))
     levels = [r.levelno for r in caplog.records if r.name == "trioproxy.metrics"]
     assert logging.INFO not in levels
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
     assert "slow" in warnings[0] and "boom" in warnings[1]
-    assert c.summary()["total_requests"] == 3
+    assert c.summary()["total_requests"] == 5
 
 
 def test_singleton_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

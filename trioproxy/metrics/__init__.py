@@ -447,7 +447,7 @@ class MetricsCollector:
         if not self.enabled:
             return
         # method, path and error can come from clients or backends: escaped, one line each
-        if m.error or (m.status_code >= 500 and m.status_code != store.NOT_IMPLEMENTED):
+        if m.error or (m.status_code >= 500 and m.status_code not in store.CLIENT_ERROR_5XX):
             log.warning(
                 "metrics: request failed: %s %s -> %s (%s)",
                 loggable_path(m.method),
