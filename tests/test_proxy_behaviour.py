@@ -621,6 +621,99 @@ def test_a_backend_connection_with_bytes_past_its_response_is_not_reused(
     assert _OverlongBackend.seen == ["q0", "q1", "q2"]  # each once
 
 
+_COMPLETION_BYTES = json.dumps({
+    "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "hi"}}],
+}).encode()  # fmt: skip
+
+
+def _read_request(conn: socket.socket) -> str | None:
+    """One whole request (head and Content-Length body) off ``conn``: its method; None at
+    EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    declared = re.search(rb"(?i)content-length: *(\d+)", head)
+    while declared and len(body) < int(declared.group(1)):
+        body += conn.recv(65536)
+    return head.split(b" ", 1)[0].decode()
+
+
+def _raw_backend(serve: Callable[[socket.socket, list[str]], None]) -> tuple[str, list[str], Any]:
+    """A backend on a raw socket, one thread per connection: ``serve(conn, log)`` for a
+    chat (a POST); anything else (the readiness check's model list) gets a 404."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    log: list[str] = []
+
+    def connection(conn: socket.socket) -> None:
+        with conn:
+            method = _read_request(conn)
+            if method == "POST":
+                serve(conn, log)
+            elif method is not None:
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=connection, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", log, listener
+
+
+def _answers_once_then_closes(conn: socket.socket, log: list[str]) -> None:
+    """Answers the connection's first chat and keeps it; the next request on it finds the
+    connection closed (the backend's idle close crossing it)."""
+    log.append("answered")
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(_COMPLETION_BYTES))
+    conn.sendall(_COMPLETION_BYTES)
+    if _read_request(conn):
+        log.append("dropped")
+
+
+def _resets_after_working(conn: socket.socket, log: list[str]) -> None:
+    """Takes the chat, works on it, then resets the connection without an answer."""
+    log.append("worked")
+    time.sleep(0.3)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+def test_only_a_reused_connection_that_breaks_at_once_is_retried(
+    start_proxy: StartProxy,
+) -> None:
+    """A pooled connection the backend closed is retried (the request never reached it),
+    but a backend that took the request and broke off after working on it is not asked
+    again: the generation (or a background response) would run twice."""
+    url, log, listener = _raw_backend(_answers_once_then_closes)
+    try:
+        proxy = start_proxy(url, MAX_RETRIES="3", UPSTREAM_CLIENTS="1", RETRY_BACKOFF="0.01")
+        body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+        for _ in range(2):
+            answer = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+            assert answer.status_code == 200, answer.text
+        assert log == ["answered", "dropped", "answered"]
+    finally:
+        listener.close()
+    url, log, listener = _raw_backend(_resets_after_working)
+    try:
+        proxy = start_proxy(url, MAX_RETRIES="3", RETRY_BACKOFF="0.01")
+        answer = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+        assert answer.status_code == 502, answer.text
+        assert log == ["worked"]
+    finally:
+        listener.close()
+
+
 _CHAT_HI = {"messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -187,48 +187,81 @@ def test_a_failure_without_words_is_described_by_its_cause() -> None:
     assert failure_detail(looped) == "ConnectError"
 
 
-@pytest.mark.parametrize("error", [httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError])
-@pytest.mark.parametrize("client_retries", [False, True])
-async def test_a_connection_that_breaks_before_any_answer_is_tried_again(
-    error: type[httpx.TransportError], client_retries: bool
-) -> None:
-    """A reset (ECONNRESET on the read, EPIPE on the write) before the response's head is
-    the same stale pooled connection as an EOF there: retried, also for a client that
-    retries by itself, and counted as a retry, not as a failure."""
+class _Observer:
+    def __init__(self) -> None:
+        self.retries: list[str] = []
+        self.errors: list[str] = []
+
+    def upstream_retry(self, reason: str) -> None:
+        self.retries.append(reason)
+
+    def upstream_error(self, reason: str) -> None:
+        self.errors.append(reason)
+
+
+async def _first_attempt_fails(
+    error: type[httpx.TransportError], *, reused: bool, client_retries: bool = False
+) -> tuple[int, _Observer]:
+    """How many backend calls a request took when the first one failed with ``error``
+    (on a connection that had served a response before, or a fresh one)."""
+    from trioproxy import netstream
+
     calls: list[httpx.Request] = []
 
     def backend(request: httpx.Request) -> httpx.Response:
         calls.append(request)
         if len(calls) == 1:
+            netstream.wrote_on_reused.set(reused)  # as the request's write on it would
             raise error("connection reset by peer", request=request)
         return httpx.Response(200, json={"ok": True})
 
-    class Observer:
-        def __init__(self) -> None:
-            self.retries: list[str] = []
-            self.errors: list[str] = []
-
-        def upstream_retry(self, reason: str) -> None:
-            self.retries.append(reason)
-
-        def upstream_error(self, reason: str) -> None:
-            self.errors.append(reason)
-
-    observer = Observer()
+    observer = _Observer()
     pool = UpstreamPool(
         _settings(retry_backoff=0.001),
         transport_factory=lambda: httpx.MockTransport(backend),
         observer=observer,
     )
     try:
-        result = await pool.request(
-            "POST", "/chat/completions", body=b"{}", client_retries=client_retries
-        )
+        await pool.request("POST", "/chat/completions", body=b"{}", client_retries=client_retries)
+    except Exception:
+        pass
     finally:
         await pool.aclose()
-    assert result.response.json() == {"ok": True}
-    assert len(calls) == 2
+    return len(calls), observer
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.RemoteProtocolError])
+@pytest.mark.parametrize("client_retries", [False, True])
+async def test_a_reused_connection_that_breaks_at_once_is_tried_again(
+    error: type[httpx.TransportError], client_retries: bool
+) -> None:
+    """A pooled connection the backend closed while idle: the request crossing its close
+    finds an EOF, or a reset (ECONNRESET), before any answer. Retried, also for a client
+    that retries by itself, and counted as a retry, not a failure."""
+    calls, observer = await _first_attempt_fails(error, reused=True, client_retries=client_retries)
+    assert calls == 2
     assert (observer.retries, observer.errors) == (["protocol"], [])
+
+
+async def test_a_request_not_written_whole_is_tried_again() -> None:
+    calls, observer = await _first_attempt_fails(httpx.WriteError, reused=False)
+    assert calls == 2 and observer.retries == ["protocol"]
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.RemoteProtocolError])
+async def test_a_backend_that_breaks_off_with_the_request_is_not_asked_again(
+    error: type[httpx.TransportError], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fresh connection, or on a reused one later than a round trip, the backend had
+    the request (it may have generated for seconds, or created a background response):
+    asking again would repeat that work."""
+    from trioproxy import upstream
+
+    calls, observer = await _first_attempt_fails(error, reused=False)
+    assert (calls, observer.retries, observer.errors) == (1, [], ["protocol"])
+    monkeypatch.setattr(upstream, "STALE_FAILURE_SECONDS", 0.0)  # the failure took longer
+    calls, observer = await _first_attempt_fails(error, reused=True)
+    assert (calls, observer.retries, observer.errors) == (1, [], ["protocol"])
 
 
 @pytest.mark.parametrize("stream", [False, True])

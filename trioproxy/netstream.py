@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any
 
 import h11
@@ -101,10 +102,17 @@ class ReadDeadlines:
             stream.expire()
 
 
+# whether the request being written went out on a connection that had been read from
+# before (it served a response): only there can a failure before any answer be the
+# pool's stale connection, closed by the backend while idle, rather than the backend
+# failing on this request
+wrote_on_reused: ContextVar[bool] = ContextVar("trioproxy_wrote_on_reused", default=False)
+
+
 class DirectTCPStream(httpcore.AsyncNetworkStream):
     """An httpcore stream over plain TCP that reads and writes the socket directly."""
 
-    __slots__ = ("_deadlines", "_expired", "_held", "_inner", "_socket")
+    __slots__ = ("_deadlines", "_expired", "_held", "_inner", "_read_from", "_socket")
 
     def __init__(
         self, inner: httpcore.AsyncNetworkStream, deadlines: ReadDeadlines | None = None
@@ -113,6 +121,7 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         self._deadlines = deadlines
         self._expired = False
         self._held = False
+        self._read_from = False
         socket = inner.get_extra_info("socket")
         plain = inner.get_extra_info("ssl_object") is None and isinstance(
             socket, trio.socket.SocketType
@@ -129,6 +138,7 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         self._held = False
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._read_from = True
         if self._held:
             timeout = None
         socket = self._socket
@@ -172,6 +182,7 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         return httpcore.ReadTimeout("no data from the backend within the read timeout")
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        wrote_on_reused.set(self._read_from)
         if not buffer:
             return
         if self._socket is None:

@@ -324,6 +324,7 @@ class UpstreamPool:
         stream: bool,
         header_timeout: float | None,
     ) -> tuple[httpx.Response, float]:
+        sent_at = time.perf_counter()
         try:
             with trio.fail_after(header_timeout) if header_timeout else _no_deadline():
                 response = await transport.handle_async_request(req)
@@ -332,7 +333,8 @@ class UpstreamPool:
             self._observer.upstream_error("timeout")
             raise UpstreamTimeout("the backend did not start answering in time") from None
         except httpx.HTTPError as exc:
-            raise self._transport_failure(exc) from None
+            stale = _on_a_stale_connection(exc, time.perf_counter() - sent_at)
+            raise self._transport_failure(exc, stale=stale) from None
         headers_at = time.perf_counter()
         if response.status_code >= 400:
             if response.status_code > MAX_HTTP_STATUS:
@@ -378,7 +380,9 @@ class UpstreamPool:
         # what aread() keeps: response.content works as after it
         response._content = b"".join(parts)
 
-    def _transport_failure(self, exc: httpx.HTTPError, *, body_started: bool = False) -> Exception:
+    def _transport_failure(
+        self, exc: httpx.HTTPError, *, body_started: bool = False, stale: bool = False
+    ) -> Exception:
         """The exception to raise for a transport error: retryable ones are wrapped. Once
         the response has started, nothing is retried: the backend did the work already."""
         unavailable = UpstreamUnavailable(self._describe(exc))
@@ -389,11 +393,15 @@ class UpstreamPool:
             # answer, as the same failure of a stream is counted
             self._observer.upstream_error("protocol")
             return unavailable
-        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        if stale:
             # a pooled connection the backend had already closed (llama.cpp's server
-            # closes after every streamed reply), found out by an EOF, or by a reset when
-            # our request crossed its close: safe to retry, nothing was sent back
+            # closes after every streamed reply): safe to retry, nothing was sent back
             return _Retryable("protocol", unavailable)
+        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+            # the backend broke off while it had the request: it may have worked on it
+            # (a generation, a background response), so it is not asked again
+            self._observer.upstream_error("protocol")
+            return unavailable
         if isinstance(exc, httpx.TimeoutException):
             self._observer.upstream_error("timeout")
             return UpstreamTimeout(self._describe(exc))
@@ -495,6 +503,21 @@ def _status_reason(status: int) -> str:
 
 
 MAX_HTTP_STATUS = 599  # RFC 9110 15: status codes are 100-599
+# how soon a request on a reused connection must fail for the failure to be the backend's
+# close of that idle connection crossing it (an EOF or a reset within a round trip), not
+# the backend giving up on the request after working on it
+STALE_FAILURE_SECONDS = 1.0
+
+
+def _on_a_stale_connection(exc: httpx.HTTPError, elapsed: float) -> bool:
+    """Whether a failure before any answer is the pool's stale connection: the request
+    could not be written whole (the backend cannot have answered it), or it went out on
+    a connection that had served a response before and broke at once."""
+    if isinstance(exc, httpx.WriteError):
+        return True
+    if not isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return False
+    return netstream.wrote_on_reused.get() and elapsed < STALE_FAILURE_SECONDS
 
 
 class _Retryable(Exception):
