@@ -210,6 +210,30 @@ def test_two_workers_taking_one_slot_both_end_with_a_label(tmp_path: Path) -> No
     assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["first", "second"]
 
 
+def test_a_slot_that_cannot_be_read_is_no_error_and_no_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors, reading a slot raised EMFILE out of ``refresh`` (and so
+    out of the metrics publisher, which ended for the worker's life); labelling a new
+    model would take and re-read the slot for ever. Now: no error, "other" this time,
+    and the name is read once descriptors are back."""
+    a, b = ModelLabels(3, shared_dir=str(tmp_path)), ModelLabels(3, shared_dir=str(tmp_path))
+    assert a.label("first", succeeded=True) == "first"
+    real_open = open
+
+    def no_descriptors(path: str, *args: object, **kwargs: object) -> object:
+        if "model_label_" in str(path) and "draft" not in str(path):
+            raise OSError(24, "Too many open files")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", no_descriptors)
+    b.refresh()
+    assert b.label("second", succeeded=True) == "other"
+    monkeypatch.undo()
+    b.refresh()
+    assert b.label("first", succeeded=False) == "first"
+
+
 SHARED_LABELS = textwrap.dedent(
     """
     import json, os

@@ -161,9 +161,12 @@ class ModelLabels:
             return True
         try:
             while shared.take(model):
+                read = shared.slots_read
                 self._known.update(shared.read_new())
                 if model in self._known:
                     return True
+                if shared.slots_read == read:  # the slot could not be read (no file
+                    return False  # descriptor left, say): "other" this time, not a loop
         except OSError as error:  # an unwritable directory: the budget stays per process
             log.warning("metrics: model labels not shared between workers: %s", error)
             self._shared = None
@@ -178,24 +181,36 @@ class SharedModelNames:
     holds its whole name; two workers taking the same slot: one gets it, the other reads
     it and tries the next. The files end in no ``.db``: the scrape's merge ignores them."""
 
-    __slots__ = ("_dir", "_limit", "_read")
+    __slots__ = ("_dir", "_limit", "_read", "_warned")
 
     def __init__(self, directory: str, limit: int) -> None:
         self._dir = directory
         self._limit = limit
         self._read = 0  # slots read so far: every slot below it is taken
+        self._warned = False  # a failure to read is logged once, not every half second
 
     def _slot(self, n: int) -> str:
         return os.path.join(self._dir, f"model_label_{n}")
 
+    @property
+    def slots_read(self) -> int:
+        return self._read
+
     def read_new(self) -> list[str]:
-        """The names in the slots taken since the last call."""
+        """The names in the slots taken since the last call. Never raises: it runs in the
+        metrics publisher, which a failure would end for the worker's life; a slot that
+        cannot be read now (out of file descriptors) is read at a later call."""
         names: list[str] = []
         while self._read < self._limit:
             try:
                 with open(self._slot(self._read), "rb") as f:
                     names.append(f.read().decode("utf-8", "replace"))
             except FileNotFoundError:
+                break
+            except OSError as error:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("metrics: cannot read the shared model labels now: %s", error)
                 break
             self._read += 1
         return names
