@@ -258,9 +258,16 @@ def test_mid_event_says_whether_the_bytes_so_far_end_inside_an_event() -> None:
         assert parser.mid_event is inside, piece
 
 
-def test_only_whole_events_are_relayed_when_a_read_ends_inside_one() -> None:
-    from trioproxy.relay import _whole_events
+def _whole_events(data: bytes, mid_event: bool) -> tuple[bytes, bytes]:
+    """What a fresh hold lets out of one read, and what it keeps."""
+    from trioproxy.relay import _HeldEvent
 
+    held = _HeldEvent()
+    out = held.whole_events(data, mid_event)
+    return out, held._release(b"")
+
+
+def test_only_whole_events_are_relayed_when_a_read_ends_inside_one() -> None:
     assert _whole_events(b"data: 1\n\ndata: 2", True) == (b"data: 1\n\n", b"data: 2")
     assert _whole_events(b"data: 1\r\n\r\ndata: 2\r\n", True) == (
         b"data: 1\r\n\r\n",
@@ -270,3 +277,34 @@ def test_only_whole_events_are_relayed_when_a_read_ends_inside_one() -> None:
     assert _whole_events(b"data: 1\n\rdata", True) == (b"data: 1\n\r", b"data")  # LF, then CR
     assert _whole_events(b"data: half", True) == (b"", b"data: half")
     assert _whole_events(b"data: 1\n\n", False) == (b"data: 1\n\n", b"")
+
+
+def test_an_event_end_split_between_reads_is_found() -> None:
+    """Each read is searched alone (linear time), so an end that begins in what is held
+    and finishes in the next read must still end the event there."""
+    from trioproxy.relay import _HeldEvent
+
+    for end in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        for split in range(1, len(end)):
+            held, parser, out = _HeldEvent(), SSEParser(), b""
+            for read in (b"data: 1" + end[:split], end[split:] + b"data: 2"):
+                parser.feed(read)  # as the relay does: the parser says where it is
+                out += held.whole_events(read, parser.mid_event)
+            # the first event out whole, the second held (however the end was split)
+            assert out.startswith(b"data: 1" + end[:2]) and b"data: 2" not in out, (end, split)
+            assert out + held.completed() == b"data: 1" + end + b"data: 2\n\n"
+
+
+def test_a_large_event_in_many_reads_is_held_in_linear_time() -> None:
+    """Joining and searching everything held at each read made a 64 MB event cost 50 s
+    of CPU: 4 MB in 4 KiB reads took 0.17 s then; counted in operations here, not time."""
+    from trioproxy.relay import _HeldEvent
+
+    held = _HeldEvent()
+    piece = b"x" * 4096
+    assert held.whole_events(b'data: {"a":"', True) == b""
+    for _ in range(1024):
+        assert held.whole_events(piece, True) == b""
+        assert len(held._parts[-1]) == 4096  # appended, never re-joined
+    assert held.whole_events(b'"}\n\n', False).endswith(b'"}\n\n')
+    assert not held
