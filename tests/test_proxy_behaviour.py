@@ -1127,6 +1127,9 @@ def test_a_model_the_backend_names_otherwise_is_kept_in_a_stream_or_not() -> Non
         assert rewrite is not None
         streamed = json.loads(rewrite(body(answered).replace(b": ", b":")))
         assert whole["model"] == streamed["model"] == shown
+    # an answer readable but too deep to write again was a 500: relayed as it came
+    deep = b'{"model": "dated", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert _rewrite_model_json(deep, "dated", "fast") == deep
 
 
 def test_mapping_openai_api(mapped_proxy: ServerProcess, demo_backend: ServerProcess) -> None:

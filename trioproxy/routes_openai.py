@@ -367,7 +367,10 @@ def _rewrite_model_json(content: bytes, backend_model: str, client_model: str) -
         return content
     if isinstance(payload, dict) and payload.get("model") == backend_model:
         payload["model"] = client_model
-        return dumps(payload)
+        try:
+            return dumps(payload)
+        except ValueError:  # too deep to write again (jsonutil): relayed as it came
+            return content
     return content
 
 
