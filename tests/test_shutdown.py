@@ -131,6 +131,28 @@ def test_a_request_received_behind_the_one_in_flight_does_not_hold_the_shutdown(
         server.stop()
 
 
+def test_part_of_a_request_behind_a_stream_does_not_hold_the_shutdown() -> None:
+    """Only a whole head received behind the response is served at shutdown: a part of
+    one (a client that stalled mid-head) started a new cycle whose reader waited for the
+    rest, holding the connection and the process for the whole GRACEFUL_TIMEOUT."""
+    server = _start_demo_proxy(1, GRACEFUL_TIMEOUT="20")
+    try:
+        wait_healthy(server.url, timeout=30)
+        with socket.create_connection(_address(server), timeout=10) as sock:
+            first = _chat_request("hi [[tokens=10]] [[delay=0.1]]", stream=True)
+            sock.sendall(first + b"GET /api/version HTTP/1.1\r\nHo")
+            time.sleep(0.4)  # the stream is under way, half a head behind it
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            head, _ = _read_stream(sock)
+            assert head.startswith(b"http/1.1 200")
+            assert _closed_by_server(sock)
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 5, "held for the grace period"
+    finally:
+        server.stop()
+
+
 def test_a_reply_cut_at_the_end_of_the_grace_period_is_recorded_as_the_proxys_doing(
     start_proxy: Callable[..., ServerProcess], demo_backend: ServerProcess
 ) -> None:

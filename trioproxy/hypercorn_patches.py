@@ -72,7 +72,8 @@ request cancellation, and its cost per request.
     one answered (pipelined, or sent just as its response went out) made hypercorn's
     reader wait for a turn that never came once the connection was not recycled, holding
     the shutdown for its whole grace period. At shutdown such a request is now served
-    (its response says ``Connection: close``); and the reader of a connection that is
+    when its whole head is there (its response says ``Connection: close``), and the
+    connection closed when only part of one is; and the reader of a connection that is
     not recycled stops at once (``_ReadsEnded``) instead of waiting.
 
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
@@ -406,7 +407,7 @@ async def _maybe_recycle(self: Any) -> None:
     if (
         connection.our_state is h11.DONE
         and connection.their_state is h11.DONE
-        and (not shutting_down or connection.trailing_data[0])
+        and (not shutting_down or _holds_a_whole_head(connection.trailing_data[0]))
     ):
         try:
             connection.start_next_cycle()
@@ -422,6 +423,13 @@ async def _maybe_recycle(self: Any) -> None:
     reading, self.can_read = self.can_read, _READS_ENDED
     await reading.set()
     await self.send(Closed())
+
+
+def _holds_a_whole_head(data: bytes) -> bool:
+    """Whether bytes received behind a response hold a request's whole head: at shutdown
+    only such a request is served. Part of one (a client that stalled, or is still
+    sending) would hold the connection, and the shutdown, for the whole grace period."""
+    return b"\r\n\r\n" in data or b"\n\n" in data
 
 
 _shutdown_listeners: list[Callable[[], None]] = []
