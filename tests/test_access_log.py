@@ -201,3 +201,25 @@ def test_a_body_the_server_refuses_midway_is_recorded_with_the_status_sent(
     posts = [line for line in lines if " POST " in line]
     assert len(posts) == 1 and f"POST {path} 400 " in posts[0], lines
     assert "client left" not in posts[0]
+
+
+def test_an_empty_line_after_a_body_is_not_a_refused_request(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """The CRLF some clients send after a body was read as a malformed request: a 400
+    counted in the metrics, and the connection closed under the client's next request."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    proxy = start_proxy(demo_backend.url)
+    body = json.dumps(
+        {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    ).encode()
+    chat = (
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s\r\n" % (len(body), body)
+    )
+    last = b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = _send_raw(proxy.url, chat + last)
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and b"HTTP/1.1 400" not in answer, answer[-300:]
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total", endpoint="api_chat") == 1)
+    assert total(scrape(proxy.url), "http_requests_total", status="400") == 0

@@ -494,3 +494,27 @@ async def test_a_request_arriving_as_a_connection_closes_is_not_waited_for() -> 
     assert isinstance(writes.events[-1], Closed)
     with trio.fail_after(1), pytest.raises(hypercorn_patches._NoMoreReads):
         await protocol.handle(RawData(data=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))  # type: ignore[attr-defined]
+
+
+def test_empty_lines_before_a_request_are_ignored() -> None:
+    """RFC 9112 2.2: a server SHOULD ignore at least one CRLF before a request-line. h11
+    took the CRLF some clients send after a body for a request without a request line:
+    a 400 and a closed connection after a request answered 200."""
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}\r\n\r\n"
+        b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert isinstance(connection.next_event(), h11.Request)
+    assert isinstance(connection.next_event(), h11.Data)
+    assert isinstance(connection.next_event(), h11.EndOfMessage)
+    connection.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+    connection.send(h11.EndOfMessage())
+    connection.start_next_cycle()
+    second = connection.next_event()
+    assert isinstance(second, h11.Request) and second.target == b"/y"
+    # bounded: a flood of empty lines is still no request
+    flooded = h11.Connection(h11.SERVER)
+    flooded.receive_data(b"\r\n" * 50 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(h11.RemoteProtocolError):
+        flooded.next_event()

@@ -76,6 +76,11 @@ request cancellation, and its cost per request.
     connection closed when only part of one is; and the reader of a connection that is
     not recycled stops at once (``_ReadsEnded``) instead of waiting.
 
+11. **Empty lines before a request are ignored** (RFC 9112 2.2: a server SHOULD ignore
+    at least one CRLF before the request-line). h11 answered a request with an extra CRLF
+    after its body (as some older clients send) with ``400`` for the next "request" and
+    closed the connection. Up to ``MAX_EMPTY_LINES`` are skipped; more are still a 400.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -92,6 +97,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import h11
+import h11._readers as h11_readers
 import hypercorn.protocol as protocol_wrapper
 import hypercorn.protocol.h11 as h11_protocol
 import hypercorn.trio.tcp_server as tcp_server
@@ -490,6 +496,22 @@ def _context_init(self: Any, max_requests: int | None) -> None:
     self.terminated = _AnnouncedShutdown()
 
 
+MAX_EMPTY_LINES = 4
+_original_idle_client_reader = h11_readers.READERS[(h11.CLIENT, h11.IDLE)]
+
+
+def _read_request_after_empty_lines(buf: Any) -> Any:
+    """h11's reader of a request-line and headers, past a few empty lines before them:
+    each one h11 takes out of the buffer and reports as a missing request line."""
+    for _ in range(MAX_EMPTY_LINES):
+        try:
+            return _original_idle_client_reader(buf)
+        except h11.LocalProtocolError as error:
+            if str(error) != "no request line received":
+                raise
+    return _original_idle_client_reader(buf)
+
+
 if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     _init._trioproxy_patched = True  # type: ignore[attr-defined]
     tcp_server.TCPServer.__init__ = _init  # type: ignore[method-assign]
@@ -502,3 +524,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     h11_protocol.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
     protocol_wrapper.ProtocolWrapper.handle = _handle_http11_only  # type: ignore[method-assign]
     h11_protocol.H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+    h11_readers.READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines
