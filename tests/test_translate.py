@@ -2032,3 +2032,12 @@ def test_tool_call_fragments_held_are_bounded() -> None:
     with pytest.raises(StreamTooLarge):
         for _ in range(MAX_HELD_TOOL_CALL_BYTES // len(piece) + 1):
             translator.feed(fragment({"index": 0, "function": {"arguments": piece}}), 2)
+
+
+def test_a_participant_name_openai_would_refuse_is_left_out() -> None:
+    """Ollama's messages have no ``name`` and Ollama ignores one; OpenAI refuses a name
+    outside [A-Za-z0-9_-]{1,64} with a 400 for the whole request."""
+    names = ["alice_2", "Jane Doe", "x" * 65, "é", ""]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi", "name": n} for n in names]}
+    sent = ollama_chat_to_openai(body, "b")["messages"]
+    assert [m.get("name") for m in sent] == ["alice_2", None, None, None, None]

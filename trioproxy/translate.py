@@ -589,10 +589,16 @@ def _convert_message(msg: JSONDict, ids: _ToolCallIds) -> JSONDict:
         if call_id is not None:
             out["tool_call_id"] = call_id
     name = msg.get("name")
-    if isinstance(name, str) and name and role != "tool":
+    if isinstance(name, str) and role != "tool" and _PARTICIPANT_NAME.fullmatch(name):
         out["name"] = name
     # "thinking" is deliberately dropped: OpenAI backends do not accept reasoning in history.
     return out
+
+
+# a message's participant name as OpenAI takes it: Ollama's messages have no such field
+# and Ollama ignores it, so a name OpenAI would refuse ("Jane Doe": a 400 for the whole
+# request) is left out rather than forwarded
+_PARTICIPANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def ollama_chat_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
