@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 from urllib.parse import unquote
@@ -185,3 +186,49 @@ def test_head_asks_the_backend_with_get_and_answers_without_a_body(proxy: Server
         assert head.headers["Content-Length"] == str(len(got.content))
         assert head.headers["x-ratelimit-remaining-requests"] == "7"
         assert _Backend.seen == [("GET", path)] * 2
+
+
+class _SlowReplay(ScriptedHandler):
+    """Replays a stored response's stream slowly (``?stream=true``), noting how it ended."""
+
+    ended: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        if "stream=true" not in self.path:  # the proxy's readiness checks: GET /models
+            return self.answer(200, json.dumps({"object": "list", "data": []}).encode())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        event = b'event: response.in_progress\ndata: {"type":"response.in_progress"}\n\n'
+        try:
+            for _ in range(40):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(b"0\r\n\r\n")
+            self.ended.append("read to its end")
+        except OSError:
+            self.ended.append("closed by the proxy")
+
+
+def test_head_of_a_resumed_stream_does_not_read_the_stream(start_proxy: StartProxy) -> None:
+    """HEAD with ``stream=true`` started relaying the backend's replay for a body it never
+    sends: recorded as a stream the client cancelled (499, bytes counted that never went
+    out). It answers with GET's head and closes the backend's stream at once."""
+    _SlowReplay.ended.clear()
+    with serving(_SlowReplay) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0", ACCESS_LOG="true", LOG_LEVEL="INFO")
+        started = time.monotonic()
+        head = httpx.head(proxy.url + PREFIX + "resp_1?stream=true", timeout=10)
+        elapsed = time.monotonic() - started
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-type"].startswith("text/event-stream")
+        assert elapsed < 2, elapsed
+        deadline = time.monotonic() + 5
+        while not _SlowReplay.ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _SlowReplay.ended == ["closed by the proxy"]
+    # one plain answer with no body, not a stream relayed to nobody
+    (line,) = [line for line in proxy.log().splitlines() if " HEAD " in line]
+    assert " 200 " in line and " 0 B" in line and "completed" not in line, line

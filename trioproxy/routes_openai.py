@@ -128,7 +128,9 @@ async def stored_response(response_id: str) -> Response:
     _refuse_a_suffix(response_id)
     method = _backend_method()
     resume = method == "GET" and request.args.get("stream", "").lower() == "true"
-    return await _serve_by_id(method, response_id, "", stream=resume)
+    return await _serve_by_id(
+        method, response_id, "", stream=resume, head_only=request.method == "HEAD"
+    )
 
 
 @blueprint.post("/v1/responses/<path:response_id>/cancel")
@@ -184,7 +186,7 @@ def _held_an_empty_segment() -> bool:
 
 
 async def _serve_by_id(
-    method: str, response_id: str, suffix: str, *, stream: bool = False
+    method: str, response_id: str, suffix: str, *, stream: bool = False, head_only: bool = False
 ) -> Response:
     call = await current_call()
     path = f"/responses/{_checked_id(response_id)}{suffix}"
@@ -192,12 +194,18 @@ async def _serve_by_id(
         # as it came, but with anything a URL cannot hold (control bytes, which HTTP/2
         # lets through) percent-encoded: a client's odd query is not our 500
         path += "?" + quote_from_bytes(request.query_string, safe=_QUERY_SAFE)
-    reply = await by_id(call, method, path, response_id, stream=stream)
+    reply = await by_id(call, method, path, response_id, stream=stream, head_only=head_only)
     return await served(call, reply)
 
 
 async def by_id(
-    call: Call, method: str, backend_path: str, response_id: str, *, stream: bool
+    call: Call,
+    method: str,
+    backend_path: str,
+    response_id: str,
+    *,
+    stream: bool,
+    head_only: bool = False,
 ) -> Reply:
     """A Responses API route by id, forwarded as it came (nothing in it names a model);
     the backend's model names in the answer are mapped back. What it returns was counted
@@ -209,6 +217,8 @@ async def by_id(
         if call.state.metric is not None:
             call.state.metric.replayed = True  # also if it fails before the backend answers
         result = await open_stream(call, backend_path, None, method=method)
+        if head_only:
+            return _stream_head(call, result)
         rewrite = _model_rewriter({b: mapper.to_client(b) for _, b in mapper.items()})
         watcher = tr.ReplayedResponsesObserver(app.ledger, response_id)
         named = partial(_note_streamed_model, call, watcher)
@@ -296,6 +306,16 @@ def _json_object(content: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def _stream_head(call: Call, result: UpstreamResult) -> Reply:
+    """HEAD of a resumed stream: GET's status and headers, and the backend's stream closed
+    (by the request's cleanups) rather than read to its end for a body never sent."""
+    if call.state.metric is not None:
+        call.state.metric.streaming = False  # nothing was streamed
+    secrets = call.app.settings.backend_secrets
+    headers = {**forwarded_headers(result.response.headers, secrets), **STREAM_HEADERS}
+    return Reply(200, b"", EVENT_STREAM, headers)
 
 
 def _stream_reply(
