@@ -518,3 +518,15 @@ def test_empty_lines_before_a_request_are_ignored() -> None:
     flooded.receive_data(b"\r\n" * 50 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     with pytest.raises(h11.RemoteProtocolError):
         flooded.next_event()
+
+
+def test_empty_lines_behind_a_response_are_no_whole_head() -> None:
+    """Patch 11 skips empty lines before a request: at shutdown, "\\r\\n\\r\\n" behind a
+    response (or before part of a head) is no request to serve, and the connection
+    closes instead of waiting for one."""
+    from trioproxy.hypercorn_patches import _holds_a_whole_head
+
+    assert _holds_a_whole_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _holds_a_whole_head(b"\r\nGET / HTTP/1.1\nHost: x\n\n")
+    for partial in (b"\r\n\r\n", b"\n\n", b"\r\n\r\nGET / HTTP/1.1\r\nHo", b"GET / HT"):
+        assert not _holds_a_whole_head(partial), partial

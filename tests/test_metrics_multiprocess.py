@@ -233,6 +233,20 @@ def test_a_slot_that_cannot_be_read_is_no_error_and_no_loop(
     b.refresh()
     assert b.label("first", succeeded=False) == "first"
 
+    # the draft of a new slot cannot be opened either: "other" this time, and the names
+    # stay shared (they were turned off for the worker's life, as for a read-only dir)
+    def no_descriptors_at_all(path: str, *args: object, **kwargs: object) -> object:
+        if "model_label" in str(path):
+            raise OSError(24, "Too many open files")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", no_descriptors_at_all)
+    assert b.label("third", succeeded=True) == "other"
+    monkeypatch.undo()
+    assert b.label("third", succeeded=True) == "third"
+    a.refresh()
+    assert a.label("third", succeeded=False) == "third"  # b's name reached a
+
 
 SHARED_LABELS = textwrap.dedent(
     """

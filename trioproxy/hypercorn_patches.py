@@ -435,6 +435,7 @@ def _holds_a_whole_head(data: bytes) -> bool:
     """Whether bytes received behind a response hold a request's whole head: at shutdown
     only such a request is served. Part of one (a client that stalled, or is still
     sending) would hold the connection, and the shutdown, for the whole grace period."""
+    data = data.lstrip(b"\r\n")  # empty lines before a request are skipped (patch 11)
     return b"\r\n\r\n" in data or b"\n\n" in data
 
 

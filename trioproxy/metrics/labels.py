@@ -3,6 +3,7 @@ and client-supplied text made safe for log lines."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -167,11 +168,18 @@ class ModelLabels:
                     return True
                 if shared.slots_read == read:  # the slot could not be read (no file
                     return False  # descriptor left, say): "other" this time, not a loop
-        except OSError as error:  # an unwritable directory: the budget stays per process
+        except OSError as error:
+            if error.errno in _FOR_NOW:  # out of descriptors for a moment: "other" this time
+                return False
+            # an unwritable directory: the budget stays per process
             log.warning("metrics: model labels not shared between workers: %s", error)
             self._shared = None
             return self._admit(model)
         return False
+
+
+# failures that pass: the shared names are still there once descriptors are free again
+_FOR_NOW = frozenset((errno.EMFILE, errno.ENFILE))
 
 
 class SharedModelNames:
