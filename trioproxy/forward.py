@@ -314,30 +314,34 @@ def _note_stream_refused(metric: RequestMetrics, error: ProxyError) -> None:
     metric.answered_plainly = True
 
 
+@dataclass(frozen=True)
+class FieldQuirk:
+    """A field of a request the proxy writes that some backend models refuse: how their
+    refusal reads, and what the request becomes for them."""
+
+    field: str
+    refused: Callable[[UpstreamStatusError], bool]
+    adapt: Callable[[dict[str, Any]], None]
+    news: str  # logged once per model (``%s``: the model)
+
+
 @dataclass
 class BackendQuirks:
-    """What the backend was found to refuse, so that later requests leave it out."""
+    """What the backend was found to refuse, per quirk and per model (a gateway may front
+    some backends that take a field and some that do not), so that later requests go as
+    it takes them."""
 
-    # backend models whose streams refuse stream_options (Mistral's API: 422 extra_forbidden);
-    # per model, since a gateway may front some backends that take it and some that do not
-    refuses_stream_options: set[str] = field(default_factory=set)
-
-    # backend models that refuse max_tokens for max_completion_tokens (OpenAI's reasoning
-    # models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens'")
-    wants_max_completion_tokens: set[str] = field(default_factory=set)
+    found: dict[str, set[str]] = field(default_factory=dict)
 
     # bounds each set: a backend that accepts any model name cannot grow it without end
     MAX_MODELS = 1000
 
-    def note_refusal(self, model: str) -> bool:
-        """Remember that ``model`` refuses stream_options; whether it is news."""
-        return self._note(self.refuses_stream_options, model)
+    def has(self, quirk: FieldQuirk, model: str) -> bool:
+        return model in self.found.get(quirk.field, ())
 
-    def note_wants_max_completion_tokens(self, model: str) -> bool:
-        """Remember that ``model`` takes max_completion_tokens only; whether it is news."""
-        return self._note(self.wants_max_completion_tokens, model)
-
-    def _note(self, models: set[str], model: str) -> bool:
+    def note(self, quirk: FieldQuirk, model: str) -> bool:
+        """Remember that ``model`` has ``quirk``; whether it is news."""
+        models = self.found.setdefault(quirk.field, set())
         if model in models:
             return False
         if len(models) < self.MAX_MODELS:
@@ -345,45 +349,52 @@ class BackendQuirks:
         return True
 
 
-async def call_chat(call: Call, payload: dict[str, Any]) -> tuple[Any, UpstreamResult]:
-    """``call_json`` for a chat completion the proxy wrote (see :func:`_token_limit_as_taken`)."""
-    return await _token_limit_as_taken(
-        call, payload, lambda sent: call_json(call, "/chat/completions", sent)
-    )
-
-
-async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
-    """``open_stream`` for a chat completion the proxy wrote: ``stream_options`` (it asks
-    for the token counts) is left out for a backend model that refused it, from the first
-    refusal on; those streams' tokens are then counted from their chunks. The token limit
-    goes as the backend takes it (:func:`_token_limit_as_taken`)."""
-    return await _token_limit_as_taken(call, payload, partial(_open_chat_stream, call))
-
-
-async def _token_limit_as_taken(
-    call: Call, payload: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[T]]
+async def as_the_backend_takes(
+    call: Call,
+    payload: dict[str, Any],
+    quirk: FieldQuirk,
+    send: Callable[[dict[str, Any]], Awaitable[T]],
 ) -> T:
-    """``send(payload)`` with the output limit the proxy wrote (``num_predict`` as
-    ``max_tokens``, which most backends take) renamed ``max_completion_tokens`` for a
-    backend model that refused ``max_tokens`` for it (OpenAI's reasoning models), from
-    the first refusal on."""
+    """``send(payload)``, adapted for a backend model known to refuse ``quirk.field``; a
+    first refusal is remembered and the request sent again, adapted."""
+    if quirk.field not in payload:
+        return await send(payload)
     quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
     model = str(payload.get("model", ""))
-    if "max_tokens" in payload and model in quirks.wants_max_completion_tokens:
-        payload["max_completion_tokens"] = payload.pop("max_tokens")
+    if quirks.has(quirk, model):
+        quirk.adapt(payload)
+        return await send(payload)
     try:
         return await send(payload)
     except UpstreamStatusError as error:
-        if "max_tokens" not in payload or not wants_max_completion_tokens(error):
+        if not quirk.refused(error):
             raise
-    if quirks.note_wants_max_completion_tokens(model):
-        log.warning(
-            "the backend takes max_completion_tokens, not max_tokens, for model %s; "
-            "its output limits now go as that",
-            model,
-        )
-    payload["max_completion_tokens"] = payload.pop("max_tokens")
+    if quirks.note(quirk, model):
+        log.warning(quirk.news, model)
+    quirk.adapt(payload)
     return await send(payload)
+
+
+async def call_chat(call: Call, payload: dict[str, Any]) -> tuple[Any, UpstreamResult]:
+    """``call_json`` for a chat completion the proxy wrote, its token limit as the backend
+    takes it (``MAX_COMPLETION_TOKENS``)."""
+    send = partial(call_json, call, "/chat/completions")
+    return await as_the_backend_takes(call, payload, MAX_COMPLETION_TOKENS, send)
+
+
+async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
+    """``open_stream`` for a chat completion the proxy wrote, its token limit and its
+    ``stream_options`` (it asks for the token counts) as the backend takes them; streams
+    without ``stream_options`` have their tokens counted from their chunks."""
+
+    async def without_stream_options_if_refused(sent: dict[str, Any]) -> UpstreamResult:
+        return await as_the_backend_takes(
+            call, sent, NO_STREAM_OPTIONS, partial(open_stream, call, "/chat/completions")
+        )
+
+    return await as_the_backend_takes(
+        call, payload, MAX_COMPLETION_TOKENS, without_stream_options_if_refused
+    )
 
 
 def wants_max_completion_tokens(error: UpstreamStatusError) -> bool:
@@ -402,24 +413,8 @@ _REFUSES_MAX_TOKENS = re.compile(
 )
 
 
-async def _open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
-    quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
-    model = str(payload.get("model", ""))
-    if model in quirks.refuses_stream_options:
-        payload.pop("stream_options", None)
-    try:
-        return await open_stream(call, "/chat/completions", payload)
-    except UpstreamStatusError as error:
-        if "stream_options" not in payload or not refuses_stream_options(error):
-            raise
-    if quirks.note_refusal(model):
-        log.warning(
-            "the backend refuses stream_options for model %s; its streams now go without "
-            "it, and their output tokens are counted from the chunks",
-            model,
-        )
-    del payload["stream_options"]
-    return await open_stream(call, "/chat/completions", payload)
+def _rename_max_tokens(payload: dict[str, Any]) -> None:
+    payload["max_completion_tokens"] = payload.pop("max_tokens")
 
 
 # words with which validators refuse a field they do not know (pydantic: extra_forbidden,
@@ -451,6 +446,24 @@ def refuses_stream_options(error: UpstreamStatusError) -> bool:
         if _REFUSES_A_FIELD.search(window):
             return True
     return False
+
+
+# Mistral's API refuses stream_options (422, extra_forbidden)
+NO_STREAM_OPTIONS = FieldQuirk(
+    "stream_options",
+    refuses_stream_options,
+    lambda payload: payload.pop("stream_options", None),
+    "the backend refuses stream_options for model %s; its streams now go without it, and "
+    "their output tokens are counted from the chunks",
+)
+# OpenAI's reasoning models refuse max_tokens (num_predict's usual name) for this one
+MAX_COMPLETION_TOKENS = FieldQuirk(
+    "max_tokens",
+    wants_max_completion_tokens,
+    _rename_max_tokens,
+    "the backend takes max_completion_tokens, not max_tokens, for model %s; its output "
+    "limits now go as that",
+)
 
 
 def _located_at_stream_options(payload: Any, depth: int = 0) -> bool:
