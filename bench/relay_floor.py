@@ -9,7 +9,8 @@ one's is what trioproxy's own relay costs; the target is judged on the proxy alo
     python -m bench.relay_floor --upstream http://127.0.0.1:PORT [--raw] [--port 0]
 
 By default the upstream is read with httpx, as the proxy reads it (with trioproxy's direct
-socket stream installed in its pool). ``--raw`` reads a raw trio socket instead, one
+socket stream installed in its pool, and the body read off httpcore's h11 state with
+``netstream.H11Body``). ``--raw`` reads a raw trio socket instead, one
 HTTP/1.0 request per connection whose body ends at the close: what hypercorn alone costs.
 Prints ``relay floor listening on http://HOST:PORT`` on stderr once bound.
 """
@@ -25,7 +26,7 @@ import httpx
 import trio
 
 import trioproxy.hypercorn_patches  # noqa: F401  (patches on import)
-from trioproxy.netstream import install
+from trioproxy.netstream import H11Body, install
 
 from .bare_asgi import serve_until_signal
 
@@ -83,7 +84,12 @@ class Relay:
         url = f"http://{self.host}:{self.port}{CHAT}"
         headers = {"content-type": "application/json"}
         async with self.client.stream("POST", url, content=body, headers=headers) as response:
-            async for data in response.aiter_raw():
+            direct = H11Body.of(response)  # read as the proxy reads a plain body
+            if direct is None:
+                async for data in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                return
+            while (data := await direct.read()) is not None:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _relay_raw(self, body: bytes, send: Any) -> None:

@@ -12,7 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-from trioproxy.netstream import DirectTCPBackend, DirectTCPStream, ReadDeadlines, install
+from trioproxy.netstream import (
+    DirectTCPBackend,
+    DirectTCPStream,
+    H11Body,
+    ReadDeadlines,
+    install,
+)
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -308,3 +314,220 @@ async def test_without_the_task_reads_time_themselves(autojump_clock: object) ->
     with _Pair(deadlines) as pair:
         assert await _timed_read(pair.stream, 2.0) == pytest.approx(2.0, abs=1e-6)
         assert deadlines.waiting() == 0
+
+
+# -- H11Body: a response body read straight off httpcore's h11 state -------------------
+
+
+class _Backend:
+    """A trio server answering each request on a connection with the next reply of a list
+    (a reply is a list of pieces, sent apart); records the connections it served."""
+
+    def __init__(self, replies: list[list[bytes | None]], *, then_close: bool = False) -> None:
+        self.replies = replies
+        self.then_close = then_close
+        self.connections = 0
+        self.url = ""
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            await self._serve(stream)
+        except trio.BrokenResourceError:
+            pass  # the client closed a response part-read
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        while self.replies and await _read_head(stream):
+            for piece in self.replies.pop(0):
+                if piece is None:  # silence
+                    await trio.sleep_forever()
+                await stream.send_all(piece)
+                await trio.sleep(0.001)  # each piece its own read
+            if self.then_close:
+                await stream.aclose()
+                return
+
+
+async def _with_backend(backend: _Backend, run: Callable[[httpx.AsyncHTTPTransport], Any]) -> Any:
+    transport = _transport()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, backend.handle, 0, host="127.0.0.1")
+        )
+        backend.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        try:
+            with trio.fail_after(5):
+                return await run(transport)
+        finally:
+            await transport.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _read_all(body: H11Body) -> list[bytes]:
+    parts = []
+    while (part := await body.read()) is not None:
+        parts.append(part)
+    return parts
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunked(*parts: bytes) -> list[bytes | None]:
+    return [CHUNKED_HEAD] + [b"%x\r\n%s\r\n" % (len(part), part) for part in parts] + [b"0\r\n\r\n"]
+
+
+def _request(backend: _Backend, read_timeout: float = 5.0) -> httpx.Request:
+    timeouts = {**httpx.Timeout(5.0).as_dict(), "read": read_timeout}
+    return httpx.Request("GET", backend.url, extensions={"timeout": timeouts})
+
+
+async def _direct(
+    transport: httpx.AsyncHTTPTransport, backend: _Backend, read_timeout: float = 5.0
+) -> tuple[httpx.Response, H11Body]:
+    """A response and its direct reader, which the pinned httpx must allow."""
+    response = await transport.handle_async_request(_request(backend, read_timeout))
+    body = H11Body.of(response)
+    assert body is not None
+    return response, body
+
+
+async def test_a_chunked_body_is_read_part_by_part_and_the_connection_pooled() -> None:
+    backend = _Backend([_chunked(b"data: 1\n\n", b"data: 2\n\n"), _chunked(b"again")])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> list[list[bytes]]:
+        bodies = []
+        for _ in range(2):
+            response, body = await _direct(transport, backend)
+            bodies.append(await _read_all(body))
+            await response.aclose()
+        return bodies
+
+    assert await _with_backend(backend, run) == [[b"data: 1\n\n", b"data: 2\n\n"], [b"again"]]
+    assert backend.connections == 1  # the first response left its connection reusable
+
+
+async def test_a_body_with_a_length_ends_at_its_length() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    backend = _Backend([[head, b"01234", b"56789"], [head, b"abcdefghij"]])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> list[bytes]:
+        response, body = await _direct(transport, backend)
+        first = b"".join(await _read_all(body))
+        await response.aclose()
+        second = await transport.handle_async_request(_request(backend))
+        return [first, await second.aread()]
+
+    assert await _with_backend(backend, run) == [b"0123456789", b"abcdefghij"]
+    assert backend.connections == 1
+
+
+async def test_a_body_left_part_read_closes_its_connection() -> None:
+    backend = _Backend([_chunked(b"one", b"two"), _chunked(b"fresh")])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> bytes:
+        response, body = await _direct(transport, backend)
+        assert await body.read() == b"one"
+        await response.aclose()  # mid-body: the connection cannot serve another response
+        second = await transport.handle_async_request(_request(backend))
+        return await second.aread()
+
+    assert await _with_backend(backend, run) == b"fresh"
+    assert backend.connections == 2
+
+
+async def test_a_backend_that_hangs_up_mid_body_is_httpx_s_protocol_error() -> None:
+    backend = _Backend([[CHUNKED_HEAD, b"3\r\none\r\n"]], then_close=True)
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> None:
+        response, body = await _direct(transport, backend)
+        assert await body.read() == b"one"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await body.read()
+        await response.aclose()
+
+    await _with_backend(backend, run)
+
+
+async def test_malformed_chunk_framing_is_httpx_s_protocol_error() -> None:
+    backend = _Backend([[CHUNKED_HEAD, b"zz\r\nnot a chunk\r\n"]])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> None:
+        response, body = await _direct(transport, backend)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await body.read()
+        await response.aclose()
+
+    await _with_backend(backend, run)
+
+
+async def test_a_silent_body_times_out_with_the_request_s_read_timeout() -> None:
+
+    class Silent(_Backend):
+        async def handle(self, stream: trio.SocketStream) -> None:
+            await _read_head(stream)
+            await stream.send_all(CHUNKED_HEAD)
+            await trio.sleep_forever()
+
+    backend = Silent([])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> float:
+        response, body = await _direct(transport, backend, read_timeout=0.2)
+        start = trio.current_time()
+        with pytest.raises(httpx.ReadTimeout):
+            await body.read()
+        await response.aclose()
+        return trio.current_time() - start
+
+    assert 0.15 <= await _with_backend(backend, run) < 2
+
+
+async def test_bodies_httpx_must_read_itself_get_no_direct_reader() -> None:
+    backend = _Backend([_chunked(b"read"), _chunked(b"x")])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> None:
+        response = await transport.handle_async_request(_request(backend))
+        await response.aread()
+        assert H11Body.of(response) is None  # read already
+        second = await transport.handle_async_request(_request(backend))
+        assert H11Body.of(second) is not None
+        assert H11Body.of(second) is None  # handed out once
+        await second.aclose()
+
+    await _with_backend(backend, run)
+    mocked = httpx.Response(200, content=b"{}", request=httpx.Request("GET", "http://x/"))
+    assert H11Body.of(mocked) is None
+
+
+async def test_after_a_failed_read_the_body_is_over_and_its_connection_closed() -> None:
+    backend = _Backend([[CHUNKED_HEAD, b"3\r\none\r\n", b"zz\r\n"], _chunked(b"fresh")])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> bytes:
+        response, body = await _direct(transport, backend)
+        assert await body.read() == b"one"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await body.read()
+        assert await body.read() is None  # as httpx's iterator, finished by its error
+        # closed at once, not held until aclose
+        assert all(connection.is_closed() for connection in transport._pool.connections)
+        await response.aclose()
+        second = await transport.handle_async_request(_request(backend))
+        return await second.aread()
+
+    assert await _with_backend(backend, run) == b"fresh"
+    assert backend.connections == 2
+
+
+async def test_a_cancelled_read_ends_the_body_too() -> None:
+    backend = _Backend([[CHUNKED_HEAD, b"3\r\none\r\n", None]])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> None:
+        response, body = await _direct(transport, backend)
+        assert await body.read() == b"one"
+        with trio.move_on_after(0.05) as scope:
+            await body.read()  # the backend sends nothing more
+        assert scope.cancelled_caught
+        assert await body.read() is None
+        await response.aclose()
+
+    await _with_backend(backend, run)

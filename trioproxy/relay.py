@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import ProxyError, UpstreamStatusError, UpstreamTimeout, scrub
 from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
-from .netstream import DirectTCPStream
+from .netstream import DirectTCPStream, body_reader
 from .sse import (
     ERROR_FIELD_EVENT,
     SSE_DONE,
@@ -100,7 +100,7 @@ class _Reader:
     can ever be held open across the relay's ``yield``.
     """
 
-    __slots__ = ("_by_transport", "_chunks", "_held", "first_token_at", "idle", "token_seen")
+    __slots__ = ("_by_transport", "_held", "_next_part", "first_token_at", "idle", "token_seen")
 
     def __init__(self, response: httpx.Response, settings: Settings, metric_start: float) -> None:
         already = time.perf_counter() - metric_start
@@ -113,19 +113,16 @@ class _Reader:
         if self._by_transport and isinstance(stream, DirectTCPStream):
             stream.hold_read_timeout()
             self._held = stream
-        # an unencoded body needs no decoder: one generator layer and two list
-        # allocations less per chunk
-        encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
-        self._chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+        self._next_part = body_reader(response)
 
     async def read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end; raises StreamTimeout."""
         deadline = self._deadline()
         try:
             if deadline == math.inf:
-                return await anext(self._chunks, None)
+                return await self._next_part()
             with trio.CancelScope(deadline=deadline) as scope:
-                chunk = await anext(self._chunks, None)
+                chunk = await self._next_part()
         except httpx.ReadTimeout:
             if not self._by_transport:
                 raise  # not our idle limit: a transport failure like any other
@@ -149,7 +146,7 @@ class _Reader:
         """Read the rest of the body, briefly (see DRAIN_SECONDS); failures don't matter now."""
         with trio.move_on_after(DRAIN_SECONDS):
             try:
-                async for _ in self._chunks:
+                while await self._next_part() is not None:
                     pass
             except httpx.HTTPError:
                 pass

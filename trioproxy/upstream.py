@@ -363,7 +363,8 @@ class UpstreamPool:
         deadline = time.perf_counter() + timeout
         parts: list[bytes] = []
         size = 0
-        async for part in response.aiter_bytes():
+        next_part = netstream.body_reader(response)
+        while (part := await next_part()) is not None:
             if time.perf_counter() > deadline:
                 self._observer.upstream_error("timeout")
                 raise UpstreamTimeout(
