@@ -390,6 +390,33 @@ def test_embed_string_and_list(proxy: ServerProcess, client: Callable[..., ollam
         assert c.embed(model="demo-embed", input=text).embeddings[0] == vector
 
 
+def test_a_batch_past_openai_s_cap_is_embedded_whole_and_in_order(
+    proxy: ServerProcess, demo_backend: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """Ollama takes any number of inputs; OpenAI (and the demo backend) at most 2,048 in
+    one request. LangChain's embed_documents sends every text at once."""
+    texts = [f"text {i} " + "word " * (i % 3) for i in range(4_100)]
+    too_many = httpx.post(
+        demo_backend.url + "/embeddings",
+        json={"model": "demo-embed", "input": texts},
+        timeout=30,
+    )
+    assert too_many.status_code == 400  # what the proxy must not send
+    c = client(proxy)
+    reply = c.embed(model="demo-embed", input=texts)
+    assert len(reply.embeddings) == len(texts)
+    for i in (0, 2_047, 2_048, 4_095, 4_096, 4_099):  # across the batches' seams
+        assert reply.embeddings[i] == c.embed(model="demo-embed", input=texts[i]).embeddings[0]
+    words = sum(len(text.split()) for text in texts)
+    assert reply.prompt_eval_count == words  # summed over the batches
+    legacy = httpx.post(
+        proxy.url + "/api/embeddings",
+        json={"model": "demo-embed", "input": texts},
+        timeout=30,
+    ).json()
+    assert legacy["embeddings"] == reply.embeddings
+
+
 def test_legacy_embeddings(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
     c = client(proxy)
     legacy = c.embeddings(model="demo-embed", prompt="hello world")

@@ -1356,6 +1356,7 @@ _WRONG_SHAPES = {
     ),
     "embedding-is-text": '{"data": [{"embedding": "abc"}]}',
     "no-data": "[]",
+    "one-vector": '{"data": [{"embedding": [0.5]}]}',
     "no-choices": "{}",
     "error-with-200": '{"error": {"message": "quota exceeded", "type": "insufficient_quota"}}',
     # OpenRouter's failed completion: an error beside a choice finished with "error"
@@ -1557,6 +1558,17 @@ def test_a_backend_body_of_the_wrong_shape_is_a_502_in_dialect(
     assert response.status_code == 502, response.text
     assert set(response.json()) == {"error"}
     assert "unexpected shape" in response.json()["error"]
+
+
+def test_fewer_vectors_than_inputs_is_a_502_not_a_misaligned_answer(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """Clients pair texts and vectors by position (LangChain's embed_documents zips them):
+    a vector missing from the middle would shift every later one onto the wrong text."""
+    body = {"model": "one-vector", "input": ["a", "b"]}
+    response = httpx.post(wrong_shape_proxy.url + "/api/embed", json=body, timeout=10)
+    assert response.status_code == 502, response.text
+    assert response.json() == {"error": "the backend returned 1 embeddings for 2 inputs"}
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])

@@ -43,8 +43,11 @@ from trioproxy.translate import (
     Timings,
     _ContentChunks,
     _generated_call_id,
+    embed_batches,
+    embedding_count,
     image_data_url,
     is_embedding_model,
+    joined_embeddings,
     keep_alive_unloads,
     model_family,
     ollama_chat_to_openai,
@@ -1607,6 +1610,36 @@ def test_embed_response_in_index_order() -> None:
         "prompt_eval_count": 6,
     }
     EmbedResponse.model_validate(out)
+
+
+@given(count=st.integers(1, 30), size=st.integers(1, 8))
+def test_embed_batches_keep_every_input_in_order(count: int, size: int) -> None:
+    payload = {"model": "b", "input": [f"t{i}" for i in range(count)], "dimensions": 4}
+    batches = embed_batches(payload, size)
+    assert [text for batch in batches for text in batch["input"]] == payload["input"]
+    assert all(0 < len(batch["input"]) <= size for batch in batches)
+    assert len(batches) == -(-count // size)
+    assert all(batch["model"] == "b" and batch["dimensions"] == 4 for batch in batches)
+    if count <= size:
+        assert batches == [payload]
+
+
+def test_embed_batches_default_to_openai_s_cap() -> None:
+    payload = {"model": "b", "input": ["x"] * 5_000}
+    assert [len(b["input"]) for b in embed_batches(payload)] == [2_048, 2_048, 904]
+
+
+def test_joined_embeddings_renumber_in_order_and_sum_the_usage() -> None:
+    first = _emb_resp([[0.1], [0.2]], shuffled=True)
+    second = _emb_resp([[0.3]])
+    joined = joined_embeddings([first, second])
+    assert [item["index"] for item in joined["data"]] == [0, 1, 2]
+    assert embedding_count(joined) == 3
+    assert joined["usage"] == {"prompt_tokens": 12, "total_tokens": 12}
+    out = openai_embeddings_to_ollama_embed(joined, "m", TIMINGS)
+    assert out["embeddings"] == [[0.1], [0.2], [0.3]]
+    assert out["prompt_eval_count"] == 12
+    assert joined_embeddings([first]) is first
 
 
 def test_embed_response_base64_vectors() -> None:

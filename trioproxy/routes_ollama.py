@@ -19,7 +19,14 @@ from quart import Blueprint, Response, request
 from . import translate as tr
 from .app import current_call, quart_route
 from .catalog import backend_name_for
-from .errors import NotFound, ProxyError, UpstreamStatusError, error_body_for, shown_name
+from .errors import (
+    BadUpstreamResponse,
+    NotFound,
+    ProxyError,
+    UpstreamStatusError,
+    error_body_for,
+    shown_name,
+)
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_chat,
@@ -208,8 +215,7 @@ async def embed(call: Call) -> Reply:
     start_ns = time.perf_counter_ns()
     backend_model = await backend_name_for(call, body["model"])
     payload = tr.ollama_embed_to_openai(body, backend_model)
-    with _model_not_found_as_ollama(body["model"], backend_model):
-        resp, _ = await call_json(call, "/embeddings", payload)
+    resp = await _embed_in_batches(call, payload, body["model"])
     note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
@@ -226,10 +232,29 @@ async def embeddings(call: Call) -> Reply:
         return _json_reply({"embedding": []})
     backend_model = await backend_name_for(call, body["model"])
     payload = tr.ollama_embeddings_to_openai(body, backend_model)
-    with _model_not_found_as_ollama(body["model"], backend_model):
-        resp, _ = await call_json(call, "/embeddings", payload)
+    resp = await _embed_in_batches(call, payload, body["model"])
     note_usage(call.state, resp)
     return _json_reply(from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp))
+
+
+async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.JSONDict:
+    """The backend's ``/embeddings`` answer for every input of ``payload``, asked for in
+    batches OpenAI takes (Ollama takes any number; LangChain's ``embed_documents`` sends
+    every text at once), one after another, joined in input order. A batch answered
+    with another number of vectors than it had inputs is a 502: the clients pair texts
+    and vectors by position."""
+    batches = tr.embed_batches(payload)
+    answers = []
+    with _model_not_found_as_ollama(model, payload["model"]):
+        for batch in batches:
+            resp, _ = await call_json(call, "/embeddings", batch)
+            answers.append(resp)
+    for batch, resp in zip(batches, answers, strict=True):
+        got, sent = from_backend(call, tr.embedding_count, resp), len(batch["input"])
+        if got != sent:
+            call.app.collector.upstream_error("protocol")
+            raise BadUpstreamResponse(f"the backend returned {got} embeddings for {sent} inputs")
+    return tr.joined_embeddings(answers)
 
 
 @contextmanager

@@ -1485,13 +1485,49 @@ def _vector(embedding: object) -> list[float]:
     return []
 
 
-def _vectors(resp: JSONDict) -> list[list[float]]:
+def _embedding_items(resp: JSONDict) -> list[JSONDict]:
+    """The ``data`` items of an ``/embeddings`` answer, in input order."""
     data = resp.get("data")
     if not isinstance(data, list):
         return []
     items = [d for d in data if isinstance(d, dict)]
     items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
-    return [_vector(d.get("embedding")) for d in items]
+    return items
+
+
+def _vectors(resp: JSONDict) -> list[list[float]]:
+    return [_vector(d.get("embedding")) for d in _embedding_items(resp)]
+
+
+# OpenAI's cap on the inputs of one /embeddings request; Ollama's /api/embed has none
+EMBED_BATCH_INPUTS = 2048
+
+
+def embed_batches(payload: JSONDict, size: int = EMBED_BATCH_INPUTS) -> list[JSONDict]:
+    """An ``/embeddings`` payload (list ``input``) as requests of at most ``size`` inputs
+    each, in order."""
+    inputs = payload["input"]
+    if len(inputs) <= size:
+        return [payload]
+    return [{**payload, "input": inputs[i : i + size]} for i in range(0, len(inputs), size)]
+
+
+def embedding_count(resp: JSONDict) -> int:
+    return len(_embedding_items(resp))
+
+
+def joined_embeddings(answers: list[JSONDict]) -> JSONDict:
+    """The answers to :func:`embed_batches`' requests as one ``/embeddings`` answer: every
+    vector in input order, renumbered, and the usage summed."""
+    if len(answers) == 1:
+        return answers[0]
+    data = [
+        {**item, "index": index}
+        for index, item in enumerate(item for resp in answers for item in _embedding_items(resp))
+    ]
+    prompt = sum(_usage_counts(resp)[0] for resp in answers)
+    usage = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return {**answers[0], "data": data, "usage": usage}
 
 
 def openai_embeddings_to_ollama_embed(resp: JSONDict, model: str, timings: Timings) -> JSONDict:

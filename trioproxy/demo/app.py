@@ -573,6 +573,10 @@ class DemoApp:
     def _prepare_embeddings(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
         model = _model_of(body, ex, script.EMBED_MODELS, "embeddings")
         texts = _embedding_inputs(body.get("input"))
+        if len(texts) > script.MAX_EMBED_INPUTS:
+            raise ApiError(
+                400, f"input must have at most {script.MAX_EMBED_INPUTS} items", param="input"
+            )
         directives = _directives(texts[0])
         dimensions = body.get("dimensions", script.EMBED_DIMENSIONS)
         if (

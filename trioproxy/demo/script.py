@@ -26,6 +26,7 @@ MODEL_IDS = ("demo-chat", "demo-reasoner", "demo-embed")
 
 EMBED_DIMENSIONS = 8
 MAX_EMBED_DIMENSIONS = 4096
+MAX_EMBED_INPUTS = 2048  # OpenAI's cap on one /embeddings request
 
 PASSAGE = (
     "Hello from the trioproxy demo backend! This friendly reply is generated one word at a time, "
