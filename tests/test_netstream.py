@@ -531,3 +531,21 @@ async def test_a_cancelled_read_ends_the_body_too() -> None:
         await response.aclose()
 
     await _with_backend(backend, run)
+
+
+async def test_a_response_an_async_client_sent_is_read_directly_too() -> None:
+    backend = _Backend([_chunked(b"via", b"client"), _chunked(b"again")])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> list[bytes]:
+        async with httpx.AsyncClient(transport=transport) as client:
+            parts = []
+            for _ in range(2):
+                async with client.stream("GET", backend.url) as response:
+                    body = H11Body.of(response)
+                    assert body is not None
+                    parts += await _read_all(body)
+                assert response.elapsed.total_seconds() > 0  # closed through the client
+            return parts
+
+    assert await _with_backend(backend, run) == [b"via", b"client", b"again"]
+    assert backend.connections == 1

@@ -43,6 +43,7 @@ import httpx
 import trio
 from httpcore._async import http11
 from httpcore._async.connection_pool import PoolByteStream
+from httpx._client import BoundAsyncStream
 from httpx._transports.default import AsyncResponseStream, map_httpcore_exceptions
 
 
@@ -299,6 +300,8 @@ class H11Body:
         if response.is_stream_consumed or response.is_closed:
             return None
         stream = response.stream
+        if type(stream) is BoundAsyncStream:  # sent by an AsyncClient, not its transport
+            stream = stream._stream
         if type(stream) is not AsyncResponseStream:
             return None
         pooled = stream._httpcore_stream
