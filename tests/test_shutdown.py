@@ -175,13 +175,14 @@ def test_a_reply_cut_at_the_end_of_the_grace_period_is_recorded_as_the_proxys_do
     assert "(cut by the shutdown)" in access[0], access
 
 
-@pytest.mark.parametrize("signals", [1, 2])
-def test_requests_still_waiting_for_the_backend_get_a_503(signals: int) -> None:
+@pytest.mark.parametrize(("signals", "workers"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_requests_still_waiting_for_the_backend_get_a_503(signals: int, workers: int) -> None:
     """In their caller's dialect, however the proxy stops. On one signal hypercorn would
     close their connections without a response when GRACEFUL_TIMEOUT runs out: they are
     answered a little before. On a second one hypercorn, cancelled at once, answered them
-    with an empty 500: they are answered at once, and the process still stops at once."""
-    server = _start_demo_proxy(1, GRACEFUL_TIMEOUT="1.5" if signals == 1 else "30")
+    with an empty 500, and with --workers the master killed its workers, connections and
+    all: they are answered at once, and the process still stops at once."""
+    server = _start_demo_proxy(workers, GRACEFUL_TIMEOUT="1.5" if signals == 1 else "30")
     replies: dict[str, httpx.Response | str] = {}
     messages = [{"role": "user", "content": "hi [[first_delay=20]]"}]
     bodies = {

@@ -34,6 +34,8 @@ from .auth import ClientKeys
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
+    STOP_NOW_SECONDS,
+    STOP_NOW_SIGNAL,
     WORKER_VARIABLE,
     Settings,
     load_settings,
@@ -57,6 +59,7 @@ from .exchange import (
     primed,
     proxy_error_reply,
     record_protocol_refusal,
+    stop_at_once,
 )
 from .ledger import ResponsesLedger
 from .logs import configure_logging
@@ -274,6 +277,27 @@ async def current_call() -> Call:
     return Call(request_app(), request_state(), request.path, await request.get_data())
 
 
+def answer_all_and_stop(app: ProxyApp) -> None:
+    """A second stop signal: requests still waiting get their 503 in their dialect (a
+    stream its in-band end), written within ``STOP_NOW_SECONDS``; the server is stopped
+    then (by the caller). What is cut from now on is counted as the proxy's doing."""
+    stop_at_once()
+    app.in_progress.begin_shutdown(0.0)
+    hypercorn_patches.end_writes_within(STOP_NOW_SECONDS)
+
+
+async def _answer_all_on_the_masters_word(
+    app: ProxyApp, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """In a worker of ``--workers N``: its master's word that a second signal came. The
+    master kills the workers ``STOP_NOW_SECONDS`` later."""
+    with trio.open_signal_receiver(STOP_NOW_SIGNAL) as signals:
+        task_status.started()
+        async for _ in signals:
+            answer_all_and_stop(app)
+            return
+
+
 def _drain_on_hypercorns_event_only() -> None:
     """In a worker of ``--workers N``: ignore SIGTERM. hypercorn's master stops its workers
     through a shared event, on which each drains its requests for ``GRACEFUL_TIMEOUT``; but
@@ -389,6 +413,8 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
                 await nursery.start(app.readiness.run, app)  # type: ignore[attr-defined]
                 if app.pool is not None:
                     await nursery.start(app.pool.read_deadlines.run)
+                if os.environ.get(WORKER_VARIABLE) == "1":
+                    await nursery.start(_answer_all_on_the_masters_word, app)
                 task_status.started()
     finally:
         stop_listening()

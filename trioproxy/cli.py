@@ -33,6 +33,8 @@ from . import __version__
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
+    STOP_NOW_SECONDS,
+    STOP_NOW_SIGNAL,
     WORKER_VARIABLE,
     ConfigError,
     Settings,
@@ -186,9 +188,7 @@ async def watch_signals(
 async def serve_in_process(settings: Settings) -> None:
     from hypercorn.trio import serve as hypercorn_serve
 
-    from . import hypercorn_patches
-    from .app import create_app
-    from .exchange import stop_at_once
+    from .app import answer_all_and_stop, create_app
 
     listener = listen(settings.host, settings.port)
     app = create_app(settings)
@@ -198,12 +198,10 @@ async def serve_in_process(settings: Settings) -> None:
         stop = trio.Event()
 
         def stop_now() -> None:
-            stop_at_once()  # what is cut now is counted as the proxy's doing
             # hypercorn, cancelled, answers a request still waiting with an empty 500: it
             # gets its 503 in its dialect first (a stream its in-band end), written within
             # a moment, and whatever is still running then is cut
-            app.in_progress.begin_shutdown(0.0)
-            hypercorn_patches.end_writes_within(STOP_NOW_SECONDS)
+            answer_all_and_stop(app)
             nursery.cancel_scope.deadline = trio.current_time() + STOP_NOW_SECONDS
 
         await nursery.start(watch_signals, stop.set, stop_now)
@@ -215,10 +213,6 @@ async def serve_in_process(settings: Settings) -> None:
             notice(f"trioproxy {__version__} listening on {binds[0]}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
-
-
-STOP_NOW_SECONDS = 0.5
-"""How long a second signal leaves for the 503s and in-band ends it makes to be written."""
 
 
 def hypercorn_config(settings: Settings) -> object:
@@ -320,7 +314,9 @@ async def serve_workers(settings: Settings) -> None:
         nonlocal asked, killed
         asked = killed = True
         if process is not None:
-            _kill_group(process.pid)
+            # the workers answer what waits with its 503 (a stream its in-band end) first
+            _kill_group(process.pid, STOP_NOW_SIGNAL)
+            nursery.start_soon(_kill_group_after, process.pid, STOP_NOW_SECONDS + 0.25)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -365,10 +361,15 @@ async def serve_workers(settings: Settings) -> None:
         raise WorkersFailed(returncode)
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     # the child leads its own process group (start_new_session), its workers in it
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
+
+
+async def _kill_group_after(pgid: int, seconds: float) -> None:
+    await trio.sleep(seconds)
+    _kill_group(pgid)
 
 
 HYPERCORN_CHILD = "from trioproxy.cli import hypercorn_child; hypercorn_child()"
@@ -386,6 +387,9 @@ def hypercorn_child() -> None:
     trioproxy has exited in any way. (PR_SET_PDEATHSIG would not do: trio starts the
     child from a worker thread, whose exit after 10 s idle counts as the parent's death.)"""
     lifeline, deadline = int(sys.argv[1]), float(sys.argv[2])
+    # hypercorn's master and the workers it spawns (which inherit this) until the app in
+    # each has its handler: the signal must not end them
+    signal.signal(STOP_NOW_SIGNAL, signal.SIG_IGN)
     watcher = threading.Thread(target=_stop_with_parent, args=(lifeline, deadline), daemon=True)
     watcher.start()
     _close_listeners_when_stopping()

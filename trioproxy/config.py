@@ -12,6 +12,7 @@ import io
 import math
 import os
 import re
+import signal
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,10 @@ ENV_FILE_VARIABLE = "TRIOPROXY_ENV_FILE"
 ``.env``; empty for none). ``--workers`` sets it for its workers to the ``--env-file``."""
 WORKER_VARIABLE = "TRIOPROXY_WORKER"
 """``1`` in the hypercorn workers that ``--workers N`` starts (see ``app.create_app``)."""
+STOP_NOW_SECONDS = 0.5
+"""How long a second signal leaves for the 503s and in-band ends it makes to be written."""
+STOP_NOW_SIGNAL = signal.SIGUSR1
+"""What the master of ``--workers N`` sends its workers on a second stop signal."""
 
 
 class ConfigError(ValueError):
