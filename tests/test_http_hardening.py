@@ -434,6 +434,27 @@ def test_repeated_slashes_are_served_not_redirected(
         assert answer.status_code == 200 and "models" in answer.json()
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/chat%2Fcompletions", "/v1%2fchat/completions", "/api%2Fchat", "/api/tags%2F"]
+)
+def test_an_encoded_slash_is_no_path_separator(guarded_proxy: ServerProcess, path: str) -> None:
+    """A front proxy that allows or refuses paths matches them as sent: the proxy served
+    "/v1/chat%2Fcompletions" as chat completions, having matched it decoded."""
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+    method = "GET" if "tags" in path else "POST"
+    answer = httpx.request(
+        method,
+        guarded_proxy.url + path,
+        json=body if method == "POST" else None,
+        headers={"Authorization": "Bearer alice-key-0123456789"},
+        timeout=10,
+    )
+    assert answer.status_code == 404, answer.text
+    error = answer.json()["error"]
+    message = error["message"] if path.startswith("/v1/") else error
+    assert message == f"no route for {method} {path.replace('%2f', '%2F')}"
+
+
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/show"])
 def test_a_lone_surrogate_in_a_model_name_is_never_a_500(proxy: ServerProcess, path: str) -> None:
     body = b'{"model": "\\ud800", "prompt": "hi", "input": "hi", "messages": []}'

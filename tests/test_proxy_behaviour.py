@@ -1069,13 +1069,24 @@ def mapped_proxy(
     start_proxy: StartProxy,
     demo_backend: ServerProcess,
 ) -> ServerProcess:
-    mapping = {"llama3": "demo-chat", "nomic-embed-text": "demo-embed"}
+    mapping = {"llama3": "demo-chat", "nomic-embed-text": "demo-embed", "org/chat": "demo-chat"}
     doc: dict[str, Any] = mapping
     if request.param == "nested":
         doc = {"model_mappings": mapping, "default_model": "llama3"}
     path: Path = tmp_path_factory.mktemp("mapping") / f"{request.param}.json"
     path.write_text(json.dumps(doc))
     return start_proxy(demo_backend.url, MODEL_MAPPING_FILE=str(path))
+
+
+def test_a_model_id_with_a_slash_is_found_as_the_openai_sdk_spells_it(
+    mapped_proxy: ServerProcess,
+) -> None:
+    """OpenRouter's and vLLM's ids hold a "/" ("meta-llama/Llama-3.1-8B"); the SDK sends
+    it encoded ("/v1/models/org%2Fchat"), and the proxy matches other paths as sent."""
+    client = openai.OpenAI(base_url=mapped_proxy.url + "/v1", api_key="x", max_retries=0)
+    assert client.models.retrieve("org/chat").id == "org/chat"
+    raw = httpx.get(mapped_proxy.url + "/v1/models/org/chat", timeout=10)  # as curl sends it
+    assert raw.status_code == 200 and raw.json()["id"] == "org/chat"
 
 
 def test_mapping_ollama_api(mapped_proxy: ServerProcess, demo_backend: ServerProcess) -> None:

@@ -17,6 +17,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
@@ -87,7 +88,14 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         if "//" in path:
             # "/api//tags" is "/api/tags", served, not redirected: werkzeug would answer a
             # 308 to a URL built from the client's Host header (and a preflight gets none)
-            self.scope["path"] = _REPEATED_SLASHES.sub("/", path)
+            path = self.scope["path"] = _REPEATED_SLASHES.sub("/", path)
+        raw = self.scope.get("raw_path") or b""
+        if b"%" in raw and _ENCODED_SLASH.search(raw) and not path.startswith(_BY_ID):
+            # "/v1/chat%2Fcompletions" names no route: matched decoded, it was served as
+            # the chat completions that a front proxy matching the path as sent (to allow
+            # or refuse it) did not see. Only an id may hold an encoded "/" (the openai
+            # SDK sends "org/model" and LiteLLM's Responses ids so).
+            self.scope["path"] = _path_keeping_encoded_slashes(raw)
         route = fastpath.fast_route(app, self.scope)
         if route is not None:
             await fastpath.serve(app, self.scope, receive, send, *route)
@@ -422,6 +430,15 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
 
 
 _REPEATED_SLASHES = re.compile(r"/{2,}")
+_ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
+_BY_ID = ("/v1/responses/", "/v1/models/")
+
+
+def _path_keeping_encoded_slashes(raw: bytes) -> str:
+    """The request's path percent-decoded but for its encoded slashes (as ASGI decodes
+    it, in UTF-8)."""
+    parts = _ENCODED_SLASH.split(raw)
+    return "%2F".join(unquote_to_bytes(part).decode("utf-8", "replace") for part in parts)
 
 
 def _path_of_absolute_target(target: str) -> str:
