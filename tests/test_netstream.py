@@ -549,3 +549,67 @@ async def test_a_response_an_async_client_sent_is_read_directly_too() -> None:
 
     assert await _with_backend(backend, run) == [b"via", b"client", b"again"]
     assert backend.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "then_close"),
+    [
+        (_chunked(b"kept alive"), False),
+        ([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n", b"close"], True),
+        ([b"HTTP/1.0 200 OK\r\n\r\n", b"until the end"], True),
+    ],
+)
+async def test_reads_after_the_end_return_at_once(
+    reply: list[bytes | None], then_close: bool
+) -> None:
+    """The relays read again after the last part (a drain after [DONE], a JSON answer to
+    a stream): h11 then asks for more data, or says the connection closed for ever, and
+    the read waited for the drain's limit or spun, holding the worker."""
+    backend = _Backend([reply], then_close=then_close)
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> tuple[bytes, bool]:
+        response, body = await _direct(transport, backend)
+        whole = b"".join(await _read_all(body))
+        with trio.fail_after(0.1):
+            assert await body.read() is None
+            assert await body.read() is None
+        return whole, response.is_closed
+
+    whole, closed = await _with_backend(backend, run)
+    assert whole in (b"kept alive", b"close", b"until the end")
+    assert closed  # as after httpx's aiter_raw: the response is closed at its end
+
+
+async def test_a_body_read_to_its_end_frees_its_pool_slot_without_aclose() -> None:
+    backend = _Backend([_chunked(b"one"), _chunked(b"two")])
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
+    assert install(transport)
+
+    async def run(_: httpx.AsyncHTTPTransport) -> bytes:
+        _, body = await _direct(transport, backend)
+        await _read_all(body)  # never closed by the caller
+        with trio.fail_after(1):
+            second = await transport.handle_async_request(_request(backend))
+        return await second.aread()
+
+    try:
+        assert await _with_backend(backend, run) == b"two"
+    finally:
+        await transport.aclose()
+    assert backend.connections == 1
+
+
+async def test_a_failed_read_says_which_request_failed() -> None:
+    backend = _Backend([[CHUNKED_HEAD, b"zz\r\n"]])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> None:
+        request = _request(backend)
+        response = await transport.handle_async_request(request)
+        response.request = request
+        body = H11Body.of(response)
+        assert body is not None
+        with pytest.raises(httpx.RemoteProtocolError) as failure:
+            await body.read()
+        assert failure.value.request is request
+
+    await _with_backend(backend, run)

@@ -44,6 +44,7 @@ import trio
 from httpcore._async import http11
 from httpcore._async.connection_pool import PoolByteStream
 from httpx._client import BoundAsyncStream
+from httpx._exceptions import request_context
 from httpx._transports.default import AsyncResponseStream, map_httpcore_exceptions
 
 
@@ -276,18 +277,21 @@ class H11Body:
     httpcore's pool, connection and body streams) and two exception-mapping context
     managers that cost about a sixth of relaying a stream chunk (docs/performance.md).
 
-    As with httpcore's iterator: errors are the ones httpx raises (mapped on the way out
-    only); a read that fails or is cancelled closes the connection at once and ends the
-    body (later reads return None); the response still closes through httpx
-    (``response.aclose()``), where httpcore's connection finds its h11 state at the end
-    of the response and goes back to the pool, or is closed when the body was left
-    part-read."""
+    As with ``aiter_raw``: errors are the ones httpx raises (mapped on the way out
+    only); at the end of the body the response is closed (its connection goes back to
+    the pool, or is closed when the backend closes it); a read that fails or is
+    cancelled closes the response too (shielded), which closes the connection; after
+    either, reads return None."""
 
-    __slots__ = ("_body", "_connection", "_h11", "_network", "_timeout")
+    __slots__ = ("_connection", "_h11", "_network", "_response", "_timeout")
 
-    def __init__(self, body: http11.HTTP11ConnectionByteStream, timeout: float | None) -> None:
-        connection = body._connection
-        self._body = body
+    def __init__(
+        self,
+        response: httpx.Response,
+        connection: http11.AsyncHTTP11Connection,
+        timeout: float | None,
+    ) -> None:
+        self._response = response
         self._connection = connection
         self._h11: h11.Connection | None = connection._h11_state
         self._network: httpcore.AsyncNetworkStream = connection._network_stream
@@ -315,7 +319,7 @@ class H11Body:
         # httpcore takes the read timeout from its request when its iterator starts
         timeouts = body._request.extensions.get("timeout", {})
         response.is_stream_consumed = True  # httpx must not read it a second time
-        return cls(body, timeouts.get("read"))
+        return cls(response, body._connection, timeouts.get("read"))
 
     async def read(self) -> bytes | None:
         """The next part of the body, None at its end (httpcore's ``_receive_event``)."""
@@ -332,17 +336,26 @@ class H11Body:
                     state.receive_data(data)
                 elif type(event) is h11.Data:
                     return bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
-                    return None
+                else:  # EndOfMessage; PAUSED, ConnectionClosed: nothing more to read
+                    break
         except BaseException as exc:
             self._h11 = None
             with trio.CancelScope(shield=True):
-                await self._body.aclose()
+                await self._response.aclose()
             if isinstance(exc, h11.RemoteProtocolError):
-                _raise_as_httpx(httpcore.RemoteProtocolError(str(exc)))
+                self._raise_as_httpx(httpcore.RemoteProtocolError(str(exc)))
             if isinstance(exc, Exception):  # httpcore's ReadError, ReadTimeout, ...
-                _raise_as_httpx(exc)
+                self._raise_as_httpx(exc)
             raise
+        self._h11 = None
+        await self._response.aclose()
+        return None
+
+    def _raise_as_httpx(self, exc: Exception) -> NoReturn:
+        """``exc`` as httpx raises it from a body it reads (others unchanged)."""
+        with request_context(request=self._response._request), map_httpcore_exceptions():
+            raise exc
+        raise AssertionError("unreachable")
 
 
 def body_reader(response: httpx.Response) -> Callable[[], Awaitable[bytes | None]]:
@@ -355,13 +368,6 @@ def body_reader(response: httpx.Response) -> Callable[[], Awaitable[bytes | None
     if direct is not None:
         return direct.read
     return functools.partial(anext, response.aiter_bytes(), None)
-
-
-def _raise_as_httpx(exc: Exception) -> NoReturn:
-    """``exc`` as httpx raises it from a body it reads (others unchanged)."""
-    with map_httpcore_exceptions():
-        raise exc
-    raise AssertionError("unreachable")
 
 
 _original_response_closed = http11.AsyncHTTP11Connection._response_closed
