@@ -417,6 +417,15 @@ def test_a_batch_past_openai_s_cap_is_embedded_whole_and_in_order(
     assert legacy["embeddings"] == reply.embeddings
 
 
+def test_a_refused_batch_says_which_inputs_it_held(proxy: ServerProcess) -> None:
+    texts = ["fine"] * 2_048 + ["[[status=400]] refused", "also"]
+    reply = httpx.post(
+        proxy.url + "/api/embed", json={"model": "demo-embed", "input": texts}, timeout=30
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"].startswith("inputs 2048-2049 of 2050 (batch 2 of 2): ")
+
+
 def test_legacy_embeddings(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
     c = client(proxy)
     legacy = c.embeddings(model="demo-embed", prompt="hello world")

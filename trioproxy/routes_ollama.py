@@ -244,17 +244,41 @@ async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.
     with another number of vectors than it had inputs is a 502: the clients pair texts
     and vectors by position."""
     batches = tr.embed_batches(payload)
-    answers = []
     with _model_not_found_as_ollama(model, payload["model"]):
-        for batch in batches:
-            resp, _ = await call_json(call, "/embeddings", batch)
-            answers.append(resp)
+        answers = await _ask_each(call, batches)
     for batch, resp in zip(batches, answers, strict=True):
         got, sent = from_backend(call, tr.embedding_count, resp), len(batch["input"])
         if got != sent:
             call.app.collector.upstream_error("protocol")
             raise BadUpstreamResponse(f"the backend returned {got} embeddings for {sent} inputs")
     return tr.joined_embeddings(answers)
+
+
+async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]:
+    """The backend's answers to ``batches``; its time is the sum of theirs. A refusal of
+    one batch of several says which inputs it held: the backend's message counts from
+    the start of the batch (OpenAI's "input[3]")."""
+    answers: list[tr.JSONDict] = []
+    backend_ms = 0.0
+    for batch in batches:
+        try:
+            resp, result = await call_json(call, "/embeddings", batch)
+        except UpstreamStatusError as error:
+            if len(batches) > 1:
+                error.message = f"{_which_inputs(batches, len(answers))}: {error.message}"
+            raise
+        answers.append(resp)
+        backend_ms += (time.perf_counter() - result.started) * 1000.0
+    if call.state.metric is not None and len(batches) > 1:
+        call.state.metric.upstream_ms = backend_ms
+    return answers
+
+
+def _which_inputs(batches: list[tr.JSONDict], index: int) -> str:
+    first = sum(len(batch["input"]) for batch in batches[:index])
+    last = first + len(batches[index]["input"]) - 1
+    total = sum(len(batch["input"]) for batch in batches)
+    return f"inputs {first}-{last} of {total} (batch {index + 1} of {len(batches)})"
 
 
 @contextmanager
