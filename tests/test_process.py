@@ -256,3 +256,63 @@ def test_a_stop_signal_as_the_workers_start_is_a_clean_stop() -> None:
             assert server.process.wait(timeout=30) == 0, server.log()
         finally:
             server.stop()
+
+
+# loaded by the started interpreter (PYTHONPATH): it marks when the program's imports are
+# under way and draws them out, so the signal lands in the middle of them
+_SLOW_IMPORTS = """
+import importlib.abc, os, sys, time
+
+
+class _Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "trioproxy.cli":
+            open(os.environ["IMPORTS_UNDER_WAY"], "w").close()
+            time.sleep(0.5)
+        return None
+
+
+sys.meta_path.insert(0, _Slow())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("command", ["module", "script"])
+def test_a_stop_signal_while_the_program_starts_is_a_clean_stop(
+    signum: int, command: str, tmp_path: Path
+) -> None:
+    """Importing the program takes a few tenths of a second: a SIGTERM then ended it by
+    the signal's default (exit -15), a SIGINT as a KeyboardInterrupt traceback."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, base_env
+
+    (tmp_path / "sitecustomize.py").write_text(_SLOW_IMPORTS)
+    mark = tmp_path / "imports-under-way"
+    start = (
+        [sys.executable, "-m", "trioproxy"]
+        if command == "module"
+        else [str(Path(sys.executable).parent / "trioproxy")]
+    )
+    process = subprocess.Popen(
+        [*start, "--demo", "--host", "127.0.0.1", "--port", "0", "--env-file", ""],
+        cwd=ROOT,
+        env=base_env(PYTHONPATH=str(tmp_path), IMPORTS_UNDER_WAY=str(mark)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not mark.exists():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.002)
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+        assert "Traceback" not in output, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from ._entry import STOP_SIGNALS, take_held
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
@@ -160,9 +161,6 @@ async def serve(settings: Settings) -> None:
         nursery.cancel_scope.cancel()
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 async def watch_signals(
     drain: Callable[[], None],
     stop_now: Callable[[], None],
@@ -172,17 +170,29 @@ async def watch_signals(
     """SIGTERM, SIGINT or SIGHUP: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``);
     a second one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a
     traceback. SIGHUP (a closed terminal or SSH session; a reload, to some supervisors)
-    killed the process by default, streams and all: there is no reload, so it drains."""
+    killed the process by default, streams and all: there is no reload, so it drains.
+    Signals held while the program started (``_entry``) count as the first ones."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         task_status.started()
-        draining = False
-        async for _ in signals:
-            if draining:
-                notice("trioproxy: stopping now (second signal)", "WARNING")
-                stop_now()
+        seen = 0
+        for _ in take_held():
+            seen += 1
+            if _stopped(seen, drain, stop_now):
                 return
-            draining = True
-            drain()
+        async for _ in signals:
+            seen += 1
+            if _stopped(seen, drain, stop_now):
+                return
+
+
+def _stopped(seen: int, drain: Callable[[], None], stop_now: Callable[[], None]) -> bool:
+    """Act on the ``seen``-th stop signal; whether that was the last one to watch for."""
+    if seen == 1:
+        drain()
+        return False
+    notice("trioproxy: stopping now (second signal)", "WARNING")
+    stop_now()
+    return True
 
 
 async def serve_in_process(settings: Settings) -> None:
