@@ -143,12 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.compare:
         name, _, command = item.partition("=")
         bench.compare[name] = command
-    results = bench.run()
+    try:
+        results = bench.run()
+    except KeyboardInterrupt:  # every server is stopped by now (Bench.run's cleanup)
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 128 + signal.SIGINT
     if only:
         results["only"] = sorted(only)
     paths = report.write(results, out)
     print(report.text_table(results))
     print(f"\nwritten to {out}: " + ", ".join(p.name for p in paths))
+    if results.get("compare_failed"):
+        # a script comparing proxies must not read a run without one as a comparison
+        names = ", ".join(results["compare_failed"])
+        print(f"\ncompared proxies that did not start: {names}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -99,12 +99,14 @@ class Conn:
         "chunked",
         "close_after",
         "events",
+        "expect",
         "fd",
         "first_body",
         "first_byte",
         "need",
         "owner",
         "remaining",
+        "seen",
         "sep",
         "sock",
         "status",
@@ -121,6 +123,7 @@ class Conn:
         self.owner = owner
         self.sep = sep
         self.tag = None
+        self.expect = b""  # what a 2xx body must hold to count as an answer (set per send)
         self._reset()
 
     def _reset(self) -> None:
@@ -135,6 +138,7 @@ class Conn:
         self.first_body = 0.0
         self.close_after = False
         self.bad = False
+        self.seen = b""  # the body's last bytes until ``expect`` is found; None after
 
     def send(self, data: bytes, now: float) -> None:
         self._reset()
@@ -192,11 +196,28 @@ class Conn:
             n = len(data)
             if n and self.sep is not None:
                 self._payload(data)
+            elif n and self.seen is not None and self.expect:
+                self._look(data)
             self.remaining -= n
             if self.remaining <= 0:
                 self.owner.on_done(self, True)
 
+    def answered(self) -> bool:
+        """Whether the body held what the request's answer must (a 2xx without it, an
+        empty ``{}`` say, is no answer: a proxy that never asked the backend is no fast
+        proxy)."""
+        return not self.expect or self.seen is None
+
+    def _look(self, piece: bytes) -> None:
+        joined = self.seen + piece
+        if self.expect in joined:
+            self.seen = None
+        else:
+            self.seen = joined[-len(self.expect) :]
+
     def _payload(self, piece: bytes) -> None:
+        if self.seen is not None and self.expect:
+            self._look(piece)
         if not self.first_body:
             self.first_body = perf()
         if b'"error"' in piece:
@@ -371,6 +392,7 @@ class Closed:
         self.addr = (spec["host"], spec["port"])
         host, port = self.addr
         self.reqs = [build_request(host, port, r) for r in spec["requests"]]
+        self.expects = [r.get("expect", "").encode() for r in spec["requests"]]
         self.stream = bool(spec.get("stream"))
         self.sep = {"sse": b"\n\n", "ndjson": b"\n"}.get(spec.get("chunk", ""), None)
         if self.stream and self.sep is None:
@@ -388,15 +410,12 @@ class Closed:
         self.next_req = 0
         self.count = spec.get("count")
 
-    def _next(self) -> bytes:
-        reqs = self.reqs
-        i = self.next_req
-        self.next_req = i + 1
-        return reqs[i % len(reqs)]
-
     def _fire(self, conn: Conn, now: float) -> None:
         conn.tag = self.recording
-        conn.send(self._next(), now)
+        i = self.next_req % len(self.reqs)
+        self.next_req += 1
+        conn.send(self.reqs[i], now)
+        conn.expect = self.expects[i]
 
     def on_head(self, conn: Conn) -> None:
         pass
@@ -409,7 +428,11 @@ class Closed:
         now = perf()
         if ok and self.recording:
             st = conn.status
-            if 200 <= st < 300:
+            if 200 <= st < 300 and not conn.answered():
+                key = f"{st} without {conn.expect.decode()}"
+                self.errors += 1
+                self.statuses[key] = self.statuses.get(key, 0) + 1
+            elif 200 <= st < 300:
                 if conn.tag:  # started inside the recorded window
                     self.lat.append((now - conn.t0) * 1000.0)
                     if self.stream:
@@ -480,6 +503,10 @@ class Closed:
                 wait = min(wait, end_at - now)
             loop.poll(wait)
         elapsed = t_end - t_rec
+        # a request still without a byte of its answer after the whole window (a proxy
+        # that holds it) failed, though the cell ended before it could
+        unanswered = sum(1 for c in loop.conns.values() if not c.first_byte and c.t0 <= t_rec)
+        self.errors += unanswered
         for c in list(loop.conns.values()):
             loop.drop(c)
         result = {
@@ -489,6 +516,7 @@ class Closed:
             "completed": self.done,
             "rps": self.done / elapsed if elapsed > 0 else 0.0,
             "errors": self.errors,
+            "unanswered": unanswered,
             "error_statuses": {str(k): v for k, v in self.statuses.items()},
             "latency_ms": percentiles(self.lat),
         }

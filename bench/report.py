@@ -11,6 +11,8 @@ from typing import Any
 
 V1 = "/v1/chat/completions"
 OLLAMA = "/api/chat"
+# 3h: two workers under c=64 use both cores (about 1.9 here); below this they could not
+WORKERS_BUSY_CORES = 1.5
 MB = 1024 * 1024
 
 
@@ -43,8 +45,8 @@ _RELAY_LABELS = {
     "direct": "direct\n(demo)",
     V1: "proxy\n" + V1,
     OLLAMA: "proxy\n" + OLLAMA,
-    "floor_httpx": "floor\nhypercorn+httpx",
-    "floor_raw": "floor\nhypercorn+raw",
+    "floor_httpx": "floor\nhypercorn\n+httpx",
+    "floor_raw": "floor\nhypercorn\n+raw",
 }
 
 
@@ -126,7 +128,8 @@ def target_rows(results: dict[str, Any]) -> list[Row]:
             "≥ 1.7×",
             "—"
             if not w.get("ratio")
-            else f"{w['ratio']:.2f}× ({w['rps_2']:.0f} vs {w['rps_1']:.0f} req/s)",
+            else f"{w['ratio']:.2f}× ({w['rps_2']:.0f} vs {w['rps_1']:.0f} req/s)"
+            + _busy(w.get("cores_2")),
             _check(w.get("ratio"), 1.7, at_least=True),
         )
     )
@@ -368,12 +371,26 @@ def text_table(results: dict[str, Any]) -> str:
         lines.append(
             f"{r.figure.ljust(w1)}  {r.target.ljust(w2)}  {r.measured.ljust(w3)}  {r.verdict:7s}  {r.direct}"
         )
-    lines.append(f"{_tally(rows)}  ({results.get('mode')} run, {results.get('duration_s')} s)")
+    lines.append(_run_line(results, rows))
     for k, v in info_rows(results):
         lines.append(f"  {k}: {v}")
     for note in results.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _busy(cores: float | None) -> str:
+    if cores is None or cores >= WORKERS_BUSY_CORES:
+        return ""
+    return f"; the 2 workers got only {cores:.2f} cores: the machine was busy"
+
+
+def _run_line(results: dict[str, Any], rows: list[Row]) -> str:
+    mode = results.get("mode")
+    line = f"{_tally(rows)}  ({mode} run, {results.get('duration_s')} s)"
+    if mode == "quick":
+        line += " — quick cells are short: verdicts near a threshold are indicative only"
+    return line
 
 
 def _tally(rows: list[Row]) -> str:
@@ -394,10 +411,16 @@ def markdown_table(results: dict[str, Any]) -> str:
     for r in rows:
         out.append(f"| {r.figure} | {r.target} | {r.measured} | **{r.verdict}** | {r.direct} |")
     out.append("")
+    out.append(_run_line(results, rows))
+    out.append("")
     out.append("| other figures | |")
     out.append("|---|---|")
     for k, v in info_rows(results):
         out.append(f"| {k} | {v} |")
+    notes = results.get("notes") or []
+    if notes:
+        out.append("")
+        out += [f"- note: {note}" for note in notes]
     return "\n".join(out)
 
 
@@ -465,7 +488,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             if name != "direct":
                 axes[1].plot(concs, rps, "o-", color=color, label=label)
         added = _get(sc, "nonstream", "added") or {}
-        for path in (V1, OLLAMA):
+        for path in (V1, OLLAMA, *_others(results)):  # the compared proxies' too
             series = added.get(path) or {}
             concs = sorted(int(c) for c in series)
             axes[2].plot(
@@ -530,7 +553,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     relay = _get(sc, "stream", "relay")
     if relay:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
         names = list(relay)
         labels = [_RELAY_LABELS.get(n, n) for n in names]
         colors = [style.get(n, ("", "k"))[1] for n in names]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import servers
+from .report import WORKERS_BUSY_CORES
 from .servers import ROOT, Server
 
 # --------------------------------------------------------------------------- request bodies
@@ -45,9 +46,15 @@ def chat_request(path: str, *, stream: bool = False, directives: str = "") -> di
     return {"method": "POST", "path": path, "body": json.dumps(body)}
 
 
+# "expect": what a 2xx body must hold to count as an answer
 NONSTREAM = {
-    V1: {"method": "POST", "path": V1, "body": json.dumps(OPENAI_BODY)},
-    OLLAMA: {"method": "POST", "path": OLLAMA, "body": json.dumps(OLLAMA_BODY)},
+    V1: {"method": "POST", "path": V1, "body": json.dumps(OPENAI_BODY), "expect": '"choices"'},
+    OLLAMA: {
+        "method": "POST",
+        "path": OLLAMA,
+        "body": json.dumps(OLLAMA_BODY),
+        "expect": '"message"',
+    },
 }
 
 
@@ -467,6 +474,7 @@ class Bench:
         machine["other_cores_avg"] = round(max(0.0, busy_s - ours) / elapsed, 3)
         self.results["duration_s"] = round(elapsed, 1)
         self.results["notes"] = self.notes
+        self.results["compare_failed"] = sorted(self.unstarted)
         return self.results
 
     # -- servers ----------------------------------------------------------------------
@@ -920,6 +928,12 @@ class Bench:
             self.stop(one)
         one_rps = median([r["1"]["rps"] for r in rounds])
         two_rps = median([r["2"]["rps"] for r in rounds])
+        two_cores = median([r["2"]["cpu_cores"] or 0.0 for r in rounds])
+        if two_cores < WORKERS_BUSY_CORES:
+            self.note(
+                f"3h: the 2 workers got {two_cores:.2f} cores of CPU between them: another "
+                "process held the second core, so the ratio measures the machine, not the proxy"
+            )
         self.put(
             "workers",
             {
@@ -928,6 +942,7 @@ class Bench:
                 "rps_1": one_rps,
                 "rps_2": two_rps,
                 "ratio": ratio(two_rps, one_rps),
+                "cores_2": two_cores,
                 "worker_pids": len(workers),
             },
         )

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -256,6 +257,50 @@ def test_failed_requests_are_shown_and_fail_their_target() -> None:
     assert row.ok is False and "12 FAILED requests" in row.measured
 
 
+class _Impostor(BaseHTTPRequestHandler):
+    """A "proxy" that answers 200 without asking any backend, or never answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.server.holds:  # type: ignore[attr-defined]
+            time.sleep(5)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("holds", [False, True])
+def test_answers_that_are_none_count_as_failures(holds: bool) -> None:
+    """An empty 200 is no answer to a chat request, and a request held past the end of
+    the cell failed: both showed as a quiet "0/s" or as fast successes."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Impostor)
+    server.daemon_threads = True
+    server.holds = holds  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_loadgen({
+            "host": "127.0.0.1", "port": server.server_address[1], "conc": 3,
+            "warmup": 0.1, "duration": 0.5, "requests": [scenarios.NONSTREAM[scenarios.V1]],
+        })  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["completed"] == 0
+    if holds:
+        assert result["errors"] == result["unanswered"] == 3
+    else:
+        assert result["errors"] > 10
+        assert result["error_statuses"] == {'200 without "choices"': result["errors"]}
+    assert "FAILED" in report._cell_text("impostor", result)
+
+
 def test_an_unusable_out_folder_is_refused_before_the_run(tmp_path: Path) -> None:
     a_file = tmp_path / "results"
     a_file.write_text("")
@@ -291,3 +336,18 @@ def test_sigterm_stops_every_server_the_bench_started(tmp_path: Path) -> None:
     finally:
         if bench.poll() is None:
             bench.kill()
+
+
+def test_a_compared_proxy_that_does_not_start_fails_the_run(tmp_path: Path) -> None:
+    """The note was on stdout only: summary.md said nothing and the exit code was 0, so a
+    script reading either took a run without the comparison for one."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "ceiling", "--no-progress",
+         "--out", str(tmp_path), "--compare", "typo=/nonexistent/proxy --port {port}"],
+        capture_output=True, text=True, cwd=servers.ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "compared proxies that did not start: typo" in out.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "note: could not start typo for comparison" in summary
+    assert "targets met" in summary
