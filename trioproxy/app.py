@@ -17,7 +17,6 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
@@ -35,6 +34,7 @@ from .auth import ClientKeys
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
+    STOP_NOW_FILE_VARIABLE,
     STOP_NOW_SECONDS,
     STOP_NOW_SIGNAL,
     WORKER_VARIABLE,
@@ -90,12 +90,17 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             # 308 to a URL built from the client's Host header (and a preflight gets none)
             path = self.scope["path"] = _REPEATED_SLASHES.sub("/", path)
         raw = self.scope.get("raw_path") or b""
-        if b"%" in raw and _ENCODED_SLASH.search(raw) and not path.startswith(_BY_ID):
+        if b"%" in raw and _ENCODED_SLASH.search(raw):
             # "/v1/chat%2Fcompletions" names no route: matched decoded, it was served as
             # the chat completions that a front proxy matching the path as sent (to allow
             # or refuse it) did not see. Only an id may hold an encoded "/" (the openai
-            # SDK sends "org/model" and LiteLLM's Responses ids so).
-            self.scope["path"] = _path_keeping_encoded_slashes(raw)
+            # SDK sends "org/model" and LiteLLM's Responses ids so), after its route's
+            # prefix as sent: "/v1%2Fmodels/x" is no model route either.
+            as_sent = _path_as_sent(raw)
+            if not _below(as_sent, self.scope.get("root_path", "")).startswith(_BY_ID):
+                # a path that is served nothing: kept as sent, so logs and the 404 tell
+                # "%2F" from "%252F"
+                self.scope["path"] = as_sent.decode("latin-1")
         route = fastpath.fast_route(app, self.scope)
         if route is not None:
             await fastpath.serve(app, self.scope, receive, send, *route)
@@ -297,13 +302,17 @@ def answer_all_and_stop(app: ProxyApp) -> None:
 async def _answer_all_on_the_masters_word(
     app: ProxyApp, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """In a worker of ``--workers N``: its master's word that a second signal came. The
-    master kills the workers ``STOP_NOW_SECONDS`` later."""
+    """In a worker of ``--workers N``: its master's word that a second signal came (the
+    master kills the workers a moment later). The master creates its file first; the
+    same signal from anyone else is not its word and leaves the worker serving."""
+    marker = os.environ.get(STOP_NOW_FILE_VARIABLE, "")
     with trio.open_signal_receiver(STOP_NOW_SIGNAL) as signals:
         task_status.started()
         async for _ in signals:
-            answer_all_and_stop(app)
-            return
+            if marker and await trio.Path(marker).exists():
+                answer_all_and_stop(app)
+                return
+            log.warning("SIGUSR1 ignored: trioproxy's master sends it on a second stop signal")
 
 
 def _drain_on_hypercorns_event_only() -> None:
@@ -431,14 +440,23 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
 
 _REPEATED_SLASHES = re.compile(r"/{2,}")
 _ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
-_BY_ID = ("/v1/responses/", "/v1/models/")
+_BY_ID = (b"/v1/responses/", b"/v1/models/")
+_REPEATED_RAW_SLASHES = re.compile(rb"/{2,}")
 
 
-def _path_keeping_encoded_slashes(raw: bytes) -> str:
-    """The request's path percent-decoded but for its encoded slashes (as ASGI decodes
-    it, in UTF-8)."""
-    parts = _ENCODED_SLASH.split(raw)
-    return "%2F".join(unquote_to_bytes(part).decode("utf-8", "replace") for part in parts)
+def _path_as_sent(raw: bytes) -> bytes:
+    """The request target's path as sent, as routes are matched: repeated slashes merged,
+    an absolute form's scheme and host left out."""
+    if raw[:1] != b"/":
+        rest = raw.partition(b"://")[2]
+        raw = rest[rest.find(b"/") :] if b"/" in rest else b"/"
+    return _REPEATED_RAW_SLASHES.sub(b"/", raw)
+
+
+def _below(path: bytes, root_path: str) -> bytes:
+    """``path`` below the mount point (``root_path``), as the routes see it."""
+    root = root_path.encode("utf-8", "replace")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _path_of_absolute_target(target: str) -> str:
