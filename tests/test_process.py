@@ -316,3 +316,41 @@ def test_a_stop_signal_while_the_program_starts_is_a_clean_stop(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_sigusr1_from_anyone_but_the_master_leaves_the_workers_serving() -> None:
+    """The master of --workers tells its workers with SIGUSR1 that a second stop signal
+    came; the same signal from an operator (logrotate sends USR1) turned a worker into one
+    that answered every request with a 503 while /health said 200, and ended the master."""
+    from .conftest import _spawn, base_env
+
+    args = ["-m", "trioproxy", "--demo", "--host", "127.0.0.1", "--port", "0",
+            "--workers", "2", "--env-file", ""]  # fmt: skip
+    server = _spawn(args, base_env(DEMO_TOKEN_DELAY="0.01", LOG_LEVEL="INFO"), timeout=30)
+    try:
+        workers = _wait_for_workers(server, 2)
+        for process in [psutil.Process(server.process.pid), *workers]:
+            process.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        assert server.process.poll() is None, server.log()
+        for _ in range(8):  # new connections: both workers answer some
+            assert chat(server.url).status_code == 200
+        assert server.log().count("SIGUSR1 ignored") == 2
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+def test_held_stop_signals_get_their_handlers_back() -> None:
+    """Once the signal watcher is done, a later stop signal does what it did before the
+    program held it (a third Ctrl-C during the stop was silently dropped)."""
+    from trioproxy import _entry
+
+    before = signal.getsignal(signal.SIGHUP)
+    _entry._before[signal.SIGHUP] = signal.signal(signal.SIGHUP, _entry._hold)
+    try:
+        _entry.stop_holding()
+        assert signal.getsignal(signal.SIGHUP) is before
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _held: list[int] = []
+_before: dict[int, Any] = {}  # the handlers in place before ours
 
 
 def _hold(signum: int, frame: FrameType | None) -> None:
@@ -27,9 +29,18 @@ def take_held() -> list[int]:
     return taken
 
 
+def stop_holding() -> None:
+    """Give the stop signals back their handlers from before (once the signal watcher is
+    done with them): a later one is not held for a watcher that is gone."""
+    for stop_signal, handler in _before.items():
+        if signal.getsignal(stop_signal) is _hold:
+            signal.signal(stop_signal, handler)
+    _before.clear()
+
+
 def main() -> int:
     for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, _hold)
+        _before[stop_signal] = signal.signal(stop_signal, _hold)
     from .cli import main as run
 
     return run()

@@ -30,10 +30,11 @@ from typing import Any
 import trio
 
 from . import __version__
-from ._entry import STOP_SIGNALS, take_held
+from ._entry import STOP_SIGNALS, stop_holding, take_held
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
+    STOP_NOW_FILE_VARIABLE,
     STOP_NOW_SECONDS,
     STOP_NOW_SIGNAL,
     WORKER_VARIABLE,
@@ -172,17 +173,20 @@ async def watch_signals(
     traceback. SIGHUP (a closed terminal or SSH session; a reload, to some supervisors)
     killed the process by default, streams and all: there is no reload, so it drains.
     Signals held while the program started (``_entry``) count as the first ones."""
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        task_status.started()
-        seen = 0
-        for _ in take_held():
-            seen += 1
-            if _stopped(seen, drain, stop_now):
-                return
-        async for _ in signals:
-            seen += 1
-            if _stopped(seen, drain, stop_now):
-                return
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            task_status.started()
+            seen = 0
+            for _ in take_held():
+                seen += 1
+                if _stopped(seen, drain, stop_now):
+                    return
+            async for _ in signals:
+                seen += 1
+                if _stopped(seen, drain, stop_now):
+                    return
+    finally:
+        stop_holding()  # a later signal does what it would have done without us
 
 
 def _stopped(seen: int, drain: Callable[[], None], stop_now: Callable[[], None]) -> bool:
@@ -219,8 +223,10 @@ async def serve_in_process(settings: Settings) -> None:
             binds = await server.start(
                 partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
             )
-            # the real address, so ``--port 0`` is usable by tests and supervisors
-            notice(f"trioproxy {__version__} listening on {binds[0]}")
+            # the real address, so ``--port 0`` is usable by tests and supervisors (not
+            # when a signal held at start-up already stops it)
+            if not stop.is_set():
+                notice(f"trioproxy {__version__} listening on {binds[0]}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
 
@@ -296,6 +302,8 @@ async def serve_workers(settings: Settings) -> None:
     env = dict(os.environ)
     env.update(_child_env(settings))
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    stop_now_file = run_dir / "stop-now"
+    env[STOP_NOW_FILE_VARIABLE] = str(stop_now_file)
     # the child reads EOF on its end once ours is closed: when this process exits, even
     # by SIGKILL (we never write to it)
     lifeline, our_end = os.pipe()
@@ -325,9 +333,13 @@ async def serve_workers(settings: Settings) -> None:
         asked = killed = True
         if process is not None:
             # the workers answer what waits with its 503 (a stream its in-band end) first
+            stop_now_file.touch()
             _kill_group(process.pid, STOP_NOW_SIGNAL)
             nursery.start_soon(_kill_group_after, process.pid, STOP_NOW_SECONDS + 0.25)
 
+    # its default would end this process, leaving the workers to stop by the lifeline and
+    # the run directory behind; to the workers it is the master's word (STOP_NOW_SIGNAL)
+    signal.signal(STOP_NOW_SIGNAL, signal.SIG_IGN)
     try:
         async with trio.open_nursery() as nursery:
             # signals are ours before the child exists: one arriving as it starts (or as

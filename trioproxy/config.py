@@ -38,6 +38,9 @@ STOP_NOW_SECONDS = 0.5
 """How long a second signal leaves for the 503s and in-band ends it makes to be written."""
 STOP_NOW_SIGNAL = signal.SIGUSR1
 """What the master of ``--workers N`` sends its workers on a second stop signal."""
+STOP_NOW_FILE_VARIABLE = "TRIOPROXY_STOP_NOW_FILE"
+"""Names the file the master of ``--workers N`` creates before it sends ``STOP_NOW_SIGNAL``:
+a worker acts on the signal only then (an operator's SIGUSR1, logrotate's say, is not it)."""
 
 
 class ConfigError(ValueError):
