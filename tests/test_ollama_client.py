@@ -426,6 +426,28 @@ def test_a_refused_batch_says_which_inputs_it_held(proxy: ServerProcess) -> None
     assert reply.json()["error"].startswith("inputs 2048-2049 of 2050 (batch 2 of 2): ")
 
 
+def test_the_batches_answers_are_bounded_together(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """Each batch's answer was bounded by MAX_RESPONSE_BYTES, their sum by nothing: the
+    proxy holds every answer until the last, so 50 batches could hold 50 times the bound."""
+    texts = [f"text {i}" for i in range(2_048)]
+    one_batch = httpx.post(
+        demo_backend.url + "/embeddings",
+        json={"model": "demo-embed", "input": texts, "encoding_format": "float"},
+        timeout=30,
+    )
+    limit = int(len(one_batch.content) * 1.5)  # one batch fits, two do not
+    proxy = start_proxy(demo_backend.url, MAX_RESPONSE_BYTES=str(limit))
+    body = {"model": "demo-embed", "input": texts}
+    assert httpx.post(proxy.url + "/api/embed", json=body, timeout=30).status_code == 200
+    reply = httpx.post(
+        proxy.url + "/api/embed", json={**body, "input": texts + texts[:1_500]}, timeout=30
+    )
+    assert reply.status_code == 502
+    assert "MAX_RESPONSE_BYTES" in reply.json()["error"]
+
+
 def test_legacy_embeddings(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:
     c = client(proxy)
     legacy = c.embeddings(model="demo-embed", prompt="hello world")

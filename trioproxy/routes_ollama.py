@@ -257,9 +257,11 @@ async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.
 async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]:
     """The backend's answers to ``batches``; its time is the sum of theirs. A refusal of
     one batch of several says which inputs it held: the backend's message counts from
-    the start of the batch (OpenAI's "input[3]")."""
+    the start of the batch (OpenAI's "input[3]"). Together the answers are bounded as one
+    answer is (MAX_RESPONSE_BYTES): they are all held until the last one is in."""
     answers: list[tr.JSONDict] = []
     backend_ms = 0.0
+    size, limit = 0, call.app.settings.max_response_bytes
     for batch in batches:
         try:
             resp, result = await call_json(call, "/embeddings", batch)
@@ -267,6 +269,13 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
             if len(batches) > 1:
                 error.message = f"{_which_inputs(batches, len(answers))}: {error.message}"
             raise
+        size += len(result.response.content)
+        if size > limit:
+            call.app.collector.upstream_error("protocol")
+            raise BadUpstreamResponse(
+                f"the backend's answers to {len(batches)} batches of inputs are larger "
+                f"than {limit} bytes together (MAX_RESPONSE_BYTES)"
+            )
         answers.append(resp)
         backend_ms += (time.perf_counter() - result.started) * 1000.0
     if call.state.metric is not None and len(batches) > 1:
