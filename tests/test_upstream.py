@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from trioproxy import upstream
 from trioproxy.config import Settings
 from trioproxy.errors import UpstreamStatusError
 from trioproxy.forward import refuses_stream_options, wants_max_completion_tokens
@@ -317,3 +318,38 @@ def test_the_backends_request_id_is_passed_on_beside_ours() -> None:
     # masked before it is cut: no first letters of the key at the cut
     echoed = httpx.Headers({"x-request-id": "x" * 199 + "sk-secret-key-1234"})
     assert forwarded_headers(echoed, secrets)["x-upstream-request-id"] == "x" * 199 + "*"
+
+
+async def test_idle_connections_past_their_keep_alive_are_closed_without_new_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpcore closes an expired connection only when its pool gets the next request: a
+    client the traffic no longer reached kept its sockets (CLOSE-WAIT once the backend had
+    closed them) until traffic came back to it."""
+    monkeypatch.setattr(upstream, "KEEPALIVE_EXPIRY", 0.2)
+    closed = trio.Event()
+
+    async def backend(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        while await stream.receive_some(65536):  # until the proxy closes it
+            pass
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, backend, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        pool = UpstreamPool(_settings(f"http://127.0.0.1:{port}/v1"))
+        try:
+            result = await pool.request("GET", "/models")
+            assert result.response.json() == {}
+            await nursery.start(pool.sweep_idle)
+            with trio.fail_after(3):
+                await closed.wait()
+        finally:
+            await pool.aclose()
+        nursery.cancel_scope.cancel()

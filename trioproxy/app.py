@@ -430,6 +430,7 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
                 await nursery.start(app.readiness.run, app)  # type: ignore[attr-defined]
                 if app.pool is not None:
                     await nursery.start(app.pool.read_deadlines.run)
+                    await nursery.start(app.pool.sweep_idle)
                 if os.environ.get(WORKER_VARIABLE) == "1":
                     await nursery.start(_answer_all_on_the_masters_word, app)
                 task_status.started()

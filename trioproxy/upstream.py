@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
+import httpcore
 import httpx
 import trio
 
@@ -51,6 +52,7 @@ from .errors import (
 log = logging.getLogger("trioproxy.upstream")
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+KEEPALIVE_EXPIRY = 4.0  # seconds an idle backend connection is kept (and swept after)
 MAX_ERROR_BODY = 64 * 1024
 ERROR_BODY_SECONDS = 5.0
 # What a backend says about retrying and its rate limits, for the client: the openai SDK
@@ -199,7 +201,7 @@ class UpstreamPool:
                     max_keepalive_connections=keepalive,
                     # below hypercorn's 5 s keep-alive so we never reuse a socket the
                     # server is about to close (stack notes P13)
-                    keepalive_expiry=4.0,
+                    keepalive_expiry=KEEPALIVE_EXPIRY,
                 ),
                 verify=tls,
                 transport=transport_factory() if transport_factory else None,
@@ -232,6 +234,20 @@ class UpstreamPool:
             if path in _FIXED_PATHS:
                 self._urls[path] = url
         return url
+
+    async def sweep_idle(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Close the clients' idle connections past their keep-alive (or closed by the
+        backend), every ``KEEPALIVE_EXPIRY`` s. httpcore does so only when that client's
+        pool gets its next request: after a burst, a client the traffic no longer reached
+        kept its share of UPSTREAM_MAX_KEEPALIVE sockets open (those the backend closed,
+        in CLOSE-WAIT) until traffic came back to it. Run by the app's nursery."""
+        task_status.started()
+        while True:
+            await trio.sleep(KEEPALIVE_EXPIRY)
+            for transport in self._transports:
+                await _sweep(transport)
 
     def set_observer(self, observer: UpstreamObserver) -> None:
         self._observer = observer
@@ -477,6 +493,16 @@ class UpstreamPool:
 
     def _describe(self, exc: BaseException) -> str:
         return scrub(f"backend request failed: {failure_detail(exc)}", self._secrets)
+
+
+async def _sweep(transport: object) -> None:
+    """What httpcore's pool does to its connections whenever a request comes or goes."""
+    pool = getattr(transport, "_pool", None)
+    if not isinstance(pool, httpcore.AsyncConnectionPool) or not pool._connections:
+        return
+    with pool._optional_thread_lock:
+        closing = pool._assign_requests_to_connections()
+    await pool._close_connections(closing)
 
 
 def failure_detail(exc: BaseException) -> str:
