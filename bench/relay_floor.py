@@ -26,7 +26,7 @@ import httpx
 import trio
 
 import trioproxy.hypercorn_patches  # noqa: F401  (patches on import)
-from trioproxy.netstream import H11Body, install
+from trioproxy.netstream import body_reader, install
 
 from .bare_asgi import serve_until_signal
 
@@ -84,12 +84,8 @@ class Relay:
         url = f"http://{self.host}:{self.port}{CHAT}"
         headers = {"content-type": "application/json"}
         async with self.client.stream("POST", url, content=body, headers=headers) as response:
-            direct = H11Body.of(response)  # read as the proxy reads a plain body
-            if direct is None:
-                async for data in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                return
-            while (data := await direct.read()) is not None:
+            next_part = body_reader(response)  # as the proxy reads a body
+            while (data := await next_part()) is not None:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _relay_raw(self, body: bytes, send: Any) -> None:

@@ -259,10 +259,16 @@ class DirectTCPBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+def pool_of(transport: object) -> httpcore.AsyncConnectionPool | None:
+    """The httpcore connection pool of an httpx transport (none for a mock)."""
+    pool = getattr(transport, "_pool", None)
+    return pool if isinstance(pool, httpcore.AsyncConnectionPool) else None
+
+
 def install(transport: object, deadlines: ReadDeadlines | None = None) -> bool:
     """Give an httpx transport's connection pool the direct backend; whether it could."""
-    pool = getattr(transport, "_pool", None)
-    if not isinstance(pool, httpcore.AsyncConnectionPool):
+    pool = pool_of(transport)
+    if pool is None:
         return False
     backend = pool._network_backend
     if not isinstance(backend, DirectTCPBackend):

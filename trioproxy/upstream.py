@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
-import httpcore
 import httpx
 import trio
 
@@ -497,8 +496,8 @@ class UpstreamPool:
 
 async def _sweep(transport: object) -> None:
     """What httpcore's pool does to its connections whenever a request comes or goes."""
-    pool = getattr(transport, "_pool", None)
-    if not isinstance(pool, httpcore.AsyncConnectionPool) or not pool._connections:
+    pool = netstream.pool_of(transport)
+    if pool is None or not pool._connections:
         return
     with pool._optional_thread_lock:
         closing = pool._assign_requests_to_connections()
