@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -853,33 +854,45 @@ async def test_record_request_logs_only_warnings(caplog: pytest.LogCaptureFixtur
     assert c.summary()["total_requests"] == 5
 
 
-def test_singleton_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def collector_from_env() -> Iterator[Callable[[], MetricsCollector]]:
+    """The guide's singleton built afresh from the environment as it is now, each call;
+    the one in place before is put back after the test."""
+    previous = metrics_pkg._collector
+
+    def fresh() -> MetricsCollector:
+        metrics_pkg.set_metrics_collector(None)
+        return metrics_pkg.get_metrics_collector()
+
+    yield fresh
+    metrics_pkg.set_metrics_collector(previous)
+
+
+def test_singleton_from_env(
+    monkeypatch: pytest.MonkeyPatch, collector_from_env: Callable[[], MetricsCollector]
+) -> None:
     monkeypatch.setenv("METRICS_ENABLED", "false")
     monkeypatch.setenv("METRICS_MAX_REQUESTS", "7")
     monkeypatch.setenv("SYSTEM_METRICS_INTERVAL", "2.5")
     monkeypatch.setenv("SYSTEM_METRICS_ENABLED", "no")
-    previous = metrics_pkg._collector
-    try:
-        metrics_pkg.set_metrics_collector(None)
-        c = metrics_pkg.get_metrics_collector()
-        assert c is metrics_pkg.get_metrics_collector()
-        assert (c.enabled, c.max_metrics, c.sampler.interval, c.system_enabled) == (
-            False,
-            7,
-            2.5,
-            False,
-        )
-        monkeypatch.setenv("METRICS_MAX_REQUESTS", "lots")
-        monkeypatch.setenv("METRICS_ENABLED", "maybe")
-        metrics_pkg.set_metrics_collector(None)
-        c = metrics_pkg.get_metrics_collector()
-        assert (c.enabled, c.max_metrics) == (True, 1000)
-    finally:
-        metrics_pkg.set_metrics_collector(previous)
+    c = collector_from_env()
+    assert c is metrics_pkg.get_metrics_collector()
+    assert (c.enabled, c.max_metrics, c.sampler.interval, c.system_enabled) == (
+        False,
+        7,
+        2.5,
+        False,
+    )
+    monkeypatch.setenv("METRICS_MAX_REQUESTS", "lots")
+    monkeypatch.setenv("METRICS_ENABLED", "maybe")
+    c = collector_from_env()
+    assert (c.enabled, c.max_metrics) == (True, 1000)
 
 
 def test_settings_out_of_the_proxys_range_are_ignored_from_env(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    collector_from_env: Callable[[], MetricsCollector],
 ) -> None:
     """The proxy refuses these (exit 2); the Python API took them as given (a window of
     5,000,000 requests, an error-rate threshold of 2): ignored with a warning, as
@@ -887,22 +900,16 @@ def test_settings_out_of_the_proxys_range_are_ignored_from_env(
     monkeypatch.setenv("METRICS_MAX_REQUESTS", "5000000")
     monkeypatch.setenv("METRICS_MODEL_LABELS", "20000")
     monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "2")
-    previous = metrics_pkg._collector
-    try:
-        metrics_pkg.set_metrics_collector(None)
-        c = metrics_pkg.get_metrics_collector()
-        assert (c.max_metrics, c.model_labels._limit, c.health_error_rate_degraded) == (
-            1000,
-            50,
-            0.1,
-        )
-        monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "0.5")
-        monkeypatch.setenv("HEALTH_ERROR_RATE_UNHEALTHY", "0.3")
-        metrics_pkg.set_metrics_collector(None)
-        c = metrics_pkg.get_metrics_collector()
-        assert (c.health_error_rate_degraded, c.health_error_rate_unhealthy) == (0.1, 0.25)
-    finally:
-        metrics_pkg.set_metrics_collector(previous)
+    c = collector_from_env()
+    assert (c.max_metrics, c.model_labels._limit, c.health_error_rate_degraded) == (
+        1000,
+        50,
+        0.1,
+    )
+    monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "0.5")
+    monkeypatch.setenv("HEALTH_ERROR_RATE_UNHEALTHY", "0.3")
+    c = collector_from_env()
+    assert (c.health_error_rate_degraded, c.health_error_rate_unhealthy) == (0.1, 0.25)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("METRICS_MAX_REQUESTS" in w for w in warnings), warnings
     assert any("HEALTH_ERROR_RATE_DEGRADED=0.5" in w for w in warnings), warnings
