@@ -193,6 +193,10 @@ def test_bad_mapping_file(
         ("HEALTH_ERROR_RATE_UNHEALTHY", "1.5"),
         ("HEALTH_P95_DEGRADED_SECONDS", "-1"),
         ("HEALTH_MIN_REQUESTS", "0"),
+        ("THINK_OFF_EXTRA_BODY", "{chat_template_kwargs: 1}"),  # not JSON
+        ("THINK_OFF_EXTRA_BODY", '["reasoning_effort", "minimal"]'),  # no object
+        ("THINK_ON_EXTRA_BODY", '{"stream": false}'),  # the proxy's own field
+        ("THINK_ON_EXTRA_BODY", '{"model": "other"}'),
     ],
 )
 def test_invalid_setting_is_named(
@@ -203,6 +207,22 @@ def test_invalid_setting_is_named(
     )
     assert code == 2
     assert name in one_line(err)
+
+
+def test_think_extra_bodies_are_json_objects_checked_however_given() -> None:
+    settings = load_settings(
+        {
+            "THINK_OFF_EXTRA_BODY": ' {"chat_template_kwargs": {"enable_thinking": false}} ',
+            "THINK_ON_EXTRA_BODY": "",
+        },
+        dotenv_path=None,
+    )
+    assert settings.think_off_extra_body == {"chat_template_kwargs": {"enable_thinking": False}}
+    assert settings.think_on_extra_body == {}
+    with pytest.raises(ConfigError, match="THINK_ON_EXTRA_BODY: messages"):
+        load_settings({}, dotenv_path=None, think_on_extra_body={"messages": []})
+    with pytest.raises(ConfigError, match="THINK_OFF_EXTRA_BODY: expected a JSON object"):
+        load_settings({}, dotenv_path=None, think_off_extra_body=["x"])
 
 
 def test_degraded_error_rate_above_unhealthy_is_named(

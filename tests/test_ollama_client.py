@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from trioproxy import translate as tr
+from trioproxy.demo.script import REASONING_TOKENS
 from trioproxy.forward import encode
 
 from .conftest import ServerProcess, demo_events_for
@@ -366,6 +367,45 @@ def test_think_false_hides_the_thinking(
         pieces = list(generated) if stream else [generated]
         assert all(p.thinking is None for p in pieces)
         assert "".join(p.response for p in pieces) == whole.message.content
+
+
+def test_think_switches_reach_the_backend_as_the_operator_set_them(
+    demo_backend: ServerProcess,
+    start_proxy: Callable[..., ServerProcess],
+    proxy: ServerProcess,
+    client: Callable[..., ollama.Client],
+) -> None:
+    """THINK_OFF_EXTRA_BODY is how a backend is told not to reason (Open WebUI's think
+    toggle, ``think=False``): the demo, like vLLM or llama.cpp's server with a Qwen3-style
+    template, then spends no tokens on it. Without the setting the reasoning is only hidden
+    and still counted; THINK_ON_EXTRA_BODY goes with ``think=True`` or a level."""
+    switched = client(
+        start_proxy(
+            demo_backend.url,
+            THINK_OFF_EXTRA_BODY='{"chat_template_kwargs": {"enable_thinking": false}}',
+            THINK_ON_EXTRA_BODY='{"chat_template_kwargs": {"enable_thinking": true}}',
+        )
+    )
+    plain = client(proxy)
+    messages = [{"role": "user", "content": f"Think first [[tokens=4]] {marker()}"}]
+    reasoning = len(REASONING_TOKENS)
+    for stream in (False, True):
+        for c, think, counted, shown in (
+            (switched, False, 4, False),
+            (plain, False, 4 + reasoning, False),
+            (switched, True, 4 + reasoning, True),
+            (switched, "high", 4 + reasoning, True),
+            (switched, None, 4 + reasoning, True),  # not asked: the backend's default
+        ):
+            answer = c.chat(model="demo-reasoner", messages=messages, think=think, stream=stream)
+            parts = list(answer) if stream else [answer]
+            final = parts[-1]
+            assert final.done and final.eval_count == counted, (stream, think)
+            thinking = "".join(p.message.thinking or "" for p in parts)
+            assert bool(thinking) is shown, (stream, think)
+            assert "".join(p.message.content or "" for p in parts) == "Hello from the trioproxy"
+    generated = switched.generate(model="demo-reasoner", prompt=messages[0]["content"], think=False)
+    assert generated.eval_count == 4 and generated.thinking is None
 
 
 # ---- embeddings ----------------------------------------------------------------------------

@@ -67,12 +67,14 @@ from trioproxy.translate import (
     openai_passthrough_request,
     parse_chunk,
     parse_tool_arguments,
+    think_extra_body,
     utc_timestamp,
     validate_ollama_chat,
     validate_ollama_embed,
     validate_ollama_embeddings,
     validate_ollama_generate,
     validate_openai_body,
+    with_extra_body,
 )
 
 CREATED = "2024-01-02T03:04:05.000000006Z"
@@ -366,6 +368,45 @@ def test_format_and_think_and_keep_alive() -> None:
     out = ollama_chat_to_openai({**base, "think": "max", "format": ""}, "b")
     assert out["reasoning_effort"] == "high"  # the highest effort every backend accepts
     assert "response_format" not in out
+
+
+def test_think_extra_body_is_picked_by_the_clients_think() -> None:
+    on, off = {"on": 1}, {"off": 1}
+    assert think_extra_body(False, on, off) is off
+    for think in (True, "low", "max"):
+        assert think_extra_body(think, on, off) is on
+    assert think_extra_body(None, on, off) == {}
+
+
+def test_extra_body_adds_what_the_request_lacks_and_never_overrides_it() -> None:
+    request = {
+        "model": "b",
+        "reasoning_effort": "high",  # the client's think level
+        "chat_template_kwargs": {"enable_thinking": True, "other": 1},
+    }
+    extra = {
+        "reasoning_effort": "minimal",
+        "chat_template_kwargs": {"enable_thinking": False, "preserve_thinking": False},
+        "reasoning": {"effort": "none"},
+    }
+    out = with_extra_body(request, extra)
+    assert out == {
+        "model": "b",
+        "reasoning_effort": "high",
+        "chat_template_kwargs": {"enable_thinking": True, "other": 1, "preserve_thinking": False},
+        "reasoning": {"effort": "none"},
+    }
+    assert request["chat_template_kwargs"] == {"enable_thinking": True, "other": 1}  # untouched
+
+
+def test_extra_body_is_copied_into_each_request() -> None:
+    """A request changed after the merge (the retry without stream_options, say) must
+    not change the settings' value that every later request gets."""
+    extra = {"chat_template_kwargs": {"enable_thinking": False}, "stop": ["x"]}
+    out = with_extra_body({"model": "b"}, extra)
+    out["chat_template_kwargs"]["enable_thinking"] = True
+    out["stop"].append("y")
+    assert extra == {"chat_template_kwargs": {"enable_thinking": False}, "stop": ["x"]}
 
 
 @pytest.mark.parametrize(

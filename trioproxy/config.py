@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import re
@@ -96,6 +97,8 @@ class Settings:
     client_max_concurrent_requests: int = 0
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
+    think_on_extra_body: Mapping[str, Any] = field(default_factory=dict)
+    think_off_extra_body: Mapping[str, Any] = field(default_factory=dict)
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
     # what that file set (known names only), for workers: a pipe or a /dev/fd path (a
     # decrypted secret) cannot be read twice; never shown (it holds keys)
@@ -219,6 +222,36 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+# what the proxy itself writes into a request it translates, and reads its answer by: an
+# extra body that changed them would get an answer the translation cannot read
+_PROXY_OWNED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+MAX_EXTRA_BODY_CHARS = 64 * 1024
+
+
+def _extra_body(value: str) -> dict[str, Any]:
+    """A JSON object merged into translated requests (``THINK_ON_EXTRA_BODY``, ...);
+    empty for none."""
+    text = value.strip()
+    if not text:
+        return {}
+    if len(text) > MAX_EXTRA_BODY_CHARS:
+        raise ValueError(f"longer than {MAX_EXTRA_BODY_CHARS} characters")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    return _checked_extra_body(body)
+
+
+def _checked_extra_body(body: Any) -> dict[str, Any]:
+    if not isinstance(body, Mapping):
+        raise ValueError('expected a JSON object, such as {"reasoning_effort": "minimal"}')
+    owned = sorted(_PROXY_OWNED_FIELDS & body.keys())
+    if owned:
+        raise ValueError(f"{', '.join(owned)}: set by the proxy, not by an extra body")
+    return dict(body)
+
+
 def _host(value: str) -> str:
     host = value.strip()
     if not host:
@@ -298,6 +331,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "CLIENT_MAX_CONCURRENT_REQUESTS": ("client_max_concurrent_requests", _non_negative_int),
     "TLS_CERTFILE": ("tls_certfile", _text),
     "TLS_KEYFILE": ("tls_keyfile", _text),
+    "THINK_ON_EXTRA_BODY": ("think_on_extra_body", _extra_body),
+    "THINK_OFF_EXTRA_BODY": ("think_off_extra_body", _extra_body),
 }
 
 ENV_NAMES: tuple[str, ...] = tuple(_ENV)
@@ -407,6 +442,14 @@ def _validated(settings: Settings) -> Settings:
         changes["proxy_api_keys"] = settings.proxy_api_keys + _keys_from_file(
             settings.proxy_api_keys_file
         )
+    for name, attr in (
+        ("THINK_ON_EXTRA_BODY", "think_on_extra_body"),
+        ("THINK_OFF_EXTRA_BODY", "think_off_extra_body"),
+    ):
+        try:  # given as a Python value (create_app(**overrides)), it was not parsed
+            _checked_extra_body(getattr(settings, attr))
+        except ValueError as exc:
+            raise ConfigError(f"invalid {name}: {exc}") from None
     keys = changes.get("proxy_api_keys", settings.proxy_api_keys)
     try:
         client_keys(keys)

@@ -154,9 +154,15 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     note_model(state, client_model)
     backend_model = await backend_name_for(call, client_model)
     payload = for_backend(to_openai, body, backend_model)
-    # think: false hides the reasoning: OpenAI-compatible backends have no portable way to
-    # be told not to reason (reasoning_effort "none" is a 400 on most models)
-    show_thinking = body.get("think") is not False
+    settings = app.settings
+    think = body.get("think")
+    extra = tr.think_extra_body(think, settings.think_on_extra_body, settings.think_off_extra_body)
+    if extra:
+        payload = tr.with_extra_body(payload, extra)
+    # think: false hides the reasoning, whatever the backend does with THINK_OFF_EXTRA_BODY
+    # (or without one: OpenAI-compatible backends have no portable way to be told not to
+    # reason; reasoning_effort "none" is a 400 on most models)
+    show_thinking = think is not False
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
         with _model_not_found_as_ollama(client_model, backend_model):

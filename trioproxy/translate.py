@@ -22,7 +22,7 @@ import re
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.decoder import scanstring
@@ -303,6 +303,45 @@ def validate_openai_body(body: object, *, require_model: bool = True) -> JSONDic
 # every reasoning backend accepts (OpenAI's "xhigh" exists on a few models only, and an
 # unknown effort is a 400 from the backend). Booleans carry no effort and are not sent.
 _THINK_LEVELS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
+
+
+def think_extra_body(
+    think: object, on: Mapping[str, Any], off: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """What to add to the backend's request for Ollama's ``think``: ``off`` for ``false``,
+    ``on`` for ``true`` or a level, nothing when the client did not say. The operator
+    sets them (THINK_OFF_EXTRA_BODY, THINK_ON_EXTRA_BODY): how a backend is told to reason
+    or not differs by backend (vLLM and llama.cpp's server take the model's chat template
+    switch, OpenAI a reasoning effort, OpenRouter a reasoning object)."""
+    if think is False:
+        return off
+    if think is True or isinstance(think, str):
+        return on
+    return {}
+
+
+def with_extra_body(request: JSONDict, extra: Mapping[str, Any]) -> JSONDict:
+    """``request`` with what ``extra`` adds to it: the fields it does not have, and where
+    both hold an object, that object's fields the same way. What the request holds wins:
+    it is the client's own (a think level's ``reasoning_effort`` stays the client's)."""
+    out = dict(request)
+    for key, value in extra.items():
+        mine = out.get(key)
+        if key not in out:
+            out[key] = _copied(value)
+        elif isinstance(mine, dict) and isinstance(value, Mapping):
+            out[key] = with_extra_body(mine, value)
+    return out
+
+
+def _copied(value: Any) -> Any:
+    """A fresh copy of a settings value: a request must never share the settings' objects
+    (a request's own changes would change every later one)."""
+    if isinstance(value, Mapping):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copied(item) for item in value]
+    return value
 
 
 # Go's time.ParseDuration, which Ollama reads keep_alive with: "1h30m", "0.5s", "300ms"

@@ -8,7 +8,8 @@ benchmarks::
 which prints one line, ``demo backend listening on http://HOST:PORT/v1``, with the real port.
 
 Models: ``demo-chat`` (text, tool calls, JSON mode), ``demo-reasoner`` (streams a few
-``reasoning_content`` tokens first) and ``demo-embed`` (deterministic unit vectors).
+``reasoning_content`` tokens first, unless ``chat_template_kwargs.enable_thinking`` is
+false) and ``demo-embed`` (deterministic unit vectors).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
 ``POST /v1/responses`` (the Responses API, text output; stored, with ``background``), its

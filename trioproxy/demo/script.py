@@ -277,11 +277,21 @@ def _json_reply(response_format: Any) -> str | None:
     return None
 
 
+def _reasons(body: dict[str, Any]) -> bool:
+    """demo-reasoner reasons unless told not to as vLLM, SGLang and llama.cpp's server
+    tell a model with a Qwen3-style chat template: ``chat_template_kwargs.enable_thinking``
+    false."""
+    if body.get("model") != "demo-reasoner":
+        return False
+    switches = body.get("chat_template_kwargs")
+    return not (isinstance(switches, dict) and switches.get("enable_thinking") is False)
+
+
 def plan_chat(
     body: dict[str, Any], messages: list[Any], directives: Directives, default_tokens: int
 ) -> ChatPlan:
     """Decide the reply to a chat request (see the module docstring of trioproxy.demo)."""
-    reasoning = REASONING_TOKENS if body.get("model") == "demo-reasoner" else ()
+    reasoning = REASONING_TOKENS if _reasons(body) else ()
     last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
     if last.get("role") != "tool":
         fn = _pick_tool(body.get("tools"), body.get("tool_choice"))
