@@ -457,6 +457,31 @@ def test_a_batch_past_openai_s_cap_is_embedded_whole_and_in_order(
     assert legacy["embeddings"] == reply.embeddings
 
 
+def test_a_batch_past_openai_s_token_cap_is_embedded_in_smaller_batches(
+    proxy: ServerProcess, demo_backend: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """OpenAI (and the demo backend) also refuse more than 300,000 tokens in one request:
+    1,000 chunks of 400 words, fewer than 2,048 inputs, went as one request."""
+    texts = [f"chunk {i} " + "word " * 398 for i in range(1_000)]
+    too_large = httpx.post(
+        demo_backend.url + "/embeddings", json={"model": "demo-embed", "input": texts}, timeout=30
+    )
+    assert too_large.status_code == 400
+    assert "max 300000 tokens per request" in too_large.json()["error"]["message"]
+    direct = [
+        item["embedding"]
+        for start in range(0, len(texts), 100)
+        for item in httpx.post(
+            demo_backend.url + "/embeddings",
+            json={"model": "demo-embed", "input": texts[start : start + 100]},
+            timeout=30,
+        ).json()["data"]
+    ]
+    reply = client(proxy).embed(model="demo-embed", input=texts)
+    assert reply.embeddings == direct  # every vector, in input order
+    assert reply.prompt_eval_count == sum(len(text.split()) for text in texts)
+
+
 def test_a_refused_batch_says_which_inputs_it_held(proxy: ServerProcess) -> None:
     texts = ["fine"] * 2_048 + ["[[status=400]] refused", "also"]
     reply = httpx.post(

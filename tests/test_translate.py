@@ -1670,6 +1670,33 @@ def test_embed_batches_default_to_openai_s_cap() -> None:
     assert [len(b["input"]) for b in embed_batches(payload)] == [2_048, 2_048, 904]
 
 
+@given(
+    texts=st.lists(st.text(max_size=40), min_size=1, max_size=40),
+    tokens=st.integers(1, 200),
+)
+def test_embed_batches_bound_the_tokens_of_each(texts: list[str], tokens: int) -> None:
+    """No batch holds more than ``tokens`` UTF-8 bytes (a bound on its tokens) beyond
+    one per input, unless it is a single input; order and every input kept."""
+    payload = {"model": "b", "input": texts}
+    batches = embed_batches(payload, 2_048, tokens)
+    assert [text for batch in batches for text in batch["input"]] == texts
+    for batch in batches:
+        held = sum(len(text.encode(errors="replace")) + 1 for text in batch["input"])
+        assert held <= tokens or len(batch["input"]) == 1
+
+
+def test_embed_batches_stay_under_openai_s_token_cap() -> None:
+    """2,048 chunks of 1,000 characters (a RAG ingest, ~500,000 tokens) in one request:
+    OpenAI refuses it (max 300,000 tokens per request)."""
+    chunk = "word " * 200
+    batches = embed_batches({"model": "b", "input": [chunk] * 2_048})
+    assert [len(b["input"]) for b in batches] == [299] * 6 + [254]
+    accented = embed_batches({"model": "b", "input": ["é" * 1_000] * 300})  # 2 bytes each
+    assert [len(b["input"]) for b in accented] == [149, 149, 2]
+    ids = embed_batches({"model": "b", "input": [[1] * 1_000] * 300})  # token ids: exact
+    assert [len(b["input"]) for b in ids] == [299, 1]
+
+
 def test_joined_embeddings_renumber_in_order_and_sum_the_usage() -> None:
     first = _emb_resp([[0.1], [0.2]], shuffled=True)
     second = _emb_resp([[0.3]])

@@ -1538,17 +1538,44 @@ def _vectors(resp: JSONDict) -> list[list[float]]:
     return [_vector(d.get("embedding")) for d in _embedding_items(resp)]
 
 
-# OpenAI's cap on the inputs of one /embeddings request; Ollama's /api/embed has none
+# OpenAI's caps on one /embeddings request: 2,048 inputs, and 300,000 tokens summed over
+# them (a RAG ingest of 2,048 chunks of 1,000 characters is about 500,000); Ollama's
+# /api/embed has neither
 EMBED_BATCH_INPUTS = 2048
+EMBED_BATCH_TOKENS = 300_000
 
 
-def embed_batches(payload: JSONDict, size: int = EMBED_BATCH_INPUTS) -> list[JSONDict]:
+def embed_batches(
+    payload: JSONDict, size: int = EMBED_BATCH_INPUTS, tokens: int = EMBED_BATCH_TOKENS
+) -> list[JSONDict]:
     """An ``/embeddings`` payload (list ``input``) as requests of at most ``size`` inputs
-    each, in order."""
+    and at most ``tokens`` tokens each, in order (an input larger than ``tokens`` alone
+    in its request: the backend judges it).
+
+    Without the backend's tokenizer, a text's tokens are bounded by its UTF-8 bytes (a
+    token of OpenAI's byte-level BPE, as of any tokenizer with byte fallback, is at least
+    one byte), plus one: so a batch is never refused for its size, at the price of more
+    batches than needed (about four times as many for English text)."""
     inputs = payload["input"]
-    if len(inputs) <= size:
+    batches: list[list[Any]] = [[]]
+    held = 0
+    for item in inputs:
+        bound = _token_bound(item)
+        if batches[-1] and (len(batches[-1]) == size or held + bound > tokens):
+            batches.append([])
+            held = 0
+        batches[-1].append(item)
+        held += bound
+    if len(batches) == 1:
         return [payload]
-    return [{**payload, "input": inputs[i : i + size]} for i in range(0, len(inputs), size)]
+    return [{**payload, "input": batch} for batch in batches]
+
+
+def _token_bound(item: Any) -> int:
+    """At least the tokens of one embedding input: a text or a list of token ids."""
+    if isinstance(item, str):
+        return (len(item) if item.isascii() else len(item.encode(errors="replace"))) + 1
+    return len(item) + 1 if isinstance(item, list) else 1
 
 
 def embedding_count(resp: JSONDict) -> int:

@@ -577,6 +577,13 @@ class DemoApp:
             raise ApiError(
                 400, f"input must have at most {script.MAX_EMBED_INPUTS} items", param="input"
             )
+        words = sum(script.count_words(t) for t in texts)
+        if words > script.MAX_EMBED_TOKENS:
+            raise ApiError(
+                400,
+                f"Requested {words} tokens, max {script.MAX_EMBED_TOKENS} tokens per request",
+                code="max_tokens_per_request",
+            )
         directives = _directives(texts[0])
         dimensions = body.get("dimensions", script.EMBED_DIMENSIONS)
         if (
@@ -598,7 +605,6 @@ class DemoApp:
             if encoding == "base64":
                 vector = _b64(script.pack_float32(vector))
             data.append({"object": "embedding", "index": index, "embedding": vector})
-        words = sum(script.count_words(t) for t in texts)
         response = {
             "object": "list",
             "data": data,

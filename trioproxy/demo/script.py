@@ -26,7 +26,8 @@ MODEL_IDS = ("demo-chat", "demo-reasoner", "demo-embed")
 
 EMBED_DIMENSIONS = 8
 MAX_EMBED_DIMENSIONS = 4096
-MAX_EMBED_INPUTS = 2048  # OpenAI's cap on one /embeddings request
+MAX_EMBED_INPUTS = 2048  # OpenAI's caps on one /embeddings request
+MAX_EMBED_TOKENS = 300_000  # summed over its inputs (here a token is a word)
 
 PASSAGE = (
     "Hello from the trioproxy demo backend! This friendly reply is generated one word at a time, "
