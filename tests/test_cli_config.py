@@ -8,6 +8,7 @@ key never leaking into a response or a log line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -197,6 +199,9 @@ def test_bad_mapping_file(
         ("THINK_OFF_EXTRA_BODY", '["reasoning_effort", "minimal"]'),  # no object
         ("THINK_ON_EXTRA_BODY", '{"stream": false}'),  # the proxy's own field
         ("THINK_ON_EXTRA_BODY", '{"model": "other"}'),
+        ("THINK_OFF_EXTRA_BODY", '{"temperature": NaN}'),  # Python's, not JSON: sent as null
+        ("THINK_OFF_EXTRA_BODY", '{"x": -Infinity}'),
+        ("THINK_OFF_EXTRA_BODY", '{"a": ' * 600 + "1" + "}" * 600),  # a 500 on every request
     ],
 )
 def test_invalid_setting_is_named(
@@ -223,6 +228,18 @@ def test_think_extra_bodies_are_json_objects_checked_however_given() -> None:
         load_settings({}, dotenv_path=None, think_on_extra_body={"messages": []})
     with pytest.raises(ConfigError, match="THINK_OFF_EXTRA_BODY: expected a JSON object"):
         load_settings({}, dotenv_path=None, think_off_extra_body=["x"])
+    for odd in ({"t": math.nan}, {"at": {1: "x"}}, {"when": object()}, {"deep": _nested(40)}):
+        with pytest.raises(ConfigError, match="THINK_OFF_EXTRA_BODY: "):
+            load_settings({}, dotenv_path=None, think_off_extra_body=odd)
+    fine = {"deep": _nested(30), "list": [1, 2.5, True, None, "x"]}
+    assert load_settings({}, dotenv_path=None, think_off_extra_body=fine).think_off_extra_body
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
 
 
 def test_degraded_error_rate_above_unhealthy_is_named(
@@ -943,6 +960,34 @@ def test_a_second_signal_stops_at_once(workers: int) -> None:
             # the proxy cut the stream, its client did not leave: 503, not 499
             (line,) = [line for line in log.splitlines() if "POST /api/chat" in line]
             assert " 503 " in line and "error" in line, line
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_third_signal_does_not_cut_the_clean_up_short(
+    tmp_path: Path, workers: int, signum: signal.Signals
+) -> None:
+    """Stopping now takes under a second; a third signal in that time (Ctrl-C pressed
+    again, a script repeating its kill) ended the process by the signal's default, or a
+    KeyboardInterrupt inside trio, before it cleaned up: exit 143, and with --workers the
+    run directory left behind and the workers left to their lifeline."""
+    server = _start_demo_proxy(workers, GRACEFUL_TIMEOUT="30", TMPDIR=str(tmp_path))
+    try:
+        wait_healthy(server.url, timeout=30)
+        thread, _ = _stream_in_thread(server.url, tokens=300, delay=0.1)
+        time.sleep(0.6)
+        for _ in range(3):
+            server.process.send_signal(signum)
+            time.sleep(0.05)
+        code = server.process.wait(timeout=15)
+        thread.join(timeout=5)
+        server.reader.join(timeout=5)  # type: ignore[union-attr]
+        log = server.log()
+        assert code == 0, log
+        assert "Traceback" not in log and "abandoned" not in log, log
+        assert list(tmp_path.iterdir()) == []  # the run directory of --workers removed
     finally:
         server.stop()
 

@@ -342,6 +342,23 @@ def test_a_sigusr1_from_anyone_but_the_master_leaves_the_workers_serving() -> No
         server.stop()
 
 
+def test_a_sigusr1_leaves_a_single_process_serving() -> None:
+    """As with --workers, where the master ignores it: by its default it ended the proxy."""
+    from .conftest import _spawn, base_env
+
+    args = ["-m", "trioproxy", "--demo", "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
+    server = _spawn(args, base_env(), timeout=30)
+    try:
+        server.process.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        assert server.process.poll() is None, server.log()
+        assert chat(server.url).status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
 def test_held_stop_signals_get_their_handlers_back() -> None:
     """Once the signal watcher is done, a later stop signal does what it did before the
     program held it (a third Ctrl-C during the stop was silently dropped)."""

@@ -138,6 +138,10 @@ def _run(settings: Settings) -> None:
         raise group.exceptions[0] from None
     except* KeyboardInterrupt:
         raise KeyboardInterrupt from None  # Ctrl-C before the signal watcher took over
+    finally:
+        # held until the run is over (its clean-up included); from here a stop signal
+        # does what it would have done without us
+        stop_holding()
 
 
 async def serve(settings: Settings) -> None:
@@ -169,34 +173,33 @@ async def watch_signals(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """SIGTERM, SIGINT or SIGHUP: ``drain`` (requests in flight get ``GRACEFUL_TIMEOUT``);
-    a second one: ``stop_now``. Runs until cancelled, so a second Ctrl-C is never a
-    traceback. SIGHUP (a closed terminal or SSH session; a reload, to some supervisors)
-    killed the process by default, streams and all: there is no reload, so it drains.
-    Signals held while the program started (``_entry``) count as the first ones."""
-    try:
-        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            task_status.started()
-            seen = 0
-            for _ in take_held():
-                seen += 1
-                if _stopped(seen, drain, stop_now):
-                    return
-            async for _ in signals:
-                seen += 1
-                if _stopped(seen, drain, stop_now):
-                    return
-    finally:
-        stop_holding()  # a later signal does what it would have done without us
+    a second one: ``stop_now``; later ones are noted only: stopping now takes less than a
+    second, and a signal's default in that time would end this process before it cleaned
+    up (the workers of ``--workers`` left to their lifeline, the run directory behind).
+    Runs until cancelled, so a second Ctrl-C is never a traceback. SIGHUP (a closed
+    terminal or SSH session; a reload, to some supervisors) killed the process by default,
+    streams and all: there is no reload, so it drains. Signals held while the program
+    started (``_entry``) count as the first ones."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
+        seen = 0
+        for _ in take_held():
+            seen += 1
+            _act_on(seen, drain, stop_now)
+        async for _ in signals:
+            seen += 1
+            _act_on(seen, drain, stop_now)
 
 
-def _stopped(seen: int, drain: Callable[[], None], stop_now: Callable[[], None]) -> bool:
-    """Act on the ``seen``-th stop signal; whether that was the last one to watch for."""
+def _act_on(seen: int, drain: Callable[[], None], stop_now: Callable[[], None]) -> None:
+    """Act on the ``seen``-th stop signal."""
     if seen == 1:
         drain()
-        return False
-    notice("trioproxy: stopping now (second signal)", "WARNING")
-    stop_now()
-    return True
+    elif seen == 2:
+        notice("trioproxy: stopping now (second signal)", "WARNING")
+        stop_now()
+    else:
+        notice("trioproxy: already stopping now", "WARNING")
 
 
 async def serve_in_process(settings: Settings) -> None:
@@ -206,6 +209,9 @@ async def serve_in_process(settings: Settings) -> None:
 
     listener = listen(settings.host, settings.port)
     app = create_app(settings)
+    # as with --workers: the second-signal word of a master (there is none here), so an
+    # operator's SIGUSR1 (logrotate's, say) must not end the proxy by its default
+    signal.signal(STOP_NOW_SIGNAL, signal.SIG_IGN)
     config = hypercorn_config(settings)
     config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here
     async with trio.open_nursery() as nursery:

@@ -226,6 +226,7 @@ def _text(value: str) -> str:
 # extra body that changed them would get an answer the translation cannot read
 _PROXY_OWNED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
 MAX_EXTRA_BODY_CHARS = 64 * 1024
+MAX_EXTRA_BODY_DEPTH = 32  # what backends take is a few fields; every request copies it
 
 
 def _extra_body(value: str) -> dict[str, Any]:
@@ -237,10 +238,15 @@ def _extra_body(value: str) -> dict[str, Any]:
     if len(text) > MAX_EXTRA_BODY_CHARS:
         raise ValueError(f"longer than {MAX_EXTRA_BODY_CHARS} characters")
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"not JSON ({exc})") from None
     return _checked_extra_body(body)
+
+
+def _no_constant(name: str) -> None:
+    # Python's decoder takes NaN and Infinity, which are not JSON: sent, they became null
+    raise ValueError(f"{name} is not JSON")
 
 
 def _checked_extra_body(body: Any) -> dict[str, Any]:
@@ -249,7 +255,30 @@ def _checked_extra_body(body: Any) -> dict[str, Any]:
     owned = sorted(_PROXY_OWNED_FIELDS & body.keys())
     if owned:
         raise ValueError(f"{', '.join(owned)}: set by the proxy, not by an extra body")
+    _check_plain_json(body)
     return dict(body)
+
+
+def _check_plain_json(value: Any) -> None:
+    """Only what JSON writes as it is (a value given from Python may hold anything), and
+    at most MAX_EXTRA_BODY_DEPTH levels: copied into every request, a deeper one ran out of
+    stack there, a 500 on every request it went with. Walked without recursion for the
+    same reason."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_EXTRA_BODY_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_EXTRA_BODY_DEPTH} levels")
+        if isinstance(item, Mapping):
+            if not all(isinstance(key, str) for key in item):
+                raise ValueError("an object's keys must be strings")
+            pending.extend((member, depth + 1) for member in item.values())
+        elif isinstance(item, list):
+            pending.extend((member, depth + 1) for member in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN and infinities are not JSON")
+        elif item is not None and not isinstance(item, str | int | float):
+            raise ValueError(f"{type(item).__name__} is not JSON")
 
 
 def _host(value: str) -> str:
