@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -480,6 +481,35 @@ def test_a_batch_past_openai_s_token_cap_is_embedded_in_smaller_batches(
     reply = client(proxy).embed(model="demo-embed", input=texts)
     assert reply.embeddings == direct  # every vector, in input order
     assert reply.prompt_eval_count == sum(len(text.split()) for text in texts)
+
+
+def test_batches_are_asked_for_at_once(proxy: ServerProcess, demo_backend: ServerProcess) -> None:
+    """A large ingest is many batches; one after another they took as many round trips."""
+    texts = [f"[[first_delay=0.3]] text {i}" for i in range(5_000)]  # 3 batches of inputs
+    request_id = f"embed-{uuid.uuid4()}"
+    reply = httpx.post(
+        proxy.url + "/api/embed",
+        json={"model": "demo-embed", "input": texts},
+        headers={"X-Request-ID": request_id},
+        timeout=30,
+    )
+    assert reply.status_code == 200
+    assert len(reply.json()["embeddings"]) == 5_000
+    asked = demo_events_for(demo_backend, request_id)
+    assert len(asked) == 3
+    assert max(e["started"] for e in asked) < min(e["ended"] for e in asked)  # overlapping
+
+
+def test_a_refused_batch_stops_the_others(proxy: ServerProcess) -> None:
+    """The first failure is the answer: a batch still running is not waited for."""
+    texts = ["[[first_delay=10]] slow"] + ["fine"] * 2_047 + ["[[status=400]] refused"]
+    started = time.monotonic()
+    reply = httpx.post(
+        proxy.url + "/api/embed", json={"model": "demo-embed", "input": texts}, timeout=30
+    )
+    assert time.monotonic() - started < 8  # not the slow batch's 10 s
+    assert reply.status_code == 400
+    assert reply.json()["error"].startswith("inputs 2048-2048 of 2049 (batch 2 of 2): ")
 
 
 def test_a_refused_batch_says_which_inputs_it_held(proxy: ServerProcess) -> None:

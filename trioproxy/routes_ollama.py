@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, request
 
 from . import translate as tr
@@ -243,12 +244,17 @@ async def embeddings(call: Call) -> Reply:
     return _json_reply(from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp))
 
 
+# batches of one request asked for at once: a large ingest is cut into many (see
+# tr.embed_batches), and one after another they took as many backend round trips
+EMBED_BATCHES_AT_ONCE = 4
+
+
 async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.JSONDict:
     """The backend's ``/embeddings`` answer for every input of ``payload``, asked for in
     batches OpenAI takes (Ollama takes any number; LangChain's ``embed_documents`` sends
-    every text at once), one after another, joined in input order. A batch answered
-    with another number of vectors than it had inputs is a 502: the clients pair texts
-    and vectors by position."""
+    every text at once), up to EMBED_BATCHES_AT_ONCE at a time, joined in input order. A
+    batch answered with another number of vectors than it had inputs is a 502: the
+    clients pair texts and vectors by position."""
     batches = tr.embed_batches(payload)
     with _model_not_found_as_ollama(model, payload["model"]):
         answers = await _ask_each(call, batches)
@@ -261,32 +267,49 @@ async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.
 
 
 async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]:
-    """The backend's answers to ``batches``; its time is the sum of theirs. A refusal of
-    one batch of several says which inputs it held: the backend's message counts from
-    the start of the batch (OpenAI's "input[3]"). Together the answers are bounded as one
-    answer is (MAX_RESPONSE_BYTES): they are all held until the last one is in."""
-    answers: list[tr.JSONDict] = []
-    backend_ms = 0.0
-    size, limit = 0, call.app.settings.max_response_bytes
-    for batch in batches:
+    """The backend's answers to ``batches``, in their order; its time is from the first
+    one's start to the last one's end. A refusal of one batch of several says which inputs
+    it held (the backend's message counts from the start of the batch: OpenAI's
+    "input[3]") and stops the others: the first failure is the answer. Together the
+    answers are bounded as one answer is (MAX_RESPONSE_BYTES): they are all held until
+    the last one is in."""
+    if len(batches) == 1:
+        resp, _ = await call_json(call, "/embeddings", batches[0])
+        return [resp]
+    answers: list[tr.JSONDict | None] = [None] * len(batches)
+    failures: list[ProxyError] = []
+    held, limit = 0, call.app.settings.max_response_bytes
+    limiter = trio.CapacityLimiter(EMBED_BATCHES_AT_ONCE)
+    started = time.perf_counter()
+
+    async def ask(index: int) -> None:
+        nonlocal held
         try:
-            resp, result = await call_json(call, "/embeddings", batch)
-        except UpstreamStatusError as error:
-            if len(batches) > 1:
-                error.message = f"{_which_inputs(batches, len(answers))}: {error.message}"
-            raise
-        size += len(result.response.content)
-        if size > limit:
-            call.app.collector.upstream_error("protocol")
-            raise BadUpstreamResponse(
-                f"the backend's answers to {len(batches)} batches of inputs are larger "
-                f"than {limit} bytes together (MAX_RESPONSE_BYTES)"
-            )
-        answers.append(resp)
-        backend_ms += (time.perf_counter() - result.started) * 1000.0
-    if call.state.metric is not None and len(batches) > 1:
-        call.state.metric.upstream_ms = backend_ms
-    return answers
+            async with limiter:
+                resp, result = await call_json(call, "/embeddings", batches[index])
+            held += len(result.response.content)
+            if held > limit:
+                call.app.collector.upstream_error("protocol")
+                raise BadUpstreamResponse(
+                    f"the backend's answers to {len(batches)} batches of inputs are larger "
+                    f"than {limit} bytes together (MAX_RESPONSE_BYTES)"
+                )
+        except ProxyError as error:
+            if isinstance(error, UpstreamStatusError):
+                error.message = f"{_which_inputs(batches, index)}: {error.message}"
+            failures.append(error)
+            nursery.cancel_scope.cancel()
+            return
+        answers[index] = resp
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(batches)):
+            nursery.start_soon(ask, index)
+    if failures:
+        raise failures[0]
+    if call.state.metric is not None:
+        call.state.metric.upstream_ms = (time.perf_counter() - started) * 1000.0
+    return [resp for resp in answers if resp is not None]
 
 
 def _which_inputs(batches: list[tr.JSONDict], index: int) -> str:
