@@ -1,10 +1,11 @@
-"""Small fake backends for tests: an HTTP/1.1 handler that answers whatever a test
-scripts, and serving one in a thread of its own."""
+"""Small fakes for tests: an HTTP/1.1 handler that answers whatever a test scripts,
+serving one in a thread of its own, and a SOCKS5 proxy."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,3 +50,59 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def socks5_proxy() -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """A SOCKS5 proxy (no authentication, CONNECT only) on 127.0.0.1 in threads; yields
+    its URL and the list of (host, port) it was asked to connect to."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    targets: list[tuple[str, int]] = []
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve(client: socket.socket) -> None:
+        with client:
+            _, count = _exactly(client, 2)
+            _exactly(client, count)  # the methods offered; "no authentication" is taken
+            client.sendall(b"\x05\x00")
+            _, _, _, kind = _exactly(client, 4)
+            if kind == 1:
+                host = socket.inet_ntoa(_exactly(client, 4))
+            else:  # 3: a name
+                host = _exactly(client, _exactly(client, 1)[0]).decode()
+            port = int.from_bytes(_exactly(client, 2), "big")
+            targets.append((host, port))
+            with socket.create_connection((host, port)) as upstream:
+                client.sendall(b"\x05\x00\x00\x01" + bytes(6))
+                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+                back.start()
+                pipe(client, upstream)
+                back.join(timeout=30)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"socks5://127.0.0.1:{listener.getsockname()[1]}", targets
+    finally:
+        listener.close()
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        if not piece:
+            raise OSError("the client closed the connection")
+        data += piece
+    return data

@@ -35,6 +35,7 @@ from trioproxy.config import (
 )
 
 from .conftest import ROOT, ServerProcess, base_env, closed_port_url, wait_healthy
+from .fakes import socks5_proxy
 
 StartProxy = Callable[..., ServerProcess]
 BIN = Path(sys.executable).parent
@@ -240,6 +241,53 @@ def _nested(levels: int) -> dict[str, Any]:
     for _ in range(levels - 1):
         value = {"a": value}
     return value
+
+
+def test_a_ca_bundle_that_does_not_load_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """It failed the app's start after the proxy said it listens: a traceback that never
+    named the variable, and with --workers a restart loop for a supervisor."""
+    for bundle in (tmp_path / "missing.pem", tmp_path / "not-pem.pem"):
+        if bundle.name == "not-pem.pem":
+            bundle.write_text("no certificate here\n")
+        code, err = main_in_process(
+            monkeypatch,
+            capsys,
+            OPENAI_API_BASE_URL="http://127.0.0.1:1/v1",
+            SSL_CERT_FILE=str(bundle),
+        )
+        assert code == 2
+        assert f"SSL_CERT_FILE={bundle}" in one_line(err)
+
+
+def test_a_proxy_url_httpx_cannot_use_is_one_line_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = main_in_process(
+        monkeypatch,
+        capsys,
+        OPENAI_API_BASE_URL="http://127.0.0.1:1/v1",
+        ALL_PROXY="ftp://user:hunter2pw@proxy.example:21",
+    )
+    assert code == 2
+    line = one_line(err)
+    assert "ALL_PROXY=ftp://***@proxy.example:21" in line
+    assert "hunter2pw" not in err
+
+
+def test_a_socks_proxy_in_the_environment_is_used(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """ALL_PROXY=socks5://... (an SSH tunnel's, often set shell-wide) stopped the proxy at
+    its start: httpx needs socksio for it."""
+    with socks5_proxy() as (url, targets):
+        proxy = start_proxy(demo_backend.url, ALL_PROXY=url, NO_PROXY="")
+        body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+        reply = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=30)
+        assert reply.status_code == 200
+        backend_port = int(demo_backend.url.rsplit(":", 1)[1].split("/")[0])
+        assert ("127.0.0.1", backend_port) in targets
 
 
 def test_degraded_error_rate_above_unhealthy_is_named(

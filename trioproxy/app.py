@@ -68,7 +68,7 @@ from .metrics import MetricsCollector, set_metrics_collector
 from .metrics.labels import loggable_path
 from .model_mapping import ModelMapper
 from .relay import in_band_error
-from .upstream import UpstreamPool
+from .upstream import UpstreamPool, check_client_environment
 
 log = logging.getLogger("trioproxy")
 
@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         )
         configure_logging(settings.log_level, settings.log_format, settings.secrets)
     settings.require_upstream()
+    check_client_environment(settings)
     if os.environ.get(WORKER_VARIABLE) == "1":
         _drain_on_hypercorns_event_only()
 

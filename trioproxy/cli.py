@@ -45,6 +45,7 @@ from .config import (
     read_environment,
 )
 from .logs import HYPERCORN_LOGGER, configure_logging, hypercorn_log_config, notice
+from .upstream import check_client_environment
 
 LISTEN_BACKLOG = 100  # hypercorn's default; it calls listen() again with its own
 
@@ -92,6 +93,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings = load_settings(dotenv_path=path, env_file_required=required, **overrides)
     if not settings.demo:
         settings.require_upstream()
+    check_client_environment(settings)
     return settings
 
 

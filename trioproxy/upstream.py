@@ -27,17 +27,19 @@ import email.utils
 import functools
 import logging
 import math
+import os
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import httpx
 import trio
 
 from . import netstream
-from .config import Settings, basic_credential
+from .config import ConfigError, Settings, basic_credential, redact_url
 from .errors import (
     BackendSecrets,
     BadUpstreamResponse,
@@ -162,6 +164,43 @@ class UpstreamResult:
                 release()
 
 
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+_CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def check_client_environment(settings: Settings) -> None:
+    """Build what the backend clients are built from (the CA certificates, the proxies
+    in the environment) once before serving: a mistake there is a ConfigError naming the
+    variable, not a traceback from the app's start after the proxy said it listens."""
+    _client(_tls_context(settings))
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext:
+    try:
+        return httpx.create_ssl_context(verify=not settings.disable_ssl_verification)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        given = [f"{name}={os.environ[name]}" for name in _CA_VARIABLES if os.environ.get(name)]
+        where = f" ({', '.join(given)})" if given else ""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot load the CA certificates{where}: {reason}") from None
+
+
+def _client(tls: ssl.SSLContext, **options: Any) -> httpx.AsyncClient:
+    try:
+        return httpx.AsyncClient(verify=tls, **options)
+    except (ValueError, ImportError):  # httpx quotes the proxy URL: its password too
+        given = [
+            f"{variable}={redact_url(value)}"
+            for name in _PROXY_VARIABLES
+            for variable in (name, name.lower())
+            if (value := os.environ.get(variable))
+        ]
+        raise ConfigError(
+            f"a proxy in the environment cannot be used ({', '.join(given) or 'none found'}): "
+            "httpx takes http://, https://, socks5:// and socks5h:// proxy URLs"
+        ) from None
+
+
 class UpstreamPool:
     def __init__(
         self,
@@ -190,11 +229,12 @@ class UpstreamPool:
         self._base_url = url.copy_with(username=None, password=None)
         self._default_headers = httpx.Headers(headers)
         # one TLS context for all clients: each would otherwise load the CA bundle again
-        tls = httpx.create_ssl_context(verify=not settings.disable_ssl_verification)
+        tls = _tls_context(settings)
         # The clients only hold the connection pools (limits, TLS, environment proxies):
         # requests are built here and handed to their transports.
         self._clients = [
-            httpx.AsyncClient(
+            _client(
+                tls,
                 limits=httpx.Limits(
                     max_connections=None,
                     max_keepalive_connections=keepalive,
@@ -202,7 +242,6 @@ class UpstreamPool:
                     # server is about to close (stack notes P13)
                     keepalive_expiry=KEEPALIVE_EXPIRY,
                 ),
-                verify=tls,
                 transport=transport_factory() if transport_factory else None,
             )
             for _ in range(shards)
