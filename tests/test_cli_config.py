@@ -251,29 +251,27 @@ def test_a_ca_bundle_that_does_not_load_is_one_line(
     for bundle in (tmp_path / "missing.pem", tmp_path / "not-pem.pem"):
         if bundle.name == "not-pem.pem":
             bundle.write_text("no certificate here\n")
-        code, err = main_in_process(
-            monkeypatch,
-            capsys,
-            OPENAI_API_BASE_URL="http://127.0.0.1:1/v1",
-            SSL_CERT_FILE=str(bundle),
-        )
-        assert code == 2
-        assert f"SSL_CERT_FILE={bundle}" in one_line(err)
+        line = _refused_at_start(monkeypatch, capsys, SSL_CERT_FILE=str(bundle))
+        assert f"SSL_CERT_FILE={bundle}" in line
 
 
 def test_a_proxy_url_httpx_cannot_use_is_one_line_without_its_password(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    line = _refused_at_start(monkeypatch, capsys, ALL_PROXY="ftp://user:hunter2pw@proxy.example:21")
+    assert "ALL_PROXY=ftp://***@proxy.example:21" in line
+    assert "hunter2pw" not in line
+
+
+def _refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], **env: str
+) -> str:
+    """The one line of a start refused for ``env`` (exit 2); stderr holds nothing else."""
     code, err = main_in_process(
-        monkeypatch,
-        capsys,
-        OPENAI_API_BASE_URL="http://127.0.0.1:1/v1",
-        ALL_PROXY="ftp://user:hunter2pw@proxy.example:21",
+        monkeypatch, capsys, OPENAI_API_BASE_URL="http://127.0.0.1:1/v1", **env
     )
     assert code == 2
-    line = one_line(err)
-    assert "ALL_PROXY=ftp://***@proxy.example:21" in line
-    assert "hunter2pw" not in err
+    return one_line(err)
 
 
 def test_a_socks_proxy_in_the_environment_is_used(
