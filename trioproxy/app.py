@@ -101,6 +101,13 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
                 # a path that is served nothing: kept as sent, so logs and the 404 tell
                 # "%2F" from "%252F"
                 self.scope["path"] = as_sent.decode("latin-1")
+        root = self.scope.get("root_path", "").rstrip("/")
+        if root and not path.startswith(root + "/"):
+            # Quart answered a 404 for the path " " in Ollama's dialect, so a client whose
+            # base URL lacks the mount point never learnt why; and "/llmapi/chat", which
+            # only begins with "/llm", was served as "/api/chat"
+            self.scope[OUTSIDE_MOUNT] = path
+            self.scope["path"] = "/"  # outside too: a 404, which names the path as sent
         route = fastpath.fast_route(app, self.scope)
         if route is not None:
             await fastpath.serve(app, self.scope, receive, send, *route)
@@ -121,7 +128,9 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         )
         state.client_retries = CLIENT_RETRIES_NAME in headers
         request.trioproxy_state = state
-        access = AccessLine(request.method, request.path) if app.settings.access_log else None
+        access = None
+        if app.settings.access_log:
+            access = AccessLine(request.method, _shown_path(request))
         tracked = Tracked(app.collector, state, send, access, self.scope)
         async with tracked as counting_send:
             response = await app.handle_request(request)
@@ -461,6 +470,17 @@ def _below(path: bytes, root_path: str) -> bytes:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+OUTSIDE_MOUNT = "trioproxy.outside_mount"
+"""Scope key: the path of a request sent outside the mount point (``root_path``)."""
+
+
+def _shown_path(sent: Any) -> str:
+    """The path of the request ``sent`` as the client sent it, for error replies and log
+    lines."""
+    path: str = sent.scope.get(OUTSIDE_MOUNT) or sent.path
+    return path
+
+
 def _path_of_absolute_target(target: str) -> str:
     scheme, _, rest = target.partition("://")
     if not rest or not scheme.isalpha():
@@ -491,7 +511,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
         headers = {"Allow": ", ".join(allowed)} if allowed else {}
         if await _body_left_unread(status):
             headers["Connection"] = "close"
-        return reply_response(error_reply(request.path, message, status, headers=headers))
+        return reply_response(error_reply(_shown_path(request), message, status, headers=headers))
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:
@@ -521,6 +541,12 @@ async def _body_left_unread(status: int) -> bool:
 
 def _http_error_message(status: int, error: HTTPException) -> str:
     if status == 404:
+        if OUTSIDE_MOUNT in request.scope:
+            root = request.root_path.rstrip("/")
+            return (
+                f"no route for {request.method} {_shown_path(request)}: the proxy is served below "
+                f"{root}/ (does the client's base URL lack {root}?)"
+            )
         return f"no route for {request.method} {request.path}"
     if status == 405:
         return f"method {request.method} is not allowed on {request.path}"

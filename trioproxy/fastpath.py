@@ -62,10 +62,10 @@ def fast_route(app: ProxyApp, scope: Any) -> tuple[str, Handler] | None:
     if scope["method"] != "POST":
         return None
     path: str = scope["path"]
-    root: str = scope.get("root_path", "")
+    root: str = scope.get("root_path", "").rstrip("/")
     if root:
-        if path == root or not path.startswith(root):
-            return None  # Quart answers 404, as for any path outside the mount point
+        if not path.startswith(root + "/"):
+            return None  # outside the mount point: Quart answers 404 (app.OUTSIDE_MOUNT)
         path = path[len(root) :]
     handler = app.fast_routes.get(path)
     if handler is None:
