@@ -177,6 +177,22 @@ def test_a_backend_whose_certificate_is_not_trusted_is_named_as_such(
     assert "certificate verify failed" in ready["backend_error"]
 
 
+def test_a_tls_backend_s_read_timeout_reads_as_a_plain_one_s(
+    https_proxy: str, tls_files: dict[str, str], start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """It said "ReadTimeout: cancelled due to deadline" (trio's words) over TLS."""
+    front = start_proxy(https_proxy + "/v1", SSL_CERT_FILE=tls_files["ca"], REQUEST_TIMEOUT="1")
+    content = "hi [[first_delay=3]]"
+    body = {
+        "model": "demo-chat",
+        "stream": False,
+        "messages": [{"role": "user", "content": content}],
+    }
+    answer = httpx.post(front.url + "/api/chat", json=body, timeout=10)
+    assert answer.status_code == 504
+    assert answer.json()["error"].endswith("no data from the backend within the read timeout")
+
+
 def test_the_container_probe_knocks_over_https(https_proxy: str, tls_files: dict[str, str]) -> None:
     """The image's HEALTHCHECK (``python -m trioproxy.probe``) probed plain HTTP on a
     proxy serving HTTPS, so the container was marked unhealthy for ever."""

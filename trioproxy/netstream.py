@@ -152,8 +152,11 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         if self._held:
             timeout = None
         socket = self._socket
-        if socket is None:
-            return await self._inner.read(max_bytes, timeout)
+        if socket is None:  # TLS: httpcore's own stream, whose timeout says trio's words
+            try:
+                return await self._inner.read(max_bytes, timeout)
+            except httpcore.ReadTimeout:
+                raise self._timed_out() from None
         if timeout is None:
             return await self._receive(socket, max_bytes)
         deadline = trio.current_time() + timeout
