@@ -167,6 +167,49 @@ async def test_outside_the_mount_point_a_path_is_not_found_and_told_so(
         )
 
 
+async def test_outside_the_mount_point_the_path_is_named_as_sent(app: ProxyApp) -> None:
+    """An encoded slash is no separator: "/llm%2Fapi/tags" is not below "/llm/" (the
+    test client decodes the path it is given: the scope is built as hypercorn does)."""
+    sent = await _get_as_hypercorn_sends_it(
+        app, "/llm/api/tags", b"/llm%2Fapi/tags", root_path="/llm"
+    )
+    assert sent[0]["status"] == 404
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert json.loads(body)["error"].startswith(
+        "no route for GET /llm%2Fapi/tags: the proxy is served below /llm/"
+    )
+
+
+async def _get_as_hypercorn_sends_it(
+    app: ProxyApp,
+    path: str,
+    raw_path: bytes,
+    *,
+    root_path: str = "",
+    query: bytes = b"",
+    http_version: str = "1.1",
+) -> list[dict[str, Any]]:
+    """A GET served from a scope built by hand (the test client rebuilds the path and
+    query from what it is given); the ASGI events the app sent."""
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": http_version,
+        "method": "GET", "scheme": "http", "path": path, "raw_path": raw_path,
+        "query_string": query, "root_path": root_path, "headers": [],
+        "client": ("127.0.0.1", 1), "server": None, "extensions": {},
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else await trio.sleep_forever()  # type: ignore[func-returns-value]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
 async def test_cors_only_for_allowed_origins_and_preflight_still_answered(app: ProxyApp) -> None:
     client = app.test_client()
     body = json.dumps({"model": "demo-chat", "messages": CHAT, "stream": False})
@@ -422,24 +465,9 @@ async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> 
 async def test_a_query_a_url_cannot_hold_is_forwarded_encoded_not_a_500(app: ProxyApp) -> None:
     """HTTP/2 lets control bytes through in a query; the by-id routes put the query into
     the backend's URL, which must not fail on them."""
-    from hypercorn.typing import HTTPScope
-
-    sent: list[dict[str, Any]] = []
-    scope: HTTPScope = {  # type: ignore[typeddict-item]
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "2", "method": "GET",
-        "scheme": "http", "path": "/v1/responses/resp_none/input_items",
-        "raw_path": b"/v1/responses/resp_none/input_items", "query_string": b"after=\x01\x7f",
-        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": None,
-        "extensions": {},
-    }  # fmt: skip
-    messages = [{"type": "http.request", "body": b"", "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else await trio.sleep_forever()  # type: ignore[func-returns-value]
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)  # type: ignore[arg-type]
+    path = "/v1/responses/resp_none/input_items"
+    sent = await _get_as_hypercorn_sends_it(
+        app, path, path.encode(), query=b"after=\x01\x7f", http_version="2"
+    )
     assert sent[0]["status"] == 404  # the demo backend's "no such response", not our 500
     assert app.pool is not None and set(app.pool._urls) <= {"/models", "/responses"}

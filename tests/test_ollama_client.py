@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -541,6 +542,31 @@ def test_the_batches_answers_are_bounded_together(
     )
     assert reply.status_code == 502
     assert "MAX_RESPONSE_BYTES" in reply.json()["error"]
+
+
+def test_batches_over_the_bound_together_count_one_upstream_error(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """Batches asked for at once whose answers came in the same moment each counted the
+    bound's failure: 1-3 protocol errors per refused request instead of one."""
+    proxy = start_proxy(demo_backend.url, MAX_RESPONSE_BYTES="700")
+    texts = [f"chunk {i} " + "x" * 150_000 for i in range(8)]  # 4 batches of ~470 B answers
+
+    def protocol_errors() -> float:
+        text = httpx.get(proxy.url + "/metrics", timeout=10).text
+        found = re.search(
+            r'^trioproxy_upstream_errors_total\{reason="protocol"\} (\S+)$', text, re.M
+        )
+        return float(found[1]) if found else 0.0
+
+    before = protocol_errors()
+    for _ in range(6):
+        reply = httpx.post(
+            proxy.url + "/api/embed", json={"model": "demo-embed", "input": texts}, timeout=30
+        )
+        assert reply.status_code == 502
+        assert "larger than 700 bytes together" in reply.json()["error"]
+    assert protocol_errors() - before == 6
 
 
 def test_legacy_embeddings(proxy: ServerProcess, client: Callable[..., ollama.Client]) -> None:

@@ -193,6 +193,26 @@ def test_a_tls_backend_s_read_timeout_reads_as_a_plain_one_s(
     assert answer.json()["error"].endswith("no data from the backend within the read timeout")
 
 
+def test_a_backend_that_never_finishes_its_handshake_is_a_connect_timeout_in_words(
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """It said "ConnectTimeout: cancelled due to deadline" (trio's words)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes the TCP connection only
+        port = silent.getsockname()[1]
+        front = start_proxy(f"https://127.0.0.1:{port}/v1", CONNECT_TIMEOUT="0.5", MAX_RETRIES="0")
+        body = {
+            "model": "demo-chat",
+            "stream": False,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        answer = httpx.post(front.url + "/api/chat", json=body, timeout=10)
+    assert answer.status_code == 502
+    assert answer.json()["error"] == (
+        "backend request failed: no connection to the backend (TCP and TLS) within 0.5 s "
+        "(CONNECT_TIMEOUT)"
+    )
+
+
 def test_the_container_probe_knocks_over_https(https_proxy: str, tls_files: dict[str, str]) -> None:
     """The image's HEALTHCHECK (``python -m trioproxy.probe``) probed plain HTTP on a
     proxy serving HTTPS, so the container was marked unhealthy for ever."""

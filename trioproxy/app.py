@@ -102,11 +102,11 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
                 # "%2F" from "%252F"
                 self.scope["path"] = as_sent.decode("latin-1")
         root = self.scope.get("root_path", "").rstrip("/")
-        if root and not path.startswith(root + "/"):
+        if root and not self.scope["path"].startswith(root + "/"):
             # Quart answered a 404 for the path " " in Ollama's dialect, so a client whose
             # base URL lacks the mount point never learnt why; and "/llmapi/chat", which
             # only begins with "/llm", was served as "/api/chat"
-            self.scope[OUTSIDE_MOUNT] = path
+            self.scope[OUTSIDE_MOUNT] = self.scope["path"]  # as sent, if it holds a %2F
             self.scope["path"] = "/"  # outside too: a 404, which names the path as sent
         route = fastpath.fast_route(app, self.scope)
         if route is not None:
@@ -498,7 +498,9 @@ def _register_error_handlers(app: ProxyApp) -> None:
     @app.errorhandler(ProxyError)
     async def _proxy_error(error: ProxyError) -> Response:
         settings: Settings = request_app().settings
-        reply = proxy_error_reply(error, request.path, settings.backend_secrets, request_state())
+        reply = proxy_error_reply(
+            error, _shown_path(request), settings.backend_secrets, request_state()
+        )
         if await _body_left_unread(error.status):
             reply.headers = {**reply.headers, "Connection": "close"}
         return reply_response(reply)
@@ -518,7 +520,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
         # escaped like the access log: a decoded %0a in the path must not forge a log line
         method, path = loggable_path(request.method), loggable_path(request.path)
         log.exception("unhandled error while serving %s %s", method, path)
-        return reply_response(internal_error_reply(request.path))
+        return reply_response(internal_error_reply(_shown_path(request)))
 
 
 async def _body_left_unread(status: int) -> bool:

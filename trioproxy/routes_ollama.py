@@ -287,6 +287,8 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
         try:
             async with limiter:
                 resp, result = await call_json(call, "/embeddings", batches[index])
+            if failures:  # answered as another failed: its answer is no longer wanted
+                return
             held += len(result.response.content)
             if held > limit:
                 call.app.collector.upstream_error("protocol")

@@ -39,7 +39,7 @@ import httpx
 import trio
 
 from . import netstream
-from .config import ConfigError, Settings, basic_credential, redact_url
+from .config import ConfigError, Settings, basic_credential
 from .errors import (
     BackendSecrets,
     BadUpstreamResponse,
@@ -188,17 +188,23 @@ def _tls_context(settings: Settings) -> ssl.SSLContext:
 def _client(tls: ssl.SSLContext, **options: Any) -> httpx.AsyncClient:
     try:
         return httpx.AsyncClient(verify=tls, **options)
-    except (ValueError, ImportError):  # httpx quotes the proxy URL: its password too
+    except (httpx.InvalidURL, ValueError, ImportError) as exc:
+        # httpx quotes the proxy URL, and a password with an unencoded "/" or "#" breaks
+        # it where redacting it would miss: only the variables and their schemes are named
         given = [
-            f"{variable}={redact_url(value)}"
+            f"{variable} ({value.partition('://')[0] or 'no scheme'}://...)"
             for name in _PROXY_VARIABLES
             for variable in (name, name.lower())
             if (value := os.environ.get(variable))
         ]
-        raise ConfigError(
-            f"a proxy in the environment cannot be used ({', '.join(given) or 'none found'}): "
-            "httpx takes http://, https://, socks5:// and socks5h:// proxy URLs"
-        ) from None
+        why = (
+            "its URL does not parse (in a user name or password, '/', '?', '#' and '@' "
+            "must be percent-encoded)"
+            if isinstance(exc, httpx.InvalidURL)
+            else "httpx takes http://, https://, socks5:// and socks5h:// proxy URLs"
+        )
+        named = ", ".join(given) or "none found"
+        raise ConfigError(f"a proxy in the environment cannot be used: {named}: {why}") from None
 
 
 class UpstreamPool:
@@ -530,7 +536,15 @@ class UpstreamPool:
         return capped * random.uniform(0.5, 1.0)
 
     def _describe(self, exc: BaseException) -> str:
-        return scrub(f"backend request failed: {failure_detail(exc)}", self._secrets)
+        if isinstance(exc, httpx.ConnectTimeout):
+            # its own words are trio's ("cancelled due to deadline", or a nursery's)
+            detail = (
+                f"no connection to the backend (TCP and TLS) within "
+                f"{self._settings.connect_timeout:g} s (CONNECT_TIMEOUT)"
+            )
+        else:
+            detail = failure_detail(exc)
+        return scrub(f"backend request failed: {detail}", self._secrets)
 
 
 async def _sweep(transport: object) -> None:
