@@ -112,6 +112,10 @@ async def test_under_a_mount_point_probes_stay_open(demo_backend: ServerProcess)
         body = json.dumps({"model": "demo-chat", "messages": []})
         refused = await client.post("/llm/api/chat", data=body, root_path="/llm")
         assert refused.status_code == 401
+        # outside the mount point: refused in the dialect of the path as sent
+        outside = await client.get("/v1/models", root_path="/llm")
+        assert outside.status_code == 401
+        assert (await outside.get_json())["error"]["code"] == "invalid_api_key"
 
 
 # ---- real clients against a real proxy -----------------------------------------------------
@@ -278,3 +282,22 @@ def test_a_client_at_its_limit_of_requests_in_flight_waits_its_turn(
     assert total(samples, "http_requests_total", status="429") == 2
     with pytest.raises(ConfigError, match="CLIENT_MAX_CONCURRENT_REQUESTS"):
         load_settings({"CLIENT_MAX_CONCURRENT_REQUESTS": "4"}, dotenv_path=None)
+
+
+def test_a_client_at_its_limit_is_served_again_as_soon_as_its_stream_ends(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """The slot was freed after the bookkeeping that follows a response: a client that
+    read a stream to its end and sent its next request at once could find it taken."""
+    url = start_proxy(
+        demo_backend.url, PROXY_API_KEYS=f"team-a:{KEY}", CLIENT_MAX_CONCURRENT_REQUESTS="1"
+    ).url
+    as_a = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi [[tokens=3]]"}]}
+    with httpx.Client(base_url=url, timeout=10, headers=as_a) as http:
+        for _ in range(40):
+            with http.stream("POST", "/v1/chat/completions", json=chat | {"stream": True}) as s:
+                assert s.status_code == 200
+                for _ in s.iter_lines():
+                    pass
+            assert http.post("/api/chat", json=chat | {"stream": False}).status_code == 200

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -91,8 +91,7 @@ async def serve(
     state.client_retries = CLIENT_RETRIES_NAME in headers
     access = AccessLine("POST", path) if app.settings.access_log else None
     tracked = Tracked(app.collector, state, send, access, scope)
-    admitted = app.admission.enter()
-    holding: str | None = None  # the client whose count of requests in flight we raised
+    slots = _Slots(app, app.admission.enter())
     try:
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
@@ -101,8 +100,8 @@ async def serve(
                     note_client(state, client)
                     if client is not None:
                         app.client_keys.enter(client)
-                        holding = client
-                if not admitted:
+                        slots.client = client
+                if not slots.admitted:
                     raise ServerBusy(app.admission.limit)
                 body = await _read_body(app, receive, headers.get("content-length"))
                 if state.metric is not None:  # a slow upload is not the proxy's overhead
@@ -129,16 +128,36 @@ async def serve(
                 if failed is not None:
                     # the time a failure took is not the proxy's overhead: no such header
                     reply, head = failed, _head(failed, tracked, cors, overhead=False)
-            await _write(counting_send, reply, head, tracked, app.in_progress)
+            await _write(counting_send, reply, head, tracked, app.in_progress, slots.free)
             # hypercorn hands the app http.disconnect once the response is complete, which
             # ends the watcher without a cancellation (unwinding one costs as much as the
             # watcher); the deadline only guards against a server that would not
             nursery.cancel_scope.deadline = trio.current_time() + _WATCHER_GRACE_SECONDS
     finally:
-        if admitted:
-            app.admission.leave()
-        if holding is not None:
-            app.client_keys.leave(holding)  # type: ignore[union-attr]
+        slots.free()
+
+
+class _Slots:
+    """What a request holds while in flight: its place under MAX_CONCURRENT_REQUESTS and
+    its client's under CLIENT_MAX_CONCURRENT_REQUESTS. Freed as soon as the response's
+    body is out (``_write``), not after the bookkeeping that follows: a client that read
+    the end may send its next request at once, which found the slot still taken (a 429
+    for a client at its limit that waited its turn)."""
+
+    __slots__ = ("admitted", "app", "client")
+
+    def __init__(self, app: ProxyApp, admitted: bool) -> None:
+        self.app = app
+        self.admitted = admitted
+        self.client: str | None = None  # the client whose count of requests we raised
+
+    def free(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.app.admission.leave()
+        if self.client is not None:
+            self.app.client_keys.leave(self.client)  # type: ignore[union-attr]
+            self.client = None
 
 
 class Admission:
@@ -310,12 +329,18 @@ async def _write(
     headers: list[Header],
     tracked: Tracked,
     streams: InProgress,
+    written: Callable[[], None] | None = None,
 ) -> None:
+    """The reply to the client; ``written`` runs once its body is out: after a whole
+    body's send, and before a stream's empty last event (the client may have read its
+    last chunk and sent its next request before that event's send returns)."""
     body = reply.body
     if isinstance(body, bytes):
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        if written is not None:
+            written()
         return
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     with streams.tracking() as scope:
@@ -330,6 +355,8 @@ async def _write(
         if end:
             await send({"type": "http.response.body", "body": end, "more_body": True})
         _note_shutdown(tracked)
+    if written is not None:
+        written()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
