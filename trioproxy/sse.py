@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .jsonutil import compact_json, compact_json_text, loads
 
@@ -67,11 +66,20 @@ class SSEProtocolError(ValueError):
     """The byte stream cannot be an event stream we are willing to buffer (line too long)."""
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
+    """One dispatched event. A named tuple, not a frozen dataclass, though as immutable:
+    a frozen dataclass sets each field through ``object.__setattr__``, which made
+    ``feed`` of one chat chunk cost 1.4 µs instead of 1.1 µs with this tuple
+    (``_new_event``)."""
+
     data: str
     event: str | None = None
     id: str | None = None
+
+
+# the parser builds its events with tuple's own constructor: the named tuple's generated
+# ``__new__`` (which fills in defaults) takes twice as long
+_new_event = tuple.__new__
 
 
 class SSEParser:
@@ -251,7 +259,7 @@ class SSEParser:
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         if self._data:
-            events.append(SSEEvent("\n".join(self._data), self._event, self._id))
+            events.append(_new_event(SSEEvent, ("\n".join(self._data), self._event, self._id)))
             self._data = []
             self._data_size = 0
         # The event type is per event even when nothing was dispatched; the id persists.
