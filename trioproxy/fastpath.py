@@ -343,12 +343,18 @@ async def _write(
             written()
         return
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    # the chunks (never the last body event) go to the server directly, counted on the way
+    count, server_send = send.count, send.server_send
     with streams.tracking() as scope:
         async with aclosing(body) as chunks:  # type: ignore[type-var]
             if reply.first is not None:
-                await send({"type": "http.response.body", "body": reply.first, "more_body": True})
+                count(reply.first)
+                await server_send(
+                    {"type": "http.response.body", "body": reply.first, "more_body": True}
+                )
             async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                count(chunk)
+                await server_send({"type": "http.response.body", "body": chunk, "more_body": True})
     ended = reply.end is not None and reply.end.reached
     if scope.cancelled_caught and not ended:  # shutting down: end in-band, not mid-chunk
         end = in_band_error(reply.content_type, SHUTDOWN_MESSAGE, code="service_unavailable")
