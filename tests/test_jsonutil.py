@@ -13,6 +13,7 @@ from trioproxy.jsonutil import (
     NestedTooDeeply,
     compact_json,
     compact_json_text,
+    escape_line_separators,
     loads,
     top_level_member,
 )
@@ -42,6 +43,12 @@ def test_what_it_writes_is_one_line_to_pythons_splitlines(value: object) -> None
     written = compact_json(value)
     assert len(written.decode().splitlines()) == 1
     assert loads(written) == value
+
+
+def test_line_separators_are_escaped_in_text_that_is_not_all_ascii() -> None:
+    assert escape_line_separators(b'{"a":"plain"}') == b'{"a":"plain"}'
+    mixed = '{"a":"é\u0085b\u2028c\u2029"}'.encode()
+    assert escape_line_separators(mixed) == '{"a":"é\\u0085b\\u2028c\\u2029"}'.encode()
 
 
 def test_a_lone_surrogate_from_a_client_is_written_as_the_escape_it_came_as() -> None:

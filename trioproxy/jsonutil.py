@@ -66,6 +66,8 @@ def escape_line_separators(data: bytes) -> bytes:
     ``iter_lines`` uses, and so ollama-python) ends a line at them, cutting an NDJSON line
     in two. Ollama's own encoder (Go's ``encoding/json``) escapes the last two for the
     same reason."""
+    if data.isascii():  # none of them then; one pass, where each search cost ~0.2 µs a line
+        return data
     for raw, escaped in _RAW_LINE_SEPARATORS:
         if raw in data:
             data = data.replace(raw, escaped)
