@@ -295,6 +295,21 @@ def test_a_socks_proxy_in_the_environment_is_used(
         assert ("127.0.0.1", backend_port) in targets
 
 
+def test_a_proxy_that_cannot_be_reached_is_named_as_the_proxy(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """The failure to connect named the proxy's address as if it were the backend's."""
+    dead = closed_port_url().removesuffix("/v1").replace("http://", "http://scout:Hunt3rPw@")
+    proxy = start_proxy(demo_backend.url, HTTP_PROXY=dead, NO_PROXY="", MAX_RETRIES="0")
+    body = {"model": "demo-chat", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=30)
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    shown = dead.replace("scout:Hunt3rPw", "***")
+    assert error.endswith(f"(connecting through the proxy {shown} from the environment)")
+    assert "Hunt3rPw" not in error
+
+
 def test_degraded_error_rate_above_unhealthy_is_named(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

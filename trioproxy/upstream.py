@@ -37,9 +37,10 @@ from typing import Any, NoReturn, Protocol
 
 import httpx
 import trio
+from httpx._utils import get_environment_proxies
 
 from . import netstream
-from .config import ConfigError, Settings, basic_credential
+from .config import ConfigError, Settings, basic_credential, redact_url
 from .errors import (
     BackendSecrets,
     BadUpstreamResponse,
@@ -207,6 +208,17 @@ def _client(tls: ssl.SSLContext, **options: Any) -> httpx.AsyncClient:
         raise ConfigError(f"a proxy in the environment cannot be used: {named}: {why}") from None
 
 
+def _proxy_for(client: httpx.AsyncClient, url: httpx.URL) -> str | None:
+    """The proxy (from HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) through which ``client``
+    reaches ``url``, credentials shown as ``***``; None when it connects directly."""
+    chosen = client._transport_for_url(url)
+    proxies = get_environment_proxies()
+    for pattern, transport in client._mounts.items():
+        if transport is chosen and (proxy := proxies.get(pattern.pattern)):
+            return redact_url(proxy)
+    return None
+
+
 class UpstreamPool:
     def __init__(
         self,
@@ -253,6 +265,8 @@ class UpstreamPool:
             for _ in range(shards)
         ]
         self._transports = [client._transport_for_url(self._base_url) for client in self._clients]
+        # failures to connect are the proxy's, not the backend's, when there is one
+        self._proxy = _proxy_for(self._clients[0], self._base_url)
         # run by the app (``read_deadlines.run``); until then reads time themselves
         self.read_deadlines = netstream.ReadDeadlines()
         for transport in self._transports:
@@ -544,6 +558,8 @@ class UpstreamPool:
             )
         else:
             detail = failure_detail(exc)
+        if self._proxy is not None and isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            detail += f" (connecting through the proxy {self._proxy} from the environment)"
         return scrub(f"backend request failed: {detail}", self._secrets)
 
 
