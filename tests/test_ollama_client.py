@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import ollama
@@ -26,6 +26,7 @@ from trioproxy.demo.script import REASONING_TOKENS
 from trioproxy.forward import encode
 
 from .conftest import ServerProcess, demo_events_for
+from .fakes import ScriptedHandler, serving
 
 # A valid 1x1 PNG (transparent pixel).
 PNG_1X1 = base64.b64decode(
@@ -408,6 +409,57 @@ def test_think_switches_reach_the_backend_as_the_operator_set_them(
             assert "".join(p.message.content or "" for p in parts) == "Hello from the trioproxy"
     generated = switched.generate(model="demo-reasoner", prompt=messages[0]["content"], think=False)
     assert generated.eval_count == 4 and generated.thinking is None
+
+
+class _SwitchRefusingBackend(ScriptedHandler):
+    """OpenAI's answer to a field a model does not take, for model "no-switch"."""
+
+    requests: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        request = self.json_body()
+        self.requests.append(request)
+        if request["model"] == "no-switch" and "chat_template_kwargs" in request:
+            refusal = {"error": {
+                "message": "Unrecognized request argument supplied: chat_template_kwargs",
+                "type": "invalid_request_error", "param": None, "code": None}}  # fmt: skip
+            self.answer(400, json.dumps(refusal).encode())
+            return
+        if request.get("stream"):
+            delta = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]}
+            end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            events = f"data: {json.dumps(delta)}\n\ndata: {json.dumps(end)}\n\ndata: [DONE]\n\n"
+            self.answer(200, events.encode(), "text/event-stream")
+            return
+        message = {"role": "assistant", "content": "ok"}
+        answer = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        self.answer(200, json.dumps(answer).encode())
+
+
+def test_a_model_that_refuses_the_think_switch_is_asked_again_without_it(
+    start_proxy: Callable[..., ServerProcess], client: Callable[..., ollama.Client]
+) -> None:
+    """One THINK_OFF_EXTRA_BODY for every model: behind a gateway, a model that does not
+    take the field (OpenAI: 400 "Unrecognized request argument") failed every think=False
+    request. Asked again without it, once; later requests for that model go without."""
+    _SwitchRefusingBackend.requests.clear()
+    with serving(_SwitchRefusingBackend) as url:
+        switch = '{"chat_template_kwargs": {"enable_thinking": false}}'
+        c = client(start_proxy(url, THINK_OFF_EXTRA_BODY=switch, MAX_RETRIES="0"))
+        messages = [{"role": "user", "content": "hi"}]
+        for stream in (False, True, False):
+            answer = c.chat(model="no-switch", messages=messages, think=False, stream=stream)
+            parts = list(answer) if stream else [answer]
+            assert "".join(p.message.content or "" for p in parts) == "ok"
+        c.chat(model="takes-switch", messages=messages, think=False, stream=False)
+    sent = [("chat_template_kwargs" in r, r["model"]) for r in _SwitchRefusingBackend.requests]
+    assert sent == [
+        (True, "no-switch"),  # refused, remembered
+        (False, "no-switch"),
+        (False, "no-switch"),
+        (False, "no-switch"),
+        (True, "takes-switch"),  # another model still gets it
+    ]
 
 
 # ---- embeddings ----------------------------------------------------------------------------

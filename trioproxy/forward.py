@@ -323,6 +323,11 @@ class FieldQuirk:
     refused: Callable[[UpstreamStatusError], bool]
     adapt: Callable[[dict[str, Any]], None]
     news: str  # logged once per model (``%s``: the model)
+    # whether a request holds what the quirk is about (default: ``field`` among its keys)
+    present: Callable[[dict[str, Any]], bool] | None = None
+
+    def applies(self, payload: dict[str, Any]) -> bool:
+        return self.present(payload) if self.present is not None else self.field in payload
 
 
 @dataclass
@@ -357,7 +362,7 @@ async def as_the_backend_takes(
 ) -> T:
     """``send(payload)``, adapted for a backend model known to refuse ``quirk.field``; a
     first refusal is remembered and the request sent again, adapted."""
-    if quirk.field not in payload:
+    if not quirk.applies(payload):
         return await send(payload)
     quirks: BackendQuirks = call.app.backend_quirks  # type: ignore[attr-defined]
     model = str(payload.get("model", ""))
@@ -430,22 +435,55 @@ _NEAR = 80
 
 
 def refuses_stream_options(error: UpstreamStatusError) -> bool:
-    """Whether a backend's 400/422 refuses the ``stream_options`` field itself: a
-    validation error located at that field (pydantic's ``loc``), or a message that names
-    it next to a word of refusal."""
-    if error.status not in (400, 422) or b"stream_options" not in error.body:
+    """Whether a backend's 400/422 refuses the ``stream_options`` field itself."""
+    return refuses_field(error, "stream_options")
+
+
+def refuses_field(error: UpstreamStatusError, name: str) -> bool:
+    """Whether a backend's 400/422 refuses the field ``name`` itself: a validation error
+    located at that field (pydantic's ``loc``), or a message that names it next to a word
+    of refusal (OpenAI's "Unrecognized request argument supplied: …", "Unsupported
+    parameter: '…'")."""
+    encoded = name.encode()
+    if error.status not in (400, 422) or encoded not in error.body:
         return False
     try:
         payload = loads(error.body)
     except ValueError:
         payload = None
-    if _located_at_stream_options(payload):
+    if _located_at(payload, name):
         return True
-    for at in re.finditer(rb"stream_options", error.body):
+    for at in re.finditer(re.escape(encoded), error.body):
         window = error.body[max(0, at.start() - _NEAR) : at.end() + _NEAR]
         if _REFUSES_A_FIELD.search(window):
             return True
     return False
+
+
+def extra_body_quirk(setting: str, added: tuple[str, ...]) -> FieldQuirk:
+    """The fields an operator's extra body (``setting``) ``added`` to a request, as a
+    quirk: a backend model that refuses one of them gets the request again without them
+    all, and later requests for it go without (a gateway may front models that take a
+    reasoning switch and models that do not)."""
+
+    def refused(error: UpstreamStatusError) -> bool:
+        return any(refuses_field(error, name) for name in added)
+
+    def adapt(payload: dict[str, Any]) -> None:
+        for name in added:
+            payload.pop(name, None)
+
+    def present(payload: dict[str, Any]) -> bool:
+        return any(name in payload for name in added)
+
+    return FieldQuirk(
+        f"{setting}:{','.join(added)}",
+        refused,
+        adapt,
+        f"the backend refuses {setting} ({', '.join(added)}) for model %s; its requests "
+        "now go without it",
+        present,
+    )
 
 
 # Mistral's API refuses stream_options (422, extra_forbidden)
@@ -466,17 +504,17 @@ MAX_COMPLETION_TOKENS = FieldQuirk(
 )
 
 
-def _located_at_stream_options(payload: Any, depth: int = 0) -> bool:
+def _located_at(payload: Any, name: str, depth: int = 0) -> bool:
     """A validation error's entry whose ``loc`` names the field, anywhere in the body."""
     if depth > 6:
         return False
     if isinstance(payload, dict):
         loc = payload.get("loc")
-        if isinstance(loc, list) and "stream_options" in loc:
+        if isinstance(loc, list) and name in loc:
             return True
-        return any(_located_at_stream_options(v, depth + 1) for v in payload.values())
+        return any(_located_at(v, name, depth + 1) for v in payload.values())
     if isinstance(payload, list):
-        return any(_located_at_stream_options(v, depth + 1) for v in payload)
+        return any(_located_at(v, name, depth + 1) for v in payload)
     return False
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from quart import Blueprint, Response, request
@@ -20,6 +20,7 @@ from quart import Blueprint, Response, request
 from . import translate as tr
 from .app import current_call, quart_route
 from .catalog import backend_name_for
+from .config import Settings
 from .errors import (
     BadUpstreamResponse,
     NotFound,
@@ -30,8 +31,11 @@ from .errors import (
 )
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
+    FieldQuirk,
+    as_the_backend_takes,
     call_chat,
     call_json,
+    extra_body_quirk,
     for_backend,
     from_backend,
     json_object,
@@ -43,6 +47,7 @@ from .forward import (
 from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 
 blueprint = Blueprint("ollama", __name__)
+T = TypeVar("T")
 
 OLLAMA_VERSION = "0.12.0"
 MODEL_MANAGEMENT = (
@@ -155,11 +160,8 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     note_model(state, client_model)
     backend_model = await backend_name_for(call, client_model)
     payload = for_backend(to_openai, body, backend_model)
-    settings = app.settings
     think = body.get("think")
-    extra = tr.think_extra_body(think, settings.think_on_extra_body, settings.think_off_extra_body)
-    if extra:
-        payload = tr.with_extra_body(payload, extra)
+    payload, switch = _with_think_switch(app.settings, think, payload)
     # think: false hides the reasoning, whatever the backend does with THINK_OFF_EXTRA_BODY
     # (or without one: OpenAI-compatible backends have no portable way to be told not to
     # reason; reasoning_effort "none" is a 400 on most models)
@@ -167,7 +169,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
         with _model_not_found_as_ollama(client_model, backend_model):
-            resp, result = await call_chat(call, payload)
+            resp, result = await _as_taken(call, payload, switch, call_chat)
         timings = _timings(start_ns, resp, result)
         convert = functools.partial(
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
@@ -179,7 +181,7 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
         # to write again (jsonutil): the backend's fault too
         return Reply(200, from_backend(call, dumps, out))
     with _model_not_found_as_ollama(client_model, backend_model):
-        result = await open_chat_stream(call, payload)
+        result = await _as_taken(call, payload, switch, open_chat_stream)
     metric = state.metric
     translator = tr.OllamaStreamTranslator(
         kind, client_model, start_ns=start_ns, show_thinking=show_thinking
@@ -194,6 +196,30 @@ async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_open
         end=(end := StreamEnd()),
     )
     return Reply(200, chunks, NDJSON, dict(STREAM_HEADERS), end=end)
+
+
+def _with_think_switch(
+    settings: Settings, think: object, payload: tr.JSONDict
+) -> tuple[tr.JSONDict, FieldQuirk | None]:
+    """``payload`` with the extra body the operator set for the client's ``think``, and
+    the fields it added as a quirk (None when it added none): a model that refuses them
+    is asked again without them."""
+    extra = tr.think_extra_body(think, settings.think_on_extra_body, settings.think_off_extra_body)
+    added = tuple(name for name in extra if name not in payload)
+    if not extra:
+        return payload, None
+    setting = "THINK_OFF_EXTRA_BODY" if think is False else "THINK_ON_EXTRA_BODY"
+    switched = tr.with_extra_body(payload, extra)
+    return switched, extra_body_quirk(setting, added) if added else None
+
+
+async def _as_taken(
+    call: Call, payload: tr.JSONDict, quirk: FieldQuirk | None, send: Callable[..., Awaitable[T]]
+) -> T:
+    """``send(call, payload)``, through ``quirk`` when there is one."""
+    if quirk is None:
+        return await send(call, payload)
+    return await as_the_backend_takes(call, payload, quirk, functools.partial(send, call))
 
 
 def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
