@@ -268,6 +268,9 @@ def test_a_proxy_url_httpx_cannot_use_is_one_line_without_its_password(
     )
     assert "https_proxy (http://...)" in line and "does not parse" in line
     assert "Sup3rS3cret" not in line
+    # written without a scheme (curl's way), the whole URL read as one
+    line = _refused_at_start(monkeypatch, capsys, HTTP_PROXY="alice:pa/ss@127.0.0.1:3128")
+    assert "HTTP_PROXY (no scheme)" in line and "pa/ss" not in line
 
 
 def _refused_at_start(

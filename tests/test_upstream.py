@@ -16,7 +16,7 @@ import trio
 from trioproxy import upstream
 from trioproxy.config import Settings
 from trioproxy.errors import UpstreamStatusError
-from trioproxy.forward import refuses_stream_options, wants_max_completion_tokens
+from trioproxy.forward import refuses_field, refuses_stream_options, wants_max_completion_tokens
 from trioproxy.upstream import UpstreamPool
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -167,6 +167,50 @@ def test_only_a_refusal_of_the_field_itself_drops_stream_options(
 ) -> None:
     error = UpstreamStatusError("x", status, body=json.dumps(body).encode())
     assert refuses_stream_options(error) is refuses
+
+
+@pytest.mark.parametrize(
+    ("name", "message", "refuses"),
+    [
+        ("chat_template_kwargs",
+         "Unrecognized request argument supplied: chat_template_kwargs", True),
+        ("reasoning_effort",
+         "Unsupported parameter: 'reasoning_effort' is not supported with this model.", True),
+        # the client's own words next to the field as a key of the echoed request
+        ("chat_template_kwargs",
+         'maximum context length exceeded. Request: {"messages": [{"role": "user", "content":'
+         ' "Order a pizza with extra cheese"}], "chat_template_kwargs": {"enable": false}}',
+         False),
+        ("chat_template_kwargs",
+         'context too long: "{\\"content\\": \\"unknown\\", '
+         '\\"chat_template_kwargs\\": {}}"', False),
+        # a refusal of another field that only begins with the name
+        ("reasoning", "Unrecognized request argument supplied: reasoning_effort", False),
+    ],
+)  # fmt: skip
+def test_a_field_is_refused_only_by_a_message_about_it(
+    name: str, message: str, refuses: bool
+) -> None:
+    """An error that quotes the request put the client's words ("extra", "unknown") next
+    to the field: the operator's think switch was dropped for the model for good."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+    assert refuses_field(UpstreamStatusError("x", 400, body=body.encode()), name) is refuses
+
+
+def test_a_failure_through_an_environment_proxy_names_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CONNECT the proxy refused read as the backend's own 502."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://ops:S3cret@proxy.example:3128")
+    pool = UpstreamPool(_settings("https://backend.example/v1"))
+    told = pool._describe(httpx.ProxyError("502 Bad Gateway"))
+    assert told == (
+        "backend request failed: 502 Bad Gateway (connecting through the proxy "
+        "http://***@proxy.example:3128 from the environment)"
+    )
 
 
 def test_a_failure_without_words_is_described_by_its_cause() -> None:

@@ -3,6 +3,7 @@ call the backend, open a stream whose closing is guaranteed."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -453,11 +454,20 @@ def refuses_field(error: UpstreamStatusError, name: str) -> bool:
         payload = None
     if _located_at(payload, name):
         return True
-    for at in re.finditer(re.escape(encoded), error.body):
+    for at in _named_as_a_field(encoded).finditer(error.body):
         window = error.body[max(0, at.start() - _NEAR) : at.end() + _NEAR]
         if _REFUSES_A_FIELD.search(window):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=64)
+def _named_as_a_field(name: bytes) -> re.Pattern[bytes]:
+    """``name`` as a word of its own (not inside "reasoning_effort" for "reasoning"), and
+    not as a key of JSON (``"name":``, also escaped inside strings): an error that quotes
+    the request it refuses (a prompt too long, say) holds the field as a key, next to
+    whatever words the client wrote, and must not read as a refusal of the field."""
+    return re.compile(rb"(?<![\w])" + re.escape(name) + rb'(?![\w])(?!\\*"\s*:)')
 
 
 def extra_body_quirk(setting: str, added: tuple[str, ...]) -> FieldQuirk:

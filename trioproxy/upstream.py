@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -193,7 +194,7 @@ def _client(tls: ssl.SSLContext, **options: Any) -> httpx.AsyncClient:
         # httpx quotes the proxy URL, and a password with an unencoded "/" or "#" breaks
         # it where redacting it would miss: only the variables and their schemes are named
         given = [
-            f"{variable} ({value.partition('://')[0] or 'no scheme'}://...)"
+            f"{variable} ({_scheme_of(value)})"
             for name in _PROXY_VARIABLES
             for variable in (name, name.lower())
             if (value := os.environ.get(variable))
@@ -206,6 +207,16 @@ def _client(tls: ssl.SSLContext, **options: Any) -> httpx.AsyncClient:
         )
         named = ", ".join(given) or "none found"
         raise ConfigError(f"a proxy in the environment cannot be used: {named}: {why}") from None
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _scheme_of(url: str) -> str:
+    """What a proxy URL may show of itself in an error: its scheme (a URL written without
+    one, "user:password@host", would otherwise be shown whole)."""
+    found = _SCHEME.match(url)
+    return f"{found[0]}..." if found else "no scheme"
 
 
 def _proxy_for(client: httpx.AsyncClient, url: httpx.URL) -> str | None:
@@ -558,7 +569,9 @@ class UpstreamPool:
             )
         else:
             detail = failure_detail(exc)
-        if self._proxy is not None and isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        if self._proxy is not None and isinstance(
+            exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.ProxyError
+        ):
             detail += f" (connecting through the proxy {self._proxy} from the environment)"
         return scrub(f"backend request failed: {detail}", self._secrets)
 
