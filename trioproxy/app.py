@@ -206,8 +206,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
             **overrides,
         )
         configure_logging(settings.log_level, settings.log_format, settings.secrets)
+        # (settings handed in come from the trioproxy command, which checked this already)
+        check_client_environment(settings)
     settings.require_upstream()
-    check_client_environment(settings)
     if os.environ.get(WORKER_VARIABLE) == "1":
         _drain_on_hypercorns_event_only()
 

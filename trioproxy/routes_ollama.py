@@ -205,9 +205,9 @@ def _with_think_switch(
     the fields it added as a quirk (None when it added none): a model that refuses them
     is asked again without them."""
     extra = tr.think_extra_body(think, settings.think_on_extra_body, settings.think_off_extra_body)
-    added = tuple(name for name in extra if name not in payload)
     if not extra:
         return payload, None
+    added = tuple(name for name in extra if name not in payload)
     setting = "THINK_OFF_EXTRA_BODY" if think is False else "THINK_ON_EXTRA_BODY"
     switched = tr.with_extra_body(payload, extra)
     return switched, extra_body_quirk(setting, added) if added else None
