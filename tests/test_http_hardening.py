@@ -23,6 +23,7 @@ import pytest
 
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
+from .test_content_coding import bomb
 
 StartProxy = Callable[..., ServerProcess]
 BACKEND_KEY = "sk-backend-secret-0123456789"
@@ -31,13 +32,16 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 class _Backend(ScriptedHandler):
     """Model ``huge``: a 2 MB completion; ``bomb``: 4 MB of zeros gzipped to a few KB;
+    ``bomb-nested``: 256 MiB of zeros gzipped twice (590 bytes), ``err-bomb`` the same as a
+    400's body, ``zstd``: a body in a coding the proxy does not ask for;
     ``echo``: a completion whose rate-limit header echoes the key it was sent; ``moved``: a
     redirect elsewhere, with the key in its query; ``err-stall``: a 500 whose body stalls;
     ``trickle``: a completion a byte at a time; ``tools-forever``: a stream of tool-call
     arguments that never ends."""
 
     def do_POST(self) -> None:
-        model = self.json_body()["model"]
+        request = self.json_body()
+        model = request["model"]
         extra: dict[str, str] = {}
         if model in _MISBEHAVIOURS:
             with contextlib.suppress(OSError):  # the proxy hangs up on us
@@ -52,6 +56,14 @@ class _Backend(ScriptedHandler):
         elif model == "bomb":
             body = gzip.compress(b"0" * 4_000_000)
             extra["Content-Encoding"] = "gzip"
+        elif model in ("bomb-nested", "err-bomb"):
+            extra["Content-Encoding"] = "gzip, gzip"
+            kind = "text/event-stream" if request.get("stream") else "application/json"
+            self.answer(400 if model == "err-bomb" else 200, bomb(), kind, headers=extra)
+            return
+        elif model == "zstd":
+            body = b"(\xb5/\xfd not really zstd"
+            extra["Content-Encoding"] = "zstd"
         else:
             body = json.dumps(_completion("ok")).encode()
             extra["x-ratelimit-echo"] = self.headers.get("Authorization", "")
@@ -135,6 +147,38 @@ def test_a_backend_body_over_the_limit_is_a_502_not_a_worker_out_of_memory(
     answer = httpx.post(odd_backend_proxy.url + path, json=body, timeout=20)
     assert answer.status_code == 502, answer.text
     assert "MAX_RESPONSE_BYTES" in answer.text
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_an_encoded_answer_unpacks_no_further_than_its_limit(start_proxy: StartProxy) -> None:
+    """A review: 590 bytes of ``gzip, gzip`` unpacked to 256 MiB in one httpx decoder call
+    (a zstd body to gigabytes), in answers, error bodies and streams alike, on the event
+    loop, before MAX_RESPONSE_BYTES was looked at. Each read now unpacks in 64 KiB pieces
+    and stops at the limit; a coding the proxy did not ask for is a 502 naming it."""
+    with serving(_Backend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0", MAX_RESPONSE_BYTES="1000000")
+        for path in ("/v1/chat/completions", "/api/chat"):
+            for stream in (False, True):
+                body = {"model": "bomb-nested", "stream": stream, **CHAT}
+                answer = httpx.post(proxy.url + path, json=body, timeout=30)
+                assert "MAX_RESPONSE_BYTES" in answer.text, answer.text[:300]
+                body = {"model": "err-bomb", "stream": stream, **CHAT}
+                answer = httpx.post(proxy.url + path, json=body, timeout=30)
+                assert answer.status_code == 400, answer.text[:300]
+        # the proxy idles at about 60 MB; one whole bomb would be 256 more
+        assert _peak_rss_mb(proxy.process.pid) < 160
+        for path in ("/v1/chat/completions", "/api/chat"):
+            body = {"model": "zstd", "stream": False, **CHAT}
+            answer = httpx.post(proxy.url + path, json=body, timeout=30)
+            assert answer.status_code == 502
+            assert "'zstd', which the proxy did not ask for" in answer.text
 
 
 @pytest.mark.parametrize("stream", [False, True])

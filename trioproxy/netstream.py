@@ -19,7 +19,8 @@ then, which ends that read with ``ReadTimeout``. Without the task, reads use a s
 
 ``H11Body`` reads a plain HTTP/1.1 response body the way httpcore's iterator does, on
 the same h11 state, without the generator layers between it and the caller: about 12 µs
-of CPU per relayed stream chunk (docs/performance.md). ``body_reader`` picks it or httpx.
+of CPU per relayed stream chunk (docs/performance.md). ``body_reader`` picks it or httpx,
+and decodes an encoded body in bounded pieces (``DecodedBody``).
 
 One fix to httpcore's HTTP/1.1 connection comes with it: a backend that sends bytes past
 the end of its response gets that connection closed, not pooled (``_response_closed``).
@@ -33,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
@@ -46,6 +47,8 @@ from httpcore._async.connection_pool import PoolByteStream
 from httpx._client import BoundAsyncStream
 from httpx._exceptions import request_context
 from httpx._transports.default import AsyncResponseStream, map_httpcore_exceptions
+
+from .content_coding import ContentDecoder, ContentDecodingError, codings_of
 
 
 def send_what_fits(socket: trio.socket.SocketType, data: bytes) -> int:
@@ -369,14 +372,76 @@ class H11Body:
 
 def body_reader(response: httpx.Response) -> Callable[[], Awaitable[bytes | None]]:
     """How to read a response's body part by part (None at its end), decoded: a plain
-    HTTP/1.1 body straight off the connection's h11 state (``H11Body``); an encoded one
-    (it needs httpx's decoder) and anything else (HTTP/2, a test's mock, a body read
-    already) through httpx."""
-    encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
-    direct = None if encoded else H11Body.of(response)
+    HTTP/1.1 body straight off the connection's h11 state (``H11Body``), anything else
+    unencoded (HTTP/2, a test's mock, a body read already) through httpx; an encoded body
+    is read raw the same way and decoded in bounded pieces (``DecodedBody``), never by
+    httpx's decoders, which unpack a read whole."""
+    coding = response.headers.get("content-encoding", "")
+    encoded = coding not in ("", "identity") and bool(codings_of(coding))
+    direct = H11Body.of(response)
+    if encoded and not hasattr(response, "_content"):  # read already: decoded already
+        raw = direct.read if direct is not None else _raw_reader(response)
+        return DecodedBody(response, raw, coding).read
     if direct is not None:
         return direct.read
     return functools.partial(anext, response.aiter_bytes(), None)
+
+
+def _raw_reader(response: httpx.Response) -> Callable[[], Awaitable[bytes | None]]:
+    return functools.partial(anext, response.aiter_raw(), None)
+
+
+class DecodedBody:
+    """An encoded body's reads, decoded in pieces of at most ``PIECE_BYTES``
+    (``content_coding``): a caller that stops at its size limit stops the unpacking, and
+    other tasks run between the pieces of one read (a read of gzip may unpack to a
+    thousand of them). Errors are httpx's ``DecodingError``, after the response is
+    closed, as httpx's decoders raise them."""
+
+    __slots__ = ("_decoder", "_header", "_pending", "_read_raw", "_response")
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        read_raw: Callable[[], Awaitable[bytes | None]],
+        header: str,
+    ) -> None:
+        self._response = response
+        self._read_raw: Callable[[], Awaitable[bytes | None]] | None = read_raw
+        self._header = header
+        self._decoder: ContentDecoder | None = None
+        self._pending: Iterator[bytes] | None = None
+
+    async def read(self) -> bytes | None:
+        try:
+            return await self._next_piece()
+        except ContentDecodingError as exc:
+            self._read_raw = self._pending = None
+            with trio.CancelScope(shield=True):
+                await self._response.aclose()
+            raise httpx.DecodingError(str(exc), request=self._response.request) from None
+
+    async def _next_piece(self) -> bytes | None:
+        if self._decoder is None:
+            self._decoder = ContentDecoder(self._header)  # an unsupported coding: at once
+        just_read = False
+        while True:
+            if self._pending is not None:
+                piece = next(self._pending, None)
+                if piece is not None:
+                    if not just_read:  # a later piece of an earlier read: others go first
+                        await trio.lowlevel.checkpoint()
+                    return piece
+                self._pending = None
+            if self._read_raw is None:
+                return None
+            data = await self._read_raw()
+            just_read = True
+            if data is None:
+                self._read_raw = None
+                self._pending = self._decoder.end()
+            else:
+                self._pending = self._decoder.pieces(data)
 
 
 _original_response_closed = http11.AsyncHTTP11Connection._response_closed

@@ -654,11 +654,10 @@ def _stream_timeouts(settings: Settings) -> dict[str, float | None]:
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    next_part = netstream.body_reader(response)
+    while size < limit and (chunk := await next_part()) is not None:
         chunks.append(chunk)
         size += len(chunk)
-        if size >= limit:
-            break
     return b"".join(chunks)[:limit]
 
 
