@@ -121,3 +121,44 @@ def test_url_credentials_never_leak(
         assert not leaks, f"{secret} reached a client: {leaks[0][:400]}"
         assert secret not in log, next(line for line in log.splitlines() if secret in line)
     assert "backend answered 401: bad credentials: Basic ***" in log
+
+
+class _ListingBackend(_QuotingBackend):
+    """Lists its models quoting the Authorization it got: in ``owned_by`` and in an id."""
+
+    def do_GET(self) -> None:
+        auth = self._auth()
+        models = [
+            {"id": "m", "object": "model", "owned_by": f"whoever sent {auth}"},
+            {"id": f"tuned-for-{auth}", "object": "model", "owned_by": "us"},
+        ]
+        self._send(200, {"object": "list", "data": models})
+
+
+def test_a_model_list_that_quotes_the_credentials_is_masked(start_proxy: StartProxy) -> None:
+    """A review: /v1/models, /v1/models/{id} and /api/tags listed what the backend's model
+    list quoted of our key or URL credentials, unmasked (replies to chat were masked)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ListingBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = "sk-backendSECRET-0123456789"
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        proxy = start_proxy(f"http://{USER}:{PASSWORD}@{address}/v1", OPENAI_API_KEY=key)
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            answers = [
+                client.get("/v1/models"),
+                client.get("/v1/models/m"),
+                client.get("/api/tags"),
+                client.get("/api/ps"),
+                client.post("/api/show", json={"model": "m"}),
+            ]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+    assert "whoever sent Bearer ***" in answers[0].text
+    assert "whoever sent Bearer ***" in answers[1].text
+    assert "tuned-for-Bearer ***" in answers[2].text
+    for answer in answers:
+        for secret in (key, *LEAKS):
+            assert secret not in answer.text, answer.text

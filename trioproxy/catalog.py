@@ -46,7 +46,8 @@ class ModelCatalog:
             if self._failure is not None and now - self._failed_at < FAILURE_CACHE_SECONDS:
                 raise self._failure.with_traceback(None)
             try:
-                payload, _ = await call_json(call, "/models", None, method="GET")
+                # a backend that echoes our key (in an owned_by, say) must not list it
+                payload, _ = await call_json(call, "/models", None, method="GET", masked=True)
             except ProxyError as failure:
                 self._failure, self._failed_at = failure, trio.current_time()
                 raise

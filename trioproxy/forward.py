@@ -151,15 +151,25 @@ def note_usage_counts(state: RequestState, usage: Any) -> None:
 
 
 async def call_json(
-    call: Call, path: str, payload: dict[str, Any] | bytes | None, *, method: str = "POST"
+    call: Call,
+    path: str,
+    payload: dict[str, Any] | bytes | None,
+    *,
+    method: str = "POST",
+    masked: bool = False,
 ) -> tuple[Any, UpstreamResult]:
-    """Non-streaming backend call; returns the decoded JSON body."""
+    """Non-streaming backend call; returns the decoded JSON body. ``masked``: the backend's
+    secrets replaced by ``***`` before it is decoded, for what is not a reply masked on its
+    way out (the model list, which several routes answer from)."""
     body = payload if isinstance(payload, bytes | None) else encode(payload)
     result = await call_raw(call, path, body, method=method)
+    content = result.response.content
+    if masked:
+        content = call.app.settings.backend_secrets.mask_body(content)
     try:
         # embeddings are floats only: no integer there needs the exactness test
         exact = path != "/embeddings"
-        payload = loads(result.response.content, exact_integers=exact)
+        payload = loads(content, exact_integers=exact)
     except ValueError as exc:
         call.app.collector.upstream_error("protocol")
         raise BadUpstreamResponse(_not_json_message(exc)) from None
