@@ -1755,7 +1755,7 @@ def test_tags() -> None:
     first = out["models"][0]
     assert first["model"] == "llama3:latest"
     assert first["size"] == 0
-    assert first["digest"] == "sha256:" + hashlib.sha256(b"meta/Llama-3-8B").hexdigest()
+    assert first["digest"] == hashlib.sha256(b"meta/Llama-3-8B").hexdigest()  # as Ollama: bare
     assert first["details"] == {
         "parent_model": "",
         "format": "gguf",

@@ -1683,7 +1683,8 @@ def _details(backend_id: str) -> JSONDict:
 
 
 def _digest(backend_id: str) -> str:
-    return "sha256:" + hashlib.sha256(backend_id.encode()).hexdigest()
+    # bare hex, as Ollama lists its digests (the "sha256:" prefix is its blobs' spelling)
+    return hashlib.sha256(backend_id.encode()).hexdigest()
 
 
 def _listed(
