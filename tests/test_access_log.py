@@ -203,6 +203,42 @@ def test_a_body_the_server_refuses_midway_is_recorded_with_the_status_sent(
     assert "client left" not in posts[0]
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/show"])  # served below Quart / by Quart
+def test_a_client_that_leaves_mid_request_is_recorded_as_gone_not_refused(
+    demo_backend: ServerProcess, start_proxy: StartProxy, path: str
+) -> None:
+    """A review: a client that closed its connection after part of its request (the head
+    cut short, the whole head, some of the body, or after a ``100 Continue``) was counted
+    as a 400 (h11's word for an unfinished message) that no client received. One that
+    leaves while its request is being read is a 499, as one that leaves while it is
+    answered; a head cut short is no request, as a connection closed before any byte."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    body = b'{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}'
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    ).encode()
+    host, port = proxy.url.removeprefix("http://").split(":")
+    for sent in (
+        head[:20],  # no request
+        head + b"\r\n",
+        head + b"\r\n" + body[:10],
+        head + b"Expect: 100-continue\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(sent)
+            time.sleep(0.2)  # the server has read it all
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 3)
+    time.sleep(0.3)  # nothing else arrives late
+    samples = scrape(proxy.url)
+    assert total(samples, "http_requests_total") == 3
+    assert total(samples, "http_requests_total", status="499") == 3
+    lines = [line for line in proxy.log().splitlines() if "trioproxy.access" in line]
+    assert not [line for line in lines if " 400 " in line], lines
+
+
 def test_an_empty_line_after_a_body_is_not_a_refused_request(
     demo_backend: ServerProcess, start_proxy: StartProxy
 ) -> None:
