@@ -61,6 +61,11 @@ class _Backend(ScriptedHandler):
             kind = "text/event-stream" if request.get("stream") else "application/json"
             self.answer(400 if model == "err-bomb" else 200, bomb(), kind, headers=extra)
             return
+        elif model == "amplify":  # 3 MB of empty arrays beside the answer
+            body = json.dumps({**_completion("ok"), "extra": [[]] * 1_000_000}).encode()
+        elif model == "many-floats":  # an answer of 2.2 million values of 9 bytes each
+            body = json.dumps(_completion("ok"))[:-1].encode()
+            body += b', "extra": [' + b"0.123456," * 2_200_000 + b"1]}"
         elif model == "zstd":
             body = b"(\xb5/\xfd not really zstd"
             extra["Content-Encoding"] = "zstd"
@@ -179,6 +184,25 @@ def test_an_encoded_answer_unpacks_no_further_than_its_limit(start_proxy: StartP
             answer = httpx.post(proxy.url + path, json=body, timeout=30)
             assert answer.status_code == 502
             assert "'zstd', which the proxy did not ask for" in answer.text
+
+
+def test_an_answer_that_decodes_far_larger_than_its_size_is_a_502(
+    start_proxy: StartProxy,
+) -> None:
+    """A review: a 200 MB answer of empty arrays, within MAX_RESPONSE_BYTES, took 6.3 GB and
+    20 s of the worker to decode for translation. A client's body was bounded so; an
+    answer now is too: past 1 MiB, at most 500,000 arrays and objects, and no more commas
+    than one per 8 bytes (a float embedding batch has one per 10-20)."""
+    with serving(_Backend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        body = {"model": "amplify", "stream": False, **CHAT}
+        answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=30)
+        assert answer.status_code == 502, answer.text[:300]
+        assert "too costly to decode" in answer.json()["error"]
+        body = {"model": "many-floats", "stream": False, **CHAT}
+        answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.json()["message"]["content"] == "ok"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -82,6 +82,26 @@ def _refuse_what_decodes_too_large(raw: bytes) -> None:
         )
 
 
+# A backend's answer is bounded the same way, except that its values may be many: a float
+# embedding batch of 2,048 x 3,072 holds 6.3 million, of 10-20 bytes each, which decode to
+# about 32 bytes each. Past 1 MiB it may hold as many commas as one per 8 bytes (decoded, a
+# value of 8 bytes of text takes at most about 8 times that), and the same containers.
+_ANSWER_BYTES_PER_VALUE = 8
+
+
+def _answer_decodes_too_large(content: bytes) -> str | None:
+    """Why a backend's answer would take far more memory to decode than its size (a
+    200 MB answer of empty arrays took 6.3 GB and 20 s of a worker); None if it would not."""
+    if len(content) <= _COUNTED_BODY_BYTES:
+        return None
+    most_values = max(MAX_JSON_ITEMS, len(content) // _ANSWER_BYTES_PER_VALUE)
+    if content.count(b",") > most_values:
+        return f"it holds more than {most_values:,} commas in {len(content):,} bytes"
+    if content.count(b"[") + content.count(b"{") > MAX_JSON_CONTAINERS:
+        return f"it holds more than {MAX_JSON_CONTAINERS:,} arrays and objects"
+    return None
+
+
 def _decoded(raw: bytes, *, lenient: bool) -> Any:
     """``loads``; ``lenient`` (``/api/*``) reads bytes that are not UTF-8 as U+FFFD, as
     Ollama's decoder (Go's) does, so its clients get away with them (Windows PowerShell
@@ -166,6 +186,11 @@ async def call_json(
     content = result.response.content
     if masked:
         content = call.app.settings.backend_secrets.mask_body(content)
+    if (costly := _answer_decodes_too_large(content)) is not None:
+        call.app.collector.upstream_error("protocol")
+        raise BadUpstreamResponse(
+            f"the backend's answer is too costly to decode: it holds {costly}"
+        )
     try:
         # embeddings are floats only: no integer there needs the exactness test
         exact = path != "/embeddings"
