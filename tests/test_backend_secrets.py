@@ -132,12 +132,19 @@ class _ListingBackend(_QuotingBackend):
             {"id": "m", "object": "model", "owned_by": f"whoever sent {auth}"},
             {"id": f"tuned-for-{auth}", "object": "model", "owned_by": "us"},
         ]
+        if self.path.startswith("/v1/responses/"):  # names the model by what it was sent
+            token = auth.removeprefix("Bearer ")
+            response = {"id": "resp_1", "object": "response", "status": "completed"}
+            self._send(200, {**response, "model": token, "output": []})
+            return
         self._send(200, {"object": "list", "data": models})
 
 
 def test_a_model_list_that_quotes_the_credentials_is_masked(start_proxy: StartProxy) -> None:
     """A review: /v1/models, /v1/models/{id} and /api/tags listed what the backend's model
-    list quoted of our key or URL credentials, unmasked (replies to chat were masked)."""
+    list quoted of our key or URL credentials, unmasked (replies to chat were masked); a
+    second found a model named by a polled response (``GET /v1/responses/{id}``) made a
+    metrics label, unmasked."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ListingBackend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     key = "sk-backendSECRET-0123456789"
@@ -152,9 +159,14 @@ def test_a_model_list_that_quotes_the_credentials_is_masked(start_proxy: StartPr
                 client.get("/api/ps"),
                 client.post("/api/show", json={"model": "m"}),
             ]
+            polled = client.get("/v1/responses/resp_1")
+            metrics = [client.get(path).text for path in ("/metrics", "/v1/metrics")]
     finally:
         server.shutdown()
         server.server_close()
+    assert polled.status_code == 200 and polled.json()["model"] == "***", polled.text
+    for text in metrics:  # a model the backend named became a label: masked there too
+        assert key not in text
     assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
     assert "whoever sent Bearer ***" in answers[0].text
     assert "whoever sent Bearer ***" in answers[1].text

@@ -188,9 +188,7 @@ async def call_json(
         content = call.app.settings.backend_secrets.mask_body(content)
     if (costly := _answer_decodes_too_large(content)) is not None:
         call.app.collector.upstream_error("protocol")
-        raise BadUpstreamResponse(
-            f"the backend's answer is too costly to decode: it holds {costly}"
-        )
+        raise BadUpstreamResponse(f"the backend's answer is too costly to decode: {costly}")
     try:
         # embeddings are floats only: no integer there needs the exactness test
         exact = path != "/embeddings"

@@ -67,8 +67,8 @@ request cancellation, and its cost per request.
    of a request the app is serving (a malformed chunk of its body) is noted in that
    request's ASGI scope (``REFUSED_MID_REQUEST``) instead: the app records the request
    with the status the client got, not as a client that left. A client that closes its
-   side mid-request is no refusal (h11 calls it a 400): it left, a 499 if the app was
-   serving its request, nothing if its head was cut short.
+   side mid-request is no refusal (h11 calls it a 400) and gets no answer: it left, a 499
+   if the app was serving its request, nothing if its head was cut short.
 
 10. **A connection closing at shutdown does not hold it.** A request received behind the
     one answered (pipelined, or sent just as its response went out) made hypercorn's
@@ -482,10 +482,11 @@ REFUSED_MID_REQUEST = "trioproxy.refused"
 
 async def _send_error_response(self: Any, status_code: int) -> None:
     if self.connection.trailing_data[1]:
-        # the client closed its side before its request was whole (h11 calls that a 400):
-        # no refusal to record, it left: the app sees the disconnect (a 499), a head cut
-        # short is no request at all, as a connection closed before any byte is none
-        await _original_send_error_response(self, status_code)
+        # The client closed its side before its request was whole (h11 calls that a 400):
+        # it left. Nothing is sent (RFC 9112 9.6: an answer to an incomplete request is a
+        # MAY), so what is recorded is what happened whether it closed both ways or only
+        # its sending side: the app sees the disconnect (a 499); a head cut short is no
+        # request at all, as a connection closed before any byte is none.
         return
     if self.stream is None:
         for listener in list(_protocol_error_listeners):

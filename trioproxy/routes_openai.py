@@ -233,7 +233,7 @@ async def by_id(
     model = payload.get("model") if payload is not None else None
     if isinstance(model, str):
         client_model = mapper.to_client(model)
-        note_model(call.state, client_model)
+        _note_backend_model(call, client_model)
         if client_model != model:
             content = _rewrite_model_json(content, model, client_model)
     return _whole_reply(call, result, content)
@@ -256,7 +256,14 @@ def _owe_if_cut(ledger: ResponsesLedger, watcher: StreamObserver) -> None:
 def _note_streamed_model(call: Call, watcher: tr.ResponsesStreamObserver) -> None:
     """The model a resumed stream names (its tokens, if any are owed, go under it)."""
     if watcher.response_model is not None:
-        note_model(call.state, call.app.mapper.to_client(watcher.response_model))
+        _note_backend_model(call, call.app.mapper.to_client(watcher.response_model))
+
+
+def _note_backend_model(call: Call, name: str) -> None:
+    """A model named by the backend's answer, not the client, noted for the metrics with
+    the backend's secrets masked: a backend that echoes our key there must not make it a
+    label (the reply itself is masked on its way out)."""
+    note_model(call.state, call.app.settings.backend_secrets.mask_text(name))
 
 
 def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None) -> None:
