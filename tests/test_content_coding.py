@@ -90,6 +90,23 @@ def test_any_coding_chain_and_any_split_gives_the_body_back_in_bounded_pieces(
     assert all(0 < len(piece) <= PIECE_BYTES for piece in pieces)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    members=st.lists(st.binary(max_size=300), min_size=1, max_size=5),
+    junk=st.binary(max_size=40).filter(lambda junk: not junk.startswith(b"\x1f")),
+    cuts=st.lists(st.integers(min_value=0), max_size=8),
+)
+def test_gzip_members_one_after_another_are_each_undone(
+    members: list[bytes], junk: bytes, cuts: list[int]
+) -> None:
+    """RFC 1952 2.2: a gzip body may be several members (each event of a stream gzipped
+    on its own, say); httpx stopped after the first. Bytes after the last member that do
+    not start another are dropped, as before."""
+    encoded = b"".join(_gzip(member) for member in members) + junk
+    pieces = _decode_all("gzip", _split(encoded, cuts))
+    assert b"".join(pieces) == b"".join(members)
+
+
 def test_a_bomb_unpacks_only_as_far_as_it_is_read() -> None:
     decoder = ContentDecoder("gzip, gzip")
     pieces = decoder.pieces(bomb())  # the whole body in one read

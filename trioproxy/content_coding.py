@@ -32,19 +32,25 @@ class ContentDecodingError(ValueError):
 class _Inflater:
     """One gzip or deflate layer. ``deflate`` is meant to be zlib-wrapped, but some
     servers send raw deflate: as httpx (and browsers) do, a body whose first two bytes
-    are not a zlib header is read as raw deflate (here also when they come in two reads)."""
+    are not a zlib header is read as raw deflate (here also when they come in two reads).
+    A gzip body may be several members one after another (RFC 1952 2.2; a server that
+    compresses each event of a stream on its own sends that): each is undone in turn."""
 
-    __slots__ = ("_head", "_inflate")
+    __slots__ = ("_after_end", "_gzip", "_head", "_inflate")
 
     def __init__(self, wbits: int, *, may_be_raw: bool = False) -> None:
         self._inflate = zlib.decompressobj(wbits)
+        self._gzip = wbits == _GZIP_WBITS
         # a deflate body's first bytes, held until there are two to look at
         self._head: bytes | None = b"" if may_be_raw else None
+        # after the end of a gzip member: what came since, held until two bytes tell
+        # whether another member starts; None once they told it does not (all dropped)
+        self._after_end: bytes | None = b""
 
     def pieces(self, data: bytes) -> Iterator[bytes]:
         """What ``data`` unpacks to, ``PIECE_BYTES`` at most at a time. Bytes after the
-        end of the coded stream are dropped, as httpx drops them (not kept, as zlib would,
-        for a body that never ends)."""
+        end of the coded stream that start no gzip member are dropped, as httpx drops
+        them (not kept, as zlib would, for a body that never ends)."""
         if self._head is not None:
             data = self._head + data
             if len(data) < 2:
@@ -53,13 +59,37 @@ class _Inflater:
             self._head = None
             if not _zlib_header(data):
                 self._inflate = zlib.decompressobj(_RAW_DEFLATE_WBITS)
-        while not self._inflate.eof:
+        while True:
+            if self._inflate.eof:
+                rest = self._next_member(data)
+                if rest is None:
+                    return
+                data = rest
             out = self._unpack(data)
             if out:
                 yield out
+            if self._inflate.eof:
+                data = self._inflate.unused_data
+                continue
             data = self._inflate.unconsumed_tail
             if not data and len(out) < PIECE_BYTES:
                 return  # all input taken and nothing held back: zlib wants more input
+
+    def _next_member(self, data: bytes) -> bytes | None:
+        """After the end of the coded stream: ``data`` as the start of the next gzip
+        member, or None (held until it can tell, or dropped)."""
+        if self._after_end is None or not self._gzip:
+            return None
+        data = self._after_end + data
+        if len(data) < 2:
+            self._after_end = data
+            return None
+        if not data.startswith(b"\x1f\x8b"):
+            self._after_end = None  # trailing bytes, not a member: dropped from now on
+            return None
+        self._after_end = b""
+        self._inflate = zlib.decompressobj(_GZIP_WBITS)
+        return data
 
     def end(self) -> Iterator[bytes]:
         """What zlib still holds at the end of the body (nothing when it was drained)."""
