@@ -11,6 +11,7 @@ from trioproxy.model_mapping import (
     MappingFileError,
     ModelMapper,
     load_mapping_file,
+    ollama_key,
     same_model,
     with_default_tag,
 )
@@ -117,6 +118,15 @@ def test_ollamas_default_tag_names_the_same_model() -> None:
     assert not same_model("llama3.2:1b", "llama3.2")
 
 
+def test_ollamas_key_folds_case_default_prefixes_and_tag() -> None:
+    same = ["llama3", "Llama3:Latest", "library/LLAMA3", "registry.ollama.ai/library/llama3"]
+    assert {ollama_key(name) for name in same} == {"llama3:latest"}
+    assert ollama_key("Qwen/Qwen2.5-7B-Instruct") == "qwen/qwen2.5-7b-instruct:latest"
+    assert ollama_key("llama3:8B") == "llama3:8b" != ollama_key("llama3")
+    assert ollama_key("library/") == "library/:latest"  # nothing left to name: kept
+    assert ollama_key("myorg/llama3") != ollama_key("llama3")  # another namespace
+
+
 def test_a_latest_tag_the_mapping_does_not_name_goes_to_the_backend_without_it() -> None:
     """Open WebUI sends NAME:latest for every name it listed without a tag."""
     bare = ModelMapper()
@@ -128,3 +138,12 @@ def test_a_latest_tag_the_mapping_does_not_name_goes_to_the_backend_without_it()
     assert mapped.to_backend("phi") == "microsoft/phi-4"
     assert mapped.to_backend("phi:latest") == "microsoft/phi-4"
     assert mapped.to_backend("qwen:7b") == "qwen:7b"
+
+
+def test_a_spelling_two_listed_ids_share_is_not_guessed() -> None:
+    from trioproxy.catalog import _by_key
+
+    by_key = _by_key(frozenset({"Foo", "foo", "library/bar", "Qwen/Qwen2.5"}))
+    assert "foo:latest" not in by_key  # "FOO" could be either: the backend decides
+    assert by_key["bar:latest"] == "library/bar"
+    assert by_key["qwen/qwen2.5:latest"] == "Qwen/Qwen2.5"

@@ -695,19 +695,25 @@ async def test_async_list_show_ps(
     assert (await c.ps()).models
 
 
-@pytest.mark.parametrize("tagged", [True, False])
+@pytest.mark.parametrize(
+    ("chat", "embed"),
+    [
+        ("demo-chat:latest", "demo-embed:latest"),
+        ("demo-chat", "demo-embed"),
+        ("Demo-Chat", "DEMO-EMBED:Latest"),  # a review: Ollama ignores case, we 404ed
+        ("library/demo-chat", "registry.ollama.ai/library/Demo-Embed"),  # its defaults
+    ],
+)
 def test_a_name_is_the_same_model_with_and_without_its_latest_tag(
-    proxy: ServerProcess, client: Callable[..., ollama.Client], tagged: bool
+    proxy: ServerProcess, client: Callable[..., ollama.Client], chat: str, embed: str
 ) -> None:
     """Open WebUI adds ``:latest`` to every name without a tag, looks it up in
     ``/api/tags`` and sends it on every route (its unload is a generate with an empty
     prompt and ``keep_alive: 0``); as in Ollama, ``NAME`` and ``NAME:latest`` are one
-    model, wherever the name is used."""
+    model, wherever the name is used. So are names that differ in case only, and names
+    with Ollama's default registry and namespace (Ollama's ParseName and EqualFold)."""
     c = client(proxy)
-    chat, embed = (
-        ("demo-chat:latest", "demo-embed:latest") if tagged else ("demo-chat", "demo-embed")
-    )
-    assert chat in [m.model for m in c.list().models] or not tagged
+    assert chat in [m.model for m in c.list().models] or chat != "demo-chat:latest"
     answer = c.chat(chat, [{"role": "user", "content": "hi"}])
     assert answer.message.content and answer.model == chat
     assert "".join(p.response for p in c.generate(chat, "hi", stream=True))

@@ -13,10 +13,11 @@ import trio
 from .errors import ProxyError, UpstreamStatusError
 from .exchange import Call
 from .forward import call_json
-from .model_mapping import same_model
+from .model_mapping import ollama_key
 
 CACHE_SECONDS = 5.0
 NO_LIST_RETRY_SECONDS = 60.0
+FAILED_LIST_RETRY_SECONDS = 10.0
 FAILURE_CACHE_SECONDS = 1.0
 """How long a failed fetch answers for the next ones. Requests that queued behind it
 get its error at once instead of each trying again, with retries, one after another."""
@@ -30,6 +31,7 @@ class ModelCatalog:
     def __init__(self) -> None:
         self._models: list[dict[str, Any]] = []
         self._ids: frozenset[str] | None = None  # of the last list fetched
+        self._by_key: dict[str, str] = {}  # its ids by ollama_key (one id per key only)
         self._no_ids_until = -1e9  # trio clock: a fetch for lists() failed; not asked again
         self._fetched_at = -1e9
         self._failure: ProxyError | None = None
@@ -54,6 +56,7 @@ class ModelCatalog:
             data = payload.get("data") if isinstance(payload, dict) else None
             self._models = [m for m in data or [] if isinstance(m, dict) and "id" in m]
             self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
+            self._by_key = _by_key(self._ids)
             self._fetched_at = trio.current_time()
             self._failure = None
         return self._models
@@ -75,7 +78,8 @@ class ModelCatalog:
         there is none, since lists change rarely and a request must not wait for one every
         few seconds); False if the backend cannot say. A backend without a list, or one
         that answers it has none (404/405/501), is not asked again for a minute on a
-        request's path; other failures are remembered for the 1 s failure cache only."""
+        request's path, after other failures for 10 s: every request looks here, and a
+        failing list must not cost each of them a backend round trip."""
         if self._ids is None and trio.current_time() >= self._no_ids_until:
             try:
                 await self.models(call)
@@ -83,9 +87,24 @@ class ModelCatalog:
                 if exc.status in _NO_MODEL_LIST:  # no list to have: not asked for a while
                     self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
                 return False
-            except ProxyError:  # a passing failure (503, timeout): the 1 s failure cache
+            except ProxyError:  # a passing failure (503, timeout): asked again a bit later
+                self._no_ids_until = trio.current_time() + FAILED_LIST_RETRY_SECONDS
                 return False
         return self._ids is not None and backend_name in self._ids
+
+    def lists_now(self, backend_name: str) -> bool:
+        """Whether the last list fetched holds exactly this name (no fetch: a request's
+        path asks this first)."""
+        ids = self._ids
+        return ids is not None and backend_name in ids
+
+    async def spelling(self, call: Call, backend_name: str) -> str:
+        """The backend's own spelling of a name it does not list as spelled (Ollama's
+        rule: case, its default registry and namespace, and the tag aside), when it lists
+        exactly one; else the name itself (the backend decides)."""
+        if await self.lists(call, backend_name):
+            return backend_name
+        return self._by_key.get(ollama_key(backend_name), backend_name)
 
     async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
         """The backend's entry for a model; None if the backend does not list it.
@@ -101,10 +120,22 @@ class ModelCatalog:
         for entry in models:
             if entry.get("id") == backend_name:
                 return entry
-        for entry in models:  # Ollama's rule: NAME is NAME:latest (Ollama lists the tag)
-            if isinstance(entry.get("id"), str) and same_model(entry["id"], backend_name):
+        # Ollama's rule: NAME is NAME:latest (Ollama lists the tag), whatever the case
+        key = ollama_key(backend_name)
+        for entry in models:
+            if isinstance(entry.get("id"), str) and ollama_key(entry["id"]) == key:
                 return entry
         return None
+
+
+def _by_key(ids: frozenset[str]) -> dict[str, str]:
+    """``ids`` by :func:`ollama_key`, leaving out a key two ids share (``Foo`` and
+    ``foo`` listed both: which one a third spelling means cannot be told)."""
+    found: dict[str, str | None] = {}
+    for backend_id in ids:
+        key = ollama_key(backend_id)
+        found[key] = None if key in found else backend_id
+    return {key: backend_id for key, backend_id in found.items() if backend_id is not None}
 
 
 async def backend_name_for(call: Call, name: str) -> str:
@@ -112,8 +143,14 @@ async def backend_name_for(call: Call, name: str) -> str:
     ``NAME:latest`` the mapping does not name is ``NAME`` (Open WebUI adds the tag to every
     name), unless the backend lists the tagged spelling itself: vLLM serving
     ``--served-model-name x:latest`` takes only that one (Ollama's own /v1 takes both).
-    Only such names cost a look at the cached list."""
+    A name the backend does not list as spelled goes as it lists it by Ollama's other
+    rules (case, ``library/``: ``ModelCatalog.spelling``). The list is fetched by the first
+    request that needs it, then read as cached: a look costs a set lookup."""
     mapper = call.app.mapper
-    if mapper.drops_tag(name) and await call.app.catalog.lists(call, name):  # type: ignore[attr-defined]
+    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
+    if mapper.drops_tag(name) and await catalog.lists(call, name):
         return name
-    return mapper.to_backend(name)
+    backend_name = mapper.to_backend(name)
+    if catalog.lists_now(backend_name):  # nearly every request: one set lookup
+        return backend_name
+    return await catalog.spelling(call, backend_name)

@@ -10,7 +10,9 @@ name without a tag before it looks the model up in ``/api/tags``), while OpenAI-
 backends list their ids without tags. So Ollama's lists show every name with its tag
 (:func:`with_default_tag`), and a name ending in ``:latest`` that the mapping does not name
 goes to the backend without it (unless the backend lists it with the tag: see
-``catalog.backend_name_for``).
+``catalog.backend_name_for``). And Ollama finds a model whatever the case of its name, and
+without its default registry and namespace (``library/x``): a name the backend does not list
+as spelled goes as the backend lists it when it lists exactly one such (:func:`ollama_key`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "MappingFileError",
     "ModelMapper",
     "load_mapping_file",
+    "ollama_key",
     "same_model",
     "with_default_tag",
 ]
@@ -39,6 +42,23 @@ def _has_tag(name: str) -> bool:
 def with_default_tag(name: str) -> str:
     """Ollama's full spelling of a model name: one without a tag is ``NAME:latest``."""
     return name if _has_tag(name) else name + DEFAULT_TAG
+
+
+# Ollama's defaults for a name's registry and namespace (its types/model ParseName):
+# "library/x" and "registry.ollama.ai/library/x" are "x"
+_OLLAMA_DEFAULT_PREFIXES = ("registry.ollama.ai/library/", "library/")
+
+
+def ollama_key(name: str) -> str:
+    """A model name as Ollama compares names: case aside (it matches them with Go's
+    ``strings.EqualFold``), its default registry and namespace aside, ``NAME`` as
+    ``NAME:latest``."""
+    folded = name.casefold()
+    for prefix in _OLLAMA_DEFAULT_PREFIXES:
+        if folded.startswith(prefix) and len(folded) > len(prefix):
+            folded = folded[len(prefix) :]
+            break
+    return with_default_tag(folded)
 
 
 def same_model(listed: str, wanted: str) -> bool:
