@@ -259,9 +259,13 @@ def test_embed_validation() -> None:
     assert validate_ollama_embed({"model": "m"})  # nothing to embed: answered with none
     assert _err(validate_ollama_embed, {"model": "m", "input": 3}).field == "input"
     assert _err(validate_ollama_embed, {"model": "m", "input": ["a", 1]}).field == "input[1]"
-    assert _err(validate_ollama_embed, {"model": "m", "input": "x", "dimensions": 0}).field == (
+    assert _err(validate_ollama_embed, {"model": "m", "input": "x", "dimensions": "8"}).field == (
         "dimensions"
     )
+    # Ollama reads 0 (its omitempty zero) and less as "not set": accepted, not forwarded
+    for unset in (0, -1):
+        body = validate_ollama_embed({"model": "m", "input": "x", "dimensions": unset})
+        assert "dimensions" not in ollama_embed_to_openai(body, "b")
     assert _err(validate_ollama_embed, {"input": "x"}).field == "model"
 
 

@@ -264,8 +264,8 @@ def validate_ollama_embed(body: object) -> JSONDict:
     if body.get("input") is not None and not isinstance(body["input"], str):
         _check_str_list(body["input"], "input")
     dims = body.get("dimensions")
-    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims <= 0):
-        raise RequestValidationError("dimensions", "must be a positive integer")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)):
+        raise RequestValidationError("dimensions", "must be an integer")
     _check_optional(body, "truncate", bool, "a boolean")
     _check_options(body)
     return body
@@ -688,8 +688,9 @@ def ollama_embed_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
         "input": [raw] if isinstance(raw, str) else list(raw),
         "encoding_format": "float",
     }
-    if body.get("dimensions") is not None:
-        out["dimensions"] = body["dimensions"]
+    dims = body.get("dimensions")
+    if dims is not None and dims > 0:  # Ollama reads 0 or less as not set (omitempty)
+        out["dimensions"] = dims
     return out
 
 
