@@ -455,6 +455,47 @@ def test_chat_images_become_content_parts() -> None:
     }
 
 
+def test_images_on_other_messages_follow_in_a_user_message() -> None:
+    """A review: Ollama takes images on any message (a tool's answer with a screenshot),
+    OpenAI only on a user's: an image part on a tool or system message is a 400 for the
+    whole request. The images follow in a user message, after the run of tool answers
+    (which must come right after the assistant's calls)."""
+    png = f"data:image/png;base64,{PNG_B64}"
+    call = {"function": {"name": "screenshot", "arguments": {}}}
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "look", "images": [PNG_B64]},
+            {"role": "user", "content": "go", "images": ["data:image/gif;base64,R0"]},
+            {"role": "assistant", "content": "", "tool_calls": [call, call]},
+            {"role": "tool", "content": "shot 1", "images": [PNG_B64]},
+            {"role": "tool", "content": "shot 2", "images": [PNG_B64]},
+            {"role": "assistant", "content": "seen", "images": [PNG_B64]},
+        ],
+    }
+    messages = ollama_chat_to_openai(validate_ollama_chat(body), "b")["messages"]
+    shapes = [
+        (m["role"], "parts" if isinstance(m["content"], list) else m["content"]) for m in messages
+    ]
+    assert shapes == [
+        ("system", "look"),
+        ("user", "parts"),  # its images
+        ("user", "parts"),  # the user's own, with its text
+        ("assistant", None),
+        ("tool", "shot 1"),
+        ("tool", "shot 2"),
+        ("user", "parts"),  # both screenshots, after the answers
+        ("assistant", "seen"),
+        ("user", "parts"),
+    ]
+    image = {"type": "image_url", "image_url": {"url": png}}
+    assert messages[1]["content"] == [image]
+    assert messages[6]["content"] == [image, image]
+    assert [m.get("tool_call_id") for m in messages[4:6]] == [
+        c["id"] for c in messages[3]["tool_calls"]
+    ]
+
+
 def test_generate_request() -> None:
     body = {
         "model": "m",

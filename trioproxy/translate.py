@@ -599,13 +599,42 @@ class _ToolCallIds:
         return None
 
 
+def _openai_messages(messages: list[JSONDict], ids: _ToolCallIds) -> list[JSONDict]:
+    """Ollama's messages as OpenAI's. Ollama takes ``images`` on any message (a tool's
+    answer with a screenshot); OpenAI only on a user's (a tool, system or assistant
+    message with an image part is a 400 for the whole request). Those images follow in a
+    user message of their own: after the message, or after the run of tool answers that
+    follows it or that it is part of (an assistant's tool calls must be answered by the
+    messages right after it)."""
+    out: list[JSONDict] = []
+    held: list[str] = []  # images of the run of tool answers so far
+    for msg in messages:
+        if held and msg["role"] != "tool":
+            out.append(_images_message(held))
+            held = []
+        out.append(_convert_message(msg, ids))
+        images = msg.get("images")
+        if images and msg["role"] != "user":
+            held.extend(images)
+            if msg["role"] != "tool" and not msg.get("tool_calls"):
+                out.append(_images_message(held))
+                held = []
+    if held:
+        out.append(_images_message(held))
+    return out
+
+
+def _images_message(images: list[str]) -> JSONDict:
+    return {"role": "user", "content": _content_with_images("", images)}
+
+
 def _convert_message(msg: JSONDict, ids: _ToolCallIds) -> JSONDict:
     role = msg["role"]
     content = msg.get("content") or ""
     out: JSONDict = {"role": role}
     images = msg.get("images")
     calls = msg.get("tool_calls")
-    if images:
+    if images and role == "user":
         out["content"] = _content_with_images(content, images)
     elif role == "assistant" and calls and not content:
         out["content"] = None  # what OpenAI clients themselves send alongside tool_calls
@@ -645,7 +674,7 @@ def ollama_chat_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     ids = _ToolCallIds()
     out: JSONDict = {
         "model": backend_model,
-        "messages": [_convert_message(m, ids) for m in body.get("messages") or ()],
+        "messages": _openai_messages(body.get("messages") or [], ids),
     }
     _apply_generation_fields(out, body)
     tools = body.get("tools")
