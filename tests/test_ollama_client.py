@@ -726,6 +726,8 @@ def test_a_name_is_the_same_model_with_and_without_its_latest_tag(
             model=chat, messages=[{"role": "user", "content": "hi"}]
         )
         assert completion.choices[0].message.content
+    labels = httpx.get(proxy.url + "/metrics", timeout=10).text
+    assert f'model="{chat}"' not in labels or chat == "demo-chat"  # one model, one label
 
 
 # ---- errors --------------------------------------------------------------------------------

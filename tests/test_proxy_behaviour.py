@@ -757,6 +757,29 @@ def test_a_backend_without_a_model_list_is_not_asked_for_one_per_request(
     assert asked[0] >= 1 and asked[2] == asked[0]
 
 
+class _SlowModelListBackend(_NoModelListBackend):
+    """Lists its one model after 5 s; answers every chat at once."""
+
+    def do_GET(self) -> None:
+        time.sleep(5)
+        self.answer(200, b'{"object": "list", "data": [{"id": "m", "object": "model"}]}')
+
+
+def test_a_slow_model_list_holds_no_request(start_proxy: StartProxy) -> None:
+    """A review: looking every name up in the backend's list (Ollama's case rule) made
+    the first requests wait for ``/models`` (up to REQUEST_TIMEOUT), again every 10 s. A
+    request reads the list only as it was last fetched, never waits for one."""
+    with serving(_SlowModelListBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        started = time.monotonic()
+        for path in ("/v1/chat/completions", "/api/chat"):
+            for model in ("m", "M"):  # a spelling the list would resolve: not waited for
+                body = {"model": model, "stream": False, **_CHAT_HI}
+                answer = httpx.post(proxy.url + path, json=body, timeout=20)
+                assert answer.status_code == 200, answer.text
+        assert time.monotonic() - started < 4  # one /models answer takes 5
+
+
 class _CorruptGzipBackend(ScriptedHandler):
     def do_POST(self) -> None:
         self.json_body()

@@ -12,7 +12,7 @@ import trio
 
 from .errors import ProxyError, UpstreamStatusError
 from .exchange import Call
-from .forward import call_json
+from .forward import call_json, note_model
 from .model_mapping import ollama_key
 
 CACHE_SECONDS = 5.0
@@ -92,17 +92,15 @@ class ModelCatalog:
                 return False
         return self._ids is not None and backend_name in self._ids
 
-    def lists_now(self, backend_name: str) -> bool:
-        """Whether the last list fetched holds exactly this name (no fetch: a request's
-        path asks this first)."""
+    def spelling(self, backend_name: str) -> str:
+        """The backend's own spelling of a name (Ollama's rules: case, its default
+        registry and namespace, and the tag aside) by the list last fetched, when that
+        lists exactly one such id and not the name as spelled; else the name itself (the
+        backend decides). Never fetches: a request must not wait for a list (a slow
+        ``/models`` held every first request), and clients that spell names loosely
+        (Open WebUI, n8n) fetch it through ``/api/tags`` anyway."""
         ids = self._ids
-        return ids is not None and backend_name in ids
-
-    async def spelling(self, call: Call, backend_name: str) -> str:
-        """The backend's own spelling of a name it does not list as spelled (Ollama's
-        rule: case, its default registry and namespace, and the tag aside), when it lists
-        exactly one; else the name itself (the backend decides)."""
-        if await self.lists(call, backend_name):
+        if ids is None or backend_name in ids:  # nearly every request: one set lookup
             return backend_name
         return self._by_key.get(ollama_key(backend_name), backend_name)
 
@@ -120,10 +118,11 @@ class ModelCatalog:
         for entry in models:
             if entry.get("id") == backend_name:
                 return entry
-        # Ollama's rule: NAME is NAME:latest (Ollama lists the tag), whatever the case
-        key = ollama_key(backend_name)
+        # Ollama's rules: NAME is NAME:latest (Ollama lists the tag), whatever the case;
+        # the entry of the one id requests go to (two that differ in case: neither)
+        listed = self._by_key.get(ollama_key(backend_name))
         for entry in models:
-            if isinstance(entry.get("id"), str) and ollama_key(entry["id"]) == key:
+            if listed is not None and entry.get("id") == listed:
                 return entry
         return None
 
@@ -143,14 +142,28 @@ async def backend_name_for(call: Call, name: str) -> str:
     ``NAME:latest`` the mapping does not name is ``NAME`` (Open WebUI adds the tag to every
     name), unless the backend lists the tagged spelling itself: vLLM serving
     ``--served-model-name x:latest`` takes only that one (Ollama's own /v1 takes both).
-    A name the backend does not list as spelled goes as it lists it by Ollama's other
-    rules (case, ``library/``: ``ModelCatalog.spelling``). The list is fetched by the first
-    request that needs it, then read as cached: a look costs a set lookup."""
+    A name the last list fetched does not hold as spelled goes as it lists it by Ollama's
+    other rules (case, ``library/``: ``ModelCatalog.spelling``), and is counted under
+    that name."""
     mapper = call.app.mapper
     catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
     if mapper.drops_tag(name) and await catalog.lists(call, name):
         return name
     backend_name = mapper.to_backend(name)
-    if catalog.lists_now(backend_name):  # nearly every request: one set lookup
-        return backend_name
-    return await catalog.spelling(call, backend_name)
+    listed = catalog.spelling(backend_name)
+    if listed != backend_name:  # one model, one label, however the client spelled it
+        note_model(call.state, mapper.to_client(listed))
+    return listed
+
+
+async def listed_entry(call: Call, name: str) -> dict[str, Any] | None:
+    """The backend's list entry for a client's model (``ModelCatalog.find`` by the
+    mapping's backend name), None if it does not list it. A name found by Ollama's
+    rules under another spelling is counted under the listed one, as requests are."""
+    mapper = call.app.mapper
+    backend_name = mapper.to_backend(name)
+    entry = await call.app.catalog.find(call, backend_name)  # type: ignore[attr-defined]
+    listed = entry.get("id") if entry is not None else None
+    if isinstance(listed, str) and listed != backend_name:
+        note_model(call.state, mapper.to_client(listed))
+    return entry

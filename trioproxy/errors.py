@@ -262,14 +262,6 @@ class BackendSecrets:
             return body.replace(replies[0], b"***") if replies[0] in body else body
         return body
 
-    def mask_text(self, text: str) -> str:
-        """``text`` masked as a reply body is (:meth:`mask_body`): for what a backend says
-        that leaves another way, such as a model name that becomes a metrics label."""
-        if not self.replies:
-            return text
-        raw = text.encode("utf-8", "surrogatepass")
-        return self.mask_body(raw).decode("utf-8", "surrogatepass")
-
     def stream_mask(self) -> SecretMask | SecretsMask:
         """A mask for one body that arrives in pieces. With one secret (an API key alone,
         the common case) the single-secret mask: a read costs two ``find`` calls."""

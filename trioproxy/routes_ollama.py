@@ -19,7 +19,7 @@ from quart import Blueprint, Response, request
 
 from . import translate as tr
 from .app import current_call, quart_route
-from .catalog import backend_name_for
+from .catalog import backend_name_for, listed_entry
 from .config import Settings
 from .errors import (
     BadUpstreamResponse,
@@ -100,8 +100,7 @@ async def show() -> Response:
     if not isinstance(name, str):
         raise ProxyError("field 'model' must be a string", 400, param="model")
     note_model(call.state, name)
-    backend_name = call.app.mapper.to_backend(name)
-    entry = await call.app.catalog.find(call, backend_name)  # type: ignore[attr-defined]
+    entry = await listed_entry(call, name)
     if entry is None:
         raise NotFound(f"model '{shown_name(name)}' not found")
     return _json(tr.ollama_show(name, entry))
@@ -142,8 +141,7 @@ async def _load_reply(call: Call, kind: str, body: dict[str, Any]) -> Reply:
 async def _require_known_model(call: Call, name: str) -> None:
     """For answers given without asking the backend to generate: the model must be one
     the backend lists, as Ollama checks its own."""
-    catalog = call.app.catalog  # type: ignore[attr-defined]
-    if await catalog.find(call, call.app.mapper.to_backend(name)) is None:
+    if await listed_entry(call, name) is None:
         raise NotFound(_not_found_message(name))
 
 
