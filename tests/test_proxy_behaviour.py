@@ -778,6 +778,44 @@ def test_a_slow_model_list_holds_no_request(start_proxy: StartProxy) -> None:
                 answer = httpx.post(proxy.url + path, json=body, timeout=20)
                 assert answer.status_code == 200, answer.text
         assert time.monotonic() - started < 4  # one /models answer takes 5
+        # NAME:latest waits a moment for the list (is the tag part of the backend's name?),
+        # not for the whole of it; a later one not at all, for a while
+        started = time.monotonic()
+        for _ in range(3):
+            body = {"model": "m:latest", "stream": False, **_CHAT_HI}
+            answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=20)
+            assert answer.status_code == 200 and answer.json()["message"]["content"] == "m"
+        assert time.monotonic() - started < 4.5  # one wait of LIST_WAIT_SECONDS (2 s)
+
+
+class _CaseSiblingsBackend(_NoModelListBackend):
+    """Lists two ids that differ in case only, each with its tag, as vLLM serving
+    ``--served-model-name Foo:latest foo:latest`` does."""
+
+    def do_GET(self) -> None:
+        data = [{"id": "Foo:latest", "object": "model"}, {"id": "foo:latest", "object": "model"}]
+        self.answer(200, json.dumps({"object": "list", "data": data}).encode())
+
+
+def test_ids_that_differ_in_case_only_are_found_as_spelled_on_every_route(
+    start_proxy: StartProxy,
+) -> None:
+    """A review: /api/show, the load answers and /v1/models/{id} looked ``foo:latest`` up
+    without its tag (the mapping's backend name) and, the two ids sharing a case-blind
+    key, found neither: 404s where a chat for the same name was a 200."""
+    with serving(_CaseSiblingsBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            for name in ("foo:latest", "foo", "Foo:latest", "Foo"):
+                show = client.post("/api/show", json={"model": name})
+                assert show.status_code == 200, (name, show.text)
+                load = client.post("/api/chat", json={"model": name})
+                assert load.json()["done_reason"] == "load", (name, load.text)
+                chat = client.post("/api/chat", json={"model": name, "stream": False, **_CHAT_HI})
+                assert chat.json()["message"]["content"] == f"{name.partition(':')[0]}:latest"
+                assert client.get(f"/v1/models/{name}").status_code == 200, name
+            for name in ("FOO", "library/FOO:latest"):  # either could be meant: the backend's 404
+                assert client.post("/api/show", json={"model": name}).status_code == 404
 
 
 class _CorruptGzipBackend(ScriptedHandler):

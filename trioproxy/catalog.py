@@ -13,11 +13,14 @@ import trio
 from .errors import ProxyError, UpstreamStatusError
 from .exchange import Call
 from .forward import call_json, note_model
-from .model_mapping import ollama_key
+from .model_mapping import ollama_key, with_default_tag
 
 CACHE_SECONDS = 5.0
 NO_LIST_RETRY_SECONDS = 60.0
 FAILED_LIST_RETRY_SECONDS = 10.0
+LIST_WAIT_SECONDS = 2.0
+"""How long a request for ``NAME:latest`` waits for the backend's list, to learn whether
+the backend spells the model with its tag (vLLM's ``--served-model-name x:latest``)."""
 FAILURE_CACHE_SECONDS = 1.0
 """How long a failed fetch answers for the next ones. Requests that queued behind it
 get its error at once instead of each trying again, with retries, one after another."""
@@ -78,16 +81,19 @@ class ModelCatalog:
         there is none, since lists change rarely and a request must not wait for one every
         few seconds); False if the backend cannot say. A backend without a list, or one
         that answers it has none (404/405/501), is not asked again for a minute on a
-        request's path, after other failures for 10 s: every request looks here, and a
-        failing list must not cost each of them a backend round trip."""
+        request's path, after other failures (or a list slower than LIST_WAIT_SECONDS)
+        for 10 s: a failing list must not cost each such request a backend round trip."""
         if self._ids is None and trio.current_time() >= self._no_ids_until:
             try:
-                await self.models(call)
+                # a request waits a moment for a list, not for a backend that never sends
+                # one: without it the tag is dropped, as for most backends it must be
+                with trio.fail_after(LIST_WAIT_SECONDS):
+                    await self.models(call)
             except UpstreamStatusError as exc:
                 if exc.status in _NO_MODEL_LIST:  # no list to have: not asked for a while
                     self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
                 return False
-            except ProxyError:  # a passing failure (503, timeout): asked again a bit later
+            except (ProxyError, trio.TooSlowError):  # passing: asked again a bit later
                 self._no_ids_until = trio.current_time() + FAILED_LIST_RETRY_SECONDS
                 return False
         return self._ids is not None and backend_name in self._ids
@@ -102,6 +108,9 @@ class ModelCatalog:
         ids = self._ids
         if ids is None or backend_name in ids:  # nearly every request: one set lookup
             return backend_name
+        tagged = with_default_tag(backend_name)  # vLLM's --served-model-name x:latest
+        if tagged in ids:
+            return tagged
         return self._by_key.get(ollama_key(backend_name), backend_name)
 
     async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
@@ -115,11 +124,13 @@ class ModelCatalog:
             if exc.status in _NO_MODEL_LIST:
                 return {"id": backend_name}
             raise
-        for entry in models:
-            if entry.get("id") == backend_name:
-                return entry
         # Ollama's rules: NAME is NAME:latest (Ollama lists the tag), whatever the case;
-        # the entry of the one id requests go to (two that differ in case: neither)
+        # as spelled first, then with the tag as spelled (vLLM may list "Foo:latest" and
+        # "foo:latest" both), then the one id that matches when case is set aside
+        for wanted in (backend_name, with_default_tag(backend_name)):
+            for entry in models:
+                if entry.get("id") == wanted:
+                    return entry
         listed = self._by_key.get(ollama_key(backend_name))
         for entry in models:
             if listed is not None and entry.get("id") == listed:

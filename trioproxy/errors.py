@@ -227,8 +227,9 @@ class BackendSecrets:
     quote it, built once from the settings (``Settings.backend_secrets``). One object, so
     a masking site cannot mask one credential and forget another.
 
-    ``texts``: scrubbed from error messages, log lines and metrics (longest first, so a
-    secret that contains another is replaced whole). ``replies``: masked in reply bodies."""
+    ``texts``: scrubbed from error messages and log lines (longest first, so a secret that
+    contains another is replaced whole). ``replies``: masked in reply bodies, and in what
+    a backend's answer gives the metrics (a model name)."""
 
     texts: tuple[str, ...] = ()
     replies: tuple[bytes, ...] = ()
@@ -261,6 +262,14 @@ class BackendSecrets:
         if replies:
             return body.replace(replies[0], b"***") if replies[0] in body else body
         return body
+
+    def mask_text(self, text: str) -> str:
+        """``text`` masked as a reply body is (:meth:`mask_body`): for what a backend says
+        that leaves another way, such as a model name that becomes a metrics label."""
+        if not self.replies:
+            return text
+        raw = text.encode("utf-8", "surrogatepass")
+        return self.mask_body(raw).decode("utf-8", "surrogatepass")
 
     def stream_mask(self) -> SecretMask | SecretsMask:
         """A mask for one body that arrives in pieces. With one secret (an API key alone,

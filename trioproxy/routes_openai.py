@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed
 from . import translate as tr
 from .app import current_call, quart_route, served
 from .catalog import backend_name_for
-from .errors import BadRequest, NotFound, scrub, shown_name
+from .errors import BadRequest, NotFound, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_raw,
@@ -261,9 +261,10 @@ def _note_streamed_model(call: Call, watcher: tr.ResponsesStreamObserver) -> Non
 
 def _note_backend_model(call: Call, name: str) -> None:
     """A model named by the backend's answer, not the client, noted for the metrics with
-    the backend's secrets scrubbed, as from every text the metrics show: a backend that
-    echoes our key there must not make it a label (the reply is masked on its way out)."""
-    note_model(call.state, scrub(name, call.app.settings.backend_secrets))
+    the backend's secrets masked as in the reply (keys of 12 characters or more): a backend
+    that echoes our key there must not make it a label, and a placeholder key ("ollama")
+    must not mangle a model named after it ("ollama/llama3")."""
+    note_model(call.state, call.app.settings.backend_secrets.mask_text(name))
 
 
 def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None) -> None:
