@@ -125,6 +125,7 @@ def test_ollamas_key_folds_case_default_prefixes_and_tag() -> None:
     assert ollama_key("llama3:8B") == "llama3:8b" != ollama_key("llama3")
     assert ollama_key("library/") == "library/:latest"  # nothing left to name: kept
     assert ollama_key("myorg/llama3") != ollama_key("llama3")  # another namespace
+    assert ollama_key("STRASSE") != ollama_key("straße")  # Go's EqualFold: simple folding
 
 
 def test_a_latest_tag_the_mapping_does_not_name_goes_to_the_backend_without_it() -> None:

@@ -818,6 +818,91 @@ def test_ids_that_differ_in_case_only_are_found_as_spelled_on_every_route(
                 assert client.post("/api/show", json={"model": name}).status_code == 404
 
 
+class _ListingBackend(_NoModelListBackend):
+    """Answers GET /models with ``listing`` (after ``delay`` s), counting the requests."""
+
+    listing: ClassVar[bytes] = b"{}"
+    delay: ClassVar[float] = 0.0
+    asked: ClassVar[int] = 0
+
+    def do_GET(self) -> None:
+        type(self).asked += 1
+        time.sleep(self.delay)
+        self.answer(200, self.listing)
+
+
+def _listing(*entries: dict[str, Any]) -> bytes:
+    return json.dumps({"object": "list", "data": list(entries)}).encode()
+
+
+def test_a_model_list_that_is_no_list_is_no_500(start_proxy: StartProxy) -> None:
+    """A review: ``{"data": 5}`` made every NAME:latest request (and /api/tags) a 500."""
+    _ListingBackend.listing, _ListingBackend.delay = b'{"object": "list", "data": 5}', 0.0
+    with serving(_ListingBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        body = {"model": "m:latest", "stream": False, **_CHAT_HI}
+        answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=10)
+        assert answer.status_code == 200 and answer.json()["message"]["content"] == "m"
+        assert httpx.get(proxy.url + "/api/tags", timeout=10).json() == {"models": []}
+
+
+def test_requests_queued_for_a_hanging_list_do_not_each_ask_for_it(
+    start_proxy: StartProxy,
+) -> None:
+    """A review: NAME:latest requests that queued behind a fetch of a hanging /models
+    each fetched it again once the one before gave up (LIST_WAIT_SECONDS)."""
+    _ListingBackend.listing, _ListingBackend.delay = _listing({"id": "m"}), 8.0
+    with serving(_ListingBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0", READY_CHECK_INTERVAL="600")
+        time.sleep(0.5)  # the start-up readiness check has asked already
+        before = _ListingBackend.asked
+        body = {"model": "m:latest", "stream": False, **_CHAT_HI}
+
+        def chat() -> None:
+            answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=20)
+            assert answer.json()["message"]["content"] == "m"
+
+        threads = [threading.Thread(target=chat) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)
+        for thread in threads:
+            thread.join()
+        assert _ListingBackend.asked - before == 1
+
+
+def test_every_route_means_one_entry_when_a_name_is_listed_with_and_without_its_tag(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """A review: with ``foo`` and ``foo:latest`` both listed, chats for ``foo:latest``
+    went to ``foo:latest`` while /api/show and /v1/models/{id} described ``foo``. And
+    aliases of a mapping whose target the backend lists in another case lost their own
+    labels (counted as the listed id)."""
+    _ListingBackend.delay = 0.0
+    _ListingBackend.listing = _listing(
+        {"id": "foo", "object": "model", "max_model_len": 4096},
+        {"id": "foo:latest", "object": "model", "max_model_len": 32768},
+        {"id": "bar", "object": "model"},
+    )
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"a": "Bar", "b": "Bar"}))
+    with serving(_ListingBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0", MODEL_MAPPING_FILE=str(mapping))
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            chat = client.post(
+                "/api/chat", json={"model": "foo:latest", "stream": False, **_CHAT_HI}
+            )
+            assert chat.json()["message"]["content"] == "foo:latest"
+            show = client.post("/api/show", json={"model": "foo:latest"}).json()
+            assert 32768 in show["model_info"].values(), show
+            assert client.get("/v1/models/foo:latest").json()["max_model_len"] == 32768
+            for alias in ("a", "b"):
+                body = {"model": alias, "stream": False, **_CHAT_HI}
+                assert client.post("/api/chat", json=body).json()["message"]["content"] == "bar"
+            labels = client.get("/metrics").text
+    assert 'model="a"' in labels and 'model="b"' in labels and 'model="bar"' not in labels
+
+
 class _CorruptGzipBackend(ScriptedHandler):
     def do_POST(self) -> None:
         self.json_body()

@@ -50,19 +50,33 @@ class ModelCatalog:
                 return self._models
             if self._failure is not None and now - self._failed_at < FAILURE_CACHE_SECONDS:
                 raise self._failure.with_traceback(None)
-            try:
-                # a backend that echoes our key (in an owned_by, say) must not list it
-                payload, _ = await call_json(call, "/models", None, method="GET", masked=True)
-            except ProxyError as failure:
-                self._failure, self._failed_at = failure, trio.current_time()
-                raise
-            data = payload.get("data") if isinstance(payload, dict) else None
-            self._models = [m for m in data or [] if isinstance(m, dict) and "id" in m]
-            self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
-            self._by_key = _by_key(self._ids)
-            self._fetched_at = trio.current_time()
-            self._failure = None
+            await self._fetch(call)
         return self._models
+
+    async def _fetch(self, call: Call) -> None:
+        """``GET /models`` into the catalog (the lock held)."""
+        try:
+            # a backend that echoes our key (in an owned_by, say) must not list it
+            payload, _ = await call_json(call, "/models", None, method="GET", masked=True)
+        except ProxyError as failure:
+            self._failure, self._failed_at = failure, trio.current_time()
+            raise
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list):  # {"data": 5}: no list, not a crash
+            data = []
+        self._models = [m for m in data if isinstance(m, dict) and "id" in m]
+        self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
+        self._by_key = _by_key(self._ids)
+        self._fetched_at = trio.current_time()
+        self._failure = None
+
+    async def _fetch_for_a_request(self, call: Call) -> None:
+        """The list for :meth:`lists`, unless it came, or was given up on, while this
+        request waited for the lock (each waiter fetched again after the one before it
+        gave up on a hanging /models)."""
+        async with self._lock:
+            if self._ids is None and trio.current_time() >= self._no_ids_until:
+                await self._fetch(call)
 
     async def listed(self, call: Call) -> list[dict[str, Any]]:
         """:meth:`models` for listing them to a client; empty for a backend that does not
@@ -88,7 +102,7 @@ class ModelCatalog:
                 # a request waits a moment for a list, not for a backend that never sends
                 # one: without it the tag is dropped, as for most backends it must be
                 with trio.fail_after(LIST_WAIT_SECONDS):
-                    await self.models(call)
+                    await self._fetch_for_a_request(call)
             except UpstreamStatusError as exc:
                 if exc.status in _NO_MODEL_LIST:  # no list to have: not asked for a while
                     self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
@@ -149,32 +163,41 @@ def _by_key(ids: frozenset[str]) -> dict[str, str]:
 
 
 async def backend_name_for(call: Call, name: str) -> str:
-    """The backend's name for a client's model: the mapping's, where by Ollama's rule a
-    ``NAME:latest`` the mapping does not name is ``NAME`` (Open WebUI adds the tag to every
-    name), unless the backend lists the tagged spelling itself: vLLM serving
-    ``--served-model-name x:latest`` takes only that one (Ollama's own /v1 takes both).
-    A name the last list fetched does not hold as spelled goes as it lists it by Ollama's
-    other rules (case, ``library/``: ``ModelCatalog.spelling``), and is counted under
-    that name."""
+    """The backend's name for a client's model (:func:`_resolved`). A name the last list
+    fetched holds under another spelling (case, ``library/``, the tag) is counted under
+    that one (one model, one label); a mapped one keeps its client name as its label."""
     mapper = call.app.mapper
-    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
-    if mapper.drops_tag(name) and await catalog.lists(call, name):
-        return name
-    backend_name = mapper.to_backend(name)
-    listed = catalog.spelling(backend_name)
-    if listed != backend_name:  # one model, one label, however the client spelled it
+    backend_name, listed = await _resolved(call, name)
+    if listed != backend_name and not mapper.clients_for(backend_name):
         note_model(call.state, mapper.to_client(listed))
     return listed
 
 
-async def listed_entry(call: Call, name: str) -> dict[str, Any] | None:
-    """The backend's list entry for a client's model (``ModelCatalog.find`` by the
-    mapping's backend name), None if it does not list it. A name found by Ollama's
-    rules under another spelling is counted under the listed one, as requests are."""
+async def _resolved(call: Call, name: str) -> tuple[str, str]:
+    """The mapping's backend name for a client's model, and the id requests go to: by
+    Ollama's rule a ``NAME:latest`` the mapping does not name is ``NAME`` (Open WebUI adds
+    the tag to every name), unless the backend lists the tagged spelling itself: vLLM
+    serving ``--served-model-name x:latest`` takes only that one (Ollama's own /v1 takes
+    both). A name the last list fetched does not hold as spelled goes as it lists it by
+    Ollama's other rules (case, ``library/``: ``ModelCatalog.spelling``)."""
     mapper = call.app.mapper
+    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
+    if mapper.drops_tag(name) and await catalog.lists(call, name):
+        return name, name
     backend_name = mapper.to_backend(name)
-    entry = await call.app.catalog.find(call, backend_name)  # type: ignore[attr-defined]
-    listed = entry.get("id") if entry is not None else None
-    if isinstance(listed, str) and listed != backend_name:
-        note_model(call.state, mapper.to_client(listed))
+    return backend_name, catalog.spelling(backend_name)
+
+
+async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[str, Any] | None:
+    """The backend's list entry for a client's model: the entry of the id requests for
+    that name go to (:func:`_resolved`), so every route means the same model; None if
+    the backend does not list it. ``counted``: under the listed name, as requests are."""
+    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
+    backend_name, listed = await _resolved(call, name)
+    entry = await catalog.find(call, listed)
+    found = entry.get("id") if entry is not None else None
+    mapper = call.app.mapper
+    if counted and isinstance(found, str) and found != backend_name:
+        if not mapper.clients_for(backend_name):
+            note_model(call.state, mapper.to_client(found))
     return entry

@@ -51,9 +51,10 @@ _OLLAMA_DEFAULT_PREFIXES = ("registry.ollama.ai/library/", "library/")
 
 def ollama_key(name: str) -> str:
     """A model name as Ollama compares names: case aside (it matches them with Go's
-    ``strings.EqualFold``), its default registry and namespace aside, ``NAME`` as
+    ``strings.EqualFold``: simple case folding, so ``lower``, not ``casefold``, which
+    would also make "ß" "ss"), its default registry and namespace aside, ``NAME`` as
     ``NAME:latest``."""
-    folded = name.casefold()
+    folded = name.lower()
     for prefix in _OLLAMA_DEFAULT_PREFIXES:
         if folded.startswith(prefix) and len(folded) > len(prefix):
             folded = folded[len(prefix) :]

@@ -21,7 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from . import translate as tr
 from .app import current_call, quart_route, served
-from .catalog import backend_name_for
+from .catalog import backend_name_for, listed_entry
 from .errors import BadRequest, NotFound, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
@@ -288,7 +288,7 @@ async def models() -> Response:
 @blueprint.get("/v1/models/<path:model_id>")
 async def model(model_id: str) -> Response:
     call = await current_call()
-    entry = await call.app.catalog.find(call, call.app.mapper.to_backend(model_id))  # type: ignore[attr-defined]
+    entry = await listed_entry(call, model_id, counted=False)
     if entry is None:
         raise NotFound(f"The model '{shown_name(model_id)}' does not exist", code="model_not_found")
     return _json(tr.openai_model_entry(model_id, entry))
