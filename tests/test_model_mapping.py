@@ -148,3 +148,12 @@ def test_a_spelling_two_listed_ids_share_is_not_guessed() -> None:
     assert "foo:latest" not in by_key  # "FOO" could be either: the backend decides
     assert by_key["bar:latest"] == "library/bar"
     assert by_key["qwen/qwen2.5:latest"] == "Qwen/Qwen2.5"
+
+
+def test_maps_reads_a_name_as_to_backend_does() -> None:
+    mapper = ModelMapper({"llama3": "meta/Llama-3-8B", "phi:latest": "microsoft/phi-4"})
+    assert mapper.maps("llama3") and mapper.maps("llama3:latest")
+    assert mapper.maps("phi") and mapper.maps("phi:latest")
+    assert not mapper.maps("meta/Llama-3-8B")  # a target is no client name
+    assert not mapper.maps("qwen") and not mapper.maps("phi:3b")
+    assert not ModelMapper().maps("x")

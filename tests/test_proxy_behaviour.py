@@ -823,12 +823,13 @@ class _ListingBackend(_NoModelListBackend):
 
     listing: ClassVar[bytes] = b"{}"
     delay: ClassVar[float] = 0.0
+    status: ClassVar[int] = 200
     asked: ClassVar[int] = 0
 
     def do_GET(self) -> None:
         type(self).asked += 1
         time.sleep(self.delay)
-        self.answer(200, self.listing)
+        self.answer(self.status, self.listing)
 
 
 def _listing(*entries: dict[str, Any]) -> bytes:
@@ -900,7 +901,43 @@ def test_every_route_means_one_entry_when_a_name_is_listed_with_and_without_its_
                 body = {"model": alias, "stream": False, **_CHAT_HI}
                 assert client.post("/api/chat", json=body).json()["message"]["content"] == "bar"
             labels = client.get("/metrics").text
-    assert 'model="a"' in labels and 'model="b"' in labels and 'model="bar"' not in labels
+            assert 'model="a"' in labels and 'model="b"' in labels
+            assert 'model="bar"' not in labels
+            # the mapping's target spelled by a client is no alias: counted as listed
+            body = {"model": "Bar", "stream": False, **_CHAT_HI}
+            assert client.post("/api/chat", json=body).json()["message"]["content"] == "bar"
+            labels = client.get("/metrics").text
+    assert 'model="bar"' in labels and 'model="Bar"' not in labels
+
+
+def test_a_failing_or_hanging_list_is_asked_for_once_per_while(start_proxy: StartProxy) -> None:
+    """A review: with /models answering 500 every NAME:latest request asked for it again;
+    with /models hanging, /v1/models/m:latest waited LIST_WAIT_SECONDS, then fetched the
+    list a second time (5 s where one fetch takes 3)."""
+    _ListingBackend.listing, _ListingBackend.delay = _listing({"id": "m"}), 0.0
+    _ListingBackend.status = 500
+    try:
+        with serving(_ListingBackend) as url:
+            proxy = start_proxy(url, MAX_RETRIES="0", READY_CHECK_INTERVAL="600")
+            time.sleep(0.5)  # the start-up readiness check has asked already
+            before = _ListingBackend.asked
+            body = {"model": "m:latest", "stream": False, **_CHAT_HI}
+            for _ in range(4):
+                answer = httpx.post(proxy.url + "/api/chat", json=body, timeout=10)
+                assert answer.json()["message"]["content"] == "m"
+            assert _ListingBackend.asked - before == 1
+        _ListingBackend.status, _ListingBackend.delay = 200, 6.0
+        with serving(_ListingBackend) as url:
+            proxy = start_proxy(url, REQUEST_TIMEOUT="3", READY_CHECK_INTERVAL="600")
+            time.sleep(0.5)
+            before = _ListingBackend.asked
+            started = time.monotonic()
+            answer = httpx.get(proxy.url + "/v1/models/m:latest", timeout=20)
+            assert answer.status_code == 504
+            assert time.monotonic() - started < 4.5
+            assert _ListingBackend.asked - before == 1
+    finally:
+        _ListingBackend.status, _ListingBackend.delay = 200, 0.0
 
 
 class _CorruptGzipBackend(ScriptedHandler):

@@ -75,8 +75,12 @@ class ModelCatalog:
         request waited for the lock (each waiter fetched again after the one before it
         gave up on a hanging /models)."""
         async with self._lock:
-            if self._ids is None and trio.current_time() >= self._no_ids_until:
-                await self._fetch(call)
+            now = trio.current_time()
+            if self._ids is not None or now < self._no_ids_until:
+                return
+            if self._failure is not None and now - self._failed_at < FAILURE_CACHE_SECONDS:
+                raise self._failure.with_traceback(None)
+            await self._fetch(call)
 
     async def listed(self, call: Call) -> list[dict[str, Any]]:
         """:meth:`models` for listing them to a client; empty for a backend that does not
@@ -103,12 +107,11 @@ class ModelCatalog:
                 # one: without it the tag is dropped, as for most backends it must be
                 with trio.fail_after(LIST_WAIT_SECONDS):
                     await self._fetch_for_a_request(call)
-            except UpstreamStatusError as exc:
-                if exc.status in _NO_MODEL_LIST:  # no list to have: not asked for a while
-                    self._no_ids_until = trio.current_time() + NO_LIST_RETRY_SECONDS
-                return False
-            except (ProxyError, trio.TooSlowError):  # passing: asked again a bit later
-                self._no_ids_until = trio.current_time() + FAILED_LIST_RETRY_SECONDS
+            except (ProxyError, trio.TooSlowError) as exc:
+                no_list = isinstance(exc, UpstreamStatusError) and exc.status in _NO_MODEL_LIST
+                # no list to have: not asked for a while; a passing failure: a bit later
+                wait = NO_LIST_RETRY_SECONDS if no_list else FAILED_LIST_RETRY_SECONDS
+                self._no_ids_until = trio.current_time() + wait
                 return False
         return self._ids is not None and backend_name in self._ids
 
@@ -127,28 +130,24 @@ class ModelCatalog:
             return tagged
         return self._by_key.get(ollama_key(backend_name), backend_name)
 
-    async def find(self, call: Call, backend_name: str) -> dict[str, Any] | None:
-        """The backend's entry for a model; None if the backend does not list it.
+    def lists_now(self, backend_name: str) -> bool:
+        """Whether the list last fetched holds exactly this name."""
+        ids = self._ids
+        return ids is not None and backend_name in ids
 
-        Backends that do not implement ``/models`` (404/405) cannot tell us, so the model
-        is assumed to exist and the backend decides when it is used."""
-        try:
-            models = await self.models(call)
-        except UpstreamStatusError as exc:
-            if exc.status in _NO_MODEL_LIST:
-                return {"id": backend_name}
-            raise
-        # Ollama's rules: NAME is NAME:latest (Ollama lists the tag), whatever the case;
-        # as spelled first, then with the tag as spelled (vLLM may list "Foo:latest" and
-        # "foo:latest" both), then the one id that matches when case is set aside
+    def entry(self, backend_name: str) -> dict[str, Any] | None:
+        """The entry of the list last fetched for a backend name; None if it has none.
+        Ollama's rules: NAME is NAME:latest (Ollama lists the tag), whatever the case: as
+        spelled first, then with the tag as spelled (vLLM may list "Foo:latest" and
+        "foo:latest" both), then the one id that matches when case is set aside."""
         for wanted in (backend_name, with_default_tag(backend_name)):
-            for entry in models:
-                if entry.get("id") == wanted:
-                    return entry
-        listed = self._by_key.get(ollama_key(backend_name))
-        for entry in models:
-            if listed is not None and entry.get("id") == listed:
-                return entry
+            for listed in self._models:
+                if listed.get("id") == wanted:
+                    return listed
+        found = self._by_key.get(ollama_key(backend_name))
+        for listed in self._models:
+            if found is not None and listed.get("id") == found:
+                return listed
         return None
 
 
@@ -163,41 +162,56 @@ def _by_key(ids: frozenset[str]) -> dict[str, str]:
 
 
 async def backend_name_for(call: Call, name: str) -> str:
-    """The backend's name for a client's model (:func:`_resolved`). A name the last list
-    fetched holds under another spelling (case, ``library/``, the tag) is counted under
-    that one (one model, one label); a mapped one keeps its client name as its label."""
-    mapper = call.app.mapper
-    backend_name, listed = await _resolved(call, name)
-    if listed != backend_name and not mapper.clients_for(backend_name):
-        note_model(call.state, mapper.to_client(listed))
+    """The backend's name for a client's model (:func:`_resolved`); a NAME:latest fetches
+    the list if there is none (waiting at most LIST_WAIT_SECONDS). A name the list holds
+    under another spelling (case, ``library/``, the tag) is counted under that one (one
+    model, one label); a mapped one keeps its client name as its label."""
+    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
+    if call.app.mapper.drops_tag(name):
+        await catalog.lists(call, name)  # vLLM's --served-model-name x:latest
+    backend_name, listed = _resolved(call, name)
+    _count_under(call, name, backend_name, listed)
     return listed
 
 
-async def _resolved(call: Call, name: str) -> tuple[str, str]:
-    """The mapping's backend name for a client's model, and the id requests go to: by
-    Ollama's rule a ``NAME:latest`` the mapping does not name is ``NAME`` (Open WebUI adds
-    the tag to every name), unless the backend lists the tagged spelling itself: vLLM
-    serving ``--served-model-name x:latest`` takes only that one (Ollama's own /v1 takes
-    both). A name the last list fetched does not hold as spelled goes as it lists it by
-    Ollama's other rules (case, ``library/``: ``ModelCatalog.spelling``)."""
+def _resolved(call: Call, name: str) -> tuple[str, str]:
+    """The mapping's backend name for a client's model, and the id requests go to, by
+    the list last fetched: by Ollama's rule a ``NAME:latest`` the mapping does not name is
+    ``NAME`` (Open WebUI adds the tag to every name), unless the backend lists the tagged
+    spelling itself (vLLM serving ``--served-model-name x:latest`` takes only that one;
+    Ollama's own /v1 takes both); a name the list does not hold as spelled goes as it
+    lists it by Ollama's other rules (case, ``library/``: ``ModelCatalog.spelling``)."""
     mapper = call.app.mapper
     catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
-    if mapper.drops_tag(name) and await catalog.lists(call, name):
+    if mapper.drops_tag(name) and catalog.lists_now(name):
         return name, name
     backend_name = mapper.to_backend(name)
     return backend_name, catalog.spelling(backend_name)
 
 
-async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[str, Any] | None:
-    """The backend's list entry for a client's model: the entry of the id requests for
-    that name go to (:func:`_resolved`), so every route means the same model; None if
-    the backend does not list it. ``counted``: under the listed name, as requests are."""
-    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
-    backend_name, listed = await _resolved(call, name)
-    entry = await catalog.find(call, listed)
-    found = entry.get("id") if entry is not None else None
+def _count_under(call: Call, name: str, backend_name: str, listed: str) -> None:
+    """An unmapped name the list holds under another spelling is counted under that one."""
     mapper = call.app.mapper
-    if counted and isinstance(found, str) and found != backend_name:
-        if not mapper.clients_for(backend_name):
-            note_model(call.state, mapper.to_client(found))
+    if listed != backend_name and not mapper.maps(name):
+        note_model(call.state, mapper.to_client(listed))
+
+
+async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[str, Any] | None:
+    """The backend's list entry for a client's model: that of the id requests for the
+    name go to (:func:`_resolved`), so every route means the same model; None if the
+    backend does not list it. A backend that has no list (404/405/501) cannot say: the
+    model is assumed to exist and the backend decides when it is used. ``counted``:
+    under the listed name, as requests are."""
+    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
+    try:
+        await catalog.models(call)  # the route reads the list: fetched (or refreshed) once
+    except UpstreamStatusError as exc:
+        if exc.status in _NO_MODEL_LIST:
+            return {"id": call.app.mapper.to_backend(name)}
+        raise
+    backend_name, listed = _resolved(call, name)
+    entry = catalog.entry(listed)
+    found = entry.get("id") if entry is not None else None
+    if counted and isinstance(found, str):
+        _count_under(call, name, backend_name, found)
     return entry

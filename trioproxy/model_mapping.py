@@ -50,9 +50,9 @@ _OLLAMA_DEFAULT_PREFIXES = ("registry.ollama.ai/library/", "library/")
 
 
 def ollama_key(name: str) -> str:
-    """A model name as Ollama compares names: case aside (it matches them with Go's
-    ``strings.EqualFold``: simple case folding, so ``lower``, not ``casefold``, which
-    would also make "ß" "ss"), its default registry and namespace aside, ``NAME`` as
+    """A model name as Ollama compares names: case aside (Go's ``strings.EqualFold``;
+    ``lower`` agrees with it on ASCII names, and ``casefold`` would not even on some
+    others: it makes "ß" "ss"), its default registry and namespace aside, ``NAME`` as
     ``NAME:latest``."""
     folded = name.lower()
     for prefix in _OLLAMA_DEFAULT_PREFIXES:
@@ -97,6 +97,14 @@ class ModelMapper:
         if self._forward and not _has_tag(name):
             return self._forward.get(name + DEFAULT_TAG, name)
         return name
+
+    def maps(self, name: str) -> bool:
+        """Whether the mapping names this client name (as :meth:`to_backend` reads it)."""
+        if name in self._forward:
+            return True
+        if name.endswith(DEFAULT_TAG) and len(name) > len(DEFAULT_TAG):
+            return name[: -len(DEFAULT_TAG)] in self._forward
+        return not _has_tag(name) and name + DEFAULT_TAG in self._forward
 
     def drops_tag(self, name: str) -> bool:
         """Whether :meth:`to_backend` takes ``:latest`` off a name the mapping does not
