@@ -884,9 +884,10 @@ def test_every_route_means_one_entry_when_a_name_is_listed_with_and_without_its_
         {"id": "foo", "object": "model", "max_model_len": 4096},
         {"id": "foo:latest", "object": "model", "max_model_len": 32768},
         {"id": "bar", "object": "model"},
+        {"id": "Qux", "object": "model"},
     )
     mapping = tmp_path / "mapping.json"
-    mapping.write_text(json.dumps({"a": "Bar", "b": "Bar"}))
+    mapping.write_text(json.dumps({"a": "Bar", "b": "Bar", "c": "Qux"}))
     with serving(_ListingBackend) as url:
         proxy = start_proxy(url, MAX_RETRIES="0", MODEL_MAPPING_FILE=str(mapping))
         with httpx.Client(base_url=proxy.url, timeout=10) as client:
@@ -903,11 +904,43 @@ def test_every_route_means_one_entry_when_a_name_is_listed_with_and_without_its_
             labels = client.get("/metrics").text
             assert 'model="a"' in labels and 'model="b"' in labels
             assert 'model="bar"' not in labels
-            # the mapping's target spelled by a client is no alias: counted as listed
-            body = {"model": "Bar", "stream": False, **_CHAT_HI}
-            assert client.post("/api/chat", json=body).json()["message"]["content"] == "bar"
+            # the mapping's target spelled by a client is no alias: counted as listed,
+            # however it is spelled (not under the alias the mapping gives that id)
+            for spelling in ("Bar", "bar", "BAR:latest"):
+                body = {"model": spelling, "stream": False, **_CHAT_HI}
+                assert client.post("/api/chat", json=body).json()["message"]["content"] == "bar"
+            labels = client.get("/metrics").text
+            body = {"model": "qux", "stream": False, **_CHAT_HI}  # an id the mapping names
+            assert client.post("/api/chat", json=body).json()["message"]["content"] == "Qux"
             labels = client.get("/metrics").text
     assert 'model="bar"' in labels and 'model="Bar"' not in labels
+    assert 'model="BAR' not in labels
+    assert 'model="Qux"' in labels and 'model="c"' not in labels  # not the alias's
+    assert re.search(r'model="a",status="200"\} 1\.0', labels), labels  # the alias's own
+
+
+def test_show_names_the_id_requests_use_when_the_list_goes_missing(
+    start_proxy: StartProxy,
+) -> None:
+    """A review: once /models answered 404 after a list had been fetched, /api/show
+    described ``x`` while requests for ``x`` went to the listed ``x:latest``."""
+    _ListingBackend.listing = _listing({"id": "x:latest", "object": "model"})
+    _ListingBackend.status, _ListingBackend.delay = 200, 0.0
+    try:
+        with serving(_ListingBackend) as url:
+            proxy = start_proxy(url, MAX_RETRIES="0")
+            with httpx.Client(base_url=proxy.url, timeout=10) as client:
+                assert client.get("/api/tags").status_code == 200
+                _ListingBackend.status = 404
+                time.sleep(5.2)  # past the list's 5 s cache
+                body = {"model": "x", "stream": False, **_CHAT_HI}
+                assert client.post("/api/chat", json=body).json()["message"]["content"] == (
+                    "x:latest"
+                )
+                show = client.post("/api/show", json={"model": "x"}).json()
+        assert "FROM x:latest" in show["modelfile"], show
+    finally:
+        _ListingBackend.status = 200
 
 
 def test_a_failing_or_hanging_list_is_asked_for_once_per_while(start_proxy: StartProxy) -> None:

@@ -113,7 +113,7 @@ class ModelCatalog:
                 wait = NO_LIST_RETRY_SECONDS if no_list else FAILED_LIST_RETRY_SECONDS
                 self._no_ids_until = trio.current_time() + wait
                 return False
-        return self._ids is not None and backend_name in self._ids
+        return self.lists_now(backend_name)
 
     def spelling(self, backend_name: str) -> str:
         """The backend's own spelling of a name (Ollama's rules: case, its default
@@ -190,10 +190,10 @@ def _resolved(call: Call, name: str) -> tuple[str, str]:
 
 
 def _count_under(call: Call, name: str, backend_name: str, listed: str) -> None:
-    """An unmapped name the list holds under another spelling is counted under that one."""
-    mapper = call.app.mapper
-    if listed != backend_name and not mapper.maps(name):
-        note_model(call.state, mapper.to_client(listed))
+    """An unmapped name the list holds under another spelling is counted under that one,
+    as the name spelled exactly is (not under an alias the mapping gives that id)."""
+    if listed != backend_name and not call.app.mapper.maps(name):
+        note_model(call.state, listed)
 
 
 async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[str, Any] | None:
@@ -206,8 +206,8 @@ async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[s
     try:
         await catalog.models(call)  # the route reads the list: fetched (or refreshed) once
     except UpstreamStatusError as exc:
-        if exc.status in _NO_MODEL_LIST:
-            return {"id": call.app.mapper.to_backend(name)}
+        if exc.status in _NO_MODEL_LIST:  # as requests would name it (an older list's id)
+            return {"id": _resolved(call, name)[1]}
         raise
     backend_name, listed = _resolved(call, name)
     entry = catalog.entry(listed)
