@@ -37,6 +37,7 @@ def test_a_key_is_required_except_for_probes_preflights_and_open_metrics() -> No
     keys = ClientKeys([KEY, OTHER_KEY])
     for path in ("/", "/health", "/v1/health", "/ready", "/metrics", "/v1/metrics/prometheus"):
         keys.check("GET", path, None)
+    keys.check("GET", "/api/version", None)  # Open WebUI asks it without its key
     keys.check("OPTIONS", "/api/chat", None)
     assert keys.check("POST", "/api/chat", f"Bearer {KEY}") == "key-1"
     assert keys.check("POST", "/api/chat", f"bearer  {OTHER_KEY} ") == "key-2"
@@ -183,6 +184,9 @@ def test_refusals_are_counted_and_probes_and_metrics_stay_open(guarded: ServerPr
         assert http.get("/").status_code == 200
         assert http.get("/health").status_code == 200
         assert http.get("/ready").status_code == 200
+        assert http.get("/api/version").json()["version"]  # asked before any key is sent
+        assert http.head("/api/version").status_code == 200
+        assert http.get("/api/tags").status_code == 401
         assert http.options("/api/chat").status_code != 401
     samples = scrape(guarded.url)
     assert total(samples, "http_requests_total", endpoint="api_chat", status="401") >= 1

@@ -3,7 +3,8 @@
 Without keys the proxy serves every caller, like Ollama. With keys, every request to the
 Ollama and OpenAI APIs must carry one as ``Authorization: Bearer <key>``, which is what
 the OpenAI SDKs send (their ``api_key``), and ollama-python (``OLLAMA_API_KEY``), ollama-js
-and Open WebUI send when given a key. Probes (``/``, ``/health``, ``/ready``) and CORS
+and Open WebUI send when given a key. Probes (``/``, ``/health``, ``/ready``), Ollama's
+``/api/version`` (clients probe it without their key, as Ollama has none) and CORS
 preflights stay open; the metrics endpoints too unless ``METRICS_REQUIRE_AUTH``.
 
 Keys are kept as SHA-256 digests and a presented key is looked up by its digest, so the
@@ -24,8 +25,9 @@ from collections.abc import Iterable
 from .errors import ProxyError
 from .metrics.labels import UNTRACKED_PATHS
 
-# always open: liveness and readiness probes, and Ollama's "is it running" page
-PROBE_PATHS = frozenset({"/", "/health", "/v1/health", "/ready"})
+# always open: liveness and readiness probes, Ollama's "is it running" page, and its
+# version, which clients ask for before sending a key (Open WebUI's connection check)
+PROBE_PATHS = frozenset({"/", "/health", "/v1/health", "/ready", "/api/version"})
 METRICS_PATHS = UNTRACKED_PATHS - PROBE_PATHS
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # visible ASCII but the comma
