@@ -414,13 +414,33 @@ def _protocol_with_request(method: bytes = b"GET") -> tuple[object, _Writes]:
     return protocol, writes
 
 
-def _response(length: int | None) -> object:
+def _response(length: int | None, status: int = 200) -> object:
     from hypercorn.protocol.events import Response
 
     headers = [(b"content-type", b"application/json")]
     if length is not None:
         headers.append((b"content-length", str(length).encode()))
-    return Response(stream_id=1, status_code=200, headers=headers)
+    return Response(stream_id=1, status_code=status, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("status", "length", "line"),
+    [
+        (200, 2, b"HTTP/1.1 200 OK\r\n"),
+        (404, None, b"HTTP/1.1 404 Not Found\r\n"),
+        (503, 0, b"HTTP/1.1 503 Service Unavailable\r\n"),
+        (599, None, b"HTTP/1.1 599 \r\n"),  # no registered phrase: none, as h11 writes it
+    ],
+)
+async def test_a_status_line_carries_its_reason_phrase(
+    status: int, length: int | None, line: bytes
+) -> None:
+    protocol, writes = _protocol_with_request()
+    await protocol.stream_send(_response(length, status))  # type: ignore[attr-defined]
+    if length is not None:
+        await protocol.stream_send(Body(stream_id=1, data=b"{}"[:length]))  # type: ignore[attr-defined]
+        await protocol.stream_send(EndBody(stream_id=1))  # type: ignore[attr-defined]
+    assert writes.raw[0].startswith(line), writes.raw[0][:40]
 
 
 async def test_a_sized_response_is_one_write_with_its_body() -> None:
@@ -478,7 +498,7 @@ def test_http2_is_not_spoken_even_when_a_client_asks_for_it(proxy: ServerProcess
     assert _exchange(proxy.url, upgrade).startswith(b"HTTP/1.1 200 ")
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     answer = _exchange(proxy.url, preface)
-    assert answer.startswith(b"HTTP/1.1 505 "), answer[:80]
+    assert answer.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), answer[:80]
 
 
 async def test_a_request_arriving_as_a_connection_closes_is_not_waited_for() -> None:

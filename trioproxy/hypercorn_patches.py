@@ -96,6 +96,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextvars import ContextVar
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -318,6 +319,8 @@ async def _send_h11_event(self: Any, event: Any) -> None:
         if self.connection.their_state != h11.ERROR:
             raise
         return
+    if type(event) in _STATUS_EVENTS and not event.reason:
+        data = _with_reason_phrase(data, event.status_code)
     head = self.__dict__.pop(_HELD_HEAD, None)
     if head is not None:
         data = head + data
@@ -325,6 +328,25 @@ async def _send_h11_event(self: Any, event: Any) -> None:
         self.__dict__[_HELD_HEAD] = data  # sent with the body, or at the end of the message
     elif data:
         await self.send(RawData(data=data))
+
+
+_STATUS_EVENTS = (h11.Response, h11.InformationalResponse)
+# per status: the line h11 writes without a phrase, and the line with the registered one
+_STATUS_LINES = {
+    int(status): (
+        b"HTTP/1.1 %d \r\n" % status,
+        b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode()),
+    )
+    for status in HTTPStatus
+}
+
+
+def _with_reason_phrase(head: bytes, status: int) -> bytes:
+    lines = _STATUS_LINES.get(status)
+    if lines is None or not head.startswith(lines[0]):
+        return head
+    bare, phrased = lines
+    return phrased + head[len(bare) :]
 
 
 def _closing(response: h11.Response) -> h11.Response:
