@@ -157,3 +157,18 @@ def test_maps_reads_a_name_as_to_backend_does() -> None:
     assert not mapper.maps("meta/Llama-3-8B")  # a target is no client name
     assert not mapper.maps("qwen") and not mapper.maps("phi:3b")
     assert not ModelMapper().maps("x")
+
+
+async def test_a_list_the_readiness_check_fetched_is_kept_masked_and_only_if_a_list() -> None:
+    from trioproxy.catalog import ModelCatalog
+    from trioproxy.errors import BackendSecrets
+
+    secrets = BackendSecrets.of("sk-backend-secret-123456")
+    catalog = ModelCatalog()
+    for not_a_list in (b"<html>", b'{"error": "busy"}', b'{"data": 5}', b"[]", b""):
+        catalog.take(not_a_list, secrets)
+        assert catalog.spelling("foo") == "foo" and not catalog.lists_now("foo")
+    listing = {"data": [{"id": "Foo", "owned_by": "sk-backend-secret-123456"}, {"x": 1}]}
+    catalog.take(json.dumps(listing).encode(), secrets)
+    assert catalog.spelling("foo") == "Foo" and catalog.lists_now("Foo")
+    assert catalog.entry("FOO:latest") == {"id": "Foo", "owned_by": "***"}

@@ -919,6 +919,34 @@ def test_every_route_means_one_entry_when_a_name_is_listed_with_and_without_its_
     assert re.search(r'model="a",status="200"\} 1\.0', labels), labels  # the alias's own
 
 
+def test_names_follow_the_list_from_the_first_request_in_every_worker(
+    start_proxy: StartProxy,
+) -> None:
+    """Ollama's name rules read the list last fetched, and nothing had fetched one before
+    a client asked for it (/api/tags, /api/show): until then, and always in a worker that
+    served no such request, ``foo`` went to the backend as spelled (a 404 from a backend
+    listing ``Foo``). The readiness check asks each worker's backend for /models as it
+    starts; the list it answers is kept."""
+    _ListingBackend.listing = _listing({"id": "Foo", "object": "model"})
+    _ListingBackend.status, _ListingBackend.delay, _ListingBackend.asked = 200, 0.0, 0
+    with serving(_ListingBackend) as url:
+        proxy = start_proxy(url, "--workers", "2", MAX_RETRIES="0")
+        deadline = time.monotonic() + 10
+        while _ListingBackend.asked < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # each worker's start-up check
+        assert _ListingBackend.asked == 2
+        time.sleep(0.3)  # their answers read
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            for _ in range(6):  # new connections: both workers serve some
+                for path, model in (("/api/chat", "foo"), ("/v1/chat/completions", "FOO")):
+                    body = {"model": model, "stream": False, **_CHAT_HI}
+                    answer = httpx.post(proxy.url + path, json=body, timeout=10)
+                    assert "Foo" in answer.text, answer.text
+            labels = client.get("/metrics").text
+    assert _ListingBackend.asked == 2  # no request fetched it again
+    assert 'model="Foo"' in labels and 'model="foo"' not in labels and 'model="FOO"' not in labels
+
+
 def test_show_names_the_id_requests_use_when_the_list_goes_missing(
     start_proxy: StartProxy,
 ) -> None:

@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
+from trioproxy.catalog import ModelCatalog
 from trioproxy.config import Settings
 from trioproxy.metrics import MetricsCollector
 from trioproxy.routes_ops import CHECK_TIMEOUT_SECONDS, ReadinessChecker
@@ -34,6 +35,7 @@ StartProxy = Callable[..., ServerProcess]
 @dataclass
 class FakeApp:
     collector: MetricsCollector
+    catalog: ModelCatalog = field(default_factory=ModelCatalog)
 
 
 class ScriptedBackend:
@@ -45,7 +47,7 @@ class ScriptedBackend:
         self.delay = delay
         self.calls = 0
 
-    async def __call__(self) -> str | None:
+    async def __call__(self, catalog: ModelCatalog) -> str | None:
         self.calls += 1
         await trio.sleep(self.delay)
         return self.error

@@ -10,9 +10,9 @@ from typing import Any
 
 import trio
 
-from .errors import ProxyError, UpstreamStatusError
+from .errors import BackendSecrets, ProxyError, UpstreamStatusError
 from .exchange import Call
-from .forward import call_json, note_model
+from .forward import call_json, json_answer, note_model
 from .model_mapping import ollama_key, with_default_tag
 
 CACHE_SECONDS = 5.0
@@ -62,8 +62,22 @@ class ModelCatalog:
             self._failure, self._failed_at = failure, trio.current_time()
             raise
         data = payload.get("data") if isinstance(payload, dict) else None
-        if not isinstance(data, list):  # {"data": 5}: no list, not a crash
-            data = []
+        self._keep(data if isinstance(data, list) else [])  # {"data": 5}: no list, no crash
+
+    def take(self, content: bytes, secrets: BackendSecrets) -> None:
+        """A 2xx body of ``GET /models`` that the readiness check fetched (at a worker's
+        start, then while no request shows the backend up): kept as the list, so Ollama's
+        name rules hold from the first request, in every worker. Anything but a list is
+        left aside: the check asks whether the backend answers, not what it lists."""
+        try:
+            payload = json_answer(secrets.mask_body(content))
+        except ProxyError:
+            return
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if isinstance(data, list):
+            self._keep(data)
+
+    def _keep(self, data: list[Any]) -> None:
         self._models = [m for m in data if isinstance(m, dict) and "id" in m]
         self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
         self._by_key = _by_key(self._ids)

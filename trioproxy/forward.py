@@ -186,16 +186,12 @@ async def call_json(
     content = result.response.content
     if masked:
         content = call.app.settings.backend_secrets.mask_body(content)
-    if (costly := _answer_decodes_too_large(content)) is not None:
-        call.app.collector.upstream_error("protocol")
-        raise BadUpstreamResponse(f"the backend's answer is too costly to decode: {costly}")
     try:
         # embeddings are floats only: no integer there needs the exactness test
-        exact = path != "/embeddings"
-        payload = loads(content, exact_integers=exact)
-    except ValueError as exc:
+        payload = json_answer(content, exact_integers=path != "/embeddings")
+    except BadUpstreamResponse:
         call.app.collector.upstream_error("protocol")
-        raise BadUpstreamResponse(_not_json_message(exc)) from None
+        raise
     if _reports_an_error(payload):
         # some gateways answer a failure with 200 and an error body: not an empty answer
         call.app.collector.upstream_error("protocol")
@@ -208,6 +204,17 @@ async def call_json(
             scrub(f"the backend reported an error: {message}", call.app.settings.backend_secrets)
         )
     return payload, result
+
+
+def json_answer(content: bytes, *, exact_integers: bool = True) -> Any:
+    """A backend's 2xx body decoded, unless decoding it would cost far more than its size
+    or it is no JSON (BadUpstreamResponse saying which)."""
+    if (costly := _answer_decodes_too_large(content)) is not None:
+        raise BadUpstreamResponse(f"the backend's answer is too costly to decode: {costly}")
+    try:
+        return loads(content, exact_integers=exact_integers)
+    except ValueError as exc:
+        raise BadUpstreamResponse(_not_json_message(exc)) from None
 
 
 def _not_json_message(exc: ValueError) -> str:

@@ -12,7 +12,7 @@ import math
 import platform
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Blueprint, Response, request
@@ -24,6 +24,9 @@ from .errors import BadRequest, UpstreamStatusError, scrub
 from .metrics import MetricsCollector
 from .relay import dumps
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .catalog import ModelCatalog
 
 log = logging.getLogger("trioproxy.ready")
 
@@ -141,7 +144,7 @@ class ReadinessChecker:
             return
         self._checking = done = trio.Event()
         try:
-            error = await self._ask_backend()
+            error = await self._ask_backend(app.catalog)
             self._last_check = _now()
             if error is None:
                 self._last_ok = self._last_check
@@ -150,13 +153,15 @@ class ReadinessChecker:
             self._checking = None
             done.set()
 
-    async def _ask_backend(self) -> str | None:
+    async def _ask_backend(self, catalog: ModelCatalog) -> str | None:
         """``GET /models`` once: None if the backend answered (any status below 500; one
-        without the route, or refusing our key, is up), else why not."""
+        without the route, or refusing our key, is up), else why not. The list it answers
+        goes to the ``catalog``: no request has to fetch one for Ollama's name rules."""
         timeout = self.timeout
         with trio.move_on_after(timeout):
             try:
-                await (await self._check_pool()).request("GET", "/models")
+                result = await (await self._check_pool()).request("GET", "/models")
+                catalog.take(result.response.content, self._settings.backend_secrets)
                 return None
             except UpstreamStatusError as exc:
                 return None if exc.status < 500 else exc.message[:200]
