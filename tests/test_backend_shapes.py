@@ -314,3 +314,74 @@ def test_a_query_in_the_base_url_goes_with_every_backend_request(
         "/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21",
         "/openai/deployments/gpt4o/models?api-version=2024-10-21",
     }
+
+
+class _AbsurdNumbersBackend(ScriptedHandler):
+    """Writes its counts and times as ``number`` says, in JSON's text: ``1e400``
+    (infinite once read), ``NaN``, an integer of 400 digits, -5."""
+
+    number: ClassVar[str] = "1e400"
+
+    def _write(self, body: Any, content_type: str = "application/json") -> None:
+        text = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.answer(200, text.replace(b'"NUMBER"', self.number.encode()), content_type)
+
+    def do_GET(self) -> None:
+        entry = {"id": "m", "object": "model", "created": "NUMBER", "max_model_len": "NUMBER"}
+        self._write({"object": "list", "data": [entry]})
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        usage = {"prompt_tokens": "NUMBER", "completion_tokens": "NUMBER"}
+        if self.path.endswith("/embeddings"):
+            data = [{"object": "embedding", "index": 0, "embedding": [0.5]}]
+            self._write({"object": "list", "model": "m", "data": data, "usage": usage})
+        elif body.get("stream"):
+            usage_event = {"id": "c", "object": "chat.completion.chunk", "choices": []}
+            usage_event["usage"] = usage
+            events = [_chunk({"role": "assistant", "content": "Hi"}), _chunk({}, "stop")]
+            events += [b"data: " + json.dumps(usage_event).encode() + b"\n\n", DONE]
+            self._write(b"".join(events), "text/event-stream")
+        else:
+            message = {"role": "assistant", "content": "Hi"}
+            choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
+            answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "m"}
+            self._write({**answer, "choices": choices, "usage": usage})
+
+
+@pytest.mark.parametrize("number", ["1e400", "NaN", "-Infinity", "1" + "0" * 400, "-5"])
+def test_absurd_numbers_from_the_backend_are_no_counts_and_no_500(
+    start_proxy: StartProxy, number: str
+) -> None:
+    """A review (mypy's ``int(object)``): a usage count or ``created`` of ``1e400`` or
+    ``NaN`` made int() raise, and one of 400 digits the metrics store: a 500 on
+    /v1/models, /api/chat and /api/embed, and streams of both APIs cut off by the metrics
+    that observe them."""
+    _AbsurdNumbersBackend.number = number
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with serving(_AbsurdNumbersBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        with ollama.Client(host=proxy.url, timeout=10) as client:
+            _absurd_numbers_ollama(client, chat["messages"])
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
+            assert sdk.models.list().data[0].created == 0
+            parts = list(
+                sdk.chat.completions.create(model="m", messages=chat["messages"], stream=True)
+            )
+            assert parts[0].choices[0].delta.content == "Hi"
+            sdk.chat.completions.create(model="m", messages=chat["messages"])
+        samples = scrape(proxy.url)
+    assert total(samples, "http_requests_total", status="500") == 0
+    # no reported count is counted; the two streams' chunks are, as when none is reported
+    assert total(samples, "trioproxy_tokens_total", type="input") == 0
+    assert total(samples, "trioproxy_tokens_total", type="output") == 2
+    assert "Error in ASGI" not in proxy.log() and "Traceback" not in proxy.log()
+
+
+def _absurd_numbers_ollama(client: ollama.Client, messages: Any) -> None:
+    answer = client.chat(model="m", messages=messages)
+    assert answer.message.content == "Hi" and answer.eval_count == 0
+    streamed = list(client.chat(model="m", messages=messages, stream=True))
+    assert streamed[-1].done and streamed[-1].prompt_eval_count == 0
+    assert client.embed(model="m", input="x").embeddings == [[0.5]]
+    assert client.show("m").modelinfo is not None

@@ -16,6 +16,7 @@ from trioproxy.jsonutil import (
     escape_line_separators,
     loads,
     top_level_member,
+    whole_number,
 )
 
 JSON_VALUES = st.recursive(
@@ -147,3 +148,11 @@ def test_top_level_member_reads_a_completion_and_tolerates_garbage() -> None:
     assert top_level_member(b'[{"usage": 1}]', "usage") is None
     assert top_level_member(b'{"usage": 1', "usage") is None  # truncated
     assert top_level_member(b"not json", "usage") is None
+
+
+def test_a_whole_number_is_a_count_a_counter_holds() -> None:
+    for value, expected in [(0, 0), (7, 7), (7.9, 7), (2**53 - 1, 2**53 - 1), ("7", None)]:
+        assert whole_number(value) == expected, value
+    for absurd in (-1, -0.5, 2**53, 10**400, math.inf, -math.inf, math.nan, True, None):
+        assert whole_number(absurd) is None, absurd
+    assert whole_number(loads(b"1e400")) is None and whole_number(loads(b"NaN")) is None

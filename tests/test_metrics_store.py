@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import defaultdict
@@ -226,6 +227,21 @@ def test_filtered_streaming_has_the_summary_keys_over_its_window() -> None:
 
 
 # ----------------------------------------------------------------------------- counters
+
+
+def test_token_counts_no_counter_holds_are_counted_as_none() -> None:
+    """The Python API takes counts from anyone: one of 400 digits made the store's
+    int64 column raise out of ``request_finished`` (and a float, a NaN too)."""
+    c = MetricsCollector(system_enabled=False)
+    counts = [(10**400, math.nan), (-3, math.inf), (3.7, 2), (2**53, 2**53 - 3)]
+    for input_tokens, output_tokens in counts:
+        c.request_started()
+        m = req("/api/chat", 200, 5.0, "m", input_tokens=input_tokens, output_tokens=output_tokens)
+        c.request_finished(m)
+    s = scrape(c)
+    assert total(s, "trioproxy_tokens_total", type="input") == 3
+    assert total(s, "trioproxy_tokens_total", type="output") == 2**53 - 1  # exactly
+    assert c.summary()["total_requests"] == 4
 
 
 def test_scripted_counters_are_exact(collector: MetricsCollector) -> None:

@@ -23,7 +23,7 @@ from .errors import (
     upstream_error_message,
 )
 from .exchange import Call, RequestState
-from .jsonutil import NestedTooDeeply, compact_json, loads
+from .jsonutil import NestedTooDeeply, compact_json, loads, whole_number
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
 from .translate import FINISHED_WITH_ERROR, RequestValidationError
@@ -166,8 +166,8 @@ def note_usage_counts(state: RequestState, usage: Any) -> None:
         return
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    metric.input_tokens = prompt if isinstance(prompt, int) else None
-    metric.output_tokens = completion if isinstance(completion, int) else None
+    metric.input_tokens = whole_number(prompt)
+    metric.output_tokens = whole_number(completion)
 
 
 async def call_json(

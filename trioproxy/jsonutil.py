@@ -143,3 +143,20 @@ def top_level_member(body: bytes, key: str) -> Any:
     except ValueError:
         return None
     return whole.get(key) if isinstance(whole, dict) else None
+
+
+# a float64 holds every whole number below this exactly (Prometheus counters are float64)
+WHOLE_NUMBER_LIMIT = 2**53
+
+
+def whole_number(value: object) -> int | None:
+    """A count or a time a backend wrote as a JSON number (tokens, Unix seconds), if it is
+    one: a number from 0 up to :data:`WHOLE_NUMBER_LIMIT`, a fraction dropped; None for
+    anything else. ``1e400`` decodes as infinity, ``NaN`` is read too, and an integer of
+    400 digits fits no counter: each made ``int()`` or the metrics store raise (a 500, or
+    a stream cut off by the metrics that observe it)."""
+    if type(value) is int:
+        return value if 0 <= value < WHOLE_NUMBER_LIMIT else None
+    if type(value) is float and 0.0 <= value < WHOLE_NUMBER_LIMIT:  # NaN compares False
+        return int(value)
+    return None

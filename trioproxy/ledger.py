@@ -17,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .jsonutil import whole_number
+
 MAX_OWED = 10_000
 FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
@@ -52,8 +54,9 @@ class ResponsesLedger:
         counted = self._owed.get(response_id)
         if counted is None or not isinstance(usage, dict):
             return None
-        total_in, total_out = usage.get("input_tokens"), usage.get("output_tokens")
-        if not isinstance(total_in, int) or not isinstance(total_out, int):
+        total_in = whole_number(usage.get("input_tokens"))
+        total_out = whole_number(usage.get("output_tokens"))
+        if total_in is None or total_out is None:
             return None
         del self._owed[response_id]
         return max(total_in - counted.input_tokens, 0), max(total_out - counted.output_tokens, 0)

@@ -35,6 +35,7 @@ from trioproxy.jsonutil import (
     compact_json_text,
     escape_line_separators,
     loads,
+    whole_number,
 )
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper, with_default_tag
@@ -794,7 +795,7 @@ def _done_reason(finish_reason: object) -> str:
 
 
 def _int(value: object) -> int:
-    return int(value) if _is_number(value) else 0
+    return whole_number(value) or 0
 
 
 def _usage_counts(resp: JSONDict) -> tuple[int, int]:
@@ -1192,10 +1193,10 @@ class _StreamStats:
 
     def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
         if isinstance(usage, dict):
-            if _is_number(usage.get(input_key)):
-                self.prompt_tokens = int(usage[input_key])
-            if _is_number(usage.get(output_key)):
-                self.completion_tokens = int(usage[output_key])
+            if (prompt := whole_number(usage.get(input_key))) is not None:
+                self.prompt_tokens = prompt
+            if (completion := whole_number(usage.get(output_key))) is not None:
+                self.completion_tokens = completion
 
     def _count_token(self, now_ns: int) -> None:
         # A "content-bearing" chunk: text, reasoning, a tool-call fragment, other output.
@@ -1788,9 +1789,8 @@ def _context_length(entry: JSONDict) -> int:
     """The context window a backend's /models entry gives; 0 for none (or nonsense: a
     huge number decodes as infinity)."""
     for key in _CONTEXT_KEYS:
-        value = entry.get(key)
-        if _is_number(value) and math.isfinite(value) and value > 0:
-            return int(value)
+        if length := whole_number(entry.get(key)):
+            return length
     return 0
 
 

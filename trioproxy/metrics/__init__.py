@@ -45,6 +45,9 @@ from .request import RequestMetrics
 from .store import WindowEntry, WindowStore
 from .system import SystemSampler, read_io_counters, unmeasured_snapshot
 
+# what the store's int64 columns and a float64 counter hold exactly
+_TOKEN_COUNT_LIMIT = 2**53
+
 log = logging.getLogger("trioproxy.metrics")
 
 SLOW_REQUEST_MS = 5000.0
@@ -350,10 +353,10 @@ class MetricsCollector:
         duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
         inp = m.input_tokens or 0
         out = m.output_tokens or 0
-        if inp < 0:
-            inp = 0
-        if out < 0:
-            out = 0
+        # no count below zero, nor one past what the store's int64 and a float64 counter
+        # hold exactly (the Python API takes counts from anyone): counted as none
+        inp = int(inp) if 0 <= inp < _TOKEN_COUNT_LIMIT else 0
+        out = int(out) if 0 <= out < _TOKEN_COUNT_LIMIT else 0
         up_ms = m.upstream_ms
         token_gap_s = None
         if streaming:
