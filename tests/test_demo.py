@@ -296,6 +296,19 @@ async def test_error_shapes(http: httpx.AsyncClient) -> None:
             400,
             None,
         ),
+        (  # a review: a 500 from the demo (an AttributeError on "w".get)
+            await http.post(
+                chat,
+                json={
+                    "model": "demo-chat",
+                    "messages": user("x"),
+                    "tools": [{"type": "function", "function": {"name": "w"}}],
+                    "tool_choice": {"type": "function", "function": "w"},
+                },
+            ),
+            400,
+            None,
+        ),
     ]
     for response, status, code in cases:
         assert response.status_code == status

@@ -258,7 +258,10 @@ def _pick_tool(tools: Any, tool_choice: Any) -> dict[str, Any] | None:
         t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
     ]
     if isinstance(tool_choice, dict):
-        wanted = (tool_choice.get("function") or {}).get("name")
+        named = tool_choice.get("function")
+        if not isinstance(named, dict):  # OpenAI's answer to {"function": "w"}
+            raise BadRequest("tool_choice.function must be an object", param="tool_choice")
+        wanted = named.get("name")
         for fn in functions:
             if fn.get("name") == wanted:
                 return fn
