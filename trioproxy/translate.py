@@ -1330,10 +1330,11 @@ class OllamaStreamTranslator(_StreamStats):
     ``feed`` returns the lines to emit now (often none: role-only and usage-only chunks produce
     no output). ``finish`` returns the single ``done: true`` line and may be called once.
 
-    Tool-call fragments are accumulated per ``index`` and emitted as one line holding every
-    call when ``finish_reason`` arrives. If the stream ends without a finish_reason, pending
-    calls ride on the final line's ``message.tool_calls`` (chat) / ``tool_calls`` (generate),
-    so ``finish`` can still return exactly one object.
+    Tool-call fragments are accumulated per ``index`` and emitted when ``finish_reason``
+    arrives, one line per call (in Ollama's order, its ``function.index`` counting them). If
+    the stream ends without a finish_reason, pending calls ride on the final line's
+    ``message.tool_calls`` (chat) / ``tool_calls`` (generate), so ``finish`` can still
+    return exactly one object.
 
     Times are monotonic ns from the same clock as ``start_ns``; ``created_at`` is called for
     each line's wall-clock stamp.
@@ -1386,7 +1387,9 @@ class OllamaStreamTranslator(_StreamStats):
                 self._accumulate(delta)
         finish = choice.get("finish_reason") if choice else None
         if finish and self._tool_calls:
-            lines.append(self._line("", "", self._take_tool_calls()))
+            # one line per call, as Ollama writes each call once it is whole: Haystack's
+            # streaming reader takes a line's calls for one call (names and arguments mixed)
+            lines.extend(self._line("", "", [call]) for call in self._take_tool_calls())
         return lines
 
     def feed_text(self, data: str, now_ns: int) -> bytes | None:
