@@ -1837,8 +1837,12 @@ def test_show() -> None:
     assert parsed.modelinfo == info
     assert parsed.modified_at == datetime.fromtimestamp(1_700_000_000, UTC)
     assert "meta/Llama-3-8B" in out["modelfile"]
+    # a template that reads .Tools, as Ollama's does when it lists "tools": LiteLLM's
+    # supports_function_calling("ollama/...") looks for "tools" in the template only
+    assert ".Tools" in out["template"] and ".Prompt" in out["template"]
     emb = ollama_show("nomic-embed-text", None)
     assert emb["capabilities"] == ["embedding"]
+    assert "tools" not in emb["template"].lower()
     ShowResponse.model_validate(emb)
     assert ollama_show("my-embedder", None, embedding=False)["capabilities"] == [
         "completion",

@@ -1780,12 +1780,19 @@ def ollama_show(
     return {
         "modelfile": f"# Served by trioproxy from backend model {backend_id}\nFROM {backend_id}\n",
         "parameters": "",
-        "template": "{{ .Prompt }}",
+        "template": _EMBEDDING_TEMPLATE if embedding else _TOOLS_TEMPLATE,
         "details": details,
         "model_info": model_info,
         "capabilities": ["embedding"] if embedding else _capabilities(entry),
         "modified_at": _rfc3339_seconds(entry.get("created")),
     }
+
+
+# The backend applies the model's own template; these say what Ollama's would. Ollama
+# lists "tools" for a template that reads .Tools, and clients go by the template alone
+# (LiteLLM's supports_function_calling looks for "tools" in it).
+_EMBEDDING_TEMPLATE = "{{ .Prompt }}"
+_TOOLS_TEMPLATE = "{{ if .Tools }}{{ .Tools }}\n{{ end }}{{ .Prompt }}"
 
 
 def _context_length(entry: JSONDict) -> int:
