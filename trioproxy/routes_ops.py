@@ -161,12 +161,12 @@ class ReadinessChecker:
         with trio.move_on_after(timeout):
             try:
                 result = await (await self._check_pool()).request("GET", "/models")
-                catalog.take(result.response.content, self._settings.backend_secrets)
-                return None
             except UpstreamStatusError as exc:
                 return None if exc.status < 500 else exc.message[:200]
             except Exception as exc:  # unreachable, for whatever reason: say why
                 return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
+            catalog.take(result.response.content, self._settings.backend_secrets)
+            return None
         return f"the backend did not answer within {timeout:g} s"
 
     async def _check_pool(self) -> UpstreamPool:
