@@ -369,7 +369,8 @@ async def _after(
     """A stream after its first chunk; at shutdown it ends in-band before hypercorn's grace
     period runs out (as the fast path's streams do), not cut in the middle of a chunk. Each
     read runs in the shutdown's cancel scope; no scope is open across a yield."""
-    async with aclosing(rest):  # type: ignore[type-var]  (closed even if we are at `first`)
+    # closed even if we are at `first`
+    async with aclosing(rest):  # type: ignore[type-var]
         yield reply.first  # type: ignore[misc]
         while True:
             if call is None:

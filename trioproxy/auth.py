@@ -114,7 +114,7 @@ def client_keys(entries: Iterable[str]) -> list[tuple[str, str]]:
     """(client name, key) for each ``PROXY_API_KEYS`` entry: ``name:key``, or a bare key
     named by its place in the list. Raises ``ValueError`` for a key an HTTP header cannot
     carry as it is."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for position, entry in enumerate(entries, start=1):
         name, separator, key = (part.strip() for part in entry.partition(":"))
         if not (separator and key and _CLIENT_NAME.fullmatch(name)):

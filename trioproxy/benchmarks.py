@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,7 +43,7 @@ def _collector() -> MetricsCollector:
     return MetricsCollector(max_metrics=1000, system_enabled=False, multiprocess=False)
 
 
-async def _chunks() -> Any:
+async def _chunks() -> AsyncIterator[bytes]:
     for _ in range(STREAM_CHUNKS):
         await trio.lowlevel.checkpoint()
         yield b'{"response":"token","done":false}\n'
@@ -193,7 +193,11 @@ async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
     # -- memory stress: n x 10 records (the window stays bounded) -----------------
     records = n * 10
     mc = _collector()
-    proto = {"endpoint": "/v1/chat/completions", "method": "POST", "status_code": 200}
+    proto: dict[str, Any] = {
+        "endpoint": "/v1/chat/completions",
+        "method": "POST",
+        "status_code": 200,
+    }
 
     def make(i: int) -> RequestMetrics:
         return RequestMetrics(**proto, duration_ms=1.0 + i % 50, model=f"model-{i % 5}")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -46,6 +46,9 @@ from .config import (
 )
 from .logs import HYPERCORN_LOGGER, configure_logging, hypercorn_log_config, notice
 from .upstream import check_client_environment
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config
 
 LISTEN_BACKLOG = 100  # hypercorn's default; it calls listen() again with its own
 
@@ -239,7 +242,7 @@ async def serve_in_process(settings: Settings) -> None:
     # hypercorn has returned: after_serving ran and the pool is closed
 
 
-def hypercorn_config(settings: Settings) -> object:
+def hypercorn_config(settings: Settings) -> Config:
     from hypercorn.config import Config
 
     config = Config()
@@ -466,7 +469,7 @@ class _ListenersClosedOnStop:
         return signal.signal(signum, handler)
 
 
-def _close_then(listeners: list[socket.socket], handler: Callable[..., None], *args: Any) -> None:
+def _close_then(listeners: list[socket.socket], handler: Callable[..., object], *args: Any) -> None:
     for listener in listeners:
         listener.close()
     handler(*args)

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -203,7 +203,7 @@ class Tracked:
         state: RequestState,
         send: ASGISendCallable,
         access: AccessLine | None = None,
-        scope: dict[str, Any] | None = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> None:
         self._collector = collector
         self.state = state

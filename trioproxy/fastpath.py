@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -402,7 +402,7 @@ class InProgress:
         return len(self._scopes)
 
     @contextmanager
-    def tracking(self) -> Iterator[trio.CancelScope]:
+    def tracking(self) -> Generator[trio.CancelScope, None, None]:
         with trio.CancelScope(deadline=self._end_at) as scope:
             self._scopes.add(scope)
             try:

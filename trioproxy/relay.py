@@ -42,17 +42,23 @@ EVENT_STREAM = "text/event-stream"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class StreamObserver(Protocol):
+class TokenStats(Protocol):
+    """The measurements ``_record_tokens`` reads: every stream consumer keeps them."""
+
     first_token_ns: int | None
     last_token_ns: int | None
     content_chunks: int
     prompt_tokens: int | None
     completion_tokens: int | None
+
+
+class StreamObserver(TokenStats, Protocol):
     progressed: bool  # past the first-token deadline: output (or other work) came
     ended: bool  # the stream's last event is out (Responses streams have no [DONE])
     failed: bool  # the backend reported a failure in the stream
     finish_reason: str | None  # the stream's own, once it told one
     must_end: bool  # a body ending before the stream's last event is a broken stream
+    error: object  # what the backend said when it failed, if anything
 
     def feed_text(self, data: str, now_ns: int) -> None: ...
 
@@ -190,7 +196,7 @@ def _idle_as_read_timeout(response: httpx.Response, idle: float) -> bool:
     return timeouts.get("read") == idle
 
 
-def _record_tokens(metric: RequestMetrics | None, observer: StreamObserver) -> None:
+def _record_tokens(metric: RequestMetrics | None, observer: TokenStats) -> None:
     if metric is None:
         return
     if observer.first_token_ns is not None and metric.first_token_time_ms is None:

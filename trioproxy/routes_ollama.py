@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import trio
 from quart import Blueprint, Response, request
@@ -120,7 +120,7 @@ async def generate(call: Call) -> Reply:
     return await _generate_or_chat(call, "generate", body, tr.ollama_generate_to_openai)
 
 
-async def _load_reply(call: Call, kind: str, body: dict[str, Any]) -> Reply:
+async def _load_reply(call: Call, kind: Literal["chat", "generate"], body: dict[str, Any]) -> Reply:
     """Ollama answers an empty prompt (or chat) by loading the model, or with keep_alive 0
     by unloading it; clients use it to warm up. The backend manages loading, so answer at
     once, for a model the backend has: an unknown one is a 404, as Ollama's."""
@@ -151,7 +151,9 @@ def _not_found_message(name: str) -> str:
     return f'model "{shown_name(name)}" not found, try pulling it first'
 
 
-async def _generate_or_chat(call: Call, kind: str, body: dict[str, Any], to_openai: Any) -> Reply:
+async def _generate_or_chat(
+    call: Call, kind: Literal["chat", "generate"], body: dict[str, Any], to_openai: Any
+) -> Reply:
     app = call.app
     state = call.state
     client_model = body["model"]
@@ -346,7 +348,9 @@ def _which_inputs(batches: list[tr.JSONDict], index: int) -> str:
 
 
 @contextmanager
-def _model_not_found_as_ollama(client_model: str, backend_model: str) -> Iterator[None]:
+def _model_not_found_as_ollama(
+    client_model: str, backend_model: str
+) -> Generator[None, None, None]:
     """A backend's "no such model" 404 in Ollama's words, naming the model the client
     asked for (under a mapping, not the backend's name for it). Tools match Ollama's
     wording; a 404 about anything else keeps the backend's message."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.decoder import scanstring
 from json.encoder import encode_basestring as _encode_str
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from trioproxy.jsonutil import (
     NestedTooDeeply,
@@ -130,7 +130,7 @@ def _check_str_list(value: object, field: str) -> None:
             raise RequestValidationError(f"{field}[{i}]", "must be a string")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -1240,6 +1240,7 @@ class ResponsesStreamObserver(_StreamStats):
     ``[DONE]``); ``response.failed`` and ``error`` events mean the backend failed."""
 
     _TEXT_DELTA = '{"type":"response.output_text.delta"'
+    finish_reason: str | None  # as _StreamStats declares it (``_finish`` sets a str)
     response_id: str | None = None  # from the event that opens the stream
     response_model: str | None = None  # the same
 
@@ -1306,6 +1307,9 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
     # a replay may start after the last event there is (``starting_after``): it then
     # carries no closing event of its own
     must_end = False
+    # as _StreamStats declares them (``_take_usage`` sets ints)
+    prompt_tokens: int | None
+    completion_tokens: int | None
 
     def _count_token(self, now_ns: int) -> None:
         self.progressed = True
@@ -1346,7 +1350,7 @@ class OllamaStreamTranslator(_StreamStats):
         model: str,
         *,
         start_ns: int,
-        created_at: Callable[[], str] = utc_timestamp,
+        created_at: Callable[[], object] = utc_timestamp,
         show_thinking: bool = True,
     ) -> None:
         if kind not in ("chat", "generate"):

@@ -837,18 +837,19 @@ def observe_many(child: Any, values: list[float]) -> None:
 class Totals:
     """All-time values of the primary families (summed over workers in multiprocess mode)."""
 
-    requests: dict[tuple[str, str, str, str, str], float] = field(default_factory=dict)
+    # keyed by label values, in the order of the family's label names (``_key``)
+    requests: dict[tuple[str, ...], float] = field(default_factory=dict)
     active: float = 0.0
-    duration: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # [sum, n]
+    duration: dict[tuple[str, ...], list[float]] = field(default_factory=dict)  # [sum, n]
     ttfb: list[float] = field(default_factory=lambda: [0.0, 0.0])
     ttft: list[float] = field(default_factory=lambda: [0.0, 0.0])
     tpot: list[float] = field(default_factory=lambda: [0.0, 0.0])
     no_first_token: dict[str, float] = field(default_factory=dict)  # by reason
-    streams: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
-    chunks: dict[tuple[str, str], float] = field(default_factory=dict)
-    stream_bytes: dict[tuple[str, str], float] = field(default_factory=dict)
-    transfer: dict[tuple[str, str], float] = field(default_factory=dict)
-    tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    streams: dict[tuple[str, ...], float] = field(default_factory=dict)
+    chunks: dict[tuple[str, ...], float] = field(default_factory=dict)
+    stream_bytes: dict[tuple[str, ...], float] = field(default_factory=dict)
+    transfer: dict[tuple[str, ...], float] = field(default_factory=dict)
+    tokens: dict[tuple[str, ...], float] = field(default_factory=dict)
     tokens_estimated: float = 0.0
     clients: dict[str, dict[str, float]] = field(default_factory=dict)
     upstream_errors: dict[str, float] = field(default_factory=dict)
@@ -932,14 +933,14 @@ def aggregate(families: Iterable[Metric]) -> Totals:
             for s in fam.samples:
                 if s.name == "http_requests_total":
                     k = _key(s.labels, REQUEST_LABELS)
-                    t.requests[k] = t.requests.get(k, 0.0) + s.value  # type: ignore[index]
+                    t.requests[k] = t.requests.get(k, 0.0) + s.value
         elif name == "http_requests_active":
             t.active = sum(s.value for s in fam.samples)
         elif name == "http_request_duration_seconds":
             for s in fam.samples:
                 if s.name.endswith("_sum") or s.name.endswith("_count"):
                     k = _key(s.labels, DURATION_LABELS)
-                    acc = t.duration.setdefault(k, [0.0, 0.0])  # type: ignore[arg-type]
+                    acc = t.duration.setdefault(k, [0.0, 0.0])
                     acc[0 if s.name.endswith("_sum") else 1] += s.value
         elif name in (
             "trioproxy_time_to_first_byte_seconds",
@@ -961,7 +962,7 @@ def aggregate(families: Iterable[Metric]) -> Totals:
             for s in fam.samples:
                 if s.name.endswith("_total"):
                     k = _key(s.labels, STREAM_LABELS)
-                    t.streams[k] = t.streams.get(k, 0.0) + s.value  # type: ignore[index]
+                    t.streams[k] = t.streams.get(k, 0.0) + s.value
         elif name in (
             "trioproxy_stream_chunks",
             "trioproxy_stream_bytes",
@@ -975,14 +976,14 @@ def aggregate(families: Iterable[Metric]) -> Totals:
             for s in fam.samples:
                 if s.name.endswith("_total"):
                     k = _key(s.labels, FLOW_LABELS)
-                    target[k] = target.get(k, 0.0) + s.value  # type: ignore[index]
+                    target[k] = target.get(k, 0.0) + s.value
         elif name == "trioproxy_tokens_estimated":
             t.tokens_estimated += sum(s.value for s in fam.samples if s.name.endswith("_total"))
         elif name == "trioproxy_tokens":
             for s in fam.samples:
                 if s.name.endswith("_total"):
                     k = _key(s.labels, TOKEN_LABELS)
-                    t.tokens[k] = t.tokens.get(k, 0.0) + s.value  # type: ignore[index]
+                    t.tokens[k] = t.tokens.get(k, 0.0) + s.value
         elif name in ("trioproxy_client_requests", "trioproxy_client_tokens"):
             for s in fam.samples:
                 if s.name.endswith("_total"):

@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +104,7 @@ async def track_request(
     model: str = "",
     *,
     collector: MetricsCollector | None = None,
-) -> AsyncIterator[RequestMetrics]:
+) -> AsyncGenerator[RequestMetrics, None]:
     c = _collector(collector)
     m = RequestMetrics(endpoint=endpoint, method=method, model=model)
     c.request_started()
@@ -209,7 +209,7 @@ async def track_streaming_request(
     model: str = "",
     *,
     collector: MetricsCollector | None = None,
-) -> AsyncIterator[tuple[RequestMetrics, Callable[..., TrackedStream]]]:
+) -> AsyncGenerator[tuple[RequestMetrics, Callable[..., TrackedStream]], None]:
     c = _collector(collector)
     m = RequestMetrics(endpoint=endpoint, method=method, model=model, streaming=True)
     wrappers: list[TrackedStream] = []
