@@ -969,6 +969,49 @@ def test_stream_chat_thinking_line_has_empty_content() -> None:
     assert line["message"] == {"role": "assistant", "content": "", "thinking": "hmm"}
 
 
+# Mistral's reasoning models (Magistral) send their reasoning as content parts
+_MAGISTRAL_THINKING = [{"type": "thinking", "thinking": [{"type": "text", "text": "Let me "}]}]
+
+
+def test_magistral_thinking_parts_are_thinking_and_tokens() -> None:
+    """A review: Magistral's reasoning parts were dropped and counted as no token, so the
+    first-token deadline cut a stream that was reasoning (a 504 / stream_timeout)."""
+    t = _translator()
+    (line,) = t.feed(_chunk({"role": "assistant", "content": _MAGISTRAL_THINKING}), 1_100)
+    assert line["message"] == {"role": "assistant", "content": "", "thinking": "Let me "}
+    assert t.first_token_ns == 1_100
+    also_string = [{"type": "thinking", "thinking": "think."}, {"type": "text", "text": "Hi"}]
+    (line,) = t.feed(_chunk({"content": also_string}), 1_200)
+    assert line["message"] == {"role": "assistant", "content": "Hi", "thinking": "think."}
+    observer = OpenAIStreamObserver(start_ns=0)
+    observer.feed_text(json.dumps(_chunk({"content": _MAGISTRAL_THINKING})), 500)
+    assert observer.first_token_ns == 500 and observer.content_chunks == 1
+    message = {
+        "role": "assistant",
+        "content": [*_MAGISTRAL_THINKING, {"type": "text", "text": "4"}],
+    }
+    out = openai_chat_to_ollama_chat(_chat_resp(message), "m", CREATED, TIMINGS)
+    assert out["message"]["thinking"] == "Let me " and out["message"]["content"] == "4"
+
+
+def test_groq_usage_under_x_groq_is_the_usage() -> None:
+    """A review: Groq streams carry usage as ``x_groq.usage``; the tokens were estimated
+    from the chunks (and the input tokens missing)."""
+    groq = {**_chunk({}, finish="stop"), "x_groq": {"id": "req_1", "usage": {
+        "prompt_tokens": 23, "completion_tokens": 19, "total_tokens": 42}}}  # fmt: skip
+    t = _translator()
+    t.feed(_chunk({"content": "Hi"}), 1_100)
+    t.feed(groq, 1_200)
+    final = t.finish(1_300)
+    assert (final["prompt_eval_count"], final["eval_count"]) == (23, 19)
+    observer = OpenAIStreamObserver(start_ns=0)
+    observer.feed_text(json.dumps(groq), 500)
+    assert (observer.prompt_tokens, observer.completion_tokens) == (23, 19)
+    observer.feed_text(json.dumps({**_chunk({}), "x_groq": {"id": "req_1"}}), 600)
+    observer.feed_text(json.dumps({**_chunk({}), "x_groq": "odd"}), 700)
+    assert observer.usage_seen and observer.completion_tokens == 19
+
+
 def test_stream_tool_calls_accumulated() -> None:
     t = _translator()
     lines = t.feed(

@@ -828,9 +828,32 @@ FINISHED_WITH_ERROR = 'the backend ended the answer with finish_reason "error"'
 
 
 def _thinking(obj: JSONDict) -> str:
-    # vLLM/DeepSeek say reasoning_content; Ollama's own OpenAI layer says reasoning.
+    # vLLM/DeepSeek say reasoning_content; Ollama's own OpenAI layer says reasoning;
+    # Mistral's reasoning models (Magistral) send it as content parts of type "thinking"
     value = obj.get("reasoning_content") or obj.get("reasoning")
-    return value if isinstance(value, str) else ""
+    thinking = value if isinstance(value, str) else ""
+    content = obj.get("content")
+    if type(content) is list:
+        thinking += "".join(_thinking_part(p) for p in content if isinstance(p, dict))
+    return thinking
+
+
+def _thinking_part(part: JSONDict) -> str:
+    """A ``{"type": "thinking", "thinking": [{"type": "text", "text": ...}]}`` content part's
+    text (Mistral's; its ``thinking`` a string too, to be lenient)."""
+    if part.get("type") != "thinking":
+        return ""
+    inner = part.get("thinking")
+    if isinstance(inner, str):
+        return inner
+    if isinstance(inner, list):
+        return "".join(_text_of(p) for p in inner)
+    return ""
+
+
+def _text_of(part: object) -> str:
+    text = part.get("text") if isinstance(part, dict) else None
+    return text if isinstance(text, str) else ""
 
 
 def parse_tool_arguments(args: object) -> JSONDict:
@@ -1158,8 +1181,12 @@ class _StreamStats:
 
     def _observe(self, chunk: JSONDict, now_ns: int) -> tuple[str, str, list[Any], JSONDict]:
         """Record one chunk; return (content, thinking, tool-call deltas, choice)."""
-        # Some backends repeat (cumulative) usage on every chunk: the latest wins.
-        self._take_usage(chunk.get("usage"), "prompt_tokens", "completion_tokens")
+        # Some backends repeat (cumulative) usage on every chunk: the latest wins. Groq's
+        # streams carry theirs as x_groq.usage (also when asked for include_usage)
+        usage = chunk.get("usage")
+        if usage is None and "x_groq" in chunk:
+            usage = _groq_usage(chunk)
+        self._take_usage(usage, "prompt_tokens", "completion_tokens")
         if chunk.get("error"):
             # an error event in the stream: the backend gave up (OpenRouter's carries
             # choices too, with finish_reason "error")
@@ -1207,6 +1234,11 @@ class _StreamStats:
             self.first_token_ns = now_ns
             self.progressed = True
         self.last_token_ns = now_ns
+
+
+def _groq_usage(chunk: JSONDict) -> object:
+    extra = chunk["x_groq"]
+    return extra.get("usage") if isinstance(extra, dict) else None
 
 
 class OpenAIStreamObserver(_StreamStats):
