@@ -234,6 +234,16 @@ def test_think_extra_bodies_are_json_objects_checked_however_given() -> None:
             load_settings({}, dotenv_path=None, think_off_extra_body=odd)
     fine = {"deep": _nested(30), "list": [1, 2.5, True, None, "x"]}
     assert load_settings({}, dotenv_path=None, think_off_extra_body=fine).think_off_extra_body
+    # 32 levels of objects as documented; a value inside the last one is no level (a
+    # review: it was counted, so 32 objects were refused)
+    thirty_two: Any = 1
+    for _ in range(32):
+        thirty_two = {"a": thirty_two}
+    assert load_settings({}, dotenv_path=None, think_off_extra_body=thirty_two)
+    with pytest.raises(ConfigError, match="deeper than 32 levels"):
+        load_settings({}, dotenv_path=None, think_off_extra_body={"a": thirty_two})
+    with pytest.raises(ConfigError, match="deeper than 32 levels"):
+        load_settings({}, dotenv_path=None, think_off_extra_body={"a": [thirty_two["a"]]})
 
 
 def _nested(levels: int) -> dict[str, Any]:
@@ -404,6 +414,25 @@ def test_an_env_file_named_on_the_command_line_must_exist(
     line = one_line(err)
     assert "env file" in line and str(path) in line
     assert "--env-file ''" in line  # how to say "none"
+
+
+@pytest.mark.parametrize("line", ["PROXY_API_KEYS: sk-client-secret", 'PROXY_API_KEYS="sk-client'])
+def test_an_env_file_line_that_is_no_setting_stops_the_program(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    line: str,
+) -> None:
+    """A review: dotenv skipped such a line with a plain-text warning (in a JSON log), and
+    the proxy served without the client keys it held."""
+    path = tmp_path / "proxy.env"
+    path.write_text(f"# keys\nLOG_FORMAT=json\n{line}\n")
+    code, err = main_in_process(
+        monkeypatch, capsys, "--env-file", str(path), OPENAI_API_BASE_URL="http://127.0.0.1:1/v1"
+    )
+    assert code == 2
+    message = one_line(err)
+    assert "line 3" in message and str(path) in message and "sk-client" not in message
 
 
 def test_an_env_file_named_by_trioproxy_env_file_must_exist(tmp_path: Path) -> None:

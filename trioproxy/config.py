@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 from .auth import client_keys, parse_keys
 from .errors import BackendSecrets
@@ -264,10 +265,10 @@ def _check_plain_json(value: Any) -> None:
     at most MAX_EXTRA_BODY_DEPTH levels: copied into every request, a deeper one ran out of
     stack there, a 500 on every request it went with. Walked without recursion for the
     same reason."""
-    pending = [(value, 1)]
+    pending = [(value, 1)]  # an object or array and how many hold it, itself counted
     while pending:
         item, depth = pending.pop()
-        if depth > MAX_EXTRA_BODY_DEPTH:
+        if depth > MAX_EXTRA_BODY_DEPTH and isinstance(item, Mapping | list):
             raise ValueError(f"nested deeper than {MAX_EXTRA_BODY_DEPTH} levels")
         if isinstance(item, Mapping):
             if not all(isinstance(key, str) for key in item):
@@ -408,8 +409,21 @@ def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> dict[
             f"cannot read the env file {os.fspath(path)!r} ({reason}); "
             "--env-file '' (or TRIOPROXY_ENV_FILE=) reads none"
         ) from None
+    _require_only_settings(text, os.fspath(path))
     values = dotenv_values(stream=io.StringIO(text))
     return {key: value for key, value in values.items() if key in _ENV and value is not None}
+
+
+def _require_only_settings(text: str, path: str) -> None:
+    """A line python-dotenv cannot read (``PROXY_API_KEYS: key``, an unclosed quote) is a
+    ConfigError: dotenv skips it with a warning, so the keys it held went missing and the
+    proxy served everyone. The line is not quoted: it may hold a secret."""
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(
+                f"the env file {path!r} has a line that is no NAME=value setting "
+                f"(line {binding.original.line})"
+            )
 
 
 def parse_setting(name: str, raw: str, given_as: str | None = None) -> tuple[str, Any]:
