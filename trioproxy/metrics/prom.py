@@ -366,7 +366,7 @@ class PrimaryMetrics:
             "http_requests_total",
             "HTTP requests handled by the proxy (monitoring endpoints excluded). status is "
             "the effective status: streams that broke after the headers are 499 (client "
-            "cancelled), 504 (timeout) or 502 (upstream error).",
+            "cancelled), 504 (timeout), 502 (upstream error) or 503 (cut by a shutdown).",
             REQUEST_LABELS,
             **r,
         )
@@ -1041,13 +1041,15 @@ def derived_families(
     )
     gauge(
         "http_request_error_rate",
-        "All-time share of 5xx responses (incl. streams broken by timeout/upstream error) "
-        "among non-cancelled requests (0-1); cancelled (499) counts neither way.",
+        "All-time share of server errors (5xx but 501/505, incl. streams broken by "
+        "timeout/upstream error) among non-cancelled requests (0-1); cancelled (499) counts "
+        "neither way.",
         rates["error_rate"],
     )
     gauge(
         "http_request_client_error_rate",
-        "All-time share of 4xx responses (499 excluded) among non-cancelled requests (0-1).",
+        "All-time share of client errors (4xx but 499, and 501/505: a feature or protocol "
+        "the client asked for) among non-cancelled requests (0-1).",
         rates["client_error_rate"],
     )
     for p in (50, 95, 99):
@@ -1065,7 +1067,8 @@ def derived_families(
     )
     per_err = CounterMetricFamily(
         "http_request_errors_per_endpoint_total",
-        "All-time 5xx responses per endpoint (incl. streams broken by timeout/upstream error).",
+        "All-time server errors (5xx but 501/505) per endpoint (incl. streams broken by "
+        "timeout/upstream error).",
         labels=["endpoint"],
     )
     per_stream = CounterMetricFamily(
