@@ -17,6 +17,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
@@ -257,6 +258,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     from .routes_openai import blueprint as openai_routes
     from .routes_ops import ReadinessChecker
     from .routes_ops import blueprint as ops_routes
+    from .signatures import ThoughtSignatures
 
     app.register_blueprint(ops_routes)
     app.register_blueprint(ollama_routes)
@@ -270,6 +272,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.readiness = ReadinessChecker(settings)  # type: ignore[attr-defined]
     app.catalog = ModelCatalog()  # type: ignore[attr-defined]
     app.backend_quirks = BackendQuirks()  # type: ignore[attr-defined]
+    backend_host = urlsplit(settings.upstream_url).hostname if settings.upstream_url else None
+    app.thought_signatures = ThoughtSignatures(backend_host)  # type: ignore[attr-defined]
 
     @app.before_serving
     async def _start() -> None:

@@ -45,6 +45,7 @@ from .forward import (
     validated,
 )
 from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
+from .signatures import ThoughtSignatures
 
 blueprint = Blueprint("ollama", __name__)
 T = TypeVar("T")
@@ -160,6 +161,8 @@ async def _generate_or_chat(
     note_model(state, client_model)
     backend_model = await backend_name_for(call, client_model)
     payload = for_backend(to_openai, body, backend_model)
+    signatures: ThoughtSignatures = app.thought_signatures  # type: ignore[attr-defined]
+    signatures.attach(payload["messages"])
     think = body.get("think")
     payload, switch = _with_think_switch(app.settings, think, payload)
     # think: false hides the reasoning, whatever the backend does with THINK_OFF_EXTRA_BODY
@@ -171,6 +174,7 @@ async def _generate_or_chat(
         with _model_not_found_as_ollama(client_model, backend_model):
             resp, result = await _as_taken(call, payload, switch, call_chat)
         timings = _timings(start_ns, resp, result)
+        signatures.remember_answer(resp)
         convert = functools.partial(
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
             show_thinking=show_thinking,
@@ -184,7 +188,11 @@ async def _generate_or_chat(
         result = await _as_taken(call, payload, switch, open_chat_stream)
     metric = state.metric
     translator = tr.OllamaStreamTranslator(
-        kind, client_model, start_ns=start_ns, show_thinking=show_thinking
+        kind,
+        client_model,
+        start_ns=start_ns,
+        show_thinking=show_thinking,
+        on_tool_calls=signatures.remember,
     )
     chunks = relay_ollama(
         result.response,

@@ -1119,6 +1119,7 @@ class _PendingToolCall:
     arguments: list[str]
     # where the call goes among the others: the backend's index, then the order of starts
     order: tuple[int, int] = (0, 0)
+    extra_content: JSONDict | None = None  # Gemini's thought signature rides on it
 
 
 def _starts_another_call(
@@ -1384,6 +1385,7 @@ class OllamaStreamTranslator(_StreamStats):
         start_ns: int,
         created_at: Callable[[], object] = utc_timestamp,
         show_thinking: bool = True,
+        on_tool_calls: Callable[[list[JSONDict]], None] | None = None,
     ) -> None:
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
@@ -1393,6 +1395,8 @@ class OllamaStreamTranslator(_StreamStats):
         # think: false hides the reasoning; its chunks are still tokens the backend made
         self._show_thinking = show_thinking
         self._created_at = created_at
+        # told the whole calls as the backend wrote them (signatures.ThoughtSignatures)
+        self._on_tool_calls = on_tool_calls
         # calls in the order they started; where each backend index is being written
         self._tool_calls: list[_PendingToolCall] = []
         self._slot_of_index: dict[int, int] = {}
@@ -1549,6 +1553,9 @@ class OllamaStreamTranslator(_StreamStats):
             pending.id = call_id
         if name and not pending.name:
             pending.name = name
+        extra = delta.get("extra_content")
+        if isinstance(extra, dict) and pending.extra_content is None:
+            pending.extra_content = extra
         args = function.get("arguments")
         if isinstance(args, dict):
             # too deep to write (NestedTooDeeply): the relay ends the stream, the backend's fault
@@ -1570,9 +1577,12 @@ class OllamaStreamTranslator(_StreamStats):
             {
                 "id": p.id,
                 "function": {"name": p.name, "arguments": "".join(p.arguments)},
+                "extra_content": p.extra_content,
             }
             for p in sorted(self._tool_calls, key=lambda p: p.order)
         ]
+        if self._on_tool_calls is not None:
+            self._on_tool_calls(calls)
         self._tool_calls = []
         self._slot_of_index = {}
         self._tool_call_bytes = 0

@@ -1,0 +1,173 @@
+"""Gemini's thought signatures across an Ollama client's tool loop: the sans-I/O store, the
+stream translator that feeds it, and the loop driven by ollama-python against a backend
+that refuses a tool call without its signature, as Gemini 3 does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import ollama
+import pytest
+
+from trioproxy.signatures import STAND_IN_SIGNATURE, ThoughtSignatures
+from trioproxy.translate import OllamaStreamTranslator
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+
+StartProxy = Callable[..., ServerProcess]
+WEATHER_ARGS = '{"city": "Paris", "unit": "C"}'
+
+
+def _call(call_id: str | None, name: str, arguments: str, signature: str | None) -> dict:
+    call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call_id is not None:
+        call["id"] = call_id
+    if signature is not None:
+        call["extra_content"] = {"google": {"thought_signature": signature}}
+    return call
+
+
+def _signature(call: dict) -> str | None:
+    return call.get("extra_content", {}).get("google", {}).get("thought_signature")
+
+
+def _history(*calls: dict) -> list[dict]:
+    return [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": list(calls)},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call00000"},
+    ]
+
+
+def test_a_signature_comes_back_by_id_or_by_function_and_arguments() -> None:
+    store = ThoughtSignatures()
+    store.remember(
+        [_call("fc-1", "weather", WEATHER_ARGS, "sig-A"), _call("fc-2", "t", "{}", None)]
+    )
+    by_id = _history(_call("fc-1", "weather", "{}", None))
+    store.attach(by_id)
+    assert _signature(by_id[1]["tool_calls"][0]) == "sig-A"
+    # ollama-python keeps no id: the proxy's generated one, the arguments written again
+    by_content = _history(_call("call00000", "weather", '{"unit":"C","city":"Paris"}', None))
+    store.attach(by_content)
+    assert _signature(by_content[1]["tool_calls"][0]) == "sig-A"
+    kept = _history(_call("call00000", "weather", WEATHER_ARGS, "the-clients-own"))
+    store.attach(kept)
+    assert _signature(kept[1]["tool_calls"][0]) == "the-clients-own"
+
+
+def test_an_unknown_call_gets_the_stand_in_only_where_signatures_are_wanted() -> None:
+    elsewhere = ThoughtSignatures("api.openai.com")
+    plain = _history(_call(None, "weather", WEATHER_ARGS, None))
+    elsewhere.attach(plain)
+    assert "extra_content" not in plain[1]["tool_calls"][0]  # not every backend's field
+    for host in ("generativelanguage.googleapis.com", "us-central1-aiplatform.googleapis.com"):
+        google = ThoughtSignatures(host)
+        first, second = _call(None, "a", "{}", None), _call(None, "b", "{}", None)
+        google.attach(_history(first, second))
+        assert _signature(first) == STAND_IN_SIGNATURE and _signature(second) is None
+    assert not ThoughtSignatures("googleapis.com.evil.example").wanted
+    learned = ThoughtSignatures("127.0.0.1")
+    learned.remember([_call("x", "a", "{}", "sig")])  # a backend that sent one wants them
+    unknown = _history(_call(None, "other", "{}", None))
+    learned.attach(unknown)
+    assert _signature(unknown[1]["tool_calls"][0]) == STAND_IN_SIGNATURE
+
+
+def test_signatures_are_held_within_their_byte_budget_oldest_first() -> None:
+    store = ThoughtSignatures(max_bytes=1000)
+    for n in range(30):
+        store.remember([_call(f"id-{n}", "f", json.dumps({"n": n}), "s" * 100)])
+    assert len(store) <= 2 * 10  # each call under two keys: at most 1,000 bytes of them
+    recent = _history(_call("id-29", "f", "{}", None))
+    store.attach(recent)
+    assert _signature(recent[1]["tool_calls"][0]) == "s" * 100
+    old = _history(_call("id-0", "g", "{}", None))
+    store.attach(old)
+    assert _signature(old[1]["tool_calls"][0]) == STAND_IN_SIGNATURE
+
+
+def test_the_stream_translator_hands_on_whole_calls_with_their_extra_content() -> None:
+    seen: list[list[dict]] = []
+    translator = OllamaStreamTranslator("chat", "m", start_ns=0, on_tool_calls=seen.append)
+    delta = _call("fc-1", "weather", WEATHER_ARGS, "sig-A") | {"index": 0}
+    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}]}
+    translator.feed(chunk, 10)
+    (line,) = translator.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, 20)
+    assert "extra_content" not in line["message"]["tool_calls"][0]  # Ollama has no such field
+    ((call,),) = seen
+    assert _signature(call) == "sig-A" and call["function"]["arguments"] == WEATHER_ARGS
+
+
+class _GeminiLikeBackend(ScriptedHandler):
+    """Answers a chat with a signed tool call; refuses a history whose tool calls lack
+    their signatures (Gemini 3's 400), and records the signatures it got back."""
+
+    received: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": [{"id": "gemini-3-pro"}]}')
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        for message in body["messages"]:
+            for call in message.get("tool_calls") or []:
+                type(self).received.append(_signature(call))
+                if _signature(call) is None:
+                    error = {"code": 400, "message": "Function call is missing a thought_signature"}
+                    self.answer(400, json.dumps([{"error": error}]).encode())
+                    return
+        if body["messages"][-1]["role"] == "tool":
+            message = {"role": "assistant", "content": "It is sunny."}
+            self._reply(body, message, {"content": "It is sunny."})
+            return
+        call = _call("function-call-1", "weather", WEATHER_ARGS, "c2lnbmF0dXJl")
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        self._reply(body, message, {"tool_calls": [call | {"index": 0}]})
+
+    def _reply(self, body: dict, message: dict, delta: dict) -> None:
+        if not body.get("stream"):
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            self.answer(200, json.dumps({"id": "x", "object": "chat.completion",
+                                         "choices": [choice]}).encode())  # fmt: skip
+            return
+        events = [
+            {"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+            {"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+        self.answer(200, data + b"data: [DONE]\n\n", "text/event-stream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_ollama_clients_tool_loop_brings_geminis_signature_back(
+    start_proxy: StartProxy, stream: bool
+) -> None:
+    """A review: Gemini 3 refuses a tool call sent back without the thought signature it
+    came with, and Ollama's tool calls have no field to carry it (ollama-python keeps only
+    the function): every second turn of a tool loop through /api/chat was a 400."""
+    _GeminiLikeBackend.received = []
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    with serving(_GeminiLikeBackend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        with ollama.Client(host=proxy.url, timeout=10) as client:
+            messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+            answer = _chat(client, messages, tools, stream)
+            assert answer.tool_calls and answer.tool_calls[0].function.name == "weather"
+            messages += [answer, {"role": "tool", "content": "sunny", "tool_name": "weather"}]
+            assert _chat(client, messages, tools, stream).content == "It is sunny."
+    assert _GeminiLikeBackend.received == ["c2lnbmF0dXJl"]
+
+
+def _chat(client: ollama.Client, messages: list[Any], tools: list, stream: bool) -> Any:
+    if not stream:
+        return client.chat(model="gemini-3-pro", messages=messages, tools=tools).message
+    parts = list(client.chat(model="gemini-3-pro", messages=messages, tools=tools, stream=True))
+    message = parts[0].message
+    for part in parts[1:]:
+        message.content = (message.content or "") + (part.message.content or "")
+        message.tool_calls = message.tool_calls or part.message.tool_calls
+    return message
