@@ -346,7 +346,8 @@ class _AbsurdNumbersBackend(ScriptedHandler):
             message = {"role": "assistant", "content": "Hi"}
             choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
             answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "m"}
-            self._write({**answer, "choices": choices, "usage": usage})
+            timings = {"prompt_ms": "NUMBER", "predicted_ms": "NUMBER"}  # llama.cpp's
+            self._write({**answer, "choices": choices, "usage": usage, "timings": timings})
 
 
 @pytest.mark.parametrize("number", ["1e400", "NaN", "-Infinity", "1" + "0" * 400, "-5"])
@@ -381,7 +382,37 @@ def test_absurd_numbers_from_the_backend_are_no_counts_and_no_500(
 def _absurd_numbers_ollama(client: ollama.Client, messages: Any) -> None:
     answer = client.chat(model="m", messages=messages)
     assert answer.message.content == "Hi" and answer.eval_count == 0
+    assert answer.prompt_eval_duration == 0 and answer.eval_duration >= 0  # measured
     streamed = list(client.chat(model="m", messages=messages, stream=True))
     assert streamed[-1].done and streamed[-1].prompt_eval_count == 0
     assert client.embed(model="m", input="x").embeddings == [[0.5]]
     assert client.show("m").modelinfo is not None
+
+
+class _RefusesEmptyInputs(ScriptedHandler):
+    """OpenAI's answer to an empty string among the inputs of a batch."""
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        if "" in body["input"]:
+            error = {"message": "'$.input' is invalid. Please check the API reference.",
+                     "type": "invalid_request_error", "param": None, "code": None}  # fmt: skip
+            self.answer(400, json.dumps({"error": error}).encode())
+            return
+        data = [{"object": "embedding", "index": i, "embedding": [0.5]} for i in range(3)]
+        self.answer(200, json.dumps({"object": "list", "data": data}).encode())
+
+
+def test_a_refusal_of_empty_inputs_says_so(start_proxy: StartProxy) -> None:
+    """Ollama embeds an empty string among its inputs (a document without text, as
+    Haystack's document embedder sends one); OpenAI refuses the batch in words that name
+    nothing. The Ollama client's error says what the backend took exception to."""
+    with serving(_RefusesEmptyInputs) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        with ollama.Client(host=proxy.url, timeout=10) as client:
+            with pytest.raises(ollama.ResponseError) as refused:
+                client.embed(model="m", input=["a", "", "c", ""])
+            assert refused.value.status_code == 400
+            assert "'$.input' is invalid" in refused.value.error
+            assert "2 of the inputs are empty strings" in refused.value.error
+            assert client.embed(model="m", input=["a", "b", "c"]).embeddings == [[0.5]] * 3

@@ -981,6 +981,7 @@ def test_magistral_thinking_parts_are_thinking_and_tokens() -> None:
     assert line["message"] == {"role": "assistant", "content": "", "thinking": "Let me "}
     assert t.first_token_ns == 1_100
     also_string = [{"type": "thinking", "thinking": "think."}, {"type": "text", "text": "Hi"}]
+    also_string.append({"type": "text", "text": None})  # a review: a TypeError
     (line,) = t.feed(_chunk({"content": also_string}), 1_200)
     assert line["message"] == {"role": "assistant", "content": "Hi", "thinking": "think."}
     observer = OpenAIStreamObserver(start_ns=0)

@@ -44,6 +44,7 @@ from .forward import (
     open_chat_stream,
     validated,
 )
+from .jsonutil import WHOLE_NUMBER_LIMIT
 from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 from .signatures import ThoughtSignatures
 
@@ -237,12 +238,22 @@ def _timings(start_ns: int, resp: Any, result: Any) -> tr.Timings:
     eval_ns = upstream_ns
     backend_timings = resp.get("timings") if isinstance(resp, dict) else None
     if isinstance(backend_timings, dict):  # llama.cpp's server reports its own
-        try:
-            prompt_ns = int(float(backend_timings.get("prompt_ms", 0)) * 1e6)
-            eval_ns = int(float(backend_timings.get("predicted_ms", 0)) * 1e6)
-        except (TypeError, ValueError):
-            pass
+        prompt = _backend_ns(backend_timings.get("prompt_ms", 0))
+        predicted = _backend_ns(backend_timings.get("predicted_ms", 0))
+        if prompt is not None and predicted is not None:
+            prompt_ns, eval_ns = prompt, predicted
     return tr.Timings(total_ns=total, prompt_eval_ns=prompt_ns, eval_ns=eval_ns)
+
+
+def _backend_ns(milliseconds: object) -> int | None:
+    """A duration a backend reported in milliseconds, in nanoseconds; None for none that
+    can be (not a number, NaN, negative, 1e400: a 500 once, or a negative duration)."""
+    try:
+        value = float(milliseconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
+        return None
+    nanoseconds = value * 1e6
+    return int(nanoseconds) if 0.0 <= nanoseconds < WHOLE_NUMBER_LIMIT else None
 
 
 async def embed(call: Call) -> Reply:
@@ -290,14 +301,28 @@ async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.
     batch answered with another number of vectors than it had inputs is a 502: the
     clients pair texts and vectors by position."""
     batches = tr.embed_batches(payload)
-    with _model_not_found_as_ollama(model, payload["model"]):
-        answers = await _ask_each(call, batches)
+    try:
+        with _model_not_found_as_ollama(model, payload["model"]):
+            answers = await _ask_each(call, batches)
+    except UpstreamStatusError as error:
+        empty = _empty_inputs(payload["input"])
+        if error.status == 400 and empty:
+            # OpenAI's words for it are "'$.input' is invalid", naming nothing
+            error.message += (
+                f" ({empty} of the inputs are empty strings: Ollama embeds them, OpenAI's "
+                "API refuses them)"
+            )
+        raise
     for batch, resp in zip(batches, answers, strict=True):
         got, sent = from_backend(call, tr.embedding_count, resp), len(batch["input"])
         if got != sent:
             call.app.collector.upstream_error("protocol")
             raise BadUpstreamResponse(f"the backend returned {got} embeddings for {sent} inputs")
     return tr.joined_embeddings(answers)
+
+
+def _empty_inputs(inputs: object) -> int:
+    return sum(1 for item in inputs if item == "") if isinstance(inputs, list) else 0
 
 
 async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]:

@@ -811,7 +811,7 @@ def _text(content: object) -> str:
         return content
     if isinstance(content, list):
         return "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+            _text_of(p) for p in content if isinstance(p, dict) and p.get("type") == "text"
         )
     return ""
 
