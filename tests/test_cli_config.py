@@ -416,7 +416,14 @@ def test_an_env_file_named_on_the_command_line_must_exist(
     assert "--env-file ''" in line  # how to say "none"
 
 
-@pytest.mark.parametrize("line", ["PROXY_API_KEYS: sk-client-secret", 'PROXY_API_KEYS="sk-client'])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "PROXY_API_KEYS: sk-client-secret",
+        'PROXY_API_KEYS="sk-client',
+        "PROXY_API_KEYS",  # a review: the key of an earlier line (sk-client-...) dropped
+    ],
+)
 def test_an_env_file_line_that_is_no_setting_stops_the_program(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -426,7 +433,7 @@ def test_an_env_file_line_that_is_no_setting_stops_the_program(
     """A review: dotenv skipped such a line with a plain-text warning (in a JSON log), and
     the proxy served without the client keys it held."""
     path = tmp_path / "proxy.env"
-    path.write_text(f"# keys\nLOG_FORMAT=json\n{line}\n")
+    path.write_text(f"PROXY_API_KEYS=sk-client-key-1\nLOG_FORMAT=json\n{line}\nOTHER_TOOL\n")
     code, err = main_in_process(
         monkeypatch, capsys, "--env-file", str(path), OPENAI_API_BASE_URL="http://127.0.0.1:1/v1"
     )

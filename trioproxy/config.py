@@ -415,11 +415,15 @@ def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> dict[
 
 
 def _require_only_settings(text: str, path: str) -> None:
-    """A line python-dotenv cannot read (``PROXY_API_KEYS: key``, an unclosed quote) is a
-    ConfigError: dotenv skips it with a warning, so the keys it held went missing and the
-    proxy served everyone. The line is not quoted: it may hold a secret."""
+    """A line python-dotenv cannot read (``PROXY_API_KEYS: key``, an unclosed quote), or a
+    setting's name without ``=``, is a ConfigError: dotenv skips the one with a warning and
+    reads the other as unset, so the keys went missing and the proxy served everyone. The
+    line is not quoted: it may hold a secret. Other names without a value are left alone
+    (the file may be shared with other programs)."""
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
+        # a setting's name alone (no "="): dotenv reads it as no value, which dropped a
+        # key given on an earlier line
+        if binding.error or (binding.key in _ENV and binding.value is None):
             raise ConfigError(
                 f"the env file {path!r} has a line that is no NAME=value setting "
                 f"(line {binding.original.line})"
