@@ -34,59 +34,92 @@ def _signature(call: dict) -> str | None:
     return call.get("extra_content", {}).get("google", {}).get("thought_signature")
 
 
-def _history(*calls: dict) -> list[dict]:
+def _history(*calls: dict, question: str = "weather?") -> list[dict]:
     return [
-        {"role": "user", "content": "weather?"},
+        {"role": "user", "content": question},
         {"role": "assistant", "content": None, "tool_calls": list(calls)},
         {"role": "tool", "content": "sunny", "tool_call_id": "call00000"},
     ]
 
 
+def _answered(store: ThoughtSignatures, model: str, question: str, *calls: dict) -> None:
+    """The first turn: the request (its conversation), then the backend's signed calls."""
+    conversation = store.attach(model, [{"role": "user", "content": question}])
+    store.remember(conversation, model, calls)
+
+
+GEMINI = "gemini-3-pro-preview"
+
+
 def test_a_signature_comes_back_by_id_or_by_function_and_arguments() -> None:
     store = ThoughtSignatures()
-    store.remember(
-        [_call("fc-1", "weather", WEATHER_ARGS, "sig-A"), _call("fc-2", "t", "{}", None)]
+    signed, unsigned = (
+        _call("fc-1", "weather", WEATHER_ARGS, "sig-A"),
+        _call("fc-2", "t", "{}", None),
     )
+    _answered(store, GEMINI, "weather?", signed, unsigned)
     by_id = _history(_call("fc-1", "weather", "{}", None))
-    store.attach(by_id)
+    store.attach(GEMINI, by_id)
     assert _signature(by_id[1]["tool_calls"][0]) == "sig-A"
     # ollama-python keeps no id: the proxy's generated one, the arguments written again
     by_content = _history(_call("call00000", "weather", '{"unit":"C","city":"Paris"}', None))
-    store.attach(by_content)
+    store.attach(GEMINI, by_content)
     assert _signature(by_content[1]["tool_calls"][0]) == "sig-A"
     kept = _history(_call("call00000", "weather", WEATHER_ARGS, "the-clients-own"))
-    store.attach(kept)
+    store.attach(GEMINI, kept)
     assert _signature(kept[1]["tool_calls"][0]) == "the-clients-own"
+
+
+def test_a_signature_is_found_only_in_its_own_conversation_and_model() -> None:
+    """A review: two clients making the same call got each other's signature (the
+    model's encrypted reasoning), and a model that sent none got the field."""
+    store = ThoughtSignatures()
+    _answered(store, GEMINI, "weather in Paris?", _call(None, "weather", WEATHER_ARGS, "sig-A"))
+    _answered(store, GEMINI, "Paris, please", _call(None, "weather", WEATHER_ARGS, "sig-B"))
+    for question, signature in (("weather in Paris?", "sig-A"), ("Paris, please", "sig-B")):
+        history = _history(_call(None, "weather", WEATHER_ARGS, None), question=question)
+        store.attach(GEMINI, history)
+        assert _signature(history[1]["tool_calls"][0]) == signature
+    other = _history(_call(None, "weather", WEATHER_ARGS, None), question="weather in Paris?")
+    assert store.attach("mistral-large", other) is None
+    assert "extra_content" not in other[1]["tool_calls"][0]  # not every backend's field
 
 
 def test_an_unknown_call_gets_the_stand_in_only_where_signatures_are_wanted() -> None:
     elsewhere = ThoughtSignatures("api.openai.com")
     plain = _history(_call(None, "weather", WEATHER_ARGS, None))
-    elsewhere.attach(plain)
-    assert "extra_content" not in plain[1]["tool_calls"][0]  # not every backend's field
-    for host in ("generativelanguage.googleapis.com", "us-central1-aiplatform.googleapis.com"):
-        google = ThoughtSignatures(host)
+    elsewhere.attach("gpt-4o", plain)
+    assert "extra_content" not in plain[1]["tool_calls"][0]
+    for host, model in (
+        ("generativelanguage.googleapis.com", "gemini-2.5-flash"),
+        ("us-central1-aiplatform.googleapis.com", "google/gemini-2.5-pro"),
+        ("openrouter.ai", "google/gemini-3-pro-preview"),  # a fresh worker, a gateway
+    ):
         first, second = _call(None, "a", "{}", None), _call(None, "b", "{}", None)
-        google.attach(_history(first, second))
+        ThoughtSignatures(host).attach(model, _history(first, second))
         assert _signature(first) == STAND_IN_SIGNATURE and _signature(second) is None
-    assert not ThoughtSignatures("googleapis.com.evil.example").wanted
+    assert not ThoughtSignatures("googleapis.com.evil.example").wants("gpt-4o")
     learned = ThoughtSignatures("127.0.0.1")
-    learned.remember([_call("x", "a", "{}", "sig")])  # a backend that sent one wants them
+    learned.remember(None, "my-model", [_call("x", "a", "{}", "sig")])  # it sends them
     unknown = _history(_call(None, "other", "{}", None))
-    learned.attach(unknown)
+    learned.attach("my-model", unknown)
     assert _signature(unknown[1]["tool_calls"][0]) == STAND_IN_SIGNATURE
+    assert learned.attach("your-model", _history(_call(None, "o", "{}", None))) is None
 
 
-def test_signatures_are_held_within_their_byte_budget_oldest_first() -> None:
-    store = ThoughtSignatures(max_bytes=1000)
-    for n in range(30):
-        store.remember([_call(f"id-{n}", "f", json.dumps({"n": n}), "s" * 100)])
-    assert len(store) <= 2 * 10  # each call under two keys: at most 1,000 bytes of them
-    recent = _history(_call("id-29", "f", "{}", None))
-    store.attach(recent)
+def test_signatures_and_their_keys_are_held_within_their_byte_budget() -> None:
+    """A review: keys held the whole arguments, uncounted (192 MiB for a 4 MiB budget)."""
+    store = ThoughtSignatures(max_bytes=10_000)
+    for n in range(50):
+        big = json.dumps({"n": n, "text": "x" * 100_000})
+        _answered(store, GEMINI, f"q{n}", _call(f"id-{n}", "write_file", big, "s" * 100))
+        assert store.held_bytes <= 10_000
+    assert 0 < len(store) <= 2 * 50
+    recent = _history(_call("id-49", "write_file", "{}", None), question="q49")
+    store.attach(GEMINI, recent)
     assert _signature(recent[1]["tool_calls"][0]) == "s" * 100
-    old = _history(_call("id-0", "g", "{}", None))
-    store.attach(old)
+    old = _history(_call("id-0", "write_file", "{}", None), question="q0")
+    store.attach(GEMINI, old)
     assert _signature(old[1]["tool_calls"][0]) == STAND_IN_SIGNATURE
 
 

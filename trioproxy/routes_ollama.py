@@ -163,7 +163,7 @@ async def _generate_or_chat(
     backend_model = await backend_name_for(call, client_model)
     payload = for_backend(to_openai, body, backend_model)
     signatures: ThoughtSignatures = app.thought_signatures  # type: ignore[attr-defined]
-    signatures.attach(payload["messages"])
+    conversation = signatures.attach(backend_model, payload["messages"])
     think = body.get("think")
     payload, switch = _with_think_switch(app.settings, think, payload)
     # think: false hides the reasoning, whatever the backend does with THINK_OFF_EXTRA_BODY
@@ -175,7 +175,7 @@ async def _generate_or_chat(
         with _model_not_found_as_ollama(client_model, backend_model):
             resp, result = await _as_taken(call, payload, switch, call_chat)
         timings = _timings(start_ns, resp, result)
-        signatures.remember_answer(resp)
+        signatures.remember_answer(conversation, backend_model, resp)
         convert = functools.partial(
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
             show_thinking=show_thinking,
@@ -193,7 +193,7 @@ async def _generate_or_chat(
         client_model,
         start_ns=start_ns,
         show_thinking=show_thinking,
-        on_tool_calls=signatures.remember,
+        on_tool_calls=functools.partial(signatures.remember, conversation, backend_model),
     )
     chunks = relay_ollama(
         result.response,
