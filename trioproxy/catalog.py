@@ -21,6 +21,9 @@ FAILED_LIST_RETRY_SECONDS = 10.0
 LIST_WAIT_SECONDS = 2.0
 """How long a request for ``NAME:latest`` waits for the backend's list, to learn whether
 the backend spells the model with its tag (vLLM's ``--served-model-name x:latest``)."""
+TAKEN_LIST_BYTES = 4 * 1024 * 1024
+"""The largest model list the readiness check hands on (OpenRouter's, some 400 models with
+their descriptions, is about 1 MB): a larger one is fetched when a route needs it."""
 FAILURE_CACHE_SECONDS = 1.0
 """How long a failed fetch answers for the next ones. Requests that queued behind it
 get its error at once instead of each trying again, with retries, one after another."""
@@ -37,6 +40,7 @@ class ModelCatalog:
         self._by_key: dict[str, str] = {}  # its ids by ollama_key (one id per key only)
         self._no_ids_until = -1e9  # trio clock: a fetch for lists() failed; not asked again
         self._fetched_at = -1e9
+        self._asked_at = -1e9  # trio clock: when the list held was asked for
         self._failure: ProxyError | None = None
         self._failed_at = -1e9
         self._lock = trio.Lock()
@@ -55,6 +59,7 @@ class ModelCatalog:
 
     async def _fetch(self, call: Call) -> None:
         """``GET /models`` into the catalog (the lock held)."""
+        asked_at = trio.current_time()
         try:
             # a backend that echoes our key (in an owned_by, say) must not list it
             payload, _ = await call_json(call, "/models", None, method="GET", masked=True)
@@ -62,22 +67,28 @@ class ModelCatalog:
             self._failure, self._failed_at = failure, trio.current_time()
             raise
         data = payload.get("data") if isinstance(payload, dict) else None
-        self._keep(data if isinstance(data, list) else [])  # {"data": 5}: no list, no crash
+        self._keep(data if isinstance(data, list) else [], asked_at)  # {"data": 5}: no crash
 
-    def take(self, content: bytes, secrets: BackendSecrets) -> None:
-        """A 2xx body of ``GET /models`` that the readiness check fetched (at a worker's
-        start, then while no request shows the backend up): kept as the list, so Ollama's
-        name rules hold from the first request, in every worker. Anything but a list is
-        left aside: the check asks whether the backend answers, not what it lists."""
+    def take(self, content: bytes, secrets: BackendSecrets, asked_at: float) -> None:
+        """A 2xx body of ``GET /models`` that the readiness check asked for at ``asked_at``
+        (trio's clock; at a worker's start, then while no request shows the backend up):
+        kept as the list, so Ollama's name rules hold from the first request, in every
+        worker, unless a list asked for later is held already (a slow check must not put
+        an older list back). Anything but a list is left aside, as is one past
+        TAKEN_LIST_BYTES (decoded on the event loop, where probes wait): the check asks
+        whether the backend answers, not what it lists."""
+        if asked_at < self._asked_at or len(content) > TAKEN_LIST_BYTES:
+            return
         try:
             payload = json_answer(secrets.mask_body(content))
         except ProxyError:
             return
         data = payload.get("data") if isinstance(payload, dict) else None
         if isinstance(data, list):
-            self._keep(data)
+            self._keep(data, asked_at)
 
-    def _keep(self, data: list[Any]) -> None:
+    def _keep(self, data: list[Any], asked_at: float) -> None:
+        self._asked_at = asked_at
         self._models = [m for m in data if isinstance(m, dict) and "id" in m]
         self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
         self._by_key = _by_key(self._ids)

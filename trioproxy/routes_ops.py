@@ -159,13 +159,14 @@ class ReadinessChecker:
         goes to the ``catalog``: no request has to fetch one for Ollama's name rules."""
         timeout = self.timeout
         with trio.move_on_after(timeout):
+            asked_at = _now()
             try:
                 result = await (await self._check_pool()).request("GET", "/models")
             except UpstreamStatusError as exc:
                 return None if exc.status < 500 else exc.message[:200]
             except Exception as exc:  # unreachable, for whatever reason: say why
                 return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
-            catalog.take(result.response.content, self._settings.backend_secrets)
+            catalog.take(result.response.content, self._settings.backend_secrets, asked_at)
             return None
         return f"the backend did not answer within {timeout:g} s"
 
