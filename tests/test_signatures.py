@@ -44,8 +44,11 @@ def _history(*calls: dict, question: str = "weather?") -> list[dict]:
 
 def _answered(store: ThoughtSignatures, model: str, question: str, *calls: dict) -> None:
     """The first turn: the request (its conversation), then the backend's signed calls."""
-    conversation = store.attach(model, [{"role": "user", "content": question}])
+    conversation = store.attach(model, [{"role": "user", "content": question}], tools=TOOLS)
     store.remember(conversation, model, calls)
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
 
 
 GEMINI = "gemini-3-pro-preview"
@@ -70,7 +73,7 @@ def test_a_signature_comes_back_by_id_or_by_function_and_arguments() -> None:
     assert _signature(kept[1]["tool_calls"][0]) == "the-clients-own"
 
 
-def test_a_signature_is_found_only_in_its_own_conversation_and_model() -> None:
+def test_a_signature_is_found_only_in_its_own_turn_model_and_client() -> None:
     """A review: two clients making the same call got each other's signature (the
     model's encrypted reasoning), and a model that sent none got the field."""
     store = ThoughtSignatures()
@@ -83,6 +86,44 @@ def test_a_signature_is_found_only_in_its_own_conversation_and_model() -> None:
     other = _history(_call(None, "weather", WEATHER_ARGS, None), question="weather in Paris?")
     assert store.attach("mistral-large", other) is None
     assert "extra_content" not in other[1]["tool_calls"][0]  # not every backend's field
+    named = ThoughtSignatures()
+    first = [{"role": "user", "content": "weather?"}]
+    named.remember(named.attach(GEMINI, first, client="alice", tools=TOOLS), GEMINI,
+                   [_call(None, "weather", WEATHER_ARGS, "sig-alice")])  # fmt: skip
+    for client, signature in (("alice", "sig-alice"), ("bob", STAND_IN_SIGNATURE)):
+        history = _history(_call(None, "weather", WEATHER_ARGS, None))
+        named.attach(GEMINI, history, client=client)
+        assert _signature(history[1]["tool_calls"][0]) == signature
+
+
+def test_one_lost_signature_or_a_new_system_prompt_costs_no_other() -> None:
+    """A review: the key was the history with signatures put back, so one forgotten call
+    (the first, the least recently used) changed the keys of every later one; and a system
+    prompt that changed between turns (a date in it) lost every signature."""
+    store = ThoughtSignatures()
+    history: list[Any] = [
+        {"role": "system", "content": "Today is Monday."},
+        {"role": "user", "content": "plan my day"},
+    ]
+    for n in range(3):
+        sent_now = json.loads(json.dumps(history))  # as each request translates it anew
+        conversation = store.attach(GEMINI, sent_now, tools=TOOLS)
+        store.remember(conversation, GEMINI, [_call(None, f"f{n}", "{}", f"sig-{n}")])
+        history += [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [_call(None, f"f{n}", "{}", None)],
+            },
+            {"role": "tool", "content": "done", "tool_call_id": "call00000"},
+        ]
+    (lost,) = [key for key, signature in store._held.items() if signature == "sig-0"]
+    store._held.pop(lost)  # the first call's signature is forgotten
+    history[0] = {"role": "system", "content": "Today is Tuesday."}
+    sent = json.loads(json.dumps(history))
+    store.attach(GEMINI, sent)
+    signed = [_signature(m["tool_calls"][0]) for m in sent if m.get("tool_calls")]
+    assert signed == [STAND_IN_SIGNATURE, "sig-1", "sig-2"]
 
 
 def test_an_unknown_call_gets_the_stand_in_only_where_signatures_are_wanted() -> None:

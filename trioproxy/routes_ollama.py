@@ -163,7 +163,9 @@ async def _generate_or_chat(
     backend_model = await backend_name_for(call, client_model)
     payload = for_backend(to_openai, body, backend_model)
     signatures: ThoughtSignatures = app.thought_signatures  # type: ignore[attr-defined]
-    conversation = signatures.attach(backend_model, payload["messages"])
+    conversation = signatures.attach(
+        backend_model, payload["messages"], client=state.client, tools=payload.get("tools")
+    )
     think = body.get("think")
     payload, switch = _with_think_switch(app.settings, think, payload)
     # think: false hides the reasoning, whatever the backend does with THINK_OFF_EXTRA_BODY

@@ -7,10 +7,13 @@ the call back as it got it; an Ollama client cannot: Ollama's tool calls have no
 (ollama-python keeps only the function's name and arguments, not even the id). So the proxy
 remembers each signature and puts it back on the call when a history brings it again.
 
-A signature is found again only in its own conversation: by the model and the messages
-before the call (as sent to the backend), then the call's id or its function and
-arguments. Two clients making the same call never get each other's (a signature is the
-model's encrypted reasoning), nor does another model.
+A signature is found again only in its own turn: by the model, the client (its name
+under ``PROXY_API_KEYS``), and the messages from the turn's user message up to the call
+(as the client sent them), then the call's id or its function and arguments. Another
+model never gets it, nor another client named by its key; without client keys, two
+conversations that are word for word the same in that turn, call included, may share
+one (Gemini takes another's signature for the same call in the same turn). A system
+prompt that changes between turns (a date in it, retrieved context) costs nothing.
 
 A call whose signature is not known (another ``--workers`` worker's, from before a
 restart, forgotten) gets Google's documented stand-in on the first call of its message,
@@ -64,21 +67,33 @@ class ThoughtSignatures:
             or any(name in model.lower() for name in _VALIDATING_MODELS)
         )
 
-    def attach(self, model: str, messages: list[Any]) -> str | None:
-        """A ``/chat/completions`` request's messages: each assistant tool call of the
-        conversation gets its signature back; a message none of whose calls is known gets
-        the stand-in on its first call. Returns the conversation's key for the answer's
-        calls (:meth:`remember`); None when ``model`` wants no signatures (nothing is
-        done: hashing the history costs, and a strict backend refuses the field)."""
-        if not self.wants(model):
+    def attach(
+        self, model: str, messages: list[Any], *, client: str = "", tools: object = None
+    ) -> str | None:
+        """A ``/chat/completions`` request's messages: each assistant tool call gets its
+        signature back; a message none of whose calls is known gets the stand-in on its
+        first call. Returns the key under which the answer's calls are remembered
+        (:meth:`remember`); None when there can be none to put back or remember: ``model``
+        wants no signatures (a strict backend refuses the field), or the request has no
+        ``tools`` and no tool calls (hashing a history with images costs)."""
+        if not self.wants(model) or not (tools or _has_tool_calls(messages)):
             return None
-        history = hashlib.sha256(model.encode(errors="replace"))
+        scope = f"{model}\x00{client}\x00".encode(errors="replace")
+        turn = hashlib.sha256(scope)
         for message in messages:
-            if isinstance(message, dict) and message.get("role") == "assistant":
-                self._sign_calls(history.hexdigest(), message.get("tool_calls"))
-            history.update(_canonical(message).encode(errors="replace"))
-            history.update(b"\x00")
-        return history.hexdigest()
+            if not isinstance(message, dict):
+                continue
+            role = message.get("role")
+            if role == "user":  # a turn starts: what came before is not in its key
+                turn = hashlib.sha256(scope)
+            # the message as the client sent it, before a signature is put back: one
+            # signature lost (forgotten, another worker's) costs no other
+            text = _canonical(message).encode(errors="replace")
+            if role == "assistant":
+                self._sign_calls(turn.hexdigest(), message.get("tool_calls"))
+            turn.update(text)
+            turn.update(b"\x00")
+        return turn.hexdigest()
 
     def remember(self, conversation: str | None, model: str, calls: Iterable[object]) -> None:
         """The whole tool calls of a backend answer to the request that :meth:`attach`
@@ -133,6 +148,10 @@ class ThoughtSignatures:
         while self._bytes > self._max_bytes and self._held:
             dropped_key, dropped = self._held.popitem(last=False)
             self._bytes -= _entry_bytes(dropped_key, dropped)
+
+
+def _has_tool_calls(messages: list[Any]) -> bool:
+    return any(isinstance(m, dict) and m.get("tool_calls") for m in messages)
 
 
 def _entry_bytes(key: Key, signature: str) -> int:
