@@ -178,6 +178,8 @@ async def test_a_list_the_readiness_check_fetched_is_kept_masked_and_only_if_a_l
     # a review: a slow check's answer put an older list back over a newer one
     catalog.take(json.dumps({"data": [{"id": "Old"}]}).encode(), secrets, asked - 1)
     assert catalog.lists_now("Foo") and not catalog.lists_now("Old")
+    catalog._keep([{"id": "Old"}], asked - 1)  # nor a request's fetch asked for earlier
+    assert catalog.lists_now("Foo") and not catalog.lists_now("Old")
     huge = json.dumps({"data": [{"id": "Big", "pad": "x" * TAKEN_LIST_BYTES}]}).encode()
     catalog.take(huge, secrets, asked + 1)  # decoded on the event loop: left to a route
     assert not catalog.lists_now("Big")

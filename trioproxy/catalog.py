@@ -78,7 +78,7 @@ class ModelCatalog:
         TAKEN_LIST_BYTES (decoded on the event loop, where probes wait): the check asks
         whether the backend answers, not what it lists."""
         if asked_at < self._asked_at or len(content) > TAKEN_LIST_BYTES:
-            return
+            return  # (checked before decoding it, too)
         try:
             payload = json_answer(secrets.mask_body(content))
         except ProxyError:
@@ -88,12 +88,17 @@ class ModelCatalog:
             self._keep(data, asked_at)
 
     def _keep(self, data: list[Any], asked_at: float) -> None:
+        """``data`` as the list, unless the one held was asked for later (a request's slow
+        fetch must not put back a list older than the readiness check's, nor the other
+        way round); either way the list held is as fresh as this one."""
+        self._fetched_at = trio.current_time()
+        self._failure = None
+        if asked_at < self._asked_at:
+            return
         self._asked_at = asked_at
         self._models = [m for m in data if isinstance(m, dict) and "id" in m]
         self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
         self._by_key = _by_key(self._ids)
-        self._fetched_at = trio.current_time()
-        self._failure = None
 
     async def _fetch_for_a_request(self, call: Call) -> None:
         """The list for :meth:`lists`, unless it came, or was given up on, while this
