@@ -394,6 +394,10 @@ class _RefusesEmptyInputs(ScriptedHandler):
 
     def do_POST(self) -> None:
         body = self.json_body()
+        if "too long" in body["input"]:
+            error = {"message": "This model's maximum context length is 8192 tokens"}
+            self.answer(400, json.dumps({"error": error}).encode())
+            return
         if "" in body["input"]:
             error = {"message": "'$.input' is invalid. Please check the API reference.",
                      "type": "invalid_request_error", "param": None, "code": None}  # fmt: skip
@@ -415,4 +419,7 @@ def test_a_refusal_of_empty_inputs_says_so(start_proxy: StartProxy) -> None:
             assert refused.value.status_code == 400
             assert "'$.input' is invalid" in refused.value.error
             assert "2 of the inputs are empty strings" in refused.value.error
+            with pytest.raises(ollama.ResponseError) as refused:  # a refusal of another kind
+                client.embed(model="m", input=["too long", ""])
+            assert "empty" not in refused.value.error
             assert client.embed(model="m", input=["a", "b", "c"]).embeddings == [[0.5]] * 3

@@ -422,6 +422,7 @@ def test_an_env_file_named_on_the_command_line_must_exist(
         "PROXY_API_KEYS: sk-client-secret",
         'PROXY_API_KEYS="sk-client',
         "PROXY_API_KEYS",  # a review: the key of an earlier line (sk-client-...) dropped
+        "PROXY_API_KEYS=${TRIOPROXY_TEST_UNSET_VARIABLE}",  # expands to "": no keys
     ],
 )
 def test_an_env_file_line_that_is_no_setting_stops_the_program(

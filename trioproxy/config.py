@@ -409,17 +409,25 @@ def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> dict[
             f"cannot read the env file {os.fspath(path)!r} ({reason}); "
             "--env-file '' (or TRIOPROXY_ENV_FILE=) reads none"
         ) from None
-    _require_only_settings(text, os.fspath(path))
+    given = _require_only_settings(text, os.fspath(path))
     values = dotenv_values(stream=io.StringIO(text))
+    for key, (raw, line) in given.items():
+        # NAME=${UNSET} expands to "": PROXY_API_KEYS=${KEY} with KEY unset served everyone
+        if "${" in raw and values.get(key) == "":
+            raise ConfigError(
+                f"the env file {os.fspath(path)!r} sets {key} from a variable that is not "
+                f"set (line {line}): it would be empty"
+            )
     return {key: value for key, value in values.items() if key in _ENV and value is not None}
 
 
-def _require_only_settings(text: str, path: str) -> None:
+def _require_only_settings(text: str, path: str) -> dict[str, tuple[str, int]]:
     """A line python-dotenv cannot read (``PROXY_API_KEYS: key``, an unclosed quote), or a
     setting's name without ``=``, is a ConfigError: dotenv skips the one with a warning and
     reads the other as unset, so the keys went missing and the proxy served everyone. The
     line is not quoted: it may hold a secret. Other names without a value are left alone
     (the file may be shared with other programs)."""
+    given: dict[str, tuple[str, int]] = {}  # each setting's last value as written, and line
     for binding in parse_stream(io.StringIO(text)):
         # a setting's name alone (no "="): dotenv reads it as no value, which dropped a
         # key given on an earlier line
@@ -428,6 +436,9 @@ def _require_only_settings(text: str, path: str) -> None:
                 f"the env file {path!r} has a line that is no NAME=value setting "
                 f"(line {binding.original.line})"
             )
+        if binding.key in _ENV and binding.value is not None:
+            given[binding.key] = (binding.value, binding.original.line)
+    return given
 
 
 def parse_setting(name: str, raw: str, given_as: str | None = None) -> tuple[str, Any]:

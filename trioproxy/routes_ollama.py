@@ -303,18 +303,8 @@ async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.
     batch answered with another number of vectors than it had inputs is a 502: the
     clients pair texts and vectors by position."""
     batches = tr.embed_batches(payload)
-    try:
-        with _model_not_found_as_ollama(model, payload["model"]):
-            answers = await _ask_each(call, batches)
-    except UpstreamStatusError as error:
-        empty = _empty_inputs(payload["input"])
-        if error.status == 400 and empty:
-            # OpenAI's words for it are "'$.input' is invalid", naming nothing
-            error.message += (
-                f" ({empty} of the inputs are empty strings: Ollama embeds them, OpenAI's "
-                "API refuses them)"
-            )
-        raise
+    with _model_not_found_as_ollama(model, payload["model"]):
+        answers = await _ask_each(call, batches)
     for batch, resp in zip(batches, answers, strict=True):
         got, sent = from_backend(call, tr.embedding_count, resp), len(batch["input"])
         if got != sent:
@@ -323,8 +313,16 @@ async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.
     return tr.joined_embeddings(answers)
 
 
-def _empty_inputs(inputs: object) -> int:
-    return sum(1 for item in inputs if item == "") if isinstance(inputs, list) else 0
+def _note_empty_inputs(error: UpstreamStatusError, batch: tr.JSONDict) -> None:
+    """OpenAI refuses a batch holding an empty string in words that name nothing ("'$.input'
+    is invalid"); Ollama embeds it. Such a refusal says so."""
+    inputs = batch["input"]
+    empty = sum(1 for item in inputs if item == "") if isinstance(inputs, list) else 0
+    if error.status == 400 and empty and "$.input" in error.message:
+        error.message += (
+            f" ({empty} of the inputs are empty strings: Ollama embeds them, OpenAI's API "
+            "refuses them)"
+        )
 
 
 async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]:
@@ -335,7 +333,11 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
     answers are bounded as one answer is (MAX_RESPONSE_BYTES): they are all held until
     the last one is in."""
     if len(batches) == 1:
-        resp, _ = await call_json(call, "/embeddings", batches[0])
+        try:
+            resp, _ = await call_json(call, "/embeddings", batches[0])
+        except UpstreamStatusError as error:
+            _note_empty_inputs(error, batches[0])
+            raise
         return [resp]
     answers: list[tr.JSONDict | None] = [None] * len(batches)
     failures: list[ProxyError] = []
@@ -359,6 +361,7 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
                 )
         except ProxyError as error:
             if isinstance(error, UpstreamStatusError):
+                _note_empty_inputs(error, batches[index])
                 error.message = f"{_which_inputs(batches, index)}: {error.message}"
             failures.append(error)
             nursery.cancel_scope.cancel()
