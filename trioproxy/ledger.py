@@ -70,15 +70,20 @@ class ResponsesLedger:
 
 def finished_usage(response: Any) -> tuple[str, Any] | None:
     """(id, usage) of a finished Responses API ``response`` object, else None."""
-    if not isinstance(response, dict) or response.get("status") not in FINISHED:
+    if not isinstance(response, dict) or not _finished(response):
         return None
     response_id = response.get("id")
     return (response_id, response.get("usage")) if isinstance(response_id, str) else None
 
 
+def _finished(response: dict[str, Any]) -> bool:
+    status = response.get("status")  # a list or an object there: unhashable, no status
+    return isinstance(status, str) and status in FINISHED
+
+
 def pending_id(response: Any) -> str | None:
     """The id of a response object that is not finished yet (a queued background one)."""
-    if not isinstance(response, dict) or response.get("status") in FINISHED:
+    if not isinstance(response, dict) or _finished(response):
         return None
     response_id = response.get("id")
     return response_id if isinstance(response_id, str) else None

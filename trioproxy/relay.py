@@ -499,7 +499,9 @@ def _client_status(error: object) -> int | None:
         return None
     for key in ("status", "code"):
         value = error.get(key)
-        if isinstance(value, str) and value.isdigit():  # LiteLLM writes "400"
+        # LiteLLM writes "400"; only ASCII digits, and few ("²" is a digit int() refuses,
+        # 5,000 of them are past its limit: each was a 500)
+        if isinstance(value, str) and len(value) == 3 and value.isascii() and value.isdigit():
             value = int(value)
         if isinstance(value, int) and 400 <= value < 500:
             return value
@@ -583,7 +585,8 @@ def _completion(whole: Any) -> dict[str, Any]:
     """The completion a JSON answer holds; raises _NotAStream for anything else (the
     backend's ``error`` is the message then)."""
     if isinstance(whole, dict):
-        if isinstance(whole.get("choices"), list) and whole["choices"]:
+        choices = whole.get("choices")
+        if isinstance(choices, list) and choices and all(map(_is_choice, choices)):
             if _reports_failure(whole):  # a failed completion is no answer to stream
                 reported = _error_text(whole.get("error") or FINISHED_WITH_ERROR)
                 raise _NotAStream(f"the backend reported an error: {reported}")
@@ -592,6 +595,12 @@ def _completion(whole: Any) -> dict[str, Any]:
             reported = _error_text(whole["error"])
             raise _NotAStream(f"the backend reported an error: {reported}")
     raise _NotAStream("the backend answered the stream with JSON that is not a completion")
+
+
+def _is_choice(choice: object) -> bool:
+    """A completion's choice: an object, its ``message`` (if any) an object too (a
+    ``"message": "x"`` was a 500 on /v1 and an empty answer on /api)."""
+    return isinstance(choice, dict) and isinstance(choice.get("message", {}), dict)
 
 
 def _completion_as_chunk(whole: Any, translator: OllamaStreamTranslator) -> list[dict[str, Any]]:

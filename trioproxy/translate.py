@@ -134,6 +134,17 @@ def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: object) -> TypeGuard[int | float]:
+    """A number a float holds, as Ollama's Go decoder reads one (an integer of 309
+    digits is none: ``math.isfinite`` raised OverflowError, a 500)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 # Options we translate; others (top_k, num_ctx, mirostat, ...) are accepted and ignored.
 _NUMERIC_OPTIONS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
@@ -151,14 +162,12 @@ def _check_options(body: JSONDict) -> None:
         value = options.get(key)
         # NaN, Infinity and 1e400 (infinite once read) are no numbers to Ollama's Go
         # decoder either; forwarded, they became null: the backend's default, silently
-        if value is not None and not (_is_number(value) and math.isfinite(value)):
+        if value is not None and not _is_finite_number(value):
             raise RequestValidationError(f"options.{key}", "must be a finite number")
     for key in ("num_predict", "seed"):
         value = options.get(key)
         # a fraction is dropped, as Ollama's Go decoder drops it (10.5 -> 10)
-        if value is not None and not (
-            _is_number(value) and math.isfinite(value) and abs(value) < _INT64_LIMIT
-        ):
+        if value is not None and not (_is_finite_number(value) and abs(value) < _INT64_LIMIT):
             raise RequestValidationError(f"options.{key}", "must be a 64-bit integer")
     stop = options.get("stop")
     if stop is not None and not isinstance(stop, str):
@@ -174,7 +183,12 @@ def _check_common_generation(body: JSONDict) -> None:
     if isinstance(fmt, str) and fmt not in ("", "json"):
         raise RequestValidationError("format", 'must be "json" or a JSON schema object')
     think = body.get("think")
-    if think is not None and not isinstance(think, bool) and _THINK_LEVELS.get(str(think)) is None:
+    # only a string names a level (str() of a list 1,000 levels deep: a RecursionError)
+    if (
+        think is not None
+        and not isinstance(think, bool)
+        and not (isinstance(think, str) and think in _THINK_LEVELS)
+    ):
         raise RequestValidationError(
             "think", 'must be a boolean or "low", "medium", "high" or "max"'
         )
@@ -428,7 +442,10 @@ def _strict_compatible(schema: object, depth: int = 0) -> bool:
             return False
         names = set(properties) if isinstance(properties, dict) else set()
         required = schema.get("required", [])
-        if not isinstance(required, list) or set(required) != names:
+        # a name is a string: ``[[]]`` there is no schema strict mode takes (and no set)
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            return False
+        if set(required) != names:
             return False
     for key in _SUBSCHEMA_MAPS:
         nested = schema.get(key)
@@ -1764,7 +1781,8 @@ def _details(backend_id: str) -> JSONDict:
 
 def _digest(backend_id: str) -> str:
     # bare hex, as Ollama lists its digests (the "sha256:" prefix is its blobs' spelling)
-    return hashlib.sha256(backend_id.encode()).hexdigest()
+    # a lone surrogate (JSON's "\ud83d") has no UTF-8: its code point's bytes stand in
+    return hashlib.sha256(backend_id.encode(errors="surrogatepass")).hexdigest()
 
 
 def _listed(
