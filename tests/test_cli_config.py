@@ -443,6 +443,23 @@ def test_an_env_file_line_that_is_no_setting_stops_the_program(
     assert "line 3" in message and str(path) in message and "sk-client" not in message
 
 
+def test_an_empty_expansion_stops_the_program_only_if_the_file_gives_the_setting(
+    tmp_path: Path,
+) -> None:
+    """A review: PROXY_API_KEYS=${UNSET} in a template .env stopped a proxy whose
+    environment gave the keys (the environment wins over the file), and an empty default
+    said on purpose (${KEY:-}) was refused."""
+    path = tmp_path / ".env"
+    path.write_text(
+        "PROXY_API_KEYS=${TRIOPROXY_TEST_UNSET}\nOPENAI_API_KEY=${TRIOPROXY_TEST_UNSET:-}\n"
+        "OPENAI_API_BASE_URL=http://127.0.0.1:1/v1\n"
+    )
+    with pytest.raises(ConfigError, match=r"PROXY_API_KEYS from a variable .* \(line 1\)"):
+        load_settings({}, dotenv_path=path)
+    rescued = load_settings({"PROXY_API_KEYS": "sk-from-the-environment"}, dotenv_path=path)
+    assert rescued.proxy_api_keys and not rescued.api_key
+
+
 def test_an_env_file_named_by_trioproxy_env_file_must_exist(tmp_path: Path) -> None:
     """``create_app()`` under plain hypercorn (and in the workers) reads TRIOPROXY_ENV_FILE."""
     path = tmp_path / "typo.env"

@@ -411,14 +411,31 @@ def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> dict[
         ) from None
     given = _require_only_settings(text, os.fspath(path))
     values = dotenv_values(stream=io.StringIO(text))
+    known = _FileValues(
+        {key: value for key, value in values.items() if key in _ENV and value is not None}
+    )
     for key, (raw, line) in given.items():
         # NAME=${UNSET} expands to "": PROXY_API_KEYS=${KEY} with KEY unset served everyone
-        if "${" in raw and values.get(key) == "":
-            raise ConfigError(
+        # (${KEY:-} says empty on purpose)
+        if _BARE_REFERENCE.search(raw) and values.get(key) == "":
+            known.void[key] = (
                 f"the env file {os.fspath(path)!r} sets {key} from a variable that is not "
-                f"set (line {line}): it would be empty"
+                f"set or is empty (line {line})"
             )
-    return {key: value for key, value in values.items() if key in _ENV and value is not None}
+    return known
+
+
+class _FileValues(dict[str, str]):
+    """The known settings of a dotenv file, and those it gives as a ``${VARIABLE}`` that
+    came out empty, each with why: an error if the value is used (not if the environment
+    or a flag gives the setting)."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.void: dict[str, str] = {}
+
+
+_BARE_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 def _require_only_settings(text: str, path: str) -> dict[str, tuple[str, int]]:
@@ -470,11 +487,14 @@ def load_settings(
     """Build and validate settings. Raises ConfigError naming the offending setting.
     ``overrides`` are already parsed values (``parse_setting`` parses a flag's)."""
     values: dict[str, Any] = {}
-    file_values = _dotenv(dotenv_path, env_file_required) or {}
+    file_values = _dotenv(dotenv_path, env_file_required) or _FileValues({})
     given = {attr for attr, value in overrides.items() if value is not None}
+    source = os.environ if environ is None else environ
     for name, raw in _under_environment(file_values, environ).items():
         if _ENV[name][0] in given:
             continue  # a flag wins, and rescues a bad value in the environment
+        if name in file_values.void and name not in source:
+            raise ConfigError(file_values.void[name])
         if raw.strip() == "" and _ENV[name][0] in _OPTIONAL_TEXT:
             continue
         attr, value = parse_setting(name, raw)
@@ -482,7 +502,7 @@ def load_settings(
     values.update({k: v for k, v in overrides.items() if v is not None})
     if file_values or (dotenv_path is not None and Path(dotenv_path).is_file()):
         values["env_file"] = str(dotenv_path)
-    values["env_file_values"] = file_values
+    values["env_file_values"] = dict(file_values)
     settings = Settings(**values)
     return _validated(settings)
 
