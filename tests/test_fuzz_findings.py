@@ -64,6 +64,11 @@ def test_odd_backend_values_are_no_exceptions() -> None:
     assert ollama_ps(lone, ModelMapper())["models"]
     with pytest.raises(relay._NotAStream):
         relay._completion({"choices": [{"message": "x"}]})
+    # a review: null is no message, and a choice with a delta keeps it
+    legacy = {"choices": [{"text": "hi", "message": None}]}
+    assert relay._completion(legacy) is legacy
+    choice = {"delta": {"content": "hi"}, "message": None, "index": 0}
+    assert relay._choice_as_delta(choice)["delta"] == {"content": "hi"}
 
 
 class _OddBackend(ScriptedHandler):

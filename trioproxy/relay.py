@@ -586,7 +586,7 @@ def _completion(whole: Any) -> dict[str, Any]:
     backend's ``error`` is the message then)."""
     if isinstance(whole, dict):
         choices = whole.get("choices")
-        if isinstance(choices, list) and choices and all(map(_is_choice, choices)):
+        if isinstance(choices, list) and any(map(_is_choice, choices)):
             if _reports_failure(whole):  # a failed completion is no answer to stream
                 reported = _error_text(whole.get("error") or FINISHED_WITH_ERROR)
                 raise _NotAStream(f"the backend reported an error: {reported}")
@@ -598,9 +598,12 @@ def _completion(whole: Any) -> dict[str, Any]:
 
 
 def _is_choice(choice: object) -> bool:
-    """A completion's choice: an object, its ``message`` (if any) an object too (a
-    ``"message": "x"`` was a 500 on /v1 and an empty answer on /api)."""
-    return isinstance(choice, dict) and isinstance(choice.get("message", {}), dict)
+    """A completion's choice: an object whose ``message``, if it has one, is an object
+    (``"message": "x"`` was a 500 on /v1 and an empty answer on /api; null is none)."""
+    if not isinstance(choice, dict):
+        return False
+    message = choice.get("message")
+    return message is None or isinstance(message, dict)
 
 
 def _completion_as_chunk(whole: Any, translator: OllamaStreamTranslator) -> list[dict[str, Any]]:
@@ -617,9 +620,7 @@ def _completion_as_events(whole: Any, observer: StreamObserver) -> bytes:
         isinstance(choice, dict) and "message" in choice for choice in choices
     ):
         chunk = {**completion, "object": "chat.completion.chunk"}
-        chunk["choices"] = [
-            _choice_as_delta(choice) for choice in choices if isinstance(choice, dict)
-        ]
+        chunk["choices"] = [_choice_as_delta(choice) for choice in choices if _is_choice(choice)]
     else:  # a legacy text completion: its chunks have the same shape
         chunk = completion
     return encode_sse(chunk) + b"data: [DONE]\n\n"
@@ -628,7 +629,10 @@ def _completion_as_events(whole: Any, observer: StreamObserver) -> bytes:
 def _choice_as_delta(choice: dict[str, Any]) -> dict[str, Any]:
     """A completion's choice as a chunk's: its message as the delta, and each tool call
     numbered (a delta's tool calls need their ``index``; a message's have none)."""
-    delta = dict(choice.get("message") or {})
+    message = choice.get("message")
+    if not isinstance(message, dict):  # a choice with a delta already, and message null
+        message = choice.get("delta")
+    delta = dict(message) if isinstance(message, dict) else {}
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         delta["tool_calls"] = [
