@@ -126,6 +126,32 @@ def test_one_lost_signature_or_a_new_system_prompt_costs_no_other() -> None:
     assert signed == [STAND_IN_SIGNATURE, "sig-1", "sig-2"]
 
 
+def test_a_tool_answers_images_start_no_turn() -> None:
+    """A review: the user message the proxy makes of a tool answer's images started a
+    turn, so two steps that saw the same screenshot and made the same call shared a key:
+    the later step's signature went back on the earlier call."""
+    store = ThoughtSignatures()
+    screenshot = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    history: list[Any] = [{"role": "user", "content": "click until done"}]
+    for n in range(3):
+        sent_now = json.loads(json.dumps(history))
+        conversation = store.attach(GEMINI, sent_now, tools=TOOLS)
+        store.remember(conversation, GEMINI, [_call(None, "click", "{}", f"sig-{n}")])
+        history += [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [_call(None, "click", "{}", None)],
+            },
+            {"role": "tool", "content": "clicked", "tool_call_id": "call00000"},
+            screenshot,
+        ]
+    sent = json.loads(json.dumps(history))
+    store.attach(GEMINI, sent)
+    signed = [_signature(m["tool_calls"][0]) for m in sent if m.get("tool_calls")]
+    assert signed == ["sig-0", "sig-1", "sig-2"]
+
+
 def test_an_unknown_call_gets_the_stand_in_only_where_signatures_are_wanted() -> None:
     elsewhere = ThoughtSignatures("api.openai.com")
     plain = _history(_call(None, "weather", WEATHER_ARGS, None))

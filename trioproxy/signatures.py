@@ -8,11 +8,12 @@ the call back as it got it; an Ollama client cannot: Ollama's tool calls have no
 remembers each signature and puts it back on the call when a history brings it again.
 
 A signature is found again only in its own turn: by the model, the client (its name
-under ``PROXY_API_KEYS``), and the messages from the turn's user message up to the call
+under ``PROXY_API_KEYS``), and the messages from the turn's user message (one with text:
+not the images of a tool's answer, which the proxy moves into a user message) up to the call
 (as the client sent them), then the call's id or its function and arguments. Another
 model never gets it, nor another client named by its key; without client keys, two
 conversations that are word for word the same in that turn, call included, may share
-one (Gemini takes another's signature for the same call in the same turn). A system
+one. A system
 prompt that changes between turns (a date in it, retrieved context) costs nothing.
 
 A call whose signature is not known (another ``--workers`` worker's, from before a
@@ -84,7 +85,7 @@ class ThoughtSignatures:
             if not isinstance(message, dict):
                 continue
             role = message.get("role")
-            if role == "user":  # a turn starts: what came before is not in its key
+            if _starts_turn(message):  # what came before is not in its key
                 turn = hashlib.sha256(scope)
             # the message as the client sent it, before a signature is put back: one
             # signature lost (forgotten, another worker's) costs no other
@@ -148,6 +149,21 @@ class ThoughtSignatures:
         while self._bytes > self._max_bytes and self._held:
             dropped_key, dropped = self._held.popitem(last=False)
             self._bytes -= _entry_bytes(dropped_key, dropped)
+
+
+def _starts_turn(message: dict[str, Any]) -> bool:
+    """A user message with text starts a turn; one of images only does not: the proxy
+    moves a tool answer's images into such a message (OpenAI takes images from users
+    only), and two steps that saw the same screenshot must not share a key."""
+    if message.get("role") != "user":
+        return False
+    content = message.get("content")
+    if isinstance(content, str):
+        return bool(content)
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") == "text" and part.get("text")
+        for part in content
+    )
 
 
 def _has_tool_calls(messages: list[Any]) -> bool:
