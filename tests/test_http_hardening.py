@@ -361,6 +361,13 @@ def test_a_body_that_stalls_frees_its_slot_after_client_body_timeout(
     assert b"stalled: no bytes for 1 s" in answer
     chat = {"model": "demo-chat", "stream": False, **CHAT}
     assert httpx.post(proxy.url + "/api/chat", json=chat, timeout=5).status_code == 200
+    # a review: Quart's routes waited 300 s for a body announced and never sent
+    with socket.create_connection((host, int(port)), timeout=10) as silent:
+        silent.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        answer = silent.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 5
 
 
 def test_a_reply_the_client_never_took_is_not_counted_as_served(

@@ -217,7 +217,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.settings = settings
     app.config.update(
         RESPONSE_TIMEOUT=None,
-        BODY_TIMEOUT=ProxyApp.body_timeout,
+        # Quart's routes (model lists, show, metrics, Responses by id) take small bodies: a
+        # GET announcing one that never came was held for the proxy routes' 300 s
+        BODY_TIMEOUT=settings.client_body_timeout,
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         PROVIDE_AUTOMATIC_OPTIONS=True,
         JSON_SORT_KEYS=False,
