@@ -186,7 +186,15 @@ def test_openmetrics_when_asked(accept: str) -> None:
     assert sum(s.value for s in fams["http_requests"].samples) == 5
 
 
-@pytest.mark.parametrize("accept", [None, "", "*/*", "text/plain", "application/json"])
+@pytest.mark.parametrize(
+    "accept",
+    [
+        None, "", "*/*", "text/plain", "application/json",
+        # a review: prometheus_client compares a quoted version as a string (a 500)
+        'application/openmetrics-text; version="1.0.0"', 'text/plain; version="0.0.4"',
+        "application/openmetrics-text; version=abc",
+    ],
+)  # fmt: skip
 def test_text_format_by_default(accept: str | None) -> None:
     _, ctype = MetricsCollector(system_enabled=False).render_prometheus(accept)
     assert ctype == "text/plain; version=0.0.4; charset=utf-8"

@@ -1183,5 +1183,10 @@ class _Families:
 
 
 def render(families: list[Metric], accept: str | None) -> tuple[bytes, str]:
-    encoder, content_type = choose_encoder(accept or "")
+    try:
+        encoder, content_type = choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        # prometheus_client compares a quoted version ('version="1.0.0"') as a string
+        # with a number: the text format every scraper reads, not a 500
+        encoder, content_type = choose_encoder("")
     return encoder(_Families(families)), content_type
