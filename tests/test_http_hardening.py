@@ -661,3 +661,19 @@ def test_a_refused_request_with_a_small_body_keeps_its_connection(
     assert _connections_used(guarded_proxy.url, refused) == 1
     elsewhere = [("POST", "/v1/nothing", b"x" * 200_000, {}), ("POST", "/api/tags", b"{}", {})]
     assert _connections_used(proxy.url, elsewhere * 3) == 1  # 404 and 405 through Quart
+
+
+def test_a_websocket_handshake_is_a_400_in_dialect_not_a_500(guarded_proxy: ServerProcess) -> None:
+    """An HTTP-surface fuzzing review: hypercorn handed an upgrade to Quart as a websocket,
+    whose error handling failed outside a request: a 500 and two tracebacks for anyone,
+    without a key. No route speaks WebSocket."""
+    upgrade = (
+        "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    for path, dialect in (("/api/tags", str), ("/v1/models", dict)):
+        answer = _raw(guarded_proxy.url, f"GET {path} HTTP/1.1\r\n{upgrade}".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert isinstance(json.loads(body)["error"], dialect)
+    assert "Traceback" not in guarded_proxy.log()

@@ -46,6 +46,7 @@ from .config import (
 from .errors import ProxyError, body_too_large_message, scrub
 from .exchange import (
     CLIENT_RETRIES_NAME,
+    JSON,
     OVERHEAD_HEADER,
     AccessLine,
     Call,
@@ -148,8 +149,35 @@ _EXPOSED_HEADERS = (
 )
 
 
+class RefusedWebsocket:
+    """No route speaks WebSocket. hypercorn hands an upgrade request to Quart as a
+    websocket, and its error handling then failed outside a request context: a 500 and
+    two tracebacks per handshake, with a key or without. The handshake is answered 400 in
+    the caller's dialect (hypercorn's ``websocket.http.response``), counted and logged as
+    a request refused before any route."""
+
+    def __init__(self, app: ProxyApp, scope: Any) -> None:
+        self.app, self.scope = app, scope
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        await receive()  # websocket.connect
+        app, path = self.app, self.scope.get("path") or "/"
+        record_protocol_refusal(app.collector, app.settings.access_log, 400, "websocket")
+        if "websocket.http.response" not in self.scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1003})  # a 403 before accepting
+            return
+        reply = error_reply(
+            path, "this server speaks no WebSocket: send the request without Upgrade", 400
+        )
+        body: bytes = reply.body  # type: ignore[assignment]
+        headers = [(b"content-type", JSON.encode()), (b"content-length", b"%d" % len(body))]
+        await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
 class ProxyApp(QuartTrio):
     asgi_http_class = TrackedHTTPConnection
+    asgi_websocket_class = RefusedWebsocket  # type: ignore[assignment]
 
     settings: Settings
     collector: MetricsCollector

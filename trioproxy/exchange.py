@@ -338,10 +338,15 @@ def _unfinished(status: int, metric: RequestMetrics | None) -> str:
     return "client left"
 
 
-def record_protocol_refusal(collector: MetricsCollector, access_log_on: bool, status: int) -> None:
+def record_protocol_refusal(
+    collector: MetricsCollector,
+    access_log_on: bool,
+    status: int,
+    reason: str = "malformed request",
+) -> None:
     """A request the server refused before the app saw it (a malformed head: see
-    hypercorn_patches 9): counted and logged as one request to no known route, since its
-    method and path are unknown or not to be trusted."""
+    hypercorn_patches 9; a WebSocket handshake): counted and logged as one request to no
+    known route, since its method and path are unknown or not to be trusted."""
     if collector.enabled:
         metric = RequestMetrics("", "-")
         metric.status_code = status
@@ -349,7 +354,7 @@ def record_protocol_refusal(collector: MetricsCollector, access_log_on: bool, st
         collector.request_started()
         collector.request_finished(metric)
     if access_log_on:
-        access_log.info("- - %d 0.0 ms 0 B (refused: malformed request)", status)
+        access_log.info("- - %d 0.0 ms 0 B (refused: %s)", status, reason)
 
 
 STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping
