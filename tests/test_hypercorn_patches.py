@@ -550,3 +550,20 @@ def test_empty_lines_behind_a_response_are_no_whole_head() -> None:
     assert _holds_a_whole_head(b"\r\nGET / HTTP/1.1\nHost: x\n\n")
     for partial in (b"\r\n\r\n", b"\n\n", b"\r\n\r\nGET / HTTP/1.1\r\nHo", b"GET / HT"):
         assert not _holds_a_whole_head(partial), partial
+
+
+def test_bytes_after_a_request_that_said_close_are_no_request(proxy: ServerProcess) -> None:
+    """An HTTP-surface fuzzing review: h11 took bytes after a ``Connection: close`` request
+    (a CRLF after the body, a request pipelined behind) for a protocol error, and the
+    client got a bare 400 in place of the app's answer. RFC 9112 9.6: no further request
+    is processed on such a connection."""
+    close = b"Host: x\r\nConnection: close\r\n"
+    pipelined = b"GET /api/version HTTP/1.1\r\n" + close + b"\r\nGET /api/tags HTTP/1.1\r\n\r\n"
+    answer = _exchange(proxy.url, pipelined)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.count(b"HTTP/1.1 ") == 1
+    assert b'"version"' in answer
+    body = b'{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}'
+    head = b"POST /v1/chat/completions HTTP/1.1\r\n" + close
+    head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    answer = _exchange(proxy.url, head + body + b"\r\n")  # as some older clients send
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"chat.completion" in answer

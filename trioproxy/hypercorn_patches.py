@@ -83,6 +83,17 @@ request cancellation, and its cost per request.
     after its body (as some older clients send) with ``400`` for the next "request" and
     closed the connection. Up to ``MAX_EMPTY_LINES`` are skipped; more are still a 400.
 
+12. **Status lines carry their reason phrase** (``HTTP/1.1 404 Not Found``, as Ollama's and
+    OpenAI's servers send): hypercorn gave h11 none, so every status line ended in a bare
+    space, and clients that show the phrase (requests' ``raise_for_status``, fetch's
+    ``statusText``, curl) showed nothing. A status without a registered phrase keeps none.
+
+13. **Bytes after a request that said ``Connection: close`` are dropped.** h11 took them
+    (a CRLF some clients send after a body, a body longer than its Content-Length, a
+    request pipelined behind) for a protocol error, and hypercorn answered a bare 400 in
+    place of the app's answer. RFC 9112 9.6: a server does not process further requests
+    on such a connection; it answers the one it has and closes.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -532,6 +543,12 @@ MAX_EMPTY_LINES = 4
 _original_idle_client_reader = h11_readers.READERS[(h11.CLIENT, h11.IDLE)]
 
 
+def _nothing_after_close(buf: Any) -> None:
+    """The reader of a client that said ``Connection: close`` (h11's MUST_CLOSE): what
+    else it sends is no request, and not an error either."""
+    buf.maybe_extract_at_most(len(buf))
+
+
 def _read_request_after_empty_lines(buf: Any) -> Any:
     """h11's reader of a request-line and headers, past a few empty lines before them:
     each one h11 takes out of the buffer and reports as a missing request line."""
@@ -557,3 +574,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     protocol_wrapper.ProtocolWrapper.handle = _handle_http11_only  # type: ignore[method-assign]
     h11_protocol.H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     h11_readers.READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines
+    h11_readers.READERS[(h11.CLIENT, h11.MUST_CLOSE)] = _nothing_after_close
