@@ -200,6 +200,11 @@ def test_request_id_generated(http: httpx.Client, path: str) -> None:
     # an unusable incoming id (spaces, too long) is replaced, not echoed
     response = http.request(method, path, headers={"X-Request-ID": "bad id " + "x" * 200})
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+    # two of them: the first, on every route alike (a review: the proxy routes took the last)
+    twice = [("X-Request-ID", "first-id-1"), ("X-Request-ID", "second-id-2")]
+    content = b"{}" if method == "POST" else None
+    response = http.request(method, path, headers=twice, content=content)
+    assert response.headers["x-request-id"] == "first-id-1"
 
 
 def test_proxy_overhead_header(http: httpx.Client) -> None:

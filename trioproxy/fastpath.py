@@ -182,11 +182,13 @@ class Admission:
 
 
 def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers the proxy routes read, each the first of its name, as Quart's routes
+    read them (two X-Request-IDs were the last one here, the first there)."""
     found: dict[str, str] = {}
     for name, value in raw:
         name = name.lower()
         if name in _WANTED_HEADERS:
-            found[name.decode("latin-1")] = value.decode("latin-1")
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return found
 
 
