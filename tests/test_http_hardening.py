@@ -677,3 +677,46 @@ def test_a_websocket_handshake_is_a_400_in_dialect_not_a_500(guarded_proxy: Serv
         assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert isinstance(json.loads(body)["error"], dialect)
     assert "Traceback" not in guarded_proxy.log()
+
+
+def test_a_handshake_the_server_refuses_itself_closes_its_connection(
+    guarded_proxy: ServerProcess,
+) -> None:
+    """A review: an invalid WebSocket handshake got hypercorn's bare 400 and its connection
+    stayed open for ever (any client could hold sockets so)."""
+    host, port = guarded_proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+        received = b""
+        while chunk := sock.recv(65536):  # ends when the server closes: not a timeout
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400 "), received
+
+
+@pytest.mark.parametrize(
+    ("path", "dialect"),
+    [("/llm/v1/models", dict), ("/llm/api/tags", str), ("/v1/models", str)],  # outside: "/"
+)
+async def test_a_refused_handshake_speaks_the_dialect_below_the_mount_point(
+    path: str, dialect: type
+) -> None:
+    """A review: under a root_path the dialect was chosen by the path with its mount
+    point, so /llm/v1/models was refused in Ollama's words."""
+    from trioproxy.app import RefusedWebsocket, create_app
+    from trioproxy.config import Settings
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:1/v1"))
+    scope = {"path": path, "root_path": "/llm", "extensions": {"websocket.http.response": {}}}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await RefusedWebsocket(app, scope)(receive, send)  # type: ignore[arg-type]
+    start, body = sent
+    assert start["status"] == 400
+    assert isinstance(json.loads(body["body"])["error"], dialect)

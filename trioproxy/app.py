@@ -162,6 +162,9 @@ class RefusedWebsocket:
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         await receive()  # websocket.connect
         app, path = self.app, self.scope.get("path") or "/"
+        root = self.scope.get("root_path", "").rstrip("/")
+        if root:  # the dialect by the path below the mount point, as for HTTP
+            path = path[len(root) :] if path.startswith(root + "/") else "/"
         record_protocol_refusal(app.collector, app.settings.access_log, 400, "websocket")
         if "websocket.http.response" not in self.scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1003})  # a 403 before accepting

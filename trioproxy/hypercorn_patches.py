@@ -94,6 +94,12 @@ request cancellation, and its cost per request.
     place of the app's answer. RFC 9112 9.6: a server does not process further requests
     on such a connection; it answers the one it has and closes.
 
+14. **A WebSocket handshake hypercorn refuses itself closes its connection.** An invalid
+    handshake (no ``Sec-WebSocket-Key``, another version, a body) got hypercorn's bare
+    400 with ``Connection: close``, and the connection then stayed open for ever: its
+    stream never said it had ended. (A valid one reaches the app, which refuses it:
+    ``app.RefusedWebsocket``.)
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -114,10 +120,11 @@ import h11
 import h11._readers as h11_readers
 import hypercorn.protocol as protocol_wrapper
 import hypercorn.protocol.h11 as h11_protocol
+import hypercorn.protocol.ws_stream as ws_stream
 import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, RawData, Updated
-from hypercorn.protocol.events import Body, EndBody
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 
 from .netstream import send_what_fits
@@ -543,6 +550,17 @@ MAX_EMPTY_LINES = 4
 _original_idle_client_reader = h11_readers.READERS[(h11.CLIENT, h11.IDLE)]
 
 
+_original_ws_handle = ws_stream.WSStream.handle
+
+
+async def _ws_handle(self: Any, event: Any) -> None:
+    closed = self.closed
+    await _original_ws_handle(self, event)
+    if self.closed and not closed and type(event) is not StreamClosed:
+        # hypercorn answered the handshake itself (400/404) and stopped there
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+
 def _nothing_after_close(buf: Any) -> None:
     """The reader of a client that said ``Connection: close`` (h11's MUST_CLOSE): what
     else it sends is no request, and not an error either."""
@@ -575,3 +593,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     h11_protocol.H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     h11_readers.READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines
     h11_readers.READERS[(h11.CLIENT, h11.MUST_CLOSE)] = _nothing_after_close
+    ws_stream.WSStream.handle = _ws_handle  # type: ignore[method-assign]
