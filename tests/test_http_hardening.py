@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import itertools
 import json
+import logging
 import re
 import signal
 import socket
@@ -720,3 +721,29 @@ async def test_a_refused_handshake_speaks_the_dialect_below_the_mount_point(
     start, body = sent
     assert start["status"] == 400
     assert isinstance(json.loads(body["body"])["error"], dialect)
+
+
+async def test_a_refused_handshake_logs_the_bytes_of_its_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review: the access line of a refused handshake said ``0 B`` though its 400 body
+    went out."""
+    from trioproxy.app import RefusedWebsocket, create_app
+    from trioproxy.config import Settings
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:1/v1", access_log=True))
+    scope = {"path": "/api/tags", "extensions": {"websocket.http.response": {}}}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO, logger="trioproxy.access"):
+        await RefusedWebsocket(app, scope)(receive, send)  # type: ignore[arg-type]
+    size = len(sent[1]["body"])
+    assert size > 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "trioproxy.access"]
+    assert lines == [f"- - 400 0.0 ms {size} B (refused: websocket)"]

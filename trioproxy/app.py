@@ -165,8 +165,8 @@ class RefusedWebsocket:
         root = self.scope.get("root_path", "").rstrip("/")
         if root:  # the dialect by the path below the mount point, as for HTTP
             path = path[len(root) :] if path.startswith(root + "/") else "/"
-        record_protocol_refusal(app.collector, app.settings.access_log, 400, "websocket")
         if "websocket.http.response" not in self.scope.get("extensions", {}):
+            record_protocol_refusal(app.collector, app.settings.access_log, 403, "websocket")
             await send({"type": "websocket.close", "code": 1003})  # a 403 before accepting
             return
         reply = error_reply(
@@ -174,8 +174,13 @@ class RefusedWebsocket:
         )
         body: bytes = reply.body  # type: ignore[assignment]
         headers = [(b"content-type", JSON.encode()), (b"content-length", b"%d" % len(body))]
-        await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        sent = 0
+        try:
+            await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+            sent = len(body)
+        finally:  # counted whatever became of the answer
+            record_protocol_refusal(app.collector, app.settings.access_log, 400, "websocket", sent)
 
 
 class ProxyApp(QuartTrio):

@@ -343,18 +343,21 @@ def record_protocol_refusal(
     access_log_on: bool,
     status: int,
     reason: str = "malformed request",
+    sent: int = 0,
 ) -> None:
     """A request the server refused before the app saw it (a malformed head: see
     hypercorn_patches 9; a WebSocket handshake): counted and logged as one request to no
-    known route, since its method and path are unknown or not to be trusted."""
+    known route, since its method and path are unknown or not to be trusted. ``sent``:
+    the body bytes of the refusal, where the app wrote it."""
     if collector.enabled:
         metric = RequestMetrics("", "-")
         metric.status_code = status
+        metric.response_size = sent
         metric.finish()
         collector.request_started()
         collector.request_finished(metric)
     if access_log_on:
-        access_log.info("- - %d 0.0 ms 0 B (refused: %s)", status, reason)
+        access_log.info("- - %d 0.0 ms %d B (refused: %s)", status, sent, reason)
 
 
 STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping
