@@ -270,3 +270,17 @@ def test_an_empty_line_after_a_body_is_not_a_refused_request(
     assert answer.count(b"HTTP/1.1 200 ") == 2 and b"HTTP/1.1 400" not in answer, answer[-300:]
     wait_for(lambda: total(scrape(proxy.url), "http_requests_total", endpoint="api_chat") == 1)
     assert total(scrape(proxy.url), "http_requests_total", status="400") == 0
+
+
+@pytest.mark.parametrize("path", ["/", "/api/tags", "/v1/models", "/health"])
+def test_a_head_request_logs_no_body_bytes(
+    demo_backend: ServerProcess, start_proxy: StartProxy, path: str
+) -> None:
+    """A review: the answer to a HEAD went out without its body, but its access line
+    said the body's size."""
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    request_id = "head-" + path.replace("/", "-")
+    answer = httpx.head(proxy.url + path, headers={"X-Request-ID": request_id}, timeout=5)
+    assert answer.status_code == 200 and answer.content == b""
+    (line,) = [line for line in lines_of(proxy, request_id) if "trioproxy.access" in line]
+    assert f" HEAD {path} 200 " in line and line.endswith(" 0 B"), line

@@ -229,8 +229,11 @@ class Tracked:
         finally:
             if self.send.finished and write_cut.get():
                 self.send.finished = False  # handed to the server, but never delivered whole
-            if not self.send.finished and self._scope is not None:
-                self._note_refusal(self._scope.get(REFUSED_MID_REQUEST))
+            if self._scope is not None:
+                if not self.send.finished:
+                    self._note_refusal(self._scope.get(REFUSED_MID_REQUEST))
+                if self._scope.get("method") == "HEAD":
+                    self.send.sent = 0  # the server drops the body of a HEAD's answer
             metric = self.state.metric
             if metric is not None:
                 by_proxy = _stopped_at_once or write_cut_by_shutdown.get()
