@@ -747,3 +747,45 @@ async def test_a_refused_handshake_logs_the_bytes_of_its_answer(
     assert size > 0
     lines = [r.getMessage() for r in caplog.records if r.name == "trioproxy.access"]
     assert lines == [f"- - 400 0.0 ms {size} B (refused: websocket)"]
+
+
+@pytest.mark.parametrize(
+    ("path", "dialect"),
+    [
+        ("/api/chat", str),  # the fast path
+        ("/v1/chat/completions", dict),
+        ("/api/show", str),  # served through Quart
+        ("/v1/responses", dict),
+    ],
+)
+def test_a_compressed_request_body_is_a_415_that_says_so(
+    proxy: ServerProcess, path: str, dialect: type
+) -> None:
+    """A review: a gzip request body was read as it came and refused as "invalid JSON"
+    (a 400 that sent the client looking for a JSON mistake)."""
+    body = gzip.compress(json.dumps({"model": "demo-chat", "messages": []}).encode())
+    coded = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    with httpx.Client(limits=httpx.Limits(max_connections=1), timeout=10) as client:
+        answer = client.post(proxy.url + path, content=body, headers=coded)
+        assert answer.status_code == 415, answer.text
+        assert answer.headers["accept-encoding"] == "identity"
+        error = answer.json()["error"]
+        assert isinstance(error, dialect)
+        assert "Content-Encoding 'gzip'" in (error if isinstance(error, str) else error["message"])
+        # the small refused body was read and dropped: the connection serves the next one
+        plain = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+        again = client.post(
+            proxy.url + "/api/chat", json=plain, headers={"Content-Encoding": "identity"}
+        )
+        assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize(
+    ("header", "refused"),
+    [(None, False), ("", False), ("identity", False), (" Identity ", False),
+     ("gzip", True), ("identity, br", True), ("x-anything", True)],
+)  # fmt: skip
+def test_which_content_encodings_are_refused(header: str | None, refused: bool) -> None:
+    from trioproxy.errors import CodedRequestBody
+
+    assert (CodedRequestBody.refusing(header) is not None) is refused

@@ -43,7 +43,7 @@ from .config import (
     load_settings,
     redact_url,
 )
-from .errors import ProxyError, body_too_large_message, scrub
+from .errors import CodedRequestBody, ProxyError, body_too_large_message, scrub
 from .exchange import (
     CLIENT_RETRIES_NAME,
     JSON,
@@ -340,6 +340,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
 
 async def current_call() -> Call:
     """The ``Call`` for a request Quart is serving (the body read within Quart's limits)."""
+    coded = CodedRequestBody.refusing(request.headers.get("Content-Encoding"))
+    if coded is not None:
+        raise coded
     return Call(request_app(), request_state(), request.path, await request.get_data())
 
 

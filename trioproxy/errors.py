@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .content_coding import codings_of
 from .jsonutil import loads
 
 # the types OpenAI's API itself writes (a wrong key and an unknown model are
@@ -56,6 +57,28 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     code = "invalid_request"
+
+
+class CodedRequestBody(ProxyError):
+    """A request body sent in a Content-Encoding (gzip...): the proxy reads every body
+    (model, stream, messages) and decodes none, as Ollama does not: a 415 that says so
+    (RFC 9110 15.5.16) rather than "invalid JSON"."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+    @classmethod
+    def refusing(cls, header: str | None) -> CodedRequestBody | None:
+        """The refusal of a body sent in ``header``'s codings; None for none (or
+        ``identity``, which changes nothing)."""
+        codings = codings_of(header) if header else None
+        if not codings:
+            return None
+        return cls(
+            f"the request body is sent in Content-Encoding {', '.join(codings)[:64]!r}: "
+            "send it uncompressed (no Content-Encoding)",
+            headers={"Accept-Encoding": "identity"},  # RFC 9110 12.5.3: what would be read
+        )
 
 
 class NotFound(ProxyError):

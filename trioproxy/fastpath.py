@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
-from .errors import ProxyError, ServerBusy, body_too_large_message
+from .errors import CodedRequestBody, ProxyError, ServerBusy, body_too_large_message
 from .exchange import (
     CLIENT_RETRIES_HEADER,
     CLIENT_RETRIES_NAME,
@@ -46,7 +46,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioproxy")
 
 _WANTED_HEADERS = frozenset(
-    {b"x-request-id", b"content-length", b"origin", b"authorization", CLIENT_RETRIES_HEADER}
+    {
+        b"x-request-id",
+        b"content-length",
+        b"content-encoding",
+        b"origin",
+        b"authorization",
+        CLIENT_RETRIES_HEADER,
+    }
 )
 _WATCHER_GRACE_SECONDS = 1.0
 Header = tuple[bytes, bytes]
@@ -103,6 +110,9 @@ async def serve(
                         slots.client = client
                 if not slots.admitted:
                     raise ServerBusy(app.admission.limit)
+                coded = CodedRequestBody.refusing(headers.get("content-encoding"))
+                if coded is not None:
+                    raise coded
                 body = await _read_body(app, receive, headers.get("content-length"))
                 if state.metric is not None:  # a slow upload is not the proxy's overhead
                     state.metric.body_wait_ms = state.metric.elapsed_ms()
