@@ -284,3 +284,22 @@ def test_a_head_request_logs_no_body_bytes(
     assert answer.status_code == 200 and answer.content == b""
     (line,) = [line for line in lines_of(proxy, request_id) if "trioproxy.access" in line]
     assert f" HEAD {path} 200 " in line and line.endswith(" 0 B"), line
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_stream_left_before_the_backend_answered_logs_499(
+    demo_backend: ServerProcess, start_proxy: StartProxy, path: str
+) -> None:
+    """A chaos review: a stream whose client left while the proxy waited to retry the
+    backend was logged with status ``-``, while the metrics recorded 499."""
+    proxy = start_proxy(
+        demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO", MAX_RETRIES="2", RETRY_BACKOFF="5"
+    )
+    request_id = "left-waiting" + path.replace("/", "-")
+    content = f"leave me {path} [[fail_first=3]]"
+    messages = [{"role": "user", "content": content}]
+    body = {"model": "demo-chat", "stream": True, "messages": messages}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(proxy.url + path, json=body, headers={"X-Request-ID": request_id}, timeout=0.5)
+    (line,) = [line for line in lines_of(proxy, request_id) if "trioproxy.access" in line]
+    assert f" POST {path} 499 " in line and line.endswith(" 0 B (cancelled)"), line

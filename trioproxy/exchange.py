@@ -315,7 +315,9 @@ class AccessLine:
         self, status: int, send: CountingSend, metric: RequestMetrics | None, client: str = ""
     ) -> None:
         outcome = metric.stream_outcome if metric is not None and metric.streaming else None
-        if metric is not None and metric.status_code:
+        if metric is not None and (metric.status_code or outcome):
+            # a stream its client left before the backend answered has no status yet:
+            # the one its outcome means (499), as the metrics record it
             status = effective_status(metric.status_code, outcome)
         if not send.finished and outcome is None:
             outcome = _unfinished(status, metric)
