@@ -789,3 +789,46 @@ def test_which_content_encodings_are_refused(header: str | None, refused: bool) 
     from trioproxy.errors import CodedRequestBody
 
     assert (CodedRequestBody.refusing(header) is not None) is refused
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/copy"),
+     ("POST", "/api/create"), ("POST", "/api/push")],
+)  # fmt: skip
+def test_a_refused_model_management_call_keeps_its_connection(
+    proxy: ServerProcess, method: str, path: str
+) -> None:
+    """A review replaying Open WebUI's and n8n's calls: these 501s were answered before
+    their body arrived, and the server then closed the connection without saying so:
+    ollama-python's and ollama-js's next request on it failed ("Server disconnected")."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = b'{"model": "demo-chat:latest", "source": "a", "destination": "b"}'
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        time.sleep(0.05)  # the body after the head, as over a real network
+        sock.sendall(body)
+        refusal = _one_answer(sock)
+        assert refusal.startswith(b"HTTP/1.1 501 "), refusal
+        time.sleep(0.05)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # the client's next request
+        assert _one_answer(sock).endswith(b"Ollama is running")
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """One whole answer with a Content-Length from ``sock``; fails if the connection ends."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection was closed: {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection was closed: {received!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body

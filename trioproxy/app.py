@@ -548,7 +548,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
         reply = proxy_error_reply(
             error, _shown_path(request), settings.backend_secrets, request_state()
         )
-        if await _body_left_unread(error.status):
+        if await body_left_unread(error.status):
             reply.headers = {**reply.headers, "Connection": "close"}
         return reply_response(reply)
 
@@ -558,7 +558,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
         message = _http_error_message(status, error)
         allowed = getattr(error, "valid_methods", None)  # a 405 must say what is allowed
         headers = {"Allow": ", ".join(allowed)} if allowed else {}
-        if await _body_left_unread(status):
+        if await body_left_unread(status):
             headers["Connection"] = "close"
         return reply_response(error_reply(_shown_path(request), message, status, headers=headers))
 
@@ -570,7 +570,7 @@ def _register_error_handlers(app: ProxyApp) -> None:
         return reply_response(internal_error_reply(_shown_path(request)))
 
 
-async def _body_left_unread(status: int) -> bool:
+async def body_left_unread(status: int) -> bool:
     """Whether an error reply goes out with the request's body unread: hypercorn then
     closes the connection, and the reply must say so (a pooling client would reuse it and
     fail). A body that arrives within a second (under the size limit) is read and dropped

@@ -18,7 +18,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from . import translate as tr
-from .app import current_call, quart_route
+from .app import body_left_unread, current_call, quart_route
 from .catalog import backend_name_for, listed_entry
 from .config import Settings
 from .errors import (
@@ -451,4 +451,7 @@ for _path, _handler in FAST_ROUTES.items():
 @blueprint.route("/api/blobs/<path:digest>", methods=["POST", "HEAD"])
 async def model_management(digest: str | None = None) -> Response:
     body = error_body_for(request.path, MODEL_MANAGEMENT, 501)
-    return Response(body, status=501, content_type="application/json")
+    response = Response(body, status=501, content_type="application/json")
+    if await body_left_unread(501):  # else the next request on the connection found it closed
+        response.headers["Connection"] = "close"
+    return response
