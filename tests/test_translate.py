@@ -1192,6 +1192,36 @@ def test_stream_no_tokens_durations() -> None:
     assert t.first_token_ns is None
 
 
+@pytest.mark.parametrize("usage", [True, False])
+def test_stream_whose_tokens_came_at_once_has_an_eval_duration(usage: bool) -> None:
+    """A review replaying Open WebUI: a backend that sent the whole answer in one chunk (or
+    ignored ``stream``) made ``eval_count`` 7 with ``eval_duration`` 0: a script computing
+    tokens per second divided by zero. The wait then holds the generation, as the whole
+    wait of a non-stream answer is its eval_duration."""
+    t = _translator()
+    t.feed(_chunk({"content": "the whole answer at once"}, finish="stop"), 3_000)
+    if usage:
+        t.feed(
+            _chunk({}, empty_choices=True, usage={"prompt_tokens": 5, "completion_tokens": 7}),
+            3_000,
+        )
+    final = t.finish(3_100)
+    assert final["eval_count"] == (7 if usage else 1)
+    assert final["eval_duration"] == 2_000 and final["prompt_eval_duration"] == 0
+    assert final["total_duration"] == 2_100
+
+
+def test_stream_of_a_tool_call_alone_has_an_eval_duration() -> None:
+    t = _translator()
+    call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}
+    t.feed(_chunk({"tool_calls": [call]}, finish="tool_calls"), 2_500)
+    t.feed(
+        _chunk({}, empty_choices=True, usage={"prompt_tokens": 5, "completion_tokens": 9}), 2_600
+    )
+    final = t.finish(2_700)
+    assert final["eval_count"] == 9 and final["eval_duration"] > 0
+
+
 def test_stream_finish_once() -> None:
     t = _translator()
     t.finish(2_000)

@@ -1485,19 +1485,24 @@ class OllamaStreamTranslator(_StreamStats):
         line = self._line("", "", self._take_tool_calls() if self._tool_calls else None)
         first = self.first_token_ns if self.first_token_ns is not None else now_ns
         last = self.last_token_ns if self.last_token_ns is not None else first
+        eval_count = (
+            self.completion_tokens if self.completion_tokens is not None else self.content_chunks
+        )
+        prompt_ns, eval_ns = max(0, int(first - self.start_ns)), max(0, int(last - first))
+        if eval_count and not eval_ns:
+            # the tokens came at once (a backend that does not stream, a tool call alone):
+            # the wait holds the generation too, as in a non-stream answer, whose whole wait
+            # is eval_duration; so no client divides eval_count by a zero duration
+            prompt_ns, eval_ns = 0, prompt_ns
         line.update(
             done=True,
             done_reason=_done_reason(self.finish_reason),
             total_duration=max(0, int(now_ns - self.start_ns)),
             load_duration=0,
             prompt_eval_count=self.prompt_tokens or 0,
-            prompt_eval_duration=max(0, int(first - self.start_ns)),
-            eval_count=(
-                self.completion_tokens
-                if self.completion_tokens is not None
-                else self.content_chunks
-            ),
-            eval_duration=max(0, int(last - first)),
+            prompt_eval_duration=prompt_ns,
+            eval_count=eval_count,
+            eval_duration=eval_ns,
         )
         return line
 
