@@ -1628,6 +1628,12 @@ _WRONG_SHAPES = {
         "role": "assistant", "content": None, "refusal": "I can't help with that"}}]}),
     # not JSON at all
     "cut-short": '{"id": "c1", "object": "chat.completion", "choi',
+    # cut at a brace where the backend closed the connection: no framing told its end
+    "cut-at-a-brace-by-close": '{"id": "c1", "object": "chat.completion", "choices": '
+        '[{"index": 0, "message": {"role": "assistant", "content": "x"}}',
+    "whole-by-close": json.dumps({"id": "c1", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "x"}}],
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]}),
     "empty-body": "",
     "html-page": "<html><body>Bad gateway</body></html>",
     "refuses-max-tokens": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
@@ -1747,7 +1753,11 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if request["model"].endswith("-by-close"):  # the body ends where the connection does
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
@@ -1786,6 +1796,23 @@ def test_a_2xx_body_that_is_no_json_object_is_a_502_on_v1_too(
     response = httpx.post(wrong_shape_proxy.url + path, json=body, timeout=10)
     assert response.status_code == 502, response.text
     assert "not a JSON object" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/completions"])
+def test_a_body_that_ended_with_its_connection_is_decoded_whole(
+    wrong_shape_proxy: ServerProcess, path: str
+) -> None:
+    """A chaos review: a body without Content-Length or chunked framing, cut by the
+    backend's close just after a ``}``, had a JSON object's ends and was relayed as a 200
+    the client could not read, counted as a success."""
+    body = {"prompt": "hi", "input": "hi", **_CHAT}
+    cut = httpx.post(
+        wrong_shape_proxy.url + path, json={**body, "model": "cut-at-a-brace-by-close"}
+    )
+    assert cut.status_code == 502, cut.text
+    assert "not a JSON object" in cut.json()["error"]["message"]
+    whole = httpx.post(wrong_shape_proxy.url + path, json={**body, "model": "whole-by-close"})
+    assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] == "x"
 
 
 def test_a_large_2xx_body_is_checked_by_its_ends() -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+import httpx
+
 from .errors import (
     BadRequest,
     BadUpstreamResponse,
@@ -227,7 +229,7 @@ _JSON_SPACE = b" \t\r\n"
 _BOM = b"\xef\xbb\xbf"
 
 
-def require_json_object(call: Call, content: bytes) -> None:
+def require_json_object(call: Call, content: bytes, *, delimited: bool = True) -> None:
     """A 2xx body relayed as bytes must be the JSON object the API promises: an empty,
     cut or HTML body would reach an OpenAI client as a success it cannot read. Its ends
     tell (decoding it whole to be sure would undo relaying it as bytes: 300 µs for a batch
@@ -239,13 +241,39 @@ def require_json_object(call: Call, content: bytes) -> None:
     API where an OpenAI one was expected) has the ends of one object: it is caught by its
     first line break when that falls within the first 64 KiB (:func:`_objects_on_lines`);
     an object split across lines further on, or a body whose depth is more than a JSON
-    decoder reads (1,024 levels), passes: only a whole decode would tell."""
+    decoder reads (1,024 levels), passes: only a whole decode would tell.
+
+    Not ``delimited``: a body that ended where the backend closed the connection (neither
+    a Content-Length nor chunked), so a cut one cannot be told from a whole one by its
+    framing: it is decoded whole (rare: HTTP/1.0-style servers)."""
     body = content.strip(_JSON_SPACE)  # C speed; a copy only when there is space
     if body.startswith(_BOM):
         body = body[len(_BOM) :].lstrip(_JSON_SPACE)  # a copy, for this rare body only
-    if len(body) < 2 or body[:1] != b"{" or body[-1:] != b"}" or _objects_on_lines(body):
+    if (
+        len(body) < 2
+        or body[:1] != b"{"
+        or body[-1:] != b"}"
+        or _objects_on_lines(body)
+        or (not delimited and not _decodes_whole(body))
+    ):
         call.app.collector.upstream_error("protocol")
         raise BadUpstreamResponse("the backend returned a body that is not a JSON object")
+
+
+def _decodes_whole(body: bytes) -> bool:
+    try:
+        loads(body)
+    except NestedTooDeeply:
+        return True  # too deep to tell, as for a framed body
+    except ValueError:  # cut, or not UTF-8
+        return False
+    return True
+
+
+def delimited_by_framing(response: httpx.Response) -> bool:
+    """Whether a body's end was announced (Content-Length, chunked), not just a close."""
+    headers = response.headers
+    return "content-length" in headers or "chunked" in headers.get("transfer-encoding", "")
 
 
 # how far the first line break is looked for (memchr: 0.6 µs; a whole 1.2 MB batch of

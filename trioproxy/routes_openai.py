@@ -26,6 +26,7 @@ from .errors import BadRequest, NotFound, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_raw,
+    delimited_by_framing,
     encode,
     json_object,
     note_model,
@@ -81,7 +82,7 @@ async def forward(
         return _stream_reply(call, result, watcher, rewrite, on_finish)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
-    require_json_object(call, content)
+    require_json_object(call, content, delimited=delimited_by_framing(result.response))
     _note_usage(call, content)
     if creates_response and body.get("background") is True:
         _owe_when_queued(app.ledger, content)
