@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
 import zlib
@@ -538,3 +539,66 @@ async def test_a_body_is_read_off_the_connection_and_a_gzipped_one_decoded_by_us
         assert b'"a"' in out
         raw = b"".join(part for part in direct_reads if part)
         assert raw.startswith(b"\x1f\x8b") and b'"a"' not in raw  # gzip, read raw
+
+
+async def test_a_line_sent_a_few_bytes_at_a_time_is_cut_by_the_idle_limit() -> None:
+    """A chaos review: a backend that sent one byte every 0.5 s after two events held the
+    stream open for ever, since every read reset the read timeout (the idle limit)."""
+    trickle: Script = [(0.1, b"d")] * 100  # 10 s of "data: ..." never ended
+    script: Script = [(0, ROLE), (0, token("a")), *trickle]
+    for make in (openai, ollama):
+        out, elapsed, _ = await run_relay(
+            script, make, stream_idle_timeout=0.5, stream_first_token_timeout=30
+        )
+        assert "no whole line for 0.5 s (STREAM_IDLE_TIMEOUT)" in last_error(out)
+        assert 0.45 < elapsed < 3
+
+
+async def test_keep_alive_comments_are_no_silence() -> None:
+    keep_alive: Script = [(0.2, b": keep-alive\n\n")] * 5  # 1 s of comments, each gap 0.2 s
+    script: Script = [(0, ROLE), (0, token("a")), *keep_alive, (0, token("b")), (0, DONE)]
+    out, _, _ = await run_relay(
+        script, openai, stream_idle_timeout=0.5, stream_first_token_timeout=30
+    )
+    assert out.endswith(DONE) and b'"error"' not in out
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b"data: {not json at all\n\n", "the backend sent an event that is not JSON"),
+        (token("a")[:-20] + b"\xff\xfe" + token("a")[-20:], "not valid UTF-8"),
+    ],
+)
+async def test_an_event_the_client_cannot_read_ends_a_relayed_stream_as_an_error(
+    bad: bytes, message: str
+) -> None:
+    """A chaos review: a ``data:`` that is no JSON, or bytes that are not UTF-8, were
+    relayed as they came (the openai SDK failed on them with a JSONDecodeError or a
+    UnicodeDecodeError) and the stream was counted as completed. Now the client gets the
+    stream's in-band error event instead, and the stream is an error."""
+    metric = RequestMetrics("/v1/chat/completions", "POST", streaming=True)
+    script: Script = [(0, ROLE), (0, token("a")), (0.05, bad), (0, token("b")), (0, DONE)]
+    out, _, _ = await run_relay(script, observed(OpenAIStreamObserver, metric))
+    assert message in last_error(out)
+    assert bad not in out and token("b") not in out
+    assert metric.stream_outcome == "error"
+
+
+async def test_a_done_with_something_after_it_is_no_broken_event() -> None:
+    script: Script = [(0, ROLE), (0, token("a")), (0, b"data: [DONE] \n\n"), (0, DONE)]
+    out, _, _ = await run_relay(script, openai)
+    assert out.endswith(DONE) and b'"error"' not in out
+
+
+async def test_a_failure_reported_mid_stream_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A chaos review: a failure the backend reported in a relayed stream after its first
+    token was counted as an error, but no line said so (a broken transport did)."""
+    chat_error = b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+    script: Script = [(0, ROLE), (0, token("a")), (0, chat_error), (0.05, chat_error)]
+    with caplog.at_level(logging.WARNING, logger="trioproxy.relay"):
+        await run_relay(script, openai)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["stream failed: the backend reported: overloaded"]

@@ -308,3 +308,25 @@ def test_a_large_event_in_many_reads_is_held_in_linear_time() -> None:
         assert len(held._parts[-1]) == 4096  # appended, never re-joined
     assert held.whole_events(b'"}\n\n', False).endswith(b'"}\n\n')
     assert not held
+
+
+def test_in_line_tells_a_read_that_ended_no_line() -> None:
+    parser = SSEParser()
+    parser.feed(b"data: a\n\ndat")
+    assert not parser.in_line  # a line ended in that read
+    parser.feed(b"a: b")
+    assert parser.in_line
+    assert parser.feed(b"\n\n") == [SSEEvent("b")] and not parser.in_line
+
+
+def test_strict_utf8_refuses_what_the_client_could_not_decode() -> None:
+    assert SSEParser().feed(b"data: \xff\n\n") == [SSEEvent("\ufffd")]  # lenient by default
+    strict = SSEParser(strict_utf8=True)
+    assert strict.feed(b"data: \xc3") == []  # half a character: not yet an error
+    assert strict.feed(b"\xa9\n\n") == [SSEEvent("\u00e9")]
+    with pytest.raises(SSEProtocolError, match="not valid UTF-8"):
+        strict.feed(b"data: \xff\n\n")
+    cut = SSEParser(strict_utf8=True)
+    cut.feed(b"data: \xc3")
+    with pytest.raises(SSEProtocolError, match="inside a UTF-8 character"):
+        cut.close()

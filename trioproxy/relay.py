@@ -59,6 +59,7 @@ class StreamObserver(TokenStats, Protocol):
     finish_reason: str | None  # the stream's own, once it told one
     must_end: bool  # a body ending before the stream's last event is a broken stream
     error: object  # what the backend said when it failed, if anything
+    malformed: bool  # an event came that is no JSON at all
 
     def feed_text(self, data: str, now_ns: int) -> None: ...
 
@@ -106,7 +107,15 @@ class _Reader:
     can ever be held open across the relay's ``yield``.
     """
 
-    __slots__ = ("_by_transport", "_held", "_next_part", "first_token_at", "idle", "token_seen")
+    __slots__ = (
+        "_by_transport",
+        "_held",
+        "_line_since",
+        "_next_part",
+        "first_token_at",
+        "idle",
+        "token_seen",
+    )
 
     def __init__(self, response: httpx.Response, settings: Settings, metric_start: float) -> None:
         already = time.perf_counter() - metric_start
@@ -120,6 +129,7 @@ class _Reader:
             stream.hold_read_timeout()
             self._held = stream
         self._next_part = body_reader(response)
+        self._line_since: float | None = None
 
     async def read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end; raises StreamTimeout."""
@@ -136,6 +146,21 @@ class _Reader:
         if scope.cancelled_caught:
             raise StreamTimeout(self.describe())
         return chunk
+
+    def line_dragging(self) -> None:
+        """The last read ended no line (the caller asks only after the first token): a
+        backend sending a few bytes at a time would never let the read timeout, the idle
+        limit, run out. So a line still unended ``idle`` s after the read that began it is
+        the same silence (raises StreamTimeout). Keep-alive comments end their lines."""
+        now = trio.current_time()
+        since = self._line_since
+        if since is None or now - since > self.idle + 1.0:
+            # (a gap that long since the last call: that call was for another line)
+            self._line_since = now
+        elif now - since > self.idle:
+            raise StreamTimeout(
+                f"the backend sent no whole line for {self.idle:g} s (STREAM_IDLE_TIMEOUT)"
+            )
 
     def saw_token(self) -> None:
         """The first token (or other progress) came: the idle limit applies from now on."""
@@ -255,6 +280,8 @@ async def relay_ollama(
                     elif not _looks_like_events(response, data):
                         raise _NotAStream(_not_a_stream(response))
                 events = [] if done else parser.feed(data)
+                if parser.in_line and reader.token_seen:
+                    reader.line_dragging()
             for event in events:
                 text = event.data
                 if text == SSE_DONE:
@@ -350,10 +377,11 @@ async def relay_openai(
     Once the stream's last event is out (``[DONE]``, or the Responses API's closing event),
     the rest of the backend's body is only drained, briefly: a backend that keeps the body
     open after it must not turn a finished stream into a timed-out one."""
-    parser = SSEParser(settings.max_response_bytes)  # an event as large as an answer
+    # an event as large as an answer; the client decodes what is relayed strictly
+    parser = SSEParser(settings.max_response_bytes, strict_utf8=True)
     reader = _Reader(response, settings, metric_start)
     error: str | None = None
-    sent = timed_out = finished = first = False
+    sent = timed_out = finished = first = failure_logged = False
     held = _HeldEvent()
     try:
         while (data := await reader.read()) is not None:
@@ -371,12 +399,25 @@ async def relay_openai(
                         data = error_fields_as_data(data)
                 else:
                     finished = True
+            if parser.in_line and reader.token_seen:
+                reader.line_dragging()
+            if observer.malformed:
+                # not relayed: the client's SDK would fail on it with a JSON error of its
+                # own (what came before it in this read is lost with it)
+                raise SSEProtocolError("the backend sent an event that is not JSON")
             if observer.failed:
                 if not sent and observer.first_token_ns is None:
                     raise _FailedAtOnce(observer.error)  # its first word was the failure
                 # the client learns of it with this read and may leave at once (the openai
                 # SDK raises and closes): the outcome must not wait for the end
                 _set_outcome(metric, "error")
+                if not failure_logged:
+                    failure_logged = True
+                    failure = _error_text(observer.error or FINISHED_WITH_ERROR)
+                    log.warning(
+                        "stream failed: the backend reported: %s",
+                        scrub(failure, settings.backend_secrets),
+                    )
             if observer.progressed and not reader.token_seen:
                 reader.saw_token()
             finished = finished or observer.ended

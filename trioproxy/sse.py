@@ -113,13 +113,22 @@ class SSEParser:
         "_pending_bytes",
         "_skip_lf",
         "_started",
+        "in_line",
     )
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(
+        self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, *, strict_utf8: bool = False
+    ) -> None:
         if max_line_bytes <= 0:
             raise ValueError("max_line_bytes must be positive")
         self._max = max_line_bytes
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # strict: bytes that are not UTF-8 are an SSEProtocolError (a stream relayed as it
+        # came, which its client decodes strictly), not U+FFFD
+        errors = "strict" if strict_utf8 else "replace"
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+        # the last fed bytes ended no line but added to one: a backend sending a line a few
+        # bytes at a time makes progress the reader cannot see (see relay's idle limit)
+        self.in_line = False
         # The incomplete last line, kept as pieces so a long line arriving in many small reads
         # costs O(n) instead of O(n^2) re-concatenation. Never contains CR or LF.
         self._pending: list[str] = []
@@ -134,7 +143,11 @@ class SSEParser:
 
     def feed(self, data: bytes) -> list[SSEEvent]:
         """Consume one read's worth of bytes; return the events it completed."""
-        return self._feed_text(self._decoder.decode(data))
+        try:
+            text = self._decoder.decode(data)
+        except UnicodeDecodeError:
+            raise SSEProtocolError("the event stream is not valid UTF-8") from None
+        return self._feed_text(text)
 
     @property
     def mid_event(self) -> bool:
@@ -148,7 +161,11 @@ class SSEParser:
         Strictly the spec discards an event not terminated by a blank line; we deliver it,
         because a backend that forgets the final blank line still meant to send it.
         """
-        events = self._feed_text(self._decoder.decode(b"", True))
+        try:
+            text = self._decoder.decode(b"", True)
+        except UnicodeDecodeError:
+            raise SSEProtocolError("the event stream ends inside a UTF-8 character") from None
+        events = self._feed_text(text)
         if self._pending:
             line = "".join(self._pending)
             self._pending.clear()
@@ -182,8 +199,10 @@ class SSEParser:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         elif "\n" not in text:
             self._append_pending(text)
+            self.in_line = True
             return events
 
+        self.in_line = False
         lines = text.split("\n")
         tail = lines.pop()
         if self._pending:

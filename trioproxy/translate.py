@@ -1191,11 +1191,28 @@ class _StreamStats:
         self.ended = False
         self.failed = False
         self.error: object = None  # what the backend said when it failed, if anything
+        # an event that is no JSON at all: the openai SDK fails on it, so a stream relayed
+        # as it came is broken there, whatever else the backend sends
+        self.malformed = False
         self._shapes = _ContentChunks()
 
     @property
     def usage_seen(self) -> bool:
         return self.completion_tokens is not None or self.prompt_tokens is not None
+
+    def _event(self, data: str) -> JSONDict | None:
+        """:func:`parse_chunk`, noting an event that is no JSON (``malformed``). A ``[DONE]``
+        with something after it is not one: the openai SDK ends a stream at any data that
+        starts so."""
+        try:
+            chunk = loads(data)
+        except NestedTooDeeply:
+            return None
+        except ValueError:
+            if not data.startswith("[DONE]"):
+                self.malformed = True
+            return None
+        return chunk if isinstance(chunk, dict) else None
 
     def _observe(self, chunk: JSONDict, now_ns: int) -> tuple[str, str, list[Any], JSONDict]:
         """Record one chunk; return (content, thinking, tool-call deltas, choice)."""
@@ -1274,7 +1291,7 @@ class OpenAIStreamObserver(_StreamStats):
         of a stream) is recognised without decoding it, anything else is decoded in full."""
         literal = self._shapes.content(data)
         if literal is None:
-            chunk = parse_chunk(data)
+            chunk = self._event(data)
             if chunk is not None:
                 self._observe(chunk, now_ns)
         elif literal != '""':
@@ -1299,7 +1316,7 @@ class ResponsesStreamObserver(_StreamStats):
         if data.startswith(self._TEXT_DELTA) and '"delta":""' not in data:
             self._count_token(now_ns)
             return
-        event = parse_chunk(data)
+        event = self._event(data)
         if event is not None:
             self.feed(event, now_ns)
 
