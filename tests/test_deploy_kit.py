@@ -1060,6 +1060,11 @@ def test_k8s_deployment() -> None:
     assert probe_port(c["livenessProbe"]) == PORT == probe_port(c["readinessProbe"])
     assert c["resources"]["requests"].keys() >= {"cpu", "memory"}
     assert c["resources"]["limits"].keys() >= {"memory"}
+    # an operator review: the limit (512Mi) was below what one answer of the documented
+    # size takes in flight (~5x MAX_RESPONSE_BYTES), so such a request got the pod killed
+    limit = _mebibytes(c["resources"]["limits"]["memory"])
+    largest = int({e["name"]: e for e in c["env"]}["MAX_RESPONSE_BYTES"]["value"]) / 2**20
+    assert limit >= 5 * largest + 128, (limit, largest)
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
@@ -1620,3 +1625,9 @@ def test_docs_python_blocks_run(index: int, tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == 0, f"docs/monitoring.md:{line}\n{proc.stdout}\n{proc.stderr}"
+
+
+def _mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (``512Mi``, ``1Gi``) in MiB."""
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
