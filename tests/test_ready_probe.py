@@ -7,6 +7,7 @@ the rest run a real proxy against real sockets that refuse, hang up or never ans
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -312,3 +313,41 @@ def test_ready_when_the_backend_answers(proxy: ServerProcess) -> None:
     assert response.status_code == 200
     assert response.json()["checks"]["backend"] == "reachable"
     assert isinstance(response.json()["backend_checked_at"], float)
+
+
+async def test_the_backend_going_down_and_back_is_logged_once_each(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, autojump_clock: Any
+) -> None:
+    """An operator review: a backend outage left no line in the log (the checks are not
+    request traffic, so nothing else said so while no client asked)."""
+    backend = ScriptedBackend(error="refused")
+    checker, app = checker_with(backend, monkeypatch, interval=1.0)
+    with caplog.at_level(logging.INFO, logger="trioproxy.ready"):
+        for _ in range(3):
+            await checker.check(app)
+        backend.error = None
+        for _ in range(2):
+            await checker.check(app)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "the backend is not reachable: refused"),
+        ("INFO", "the backend is reachable again"),
+    ]
+
+
+def test_an_open_ready_probe_keeps_the_backend_address_to_key_holders(
+    start_proxy: StartProxy,
+) -> None:
+    """A security review: with client keys set, anyone could read the backend's host and
+    port in ``/ready``'s ``backend_error`` (the probe is open)."""
+    with socket.socket() as sock:  # a port nothing listens on: refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proxy = start_proxy(f"http://127.0.0.1:{port}/v1", PROXY_API_KEYS="ops:ops-key-0123456789")
+    keyless = httpx.get(f"{proxy.url}/ready", timeout=10)
+    assert keyless.status_code == 503
+    assert str(port) not in keyless.text and "log says why" in keyless.json()["backend_error"]
+    keyed = httpx.get(
+        f"{proxy.url}/ready", headers={"Authorization": "Bearer ops-key-0123456789"}, timeout=10
+    )
+    assert keyed.status_code == 503 and str(port) in keyed.json()["backend_error"]
+    assert "the backend is not reachable: " in proxy.log()

@@ -102,12 +102,18 @@ class ClientKeys:
                 "missing API key: this proxy requires 'Authorization: Bearer <key>' "
                 "with one of its PROXY_API_KEYS"
             )
-        scheme, _, token = authorization.partition(" ")
-        name = self._names.get(_digest(token.strip())) if scheme.lower() == "bearer" else None
+        name = self.name_of(authorization)
         if name is None:
             # never quote what was sent: it may be a real key for somewhere else
             raise Unauthorized("incorrect API key provided")
         return name
+
+    def name_of(self, authorization: str | None) -> str | None:
+        """The client whose key ``authorization`` carries; None for no key or another."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        return self._names.get(_digest(token.strip())) if scheme.lower() == "bearer" else None
 
 
 def client_keys(entries: Iterable[str]) -> list[tuple[str, str]]:

@@ -197,6 +197,11 @@ class ReadinessChecker:
                 await pool.aclose()
 
     def _record(self, reachable: bool, error: str | None) -> None:
+        # a change is logged, not every check: a backend down for an hour is one line
+        if not reachable and self.reachable is not False:
+            log.warning("the backend is not reachable: %s", error)
+        elif reachable and self.reachable is False:
+            log.info("the backend is reachable again")
         self.reachable = reachable
         self.last_error = error
         if self._collector is not None:
@@ -266,8 +271,17 @@ async def ready() -> Response:
         "backend_checked_at": checker.checked_at,
     }
     if not ready_now and checker.last_error:
-        body["backend_error"] = checker.last_error
+        keys = app.client_keys
+        if keys and keys.name_of(request.headers.get("Authorization")) is None:
+            # open to anyone: why it failed names the backend's address, which only
+            # the log and callers with a client key get to read
+            body["backend_error"] = HIDDEN_BACKEND_ERROR
+        else:
+            body["backend_error"] = checker.last_error
     return _json(body, 200 if ready_now else 503)
+
+
+HIDDEN_BACKEND_ERROR = "the proxy's log says why (so does this answer, with a client key)"
 
 
 @blueprint.get("/v1/metrics")
