@@ -275,8 +275,9 @@ def test_scripted_counters_are_exact(collector: MetricsCollector) -> None:
         assert total(s, "trioproxy_streams_total", outcome=outcome) == 1
     assert total(s, "trioproxy_stream_chunks_total") == 6
     assert total(s, "trioproxy_stream_bytes_total") == 325
-    # spans: 200 ms (completed) + 20 ms (cancelled) + 30 ms (single chunk: start -> last)
-    assert total(s, "trioproxy_stream_transfer_seconds_total") == pytest.approx(0.25)
+    # spans: 190 ms (completed: first token -> last byte) + 20 ms (cancelled, no token:
+    # first -> last byte) + 30 ms (single chunk: start -> last)
+    assert total(s, "trioproxy_stream_transfer_seconds_total") == pytest.approx(0.24)
     assert total(s, "trioproxy_time_to_first_byte_seconds_count") == 3
     assert total(s, "trioproxy_time_to_first_byte_seconds_sum") == pytest.approx(0.1)
     assert total(s, "trioproxy_time_to_first_token_seconds_count") == 1
@@ -307,7 +308,7 @@ def test_scripted_counters_are_exact(collector: MetricsCollector) -> None:
     assert total(s, "http_streaming_cancelled_total") == 1
     assert total(s, "http_streaming_timeout_total") == 1
     assert total(s, "http_streaming_first_byte_time_seconds") == pytest.approx(0.1 / 3)
-    assert total(s, "http_streaming_throughput_bytes_per_second") == pytest.approx(325 / 0.25)
+    assert total(s, "http_streaming_throughput_bytes_per_second") == pytest.approx(325 / 0.24)
     assert total(s, "http_streaming_avg_chunk_size_bytes") == pytest.approx(325 / 6)
     durations = sorted(m.duration_ms for m in scripted())
     assert total(s, "http_request_duration_p50_seconds") == pytest.approx(
@@ -354,7 +355,7 @@ def test_scripted_json_is_exact(collector: MetricsCollector) -> None:
     assert sj["total_chunks"] == 6
     assert sj["avg_first_byte_time_ms"] == pytest.approx(100 / 3)
     assert sj["avg_first_token_time_ms"] == pytest.approx(60.0)
-    assert sj["avg_throughput_bytes_per_second"] == pytest.approx(1300.0)
+    assert sj["avg_throughput_bytes_per_second"] == pytest.approx(325 / 0.24)
     assert sj["avg_chunk_size"] == pytest.approx(325 / 6)
     # the stream's 3 output tokens were counted from its chunks (tokens_counted): estimated
     assert j["tokens"] == {"input": 10, "output": 23, "output_estimated": 3}
@@ -542,7 +543,7 @@ def test_filtered_streaming_block() -> None:
     assert sj["total_streaming_requests"] == 2
     assert (sj["completed_streams"], sj["error_streams"]) == (1, 1)
     assert sj["total_chunks"] == 3
-    assert sj["avg_throughput_bytes_per_second"] == pytest.approx(300 / 0.2)
+    assert sj["avg_throughput_bytes_per_second"] == pytest.approx(300 / 0.19)
 
 
 def test_window_store_rejects_bad_size() -> None:
@@ -929,3 +930,21 @@ def test_settings_out_of_the_proxys_range_are_ignored_from_env(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("METRICS_MAX_REQUESTS" in w for w in warnings), warnings
     assert any("HEALTH_ERROR_RATE_DEGRADED=0.5" in w for w in warnings), warnings
+
+
+def test_a_slow_first_token_is_no_slow_transfer() -> None:
+    """An operator review: an OpenAI stream's first byte (its role chunk) leaves before the
+    model's first token, so a 12 s first token and then 50 tokens/s read as 670 B/s and
+    fired StreamingPerformanceDegraded, where the same traffic on /api/chat did not."""
+    role = [(5.0, 40)]  # the role chunk, at once
+    tokens = [(12_000.0 + 20.0 * i, 100) for i in range(50)]  # then 50 tokens/s
+    v1 = stream("/v1/chat/completions", "completed", role + tokens, 13_000.0,
+                first_token_ms=12_000.0)  # fmt: skip
+    assert v1.transfer_ms() == pytest.approx(980.0)
+    assert st_mod.transfer_seconds(v1) == pytest.approx(0.98)
+    assert v1.throughput_bytes_per_second == pytest.approx(5040 / 0.98)
+    # no token (or a replay): from the first byte; one chunk: from the request's start
+    untimed = stream("/v1/chat/completions", "completed", [(5.0, 40), (25.0, 40)], 30.0)
+    assert untimed.transfer_ms() == pytest.approx(20.0)
+    single = stream("/api/chat", "completed", [(50.0, 10)], 60.0, first_token_ms=50.0)
+    assert single.transfer_ms() == pytest.approx(50.0)

@@ -434,8 +434,8 @@ class PrimaryMetrics:
         )
         self.transfer = counter(
             "trioproxy_stream_transfer_seconds_total",
-            "Seconds between the first and the last byte of streams (request start to "
-            "last byte for single-chunk streams); throughput = bytes / this.",
+            "Seconds streams' bytes flowed: first token to last byte (first byte without a "
+            "token; request start for single-chunk streams); throughput = bytes / this.",
             FLOW_LABELS,
             **r,
         )

@@ -80,15 +80,25 @@ class RequestMetrics:
         if not self.duration_ms:
             self.duration_ms = self.elapsed_ms(now)
 
+    def transfer_ms(self) -> float:
+        """How long a stream's bytes flowed: first token -> last byte. From the first
+        token, not the first byte: an OpenAI stream's first byte (its role chunk) goes out
+        before the model's first token, so a slow first token (its own metric) would
+        read as slow streaming on one API and not on the other. A stream without a token
+        (or replayed) spans first byte -> last byte; one whose span is 0 (a single
+        chunk) request start -> last byte, so its bytes never come with zero time."""
+        last = self.last_byte_time_ms
+        if not self.stream_bytes or last is None:
+            return 0.0
+        for start in (self.first_token_time_ms, self.first_byte_time_ms, 0.0):
+            if start is not None and last > start:
+                return last - start
+        return 0.0
+
     @property
     def throughput_bytes_per_second(self) -> float:
-        """Bytes over the span first byte -> last byte; a single-chunk stream uses the
-        span request start -> last byte, so it is never reported as 0."""
-        if not self.stream_bytes or self.last_byte_time_ms is None:
-            return 0.0
-        span_ms = self.last_byte_time_ms - (self.first_byte_time_ms or 0.0)
-        if span_ms <= 0.0:
-            span_ms = self.last_byte_time_ms
+        """Bytes over :meth:`transfer_ms`; never 0 for a stream that sent bytes."""
+        span_ms = self.transfer_ms()
         return self.stream_bytes / (span_ms / 1000.0) if span_ms > 0 else 0.0
 
     @property

@@ -110,19 +110,9 @@ def effective_status(code: int, outcome: str | None) -> int:
 
 
 def transfer_seconds(m: RequestMetrics) -> float:
-    """First byte -> last byte span of a stream, the denominator of its throughput.
-
-    Same definition as ``RequestMetrics.throughput_bytes_per_second``: a single-chunk
-    stream (zero span) uses request start -> last byte instead, so its bytes never come
-    with zero time.
-    """
-    last = m.last_byte_time_ms
-    if not m.stream_bytes or last is None:
-        return 0.0
-    span = last - (m.first_byte_time_ms or 0.0)
-    if span <= 0.0:
-        span = last
-    return span / 1000.0 if span > 0.0 else 0.0
+    """A stream's transfer time, the denominator of its throughput
+    (``RequestMetrics.transfer_ms``: first token -> last byte)."""
+    return m.transfer_ms() / 1000.0
 
 
 def rate(part: float, total: float) -> float:
