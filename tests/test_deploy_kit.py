@@ -1631,3 +1631,21 @@ def _mebibytes(quantity: str) -> float:
     """A Kubernetes memory quantity (``512Mi``, ``1Gi``) in MiB."""
     units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
     return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_a_draining_pod_is_not_paged_as_down() -> None:
+    """An operator review: a pod that drains (SIGTERM: preStop, then GRACEFUL_TIMEOUT)
+    accepts no new connection, scrapes included, so it reads ``up == 0`` that long. The
+    shipped times keep that under ServiceDown's ``for:`` and inside the grace period."""
+    pod = _deployment()["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    graceful = float({e["name"]: e for e in c["env"]}["GRACEFUL_TIMEOUT"]["value"])
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(pre_stop[1]) + graceful
+    assert drain < pod["terminationGracePeriodSeconds"]
+    (rule,) = [r for g in load_yaml(ALERTS)["groups"] for r in g["rules"]
+               if r.get("alert") == "ServiceDown"]  # fmt: skip
+    seconds = {"s": 1, "m": 60, "h": 3600}
+    pages_after = float(rule["for"][:-1]) * seconds[rule["for"][-1]]
+    assert drain < pages_after, (drain, pages_after)
