@@ -83,6 +83,7 @@ PRIMARY = {
     "trioproxy_build_info",
     "trioproxy_process_resident_memory_bytes",
     "trioproxy_process_cpu_seconds_total",
+    "trioproxy_backend_up",  # a state, not a per-process figure: the max over workers
 }
 # Figures computed per process at scrape time: not aggregatable (rates since start,
 # window percentiles, averages). Fine to look at, wrong to alert or chart fleets on.
@@ -560,6 +561,7 @@ def test_alertmanager_config_passes_amtool() -> None:
     ("labels", "receiver"),
     [
         (["alertname=ServiceDown", "severity=critical", f"job={JOB}"], "team-pager"),
+        (["alertname=BackendDown", "severity=critical", f"job={JOB}"], "team-pager"),
         (["alertname=HighErrorRate", "severity=warning", f"job={JOB}"], "team-default"),
     ],
 )

@@ -351,3 +351,32 @@ def test_an_open_ready_probe_keeps_the_backend_address_to_key_holders(
     )
     assert keyed.status_code == 503 and str(port) in keyed.json()["backend_error"]
     assert "the backend is not reachable: " in proxy.log()
+
+
+def _backend_up(collector: MetricsCollector) -> list[str]:
+    text = collector.render_prometheus()[0].decode()
+    return [line for line in text.splitlines() if line.startswith("trioproxy_backend_up")]
+
+
+async def test_the_backend_state_is_a_gauge_for_alerting(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An operator review: on Kubernetes a down backend makes every pod unready, so the
+    Service has no endpoint, no request is counted and no error alert can fire: the
+    exposition had nothing that said the backend was down."""
+    checker, app = checker_with(ScriptedBackend("refused"), monkeypatch)
+    assert _backend_up(app.collector) == []  # unknown before the first check: no series
+    await checker.check(app)
+    assert _backend_up(app.collector) == ["trioproxy_backend_up 0.0"]
+    checker.mark_reachable()
+    assert _backend_up(app.collector) == ["trioproxy_backend_up 1.0"]
+
+
+def test_a_down_backend_shows_in_the_exposition(start_proxy: StartProxy) -> None:
+    with socket.socket() as sock:  # a port nothing listens on: refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proxy = start_proxy(f"http://127.0.0.1:{port}/v1")
+    assert httpx.get(f"{proxy.url}/ready", timeout=10).status_code == 503
+    exposition = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    assert "\ntrioproxy_backend_up 0.0\n" in exposition

@@ -477,6 +477,7 @@ class MetricsCollector:
     def set_backend_status(self, reachable: bool, checked_at: float) -> None:
         self.backend_reachable = bool(reachable)
         self.backend_checked_at = checked_at
+        self._prom.set_backend_up(reachable)
 
     def allow_model(self, model: str) -> None:
         """Give ``model`` its own label from the start (e.g. from the model mapping).

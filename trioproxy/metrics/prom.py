@@ -501,6 +501,10 @@ class PrimaryMetrics:
             multiprocess_mode="max",
             **r,
         )
+        # created by the first readiness result (set_backend_up): an unknown state must
+        # not read as a backend that is down
+        self._new_gauge, self._registry_kw = gauge, r
+        self._backend_up: Gauge | None = None
         # Only with the sampler (system metrics enabled): without one there is no
         # measurement, and a series stuck at 0 would read as one on every dashboard.
         self.rss: Gauge | None = None
@@ -538,6 +542,19 @@ class PrimaryMetrics:
 
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
+
+    def set_backend_up(self, up: bool) -> None:
+        """The latest readiness result: the backend answered (any status below 500)."""
+        if self._backend_up is None:
+            self._backend_up = self._new_gauge(
+                "trioproxy_backend_up",
+                "1 when the backend answered the proxy's latest check or request (any "
+                "status below 500), 0 when it did not (max over live workers); absent "
+                "before the first check.",
+                multiprocess_mode="livemax",
+                **self._registry_kw,
+            )
+        self._backend_up.set(1 if up else 0)
 
     # -- hot path ----------------------------------------------------------------------
 
