@@ -6,6 +6,7 @@ unauthenticated /ready) or to the log, in either log format."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import threading
 import time
@@ -192,3 +193,77 @@ def test_a_placeholder_key_does_not_mangle_a_model_label(start_proxy: StartProxy
         server.shutdown()
         server.server_close()
     assert 'model="ollama"' in metrics and "***" not in metrics
+
+
+def _escaped(text: str, every: int = 1) -> str:
+    """``text`` as a JSON encoder may write it: every ``every``-th character as its
+    ``\\u`` escape, in upper-case hex when the character's place is odd."""
+    return "".join(
+        (f"\\u{ord(c):04X}" if i % 2 else f"\\u{ord(c):04x}") if i % every == 0 else c
+        for i, c in enumerate(text)
+    )
+
+
+class _EscapingBackend(_QuotingBackend):
+    """Quotes the key it was sent in ``\\u`` escapes: valid JSON that a client decodes to
+    the key. The stream comes in reads cut inside the escapes."""
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        key = self._auth().removeprefix("Bearer ")
+        if request.get("model") == "refuse":
+            message = f'{{"message": "Incorrect API key provided: {_escaped(key)}"}}'
+            self._send(401, f'{{"error": {message}}}'.encode())
+        elif request.get("stream"):
+            content = f'{{"content": "key {_escaped(key, 3)} and {_escaped(key)}"}}'
+            event = f'{{"choices": [{{"index": 0, "delta": {content}}}]}}'
+            payload = f"data: {event}\n\ndata: [DONE]\n\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            start = payload.index(b"\\u")
+            for a, b in itertools.pairwise([0, start + 2, start + 9, start + 40, len(payload)]):
+                self.wfile.write(payload[a:b])
+                self.wfile.flush()
+                time.sleep(0.05)
+        else:
+            content = f"key {_escaped(key, 2)} at https:\\/\\/{_escaped(key)}"
+            message = f'{{"role": "assistant", "content": "{content}"}}'
+            choice = f'{{"index": 0, "message": {message}, "finish_reason": "stop"}}'
+            self._send(200, f'{{"object": "chat.completion", "choices": [{choice}]}}'.encode())
+
+
+def test_a_key_spelled_in_json_escapes_is_masked(start_proxy: StartProxy) -> None:
+    """A review: a backend that wrote our key in ``\\u`` escapes (all or some of its
+    characters, hex in either case) had it relayed on /v1 unmasked, in an answer, in a
+    stream and in an error: valid JSON that the client decodes to the key."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EscapingBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = "sk-backendSECRET-0123456789"
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        proxy = start_proxy(url, OPENAI_API_KEY=key, MAX_RETRIES="0")
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            answers = {
+                model: client.post(
+                    "/v1/chat/completions",
+                    json={"model": model, "stream": stream, "messages": MESSAGES},
+                )
+                for model, stream in (("answer", False), ("answer-stream", True), ("refuse", False))
+            }
+    finally:
+        server.shutdown()
+        server.server_close()
+    answer, stream, refusal = answers.values()
+    events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: {")]
+    decoded = {  # what the client reads: all three at once, to show each that leaks
+        "answer": (answer.status_code, answer.json()["choices"][0]["message"]["content"]),
+        "stream": [json.loads(event)["choices"][0]["delta"]["content"] for event in events],
+        "refusal": (refusal.status_code, refusal.json()["error"]["message"]),
+    }
+    assert decoded == {
+        "answer": (200, "key *** at https://***"),
+        "stream": ["key *** and ***"],
+        "refusal": (401, "Incorrect API key provided: ***"),
+    }

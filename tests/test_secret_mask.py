@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 from collections.abc import AsyncIterator
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -119,3 +121,73 @@ def test_the_backend_secrets_are_its_key_and_the_urls_credentials_as_sent() -> N
     assert Settings(api_key="sk-proj-abc123").backend_secrets.replies == (b"sk-proj-abc123",)
     # placeholder keys are scrubbed from errors, never masked in answers
     assert Settings(api_key="EMPTY").backend_secrets == BackendSecrets(("EMPTY",), ())
+
+
+@st.composite
+def _spelled(draw: st.DrawFn, text: str) -> bytes:
+    """``text`` as a JSON string may write it: each character as itself or as its ``\\u``
+    escape, in either hex case, and a ``/`` also as ``\\/``."""
+    forms = []
+    for char in text:
+        spellings = [char, f"\\u{ord(char):04x}", f"\\u{ord(char):04X}"]
+        forms.append(draw(st.sampled_from([*spellings, "\\/"] if char == "/" else spellings)))
+    return "".join(forms).encode()
+
+
+# JSON string text with escapes of its own and starts of the key, and no "j": only the
+# key's spelling between two of them holds the key whole
+_AROUND = st.lists(
+    st.sampled_from(
+        [
+            *(b"x", b" ", b"s", b"sk-pro", b"\\u0073k-", b"\\u0073\\u006B"),  # the key's starts
+            *(b"\\n", b'\\"', b"\\\\", b"\\u00e9", b"\\u0078", b"\\/"),  # other escapes
+        ]
+    ),
+    max_size=8,
+).map(b"".join)
+
+
+@pytest.mark.parametrize("key", ["sk-proj-abc123", "sk-proj/abc123"])
+@given(data=st.data(), cuts=st.lists(st.integers(0, 1000), max_size=12))
+def test_a_key_in_json_escapes_is_masked_wherever_the_reads_split_it(
+    key: str, data: st.DataObject, cuts: list[int]
+) -> None:
+    """A review: a backend that wrote the key with ``\\u`` escapes (some characters or
+    all, hex in either case), or a ``/`` of it as ``\\/``, had it relayed unmasked, and a
+    client decodes that JSON to the key. One secret (``SecretMask``) and, with its ``\\/``
+    form, two (``SecretsMask``)."""
+    before, after = data.draw(_AROUND), data.draw(_AROUND)
+    body = before + data.draw(_spelled(key)) + after
+    secrets = BackendSecrets.of(key)
+    mask = secrets.stream_mask()
+    out = b"".join([*(mask.feed(piece) for piece in _pieces(body, cuts)), mask.flush()])
+    assert out == before + b"***" + after  # all else as it came
+    assert out == secrets.mask_body(body)
+    assert secrets.mask_text(body.decode()) == out.decode()
+    assert key not in json.loads(b'"' + out + b'"')  # what a client reads
+
+
+def test_a_read_that_may_end_inside_an_escaped_key_is_held_back_only_then() -> None:
+    mask = BackendSecrets.of(KEY.decode()).stream_mask()
+    assert isinstance(mask, SecretMask)
+    event = b'data: {"content":"caf\\u00e9\\n\\"sk-"}\n\n'
+    assert mask.feed(event) == event  # escapes, none of them the key's: nothing held
+    assert mask.feed(b"the key \\u00") == b"the key "  # could be the key's "s"
+    assert mask.feed(b"73\\u006B-proj-abc\\u0031") == b""  # hex in either case: still could
+    assert mask.feed(b"23!") == b"***!"
+    assert mask.feed(b"\\u00") == b""
+    assert mask.feed(b"e9 ok\\") == b"\\u00e9 ok"  # was not; a lone "\" still could be
+    assert mask.flush() == b"\\"
+
+
+def test_every_json_escape_of_a_key_is_masked_in_a_body_and_an_error() -> None:
+    """The two-character escapes too, where a key holds such a character (``"``, ``\\``,
+    ``/``), and a relayed error body, which is scrubbed as a text."""
+    secrets = BackendSecrets.of('sk-"quoted"\\back/slash')
+    body = (
+        b'{"a":"sk-\\u0022quoted\\"\\u005C\\u0062ack\\/slash","b":"sk-\\"quoted\\"\\\\back/slash"}'
+    )
+    assert json.loads(body) == {"a": 'sk-"quoted"\\back/slash', "b": 'sk-"quoted"\\back/slash'}
+    assert secrets.mask_body(body) == b'{"a":"***","b":"***"}'
+    error = '{"error": {"message": "bad key sk-\\u0070roj-\\u0061\\u0062\\u0063123"}}'
+    assert BackendSecrets.of(KEY.decode()).scrub(error) == '{"error": {"message": "bad key ***"}}'

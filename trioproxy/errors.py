@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,10 +259,18 @@ class BackendSecrets:
     replies: tuple[bytes, ...] = ()
     # the replies as one pattern, compiled once (None with fewer than two)
     pattern: re.Pattern[bytes] | None = field(init=False, default=None, compare=False)
+    # every JSON spelling of the replies (None without replies), and of the texts
+    spelled: Spellings | None = field(init=False, default=None, compare=False)
+    spelled_texts: re.Pattern[str] | None = field(init=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
+        # frozen: set once, here
         if len(self.replies) > 1:
-            object.__setattr__(self, "pattern", _alternatives(self.replies))  # frozen
+            object.__setattr__(self, "pattern", _alternatives(self.replies))
+        if self.replies:
+            object.__setattr__(self, "spelled", Spellings.of(self.replies))
+        if self.texts:
+            object.__setattr__(self, "spelled_texts", _spelled_alternatives(self.texts))
 
     @classmethod
     def of(cls, *secrets: str) -> BackendSecrets:
@@ -274,11 +283,19 @@ class BackendSecrets:
         for secret in self.texts:
             if secret in text:
                 text = text.replace(secret, "***")
+        # a relayed error body may spell a secret with JSON escapes, which decode to it
+        if self.spelled_texts is not None and "\\" in text:
+            text = self.spelled_texts.sub("***", text)
         return text
 
     def mask_body(self, body: bytes) -> bytes:
-        """``body`` with every reply secret replaced by ``***``: what :meth:`stream_mask`
-        gives for the same body, however its reads split it."""
+        """``body`` with every reply secret replaced by ``***``, in every spelling a JSON
+        string may give it (:class:`Spellings`): what :meth:`stream_mask` gives for the
+        same body, however its reads split it."""
+        spelled = self.spelled
+        if spelled is not None and spelled.escape in body:
+            return spelled.pattern.sub(b"***", body)
+        # no escape: the secrets can only be there as they are
         if self.pattern is not None:
             return self.pattern.sub(b"***", body)
         replies = self.replies
@@ -296,10 +313,11 @@ class BackendSecrets:
 
     def stream_mask(self) -> SecretMask | SecretsMask:
         """A mask for one body that arrives in pieces. With one secret (an API key alone,
-        the common case) the single-secret mask: a read costs two ``find`` calls."""
+        the common case) the single-secret mask: a read without a backslash (so without
+        a JSON escape) costs two ``find`` calls and a look for one byte."""
         if self.pattern is None:
-            return SecretMask(self.replies[0])
-        return SecretsMask(self.replies, self.pattern)
+            return SecretMask(self.replies[0], self.spelled)
+        return SecretsMask(self.replies, self.pattern, self.spelled)
 
 
 NO_SECRETS = BackendSecrets()
@@ -320,9 +338,164 @@ def _alternatives(secrets: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(b"|".join(re.escape(s) for s in ordered))
 
 
+# JSON's two-character escapes (RFC 8259 section 7): a secret holding one of these
+# characters may be written with it (any "/" as "\/", as PHP writes it: base64 holds "/")
+_SHORT_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "/": "\\/",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+def _char_spellings(char: str) -> tuple[str, ...]:
+    """Every way a JSON string may write ``char``, longest first: its ``\\u`` escape (a
+    surrogate pair past U+FFFF; hex in lower case here, a backend may write either), its
+    two-character escape if it has one, and itself."""
+    units = char.encode("utf-16-be", "surrogatepass")
+    escape = "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+    short = _SHORT_ESCAPES.get(char)
+    return (escape, short, char) if short else (escape, char)
+
+
+def _spelling_source(secret: str) -> str:
+    """A pattern for every spelling of ``secret`` in a JSON string: each character as any
+    of :func:`_char_spellings`, mixed anyhow. An alternative per spelling of the first
+    character, each starting with a byte (not a group), lets ``re`` skip to those bytes
+    before it tries one: several times faster on reads full of other escapes."""
+    rest = "".join(f"(?:{'|'.join(_char_sources(char))})" for char in secret[1:])
+    return "|".join(first + rest for first in _char_sources(secret[0]))
+
+
+def _char_sources(char: str) -> list[str]:
+    escape, *others = _char_spellings(char)
+    # "\u006b" and "\u006B" decode alike
+    either_case = re.sub(
+        "[a-f]", lambda digit: f"[{digit[0]}{digit[0].upper()}]", re.escape(escape)
+    )
+    return [either_case, *map(re.escape, others)]
+
+
+def _spelled_alternatives(texts: tuple[str, ...]) -> re.Pattern[str]:
+    # longest first, as the plain alternatives
+    ordered = sorted(texts, key=len, reverse=True)
+    return re.compile("|".join(_spelling_source(text) for text in ordered))
+
+
+# per character of a secret: its spellings, each with whether its hex is either case
+_CharSpellings = tuple[tuple[bytes, bool], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Spellings:
+    """Every spelling a JSON string may give some secrets: each character as itself, as its
+    ``\\uXXXX`` escape (hex in either case) or as its two-character escape (``\\/``), mixed
+    anyhow. Valid JSON a client decodes to the secret, so each is masked; bodies are masked
+    as they come, undecoded. Built once, with the secrets.
+
+    A read without ``escape`` can only hold a secret whole as it is (``escape`` is ``\\u``
+    unless a secret holds a character with a two-character escape, the ``/`` of base64:
+    ``\\`` then); one without a backslash cannot end inside a spelling either: the masks
+    look no further."""
+
+    pattern: re.Pattern[bytes]  # any spelling of any secret, longest secret first
+    plain: re.Pattern[bytes]  # the secrets as they are, longest first
+    chars: tuple[tuple[_CharSpellings, ...], ...]  # per secret
+    firsts: tuple[bytes, ...]  # the bytes a spelling can start with
+    inside: bytes  # a translation table: 1 for a byte a spelling may hold, 0 for others
+    escape: bytes
+    reach: int  # the longest spelling's length less one: how far a read may end inside one
+
+    @classmethod
+    def of(cls, secrets: tuple[bytes, ...]) -> Spellings:
+        texts = sorted((secret.decode() for secret in secrets), key=len, reverse=True)
+        pattern = re.compile("|".join(_spelling_source(text) for text in texts).encode())
+        chars = tuple(
+            tuple(
+                tuple((s.encode(), s.startswith("\\u")) for s in _char_spellings(char))
+                for char in text
+            )
+            for text in texts
+        )
+        spelled = {s for secret in chars for char in secret for s, _ in char}
+        held = set(b"".join(spelled) + b"".join(spelled).upper())  # hex in either case
+        inside = bytes(int(byte in held) for byte in range(256))
+        firsts = tuple(dict.fromkeys([b"\\", *(text[0].encode()[:1] for text in texts)]))
+        short = any(char in _SHORT_ESCAPES for text in texts for char in text)
+        longest = max(sum(len(char[0][0]) for char in secret) for secret in chars)
+        plain = _alternatives(secrets)
+        escape = b"\\" if short else b"\\u"
+        return cls(pattern, plain, chars, firsts, inside, escape, longest - 1)
+
+    def tail_start(self, data: bytes) -> int:
+        """The start of the longest tail of ``data`` that is a proper prefix of a spelling
+        of a secret (``len(data)`` if none)."""
+        start = max(0, len(data) - self.reach)
+        # such a tail holds only bytes a spelling may hold: none of an SSE event's "\n\n"
+        start += data[start:].translate(self.inside).rfind(b"\0") + 1
+        best = len(data)
+        for first in self.firsts:
+            at = data.find(first, start, best)
+            while at != -1:
+                if any(_ends_inside(data, at, secret) for secret in self.chars):
+                    best = at
+                    break
+                at = data.find(first, at + 1, best)
+        return best
+
+
+# an int: ``in`` finds one in a read some ten times faster than the one-byte b"\\"
+_BACKSLASH = ord("\\")
+
+
+def _ends_inside(data: bytes, at: int, chars: tuple[_CharSpellings, ...]) -> bool:
+    """Whether ``data[at:]`` is a proper prefix of a spelling whose characters spell as
+    ``chars``. Several places at once: ``\\`` may be written as itself or as ``\\\\``."""
+    places = {at}
+    for spellings in chars:
+        following = set()
+        for place in places:
+            for spelling, either_case in spellings:
+                piece = data[place : place + len(spelling)]
+                if (piece.lower() if either_case else piece) != spelling[: len(piece)]:
+                    continue
+                if len(piece) < len(spelling):
+                    return True  # the data ends inside this character's spelling
+                following.add(place + len(spelling))
+        if not following:
+            return False
+        places = following
+    return False  # a whole spelling: the pattern's to find
+
+
 def scrub(text: str, secrets: BackendSecrets) -> str:
     """Remove the backend's secrets from any text that leaves the process."""
     return secrets.scrub(text)
+
+
+def _masked_until_held(
+    data: bytes, pattern: re.Pattern[bytes], tail_start: Callable[[bytes], int]
+) -> tuple[bytes, int]:
+    """``data`` masked up to where the body so far may end inside a secret, and where
+    that is. From the first place where the body ends inside a secret started there, the
+    whole body may hold a longer or an earlier secret than this read does: held."""
+    out: list[bytes] = []
+    pos = 0
+    while True:
+        cut = pos + tail_start(data[pos:] if pos else data)
+        match = pattern.search(data, pos)
+        if match is None or match.start() >= cut:
+            break
+        out += (data[pos : match.start()], b"***")
+        pos = match.end()
+    if not out:
+        return data[:cut] if cut < len(data) else data, cut
+    out.append(data[pos:cut])
+    return b"".join(out), cut
 
 
 class SecretMask:
@@ -332,16 +505,20 @@ class SecretMask:
     ``***`` (leftmost first, as ``bytes.replace``), minus the shortest tail that could
     still be the start of one; ``flush`` returns that tail when the body ends. Only a tail
     that *is* the start of the secret is held back, so ordinary reads pass whole and at
-    once."""
+    once. The secret is masked in every spelling a JSON string may give it
+    (:class:`Spellings`); a read without a backslash costs one ``in`` more for that."""
 
-    __slots__ = ("_held", "_secret")
+    __slots__ = ("_held", "_secret", "_spelled")
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, spelled: Spellings | None = None) -> None:
         self._secret = secret
+        self._spelled = spelled if spelled is not None else Spellings.of((secret,))
         self._held = b""
 
     def feed(self, piece: bytes) -> bytes:
         data = self._held + piece if self._held else piece
+        if _BACKSLASH in data:  # the held tail counts: an escape may straddle two reads
+            return self._feed_escaped(data)
         secret = self._secret
         done = b""
         if secret in data:
@@ -351,8 +528,18 @@ class SecretMask:
         self._held = data[cut:]
         return done + data[:cut] if cut else done
 
+    def _feed_escaped(self, data: bytes) -> bytes:
+        spelled = self._spelled
+        # without the escape the secret's spellings need, it can only be whole as it is
+        pattern = spelled.pattern if data.find(spelled.escape) != -1 else spelled.plain
+        done, cut = _masked_until_held(data, pattern, spelled.tail_start)
+        self._held = data[cut:]
+        return done
+
     def flush(self) -> bytes:
         held, self._held = self._held, b""
+        if _BACKSLASH in held:  # the start of one spelling may hold another whole
+            return self._spelled.pattern.sub(b"***", held)
         return held
 
 
@@ -387,22 +574,28 @@ class SecretsMask:
     before it or at it: with ``abc`` and ``abcdef`` both secret, a read that ends in
     ``abc`` waits for the next."""
 
-    __slots__ = ("_held", "_pattern", "_secrets")
+    __slots__ = ("_held", "_pattern", "_secrets", "_spelled")
 
     def __init__(
-        self, secrets: tuple[bytes, ...], pattern: re.Pattern[bytes] | None = None
+        self,
+        secrets: tuple[bytes, ...],
+        pattern: re.Pattern[bytes] | None = None,
+        spelled: Spellings | None = None,
     ) -> None:
         self._secrets = secrets
         self._pattern = pattern if pattern is not None else _alternatives(secrets)
+        self._spelled = spelled if spelled is not None else Spellings.of(secrets)
         self._held = b""
 
     def feed(self, piece: bytes) -> bytes:
         data = self._held + piece if self._held else piece
+        if _BACKSLASH in data:  # the held tail counts: an escape may straddle two reads
+            return self._feed_escaped(data)
+        # :func:`_masked_until_held` with the secrets as they are, inlined: most reads
+        # come this way
         out: list[bytes] = []
         pos = 0
         while True:
-            # from the first place where the body so far ends inside a secret, the whole
-            # body may hold a longer or an earlier secret than this read does: held
             tail = data[pos:] if pos else data
             cut = len(tail)
             for secret in self._secrets:
@@ -420,7 +613,17 @@ class SecretsMask:
         self._held = data[cut:]
         return b"".join(out)
 
+    def _feed_escaped(self, data: bytes) -> bytes:
+        spelled = self._spelled
+        # without the escape the secrets' spellings need, they are whole as they are
+        pattern = spelled.pattern if data.find(spelled.escape) != -1 else self._pattern
+        done, cut = _masked_until_held(data, pattern, spelled.tail_start)
+        self._held = data[cut:]
+        return done
+
     def flush(self) -> bytes:
         # what was held may hold a whole secret whose longer rival never came
         held, self._held = self._held, b""
+        if _BACKSLASH in held:
+            return self._spelled.pattern.sub(b"***", held)
         return self._pattern.sub(b"***", held)
