@@ -307,7 +307,9 @@ async def metrics_json() -> Response:
 @blueprint.get("/api/metrics/prometheus")
 @blueprint.get("/metrics")
 async def metrics_prometheus() -> Response:
-    body, content_type = request_app().collector.render_prometheus(request.headers.get("Accept"))
+    # concurrent scrapes share renderings, encoded off the event loop (docs/metrics.md)
+    collector = request_app().collector
+    body, content_type = await collector.read_prometheus(request.headers.get("Accept"))
     return Response(body, content_type=content_type)
 
 

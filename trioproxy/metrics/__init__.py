@@ -10,6 +10,7 @@ Semantics are documented in ``docs/metrics.md``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ import time
 from typing import Any
 
 import trio
+from prometheus_client.metrics_core import Metric
 
 from .. import __version__
 from . import labels, store
@@ -33,14 +35,17 @@ from .prom import (
     NO_TOKEN_REASONS,
     PrimaryMetrics,
     RequestSeries,
+    Snapshot,
     Totals,
     aggregate,
     claim_shared_files,
     derived_families,
+    encode_head,
+    exposition_format,
     multiprocess_dir_from_env,
-    render,
     warn_if_workers_share_nothing,
 )
+from .reads import SharedReads
 from .request import RequestMetrics
 from .store import WindowEntry, WindowStore
 from .system import SystemSampler, read_io_counters, unmeasured_snapshot
@@ -167,6 +172,11 @@ def _note_second_collector(mp_dir: str | None, *, asked: bool) -> None:
     )
 
 
+def _yield_gil() -> None:
+    """In a worker thread: let the event loop's thread take the GIL now, if it waits."""
+    time.sleep(0)
+
+
 # --------------------------------------------------------------------------- collector
 
 
@@ -241,6 +251,7 @@ class MetricsCollector:
         self._sampling_stopped = False
         self.backend_reachable: bool | None = None
         self.backend_checked_at: float | None = None
+        self._reads = SharedReads()  # the monitoring endpoints' reads (read_prometheus)
 
         self.health_error_rate_degraded = (
             health_error_rate_degraded
@@ -333,6 +344,7 @@ class MetricsCollector:
         if self._inflight_shown != self._inflight:
             self._inflight_shown = self._inflight
             self._prom.active.set(self._inflight)
+            self._prom.changed()
         pending = self._pending
         if not pending:
             return
@@ -502,8 +514,12 @@ class MetricsCollector:
 
     def totals(self) -> Totals:
         """All-time totals from the primary series (every worker's, in multiprocess mode)."""
+        return copy.deepcopy(self._totals())
+
+    def _totals(self) -> Totals:
+        """:meth:`totals`, shared while no series changes: read it, never change it."""
         self.publish()
-        return aggregate(self._prom.collect())
+        return self._prom.snapshot().totals
 
     def _count_totals(self) -> Totals:
         """Only ``requests`` and ``active`` are filled in (cheaper than :meth:`totals`)."""
@@ -571,7 +587,7 @@ class MetricsCollector:
 
     def summary(self) -> dict:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
-        t = self.totals()  # publishes the pending batch first
+        t = self._totals()  # publishes the pending batch first
         success, client, cancelled, error = t.class_counts()
         total = success + client + cancelled + error
         rates = store.rates_from_counts(success, client, cancelled, error)
@@ -796,16 +812,49 @@ class MetricsCollector:
 
     def render_prometheus(self, accept: str | None = None) -> tuple[bytes, str]:
         """Exposition body and Content-Type (text 0.0.4 unless the scraper asks for
-        OpenMetrics)."""
+        OpenMetrics). The monitoring endpoints use :meth:`read_prometheus`."""
+        encode, content_type = exposition_format(accept)
+        primary, derived = self._prometheus_families()
+        return encode([*primary.families(), *derived]), content_type
+
+    def _prometheus_families(self) -> tuple[Snapshot, list[Metric]]:
+        """Every family of a scrape as it is now: the primary families (a snapshot that
+        nothing changes later: encoders may read it in another thread) and the derived
+        ones, built for this scrape."""
         system = self._system_snapshot()  # first: a lazy first sample also feeds RSS/CPU
         self.publish()
-        families = self._prom.collect()
-        t = aggregate(families)
+        primary = self._prom.snapshot()
         durations = sorted(self._window.durations(self.percentile_window))
         host = system if self.system_enabled else None  # disabled: absent, not 0
         io = self._host_io(system) if host is not None else None
-        families.extend(derived_families(t, durations, host, self.uptime_seconds, io))
-        return render(families, accept)
+        derived = derived_families(primary.totals, durations, host, self.uptime_seconds, io)
+        return primary, derived
+
+    async def read_prometheus(self, accept: str | None = None) -> tuple[bytes, str]:
+        """:meth:`render_prometheus` for the monitoring endpoints, at a cost no number
+        of scrapers multiplies (docs/metrics.md, "What a scrape costs"):
+
+        * concurrent scrapes of one format share renderings (:class:`~.reads.SharedReads`:
+          at most two for any number of scrapers, each including every request finished
+          before it arrived);
+        * the primary families' exposition, nearly all of the body and of its cost, is
+          encoded in a worker thread, off the event loop, from a snapshot;
+        * and it is kept with the snapshot: until a series changes (a request is
+          counted), a scrape encodes only the few families derived for it."""
+        encode, content_type = exposition_format(accept)
+
+        async def render() -> bytes:
+            primary, derived = self._prometheus_families()  # before any checkpoint
+            head = primary.bodies.get(content_type)
+            if head is None:
+                head = await trio.to_thread.run_sync(
+                    lambda: encode_head(encode, content_type, primary.families(), _yield_gil)
+                )
+                primary.bodies[content_type] = head
+            return head + encode(derived)
+
+        body = await self._reads.read(("prometheus", content_type), render)
+        return body, content_type
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -859,6 +908,7 @@ class MetricsCollector:
         if cpu > self._cpu_seen:
             cpu_seconds.inc(cpu - self._cpu_seen)
             self._cpu_seen = cpu
+        self._prom.changed()
 
 
 # --------------------------------------------------------------------------- singleton + guide API

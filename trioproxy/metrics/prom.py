@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from . import store
 
@@ -542,6 +544,14 @@ class PrimaryMetrics:
 
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
+        # bumped by every change of a series (``changed``): what a snapshot was taken at
+        self.version = 0
+        self._snapshot: Snapshot | None = None
+
+    def changed(self) -> None:
+        """A series changed: snapshots taken before are out of date (call after every
+        update made outside this class, e.g. the in-flight gauge)."""
+        self.version += 1
 
     def set_backend_up(self, up: bool) -> None:
         """The latest readiness result: the backend answered (any status below 500)."""
@@ -578,9 +588,11 @@ class PrimaryMetrics:
             touched, self._touched = self._touched, []
             for series in touched:
                 series.apply()
+            self.version += 1
 
     def count_client(self, client: str, input_tokens: int, output_tokens: int) -> None:
         """One request of a named client (few, configured names: not batched)."""
+        self.version += 1
         self.client_requests.labels(client).inc()
         if input_tokens:
             self.client_tokens.labels(client, "input").inc(input_tokens)
@@ -588,9 +600,11 @@ class PrimaryMetrics:
             self.client_tokens.labels(client, "output").inc(output_tokens)
 
     def upstream_error(self, reason: str) -> None:
+        self.version += 1
         self._upstream_error_children.get(reason, self._upstream_error_children["other"]).inc()
 
     def upstream_retry(self, reason: str) -> None:
+        self.version += 1
         self._upstream_retry_children.get(reason, self._upstream_retry_children["other"]).inc()
 
     # -- scrape side -------------------------------------------------------------------
@@ -609,6 +623,30 @@ class PrimaryMetrics:
         assert self.registry is not None
         return list(self.registry.collect())
 
+    def snapshot(self) -> Snapshot:
+        """The primary series as they are now, for a scrape or a summary.
+
+        In one process, every series' values are copied (plain floats, on the event
+        loop: a few ms) and the families are built from the copy only when a scrape
+        encodes them, which may be in a worker thread; the totals are aggregated from the
+        copy without the histograms' buckets. The same snapshot serves every read until a
+        series changes (``version``), so a scrape of a proxy that counted nothing since
+        the last one copies, builds and encodes nothing again. In multiprocess mode other
+        workers change the files: collected anew each time."""
+        self.flush()
+        snap = self._snapshot
+        if snap is not None and snap.version == self.version:
+            return snap
+        copied = None if self.multiprocess_dir else _copy_series(self._families)
+        if copied is None:
+            families = tuple(self.collect())
+            snap = Snapshot(self.version, aggregate(families), families=families)
+        else:
+            totals = aggregate(_build_family(c, buckets=False) for c in copied)
+            snap = Snapshot(self.version, totals, copied=copied)
+        self._snapshot = None if self.multiprocess_dir else snap
+        return snap
+
     def collect_counts(self) -> list[Metric]:
         """Just the request counter and the in-flight gauge (what health and filtered
         summaries need); skips the histograms when that is possible (one process)."""
@@ -616,6 +654,127 @@ class PrimaryMetrics:
         if self.multiprocess_dir:
             return self.collect()
         return [*self.requests.collect(), *self.active.collect()]
+
+
+class Snapshot:
+    """The primary series at one ``version``: their totals, their families (built from
+    the copied values as they are encoded: :meth:`families` reads nothing else, so it
+    may run in a worker thread) and their exposition in each format asked for so far."""
+
+    def __init__(
+        self,
+        version: int,
+        totals: Totals,
+        *,
+        families: tuple[Metric, ...] | None = None,
+        copied: tuple[_Copied, ...] | None = None,
+    ) -> None:
+        self.version = version
+        self.totals = totals  # shared by the reads of this snapshot: never changed
+        self._families = families
+        self._copied = copied
+        self.bodies: dict[str, bytes] = {}  # Content-Type -> encoded (encode_head)
+
+    def families(self) -> Iterator[Metric]:
+        """The families, one at a time: built from the copy as they are asked for and
+        kept by nothing here, so an encoding holds one family's samples at a time, not
+        a scrape's hundreds of thousands (that the garbage collector would go through,
+        and the event loop wait for)."""
+        if self._families is not None:
+            yield from self._families
+            return
+        assert self._copied is not None
+        for copied in self._copied:
+            yield _build_family(copied)
+
+
+_COUNTER, _GAUGE, _HISTOGRAM = "counter", "gauge", "histogram"
+# a family's kind, name, HELP, TYPE, unit, label names, bucket bounds (histograms) and
+# its series: label values and value (counters, gauges) or (bucket counts, sum)
+_Copied = tuple[str, str, str, str, str, tuple[str, ...], tuple[float, ...], list[Any]]
+
+
+def _copy_series(metrics: Sequence[MetricWrapperBase]) -> tuple[_Copied, ...] | None:
+    """The values of every series of ``metrics``, copied as plain floats (call on the
+    trio thread, the only one that changes them: the values are read without their
+    locks). None where this version of prometheus_client keeps them otherwise (the
+    caller collects instead)."""
+    copied = []
+    try:
+        for metric in metrics:
+            copied.append(_copy_metric(metric))
+    except (AttributeError, TypeError):
+        return None
+    return tuple(copied)
+
+
+def _value(value: Any) -> float:
+    return value._value if type(value) is _values.MutexValue else value.get()
+
+
+def _copy_metric(metric: MetricWrapperBase) -> _Copied:
+    kind = (
+        _HISTOGRAM
+        if isinstance(metric, Histogram)
+        else _COUNTER
+        if isinstance(metric, Counter)
+        else _GAUGE
+        if isinstance(metric, Gauge)
+        else None
+    )
+    if kind is None:
+        raise TypeError(f"no copy of {metric!r}")
+    names = tuple(metric._labelnames)
+    if names:
+        with metric._lock:
+            children = list(metric._metrics.items())
+    else:
+        children = [((), metric)]
+    bounds: tuple[float, ...] = ()
+    rows: list[Any] = []
+    if kind == _HISTOGRAM:
+        bounds = tuple(metric._upper_bounds)  # type: ignore[attr-defined]
+        for values, child in children:
+            if child._upper_bounds != metric._upper_bounds:  # type: ignore[attr-defined]
+                raise TypeError("a child with other buckets")
+            buckets = [_value(b) for b in child._buckets]  # type: ignore[attr-defined]
+            rows.append((values, buckets, _value(child._sum)))  # type: ignore[attr-defined]
+    else:
+        for values, child in children:
+            rows.append((values, _value(child._value)))  # type: ignore[attr-defined]
+    return (
+        kind, metric._name, metric._documentation, metric._type, metric._unit, names,
+        bounds, rows,
+    )  # fmt: skip
+
+
+def _build_family(copied: _Copied, *, buckets: bool = True) -> Metric:
+    """The family prometheus_client's ``collect`` gives for the copied values (no
+    ``_created`` series: disabled above; no exemplars: the proxy sets none), each bucket
+    bound formatted once per family, not once per series; without ``buckets``, only a
+    histogram's ``_count`` and ``_sum`` (what :func:`aggregate` reads)."""
+    kind, name, documentation, typ, unit, names, bounds, rows = copied
+    family = Metric(name, documentation, typ, unit)
+    add = family.samples.append
+    if kind == _COUNTER or kind == _GAUGE:
+        sample = f"{name}_total" if kind == _COUNTER else name
+        for values, value in rows:
+            add(Sample(sample, dict(zip(names, values, strict=True)), value))
+        return family
+    les = [floatToGoString(b) for b in bounds]
+    bucket, count, total = f"{name}_bucket", f"{name}_count", f"{name}_sum"
+    with_sum = bool(bounds) and bounds[0] >= 0
+    for values, counts, sum_value in rows:
+        labels = dict(zip(names, values, strict=True))
+        acc = 0.0
+        for le, n in zip(les, counts, strict=True):
+            acc += n
+            if buckets:
+                add(Sample(bucket, {**labels, "le": le}, acc))
+        add(Sample(count, labels, acc))
+        if with_sum:
+            add(Sample(total, dict(labels), sum_value))
+    return family
 
 
 class RequestSeries:
@@ -1199,11 +1358,69 @@ class _Families:
         return self._families
 
 
-def render(families: list[Metric], accept: str | None) -> tuple[bytes, str]:
+_OPENMETRICS_EOF = b"# EOF\n"
+
+
+def exposition_format(accept: str | None) -> tuple[Callable[[Sequence[Metric]], bytes], str]:
+    """The encoder of a list of families for a scraper's ``Accept`` header (text 0.0.4
+    unless it asks for OpenMetrics), and its Content-Type. The encoder reads only the
+    families it is given: it may run in another thread."""
     try:
         encoder, content_type = choose_encoder(accept or "")
     except (TypeError, ValueError):
         # prometheus_client compares a quoted version ('version="1.0.0"') as a string
         # with a number: the text format every scraper reads, not a 500
         encoder, content_type = choose_encoder("")
-    return encoder(_Families(families)), content_type
+
+    def encode(families: Sequence[Metric]) -> bytes:
+        return encoder(_Families(list(families)))
+
+    return encode, content_type
+
+
+SAMPLES_PER_PART = 1000
+"""Largest run of samples encoded at once by :func:`encode_head` (about 1 ms of CPU)."""
+
+
+def encode_head(
+    encode: Callable[[Sequence[Metric]], bytes],
+    content_type: str,
+    families: Iterable[Metric],
+    between_parts: Callable[[], object] | None = None,
+) -> bytes:
+    """``families`` encoded as the start of an exposition that more families follow:
+    without OpenMetrics' closing ``# EOF`` (the text format has no closing line).
+
+    Encoded in parts of at most :data:`SAMPLES_PER_PART` samples, calling
+    ``between_parts`` after each: in a worker thread, ``time.sleep(0)`` hands the GIL
+    to the event loop there, instead of making it wait for the interpreter's switch
+    interval (5 ms) after each of its system calls. Each line of an exposition stands
+    alone, so the parts (a family's HELP and TYPE with its first) make the whole
+    exposition, byte for byte."""
+    openmetrics = content_type.startswith("application/openmetrics-text")
+    out: list[bytes] = []
+    for family in families:
+        samples = family.samples
+        for start in range(0, len(samples) or 1, SAMPLES_PER_PART):
+            part = Metric(family.name, family.documentation, family.type, family.unit)
+            part.samples = samples[start : start + SAMPLES_PER_PART]
+            body = encode([part])
+            if openmetrics:
+                if not body.endswith(_OPENMETRICS_EOF):
+                    raise ValueError("an OpenMetrics exposition without its # EOF")
+                body = body[: -len(_OPENMETRICS_EOF)]
+            if start:
+                body = _without_header(body)
+            out.append(body)
+            if between_parts is not None:
+                between_parts()
+    return b"".join(out)
+
+
+def _without_header(body: bytes) -> bytes:
+    """A family's samples without the comment lines before them (HELP, TYPE, UNIT: one
+    line each, newlines in them escaped); sample lines never start with ``#``."""
+    at = 0
+    while body.startswith(b"#", at):
+        at = body.index(b"\n", at) + 1
+    return body[at:]

@@ -1,0 +1,273 @@
+"""What a scrape costs: the metrics endpoints are open without a client key by default
+(``METRICS_REQUIRE_AUTH=false``), so no number of scrapers may multiply the cost of one.
+
+What must hold (docs/metrics.md, "What a scrape costs"): concurrent scrapes of one format
+share renderings, at most two for any number of scrapers; every scrape still includes
+every request finished before it arrived; a scraper whose client leaves breaks nothing for
+the others; a scrape of a proxy that counted nothing since the last one encodes nothing
+again, and the JSON summary builds no histogram bucket at all.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client.metrics import Histogram
+
+from trioproxy import metrics
+from trioproxy.config import Settings
+from trioproxy.metrics import MetricsCollector, RequestMetrics, prom
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0"
+
+
+def _finished(model: str = "m", status: int = 200) -> RequestMetrics:
+    return RequestMetrics(
+        endpoint="/api/chat", method="POST", status_code=status, duration_ms=5.0, model=model
+    )
+
+
+def _requests_total(body: bytes) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith("http_requests_total{")
+    )
+
+
+@asynccontextmanager
+async def _app() -> AsyncIterator[Any]:
+    from trioproxy.app import create_app
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:1/v1"))
+    before = gc.get_threshold()
+    try:
+        async with app.test_app():
+            yield app
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+class _Renderings:
+    """Counts renderings (each builds the derived families once) and collections of the
+    primary series (what a rendering costs first: collected, or copied to be built and
+    encoded later), and holds every exposition encoding (wherever it runs) until
+    :meth:`release`: a scrape stays in progress while others arrive."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.renderings = 0
+        self.collections = 0
+        self._released = threading.Event()
+        derived = metrics.derived_families
+        collect = prom.PrimaryMetrics.collect
+        copy = getattr(prom, "_copy_series", None)
+        choose = prom.choose_encoder
+
+        def counted_derived(*args: Any) -> Any:
+            self.renderings += 1
+            return derived(*args)
+
+        def counted_collect(primary: prom.PrimaryMetrics) -> Any:
+            self.collections += 1
+            return collect(primary)
+
+        def counted_copy(*args: Any) -> Any:
+            self.collections += 1
+            assert copy is not None
+            return copy(*args)
+
+        def held(accept: str) -> tuple[Callable[[Any], bytes], str]:
+            encoder, content_type = choose(accept)
+
+            def encode(registry: Any) -> bytes:
+                # a thread waits here; code that encodes on the event loop only stalls
+                self._released.wait(timeout=0.3)
+                return encoder(registry)
+
+            return encode, content_type
+
+        monkeypatch.setattr(metrics, "derived_families", counted_derived)
+        monkeypatch.setattr(prom.PrimaryMetrics, "collect", counted_collect)
+        if copy is not None:
+            monkeypatch.setattr(prom, "_copy_series", counted_copy)
+        monkeypatch.setattr(prom, "choose_encoder", held)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+async def test_concurrent_scrapes_share_renderings_and_stay_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renderings = _Renderings(monkeypatch)
+    async with _app() as app:
+        client = app.test_client()
+        app.collector.record(_finished())
+        bodies: dict[str, bytes] = {}
+
+        async def scrape(name: str, path: str = "/metrics") -> None:
+            reply = await client.get(path)
+            assert reply.status_code == 200
+            bodies[name] = await reply.get_data()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scrape, "first")
+            await trio.testing.wait_all_tasks_blocked()  # the first is rendering
+            app.collector.record(_finished())  # finished before the next scrapes arrive
+            paths = ("/metrics", "/v1/metrics/prometheus", "/api/metrics/prometheus")
+            for i in range(6):
+                nursery.start_soon(scrape, f"later{i}", paths[i % 3])
+            await trio.testing.wait_all_tasks_blocked()
+            renderings.release()
+    # the first rendering, and one more shared by the six that came during it
+    assert renderings.renderings == 2
+    assert _requests_total(bodies["first"]) == 1
+    assert {_requests_total(bodies[f"later{i}"]) for i in range(6)} == {2}
+
+
+async def test_a_scraper_that_leaves_breaks_nothing_for_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renderings = _Renderings(monkeypatch)
+    async with _app() as app:
+        client = app.test_client()
+        app.collector.record(_finished())
+        bodies: dict[str, bytes] = {}
+        left: list[str] = []
+
+        async def scrape(name: str, scope: trio.CancelScope) -> None:
+            with scope:
+                reply = await client.get("/metrics")
+                assert reply.status_code == 200
+                bodies[name] = await reply.get_data()
+            if scope.cancelled_caught:
+                left.append(name)
+
+        first, waiting = trio.CancelScope(), trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scrape, "first", first)
+            await trio.testing.wait_all_tasks_blocked()
+            app.collector.record(_finished())
+            nursery.start_soon(scrape, "waiting", waiting)
+            for i in range(3):
+                nursery.start_soon(scrape, f"stays{i}", trio.CancelScope())
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()  # the client whose scrape is rendering leaves
+            waiting.cancel()  # and one waiting for the next rendering
+            await trio.testing.wait_all_tasks_blocked()
+            renderings.release()
+        assert set(left) == {"first", "waiting"}
+        assert {_requests_total(bodies[f"stays{i}"]) for i in range(3)} == {2}
+        assert renderings.renderings == 2
+        # and the renderings go on as before
+        app.collector.record(_finished())
+        reply = await client.get("/metrics")
+        assert _requests_total(await reply.get_data()) == 3
+
+
+async def test_a_scrape_encodes_nothing_again_until_a_series_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    renderings = _Renderings(monkeypatch)
+    renderings.release()
+    async with _app() as app:
+        client = app.test_client()
+        collector = app.collector
+
+        async def scrape(accept: str | None = None) -> str:
+            reply = await client.get("/metrics", headers={"Accept": accept} if accept else {})
+            return (await reply.get_data()).decode()
+
+        collector.record(_finished())
+        await scrape()
+        before = renderings.collections
+        for _ in range(3):
+            await scrape()
+        assert renderings.collections == before  # nothing counted since: nothing collected
+        # every kind of change reaches the next scrape
+        collector.record(_finished())
+        assert _requests_total((await scrape()).encode()) == 2
+        collector.upstream_error("timeout")
+        assert 'trioproxy_upstream_errors_total{reason="timeout"} 1.0' in await scrape()
+        collector.request_started()
+        assert "\nhttp_requests_active 1.0\n" in await scrape()
+        collector.request_finished(_finished())
+        text = await scrape(OPENMETRICS)
+        assert "\nhttp_requests_active 0.0\n" in text and text.endswith("# EOF\n")
+        assert renderings.collections == before + 4
+
+
+async def test_the_json_summary_builds_no_histogram_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The summary reads the histograms' counts and sums only: building their buckets
+    made a JSON summary cost as much as a Prometheus collection (84 ms at the default
+    label budget, for 10 KB)."""
+    buckets_built = 0
+    child_samples = Histogram._child_samples
+
+    def counted(self: Histogram) -> Any:
+        nonlocal buckets_built
+        buckets_built += 1
+        return child_samples(self)
+
+    monkeypatch.setattr(Histogram, "_child_samples", counted)
+    async with _app() as app:
+        app.collector.record(_finished())
+        app.collector.record(_finished(status=500))
+        reply = await app.test_client().get("/v1/metrics")
+        summary = await reply.get_json()
+    assert summary["total_requests"] == 2 and summary["failed_requests"] == 1
+    assert summary["endpoints"]["api_chat"]["avg_duration_ms"] == pytest.approx(5.0)
+    assert buckets_built == 0
+
+
+async def test_a_shared_rendering_is_the_whole_exposition_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The endpoints' rendering (its primary families encoded apart, in a thread, and
+    kept) is what rendering every family at once gives, in both formats."""
+    monkeypatch.setattr(MetricsCollector, "uptime_seconds", property(lambda self: 12.5))
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+    c.record(_finished())
+    c.record(_finished(model='q"u\\o{te}', status=503))
+    stream = RequestMetrics(endpoint="/v1/chat/completions", method="POST", status_code=200)
+    stream.streaming, stream.stream_outcome, stream.duration_ms = True, "completed", 9.0
+    stream.add_chunk(10, stream.start + 0.002)
+    c.record(stream)
+    c.upstream_retry("connect")
+    for per_part in (prom.SAMPLES_PER_PART, 3):  # encoded in parts: families split too
+        monkeypatch.setattr(prom, "SAMPLES_PER_PART", per_part)
+        c.upstream_retry("connect")  # a change: encoded anew
+        for accept in (None, OPENMETRICS, "text/plain;version=0.0.4"):
+            for _ in range(2):  # as rendered, then as kept
+                assert await c.read_prometheus(accept) == c.render_prometheus(accept)
+
+
+async def test_a_reader_already_cancelled_starts_no_rendering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rendering is shielded from its reader's cancellation (others may share it), so
+    a reader whose client is gone must not start one: a loop of such reads would never
+    see its cancellation."""
+    renderings = _Renderings(monkeypatch)
+    renderings.release()
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+    c.record(_finished())
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        for _ in range(3):
+            await c.read_prometheus(None)  # raises Cancelled, or renders shielded
+        pytest.fail("cancelled reads rendered and returned")
+    assert scope.cancelled_caught
+    assert renderings.renderings == 0
+    body, _ = await c.read_prometheus(None)
+    assert _requests_total(body) == 1 and renderings.renderings == 1

@@ -1,0 +1,97 @@
+"""Shared reads: concurrent reads of one kind cost at most two renderings.
+
+A scrape of a busy proxy renders hundreds of thousands of samples, and the monitoring
+endpoints are open without a client key by default: N scrapers in a loop must not cost N
+renderings at once. :class:`SharedReads` runs one rendering of a kind (a key: the
+exposition format, the JSON summary's filters) at a time; every read of that kind arriving
+while one runs shares the NEXT rendering, which starts when the current one ends. So
+concurrent readers cost at most two renderings, and every read stays exact: the rendering
+it gets started after it arrived, and a rendering publishes and reads the collector when
+it starts, so it includes every request finished before the read arrived.
+
+Nothing here starts a task: a rendering runs in the task of the reader that starts it,
+shielded from that reader's cancellation (a reader whose client left still finishes the
+rendering the others wait for; the cancellation reaches it at its next checkpoint, right
+after). A reader that is cancelled while it waits just leaves; the next waiter to wake
+starts the rendering it joined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+import trio
+
+
+class SharedRenderingFailed(RuntimeError):
+    """The rendering a read shared ended without a result (its error is the cause)."""
+
+
+class _Round:
+    """One rendering and the reads that share it."""
+
+    __slots__ = ("done", "error", "ok", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.ok = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.ok:
+            return self.result
+        raise SharedRenderingFailed("the shared metrics rendering failed") from self.error
+
+
+class SharedReads:
+    """One rendering per key at a time; the reads that arrive during it share the next.
+
+    Call from the trio thread only. ``render`` is called with no arguments and must
+    snapshot what it reads before its first checkpoint (so the rendering includes what
+    finished before it started)."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, _Round] = {}
+        self._next: dict[Hashable, _Round] = {}
+        self.renderings = 0  # renderings started, for tests and curious operators
+
+    async def read(self, key: Hashable, render: Callable[[], Awaitable[Any]]) -> Any:
+        # a reader already cancelled starts nothing: the rendering would be shielded
+        await trio.lowlevel.checkpoint_if_cancelled()
+        running = self._running.get(key)
+        if running is None:
+            # nothing running: start now (taking over a round whose readers all left, or
+            # whose woken readers have not run yet: it starts after they all arrived)
+            return await self._run(key, self._next.pop(key, None) or _Round(), render)
+        joined = self._next.get(key)
+        if joined is None:
+            joined = self._next[key] = _Round()
+        await running.done.wait()  # cancellable: a reader leaving changes nothing here
+        if not joined.done.is_set() and key not in self._running:
+            # the first of its readers to wake starts the round they share (one that was
+            # cancelled meanwhile leaves it to the next; checkpoint_if_cancelled does not
+            # let any other task run in between)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._next.get(key) is joined:
+                del self._next[key]
+            return await self._run(key, joined, render)
+        await joined.done.wait()
+        return joined.outcome()
+
+    async def _run(self, key: Hashable, rnd: _Round, render: Callable[[], Awaitable[Any]]) -> Any:
+        self._running[key] = rnd
+        self.renderings += 1
+        try:
+            # others wait for this round: it ends even if this reader's client left
+            with trio.CancelScope(shield=True):
+                rnd.result = await render()
+            rnd.ok = True
+        except BaseException as exc:
+            rnd.error = exc
+            raise
+        finally:
+            del self._running[key]
+            rnd.done.set()
+        return rnd.result
