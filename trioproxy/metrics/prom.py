@@ -564,7 +564,9 @@ class PrimaryMetrics:
                 multiprocess_mode="livemax",
                 **self._registry_kw,
             )
+            self._families.append(self._backend_up)  # what a scrape copies and shows
         self._backend_up.set(1 if up else 0)
+        self.changed()
 
     # -- hot path ----------------------------------------------------------------------
 
