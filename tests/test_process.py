@@ -371,3 +371,58 @@ def test_held_stop_signals_get_their_handlers_back() -> None:
         assert signal.getsignal(signal.SIGHUP) is before
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_killed_masters_run_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    """An operator review: SIGKILL of a ``--workers`` master left its run directory in
+    /tmp, which under Kubernetes (an emptyDir outliving container restarts) a crash-looping
+    pod fills. The next master removes it; a live master's directory stays."""
+    first = _start_demo_proxy(2, LOG_LEVEL="INFO", GRACEFUL_TIMEOUT="1", TMPDIR=str(tmp_path))
+    descendants: list[psutil.Process] = []
+    try:
+        _wait_for_workers(first, 2)
+        descendants = psutil.Process(first.process.pid).children(recursive=True)
+        (left,) = tmp_path.glob("trioproxy-*")
+        first.process.kill()
+        first.process.wait(timeout=5)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in descendants):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert left.is_dir()  # nothing could remove it
+    finally:
+        _kill(descendants)
+        first.stop()
+    second = _start_demo_proxy(2, LOG_LEVEL="INFO", TMPDIR=str(tmp_path))
+    third = None
+    try:
+        _wait_for_workers(second, 2)
+        assert not left.exists()
+        (live,) = tmp_path.glob("trioproxy-*")
+        third = _start_demo_proxy(2, LOG_LEVEL="INFO", TMPDIR=str(tmp_path))
+        _wait_for_workers(third, 2)
+        assert live.is_dir() and len(list(tmp_path.glob("trioproxy-*"))) == 2
+    finally:
+        for server in (second, third):
+            if server is not None:
+                server.stop()
+    assert list(tmp_path.glob("trioproxy-*")) == []  # each stopped master removed its own
+
+
+def test_stale_run_directories_are_only_those_whose_lock_is_free(tmp_path: Path) -> None:
+    import fcntl
+
+    from trioproxy.rundir import LOCK_FILE, remove_stale
+
+    free, held, lockless = (tmp_path / f"trioproxy-{n}" for n in ("a", "b", "c"))
+    for directory in (free, held, lockless):
+        directory.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    (free / LOCK_FILE).touch()
+    (other / LOCK_FILE).touch()
+    (held / LOCK_FILE).touch()
+    with open(held / LOCK_FILE) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert remove_stale(tmp_path) == 1
+    assert not free.exists() and held.is_dir() and lockless.is_dir() and other.is_dir()

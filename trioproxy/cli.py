@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from .config import (
     read_environment,
 )
 from .logs import HYPERCORN_LOGGER, configure_logging, hypercorn_log_config, notice
+from .rundir import new_run_dir
 from .upstream import check_client_environment
 
 if TYPE_CHECKING:
@@ -307,7 +307,7 @@ async def serve_workers(settings: Settings) -> None:
     listener = listen(settings.host, settings.port)
     host, port = listener.getsockname()[:2]
     scheme = "https" if settings.tls_certfile else "http"
-    run_dir = Path(tempfile.mkdtemp(prefix="trioproxy-"))
+    run_dir = new_run_dir()
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     env = dict(os.environ)
