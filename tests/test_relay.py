@@ -602,3 +602,19 @@ async def test_a_failure_reported_mid_stream_is_logged_once(
         await run_relay(script, openai)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["stream failed: the backend reported: overloaded"]
+
+
+async def test_events_split_across_reads_are_no_dragging_line() -> None:
+    """A review of the idle limit on lines: its start was never reset when a line ended,
+    so a healthy stream whose events often arrive in two reads was cut as silent once one
+    split read fell ``idle`` s after the first."""
+    split: Script = []
+    for i in range(20):  # 2 s of events, one every 0.1 s, each cut after 10 bytes
+        whole = token(f"t{i}")
+        split += [(0.05, whole[:10]), (0.05, whole[10:])]
+    script: Script = [(0, ROLE), (0, token("a")), *split, (0, DONE)]
+    for make in (openai, ollama):
+        out, _, _ = await run_relay(
+            script, make, stream_idle_timeout=0.5, stream_first_token_timeout=30
+        )
+        assert b"STREAM_IDLE_TIMEOUT" not in out and b'"error"' not in out

@@ -310,13 +310,14 @@ def test_a_large_event_in_many_reads_is_held_in_linear_time() -> None:
     assert not held
 
 
-def test_in_line_tells_a_read_that_ended_no_line() -> None:
+def test_reads_in_line_counts_the_reads_in_a_row_that_ended_no_line() -> None:
     parser = SSEParser()
     parser.feed(b"data: a\n\ndat")
-    assert not parser.in_line  # a line ended in that read
-    parser.feed(b"a: b")
-    assert parser.in_line
-    assert parser.feed(b"\n\n") == [SSEEvent("b")] and not parser.in_line
+    assert parser.reads_in_line == 0  # a line ended in that read
+    parser.feed(b"a: ")
+    parser.feed(b"b")
+    assert parser.reads_in_line == 2
+    assert parser.feed(b"\n\n") == [SSEEvent("b")] and parser.reads_in_line == 0
 
 
 def test_strict_utf8_refuses_what_the_client_could_not_decode() -> None:

@@ -147,17 +147,16 @@ class _Reader:
             raise StreamTimeout(self.describe())
         return chunk
 
-    def line_dragging(self) -> None:
-        """The last read ended no line (the caller asks only after the first token): a
-        backend sending a few bytes at a time would never let the read timeout, the idle
-        limit, run out. So a line still unended ``idle`` s after the read that began it is
-        the same silence (raises StreamTimeout). Keep-alive comments end their lines."""
+    def line_dragging(self, reads: int) -> None:
+        """The last ``reads`` reads in a row ended no line (the caller asks only after the
+        first token): a backend sending a few bytes at a time would never let the read
+        timeout, the idle limit, run out. So a line still unended ``idle`` s after the
+        first of those reads is the same silence (raises StreamTimeout). Keep-alive
+        comments end their lines."""
         now = trio.current_time()
-        since = self._line_since
-        if since is None or now - since > self.idle + 1.0:
-            # (a gap that long since the last call: that call was for another line)
-            self._line_since = now
-        elif now - since > self.idle:
+        if reads == 1 or self._line_since is None:
+            self._line_since = now  # a line goes on past a read: timed from here
+        elif now - self._line_since > self.idle:
             raise StreamTimeout(
                 f"the backend sent no whole line for {self.idle:g} s (STREAM_IDLE_TIMEOUT)"
             )
@@ -280,8 +279,8 @@ async def relay_ollama(
                     elif not _looks_like_events(response, data):
                         raise _NotAStream(_not_a_stream(response))
                 events = [] if done else parser.feed(data)
-                if parser.in_line and reader.token_seen:
-                    reader.line_dragging()
+                if parser.reads_in_line and reader.token_seen:
+                    reader.line_dragging(parser.reads_in_line)
             for event in events:
                 text = event.data
                 if text == SSE_DONE:
@@ -399,8 +398,8 @@ async def relay_openai(
                         data = error_fields_as_data(data)
                 else:
                     finished = True
-            if parser.in_line and reader.token_seen:
-                reader.line_dragging()
+            if parser.reads_in_line and reader.token_seen:
+                reader.line_dragging(parser.reads_in_line)
             if observer.malformed:
                 # not relayed: the client's SDK would fail on it with a JSON error of its
                 # own (what came before it in this read is lost with it)

@@ -113,7 +113,7 @@ class SSEParser:
         "_pending_bytes",
         "_skip_lf",
         "_started",
-        "in_line",
+        "reads_in_line",
     )
 
     def __init__(
@@ -126,9 +126,10 @@ class SSEParser:
         # came, which its client decodes strictly), not U+FFFD
         errors = "strict" if strict_utf8 else "replace"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-        # the last fed bytes ended no line but added to one: a backend sending a line a few
-        # bytes at a time makes progress the reader cannot see (see relay's idle limit)
-        self.in_line = False
+        # how many reads in a row ended no line but added to one (0: the last one ended a
+        # line): a backend sending a line a few bytes at a time makes progress the reader
+        # cannot see (see relay's idle limit)
+        self.reads_in_line = 0
         # The incomplete last line, kept as pieces so a long line arriving in many small reads
         # costs O(n) instead of O(n^2) re-concatenation. Never contains CR or LF.
         self._pending: list[str] = []
@@ -199,10 +200,10 @@ class SSEParser:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         elif "\n" not in text:
             self._append_pending(text)
-            self.in_line = True
+            self.reads_in_line += 1
             return events
 
-        self.in_line = False
+        self.reads_in_line = 0
         lines = text.split("\n")
         tail = lines.pop()
         if self._pending:
