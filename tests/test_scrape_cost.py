@@ -271,3 +271,27 @@ async def test_a_reader_already_cancelled_starts_no_rendering(
     assert renderings.renderings == 0
     body, _ = await c.read_prometheus(None)
     assert _requests_total(body) == 1 and renderings.renderings == 1
+
+
+async def test_any_openmetrics_version_asked_is_one_of_two_kept_bodies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review: prometheus_client echoes any OpenMetrics version >= 1.0.0 a scraper asks
+    for, and the kept bodies and shared renderings are keyed by Content-Type: 300 keyless
+    Accept headers (1.0.1, 1.0.2, ...) kept 300 copies of the exposition."""
+    renderings = _Renderings(monkeypatch)
+    renderings.release()
+    async with _app() as app:
+        client = app.test_client()
+        app.collector.record(_finished())
+        types = set()
+        for minor in range(1, 30):
+            for major in (1, 2, 7):
+                accept = f"application/openmetrics-text; version={major}.0.{minor}"
+                reply = await client.get("/metrics", headers={"Accept": accept})
+                types.add(reply.headers["Content-Type"])
+        assert types == {
+            "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores",
+            "application/openmetrics-text; version=2.0.0; charset=utf-8; escaping=underscores",
+        }
+        assert len(app.collector._prom.snapshot().bodies) == 2

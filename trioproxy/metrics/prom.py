@@ -1373,11 +1373,37 @@ def exposition_format(accept: str | None) -> tuple[Callable[[Sequence[Metric]], 
         # prometheus_client compares a quoted version ('version="1.0.0"') as a string
         # with a number: the text format every scraper reads, not a 500
         encoder, content_type = choose_encoder("")
+    canonical = _canonical_openmetrics(content_type)
+    if canonical is not None:
+        encoder, content_type = choose_encoder(canonical)
 
     def encode(families: Sequence[Metric]) -> bytes:
         return encoder(_Families(list(families)))
 
     return encode, content_type
+
+
+_OPENMETRICS_VERSIONS = ("1.0.0", "2.0.0")
+
+
+def _canonical_openmetrics(content_type: str) -> str | None:
+    """The ``Accept`` of the OpenMetrics version prometheus_client writes that
+    ``content_type`` means, when it names another (None when it is one already, or no
+    OpenMetrics): prometheus_client echoes whatever version >= 1.0.0 a scraper asks for,
+    and reads of one format share their rendering and kept body by Content-Type, so any
+    spelling (``1.0.1``, ``1.0.10``...) would cost an encoding and a body of its own."""
+    if not content_type.startswith("application/openmetrics-text"):
+        return None
+    params = dict(
+        part.strip().partition("=")[::2] for part in content_type.split(";")[1:] if "=" in part
+    )
+    version = params.get("version", "")
+    if version in _OPENMETRICS_VERSIONS:
+        return None
+    major = version.partition(".")[0]
+    chosen = _OPENMETRICS_VERSIONS[1] if major.isdigit() and int(major) >= 2 else "1.0.0"
+    escaping = params.get("escaping", "underscores")
+    return f"application/openmetrics-text; version={chosen}; escaping={escaping}"
 
 
 SAMPLES_PER_PART = 1000
