@@ -431,10 +431,11 @@ class Spellings:
         escape = b"\\" if short else b"\\u"
         return cls(pattern, plain, chars, firsts, inside, escape, longest - 1)
 
-    def tail_start(self, data: bytes) -> int:
-        """The start of the longest tail of ``data`` that is a proper prefix of a spelling
-        of a secret (``len(data)`` if none)."""
-        start = max(0, len(data) - self.reach)
+    def tail_start(self, data: bytes, lo: int = 0) -> int:
+        """The start of the longest tail of ``data[lo:]`` that is a proper prefix of a
+        spelling of a secret (``len(data)`` if none). An offset, not a slice: a read full
+        of secrets asks once per secret, and copying its rest each time was quadratic."""
+        start = max(lo, len(data) - self.reach)
         # such a tail holds only bytes a spelling may hold: none of an SSE event's "\n\n"
         start += data[start:].translate(self.inside).rfind(b"\0") + 1
         best = len(data)
@@ -478,7 +479,7 @@ def scrub(text: str, secrets: BackendSecrets) -> str:
 
 
 def _masked_until_held(
-    data: bytes, pattern: re.Pattern[bytes], tail_start: Callable[[bytes], int]
+    data: bytes, pattern: re.Pattern[bytes], tail_start: Callable[[bytes, int], int]
 ) -> tuple[bytes, int]:
     """``data`` masked up to where the body so far may end inside a secret, and where
     that is. From the first place where the body ends inside a secret started there, the
@@ -486,7 +487,7 @@ def _masked_until_held(
     out: list[bytes] = []
     pos = 0
     while True:
-        cut = pos + tail_start(data[pos:] if pos else data)
+        cut = tail_start(data, pos)
         match = pattern.search(data, pos)
         if match is None or match.start() >= cut:
             break
