@@ -99,6 +99,9 @@ class _Renderings:
         if copy is not None:
             monkeypatch.setattr(prom, "_copy_series", counted_copy)
         monkeypatch.setattr(prom, "choose_encoder", held)
+        # these tests' expositions are small, which the event loop encodes itself: only
+        # one encoded in the thread stays in progress while other scrapes arrive
+        monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", -1)
 
     def release(self) -> None:
         self._released.set()
@@ -295,3 +298,30 @@ async def test_any_openmetrics_version_asked_is_one_of_two_kept_bodies(
             "application/openmetrics-text; version=2.0.0; charset=utf-8; escaping=underscores",
         }
         assert len(app.collector._prom.snapshot().bodies) == 2
+
+
+async def test_a_small_exposition_is_encoded_on_the_loop_a_large_one_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The full bench: scrapes of a few hundred samples under load took 28 ms at p50 (3 ms
+    idle) once encoded in a thread: each hand-off waited for the GIL the busy loop held."""
+    handed: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__module__", None) == metrics.__name__:  # not the app's own
+            handed.append(fn)
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    async with _app() as app:
+        client = app.test_client()
+        app.collector.record(_finished())
+        small = await (await client.get("/metrics")).get_data()
+        assert app.collector._prom.snapshot().samples <= metrics.LOOP_ENCODED_SAMPLES
+        assert handed == []
+        monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", 10)
+        app.collector.record(_finished())
+        large = await (await client.get("/metrics")).get_data()
+        assert len(handed) == 1
+        assert _requests_total(small) == 1 and _requests_total(large) == 2

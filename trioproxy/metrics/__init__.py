@@ -32,6 +32,7 @@ from .labels import (
     method_label,
 )
 from .prom import (
+    LOOP_ENCODED_SAMPLES,
     NO_TOKEN_REASONS,
     PrimaryMetrics,
     RequestSeries,
@@ -847,9 +848,12 @@ class MetricsCollector:
             primary, derived = self._prometheus_families()  # before any checkpoint
             head = primary.bodies.get(content_type)
             if head is None:
-                head = await trio.to_thread.run_sync(
-                    lambda: encode_head(encode, content_type, primary.families(), _yield_gil)
-                )
+                if primary.samples <= LOOP_ENCODED_SAMPLES:
+                    head = encode_head(encode, content_type, primary.families())
+                else:
+                    head = await trio.to_thread.run_sync(
+                        lambda: encode_head(encode, content_type, primary.families(), _yield_gil)
+                    )
                 primary.bodies[content_type] = head
             return head + encode(derived)
 
