@@ -254,6 +254,10 @@ def _version_info(version: str) -> list[int]:
     return parts
 
 
+# why the backend is unreachable, as an open /ready tells it to callers without a key
+HIDDEN_BACKEND_ERROR = "the proxy's log says why (so does this answer, with a client key)"
+
+
 @blueprint.get("/ready")
 async def ready() -> Response:
     app = request_app()
@@ -279,9 +283,6 @@ async def ready() -> Response:
         else:
             body["backend_error"] = checker.last_error
     return _json(body, 200 if ready_now else 503)
-
-
-HIDDEN_BACKEND_ERROR = "the proxy's log says why (so does this answer, with a client key)"
 
 
 @blueprint.get("/v1/metrics")
