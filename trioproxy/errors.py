@@ -499,6 +499,15 @@ def _masked_until_held(
     return b"".join(out), cut
 
 
+def _masked_spellings(data: bytes, spelled: Spellings) -> tuple[bytes, bytes]:
+    """A read holding a backslash (the held tail included), as both stream masks mask it:
+    what goes out, and the tail held for the next read."""
+    # without the escape the secrets' spellings need, they can only be whole as they are
+    pattern = spelled.pattern if data.find(spelled.escape) != -1 else spelled.plain
+    done, cut = _masked_until_held(data, pattern, spelled.tail_start)
+    return done, data[cut:]
+
+
 class SecretMask:
     """Masks a secret in a body that arrives in pieces, also where a piece ends inside it.
 
@@ -519,7 +528,8 @@ class SecretMask:
     def feed(self, piece: bytes) -> bytes:
         data = self._held + piece if self._held else piece
         if _BACKSLASH in data:  # the held tail counts: an escape may straddle two reads
-            return self._feed_escaped(data)
+            done, self._held = _masked_spellings(data, self._spelled)
+            return done
         secret = self._secret
         done = b""
         if secret in data:
@@ -528,14 +538,6 @@ class SecretMask:
         cut = _partial_start(data, secret)
         self._held = data[cut:]
         return done + data[:cut] if cut else done
-
-    def _feed_escaped(self, data: bytes) -> bytes:
-        spelled = self._spelled
-        # without the escape the secret's spellings need, it can only be whole as it is
-        pattern = spelled.pattern if data.find(spelled.escape) != -1 else spelled.plain
-        done, cut = _masked_until_held(data, pattern, spelled.tail_start)
-        self._held = data[cut:]
-        return done
 
     def flush(self) -> bytes:
         held, self._held = self._held, b""
@@ -591,7 +593,8 @@ class SecretsMask:
     def feed(self, piece: bytes) -> bytes:
         data = self._held + piece if self._held else piece
         if _BACKSLASH in data:  # the held tail counts: an escape may straddle two reads
-            return self._feed_escaped(data)
+            done, self._held = _masked_spellings(data, self._spelled)
+            return done
         # :func:`_masked_until_held` with the secrets as they are, inlined: most reads
         # come this way
         out: list[bytes] = []
@@ -613,14 +616,6 @@ class SecretsMask:
         out.append(data[pos:cut])
         self._held = data[cut:]
         return b"".join(out)
-
-    def _feed_escaped(self, data: bytes) -> bytes:
-        spelled = self._spelled
-        # without the escape the secrets' spellings need, they are whole as they are
-        pattern = spelled.pattern if data.find(spelled.escape) != -1 else self._pattern
-        done, cut = _masked_until_held(data, pattern, spelled.tail_start)
-        self._held = data[cut:]
-        return done
 
     def flush(self) -> bytes:
         # what was held may hold a whole secret whose longer rival never came
