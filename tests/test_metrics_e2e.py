@@ -276,6 +276,13 @@ def test_fresh_workers_describe_the_families_one_process_does(
         return sorted(ln for ln in text.splitlines() if ln.startswith(("# HELP", "# TYPE")))
 
     try:
+        # trioproxy_backend_up is described once a readiness check has a result (absent
+        # before: an unknown state is no outage); each process checks as it starts
+        deadline = time.monotonic() + 10
+        for base in (single, url):
+            while "# TYPE trioproxy_backend_up gauge" not in described(base):
+                assert time.monotonic() < deadline, f"no readiness result at {base}"
+                time.sleep(0.05)
         for _ in range(4):  # a fresh connection each: the kernel spreads them over workers
             assert described(url) == described(single)
         for base in (single, url, url):
