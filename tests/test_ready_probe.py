@@ -372,6 +372,19 @@ async def test_the_backend_state_is_a_gauge_for_alerting(
     assert _backend_up(app.collector) == ["trioproxy_backend_up 1.0"]
 
 
+def test_a_backend_state_that_did_not_change_keeps_the_scrape_encoding() -> None:
+    """A scrape keeps its encoding until a series changes: the idle readiness check
+    (every 10 s) made every scrape of an idle proxy encode its whole exposition anew."""
+    collector = MetricsCollector(system_enabled=False)
+    collector.set_backend_status(True, 1.0)
+    kept = collector._prom.snapshot()
+    collector.set_backend_status(True, 2.0)
+    assert collector._prom.snapshot() is kept
+    collector.set_backend_status(False, 3.0)
+    assert collector._prom.snapshot() is not kept
+    assert _backend_up(collector) == ["trioproxy_backend_up 0.0"]
+
+
 def test_a_down_backend_shows_in_the_exposition(start_proxy: StartProxy) -> None:
     with socket.socket() as sock:  # a port nothing listens on: refused
         sock.bind(("127.0.0.1", 0))

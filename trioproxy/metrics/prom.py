@@ -507,6 +507,7 @@ class PrimaryMetrics:
         # not read as a backend that is down
         self._new_gauge, self._registry_kw = gauge, r
         self._backend_up: Gauge | None = None
+        self._backend_up_value = -1
         # Only with the sampler (system metrics enabled): without one there is no
         # measurement, and a series stuck at 0 would read as one on every dashboard.
         self.rss: Gauge | None = None
@@ -555,6 +556,10 @@ class PrimaryMetrics:
 
     def set_backend_up(self, up: bool) -> None:
         """The latest readiness result: the backend answered (any status below 500)."""
+        value = 1 if up else 0
+        if self._backend_up is not None and self._backend_up_value == value:
+            return  # the idle check every 10 s must not make a kept encoding stale
+        self._backend_up_value = value
         if self._backend_up is None:
             self._backend_up = self._new_gauge(
                 "trioproxy_backend_up",
@@ -565,7 +570,7 @@ class PrimaryMetrics:
                 **self._registry_kw,
             )
             self._families.append(self._backend_up)  # what a scrape copies and shows
-        self._backend_up.set(1 if up else 0)
+        self._backend_up.set(value)
         self.changed()
 
     # -- hot path ----------------------------------------------------------------------
