@@ -816,7 +816,7 @@ class MetricsCollector:
         OpenMetrics). The monitoring endpoints use :meth:`read_prometheus`."""
         encode, content_type = exposition_format(accept)
         primary, derived = self._prometheus_families()
-        return encode([*primary.families(), *derived]), content_type
+        return encode([*primary.families(), *primary.sampled, *derived]), content_type
 
     def _prometheus_families(self) -> tuple[Snapshot, list[Metric]]:
         """Every family of a scrape as it is now: the primary families (a snapshot that
@@ -855,7 +855,7 @@ class MetricsCollector:
                         lambda: encode_head(encode, content_type, primary.families(), _yield_gil)
                     )
                 primary.bodies[content_type] = head
-            return head + encode(derived)
+            return head + encode([*primary.sampled, *derived])
 
         body = await self._reads.read(("prometheus", content_type), render)
         return body, content_type
@@ -912,7 +912,7 @@ class MetricsCollector:
         if cpu > self._cpu_seen:
             cpu_seconds.inc(cpu - self._cpu_seen)
             self._cpu_seen = cpu
-        self._prom.changed()
+        # no ``changed()``: the sampler's series are copied at every snapshot
 
 
 # --------------------------------------------------------------------------- singleton + guide API

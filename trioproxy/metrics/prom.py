@@ -19,6 +19,7 @@ No hand-written exposition: ``prometheus_client.exposition.choose_encoder`` pick
 from __future__ import annotations
 
 import bisect
+import copy
 import glob
 import logging
 import multiprocessing
@@ -543,11 +544,21 @@ class PrimaryMetrics:
             m for m in vars(self).values() if isinstance(m, MetricWrapperBase)
         ]
 
+        # the sampler's series change at every tick (SYSTEM_METRICS_INTERVAL): copied at
+        # every snapshot, never kept with the encoding, so a tick makes no scrape encode
+        # the request series anew
+        self._sampled: tuple[MetricWrapperBase, ...] = (
+            (self.rss, self.cpu_seconds)
+            if self.rss is not None and self.cpu_seconds is not None
+            else ()
+        )
+
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
-        # bumped by every change of a series (``changed``): what a snapshot was taken at
+        # bumped by every change of a series but the sampler's (``changed``): what the
+        # kept part of a snapshot was taken at
         self.version = 0
-        self._snapshot: Snapshot | None = None
+        self._kept: _Kept | None = None
 
     def changed(self) -> None:
         """A series changed: snapshots taken before are out of date (call after every
@@ -636,23 +647,30 @@ class PrimaryMetrics:
         In one process, every series' values are copied (plain floats, on the event
         loop: a few ms) and the families are built from the copy only when a scrape
         encodes them, which may be in a worker thread; the totals are aggregated from the
-        copy without the histograms' buckets. The same snapshot serves every read until a
-        series changes (``version``), so a scrape of a proxy that counted nothing since
-        the last one copies, builds and encodes nothing again. In multiprocess mode other
+        copy without the histograms' buckets. That part is kept, and serves every read
+        until a series changes (``version``), so a scrape of a proxy that counted nothing
+        since the last one copies, builds and encodes nothing of it again; only the
+        sampler's two series are copied anew each time. In multiprocess mode other
         workers change the files: collected anew each time."""
         self.flush()
-        snap = self._snapshot
-        if snap is not None and snap.version == self.version:
-            return snap
-        copied = None if self.multiprocess_dir else _copy_series(self._families)
-        if copied is None:
-            families = tuple(self.collect())
-            snap = Snapshot(self.version, aggregate(families), families=families)
-        else:
+        if self.multiprocess_dir:
+            return self._collected_snapshot()
+        kept = self._kept
+        if kept is None or kept.version != self.version:
+            copied = _copy_series([m for m in self._families if m not in self._sampled])
+            sampled = _copy_series(self._sampled)
+            if copied is None or sampled is None:
+                return self._collected_snapshot()
             totals = aggregate(_build_family(c, buckets=False) for c in copied)
-            snap = Snapshot(self.version, totals, copied=copied)
-        self._snapshot = None if self.multiprocess_dir else snap
-        return snap
+            kept = self._kept = _Kept(self.version, totals, copied)
+        else:
+            sampled = _copy_series(self._sampled)
+            assert sampled is not None  # the same kinds of series were copied before
+        return Snapshot.of_kept(kept, tuple(_build_family(c) for c in sampled))
+
+    def _collected_snapshot(self) -> Snapshot:
+        families = tuple(self.collect())
+        return Snapshot(aggregate(families), families=families)
 
     def collect_counts(self) -> list[Metric]:
         """Just the request counter and the in-flight gauge (what health and filtered
@@ -663,24 +681,50 @@ class PrimaryMetrics:
         return [*self.requests.collect(), *self.active.collect()]
 
 
+class _Kept:
+    """The copied request series at one ``version``, their totals and their exposition
+    in each format asked for so far (shared by the snapshots of that version)."""
+
+    __slots__ = ("bodies", "copied", "totals", "version")
+
+    def __init__(self, version: int, totals: Totals, copied: tuple[_Copied, ...]) -> None:
+        self.version = version
+        self.totals = totals
+        self.copied = copied
+        self.bodies: dict[str, bytes] = {}
+
+
 class Snapshot:
-    """The primary series at one ``version``: their totals, their families (built from
-    the copied values as they are encoded: :meth:`families` reads nothing else, so it
-    may run in a worker thread) and their exposition in each format asked for so far."""
+    """The primary series as one read sees them: their totals, their families (built
+    from the copied values as they are encoded: :meth:`families` reads nothing else, so
+    it may run in a worker thread) with their exposition in each format asked for so
+    far (``bodies``), and the sampler's families (``sampled``), which are encoded with
+    the derived ones and never kept."""
 
     def __init__(
         self,
-        version: int,
         totals: Totals,
         *,
         families: tuple[Metric, ...] | None = None,
         copied: tuple[_Copied, ...] | None = None,
+        bodies: dict[str, bytes] | None = None,
+        sampled: tuple[Metric, ...] = (),
     ) -> None:
-        self.version = version
         self.totals = totals  # shared by the reads of this snapshot: never changed
         self._families = families
         self._copied = copied
-        self.bodies: dict[str, bytes] = {}  # Content-Type -> encoded (encode_head)
+        self.bodies: dict[str, bytes] = {} if bodies is None else bodies  # Content-Type ->
+        self.sampled = sampled
+
+    @classmethod
+    def of_kept(cls, kept: _Kept, sampled: tuple[Metric, ...]) -> Snapshot:
+        totals = kept.totals
+        if sampled:
+            # a shallow copy: the kept totals are shared by other reads, never changed
+            totals = copy.copy(totals)
+            fresh = aggregate(sampled)
+            totals.rss, totals.cpu_seconds = fresh.rss, fresh.cpu_seconds
+        return cls(totals, copied=kept.copied, bodies=kept.bodies, sampled=sampled)
 
     @property
     def samples(self) -> int:
