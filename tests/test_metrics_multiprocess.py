@@ -130,6 +130,67 @@ def test_a_scrape_survives_files_changing_under_it(tmp_path: Path) -> None:
     assert not list((tmp_path / "prom").glob(f"gauge_live*_{DEAD}.db"))
 
 
+MERGED_OFF_THE_LOOP = textwrap.dedent(
+    """
+    import json, threading, trio
+    from trioproxy.metrics import MetricsCollector, RequestMetrics, prom
+
+    merged_on = []
+    merge = prom.merged_families
+
+    def merged_families(*args):
+        merged_on.append("loop" if threading.current_thread() is threading.main_thread()
+                         else "thread")
+        return merge(*args)
+
+    prom.merged_families = merged_families
+    c = MetricsCollector(system_enabled=False)
+    for status in (200, 200, 502):
+        c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=status))
+
+    async def reads():
+        out = {}
+        for limit in (0, 10**9):  # every file larger than the limit / none
+            prom.LOOP_MERGED_BYTES = limit
+            del merged_on[:]
+            body, _ = await c.read_prometheus()
+            summary = await c.read_summary()
+            health, status = await c.read_health()
+            filtered = await c.read_filtered_summary(endpoint_filter="/api/chat")
+            out[limit] = {
+                "merged_on": sorted(set(merged_on)), "merges": len(merged_on),
+                "requests": [ln for ln in body.decode().splitlines()
+                             if ln.startswith("http_requests_total{")],
+                "total": summary["total_requests"], "failed": summary["failed_requests"],
+                "health_total": health["total_requests"], "status": status,
+                "global_total": filtered["global_total_requests"],
+            }
+        return out
+
+    out = trio.run(reads)
+    sync = c.render_prometheus()[0].decode().splitlines()
+    out["sync_requests"] = [ln for ln in sync if ln.startswith("http_requests_total{")]
+    out["sync_status"] = c.health()[1]
+    print(json.dumps(out), flush=True)
+    """
+)
+
+
+def test_the_workers_files_are_merged_off_the_event_loop_when_large(tmp_path: Path) -> None:
+    """With --workers every scrape, JSON summary and metrics health check merged the
+    workers' files on the event loop: at a full label budget (10 MB of files) 450 ms in
+    which the worker moved no request. Large files are merged in a worker thread."""
+    out = json.loads(_in_a_worker(MERGED_OFF_THE_LOOP, tmp_path))
+    large, small = out["0"], out[str(10**9)]
+    assert large["merged_on"] == ["thread"] and small["merged_on"] == ["loop"]
+    assert large["merges"] == small["merges"] == 4  # scrape, summary, health, filtered
+    for read in (large, small):
+        assert read["requests"] == out["sync_requests"] and len(read["requests"]) == 2
+        assert (read["total"], read["failed"]) == (3, 1)
+        assert read["health_total"] == read["global_total"] == 3
+        assert read["status"] == out["sync_status"] == 503  # one error in three
+
+
 SECOND_COLLECTOR = textwrap.dedent(
     """
     import gc, json

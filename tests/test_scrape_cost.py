@@ -191,6 +191,10 @@ async def test_a_scrape_encodes_nothing_again_until_a_series_changes(
             reply = await client.get("/metrics", headers={"Accept": accept} if accept else {})
             return (await reply.get_data()).decode()
 
+        for _ in range(1000):  # the first readiness check's result changes a series
+            if collector.backend_reachable is not None:
+                break
+            await trio.sleep(0.01)
         collector.record(_finished())
         await scrape()
         before = renderings.collections

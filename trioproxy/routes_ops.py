@@ -294,9 +294,9 @@ async def metrics_json() -> Response:
     minutes = _positive_number(args.get("time_range_minutes") or args.get("minutes"))
     include_system = _flag(args.get("include_system") or args.get("include_system_metrics"))
     if endpoint is None and minutes is None and include_system is None:
-        return _json(collector.summary())
+        return _json(await collector.read_summary())
     return _json(
-        collector.filtered_summary(
+        await collector.read_filtered_summary(
             endpoint_filter=endpoint,
             time_range_minutes=minutes,
             include_system_metrics=True if include_system is None else include_system,
@@ -317,7 +317,7 @@ async def metrics_prometheus() -> Response:
 @blueprint.get("/v1/metrics/health")
 @blueprint.get("/api/metrics/health")
 async def metrics_health() -> Response:
-    body, status = request_app().collector.health()
+    body, status = await request_app().collector.read_health()
     return _json(body, status)
 
 

@@ -588,7 +588,23 @@ class MetricsCollector:
 
     def summary(self) -> dict:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
-        t = self._totals()  # publishes the pending batch first
+        return self._summary(self._totals())  # publishes the pending batch first
+
+    async def read_summary(self) -> dict:
+        """:meth:`summary` for the monitoring endpoints: with ``--workers`` the workers'
+        files are merged off the event loop, and concurrent reads share the merge."""
+        return self._summary(await self._read_totals())
+
+    async def _read_totals(self) -> Totals:
+        self.publish()
+        snap = await self._reads.read(("totals",), self._prom.read_snapshot)
+        return snap.totals
+
+    async def _read_counts(self) -> Totals:
+        self.publish()
+        return await self._reads.read(("counts",), self._prom.read_counts)
+
+    def _summary(self, t: Totals) -> dict:
         success, client, cancelled, error = t.class_counts()
         total = success + client + cancelled + error
         rates = store.rates_from_counts(success, client, cancelled, error)
@@ -685,14 +701,32 @@ class MetricsCollector:
         include_system_metrics: bool = True,
     ) -> dict:
         """Window figures for the requests matching the filters (this process's window)."""
-        if time_range_minutes is not None:
-            time_range_minutes = float(time_range_minutes)
-            if not time_range_minutes > 0:
-                raise ValueError("time_range_minutes must be a positive number")
+        minutes = _time_range(time_range_minutes)
+        return self._filtered_summary(
+            endpoint_filter, minutes, include_system_metrics, self._count_totals()
+        )
+
+    async def read_filtered_summary(
+        self,
+        endpoint_filter: str | None = None,
+        time_range_minutes: float | None = None,
+        include_system_metrics: bool = True,
+    ) -> dict:
+        """:meth:`filtered_summary` for the monitoring endpoints (see :meth:`read_summary`)."""
+        minutes = _time_range(time_range_minutes)
+        counts = await self._read_counts()
+        return self._filtered_summary(endpoint_filter, minutes, include_system_metrics, counts)
+
+    def _filtered_summary(
+        self,
+        endpoint_filter: str | None,
+        time_range_minutes: float | None,
+        include_system_metrics: bool,
+        t: Totals,
+    ) -> dict:
         self.publish()
         entries = self._window.entries(endpoint_filter, time_range_minutes)
         success, client, cancelled, error = store.class_counts(entries)
-        t = self._count_totals()
         body: dict[str, Any] = {
             "enabled": self.enabled,
             "filters": {
@@ -722,8 +756,14 @@ class MetricsCollector:
 
     def health(self) -> tuple[dict, int]:
         """Body and HTTP status of ``GET /v1/metrics/health`` (503 only when unhealthy)."""
+        return self._health(self._count_totals())
+
+    async def read_health(self) -> tuple[dict, int]:
+        """:meth:`health` for the monitoring endpoints (see :meth:`read_summary`)."""
+        return self._health(await self._read_counts())
+
+    def _health(self, t: Totals) -> tuple[dict, int]:
         self.publish()
-        t = self._count_totals()
         # requests that ENDED in the health window: a timeout is recorded when it ends,
         # after waiting longer than any window might be
         cutoff = time.time() - self.health_window_seconds
@@ -824,7 +864,18 @@ class MetricsCollector:
         ones, built for this scrape."""
         system = self._system_snapshot()  # first: a lazy first sample also feeds RSS/CPU
         self.publish()
-        primary = self._prom.snapshot()
+        return self._with_derived(self._prom.snapshot(), system)
+
+    async def _read_prometheus_families(self) -> tuple[Snapshot, list[Metric]]:
+        """:meth:`_prometheus_families`, the workers' files merged as
+        :meth:`PrimaryMetrics.read_snapshot` merges them."""
+        system = self._system_snapshot()
+        self.publish()
+        return self._with_derived(await self._prom.read_snapshot(), system)
+
+    def _with_derived(
+        self, primary: Snapshot, system: dict[str, Any]
+    ) -> tuple[Snapshot, list[Metric]]:
         durations = sorted(self._window.durations(self.percentile_window))
         host = system if self.system_enabled else None  # disabled: absent, not 0
         io = self._host_io(system) if host is not None else None
@@ -845,7 +896,8 @@ class MetricsCollector:
         encode, content_type = exposition_format(accept)
 
         async def render() -> bytes:
-            primary, derived = self._prometheus_families()  # before any checkpoint
+            # counts what finished before any checkpoint
+            primary, derived = await self._read_prometheus_families()
             head = primary.bodies.get(content_type)
             if head is None:
                 if primary.samples <= LOOP_ENCODED_SAMPLES:
@@ -913,6 +965,15 @@ class MetricsCollector:
             cpu_seconds.inc(cpu - self._cpu_seen)
             self._cpu_seen = cpu
         # no ``changed()``: the sampler's series are copied at every snapshot
+
+
+def _time_range(minutes: float | None) -> float | None:
+    if minutes is None:
+        return None
+    minutes = float(minutes)
+    if not minutes > 0:
+        raise ValueError("time_range_minutes must be a positive number")
+    return minutes
 
 
 # --------------------------------------------------------------------------- singleton + guide API

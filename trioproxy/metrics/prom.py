@@ -32,6 +32,7 @@ from typing import Any
 
 import prometheus_client
 import psutil
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import values as _values
 from prometheus_client.exposition import choose_encoder
@@ -304,13 +305,44 @@ def _remove_if_there(filename: str) -> None:
 _MMAP_HEADER = 8  # prometheus_client's mmap files start with 8 bytes: used size, padding
 
 
-def merged_families(path: str) -> list[Metric]:
-    """The merge of every worker's files in ``path``, tolerant of the files changing
-    under the scrape: a live gauge file removed by another worker's cleanup is skipped
-    (by prometheus_client), and so is a file a starting worker has created but not yet
-    sized (it holds no value yet, and reading it would fail on its missing header)."""
+# prometheus_client's file name prefix of each metric type (``counter_<pid>.db``, ...)
+_SHARED_FILE_KINDS: tuple[str, ...] = ("counter", "gauge", "histogram")
+
+LOOP_MERGED_BYTES = 128 * 1024
+"""Workers' files of up to this many bytes in use (about 5 ms of merging) are merged on
+the event loop; larger ones in a worker thread (the hand-offs to a thread cost a busy loop
+more than a small merge)."""
+
+
+def _shared_files(path: str, kinds: tuple[str, ...]) -> list[str]:
+    names = glob.glob(os.path.join(path, "*.db"))
+    if kinds != _SHARED_FILE_KINDS:
+        names = [f for f in names if os.path.basename(f).partition("_")[0] in kinds]
+    return names
+
+
+def shared_files_size(path: str, kinds: tuple[str, ...] = _SHARED_FILE_KINDS) -> int:
+    """Bytes in use in the workers' files of ``kinds`` (what merging them costs): each
+    file's header says how much of it holds values."""
+    total = 0
+    for f in _shared_files(path, kinds):
+        try:
+            with open(f, "rb") as file:
+                header = file.read(_MMAP_HEADER)
+        except FileNotFoundError:
+            continue  # a dead worker's live gauge, removed since the glob
+        if len(header) == _MMAP_HEADER:
+            total += int.from_bytes(header[:4], sys.byteorder)
+    return total
+
+
+def merged_families(path: str, kinds: tuple[str, ...] = _SHARED_FILE_KINDS) -> list[Metric]:
+    """The merge of every worker's files of ``kinds`` in ``path``, tolerant of the files
+    changing under the scrape: a live gauge file removed by another worker's cleanup is
+    skipped (by prometheus_client), and so is a file a starting worker has created but not
+    yet sized (it holds no value yet, and reading it would fail on its missing header)."""
     files: list[str] = []
-    for f in glob.glob(os.path.join(path, "*.db")):
+    for f in _shared_files(path, kinds):
         try:
             if os.stat(f).st_size >= _MMAP_HEADER:
                 files.append(f)
@@ -631,15 +663,47 @@ class PrimaryMetrics:
         """The primary families: this process's, or the merge of every worker's files."""
         self.flush()
         if self.multiprocess_dir:
-            mark_dead_workers(self.multiprocess_dir)
-            merged = {m.name: m for m in merged_families(self.multiprocess_dir)}
-            families: list[Metric] = []
-            for metric in self._families:
-                for described in metric.describe():  # no samples: its name, HELP and TYPE
-                    families.append(merged.pop(described.name, described))
-            return [*families, *merged.values()]  # anything else in the files, kept
+            return self._merged()
         assert self.registry is not None
         return list(self.registry.collect())
+
+    def _merged(self, kinds: tuple[str, ...] = _SHARED_FILE_KINDS) -> list[Metric]:
+        """The merge of the workers' files of ``kinds`` (all: every family) after a
+        :meth:`flush`; reads files only (and this object's fixed family list), so it may
+        run in a worker thread while the event loop writes this process's file."""
+        assert self.multiprocess_dir is not None
+        mark_dead_workers(self.multiprocess_dir)
+        merged = {m.name: m for m in merged_families(self.multiprocess_dir, kinds)}
+        families: list[Metric] = []
+        for metric in self._families:
+            if metric._type not in kinds:
+                continue
+            for described in metric.describe():  # no samples: its name, HELP and TYPE
+                families.append(merged.pop(described.name, described))
+        return [*families, *merged.values()]  # anything else in the files, kept
+
+    async def read_snapshot(self) -> Snapshot:
+        """:meth:`snapshot` for the monitoring endpoints: with ``--workers``, merging the
+        workers' files costs about 45 ms per MB of them (a full label budget: 10 MB, half
+        a second), so files larger than :data:`LOOP_MERGED_BYTES` are merged in a worker
+        thread, never on the event loop."""
+        self.flush()
+        if not self.multiprocess_dir:
+            return self.snapshot()
+        if shared_files_size(self.multiprocess_dir) <= LOOP_MERGED_BYTES:
+            return self._merged_snapshot()
+        return await trio.to_thread.run_sync(self._merged_snapshot)
+
+    async def read_counts(self) -> Totals:
+        """Totals with only ``requests`` and ``active`` filled in (:meth:`collect_counts`),
+        their files merged as :meth:`read_snapshot` merges all of them."""
+        self.flush()
+        if not self.multiprocess_dir:
+            return aggregate(self.collect_counts())
+        kinds = (_COUNTER, _GAUGE)  # not the histograms: most of the files
+        if shared_files_size(self.multiprocess_dir, kinds) <= LOOP_MERGED_BYTES:
+            return aggregate(self._merged(kinds))
+        return await trio.to_thread.run_sync(lambda: aggregate(self._merged(kinds)))
 
     def snapshot(self) -> Snapshot:
         """The primary series as they are now, for a scrape or a summary.
@@ -672,12 +736,16 @@ class PrimaryMetrics:
         families = tuple(self.collect())
         return Snapshot(aggregate(families), families=families)
 
+    def _merged_snapshot(self) -> Snapshot:
+        families = tuple(self._merged())
+        return Snapshot(aggregate(families), families=families)
+
     def collect_counts(self) -> list[Metric]:
         """Just the request counter and the in-flight gauge (what health and filtered
         summaries need); skips the histograms when that is possible (one process)."""
         self.flush()
         if self.multiprocess_dir:
-            return self.collect()
+            return self._merged((_COUNTER, _GAUGE))
         return [*self.requests.collect(), *self.active.collect()]
 
 
