@@ -434,6 +434,37 @@ def test_responses_whose_usage_comes_later_are_counted_once_when_it_does(
     wait_for(lambda: tokens() == (expected[0] + usage["input_tokens"], expected[1] + 40))
 
 
+def test_tokens_a_stream_resumed_after_its_start_settles_go_under_its_model(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """A stream resumed with ``starting_after`` (as the openai SDK resumes one) replays no
+    ``response.created``: the tokens it settles for a cut stream were counted under
+    ``model=""``. Its closing event names the model."""
+    url = start_proxy(demo_backend.url, MAX_RETRIES="0").url
+    payload = {"model": "demo-chat", "input": "cut [[tokens=30]] [[delay=0.01]]", "stream": True}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        with client.stream("POST", "/v1/responses", json=payload) as response:
+            lines = response.iter_lines()
+            created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            while '"response.output_text.delta"' not in next(lines):
+                pass
+        wait_for(lambda: total(scrape(url), "trioproxy_streams_total", outcome="cancelled") == 1)
+        resumed = client.get(
+            f"/v1/responses/{created['response']['id']}",
+            params={"stream": "true", "starting_after": "10"},
+        )
+    assert '"type":"response.created"' not in resumed.text
+    usage = json.loads(sse_data(resumed.text)[-1])["response"]["usage"]
+    wait_for(lambda: total(scrape(url), "trioproxy_tokens_total", type="input") > 0)
+    samples = scrape(url)
+    assert total(samples, "trioproxy_tokens_total", model="") == 0
+    counted = {
+        kind: total(samples, "trioproxy_tokens_total", model="demo-chat", type=kind)
+        for kind in ("input", "output")
+    }
+    assert counted == {"input": usage["input_tokens"], "output": 30}
+
+
 HOST_COUNTERS = (
     "network_bytes_sent_total",
     "network_bytes_recv_total",

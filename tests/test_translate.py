@@ -2074,6 +2074,19 @@ def test_responses_observer_reads_usage_from_every_closing_event(end: str) -> No
     assert (o.completion_tokens, o.prompt_tokens, o.finish_reason) == (2, None, end[9:])
 
 
+def test_responses_observer_names_the_response_from_its_closing_event_too() -> None:
+    """A stream resumed after its start has no ``response.created``: the closing event
+    names the response; an opening one, when there is one, names it first."""
+    o = ResponsesStreamObserver()
+    closing = {"id": "resp_1", "model": "m-2024", "status": "completed"}
+    o.feed_text(_response_event("response.completed", response=closing), 1)
+    assert (o.response_id, o.response_model) == ("resp_1", "m-2024")
+    o = ResponsesStreamObserver()
+    o.feed_text(_response_event("response.created", response={"id": "r", "model": "m"}), 1)
+    o.feed_text(_response_event("response.completed", response=closing), 2)
+    assert (o.response_id, o.response_model) == ("r", "m")
+
+
 def test_responses_observer_tells_the_relay_about_progress_the_end_and_failures() -> None:
     o = ResponsesStreamObserver()
     o.feed_text(_response_event("response.output_item.added", item={"type": "reasoning"}), 1)

@@ -1339,17 +1339,25 @@ class ResponsesStreamObserver(_StreamStats):
         elif kind == "error":
             self.ended = self.failed = True
             self.error = event.get("error") or event  # {"type": "error", "code", "message"}
-        elif kind == "response.created" and self.response_id is None:
-            response = event.get("response")
-            if isinstance(response, dict):
-                if isinstance(response.get("id"), str):
-                    self.response_id = response["id"]
-                if isinstance(response.get("model"), str):
-                    self.response_model = response["model"]
+        elif kind == "response.created":
+            self._identify(event.get("response"))
+
+    def _identify(self, response: object) -> None:
+        """The response's id and model, from the first event that names them: the opening
+        ``response.created``, else the closing event (a stream resumed with
+        ``starting_after`` replays no ``response.created``; the tokens it settles go under
+        the model its closing event names)."""
+        if not isinstance(response, dict):
+            return
+        if self.response_id is None and isinstance(response.get("id"), str):
+            self.response_id = response["id"]
+        if self.response_model is None and isinstance(response.get("model"), str):
+            self.response_model = response["model"]
 
     def _finish(self, response: object) -> None:
         if not isinstance(response, dict):
             return
+        self._identify(response)
         self._take_usage(response.get("usage"), "input_tokens", "output_tokens")
         status = response.get("status")
         if isinstance(status, str) and status:
