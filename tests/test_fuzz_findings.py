@@ -58,6 +58,7 @@ def test_odd_backend_values_are_no_exceptions() -> None:
     assert relay._client_status({"status": "4" * 5000}) is None  # past int()'s limit
     assert relay._client_status({"code": "\u0664\u0660\u0660"}) is None  # not ASCII
     assert relay._client_status({"code": "429"}) == 429
+    assert relay._client_status({"code": ["invalid_image"]}) is None  # unhashable
     assert pending_id({"id": "r", "status": [0]}) == "r" and finished_usage({"status": {}}) is None
     lone = [{"id": "\ud83d"}]  # JSON's "\ud83d": no UTF-8 spelling
     assert openai_models_to_ollama_tags(lone, ModelMapper())["models"][0]["digest"]

@@ -545,11 +545,41 @@ def _client_status(error: object) -> int | None:
             value = int(value)
         if isinstance(value, int) and 400 <= value < 500:
             return value
-    if error.get("type") == "invalid_request_error":
+    code = error.get("code")  # a list or an object there: unhashable, no code
+    if error.get("type") == "invalid_request_error" or (
+        isinstance(code, str) and code in _CLIENT_FAILURES
+    ):
         return 400
     if error.get("code") in ("rate_limit_exceeded", "insufficient_quota"):
         return 429
     return None
+
+
+# The Responses API's failure codes that put the request at fault (its prompt, or an image
+# it sent or named): ``response.failed``'s ``error.code`` (whose ``type`` may be null) and
+# an ``error`` event's ``code`` (that event has no error type: its ``type`` is "error").
+# Such a failure as the stream's first event was a 502, which the openai SDK retries as
+# any 5xx: the same mistake sent twice more, and counted as the backend's failure.
+_CLIENT_FAILURES = frozenset(
+    {
+        "context_length_exceeded",
+        "invalid_prompt",
+        "invalid_image",
+        "invalid_image_format",
+        "invalid_base64_image",
+        "invalid_image_url",
+        "invalid_image_mode",
+        "image_too_large",
+        "image_too_small",
+        "image_file_too_large",
+        "image_parse_error",
+        "image_content_policy_violation",
+        "unsupported_image_media_type",
+        "empty_image_file",
+        "failed_to_download_image",
+        "image_file_not_found",
+    }
+)
 
 
 def _reports_failure(chunk: dict[str, Any]) -> bool:

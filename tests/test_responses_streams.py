@@ -1,0 +1,88 @@
+"""Responses API streams from a scripted backend, driven with the official openai SDK
+through a proxy process: how a stream the backend fails reaches the client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import openai
+import pytest
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+
+StartProxy = Callable[..., ServerProcess]
+
+
+def _event(kind: str, sequence: int, **fields: Any) -> str:
+    data = json.dumps({"type": kind, "sequence_number": sequence, **fields})
+    return f"event: {kind}\ndata: {data}\n\n"
+
+
+def _response(status: str, **fields: Any) -> dict[str, Any]:
+    return {"id": "resp_1", "object": "response", "model": "m", "status": status,
+            "output": [], "usage": None, **fields}  # fmt: skip
+
+
+# what each model's stream is: all in one write, so its failure is the first read
+_STREAMS = {
+    # a response.failed whose error names no type (OpenAI's "type" may be null)
+    "bad-image": _event("response.created", 0, response=_response("in_progress"))
+    + _event(
+        "response.failed",
+        1,
+        response=_response(
+            "failed", error={"code": "invalid_image_url", "message": "cannot fetch the image"}
+        ),
+    ),
+    # an error event: its "type" is the event's, "error", not an error type
+    "too-long": _event(
+        "error", 0, code="context_length_exceeded", message="input too long", param="input"
+    ),
+    "overloaded": _event("response.created", 0, response=_response("in_progress"))
+    + _event(
+        "response.failed",
+        1,
+        response=_response("failed", error={"code": "server_error", "message": "overloaded"}),
+    ),
+}
+
+
+class _Backend(ScriptedHandler):
+    asked: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:  # the proxy's readiness checks: GET /models
+        self.answer(200, json.dumps({"object": "list", "data": []}).encode())
+
+    def do_POST(self) -> None:
+        model = self.json_body()["model"]
+        self.asked.append(model)
+        self.answer(200, _STREAMS[model].encode(), content_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def client(start_proxy: StartProxy) -> Iterator[openai.OpenAI]:
+    with serving(_Backend) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        # the SDK's own retries on: a 5xx would be asked again
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=2) as sdk:
+            yield sdk
+
+
+@pytest.mark.parametrize(
+    ("model", "status"), [("bad-image", 400), ("too-long", 400), ("overloaded", 502)]
+)
+def test_a_responses_stream_failed_at_once_for_the_clients_mistake_is_a_4xx(
+    client: openai.OpenAI, model: str, status: int
+) -> None:
+    """A Responses stream whose first read is the failure gets a real status: the client's
+    mistake by the Responses API's failure codes (an invalid image, a prompt too long) is
+    a 400 the SDK does not retry, not a 502 it sends twice more."""
+    _Backend.asked.clear()
+    with pytest.raises(openai.APIStatusError) as failed:
+        for _ in client.responses.create(model=model, input="hi", stream=True):
+            pass
+    assert failed.value.status_code == status, failed.value
+    assert _Backend.asked == [model] * (1 if status < 500 else 3)
