@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
 
 import openai
 import pytest
@@ -86,3 +87,62 @@ def test_a_responses_stream_failed_at_once_for_the_clients_mistake_is_a_4xx(
             pass
     assert failed.value.status_code == status, failed.value
     assert _Backend.asked == [model] * (1 if status < 500 else 3)
+
+
+# a stored response's stream, replayed after starting_after (the backend's replay of
+# "resp_cut" stops after its first delta)
+_REPLAY = [
+    _event("response.created", 0, response=_response("in_progress")),
+    _event(
+        "response.output_text.delta",
+        1,
+        item_id="msg_1",
+        output_index=0,
+        content_index=0,
+        delta="Hello",
+        logprobs=[],
+    ),
+    _event(
+        "response.completed",
+        2,
+        response=_response("completed", usage={"input_tokens": 1, "output_tokens": 1}),
+    ),
+]
+
+
+class _Replays(ScriptedHandler):
+    def do_GET(self) -> None:
+        if "stream=true" not in self.path:  # the proxy's readiness checks: GET /models
+            return self.answer(200, json.dumps({"object": "list", "data": []}).encode())
+        query = parse_qs(urlsplit(self.path).query)
+        after = int(query.get("starting_after", ["-1"])[0])
+        events = _REPLAY[after + 1 :]
+        if "resp_cut" in self.path:
+            events = events[:-1]
+        self.answer(200, "".join(events).encode(), content_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def replays(start_proxy: StartProxy) -> Iterator[openai.OpenAI]:
+    with serving(_Replays) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
+            yield sdk
+
+
+def test_a_resumed_stream_cut_before_its_closing_event_is_reported_cut(
+    replays: openai.OpenAI,
+) -> None:
+    """A resumed stream is over only when its closing event says so, as a live one: a
+    backend body that ends after some events but before it is a cut stream (the openai
+    SDK raises), while a replay that begins after the last event (no event at all) is a
+    whole one."""
+    whole = [event.type for event in replays.responses.retrieve("resp_1", stream=True)]
+    assert whole[-1] == "response.completed"
+    after_the_end = replays.responses.retrieve("resp_1", stream=True, starting_after=2)
+    assert list(after_the_end) == []
+    types: list[str] = []
+    with pytest.raises(openai.APIError, match="ended before its last event"):
+        for event in replays.responses.retrieve("resp_cut", stream=True, starting_after=0):
+            types.append(event.type)
+    assert types == ["response.output_text.delta"]

@@ -1378,13 +1378,23 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
         self._ledger = ledger
         self._owed_id = response_id
         self.settled = False
+        self._replayed = False
 
-    # a replay may start after the last event there is (``starting_after``): it then
-    # carries no closing event of its own
-    must_end = False
+    @property  # type: ignore[override]
+    def must_end(self) -> bool:
+        """A replay that began before the response's last event must reach it: a body
+        that ends after some events but without the closing one is cut (the client must
+        not take half a response for the whole). One with no event at all began after
+        the last event there is (``starting_after`` the closing one), and is whole."""
+        return self._replayed
+
     # as _StreamStats declares them (``_take_usage`` sets ints)
     prompt_tokens: int | None
     completion_tokens: int | None
+
+    def feed_text(self, data: str, now_ns: int) -> None:
+        self._replayed = True
+        super().feed_text(data, now_ns)
 
     def _count_token(self, now_ns: int) -> None:
         self.progressed = True
