@@ -26,6 +26,15 @@ def test_the_ledger_is_bounded_oldest_first() -> None:
     assert len(ledger) == 2 and ledger.owed("resp_0") is None
 
 
+def test_an_id_too_long_to_be_polled_is_not_owed() -> None:
+    """The routes by id refuse an id over 1,024 characters: owing a backend's longer id
+    would only hold it (of any length) in memory until it is pushed out."""
+    ledger = ResponsesLedger()
+    ledger.owe("r" * 1024, Counted())
+    ledger.owe("r" * 1025, Counted())
+    assert len(ledger) == 1 and ledger.owed("r" * 1025) is None
+
+
 def test_finished_and_pending_responses() -> None:
     done = {"id": "resp_1", "status": "completed", "usage": {"input_tokens": 1}}
     assert finished_usage(done) == ("resp_1", {"input_tokens": 1})

@@ -20,6 +20,10 @@ from typing import Any
 from .jsonutil import whole_number
 
 MAX_OWED = 10_000
+# The longest id the routes by id take (``routes_openai``): a longer one can never be
+# polled, so owing it would only hold the backend's id, of any length, until it is pushed
+# out (10,000 of them could hold gigabytes); the ledger stays within about 10 MB.
+MAX_ID_CHARS = 1024
 FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
@@ -40,6 +44,8 @@ class ResponsesLedger:
 
     def owe(self, response_id: str, counted: Counted) -> None:
         """``response_id``'s usage is still to come; ``counted`` is what was counted."""
+        if len(response_id) > MAX_ID_CHARS:
+            return
         self._owed[response_id] = counted
         self._owed.move_to_end(response_id)
         while len(self._owed) > self._limit:

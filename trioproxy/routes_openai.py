@@ -36,7 +36,7 @@ from .forward import (
     validated,
 )
 from .jsonutil import loads, top_level_member
-from .ledger import Counted, ResponsesLedger, finished_usage, pending_id
+from .ledger import MAX_ID_CHARS, Counted, ResponsesLedger, finished_usage, pending_id
 from .relay import (
     EVENT_STREAM,
     STREAM_HEADERS,
@@ -112,7 +112,7 @@ for _path, _handler in FAST_ROUTES.items():
 # and "="). So the characters of base64 and base64url, at most 1,024 of them. Not ".",
 # "%", "?", "#" or a space: the id, encoded as one path segment, is then never a
 # dot-segment, a second encoding, a query or a fragment in the backend's URL.
-_ID_MAX = 1024
+_ID_MAX = MAX_ID_CHARS
 _ID_OTHER = re.compile(r"[^A-Za-z0-9_+/=-]")
 _ID_ALPHABET = "letters, digits, '_', '-', '+', '/' and '='"
 # "/" is "%2F" (one segment); "+" and "=" stay as they are, as the openai SDK sends them
