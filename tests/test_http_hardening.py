@@ -455,6 +455,48 @@ def test_a_reply_before_the_body_was_read_says_the_connection_closes(
     assert answer.headers.get("connection") == "close"
 
 
+def _refused_upload(url: str, size: int) -> socket.socket:
+    """A connection whose request declares a body of *size* bytes, over the limit, and
+    whose 413 has gone out before any of the body did."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer alice-key-0123456789\r\nContent-Length: %d\r\n\r\n" % size
+    )
+    time.sleep(0.2)  # the 413 is out, and the server has closed its side
+    return sock
+
+
+def test_a_client_still_sending_a_refused_body_reads_the_answer(
+    guarded_proxy: ServerProcess,
+) -> None:
+    """Node's fetch (ollama-js, the openai SDK for JavaScript) writes the whole body
+    before it reads: closed at once, the connection was reset by the body's bytes and the
+    client failed on its write ("fetch failed", EPIPE) instead of reading the 413. The
+    server closes its sending side and drops what still arrives (patch 15)."""
+    size = 8 * 1024 * 1024
+    with _refused_upload(guarded_proxy.url, size) as sock:
+        sock.sendall(b"x" * size)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 413"), received[:80]
+    assert received.endswith(b"}")  # the whole answer, then the end of the connection
+
+
+def test_a_refused_body_is_not_read_for_ever(guarded_proxy: ServerProcess) -> None:
+    """The lingering close is bounded: a client that goes on sending finds the connection
+    closed within a few seconds."""
+    with _refused_upload(guarded_proxy.url, 1 << 40) as sock:
+        deadline = time.monotonic() + 10
+        with pytest.raises(OSError):  # EPIPE or a reset, once the server closed
+            while time.monotonic() < deadline:
+                sock.sendall(b"x" * 65536)
+                time.sleep(0.05)
+        assert time.monotonic() < deadline - 6
+
+
 def test_a_request_with_both_lengths_is_refused_and_closed(guarded_proxy: ServerProcess) -> None:
     """Content-Length and Transfer-Encoding together are the shape of request smuggling:
     RFC 9112 lets a server refuse it and forbids keeping the connection."""

@@ -143,11 +143,16 @@ def node_modules() -> Path:
 @pytest.fixture(scope="module")
 def run(node_modules: Path, proxy: ServerProcess) -> RunScenario:
     """``run(scenario)``: the JSON object clients.mjs printed for that scenario."""
+    return scenario_runner(proxy.url)
+
+
+def scenario_runner(url: str) -> RunScenario:
+    """Run clients.mjs's scenarios against the proxy at *url*."""
     assert NODE is not None
 
     def run_scenario(scenario: str) -> Result:
         done = subprocess.run(
-            [NODE, str(SCRIPT), proxy.url, scenario],
+            [NODE, str(SCRIPT), url, scenario],
             cwd=JS_DIR,
             capture_output=True,
             text=True,
@@ -464,3 +469,28 @@ def test_openai_unknown_model_is_api_error_404(run: RunScenario) -> None:
         assert UNKNOWN in result["error"]["message"], (call, result)
         assert isinstance(result["type"], str), (call, result)
         assert UNKNOWN in result["message"], (call, result)
+
+
+# ---- a body over MAX_REQUEST_BYTES ---------------------------------------------------------
+
+LIMIT = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def run_small_limit(
+    node_modules: Path, demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> RunScenario:
+    return scenario_runner(start_proxy(demo_backend.url, MAX_REQUEST_BYTES=str(LIMIT)).url)
+
+
+def test_a_body_over_the_limit_is_a_413_in_each_library(run_small_limit: RunScenario) -> None:
+    """Node's fetch writes a 32 MiB body whole before it reads the answer: the proxy's 413
+    reaches the library (not "fetch failed", EPIPE, from a connection reset under the
+    write), and the next request of the same client works."""
+    out = run_small_limit("body-too-large")
+    for call in ("ollamaChat", "ollamaChatStream", "openaiChat", "openaiEmbeddings"):
+        for result in out[call]:
+            assert result["ok"] is False, (call, result)
+            assert result["status"] == 413, (call, result)
+            assert str(LIMIT) in result["message"], (call, result)
+    assert out["after"] == text(2)

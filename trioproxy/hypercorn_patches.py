@@ -100,6 +100,16 @@ request cancellation, and its cost per request.
     stream never said it had ended. (A valid one reaches the app, which refuses it:
     ``app.RefusedWebsocket``.)
 
+15. **A connection closed with its request body still arriving lingers.** An answer given
+    before the body was read (a 413 for a declared body over MAX_REQUEST_BYTES) was
+    followed by a close at once: the body bytes still arriving then met a closed socket,
+    the kernel reset the connection, and a client still writing its body failed on the
+    write (Node's fetch, so ollama-js and the openai SDK for JavaScript: ``fetch failed``,
+    ``EPIPE``) instead of reading the answer waiting for it. Such a connection now closes
+    its sending side (the client reads the answer and its end) and reads and drops what
+    the client still sends, until the client closes or for ``LINGER_SECONDS`` (as nginx's
+    lingering close). TLS connections, which cannot close one side, close as before.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
@@ -189,7 +199,6 @@ class IdleTimer:
 
 _original_init = tcp_server.TCPServer.__init__
 _original_protocol_send = tcp_server.TCPServer.protocol_send
-_original_read_data = tcp_server.TCPServer._read_data
 
 
 log = logging.getLogger("trioproxy")
@@ -198,15 +207,44 @@ log = logging.getLogger("trioproxy")
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     _original_init(self, *args, **kwargs)
     self.idle_task = IdleTimer(self)
+    self.lingering = False
+    self.reads = trio.CancelScope()  # the reader's, once it runs
 
 
 async def _read_data(self: Any) -> None:
     try:
-        await _original_read_data(self)
+        with trio.CancelScope() as scope:
+            self.reads = scope  # a lingering close ends them by its deadline
+            await _read_until_closed(self)
     finally:
         # nothing more will be read: the connection closes once its tasks are done, and
         # the timer must not hold it open (the client may have left mid-request)
         self.idle_task.connection_closed()
+
+
+async def _read_until_closed(server: Any) -> None:
+    """hypercorn's reader, except that once the connection lingers (patch 15) what
+    arrives is dropped, not handed to the protocol."""
+    config = server.config
+    while True:
+        try:
+            with trio.fail_after(config.read_timeout or math.inf):
+                data = await server.stream.receive_some(tcp_server.MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+            break
+        if server.lingering:
+            if not data:
+                return
+            continue
+        await server.protocol.handle(RawData(bytes(data)))
+        if not data:
+            break
+    if not server.lingering:
+        await server.protocol.handle(Closed())
+
+
+# how long a connection closed with its request body still arriving keeps reading it
+LINGER_SECONDS = 2.0
 
 
 async def _protocol_send(self: Any, event: Any) -> None:
@@ -215,9 +253,36 @@ async def _protocol_send(self: Any, event: Any) -> None:
             await _send_data(self, event.data)
     elif isinstance(event, Closed):
         with trio.CancelScope(shield=True):
-            await _original_protocol_send(self, event)
+            if _body_still_arriving(self) and await _close_sending_side(self):
+                await self.protocol.handle(Closed())
+            else:
+                await _original_protocol_send(self, event)
     else:
         await _original_protocol_send(self, event)
+
+
+def _body_still_arriving(server: Any) -> bool:
+    """Whether the client is (or may be) still sending the request body."""
+    connection = getattr(getattr(server.protocol, "protocol", None), "connection", None)
+    return type(connection) is h11.Connection and connection.their_state is h11.SEND_BODY
+
+
+async def _close_sending_side(server: Any) -> bool:
+    """Close the connection's sending side and let its reader drop what still arrives
+    for ``LINGER_SECONDS`` (patch 15); False where one side cannot be closed alone (TLS),
+    or the connection is gone already. The connection closes when its reader ends."""
+    try:
+        await server.stream.send_eof()
+    except (
+        AttributeError,
+        trio.BrokenResourceError,
+        trio.BusyResourceError,
+        trio.ClosedResourceError,
+    ):
+        return False
+    server.lingering = True
+    server.reads.deadline = trio.current_time() + LINGER_SECONDS
+    return True
 
 
 async def _send_data(server: Any, data: bytes) -> None:

@@ -440,6 +440,38 @@ async function openaiError() {
   };
 }
 
+// ---- a body over the proxy's MAX_REQUEST_BYTES (1 MiB in the test) ----------------------------
+
+async function bodyTooLarge() {
+  const ol = ollama();
+  const oa = openai();
+  const big = [{ role: "user", content: "x".repeat(32 * 1024 * 1024) }];
+  const times = async (fn) => {
+    const results = [];
+    for (let i = 0; i < 3; i++) results.push(await caught(fn));
+    return results;
+  };
+  const ollamaChat = await times(() => ol.chat({ model: "demo-chat", messages: big }));
+  const ollamaChatStream = await times(async () =>
+    collect(await ol.chat({ model: "demo-chat", messages: big, stream: true })),
+  );
+  const openaiChat = await times(() =>
+    oa.chat.completions.create({ model: "demo-chat", messages: big }),
+  );
+  const openaiEmbeddings = await times(() =>
+    oa.embeddings.create({ model: "demo-embed", input: big[0].content }),
+  );
+  const after = await ol.chat({ model: "demo-chat", messages: user("Hi [[tokens=2]]") });
+  const brief = (results) => results.map(({ value, ...rest }) => rest);
+  return {
+    ollamaChat: brief(ollamaChat),
+    ollamaChatStream: brief(ollamaChatStream),
+    openaiChat: brief(openaiChat),
+    openaiEmbeddings: brief(openaiEmbeddings),
+    after: after.message.content,
+  };
+}
+
 // --------------------------------------------------------------------------------------------
 
 const SCENARIOS = {
@@ -470,6 +502,7 @@ const SCENARIOS = {
   "openai-embeddings": openaiEmbeddings,
   "openai-models": openaiModels,
   "openai-error": openaiError,
+  "body-too-large": bodyTooLarge,
 };
 
 if (!baseUrl || !SCENARIOS[scenario]) {
