@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from trioproxy.demo.script import (
 )
 
 from .conftest import ServerProcess, demo_events_for
+from .fakes import ScriptedHandler, serving
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 SCRIPT = JS_DIR / "clients.mjs"
@@ -445,6 +446,46 @@ def test_openai_embeddings_base64_and_float(run: RunScenario) -> None:
     assert out["base64"] == expected  # the SDK's default: base64 of float32, decoded client-side
     assert out["indexes"] == [0, 1]
     assert out["usage"]["prompt_tokens"] > 0
+
+
+class _FloatsOnly(ScriptedHandler):
+    """An embeddings backend that ignores ``encoding_format``: floats, whatever is asked."""
+
+    def do_GET(self) -> None:
+        model = {"id": "demo-embed", "object": "model", "created": 0, "owned_by": "x"}
+        self.answer(200, json.dumps({"object": "list", "data": [model]}).encode())
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [
+            {"object": "embedding", "index": i, "embedding": vector(text)}
+            for i, text in enumerate(inputs)
+        ]
+        usage = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        answer = {"object": "list", "data": data, "model": body["model"], "usage": usage}
+        self.answer(200, json.dumps(answer).encode())
+
+
+@pytest.fixture(scope="module")
+def run_floats_only(
+    node_modules: Path, start_proxy: Callable[..., ServerProcess]
+) -> Iterator[RunScenario]:
+    with serving(_FloatsOnly) as url:
+        yield scenario_runner(start_proxy(url).url)
+
+
+def test_openai_embeddings_from_a_backend_that_ignores_base64(
+    run_floats_only: RunScenario,
+) -> None:
+    """The SDK asks for base64 by default and decodes whatever comes as base64: a
+    backend's floats would become vectors of zeros without an error. The proxy encodes
+    them as asked."""
+    out = run_floats_only("openai-embeddings")
+    expected = [vector("hello world"), vector("second text")]
+    assert out["float"] == expected
+    assert out["base64"] == expected
+    assert out["indexes"] == [0, 1]
 
 
 def test_openai_models(run: RunScenario) -> None:

@@ -8,8 +8,10 @@ delete, cancel, input items) go through Quart.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
 import time
 from collections.abc import Callable
 from functools import partial
@@ -56,6 +58,7 @@ async def forward(
     observer: Callable[[], StreamObserver] = tr.OpenAIStreamObserver,
     require_model: bool = True,
     creates_response: bool = False,
+    embeddings: bool = False,
 ) -> Reply:
     app = call.app
     state = call.state
@@ -86,6 +89,8 @@ async def forward(
     _note_usage(call, content)
     if creates_response and body.get("background") is True:
         _owe_when_queued(app.ledger, content)
+    if embeddings and body.get("encoding_format") == "base64":
+        content = _embeddings_in_base64(content)
     if backend_model != client_model:
         content = _rewrite_model_json(content, backend_model, client_model)
     return _whole_reply(call, result, content)
@@ -94,7 +99,7 @@ async def forward(
 FAST_ROUTES: dict[str, Handler] = {
     "/v1/chat/completions": partial(forward, "/chat/completions"),
     "/v1/completions": partial(forward, "/completions"),
-    "/v1/embeddings": partial(forward, "/embeddings"),
+    "/v1/embeddings": partial(forward, "/embeddings", embeddings=True),
     # its events are not chat chunks: they get their own observer
     "/v1/responses": partial(
         forward, "/responses", observer=tr.ResponsesStreamObserver, creates_response=True
@@ -401,6 +406,48 @@ def _rewrite_model_json(content: bytes, backend_model: str, client_model: str) -
         except ValueError:  # too deep to write again (jsonutil): relayed as it came
             return content
     return content
+
+
+# a vector written as a JSON array, where one in base64 is a string
+_FLOAT_VECTOR = re.compile(rb'"embedding"\s*:\s*\[')
+
+
+def _embeddings_in_base64(content: bytes) -> bytes:
+    """An embeddings answer asked for in base64, with the vectors the backend wrote as
+    arrays of floats (it ignores ``encoding_format``) encoded as OpenAI encodes them:
+    base64 of little-endian float32. The openai SDK for JavaScript asks for base64 by
+    default and decodes what it gets as base64 without looking: floats became vectors
+    of zeros, without an error. An answer already in base64 is relayed as it came."""
+    if _FLOAT_VECTOR.search(content) is None:
+        return content
+    try:
+        payload = loads(content, exact_integers=False)
+    except ValueError:
+        return content
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        return content
+    encoded = [_encode_vector(item) for item in data]
+    if not any(encoded):
+        return content
+    try:
+        return dumps(payload)
+    except ValueError:  # too deep to write again (jsonutil): relayed as it came
+        return content
+
+
+def _encode_vector(item: Any) -> bool:
+    """``item["embedding"]``, an array of numbers, as base64 of little-endian float32;
+    whether it was one (a value float32 cannot hold leaves it as it came)."""
+    vector = item.get("embedding") if isinstance(item, dict) else None
+    if not isinstance(vector, list) or not all(type(v) in (float, int) for v in vector):
+        return False
+    try:
+        packed = struct.pack(f"<{len(vector)}f", *vector)
+    except OverflowError:
+        return False
+    item["embedding"] = base64.b64encode(packed).decode("ascii")
+    return True
 
 
 def _note_usage(call: Call, content: bytes) -> None:
