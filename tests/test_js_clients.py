@@ -535,3 +535,33 @@ def test_a_body_over_the_limit_is_a_413_in_each_library(run_small_limit: RunScen
             assert result["status"] == 413, (call, result)
             assert str(LIMIT) in result["message"], (call, result)
     assert out["after"] == text(2)
+
+
+# ---- PROXY_API_KEYS ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_with_keys(
+    node_modules: Path, demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> RunScenario:
+    proxy = start_proxy(demo_backend.url, PROXY_API_KEYS="right-key-0123456789")
+    return scenario_runner(proxy.url)
+
+
+def test_a_missing_or_wrong_key_is_a_401_in_each_library(run_with_keys: RunScenario) -> None:
+    """Also with a large body the client is still writing when the 401 comes: it reads
+    the 401 (the openai SDK got an APIConnectionError from the reset connection, and
+    would have retried it twice, uploading the body each time)."""
+    out = run_with_keys("auth-failure")
+    for case in ("missing", "wrong", "wrongLargeBody"):
+        for call, result in out[case].items():
+            assert result["ok"] is False, (case, call, result)
+            assert result["status"] == 401, (case, call, result)
+            if call.startswith("ollama"):
+                assert result["name"] == "ResponseError", (case, call, result)
+                assert isinstance(result["error"], str), (case, call, result)
+            else:
+                assert result["isAuthenticationError"] is True, (case, call, result)
+                assert result["code"] == "invalid_api_key", (case, call, result)
+    assert "missing" in out["missing"]["ollamaChat"]["message"]
+    assert out["right"] == {"chat": text(2), "openai": text(2)}

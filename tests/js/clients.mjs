@@ -472,6 +472,61 @@ async function bodyTooLarge() {
   };
 }
 
+// ---- a proxy with PROXY_API_KEYS (the test's key: "right-key-0123456789") -------------------
+
+async function authFailure() {
+  const key = "right-key-0123456789";
+  const withKey = (k) => ({
+    ollama: new Ollama({ host: baseUrl, headers: k ? { Authorization: `Bearer ${k}` } : {} }),
+    openai: new OpenAI({
+      baseURL: `${baseUrl}/v1`,
+      apiKey: k ?? "unused",
+      maxRetries: 0,
+      defaultHeaders: k ? {} : { Authorization: null }, // the SDK's way to send no key
+    }),
+  });
+  const asOpenAI = (err) => ({
+    isAuthenticationError: err instanceof OpenAI.AuthenticationError,
+    code: err.code ?? null,
+  });
+  const tries = async (clients, content) => {
+    const messages = [{ role: "user", content }];
+    return {
+      ollamaChat: await caught(() => clients.ollama.chat({ model: "demo-chat", messages })),
+      ollamaStream: await caught(async () =>
+        collect(await clients.ollama.chat({ model: "demo-chat", messages, stream: true })),
+      ),
+      openaiChat: await caught(
+        () => clients.openai.chat.completions.create({ model: "demo-chat", messages }),
+        asOpenAI,
+      ),
+      openaiEmbeddings: await caught(
+        () => clients.openai.embeddings.create({ model: "demo-embed", input: content }),
+        asOpenAI,
+      ),
+    };
+  };
+  const brief = (results) =>
+    Object.fromEntries(Object.entries(results).map(([k, { value, ...rest }]) => [k, rest]));
+  const right = withKey(key);
+  return {
+    missing: brief(await tries(withKey(null), "hi")),
+    wrong: brief(await tries(withKey("wrong-key"), "hi")),
+    // a body the client is still writing when the 401 comes (under the size limit)
+    wrongLargeBody: brief(await tries(withKey("wrong-key"), "x".repeat(32 * 1024 * 1024))),
+    right: {
+      chat: (await right.ollama.chat({ model: "demo-chat", messages: user("Hi [[tokens=2]]") }))
+        .message.content,
+      openai: (
+        await right.openai.chat.completions.create({
+          model: "demo-chat",
+          messages: user("Hi [[tokens=2]]"),
+        })
+      ).choices[0].message.content,
+    },
+  };
+}
+
 // --------------------------------------------------------------------------------------------
 
 const SCENARIOS = {
@@ -503,6 +558,7 @@ const SCENARIOS = {
   "openai-models": openaiModels,
   "openai-error": openaiError,
   "body-too-large": bodyTooLarge,
+  "auth-failure": authFailure,
 };
 
 if (!baseUrl || !SCENARIOS[scenario]) {
