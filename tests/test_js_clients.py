@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from trioproxy.demo.script import (
@@ -36,6 +37,7 @@ from trioproxy.demo.script import (
 
 from .conftest import ServerProcess, demo_events_for
 from .fakes import ScriptedHandler, serving
+from .test_metrics_e2e import scrape, total
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 SCRIPT = JS_DIR / "clients.mjs"
@@ -565,3 +567,68 @@ def test_a_missing_or_wrong_key_is_a_401_in_each_library(run_with_keys: RunScena
                 assert result["code"] == "invalid_api_key", (case, call, result)
     assert "missing" in out["missing"]["ollamaChat"]["message"]
     assert out["right"] == {"chat": text(2), "openai": text(2)}
+
+
+# ---- openai (JS): leaving a reply early ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def abort_proxy(
+    node_modules: Path, demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> ServerProcess:
+    """A proxy of its own: its metrics count this module's aborted requests only."""
+    return start_proxy(demo_backend.url)
+
+
+def _cancel_counts(proxy: ServerProcess) -> dict[str, float]:
+    samples = scrape(proxy.url)
+    summary = httpx.get(f"{proxy.url}/v1/metrics", timeout=5).json()
+    return {
+        "streams_cancelled": total(samples, "trioproxy_streams_total", outcome="cancelled"),
+        "streams_error": total(samples, "trioproxy_streams_total", outcome="error"),
+        "requests_499": total(samples, "http_requests_total", status="499"),
+        "requests_5xx": sum(
+            total(samples, "http_requests_total", status=str(code)) for code in (500, 502, 504)
+        ),
+        "json_cancelled_streams": summary["streaming"]["cancelled_streams"],
+        "json_error_streams": summary["streaming"]["error_streams"],
+        "json_cancelled_requests": summary["cancelled_requests"],
+        "json_failed_requests": summary["failed_requests"],
+    }
+
+
+def test_openai_aborts_close_the_backend_stream_and_count_as_cancelled(
+    abort_proxy: ServerProcess, demo_backend: ServerProcess
+) -> None:
+    """stream.controller.abort(), a break out of the loop, the Responses helper's abort(),
+    an AbortSignal and the SDK's own timeout: each ends the backend request at once, counts
+    as cancelled (a 499, never an error) in both metrics formats, and the same client's
+    next request works."""
+    out = scenario_runner(abort_proxy.url)("openai-abort")
+    # the SDK ends the loop quietly after stream.controller.abort() and after a break
+    assert out["controllerAbort"]["ok"] is True, out["controllerAbort"]
+    assert out["breakOut"]["ok"] is True, out["breakOut"]
+    assert out["responsesAbort"]["isUserAbort"] is True, out["responsesAbort"]
+    assert out["signalAbort"]["isUserAbort"] is True, out["signalAbort"]
+    assert out["timedOut"]["isTimeout"] is True, out["timedOut"]
+    assert all(count < 10 for count in out["received"].values()), out["received"]
+    assert out["after"] == text(3)
+
+    events = _outcomes(demo_backend, out["requestId"], 6)
+    assert [e["outcome"] for e in events] == ["disconnected"] * 5 + ["completed"], events
+    assert all(e["tokens_sent"] < 100 for e in events[:5])
+
+    expected = {
+        "streams_cancelled": 3,
+        "streams_error": 0,
+        "requests_499": 5,
+        "requests_5xx": 0,
+        "json_cancelled_streams": 3,
+        "json_error_streams": 0,
+        "json_cancelled_requests": 5,
+        "json_failed_requests": 0,
+    }
+    deadline = time.monotonic() + 5  # the proxy notices a client that left asynchronously
+    while (counts := _cancel_counts(abort_proxy)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counts == expected

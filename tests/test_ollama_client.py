@@ -20,6 +20,7 @@ import httpx
 import ollama
 import openai
 import pytest
+import trio
 
 from trioproxy import translate as tr
 from trioproxy.demo.script import REASONING_TOKENS
@@ -797,3 +798,63 @@ def test_mid_stream_failure_is_response_error(
     assert "".join(received) == "Hello from the"
     assert info.value.status_code == -1
     assert "mid-stream" in info.value.error
+
+
+def _outcomes(demo_backend: ServerProcess, request_id: str, count: int) -> list[str]:
+    """The demo's outcomes for *request_id*, in order, once *count* requests have ended
+    (the proxy notices a client that left asynchronously)."""
+    deadline = time.monotonic() + 5
+    while True:
+        events = sorted(demo_events_for(demo_backend, request_id), key=lambda e: e["id"])
+        ended = [e for e in events if e["outcome"] is not None]
+        if len(ended) >= count or time.monotonic() > deadline:
+            return [e["outcome"] for e in events]
+        time.sleep(0.05)
+
+
+SLOW = "Long story [[tokens=100]] [[delay=0.05]]"
+
+
+def test_a_stream_left_early_ends_the_backend_request_and_the_client_goes_on(
+    proxy: ServerProcess, demo_backend: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """A stream left after two parts (a ``break``, then closing the generator) ends the
+    backend's stream at once; the same client's next request works."""
+    request_id = uuid.uuid4().hex
+    c = client(proxy, headers={"X-Request-ID": request_id})
+    for stream in (
+        c.chat(model="demo-chat", messages=[{"role": "user", "content": SLOW}], stream=True),
+        c.generate(model="demo-chat", prompt=SLOW, stream=True),
+    ):
+        for count, _ in enumerate(stream, 1):
+            if count == 2:
+                break
+        stream.close()
+    after = c.chat(model="demo-chat", messages=[{"role": "user", "content": "x [[tokens=3]]"}])
+    assert after.message.content == "Hello from the"
+    assert _outcomes(demo_backend, request_id, 3) == ["disconnected", "disconnected", "completed"]
+
+
+async def test_a_cancelled_async_stream_ends_the_backend_request(
+    proxy: ServerProcess, demo_backend: ServerProcess, aclient: Callable[..., ollama.AsyncClient]
+) -> None:
+    """A task cancelled while it reads a stream (here a trio cancel scope), or while it
+    waits for the first token, ends the backend's stream; the client goes on."""
+    request_id = uuid.uuid4().hex
+    c = aclient(proxy, headers={"X-Request-ID": request_id})
+
+    async def read(content: str) -> None:
+        messages = [{"role": "user", "content": content}]
+        async for _ in await c.chat(model="demo-chat", messages=messages, stream=True):
+            pass
+
+    for content in (SLOW, "Wait [[first_delay=5]] [[tokens=3]]"):
+        with trio.move_on_after(0.3) as scope:
+            await read(content)
+        assert scope.cancelled_caught
+    after = await c.chat(
+        model="demo-chat", messages=[{"role": "user", "content": "x [[tokens=3]]"}]
+    )
+    assert after.message.content == "Hello from the"
+    outcomes = await trio.to_thread.run_sync(_outcomes, demo_backend, request_id, 3)
+    assert outcomes == ["disconnected", "disconnected", "completed"]

@@ -440,6 +440,77 @@ async function openaiError() {
   };
 }
 
+async function openaiAbort() {
+  // Slow replies (100 tokens, 50 ms apart), each left early in another way the SDK offers;
+  // then the same client (its keep-alive connections) asks again.
+  const requestId = randomUUID();
+  const client = new OpenAI({
+    baseURL: `${baseUrl}/v1`,
+    apiKey: "unused",
+    maxRetries: 0,
+    defaultHeaders: { "X-Request-ID": requestId },
+  });
+  const slow = (text) => user(`${text} [[tokens=100]] [[delay=0.05]]`);
+  const abortDetails = (err) => ({ isUserAbort: err instanceof OpenAI.APIUserAbortError });
+  const received = {};
+  const controllerAbort = await caught(async () => {
+    const stream = await client.chat.completions.create({
+      model: "demo-chat",
+      messages: slow("One"),
+      stream: true,
+    });
+    received.controllerAbort = 0;
+    for await (const chunk of stream) {
+      if (++received.controllerAbort === 3) stream.controller.abort();
+    }
+  }, abortDetails);
+  const breakOut = await caught(async () => {
+    const stream = await client.chat.completions.create({
+      model: "demo-chat",
+      messages: slow("Two"),
+      stream: true,
+    });
+    received.breakOut = 0;
+    for await (const chunk of stream) if (++received.breakOut === 3) break; // the SDK aborts
+  });
+  const responsesAbort = await caught(async () => {
+    const stream = client.responses.stream({ model: "demo-chat", input: slow("Three") });
+    received.responsesAbort = 0;
+    stream.on("response.output_text.delta", () => {
+      if (++received.responsesAbort === 2) stream.abort();
+    });
+    await stream.finalResponse();
+  }, abortDetails);
+  const controller = new AbortController();
+  setTimeout(() => controller.abort(), 300);
+  const signalAbort = await caught(
+    () =>
+      client.chat.completions.create(
+        { model: "demo-chat", messages: slow("Four") },
+        { signal: controller.signal },
+      ),
+    abortDetails,
+  );
+  const timedOut = await caught(
+    () => client.chat.completions.create({ model: "demo-chat", messages: slow("Five") }, { timeout: 300 }),
+    (err) => ({ isTimeout: err instanceof OpenAI.APIConnectionTimeoutError }),
+  );
+  const after = await client.chat.completions.create({
+    model: "demo-chat",
+    messages: user("Again [[tokens=3]]"),
+  });
+  return {
+    requestId,
+    received,
+    controllerAbort,
+    breakOut,
+    responsesAbort,
+    signalAbort,
+    timedOut,
+    after: after.choices[0].message.content,
+  };
+}
+
 // ---- a body over the proxy's MAX_REQUEST_BYTES (1 MiB in the test) ----------------------------
 
 async function bodyTooLarge() {
@@ -557,6 +628,7 @@ const SCENARIOS = {
   "openai-embeddings": openaiEmbeddings,
   "openai-models": openaiModels,
   "openai-error": openaiError,
+  "openai-abort": openaiAbort,
   "body-too-large": bodyTooLarge,
   "auth-failure": authFailure,
 };
