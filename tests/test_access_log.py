@@ -303,3 +303,55 @@ def test_a_stream_left_before_the_backend_answered_logs_499(
         httpx.post(proxy.url + path, json=body, headers={"X-Request-ID": request_id}, timeout=0.5)
     (line,) = [line for line in lines_of(proxy, request_id) if "trioproxy.access" in line]
     assert f" POST {path} 499 " in line and line.endswith(" 0 B (cancelled)"), line
+
+
+PIPE_BUF = 4096  # the longest write a pipe takes whole, never torn by another process's
+
+
+def test_a_huge_path_or_model_name_makes_no_huge_line(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """A review: a 12 KB path made a 36 KB access line, and a model name a backend quotes
+    back ("The model `…` does not exist") a line as long as the request's body allows. The
+    workers of --workers N share one stderr, where a line over PIPE_BUF can be torn by
+    another worker's; a client must not be able to fill the log either. Each line is cut,
+    and the access line still ends with its status and sizes."""
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    answer = raw_get(proxy.url, "/nope/" + "%0a" * 4000, "huge-path")
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:40]
+    model = "m\n\x1b[31m" + "e" * 30_000  # the backend quotes it whole (its body < 64 KB)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    reply = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json=body,
+        headers={"X-Request-ID": "huge-model"},
+        timeout=10,
+    )
+    assert reply.status_code == 404
+    for request_id, status in (("huge-path", "GET /nope/%0A%0A"), ("huge-model", "POST /v1")):
+        lines = lines_of(proxy, request_id)
+        assert all(len(line.encode()) < PIPE_BUF for line in lines), [len(x) for x in lines]
+        (access,) = [line for line in lines if "trioproxy.access" in line]
+        assert status in access and " 404 " in access and access.endswith(" B"), access
+    (access,) = [line for line in lines_of(proxy, "huge-path") if "trioproxy.access" in line]
+    assert " more bytes] 404 " in access, access
+    (echoed,) = [line for line in lines_of(proxy, "huge-model") if "backend answered" in line]
+    assert "The model `m\\n\\x1b[31meee" in echoed and echoed.endswith(" more bytes]"), echoed
+
+
+def test_json_lines_are_cut_as_text_lines_are() -> None:
+    """JSON writes a control character in 6 bytes: a message of them is cut shorter, so
+    the line stays under PIPE_BUF too."""
+    import logging
+
+    from trioproxy.logs import JsonFormatter
+
+    for message in ("\x1b" * 100_000, '"' * 100_000, "é" * 100_000, "\udcff" * 100_000):
+        record = logging.makeLogRecord({"name": "trioproxy", "levelname": "INFO", "msg": message})
+        record.request_id = "r" * 128
+        line = JsonFormatter().format(record)
+        assert len(line.encode("utf-8", "surrogatepass")) < PIPE_BUF, len(line)
+        entry = json.loads(line)
+        assert entry["message"].startswith(message[:100]) and entry["message"].endswith(
+            " more bytes]"
+        )

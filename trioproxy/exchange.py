@@ -35,7 +35,14 @@ from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut, write_cut_by_shut
 from .jsonutil import loads
 from .logs import request_id_var
 from .metrics import MetricsCollector, RequestMetrics
-from .metrics.labels import STATUS_CLIENT_CLOSED, UNTRACKED_PATHS, loggable_path
+from .metrics.labels import (
+    METHOD_LIMIT,
+    PATH_LIMIT,
+    STATUS_CLIENT_CLOSED,
+    UNTRACKED_PATHS,
+    clipped,
+    loggable_path,
+)
 from .metrics.store import effective_status
 
 if TYPE_CHECKING:
@@ -324,8 +331,8 @@ class AccessLine:
         # method and path come from the client: escaped, so one request is one line
         access_log.info(
             "%s %s %s %.1f ms %d B%s%s",
-            loggable_path(self.method),
-            loggable_path(self.path),
+            clipped(loggable_path(self.method), METHOD_LIMIT),
+            clipped(loggable_path(self.path), PATH_LIMIT),  # the status after it is kept
             status or "-",
             (time.perf_counter() - self.started) * 1000.0,
             send.sent,

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 
-from .metrics.labels import loggable_text
+from .metrics.labels import MESSAGE_LIMIT, clipped, loggable_text
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -43,7 +43,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _json_message(record.getMessage()),
             "request_id": getattr(record, "request_id", "-"),
         }
         if record.exc_info:
@@ -51,13 +51,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _json_message(message: str) -> str:
+    """``message`` cut as a text line's is, to ``MESSAGE_LIMIT`` bytes as JSON writes it: a
+    control character takes 6 there (``\\u001b``), a quote 2."""
+    limit = MESSAGE_LIMIT
+    while len(message) > MESSAGE_LIMIT // 6:  # else it fits however it is written
+        cut = clipped(message, limit)
+        size = len(json.dumps(cut, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if size <= MESSAGE_LIMIT + 64 or limit <= 64:  # (the cut's note is not counted)
+            return cut
+        limit = limit * MESSAGE_LIMIT // size  # as many bytes fewer as it had too many
+    return message
+
+
 class TextFormatter(logging.Formatter):
     """One record, one line: a message holding a line end (a backend's error text that
-    echoes a client's input, say) has it escaped, so no text can forge a line of its own;
-    a traceback still follows on its lines."""
+    echoes a client's input, say) has it escaped, so no text can forge a line of its own,
+    and is cut at ``MESSAGE_LIMIT`` bytes; a traceback still follows on its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = loggable_text(record.message)
+        record.message = clipped(loggable_text(record.message))
         return super().formatMessage(record)
 
 

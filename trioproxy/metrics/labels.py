@@ -262,6 +262,30 @@ def loggable_path(path: str) -> str:
     return quote(path, safe=_PATH_SAFE, errors="backslashreplace")
 
 
+# A log line is written whole by one write(), and a pipe (the stderr of a container, which the
+# workers of --workers N share) takes one whole only up to PIPE_BUF, 4096 bytes: a longer
+# line can be torn by another process's. A message is cut at 2048 bytes (nginx cuts its error
+# lines there), which leaves room for the time, level, logger and request id.
+MESSAGE_LIMIT = 2048
+PATH_LIMIT = 1024  # of an access line: the status and the rest come after it
+METHOD_LIMIT = 32
+
+
+def clipped(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` cut to ``limit`` bytes of UTF-8, saying how many more there were: a 1 MB
+    model name a backend quotes back, or a path, must not make a 1 MB log line."""
+    if len(text) <= limit // 4:  # no character takes more than 4 bytes
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    end = limit
+    while end and data[end] & 0xC0 == 0x80:  # not inside a character: cut before it
+        end -= 1
+    kept = data[:end].decode("utf-8", "surrogatepass")
+    return f"{kept}... [{len(data) - end} more bytes]"
+
+
 def loggable_text(text: str) -> str:
     """Free text (an error message) for a log line: non-printable characters escaped
     (``\\n``, ``\\x1b``), so it stays on its line."""
