@@ -355,3 +355,93 @@ def test_json_lines_are_cut_as_text_lines_are() -> None:
         assert entry["message"].startswith(message[:100]) and entry["message"].endswith(
             " more bytes]"
         )
+
+
+def test_a_stderr_nobody_reads_stalls_no_request(demo_backend: ServerProcess) -> None:
+    """A review: with stderr a pipe nobody read (a stuck log shipper, a parent that never
+    reads), the line that filled it blocked the event loop: no request, no ``/health`` was
+    answered, and SIGTERM did not stop the process. Lines wait for the pipe on their own
+    thread now; once it is read, they are all there."""
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import LISTEN_LINE, ROOT, base_env
+
+    env = base_env(OPENAI_API_BASE_URL=demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    command = ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
+    process = subprocess.Popen(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert process.stdout is not None
+        while not (match := LISTEN_LINE.search(process.stdout.readline().decode())):
+            pass
+        url = match.group(1)  # and the pipe is read no more: its 64 KB fill up
+        with httpx.Client(timeout=3) as client:
+            for i in range(200):  # access lines of over 1 KB each
+                answer = client.get(f"{url}/nope/{'x' * 1000}", headers={"X-Request-ID": f"s{i}"})
+                assert answer.status_code == 404
+            assert client.get(url + "/health").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)  # reads the pipe, so it drains
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    lines = output.decode().splitlines()
+    access = [line for line in lines if "trioproxy.access" in line and " /nope/" in line]
+    assert len(access) == 200 and all(" 404 " in line for line in access), len(access)
+
+
+def test_lines_past_the_backlog_are_dropped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While stderr takes nothing, lines wait up to ``BACKLOG_LIMIT``; those past it are
+    dropped without waiting, and a warning stands where they would have been."""
+    import os
+    import threading
+
+    from trioproxy import logs
+
+    monkeypatch.setattr(logs, "BACKLOG_LIMIT", 10_000)
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", encoding="utf-8")  # closed below
+    writer = logs.LineWriter()
+    started = time.monotonic()
+    for i in range(200):  # 200 KB: the pipe's 64 KB and the backlog's 10 KB are full
+        writer.write(stream, f"line {i} {'x' * 1000}\n")
+    assert time.monotonic() - started < 1.0  # never waited for the pipe
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(_read_all(read_end)))
+    reader.start()
+    assert writer.drain(timeout=5.0)
+    writer.write(stream, "the last line\n")
+    assert writer.drain(timeout=5.0)
+    stream.close()
+    reader.join(timeout=5)
+    lines = received.decode().splitlines()
+    assert lines[0].startswith("line 0 ") and lines[-1] == "the last line", lines[-1]
+    # each warning stands where the lines it counts were, and counts them all
+    expected, warnings = 0, 0
+    for line in lines[:-1]:
+        if line.startswith("line "):
+            assert int(line.split()[1]) == expected, line[:20]
+            expected += 1
+        else:
+            assert line.endswith(" log lines dropped: stderr was not read fast enough"), line
+            expected += int(line.split(" WARNING trioproxy [-] ")[1].split()[0])
+            warnings += 1
+    assert expected == 200 and warnings >= 1
+
+
+def _read_all(fd: int) -> bytes:
+    import os
+
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    os.close(fd)
+    return data

@@ -8,11 +8,16 @@ come out in the same format, so ``LOG_FORMAT=json`` means every line is JSON.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import os
 import sys
+import threading
 import time
+from collections import deque
+from typing import TextIO
 
 from .metrics.labels import MESSAGE_LIMIT, clipped, loggable_text
 
@@ -100,10 +105,145 @@ def configure_logging(
 def configured_handler() -> logging.Handler:
     """A stderr handler in the configured format that scrubs the configured secrets.
     Named in ``hypercorn_log_config`` as a factory, so it takes no arguments."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BackgroundStreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter(_secrets))
     handler.setFormatter(JsonFormatter() if _format == "json" else TextFormatter(TEXT_FORMAT))
     return handler
+
+
+# Lines waiting for stderr, at most (in characters): past it, lines are dropped and counted.
+BACKLOG_LIMIT = 1 << 20
+EXIT_WAIT = 1.0  # seconds the lines still waiting get at exit
+PIPE_BUF = 4096  # the longest write a pipe takes whole (never torn by another worker's)
+
+
+class LineWriter:
+    """Writes log lines to their stream from a thread of its own, whole lines per write.
+
+    A write to stderr blocks while nobody reads it (a pipe whose reader is slow or stuck:
+    a log shipper, a ``| tee``, a parent that never reads): written from the event loop,
+    one such line stopped every request, ``/health`` and the stop signals with it. Lines
+    wait here instead, up to ``BACKLOG_LIMIT``; past it they are dropped and counted, and
+    a warning saying how many stands where they would have. A log is worth less than the
+    requests it is about (HAProxy drops its lines likewise)."""
+
+    def __init__(self) -> None:
+        self._lines: deque[tuple[TextIO, str]] = deque()
+        self._waiting = 0  # characters in _lines
+        self._dropped = 0
+        self._dropped_from: TextIO = sys.stderr
+        self._writing = False
+        self._stuck = False  # a drain gave up, and nothing got out since
+        self._changed = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+
+    def write(self, stream: TextIO, line: str) -> None:
+        with self._changed:
+            if self._waiting + len(line) > BACKLOG_LIMIT:
+                self._dropped += 1
+                self._dropped_from = stream
+            else:
+                if self._dropped:  # said where they would have been
+                    self._put(stream, _dropped_line(self._dropped))
+                    self._dropped = 0
+                self._put(stream, line)
+            if self._thread is None:
+                # a daemon: a stream that takes nothing must not keep the process alive
+                self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _put(self, stream: TextIO, line: str) -> None:
+        self._lines.append((stream, line))
+        self._waiting += len(line)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._lines and not self._dropped:
+                    self._changed.wait()
+                if self._lines:
+                    stream, line = self._take()
+                else:  # lines were dropped, and none came since
+                    stream, line = self._dropped_from, _dropped_line(self._dropped)
+                    self._dropped = 0
+                self._writing = True
+            try:
+                stream.write(line)
+                stream.flush()
+                self._stuck = False
+            except (OSError, ValueError):
+                pass  # stderr closed or gone: nowhere to say so
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
+
+    def _take(self) -> tuple[TextIO, str]:
+        """The first line waiting and those after it for the same stream that one write
+        takes whole with it (up to PIPE_BUF bytes): while the event loop keeps the GIL,
+        this thread gets it about once per switch interval (5 ms), a write each time."""
+        stream, line = self._lines.popleft()
+        taken, size = [line], len(line.encode("utf-8", "surrogatepass"))
+        while self._lines and self._lines[0][0] is stream:
+            more = len(self._lines[0][1].encode("utf-8", "surrogatepass"))
+            if size + more > PIPE_BUF:
+                break
+            taken.append(self._lines.popleft()[1])
+            size += more
+        text = "".join(taken)
+        self._waiting -= len(text)
+        return stream, text
+
+    def drain(self, timeout: float = EXIT_WAIT) -> bool:
+        """Wait until the lines waiting are written, for at most ``timeout`` seconds; not
+        at all while a stream that took nothing in the last drain still takes nothing (at
+        exit, every handler is flushed: one wait, not one per handler)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._lines or self._dropped or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0.0 or self._stuck:
+                    self._stuck = True
+                    return False
+                self._changed.wait(left)
+        return True
+
+
+def _dropped_line(count: int) -> str:
+    record = logging.makeLogRecord({"name": "trioproxy", "levelname": "WARNING"})
+    record.levelno, record.request_id = logging.WARNING, "-"
+    record.msg = f"{count} log lines dropped: stderr was not read fast enough"
+    formatter = JsonFormatter() if _format == "json" else TextFormatter(TEXT_FORMAT)
+    return formatter.format(record) + "\n"
+
+
+_writer = LineWriter()
+atexit.register(lambda: _writer.drain())
+
+
+def _new_writer_after_fork() -> None:
+    global _writer
+    _writer = LineWriter()  # the parent's thread is not in the child
+
+
+os.register_at_fork(after_in_child=_new_writer_after_fork)
+
+
+class BackgroundStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` whose lines are written by the process's :class:`LineWriter`:
+    logging never blocks the event loop."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        _writer.write(self.stream, line)
+
+    def flush(self) -> None:
+        _writer.drain()  # (logging.shutdown() flushes every handler at exit)
 
 
 def hypercorn_log_config(level: str) -> dict[str, object]:
@@ -135,4 +275,7 @@ def notice(line: str, level: str = "INFO", fmt: str | None = None) -> None:
     if (fmt or _format) == "json":
         record.msg = line.removeprefix(NOTICE_PREFIX).removeprefix("error: ")  # in "level"
         line = JsonFormatter().format(record)
-    print(line, file=sys.stderr, flush=True)
+    # after the log lines before it, and written (or given up on) before it returns: the
+    # program may stop next
+    _writer.write(sys.stderr, line + "\n")
+    _writer.drain()
