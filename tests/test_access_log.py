@@ -445,3 +445,18 @@ def _read_all(fd: int) -> bytes:
         data += chunk
     os.close(fd)
     return data
+
+
+def test_the_access_log_is_written_whatever_the_log_level(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """A review: ACCESS_LOG=true with LOG_LEVEL=WARNING (to keep the rest quiet) wrote no
+    access line at all, without a word. The access log is asked for by its own setting;
+    the other INFO lines still follow LOG_LEVEL."""
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="WARNING")
+    httpx.get(proxy.url + "/api/tags", headers={"X-Request-ID": "quiet-1"}, timeout=5)
+    (line,) = lines_of(proxy, "quiet-1")
+    assert " INFO trioproxy.access [quiet-1] GET /api/tags 200 " in line, line
+    assert not [
+        x for x in proxy.log().splitlines() if " INFO " in x and "trioproxy.access" not in x
+    ]

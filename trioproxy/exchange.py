@@ -33,7 +33,7 @@ from .errors import (
 )
 from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut, write_cut_by_shutdown
 from .jsonutil import loads
-from .logs import request_id_var
+from .logs import ACCESS_LOGGER, request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import (
     METHOD_LIMIT,
@@ -300,7 +300,7 @@ class Tracked:
             metric.overhead_ms = overhead
 
 
-access_log = logging.getLogger("trioproxy.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class AccessLine:

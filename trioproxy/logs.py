@@ -81,6 +81,7 @@ class TextFormatter(logging.Formatter):
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 HYPERCORN_LOGGER = "hypercorn.error"  # hypercorn's startup and error lines
+ACCESS_LOGGER = "trioproxy.access"  # its lines only when ACCESS_LOG=true
 NOTICE_PREFIX = "trioproxy: "
 
 # What the last configure_logging() chose, for the handlers built later in the same
@@ -100,6 +101,9 @@ def configure_logging(
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    # ACCESS_LOG=true asks for its lines whatever LOG_LEVEL says (they are INFO): with
+    # LOG_LEVEL=WARNING, to keep the rest quiet, it wrote none, without a word
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
 
 
 def configured_handler() -> logging.Handler:
