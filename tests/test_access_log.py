@@ -460,3 +460,37 @@ def test_the_access_log_is_written_whatever_the_log_level(
     assert not [
         x for x in proxy.log().splitlines() if " INFO " in x and "trioproxy.access" not in x
     ]
+
+
+def test_the_writer_writes_whole_lines_up_to_pipe_buf() -> None:
+    """Lines waiting go out several per write, but never more than a pipe takes whole
+    (PIPE_BUF) and never part of a line: the workers' writes to one stderr do not tear
+    each other's lines."""
+    import threading
+
+    from trioproxy.logs import LineWriter
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+            self.gate = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.gate.wait(5)  # the first write waits: the lines after it pile up
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Recording()
+    writer = LineWriter()
+    lines = [f"{i} {'é' * (i * 37 % 1500)}\n" for i in range(300)]
+    for line in lines:
+        writer.write(stream, line)  # type: ignore[arg-type]
+    stream.gate.set()
+    assert writer.drain(timeout=5.0)
+    assert "".join(stream.writes) == "".join(lines)
+    assert all(w.endswith("\n") for w in stream.writes)
+    assert all(len(w.encode()) <= PIPE_BUF for w in stream.writes)
+    assert len(stream.writes) < 250  # several lines per write
