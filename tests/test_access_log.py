@@ -494,3 +494,30 @@ def test_the_writer_writes_whole_lines_up_to_pipe_buf() -> None:
     assert all(w.endswith("\n") for w in stream.writes)
     assert all(len(w.encode()) <= PIPE_BUF for w in stream.writes)
     assert len(stream.writes) < 250  # several lines per write
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_traceback_is_scrubbed_of_the_secrets(fmt: str) -> None:
+    """A review: the secrets were scrubbed from a line's message but not from the
+    traceback after it, whose exception text may quote what it was given."""
+    import io
+    import logging
+
+    from trioproxy.logs import JsonFormatter, RequestContextFilter, TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestContextFilter(("sk-backend-secret-1234",)))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter("%(message)s"))
+    logger = logging.getLogger(f"trioproxy.test-scrubbed-{fmt}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("the backend said: bad key sk-backend-secret-1234")
+        except ValueError:
+            logger.exception("unhandled")
+    finally:
+        logger.removeHandler(handler)
+    assert "sk-backend-secret" not in stream.getvalue()
+    assert "bad key ***" in stream.getvalue()

@@ -33,12 +33,22 @@ class RequestContextFilter(logging.Filter):
         record.request_id = request_id_var.get()
         if self._secrets:
             message = record.getMessage()
-            cleaned = message
-            for secret in self._secrets:
-                cleaned = cleaned.replace(secret, "***")
+            cleaned = self._scrubbed(message)
             if cleaned != message:
                 record.msg, record.args = cleaned, None
+            if record.exc_info and record.exc_text is None:
+                # a traceback is log lines too, and an exception's text may quote what it
+                # was given (a backend's answer, a URL): formatted here, once, scrubbed
+                record.exc_text = self._scrubbed(_PLAIN.formatException(record.exc_info))
         return True
+
+    def _scrubbed(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+_PLAIN = logging.Formatter()  # formats a traceback as every formatter here does
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,7 +62,7 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
