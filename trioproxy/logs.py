@@ -148,7 +148,9 @@ class LineWriter:
         self._dropped_from: TextIO = sys.stderr
         self._writing = False
         self._stuck = False  # a drain gave up, and nothing got out since
-        self._changed = threading.Condition(threading.Lock())
+        # reentrant, as logging's own handler locks: a signal handler may log while the
+        # thread it interrupted holds it
+        self._changed = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
 
     def write(self, stream: TextIO, line: str) -> None:
