@@ -1211,3 +1211,20 @@ def test_a_flag_rescues_a_bad_value_in_the_environment() -> None:
     assert settings.port == 8080
     with pytest.raises(ConfigError, match="PROXY_PORT"):
         load_settings({"PROXY_PORT": "80000"}, dotenv_path=None)
+
+
+def test_idle_client_connections_outlive_a_load_balancers_idle_timeout() -> None:
+    """hypercorn's 5 s keep-alive closed idle connections before the clients and load
+    balancers that pool them do (httpx 5 s, aiohttp 15 s, an AWS load balancer and
+    nginx's upstream keepalive 60 s): a request sent as the proxy closed failed (a 502
+    from the load balancer, "Server disconnected" in Python clients)."""
+    from trioproxy.cli import hypercorn_config
+
+    config = hypercorn_config(load_settings({}, dotenv_path=None))
+    assert config.keep_alive_timeout > 60
+    assert (
+        hypercorn_config(
+            load_settings({"KEEP_ALIVE_TIMEOUT": "5"}, dotenv_path=None)
+        ).keep_alive_timeout
+        == 5
+    )

@@ -40,7 +40,10 @@ def trusting(files: dict[str, str]) -> ssl.SSLContext:
 
 def _start(upstream: str, files: dict[str, str], *args: str) -> ServerProcess:
     env = base_env(
-        OPENAI_API_BASE_URL=upstream, TLS_CERTFILE=files["cert"], TLS_KEYFILE=files["key"]
+        OPENAI_API_BASE_URL=upstream,
+        TLS_CERTFILE=files["cert"],
+        TLS_KEYFILE=files["key"],
+        KEEP_ALIVE_TIMEOUT="5",  # what a silent connection's handshake gets (3-10 s)
     )
     command = ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *args]
     server = _spawn([*command, "--env-file", ""], env)

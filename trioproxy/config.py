@@ -88,7 +88,11 @@ class Settings:
     health_min_requests: int = 1
     health_window_seconds: float = 300.0
     graceful_timeout: float = 5.0
-    keep_alive_timeout: float = 5.0
+    # longer than the idle timeouts of what sits in front (an AWS load balancer's 60 s,
+    # nginx's upstream keepalive 60 s) and of the clients that pool (httpx 5 s, aiohttp
+    # 15 s): whoever closes an idle connection first must be the client, or a request it
+    # sends as the server closes fails (a 502 from the load balancer)
+    keep_alive_timeout: float = 75.0
     client_write_timeout: float = 60.0
     client_body_timeout: float = 30.0
     cors_origins: str = ""
