@@ -175,6 +175,31 @@ def test_a_reply_cut_at_the_end_of_the_grace_period_is_recorded_as_the_proxys_do
     assert "(cut by the shutdown)" in access[0], access
 
 
+def test_a_request_still_sending_its_body_gets_a_503_before_the_grace_period_ends(
+    start_proxy: Callable[..., ServerProcess], demo_backend: ServerProcess
+) -> None:
+    """hypercorn cut it when GRACEFUL_TIMEOUT ran out: the client got an empty 500 and the
+    metrics a 499 (a client that went away), though the client was still sending. It is
+    answered a little before, in its dialect, as a request still waiting for the backend."""
+    proxy = start_proxy(demo_backend.url, GRACEFUL_TIMEOUT="1", ACCESS_LOG="true", LOG_LEVEL="INFO")
+    with socket.create_connection(_address(proxy), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model":'
+        )
+        time.sleep(0.5)  # the proxy waits for the rest of the body
+        proxy.process.send_signal(signal.SIGTERM)
+        head, body, _ = _read_response(sock)
+        assert head.startswith(b"http/1.1 503"), head
+        assert b"\r\nconnection: close" in head, head
+        assert "shutting down" in json.loads(body)["error"]
+        assert proxy.process.wait(timeout=10) == 0
+    assert proxy.reader is not None
+    proxy.reader.join(timeout=5)
+    access = [line for line in proxy.log().splitlines() if "POST /api/chat" in line]
+    assert len(access) == 1 and " 503 " in access[0], access
+
+
 @pytest.mark.parametrize(("signals", "workers"), [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_requests_still_waiting_for_the_backend_get_a_503(signals: int, workers: int) -> None:
     """In their caller's dialect, however the proxy stops. On one signal hypercorn would

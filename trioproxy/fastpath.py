@@ -202,6 +202,12 @@ def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return found
 
 
+class _ShutdownWhileReading(ProxyError):
+    """A request whose body was still arriving when the shutdown ended the wait for it."""
+
+    quiet = True  # counted (503), as the requests the shutdown answers while they wait
+
+
 async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str | None) -> bytes:
     limit = app.settings.max_request_bytes
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -213,7 +219,13 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
     # headers alone must not hold one for the whole body timeout
     stall = app.settings.client_body_timeout
     whole_by = trio.current_time() + app.body_timeout
-    with trio.CancelScope(deadline=min(whole_by, trio.current_time() + stall)) as scope:
+    # the body is awaited as the backend is (``InProgress``): a shutdown answers a request
+    # still sending it a little before hypercorn's grace period runs out, which cut it with
+    # an empty 500 (recorded as a client that left, 499)
+    with (
+        app.in_progress.tracking() as shutdown,
+        trio.CancelScope(deadline=min(whole_by, trio.current_time() + stall)) as scope,
+    ):
         while True:
             event = await receive()
             if event["type"] == "http.disconnect":
@@ -227,6 +239,8 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
                 scope.deadline = min(whole_by, trio.current_time() + stall)
             if not event.get("more_body", False):  # type: ignore[union-attr]
                 break
+    if shutdown.cancelled_caught:
+        raise _ShutdownWhileReading(SHUTDOWN_READING_MESSAGE, 503)
     if scope.cancelled_caught:
         if trio.current_time() >= whole_by:
             raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
@@ -244,7 +258,12 @@ async def _discard_body(
     receive: ASGIReceiveCallable, declared: str | None, error: ProxyError
 ) -> bool:
     """Read and drop a refused request's small body; whether the connection can go on."""
-    if error.status in (408, 413) or declared is None or not declared.isdigit():
+    if (
+        error.status in (408, 413)
+        or isinstance(error, _ShutdownWhileReading)
+        or declared is None
+        or not declared.isdigit()
+    ):
         return False  # the body is partly read, too large, or of unknown length
     if int(declared) > _DISCARDED_BODY_LIMIT:
         return False
@@ -380,6 +399,7 @@ async def _write(
 
 SHUTDOWN_MESSAGE = "the proxy is shutting down; the stream ended before the backend finished"
 SHUTDOWN_WAITING_MESSAGE = "the proxy is shutting down; the backend did not answer in time"
+SHUTDOWN_READING_MESSAGE = "the proxy is shutting down; the request body did not arrive in time"
 
 
 def _note_shutdown(tracked: Tracked) -> None:
@@ -390,7 +410,8 @@ def _note_shutdown(tracked: Tracked) -> None:
 
 
 class InProgress:
-    """The proxy requests in progress (waiting for the backend, or writing a stream), so
+    """The proxy requests in progress (receiving their body, waiting for the backend, or
+    writing a stream), so
     that a shutdown can answer them a little before hypercorn's grace period runs out and
     it cuts them without a response or mid-chunk: a 503 for those still waiting, an
     in-band end for streams.
