@@ -200,6 +200,39 @@ def test_a_request_still_sending_its_body_gets_a_503_before_the_grace_period_end
     assert len(access) == 1 and " 503 " in access[0], access
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/pull"])  # the fast path, and Quart's
+def test_a_refusal_waiting_for_the_body_it_drops_is_answered_when_the_server_stops(
+    path: str,
+) -> None:
+    """A refused request reads and drops its small body for up to a second, so that its
+    connection serves the next one. A second signal stops the server within half a second:
+    the refusal still waiting for that body was cut with hypercorn's empty 500. It goes out
+    at once instead, saying the connection closes."""
+    server = _start_demo_proxy(
+        1, GRACEFUL_TIMEOUT="30", PROXY_API_KEYS="alice:sk-alice-0123456789abcdef"
+    )
+    try:
+        wait_healthy(server.url, timeout=30)
+        with socket.create_connection(_address(server), timeout=10) as sock:
+            sock.sendall(
+                b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                b"Content-Length: 10\r\n\r\n" % path.encode()  # and no body
+            )
+            # refused: the proxy waits up to a second for the body to drop; the second
+            # signal comes well within it (hypercorn cut the wait half a second later)
+            time.sleep(0.25)
+            for _ in range(2):
+                server.process.send_signal(signal.SIGTERM)
+                time.sleep(0.05)
+            head, body, _ = _read_response(sock)
+            assert head.startswith(b"http/1.1 401"), head
+            assert b"\r\nconnection: close" in head, head
+            assert "API key" in json.loads(body)["error"]
+        assert server.process.wait(timeout=10) == 0
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(("signals", "workers"), [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_requests_still_waiting_for_the_backend_get_a_503(signals: int, workers: int) -> None:
     """In their caller's dialect, however the proxy stops. On one signal hypercorn would

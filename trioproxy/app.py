@@ -579,7 +579,9 @@ async def body_left_unread(status: int) -> bool:
         return False
     if status in (408, 413):
         return True
-    with trio.move_on_after(1.0):
+    # no longer than the shutdown allows (``InProgress``): an answer still waiting here when
+    # the server was stopped was cut with an empty 500
+    with request_app().in_progress.tracking(), trio.move_on_after(1.0):
         try:
             await request.get_data(cache=False)
         except Exception:  # over the size limit, or the client left

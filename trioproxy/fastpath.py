@@ -120,7 +120,8 @@ async def serve(
                 return
             except ProxyError as error:
                 reply = proxy_error_reply(error, path, app.settings.backend_secrets, state)
-                if not await _discard_body(receive, headers.get("content-length"), error):
+                declared = headers.get("content-length")
+                if not await _discard_body(receive, declared, error, app.in_progress):
                     # answered before its body was read: the server closes the connection
                     # after this reply, so it says so (a client would reuse it, find it
                     # closed and fail)
@@ -255,7 +256,7 @@ _DISCARD_SECONDS = 1.0
 
 
 async def _discard_body(
-    receive: ASGIReceiveCallable, declared: str | None, error: ProxyError
+    receive: ASGIReceiveCallable, declared: str | None, error: ProxyError, shutdown: InProgress
 ) -> bool:
     """Read and drop a refused request's small body; whether the connection can go on."""
     if (
@@ -267,7 +268,9 @@ async def _discard_body(
         return False  # the body is partly read, too large, or of unknown length
     if int(declared) > _DISCARDED_BODY_LIMIT:
         return False
-    with trio.move_on_after(_DISCARD_SECONDS):
+    # and no longer than the shutdown allows: a refusal still waiting here when the server
+    # was stopped was cut with an empty 500; it goes out at once, saying the connection closes
+    with shutdown.tracking(), trio.move_on_after(_DISCARD_SECONDS):
         while True:
             event = await receive()
             if event["type"] == "http.disconnect":
