@@ -462,6 +462,73 @@ def test_window_is_bounded_counters_are_not() -> None:
     assert j["performance"]["p50_duration_ms"] == 10.0
 
 
+@given(
+    max_size=st.integers(1, 12),
+    appended=st.integers(0, 40),
+    last=st.one_of(st.none(), st.integers(1, 15)),
+)
+def test_durations_are_the_newest_oldest_first(
+    max_size: int, appended: int, last: int | None
+) -> None:
+    window = WindowStore(max_size)
+    kind = st_mod.RequestKind("openai", "v1_chat", "POST", "m", 200, 0, False, None)
+    for i in range(appended):
+        window.append(kind, 0.0, float(i), math.nan, math.nan, 0, 0, 0.0, 0, 0)
+    kept = list(range(appended))[-max_size:] if appended else []
+    expected = kept[-last:] if last is not None else kept
+    assert window.durations(last) == [float(i) for i in expected]
+    copied = window.copy()
+    window.append(kind, 0.0, -1.0, math.nan, math.nan, 0, 0, 0.0, 0, 0)  # not in the copy
+    assert copied.durations(last) == [float(i) for i in expected]
+    assert [e.duration_ms for e in copied.entries()] == [float(i) for i in kept]
+
+
+async def test_a_large_window_is_read_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the largest METRICS_MAX_REQUESTS (1,000,000) a JSON summary, a health check or
+    a scrape held the event loop 0.35-3.4 s reading the window: a window larger than
+    LOOP_WINDOW_ENTRIES is copied and read in a worker thread."""
+    import threading
+
+    c = MetricsCollector(max_metrics=50, system_enabled=False)
+    for i in range(40):
+        c.record(req("/api/chat" if i % 2 else "/v1/chat/completions", 200, float(i + 1)))
+    read_on: list[bool] = []
+    entries, durations = WindowStore.entries, WindowStore.durations
+
+    def on_loop() -> None:
+        read_on.append(threading.current_thread() is threading.main_thread())
+
+    def entries_seen(self: WindowStore, *args: object, **kw: object) -> object:
+        on_loop()
+        return entries(self, *args, **kw)  # type: ignore[arg-type]
+
+    def durations_seen(self: WindowStore, *args: object) -> object:
+        on_loop()
+        return durations(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WindowStore, "entries", entries_seen)
+    monkeypatch.setattr(WindowStore, "durations", durations_seen)
+    reads = {}
+    for limit in (10**6, 10):  # the window (40) is below / above the limit
+        monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", limit)
+        del read_on[:]
+        summary = await c.read_summary()
+        health, _ = await c.read_health()
+        filtered = await c.read_filtered_summary(endpoint_filter="/api/chat")
+        body, _ = await c.read_prometheus()
+        p99 = [
+            ln for ln in body.decode().splitlines() if ln.startswith("http_request_duration_p99")
+        ]
+        reads[limit] = (read_on[:], summary["performance"], health["total_requests"],
+                        filtered["filtered_requests"], filtered["performance"], p99)  # fmt: skip
+    on_loop_reads, off_loop_reads = reads[10**6], reads[10]
+    assert on_loop_reads[0] == [True] * 4 and off_loop_reads[0] == [False] * 4
+    assert on_loop_reads[1:] == off_loop_reads[1:]
+    assert off_loop_reads[3] == 20 and off_loop_reads[1]["max_duration_ms"] == 40.0
+
+
 def test_percentile_window_limits_percentiles() -> None:
     c = MetricsCollector(max_metrics=100, percentile_window=3, system_enabled=False)
     for ms in (1000.0, 1000.0, 1.0, 2.0, 3.0):

@@ -15,7 +15,8 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 from prometheus_client.metrics_core import Metric
@@ -57,6 +58,10 @@ _TOKEN_COUNT_LIMIT = 2**53
 log = logging.getLogger("trioproxy.metrics")
 
 SLOW_REQUEST_MS = 5000.0
+# a window of up to this many requests is read on the event loop (about 5 ms for a
+# summary), a larger one from a copy in a worker thread
+LOOP_WINDOW_ENTRIES = 5000
+_Read = TypeVar("_Read")
 PUBLISH_AFTER_RECORDS = 64
 """Largest batch of finished requests counted together (see ``MetricsCollector.record``)."""
 PUBLISH_WITHIN_SECONDS = 0.5
@@ -559,10 +564,11 @@ class MetricsCollector:
     def _system_block(self) -> dict[str, Any]:
         snap = self._system_snapshot()
         network_io, disk_io = self._host_io(snap)
+        window = self._window
         block: dict[str, Any] = {
-            "buffer_size": len(self._window),
-            "buffer_full": self._window.is_full,
-            "max_buffer_size": self._window.max_size,
+            "buffer_size": len(window),
+            "buffer_full": window.is_full,
+            "max_buffer_size": window.max_size,
             "uptime_seconds": self.uptime_seconds,
         }
         block.update(snap)
@@ -577,23 +583,38 @@ class MetricsCollector:
         }
         return block
 
-    def _window_block(self) -> dict[str, Any]:
+    def _window_block(self, window: WindowStore) -> dict[str, Any]:
         return {
             "scope": "process",
             "pid": os.getpid(),
-            "size": len(self._window),
-            "max_size": self._window.max_size,
-            "percentile_size": min(len(self._window), self.percentile_window),
+            "size": len(window),
+            "max_size": window.max_size,
+            "percentile_size": min(len(window), self.percentile_window),
         }
+
+    async def _on_window(self, read: Callable[[WindowStore], _Read]) -> _Read:
+        """``read(window)``: on the event loop for a window of up to
+        :data:`LOOP_WINDOW_ENTRIES` requests, else on a copy of it in a worker thread
+        (at the largest ``METRICS_MAX_REQUESTS``, a summary of the window took the loop
+        3 s; the copy is a few ms). ``read`` must change nothing."""
+        window = self._window
+        if len(window) <= LOOP_WINDOW_ENTRIES:
+            return read(window)
+        copied = window.copy()
+        return await trio.to_thread.run_sync(read, copied)
 
     def summary(self) -> dict:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
-        return self._summary(self._totals())  # publishes the pending batch first
+        t = self._totals()  # publishes the pending batch first
+        return self._summary(t, self._system_block(), self._window)
 
     async def read_summary(self) -> dict:
         """:meth:`summary` for the monitoring endpoints: with ``--workers`` the workers'
-        files are merged off the event loop, and concurrent reads share the merge."""
-        return self._summary(await self._read_totals())
+        files are merged off the event loop, and concurrent reads share the merge; a
+        large window is read off the loop (:meth:`_on_window`)."""
+        t = await self._read_totals()
+        system = self._system_block()
+        return await self._on_window(lambda window: self._summary(t, system, window))
 
     async def _read_totals(self) -> Totals:
         self.publish()
@@ -604,11 +625,11 @@ class MetricsCollector:
         self.publish()
         return await self._reads.read(("counts",), self._prom.read_counts)
 
-    def _summary(self, t: Totals) -> dict:
+    def _summary(self, t: Totals, system: dict[str, Any], window: WindowStore) -> dict:
         success, client, cancelled, error = t.class_counts()
         total = success + client + cancelled + error
         rates = store.rates_from_counts(success, client, cancelled, error)
-        entries = self._window.entries()
+        entries = window.entries()
         outcomes = t.stream_outcomes()
         chunks = sum(t.chunks.values())
         nbytes = sum(t.stream_bytes.values())
@@ -687,8 +708,8 @@ class MetricsCollector:
                 for k, v in sorted(t.models().items())
             },
             "period": store.period(entries),
-            "window": self._window_block(),
-            "system": self._system_block(),
+            "window": self._window_block(window),
+            "system": system,
         }
         if total == 0:
             body["message"] = "No requests recorded yet"
@@ -702,9 +723,9 @@ class MetricsCollector:
     ) -> dict:
         """Window figures for the requests matching the filters (this process's window)."""
         minutes = _time_range(time_range_minutes)
-        return self._filtered_summary(
-            endpoint_filter, minutes, include_system_metrics, self._count_totals()
-        )
+        t = self._count_totals()  # publishes the pending batch first
+        system = self._system_block() if include_system_metrics else None
+        return self._filtered_summary(endpoint_filter, minutes, t, system, self._window)
 
     async def read_filtered_summary(
         self,
@@ -714,25 +735,28 @@ class MetricsCollector:
     ) -> dict:
         """:meth:`filtered_summary` for the monitoring endpoints (see :meth:`read_summary`)."""
         minutes = _time_range(time_range_minutes)
-        counts = await self._read_counts()
-        return self._filtered_summary(endpoint_filter, minutes, include_system_metrics, counts)
+        t = await self._read_counts()
+        system = self._system_block() if include_system_metrics else None
+        return await self._on_window(
+            lambda window: self._filtered_summary(endpoint_filter, minutes, t, system, window)
+        )
 
     def _filtered_summary(
         self,
         endpoint_filter: str | None,
         time_range_minutes: float | None,
-        include_system_metrics: bool,
         t: Totals,
+        system: dict[str, Any] | None,
+        window: WindowStore,
     ) -> dict:
-        self.publish()
-        entries = self._window.entries(endpoint_filter, time_range_minutes)
+        entries = window.entries(endpoint_filter, time_range_minutes)
         success, client, cancelled, error = store.class_counts(entries)
         body: dict[str, Any] = {
             "enabled": self.enabled,
             "filters": {
                 "endpoint_filter": endpoint_filter,
                 "time_range_minutes": time_range_minutes,
-                "include_system_metrics": include_system_metrics,
+                "include_system_metrics": system is not None,
             },
             "filtered_requests": len(entries),
             "successful_requests": success,
@@ -746,30 +770,28 @@ class MetricsCollector:
             "streaming": store.streaming_summary(entries),
             "endpoints": store.endpoints_summary(entries),
             "period": store.period(entries),
-            "window": self._window_block(),
+            "window": self._window_block(window),
         }
         if not entries:
             body["message"] = "No metrics available for specified filters"
-        if include_system_metrics:
-            body["system"] = self._system_block()
+        if system is not None:
+            body["system"] = system
         return body
 
     def health(self) -> tuple[dict, int]:
         """Body and HTTP status of ``GET /v1/metrics/health`` (503 only when unhealthy)."""
-        return self._health(self._count_totals())
+        return self._health(self._count_totals(), self._window)
 
     async def read_health(self) -> tuple[dict, int]:
         """:meth:`health` for the monitoring endpoints (see :meth:`read_summary`)."""
-        return self._health(await self._read_counts())
+        t = await self._read_counts()
+        return await self._on_window(lambda window: self._health(t, window))
 
-    def _health(self, t: Totals) -> tuple[dict, int]:
-        self.publish()
+    def _health(self, t: Totals, window: WindowStore) -> tuple[dict, int]:
         # requests that ENDED in the health window: a timeout is recorded when it ends,
         # after waiting longer than any window might be
         cutoff = time.time() - self.health_window_seconds
-        entries = [
-            e for e in self._window.entries() if e.timestamp + e.duration_ms / 1000.0 >= cutoff
-        ]
+        entries = [e for e in window.entries() if e.timestamp + e.duration_ms / 1000.0 >= cutoff]
         counted = [e for e in entries if e.cls != store.CANCELLED]
         n = len(counted)
         success, client, _cancelled, error = store.class_counts(counted)
@@ -846,7 +868,7 @@ class MetricsCollector:
             "avg_response_time_ms": perf["avg_duration_ms"],
             "p95_response_time_ms": perf["p95_duration_ms"],
             "uptime_seconds": self.uptime_seconds,
-            "buffer_utilization": len(self._window) / self._window.max_size,
+            "buffer_utilization": len(window) / window.max_size,
             "backend_reachable": self.backend_reachable,
         }
         return body, (503 if status == "unhealthy" else 200)
@@ -864,19 +886,22 @@ class MetricsCollector:
         ones, built for this scrape."""
         system = self._system_snapshot()  # first: a lazy first sample also feeds RSS/CPU
         self.publish()
-        return self._with_derived(self._prom.snapshot(), system)
+        durations = sorted(self._window.durations(self.percentile_window))
+        return self._with_derived(self._prom.snapshot(), system, durations)
 
     async def _read_prometheus_families(self) -> tuple[Snapshot, list[Metric]]:
         """:meth:`_prometheus_families`, the workers' files merged as
         :meth:`PrimaryMetrics.read_snapshot` merges them."""
         system = self._system_snapshot()
         self.publish()
-        return self._with_derived(await self._prom.read_snapshot(), system)
+        primary = await self._prom.read_snapshot()
+        last = self.percentile_window
+        durations = await self._on_window(lambda window: sorted(window.durations(last)))
+        return self._with_derived(primary, system, durations)
 
     def _with_derived(
-        self, primary: Snapshot, system: dict[str, Any]
+        self, primary: Snapshot, system: dict[str, Any], durations: list[float]
     ) -> tuple[Snapshot, list[Metric]]:
-        durations = sorted(self._window.durations(self.percentile_window))
         host = system if self.system_enabled else None  # disabled: absent, not 0
         io = self._host_io(system) if host is not None else None
         derived = derived_families(primary.totals, durations, host, self.uptime_seconds, io)

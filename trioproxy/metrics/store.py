@@ -254,6 +254,17 @@ class WindowStore:
         if self._size < self.max_size:
             self._size += 1
 
+    def copy(self) -> WindowStore:
+        """A copy of the window as it is now (its columns copied whole: a few ms for a
+        million requests), which a worker thread may read while this one changes."""
+        copied = WindowStore.__new__(WindowStore)
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(
+                copied, name, value[:] if isinstance(value, (list, array, bytearray)) else value
+            )
+        return copied
+
     def clear(self) -> None:
         self._next = 0
         self._size = 0
@@ -274,11 +285,14 @@ class WindowStore:
 
     def durations(self, last: int | None = None) -> list[float]:
         """Durations (ms) of the newest ``last`` requests (all when None), oldest first."""
-        order = self._order()
-        if last is not None and len(order) > last:
-            order = order[len(order) - last :]
         column = self._duration
-        return [column[i] for i in order]
+        if self._size < self.max_size:
+            newest = column[: self._size]
+        else:  # full: the oldest is at _next
+            newest = column[self._next :] + column[: self._next]
+        if last is not None and len(newest) > last:
+            newest = newest[len(newest) - last :]
+        return newest.tolist()
 
     def entries(
         self,
