@@ -1015,3 +1015,46 @@ def test_a_slow_first_token_is_no_slow_transfer() -> None:
     assert untimed.transfer_ms() == pytest.approx(20.0)
     single = stream("/api/chat", "completed", [(50.0, 10)], 60.0, first_token_ms=50.0)
     assert single.transfer_ms() == pytest.approx(50.0)
+
+
+async def test_concurrent_reads_of_a_large_window_hold_few_copies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The monitoring endpoints are open without a client key: N concurrent JSON
+    summaries or health checks of a window larger than LOOP_WINDOW_ENTRIES each made a
+    copy of it (at METRICS_MAX_REQUESTS=300,000 about 25 MB) before waiting for a worker
+    thread, so N readers held N copies at once. The copies are bounded."""
+    import threading
+
+    import trio
+
+    c = MetricsCollector(max_metrics=50, system_enabled=False)
+    for i in range(40):
+        c.record(req("/api/chat", 200, float(i + 1)))
+    monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", 10)
+    held = [0, 0]  # copies not yet read through, the most at once
+    lock = threading.Lock()
+    copy, entries = WindowStore.copy, WindowStore.entries
+
+    def copy_seen(self: WindowStore) -> WindowStore:
+        with lock:
+            held[0] += 1
+            held[1] = max(held)
+        return copy(self)
+
+    def entries_seen(self: WindowStore, *args: object, **kw: object) -> object:
+        time.sleep(0.001)
+        try:
+            return entries(self, *args, **kw)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                held[0] -= 1
+
+    monkeypatch.setattr(WindowStore, "copy", copy_seen)
+    monkeypatch.setattr(WindowStore, "entries", entries_seen)
+    async with trio.open_nursery() as nursery:
+        for _ in range(30):
+            nursery.start_soon(c.read_health)
+            nursery.start_soon(c.read_summary)
+            nursery.start_soon(c.read_filtered_summary, "/api/chat")
+    assert held[1] <= 2, held[1]

@@ -61,6 +61,9 @@ SLOW_REQUEST_MS = 5000.0
 # a window of up to this many requests is read on the event loop (about 5 ms for a
 # summary), a larger one from a copy in a worker thread
 LOOP_WINDOW_ENTRIES = 5000
+# copies of a large window alive at once: each is ~90 bytes per request (25 MB at
+# 300,000), and the monitoring endpoints are open to any number of concurrent readers
+WINDOW_COPIES = 2
 _Read = TypeVar("_Read")
 PUBLISH_AFTER_RECORDS = 64
 """Largest batch of finished requests counted together (see ``MetricsCollector.record``)."""
@@ -258,6 +261,7 @@ class MetricsCollector:
         self.backend_reachable: bool | None = None
         self.backend_checked_at: float | None = None
         self._reads = SharedReads()  # the monitoring endpoints' reads (read_prometheus)
+        self._window_copies = trio.CapacityLimiter(WINDOW_COPIES)  # (_on_window)
 
         self.health_error_rate_degraded = (
             health_error_rate_degraded
@@ -600,8 +604,11 @@ class MetricsCollector:
         window = self._window
         if len(window) <= LOOP_WINDOW_ENTRIES:
             return read(window)
-        copied = window.copy()
-        return await trio.to_thread.run_sync(read, copied)
+        # the copy is made once a slot is free, and kept only while its thread reads it:
+        # N concurrent readers made N copies before waiting for a thread
+        async with self._window_copies:
+            copied = self._window.copy()
+            return await trio.to_thread.run_sync(read, copied)
 
     def summary(self) -> dict:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
