@@ -79,6 +79,22 @@ async def test_every_response_moves_the_deadline_and_a_request_suspends_it(
     assert server.closed_at == [pytest.approx(last_response + KEEP_ALIVE)]
 
 
+async def test_a_connection_without_a_request_gets_less_time_than_a_pooled_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A review: with the 75 s keep-alive, a connection that sent nothing, or sent its
+    first request head a byte at a time, was held 75 s (a slow-headers attack)."""
+    fresh, pooled = FakeServer(), FakeServer()
+    fresh.config.keep_alive_timeout = pooled.config.keep_alive_timeout = 75.0
+    async with trio.open_nursery() as nursery:
+        await _idle_timer(fresh, nursery)
+        timer, group = await _idle_timer(pooled, nursery)
+        await timer.stop()  # its first request's head arrived
+        await timer.restart(group)  # and was answered at 0 s
+    assert fresh.closed_at == [pytest.approx(hypercorn_patches.FIRST_REQUEST_SECONDS)]
+    assert pooled.closed_at == [pytest.approx(75.0)]
+
+
 async def test_shutdown_closes_an_idle_connection_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -111,7 +111,8 @@ request cancellation, and its cost per request.
     lingering close). TLS connections, which cannot close one side, close as before.
 
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
-``keep_alive_timeout`` seconds is closed; at shutdown an idle connection is closed at once and
+``keep_alive_timeout`` seconds is closed (one that has not sent a whole request head yet
+after ``FIRST_REQUEST_SECONDS`` at most); at shutdown an idle connection is closed at once and
 a busy one after its response. Importing this module applies the patches once;
 tests/test_server.py and tests/test_hypercorn_patches.py pin the behaviour, so a version bump
 cannot silently undo them.
@@ -142,6 +143,13 @@ from .netstream import send_what_fits
 _HELD_HEAD = "_trioproxy_held_head"
 
 
+FIRST_REQUEST_SECONDS = 10.0
+"""A new connection's first request head must arrive within this (or the keep-alive
+timeout, if shorter): the long keep-alive timeout (75 s) is for clients and load balancers
+that pool connections, not for a connection that never sent a request, or sends its head a
+byte at a time (a slow-headers attack held each such connection 75 s)."""
+
+
 class IdleTimer:
     """The keep-alive timer of one connection: ``restart`` (the connection went idle) and
     ``stop`` (a request arrived), with ``TrioSingleTask``'s interface.
@@ -150,13 +158,14 @@ class IdleTimer:
     is the idle deadline: infinite while a request is served. The deadline passing, or
     shutdown while idle, closes the connection."""
 
-    __slots__ = ("_became_idle", "_closed", "_idle", "_scope", "_server")
+    __slots__ = ("_became_idle", "_closed", "_idle", "_scope", "_served", "_server")
 
     def __init__(self, server: Any) -> None:
         self._server = server
         self._scope: trio.CancelScope | None = None
         self._idle = False
         self._closed = False
+        self._served = False  # a whole request head arrived on this connection
         self._became_idle: trio.Event | None = None
 
     async def restart(self, task_group: Any, action: Any = None) -> None:
@@ -165,12 +174,16 @@ class IdleTimer:
             with trio.CancelScope(shield=True):
                 await task_group._nursery.start(self._watch)
         assert self._scope is not None
-        self._scope.deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        timeout = self._server.config.keep_alive_timeout
+        if not self._served:
+            timeout = min(timeout, FIRST_REQUEST_SECONDS)
+        self._scope.deadline = trio.current_time() + timeout
         if self._became_idle is not None:
             self._became_idle.set()
 
     async def stop(self) -> None:
         self._idle = False
+        self._served = True
         if self._scope is not None:
             self._scope.deadline = math.inf
 
