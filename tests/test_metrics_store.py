@@ -529,6 +529,44 @@ async def test_a_large_window_is_read_off_the_event_loop(
     assert off_loop_reads[3] == 20 and off_loop_reads[1]["max_duration_ms"] == 40.0
 
 
+async def test_the_guide_api_reads_a_large_window_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """get_metrics_summary(), get_filtered_metrics_summary() and get_prometheus_metrics()
+    are async: they read a large window as the endpoints do, from a copy in a worker
+    thread (they called the synchronous reads, which held the event loop)."""
+    import threading
+
+    c = MetricsCollector(max_metrics=50, system_enabled=False)
+    for i in range(40):
+        c.record(req("/api/chat", 200, float(i + 1)))
+    read_on: list[bool] = []
+    entries, durations = WindowStore.entries, WindowStore.durations
+
+    def entries_seen(self: WindowStore, *args: object, **kw: object) -> object:
+        read_on.append(threading.current_thread() is threading.main_thread())
+        return entries(self, *args, **kw)  # type: ignore[arg-type]
+
+    def durations_seen(self: WindowStore, *args: object) -> object:
+        read_on.append(threading.current_thread() is threading.main_thread())
+        return durations(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WindowStore, "entries", entries_seen)
+    monkeypatch.setattr(WindowStore, "durations", durations_seen)
+    monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", 10)  # the window (40) is above
+    previous = metrics_pkg.get_metrics_collector()
+    metrics_pkg.set_metrics_collector(c)
+    try:
+        summary = await metrics_pkg.get_metrics_summary()
+        filtered = await metrics_pkg.get_filtered_metrics_summary(endpoint_filter="chat")
+        text = await metrics_pkg.get_prometheus_metrics()
+    finally:
+        metrics_pkg.set_metrics_collector(previous)
+    assert read_on == [False] * 3
+    assert summary["total_requests"] == 40 and filtered["filtered_requests"] == 40
+    assert "http_request_duration_p99_seconds" in text
+
+
 def test_percentile_window_limits_percentiles() -> None:
     c = MetricsCollector(max_metrics=100, percentile_window=3, system_enabled=False)
     for ms in (1000.0, 1000.0, 1.0, 2.0, 3.0):

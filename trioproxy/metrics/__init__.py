@@ -1039,8 +1039,10 @@ def set_metrics_collector(collector: MetricsCollector | None) -> None:
     _collector = collector
 
 
+# async, as the guide's API is: each reads as the monitoring endpoints do (a large window
+# from a copy, and with --workers large files merged, in a worker thread), not on the loop
 async def get_metrics_summary() -> dict:
-    return get_metrics_collector().summary()
+    return await get_metrics_collector().read_summary()
 
 
 async def get_filtered_metrics_summary(
@@ -1048,7 +1050,7 @@ async def get_filtered_metrics_summary(
     time_range_minutes: float | None = None,
     include_system_metrics: bool = True,
 ) -> dict:
-    return get_metrics_collector().filtered_summary(
+    return await get_metrics_collector().read_filtered_summary(
         endpoint_filter=endpoint_filter,
         time_range_minutes=time_range_minutes,
         include_system_metrics=include_system_metrics,
@@ -1057,7 +1059,7 @@ async def get_filtered_metrics_summary(
 
 async def get_prometheus_metrics() -> str:
     """The text-format (0.0.4) exposition."""
-    body, _ = get_metrics_collector().render_prometheus(None)
+    body, _ = await get_metrics_collector().read_prometheus(None)
     return body.decode("utf-8")
 
 
