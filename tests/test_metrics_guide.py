@@ -256,3 +256,26 @@ async def test_every_guide_snippet_runs(
     finally:
         logging.getLogger("trioproxy.metrics").setLevel(level)
     capsys.readouterr()
+
+
+def test_the_guide_api_also_runs_under_asyncio() -> None:
+    """The guide's integrations (DataDog's ``send_to_datadog``) may live in an asyncio
+    application: its async functions read in place there, without trio's threads."""
+    import asyncio
+
+    collector = MetricsCollector(system_enabled=False)
+    pkg.set_metrics_collector(collector)
+    try:
+
+        async def integration() -> tuple[dict, dict, str]:
+            async with pkg.track_request("/api/chat", "POST", model="m") as metric:
+                metric.status_code = 200
+            summary = await pkg.get_metrics_summary()
+            chat = await pkg.get_filtered_metrics_summary(endpoint_filter="chat")
+            return summary, chat, await pkg.get_prometheus_metrics()
+
+        summary, chat, exposition = asyncio.run(integration())
+    finally:
+        pkg.set_metrics_collector(None)
+    assert summary["total_requests"] == 1 and chat["filtered_requests"] == 1
+    assert 'http_requests_total{api="ollama",endpoint="api_chat"' in exposition

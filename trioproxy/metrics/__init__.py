@@ -1039,10 +1039,14 @@ def set_metrics_collector(collector: MetricsCollector | None) -> None:
     _collector = collector
 
 
-# async, as the guide's API is: each reads as the monitoring endpoints do (a large window
-# from a copy, and with --workers large files merged, in a worker thread), not on the loop
+# async, as the guide's API is: under trio each reads as the monitoring endpoints do (a
+# large window from a copy, and with --workers large files merged, in a worker thread),
+# not on the loop; awaited under another event loop (asyncio) it reads in place, as before
 async def get_metrics_summary() -> dict:
-    return await get_metrics_collector().read_summary()
+    collector = get_metrics_collector()
+    if trio.lowlevel.in_trio_task():
+        return await collector.read_summary()
+    return collector.summary()
 
 
 async def get_filtered_metrics_summary(
@@ -1050,16 +1054,21 @@ async def get_filtered_metrics_summary(
     time_range_minutes: float | None = None,
     include_system_metrics: bool = True,
 ) -> dict:
-    return await get_metrics_collector().read_filtered_summary(
-        endpoint_filter=endpoint_filter,
-        time_range_minutes=time_range_minutes,
-        include_system_metrics=include_system_metrics,
-    )
+    collector = get_metrics_collector()
+    if trio.lowlevel.in_trio_task():
+        return await collector.read_filtered_summary(
+            endpoint_filter, time_range_minutes, include_system_metrics
+        )
+    return collector.filtered_summary(endpoint_filter, time_range_minutes, include_system_metrics)
 
 
 async def get_prometheus_metrics() -> str:
     """The text-format (0.0.4) exposition."""
-    body, _ = await get_metrics_collector().read_prometheus(None)
+    collector = get_metrics_collector()
+    if trio.lowlevel.in_trio_task():
+        body, _ = await collector.read_prometheus(None)
+    else:
+        body, _ = collector.render_prometheus(None)
     return body.decode("utf-8")
 
 
