@@ -718,7 +718,7 @@ class PrimaryMetrics:
         workers change the files: collected anew each time."""
         self.flush()
         if self.multiprocess_dir:
-            return self._collected_snapshot()
+            return self._merged_snapshot()
         kept = self._kept
         if kept is None or kept.version != self.version:
             copied = _copy_series([m for m in self._families if m not in self._sampled])
@@ -781,7 +781,8 @@ class Snapshot:
         self.totals = totals  # shared by the reads of this snapshot: never changed
         self._families = families
         self._copied = copied
-        self.bodies: dict[str, bytes] = {} if bodies is None else bodies  # Content-Type ->
+        # Content-Type -> the families encoded (encode_head), kept while the series are
+        self.bodies: dict[str, bytes] = {} if bodies is None else bodies
         self.sampled = sampled
 
     @classmethod
