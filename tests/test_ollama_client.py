@@ -858,3 +858,44 @@ async def test_a_cancelled_async_stream_ends_the_backend_request(
     assert after.message.content == "Hello from the"
     outcomes = await trio.to_thread.run_sync(_outcomes, demo_backend, request_id, 3)
     assert outcomes == ["disconnected", "disconnected", "completed"]
+
+
+class _EmojiSplittingBackend(ScriptedHandler):
+    """A backend that cuts text by UTF-16 units: each emoji's two halves in two chunks,
+    each a lone JSON escape (valid JSON, no UTF-8 spelling alone)."""
+
+    PIECES = ('"hi \\ud83d"', '"\\ude00 there \\ud83d"', '"\\ude01"', '"!"')
+
+    def do_POST(self) -> None:
+        self.json_body()
+        events = [
+            '{"choices":[{"index":0,"delta":{"content":' + piece + '},"logprobs":null,'
+            '"finish_reason":null}]}'
+            for piece in self.PIECES
+        ]
+        events.append('{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
+        body = "".join(f"data: {event}\n\n" for event in events) + "data: [DONE]\n\n"
+        self.answer(200, body.encode(), "text/event-stream")
+
+
+@pytest.mark.parametrize("api", ["chat", "generate"])
+def test_an_emoji_the_backend_cuts_in_two_reaches_ollama_python_whole(
+    start_proxy: Callable[..., ServerProcess], client: Callable[..., ollama.Client], api: str
+) -> None:
+    """ollama-python decodes each NDJSON line on its own: a line holding half a surrogate
+    pair gave it a lone surrogate (printing it raised UnicodeEncodeError), where
+    JavaScript clients join the halves. Every line now holds whole characters."""
+    with serving(_EmojiSplittingBackend) as url:
+        c = client(start_proxy(url))
+        if api == "chat":
+            parts = list(
+                c.chat(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+            )
+            texts = [p.message.content or "" for p in parts]
+        else:
+            parts = list(c.generate(model="m", prompt="x", stream=True))
+            texts = [p.response or "" for p in parts]
+    for text in texts:
+        text.encode()  # a lone surrogate raises here
+    assert "".join(texts) == "hi \U0001f600 there \U0001f601!"
+    assert parts[-1].done is True

@@ -1636,14 +1636,51 @@ def test_a_line_end_inside_content_does_not_cut_the_ndjson_line(kind: str) -> No
         assert text_out == "one\u2028two\u0085three" and decoded["model"] == "m\u2029"
 
 
-def test_half_an_emoji_from_the_backend_is_written_as_its_escape() -> None:
+def _content_event(literal: str) -> str:
+    return '{"choices":[{"index":0,"delta":{"content":' + literal + '},"finish_reason":null}]}'
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_emoji_cut_in_two_by_the_backend_reaches_the_client_whole(fast: bool) -> None:
     """A backend that slices text by UTF-16 length sends an emoji's surrogates in two
-    chunks, each a lone escape: valid JSON with no UTF-8 spelling."""
+    chunks, each a lone escape. ollama-python reads each NDJSON line on its own, so a line
+    with half a pair gave it a lone surrogate (JavaScript joins them): the first half waits
+    for the next piece, and every line holds whole characters."""
     t = _translator()
-    text = '{"choices":[{"index":0,"delta":{"content":"hi \\ud83d"},"finish_reason":null}]}'
-    line = t.feed_text(text, 1)
-    assert line is not None and b"\\ud83d" in line
-    assert json.loads(line)["message"]["content"] == "hi \ud83d"
+
+    def lines(text: str, now: int) -> list[bytes]:
+        return _fast_lines(t, text, now) if fast else _full_lines(t, text, now)
+
+    texts = [r'"hi \ud83d"', r'"\ude00 there \ud83d"', r'"\ude01"', r'"\ud83d"', r'"\ude02!"']
+    out = [line for now, text in enumerate(texts, 1) for line in lines(_content_event(text), now)]
+    contents = [json.loads(line)["message"]["content"] for line in out]
+    assert contents == ["hi ", "\U0001f600 there ", "\U0001f601", "\U0001f602!"]
+    assert all(b"\\ud" not in line for line in out)
+    assert json.loads(compact_json(t.finish(9)))["message"]["content"] == ""
+
+
+@pytest.mark.parametrize("kind", ["chat", "generate"])
+def test_half_a_pair_left_at_the_end_is_flushed_on_the_done_line(kind: str) -> None:
+    """Nothing is lost: a first half the backend never completes goes out, as the escape
+    it came as, on the done line; a second half alone is written as its escape at once."""
+    t = OllamaStreamTranslator(kind, "m", start_ns=0)  # type: ignore[arg-type]
+    lone_second = t.feed_text(_content_event(r'"\ude00 x"'), 1)
+    assert lone_second is not None and b"\\ude00 x" in lone_second
+    assert t.feed_text(_content_event(r'"y \ud83d"'), 2) is not None
+    done = compact_json(t.finish(3))
+    assert b"\\ud83d" in done
+    decoded = json.loads(done)
+    text = decoded["message"]["content"] if kind == "chat" else decoded["response"]
+    assert text == "\ud83d" and decoded["done"] is True
+
+
+def test_reasoning_cut_inside_a_pair_is_joined_too() -> None:
+    t = _translator()
+    first = t.feed(_chunk({"reasoning_content": "hm \ud83e"}), 1)
+    second = t.feed(_chunk({"reasoning_content": "\udd14", "content": "ok \ud83d"}), 2)
+    third = t.feed(_chunk({"content": "\ude00"}), 3)
+    assert [line["message"].get("thinking") for line in first + second] == ["hm ", "\U0001f914"]
+    assert [line["message"]["content"] for line in second + third] == ["ok ", "\U0001f600"]
 
 
 _BACKEND_CHUNKS = {

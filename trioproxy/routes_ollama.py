@@ -172,6 +172,7 @@ async def _generate_or_chat(
     # (or without one: OpenAI-compatible backends have no portable way to be told not to
     # reason; reasoning_effort "none" is a 400 on most models)
     show_thinking = think is not False
+    logprobs = body.get("logprobs") is True  # as the backend was asked (ollama_*_to_openai)
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
         with _model_not_found_as_ollama(client_model, backend_model):
@@ -181,6 +182,7 @@ async def _generate_or_chat(
         convert = functools.partial(
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
             show_thinking=show_thinking,
+            logprobs=logprobs,
         )
         out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
@@ -196,6 +198,7 @@ async def _generate_or_chat(
         start_ns=start_ns,
         show_thinking=show_thinking,
         on_tool_calls=functools.partial(signatures.remember, conversation, backend_model),
+        logprobs=logprobs,
     )
     chunks = relay_ollama(
         result.response,

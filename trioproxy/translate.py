@@ -89,9 +89,12 @@ class RequestValidationError(ValueError):
     ``"field 'model' is required"``.
     """
 
-    def __init__(self, field: str | None, problem: str) -> None:
+    def __init__(self, field: str | None, problem: str, *, sentence: str | None = None) -> None:
         self.field = field
-        self.message = f"field '{field}' {problem}" if field is not None else problem
+        if sentence is not None:  # Ollama's own words, which clients may match
+            self.message = sentence
+        else:
+            self.message = f"field '{field}' {problem}" if field is not None else problem
         super().__init__(self.message)
 
 
@@ -195,6 +198,24 @@ def _check_common_generation(body: JSONDict) -> None:
     images = body.get("images")
     if images is not None:
         _check_str_list(images, "images")
+    _check_logprobs(body)
+
+
+# Ollama's bound on top_logprobs (and OpenAI's), checked whether logprobs is asked or not
+MAX_TOP_LOGPROBS = 20
+
+
+def _check_logprobs(body: JSONDict) -> None:
+    _check_optional(body, "logprobs", bool, "a boolean")
+    top = body.get("top_logprobs")
+    if top is None:
+        return
+    if not isinstance(top, int) or isinstance(top, bool):  # a Go int: 2.5 and "2" are refused
+        raise RequestValidationError("top_logprobs", "must be an integer")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestValidationError(
+            "top_logprobs", "", sentence=f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"
+        )
 
 
 def _check_tools(tools: object) -> None:
@@ -473,6 +494,11 @@ def _apply_generation_fields(out: JSONDict, body: JSONDict) -> None:
     think = body.get("think")
     if isinstance(think, str) and think in _THINK_LEVELS:
         out["reasoning_effort"] = _THINK_LEVELS[think]
+    if body.get("logprobs") is True:  # Ollama ignores top_logprobs without it
+        out["logprobs"] = True
+        top = body.get("top_logprobs")
+        if top:  # 0 asks for no alternatives: the same as not asking
+            out["top_logprobs"] = top
 
 
 # Base64 prefixes of the image magic numbers; cheaper and more forgiving than decoding.
@@ -925,6 +951,58 @@ def _final_fields(resp: JSONDict, finish_reason: object, timings: Timings) -> JS
     }
 
 
+# OpenAI's stand-in for a log probability too small to write (-inf is no JSON number, and
+# ollama-python refuses the null a JSON encoder writes for it)
+_UNLIKELY_LOGPROB = -9999.0
+
+
+def _token_logprob(entry: object) -> JSONDict | None:
+    """One OpenAI ``{token, logprob, bytes}`` as Ollama's ``TokenLogprob``; None for an
+    entry its clients would refuse (no token text, no number)."""
+    if not isinstance(entry, dict):
+        return None
+    token, logprob = entry.get("token"), entry.get("logprob")
+    if not isinstance(token, str) or not _is_number(logprob):
+        return None
+    out: JSONDict = {
+        "token": token,
+        "logprob": logprob if _is_finite_number(logprob) else _UNLIKELY_LOGPROB,
+    }
+    raw = entry.get("bytes")
+    # Ollama omits empty bytes (omitempty); its Go client reads them as bytes, 0 to 255
+    if isinstance(raw, list) and raw and all(type(b) is int and 0 <= b < 256 for b in raw):
+        out["bytes"] = raw
+    return out
+
+
+def _ollama_logprob(entry: object) -> JSONDict | None:
+    """One ``logprobs.content[]`` entry as Ollama's ``Logprob``: its alternatives under
+    ``top_logprobs``, left out when there are none, as Ollama leaves them out."""
+    out = _token_logprob(entry)
+    if out is None:
+        return None
+    top = entry.get("top_logprobs")  # type: ignore[union-attr]  # a dict: _token_logprob
+    if isinstance(top, list):
+        alternatives = [alt for alt in map(_token_logprob, top) if alt is not None]
+        if alternatives:
+            out["top_logprobs"] = alternatives
+    return out
+
+
+def choice_logprobs(choice: JSONDict) -> list[JSONDict]:
+    """A choice's log probabilities (``choices[i].logprobs``) as Ollama's ``logprobs``:
+    the content's tokens, then the refusal's (a refusal is shown as content, after it)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return []
+    out: list[JSONDict] = []
+    for key in ("content", "refusal"):
+        entries = logprobs.get(key)
+        if isinstance(entries, list):
+            out.extend(entry for entry in map(_ollama_logprob, entries) if entry is not None)
+    return out
+
+
 def _first_choice(resp: JSONDict) -> JSONDict:
     """A completion's first choice; ValueError when it has none (not an empty answer)."""
     choices = resp.get("choices")
@@ -934,10 +1012,17 @@ def _first_choice(resp: JSONDict) -> JSONDict:
 
 
 def openai_chat_to_ollama_chat(
-    resp: JSONDict, model: str, created_at: str, timings: Timings, *, show_thinking: bool = True
+    resp: JSONDict,
+    model: str,
+    created_at: str,
+    timings: Timings,
+    *,
+    show_thinking: bool = True,
+    logprobs: bool = False,
 ) -> JSONDict:
     """A non-stream ``/chat/completions`` response as an ``/api/chat`` response; its
-    reasoning as ``thinking`` unless the client said ``think: false``."""
+    reasoning as ``thinking`` unless the client said ``think: false``; its log
+    probabilities as ``logprobs`` when the client asked for them."""
     choice = _first_choice(resp)
     msg = choice.get("message") or {}
     content = _text(msg.get("content")) + _refusal(msg)
@@ -948,19 +1033,25 @@ def openai_chat_to_ollama_chat(
     calls = _message_tool_calls(msg)
     if calls:
         message["tool_calls"] = calls
-    return {
-        "model": model,
-        "created_at": created_at,
-        "message": message,
-        **_final_fields(resp, choice.get("finish_reason"), timings),
-    }
+    out: JSONDict = {"model": model, "created_at": created_at, "message": message}
+    if logprobs and (entries := choice_logprobs(choice)):
+        out["logprobs"] = entries
+    out.update(_final_fields(resp, choice.get("finish_reason"), timings))
+    return out
 
 
 def openai_chat_to_ollama_generate(
-    resp: JSONDict, model: str, created_at: str, timings: Timings, *, show_thinking: bool = True
+    resp: JSONDict,
+    model: str,
+    created_at: str,
+    timings: Timings,
+    *,
+    show_thinking: bool = True,
+    logprobs: bool = False,
 ) -> JSONDict:
     """A non-stream ``/chat/completions`` response as an ``/api/generate`` response; its
-    reasoning as ``thinking`` unless the client said ``think: false``."""
+    reasoning as ``thinking`` unless the client said ``think: false``; its log
+    probabilities as ``logprobs`` when the client asked for them."""
     choice = _first_choice(resp)
     msg = choice.get("message") or {}
     out: JSONDict = {
@@ -974,6 +1065,8 @@ def openai_chat_to_ollama_generate(
     calls = _message_tool_calls(msg)
     if calls:  # as the streamed /api/generate carries them: at the top level
         out["tool_calls"] = calls
+    if logprobs and (entries := choice_logprobs(choice)):
+        out["logprobs"] = entries
     out.update(_final_fields(resp, choice.get("finish_reason"), timings))
     return out
 
@@ -1413,6 +1506,23 @@ _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "respon
 _NOT_TOKENS = frozenset({"response.audio.delta"})
 
 
+# A chunk's log probabilities ride on the line it writes; those of a chunk that writes
+# none (a tool call's fragment, a role or finish chunk) on the next line. Past this many
+# held, they go out on a line of their own (content ""), so a backend that streams tool
+# calls with log probabilities does not grow a worker without bound.
+MAX_HELD_LOGPROBS = 1024
+
+
+def _ends_in_high_surrogate(text: str) -> bool:
+    return "\ud800" <= text[-1:] <= "\udbff"
+
+
+def _paired(text: str) -> str:
+    """``text`` with each surrogate pair as the one character it spells ("\\ud83d" and
+    "\\ude00" decoded apart stay two code points in a str); lone halves are kept."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
 class OllamaStreamTranslator(_StreamStats):
     """OpenAI ``chat.completion.chunk`` dicts in, Ollama NDJSON objects out.
 
@@ -1424,6 +1534,15 @@ class OllamaStreamTranslator(_StreamStats):
     the stream ends without a finish_reason, pending calls ride on the final line's
     ``message.tool_calls`` (chat) / ``tool_calls`` (generate), so ``finish`` can still
     return exactly one object.
+
+    With ``logprobs`` (the client asked), each chunk's ``logprobs.content`` (then
+    ``.refusal``) goes out as the line's ``logprobs``, in order, each entry once (see
+    MAX_HELD_LOGPROBS); those of reasoning hidden by ``think: false`` are hidden with it.
+
+    A text that ends in the first half of a surrogate pair (a backend that cuts text by
+    UTF-16 units sends an emoji as ``"\\ud83d"`` in one chunk, ``"\\ude00"`` in the next)
+    keeps that half until the next piece of the same text, so each line holds whole
+    characters (ollama-python reads each line on its own); the final line flushes it.
 
     Times are monotonic ns from the same clock as ``start_ns``; ``created_at`` is called for
     each line's wall-clock stamp.
@@ -1438,6 +1557,7 @@ class OllamaStreamTranslator(_StreamStats):
         created_at: Callable[[], object] = utc_timestamp,
         show_thinking: bool = True,
         on_tool_calls: Callable[[list[JSONDict]], None] | None = None,
+        logprobs: bool = False,
     ) -> None:
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
@@ -1454,6 +1574,16 @@ class OllamaStreamTranslator(_StreamStats):
         self._slot_of_index: dict[int, int] = {}
         self._tool_call_bytes = 0  # held until the calls are whole: bounded
         self._finished = False
+        # Three attributes for what follows, no more: past 30 an instance's attributes
+        # are no longer stored the fast way (CPython's shared keys), and every chunk's
+        # attribute reads got slower, ~100 ns on the general path.
+        # Log probabilities held for the next line (MAX_HELD_LOGPROBS); None: not asked
+        self._held_logprobs: list[JSONDict] | None = [] if logprobs else None
+        # the first half of a surrogate pair, until its second comes: content's, thinking's
+        self._halves = ("", "")
+        # finished, or something held for the next line: feed and feed_text check this one
+        # attribute (they checked _finished alone before), so ordinary chunks pay nothing
+        self._unusual = False
         # A content line as text around its timestamp and content, for feed_text. The dict
         # _line builds is encoded member by member with this same string encoder, so the bytes
         # are the same.
@@ -1466,11 +1596,18 @@ class OllamaStreamTranslator(_StreamStats):
     # -- public API -----------------------------------------------------------------------
 
     def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
-        if self._finished:
+        if self._unusual and self._finished:
             raise RuntimeError("feed() after finish()")
         content, thinking, calls, choice = self._observe(chunk, now_ns)
-        if not self._show_thinking:
+        if thinking and not self._show_thinking:
+            # a chunk of hidden reasoning alone: its log probabilities spell it, hidden too
+            hidden = not content and not calls
             thinking = ""
+        else:
+            hidden = False
+        # half a surrogate pair is never ASCII: ordinary text is not looked at further
+        if self._unusual or not (content.isascii() and thinking.isascii()):
+            content, thinking = self._whole_characters(content, thinking)
         lines: list[JSONDict] = []
         if content or thinking:
             lines.append(self._line(content, thinking))
@@ -1482,14 +1619,18 @@ class OllamaStreamTranslator(_StreamStats):
             # one line per call, as Ollama writes each call once it is whole: Haystack's
             # streaming reader takes a line's calls for one call (names and arguments mixed)
             lines.extend(self._line("", "", [call]) for call in self._take_tool_calls())
+        if self._held_logprobs is not None:
+            self._place_logprobs(lines, [] if hidden or not choice else choice_logprobs(choice))
         return lines
 
     def feed_text(self, data: str, now_ns: int) -> bytes | None:
         """``feed`` for one event's text when it is a content-only chunk: its line already
         encoded as ``compact_json`` would (``b""`` when it has none). ``None`` for any other
         event, which the caller decodes and passes to ``feed``."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
+        if self._unusual:
+            if self._finished:
+                raise RuntimeError("feed() after finish()")
+            return None  # something held for the next line: feed() attaches it
         literal = self._shapes.content(data)
         if literal is None:
             return None
@@ -1498,26 +1639,30 @@ class OllamaStreamTranslator(_StreamStats):
         self._count_token(now_ns)
         content = _decode_str(literal)
         created_at = self._created_at()
-        if not isinstance(created_at, str):  # only a str is encoded like _encode_str does
-            return compact_json(self._line(content, "", created_at=created_at))
-        text = (
-            self._text_head
-            + _encode_str(created_at)
-            + self._text_middle
-            + _encode_str(content)
-            + self._text_tail
-        )
-        try:
-            return escape_line_separators(text.encode())
-        except UnicodeEncodeError:  # half a surrogate pair (an emoji cut in two): escaped
-            # (the line's own time: the clock is not read twice for one line)
-            return compact_json(self._line(content, "", created_at=created_at))
+        if isinstance(created_at, str):  # only a str is encoded like _encode_str does
+            text = (
+                self._text_head
+                + _encode_str(created_at)
+                + self._text_middle
+                + _encode_str(content)
+                + self._text_tail
+            )
+            try:
+                return escape_line_separators(text.encode())
+            except UnicodeEncodeError:  # half a surrogate pair (an emoji cut in two)
+                pass
+        return self._unusual_line(content, created_at)
 
     def finish(self, now_ns: int) -> JSONDict:
         if self._finished:
             raise RuntimeError("finish() called twice: a stream has exactly one done line")
-        self._finished = True
-        line = self._line("", "", self._take_tool_calls() if self._tool_calls else None)
+        self._finished = self._unusual = True
+        # what was held for a next line that never came: the first half of a pair alone
+        # (written as its escape), log probabilities
+        line = self._line(*self._halves, self._take_tool_calls() if self._tool_calls else None)
+        if self._held_logprobs:
+            line["logprobs"] = self._held_logprobs
+            self._held_logprobs = []
         first = self.first_token_ns if self.first_token_ns is not None else now_ns
         last = self.last_token_ns if self.last_token_ns is not None else first
         eval_count = (
@@ -1551,6 +1696,65 @@ class OllamaStreamTranslator(_StreamStats):
         return self._finished
 
     # -- internals ------------------------------------------------------------------------
+
+    def _unusual_line(self, content: str, created_at: object) -> bytes:
+        """A content-only chunk's line the fast way could not write: text with half a
+        surrogate pair (escaped, and a trailing first half held for the next piece), or a
+        stamp that is no str. The line's own time: the clock is not read twice for a line,
+        and a time read for a line held back whole is the next line's."""
+        if _ends_in_high_surrogate(content):
+            self._halves, content = (content[-1], ""), content[:-1]
+            self._unusual = True
+            if not content:
+                self._stamp_next_line(created_at)
+                return b""
+        return compact_json(self._line(content, "", created_at=created_at))
+
+    def _stamp_next_line(self, stamp: object) -> None:
+        clock = self._created_at
+
+        def once() -> object:
+            self._created_at = clock
+            return stamp
+
+        self._created_at = once
+
+    def _whole_characters(self, content: str, thinking: str) -> tuple[str, str]:
+        """``content`` and ``thinking`` after what was held of each, less a trailing first
+        half of a surrogate pair, held for the next piece of the same text."""
+        content_half, thinking_half = self._halves
+        if content_half:
+            content = _paired(content_half + content)
+        if thinking_half:
+            thinking = _paired(thinking_half + thinking)
+        content_half = thinking_half = ""
+        if _ends_in_high_surrogate(content):
+            content_half, content = content[-1], content[:-1]
+        if _ends_in_high_surrogate(thinking):
+            thinking_half, thinking = thinking[-1], thinking[:-1]
+        self._halves = (content_half, thinking_half)
+        self._note_held()
+        return content, thinking
+
+    def _place_logprobs(self, lines: list[JSONDict], entries: list[JSONDict]) -> None:
+        """``entries`` (after any held) on the first of ``lines``; held when there is none,
+        up to MAX_HELD_LOGPROBS, past which they go out on a line of their own."""
+        held = self._held_logprobs
+        if held:  # a list: only called when the client asked
+            held.extend(entries)
+            entries = held
+        elif not entries:
+            return
+        if lines or len(entries) > MAX_HELD_LOGPROBS:
+            if not lines:
+                lines.append(self._line("", ""))
+            lines[0]["logprobs"] = entries
+            entries = []
+        self._held_logprobs = entries
+        self._note_held()
+
+    def _note_held(self) -> None:
+        self._unusual = bool(self._finished or any(self._halves) or self._held_logprobs)
 
     def _line(
         self,

@@ -502,14 +502,16 @@ class DemoApp:
             script.content_text(last.get("content")) if isinstance(last, dict) else ""
         )
         plan = _planned(script.plan_chat, body, messages, directives, self.settings.default_tokens)
+        top = _planned(script.logprobs_wanted, body)
         stream = ex.entry["stream"] = body.get("stream") is True
         usage = _usage(script.prompt_tokens(messages), plan)
         cid = f"chatcmpl-demo{self._id_prefix}{ex.entry['id']:x}"
         created = int(time.time())
         if stream:
-            return _chat_stream(cid, created, model, plan, usage, _include_usage(body)), directives
+            reply = _chat_stream(cid, created, model, plan, usage, _include_usage(body), top)
+            return reply, directives
         return _Reply(
-            body=_chat_body(cid, created, model, plan, usage), tokens=len(plan.content)
+            body=_chat_body(cid, created, model, plan, usage, top), tokens=len(plan.content)
         ), directives
 
     def _prepare_completion(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
@@ -749,7 +751,26 @@ def _tool_call_id(cid: str) -> str:
     return "call_" + cid.removeprefix("chatcmpl-")
 
 
-def _chat_body(cid: str, created: int, model: str, plan: ChatPlan, usage: dict[str, Any]) -> bytes:
+def _content_logprobs(plan: ChatPlan, top: int | None) -> str:
+    """A choice's ``logprobs`` member's value: null unless asked (``top`` is not None);
+    then made-up entries for the content's tokens (none for reasoning or a tool call, as
+    OpenAI gives none)."""
+    if top is None:
+        return "null"
+    entries = []
+    if plan.tool_call is None:
+        entries = [script.token_logprob(tok, i, top) for i, tok in enumerate(plan.content)]
+    return _dumps({"content": entries, "refusal": None})
+
+
+def _chat_body(
+    cid: str,
+    created: int,
+    model: str,
+    plan: ChatPlan,
+    usage: dict[str, Any],
+    top: int | None = None,
+) -> bytes:
     """A non-stream chat.completion; the common passage reply reuses its cached JSON text."""
     tool = plan.tool_call
     if tool is None:
@@ -773,12 +794,18 @@ def _chat_body(cid: str, created: int, model: str, plan: ChatPlan, usage: dict[s
     return (
         f'{{"id":"{cid}","object":"chat.completion","created":{created},"model":{_dumps(model)},'
         f'"choices":[{{"index":0,"message":{message},"finish_reason":"{plan.finish_reason}",'
-        f'"logprobs":null}}],"usage":{_dumps(usage)}}}'
+        f'"logprobs":{_content_logprobs(plan, top)}}}],"usage":{_dumps(usage)}}}'
     ).encode()
 
 
 def _chat_stream(
-    cid: str, created: int, model: str, plan: ChatPlan, usage: dict[str, Any], include_usage: bool
+    cid: str,
+    created: int,
+    model: str,
+    plan: ChatPlan,
+    usage: dict[str, Any],
+    include_usage: bool,
+    top: int | None = None,
 ) -> _Reply:
     """SSE parts of a chat stream; token chunks are built lazily from two fixed string halves."""
     prefix = (
@@ -792,9 +819,14 @@ def _chat_stream(
         return prefix + delta + open_suffix
 
     head = chunk('{"role":"assistant","content":""}')
+    if plan.tool_call:
+        answer = _tool_call_pieces(chunk, cid, plan)
+    elif top is None:
+        answer = _content_pieces(chunk, plan)
+    else:  # each token's chunk with its own entry, as OpenAI streams them
+        answer = _content_pieces_with_logprobs(prefix, usage_null, plan, top)
     pieces = itertools.chain(
-        (chunk(f'{{"reasoning_content":{_dumps(tok)}}}') for tok in plan.reasoning),
-        _tool_call_pieces(chunk, cid, plan) if plan.tool_call else _content_pieces(chunk, plan),
+        (chunk(f'{{"reasoning_content":{_dumps(tok)}}}') for tok in plan.reasoning), answer
     )
     tail = (
         f'{prefix}{{}},"logprobs":null,"finish_reason":"{plan.finish_reason}"}}]{usage_null}}}\n\n'
@@ -810,6 +842,17 @@ def _chat_stream(
 def _content_pieces(chunk: Callable[[str], str], plan: ChatPlan) -> Iterator[str]:
     for tok in plan.content:
         yield chunk(f'{{"content":{_dumps(tok)}}}')
+
+
+def _content_pieces_with_logprobs(
+    prefix: str, usage_null: str, plan: ChatPlan, top: int
+) -> Iterator[str]:
+    for i, tok in enumerate(plan.content):
+        logprobs = _dumps({"content": [script.token_logprob(tok, i, top)], "refusal": None})
+        yield (
+            f'{prefix}{{"content":{_dumps(tok)}}},"logprobs":{logprobs},'
+            f'"finish_reason":null}}]{usage_null}}}\n\n'
+        )
 
 
 def _tool_call_pieces(chunk: Callable[[str], str], cid: str, plan: ChatPlan) -> Iterator[str]:

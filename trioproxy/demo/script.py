@@ -340,6 +340,49 @@ def plan_completion(
     return passage_tokens(limit), "length"
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+# what the demo "almost said" instead, for top_logprobs (never the token itself)
+_ALTERNATIVES = (
+    *(" " + word for word in "the a and to of is it that in you for with on this be are".split()),
+    ",",
+    ".",
+    "!",
+    "?",
+)
+
+
+def logprobs_wanted(body: dict[str, Any]) -> int | None:
+    """How many alternatives per token a chat request asks for (``top_logprobs``), or None
+    when it asks for no log probabilities (``logprobs`` not true), as OpenAI reads them."""
+    top = body.get("top_logprobs")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS
+    ):
+        raise BadRequest(
+            f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}",
+            param="top_logprobs",
+        )
+    if body.get("logprobs") is not True:
+        return None
+    return top or 0
+
+
+def token_logprob(token: str, position: int, top: int) -> dict[str, Any]:
+    """A made-up, deterministic ``logprobs.content[]`` entry in OpenAI's shape for the
+    token at ``position``: the token first among its ``top`` alternatives, each less
+    likely than the last."""
+    logprob = -round(((position * 37) % 97 + 1) / 100, 2)  # -0.01 .. -0.97
+
+    def entry(text: str, value: float) -> dict[str, Any]:
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    alternatives = [entry(token, logprob)]
+    others = (alt for alt in _ALTERNATIVES if alt != token)
+    for rank, alt in zip(range(1, top), others, strict=False):
+        alternatives.append(entry(alt, round(logprob - 1.5 * rank, 2)))
+    return {**entry(token, logprob), "top_logprobs": alternatives[:top]}
+
+
 def embedding(text: str, dimensions: int) -> list[float]:
     """A deterministic unit vector derived from a hash of *text*.
 
