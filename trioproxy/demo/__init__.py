@@ -9,7 +9,9 @@ which prints one line, ``demo backend listening on http://HOST:PORT/v1``, with t
 
 Models: ``demo-chat`` (text, tool calls, JSON mode), ``demo-reasoner`` (streams a few
 ``reasoning_content`` tokens first, unless ``chat_template_kwargs.enable_thinking`` is
-false) and ``demo-embed`` (deterministic unit vectors).
+false) and ``demo-embed`` (deterministic unit vectors). Chat completions asked for
+``logprobs`` (and ``top_logprobs``, 0 to 20) carry made-up, deterministic ones for the
+content's tokens, in OpenAI's shape, streamed and not.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
 ``POST /v1/responses`` (the Responses API, text output; stored, with ``background``), its
