@@ -491,3 +491,33 @@ def test_openai_logprobs_are_relayed_unchanged(
             for e in choice.logprobs.content or ()
         ]
     assert streamed == direct["choices"][0]["logprobs"]["content"]
+
+
+def test_the_demo_backend_answers_logprobs_as_openai_does(demo_backend: ServerProcess) -> None:
+    """Made-up but deterministic: the same request gets the same entries, streamed or not;
+    each content chunk carries its own; a bad top_logprobs is OpenAI's 400."""
+    url = f"{demo_backend.url}/chat/completions"
+    body = {
+        "model": "demo-chat",
+        "messages": [{"role": "user", "content": f"Hi [[tokens=3]] {marker()}"}],
+        "logprobs": True,
+        "top_logprobs": 4,
+    }
+    with httpx.Client(timeout=30) as http:
+        first = http.post(url, json=body).json()["choices"][0]["logprobs"]
+        again = http.post(url, json=body).json()["choices"][0]["logprobs"]
+        assert first == again and len(first["content"]) == 3
+        assert all(len(e["top_logprobs"]) == 4 for e in first["content"])
+        with http.stream("POST", url, json={**body, "stream": True}) as response:
+            events = [
+                json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")
+            ]
+        chunks = [e["choices"][0] for e in events if e["choices"]]
+        assert chunks[0]["logprobs"] is None  # the role chunk
+        with_text = [c for c in chunks if c["delta"].get("content")]
+        assert [c["logprobs"]["content"][0] for c in with_text] == first["content"]
+        refused = http.post(url, json={**body, "top_logprobs": 21})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "top_logprobs"
+        plain = http.post(url, json={**body, "logprobs": False}).json()
+        assert plain["choices"][0]["logprobs"] is None

@@ -502,7 +502,9 @@ class DemoApp:
             script.content_text(last.get("content")) if isinstance(last, dict) else ""
         )
         plan = _planned(script.plan_chat, body, messages, directives, self.settings.default_tokens)
-        top = _planned(script.logprobs_wanted, body)
+        top = None  # the common request asks for none: no call for it
+        if "logprobs" in body or "top_logprobs" in body:
+            top = _planned(script.logprobs_wanted, body)
         stream = ex.entry["stream"] = body.get("stream") is True
         usage = _usage(script.prompt_tokens(messages), plan)
         cid = f"chatcmpl-demo{self._id_prefix}{ex.entry['id']:x}"
