@@ -126,6 +126,23 @@ def test_generate_stream_equals_non_stream(
     assert len([p for p in parts if p.response]) == 7  # token by token, not buffered
 
 
+def test_generate_with_suffix_is_refused(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """A code-completion tool's fill-in-the-middle request gets Ollama's own refusal (a
+    ResponseError the tool can show), never an answer that ignored the suffix."""
+    c = client(proxy)
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as caught:
+            answer = c.generate(
+                model="demo-chat", prompt="def add(a, b):", suffix="\n", stream=stream
+            )
+            if stream:
+                list(answer)
+        assert caught.value.status_code == 400
+        assert caught.value.error == '"demo-chat" does not support insert'
+
+
 def test_chat_stream_equals_non_stream(
     proxy: ServerProcess, client: Callable[..., ollama.Client]
 ) -> None:

@@ -251,6 +251,15 @@ def test_generate_validation() -> None:
     assert _err(validate_ollama_generate, {"model": "m", "system": []}).field == "system"
     assert _err(validate_ollama_generate, {"model": "m", "images": "x"}).field == "images"
     assert _err(validate_ollama_generate, {"prompt": "x"}).field == "model"
+    assert validate_ollama_generate({"model": "m", "prompt": "p", "suffix": ""})  # none given
+
+
+def test_generate_suffix_is_refused_as_ollama_refuses_it() -> None:
+    """Fill-in-the-middle cannot be asked of chat completions: a non-empty suffix is
+    Ollama's 400 for a model without the insert capability, not silently dropped."""
+    error = _err(validate_ollama_generate, {"model": "coder", "prompt": "def f(", "suffix": ")"})
+    assert error.field == "suffix"
+    assert str(error) == '"coder" does not support insert'
 
 
 def test_embed_validation() -> None:

@@ -288,6 +288,13 @@ def validate_ollama_generate(body: object) -> JSONDict:
     _require_model(body)
     for key in ("prompt", "system", "suffix"):
         _check_optional(body, key, str, "a string")
+    if body.get("suffix"):
+        # fill-in-the-middle has no chat-completions equivalent: dropping the suffix would
+        # answer a code-completion tool with text that ignores it. Ollama refuses a model
+        # without the insert capability this way, and /api/show lists no "insert"
+        raise RequestValidationError(
+            "suffix", "", sentence=f"{_encode_str(body['model'])} does not support insert"
+        )
     _check_common_generation(body)
     return body
 
@@ -730,8 +737,8 @@ def ollama_chat_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
 def ollama_generate_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     """An ``/api/generate`` body (validated) as a ``/chat/completions`` request.
 
-    ``suffix``, ``template``, ``raw``, ``context`` and ``keep_alive`` have no chat-completions
-    equivalent and are dropped.
+    ``template``, ``raw``, ``context`` and ``keep_alive`` have no chat-completions equivalent
+    and are dropped (a non-empty ``suffix`` was refused by the validation).
     """
     messages: list[JSONDict] = []
     system = body.get("system")
