@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTEN_LINE = re.compile(r"listening on (https?://[0-9.]+:\d+)")
+# an IPv4 address, or an IPv6 one in brackets ("http://[::1]:PORT")
+LISTEN_LINE = re.compile(r"listening on (https?://(?:[0-9.]+|\[[0-9a-fA-F:.]+\]):\d+)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -282,17 +283,32 @@ def listen(host: str, port: int) -> socket.socket:
     one clear line instead of a traceback, and with ``--port 0`` the real port is known
     before any worker starts."""
     # the address family follows the host's spelling, as hypercorn's own binding does
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock: socket.socket | None = None
     try:
+        # IPv6 may be off (a container without it): that too is one line, not a traceback
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and _every_address(host):
+            # "::" is every address, IPv4 too (as Ollama, a Go server, takes it), not
+            # only IPv6's where the system's default is v6-only (net.ipv6.bindv6only=1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
     except OSError as exc:
-        sock.close()
+        if sock is not None:
+            sock.close()
         reason = exc.strerror or str(exc)
         raise ListenFailed(f"cannot listen on {_bind(host, port)}: {reason}") from None
     sock.listen(LISTEN_BACKLOG)  # connections queue from now on, before any worker runs
     sock.set_inheritable(True)
     return sock
+
+
+def _every_address(host: str) -> bool:
+    try:
+        return ipaddress.IPv6Address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 class ListenFailed(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import math
 import os
@@ -287,12 +288,34 @@ def _check_plain_json(value: Any) -> None:
 
 
 def _host(value: str) -> str:
+    """The address to bind: an IPv4 address, a host name, or an IPv6 address with or
+    without its brackets (``[::1]`` as URLs write it, given back as ``::1``)."""
     host = value.strip()
     if not host:
         # the socket API reads "" as every interface: an unset template variable would
         # quietly expose the proxy
         raise ValueError("empty; give an address such as 127.0.0.1, or 0.0.0.0 for all")
-    return host
+    if "/" in host or _WITH_PORT.fullmatch(host):
+        # Ollama's OLLAMA_HOST takes "0.0.0.0:11434" and "http://..."; bound as written,
+        # it failed as an unknown IPv6 host name, the port named as the one of PROXY_PORT
+        raise ValueError(
+            f"{host!r} is more than an address; give the address alone, such as 0.0.0.0 "
+            "or ::, and the port as PROXY_PORT (--port)"
+        )
+    bracketed = host.startswith("[") and host.endswith("]")
+    unbracketed = host[1:-1] if bracketed else host
+    if ":" in unbracketed or bracketed or "[" in host or "]" in host:
+        try:
+            ipaddress.IPv6Address(unbracketed)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IPv6 address (such as ::1, or :: for all)"
+            ) from None
+    return unbracketed
+
+
+# a host and a port: "0.0.0.0:11434", "localhost:8080", "[::1]:8080" (not "::1", "fe80::1")
+_WITH_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):\d*")
 
 
 def _api_key(value: str) -> str:
