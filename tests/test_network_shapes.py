@@ -1,4 +1,5 @@
-"""The network shapes deployments have: IPv6 and dual-stack listening."""
+"""The network shapes deployments have: IPv6 and dual-stack listening, backend host names
+that resolve to several addresses or to none, and how a failure to connect is told."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import ollama
 import pytest
+import trio
 
 from trioproxy import cli
 from trioproxy.config import ConfigError, load_settings
+from trioproxy.errors import UpstreamUnavailable
+from trioproxy.upstream import UpstreamPool
 
-from .conftest import ServerProcess, _spawn, base_env, wait_healthy
+from .conftest import ServerProcess, _spawn, base_env, closed_port_url, wait_healthy
+from .fakes import ScriptedHandler, serving
 from .test_cli_config import main_in_process, one_line
 
 # ---- listening: PROXY_HOST -------------------------------------------------------------------
@@ -163,3 +169,83 @@ def test_the_proxy_serves_on_ipv6_and_says_where(
                 model="demo-chat", messages=[{"role": "user", "content": "hi [[tokens=3]]"}]
             )
         assert reply.message.content
+
+
+# ---- the backend's address -------------------------------------------------------------------
+
+
+class _Resolver(trio.abc.HostnameResolver):
+    """Host names as a deployment's DNS or /etc/hosts may give them, without asking the
+    network: ``dual.test`` is ::1 first, then 127.0.0.1 (``localhost`` on many systems);
+    ``gone.test`` does not exist."""
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name == "gone.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if name == "dual.test":
+            return [
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            ]
+        return await trio.to_thread.run_sync(socket.getaddrinfo, host, port, *args)
+
+    async def getnameinfo(self, sockaddr: Any, flags: int) -> Any:
+        raise NotImplementedError
+
+
+async def _ask(base_url: str) -> httpx.Response:
+    trio.socket.set_custom_hostname_resolver(_Resolver())
+    try:
+        settings = load_settings(
+            {"OPENAI_API_BASE_URL": base_url, "MAX_RETRIES": "0"}, dotenv_path=None
+        )
+        pool = UpstreamPool(settings)
+        try:
+            return (await pool.request("GET", "/models")).response
+        finally:
+            await pool.aclose()
+    finally:
+        trio.socket.set_custom_hostname_resolver(None)
+
+
+class _Models(ScriptedHandler):
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": []}')
+
+
+async def test_a_name_whose_first_address_refuses_falls_back_to_the_next() -> None:
+    """A backend on 127.0.0.1 only, named by a host name that resolves to ::1 first
+    (``localhost`` where /etc/hosts lists ::1 first): the refused ::1 is left at once."""
+    with serving(_Models) as url:
+        port = httpx.URL(url).port
+        response = await _ask(f"http://dual.test:{port}/v1")
+    assert response.status_code == 200
+    assert response.json() == {"object": "list", "data": []}
+
+
+async def test_a_backend_host_that_does_not_resolve_is_named() -> None:
+    """It said "[Errno -2] Name or service not known": which name, the operator had to
+    guess. Credentials in the URL stay out of it."""
+    with pytest.raises(UpstreamUnavailable) as failed:
+        await _ask("http://user:pass-word@gone.test:8000/v1")
+    assert str(failed.value) == (
+        "backend request failed: cannot resolve the backend's host name 'gone.test' "
+        "(Name or service not known)"
+    )
+
+
+async def test_a_refused_connection_names_each_address_tried() -> None:
+    """trio says "all attempts to connect to HOST:PORT failed", not why, nor where."""
+    port = httpx.URL(closed_port_url()).port
+    with pytest.raises(UpstreamUnavailable) as failed:
+        await _ask(f"http://dual.test:{port}/v1")
+    assert str(failed.value) == (
+        f"backend request failed: cannot connect to dual.test:{port} "
+        "(::1: connection refused; 127.0.0.1: connection refused)"
+    )
+    with pytest.raises(UpstreamUnavailable) as failed:
+        await _ask(f"http://[::1]:{port}/v1")
+    assert str(failed.value) == (
+        f"backend request failed: cannot connect to [::1]:{port} (connection refused)"
+    )

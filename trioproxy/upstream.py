@@ -30,9 +30,10 @@ import math
 import os
 import random
 import re
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
@@ -567,6 +568,8 @@ class UpstreamPool:
                 f"no connection to the backend (TCP and TLS) within "
                 f"{self._settings.connect_timeout:g} s (CONNECT_TIMEOUT)"
             )
+        elif self._proxy is None and isinstance(exc, httpx.ConnectError):
+            detail = connect_failure(exc, self._base_url) or failure_detail(exc)
         else:
             detail = failure_detail(exc)
         if self._proxy is not None and isinstance(
@@ -584,6 +587,50 @@ async def _sweep(transport: object) -> None:
     with pool._optional_thread_lock:
         closing = pool._assign_requests_to_connections()
     await pool._close_connections(closing)
+
+
+def connect_failure(exc: BaseException, url: httpx.URL) -> str | None:
+    """Why a connection to the backend at ``url`` failed, naming it: its host name that
+    does not resolve, or each address tried and why (trio says only "all attempts to
+    connect to HOST:PORT failed"); None when the cause is neither (a TLS handshake)."""
+    where = f"{_host_in_url(url.host)}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    for cause in _causes(exc):
+        if isinstance(cause, socket.gaierror):
+            reason = cause.strerror or str(cause)
+            return f"cannot resolve the backend's host name {url.host!r} ({reason})"
+        if isinstance(cause, BaseExceptionGroup):
+            attempts = [_refusal(attempt) for attempt in cause.exceptions]
+            if [address for address, _ in attempts] == [url.host]:  # the one address given
+                return f"cannot connect to {where} ({attempts[0][1]})"
+            tried = "; ".join(f"{address or '?'}: {reason}" for address, reason in attempts)
+            return f"cannot connect to {where} ({tried})"
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    cause: BaseException | None = exc
+    for _ in range(6):  # a cycle in a cause chain must not hang us
+        if cause is None:
+            return
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+# trio's words for one address that failed: "Error connecting to ('::1', 80, 0, 0): ..."
+_ATTEMPT = re.compile(r"Error connecting to \('([^']*)', (\d+)[^)]*\): (.*)", re.DOTALL)
+
+
+def _refusal(attempt: BaseException) -> tuple[str, str]:
+    """The address one attempt went to ("" if unknown) and why it failed."""
+    words = (attempt.strerror if isinstance(attempt, OSError) else None) or str(attempt)
+    if found := _ATTEMPT.fullmatch(words):
+        address, _, reason = found.groups()
+        return address, reason.lower()
+    return "", words
+
+
+def _host_in_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def failure_detail(exc: BaseException) -> str:
