@@ -4,12 +4,17 @@ that resolve to several addresses or to none, and how a failure to connect is to
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import ollama
+import openai
 import pytest
 import trio
 
@@ -18,7 +23,7 @@ from trioproxy.config import ConfigError, load_settings
 from trioproxy.errors import UpstreamUnavailable
 from trioproxy.upstream import UpstreamPool
 
-from .conftest import ServerProcess, _spawn, base_env, closed_port_url, wait_healthy
+from .conftest import ROOT, ServerProcess, _spawn, base_env, closed_port_url, wait_healthy
 from .fakes import ScriptedHandler, serving
 from .test_cli_config import main_in_process, one_line
 
@@ -249,3 +254,73 @@ async def test_a_refused_connection_names_each_address_tried() -> None:
     assert str(failed.value) == (
         f"backend request failed: cannot connect to [::1]:{port} (connection refused)"
     )
+
+
+# ---- behind a reverse proxy ------------------------------------------------------------------
+
+NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "trioproxy.conf"
+NGINX = shutil.which("nginx")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def nginx_in_front(proxy: ServerProcess, tmp_path: Path) -> Iterator[str]:
+    """deploy/nginx/trioproxy.conf run by Debian's nginx in front of a trioproxy; yields
+    nginx's base URL. Only the upstream's address and the listen port are changed."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    example = NGINX_EXAMPLE.read_text()
+    proxy_address = proxy.url.removeprefix("http://")
+    port = _free_port()
+    for written, used in (
+        ("server 127.0.0.1:11434;", f"server {proxy_address};"),
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+    ):
+        assert written in example  # the example and this test must not drift apart
+        example = example.replace(written, used)
+    (tmp_path / "trioproxy.conf").write_text(example)
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (tmp_path / "nginx.conf").write_text(
+        # as root, nginx's workers would run as nobody, who cannot enter pytest's tmp_path
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log warn;\n"
+        f"events {{}}\nhttp {{\n    access_log off;\n{temp_paths}\n"
+        f"    include {tmp_path}/trioproxy.conf;\n}}\n"
+    )
+    server = subprocess.Popen(
+        [NGINX, "-p", str(tmp_path), "-e", f"{tmp_path}/error.log", "-c", f"{tmp_path}/nginx.conf"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(f"{url}/ollama")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_the_nginx_example_serves_both_apis_below_its_prefix(nginx_in_front: str) -> None:
+    """The Ollama and OpenAI clients, streaming and not, through the example's
+    ``location /ollama/``; a body past nginx's own 1 MB default is let through."""
+    prompt = [{"role": "user", "content": "hi [[tokens=4]]"}]
+    with ollama.Client(host=f"{nginx_in_front}/ollama", timeout=10) as client:
+        parts = list(client.chat(model="demo-chat", messages=prompt, stream=True))
+        assert len(parts) > 1 and parts[-1].done
+        assert client.chat(model="demo-chat", messages=prompt).message.content
+        big = [{"role": "user", "content": "x" * 1_500_000 + " [[tokens=2]]"}]
+        assert client.chat(model="demo-chat", messages=big).message.content
+    with openai.OpenAI(base_url=f"{nginx_in_front}/ollama/v1", api_key="unused") as sdk:
+        chunks = list(
+            sdk.chat.completions.create(model="demo-chat", messages=prompt, stream=True)  # type: ignore[arg-type]
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
