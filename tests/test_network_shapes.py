@@ -176,6 +176,51 @@ def test_the_proxy_serves_on_ipv6_and_says_where(
         assert reply.message.content
 
 
+@pytest.mark.parametrize(
+    ("name", "given", "expected"),
+    [
+        ("PROXY_PORT", "abc", "a port 0-65535"),
+        ("PROXY_PORT", "8080.0", "a port 0-65535"),
+        ("WORKERS", "two", "an integer from 1 to 256"),
+        ("REQUEST_TIMEOUT", "10s", "a positive number of seconds"),
+        ("HEALTH_ERROR_RATE_DEGRADED", "5%", "a fraction between 0 and 1"),
+    ],
+)
+def test_a_number_that_does_not_parse_says_what_was_expected(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    given: str,
+    expected: str,
+) -> None:
+    """It said Python's "invalid literal for int() with base 10: 'abc'"."""
+    code, err = main_in_process(
+        monkeypatch, capsys, OPENAI_API_BASE_URL="http://127.0.0.1:1/v1", **{name: given}
+    )
+    assert code == 2
+    assert one_line(err) == f"trioproxy: error: invalid {name}: expected {expected}, got {given!r}"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://back end:8000/v1", "http://back end:8000/v1"),
+        ("http://backend:8000/v1 # the GPU box", "http://backend:8000/v1 # the GPU box"),
+        ("http://user:pass word@backend/v1", "http://***@backend/v1"),
+    ],
+)
+def test_a_backend_url_with_a_space_stops_the_program(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, shown: str
+) -> None:
+    """httpx sent it percent-encoded: to the host "back%20end", which failed at every
+    request after the proxy had said it serves."""
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"trioproxy: error: invalid OPENAI_API_BASE_URL {shown!r}: ")
+    assert "a space is %20" in line and "pass" not in line
+
+
 # ---- the backend's address -------------------------------------------------------------------
 
 

@@ -154,29 +154,43 @@ def _bool(value: str) -> bool:
     raise ValueError(f"expected true/false, got {value!r}")
 
 
+def _integer(value: str, expected: str) -> int:
+    try:
+        return int(value)
+    except ValueError:  # Python's words: "invalid literal for int() with base 10: 'x'"
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+
+
+def _number(value: str, expected: str) -> float:
+    try:
+        return float(value)
+    except ValueError:  # Python's words: "could not convert string to float: '10s'"
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(value, "a positive number of seconds")
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return number
 
 
 def _non_negative_float(value: str) -> float:
-    number = float(value)
+    number = _number(value, "a number of seconds >= 0")
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
     return number
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _integer(value, "an integer >= 0")
     if number < 0:
         raise ValueError(f"expected an integer >= 0, got {value!r}")
     return number
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _integer(value, "an integer >= 1")
     if number < 1:
         raise ValueError(f"expected an integer >= 1, got {value!r}")
     return number
@@ -188,7 +202,7 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     gigabytes."""
 
     def parse(value: str) -> int:
-        number = int(value)
+        number = _integer(value, f"an integer from {low} to {high}")
         if not low <= number <= high:
             raise ValueError(f"expected an integer from {low} to {high}, got {value!r}")
         return number
@@ -197,14 +211,14 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
 
 
 def _fraction(value: str) -> float:
-    number = float(value)
+    number = _number(value, "a fraction between 0 and 1")
     if not 0.0 <= number <= 1.0:  # NaN fails too
         raise ValueError(f"expected a fraction between 0 and 1, got {value!r}")
     return number
 
 
 def _port(value: str) -> int:
-    number = int(value)
+    number = _integer(value, "a port 0-65535")
     if not 0 <= number <= 65535:
         raise ValueError(f"expected a port 0-65535, got {value!r}")
     return number
@@ -664,6 +678,13 @@ def normalise_upstream_url(url: str) -> str:
             "'/', '?', '#' and '@' in a user name or password (%2F, %3F, %23, %40), and "
             "'@' in the path or query (%40)"
         )
+    if _BLANK_OR_CONTROL.search(url.strip()):
+        # httpx sends "http://h o/v1" to the host "h%20o" and "/v1 x" as "/v1%20x": a
+        # typo or a comment pasted in, which then failed at every request
+        raise ConfigError(
+            f"invalid OPENAI_API_BASE_URL {shown!r}: it holds a space or a control "
+            "character (percent-encode one that belongs there: a space is %20)"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"invalid OPENAI_API_BASE_URL {shown!r}: expected an http(s) URL such as "
@@ -680,6 +701,7 @@ def normalise_upstream_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}{query}"
 
 
+_BLANK_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
 # For display, everything up to the URL's last "@": a password holding an unencoded "/",
 # "?" or "#" runs past where the userinfo ends by the RFC, and hiding a path is harmless.
