@@ -221,6 +221,43 @@ def test_a_backend_url_with_a_space_stops_the_program(
     assert "a space is %20" in line and "pass" not in line
 
 
+@pytest.mark.parametrize(
+    ("url", "told"),
+    [
+        (
+            "https://api.openai.com/v1/chat/completions",
+            "give the base URL, without /chat/completions (such as https://api.openai.com/v1)",
+        ),
+        (
+            "http://user:pass-word@127.0.0.1:8000/v1/embeddings/",
+            "give the base URL, without /embeddings (such as http://127.0.0.1:8000/v1)",
+        ),
+        ("http://127.0.0.1:0/v1", "its port is not a number from 1 to 65535"),
+        ("http://127.0.0.1:99999/v1", "its port is not a number from 1 to 65535"),
+    ],
+)
+def test_a_backend_url_that_cannot_be_the_base_says_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, told: str
+) -> None:
+    """An endpoint's whole URL, pasted from a backend's docs, had every request sent to
+    ".../chat/completions/chat/completions" (the backend's 404); port 0 failed each."""
+    code, err = main_in_process(monkeypatch, capsys, OPENAI_API_BASE_URL=url)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith("trioproxy: error: invalid OPENAI_API_BASE_URL ")
+    assert line.endswith(told) and "pass-word" not in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://NAME.services.ai.azure.com/models", "https://openrouter.ai/api/v1/", "http://h:/v1"],
+)
+def test_base_urls_deployments_use_are_taken(url: str) -> None:
+    assert load_settings({"OPENAI_API_BASE_URL": url}, dotenv_path=None).upstream_url == (
+        url.rstrip("/")
+    )
+
+
 # ---- the backend's address -------------------------------------------------------------------
 
 

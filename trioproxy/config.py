@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -691,14 +691,35 @@ def normalise_upstream_url(url: str) -> str:
             "http://127.0.0.1:8000/v1"
         )
     try:
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
+        port = parts.port  # None when there is none; ValueError when not 0-65535
     except ValueError:
-        raise ConfigError(f"invalid OPENAI_API_BASE_URL {shown!r}: bad port") from None
+        port = 0
+    if port == 0:
+        raise ConfigError(
+            f"invalid OPENAI_API_BASE_URL {shown!r}: its port is not a number from 1 to 65535"
+        )
     path = parts.path.rstrip("/")
     if not path:
         path = "/v1"
+    if endpoint := next((e for e in _ENDPOINTS if path.endswith(e)), None):
+        # the endpoint's whole URL, pasted from a backend's docs: every request went to
+        # ".../chat/completions/chat/completions" and came back the backend's 404
+        raise ConfigError(
+            f"invalid OPENAI_API_BASE_URL {shown!r}: give the base URL, without {endpoint} "
+            f"(such as {parts.scheme}://{_host_and_port(parts)}{path.removesuffix(endpoint)})"
+        )
     query = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{parts.netloc}{path}{query}"
+
+
+# the API's endpoints, which no backend's base URL ends in ("/models" may: Azure AI's
+# model inference endpoint is https://NAME.services.ai.azure.com/models)
+_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses")
+
+
+def _host_and_port(parts: SplitResult) -> str:
+    """The URL's host and port, without its userinfo (which is never shown)."""
+    return parts.netloc.rpartition("@")[2]
 
 
 _BLANK_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
