@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,42 @@ async def test_a_refused_connection_names_each_address_tried() -> None:
     assert str(failed.value) == (
         f"backend request failed: cannot connect to [::1]:{port} (connection refused)"
     )
+
+
+@pytest.fixture
+def silent_backend() -> Iterator[str]:
+    """Accepts connections (the kernel does, from its backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+def test_a_backend_that_never_answers_is_a_504_naming_the_timeout(
+    start_proxy: Callable[..., ServerProcess], silent_backend: str
+) -> None:
+    """Connected, so no CONNECT_TIMEOUT: the wait for an answer is bounded by
+    REQUEST_TIMEOUT, a stream's by STREAM_FIRST_TOKEN_TIMEOUT, and the 504 says which (it
+    said "within the read timeout", and "in time")."""
+    proxy = start_proxy(
+        silent_backend, REQUEST_TIMEOUT="0.5", STREAM_FIRST_TOKEN_TIMEOUT="0.5", MAX_RETRIES="0"
+    )
+    prompt = [{"role": "user", "content": "hi"}]
+    with ollama.Client(host=proxy.url, timeout=10) as client:
+        with pytest.raises(ollama.ResponseError) as failed:
+            client.chat(model="demo-chat", messages=prompt)
+    assert failed.value.status_code == 504
+    assert failed.value.error.endswith("no data from the backend within 0.5 s (REQUEST_TIMEOUT)")
+    with openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as refused:
+            sdk.chat.completions.create(model="demo-chat", messages=prompt, stream=True)  # type: ignore[arg-type]
+    assert refused.value.status_code == 504
+    assert refused.value.body == {
+        "message": "the backend did not start answering within 0.5 s (STREAM_FIRST_TOKEN_TIMEOUT)",
+        "type": "server_error",
+        "param": None,
+        "code": "upstream_timeout",
+    }
 
 
 # ---- behind a reverse proxy ------------------------------------------------------------------

@@ -417,7 +417,10 @@ class UpstreamPool:
                 response.request = req
         except trio.TooSlowError:
             self._observer.upstream_error("timeout")
-            raise UpstreamTimeout("the backend did not start answering in time") from None
+            raise UpstreamTimeout(
+                f"the backend did not start answering within {header_timeout:g} s "
+                "(STREAM_FIRST_TOKEN_TIMEOUT)"
+            ) from None
         except httpx.HTTPError as exc:
             stale = _on_a_stale_connection(exc, time.perf_counter() - sent_at)
             raise self._transport_failure(exc, stale=stale) from None
@@ -567,6 +570,13 @@ class UpstreamPool:
             detail = (
                 f"no connection to the backend (TCP and TLS) within "
                 f"{self._settings.connect_timeout:g} s (CONNECT_TIMEOUT)"
+            )
+        elif isinstance(exc, httpx.ReadTimeout):
+            # its own words say "the read timeout": which setting, and how long, is what
+            # an operator has to know (only non-streaming requests read with one here)
+            detail = (
+                f"no data from the backend within {self._settings.request_timeout:g} s "
+                "(REQUEST_TIMEOUT)"
             )
         elif self._proxy is None and isinstance(exc, httpx.ConnectError):
             detail = connect_failure(exc, self._base_url) or failure_detail(exc)
