@@ -3,11 +3,13 @@ that resolve to several addresses or to none, and how a failure to connect is to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -386,22 +388,60 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def nginx_in_front(proxy: ServerProcess, tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _hypercorn_below(root: str, backend: str) -> Iterator[str]:
+    """The proxy served by plain hypercorn with ``--root-path``; yields its address."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--root-path", root,
+         "--bind", f"127.0.0.1:{port}", "trioproxy.app:create_app()"],
+        cwd=ROOT,
+        env=base_env(OPENAI_API_BASE_URL=backend, TRIOPROXY_ENV_FILE=""),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}{root}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(params=["prefix stripped", "hypercorn --root-path"])
+def nginx_in_front(
+    request: pytest.FixtureRequest,
+    proxy: ServerProcess,
+    demo_backend: ServerProcess,
+    tmp_path: Path,
+) -> Iterator[str]:
     """deploy/nginx/trioproxy.conf run by Debian's nginx in front of a trioproxy; yields
-    nginx's base URL. Only the upstream's address and the listen port are changed."""
+    nginx's base URL. Only the upstream's address and the listen port are changed, and
+    for the variant its comment gives, the "/" after the upstream (nginx then passes
+    /ollama/... on, and hypercorn serves the proxy below it)."""
     if NGINX is None:
         pytest.skip("nginx is not installed")
-    example = NGINX_EXAMPLE.read_text()
-    proxy_address = proxy.url.removeprefix("http://")
-    port = _free_port()
-    for written, used in (
-        ("server 127.0.0.1:11434;", f"server {proxy_address};"),
-        ("listen 80;", f"listen 127.0.0.1:{port};"),
-    ):
-        assert written in example  # the example and this test must not drift apart
-        example = example.replace(written, used)
-    (tmp_path / "trioproxy.conf").write_text(example)
+    with contextlib.ExitStack() as stack:
+        example = NGINX_EXAMPLE.read_text()
+        changes = [("listen 80;", f"listen 127.0.0.1:{(port := _free_port())};")]
+        if request.param == "prefix stripped":
+            address = proxy.url.removeprefix("http://")
+        else:
+            address = stack.enter_context(_hypercorn_below("/ollama", demo_backend.url))
+            changes.append(("proxy_pass http://trioproxy/;", "proxy_pass http://trioproxy;"))
+        changes.append(("server 127.0.0.1:11434;", f"server {address};"))
+        for written, used in changes:
+            assert written in example  # the example and this test must not drift apart
+            example = example.replace(written, used)
+        stack.enter_context(_nginx(tmp_path, example))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(f"{url}/ollama")
+        yield url
+
+
+@contextlib.contextmanager
+def _nginx(tmp_path: Path, site: str) -> Iterator[None]:
+    (tmp_path / "trioproxy.conf").write_text(site)
     temp_paths = "\n".join(
         f"    {kind}_temp_path {tmp_path}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -413,15 +453,14 @@ def nginx_in_front(proxy: ServerProcess, tmp_path: Path) -> Iterator[str]:
         f"events {{}}\nhttp {{\n    access_log off;\n{temp_paths}\n"
         f"    include {tmp_path}/trioproxy.conf;\n}}\n"
     )
+    assert NGINX is not None
     server = subprocess.Popen(
         [NGINX, "-p", str(tmp_path), "-e", f"{tmp_path}/error.log", "-c", f"{tmp_path}/nginx.conf"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(f"{url}/ollama")
-        yield url
+        yield
     finally:
         server.terminate()
         server.wait(timeout=10)
