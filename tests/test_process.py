@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -359,18 +361,47 @@ def test_a_sigusr1_leaves_a_single_process_serving() -> None:
         server.stop()
 
 
-def test_held_stop_signals_get_their_handlers_back() -> None:
-    """Once the signal watcher is done, a later stop signal does what it did before the
-    program held it (a third Ctrl-C during the stop was silently dropped)."""
+def test_held_stop_signals_end_the_process_once_the_run_is_over() -> None:
+    """Once the signal watcher is done, a later stop signal is not silently dropped (a
+    third Ctrl-C during the stop was): where it would have ended the process it ends it
+    at once with exit 0, the clean-up being over (by its default, a script repeating its
+    kill got 143 or a KeyboardInterrupt traceback, depending on when its last signal
+    came); a handler of the embedding program's own is given back."""
     from trioproxy import _entry
 
-    before = signal.getsignal(signal.SIGHUP)
-    _entry._before[signal.SIGHUP] = signal.signal(signal.SIGHUP, _entry._hold)
+    def own(signum: int, frame: object) -> None:
+        pass
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)}
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, own)
+        for stop_signal in before:
+            _entry._before[stop_signal] = signal.signal(stop_signal, _entry._hold)
         _entry.stop_holding()
-        assert signal.getsignal(signal.SIGHUP) is before
+        assert signal.getsignal(signal.SIGHUP) is _entry._exit_now
+        assert signal.getsignal(signal.SIGINT) is _entry._exit_now
+        assert signal.getsignal(signal.SIGTERM) is own
     finally:
-        signal.signal(signal.SIGHUP, before)
+        for stop_signal, handler in before.items():
+            signal.signal(stop_signal, handler)
+
+
+def test_a_stop_signal_after_the_run_exits_zero() -> None:
+    """The process as it is once the run is over, its last stop signal arriving then."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from trioproxy import _entry\n"
+        "for s in _entry.STOP_SIGNALS:\n"
+        "    _entry._before[s] = signal.signal(s, _entry._hold)\n"
+        "_entry.stop_holding()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_killed_masters_run_directory_is_removed_by_the_next(tmp_path: Path) -> None:

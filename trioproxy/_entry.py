@@ -9,6 +9,7 @@ from the first moment here, before the imports, and the signal watcher
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 from typing import Any
@@ -29,12 +30,22 @@ def take_held() -> list[int]:
     return taken
 
 
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    os._exit(0)
+
+
 def stop_holding() -> None:
-    """Give the stop signals back their handlers from before (once the signal watcher is
-    done with them): a later one is not held for a watcher that is gone."""
+    """Once the run and its clean-up are over: a later stop signal is not held for a
+    watcher that is gone. Where it would have ended the process (its default, or Python's
+    KeyboardInterrupt) it ends it at once with exit 0, the clean-up being done: by its
+    default a script repeating its kill got exit 143 (or a traceback) for a clean stop,
+    depending on when its last signal came. Only the last log lines still waiting (at
+    most ``logs.EXIT_WAIT``) can be lost, as they would by the default. Any other handler
+    from before is given back."""
     for stop_signal, handler in _before.items():
         if signal.getsignal(stop_signal) is _hold:
-            signal.signal(stop_signal, handler)
+            ends = handler in (signal.SIG_DFL, signal.default_int_handler)
+            signal.signal(stop_signal, _exit_now if ends else handler)
     _before.clear()
 
 
