@@ -18,8 +18,9 @@ import urllib.request
 from .config import ConfigError, Settings, load_settings
 
 TIMEOUT_SECONDS = 3.0
-# all interfaces: the probe knocks on the loopback one
-_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+# all interfaces: the probe knocks on the loopback one; "::" serves IPv4 too (cli.listen
+# turns IPV6_V6ONLY off), and 127.0.0.1 is there in containers whose loopback has no ::1
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "127.0.0.1"}
 
 
 def health_url(settings: Settings) -> str:
