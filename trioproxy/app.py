@@ -65,6 +65,7 @@ from .exchange import (
     stop_at_once,
 )
 from .ledger import ResponsesLedger
+from .limits import raise_open_files_limit
 from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
 from .metrics.labels import loggable_path
@@ -315,6 +316,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
 
     @app.before_serving
     async def _start() -> None:
+        # here, in every serving process: the single one, each worker of --workers, and
+        # each of plain hypercorn's
+        raise_open_files_limit()
         app.pool = UpstreamPool(settings, app.collector)
         app.background_scope = trio.CancelScope()  # type: ignore[attr-defined]
         await app.nursery.start(_background, app)

@@ -7,6 +7,7 @@ decided once, by a ProxyError, so every route agrees.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Callable
@@ -112,6 +113,27 @@ class ServerBusy(ProxyError):
         super().__init__(
             f"the proxy is serving its limit of {limit} requests (MAX_CONCURRENT_REQUESTS); "
             "retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+
+class OutOfFiles(ProxyError):
+    """The proxy could not open a connection to the backend because it has run out of
+    file descriptors (EMFILE/ENFILE): its own exhaustion, not the backend's failure, so a
+    503 to come back shortly (not a 502, which blames the backend) that names the limit,
+    and not a failed backend call in the metrics or the UpstreamErrors alert."""
+
+    status = 503
+    code = "server_busy"
+
+    def __init__(self, error: OSError, limit: int) -> None:
+        reached = (
+            "the system has reached its limit of open files (fs.file-max)"
+            if error.errno == errno.ENFILE
+            else f"it has reached its limit of open files ({limit}, RLIMIT_NOFILE)"
+        )
+        super().__init__(
+            f"the proxy cannot open a connection to the backend: {reached}; retry shortly",
             headers={"Retry-After": "1"},
         )
 

@@ -46,12 +46,14 @@ from .config import ConfigError, Settings, basic_credential, redact_url
 from .errors import (
     BackendSecrets,
     BadUpstreamResponse,
+    OutOfFiles,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamUnavailable,
     scrub,
     upstream_error_message,
 )
+from .limits import open_files_limit, out_of_files
 
 log = logging.getLogger("trioproxy.upstream")
 
@@ -475,6 +477,9 @@ class UpstreamPool:
     ) -> Exception:
         """The exception to raise for a transport error: retryable ones are wrapped. Once
         the response has started, nothing is retried: the backend did the work already."""
+        if isinstance(exc, httpx.ConnectError) and (exhausted := out_of_files(exc)):
+            # the proxy's own exhaustion: neither retried nor counted against the backend
+            return OutOfFiles(exhausted, open_files_limit())
         unavailable = UpstreamUnavailable(self._describe(exc))
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return _Retryable("connect", unavailable)
