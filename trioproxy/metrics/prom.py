@@ -46,9 +46,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from . import store
+from . import mmap_files, store
 
 log = logging.getLogger("trioproxy.metrics")
+
+# the multiprocess files with their space reserved: a full filesystem must not kill a
+# worker (SIGBUS) nor fail its requests' bookkeeping
+mmap_files.install()
 
 # ``x_created`` series would double the family count and confuse dashboards (the
 # text format emits them as separate gauges); the project never uses them.
