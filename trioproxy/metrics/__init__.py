@@ -51,6 +51,7 @@ from .reads import SharedReads
 from .request import RequestMetrics
 from .store import WindowEntry, WindowStore
 from .system import SystemSampler, read_io_counters, unmeasured_snapshot
+from .threads import metrics_threads
 
 # what the store's int64 columns and a float64 counter hold exactly
 _TOKEN_COUNT_LIMIT = 2**53
@@ -608,7 +609,7 @@ class MetricsCollector:
         # N concurrent readers made N copies before waiting for a thread
         async with self._window_copies:
             copied = self._window.copy()
-            return await trio.to_thread.run_sync(read, copied)
+            return await trio.to_thread.run_sync(read, copied, limiter=metrics_threads())
 
     def summary(self) -> dict:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
@@ -936,7 +937,8 @@ class MetricsCollector:
                     head = encode_head(encode, content_type, primary.families())
                 else:
                     head = await trio.to_thread.run_sync(
-                        lambda: encode_head(encode, content_type, primary.families(), _yield_gil)
+                        lambda: encode_head(encode, content_type, primary.families(), _yield_gil),
+                        limiter=metrics_threads(),
                     )
                 primary.bodies[content_type] = head
             return head + encode([*primary.sampled, *derived])

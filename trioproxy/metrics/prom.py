@@ -47,6 +47,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from . import mmap_files, store
+from .threads import metrics_threads
 
 log = logging.getLogger("trioproxy.metrics")
 
@@ -696,7 +697,7 @@ class PrimaryMetrics:
             return self.snapshot()
         if shared_files_size(self.multiprocess_dir) <= LOOP_MERGED_BYTES:
             return self._merged_snapshot()
-        return await trio.to_thread.run_sync(self._merged_snapshot)
+        return await trio.to_thread.run_sync(self._merged_snapshot, limiter=metrics_threads())
 
     async def read_counts(self) -> Totals:
         """Totals with only ``requests`` and ``active`` filled in (:meth:`collect_counts`),
@@ -707,7 +708,9 @@ class PrimaryMetrics:
         kinds = (_COUNTER, _GAUGE)  # not the histograms: most of the files
         if shared_files_size(self.multiprocess_dir, kinds) <= LOOP_MERGED_BYTES:
             return aggregate(self._merged(kinds))
-        return await trio.to_thread.run_sync(lambda: aggregate(self._merged(kinds)))
+        return await trio.to_thread.run_sync(
+            lambda: aggregate(self._merged(kinds)), limiter=metrics_threads()
+        )
 
     def snapshot(self) -> Snapshot:
         """The primary series as they are now, for a scrape or a summary.

@@ -26,6 +26,7 @@ import psutil
 import trio
 
 from .store import iso_utc
+from .threads import metrics_threads
 
 log = logging.getLogger("trioproxy.metrics")
 
@@ -211,7 +212,9 @@ class SystemSampler:
     async def _sample_async(self) -> None:
         if self._offload:
             t0 = time.perf_counter()
-            snap = await trio.to_thread.run_sync(self.read, abandon_on_cancel=True)
+            snap = await trio.to_thread.run_sync(
+                self.read, abandon_on_cancel=True, limiter=metrics_threads()
+            )
             self.last_sample_seconds = time.perf_counter() - t0
             self._apply(snap)
             return
