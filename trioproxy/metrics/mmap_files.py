@@ -9,11 +9,12 @@ with it (``the worker server stopped without being asked``). Where the file may 
 (RLIMIT_FSIZE: ``EFBIG``), the library's file was left half-grown and every later request
 logged an ``IndexError`` traceback.
 
-:class:`SpaceReservedDict` takes its place: it reserves the space first
-(``posix_fallocate``), so a full filesystem is an error it can see. A file that finds no
-room stays as it is, and its series go on in memory (:class:`PartlyFiledDict`): requests
-are served as before, the series already in the file keep counting, and those added
-since are missing from scrapes, with one WARNING per process saying so.
+:class:`SpaceReservedDict` takes its place: it reserves each page of the file before it
+writes into it (``posix_fallocate``; the file takes no more space than the library's), so
+a full filesystem is an error it can see. A file that finds no room stays as it is, and
+its series go on in memory (:class:`PartlyFiledDict`): requests are served as before,
+the series already in the file keep counting, and those added since are missing from
+scrapes, with one WARNING per process saying so.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import errno
 import logging
 import mmap
 import os
+import sys
 import threading
 
 from prometheus_client import mmap_dict, values
@@ -34,13 +36,17 @@ _warned = threading.Event()  # the WARNING about it: once per process
 
 
 class SpaceReservedDict(mmap_dict.MmapedDict):
-    """prometheus_client's ``MmapedDict`` whose file space is reserved before it is
-    written. Where there is no room, it becomes a :class:`PartlyFiledDict`."""
+    """prometheus_client's ``MmapedDict`` that reserves a page of its file before it
+    writes the first entry into it (the file stays sparse past what is written, as the
+    library's). Where there is no room, it becomes a :class:`PartlyFiledDict`."""
+
+    _reserved: int  # the file's first bytes whose space is reserved (or written)
 
     def __init__(self, filename: str, read_mode: bool = False) -> None:
         failure = None if read_mode else _reserve_new_file(filename)
         if failure is None:
             super().__init__(filename, read_mode)
+            self._reserved = _pages(self._used)  # pages written are allocated
             return
         # no room for even the file's first bytes: every value in memory
         self._f = None
@@ -54,30 +60,41 @@ class SpaceReservedDict(mmap_dict.MmapedDict):
 
     def _init_value(self, key: str) -> None:
         needed = self._used + _entry_size(key)
+        failure = None
         if needed > self._capacity:
             failure = self._grow_file(_doubled(self._capacity, needed))
-            if failure is not None:
-                PartlyFiledDict.unfiled(self, self._m, failure)
-                self._init_value(key)  # the PartlyFiledDict's, in memory
-                return
+        if failure is None and needed > self._reserved:
+            failure = self._reserve(needed)
+        if failure is not None:
+            PartlyFiledDict.unfiled(self, self._m, failure)
+            self._init_value(key)  # the PartlyFiledDict's, in memory
+            return
         super()._init_value(key)  # the room is there: the library writes the entry
 
     def _grow_file(self, capacity: int) -> str | None:
-        """Grow the file to ``capacity`` with its space reserved and map it; why not, when
-        there is no room (the file and its map are then as they were)."""
+        """Grow the file to ``capacity`` (sparse, as the library does) and map it; why
+        not, when it may not grow (the map is then as it was)."""
         assert self._f is not None
         fd = self._f.fileno()
         try:
-            try:
-                os.posix_fallocate(fd, 0, capacity)
-            except OSError as error:
-                if error.errno not in _CANNOT_RESERVE:
-                    raise
             os.ftruncate(fd, capacity)
             grown = mmap.mmap(fd, capacity)
         except OSError as error:
             return error.strerror or str(error)
         self._m, self._capacity = grown, capacity
+        return None
+
+    def _reserve(self, needed: int) -> str | None:
+        """Reserve the pages up to ``needed`` bytes; why not, when there is no room."""
+        assert self._f is not None
+        end = _pages(needed)
+        try:
+            os.posix_fallocate(self._f.fileno(), self._reserved, end - self._reserved)
+        except OSError as error:
+            if error.errno not in _CANNOT_RESERVE:
+                return error.strerror or str(error)
+            end = sys.maxsize  # nothing to reserve with: written as before, unreserved
+        self._reserved = end
         return None
 
 
@@ -100,7 +117,10 @@ class PartlyFiledDict(SpaceReservedDict):
         entries._filed_used = entries._used if file_map is not None else 0
         if file_map is not None:
             memory = mmap.mmap(-1, entries._capacity)
-            memory[:] = file_map[:]
+            # what is written only: on a tmpfs even reading a page never written takes
+            # one (and there is none: SIGBUS)
+            used = entries._used
+            memory[:used] = file_map[:used]
             entries._m = memory
         _warn(entries._fname, reason)
 
@@ -158,9 +178,9 @@ def _entry_size(key: str) -> int:
 
 
 def _reserve_new_file(filename: str) -> str | None:
-    """Create ``filename`` with its first block of space reserved, or find it there;
-    why not when there is no room (no file is left behind: an empty one would fail the
-    scrapes that read it)."""
+    """Create ``filename`` with its first page reserved (the library writes its header
+    there at once), or find it there; why not when there is no room (no file is left
+    behind: an empty one would fail the scrapes that read it)."""
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
@@ -168,7 +188,8 @@ def _reserve_new_file(filename: str) -> str | None:
     try:
         if os.fstat(fd).st_size == 0:
             try:
-                os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+                os.posix_fallocate(fd, 0, mmap.PAGESIZE)
+                os.ftruncate(fd, mmap_dict._INITIAL_MMAP_SIZE)  # the library's first size
             except OSError as error:
                 if error.errno in _CANNOT_RESERVE:
                     return None  # the library creates it, as before
@@ -177,6 +198,11 @@ def _reserve_new_file(filename: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _pages(size: int) -> int:
+    """``size`` rounded up to whole pages."""
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def install() -> None:
