@@ -104,7 +104,10 @@ def test_json_access_lines_are_one_object_each(
     access = [e for e in entries if e["logger"] == "trioproxy.access"]
     assert len(access) == 1 and access[0]["request_id"] == "inject-2"
     assert "\n" not in access[0]["message"]
-    assert access[0]["message"].startswith("GET /api/x%0A2020-01-02%2021:11:45,337%20INFO")
+    assert access[0]["message"].startswith(
+        "127.0.0.1 GET /api/x%0A2020-01-02%2021:11:45,337%20INFO"
+    )
+    assert access[0]["remote_addr"] == "127.0.0.1"
 
 
 def test_a_backend_message_that_echoes_a_line_end_stays_on_its_line() -> None:
@@ -171,8 +174,9 @@ def test_requests_the_server_refuses_below_the_app_are_logged_and_counted(
     assert total(samples, "http_requests_total", status="400", endpoint="other") == 2
     assert total(samples, "http_requests_total", status="505", endpoint="other") == 1
     lines = [line for line in proxy.log().splitlines() if "trioproxy.access" in line]
-    assert sum("- - 400 " in line for line in lines) == 2, lines
-    assert sum("- - 505 " in line for line in lines) == 1, lines
+    # the peer's address first, as on every access line: known though the head was not
+    assert sum("] 127.0.0.1 - - 400 " in line for line in lines) == 2, lines
+    assert sum("] 127.0.0.1 - - 505 " in line for line in lines) == 1, lines
     # a request served normally afterwards is one more, not lost among them
     httpx.get(proxy.url + "/api/tags", timeout=5)
     wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 4)
@@ -456,7 +460,7 @@ def test_the_access_log_is_written_whatever_the_log_level(
     proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="WARNING")
     httpx.get(proxy.url + "/api/tags", headers={"X-Request-ID": "quiet-1"}, timeout=5)
     (line,) = lines_of(proxy, "quiet-1")
-    assert " INFO trioproxy.access [quiet-1] GET /api/tags 200 " in line, line
+    assert " INFO trioproxy.access [quiet-1] 127.0.0.1 GET /api/tags 200 " in line, line
     assert not [
         x for x in proxy.log().splitlines() if " INFO " in x and "trioproxy.access" not in x
     ]

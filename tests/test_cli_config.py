@@ -1159,8 +1159,10 @@ def test_access_log_is_one_line_per_request_when_asked_for(
     time.sleep(0.3)  # let the lines reach the pipe
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     access = {e["request_id"]: e["message"] for e in lines if e["logger"] == "trioproxy.access"}
-    assert re.fullmatch(r"POST /api/chat 200 [0-9.]+ ms \d+ B \(completed\)", access["access-1"])
-    assert re.fullmatch(r"GET /no/such/path 404 [0-9.]+ ms \d+ B", access["access-2"])
+    assert re.fullmatch(
+        r"127\.0\.0\.1 POST /api/chat 200 [0-9.]+ ms \d+ B \(completed\)", access["access-1"]
+    )
+    assert re.fullmatch(r"127\.0\.0\.1 GET /no/such/path 404 [0-9.]+ ms \d+ B", access["access-2"])
     assert SECRET not in server.log()
     quiet = start_proxy(demo_backend.url, LOG_LEVEL="INFO", LOG_FORMAT="json")
     assert httpx.get(quiet.url + "/api/tags").status_code == 200

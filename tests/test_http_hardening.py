@@ -788,7 +788,7 @@ async def test_a_refused_handshake_logs_the_bytes_of_its_answer(
     size = len(sent[1]["body"])
     assert size > 0
     lines = [r.getMessage() for r in caplog.records if r.name == "trioproxy.access"]
-    assert lines == [f"- - 400 0.0 ms {size} B (refused: websocket)"]
+    assert lines == [f"- - - 400 0.0 ms {size} B (refused: websocket)"]
 
 
 @pytest.mark.parametrize(

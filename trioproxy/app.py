@@ -32,6 +32,7 @@ from . import (
     hypercorn_patches,  # applies its fixes on import
 )
 from .auth import ClientKeys
+from .client_address import ClientAddresses, peer_address
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
@@ -133,7 +134,9 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         request.trioproxy_state = state
         access = None
         if app.settings.access_log:
-            access = AccessLine(request.method, _shown_path(request))
+            access = AccessLine(
+                request.method, _shown_path(request), self.scope, app.client_addresses
+            )
         tracked = Tracked(app.collector, state, send, access, self.scope)
         async with tracked as counting_send:
             response = await app.handle_request(request)
@@ -167,7 +170,9 @@ class RefusedWebsocket:
         if root:  # the dialect by the path below the mount point, as for HTTP
             path = path[len(root) :] if path.startswith(root + "/") else "/"
         if "websocket.http.response" not in self.scope.get("extensions", {}):
-            record_protocol_refusal(app.collector, app.settings.access_log, 403, "websocket")
+            record_protocol_refusal(
+                app.collector, app.settings.access_log, 403, "websocket", 0, self._address()
+            )
             await send({"type": "websocket.close", "code": 1003})  # a 403 before accepting
             return
         reply = error_reply(
@@ -181,7 +186,13 @@ class RefusedWebsocket:
             await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
             sent = len(body)
         finally:  # counted whatever became of the answer
-            record_protocol_refusal(app.collector, app.settings.access_log, 400, "websocket", sent)
+            record_protocol_refusal(
+                app.collector, app.settings.access_log, 400, "websocket", sent, self._address()
+            )
+
+    def _address(self) -> str:
+        """The client's address for the access line (its handshake's headers were read)."""
+        return self.app.client_addresses.of(self.scope) if self.app.settings.access_log else ""
 
 
 class ProxyApp(QuartTrio):
@@ -198,6 +209,7 @@ class ProxyApp(QuartTrio):
     body_timeout: float = 300.0
     cors_origins: frozenset[str] = frozenset()
     client_keys: ClientKeys | None = None
+    client_addresses: ClientAddresses  # who the access log names as a request's client
     ledger: ResponsesLedger  # Responses API usage still owed to the metrics
 
     async def dispatch_request(self, request_context: Any = None) -> Any:
@@ -262,6 +274,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         JSON_SORT_KEYS=False,
     )
     app.mapper = ModelMapper(dict(settings.model_mapping))
+    app.client_addresses = ClientAddresses(settings.forwarded_allow_ips)
     hypercorn_patches.set_write_timeout(settings.client_write_timeout)
     hypercorn_patches.set_body_limit(settings.max_request_bytes)
     app.ledger = ResponsesLedger()
@@ -474,8 +487,10 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
         app.in_progress.begin_shutdown(grace)
         hypercorn_patches.end_writes_within(grace)
 
-    def refused(status: int) -> None:
-        record_protocol_refusal(app.collector, app.settings.access_log, status)
+    def refused(status: int, peer: tuple[str, int] | None) -> None:
+        # the peer only: the head that would name a forwarded client was not understood
+        address = peer_address(peer) if app.settings.access_log else ""
+        record_protocol_refusal(app.collector, app.settings.access_log, status, address=address)
 
     stop_listening = hypercorn_patches.on_shutdown(shutting_down)
     stop_hearing_refusals = hypercorn_patches.on_protocol_error(refused)

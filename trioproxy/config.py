@@ -26,6 +26,7 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from .auth import client_keys, parse_keys
+from .client_address import NO_PROXIES, TrustedProxies, parse_trusted_proxies
 from .errors import BackendSecrets
 from .model_mapping import MappingFileError, load_mapping_file
 
@@ -60,6 +61,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = False
+    # whose X-Forwarded-For the access log believes; none by default (see the manual)
+    forwarded_allow_ips: TrustedProxies = NO_PROXIES
     demo: bool = False
     demo_token_delay: float = 0.02
     request_timeout: float = 600.0
@@ -365,6 +368,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "ACCESS_LOG": ("access_log", _bool),
+    "FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", parse_trusted_proxies),
     "DEMO_TOKEN_DELAY": ("demo_token_delay", _non_negative_float),
     "REQUEST_TIMEOUT": ("request_timeout", _positive_float),
     "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
@@ -605,6 +609,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("PROXY_PORT", str(settings.port)),
         ("LOG_LEVEL", settings.log_level),
         ("LOG_FORMAT", settings.log_format),
+        ("FORWARDED_ALLOW_IPS", str(settings.forwarded_allow_ips)),
         *((("OPENAI_API_KEY", settings.api_key),) if settings.api_key else ()),
     ):
         attr, parsed = parse_setting(name, value)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
+from .client_address import UNKNOWN as UNKNOWN_ADDRESS
+from .client_address import ClientAddresses
 from .errors import (
     BackendSecrets,
     ProxyError,
@@ -33,7 +35,7 @@ from .errors import (
 )
 from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut, write_cut_by_shutdown
 from .jsonutil import loads
-from .logs import ACCESS_LOGGER, request_id_var
+from .logs import ACCESS_LOGGER, REMOTE_ADDR_FIELD, request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import (
     METHOD_LIMIT,
@@ -305,18 +307,24 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 class AccessLine:
     """``ACCESS_LOG=true``: one INFO line per request on logger ``trioproxy.access`` when
-    it is finished, with its request id (as every line about a request). Method, path
-    (percent-encoded where it holds anything but plain URL characters, so a client's
+    it is finished, with its request id (as every line about a request). The client's
+    address (``client_address``: the peer, or the client a trusted proxy names), method,
+    path (percent-encoded where it holds anything but plain URL characters, so a client's
     ``%0a`` cannot forge a line), status, duration, bytes sent and, for a stream, how it
     ended; never headers or bodies, so nothing secret. Off by default: a line per request
     costs a few percent of one."""
 
-    __slots__ = ("method", "path", "started")
+    __slots__ = ("_addresses", "_scope", "method", "path", "started")
 
-    def __init__(self, method: str, path: str) -> None:
+    def __init__(
+        self, method: str, path: str, scope: Mapping[str, Any], addresses: ClientAddresses
+    ) -> None:
         self.method = method
         self.path = path
         self.started = time.perf_counter()
+        # the address is worked out when the line is written, not per request before
+        self._scope = scope
+        self._addresses = addresses
 
     def write(
         self, status: int, send: CountingSend, metric: RequestMetrics | None, client: str = ""
@@ -328,9 +336,11 @@ class AccessLine:
             status = effective_status(metric.status_code, outcome)
         if not send.finished and outcome is None:
             outcome = _unfinished(status, metric)
+        address = self._addresses.of(self._scope)
         # method and path come from the client: escaped, so one request is one line
         access_log.info(
-            "%s %s %s %.1f ms %d B%s%s",
+            "%s %s %s %s %.1f ms %d B%s%s",
+            address,
             clipped(loggable_path(self.method), METHOD_LIMIT),
             clipped(loggable_path(self.path), PATH_LIMIT),  # the status after it is kept
             status or "-",
@@ -338,6 +348,7 @@ class AccessLine:
             send.sent,
             f" ({outcome})" if outcome else "",
             f" client={client}" if client else "",
+            extra={REMOTE_ADDR_FIELD: address},
         )
 
 
@@ -356,11 +367,12 @@ def record_protocol_refusal(
     status: int,
     reason: str = "malformed request",
     sent: int = 0,
+    address: str = UNKNOWN_ADDRESS,
 ) -> None:
     """A request the server refused before the app saw it (a malformed head: see
     hypercorn_patches 9; a WebSocket handshake): counted and logged as one request to no
     known route, since its method and path are unknown or not to be trusted. ``sent``:
-    the body bytes of the refusal, where the app wrote it."""
+    the body bytes of the refusal, where the app wrote it; ``address``: its peer's."""
     if collector.enabled:
         metric = RequestMetrics("", "-")
         metric.status_code = status
@@ -369,7 +381,14 @@ def record_protocol_refusal(
         collector.request_started()
         collector.request_finished(metric)
     if access_log_on:
-        access_log.info("- - %d 0.0 ms %d B (refused: %s)", status, sent, reason)
+        access_log.info(
+            "%s - - %d 0.0 ms %d B (refused: %s)",
+            address,
+            status,
+            sent,
+            reason,
+            extra={REMOTE_ADDR_FIELD: address},
+        )
 
 
 STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping

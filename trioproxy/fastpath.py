@@ -96,7 +96,9 @@ async def serve(
         app.collector, path, "POST", headers.get("x-request-id"), headers.get("content-length")
     )
     state.client_retries = CLIENT_RETRIES_NAME in headers
-    access = AccessLine("POST", path) if app.settings.access_log else None
+    access = None
+    if app.settings.access_log:
+        access = AccessLine("POST", path, scope, app.client_addresses)
     tracked = Tracked(app.collector, state, send, access, scope)
     slots = _Slots(app, app.admission.enter())
     try:

@@ -578,13 +578,15 @@ class _AnnouncedShutdown(EventWrapper):
                 listener()
 
 
-_protocol_error_listeners: list[Callable[[int], None]] = []
+ProtocolErrorListener = Callable[[int, "tuple[str, int] | None"], None]
+_protocol_error_listeners: list[ProtocolErrorListener] = []
 
 
-def on_protocol_error(listener: Callable[[int], None]) -> Callable[[], None]:
-    """Call ``listener(status)`` (from hypercorn's task, so it must not block) when a
-    request is refused at the protocol level before the app saw it; returns the function
-    that unsubscribes it."""
+def on_protocol_error(listener: ProtocolErrorListener) -> Callable[[], None]:
+    """Call ``listener(status, peer)`` (from hypercorn's task, so it must not block) when a
+    request is refused at the protocol level before the app saw it; ``peer`` is the
+    connection's (host, port), None on a unix socket. Returns the function that
+    unsubscribes it."""
     _protocol_error_listeners.append(listener)
     return lambda: _protocol_error_listeners.remove(listener)
 
@@ -608,7 +610,7 @@ async def _send_error_response(self: Any, status_code: int) -> None:
         return
     if self.stream is None:
         for listener in list(_protocol_error_listeners):
-            listener(status_code)
+            listener(status_code, self.client)
     else:  # the app is serving the request and records it
         scope = getattr(self.stream, "scope", None)
         if scope is not None:

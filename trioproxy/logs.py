@@ -21,6 +21,9 @@ from typing import TextIO
 
 from .metrics.labels import MESSAGE_LIMIT, clipped, loggable_text
 
+REMOTE_ADDR_FIELD = "remote_addr"
+"""An access line's client address (``extra=``), a field of its own in JSON lines."""
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
@@ -61,6 +64,9 @@ class JsonFormatter(logging.Formatter):
             "message": _json_message(record.getMessage()),
             "request_id": getattr(record, "request_id", "-"),
         }
+        address = getattr(record, REMOTE_ADDR_FIELD, None)
+        if address is not None:  # an access line's: the client's address, to filter by
+            entry[REMOTE_ADDR_FIELD] = address
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
