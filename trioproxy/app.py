@@ -299,6 +299,10 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     for client_name, backend_name in settings.model_mapping.items():
         app.collector.model_labels.allow(client_name)
         app.collector.model_labels.allow(backend_name)
+    # per worker, past it a new connection gets a 503 (hypercorn_patches, patch 16)
+    app.collector.watch_connections(
+        hypercorn_patches.cap_connections(app, settings.max_connections)
+    )
     set_metrics_collector(app.collector)
     app.pool = None
 

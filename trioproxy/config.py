@@ -77,6 +77,10 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_response_bytes: int = 256 * 1024 * 1024
     max_concurrent_requests: int = 2048
+    # per worker; 0: no cap. Idle keep-alive connections cost ~16 KiB each: 10,000 is
+    # ~160 MiB, far above MAX_CONCURRENT_REQUESTS plus what pools keep idle, far below
+    # what the open files limit (raised to the hard one, often 524,288) would let in
+    max_connections: int = 10_000
     upstream_clients: int = 64
     upstream_max_keepalive: int = 256
     disable_ssl_verification: bool = False
@@ -381,6 +385,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
     "MAX_RESPONSE_BYTES": ("max_response_bytes", _positive_int),
     "MAX_CONCURRENT_REQUESTS": ("max_concurrent_requests", _positive_int),
+    "MAX_CONNECTIONS": ("max_connections", _non_negative_int),
     "UPSTREAM_CLIENTS": ("upstream_clients", _int_between(1, 1_024)),
     "UPSTREAM_MAX_KEEPALIVE": ("upstream_max_keepalive", _positive_int),
     "DISABLE_SSL_VERIFICATION": ("disable_ssl_verification", _bool),
@@ -589,6 +594,8 @@ def _validated(settings: Settings) -> Settings:
     _check_tls(settings.tls_certfile, settings.tls_keyfile)
     if settings.workers < 1:
         raise ConfigError("invalid WORKERS: expected an integer >= 1")
+    if not isinstance(settings.max_connections, int) or settings.max_connections < 0:
+        raise ConfigError("invalid MAX_CONNECTIONS: expected an integer >= 0 (0: no cap)")
     if settings.max_retries > 10:
         raise ConfigError("invalid MAX_RETRIES: expected 0-10")
     if settings.health_error_rate_degraded > settings.health_error_rate_unhealthy:

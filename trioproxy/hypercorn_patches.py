@@ -110,6 +110,24 @@ request cancellation, and its cost per request.
     the client still sends, until the client closes or for ``LINGER_SECONDS`` (as nginx's
     lingering close). TLS connections, which cannot close one side, close as before.
 
+16. **Open connections are capped per worker** (``cap_connections``, MAX_CONNECTIONS), as
+    nginx's ``worker_connections``. With the open files limit raised to the hard one
+    (limits.py) nothing else bounded them: idle keep-alive connections (held 75 s, ~16 KiB
+    each) held ~8 GiB per worker at 524,288. Past the cap a new connection is not served:
+    its request is not read (its path, and so its dialect, is unknown), it gets a fixed
+    ``503`` with ``Connection: close``, ``Retry-After`` and ``{"error": "..."}`` (the shape
+    both Ollama's clients and OpenAI's SDKs read), then a close. The 503, not a bare close,
+    so a client reads why, and an SDK that retries a 503 waits as told; its sending side
+    is closed and what the client still sends read and dropped for ``LINGER_SECONDS`` at
+    most (as patch 15: a close with unread bytes is a reset, which can destroy the answer),
+    for at most ``MAX_LINGERING_REFUSALS`` refusals at once (a flood is closed at once past
+    that). A TLS connection is closed at once: a handshake would cost the flood's CPU. One
+    WARNING per ``REFUSAL_LOG_INTERVAL`` at most; the counts are plain integers, read by the
+    metrics when they publish (``trioproxy_connections_open``, ``_refused_total``): one
+    increment and one decrement per connection, nothing per request, no lock. The cap is
+    the app's (set by ``create_app``), so the demo backend, a hypercorn server in the same
+    process, neither counts in it nor is capped.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed (one that has not sent a whole request head yet
 after ``FIRST_REQUEST_SECONDS`` at most); at shutdown an idle connection is closed at once and
@@ -120,8 +138,11 @@ cannot silently undo them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import sys
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from http import HTTPStatus
@@ -659,11 +680,124 @@ def _read_request_after_empty_lines(buf: Any) -> Any:
     return _original_idle_client_reader(buf)
 
 
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between the WARNING lines about refused connections
+MAX_LINGERING_REFUSALS = 256  # refused connections read and dropped at once, at most
+REFUSAL_RETRY_AFTER = 1  # seconds, as the proxy's other 503s (MAX_CONCURRENT_REQUESTS)
+_CAP_ATTRIBUTE = "_trioproxy_connection_cap"
+
+
+class ConnectionCap:
+    """The open client connections of one app's server (per worker) and their cap: the
+    counts the metrics read (``open``, ``refused``), and the refusal past the cap."""
+
+    __slots__ = ("_held_back", "_lingering", "_logged_at", "answer", "limit", "open", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit or sys.maxsize  # 0: no cap, only the count
+        self.open = 0
+        self.refused = 0  # since start
+        self._lingering = 0
+        self._logged_at = -math.inf
+        self._held_back = 0
+        self.answer = _refusal(limit)
+
+    async def refuse(self, stream: Any) -> None:
+        """Answer a connection accepted past the cap with the 503 and close it."""
+        self.refused += 1
+        self._log_refusal()
+        try:
+            if type(stream) is not trio.SocketStream:
+                return  # TLS: no handshake for a connection that will not be served
+            if self._lingering >= MAX_LINGERING_REFUSALS:
+                send_what_fits(stream.socket, self.answer)  # and the close at once
+                return
+            self._lingering += 1
+            try:
+                with trio.move_on_after(LINGER_SECONDS):
+                    await _answer_and_drain(stream, self.answer)
+            finally:
+                self._lingering -= 1
+        except OSError:
+            pass  # the client is gone already
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _log_refusal(self) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_INTERVAL:
+            self._held_back += 1
+            return
+        refused = self._held_back + 1
+        self._logged_at, self._held_back = now, 0
+        log.warning(
+            "refused %d new connection%s (503): this worker holds its limit of %d open "
+            "connections (MAX_CONNECTIONS); at most one such line per %g s",
+            refused,
+            "" if refused == 1 else "s since the last such line",
+            self.limit,
+            REFUSAL_LOG_INTERVAL,
+        )
+
+
+def _refusal(limit: int) -> bytes:
+    body = json.dumps(
+        {
+            "error": f"the proxy is holding its limit of {limit} open connections "
+            "(MAX_CONNECTIONS); retry shortly"
+        }
+    ).encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Retry-After: %d\r\n"
+        b"Connection: close\r\n\r\n%s"
+    ) % (len(body), REFUSAL_RETRY_AFTER, body)
+
+
+async def _answer_and_drain(stream: trio.SocketStream, answer: bytes) -> None:
+    try:
+        await stream.send_all(answer)
+        await stream.send_eof()
+        while await stream.receive_some(tcp_server.MAX_RECV):
+            pass  # the client's request, unread: dropped until it closes
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def cap_connections(app: Any, limit: int) -> ConnectionCap:
+    """Cap the open connections of the server that serves ``app`` at ``limit`` per worker
+    (0: no cap, only counted); the counts are the returned object's."""
+    cap = ConnectionCap(limit)
+    setattr(app, _CAP_ATTRIBUTE, cap)
+    return cap
+
+
+_original_run = tcp_server.TCPServer.run
+
+
+async def _run_within_cap(self: Any) -> None:
+    cap = getattr(getattr(self.app, "app", None), _CAP_ATTRIBUTE, None)
+    if cap is None:  # another app (the demo backend): hypercorn's own
+        await _original_run(self)
+        return
+    if cap.open >= cap.limit:
+        await cap.refuse(self.stream)
+        return
+    cap.open += 1
+    try:
+        await _original_run(self)
+    finally:
+        cap.open -= 1
+
+
 if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     _init._trioproxy_patched = True  # type: ignore[attr-defined]
     tcp_server.TCPServer.__init__ = _init  # type: ignore[method-assign]
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    tcp_server.TCPServer.run = _run_within_cap  # type: ignore[method-assign]
     h11_protocol.H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     h11_protocol.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     h11_protocol.H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]

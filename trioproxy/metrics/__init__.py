@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 from prometheus_client.metrics_core import Metric
@@ -190,6 +190,16 @@ def _yield_gil() -> None:
 # --------------------------------------------------------------------------- collector
 
 
+class ConnectionCounts(Protocol):
+    """A server's client connections (``hypercorn_patches.ConnectionCap``)."""
+
+    @property
+    def open(self) -> int: ...
+
+    @property
+    def refused(self) -> int: ...
+
+
 class MetricsCollector:
     """Counters/histograms (all-time, monotonic) + a sliding window + a system sampler.
 
@@ -250,6 +260,8 @@ class MetricsCollector:
         self._inflight = 0
         self._inflight_shown = 0  # what the in-flight gauge says (set when publishing)
         self._pending: list[RequestMetrics] = []
+        self._connections: ConnectionCounts | None = None  # (watch_connections)
+        self._connections_shown = (0, 0)  # open, refused: what the series say
         # request kind as recorded -> its bounded labels and series, so a batch resolves
         # labels once per kind, not per request; forgotten whenever a model label is minted
         self._kinds: dict[_RawKind, tuple[store.RequestKind, RequestSeries]] = {}
@@ -894,6 +906,7 @@ class MetricsCollector:
         ones, built for this scrape."""
         system = self._system_snapshot()  # first: a lazy first sample also feeds RSS/CPU
         self.publish()
+        self._publish_connections()
         durations = sorted(self._window.durations(self.percentile_window))
         return self._with_derived(self._prom.snapshot(), system, durations)
 
@@ -902,6 +915,7 @@ class MetricsCollector:
         :meth:`PrimaryMetrics.read_snapshot` merges them."""
         system = self._system_snapshot()
         self.publish()
+        self._publish_connections()
         primary = await self._prom.read_snapshot()
         last = self.percentile_window
         durations = await self._on_window(lambda window: sorted(window.durations(last)))
@@ -971,8 +985,26 @@ class MetricsCollector:
                 # names other workers admitted: relabel the kinds cached as "other"
                 self.model_labels.refresh()
                 self.publish()
+                self._publish_connections()
         finally:
             self.publish()
+            self._publish_connections()
+
+    def watch_connections(self, counts: ConnectionCounts) -> None:
+        """Show the server's connection counts (``trioproxy_connections_*``): read when the
+        collector publishes (every :data:`PUBLISH_WITHIN_SECONDS`) and at each scrape."""
+        self._connections = counts
+
+    def _publish_connections(self) -> None:
+        counts = self._connections
+        if counts is None:
+            return
+        now = (counts.open, counts.refused)
+        shown, self._connections_shown = self._connections_shown, now
+        if now[0] != shown[0]:
+            self._prom.connections_open.set(now[0])
+        if now[1] > shown[1]:
+            self._prom.connections_refused.inc(now[1] - shown[1])
 
     def stop(self) -> None:
         """Stop system sampling (the sampler loop returns; system values stay frozen).

@@ -541,6 +541,22 @@ class PrimaryMetrics:
             multiprocess_mode="max",
             **r,
         )
+        # the server's counts (hypercorn_patches.ConnectionCap), set when the collector
+        # publishes, not per connection
+        self.connections_open = gauge(
+            "trioproxy_connections_open",
+            "Client connections open (idle keep-alive ones included), sum over live "
+            "workers; each worker takes at most MAX_CONNECTIONS.",
+            multiprocess_mode="livesum",
+            **r,
+        )
+        self.connections_refused = counter(
+            "trioproxy_connections_refused_total",
+            "New client connections refused with a 503 because their worker held "
+            "MAX_CONNECTIONS open connections.",
+            **r,
+        )
+        self.connections_open.set(0)
         # created by the first readiness result (set_backend_up): an unknown state must
         # not read as a backend that is down
         self._new_gauge, self._registry_kw = gauge, r
@@ -584,11 +600,13 @@ class PrimaryMetrics:
         # the sampler's series change at every tick (SYSTEM_METRICS_INTERVAL): copied at
         # every snapshot, never kept with the encoding, so a tick makes no scrape encode
         # the request series anew
+        # the connection counts too: they change without a request (a scraper's own
+        # connection), and must not make the kept encoding stale
         self._sampled: tuple[MetricWrapperBase, ...] = (
             (self.rss, self.cpu_seconds)
             if self.rss is not None and self.cpu_seconds is not None
             else ()
-        )
+        ) + (self.connections_open, self.connections_refused)
 
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
@@ -721,8 +739,8 @@ class PrimaryMetrics:
         copy without the histograms' buckets. That part is kept, and serves every read
         until a series changes (``version``), so a scrape of a proxy that counted nothing
         since the last one copies, builds and encodes nothing of it again; only the
-        sampler's two series are copied anew each time. In multiprocess mode other
-        workers change the files: collected anew each time."""
+        sampler's two series and the connection counts are copied anew each time. In
+        multiprocess mode other workers change the files: collected anew each time."""
         self.flush()
         if self.multiprocess_dir:
             return self._merged_snapshot()
