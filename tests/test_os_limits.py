@@ -198,7 +198,10 @@ def test_a_hard_limit_too_low_is_a_warning_and_running_out_is_a_503(
     connections here), a request on a connection already open cannot reach the backend:
     a 503 in its dialect naming the limit, not a 502 blaming the backend, and not a
     failed backend call in the metrics. Served again once descriptors are free."""
-    proxy = limited(64, 64, SYSTEM_METRICS_ENABLED="false", READY_CHECK_INTERVAL="600")
+    proxy = limited(
+        64, 64, SYSTEM_METRICS_ENABLED="false", READY_CHECK_INTERVAL="600",
+        MAX_CONNECTIONS="0",  # no cap: the open files limit alone (else the cap refuses first)
+    )  # fmt: skip
     log = proxy.log()
     assert "WARNING" in log and "open files limit (RLIMIT_NOFILE) is 64 (hard limit 64)" in log
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
@@ -313,3 +316,24 @@ def test_out_of_files_is_found_behind_the_connect_error() -> None:
     refused = OSError("all attempts to connect to 127.0.0.1:1 failed")
     refused.__cause__ = ExceptionGroup("attempts", [ConnectionRefusedError(111, "refused")])
     assert limits.out_of_files(refused) is None
+
+
+def test_the_connection_cap_is_lowered_to_what_the_open_files_limit_holds(
+    limited: Callable[..., ServerProcess],
+) -> None:
+    """MAX_CONNECTIONS (10,000) above what the open files limit holds (two each, the idle
+    backend connections and 64 kept): lowered, with a WARNING, so a connection past it
+    gets the 503 that says why instead of waiting in the listen backlog unanswered."""
+    from .test_connection_cap import Client, _assert_refusal, _clients
+
+    proxy = limited(256, 256, UPSTREAM_MAX_KEEPALIVE="2", SYSTEM_METRICS_ENABLED="false")
+    room = (256 - 64 - 2) // 2
+    assert f"MAX_CONNECTIONS lowered from 10000 to {room}" in proxy.log()
+    with _clients() as held:
+        for _ in range(room):
+            held.append(Client(proxy.url))
+            assert held[-1].get("/health")[0].status_code == 200
+        past = Client(proxy.url)
+        held.append(past)
+        _assert_refusal(*past.get("/health"), room)
+        assert held[0].get("/health")[0].status_code == 200  # those held are served

@@ -335,7 +335,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     async def _start() -> None:
         # here, in every serving process: the single one, each worker of --workers, and
         # each of plain hypercorn's
-        raise_open_files_limit()
+        open_files, _ = raise_open_files_limit()
+        _fit_connections_to_files(app, open_files)
         app.pool = UpstreamPool(settings, app.collector)
         app.background_scope = trio.CancelScope()  # type: ignore[attr-defined]
         await app.nursery.start(_background, app)
@@ -465,6 +466,36 @@ def _shutdown_end(reply: Reply, call: Call) -> bytes:
 
 
 YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+# descriptors a worker needs besides its client connections and their backend ones: the
+# listener, the event loop's, logs, metrics files, a readiness check (the idle backend
+# connections kept, UPSTREAM_MAX_KEEPALIVE, are added to it)
+FILES_BESIDES_CONNECTIONS = 64
+
+
+def _fit_connections_to_files(app: ProxyApp, open_files: int) -> None:
+    """Lower MAX_CONNECTIONS to what the open files limit leaves room for, two each (a
+    client connection and, while it is answered, its backend one): past the limit a new
+    connection waited in the listen backlog, unanswered, where under the cap it gets the
+    503 that says why. MAX_CONNECTIONS=0 (no cap) is left to the open files limit alone."""
+    cap = hypercorn_patches.connection_cap(app)
+    if cap is None or not app.settings.max_connections:
+        return
+    kept = FILES_BESIDES_CONNECTIONS + app.settings.upstream_max_keepalive
+    room = max((open_files - kept) // 2, 1)
+    if cap.limit > room:
+        log.warning(
+            "MAX_CONNECTIONS lowered from %d to %d: the open files limit (RLIMIT_NOFILE) "
+            "%d leaves room for no more (two each, %d kept for the rest); raise the hard "
+            "limit (systemd LimitNOFILE=, docker --ulimit nofile=) to keep %d",
+            cap.limit,
+            room,
+            open_files,
+            kept,
+            cap.limit,
+        )
+        cap.lower_to(room)
 
 
 def _settle_garbage_collector() -> None:

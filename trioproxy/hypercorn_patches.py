@@ -701,6 +701,11 @@ class ConnectionCap:
         self._held_back = 0
         self.answer = _refusal(limit)
 
+    def lower_to(self, limit: int) -> None:
+        """Cap at ``limit`` from now on (what the open files limit leaves room for)."""
+        self.limit = limit
+        self.answer = _refusal(limit)
+
     async def refuse(self, stream: Any) -> None:
         """Answer a connection accepted past the cap with the 503 and close it."""
         self.refused += 1
@@ -772,6 +777,11 @@ def cap_connections(app: Any, limit: int) -> ConnectionCap:
     cap = ConnectionCap(limit)
     setattr(app, _CAP_ATTRIBUTE, cap)
     return cap
+
+
+def connection_cap(app: Any) -> ConnectionCap | None:
+    """The cap ``cap_connections`` put on ``app``'s server, if any."""
+    return getattr(app, _CAP_ATTRIBUTE, None)
 
 
 _original_run = tcp_server.TCPServer.run
