@@ -84,6 +84,8 @@ PRIMARY = {
     "trioproxy_process_resident_memory_bytes",
     "trioproxy_process_cpu_seconds_total",
     "trioproxy_backend_up",  # a state, not a per-process figure: the max over workers
+    "trioproxy_connections_open",  # summed over live workers
+    "trioproxy_connections_refused_total",
 }
 # Figures computed per process at scrape time: not aggregatable (rates since start,
 # window percentiles, averages). Fine to look at, wrong to alert or chart fleets on.
