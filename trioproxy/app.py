@@ -49,6 +49,8 @@ from .exchange import (
     CLIENT_RETRIES_NAME,
     JSON,
     OVERHEAD_HEADER,
+    TRACEPARENT,
+    TRACESTATE,
     AccessLine,
     Call,
     Handler,
@@ -64,6 +66,7 @@ from .exchange import (
     proxy_error_reply,
     record_protocol_refusal,
     stop_at_once,
+    trace_context,
 )
 from .ledger import ResponsesLedger
 from .limits import raise_open_files_limit
@@ -131,6 +134,8 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             headers.get("Content-Length"),
         )
         state.client_retries = CLIENT_RETRIES_NAME in headers
+        if TRACEPARENT in headers:
+            state.trace = trace_context(headers[TRACEPARENT], headers.get(TRACESTATE))
         request.trioproxy_state = state
         access = None
         if app.settings.access_log:

@@ -63,6 +63,31 @@ JSON = "application/json"
 CLIENT_RETRIES_NAME = "x-stainless-retry-count"
 CLIENT_RETRIES_HEADER = CLIENT_RETRIES_NAME.encode()
 
+# W3C Trace Context: passed on to the backend, so a client's trace goes on in a backend
+# that traces (vLLM, LiteLLM, any OpenTelemetry-instrumented server)
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+# version 00's form (a later version may append fields: read as far as 00's); an all-zero
+# trace or parent id is invalid, and so is version ff
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?"
+)
+MAX_TRACESTATE_CHARS = 512  # the size the specification asks vendors to keep it within
+
+
+def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, str] | None:
+    """The trace headers to send the backend: a valid ``traceparent`` (else none, as the
+    specification says: restart the trace rather than pass on a broken one) and its
+    ``tracestate`` when it is printable and at most MAX_TRACESTATE_CHARS long."""
+    if not traceparent or len(traceparent) > 256 or not _TRACEPARENT.fullmatch(traceparent):
+        return None
+    if traceparent.startswith("00-") and len(traceparent) != 55:
+        return None  # version 00 has exactly four fields
+    trace = {TRACEPARENT: traceparent}
+    if tracestate and len(tracestate) <= MAX_TRACESTATE_CHARS and tracestate.isprintable():
+        trace[TRACESTATE] = tracestate
+    return trace
+
 
 @dataclass(slots=True)
 class RequestState:
@@ -75,6 +100,7 @@ class RequestState:
     # the client retries failed requests itself (the openai SDKs say so with their
     # x-stainless-retry-count header): the proxy's own retries would multiply with its
     client_retries: bool = False
+    trace: dict[str, str] | None = None  # the client's trace context, for the backend
 
 
 @dataclass(slots=True)

@@ -25,6 +25,8 @@ from .errors import CodedRequestBody, ProxyError, ServerBusy, body_too_large_mes
 from .exchange import (
     CLIENT_RETRIES_HEADER,
     CLIENT_RETRIES_NAME,
+    TRACEPARENT,
+    TRACESTATE,
     AccessLine,
     Call,
     CountingSend,
@@ -37,6 +39,7 @@ from .exchange import (
     new_state,
     note_client,
     proxy_error_reply,
+    trace_context,
 )
 from .relay import in_band_error
 
@@ -53,6 +56,8 @@ _WANTED_HEADERS = frozenset(
         b"origin",
         b"authorization",
         CLIENT_RETRIES_HEADER,
+        TRACEPARENT.encode(),
+        TRACESTATE.encode(),
     }
 )
 _WATCHER_GRACE_SECONDS = 1.0
@@ -96,6 +101,8 @@ async def serve(
         app.collector, path, "POST", headers.get("x-request-id"), headers.get("content-length")
     )
     state.client_retries = CLIENT_RETRIES_NAME in headers
+    if TRACEPARENT in headers:
+        state.trace = trace_context(headers[TRACEPARENT], headers.get(TRACESTATE))
     access = None
     if app.settings.access_log:
         access = AccessLine("POST", path, scope, app.client_addresses)

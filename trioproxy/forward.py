@@ -327,13 +327,21 @@ def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:
         ) from None
 
 
+def _about_the_client(state: RequestState) -> dict[str, Any]:
+    """What a backend call takes from its client's request: the request id, whether the
+    client retries by itself, its trace context."""
+    return {
+        "request_id": state.request_id,
+        "client_retries": state.client_retries,
+        "trace": state.trace,
+    }
+
+
 async def call_raw(
     call: Call, path: str, body: bytes | None, *, method: str = "POST"
 ) -> UpstreamResult:
     state = call.state
-    result = await pool(call).request(
-        method, path, body=body, request_id=state.request_id, client_retries=state.client_retries
-    )
+    result = await pool(call).request(method, path, body=body, **_about_the_client(state))
     _note_upstream(call, result, complete=True)
     return result
 
@@ -358,8 +366,7 @@ async def open_stream(
             method,
             path,
             body=body,
-            request_id=state.request_id,
-            client_retries=state.client_retries,
+            **_about_the_client(state),
             stream=True,
             header_timeout=call.app.settings.stream_first_token_timeout,
         )

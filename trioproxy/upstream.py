@@ -354,11 +354,13 @@ class UpstreamPool:
         body: bytes | None = None,
         request_id: str | None = None,
         client_retries: bool = False,
+        trace: dict[str, str] | None = None,
         stream: bool = False,
         header_timeout: float | None = None,
     ) -> UpstreamResult:
         """Send with retries. Non-streams come back fully read; streams after the headers.
 
+        ``trace``: the client's W3C trace context headers, sent on.
         Raises UpstreamStatusError for a backend error status (body read, bounded),
         UpstreamUnavailable / UpstreamTimeout for transport failures.
         ``header_timeout`` bounds the wait for a streamed response's headers. A client that
@@ -369,6 +371,8 @@ class UpstreamPool:
         answer.
         """
         headers = {"X-Request-ID": request_id} if request_id else {}
+        if trace is not None:  # the client's trace context (exchange.trace_context)
+            headers.update(trace)
         if body is not None:
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()

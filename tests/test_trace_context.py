@@ -1,0 +1,116 @@
+"""W3C Trace Context: a client's ``traceparent`` (and its ``tracestate``) go on to the
+backend, so a trace that reaches the proxy goes on in a backend that traces. Pure checks
+of what is passed on, then the real ``openai`` and ``ollama`` clients through a proxy to a
+backend that records the headers it got."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import ClassVar
+
+import ollama
+import openai
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trioproxy.exchange import MAX_TRACESTATE_CHARS, trace_context
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+
+PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+STATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+
+def test_a_valid_traceparent_goes_on_with_its_tracestate() -> None:
+    assert trace_context(PARENT, STATE) == {"traceparent": PARENT, "tracestate": STATE}
+    assert trace_context(PARENT, None) == {"traceparent": PARENT}
+    # a later version may add fields after version 00's four
+    later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes"
+    assert trace_context(later, None) == {"traceparent": later}
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "",
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # all-zero parent id
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # 00 has four fields
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",  # short trace id
+        PARENT + "\n",
+        "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-" + "x" * 300,
+    ],
+)
+def test_a_broken_traceparent_is_not_passed_on_and_takes_its_tracestate_along(
+    traceparent: str,
+) -> None:
+    assert trace_context(traceparent, STATE) is None
+
+
+def test_a_tracestate_too_long_or_unprintable_is_left_out() -> None:
+    assert trace_context(PARENT, "a=" + "b" * MAX_TRACESTATE_CHARS) == {"traceparent": PARENT}
+    assert trace_context(PARENT, "a=b\r\nX-Injected: 1") == {"traceparent": PARENT}
+
+
+@given(st.text(max_size=80), st.text(max_size=600))
+def test_whatever_a_client_sends_only_a_valid_header_goes_on(parent: str, state: str) -> None:
+    trace = trace_context(parent, state)
+    if trace is not None:
+        assert trace["traceparent"] == parent and parent.isprintable()
+        assert set(trace) <= {"traceparent", "tracestate"}
+        assert all(len(value) <= MAX_TRACESTATE_CHARS for value in trace.values())
+
+
+class _Recording(ScriptedHandler):
+    """A chat backend that remembers the trace headers of each chat request."""
+
+    seen: ClassVar[list[dict[str, str | None]]] = []
+
+    def do_GET(self) -> None:
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        self.seen.append({name: self.headers.get(name) for name in ("traceparent", "tracestate")})
+        if body.get("stream"):
+            chunks = [
+                {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}}]},
+                {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            ]
+            events = b"".join(
+                b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                                        "model": "m", **chunk}).encode() + b"\n\n"
+                for chunk in chunks
+            ) + b"data: [DONE]\n\n"  # fmt: skip
+            self.answer(200, events, "text/event-stream")
+            return
+        message = {"role": "assistant", "content": "ok"}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "m"}
+        self.answer(200, json.dumps({**reply, "choices": [choice]}).encode())
+
+
+def test_the_clients_trace_reaches_the_backend(start_proxy: Callable[..., ServerProcess]) -> None:
+    traced = {"traceparent": PARENT, "tracestate": STATE}
+    _Recording.seen.clear()
+    messages = [{"role": "user", "content": "hi"}]
+    broken = {"traceparent": "00-zz", "tracestate": STATE}
+    with serving(_Recording) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as chat:
+            chat.chat.completions.create(model="m", messages=messages, extra_headers=traced)
+            list(chat.chat.completions.create(model="m", messages=messages, stream=True,
+                                              extra_headers=traced))  # fmt: skip
+        with ollama.Client(host=proxy.url, headers=traced) as local:
+            local.chat(model="m", messages=messages)
+            list(local.chat(model="m", messages=messages, stream=True))
+        for headers in ({}, broken):  # none given; a broken one, not passed on
+            with ollama.Client(host=proxy.url, headers=headers) as other:
+                other.chat(model="m", messages=messages)
+    assert _Recording.seen == [dict(traced)] * 4 + [{"traceparent": None, "tracestate": None}] * 2
