@@ -11,7 +11,9 @@ Models: ``demo-chat`` (text, tool calls, JSON mode), ``demo-reasoner`` (streams 
 ``reasoning_content`` tokens first, unless ``chat_template_kwargs.enable_thinking`` is
 false) and ``demo-embed`` (deterministic unit vectors). Chat completions asked for
 ``logprobs`` (and ``top_logprobs``, 0 to 20) carry made-up, deterministic ones for the
-content's tokens, in OpenAI's shape, streamed and not.
+content's tokens, in OpenAI's shape, streamed and not; so do text completions asked for
+``logprobs`` (an integer, 0 to 5), in the legacy shape (``tokens``, ``token_logprobs``,
+``top_logprobs``, ``text_offset``).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
 ``POST /v1/responses`` (the Responses API, text output; stored, with ``background``), its

@@ -527,6 +527,7 @@ class DemoApp:
         tokens, finish = _planned(
             script.plan_completion, body, directives, self.settings.default_tokens
         )
+        top = _planned(script.completion_logprobs_wanted, body)
         stream = ex.entry["stream"] = body.get("stream") is True
         prompt_tokens = sum(script.count_words(t) for t in texts)
         usage = {
@@ -538,9 +539,15 @@ class DemoApp:
         created = int(time.time())
         if stream:
             return _completion_stream(
-                cid, created, model, tokens, finish, usage, _include_usage(body)
+                cid, created, model, tokens, finish, usage, _include_usage(body), top
             ), directives
-        choice = {"text": "".join(tokens), "index": 0, "finish_reason": finish, "logprobs": None}
+        logprobs = None if top is None else script.completion_logprobs(tokens, top)
+        choice = {
+            "text": "".join(tokens),
+            "index": 0,
+            "finish_reason": finish,
+            "logprobs": logprobs,
+        }
         response = {
             "id": cid,
             "object": "text_completion",
@@ -888,6 +895,7 @@ def _completion_stream(
     finish: str,
     usage: dict[str, Any],
     include_usage: bool,
+    top: int | None = None,
 ) -> _Reply:
     prefix = (
         f'data: {{"id":"{cid}","object":"text_completion","created":{created},'
@@ -895,7 +903,10 @@ def _completion_stream(
     )
     usage_null = ',"usage":null' if include_usage else ""
     open_suffix = f',"index":0,"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'
-    pieces = (prefix + _dumps(tok) + open_suffix for tok in tokens)
+    if top is None:
+        pieces: Iterator[str] = (prefix + _dumps(tok) + open_suffix for tok in tokens)
+    else:  # each token's chunk with its own log probabilities, as vLLM streams them
+        pieces = _completion_pieces_with_logprobs(prefix, usage_null, tokens, top)
     tail = f'{prefix}"","index":0,"logprobs":null,"finish_reason":"{finish}"}}]{usage_null}}}\n\n'
     if include_usage:
         tail += (
@@ -903,6 +914,19 @@ def _completion_stream(
             f'"model":{_dumps(model)},"choices":[],"usage":{_dumps(usage)}}}\n\n'
         )
     return _Reply(pieces=pieces, tail=tail + _DONE, stream=True)
+
+
+def _completion_pieces_with_logprobs(
+    prefix: str, usage_null: str, tokens: tuple[str, ...], top: int
+) -> Iterator[str]:
+    start = 0
+    for i, tok in enumerate(tokens):
+        logprobs = _dumps(script.completion_logprobs((tok,), top, i, start))
+        start += len(tok)
+        yield (
+            f'{prefix}{_dumps(tok)},"index":0,"logprobs":{logprobs},'
+            f'"finish_reason":null}}]{usage_null}}}\n\n'
+        )
 
 
 async def _replay(send: Send, stored: responses.Stored, query: dict[str, list[str]]) -> None:

@@ -367,6 +367,47 @@ def logprobs_wanted(body: dict[str, Any]) -> int | None:
     return top or 0
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the legacy /completions' logprobs
+
+
+def completion_logprobs_wanted(body: dict[str, Any]) -> int | None:
+    """How many alternatives per token a legacy ``/completions`` request asks for (its
+    ``logprobs`` is an integer), or None when it asks for none."""
+    top = body.get("logprobs")
+    if top is None:
+        return None
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_COMPLETION_LOGPROBS:
+        raise BadRequest(
+            f"logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}",
+            param="logprobs",
+        )
+    return top
+
+
+def completion_logprobs(
+    tokens: tuple[str, ...], top: int, position: int = 0, start: int = 0
+) -> dict[str, Any]:
+    """A legacy text completion's made-up ``logprobs`` for ``tokens`` (the answer's from
+    its ``position``-th token on, at character ``start``), the same numbers as a chat's:
+    ``top_logprobs`` holds the ``top`` likeliest and, as vLLM's, the chosen token (alone
+    for 0)."""
+    entries = [token_logprob(tok, position + i, top) for i, tok in enumerate(tokens)]
+    offsets = []
+    for tok in tokens:
+        offsets.append(start)
+        start += len(tok)
+    return {
+        "tokens": list(tokens),
+        "token_logprobs": [entry["logprob"] for entry in entries],
+        "top_logprobs": [
+            {alt["token"]: alt["logprob"] for alt in entry["top_logprobs"]}
+            or {entry["token"]: entry["logprob"]}
+            for entry in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
 def token_logprob(token: str, position: int, top: int) -> dict[str, Any]:
     """A made-up, deterministic ``logprobs.content[]`` entry in OpenAI's shape for the
     token at ``position``: the token first among its ``top`` alternatives, each less
