@@ -31,6 +31,7 @@ from .errors import (
 )
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
+    NO_STREAM_OPTIONS,
     FieldQuirk,
     as_the_backend_takes,
     call_chat,
@@ -42,11 +43,13 @@ from .forward import (
     note_model,
     note_usage,
     open_chat_stream,
+    open_stream,
     validated,
 )
 from .jsonutil import WHOLE_NUMBER_LIMIT
 from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 from .signatures import ThoughtSignatures
+from .upstream import UpstreamResult
 
 blueprint = Blueprint("ollama", __name__)
 T = TypeVar("T")
@@ -119,6 +122,8 @@ async def generate(call: Call) -> Reply:
     body = validated(tr.validate_ollama_generate, json_object(call))
     if not body.get("prompt"):  # images or not, as Ollama answers it
         return await _load_reply(call, "generate", body)
+    if body.get("raw") is True:
+        return await _raw_generate(call, body)
     return await _generate_or_chat(call, "generate", body, tr.ollama_generate_to_openai)
 
 
@@ -191,7 +196,6 @@ async def _generate_or_chat(
         return Reply(200, from_backend(call, dumps, out))
     with _model_not_found_as_ollama(client_model, backend_model):
         result = await _as_taken(call, payload, switch, open_chat_stream)
-    metric = state.metric
     translator = tr.OllamaStreamTranslator(
         kind,
         client_model,
@@ -200,6 +204,14 @@ async def _generate_or_chat(
         on_tool_calls=functools.partial(signatures.remember, conversation, backend_model),
         logprobs=logprobs,
     )
+    return _ndjson_stream(call, result, translator)
+
+
+def _ndjson_stream(
+    call: Call, result: UpstreamResult, translator: tr.OllamaStreamTranslator
+) -> Reply:
+    """The backend's open stream, relayed to the client as Ollama's NDJSON lines."""
+    app, metric = call.app, call.state.metric
     chunks = relay_ollama(
         result.response,
         translator,
@@ -210,6 +222,63 @@ async def _generate_or_chat(
         end=(end := StreamEnd()),
     )
     return Reply(200, chunks, NDJSON, dict(STREAM_HEADERS), end=end)
+
+
+# Where raw prompts go: the legacy text completions endpoint applies no chat template
+COMPLETIONS_PATH = "/completions"
+RAW_NOT_SERVED = (
+    "the backend does not serve raw prompts (raw: true): its /completions endpoint is not "
+    "there (a chat-only backend); send the prompt without raw to have the backend apply "
+    "the model's chat template"
+)
+
+_BACKEND_SAID_CHARS = 300  # of the backend's own 404 message (a whole HTML page, at worst)
+
+
+async def _raw_generate(call: Call, body: dict[str, Any]) -> Reply:
+    """``/api/generate`` with ``raw: true``: the prompt, which the client templated itself,
+    to the backend's legacy ``/completions`` as it is. ``/chat/completions`` would wrap it
+    in the model's chat template a second time, and the model would answer a prompt it
+    was never meant to read. See ``tr.ollama_generate_to_completions`` for the fields."""
+    state = call.state
+    client_model = body["model"]
+    note_model(state, client_model)
+    backend_model = await backend_name_for(call, client_model)
+    payload = for_backend(tr.ollama_generate_to_completions, body, backend_model)
+    top_logprobs = payload.get("logprobs")  # None: not asked
+    start_ns = time.perf_counter_ns()
+    if not payload["stream"]:
+        with _raw_prompts_served(), _model_not_found_as_ollama(client_model, backend_model):
+            resp, result = await call_json(call, COMPLETIONS_PATH, payload)
+        timings = _timings(start_ns, resp, result)
+        convert = tr.openai_completion_to_ollama_generate
+        out = from_backend(
+            call, convert, resp, client_model, tr.utc_timestamp(), timings, top_logprobs
+        )
+        note_usage(state, resp)
+        return Reply(200, from_backend(call, dumps, out))
+    send = functools.partial(open_stream, call, COMPLETIONS_PATH)
+    with _raw_prompts_served(), _model_not_found_as_ollama(client_model, backend_model):
+        result = await as_the_backend_takes(call, payload, NO_STREAM_OPTIONS, send)
+    translator = tr.OllamaCompletionStreamTranslator(
+        client_model, start_ns=start_ns, top_logprobs=top_logprobs
+    )
+    return _ndjson_stream(call, result, translator)
+
+
+@contextmanager
+def _raw_prompts_served() -> Generator[None, None, None]:
+    """A backend without ``/completions`` (chat-only: OpenAI's chat models, gateways in
+    front of chat APIs) answers it 404: the client is told that raw prompts are not served
+    there, in Ollama's dialect, not with a bare 404 that reads like a missing model. A 501:
+    this deployment does not do it, as for model management."""
+    try:
+        yield
+    except UpstreamStatusError as error:
+        if error.status == 404:
+            said = error.message[:_BACKEND_SAID_CHARS]
+            raise ProxyError(f"{RAW_NOT_SERVED} (the backend answered 404: {said})", 501) from None
+        raise
 
 
 def _with_think_switch(

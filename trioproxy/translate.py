@@ -288,6 +288,16 @@ def validate_ollama_generate(body: object) -> JSONDict:
     _require_model(body)
     for key in ("prompt", "system", "suffix"):
         _check_optional(body, key, str, "a string")
+    _check_optional(body, "raw", bool, "a boolean")
+    if body.get("raw") is True and body.get("images"):
+        # a raw prompt goes to /completions, which no backend takes images on; dropped,
+        # the model would answer about images it never saw
+        raise RequestValidationError(
+            "images",
+            "",
+            sentence="images cannot be sent with raw: true: a raw prompt goes to the "
+            "backend's /completions endpoint, which takes text only",
+        )
     if body.get("suffix"):
         # fill-in-the-middle has no chat-completions equivalent: dropping the suffix would
         # answer a code-completion tool with text that ignores it. Ollama refuses a model
@@ -488,12 +498,16 @@ def _strict_compatible(schema: object, depth: int = 0) -> bool:
     return True
 
 
-def _apply_generation_fields(out: JSONDict, body: JSONDict) -> None:
+def _apply_stream_fields(out: JSONDict, body: JSONDict) -> None:
     stream = body.get("stream")
     out["stream"] = True if stream is None else bool(stream)  # Ollama streams by default
     if out["stream"]:
         # Without this, OpenAI-compatible streams carry no token counts at all.
         out["stream_options"] = {"include_usage": True}
+
+
+def _apply_generation_fields(out: JSONDict, body: JSONDict) -> None:
+    _apply_stream_fields(out, body)
     out.update(_sampling_from_options(body.get("options")))
     response_format = _response_format(body.get("format"))
     if response_format is not None:
@@ -737,8 +751,9 @@ def ollama_chat_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
 def ollama_generate_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     """An ``/api/generate`` body (validated) as a ``/chat/completions`` request.
 
-    ``template``, ``raw``, ``context`` and ``keep_alive`` have no chat-completions equivalent
-    and are dropped (a non-empty ``suffix`` was refused by the validation).
+    ``template``, ``context`` and ``keep_alive`` have no chat-completions equivalent and are
+    dropped (a non-empty ``suffix`` was refused by the validation). A ``raw: true`` body
+    goes to ``/completions`` instead (:func:`ollama_generate_to_completions`).
     """
     messages: list[JSONDict] = []
     system = body.get("system")
@@ -751,6 +766,34 @@ def ollama_generate_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     )
     out: JSONDict = {"model": backend_model, "messages": messages}
     _apply_generation_fields(out, body)
+    return out
+
+
+def ollama_generate_to_completions(body: JSONDict, backend_model: str) -> JSONDict:
+    """An ``/api/generate`` body with ``raw: true`` (validated) as a legacy ``/completions``
+    request: the prompt exactly as the client wrote it (its own template and special
+    tokens), which the backend continues without a chat template of its own.
+
+    As in Ollama's raw mode, ``system``, ``template`` and ``context`` are not used (they
+    only fill a template). ``think`` is not sent: ``reasoning_effort`` and the operator's
+    think switches are chat fields, and a raw prompt opens or skips the model's reasoning
+    itself. ``format`` goes as ``response_format``, which vLLM honours on ``/completions``
+    (a backend that does not take it refuses, and says so). ``logprobs`` is the legacy
+    API's integer: how many alternatives per token (``top_logprobs``, 0 for none).
+    """
+    # max_tokens null, not absent: the legacy API's default is 16 tokens (OpenAI's and
+    # vLLM's), Ollama's is no limit; vLLM and llama.cpp's server read null as "up to the
+    # context"
+    out: JSONDict = {"model": backend_model, "prompt": body.get("prompt") or ""}
+    _apply_stream_fields(out, body)
+    out["max_tokens"] = None
+    out.update(_sampling_from_options(body.get("options")))
+    response_format = _response_format(body.get("format"))
+    if response_format is not None:
+        out["response_format"] = response_format
+    if body.get("logprobs") is True:
+        top = body.get("top_logprobs")
+        out["logprobs"] = top if isinstance(top, int) else 0
     return out
 
 
@@ -1075,6 +1118,59 @@ def openai_chat_to_ollama_generate(
     if logprobs and (entries := choice_logprobs(choice)):
         out["logprobs"] = entries
     out.update(_final_fields(resp, choice.get("finish_reason"), timings))
+    return out
+
+
+def openai_completion_to_ollama_generate(
+    resp: JSONDict,
+    model: str,
+    created_at: str,
+    timings: Timings,
+    top_logprobs: int | None = None,
+) -> JSONDict:
+    """A non-stream legacy ``/completions`` response (``choices[0].text``) as an
+    ``/api/generate`` response; its log probabilities as ``logprobs`` when the client
+    asked for them (``top_logprobs`` not None: that many alternatives per token)."""
+    choice = _first_choice(resp)
+    out: JSONDict = {
+        "model": model,
+        "created_at": created_at,
+        "response": _text(choice.get("text")),
+    }
+    if top_logprobs is not None and (entries := completion_logprobs(choice, top_logprobs)):
+        out["logprobs"] = entries
+    out.update(_final_fields(resp, choice.get("finish_reason"), timings))
+    return out
+
+
+def completion_logprobs(choice: JSONDict, top: int) -> list[JSONDict]:
+    """A text completion choice's ``logprobs`` (``tokens``, ``token_logprobs`` and
+    ``top_logprobs``, one ``{token: logprob}`` object per token) as Ollama's entries, each
+    with at most ``top`` alternatives, the likeliest first (vLLM adds the chosen token to
+    them when it is not among the likeliest; Ollama gives exactly the top ones)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return []
+    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list):
+        return []
+    tops = logprobs.get("top_logprobs")
+    tops = tops if isinstance(tops, list) else []
+    out: list[JSONDict] = []
+    for i, (token, value) in enumerate(zip(tokens, values, strict=False)):
+        entry = _token_logprob({"token": token, "logprob": value})
+        if entry is None:  # null: a token without one (the prompt's first, echoed)
+            continue
+        if top and i < len(tops) and isinstance(tops[i], dict):
+            alternatives = [
+                alt
+                for alt in (_token_logprob({"token": t, "logprob": v}) for t, v in tops[i].items())
+                if alt is not None
+            ]
+            alternatives.sort(key=lambda alt: alt["logprob"], reverse=True)
+            if alternatives:
+                entry["top_logprobs"] = alternatives[:top]
+        out.append(entry)
     return out
 
 
@@ -1855,6 +1951,52 @@ class OllamaStreamTranslator(_StreamStats):
         self._slot_of_index = {}
         self._tool_call_bytes = 0
         return _ollama_tool_calls(calls)
+
+
+class OllamaCompletionStreamTranslator(OllamaStreamTranslator):
+    """Legacy text completion chunks (``choices[0].text``) in, ``/api/generate`` NDJSON out.
+
+    The chat translator already reads a choice without a delta by its ``text``; this one
+    adds the text completion's log probabilities (another shape, see
+    :func:`completion_logprobs`) and never tries the chat chunk shortcut of ``feed_text``,
+    which a text chunk never matches. The chat translator's own path is left as it is.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        start_ns: int,
+        created_at: Callable[[], object] = utc_timestamp,
+        top_logprobs: int | None = None,
+    ) -> None:
+        super().__init__(
+            "generate",
+            model,
+            start_ns=start_ns,
+            created_at=created_at,
+            logprobs=top_logprobs is not None,
+        )
+        self._top_logprobs = top_logprobs or 0
+
+    def feed_text(self, data: str, now_ns: int) -> bytes | None:
+        return None  # decoded and passed to feed
+
+    def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
+        if self._held_logprobs is not None:
+            chunk = self._with_chat_logprobs(chunk)
+        return super().feed(chunk, now_ns)
+
+    def _with_chat_logprobs(self, chunk: JSONDict) -> JSONDict:
+        """``chunk`` with its first choice's log probabilities in the chat shape (a new
+        dict: the backend's is not changed)."""
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return chunk
+        choice = choices[0]
+        entries = completion_logprobs(choice, self._top_logprobs)
+        choice = {**choice, "logprobs": {"content": entries}}
+        return {**chunk, "choices": [choice, *choices[1:]]}
 
 
 # ---------------------------------------------------------------------------------------------
