@@ -511,9 +511,7 @@ def test_generate_request() -> None:
         "prompt": "describe",
         "system": "be brief",
         "images": [JPEG_B64],
-        "suffix": "s",
-        "template": "t",
-        "raw": True,
+        "template": "t",  # (a suffix is refused, raw goes to /completions: not here)
         "context": [1, 2],
         "keep_alive": "1m",
         "options": {"temperature": 0.2},
