@@ -76,6 +76,7 @@ PRIMARY = {
     "trioproxy_stream_bytes_total",
     "trioproxy_stream_transfer_seconds_total",
     "trioproxy_tokens_total",
+    "trioproxy_tokens_estimated_total",
     "trioproxy_upstream_errors_total",
     "trioproxy_upstream_retries_total",
     "trioproxy_client_requests_total",
@@ -1452,6 +1453,26 @@ def test_docs_cover_every_section_of_the_seed_guide() -> None:
         "docker-compose.yml",
     ):
         assert path in text and (ROOT / path).exists()
+
+
+def test_every_exported_family_has_a_row_in_the_docs_metric_tables() -> None:
+    """The list above is what a scrape really exposes (a family added to the product
+    must be added here too), and docs/monitoring.md's tables give each its row: the
+    prose mentioning a name is not its description."""
+    import trio
+
+    from trioproxy.metrics import MetricsCollector
+
+    collector = MetricsCollector(max_metrics=50, system_enabled=True)
+    collector.set_backend_status(True, 0.0)  # its gauge: made by the first readiness result
+    body, _ = trio.run(collector.read_prometheus)
+    scraped = set(re.findall(r"^# TYPE (\S+)", body.decode(), re.MULTILINE))
+    assert scraped == EXPORTED, (
+        f"exported, not listed: {sorted(scraped - EXPORTED)}; "
+        f"listed, not exported: {sorted(EXPORTED - scraped)}"
+    )
+    rows = set(re.findall(r"^\| `([a-z0-9_]+)` \|", DOCS.read_text(encoding="utf-8"), re.M))
+    assert not EXPORTED - rows, f"no row in docs/monitoring.md: {sorted(EXPORTED - rows)}"
 
 
 def test_docs_yaml_blocks_are_valid(tmp_path: Path) -> None:
