@@ -404,6 +404,32 @@ def test_a_stop_signal_after_the_run_exits_zero() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_stop_signal_as_a_failed_run_ends_does_not_hide_the_failure() -> None:
+    """A run that failed (its port taken) exits 1 with the line saying why, also when a
+    stop signal arrives as that line is written: ending such a process at once with exit
+    0, as after a clean stop, told a supervisor it had stopped cleanly, and lost the line."""
+    code = (
+        "import os, signal, socket, sys\n"
+        "busy = socket.socket()\n"
+        "busy.bind(('127.0.0.1', 0))\n"
+        "busy.listen()\n"
+        "port = str(busy.getsockname()[1])\n"
+        "sys.argv = ['trioproxy', '--env-file', '', '--upstream', 'http://127.0.0.1:9/v1',\n"
+        "            '--port', port]\n"
+        "from trioproxy import _entry, cli\n"
+        "told = cli.notice\n"
+        "def notice(message, *args, **kwargs):\n"
+        "    if 'error' in message:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # a supervisor's stop, just then\n"
+        "    return told(message, *args, **kwargs)\n"
+        "cli.notice = notice\n"
+        "sys.exit(_entry.main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True)
+    assert done.returncode == 1, done.stderr
+    assert b"cannot listen on 127.0.0.1:" in done.stderr, done.stderr
+
+
 def test_a_killed_masters_run_directory_is_removed_by_the_next(tmp_path: Path) -> None:
     """An operator review: SIGKILL of a ``--workers`` master left its run directory in
     /tmp, which under Kubernetes (an emptyDir outliving container restarts) a crash-looping

@@ -138,16 +138,21 @@ def _log_format_hint(args: argparse.Namespace) -> str:
 
 
 def _run(settings: Settings) -> None:
+    stopped_cleanly = False
     try:
         trio.run(serve, settings)
+        stopped_cleanly = True
     except* (WorkersFailed, ListenFailed) as group:
         raise group.exceptions[0] from None
     except* KeyboardInterrupt:
+        stopped_cleanly = True
         raise KeyboardInterrupt from None  # Ctrl-C before the signal watcher took over
     finally:
         # held until the run is over (its clean-up included); from here a stop signal
-        # does what it would have done without us
-        stop_holding()
+        # ends a clean stop at once (exit 0). After a failure it stays held: the process
+        # is about to exit 1 with the line saying why, which an exit 0 would lose
+        if stopped_cleanly:
+            stop_holding()
 
 
 async def serve(settings: Settings) -> None:
