@@ -55,6 +55,10 @@ class ConfigError(ValueError):
 class Settings:
     upstream_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    # the header the key goes in: "Authorization" as "Bearer KEY", any other as the bare key
+    api_key_header: str = "Authorization"
+    # sent with every backend request; values may be credentials (never shown)
+    upstream_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     host: str = "127.0.0.1"
     port: int = 11434
     workers: int = 1
@@ -126,7 +130,11 @@ class Settings:
         # whole user:password
         credential = basic_credential(url) or ""
         secrets = BackendSecrets.of(
-            self.api_key or "", *url_credentials(url), credential, credential.rstrip("=")
+            self.api_key or "",
+            *url_credentials(url),
+            credential,
+            credential.rstrip("="),
+            *header_secrets(self.upstream_headers),
         )
         object.__setattr__(self, "backend_secrets", secrets)  # frozen: set once, here
 
@@ -138,6 +146,28 @@ class Settings:
             *self.backend_secrets.texts,
             *(key for _, key in client_keys(self.proxy_api_keys)),
         )
+
+    @property
+    def key_in_authorization(self) -> bool:
+        """Whether OPENAI_API_KEY goes as ``Authorization: Bearer …`` (else the bare key in
+        its own header, and URL credentials, if any, as ``Authorization: Basic …``)."""
+        return self.api_key_header.lower() == "authorization"
+
+    def credential_headers(self) -> dict[str, str]:
+        """What the backend's credentials are sent in: OPENAI_API_KEY (as ``Authorization:
+        Bearer …`` or in OPENAI_API_KEY_HEADER bare) and the URL's ``user:password`` as
+        ``Authorization: Basic …`` unless the key is sent in it. One function for the pool
+        and for the check that UPSTREAM_HEADERS names none of them."""
+        headers: dict[str, str] = {}
+        bearer = self.key_in_authorization
+        if self.api_key:
+            headers[self.api_key_header] = f"Bearer {self.api_key}" if bearer else self.api_key
+        credential = basic_credential(self.upstream_url or "")
+        if credential and not (self.api_key and bearer):
+            # user:password in the URL (a backend behind basic auth): the transports are
+            # handed requests directly and would drop it, so it becomes the header
+            headers["Authorization"] = f"Basic {credential}"
+        return headers
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -363,9 +393,167 @@ def _api_key(value: str) -> str:
     return key
 
 
+# RFC 9110 5.1: a field name is a token
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What no header the operator gives may name (lower case), and why: what the HTTP client
+# sets for each request's framing, what concerns one connection only, and what the proxy
+# itself sets for each request.
+_RESERVED_HEADERS = {
+    **dict.fromkeys(
+        ("host", "content-length", "transfer-encoding", "expect"),
+        "set by the HTTP client for each request (its framing)",
+    ),
+    **dict.fromkeys(
+        ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"),
+        "a hop-by-hop header, about one connection, not for the backend",
+    ),
+    "proxy-authorization": "for a proxy on the way, not the backend: give its credentials "
+    "in the URL of HTTPS_PROXY",
+    "content-type": "set by trioproxy for each request (its JSON body)",
+    "content-encoding": "set by trioproxy for each request (its body is not encoded)",
+    "accept-encoding": "set by trioproxy (gzip, deflate: what it decodes)",
+    "x-request-id": "set by trioproxy for each request (the request's id)",
+    "traceparent": "set by trioproxy for each request (the client's trace context)",
+    "tracestate": "set by trioproxy for each request (the client's trace context)",
+}
+MAX_UPSTREAM_HEADERS = 32
+# names, values and ": " and CRLF each: far inside what servers take in all (8 KiB a line
+# for nginx and gunicorn, 16 KiB a head for Node), beside the proxy's own headers
+MAX_UPSTREAM_HEADERS_BYTES = 8 * 1024
+# a header whose name says it holds a credential: its value is a secret as the key is
+_CREDENTIAL_NAME = re.compile(
+    r"key|token|auth|secret|pass|cookie|session|credential|signature", re.IGNORECASE
+)
+# "Bearer TOKEN", "Basic BASE64": an auth scheme (RFC 9110 11.1: letters, up to 16 here)
+# and the credential, which is what a backend's echo may quote without the scheme
+_SCHEME_AND_CREDENTIAL = re.compile(r"[A-Za-z][A-Za-z-]{0,15} +([^ ]+)")
+
+
+def _header_name(value: str) -> str:
+    """OPENAI_API_KEY_HEADER: a header name, not one the proxy or the client sets."""
+    name = value.strip()
+    _check_header_name(name, "the name")
+    reason = _RESERVED_HEADERS.get(name.lower())
+    if reason:
+        raise ValueError(f"{name!r} is {reason}")
+    return "Authorization" if name.lower() == "authorization" else name
+
+
+def _check_header_name(name: str, which: str) -> None:
+    """An HTTP token; an invalid name is not quoted (a pasted "api-key: KEY" holds one)."""
+    if not name:
+        raise ValueError(f"{which} is empty")
+    if not _TOKEN.fullmatch(name):
+        place = next(i for i, char in enumerate(name, 1) if not _TOKEN.fullmatch(char))
+        raise ValueError(
+            f"{which} is not an HTTP header name: character {place} is not allowed (names "
+            "take letters, digits and !#$%&'*+-.^_`|~)"
+        )
+
+
+def _upstream_headers(value: str) -> dict[str, str]:
+    """UPSTREAM_HEADERS: a JSON object of header names and string values; empty for none."""
+    text = value.strip()
+    if not text:
+        return {}
+    try:
+        pairs = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        # json's message quotes no text, only where it failed: values may be secrets
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(pairs, _Pairs):
+        raise ValueError('expected a JSON object, such as {"X-Title": "My App"}')
+    return checked_upstream_headers(pairs)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its pairs: ``json.loads`` keeps the last of a name given twice."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> _Pairs:
+    return _Pairs(pairs)
+
+
+def checked_upstream_headers(headers: Any) -> dict[str, str]:
+    """Names (HTTP tokens, none reserved, none twice in any case) and values (printable
+    ASCII, not empty), bounded in number and size; errors never quote a value."""
+    if not isinstance(headers, Mapping | list):
+        raise ValueError('expected a JSON object, such as {"X-Title": "My App"}')
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else headers
+    if len(pairs) > MAX_UPSTREAM_HEADERS:
+        raise ValueError(f"more than {MAX_UPSTREAM_HEADERS} headers")
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    size = 0
+    for place, (name, header_value) in enumerate(pairs, 1):
+        if not isinstance(name, str):
+            raise ValueError(f"the name of header {place} is not a string")
+        _check_header_name(name, f"the name of header {place}")
+        reason = _RESERVED_HEADERS.get(name.lower())
+        if reason:
+            raise ValueError(f"{name!r} is {reason}")
+        if name.lower() in seen:
+            raise ValueError(f"{name!r} is given twice (header names ignore case)")
+        seen.add(name.lower())
+        out[name] = _header_value(name, header_value)
+        size += len(name) + len(out[name]) + 4
+    if size > MAX_UPSTREAM_HEADERS_BYTES:
+        raise ValueError(f"the headers take more than {MAX_UPSTREAM_HEADERS_BYTES} bytes")
+    return out
+
+
+def _header_value(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f'the value of {name!r} is not a JSON string (write "1", not 1)')
+    value = value.strip()  # as the key's: the line end of a secret file pasted in
+    if not value:
+        # "${TOKEN}" with TOKEN unset: sent empty, the backend's refusal would be all
+        raise ValueError(f"the value of {name!r} is empty")
+    for place, char in enumerate(value, 1):
+        if not " " <= char <= "~":
+            kind = "a line end" if char in "\r\n" else "a character that is not printable ASCII"
+            # h11 refuses a line end (header injection); httpx cannot encode non-ASCII
+            raise ValueError(
+                f"the value of {name!r} holds {kind} at character {place} (not shown); "
+                "header values take printable ASCII only"
+            )
+    return value
+
+
+def header_secrets(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of the headers whose names say they hold a credential (``api-key``,
+    ``cf-aig-authorization``, ``X-Auth-Token``, ``Cookie``), secrets as OPENAI_API_KEY is;
+    of ``Bearer TOKEN`` the token alone, which every quote of the whole holds too (one
+    secret less to look for in every stream read). Other values (a title, a URL, a
+    routing name) are not: masked in reply bodies, they would corrupt answers that
+    mention them, and each secret more costs every streamed read of every reply."""
+    secrets: list[str] = []
+    for name, value in headers.items():
+        if _CREDENTIAL_NAME.search(name):
+            found = _SCHEME_AND_CREDENTIAL.fullmatch(value)
+            secrets.append(found[1] if found else value)
+    return tuple(secrets)
+
+
+def _check_backend_headers(settings: Settings) -> None:
+    """UPSTREAM_HEADERS must not name a header the credentials go in: one would replace
+    the other, and the backend would get the one the operator did not look at."""
+    taken = {name.lower() for name in settings.credential_headers()}
+    for name in settings.upstream_headers:
+        if name.lower() in taken:
+            why = (
+                "OPENAI_API_KEY is sent in it (see OPENAI_API_KEY_HEADER)"
+                if settings.api_key and name.lower() == settings.api_key_header.lower()
+                else "the credentials in OPENAI_API_BASE_URL are sent in it"
+            )
+            raise ConfigError(f"invalid UPSTREAM_HEADERS: {name!r}: {why}")
+
+
 _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "OPENAI_API_BASE_URL": ("upstream_url", _text),
     "OPENAI_API_KEY": ("api_key", _api_key),
+    "OPENAI_API_KEY_HEADER": ("api_key_header", _header_name),
+    "UPSTREAM_HEADERS": ("upstream_headers", _upstream_headers),
     "PROXY_HOST": ("host", _host),
     "PROXY_PORT": ("port", _port),
     "WORKERS": ("workers", _int_between(1, 256)),
@@ -521,6 +709,7 @@ def parse_setting(name: str, raw: str, given_as: str | None = None) -> tuple[str
 _OPTIONAL_TEXT = (
     "upstream_url",
     "api_key",
+    "api_key_header",  # empty: the default, Authorization
     "model_mapping_file",
     "proxy_api_keys_file",
     "tls_certfile",
@@ -578,6 +767,13 @@ def _validated(settings: Settings) -> Settings:
             _checked_extra_body(getattr(settings, attr))
         except ValueError as exc:
             raise ConfigError(f"invalid {name}: {exc}") from None
+    try:  # given as a Python value (create_app(**overrides)), it was not parsed
+        headers = checked_upstream_headers(settings.upstream_headers)
+    except ValueError as exc:
+        raise ConfigError(f"invalid UPSTREAM_HEADERS: {exc}") from None
+    if headers != settings.upstream_headers:
+        changes["upstream_headers"] = headers
+    _check_backend_headers(replace(settings, **changes) if changes else settings)
     keys = changes.get("proxy_api_keys", settings.proxy_api_keys)
     try:
         client_keys(keys)
@@ -617,6 +813,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("LOG_LEVEL", settings.log_level),
         ("LOG_FORMAT", settings.log_format),
         ("FORWARDED_ALLOW_IPS", str(settings.forwarded_allow_ips)),
+        ("OPENAI_API_KEY_HEADER", settings.api_key_header),
         *((("OPENAI_API_KEY", settings.api_key),) if settings.api_key else ()),
     ):
         attr, parsed = parse_setting(name, value)

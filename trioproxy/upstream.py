@@ -42,7 +42,7 @@ import trio
 from httpx._utils import get_environment_proxies
 
 from . import netstream
-from .config import ConfigError, Settings, basic_credential, redact_url
+from .config import ConfigError, Settings, redact_url
 from .errors import (
     BackendSecrets,
     BadUpstreamResponse,
@@ -247,19 +247,18 @@ class UpstreamPool:
         self._secrets = settings.backend_secrets
         shards = max(1, settings.upstream_clients)
         keepalive = max(1, math.ceil(settings.upstream_max_keepalive / shards))
-        headers = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "trioproxy"}
         base, _, query = base_url.partition("?")
         url = httpx.URL(base + "/")
         # sent with every request: Azure OpenAI's deployments need their ?api-version=
         self._base_params = httpx.QueryParams(query) if query else None
-        if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key}"
-        elif credential := basic_credential(base_url):
-            # user:password in the URL (a backend behind basic auth): the transports are
-            # handed requests directly and would drop it, so it becomes the header
-            headers["Authorization"] = f"Basic {credential}"
         self._base_url = url.copy_with(username=None, password=None)
-        self._default_headers = httpx.Headers(headers)
+        headers = httpx.Headers(
+            {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "trioproxy"}
+        )
+        headers.update(settings.credential_headers())
+        # the operator's (UPSTREAM_HEADERS), in any case: may replace User-Agent or Accept
+        headers.update(settings.upstream_headers)
+        self._default_headers = headers
         # one TLS context for all clients: each would otherwise load the CA bundle again
         tls = _tls_context(settings)
         # The clients only hold the connection pools (limits, TLS, environment proxies):
