@@ -1200,6 +1200,7 @@ def test_the_container_probe_knocks_where_the_proxy_listens() -> None:
     assert url(PROXY_HOST="0.0.0.0", PROXY_PORT="8080") == "http://127.0.0.1:8080/health"
     assert url(PROXY_HOST="::") == "http://127.0.0.1:11434/health"  # dual stack
     assert url(PROXY_HOST="[::1]") == "http://[::1]:11434/health"
+    assert url(PROXY_HOST="fe80::1%lo") == "http://[fe80::1%25lo]:11434/health"
     assert url(PROXY_HOST="10.1.2.3") == "http://10.1.2.3:11434/health"
     from dataclasses import replace
 

@@ -337,3 +337,25 @@ def test_the_connection_cap_is_lowered_to_what_the_open_files_limit_holds(
         held.append(past)
         _assert_refusal(*past.get("/health"), room)
         assert held[0].get("/health")[0].status_code == 200  # those held are served
+
+
+@pytest.mark.parametrize(
+    ("reason", "named"),
+    [
+        ("accept returned EMFILE (Too many open files)", True),
+        ("accept returned ENOBUFS (No buffer space available)", False),
+        ("accept returned ENOMEM (Cannot allocate memory)", False),
+    ],
+)
+def test_a_failing_accept_names_the_open_files_limit_only_when_it_is_reached(
+    reason: str, named: bool
+) -> None:
+    """trio retries ENOMEM and ENOBUFS as it retries EMFILE: those are no open files
+    problem, and their line must not send an operator after the wrong limit."""
+    record = logging.makeLogRecord(
+        {"name": "trio.serve_listeners", "msg": f"{reason}; sleeping 0.1 seconds"}
+    )
+    assert limits.AcceptErrorsLogged(64).filter(record)
+    line = record.getMessage()
+    assert line.startswith(f"cannot accept new connections: {reason}")
+    assert ("RLIMIT_NOFILE" in line) is named

@@ -144,13 +144,17 @@ class AcceptErrorsLogged(logging.Filter):
         repeated = self._held_back
         self._held_back = 0
         reason = record.getMessage().split(";", 1)[0]  # "accept returned EMFILE (...)"
+        # trio retries ENOMEM and ENOBUFS the same way: the limit is named only when it is
+        # the one reached
+        files = "EMFILE" in reason or "ENFILE" in reason
+        limit = f"; open files limit (RLIMIT_NOFILE) {self._limit}" if files else ""
         record.msg = (
-            "cannot accept new connections: %s; open files limit (RLIMIT_NOFILE) %d; they "
-            "wait in the listen backlog, retried every 0.1 s%s"
+            "cannot accept new connections: %s%s; they wait in the listen backlog, "
+            "retried every 0.1 s%s"
         )
         record.args = (
             reason,
-            self._limit,
+            limit,
             f" ({repeated} more such failures since the last line)" if repeated else "",
         )
         record.exc_info = None
