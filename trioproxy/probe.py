@@ -25,8 +25,8 @@ _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "127.0.0.1"}
 
 def health_url(settings: Settings) -> str:
     host = _LOOPBACK.get(settings.host, settings.host)
-    if ":" in host:  # IPv6; a zone (fe80::1%eth0) is written %25 in a URL (RFC 6874)
-        host = f"[{host.replace('%', '%25')}]"
+    if ":" in host:
+        host = f"[{host}]"
     scheme = "https" if settings.tls_certfile else "http"
     return f"{scheme}://{host}:{settings.port}/health"
 
