@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import ClassVar
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -56,6 +57,8 @@ def test_a_broken_traceparent_is_not_passed_on_and_takes_its_tracestate_along(
 def test_a_tracestate_too_long_or_unprintable_is_left_out() -> None:
     assert trace_context(PARENT, "a=" + "b" * MAX_TRACESTATE_CHARS) == {"traceparent": PARENT}
     assert trace_context(PARENT, "a=b\r\nX-Injected: 1") == {"traceparent": PARENT}
+    # a byte past ASCII arrives as latin-1 text: printable, but not a header httpx sends
+    assert trace_context(PARENT, "a=\xe9") == {"traceparent": PARENT}
 
 
 @given(st.text(max_size=80), st.text(max_size=600))
@@ -65,6 +68,7 @@ def test_whatever_a_client_sends_only_a_valid_header_goes_on(parent: str, state:
         assert trace["traceparent"] == parent and parent.isprintable()
         assert set(trace) <= {"traceparent", "tracestate"}
         assert all(len(value) <= MAX_TRACESTATE_CHARS for value in trace.values())
+        assert all(value.isascii() for value in trace.values())  # what httpx can send
 
 
 class _Recording(ScriptedHandler):
@@ -114,3 +118,22 @@ def test_the_clients_trace_reaches_the_backend(start_proxy: Callable[..., Server
             with ollama.Client(host=proxy.url, headers=headers) as other:
                 other.chat(model="m", messages=messages)
     assert _Recording.seen == [dict(traced)] * 4 + [{"traceparent": None, "tracestate": None}] * 2
+
+
+def test_a_tracestate_past_ascii_is_dropped_not_a_500(
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """A client's header bytes past ASCII (latin-1 text to the proxy) would fail the
+    backend request as it is encoded: the trace goes on without that tracestate."""
+    _Recording.seen.clear()
+    headers = {"traceparent": PARENT.encode(), "tracestate": b"a=\xe9"}
+    messages = [{"role": "user", "content": "hi"}]
+    with serving(_Recording) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        for path, body in (
+            ("/v1/chat/completions", {"model": "m", "messages": messages}),
+            ("/api/chat", {"model": "m", "messages": messages, "stream": False}),
+        ):
+            reply = httpx.post(proxy.url + path, json=body, headers=headers, timeout=10)
+            assert reply.status_code == 200, reply.text
+    assert _Recording.seen == [{"traceparent": PARENT, "tracestate": None}] * 2

@@ -78,13 +78,20 @@ MAX_TRACESTATE_CHARS = 512  # the size the specification asks vendors to keep it
 def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, str] | None:
     """The trace headers to send the backend: a valid ``traceparent`` (else none, as the
     specification says: restart the trace rather than pass on a broken one) and its
-    ``tracestate`` when it is printable and at most MAX_TRACESTATE_CHARS long."""
+    ``tracestate`` when it is printable ASCII and at most MAX_TRACESTATE_CHARS long."""
     if not traceparent or len(traceparent) > 256 or not _TRACEPARENT.fullmatch(traceparent):
         return None
     if traceparent.startswith("00-") and len(traceparent) != 55:
         return None  # version 00 has exactly four fields
     trace = {TRACEPARENT: traceparent}
-    if tracestate and len(tracestate) <= MAX_TRACESTATE_CHARS and tracestate.isprintable():
+    # printable ASCII, as the specification's grammar: a client's other bytes arrive as
+    # latin-1 text, which httpx cannot encode (the request would fail with a 500)
+    if (
+        tracestate
+        and len(tracestate) <= MAX_TRACESTATE_CHARS
+        and tracestate.isascii()
+        and tracestate.isprintable()
+    ):
         trace[TRACESTATE] = tracestate
     return trace
 
