@@ -327,21 +327,20 @@ def from_backend(call: Call, translate: Callable[..., T], *args: Any) -> T:
         ) from None
 
 
-def _about_the_client(state: RequestState) -> dict[str, Any]:
-    """What a backend call takes from its client's request: the request id, whether the
-    client retries by itself, its trace context."""
-    return {
-        "request_id": state.request_id,
-        "client_retries": state.client_retries,
-        "trace": state.trace,
-    }
-
-
 async def call_raw(
     call: Call, path: str, body: bytes | None, *, method: str = "POST"
 ) -> UpstreamResult:
     state = call.state
-    result = await pool(call).request(method, path, body=body, **_about_the_client(state))
+    # what the call takes from its client's request, as keywords: a dict of them built
+    # and unpacked cost 0.5 µs a request
+    result = await pool(call).request(
+        method,
+        path,
+        body=body,
+        request_id=state.request_id,
+        client_retries=state.client_retries,
+        trace=state.trace,
+    )
     _note_upstream(call, result, complete=True)
     return result
 
@@ -366,7 +365,9 @@ async def open_stream(
             method,
             path,
             body=body,
-            **_about_the_client(state),
+            request_id=state.request_id,
+            client_retries=state.client_retries,
+            trace=state.trace,
             stream=True,
             header_timeout=call.app.settings.stream_first_token_timeout,
         )
