@@ -51,8 +51,14 @@ class ServerProcess:
         return "".join(self.output)
 
 
-def _spawn(args: list[str], env: dict[str, str], timeout: float = 20.0) -> ServerProcess:
-    """Start a server process and wait for its "listening on URL" line."""
+def _spawn(
+    args: list[str],
+    env: dict[str, str],
+    timeout: float = 20.0,
+    preexec_fn: Callable[[], None] | None = None,
+) -> ServerProcess:
+    """Start a server process and wait for its "listening on URL" line; ``preexec_fn``
+    runs in the child before it starts (limits set as ``ulimit`` would)."""
     process = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -61,6 +67,7 @@ def _spawn(args: list[str], env: dict[str, str], timeout: float = 20.0) -> Serve
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        preexec_fn=preexec_fn,
     )
     output: list[str] = []
     found = threading.Event()

@@ -13,7 +13,6 @@ import mmap
 import os
 import resource
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client import mmap_dict
 
-from tests.conftest import LISTEN_LINE, ROOT, ServerProcess, base_env, wait_healthy
+from tests.conftest import ServerProcess, _spawn, base_env, wait_healthy
 from trioproxy.metrics import mmap_files
 
 FLAGS = ("--env-file", "", "--workers", "2")
@@ -91,36 +90,11 @@ def _start_workers(tmpdir: Path, upstream: str, file_size: int | None = None) ->
         if file_size is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *FLAGS],
-        cwd=ROOT,
-        env=base_env(OPENAI_API_BASE_URL=upstream, TMPDIR=str(tmpdir)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
+    server = _spawn(
+        ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *FLAGS],
+        base_env(OPENAI_API_BASE_URL=upstream, TMPDIR=str(tmpdir)),
         preexec_fn=limit,
     )
-    output: list[str] = []
-    found = threading.Event()
-    url: list[str] = []
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            if (match := LISTEN_LINE.search(line)) and not found.is_set():
-                url.append(match.group(1))
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    server = ServerProcess(process, "", output, reader)
-    if not found.wait(20) or not url:
-        server.stop()
-        raise RuntimeError(f"proxy did not start:\n{server.log()}")
-    server.url = url[0]
     wait_healthy(server.url)
     return server
 

@@ -12,9 +12,6 @@ import logging
 import os
 import resource
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import LISTEN_LINE, ROOT, ServerProcess, base_env, wait_healthy
+from tests.conftest import ServerProcess, _spawn, base_env, wait_healthy
 from trioproxy import limits
 
 FLAGS = ("--env-file", "")  # read no env file
@@ -36,37 +33,11 @@ def _spawn_limited(upstream: str, soft: int, hard: int, *args: str, **env: str) 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    environment = base_env(LOG_LEVEL="INFO", OPENAI_API_BASE_URL=upstream, **env)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *FLAGS, *args],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
+    server = _spawn(
+        ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", *FLAGS, *args],
+        base_env(LOG_LEVEL="INFO", OPENAI_API_BASE_URL=upstream, **env),
         preexec_fn=limit,
     )
-    output: list[str] = []
-    found = threading.Event()
-    url: list[str] = []
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            if (match := LISTEN_LINE.search(line)) and not found.is_set():
-                url.append(match.group(1))
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    server = ServerProcess(process, "", output, reader)
-    if not found.wait(20) or not url:
-        server.stop()
-        raise RuntimeError(f"proxy did not start:\n{server.log()}")
-    server.url = url[0]
     wait_healthy(server.url)
     return server
 
