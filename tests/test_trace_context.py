@@ -26,11 +26,11 @@ STATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 
 
 def test_a_valid_traceparent_goes_on_with_its_tracestate() -> None:
-    assert trace_context(PARENT, STATE) == {"traceparent": PARENT, "tracestate": STATE}
-    assert trace_context(PARENT, None) == {"traceparent": PARENT}
+    assert trace_context([PARENT], [STATE]) == {"traceparent": PARENT, "tracestate": STATE}
+    assert trace_context([PARENT], []) == {"traceparent": PARENT}
     # a later version may add fields after version 00's four
     later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes"
-    assert trace_context(later, None) == {"traceparent": later}
+    assert trace_context([later], []) == {"traceparent": later}
 
 
 @pytest.mark.parametrize(
@@ -51,19 +51,29 @@ def test_a_valid_traceparent_goes_on_with_its_tracestate() -> None:
 def test_a_broken_traceparent_is_not_passed_on_and_takes_its_tracestate_along(
     traceparent: str,
 ) -> None:
-    assert trace_context(traceparent, STATE) is None
+    assert trace_context([traceparent], [STATE]) is None
 
 
 def test_a_tracestate_too_long_or_unprintable_is_left_out() -> None:
-    assert trace_context(PARENT, "a=" + "b" * MAX_TRACESTATE_CHARS) == {"traceparent": PARENT}
-    assert trace_context(PARENT, "a=b\r\nX-Injected: 1") == {"traceparent": PARENT}
+    assert trace_context([PARENT], ["a=" + "b" * MAX_TRACESTATE_CHARS]) == {"traceparent": PARENT}
+    assert trace_context([PARENT], ["a=b\r\nX-Injected: 1"]) == {"traceparent": PARENT}
     # a byte past ASCII arrives as latin-1 text: printable, but not a header httpx sends
-    assert trace_context(PARENT, "a=\xe9") == {"traceparent": PARENT}
+    assert trace_context([PARENT], ["a=\xe9"]) == {"traceparent": PARENT}
+
+
+def test_repeated_headers_follow_the_specification() -> None:
+    """Two traceparents are as broken as a malformed one; tracestate's copies are one
+    list, combined as HTTP combines a list header (and bounded as a whole)."""
+    assert trace_context([PARENT, PARENT], [STATE]) is None
+    halves = STATE.split(",")
+    assert trace_context([PARENT], halves) == {"traceparent": PARENT, "tracestate": STATE}
+    long_half = "a=" + "b" * (MAX_TRACESTATE_CHARS // 2)
+    assert trace_context([PARENT], [long_half, long_half]) == {"traceparent": PARENT}
 
 
 @given(st.text(max_size=80), st.text(max_size=600))
 def test_whatever_a_client_sends_only_a_valid_header_goes_on(parent: str, state: str) -> None:
-    trace = trace_context(parent, state)
+    trace = trace_context([parent], [state])
     if trace is not None:
         assert trace["traceparent"] == parent and parent.isprintable()
         assert set(trace) <= {"traceparent", "tracestate"}
@@ -77,6 +87,13 @@ class _Recording(ScriptedHandler):
     seen: ClassVar[list[dict[str, str | None]]] = []
 
     def do_GET(self) -> None:
+        if "/responses/" in self.path:
+            self.seen.append(
+                {name: self.headers.get(name) for name in ("traceparent", "tracestate")}
+            )
+            answer = {"id": "resp_1", "object": "response", "model": "m", "status": "completed"}
+            self.answer(200, json.dumps(answer).encode())
+            return
         self.answer(200, json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
 
     def do_POST(self) -> None:
@@ -118,6 +135,31 @@ def test_the_clients_trace_reaches_the_backend(start_proxy: Callable[..., Server
             with ollama.Client(host=proxy.url, headers=headers) as other:
                 other.chat(model="m", messages=messages)
     assert _Recording.seen == [dict(traced)] * 4 + [{"traceparent": None, "tracestate": None}] * 2
+
+
+def test_repeated_trace_headers_reach_the_backend_as_the_specification_says(
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """Both paths read every copy of the headers: the POSTs' fast path, and Quart's routes
+    (a GET of a stored response, which asks the backend)."""
+    _Recording.seen.clear()
+    congo, rojo = STATE.split(",")
+    split_state = [("traceparent", PARENT), ("tracestate", congo), ("tracestate", rojo)]
+    twice = [("traceparent", PARENT), ("traceparent", PARENT), ("tracestate", STATE)]
+    messages = [{"role": "user", "content": "hi"}]
+    with serving(_Recording) as url:
+        proxy = start_proxy(url, MAX_RETRIES="0")
+        for headers in (split_state, twice):
+            for path, body in (
+                ("/v1/chat/completions", {"model": "m", "messages": messages}),
+                ("/api/chat", {"model": "m", "messages": messages, "stream": False}),
+            ):
+                reply = httpx.post(proxy.url + path, json=body, headers=headers, timeout=10)
+                assert reply.status_code == 200, reply.text
+            reply = httpx.get(proxy.url + "/v1/responses/resp_1", headers=headers, timeout=10)
+            assert reply.status_code == 200, reply.text
+    untraced = {"traceparent": None, "tracestate": None}
+    assert _Recording.seen == [{"traceparent": PARENT, "tracestate": STATE}] * 3 + [untraced] * 3
 
 
 def test_a_tracestate_past_ascii_is_dropped_not_a_500(

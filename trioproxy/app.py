@@ -135,7 +135,7 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         )
         state.client_retries = CLIENT_RETRIES_NAME in headers
         if TRACEPARENT in headers:
-            state.trace = trace_context(headers[TRACEPARENT], headers.get(TRACESTATE))
+            state.trace = trace_context(headers.getlist(TRACEPARENT), headers.getlist(TRACESTATE))
         request.trioproxy_state = state
         access = None
         if app.settings.access_log:

@@ -67,6 +67,7 @@ CLIENT_RETRIES_HEADER = CLIENT_RETRIES_NAME.encode()
 # that traces (vLLM, LiteLLM, any OpenTelemetry-instrumented server)
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+TRACE_HEADERS = frozenset({TRACEPARENT.encode(), TRACESTATE.encode()})
 # version 00's form (a later version may append fields: read as far as 00's); an all-zero
 # trace or parent id is invalid, and so is version ff
 _TRACEPARENT = re.compile(
@@ -75,15 +76,21 @@ _TRACEPARENT = re.compile(
 MAX_TRACESTATE_CHARS = 512  # the size the specification asks vendors to keep it within
 
 
-def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, str] | None:
-    """The trace headers to send the backend: a valid ``traceparent`` (else none, as the
-    specification says: restart the trace rather than pass on a broken one) and its
-    ``tracestate`` when it is printable ASCII and at most MAX_TRACESTATE_CHARS long."""
+def trace_context(traceparents: list[str], tracestates: list[str]) -> dict[str, str] | None:
+    """The trace headers to send the backend, from every copy of each the client sent: one
+    valid ``traceparent`` (else none, as the specification says: restart the trace rather
+    than pass on a broken one, and two are as broken as a malformed one) and its
+    ``tracestate`` headers combined into one, as HTTP combines a list header's copies, when
+    the whole is printable ASCII and at most MAX_TRACESTATE_CHARS long."""
+    if len(traceparents) != 1:
+        return None
+    traceparent = traceparents[0]
     if not traceparent or len(traceparent) > 256 or not _TRACEPARENT.fullmatch(traceparent):
         return None
     if traceparent.startswith("00-") and len(traceparent) != 55:
         return None  # version 00 has exactly four fields
     trace = {TRACEPARENT: traceparent}
+    tracestate = ",".join(tracestates)
     # printable ASCII, as the specification's grammar: a client's other bytes arrive as
     # latin-1 text, which httpx cannot encode (the request would fail with a 500)
     if (
@@ -94,6 +101,17 @@ def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, 
     ):
         trace[TRACESTATE] = tracestate
     return trace
+
+
+def trace_context_of_raw(raw: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
+    """trace_context of ASGI's raw headers: read only when a ``traceparent`` is there, so
+    untraced requests pay nothing for the rescan."""
+    found: dict[bytes, list[str]] = {TRACEPARENT.encode(): [], TRACESTATE.encode(): []}
+    for name, value in raw:
+        name = name.lower()
+        if name in TRACE_HEADERS:
+            found[name].append(value.decode("latin-1"))
+    return trace_context(found[TRACEPARENT.encode()], found[TRACESTATE.encode()])
 
 
 @dataclass(slots=True)

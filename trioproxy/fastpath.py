@@ -26,7 +26,6 @@ from .exchange import (
     CLIENT_RETRIES_HEADER,
     CLIENT_RETRIES_NAME,
     TRACEPARENT,
-    TRACESTATE,
     AccessLine,
     Call,
     CountingSend,
@@ -39,7 +38,7 @@ from .exchange import (
     new_state,
     note_client,
     proxy_error_reply,
-    trace_context,
+    trace_context_of_raw,
 )
 from .relay import in_band_error
 
@@ -57,7 +56,6 @@ _WANTED_HEADERS = frozenset(
         b"authorization",
         CLIENT_RETRIES_HEADER,
         TRACEPARENT.encode(),
-        TRACESTATE.encode(),
     }
 )
 _WATCHER_GRACE_SECONDS = 1.0
@@ -102,7 +100,7 @@ async def serve(
     )
     state.client_retries = CLIENT_RETRIES_NAME in headers
     if TRACEPARENT in headers:
-        state.trace = trace_context(headers[TRACEPARENT], headers.get(TRACESTATE))
+        state.trace = trace_context_of_raw(scope["headers"])
     access = None
     if app.settings.access_log:
         access = AccessLine("POST", path, scope, app.client_addresses)
