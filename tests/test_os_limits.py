@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from tests.conftest import ServerProcess, _spawn, base_env, wait_healthy
+from tests.fakes import ScriptedHandler, serving
 from trioproxy import limits
 
 FLAGS = ("--env-file", "")  # read no env file
@@ -216,6 +217,69 @@ def test_a_hard_limit_too_low_is_a_warning_and_running_out_is_a_503(
     openai.close()
     ollama.close()
     assert "backend request failed" not in proxy.log()
+
+
+class _ClosingBackend(ScriptedHandler):
+    """A backend that closes every connection after its answer (HTTP/1.0): each readiness
+    check needs a new connection, so a new descriptor."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
+
+
+def test_readiness_out_of_files_is_not_ready_without_blaming_the_backend() -> None:
+    """A readiness check that cannot open a connection for want of descriptors: /ready is
+    a 503 naming the proxy's limit (requests cannot reach the backend either), the
+    backend's state is unknown, not down: trioproxy_backend_up stays 1 (BackendDown would
+    page for the wrong cause). Ready again once descriptors are free."""
+    with serving(_ClosingBackend) as url:
+        proxy = _spawn_limited(
+            url, 64, 64, SYSTEM_METRICS_ENABLED="false", READY_CHECK_INTERVAL="0.2",
+            MAX_CONNECTIONS="0",
+        )  # fmt: skip
+        idle: list[socket.socket] = []
+        try:
+            with httpx.Client(base_url=proxy.url, timeout=10) as client:
+                _descriptors_run_out_and_come_back(proxy, client, idle)
+            log = proxy.log()
+            warning = "WARNING trioproxy.ready [-] not ready: the proxy cannot open a connection"
+            assert warning in log
+            assert "the backend is not reachable" not in log
+        finally:
+            for sock in idle:
+                sock.close()
+            proxy.stop()
+
+
+def _descriptors_run_out_and_come_back(
+    proxy: ServerProcess, client: httpx.Client, idle: list[socket.socket]
+) -> None:
+    assert client.get("/ready").status_code == 200
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    _fill_descriptors(proxy.process.pid, 64, host, int(port), idle)
+    # "reachable" while its last answer is recent (three intervals), then unknown
+    body = _wait_for_ready(client, 503, backend="unknown").json()
+    assert body["checks"] == {"settings": "ok", "backend": "unknown", "open_files": "exhausted"}
+    assert "limit of open files (64, RLIMIT_NOFILE)" in body["proxy_error"]
+    assert "backend_error" not in body
+    assert "trioproxy_backend_up 1.0" in client.get("/metrics").text
+    for sock in idle:
+        sock.close()
+    idle.clear()
+    _wait_for_descriptors_below(proxy.process.pid, 32)
+    assert _wait_for_ready(client, 200).json()["checks"]["open_files"] == "ok"
+
+
+def _wait_for_ready(client: httpx.Client, status: int, backend: str = "") -> httpx.Response:
+    deadline = time.monotonic() + 20
+    while True:
+        ready = client.get("/ready")
+        if ready.status_code == status and backend in ("", ready.json()["checks"]["backend"]):
+            return ready
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.05)
 
 
 def _fill_descriptors(

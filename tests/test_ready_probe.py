@@ -7,6 +7,7 @@ the rest run a real proxy against real sockets that refuse, hang up or never ans
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -22,6 +23,7 @@ import trio
 
 from trioproxy.catalog import ModelCatalog
 from trioproxy.config import Settings
+from trioproxy.errors import OutOfFiles
 from trioproxy.metrics import MetricsCollector
 from trioproxy.routes_ops import CHECK_TIMEOUT_SECONDS, ReadinessChecker
 
@@ -78,6 +80,34 @@ async def test_a_failed_check_stands_for_the_interval(
     backend.error = None
     await checker.refresh(app)
     assert backend.calls == 2 and checker.fresh() and checker.last_error is None
+
+
+class StarvedBackend(ScriptedBackend):
+    """A check that cannot open a connection: the proxy is out of file descriptors."""
+
+    async def __call__(self, catalog: ModelCatalog) -> str | None:
+        self.calls += 1
+        raise OutOfFiles(OSError(errno.EMFILE, "Too many open files"), 64)
+
+
+async def test_a_check_out_of_files_is_not_ready_but_does_not_mark_the_backend_down(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    starved = StarvedBackend()
+    checker, app = checker_with(ScriptedBackend(None), monkeypatch)
+    await checker.check(app)
+    assert checker.fresh() and app.collector.backend_reachable
+    await trio.sleep(10)
+    monkeypatch.setattr(checker, "_ask_backend", starved)
+    await checker.check(app)
+    assert checker.out_of_files() and checker.reachable is True
+    assert "limit of open files (64" in (checker.out_of_files_error or "")
+    assert app.collector.backend_reachable  # trioproxy_backend_up untouched
+    for _ in range(5):  # stands for the interval, as a failed check
+        await checker.refresh(app)
+    assert starved.calls == 1
+    checker.mark_reachable()  # a request reached the backend: descriptors again
+    assert not checker.out_of_files() and checker.fresh()
 
 
 async def test_concurrent_probes_share_one_check(

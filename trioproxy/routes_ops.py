@@ -20,7 +20,8 @@ from quart import Blueprint, Response, request
 from . import __version__
 from .app import request_app
 from .config import Settings
-from .errors import BadRequest, UpstreamStatusError, scrub
+from .errors import BadRequest, OutOfFiles, UpstreamStatusError, scrub
+from .limits import open_files_limit, out_of_files
 from .metrics import MetricsCollector
 from .relay import dumps
 from .upstream import UpstreamPool
@@ -62,6 +63,8 @@ class ReadinessChecker:
         self._settings = settings
         self.reachable: bool | None = None
         self.last_error: str | None = None
+        self.out_of_files_error: str | None = None  # why the latest check could not ask
+        self._out_of_files_at = -math.inf  # trio clock: that check's end
         self._last_ok = -math.inf  # trio clock: the latest evidence the backend answers
         self._last_check = -math.inf  # trio clock: when the latest check ended
         self._checking: trio.Event | None = None  # the running check's end
@@ -98,9 +101,16 @@ class ReadinessChecker:
         failed)."""
         return self.reachable is True and _now() - self._last_ok <= 3 * self.interval
 
+    def out_of_files(self) -> bool:
+        """The latest check could not open a connection for want of file descriptors (the
+        proxy's own exhaustion), and no backend exchange succeeded since: not ready, as
+        requests cannot reach the backend either, but nothing learnt of the backend."""
+        return self._out_of_files_at > self._last_ok
+
     def failed_recently(self) -> bool:
         """The latest check failed less than an interval ago: its answer still stands."""
-        return self.reachable is False and _now() - self._last_check < self.interval
+        failed = self.reachable is False or self.out_of_files()
+        return failed and _now() - self._last_check < self.interval
 
     async def run(self, app: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Check whenever an interval passed without evidence either way, until cancelled
@@ -144,8 +154,14 @@ class ReadinessChecker:
             return
         self._checking = done = trio.Event()
         try:
-            error = await self._ask_backend(app.catalog)
+            try:
+                error = await self._ask_backend(app.catalog)
+            except OutOfFiles as exc:
+                self._last_check = _now()
+                self._note_out_of_files(exc.message)
+                return
             self._last_check = _now()
+            self._out_of_files_at = -math.inf
             if error is None:
                 self._last_ok = self._last_check
             self._record(error is None, error)
@@ -164,7 +180,11 @@ class ReadinessChecker:
                 result = await (await self._check_pool()).request("GET", "/models")
             except UpstreamStatusError as exc:
                 return None if exc.status < 500 else exc.message[:200]
+            except OutOfFiles:
+                raise
             except Exception as exc:  # unreachable, for whatever reason: say why
+                if (exhausted := out_of_files(exc)) is not None:  # building the pool
+                    raise OutOfFiles(exhausted, open_files_limit()) from exc
                 return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
             catalog.take(result.response.content, self._settings.backend_secrets, asked_at)
             return None
@@ -195,6 +215,14 @@ class ReadinessChecker:
         if pool is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await pool.aclose()
+
+    def _note_out_of_files(self, message: str) -> None:
+        # the backend's state (and trioproxy_backend_up) stays as last known: blaming
+        # the backend would fire BackendDown for the proxy's own limit
+        if not self.out_of_files():
+            log.warning("not ready: %s", message.removesuffix("; retry shortly"))
+        self._out_of_files_at = self._last_check
+        self.out_of_files_error = message
 
     def _record(self, reachable: bool, error: str | None) -> None:
         # a change is logged, not every check: a backend down for an hour is one line
@@ -265,16 +293,22 @@ async def ready() -> Response:
     # answered from the last interval's result when there is one, success or failure;
     # else from one shared check of at most CHECK_TIMEOUT_SECONDS
     await checker.refresh(app)
-    ready_now = checker.fresh()
-    body = {
+    reachable = checker.fresh()
+    out_of_files = checker.out_of_files()
+    ready_now = reachable and not out_of_files
+    body: dict[str, Any] = {
         "status": "ready" if ready_now else "not ready",
         "checks": {
             "settings": "ok",
-            "backend": "reachable" if ready_now else "unreachable",
+            "backend": _backend_check(reachable, out_of_files),
+            "open_files": "exhausted" if out_of_files else "ok",
         },
         "backend_checked_at": checker.checked_at,
     }
-    if not ready_now and checker.last_error:
+    if out_of_files:
+        # the proxy's own limit, no backend address in it: told to anyone
+        body["proxy_error"] = checker.out_of_files_error
+    if not reachable and not out_of_files and checker.last_error:
         keys = app.client_keys
         if keys and keys.name_of(request.headers.get("Authorization")) is None:
             # open to anyone: why it failed names the backend's address, which only
@@ -283,6 +317,13 @@ async def ready() -> Response:
         else:
             body["backend_error"] = checker.last_error
     return _json(body, 200 if ready_now else 503)
+
+
+def _backend_check(reachable: bool, out_of_files: bool) -> str:
+    if reachable:
+        return "reachable"
+    # no connection to ask it with: its state is not known, not "unreachable"
+    return "unknown" if out_of_files else "unreachable"
 
 
 @blueprint.get("/v1/metrics")
