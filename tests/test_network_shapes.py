@@ -408,7 +408,22 @@ def _hypercorn_below(root: str, backend: str) -> Iterator[str]:
         server.wait(timeout=10)
 
 
-@pytest.fixture(params=["prefix stripped", "hypercorn --root-path"])
+@contextlib.contextmanager
+def _trioproxy_below(root: str, backend: str) -> Iterator[str]:
+    """The proxy served by the ``trioproxy`` command with ``ROOT_PATH``, as the example's
+    comment says; yields its address."""
+    server = _spawn(
+        ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--env-file", ""],
+        base_env(OPENAI_API_BASE_URL=backend, ROOT_PATH=root),
+    )
+    try:
+        wait_healthy(server.url + root)
+        yield server.url.removeprefix("http://")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["prefix stripped", "ROOT_PATH", "hypercorn --root-path"])
 def nginx_in_front(
     request: pytest.FixtureRequest,
     proxy: ServerProcess,
@@ -418,7 +433,8 @@ def nginx_in_front(
     """deploy/nginx/trioproxy.conf run by Debian's nginx in front of a trioproxy; yields
     nginx's base URL. Only the upstream's address and the listen port are changed, and
     for the variant its comment gives, the "/" after the upstream (nginx then passes
-    /ollama/... on, and hypercorn serves the proxy below it)."""
+    /ollama/... on, and the proxy is served below it: ROOT_PATH, or plain hypercorn's
+    --root-path)."""
     if NGINX is None:
         pytest.skip("nginx is not installed")
     with contextlib.ExitStack() as stack:
@@ -427,7 +443,8 @@ def nginx_in_front(
         if request.param == "prefix stripped":
             address = proxy.url.removeprefix("http://")
         else:
-            address = stack.enter_context(_hypercorn_below("/ollama", demo_backend.url))
+            below = _trioproxy_below if request.param == "ROOT_PATH" else _hypercorn_below
+            address = stack.enter_context(below("/ollama", demo_backend.url))
             changes.append(("proxy_pass http://trioproxy/;", "proxy_pass http://trioproxy;"))
         changes.append(("server 127.0.0.1:11434;", f"server {address};"))
         for written, used in changes:

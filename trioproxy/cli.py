@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1; env PROXY_HOST)")
     parser.add_argument("--port", help="port to bind (default 11434; env PROXY_PORT)")
     parser.add_argument("--workers", help="worker processes (default 1; env WORKERS)")
+    parser.add_argument(
+        "--root-path", help="serve every route below this path, e.g. /llm (env ROOT_PATH)"
+    )
     parser.add_argument("--upstream", help="backend base URL (env OPENAI_API_BASE_URL)")
     parser.add_argument(
         "--demo", action="store_true", help="serve the built-in simulated backend (no API key)"
@@ -81,6 +84,7 @@ FLAGS = {
     "host": "PROXY_HOST",
     "port": "PROXY_PORT",
     "workers": "WORKERS",
+    "root_path": "ROOT_PATH",
     "upstream": "OPENAI_API_BASE_URL",
     "log_level": "LOG_LEVEL",
 }
@@ -256,6 +260,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.keep_alive_timeout = settings.keep_alive_timeout
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
+    config.root_path = settings.root_path
     # hypercorn's lines through our handler (configure_logging set it up), in LOG_FORMAT
     config.errorlog = logging.getLogger(HYPERCORN_LOGGER)
     config.read_timeout = None  # a read timeout would cut long streams (stack notes 3d)
@@ -515,10 +520,12 @@ def _log_config_file(path: Path, settings: Settings) -> Path:
 
 
 def _timeouts_file(path: Path, settings: Settings) -> Path:
-    """hypercorn's TOML config for the workers: the timeouts, and TLS if configured."""
+    """hypercorn's TOML config for the workers: the timeouts, the mount point, and TLS if
+    configured."""
     lines = [
         f"keep_alive_timeout = {settings.keep_alive_timeout!r}",
         f"graceful_timeout = {settings.graceful_timeout!r}",
+        f"root_path = {json.dumps(settings.root_path)}",
     ]
     if settings.tls_certfile:
         # a JSON string is a TOML basic string

@@ -113,6 +113,7 @@ class Settings:
     metrics_require_auth: bool = False
     client_max_concurrent_requests: int = 0
     tls_certfile: str | None = None
+    root_path: str = ""  # the mount point the proxy is served below ("" for none)
     tls_keyfile: str | None = None
     think_on_extra_body: Mapping[str, Any] = field(default_factory=dict)
     think_off_extra_body: Mapping[str, Any] = field(default_factory=dict)
@@ -277,6 +278,18 @@ def _log_format(value: str) -> str:
 
 def _text(value: str) -> str:
     return value.strip()
+
+
+# path segments as RFC 3986 spells them, no percent-escapes: the prefix is compared with
+# the request's decoded path, so an escape would never match
+_ROOT_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+")
+
+
+def _root_path(value: str) -> str:
+    path = value.strip().rstrip("/")
+    if path and (not _ROOT_PATH.fullmatch(path) or "/./" in path + "/" or "/../" in path + "/"):
+        raise ValueError(f"expected a path such as /llm (letters, digits, -._~), got {value!r}")
+    return path
 
 
 # what the proxy itself writes into a request it translates, and reads its answer by: an
@@ -598,6 +611,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_REQUIRE_AUTH": ("metrics_require_auth", _bool),
     "CLIENT_MAX_CONCURRENT_REQUESTS": ("client_max_concurrent_requests", _non_negative_int),
     "TLS_CERTFILE": ("tls_certfile", _text),
+    "ROOT_PATH": ("root_path", _root_path),
     "TLS_KEYFILE": ("tls_keyfile", _text),
     "THINK_ON_EXTRA_BODY": ("think_on_extra_body", _extra_body),
     "THINK_OFF_EXTRA_BODY": ("think_off_extra_body", _extra_body),
@@ -814,6 +828,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("LOG_FORMAT", settings.log_format),
         ("FORWARDED_ALLOW_IPS", str(settings.forwarded_allow_ips)),
         ("OPENAI_API_KEY_HEADER", settings.api_key_header),
+        ("ROOT_PATH", settings.root_path),
         *((("OPENAI_API_KEY", settings.api_key),) if settings.api_key else ()),
     ):
         attr, parsed = parse_setting(name, value)

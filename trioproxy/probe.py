@@ -28,7 +28,7 @@ def health_url(settings: Settings) -> str:
     if ":" in host:
         host = f"[{host}]"
     scheme = "https" if settings.tls_certfile else "http"
-    return f"{scheme}://{host}:{settings.port}/health"
+    return f"{scheme}://{host}:{settings.port}{settings.root_path}/health"
 
 
 def _context() -> ssl.SSLContext:
