@@ -2,9 +2,10 @@
 
 trioproxy runs hypercorn's multi-process server as a child (its master, and the master's
 workers). Whatever happens to one side, the other must not carry on as if nothing did: a
-worker that dies makes trioproxy fail (so systemd's ``Restart=on-failure`` restarts it), a
-trioproxy that is killed takes the worker server down (so the port is free for the
-restart); and ``LOG_FORMAT=json`` holds for every line any of them writes.
+killed worker is replaced, and workers killed faster than that make trioproxy fail (so
+systemd's ``Restart=on-failure`` restarts it), a trioproxy that is killed takes the worker
+server down (so the port is free for the restart); and ``LOG_FORMAT=json`` holds for every
+line any of them writes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import httpx
 import psutil
 import pytest
 
+from trioproxy.respawn import RESPAWN_LIMIT
+
 from .conftest import ServerProcess, wait_healthy
-from .test_cli_config import _start_demo_proxy, chat
+from .test_cli_config import _start_demo_proxy, _stream_in_thread, chat
 
 
 def _running_on(server: ServerProcess) -> int:
@@ -75,19 +78,87 @@ def _kill(processes: list[psutil.Process]) -> None:
             pass
 
 
-def test_a_worker_that_dies_makes_trioproxy_exit_with_a_failure() -> None:
-    """hypercorn then stops its other workers and exits 0 (the status of the last worker it
-    joined); trioproxy did not ask it to stop, so it says so and exits 1."""
+def test_a_killed_worker_is_started_again_while_the_others_serve_on() -> None:
+    """hypercorn stopped every worker when one was killed (the OOM killer's SIGKILL),
+    dropping the other workers' streams: now a new worker takes its place, and the
+    server goes on (and stops cleanly when asked)."""
     server = _start_demo_proxy(2, LOG_LEVEL="INFO")
+    port = int(server.url.rsplit(":", 1)[1])
     descendants: list[psutil.Process] = []
     try:
         workers = _wait_for_workers(server, 2)
         descendants = psutil.Process(server.process.pid).children(recursive=True)
-        workers[0].send_signal(signal.SIGKILL)
+        thread, lines = _stream_in_thread(server.url, tokens=30, delay=0.05)
+        deadline = time.monotonic() + 10
+        while not (serving := [w for w in workers if _serves_a_client(w, port)]):
+            assert time.monotonic() < deadline, "no worker took the stream"
+            time.sleep(0.02)
+        victim = next(w for w in workers if w is not serving[0])
+        victim.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _running_on(server) < 3:  # the new worker serves
+            assert time.monotonic() < deadline, server.log()
+            assert server.process.poll() is None, server.log()
+            time.sleep(0.05)
+        tree = psutil.Process(server.process.pid).children(recursive=True)
+        workers = [p for p in tree if _is_worker(p)]
+        assert len(workers) == 2 and victim.pid not in {p.pid for p in workers}
+        descendants += tree
+        for _ in range(6):  # a new connection each: both workers answer some
+            assert chat(server.url).status_code == 200
+        thread.join(timeout=15)  # the other worker's stream went on to its end
+        assert lines and json.loads(lines[-1])["done"] is True, lines[-3:]
+        log = server.log()
+        assert f"worker {victim.pid} was killed by SIGKILL; starting another" in log
+        assert "Traceback" not in log
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0, server.log()
+    finally:
+        _kill(descendants)
+        server.stop()
+
+
+def _is_worker(process: psutil.Process) -> bool:
+    try:
+        return "spawn_main" in " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie not yet reaped
+        return False
+
+
+def _serves_a_client(worker: psutil.Process, port: int) -> bool:
+    return any(
+        c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        for c in worker.net_connections("tcp")
+    )
+
+
+def test_workers_killed_faster_than_they_can_be_replaced_make_trioproxy_exit_with_a_failure() -> (
+    None
+):
+    """Past the respawn budget (a worker killed as soon as it starts), hypercorn stops the
+    server as before; trioproxy did not ask it to, so it says so and exits 1 for its
+    supervisor to restart it."""
+    server = _start_demo_proxy(2, LOG_LEVEL="INFO")
+    descendants: list[psutil.Process] = []
+    try:
+        _wait_for_workers(server, 2)
+        killed: set[int] = set()
+        deadline = time.monotonic() + 30
+        while server.process.poll() is None:
+            assert time.monotonic() < deadline, server.log()
+            tree = psutil.Process(server.process.pid).children(recursive=True)
+            descendants += [p for p in tree if p not in descendants]
+            for worker in (p for p in tree if _is_worker(p)):
+                if worker.pid not in killed:
+                    killed.add(worker.pid)
+                    worker.send_signal(signal.SIGKILL)
+            time.sleep(0.02)
         code = server.process.wait(timeout=15)
         server.reader.join(timeout=5)  # type: ignore[union-attr]
         log = server.log()
         assert code == 1, log
+        assert log.count("was killed by SIGKILL; starting another") == RESPAWN_LIMIT
+        assert f"more than {RESPAWN_LIMIT} killed workers within" in log
         last = log.strip().splitlines()[-1]
         assert last.startswith("trioproxy: error: the worker server stopped without being asked")
         assert "Traceback" not in log

@@ -45,6 +45,7 @@ from .config import (
     read_environment,
 )
 from .logs import HYPERCORN_LOGGER, configure_logging, hypercorn_log_config, notice
+from .respawn import RespawnBudget, respawn_killed_workers
 from .rundir import new_run_dir
 from .upstream import check_client_environment
 
@@ -451,19 +452,22 @@ def hypercorn_child() -> None:
     signal.signal(STOP_NOW_SIGNAL, signal.SIG_IGN)
     watcher = threading.Thread(target=_stop_with_parent, args=(lifeline, deadline), daemon=True)
     watcher.start()
-    _close_listeners_when_stopping()
+    respawns = RespawnBudget()
+    respawn_killed_workers(respawns)
+    _close_listeners_when_stopping(respawns)
     from hypercorn.__main__ import main as hypercorn_main
 
     sys.exit(hypercorn_main(sys.argv[3:]))
 
 
-def _close_listeners_when_stopping() -> None:
+def _close_listeners_when_stopping(respawns: RespawnBudget) -> None:
     """hypercorn's master keeps its copies of the listening sockets until its workers have
     exited (it would need them to start a worker again), so while they drained, new
     connections queued in the backlog and hung instead of being refused (a load balancer
     or client then tries another instance). The handler it installs for SIGTERM and SIGINT
     (the start of its stop, also when trioproxy is gone) now closes them first; each worker
-    closes its own copy when it stops accepting."""
+    closes its own copy when it stops accepting. From then on, no killed worker is started
+    again (``respawns``)."""
     import hypercorn.run as hypercorn_run
     from hypercorn.config import Config, Sockets
 
@@ -476,26 +480,33 @@ def _close_listeners_when_stopping() -> None:
         return sockets
 
     Config.create_sockets = create_and_keep  # type: ignore[method-assign]
-    hypercorn_run.signal = _ListenersClosedOnStop(listeners)  # type: ignore[assignment]
+    hypercorn_run.signal = _ListenersClosedOnStop(listeners, respawns)  # type: ignore[assignment]
 
 
 class _ListenersClosedOnStop:
     """The ``signal`` module as hypercorn.run sees it, but for the handler it installs for
     SIGTERM and SIGINT, which closes ``listeners`` before it runs."""
 
-    def __init__(self, listeners: list[socket.socket]) -> None:
+    def __init__(self, listeners: list[socket.socket], respawns: RespawnBudget) -> None:
         self._listeners = listeners
+        self._respawns = respawns
 
     def __getattr__(self, name: str) -> Any:
         return getattr(signal, name)
 
     def signal(self, signum: int, handler: Any) -> Any:
         if signum in (signal.SIGTERM, signal.SIGINT) and callable(handler):
-            handler = partial(_close_then, self._listeners, handler)
+            handler = partial(_close_then, self._listeners, self._respawns, handler)
         return signal.signal(signum, handler)
 
 
-def _close_then(listeners: list[socket.socket], handler: Callable[..., object], *args: Any) -> None:
+def _close_then(
+    listeners: list[socket.socket],
+    respawns: RespawnBudget,
+    handler: Callable[..., object],
+    *args: Any,
+) -> None:
+    respawns.stopping = True
     for listener in listeners:
         listener.close()
     handler(*args)
