@@ -835,8 +835,8 @@ def test_which_content_encodings_are_refused(header: str | None, refused: bool) 
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/api/pull"), ("DELETE", "/api/delete"), ("POST", "/api/copy"),
-     ("POST", "/api/create"), ("POST", "/api/push")],
+    [("DELETE", "/api/delete"), ("POST", "/api/copy"), ("POST", "/api/create"),
+     ("POST", "/api/push")],
 )  # fmt: skip
 def test_a_refused_model_management_call_keeps_its_connection(
     proxy: ServerProcess, method: str, path: str

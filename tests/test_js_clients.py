@@ -293,6 +293,22 @@ def test_ollama_version(run: RunScenario) -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", out["version"]), out
 
 
+def test_ollama_pull(run: RunScenario) -> None:
+    """A pull makes sure of a model before use: for one the backend serves it succeeds
+    (ollama-js ends the stream at ``status: "success"``), by Ollama's name rules; one it
+    does not serve is a 404 ResponseError."""
+    out = run("ollama-pull")
+    assert out["streamed"] == [{"status": "pulling manifest"}, {"status": "success"}]
+    assert out["whole"] == {"status": "success"}
+    for call in ("unknown", "unknownStream"):
+        result = out[call]
+        assert result["ok"] is False and result["name"] == "ResponseError", result
+        assert result["status"] == 404, result
+        assert result["error"].startswith(f"model '{UNKNOWN}' not found"), result
+    assert out["langchain"]["content"] == text(3)
+    assert {"status": "success"} in out["langchain"]["logged"]  # it pulled, then chatted
+
+
 # ---- ollama-js: errors and aborts ----------------------------------------------------------
 
 

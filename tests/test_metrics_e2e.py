@@ -182,12 +182,12 @@ def test_scripted_workload_is_reported_exactly(metered_proxy: ServerProcess) -> 
 def test_model_management_refusals_do_not_degrade_health(
     demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
 ) -> None:
-    """``ollama pull`` against the proxy gets 501 (the backend owns its models): counted
+    """``ollama push`` against the proxy gets 501 (the backend owns its models): counted
     under its status, as a client error, never as a failure of the service."""
     url = start_proxy(demo_backend.url).url
     assert httpx.post(f"{url}/api/chat", json=chat("hi", stream=False), timeout=10).is_success
     for _ in range(3):
-        assert httpx.post(f"{url}/api/pull", json={"model": "llama3"}).status_code == 501
+        assert httpx.post(f"{url}/api/push", json={"model": "llama3"}).status_code == 501
     health = httpx.get(f"{url}/v1/metrics/health", timeout=5)
     assert health.status_code == 200 and health.json()["status"] == "healthy"
     assert health.json()["error_rate"] == 0.0

@@ -122,7 +122,7 @@ def test_effective_status(code: int, outcome: str | None, expected: int) -> None
 def test_status_classes() -> None:
     c = st_mod.status_class
     assert [c(200), c(204), c(302)] == [st_mod.SUCCESS] * 3
-    # 501: a feature not offered (ollama pull): the client's request, not a failure
+    # 501: a feature not offered (ollama push): the client's request, not a failure
     # 505: HTTP/2's preface on the HTTP/1.1 port (a gRPC client, a scanner): the client's
     assert [c(400), c(404), c(429), c(501), c(505)] == [st_mod.CLIENT_ERROR] * 5
     assert c(499) == st_mod.CANCELLED

@@ -748,6 +748,33 @@ def test_a_name_is_the_same_model_with_and_without_its_latest_tag(
     assert f'model="{chat}"' not in labels or chat == "demo-chat"  # one model, one label
 
 
+def test_pulling_a_model_the_backend_serves_succeeds(
+    proxy: ServerProcess, client: Callable[..., ollama.Client]
+) -> None:
+    """Apps and scripts make sure of a model by pulling it before they use it (ollama's
+    pull example, @langchain/ollama's ``checkOrPullModel``, start-up scripts): for a model
+    the backend serves the pull succeeds, as Ollama's does for one already pulled, by
+    Ollama's name rules; one it does not serve is Ollama's 404. A 501 failed them all."""
+    c = client(proxy)
+    assert c.pull("demo-chat").status == "success"
+    progress = list(c.pull("library/Demo-Chat:latest", stream=True))
+    assert [p.status for p in progress] == ["pulling manifest", "success"]
+    for streamed in (False, True):
+        with pytest.raises(ollama.ResponseError) as info:
+            result = c.pull("no-such-model", stream=streamed)
+            if streamed:
+                list(result)  # type: ignore[arg-type]
+        assert info.value.status_code == 404
+        assert info.value.error.startswith("model 'no-such-model' not found")
+    assert c.ps().models  # the client goes on with the model
+
+
+async def test_async_pull(proxy: ServerProcess, aclient: Callable[..., ollama.AsyncClient]) -> None:
+    c = aclient(proxy)
+    assert (await c.pull("demo-embed")).status == "success"
+    assert [p.status async for p in await c.pull("demo-embed", stream=True)][-1] == "success"
+
+
 # ---- errors --------------------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trioproxy import translate as tr
+
 from .conftest import ServerProcess, closed_port_url, demo_events_for
 from .fakes import ScriptedHandler, serving
 
@@ -374,7 +376,7 @@ def test_body_too_large(small_body_proxy: ServerProcess) -> None:
     ("which", "path", "status"),
     [
         ("small_body_proxy", "/api/chat", 413),  # the headers announce too large a body
-        ("proxy", "/api/pull", 501),  # answered without reading the body
+        ("proxy", "/api/push", 501),  # answered without reading the body
         ("proxy", "/api/nowhere", 404),
     ],
 )
@@ -435,7 +437,6 @@ def test_unknown_path_and_wrong_method(http: httpx.Client) -> None:
 
 def test_model_management_is_501(http: httpx.Client) -> None:
     for method, path in [
-        ("POST", "/api/pull"),
         ("POST", "/api/push"),
         ("POST", "/api/create"),
         ("POST", "/api/copy"),
@@ -446,6 +447,23 @@ def test_model_management_is_501(http: httpx.Client) -> None:
         response = httpx.request(method, http.base_url.join(path), json={"model": "demo-chat"})
         assert_ollama_error(response, 501, "backend manages")
     assert http.head("/api/blobs/sha256:" + "0" * 64).status_code == 501
+
+
+def test_a_pull_names_its_model_as_ollama_reads_it(http: httpx.Client) -> None:
+    """``model``, or the legacy ``name`` ollama-js sends; NDJSON unless ``stream: false``."""
+    streamed = http.post("/api/pull", json={"name": "demo-chat"})
+    assert streamed.headers["content-type"] == "application/x-ndjson"
+    lines = streamed.text.splitlines()
+    assert [json.loads(line) for line in lines] == tr.ollama_pull_progress()
+    assert streamed.text.endswith("\n") and "" not in lines  # no blank line for the parsers
+    whole = http.post("/api/pull", json={"model": "demo-chat", "stream": False})
+    assert whole.headers["content-type"] == "application/json" and whole.json() == {
+        "status": "success"
+    }
+    assert_ollama_error(http.post("/api/pull", json={"insecure": True}), 400, "'model'")
+    assert_ollama_error(http.post("/api/pull", json={"model": 3}), 400, "'model'")
+    refused = http.post("/api/pull", json={"model": "demo-chat", "stream": "yes"})
+    assert_ollama_error(refused, 400, "'stream'")
 
 
 # ---- backend failures ----------------------------------------------------------------------

@@ -98,17 +98,50 @@ async def ps() -> Response:
 @blueprint.post("/api/show")
 async def show() -> Response:
     call = await current_call()
-    body = json_object(call)
-    name = body.get("model") or body.get("name")
-    if not name:
-        raise ProxyError("field 'model' is required", 400, param="model")
-    if not isinstance(name, str):
-        raise ProxyError("field 'model' must be a string", 400, param="model")
+    name = _named_model(json_object(call))
     note_model(call.state, name)
     entry = await listed_entry(call, name)
     if entry is None:
         raise NotFound(f"model '{shown_name(name)}' not found")
     return _json(tr.ollama_show(name, entry))
+
+
+@blueprint.post("/api/pull")
+async def pull() -> Response:
+    """Apps make sure of a model by pulling it before they use it (ollama's pull example,
+    @langchain/ollama's ``checkOrPullModel``, start-up scripts). The backend serves its own
+    models: one it lists is there, and the pull succeeds as Ollama's does for a model
+    already pulled; one it does not list cannot be had through the proxy (404)."""
+    call = await current_call()
+    body = json_object(call)
+    name = _named_model(body)
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise ProxyError("field 'stream' must be a boolean", 400, param="stream")
+    note_model(call.state, name)
+    if await listed_entry(call, name) is None:
+        raise NotFound(f"model '{shown_name(name)}' not found: {NOT_PULLED}")
+    progress = tr.ollama_pull_progress()
+    if not stream:  # Ollama answers the last progress line alone
+        return _json(progress[-1])
+    lines = b"".join(dumps(line) + b"\n" for line in progress)
+    return Response(lines, content_type=NDJSON)
+
+
+NOT_PULLED = (
+    "trioproxy does not pull models; the backend serves the models it lists (GET /api/tags)"
+)
+
+
+def _named_model(body: dict[str, Any]) -> str:
+    """The model a model-management body names: ``model``, or ``name`` (Ollama's legacy
+    key, which ollama-js still sends for pull, push and delete)."""
+    name = body.get("model") or body.get("name")
+    if not name:
+        raise ProxyError("field 'model' is required", 400, param="model")
+    if not isinstance(name, str):
+        raise ProxyError("field 'model' must be a string", 400, param="model")
+    return name
 
 
 async def chat(call: Call) -> Reply:
@@ -515,7 +548,6 @@ for _path, _handler in FAST_ROUTES.items():
     quart_route(blueprint, _path, _handler)
 
 
-@blueprint.route("/api/pull", methods=["POST"])
 @blueprint.route("/api/push", methods=["POST"])
 @blueprint.route("/api/create", methods=["POST"])
 @blueprint.route("/api/copy", methods=["POST"])

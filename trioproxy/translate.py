@@ -2316,6 +2316,13 @@ def ollama_ps(
     return {"models": out}
 
 
+def ollama_pull_progress() -> list[JSONDict]:
+    """``/api/pull``'s progress lines for a model the backend serves: Ollama's first and
+    last (its lines between count the bytes of layers it downloads; there are none).
+    ollama-js ends a pull stream at ``status: "success"`` and throws without it."""
+    return [{"status": "pulling manifest"}, {"status": "success"}]
+
+
 def openai_model_entry(client_name: str, backend_entry: JSONDict | None = None) -> JSONDict:
     """One OpenAI model object under its client-facing id, with the backend's other
     fields (vLLM's ``max_model_len``, OpenRouter's ``context_length``, pricing: what

@@ -146,6 +146,31 @@ async function ollamaVersion() {
   return await ollama().version();
 }
 
+async function ollamaPull() {
+  const client = ollama();
+  const model = "no-such-model";
+  // @langchain/ollama's checkOrPullModel pulls a model /api/tags does not list under the
+  // name it was given (here spelled with Ollama's default namespace), logging the progress
+  const logged = [];
+  const log = console.log;
+  console.log = (...args) => logged.push(args);
+  let reply;
+  try {
+    reply = await chatModel({ model: "library/demo-chat", checkOrPullModel: true }).invoke(
+      `Hi [[tokens=3]] ${marker()}`,
+    );
+  } finally {
+    console.log = log;
+  }
+  return {
+    streamed: await collect(await client.pull({ model: "demo-chat", stream: true })),
+    whole: await client.pull({ model: "Demo-Chat:latest" }),
+    unknown: await caught(() => client.pull({ model })),
+    unknownStream: await caught(async () => collect(await client.pull({ model, stream: true }))),
+    langchain: { content: reply.content, logged: logged.flat() },
+  };
+}
+
 async function ollamaTools() {
   const client = ollama();
   const messages = user("Weather in Paris?");
@@ -612,6 +637,7 @@ const SCENARIOS = {
   "ollama-ps": ollamaPs,
   "ollama-version": ollamaVersion,
   "ollama-tools": ollamaTools,
+  "ollama-pull": ollamaPull,
   "ollama-unknown-model": ollamaUnknownModel,
   "ollama-abort": ollamaAbort,
   "ollama-mid-stream-error": ollamaMidStreamError,
