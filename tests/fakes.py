@@ -40,6 +40,28 @@ class ScriptedHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+# Two models as llama.cpp's server lists them (its /v1/models: the GGUF's metadata under
+# "meta"), under the demo's names so the client scenarios that ask for those can run
+LLAMA_CPP_META = {
+    "demo-chat": {"vocab_type": 2, "n_vocab": 128256, "n_ctx_train": 131072, "n_embd": 4096,
+                  "n_params": 8030261248, "size": 4912898304},
+    "demo-embed": {"vocab_type": 3, "n_vocab": 30522, "n_ctx_train": 2048, "n_embd": 768,
+                   "n_params": 136727040, "size": 274290560},
+}  # fmt: skip
+
+
+class LlamaCppModels(ScriptedHandler):
+    """A backend that lists models as llama.cpp's server does (LLAMA_CPP_META)."""
+
+    def do_GET(self) -> None:
+        entries = [
+            {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "llamacpp",
+             "meta": meta}
+            for name, meta in LLAMA_CPP_META.items()
+        ]  # fmt: skip
+        self.answer(200, json.dumps({"object": "list", "data": entries}).encode())
+
+
 @contextlib.contextmanager
 def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """The handler on 127.0.0.1 in a thread; yields its base URL (ending in /v1)."""

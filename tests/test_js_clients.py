@@ -36,7 +36,7 @@ from trioproxy.demo.script import (
 )
 
 from .conftest import ServerProcess, demo_events_for
-from .fakes import ScriptedHandler, serving
+from .fakes import LLAMA_CPP_META, LlamaCppModels, ScriptedHandler, serving
 from .test_metrics_e2e import scrape, total
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -278,6 +278,28 @@ def test_ollama_show(run: RunScenario) -> None:
     assert {"completion", "tools"} <= set(chat["capabilities"])
     assert isinstance(chat["details"], dict)
     assert "embedding" in embed["capabilities"]
+
+
+def test_ollama_show_and_list_from_llama_cpps_server(
+    node_modules: Path, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """What llama.cpp's server lists under ``meta`` (LLAMA_CPP_META) reaches ollama-js
+    where Ollama puts it: the trained context and embedding length in ``model_info``,
+    the parameter count there and in ``details``, the file size on ``/api/tags``."""
+    with serving(LlamaCppModels) as url:
+        run_here = scenario_runner(start_proxy(url, MAX_RETRIES="0").url)
+        shown, listed = run_here("ollama-show"), run_here("ollama-list")["models"]
+    for name, out in (("demo-chat", shown["chat"]), ("demo-embed", shown["embed"])):
+        meta = LLAMA_CPP_META[name]
+        assert out["model_info"] == {
+            "general.architecture": "demo",
+            "general.parameter_count": meta["n_params"],
+            "demo.context_length": meta["n_ctx_train"],
+            "demo.embedding_length": meta["n_embd"],
+        }
+    assert shown["chat"]["details"]["parameter_size"] == "8.0B"
+    sizes = {entry["model"]: entry["size"] for entry in listed}
+    assert sizes == {f"{name}:latest": meta["size"] for name, meta in LLAMA_CPP_META.items()}
 
 
 def test_ollama_ps(run: RunScenario) -> None:

@@ -27,7 +27,7 @@ from trioproxy.demo.script import REASONING_TOKENS
 from trioproxy.forward import encode
 
 from .conftest import ServerProcess, demo_events_for
-from .fakes import ScriptedHandler, serving
+from .fakes import LlamaCppModels, ScriptedHandler, serving
 
 # A valid 1x1 PNG (transparent pixel).
 PNG_1X1 = base64.b64decode(
@@ -746,6 +746,31 @@ def test_a_name_is_the_same_model_with_and_without_its_latest_tag(
         assert completion.choices[0].message.content
     labels = httpx.get(proxy.url + "/metrics", timeout=10).text
     assert f'model="{chat}"' not in labels or chat == "demo-chat"  # one model, one label
+
+
+def test_what_llama_cpps_server_lists_reaches_show_and_list(
+    start_proxy: Callable[..., ServerProcess], client: Callable[..., ollama.Client]
+) -> None:
+    """llama.cpp's server lists a model's GGUF metadata under ``meta``: its trained
+    context (where Zed, Continue and VS Code's Copilot read the context window), its
+    embedding length, parameter count and file size, as Ollama reports them from the
+    same GGUF. They were left out: clients sized every prompt by their own default. (Not
+    on /api/ps, whose context_length is the window served: llama.cpp's may be smaller.)"""
+    with serving(LlamaCppModels) as url:
+        c = client(start_proxy(url, MAX_RETRIES="0"))
+        chat, embed = c.show("demo-chat"), c.show("demo-embed")
+        assert chat.modelinfo == {
+            "general.architecture": "demo",
+            "general.parameter_count": 8030261248,
+            "demo.context_length": 131072,
+            "demo.embedding_length": 4096,
+        }
+        assert embed.modelinfo is not None and embed.modelinfo["demo.embedding_length"] == 768
+        assert chat.details is not None and chat.details.parameter_size == "8.0B"
+        assert embed.details is not None and embed.details.parameter_size == "137M"
+        listed = {m.model: m for m in c.list().models}
+        assert listed["demo-chat:latest"].size == 4912898304
+        assert listed["demo-embed:latest"].details.parameter_size == "137M"  # type: ignore[union-attr]
 
 
 def test_pulling_a_model_the_backend_serves_succeeds(

@@ -1987,6 +1987,32 @@ def test_show() -> None:
     )
 
 
+def test_llama_cpp_meta_that_is_no_number_is_left_out() -> None:
+    """llama.cpp's ``meta`` is read as Ollama reads a GGUF; anything that is no count
+    (a string, a negative, 1e400, a meta that is no object) is left out, never a 500."""
+    for meta in ("x", None, [1], {"n_ctx_train": "8k", "n_embd": -1, "n_params": float("inf"),
+                                  "size": True}):  # fmt: skip
+        entry = {"id": "m", "meta": meta}
+        shown = ollama_show("m", entry)
+        assert shown["model_info"] == {"general.architecture": "m"}
+        assert shown["details"]["parameter_size"] == ""
+        tag = openai_models_to_ollama_tags([entry], ModelMapper())["models"][0]
+        assert tag["size"] == 0 and ListResponse.model_validate({"models": [tag]})
+    # the served window a backend lists wins over llama.cpp's trained one
+    both = {"id": "m", "max_model_len": 4096, "meta": {"n_ctx_train": 131072}}
+    assert ollama_show("m", both)["model_info"]["m.context_length"] == 4096
+
+
+@pytest.mark.parametrize(
+    ("count", "shown"),
+    [(8_030_261_248, "8.0B"), (70_553_706_496, "70.6B"), (136_727_040, "137M"),
+     (1_500_000_000_000, "1.5T"), (22_000, "22K"), (999, "999")],
+)  # fmt: skip
+def test_parameter_size_as_ollama_writes_it(count: int, shown: str) -> None:
+    entry = {"id": "m", "meta": {"n_params": count}}
+    assert ollama_show("m", entry)["details"]["parameter_size"] == shown
+
+
 def test_ps() -> None:
     now = 1_700_000_000 * 10**9
     out = ollama_ps(BACKEND_MODELS, MAPPER, now_ns=now)  # type: ignore[arg-type]

@@ -2168,16 +2168,35 @@ def is_embedding_model(name: str) -> bool:
     return "embed" in name.lower()
 
 
-def _details(backend_id: str) -> JSONDict:
+def _details(backend_id: str, entry: JSONDict) -> JSONDict:
     family = model_family(backend_id)
+    parameters = whole_number(_gguf_meta(entry).get("n_params"))
     return {
         "parent_model": "",
         "format": "gguf",
         "family": family,
         "families": [family],
-        "parameter_size": "",
+        "parameter_size": _parameter_size(parameters) if parameters else "",
         "quantization_level": "",
     }
+
+
+def _gguf_meta(entry: JSONDict) -> JSONDict:
+    """The GGUF metadata llama.cpp's server lists under a /models entry's ``meta``
+    (``n_ctx_train``, ``n_embd``, ``n_params``, ``size``); empty for other backends."""
+    meta = entry.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _parameter_size(count: int) -> str:
+    """A parameter count as Ollama writes ``details.parameter_size`` ("8.0B", "137M")."""
+    for scale, suffix in ((10**12, "T"), (10**9, "B")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    for scale, suffix in ((10**6, "M"), (10**3, "K")):
+        if count >= scale:
+            return f"{count / scale:.0f}{suffix}"
+    return str(count)
 
 
 def _digest(backend_id: str) -> str:
@@ -2211,9 +2230,9 @@ def _tag_entry(name: str, entry: JSONDict) -> JSONDict:
         "name": name,
         "model": name,
         "modified_at": _rfc3339_seconds(entry.get("created")),
-        "size": 0,
+        "size": whole_number(_gguf_meta(entry).get("size")) or 0,  # the model file's bytes
         "digest": _digest(backend_id),
-        "details": _details(backend_id),
+        "details": _details(backend_id, entry),
     }
 
 
@@ -2235,19 +2254,15 @@ def ollama_show(
         backend_id = model_name
     if embedding is None:
         embedding = is_embedding_model(model_name) or is_embedding_model(backend_id)
-    details = _details(backend_id)
     entry = backend_entry or {}
-    # ollama-python requires this key to exist (ShowResponse alias without default).
-    model_info: JSONDict = {"general.architecture": details["family"]}
-    context = _context_length(entry)
-    if context:  # where Ollama's tools (Zed, Continue) read the context window
-        model_info[f"{details['family']}.context_length"] = context
+    details = _details(backend_id, entry)
     return {
         "modelfile": f"# Served by trioproxy from backend model {backend_id}\nFROM {backend_id}\n",
         "parameters": "",
         "template": _EMBEDDING_TEMPLATE if embedding else _TOOLS_TEMPLATE,
         "details": details,
-        "model_info": model_info,
+        # ollama-python requires this key to exist (ShowResponse alias without default)
+        "model_info": _model_info(details["family"], entry),
         "capabilities": ["embedding"] if embedding else _capabilities(entry),
         "modified_at": _rfc3339_seconds(entry.get("created")),
     }
@@ -2258,6 +2273,21 @@ def ollama_show(
 # (LiteLLM's supports_function_calling looks for "tools" in it).
 _EMBEDDING_TEMPLATE = "{{ .Prompt }}"
 _TOOLS_TEMPLATE = "{{ if .Tools }}{{ .Tools }}\n{{ end }}{{ .Prompt }}"
+
+
+def _model_info(family: str, entry: JSONDict) -> JSONDict:
+    """``model_info`` with the keys Ollama reads from a model's GGUF that the backend's
+    entry gives: its context window (where Zed, Continue and VS Code's Copilot read it),
+    and from llama.cpp's server the trained context, embedding length and parameter count."""
+    info: JSONDict = {"general.architecture": family}
+    meta = _gguf_meta(entry)
+    if parameters := whole_number(meta.get("n_params")):
+        info["general.parameter_count"] = parameters
+    if context := _context_length(entry) or whole_number(meta.get("n_ctx_train")):
+        info[f"{family}.context_length"] = context
+    if embedding := whole_number(meta.get("n_embd")):
+        info[f"{family}.embedding_length"] = embedding
+    return info
 
 
 def _context_length(entry: JSONDict) -> int:
@@ -2307,7 +2337,7 @@ def ollama_ps(
                 "model": name,
                 "size": 0,
                 "digest": _digest(entry["id"]),
-                "details": _details(entry["id"]),
+                "details": _details(entry["id"], entry),
                 "expires_at": expires,
                 "size_vram": 0,
                 "context_length": context,
