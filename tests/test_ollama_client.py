@@ -748,6 +748,29 @@ def test_a_name_is_the_same_model_with_and_without_its_latest_tag(
     assert f'model="{chat}"' not in labels or chat == "demo-chat"  # one model, one label
 
 
+@pytest.mark.parametrize("keep_alive", ["5m", 0, -1, "0", "-1m", 300, 1.5, "1h30m", None])
+def test_every_keep_alive_the_client_takes_is_accepted_everywhere(
+    proxy: ServerProcess, client: Callable[..., ollama.Client], keep_alive: float | str | None
+) -> None:
+    """Open WebUI, LangChain and the clients send ``keep_alive`` as a Go duration or a
+    number of seconds (negative: forever): never a 400, on every route that takes it.
+    With nothing to do (an empty prompt or chat) it is Ollama's load, or its unload when
+    zero, answered without the backend."""
+    c = client(proxy)
+    zero = keep_alive in (0, "0")
+    hi = [{"role": "user", "content": f"hi {marker()}"}]
+    assert c.chat("demo-chat", hi, keep_alive=keep_alive).message.content
+    assert c.generate("demo-chat", "hi", keep_alive=keep_alive).response
+    assert c.embed("demo-embed", "hi", keep_alive=keep_alive).embeddings
+    assert c.embeddings("demo-embed", "hi", keep_alive=keep_alive).embedding
+    for load in (
+        c.chat("demo-chat", [], keep_alive=keep_alive),
+        c.generate("demo-chat", "", keep_alive=keep_alive),
+        *c.generate("demo-chat", "", keep_alive=keep_alive, stream=True),
+    ):
+        assert load.done is True and load.done_reason == ("unload" if zero else "load")
+
+
 def test_what_llama_cpps_server_lists_reaches_show_and_list(
     start_proxy: Callable[..., ServerProcess], client: Callable[..., ollama.Client]
 ) -> None:
