@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ScriptedHandler(BaseHTTPRequestHandler):
@@ -60,6 +60,37 @@ class LlamaCppModels(ScriptedHandler):
             for name, meta in LLAMA_CPP_META.items()
         ]  # fmt: skip
         self.answer(200, json.dumps({"object": "list", "data": entries}).encode())
+
+
+# every input's vector from FullLengthEmbeddings: unit length, 8 dimensions
+FULL_LENGTH_VECTOR = [8**-0.5] * 8
+
+
+class FullLengthEmbeddings(ScriptedHandler):
+    """Lists ``demo-embed`` and embeds every input as FULL_LENGTH_VECTOR, whatever
+    ``dimensions`` asks (llama.cpp's server ignores it); with ``refuses`` set it refuses
+    ``dimensions`` instead, in OpenAI's words for a model without it. ``asked`` holds
+    the bodies it was sent."""
+
+    refuses: ClassVar[bool] = False
+    asked: ClassVar[list[dict[str, Any]]] = []
+
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": [{"id": "demo-embed"}]}')
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        type(self).asked.append(body)
+        if self.refuses and "dimensions" in body:
+            error = {"message": "This model does not support specifying dimensions.",
+                     "type": "invalid_request_error", "param": None, "code": None}  # fmt: skip
+            self.answer(400, json.dumps({"error": error}).encode())
+            return
+        data = [{"object": "embedding", "index": index, "embedding": FULL_LENGTH_VECTOR}
+                for index, _ in enumerate(body["input"])]  # fmt: skip
+        usage = {"prompt_tokens": len(data), "total_tokens": len(data)}
+        answer = {"object": "list", "data": data, "model": body["model"], "usage": usage}
+        self.answer(200, json.dumps(answer).encode())
 
 
 @contextlib.contextmanager

@@ -36,7 +36,13 @@ from trioproxy.demo.script import (
 )
 
 from .conftest import ServerProcess, demo_events_for
-from .fakes import LLAMA_CPP_META, LlamaCppModels, ScriptedHandler, serving
+from .fakes import (
+    LLAMA_CPP_META,
+    FullLengthEmbeddings,
+    LlamaCppModels,
+    ScriptedHandler,
+    serving,
+)
 from .test_metrics_e2e import scrape, total
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -250,6 +256,24 @@ def test_ollama_embed(run: RunScenario) -> None:
     # All vectors, in order.
     assert many["embeddings"] == [vector(t) for t in ("alpha", "beta gamma", "hello world")]
     assert all(len(v) == EMBED_DIMENSIONS for v in many["embeddings"])
+
+
+@pytest.mark.parametrize("refuses", [False, True])
+def test_ollama_embed_dimensions_from_a_backend_without_them(
+    node_modules: Path, start_proxy: Callable[..., ServerProcess], refuses: bool
+) -> None:
+    """As many dimensions as asked for, at unit length, as Ollama cuts them, from a
+    backend that ignores ``dimensions`` (llama.cpp's server) or refuses it (OpenAI, vLLM
+    for a model without it; asked again without it)."""
+    FullLengthEmbeddings.refuses, FullLengthEmbeddings.asked = refuses, []
+    with serving(FullLengthEmbeddings) as url:
+        out = scenario_runner(start_proxy(url, MAX_RETRIES="0").url)("ollama-embed-dimensions")
+    for answer in (out["four"], out["again"]):
+        assert len(answer["embeddings"]) == 2
+        for vector in answer["embeddings"]:
+            assert vector == pytest.approx([0.5] * 4)
+    sent = [body.get("dimensions") for body in FullLengthEmbeddings.asked]
+    assert sent == ([4, None, None] if refuses else [4, 4])
 
 
 def test_ollama_legacy_embeddings(run: RunScenario) -> None:

@@ -27,7 +27,13 @@ from trioproxy.demo.script import REASONING_TOKENS
 from trioproxy.forward import encode
 
 from .conftest import ServerProcess, demo_events_for
-from .fakes import LlamaCppModels, ScriptedHandler, serving
+from .fakes import (
+    FULL_LENGTH_VECTOR,
+    FullLengthEmbeddings,
+    LlamaCppModels,
+    ScriptedHandler,
+    serving,
+)
 
 # A valid 1x1 PNG (transparent pixel).
 PNG_1X1 = base64.b64decode(
@@ -668,6 +674,29 @@ def test_empty_input_gets_no_vectors_as_from_ollama(
             call()
         assert info.value.status_code == 404
         assert info.value.error == 'model "no-such-model" not found, try pulling it first'
+
+
+@pytest.mark.parametrize("refuses", [False, True])
+def test_embed_dimensions_are_as_many_as_asked_for_whatever_the_backend_does(
+    start_proxy: Callable[..., ServerProcess],
+    client: Callable[..., ollama.Client],
+    refuses: bool,
+) -> None:
+    """Ollama cuts each vector to ``dimensions`` and scales it back to unit length, for
+    any model: a vector store sized for that many gets that many. A backend that ignores
+    the field (llama.cpp's server) answered its full length, one that refuses it (OpenAI
+    for a model without it, vLLM for one without Matryoshka) a 400: the proxy cuts the
+    vectors as Ollama does, asking such a model without the field from its first refusal."""
+    FullLengthEmbeddings.refuses, FullLengthEmbeddings.asked = refuses, []
+    with serving(FullLengthEmbeddings) as url:
+        c = client(start_proxy(url, MAX_RETRIES="0"))
+        for _ in range(2):
+            answer = c.embed("demo-embed", ["alpha", "beta"], dimensions=4)
+            assert [v == pytest.approx([0.5] * 4) for v in answer.embeddings] == [True, True]
+        assert len(c.embed("demo-embed", "alpha", dimensions=16).embeddings[0]) == 8  # longer
+        assert c.embed("demo-embed", "alpha").embeddings == [FULL_LENGTH_VECTOR]
+    sent = [body.get("dimensions") for body in FullLengthEmbeddings.asked]
+    assert sent == ([4, None, None, None, None] if refuses else [4, 4, 16, None])
 
 
 async def test_async_embed(

@@ -1825,6 +1825,18 @@ def test_embed_response_in_index_order() -> None:
     EmbedResponse.model_validate(out)
 
 
+def test_embed_vectors_are_cut_to_the_dimensions_asked_for_as_ollama_cuts_them() -> None:
+    """A vector longer than ``dimensions`` keeps its first values at unit length; one no
+    longer stays as it came; a zero vector stays zero; values that are no numbers (a
+    broken backend) are cut but not scaled, never a 500."""
+    vectors = [[3.0, 4.0, 12.0], [0.6, 0.8], [0.0, 0.0, 0.0], ["a", None, 1.0]]
+    out = openai_embeddings_to_ollama_embed(_emb_resp(vectors), "m", TIMINGS, 2)
+    assert out["embeddings"][0] == pytest.approx([0.6, 0.8])
+    assert out["embeddings"][1:] == [[0.6, 0.8], [0.0, 0.0], ["a", None]]
+    whole = openai_embeddings_to_ollama_embed(_emb_resp(vectors), "m", TIMINGS, 0)
+    assert whole["embeddings"] == vectors
+
+
 @given(count=st.integers(1, 30), size=st.integers(1, 8))
 def test_embed_batches_keep_every_input_in_order(count: int, size: int) -> None:
     payload = {"model": "b", "input": [f"t{i}" for i in range(count)], "dimensions": 4}

@@ -16,7 +16,12 @@ import trio
 from trioproxy import upstream
 from trioproxy.config import Settings
 from trioproxy.errors import UpstreamStatusError
-from trioproxy.forward import refuses_field, refuses_stream_options, wants_max_completion_tokens
+from trioproxy.forward import (
+    refuses_dimensions,
+    refuses_field,
+    refuses_stream_options,
+    wants_max_completion_tokens,
+)
 from trioproxy.upstream import UpstreamPool
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -195,6 +200,24 @@ def test_a_field_is_refused_only_by_a_message_about_it(
     to the field: the operator's think switch was dropped for the model for good."""
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
     assert refuses_field(UpstreamStatusError("x", 400, body=body.encode()), name) is refuses
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "refuses"),
+    [(400, "This model does not support specifying dimensions.", True),  # OpenAI
+     (400, 'Model "bge-m3" does not support matryoshka representation, changing output '
+           "dimensions will lead to poor results.", True),  # vLLM
+     (422, "Extra inputs are not permitted: dimensions", True),
+     (400, "dimensions must be at most 3072", False),  # a value out of range: the client's
+     (400, "This model does not support batching", False),
+     (500, "does not support dimensions", False)],
+)  # fmt: skip
+def test_a_refusal_of_dimensions_is_told_from_other_errors(
+    status: int, message: str, refuses: bool
+) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+    error = UpstreamStatusError("x", status, body=body.encode())
+    assert refuses_dimensions(error) is refuses
 
 
 def test_a_failure_through_an_environment_proxy_names_the_proxy(

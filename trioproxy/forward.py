@@ -580,6 +580,31 @@ NO_STREAM_OPTIONS = FieldQuirk(
     "the backend refuses stream_options for model %s; its streams now go without it, and "
     "their output tokens are counted from the chunks",
 )
+# OpenAI: "This model does not support specifying dimensions." (text-embedding-ada-002);
+# vLLM: "Model ... does not support matryoshka representation, changing output
+# dimensions will lead to poor results."
+_NO_DIMENSIONS = re.compile(rb"does not support|not supported|matryoshka", re.IGNORECASE)
+
+
+def refuses_dimensions(error: UpstreamStatusError) -> bool:
+    """Whether a backend's 400/422 refuses an embedding request's ``dimensions``."""
+    if refuses_field(error, "dimensions"):
+        return True
+    body = error.body
+    return (
+        error.status in (400, 422) and b"dimensions" in body and bool(_NO_DIMENSIONS.search(body))
+    )
+
+
+# Ollama cuts any model's vectors to the dimensions asked for; a backend model may refuse
+# the field: asked without it, its vectors are cut by the proxy (tr._cut_to)
+NO_DIMENSIONS = FieldQuirk(
+    "dimensions",
+    refuses_dimensions,
+    lambda payload: payload.pop("dimensions", None),
+    "the backend refuses dimensions for model %s; its embeddings are now asked for "
+    "without it and cut to the length asked for, as Ollama cuts them",
+)
 # OpenAI's reasoning models refuse max_tokens (num_predict's usual name) for this one
 MAX_COMPLETION_TOKENS = FieldQuirk(
     "max_tokens",

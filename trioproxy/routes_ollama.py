@@ -31,6 +31,7 @@ from .errors import (
 )
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
+    NO_DIMENSIONS,
     NO_STREAM_OPTIONS,
     FieldQuirk,
     as_the_backend_takes,
@@ -378,9 +379,9 @@ async def embed(call: Call) -> Reply:
     note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
-    return _json_reply(
-        from_backend(call, tr.openai_embeddings_to_ollama_embed, resp, body["model"], timings)
-    )
+    convert = tr.openai_embeddings_to_ollama_embed
+    dimensions = body.get("dimensions") or 0
+    return _json_reply(from_backend(call, convert, resp, body["model"], timings, dimensions))
 
 
 async def embeddings(call: Call) -> Reply:
@@ -439,7 +440,7 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
     the last one is in."""
     if len(batches) == 1:
         try:
-            resp, _ = await call_json(call, "/embeddings", batches[0])
+            resp, _ = await _ask_embeddings(call, batches[0])
         except UpstreamStatusError as error:
             _note_empty_inputs(error, batches[0])
             raise
@@ -454,7 +455,7 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
         nonlocal held
         try:
             async with limiter:
-                resp, result = await call_json(call, "/embeddings", batches[index])
+                resp, result = await _ask_embeddings(call, batches[index])
             if failures:  # answered as another failed: its answer is no longer wanted
                 return
             held += len(result.response.content)
@@ -481,6 +482,13 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
     if call.state.metric is not None:
         call.state.metric.upstream_ms = (time.perf_counter() - started) * 1000.0
     return [resp for resp in answers if resp is not None]
+
+
+async def _ask_embeddings(call: Call, batch: tr.JSONDict) -> tuple[Any, UpstreamResult]:
+    """The backend's ``/embeddings`` answer to ``batch``; a model that refuses
+    ``dimensions`` is asked without it (its vectors are then cut as Ollama cuts them)."""
+    send = functools.partial(call_json, call, "/embeddings")
+    return await as_the_backend_takes(call, batch, NO_DIMENSIONS, send)
 
 
 def _which_inputs(batches: list[tr.JSONDict], index: int) -> str:

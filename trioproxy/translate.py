@@ -2094,16 +2094,37 @@ def joined_embeddings(answers: list[JSONDict]) -> JSONDict:
     return {**answers[0], "data": data, "usage": usage}
 
 
-def openai_embeddings_to_ollama_embed(resp: JSONDict, model: str, timings: Timings) -> JSONDict:
-    """``/embeddings`` response as ``/api/embed``: every vector, in input order."""
+def openai_embeddings_to_ollama_embed(
+    resp: JSONDict, model: str, timings: Timings, dimensions: int = 0
+) -> JSONDict:
+    """``/embeddings`` response as ``/api/embed``: every vector, in input order, and no
+    longer than ``dimensions`` (when positive) as Ollama cuts them."""
     prompt_tokens, _ = _usage_counts(resp)
+    vectors = _vectors(resp)
+    if dimensions > 0:
+        vectors = [_cut_to(vector, dimensions) for vector in vectors]
     return {
         "model": model,
-        "embeddings": _vectors(resp),
+        "embeddings": vectors,
         "total_duration": int(timings.total_ns),
         "load_duration": 0,
         "prompt_eval_count": prompt_tokens,
     }
+
+
+def _cut_to(vector: list[float], dimensions: int) -> list[float]:
+    """Ollama's ``dimensions``: a vector longer than that keeps its first ``dimensions``
+    values, scaled back to unit length (as Ollama's normalize, whose floor on the norm
+    keeps a zero vector zero); a backend that honoured the field answered no longer one,
+    and one that ignores it (llama.cpp's server) or refused it answered its full length."""
+    if len(vector) <= dimensions:
+        return vector
+    kept = vector[:dimensions]
+    try:
+        scale = 1.0 / max(math.sqrt(math.fsum(value * value for value in kept)), 1e-12)
+    except (TypeError, OverflowError):  # not numbers, or too large to square: as they came
+        return kept
+    return [value * scale for value in kept]
 
 
 def openai_embeddings_to_ollama_embeddings(resp: JSONDict) -> JSONDict:

@@ -119,6 +119,15 @@ async function ollamaEmbed() {
   return { one, many };
 }
 
+async function ollamaEmbedDimensions() {
+  const client = ollama();
+  const input = ["alpha", "beta gamma"];
+  return {
+    four: await client.embed({ model: "demo-embed", input, dimensions: 4 }),
+    again: await client.embed({ model: "demo-embed", input, dimensions: 4 }),
+  };
+}
+
 async function ollamaEmbeddings() {
   const client = ollama();
   const legacy = await client.embeddings({ model: "demo-embed", prompt: "hello world" });
@@ -632,6 +641,7 @@ const SCENARIOS = {
   "ollama-generate-stream": ollamaGenerateStream,
   "ollama-embed": ollamaEmbed,
   "ollama-embeddings": ollamaEmbeddings,
+  "ollama-embed-dimensions": ollamaEmbedDimensions,
   "ollama-list": ollamaList,
   "ollama-show": ollamaShow,
   "ollama-ps": ollamaPs,
