@@ -251,7 +251,9 @@ def _ndjson_stream(
         translator,
         settings=app.settings,
         metric=metric,
-        metric_start=metric.start if metric else time.perf_counter(),
+        # without metrics, from the first backend attempt: the wait for the headers
+        # counts against the first-token deadline, as it does from the request's arrival
+        metric_start=metric.start if metric else result.started,
         collector=app.collector,
         end=(end := StreamEnd()),
     )

@@ -12,7 +12,6 @@ import base64
 import json
 import re
 import struct
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -345,7 +344,9 @@ def _stream_reply(
         observer,
         settings=call.app.settings,
         metric=metric,
-        metric_start=metric.start if metric else time.perf_counter(),
+        # without metrics, from the first backend attempt: the wait for the headers
+        # counts against the first-token deadline, as it does from the request's arrival
+        metric_start=metric.start if metric else result.started,
         collector=call.app.collector,
         rewrite_model=rewrite,
         end=(end := StreamEnd()),

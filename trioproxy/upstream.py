@@ -362,7 +362,12 @@ class UpstreamPool:
         ``trace``: the client's W3C trace context headers, sent on.
         Raises UpstreamStatusError for a backend error status (body read, bounded),
         UpstreamUnavailable / UpstreamTimeout for transport failures.
-        ``header_timeout`` bounds the wait for a streamed response's headers. A client that
+        ``header_timeout`` bounds the wait for a streamed response's headers, over all the
+        attempts together: it is the stream's first-token deadline, which a retry does not
+        restart (a backend failing after most of it, twice, had each retry wait it whole,
+        and a retry started after it ran out sent the backend a request only to cut its
+        answer at once). A retry that could not start before it runs out is not made: the
+        client gets the last failure, as when the attempts are spent. A client that
         retries by itself (``client_retries``) gets the failure at once: its retries, with
         the waits it chooses within its own timeout, would multiply with the proxy's (an
         SDK's 3 attempts times 4 = 12 backend calls). Only a pooled connection the backend
@@ -375,6 +380,7 @@ class UpstreamPool:
         if body is not None:
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
+        headers_by = trio.current_time() + header_timeout if header_timeout else math.inf
         attempt = 0
         while True:
             attempt += 1
@@ -382,17 +388,20 @@ class UpstreamPool:
             shard = self._picker.acquire()
             try:
                 response, headers_at = await self._attempt(
-                    self._transports[shard], req, stream, header_timeout
+                    self._transports[shard], req, stream, header_timeout, headers_by
                 )
             except _Retryable as retry:
                 self._picker.release(shard)
-                if attempt > self._settings.max_retries or (
-                    client_retries and not _stale_connection(retry, attempt)
+                backoff = self._backoff(attempt, retry.reason, retry.retry_after)
+                if (
+                    attempt > self._settings.max_retries
+                    or (client_retries and not _stale_connection(retry, attempt))
+                    or trio.current_time() + backoff >= headers_by
                 ):
                     self._observer.upstream_error(retry.reason)
                     raise retry.final from None
                 self._observer.upstream_retry(retry.reason)
-                await trio.sleep(self._backoff(attempt, retry.reason, retry.retry_after))
+                await trio.sleep(backoff)
                 continue
             except BaseException:
                 self._picker.release(shard)
@@ -414,10 +423,11 @@ class UpstreamPool:
         req: httpx.Request,
         stream: bool,
         header_timeout: float | None,
+        headers_by: float,
     ) -> tuple[httpx.Response, float]:
         sent_at = time.perf_counter()
         try:
-            with trio.fail_after(header_timeout) if header_timeout else _no_deadline():
+            with trio.fail_at(headers_by) if header_timeout else _no_deadline():
                 response = await transport.handle_async_request(req)
                 response.request = req
         except trio.TooSlowError:

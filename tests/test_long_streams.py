@@ -1,0 +1,137 @@
+"""Long, slow and stalled streams against real proxy processes on 127.0.0.1: how the
+first-token deadline (STREAM_FIRST_TOKEN_TIMEOUT) holds across the proxy's retries and
+without metrics, and how a backend that stops taking a request is told."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import ollama
+import pytest
+
+from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
+
+StartProxy = Callable[..., ServerProcess]
+PROMPT = [{"role": "user", "content": "think hard"}]
+Script = Callable[[ScriptedHandler, int], None]
+Scripted = Callable[[Script], tuple[str, list[float]]]
+
+
+def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+    event = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+class _Calls(ScriptedHandler):
+    """A backend whose answers the test scripts per call (``script(handler, number)``)."""
+
+    calls: list[float]
+    script: Script
+
+    def do_POST(self) -> None:
+        self.json_body()
+        self.calls.append(time.monotonic())
+        type(self).script(self, len(self.calls))
+
+    def do_GET(self) -> None:  # the readiness check's model list
+        self.answer(200, b'{"object":"list","data":[]}')
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    """Serve a backend answering as ``script(handler, call_number)`` says; the fixture's
+    function returns its URL and the times of the calls it got."""
+    with contextlib.ExitStack() as stack:
+
+        def serve(script: Script) -> tuple[str, list[float]]:
+            calls: list[float] = []
+            handler = type("Scripted", (_Calls,), {"calls": calls, "script": staticmethod(script)})
+            return stack.enter_context(serving(handler)), calls
+
+        yield serve
+
+
+def test_a_retry_does_not_wait_past_the_first_token_deadline(
+    start_proxy: StartProxy, scripted: Scripted
+) -> None:
+    """A 429 asking for a 3 s wait, 2 s before the first-token deadline: the wait and the
+    retry went past it (the client waited 3 s more, and a retry that succeeded then had its
+    answer cut at once for being late). The client gets the 429 at once instead."""
+
+    def rate_limited(handler: ScriptedHandler, number: int) -> None:
+        handler.answer(
+            429,
+            b'{"error": {"message": "slow down", "type": "rate_limit_error"}}',
+            headers={"Retry-After": "3"},
+        )
+
+    url, calls = scripted(rate_limited)
+    proxy = start_proxy(url, STREAM_FIRST_TOKEN_TIMEOUT="2", MAX_RETRIES="3")
+    with pytest.raises(ollama.ResponseError) as refused:
+        with ollama.Client(host=proxy.url, timeout=30) as client:
+            list(client.chat(model="m", messages=PROMPT, stream=True))
+    assert refused.value.status_code == 429
+    assert "slow down" in refused.value.error
+    assert len(calls) == 1
+
+
+def test_retries_share_the_first_token_deadline(
+    start_proxy: StartProxy, scripted: Scripted
+) -> None:
+    """Each retry waited the whole STREAM_FIRST_TOKEN_TIMEOUT for the headers again: a
+    backend failing after 1.5 s, then after 2.25 s each time, under a 3 s deadline, held
+    the stream 8 s over four calls. The deadline is the stream's: the second call is cut
+    when it runs out."""
+
+    def failing(handler: ScriptedHandler, number: int) -> None:
+        time.sleep(1.5 if number == 1 else 2.25)
+        handler.answer(503, b'{"error": {"message": "overloaded", "type": "server_error"}}')
+
+    url, calls = scripted(failing)
+    proxy = start_proxy(url, STREAM_FIRST_TOKEN_TIMEOUT="3", MAX_RETRIES="3", RETRY_BACKOFF="0.01")
+    with ollama.Client(host=proxy.url, timeout=30) as client:  # it leaves retries to us
+        with pytest.raises(ollama.ResponseError) as refused:
+            list(client.chat(model="m", messages=PROMPT, stream=True))
+    assert refused.value.status_code == 504
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in refused.value.error
+    assert len(calls) == 2
+
+
+def test_without_metrics_the_wait_for_headers_counts_against_the_first_token(
+    start_proxy: StartProxy, scripted: Scripted
+) -> None:
+    """With METRICS_ENABLED=false the first-token deadline was counted from the backend's
+    headers, not from the request: a backend that sent its headers after 2 s and its first
+    token after 4 s was served under a 3 s deadline."""
+
+    def slow_thinker(handler: ScriptedHandler, number: int) -> None:
+        time.sleep(2)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(_chunk({"role": "assistant", "content": ""}))
+        handler.wfile.flush()
+        time.sleep(2)
+        try:
+            handler.wfile.write(_chunk({"content": "late"}) + _chunk({}, "stop"))
+            handler.wfile.write(b"data: [DONE]\n\n")
+        except OSError:
+            pass  # the proxy gave up on it
+
+    url, _ = scripted(slow_thinker)
+    proxy = start_proxy(url, STREAM_FIRST_TOKEN_TIMEOUT="3", METRICS_ENABLED="false")
+    with ollama.Client(host=proxy.url, timeout=30) as client:
+        with pytest.raises(ollama.ResponseError) as timed_out:
+            list(client.chat(model="m", messages=PROMPT, stream=True))
+    assert timed_out.value.status_code == 504
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in timed_out.value.error
