@@ -1,16 +1,23 @@
-"""Long, slow and stalled streams against real proxy processes on 127.0.0.1: how the
-first-token deadline (STREAM_FIRST_TOKEN_TIMEOUT) holds across the proxy's retries and
-without metrics, and how a backend that stops taking a request is told."""
+"""Long, slow and stalled streams over real sockets on 127.0.0.1: how the first-token
+deadline (STREAM_FIRST_TOKEN_TIMEOUT) holds across the proxy's retries and without
+metrics, and how a backend that stops taking a request is told."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 
 import ollama
 import pytest
+import trio
+import trio.testing
+
+from trioproxy.config import Settings
+from trioproxy.errors import UpstreamTimeout
+from trioproxy.upstream import UpstreamPool
 
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
@@ -135,3 +142,44 @@ def test_without_metrics_the_wait_for_headers_counts_against_the_first_token(
             list(client.chat(model="m", messages=PROMPT, stream=True))
     assert timed_out.value.status_code == 504
     assert "STREAM_FIRST_TOKEN_TIMEOUT" in timed_out.value.error
+
+
+@pytest.fixture
+def unread_backend() -> Iterator[str]:
+    """A backend that accepts connections (the kernel does, from its backlog) and reads
+    nothing of what it is sent; its receive buffer is small, so a large body stalls."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+# the write stops mid-body: httpx's generator over the body is left to the garbage
+# collector, which warns
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_backend_that_takes_none_of_the_request_is_told_by_its_setting(
+    unread_backend: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The 504 for a backend that stopped taking a request said "backend request failed:
+    WriteTimeout: cancelled due to deadline", naming no setting; a stream's was cut at 60 s
+    by a write timeout of its own, though its wait is bounded by STREAM_FIRST_TOKEN_TIMEOUT
+    (here 100 s)."""
+    settings = Settings(upstream_url=unread_backend, request_timeout=5.0, max_retries=0)
+    pool = UpstreamPool(settings)
+    body = b"x" * (16 << 20)  # more than the kernel buffers both sides hold
+    try:
+        with pytest.raises(UpstreamTimeout) as whole:
+            await pool.request("POST", "/chat/completions", body=body)
+        assert str(whole.value).endswith(
+            "the backend took none of the request for 5 s (REQUEST_TIMEOUT)"
+        )
+        started = trio.current_time()
+        with pytest.raises(UpstreamTimeout) as streamed:
+            await pool.request(
+                "POST", "/chat/completions", body=body, stream=True, header_timeout=100.0
+            )
+        assert "within 100 s (STREAM_FIRST_TOKEN_TIMEOUT)" in str(streamed.value)
+        assert trio.current_time() - started >= 100.0  # the virtual clock's
+    finally:
+        await pool.aclose()

@@ -596,6 +596,13 @@ class UpstreamPool:
                 f"no data from the backend within {self._settings.request_timeout:g} s "
                 "(REQUEST_TIMEOUT)"
             )
+        elif isinstance(exc, httpx.WriteTimeout):
+            # a backend that stopped taking the request (its body): trio's words again.
+            # Only non-streams write with a timeout (a stream's wait is its first token's)
+            detail = (
+                f"the backend took none of the request for {self._settings.request_timeout:g} s "
+                "(REQUEST_TIMEOUT)"
+            )
         elif self._proxy is None and isinstance(exc, httpx.ConnectError):
             detail = connect_failure(exc, self._base_url) or failure_detail(exc)
         else:
@@ -720,10 +727,12 @@ class _no_deadline:
 
 
 def _stream_timeouts(settings: Settings) -> dict[str, float | None]:
-    # No read timeout while waiting for the headers: that wait is bounded by the first-token
-    # timeout alone (header_timeout), since a backend may load a model first. The relay then
-    # makes STREAM_IDLE_TIMEOUT the read timeout of the body (relay._idle_as_read_timeout).
-    return {"connect": settings.connect_timeout, "read": None, "write": 60.0, "pool": None}
+    # No read or write timeout until the headers: sending the request and waiting for its
+    # answer are bounded by the first-token timeout alone (header_timeout), since a backend
+    # may load a model first (a write timeout of 60 s of its own cut a backend that took the
+    # body slowly before the first-token timeout, in trio's words). The relay then makes
+    # STREAM_IDLE_TIMEOUT the read timeout of the body (relay._idle_as_read_timeout).
+    return {"connect": settings.connect_timeout, "read": None, "write": None, "pool": None}
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
