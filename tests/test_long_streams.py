@@ -183,3 +183,34 @@ async def test_a_backend_that_takes_none_of_the_request_is_told_by_its_setting(
         assert trio.current_time() - started >= 100.0  # the virtual clock's
     finally:
         await pool.aclose()
+
+
+def test_a_slow_upload_does_not_spend_the_backends_first_token_time(
+    start_proxy: StartProxy, demo_backend: ServerProcess
+) -> None:
+    """The first-token deadline ran from the request's arrival: a client that took 2.4 s
+    to send its body (well within CLIENT_BODY_TIMEOUT) left a backend 0.6 s of a 3 s
+    STREAM_FIRST_TOKEN_TIMEOUT, and its 1.5 s to a first token was a 504 "the backend
+    produced no token in time", counted as the backend's timeout."""
+    proxy = start_proxy(demo_backend.url, STREAM_FIRST_TOKEN_TIMEOUT="3")
+    content = "[[first_delay=1.5]] [[tokens=3]] " + "a long prompt " * 40
+    body = json.dumps(
+        {"model": "demo-chat", "stream": True, "messages": [{"role": "user", "content": content}]}
+    ).encode()
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        quarter = len(body) // 4 + 1
+        for start in range(0, len(body), quarter):
+            time.sleep(0.6)
+            client.sendall(body[start : start + quarter])
+        answer = b""
+        while received := client.recv(65536):
+            answer += received
+    head, _, chunked = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[-300:]
+    last = [line for line in chunked.split(b"\n") if line.startswith(b"{")][-1]
+    assert json.loads(last)["done"] is True

@@ -139,7 +139,7 @@ def openai(
         OpenAIStreamObserver(),
         settings=settings,
         metric=None,
-        metric_start=time.perf_counter(),
+        sent_at=time.perf_counter(),
         collector=collector,
         rewrite_model=rewrite_model,
     )
@@ -156,7 +156,7 @@ def ollama(
         translator,
         settings=settings,
         metric=None,
-        metric_start=time.perf_counter(),
+        sent_at=time.perf_counter(),
         collector=collector,
     )
 
@@ -371,7 +371,7 @@ def observed(observer: Callable[[], object], metric: RequestMetrics | None = Non
             observer(),  # type: ignore[arg-type]
             settings=settings,
             metric=metric,
-            metric_start=time.perf_counter(),
+            sent_at=time.perf_counter(),
             collector=collector,
         )
 

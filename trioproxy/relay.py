@@ -90,8 +90,10 @@ class StreamEnd:
 
 class _Reader:
     """The backend's body, read by read, under the stream deadlines: the first token must
-    arrive within ``first_token`` s of the request start; after that, no gap between backend
-    reads may exceed ``idle`` s.
+    arrive within ``first_token`` s of the request going to the backend (``sent_at``, a
+    ``perf_counter`` time: the first attempt's, the wait for the headers included; not the
+    request's arrival, or a client's slow upload would be the backend's timeout); after
+    that, no gap between backend reads may exceed ``idle`` s.
 
     A cancel scope of our own around every read costs 6-20 µs per chunk, and the backend
     stream already bounds every read by its read timeout (without a scope per read:
@@ -117,8 +119,8 @@ class _Reader:
         "token_seen",
     )
 
-    def __init__(self, response: httpx.Response, settings: Settings, metric_start: float) -> None:
-        already = time.perf_counter() - metric_start
+    def __init__(self, response: httpx.Response, settings: Settings, sent_at: float) -> None:
+        already = time.perf_counter() - sent_at
         self.first_token_at = trio.current_time() + settings.stream_first_token_timeout - already
         self.idle = settings.stream_idle_timeout
         self.token_seen = False
@@ -247,7 +249,7 @@ async def relay_ollama(
     *,
     settings: Settings,
     metric: RequestMetrics | None,
-    metric_start: float,
+    sent_at: float,
     collector: MetricsCollector,
     end: StreamEnd | None = None,
 ) -> AsyncIterator[bytes]:
@@ -257,7 +259,7 @@ async def relay_ollama(
     ``stream``) is translated as a stream of that one chunk; a stream that stops before
     its end (no ``finish_reason``, no ``[DONE]``) is an error, not a finished answer."""
     parser = SSEParser(settings.max_response_bytes)  # an event as large as an answer
-    reader = _Reader(response, settings, metric_start)
+    reader = _Reader(response, settings, sent_at)
     error: str | None = None
     done = first = False
     sent = timed_out = False
@@ -357,7 +359,7 @@ async def relay_openai(
     *,
     settings: Settings,
     metric: RequestMetrics | None,
-    metric_start: float,
+    sent_at: float,
     collector: MetricsCollector,
     rewrite_model: Callable[[bytes], bytes] | None = None,
     end: StreamEnd | None = None,
@@ -378,7 +380,7 @@ async def relay_openai(
     open after it must not turn a finished stream into a timed-out one."""
     # an event as large as an answer; the client decodes what is relayed strictly
     parser = SSEParser(settings.max_response_bytes, strict_utf8=True)
-    reader = _Reader(response, settings, metric_start)
+    reader = _Reader(response, settings, sent_at)
     error: str | None = None
     sent = timed_out = finished = first = failure_logged = False
     held = _HeldEvent()

@@ -251,9 +251,7 @@ def _ndjson_stream(
         translator,
         settings=app.settings,
         metric=metric,
-        # without metrics, from the first backend attempt: the wait for the headers
-        # counts against the first-token deadline, as it does from the request's arrival
-        metric_start=metric.start if metric else result.started,
+        sent_at=result.started,  # the first-token deadline counts from here
         collector=app.collector,
         end=(end := StreamEnd()),
     )

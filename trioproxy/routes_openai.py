@@ -344,9 +344,7 @@ def _stream_reply(
         observer,
         settings=call.app.settings,
         metric=metric,
-        # without metrics, from the first backend attempt: the wait for the headers
-        # counts against the first-token deadline, as it does from the request's arrival
-        metric_start=metric.start if metric else result.started,
+        sent_at=result.started,  # the first-token deadline counts from here
         collector=call.app.collector,
         rewrite_model=rewrite,
         end=(end := StreamEnd()),
