@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import ollama
 import pytest
 import trio
@@ -214,3 +217,61 @@ def test_a_slow_upload_does_not_spend_the_backends_first_token_time(
     assert head.startswith(b"HTTP/1.1 200"), answer[-300:]
     last = [line for line in chunked.split(b"\n") if line.startswith(b"{")][-1]
     assert json.loads(last)["done"] is True
+
+
+class _HeadersLate(ScriptedHandler):
+    """A backend loading its model: no headers for 10 s (Ollama's OpenAI endpoint sends
+    them with its first chunk)."""
+
+    asked = threading.Event()
+
+    def do_POST(self) -> None:
+        self.json_body()
+        self.asked.set()
+        time.sleep(10)
+
+    def do_GET(self) -> None:
+        if "/responses/" in self.path:
+            self.asked.set()
+            time.sleep(10)
+        else:  # the readiness check's model list
+            self.answer(200, b'{"object":"list","data":[]}')
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/chat"),  # served by the fast path
+        ("GET", "/v1/responses/resp_1?stream=true"),  # through Quart
+    ],
+)
+def test_a_stream_the_shutdown_answers_before_its_backend_did_is_no_completed_stream(
+    start_proxy: StartProxy, method: str, path: str
+) -> None:
+    """A stream request still waiting for the backend's headers when a shutdown ends it
+    gets a 503; its outcome was recorded "completed" (the 503 went out whole), so
+    trioproxy_streams_total counted a completed stream with a 503. It failed, as a
+    stream the shutdown ends after its headers."""
+    _HeadersLate.asked.clear()
+    with serving(_HeadersLate) as url:
+        proxy = start_proxy(url, GRACEFUL_TIMEOUT="1.5", ACCESS_LOG="true", LOG_LEVEL="INFO")
+        answers: list[httpx.Response] = []
+        body = {"model": "m", "stream": True, "messages": PROMPT}
+
+        def ask() -> None:
+            json_body = body if method == "POST" else None
+            answers.append(httpx.request(method, proxy.url + path, json=json_body, timeout=30))
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        assert _HeadersLate.asked.wait(10)
+        proxy.process.send_signal(signal.SIGTERM)
+        asker.join(timeout=20)
+        assert proxy.process.wait(timeout=20) == 0
+    assert [answer.status_code for answer in answers] == [503]
+    assert "shutting down" in answers[0].text
+    assert proxy.reader is not None
+    proxy.reader.join(timeout=5)
+    logged = f"{method} {path.partition('?')[0]} "  # the access log leaves the query out
+    (line,) = [line for line in proxy.log().splitlines() if logged in line]
+    assert " 503 " in line and line.endswith("(error)"), line

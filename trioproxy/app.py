@@ -224,6 +224,7 @@ class ProxyApp(QuartTrio):
         chunk) was cut with an empty 500."""
         with self.in_progress.tracking():
             return await super().dispatch_request(request_context)
+        fastpath.note_ended_waiting(request_state().metric)
         return reply_response(error_reply(request.path, fastpath.SHUTDOWN_WAITING_MESSAGE, 503))
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:

@@ -44,6 +44,7 @@ from .relay import in_band_error
 
 if TYPE_CHECKING:
     from .app import ProxyApp
+    from .metrics import RequestMetrics
 
 log = logging.getLogger("trioproxy")
 
@@ -325,8 +326,17 @@ async def _run_until_shutdown(handler: Handler, call: Call, in_progress: InProgr
     with in_progress.tracking():
         return await _run(handler, call)
     # only a shutdown's deadline gets here; like any failure before the backend's headers,
-    # the request is recorded with its status (a stream is a stream from its headers on)
+    # the request is recorded with its status
+    note_ended_waiting(call.state.metric)
     return error_reply(call.path, SHUTDOWN_WAITING_MESSAGE, 503)
+
+
+def note_ended_waiting(metric: RequestMetrics | None) -> None:
+    """A stream request (a stream from the start: ``forward.open_stream``) the shutdown
+    answered before the backend did failed, as one it ends later does: its 503 went out
+    whole, which counted it as a completed stream."""
+    if metric is not None and metric.streaming:
+        metric.stream_outcome = "error"
 
 
 def _unexpected(call: Call) -> Reply:
