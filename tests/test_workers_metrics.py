@@ -1,0 +1,356 @@
+"""``trioproxy --workers 2`` as a user runs it, with real processes on 127.0.0.1: every figure
+a scrape or the JSON reports is the proxy's, whichever worker answers.
+
+One ``--workers 2`` proxy and one single-process proxy (the reference) serve the same scripted
+workload against the demo backend: plain and streamed requests on ``/api`` and ``/v1``, with
+the real ``ollama`` and ``openai`` clients, some cancelled by the client, some failing at the
+backend before or during the answer. Each request has a connection of its own, so the
+kernel spreads them over both workers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import ServerProcess, _spawn, base_env, wait_healthy
+
+ROUNDS = 3  # of the workload: each kind of request this many times
+CLOSE = {"Connection": "close"}  # a new connection per request: the kernel picks a worker
+
+
+def _fresh() -> httpx.Client:
+    return httpx.Client(timeout=30, headers=CLOSE)
+
+
+# ----------------------------------------------------------------------------- the workload
+
+
+def _ollama(url: str) -> ollama.Client:
+    return ollama.Client(host=url, timeout=30, headers=CLOSE)
+
+
+def _openai(url: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, http_client=_fresh()
+    )
+
+
+def _say(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _workload(url: str) -> Counter[tuple[str, str]]:
+    """Send the scripted requests; the number sent by (endpoint label, status recorded)."""
+    sent: Counter[tuple[str, str]] = Counter()
+    for _ in range(ROUNDS):
+        _ollama(url).chat("demo-chat", _say("hi [[tokens=5]]"))
+        sent["api_chat", "200"] += 1
+        for _part in _ollama(url).chat("demo-chat", _say("hi [[tokens=5]]"), stream=True):
+            pass
+        sent["api_chat", "200"] += 1
+        with _openai(url) as client:
+            client.chat.completions.create(model="demo-chat", messages=_say("hi [[tokens=4]]"))
+        sent["v1_chat_completions", "200"] += 1
+        with _openai(url) as client:
+            stream = client.chat.completions.create(
+                model="demo-chat",
+                messages=_say("hi [[tokens=4]]"),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            for _chunk in stream:
+                pass
+        sent["v1_chat_completions", "200"] += 1
+        # the client leaves a stream that stalls after its first tokens: 499
+        with _openai(url) as client:
+            stream = client.chat.completions.create(
+                model="demo-chat", messages=_say("hi [[stall_after=2]]"), stream=True
+            )
+            tokens = 0
+            for chunk in stream:  # the two tokens sent before the stall: nothing else comes
+                tokens += bool(chunk.choices and chunk.choices[0].delta.content)
+                if tokens == 2:
+                    break
+            stream.close()
+        sent["v1_chat_completions", "499"] += 1
+        parts = _ollama(url).generate("demo-chat", "x [[stall_after=1]]", stream=True)
+        next(parts)
+        parts.close()
+        sent["api_generate", "499"] += 1
+        # the backend fails before answering (a 500 and a 503 passed on as they are) ...
+        with _openai(url) as client, pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="demo-chat", messages=_say("[[status=500]]"))
+        sent["v1_chat_completions", "500"] += 1
+        with pytest.raises(ollama.ResponseError):
+            _ollama(url).chat("demo-chat", _say("hi [[status=503]]"))
+        sent["api_chat", "503"] += 1
+        # ... or breaks a stream after two tokens: 502
+        with _openai(url) as client, pytest.raises(openai.APIError):
+            stream = client.chat.completions.create(
+                model="demo-chat", messages=_say("hi [[drop_after=2]]"), stream=True
+            )
+            for _chunk in stream:
+                pass
+        sent["v1_chat_completions", "502"] += 1
+        with pytest.raises(ollama.ResponseError):  # refused before the stream starts
+            for _part in _ollama(url).chat("demo-chat", _say("[[status=400]]"), stream=True):
+                pass
+        sent["api_chat", "400"] += 1
+    return sent
+
+
+# ----------------------------------------------------------------------------- reading figures
+
+
+@dataclass
+class Scrape:
+    """One scrape, parsed: every sample by (name, labels), and the JSON of /v1/metrics
+    read on a connection of its own (possibly from the other worker)."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+    types: dict[str, str]
+    text: str
+    summary: dict[str, Any]
+
+    def total(self, name: str, **match: str) -> float:
+        return sum(
+            value
+            for (sample, labels), value in self.samples.items()
+            if sample == name and all((k, v) in labels for k, v in match.items())
+        )
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for (sample, labels), value in self.samples.items():
+            if sample == name:
+                out[dict(labels)[label]] += value
+        return dict(out)
+
+
+def _scrape(url: str) -> Scrape:
+    with _fresh() as client:
+        response = client.get(f"{url}/metrics")
+    assert response.status_code == 200
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[sample.name, frozenset(sample.labels.items())] = sample.value
+            types[sample.name] = family.type
+    with _fresh() as client:
+        summary = client.get(f"{url}/v1/metrics").json()
+    return Scrape(samples, types, response.text, summary)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# what depends on timing (durations, rates, averages, the host and the process) or on the
+# connections the scrapes themselves hold; every other sample is a count of the workload
+_TIMED = (
+    "system_",
+    "network_",
+    "disk_",
+    "trioproxy_process_",
+    "trioproxy_connections_open",
+    "http_request_duration_p",
+    "http_request_duration_per_endpoint",
+    "http_streaming_first_byte",
+    "http_streaming_throughput",
+    "http_streaming_avg_chunk_size",
+    "trioproxy_stream_bytes",  # Ollama's chunks carry timestamps and durations
+)
+
+
+def _counts(scrape: Scrape) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples that count the workload: every counter and gauge but the timed ones,
+    and of the histograms their counts (their sums and lower buckets are durations)."""
+    out = {}
+    for (name, labels), value in scrape.samples.items():
+        if name.startswith(_TIMED) or name.endswith(("_seconds_total", "_sum", "_bucket")):
+            continue
+        out[name, labels] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- the proxies
+
+
+@dataclass
+class Served:
+    workers: str  # the --workers 2 proxy's URL
+    single: str  # the single-process proxy's URL
+    sent: Counter[tuple[str, str]]
+
+
+@pytest.fixture(scope="module")
+def served(demo_backend: ServerProcess) -> Iterator[Served]:
+    env = base_env(OPENAI_API_BASE_URL=demo_backend.url, MAX_RETRIES="0")
+    base = ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
+    workers = _spawn([*base, "--workers", "2"], env, timeout=30)
+    try:
+        single = _spawn(base, env)
+        try:
+            wait_healthy(workers.url, timeout=30)
+            wait_healthy(single.url)
+            sent = _workload(workers.url)
+            assert _workload(single.url) == sent
+            expected = sum(sent.values())
+            for url in (workers.url, single.url):  # every record published
+                _wait_for(lambda u=url: _scrape(u).total("http_requests_total") == expected)
+            yield Served(workers.url, single.url, sent)
+        finally:
+            single.stop()
+    finally:
+        workers.stop()
+
+
+def _scrapes_from_both_workers(url: str, at_least: int = 6) -> list[Scrape]:
+    """Scrapes on new connections until both workers answered some (the JSON's pid says
+    which); at least ``at_least``."""
+    scrapes: list[Scrape] = []
+    deadline = time.monotonic() + 20
+    while len(scrapes) < at_least or len({s.summary["window"]["pid"] for s in scrapes}) < 2:
+        assert time.monotonic() < deadline, "one worker answered every scrape"
+        scrapes.append(_scrape(url))
+    return scrapes
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_every_scrape_has_the_exact_totals_whichever_worker_answers(served: Served) -> None:
+    sent = served.sent
+    requests = sum(sent.values())
+    streams = 5 * ROUNDS  # 2 completed, 2 cancelled, 1 broken a round (the 400 is none)
+    by_status: Counter[str] = Counter()
+    for (_, status), n in sent.items():
+        by_status[status] += n
+    windows: dict[int, int] = {}
+    for scrape in _scrapes_from_both_workers(served.workers):
+        assert scrape.by("http_requests_total", "status") == by_status
+        for (endpoint, status), n in sent.items():
+            assert scrape.total("http_requests_total", endpoint=endpoint, status=status) == n
+        assert scrape.total("http_request_duration_seconds_count") == requests
+        assert scrape.total("trioproxy_overhead_seconds_count") > 0
+        outcomes = scrape.by("trioproxy_streams_total", "outcome")
+        assert {k: v for k, v in outcomes.items() if v} == {
+            "completed": 2 * ROUNDS,
+            "cancelled": 2 * ROUNDS,
+            "error": ROUNDS,
+        }
+        assert scrape.total("trioproxy_time_to_first_byte_seconds_count") == streams
+        # every stream is in the time to first token or says why it has none
+        assert (
+            scrape.total("trioproxy_time_to_first_token_seconds_count")
+            + scrape.total("trioproxy_streams_without_first_token_total")
+            == streams
+        )
+        _assert_histograms_whole(scrape)
+        assert scrape.total("http_requests_active") == 0
+        summary = scrape.summary
+        assert summary["total_requests"] == requests
+        assert summary["successful_requests"] == by_status["200"]
+        assert summary["cancelled_requests"] == by_status["499"]
+        assert summary["client_errors"] == by_status["400"]
+        assert summary["failed_requests"] == by_status["500"] + by_status["502"] + by_status["503"]
+        assert summary["streaming"]["total_streaming_requests"] == streams
+        tokens = summary["tokens"]
+        assert tokens["input"] == scrape.total("trioproxy_tokens_total", type="input") > 0
+        assert tokens["output"] == scrape.total("trioproxy_tokens_total", type="output") > 0
+        windows[summary["window"]["pid"]] = summary["window"]["size"]
+    # each worker's window holds the requests it served: together, every request once
+    assert len(windows) == 2 and sum(windows.values()) == requests, windows
+    assert all(windows.values()), windows  # both workers served some
+
+
+def _assert_histograms_whole(scrape: Scrape) -> None:
+    """Every histogram series: its +Inf bucket is its count, its buckets never fall."""
+    buckets: dict[tuple[str, frozenset[tuple[str, str]]], list[tuple[float, float]]]
+    buckets = defaultdict(list)
+    for (name, labels), value in scrape.samples.items():
+        if name.endswith("_bucket") and scrape.types[name] == "histogram":
+            rest = frozenset((k, v) for k, v in labels if k != "le")
+            buckets[name.removesuffix("_bucket"), rest].append((float(dict(labels)["le"]), value))
+    assert buckets
+    for (family, labels), series in buckets.items():
+        series.sort()
+        values = [value for _, value in series]
+        assert values == sorted(values), (family, labels)
+        assert series[-1] == (float("inf"), scrape.samples[f"{family}_count", labels])
+
+
+def test_two_workers_count_what_one_process_counts(served: Served) -> None:
+    """Every count-like sample (each label set of each counter, gauge and histogram count,
+    tokens and upstream errors included) is the single process's, on every scrape."""
+    reference = _counts(_scrape(served.single))
+    assert len(reference) > 50
+    for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
+        counted = _counts(scrape)
+        differing = {
+            key: (counted.get(key), reference.get(key))
+            for key in counted.keys() | reference.keys()
+            if counted.get(key) != reference.get(key)
+        }
+        assert not differing, differing
+
+
+def test_promtool_accepts_the_workers_exposition(served: Served) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    for scrape in _scrapes_from_both_workers(served.workers, at_least=2):
+        lint = subprocess.run(
+            [promtool, "check", "metrics"], input=scrape.text.encode(), capture_output=True
+        )
+        assert lint.returncode == 0 and lint.stdout == lint.stderr == b"", lint
+
+
+def test_in_flight_gauges_are_the_sum_over_the_workers(served: Served) -> None:
+    """Streams held open on both workers: every scrape, whichever worker answers, counts
+    all of them in flight (each worker publishes its count within half a second); once
+    they end, none."""
+    body = {"model": "demo-chat", "stream": True, "messages": _say("x [[stall_after=1]]")}
+    clients: list[httpx.Client] = []
+    held: list[Any] = []
+    try:
+        for _ in range(6):
+            client = _fresh()
+            clients.append(client)
+            response = client.send(
+                client.build_request("POST", f"{served.workers}/v1/chat/completions", json=body),
+                stream=True,
+            )
+            lines = response.iter_lines()
+            next(lines)  # the stream is running
+            held.append((response, lines))
+        _wait_for(lambda: _scrape(served.workers).total("http_requests_active") == 6)
+        for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
+            assert scrape.total("http_requests_active") == 6
+            assert scrape.summary["active_requests"] == 6
+            assert scrape.total("trioproxy_connections_open") >= 6
+    finally:
+        for response, _ in held:
+            response.close()
+        for client in clients:
+            client.close()
+    _wait_for(lambda: _scrape(served.workers).total("http_requests_active") == 0)
+    for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
+        assert scrape.total("http_requests_active") == 0
+        assert scrape.summary["active_requests"] == 0
