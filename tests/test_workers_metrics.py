@@ -16,6 +16,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -354,3 +355,29 @@ def test_in_flight_gauges_are_the_sum_over_the_workers(served: Served) -> None:
     for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
         assert scrape.total("http_requests_active") == 0
         assert scrape.summary["active_requests"] == 0
+
+
+def test_one_process_keeps_its_metrics_to_itself_with_an_inherited_multiprocess_dir(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """``PROMETHEUS_MULTIPROC_DIR`` is what LiteLLM's docs have its users set for its
+    workers. A single-process ``trioproxy`` that inherited it wrote its series into that
+    directory and reported the sum of every file there: a second proxy on the host that
+    served nothing reported the first one's requests (counted twice in a fleet's sum),
+    and one restarted on the same directory carried on from the last run's counts (an
+    older version's ``trioproxy_build_info`` with them). One process has nothing to share:
+    it ignores the directory, and says so."""
+    shared = tmp_path / "prometheus_multiproc"
+    shared.mkdir()
+    first = start_proxy(demo_backend.url, PROMETHEUS_MULTIPROC_DIR=str(shared))
+    for _ in range(3):
+        with _fresh() as client:
+            assert client.get(f"{first.url}/api/version").status_code == 200
+    assert _scrape(first.url).total("http_requests_total") == 3
+    second = start_proxy(demo_backend.url, PROMETHEUS_MULTIPROC_DIR=str(shared))
+    assert _scrape(second.url).total("http_requests_total") == 0
+    assert _scrape(first.url).total("http_requests_total") == 3
+    assert list(shared.iterdir()) == []
+    first.stop()
+    second.stop()
+    assert "PROMETHEUS_MULTIPROC_DIR" in first.log() and str(shared) in first.log()

@@ -224,6 +224,7 @@ async def serve_in_process(settings: Settings) -> None:
     from .app import answer_all_and_stop, create_app
 
     listener = listen(settings.host, settings.port)
+    _keep_metrics_in_process()
     app = create_app(settings)
     # as with --workers: the second-signal word of a master (there is none here), so an
     # operator's SIGUSR1 (logrotate's, say) must not end the proxy by its default
@@ -251,6 +252,25 @@ async def serve_in_process(settings: Settings) -> None:
                 notice(f"trioproxy {__version__} listening on {binds[0]}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
+
+
+def _keep_metrics_in_process() -> None:
+    """One process keeps its metrics in memory: an inherited ``PROMETHEUS_MULTIPROC_DIR``
+    (LiteLLM's docs have its users set one for its workers) would make it write its
+    series there and report the sum of every file there, so another proxy using the same
+    directory would report its requests too (counted twice in a fleet's sum), and a
+    restart would carry on from the last run's counts. ``--workers N`` sets its own."""
+    from .metrics.prom import MULTIPROC_ENV
+
+    inherited = os.environ.pop(MULTIPROC_ENV, None)
+    if inherited:
+        logging.getLogger("trioproxy.metrics").warning(
+            "metrics: %s=%s is ignored: one process keeps its metrics in memory (the "
+            "files there would mix in the counts of every other process using them); "
+            "trioproxy --workers N shares them between its workers itself",
+            MULTIPROC_ENV,
+            inherited,
+        )
 
 
 def hypercorn_config(settings: Settings) -> Config:
