@@ -366,3 +366,44 @@ def test_a_models_failures_on_another_worker_keep_its_label(tmp_path: Path) -> N
     assert worker(503) == "other"  # never succeeded anywhere yet
     assert worker(200) == "newmodel-xyz"
     assert worker(503) == "newmodel-xyz"
+
+
+# a worker of an earlier version of trioproxy: it counts one request and exits
+WORKER_OF_AN_OLDER_VERSION = textwrap.dedent(
+    """
+    import trioproxy.metrics
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+    trioproxy.metrics.__version__ = "0.0.1-before-the-upgrade"
+    c = MetricsCollector(system_enabled=False)
+    c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200, model="m"))
+    """
+)
+
+BUILD_INFO = textwrap.dedent(
+    """
+    import json
+    from prometheus_client.parser import text_string_to_metric_families
+    from trioproxy.metrics import MetricsCollector
+
+    body, _ = MetricsCollector(system_enabled=False).render_prometheus(None)
+    samples = [s for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+    print(json.dumps({
+        "build_info": [s.labels["version"] for s in samples if s.name == "trioproxy_build_info"],
+        "requests": sum(s.value for s in samples if s.name == "http_requests_total"),
+    }))
+    """
+)
+
+
+def test_build_info_names_the_versions_of_the_live_workers_only(tmp_path: Path) -> None:
+    """hypercorn starts its workers anew in the same directory on SIGHUP (how plain
+    hypercorn reloads upgraded code) or after ``max_requests``, and a directory reused
+    across runs holds the last run's files. trioproxy_build_info was a "max" gauge, kept
+    for dead workers: after an upgrade it said 1 for the old version too, forever. Their
+    counts stay (their requests happened); their build_info goes, as their other gauges."""
+    from trioproxy import __version__
+
+    _in_a_worker(WORKER_OF_AN_OLDER_VERSION, tmp_path)
+    now = json.loads(_in_a_worker(BUILD_INFO, tmp_path))
+    assert now == {"build_info": [__version__], "requests": 1}

@@ -538,7 +538,9 @@ class PrimaryMetrics:
             "trioproxy_build_info",
             "Build information; always 1.",
             ("version", "python"),
-            multiprocess_mode="max",
+            # live workers only: after hypercorn starts its workers anew in the same
+            # directory (SIGHUP, max_requests) on upgraded code, the old version must go
+            multiprocess_mode="livemax",
             **r,
         )
         # the server's counts (hypercorn_patches.ConnectionCap), set when the collector
