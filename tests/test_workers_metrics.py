@@ -10,6 +10,7 @@ kernel spreads them over both workers.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 import ollama
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -200,15 +202,29 @@ class Served:
     sent: Counter[tuple[str, str]]
 
 
+_PROXY = ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
+
+
+@contextlib.contextmanager
+def _two_workers(demo_backend: ServerProcess) -> Iterator[ServerProcess]:
+    server = _spawn([*_PROXY, "--workers", "2"], _env(demo_backend), timeout=30)
+    try:
+        wait_healthy(server.url, timeout=30)
+        yield server
+    finally:
+        server.stop()
+
+
+def _env(demo_backend: ServerProcess) -> dict[str, str]:
+    return base_env(OPENAI_API_BASE_URL=demo_backend.url, MAX_RETRIES="0")
+
+
 @pytest.fixture(scope="module")
 def served(demo_backend: ServerProcess) -> Iterator[Served]:
-    env = base_env(OPENAI_API_BASE_URL=demo_backend.url, MAX_RETRIES="0")
-    base = ["-m", "trioproxy", "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
-    workers = _spawn([*base, "--workers", "2"], env, timeout=30)
-    try:
-        single = _spawn(base, env)
+    """The workload served by both proxies (the tests using it only read figures)."""
+    with _two_workers(demo_backend) as workers:
+        single = _spawn(_PROXY, _env(demo_backend))
         try:
-            wait_healthy(workers.url, timeout=30)
             wait_healthy(single.url)
             sent = _workload(workers.url)
             assert _workload(single.url) == sent
@@ -218,8 +234,6 @@ def served(demo_backend: ServerProcess) -> Iterator[Served]:
             yield Served(workers.url, single.url, sent)
         finally:
             single.stop()
-    finally:
-        workers.stop()
 
 
 def _scrapes_from_both_workers(url: str, at_least: int = 6) -> list[Scrape]:
@@ -323,38 +337,59 @@ def test_promtool_accepts_the_workers_exposition(served: Served) -> None:
         assert lint.returncode == 0 and lint.stdout == lint.stderr == b"", lint
 
 
-def test_in_flight_gauges_are_the_sum_over_the_workers(served: Served) -> None:
+def _worker_pids(server: ServerProcess) -> list[int]:
+    """The worker processes of a ``--workers`` proxy (its grandchildren that serve)."""
+    tree = psutil.Process(server.process.pid).children(recursive=True)
+    return [p.pid for p in tree if "spawn_main" in " ".join(p.cmdline())]
+
+
+def _holding(pid: int, port: int) -> int:
+    """Client connections to ``port`` that worker ``pid`` holds."""
+    return sum(
+        1
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+def test_in_flight_gauges_are_the_sum_over_the_workers(demo_backend: ServerProcess) -> None:
     """Streams held open on both workers: every scrape, whichever worker answers, counts
     all of them in flight (each worker publishes its count within half a second); once
-    they end, none."""
+    they end, none. A proxy of its own: these streams must not change the others' totals."""
     body = {"model": "demo-chat", "stream": True, "messages": _say("x [[stall_after=1]]")}
     clients: list[httpx.Client] = []
-    held: list[Any] = []
-    try:
-        for _ in range(6):
-            client = _fresh()
-            clients.append(client)
-            response = client.send(
-                client.build_request("POST", f"{served.workers}/v1/chat/completions", json=body),
-                stream=True,
-            )
-            lines = response.iter_lines()
-            next(lines)  # the stream is running
-            held.append((response, lines))
-        _wait_for(lambda: _scrape(served.workers).total("http_requests_active") == 6)
-        for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
-            assert scrape.total("http_requests_active") == 6
-            assert scrape.summary["active_requests"] == 6
-            assert scrape.total("trioproxy_connections_open") >= 6
-    finally:
-        for response, _ in held:
-            response.close()
-        for client in clients:
-            client.close()
-    _wait_for(lambda: _scrape(served.workers).total("http_requests_active") == 0)
-    for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
-        assert scrape.total("http_requests_active") == 0
-        assert scrape.summary["active_requests"] == 0
+    held: list[tuple[httpx.Response, Iterator[str]]] = []
+    with _two_workers(demo_backend) as server:
+        url, port = server.url, int(server.url.rsplit(":", 1)[1])
+        workers = _worker_pids(server)
+        assert len(workers) == 2
+        try:
+            # until each worker holds some (the kernel picks the worker of a connection)
+            while len(held) < 4 or not all(_holding(pid, port) for pid in workers):
+                assert len(held) < 40, "one worker took every connection"
+                client = _fresh()
+                clients.append(client)
+                request = client.build_request("POST", f"{url}/v1/chat/completions", json=body)
+                response = client.send(request, stream=True)
+                lines = response.iter_lines()
+                next(lines)  # the stream is running (kept: a dropped iterator closes it)
+                held.append((response, lines))
+            streams = len(held)
+            _wait_for(lambda: _scrape(url).total("http_requests_active") == streams)
+            for scrape in _scrapes_from_both_workers(url, at_least=4):
+                assert scrape.total("http_requests_active") == streams
+                assert scrape.summary["active_requests"] == streams
+                assert scrape.total("trioproxy_connections_open") >= streams
+        finally:
+            for response, _ in held:
+                response.close()
+            for client in clients:
+                client.close()
+        _wait_for(lambda: _scrape(url).total("http_requests_active") == 0)
+        for scrape in _scrapes_from_both_workers(url, at_least=4):
+            assert scrape.total("http_requests_active") == 0
+            assert scrape.summary["active_requests"] == 0
+            assert scrape.total("trioproxy_streams_total", outcome="cancelled") == streams
 
 
 def test_one_process_keeps_its_metrics_to_itself_with_an_inherited_multiprocess_dir(
