@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -554,3 +555,36 @@ def test_stale_run_directories_are_only_those_whose_lock_is_free(tmp_path: Path)
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert remove_stale(tmp_path) == 1
     assert not free.exists() and held.is_dir() and lockless.is_dir() and other.is_dir()
+
+
+def test_a_live_masters_run_directory_is_kept_by_systemd_tmpfiles(tmp_path: Path) -> None:
+    """systemd-tmpfiles removes what in /tmp nobody read, wrote or changed for 10 days
+    (Fedora's, RHEL's, Arch's tmp.conf). It skips a directory a process holds a BSD lock
+    on, with all below it, but not a locked file in it: it took a live master's lock file
+    (whose directory no master would then remove after a crash) and the metrics files of
+    a proxy nobody scraped for that long (their counts gone from the next scrape)."""
+    tmpfiles = shutil.which("systemd-tmpfiles")
+    if tmpfiles is None:
+        pytest.skip("systemd-tmpfiles not installed")
+    server = _start_demo_proxy(2, LOG_LEVEL="INFO", TMPDIR=str(tmp_path))
+    try:
+        _wait_for_workers(server, 2)
+        with httpx.Client(timeout=10) as client:
+            assert client.get(f"{server.url}/api/version").status_code == 200
+        (run_dir,) = tmp_path.glob("trioproxy-*")
+        kept = sorted(run_dir.rglob("*"))
+        assert run_dir / "master.lock" in kept and list(run_dir.glob("metrics/counter_*.db"))
+        long_ago = time.time() - 30 * 86400
+        for entry in [run_dir, *kept]:
+            os.utime(entry, (long_ago, long_ago))
+        config = tmp_path / "tmp.conf"
+        # aged by access and modification times (a test cannot age the change time)
+        config.write_text(f"d {tmp_path} 1777 - - amAM:10d\n")
+        cleaned = subprocess.run([tmpfiles, "--clean", str(config)], capture_output=True)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert [entry for entry in kept if not entry.exists()] == []
+        with httpx.Client(timeout=10) as client:
+            text = client.get(f"{server.url}/metrics").text
+        assert 'http_requests_total{api="ollama",endpoint="api_version"' in text
+    finally:
+        server.stop()

@@ -36,6 +36,13 @@ def new_run_dir() -> Path:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.rename(run_dir / ".lock", run_dir / LOCK_FILE)
     _held.append(fd)
+    # the directory itself too (shared: it only says "in use"): systemd-tmpfiles' age-based
+    # cleanup of /tmp (10 days on Fedora, RHEL, Arch) skips a directory a process holds a
+    # BSD lock on, and all below it, but not a locked file in it (systemd 252): it took the
+    # lock file and the metrics files nobody had read or written for that long
+    dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(dir_fd, fcntl.LOCK_SH)
+    _held.append(dir_fd)
     return run_dir
 
 
