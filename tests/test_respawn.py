@@ -5,6 +5,7 @@ tree is in test_process.py."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -49,8 +50,8 @@ def test_nothing_is_started_again_once_the_master_stops() -> None:
     assert not budget.allow()
 
 
-def _join(workers: list[FakeWorker], budget: RespawnBudget) -> int:
-    join_exited = join_exited_respawning(budget, logging.getLogger("test"))
+def _join(workers: list[FakeWorker], budget: RespawnBudget, metrics_dir: str = "") -> int:
+    join_exited = join_exited_respawning(budget, logging.getLogger("test"), metrics_dir)
     return join_exited(cast(list[Any], workers))
 
 
@@ -101,3 +102,15 @@ def test_an_unknown_signal_is_named_by_its_number(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.WARNING):
         assert _join([FakeWorker(10, -200)], RespawnBudget()) == 0
     assert "killed by signal 200" in caplog.text
+
+
+def test_an_exited_workers_live_gauges_leave_the_shared_metrics_at_once(tmp_path: Path) -> None:
+    """Its in-flight and connection gauges would otherwise stay until a scrape finds its
+    pid gone, and forever if another process took the pid. Its counts stay."""
+    names = ["gauge_livesum_11.db", "gauge_livemax_11.db", "gauge_livesum_110.db",
+             "counter_11.db", "histogram_11.db", "gauge_all_11.db"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert _join([FakeWorker(11, -9)], RespawnBudget(), str(tmp_path)) == 0
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["counter_11.db", "gauge_all_11.db", "gauge_livesum_110.db", "histogram_11.db"]

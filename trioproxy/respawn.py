@@ -14,11 +14,14 @@ is started again once the master is stopping.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+
+from .metrics.prom import MULTIPROC_ENV, remove_live_gauges
 
 RESPAWN_LIMIT = 5
 RESPAWN_WINDOW_SECONDS = 60.0
@@ -55,12 +58,13 @@ class RespawnBudget:
 
 
 def join_exited_respawning(
-    budget: RespawnBudget, log: logging.Logger
+    budget: RespawnBudget, log: logging.Logger, metrics_dir: str | None = None
 ) -> Callable[[list[BaseProcess]], int]:
     """A stand-in for ``hypercorn.run._join_exited``: removes the exited workers from
     ``processes`` and returns the status the server stops with (0: go on, and hypercorn
     starts workers until there are N again), a killed worker's being 0 while ``budget``
-    allows."""
+    allows. An exited worker's live gauges leave ``metrics_dir`` (the workers' shared
+    metrics) at once: in-flight requests and open connections of a worker that is gone."""
 
     def join_exited(processes: list[BaseProcess]) -> int:
         exitcode = 0
@@ -69,6 +73,8 @@ def join_exited_respawning(
             if worker.exitcode is None:
                 continue
             worker.join()
+            if metrics_dir and worker.pid is not None:
+                remove_live_gauges(metrics_dir, worker.pid)
             status = _status(worker, budget, log)
             exitcode = status if exitcode == 0 else exitcode
             del processes[index]
@@ -114,4 +120,6 @@ def respawn_killed_workers(budget: RespawnBudget) -> None:
     from .logs import HYPERCORN_LOGGER
 
     log = logging.getLogger(HYPERCORN_LOGGER)
-    hypercorn_run._join_exited = join_exited_respawning(budget, log)  # type: ignore[attr-defined]
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    join_exited = join_exited_respawning(budget, log, metrics_dir)
+    hypercorn_run._join_exited = join_exited  # type: ignore[attr-defined]

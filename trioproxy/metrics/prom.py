@@ -288,6 +288,14 @@ def mark_dead_workers(path: str) -> list[int]:
     return sorted(dead)
 
 
+def remove_live_gauges(path: str, pid: int) -> None:
+    """Drop the live-gauge files of worker ``pid``, which has exited: its master knows it
+    at once (the scrapes' check by pid would keep them if another process took the pid)."""
+    for f in glob.glob(os.path.join(path, f"gauge_live*_{pid}.db")):
+        if _live_gauge_pid(f) == pid:
+            _remove_if_there(f)
+
+
 def _live_gauge_pid(filename: str) -> int | None:
     """The pid of a live gauge file (``gauge_<live mode>_<pid>.db``: the files
     ``mark_process_dead`` removes), else None."""
