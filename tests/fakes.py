@@ -48,10 +48,14 @@ LLAMA_CPP_META = {
     "demo-embed": {"vocab_type": 3, "n_vocab": 30522, "n_ctx_train": 2048, "n_embd": 768,
                    "n_params": 136727040, "size": 274290560},
 }  # fmt: skip
+# what the same answer lists in Ollama's shape beside "data" (its top-level "models"): the
+# server says "multimodal" for a model loaded with a projector (--mmproj), here demo-chat
+LLAMA_CPP_CAPABILITIES = {"demo-chat": ["completion", "multimodal"], "demo-embed": ["completion"]}
 
 
 class LlamaCppModels(ScriptedHandler):
-    """A backend that lists models as llama.cpp's server does (LLAMA_CPP_META)."""
+    """A backend that lists models as llama.cpp's server does (LLAMA_CPP_META, and
+    LLAMA_CPP_CAPABILITIES in the Ollama-style entries it sends beside them)."""
 
     def do_GET(self) -> None:
         entries = [
@@ -59,7 +63,15 @@ class LlamaCppModels(ScriptedHandler):
              "meta": meta}
             for name, meta in LLAMA_CPP_META.items()
         ]  # fmt: skip
-        self.answer(200, json.dumps({"object": "list", "data": entries}).encode())
+        ollama_style = [
+            {"name": name, "model": name, "modified_at": "", "size": "", "digest": "",
+             "type": "model", "description": "", "tags": [""], "capabilities": capabilities,
+             "parameters": "", "details": {"parent_model": "", "format": "gguf", "family": "",
+             "families": [""], "parameter_size": "", "quantization_level": ""}}
+            for name, capabilities in LLAMA_CPP_CAPABILITIES.items()
+        ]  # fmt: skip
+        body = {"models": ollama_style, "object": "list", "data": entries}
+        self.answer(200, json.dumps(body).encode())
 
 
 # every input's vector from FullLengthEmbeddings: unit length, 8 dimensions

@@ -309,7 +309,8 @@ def test_ollama_show_and_list_from_llama_cpps_server(
 ) -> None:
     """What llama.cpp's server lists under ``meta`` (LLAMA_CPP_META) reaches ollama-js
     where Ollama puts it: the trained context and embedding length in ``model_info``,
-    the parameter count there and in ``details``, the file size on ``/api/tags``."""
+    the parameter count there and in ``details``, the file size on ``/api/tags``; and
+    what it lists in Ollama's shape beside them (a projector: "multimodal") is "vision"."""
     with serving(LlamaCppModels) as url:
         run_here = scenario_runner(start_proxy(url, MAX_RETRIES="0").url)
         shown, listed = run_here("ollama-show"), run_here("ollama-list")["models"]
@@ -322,8 +323,40 @@ def test_ollama_show_and_list_from_llama_cpps_server(
             "demo.embedding_length": meta["n_embd"],
         }
     assert shown["chat"]["details"]["parameter_size"] == "8.0B"
+    assert shown["chat"]["capabilities"] == ["completion", "tools", "vision"]
+    assert shown["embed"]["capabilities"] == ["embedding"]
     sizes = {entry["model"]: entry["size"] for entry in listed}
     assert sizes == {f"{name}:latest": meta["size"] for name, meta in LLAMA_CPP_META.items()}
+
+
+def test_declared_capabilities_and_window_reach_ollama_js(
+    node_modules: Path,
+    tmp_path: Path,
+    demo_backend: ServerProcess,
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """The demo lists bare ids, as OpenAI and vLLM do: what MODEL_MAPPING_FILE declares of
+    a name is what ollama-js reads (Copilot and Zed offer image input and thinking only
+    when ``capabilities`` says so, and size prompts by ``model_info``'s window)."""
+    path = tmp_path / "models.json"
+    declared = {
+        "demo-chat": {"capabilities": ["completion", "tools", "vision", "thinking"],
+                      "context_length": 65536},
+        "demo-embed": {"capabilities": ["embedding"], "context_length": 512},
+    }  # fmt: skip
+    path.write_text(json.dumps({"model_mappings": declared}))
+    run_here = scenario_runner(start_proxy(demo_backend.url, MODEL_MAPPING_FILE=str(path)).url)
+    shown, running = run_here("ollama-show"), run_here("ollama-ps")["models"]
+    assert shown["chat"]["capabilities"] == ["completion", "tools", "vision", "thinking"]
+    assert shown["chat"]["model_info"]["demo.context_length"] == 65536
+    assert shown["embed"]["capabilities"] == ["embedding"]
+    assert shown["embed"]["model_info"]["demo.context_length"] == 512
+    windows = {entry["model"]: entry["context_length"] for entry in running}
+    assert windows == {
+        "demo-chat:latest": 65536,
+        "demo-embed:latest": 512,
+        "demo-reasoner:latest": 0,
+    }
 
 
 def test_ollama_ps(run: RunScenario) -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from trioproxy.model_mapping import (
+    DeclaredModel,
     MappingFileError,
     ModelMapper,
     load_mapping_file,
     ollama_key,
+    read_mapping_file,
     same_model,
     with_default_tag,
 )
@@ -62,6 +64,51 @@ def test_load_nested_ignores_other_keys(tmp_path: Path) -> None:
     mapping = load_mapping_file(p)
     assert mapping == {"a": "A", "b": "B"}
     assert list(mapping) == ["a", "b"]  # file order preserved for reverse lookups
+
+
+def test_load_extended_entries_in_either_shape(tmp_path: Path) -> None:
+    """An entry may be an object that names the backend's model and declares what the
+    model can do and its window; without "model" the name goes to the backend as it is."""
+    entries = {
+        "llama3": {"model": "gpt-4o-mini", "capabilities": ["completion", "tools", "vision"],
+                   "context_length": 128000},
+        "gpt-4o": {"capabilities": ["completion", "tools", "vision", "thinking"]},
+        "qwen": {"model": "Qwen/Qwen2.5", "context_length": 32768},
+        "renamed": {"model": "backend-name"},
+        "nomic": {"capabilities": ["embedding"]},
+        "old": "old-backend",
+    }  # fmt: skip
+    for doc in (entries, {"model_mappings": entries, "default_model": "llama3"}):
+        read = read_mapping_file(_write(tmp_path, json.dumps(doc)))
+        assert read.mapping == {
+            "llama3": "gpt-4o-mini",
+            "qwen": "Qwen/Qwen2.5",
+            "renamed": "backend-name",
+            "old": "old-backend",
+        }
+        assert read.declared == {
+            "llama3": DeclaredModel(("completion", "tools", "vision"), 128000),
+            "gpt-4o": DeclaredModel(("completion", "tools", "vision", "thinking"), None),
+            "qwen": DeclaredModel(None, 32768),
+            "nomic": DeclaredModel(("embedding",), None),
+        }
+        assert list(read.declared) == ["llama3", "gpt-4o", "qwen", "nomic"]  # file order
+        assert load_mapping_file(_write(tmp_path, json.dumps(doc))) == read.mapping
+
+
+def test_declared_facts_are_found_as_mapped_names_are() -> None:
+    """NAME is NAME:latest, as for the mapping; otherwise exact (case-sensitive)."""
+    llama = DeclaredModel(("completion", "tools", "vision"), 8192)
+    tagged = DeclaredModel(None, 4096)
+    m = ModelMapper({"llama3": "x"}, {"llama3": llama, "qwen:7b": tagged, "phi:latest": llama})
+    assert m.declared("llama3") is m.declared("llama3:latest") is llama
+    assert m.declared("phi") is m.declared("phi:latest") is llama
+    assert m.declared("qwen:7b") is tagged
+    assert m.declared("qwen") is None and m.declared("qwen:latest") is None
+    assert m.declared("LLAMA3") is None and m.declared("llama3:8b") is None
+    assert m.declared(":latest") is None
+    assert ModelMapper({"a": "b"}).declared("a") is None  # a plain mapping declares nothing
+    assert m.to_backend("qwen:7b") == "qwen:7b"  # a declaration maps nothing
 
 
 def test_load_empty_object(tmp_path: Path) -> None:

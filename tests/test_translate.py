@@ -34,7 +34,7 @@ from openai.types import Model as OpenAIModel
 from pydantic import BaseModel
 
 from trioproxy.jsonutil import compact_json
-from trioproxy.model_mapping import ModelMapper
+from trioproxy.model_mapping import DeclaredModel, ModelMapper
 from trioproxy.translate import (
     OllamaStreamTranslator,
     OpenAIStreamObserver,
@@ -49,6 +49,7 @@ from trioproxy.translate import (
     is_embedding_model,
     joined_embeddings,
     keep_alive_unloads,
+    listed_capabilities,
     model_family,
     ollama_chat_to_openai,
     ollama_embed_to_openai,
@@ -1951,6 +1952,80 @@ def test_tags() -> None:
     parsed = ListResponse.model_validate(out)
     assert parsed.models[0].modified_at == datetime.fromtimestamp(1_700_000_000, UTC)
     assert parsed.models[2].modified_at == datetime.fromtimestamp(0, UTC)
+
+
+def test_listed_capabilities_read_llama_cpps_ollama_style_entries() -> None:
+    """llama.cpp's server sends its models in Ollama's shape beside ``data``; what they
+    say goes by Ollama's names ("multimodal": a projector for images, "vision"), anything
+    else (an unknown word, "insert", which trioproxy refuses, a malformed entry) is left out."""
+    payload = {
+        "models": [
+            {"name": "m.gguf", "model": "m.gguf", "capabilities": ["completion", "multimodal"]},
+            {"name": "e", "capabilities": ["embedding", "embedding", "insert", "audio", 3, None]},
+            {"model": "", "name": "named", "capabilities": ["completion"]},
+            {"model": "no-capabilities"},
+            {"model": "odd", "capabilities": "completion"},
+            {"capabilities": ["completion"]},
+            "junk",
+        ],
+        "object": "list",
+        "data": [{"id": "m.gguf"}],
+    }
+    assert listed_capabilities(payload) == {
+        "m.gguf": ("completion", "vision"),
+        "e": ("embedding",),
+        "named": ("completion",),
+    }
+    for nothing in ({"data": []}, {"models": 5}, [], None, "x"):
+        assert listed_capabilities(nothing) == {}
+
+
+def test_show_with_listed_and_declared_capabilities() -> None:
+    """Declared capabilities are the whole list (and decide the template); else what the
+    backend's list gave adds to the entry's; a list saying embedding only is an embedder."""
+    entry = {"id": "m", "max_model_len": 4096, "architecture": {"input_modalities": ["image"]}}
+    assert ollama_show("m", entry, listed=("completion", "vision"))["capabilities"] == [
+        "completion",
+        "tools",
+        "vision",
+    ]
+    assert ollama_show("m", {"id": "m"}, listed=("completion", "thinking"))["capabilities"] == [
+        "completion",
+        "tools",
+        "thinking",
+    ]
+    assert ollama_show("m", {"id": "m"}, listed=("embedding",))["capabilities"] == ["embedding"]
+    plain = DeclaredModel(("completion",), 65536)
+    shown = ollama_show("m", entry, listed=("completion", "vision"), declared=plain)
+    assert shown["capabilities"] == ["completion"]
+    assert shown["template"] == "{{ .Prompt }}"
+    assert shown["model_info"] == {"general.architecture": "m", "m.context_length": 65536}
+    # an embedding model's name, declared a chat model: the declaration wins
+    chat = DeclaredModel(("completion", "tools"), None)
+    declared = ollama_show("text-embed-chat", {"id": "text-embed-chat"}, declared=chat)
+    assert declared["capabilities"] == ["completion", "tools"]
+    assert ".Tools" in declared["template"]
+    # only a window: the capabilities stay the backend's
+    window = ollama_show("m", entry, declared=DeclaredModel(None, 1024))
+    assert window["capabilities"] == ["completion", "tools", "vision"]
+    assert window["model_info"]["m.context_length"] == 1024
+    ShowResponse.model_validate(shown)
+
+
+def test_declared_window_in_ps_and_openai_entries() -> None:
+    mapper = ModelMapper(
+        {"alias": "vllm-model"},
+        {"alias": DeclaredModel(None, 2048), "bare": DeclaredModel(("completion",), 1000)},
+    )
+    models = [{"id": "vllm-model", "max_model_len": 32768, "root": "vllm-model"}, {"id": "bare"}]
+    ps = {m["name"]: m["context_length"] for m in ollama_ps(models, mapper)["models"]}
+    assert ps == {"alias:latest": 2048, "bare:latest": 1000}
+    listed = {m["id"]: m for m in openai_model_list(models, mapper)["data"]}
+    assert listed["alias"]["max_model_len"] == 2048
+    assert set(listed["bare"]) == {"id", "object", "created", "owned_by"}  # no field made up
+    retrieved = openai_model_entry("alias", models[0], mapper.declared("alias"))
+    assert retrieved["max_model_len"] == 2048
+    assert openai_model_entry("vllm-model", models[0])["max_model_len"] == 32768
 
 
 def test_tags_empty() -> None:

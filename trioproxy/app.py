@@ -279,7 +279,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         PROVIDE_AUTOMATIC_OPTIONS=True,
         JSON_SORT_KEYS=False,
     )
-    app.mapper = ModelMapper(dict(settings.model_mapping))
+    app.mapper = ModelMapper(settings.model_mapping, settings.declared_models)
     app.client_addresses = ClientAddresses(settings.forwarded_allow_ips)
     hypercorn_patches.set_write_timeout(settings.client_write_timeout)
     hypercorn_patches.set_body_limit(settings.max_request_bytes)
@@ -305,6 +305,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     for client_name, backend_name in settings.model_mapping.items():
         app.collector.model_labels.allow(client_name)
         app.collector.model_labels.allow(backend_name)
+    for client_name in settings.declared_models:  # a name the file describes, not maps
+        app.collector.model_labels.allow(client_name)
     # per worker, past it a new connection gets a 503 (hypercorn_patches, patch 16)
     app.collector.watch_connections(
         hypercorn_patches.cap_connections(app, settings.max_connections)

@@ -14,6 +14,7 @@ from .errors import BackendSecrets, ProxyError, UpstreamStatusError
 from .exchange import Call
 from .forward import call_json, json_answer, note_model
 from .model_mapping import ollama_key, with_default_tag
+from .translate import listed_capabilities
 
 CACHE_SECONDS = 5.0
 NO_LIST_RETRY_SECONDS = 60.0
@@ -36,6 +37,8 @@ _NO_MODEL_LIST = (404, 405, 501)
 class ModelCatalog:
     def __init__(self) -> None:
         self._models: list[dict[str, Any]] = []
+        # Ollama's capabilities the list gave beside its data (llama.cpp's), by backend id
+        self._capabilities: dict[str, tuple[str, ...]] = {}
         self._ids: frozenset[str] | None = None  # of the last list fetched
         self._by_key: dict[str, str] = {}  # its ids by ollama_key (one id per key only)
         self._no_ids_until = -1e9  # trio clock: a fetch for lists() failed; not asked again
@@ -67,7 +70,8 @@ class ModelCatalog:
             self._failure, self._failed_at = failure, trio.current_time()
             raise
         data = payload.get("data") if isinstance(payload, dict) else None
-        self._keep(data if isinstance(data, list) else [], asked_at)  # {"data": 5}: no crash
+        # {"data": 5}: no crash
+        self._keep(data if isinstance(data, list) else [], asked_at, payload)
 
     def take(self, content: bytes, secrets: BackendSecrets, asked_at: float) -> None:
         """A 2xx body of ``GET /models`` that the readiness check asked for at ``asked_at``
@@ -85,12 +89,13 @@ class ModelCatalog:
             return
         data = payload.get("data") if isinstance(payload, dict) else None
         if isinstance(data, list):
-            self._keep(data, asked_at)
+            self._keep(data, asked_at, payload)
 
-    def _keep(self, data: list[Any], asked_at: float) -> None:
-        """``data`` as the list, unless the one held was asked for later (a request's slow
-        fetch must not put back a list older than the readiness check's, nor the other
-        way round); either way the list held is as fresh as this one."""
+    def _keep(self, data: list[Any], asked_at: float, payload: object = None) -> None:
+        """``data`` as the list (and what else the ``payload`` it came in says of its
+        models), unless the one held was asked for later (a request's slow fetch must not
+        put back a list older than the readiness check's, nor the other way round); either
+        way the list held is as fresh as this one."""
         self._fetched_at = trio.current_time()
         self._failure = None
         if asked_at < self._asked_at:
@@ -99,6 +104,7 @@ class ModelCatalog:
         self._models = [m for m in data if isinstance(m, dict) and "id" in m]
         self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
         self._by_key = _by_key(self._ids)
+        self._capabilities = listed_capabilities(payload)
 
     async def _fetch_for_a_request(self, call: Call) -> None:
         """The list for :meth:`lists`, unless it came, or was given up on, while this
@@ -164,6 +170,11 @@ class ModelCatalog:
         """Whether the list last fetched holds exactly this name."""
         ids = self._ids
         return ids is not None and backend_name in ids
+
+    def capabilities(self, backend_id: str) -> tuple[str, ...]:
+        """Ollama's capabilities the list last fetched gave for an id beside its entry
+        (llama.cpp's server's ``models``); empty if it gave none."""
+        return self._capabilities.get(backend_id, ())
 
     def entry(self, backend_name: str) -> dict[str, Any] | None:
         """The entry of the list last fetched for a backend name; None if it has none.

@@ -28,7 +28,7 @@ from dotenv.parser import parse_stream
 from .auth import client_keys, parse_keys
 from .client_address import NO_PROXIES, TrustedProxies, parse_trusted_proxies
 from .errors import BackendSecrets
-from .model_mapping import MappingFileError, load_mapping_file
+from .model_mapping import DeclaredModel, MappingFileError, read_mapping_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_ENV_FILE = ".env"
@@ -78,6 +78,8 @@ class Settings:
     retry_backoff_max: float = 8.0
     model_mapping_file: str | None = None
     model_mapping: Mapping[str, str] = field(default_factory=dict)
+    # what MODEL_MAPPING_FILE declares of client names (capabilities, context window)
+    declared_models: Mapping[str, DeclaredModel] = field(default_factory=dict)
     max_request_bytes: int = 64 * 1024 * 1024
     max_response_bytes: int = 256 * 1024 * 1024
     max_concurrent_requests: int = 2048
@@ -766,9 +768,11 @@ def _validated(settings: Settings) -> Settings:
         changes["upstream_url"] = normalise_upstream_url(settings.upstream_url)
     if settings.model_mapping_file:
         try:
-            changes["model_mapping"] = load_mapping_file(settings.model_mapping_file)
+            mapping_file = read_mapping_file(settings.model_mapping_file)
         except MappingFileError as exc:
             raise ConfigError(f"invalid MODEL_MAPPING_FILE: {exc}") from None
+        changes["model_mapping"] = mapping_file.mapping
+        changes["declared_models"] = mapping_file.declared
     if settings.proxy_api_keys_file:
         changes["proxy_api_keys"] = settings.proxy_api_keys + _keys_from_file(
             settings.proxy_api_keys_file

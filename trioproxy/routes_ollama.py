@@ -104,7 +104,12 @@ async def show() -> Response:
     entry = await listed_entry(call, name)
     if entry is None:
         raise NotFound(f"model '{shown_name(name)}' not found")
-    return _json(tr.ollama_show(name, entry))
+    backend_id = entry.get("id")
+    catalog = call.app.catalog  # type: ignore[attr-defined]
+    listed = catalog.capabilities(backend_id) if isinstance(backend_id, str) else ()
+    return _json(
+        tr.ollama_show(name, entry, listed=listed, declared=call.app.mapper.declared(name))
+    )
 
 
 @blueprint.post("/api/pull")

@@ -296,7 +296,7 @@ async def model(model_id: str) -> Response:
     entry = await listed_entry(call, model_id, counted=False)
     if entry is None:
         raise NotFound(f"The model '{shown_name(model_id)}' does not exist", code="model_not_found")
-    return _json(tr.openai_model_entry(model_id, entry))
+    return _json(tr.openai_model_entry(model_id, entry, call.app.mapper.declared(model_id)))
 
 
 def _json(payload: Any, status: int = 200) -> Response:

@@ -22,7 +22,7 @@ import re
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.decoder import scanstring
@@ -38,7 +38,7 @@ from trioproxy.jsonutil import (
     whole_number,
 )
 from trioproxy.ledger import ResponsesLedger
-from trioproxy.model_mapping import ModelMapper, with_default_tag
+from trioproxy.model_mapping import DeclaredModel, ModelMapper, with_default_tag
 from trioproxy.sse import DEFAULT_MAX_LINE_BYTES
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "Timings",
     "image_data_url",
     "is_embedding_model",
+    "listed_capabilities",
     "model_family",
     "ollama_chat_to_openai",
     "ollama_embed_to_openai",
@@ -2264,27 +2265,43 @@ def openai_models_to_ollama_tags(models: list[JSONDict], mapper: ModelMapper) ->
 
 
 def ollama_show(
-    model_name: str, backend_entry: JSONDict | None, *, embedding: bool | None = None
+    model_name: str,
+    backend_entry: JSONDict | None,
+    *,
+    embedding: bool | None = None,
+    listed: Sequence[str] = (),
+    declared: DeclaredModel | None = None,
 ) -> JSONDict:
     """A synthetic ``/api/show`` response for ``model_name`` (the client-facing name).
 
-    ``embedding=None`` decides by :func:`is_embedding_model` on the name and backend id.
+    What the mapping file ``declared`` of the name wins; else the capabilities come from the
+    backend's entry and those its list gave beside it (``listed``: :func:`listed_capabilities`),
+    with ``embedding=None`` deciding by :func:`is_embedding_model` on the name and backend id.
     """
     backend_id = backend_entry.get("id", model_name) if backend_entry else model_name
     if not isinstance(backend_id, str):
         backend_id = model_name
-    if embedding is None:
-        embedding = is_embedding_model(model_name) or is_embedding_model(backend_id)
     entry = backend_entry or {}
+    if declared is not None and declared.capabilities is not None:
+        capabilities = list(declared.capabilities)
+    else:
+        if embedding is None:
+            embedding = (
+                is_embedding_model(model_name)
+                or is_embedding_model(backend_id)
+                or ("embedding" in listed and "completion" not in listed)
+            )
+        capabilities = ["embedding"] if embedding else _capabilities(entry, listed)
     details = _details(backend_id, entry)
+    context = declared.context_length if declared is not None else None
     return {
         "modelfile": f"# Served by trioproxy from backend model {backend_id}\nFROM {backend_id}\n",
         "parameters": "",
-        "template": _EMBEDDING_TEMPLATE if embedding else _TOOLS_TEMPLATE,
+        "template": _TOOLS_TEMPLATE if "tools" in capabilities else _PROMPT_TEMPLATE,
         "details": details,
         # ollama-python requires this key to exist (ShowResponse alias without default)
-        "model_info": _model_info(details["family"], entry),
-        "capabilities": ["embedding"] if embedding else _capabilities(entry),
+        "model_info": _model_info(details["family"], entry, context),
+        "capabilities": capabilities,
         "modified_at": _rfc3339_seconds(entry.get("created")),
     }
 
@@ -2292,19 +2309,21 @@ def ollama_show(
 # The backend applies the model's own template; these say what Ollama's would. Ollama
 # lists "tools" for a template that reads .Tools, and clients go by the template alone
 # (LiteLLM's supports_function_calling looks for "tools" in it).
-_EMBEDDING_TEMPLATE = "{{ .Prompt }}"
+_PROMPT_TEMPLATE = "{{ .Prompt }}"
 _TOOLS_TEMPLATE = "{{ if .Tools }}{{ .Tools }}\n{{ end }}{{ .Prompt }}"
 
 
-def _model_info(family: str, entry: JSONDict) -> JSONDict:
+def _model_info(family: str, entry: JSONDict, declared_context: int | None = None) -> JSONDict:
     """``model_info`` with the keys Ollama reads from a model's GGUF that the backend's
-    entry gives: its context window (where Zed, Continue and VS Code's Copilot read it),
-    and from llama.cpp's server the trained context, embedding length and parameter count."""
+    entry gives: its context window (where Zed, Continue and VS Code's Copilot read it; the
+    one the mapping file declares first), and from llama.cpp's server the trained context,
+    embedding length and parameter count."""
     info: JSONDict = {"general.architecture": family}
     meta = _gguf_meta(entry)
     if parameters := whole_number(meta.get("n_params")):
         info["general.parameter_count"] = parameters
-    if context := _context_length(entry) or whole_number(meta.get("n_ctx_train")):
+    context = declared_context or _context_length(entry) or whole_number(meta.get("n_ctx_train"))
+    if context:
         info[f"{family}.context_length"] = context
     if embedding := whole_number(meta.get("n_embd")):
         info[f"{family}.embedding_length"] = embedding
@@ -2320,17 +2339,55 @@ def _context_length(entry: JSONDict) -> int:
     return 0
 
 
-def _capabilities(entry: JSONDict) -> list[str]:
+def _capabilities(entry: JSONDict, listed: Sequence[str] = ()) -> list[str]:
     """A generation model's capabilities: completion and tools, plus what the backend's
-    entry says beyond them (OpenRouter's input modalities and supported parameters)."""
+    entry says beyond them (OpenRouter's input modalities and supported parameters) or
+    its list gives beside it (``listed``: llama.cpp's server's)."""
     out = ["completion", "tools"]
     architecture = entry.get("architecture")
     modalities = architecture.get("input_modalities") if isinstance(architecture, dict) else None
-    if isinstance(modalities, list) and "image" in modalities:
+    if (isinstance(modalities, list) and "image" in modalities) or "vision" in listed:
         out.append("vision")
     parameters = entry.get("supported_parameters")
-    if isinstance(parameters, list) and "reasoning" in parameters:
+    if (isinstance(parameters, list) and "reasoning" in parameters) or "thinking" in listed:
         out.append("thinking")
+    return out
+
+
+# Ollama's capabilities a backend may list, as Ollama names them: "insert" is left out, as
+# trioproxy refuses a suffix; llama.cpp's server says "multimodal" for a model loaded with a
+# projector for images (its /api/show fakes Ollama's the same way), Ollama's "vision"
+_LISTED_CAPABILITIES = {
+    "completion": "completion",
+    "tools": "tools",
+    "vision": "vision",
+    "multimodal": "vision",
+    "embedding": "embedding",
+    "thinking": "thinking",
+}
+
+
+def listed_capabilities(payload: object) -> dict[str, tuple[str, ...]]:
+    """Ollama's capabilities a backend's ``GET /models`` answer gives beside its ``data``,
+    by model id: llama.cpp's server lists each model in Ollama's shape too, under
+    ``models`` (``name`` and ``model`` its id), with ``capabilities``. Empty for backends
+    that send ``data`` alone; anything not a known capability is left out."""
+    models = payload.get("models") if isinstance(payload, dict) else None
+    if not isinstance(models, list):
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for model in models:
+        if not isinstance(model, dict) or not isinstance(model.get("capabilities"), list):
+            continue
+        name = model.get("model")
+        name = name if isinstance(name, str) and name else model.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        named = (
+            _LISTED_CAPABILITIES.get(c) if isinstance(c, str) else None
+            for c in model["capabilities"]
+        )
+        out[name] = tuple(dict.fromkeys(c for c in named if c is not None))
     return out
 
 
@@ -2351,7 +2408,8 @@ def ollama_ps(
     expires = utc_timestamp(now_ns + _PS_KEEP_ALIVE_NS)
     out = []
     for name, entry in _listed(models, mapper, tagged=True):
-        context = _context_length(entry)
+        declared = mapper.declared(name)
+        context = (declared and declared.context_length) or _context_length(entry)
         out.append(
             {
                 "name": name,
@@ -2374,15 +2432,20 @@ def ollama_pull_progress() -> list[JSONDict]:
     return [{"status": "pulling manifest"}, {"status": "success"}]
 
 
-def openai_model_entry(client_name: str, backend_entry: JSONDict | None = None) -> JSONDict:
+def openai_model_entry(
+    client_name: str,
+    backend_entry: JSONDict | None = None,
+    declared: DeclaredModel | None = None,
+) -> JSONDict:
     """One OpenAI model object under its client-facing id, with the backend's other
     fields (vLLM's ``max_model_len``, OpenRouter's ``context_length``, pricing: what
-    clients size their prompts by). ``created`` is always an int (strict SDK validation
-    rejects entries without it, as llama-cpp-python's lack it)."""
+    clients size their prompts by; a context window the mapping file ``declared`` in
+    those the entry has). ``created`` is always an int (strict SDK validation rejects
+    entries without it, as llama-cpp-python's lack it)."""
     entry = backend_entry or {}
     owned_by = entry.get("owned_by")
     backend_id = entry.get("id")
-    return {
+    out = {
         # a field naming the backend's id (vLLM's "root") would undo a model mapping
         **{key: value for key, value in entry.items() if value != backend_id},
         "id": client_name,
@@ -2390,11 +2453,19 @@ def openai_model_entry(client_name: str, backend_entry: JSONDict | None = None) 
         "created": _int(entry.get("created")),
         "owned_by": owned_by if isinstance(owned_by, str) and owned_by else "trioproxy",
     }
+    if declared is not None and declared.context_length is not None:
+        for key in _CONTEXT_KEYS:  # OpenAI's model object has none: no field is added
+            if key in out:
+                out[key] = declared.context_length
+    return out
 
 
 def openai_model_list(models: list[JSONDict], mapper: ModelMapper) -> JSONDict:
     """Backend ``/models`` ``data`` as a client-facing OpenAI list."""
     return {
         "object": "list",
-        "data": [openai_model_entry(name, entry) for name, entry in _listed(models, mapper)],
+        "data": [
+            openai_model_entry(name, entry, mapper.declared(name))
+            for name, entry in _listed(models, mapper)
+        ],
     }
