@@ -2074,6 +2074,15 @@ def test_show() -> None:
     )
 
 
+def test_ps_reports_the_window_llama_cpp_serves_not_the_trained_one() -> None:
+    """Some llama.cpp servers list the served window (``n_ctx``) beside the trained one:
+    /api/ps's context_length is the served window, as Ollama's (what a prompt must fit)."""
+    served = {"id": "m", "meta": {"n_ctx_train": 131072, "n_ctx": 8192}}
+    assert ollama_ps([served], MAPPER)["models"][0]["context_length"] == 8192
+    trained_only = {"id": "m", "meta": {"n_ctx_train": 131072}}
+    assert ollama_ps([trained_only], MAPPER)["models"][0]["context_length"] == 0
+
+
 def test_llama_cpp_meta_that_is_no_number_is_left_out() -> None:
     """llama.cpp's ``meta`` is read as Ollama reads a GGUF; anything that is no count
     (a string, a negative, 1e400, a meta that is no object) is left out, never a 500."""

@@ -2409,7 +2409,14 @@ def ollama_ps(
     out = []
     for name, entry in _listed(models, mapper, tagged=True):
         declared = mapper.declared(name)
-        context = (declared and declared.context_length) or _context_length(entry)
+        context = (
+            (declared and declared.context_length)
+            or _context_length(entry)
+            # llama.cpp's server: the window it serves (n_ctx), which may be below the
+            # model's trained one (n_ctx_train, what /api/show reports)
+            or whole_number(_gguf_meta(entry).get("n_ctx"))
+            or 0
+        )
         out.append(
             {
                 "name": name,
