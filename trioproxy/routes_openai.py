@@ -360,11 +360,14 @@ def _model_rewriter(names: dict[str, str]) -> Callable[[bytes], bytes] | None:
     lines, each name once (a chain of renames must not rename a rename); None if there is
     nothing to rewrite."""
     renames = {
-        _model_member(backend, sep): _model_member(client, sep)
+        _model_member(backend, sep, ascii_only): _model_member(client, sep, ascii_only)
         for backend, client in names.items()
         if backend != client
         # backends write compact JSON; both spellings cover the common serialisers
         for sep in ("", " ")
+        # a name beyond ASCII as Python's json writes it ("\u00e8") and as vLLM, llama.cpp's
+        # server and Ollama write it (UTF-8 as it is); one spelling for an ASCII name
+        for ascii_only in (True, False)
     }
     if not renames:
         return None
@@ -385,8 +388,8 @@ def _model_rewriter(names: dict[str, str]) -> Callable[[bytes], bytes] | None:
     return rewrite
 
 
-def _model_member(name: str, separator: str) -> bytes:
-    return f'"model":{separator}{json.dumps(name)}'.encode()
+def _model_member(name: str, separator: str, ascii_only: bool = True) -> bytes:
+    return f'"model":{separator}{json.dumps(name, ensure_ascii=ascii_only)}'.encode()
 
 
 def _rewrite_model_json(content: bytes, backend_model: str, client_model: str) -> bytes:
