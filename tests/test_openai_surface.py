@@ -24,6 +24,7 @@ SLASHED = "meta-llama/Llama-3-8B-Instruct"
 ROUTER = "openrouter/auto"  # OpenRouter answers it under the model it chose
 ROUTED_TO = "openai/gpt-4o-2024-08-06"
 ACCENTED = "modèle-ü"  # a backend id beyond ASCII
+IGNORES_STREAM = "ignores-stream"  # answers a stream request with one JSON completion
 MAPPING = {"llama": SLASHED, "team/llama": SLASHED, "fr": ACCENTED}
 # the backend's headers on every answer: what reaches the client is an allowlist
 BACKEND_HEADERS = {
@@ -61,7 +62,7 @@ class OpenAIShaped(ScriptedHandler):
     def do_GET(self) -> None:
         type(self).asked.append((self.path, None))
         data = [{"id": name, "object": "model", "created": 1, "owned_by": "x"}
-                for name in (SLASHED, ROUTER, ACCENTED, "limited", "embedder")]  # fmt: skip
+                for name in (SLASHED, ROUTER, ACCENTED, "limited", IGNORES_STREAM)]  # fmt: skip
         self.reply({"object": "list", "data": data})
 
     def do_POST(self) -> None:
@@ -102,7 +103,7 @@ class OpenAIShaped(ScriptedHandler):
         usage["total_tokens"] = 7 + usage["completion_tokens"]
         head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                 "model": model, "system_fingerprint": None}  # fmt: skip
-        if not body.get("stream"):
+        if not body.get("stream") or body["model"] == IGNORES_STREAM:
             message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
             whole = [{"index": i, "message": message, "finish_reason": "stop", "logprobs": None}
                      for i in range(choices)]  # fmt: skip
@@ -273,6 +274,34 @@ def test_n_choices_are_streamed_whole_and_usage_comes_once_when_asked(
     # 12 content chunks without usage (one token each), then the backend's 12
     after = total(scrape(shaped_proxy.url), "trioproxy_tokens_total", type="output")
     assert after - before == 24
+
+
+def test_a_backend_that_ignores_stream_gives_usage_only_to_a_client_that_asked(
+    client: openai.OpenAI, shaped_proxy: ServerProcess
+) -> None:
+    """A backend that answers a stream request with one JSON completion: the proxy makes
+    it the stream it would have sent, so its usage is a last chunk of its own (empty
+    ``choices``) when the client asked for ``include_usage``, and nowhere when it did not.
+    The tokens are the backend's count either way, once."""
+    before = total(scrape(shaped_proxy.url), "trioproxy_tokens_total", type="output")
+    for asked in (False, True):
+        options: Any = {"stream_options": {"include_usage": True}} if asked else {}
+        chunks = list(
+            client.chat.completions.create(
+                model=IGNORES_STREAM, messages=MESSAGES, n=2, stream=True, **options
+            )
+        )
+        texts = sorted(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+        assert texts == ["Hello thére", "Hello thére"]
+        usage = [chunk for chunk in chunks if chunk.usage is not None]
+        if asked:
+            assert usage == chunks[-1:] and chunks[-1].choices == []
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+            assert chunks[-1].id == chunks[0].id and chunks[-1].model == IGNORES_STREAM
+        else:
+            assert usage == []
+    after = total(scrape(shaped_proxy.url), "trioproxy_tokens_total", type="output")
+    assert after - before == 16
 
 
 def test_the_backend_headers_an_sdk_sees_are_its_rate_limits_and_its_request_id(

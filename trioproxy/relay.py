@@ -26,6 +26,7 @@ from .netstream import DirectTCPStream, body_reader
 from .sse import (
     ERROR_FIELD_EVENT,
     SSE_DONE,
+    SSE_DONE_BYTES,
     SSEParser,
     SSEProtocolError,
     encode_sse,
@@ -364,9 +365,12 @@ async def relay_openai(
     rewrite_model: Callable[[bytes], bytes] | None = None,
     end: StreamEnd | None = None,
     on_finish: Callable[[], None] | None = None,
+    stream_options: object = None,
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> client SSE, relayed read by read; events are only observed.
     ``on_finish`` runs once the backend's stream is over (however it ended).
+    ``stream_options`` is the client's: read only if the backend answers with one JSON
+    completion, which is then streamed with its usage where the client asked for it.
 
     Whole events only: a read that ends inside an event keeps that event's start until the
     read that ends it, so a backend that breaks off mid-event never leaves half an event
@@ -390,7 +394,9 @@ async def relay_openai(
                 first = True
                 if _opens_json(data):
                     whole = await _rest_of_body(reader, data, settings.max_response_bytes)
-                    data = _completion_as_events(whole, observer)
+                    data, usage = _completion_as_events(whole, _asks_usage(stream_options))
+                    if usage is not None:  # counted, sent to the client or not
+                        observer.feed_text(usage, time.perf_counter_ns())
                 elif not _looks_like_events(response, data):
                     raise _NotAStream(_not_a_stream(response))
             for event in parser.feed(data):
@@ -683,19 +689,37 @@ def _completion_as_chunk(whole: Any, translator: OllamaStreamTranslator) -> list
     return translator.feed(_completion(whole), time.perf_counter_ns())
 
 
-def _completion_as_events(whole: Any, observer: StreamObserver) -> bytes:
-    """A backend's JSON chat completion (it ignored ``stream``) as the event stream it
-    would have sent: one chunk holding the whole message, then ``[DONE]``."""
+def _completion_as_events(whole: Any, usage_asked: bool) -> tuple[bytes, str | None]:
+    """A backend's JSON completion (it ignored ``stream``) as the event stream it would
+    have sent: one chunk holding the whole message, a chunk with its ``usage`` and no
+    choices if the client asked for one (``include_usage``: the openai SDK's stream
+    reads it from the last chunk, and a client that did not ask gets none), then
+    ``[DONE]``; and the usage as an event's text, for the metrics."""
     completion = _completion(whole)
     choices = completion["choices"]
+    chunk = {key: value for key, value in completion.items() if key != "usage"}
     if completion.get("object") == "chat.completion" or any(
         isinstance(choice, dict) and "message" in choice for choice in choices
     ):
-        chunk = {**completion, "object": "chat.completion.chunk"}
+        chunk["object"] = "chat.completion.chunk"
         chunk["choices"] = [_choice_as_delta(choice) for choice in choices if _is_choice(choice)]
-    else:  # a legacy text completion: its chunks have the same shape
-        chunk = completion
-    return encode_sse(chunk) + b"data: [DONE]\n\n"
+    # else a legacy text completion: its chunks have the same shape
+    events = encode_sse(chunk)
+    usage = completion.get("usage")
+    if usage is None:
+        return events + SSE_DONE_BYTES, None
+    if usage_asked:
+        head = {key: chunk[key] for key in _CHUNK_HEAD if key in chunk}
+        events += encode_sse({**head, "choices": [], "usage": usage})
+    return events + SSE_DONE_BYTES, compact_json({"usage": usage}).decode()
+
+
+# what every chunk of a stream repeats, its usage chunk too
+_CHUNK_HEAD = ("id", "object", "created", "model", "system_fingerprint")
+
+
+def _asks_usage(stream_options: object) -> bool:
+    return isinstance(stream_options, dict) and stream_options.get("include_usage") is True
 
 
 def _choice_as_delta(choice: dict[str, Any]) -> dict[str, Any]:

@@ -81,7 +81,8 @@ async def forward(
         # a response not stored cannot be polled: nothing to owe for it
         stored = creates_response and body.get("store") is not False
         on_finish = partial(_owe_if_cut, app.ledger, watcher) if stored else None
-        return _stream_reply(call, result, watcher, rewrite, on_finish)
+        options = body.get("stream_options")
+        return _stream_reply(call, result, watcher, rewrite, on_finish, options)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
     require_json_object(call, content, delimited=delimited_by_framing(result.response))
@@ -337,6 +338,7 @@ def _stream_reply(
     observer: StreamObserver,
     rewrite: Callable[[bytes], bytes] | None,
     on_finish: Callable[[], None] | None = None,
+    stream_options: object = None,
 ) -> Reply:
     metric = call.state.metric
     chunks = relay_openai(
@@ -349,6 +351,7 @@ def _stream_reply(
         rewrite_model=rewrite,
         end=(end := StreamEnd()),
         on_finish=on_finish,
+        stream_options=stream_options,
     )
     secrets = call.app.settings.backend_secrets
     headers = {**forwarded_headers(result.response.headers, secrets), **STREAM_HEADERS}
