@@ -17,7 +17,7 @@ import pydantic
 import pytest
 
 from .conftest import ServerProcess
-from .fakes import ScriptedHandler, serving
+from .fakes import FULL_LENGTH_VECTOR, FullLengthEmbeddings, ScriptedHandler, serving
 from .test_metrics_e2e import scrape, total
 
 SLASHED = "meta-llama/Llama-3-8B-Instruct"
@@ -434,3 +434,39 @@ def test_methods_the_proxy_does_not_serve_on_its_routes_are_openai_405s(
         assert isinstance(info.value.body, dict) and "not allowed" in info.value.body["message"]
     assert forwarded() == []
     assert httpx.get(f"{shaped_proxy.url}/v1/models/{SLASHED}", timeout=5).json()["id"] == SLASHED
+
+
+@pytest.fixture(scope="module")
+def full_length_proxy(start_proxy: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
+    with serving(FullLengthEmbeddings) as url:
+        yield start_proxy(url, MAX_RETRIES="0")
+
+
+def test_embeddings_are_no_longer_than_the_dimensions_asked_for(
+    full_length_proxy: ServerProcess,
+) -> None:
+    """A backend that ignores ``dimensions`` (llama.cpp's server) answers full-length
+    vectors: the client gets what it asked for, cut as Ollama cuts them (the first values,
+    scaled back to unit length), in floats or in the SDK's default base64. A backend that
+    refuses the field for its model (OpenAI's ada-002) has its 400 relayed."""
+    FullLengthEmbeddings.refuses = False
+    with openai.OpenAI(base_url=f"{full_length_proxy.url}/v1", api_key="x", max_retries=0) as c:
+        floats = c.embeddings.create(
+            model="demo-embed", input=["a", "b"], dimensions=4, encoding_format="float"
+        )
+        default = c.embeddings.create(model="demo-embed", input=["a"], dimensions=2)
+        whole = c.embeddings.create(
+            model="demo-embed", input=["a"], dimensions=8, encoding_format="float"
+        )
+        unasked = c.embeddings.create(model="demo-embed", input=["a"], encoding_format="float")
+        assert [d.embedding for d in floats.data] == [[0.5] * 4] * 2
+        assert [d.embedding for d in default.data] == [[pytest.approx(0.5**0.5)] * 2]
+        assert whole.data[0].embedding == unasked.data[0].embedding
+        assert len(unasked.data[0].embedding) == len(FULL_LENGTH_VECTOR)
+        FullLengthEmbeddings.refuses = True
+        try:
+            with pytest.raises(openai.BadRequestError) as info:
+                c.embeddings.create(model="demo-embed", input=["a"], dimensions=4)
+        finally:
+            FullLengthEmbeddings.refuses = False
+    assert "does not support specifying dimensions" in info.value.message

@@ -597,7 +597,7 @@ def refuses_dimensions(error: UpstreamStatusError) -> bool:
 
 
 # Ollama cuts any model's vectors to the dimensions asked for; a backend model may refuse
-# the field: asked without it, its vectors are cut by the proxy (tr._cut_to)
+# the field: asked without it, its vectors are cut by the proxy (tr.cut_to_dimensions)
 NO_DIMENSIONS = FieldQuirk(
     "dimensions",
     refuses_dimensions,

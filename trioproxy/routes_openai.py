@@ -89,8 +89,8 @@ async def forward(
     _note_usage(call, content)
     if creates_response and body.get("background") is True:
         _owe_when_queued(app.ledger, content)
-    if embeddings and body.get("encoding_format") == "base64":
-        content = _embeddings_in_base64(content)
+    if embeddings:
+        content = _embeddings_as_asked(content, body)
     if backend_model != client_model:
         content = _rewrite_model_json(content, backend_model, client_model)
     return _whole_reply(call, result, content)
@@ -417,13 +417,19 @@ def _rewrite_model_json(content: bytes, backend_model: str, client_model: str) -
 _FLOAT_VECTOR = re.compile(rb'"embedding"\s*:\s*\[')
 
 
-def _embeddings_in_base64(content: bytes) -> bytes:
-    """An embeddings answer asked for in base64, with the vectors the backend wrote as
-    arrays of floats (it ignores ``encoding_format``) encoded as OpenAI encodes them:
-    base64 of little-endian float32. The openai SDK for JavaScript asks for base64 by
-    default and decodes what it gets as base64 without looking: floats became vectors
-    of zeros, without an error. An answer already in base64 is relayed as it came."""
-    if _FLOAT_VECTOR.search(content) is None:
+def _embeddings_as_asked(content: bytes, body: dict[str, Any]) -> bytes:
+    """An embeddings answer as the request asked for it, from a backend that ignores
+    ``dimensions`` (llama.cpp's server) or ``encoding_format`` and wrote its vectors as
+    arrays of floats: none longer than ``dimensions`` (cut as Ollama cuts them: the
+    first values, scaled back to unit length; a client sizes its vector store by it),
+    and in base64 when asked, as OpenAI encodes them (little-endian float32: the openai
+    SDK for JavaScript asks for base64 by default and decodes what it gets as base64
+    without looking, so floats became vectors of zeros, without an error). An answer
+    already as asked is relayed as it came."""
+    in_base64 = body.get("encoding_format") == "base64"
+    dimensions = body.get("dimensions")
+    cut = dimensions if type(dimensions) is int and dimensions > 0 else 0
+    if not (in_base64 or cut) or _FLOAT_VECTOR.search(content) is None:
         return content
     try:
         payload = loads(content, exact_integers=False)
@@ -432,13 +438,26 @@ def _embeddings_in_base64(content: bytes) -> bytes:
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         return content
-    encoded = [_encode_vector(item) for item in data]
-    if not any(encoded):
+    changed = [_as_asked(item, cut, in_base64) for item in data]
+    if not any(changed):
         return content
     try:
         return dumps(payload)
     except ValueError:  # too deep to write again (jsonutil): relayed as it came
         return content
+
+
+def _as_asked(item: Any, cut: int, in_base64: bool) -> bool:
+    """``item["embedding"]``, if an array of numbers, cut to ``cut`` values (when
+    positive and longer) and encoded in base64 if asked; whether it changed."""
+    vector = item.get("embedding") if isinstance(item, dict) else None
+    if not isinstance(vector, list) or not all(type(v) in (float, int) for v in vector):
+        return False
+    changed = False
+    if cut and len(vector) > cut:
+        item["embedding"] = vector = tr.cut_to_dimensions(vector, cut)
+        changed = True
+    return (in_base64 and _encode_vector(item)) or changed
 
 
 def _encode_vector(item: Any) -> bool:

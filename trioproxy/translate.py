@@ -2103,7 +2103,7 @@ def openai_embeddings_to_ollama_embed(
     prompt_tokens, _ = _usage_counts(resp)
     vectors = _vectors(resp)
     if dimensions > 0:
-        vectors = [_cut_to(vector, dimensions) for vector in vectors]
+        vectors = [cut_to_dimensions(vector, dimensions) for vector in vectors]
     return {
         "model": model,
         "embeddings": vectors,
@@ -2113,7 +2113,7 @@ def openai_embeddings_to_ollama_embed(
     }
 
 
-def _cut_to(vector: list[float], dimensions: int) -> list[float]:
+def cut_to_dimensions(vector: list[float], dimensions: int) -> list[float]:
     """Ollama's ``dimensions``: a vector longer than that keeps its first ``dimensions``
     values, scaled back to unit length (as Ollama's normalize, whose floor on the norm
     keeps a zero vector zero); a backend that honoured the field answered no longer one,
