@@ -242,6 +242,24 @@ def test_error_lines_are_rewritten_as_data_lines_and_nothing_else() -> None:
     assert [e.event for e in events] == [None, None, None]
 
 
+def test_error_lines_after_a_cr_alone_are_rewritten_too() -> None:
+    """A CR alone ends a line as LF does; the rewrite looked for lines after an LF only,
+    so after ``\r`` line ends the ``error:`` line reached the openai SDK, which ignores it,
+    and the failed stream read as a finished one."""
+    raw = b'data: {"a":1}\r\rerror: {"message":"x"}\r\rdata: [DONE]\r\r'
+    assert error_fields_as_data(raw) == (
+        b'data: {"a":1}\r\rdata: {"error":{"message":"x"}}\r\rdata: [DONE]\r\r'
+    )
+    assert error_fields_as_data(b"data: x\rerror:no json\r\r") == (
+        b'data: x\rdata: {"error":{"message":"no json"}}\r\r'
+    )
+    assert error_fields_as_data(b"data: a\rerror:\r") == (
+        b'data: a\rdata: {"error":{"message":"the backend reported an error"}}\r'
+    )
+    # a value that says "error:" is no field
+    assert error_fields_as_data(b"data: error: x\r\r") == b"data: error: x\r\r"
+
+
 def test_mid_event_says_whether_the_bytes_so_far_end_inside_an_event() -> None:
     """What the /v1 relay holds back, so it never relays half an event."""
     parser = SSEParser()

@@ -50,7 +50,8 @@ def error_field_as_data(value: str) -> str:
     return compact_json_text({"error": {"message": value or "the backend reported an error"}})
 
 
-_ERROR_FIELD_LINE = re.compile(rb"^error:[ ]?([^\r\n]*)", re.MULTILINE)
+# a line starts after any line end: LF, CRLF, or a CR alone (``^`` knows LF only)
+_ERROR_FIELD_LINE = re.compile(rb"(?:^|(?<=\r))error:[ ]?([^\r\n]*)", re.MULTILINE)
 
 
 def error_fields_as_data(data: bytes) -> bytes:
