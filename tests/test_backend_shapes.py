@@ -58,6 +58,23 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
         ],
         0.0,
     ),
+    # the error line in one read, the blank line ending its event in the next
+    "error-mid-split": (
+        [
+            _chunk({"role": "assistant", "content": "Hello"}),
+            b"error: " + json.dumps(DECODE_ERROR).encode() + b"\n",
+            b"\n" + DONE,
+        ],
+        0.0,
+    ),
+    # the error line is the body's last: no blank line after it, no [DONE]
+    "error-unended": (
+        [
+            _chunk({"role": "assistant", "content": "Hello"}),
+            b"error: " + json.dumps(DECODE_ERROR).encode() + b"\n",
+        ],
+        0.0,
+    ),
     "slow-end": ([_chunk({"content": "Hi"}), _chunk({}, "stop"), DONE], 0.2),
     # the body ends (or the connection breaks) inside an event
     "cut-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id": "c'], 0),
@@ -182,6 +199,23 @@ def test_an_error_field_mid_stream_fails_the_stream_for_both_apis(
         assert _settled(lambda a=api: _streams(shaped.url, "error", a), before[api] + 1) == (
             before[api] + 1
         )
+
+
+@pytest.mark.parametrize("scenario", ["error-mid-split", "error-unended"])
+def test_an_error_field_whose_event_ends_in_a_later_read_still_fails_the_openai_stream(
+    openai_client: openai.OpenAI, scenario: str
+) -> None:
+    """The ``error:`` line is rewritten as a ``data:`` line (the openai SDK ignores other
+    fields): it was rewritten in the read that completed its event only, so the line
+    itself, held back from an earlier read (or completed at the body's end), was relayed
+    as it came, and the client took the cut answer for a whole one."""
+    texts: list[str] = []
+    with pytest.raises(openai.APIError, match="llama_decode failed"):
+        for chunk in openai_client.chat.completions.create(
+            model=MODEL, messages=_ask(scenario), stream=True
+        ):
+            texts.append(chunk.choices[0].delta.content or "")
+    assert "".join(texts) == "Hello"
 
 
 @pytest.mark.parametrize("scenario", ["cut-mid-event", "broken-mid-event"])

@@ -387,6 +387,9 @@ async def relay_openai(
     reader = _Reader(response, settings, sent_at)
     error: str | None = None
     sent = timed_out = finished = first = failure_logged = False
+    # an ``error:`` event came: its line is rewritten in what is relayed next, which holds
+    # the whole line (only whole events are relayed), wherever the reads cut it
+    error_field = False
     held = _HeldEvent()
     try:
         while (data := await reader.read()) is not None:
@@ -403,7 +406,7 @@ async def relay_openai(
                 if event.data != SSE_DONE:
                     observer.feed_text(event.data, time.perf_counter_ns())
                     if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
-                        data = error_fields_as_data(data)
+                        error_field = True
                 else:
                     finished = True
             if parser.reads_in_line and reader.token_seen:
@@ -434,6 +437,9 @@ async def relay_openai(
                 data = held.whole_events(data, parser.mid_event)
                 if not data:
                     continue
+            if error_field:
+                data = error_fields_as_data(data)
+                error_field = False
             if rewrite_model is not None:
                 data = rewrite_model(data)
             yield data
@@ -446,6 +452,7 @@ async def relay_openai(
                     finished = True
                 else:
                     observer.feed_text(event.data, time.perf_counter_ns())
+                    error_field = error_field or event.event == ERROR_FIELD_EVENT
             if _unfinished(observer):
                 raise _Unfinished()
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
@@ -461,6 +468,8 @@ async def relay_openai(
             on_finish()
     if held and error is None:  # a last event without its blank line, completed
         last = held.completed()  # or the openai SDK would never dispatch it
+        if error_field:
+            last = error_fields_as_data(last)
         yield rewrite_model(last) if rewrite_model is not None else last
         sent = True
     if error is not None or observer.failed:  # a reported failure is relayed as it came
