@@ -1,0 +1,937 @@
+"""Property tests of the sans-I/O protocol layer against independent models of it.
+
+Where tests/test_sse.py, test_translate.py and test_logprobs.py compare the parser and the
+translator with themselves (split vs. unsplit, fast path vs. full decode), these compare
+them with what the specifications say the result is: a line-by-line SSE interpreter written
+from the WHATWG rules, and the answer a random OpenAI stream spells (its text, reasoning,
+whole tool calls and usage). They also feed the client-facing entry points arbitrary JSON:
+a client's mistake must come out as ``RequestValidationError`` (the 400), never as another
+exception (a 500).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import trio
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from ollama._types import ChatResponse, GenerateResponse
+
+from trioproxy import relay
+from trioproxy.config import Settings
+from trioproxy.jsonutil import NestedTooDeeply, compact_json, loads
+from trioproxy.metrics import MetricsCollector
+from trioproxy.signatures import ThoughtSignatures
+from trioproxy.sse import ERROR_FIELD_EVENT, SSE_DONE, SSEEvent, SSEParser, error_field_as_data
+from trioproxy.translate import (
+    OllamaCompletionStreamTranslator,
+    OllamaStreamTranslator,
+    OpenAIStreamObserver,
+    RequestValidationError,
+    Timings,
+    keep_alive_unloads,
+    ollama_chat_to_openai,
+    ollama_embed_to_openai,
+    ollama_embeddings_to_openai,
+    ollama_generate_to_completions,
+    ollama_generate_to_openai,
+    openai_chat_to_ollama_chat,
+    openai_chat_to_ollama_generate,
+    openai_completion_to_ollama_generate,
+    read_chunk,
+    think_extra_body,
+    validate_ollama_chat,
+    validate_ollama_embed,
+    validate_ollama_embeddings,
+    validate_ollama_generate,
+    validate_openai_body,
+    with_extra_body,
+)
+
+FAST = settings(
+    max_examples=int(os.environ.get("FUZZ_N", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def _whole_characters(text: str) -> str:
+    """``text`` with each surrogate pair as the character it spells: a pair cut between two
+    chunks ("\\ud83d", "\\ude00") is one character once the translator joins it."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
+# =============================================================================================
+# SSE: the incremental parser against a whole-text interpreter of the WHATWG rules
+# =============================================================================================
+
+
+def reference_events(stream: bytes) -> list[SSEEvent]:
+    """The events of ``stream`` by the specification's "interpret an event stream", read
+    whole, with the parser's documented deviations: an event not ended by a blank line is
+    still delivered at the end, an empty ``id`` reads as None, and an ``error:`` field is an
+    ``error`` event holding OpenAI's error chunk (llama.cpp's older servers)."""
+    text = stream.decode("utf-8", "replace")
+    text = text.removeprefix("\ufeff")
+    lines = re.split(r"\r\n|\r|\n", text)
+    events: list[SSEEvent] = []
+    data: list[str] = []
+    event_type: str | None = None
+    last_id: str | None = None
+    for line in lines:
+        if line == "":
+            if data:
+                events.append(SSEEvent("\n".join(data), event_type, last_id))
+            data, event_type = [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event_type = value or None
+        elif name == "id":
+            if "\0" not in value:
+                last_id = value or None
+        elif name == "error":
+            event_type = ERROR_FIELD_EVENT
+            data.append(error_field_as_data(value))
+    if data:  # the last line, and the event it belongs to, without their ends
+        events.append(SSEEvent("\n".join(data), event_type, last_id))
+    return events
+
+
+_FIELD_TEXT = st.text(
+    alphabet=st.sampled_from(["a", " ", ":", "é", "世", "🎉", "\u2028", "\0", "\ufeff", "{"]),
+    max_size=6,
+)
+_SSE_LINE = st.one_of(
+    st.builds("data:{}".format, _FIELD_TEXT),
+    st.builds("data: {}".format, _FIELD_TEXT),
+    st.builds("data:  {}".format, _FIELD_TEXT),  # the second space is the value's
+    st.builds("event:{}".format, _FIELD_TEXT),
+    st.builds("id: {}".format, _FIELD_TEXT),
+    st.builds(":{}".format, _FIELD_TEXT),
+    st.builds("retry: {}".format, st.integers(0, 9999)),
+    st.builds("error: {}".format, st.sampled_from(['{"message":"x"}', "plain", "", "[1]"])),
+    st.sampled_from(
+        ["data", "event", "id", "dat", "data ", " data: x", "DATA: x", "\ufeffdata: x"]
+    ),
+    st.just(""),
+)
+_SSE_EOL = st.sampled_from(["\n", "\r\n", "\r"])
+
+
+@st.composite
+def sse_streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """An event stream (any line ends, a BOM, bytes that are not UTF-8) and a split of it
+    into reads anywhere: inside a CRLF, a UTF-8 character, a ``data:`` prefix."""
+    lines = draw(st.lists(st.tuples(_SSE_LINE, _SSE_EOL), max_size=14))
+    stream = "".join(line + eol for line, eol in lines)
+    if draw(st.booleans()):  # the last line without its end
+        stream += draw(_SSE_LINE)
+    raw = stream.encode()
+    if draw(st.integers(0, 4)) == 0:
+        raw = b"\xef\xbb\xbf" + raw
+    if raw and draw(st.integers(0, 5)) == 0:  # a byte that is no UTF-8, somewhere
+        at = draw(st.integers(0, len(raw)))
+        raw = (
+            raw[:at]
+            + draw(st.sampled_from([b"\xff", b"\xc3", b"\xe4\xb8", b"\xed\xa0\x80"]))
+            + raw[at:]
+        )
+    cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=12)))
+    bounds = [0, *cuts, len(raw)]
+    return raw, [raw[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@FAST
+@given(sse_streams())
+@example((b"data: x\r\r\ndata: y\n\n", [b"data: x\r", b"\r", b"\ndata: y\n\n"]))
+@example(
+    (b"\xef\xbb\xbf\xef\xbb\xbfdata: x\n\n", [b"\xef", b"\xbb\xbf\xef", b"\xbb\xbfdata: x\n\n"])
+)
+def test_sse_parser_reads_any_split_as_the_specification_reads_the_whole(
+    case: tuple[bytes, list[bytes]],
+) -> None:
+    raw, reads = case
+    parser = SSEParser()
+    events: list[SSEEvent] = []
+    for data in reads:
+        events += parser.feed(data)
+    events += parser.close()
+    assert events == reference_events(raw)
+
+
+# =============================================================================================
+# OpenAI chat stream -> Ollama NDJSON: the answer a random stream spells comes out whole
+# =============================================================================================
+
+_PIECES = st.text(
+    alphabet=st.sampled_from(["a", "b", " ", "\n", '"', "\\", "é", "世", "😀", "\u2028"]),
+    max_size=5,
+)
+
+
+def _cut(text: str, draw: st.DrawFn) -> list[str]:
+    """``text`` in pieces, cut anywhere, between the halves of a surrogate pair too (a
+    backend that cuts text by UTF-16 units)."""
+    units = text.encode("utf-16-le", "surrogatepass")
+    halves = [
+        units[i : i + 2].decode("utf-16-le", "surrogatepass") for i in range(0, len(units), 2)
+    ]
+    cuts = sorted(draw(st.lists(st.integers(0, len(halves)), max_size=4)))
+    bounds = [0, *cuts, len(halves)]
+    return ["".join(halves[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+_ARGUMENTS = st.dictionaries(
+    st.text(max_size=4),
+    st.one_of(
+        st.integers(-5, 5),
+        _PIECES,
+        st.booleans(),
+        st.none(),
+        st.lists(st.integers(0, 3), max_size=2),
+    ),
+    max_size=3,
+)
+
+
+class StreamCase:
+    """A generated backend stream and the answer it spells."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, Any]] = []
+        self.content = ""
+        self.thinking = ""
+        self.calls: list[tuple[str | None, str, dict[str, Any]]] = []  # id, name, arguments
+        self.usage: tuple[int, int] | None = None
+        self.finish: str | None = None
+
+    def __repr__(self) -> str:
+        return "StreamCase(" + json.dumps(self.chunks) + ")"
+
+
+def _chunk(choice: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "b"}
+    out["choices"] = [] if choice is None else [{"index": 0, **choice}]
+    out.update(top)
+    return out
+
+
+@st.composite
+def chat_streams(draw: st.DrawFn) -> StreamCase:
+    case = StreamCase()
+    events: list[tuple[str, Any]] = []
+    for text in draw(st.lists(_PIECES, max_size=4)):
+        events += [("content", piece) for piece in _cut(text, draw)]
+        case.content += text
+    for text in draw(st.lists(_PIECES, max_size=3)):
+        field = draw(st.sampled_from(["reasoning_content", "reasoning"]))
+        events += [(field, piece) for piece in _cut(text, draw)]
+        case.thinking += text
+    # tool calls: ids and names on their first fragment, arguments cut anywhere; indexes
+    # need not start at 0 nor follow each other, and the calls' fragments interleave
+    indexes = sorted(draw(st.sets(st.integers(0, 6), max_size=3)))
+    per_call: list[list[dict[str, Any]]] = []
+    for n, index in enumerate(indexes):
+        arguments = draw(_ARGUMENTS)
+        call_id = draw(st.sampled_from([f"call_{n}", None]))
+        name = f"fn{n}"
+        case.calls.append((call_id, name, arguments))
+        text = json.dumps(arguments, ensure_ascii=draw(st.booleans()))
+        pieces = _cut(text, draw)
+        deltas = [{"index": index, "function": {"arguments": piece}} for piece in pieces]
+        deltas[0] = {
+            "index": index,
+            "type": "function",
+            "function": {"name": name, "arguments": pieces[0]},
+        }
+        if call_id is not None:
+            deltas[0]["id"] = call_id
+        per_call.append(deltas)
+    # interleave: the text's events keep their order, each call's fragments theirs
+    queues = [[e for e in events if e[0] == "content"], [e for e in events if e[0] != "content"]]
+    queues += [[("tool", d) for d in deltas] for deltas in per_call]
+    order = draw(st.permutations([q for q, queue in enumerate(queues) for _ in queue]))
+    sequence = [queues[q].pop(0) for q in order]
+
+    case.chunks.append(
+        _chunk({"delta": {"role": "assistant", "content": draw(st.sampled_from(["", None]))}})
+    )
+    for kind, value in sequence:
+        if kind == "tool":
+            delta: dict[str, Any] = {"tool_calls": [value]}
+        else:
+            delta = {kind: value}
+        # null fields around what the chunk says, as some backends write them
+        for other in draw(
+            st.sets(st.sampled_from(["content", "reasoning_content", "tool_calls", "refusal"]))
+        ):
+            delta.setdefault(other, None)
+        case.chunks.append(_chunk({"delta": delta, "finish_reason": None, "logprobs": None}))
+        if draw(st.integers(0, 6)) == 0:
+            case.chunks.append(_chunk())  # choices: [] (a keep-alive of some gateways)
+    case.finish = draw(st.sampled_from(["stop", "length", "tool_calls" if case.calls else "stop"]))
+    where = draw(st.sampled_from(["own chunk", "last delta", "with usage"]))
+    if where == "last delta" and len(case.chunks) > 1 and case.chunks[-1]["choices"]:
+        case.chunks[-1]["choices"][0]["finish_reason"] = case.finish
+    elif where != "with usage":
+        case.chunks.append(_chunk({"delta": {}, "finish_reason": case.finish}))
+    if draw(st.booleans()):
+        case.usage = (draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6)))
+        usage = {
+            "prompt_tokens": case.usage[0],
+            "completion_tokens": case.usage[1],
+            "total_tokens": sum(case.usage),
+        }
+        if where == "with usage":
+            case.chunks.append(_chunk({"delta": {}, "finish_reason": case.finish}, usage=usage))
+        else:
+            case.chunks.append(_chunk(usage=usage))
+    elif where == "with usage":
+        case.chunks.append(_chunk({"delta": {}, "finish_reason": case.finish}))
+    return case
+
+
+def relay_lines(translator: OllamaStreamTranslator, texts: list[str]) -> list[bytes]:
+    """What relay_ollama writes for these events: the fast path first, else the decoded
+    chunk; then the done line."""
+    out: list[bytes] = []
+    for now, text in enumerate(texts, 1):
+        line = translator.feed_text(text, now)
+        if line is None:
+            chunk = read_chunk(text)
+            if chunk is not None:
+                out += [compact_json(line) for line in translator.feed(chunk, now)]
+        elif line:
+            out.append(line)
+    out.append(compact_json(translator.finish(len(texts) + 1)))
+    return out
+
+
+def _answer(lines: list[dict[str, Any]], kind: str) -> tuple[str, str, list[dict[str, Any]]]:
+    content = thinking = ""
+    calls: list[dict[str, Any]] = []
+    for line in lines:
+        holder = line["message"] if kind == "chat" else line
+        content += holder["content" if kind == "chat" else "response"]
+        thinking += holder.get("thinking", "")
+        calls += holder.get("tool_calls", [])
+    return content, thinking, calls
+
+
+@FAST
+@given(chat_streams(), st.sampled_from(["chat", "generate"]), st.booleans(), st.booleans())
+def test_a_chat_stream_translates_to_the_answer_it_spells(
+    case: StreamCase, kind: str, show_thinking: bool, ascii_events: bool
+) -> None:
+    translator = OllamaStreamTranslator(
+        kind,  # type: ignore[arg-type]
+        "m",
+        start_ns=0,
+        created_at=lambda: "2024-01-01T00:00:00.000000000Z",
+        show_thinking=show_thinking,
+    )
+    texts = [json.dumps(c, ensure_ascii=ascii_events, separators=(",", ":")) for c in case.chunks]
+    raw = relay_lines(translator, texts)
+    model = ChatResponse if kind == "chat" else GenerateResponse
+    lines = []
+    for line in raw:
+        assert b"\n" not in line
+        # each line on its own, as ollama-python reads it: whole JSON, whole characters
+        (only,) = line.decode().splitlines()
+        decoded = json.loads(only)
+        model.model_validate(decoded)
+        lines.append(decoded)
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+
+    content, thinking, calls = _answer(lines, kind)
+    assert content == _whole_characters(case.content)
+    assert thinking == (_whole_characters(case.thinking) if show_thinking else "")
+    assert [
+        (c.get("id"), c["function"]["name"], c["function"]["arguments"]) for c in calls
+    ] == case.calls
+    final = lines[-1]
+    assert final["done_reason"] == ("stop" if case.finish == "tool_calls" else case.finish)
+    if case.usage is not None:
+        assert (final["prompt_eval_count"], final["eval_count"]) == case.usage
+    else:
+        assert final["prompt_eval_count"] == 0
+
+
+# =============================================================================================
+# Arbitrary chunks: the translator never fails on a backend's odd JSON with a stray exception
+# =============================================================================================
+
+_ANY_JSON = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 3),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from(["", "x", "{}", '{"a":', "\ud83d", "stop", "tool_calls", "error"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "text", "type"]), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+def _odd(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly ``strategy``, sometimes any JSON value instead."""
+    return st.one_of(strategy, strategy, _ANY_JSON)
+
+
+_ODD_FUNCTION = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": _odd(st.sampled_from(["f", "g", ""])),
+        "arguments": _odd(st.sampled_from(["", "{", '"a":1', "}", "{}", '{"a":[1]}'])),
+    },
+)
+_ODD_CALL = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": _odd(st.integers(0, 2)),
+        "id": _odd(st.sampled_from(["a", "b", ""])),
+        "type": st.just("function"),
+        "function": _odd(_ODD_FUNCTION),
+        "extra_content": _odd(st.just({"google": {"thought_signature": "s"}})),
+    },
+)
+_ODD_DELTA = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": _odd(st.just("assistant")),
+        "content": _odd(_PIECES),
+        "reasoning_content": _odd(_PIECES),
+        "reasoning": _odd(_PIECES),
+        "refusal": _odd(_PIECES),
+        "tool_calls": _odd(st.lists(_odd(_ODD_CALL), max_size=2)),
+        "function_call": _odd(_ODD_FUNCTION),
+    },
+)
+_ODD_CHOICE = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": _odd(st.integers(0, 1)),
+        "delta": _odd(_ODD_DELTA),
+        "message": _odd(_ODD_DELTA),
+        "text": _odd(_PIECES),
+        "finish_reason": _odd(
+            st.sampled_from([None, "stop", "length", "tool_calls", "content_filter"])
+        ),
+        "logprobs": _odd(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "content": _odd(
+                        st.lists(
+                            st.fixed_dictionaries(
+                                {"token": _odd(_PIECES), "logprob": _odd(st.floats(-5, 0))},
+                                optional={"bytes": _odd(st.lists(st.integers(0, 300), max_size=2))},
+                            ),
+                            max_size=2,
+                        )
+                    ),
+                    "tokens": _odd(st.lists(_PIECES, max_size=2)),
+                    "token_logprobs": _odd(st.lists(st.floats(-5, 0), max_size=2)),
+                    "top_logprobs": _odd(
+                        st.lists(st.dictionaries(_PIECES, st.floats(-5, 0), max_size=2), max_size=2)
+                    ),
+                },
+            )
+        ),
+    },
+)
+_ODD_CHUNK = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _odd(st.just("c")),
+        "choices": _odd(st.lists(_odd(_ODD_CHOICE), max_size=2)),
+        "usage": _odd(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "prompt_tokens": _odd(st.integers(0, 10**9)),
+                    "completion_tokens": _odd(st.integers(0, 10**9)),
+                },
+            )
+        ),
+        "x_groq": _odd(st.just({"usage": {"prompt_tokens": 1, "completion_tokens": 2}})),
+    },
+)
+
+
+@FAST
+@given(
+    st.lists(_ODD_CHUNK, max_size=6),
+    st.sampled_from(["chat", "generate", "completion"]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_odd_chunks_are_translated_without_a_stray_exception(
+    chunks: list[dict[str, Any]], kind: str, show_thinking: bool, logprobs: bool
+) -> None:
+    """An odd chunk is the backend's oddity: it may hold no answer, but it must not raise
+    out of the translator (relay_ollama would cut the stream without its done line)."""
+    translator: OllamaStreamTranslator
+    if kind == "completion":
+        translator = OllamaCompletionStreamTranslator(
+            "m", start_ns=0, top_logprobs=2 if logprobs else None
+        )
+    else:
+        signatures = ThoughtSignatures("generativelanguage.googleapis.com")
+        translator = OllamaStreamTranslator(
+            kind,  # type: ignore[arg-type]
+            "m",
+            start_ns=0,
+            show_thinking=show_thinking,
+            logprobs=logprobs,
+            on_tool_calls=lambda calls: signatures.remember("k", "gemini-3", calls),
+        )
+    texts = [json.dumps(c) for c in chunks]
+    lines = [loads(line) for line in relay_lines(translator, texts)]
+    assert [line["done"] for line in lines].count(True) == 1 and lines[-1]["done"] is True
+
+
+# =============================================================================================
+# Non-stream answers of unusual but valid shape
+# =============================================================================================
+
+_TIMINGS = Timings(total_ns=10, prompt_eval_ns=3, eval_ns=7)
+
+
+@st.composite
+def completions(draw: st.DrawFn) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant"}
+    message["content"] = draw(
+        st.one_of(st.none(), _PIECES, st.just([{"type": "text", "text": "hi"}]))
+    )
+    if draw(st.booleans()):
+        message["refusal"] = draw(st.one_of(st.none(), _PIECES))
+    if draw(st.booleans()):
+        message[draw(st.sampled_from(["reasoning_content", "reasoning"]))] = draw(
+            st.one_of(st.none(), _PIECES)
+        )
+    if draw(st.booleans()):
+        message["tool_calls"] = [
+            {
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {"name": f"f{i}", "arguments": json.dumps(args)},
+            }
+            for i, args in enumerate(draw(st.lists(_ARGUMENTS, max_size=3)))
+        ]
+    choices = [
+        {
+            "index": i,
+            "message": message,
+            "finish_reason": draw(
+                st.sampled_from([None, "stop", "length", "tool_calls", "content_filter"])
+            ),
+            "logprobs": None,
+        }
+        for i in range(draw(st.integers(1, 3)))
+    ]
+    out: dict[str, Any] = {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "b",
+        "choices": choices,
+    }
+    usage = draw(
+        st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"prompt_tokens": st.integers(0, 99), "completion_tokens": st.integers(0, 99)}
+            ),
+            st.just({}),
+        )
+    )
+    if usage is not None or draw(st.booleans()):
+        out["usage"] = usage
+    return out
+
+
+@FAST
+@given(completions(), st.booleans(), st.booleans())
+def test_unusual_completions_translate(
+    resp: dict[str, Any], show_thinking: bool, logprobs: bool
+) -> None:
+    message = resp["choices"][0]["message"]
+    content = (
+        message["content"]
+        if isinstance(message["content"], str)
+        else "hi"
+        if message["content"]
+        else ""
+    )
+    content += message.get("refusal") or ""
+    chat = openai_chat_to_ollama_chat(
+        resp, "m", "t", _TIMINGS, show_thinking=show_thinking, logprobs=logprobs
+    )
+    generate = openai_chat_to_ollama_generate(
+        resp, "m", "t", _TIMINGS, show_thinking=show_thinking, logprobs=logprobs
+    )
+    ChatResponse.model_validate(chat)
+    GenerateResponse.model_validate(generate)
+    assert chat["message"]["content"] == generate["response"] == content
+    calls = [
+        (c["id"], c["function"]["name"], c["function"]["arguments"])
+        for c in chat["message"].get("tool_calls", [])
+    ]
+    expected = [
+        (c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in message.get("tool_calls") or []
+    ]
+    assert calls == expected
+    compact_json(chat), compact_json(generate)
+    text = openai_completion_to_ollama_generate(
+        {**resp, "choices": [{"text": content, "index": 0}]}, "m", "t", _TIMINGS, 2
+    )
+    assert text["response"] == content
+
+
+# =============================================================================================
+# Requests: a client's mistake is a RequestValidationError (its 400), never another exception
+# =============================================================================================
+
+_IMAGE = st.sampled_from(
+    [
+        "iVBORw0KGgoAAAA",
+        "/9j/4AAQ",
+        "UklGRiQAAABXRUJQ",
+        "UklGR",
+        "data:image/png;base64,AA",
+        "  aGk=\n",
+        "",
+    ]
+)
+_TOOL = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function"),
+            "function": _odd(
+                st.fixed_dictionaries({"name": _odd(st.just("f")), "parameters": _ANY_JSON})
+            ),
+        }
+    ),
+    st.fixed_dictionaries({"name": _odd(st.just("g"))}),
+)
+_HISTORY_CALL = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _odd(st.sampled_from(["a", "call_1", ""])),
+        "function": _odd(
+            st.fixed_dictionaries(
+                {"name": _odd(st.sampled_from(["f", "g"]))},
+                optional={"arguments": _odd(st.one_of(_ARGUMENTS, st.just('{"a":1}')))},
+            )
+        ),
+    },
+)
+_MESSAGE = st.fixed_dictionaries(
+    {"role": _odd(st.sampled_from(["user", "assistant", "system", "tool", "User", "TOOL", "x"]))},
+    optional={
+        "content": _odd(_PIECES),
+        "images": _odd(st.lists(_odd(_IMAGE), max_size=2)),
+        "tool_calls": _odd(st.lists(_odd(_HISTORY_CALL), max_size=2)),
+        "tool_name": _odd(st.sampled_from(["f", "g", ""])),
+        "tool_call_id": _odd(st.sampled_from(["a", "call_1", "zz", ""])),
+        "name": _odd(st.sampled_from(["f", "Jane Doe", "a_b"])),
+        "thinking": _odd(_PIECES),
+    },
+)
+_NUMBER = st.one_of(st.integers(-(2**64), 2**64), st.floats(), st.just(10**400), st.booleans())
+_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": _odd(_NUMBER),
+        "top_p": _odd(_NUMBER),
+        "presence_penalty": _odd(_NUMBER),
+        "num_predict": _odd(_NUMBER),
+        "seed": _odd(_NUMBER),
+        "stop": _odd(st.one_of(_PIECES, st.lists(_odd(_PIECES), max_size=2))),
+        "num_ctx": _ANY_JSON,
+    },
+)
+_GENERATION = {
+    "model": _odd(st.sampled_from(["m", "m:latest", "", "\ud83d"])),
+    "stream": _odd(st.booleans()),
+    "options": _odd(_OPTIONS),
+    "format": _odd(
+        st.one_of(
+            st.sampled_from(["json", "", "xml"]),
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["object", "array"])},
+                optional={
+                    "properties": _ANY_JSON,
+                    "required": _ANY_JSON,
+                    "additionalProperties": _ANY_JSON,
+                    "anyOf": _ANY_JSON,
+                },
+            ),
+        )
+    ),
+    "think": _odd(st.sampled_from([True, False, "low", "max", "none", "HIGH"])),
+    "images": _odd(st.lists(_odd(_IMAGE), max_size=2)),
+    "logprobs": _odd(st.booleans()),
+    "top_logprobs": _odd(st.integers(-1, 25)),
+    "keep_alive": _odd(
+        st.one_of(st.sampled_from(["0", "5m", "0m0s", "1h30m", "-1", ".5s", "0."]), _NUMBER)
+    ),
+}
+CHAT_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        **_GENERATION,
+        "messages": _odd(st.lists(_odd(_MESSAGE), max_size=4)),
+        "tools": _odd(st.lists(_odd(_TOOL), max_size=2)),
+    },
+)
+GENERATE_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        **_GENERATION,
+        "prompt": _odd(_PIECES),
+        "system": _odd(_PIECES),
+        "suffix": _odd(st.sampled_from(["", "x"])),
+        "raw": _odd(st.booleans()),
+        "template": _ANY_JSON,
+        "context": _ANY_JSON,
+    },
+)
+EMBED_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": _odd(st.just("m")),
+        "input": _odd(st.one_of(_PIECES, st.lists(_odd(_PIECES), max_size=3))),
+        "prompt": _odd(_PIECES),
+        "dimensions": _odd(st.integers(-2, 9)),
+        "truncate": _odd(st.booleans()),
+        "options": _odd(_OPTIONS),
+    },
+)
+_THINK_SWITCH = {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "low"}
+
+
+def _translated(body: Any, validate: Any, translate: Any) -> dict[str, Any] | None:
+    try:
+        valid = validate(body)
+    except RequestValidationError:
+        return None
+    try:
+        payload = translate(valid, "backend")
+    except NestedTooDeeply:  # forward.for_backend's 400
+        return None
+    compact_json(payload)  # what is sent: JSON, whatever the client wrote
+    return payload
+
+
+@FAST
+@given(st.one_of(CHAT_BODIES, _ANY_JSON))
+def test_any_chat_body_is_translated_or_refused_as_a_client_error(body: Any) -> None:
+    payload = _translated(body, validate_ollama_chat, ollama_chat_to_openai)
+    if payload is None:
+        return
+    signatures = ThoughtSignatures("generativelanguage.googleapis.com")
+    signatures.attach("gemini-3", payload["messages"], client="c", tools=payload.get("tools"))
+    with_extra_body(payload, think_extra_body(body.get("think"), _THINK_SWITCH, _THINK_SWITCH))
+    keep_alive_unloads(body.get("keep_alive"))
+    for message in payload["messages"]:
+        assert message["role"] == message["role"].lower()
+        if message["role"] == "tool":
+            assert isinstance(message.get("tool_call_id", ""), str)
+        if "tool_calls" in message:
+            for call in message["tool_calls"]:
+                assert isinstance(call["id"], str) and call["id"]
+                assert isinstance(call["function"]["arguments"], str)
+
+
+@FAST
+@given(st.one_of(GENERATE_BODIES, _ANY_JSON))
+def test_any_generate_body_is_translated_or_refused_as_a_client_error(body: Any) -> None:
+    payload = _translated(body, validate_ollama_generate, ollama_generate_to_openai)
+    if payload is not None:
+        _translated(body, validate_ollama_generate, ollama_generate_to_completions)
+        keep_alive_unloads(body.get("keep_alive"))
+
+
+@FAST
+@given(st.one_of(EMBED_BODIES, _ANY_JSON))
+def test_any_embed_body_is_translated_or_refused_as_a_client_error(body: Any) -> None:
+    try:
+        valid = validate_ollama_embed(body)
+    except RequestValidationError:
+        pass
+    else:
+        if valid.get("input") is not None:
+            compact_json(ollama_embed_to_openai(valid, "b"))
+    _translated(body, validate_ollama_embeddings, ollama_embeddings_to_openai)
+
+
+@FAST
+@given(
+    st.one_of(
+        st.fixed_dictionaries({}, optional={"model": _ANY_JSON, "stream": _ANY_JSON}), _ANY_JSON
+    ),
+    st.booleans(),
+)
+def test_any_openai_body_is_passed_or_refused_as_a_client_error(
+    body: Any, require_model: bool
+) -> None:
+    try:
+        validate_openai_body(body, require_model=require_model)
+    except RequestValidationError:
+        pass
+
+
+# =============================================================================================
+# relay: a backend that answers a stream request with one JSON completion
+# =============================================================================================
+
+
+@FAST
+@given(
+    st.one_of(
+        completions(),
+        _ANY_JSON,
+        st.fixed_dictionaries(
+            {"choices": st.lists(_odd(_ODD_CHOICE), max_size=2)},
+            optional={"error": _ANY_JSON, "object": st.just("chat.completion")},
+        ),
+    )
+)
+def test_a_json_answer_to_a_stream_becomes_events_or_the_backends_error(whole: Any) -> None:
+    try:
+        events = relay._completion_as_events(whole, None)  # type: ignore[arg-type]  # unused
+    except relay._NotAStream:
+        return
+    parser = SSEParser()
+    parsed = parser.feed(events) + parser.close()
+    assert parsed[-1].data == SSE_DONE
+    for event in parsed[:-1]:
+        assert isinstance(loads(event.data), dict)
+    translator = OllamaStreamTranslator("chat", "m", start_ns=0)
+    relay._completion_as_chunk(whole, translator)
+    compact_json(translator.finish(1))
+
+
+# =============================================================================================
+# relay_openai: whatever the reads, the client gets the backend's events, whole, in order
+# =============================================================================================
+
+
+class _Reads(httpx.AsyncByteStream):
+    def __init__(self, reads: list[bytes]) -> None:
+        self._reads = reads
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for data in self._reads:
+            yield data
+
+
+_SETTINGS = Settings(upstream_url="http://127.0.0.1:9/v1", max_retries=0)
+_COLLECTOR = MetricsCollector(enabled=False, system_enabled=False)
+
+
+def _relayed(reads: list[bytes]) -> bytes:
+    response = httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        stream=_Reads(reads),
+        request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"),
+    )
+
+    async def run() -> bytes:
+        chunks = relay.relay_openai(
+            response,
+            OpenAIStreamObserver(),
+            settings=_SETTINGS,
+            metric=None,
+            metric_start=time.perf_counter(),
+            collector=_COLLECTOR,
+        )
+        return b"".join([chunk async for chunk in chunks])
+
+    return trio.run(run)
+
+
+def _event_lines(draw: st.DrawFn, text: str) -> str:
+    eol = draw(_SSE_EOL)
+    lines = [f"data:{draw(st.sampled_from(['', ' ']))}{text}"]
+    if draw(st.integers(0, 3)) == 0:
+        lines.insert(draw(st.integers(0, 1)), ": keep-alive")
+    return eol.join(lines) + eol + eol
+
+
+@st.composite
+def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], bool]:
+    """A chat stream (content, llama.cpp's ``error:`` lines, comments, any line ends) split
+    into reads anywhere; what the client's parser must read from it (the ``error:`` lines as
+    OpenAI's error chunks); whether it ends with ``[DONE]``."""
+    expected = ['{"choices":[{"index":0,"delta":{"content":"a"}}]}']
+    stream = _event_lines(draw, expected[0])
+    for _ in range(draw(st.integers(0, 5))):
+        if draw(st.integers(0, 3)) == 0:
+            error = draw(st.sampled_from(['{"message":"boom","code":500}', "plain failure"]))
+            stream += f"error:{draw(st.sampled_from(['', ' ']))}{error}" + draw(_SSE_EOL) * 2
+            expected.append(error_field_as_data(error))
+        else:
+            text = json.dumps({"choices": [{"index": 0, "delta": {"content": draw(_PIECES)}}]})
+            stream += _event_lines(draw, text)
+            expected.append(text)
+    ending = draw(st.sampled_from(["[DONE]", "finish_reason", "cut"]))
+    if ending != "cut":
+        text = json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        stream += _event_lines(draw, text)
+        expected.append(text)
+    if ending == "[DONE]":
+        stream += "data: [DONE]" + draw(_SSE_EOL) * 2
+    elif (ending == "finish_reason" or expected[-1].startswith('{"error"')) and draw(st.booleans()):
+        # the stream's last event without its blank line: still meant (a stream cut
+        # before its end loses an event left so: the proxy's error event ends it)
+        stream = stream.rstrip("\r\n") + draw(_SSE_EOL)
+    raw = stream.encode()
+    cuts = sorted(draw(st.lists(st.integers(1, len(raw) - 1), max_size=8)))
+    bounds = [0, *cuts, len(raw)]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b], expected, ending == "[DONE]"
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_N", "100")), deadline=None)
+@given(backend_streams())
+def test_relay_openai_relays_every_event_whole_with_error_fields_as_data(
+    case: tuple[list[bytes], list[str], bool],
+) -> None:
+    reads, expected, finished = case
+    parser = SSEParser()
+    out = _relayed(reads)
+    events = parser.feed(out) + parser.close()
+    # as the openai SDK reads them: data only, to [DONE]
+    texts = [e.data for e in events if e.event is None]
+    if finished:
+        assert texts.pop() == SSE_DONE
+    elif not any(
+        text.startswith(('{"error"', '{"choices": [{"index": 0, "delta": {}, "finish'))
+        for text in expected
+    ):
+        # a stream that stopped before its end (and reported no failure): the proxy says so
+        assert "ended before its last event" in texts.pop()
+    assert texts == expected
