@@ -75,6 +75,39 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
         ],
         0.0,
     ),
+    # labelled text/plain, its first event written in pieces: a line end, then "da"
+    "mislabelled-in-pieces": (
+        [
+            b"\n",
+            _chunk({"role": "assistant", "content": "Hel"})[:2],
+            _chunk({"role": "assistant", "content": "Hel"})[2:],
+            _chunk({"content": "lo"}, "stop"),
+            DONE,
+        ],
+        0.0,
+    ),
+    # it ignored stream: true, and its JSON body starts with a read of whitespace
+    "json-after-whitespace": (
+        [
+            b"\n ",
+            json.dumps(
+                {
+                    "id": "c",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": MODEL,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "Hello"},
+                        }
+                    ],
+                }
+            ).encode(),
+        ],
+        0.0,
+    ),
     "slow-end": ([_chunk({"content": "Hi"}), _chunk({}, "stop"), DONE], 0.2),
     # the body ends (or the connection breaks) inside an event
     "cut-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id": "c'], 0),
@@ -112,7 +145,11 @@ class _Backend(ScriptedHandler):
         scenario = body["messages"][-1]["content"]
         pieces, end_after = SCRIPTS[scenario]
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        labels = {
+            "mislabelled-in-pieces": "text/plain",
+            "json-after-whitespace": "application/json",
+        }
+        self.send_header("Content-Type", labels.get(scenario, "text/event-stream"))
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
@@ -216,6 +253,25 @@ def test_an_error_field_whose_event_ends_in_a_later_read_still_fails_the_openai_
         ):
             texts.append(chunk.choices[0].delta.content or "")
     assert "".join(texts) == "Hello"
+
+
+@pytest.mark.parametrize("scenario", ["mislabelled-in-pieces", "json-after-whitespace"])
+def test_a_body_whose_first_reads_are_too_short_to_tell_is_read_as_what_it_is(
+    ollama_client: ollama.Client, openai_client: openai.OpenAI, scenario: str
+) -> None:
+    """Whether the backend's body is an event stream or one JSON answer was told from its
+    first read alone: a read of a line end, or of "da", made a stream labelled text/plain
+    a 502 ("not an event stream"), and a JSON body after a read of whitespace an empty
+    answer cut short."""
+    parts = list(ollama_client.chat(MODEL, _ask(scenario), stream=True))
+    assert "".join(part.message.content or "" for part in parts) == "Hello"
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+    chunks = list(
+        openai_client.chat.completions.create(model=MODEL, messages=_ask(scenario), stream=True)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
 @pytest.mark.parametrize("scenario", ["cut-mid-event", "broken-mid-event"])

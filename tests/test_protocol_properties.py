@@ -935,3 +935,75 @@ def test_relay_openai_relays_every_event_whole_with_error_fields_as_data(
         # a stream that stopped before its end (and reported no failure): the proxy says so
         assert "ended before its last event" in texts.pop()
     assert texts == expected
+
+
+def _relayed_ollama(reads: list[bytes], kind: str, content_type: str) -> bytes:
+    response = httpx.Response(
+        200,
+        headers={"content-type": content_type},
+        stream=_Reads(reads),
+        request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"),
+    )
+    translator = OllamaStreamTranslator(
+        kind,  # type: ignore[arg-type]
+        "m",
+        start_ns=0,
+        created_at=lambda: "2024-01-01T00:00:00.000000000Z",
+    )
+
+    async def run() -> bytes:
+        chunks = relay.relay_ollama(
+            response,
+            translator,
+            settings=_SETTINGS,
+            metric=None,
+            metric_start=time.perf_counter(),
+            collector=_COLLECTOR,
+        )
+        return b"".join([chunk async for chunk in chunks])
+
+    return trio.run(run)
+
+
+def _wire_json(chunk: dict[str, Any]) -> str:
+    """As backends write it: UTF-8, a lone surrogate (half an emoji) as its escape."""
+    text = json.dumps(chunk, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(chunk)
+    return text
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_N", "100")), deadline=None)
+@given(
+    chat_streams(),
+    st.sampled_from(["chat", "generate"]),
+    st.sampled_from(["text/event-stream", "text/plain"]),
+    st.data(),
+)
+def test_relay_ollama_translates_any_reads_of_a_chat_stream_to_its_answer(
+    case: StreamCase, kind: str, content_type: str, data: st.DataObject
+) -> None:
+    stream = "".join(_event_lines(data.draw, _wire_json(c)) for c in case.chunks)
+    if data.draw(st.booleans()):
+        stream += "data: [DONE]" + data.draw(_SSE_EOL) * 2
+    elif data.draw(st.booleans()):
+        stream = stream.rstrip("\r\n")  # the last event without its line end
+    raw = stream.encode()
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(raw) - 1), max_size=10)))
+    bounds = [0, *cuts, len(raw)]
+    reads = [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+    out = _relayed_ollama(reads, kind, content_type)
+    assert out.endswith(b"\n")
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert "error" not in lines[-1], lines[-1]
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+    content, thinking, calls = _answer(lines, kind)
+    assert content == _whole_characters(case.content)
+    assert thinking == _whole_characters(case.thinking)
+    assert [
+        (c.get("id"), c["function"]["name"], c["function"]["arguments"]) for c in calls
+    ] == case.calls
+    if case.usage is not None:
+        assert (lines[-1]["prompt_eval_count"], lines[-1]["eval_count"]) == case.usage

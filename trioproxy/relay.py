@@ -275,6 +275,7 @@ async def relay_ollama(
             else:
                 if not first:
                     first = True
+                    data = await _telling_start(reader, data)
                     if _opens_json(data):
                         whole = await _rest_of_body(reader, data, settings.max_response_bytes)
                         lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
@@ -395,6 +396,7 @@ async def relay_openai(
         while (data := await reader.read()) is not None:
             if not first:
                 first = True
+                data = await _telling_start(reader, data)
                 if _opens_json(data):
                     whole = await _rest_of_body(reader, data, settings.max_response_bytes)
                     data, usage = _completion_as_events(whole, _asks_usage(stream_options))
@@ -625,6 +627,30 @@ def _error_text(error: object) -> str:
 
 class _NotAStream(Exception):
     """The backend answered a stream request with a JSON body that is not a completion."""
+
+
+# how many bytes of the body's start are joined, at most, to tell what it is
+_MAX_UNTOLD_START = 64 * 1024
+
+
+async def _telling_start(reader: _Reader, data: bytes) -> bytes:
+    """The body's first read, joined with the next ones while they are too few bytes to
+    tell an event stream from a JSON body: whitespace only, or the start of a field name
+    (the ``da`` of ``data:``). A backend that writes its first event in pieces (or a line
+    end first) and labels its stream wrong was refused as no event stream, and one whose
+    JSON body came after a read of whitespace was read as an empty stream."""
+    while (
+        _undecided(data)
+        and len(data) < _MAX_UNTOLD_START
+        and (more := await reader.read()) is not None
+    ):
+        data += more
+    return data
+
+
+def _undecided(data: bytes) -> bool:
+    start = data.lstrip()
+    return any(len(start) < len(field) and field.startswith(start) for field in _EVENT_LINE_STARTS)
 
 
 def _opens_json(data: bytes) -> bool:
