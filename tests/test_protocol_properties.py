@@ -242,8 +242,12 @@ def chat_streams(draw: st.DrawFn) -> StreamCase:
         field = draw(st.sampled_from(["reasoning_content", "reasoning"]))
         events += [(field, piece) for piece in _cut(text, draw)]
         case.thinking += text
-    # tool calls: ids and names on their first fragment, arguments cut anywhere; indexes
-    # need not start at 0 nor follow each other, and the calls' fragments interleave
+    # tool calls: ids and names on their first fragment (or the id on every one), the
+    # arguments cut anywhere. Numbered as OpenAI does (indexes need not start at 0 nor
+    # follow each other, and the calls' fragments interleave), or one call after another
+    # all at index 0 (Ollama's /v1, SGLang) or without an index (mistral.rs, gateways)
+    numbering = draw(st.sampled_from(["indexes", "all 0", "none"]))
+    repeat_id = draw(st.booleans())
     indexes = sorted(draw(st.sets(st.integers(0, 6), max_size=3)))
     per_call: list[list[dict[str, Any]]] = []
     for n, index in enumerate(indexes):
@@ -253,15 +257,16 @@ def chat_streams(draw: st.DrawFn) -> StreamCase:
         case.calls.append((call_id, name, arguments))
         text = json.dumps(arguments, ensure_ascii=draw(st.booleans()))
         pieces = _cut(text, draw)
-        deltas = [{"index": index, "function": {"arguments": piece}} for piece in pieces]
-        deltas[0] = {
-            "index": index,
-            "type": "function",
-            "function": {"name": name, "arguments": pieces[0]},
-        }
-        if call_id is not None:
-            deltas[0]["id"] = call_id
+        deltas: list[dict[str, Any]] = [{"function": {"arguments": piece}} for piece in pieces]
+        deltas[0] = {"type": "function", "function": {"name": name, "arguments": pieces[0]}}
+        for delta in deltas:
+            if numbering != "none":
+                delta["index"] = index if numbering == "indexes" else 0
+            if call_id is not None and (repeat_id or delta is deltas[0]):
+                delta["id"] = call_id
         per_call.append(deltas)
+    if numbering != "indexes":  # told apart by their order alone: one after another
+        per_call = [[delta for deltas in per_call for delta in deltas]]
     # interleave: the text's events keep their order, each call's fragments theirs
     queues = [[e for e in events if e[0] == "content"], [e for e in events if e[0] != "content"]]
     queues += [[("tool", d) for d in deltas] for deltas in per_call]

@@ -1115,6 +1115,30 @@ def test_stream_tool_calls_without_index() -> None:
     assert [c["function"]["name"] for c in calls] == ["f", "g"]
 
 
+def test_stream_tool_call_without_index_repeating_its_id_is_one_call() -> None:
+    """A backend without ``index`` that repeats the call's id on every fragment: each
+    fragment was a call of its own (the first with the name, all with empty arguments)."""
+    t = _translator()
+    for fragment in ('{"city": ', '"Paris"}'):
+        delta = {"id": "call_1", "function": {"arguments": fragment}}
+        if fragment.startswith("{"):
+            delta["function"]["name"] = "weather"
+        t.feed(_chunk({"tool_calls": [delta]}), 1_100)
+    t.feed(_chunk({"tool_calls": [{"id": "call_2", "function": {"name": "time"}}]}), 1_200)
+    t.feed(_chunk({"tool_calls": [{"id": "call_2", "function": {"arguments": "{}"}}]}), 1_300)
+    # and one naming the latest function again before its arguments are whole
+    t.feed(_chunk({"tool_calls": [{"function": {"name": "f", "arguments": '{"a"'}}]}), 1_400)
+    t.feed(_chunk({"tool_calls": [{"function": {"name": "f", "arguments": ": 1}"}}]}), 1_500)
+    assert _calls_of(t.feed(_chunk({}, finish="tool_calls"), 1_600)) == [
+        {
+            "function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}},
+            "id": "call_1",
+        },
+        {"function": {"index": 1, "name": "time", "arguments": {}}, "id": "call_2"},
+        {"function": {"index": 2, "name": "f", "arguments": {"a": 1}}},
+    ]
+
+
 def test_stream_parallel_tool_calls_that_all_say_index_0_stay_apart() -> None:
     """Ollama's own /v1, SGLang and Gemini's OpenAI layer number every call 0 and tell
     them apart by id: a new id at a used index is a new call, not more arguments."""

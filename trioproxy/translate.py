@@ -1352,6 +1352,21 @@ def _starts_another_call(
     return bool(arguments) and _whole_object("".join(pending.arguments))
 
 
+def _continues_without_index(
+    latest: _PendingToolCall, call_id: Any, name: Any, function: JSONDict
+) -> bool:
+    """Whether a delta without ``index`` (a non-conforming backend: mistral.rs, Gemini's
+    layer, some gateways) continues the latest call: it names no call, or only the
+    latest one again (its id repeated on every fragment split a call's arguments into
+    calls of their own, each empty); a new id or name, or a call already whole, is
+    another call (Gemini's parallel calls, each whole)."""
+    if not (call_id or name):
+        return True
+    if call_id and call_id != latest.id:
+        return False
+    return not _starts_another_call(latest, call_id, name, function.get("arguments"))
+
+
 def _whole_object(arguments: str) -> bool:
     if not arguments.rstrip().endswith("}"):
         return False  # the common case, without decoding
@@ -1908,12 +1923,10 @@ class OllamaStreamTranslator(_StreamStats):
                 # Parallel calls that all say index 0, told apart by their ids (Ollama's
                 # own /v1, SGLang, Gemini's OpenAI layer): a new id is a new call.
                 slot = None
-        elif (call_id or name) or not calls:
-            # Non-conforming backend without index: a delta naming a call starts a new one,
-            # anything else continues the latest.
-            slot = None
-        else:
+        elif calls and _continues_without_index(calls[-1], call_id, name, function):
             slot = len(calls) - 1
+        else:
+            slot = None
         if slot is None:
             slot = len(calls)
             position = index if isinstance(index, int) else slot
