@@ -6,7 +6,10 @@ them with what the specifications say the result is: a line-by-line SSE interpre
 from the WHATWG rules, and the answer a random OpenAI stream spells (its text, reasoning,
 whole tool calls and usage). They also feed the client-facing entry points arbitrary JSON:
 a client's mistake must come out as ``RequestValidationError`` (the 400), never as another
-exception (a 500).
+exception (a 500). The relays are driven over reads cut anywhere (a mocked body): every
+event reaches the client whole, in its dialect.
+
+Each test runs few examples, so the file takes seconds; ``PROPERTY_EXAMPLES=5000`` hunts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from trioproxy import relay
 from trioproxy.config import Settings
 from trioproxy.jsonutil import NestedTooDeeply, compact_json, loads
 from trioproxy.metrics import MetricsCollector
+from trioproxy.routes_openai import _model_rewriter
 from trioproxy.signatures import ThoughtSignatures
 from trioproxy.sse import ERROR_FIELD_EVENT, SSE_DONE, SSEEvent, SSEParser, error_field_as_data
 from trioproxy.translate import (
@@ -56,11 +60,15 @@ from trioproxy.translate import (
     with_extra_body,
 )
 
-FAST = settings(
-    max_examples=int(os.environ.get("FUZZ_N", "150")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+
+def _examples(default: int) -> settings:
+    """Few examples, so the file runs in seconds; PROPERTY_EXAMPLES=5000 to hunt."""
+    count = int(os.environ.get("PROPERTY_EXAMPLES", default))
+    return settings(max_examples=count, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+FAST = _examples(100)
+STREAMS = _examples(40)  # a stream's examples cost more
 
 
 def _whole_characters(text: str) -> str:
@@ -338,7 +346,7 @@ def _answer(lines: list[dict[str, Any]], kind: str) -> tuple[str, str, list[dict
     return content, thinking, calls
 
 
-@FAST
+@STREAMS
 @given(chat_streams(), st.sampled_from(["chat", "generate"]), st.booleans(), st.booleans())
 def test_a_chat_stream_translates_to_the_answer_it_spells(
     case: StreamCase, kind: str, show_thinking: bool, ascii_events: bool
@@ -873,6 +881,7 @@ def _relayed(reads: list[bytes]) -> bytes:
             metric=None,
             metric_start=time.perf_counter(),
             collector=_COLLECTOR,
+            rewrite_model=_model_rewriter({"backend/m": "client"}),
         )
         return b"".join([chunk async for chunk in chunks])
 
@@ -891,7 +900,7 @@ def _event_lines(draw: st.DrawFn, text: str) -> str:
 def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], bool]:
     """A chat stream (content, llama.cpp's ``error:`` lines, comments, any line ends) split
     into reads anywhere; what the client's parser must read from it (the ``error:`` lines as
-    OpenAI's error chunks); whether it ends with ``[DONE]``."""
+    OpenAI's error chunks, the model as the client names it); whether it ends with ``[DONE]``."""
     expected = ['{"choices":[{"index":0,"delta":{"content":"a"}}]}']
     stream = _event_lines(draw, expected[0])
     for _ in range(draw(st.integers(0, 5))):
@@ -899,10 +908,14 @@ def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], bool]:
             error = draw(st.sampled_from(['{"message":"boom","code":500}', "plain failure"]))
             stream += f"error:{draw(st.sampled_from(['', ' ']))}{error}" + draw(_SSE_EOL) * 2
             expected.append(error_field_as_data(error))
-        else:
-            text = json.dumps({"choices": [{"index": 0, "delta": {"content": draw(_PIECES)}}]})
-            stream += _event_lines(draw, text)
-            expected.append(text)
+        else:  # named by the backend's model name, which the client gets as its own
+            chunk = {
+                "model": "backend/m",
+                "choices": [{"index": 0, "delta": {"content": draw(_PIECES)}}],
+            }
+            separators = draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+            stream += _event_lines(draw, json.dumps(chunk, separators=separators))
+            expected.append(json.dumps({**chunk, "model": "client"}, separators=separators))
     ending = draw(st.sampled_from(["[DONE]", "finish_reason", "cut"]))
     if ending != "cut":
         text = json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
@@ -920,7 +933,7 @@ def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], bool]:
     return [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b], expected, ending == "[DONE]"
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_N", "100")), deadline=None)
+@STREAMS
 @given(backend_streams())
 def test_relay_openai_relays_every_event_whole_with_error_fields_as_data(
     case: tuple[list[bytes], list[str], bool],
@@ -980,7 +993,7 @@ def _wire_json(chunk: dict[str, Any]) -> str:
     return text
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_N", "100")), deadline=None)
+@STREAMS
 @given(
     chat_streams(),
     st.sampled_from(["chat", "generate"]),
