@@ -719,6 +719,35 @@ CHAT_BODIES = st.fixed_dictionaries(
         "tools": _odd(st.lists(_odd(_TOOL), max_size=2)),
     },
 )
+_VALID_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool", "Assistant"])},
+    optional={
+        "content": st.one_of(st.none(), _PIECES),
+        "images": st.lists(_IMAGE, max_size=2),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "function": st.fixed_dictionaries(
+                        {"name": st.sampled_from(["f", "g"])}, optional={"arguments": _ARGUMENTS}
+                    )
+                },
+                optional={"id": st.sampled_from(["call_1", "call_2", "x"])},
+            ),
+            max_size=2,
+        ),
+        "tool_name": st.sampled_from(["f", "g", "h"]),
+        "tool_call_id": st.sampled_from(["call_1", "x", "unknown"]),
+    },
+)
+# valid bodies, so that the translation itself is exercised (most odd ones are refused)
+VALID_CHAT_BODIES = st.fixed_dictionaries(
+    {"model": st.just("m"), "messages": st.lists(_VALID_MESSAGE, max_size=6)},
+    optional={
+        "stream": st.booleans(),
+        "think": st.sampled_from([True, False, "low"]),
+        "tools": st.lists(_TOOL, max_size=2),
+    },
+)
 GENERATE_BODIES = st.fixed_dictionaries(
     {},
     optional={
@@ -759,7 +788,7 @@ def _translated(body: Any, validate: Any, translate: Any) -> dict[str, Any] | No
 
 
 @FAST
-@given(st.one_of(CHAT_BODIES, _ANY_JSON))
+@given(st.one_of(CHAT_BODIES, VALID_CHAT_BODIES, _ANY_JSON))
 def test_any_chat_body_is_translated_or_refused_as_a_client_error(body: Any) -> None:
     payload = _translated(body, validate_ollama_chat, ollama_chat_to_openai)
     if payload is None:
@@ -776,6 +805,30 @@ def test_any_chat_body_is_translated_or_refused_as_a_client_error(body: Any) -> 
             for call in message["tool_calls"]:
                 assert isinstance(call["id"], str) and call["id"]
                 assert isinstance(call["function"]["arguments"], str)
+        if message["role"] != "user":  # OpenAI takes images from users only
+            assert not isinstance(message["content"], list)
+    # each tool answer answers a call made before it (a backend refuses one that does not)
+    ids: set[str] = set()
+    for message in payload["messages"]:
+        ids.update(call["id"] for call in message.get("tool_calls", []))
+        if message["role"] == "tool" and ids:
+            assert message["tool_call_id"] in ids
+    # nothing the client said is lost: every text, in order, and every image
+    given = body.get("messages") or []
+    assert [m["content"] for m in given if m.get("content")] == [
+        text for m in payload["messages"] for text in _texts(m["content"])
+    ]
+    assert sum(len(m.get("images") or []) for m in given) == sum(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for m in payload["messages"]
+        for part in (m["content"] if isinstance(m["content"], list) else [])
+    )
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, list):
+        return [part["text"] for part in content if part["type"] == "text"]
+    return [content] if content else []
 
 
 @FAST
