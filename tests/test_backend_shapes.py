@@ -86,6 +86,16 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
         ],
         0.0,
     ),
+    # a byte order mark (which the format allows) opens the stream, in two reads
+    "byte-order-mark": (
+        [
+            b"\xef\xbb",
+            b"\xbf" + _chunk({"role": "assistant", "content": "Hel"}),
+            _chunk({"content": "lo"}, "stop"),
+            DONE,
+        ],
+        0.0,
+    ),
     # it ignored stream: true, and its JSON body starts with a read of whitespace
     "json-after-whitespace": (
         [
@@ -255,14 +265,17 @@ def test_an_error_field_whose_event_ends_in_a_later_read_still_fails_the_openai_
     assert "".join(texts) == "Hello"
 
 
-@pytest.mark.parametrize("scenario", ["mislabelled-in-pieces", "json-after-whitespace"])
+@pytest.mark.parametrize(
+    "scenario", ["mislabelled-in-pieces", "json-after-whitespace", "byte-order-mark"]
+)
 def test_a_body_whose_first_reads_are_too_short_to_tell_is_read_as_what_it_is(
     ollama_client: ollama.Client, openai_client: openai.OpenAI, scenario: str
 ) -> None:
     """Whether the backend's body is an event stream or one JSON answer was told from its
     first read alone: a read of a line end, or of "da", made a stream labelled text/plain
     a 502 ("not an event stream"), and a JSON body after a read of whitespace an empty
-    answer cut short."""
+    answer cut short. A byte order mark opening the stream was relayed: the openai SDK
+    reads it as part of the first field's name, and lost the first event ("Hel")."""
     parts = list(ollama_client.chat(MODEL, _ask(scenario), stream=True))
     assert "".join(part.message.content or "" for part in parts) == "Hello"
     assert parts[-1].done and parts[-1].done_reason == "stop"

@@ -633,23 +633,32 @@ class _NotAStream(Exception):
 _MAX_UNTOLD_START = 64 * 1024
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 async def _telling_start(reader: _Reader, data: bytes) -> bytes:
     """The body's first read, joined with the next ones while they are too few bytes to
     tell an event stream from a JSON body: whitespace only, or the start of a field name
     (the ``da`` of ``data:``). A backend that writes its first event in pieces (or a line
     end first) and labels its stream wrong was refused as no event stream, and one whose
-    JSON body came after a read of whitespace was read as an empty stream."""
+    JSON body came after a read of whitespace was read as an empty stream.
+
+    A leading byte order mark is left out: the event stream format allows one, but the
+    openai SDK reads it as part of the first field's name, and lost that event."""
     while (
         _undecided(data)
         and len(data) < _MAX_UNTOLD_START
         and (more := await reader.read()) is not None
     ):
         data += more
-    return data
+    # (a body of a byte order mark alone is kept: a first read is never empty)
+    return data[len(_BOM) :] if data.startswith(_BOM) and len(data) > len(_BOM) else data
 
 
 def _undecided(data: bytes) -> bool:
-    start = data.lstrip()
+    if len(data) < len(_BOM) and _BOM.startswith(data):
+        return True  # a byte order mark, in pieces
+    start = data.removeprefix(_BOM).lstrip()
     return any(len(start) < len(field) and field.startswith(start) for field in _EVENT_LINE_STARTS)
 
 
