@@ -1079,3 +1079,52 @@ def test_relay_ollama_translates_any_reads_of_a_chat_stream_to_its_answer(
     ] == case.calls
     if case.usage is not None:
         assert (lines[-1]["prompt_eval_count"], lines[-1]["eval_count"]) == case.usage
+
+
+@st.composite
+def failing_streams(draw: st.DrawFn) -> tuple[list[bytes], str, str]:
+    """A chat stream that fails after its first token, in one of the ways backends say
+    so, split into reads anywhere; the text before the failure and the failure's message."""
+    text = "a"
+    stream = _event_lines(draw, json.dumps(_chunk({"delta": {"content": "a"}})))
+    for _ in range(draw(st.integers(0, 3))):
+        piece = draw(_PIECES)
+        stream += _event_lines(draw, json.dumps(_chunk({"delta": {"content": piece}})))
+        text += piece
+    failure = draw(st.sampled_from(["error field", "error chunk", "finish_reason error"]))
+    if failure == "error field":  # llama.cpp before October 2025
+        stream += 'error: {"code":500,"message":"boom"}' + draw(_SSE_EOL) * 2
+    elif failure == "error chunk":  # OpenRouter's carries choices too
+        chunk = {
+            "error": {"message": "boom"},
+            **draw(st.sampled_from([{}, _chunk({"delta": {"content": "x"}})])),
+        }
+        stream += _event_lines(draw, json.dumps(chunk))
+    else:
+        chunk = _chunk(
+            {"delta": {"content": "x"}, "finish_reason": "error"}, error={"message": "boom"}
+        )
+        stream += _event_lines(draw, json.dumps(chunk))
+    # what a backend may send after: more text, the end; none of it is the answer
+    stream += _event_lines(
+        draw, json.dumps(_chunk({"delta": {"content": "after"}, "finish_reason": "stop"}))
+    )
+    stream += "data: [DONE]\n\n"
+    raw = stream.encode()
+    cuts = sorted(draw(st.lists(st.integers(1, len(raw) - 1), max_size=8)))
+    bounds = [0, *cuts, len(raw)]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b], text, "boom"
+
+
+@STREAMS
+@given(failing_streams(), st.sampled_from(["chat", "generate"]))
+def test_relay_ollama_ends_a_failed_stream_with_one_error_line_after_the_text_before_it(
+    case: tuple[list[bytes], str, str], kind: str
+) -> None:
+    reads, text, message = case
+    lines = [
+        json.loads(line) for line in _relayed_ollama(reads, kind, "text/event-stream").splitlines()
+    ]
+    assert lines[-1] == {"error": message}
+    assert all(line["done"] is False for line in lines[:-1])
+    assert _answer(lines[:-1], kind)[0] == text
