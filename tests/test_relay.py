@@ -618,3 +618,29 @@ async def test_events_split_across_reads_are_no_dragging_line() -> None:
             script, make, stream_idle_timeout=0.5, stream_first_token_timeout=30
         )
         assert b"STREAM_IDLE_TIMEOUT" not in out and b'"error"' not in out
+
+
+async def test_the_start_of_a_body_is_joined_only_until_it_tells_what_it_is() -> None:
+    """The first reads are joined while they are too short to tell an event stream from a
+    JSON body (a line end, "da", half a byte order mark), and no further than 1 KiB: a
+    backend sending whitespace a byte at a time is not joined for ever (each join copies)."""
+
+    class Reads:
+        def __init__(self, *reads: bytes) -> None:
+            self.reads = list(reads)
+
+        async def read(self) -> bytes | None:
+            return self.reads.pop(0) if self.reads else None
+
+    async def start(*reads: bytes) -> tuple[bytes, int]:
+        reader = Reads(*reads[1:])
+        joined = await relay._telling_start(reader, reads[0])  # type: ignore[arg-type]
+        return joined, len(reader.reads)
+
+    assert await start(b"data: x\n\n", b"data: y\n\n") == (b"data: x\n\n", 1)
+    assert await start(b"\n", b"da", b"ta: x\n\n", b"more") == (b"\nda" + b"ta: x\n\n", 1)
+    assert await start(b"\xef", b"\xbb\xbf{", b"}") == (b"{", 1)  # the mark is left out
+    assert await start(b" \n", b'{"a": 1}') == (b' \n{"a": 1}', 0)
+    assert await start(b"\xef\xbb\xbf") == (b"\xef\xbb\xbf", 0)  # never an empty read
+    joined, left = await start(*[b" "] * 3000)
+    assert (joined, left) == (b" " * 1024, 3000 - 1024)

@@ -629,8 +629,9 @@ class _NotAStream(Exception):
     """The backend answered a stream request with a JSON body that is not a completion."""
 
 
-# how many bytes of the body's start are joined, at most, to tell what it is
-_MAX_UNTOLD_START = 64 * 1024
+# how many bytes of the body's start are joined, at most, to tell what it is (few: a
+# backend sending whitespace a byte at a time costs the joining its square)
+_MAX_UNTOLD_START = 1024
 
 
 _BOM = b"\xef\xbb\xbf"
