@@ -122,6 +122,16 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
     # the body ends (or the connection breaks) inside an event
     "cut-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id": "c'], 0),
     "broken-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id'], 0),
+    # the answer finished, then the body ends inside its next event (the usage, say)
+    "finished-then-cut": (
+        [_chunk({"role": "assistant", "content": "Hello"}, "stop"), b'data: {"usage": '],
+        0,
+    ),
+    # a whole last event without its blank line, then the body's end: no finish_reason
+    "unfinished-whole": (
+        [_chunk({"role": "assistant", "content": "Hel"}), _chunk({"content": "lo"})[:-1]],
+        0,
+    ),
     # the last event's line, then the body's end: no blank line, no [DONE]
     "no-final-blank-line": (
         [_chunk({"role": "assistant", "content": "Hel"}), _chunk({"content": "lo"}, "stop")[:-1]],
@@ -303,6 +313,39 @@ def test_a_stream_broken_off_inside_an_event_ends_with_a_readable_error(
     assert "".join(texts) == "Hello"
     expected = "ended before its last event" if scenario.startswith("cut") else "broke mid-stream"
     assert expected in failed.value.message
+
+
+@pytest.mark.parametrize(
+    ("scenario", "said"),
+    [
+        ("finished-then-cut", "ended inside an event"),
+        ("unfinished-whole", "ended before its last event"),
+    ],
+)
+def test_a_body_ending_after_or_inside_a_last_event_ends_with_the_proxys_error(
+    openai_client: openai.OpenAI, ollama_client: ollama.Client, scenario: str, said: str
+) -> None:
+    """At the body's end the event held back (no blank line yet) was relayed only when the
+    stream had no error: after a finish_reason, an event cut off by the body's end reached
+    the openai SDK, which failed on it with a JSONDecodeError; without one, a whole last
+    event was dropped before the proxy's error (Ollama clients got its text)."""
+    texts: list[str] = []
+    with pytest.raises(openai.APIError, match=said):
+        for chunk in openai_client.chat.completions.create(
+            model=MODEL, messages=_ask(scenario), stream=True
+        ):
+            texts.append(chunk.choices[0].delta.content or "")
+    assert "".join(texts) == "Hello"
+    parts: list[str] = []
+    if scenario == "unfinished-whole":
+        with pytest.raises(ollama.ResponseError, match=said):
+            for part in ollama_client.chat(MODEL, _ask(scenario), stream=True):
+                parts.append(part.message.content or "")
+    else:  # the cut event is no chunk: skipped, as Ollama clients get a valid line either way
+        parts = [
+            p.message.content or "" for p in ollama_client.chat(MODEL, _ask(scenario), stream=True)
+        ]
+    assert "".join(parts) == "Hello"
 
 
 def test_a_last_event_without_its_blank_line_reaches_both_sdks(

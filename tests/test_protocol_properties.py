@@ -951,10 +951,11 @@ def _event_lines(draw: st.DrawFn, text: str) -> str:
 
 
 @st.composite
-def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], bool]:
+def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], str]:
     """A chat stream (content, llama.cpp's ``error:`` lines, comments, any line ends) split
     into reads anywhere; what the client's parser must read from it (the ``error:`` lines as
-    OpenAI's error chunks, the model as the client names it); whether it ends with ``[DONE]``."""
+    OpenAI's error chunks, the model as the client names it); how it ends: ``[DONE]``, its
+    ``finish_reason``, ``cut`` (neither), ``broken`` (inside an event)."""
     expected = ['{"choices":[{"index":0,"delta":{"content":"a"}}]}']
     stream = _event_lines(draw, expected[0])
     for _ in range(draw(st.integers(0, 5))):
@@ -977,34 +978,40 @@ def backend_streams(draw: st.DrawFn) -> tuple[list[bytes], list[str], bool]:
         expected.append(text)
     if ending == "[DONE]":
         stream += "data: [DONE]" + draw(_SSE_EOL) * 2
-    elif (ending == "finish_reason" or expected[-1].startswith('{"error"')) and draw(st.booleans()):
-        # the stream's last event without its blank line: still meant (a stream cut
-        # before its end loses an event left so: the proxy's error event ends it)
+    elif draw(st.booleans()):
+        # the stream's last event without its blank line: still meant
         stream = stream.rstrip("\r\n") + draw(_SSE_EOL)
+    elif draw(st.booleans()):
+        # the body ends inside an event: not relayed (the openai SDK could not read it);
+        # the proxy's error event ends the stream
+        stream += draw(st.sampled_from(['data: {"id": "c', "data: [1", 'data: {"usage": ']))
+        stream += draw(st.sampled_from(["", "\n"]))
+        ending = "broken"
     raw = stream.encode()
     if draw(st.integers(0, 3)) == 0:
         raw = b"\xef\xbb\xbf" + raw  # a byte order mark, which the format allows
     cuts = sorted(draw(st.lists(st.integers(1, len(raw) - 1), max_size=8)))
     bounds = [0, *cuts, len(raw)]
-    return [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b], expected, ending == "[DONE]"
+    return [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b], expected, ending
 
 
 @STREAMS
 @given(backend_streams())
 def test_relay_openai_relays_every_event_whole_with_error_fields_as_data(
-    case: tuple[list[bytes], list[str], bool],
+    case: tuple[list[bytes], list[str], str],
 ) -> None:
-    reads, expected, finished = case
+    reads, expected, ending = case
     # read as the openai SDK reads them (other fields than data are lost on it)
     events = SSEDecoder().iter_bytes(iter([_relayed(reads)]))
     texts = [e.data for e in events if e.event is None]
-    if finished:
+    if ending == "[DONE]":
         assert texts.pop() == SSE_DONE
-    elif not any(
-        text.startswith(('{"error"', '{"choices": [{"index": 0, "delta": {}, "finish'))
-        for text in expected
-    ):
-        # a stream that stopped before its end (and reported no failure): the proxy says so
+    elif ending == "broken":
+        message = texts.pop()
+        assert "ended before its last event" in message or "ended inside an event" in message
+    elif ending == "cut" and not any(text.startswith('{"error"') for text in expected):
+        # a stream that stopped before its end (and reported no failure): the proxy says
+        # so, after every whole event
         assert "ended before its last event" in texts.pop()
     assert texts == expected
 

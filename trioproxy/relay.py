@@ -392,6 +392,7 @@ async def relay_openai(
     # the whole line (only whole events are relayed), wherever the reads cut it
     error_field = False
     held = _HeldEvent()
+    held_whole = False
     try:
         while (data := await reader.read()) is not None:
             if not first:
@@ -455,8 +456,13 @@ async def relay_openai(
                 else:
                     observer.feed_text(event.data, time.perf_counter_ns())
                     error_field = error_field or event.event == ERROR_FIELD_EVENT
+            # what is held is relayed, before the error if there is one, unless the body
+            # ended inside its event (the openai SDK could not read what is there)
+            held_whole = not observer.malformed
             if _unfinished(observer):
                 raise _Unfinished()
+            if not held_whole:
+                raise _Unfinished("the backend's stream ended inside an event")
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
         error = _stream_broke(exc, metric, collector, settings)
         timed_out = isinstance(exc, StreamTimeout)
@@ -468,7 +474,7 @@ async def relay_openai(
         _record_tokens(metric, observer)
         if on_finish is not None:
             on_finish()
-    if held and error is None:  # a last event without its blank line, completed
+    if held and held_whole:  # a last event without its blank line, completed
         last = held.completed()  # or the openai SDK would never dispatch it
         if error_field:
             last = error_fields_as_data(last)
@@ -493,10 +499,13 @@ async def relay_openai(
 class _Unfinished(Exception):
     """The backend's body ended before its stream did."""
 
-    def __init__(self) -> None:
-        super().__init__(
+    def __init__(
+        self,
+        message: str = (
             "the backend's stream ended before its last event (no finish_reason, no [DONE])"
-        )
+        ),
+    ) -> None:
+        super().__init__(message)
 
 
 def _unfinished(observer: StreamObserver) -> bool:
