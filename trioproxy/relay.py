@@ -29,6 +29,7 @@ from .sse import (
     SSE_DONE_BYTES,
     SSEParser,
     SSEProtocolError,
+    SSETooLarge,
     encode_sse,
     error_fields_as_data,
     openai_error_event,
@@ -890,8 +891,10 @@ def _stream_broke(
         return scrub(str(exc), settings.backend_secrets)
     if isinstance(exc, NestedTooDeeply):
         return f"the backend sent an event {exc}"
-    if isinstance(exc, SSEProtocolError):  # an event or line past MAX_RESPONSE_BYTES
+    if isinstance(exc, SSETooLarge):  # an event or line past MAX_RESPONSE_BYTES
         return f"the backend's stream could not be relayed: {exc} (MAX_RESPONSE_BYTES)"
+    if isinstance(exc, SSEProtocolError):  # not UTF-8, an event that is not JSON
+        return f"the backend's stream could not be relayed: {exc}"
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "SSEEvent",
     "SSEParser",
     "SSEProtocolError",
+    "SSETooLarge",
     "encode_sse",
     "error_field_as_data",
     "error_fields_as_data",
@@ -64,7 +65,12 @@ def error_fields_as_data(data: bytes) -> bytes:
 
 
 class SSEProtocolError(ValueError):
-    """The byte stream cannot be an event stream we are willing to buffer (line too long)."""
+    """The byte stream cannot be an event stream we are willing to read: not UTF-8 (when
+    strict), or too large (:class:`SSETooLarge`)."""
+
+
+class SSETooLarge(SSEProtocolError):
+    """A line or an event past the parser's limit (``max_line_bytes``)."""
 
 
 class SSEEvent(NamedTuple):
@@ -237,12 +243,12 @@ class SSEParser:
         # Exact UTF-8 size of what we hold; encoding only the new piece keeps this linear.
         self._pending_bytes += len(piece) if piece.isascii() else len(piece.encode())
         if self._pending_bytes > self._max:
-            raise SSEProtocolError(f"SSE line exceeds {self._max} bytes without a line end")
+            raise SSETooLarge(f"SSE line exceeds {self._max} bytes without a line end")
 
     def _check_line(self, line: str) -> None:
         # Called for lines over _max // 4 characters only (a UTF-8 character is at most 4 bytes).
         if len(line) > self._max or len(line.encode()) > self._max:
-            raise SSEProtocolError(f"SSE line exceeds {self._max} bytes")
+            raise SSETooLarge(f"SSE line exceeds {self._max} bytes")
 
     def _process_line(self, line: str, events: list[SSEEvent]) -> None:
         if not line:
@@ -276,7 +282,7 @@ class SSEParser:
             self._event_too_large()
 
     def _event_too_large(self) -> None:
-        raise SSEProtocolError(f"SSE event exceeds {self._max} characters of data")
+        raise SSETooLarge(f"SSE event exceeds {self._max} characters of data")
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         if self._data:
