@@ -41,6 +41,7 @@ from trioproxy.translate import (
     OllamaStreamTranslator,
     OpenAIStreamObserver,
     RequestValidationError,
+    ResponsesStreamObserver,
     Timings,
     keep_alive_unloads,
     ollama_chat_to_openai,
@@ -919,7 +920,7 @@ _SETTINGS = Settings(upstream_url="http://127.0.0.1:9/v1", max_retries=0)
 _COLLECTOR = MetricsCollector(enabled=False, system_enabled=False)
 
 
-def _relayed(reads: list[bytes]) -> bytes:
+def _relayed(reads: list[bytes], observer: Any = None) -> bytes:
     response = httpx.Response(
         200,
         headers={"content-type": "text/event-stream"},
@@ -930,7 +931,7 @@ def _relayed(reads: list[bytes]) -> bytes:
     async def run() -> bytes:
         chunks = relay.relay_openai(
             response,
-            OpenAIStreamObserver(),
+            OpenAIStreamObserver() if observer is None else observer,
             settings=_SETTINGS,
             metric=None,
             metric_start=time.perf_counter(),
@@ -1135,3 +1136,46 @@ def test_relay_ollama_ends_a_failed_stream_with_one_error_line_after_the_text_be
     assert lines[-1] == {"error": message}
     assert all(line["done"] is False for line in lines[:-1])
     assert _answer(lines[:-1], kind)[0] == text
+
+
+@st.composite
+def responses_streams(draw: st.DrawFn) -> tuple[list[bytes], list[tuple[str, str]], bool]:
+    """A Responses API stream (``event:`` and ``data:`` lines, no ``[DONE]``: its closing
+    event ends it) split into reads anywhere; its events; whether it has its closing event."""
+    events = [("response.created", {"type": "response.created", "response": {"id": "r1"}})]
+    for _ in range(draw(st.integers(0, 4))):
+        delta = draw(_PIECES)
+        events.append(
+            ("response.output_text.delta", {"type": "response.output_text.delta", "delta": delta})
+        )
+    closed = draw(st.booleans())
+    if closed:
+        kind = draw(st.sampled_from(["response.completed", "response.incomplete"]))
+        usage = {"input_tokens": 3, "output_tokens": 4}
+        events.append((kind, {"type": kind, "response": {"id": "r1", "usage": usage}}))
+    stream = ""
+    for name, payload in events:
+        eol = draw(_SSE_EOL)
+        stream += f"event: {name}{eol}data: {json.dumps(payload)}{eol}{eol}"
+    raw = stream.encode()
+    cuts = sorted(draw(st.lists(st.integers(1, len(raw) - 1), max_size=8)))
+    bounds = [0, *cuts, len(raw)]
+    reads = [raw[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+    # what comes after the closing event is never the client's: a backend may keep its
+    # body open (the relay stops at that event)
+    return reads, [(name, json.dumps(payload)) for name, payload in events], closed
+
+
+@STREAMS
+@given(responses_streams())
+def test_relay_openai_relays_a_responses_stream_whole_to_its_closing_event(
+    case: tuple[list[bytes], list[tuple[str, str]], bool],
+) -> None:
+    reads, expected, closed = case
+    observer = ResponsesStreamObserver()
+    events = [(e.event, e.data) for e in SSEDecoder().iter_bytes(iter([_relayed(reads, observer)]))]
+    if not closed:  # cut before its closing event: the proxy's error event ends it
+        assert "ended before its last event" in json.loads(events.pop()[1])["error"]["message"]
+    assert events == expected
+    if closed:
+        assert (observer.prompt_tokens, observer.completion_tokens) == (3, 4)
