@@ -944,11 +944,18 @@ def _relayed(reads: list[bytes], observer: Any = None) -> bytes:
 
 
 def _event_lines(draw: st.DrawFn, text: str) -> str:
-    eol = draw(_SSE_EOL)
+    """One event: its data line (a comment before or after it, sometimes), each line
+    ended by LF, CRLF or CR (mixed, as the format allows), then its blank line."""
     lines = [f"data:{draw(st.sampled_from(['', ' ']))}{text}"]
     if draw(st.integers(0, 3)) == 0:
         lines.insert(draw(st.integers(0, 1)), ": keep-alive")
-    return eol.join(lines) + eol + eol
+    lines.append("")
+    event = ""
+    for line in lines:
+        # (a CR then an LF is one line end: CRLF)
+        after_cr = (event + line).endswith("\r")
+        event += line + draw(st.sampled_from(["\r", "\r\n"]) if after_cr else _SSE_EOL)
+    return event
 
 
 @st.composite
