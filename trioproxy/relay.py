@@ -674,8 +674,9 @@ def _undecided(data: bytes) -> bool:
 
 
 def _opens_json(data: bytes) -> bool:
-    """Whether the body's first read opens a JSON object: an event stream's lines start
-    with a field name (``data:``), a comment (``:``) or a line end, never ``{``."""
+    """Whether the body's start (:func:`_telling_start`) opens a JSON object: an event
+    stream's lines start with a field name (``data:``), a comment (``:``) or a line end,
+    never ``{``."""
     return data.lstrip()[:1] == b"{"
 
 
@@ -684,8 +685,9 @@ _EVENT_LINE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")
 
 
 def _looks_like_events(response: httpx.Response, first: bytes) -> bool:
-    """Whether a body whose first read is ``first`` is an event stream: its content type
-    says so, or its first line reads like one (for backends that mislabel it)."""
+    """Whether a body that starts with ``first`` (:func:`_telling_start`) is an event
+    stream: its content type says so, or its first line reads like one (for backends
+    that mislabel it)."""
     if "event-stream" in response.headers.get("content-type", ""):
         return True
     return first.lstrip().startswith(_EVENT_LINE_STARTS)
