@@ -122,6 +122,27 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
     # the body ends (or the connection breaks) inside an event
     "cut-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id": "c'], 0),
     "broken-mid-event": ([_chunk({"role": "assistant", "content": "Hello"}), b'data: {"id'], 0),
+    # a tool call without index (a non-conforming backend), its id on every fragment
+    "tool-call-without-index": (
+        [
+            _chunk(
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "weather", "arguments": '{"city": '},
+                        }
+                    ],
+                }
+            ),
+            _chunk({"tool_calls": [{"id": "call_1", "function": {"arguments": '"Paris"}'}}]}),
+            _chunk({}, "tool_calls"),
+            DONE,
+        ],
+        0,
+    ),
     # the answer finished, then the body ends inside its next event (the usage, say)
     "finished-then-cut": (
         [_chunk({"role": "assistant", "content": "Hello"}, "stop"), b'data: {"usage": '],
@@ -346,6 +367,21 @@ def test_a_body_ending_after_or_inside_a_last_event_ends_with_the_proxys_error(
             p.message.content or "" for p in ollama_client.chat(MODEL, _ask(scenario), stream=True)
         ]
     assert "".join(parts) == "Hello"
+
+
+def test_a_tool_call_without_index_reaches_an_ollama_client_whole(
+    ollama_client: ollama.Client,
+) -> None:
+    """Each fragment that repeated the call's id was a call of its own: the client got
+    two calls, ``weather`` and a nameless one, both with empty arguments."""
+    calls = [
+        call
+        for part in ollama_client.chat(MODEL, _ask("tool-call-without-index"), stream=True)
+        for call in part.message.tool_calls or []
+    ]
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("weather", {"city": "Paris"})
+    ]
 
 
 def test_a_last_event_without_its_blank_line_reaches_both_sdks(
