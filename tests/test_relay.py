@@ -624,7 +624,9 @@ async def test_events_split_across_reads_are_no_dragging_line() -> None:
 async def test_the_start_of_a_body_is_joined_only_until_it_tells_what_it_is() -> None:
     """The first reads are joined while they are too short to tell an event stream from a
     JSON body (a line end, "da", half a byte order mark), and no further than 1 KiB: a
-    backend sending whitespace a byte at a time is not joined for ever (each join copies)."""
+    backend sending whitespace a byte at a time is not joined for ever (each join copies).
+    A body labelled as an event stream is joined only for a byte order mark in pieces: its
+    keep-alive line ends reach the client as they come."""
 
     class Reads:
         def __init__(self, *reads: bytes) -> None:
@@ -633,9 +635,10 @@ async def test_the_start_of_a_body_is_joined_only_until_it_tells_what_it_is() ->
         async def read(self) -> bytes | None:
             return self.reads.pop(0) if self.reads else None
 
-    async def start(*reads: bytes) -> tuple[bytes, int]:
+    async def start(*reads: bytes, labelled: str = "text/plain") -> tuple[bytes, int]:
         reader = Reads(*reads[1:])
-        joined = await relay._telling_start(reader, reads[0])  # type: ignore[arg-type]
+        response = httpx.Response(200, headers={"content-type": labelled})
+        joined = await relay._telling_start(reader, reads[0], response)  # type: ignore[arg-type]
         return joined, len(reader.reads)
 
     assert await start(b"data: x\n\n", b"data: y\n\n") == (b"data: x\n\n", 1)
@@ -645,3 +648,7 @@ async def test_the_start_of_a_body_is_joined_only_until_it_tells_what_it_is() ->
     assert await start(b"\xef\xbb\xbf") == (b"\xef\xbb\xbf", 0)  # never an empty read
     joined, left = await start(*[b" "] * 3000)
     assert (joined, left) == (b" " * 1024, 3000 - 1024)
+    stream = "text/event-stream; charset=utf-8"
+    assert await start(b"\n", b"\n", b"data: x\n\n", labelled=stream) == (b"\n", 2)
+    assert await start(b"da", b"ta: x\n\n", labelled=stream) == (b"da", 1)
+    assert await start(b"\xef\xbb", b"\xbfdata: x\n\n", labelled=stream) == (b"data: x\n\n", 0)

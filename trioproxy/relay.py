@@ -276,7 +276,7 @@ async def relay_ollama(
             else:
                 if not first:
                     first = True
-                    data = await _telling_start(reader, data)
+                    data = await _telling_start(reader, data, response)
                     if _opens_json(data):
                         whole = await _rest_of_body(reader, data, settings.max_response_bytes)
                         lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
@@ -398,7 +398,7 @@ async def relay_openai(
         while (data := await reader.read()) is not None:
             if not first:
                 first = True
-                data = await _telling_start(reader, data)
+                data = await _telling_start(reader, data, response)
                 if _opens_json(data):
                     whole = await _rest_of_body(reader, data, settings.max_response_bytes)
                     data, usage = _completion_as_events(whole, _asks_usage(stream_options))
@@ -647,17 +647,18 @@ _MAX_UNTOLD_START = 1024
 _BOM = b"\xef\xbb\xbf"
 
 
-async def _telling_start(reader: _Reader, data: bytes) -> bytes:
+async def _telling_start(reader: _Reader, data: bytes, response: httpx.Response) -> bytes:
     """The body's first read, joined with the next ones while they are too few bytes to
-    tell an event stream from a JSON body: whitespace only, or the start of a field name
-    (the ``da`` of ``data:``). A backend that writes its first event in pieces (or a line
-    end first) and labels its stream wrong was refused as no event stream, and one whose
-    JSON body came after a read of whitespace was read as an empty stream.
+    tell an event stream from a JSON body, when its content type does not say: whitespace
+    only, or the start of a field name (the ``da`` of ``data:``). A backend that writes
+    its first event in pieces (or a line end first) and labels its stream wrong was
+    refused as no event stream, and one whose JSON body came after a read of whitespace
+    was read as an empty stream.
 
     A leading byte order mark is left out: the event stream format allows one, but the
     openai SDK reads it as part of the first field's name, and lost that event."""
     while (
-        _undecided(data)
+        _undecided(data, response)
         and len(data) < _MAX_UNTOLD_START
         and (more := await reader.read()) is not None
     ):
@@ -666,11 +667,15 @@ async def _telling_start(reader: _Reader, data: bytes) -> bytes:
     return data[len(_BOM) :] if data.startswith(_BOM) and len(data) > len(_BOM) else data
 
 
-def _undecided(data: bytes) -> bool:
+def _undecided(data: bytes, response: httpx.Response) -> bool:
     if len(data) < len(_BOM) and _BOM.startswith(data):
         return True  # a byte order mark, in pieces
     start = data.removeprefix(_BOM).lstrip()
-    return any(len(start) < len(field) and field.startswith(start) for field in _EVENT_LINE_STARTS)
+    if not any(len(start) < len(field) and field.startswith(start) for field in _EVENT_LINE_STARTS):
+        return False
+    # a stream labelled as one is relayed as it comes: line ends sent to keep the
+    # connection alive before the first event reach the client then
+    return "event-stream" not in response.headers.get("content-type", "")
 
 
 def _opens_json(data: bytes) -> bool:
