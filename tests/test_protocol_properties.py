@@ -889,7 +889,7 @@ def test_any_openai_body_is_passed_or_refused_as_a_client_error(
 )
 def test_a_json_answer_to_a_stream_becomes_events_or_the_backends_error(whole: Any) -> None:
     try:
-        events = relay._completion_as_events(whole, None)  # type: ignore[arg-type]  # unused
+        events, _ = relay._completion_as_events(whole, usage_asked=True)
     except relay._NotAStream:
         return
     parser = SSEParser()
@@ -934,7 +934,7 @@ def _relayed(reads: list[bytes], observer: Any = None) -> bytes:
             OpenAIStreamObserver() if observer is None else observer,
             settings=_SETTINGS,
             metric=None,
-            metric_start=time.perf_counter(),
+            sent_at=time.perf_counter(),
             collector=_COLLECTOR,
             rewrite_model=_model_rewriter({"backend/m": "client"}),
         )
@@ -1044,7 +1044,7 @@ def _relayed_ollama(reads: list[bytes], kind: str, content_type: str) -> bytes:
             translator,
             settings=_SETTINGS,
             metric=None,
-            metric_start=time.perf_counter(),
+            sent_at=time.perf_counter(),
             collector=_COLLECTOR,
         )
         return b"".join([chunk async for chunk in chunks])
