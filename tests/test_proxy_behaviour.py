@@ -464,6 +464,10 @@ def test_a_pull_names_its_model_as_ollama_reads_it(http: httpx.Client) -> None:
     assert_ollama_error(http.post("/api/pull", json={"model": 3}), 400, "'model'")
     refused = http.post("/api/pull", json={"model": "demo-chat", "stream": "yes"})
     assert_ollama_error(refused, 400, "'stream'")
+    # null is no value, as to Ollama (a *bool) and its chat: the default, a stream
+    defaulted = http.post("/api/pull", json={"model": "demo-chat", "stream": None})
+    assert defaulted.status_code == 200, defaulted.text
+    assert [json.loads(line) for line in defaulted.text.splitlines()] == tr.ollama_pull_progress()
 
 
 # ---- backend failures ----------------------------------------------------------------------

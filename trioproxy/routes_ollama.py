@@ -121,8 +121,10 @@ async def pull() -> Response:
     call = await current_call()
     body = json_object(call)
     name = _named_model(body)
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is None:  # absent or null: Ollama's *bool, which streams by default
+        stream = True
+    elif not isinstance(stream, bool):
         raise ProxyError("field 'stream' must be a boolean", 400, param="stream")
     note_model(call.state, name)
     if await listed_entry(call, name) is None:
