@@ -470,3 +470,33 @@ def test_embeddings_are_no_longer_than_the_dimensions_asked_for(
         finally:
             FullLengthEmbeddings.refuses = False
     assert "does not support specifying dimensions" in info.value.message
+
+
+def test_vectors_a_backend_cut_itself_are_relayed_undecoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend that honoured ``dimensions`` (OpenAI, vLLM) answered vectors no longer
+    than asked: the answer was decoded whole to find nothing to cut, holding the event loop
+    for tens of milliseconds for a large batch. Only an answer whose vectors are longer
+    (llama.cpp's server ignores the field) is decoded, and cut."""
+    from trioproxy import routes_openai
+
+    def answer(length: int) -> bytes:
+        vectors = [{"object": "embedding", "index": i, "embedding": [0.5] * length} for i in (0, 1)]
+        return json.dumps({"object": "list", "data": vectors, "model": "m"}).encode()
+
+    decoded: list[bytes] = []
+    real_loads = routes_openai.loads
+
+    def counting_loads(content: bytes, **kwargs: Any) -> Any:
+        decoded.append(content)
+        return real_loads(content, **kwargs)
+
+    monkeypatch.setattr(routes_openai, "loads", counting_loads)
+    for length in (4, 3):  # as long as asked, and shorter
+        honoured = answer(length)
+        assert routes_openai._embeddings_as_asked(honoured, {"dimensions": 4}) is honoured
+    assert decoded == []
+    cut = json.loads(routes_openai._embeddings_as_asked(answer(8), {"dimensions": 4}))
+    assert [item["embedding"] for item in cut["data"]] == [[0.5] * 4] * 2
+    assert len(decoded) == 1
