@@ -47,6 +47,8 @@ def test_the_clients_reach_the_proxy_below_its_mount_point(mounted: ServerProces
         assert answer.choices[0].message.content
     metrics = httpx.get(base + "/metrics", timeout=10).text
     assert 'endpoint="api_chat"' in metrics and 'endpoint="v1_chat_completions"' in metrics
+    # the startup line names the base URL to give clients, the mount point included
+    assert f"listening on {base}\n" in mounted.log()
 
 
 def test_every_worker_serves_below_the_mount_point(demo_backend: ServerProcess) -> None:
@@ -54,6 +56,7 @@ def test_every_worker_serves_below_the_mount_point(demo_backend: ServerProcess) 
     server = _spawn(["-m", "trioproxy", *FLAGS, "--workers", "2"], env)
     try:
         wait_healthy(server.url + "/llm")
+        assert f"listening on {server.url}/llm with 2 workers" in server.log()
         for _ in range(4):  # a new connection each: both workers answer some
             reply = httpx.post(
                 server.url + "/llm/api/chat",

@@ -249,7 +249,8 @@ async def serve_in_process(settings: Settings) -> None:
             # the real address, so ``--port 0`` is usable by tests and supervisors (not
             # when a signal held at start-up already stops it)
             if not stop.is_set():
-                notice(f"trioproxy {__version__} listening on {binds[0]}")
+                # below the mount point: the base URL a client is to be given
+                notice(f"trioproxy {__version__} listening on {binds[0]}{settings.root_path}")
         nursery.cancel_scope.cancel()  # served: stop watching for signals
     # hypercorn has returned: after_serving ran and the pool is closed
 
@@ -421,7 +422,8 @@ async def serve_workers(settings: Settings) -> None:
                 _kill_group(process.pid)
             else:
                 notice(
-                    f"trioproxy {__version__} listening on {scheme}://{_bind(host, port)} "
+                    f"trioproxy {__version__} listening on "
+                    f"{scheme}://{_bind(host, port)}{settings.root_path} "
                     f"with {settings.workers} workers"
                 )
             returncode = await process.wait()
