@@ -476,6 +476,33 @@ def test_a_stop_signal_after_the_run_exits_zero() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_a_stop_signal_as_the_interpreter_finishes_keeps_the_exit_status() -> None:
+    """Past the exit handlers, Python sets each signal with a Python handler back to its
+    default while it finishes (module teardown, here slowed down): a stop signal then
+    ended the process by that default (-15; under load the third signal of a stop
+    sometimes came that late) instead of its exit status."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from trioproxy import _entry\n"
+        "_entry.hold_stop_signals()\n"
+        "_entry.stop_holding()\n"
+        "class Slow:\n"
+        "    def __del__(self, write=os.write, sleep=time.sleep):\n"
+        "        write(1, b'finishing\\n')\n"
+        "        sleep(3)\n"
+        "slow = Slow()\n"
+        "sys.exit(3)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"finishing\n"
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(timeout=30) == 3
+        finally:
+            child.kill()
+
+
 def test_a_stop_signal_as_a_failed_run_ends_does_not_hide_the_failure() -> None:
     """A run that failed (its port taken) exits 1 with the line saying why, also when a
     stop signal arrives as that line is written: ending such a process at once with exit

@@ -9,6 +9,7 @@ from the first moment here, before the imports, and the signal watcher
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 from types import FrameType
@@ -49,9 +50,26 @@ def stop_holding() -> None:
     _before.clear()
 
 
-def main() -> int:
+def _ignore_stop_signals() -> None:
+    """The last exit handler (registered first): past it, the interpreter's finalization
+    sets every signal with a Python handler back to its default (not an ignored one), so
+    a stop signal arriving then, as the process ends anyway (a script repeating its kill,
+    a third Ctrl-C), ended it by that default: exit -15 or -2 instead of its own status."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def hold_stop_signals() -> None:
+    """From the program's first moment to its last: held while it starts, acted on by the
+    signal watcher while it runs, ending it at once after (:func:`stop_holding`), ignored
+    while the interpreter finishes."""
+    atexit.register(_ignore_stop_signals)
     for stop_signal in STOP_SIGNALS:
         _before[stop_signal] = signal.signal(stop_signal, _hold)
+
+
+def main() -> int:
+    hold_stop_signals()
     from .cli import main as run
 
     return run()
