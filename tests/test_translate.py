@@ -2126,7 +2126,8 @@ def test_llama_cpp_meta_that_is_no_number_is_left_out() -> None:
 @pytest.mark.parametrize(
     ("count", "shown"),
     [(8_030_261_248, "8.0B"), (70_553_706_496, "70.6B"), (136_727_040, "137M"),
-     (1_500_000_000_000, "1.5T"), (22_000, "22K"), (999, "999")],
+     (1_500_000_000_000, "1.5T"), (22_000, "22K"), (999, "999"),
+     (999_960_000, "1.0B"), (999_600, "1M"), (950_000_000, "950M")],
 )  # fmt: skip
 def test_parameter_size_as_ollama_writes_it(count: int, shown: str) -> None:
     entry = {"id": "m", "meta": {"n_params": count}}

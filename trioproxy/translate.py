@@ -2224,14 +2224,20 @@ def _gguf_meta(entry: JSONDict) -> JSONDict:
 
 
 def _parameter_size(count: int) -> str:
-    """A parameter count as Ollama writes ``details.parameter_size`` ("8.0B", "137M")."""
-    for scale, suffix in ((10**12, "T"), (10**9, "B")):
+    """A parameter count as Ollama writes ``details.parameter_size`` ("8.0B", "137M"); a
+    count that rounds up to a thousand of its unit is written in the next (999.96 million
+    is "1.0B", not "1000M")."""
+    for position, (scale, suffix, digits) in enumerate(_PARAMETER_UNITS):
         if count >= scale:
-            return f"{count / scale:.1f}{suffix}"
-    for scale, suffix in ((10**6, "M"), (10**3, "K")):
-        if count >= scale:
-            return f"{count / scale:.0f}{suffix}"
+            value = round(count / scale, digits)
+            if value >= 1000 and position > 0:
+                scale, suffix, digits = _PARAMETER_UNITS[position - 1]
+                value = round(count / scale, digits)
+            return f"{value:.{digits}f}{suffix}"
     return str(count)
+
+
+_PARAMETER_UNITS = ((10**12, "T", 1), (10**9, "B", 1), (10**6, "M", 0), (10**3, "K", 0))
 
 
 def _digest(backend_id: str) -> str:
