@@ -53,6 +53,7 @@ from .exchange import (
     TRACESTATE,
     AccessLine,
     Call,
+    CountingSend,
     Handler,
     Reply,
     RequestState,
@@ -68,6 +69,7 @@ from .exchange import (
     stop_at_once,
     trace_context,
 )
+from .keepalive import KeepAlive
 from .ledger import ResponsesLedger
 from .limits import raise_open_files_limit
 from .logs import configure_logging
@@ -149,8 +151,24 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
                 response.headers[name] = value
             # Streams are bounded by our own first-token/idle deadlines, never by Quart's
             # RESPONSE_TIMEOUT (which would silently cut long generations; P2).
-            await self._send_response(counting_send, response)
+            keepalive: float = getattr(response, KEEPALIVE_ATTRIBUTE, 0.0)
+            if keepalive:
+                await self._send_kept_alive(counting_send, response, nursery, keepalive)
+            else:
+                await self._send_response(counting_send, response)
         nursery.cancel_scope.cancel()
+
+    async def _send_kept_alive(
+        self, send: CountingSend, response: Response, nursery: trio.Nursery, keepalive: float
+    ) -> None:
+        """A stream with keep-alive comments (STREAM_KEEPALIVE_SECONDS): their task in the
+        request's nursery, stopped with the response."""
+        keeper = KeepAlive(keepalive, send.server_send, send)
+        nursery.start_soon(keeper.run)
+        try:
+            await self._send_response(keeper.send_event, response)
+        finally:
+            keeper.stop()
 
 
 _EXPOSED_HEADERS = (
@@ -435,7 +453,13 @@ def reply_response(reply: Reply, call: Call | None = None) -> Response:
         response.headers[name] = value
     if not isinstance(reply.body, bytes):
         response.timeout = None
+        if reply.keepalive:
+            setattr(response, KEEPALIVE_ATTRIBUTE, reply.keepalive)
     return response
+
+
+# a Quart response's keep-alive interval (``Reply.keepalive``), for ``handle_request``
+KEEPALIVE_ATTRIBUTE = "trioproxy_keepalive"
 
 
 async def _after(

@@ -73,6 +73,7 @@ class Settings:
     connect_timeout: float = 10.0
     stream_first_token_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
+    stream_keepalive_seconds: float = 0.0  # 0: no keep-alive comments in /v1 streams
     max_retries: int = 3
     retry_backoff: float = 0.25
     retry_backoff_max: float = 8.0
@@ -581,6 +582,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
     "STREAM_FIRST_TOKEN_TIMEOUT": ("stream_first_token_timeout", _positive_float),
     "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", _positive_float),
+    "STREAM_KEEPALIVE_SECONDS": ("stream_keepalive_seconds", _non_negative_float),
     "MAX_RETRIES": ("max_retries", _int_between(0, 10)),
     "RETRY_BACKOFF": ("retry_backoff", _non_negative_float),
     "RETRY_BACKOFF_MAX": ("retry_backoff_max", _non_negative_float),

@@ -144,6 +144,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     first: bytes | None = None  # a stream's first chunk, read before the response starts
     end: Any = None  # a stream's relay.StreamEnd: whether its last line is out
+    # seconds of silence after which an SSE stream gets a keep-alive comment; 0: never
+    keepalive: float = 0.0
 
 
 Handler = Callable[[Call], Awaitable[Reply]]

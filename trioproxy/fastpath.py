@@ -40,6 +40,7 @@ from .exchange import (
     proxy_error_reply,
     trace_context_of_raw,
 )
+from .keepalive import KeepAlive
 from .relay import in_band_error
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ async def serve(
                 if failed is not None:
                     # the time a failure took is not the proxy's overhead: no such header
                     reply, head = failed, _head(failed, tracked, cors, overhead=False)
-            await _write(counting_send, reply, head, tracked, app.in_progress, slots.free)
+            await _write(counting_send, reply, head, tracked, app.in_progress, slots.free, nursery)
             # hypercorn hands the app http.disconnect once the response is complete, which
             # ends the watcher without a cancellation (unwinding one costs as much as the
             # watcher); the deadline only guards against a server that would not
@@ -387,10 +388,13 @@ async def _write(
     tracked: Tracked,
     streams: InProgress,
     written: Callable[[], None] | None = None,
+    nursery: trio.Nursery | None = None,
 ) -> None:
     """The reply to the client; ``written`` runs once its body is out: after a whole
     body's send, and before a stream's empty last event (the client may have read its
-    last chunk and sent its next request before that event's send returns)."""
+    last chunk and sent its next request before that event's send returns). A stream with
+    keep-alive comments (``reply.keepalive``) has their task in ``nursery``, the
+    response's."""
     body = reply.body
     if isinstance(body, bytes):
         headers.append((b"content-length", b"%d" % len(body)))
@@ -404,14 +408,19 @@ async def _write(
     count, server_send = send.count, send.server_send
     with streams.tracking() as scope:
         async with aclosing(body) as chunks:  # type: ignore[type-var]
-            if reply.first is not None:
-                count(reply.first)
-                await server_send(
-                    {"type": "http.response.body", "body": reply.first, "more_body": True}
-                )
-            async for chunk in chunks:
-                count(chunk)
-                await server_send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if reply.keepalive and nursery is not None:
+                await _write_kept_alive(send, reply, chunks, nursery)
+            else:
+                if reply.first is not None:
+                    count(reply.first)
+                    await server_send(
+                        {"type": "http.response.body", "body": reply.first, "more_body": True}
+                    )
+                async for chunk in chunks:
+                    count(chunk)
+                    await server_send(
+                        {"type": "http.response.body", "body": chunk, "more_body": True}
+                    )
     ended = reply.end is not None and reply.end.reached
     if scope.cancelled_caught and not ended:  # shutting down: end in-band, not mid-chunk
         end = in_band_error(reply.content_type, SHUTDOWN_MESSAGE, code="service_unavailable")
@@ -421,6 +430,26 @@ async def _write(
     if written is not None:
         written()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _write_kept_alive(
+    send: CountingSend, reply: Reply, chunks: AsyncIterator[bytes], nursery: trio.Nursery
+) -> None:
+    """A stream's chunks, with a keep-alive comment in every silence of
+    ``reply.keepalive`` s (STREAM_KEEPALIVE_SECONDS) between them."""
+    keeper = KeepAlive(reply.keepalive, send.server_send, send)
+    nursery.start_soon(keeper.run)
+    count = send.count
+    try:
+        if reply.first is not None:
+            count(reply.first)
+            await keeper.send_chunk(reply.first)
+        async for chunk in chunks:
+            count(chunk)
+            await keeper.send_chunk(chunk)
+        await keeper.settled()  # the end goes out after a comment being written
+    finally:
+        keeper.stop()
 
 
 SHUTDOWN_MESSAGE = "the proxy is shutting down; the stream ended before the backend finished"

@@ -355,7 +355,8 @@ def _stream_reply(
     )
     secrets = call.app.settings.backend_secrets
     headers = {**forwarded_headers(result.response.headers, secrets), **STREAM_HEADERS}
-    return Reply(200, chunks, EVENT_STREAM, headers, end=end)
+    keepalive = call.app.settings.stream_keepalive_seconds
+    return Reply(200, chunks, EVENT_STREAM, headers, end=end, keepalive=keepalive)
 
 
 def _model_rewriter(names: dict[str, str]) -> Callable[[bytes], bytes] | None:
