@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy.respawn import RESPAWN_LIMIT
 
@@ -89,6 +90,8 @@ def test_a_killed_worker_is_started_again_while_the_others_serve_on() -> None:
     try:
         workers = _wait_for_workers(server, 2)
         descendants = psutil.Process(server.process.pid).children(recursive=True)
+        # there from the start, at 0: increase() over the window of the first kill sees it
+        assert _worker_restarts(server.url) == {"SIGKILL": 0.0}
         thread, lines = _stream_in_thread(server.url, tokens=30, delay=0.05)
         deadline = time.monotonic() + 10
         while not (serving := [w for w in workers if _serves_a_client(w, port)]):
@@ -107,6 +110,8 @@ def test_a_killed_worker_is_started_again_while_the_others_serve_on() -> None:
         descendants += tree
         for _ in range(6):  # a new connection each: both workers answer some
             assert chat(server.url).status_code == 200
+        for _ in range(6):  # counted by the master: whichever worker answers reports it
+            assert _worker_restarts(server.url) == {"SIGKILL": 1.0}
         thread.join(timeout=15)  # the other worker's stream went on to its end
         assert lines and json.loads(lines[-1])["done"] is True, lines[-3:]
         log = server.log()
@@ -117,6 +122,18 @@ def test_a_killed_worker_is_started_again_while_the_others_serve_on() -> None:
     finally:
         _kill(descendants)
         server.stop()
+
+
+def _worker_restarts(url: str) -> dict[str, float]:
+    """trioproxy_worker_restarts_total by signal, as one scrape (a new connection) says."""
+    reply = httpx.get(f"{url}/metrics", timeout=10)
+    assert reply.status_code == 200, reply.text
+    return {
+        sample.labels["signal"]: sample.value
+        for family in text_string_to_metric_families(reply.text)
+        if family.name == "trioproxy_worker_restarts"
+        for sample in family.samples
+    }
 
 
 def _is_worker(process: psutil.Process) -> bool:

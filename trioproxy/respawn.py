@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
-from .metrics.prom import MULTIPROC_ENV, remove_live_gauges
+from .metrics.prom import MULTIPROC_ENV, WorkerRestarts, remove_live_gauges
 
 RESPAWN_LIMIT = 5
 RESPAWN_WINDOW_SECONDS = 60.0
@@ -58,13 +58,18 @@ class RespawnBudget:
 
 
 def join_exited_respawning(
-    budget: RespawnBudget, log: logging.Logger, metrics_dir: str | None = None
+    budget: RespawnBudget,
+    log: logging.Logger,
+    metrics_dir: str | None = None,
+    count_restart: Callable[[int], None] | None = None,
 ) -> Callable[[list[BaseProcess]], int]:
     """A stand-in for ``hypercorn.run._join_exited``: removes the exited workers from
     ``processes`` and returns the status the server stops with (0: go on, and hypercorn
     starts workers until there are N again), a killed worker's being 0 while ``budget``
     allows. An exited worker's live gauges leave ``metrics_dir`` (the workers' shared
-    metrics) at once: in-flight requests and open connections of a worker that is gone."""
+    metrics) at once: in-flight requests and open connections of a worker that is gone.
+    ``count_restart`` is called with the signal number of each killed worker started
+    again (not of a kill past the budget: the server stops)."""
 
     def join_exited(processes: list[BaseProcess]) -> int:
         exitcode = 0
@@ -75,7 +80,7 @@ def join_exited_respawning(
             worker.join()
             if metrics_dir and worker.pid is not None:
                 remove_live_gauges(metrics_dir, worker.pid)
-            status = _status(worker, budget, log)
+            status = _status(worker, budget, log, count_restart)
             exitcode = status if exitcode == 0 else exitcode
             del processes[index]
         return exitcode
@@ -83,7 +88,12 @@ def join_exited_respawning(
     return join_exited
 
 
-def _status(worker: BaseProcess, budget: RespawnBudget, log: logging.Logger) -> int:
+def _status(
+    worker: BaseProcess,
+    budget: RespawnBudget,
+    log: logging.Logger,
+    count_restart: Callable[[int], None] | None,
+) -> int:
     status = worker.exitcode
     assert status is not None
     if status >= 0 or budget.stopping:
@@ -95,6 +105,8 @@ def _status(worker: BaseProcess, budget: RespawnBudget, log: logging.Logger) -> 
             worker.pid,
             killed_by,
         )
+        if count_restart is not None:
+            count_restart(-status)
         return 0
     log.error(
         "worker %s was killed by %s, more than %d killed workers within %g s: stopping the server",
@@ -121,5 +133,25 @@ def respawn_killed_workers(budget: RespawnBudget) -> None:
 
     log = logging.getLogger(HYPERCORN_LOGGER)
     metrics_dir = os.environ.get(MULTIPROC_ENV)
-    join_exited = join_exited_respawning(budget, log, metrics_dir)
+    count_restart = _restart_counter(log) if metrics_dir else None
+    join_exited = join_exited_respawning(budget, log, metrics_dir, count_restart)
     hypercorn_run._join_exited = join_exited  # type: ignore[attr-defined]
+
+
+def _restart_counter(log: logging.Logger) -> Callable[[int], None] | None:
+    """The master's ``trioproxy_worker_restarts_total`` (its SIGKILL series at 0 from now
+    on), as a function of the signal number. A metric never stops the master from
+    replacing a worker: where its file cannot be written, the kills are only logged."""
+    try:
+        restarts = WorkerRestarts()
+    except OSError as error:
+        log.warning("metrics: trioproxy_worker_restarts_total is not counted: %s", error)
+        return None
+
+    def count_restart(signal_number: int) -> None:
+        try:
+            restarts.count(signal_number)
+        except OSError as error:
+            log.warning("metrics: a replaced worker was not counted: %s", error)
+
+    return count_restart

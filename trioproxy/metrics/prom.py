@@ -24,6 +24,7 @@ import glob
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -294,6 +295,48 @@ def remove_live_gauges(path: str, pid: int) -> None:
     for f in glob.glob(os.path.join(path, f"gauge_live*_{pid}.db")):
         if _live_gauge_pid(f) == pid:
             _remove_if_there(f)
+
+
+WORKER_RESTARTS = "trioproxy_worker_restarts_total"
+OTHER_SIGNAL = "other"  # the signal label of a number without a name
+
+
+def signal_label(number: int) -> str:
+    """The ``signal`` label of a worker killed by signal ``number``: its name (``SIGKILL``),
+    one of the few dozen the platform names; a number without one (a real-time signal,
+    ``SIGRTMIN+3``) is ``other``, so the label stays bounded."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return OTHER_SIGNAL
+
+
+class WorkerRestarts:
+    """``trioproxy_worker_restarts_total``: the killed workers that the master of
+    ``trioproxy --workers N`` replaced (``trioproxy.respawn``), counted by the master.
+
+    A multiprocess counter in the workers' shared directory, in the master's own file
+    (``counter_<master pid>.db``): every worker's scrape merges it with the workers' files
+    (:func:`merged_families` reads every file there, and no clean-up removes a counter
+    file), so whichever worker answers reports it. Its SIGKILL series is there, at 0, from
+    before the first worker starts: ``increase()`` sees the first kill. No worker declares
+    the family, so a plain hypercorn (which replaces no worker) and one process (no
+    master) have no such series."""
+
+    def __init__(self) -> None:
+        _ensure_multiprocess_value_class()
+        self._counter = Counter(
+            WORKER_RESTARTS,
+            "Workers killed by a signal (SIGKILL: most likely the OOM killer; other names, "
+            "or other for a number without one) that the master of trioproxy --workers N "
+            "started again while the others served on; only with --workers.",
+            ("signal",),
+            registry=None,
+        )
+        self._counter.labels(signal_label(signal.SIGKILL))
+
+    def count(self, signal_number: int) -> None:
+        self._counter.labels(signal_label(signal_number)).inc()
 
 
 def _live_gauge_pid(filename: str) -> int | None:
