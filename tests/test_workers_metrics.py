@@ -311,13 +311,22 @@ def _assert_histograms_whole(scrape: Scrape) -> None:
         assert series[-1] == (float("inf"), scrape.samples[f"{family}_count", labels])
 
 
+RESTARTS = "trioproxy_worker_restarts_total"
+
+
 def test_two_workers_count_what_one_process_counts(served: Served) -> None:
     """Every count-like sample (each label set of each counter, gauge and histogram count,
-    tokens and upstream errors included) is the single process's, on every scrape."""
+    tokens and upstream errors included) is the single process's, on every scrape; and
+    the workers' scrapes have the master's count of replaced workers at 0, which one
+    process (no master) does not have."""
     reference = _counts(_scrape(served.single))
     assert len(reference) > 50
+    assert not any(name == RESTARTS for name, _ in reference)
     for scrape in _scrapes_from_both_workers(served.workers, at_least=4):
         counted = _counts(scrape)
+        # the master's count of killed workers replaced: only --workers has one, and none
+        # was killed
+        assert counted.pop((RESTARTS, frozenset({("signal", "SIGKILL")}))) == 0
         differing = {
             key: (counted.get(key), reference.get(key))
             for key in counted.keys() | reference.keys()
