@@ -173,3 +173,25 @@ def test_ollama_streams_never_get_one(kept_alive: ServerProcess) -> None:
     replies = [json.loads(line) for _, line in lines]
     assert "".join(r["message"]["content"] for r in replies) == "forty-two"
     assert replies[-1]["done"] is True
+
+
+def test_a_client_that_leaves_in_a_silence_is_a_cancelled_stream(
+    thinking_backend: str, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """The client leaves after a comment, while the keep-alive task waits to write the
+    next one: the stream is the client's cancel (499), with no error or traceback."""
+    proxy = start_proxy(thinking_backend, STREAM_KEEPALIVE_SECONDS="0.2", LOG_LEVEL="INFO")
+    body = {"model": "thinker", "stream": True, "messages": [{"role": "user", "content": "q"}]}
+    url = proxy.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=10) as response:
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                break  # a comment came: leave in the silence
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in (metrics := httpx.get(proxy.url + "/metrics", timeout=5).text):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    time.sleep(SILENCE)  # the backend's rest arrives for nobody, the keep-alive is gone
+    log = proxy.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert httpx.get(proxy.url + "/health", timeout=5).status_code == 200
