@@ -116,8 +116,8 @@ class Settings:
     metrics_require_auth: bool = False
     client_max_concurrent_requests: int = 0
     tls_certfile: str | None = None
-    root_path: str = ""  # the mount point the proxy is served below ("" for none)
     tls_keyfile: str | None = None
+    root_path: str = ""  # the mount point the proxy is served below ("" for none)
     think_on_extra_body: Mapping[str, Any] = field(default_factory=dict)
     think_off_extra_body: Mapping[str, Any] = field(default_factory=dict)
     env_file: str | None = field(default=None, compare=False)  # the dotenv file read, if any
@@ -615,8 +615,8 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_REQUIRE_AUTH": ("metrics_require_auth", _bool),
     "CLIENT_MAX_CONCURRENT_REQUESTS": ("client_max_concurrent_requests", _non_negative_int),
     "TLS_CERTFILE": ("tls_certfile", _text),
-    "ROOT_PATH": ("root_path", _root_path),
     "TLS_KEYFILE": ("tls_keyfile", _text),
+    "ROOT_PATH": ("root_path", _root_path),
     "THINK_ON_EXTRA_BODY": ("think_on_extra_body", _extra_body),
     "THINK_OFF_EXTRA_BODY": ("think_off_extra_body", _extra_body),
 }
