@@ -438,6 +438,16 @@ def test_image_sniffing(b64: str, mime: str) -> None:
     assert image_data_url(b64) == f"data:image/{mime};base64,{b64}"
 
 
+@pytest.mark.parametrize("width", [64, 76, 120, 1000])
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_wrapped_base64_images_lose_their_line_ends(width: int, line_end: str) -> None:
+    """Wrapped base64 (the ``base64`` command's 76 columns, or any width) is decoded by
+    Ollama whatever the width; the data URL the backend gets must be one line."""
+    whole = PNG_B64 + "A" * 3000
+    wrapped = line_end.join(whole[i : i + width] for i in range(0, len(whole), width))
+    assert image_data_url(wrapped + line_end) == f"data:image/png;base64,{whole}"
+
+
 def test_image_data_url_passthrough() -> None:
     url = "data:image/png;base64,AAAA"
     assert image_data_url(url) == url
