@@ -26,9 +26,9 @@ from trioproxy.client_address import (
     NO_PROXIES,
     ClientAddresses,
     TrustedProxies,
-    forwarded_client,
     parse_entry,
     parse_trusted_proxies,
+    x_forwarded_for_client,
 )
 from trioproxy.config import ConfigError, load_settings
 from trioproxy.logs import JsonFormatter
@@ -165,13 +165,13 @@ def test_an_entry_is_an_address_or_nothing(entry: bytes, address: str | None) ->
 def test_the_client_is_the_rightmost_address_not_of_a_trusted_proxy(
     header: list[bytes], client: str | None
 ) -> None:
-    found = forwarded_client(header, NGINX)
+    found = x_forwarded_for_client(header, NGINX)
     assert (None if found is None else str(found)) == client
 
 
 def test_everyone_trusted_names_the_leftmost_entry() -> None:
     everyone = TrustedProxies(everyone=True)
-    assert str(forwarded_client([b"198.51.100.1, 203.0.113.7, 10.0.0.1"], everyone)) == (
+    assert str(x_forwarded_for_client([b"198.51.100.1, 203.0.113.7, 10.0.0.1"], everyone)) == (
         "198.51.100.1"
     )
 
@@ -180,12 +180,12 @@ def test_a_header_of_thousands_of_entries_is_read_no_further_than_the_bound() ->
     """Every entry a trusted proxy's: the walk stops after MAX_FORWARDED_ENTRIES of them
     and names the last examined, not the leftmost of 5,000."""
     entries = [f"10.0.{i // 256}.{i % 256}".encode() for i in range(5000)]
-    found = forwarded_client([b",".join(entries)], NGINX)
+    found = x_forwarded_for_client([b",".join(entries)], NGINX)
     assert found == ip(entries[-MAX_FORWARDED_ENTRIES].decode())
     # also over many header lines, and when the entries are empty
-    found = forwarded_client([*entries[:-1], entries[-1]], NGINX)
+    found = x_forwarded_for_client([*entries[:-1], entries[-1]], NGINX)
     assert found == ip(entries[-MAX_FORWARDED_ENTRIES].decode())
-    assert forwarded_client([b"203.0.113.7" + b"," * 100_000], NGINX) is None
+    assert x_forwarded_for_client([b"203.0.113.7" + b"," * 100_000], NGINX) is None
 
 
 def test_the_split_is_bounded_whatever_the_header_holds() -> None:
@@ -199,7 +199,7 @@ def test_the_split_is_bounded_whatever_the_header_holds() -> None:
             splits.append(len(pieces))
             return pieces
 
-    forwarded_client([Counting(b"10.0.0.1," * 100_000)], NGINX)
+    x_forwarded_for_client([Counting(b"10.0.0.1," * 100_000)], NGINX)
     assert splits == [MAX_FORWARDED_ENTRIES + 1]
 
 
@@ -224,12 +224,12 @@ def test_what_the_client_wrote_left_of_itself_never_matters(
     if NGINX.trusts(client):
         return  # a client inside the trusted networks is one more hop
     header = b", ".join([*left, str(client).encode(), *(str(h).encode() for h in hops)])
-    assert forwarded_client([header], NGINX) == client
+    assert x_forwarded_for_client([header], NGINX) == client
 
 
 @given(st.lists(st.binary(max_size=100), max_size=5))
 def test_any_header_gives_an_address_it_holds_or_the_peer(values: list[bytes]) -> None:
-    found = forwarded_client(values, NGINX)
+    found = x_forwarded_for_client(values, NGINX)
     if found is not None:
         text = str(found)
         assert ip(text) == found  # an address we print, nothing of the client's own text

@@ -298,7 +298,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         JSON_SORT_KEYS=False,
     )
     app.mapper = ModelMapper(settings.model_mapping, settings.declared_models)
-    app.client_addresses = ClientAddresses(settings.forwarded_allow_ips)
+    app.client_addresses = ClientAddresses(settings.forwarded_allow_ips, settings.forwarded_header)
     hypercorn_patches.set_write_timeout(settings.client_write_timeout)
     hypercorn_patches.set_body_limit(settings.max_request_bytes)
     app.ledger = ResponsesLedger()

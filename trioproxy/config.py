@@ -26,7 +26,13 @@ from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 from .auth import client_keys, parse_keys
-from .client_address import NO_PROXIES, TrustedProxies, parse_trusted_proxies
+from .client_address import (
+    NO_PROXIES,
+    X_FORWARDED_FOR,
+    TrustedProxies,
+    parse_forwarded_header,
+    parse_trusted_proxies,
+)
 from .errors import BackendSecrets
 from .model_mapping import DeclaredModel, MappingFileError, read_mapping_file
 
@@ -67,6 +73,8 @@ class Settings:
     access_log: bool = False
     # whose X-Forwarded-For the access log believes; none by default (see the manual)
     forwarded_allow_ips: TrustedProxies = NO_PROXIES
+    # the one header they name the client in: X-Forwarded-For, Forwarded or X-Real-IP
+    forwarded_header: str = X_FORWARDED_FOR
     demo: bool = False
     demo_token_delay: float = 0.02
     request_timeout: float = 600.0
@@ -577,6 +585,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_FORMAT": ("log_format", _log_format),
     "ACCESS_LOG": ("access_log", _bool),
     "FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", parse_trusted_proxies),
+    "FORWARDED_HEADER": ("forwarded_header", parse_forwarded_header),
     "DEMO_TOKEN_DELAY": ("demo_token_delay", _non_negative_float),
     "REQUEST_TIMEOUT": ("request_timeout", _positive_float),
     "CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
@@ -833,6 +842,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("LOG_LEVEL", settings.log_level),
         ("LOG_FORMAT", settings.log_format),
         ("FORWARDED_ALLOW_IPS", str(settings.forwarded_allow_ips)),
+        ("FORWARDED_HEADER", settings.forwarded_header),
         ("OPENAI_API_KEY_HEADER", settings.api_key_header),
         ("ROOT_PATH", settings.root_path),
         *((("OPENAI_API_KEY", settings.api_key),) if settings.api_key else ()),
