@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -528,3 +529,60 @@ def test_json_lines_name_the_forwarded_client_in_remote_addr(
     assert {e["remote_addr"] for e in access.values()} == {"2001:db8::7"}, access
     assert access["json-fast"]["message"].startswith("2001:db8::7 POST /api/chat 200 ")
     assert access["json-quart"]["message"].startswith("2001:db8::7 GET /api/tags 200 ")
+
+
+@pytest.mark.parametrize(
+    ("header", "trusted"), [("X-Forwarded-For", "127.0.0.1"), ("X-Real-IP", "127.0.0.0/8")]
+)
+def test_behind_the_nginx_example_either_header_names_the_client_nginx_heard_from(
+    demo_backend: ServerProcess, start_proxy: StartProxy, tmp_path: Path, header: str, trusted: str
+) -> None:
+    """deploy/nginx/trioproxy.conf in front (it sets both X-Forwarded-For and X-Real-IP),
+    the proxy trusting nginx with either header: the line names the client nginx heard
+    from (127.0.0.5), whatever that client wrote in X-Real-IP, Forwarded or
+    X-Forwarded-For itself (nginx replaces X-Real-IP, appends to X-Forwarded-For and
+    passes Forwarded on as written). X-Real-IP is not walked: its one address is named
+    even when it is in FORWARDED_ALLOW_IPS (127.0.0.0/8), where X-Forwarded-For's walk
+    would go on to what the client wrote."""
+    from .test_network_shapes import NGINX as NGINX_PROGRAM
+    from .test_network_shapes import NGINX_EXAMPLE, _free_port, _nginx
+
+    if NGINX_PROGRAM is None:
+        pytest.skip("nginx is not installed")
+    proxy = start_proxy(
+        demo_backend.url,
+        ACCESS_LOG="true",
+        LOG_LEVEL="INFO",
+        FORWARDED_ALLOW_IPS=trusted,
+        FORWARDED_HEADER=header,
+    )
+    port = _free_port()
+    example = NGINX_EXAMPLE.read_text()
+    for written, used in [
+        ("listen 80;", f"listen 127.0.0.1:{port};"),
+        ("server 127.0.0.1:11434;", f"server {proxy.url.removeprefix('http://')};"),
+    ]:
+        assert written in example
+        example = example.replace(written, used)
+    transport = httpx.HTTPTransport(local_address="127.0.0.5")
+    with _nginx(tmp_path, example), httpx.Client(transport=transport, timeout=10) as client:
+        url = f"http://127.0.0.1:{port}/ollama"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        spoofs = {
+            "X-Real-IP": "198.51.100.66",
+            "Forwarded": "for=198.51.100.67",
+            "X-Forwarded-For": "198.51.100.68",
+        }
+        for request_id, headers in [("nginx-plain", {}), ("nginx-spoof", spoofs)]:
+            request_id = f"{request_id}-{header}"
+            reply = client.get(f"{url}/api/tags", headers={**headers, "X-Request-ID": request_id})
+            assert reply.status_code == 200
+            (line,) = access_lines(proxy, request_id)
+            assert address_of(line) == "127.0.0.5", line
+    assert "198.51.100.6" not in proxy.log()
