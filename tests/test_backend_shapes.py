@@ -161,6 +161,39 @@ SCRIPTS: dict[str, tuple[list[bytes], float]] = {
 }
 
 
+# streams of n=2 choices, as lists of chunks, each chunk a list of (index, text,
+# finish_reason): OpenAI and vLLM send one choice per chunk, NVIDIA Dynamo all in one. None
+# of these bodies ends with [DONE].
+Choice = tuple[int, str, str | None]
+CHOICE_SCRIPTS: dict[str, list[list[Choice]]] = {
+    # choice 0 finishes, then the body ends while choice 1 is mid-answer
+    "n2-cut": [[(0, "Hel", None)], [(1, "Hi", None)], [(0, "lo", "stop")], [(1, " th", None)]],
+    "dynamo-n2-cut": [[(0, "Hel", None), (1, "Hi", None)], [(0, "lo", "stop"), (1, " th", None)]],
+    # both finish, then the body ends
+    "n2-whole": [
+        [(0, "Hel", None)],
+        [(1, "Hi", None)],
+        [(0, "lo", "stop")],
+        [(1, " th", None)],
+        [(1, "ere", "length")],
+    ],
+}
+
+
+def _choices_chunk(choices: list[Choice], legacy: bool) -> bytes:
+    """One chunk of /v1/chat/completions, or of /v1/completions (``legacy``: the text on
+    the choice)."""
+    listed = [
+        {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        if legacy
+        else {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+        for i, text, finish in choices
+    ]
+    kind = "text_completion" if legacy else "chat.completion.chunk"
+    body = {"id": "c", "object": kind, "created": 1, "model": MODEL, "choices": listed}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
 class _Backend(ScriptedHandler):
     def do_GET(self) -> None:
         listed = [{"id": MODEL}, {"id": OLLAMA_MODEL}, {"id": "nomic-embed-text:latest"}]
@@ -183,8 +216,14 @@ class _Backend(ScriptedHandler):
             completion["choices"] = [{"index": 0, "finish_reason": "stop", "message": message}]
             self.answer(200, json.dumps(completion).encode())
             return
-        scenario = body["messages"][-1]["content"]
-        pieces, end_after = SCRIPTS[scenario]
+        legacy = self.path.endswith("/completions") and "prompt" in body
+        scenario = body["prompt"] if legacy else body["messages"][-1]["content"]
+        if scenario in CHOICE_SCRIPTS:
+            assert body["n"] == 2  # relayed as the client sent it
+            chunks = CHOICE_SCRIPTS[scenario]
+            pieces, end_after = [_choices_chunk(chunk, legacy) for chunk in chunks], 0.0
+        else:
+            pieces, end_after = SCRIPTS[scenario]
         self.send_response(200)
         labels = {
             "mislabelled-in-pieces": "text/plain",
@@ -211,7 +250,7 @@ class _Backend(ScriptedHandler):
 @pytest.fixture(scope="module")
 def shaped(start_proxy: StartProxy) -> Iterator[ServerProcess]:
     with serving(_Backend) as url:
-        yield start_proxy(url, MAX_RETRIES="0")
+        yield start_proxy(url, MAX_RETRIES="0", ACCESS_LOG="true")
 
 
 @pytest.fixture
@@ -605,3 +644,87 @@ def test_a_refusal_of_empty_inputs_says_so(start_proxy: StartProxy) -> None:
                 client.embed(model="m", input=["too long", ""])
             assert "empty" not in refused.value.error
             assert client.embed(model="m", input=["a", "b", "c"]).embeddings == [[0.5]] * 3
+
+
+def _n_choices(
+    proxy: ServerProcess, endpoint: str, scenario: str, texts: dict[int, str]
+) -> dict[int, str]:
+    """Streams ``scenario`` with n=2 from ``endpoint``; each choice's text goes into
+    ``texts`` as it comes (the stream may raise), and each finish_reason is returned."""
+    finishes: dict[int, str] = {}
+    # the SDK's strict validation refuses the legacy chunks OpenAI itself sends (a
+    # finish_reason null mid-stream is no Literal it knows): strict for chat only
+    with openai.OpenAI(
+        base_url=proxy.url + "/v1",
+        api_key="x",
+        max_retries=0,
+        _strict_response_validation=endpoint == "chat",
+    ) as client:
+        if endpoint == "chat":
+            _chat_choices(client, scenario, texts, finishes)
+        else:
+            _legacy_choices(client, scenario, texts, finishes)
+    return finishes
+
+
+def _chat_choices(
+    client: openai.OpenAI, scenario: str, texts: dict[int, str], finishes: dict[int, str]
+) -> None:
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=_ask(scenario), n=2, stream=True
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+
+
+def _legacy_choices(
+    client: openai.OpenAI, scenario: str, texts: dict[int, str], finishes: dict[int, str]
+) -> None:
+    for completion in client.completions.create(model=MODEL, prompt=scenario, n=2, stream=True):
+        for legacy in completion.choices:
+            texts[legacy.index] = texts.get(legacy.index, "") + legacy.text
+            if legacy.finish_reason:
+                finishes[legacy.index] = legacy.finish_reason
+
+
+def _access_lines(proxy: ServerProcess, path: str) -> list[str]:
+    return [line for line in proxy.log().splitlines() if f" POST {path} " in line]
+
+
+@pytest.mark.parametrize("scenario", ["n2-cut", "dynamo-n2-cut"])
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_stream_of_two_choices_cut_after_the_first_finished_is_an_error(
+    shaped: ServerProcess, endpoint: str, scenario: str
+) -> None:
+    """``n=2``: the body ended after choice 0's finish_reason while choice 1 was mid-answer
+    (no [DONE]). Choice 0's finish_reason passed for the stream's: the client took choice
+    1's half for its whole answer, and the metrics and the access log said completed. The
+    client now gets the proxy's error; the stream is an error (502 in the access log)."""
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    before = {o: _streams(shaped.url, o, "openai") for o in ("error", "completed")}
+    logged = len(_access_lines(shaped, path))
+    texts: dict[int, str] = {}
+    with pytest.raises(openai.APIError, match="1 of the choices asked for without a finish"):
+        _n_choices(shaped, endpoint, scenario, texts)
+    assert texts == {0: "Hello", 1: "Hi th"}  # all the backend sent, then the error
+    errors = _settled(lambda: _streams(shaped.url, "error", "openai"), before["error"] + 1)
+    assert errors == before["error"] + 1
+    assert _streams(shaped.url, "completed", "openai") == before["completed"]
+    deadline = time.monotonic() + 5
+    while len(lines := _access_lines(shaped, path)) == logged and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f" {path} 502 " in lines[-1] and lines[-1].endswith("(error)"), lines[-1]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_stream_of_two_choices_that_both_finished_is_completed_without_done(
+    shaped: ServerProcess, endpoint: str
+) -> None:
+    before = _streams(shaped.url, "completed", "openai")
+    texts: dict[int, str] = {}
+    finishes = _n_choices(shaped, endpoint, "n2-whole", texts)
+    assert texts == {0: "Hello", 1: "Hi there"}
+    assert finishes == {0: "stop", 1: "length"}
+    assert _settled(lambda: _streams(shaped.url, "completed", "openai"), before + 1) == before + 1

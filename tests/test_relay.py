@@ -652,3 +652,87 @@ async def test_the_start_of_a_body_is_joined_only_until_it_tells_what_it_is() ->
     assert await start(b"\n", b"\n", b"data: x\n\n", labelled=stream) == (b"\n", 2)
     assert await start(b"da", b"ta: x\n\n", labelled=stream) == (b"da", 1)
     assert await start(b"\xef\xbb", b"\xbfdata: x\n\n", labelled=stream) == (b"data: x\n\n", 0)
+
+
+# ---- streams of several choices (n > 1) -------------------------------------------------
+
+
+def choices_event(*choices: tuple[int, str, str | None]) -> bytes:
+    """One chunk of the choices ``(index, text, finish_reason)``: OpenAI's and vLLM's hold
+    one each, NVIDIA Dynamo's all of them."""
+    listed = [
+        {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": reason}
+        for index, text, reason in choices
+    ]
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return b"data: " + json.dumps({**chunk, "choices": listed}).encode() + b"\n\n"
+
+
+def asking(n: int) -> Callable[[], OpenAIStreamObserver]:
+    def make() -> OpenAIStreamObserver:
+        observer = OpenAIStreamObserver()
+        observer.expect_choices(n)
+        return observer
+
+    return make
+
+
+# n=2, each body ending without [DONE]: cut while a choice ran on, or after both finished
+CUT_AFTER_CHOICE_0 = [
+    (0, choices_event((0, "a", None))),
+    (0, choices_event((1, "b", None))),
+    (0, choices_event((0, "c", "stop"))),
+    (0, choices_event((1, "d", None))),
+]
+DYNAMO_CUT = [
+    (0, choices_event((0, "a", None), (1, "b", None))),
+    (0, choices_event((0, "c", "stop"), (1, "d", None))),
+]
+DYNAMO_CHOICE_1_FIRST = [
+    (0, choices_event((0, "a", None), (1, "b", "stop"))),
+    (0, choices_event((0, "c", None), (1, "", None))),
+]
+BOTH_FINISHED = [*CUT_AFTER_CHOICE_0, (0, choices_event((1, "e", "length")))]
+DYNAMO_BOTH_FINISHED = [*DYNAMO_CUT, (0, choices_event((0, "", None), (1, "e", "stop")))]
+
+
+@pytest.mark.parametrize("script", [CUT_AFTER_CHOICE_0, DYNAMO_CUT, DYNAMO_CHOICE_1_FIRST])
+async def test_a_body_cut_while_a_choice_runs_on_is_a_broken_stream(script: Script) -> None:
+    """``n=2``: choice 0's finish_reason passed for the whole stream's, so a body that
+    ended after it while choice 1 ran on was a completed stream (metrics and access log),
+    and the client took the cut choice for a whole one. It ends with the proxy's error."""
+    metric = RequestMetrics("/v1/chat/completions", "POST", streaming=True)
+    out, _, _ = await run_relay(script, observed(asking(2), metric))
+    assert out.startswith(b"".join(data for _, data in script if data is not None))
+    assert "1 of the choices asked for without a finish_reason" in last_error(out)
+    assert metric.stream_outcome == "error"
+
+
+@pytest.mark.parametrize("script", [BOTH_FINISHED, DYNAMO_BOTH_FINISHED])
+async def test_a_body_that_ends_once_every_choice_finished_is_whole(script: Script) -> None:
+    metric = RequestMetrics("/v1/chat/completions", "POST", streaming=True)
+    out, _, _ = await run_relay(script, observed(asking(2), metric))
+    assert out == b"".join(data for _, data in script if data is not None)
+    assert metric.stream_outcome != "error"
+    assert metric.token_chunks == 5  # every choice's tokens, in one chunk or in their own
+
+
+async def test_done_ends_a_stream_of_several_choices_however_many_finished() -> None:
+    """A backend that ignores ``n`` (Ollama's /v1) sends one choice, then [DONE]: the
+    stream is whole, as [DONE] says."""
+    metric = RequestMetrics("/v1/chat/completions", "POST", streaming=True)
+    script: Script = [(0, choices_event((0, "a", None))), (0, choices_event((0, "", "stop")))]
+    out, _, _ = await run_relay([*script, (0, DONE)], observed(asking(3), metric))
+    assert out.endswith(DONE) and b'"error"' not in out
+    assert metric.stream_outcome == "completed"
+
+
+def test_the_choices_a_request_asks_for() -> None:
+    """``n`` as backends read it: an integral float is its integer (pydantic's lax ints,
+    vLLM's); anything else is one choice, the rule (the backend refuses what it cannot
+    read)."""
+    from trioproxy.routes_openai import _choices_asked
+
+    assert [_choices_asked({"n": n}) for n in (3, 2.0, 1, 0, -2)] == [3, 2, 1, 0, -2]
+    assert [_choices_asked(body) for body in ({}, {"n": None}, {"n": True}, {"n": "2"})] == [1] * 4
+    assert _choices_asked({"n": 2.5}) == 1 and _choices_asked({"n": float("inf")}) == 1

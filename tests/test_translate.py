@@ -1336,6 +1336,99 @@ def test_openai_observer_counts_function_call_and_audio_deltas_as_tokens() -> No
         assert (o.first_token_ns, o.last_token_ns, o.content_chunks) == (20, 30, 2), delta
 
 
+# ---- several choices (n > 1): the stream is whole once every choice finished ---------------
+
+
+def _choices_chunk(*choices: tuple[int, str, str | None], legacy: bool = False) -> str:
+    """One event holding the choices ``(index, text, finish_reason)``: OpenAI sends one
+    choice per chunk, NVIDIA Dynamo all of them in one; ``legacy``: /v1/completions'."""
+    listed = [
+        {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if legacy
+        else {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+        for index, text, finish in choices
+    ]
+    return json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 1,
+                       "model": "b", "choices": listed})  # fmt: skip
+
+
+def _observer_of(n: int) -> OpenAIStreamObserver:
+    o = OpenAIStreamObserver(start_ns=0)
+    if n > 1:
+        o.expect_choices(n)
+    return o
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_stream_of_several_choices_is_open_until_each_choice_finished(legacy: bool) -> None:
+    """``n=3``, one choice per chunk (OpenAI's, vLLM's): choice 0's finish_reason used to
+    end the stream for the relay, so a body cut while choices 1 and 2 ran on passed as a
+    whole answer."""
+    o = _observer_of(3)
+    for i in range(3):
+        o.feed_text(_choices_chunk((i, "a", None), legacy=legacy), 10 + i)
+    assert o.open_choices == 3 and o.content_chunks == 3
+    o.feed_text(_choices_chunk((0, "b", "stop"), legacy=legacy), 20)
+    assert o.finish_reason == "stop" and o.open_choices == 2
+    o.feed_text(_choices_chunk((0, "", "stop"), legacy=legacy), 21)  # a repeat changes nothing
+    o.feed_text(_choices_chunk((2, "c", "length"), legacy=legacy), 22)
+    assert o.open_choices == 1
+    o.feed_text(_choices_chunk((1, "", "stop"), legacy=legacy), 23)
+    assert o.open_choices == 0 and not o.failed
+    assert o.content_chunks == 5 and (o.first_token_ns, o.last_token_ns) == (10, 22)
+
+
+def test_several_choices_in_one_chunk_are_each_read() -> None:
+    """NVIDIA Dynamo streams all ``n`` choices in one chunk: every choice but the first was
+    unread, so their tokens went uncounted, and a chunk in which only choice 1 finished
+    (or failed) was missed."""
+    o = _observer_of(2)
+    o.feed_text(_choices_chunk((0, "a", None), (1, "b", None)), 10)
+    assert o.content_chunks == 2 and o.first_token_ns == 10
+    o.feed_text(_choices_chunk((0, "", None), (1, "c", "stop")), 20)  # only choice 1's token
+    assert o.content_chunks == 3 and o.last_token_ns == 20
+    assert o.open_choices == 1 and o.finish_reason == "stop"
+    o.feed_text(_choices_chunk((0, "d", "length"), (1, "", None)), 30)
+    assert o.open_choices == 0 and o.content_chunks == 4
+
+    failing = _observer_of(2)
+    failing.feed_text(_choices_chunk((0, "a", None), (1, "", "error")), 10)
+    assert failing.failed
+
+
+def test_choices_without_an_index_count_by_their_place_and_bad_indices_by_none() -> None:
+    """A backend that numbers no choice: a choice's place in its chunk is its index. An
+    index past ``n`` (or not a number) finishes nothing, so a huge ``n`` keeps nothing."""
+    o = _observer_of(2)
+    chunk = json.loads(_choices_chunk((0, "a", "stop"), (1, "b", "stop")))
+    for choice in chunk["choices"]:
+        del choice["index"]
+    o.feed_text(json.dumps(chunk), 1)
+    assert o.open_choices == 0
+    o = _observer_of(2)
+    o.feed_text(_choices_chunk((5, "a", "stop"), (-1, "b", "stop")), 1)
+    o.feed_text(_choices_chunk((True, "a", "stop")), 2)  # type: ignore[arg-type]
+    assert o.open_choices == 1  # True is no index: its place (0) is
+    huge = _observer_of(10**9)
+    huge.feed_text(_choices_chunk((0, "a", "stop")), 1)
+    assert huge.open_choices == 10**9 - 1
+
+
+def test_one_choice_streams_keep_their_rules() -> None:
+    """``n`` = 1, the rule: a finish_reason ends the stream; choices past the first in a
+    chunk (a request that asked for one) are not read, as the Ollama translation never
+    reads them either."""
+    o = _observer_of(1)
+    assert o.open_choices == 1
+    o.feed_text(_choices_chunk((0, "a", None), (1, "b", "stop")), 1)
+    assert o.content_chunks == 1 and o.open_choices == 1 and o.finish_reason is None
+    o.feed_text(_choices_chunk((0, "", "stop")), 2)
+    assert o.open_choices == 0
+    t = _translator()
+    t.feed(json.loads(_choices_chunk((0, "a", None), (1, "b", "error"))), 1)
+    assert not t.failed and t.content_chunks == 1
+
+
 _fragment_lists = st.lists(
     st.dictionaries(
         st.text(max_size=5),

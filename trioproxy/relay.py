@@ -63,6 +63,9 @@ class StreamObserver(TokenStats, Protocol):
     error: object  # what the backend said when it failed, if anything
     malformed: bool  # an event came that is no JSON at all
 
+    @property
+    def open_choices(self) -> int: ...  # choices asked for (``n``) without a finish_reason
+
     def feed_text(self, data: str, now_ns: int) -> None: ...
 
 
@@ -461,7 +464,7 @@ async def relay_openai(
             # ended inside its event (the openai SDK could not read what is there)
             held_whole = not observer.malformed
             if _unfinished(observer):
-                raise _Unfinished()
+                raise _Unfinished(_unfinished_message(observer))
             if not held_whole:
                 raise _Unfinished("the backend's stream ended inside an event")
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
@@ -500,21 +503,29 @@ async def relay_openai(
 class _Unfinished(Exception):
     """The backend's body ended before its stream did."""
 
-    def __init__(
-        self,
-        message: str = (
-            "the backend's stream ended before its last event (no finish_reason, no [DONE])"
-        ),
-    ) -> None:
+    DEFAULT = "the backend's stream ended before its last event (no finish_reason, no [DONE])"
+
+    def __init__(self, message: str = DEFAULT) -> None:
         super().__init__(message)
 
 
 def _unfinished(observer: StreamObserver) -> bool:
-    """Whether a relayed stream whose body is over still lacks its end: no finish_reason,
-    no closing event, and no failure the backend reported (relayed as it came)."""
+    """Whether a relayed stream whose body is over (without ``[DONE]``) still lacks its
+    end: a choice without its finish_reason (of ``n`` asked for, every one needs its
+    own: a body cut after the first choice finished, while another ran on, is no whole
+    answer), no closing event, and no failure the backend reported (relayed as it came)."""
     if not observer.must_end or observer.failed or observer.ended:
         return False
-    return observer.finish_reason is None
+    return observer.open_choices > 0
+
+
+def _unfinished_message(observer: StreamObserver) -> str:
+    if observer.finish_reason is None:
+        return _Unfinished.DEFAULT
+    return (
+        f"the backend's stream ended before its last event ({observer.open_choices} of the "
+        "choices asked for without a finish_reason, no [DONE])"
+    )
 
 
 class _FailedAtOnce(Exception):

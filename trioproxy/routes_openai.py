@@ -78,6 +78,8 @@ async def forward(
         if backend_model != client_model:
             rewrite = _model_rewriter({backend_model: client_model})
         watcher = observer()
+        if isinstance(watcher, tr.OpenAIStreamObserver) and (n := _choices_asked(body)) > 1:
+            watcher.expect_choices(n)
         # a response not stored cannot be polled: nothing to owe for it
         stored = creates_response and body.get("store") is not False
         on_finish = partial(_owe_if_cut, app.ledger, watcher) if stored else None
@@ -94,6 +96,15 @@ async def forward(
     if backend_model != client_model:
         content = _rewrite_model_json(content, backend_model, client_model)
     return _whole_reply(call, result, content)
+
+
+def _choices_asked(body: tr.JSONDict) -> int:
+    """The choices a chat or text completion asks for (``n``): 1 unless it names more.
+    An integral float counts as its integer (pydantic backends, vLLM's, take ``2.0``)."""
+    n = body.get("n")
+    if type(n) is float and n.is_integer():
+        return int(n)
+    return n if type(n) is int else 1
 
 
 FAST_ROUTES: dict[str, Handler] = {

@@ -1384,6 +1384,28 @@ def _whole_object(arguments: str) -> bool:
         return False
 
 
+def _delta_of(choice: JSONDict) -> JSONDict:
+    """A stream chunk's choice's output: its ``delta``, a whole ``message`` (a backend's
+    JSON answer as a chunk), or its ``text`` (a legacy /v1/completions chunk carries its
+    text on the choice itself)."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return delta
+    message = choice.get("message")
+    return message if isinstance(message, dict) else {"content": choice.get("text")}
+
+
+def _has_output(delta: JSONDict) -> bool:
+    """Whether a choice's delta carries output (a token): what ``_observe`` counts."""
+    return bool(
+        _text(delta.get("content"))
+        or _refusal(delta)
+        or _thinking(delta)
+        or (isinstance(delta.get("tool_calls"), list) and delta["tool_calls"])
+        or _other_output(delta)
+    )
+
+
 def _other_output(delta: JSONDict) -> bool:
     """Output besides text and tool calls: a legacy ``functions`` call, or audio
     (gpt-4o-audio streams its transcript and data there). Without it such a stream never
@@ -1415,6 +1437,24 @@ class _StreamStats:
         # as it came is broken there, whatever else the backend sends
         self.malformed = False
         self._shapes = _ContentChunks()
+        # a stream of several choices (``n``; see expect_choices): the indices finished so
+        # far. None for one choice, the rule: then ``finish_reason`` alone says it ended
+        self._choices = 1
+        self._finished_choices: set[int] | None = None
+
+    def expect_choices(self, n: int) -> None:
+        """The request asked for ``n`` choices (``n`` > 1): the stream is whole only once
+        each of them has its ``finish_reason`` (or ``[DONE]`` came)."""
+        self._choices = n
+        self._finished_choices = set()
+
+    @property
+    def open_choices(self) -> int:
+        """How many of the choices asked for have no ``finish_reason`` yet (0 or 1 for a
+        stream of one choice)."""
+        if self._finished_choices is None:
+            return 0 if self.finish_reason is not None else 1
+        return self._choices - len(self._finished_choices)
 
     @property
     def usage_seen(self) -> bool:
@@ -1451,7 +1491,7 @@ class _StreamStats:
             return "", "", [], {}
         choice = choices[0]
         delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        if not isinstance(delta, dict):  # inline (the hot path) what _delta_of does
             message = choice.get("message")
             # a legacy /v1/completions chunk carries its text on the choice itself
             delta = message if isinstance(message, dict) else {"content": choice.get("text")}
@@ -1463,10 +1503,36 @@ class _StreamStats:
             self._count_token(now_ns)
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
-            self.finish_reason = finish
-            if finish == "error":
-                self._fail(FINISHED_WITH_ERROR)
+            self._finish_choice(choice, finish, 0)
+        if len(choices) > 1 and self._finished_choices is not None:
+            self._observe_other_choices(choices, now_ns)
         return content, thinking, calls, choice
+
+    def _observe_other_choices(self, choices: list[Any], now_ns: int) -> None:
+        """The choices after the first of a chunk that holds several (NVIDIA Dynamo sends
+        all ``n`` choices in one chunk): each with output is a token, each with a
+        ``finish_reason`` ends its choice. Only for a stream that asked for several."""
+        for position in range(1, len(choices)):
+            choice = choices[position]
+            if not isinstance(choice, dict):
+                continue
+            if _has_output(_delta_of(choice)):
+                self._count_token(now_ns)
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str) and finish:
+                self._finish_choice(choice, finish, position)
+
+    def _finish_choice(self, choice: JSONDict, finish: str, position: int) -> None:
+        """A choice's ``finish_reason`` came (``position``: its place in its chunk, the
+        index of a backend that numbers none)."""
+        self.finish_reason = finish
+        if finish == "error":
+            self._fail(FINISHED_WITH_ERROR)
+        if self._finished_choices is not None:
+            index = choice.get("index")
+            index = index if type(index) is int else position
+            if 0 <= index < self._choices:  # bounded: at most n indices are kept
+                self._finished_choices.add(index)
 
     def _fail(self, error: object) -> None:
         if not self.failed:  # the first account of the failure is the one that explains it
