@@ -159,7 +159,10 @@ def _time_per_output_token(
     OpenTelemetry's gen_ai.server.time_per_output_token measures, but from the tokens the
     stream carried (its content chunks, about one token each), so neither a trailing usage
     chunk nor reasoning tokens the backend counts but never streams (OpenAI's o-series)
-    skew it. None without two of them."""
+    skew it. None without two of them. A stream of several choices (``n``) counts every
+    choice's tokens: the stream's own pace, about 1/n of one choice's gap when they are
+    generated side by side (a gap per choice would need each chunk's choice index, read
+    on the per-chunk path)."""
     if first_token_ms is None or last_token_ms is None or tokens_seen < 2:
         return None
     span_ms = last_token_ms - first_token_ms
