@@ -188,6 +188,10 @@ def test_bad_mapping_file(
         ("STREAM_IDLE_TIMEOUT", "abc"),
         ("PROXY_PORT", "99999"),
         ("LOG_LEVEL", "LOUD"),
+        ("LOG_REPEAT_WINDOW_SECONDS", "-1"),
+        ("LOG_REPEAT_WINDOW_SECONDS", "10s"),
+        ("LOG_REPEAT_WINDOW_SECONDS", "nan"),
+        ("LOG_REPEAT_WINDOW_SECONDS", "86400"),  # a count held back for a day
         ("MAX_REQUEST_BYTES", "0"),
         ("RETRY_BACKOFF", "-1"),
         ("RETRY_BACKOFF_MAX", "inf"),

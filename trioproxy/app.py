@@ -279,7 +279,12 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
             env_file_required=bool(env_file),
             **overrides,
         )
-        configure_logging(settings.log_level, settings.log_format, settings.secrets)
+        configure_logging(
+            settings.log_level,
+            settings.log_format,
+            settings.secrets,
+            settings.log_repeat_window_seconds,
+        )
         # (settings handed in come from the trioproxy command, which checked this already)
         check_client_environment(settings)
     settings.require_upstream()

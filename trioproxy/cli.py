@@ -121,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         notice(f"trioproxy: error: {exc}", "ERROR", fmt=_log_format_hint(args))
         return 2
-    configure_logging(settings.log_level, settings.log_format, settings.secrets)
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        settings.secrets,
+        settings.log_repeat_window_seconds,
+    )
     try:
         _run(settings)
     except KeyboardInterrupt:

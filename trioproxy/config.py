@@ -70,6 +70,8 @@ class Settings:
     workers: int = 1
     log_level: str = "INFO"
     log_format: str = "text"
+    # seconds a line identical to one written is counted, not written (0: off); logs.py
+    log_repeat_window_seconds: float = 10.0
     access_log: bool = False
     # whose X-Forwarded-For the access log believes; none by default (see the manual)
     forwarded_allow_ips: TrustedProxies = NO_PROXIES
@@ -229,6 +231,20 @@ def _non_negative_float(value: str) -> float:
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
     return number
+
+
+def _seconds_up_to(high: float) -> Callable[[str], float]:
+    """A number of seconds from 0 to ``high``: a window of days would hold a count back
+    for days."""
+
+    def parse(value: str) -> float:
+        expected = f"a number of seconds from 0 to {high:g}"
+        number = _number(value, expected)
+        if not 0 <= number <= high:  # NaN fails too
+            raise ValueError(f"expected {expected}, got {value!r}")
+        return number
+
+    return parse
 
 
 def _non_negative_int(value: str) -> int:
@@ -583,6 +599,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKERS": ("workers", _int_between(1, 256)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
+    "LOG_REPEAT_WINDOW_SECONDS": ("log_repeat_window_seconds", _seconds_up_to(3600)),
     "ACCESS_LOG": ("access_log", _bool),
     "FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", parse_trusted_proxies),
     "FORWARDED_HEADER": ("forwarded_header", parse_forwarded_header),
@@ -841,6 +858,7 @@ def _reparsed(settings: Settings) -> dict[str, Any]:
         ("PROXY_PORT", str(settings.port)),
         ("LOG_LEVEL", settings.log_level),
         ("LOG_FORMAT", settings.log_format),
+        ("LOG_REPEAT_WINDOW_SECONDS", str(settings.log_repeat_window_seconds)),
         ("FORWARDED_ALLOW_IPS", str(settings.forwarded_allow_ips)),
         ("FORWARDED_HEADER", settings.forwarded_header),
         ("OPENAI_API_KEY_HEADER", settings.api_key_header),

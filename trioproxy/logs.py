@@ -3,7 +3,10 @@
 The request id lives in a context variable set once per request by the connection
 adapter, so every log call made while serving it (handlers, relay, upstream) sees it.
 hypercorn's own lines (logger ``hypercorn.error``) and the program's notices on stderr
-come out in the same format, so ``LOG_FORMAT=json`` means every line is JSON.
+come out in the same format, so ``LOG_FORMAT=json`` means every line is JSON. A line
+repeated within ``LOG_REPEAT_WINDOW_SECONDS`` is written once, and then how many times it
+came (:class:`RepeatedLines`): a backend down at hundreds of requests a second is a line
+per window, not hundreds a second.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import atexit
 import contextvars
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import TextIO
 
 from .metrics.labels import MESSAGE_LIMIT, clipped, loggable_text
@@ -67,6 +73,10 @@ class JsonFormatter(logging.Formatter):
         address = getattr(record, REMOTE_ADDR_FIELD, None)
         if address is not None:  # an access line's: the client's address, to filter by
             entry[REMOTE_ADDR_FIELD] = address
+        repeats = getattr(record, REPEATS_FIELD, None)
+        if repeats is not None:  # it stands for lines not written: how many, to sum them
+            entry["message"] += _repeats_note(*repeats)
+            entry[SUPPRESSED_FIELD] = repeats[0]
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -92,6 +102,9 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = clipped(loggable_text(record.message))
+        repeats = getattr(record, REPEATS_FIELD, None)
+        if repeats is not None:  # after the cut: the count is never what is cut off
+            record.message += _repeats_note(*repeats)
         return super().formatMessage(record)
 
 
@@ -100,33 +113,260 @@ HYPERCORN_LOGGER = "hypercorn.error"  # hypercorn's startup and error lines
 ACCESS_LOGGER = "trioproxy.access"  # its lines only when ACCESS_LOG=true
 NOTICE_PREFIX = "trioproxy: "
 
+
+# -- repeated lines ------------------------------------------------------------------------
+
+REPEAT_WINDOW = 10.0
+"""Seconds within which a line identical to one written is counted, not written
+(``LOG_REPEAT_WINDOW_SECONDS``' default; 0: every line is written)."""
+REPEAT_KEYS = 128
+"""Lines a handler remembers as recently written; past it the oldest is forgotten (its
+count written first), so memory stays bounded whatever the lines."""
+REPEATS_FIELD = "repeats"
+"""On a record that stands for lines not written: (how many, over how many seconds)."""
+SUPPRESSED_FIELD = "suppressed"
+"""A JSON line's count of the identical lines it stands for (``repeats``), to sum them."""
+_KEY_CHARS = MESSAGE_LIMIT  # of a text kept in a key as it is; past it, its length and hash
+_NOTE_ROOM = 64  # bytes a summary leaves of a cut message for its "... [N more bytes]"
+
+Schedule = Callable[[float, Callable[[], None]], None]
+"""Calls its action once, after a delay in seconds, from another thread."""
+
+
+def _start_timer(delay: float, action: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, action)
+    timer.name = "log-repeats"
+    timer.daemon = True  # a count still to write must not keep the process alive (exit writes it)
+    timer.start()
+
+
+class _Seen:
+    """A line written recently: when its window began, how many identical lines came
+    since, and what a summary line repeats of it."""
+
+    __slots__ = ("levelname", "message", "since", "suppressed")
+
+    def __init__(self, since: float, levelname: str, message: str) -> None:
+        self.since = since
+        self.suppressed = 0
+        self.levelname = levelname
+        self.message = message
+
+
+class RepeatedLines(logging.Filter):
+    """A handler's filter (after the secrets are scrubbed, so what it keeps is scrubbed):
+    a line identical to one written less than ``window`` seconds before is counted, not
+    written. Identical: the same logger, level and message as written (the arguments
+    formatted in) and the same traceback, so distinct lines are never held back (a
+    format's different arguments are different lines). The count is written with the
+    message, ``... (523 identical lines suppressed in the last 10 s)``, by whichever comes
+    first: the line's next occurrence after the window (the line itself, with the note),
+    the window's end (a timer thread: a summary line, request id ``-``), the line being
+    forgotten for newer ones (``keys``), or the process's exit (:func:`flush_repeats`).
+    A flood is one line per window; a count waits at most one window.
+
+    Never counted: access lines (one per request is what ``ACCESS_LOG`` promises; they
+    have a handler of their own without this filter, and are let through here too) and
+    DEBUG lines (asked for to follow requests line by line). Per handler, so per process:
+    each worker of ``--workers N`` counts its own. A request that logs nothing pays
+    nothing; a line pays a key and a dict lookup (under a microsecond), and one held back
+    saves its formatting and its write.
+    """
+
+    def __init__(
+        self,
+        handler: logging.Handler,
+        window: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = _start_timer,
+        keys: int = REPEAT_KEYS,
+    ) -> None:
+        super().__init__()
+        self._handler = handler
+        self._window = window
+        self._clock = clock
+        self._schedule = schedule
+        self._keys = keys
+        self._recent: OrderedDict[tuple[object, ...], _Seen] = OrderedDict()  # oldest first
+        self._armed = math.inf  # when the earliest timer armed will fire
+        # reentrant, as logging's own handler locks: a signal handler may log while the
+        # thread it interrupted holds it
+        self._lock = threading.RLock()
+        _suppressors.add(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO or record.name == ACCESS_LOGGER:
+            return True
+        try:
+            message = record.getMessage()
+            traceback = _traceback(record)
+        except Exception:  # a call whose arguments do not fit its format: the handler's
+            return True  # emit reports it as logging does, it must not raise in the caller
+        key = (record.name, record.levelno, _key_text(message), _key_text(traceback))
+        with self._lock:
+            now = self._clock()
+            seen = self._recent.get(key)
+            if seen is None:
+                self._remember(key, _Seen(now, record.levelname, _kept(message)), now)
+                return True
+            if now - seen.since < self._window:
+                seen.suppressed += 1
+                self._arm(seen.since + self._window, now)
+                return False
+            if seen.suppressed:
+                setattr(record, REPEATS_FIELD, (seen.suppressed, now - seen.since))
+            self._restart(key, seen, now)
+            return True
+
+    def flush(self) -> None:
+        """Write the counts of every line with identical lines not written yet (at exit)."""
+        with self._lock:
+            self._sweep(self._clock(), everything=True)
+
+    def reset(self) -> None:
+        """Forget everything (a forked child: its parent's lines and timers are not its)."""
+        self._recent = OrderedDict()
+        self._armed = math.inf
+        self._lock = threading.RLock()
+
+    def _remember(self, key: tuple[object, ...], seen: _Seen, now: float) -> None:
+        while len(self._recent) >= self._keys:
+            old_key, old = self._recent.popitem(last=False)
+            if old.suppressed:  # its count is written, not lost with it
+                self._write_summary(old_key, old, now)
+        self._recent[key] = seen
+
+    def _restart(self, key: tuple[object, ...], seen: _Seen, now: float) -> None:
+        seen.since, seen.suppressed = now, 0
+        self._recent.move_to_end(key)
+
+    def _arm(self, due: float, now: float) -> None:
+        if due >= self._armed:
+            return  # a timer fires by then already
+        self._armed = due
+        try:
+            self._schedule(max(due - now, 0.0), self._on_timer)
+        except RuntimeError:  # no new thread (the interpreter is exiting): exit writes it
+            self._armed = math.inf
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            now = self._clock()
+            self._armed = math.inf
+            due = self._sweep(now)
+            if due < math.inf:
+                self._arm(due, now)
+
+    def _sweep(self, now: float, everything: bool = False) -> float:
+        """Write the counts of the lines whose window is over and forget those with none;
+        the end of the earliest window still holding a count (inf: none)."""
+        next_due = math.inf
+        for key, seen in list(self._recent.items()):
+            due = seen.since + self._window
+            if due > now and not everything:
+                if seen.suppressed:
+                    next_due = min(next_due, due)
+            elif seen.suppressed:
+                self._write_summary(key, seen, now)
+                self._restart(key, seen, now)  # a flood goes on: one line per window
+            else:
+                del self._recent[key]  # its window is over and nothing came: forgotten
+        return next_due
+
+    def _write_summary(self, key: tuple[object, ...], seen: _Seen, now: float) -> None:
+        name, levelno = key[0], key[1]
+        record = logging.makeLogRecord(
+            {"name": name, "levelno": levelno, "levelname": seen.levelname, "msg": seen.message}
+        )
+        record.request_id = "-"  # about many requests, not one
+        setattr(record, REPEATS_FIELD, (seen.suppressed, now - seen.since))
+        # straight to the handler: its filters saw (and scrubbed) the line already
+        self._handler.acquire()
+        try:
+            self._handler.emit(record)
+        finally:
+            self._handler.release()
+
+
+_suppressors: weakref.WeakSet[RepeatedLines] = weakref.WeakSet()
+
+
+def flush_repeats() -> None:
+    """Every handler's counts not written yet, written (at exit: a count would be lost)."""
+    for suppressor in list(_suppressors):
+        suppressor.flush()
+
+
+def _key_text(text: str | None) -> object:
+    """``text`` as a line's key holds it: a long one by its start, length and hash, so a
+    backend's 1 MB error text is not kept ``REPEAT_KEYS`` times."""
+    if text is None or len(text) <= _KEY_CHARS:
+        return text
+    return (text[:_KEY_CHARS], len(text), hash(text))
+
+
+def _traceback(record: logging.LogRecord) -> str | None:
+    """A record's traceback as its line will show it; formatted once, here, where the
+    formatter would (so a line written pays nothing more)."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _PLAIN.formatException(record.exc_info)
+    return record.exc_text
+
+
+def _kept(message: str) -> str:
+    """What a summary line repeats of a message: the message, or, where its line cut it,
+    as much as leaves room for the cut's note in a line (the count after it is never cut)."""
+    cut = clipped(message)
+    return message if cut is message else clipped(message, MESSAGE_LIMIT - _NOTE_ROOM)
+
+
+def _repeats_note(count: int, seconds: float) -> str:
+    lines = "line" if count == 1 else "lines"
+    shown = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.2g}"
+    return f" ({count} identical {lines} suppressed in the last {shown} s)"
+
+
 # What the last configure_logging() chose, for the handlers built later in the same
 # process (hypercorn's, in a --workers worker) and for notices.
 _format = "text"
 _secrets: tuple[str, ...] = ()
+_repeat_window = REPEAT_WINDOW
 
 
 def configure_logging(
-    level: str = "INFO", fmt: str = "text", secrets: tuple[str, ...] = ()
+    level: str = "INFO",
+    fmt: str = "text",
+    secrets: tuple[str, ...] = (),
+    repeat_window: float = REPEAT_WINDOW,
 ) -> None:
-    global _format, _secrets
-    _format, _secrets = fmt, secrets
+    global _format, _secrets, _repeat_window
+    _format, _secrets, _repeat_window = fmt, secrets, repeat_window
     handler = configured_handler()
     for name in ("trioproxy", HYPERCORN_LOGGER):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    access = logging.getLogger(ACCESS_LOGGER)
     # ACCESS_LOG=true asks for its lines whatever LOG_LEVEL says (they are INFO): with
     # LOG_LEVEL=WARNING, to keep the rest quiet, it wrote none, without a word
-    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    access.setLevel(logging.INFO)
+    # a handler of their own, which counts no repeats: one line per request is their
+    # promise, and a line per request pays for no filter it does not need
+    access.handlers[:] = [configured_handler(count_repeats=False)]
+    access.propagate = False
 
 
-def configured_handler() -> logging.Handler:
-    """A stderr handler in the configured format that scrubs the configured secrets.
-    Named in ``hypercorn_log_config`` as a factory, so it takes no arguments."""
+def configured_handler(count_repeats: bool = True) -> logging.Handler:
+    """A stderr handler in the configured format that scrubs the configured secrets and,
+    with ``count_repeats``, writes a line repeated within the configured window once.
+    Named in ``hypercorn_log_config`` as a factory, so it needs no arguments."""
     handler = BackgroundStreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter(_secrets))
+    if count_repeats and _repeat_window > 0:
+        # after the scrubbing: what it compares and keeps is scrubbed
+        handler.addFilter(RepeatedLines(handler, _repeat_window))
     handler.setFormatter(JsonFormatter() if _format == "json" else TextFormatter(TEXT_FORMAT))
     return handler
 
@@ -242,11 +482,14 @@ def _dropped_line(count: int) -> str:
 
 _writer = LineWriter()
 atexit.register(lambda: _writer.drain())
+atexit.register(flush_repeats)  # (exit handlers run last first: the counts, then the drain)
 
 
 def _new_writer_after_fork() -> None:
     global _writer
     _writer = LineWriter()  # the parent's thread is not in the child
+    for suppressor in list(_suppressors):
+        suppressor.reset()  # the parent's counts are the parent's to write
 
 
 os.register_at_fork(after_in_child=_new_writer_after_fork)
