@@ -574,7 +574,10 @@ def _openai_tools(tools: list[Any]) -> list[JSONDict]:
     out = []
     for tool in tools:
         if isinstance(tool.get("function"), dict):
-            out.append({**tool, "type": tool.get("type") or "function"})
+            # a function tool, whatever its type says: Ollama has no other kind, and does
+            # not read the type (ollama-python sends any string); OpenAI refuses any but
+            # "function" (and "custom", a tool of another shape) with a 400
+            out.append({**tool, "type": "function"})
         else:  # a bare function definition: wrap it
             out.append({"type": "function", "function": tool})
     return out
@@ -690,12 +693,20 @@ def _openai_messages(messages: list[JSONDict], ids: _ToolCallIds) -> list[JSONDi
         images = msg.get("images")
         if images and msg["role"] != "user":
             held.extend(images)
-            if msg["role"] != "tool" and not msg.get("tool_calls"):
+            if msg["role"] != "tool" and not _calls_of(msg):
                 out.append(_images_message(held))
                 held = []
     if held:
         out.append(_images_message(held))
     return out
+
+
+def _calls_of(msg: JSONDict) -> list[JSONDict] | None:
+    """A history message's tool calls: an assistant's only. Ollama takes ``tool_calls`` on
+    any message, and its chat templates show an assistant's alone; OpenAI takes them from
+    an assistant only (on a system, user or tool message they are a 400 for the whole
+    request), so those of another role are dropped, as the model never saw them."""
+    return msg.get("tool_calls") if msg["role"] == "assistant" else None
 
 
 def _images_message(images: list[str]) -> JSONDict:
@@ -707,7 +718,7 @@ def _convert_message(msg: JSONDict, ids: _ToolCallIds) -> JSONDict:
     content = msg.get("content") or ""
     out: JSONDict = {"role": role}
     images = msg.get("images")
-    calls = msg.get("tool_calls")
+    calls = _calls_of(msg)
     if images and role == "user":
         out["content"] = _content_with_images(content, images)
     elif role == "assistant" and calls and not content:
