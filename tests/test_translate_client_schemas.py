@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from typing import (
 
 import httpx
 import ollama
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ollama._types import (
@@ -47,8 +49,9 @@ from ollama._types import (
     Options,
     Tool,
 )
+from openai.types import Completion, embedding_create_params
 from openai.types import completion_create_params as legacy_params
-from openai.types import embedding_create_params
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as chat_params
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from typing_extensions import TypedDict, is_typeddict
@@ -56,7 +59,10 @@ from typing_extensions import TypedDict, is_typeddict
 from trioproxy.jsonutil import compact_json, loads
 from trioproxy.translate import (
     MAX_TOP_LOGPROBS,
+    OllamaCompletionStreamTranslator,
+    OllamaStreamTranslator,
     RequestValidationError,
+    Timings,
     embed_batches,
     ollama_chat_to_openai,
     ollama_embed_to_openai,
@@ -64,6 +70,10 @@ from trioproxy.translate import (
     ollama_embeddings_to_openai,
     ollama_generate_to_completions,
     ollama_generate_to_openai,
+    openai_chat_to_ollama_chat,
+    openai_chat_to_ollama_generate,
+    openai_completion_to_ollama_generate,
+    read_chunk,
     validate_ollama_chat,
     validate_ollama_embed,
     validate_ollama_embeddings,
@@ -650,6 +660,397 @@ def test_an_ollama_python_embed_is_an_embeddings_request_openai_accepts(
 
 
 # =============================================================================================
+# Property 2: any OpenAI answer, as openai's models shape it, is an Ollama answer
+# ollama-python reads
+# =============================================================================================
+
+_FINISH = st.sampled_from(
+    ["stop", "length", "tool_calls", "content_filter", "function_call", None, "end_turn", "eos"]
+)
+_COUNT = st.integers(0, 10**7)
+_USAGE = st.none() | st.builds(
+    lambda prompt, completion, details: {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        **(
+            {
+                "completion_tokens_details": {"reasoning_tokens": completion // 2},
+                "prompt_tokens_details": {"cached_tokens": prompt // 3, "audio_tokens": None},
+            }
+            if details
+            else {}
+        ),
+    },
+    _COUNT,
+    _COUNT,
+    st.booleans(),
+)
+_TOKEN_LOGPROB = st.fixed_dictionaries(
+    {
+        "token": _PIECE,
+        "logprob": st.floats(-100, 0),
+        "bytes": st.none() | st.lists(st.integers(0, 255), max_size=4),
+        "top_logprobs": st.lists(
+            st.fixed_dictionaries(
+                {"token": _PIECE, "logprob": st.floats(-100, 0), "bytes": st.none()}
+            ),
+            max_size=2,
+        ),
+    }
+)
+_REASONING_FIELD = st.sampled_from(["reasoning_content", "reasoning"])
+_EXPECTED_REASON = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+_TIMINGS = Timings(total_ns=3_000_000, prompt_eval_ns=1_000_000, eval_ns=2_000_000)
+
+
+def _dumped(model: Any) -> dict[str, Any]:
+    """An openai model as a backend's JSON: what was set, nulls set included."""
+    return json.loads(model.model_dump_json(exclude_unset=True))  # type: ignore[no-any-return]
+
+
+@st.composite
+def chat_completions(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``ChatCompletion`` as the backend sends it, and what its answer is: content (the
+    refusal after it), thinking, tool calls (name, arguments), usage counts, finish."""
+    message: dict[str, Any] = {"role": "assistant", "content": draw(st.none() | _PIECE)}
+    if draw(st.booleans()):
+        message["refusal"] = draw(st.none() | _PIECE)
+    reasoning = draw(st.none() | _PIECE)
+    if reasoning is not None:
+        message[draw(_REASONING_FIELD)] = reasoning
+    calls = draw(st.lists(st.tuples(_NAME, _ARGUMENTS), max_size=3))
+    if calls:
+        message["tool_calls"] = [
+            {
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+            for i, (name, arguments) in enumerate(calls)
+        ]
+    elif draw(st.booleans()):
+        # the legacy single function call
+        name, arguments = draw(st.tuples(_NAME, _ARGUMENTS))
+        message["function_call"] = {"name": name, "arguments": json.dumps(arguments)}
+        calls = [(name, arguments)]
+    logprobs = draw(st.none() | st.lists(_TOKEN_LOGPROB, max_size=3))
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message,
+        "finish_reason": "stop",
+        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+    }
+    usage = draw(_USAGE)
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": draw(st.integers(0, 2**33)),
+        "model": "backend",
+        "choices": [choice],
+    }
+    if usage is not None or draw(st.booleans()):
+        body["usage"] = usage
+    if draw(st.booleans()):
+        body["system_fingerprint"] = draw(st.none() | st.just("fp_1"))
+        body["service_tier"] = "default"
+    data = _dumped(ChatCompletion.model_validate(body))
+    # a finish reason openai's Literal does not list, or null: the SDK takes any
+    finish = draw(_FINISH)
+    data["choices"][0]["finish_reason"] = finish
+    answer = {
+        "content": (message["content"] or "") + (message.get("refusal") or ""),
+        "thinking": reasoning or "",
+        "calls": calls,
+        "usage": usage,
+        "finish": finish,
+        "logprobs": logprobs or [],
+    }
+    return data, answer
+
+
+def _token_entries(entries: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    return [(entry["token"], entry["logprob"]) for entry in entries]
+
+
+@ANSWERS
+@given(chat_completions(), st.booleans(), st.booleans())
+def test_a_chat_completion_is_an_answer_ollama_python_reads(
+    completion: tuple[dict[str, Any], dict[str, Any]], show_thinking: bool, logprobs: bool
+) -> None:
+    resp, answer = completion
+    for kind, translate in (
+        ("chat", openai_chat_to_ollama_chat),
+        ("generate", openai_chat_to_ollama_generate),
+    ):
+        out = translate(
+            resp,
+            "m",
+            "2024-01-01T00:00:00Z",
+            _TIMINGS,
+            show_thinking=show_thinking,
+            logprobs=logprobs,
+        )
+        written = compact_json(out)
+        (read,) = OLLAMA.read(kind, [written], stream=False)
+        holder = read.message if isinstance(read, ChatResponse) else read
+        text = holder.content if isinstance(read, ChatResponse) else holder.response
+        assert text == answer["content"]
+        assert (holder.thinking or "") == (answer["thinking"] if show_thinking else "")
+        assert _calls(read, json.loads(written)) == answer["calls"]
+        _check_final(read, answer)
+        if logprobs:
+            assert _token_entries(
+                [entry.model_dump() for entry in read.logprobs or []]
+            ) == _token_entries(answer["logprobs"])
+
+
+def _calls(read: ChatResponse | GenerateResponse, line: dict[str, Any]) -> list[tuple]:
+    """A line's tool calls, as ollama-python's ``Message.ToolCall`` reads them: on the
+    message (chat), or at the top (generate: Ollama's own, which ollama-python's
+    GenerateResponse does not declare)."""
+    if isinstance(read, ChatResponse):
+        calls = read.message.tool_calls or []
+    else:
+        calls = [Message.ToolCall.model_validate(c) for c in line.get("tool_calls", [])]
+    for call in calls:
+        assert isinstance(call.function.arguments, dict)
+    return [(c.function.name, c.function.arguments) for c in calls]
+
+
+def _check_final(read: ChatResponse | GenerateResponse, answer: dict[str, Any]) -> None:
+    assert read.done is True
+    assert read.done_reason == _EXPECTED_REASON.get(answer["finish"], "stop")
+    usage = answer["usage"] or {}
+    assert read.prompt_eval_count == usage.get("prompt_tokens", 0)
+    for count in (read.prompt_eval_count, read.eval_count):
+        assert isinstance(count, int) and count >= 0
+    durations = (read.total_duration, read.prompt_eval_duration, read.eval_duration)
+    for duration in (*durations, read.load_duration):
+        assert isinstance(duration, int) and duration >= 0
+    assert read.total_duration >= read.prompt_eval_duration + read.eval_duration  # type: ignore[operator]
+
+
+# --- streams -----------------------------------------------------------------------------
+
+
+def _pieces(text: str, cuts: list[int]) -> list[str]:
+    bounds = [0, *sorted(min(c, len(text)) for c in cuts), len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@st.composite
+def chunk_streams(draw: st.DrawFn) -> tuple[list[str], dict[str, Any]]:
+    """A ``ChatCompletionChunk`` stream as the backend sends it (each chunk built with
+    openai's model, dumped with its explicit nulls), and the answer it spells."""
+    reasoning_field = draw(_REASONING_FIELD)
+    events: list[tuple[str, Any]] = []
+    answer: dict[str, Any] = {"content": "", "thinking": "", "calls": [], "logprobs": []}
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["content", "refusal", reasoning_field]))
+        text = draw(_PIECE)
+        for piece in _pieces(text, draw(st.lists(st.integers(0, 6), max_size=2))):
+            events.append((kind, piece))
+        answer["thinking" if kind == reasoning_field else "content"] += text
+    # tool calls: OpenAI's way (index, id, type and name on the first fragment only), or
+    # the legacy single function_call, its name first, then its arguments in fragments
+    legacy = draw(st.booleans())
+    calls = draw(st.lists(st.tuples(_NAME, _ARGUMENTS), max_size=1 if legacy else 3))
+    for index, (name, arguments) in enumerate(calls):
+        text = json.dumps(arguments, ensure_ascii=draw(st.booleans()))
+        fragments = _pieces(text, draw(st.lists(st.integers(0, len(text)), max_size=3)))
+        for n, fragment in enumerate(fragments):
+            function = {"name": name, "arguments": fragment} if n == 0 else {"arguments": fragment}
+            if legacy:
+                events.append(("function_call", function))
+                continue
+            delta: dict[str, Any] = {"index": index, "function": function}
+            if n == 0:
+                delta.update(id=f"call_{index}", type="function")
+            events.append(("tool_calls", [delta]))
+        answer["calls"].append((name, arguments))
+    include_usage = draw(st.booleans())
+    top: dict[str, Any] = {"id": "chatcmpl-1", "created": 1, "model": "backend"}
+    if include_usage:
+        top["usage"] = None  # OpenAI writes it on every chunk when asked for it
+    if draw(st.booleans()):
+        top.update(system_fingerprint="fp_1", service_tier="default", obfuscation="x")
+
+    def chunk(choices: list[dict[str, Any]], finish: Any = None, **more: Any) -> str:
+        body = {**top, "object": "chat.completion.chunk", "choices": choices, **more}
+        data = _dumped(ChatCompletionChunk.model_validate(body))
+        if finish is not None:  # also one openai's Literal does not list: the SDK takes any
+            data["choices"][0]["finish_reason"] = finish
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+    def choice(delta: dict[str, Any], logprobs: Any = None) -> dict:
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+
+    texts = []
+    if draw(st.booleans()):  # Azure's opening chunk: no choices, the prompt's filter results
+        texts.append(chunk([], prompt_filter_results=[{"prompt_index": 0}]))
+    texts.append(chunk([choice({"role": "assistant", "content": "", "refusal": None})]))
+    for kind, value in events:
+        delta = {kind: value}
+        for other in draw(st.sets(st.sampled_from(["content", "tool_calls", "function_call"]))):
+            delta.setdefault(other, None)
+        logprobs = None
+        if kind == "content" and draw(st.booleans()):
+            entries = draw(st.lists(_TOKEN_LOGPROB, min_size=1, max_size=2))
+            logprobs = {"content": entries, "refusal": None}
+            answer["logprobs"] += entries
+        texts.append(chunk([choice(delta, logprobs=logprobs)]))
+    finish = draw(_FINISH)
+    answer["finish"] = finish
+    if finish is not None or draw(st.booleans()):
+        texts.append(chunk([choice({})], finish))
+    usage = draw(_USAGE) if include_usage else None
+    answer["usage"] = usage
+    if usage is not None:
+        texts.append(chunk([], usage=usage))
+    return texts, answer
+
+
+@ANSWERS
+@given(chunk_streams(), st.sampled_from(["chat", "generate"]), st.booleans(), st.booleans())
+def test_a_chunk_stream_is_lines_ollama_python_reads_spelling_the_same_answer(
+    stream: tuple[list[str], dict[str, Any]], kind: str, show_thinking: bool, logprobs: bool
+) -> None:
+    texts, answer = stream
+    clock = iter(range(1_000, 10**9, 1_000))
+    translator = OllamaStreamTranslator(
+        kind,  # type: ignore[arg-type]
+        "m",
+        start_ns=0,
+        created_at=lambda: "2024-01-01T00:00:00.000000000Z",
+        show_thinking=show_thinking,
+        logprobs=logprobs,
+    )
+    raw: list[bytes] = []
+    for text in texts:
+        now = next(clock)
+        line = translator.feed_text(text, now)
+        if line is None:
+            chunk = read_chunk(text)
+            assert chunk is not None
+            raw += [compact_json(out) for out in translator.feed(chunk, now)]
+        elif line:
+            raw.append(line)
+    raw.append(compact_json(translator.finish(next(clock))))
+
+    lines = OLLAMA.read(kind, raw)  # what ollama-python's stream yields
+    decoded = [json.loads(line) for line in raw]
+    assert len(lines) == len(decoded)
+    assert [line.done for line in lines] == [False] * (len(lines) - 1) + [True]
+    holders = [line.message if isinstance(line, ChatResponse) else line for line in lines]
+    text = "".join(
+        (h.content if isinstance(line, ChatResponse) else h.response) or ""
+        for h, line in zip(holders, lines, strict=True)
+    )
+    assert text == answer["content"]
+    assert "".join(h.thinking or "" for h in holders) == (
+        answer["thinking"] if show_thinking else ""
+    )
+    calls = [call for line, data in zip(lines, decoded, strict=True) for call in _calls(line, data)]
+    assert calls == answer["calls"]
+    entries = [entry.model_dump() for line in lines for entry in line.logprobs or []]
+    assert _token_entries(entries) == (_token_entries(answer["logprobs"]) if logprobs else [])
+    final = lines[-1]
+    _check_final(final, answer)
+    usage = answer["usage"]
+    if usage is not None:
+        assert final.eval_count == usage["completion_tokens"]
+
+
+# --- raw prompts: the legacy text completions ------------------------------------------
+
+
+@st.composite
+def text_completions(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A ``Completion`` stream (openai's model, one text piece a chunk, its log
+    probabilities in the legacy shape), the whole ``Completion`` it adds up to, and the
+    answer both spell."""
+    pieces = draw(st.lists(_PIECE, max_size=5))
+    entries = [
+        draw(st.none() | st.tuples(st.floats(-50, 0), st.dictionaries(_PIECE, st.floats(-50, 0))))
+        for _ in pieces
+    ]
+    finish = draw(st.sampled_from(["stop", "length", "content_filter", "eos"]))
+    usage = draw(_USAGE)
+
+    def completion(text: str, logprobs: list[tuple[str, Any]], **more: Any) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": "stop"}
+        choice["logprobs"] = {
+            "tokens": [token for token, _ in logprobs],
+            "token_logprobs": [entry[0] for _, entry in logprobs],
+            "top_logprobs": [entry[1] for _, entry in logprobs],
+            "text_offset": [0 for _ in logprobs],
+        }
+        body = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "b"}
+        return _dumped(Completion.model_validate({**body, "choices": [choice], **more}))
+
+    chunks = []
+    for piece, entry in zip(pieces, entries, strict=True):
+        chunk = completion(piece, [] if entry is None else [(piece, entry)])
+        chunk["choices"][0]["finish_reason"] = None
+        chunks.append(chunk)
+    ending = completion("", [])
+    ending["choices"][0]["finish_reason"] = finish  # the SDK takes one its Literal lacks
+    chunks.append(ending)
+    if usage is not None:
+        chunks.append({**ending, "choices": [], "usage": usage})
+    logprobs = [(piece, entry) for piece, entry in zip(pieces, entries, strict=True) if entry]
+    whole = completion("".join(pieces), logprobs, **({"usage": usage} if usage else {}))
+    whole["choices"][0]["finish_reason"] = finish
+    answer = {
+        "content": "".join(pieces),
+        "logprobs": [(token, entry[0], entry[1]) for token, entry in logprobs],
+        "finish": finish,
+        "usage": usage,
+    }
+    return chunks, {"whole": whole, **answer}
+
+
+def _check_legacy_logprobs(read: GenerateResponse, answer: dict[str, Any], top: int) -> None:
+    """Each token once, in order, with at most ``top`` alternatives, the likeliest first."""
+    assert [(e.token, e.logprob) for e in read.logprobs or []] == [
+        (token, value) for token, value, _ in answer["logprobs"]
+    ]
+    for entry, (_, _, alternatives) in zip(read.logprobs or [], answer["logprobs"], strict=True):
+        likeliest = sorted(alternatives.values(), reverse=True)[:top]
+        assert [alt.logprob for alt in entry.top_logprobs or []] == likeliest
+
+
+@ANSWERS
+@given(text_completions(), st.none() | st.integers(0, 3))
+def test_a_raw_prompts_answer_is_one_ollama_python_reads_streamed_or_whole(
+    completion: tuple[list[dict[str, Any]], dict[str, Any]], top_logprobs: int | None
+) -> None:
+    chunks, answer = completion
+    translator = OllamaCompletionStreamTranslator(
+        "m", start_ns=0, created_at=lambda: "2024-01-01T00:00:00Z", top_logprobs=top_logprobs
+    )
+    raw = [compact_json(line) for n, c in enumerate(chunks, 1) for line in translator.feed(c, n)]
+    raw.append(compact_json(translator.finish(len(chunks) + 1)))
+    lines = OLLAMA.read("generate", raw)
+    assert [line.done for line in lines] == [False] * (len(lines) - 1) + [True]
+    assert "".join(line.response or "" for line in lines) == answer["content"]
+    whole = openai_completion_to_ollama_generate(
+        answer["whole"], "m", "2024-01-01T00:00:00Z", _TIMINGS, top_logprobs
+    )
+    (read,) = OLLAMA.read("generate", [compact_json(whole)], stream=False)
+    assert read.response == answer["content"]
+    for final in (lines[-1], read):
+        _check_final(final, answer)
+    if top_logprobs is None:
+        assert not any(line.logprobs for line in [*lines, read])
+        return
+    streamed = GenerateResponse(logprobs=[e for line in lines for e in line.logprobs or []])
+    for got in (streamed, read):
+        _check_legacy_logprobs(got, answer, top_logprobs)
+
+
+# =============================================================================================
 # What the properties found, each pinned by the shortest case
 # =============================================================================================
 
@@ -688,3 +1089,36 @@ def test_a_tool_of_another_type_is_sent_as_the_function_tool_it_is() -> None:
     )
     sent = _check_chat_payload(ollama_chat_to_openai(validate_ollama_chat(loads(raw)), "b"))
     assert sent["tools"] == [{"type": "function", "function": {"name": "f"}}]
+
+
+@pytest.mark.parametrize("kind", ["chat", "generate"])
+def test_a_streamed_legacy_function_call_is_the_tool_call_it_is_in_a_whole_answer(
+    kind: str,
+) -> None:
+    """A legacy ``function_call`` streamed in fragments was dropped (the client got an empty
+    answer), where the same call in a whole answer is a tool call."""
+    fragments = [{"name": "get_weather", "arguments": ""}, {"arguments": '{"city": '}]
+    fragments.append({"arguments": '"Paris"}'})
+    texts = [
+        json.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "b",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+        )
+        for delta, finish in [
+            ({"role": "assistant", "content": None}, None),
+            *(({"function_call": fragment}, None) for fragment in fragments),
+            ({}, "function_call"),
+        ]
+    ]
+    translator = OllamaStreamTranslator(kind, "m", start_ns=0)  # type: ignore[arg-type]
+    lines = [line for text in texts for line in translator.feed(json.loads(text), 1)]
+    lines.append(translator.finish(2))
+    read = OLLAMA.read(kind, [compact_json(line) for line in lines])
+    calls = [call for part, line in zip(read, lines, strict=True) for call in _calls(part, line)]
+    assert calls == [("get_weather", {"city": "Paris"})]
+    assert read[-1].done and read[-1].done_reason == "stop"

@@ -1424,6 +1424,15 @@ def _other_output(delta: JSONDict) -> bool:
     return bool(delta.get("function_call") or delta.get("audio"))
 
 
+def _legacy_call(delta: JSONDict) -> list[JSONDict]:
+    """A legacy ``function_call`` fragment (the single call of OpenAI's ``functions``, which
+    some backends still answer tools with) as the fragment of a tool call at index 0: a
+    streamed answer holds the call as a non-stream one does (_message_tool_calls), where
+    it was dropped, and the client got an empty answer."""
+    function = delta.get("function_call")
+    return [{"index": 0, "function": function}] if isinstance(function, dict) else []
+
+
 class _StreamStats:
     """What both stream consumers track for metrics: token timing, chunk counts, usage."""
 
@@ -1510,8 +1519,11 @@ class _StreamStats:
         thinking = _thinking(delta)
         calls = delta.get("tool_calls")
         calls = calls if isinstance(calls, list) else []
-        if content or thinking or calls or _other_output(delta):
+        if content or thinking or calls:
             self._count_token(now_ns)
+        elif _other_output(delta):  # looked for only in a chunk without text or tool calls
+            self._count_token(now_ns)
+            calls = _legacy_call(delta)
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self._finish_choice(choice, finish, 0)
