@@ -43,13 +43,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ollama._types import (
     ChatResponse,
+    EmbeddingsResponse,
+    EmbedResponse,
     GenerateResponse,
     Image,
+    ListResponse,
     Message,
     Options,
+    ProcessResponse,
+    ShowResponse,
     Tool,
 )
-from openai.types import Completion, embedding_create_params
+from openai.types import Completion, CreateEmbeddingResponse, embedding_create_params
+from openai.types import Model as OpenAIModel
 from openai.types import completion_create_params as legacy_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as chat_params
@@ -57,6 +63,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from typing_extensions import TypedDict, is_typeddict
 
 from trioproxy.jsonutil import compact_json, loads
+from trioproxy.model_mapping import ModelMapper, with_default_tag
 from trioproxy.translate import (
     MAX_TOP_LOGPROBS,
     OllamaCompletionStreamTranslator,
@@ -70,9 +77,14 @@ from trioproxy.translate import (
     ollama_embeddings_to_openai,
     ollama_generate_to_completions,
     ollama_generate_to_openai,
+    ollama_ps,
+    ollama_show,
     openai_chat_to_ollama_chat,
     openai_chat_to_ollama_generate,
     openai_completion_to_ollama_generate,
+    openai_embeddings_to_ollama_embed,
+    openai_embeddings_to_ollama_embeddings,
+    openai_models_to_ollama_tags,
     read_chunk,
     validate_ollama_chat,
     validate_ollama_embed,
@@ -1051,6 +1063,92 @@ def test_a_raw_prompts_answer_is_one_ollama_python_reads_streamed_or_whole(
 
 
 # =============================================================================================
+# Embeddings and models: openai's answers, read by ollama-python's models
+# =============================================================================================
+
+
+@ANSWERS
+@given(
+    st.lists(st.lists(st.floats(-1, 1, width=32), min_size=1, max_size=4), max_size=4),
+    st.randoms(use_true_random=False),
+    _COUNT,
+    st.integers(0, 5),
+)
+def test_an_embeddings_answer_is_one_ollama_python_reads_in_input_order(
+    vectors: list[list[float]], random: Any, prompt_tokens: int, dimensions: int
+) -> None:
+    data = [
+        {"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)
+    ]
+    random.shuffle(data)  # a backend may answer out of order: index says which is which
+    resp = _dumped(
+        CreateEmbeddingResponse.model_validate(
+            {
+                "object": "list",
+                "data": data,
+                "model": "backend",
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            }
+        )
+    )
+    read = EmbedResponse.model_validate_json(
+        compact_json(openai_embeddings_to_ollama_embed(resp, "m", _TIMINGS, dimensions))
+    )
+    assert [len(v) for v in read.embeddings] == [
+        min(len(v), dimensions) if dimensions else len(v) for v in vectors
+    ]
+    if not dimensions:
+        assert [list(v) for v in read.embeddings] == vectors
+    assert read.prompt_eval_count == prompt_tokens
+    legacy = EmbeddingsResponse.model_validate_json(
+        compact_json(openai_embeddings_to_ollama_embeddings(resp))
+    )
+    assert list(legacy.embedding) == (vectors[0] if vectors else [])
+
+
+_MODEL_ID = st.text(
+    alphabet=st.sampled_from(["a", "b", "7", "-", ".", "/", ":", "é", "😀"]),
+    min_size=1,
+    max_size=12,
+)
+
+
+@ANSWERS
+@given(
+    st.lists(
+        st.builds(
+            lambda model_id, created, owner: {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": owner,
+            },
+            _MODEL_ID,
+            st.integers(-(2**40), 2**40),
+            st.sampled_from(["", "vllm", "openai"]),
+        ),
+        max_size=4,
+    )
+)
+def test_a_model_list_is_tags_show_and_ps_answers_ollama_python_reads(
+    entries: list[dict[str, Any]],
+) -> None:
+    models = [_dumped(OpenAIModel.model_validate(entry)) for entry in entries]
+    mapper = ModelMapper()
+    tags = ListResponse.model_validate_json(
+        compact_json(openai_models_to_ollama_tags(models, mapper))
+    )
+    assert [m.model for m in tags.models] == list(
+        dict.fromkeys(with_default_tag(entry["id"]) for entry in entries)
+    )
+    ps = ProcessResponse.model_validate_json(compact_json(ollama_ps(models, mapper, now_ns=0)))
+    assert len(ps.models) == len(tags.models)
+    for model in models:
+        shown = ShowResponse.model_validate_json(compact_json(ollama_show(model["id"], model)))
+        assert shown.capabilities and shown.details is not None
+
+
+# =============================================================================================
 # What the properties found, each pinned by the shortest case
 # =============================================================================================
 
@@ -1089,6 +1187,19 @@ def test_a_tool_of_another_type_is_sent_as_the_function_tool_it_is() -> None:
     )
     sent = _check_chat_payload(ollama_chat_to_openai(validate_ollama_chat(loads(raw)), "b"))
     assert sent["tools"] == [{"type": "function", "function": {"name": "f"}}]
+
+
+def test_a_model_created_before_the_year_1000_is_listed_as_rfc_3339() -> None:
+    """strftime wrote the year 999 as "999": ollama-python refused ``modified_at``, and
+    with it the whole ``ollama.list()``."""
+    models = [{"id": "m", "object": "model", "created": -30_610_224_001, "owned_by": "x"}]
+    tags = ListResponse.model_validate_json(
+        compact_json(openai_models_to_ollama_tags(models, ModelMapper()))
+    )
+    assert tags.models[0].modified_at is not None
+    assert tags.models[0].modified_at.year == 999
+    shown = ShowResponse.model_validate_json(compact_json(ollama_show("m", models[0])))
+    assert shown.modified_at is not None and shown.modified_at.year == 999
 
 
 @pytest.mark.parametrize("kind", ["chat", "generate"])

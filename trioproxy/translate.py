@@ -886,7 +886,9 @@ def _rfc3339_seconds(unix_seconds: object) -> str:
         dt = datetime.fromtimestamp(int(unix_seconds), UTC)
     except (OverflowError, OSError, ValueError):
         dt = datetime.fromtimestamp(0, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat writes every year in four digits, as RFC 3339 has it: strftime's "%Y" wrote
+    # the year 999 as "999", which ollama-python refuses, and with it the whole model list
+    return dt.isoformat().replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
