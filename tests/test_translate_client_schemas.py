@@ -6,9 +6,10 @@ serialise them, caught by an ``httpx.MockTransport`` before any socket), transla
 payload meant for the backend is checked against the openai package's own request
 ``TypedDict``s (``CompletionCreateParams``, ``EmbeddingCreateParams``), strictly, unknown keys
 refused. Answers are built with the openai package's pydantic models (``ChatCompletion``,
-``ChatCompletionChunk``, ``CreateEmbeddingResponse``, ``Model``) and dumped as a backend sends
-them (``exclude_unset``: explicit nulls kept), translated, and each line is read by
-ollama-python's own response models, as its client reads it.
+``ChatCompletionChunk``, ``Completion``, ``CreateEmbeddingResponse``, ``Model``) and dumped as
+a backend sends them (``exclude_unset``: explicit nulls kept), translated, and read by
+ollama-python's own client (the same MockTransport answering with the translated lines) or
+its response models.
 
 tests/test_protocol_properties.py holds the hand-written shapes (odd JSON, relay reads); this
 file holds what each library says a valid message is. Deterministic (``derandomize``);
