@@ -32,6 +32,7 @@ from trioproxy.logs import (
     TextFormatter,
     request_id_var,
 )
+from trioproxy.routes_ops import ReadinessChecker
 
 from .conftest import ServerProcess, _spawn, base_env, closed_port_url, wait_healthy
 
@@ -269,6 +270,33 @@ def test_the_count_is_never_what_a_long_line_loses(fmt: str) -> None:
         messages = lines
     assert [m[1] for line in messages[1:] if (m := note.search(line))] == ["2", "2"]
     assert all(len(line.encode()) < 4096 for line in lines)  # one pipe write each
+
+
+def test_a_change_of_the_backends_state_is_written_every_time(setup: Setup) -> None:
+    """The reachability lines are written on a change only, so each says what the state
+    is from then on: a backend flapping (a check fails, a request gets through, the next
+    check fails, READY_CHECK_INTERVAL=2) had its second "not reachable" held back, and the
+    log's last word was "reachable again" while it was down (the count came a window
+    later, after, or before, the next change's)."""
+    checker = ReadinessChecker(load_settings({}, dotenv_path=None))
+    ready_log = logging.getLogger("trioproxy.ready")
+    saved = ready_log.handlers[:], ready_log.propagate, ready_log.level
+    ready_log.handlers[:], ready_log.propagate = [setup.handler], False
+    ready_log.setLevel(logging.INFO)
+    try:
+        for _ in range(2):
+            checker._record(False, "connection refused")
+            setup.later(1.0)
+            checker._record(True, None)
+            setup.later(1.0)
+        checker._record(False, "connection refused")
+    finally:
+        ready_log.handlers[:], ready_log.propagate, _ = saved
+        ready_log.setLevel(saved[2])
+    said = [line.split("] ", 1)[1] for line in setup.lines()]
+    down, up = "the backend is not reachable: connection refused", "the backend is reachable again"
+    assert said == [down, up, down, up, down]
+    assert not setup.timers.pending  # no count held for a line of these
 
 
 def test_a_call_whose_arguments_do_not_fit_its_format_still_does_not_raise(

@@ -126,6 +126,11 @@ REPEATS_FIELD = "repeats"
 """On a record that stands for lines not written: (how many, over how many seconds)."""
 SUPPRESSED_FIELD = "suppressed"
 """A JSON line's count of the identical lines it stands for (``repeats``), to sum them."""
+_EVERY_TIME_FIELD = "every_time"
+EVERY_TIME = {_EVERY_TIME_FIELD: True}
+"""``extra=`` of a line written every time, never counted: one logged on a change of state
+only (the backend reachable again, then not), whose order with its opposite is what it
+says; held back, the last such line written would name the state before."""
 _KEY_CHARS = MESSAGE_LIMIT  # of a text kept in a key as it is; past it, its length and hash
 _NOTE_ROOM = 64  # bytes a summary leaves of a cut message for its "... [N more bytes]"
 
@@ -166,8 +171,9 @@ class RepeatedLines(logging.Filter):
     A flood is one line per window; a count waits at most one window.
 
     Never counted: access lines (one per request is what ``ACCESS_LOG`` promises; they
-    have a handler of their own without this filter, and are let through here too) and
-    DEBUG lines (asked for to follow requests line by line). Per handler, so per process:
+    have a handler of their own without this filter, and are let through here too),
+    DEBUG lines (asked for to follow requests line by line) and lines logged with
+    ``extra=EVERY_TIME`` (a change of state). Per handler, so per process:
     each worker of ``--workers N`` counts its own. A request that logs nothing pays
     nothing; a line pays a key and a dict lookup (under a microsecond), and one held back
     saves its formatting and its write.
@@ -197,6 +203,8 @@ class RepeatedLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.INFO or record.name == ACCESS_LOGGER:
+            return True
+        if _EVERY_TIME_FIELD in record.__dict__:
             return True
         try:
             message = record.getMessage()

@@ -22,6 +22,7 @@ from .app import request_app
 from .config import Settings
 from .errors import BadRequest, OutOfFiles, UpstreamStatusError, scrub
 from .limits import open_files_limit, out_of_files
+from .logs import EVERY_TIME
 from .metrics import MetricsCollector
 from .relay import dumps
 from .upstream import UpstreamPool
@@ -225,11 +226,12 @@ class ReadinessChecker:
         self.out_of_files_error = message
 
     def _record(self, reachable: bool, error: str | None) -> None:
-        # a change is logged, not every check: a backend down for an hour is one line
+        # a change is logged, not every check: a backend down for an hour is one line.
+        # Each is written every time (never counted as a repeat): the last says the state
         if not reachable and self.reachable is not False:
-            log.warning("the backend is not reachable: %s", error)
+            log.warning("the backend is not reachable: %s", error, extra=EVERY_TIME)
         elif reachable and self.reachable is False:
-            log.info("the backend is reachable again")
+            log.info("the backend is reachable again", extra=EVERY_TIME)
         self.reachable = reachable
         self.last_error = error
         if self._collector is not None:
