@@ -679,8 +679,8 @@ async def _telling_start(reader: _Reader, data: bytes, response: httpx.Response)
 
 
 def _undecided(data: bytes, response: httpx.Response) -> bool:
-    if len(data) < len(_BOM) and _BOM.startswith(data):
-        return True  # a byte order mark, in pieces
+    if len(data) <= len(_BOM) and _BOM.startswith(data):
+        return True  # a byte order mark, in pieces or whole: what comes after it is told
     start = data.removeprefix(_BOM).lstrip()
     if not any(len(start) < len(field) and field.startswith(start) for field in _EVENT_LINE_STARTS):
         return False
