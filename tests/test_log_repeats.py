@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -208,6 +209,31 @@ def test_exit_writes_the_counts_still_held(setup: Setup) -> None:
     assert lines[2].endswith(" (1 identical line suppressed in the last 2.5 s)")
     logs.flush_repeats()
     assert len(setup.lines()) == 3  # written once
+
+
+def test_a_forked_child_writes_none_of_its_parents_counts(setup: Setup) -> None:
+    """The parent's counts are the parent's to write: a forked child that exits normally
+    (and runs the exit's flush) wrote them a second time, and a timer armed in the parent
+    (a thread the child does not have) kept the child from arming its own."""
+    setup.log(FAILED, "127.0.0.1:9")
+    setup.log(FAILED, "127.0.0.1:9")  # a count held, a timer armed
+    assert len(setup.lines()) == 1 and setup.repeats._armed < float("inf")
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's report goes through the pipe)
+        try:
+            logs.flush_repeats()
+            report = f"{len(setup.lines())} {setup.repeats._armed}"
+            os.write(writing, report.encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading) as pipe:
+        report = pipe.read()
+    os.waitpid(child, 0)
+    assert report == "1 inf"
+    setup.repeats.flush()  # the parent's, still the parent's
+    assert setup.lines()[1].endswith("(1 identical line suppressed in the last 0 s)")
 
 
 def test_memory_is_bounded_and_a_forgotten_line_keeps_its_count() -> None:
