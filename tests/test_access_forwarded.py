@@ -87,6 +87,32 @@ def test_the_program_exits_2_on_another_header() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("header", "allowed", "warned"),
+    [("X-Real-IP", None, True), ("Forwarded", None, True), ("X-Real-IP", "127.0.0.1", False),
+     ("X-Forwarded-For", None, False)],
+)  # fmt: skip
+def test_a_header_named_without_proxies_to_believe_it_from_is_a_warning(
+    demo_backend: ServerProcess,
+    start_proxy: StartProxy,
+    header: str,
+    allowed: str | None,
+    warned: bool,
+) -> None:
+    """FORWARDED_HEADER without FORWARDED_ALLOW_IPS reads nothing: said at start, not left
+    for the operator to find in addresses that never change (the default header, unset
+    by most, is no reason to say anything)."""
+    trusted = {"FORWARDED_ALLOW_IPS": allowed} if allowed else {}
+    server = start_proxy(demo_backend.url, LOG_LEVEL="INFO", FORWARDED_HEADER=header, **trusted)
+    expected = f"FORWARDED_HEADER={header} is not read: FORWARDED_ALLOW_IPS names no proxy"
+    # the line comes before the server serves; the pipe's reader may be a moment behind
+    started = " serving; backend "
+    deadline = time.monotonic() + 10
+    while started not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (expected in server.log()) is warned, server.log()
+
+
 def test_the_header_defaults_to_x_forwarded_for_and_is_checked_given_in_python() -> None:
     assert load_settings(environ={}, dotenv_path=None).forwarded_header == "X-Forwarded-For"
     given = load_settings(environ={}, dotenv_path=None, forwarded_header="x-real-ip")

@@ -32,7 +32,7 @@ from . import (
     hypercorn_patches,  # applies its fixes on import
 )
 from .auth import ClientKeys
-from .client_address import ClientAddresses, peer_address
+from .client_address import X_FORWARDED_FOR, ClientAddresses, peer_address
 from .config import (
     DEFAULT_ENV_FILE,
     ENV_FILE_VARIABLE,
@@ -368,6 +368,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         # each of plain hypercorn's
         open_files, _ = raise_open_files_limit()
         _fit_connections_to_files(app, open_files)
+        _warn_unread_forwarded_header(settings)
         app.pool = UpstreamPool(settings, app.collector)
         app.background_scope = trio.CancelScope()  # type: ignore[attr-defined]
         await app.nursery.start(_background, app)
@@ -533,6 +534,17 @@ def _fit_connections_to_files(app: ProxyApp, open_files: int) -> None:
             cap.limit,
         )
         cap.lower_to(room)
+
+
+def _warn_unread_forwarded_header(settings: Settings) -> None:
+    """A header named in FORWARDED_HEADER is believed only from the proxies of
+    FORWARDED_ALLOW_IPS: naming one without them reads nothing, silently otherwise."""
+    if settings.forwarded_header != X_FORWARDED_FOR and not settings.forwarded_allow_ips:
+        log.warning(
+            "FORWARDED_HEADER=%s is not read: FORWARDED_ALLOW_IPS names no proxy to believe "
+            "it from (the access log names the connecting peer)",
+            settings.forwarded_header,
+        )
 
 
 def _settle_garbage_collector() -> None:
