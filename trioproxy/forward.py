@@ -25,6 +25,7 @@ from .errors import (
     upstream_error_message,
 )
 from .exchange import Call, RequestState
+from .json_threads import OFF_LOOP_BYTES, off_loop
 from .jsonutil import NestedTooDeeply, compact_json, loads, whole_number
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
@@ -36,7 +37,8 @@ T = TypeVar("T")
 
 
 def json_object(call: Call) -> dict[str, Any]:
-    """The request body as a JSON object; a client mistake is a 400, never a 500."""
+    """The request body as a JSON object; a client mistake is a 400, never a 500. For a
+    body of up to OFF_LOOP_BYTES: a larger one is :func:`json_object_in_thread`'s."""
     raw = call.body
     if not raw:
         raise BadRequest("missing request body", param=None)
@@ -45,13 +47,48 @@ def json_object(call: Call) -> dict[str, Any]:
     try:
         body = _decoded(raw, lenient=call.path.startswith("/api/"))
     except ValueError as exc:  # UnicodeDecodeError and NestedTooDeeply included
-        raise BadRequest(f"invalid JSON in request body: {exc}") from None
+        raise _invalid_json(exc) from None
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise _not_an_object()
     metric = call.state.metric
     if metric is not None and not metric.request_size:
         metric.request_size = len(raw)
     return body
+
+
+async def json_object_in_thread(call: Call) -> dict[str, Any]:
+    """:func:`json_object` for a body over OFF_LOOP_BYTES: checked and decoded in a JSON
+    thread (json_threads), the same errors raised. The callers test the size, so that a
+    small body pays one comparison for it, not a coroutine; ``json_object`` keeps its
+    steps inline for the same reason."""
+    raw = call.body
+    lenient = call.path.startswith("/api/")
+    body = await off_loop(_checked_object, raw, lenient, abandon_on_cancel=True)
+    metric = call.state.metric  # on the loop: the metrics are not the thread's to touch
+    if metric is not None and not metric.request_size:
+        metric.request_size = len(raw)
+    return body
+
+
+def _checked_object(raw: bytes, lenient: bool) -> dict[str, Any]:
+    """:func:`json_object`'s checks and decoding of a non-empty body, for a thread."""
+    if len(raw) > _COUNTED_BODY_BYTES:
+        _refuse_what_decodes_too_large(raw)
+    try:
+        body = _decoded(raw, lenient=lenient)
+    except ValueError as exc:
+        raise _invalid_json(exc) from None
+    if not isinstance(body, dict):
+        raise _not_an_object()
+    return body
+
+
+def _invalid_json(exc: ValueError) -> BadRequest:
+    return BadRequest(f"invalid JSON in request body: {exc}")
+
+
+def _not_an_object() -> BadRequest:
+    return BadRequest("request body must be a JSON object")
 
 
 # Decoded, a body of tiny values takes up to 30 times its size (57 MiB of "[]," made
@@ -128,6 +165,13 @@ def encode(payload: Any) -> bytes:
         raise _too_deep_to_forward() from None
 
 
+async def encode_in_thread(payload: Any) -> bytes:
+    """:func:`encode` in a JSON thread, for a payload written from a client's body over
+    OFF_LOOP_BYTES (and so about as large): not abandoned to a client that leaves, since
+    the payload is the request's own object, read by the thread until it is done."""
+    return await off_loop(encode, payload)
+
+
 def for_backend(translate: Callable[..., T], *args: Any) -> T:
     """``translate(*args)`` on the client's request: a translation that writes part of it
     as JSON text (a tool call's arguments) fails for the client's depth as :func:`encode`
@@ -183,14 +227,24 @@ async def call_json(
     """Non-streaming backend call; returns the decoded JSON body. ``masked``: the backend's
     secrets replaced by ``***`` before it is decoded, for what is not a reply masked on its
     way out (the model list, which several routes answer from)."""
-    body = payload if isinstance(payload, bytes | None) else encode(payload)
+    if isinstance(payload, bytes | None):
+        body = payload
+    elif len(call.body) <= OFF_LOOP_BYTES:  # tested here: a coroutine per request costs more
+        body = encode(payload)
+    else:
+        body = await encode_in_thread(payload)
     result = await call_raw(call, path, body, method=method)
     content = result.response.content
     if masked:
         content = call.app.settings.backend_secrets.mask_body(content)
+    # embeddings are floats only: no integer there needs the exactness test
+    exact_integers = path != "/embeddings"
     try:
-        # embeddings are floats only: no integer there needs the exactness test
-        payload = json_answer(content, exact_integers=path != "/embeddings")
+        if len(content) <= OFF_LOOP_BYTES:
+            payload = json_answer(content, exact_integers=exact_integers)
+        else:  # bytes in, a new object out: a client that leaves need not wait for it
+            decode = partial(json_answer, content, exact_integers=exact_integers)
+            payload = await off_loop(decode, abandon_on_cancel=True)
     except BadUpstreamResponse:
         call.app.collector.upstream_error("protocol")
         raise
@@ -354,7 +408,12 @@ async def open_stream(
     ever iterated, so a client that leaves during the response start cannot leak the
     backend connection (stack notes P9)."""
     state = call.state
-    body = payload if isinstance(payload, bytes | None) else encode(payload)
+    if isinstance(payload, bytes | None):
+        body = payload
+    elif len(call.body) <= OFF_LOOP_BYTES:  # tested here: a coroutine per request costs more
+        body = encode(payload)
+    else:
+        body = await encode_in_thread(payload)
     metric = state.metric
     if metric is not None:
         # a stream from the start: one that times out, fails or is left by its client

@@ -41,12 +41,14 @@ from .forward import (
     for_backend,
     from_backend,
     json_object,
+    json_object_in_thread,
     note_model,
     note_usage,
     open_chat_stream,
     open_stream,
     validated,
 )
+from .json_threads import OFF_LOOP_BYTES, off_loop
 from .jsonutil import WHOLE_NUMBER_LIMIT
 from .relay import NDJSON, STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 from .signatures import ThoughtSignatures
@@ -99,7 +101,10 @@ async def ps() -> Response:
 @blueprint.post("/api/show")
 async def show() -> Response:
     call = await current_call()
-    name = _named_model(json_object(call))
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
+    name = _named_model(body)
     note_model(call.state, name)
     entry = await listed_entry(call, name)
     if entry is None:
@@ -119,7 +124,9 @@ async def pull() -> Response:
     models: one it lists is there, and the pull succeeds as Ollama's does for a model
     already pulled; one it does not list cannot be had through the proxy (404)."""
     call = await current_call()
-    body = json_object(call)
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
     name = _named_model(body)
     stream = body.get("stream")
     if stream is None:  # absent or null: Ollama's *bool, which streams by default
@@ -153,14 +160,20 @@ def _named_model(body: dict[str, Any]) -> str:
 
 
 async def chat(call: Call) -> Reply:
-    body = validated(tr.validate_ollama_chat, json_object(call))
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
+    body = validated(tr.validate_ollama_chat, body)
     if not body.get("messages"):
         return await _load_reply(call, "chat", body)
     return await _generate_or_chat(call, "chat", body, tr.ollama_chat_to_openai)
 
 
 async def generate(call: Call) -> Reply:
-    body = validated(tr.validate_ollama_generate, json_object(call))
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
+    body = validated(tr.validate_ollama_generate, body)
     if not body.get("prompt"):  # images or not, as Ollama answers it
         return await _load_reply(call, "generate", body)
     if body.get("raw") is True:
@@ -372,7 +385,10 @@ def _backend_ns(milliseconds: object) -> int | None:
 
 
 async def embed(call: Call) -> Reply:
-    body = validated(tr.validate_ollama_embed, json_object(call))
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
+    body = validated(tr.validate_ollama_embed, body)
     note_model(call.state, body["model"])
     if body.get("input") in (None, "", []):
         # Ollama answers "nothing to embed" with no vectors (vector stores send empty
@@ -382,26 +398,38 @@ async def embed(call: Call) -> Reply:
     start_ns = time.perf_counter_ns()
     backend_model = await backend_name_for(call, body["model"])
     payload = tr.ollama_embed_to_openai(body, backend_model)
-    resp = await _embed_in_batches(call, payload, body["model"])
+    resp, answered = await _embed_in_batches(call, payload, body["model"])
     note_usage(call.state, resp)
     elapsed = time.perf_counter_ns() - start_ns
     timings = tr.Timings(total_ns=elapsed, prompt_eval_ns=elapsed, eval_ns=0)
     convert = tr.openai_embeddings_to_ollama_embed
     dimensions = body.get("dimensions") or 0
-    return _json_reply(from_backend(call, convert, resp, body["model"], timings, dimensions))
+    out = from_backend(call, convert, resp, body["model"], timings, dimensions)
+    return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
 
 
 async def embeddings(call: Call) -> Reply:
-    body = validated(tr.validate_ollama_embeddings, json_object(call))
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
+    body = validated(tr.validate_ollama_embeddings, body)
     note_model(call.state, body["model"])
     if tr.ollama_embeddings_input(body) in ("", []):  # Ollama: an empty prompt loads the model
         await _require_known_model(call, body["model"])
         return _json_reply({"embedding": []})
     backend_model = await backend_name_for(call, body["model"])
     payload = tr.ollama_embeddings_to_openai(body, backend_model)
-    resp = await _embed_in_batches(call, payload, body["model"])
+    resp, answered = await _embed_in_batches(call, payload, body["model"])
     note_usage(call.state, resp)
-    return _json_reply(from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp))
+    out = from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp)
+    return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
+
+
+async def _json_reply_in_thread(payload: Any) -> Reply:
+    """:func:`_json_reply` for the translation of an answer over OFF_LOOP_BYTES (about as
+    large), encoded in a JSON thread; waited for by a client that leaves: ``payload`` is
+    the request's own object."""
+    return Reply(200, await off_loop(dumps, payload))
 
 
 # batches of one request asked for at once: a large ingest is cut into many (see
@@ -409,21 +437,23 @@ async def embeddings(call: Call) -> Reply:
 EMBED_BATCHES_AT_ONCE = 4
 
 
-async def _embed_in_batches(call: Call, payload: tr.JSONDict, model: str) -> tr.JSONDict:
+async def _embed_in_batches(
+    call: Call, payload: tr.JSONDict, model: str
+) -> tuple[tr.JSONDict, int]:
     """The backend's ``/embeddings`` answer for every input of ``payload``, asked for in
     batches OpenAI takes (Ollama takes any number; LangChain's ``embed_documents`` sends
-    every text at once), up to EMBED_BATCHES_AT_ONCE at a time, joined in input order. A
-    batch answered with another number of vectors than it had inputs is a 502: the
-    clients pair texts and vectors by position."""
+    every text at once), up to EMBED_BATCHES_AT_ONCE at a time, joined in input order,
+    and the bytes the backend answered them in. A batch answered with another number of
+    vectors than it had inputs is a 502: the clients pair texts and vectors by position."""
     batches = tr.embed_batches(payload)
     with _model_not_found_as_ollama(model, payload["model"]):
-        answers = await _ask_each(call, batches)
+        answers, answered = await _ask_each(call, batches)
     for batch, resp in zip(batches, answers, strict=True):
         got, sent = from_backend(call, tr.embedding_count, resp), len(batch["input"])
         if got != sent:
             call.app.collector.upstream_error("protocol")
             raise BadUpstreamResponse(f"the backend returned {got} embeddings for {sent} inputs")
-    return tr.joined_embeddings(answers)
+    return tr.joined_embeddings(answers), answered
 
 
 def _note_empty_inputs(error: UpstreamStatusError, batch: tr.JSONDict) -> None:
@@ -438,20 +468,20 @@ def _note_empty_inputs(error: UpstreamStatusError, batch: tr.JSONDict) -> None:
         )
 
 
-async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]:
-    """The backend's answers to ``batches``, in their order; its time is from the first
-    one's start to the last one's end. A refusal of one batch of several says which inputs
-    it held (the backend's message counts from the start of the batch: OpenAI's
-    "input[3]") and stops the others: the first failure is the answer. Together the
-    answers are bounded as one answer is (MAX_RESPONSE_BYTES): they are all held until
-    the last one is in."""
+async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> tuple[list[tr.JSONDict], int]:
+    """The backend's answers to ``batches``, in their order, and their bytes together; its
+    time is from the first one's start to the last one's end. A refusal of one batch of
+    several says which inputs it held (the backend's message counts from the start of the
+    batch: OpenAI's "input[3]") and stops the others: the first failure is the answer.
+    Together the answers are bounded as one answer is (MAX_RESPONSE_BYTES): they are all
+    held until the last one is in."""
     if len(batches) == 1:
         try:
-            resp, _ = await _ask_embeddings(call, batches[0])
+            resp, result = await _ask_embeddings(call, batches[0])
         except UpstreamStatusError as error:
             _note_empty_inputs(error, batches[0])
             raise
-        return [resp]
+        return [resp], len(result.response.content)
     answers: list[tr.JSONDict | None] = [None] * len(batches)
     failures: list[ProxyError] = []
     held, limit = 0, call.app.settings.max_response_bytes
@@ -488,7 +518,7 @@ async def _ask_each(call: Call, batches: list[tr.JSONDict]) -> list[tr.JSONDict]
         raise failures[0]
     if call.state.metric is not None:
         call.state.metric.upstream_ms = (time.perf_counter() - started) * 1000.0
-    return [resp for resp in answers if resp is not None]
+    return [resp for resp in answers if resp is not None], held
 
 
 async def _ask_embeddings(call: Call, batch: tr.JSONDict) -> tuple[Any, UpstreamResult]:

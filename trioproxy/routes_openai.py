@@ -29,13 +29,16 @@ from .forward import (
     call_raw,
     delimited_by_framing,
     encode,
+    encode_in_thread,
     json_object,
+    json_object_in_thread,
     note_model,
     note_usage_counts,
     open_stream,
     require_json_object,
     validated,
 )
+from .json_threads import OFF_LOOP_BYTES, off_loop
 from .jsonutil import loads, top_level_member
 from .ledger import MAX_ID_CHARS, Counted, ResponsesLedger, finished_usage, pending_id
 from .relay import (
@@ -61,7 +64,10 @@ async def forward(
 ) -> Reply:
     app = call.app
     state = call.state
-    body = validated(tr.validate_openai_body, json_object(call), require_model=require_model)
+    body = (
+        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
+    )
+    body = validated(tr.validate_openai_body, body, require_model=require_model)
     client_model = body.get("model")
     backend_model = client_model
     if client_model is not None:
@@ -70,8 +76,10 @@ async def forward(
     if backend_model == client_model:
         # nothing to rewrite: forward the client's bytes as they came
         payload = call.body
-    else:
+    elif len(call.body) <= OFF_LOOP_BYTES:
         payload = encode(tr.openai_passthrough_request(body, backend_model))
+    else:
+        payload = await encode_in_thread(tr.openai_passthrough_request(body, backend_model))
     if body.get("stream") is True:
         result = await open_stream(call, backend_path, payload)
         rewrite = None
@@ -91,6 +99,10 @@ async def forward(
     _note_usage(call, content)
     if creates_response and body.get("background") is True:
         _owe_when_queued(app.ledger, content)
+    if len(content) > OFF_LOOP_BYTES:
+        asked = body if embeddings else None
+        content = await _large_answer_as_asked(content, asked, backend_model, client_model)
+        return _whole_reply(call, result, content)
     if embeddings:
         content = _embeddings_as_asked(content, body)
     if backend_model != client_model:
@@ -245,14 +257,21 @@ async def by_id(
     if method == "DELETE":
         app.ledger.forget(response_id)
         return _whole_reply(call, result, content)
-    payload = _json_object(content)
+    large = len(content) > OFF_LOOP_BYTES  # a response with an image in base64, say
+    # bytes in, a new object or bytes out: a client that leaves need not wait for them
+    payload = (
+        await off_loop(_json_object, content, abandon_on_cancel=True)
+        if large
+        else _json_object(content)
+    )
     _settle(call, app.ledger, payload)
     model = payload.get("model") if payload is not None else None
     if isinstance(model, str):
         client_model = mapper.to_client(model)
         _note_backend_model(call, client_model)
         if client_model != model:
-            content = _rewrite_model_json(content, model, client_model)
+            rename = partial(_rewrite_model_json, content, model, client_model)
+            content = await off_loop(rename, abandon_on_cancel=True) if large else rename()
     return _whole_reply(call, result, content)
 
 
@@ -407,6 +426,38 @@ def _model_member(name: str, separator: str, ascii_only: bool = True) -> bytes:
     return f'"model":{separator}{json.dumps(name, ensure_ascii=ascii_only)}'.encode()
 
 
+async def _large_answer_as_asked(
+    content: bytes,
+    embeddings: dict[str, Any] | None,
+    backend_model: str | None,
+    client_model: str | None,
+) -> bytes:
+    """A non-stream answer over OFF_LOOP_BYTES as the client asked for it: the steps
+    :func:`forward` takes on a smaller one (its embeddings as the request ``embeddings``
+    asked, if it is one; the backend's model name as the client's), in a JSON thread when
+    one of them decodes and encodes it whole."""
+    conversion = _conversion_asked(content, embeddings) if embeddings is not None else None
+    rename = (backend_model, client_model) if backend_model != client_model else None
+    if conversion is None and rename is None:
+        return content  # as asked: relayed as it came, no thread
+    # bytes in, bytes out: a client that leaves need not wait for it
+    answer = partial(_answer_as_asked, content, conversion, rename)
+    return await off_loop(answer, abandon_on_cancel=True)
+
+
+def _answer_as_asked(
+    content: bytes, conversion: tuple[int, bool] | None, rename: tuple[str, str] | None
+) -> bytes:
+    """For a JSON thread: ``content`` with its embeddings converted (``conversion``:
+    :func:`_conversion_asked`) and the backend's model name as the client's (``rename``:
+    the backend's, the client's)."""
+    if conversion is not None:
+        content = _converted(content, *conversion)
+    if rename is not None:
+        content = _rewrite_model_json(content, *rename)
+    return content
+
+
 def _rewrite_model_json(content: bytes, backend_model: str, client_model: str) -> bytes:
     """The backend's name for the model as the client's, as streams have it rewritten
     (``_model_rewriter``): only that name. A backend that names another model (OpenAI's
@@ -438,16 +489,30 @@ def _embeddings_as_asked(content: bytes, body: dict[str, Any]) -> bytes:
     SDK for JavaScript asks for base64 by default and decodes what it gets as base64
     without looking, so floats became vectors of zeros, without an error). An answer
     already as asked is relayed as it came."""
+    asked = _conversion_asked(content, body)
+    return content if asked is None else _converted(content, *asked)
+
+
+def _conversion_asked(content: bytes, body: dict[str, Any]) -> tuple[int, bool] | None:
+    """What an embeddings answer must become for ``body`` (:func:`_embeddings_as_asked`),
+    told without decoding it: the length to cut its vectors to (0: none) and whether to
+    encode them in base64; None when it is as asked."""
     in_base64 = body.get("encoding_format") == "base64"
     dimensions = body.get("dimensions")
     cut = dimensions if type(dimensions) is int and dimensions > 0 else 0
     if not (in_base64 or cut) or (first := _FLOAT_VECTOR.search(content)) is None:
-        return content
+        return None
     if not in_base64 and _values_in(content, first.end()) <= cut:
         # a backend that honoured dimensions (OpenAI, vLLM): one model's vectors are all as
         # long as its first, so there is nothing to cut, and no need to decode an answer
         # of megabytes (a batch of 2,048 vectors of 256 held the event loop for 70 ms)
-        return content
+        return None
+    return cut, in_base64
+
+
+def _converted(content: bytes, cut: int, in_base64: bool) -> bytes:
+    """An embeddings answer's vectors cut to ``cut`` values (when positive) and in base64
+    (if ``in_base64``); as it came if it cannot be read, or nothing changed."""
     try:
         payload = loads(content, exact_integers=False)
     except ValueError:

@@ -1,0 +1,418 @@
+"""Large JSON is decoded and encoded in a worker thread, so the event loop keeps serving.
+
+Past ``OFF_LOOP_BYTES`` (256 KiB) a client's body is checked and decoded, a payload the
+proxy writes from it encoded, a backend's answer decoded and its translation encoded in a
+JSON thread (``trioproxy.json_threads``); smaller ones on the loop, as before. Most tests
+here serve the proxy in this process (hypercorn on a real socket on 127.0.0.1, the demo
+backend in its own process) so that they can watch which thread did the work; the
+dialect tests use the ``proxy`` fixture's process. No wall-clock timing is asserted: a
+held decode waits on an event that only a loop that kept serving can set.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypercorn.trio import serve
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioproxy import forward, hypercorn_patches, routes_ollama, routes_openai
+from trioproxy.app import create_app
+from trioproxy.cli import hypercorn_config
+from trioproxy.config import Settings
+from trioproxy.json_threads import OFF_LOOP_BYTES, json_threads
+
+from .conftest import ServerProcess
+from .fakes import FULL_LENGTH_VECTOR, FullLengthEmbeddings, serving
+
+LARGE_IMAGE = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 3000).decode()
+assert len(LARGE_IMAGE) > 2 * OFF_LOOP_BYTES  # a 1 MB body: checked, decoded in a thread
+# an answer of 64 vectors of 2,048 floats: ~2.5 MB, past the threshold
+LARGE_EMBED = {"input": [f"text {i}" for i in range(64)], "dimensions": 2048}
+# a held thread waits at most this long before it goes on by itself: on code that decodes
+# on the loop, what releases it can never run, and the test fails instead of hanging
+HOLD_SECONDS = 5.0
+
+
+@asynccontextmanager
+async def serving_proxy(upstream: str, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The proxy in this process and this trio run, on a real socket; a client for it."""
+    # an earlier one's shutdown ended every write of the process by its run's clock (the
+    # program serves once per process): this one's writes start without that end
+    hypercorn_patches._writes_end_at = math.inf
+    app = create_app(Settings(upstream_url=upstream, host="127.0.0.1", port=0, **settings))
+    config = hypercorn_config(app.settings)
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        try:
+            async with httpx.AsyncClient(base_url=binds[0], timeout=30) as client:
+                yield client
+        finally:
+            stop.set()
+
+
+class Watched:
+    """A function of a module, replaced by one that notes, for each call, the size of what
+    it was given and whether it ran on the event loop's (the main) thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        original = getattr(module, name)
+
+        def watched(first: Any, *args: Any, **kwargs: Any) -> Any:
+            on_loop = threading.current_thread() is threading.main_thread()
+            self.calls.append((_size(first), on_loop))
+            return original(first, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, watched)
+
+    def take(self) -> list[tuple[int, bool]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _size(value: Any) -> int:
+    """Bytes of JSON text, or about those of a payload written as JSON."""
+    if isinstance(value, bytes | str):
+        return len(value)
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def _chat(path: str, image: str | None) -> dict[str, Any]:
+    """A non-stream chat in ``path``'s dialect, with ``image`` (base64) if given."""
+    if path.startswith("/api/"):
+        message: dict[str, Any] = {"role": "user", "content": "what is this?"}
+        if image is not None:
+            message["images"] = [image]
+    else:
+        content: list[dict[str, Any]] = [{"type": "text", "text": "what is this?"}]
+        if image is not None:
+            url = "data:image/png;base64," + image
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        message = {"role": "user", "content": content}
+    return {"model": "demo-chat", "stream": False, "messages": [message]}
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_a_large_body_is_decoded_in_a_thread_a_small_one_on_the_loop(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    decoded = Watched(monkeypatch, forward, "_decoded")
+    encoded = Watched(monkeypatch, forward, "encode")
+    async with serving_proxy(demo_backend.url) as client:
+        small = await client.post(path, json=_chat(path, None))
+        assert small.status_code == 200, small.text
+        assert decoded.take() == [(len(small.request.content), True)]
+        # /api/chat writes the backend's request from the client's: on the loop too
+        assert all(on_loop for _, on_loop in encoded.take())
+
+        large = await client.post(path, json=_chat(path, LARGE_IMAGE))
+        assert large.status_code == 200, large.text
+        assert decoded.take() == [(len(large.request.content), False)]
+        written = encoded.take()
+        if path.startswith("/api/"):  # its image goes to the backend in a request ~1 MB too
+            assert [on_loop for _, on_loop in written] == [False]
+            assert written[0][0] > OFF_LOOP_BYTES
+        else:  # forwarded as it came: nothing to write
+            assert written == []
+
+
+async def test_a_large_embeddings_answer_is_decoded_and_encoded_in_a_thread(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/api/embed``: the backend's answer decoded, its translation encoded for the
+    client, each in a thread when the answer is large, on the loop when it is small."""
+    answers = Watched(monkeypatch, forward, "json_answer")
+    replies = Watched(monkeypatch, routes_ollama, "dumps")
+    async with serving_proxy(demo_backend.url) as client:
+        small = await client.post("/api/embed", json={"model": "demo-embed", "input": "hi"})
+        assert small.status_code == 200, small.text
+        assert [on_loop for _, on_loop in answers.take()] == [True]
+        assert [on_loop for _, on_loop in replies.take()] == [True]
+
+        large = await client.post("/api/embed", json={"model": "demo-embed", **LARGE_EMBED})
+        assert large.status_code == 200, large.text
+        assert len(large.json()["embeddings"]) == 64
+        assert len(large.json()["embeddings"][0]) == 2048
+        ((answer_bytes, on_loop),) = answers.take()
+        assert answer_bytes > OFF_LOOP_BYTES and not on_loop
+        ((reply_bytes, on_loop),) = replies.take()
+        assert reply_bytes > OFF_LOOP_BYTES and not on_loop
+
+
+async def test_a_large_openai_answer_rewritten_for_the_client_is_rewritten_in_a_thread(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/v1/embeddings`` for a mapped model: the answer is decoded to rename its model and
+    encoded again, in a thread when it is large."""
+    renamed = Watched(monkeypatch, routes_openai, "_rewrite_model_json")
+    mapping = {"client-embed": "demo-embed"}
+    async with serving_proxy(demo_backend.url, model_mapping=mapping) as client:
+        small = await client.post("/v1/embeddings", json={"model": "client-embed", "input": "x"})
+        assert small.status_code == 200, small.text
+        assert small.json()["model"] == "client-embed"
+        assert [on_loop for _, on_loop in renamed.take()] == [True]
+
+        large = await client.post("/v1/embeddings", json={"model": "client-embed", **LARGE_EMBED})
+        assert large.status_code == 200, large.text
+        assert large.json()["model"] == "client-embed"
+        assert len(large.json()["data"]) == 64
+        ((answer_bytes, on_loop),) = renamed.take()
+        assert answer_bytes > OFF_LOOP_BYTES and not on_loop
+
+
+async def test_a_large_embeddings_answer_converted_for_the_client_is_converted_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/v1/embeddings`` asking for base64 of a backend that writes floats (llama.cpp's
+    server): the answer is decoded to encode its vectors, in a thread when it is large."""
+    decoded = Watched(monkeypatch, routes_openai, "loads")
+    inputs = [f"text {i}" for i in range(1500)]  # ~350 KB of floats
+    with serving(FullLengthEmbeddings) as backend:
+        async with serving_proxy(backend) as client:
+            for batch, decoded_on_loop in ((inputs[:1], True), (inputs, False)):
+                asked = {"model": "demo-embed", "input": batch, "encoding_format": "base64"}
+                response = await client.post("/v1/embeddings", json=asked)
+                assert response.status_code == 200, response.text
+                data = response.json()["data"]
+                assert len(data) == len(batch)
+                vector = struct.unpack("<8f", base64.b64decode(data[-1]["embedding"]))
+                assert vector == pytest.approx(FULL_LENGTH_VECTOR)
+                ((answer_bytes, on_loop),) = decoded.take()
+                assert on_loop is decoded_on_loop
+                assert (answer_bytes > OFF_LOOP_BYTES) is not decoded_on_loop
+
+
+async def test_a_large_stored_response_read_back_is_decoded_in_a_thread(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Responses API answer read by id is decoded (its usage settled, its model named
+    for the client): in a thread when it is large (the input items of a long input here;
+    an image generated in base64 elsewhere), on the loop when it is small."""
+    decoded = Watched(monkeypatch, routes_openai, "loads")
+    async with serving_proxy(demo_backend.url) as client:
+        long_input = "x" * (2 * OFF_LOOP_BYTES)
+        created = await client.post(
+            "/v1/responses", json={"model": "demo-chat", "input": long_input}
+        )
+        assert created.status_code == 200, created.text
+        response_id = created.json()["id"]
+        decoded.take()
+        read = await client.get(f"/v1/responses/{response_id}")
+        assert read.status_code == 200, read.text
+        assert [on_loop for _, on_loop in decoded.take()] == [True]
+        items = await client.get(f"/v1/responses/{response_id}/input_items")
+        assert items.status_code == 200, items.text
+        assert long_input in items.text
+        ((answer_bytes, on_loop),) = decoded.take()
+        assert answer_bytes > OFF_LOOP_BYTES and not on_loop
+
+
+class HeldDecoding:
+    """``forward._decoded`` held, for a body over the threshold, until :attr:`release` is
+    set (at most HOLD_SECONDS); notes whether it was released (True) or went on by itself
+    (False). :attr:`entered` is set when a held decoding starts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.released: list[bool] = []
+        self.finished = threading.Event()
+        original = forward._decoded
+
+        def held(raw: bytes, *, lenient: bool) -> Any:
+            if len(raw) > OFF_LOOP_BYTES:
+                self.entered.set()
+                self.released.append(self.release.wait(HOLD_SECONDS))
+                try:
+                    return original(raw, lenient=lenient)
+                finally:
+                    self.finished.set()
+            return original(raw, lenient=lenient)
+
+        monkeypatch.setattr(forward, "_decoded", held)
+
+    async def wait_entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.entered.wait, 2 * HOLD_SECONDS)
+
+
+async def test_a_stream_flows_to_its_end_while_a_large_body_is_being_decoded(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 MB body's decoding is held until a stream on the same worker has been read to
+    its last line: on the loop, it would hold every stream with it (and go on only after
+    HOLD_SECONDS, unreleased)."""
+    held = HeldDecoding(monkeypatch)
+    answers: list[httpx.Response] = []
+    async with serving_proxy(demo_backend.url) as client:
+
+        async def large_request() -> None:
+            answers.append(await client.post("/api/chat", json=_chat("/api/chat", LARGE_IMAGE)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(large_request)
+            await held.wait_entered()
+            stream = {
+                "model": "demo-chat",
+                "messages": [{"role": "user", "content": "count [[tokens=20]]"}],
+            }
+            lines = []
+            async with client.stream("POST", "/api/chat", json=stream) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    lines.append(json.loads(line))
+            held.release.set()
+        assert held.released == [True]
+        assert lines[-1]["done"] is True and len(lines) == 21
+    assert [answer.status_code for answer in answers] == [200]
+
+
+def _requests_with_status(text: str, status: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "http_requests_total" and sample.labels.get("status") == status
+    )
+
+
+async def test_a_client_that_leaves_mid_decode_is_let_go_and_the_backend_never_asked(
+    demo_backend: ServerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    demo_events: Callable[[], list[dict]],
+) -> None:
+    """The decoding of a body is abandoned to a client that leaves: its request ends (a
+    499) while the thread still runs, the thread's token stays borrowed until it is done
+    (the bound holds), and its result goes nowhere: no backend request."""
+    held = HeldDecoding(monkeypatch)
+    request_id = "left-mid-decode-" + uuid.uuid4().hex
+    body = json.dumps(_chat("/api/chat", LARGE_IMAGE)).encode()
+    async with serving_proxy(demo_backend.url) as client:
+        port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        head = (
+            f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await stream.send_all(head.encode() + body)
+        await held.wait_entered()
+        await stream.aclose()
+        with trio.fail_after(HOLD_SECONDS):  # seen while the thread is still held
+            while True:
+                scraped = await client.get("/v1/metrics/prometheus")
+                if _requests_with_status(scraped.text, "499") == 1:
+                    break
+                await trio.sleep(0.02)
+        assert not held.finished.is_set()
+        assert json_threads().borrowed_tokens == 1
+        held.release.set()
+        with trio.fail_after(HOLD_SECONDS):  # returned by the thread: there is no event
+            while json_threads().borrowed_tokens:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert held.released == [True]
+        assert held.finished.is_set()
+        # the client's next request is served as ever
+        assert (await client.post("/api/chat", json=_chat("/api/chat", None))).status_code == 200
+    assert not [event for event in demo_events() if event.get("request_id") == request_id]
+
+
+# ---- errors of large bodies, in the caller's dialect (the proxy's own process) -------------
+
+
+def _assert_error(response: httpx.Response, path: str, status: int, needle: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    if path.startswith("/api/"):
+        assert isinstance(error, str)
+        assert needle in error
+    else:
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error"
+        assert needle in error["message"]
+
+
+PADDING = "x" * (2 * OFF_LOOP_BYTES)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/api/embed"])
+def test_invalid_json_in_a_large_body_is_a_400_in_the_callers_dialect(
+    proxy: ServerProcess, path: str
+) -> None:
+    body = '{"model": "demo-chat", "messages": [], "pad": "' + PADDING + '", }'
+    response = httpx.post(proxy.url + path, content=body, timeout=30)
+    _assert_error(response, path, 400, "invalid JSON in request body")
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/embeddings"])
+def test_a_large_body_that_is_no_json_object_is_a_400_in_the_callers_dialect(
+    proxy: ServerProcess, path: str
+) -> None:
+    response = httpx.post(proxy.url + path, json=[PADDING], timeout=30)
+    _assert_error(response, path, 400, "request body must be a JSON object")
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/chat/completions"])
+def test_a_large_body_nested_too_deeply_is_a_400_in_the_callers_dialect(
+    proxy: ServerProcess, path: str
+) -> None:
+    """Past the depth a decoder reads, whether the loop or a thread decodes it."""
+    nested = "[" * 200_000 + "]" * 200_000
+    body = '{"model": "demo-chat", "prompt": "hi", "messages": ' + nested + "}"
+    assert len(body) > OFF_LOOP_BYTES
+    response = httpx.post(proxy.url + path, content=body, timeout=30)
+    _assert_error(response, path, 400, "nested too deeply")
+
+
+def test_a_large_body_that_is_not_utf8_is_read_leniently_on_api_only(
+    proxy: ServerProcess,
+) -> None:
+    """Ollama's decoder reads bytes that are not UTF-8 as U+FFFD, the OpenAI API refuses
+    them: so too for a body decoded in a thread."""
+    text = b"caf\xe9 " + PADDING.encode()
+    api = b'{"model": "demo-chat", "stream": false, "messages": [{"role": "user", "content": "'
+    response = httpx.post(proxy.url + "/api/chat", content=api + text + b'"}]}', timeout=30)
+    assert response.status_code == 200, response.text
+    v1 = b'{"model": "demo-chat", "messages": [{"role": "user", "content": "'
+    response = httpx.post(
+        proxy.url + "/v1/chat/completions", content=v1 + text + b'"}]}', timeout=30
+    )
+    _assert_error(response, "/v1/chat/completions", 400, "invalid JSON in request body")
+
+
+LIMIT = 4 * OFF_LOOP_BYTES
+
+
+@pytest.fixture(scope="module")
+def limited_proxy(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> ServerProcess:
+    return start_proxy(demo_backend.url, MAX_REQUEST_BYTES=str(LIMIT))
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_the_body_limit_is_as_before_for_bodies_decoded_in_a_thread(
+    limited_proxy: ServerProcess, path: str
+) -> None:
+    """MAX_REQUEST_BYTES still refuses a larger body before it is read (413, in dialect),
+    and one under it but over the threshold is served."""
+    image = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * OFF_LOOP_BYTES)).decode()
+    fits = httpx.post(limited_proxy.url + path, json=_chat(path, image), timeout=30)
+    assert fits.status_code == 200, fits.text
+    assert OFF_LOOP_BYTES < len(fits.request.content) <= LIMIT
+    too_large = _chat(path, image + "A" * LIMIT)
+    response = httpx.post(limited_proxy.url + path, json=too_large, timeout=30)
+    _assert_error(response, path, 413, f"larger than the limit of {LIMIT} bytes")
