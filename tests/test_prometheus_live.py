@@ -6,7 +6,8 @@ Starts ``python -m trioproxy --demo`` and Debian's ``prometheus`` (temp data dir
 traffic with known ground truth (successes on both APIs, streamed and not; an unknown model;
 backend 500s; a retried backend 503; client-cancelled streams; streams stopped by the idle
 timeout; a stream the backend breaks), polls Prometheus' HTTP API until the series are there,
-then runs every dashboard query and every alert expression through ``/api/v1/query``.
+then runs every dashboard query and every alert expression through ``/api/v1/query``. Prometheus
+asks for gzip on every scrape: the access log shows it got the exposition gzipped.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, PromAPI, list[subprocess.Popen[
         "MAX_RETRIES": "1",
         "RETRY_BACKOFF": "0.05",
         "LOG_LEVEL": "WARNING",
+        "ACCESS_LOG": "true",  # the bytes of each scrape Prometheus received
     }
     for name in ("OPENAI_API_BASE_URL", "OPENAI_API_KEY", "PROXY_HOST", "PROXY_PORT"):
         env.pop(name, None)
@@ -389,9 +391,26 @@ def test_dashboard_and_alerts_against_real_prometheus(
 ) -> None:
     try:
         check_stack(*stack)
+        check_scrapes_were_gzipped(stack[0], tmp_path / "proxy.log")
     except BaseException:
         dump_logs(tmp_path)  # shown by pytest with the failure
         raise
+
+
+def check_scrapes_were_gzipped(proxy: str, proxy_log: Path) -> None:
+    """Prometheus sends ``Accept-Encoding: gzip`` on every scrape and read every answer
+    above (up, the exact totals): the answers it got, as the access log counts their
+    bytes, were the exposition gzipped, a fraction of it."""
+    path = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())["scrape_configs"][0][
+        "metrics_path"
+    ]
+    line = re.compile(rf" GET {re.escape(path)} 200 [0-9.]+ ms ([0-9]+) B")
+    scrapes = [int(n) for n in line.findall(proxy_log.read_text(errors="replace"))]
+    assert len(scrapes) >= 3, "the access log shows Prometheus' scrapes"
+    plain = httpx.get(f"{proxy}{path}", headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert plain.status_code == 200 and "Content-Encoding" not in plain.headers
+    # the last scrapes, of an exposition the traffic filled as much as this one
+    assert max(scrapes[-3:]) * 4 < len(plain.content), (scrapes, len(plain.content))
 
 
 def check_stack(proxy: str, prom: PromAPI, procs: list[subprocess.Popen[bytes]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,6 +41,53 @@ def _requests_total(body: bytes) -> float:
         for line in body.decode().splitlines()
         if line.startswith("http_requests_total{")
     )
+
+
+def _gunzip(body: bytes) -> bytes:
+    """A gzip body's content: one gzip member, whole, nothing after it."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    content = inflater.decompress(body) + inflater.flush()
+    assert inflater.eof and inflater.unused_data == b""
+    return content
+
+
+class _Compressions:
+    """Records each gzip head made (a head compressed for the scrapes that accept gzip)
+    and whether it was made in a worker thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.in_thread: list[bool] = []
+        made = self.in_thread
+
+        class Counted(prom.GzipHead):
+            __slots__ = ()
+
+            def __init__(self, head: bytes) -> None:
+                made.append(threading.current_thread() is not threading.main_thread())
+                super().__init__(head)
+
+        monkeypatch.setattr(metrics, "GzipHead", Counted)
+
+
+async def _scrape(client: Any, accept_encoding: str | None = None, path: str = "/metrics") -> bytes:
+    """A scrape's exposition, decoded; a gzip answer says so and varies by the coding."""
+    headers = {"Accept-Encoding": accept_encoding} if accept_encoding else {}
+    reply = await client.get(path, headers=headers)
+    assert reply.status_code == 200
+    assert "Accept-Encoding" in reply.headers["Vary"]
+    data = await reply.get_data()
+    if reply.headers.get("Content-Encoding") == "gzip":
+        return _gunzip(data)
+    assert "Content-Encoding" not in reply.headers
+    return data
+
+
+async def _backend_checked(collector: MetricsCollector) -> None:
+    """Wait for the first readiness check, whose result changes a series."""
+    for _ in range(1000):
+        if collector.backend_reachable is not None:
+            return
+        await trio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -253,7 +301,9 @@ async def test_a_shared_rendering_is_the_whole_exposition_byte_for_byte(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The endpoints' rendering (its primary families encoded apart, in a thread, and
-    kept) is what rendering every family at once gives, in both formats."""
+    kept) is what rendering every family at once gives, in both formats; gzipped (the
+    kept head compressed once, each scrape's tail appended to a copy of its compressor),
+    it decompresses to the same bytes."""
     monkeypatch.setattr(MetricsCollector, "uptime_seconds", property(lambda self: 12.5))
     c = MetricsCollector(system_enabled=False, multiprocess=False)
     c.record(_finished())
@@ -267,8 +317,11 @@ async def test_a_shared_rendering_is_the_whole_exposition_byte_for_byte(
         monkeypatch.setattr(prom, "SAMPLES_PER_PART", per_part)
         c.upstream_retry("connect")  # a change: encoded anew
         for accept in (None, OPENMETRICS, "text/plain;version=0.0.4"):
+            whole, content_type = c.render_prometheus(accept)
             for _ in range(2):  # as rendered, then as kept
-                assert await c.read_prometheus(accept) == c.render_prometheus(accept)
+                assert await c.read_prometheus(accept) == (whole, content_type)
+                zipped, zipped_type = await c.read_prometheus(accept, gzip=True)
+                assert (_gunzip(zipped), zipped_type) == (whole, content_type)
 
 
 async def test_a_reader_already_cancelled_starts_no_rendering(
@@ -341,3 +394,102 @@ async def test_a_small_exposition_is_encoded_on_the_loop_a_large_one_in_a_thread
         large = await (await client.get("/metrics")).get_data()
         assert len(handed) == 1
         assert _requests_total(small) == 1 and _requests_total(large) == 2
+
+
+async def test_a_gzip_scrape_compresses_nothing_again_until_a_series_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept encoding is kept compressed too: a scrape of a proxy that counted
+    nothing since the last one compresses only its few derived families."""
+    compressions = _Compressions(monkeypatch)
+    async with _app() as app:
+        client = app.test_client()
+        collector = app.collector
+        await _backend_checked(collector)
+        collector.record(_finished())
+        plain = await _scrape(client)
+        assert compressions.in_thread == []  # nobody asked for gzip: nothing compressed
+        for path in ("/metrics", "/v1/metrics/prometheus", "/api/metrics/prometheus") * 2:
+            assert _requests_total(await _scrape(client, "gzip", path)) == 1
+        assert len(compressions.in_thread) == 1
+        assert _requests_total(await _scrape(client)) == _requests_total(plain)
+        collector.record(_finished())
+        assert _requests_total(await _scrape(client, "gzip")) == 2
+        assert _requests_total(await _scrape(client, "gzip")) == 2
+        assert len(compressions.in_thread) == 2
+        # and a format of its own is compressed for itself
+        reply = await client.get(
+            "/metrics", headers={"Accept": OPENMETRICS, "Accept-Encoding": "gzip"}
+        )
+        assert _gunzip(await reply.get_data()).endswith(b"# EOF\n")
+        assert len(compressions.in_thread) == 3
+
+
+async def test_concurrent_gzip_scrapes_share_their_compression(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scrapes in gzip share renderings as plain ones do: seven scrapers during one
+    rendering cost two renderings and two compressions, and each is still exact."""
+    renderings = _Renderings(monkeypatch)
+    compressions = _Compressions(monkeypatch)
+    async with _app() as app:
+        client = app.test_client()
+        app.collector.record(_finished())
+        bodies: dict[str, bytes] = {}
+
+        async def scrape(name: str) -> None:
+            bodies[name] = await _scrape(client, "gzip")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scrape, "first")
+            await trio.testing.wait_all_tasks_blocked()  # the first is rendering
+            app.collector.record(_finished())
+            for i in range(6):
+                nursery.start_soon(scrape, f"later{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            renderings.release()
+    assert renderings.renderings == 2
+    assert compressions.in_thread == [True, True]  # with the encoding, in its thread
+    assert _requests_total(bodies["first"]) == 1
+    assert {_requests_total(bodies[f"later{i}"]) for i in range(6)} == {2}
+
+
+async def test_a_large_head_is_compressed_in_a_thread_a_small_one_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compressed where it is encoded: on the loop a head of at most
+    LOOP_ENCODED_SAMPLES samples, in the encoding's thread a larger one (one hand-off,
+    not two); a head kept from a plain scrape is compressed in a thread when it is over
+    LOOP_COMPRESSED_BYTES."""
+    compressions = _Compressions(monkeypatch)
+    handed: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__module__", None) == metrics.__name__:  # not the app's own
+            handed.append(fn)
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    async with _app() as app:
+        client = app.test_client()
+        collector = app.collector
+        await _backend_checked(collector)
+        collector.record(_finished())
+        await _scrape(client, "gzip")
+        assert (compressions.in_thread, handed) == ([False], [])
+        monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", 10)
+        collector.record(_finished())
+        assert _requests_total(await _scrape(client, "gzip")) == 2
+        assert (compressions.in_thread, len(handed)) == ([False, True], 1)
+        # encoded for a plain scrape, then compressed for a gzip one
+        collector.record(_finished())
+        await _scrape(client)
+        assert len(handed) == 2
+        assert _requests_total(await _scrape(client, "gzip")) == 3
+        assert (compressions.in_thread[-1], len(handed)) == (False, 2)
+        monkeypatch.setattr(metrics, "LOOP_COMPRESSED_BYTES", 10)
+        collector.record(_finished())
+        await _scrape(client)
+        assert _requests_total(await _scrape(client, "gzip")) == 4
+        assert (compressions.in_thread[-1], len(handed)) == (True, 4)

@@ -146,6 +146,9 @@ def _scrape(url: str) -> Scrape:
     with _fresh() as client:
         response = client.get(f"{url}/metrics")
     assert response.status_code == 200
+    # httpx asks for gzip, as Prometheus does, and decodes it: every figure below is read
+    # from a gzip answer of whichever worker served it
+    assert response.headers["Content-Encoding"] == "gzip"
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     types: dict[str, str] = {}
     for family in text_string_to_metric_families(response.text):

@@ -730,5 +730,8 @@ def _enable_cors(app: ProxyApp, origins: str) -> None:
     @app.after_request
     async def _cors(response: Response) -> Response:
         for name, value in app.cors_headers(request.headers.get("Origin")):
-            response.headers[name] = value
+            if name == "Vary":  # added to what the route varies on (the metrics' codings)
+                response.vary.add(value)
+            else:
+                response.headers[name] = value
         return response

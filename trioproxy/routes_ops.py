@@ -11,6 +11,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -353,8 +354,28 @@ async def metrics_json() -> Response:
 async def metrics_prometheus() -> Response:
     # concurrent scrapes share renderings, encoded off the event loop (docs/metrics.md)
     collector = request_app().collector
-    body, content_type = await collector.read_prometheus(request.headers.get("Accept"))
-    return Response(body, content_type=content_type)
+    gzip = _gzip_wanted(request.accept_encodings)
+    body, content_type = await collector.read_prometheus(request.headers.get("Accept"), gzip=gzip)
+    response = Response(body, content_type=content_type)
+    # the format follows Accept and the coding Accept-Encoding: a cache must not hand
+    # one scraper's answer to another
+    response.vary.update(("Accept", "Accept-Encoding"))
+    if gzip:
+        response.content_encoding = "gzip"
+    return response
+
+
+def _gzip_wanted(accepted: Iterable[tuple[str, float]]) -> bool:
+    """Whether a scrape is answered in gzip, from its ``Accept-Encoding`` (parsed by
+    werkzeug: entries with their q-values). As RFC 9110 (12.5.3) reads it: ``gzip`` (or
+    ``x-gzip``, the same coding) is acceptable at its q-value, else at that of ``*``, and
+    ``q=0`` refuses it; it is chosen unless ``identity`` (named, or as ``*``) is preferred.
+    No header, or an empty one, is identity, as Prometheus' own exporters answer it; so
+    is a header that refuses every coding we have, identity included (the one to send)."""
+    named = {coding.lower(): quality for coding, quality in accepted}
+    anything = named.get("*", 0.0)
+    gzip = named.get("gzip", named.get("x-gzip", anything))
+    return gzip > 0 and gzip >= named.get("identity", anything)
 
 
 @blueprint.get("/v1/metrics/health")

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -33,8 +33,10 @@ from .labels import (
     method_label,
 )
 from .prom import (
+    LOOP_COMPRESSED_BYTES,
     LOOP_ENCODED_SAMPLES,
     NO_TOKEN_REASONS,
+    GzipHead,
     PrimaryMetrics,
     RequestSeries,
     Snapshot,
@@ -188,6 +190,46 @@ def _note_second_collector(mp_dir: str | None, *, asked: bool) -> None:
 def _yield_gil() -> None:
     """In a worker thread: let the event loop's thread take the GIL now, if it waits."""
     time.sleep(0)
+
+
+async def _primary_exposition(
+    primary: Snapshot,
+    encode: Callable[[Sequence[Metric]], bytes],
+    content_type: str,
+    *,
+    gzip: bool,
+) -> tuple[bytes, GzipHead | None]:
+    """The primary families encoded as the head of an exposition (:func:`encode_head`)
+    and, for ``gzip``, compressed (:class:`GzipHead`): taken from the snapshot when it
+    holds them (kept until a series changes), else made and kept there. A head of more
+    than :data:`LOOP_ENCODED_SAMPLES` samples is encoded in a worker thread, and
+    compressed there too; one already encoded is compressed in a thread when it is over
+    :data:`LOOP_COMPRESSED_BYTES`."""
+    head = primary.bodies.get(content_type)
+    zipped = primary.gzipped.get(content_type) if gzip else None
+    if head is not None and (zipped is not None or not gzip):
+        return head, zipped
+    if head is None:
+        in_thread = primary.samples > LOOP_ENCODED_SAMPLES
+    else:
+        in_thread = len(head) > LOOP_COMPRESSED_BYTES
+    encoded = head
+
+    def make() -> tuple[bytes, GzipHead | None]:
+        between_parts = _yield_gil if in_thread else None
+        made = encoded
+        if made is None:
+            made = encode_head(encode, content_type, primary.families(), between_parts)
+        return made, (GzipHead(made) if gzip else None)
+
+    if in_thread:
+        head, zipped = await trio.to_thread.run_sync(make, limiter=metrics_threads())
+    else:
+        head, zipped = make()
+    primary.bodies[content_type] = head
+    if zipped is not None:
+        primary.gzipped[content_type] = zipped
+    return head, zipped
 
 
 # --------------------------------------------------------------------------- collector
@@ -932,35 +974,31 @@ class MetricsCollector:
         derived = derived_families(primary.totals, durations, host, self.uptime_seconds, io)
         return primary, derived
 
-    async def read_prometheus(self, accept: str | None = None) -> tuple[bytes, str]:
-        """:meth:`render_prometheus` for the monitoring endpoints, at a cost no number
-        of scrapers multiplies (docs/metrics.md, "What a scrape costs"):
+    async def read_prometheus(
+        self, accept: str | None = None, *, gzip: bool = False
+    ) -> tuple[bytes, str]:
+        """:meth:`render_prometheus` for the monitoring endpoints, gzipped when ``gzip``
+        (what Prometheus asks for), at a cost no number of scrapers multiplies
+        (docs/metrics.md, "What a scrape costs"):
 
-        * concurrent scrapes of one format share renderings (:class:`~.reads.SharedReads`:
-          at most two for any number of scrapers, each including every request finished
-          before it arrived);
+        * concurrent scrapes of one format and coding share renderings
+          (:class:`~.reads.SharedReads`: at most two for any number of scrapers, each
+          including every request finished before it arrived);
         * the primary families' exposition, nearly all of the body and of its cost, is
-          encoded in a worker thread, off the event loop, from a snapshot;
-        * and it is kept with the snapshot: until a series changes (a request is
-          counted), a scrape encodes only the few families derived for it."""
+          encoded (and compressed) in a worker thread, off the event loop, from a snapshot;
+        * and it is kept with the snapshot, compressed too once a scraper asked for gzip:
+          until a series changes (a request is counted), a scrape encodes and compresses
+          only the few families derived for it (:class:`~.prom.GzipHead`)."""
         encode, content_type = exposition_format(accept)
 
         async def render() -> bytes:
             # counts what finished before any checkpoint
             primary, derived = await self._read_prometheus_families()
-            head = primary.bodies.get(content_type)
-            if head is None:
-                if primary.samples <= LOOP_ENCODED_SAMPLES:
-                    head = encode_head(encode, content_type, primary.families())
-                else:
-                    head = await trio.to_thread.run_sync(
-                        lambda: encode_head(encode, content_type, primary.families(), _yield_gil),
-                        limiter=metrics_threads(),
-                    )
-                primary.bodies[content_type] = head
-            return head + encode([*primary.sampled, *derived])
+            head, zipped = await _primary_exposition(primary, encode, content_type, gzip=gzip)
+            tail = encode([*primary.sampled, *derived])
+            return head + tail if zipped is None else zipped.finish(tail)
 
-        body = await self._reads.read(("prometheus", content_type), render)
+        body = await self._reads.read(("prometheus", content_type, gzip), render)
         return body, content_type
 
     # -- lifecycle ---------------------------------------------------------------------------
