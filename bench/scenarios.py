@@ -34,10 +34,21 @@ OLLAMA_BODY = {"model": "demo-chat", "messages": MESSAGES, "stream": False}
 V1 = "/v1/chat/completions"
 OLLAMA = "/api/chat"
 PROM = "/v1/metrics/prometheus"
-# the scrape scenario asks for gzip as Prometheus (and every common scraper) does on every
-# scrape, so it measures the answer they get (its Accept keeps the text format, whose figures
-# the earlier runs give)
-SCRAPER_HEADERS = {"Accept-Encoding": "gzip"}
+# the scrape scenario sends what Prometheus sends on every scrape by default, so it measures
+# the answer operators get: OpenMetrics first, gzip. Captured from Debian's Prometheus 2.42.0
+# (no protobuf feature flag) scraping a listener; 3.x's default scrape_protocols ask for the
+# same text formats in the same order. The timeout header is the default scrape_timeout's.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,"
+    "application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+SCRAPER_HEADERS = {
+    "User-Agent": "Prometheus/2.42.0",
+    "Accept": PROMETHEUS_ACCEPT,
+    "Accept-Encoding": "gzip",
+    "X-Prometheus-Scrape-Timeout-Seconds": "10",
+}
 
 
 def chat_request(path: str, *, stream: bool = False, directives: str = "") -> dict[str, Any]:

@@ -193,6 +193,18 @@ def test_a_compared_proxy_is_started_in_front_of_the_stream_backend(
             server.stop()
 
 
+def test_the_scrape_probe_asks_for_what_prometheus_gets() -> None:
+    """The scrape scenario measures what an operator's Prometheus is answered: gzipped
+    OpenMetrics, negotiated from Prometheus' own default Accept."""
+    from trioproxy.metrics.prom import exposition_format
+
+    headers = scenarios.SCRAPER_HEADERS
+    assert headers["Accept-Encoding"] == "gzip"
+    assert headers["User-Agent"].startswith("Prometheus/")
+    _, content_type = exposition_format(headers["Accept"])
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+
+
 def test_percentiles() -> None:
     stats = percentiles([float(i) for i in range(1, 101)])
     assert stats["p50"] == pytest.approx(50.5) and stats["max"] == 100.0 and stats["n"] == 100
