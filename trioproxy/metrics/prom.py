@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import glob
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import weakref
@@ -1589,11 +1591,62 @@ def exposition_format(accept: str | None) -> tuple[Callable[[Sequence[Metric]], 
     canonical = _canonical_openmetrics(content_type)
     if canonical is not None:
         encoder, content_type = choose_encoder(canonical)
+    unescaped = _unescaped_encoder(content_type)
 
     def encode(families: Sequence[Metric]) -> bytes:
-        return encoder(_Families(list(families)))
+        listed = list(families)
+        if unescaped is not None and _plain_names(listed):
+            return unescaped(_Families(listed))
+        return encoder(_Families(listed))
 
     return encode, content_type
+
+
+def _unescaped_encoder(content_type: str) -> Callable[[Any], bytes] | None:
+    """For OpenMetrics with ``escaping=underscores`` (what Prometheus 2.x gets: it names no
+    escaping), the same version's encoder with ``escaping=allow-utf-8``, which writes the
+    same bytes for names that need no escaping (:func:`_plain_names`), else None.
+
+    Why: prometheus_client's OpenMetrics encoder escapes every sample's name character by
+    character under ``underscores`` (a call per character), even a name with nothing to
+    escape; the text format's checks the name with one regular expression. That made
+    OpenMetrics cost 1.8x the text format per sample (9.5 vs 5.3 us, docs/metrics.md)."""
+    if not content_type.startswith("application/openmetrics-text"):
+        return None
+    params = dict(
+        part.strip().partition("=")[::2] for part in content_type.split(";")[1:] if "=" in part
+    )
+    if params.get("escaping") != "underscores" or not params.get("version"):
+        return None
+    version = params["version"]
+    return choose_encoder(f"application/openmetrics-text; version={version}; escaping=allow-utf-8")[
+        0
+    ]
+
+
+_PLAIN_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+"""A name that OpenMetrics' ``underscores`` escaping leaves as it is (prometheus_client's
+``_is_legacy_labelname_rune`` for every character: no ``:``, no digit first), and that
+``allow-utf-8`` neither quotes nor escapes: both write it as it is."""
+
+
+@functools.lru_cache(maxsize=1024)  # the exposition's few dozen names, checked once
+def _plain_name(name: str) -> bool:
+    return _PLAIN_NAME.fullmatch(name) is not None
+
+
+def _plain_names(families: Sequence[Metric]) -> bool:
+    """Whether every family, sample and label name in ``families`` is plain
+    (:data:`_PLAIN_NAME`): then both escapings encode them to the same bytes (label
+    values are escaped alike by both; exemplars do not depend on it)."""
+    for family in families:
+        samples = family.samples
+        names = {sample.name for sample in samples}
+        names.add(family.name)
+        names.update(*[sample.labels for sample in samples])
+        if not all(map(_plain_name, names)):
+            return False
+    return True
 
 
 _OPENMETRICS_VERSIONS = ("1.0.0", "2.0.0")
