@@ -884,7 +884,7 @@ class Snapshot:
 
     @property
     def samples(self) -> int:
-        """How many samples the families hold (what encoding them costs, ~1.3 us each)."""
+        """How many samples the families hold (what encoding them costs, ~6 us each)."""
         if self._families is not None:
             return sum(len(family.samples) for family in self._families)
         assert self._copied is not None
@@ -1672,15 +1672,21 @@ def _canonical_openmetrics(content_type: str) -> str | None:
     return f"application/openmetrics-text; version={chosen}; escaping={escaping}"
 
 
-LOOP_ENCODED_SAMPLES = 4000
-"""Families of up to this many samples (about 5 ms of CPU) are encoded on the event loop:
-the hand-offs to a worker thread and back, each waiting for the GIL the busy loop holds (up
-to the interpreter's 5 ms switch interval), made a scrape of a few hundred samples under
-load take 28 ms instead of 3. Larger ones go to the thread, so that a scrape of a full label
-budget (180,000 samples, 230 ms) never holds the loop."""
+LOOP_ENCODED_SAMPLES = 300
+"""Families of up to this many samples are encoded on the event loop, about 2 ms of CPU:
+built, encoded and gzipped they cost 5.4-5.6 us per sample in the text format and
+6.2-6.4 us in OpenMetrics (thread_time medians of 60, 190 to 2,848 samples, load average
+0.6-2 on 2 cores; the bench's exposition holds about 140), and the rest of a scrape
+(copy, derived families) about 0.6 ms more. Until 2026-12-02 this was 4,000, taken to be
+5 ms at 1.3 us per sample: such a scrape held the loop for about 25 ms. Smaller ones stay
+on the loop because the hand-offs to a worker thread and back, each waiting for the GIL the
+busy loop holds (up to the interpreter's 5 ms switch interval), made a scrape of a few
+hundred samples under load take 28 ms instead of 3. Larger ones go to the thread, so that
+a scrape of a full label budget (50 models on 7 endpoints: 17,903 samples here, 116-122
+ms) never holds the loop."""
 
 SAMPLES_PER_PART = 1000
-"""Largest run of samples encoded at once by :func:`encode_head` (about 1 ms of CPU)."""
+"""Largest run of samples encoded at once by :func:`encode_head` (about 6 ms of CPU)."""
 
 
 def encode_head(
@@ -1733,9 +1739,9 @@ GZIP_LEVEL = 1
 (prometheus_client's own ``gzip.compress``) 8 KB more for 6 ms (docs/metrics.md)."""
 
 LOOP_COMPRESSED_BYTES = 512 * 1024
-"""A kept encoding of up to this many bytes (about 1 ms at :data:`GZIP_LEVEL`; the largest
-that :data:`LOOP_ENCODED_SAMPLES` makes) is compressed on the event loop; a larger one in a
-worker thread (zlib lets go of the GIL while it compresses)."""
+"""A kept encoding of up to this many bytes (about 1 ms at :data:`GZIP_LEVEL`; those that
+:data:`LOOP_ENCODED_SAMPLES` makes are about 40 KB) is compressed on the event loop; a larger
+one in a worker thread (zlib lets go of the GIL while it compresses)."""
 
 _GZIP_WBITS = zlib.MAX_WBITS | 16  # a gzip header and trailer around the deflate stream
 
