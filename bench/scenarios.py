@@ -37,7 +37,8 @@ PROM = "/v1/metrics/prometheus"
 # the scrape scenario sends what Prometheus sends on every scrape by default, so it measures
 # the answer operators get: OpenMetrics first, gzip. Captured from Debian's Prometheus 2.42.0
 # (no protobuf feature flag) scraping a listener; 3.x's default scrape_protocols ask for the
-# same text formats in the same order. The timeout header is the default scrape_timeout's.
+# same formats in the same order, with escaping=allow-utf-8 (which 2.x leaves out, so it
+# gets escaping=underscores). The timeout header is the default scrape_timeout's (10 s).
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,"
     "application/openmetrics-text;version=0.0.1;q=0.75,"
