@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -32,6 +33,7 @@ from trioproxy import forward, hypercorn_patches, routes_ollama, routes_openai
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
+from trioproxy.errors import BadUpstreamResponse
 from trioproxy.json_threads import OFF_LOOP_BYTES, json_threads
 
 from .conftest import ServerProcess
@@ -151,6 +153,51 @@ async def test_a_large_embeddings_answer_is_decoded_and_encoded_in_a_thread(
         assert answer_bytes > OFF_LOOP_BYTES and not on_loop
         ((reply_bytes, on_loop),) = replies.take()
         assert reply_bytes > OFF_LOOP_BYTES and not on_loop
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+async def test_a_large_chat_answer_is_decoded_and_its_translation_encoded_in_a_thread(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A non-stream ``/api/chat`` or ``/api/generate`` answer over the threshold (logprobs
+    with 20 alternatives for a few hundred tokens): decoded and its translation encoded for
+    the client in a thread, as embeddings are; a short answer on the loop."""
+    answers = Watched(monkeypatch, forward, "json_answer")
+    replies = Watched(monkeypatch, routes_ollama, "dumps")
+    async with serving_proxy(demo_backend.url) as client:
+        for tokens, large in ((3, False), (400, True)):
+            asked: dict[str, Any] = {"model": "demo-chat", "stream": False, "logprobs": True}
+            asked["top_logprobs"] = 20
+            prompt = f"say something [[tokens={tokens}]]"
+            if path == "/api/chat":
+                asked["messages"] = [{"role": "user", "content": prompt}]
+            else:
+                asked["prompt"] = prompt
+            response = await client.post(path, json=asked)
+            assert response.status_code == 200, response.text
+            assert len(response.json()["logprobs"]) == tokens
+            assert len(response.json()["logprobs"][0]["top_logprobs"]) == 20
+            ((answer_bytes, answer_on_loop),) = answers.take()
+            ((reply_bytes, reply_on_loop),) = replies.take()
+            assert (answer_bytes > OFF_LOOP_BYTES) is large is (not answer_on_loop)
+            assert (reply_bytes > OFF_LOOP_BYTES) is large is (not reply_on_loop)
+
+
+async def test_a_large_answer_too_deep_to_write_again_is_the_backends_502() -> None:
+    """Encoded in a thread, an answer that cannot be written (tool call arguments nested
+    deeper than the encoders write) is the backend's 502, counted as a protocol error on
+    the loop, as it is when encoded there."""
+    errors: list[str] = []
+    collector = SimpleNamespace(upstream_error=errors.append)
+    call: Any = SimpleNamespace(app=SimpleNamespace(collector=collector))
+    deep: Any = "bottom"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(BadUpstreamResponse, match="nested too deeply"):
+        await routes_ollama._answer_reply_in_thread(call, {"message": {"content": deep}})
+    assert errors == ["protocol"]
+    reply = await routes_ollama._answer_reply_in_thread(call, {"done": True})
+    assert (reply.status, reply.body) == (200, b'{"done":true}')
 
 
 async def test_a_large_openai_answer_rewritten_for_the_client_is_rewritten_in_a_thread(

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Generator
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import trio
 from quart import Blueprint, Response, request
@@ -247,7 +247,9 @@ async def _generate_or_chat(
         note_usage(state, resp)
         # the backend's tool call arguments, read up to 1,024 levels deep, may be too deep
         # to write again (jsonutil): the backend's fault too
-        return Reply(200, from_backend(call, dumps, out))
+        if len(result.response.content) <= OFF_LOOP_BYTES:
+            return Reply(200, from_backend(call, dumps, out))
+        return await _answer_reply_in_thread(call, out)
     with _model_not_found_as_ollama(client_model, backend_model):
         result = await _as_taken(call, payload, switch, open_chat_stream)
     translator = tr.OllamaStreamTranslator(
@@ -423,6 +425,22 @@ async def embeddings(call: Call) -> Reply:
     note_usage(call.state, resp)
     out = from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp)
     return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
+
+
+async def _answer_reply_in_thread(call: Call, payload: Any) -> Reply:
+    """``Reply(200, from_backend(call, dumps, payload))`` for the translation of a chat or
+    generate answer over OFF_LOOP_BYTES (logprobs of hundreds of tokens, a long text),
+    encoded in a JSON thread and waited for (``payload`` is the request's own object); a
+    failure to write it is the backend's 502 as there, counted here on the loop (the
+    metrics are not the thread's to touch)."""
+    try:
+        return Reply(200, await off_loop(dumps, payload))
+    except (ValueError, TypeError) as exc:  # NestedTooDeeply included
+        return from_backend(call, _raise, exc)
+
+
+def _raise(exc: BaseException) -> NoReturn:
+    raise exc
 
 
 async def _json_reply_in_thread(payload: Any) -> Reply:
