@@ -256,3 +256,30 @@ def test_max_connections_default_and_no_cap() -> None:
     assert load_settings(environ={"MAX_CONNECTIONS": "0"}, dotenv_path=None).max_connections == 0
     with pytest.raises(ConfigError, match="invalid MAX_CONNECTIONS"):
         load_settings(environ={}, dotenv_path=None, max_connections=-5)
+
+
+def test_a_refused_connection_has_its_access_line(
+    demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    """With ACCESS_LOG=true a connection refused at the cap is logged as every answer is:
+    the client's address, the 503 and the bytes of it sent, what refused it (operators
+    looking for a client's 503 find it there, not only in the counter)."""
+    proxy = start_proxy(demo_backend.url, MAX_CONNECTIONS="2", ACCESS_LOG="true")
+    with _clients() as held:
+        for _ in range(2):
+            held.append(Client(proxy.url))
+            assert held[-1].get("/health")[0].status_code == 200
+        third = Client(proxy.url)
+        held.append(third)
+        third.send_request("/v1/models")
+        response, body = third.read_response()
+        _assert_refusal(response, body, 2)
+        deadline = time.monotonic() + 5
+        while "(refused: connection cap)" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    lines = [line for line in proxy.log().splitlines() if "(refused: connection cap)" in line]
+    assert len(lines) == 1, proxy.log()
+    match = re.search(r"trioproxy\.access\b.* 127\.0\.0\.1 - - 503 0\.0 ms (\d+) B ", lines[0])
+    assert match is not None, lines[0]
+    head_and_body = len(body) + len(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert int(match.group(1)) > head_and_body  # the whole answer, headers included

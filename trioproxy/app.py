@@ -60,6 +60,7 @@ from .exchange import (
     Tracked,
     error_reply,
     internal_error_reply,
+    log_refused_connection,
     masked,
     new_state,
     note_client,
@@ -331,9 +332,10 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     for client_name in settings.declared_models:  # a name the file describes, not maps
         app.collector.model_labels.allow(client_name)
     # per worker, past it a new connection gets a 503 (hypercorn_patches, patch 16)
-    app.collector.watch_connections(
-        hypercorn_patches.cap_connections(app, settings.max_connections)
-    )
+    cap = hypercorn_patches.cap_connections(app, settings.max_connections)
+    app.collector.watch_connections(cap)
+    if settings.access_log:  # a line per refused connection, as for every request answered
+        cap.on_refused = log_refused_connection
     set_metrics_collector(app.collector)
     app.pool = None
 

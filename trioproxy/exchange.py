@@ -24,7 +24,7 @@ import trio
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
 from .client_address import UNKNOWN as UNKNOWN_ADDRESS
-from .client_address import ClientAddresses
+from .client_address import ClientAddresses, peer_address
 from .errors import (
     BackendSecrets,
     ProxyError,
@@ -442,6 +442,19 @@ def record_protocol_refusal(
             reason,
             extra={REMOTE_ADDR_FIELD: address},
         )
+
+
+def log_refused_connection(peer: tuple[str, int] | None, sent: int) -> None:
+    """The access line of a connection refused at MAX_CONNECTIONS: its 503, sent before
+    any request was read (so no method or path; counted in
+    ``trioproxy_connections_refused_total``, not as a request)."""
+    address = peer_address(peer)
+    access_log.info(
+        "%s - - 503 0.0 ms %d B (refused: connection cap)",
+        address,
+        sent,
+        extra={REMOTE_ADDR_FIELD: address},
+    )
 
 
 STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping

@@ -690,7 +690,16 @@ class ConnectionCap:
     """The open client connections of one app's server (per worker) and their cap: the
     counts the metrics read (``open``, ``refused``), and the refusal past the cap."""
 
-    __slots__ = ("_held_back", "_lingering", "_logged_at", "answer", "limit", "open", "refused")
+    __slots__ = (
+        "_held_back",
+        "_lingering",
+        "_logged_at",
+        "answer",
+        "limit",
+        "on_refused",
+        "open",
+        "refused",
+    )
 
     def __init__(self, limit: int) -> None:
         self.limit = limit or sys.maxsize  # 0: no cap, only the count
@@ -700,6 +709,9 @@ class ConnectionCap:
         self._logged_at = -math.inf
         self._held_back = 0
         self.answer = _refusal(limit)
+        # told of each refused connection: its peer (host, port) or None, and the bytes
+        # of the answer it was sent (the access log's line; None: no one listens)
+        self.on_refused: Callable[[tuple[str, int] | None, int], None] | None = None
 
     def lower_to(self, limit: int) -> None:
         """Cap at ``limit`` from now on (what the open files limit leaves room for)."""
@@ -710,21 +722,25 @@ class ConnectionCap:
         """Answer a connection accepted past the cap with the 503 and close it."""
         self.refused += 1
         self._log_refusal()
+        sent = 0
         try:
             if type(stream) is not trio.SocketStream:
                 return  # TLS: no handshake for a connection that will not be served
             if self._lingering >= MAX_LINGERING_REFUSALS:
-                send_what_fits(stream.socket, self.answer)  # and the close at once
+                sent = send_what_fits(stream.socket, self.answer)  # and the close at once
                 return
             self._lingering += 1
             try:
                 with trio.move_on_after(LINGER_SECONDS):
-                    await _answer_and_drain(stream, self.answer)
+                    sent = await _answer(stream, self.answer)
+                    await _drain(stream)
             finally:
                 self._lingering -= 1
         except OSError:
             pass  # the client is gone already
         finally:
+            if self.on_refused is not None:
+                self.on_refused(_peer_of(stream), sent)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -761,14 +777,34 @@ def _refusal(limit: int) -> bytes:
     ) % (len(body), REFUSAL_RETRY_AFTER, body)
 
 
-async def _answer_and_drain(stream: trio.SocketStream, answer: bytes) -> None:
+async def _answer(stream: trio.SocketStream, answer: bytes) -> int:
+    """Send ``answer`` and close the sending side; its bytes sent (0: the client is gone)."""
     try:
         await stream.send_all(answer)
         await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return 0
+    return len(answer)
+
+
+async def _drain(stream: trio.SocketStream) -> None:
+    """Drop what the client sends (its request, unread) until it closes."""
+    try:
         while await stream.receive_some(tcp_server.MAX_RECV):
-            pass  # the client's request, unread: dropped until it closes
+            pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+def _peer_of(stream: Any) -> tuple[str, int] | None:
+    """The (host, port) a refused connection came from (a TLS stream's from its socket);
+    None when the socket cannot say (the client gone, a unix socket)."""
+    socket = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+    try:
+        peer = socket.getpeername() if socket is not None else None
+    except OSError:
+        return None
+    return (peer[0], peer[1]) if isinstance(peer, tuple) else None
 
 
 def cap_connections(app: Any, limit: int) -> ConnectionCap:
