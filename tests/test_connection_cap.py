@@ -99,6 +99,15 @@ def _assert_refusal(response: h11.Response, body: bytes, limit: int) -> None:
     }
 
 
+def _hold_served(
+    held: list[Client], url: str, count: int, tls: ssl.SSLContext | None = None
+) -> None:
+    """Open ``count`` connections, each served a request (so counted open), kept idle."""
+    for _ in range(count):
+        held.append(Client(url, tls))
+        assert held[-1].get("/health")[0].status_code == 200
+
+
 def _served_when_room(url: str, path: str, refused: list[int]) -> tuple[Client, bytes]:
     """A new connection served ``path`` once the proxy has noticed a close; the 503s met
     before are counted in ``refused``."""
@@ -127,9 +136,7 @@ def test_past_the_cap_a_connection_gets_a_503_and_a_close(
     proxy = start_proxy(demo_backend.url, MAX_CONNECTIONS="5")
     refused = [0]
     with _clients() as held:
-        for _ in range(5):  # each served, so counted, and then idle (keep-alive)
-            held.append(Client(proxy.url))
-            assert held[-1].get("/health")[0].status_code == 200
+        _hold_served(held, proxy.url, 5)
 
         # the 6th sends its request: answered without it being read, then closed
         sixth = Client(proxy.url)
@@ -182,9 +189,7 @@ def test_zero_is_no_cap(
 ) -> None:
     proxy = start_proxy(demo_backend.url, MAX_CONNECTIONS="0")
     with _clients() as held:
-        for _ in range(20):
-            held.append(Client(proxy.url))
-            assert held[-1].get("/health")[0].status_code == 200
+        _hold_served(held, proxy.url, 20)
         scraper = Client(proxy.url)
         held.append(scraper)
         text = scraper.get("/metrics")[1].decode()
@@ -198,9 +203,7 @@ def test_the_open_connections_of_every_worker_are_summed(
 ) -> None:
     proxy = start_proxy(demo_backend.url, "--workers", "2")
     with _clients() as held:
-        for _ in range(6):
-            held.append(Client(proxy.url))
-            assert held[-1].get("/health")[0].status_code == 200
+        _hold_served(held, proxy.url, 6)
         scraper = Client(proxy.url)
         held.append(scraper)
         deadline = time.monotonic() + 10
@@ -234,9 +237,7 @@ def test_over_tls_a_connection_past_the_cap_is_closed_without_a_handshake(
     proxy = _spawn(command, env)
     try:
         with _clients() as held:
-            for _ in range(2):
-                held.append(Client(proxy.url, context))
-                assert held[-1].get("/health")[0].status_code == 200
+            _hold_served(held, proxy.url, 2, context)
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 Client(proxy.url, context)  # closed in the handshake
             assert held[0].get("/health")[0].status_code == 200
@@ -266,9 +267,7 @@ def test_a_refused_connection_has_its_access_line(
     looking for a client's 503 find it there, not only in the counter)."""
     proxy = start_proxy(demo_backend.url, MAX_CONNECTIONS="2", ACCESS_LOG="true")
     with _clients() as held:
-        for _ in range(2):
-            held.append(Client(proxy.url))
-            assert held[-1].get("/health")[0].status_code == 200
+        _hold_served(held, proxy.url, 2)
         third = Client(proxy.url)
         held.append(third)
         third.send_request("/v1/models")
