@@ -6,8 +6,7 @@ searched for long integers, decoded; on /api/* encoded again for the backend), a
 answer of 2,048 embeddings of 1,024 floats (40 MB) 350-450 ms (checked, decoded, encoded
 for the client), and every other stream of the worker stood still meanwhile. Past
 :data:`OFF_LOOP_BYTES` that work runs in a thread (:func:`off_loop`); below, on the loop
-as before, and the callers test the size themselves so that a small body pays one
-comparison, not a coroutine.
+as before (a small body pays a size comparison).
 
 A thread does not free the loop during one call into C: orjson, ``bytes.count`` and
 ``bytes.translate`` hold the GIL throughout. The loop gets its turns between them (the

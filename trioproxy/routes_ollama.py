@@ -41,7 +41,6 @@ from .forward import (
     for_backend,
     from_backend,
     json_object,
-    json_object_in_thread,
     note_model,
     note_usage,
     open_chat_stream,
@@ -101,9 +100,7 @@ async def ps() -> Response:
 @blueprint.post("/api/show")
 async def show() -> Response:
     call = await current_call()
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     name = _named_model(body)
     note_model(call.state, name)
     entry = await listed_entry(call, name)
@@ -124,9 +121,7 @@ async def pull() -> Response:
     models: one it lists is there, and the pull succeeds as Ollama's does for a model
     already pulled; one it does not list cannot be had through the proxy (404)."""
     call = await current_call()
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     name = _named_model(body)
     stream = body.get("stream")
     if stream is None:  # absent or null: Ollama's *bool, which streams by default
@@ -160,9 +155,7 @@ def _named_model(body: dict[str, Any]) -> str:
 
 
 async def chat(call: Call) -> Reply:
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     body = validated(tr.validate_ollama_chat, body)
     if not body.get("messages"):
         return await _load_reply(call, "chat", body)
@@ -170,9 +163,7 @@ async def chat(call: Call) -> Reply:
 
 
 async def generate(call: Call) -> Reply:
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     body = validated(tr.validate_ollama_generate, body)
     if not body.get("prompt"):  # images or not, as Ollama answers it
         return await _load_reply(call, "generate", body)
@@ -387,9 +378,7 @@ def _backend_ns(milliseconds: object) -> int | None:
 
 
 async def embed(call: Call) -> Reply:
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     body = validated(tr.validate_ollama_embed, body)
     note_model(call.state, body["model"])
     if body.get("input") in (None, "", []):
@@ -411,9 +400,7 @@ async def embed(call: Call) -> Reply:
 
 
 async def embeddings(call: Call) -> Reply:
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     body = validated(tr.validate_ollama_embeddings, body)
     note_model(call.state, body["model"])
     if tr.ollama_embeddings_input(body) in ("", []):  # Ollama: an empty prompt loads the model

@@ -28,10 +28,8 @@ from .exchange import JSON, Call, Handler, Reply
 from .forward import (
     call_raw,
     delimited_by_framing,
-    encode,
-    encode_in_thread,
+    encoded_for_backend,
     json_object,
-    json_object_in_thread,
     note_model,
     note_usage_counts,
     open_stream,
@@ -64,9 +62,7 @@ async def forward(
 ) -> Reply:
     app = call.app
     state = call.state
-    body = (
-        json_object(call) if len(call.body) <= OFF_LOOP_BYTES else await json_object_in_thread(call)
-    )
+    body = await json_object(call)
     body = validated(tr.validate_openai_body, body, require_model=require_model)
     client_model = body.get("model")
     backend_model = client_model
@@ -76,10 +72,10 @@ async def forward(
     if backend_model == client_model:
         # nothing to rewrite: forward the client's bytes as they came
         payload = call.body
-    elif len(call.body) <= OFF_LOOP_BYTES:
-        payload = encode(tr.openai_passthrough_request(body, backend_model))
     else:
-        payload = await encode_in_thread(tr.openai_passthrough_request(body, backend_model))
+        payload = await encoded_for_backend(
+            call, tr.openai_passthrough_request(body, backend_model)
+        )
     if body.get("stream") is True:
         result = await open_stream(call, backend_path, payload)
         rewrite = None
