@@ -157,15 +157,7 @@ def x_forwarded_for_client(values: Sequence[bytes], trusted: TrustedProxies) -> 
     at an entry that is no address ("unknown", garbage), naming the last trusted hop, as it
     does after ``MAX_FORWARDED_ENTRIES`` entries: nothing left of such an entry can be
     vouched for. When every address is a trusted proxy's, the leftmost one is the client."""
-    last: IPAddress | None = None
-    for entry in _entries_from_right(values):
-        address = parse_entry(entry)
-        if address is None:
-            break
-        if not trusted.trusts(address):
-            return address
-        last = address
-    return last
+    return _walk(map(parse_entry, _entries_from_right(values)), trusted)
 
 
 def _walk(hops: Iterable[IPAddress | None], trusted: TrustedProxies) -> IPAddress | None:
