@@ -69,6 +69,20 @@ class _Compressions:
         monkeypatch.setattr(metrics, "GzipHead", Counted)
 
 
+def _hand_offs_to_threads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions the metrics hand to a worker thread from now on (not the app's own)."""
+    handed: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__module__", None) == metrics.__name__:
+            handed.append(fn)
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return handed
+
+
 async def _scrape(client: Any, accept_encoding: str | None = None, path: str = "/metrics") -> bytes:
     """A scrape's exposition, decoded; a gzip answer says so and varies by the coding."""
     headers = {"Accept-Encoding": accept_encoding} if accept_encoding else {}
@@ -374,15 +388,7 @@ async def test_a_small_exposition_is_encoded_on_the_loop_a_large_one_in_a_thread
 ) -> None:
     """The full bench: scrapes of a few hundred samples under load took 28 ms at p50 (3 ms
     idle) once encoded in a thread: each hand-off waited for the GIL the busy loop held."""
-    handed: list[object] = []
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__module__", None) == metrics.__name__:  # not the app's own
-            handed.append(fn)
-        return await run_sync(fn, *args, **kwargs)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    handed = _hand_offs_to_threads(monkeypatch)
     async with _app() as app:
         client = app.test_client()
         app.collector.record(_finished())
@@ -403,15 +409,7 @@ async def test_a_few_models_exposition_is_encoded_in_a_thread(
     gzipped at about 6 us each, 600 of them held the loop for about 4 ms per scrape (until
     2026-12-02 up to 4,000, about 25 ms, stayed on the loop). At the defaults, such an
     exposition goes to the worker thread; a single model's stays on the loop."""
-    handed: list[object] = []
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__module__", None) == metrics.__name__:  # not the app's own
-            handed.append(fn)
-        return await run_sync(fn, *args, **kwargs)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    handed = _hand_offs_to_threads(monkeypatch)
     async with _app() as app:
         client = app.test_client()
         collector = app.collector
@@ -505,15 +503,7 @@ async def test_a_large_head_is_compressed_in_a_thread_a_small_one_on_the_loop(
     not two); a head kept from a plain scrape is compressed in a thread when it is over
     LOOP_COMPRESSED_BYTES."""
     compressions = _Compressions(monkeypatch)
-    handed: list[object] = []
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__module__", None) == metrics.__name__:  # not the app's own
-            handed.append(fn)
-        return await run_sync(fn, *args, **kwargs)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    handed = _hand_offs_to_threads(monkeypatch)
     async with _app() as app:
         client = app.test_client()
         collector = app.collector
