@@ -194,9 +194,9 @@ async def test_a_large_answer_too_deep_to_write_again_is_the_backends_502() -> N
     for _ in range(5000):
         deep = [deep]
     with pytest.raises(BadUpstreamResponse, match="nested too deeply"):
-        await routes_ollama._answer_reply_in_thread(call, {"message": {"content": deep}})
+        await routes_ollama.answer_reply_in_thread(call, {"message": {"content": deep}})
     assert errors == ["protocol"]
-    reply = await routes_ollama._answer_reply_in_thread(call, {"done": True})
+    reply = await routes_ollama.answer_reply_in_thread(call, {"done": True})
     assert (reply.status, reply.body) == (200, b'{"done":true}')
 
 

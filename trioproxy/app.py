@@ -341,6 +341,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
 
     from .catalog import ModelCatalog
     from .forward import BackendQuirks
+    from .routes_anthropic import FAST_ROUTES as anthropic_fast_routes
+    from .routes_anthropic import blueprint as anthropic_routes
     from .routes_ollama import FAST_ROUTES as ollama_fast_routes
     from .routes_ollama import blueprint as ollama_routes
     from .routes_openai import FAST_ROUTES as openai_fast_routes
@@ -352,7 +354,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.register_blueprint(ops_routes)
     app.register_blueprint(ollama_routes)
     app.register_blueprint(openai_routes)
-    app.fast_routes = {**ollama_fast_routes, **openai_fast_routes}
+    app.register_blueprint(anthropic_routes)
+    app.fast_routes = {**ollama_fast_routes, **openai_fast_routes, **anthropic_fast_routes}
     app.in_progress = fastpath.InProgress()
     app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)
@@ -723,7 +726,9 @@ def _require_client_keys(app: ProxyApp, keys: ClientKeys) -> None:
     @app.before_request
     async def _authenticate() -> None:
         authorization = request.headers.get("Authorization")
-        note_client(request_state(), keys.check(request.method, request.path, authorization))
+        api_key = request.headers.get("x-api-key")  # the anthropic SDKs'
+        client = keys.check(request.method, request.path, authorization, api_key)
+        note_client(request_state(), client)
 
 
 def _enable_cors(app: ProxyApp, origins: str) -> None:

@@ -1,11 +1,13 @@
 """Client authentication (``PROXY_API_KEYS``): who may spend the backend's key.
 
 Without keys the proxy serves every caller, like Ollama. With keys, every request to the
-Ollama and OpenAI APIs must carry one as ``Authorization: Bearer <key>``, which is what
-the OpenAI SDKs send (their ``api_key``), and ollama-python (``OLLAMA_API_KEY``), ollama-js
-and Open WebUI send when given a key. Probes (``/``, ``/health``, ``/ready``), Ollama's
-``/api/version`` (clients probe it without their key, as Ollama has none) and CORS
-preflights stay open; the metrics endpoints too unless ``METRICS_REQUIRE_AUTH``.
+Ollama, OpenAI and Anthropic APIs must carry one as ``Authorization: Bearer <key>``, which
+is what the OpenAI SDKs send (their ``api_key``), and ollama-python (``OLLAMA_API_KEY``),
+ollama-js, Open WebUI and Claude Code (``ANTHROPIC_AUTH_TOKEN``) send when given a key; or
+as ``x-api-key: <key>``, which the anthropic SDKs send. Probes (``/``, ``/health``,
+``/ready``), Ollama's ``/api/version`` (clients probe it without their key, as Ollama has
+none) and CORS preflights stay open; the metrics endpoints too unless
+``METRICS_REQUIRE_AUTH``.
 
 Keys are kept as SHA-256 digests and a presented key is looked up by its digest, so the
 time a comparison takes says nothing about how much of a key was right.
@@ -92,17 +94,23 @@ class ClientKeys:
     def __bool__(self) -> bool:
         return bool(self._names)
 
-    def check(self, method: str, path: str, authorization: str | None) -> str | None:
+    def check(
+        self, method: str, path: str, authorization: str | None, api_key: str | None = None
+    ) -> str | None:
         """The name of the client whose key the request carries, None where no key is
-        needed; raises ``Unauthorized`` for a request that may not pass."""
+        needed; raises ``Unauthorized`` for a request that may not pass. The key comes as
+        ``Authorization: Bearer <key>``, or as ``x-api-key: <key>`` (``api_key``), which
+        the anthropic SDKs send (and Claude Code given ``ANTHROPIC_API_KEY``)."""
         if not self._names or method == "OPTIONS" or path in self._open_paths:
             return None
-        if not authorization:
+        if not authorization and not api_key:
             raise Unauthorized(
                 "missing API key: this proxy requires 'Authorization: Bearer <key>' "
-                "with one of its PROXY_API_KEYS"
+                "(or 'x-api-key: <key>') with one of its PROXY_API_KEYS"
             )
         name = self.name_of(authorization)
+        if name is None and api_key:
+            name = self._names.get(_digest(api_key.strip()))
         if name is None:
             # never quote what was sent: it may be a real key for somewhere else
             raise Unauthorized("incorrect API key provided")

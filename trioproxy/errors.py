@@ -215,12 +215,53 @@ def openai_error_body(
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/")
+    """The OpenAI API's paths (``/v1/*``), the Anthropic Messages API's aside."""
+    return path.startswith("/v1/") and not is_anthropic_path(path)
+
+
+ANTHROPIC_PATH = "/v1/messages"
+
+# The error types Anthropic's API writes, by status (the anthropic SDK picks its exception
+# class by the status; Claude Code reads the type)
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """The Anthropic Messages API's paths: ``/v1/messages`` and those below it."""
+    return path.startswith(ANTHROPIC_PATH) and (
+        len(path) == len(ANTHROPIC_PATH) or path[len(ANTHROPIC_PATH)] == "/"
+    )
+
+
+def anthropic_error_payload(message: str, status: int) -> dict[str, Any]:
+    kind = ANTHROPIC_ERROR_TYPES.get(status)
+    if kind is None:
+        kind = "api_error" if status >= 500 else "invalid_request_error"
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _utf8_json(payload: Any) -> bytes:
+    # a lone surrogate a client or backend quoted back has no UTF-8 spelling: kept as its escape
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode()
 
 
 def error_body_for(
     path: str, message: str, status: int, *, code: str | None = None, param: str | None = None
 ) -> bytes:
+    if is_anthropic_path(path):
+        return _utf8_json(anthropic_error_payload(message, status))
     if is_openai_path(path):
         return openai_error_body(message, status, code=code, param=param)
     return ollama_error_body(message)

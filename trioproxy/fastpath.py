@@ -56,6 +56,7 @@ _WANTED_HEADERS = frozenset(
         b"content-encoding",
         b"origin",
         b"authorization",
+        b"x-api-key",  # the anthropic SDKs' key
         CLIENT_RETRIES_HEADER,
         TRACEPARENT.encode(),
     }
@@ -112,7 +113,9 @@ async def serve(
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
                 if app.client_keys is not None:
-                    client = app.client_keys.check("POST", path, headers.get("authorization"))
+                    client = app.client_keys.check(
+                        "POST", path, headers.get("authorization"), headers.get("x-api-key")
+                    )
                     note_client(state, client)
                     if client is not None:
                         app.client_keys.enter(client)

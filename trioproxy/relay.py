@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import httpx
 import trio
 
+from .anthropic import EVENT_STREAM as ANTHROPIC_EVENT_STREAM
+from .anthropic import error_event as anthropic_error_event
 from .config import Settings
 from .errors import ProxyError, UpstreamStatusError, UpstreamTimeout, scrub
 from .jsonutil import NestedTooDeeply, compact_json, loads
@@ -34,7 +36,7 @@ from .sse import (
     error_fields_as_data,
     openai_error_event,
 )
-from .translate import FINISHED_WITH_ERROR, OllamaStreamTranslator, StreamTooLarge, read_chunk
+from .translate import FINISHED_WITH_ERROR, StreamTooLarge, read_chunk
 from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
@@ -67,6 +69,19 @@ class StreamObserver(TokenStats, Protocol):
     def open_choices(self) -> int: ...  # choices asked for (``n``) without a finish_reason
 
     def feed_text(self, data: str, now_ns: int) -> None: ...
+
+
+class StreamTranslator(TokenStats, Protocol):
+    """What ``relay_ollama`` drives: ``translate.OllamaStreamTranslator``, or
+    ``anthropic.AnthropicStreamTranslator``."""
+
+    finish_reason: str | None
+
+    def feed_text(self, data: str, now_ns: int) -> bytes | None: ...
+
+    def feed(self, chunk: dict[str, Any], now_ns: int) -> list[dict[str, Any]]: ...
+
+    def finish(self, now_ns: int) -> Any: ...
 
 
 dumps = compact_json
@@ -250,19 +265,27 @@ def _finish_upstream(metric: RequestMetrics | None) -> None:
 
 async def relay_ollama(
     response: httpx.Response,
-    translator: OllamaStreamTranslator,
+    translator: StreamTranslator,
     *,
     settings: Settings,
     metric: RequestMetrics | None,
     sent_at: float,
     collector: MetricsCollector,
     end: StreamEnd | None = None,
+    encode: Callable[[Any], bytes] = dumps,
+    error_line: Callable[[str], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
     """Backend SSE -> Ollama NDJSON, one output chunk per backend read.
 
     A backend that answers the stream request with one JSON completion (it ignored
     ``stream``) is translated as a stream of that one chunk; a stream that stops before
-    its end (no ``finish_reason``, no ``[DONE]``) is an error, not a finished answer."""
+    its end (no ``finish_reason``, no ``[DONE]``) is an error, not a finished answer.
+
+    Another translated dialect (the Anthropic Messages API's events) comes through the
+    same loop with its own ``translator``, its ``encode`` for what it gives (a line each,
+    joined with line ends; its ``finish`` may give a list of them) and its
+    ``error_line`` for a stream that ends early (NDJSON's ``{"error": ...}`` line by
+    default)."""
     parser = SSEParser(settings.max_response_bytes)  # an event as large as an answer
     reader = _Reader(response, settings, sent_at)
     error: str | None = None
@@ -282,7 +305,7 @@ async def relay_ollama(
                     data = await _telling_start(reader, data, response)
                     if _opens_json(data):
                         whole = await _rest_of_body(reader, data, settings.max_response_bytes)
-                        lines += [dumps(out) for out in _completion_as_chunk(whole, translator)]
+                        lines += [encode(out) for out in _completion_as_chunk(whole, translator)]
                         done = True
                     elif not _looks_like_events(response, data):
                         raise _NotAStream(_not_a_stream(response))
@@ -306,7 +329,7 @@ async def relay_ollama(
                             raise _FailedAtOnce(failure)
                         error = scrub(_error_text(failure), settings.backend_secrets)
                         break
-                    lines += [dumps(out) for out in translator.feed(chunk, now_ns)]
+                    lines += [encode(out) for out in translator.feed(chunk, now_ns)]
                 elif line:
                     lines.append(line)
                 if not reader.token_seen and translator.first_token_ns is not None:
@@ -339,7 +362,7 @@ async def relay_ollama(
         _record_tokens(metric, translator)
     if error is None:
         try:  # the done line carries tool calls whose arguments may be too deep to write
-            last = dumps(translator.finish(time.perf_counter_ns())) + b"\n"
+            last = _encoded_end(translator.finish(time.perf_counter_ns()), encode)
         except NestedTooDeeply as exc:
             error = _stream_broke(exc, metric, collector, settings)
     if error is not None:
@@ -348,7 +371,7 @@ async def relay_ollama(
             raise _failed_before_the_first_byte(error, timed_out, metric)
         log.warning("stream ended early: %s", error)
         _reached(end)
-        yield ndjson_error(error)
+        yield ndjson_error(error) if error_line is None else error_line(error)
     else:
         _reached(end)
         yield last
@@ -357,6 +380,13 @@ async def relay_ollama(
         _set_outcome(metric, "completed")
     if done or error is not None:
         await reader.drain()
+
+
+def _encoded_end(out: Any, encode: Callable[[Any], bytes]) -> bytes:
+    """A translator's last output (one object, or a list of them), encoded and ended."""
+    if isinstance(out, list):
+        return b"\n".join(map(encode, out)) + b"\n"
+    return encode(out) + b"\n"
 
 
 async def relay_openai(
@@ -757,7 +787,7 @@ def _is_choice(choice: object) -> bool:
     return message is None or isinstance(message, dict)
 
 
-def _completion_as_chunk(whole: Any, translator: OllamaStreamTranslator) -> list[dict[str, Any]]:
+def _completion_as_chunk(whole: Any, translator: StreamTranslator) -> list[dict[str, Any]]:
     """A backend's JSON completion (it ignored ``stream``) as the lines of its one chunk."""
     return translator.feed(_completion(whole), time.perf_counter_ns())
 
@@ -891,6 +921,8 @@ def in_band_error(content_type: str, message: str, *, code: str | None = None) -
     ollama clients raise as ``ResponseError``, the openai SDK as ``APIError``."""
     if content_type == NDJSON:
         return ndjson_error(message)
+    if content_type == ANTHROPIC_EVENT_STREAM:  # the anthropic SDK raises on its error event
+        return anthropic_error_event(message, 503 if code == "service_unavailable" else 500)
     if content_type == EVENT_STREAM:
         return openai_error_event(message, "api_error", code)
     return None

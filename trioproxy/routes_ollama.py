@@ -217,7 +217,7 @@ async def _generate_or_chat(
         backend_model, payload["messages"], client=state.client, tools=payload.get("tools")
     )
     think = body.get("think")
-    payload, switch = _with_think_switch(app.settings, think, payload)
+    payload, switch = with_think_switch(app.settings, think, payload)
     # think: false hides the reasoning, whatever the backend does with THINK_OFF_EXTRA_BODY
     # (or without one: OpenAI-compatible backends have no portable way to be told not to
     # reason; reasoning_effort "none" is a 400 on most models)
@@ -226,7 +226,7 @@ async def _generate_or_chat(
     start_ns = time.perf_counter_ns()
     if not payload.get("stream"):
         with _model_not_found_as_ollama(client_model, backend_model):
-            resp, result = await _as_taken(call, payload, switch, call_chat)
+            resp, result = await as_taken(call, payload, switch, call_chat)
         timings = _timings(start_ns, resp, result)
         signatures.remember_answer(conversation, backend_model, resp)
         convert = functools.partial(
@@ -240,9 +240,9 @@ async def _generate_or_chat(
         # to write again (jsonutil): the backend's fault too
         if len(result.response.content) <= OFF_LOOP_BYTES:
             return Reply(200, from_backend(call, dumps, out))
-        return await _answer_reply_in_thread(call, out)
+        return await answer_reply_in_thread(call, out)
     with _model_not_found_as_ollama(client_model, backend_model):
-        result = await _as_taken(call, payload, switch, open_chat_stream)
+        result = await as_taken(call, payload, switch, open_chat_stream)
     translator = tr.OllamaStreamTranslator(
         kind,
         client_model,
@@ -328,7 +328,7 @@ def _raw_prompts_served() -> Generator[None, None, None]:
         raise
 
 
-def _with_think_switch(
+def with_think_switch(
     settings: Settings, think: object, payload: tr.JSONDict
 ) -> tuple[tr.JSONDict, FieldQuirk | None]:
     """``payload`` with the extra body the operator set for the client's ``think``, and
@@ -343,7 +343,7 @@ def _with_think_switch(
     return switched, extra_body_quirk(setting, added) if added else None
 
 
-async def _as_taken(
+async def as_taken(
     call: Call, payload: tr.JSONDict, quirk: FieldQuirk | None, send: Callable[..., Awaitable[T]]
 ) -> T:
     """``send(call, payload)``, through ``quirk`` when there is one."""
@@ -414,7 +414,7 @@ async def embeddings(call: Call) -> Reply:
     return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
 
 
-async def _answer_reply_in_thread(call: Call, payload: Any) -> Reply:
+async def answer_reply_in_thread(call: Call, payload: Any) -> Reply:
     """``Reply(200, from_backend(call, dumps, payload))`` for the translation of a chat or
     generate answer over OFF_LOOP_BYTES (logprobs of hundreds of tokens, a long text),
     encoded in a JSON thread and waited for (``payload`` is the request's own object); a

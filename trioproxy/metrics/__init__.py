@@ -149,6 +149,8 @@ def _api_for(path: str, endpoint: str) -> str:
     # already a label (the caller passed e.g. "api_chat")
     if endpoint == "root" or endpoint.startswith("api_"):
         return "ollama"
+    if endpoint.startswith("v1_messages"):
+        return "anthropic"
     if endpoint.startswith("v1_"):
         return "openai"
     return labels.OTHER

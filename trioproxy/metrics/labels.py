@@ -37,6 +37,8 @@ ROUTE_LABELS: dict[str, str] = {
     "/v1/responses": "v1_responses",
     "/v1/responses/input_tokens": "v1_responses_input_tokens",
     "/v1/responses/compact": "v1_responses_compact",
+    "/v1/messages": "v1_messages",  # the Anthropic Messages API
+    "/v1/messages/count_tokens": "v1_messages_count_tokens",
     "/v1/models": "v1_models",
     "/v1/version": "v1_version",
 }
@@ -66,7 +68,7 @@ METHOD_LABELS: frozenset[str] = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 )
 
-API_LABELS: frozenset[str] = frozenset({"ollama", "openai", OTHER})
+API_LABELS: frozenset[str] = frozenset({"ollama", "openai", "anthropic", OTHER})
 
 STREAM_OUTCOMES: tuple[str, ...] = ("completed", "cancelled", "timeout", "error")
 
@@ -96,7 +98,7 @@ def api_label(path: str) -> str:
     if path.startswith("/api/") or path == "/":
         return "ollama"
     if path.startswith("/v1/"):
-        return "openai"
+        return "anthropic" if ROUTE_LABELS.get(path, "").startswith("v1_messages") else "openai"
     return OTHER
 
 

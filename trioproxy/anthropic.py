@@ -1,0 +1,570 @@
+"""The Anthropic Messages API (``/v1/messages``) as OpenAI chat completions, and back.
+
+Pure functions and one sans-I/O stream translator, as ``translate`` is for Ollama's API:
+the request a client of the anthropic SDK (or Claude Code) sends becomes a
+``/chat/completions`` request for the backend; the backend's completion becomes a
+``message`` object; its stream of ``chat.completion.chunk`` events becomes Anthropic's
+named server-sent events (``message_start``, ``content_block_*``, ``message_delta``,
+``message_stop``). Errors are Anthropic's ``{"type": "error", "error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from . import translate as tr
+from .errors import anthropic_error_payload
+from .jsonutil import compact_json, compact_json_text
+from .translate import JSONDict, RequestValidationError
+
+# Anthropic's content type for its event streams; told apart from the OpenAI routes' plain
+# ``text/event-stream`` by ``relay.in_band_error``, which ends a stream in its dialect
+EVENT_STREAM = "text/event-stream; charset=utf-8"
+
+
+def error_event(message: str, status: int = 500) -> bytes:
+    """The ``error`` event that ends a stream early: the anthropic SDK raises on it
+    (``APIStatusError``), where a stream that just stopped would read as a finished one."""
+    return encode_event(anthropic_error_payload(message, status)) + b"\n"
+
+
+def encode_event(event: JSONDict) -> bytes:
+    """One named server-sent event, without the blank line that ends it (the relay joins
+    events with a line end and ends the last one): the anthropic SDK skips an event
+    without its ``event:`` name."""
+    return b"event: " + event["type"].encode() + b"\ndata: " + compact_json(event) + b"\n"
+
+
+# =============================================================================================
+# Requests
+# =============================================================================================
+
+_ROLES = ("user", "assistant")
+_TOOL_CHOICES = ("auto", "any", "tool", "none")
+_THINKING_TYPES = ("enabled", "disabled", "adaptive")
+
+
+def validate_messages(body: object) -> JSONDict:
+    """The checks Anthropic's API makes before it reads a request, as 400s naming the
+    field; what is not checked here is read leniently by :func:`messages_to_openai`."""
+    if not isinstance(body, dict):
+        raise RequestValidationError(None, "request body must be a JSON object")
+    model = body.get("model")
+    if model is None or model == "":
+        raise RequestValidationError("model", "is required")
+    if not isinstance(model, str):
+        raise RequestValidationError("model", "must be a string")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise RequestValidationError("max_tokens", "is required")
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise RequestValidationError("max_tokens", "must be an integer of at least 1")
+    _check_messages(body.get("messages"))
+    _check_system(body.get("system"))
+    _check_type(body, "stream", bool, "a boolean")
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None and not tr._is_finite_number(body[key]):
+            raise RequestValidationError(key, "must be a number")
+    top_k = body.get("top_k")
+    if top_k is not None and (type(top_k) is not int or top_k < 0):
+        raise RequestValidationError("top_k", "must be a non-negative integer")
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        tr._check_str_list(stops, "stop_sequences")
+    _check_tools(body.get("tools"))
+    _check_choice(body.get("tool_choice"))
+    thinking = body.get("thinking")
+    if thinking is not None and (
+        not isinstance(thinking, dict) or thinking.get("type") not in _THINKING_TYPES
+    ):
+        raise RequestValidationError("thinking.type", "must be 'enabled' or 'disabled'")
+    return body
+
+
+def _check_type(body: JSONDict, key: str, kind: type, what: str) -> None:
+    if body.get(key) is not None and not isinstance(body[key], kind):
+        raise RequestValidationError(key, f"must be {what}")
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RequestValidationError("messages", "must be a non-empty list")
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise RequestValidationError(where, "must be an object")
+        if msg.get("role") not in _ROLES:
+            raise RequestValidationError(f"{where}.role", "must be 'user' or 'assistant'")
+        _check_content(msg.get("content"), f"{where}.content")
+
+
+def _check_content(content: object, where: str) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise RequestValidationError(where, "must be a string or a list of content blocks")
+    for j, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise RequestValidationError(f"{where}[{j}].type", "must be a string")
+        kind = block["type"]
+        if kind == "text" and not isinstance(block.get("text"), str):
+            raise RequestValidationError(f"{where}[{j}].text", "must be a string")
+        if kind == "image" and not isinstance(block.get("source"), dict):
+            raise RequestValidationError(f"{where}[{j}].source", "must be an object")
+        if kind == "tool_use" and not isinstance(block.get("name"), str):
+            raise RequestValidationError(f"{where}[{j}].name", "must be a string")
+        if kind == "tool_result":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise RequestValidationError(f"{where}[{j}].tool_use_id", "must be a string")
+            inner = block.get("content")
+            if inner is not None:
+                _check_content(inner, f"{where}[{j}].content")
+        if kind == "document" and _document_text(block) is None:
+            raise RequestValidationError(
+                f"{where}[{j}]",
+                "is a document the backend cannot read: only plain-text documents are "
+                "translated (OpenAI-compatible chat completions take no PDF)",
+            )
+
+
+def _check_system(system: object) -> None:
+    if system is None or isinstance(system, str):
+        return
+    if not isinstance(system, list):
+        raise RequestValidationError("system", "must be a string or a list of text blocks")
+    for j, block in enumerate(system):
+        if not isinstance(block, dict) or not isinstance(block.get("text"), str):
+            raise RequestValidationError(f"system[{j}].text", "must be a string")
+
+
+def _check_tools(tools: object) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise RequestValidationError("tools", "must be a list")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise RequestValidationError(f"tools[{i}].name", "must be a string")
+        schema = tool.get("input_schema")
+        if _is_custom_tool(tool) and not isinstance(schema, dict):
+            raise RequestValidationError(f"tools[{i}].input_schema", "must be an object")
+
+
+def _check_choice(choice: object) -> None:
+    if choice is None:
+        return
+    if not isinstance(choice, dict) or choice.get("type") not in _TOOL_CHOICES:
+        raise RequestValidationError("tool_choice.type", "must be one of auto, any, tool, none")
+    if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
+        raise RequestValidationError("tool_choice.name", "must be a string")
+
+
+def _is_custom_tool(tool: JSONDict) -> bool:
+    """A client tool (name, description, input_schema): Anthropic's server tools (web
+    search, bash, text editor...) carry a versioned ``type`` and no schema; the backend
+    cannot run them."""
+    return tool.get("type") in (None, "custom")
+
+
+def think_of(body: JSONDict) -> bool | None:
+    """The request's ``thinking`` as Ollama's ``think``: True to reason, False not to,
+    None when the client did not say (the backend's default)."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict):
+        return None
+    return thinking.get("type") != "disabled"
+
+
+def messages_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
+    """A validated Messages request as a ``/chat/completions`` request for the backend."""
+    out: JSONDict = {"model": backend_model, "messages": _openai_messages(body)}
+    out["max_tokens"] = body["max_tokens"]
+    for key in ("temperature", "top_p", "top_k"):
+        if body.get(key) is not None:
+            out[key] = body[key]  # top_k is no OpenAI field: vLLM and llama.cpp take it
+    if body.get("stop_sequences"):
+        out["stop"] = body["stop_sequences"]
+    tools = [_openai_tool(t) for t in body.get("tools") or () if _is_custom_tool(t)]
+    choice = body.get("tool_choice")
+    if tools and not (isinstance(choice, dict) and choice.get("type") == "none"):
+        out["tools"] = tools
+        if isinstance(choice, dict):
+            out["tool_choice"] = _openai_tool_choice(choice)
+            if choice.get("disable_parallel_tool_use") is True:
+                out["parallel_tool_calls"] = False
+    if body.get("stream") is True:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def _openai_tool(tool: JSONDict) -> JSONDict:
+    function: JSONDict = {"name": tool["name"]}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    function["parameters"] = tool.get("input_schema") or {"type": "object"}
+    return {"type": "function", "function": function}
+
+
+def _openai_tool_choice(choice: JSONDict) -> Any:
+    kind = choice["type"]
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return "required" if kind == "any" else "auto"
+
+
+def _openai_messages(body: JSONDict) -> list[JSONDict]:
+    out: list[JSONDict] = []
+    system = body.get("system")
+    if isinstance(system, list):
+        system = "\n\n".join(block["text"] for block in system)
+    if system:
+        out.append({"role": "system", "content": system})
+    for msg in body["messages"]:
+        content = msg["content"]
+        if msg["role"] == "assistant":
+            out.append(_assistant_message(content))
+        elif isinstance(content, str):
+            out.append({"role": "user", "content": content})
+        else:
+            out.extend(_user_messages(content))
+    return out
+
+
+def _assistant_message(content: str | list[JSONDict]) -> JSONDict:
+    """An assistant turn: its text, and its tool_use blocks as tool calls. Its thinking is
+    dropped, as ``/api/chat`` drops it: OpenAI-compatible backends take no reasoning in
+    the history."""
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    text = "".join(b["text"] for b in content if b["type"] == "text")
+    calls = [
+        {
+            "id": block.get("id") if isinstance(block.get("id"), str) else f"call{i:05d}",
+            "type": "function",
+            "function": {"name": block["name"], "arguments": _arguments(block.get("input"))},
+        }
+        for i, block in enumerate(content)
+        if block["type"] == "tool_use"
+    ]
+    message: JSONDict = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    elif not text:
+        message["content"] = ""
+    return message
+
+
+def _arguments(value: object) -> str:
+    return compact_json_text(value if value is not None else {})
+
+
+def _user_messages(content: list[JSONDict]) -> list[JSONDict]:
+    """A user turn: its tool results first, each a ``tool`` message (OpenAI wants them
+    right after the assistant's calls), then the rest as one user message. A tool's
+    images, which a tool message cannot hold, go in that user message."""
+    tools: list[JSONDict] = []
+    parts: list[JSONDict] = []
+    for block in content:
+        kind = block["type"]
+        if kind == "tool_result":
+            text, images = _tool_result(block)
+            tools.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            parts += images
+        elif (part := _user_part(block)) is not None:
+            parts.append(part)
+    if parts:
+        if all(p["type"] == "text" for p in parts):
+            tools.append({"role": "user", "content": "".join(p["text"] for p in parts)})
+        else:
+            tools.append({"role": "user", "content": parts})
+    return tools
+
+
+def _user_part(block: JSONDict) -> JSONDict | None:
+    """A user content block as an OpenAI content part; None for what the backend cannot
+    take (server tool results, search results' metadata...), dropped."""
+    kind = block["type"]
+    if kind == "text":
+        return {"type": "text", "text": block["text"]}
+    if kind == "image":
+        url = _image_url(block["source"])
+        return {"type": "image_url", "image_url": {"url": url}} if url else None
+    if kind == "document":
+        return {"type": "text", "text": _document_text(block) or ""}
+    return None
+
+
+def _image_url(source: JSONDict) -> str | None:
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        media = source.get("media_type")
+        if isinstance(media, str) and media:
+            return f"data:{media};base64,{source['data']}"
+        return tr.image_data_url(source["data"])
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    return None
+
+
+def _document_text(block: JSONDict) -> str | None:
+    """A document block's text when it is plain text; None for a PDF or a file."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        return source["data"]
+    if source.get("type") == "content" and isinstance(source.get("content"), str | list):
+        inner = source["content"]
+        if isinstance(inner, str):
+            return inner
+        return "".join(b.get("text", "") for b in inner if isinstance(b, dict))
+    return None
+
+
+def _tool_result(block: JSONDict) -> tuple[str, list[JSONDict]]:
+    """A tool result's text (an error marked as one, the model must know the call failed)
+    and its images as content parts."""
+    inner = block.get("content")
+    images: list[JSONDict] = []
+    if isinstance(inner, list):
+        texts = []
+        for part in inner:
+            if part["type"] == "text":
+                texts.append(part["text"])
+            elif part["type"] == "image" and (url := _image_url(part["source"])):
+                images.append({"type": "image_url", "image_url": {"url": url}})
+        text = "\n".join(texts)
+    else:
+        text = inner if isinstance(inner, str) else ""
+    if block.get("is_error") is True:
+        text = f"Error: {text}" if text else "Error"
+    return text, images
+
+
+# =============================================================================================
+# Answers
+# =============================================================================================
+
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def new_message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+def stop_reason(
+    finish_reason: object, matched: object, stops: list[str] | None, has_calls: bool
+) -> tuple[str, str | None]:
+    """Anthropic's ``stop_reason`` and ``stop_sequence`` for an OpenAI ``finish_reason``.
+    A stop sequence is told only where the backend names the one it met (vLLM's
+    ``stop_reason``): OpenAI's ``stop`` says nothing of which."""
+    if has_calls:
+        return "tool_use", None
+    if finish_reason == "stop" and isinstance(matched, str) and stops and matched in stops:
+        return "stop_sequence", matched
+    return _STOP_REASONS.get(finish_reason, "end_turn"), None  # type: ignore[arg-type]
+
+
+def openai_to_message(
+    resp: JSONDict,
+    model: str,
+    message_id: str,
+    *,
+    show_thinking: bool = True,
+    stops: list[str] | None = None,
+) -> JSONDict:
+    """A non-stream ``/chat/completions`` answer as a Messages API ``message``."""
+    choice = tr._first_choice(resp)
+    msg = choice.get("message") or {}
+    content: list[JSONDict] = []
+    thinking = tr._thinking(msg) if show_thinking else ""
+    if thinking:
+        content.append(thinking_block(thinking))
+    text = tr._text(msg.get("content")) + tr._refusal(msg)
+    if text:
+        content.append({"type": "text", "text": text})
+    calls = tr._message_tool_calls(msg)
+    content += [tool_use_block(call, i) for i, call in enumerate(calls)]
+    reason, sequence = stop_reason(
+        choice.get("finish_reason"), choice.get("stop_reason"), stops, bool(calls)
+    )
+    prompt, completion = tr._usage_counts(resp)
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
+        "usage": {"input_tokens": prompt, "output_tokens": completion},
+    }
+
+
+def thinking_block(thinking: str) -> JSONDict:
+    # no signature to give: the backend's reasoning is not Anthropic's, and nothing checks it
+    return {"type": "thinking", "thinking": thinking, "signature": ""}
+
+
+def tool_use_block(call: JSONDict, number: int) -> JSONDict:
+    """An Ollama-shaped tool call (``translate._ollama_tool_calls``: arguments decoded, an
+    object) as a ``tool_use`` block; a call without an id gets one, for the result to name."""
+    function = call["function"]
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        call_id = f"toolu_{secrets.token_hex(8)}{number:02d}"
+    name, arguments = function["name"], function["arguments"]
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
+
+
+# =============================================================================================
+# Streams
+# =============================================================================================
+
+
+class AnthropicStreamTranslator(tr._StreamStats):
+    """OpenAI ``chat.completion.chunk`` dicts in, Anthropic stream events out (dicts, each
+    encoded by :func:`encode_event`), for ``relay.relay_ollama``.
+
+    ``message_start`` goes out with the first block, not at the backend's role chunk, so
+    a failure before any output still gets a real status. Text and thinking are streamed
+    as they come, each run a block of its own. Tool calls are held until they are whole
+    (the backend's ``finish_reason``), as the Ollama translator holds them and as Ollama
+    sends them: then each is a ``tool_use`` block with its whole input in one
+    ``input_json_delta``, the same decoded object as in a non-stream answer (arguments
+    that are no JSON object are ``{}``; the anthropic SDK would fail on them).
+    ``finish`` closes the last block and sends ``message_delta`` (stop reason, usage)
+    and ``message_stop``.
+    """
+
+    # the Ollama translator's tool-call accumulation, bounded the same way (held bytes)
+    _accumulate = tr.OllamaStreamTranslator._accumulate
+    _hold = tr.OllamaStreamTranslator._hold
+    _take_tool_calls = tr.OllamaStreamTranslator._take_tool_calls
+
+    def __init__(
+        self,
+        model: str,
+        message_id: str,
+        *,
+        start_ns: int,
+        show_thinking: bool = True,
+        stops: list[str] | None = None,
+    ) -> None:
+        super().__init__(start_ns)
+        self.model = model
+        self.message_id = message_id
+        self._show_thinking = show_thinking
+        self._stops = stops
+        self._on_tool_calls = None
+        self._tool_calls: list[Any] = []
+        self._slot_of_index: dict[int, int] = {}
+        self._tool_call_bytes = 0
+        self._started = False
+        self._finished = False
+        self._blocks = 0  # blocks started so far: the next one's index
+        self._open: str | None = None  # the kind of the block open now
+        self._called = False  # a tool_use block went out
+        self._matched: object = None  # the stop sequence the backend says it met
+
+    def feed_text(self, data: str, now_ns: int) -> bytes | None:
+        """No shortcut for the common chunk: the relay decodes every event and calls
+        :meth:`feed` (the Ollama translator's line-building shortcut is its own format)."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        return None
+
+    def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        content, thinking, calls, choice = self._observe(chunk, now_ns)
+        events: list[JSONDict] = []
+        if thinking and self._show_thinking:
+            self._delta(events, "thinking", {"type": "thinking_delta", "thinking": thinking})
+        if content:
+            self._delta(events, "text", {"type": "text_delta", "text": content})
+        for delta in calls:
+            if isinstance(delta, dict):
+                self._accumulate(delta)
+        if choice and choice.get("finish_reason"):
+            self._matched = choice.get("stop_reason")
+            if self._tool_calls:
+                self._calls_out(events)
+        return events
+
+    def finish(self, now_ns: int) -> list[JSONDict]:
+        """The events that end the stream; called once, after the backend's last chunk."""
+        if self._finished:
+            raise RuntimeError("finish() called twice")
+        self._finished = True
+        events: list[JSONDict] = []
+        if self._tool_calls:  # a stream that ended without its finish_reason
+            self._calls_out(events)
+        self._start(events)
+        self._close(events)
+        reason, sequence = stop_reason(self.finish_reason, self._matched, self._stops, self._called)
+        output = self.completion_tokens
+        usage: JSONDict = {"output_tokens": output if output is not None else self.content_chunks}
+        if self.prompt_tokens is not None:
+            usage["input_tokens"] = self.prompt_tokens
+        delta = {"stop_reason": reason, "stop_sequence": sequence}
+        events.append({"type": "message_delta", "delta": delta, "usage": usage})
+        events.append({"type": "message_stop"})
+        return events
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _start(self, events: list[JSONDict]) -> None:
+        if self._started:
+            return
+        self._started = True
+        message = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens or 0, "output_tokens": 0},
+        }
+        events.append({"type": "message_start", "message": message})
+
+    def _open_block(self, events: list[JSONDict], kind: str, block: JSONDict) -> int:
+        self._start(events)
+        self._close(events)
+        self._open = kind
+        start = {"type": "content_block_start", "index": self._blocks, "content_block": block}
+        events.append(start)
+        self._blocks += 1
+        return self._blocks - 1
+
+    def _close(self, events: list[JSONDict]) -> None:
+        if self._open is not None:
+            self._open = None
+            events.append({"type": "content_block_stop", "index": self._blocks - 1})
+
+    def _delta(self, events: list[JSONDict], kind: str, delta: JSONDict) -> None:
+        if self._open != kind:
+            empty = thinking_block("") if kind == "thinking" else {"type": "text", "text": ""}
+            self._open_block(events, kind, empty)
+        events.append({"type": "content_block_delta", "index": self._blocks - 1, "delta": delta})
+
+    def _calls_out(self, events: list[JSONDict]) -> None:
+        for call in self._take_tool_calls():
+            block = tool_use_block(call, self._blocks)
+            arguments = compact_json_text(block["input"])
+            index = self._open_block(events, "tool_use", {**block, "input": {}})
+            delta = {"type": "input_json_delta", "partial_json": arguments}
+            events.append({"type": "content_block_delta", "index": index, "delta": delta})
+            self._called = True
+        self._close(events)

@@ -1,0 +1,136 @@
+"""The Anthropic Messages API (``/v1/messages``), translated to the OpenAI-compatible backend.
+
+What Ollama serves since v0.14 for Claude Code and the anthropic SDKs
+(``ANTHROPIC_BASE_URL=http://host:11434``). ``FAST_ROUTES`` is served by ``fastpath`` for
+``POST``, as the other proxy routes are; the translation is ``anthropic``'s (pure), the
+stream goes through ``relay.relay_ollama`` with Anthropic's events. Errors are in
+Anthropic's shape by the path (``errors.error_body_for``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+from quart import Blueprint
+
+from . import anthropic as an
+from .app import quart_route
+from .catalog import backend_name_for
+from .errors import NotFound
+from .exchange import Call, Handler, Reply
+from .forward import (
+    FieldQuirk,
+    as_the_backend_takes,
+    call_chat,
+    for_backend,
+    from_backend,
+    json_object,
+    note_model,
+    note_usage,
+    open_chat_stream,
+    refuses_field,
+    validated,
+)
+from .json_threads import OFF_LOOP_BYTES
+from .relay import STREAM_HEADERS, StreamEnd, dumps, relay_ollama
+from .routes_ollama import answer_reply_in_thread, as_taken, with_think_switch
+
+blueprint = Blueprint("anthropic", __name__)
+T = TypeVar("T")
+
+
+def _without_top_k(payload: dict[str, Any]) -> None:
+    payload.pop("top_k", None)
+
+
+# top_k is no OpenAI field: vLLM and llama.cpp's server take it, OpenAI's API refuses it.
+# A model that refuses it gets the request again without it, and later ones go without.
+NO_TOP_K = FieldQuirk(
+    "top_k",
+    functools.partial(refuses_field, name="top_k"),
+    _without_top_k,
+    "the backend refuses top_k for model %s; its requests now go without it",
+)
+
+
+async def messages(call: Call) -> Reply:
+    body = validated(an.validate_messages, await json_object(call))
+    state = call.state
+    client_model = body["model"]
+    note_model(state, client_model)
+    backend_model = await backend_name_for(call, client_model)
+    payload = for_backend(an.messages_to_openai, body, backend_model)
+    # Anthropic's thinking switch is Ollama's think: the operator's THINK_*_EXTRA_BODY
+    think = an.think_of(body)
+    payload, switch = with_think_switch(call.app.settings, think, payload)
+    show_thinking = think is not False
+    stops = body.get("stop_sequences") or None
+    message_id = an.new_message_id()
+    if not payload.get("stream"):
+        resp, result = await _sent(call, payload, switch, call_chat)
+        out = from_backend(
+            call,
+            functools.partial(an.openai_to_message, show_thinking=show_thinking, stops=stops),
+            resp,
+            client_model,
+            message_id,
+        )
+        note_usage(state, resp)
+        if len(result.response.content) <= OFF_LOOP_BYTES:
+            return Reply(200, from_backend(call, dumps, out))
+        return await answer_reply_in_thread(call, out)
+    start_ns = time.perf_counter_ns()
+    result = await _sent(call, payload, switch, open_chat_stream)
+    translator = an.AnthropicStreamTranslator(
+        client_model, message_id, start_ns=start_ns, show_thinking=show_thinking, stops=stops
+    )
+    app = call.app
+    chunks = relay_ollama(
+        result.response,
+        translator,
+        settings=app.settings,
+        metric=state.metric,
+        sent_at=result.started,  # the first-token deadline counts from here
+        collector=app.collector,
+        end=(end := StreamEnd()),
+        encode=an.encode_event,
+        error_line=an.error_event,
+    )
+    return Reply(200, chunks, an.EVENT_STREAM, dict(STREAM_HEADERS), end=end)
+
+
+async def _sent(
+    call: Call,
+    payload: dict[str, Any],
+    switch: FieldQuirk | None,
+    send: Callable[[Call, dict[str, Any]], Awaitable[T]],
+) -> T:
+    """``send(call, payload)`` as the backend takes it: without the think switch's fields
+    or ``top_k`` for a model that refuses them."""
+
+    async def without_top_k_if_refused(call: Call, sent: dict[str, Any]) -> T:
+        return await as_the_backend_takes(call, sent, NO_TOP_K, functools.partial(send, call))
+
+    return await as_taken(call, payload, switch, without_top_k_if_refused)
+
+
+COUNT_TOKENS_NOT_SERVED = (
+    "token counting (/v1/messages/count_tokens) is not served: the OpenAI-compatible backend "
+    "has no such endpoint, and an estimate without the model's tokenizer would be worse "
+    "than the client's own (Claude Code estimates locally when this is not found)"
+)
+
+
+async def count_tokens() -> NoReturn:
+    # not 200 with a made-up count: a client trusts it (Claude Code would never compact)
+    raise NotFound(COUNT_TOKENS_NOT_SERVED)
+
+
+blueprint.add_url_rule("/v1/messages/count_tokens", view_func=count_tokens, methods=["POST"])
+
+FAST_ROUTES: dict[str, Handler] = {"/v1/messages": messages}
+for _path, _handler in FAST_ROUTES.items():
+    quart_route(blueprint, _path, _handler)
