@@ -1,0 +1,426 @@
+"""The Anthropic Messages API translation (``trioproxy.anthropic``), without sockets.
+
+Requests become chat completions the openai SDK's own types accept; answers and streamed
+events are read with the anthropic SDK's types, and a translated stream, accumulated by
+the SDK's own accumulator, is the message the non-stream translation gives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from anthropic.lib.streaming._messages import accumulate_event
+from anthropic.types import Message, RawMessageStreamEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from pydantic import TypeAdapter
+
+from trioproxy import anthropic as an
+from trioproxy.errors import error_body_for, is_anthropic_path, is_openai_path
+from trioproxy.translate import RequestValidationError
+
+EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
+OPENAI_MESSAGES: TypeAdapter[list[ChatCompletionMessageParam]] = TypeAdapter(
+    list[ChatCompletionMessageParam]
+)
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"
+    "rkJggg=="
+)
+
+
+def request(**more: Any) -> dict[str, Any]:
+    body = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    return {**body, **more}
+
+
+def translated(**more: Any) -> dict[str, Any]:
+    return an.messages_to_openai(an.validate_messages(request(**more)), "backend-m")
+
+
+def test_fields_translated() -> None:
+    out = translated(
+        system=[{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
+        temperature=0.5,
+        top_p=0.9,
+        top_k=40,
+        stop_sequences=["END"],
+        metadata={"user_id": "u"},
+        stream=True,
+    )
+    assert out == {
+        "model": "backend-m",
+        "messages": [
+            {"role": "system", "content": "one\n\ntwo"},
+            {"role": "user", "content": "hi"},
+        ],
+        "max_tokens": 100,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop": ["END"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "auto"}, "auto"),
+        ({"type": "any"}, "required"),
+        ({"type": "tool", "name": "f"}, {"type": "function", "function": {"name": "f"}}),
+    ],
+)
+def test_tools_and_tool_choice(choice: dict[str, Any], expected: Any) -> None:
+    tools = [
+        {"name": "f", "description": "d", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search"},  # a server tool: dropped
+    ]
+    out = translated(tools=tools, tool_choice=choice)
+    assert out["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": "d", "parameters": {"type": "object"}},
+        }
+    ]
+    assert out["tool_choice"] == expected
+    none = translated(tools=tools, tool_choice={"type": "none"})
+    assert "tools" not in none and "tool_choice" not in none
+
+
+def test_conversation_with_tools_images_and_thinking() -> None:
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                },
+                {"type": "image", "source": {"type": "url", "url": "https://x.test/a.jpg"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                {"type": "text", "text": "calling"},
+                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
+                {"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_2",
+                    "is_error": True,
+                    "content": [
+                        {"type": "text", "text": "bad"},
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                        },
+                    ],
+                },
+                {"type": "text", "text": "go on", "cache_control": {"type": "ephemeral"}},
+            ],
+        },
+    ]
+    out = translated(messages=messages)["messages"]
+    data_url = f"data:image/png;base64,{PNG}"
+    assert out == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "image_url", "image_url": {"url": "https://x.test/a.jpg"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": "calling",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"a":1}'},
+                },
+                {"id": "toolu_2", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "42"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: bad"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": "go on"},
+            ],
+        },
+    ]
+    OPENAI_MESSAGES.validate_python(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"max_tokens": None}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"model": 5}, "model"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"text": "x"}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"system": 5}, "system"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop_sequences": "END"}, "stop_sequences"),
+        ({"stream": "yes"}, "stream"),
+        ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
+        ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
+        ({"thinking": {"type": "sometimes"}}, "thinking.type"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "document", "source": {"type": "base64", "data": "JVBE"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0]",
+        ),
+    ],
+)
+def test_client_mistakes_name_the_field(change: dict[str, Any], field: str) -> None:
+    body = {key: value for key, value in request(**change).items() if value is not None}
+    with pytest.raises(RequestValidationError) as caught:
+        an.validate_messages(body)
+    assert caught.value.field == field
+
+
+def test_think_of() -> None:
+    assert an.think_of(request()) is None
+    assert an.think_of(request(thinking={"type": "enabled", "budget_tokens": 2048})) is True
+    assert an.think_of(request(thinking={"type": "disabled"})) is False
+
+
+def completion(
+    content: str | None = "Hi",
+    reasoning: str | None = None,
+    calls: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    finish: str = "stop",
+    stop_reason: str | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+            for i, (name, args) in enumerate(calls)
+        ]
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+    if stop_reason is not None:
+        choice["stop_reason"] = stop_reason
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "backend-m",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+
+
+def test_answer_as_message() -> None:
+    resp = completion("Hi", reasoning="why", calls=[("f", '{"a": [1]}')], finish="tool_calls")
+    ChatCompletion.model_validate(resp)
+    out = an.openai_to_message(resp, "m", "msg_1")
+    Message.model_validate(out, strict=True)
+    assert out == {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [
+            {"type": "thinking", "thinking": "why", "signature": ""},
+            {"type": "text", "text": "Hi"},
+            {"type": "tool_use", "id": "call_0", "name": "f", "input": {"a": [1]}},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 7, "output_tokens": 3},
+    }
+    hidden = an.openai_to_message(resp, "m", "msg_1", show_thinking=False)
+    assert [block["type"] for block in hidden["content"]] == ["text", "tool_use"]
+
+
+@pytest.mark.parametrize(
+    ("finish", "matched", "reason", "sequence"),
+    [
+        ("stop", None, "end_turn", None),
+        ("length", None, "max_tokens", None),
+        ("content_filter", None, "refusal", None),
+        ("stop", "END", "stop_sequence", "END"),  # vLLM names the stop string it met
+        ("stop", "OTHER", "end_turn", None),
+    ],
+)
+def test_stop_reasons(finish: str, matched: str | None, reason: str, sequence: str | None) -> None:
+    out = an.openai_to_message(
+        completion(finish=finish, stop_reason=matched), "m", "msg_1", stops=["END"]
+    )
+    assert (out["stop_reason"], out["stop_sequence"]) == (reason, sequence)
+
+
+def test_error_shape_by_path() -> None:
+    assert is_anthropic_path("/v1/messages") and is_anthropic_path("/v1/messages/count_tokens")
+    assert not is_anthropic_path("/v1/messagesX") and not is_openai_path("/v1/messages")
+    for status, kind in [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (502, "api_error"),
+        (503, "overloaded_error"),
+    ]:
+        body = json.loads(error_body_for("/v1/messages", "why", status))
+        assert body == {"type": "error", "error": {"type": kind, "message": "why"}}
+    event = an.error_event("broke").decode()
+    assert event.startswith("event: error\ndata: ") and event.endswith("\n\n")
+
+
+# -- streams --------------------------------------------------------------------------------
+
+
+def as_chunks(resp: dict[str, Any], pieces: list[int], calls_split: int) -> list[dict[str, Any]]:
+    """A completion as the stream a backend would send: a role chunk, its reasoning and
+    content cut at ``pieces``, its tool calls' arguments in ``calls_split`` fragments,
+    the finish chunk and a usage chunk."""
+    choice = resp["choices"][0]
+    message = choice["message"]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "backend-m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    for key in ("reasoning_content", "content"):
+        text = message.get(key) or ""
+        cuts = sorted({0, len(text), *(p % (len(text) + 1) for p in pieces)})
+        out += [chunk({key: text[a:b]}) for a, b in itertools.pairwise(cuts)]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        args = call["function"]["arguments"]
+        size = max(1, len(args) // max(1, calls_split))
+        fragments = [args[i : i + size] for i in range(0, len(args), size)] or [""]
+        first = {"index": index, "id": call["id"], "type": "function"}
+        first["function"] = {"name": call["function"]["name"], "arguments": fragments[0]}
+        out.append(chunk({"tool_calls": [first]}))
+        for fragment in fragments[1:]:
+            out.append(
+                chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+            )
+    out.append(chunk({}, choice["finish_reason"]))
+    out.append({**chunk({}), "choices": [], "usage": resp["usage"]})
+    return out
+
+
+def streamed_message(chunks: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0, **options)
+    events = [event for i, c in enumerate(chunks) for event in translator.feed(c, i + 1)]
+    events += translator.finish(len(chunks) + 1)
+    snapshot = None
+    for event in events:
+        encoded = an.encode_event(event).decode()
+        assert encoded.startswith(f"event: {event['type']}\ndata: ")
+        snapshot = accumulate_event(
+            event=EVENTS.validate_python(event), current_snapshot=snapshot, json_bufs={}
+        )
+    assert snapshot is not None
+    return snapshot.model_dump(exclude_none=True)
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+ARGUMENTS = st.one_of(
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3).map(
+        json.dumps
+    ),
+    st.just("not json"),  # a broken call: {} either way
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    content=st.none() | TEXT,
+    reasoning=st.none() | TEXT,
+    calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), ARGUMENTS), max_size=3),
+    finish=st.sampled_from(["stop", "length", "tool_calls", "content_filter"]),
+    pieces=st.lists(st.integers(0, 40), max_size=5),
+    calls_split=st.integers(1, 4),
+    show_thinking=st.booleans(),
+)
+def test_stream_accumulates_to_the_answer(
+    content: str | None,
+    reasoning: str | None,
+    calls: list[tuple[str, str]],
+    finish: str,
+    pieces: list[int],
+    calls_split: int,
+    show_thinking: bool,
+) -> None:
+    resp = completion(content, reasoning, calls, finish)
+    whole = an.openai_to_message(resp, "m", "msg_1", show_thinking=show_thinking)
+    Message.model_validate(whole, strict=True)
+    streamed = streamed_message(as_chunks(resp, pieces, calls_split), show_thinking=show_thinking)
+    assert streamed == Message.model_validate(whole).model_dump(exclude_none=True)
+
+
+def test_stream_counts_tokens_and_holds_calls_until_whole() -> None:
+    resp = completion("Hi there", calls=[("f", '{"a": 1}')], finish="tool_calls")
+    chunks = as_chunks(resp, [2], 3)
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    fed = [translator.feed(c, i + 1) for i, c in enumerate(chunks)]
+    assert fed[0] == []  # the role chunk: message_start waits for the first block
+    kinds = [e["type"] for e in fed[1]]
+    assert kinds == ["message_start", "content_block_start", "content_block_delta"]
+    # the call's fragments produce nothing until the finish_reason
+    finish_at = len(chunks) - 2
+    assert all(not fed[i] for i in range(3, finish_at))
+    deltas = [e["delta"] for e in fed[finish_at] if e["type"] == "content_block_delta"]
+    assert deltas == [{"type": "input_json_delta", "partial_json": '{"a":1}'}]
+    assert translator.first_token_ns == 2 and translator.prompt_tokens == 7
+    end = translator.finish(99)
+    assert end[-2]["usage"] == {"output_tokens": 3, "input_tokens": 7}
+    assert end[-2]["delta"]["stop_reason"] == "tool_use"
+    with pytest.raises(RuntimeError):
+        translator.finish(100)
+
+
+def test_empty_stream_still_a_message() -> None:
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    translator.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, 1)
+    kinds = [event["type"] for event in translator.finish(2)]
+    assert kinds == ["message_start", "message_delta", "message_stop"]
