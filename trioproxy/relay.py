@@ -305,7 +305,7 @@ async def relay_ollama(
                     data = await _telling_start(reader, data, response)
                     if _opens_json(data):
                         whole = await _rest_of_body(reader, data, settings.max_response_bytes)
-                        lines += [encode(out) for out in _completion_as_chunk(whole, translator)]
+                        lines += map(encode, _completion_as_chunk(whole, translator))
                         done = True
                     elif not _looks_like_events(response, data):
                         raise _NotAStream(_not_a_stream(response))
@@ -329,7 +329,7 @@ async def relay_ollama(
                             raise _FailedAtOnce(failure)
                         error = scrub(_error_text(failure), settings.backend_secrets)
                         break
-                    lines += [encode(out) for out in translator.feed(chunk, now_ns)]
+                    lines += map(encode, translator.feed(chunk, now_ns))
                 elif line:
                     lines.append(line)
                 if not reader.token_seen and translator.first_token_ns is not None:
