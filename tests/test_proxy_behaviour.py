@@ -425,7 +425,12 @@ def test_unknown_path_and_wrong_method(http: httpx.Client) -> None:
     # test_early_answer_does_not_hang_the_connection
     assert_ollama_error(httpx.post(http.base_url.join("/api/chat/extra"), json={}), 404)
     assert_openai_error(http.get("/v1/nowhere"), 404, "/v1/nowhere")
-    assert_openai_error(httpx.post(http.base_url.join("/v1/messages"), json={}), 404)
+    assert_openai_error(httpx.post(http.base_url.join("/v1/images/generations"), json={}), 404)
+    # /v1/messages is the Anthropic Messages API: its mistakes come in Anthropic's shape
+    anthropic = httpx.post(http.base_url.join("/v1/messages"), json={})
+    assert anthropic.status_code == 400, anthropic.text
+    assert anthropic.json()["type"] == "error"
+    assert anthropic.json()["error"]["type"] == "invalid_request_error"
     assert_openai_error(http.get("/v1/responses/resp_1"), 404)  # the backend has no such response
     assert_ollama_error(http.get("/api/chat"), 405, "GET")
     assert_ollama_error(http.delete("/api/tags"), 405)
