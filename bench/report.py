@@ -291,6 +291,10 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 parts.append(_cell_text(name, cell))
         if parts:
             out.append((f"non-stream c={conc}", "; ".join(parts)))
+        for other, pairs in (_get(ns, "paired") or {}).items():
+            pair = _get(pairs, conc)
+            if pair:
+                out.append(_paired_row(f"non-stream c={conc}", other, pair))
     st = sc.get("stream", {})
     for path in (V1, OLLAMA):
         a = _get(st, "added", path)
@@ -310,6 +314,8 @@ def info_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 "; ".join(f"{k}: {_relay_figure(v)}" for k, v in relay.items()),
             )
         )
+    for other, pair in (_get(st, "paired") or {}).items():
+        out.append(_paired_row("stream relay", other, pair))
     h = sc.get("hold", {})
     if h.get("all_open_after_s") is not None:
         out.append(
@@ -336,6 +342,47 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+_PAIRED_LABELS = {"rps": "req/s", "p50": "p50", "p99": "p99", "cpu_ms_per_req": "CPU/request",
+                  "chunks_per_s": "chunks/s", "cpu_us_per_chunk": "CPU/chunk"}  # fmt: skip
+_CELL_PAIRED = ("rps", "p50", "p99", "cpu_ms_per_req")
+_STREAM_PAIRED = ("chunks_per_s", "cpu_us_per_chunk")
+
+
+def _paired_row(figure: str, other: str, pair: dict[str, Any]) -> tuple[str, str]:
+    """trioproxy / the other proxy, round by round: the median and the range of the
+    rounds' ratios, so a difference within the noise reads as one."""
+    keys = _STREAM_PAIRED if "chunks_per_s" in pair else _CELL_PAIRED
+    parts = []
+    for key in keys:
+        r = pair.get(key)
+        if not r:
+            continue
+        text = f"{_PAIRED_LABELS[key]} {r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
+        if r.get("beyond_spread"):
+            text += " every round " + ("> 1" if r["min"] > 1 else "< 1")
+        parts.append(text)
+    label = f"{figure}: trioproxy /v1 ÷ {other}, {pair.get('rounds')} alternated rounds"
+    return label, "; ".join(parts) + " (median (min–max) of the rounds' ratios)"
+
+
+def _rounds_text(cell: dict[str, Any], figures: tuple[tuple[str, str, str, int], ...]) -> str:
+    """', median of N rounds (each figure's range)' for a cell measured in rounds."""
+    rounds = len(cell.get("rounds") or [])
+    if not rounds:
+        return ""
+    spread = cell.get("spread") or {}
+    ranges = [
+        f"{label}{spread[key][0]:.{digits}f}–{spread[key][1]:.{digits}f}{unit}"
+        for key, label, unit, digits in figures
+        if key in spread
+    ]
+    return f", median of {rounds} rounds ({', '.join(ranges)})"
+
+
+_CELL_RANGES = (("rps", "", "/s", 0), ("p50", "p50 ", "", 2), ("p99", "p99 ", "", 2))
+_RELAY_RANGES = (("chunks_per_s", "", " chunks/s", 0), ("cpu_us_per_chunk", "", " µs", 0))
+
+
 def _cell_text(name: str, cell: dict[str, Any]) -> str:
     """One cell of the generator: the rate and latencies of the answers that worked, and
     how many failed, by status (a proxy that refused half the load must not look fast)."""
@@ -343,6 +390,7 @@ def _cell_text(name: str, cell: dict[str, Any]) -> str:
     text = (
         f"{name}: {cell.get('rps', 0):.0f}/s p50 {_num(lat.get('p50'))} p99 {_num(lat.get('p99'))}"
     )
+    text += _rounds_text(cell, _CELL_RANGES)
     errors = int(cell.get("errors") or 0)
     if errors:
         statuses = cell.get("error_statuses") or {}
@@ -442,7 +490,8 @@ def _relay_figure(cell: dict[str, Any]) -> str:
     cpu = cell.get("cpu_us_per_chunk")
     per_chunk = f", {cpu:.0f} µs CPU/chunk" if cpu is not None else ""
     failed = f" (+{cell['errors']} FAILED streams)" if cell.get("errors") else ""
-    return f"{cell.get('chunks_per_s', 0):.0f} chunks/s{per_chunk}{failed}"
+    rounds = _rounds_text(cell, _RELAY_RANGES)
+    return f"{cell.get('chunks_per_s', 0):.0f} chunks/s{per_chunk}{rounds}{failed}"
 
 
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
@@ -487,6 +536,9 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             axes[0].plot(concs, p99, "x--", color=color, alpha=0.7)
             if name != "direct":
                 axes[1].plot(concs, rps, "o-", color=color, label=label)
+                for c in concs:  # a cell measured in rounds: each round's rate
+                    each = [r.get("rps") or 0 for r in series[str(c)].get("rounds") or []]
+                    axes[1].plot([c] * len(each), each, ".", color=color, ms=3)
         added = _get(sc, "nonstream", "added") or {}
         for path in (V1, OLLAMA, *_others(results)):  # the compared proxies' too
             series = added.get(path) or {}
@@ -560,6 +612,10 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         axes[0].bar(labels, [relay[n]["chunks_per_s"] for n in names], color=colors)
         axes[0].set(ylabel="chunks/s received", title="chunk relay rate")
         axes[1].bar(labels, [relay[n].get("cpu_us_per_chunk") or 0 for n in names], color=colors)
+        for i, n in enumerate(names):  # a relay measured in rounds: each round's figure
+            rounds = relay[n].get("rounds") or []
+            for ax, key in zip(axes, ("chunks_per_s", "cpu_us_per_chunk"), strict=True):
+                ax.plot([i] * len(rounds), [r.get(key) or 0 for r in rounds], "k.", ms=4)
         axes[1].axhline(50, color="red", ls=":", lw=1, label="target 50 µs (proxy)")
         axes[1].set(ylabel="CPU µs per chunk", title="CPU per chunk (direct = backend's own)")
         axes[1].legend(fontsize=7)

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import servers
 from .report import WORKERS_BUSY_CORES
+from .rounds import median, merge_rounds, paired_ratios, ratio, rotated_orders, run_rounds
 from .servers import ROOT, Server
 
 # --------------------------------------------------------------------------- request bodies
@@ -108,6 +109,11 @@ class Plan:
     drift_conc: int = 16
     scrape_cell: float = 15.0
     scrape_conc: int = 4
+    # --compare: trioproxy's /v1 cell and each compared proxy's, in alternated rounds
+    # (3a: the cell's 5 s in 4 rounds; 3b: the relay's 6 s in 4 rounds)
+    compare_rounds: int = 4
+    compare_cell: float = 1.25
+    compare_stream_cell: float = 1.5
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -128,6 +134,10 @@ class Plan:
             onoff_cell=1.0,
             drift_requests=10_000,
             scrape_cell=2.5,
+            # a third round rather than 1 s split in two: a spread of two says little
+            compare_rounds=3,
+            compare_cell=0.5,
+            compare_stream_cell=0.5,
         )
 
 
@@ -280,18 +290,6 @@ def p(result: dict[str, Any], key: str, q: str) -> float | None:
 
 def sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else a / b
-
-
-def median(values: list[float]) -> float | None:
-    s = sorted(v for v in values if v is not None)
-    if not s:
-        return None
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _cpu_busy_jiffies() -> tuple[int, int]:
@@ -557,6 +555,7 @@ class Bench:
     def s_nonstream(self) -> None:
         plan = self.plan
         rows: dict[str, dict[str, Any]] = {"direct": {}, "bare_asgi": {}, V1: {}, OLLAMA: {}}
+        paired: dict[str, dict[int, Any]] = {}  # compared proxy -> c -> trioproxy / it
         watch = [self.proxy.pid]
         for conc in plan.concs:
             kw = {"duration": plan.cell, "warmup": plan.warmup}
@@ -569,12 +568,19 @@ class Bench:
                 rows["bare_asgi_patched"] = {
                     conc: closed(patched, [NONSTREAM[V1]], conc, watch=[patched.pid], **kw)
                 }
-            for path in (V1, OLLAMA):
-                rows[path][conc] = closed(self.proxy, [NONSTREAM[path]], conc, watch=watch, **kw)
-            for name, other in self.others.items():
-                rows.setdefault(name, {})[conc] = closed(
-                    other, [NONSTREAM[V1]], conc, watch=other.pids(), **kw
-                )
+            if not self.others:
+                for path in (V1, OLLAMA):
+                    rows[path][conc] = closed(
+                        self.proxy, [NONSTREAM[path]], conc, watch=watch, **kw
+                    )
+                continue
+            rows[OLLAMA][conc] = closed(self.proxy, [NONSTREAM[OLLAMA]], conc, watch=watch, **kw)
+            cells, orders = self._nonstream_rounds(conc)
+            for name, cell in cells.items():
+                rows.setdefault(name, {})[conc] = cell
+            for name in self.others:
+                pair = paired_ratios(cells[V1], cells[name]) | {"orders": orders}
+                paired.setdefault(name, {})[conc] = pair
         added: dict[str, dict[int, dict[str, float | None]]] = {}
         for path in (V1, OLLAMA, *self.others):
             added[path] = {}
@@ -584,11 +590,37 @@ class Bench:
                     "p50": sub(p(r, "latency_ms", "p50"), p(d, "latency_ms", "p50")),
                     "p99": sub(p(r, "latency_ms", "p99"), p(d, "latency_ms", "p99")),
                     "rps": r["rps"],
-                    "cpu_ms_per_req": (r["cpu_s"] / r["completed"] * 1000)
-                    if r["completed"] and "cpu_s" in r
-                    else None,
+                    # a cell of rounds has the median of its rounds' CPU per request
+                    "cpu_ms_per_req": r.get("cpu_ms_per_req")
+                    or (
+                        (r["cpu_s"] / r["completed"] * 1000)
+                        if r["completed"] and "cpu_s" in r
+                        else None
+                    ),
                 }
-        self.put("nonstream", {"cells": _str_keys(rows), "added": _str_keys(added)})
+        out = {"cells": _str_keys(rows), "added": _str_keys(added)}
+        if self.others:
+            out["paired"] = _str_keys(paired)
+            out["rounds"] = plan.compare_rounds
+        self.put("nonstream", out)
+
+    def _nonstream_rounds(self, conc: int) -> tuple[dict[str, Any], list[list[str]]]:
+        """trioproxy's /v1 cell and each compared proxy's at ``conc``, in alternated
+        rounds; each one's cell merged over its rounds, and the orders they ran in."""
+        plan = self.plan
+        servers_ = {V1: self.proxy, **self.others}
+
+        def measure(name: str, i: int) -> dict[str, Any]:
+            server = servers_[name]
+            # later rounds only reopen connections: the servers are warm already
+            warmup = plan.warmup if i == 0 else min(plan.warmup, 0.3)
+            watch = [server.pid] if name == V1 else server.pids()
+            return closed(server, [NONSTREAM[V1]], conc, duration=plan.compare_cell,
+                          warmup=warmup, watch=watch)  # fmt: skip
+
+        orders = rotated_orders(list(servers_), plan.compare_rounds)
+        by_round = run_rounds(orders, measure)
+        return {name: merge_rounds(cells) for name, cells in by_round.items()}, orders
 
     # -- 3b ---------------------------------------------------------------------------
 
@@ -635,12 +667,15 @@ class Bench:
             # a compared proxy may run workers or sit behind a wrapper: its whole tree
             watch = server.pids() if name in compared else [server.pid]
             reqs[name] = (server, direct_req, "sse", watch)
-        relay = {}
+        relay: dict[str, Any] = {}
         try:
-            self._relay_cells(reqs, relay)
+            self._relay_cells(reqs, relay, alternated=(V1, *compared) if compared else ())
         finally:
             for server in floors.values():
                 server.stop()
+        if compared:
+            out["paired"] = {name: paired_ratios(relay[V1], relay[name]) for name in compared}
+            out["rounds"] = plan.compare_rounds
         added = {}
         for path in (V1, OLLAMA):
             added[path] = {
@@ -680,21 +715,28 @@ class Bench:
             started[name] = self.start(server)
         return started
 
-    def _relay_cells(self, reqs: dict[str, Any], relay: dict[str, Any]) -> None:
+    def _relay_cells(
+        self, reqs: dict[str, Any], relay: dict[str, Any], alternated: tuple[str, ...] = ()
+    ) -> None:
+        """One cell per relay; those named in ``alternated`` (trioproxy's /v1 and the
+        compared proxies) in alternated rounds instead, each merged over its rounds."""
         plan = self.plan
-        for name, (server, req, chunk, watch) in reqs.items():
-            r = closed(
-                server,
-                [req],
-                plan.stream_conc,
-                duration=plan.stream_cell,
-                warmup=max(plan.warmup, 1.0),
-                stream=True,
-                chunk=chunk,
-                watch=watch,
-            )
+
+        def measure(name: str, duration: float) -> dict[str, Any]:
+            server, req, chunk, watch = reqs[name]
+            # a full warm-up every round: the streams of a fresh generator start together
+            r = closed(server, [req], plan.stream_conc, duration=duration,
+                       warmup=max(plan.warmup, 1.0), stream=True, chunk=chunk,
+                       watch=watch)  # fmt: skip
             r["cpu_us_per_chunk"] = r["cpu_s"] / r["chunks"] * 1e6 if r.get("chunks") else None
-            relay[name] = r
+            return r
+
+        cells = {name: measure(name, plan.stream_cell) for name in reqs if name not in alternated}
+        if alternated:
+            orders = rotated_orders(alternated, plan.compare_rounds)
+            by_round = run_rounds(orders, lambda name, _: measure(name, plan.compare_stream_cell))
+            cells.update({name: merge_rounds(rounds) for name, rounds in by_round.items()})
+        relay.update((name, cells[name]) for name in reqs)  # in the order of reqs, as before
 
     # -- 3d ---------------------------------------------------------------------------
 
