@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=COMMAND",
-        help="another proxy to measure next to trioproxy in 3a (POST /v1/chat/completions): "
-        "a command line with {upstream} (the fixed backend, .../v1) and {port} filled in; "
-        "repeatable",
+        help="another proxy to measure next to trioproxy in 3a (POST /v1/chat/completions) "
+        "and 3b (the stream relay), in rounds alternated with trioproxy's /v1 cells: a "
+        "command line with {upstream} (the backend, .../v1) and {port} filled in; repeatable",
     )
     parser.add_argument(
         "--profile",

@@ -357,10 +357,7 @@ def _paired_row(figure: str, other: str, pair: dict[str, Any]) -> tuple[str, str
         r = pair.get(key)
         if not r:
             continue
-        text = f"{_PAIRED_LABELS[key]} {r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
-        if r.get("beyond_spread"):
-            text += " every round " + ("> 1" if r["min"] > 1 else "< 1")
-        parts.append(text)
+        parts.append(f"{_PAIRED_LABELS[key]} {r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})")
     label = f"{figure}: trioproxy /v1 ÷ {other}, {pair.get('rounds')} alternated rounds"
     return label, "; ".join(parts) + " (median (min–max) of the rounds' ratios)"
 
