@@ -68,6 +68,28 @@ def test_fields_translated() -> None:
     }
 
 
+def test_system_messages_in_the_conversation_stay_where_they_are() -> None:
+    """Claude Code (2.1, beta ``mid-conversation-system-2026-04-07``) sends system messages
+    among the others on every request: the conversation before one stays a prefix."""
+    out = translated(
+        system="first",
+        messages=[
+            {"role": "user", "content": "context"},
+            {"role": "system", "content": [{"type": "text", "text": "agents: a, b"}]},
+            {"role": "user", "content": "say hi"},
+            {"role": "system", "content": ""},
+            {"role": "system"},
+        ],
+    )
+    assert out["messages"] == [
+        {"role": "system", "content": "first"},
+        {"role": "user", "content": "context"},
+        {"role": "system", "content": "agents: a, b"},
+        {"role": "user", "content": "say hi"},
+    ]
+    OPENAI_MESSAGES.validate_python(out["messages"])
+
+
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
@@ -179,7 +201,9 @@ def test_conversation_with_tools_images_and_thinking() -> None:
         ({"max_tokens": True}, "max_tokens"),
         ({"model": 5}, "model"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "system", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "system", "content": [{"x": 1}]}]}, "messages[0].content[0].text"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"text": "x"}]}]},

@@ -180,6 +180,8 @@ def test_refusals_are_counted_and_probes_and_metrics_stay_open(guarded: ServerPr
     with httpx.Client(base_url=guarded.url, timeout=10) as http:
         refused = http.post("/api/chat", json={"model": "demo-chat", "messages": []})
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        # the SDKs (and Claude Code, which retries a 401 for minutes otherwise) stop at once
+        assert refused.headers["x-should-retry"] == "false"
         assert set(refused.json()) == {"error"}  # Ollama's dialect
         assert http.get("/").status_code == 200
         assert http.get("/health").status_code == 200

@@ -40,7 +40,9 @@ def encode_event(event: JSONDict) -> bytes:
 # Requests
 # =============================================================================================
 
-_ROLES = ("user", "assistant")
+# "system" in ``messages``: Claude Code's mid-conversation system messages (its beta
+# ``mid-conversation-system-2026-04-07``), sent on every request since 2.1
+_ROLES = ("user", "assistant", "system")
 _TOOL_CHOICES = ("auto", "any", "tool", "none")
 _THINKING_TYPES = ("enabled", "disabled", "adaptive")
 
@@ -95,8 +97,11 @@ def _check_messages(messages: object) -> None:
         if not isinstance(msg, dict):
             raise RequestValidationError(where, "must be an object")
         if msg.get("role") not in _ROLES:
-            raise RequestValidationError(f"{where}.role", "must be 'user' or 'assistant'")
-        _check_content(msg.get("content"), f"{where}.content")
+            raise RequestValidationError(f"{where}.role", "must be 'user', 'assistant' or 'system'")
+        if msg["role"] == "system":
+            _check_system(msg.get("content"), f"{where}.content")
+        else:
+            _check_content(msg.get("content"), f"{where}.content")
 
 
 def _check_content(content: object, where: str) -> None:
@@ -128,14 +133,14 @@ def _check_content(content: object, where: str) -> None:
             )
 
 
-def _check_system(system: object) -> None:
+def _check_system(system: object, where: str = "system") -> None:
     if system is None or isinstance(system, str):
         return
     if not isinstance(system, list):
-        raise RequestValidationError("system", "must be a string or a list of text blocks")
+        raise RequestValidationError(where, "must be a string or a list of text blocks")
     for j, block in enumerate(system):
         if not isinstance(block, dict) or not isinstance(block.get("text"), str):
-            raise RequestValidationError(f"system[{j}].text", "must be a string")
+            raise RequestValidationError(f"{where}[{j}].text", "must be a string")
 
 
 def _check_tools(tools: object) -> None:
@@ -216,20 +221,29 @@ def _openai_tool_choice(choice: JSONDict) -> Any:
 
 def _openai_messages(body: JSONDict) -> list[JSONDict]:
     out: list[JSONDict] = []
-    system = body.get("system")
-    if isinstance(system, list):
-        system = "\n\n".join(block["text"] for block in system)
+    system = _system_text(body.get("system"))
     if system:
         out.append({"role": "system", "content": system})
     for msg in body["messages"]:
-        content = msg["content"]
-        if msg["role"] == "assistant":
+        content = msg.get("content")  # (a system message's may be absent)
+        if msg["role"] == "system":
+            # kept where it stands, as Ollama keeps it: the conversation before it stays a
+            # prefix the backend's cache can reuse
+            if text := _system_text(content):
+                out.append({"role": "system", "content": text})
+        elif msg["role"] == "assistant":
             out.append(_assistant_message(content))
         elif isinstance(content, str):
             out.append({"role": "user", "content": content})
         else:
             out.extend(_user_messages(content))
     return out
+
+
+def _system_text(system: str | list[JSONDict] | None) -> str | None:
+    if isinstance(system, list):
+        return "\n\n".join(block["text"] for block in system)
+    return system
 
 
 def _assistant_message(content: str | list[JSONDict]) -> JSONDict:

@@ -41,7 +41,9 @@ class Unauthorized(ProxyError):
     quiet = True
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+        # x-should-retry: the Stainless SDKs (openai, anthropic) read it; Claude Code retries
+        # a 401 without it for minutes with backoff, as if its own token could be renewed
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
 
 
 class ClientBusy(ProxyError):
