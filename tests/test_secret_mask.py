@@ -1,4 +1,4 @@
-"""The backend API key is masked in reply bodies that arrive in pieces (``SecretMask``):
+"""The backend API key is masked in reply bodies that arrive in pieces (``SecretsMask``):
 wherever the reads split the body, the client gets exactly what masking the whole body
 would give, and nothing is held back that could not be the start of the key."""
 
@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioproxy.config import Settings, basic_credential
-from trioproxy.errors import BackendSecrets, SecretMask, SecretsMask
+from trioproxy.errors import BackendSecrets, SecretsMask
 from trioproxy.exchange import Reply, masked
 
 KEY = b"sk-proj-abc123"
@@ -26,8 +26,14 @@ def _pieces(body: bytes, cuts: list[int]) -> list[bytes]:
     return [body[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+def _streamed(secrets: BackendSecrets, body: bytes, cuts: list[int]) -> bytes:
+    """``body`` through a stream mask, in the reads ``cuts`` makes, and what it held."""
+    mask = secrets.stream_mask()
+    return b"".join([*(mask.feed(piece) for piece in _pieces(body, cuts)), mask.flush()])
+
+
 def _masked_in_pieces(secret: bytes, pieces: list[bytes]) -> list[bytes]:
-    mask = SecretMask(secret)
+    mask = SecretsMask((secret,))
     out = [mask.feed(piece) for piece in pieces]
     return [*out, mask.flush()]
 
@@ -52,7 +58,7 @@ def test_a_key_split_across_reads_is_masked() -> None:
 
 
 def test_only_a_possible_start_of_the_key_is_held_back() -> None:
-    mask = SecretMask(KEY)
+    mask = SecretsMask((KEY,))
     assert mask.feed(b'data: {"x":1}\n\n') == b'data: {"x":1}\n\n'  # nothing held
     assert mask.feed(b"ends with sk-pr") == b"ends with "  # could be the key
     assert mask.feed(b"ank") == b"sk-prank"  # was not: out at once
@@ -136,15 +142,16 @@ def _spelled(draw: st.DrawFn, text: str) -> bytes:
 
 # JSON string text with escapes of its own and starts of the key, and no "j": only the
 # key's spelling between two of them holds the key whole
-_AROUND = st.lists(
-    st.sampled_from(
-        [
-            *(b"x", b" ", b"s", b"sk-pro", b"\\u0073k-", b"\\u0073\\u006B"),  # the key's starts
-            *(b"\\n", b'\\"', b"\\\\", b"\\u00e9", b"\\u0078", b"\\/"),  # other escapes
-        ]
-    ),
-    max_size=8,
-).map(b"".join)
+def _joined(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
+    return st.lists(st.sampled_from(pieces), max_size=8).map(b"".join)
+
+
+_AROUND = _joined(
+    [
+        *(b"x", b" ", b"s", b"sk-pro", b"\\u0073k-", b"\\u0073\\u006B"),  # the key's starts
+        *(b"\\n", b'\\"', b"\\\\", b"\\u00e9", b"\\u0078", b"\\/"),  # other escapes
+    ]
+)
 
 
 @pytest.mark.parametrize("key", ["sk-proj-abc123", "sk-proj/abc123"])
@@ -154,13 +161,11 @@ def test_a_key_in_json_escapes_is_masked_wherever_the_reads_split_it(
 ) -> None:
     """A review: a backend that wrote the key with ``\\u`` escapes (some characters or
     all, hex in either case), or a ``/`` of it as ``\\/``, had it relayed unmasked, and a
-    client decodes that JSON to the key. One secret (``SecretMask``) and, with its ``\\/``
-    form, two (``SecretsMask``)."""
+    client decodes that JSON to the key. One secret and, with its ``\\/`` form, two."""
     before, after = data.draw(_AROUND), data.draw(_AROUND)
     body = before + data.draw(_spelled(key)) + after
     secrets = BackendSecrets.of(key)
-    mask = secrets.stream_mask()
-    out = b"".join([*(mask.feed(piece) for piece in _pieces(body, cuts)), mask.flush()])
+    out = _streamed(secrets, body, cuts)
     assert out == before + b"***" + after  # all else as it came
     assert out == secrets.mask_body(body)
     assert secrets.mask_text(body.decode()) == out.decode()
@@ -169,7 +174,6 @@ def test_a_key_in_json_escapes_is_masked_wherever_the_reads_split_it(
 
 def test_a_read_that_may_end_inside_an_escaped_key_is_held_back_only_then() -> None:
     mask = BackendSecrets.of(KEY.decode()).stream_mask()
-    assert isinstance(mask, SecretMask)
     event = b'data: {"content":"caf\\u00e9\\n\\"sk-"}\n\n'
     assert mask.feed(event) == event  # escapes, none of them the key's: nothing held
     assert mask.feed(b"the key \\u00") == b"the key "  # could be the key's "s"
@@ -191,3 +195,90 @@ def test_every_json_escape_of_a_key_is_masked_in_a_body_and_an_error() -> None:
     assert secrets.mask_body(body) == b'{"a":"***","b":"***"}'
     error = '{"error": {"message": "bad key sk-\\u0070roj-\\u0061\\u0062\\u0063123"}}'
     assert BackendSecrets.of(KEY.decode()).scrub(error) == '{"error": {"message": "bad key ***"}}'
+
+
+# ---- escaped twice, and many secrets ------------------------------------------------------
+
+
+@st.composite
+def _spelled_twice(draw: st.DrawFn, text: str) -> bytes:
+    """``text`` as a JSON string holding a JSON string may write it: each character as
+    :func:`_spelled` does, or its escape escaped again (``\\\\u0073``, a ``/`` also as
+    ``\\\\/`` or ``\\\\\\/``), as an encoder writes the JSON document it quotes."""
+    forms = []
+    for char in text:
+        once = [f"\\u{ord(char):04x}", f"\\u{ord(char):04X}", *(["\\/"] if char == "/" else [])]
+        twice = [f.replace("\\", "\\\\") for f in once]
+        forms.append(draw(st.sampled_from([char, *once, *twice, *(["\\\\\\/"] * (char == "/"))])))
+    return "".join(forms).encode()
+
+
+# JSON string text with escapes (escaped backslashes among them, which a spelling after
+# them must not take half of) and starts of the key's spellings, once and twice escaped
+_AROUND_TWICE = _joined(
+    [
+        *(b"x", b"s", b"sk-pro", b"\\u0073k-", b"\\\\u0073k-", b"\\\\u0073\\\\u006B"),
+        *(b"\\n", b'\\"', b"\\\\", b"\\\\\\\\", b'\\\\\\"', b"\\u00e9", b"\\\\/"),
+    ]
+)
+
+
+@pytest.mark.parametrize("key", ["sk-proj-abc123", "sk-proj/abc123"])
+@given(data=st.data(), cuts=st.lists(st.integers(0, 1000), max_size=12))
+def test_a_key_escaped_twice_is_masked_whole_and_nothing_around_it(
+    key: str, data: st.DataObject, cuts: list[int]
+) -> None:
+    """A review: a backend error whose message is the JSON a gateway got (a JSON string
+    in a JSON string) writes an escaped key escaped again (``\\\\u0073\\\\u006b…``), which
+    a client decoding both reads as the key: it went out unmasked. And a spelling found
+    after an escaped backslash (``\\\\u0073k-…``: a backslash, then ``u0073k-…``) was
+    masked from its second backslash on, leaving ``\\***``: invalid JSON, the
+    backslash's escape eaten. Now a spelling is masked only where it starts a character
+    of the string, and whole."""
+    before, after = data.draw(_AROUND_TWICE), data.draw(_AROUND_TWICE)
+    body = before + data.draw(_spelled_twice(key)) + after
+    secrets = BackendSecrets.of(key)
+    out = _streamed(secrets, body, cuts)
+    assert out == secrets.mask_body(body)
+    assert secrets.scrub(body.decode()) == out.decode()
+    assert out == before + b"***" + after  # all else as it came
+    assert key not in json.loads(b'"' + out + b'"')  # still JSON
+
+
+def test_a_spelling_after_an_escaped_backslash_keeps_the_backslash() -> None:
+    secrets = BackendSecrets.of(KEY.decode())
+    # a backslash, then the key's first character escaped: the key at the second decoding
+    body = b'{"m": "a \\\\u0073k-proj-abc123 b"}'
+    assert secrets.mask_body(body) == b'{"m": "a *** b"}'
+    # an escaped backslash, then the key: the backslash stays
+    body = b'{"m": "a \\\\\\u0073k-proj-abc123 b"}'
+    assert secrets.mask_body(body) == b'{"m": "a \\\\*** b"}'
+    assert json.loads(secrets.mask_body(body)) == {"m": "a \\*** b"}
+    # the last backslash of a read is held, so the next read starts at a character
+    mask = secrets.stream_mask()
+    assert mask.feed(b'{"m": "a \\\\') == b'{"m": "a '
+    assert mask.feed(b"\\u0073k-proj-abc123 b") == b"\\\\*** b"
+
+
+_SECRETS = st.lists(
+    st.binary(min_size=1, max_size=5).map(lambda b: bytes(97 + x % 3 for x in b)),
+    min_size=1,
+    max_size=6,
+    unique=True,
+)
+
+
+@given(secrets=_SECRETS, body=_ABC, cuts=st.lists(st.integers(0, 1000), max_size=12))
+def test_up_to_six_secrets_split_anyhow_mask_like_the_whole_body(
+    secrets: list[bytes], body: bytes, cuts: list[int]
+) -> None:
+    """The stream mask looks for all secrets with one pattern (their trie): what it gives
+    is still what masking the whole body gives, however the reads split it, and it holds
+    back only a tail that could start a secret."""
+    whole = BackendSecrets(replies=tuple(secrets))
+    mask = whole.stream_mask()
+    out = [mask.feed(piece) for piece in _pieces(body, cuts)]
+    rest = mask.flush()
+    assert b"".join([*out, rest]) == whole.mask_body(body)
+    if b"*" not in rest:  # what was held could start a secret, and only that was
+        assert not rest or any(s.startswith(rest) and s != rest for s in secrets)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,17 +320,19 @@ class BackendSecrets:
 
     texts: tuple[str, ...] = ()
     replies: tuple[bytes, ...] = ()
-    # the replies as one pattern, compiled once (None with fewer than two)
+    # the replies as one pattern, compiled once (None without replies)
     pattern: re.Pattern[bytes] | None = field(init=False, default=None, compare=False)
+    # the replies as a stream mask looks for them (None without replies)
+    trie: SecretsTrie | None = field(init=False, default=None, compare=False)
     # every JSON spelling of the replies (None without replies), and of the texts
     spelled: Spellings | None = field(init=False, default=None, compare=False)
     spelled_texts: re.Pattern[str] | None = field(init=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         # frozen: set once, here
-        if len(self.replies) > 1:
-            object.__setattr__(self, "pattern", _alternatives(self.replies))
         if self.replies:
+            object.__setattr__(self, "pattern", _alternatives(self.replies))
+            object.__setattr__(self, "trie", SecretsTrie.of(self.replies))
             object.__setattr__(self, "spelled", Spellings.of(self.replies))
         if self.texts:
             object.__setattr__(self, "spelled_texts", _spelled_alternatives(self.texts))
@@ -348,7 +350,7 @@ class BackendSecrets:
                 text = text.replace(secret, "***")
         # a relayed error body may spell a secret with JSON escapes, which decode to it
         if self.spelled_texts is not None and "\\" in text:
-            text = self.spelled_texts.sub("***", text)
+            text = _masked_at_boundaries(self.spelled_texts, text, "***")
         return text
 
     def mask_body(self, body: bytes) -> bytes:
@@ -356,15 +358,16 @@ class BackendSecrets:
         string may give it (:class:`Spellings`): what :meth:`stream_mask` gives for the
         same body, however its reads split it."""
         spelled = self.spelled
-        if spelled is not None and spelled.escape in body:
-            return spelled.pattern.sub(b"***", body)
+        if spelled is None:
+            return body
+        if spelled.escape in body:
+            return _masked_at_boundaries(spelled.pattern, body, b"***")
         # no escape: the secrets can only be there as they are
-        if self.pattern is not None:
-            return self.pattern.sub(b"***", body)
         replies = self.replies
-        if replies:
+        if len(replies) == 1:
             return body.replace(replies[0], b"***") if replies[0] in body else body
-        return body
+        assert self.pattern is not None  # set with the replies
+        return self.pattern.sub(b"***", body)
 
     def mask_text(self, text: str) -> str:
         """``text`` masked as a reply body is (:meth:`mask_body`): for what a backend says
@@ -374,13 +377,10 @@ class BackendSecrets:
         raw = text.encode("utf-8", "surrogatepass")
         return self.mask_body(raw).decode("utf-8", "surrogatepass")
 
-    def stream_mask(self) -> SecretMask | SecretsMask:
-        """A mask for one body that arrives in pieces. With one secret (an API key alone,
-        the common case) the single-secret mask: a read without a backslash (so without
-        a JSON escape) costs two ``find`` calls and a look for one byte."""
-        if self.pattern is None:
-            return SecretMask(self.replies[0], self.spelled)
-        return SecretsMask(self.replies, self.pattern, self.spelled)
+    def stream_mask(self) -> SecretsMask:
+        """A mask for one body that arrives in pieces: a read without a backslash (so
+        without a JSON escape) costs one search of one pattern, however many secrets."""
+        return SecretsMask(self.replies, self.pattern, self.spelled, self.trie)
 
 
 NO_SECRETS = BackendSecrets()
@@ -401,6 +401,44 @@ def _alternatives(secrets: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(b"|".join(re.escape(s) for s in ordered))
 
 
+@dataclass(frozen=True, slots=True)
+class SecretsTrie:
+    """Some secrets as a stream mask looks for them in a read: one pattern, the secrets'
+    trie, that finds the first place where a secret starts whole (the longest there) or
+    where the read ends inside one (a tail to hold back for the next read). Where a read
+    may end inside a longer secret, that comes first: the shorter is not yet final.
+
+    One search of one pattern per read, however many secrets: looking for each secret's
+    partial start in turn cost about 0.7 µs per secret per read. ``prefixes``: the
+    proper prefixes of the secrets, which a match that ends the read is when held."""
+
+    search: re.Pattern[bytes]
+    prefixes: frozenset[bytes]
+
+    @classmethod
+    def of(cls, secrets: tuple[bytes, ...]) -> SecretsTrie:
+        prefixes = frozenset(s[:end] for s in secrets for end in range(1, len(s)))
+        return cls(re.compile(_trie_source(list(secrets), top=True)), prefixes)
+
+
+def _trie_source(rests: list[bytes], top: bool = False) -> bytes:
+    """A pattern for ``rests`` (what follows one node of the secrets' trie): a child
+    first (the longer secret), then the end of the data (held back), then the end of a
+    secret, if one ends here. The top level begins with a literal byte per branch, so
+    ``re`` skips to those bytes before it tries one."""
+    ends_here = b"" in rests
+    children: dict[bytes, list[bytes]] = {}
+    for rest in rests:
+        if rest:
+            children.setdefault(rest[:1], []).append(rest[1:])
+    branches = [re.escape(byte) + _trie_source(more) for byte, more in sorted(children.items())]
+    if top:
+        return b"|".join(branches)
+    if not branches:
+        return b""  # a secret ends here, and no other goes on
+    return b"(?:" + b"|".join([*branches, b"\\Z"]) + (b"|)" if ends_here else b")")
+
+
 # JSON's two-character escapes (RFC 8259 section 7): a secret holding one of these
 # characters may be written with it (any "/" as "\/", as PHP writes it: base64 holds "/")
 _SHORT_ESCAPES = {
@@ -418,11 +456,22 @@ _SHORT_ESCAPES = {
 def _char_spellings(char: str) -> tuple[str, ...]:
     """Every way a JSON string may write ``char``, longest first: its ``\\u`` escape (a
     surrogate pair past U+FFFF; hex in lower case here, a backend may write either), its
-    two-character escape if it has one, and itself."""
+    two-character escape if it has one, and itself; and each escape escaped again, as it
+    is in a JSON document quoted in another's string (an error body whose message is the
+    JSON a gateway got: ``\\\\u0073``, which a client decoding both reads as ``s``)."""
     units = char.encode("utf-16-be", "surrogatepass")
     escape = "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
     short = _SHORT_ESCAPES.get(char)
-    return (escape, short, char) if short else (escape, char)
+    escapes = (escape, short) if short else (escape,)
+    again = tuple(form for once in escapes for form in _escaped_again(once))
+    return tuple(sorted({*again, *escapes, char}, key=len, reverse=True))
+
+
+def _escaped_again(escape: str) -> tuple[str, ...]:
+    """A JSON escape as a JSON encoder writes it inside a string: its backslash (and a
+    quote) escaped, a ``/`` as itself or as ``\\/``."""
+    again = escape.replace("\\", "\\\\").replace('"', '\\"')
+    return (again, again.replace("/", "\\/")) if "/" in again else (again,)
 
 
 def _spelling_source(secret: str) -> str:
@@ -435,18 +484,54 @@ def _spelling_source(secret: str) -> str:
 
 
 def _char_sources(char: str) -> list[str]:
-    escape, *others = _char_spellings(char)
     # "\u006b" and "\u006B" decode alike
-    either_case = re.sub(
-        "[a-f]", lambda digit: f"[{digit[0]}{digit[0].upper()}]", re.escape(escape)
-    )
-    return [either_case, *map(re.escape, others)]
+    return [
+        re.sub("[a-f]", lambda d: f"[{d[0]}{d[0].upper()}]", re.escape(s))
+        if "\\u" in s
+        else re.escape(s)
+        for s in _char_spellings(char)
+    ]
 
 
 def _spelled_alternatives(texts: tuple[str, ...]) -> re.Pattern[str]:
     # longest first, as the plain alternatives
     ordered = sorted(texts, key=len, reverse=True)
     return re.compile("|".join(_spelling_source(text) for text in ordered))
+
+
+def _masked_at_boundaries(pattern: re.Pattern[Any], data: Any, stars: Any) -> Any:
+    """``data`` (bytes or str) with ``pattern``'s spellings replaced by ``stars`` where one
+    starts a character of the JSON string: a spelling found after an odd run of
+    backslashes starts inside an escape (``\\\\u0073…`` is a backslash and ``u0073…``),
+    and replacing it from there would leave a lone backslash, invalid JSON."""
+    out = []
+    pos = 0
+    for match in _boundary_matches(pattern, data, 0, len(data)):
+        out += (data[pos : match.start()], stars)
+        pos = match.end()
+    if not out:
+        return data
+    out.append(data[pos:])
+    return stars[:0].join(out)
+
+
+def _boundary_matches(
+    pattern: re.Pattern[Any], data: Any, pos: int, end: int
+) -> Iterator[re.Match[Any]]:
+    """``pattern``'s matches in ``data[pos:]`` that start before ``end``, each at a
+    character of the JSON string (:func:`_masked_at_boundaries`), leftmost first."""
+    backslash = _BACKSLASH if isinstance(data, bytes) else "\\"
+    match = pattern.search(data, pos)
+    while match is not None and match.start() < end:
+        at = match.start()
+        run = at
+        while run and data[run - 1] == backslash:
+            run -= 1
+        if (at - run) % 2:  # inside an escape: a later start may be a character
+            match = pattern.search(data, at + 1)
+            continue
+        yield match
+        match = pattern.search(data, match.end())
 
 
 # per character of a secret: its spellings, each with whether its hex is either case
@@ -456,9 +541,10 @@ _CharSpellings = tuple[tuple[bytes, bool], ...]
 @dataclass(frozen=True, slots=True)
 class Spellings:
     """Every spelling a JSON string may give some secrets: each character as itself, as its
-    ``\\uXXXX`` escape (hex in either case) or as its two-character escape (``\\/``), mixed
-    anyhow. Valid JSON a client decodes to the secret, so each is masked; bodies are masked
-    as they come, undecoded. Built once, with the secrets.
+    ``\\uXXXX`` escape (hex in either case) or as its two-character escape (``\\/``), or
+    as such an escape escaped again (``\\\\u0073``), mixed anyhow. Valid JSON a client
+    decodes to the secret, so each is masked; bodies are masked as they come, undecoded.
+    Built once, with the secrets.
 
     A read without ``escape`` can only hold a secret whole as it is (``escape`` is ``\\u``
     unless a secret holds a character with a two-character escape, the ``/`` of base64:
@@ -478,10 +564,7 @@ class Spellings:
         texts = sorted((secret.decode() for secret in secrets), key=len, reverse=True)
         pattern = re.compile("|".join(_spelling_source(text) for text in texts).encode())
         chars = tuple(
-            tuple(
-                tuple((s.encode(), s.startswith("\\u")) for s in _char_spellings(char))
-                for char in text
-            )
+            tuple(tuple((s.encode(), "\\u" in s) for s in _char_spellings(char)) for char in text)
             for text in texts
         )
         spelled = {s for secret in chars for char in secret for s, _ in char}
@@ -541,116 +624,55 @@ def scrub(text: str, secrets: BackendSecrets) -> str:
     return secrets.scrub(text)
 
 
-def _masked_until_held(
-    data: bytes, pattern: re.Pattern[bytes], tail_start: Callable[[bytes, int], int]
-) -> tuple[bytes, int]:
-    """``data`` masked up to where the body so far may end inside a secret, and where
-    that is. From the first place where the body ends inside a secret started there, the
-    whole body may hold a longer or an earlier secret than this read does: held."""
+def _masked_spellings(data: bytes, spelled: Spellings) -> tuple[bytes, bytes]:
+    """A read holding a backslash (the held tail included), as the stream mask masks it:
+    what goes out, and the tail held for the next read. From the first place where the
+    body so far may end inside a spelling, the whole body may hold a longer or an earlier
+    secret than this read does: held, with any backslashes just before it, so the next
+    read starts at a character of the JSON string (an escape is never cut from its
+    backslash, which decides whether what follows is a character or part of an escape)."""
+    # without the escape the secrets' spellings need, they can only be whole as they are
+    pattern = spelled.pattern if data.find(spelled.escape) != -1 else spelled.plain
     out: list[bytes] = []
     pos = 0
     while True:
-        cut = tail_start(data, pos)
-        match = pattern.search(data, pos)
-        if match is None or match.start() >= cut:
+        cut = spelled.tail_start(data, pos)
+        match = next(_boundary_matches(pattern, data, pos, cut), None)
+        if match is None:
             break
         out += (data[pos : match.start()], b"***")
         pos = match.end()
-    if not out:
-        return data[:cut] if cut < len(data) else data, cut
+    while cut > pos and data[cut - 1] == _BACKSLASH:
+        cut -= 1
     out.append(data[pos:cut])
-    return b"".join(out), cut
-
-
-def _masked_spellings(data: bytes, spelled: Spellings) -> tuple[bytes, bytes]:
-    """A read holding a backslash (the held tail included), as both stream masks mask it:
-    what goes out, and the tail held for the next read."""
-    # without the escape the secrets' spellings need, they can only be whole as they are
-    pattern = spelled.pattern if data.find(spelled.escape) != -1 else spelled.plain
-    done, cut = _masked_until_held(data, pattern, spelled.tail_start)
-    return done, data[cut:]
-
-
-class SecretMask:
-    """Masks a secret in a body that arrives in pieces, also where a piece ends inside it.
-
-    ``feed`` returns what can go out now: the secret's complete occurrences replaced by
-    ``***`` (leftmost first, as ``bytes.replace``), minus the shortest tail that could
-    still be the start of one; ``flush`` returns that tail when the body ends. Only a tail
-    that *is* the start of the secret is held back, so ordinary reads pass whole and at
-    once. The secret is masked in every spelling a JSON string may give it
-    (:class:`Spellings`); a read without a backslash costs one ``in`` more for that."""
-
-    __slots__ = ("_held", "_secret", "_spelled")
-
-    def __init__(self, secret: bytes, spelled: Spellings | None = None) -> None:
-        self._secret = secret
-        self._spelled = spelled if spelled is not None else Spellings.of((secret,))
-        self._held = b""
-
-    def feed(self, piece: bytes) -> bytes:
-        data = self._held + piece if self._held else piece
-        if _BACKSLASH in data:  # the held tail counts: an escape may straddle two reads
-            done, self._held = _masked_spellings(data, self._spelled)
-            return done
-        secret = self._secret
-        done = b""
-        if secret in data:
-            end = _after_last_match(data, secret)
-            done, data = data[:end].replace(secret, b"***"), data[end:]
-        cut = _partial_start(data, secret)
-        self._held = data[cut:]
-        return done + data[:cut] if cut else done
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        if _BACKSLASH in held:  # the start of one spelling may hold another whole
-            return self._spelled.pattern.sub(b"***", held)
-        return held
-
-
-def _after_last_match(data: bytes, secret: bytes) -> int:
-    """Where the last of the secret's leftmost-first occurrences in ``data`` ends."""
-    end = 0
-    found = data.find(secret)
-    while found != -1:
-        end = found + len(secret)
-        found = data.find(secret, end)
-    return end
-
-
-def _partial_start(data: bytes, secret: bytes) -> int:
-    """The start of the longest tail of ``data`` that is a proper prefix of the secret
-    (``len(data)`` if none)."""
-    first = secret[:1]
-    at = data.find(first, max(0, len(data) - len(secret) + 1))
-    while at != -1:
-        if secret.startswith(data[at:]):
-            return at
-        at = data.find(first, at + 1)
-    return len(data)
+    return b"".join(out), data[cut:]
 
 
 class SecretsMask:
-    """:class:`SecretMask` for several secrets (an API key and the URL's credentials, or
-    forms of one): the reads' outputs add up to what masking the whole body gives
-    (:meth:`BackendSecrets.mask_body`), and only a tail that could start a secret is held.
+    """Masks secrets (the API key, the URL's credentials, an UPSTREAM_HEADERS credential)
+    in a body that arrives in pieces, also where a piece ends inside one: the reads'
+    outputs add up to what masking the whole body gives (:meth:`BackendSecrets.mask_body`),
+    and only a tail that could start a secret is held back, so ordinary reads pass whole
+    and at once; ``flush`` returns that tail when the body ends.
 
     A match is final only where the body so far does not end inside a secret started
     before it or at it: with ``abc`` and ``abcdef`` both secret, a read that ends in
-    ``abc`` waits for the next."""
+    ``abc`` waits for the next. Secrets are masked in every spelling a JSON string may
+    give them (:class:`Spellings`); a read without a backslash costs one search of one
+    pattern (:class:`SecretsTrie`) and a look for one byte."""
 
-    __slots__ = ("_held", "_pattern", "_secrets", "_spelled")
+    __slots__ = ("_held", "_pattern", "_spelled", "_trie")
 
     def __init__(
         self,
         secrets: tuple[bytes, ...],
         pattern: re.Pattern[bytes] | None = None,
         spelled: Spellings | None = None,
+        trie: SecretsTrie | None = None,
     ) -> None:
-        self._secrets = secrets
         self._pattern = pattern if pattern is not None else _alternatives(secrets)
         self._spelled = spelled if spelled is not None else Spellings.of(secrets)
+        self._trie = trie if trie is not None else SecretsTrie.of(secrets)
         self._held = b""
 
     def feed(self, piece: bytes) -> bytes:
@@ -658,24 +680,21 @@ class SecretsMask:
         if _BACKSLASH in data:  # the held tail counts: an escape may straddle two reads
             done, self._held = _masked_spellings(data, self._spelled)
             return done
-        # :func:`_masked_until_held` with the secrets as they are, inlined: most reads
-        # come this way
+        search = self._trie.search.search
+        match = search(data)
+        if match is None:
+            self._held = b""
+            return data  # the common read: nothing to mask, nothing to hold
         out: list[bytes] = []
         pos = 0
-        while True:
-            tail = data[pos:] if pos else data
-            cut = len(tail)
-            for secret in self._secrets:
-                cut = min(cut, _partial_start(tail, secret))
-            cut += pos
-            match = self._pattern.search(data, pos)
-            if match is None or match.start() >= cut:
+        cut = len(data)
+        while match is not None:
+            if match.end() == cut and match.group() in self._trie.prefixes:
+                cut = match.start()  # the data ends inside a secret: held
                 break
             out += (data[pos : match.start()], b"***")
             pos = match.end()
-        if not out and cut == len(data):
-            self._held = b""
-            return data  # the common read: nothing to mask, nothing to hold
+            match = search(data, pos)
         out.append(data[pos:cut])
         self._held = data[cut:]
         return b"".join(out)
@@ -684,5 +703,5 @@ class SecretsMask:
         # what was held may hold a whole secret whose longer rival never came
         held, self._held = self._held, b""
         if _BACKSLASH in held:
-            return self._spelled.pattern.sub(b"***", held)
+            return _masked_at_boundaries(self._spelled.pattern, held, b"***")
         return self._pattern.sub(b"***", held)
