@@ -77,27 +77,37 @@ def test_url_credentials_still_go_as_basic_auth_when_the_key_has_a_header_of_its
     assert credentials["Authorization"].startswith("Basic ")
 
 
-def test_only_credentials_are_secrets_and_of_a_scheme_the_token_alone() -> None:
+def test_every_value_but_a_public_headers_is_a_secret_and_of_a_scheme_the_token_alone() -> None:
+    """A review: only values of headers whose names looked like a credential's were
+    secrets, so a gateway's key in ``X-Custom-Gateway`` (a name an operator chose) was
+    logged and relayed as the backend quoted it. Now every value is, but those of the
+    headers known to be public (an app's title and URL, OpenAI's organisation)."""
     given = {
         "api-key": "k" * 20,
         "X-Auth-Token": "t" * 20,
         "Cookie": "session=abcdef0123456789",
         "cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}",
+        "X-Custom-Gateway": "sk-live-CustomGateway0123",
+        "X-Gateway": "Bearer gw-BearerToken0123",  # a known scheme: its token
+        "X-Tenant": "acme corporation",  # "acme" is no scheme: the whole value
         "X-Title": "My Application Name",
         "HTTP-Referer": "https://example.test/app",
         "OpenAI-Organization": "org-0123456789abcdef",
+        "openai-project": "proj_0123456789abcdef",
     }
     assert header_secrets(given) == (
         "k" * 20,
         "t" * 20,
         "session=abcdef0123456789",
         GATEWAY_TOKEN,
+        "sk-live-CustomGateway0123",
+        "gw-BearerToken0123",
+        "acme corporation",
     )
     secrets = _settings(UPSTREAM_HEADERS=json.dumps(given)).backend_secrets
-    assert GATEWAY_TOKEN.encode() in secrets.replies
-    assert not any(
-        b"example.test" in secret or b"Application" in secret for secret in secrets.replies
-    )
+    assert {GATEWAY_TOKEN.encode(), b"sk-live-CustomGateway0123"} <= set(secrets.replies)
+    public = (b"example.test", b"Application", b"org-", b"proj_")
+    assert not any(word in secret for secret in secrets.replies for word in public)
 
 
 def test_headers_given_as_python_values_are_checked_too() -> None:
@@ -369,3 +379,96 @@ def test_credentials_in_other_headers_are_masked_for_clients_and_scrubbed_from_t
         leaks = [text for text in shown if secret in text]
         assert not leaks, f"{secret} reached a client: {leaks[0][:400]}"
         assert secret not in log, next(line for line in log.splitlines() if secret in line)
+
+
+CUSTOM = "sk-live-CustomGateway0123"  # a gateway's key in a header named as it likes
+HELICONE = "sk-helicone-0123456789ab"
+ECHOED = {"X-Custom-Gateway": CUSTOM, "Helicone-Auth": f"Bearer {HELICONE}", "X-Title": "mine"}
+
+
+def _u_escaped(text: str) -> str:
+    return "".join(f"\\u{ord(char):04x}" for char in text)
+
+
+class _EchoingGateway(ScriptedHandler):
+    """A gateway that echoes the headers it got: its 401 quotes them as the JSON it
+    logged (a JSON document in the error's message string, its values ``\\u``-escaped,
+    so escaped twice in the body); its answers and streams name them plainly."""
+
+    def _echo(self) -> str:
+        names = ("authorization", "x-custom-gateway", "helicone-auth", "x-title")
+        return ", ".join(f"{name}={self.headers.get(name)}" for name in names)
+
+    def do_GET(self) -> None:
+        self.answer(200, json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        if body.get("model") == "refuse":
+            got = {name.lower(): _u_escaped(value) for name, value in self.headers.items()}
+            inner = "{" + ", ".join(f'"{n}": "{v}"' for n, v in got.items()) + "}"
+            error = {"message": inner, "type": "invalid_request_error"}
+            self.answer(401, json.dumps({"error": error}).encode())
+        elif body.get("stream"):
+            self.answer(200, _chat_events(self._echo()), "text/event-stream")
+        else:
+            self.answer(200, _chat_reply(self._echo()))
+
+
+def _readings(text: str) -> list[str]:
+    """``text`` as whoever reads it may decode it: as is, percent-decoded (once or twice),
+    and with JSON's ``\\u`` escapes decoded (once or twice)."""
+    from urllib.parse import unquote
+
+    def unescaped(t: str) -> str:
+        return t.encode("latin-1", "backslashreplace").decode("unicode_escape", "ignore")
+
+    return [
+        text,
+        unquote(text),
+        unquote(unquote(text)),
+        unescaped(text),
+        unescaped(unescaped(text)),
+    ]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_gateway_credential_in_a_header_of_any_name_never_leaks(
+    start_proxy: StartProxy, log_format: str
+) -> None:
+    """A review: a credential in an UPSTREAM_HEADERS header whose name did not look like
+    a credential's (``X-Custom-Gateway``) was relayed as a backend echoed it, and logged;
+    a key JSON-escaped twice in an error body (a gateway quoting the JSON it got) went out
+    as it came; a key percent-encoded in a path the access log wrote (``%2D``, written
+    ``%252D`` in a path kept as sent) was logged."""
+    with serving(_EchoingGateway) as url:
+        proxy = start_proxy(
+            url,
+            OPENAI_API_KEY=KEY,
+            UPSTREAM_HEADERS=json.dumps(ECHOED),
+            MAX_RETRIES="0",
+            LOG_LEVEL="DEBUG",
+            LOG_FORMAT=log_format,
+            ACCESS_LOG="true",
+        )
+        shown: list[str] = []
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            for model, stream in (("m", False), ("m", True), ("refuse", False)):
+                for path in ("/v1/chat/completions", "/api/chat"):
+                    body = {"model": model, "stream": stream, "messages": MESSAGES}
+                    answer = client.post(path, json=body)
+                    shown.append(f"{path} {model} {stream}: {answer.headers} {answer.text}")
+            # the key in paths (what comes back quotes the client's own path: not checked)
+            encoded = "".join(f"%{ord(char):02X}" for char in CUSTOM)
+            for path in (f"/v1/models/{encoded}", f"/v1/x%2Fy/{encoded}", f"/{encoded}"):
+                assert client.get(path).status_code == 404
+        time.sleep(0.2)  # the last log lines reach the pipe
+    log = proxy.log()
+    echoed = "authorization=Bearer ***, x-custom-gateway=***, helicone-auth=Bearer ***, "
+    assert echoed + "x-title=mine" in "".join(shown)  # a public header's value is no secret
+    refused = next(text for text in shown if "refuse" in text and "/v1/" in text)
+    assert '\\"x-custom-gateway\\": \\"***\\"' in refused, refused  # masked whole
+    assert "/v1/x%252Fy/***" in log  # the access line of a path kept as sent
+    for secret in (KEY, CUSTOM, HELICONE):
+        for text in (*shown, log):
+            assert not any(secret in reading for reading in _readings(text)), text[:600]

@@ -460,13 +460,36 @@ MAX_UPSTREAM_HEADERS = 32
 # names, values and ": " and CRLF each: far inside what servers take in all (8 KiB a line
 # for nginx and gunicorn, 16 KiB a head for Node), beside the proxy's own headers
 MAX_UPSTREAM_HEADERS_BYTES = 8 * 1024
-# a header whose name says it holds a credential: its value is a secret as the key is
+# a header whose name says it holds a credential: of "SCHEME TOKEN" in it, the token
 _CREDENTIAL_NAME = re.compile(
     r"key|token|auth|secret|pass|cookie|session|credential|signature", re.IGNORECASE
 )
 # "Bearer TOKEN", "Basic BASE64": an auth scheme (RFC 9110 11.1: letters, up to 16 here)
 # and the credential, which is what a backend's echo may quote without the scheme
-_SCHEME_AND_CREDENTIAL = re.compile(r"[A-Za-z][A-Za-z-]{0,15} +([^ ]+)")
+_SCHEME_AND_CREDENTIAL = re.compile(r"([A-Za-z][A-Za-z-]{0,15}) +([^ ]+)")
+# auth schemes (the IANA registry's, and the ones gateways use): a value of another
+# header that starts with one is a credential too, and its token the secret
+_AUTH_SCHEMES = frozenset(
+    {"bearer", "basic", "digest", "token", "apikey", "api-key", "key", "dpop", "negotiate"}
+)
+# headers whose values are public by what they are: the app's attribution (OpenRouter's
+# X-Title and HTTP-Referer), the client's name, OpenAI's organisation and project ids
+# (named in OpenAI's own error messages), API versions and betas. Every other
+# UPSTREAM_HEADERS value is a secret: a gateway's credential may go in a header of any
+# name (X-Custom-Gateway, Helicone-Auth), and a gateway may quote it in an error body.
+PUBLIC_UPSTREAM_HEADERS = frozenset(
+    {
+        "user-agent",
+        "x-title",
+        "http-referer",
+        "referer",
+        "openai-organization",
+        "openai-project",
+        "openai-beta",
+        "anthropic-version",
+        "anthropic-beta",
+    }
+)
 
 
 def _header_name(value: str) -> str:
@@ -561,17 +584,23 @@ def _header_value(name: str, value: Any) -> str:
 
 
 def header_secrets(headers: Mapping[str, str]) -> tuple[str, ...]:
-    """The values of the headers whose names say they hold a credential (``api-key``,
-    ``cf-aig-authorization``, ``X-Auth-Token``, ``Cookie``), secrets as OPENAI_API_KEY is;
-    of ``Bearer TOKEN`` the token alone, which every quote of the whole holds too (one
-    secret less to look for in every stream read). Other values (a title, a URL, a
-    routing name) are not: masked in reply bodies, they would corrupt answers that
-    mention them, and each secret more costs every streamed read of every reply."""
+    """The values of the headers that are not known to be public
+    (:data:`PUBLIC_UPSTREAM_HEADERS`), secrets as OPENAI_API_KEY is: an operator cannot
+    be expected to name a credential's header so that it looks like one. Of ``SCHEME
+    TOKEN`` (``Bearer …``) the token alone, which every quote of the whole holds too (one
+    secret less to look for): after any scheme in a header named as a credential
+    (``cf-aig-authorization``), after a known auth scheme in others (in ``X-Title: My
+    App``, "My" is no scheme). Public values (a title, the app's URL) are not secrets:
+    masked in reply bodies, they would corrupt answers that mention them."""
     secrets: list[str] = []
     for name, value in headers.items():
-        if _CREDENTIAL_NAME.search(name):
-            found = _SCHEME_AND_CREDENTIAL.fullmatch(value)
-            secrets.append(found[1] if found else value)
+        if name.lower() in PUBLIC_UPSTREAM_HEADERS:
+            continue
+        found = _SCHEME_AND_CREDENTIAL.fullmatch(value)
+        if found and (_CREDENTIAL_NAME.search(name) or found[1].lower() in _AUTH_SCHEMES):
+            secrets.append(found[2])
+        else:
+            secrets.append(value)
     return tuple(secrets)
 
 

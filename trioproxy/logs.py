@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import functools
 import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -37,6 +39,7 @@ class RequestContextFilter(logging.Filter):
     def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._secrets = tuple(s for s in secrets if s and len(s) >= 4)
+        self._encoded = percent_spellings(self._secrets) if self._secrets else None
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
@@ -54,7 +57,36 @@ class RequestContextFilter(logging.Filter):
     def _scrubbed(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
+        if self._encoded is not None and "%" in text:
+            # a path a client sent, as an access line writes it: a secret in it may be
+            # percent-encoded, and a "%" is written as "%25" (so "%2D" as "%252D")
+            text = self._encoded.sub("***", text)
         return text
+
+
+@functools.lru_cache(maxsize=8)
+def percent_spellings(secrets: tuple[str, ...]) -> re.Pattern[str]:
+    """Every spelling of ``secrets`` in a URL path: each character as itself or as its
+    ``%XX`` (hex in either case), and that ``%`` as ``%25`` again, mixed anyhow (a client
+    may encode any character, and an access line writes a path kept as sent with its
+    ``%`` encoded). Longest first, as the plain ones are replaced. Built once per
+    secrets (a notice builds its filter each time)."""
+    return re.compile("|".join(_percent_source(s) for s in sorted(secrets, key=len, reverse=True)))
+
+
+def _percent_source(secret: str) -> str:
+    return "".join(f"(?:{'|'.join(_percent_forms(char))})" for char in secret)
+
+
+def _percent_forms(char: str) -> list[str]:
+    hexes = [f"{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")]
+    # either case: "%2d" and "%2D" decode alike
+    either = "".join(f"%(?:25)?{_either_case(h[0])}{_either_case(h[1])}" for h in hexes)
+    return [either, re.escape(char)]
+
+
+def _either_case(digit: str) -> str:
+    return f"[{digit}{digit.upper()}]" if digit.isalpha() else digit
 
 
 _PLAIN = logging.Formatter()  # formats a traceback as every formatter here does
