@@ -18,7 +18,7 @@ import ollama
 import openai
 import pytest
 
-from trioproxy.config import ConfigError, Settings, header_secrets, load_settings
+from trioproxy.config import ConfigError, Settings, header_secrets, load_settings, redact_url
 from trioproxy.upstream import UpstreamPool
 
 from .conftest import ServerProcess, base_env
@@ -472,3 +472,17 @@ def test_a_gateway_credential_in_a_header_of_any_name_never_leaks(
     for secret in (KEY, CUSTOM, HELICONE):
         for text in (*shown, log):
             assert not any(secret in reading for reading in _readings(text)), text[:600]
+
+
+def test_a_credential_in_the_backend_urls_query_is_a_secret() -> None:
+    """A review: a backend URL carrying its key in the query (``?key=…``, Google's API
+    keys; ``?sig=…``, an Azure SAS) had it in the startup line (``serving; backend …``)
+    and in every error quoting the URL. Now such a value is a secret, as written and
+    decoded; ``api-version`` stays shown."""
+    url = "http://h/v1beta/openai?api-version=2024-10-21&key=AIzaSy-Secret%2Fvalue0123&sig=ab%2Bc"
+    settings = load_settings({"OPENAI_API_BASE_URL": url}, dotenv_path=None)
+    shown = redact_url(url)
+    assert settings.backend_secrets.scrub(shown) == (
+        "http://h/v1beta/openai?api-version=2024-10-21&key=***&sig=***"
+    )
+    assert b"AIzaSy-Secret/value0123" in settings.backend_secrets.replies

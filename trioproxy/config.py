@@ -149,6 +149,7 @@ class Settings:
             credential,
             credential.rstrip("="),
             *header_secrets(self.upstream_headers),
+            *query_secrets(url),
         )
         object.__setattr__(self, "backend_secrets", secrets)  # frozen: set once, here
 
@@ -1033,6 +1034,25 @@ def url_credentials(url: str) -> tuple[str, ...]:
     user, colon, password = userinfo.partition(":")
     secret = password if colon else user
     return tuple(dict.fromkeys(v for v in (secret, unquote(secret)) if v))
+
+
+# a query parameter of the backend's URL that holds a credential: "?key=…" (Google's
+# API keys), "?access_token=…", "?sig=…" (an Azure SAS signature), "?code=…" (Azure
+# Functions). Sent with every request, shown in the startup line and in errors that quote
+# the URL: its value is a secret. Others (api-version) are shown.
+_CREDENTIAL_QUERY = re.compile(rf"{_CREDENTIAL_NAME.pattern}|^(?:sig|code)$", re.IGNORECASE)
+
+
+def query_secrets(url: str) -> tuple[str, ...]:
+    """The values of the credential parameters in ``url``'s query, as written and
+    percent-decoded."""
+    query = url.partition("?")[2].partition("#")[0]
+    values = []
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if value and _CREDENTIAL_QUERY.search(unquote(name)):
+            values += (value, unquote(value.replace("+", " ")))
+    return tuple(dict.fromkeys(values))
 
 
 def basic_credential(url: str) -> str | None:
