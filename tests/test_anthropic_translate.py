@@ -448,3 +448,33 @@ def test_empty_stream_still_a_message() -> None:
     translator.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, 1)
     kinds = [event["type"] for event in translator.finish(2)]
     assert kinds == ["message_start", "message_delta", "message_stop"]
+
+
+def test_a_call_cut_by_the_token_limit_is_max_tokens() -> None:
+    resp = completion(None, calls=[("f", '{"a": ')], finish="length")
+    assert an.openai_to_message(resp, "m", "msg_1")["stop_reason"] == "max_tokens"
+    resp = completion(None, calls=[("f", "{}")], finish="stop")  # Ollama's /v1 says stop
+    assert an.openai_to_message(resp, "m", "msg_1")["stop_reason"] == "tool_use"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # an output limit, not the context: the client's max_tokens is simply refused
+        "max_tokens is too large: 32000. This model supports at most 16384 completion tokens",
+        "Invalid 'messages[1].content': string too long.",
+        "model 'x' not found",
+    ],
+)
+def test_other_errors_are_no_context_overflow(message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+    assert an.context_overflow(message, body.encode()) is None
+
+
+def test_a_context_overflow_without_numbers_still_reads_as_one() -> None:
+    worded = an.context_overflow("Prompt is too long for this model", b"{}")
+    assert worded is not None and worded.startswith("prompt is too long")
+    body = json.dumps({"error": {"type": "exceed_context_size_error", "n_ctx": "x"}}).encode()
+    assert an.context_overflow("the request exceeds the available context size", body) == (
+        "prompt is too long (the request exceeds the available context size)"
+    )

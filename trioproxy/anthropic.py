@@ -10,12 +10,13 @@ named server-sent events (``message_start``, ``content_block_*``, ``message_delt
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
 from . import translate as tr
 from .errors import anthropic_error_payload
-from .jsonutil import compact_json, compact_json_text
+from .jsonutil import compact_json, compact_json_text, loads
 from .translate import JSONDict, RequestValidationError
 
 # Anthropic's content type for its event streams; told apart from the OpenAI routes' plain
@@ -252,7 +253,7 @@ def _assistant_message(content: str | list[JSONDict]) -> JSONDict:
     the history."""
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
-    text = "".join(b["text"] for b in content if b["type"] == "text")
+    text = "\n".join(b["text"] for b in content if b["type"] == "text")
     calls = [
         {
             "id": block.get("id") if isinstance(block.get("id"), str) else f"call{i:05d}",
@@ -290,7 +291,9 @@ def _user_messages(content: list[JSONDict]) -> list[JSONDict]:
             parts.append(part)
     if parts:
         if all(p["type"] == "text" for p in parts):
-            tools.append({"role": "user", "content": "".join(p["text"] for p in parts)})
+            # a line end between blocks, as vLLM joins text parts: Claude Code's blocks are
+            # separate texts (a system reminder, then the prompt), never one word cut in two
+            tools.append({"role": "user", "content": "\n".join(p["text"] for p in parts)})
         else:
             tools.append({"role": "user", "content": parts})
     return tools
@@ -378,8 +381,10 @@ def stop_reason(
 ) -> tuple[str, str | None]:
     """Anthropic's ``stop_reason`` and ``stop_sequence`` for an OpenAI ``finish_reason``.
     A stop sequence is told only where the backend names the one it met (vLLM's
-    ``stop_reason``): OpenAI's ``stop`` says nothing of which."""
-    if has_calls:
+    ``stop_reason``): OpenAI's ``stop`` says nothing of which. Cut by the token limit, an
+    answer is ``max_tokens`` even with calls, as from Anthropic: the last call may be half
+    written, and ``tool_use`` would have the client run it."""
+    if has_calls and finish_reason != "length":
         return "tool_use", None
     if finish_reason == "stop" and isinstance(matched, str) and stops and matched in stops:
         return "stop_sequence", matched
@@ -582,3 +587,82 @@ class AnthropicStreamTranslator(tr._StreamStats):
             events.append({"type": "content_block_delta", "index": index, "delta": delta})
             self._called = True
         self._close(events)
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+# How backends say a request does not fit the model's context: OpenAI ("...maximum context
+# length is 8192 tokens. However, your messages resulted in 9500 tokens..."), vLLM ("...is
+# 32768 tokens and your request has 1500 input tokens (32000 > 32768 - 1500)", or before
+# 0.10 "However, you requested 33500 tokens (1500 in the messages, 32000 in the
+# completion)"), llama.cpp's server (type exceed_context_size_error, n_prompt_tokens, n_ctx)
+_CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+) tokens", re.IGNORECASE)
+_REQUESTED = re.compile(
+    r"requested \d+ tokens \((\d+) in the messages, (\d+) in the completion\)", re.IGNORECASE
+)
+_INPUT = re.compile(
+    r"(?:request has|messages resulted in|prompt has) (\d+) (?:input )?tokens", re.IGNORECASE
+)
+_MAX_TOKENS = re.compile(r"max_(?:completion_)?tokens'? is too large: (\d+)", re.IGNORECASE)
+_OVERFLOW_WORDS = (
+    "maximum context length",
+    "context_length_exceeded",
+    "exceeds the available context size",
+    "prompt is too long",
+)
+_LLAMA_CPP_OVERFLOW = "exceed_context_size_error"
+
+
+def context_overflow(message: str, body: bytes) -> str | None:
+    """A backend's refusal of a request too long for the model, in the words of
+    Anthropic's API, which Claude Code reads: ``prompt is too long: N tokens > M
+    maximum`` starts its compaction (the numbers say by how much), and ``input length and
+    `max_tokens` exceed context limit: I + O > M`` has it ask again with a ``max_tokens``
+    that fits (it asks 32,000 by default, more than many local models' whole context).
+    The backend's own message follows in parentheses. None for any other error."""
+    counts = _llama_cpp_counts(body)
+    if counts is not None:
+        return _too_long(counts[0], counts[1], message)
+    lowered = message.lower()
+    if not any(words in lowered for words in _OVERFLOW_WORDS):
+        return None
+    limit = _CONTEXT_LIMIT.search(message)
+    if limit is None:
+        return f"prompt is too long ({message})"
+    context = int(limit[1])
+    if requested := _REQUESTED.search(message):
+        prompt, completion = int(requested[1]), int(requested[2])
+    elif found := _INPUT.search(message):
+        prompt = int(found[1])
+        wanted = _MAX_TOKENS.search(message)
+        completion = int(wanted[1]) if wanted else None
+    else:
+        return f"prompt is too long ({message})"
+    if completion is None or prompt >= context:
+        return _too_long(prompt, context, message)
+    return (
+        f"input length and `max_tokens` exceed context limit: {prompt} + {completion} > "
+        f"{context}, decrease input length or `max_tokens` and try again ({message})"
+    )
+
+
+def _too_long(prompt: int, context: int, message: str) -> str:
+    return f"prompt is too long: {prompt} tokens > {context} maximum ({message})"
+
+
+def _llama_cpp_counts(body: bytes) -> tuple[int, int] | None:
+    """llama.cpp's server's prompt and context sizes, from its error's own fields."""
+    if _LLAMA_CPP_OVERFLOW.encode() not in body:
+        return None
+    try:
+        error = loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict) or error.get("type") != _LLAMA_CPP_OVERFLOW:
+        return None
+    prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+    if type(prompt) is not int or type(context) is not int:
+        return None
+    return prompt, context

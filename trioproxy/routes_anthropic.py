@@ -19,7 +19,7 @@ from quart import Blueprint
 from . import anthropic as an
 from .app import quart_route
 from .catalog import backend_name_for
-from .errors import NotFound
+from .errors import NotFound, UpstreamStatusError
 from .exchange import Call, Handler, Reply
 from .forward import (
     FieldQuirk,
@@ -114,7 +114,14 @@ async def _sent(
     async def without_top_k_if_refused(call: Call, sent: dict[str, Any]) -> T:
         return await as_the_backend_takes(call, sent, NO_TOP_K, functools.partial(send, call))
 
-    return await as_taken(call, payload, switch, without_top_k_if_refused)
+    try:
+        return await as_taken(call, payload, switch, without_top_k_if_refused)
+    except UpstreamStatusError as error:
+        worded = an.context_overflow(error.message, error.body) if error.status < 500 else None
+        if worded is None:
+            raise
+        # Claude Code compacts, or lowers max_tokens, on Anthropic's words for this
+        raise UpstreamStatusError(worded, error.status, headers=error.headers) from None
 
 
 COUNT_TOKENS_NOT_SERVED = (
