@@ -27,6 +27,7 @@ from pydantic import TypeAdapter
 
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
+from .test_anthropic_client import _total, _wait_for
 
 StartProxy = Callable[..., ServerProcess]
 EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
@@ -105,6 +106,8 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         chunk({"content": "Hi"}),
         chunk({}, "stop", usage=USAGE),
     ],
+    # broken off after a token: no finish_reason, no [DONE] (see Backend)
+    "broken": [ROLE, chunk({"content": "Hi"})],
     "no-usage": [ROLE, chunk({"content": "Hi"}), chunk({"content": " there"}), chunk({}, "stop")],
     "quota": [ROLE, chunk({"content": "ok"}), chunk({}, "length"), LAST_USAGE],
 }
@@ -212,7 +215,9 @@ class Backend(ScriptedHandler):
             self.answer(status, json.dumps(error).encode(), headers=headers)
         elif model in STREAMS and body.get("stream"):
             events = "".join(f"data: {json.dumps(c)}\n\n" for c in STREAMS[model])
-            self.answer(200, (events + "data: [DONE]\n\n").encode(), "text/event-stream")
+            if model != "broken":
+                events += "data: [DONE]\n\n"
+            self.answer(200, events.encode(), "text/event-stream")
         else:
             message = {"role": "assistant", "content": f"answer from {model}"}
             answer = {
@@ -820,3 +825,36 @@ def test_access_line(server: ServerProcess, streamed: bool, end: str) -> None:
     assert response.status_code == 200
     line = access_line(server, request_id)
     assert re.search(r"POST /v1/messages 200 [0-9.]+ ms \d+ B" + re.escape(end), line), line
+
+
+def test_metrics_of_streams_and_answers(server: ServerProcess) -> None:
+    """Tokens from the backend's usage (wherever in the stream it came), the first token's
+    time for a stream, and each stream's outcome, under api="anthropic"."""
+    url, labels = server.url, {"api": "anthropic"}
+
+    def counts() -> tuple[float, ...]:
+        return (
+            _total(url, "trioproxy_tokens_total", type="input", **labels),
+            _total(url, "trioproxy_tokens_total", type="output", **labels),
+            _total(url, "trioproxy_time_to_first_token_seconds_count", **labels),
+            _total(url, "trioproxy_streams_total", outcome="completed", **labels),
+            _total(url, "trioproxy_streams_total", outcome="error", **labels),
+        )
+
+    before = counts()
+    for streamed in (True, False):
+        body = claude_code_request(model="usage-in-finish", stream=streamed)
+        assert post(server, body).status_code == 200
+    broken = post(server, claude_code_request(model="broken"))
+    assert broken.text.endswith("\n\n") and "\nevent: error\n" in broken.text
+    with anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as caught:  # at the error event
+            for _ in sdk.messages.create(
+                model="broken", max_tokens=10, messages=HISTORY, stream=True
+            ):
+                pass
+    assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    # the stream's 120 + 9, the answer's 120 + 9, the broken stream's 1 chunk (twice:
+    # the raw request and the SDK's) counted as a token each
+    expected = (240, 20, 3, 1, 2)
+    _wait_for(lambda: tuple(a - b for a, b in zip(counts(), before, strict=True)) == expected)
