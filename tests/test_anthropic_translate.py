@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 
 from trioproxy import anthropic as an
 from trioproxy.errors import error_body_for, is_anthropic_path, is_openai_path
-from trioproxy.translate import RequestValidationError
+from trioproxy.translate import RequestValidationError, read_chunk
 
 EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
 OPENAI_MESSAGES: TypeAdapter[list[ChatCompletionMessageParam]] = TypeAdapter(
@@ -478,3 +478,120 @@ def test_a_context_overflow_without_numbers_still_reads_as_one() -> None:
     assert an.context_overflow("the request exceeds the available context size", body) == (
         "prompt is too long (the request exceeds the available context size)"
     )
+
+
+# -- the text shortcut (feed_text) against the full path ------------------------------------
+
+_ANY_TEXT = st.text(
+    st.characters(codec=None, categories=("L", "N", "P", "S", "Z", "Cc", "Cs", "So")),
+    max_size=12,
+)
+_PIECES = st.lists(
+    st.one_of(
+        st.tuples(st.just("content"), _ANY_TEXT | st.sampled_from(["\u2028", "\x85", "\t\n"])),
+        st.tuples(st.just("reasoning_content"), TEXT),
+        st.tuples(st.just("call"), st.sampled_from(["f", "g"])),
+        st.tuples(st.just("role"), st.just("")),
+    ),
+    max_size=12,
+)
+
+
+def _event_text(delta: dict[str, Any], finish: str | None, spaced: bool, extra: bool) -> str:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+    if extra:
+        choice["logprobs"] = None
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    chunk["choices"] = [choice]
+    if extra:
+        chunk["system_fingerprint"] = None
+    text = json.dumps(delta)  # a lone surrogate can only come as its escape
+    ascii_only = any(0xD800 <= ord(c) <= 0xDFFF for c in text) or spaced
+    separators = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(chunk, ensure_ascii=ascii_only, separators=separators)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=_PIECES,
+    finish=st.sampled_from(["stop", "length", "tool_calls"]),
+    spaced=st.booleans(),
+    extra=st.booleans(),
+    usage_last=st.booleans(),
+)
+def test_the_text_shortcut_writes_what_feed_writes(
+    pieces: list[tuple[str, str]], finish: str, spaced: bool, extra: bool, usage_last: bool
+) -> None:
+    """The relay tries :meth:`feed_text` first and decodes only what it declines: the
+    bytes sent and the counts kept must be those of decoding every event."""
+    texts = []
+    for number, (kind, value) in enumerate(pieces):
+        if kind == "call":
+            delta: dict[str, Any] = call_delta_of(number, value)
+        elif kind == "role":
+            delta = {"role": "assistant", "content": ""}
+        else:
+            delta = {kind: value}
+        texts.append(_event_text(delta, None, spaced, extra))
+    texts.append(_event_text({}, finish, spaced, extra))
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    if usage_last:
+        texts.append(json.dumps({"id": "c", "choices": [], "usage": usage}))
+    fast = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    full = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    fast_out: list[bytes] = []
+    full_out: list[bytes] = []
+    for now, text in enumerate(texts, 1):
+        line = fast.feed_text(text, now)
+        if line is None:
+            fast_out += map(an.encode_event, fast.feed(read_chunk(text), now))
+        else:
+            fast_out += [line] if line else []
+        full_out += map(an.encode_event, full.feed(read_chunk(text), now))
+    fast_out += map(an.encode_event, fast.finish(len(texts) + 1))
+    full_out += map(an.encode_event, full.finish(len(texts) + 1))
+    assert fast_out == full_out
+    stats = ("content_chunks", "first_token_ns", "last_token_ns", "prompt_tokens",
+             "completion_tokens", "finish_reason")  # fmt: skip
+    assert [getattr(fast, s) for s in stats] == [getattr(full, s) for s in stats]
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        # as the backend's JSON spells them: escapes, and a raw line separator
+        ["Hel", "lo", r" \u2028 there\n", "\u2028", r"\"q\" \\ \/"],
+        ["a", r"\ud83d", r"\ude00", "é"],  # an emoji's halves as escapes: kept as escapes
+    ],
+)
+def test_the_text_shortcut_is_taken_for_text_after_text(texts: list[str]) -> None:
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    events = [_event_text({"content": "x"}, None, False, False)]
+    events += [e.replace('"x"', f'"{text}"') for text in texts for e in events[:1]]
+    assert translator.feed_text(events[0], 1) is None  # the block opens: decoded
+    translator.feed(read_chunk(events[0]), 1)
+    for now, event in enumerate(events[1:], 2):
+        line = translator.feed_text(event, now)
+        assert line is not None
+        (expected,) = an.AnthropicStreamTranslator.feed(  # what feed writes for it
+            _opened(), read_chunk(event), now
+        )
+        assert line == an.encode_event(expected)
+    assert translator.content_chunks == len(events) and translator.last_token_ns == len(events)
+
+
+def _opened() -> an.AnthropicStreamTranslator:
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    translator.feed(read_chunk(_event_text({"content": "x"}, None, False, False)), 1)
+    return translator
+
+
+def call_delta_of(number: int, name: str) -> dict[str, Any]:
+    call = {"index": number, "id": f"call_{number}", "type": "function"}
+    call["function"] = {"name": name, "arguments": "{}"}
+    return {"tool_calls": [call]}
+
+
+def test_stream_translator_keeps_its_attributes_few() -> None:
+    """Under CPython's 30 shared keys (see test_translate's test of the same)."""
+    assert len(vars(an.AnthropicStreamTranslator("m", "msg_1", start_ns=0))) < 30

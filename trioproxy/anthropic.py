@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 import secrets
+from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 from . import translate as tr
 from .errors import anthropic_error_payload
-from .jsonutil import compact_json, compact_json_text, loads
+from .jsonutil import compact_json, compact_json_text, escape_line_separators, loads
 from .translate import JSONDict, RequestValidationError
 
 # Anthropic's content type for its event streams; told apart from the OpenAI routes' plain
@@ -448,6 +449,21 @@ def tool_use_block(call: JSONDict, number: int) -> JSONDict:
 # =============================================================================================
 
 
+def _text_delta(index: int, text: str) -> JSONDict:
+    return {
+        "type": "content_block_delta",
+        "index": index,
+        "delta": {"type": "text_delta", "text": text},
+    }
+
+
+# a text_delta event as encode_event writes it, up to its text (a JSON string, then "}}\n")
+_TEXT_HEAD = (
+    'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+    '"delta":{"type":"text_delta","text":'
+)
+
+
 class AnthropicStreamTranslator(tr._StreamStats):
     """OpenAI ``chat.completion.chunk`` dicts in, Anthropic stream events out (dicts, each
     encoded by :func:`encode_event`), for ``relay.relay_ollama``.
@@ -492,13 +508,27 @@ class AnthropicStreamTranslator(tr._StreamStats):
         self._open: str | None = None  # the kind of the block open now
         self._called = False  # a tool_use block went out
         self._matched: object = None  # the stop sequence the backend says it met
+        self._text_head = ""  # the open text block's delta event up to its text (feed_text)
 
     def feed_text(self, data: str, now_ns: int) -> bytes | None:
-        """No shortcut for the common chunk: the relay decodes every event and calls
-        :meth:`feed` (the Ollama translator's line-building shortcut is its own format)."""
+        """``feed``, its events encoded, for one event's text when it is a chunk of text
+        alone and a text block is open (most of a stream): its ``text_delta`` event as
+        :func:`encode_event` writes it, without decoding the chunk (~3.9 to ~1.2 µs a
+        chunk). None for any other event, which the caller decodes and passes to
+        :meth:`feed`: the first text (its block opens), thinking, calls, the end."""
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        return None
+        if self._open != "text":
+            return None
+        literal = self._shapes.content(data)
+        if literal is None or literal == '""':
+            return None  # not text alone, or no text: read whole, as feed reads it
+        self._count_token(now_ns)
+        text = tr._decode_str(literal)
+        try:
+            return escape_line_separators((self._text_head + _encode_str(text) + "}}\n").encode())
+        except UnicodeEncodeError:  # half a surrogate pair: as compact_json writes it
+            return encode_event(_text_delta(self._blocks - 1, text))
 
     def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
         if self._finished:
@@ -575,7 +605,9 @@ class AnthropicStreamTranslator(tr._StreamStats):
     def _delta(self, events: list[JSONDict], kind: str, delta: JSONDict) -> None:
         if self._open != kind:
             empty = thinking_block("") if kind == "thinking" else {"type": "text", "text": ""}
-            self._open_block(events, kind, empty)
+            index = self._open_block(events, kind, empty)
+            if kind == "text":
+                self._text_head = _TEXT_HEAD % index
         events.append({"type": "content_block_delta", "index": self._blocks - 1, "delta": delta})
 
     def _calls_out(self, events: list[JSONDict]) -> None:
