@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -52,8 +53,13 @@ class ThinkingBackend(ScriptedHandler):
         self.answer(200, json.dumps(models).encode())
 
     def do_POST(self) -> None:
-        self.json_body()
+        body = self.json_body()
         first = _chunk({"role": "assistant", "content": ""})
+        if body["model"] == "talker":  # says something first, then thinks in silence
+            first = _chunk({"role": "assistant", "content": "forty"})
+            rest = _chunk({"content": "-two"}) + _chunk({}, "stop") + b"data: [DONE]\n\n"
+            self._stream(first, rest)
+            return
         rest = _chunk({"content": "forty-two"}) + _chunk({}, "stop") + b"data: [DONE]\n\n"
         self._stream(first, rest)
 
@@ -195,3 +201,24 @@ def test_a_client_that_leaves_in_a_silence_is_a_cancelled_stream(
     log = proxy.log()
     assert "Traceback" not in log and "ERROR" not in log, log
     assert httpx.get(proxy.url + "/health", timeout=5).status_code == 200
+
+
+def test_an_anthropic_stream_gets_comments_in_a_silence(kept_alive: ServerProcess) -> None:
+    """/v1/messages is an event stream too: after its first events (message_start and the
+    text block's start come with the first text), a silence gets comments, which the
+    anthropic SDK skips and Claude Code's byte watchdog counts as traffic."""
+    body = {"model": "talker", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "q"}]}  # fmt: skip
+    lines = _raw_lines(kept_alive.url + "/v1/messages", json=body)
+    comments = _comments(lines)
+    assert 2 <= len(comments) <= 4, lines
+    first_at = next(at for at, line in lines if b"forty" in line)
+    rest_at = next(at for at, line in lines if b"-two" in line)
+    assert all(first_at < at < rest_at for at in comments)
+    with anthropic.Anthropic(base_url=kept_alive.url, api_key="x", max_retries=0) as sdk:
+        with sdk.messages.stream(
+            model="talker", max_tokens=50, messages=[{"role": "user", "content": "q"}]
+        ) as stream:
+            message = stream.get_final_message()
+    assert message.content[0].text == "forty-two"  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"

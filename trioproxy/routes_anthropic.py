@@ -99,7 +99,10 @@ async def messages(call: Call) -> Reply:
         encode=an.encode_event,
         error_line=an.error_event,
     )
-    return Reply(200, chunks, an.EVENT_STREAM, dict(STREAM_HEADERS), end=end)
+    # keep-alive comments in a silence (a call held until whole, thinking the backend does
+    # not stream): Claude Code's byte watchdog and load balancers count them as traffic
+    keepalive = app.settings.stream_keepalive_seconds
+    return Reply(200, chunks, an.EVENT_STREAM, dict(STREAM_HEADERS), end=end, keepalive=keepalive)
 
 
 async def _sent(
