@@ -68,6 +68,36 @@ def test_fields_translated() -> None:
     }
 
 
+def test_documents_the_backend_cannot_read_are_named_not_refused() -> None:
+    """A PDF (Claude Code's Read tool returns one in a tool result, and keeps it in every
+    later request) becomes a note the model reads: a 400 would end the conversation."""
+    pdf = {
+        "type": "document",
+        "title": "report.pdf",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"},
+    }
+    plain = {"type": "document", "source": {"type": "text", "data": "plain words"}}
+    out = translated(
+        messages=[
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": [pdf]},
+                    pdf,
+                    plain,
+                ],
+            },
+        ]
+    )
+    note = "[document 'report.pdf' (application/pdf) left out: this model cannot read it]"
+    assert out["messages"][1:] == [
+        {"role": "tool", "tool_call_id": "t1", "content": note},
+        {"role": "user", "content": f"{note}\nplain words"},
+    ]
+    OPENAI_MESSAGES.validate_python(out["messages"])
+
+
 def test_system_messages_in_the_conversation_stay_where_they_are() -> None:
     """Claude Code (2.1, beta ``mid-conversation-system-2026-04-07``) sends system messages
     among the others on every request: the conversation before one stays a prefix."""
@@ -217,19 +247,6 @@ def test_conversation_with_tools_images_and_thinking() -> None:
         ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
         ({"thinking": {"type": "sometimes"}}, "thinking.type"),
-        (
-            {
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "document", "source": {"type": "base64", "data": "JVBE"}}
-                        ],
-                    }
-                ]
-            },
-            "messages[0].content[0]",
-        ),
     ],
 )
 def test_client_mistakes_name_the_field(change: dict[str, Any], field: str) -> None:

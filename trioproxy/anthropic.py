@@ -127,12 +127,6 @@ def _check_content(content: object, where: str) -> None:
             inner = block.get("content")
             if inner is not None:
                 _check_content(inner, f"{where}[{j}].content")
-        if kind == "document" and _document_text(block) is None:
-            raise RequestValidationError(
-                f"{where}[{j}]",
-                "is a document the backend cannot read: only plain-text documents are "
-                "translated (OpenAI-compatible chat completions take no PDF)",
-            )
 
 
 def _check_system(system: object, where: str = "system") -> None:
@@ -310,7 +304,7 @@ def _user_part(block: JSONDict) -> JSONDict | None:
         url = _image_url(block["source"])
         return {"type": "image_url", "image_url": {"url": url}} if url else None
     if kind == "document":
-        return {"type": "text", "text": _document_text(block) or ""}
+        return {"type": "text", "text": _document_or_note(block)}
     return None
 
 
@@ -340,6 +334,22 @@ def _document_text(block: JSONDict) -> str | None:
     return None
 
 
+def _document_or_note(block: JSONDict) -> str:
+    """A document's text; for one the backend cannot read (a PDF, a file), a note saying it
+    was left out. Not a 400: Claude Code keeps a PDF its Read tool returned in every later
+    request of the conversation, which a refusal would end; not dropped silently either, so
+    the model knows it has not seen it."""
+    text = _document_text(block)
+    if text is not None:
+        return text
+    source = block.get("source")
+    media = source.get("media_type") if isinstance(source, dict) else None
+    kind = f" ({media[:100]})" if isinstance(media, str) and media.isprintable() else ""
+    title = block.get("title")
+    named = f" '{title[:200]}'" if isinstance(title, str) and title.isprintable() else ""
+    return f"[document{named}{kind} left out: this model cannot read it]"
+
+
 def _tool_result(block: JSONDict) -> tuple[str, list[JSONDict]]:
     """A tool result's text (an error marked as one, the model must know the call failed)
     and its images as content parts."""
@@ -350,6 +360,8 @@ def _tool_result(block: JSONDict) -> tuple[str, list[JSONDict]]:
         for part in inner:
             if part["type"] == "text":
                 texts.append(part["text"])
+            elif part["type"] == "document":
+                texts.append(_document_or_note(part))
             elif part["type"] == "image" and (url := _image_url(part["source"])):
                 images.append({"type": "image_url", "image_url": {"url": url}})
         text = "\n".join(texts)
