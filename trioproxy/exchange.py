@@ -49,6 +49,7 @@ from .metrics.store import effective_status
 
 if TYPE_CHECKING:
     from .app import ProxyApp
+    from .keepalive import EarlyStart
 
 log = logging.getLogger("trioproxy")
 
@@ -126,6 +127,9 @@ class RequestState:
     # x-stainless-retry-count header): the proxy's own retries would multiply with its
     client_retries: bool = False
     trace: dict[str, str] | None = None  # the client's trace context, for the backend
+    # a stream's response may start before the backend's first event (keepalive.EarlyStart,
+    # with STREAM_KEEPALIVE_SECONDS; fast path only)
+    early_start: EarlyStart | None = None
 
 
 @dataclass(slots=True)

@@ -40,8 +40,8 @@ from .exchange import (
     proxy_error_reply,
     trace_context_of_raw,
 )
-from .keepalive import KeepAlive
-from .relay import in_band_error
+from .keepalive import EarlyStart, KeepAlive
+from .relay import STREAM_HEADERS, in_band_error, in_band_failure
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -109,6 +109,7 @@ async def serve(
         access = AccessLine("POST", path, scope, app.client_addresses)
     tracked = Tracked(app.collector, state, send, access, scope)
     slots = _Slots(app, app.admission.enter())
+    early: EarlyStart | None = None
     try:
         async with tracked as counting_send, trio.open_nursery() as nursery:
             try:
@@ -143,6 +144,8 @@ async def serve(
                 # call included
                 nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, counting_send)
                 call = Call(app, state, path, body)
+                if app.settings.stream_keepalive_seconds:
+                    early = state.early_start = _early_start(app, tracked, headers, nursery)
                 reply = await _run_until_shutdown(handler, call, app.in_progress)
             cors = app.cors_headers(headers.get("origin"))
             head = _head(reply, tracked, cors)  # X-Proxy-Overhead-Ms: up to the backend's headers
@@ -151,7 +154,11 @@ async def serve(
                 if failed is not None:
                     # the time a failure took is not the proxy's overhead: no such header
                     reply, head = failed, _head(failed, tracked, cors, overhead=False)
-            await _write(counting_send, reply, head, tracked, app.in_progress, slots.free, nursery)
+            streams = app.in_progress
+            if early is not None and await early.settle():
+                await _write_started(counting_send, reply, tracked, streams, slots.free, early)
+            else:
+                await _write(counting_send, reply, head, tracked, streams, slots.free, nursery)
             # hypercorn hands the app http.disconnect once the response is complete, which
             # ends the watcher without a cancellation (unwinding one costs as much as the
             # watcher); the deadline only guards against a server that would not
@@ -374,6 +381,75 @@ async def _first_chunk(reply: Reply, call: Call, streams: InProgress) -> Reply |
     return None
 
 
+def _early_start(
+    app: ProxyApp, tracked: Tracked, headers: dict[str, str], nursery: trio.Nursery
+) -> EarlyStart:
+    """What starts a stream's response before its backend's first event, once that has
+    been awaited ``STREAM_KEEPALIVE_SECONDS`` (a route says when its stream's request
+    goes out: ``keepalive.stream_opening``); its timer and comments are tasks of
+    ``nursery``, the request's."""
+    send = tracked.send
+
+    async def start(content_type: str) -> None:
+        reply = Reply(200, b"", content_type, dict(STREAM_HEADERS))
+        # no X-Proxy-Overhead-Ms: the backend has not answered (the metrics get it later)
+        head = _head(reply, tracked, app.cors_headers(headers.get("origin")), overhead=False)
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+
+    keeper = KeepAlive(app.settings.stream_keepalive_seconds, send.server_send, send)
+    return EarlyStart(keeper, nursery, start)
+
+
+async def _write_started(
+    send: CountingSend,
+    reply: Reply,
+    tracked: Tracked,
+    streams: InProgress,
+    written: Callable[[], None],
+    early: EarlyStart,
+) -> None:
+    """The reply to the client after its response started early (``EarlyStart``): a
+    stream's chunks, with the comments going on in its silences; a failure as the
+    stream's in-band error (the client has its 200: no status, no retry) while the
+    metrics and the access log keep what happened."""
+    keeper = early.keeper
+    if not isinstance(reply.body, bytes):
+        try:
+            await _stream(send, reply, tracked, streams, written, keeper=keeper)
+        finally:
+            keeper.stop()
+        return
+    try:
+        if reply.status >= 400:
+            _note_failed_after_start(tracked, reply.status)
+            body = in_band_failure(early.content_type, reply.status, reply.body)
+        else:
+            body = reply.body  # (no route answers a stream's request so; as it came)
+        if body:
+            send.count(body)
+            await keeper.send_chunk(body)
+    finally:
+        keeper.stop()
+    await keeper.settled()
+    written()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _note_failed_after_start(tracked: Tracked, status: int) -> None:
+    """A stream's failure after its response started early, recorded as one that broke
+    mid-stream: its outcome (``timeout`` if a deadline ran out, else ``error``) and, in
+    the status, the one the client would have got (a backend's 4xx included: the stream
+    failed). The access log says the same."""
+    tracked.status = status
+    metric = tracked.state.metric
+    if metric is None:
+        return
+    metric.streaming = True  # (a backend's 4xx is otherwise a refused request, no stream)
+    metric.answered_plainly = True  # its error event is no stream traffic of the backend's
+    if metric.stream_outcome is None:
+        metric.stream_outcome = "error"
+
+
 def _head(
     reply: Reply, tracked: Tracked, extra: list[tuple[str, str]], *, overhead: bool = True
 ) -> list[Header]:
@@ -407,11 +483,28 @@ async def _write(
             written()
         return
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await _stream(send, reply, tracked, streams, written, nursery)
+
+
+async def _stream(
+    send: CountingSend,
+    reply: Reply,
+    tracked: Tracked,
+    streams: InProgress,
+    written: Callable[[], None] | None = None,
+    nursery: trio.Nursery | None = None,
+    keeper: KeepAlive | None = None,
+) -> None:
+    """A stream's body after its head: ``_write``'s, or with the comments of ``keeper``
+    (already running) after an early start."""
+    body: AsyncIterator[bytes] = reply.body  # type: ignore[assignment]
     # the chunks (never the last body event) go to the server directly, counted on the way
     count, server_send = send.count, send.server_send
     with streams.tracking() as scope:
         async with aclosing(body) as chunks:  # type: ignore[type-var]
-            if reply.keepalive and nursery is not None:
+            if keeper is not None:
+                await _send_kept_alive(send, reply, chunks, keeper)
+            elif reply.keepalive and nursery is not None:
                 await _write_kept_alive(send, reply, chunks, nursery)
             else:
                 if reply.first is not None:
@@ -442,6 +535,13 @@ async def _write_kept_alive(
     ``reply.keepalive`` s (STREAM_KEEPALIVE_SECONDS) between them."""
     keeper = KeepAlive(reply.keepalive, send.server_send, send)
     nursery.start_soon(keeper.run)
+    await _send_kept_alive(send, reply, chunks, keeper)
+
+
+async def _send_kept_alive(
+    send: CountingSend, reply: Reply, chunks: AsyncIterator[bytes], keeper: KeepAlive
+) -> None:
+    """A stream's chunks through ``keeper`` (running), which is stopped at their end."""
     count = send.count
     try:
         if reply.first is not None:

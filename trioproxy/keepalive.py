@@ -7,6 +7,13 @@ ignored by every SSE client (the openai SDKs included), so one written while the
 is silent keeps such a connection alive. Ollama's NDJSON has no such line: only event
 streams get them.
 
+The silence before the backend's first event (a long prompt's prefill, a queue in front
+of a busy backend, a reasoning model that sends nothing before its first token) is the
+longest: :class:`EarlyStart` starts the response when it has lasted the interval (status
+200 and the stream's headers, then comments), where the proxy otherwise waits for the
+first event so that a quick failure gets its real status. A failure after that goes to
+the client as the stream's in-band error.
+
 The relay's per-chunk path is left alone (a cancel scope per read costs 6-20 µs per chunk,
 see ``relay._Reader``): a task of the response's nursery wakes when the client has been
 written nothing for the interval, and writes the comment only between whole events, never
@@ -16,6 +23,7 @@ while a chunk is being written. The chunks' writer does a few attribute stores p
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -23,7 +31,7 @@ import trio
 if TYPE_CHECKING:
     from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
-    from .exchange import CountingSend
+    from .exchange import CountingSend, RequestState
 
 COMMENT = b": keep-alive\n\n"
 
@@ -40,16 +48,16 @@ class KeepAlive:
     __slots__ = (
         "_commenting",
         "_counted",
-        "_interval",
         "_scope",
         "_send",
+        "interval",
         "last",
         "sending",
         "wrote_at",
     )
 
     def __init__(self, interval: float, send: ASGISendCallable, counted: CountingSend) -> None:
-        self._interval = interval
+        self.interval = interval
         self._send = send  # the server's send: chunks are counted by the caller, comments here
         self._counted = counted
         self._scope = trio.CancelScope()
@@ -92,7 +100,7 @@ class KeepAlive:
     async def run(self) -> None:
         with self._scope:
             while True:
-                due = self.wrote_at + self._interval
+                due = self.wrote_at + self.interval
                 if trio.current_time() < due:
                     await trio.sleep_until(due)
                 elif self.sending or not self.last.endswith(_EVENT_ENDS):
@@ -103,6 +111,12 @@ class KeepAlive:
                 else:
                     await self._comment()
 
+    async def begin(self) -> None:
+        """A comment at once, after a response head written before any event: comments
+        go on from there (nothing is inside an event yet)."""
+        await self._comment()
+        self.last = COMMENT
+
     async def _comment(self) -> None:
         done = self._commenting = trio.Event()
         try:
@@ -112,3 +126,72 @@ class KeepAlive:
             self._commenting = None
             done.set()
         self.wrote_at = trio.current_time()
+
+
+class EarlyStart:
+    """The start of a stream's response before its backend's first event, when the wait
+    for it lasts ``keeper``'s interval (STREAM_KEEPALIVE_SECONDS): the route calls
+    :func:`stream_opening` as the stream's request goes to the backend, which starts the
+    timer, a task of the request's nursery; when it runs out, ``start`` writes the
+    response's head (status 200, the stream's headers) and ``keeper`` a comment, then
+    comments in the silence as usual. Whoever has the reply (or its failure) calls
+    :meth:`settle`: before the timer ran out, that stops it and nothing was sent."""
+
+    __slots__ = ("_nursery", "_scope", "_start", "_started", "committed", "content_type", "keeper")
+
+    def __init__(
+        self,
+        keeper: KeepAlive,
+        nursery: trio.Nursery,
+        start: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.keeper = keeper
+        self._nursery = nursery  # the request's: the timer never outlives it
+        self._start = start
+        self._scope = trio.CancelScope()
+        self._started: trio.Event | None = None  # set once the head (and a comment) is out
+        self.committed = False  # the response has started: only in-band from here on
+        self.content_type = ""
+
+    def open(self, content_type: str) -> None:
+        """The stream's request goes to the backend: the timer starts (once)."""
+        if self._started is None:
+            self.content_type = content_type
+            self._started = trio.Event()
+            self._nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        with self._scope:
+            await trio.sleep(self.keeper.interval)
+            self.committed = True  # (no checkpoint between this and the scope's end)
+        if not self.committed:
+            return
+        started = self._started
+        try:
+            await self._start(self.content_type)
+            await self.keeper.begin()
+        finally:
+            if started is not None:
+                started.set()
+        await self.keeper.run()
+
+    async def settle(self) -> bool:
+        """Whether the response has started. If it has, once its head and any comment
+        being written are out (what the caller writes next comes after them); if not,
+        the timer is stopped and never starts it."""
+        if not self.committed:
+            self._scope.cancel()
+            return False
+        if self._started is not None:
+            await self._started.wait()
+        await self.keeper.settled()
+        return True
+
+
+def stream_opening(state: RequestState, content_type: str) -> None:
+    """A route's word that a stream of ``content_type`` (an event stream) is being
+    requested from the backend: with STREAM_KEEPALIVE_SECONDS, its response may start
+    before the backend's first event (:class:`EarlyStart`)."""
+    early = state.early_start
+    if early is not None:
+        early.open(content_type)

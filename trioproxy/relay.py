@@ -21,7 +21,13 @@ import trio
 from .anthropic import EVENT_STREAM as ANTHROPIC_EVENT_STREAM
 from .anthropic import error_event as anthropic_error_event
 from .config import Settings
-from .errors import ProxyError, UpstreamStatusError, UpstreamTimeout, scrub
+from .errors import (
+    ProxyError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    scrub,
+    upstream_error_message,
+)
 from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream, body_reader
@@ -926,6 +932,28 @@ def in_band_error(content_type: str, message: str, *, code: str | None = None) -
     if content_type == EVENT_STREAM:
         return openai_error_event(message, "api_error", code)
     return None
+
+
+def in_band_failure(content_type: str, status: int, body: bytes) -> bytes | None:
+    """A failure reply (``status``, its JSON body in the caller's dialect) as the event
+    that ends a stream of ``content_type`` already started (``STREAM_KEEPALIVE_SECONDS``
+    started it before the backend's first event): an error object the SDKs read is kept
+    whole (its type and code: a rate limit stays one), re-encoded on one line; any other
+    body becomes :func:`in_band_error` of its message."""
+    try:
+        payload: Any = loads(body)
+    except ValueError:
+        payload = None
+    inner = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+        if content_type == ANTHROPIC_EVENT_STREAM and payload.get("type") == "error":
+            return b"event: error\ndata: " + compact_json(payload) + b"\n\n"
+        if content_type == EVENT_STREAM:
+            return encode_sse(payload)
+    message = upstream_error_message(body, status)
+    if content_type == ANTHROPIC_EVENT_STREAM:
+        return anthropic_error_event(message, status)
+    return in_band_error(content_type, message)
 
 
 def _stream_broke(

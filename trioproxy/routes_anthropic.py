@@ -35,6 +35,7 @@ from .forward import (
     validated,
 )
 from .json_threads import OFF_LOOP_BYTES
+from .keepalive import stream_opening
 from .relay import STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 from .routes_ollama import answer_reply_in_thread, as_taken, with_think_switch
 
@@ -83,6 +84,9 @@ async def messages(call: Call) -> Reply:
             return Reply(200, from_backend(call, dumps, out))
         return await answer_reply_in_thread(call, out)
     start_ns = time.perf_counter_ns()
+    # only comments if the response starts before the backend's first event: message_start
+    # carries the prompt's token count, which comes with the backend's answer
+    stream_opening(state, an.EVENT_STREAM)
     result = await _sent(call, payload, switch, open_chat_stream)
     translator = an.AnthropicStreamTranslator(
         client_model, message_id, start_ns=start_ns, show_thinking=show_thinking, stops=stops

@@ -38,6 +38,7 @@ from .forward import (
 )
 from .json_threads import OFF_LOOP_BYTES, off_loop
 from .jsonutil import loads, top_level_member
+from .keepalive import stream_opening
 from .ledger import MAX_ID_CHARS, Counted, ResponsesLedger, finished_usage, pending_id
 from .relay import (
     EVENT_STREAM,
@@ -77,6 +78,7 @@ async def forward(
             call, tr.openai_passthrough_request(body, backend_model)
         )
     if body.get("stream") is True:
+        stream_opening(state, EVENT_STREAM)
         result = await open_stream(call, backend_path, payload)
         rewrite = None
         if backend_model != client_model:

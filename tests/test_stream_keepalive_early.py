@@ -1,0 +1,262 @@
+"""STREAM_KEEPALIVE_SECONDS before a stream's first event: a backend silent that long
+(a long prompt's prefill, a queue, a reasoning model that sends nothing first) has the
+response start then, with comments until the first event, so a load balancer's idle
+timeout or Claude Code's byte watchdog does not cut it. A quick failure keeps its status
+(and the proxy's retries); a later one is the stream's in-band error, and the metrics
+and access log say it failed."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess
+from tests.fakes import ScriptedHandler, serving
+
+KEEPALIVE = "0.3"
+SILENCE = 0.9  # 3x the interval: the backend's wait before it answers at all
+FIRST_TOKEN_TIMEOUT = "1.5"
+
+
+def _chunk(delta: dict, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [choice]}  # fmt: skip
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+ANSWER = (
+    _chunk({"role": "assistant", "content": ""})
+    + _chunk({"content": "forty-two"})
+    + _chunk({}, "stop")
+    + b"data: [DONE]\n\n"
+)
+
+
+def _error(message: str, type_: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": None}}).encode()
+
+
+class LateBackend(ScriptedHandler):
+    """What it does depends on the model asked for: ``late-headers`` is silent before
+    its headers, ``late-event`` after them (before the first event); ``refuse`` answers
+    400 at once, ``busy-once`` 429 at once the first time; ``late-500`` and ``late-429``
+    fail after the silence; ``never`` waits until the proxy hangs up (noted in
+    ``hung_up``)."""
+
+    seen: dict[str, int] = {}
+    hung_up: list[str] = []
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        model = self.json_body()["model"]
+        with self.lock:
+            self.seen[model] = self.seen.get(model, 0) + 1
+            count = self.seen[model]
+        if model == "refuse":
+            self.answer(400, _error("the prompt is too long", "invalid_request_error"))
+        elif model == "busy-once" and count == 1:
+            body = _error("slow down", "rate_limit_error")
+            self.answer(429, body, headers={"Retry-After": "0"})
+        elif model == "late-500":
+            time.sleep(SILENCE)
+            self.answer(500, _error("the model crashed", "server_error"))
+        elif model == "late-429":
+            time.sleep(SILENCE)
+            self.answer(429, _error("queue full", "rate_limit_error"))
+        elif model == "never":
+            self._wait_for_hang_up(model)
+        else:
+            if model == "late-headers":
+                time.sleep(SILENCE)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.flush()
+            if model == "late-event":
+                time.sleep(SILENCE)
+            self.wfile.write(ANSWER)
+            self.wfile.flush()
+            self.close_connection = True
+
+    def _wait_for_hang_up(self, model: str) -> None:
+        sock = self.connection
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+                self.hung_up.append(model)
+                break
+        self.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def late_backend() -> Iterator[str]:
+    with serving(LateBackend) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy(late_backend: str, start_proxy: Callable[..., ServerProcess]) -> ServerProcess:
+    return start_proxy(
+        late_backend,
+        STREAM_KEEPALIVE_SECONDS=KEEPALIVE,
+        STREAM_FIRST_TOKEN_TIMEOUT=FIRST_TOKEN_TIMEOUT,
+        RETRY_BACKOFF="0",
+        ACCESS_LOG="true",
+    )
+
+
+def _body(model: str) -> dict:
+    return {"model": model, "stream": True, "messages": [{"role": "user", "content": "q"}]}
+
+
+def _raw(url: str, model: str, path: str = "/v1/chat/completions") -> tuple[int, list[bytes]]:
+    with httpx.stream("POST", url + path, json=_body(model) | {"max_tokens": 9}, timeout=10) as r:
+        return r.status_code, [line.encode() for line in r.iter_lines() if line]
+
+
+def _outcomes(url: str, endpoint: str = "v1_chat_completions") -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("trioproxy_streams_total{") and f'endpoint="{endpoint}"' in line:
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _wait_for_outcome(url: str, before: dict[str, float], outcome: str, endpoint: str) -> None:
+    deadline = time.monotonic() + 10
+    while _outcomes(url, endpoint).get(outcome, 0.0) <= before.get(outcome, 0.0):
+        assert time.monotonic() < deadline, _outcomes(url, endpoint)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("model", ["late-headers", "late-event"])
+def test_comments_come_before_a_late_first_event(proxy: ServerProcess, model: str) -> None:
+    status, lines = _raw(proxy.url, model)
+    assert status == 200
+    first_event = next(i for i, line in enumerate(lines) if line.startswith(b"data:"))
+    comments = [line for line in lines[:first_event] if line.startswith(b":")]
+    # 0.9 s of silence at 0.3 s: the start at 0.3 s and one or two more, never a burst
+    assert 2 <= len(comments) <= 4, lines
+    assert set(comments) == {b": keep-alive"}
+    assert lines[-1] == b"data: [DONE]" and any(b"forty-two" in line for line in lines)
+
+
+def test_the_openai_sdk_reads_an_early_started_stream_whole(proxy: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="late-headers", messages=[{"role": "user", "content": "q"}], stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "forty-two"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_the_anthropic_sdk_reads_an_early_started_stream_whole(proxy: ServerProcess) -> None:
+    status, lines = _raw(proxy.url, "late-headers", "/v1/messages")
+    assert status == 200
+    start = next(i for i, line in enumerate(lines) if line == b"event: message_start")
+    assert lines[:start].count(b": keep-alive") >= 2, lines  # only comments before it
+    with anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0) as sdk:
+        with sdk.messages.stream(
+            model="late-event", max_tokens=50, messages=[{"role": "user", "content": "q"}]
+        ) as stream:
+            message = stream.get_final_message()
+    assert message.content[0].text == "forty-two"  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"
+
+
+def test_a_quick_refusal_keeps_its_status(proxy: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="refuse", messages=[{"role": "user", "content": "q"}], stream=True
+        )
+    assert raised.value.status_code == 400 and "too long" in raised.value.message
+
+
+def test_a_quick_429_is_retried_before_the_start(proxy: ServerProcess) -> None:
+    """(No x-stainless-retry-count: the proxy retries; the client sees one answer.)"""
+    before = LateBackend.seen.get("busy-once", 0)
+    status, lines = _raw(proxy.url, "busy-once")
+    assert status == 200 and not any(line.startswith(b":") for line in lines), lines
+    assert any(b"forty-two" in line for line in lines)
+    assert LateBackend.seen["busy-once"] == before + 2
+
+
+def test_a_failure_after_the_start_is_an_in_band_error(proxy: ServerProcess) -> None:
+    before = _outcomes(proxy.url)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="late-500", messages=[{"role": "user", "content": "q"}], stream=True
+    )
+    with pytest.raises(openai.APIError, match="the model crashed"):
+        list(stream)
+    _wait_for_outcome(proxy.url, before, "error", "v1_chat_completions")
+    assert " 500 " in proxy.log().rsplit("/v1/chat/completions", 1)[1].splitlines()[0]
+
+
+def test_a_late_429_is_the_anthropic_sdks_error(proxy: ServerProcess) -> None:
+    before = _outcomes(proxy.url, "v1_messages")
+    with anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            with sdk.messages.stream(
+                model="late-429", max_tokens=50, messages=[{"role": "user", "content": "q"}]
+            ) as stream:
+                stream.get_final_message()
+    assert raised.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    _wait_for_outcome(proxy.url, before, "error", "v1_messages")
+
+
+def test_the_first_token_deadline_ends_an_early_started_stream(proxy: ServerProcess) -> None:
+    before = _outcomes(proxy.url)
+    status, lines = _raw(proxy.url, "never")
+    assert status == 200
+    assert lines.count(b": keep-alive") >= 3, lines
+    errors = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+    assert len(errors) == 1 and "error" in errors[0], lines
+    _wait_for_outcome(proxy.url, before, "timeout", "v1_chat_completions")
+
+
+def test_a_client_leaving_in_the_silence_cancels_the_backend_request(
+    proxy: ServerProcess,
+) -> None:
+    before = _outcomes(proxy.url)
+    hung_up = len(LateBackend.hung_up)
+    url = proxy.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=_body("never"), timeout=10) as response:
+        assert response.status_code == 200  # started early
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                break  # leave in the silence, long before the first-token deadline
+    left_at = time.monotonic()
+    _wait_for_outcome(proxy.url, before, "cancelled", "v1_chat_completions")
+    deadline = time.monotonic() + 5
+    while len(LateBackend.hung_up) == hung_up:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert time.monotonic() - left_at < 1.2  # at once, not at the 1.5 s deadline
+    log = proxy.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_nothing_starts_early_with_the_setting_off(
+    late_backend: str, start_proxy: Callable[..., ServerProcess]
+) -> None:
+    off = start_proxy(late_backend, STREAM_FIRST_TOKEN_TIMEOUT=FIRST_TOKEN_TIMEOUT)
+    start = time.monotonic()
+    status, lines = _raw(off.url, "late-500")
+    assert status == 500 and time.monotonic() - start >= SILENCE, lines
+    assert not any(line.startswith(b":") for line in lines)
