@@ -13,7 +13,15 @@ clients at once):
 - ``embed-ollama``: ``POST /api/embed``, 2,048 inputs at 1,024 dimensions (the backend's
   answer of ~40 MB decoded, translated, encoded for the client);
 - ``embed-openai-mapped``: ``POST /v1/embeddings`` for a mapped model name, the same batch
-  (the answer decoded, its model renamed, encoded again).
+  (the answer decoded, its model renamed, encoded again);
+- ``embed-openai``: ``POST /v1/embeddings``, the same batch for the backend's own name (the
+  answer's ~40 MB read and relayed as they came: joined, checked, its usage read);
+- ``models-ollama``: ``GET /api/tags`` then ``GET /api/ps``, and ``models-openai``:
+  ``GET /v1/models``, of a backend (a stub process, :func:`model_list_body`) that lists
+  760 models as OpenRouter does, ~2 MB (fetched and decoded every 5 s at most, answered
+  from at each request);
+- ``models-refetched``: ``GET /api/tags`` with the proxy's list cache at 0 s, so that each
+  fetches the list again (as polls further apart than the cache's 5 s do).
 
 Prints, per scenario, the longest stall and the 99th percentile of the wake-ups while
 its requests ran, and the same for an idle second before them.
@@ -22,19 +30,24 @@ its requests ran, and the same for an idle second before them.
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import re
 import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import trio
 
+from trioproxy import catalog
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import load_settings
 
 TICK = 0.001
+_ROOT = str(Path(__file__).resolve().parent.parent)  # for the stub backend's import
 _LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 
 # the client: its own process, stdlib only; prints the monotonic clock (system-wide on
@@ -55,20 +68,96 @@ bodies = {
                                     "dimensions": 1024}),
     "embed-openai-mapped": ("/v1/embeddings", {"model": "client-embed", "input": inputs,
                                                "dimensions": 1024}),
+    "embed-openai": ("/v1/embeddings", {"model": "demo-embed", "input": inputs,
+                                        "dimensions": 1024}),
 }
-path, body = bodies[scenario]
-raw = json.dumps(body).encode()
+gets = {"models-ollama": ["/api/tags", "/api/ps"], "models-openai": ["/v1/models"],
+        "models-refetched": ["/api/tags"]}
+asks = ([("POST", bodies[scenario][0], json.dumps(bodies[scenario][1]).encode())]
+        if scenario in bodies else [("GET", path, b"") for path in gets[scenario]])
 print("start", time.monotonic(), flush=True)
 for _ in range(rounds):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", path, raw, {"Content-Type": "application/json"})
-    reply = conn.getresponse()
-    data = reply.read()
-    print(reply.status, len(raw), len(data), data[:120] if reply.status != 200 else b"",
-          flush=True)
-    conn.close()
+    for method, path, raw in asks:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request(method, path, raw or None, {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        data = reply.read()
+        print(reply.status, len(raw), len(data), data[:120] if reply.status != 200 else b"",
+              flush=True)
+        conn.close()
 print("end", time.monotonic(), flush=True)
 """
+
+# the stub backend of the model-list scenarios: its own process, stdlib and this module
+# only; answers GET /v1/models with model_list_body() and prints where it listens
+_LIST_BACKEND = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+sys.path.insert(0, sys.argv[1])
+from bench.loop_stall import model_list_body
+body = model_list_body()
+
+class Models(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def do_GET(self):
+        found = self.path.rstrip("/") == "/v1/models"
+        answer = body if found else b'{"error": "not found"}'
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+server.serve_forever()
+"""
+
+_WORDS = (
+    "the a model of for with and reasoning context tokens vision tool coding fast large "
+    "small open weights instruct chat multilingual benchmark latency"
+).split()
+_VENDORS = ["openai", "anthropic", "google", "meta-llama", "mistralai", "qwen", "deepseek"]
+
+
+def model_list_body(models: int = 760, seed: int = 7) -> bytes:
+    """A ``GET /models`` answer of OpenRouter's shape (its entries' fields, a description of
+    150-450 words each, pricing, architecture, parameters): ~2.6 KB per model, so the 760
+    of the default ~2 MB. The same bytes for the same arguments."""
+    rng = random.Random(seed)
+    data = []
+    for i in range(models):
+        vendor = rng.choice(_VENDORS)
+        model_id = f"{vendor}/model-{i}-{rng.randrange(1000)}"
+        description = " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(150, 450)))
+        inputs = ["text", "image"] if i % 3 == 0 else ["text"]
+        data.append(
+            {
+                "id": model_id,
+                "canonical_slug": f"{model_id}-2025",
+                "name": f"{vendor}: Model {i}",
+                "created": 1_700_000_000 + i * 3600,
+                "description": description,
+                "context_length": rng.choice([8192, 32768, 131072, 200000, 1048576]),
+                "architecture": {
+                    "modality": "text+image->text",
+                    "input_modalities": inputs,
+                    "output_modalities": ["text"],
+                    "tokenizer": "Other",
+                    "instruct_type": None,
+                },
+                "pricing": {"prompt": "0.000003", "completion": "0.000015", "request": "0",
+                            "image": "0.0048", "input_cache_read": "0.0000003"},
+                "top_provider": {"context_length": 200000, "max_completion_tokens": 64000,
+                                 "is_moderated": True},
+                "per_request_limits": None,
+                "supported_parameters": ["include_reasoning", "max_tokens", "reasoning",
+                                         "response_format", "stop", "temperature",
+                                         "tool_choice", "tools", "top_p"],
+            }
+        )  # fmt: skip
+    return json.dumps({"data": data}).encode()
 
 
 class Ticker:
@@ -94,9 +183,12 @@ class Ticker:
         return f"max {longest:7.2f} ms  p99 {p99:6.2f} ms  ({len(late)} ticks)"
 
 
-def _start_backend() -> tuple[subprocess.Popen[str], str]:
+def _start_backend(*command: str) -> tuple[subprocess.Popen[str], str]:
+    """The demo backend (or ``command``, a backend that prints where it listens as the
+    demo does) in its own process; its base URL."""
+    command = command or ("-m", "trioproxy.demo", "--host", "127.0.0.1", "--port", "0")
     backend = subprocess.Popen(
-        [sys.executable, "-m", "trioproxy.demo", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -105,7 +197,7 @@ def _start_backend() -> tuple[subprocess.Popen[str], str]:
     for line in backend.stdout:
         if match := _LISTENING.search(line):
             return backend, match.group(1) + "/v1"
-    raise RuntimeError("the demo backend did not start")
+    raise RuntimeError("the backend did not start")
 
 
 def _client(port: int, scenario: str, rounds: int) -> list[str]:
@@ -135,7 +227,20 @@ async def _clients(port: int, scenario: str, rounds: int, parallel: int) -> list
 
 
 async def main(scenarios: list[str], rounds: int, parallel: int = 1) -> None:
-    backend, upstream = _start_backend()
+    """Each backend's scenarios against a proxy of their own, in the order given."""
+    demo = [s for s in scenarios if s not in LIST_SCENARIOS]
+    listing = [s for s in scenarios if s in LIST_SCENARIOS]
+    if demo:
+        await _run_against(_start_backend(), demo, rounds, parallel)
+    if listing:
+        backend = _start_backend("-c", _LIST_BACKEND, _ROOT)
+        await _run_against(backend, listing, rounds, parallel)
+
+
+async def _run_against(
+    started: tuple[subprocess.Popen[str], str], scenarios: list[str], rounds: int, parallel: int
+) -> None:
+    backend, upstream = started
     try:
         settings = load_settings(
             environ={},
@@ -160,7 +265,13 @@ async def main(scenarios: list[str], rounds: int, parallel: int = 1) -> None:
             await trio.sleep(2.0)
             print(f"{'idle':<22} {ticker.between(time.monotonic() - 1.0, time.monotonic())}")
             for scenario in scenarios:
-                outputs = await _clients(port, scenario, rounds, parallel)
+                cached = catalog.CACHE_SECONDS
+                if scenario == "models-refetched":  # every poll fetches the list
+                    catalog.CACHE_SECONDS = 0.0
+                try:
+                    outputs = await _clients(port, scenario, rounds, parallel)
+                finally:
+                    catalog.CACHE_SECONDS = cached
                 start = min(float(lines[0].split()[1]) for lines in outputs)
                 end = max(float(lines[-1].split()[1]) for lines in outputs)
                 print(f"{scenario:<22} {ticker.between(start, end)}")
@@ -174,7 +285,15 @@ async def main(scenarios: list[str], rounds: int, parallel: int = 1) -> None:
         backend.wait()
 
 
-SCENARIOS = ["chat-ollama", "chat-openai", "embed-ollama", "embed-openai-mapped"]
+LIST_SCENARIOS = ["models-ollama", "models-openai", "models-refetched"]
+SCENARIOS = [
+    "chat-ollama",
+    "chat-openai",
+    "embed-ollama",
+    "embed-openai-mapped",
+    "embed-openai",
+    *LIST_SCENARIOS,
+]
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

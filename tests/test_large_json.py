@@ -29,15 +29,19 @@ import trio
 from hypercorn.trio import serve
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioproxy import forward, hypercorn_patches, routes_ollama, routes_openai
+from bench.loop_stall import model_list_body
+from trioproxy import catalog, forward, hypercorn_patches, routes_ollama, routes_openai
+from trioproxy import translate as tr
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
-from trioproxy.errors import BadUpstreamResponse
+from trioproxy.errors import BackendSecrets, BadUpstreamResponse
 from trioproxy.json_threads import OFF_LOOP_BYTES, json_threads
+from trioproxy.jsonutil import compact_json
+from trioproxy.model_mapping import ModelMapper
 
 from .conftest import ServerProcess
-from .fakes import FULL_LENGTH_VECTOR, FullLengthEmbeddings, serving
+from .fakes import FULL_LENGTH_VECTOR, FullLengthEmbeddings, ScriptedHandler, serving
 
 LARGE_IMAGE = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 3000).decode()
 assert len(LARGE_IMAGE) > 2 * OFF_LOOP_BYTES  # a 1 MB body: checked, decoded in a thread
@@ -70,13 +74,20 @@ class Watched:
     """A function of a module, replaced by one that notes, for each call, the size of what
     it was given and whether it ran on the event loop's (the main) thread."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> None:
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        module: Any,
+        name: str,
+        skip: Callable[[Any], bool] | None = None,
+    ) -> None:
         self.calls: list[tuple[int, bool]] = []
         original = getattr(module, name)
 
         def watched(first: Any, *args: Any, **kwargs: Any) -> Any:
             on_loop = threading.current_thread() is threading.main_thread()
-            self.calls.append((_size(first), on_loop))
+            if skip is None or not skip(first):
+                self.calls.append((_size(first), on_loop))
             return original(first, *args, **kwargs)
 
         monkeypatch.setattr(module, name, watched)
@@ -84,6 +95,12 @@ class Watched:
     def take(self) -> list[tuple[int, bool]]:
         calls, self.calls = self.calls, []
         return calls
+
+
+def _a_model_list(value: Any) -> bool:
+    """Whether ``value`` is the backend's model list, which the readiness check decodes
+    when it likes (``json_answer`` reads it as it reads every answer)."""
+    return isinstance(value, bytes) and b'"object":"model"' in value[:200]
 
 
 def _size(value: Any) -> int:
@@ -137,7 +154,7 @@ async def test_a_large_embeddings_answer_is_decoded_and_encoded_in_a_thread(
 ) -> None:
     """``/api/embed``: the backend's answer decoded, its translation encoded for the
     client, each in a thread when the answer is large, on the loop when it is small."""
-    answers = Watched(monkeypatch, forward, "json_answer")
+    answers = Watched(monkeypatch, forward, "json_answer", skip=_a_model_list)
     replies = Watched(monkeypatch, routes_ollama, "dumps")
     async with serving_proxy(demo_backend.url) as client:
         small = await client.post("/api/embed", json={"model": "demo-embed", "input": "hi"})
@@ -162,7 +179,7 @@ async def test_a_large_chat_answer_is_decoded_and_its_translation_encoded_in_a_t
     """A non-stream ``/api/chat`` or ``/api/generate`` answer over the threshold (logprobs
     with 20 alternatives for a few hundred tokens): decoded and its translation encoded for
     the client in a thread, as embeddings are; a short answer on the loop."""
-    answers = Watched(monkeypatch, forward, "json_answer")
+    answers = Watched(monkeypatch, forward, "json_answer", skip=_a_model_list)
     replies = Watched(monkeypatch, routes_ollama, "dumps")
     async with serving_proxy(demo_backend.url) as client:
         for tokens, large in ((3, False), (400, True)):
@@ -266,6 +283,120 @@ async def test_a_large_stored_response_read_back_is_decoded_in_a_thread(
         assert long_input in items.text
         ((answer_bytes, on_loop),) = decoded.take()
         assert answer_bytes > OFF_LOOP_BYTES and not on_loop
+
+
+# ---- the backend's model list ---------------------------------------------------------------
+
+
+def _listing(body: bytes) -> type[ScriptedHandler]:
+    """A backend whose ``GET /v1/models`` answers ``body`` (its class attribute ``body``,
+    which a test may change); 404 elsewhere."""
+
+    class Listing(ScriptedHandler):
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/v1/models":
+                self.answer(200, type(self).body)
+            else:
+                self.answer(404, b'{"error": "not found"}')
+
+    Listing.body = body  # type: ignore[attr-defined]
+    return Listing
+
+
+async def _after_the_readiness_check(client: httpx.AsyncClient) -> None:
+    """Once the worker's first readiness check is done (a probe waits for the one running),
+    which reads the backend's model list too: a route's fetch may not race it."""
+    assert (await client.get("/ready")).status_code == 200
+
+
+LIST_ROUTES = {
+    "/api/tags": "openai_models_to_ollama_tags",
+    "/api/ps": "ollama_ps",
+    "/v1/models": "openai_model_list",
+}
+
+
+# 300 models as OpenRouter lists them: ~790 KB, past the threshold; 20 of them ~54 KB
+@pytest.mark.parametrize("models", [300, 20])
+async def test_a_large_model_list_is_read_and_answered_from_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, models: int
+) -> None:
+    """The backend's list is masked and decoded, and what ``/api/tags``, ``/api/ps`` and
+    ``/v1/models`` answer from it built and encoded, in a JSON thread when the list came in
+    a body over the threshold, on the loop when it is small; the answers are the bytes
+    the routes wrote on the loop before."""
+    body = model_list_body(models)
+    large = len(body) > OFF_LOOP_BYTES
+    read = Watched(monkeypatch, catalog, "model_list")
+    built = {path: Watched(monkeypatch, tr, name) for path, name in LIST_ROUTES.items()}
+    entries = json.loads(body)["data"]
+    mapping = {"client-model": entries[1]["id"]}
+    with serving(_listing(body)) as backend:
+        async with serving_proxy(backend, model_mapping=mapping) as client:
+            await _after_the_readiness_check(client)  # its list read: the routes' is the same
+            answers = {path: await client.get(path) for path in LIST_ROUTES}
+    assert read.take() == [(len(body), not large)]
+    for path, watched in built.items():
+        assert answers[path].status_code == 200, answers[path].text
+        ((_, on_loop),) = watched.take()
+        assert on_loop is not large, path
+    mapper = ModelMapper(mapping)
+    expected = {
+        path: compact_json(getattr(tr, name)(entries, mapper)) for path, name in LIST_ROUTES.items()
+    }
+    assert answers["/v1/models"].content == expected["/v1/models"]
+    assert answers["/api/tags"].content == expected["/api/tags"]
+    ps, expected_ps = answers["/api/ps"].json(), json.loads(expected["/api/ps"])
+    for entry in ps["models"] + expected_ps["models"]:  # a time five minutes from now
+        assert entry.pop("expires_at")
+    assert ps == expected_ps
+    assert len(ps["models"]) == models
+    assert ps["models"][1]["name"] == "client-model:latest"  # the mapped one, as named
+
+
+async def test_a_model_list_fetched_again_as_it_was_is_not_decoded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Polls fetch the list again every few seconds (here at each request); lists change
+    rarely, and the same bytes as the list held are not decoded again (a 2 MB list held
+    the loop ~6 ms each time, mostly in one call of orjson that no thread interrupts).
+    A list that changed is read again, and answered from."""
+    monkeypatch.setattr(catalog, "CACHE_SECONDS", 0.0)
+    listing = _listing(model_list_body(300))
+    read = Watched(monkeypatch, catalog, "model_list")
+    with serving(listing) as backend:
+        async with serving_proxy(backend) as client:
+            await _after_the_readiness_check(client)
+            first = await client.get("/v1/models")
+            assert first.status_code == 200, first.text
+            assert [on_loop for _, on_loop in read.take()] == [False]
+            for _ in range(3):
+                assert (await client.get("/v1/models")).content == first.content
+            assert read.take() == []
+            listing.body = changed = model_list_body(301)  # type: ignore[attr-defined]
+            again = await client.get("/v1/models")
+            assert len(again.json()["data"]) == 301
+            assert read.take() == [(len(changed), False)]
+
+
+@pytest.mark.parametrize("models", [300, 20])
+async def test_the_readiness_checks_model_list_is_read_in_a_thread_when_large(
+    monkeypatch: pytest.MonkeyPatch, models: int
+) -> None:
+    """The list a readiness check gets is masked and decoded in a JSON thread when it is
+    large (it was decoded on the loop, up to TAKEN_LIST_BYTES of 4 MB), on the loop when
+    small."""
+    secret = "sk-backend-secret-123456"
+    listed = json.loads(model_list_body(models))
+    listed["data"][0]["owned_by"] = secret
+    body = json.dumps(listed).encode()
+    read = Watched(monkeypatch, catalog, "model_list")
+    held = catalog.ModelCatalog()
+    await held.take(body, BackendSecrets.of(secret), trio.current_time())
+    assert read.take() == [(len(body), len(body) <= OFF_LOOP_BYTES)]
+    first = listed["data"][0]["id"]
+    assert held.lists_now(first)
+    assert held.entry(first) == {**listed["data"][0], "owned_by": "***"}
 
 
 class HeldDecoding:

@@ -209,24 +209,26 @@ def test_maps_reads_a_name_as_to_backend_does() -> None:
 async def test_a_list_the_readiness_check_fetched_is_kept_masked_and_only_if_a_list() -> None:
     import trio
 
-    from trioproxy.catalog import TAKEN_LIST_BYTES, ModelCatalog
+    from trioproxy.catalog import TAKEN_LIST_BYTES, ModelCatalog, model_list
     from trioproxy.errors import BackendSecrets
 
     secrets = BackendSecrets.of("sk-backend-secret-123456")
     catalog = ModelCatalog()
     asked = trio.current_time()
     for not_a_list in (b"<html>", b'{"error": "busy"}', b'{"data": 5}', b"[]", b""):
-        catalog.take(not_a_list, secrets, asked)
+        await catalog.take(not_a_list, secrets, asked)
         assert catalog.spelling("foo") == "foo" and not catalog.lists_now("foo")
     listing = {"data": [{"id": "Foo", "owned_by": "sk-backend-secret-123456"}, {"x": 1}]}
-    catalog.take(json.dumps(listing).encode(), secrets, asked)
+    await catalog.take(json.dumps(listing).encode(), secrets, asked)
     assert catalog.spelling("foo") == "Foo" and catalog.lists_now("Foo")
     assert catalog.entry("FOO:latest") == {"id": "Foo", "owned_by": "***"}
     # a review: a slow check's answer put an older list back over a newer one
-    catalog.take(json.dumps({"data": [{"id": "Old"}]}).encode(), secrets, asked - 1)
+    await catalog.take(json.dumps({"data": [{"id": "Old"}]}).encode(), secrets, asked - 1)
     assert catalog.lists_now("Foo") and not catalog.lists_now("Old")
-    catalog._keep([{"id": "Old"}], asked - 1)  # nor a request's fetch asked for earlier
+    old = model_list(b'{"data": [{"id": "Old"}]}', secrets)
+    assert old is not None
+    catalog._keep(old, asked - 1)  # nor a request's fetch asked for earlier
     assert catalog.lists_now("Foo") and not catalog.lists_now("Old")
     huge = json.dumps({"data": [{"id": "Big", "pad": "x" * TAKEN_LIST_BYTES}]}).encode()
-    catalog.take(huge, secrets, asked + 1)  # decoded on the event loop: left to a route
+    await catalog.take(huge, secrets, asked + 1)  # a probe would wait for it: left to a route
     assert not catalog.lists_now("Big")

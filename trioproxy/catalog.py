@@ -6,14 +6,19 @@ cache keeps those polls from turning into a backend request each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
 from .errors import BackendSecrets, ProxyError, UpstreamStatusError
 from .exchange import Call
-from .forward import call_json, json_answer, note_model
-from .model_mapping import ollama_key, with_default_tag
+from .forward import call_raw, checked_answer, note_model, read_answer
+from .json_threads import by_size
+from .jsonutil import compact_json
+from .model_mapping import ModelMapper, ollama_key, with_default_tag
 from .translate import listed_capabilities
 
 CACHE_SECONDS = 5.0
@@ -34,13 +39,39 @@ get its error at once instead of each trying again, with retries, one after anot
 _NO_MODEL_LIST = (404, 405, 501)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    """A backend's ``GET /models`` answer as the catalog keeps it (:func:`model_list`)."""
+
+    models: list[dict[str, Any]]  # its entries (objects with an id)
+    ids: frozenset[str]
+    by_key: dict[str, str]  # its ids by ollama_key (one id per key only)
+    # Ollama's capabilities the answer gave beside its data (llama.cpp's), by backend id
+    capabilities: dict[str, tuple[str, ...]]
+    content: bytes = b""  # the body it was read from, before masking
+
+
+_NO_MODELS = ModelList([], frozenset(), {}, {})
+
+
+def model_list(content: bytes, secrets: BackendSecrets) -> ModelList | None:
+    """A 2xx body of ``GET /models`` read for the catalog, the backend's secrets masked
+    first (a backend that echoes our key, in an owned_by say, must not list it); None if
+    its ``data`` is no list (``{"data": 5}``); BadUpstreamResponse if it is no JSON or
+    reports an error (:func:`checked_answer`). Pure: on the loop, or in a JSON thread for
+    a list of OpenRouter's size (1-2 MB: masked, decoded and read in 6-8 ms)."""
+    payload = checked_answer(secrets.mask_body(content), secrets)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        return None
+    models = [m for m in data if isinstance(m, dict) and "id" in m]
+    ids = frozenset(m["id"] for m in models if isinstance(m["id"], str))
+    return ModelList(models, ids, _by_key(ids), listed_capabilities(payload), content)
+
+
 class ModelCatalog:
     def __init__(self) -> None:
-        self._models: list[dict[str, Any]] = []
-        # Ollama's capabilities the list gave beside its data (llama.cpp's), by backend id
-        self._capabilities: dict[str, tuple[str, ...]] = {}
-        self._ids: frozenset[str] | None = None  # of the last list fetched
-        self._by_key: dict[str, str] = {}  # its ids by ollama_key (one id per key only)
+        self._list: ModelList | None = None  # the last one fetched
         self._no_ids_until = -1e9  # trio clock: a fetch for lists() failed; not asked again
         self._fetched_at = -1e9
         self._asked_at = -1e9  # trio clock: when the list held was asked for
@@ -60,51 +91,68 @@ class ModelCatalog:
             await self._fetch(call)
         return self._models
 
+    @property
+    def _models(self) -> list[dict[str, Any]]:
+        return self._list.models if self._list is not None else []
+
+    @property
+    def list_bytes(self) -> int:
+        """The size of the body the list held came in (0 without one)."""
+        return len(self._list.content) if self._list is not None else 0
+
     async def _fetch(self, call: Call) -> None:
         """``GET /models`` into the catalog (the lock held)."""
         asked_at = trio.current_time()
+        secrets = call.app.settings.backend_secrets
         try:
-            # a backend that echoes our key (in an owned_by, say) must not list it
-            payload, _ = await call_json(call, "/models", None, method="GET", masked=True)
+            result = await call_raw(call, "/models", None, method="GET")
+            content = result.response.content
+            listed = self._held_if_same(content) or await read_answer(
+                call, model_list, content, secrets
+            )
         except ProxyError as failure:
             self._failure, self._failed_at = failure, trio.current_time()
             raise
-        data = payload.get("data") if isinstance(payload, dict) else None
-        # {"data": 5}: no crash
-        self._keep(data if isinstance(data, list) else [], asked_at, payload)
+        self._keep(listed or _NO_MODELS, asked_at)  # {"data": 5}: an empty list, no crash
 
-    def take(self, content: bytes, secrets: BackendSecrets, asked_at: float) -> None:
+    def _held_if_same(self, content: bytes) -> ModelList | None:
+        """The list held if ``content`` is the body it came in: lists change rarely, and
+        polls fetch one every CACHE_SECONDS; comparing 2 MB equal bytes takes 0.1 ms of the
+        loop, decoding them 6 ms of a thread, most of it one call into orjson that holds
+        the loop as long (json_threads)."""
+        held = self._list
+        return held if held is not None and held.content and content == held.content else None
+
+    async def take(self, content: bytes, secrets: BackendSecrets, asked_at: float) -> None:
         """A 2xx body of ``GET /models`` that the readiness check asked for at ``asked_at``
         (trio's clock; at a worker's start, then while no request shows the backend up):
         kept as the list, so Ollama's name rules hold from the first request, in every
         worker, unless a list asked for later is held already (a slow check must not put
         an older list back). Anything but a list is left aside, as is one past
-        TAKEN_LIST_BYTES (decoded on the event loop, where probes wait): the check asks
-        whether the backend answers, not what it lists."""
+        TAKEN_LIST_BYTES (read in a JSON thread, which a probe waiting for the check would
+        wait for): the check asks whether the backend answers, not what it lists."""
         if asked_at < self._asked_at or len(content) > TAKEN_LIST_BYTES:
             return  # (checked before decoding it, too)
-        try:
-            payload = json_answer(secrets.mask_body(content))
-        except ProxyError:
-            return
-        data = payload.get("data") if isinstance(payload, dict) else None
-        if isinstance(data, list):
-            self._keep(data, asked_at, payload)
+        listed = self._held_if_same(content)
+        if listed is None:
+            read = partial(model_list, content, secrets)
+            try:  # bytes in, a new object out: abandoned to a check that gives up
+                listed = await by_size(len(content), read, abandon_on_cancel=True)
+            except ProxyError:
+                return
+        if listed is not None:
+            self._keep(listed, asked_at)
 
-    def _keep(self, data: list[Any], asked_at: float, payload: object = None) -> None:
-        """``data`` as the list (and what else the ``payload`` it came in says of its
-        models), unless the one held was asked for later (a request's slow fetch must not
-        put back a list older than the readiness check's, nor the other way round); either
-        way the list held is as fresh as this one."""
+    def _keep(self, listed: ModelList, asked_at: float) -> None:
+        """``listed`` as the list, unless the one held was asked for later (a request's
+        slow fetch must not put back a list older than the readiness check's, nor the other
+        way round); either way the list held is as fresh as this one."""
         self._fetched_at = trio.current_time()
         self._failure = None
         if asked_at < self._asked_at:
             return
         self._asked_at = asked_at
-        self._models = [m for m in data if isinstance(m, dict) and "id" in m]
-        self._ids = frozenset(m["id"] for m in self._models if isinstance(m["id"], str))
-        self._by_key = _by_key(self._ids)
-        self._capabilities = listed_capabilities(payload)
+        self._list = listed
 
     async def _fetch_for_a_request(self, call: Call) -> None:
         """The list for :meth:`lists`, unless it came, or was given up on, while this
@@ -112,7 +160,7 @@ class ModelCatalog:
         gave up on a hanging /models)."""
         async with self._lock:
             now = trio.current_time()
-            if self._ids is not None or now < self._no_ids_until:
+            if self._list is not None or now < self._no_ids_until:
                 return
             if self._failure is not None and now - self._failed_at < FAILURE_CACHE_SECONDS:
                 raise self._failure.with_traceback(None)
@@ -137,7 +185,7 @@ class ModelCatalog:
         that answers it has none (404/405/501), is not asked again for a minute on a
         request's path, after other failures (or a list slower than LIST_WAIT_SECONDS)
         for 10 s: a failing list must not cost each such request a backend round trip."""
-        if self._ids is None and trio.current_time() >= self._no_ids_until:
+        if self._list is None and trio.current_time() >= self._no_ids_until:
             try:
                 # a request waits a moment for a list, not for a backend that never sends
                 # one: without it the tag is dropped, as for most backends it must be
@@ -158,23 +206,23 @@ class ModelCatalog:
         backend decides). Never fetches: a request must not wait for a list (a slow
         ``/models`` held every first request), and clients that spell names loosely
         (Open WebUI, n8n) fetch it through ``/api/tags`` anyway."""
-        ids = self._ids
-        if ids is None or backend_name in ids:  # nearly every request: one set lookup
+        held = self._list
+        if held is None or backend_name in held.ids:  # nearly every request: one set lookup
             return backend_name
         tagged = with_default_tag(backend_name)  # vLLM's --served-model-name x:latest
-        if tagged in ids:
+        if tagged in held.ids:
             return tagged
-        return self._by_key.get(ollama_key(backend_name), backend_name)
+        return held.by_key.get(ollama_key(backend_name), backend_name)
 
     def lists_now(self, backend_name: str) -> bool:
         """Whether the list last fetched holds exactly this name."""
-        ids = self._ids
-        return ids is not None and backend_name in ids
+        held = self._list
+        return held is not None and backend_name in held.ids
 
     def capabilities(self, backend_id: str) -> tuple[str, ...]:
         """Ollama's capabilities the list last fetched gave for an id beside its entry
         (llama.cpp's server's ``models``); empty if it gave none."""
-        return self._capabilities.get(backend_id, ())
+        return self._list.capabilities.get(backend_id, ()) if self._list is not None else ()
 
     def entry(self, backend_name: str) -> dict[str, Any] | None:
         """The entry of the list last fetched for a backend name; None if it has none.
@@ -185,7 +233,7 @@ class ModelCatalog:
             for listed in self._models:
                 if listed.get("id") == wanted:
                     return listed
-        found = self._by_key.get(ollama_key(backend_name))
+        found = self._list.by_key.get(ollama_key(backend_name)) if self._list else None
         for listed in self._models:
             if found is not None and listed.get("id") == found:
                 return listed
@@ -256,3 +304,24 @@ async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[s
     if counted and isinstance(found, str):
         _count_under(call, name, backend_name, found)
     return entry
+
+
+ListAnswer = Callable[[list[dict[str, Any]], ModelMapper], Any]
+
+
+async def list_answer(call: Call, build: ListAnswer) -> bytes:
+    """``build(models, mapper)`` of the backend's list (:meth:`ModelCatalog.listed`) as
+    the client's JSON, built and encoded in a JSON thread when the list came in a body over
+    OFF_LOOP_BYTES, on the loop below (one size comparison more per poll). OpenRouter's
+    1.7 MB list of 600 models took 2-3 ms of the loop per poll (``/v1/models`` writes it
+    whole, ``/api/tags`` a digest per model), which Open WebUI repeats every few seconds.
+    The thread reads the list and the mapping, neither of which anyone changes (a new
+    list replaces the old one whole): waited for all the same, as the rule for objects
+    a request holds is (json_threads)."""
+    catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
+    models = await catalog.listed(call)
+    return await by_size(catalog.list_bytes, _encoded, build, models, call.app.mapper)
+
+
+def _encoded(build: ListAnswer, models: list[dict[str, Any]], mapper: ModelMapper) -> bytes:
+    return compact_json(build(models, mapper))

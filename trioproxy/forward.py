@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 
 from .errors import (
+    BackendSecrets,
     BadRequest,
     BadUpstreamResponse,
     ProxyError,
@@ -204,39 +205,42 @@ async def call_json(
     payload: dict[str, Any] | bytes | None,
     *,
     method: str = "POST",
-    masked: bool = False,
 ) -> tuple[Any, UpstreamResult]:
-    """Non-streaming backend call; returns the decoded JSON body. ``masked``: the backend's
-    secrets replaced by ``***`` before it is decoded, for what is not a reply masked on its
-    way out (the model list, which several routes answer from)."""
+    """Non-streaming backend call; returns the decoded JSON body."""
     body = await encoded_for_backend(call, payload)
     result = await call_raw(call, path, body, method=method)
-    content = result.response.content
-    if masked:
-        content = call.app.settings.backend_secrets.mask_body(content)
+    secrets = call.app.settings.backend_secrets
     # embeddings are floats only: no integer there needs the exactness test
     exact_integers = path != "/embeddings"
+    content = result.response.content
+    return await read_answer(call, checked_answer, content, secrets, exact_integers), result
+
+
+async def read_answer(call: Call, read: Callable[..., T], content: bytes, *args: Any) -> T:
+    """``read(content, *args)``, a backend's answer decoded (:func:`checked_answer` or a
+    function that calls it), in a JSON thread past OFF_LOOP_BYTES: bytes in, a new object
+    out, so a client that leaves need not wait for it. Its BadUpstreamResponse is counted
+    as a protocol error, here on the loop (the metrics are not the thread's to touch)."""
     try:
         if len(content) <= OFF_LOOP_BYTES:
-            payload = json_answer(content, exact_integers=exact_integers)
-        else:  # bytes in, a new object out: a client that leaves need not wait for it
-            decode = partial(json_answer, content, exact_integers=exact_integers)
-            payload = await off_loop(decode, abandon_on_cancel=True)
+            return read(content, *args)
+        return await off_loop(read, content, *args, abandon_on_cancel=True)
     except BadUpstreamResponse:
         call.app.collector.upstream_error("protocol")
         raise
+
+
+def checked_answer(content: bytes, secrets: BackendSecrets, exact_integers: bool = True) -> Any:
+    """:func:`json_answer`, and a BadUpstreamResponse for one that reports an error: some
+    gateways answer a failure with 200 and an error body, which is not an empty answer.
+    Pure: on the loop or in a JSON thread."""
+    payload = json_answer(content, exact_integers=exact_integers)
     if _reports_an_error(payload):
-        # some gateways answer a failure with 200 and an error body: not an empty answer
-        call.app.collector.upstream_error("protocol")
         message = (
-            upstream_error_message(result.response.content, 200)
-            if payload.get("error")
-            else FINISHED_WITH_ERROR
+            upstream_error_message(content, 200) if payload.get("error") else FINISHED_WITH_ERROR
         )
-        raise BadUpstreamResponse(
-            scrub(f"the backend reported an error: {message}", call.app.settings.backend_secrets)
-        )
-    return payload, result
+        raise BadUpstreamResponse(scrub(f"the backend reported an error: {message}", secrets))
+    return payload
 
 
 def json_answer(content: bytes, *, exact_integers: bool = True) -> Any:

@@ -19,7 +19,7 @@ from quart import Blueprint, Response, request
 
 from . import translate as tr
 from .app import body_left_unread, current_call, quart_route
-from .catalog import backend_name_for, listed_entry
+from .catalog import backend_name_for, list_answer, listed_entry
 from .config import Settings
 from .errors import (
     BadUpstreamResponse,
@@ -67,6 +67,10 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(dumps(payload), status=status, content_type=JSON)
 
 
+def _json_bytes(body: bytes) -> Response:
+    return Response(body, content_type=JSON)
+
+
 def _json_reply(payload: Any) -> Reply:
     return Reply(200, dumps(payload))
 
@@ -86,15 +90,13 @@ async def version() -> Response:
 @blueprint.route("/v1/tags", methods=["GET", "HEAD"])
 async def tags() -> Response:
     call = await current_call()
-    models = await call.app.catalog.listed(call)  # type: ignore[attr-defined]
-    return _json(tr.openai_models_to_ollama_tags(models, call.app.mapper))
+    return _json_bytes(await list_answer(call, tr.openai_models_to_ollama_tags))
 
 
 @blueprint.get("/api/ps")
 async def ps() -> Response:
     call = await current_call()
-    models = await call.app.catalog.listed(call)  # type: ignore[attr-defined]
-    return _json(tr.ollama_ps(models, call.app.mapper))
+    return _json_bytes(await list_answer(call, tr.ollama_ps))
 
 
 @blueprint.post("/api/show")

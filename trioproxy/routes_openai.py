@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from . import translate as tr
 from .app import current_call, quart_route, served
-from .catalog import backend_name_for, listed_entry
+from .catalog import backend_name_for, list_answer, listed_entry
 from .errors import BadRequest, NotFound, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
@@ -315,8 +315,7 @@ def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None)
 @blueprint.get("/v1/models")
 async def models() -> Response:
     call = await current_call()
-    listed = await call.app.catalog.listed(call)  # type: ignore[attr-defined]
-    return _json(tr.openai_model_list(listed, call.app.mapper))
+    return Response(await list_answer(call, tr.openai_model_list), content_type=JSON)
 
 
 @blueprint.get("/v1/models/<path:model_id>")

@@ -188,7 +188,7 @@ class ReadinessChecker:
                 if (exhausted := out_of_files(exc)) is not None:  # building the pool
                     raise OutOfFiles(exhausted, open_files_limit()) from exc
                 return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
-            catalog.take(result.response.content, self._settings.backend_secrets, asked_at)
+            await catalog.take(result.response.content, self._settings.backend_secrets, asked_at)
             return None
         return f"the backend did not answer within {timeout:g} s"
 
