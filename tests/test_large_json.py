@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -38,6 +38,7 @@ from trioproxy.config import Settings
 from trioproxy.errors import BackendSecrets, BadUpstreamResponse
 from trioproxy.json_threads import OFF_LOOP_BYTES, json_threads
 from trioproxy.jsonutil import compact_json
+from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper
 
 from .conftest import ServerProcess
@@ -397,6 +398,51 @@ async def test_the_readiness_checks_model_list_is_read_in_a_thread_when_large(
     first = listed["data"][0]["id"]
     assert held.lists_now(first)
     assert held.entry(first) == {**listed["data"][0], "owned_by": "***"}
+
+
+class QueuedResponses(ScriptedHandler):
+    """A backend that queues every Responses API request sent with ``background``: its
+    answer repeats the request's instructions, as OpenAI's does (kept in ``answers``)."""
+
+    answers: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        asked = self.json_body()
+        queued = {
+            "id": f"resp_{len(self.answers)}",
+            "object": "response",
+            "status": "queued",
+            "background": True,
+            "model": asked["model"],
+            "instructions": asked.get("instructions"),
+            "output": [],
+            "usage": None,
+        }
+        self.answers.append(json.dumps(queued).encode())
+        self.answer(200, self.answers[-1])
+
+
+@pytest.mark.parametrize("instructions", ["x" * (2 * OFF_LOOP_BYTES), "be brief"])
+async def test_a_large_queued_background_response_is_read_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, instructions: str
+) -> None:
+    """A queued background response is read for its id (its usage is owed: a later poll
+    counts it): in a JSON thread when the answer is large (it repeats the instructions), on
+    the loop when it is small. The client gets the backend's bytes as they came."""
+    owed: list[str] = []
+    monkeypatch.setattr(
+        ResponsesLedger, "owe", lambda self, response_id, counted: owed.append(response_id)
+    )
+    read = Watched(monkeypatch, routes_openai, "_json_object")
+    asked = {"model": "demo-chat", "input": "hi", "background": True, "instructions": instructions}
+    with serving(QueuedResponses) as backend:
+        async with serving_proxy(backend) as client:
+            queued = await client.post("/v1/responses", json=asked)
+    assert queued.status_code == 200, queued.text
+    assert queued.content == QueuedResponses.answers[-1]
+    assert owed == [queued.json()["id"]]
+    large = len(queued.content) > OFF_LOOP_BYTES
+    assert read.take() == [(len(queued.content), not large)]
 
 
 class HeldDecoding:

@@ -36,7 +36,7 @@ from .forward import (
     require_json_object,
     validated,
 )
-from .json_threads import OFF_LOOP_BYTES, off_loop
+from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
 from .jsonutil import loads, top_level_member
 from .keepalive import stream_opening
 from .ledger import MAX_ID_CHARS, Counted, ResponsesLedger, finished_usage, pending_id
@@ -96,7 +96,7 @@ async def forward(
     require_json_object(call, content, delimited=delimited_by_framing(result.response))
     _note_usage(call, content)
     if creates_response and body.get("background") is True:
-        _owe_when_queued(app.ledger, content)
+        await _owe_when_queued(app.ledger, content)
     if len(content) > OFF_LOOP_BYTES:
         asked = body if embeddings else None
         content = await _large_answer_as_asked(content, asked, backend_model, client_model)
@@ -273,8 +273,13 @@ async def by_id(
     return _whole_reply(call, result, content)
 
 
-def _owe_when_queued(ledger: ResponsesLedger, content: bytes) -> None:
-    response_id = pending_id(_json_object(content))
+async def _owe_when_queued(ledger: ResponsesLedger, content: bytes) -> None:
+    """A queued background response's usage is owed (the ledger): its id read from the
+    answer, decoded in a JSON thread past OFF_LOOP_BYTES (a queued response repeats the
+    request's instructions and tools: a long system prompt makes it as long), bytes in,
+    a new object out, abandoned to a client that leaves; the ledger noted on the loop."""
+    payload = await by_size(len(content), _json_object, content, abandon_on_cancel=True)
+    response_id = pending_id(payload)
     if response_id is not None:
         ledger.owe(response_id, Counted())
 
