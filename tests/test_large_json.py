@@ -36,7 +36,7 @@ from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
 from trioproxy.errors import BackendSecrets, BadUpstreamResponse
-from trioproxy.json_threads import OFF_LOOP_BYTES, json_threads
+from trioproxy.json_threads import JOIN_OFF_LOOP_BYTES, OFF_LOOP_BYTES, json_threads
 from trioproxy.jsonutil import compact_json
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper
@@ -443,6 +443,70 @@ async def test_a_large_queued_background_response_is_read_in_a_thread(
     assert owed == [queued.json()["id"]]
     large = len(queued.content) > OFF_LOOP_BYTES
     assert read.take() == [(len(queued.content), not large)]
+
+
+# ---- bodies read in parts, joined --------------------------------------------------------
+
+
+class KeptBodies(ScriptedHandler):
+    """A backend that keeps each chat request's body as it got it and answers a completion
+    of ``answer_chars`` characters (``received``, ``sent``: the bodies)."""
+
+    answer_chars: ClassVar[int] = 10
+    received: ClassVar[list[bytes]] = []
+    sent: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        self.received.append(self.rfile.read(int(self.headers["Content-Length"])))
+        message = {"role": "assistant", "content": "y" * self.answer_chars}
+        answer = {
+            "id": "chatcmpl-kept",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "demo-chat",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+        self.sent.append(json.dumps(answer).encode())
+        self.answer(200, self.sent[-1])
+
+
+def _joins_in_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the joins of bodies handed to a worker thread from now on."""
+    handed: list[int] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", None) == "join" and getattr(fn, "__self__", None) == b"":
+            handed.append(sum(map(len, args[0])))
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return handed
+
+
+@pytest.mark.parametrize("large", [True, False])
+async def test_a_large_body_read_in_parts_is_joined_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, large: bool
+) -> None:
+    """A client's body and a backend's answer over JOIN_OFF_LOOP_BYTES, read in parts,
+    are joined in a thread (on the loop, a 40 MB join held it 24-40 ms); smaller ones on
+    the loop. Both arrive as they were sent: here a chat forwarded and answered as it
+    came."""
+    size = 2 * JOIN_OFF_LOOP_BYTES if large else 1000
+    image = base64.b64encode(bytes(range(256)) * (size // 340)).decode()
+    monkeypatch.setattr(KeptBodies, "answer_chars", size)
+    monkeypatch.setattr(KeptBodies, "received", [])
+    monkeypatch.setattr(KeptBodies, "sent", [])
+    handed = _joins_in_threads(monkeypatch)
+    with serving(KeptBodies) as backend:
+        async with serving_proxy(backend) as client:
+            response = await client.post("/v1/chat/completions", json=_chat("/v1/x", image))
+    assert response.status_code == 200, response.text
+    assert KeptBodies.received == [response.request.content]
+    assert KeptBodies.sent == [response.content]
+    expected = [len(response.request.content), len(response.content)] if large else []
+    assert handed == expected
 
 
 class HeldDecoding:

@@ -40,6 +40,7 @@ from .exchange import (
     proxy_error_reply,
     trace_context_of_raw,
 )
+from .json_threads import joined
 from .keepalive import EarlyStart, KeepAlive
 from .relay import STREAM_HEADERS, in_band_error, in_band_failure
 
@@ -271,7 +272,8 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
         if trio.current_time() >= whole_by:
             raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
         raise ProxyError(f"the request body stalled: no bytes for {stall:g} s", 408)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    # a small body comes in one part: no coroutine for it (~55 ns)
+    return parts[0] if len(parts) == 1 else await joined(parts, size)
 
 
 # a refused request's body up to this size is read and dropped, so its connection serves

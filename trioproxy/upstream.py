@@ -53,6 +53,7 @@ from .errors import (
     scrub,
     upstream_error_message,
 )
+from .json_threads import joined
 from .limits import open_files_limit, out_of_files
 
 log = logging.getLogger("trioproxy.upstream")
@@ -483,7 +484,7 @@ class UpstreamPool:
                 )
             parts.append(part)
         # what aread() keeps: response.content works as after it
-        response._content = b"".join(parts)
+        response._content = parts[0] if len(parts) == 1 else await joined(parts, size)
 
     def _transport_failure(
         self, exc: httpx.HTTPError, *, body_started: bool = False, stale: bool = False
