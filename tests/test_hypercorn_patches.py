@@ -217,6 +217,34 @@ async def test_what_the_socket_cannot_take_at_once_follows_whole_and_in_order() 
         assert peer.events == []
 
 
+async def test_the_rest_of_a_write_goes_from_a_view_of_it_not_a_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the socket did not take at once follows from a view of the bytes: a copy of
+    the rest of a 40 MB answer held the loop 25-40 ms."""
+    rests: list[object] = []
+    send_rest = hypercorn_patches._send_rest
+
+    async def watched(server: object, data: bytes | memoryview) -> None:
+        rests.append(data)
+        await send_rest(server, data)
+
+    monkeypatch.setattr(hypercorn_patches, "_send_rest", watched)
+    with _Peer(send_buffer=4096) as peer:
+        big = bytes(range(256)) * 8192  # 2 MiB, far more than the socket buffers
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            received.append(await peer.read(len(big)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await _protocol_send(peer.server, RawData(data=big))
+        assert received == [big]
+        (rest,) = rests
+        assert isinstance(rest, memoryview) and rest.obj is big
+
+
 async def test_a_client_that_reads_nothing_is_closed_after_the_write_timeout() -> None:
     """hypercorn's write waited for room without limit: a client that stopped reading held
     its request (and its slot, and its backend connection) for ever."""
@@ -468,6 +496,18 @@ async def test_a_sized_response_is_one_write_with_its_body() -> None:
     assert len(writes.raw) == 1
     head, _, body = writes.raw[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 2" in head and body == b"{}"
+
+
+async def test_a_large_sized_body_goes_as_it_is_after_its_head() -> None:
+    """A body of 1 MiB or more is not copied behind its head (40 MB held the loop 25-40
+    ms): the head goes first, then the body object itself."""
+    protocol, writes = _protocol_with_request()
+    body = b"[" + b"0," * (1 << 19) + b"0]"
+    await protocol.stream_send(_response(len(body)))  # type: ignore[attr-defined]
+    await protocol.stream_send(Body(stream_id=1, data=body))  # type: ignore[attr-defined]
+    await protocol.stream_send(EndBody(stream_id=1))  # type: ignore[attr-defined]
+    assert len(writes.raw) == 2 and writes.raw[1] is body
+    assert writes.raw[0].startswith(b"HTTP/1.1 200 ") and writes.raw[0].endswith(b"\r\n\r\n")
 
 
 async def test_a_body_less_response_is_written_at_its_end() -> None:
