@@ -355,29 +355,39 @@ async def test_a_large_model_list_is_read_and_answered_from_in_a_thread(
     assert ps["models"][1]["name"] == "client-model:latest"  # the mapped one, as named
 
 
-async def test_a_model_list_fetched_again_as_it_was_is_not_decoded_again(
+async def test_a_model_list_fetched_again_as_it_was_is_not_read_nor_answered_from_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Polls fetch the list again every few seconds (here at each request); lists change
     rarely, and the same bytes as the list held are not decoded again (a 2 MB list held
-    the loop ~6 ms each time, mostly in one call of orjson that no thread interrupts).
-    A list that changed is read again, and answered from."""
+    the loop ~6 ms each time, mostly in one call of orjson that no thread interrupts), nor
+    are ``/v1/models`` and ``/api/tags`` written again from it (``/api/ps`` is: it says
+    until when). A list that changed is read again, and answered from."""
     monkeypatch.setattr(catalog, "CACHE_SECONDS", 0.0)
     listing = _listing(model_list_body(300))
     read = Watched(monkeypatch, catalog, "model_list")
+    built = {path: Watched(monkeypatch, tr, name) for path, name in LIST_ROUTES.items()}
     with serving(listing) as backend:
         async with serving_proxy(backend) as client:
             await _after_the_readiness_check(client)
-            first = await client.get("/v1/models")
-            assert first.status_code == 200, first.text
+            first = {path: await client.get(path) for path in LIST_ROUTES}
             assert [on_loop for _, on_loop in read.take()] == [False]
+            for path, response in first.items():
+                assert response.status_code == 200, response.text
+                assert [on_loop for _, on_loop in built[path].take()] == [False]
             for _ in range(3):
-                assert (await client.get("/v1/models")).content == first.content
+                for path in ("/api/tags", "/v1/models"):
+                    assert (await client.get(path)).content == first[path].content
+                assert (await client.get("/api/ps")).status_code == 200
             assert read.take() == []
+            assert built["/api/tags"].take() == built["/v1/models"].take() == []
+            assert len(built["/api/ps"].take()) == 3
             listing.body = changed = model_list_body(301)  # type: ignore[attr-defined]
-            again = await client.get("/v1/models")
-            assert len(again.json()["data"]) == 301
+            again = {path: await client.get(path) for path in LIST_ROUTES}
             assert read.take() == [(len(changed), False)]
+            for path, response in again.items():
+                assert len(response.json()["data" if path == "/v1/models" else "models"]) == 301
+                assert [on_loop for _, on_loop in built[path].take()] == [False]
 
 
 @pytest.mark.parametrize("models", [300, 20])

@@ -39,6 +39,10 @@ get its error at once instead of each trying again, with retries, one after anot
 _NO_MODEL_LIST = (404, 405, 501)
 
 
+# what a route answers from the list and the mapping (/api/tags, /v1/models, /api/ps)
+ListAnswer = Callable[[list[dict[str, Any]], ModelMapper], Any]
+
+
 @dataclass(frozen=True, slots=True)
 class ModelList:
     """A backend's ``GET /models`` answer as the catalog keeps it (:func:`model_list`)."""
@@ -72,6 +76,8 @@ def model_list(content: bytes, secrets: BackendSecrets) -> ModelList | None:
 class ModelCatalog:
     def __init__(self) -> None:
         self._list: ModelList | None = None  # the last one fetched
+        # what list_answer wrote from it, by what it built
+        self._answers: dict[ListAnswer, bytes] = {}
         self._no_ids_until = -1e9  # trio clock: a fetch for lists() failed; not asked again
         self._fetched_at = -1e9
         self._asked_at = -1e9  # trio clock: when the list held was asked for
@@ -152,7 +158,22 @@ class ModelCatalog:
         if asked_at < self._asked_at:
             return
         self._asked_at = asked_at
+        if listed is not self._list:
+            self._answers = {}
         self._list = listed
+
+    def written(self, build: ListAnswer, models: list[dict[str, Any]]) -> bytes | None:
+        """What :func:`list_answer` wrote with ``build`` from ``models``, if they are the
+        list held and it wrote it since the list came."""
+        held = self._list
+        return self._answers.get(build) if held is not None and models is held.models else None
+
+    def keep_written(self, build: ListAnswer, models: list[dict[str, Any]], body: bytes) -> None:
+        """``body``, written with ``build`` from ``models``, for :meth:`written`, if they
+        are (still) the list held."""
+        held = self._list
+        if held is not None and models is held.models:
+            self._answers[build] = body
 
     async def _fetch_for_a_request(self, call: Call) -> None:
         """The list for :meth:`lists`, unless it came, or was given up on, while this
@@ -306,21 +327,25 @@ async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[s
     return entry
 
 
-ListAnswer = Callable[[list[dict[str, Any]], ModelMapper], Any]
-
-
-async def list_answer(call: Call, build: ListAnswer) -> bytes:
+async def list_answer(call: Call, build: ListAnswer, *, lasting: bool = True) -> bytes:
     """``build(models, mapper)`` of the backend's list (:meth:`ModelCatalog.listed`) as
-    the client's JSON, built and encoded in a JSON thread when the list came in a body over
-    OFF_LOOP_BYTES, on the loop below (one size comparison more per poll). OpenRouter's
-    1.7 MB list of 600 models took 2-3 ms of the loop per poll (``/v1/models`` writes it
-    whole, ``/api/tags`` a digest per model), which Open WebUI repeats every few seconds.
-    The thread reads the list and the mapping, neither of which anyone changes (a new
-    list replaces the old one whole): waited for all the same, as the rule for objects
-    a request holds is (json_threads)."""
+    the client's JSON. ``lasting`` (the same list and mapping always give the same bytes:
+    not /api/ps, which says until when): written once per list, then answered as written
+    (the same bytes fetched again are the same list), as Open WebUI polls every few
+    seconds. Built and encoded in a JSON thread when the list came in a body over
+    OFF_LOOP_BYTES, on the loop below: OpenRouter's 1.7 MB list of 600 models took 2-3 ms
+    of the loop (``/v1/models`` writes it whole, ``/api/tags`` a digest per model). The
+    thread reads the list and the mapping, neither of which anyone changes (a new list
+    replaces the old one whole): waited for all the same, as the rule for objects a
+    request holds is (json_threads)."""
     catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
     models = await catalog.listed(call)
-    return await by_size(catalog.list_bytes, _encoded, build, models, call.app.mapper)
+    if lasting and (body := catalog.written(build, models)) is not None:
+        return body
+    body = await by_size(catalog.list_bytes, _encoded, build, models, call.app.mapper)
+    if lasting:
+        catalog.keep_written(build, models, body)
+    return body
 
 
 def _encoded(build: ListAnswer, models: list[dict[str, Any]], mapper: ModelMapper) -> bytes:

@@ -96,7 +96,7 @@ async def tags() -> Response:
 @blueprint.get("/api/ps")
 async def ps() -> Response:
     call = await current_call()
-    return _json_bytes(await list_answer(call, tr.ollama_ps))
+    return _json_bytes(await list_answer(call, tr.ollama_ps, lasting=False))
 
 
 @blueprint.post("/api/show")
