@@ -213,7 +213,14 @@ async def call_json(
     # embeddings are floats only: no integer there needs the exactness test
     exact_integers = path != "/embeddings"
     content = result.response.content
-    return await read_answer(call, checked_answer, content, secrets, exact_integers), result
+    try:  # read_answer's steps, inline: its coroutine cost 0.3 µs a request
+        if len(content) <= OFF_LOOP_BYTES:
+            return checked_answer(content, secrets, exact_integers), result
+        read = partial(checked_answer, content, secrets, exact_integers)
+        return await off_loop(read, abandon_on_cancel=True), result
+    except BadUpstreamResponse:
+        call.app.collector.upstream_error("protocol")
+        raise
 
 
 async def read_answer(call: Call, read: Callable[..., T], content: bytes, *args: Any) -> T:
