@@ -21,16 +21,25 @@ clients at once):
   760 models as OpenRouter does, ~2 MB (fetched and decoded every 5 s at most, answered
   from at each request);
 - ``models-refetched``: ``GET /api/tags`` with the proxy's list cache at 0 s, so that each
-  fetches the list again (as polls further apart than the cache's 5 s do).
+  fetches the list again (as polls further apart than the cache's 5 s do);
+- ``chat-ollama-300k``: ``POST /api/chat``, a 300 KB body of one base64 image (past the
+  threshold: decoded in a JSON thread);
+- ``show-300k``: ``POST /api/show`` with a 300 KB body (decoded in a JSON thread, then
+  answered from the model list held: beside another scenario, the list is held for the
+  whole run, so the backend, busy with the other's answer, is not asked).
 
 Prints, per scenario, the longest stall and the 99th percentile of the wake-ups while
-its requests ran, and the same for an idle second before them.
+its requests ran, and the same for an idle second before them. ``--beside
+show-300k:300:0.02`` runs one more client (300 requests of that scenario, 20 ms apart)
+beside each of the demo's scenarios and prints how long its requests took (how long one
+waits behind another's JSON work); ``--json-threads`` sets the JSON threads per worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import subprocess
@@ -41,10 +50,11 @@ from pathlib import Path
 
 import trio
 
-from trioproxy import catalog
+from trioproxy import catalog, json_threads
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import load_settings
+from trioproxy.json_threads import JSON_THREADS
 
 TICK = 0.001
 _ROOT = str(Path(__file__).resolve().parent.parent)  # for the stub backend's import
@@ -56,7 +66,9 @@ _LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 _CLIENT = r"""
 import base64, http.client, json, os, sys, time
 port, scenario, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # between requests, s
 image = base64.b64encode(os.urandom(7_500_000)).decode()
+small_image = base64.b64encode(os.urandom(225_000)).decode()  # 300 KB, past 256 KiB
 inputs = [f"text number {i}" for i in range(2048)]
 bodies = {
     "chat-ollama": ("/api/chat", {"model": "demo-chat", "stream": False, "messages": [
@@ -64,6 +76,9 @@ bodies = {
     "chat-openai": ("/v1/chat/completions", {"model": "demo-chat", "messages": [
         {"role": "user", "content": [{"type": "text", "text": "what is this?"},
          {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}]}]}),
+    "chat-ollama-300k": ("/api/chat", {"model": "demo-chat", "stream": False, "messages": [
+        {"role": "user", "content": "what is this?", "images": [small_image]}]}),
+    "show-300k": ("/api/show", {"model": "demo-chat", "note": small_image}),
     "embed-ollama": ("/api/embed", {"model": "demo-embed", "input": inputs,
                                     "dimensions": 1024}),
     "embed-openai-mapped": ("/v1/embeddings", {"model": "client-embed", "input": inputs,
@@ -78,13 +93,16 @@ asks = ([("POST", bodies[scenario][0], json.dumps(bodies[scenario][1]).encode())
 print("start", time.monotonic(), flush=True)
 for _ in range(rounds):
     for method, path, raw in asks:
+        began = time.monotonic()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         conn.request(method, path, raw or None, {"Content-Type": "application/json"})
         reply = conn.getresponse()
         data = reply.read()
-        print(reply.status, len(raw), len(data), data[:120] if reply.status != 200 else b"",
-              flush=True)
+        took = (time.monotonic() - began) * 1000
+        print(reply.status, len(raw), len(data), f"{took:.1f}ms",
+              data[:120] if reply.status != 200 else b"", flush=True)
         conn.close()
+        time.sleep(pause)
 print("end", time.monotonic(), flush=True)
 """
 
@@ -200,10 +218,11 @@ def _start_backend(*command: str) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError("the backend did not start")
 
 
-def _client(port: int, scenario: str, rounds: int) -> list[str]:
-    """Run one scenario's client process to its end (in a thread); its lines."""
+def _client(port: int, scenario: str, rounds: int, pause: float = 0.0) -> list[str]:
+    """Run one scenario's client process to its end (in a thread); its lines. ``pause``:
+    seconds between its requests."""
     done = subprocess.run(
-        [sys.executable, "-c", _CLIENT, str(port), scenario, str(rounds)],
+        [sys.executable, "-c", _CLIENT, str(port), scenario, str(rounds), str(pause)],
         capture_output=True,
         text=True,
         check=True,
@@ -226,19 +245,60 @@ async def _clients(port: int, scenario: str, rounds: int, parallel: int) -> list
     return outputs
 
 
-async def main(scenarios: list[str], rounds: int, parallel: int = 1) -> None:
-    """Each backend's scenarios against a proxy of their own, in the order given."""
+async def main(
+    scenarios: list[str],
+    rounds: int,
+    parallel: int = 1,
+    beside: tuple[str, int, float] | None = None,
+) -> None:
+    """Each backend's scenarios against a proxy of their own, in the order given (with a
+    client of ``beside`` beside each of the demo's)."""
     demo = [s for s in scenarios if s not in LIST_SCENARIOS]
     listing = [s for s in scenarios if s in LIST_SCENARIOS]
     if demo:
-        await _run_against(_start_backend(), demo, rounds, parallel)
+        await _run_against(_start_backend(), demo, rounds, parallel, beside)
     if listing:
         backend = _start_backend("-c", _LIST_BACKEND, _ROOT)
         await _run_against(backend, listing, rounds, parallel)
 
 
+async def _with_beside(
+    port: int,
+    scenario: str,
+    rounds: int,
+    parallel: int,
+    beside: tuple[str, int, float] | None,
+) -> tuple[list[list[str]], list[str]]:
+    """The scenario's clients' lines, and those of one client of ``beside`` (a scenario,
+    its rounds and the pause between them) started with them, if any."""
+    besides: list[str] = []
+
+    async def beside_client() -> None:
+        assert beside is not None
+        run = partial(_client, port, *beside)
+        besides.extend(await trio.to_thread.run_sync(run))
+
+    async with trio.open_nursery() as nursery:
+        if beside is not None:
+            nursery.start_soon(beside_client)
+        outputs = await _clients(port, scenario, rounds, parallel)
+    return outputs, besides
+
+
+def _latencies(lines: list[str]) -> str:
+    """The median and the longest of the request times a client printed."""
+    took = sorted(float(line.split()[3].removesuffix("ms")) for line in lines)
+    if not took:
+        return "no requests"
+    return f"{len(took)} requests, median {took[len(took) // 2]:.1f} ms, max {took[-1]:.1f} ms"
+
+
 async def _run_against(
-    started: tuple[subprocess.Popen[str], str], scenarios: list[str], rounds: int, parallel: int
+    started: tuple[subprocess.Popen[str], str],
+    scenarios: list[str],
+    rounds: int,
+    parallel: int,
+    beside: tuple[str, int, float] | None = None,
 ) -> None:
     backend, upstream = started
     try:
@@ -268,8 +328,10 @@ async def _run_against(
                 cached = catalog.CACHE_SECONDS
                 if scenario == "models-refetched":  # every poll fetches the list
                     catalog.CACHE_SECONDS = 0.0
+                elif beside is not None:  # the list held throughout: show-300k never waits
+                    catalog.CACHE_SECONDS = math.inf  # for a backend busy with another
                 try:
-                    outputs = await _clients(port, scenario, rounds, parallel)
+                    outputs, besides = await _with_beside(port, scenario, rounds, parallel, beside)
                 finally:
                     catalog.CACHE_SECONDS = cached
                 start = min(float(lines[0].split()[1]) for lines in outputs)
@@ -278,6 +340,8 @@ async def _run_against(
                 for lines in outputs:
                     for line in lines[1:-1]:
                         print("    " + line)
+                if besides:
+                    print(f"  beside: {beside[0]} {_latencies(besides[1:-1])}")
             stop.set()
             nursery.cancel_scope.cancel()
     finally:
@@ -288,6 +352,8 @@ async def _run_against(
 LIST_SCENARIOS = ["models-ollama", "models-openai", "models-refetched"]
 SCENARIOS = [
     "chat-ollama",
+    "chat-ollama-300k",
+    "show-300k",
     "chat-openai",
     "embed-ollama",
     "embed-openai-mapped",
@@ -300,5 +366,20 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default=",".join(SCENARIOS))
     parser.add_argument("--clients", type=int, default=1, help="clients at once, each its own")
+    parser.add_argument(
+        "--beside",
+        metavar="SCENARIO:ROUNDS[:PAUSE]",
+        help="one more client, of this demo scenario, beside each demo scenario's, PAUSE "
+        "seconds between its requests: their median and longest time are printed (e.g. "
+        "show-300k:300:0.02)",
+    )
+    parser.add_argument(
+        "--json-threads", type=int, default=JSON_THREADS, help="JSON threads per worker"
+    )
     args = parser.parse_args()
-    trio.run(main, args.only.split(","), args.rounds, args.clients)
+    json_threads.JSON_THREADS = args.json_threads
+    beside = None
+    if args.beside:
+        name, beside_rounds, pause, *_ = [*args.beside.split(":"), "", ""]
+        beside = (name, int(beside_rounds or args.rounds), float(pause or 0))
+    trio.run(main, args.only.split(","), args.rounds, args.clients, beside)

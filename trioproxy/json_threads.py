@@ -21,7 +21,13 @@ default one, which the backend connections' name resolutions use): with the GIL 
 would not finish the work sooner, and it is one more holder the loop waits behind (three
 clients at once: the loop's longest stall 44 ms with two threads, 28-34 ms with one, for
 10 MB bodies). A request waiting for it waits without holding the loop, first come first
-served.
+served; measured again with a 300 KB body beside 40 MB answers, a second thread made no
+difference beyond the noise (docs/performance.md): what the waiting request waits for is
+mostly the other's one long orjson call, which holds the GIL for every thread.
+
+A body read in parts is joined before any of that (:func:`joined`): past 1 MiB in a thread
+too, from trio's own pool, since ``bytes.join`` lets go of the GIL while it copies (a
+40 MB answer's join held the loop 24-40 ms).
 
 Cancellation: a function whose arguments are all immutable (bytes in, a new object or
 bytes out) is abandoned to a client that leaves (``abandon_on_cancel``): the request ends
