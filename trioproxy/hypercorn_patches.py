@@ -16,14 +16,16 @@ request cancellation, and its cost per request.
    and headers, then the body, then h11's zero-byte end of message, each through the send
    lock, a syscall and two scheduler yields. The head now waits for the first body bytes
    (or the end of a body-less response) and empty writes are skipped. Streamed responses
-   (no ``Content-Length``) still send their head at once.
+   (no ``Content-Length``) still send their head at once, and so does a response whose
+   body is 1 MiB or more: copying it behind its head held the loop (25-40 ms for 40 MB).
 4. **A write the socket takes whole goes straight to it.** hypercorn took its send lock (a
    scheduler yield), entered a shielded cancel scope and went through ``send_all`` (another
    yield) for every write, though a socket with room takes the bytes in one non-blocking
    call that cannot be interrupted. Such writes now go to the socket directly; whatever it
-   does not take (a slow reader, a full buffer) goes hypercorn's way, shielded, so a
-   cancellation can never cut a response in the middle of its framing. Paired A/B: 175-200
-   µs less CPU per proxied request at 32-64 concurrent requests (docs/performance.md).
+   does not take (a slow reader, a full buffer) goes hypercorn's way from a view of the
+   bytes (not a copy of the rest), shielded, so a cancellation can never cut a response
+   in the middle of its framing. Paired A/B: 175-200 µs less CPU per proxied request at
+   32-64 concurrent requests (docs/performance.md).
    Such a wait is bounded (``set_write_timeout``, CLIENT_WRITE_TIMEOUT): hypercorn's was
    not, so a client that stopped reading held its request, its slot under
    MAX_CONCURRENT_REQUESTS and its backend connection for ever. The limit is on a stall
