@@ -70,9 +70,13 @@ class LateBackend(ScriptedHandler):
         elif model == "late-500":
             time.sleep(SILENCE)
             self.answer(500, _error("the model crashed", "server_error"))
-        elif model == "late-429":
+        elif model == "late-429":  # (one the proxy may not retry: the client sees it)
             time.sleep(SILENCE)
-            self.answer(429, _error("queue full", "rate_limit_error"))
+            body = _error("queue full", "rate_limit_error")
+            self.answer(429, body, headers={"x-should-retry": "false"})
+        elif model == "late-503-once" and count % 2 == 1:
+            time.sleep(SILENCE / 2)  # past the start, the retry within the first-token deadline
+            self.answer(503, _error("loading the model", "server_error"))
         elif model == "never":
             self._wait_for_hang_up(model)
         else:
@@ -194,6 +198,21 @@ def test_a_quick_429_is_retried_before_the_start(proxy: ServerProcess) -> None:
     assert status == 200 and not any(line.startswith(b":") for line in lines), lines
     assert any(b"forty-two" in line for line in lines)
     assert LateBackend.seen["busy-once"] == before + 2
+
+
+def test_a_late_503_is_retried_by_the_proxy_for_a_client_that_retries_itself(
+    proxy: ServerProcess,
+) -> None:
+    """The openai SDK sends x-stainless-retry-count, so the proxy leaves retries to it; but
+    once the response started early the SDK has its 200 and cannot retry: the proxy does."""
+    before = LateBackend.seen.get("late-503-once", 0)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="late-503-once", messages=[{"role": "user", "content": "q"}], stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "forty-two"
+    assert LateBackend.seen["late-503-once"] == before + 2
 
 
 def test_a_failure_after_the_start_is_an_in_band_error(proxy: ServerProcess) -> None:

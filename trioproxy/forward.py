@@ -412,6 +412,7 @@ async def open_stream(
             trace=state.trace,
             stream=True,
             header_timeout=call.app.settings.stream_first_token_timeout,
+            early=state.early_start,
         )
     except ProxyError as error:
         if metric is not None:

@@ -35,7 +35,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import httpx
 import trio
@@ -55,6 +55,9 @@ from .errors import (
 )
 from .json_threads import joined
 from .limits import open_files_limit, out_of_files
+
+if TYPE_CHECKING:
+    from .keepalive import EarlyStart
 
 log = logging.getLogger("trioproxy.upstream")
 
@@ -357,6 +360,7 @@ class UpstreamPool:
         trace: dict[str, str] | None = None,
         stream: bool = False,
         header_timeout: float | None = None,
+        early: EarlyStart | None = None,
     ) -> UpstreamResult:
         """Send with retries. Non-streams come back fully read; streams after the headers.
 
@@ -373,7 +377,8 @@ class UpstreamPool:
         the waits it chooses within its own timeout, would multiply with the proxy's (an
         SDK's 3 attempts times 4 = 12 backend calls). Only a pooled connection the backend
         had closed is tried again for it: that failure is the pool's, not the backend's
-        answer.
+        answer. Nor is a stream's whose response started before the backend answered
+        (``early``, STREAM_KEEPALIVE_SECONDS): that client has its 200 and cannot retry.
         """
         headers = {"X-Request-ID": request_id} if request_id else {}
         if trace is not None:  # the client's trace context (exchange.trace_context)
@@ -396,7 +401,11 @@ class UpstreamPool:
                 backoff = self._backoff(attempt, retry.reason, retry.retry_after)
                 if (
                     attempt > self._settings.max_retries
-                    or (client_retries and not _stale_connection(retry, attempt))
+                    or (
+                        client_retries
+                        and not _stale_connection(retry, attempt)
+                        and not (early is not None and early.committed)
+                    )
                     or trio.current_time() + backoff >= headers_by
                 ):
                     self._observer.upstream_error(retry.reason)
