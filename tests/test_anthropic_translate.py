@@ -98,6 +98,19 @@ def test_documents_the_backend_cannot_read_are_named_not_refused() -> None:
     OPENAI_MESSAGES.validate_python(out["messages"])
 
 
+def test_a_document_of_malformed_blocks_is_read_leniently() -> None:
+    """A document's own content blocks are not checked: one whose text is no string is
+    left out of its text, not a TypeError (a 500 for a client's mistake)."""
+    doc = {
+        "type": "document",
+        "source": {"type": "content", "content": [{"type": "text", "text": 5}, "x", {}]},
+    }
+    ok = {"type": "text", "text": "kept"}
+    other = {"type": "document", "source": {"type": "content", "content": [ok, {"text": []}]}}
+    out = translated(messages=[{"role": "user", "content": [doc, other]}])
+    assert out["messages"] == [{"role": "user", "content": "\nkept"}]
+
+
 def test_system_messages_in_the_conversation_stay_where_they_are() -> None:
     """Claude Code (2.1, beta ``mid-conversation-system-2026-04-07``) sends system messages
     among the others on every request: the conversation before one stays a prefix."""

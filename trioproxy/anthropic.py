@@ -330,7 +330,10 @@ def _document_text(block: JSONDict) -> str | None:
         inner = source["content"]
         if isinstance(inner, str):
             return inner
-        return "".join(b.get("text", "") for b in inner if isinstance(b, dict))
+        # its blocks are not checked (validate_messages): a text that is no string is left out
+        return "".join(
+            b["text"] for b in inner if isinstance(b, dict) and isinstance(b.get("text"), str)
+        )
     return None
 
 
