@@ -18,9 +18,11 @@ import anthropic
 import httpx
 import openai
 import pytest
+import trio
 
 from tests.conftest import ServerProcess
 from tests.fakes import ScriptedHandler, serving
+from trioproxy.keepalive import EarlyStart
 
 KEEPALIVE = "0.3"
 SILENCE = 0.9  # 3x the interval: the backend's wait before it answers at all
@@ -279,3 +281,22 @@ def test_nothing_starts_early_with_the_setting_off(
     status, lines = _raw(off.url, "late-500")
     assert status == 500 and time.monotonic() - start >= SILENCE, lines
     assert not any(line.startswith(b":") for line in lines)
+
+
+async def test_a_request_that_never_streams_builds_no_timer() -> None:
+    """Every fast-path request has an EarlyStart with the setting on, most never stream:
+    its timer's scope and keeper come only when a stream is opened (they cost ~3 us a
+    request), and stopping one never opened sends nothing."""
+    sent: list[object] = []
+
+    async def start(content_type: str) -> None:
+        sent.append(content_type)
+
+    async with trio.open_nursery() as nursery:
+        early = EarlyStart(0.01, None, None, nursery, start)  # type: ignore[arg-type]
+        assert early.keeper is None
+        assert early.stop_unless_started() is False
+        early.open("text/event-stream")  # a stream opened: timed, then stopped in time
+        assert early.keeper is not None
+        assert early.stop_unless_started() is False
+    assert sent == []

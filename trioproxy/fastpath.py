@@ -156,7 +156,8 @@ async def serve(
                     # the time a failure took is not the proxy's overhead: no such header
                     reply, head = failed, _head(failed, tracked, cors, overhead=False)
             streams = app.in_progress
-            if early is not None and await early.settle():
+            if early is not None and early.stop_unless_started():
+                await early.settle()
                 await _write_started(counting_send, reply, tracked, streams, slots.free, early)
             else:
                 await _write(counting_send, reply, head, tracked, streams, slots.free, nursery)
@@ -398,8 +399,7 @@ def _early_start(
         head = _head(reply, tracked, app.cors_headers(headers.get("origin")), overhead=False)
         await send({"type": "http.response.start", "status": 200, "headers": head})
 
-    keeper = KeepAlive(app.settings.stream_keepalive_seconds, send.server_send, send)
-    return EarlyStart(keeper, nursery, start)
+    return EarlyStart(app.settings.stream_keepalive_seconds, send.server_send, send, nursery, start)
 
 
 async def _write_started(
@@ -415,6 +415,7 @@ async def _write_started(
     stream's in-band error (the client has its 200: no status, no retry) while the
     metrics and the access log keep what happened."""
     keeper = early.keeper
+    assert keeper is not None  # (started)
     if not isinstance(reply.body, bytes):
         try:
             await _stream(send, reply, tracked, streams, written, keeper=keeper)

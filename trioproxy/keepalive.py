@@ -130,26 +130,45 @@ class KeepAlive:
 
 class EarlyStart:
     """The start of a stream's response before its backend's first event, when the wait
-    for it lasts ``keeper``'s interval (STREAM_KEEPALIVE_SECONDS): the route calls
+    for it lasts ``interval`` (STREAM_KEEPALIVE_SECONDS): the route calls
     :func:`stream_opening` as the stream's request goes to the backend, which starts the
     timer, a task of the request's nursery; when it runs out, ``start`` writes the
     response's head (status 200, the stream's headers) and ``keeper`` a comment, then
     comments in the silence as usual. Whoever has the reply (or its failure) calls
-    :meth:`settle`: before the timer ran out, that stops it and nothing was sent."""
+    :meth:`stop_unless_started`: before the timer ran out, that stops it and nothing was
+    sent; after, :meth:`settle`. Built for every fast-path request with the setting on,
+    most of which never stream: the timer's scope and ``keeper`` come only with
+    :meth:`open` (building them for every request cost ~3 us)."""
 
-    __slots__ = ("_nursery", "_scope", "_start", "_started", "committed", "content_type", "keeper")
+    __slots__ = (
+        "_counted",
+        "_nursery",
+        "_scope",
+        "_send",
+        "_start",
+        "_started",
+        "committed",
+        "content_type",
+        "interval",
+        "keeper",
+    )
 
     def __init__(
         self,
-        keeper: KeepAlive,
+        interval: float,
+        send: ASGISendCallable,
+        counted: CountingSend,
         nursery: trio.Nursery,
         start: Callable[[str], Awaitable[None]],
     ) -> None:
-        self.keeper = keeper
+        self.interval = interval
+        self._send = send  # the server's send and the counted one, for ``keeper``
+        self._counted = counted
         self._nursery = nursery  # the request's: the timer never outlives it
         self._start = start
-        self._scope = trio.CancelScope()
+        self._scope: trio.CancelScope | None = None  # the timer's, once opened
         self._started: trio.Event | None = None  # set once the head (and a comment) is out
+        self.keeper: KeepAlive | None = None  # once opened
         self.committed = False  # the response has started: only in-band from here on
         self.content_type = ""
 
@@ -158,34 +177,38 @@ class EarlyStart:
         if self._started is None:
             self.content_type = content_type
             self._started = trio.Event()
-            self._nursery.start_soon(self._run)
+            self._scope = trio.CancelScope()
+            self.keeper = KeepAlive(self.interval, self._send, self._counted)
+            self._nursery.start_soon(self._run, self._scope, self.keeper, self._started)
 
-    async def _run(self) -> None:
-        with self._scope:
-            await trio.sleep(self.keeper.interval)
+    async def _run(self, scope: trio.CancelScope, keeper: KeepAlive, started: trio.Event) -> None:
+        with scope:
+            await trio.sleep(self.interval)
             self.committed = True  # (no checkpoint between this and the scope's end)
         if not self.committed:
             return
-        started = self._started
         try:
             await self._start(self.content_type)
-            await self.keeper.begin()
+            await keeper.begin()
         finally:
-            if started is not None:
-                started.set()
-        await self.keeper.run()
+            started.set()
+        await keeper.run()
 
-    async def settle(self) -> bool:
-        """Whether the response has started. If it has, once its head and any comment
-        being written are out (what the caller writes next comes after them); if not,
-        the timer is stopped and never starts it."""
-        if not self.committed:
+    def stop_unless_started(self) -> bool:
+        """Whether the response has started; if not, the timer (if any) is stopped and
+        never starts it."""
+        if self.committed:
+            return True
+        if self._scope is not None:
             self._scope.cancel()
-            return False
-        if self._started is not None:
-            await self._started.wait()
+        return False
+
+    async def settle(self) -> None:
+        """Once a started response's head and any comment being written are out (what
+        the caller writes next comes after them)."""
+        assert self._started is not None and self.keeper is not None  # (committed)
+        await self._started.wait()
         await self.keeper.settled()
-        return True
 
 
 def stream_opening(state: RequestState, content_type: str) -> None:
