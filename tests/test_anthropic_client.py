@@ -10,7 +10,6 @@ sent as ``x-api-key`` or a bearer token, and the proxy's metrics for the route.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 
 from .conftest import ServerProcess, demo_events_for
+from .test_metrics_e2e import wait_for
 
 WEATHER: Any = {
     "name": "get_weather",
@@ -320,15 +320,6 @@ def _total(url: str, name: str, **match: str) -> float:
     )
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 def test_metrics_count_the_route(server: ServerProcess, client: anthropic.Anthropic) -> None:
     labels = {"api": "anthropic", "endpoint": "v1_messages"}
     streams = _total(server.url, "trioproxy_streams_total", outcome="completed", **labels)
@@ -337,7 +328,7 @@ def test_metrics_count_the_route(server: ServerProcess, client: anthropic.Anthro
         model="demo-chat", max_tokens=100, messages=ask("[[tokens=5]]")
     ) as stream:
         stream.get_final_message()
-    _wait_for(
+    wait_for(
         lambda: (
             _total(server.url, "trioproxy_streams_total", outcome="completed", **labels)
             == streams + 1
@@ -360,14 +351,14 @@ def test_client_leaving_mid_stream_is_cancelled(
         for piece in stream.text_stream:
             if piece:
                 break  # leaving the block closes the response
-    _wait_for(
+    wait_for(
         lambda: (
             _total(server.url, "trioproxy_streams_total", outcome="cancelled", **labels)
             == before + 1
         )
     )
     # the backend's request ended with the client's, not 200 tokens later
-    _wait_for(
+    wait_for(
         lambda: (
             [e["outcome"] for e in demo_events_for(demo_backend, request_id)] == ["disconnected"]
         )

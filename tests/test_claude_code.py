@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 
 from .conftest import ServerProcess
-from .test_anthropic_client import _total, _wait_for
+from .test_anthropic_client import _total
+from .test_metrics_e2e import wait_for
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "claude_code"
 NPM = shutil.which("npm")
@@ -125,7 +126,7 @@ def test_a_tool_round_trip(ask: Callable[..., dict[str, Any]], server: ServerPro
     assert result["result"].startswith("Thanks! The tool returned:"), result["_report"]
     assert result["stop_reason"] == "end_turn"
     assert result["usage"]["output_tokens"] > 0 and result["usage"]["input_tokens"] > 0
-    _wait_for(
+    wait_for(
         lambda: (
             _total(server.url, "trioproxy_streams_total", outcome="completed", **LABELS)
             == completed + 2
