@@ -27,7 +27,8 @@ from pydantic import TypeAdapter
 
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
-from .test_anthropic_client import _total, _wait_for
+from .test_anthropic_client import _total
+from .test_metrics_e2e import wait_for
 
 StartProxy = Callable[..., ServerProcess]
 EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
@@ -857,4 +858,4 @@ def test_metrics_of_streams_and_answers(server: ServerProcess) -> None:
     # the stream's 120 + 9, the answer's 120 + 9, the broken stream's 1 chunk (twice:
     # the raw request and the SDK's) counted as a token each
     expected = (240, 20, 3, 1, 2)
-    _wait_for(lambda: tuple(a - b for a, b in zip(counts(), before, strict=True)) == expected)
+    wait_for(lambda: tuple(a - b for a, b in zip(counts(), before, strict=True)) == expected)
