@@ -479,7 +479,7 @@ _TEXT_HEAD = (
 )
 
 
-class AnthropicStreamTranslator(tr._StreamStats):
+class AnthropicStreamTranslator(tr._HeldToolCalls):
     """OpenAI ``chat.completion.chunk`` dicts in, Anthropic stream events out (dicts, each
     encoded by :func:`encode_event`), for ``relay.relay_ollama``.
 
@@ -493,11 +493,6 @@ class AnthropicStreamTranslator(tr._StreamStats):
     ``finish`` closes the last block and sends ``message_delta`` (stop reason, usage)
     and ``message_stop``.
     """
-
-    # the Ollama translator's tool-call accumulation, bounded the same way (held bytes)
-    _accumulate = tr.OllamaStreamTranslator._accumulate
-    _hold = tr.OllamaStreamTranslator._hold
-    _take_tool_calls = tr.OllamaStreamTranslator._take_tool_calls
 
     def __init__(
         self,
@@ -513,10 +508,6 @@ class AnthropicStreamTranslator(tr._StreamStats):
         self.message_id = message_id
         self._show_thinking = show_thinking
         self._stops = stops
-        self._on_tool_calls = None
-        self._tool_calls: list[Any] = []
-        self._slot_of_index: dict[int, int] = {}
-        self._tool_call_bytes = 0
         self._started = False
         self._finished = False
         self._blocks = 0  # blocks started so far: the next one's index

@@ -1756,7 +1756,89 @@ def _paired(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
 
 
-class OllamaStreamTranslator(_StreamStats):
+class _HeldToolCalls(_StreamStats):
+    """A stream translator that holds the backend's tool calls until they are whole, as
+    Ollama sends a call (the Ollama translator; the Anthropic one, ``anthropic``): the
+    pieces each call's deltas bring, bounded by MAX_HELD_TOOL_CALL_BYTES, taken whole by
+    ``_take_tool_calls``."""
+
+    def __init__(
+        self, start_ns: int, on_tool_calls: Callable[[list[JSONDict]], None] | None = None
+    ) -> None:
+        super().__init__(start_ns)
+        self._on_tool_calls = on_tool_calls
+        # calls in the order they started; where each backend index is being written
+        self._tool_calls: list[_PendingToolCall] = []
+        self._slot_of_index: dict[int, int] = {}
+        self._tool_call_bytes = 0  # held until the calls are whole: bounded
+
+    def _accumulate(self, delta: JSONDict) -> None:
+        index = delta.get("index")
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        call_id = delta.get("id")
+        name = function.get("name")
+        calls = self._tool_calls
+        slot: int | None
+        if isinstance(index, int):
+            slot = self._slot_of_index.get(index)
+            arguments = function.get("arguments")
+            if slot is not None and _starts_another_call(calls[slot], call_id, name, arguments):
+                # Parallel calls that all say index 0, told apart by their ids (Ollama's
+                # own /v1, SGLang, Gemini's OpenAI layer): a new id is a new call.
+                slot = None
+        elif calls and _continues_without_index(calls[-1], call_id, name, function):
+            slot = len(calls) - 1
+        else:
+            slot = None
+        if slot is None:
+            slot = len(calls)
+            position = index if isinstance(index, int) else slot
+            calls.append(_PendingToolCall(None, "", [], (position, slot)))
+            self._hold(_TOOL_CALL_OVERHEAD)
+            if isinstance(index, int):
+                self._slot_of_index[index] = slot
+        pending = calls[slot]
+        if call_id and pending.id is None:
+            pending.id = call_id
+        if name and not pending.name:
+            pending.name = name
+        extra = delta.get("extra_content")
+        if isinstance(extra, dict) and pending.extra_content is None:
+            pending.extra_content = extra
+        args = function.get("arguments")
+        if isinstance(args, dict):
+            # too deep to write (NestedTooDeeply): the relay ends the stream, the backend's fault
+            args = compact_json_text(args)
+        if isinstance(args, str):
+            self._hold(len(args))
+            pending.arguments.append(args)
+
+    def _hold(self, size: int) -> None:
+        self._tool_call_bytes += size
+        if self._tool_call_bytes > MAX_HELD_TOOL_CALL_BYTES:
+            raise StreamTooLarge(
+                f"the backend's tool calls exceed {MAX_HELD_TOOL_CALL_BYTES} bytes before they "
+                "end (a backend that never finishes them?)"
+            )
+
+    def _take_tool_calls(self) -> list[JSONDict]:
+        calls = [
+            {
+                "id": p.id,
+                "function": {"name": p.name, "arguments": "".join(p.arguments)},
+                "extra_content": p.extra_content,
+            }
+            for p in sorted(self._tool_calls, key=lambda p: p.order)
+        ]
+        if self._on_tool_calls is not None:
+            self._on_tool_calls(calls)
+        self._tool_calls = []
+        self._slot_of_index = {}
+        self._tool_call_bytes = 0
+        return _ollama_tool_calls(calls)
+
+
+class OllamaStreamTranslator(_HeldToolCalls):
     """OpenAI ``chat.completion.chunk`` dicts in, Ollama NDJSON objects out.
 
     ``feed`` returns the lines to emit now (often none: role-only and usage-only chunks produce
@@ -1794,18 +1876,14 @@ class OllamaStreamTranslator(_StreamStats):
     ) -> None:
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
-        super().__init__(start_ns)
+        # on_tool_calls: told the whole calls as the backend wrote them
+        # (signatures.ThoughtSignatures)
+        super().__init__(start_ns, on_tool_calls)
         self.kind = kind
         self.model = model
         # think: false hides the reasoning; its chunks are still tokens the backend made
         self._show_thinking = show_thinking
         self._created_at = created_at
-        # told the whole calls as the backend wrote them (signatures.ThoughtSignatures)
-        self._on_tool_calls = on_tool_calls
-        # calls in the order they started; where each backend index is being written
-        self._tool_calls: list[_PendingToolCall] = []
-        self._slot_of_index: dict[int, int] = {}
-        self._tool_call_bytes = 0  # held until the calls are whole: bounded
         self._finished = False
         # Three attributes for what follows, no more: past 30 an instance's attributes
         # are no longer stored the fast way (CPython's shared keys), and every chunk's
@@ -2022,71 +2100,6 @@ class OllamaStreamTranslator(_StreamStats):
                 line["tool_calls"] = tool_calls
         line["done"] = False
         return line
-
-    def _accumulate(self, delta: JSONDict) -> None:
-        index = delta.get("index")
-        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
-        call_id = delta.get("id")
-        name = function.get("name")
-        calls = self._tool_calls
-        slot: int | None
-        if isinstance(index, int):
-            slot = self._slot_of_index.get(index)
-            arguments = function.get("arguments")
-            if slot is not None and _starts_another_call(calls[slot], call_id, name, arguments):
-                # Parallel calls that all say index 0, told apart by their ids (Ollama's
-                # own /v1, SGLang, Gemini's OpenAI layer): a new id is a new call.
-                slot = None
-        elif calls and _continues_without_index(calls[-1], call_id, name, function):
-            slot = len(calls) - 1
-        else:
-            slot = None
-        if slot is None:
-            slot = len(calls)
-            position = index if isinstance(index, int) else slot
-            calls.append(_PendingToolCall(None, "", [], (position, slot)))
-            self._hold(_TOOL_CALL_OVERHEAD)
-            if isinstance(index, int):
-                self._slot_of_index[index] = slot
-        pending = calls[slot]
-        if call_id and pending.id is None:
-            pending.id = call_id
-        if name and not pending.name:
-            pending.name = name
-        extra = delta.get("extra_content")
-        if isinstance(extra, dict) and pending.extra_content is None:
-            pending.extra_content = extra
-        args = function.get("arguments")
-        if isinstance(args, dict):
-            # too deep to write (NestedTooDeeply): the relay ends the stream, the backend's fault
-            args = compact_json_text(args)
-        if isinstance(args, str):
-            self._hold(len(args))
-            pending.arguments.append(args)
-
-    def _hold(self, size: int) -> None:
-        self._tool_call_bytes += size
-        if self._tool_call_bytes > MAX_HELD_TOOL_CALL_BYTES:
-            raise StreamTooLarge(
-                f"the backend's tool calls exceed {MAX_HELD_TOOL_CALL_BYTES} bytes before they "
-                "end (a backend that never finishes them?)"
-            )
-
-    def _take_tool_calls(self) -> list[JSONDict]:
-        calls = [
-            {
-                "id": p.id,
-                "function": {"name": p.name, "arguments": "".join(p.arguments)},
-                "extra_content": p.extra_content,
-            }
-            for p in sorted(self._tool_calls, key=lambda p: p.order)
-        ]
-        if self._on_tool_calls is not None:
-            self._on_tool_calls(calls)
-        self._tool_calls = []
-        self._slot_of_index = {}
-        self._tool_call_bytes = 0
-        return _ollama_tool_calls(calls)
 
 
 class OllamaCompletionStreamTranslator(OllamaStreamTranslator):
