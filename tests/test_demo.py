@@ -113,7 +113,7 @@ def test_directives_parse_and_reject() -> None:
 def test_stored_responses_are_bounded_oldest_first() -> None:
     store = demo_responses.ResponseStore(limit=3)
     for n in range(5):
-        store.add({"id": f"resp_{n}"}, (), {"input": "hi"})
+        store.add({"id": f"resp_{n}"}, {"input": "hi"})
     assert len(store) == 3
     assert store.get("resp_1") is None and store.get("resp_4") is not None
 

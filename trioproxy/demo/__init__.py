@@ -16,7 +16,10 @@ content's tokens, in OpenAI's shape, streamed and not; so do text completions as
 ``top_logprobs``, ``text_offset``).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
-``POST /v1/responses`` (the Responses API, text output; stored, with ``background``), its
+``POST /v1/responses`` (the Responses API, answered as chat is: function ``tools`` called,
+a ``function_call_output`` answered with what the tool returned, ``text.format`` JSON, a
+reasoning item first from demo-reasoner; stored, with ``background``; an unknown
+``previous_response_id`` is a 404), its
 routes by id (``GET``/``DELETE /v1/responses/{id}``, ``?stream=true&starting_after=N``
 replays the events, ``POST …/cancel``, ``GET …/input_items``), ``POST
 /v1/responses/input_tokens`` and ``/v1/responses/compact``, ``GET /v1/models``,

@@ -559,27 +559,32 @@ class DemoApp:
         return _Reply(body=_dumps(response).encode(), tokens=len(tokens)), directives
 
     def _prepare_response(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
-        """OpenAI's Responses API, text output only: ``input`` is a string or a list of
-        messages; ``max_output_tokens`` caps the reply (status "incomplete"). Stored unless
-        ``store`` is false; ``background`` answers "queued" and stores the finished reply."""
+        """OpenAI's Responses API: ``input`` is a string or a list of items; function
+        ``tools`` are called, ``text.format`` answers JSON, a ``function_call_output`` last
+        is answered with what the tool returned, demo-reasoner reasons first (a reasoning
+        item) as on chat; ``max_output_tokens`` caps the reply (status "incomplete"). Stored
+        unless ``store`` is false; ``background`` answers "queued" and stores the finished
+        reply; a ``previous_response_id`` must name a stored response."""
         model = _model_of(body, ex, script.CHAT_MODELS, "responses")
         texts = _planned(responses.input_texts, body.get("input"))
+        previous = body.get("previous_response_id")
+        if previous is not None and self.responses.get(str(previous)) is None:
+            message = f"Previous response with id '{previous}' not found."
+            raise ApiError(404, message, param="previous_response_id")
         directives = _directives(texts[-1])
-        tokens, finish = _planned(
-            script.plan_response, body, directives, self.settings.default_tokens
-        )
+        reply = _planned(responses.plan, body, directives, self.settings.default_tokens)
         stream = ex.entry["stream"] = body.get("stream") is True
         input_tokens = sum(script.count_words(t) for t in texts)
-        response = responses.response_object(
-            f"resp_demo{self._id_prefix}{ex.entry['id']:x}", model, tokens, finish, input_tokens
-        )
+        rid = f"resp_demo{self._id_prefix}{ex.entry['id']:x}"
+        response = responses.response_object(rid, model, reply, input_tokens)
         if body.get("store") is not False:
-            self.responses.add(response, tokens, body)
+            self.responses.add(response, body)
         if stream:
-            return _response_stream(responses.stream_events(response, tokens)), directives
+            return _response_stream(responses.stream_parts(response)), directives
+        tokens = response["usage"]["output_tokens"]
         if body.get("background") is True:
             response = responses.queued(response)
-        return _Reply(body=_dumps(response).encode(), tokens=len(tokens)), directives
+        return _Reply(body=_dumps(response).encode(), tokens=tokens), directives
 
     def _prepare_embeddings(self, body: dict[str, Any], ex: _Exchange) -> tuple[_Reply, Directives]:
         model = _model_of(body, ex, script.EMBED_MODELS, "embeddings")
@@ -935,19 +940,29 @@ async def _replay(send: Send, stored: responses.Stored, query: dict[str, list[st
         after = int(query.get("starting_after", ["-1"])[0])
     except ValueError:
         raise ApiError(400, "starting_after must be an integer", param="starting_after") from None
-    events = responses.stream_events(stored.response, stored.tokens)[after + 1 :]
+    events = responses.stream_events(stored.response)[after + 1 :]
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
     for event in events:
         await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _response_stream(events: list[str]) -> _Reply:
-    opening, closing = responses.OPENING_EVENTS, responses.CLOSING_EVENTS
+def _response_stream(parts: list[tuple[str, bool]]) -> _Reply:
+    """A Responses stream paced by its deltas: the events before the first go out at
+    once, each delta with the events that lead up to it, and those after the last close
+    the stream."""
+    deltas = [n for n, (_, delta) in enumerate(parts) if delta]
+    first = deltas[0] if deltas else len(parts) - 1
+    last = deltas[-1] if deltas else first - 1
+    pieces = []
+    start = first
+    for n in deltas:
+        pieces.append("".join(text for text, _ in parts[start : n + 1]))
+        start = n + 1
     return _Reply(
-        head="".join(events[:opening]),
-        pieces=events[opening:-closing],
-        tail="".join(events[-closing:]),
+        head="".join(text for text, _ in parts[:first]),
+        pieces=pieces,
+        tail="".join(text for text, _ in parts[last + 1 :]),
         stream=True,
     )
 
