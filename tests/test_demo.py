@@ -237,6 +237,22 @@ async def test_reasoner_and_json_mode(sdk: openai.AsyncOpenAI, demo_url: str) ->
     assert whole.choices[0].message.reasoning_content == demo_script.REASONING
 
 
+async def test_reasoner_counts_its_reasoning_in_completion_tokens_on_a_tool_call(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """Reasoning tokens are part of completion_tokens, as OpenAI counts them: a tool-call
+    turn of demo-reasoner reported fewer completion tokens than reasoning tokens."""
+    whole = await sdk.chat.completions.create(
+        model="demo-reasoner", messages=user("What's the weather in Paris?"), tools=[WEATHER_TOOL]
+    )
+    assert whole.choices[0].finish_reason == "tool_calls"
+    usage = whole.usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    reasoning = usage.completion_tokens_details.reasoning_tokens
+    assert reasoning and usage.completion_tokens > reasoning
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
 async def test_embeddings_float_and_base64(sdk: openai.AsyncOpenAI, demo_url: str) -> None:
     floats = await sdk.embeddings.create(
         model="demo-embed", input=["one two", "three"], encoding_format="float"

@@ -245,8 +245,9 @@ class ChatPlan:
 
     @property
     def completion_tokens(self) -> int:
+        # reasoning tokens are completion tokens too (OpenAI counts them in both)
         if self.tool_call is not None:
-            return len(split_arguments(self.tool_call.arguments))
+            return len(split_arguments(self.tool_call.arguments)) + len(self.reasoning)
         return len(self.content) + len(self.reasoning)
 
 
