@@ -129,6 +129,17 @@ def test_input_items_are_paged_as_openai_pages_them() -> None:
     assert newest["first_id"] == items[-1]["id"]
 
 
+def test_input_items_list_function_calls_as_their_own_items() -> None:
+    """A tool loop's input lists its function call and the call's output as those items
+    (they were listed as empty user messages)."""
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "42"}
+    items = demo_responses.input_items([{"role": "user", "content": "hi"}, call, output], "r")
+    assert [i["type"] for i in items] == ["message", "function_call", "function_call_output"]
+    assert items[1]["call_id"] == items[2]["call_id"] == "c1" and items[2]["output"] == "42"
+    assert all(i["id"] and i["status"] == "completed" for i in items)
+
+
 def test_script_is_deterministic() -> None:
     schema = WEATHER_TOOL["function"]["parameters"]
     args = demo_script.example_object(schema)

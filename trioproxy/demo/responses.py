@@ -246,6 +246,10 @@ def input_items(value: Any, rid: str) -> list[dict[str, Any]]:
     items = []
     for n, message in enumerate(m for m in messages if isinstance(m, dict)):
         item_id = f"msg_{rid.removeprefix('resp_')}_in{n}"
+        if message.get("type", "message") != "message":
+            # function calls, their outputs, reasoning: listed as the items they are
+            items.append({"id": item_id, "status": "completed", **message})
+            continue
         text = script.content_text(message.get("content"))
         role = message.get("role")
         if role == "assistant":
@@ -295,7 +299,7 @@ def compacted(rid: str, body: dict[str, Any], earlier: Stored | None) -> dict[st
     items = list(earlier.items) if earlier is not None else []
     if body.get("input") is not None:
         items += input_items(body["input"], rid)
-    words = sum(script.count_words(item["content"][0]["text"]) for item in items)
+    words = sum(script.count_words(item["content"][0]["text"]) for item in items if "role" in item)
     compaction = {
         "id": "cmp_" + rid.removeprefix("resp_"),
         "type": "compaction",
