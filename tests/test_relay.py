@@ -424,6 +424,37 @@ async def test_a_failure_the_backend_reports_in_the_stream_counts_as_an_error() 
         assert metric.stream_outcome == "error"
 
 
+def test_a_responses_stream_ends_early_with_that_apis_error_event() -> None:
+    """A shutdown (or the proxy's own failure) ends a Responses API stream with that API's
+    ``error`` event, the error object beside its fields (the openai SDKs raise on it);
+    a chat completions stream with OpenAI's ``{"error": ...}`` as before."""
+    message = "the proxy is shutting down"
+    end = relay.StreamEnd()
+    end.responses = True
+    responses = relay.stream_end_error(relay.EVENT_STREAM, end, message, "service_unavailable")
+    assert responses is not None and responses.startswith(b"event: error\ndata: ")
+    event = json.loads(responses.split(b"data: ", 1)[1])
+    fields = {"code": "service_unavailable", "message": message, "param": None}
+    assert event == {
+        "type": "error",
+        "sequence_number": 0,
+        **fields,
+        "error": {"type": "api_error", **fields},
+    }
+    for end in (relay.StreamEnd(), None):
+        chat = relay.stream_end_error(relay.EVENT_STREAM, end, message, "service_unavailable")
+        assert chat is not None
+        assert json.loads(chat.removeprefix(b"data: ")) == {
+            "error": {"type": "api_error", **fields}
+        }
+    # a backend's error reply, after an early start: its type, and a code as a string
+    body = json.dumps({"error": {"message": "slow down", "type": "rate_limit_error", "code": 429}})
+    failure = relay.in_band_failure(relay.EVENT_STREAM, 429, body.encode(), responses=True)
+    assert failure is not None
+    event = json.loads(failure.split(b"data: ", 1)[1])
+    assert (event["code"], event["error"]["type"]) == ("429", "rate_limit_error")
+
+
 async def test_a_resumed_responses_stream_is_watched_but_not_counted_again() -> None:
     """``GET /v1/responses/{id}?stream=true`` replays a response its POST already counted:
     the replay ends at its closing event and lifts the first-token deadline, but adds no

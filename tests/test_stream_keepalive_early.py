@@ -229,6 +229,32 @@ def test_a_failure_after_the_start_is_an_in_band_error(proxy: ServerProcess) -> 
     assert " 500 " in proxy.log().rsplit("/v1/chat/completions", 1)[1].splitlines()[0]
 
 
+def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_event(
+    proxy: ServerProcess,
+) -> None:
+    """On /v1/responses the in-band error is the Responses API's ``error`` event, with the
+    backend's message, type and code (the Vercel AI SDK's schema refuses chat
+    completions' bare ``{"error": ...}`` there), which the openai SDK raises on too."""
+    before = _outcomes(proxy.url, "v1_response")
+    body = {"model": "late-500", "input": "q", "stream": True}
+    with httpx.stream("POST", proxy.url + "/v1/responses", json=body, timeout=10) as response:
+        assert response.status_code == 200  # started early
+        lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
+    assert lines[0] == "event: error", lines
+    event = json.loads(lines[1].removeprefix("data: "))
+    error = {"code": None, "message": "the model crashed", "param": None}
+    assert event == {
+        "type": "error",
+        "sequence_number": 0,
+        **error,
+        "error": {"type": "server_error", **error},
+    }
+    _wait_for_outcome(proxy.url, before, "error", "v1_responses")
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError, match="the model crashed"):
+        list(client.responses.create(model="late-500", input="q", stream=True))
+
+
 def test_a_late_429_is_the_anthropic_sdks_error(proxy: ServerProcess) -> None:
     before = _outcomes(proxy.url, "v1_messages")
     with anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0) as sdk:

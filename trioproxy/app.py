@@ -77,7 +77,7 @@ from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
 from .metrics.labels import loggable_path
 from .model_mapping import ModelMapper
-from .relay import in_band_error
+from .relay import stream_end_error
 from .upstream import UpstreamPool, check_client_environment
 
 log = logging.getLogger("trioproxy")
@@ -504,7 +504,9 @@ def _shutdown_end(reply: Reply, call: Call) -> bytes:
     if metric is not None:
         metric.status_code = 503  # the effective status of a stream cut short by us
         metric.stream_outcome = "error"
-    end = in_band_error(reply.content_type, fastpath.SHUTDOWN_MESSAGE, code="service_unavailable")
+    end = stream_end_error(
+        reply.content_type, reply.end, fastpath.SHUTDOWN_MESSAGE, "service_unavailable"
+    )
     return end or b""
 
 

@@ -42,7 +42,7 @@ from .exchange import (
 )
 from .json_threads import joined
 from .keepalive import EarlyStart, KeepAlive
-from .relay import STREAM_HEADERS, in_band_error, in_band_failure
+from .relay import STREAM_HEADERS, in_band_failure, stream_end_error
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -425,7 +425,9 @@ async def _write_started(
     try:
         if reply.status >= 400:
             _note_failed_after_start(tracked, reply.status)
-            body = in_band_failure(early.content_type, reply.status, reply.body)
+            body = in_band_failure(
+                early.content_type, reply.status, reply.body, responses=early.responses
+            )
         else:
             body = reply.body  # (no route answers a stream's request so; as it came)
         if body:
@@ -523,7 +525,9 @@ async def _stream(
                     )
     ended = reply.end is not None and reply.end.reached
     if scope.cancelled_caught and not ended:  # shutting down: end in-band, not mid-chunk
-        end = in_band_error(reply.content_type, SHUTDOWN_MESSAGE, code="service_unavailable")
+        end = stream_end_error(
+            reply.content_type, reply.end, SHUTDOWN_MESSAGE, "service_unavailable"
+        )
         if end:
             await send({"type": "http.response.body", "body": end, "more_body": True})
         _note_shutdown(tracked)

@@ -151,6 +151,7 @@ class EarlyStart:
         "content_type",
         "interval",
         "keeper",
+        "responses",
     )
 
     def __init__(
@@ -171,11 +172,13 @@ class EarlyStart:
         self.keeper: KeepAlive | None = None  # once opened
         self.committed = False  # the response has started: only in-band from here on
         self.content_type = ""
+        self.responses = False  # the Responses API's stream: its error event is its own
 
-    def open(self, content_type: str) -> None:
+    def open(self, content_type: str, *, responses: bool = False) -> None:
         """The stream's request goes to the backend: the timer starts (once)."""
         if self._started is None:
             self.content_type = content_type
+            self.responses = responses
             self._started = trio.Event()
             self._scope = trio.CancelScope()
             self.keeper = KeepAlive(self.interval, self._send, self._counted)
@@ -211,10 +214,11 @@ class EarlyStart:
         await self.keeper.settled()
 
 
-def stream_opening(state: RequestState, content_type: str) -> None:
-    """A route's word that a stream of ``content_type`` (an event stream) is being
-    requested from the backend: with STREAM_KEEPALIVE_SECONDS, its response may start
-    before the backend's first event (:class:`EarlyStart`)."""
+def stream_opening(state: RequestState, content_type: str, *, responses: bool = False) -> None:
+    """A route's word that a stream of ``content_type`` (an event stream; ``responses``:
+    the Responses API's) is being requested from the backend: with
+    STREAM_KEEPALIVE_SECONDS, its response may start before the backend's first event
+    (:class:`EarlyStart`)."""
     early = state.early_start
     if early is not None:
-        early.open(content_type)
+        early.open(content_type, responses=responses)

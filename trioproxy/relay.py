@@ -41,6 +41,7 @@ from .sse import (
     encode_sse,
     error_fields_as_data,
     openai_error_event,
+    responses_error_event,
 )
 from .translate import FINISHED_WITH_ERROR, StreamTooLarge, read_chunk
 from .upstream import forwarded_headers
@@ -106,12 +107,14 @@ DRAIN_SECONDS = 0.25
 class StreamEnd:
     """Set by a relay once the stream's last line (its done line, ``[DONE]`` or its error
     line) is out. What the relay does after (reading the rest of the backend's body) is
-    housekeeping that a shutdown may cut without telling the client anything."""
+    housekeeping that a shutdown may cut without telling the client anything.
+    ``responses``: the stream is the Responses API's, whose error event is its own."""
 
-    __slots__ = ("reached",)
+    __slots__ = ("reached", "responses")
 
     def __init__(self) -> None:
         self.reached = False
+        self.responses = False  # set by the route that knows (no keyword: 35 ns, not 100)
 
 
 class _Reader:
@@ -528,7 +531,9 @@ async def relay_openai(
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         _reached(end)
-        yield openai_error_event(error, "api_error", code)
+        yield (responses_error_event if _responses(end) else openai_error_event)(
+            error, "api_error", code
+        )
     if finished:
         # [DONE] is out: the openai SDK closes the response at it, and the stream counts
         # as completed though the drain below is cut short
@@ -922,24 +927,33 @@ def ndjson_error(message: str) -> bytes:
     return dumps({"error": message}) + b"\n"
 
 
-def in_band_error(content_type: str, message: str, *, code: str | None = None) -> bytes | None:
+def in_band_error(
+    content_type: str, message: str, *, code: str | None = None, responses: bool = False
+) -> bytes | None:
     """The line that ends a stream of this content type early, in its dialect: what
-    ollama clients raise as ``ResponseError``, the openai SDK as ``APIError``."""
+    ollama clients raise as ``ResponseError``, the openai SDK as ``APIError`` (on a
+    Responses API stream, ``responses``, that API's error event, which the openai SDK
+    raises on too)."""
     if content_type == NDJSON:
         return ndjson_error(message)
     if content_type == ANTHROPIC_EVENT_STREAM:  # the anthropic SDK raises on its error event
         return anthropic_error_event(message, 503 if code == "service_unavailable" else 500)
     if content_type == EVENT_STREAM:
+        if responses:
+            return responses_error_event(message, "api_error", code)
         return openai_error_event(message, "api_error", code)
     return None
 
 
-def in_band_failure(content_type: str, status: int, body: bytes) -> bytes | None:
+def in_band_failure(
+    content_type: str, status: int, body: bytes, *, responses: bool = False
+) -> bytes | None:
     """A failure reply (``status``, its JSON body in the caller's dialect) as the event
     that ends a stream of ``content_type`` already started (``STREAM_KEEPALIVE_SECONDS``
     started it before the backend's first event): an error object the SDKs read is kept
-    whole (its type and code: a rate limit stays one), re-encoded on one line; any other
-    body becomes :func:`in_band_error` of its message."""
+    whole (its type and code: a rate limit stays one), re-encoded on one line (on a
+    Responses API stream, ``responses``, as that API's error event); any other body
+    becomes :func:`in_band_error` of its message."""
     try:
         payload: Any = loads(body)
     except ValueError:
@@ -948,12 +962,28 @@ def in_band_failure(content_type: str, status: int, body: bytes) -> bytes | None
     if isinstance(inner, dict) and isinstance(inner.get("message"), str):
         if content_type == ANTHROPIC_EVENT_STREAM and payload.get("type") == "error":
             return b"event: error\ndata: " + compact_json(payload) + b"\n\n"
+        if content_type == EVENT_STREAM and responses:
+            kind = inner.get("type")
+            kind = kind if isinstance(kind, str) and kind else "api_error"
+            return responses_error_event(
+                inner["message"], kind, inner.get("code"), inner.get("param")
+            )
         if content_type == EVENT_STREAM:
             return encode_sse(payload)
     message = upstream_error_message(body, status)
     if content_type == ANTHROPIC_EVENT_STREAM:
         return anthropic_error_event(message, status)
-    return in_band_error(content_type, message)
+    return in_band_error(content_type, message, responses=responses)
+
+
+def stream_end_error(content_type: str, end: object, message: str, code: str) -> bytes | None:
+    """:func:`in_band_error` for a stream whose reply has ``end`` (a :class:`StreamEnd`,
+    which says whether the stream is the Responses API's)."""
+    return in_band_error(content_type, message, code=code, responses=_responses(end))
+
+
+def _responses(end: object) -> bool:
+    return isinstance(end, StreamEnd) and end.responses
 
 
 def _stream_broke(

@@ -78,7 +78,7 @@ async def forward(
             call, tr.openai_passthrough_request(body, backend_model)
         )
     if body.get("stream") is True:
-        stream_opening(state, EVENT_STREAM)
+        stream_opening(state, EVENT_STREAM, responses=creates_response)
         result = await open_stream(call, backend_path, payload)
         rewrite = None
         if backend_model != client_model:
@@ -373,6 +373,9 @@ def _stream_reply(
     stream_options: object = None,
 ) -> Reply:
     metric = call.state.metric
+    end = StreamEnd()
+    if isinstance(observer, tr.ResponsesStreamObserver):
+        end.responses = True  # its in-band error is the Responses API's error event
     chunks = relay_openai(
         result.response,
         observer,
@@ -381,7 +384,7 @@ def _stream_reply(
         sent_at=result.started,  # the first-token deadline counts from here
         collector=call.app.collector,
         rewrite_model=rewrite,
-        end=(end := StreamEnd()),
+        end=end,
         on_finish=on_finish,
         stream_options=stream_options,
     )

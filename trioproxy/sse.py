@@ -27,6 +27,7 @@ __all__ = [
     "error_field_as_data",
     "error_fields_as_data",
     "openai_error_event",
+    "responses_error_event",
 ]
 
 SSE_DONE = "[DONE]"
@@ -307,3 +308,20 @@ def openai_error_event(
 ) -> bytes:
     """The in-band error event the openai SDK turns into ``APIError`` mid-stream."""
     return encode_sse({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+def responses_error_event(
+    message: str, type_: str = "api_error", code: object = None, param: object = None
+) -> bytes:
+    """The in-band error event of a Responses API stream: that API's own ``error`` event
+    (``type``, ``code``, ``message``, ``param``, ``sequence_number``), which the Vercel AI
+    SDK's schema requires (a bare ``{"error": ...}`` fails its validation, and the message
+    is lost), with the error object beside them that the openai SDKs raise ``APIError``
+    from. ``code`` and ``param`` are strings or null there. The event is the proxy's, not
+    one of the response's: its ``sequence_number`` is 0, no place to resume from."""
+    code = None if code is None else str(code)
+    param = param if isinstance(param, str) else None
+    error = {"type": type_, "code": code, "message": message, "param": param}
+    event = {"type": "error", "sequence_number": 0, "code": code, "message": message}
+    event |= {"param": param, "error": error}
+    return b"event: error\n" + encode_sse(event)
