@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from trioproxy.jsonutil import compact_json
 from trioproxy.model_mapping import DeclaredModel, ModelMapper
 from trioproxy.translate import (
+    OllamaCompletionStreamTranslator,
     OllamaStreamTranslator,
     OpenAIStreamObserver,
     RequestValidationError,
@@ -979,6 +980,29 @@ def test_stream_generate_thinking_and_length() -> None:
     for line in [*lines, final]:
         GenerateResponse.model_validate(line)
         assert "message" not in line
+
+
+def test_a_generates_done_line_has_a_context_as_ollamas_has() -> None:
+    """Ollama's done line of a generate always carries ``context`` (its token ids; the
+    proxy has none: an empty list), streamed or not, and only that line: the Vercel AI
+    SDK's ollama-ai-provider-v2 refused a generate without it ("Invalid JSON response").
+    Chat lines have none."""
+    whole = openai_chat_to_ollama_generate(_chat_resp({"content": "hi"}), "m", CREATED, TIMINGS)
+    assert whole["context"] == [] and whole["done"] is True
+    assert "context" not in openai_chat_to_ollama_chat(
+        _chat_resp({"content": "hi"}), "m", CREATED, TIMINGS
+    )
+    for kind in ("generate", "chat"):
+        t = _translator(kind)
+        lines = t.feed(_chunk({"content": "hi"}), 1_100)
+        lines += t.feed(_chunk({}, finish="stop"), 1_200)
+        final = t.finish(1_300)
+        assert not any("context" in line for line in lines)
+        assert final.get("context") == ([] if kind == "generate" else None)
+    # Ollama's raw mode (a text completion behind it) has none
+    raw = OllamaCompletionStreamTranslator("m", start_ns=0)
+    raw.feed({"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}, 10)
+    assert "context" not in raw.finish(20)
 
 
 def test_stream_chat_thinking_line_has_empty_content() -> None:

@@ -1140,6 +1140,11 @@ def openai_chat_to_ollama_generate(
     if logprobs and (entries := choice_logprobs(choice)):
         out["logprobs"] = entries
     out.update(_final_fields(resp, choice.get("finish_reason"), timings))
+    # Ollama's done line of a generate (but a raw one) always has ``context``, the
+    # conversation's token ids for the client to send back as memory; some clients require
+    # it (ollama-ai-provider-v2's completion model refuses a done line without it). The
+    # proxy has no tokenizer, and drops a ``context`` sent back: an empty one.
+    out["context"] = []
     return out
 
 
@@ -1863,6 +1868,9 @@ class OllamaStreamTranslator(_HeldToolCalls):
     each line's wall-clock stamp.
     """
 
+    # a generate's done line has ``context`` (a class attribute: instances keep < 30)
+    done_context = True
+
     def __init__(
         self,
         kind: Literal["chat", "generate"],
@@ -2003,6 +2011,8 @@ class OllamaStreamTranslator(_HeldToolCalls):
             eval_count=eval_count,
             eval_duration=eval_ns,
         )
+        if self.kind == "generate" and self.done_context:
+            line["context"] = []  # see openai_chat_to_ollama_generate
         return line
 
     @staticmethod
@@ -2110,6 +2120,8 @@ class OllamaCompletionStreamTranslator(OllamaStreamTranslator):
     :func:`completion_logprobs`) and never tries the chat chunk shortcut of ``feed_text``,
     which a text chunk never matches. The chat translator's own path is left as it is.
     """
+
+    done_context = False  # Ollama's raw mode sends no context
 
     def __init__(
         self,
