@@ -155,13 +155,14 @@ def run(node_modules: Path, proxy: ServerProcess) -> RunScenario:
     return scenario_runner(proxy.url)
 
 
-def scenario_runner(url: str) -> RunScenario:
-    """Run clients.mjs's scenarios against the proxy at *url*."""
+def scenario_runner(url: str, script: Path = SCRIPT) -> RunScenario:
+    """Run the scenarios of *script* (clients.mjs, or another in tests/js that prints its
+    report the same way) against the proxy at *url*."""
     assert NODE is not None
 
     def run_scenario(scenario: str) -> Result:
         done = subprocess.run(
-            [NODE, str(SCRIPT), url, scenario],
+            [NODE, str(script), url, scenario],
             cwd=JS_DIR,
             capture_output=True,
             text=True,
