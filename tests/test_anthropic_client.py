@@ -139,16 +139,20 @@ def test_raw_create_stream(client: anthropic.Anthropic) -> None:
 @pytest.mark.parametrize("streamed", [False, True])
 def test_tool_round_trip(client: anthropic.Anthropic, streamed: bool) -> None:
     history: list[Any] = ask("weather in Paris?")
+    partial: list[str] = []  # the call's input as it was streamed
 
     def create(**more: Any) -> Message:
         args: dict[str, Any] = {"model": "demo-chat", "max_tokens": 200, "tools": [WEATHER]}
         if streamed:
             with client.messages.stream(**args, **more) as stream:
+                partial.extend(e.partial_json for e in stream if e.type == "input_json")
                 return stream.get_final_message()
         return client.messages.create(**args, **more)
 
     first = create(messages=history, tool_choice={"type": "any"})
     assert first.stop_reason == "tool_use"
+    if streamed:  # in pieces as the backend wrote them, not whole at the end
+        assert len(partial) > 1 and json.loads("".join(partial)) == {"city": "demo"}
     (call,) = first.content
     assert call.type == "tool_use" and call.name == "get_weather"
     assert call.input == {"city": "demo"}

@@ -407,11 +407,12 @@ def streamed_message(chunks: list[dict[str, Any]], **options: Any) -> dict[str, 
     events = [event for i, c in enumerate(chunks) for event in translator.feed(c, i + 1)]
     events += translator.finish(len(chunks) + 1)
     snapshot = None
+    json_bufs: dict[int, bytes] = {}  # each tool_use block's input so far, as the SDK keeps it
     for event in events:
         encoded = an.encode_event(event).decode()
         assert encoded.startswith(f"event: {event['type']}\ndata: ")
         snapshot = accumulate_event(
-            event=EVENTS.validate_python(event), current_snapshot=snapshot, json_bufs={}
+            event=EVENTS.validate_python(event), current_snapshot=snapshot, json_bufs=json_bufs
         )
     assert snapshot is not None
     return snapshot.model_dump(exclude_none=True)
@@ -452,25 +453,138 @@ def test_stream_accumulates_to_the_answer(
     assert streamed == Message.model_validate(whole).model_dump(exclude_none=True)
 
 
-def test_stream_counts_tokens_and_holds_calls_until_whole() -> None:
-    resp = completion("Hi there", calls=[("f", '{"a": 1}')], finish="tool_calls")
+def test_stream_counts_tokens_and_streams_calls_as_they_come() -> None:
+    resp = completion("Hi there", calls=[("f", '{"a": 1, "b": "xyz"}')], finish="tool_calls")
     chunks = as_chunks(resp, [2], 3)
     translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
     fed = [translator.feed(c, i + 1) for i, c in enumerate(chunks)]
     assert fed[0] == []  # the role chunk: message_start waits for the first block
     kinds = [e["type"] for e in fed[1]]
     assert kinds == ["message_start", "content_block_start", "content_block_delta"]
-    # the call's fragments produce nothing until the finish_reason
-    finish_at = len(chunks) - 2
-    assert all(not fed[i] for i in range(3, finish_at))
-    deltas = [e["delta"] for e in fed[finish_at] if e["type"] == "content_block_delta"]
-    assert deltas == [{"type": "input_json_delta", "partial_json": '{"a":1}'}]
+    # the call's block opens with its first fragment, each fragment goes out as it comes
+    # (as far as it keeps a JSON object's start: the comma waits for what follows it)
+    calls_at = [i for i, c in enumerate(chunks) if c["choices"] and "tool_calls" in delta(c)]
+    assert [e["type"] for e in fed[calls_at[0]]][:2] == [
+        "content_block_stop",
+        "content_block_start",
+    ]
+    assert fed[calls_at[0]][1]["content_block"] == {
+        "type": "tool_use", "id": "call_0", "name": "f", "input": {}
+    }  # fmt: skip
+    partial = [
+        e["delta"]["partial_json"]
+        for i in calls_at
+        for e in fed[i]
+        if e["type"] == "content_block_delta"
+    ]
+    assert partial == ["{", '"a":1', ',"b":"xyz', '"}']
     assert translator.first_token_ns == 2 and translator.prompt_tokens == 7
     end = translator.finish(99)
     assert end[-2]["usage"] == {"output_tokens": 3, "input_tokens": 7}
     assert end[-2]["delta"]["stop_reason"] == "tool_use"
     with pytest.raises(RuntimeError):
         translator.finish(100)
+
+
+def delta(chunk: dict[str, Any]) -> dict[str, Any]:
+    return chunk["choices"][0]["delta"]
+
+
+def call_chunk(index: int, arguments: str, name: str | None = None) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+    if name is not None:
+        call |= {"id": f"call_{index}", "type": "function"}
+        call["function"]["name"] = name
+    return {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
+
+
+def finish_chunk(reason: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+
+def fed_events(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    events = [event for i, c in enumerate(chunks) for event in translator.feed(c, i + 1)]
+    return events + translator.finish(len(chunks) + 1)
+
+
+def accumulated(events: list[dict[str, Any]]) -> dict[str, Any]:
+    snapshot = None
+    json_bufs: dict[int, bytes] = {}
+    for event in events:
+        snapshot = accumulate_event(
+            event=EVENTS.validate_python(event), current_snapshot=snapshot, json_bufs=json_bufs
+        )
+    assert snapshot is not None
+    return snapshot.model_dump(exclude_none=True)
+
+
+def test_interleaved_calls_become_blocks_one_after_another() -> None:
+    """Anthropic's blocks do not interleave: a backend that writes two calls at once has
+    the second held until the first is whole and closed."""
+    chunks = [
+        call_chunk(0, '{"path": "a', "read"),
+        call_chunk(1, '{"path": ', "read"),
+        call_chunk(0, '.txt"'),
+        call_chunk(1, '"b.txt"}'),
+        call_chunk(0, "}"),
+        call_chunk(2, "", "list"),
+        finish_chunk("tool_calls"),
+    ]
+    events = fed_events(chunks)
+    opened: list[int] = []
+    for event in events:  # every delta and stop is for the one block open
+        if event["type"] == "content_block_start":
+            opened.append(event["index"])
+        elif event["type"] in ("content_block_delta", "content_block_stop"):
+            assert event["index"] == opened[-1]
+    message = accumulated(events)
+    assert [(b["name"], b["input"]) for b in message["content"]] == [
+        ("read", {"path": "a.txt"}),
+        ("read", {"path": "b.txt"}),
+        ("list", {}),
+    ]
+    assert message["stop_reason"] == "tool_use"
+    # the first call went out before the second was whole
+    first_stop = next(i for i, e in enumerate(events) if e["type"] == "content_block_stop")
+    assert events[first_stop - 1]["delta"] == {"type": "input_json_delta", "partial_json": "}"}
+
+
+@pytest.mark.parametrize("arguments", ["", "not json", "[1, 2]", " "])
+def test_arguments_that_start_no_object_are_an_empty_input(arguments: str) -> None:
+    message = accumulated(fed_events([call_chunk(0, arguments, "f"), finish_chunk("tool_calls")]))
+    assert message["content"] == [{"type": "tool_use", "id": "call_0", "name": "f", "input": {}}]
+
+
+def test_a_streamed_call_cut_by_the_token_limit_is_closed_where_it_stopped() -> None:
+    chunks = [call_chunk(0, '{"path": "a.txt", "text": "one\\ntw', "write"), finish_chunk("length")]
+    message = accumulated(fed_events(chunks))
+    assert message["content"][0]["input"] == {"path": "a.txt", "text": "one\ntw"}
+    assert message["stop_reason"] == "max_tokens"  # not run by the client
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [call_chunk(0, '{"path": "a', "write"), call_chunk(0, '"\x01}')],  # no JSON any more
+        [call_chunk(0, '{"path": "a', "write"), finish_chunk("tool_calls")],  # never whole
+    ],
+)
+def test_a_call_that_stops_being_json_once_streamed_fails_the_stream(
+    chunks: list[dict[str, Any]],
+) -> None:
+    """Part of its input is out: closed, the client would run it with that part."""
+    with pytest.raises(an.ToolInputNotJSON):
+        fed_events(chunks)
+
+
+def test_parallel_calls_at_one_index_told_apart_by_their_ids() -> None:
+    """Ollama's /v1 and SGLang send every call at index 0, each with its own id."""
+    first, second = call_chunk(0, '{"a": 1}', "f"), call_chunk(0, '{"b": 2}', "g")
+    second["choices"][0]["delta"]["tool_calls"][0]["id"] = "call_other"
+    message = accumulated(fed_events([first, second, finish_chunk("tool_calls")]))
+    inputs = [(b["id"], b["input"]) for b in message["content"]]
+    assert inputs == [("call_0", {"a": 1}), ("call_other", {"b": 2})]
 
 
 def test_empty_stream_still_a_message() -> None:

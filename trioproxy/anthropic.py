@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import dataclass
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 from . import translate as tr
 from .errors import anthropic_error_payload
 from .jsonutil import compact_json, compact_json_text, escape_line_separators, loads
+from .partial_json import ObjectPrefix
 from .translate import JSONDict, RequestValidationError
 
 # Anthropic's content type for its event streams; told apart from the OpenAI routes' plain
@@ -452,11 +454,15 @@ def tool_use_block(call: JSONDict, number: int) -> JSONDict:
     """An Ollama-shaped tool call (``translate._ollama_tool_calls``: arguments decoded, an
     object) as a ``tool_use`` block; a call without an id gets one, for the result to name."""
     function = call["function"]
-    call_id = call.get("id")
-    if not isinstance(call_id, str) or not call_id:
-        call_id = f"toolu_{secrets.token_hex(8)}{number:02d}"
+    call_id = _tool_use_id(call.get("id"), number)
     name, arguments = function["name"], function["arguments"]
     return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
+
+
+def _tool_use_id(call_id: object, number: int) -> str:
+    if isinstance(call_id, str) and call_id:
+        return call_id
+    return f"toolu_{secrets.token_hex(8)}{number:02d}"
 
 
 # =============================================================================================
@@ -472,11 +478,33 @@ def _text_delta(index: int, text: str) -> JSONDict:
     }
 
 
+def _input_delta(index: int, partial_json: str) -> JSONDict:
+    delta = {"type": "input_json_delta", "partial_json": partial_json}
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
 # a text_delta event as encode_event writes it, up to its text (a JSON string, then "}}\n")
 _TEXT_HEAD = (
     'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
     '"delta":{"type":"text_delta","text":'
 )
+
+
+class ToolInputNotJSON(tr.UntranslatableStream):
+    """A tool call's arguments stopped being JSON after some of them went out as its
+    ``input``: the client would run the call with what it has, so the stream ends with
+    an error instead."""
+
+
+@dataclass(slots=True)
+class _CallStream:
+    """Where the tool calls' stream stands: the call being sent (its slot in
+    ``_tool_calls``), or the next one; how many of its pieces went out; its input so far
+    (None: no block of it is open)."""
+
+    slot: int = 0
+    taken: int = 0
+    input: ObjectPrefix | None = None
 
 
 class AnthropicStreamTranslator(tr._HeldToolCalls):
@@ -485,13 +513,18 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
 
     ``message_start`` goes out with the first block, not at the backend's role chunk, so
     a failure before any output still gets a real status. Text and thinking are streamed
-    as they come, each run a block of its own. Tool calls are held until they are whole
-    (the backend's ``finish_reason``), as the Ollama translator holds them and as Ollama
-    sends them: then each is a ``tool_use`` block with its whole input in one
-    ``input_json_delta``, the same decoded object as in a non-stream answer (arguments
-    that are no JSON object are ``{}``; the anthropic SDK would fail on them).
-    ``finish`` closes the last block and sends ``message_delta`` (stop reason, usage)
-    and ``message_stop``.
+    as they come, each run a block of its own. A tool call is streamed as Anthropic
+    streams one: a ``tool_use`` block once its name is known, then its arguments as the
+    backend writes them (``input_json_delta``), checked to stay the start of a JSON object
+    (``partial_json.ObjectPrefix``): the clients parse them as they come. Anthropic's
+    blocks do not interleave, so calls go one after the other: a call's block closes once
+    its object is whole and another call began (or at the end), and what a backend
+    writes of later calls meanwhile is held (MAX_HELD_TOOL_CALL_BYTES). Arguments that
+    never start an object (none, or no JSON) are ``{}``, as in a non-stream answer; a
+    call cut by the token limit is closed where it stopped (``max_tokens``); one whose
+    arguments turn into no JSON after they began to go out ends the stream with an error
+    (:class:`ToolInputNotJSON`). ``finish`` closes the last block and sends
+    ``message_delta`` (stop reason, usage) and ``message_stop``.
     """
 
     def __init__(
@@ -513,6 +546,7 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         self._blocks = 0  # blocks started so far: the next one's index
         self._open: str | None = None  # the kind of the block open now
         self._called = False  # a tool_use block went out
+        self._calls = _CallStream()
         self._matched: object = None  # the stop sequence the backend says it met
         self._text_head = ""  # the open text block's delta event up to its text (feed_text)
 
@@ -545,13 +579,15 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             self._delta(events, "thinking", {"type": "thinking_delta", "thinking": thinking})
         if content:
             self._delta(events, "text", {"type": "text_delta", "text": content})
-        for delta in calls:
-            if isinstance(delta, dict):
-                self._accumulate(delta)
+        if calls:
+            for delta in calls:
+                if isinstance(delta, dict):
+                    self._accumulate(delta)
+            self._send_calls(events)
         if choice and choice.get("finish_reason"):
             self._matched = choice.get("stop_reason")
             if self._tool_calls:
-                self._calls_out(events)
+                self._end_calls(events)
         return events
 
     def finish(self, now_ns: int) -> list[JSONDict]:
@@ -561,7 +597,7 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         self._finished = True
         events: list[JSONDict] = []
         if self._tool_calls:  # a stream that ended without its finish_reason
-            self._calls_out(events)
+            self._end_calls(events)
         self._start(events)
         self._close(events)
         reason, sequence = stop_reason(self.finish_reason, self._matched, self._stops, self._called)
@@ -605,6 +641,8 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
 
     def _close(self, events: list[JSONDict]) -> None:
         if self._open is not None:
+            if self._open == "tool_use":
+                self._end_call(events)
             self._open = None
             events.append({"type": "content_block_stop", "index": self._blocks - 1})
 
@@ -616,15 +654,68 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
                 self._text_head = _TEXT_HEAD % index
         events.append({"type": "content_block_delta", "index": self._blocks - 1, "delta": delta})
 
-    def _calls_out(self, events: list[JSONDict]) -> None:
-        for call in self._take_tool_calls():
-            block = tool_use_block(call, self._blocks)
-            arguments = compact_json_text(block["input"])
-            index = self._open_block(events, "tool_use", {**block, "input": {}})
-            delta = {"type": "input_json_delta", "partial_json": arguments}
-            events.append({"type": "content_block_delta", "index": index, "delta": delta})
-            self._called = True
-        self._close(events)
+    def _send_calls(self, events: list[JSONDict], ending: bool = False) -> None:
+        """Send what can go out of the calls so far: the call being sent, then the next
+        once it is whole and the backend began another; every call when ``ending``."""
+        calls, stream = self._tool_calls, self._calls
+        while stream.slot < len(calls):
+            pending = calls[stream.slot]
+            if stream.input is None:
+                if not (pending.name or ending):
+                    return  # the block starts with the name: its pieces wait for it
+                self._open_call(events, pending)
+            whole = self._send_arguments(events, pending)
+            if not (ending or (whole and stream.slot + 1 < len(calls))):
+                return
+            self._close(events)
+
+    def _end_calls(self, events: list[JSONDict]) -> None:
+        self._send_calls(events, ending=True)
+        self._drop_tool_calls()
+        self._calls.slot = 0
+
+    def _open_call(self, events: list[JSONDict], pending: tr._PendingToolCall) -> None:
+        call_id = _tool_use_id(pending.id, self._blocks)
+        block = {"type": "tool_use", "id": call_id, "name": pending.name, "input": {}}
+        self._open_block(events, "tool_use", block)
+        self._calls.input = ObjectPrefix()
+        self._calls.taken = 0
+        self._called = True
+
+    def _send_arguments(self, events: list[JSONDict], pending: tr._PendingToolCall) -> bool:
+        """The call's pieces not yet taken, as far as they can go out; whether its object
+        is whole."""
+        stream = self._calls
+        prefix = stream.input
+        assert prefix is not None
+        pieces = pending.arguments
+        if stream.taken < len(pieces):
+            text = prefix.take("".join(pieces[stream.taken :]))
+            stream.taken = len(pieces)
+            if prefix.broken and prefix.sent:
+                raise ToolInputNotJSON(_NOT_JSON % pending.name)
+            if text:
+                events.append(_input_delta(self._blocks - 1, text))
+        return prefix.whole
+
+    def _end_call(self, events: list[JSONDict]) -> None:
+        """Close the call being sent as a whole object: one the backend cut (its token
+        limit) where it stopped; one left unfinished otherwise is no call to run."""
+        stream = self._calls
+        prefix = stream.input
+        assert prefix is not None
+        if prefix.sent and not prefix.whole and self.finish_reason != "length":
+            raise ToolInputNotJSON(_NOT_JSON % self._tool_calls[stream.slot].name)
+        if closing := prefix.closing():
+            events.append(_input_delta(self._blocks - 1, closing))
+        stream.slot += 1
+        stream.input = None
+
+
+_NOT_JSON = (
+    "the backend's tool call %r is no whole JSON object, and part of its input was already "
+    "streamed to the client"
+)
 
 
 # =============================================================================================

@@ -43,7 +43,7 @@ from .sse import (
     openai_error_event,
     responses_error_event,
 )
-from .translate import FINISHED_WITH_ERROR, StreamTooLarge, read_chunk
+from .translate import FINISHED_WITH_ERROR, UntranslatableStream, read_chunk
 from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
@@ -356,7 +356,7 @@ async def relay_ollama(
         StreamTimeout,
         httpx.HTTPError,
         SSEProtocolError,
-        StreamTooLarge,
+        UntranslatableStream,
         _Unfinished,
         _NotAStream,
         NestedTooDeeply,  # an event, or what it becomes for Ollama's clients
@@ -372,7 +372,7 @@ async def relay_ollama(
     if error is None:
         try:  # the done line carries tool calls whose arguments may be too deep to write
             last = _encoded_end(translator.finish(time.perf_counter_ns()), encode)
-        except NestedTooDeeply as exc:
+        except (NestedTooDeeply, UntranslatableStream) as exc:
             error = _stream_broke(exc, metric, collector, settings)
     if error is not None:
         _set_outcome(metric, "error")
@@ -995,7 +995,7 @@ def _stream_broke(
         collector.upstream_error("timeout")
         return str(exc)
     collector.upstream_error("protocol")
-    if isinstance(exc, _Unfinished | _NotAStream | StreamTooLarge):
+    if isinstance(exc, _Unfinished | _NotAStream | UntranslatableStream):
         return scrub(str(exc), settings.backend_secrets)
     if isinstance(exc, NestedTooDeeply):
         return f"the backend sent an event {exc}"

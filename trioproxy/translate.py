@@ -1348,7 +1348,12 @@ MAX_HELD_TOOL_CALL_BYTES = DEFAULT_MAX_LINE_BYTES
 _TOOL_CALL_OVERHEAD = 64  # what a call holds besides its arguments, roughly
 
 
-class StreamTooLarge(ValueError):
+class UntranslatableStream(ValueError):
+    """The backend's stream cannot be translated further: the relay ends it with an
+    error, the backend's fault."""
+
+
+class StreamTooLarge(UntranslatableStream):
     """A stream asks the translator to hold more than it is willing to."""
 
 
@@ -1777,7 +1782,9 @@ class _HeldToolCalls(_StreamStats):
         self._slot_of_index: dict[int, int] = {}
         self._tool_call_bytes = 0  # held until the calls are whole: bounded
 
-    def _accumulate(self, delta: JSONDict) -> None:
+    def _accumulate(self, delta: JSONDict) -> int:
+        """Take one tool-call delta; the slot of the call it belongs to (its place in
+        ``_tool_calls``)."""
         index = delta.get("index")
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
         call_id = delta.get("id")
@@ -1817,6 +1824,7 @@ class _HeldToolCalls(_StreamStats):
         if isinstance(args, str):
             self._hold(len(args))
             pending.arguments.append(args)
+        return slot
 
     def _hold(self, size: int) -> None:
         self._tool_call_bytes += size
@@ -1837,10 +1845,13 @@ class _HeldToolCalls(_StreamStats):
         ]
         if self._on_tool_calls is not None:
             self._on_tool_calls(calls)
+        self._drop_tool_calls()
+        return _ollama_tool_calls(calls)
+
+    def _drop_tool_calls(self) -> None:
         self._tool_calls = []
         self._slot_of_index = {}
         self._tool_call_bytes = 0
-        return _ollama_tool_calls(calls)
 
 
 class OllamaStreamTranslator(_HeldToolCalls):

@@ -1,0 +1,194 @@
+"""A JSON object's text as it comes in pieces, checked as it comes (sans-I/O).
+
+Anthropic's streams send a tool call's input as it is written (``input_json_delta``
+events); the clients join the pieces and parse them at each one (the anthropic SDK's
+accumulator, in jiter's partial mode) or at the block's end. So what goes out must always
+be the start of a JSON object, and the block must end as a whole one. :class:`ObjectPrefix`
+passes on what keeps the text so, holds what cannot be cut yet (a comma, a key, a number
+that may go on), and at the end says what closes the object (:meth:`ObjectPrefix.closing`).
+Strings, most of a tool's input (a file's content), are read by one regular expression
+each, not character by character.
+"""
+
+from __future__ import annotations
+
+import re
+
+# a string's characters up to its end, an escape or where it is no longer JSON (a raw
+# control character, an unknown escape)
+_STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+_ESCAPE_CUT = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?\Z")  # an escape the next piece ends
+_NUMBER_EXTENT = re.compile(r"[-+.eE0-9]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+_LITERALS = {"t": "true", "f": "false", "n": "null"}
+_SPACE = " \t\n\r"
+
+# what comes next
+_OBJECT = 0  # the object's "{" (only whitespace before it)
+_KEY_OR_END = 1  # after "{"
+_KEY = 2  # after a "," in an object
+_COLON = 3
+_VALUE = 4  # after ":" or a "," in an array
+_VALUE_OR_END = 5  # after "["
+_AFTER = 6  # after a value: "," or the container's end
+_WHOLE = 7  # the object ended: what follows is ignored
+_BROKEN = 8  # no JSON object any more: what follows is ignored
+
+
+class ObjectPrefix:
+    """One JSON object's text, piece by piece: :meth:`take` gives what of each piece can
+    go out now; :meth:`closing` what ends what went out as a whole object.
+
+    What goes out always stops where the object can be closed by ending an open string
+    and the open containers: after ``{``, ``[``, a whole value, or inside a string value.
+    Whitespace between tokens is left out. Text that is no JSON object (no ``{`` first,
+    an invalid character) makes the prefix :attr:`broken`: nothing more goes out."""
+
+    __slots__ = ("_closers", "_expect", "_held", "_in_string", "_rest", "sent")
+
+    def __init__(self) -> None:
+        self._closers: list[str] = []  # the open containers' ends, innermost last
+        self._expect = _OBJECT
+        self._in_string = False  # inside a string value whose opening quote went out
+        self._held = ""  # read, but not yet safe to send: ``,"key":``
+        self._rest = ""  # a token the piece cut short: read again with the next
+        self.sent = False  # something went out
+
+    @property
+    def whole(self) -> bool:
+        return self._expect == _WHOLE
+
+    @property
+    def broken(self) -> bool:
+        return self._expect == _BROKEN
+
+    def closing(self) -> str:
+        """What ends what went out as a whole object (``{}`` when nothing did)."""
+        if not self.sent:
+            return "{}"
+        return ('"' if self._in_string else "") + "".join(reversed(self._closers))
+
+    def take(self, piece: str) -> str:
+        """What of ``piece`` (with what earlier pieces left) can go out now."""
+        if self._expect >= _WHOLE:
+            return ""
+        text, self._rest = self._rest + piece, ""
+        out: list[str] = []
+        i, end = 0, len(text)
+        while i < end and self._expect < _WHOLE:
+            if self._in_string:
+                i = self._string_value(text, i, out)
+                continue
+            c = text[i]
+            if c in _SPACE:
+                i += 1
+            elif self._expect in (_KEY_OR_END, _KEY) and c == '"':
+                i = self._key(text, i)
+            else:
+                i = self._token(text, i, c, out)
+        if out:
+            self.sent = True
+        return "".join(out)
+
+    def _string_value(self, text: str, i: int, out: list[str]) -> int:
+        j = _STRING_BODY.match(text, i).end()  # type: ignore[union-attr]  # matches ""
+        out.append(text[i:j])
+        if j == len(text):
+            return j
+        if text[j] == '"':
+            out.append('"')
+            self._in_string = False
+            self._expect = _AFTER
+            return j + 1
+        if _ESCAPE_CUT.match(text, j):
+            self._rest = text[j:]
+            return len(text)
+        self._expect = _BROKEN
+        return len(text)
+
+    def _key(self, text: str, i: int) -> int:
+        j = _STRING_BODY.match(text, i + 1).end()  # type: ignore[union-attr]
+        if j < len(text) and text[j] == '"':
+            self._held += text[i : j + 1]
+            self._expect = _COLON
+            return j + 1
+        if j == len(text) or _ESCAPE_CUT.match(text, j):
+            self._rest = text[i:]  # a key is short: read whole with the next piece
+        else:
+            self._expect = _BROKEN
+        return len(text)
+
+    def _token(self, text: str, i: int, c: str, out: list[str]) -> int:
+        expect = self._expect
+        if expect == _OBJECT:
+            if c != "{":
+                self._expect = _BROKEN
+                return len(text)
+            return self._open(c, "}", _KEY_OR_END, out, i)
+        if expect == _COLON:
+            if c != ":":
+                self._expect = _BROKEN
+                return len(text)
+            self._held += c
+            self._expect = _VALUE
+            return i + 1
+        if expect == _AFTER or (c in "}]" and expect in (_KEY_OR_END, _VALUE_OR_END)):
+            return self._after_value(text, i, c, out)
+        if expect in (_VALUE, _VALUE_OR_END):
+            return self._value(text, i, c, out)
+        self._expect = _BROKEN  # a key that is no string
+        return len(text)
+
+    def _after_value(self, text: str, i: int, c: str, out: list[str]) -> int:
+        closers = self._closers
+        if c == "," and self._expect == _AFTER:
+            self._held = c
+            self._expect = _KEY if closers[-1] == "}" else _VALUE
+        elif c == closers[-1]:
+            closers.pop()
+            out.append(c)
+            self._expect = _AFTER if closers else _WHOLE
+        else:
+            self._expect = _BROKEN
+        return i + 1
+
+    def _value(self, text: str, i: int, c: str, out: list[str]) -> int:
+        if c == '"':
+            out.append(self._held + c)
+            self._held = ""
+            self._in_string = True
+            return i + 1
+        if c == "{":
+            return self._open(c, "}", _KEY_OR_END, out, i)
+        if c == "[":
+            return self._open(c, "]", _VALUE_OR_END, out, i)
+        if c in _LITERALS:
+            word = _LITERALS[c]
+            token = text[i : i + len(word)]
+            if token == word:
+                return self._scalar(token, i, out)
+            if word.startswith(token) and i + len(token) == len(text):
+                self._rest = token
+                return len(text)
+        elif c == "-" or c.isdigit():
+            j = _NUMBER_EXTENT.match(text, i).end()  # type: ignore[union-attr]
+            if j == len(text):
+                self._rest = text[i:]  # the next piece may go on with it
+                return j
+            if _NUMBER.match(text[i:j]):
+                return self._scalar(text[i:j], i, out)
+        self._expect = _BROKEN
+        return len(text)
+
+    def _open(self, c: str, closer: str, expect: int, out: list[str], i: int) -> int:
+        out.append(self._held + c)
+        self._held = ""
+        self._closers.append(closer)
+        self._expect = expect
+        return i + 1
+
+    def _scalar(self, token: str, i: int, out: list[str]) -> int:
+        out.append(self._held + token)
+        self._held = ""
+        self._expect = _AFTER
+        return i + len(token)
