@@ -203,18 +203,21 @@ def test_a_client_that_leaves_in_a_silence_is_a_cancelled_stream(
     assert httpx.get(proxy.url + "/health", timeout=5).status_code == 200
 
 
-def test_an_anthropic_stream_gets_comments_in_a_silence(kept_alive: ServerProcess) -> None:
+def test_an_anthropic_stream_gets_pings_in_a_silence(kept_alive: ServerProcess) -> None:
     """/v1/messages is an event stream too: after its first events (message_start and the
-    text block's start come with the first text), a silence gets comments, which the
-    anthropic SDK skips and Claude Code's byte watchdog counts as traffic."""
+    text block's start come with the first text), a silence gets Anthropic's own
+    keep-alive, ``ping`` events, which the anthropic SDKs drop before the caller sees them
+    and Claude Code's byte watchdog counts as traffic; no comments."""
     body = {"model": "talker", "max_tokens": 50, "stream": True,
             "messages": [{"role": "user", "content": "q"}]}  # fmt: skip
     lines = _raw_lines(kept_alive.url + "/v1/messages", json=body)
-    comments = _comments(lines)
-    assert 2 <= len(comments) <= 4, lines
+    assert _comments(lines) == [], lines
+    pings = [at for at, line in lines if line == b"event: ping"]
+    assert 2 <= len(pings) <= 4, lines
+    assert sum(line == b'data: {"type":"ping"}' for _, line in lines) == len(pings)
     first_at = next(at for at, line in lines if b"forty" in line)
     rest_at = next(at for at, line in lines if b"-two" in line)
-    assert all(first_at < at < rest_at for at in comments)
+    assert all(first_at < at < rest_at for at in pings)
     with anthropic.Anthropic(base_url=kept_alive.url, api_key="x", max_retries=0) as sdk:
         with sdk.messages.stream(
             model="talker", max_tokens=50, messages=[{"role": "user", "content": "q"}]

@@ -70,7 +70,7 @@ from .exchange import (
     stop_at_once,
     trace_context,
 )
-from .keepalive import KeepAlive
+from .keepalive import KeepAlive, beat_for
 from .ledger import ResponsesLedger
 from .limits import raise_open_files_limit
 from .logs import configure_logging
@@ -164,7 +164,8 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
     ) -> None:
         """A stream with keep-alive comments (STREAM_KEEPALIVE_SECONDS): their task in the
         request's nursery, stopped with the response."""
-        keeper = KeepAlive(keepalive, send.server_send, send)
+        beat = beat_for(response.headers.get("content-type", ""))
+        keeper = KeepAlive(keepalive, send.server_send, send, beat)
         nursery.start_soon(keeper.run)
         try:
             await self._send_response(keeper.send_event, response)

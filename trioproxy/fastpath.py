@@ -41,7 +41,7 @@ from .exchange import (
     trace_context_of_raw,
 )
 from .json_threads import joined
-from .keepalive import EarlyStart, KeepAlive
+from .keepalive import EarlyStart, KeepAlive, beat_for
 from .relay import STREAM_HEADERS, in_band_failure, stream_end_error
 
 if TYPE_CHECKING:
@@ -541,7 +541,8 @@ async def _write_kept_alive(
 ) -> None:
     """A stream's chunks, with a keep-alive comment in every silence of
     ``reply.keepalive`` s (STREAM_KEEPALIVE_SECONDS) between them."""
-    keeper = KeepAlive(reply.keepalive, send.server_send, send)
+    beat = beat_for(reply.content_type)
+    keeper = KeepAlive(reply.keepalive, send.server_send, send, beat)
     nursery.start_soon(keeper.run)
     await _send_kept_alive(send, reply, chunks, keeper)
 

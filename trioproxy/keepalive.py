@@ -28,12 +28,25 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .anthropic import EVENT_STREAM as ANTHROPIC_EVENT_STREAM
+
 if TYPE_CHECKING:
     from hypercorn.typing import ASGISendCallable, ASGISendEvent
 
     from .exchange import CountingSend, RequestState
 
 COMMENT = b": keep-alive\n\n"
+# Anthropic's own keep-alive, which its API sends in a stream's silences: both anthropic
+# SDKs drop ``ping`` events before they reach the caller (as they drop comments, at the
+# SSE decoder), and a client that reads the events itself expects it there
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+
+def beat_for(content_type: str) -> bytes:
+    """What keeps a stream of ``content_type`` alive: a ``ping`` event in Anthropic's
+    streams (``/v1/messages``), a comment in the others."""
+    return PING if content_type == ANTHROPIC_EVENT_STREAM else COMMENT
+
 
 # a blank line after a line end, in every spelling SSE allows: what ends an event
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r")
@@ -46,6 +59,7 @@ class KeepAlive:
     chunks, tokens or a first byte in the stream's metrics."""
 
     __slots__ = (
+        "_beat",
         "_commenting",
         "_counted",
         "_scope",
@@ -56,8 +70,15 @@ class KeepAlive:
         "wrote_at",
     )
 
-    def __init__(self, interval: float, send: ASGISendCallable, counted: CountingSend) -> None:
+    def __init__(
+        self,
+        interval: float,
+        send: ASGISendCallable,
+        counted: CountingSend,
+        beat: bytes = COMMENT,
+    ) -> None:
         self.interval = interval
+        self._beat = beat  # what is written in a silence: a comment, or Anthropic's ping
         self._send = send  # the server's send: chunks are counted by the caller, comments here
         self._counted = counted
         self._scope = trio.CancelScope()
@@ -115,13 +136,13 @@ class KeepAlive:
         """A comment at once, after a response head written before any event: comments
         go on from there (nothing is inside an event yet)."""
         await self._comment()
-        self.last = COMMENT
+        self.last = self._beat
 
     async def _comment(self) -> None:
         done = self._commenting = trio.Event()
         try:
-            self._counted.sent += len(COMMENT)
-            await self._send({"type": "http.response.body", "body": COMMENT, "more_body": True})
+            self._counted.sent += len(self._beat)
+            await self._send({"type": "http.response.body", "body": self._beat, "more_body": True})
         finally:
             self._commenting = None
             done.set()
@@ -181,7 +202,8 @@ class EarlyStart:
             self.responses = responses
             self._started = trio.Event()
             self._scope = trio.CancelScope()
-            self.keeper = KeepAlive(self.interval, self._send, self._counted)
+            beat = beat_for(content_type)
+            self.keeper = KeepAlive(self.interval, self._send, self._counted, beat)
             self._nursery.start_soon(self._run, self._scope, self.keeper, self._started)
 
     async def _run(self, scope: trio.CancelScope, keeper: KeepAlive, started: trio.Event) -> None:

@@ -84,7 +84,7 @@ async def messages(call: Call) -> Reply:
             return Reply(200, from_backend(call, dumps, out))
         return await answer_reply_in_thread(call, out)
     start_ns = time.perf_counter_ns()
-    # only comments if the response starts before the backend's first event: message_start
+    # only pings if the response starts before the backend's first event: message_start
     # carries the prompt's token count, which comes with the backend's answer
     stream_opening(state, an.EVENT_STREAM)
     result = await _sent(call, payload, switch, open_chat_stream)
@@ -103,8 +103,9 @@ async def messages(call: Call) -> Reply:
         encode=an.encode_event,
         error_line=an.error_event,
     )
-    # keep-alive comments in a silence (a call held until whole, thinking the backend does
-    # not stream): Claude Code's byte watchdog and load balancers count them as traffic
+    # Anthropic's ping events in a silence (keepalive.beat_for: thinking the backend does
+    # not stream, later tool calls held): Claude Code's byte watchdog and load balancers
+    # count them as traffic
     keepalive = app.settings.stream_keepalive_seconds
     return Reply(200, chunks, an.EVENT_STREAM, dict(STREAM_HEADERS), end=end, keepalive=keepalive)
 
