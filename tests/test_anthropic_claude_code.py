@@ -195,6 +195,19 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
 }
 
 
+# a model that refuses reasoning_effort as OpenAI's API refuses it for a model that does
+# not reason
+NO_EFFORT = "gpt-4.1-mini"
+EFFORT_REFUSED = {
+    "error": {
+        "message": "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+        "type": "invalid_request_error",
+        "param": "reasoning_effort",
+        "code": "unsupported_parameter",
+    }
+}
+
+
 class Backend(ScriptedHandler):
     """Chat completions by model name: a stream of STREAMS, an error of ERRORS, else a
     short non-stream answer. ``asked`` holds the bodies it was sent."""
@@ -202,7 +215,7 @@ class Backend(ScriptedHandler):
     asked: ClassVar[list[dict[str, Any]]] = []
 
     def do_GET(self) -> None:
-        names = [*STREAMS, *ERRORS, "qwen3-coder", "qwen3-small"]
+        names = [*STREAMS, *ERRORS, "qwen3-coder", "qwen3-small", NO_EFFORT]
         self.answer(
             200, json.dumps({"object": "list", "data": [{"id": n} for n in names]}).encode()
         )
@@ -211,7 +224,9 @@ class Backend(ScriptedHandler):
         body = self.json_body()
         self.asked.append(body)
         model = body["model"]
-        if model in ERRORS:
+        if model == NO_EFFORT and "reasoning_effort" in body:
+            self.answer(400, json.dumps(EFFORT_REFUSED).encode())
+        elif model in ERRORS:
             status, error, headers = ERRORS[model]
             self.answer(status, json.dumps(error).encode(), headers=headers)
         elif model in STREAMS and body.get("stream"):
@@ -534,6 +549,8 @@ def test_a_main_loop_request_is_accepted_and_translated(server: ServerProcess) -
     # what nothing reads is left out; what the backend takes is there
     for field in ("metadata", "context_management", "service_tier", "thinking", "system"):
         assert field not in sent
+    # its thinking budget, 31,999 tokens, allows much and asks for nothing
+    assert "reasoning_effort" not in sent
     assert sent["max_tokens"] == 32000 and sent["temperature"] == 1
     assert [t["function"]["name"] for t in sent["tools"]] == [t["name"] for t in TOOLS[:-1]]
     assert sent["tools"][2]["function"]["parameters"]["properties"]["url"]["format"] == "uri"
@@ -859,3 +876,18 @@ def test_metrics_of_streams_and_answers(server: ServerProcess) -> None:
     # the raw request and the SDK's) counted as a token each
     expected = (240, 20, 3, 1, 2)
     wait_for(lambda: tuple(a - b for a, b in zip(counts(), before, strict=True)) == expected)
+
+
+def test_the_effort_goes_as_reasoning_effort_unless_the_model_refuses_it(
+    server: ServerProcess,
+) -> None:
+    """Claude Code sends an effort with every request: a model that refuses
+    reasoning_effort is asked again without it, and from then on goes without."""
+    body = claude_code_request(model=NO_EFFORT, stream=False, output_config={"effort": "max"})
+    Backend.asked.clear()
+    for _ in range(2):
+        response = post(server, body)
+        assert response.status_code == 200, response.text
+        assert response.json()["content"][0]["text"] == f"answer from {NO_EFFORT}"
+    efforts = [sent.get("reasoning_effort") for sent in Backend.asked]
+    assert efforts == ["high", None, None]

@@ -260,6 +260,9 @@ def test_conversation_with_tools_images_and_thinking() -> None:
         ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
         ({"thinking": {"type": "sometimes"}}, "thinking.type"),
+        ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens"),
+        ({"output_config": "fast"}, "output_config"),
+        ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
     ],
 )
 def test_client_mistakes_name_the_field(change: dict[str, Any], field: str) -> None:
@@ -273,6 +276,35 @@ def test_think_of() -> None:
     assert an.think_of(request()) is None
     assert an.think_of(request(thinking={"type": "enabled", "budget_tokens": 2048})) is True
     assert an.think_of(request(thinking={"type": "disabled"})) is False
+
+
+@pytest.mark.parametrize(
+    ("thinking", "effort", "expected"),
+    [
+        (None, None, None),
+        ({"type": "enabled", "budget_tokens": 1024}, None, "low"),
+        ({"type": "enabled", "budget_tokens": 4999}, None, "low"),
+        # a larger budget allows more thinking, asks for none: Claude Code's own
+        ({"type": "enabled", "budget_tokens": 31999}, None, None),
+        ({"type": "adaptive"}, None, None),  # no budget, no effort: the backend's own
+        # Anthropic's default effort is "high" (Claude Code sends it every time): the
+        # backend's default; a step below or above it, a step below or above OpenAI's
+        ({"type": "adaptive"}, "high", None),
+        ({"type": "adaptive"}, "medium", "low"),
+        (None, "low", "low"),
+        ({"type": "enabled", "budget_tokens": 1024}, "xhigh", "high"),  # the effort wins
+        (None, "max", "high"),
+        ({"type": "disabled"}, "max", None),  # no reasoning asked for
+    ],
+)
+def test_effort_and_budget_as_reasoning_effort(
+    thinking: dict[str, Any] | None, effort: str | None, expected: str | None
+) -> None:
+    more: dict[str, Any] = {"thinking": thinking}
+    if effort is not None:
+        more["output_config"] = {"effort": effort}
+    body = an.validate_messages({k: v for k, v in request(**more).items() if v is not None})
+    assert an.messages_to_openai(body, "b").get("reasoning_effort") == expected
 
 
 def completion(

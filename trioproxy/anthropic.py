@@ -80,12 +80,29 @@ def validate_messages(body: object) -> JSONDict:
         tr._check_str_list(stops, "stop_sequences")
     _check_tools(body.get("tools"))
     _check_choice(body.get("tool_choice"))
-    thinking = body.get("thinking")
-    if thinking is not None and (
-        not isinstance(thinking, dict) or thinking.get("type") not in _THINKING_TYPES
-    ):
-        raise RequestValidationError("thinking.type", "must be 'enabled' or 'disabled'")
+    _check_thinking(body.get("thinking"))
+    _check_effort(body.get("output_config"))
     return body
+
+
+def _check_thinking(thinking: object) -> None:
+    if thinking is None:
+        return
+    if not isinstance(thinking, dict) or thinking.get("type") not in _THINKING_TYPES:
+        raise RequestValidationError("thinking.type", "must be 'enabled', 'disabled' or 'adaptive'")
+    budget = thinking.get("budget_tokens")
+    if budget is not None and type(budget) is not int:
+        raise RequestValidationError("thinking.budget_tokens", "must be an integer")
+
+
+def _check_effort(config: object) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise RequestValidationError("output_config", "must be an object")
+    effort = config.get("effort")
+    if effort is not None and effort not in _EFFORTS:
+        raise RequestValidationError("output_config.effort", f"must be one of {_EFFORT_NAMES}")
 
 
 def _check_type(body: JSONDict, key: str, kind: type, what: str) -> None:
@@ -179,10 +196,45 @@ def think_of(body: JSONDict) -> bool | None:
     return thinking.get("type") != "disabled"
 
 
+# Anthropic's efforts as OpenAI's reasoning_effort, step for step from each API's default:
+# Anthropic's is "high" (the same as no effort, its docs say; Claude Code sends it on every
+# request), OpenAI's "medium". So "high" asks for nothing (the backend's default), a
+# step below is "low" (the lowest every reasoning backend takes: not all take "minimal"),
+# a step above "high" (the highest they all take: "xhigh" exists on a few models only,
+# and an unknown effort is a 400 from the backend)
+_EFFORTS = {"low": "low", "medium": "low", "high": None, "xhigh": "high", "max": "high"}
+_EFFORT_NAMES = ", ".join(_EFFORTS)
+# A thinking budget below this asks to think little ("low"); a larger one only allows
+# more thinking (it is a limit, which no OpenAI field sets), so it asks for nothing:
+# Claude Code's own, 31,999, comes with every request for a Claude model name
+_LOW_BUDGET = 5_000
+
+
+def reasoning_effort_of(body: JSONDict) -> str | None:
+    """The request's ``output_config.effort``, or else its ``thinking.budget_tokens``, as
+    OpenAI's ``reasoning_effort``; None for the backend's default: neither given, an
+    effort or budget that asks for no more than that, or thinking turned off (the backend
+    is then told not to reason, if the operator says how: THINK_OFF_EXTRA_BODY)."""
+    thinking = body.get("thinking")
+    thinking = thinking if isinstance(thinking, dict) else {}
+    if thinking.get("type") == "disabled":
+        return None
+    config = body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if effort is not None:
+        return _EFFORTS[effort]
+    budget = thinking.get("budget_tokens")
+    if thinking.get("type") == "enabled" and type(budget) is int and budget < _LOW_BUDGET:
+        return "low"
+    return None
+
+
 def messages_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
     """A validated Messages request as a ``/chat/completions`` request for the backend."""
     out: JSONDict = {"model": backend_model, "messages": _openai_messages(body)}
     out["max_tokens"] = body["max_tokens"]
+    if effort := reasoning_effort_of(body):
+        out["reasoning_effort"] = effort
     for key in ("temperature", "top_p", "top_k"):
         if body.get(key) is not None:
             out[key] = body[key]  # top_k is no OpenAI field: vLLM and llama.cpp take it

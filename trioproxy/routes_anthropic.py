@@ -43,18 +43,22 @@ blueprint = Blueprint("anthropic", __name__)
 T = TypeVar("T")
 
 
-def _without_top_k(payload: dict[str, Any]) -> None:
-    payload.pop("top_k", None)
+def _optional_field(name: str) -> FieldQuirk:
+    """A field some backend models refuse: such a model gets the request again without
+    it, and later ones go without."""
+
+    def without(payload: dict[str, Any]) -> None:
+        payload.pop(name, None)
+
+    news = f"the backend refuses {name} for model %s; its requests now go without it"
+    return FieldQuirk(name, functools.partial(refuses_field, name=name), without, news)
 
 
-# top_k is no OpenAI field: vLLM and llama.cpp's server take it, OpenAI's API refuses it.
-# A model that refuses it gets the request again without it, and later ones go without.
-NO_TOP_K = FieldQuirk(
-    "top_k",
-    functools.partial(refuses_field, name="top_k"),
-    _without_top_k,
-    "the backend refuses top_k for model %s; its requests now go without it",
-)
+# top_k is no OpenAI field: vLLM and llama.cpp's server take it, OpenAI's API refuses it
+NO_TOP_K = _optional_field("top_k")
+# reasoning_effort (the client's effort, or a small thinking budget): refused by models
+# that do not reason on OpenAI's API and by some gateways
+NO_REASONING_EFFORT = _optional_field("reasoning_effort")
 
 
 async def messages(call: Call) -> Reply:
@@ -116,14 +120,17 @@ async def _sent(
     switch: FieldQuirk | None,
     send: Callable[[Call, dict[str, Any]], Awaitable[T]],
 ) -> T:
-    """``send(call, payload)`` as the backend takes it: without the think switch's fields
-    or ``top_k`` for a model that refuses them."""
+    """``send(call, payload)`` as the backend takes it: without the think switch's fields,
+    ``reasoning_effort`` or ``top_k`` for a model that refuses them."""
 
-    async def without_top_k_if_refused(call: Call, sent: dict[str, Any]) -> T:
+    async def without_top_k_if_refused(sent: dict[str, Any]) -> T:
         return await as_the_backend_takes(call, sent, NO_TOP_K, functools.partial(send, call))
 
+    async def without_effort_if_refused(call: Call, sent: dict[str, Any]) -> T:
+        return await as_the_backend_takes(call, sent, NO_REASONING_EFFORT, without_top_k_if_refused)
+
     try:
-        return await as_taken(call, payload, switch, without_top_k_if_refused)
+        return await as_taken(call, payload, switch, without_effort_if_refused)
     except UpstreamStatusError as error:
         worded = an.context_overflow(error.message, error.body) if error.status < 500 else None
         if worded is None:
