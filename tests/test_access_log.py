@@ -14,7 +14,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from trioproxy.metrics.labels import loggable_path, loggable_text
+from trioproxy.metrics.labels import loggable_path, loggable_query, loggable_text
 
 from .conftest import ServerProcess
 
@@ -44,6 +44,25 @@ INJECTING_PATH = (
 )
 def test_loggable_path(path: str, logged: str) -> None:
     assert loggable_path(path) == logged
+
+
+@pytest.mark.parametrize(
+    ("query", "logged"),
+    [
+        (b"beta=true", "beta=true"),  # Claude Code's, on every request
+        (b"stream=true&starting_after=3", "stream=true&starting_after=3"),
+        # credentials by their parameter's name, however it is spelled
+        (b"key=AIzaSyA-1&alt=sse", "key=***&alt=sse"),
+        (b"api_key=s1&API-KEY=s2&api%5Fkey=s3", "api_key=***&API-KEY=***&api%5Fkey=***"),
+        (b"access_token=t&X-Amz-Signature=a&pass=p", "access_token=***&X-Amz-Signature=***&pass=p"),
+        (b"token=&monkey", "token=&monkey"),  # no value: nothing to hide
+        (b"q=a%20b", "q=a%20b"),  # as sent: its escapes stay
+        (b"q=a\nb\x1b\xff", "q=a%0Ab%1B%FF"),
+        (b"q=\r\n2026 INFO forged", "q=%0D%0A2026%20INFO%20forged"),
+    ],
+)
+def test_loggable_query(query: bytes, logged: str) -> None:
+    assert loggable_query(query) == logged
 
 
 def test_loggable_text_keeps_one_line() -> None:
@@ -525,3 +544,30 @@ def test_a_traceback_is_scrubbed_of_the_secrets(fmt: str) -> None:
         logger.removeHandler(handler)
     assert "sk-backend-secret" not in stream.getvalue()
     assert "bad key ***" in stream.getvalue()
+
+
+def test_a_stream_that_failed_after_its_200_logs_the_200_and_its_query(
+    demo_backend: ServerProcess, start_proxy: StartProxy
+) -> None:
+    """A /v1/messages stream ended by an in-band error event: the client got a 200, and
+    the access line says so (then how the stream ended), while the metrics count the
+    failure (502). Its query (Claude Code's ``?beta=true``) is on the line, a credential
+    in it masked."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
+    body = {
+        "model": "demo-chat",
+        "max_tokens": 100,
+        "stream": True,
+        "messages": [{"role": "user", "content": "[[tokens=20]] [[drop_after=3]]"}],
+    }
+    path = "/v1/messages?beta=true&key=not-for-logs"
+    headers = {"X-Request-ID": "failed-after-200"}
+    with httpx.stream("POST", proxy.url + path, json=body, headers=headers, timeout=10) as got:
+        assert got.status_code == 200
+        assert b"event: error" in got.read()
+    (line,) = [line for line in lines_of(proxy, "failed-after-200") if "trioproxy.access" in line]
+    assert " POST /v1/messages?beta=true&key=*** 200 " in line, line
+    assert line.endswith(" (error)") and "not-for-logs" not in line, line
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total", status="502") == 1)

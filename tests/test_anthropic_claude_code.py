@@ -842,7 +842,9 @@ def test_access_line(server: ServerProcess, streamed: bool, end: str) -> None:
     )
     assert response.status_code == 200
     line = access_line(server, request_id)
-    assert re.search(r"POST /v1/messages 200 [0-9.]+ ms \d+ B" + re.escape(end), line), line
+    # with Claude Code's query: which requests came from it
+    pattern = r"POST /v1/messages\?beta=true 200 [0-9.]+ ms \d+ B" + re.escape(end)
+    assert re.search(pattern, line), line
 
 
 def test_metrics_of_streams_and_answers(server: ServerProcess) -> None:

@@ -44,6 +44,7 @@ from .metrics.labels import (
     UNTRACKED_PATHS,
     clipped,
     loggable_path,
+    loggable_query,
 )
 from .metrics.store import effective_status
 
@@ -227,19 +228,22 @@ class CountingSend:
     reports a client's close from inside that final send, so the cancellation that
     follows must not turn a fully sent response into a "cancelled" one."""
 
-    __slots__ = ("_metric", "finished", "sent", "server_send")
+    __slots__ = ("_metric", "finished", "sent", "server_send", "status")
 
     def __init__(self, send: ASGISendCallable, metric: RequestMetrics | None) -> None:
         self.server_send = send
         self._metric = metric
         self.sent = 0
         self.finished = False
+        self.status = 0  # the status of the response head handed to the server, once it is
 
     async def __call__(self, event: ASGISendEvent) -> None:
         if event["type"] == "http.response.body":
             if not event.get("more_body", False):  # type: ignore[union-attr]
                 self.finished = True
             self.count(event.get("body", b""))  # type: ignore[union-attr]
+        elif event["type"] == "http.response.start" and not self.status:
+            self.status = event["status"]  # type: ignore[typeddict-item]
         await self.server_send(event)
 
     def count(self, body: bytes) -> None:
@@ -367,8 +371,9 @@ class AccessLine:
     it is finished, with its request id (as every line about a request). The client's
     address (``client_address``: the peer, or the client a trusted proxy names), method,
     path (percent-encoded where it holds anything but plain URL characters, so a client's
-    ``%0a`` cannot forge a line), status, duration, bytes sent and, for a stream, how it
-    ended; never headers or bodies, so nothing secret. Off by default: a line per request
+    ``%0a`` cannot forge a line) and query (credential parameters masked), the status the
+    client got, duration, bytes sent and, for a stream, how it ended; never headers or
+    bodies, so nothing secret. Off by default: a line per request
     costs a few percent of one."""
 
     __slots__ = ("_addresses", "_scope", "method", "path", "started")
@@ -387,19 +392,26 @@ class AccessLine:
         self, status: int, send: CountingSend, metric: RequestMetrics | None, client: str = ""
     ) -> None:
         outcome = metric.stream_outcome if metric is not None and metric.streaming else None
-        if metric is not None and (metric.status_code or outcome):
-            # a stream its client left before the backend answered has no status yet:
-            # the one its outcome means (499), as the metrics record it
+        if send.status:
+            # the status the client got, as a web server logs it: a stream that failed
+            # after its 200 went out is "200 ... (error)", though the metrics count it
+            # by its outcome (502)
+            status = send.status
+        elif metric is not None and (metric.status_code or outcome):
+            # no head went out (a stream its client left before the backend answered,
+            # one the server answered itself): the status the metrics record (499)
             status = effective_status(metric.status_code, outcome)
         if not send.finished and outcome is None:
             outcome = _unfinished(status, metric)
         address = self._addresses.of(self._scope)
+        path, query = loggable_path(self.path), self._scope.get("query_string")
+        target = f"{path}?{loggable_query(query)}" if query else path
         # method and path come from the client: escaped, so one request is one line
         access_log.info(
             "%s %s %s %s %.1f ms %d B%s%s",
             address,
             clipped(loggable_path(self.method), METHOD_LIMIT),
-            clipped(loggable_path(self.path), PATH_LIMIT),  # the status after it is kept
+            clipped(target, PATH_LIMIT),  # the status after it is kept
             status or "-",
             (time.perf_counter() - self.started) * 1000.0,
             send.sent,

@@ -444,8 +444,8 @@ def _note_failed_after_start(tracked: Tracked, status: int) -> None:
     """A stream's failure after its response started early, recorded as one that broke
     mid-stream: its outcome (``timeout`` if a deadline ran out, else ``error``), and the
     status its error reply had, which the metrics' effective status keeps when it is a
-    5xx (a backend's 4xx after the start is a failed stream: 502). The access log says
-    the same."""
+    5xx (a backend's 4xx after the start is a failed stream: 502). The access log has
+    the 200 the client got, and the outcome."""
     tracked.status = status
     metric = tracked.state.metric
     if metric is None:

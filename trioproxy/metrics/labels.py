@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 import re
-from urllib.parse import quote
+from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 log = logging.getLogger("trioproxy.metrics")
 
@@ -262,6 +262,32 @@ def loggable_path(path: str) -> str:
         return path
     # backslashreplace: a path the server decoded with surrogates must not raise here
     return quote(path, safe=_PATH_SAFE, errors="backslashreplace")
+
+
+# a query's characters that need no escaping in a log line (it comes as sent: its own
+# escapes, % included, stay as they are)
+_PLAIN_QUERY = re.compile(rb"[A-Za-z0-9/_.~:@!$&'()*+,;=?%-]*")
+_QUERY_SAFE = "/:@!$&'()*+,;=?%"
+# a query parameter whose name says it holds a credential (?key=, ?api_key=, ?token=,
+# ?access_token=, ?sig=, ?X-Amz-Signature=, ?password=): its value is never logged. Other
+# secrets the proxy knows (the backend's key, the client keys) are scrubbed from every line
+_CREDENTIAL_NAME = re.compile(rb"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
+MASKED = b"***"
+
+
+def loggable_query(query: bytes) -> str:
+    """A request's query string (as sent) for its access line: the values of parameters
+    named as credentials masked, percent-encoded where it holds anything but plain URL
+    characters (as :func:`loggable_path`), so it stays one line and one field."""
+    params = query.split(b"&")
+    for i, param in enumerate(params):
+        name, equals, value = param.partition(b"=")
+        if value and _CREDENTIAL_NAME.search(unquote_to_bytes(name)):
+            params[i] = name + equals + MASKED
+    text = b"&".join(params)
+    if _PLAIN_QUERY.fullmatch(text):
+        return text.decode("ascii")
+    return quote_from_bytes(text, safe=_QUERY_SAFE)
 
 
 # A log line is written whole by one write(), and a pipe (the stderr of a container, which the
