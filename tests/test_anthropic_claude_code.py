@@ -102,6 +102,13 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         chunk({}, "length"),
         LAST_USAGE,
     ],
+    # a call whose arguments end before its object does, though the backend says done
+    "unfinished-call": [
+        ROLE,
+        chunk(call_delta(0, id="call_1", name="Write", args='{"file_path": "/z", "cont')),
+        chunk({}, "tool_calls"),
+        LAST_USAGE,
+    ],
     "usage-in-finish": [
         ROLE,
         chunk({"content": "Hi"}),
@@ -695,6 +702,24 @@ def test_max_tokens_reached_mid_call_says_max_tokens(server: ServerProcess) -> N
     arguments it never got."""
     _, final = stream(server, "cut-mid-call")
     assert final.stop_reason == "max_tokens"
+
+
+def test_a_call_left_unfinished_after_part_went_out_is_an_error(server: ServerProcess) -> None:
+    """Its block is open and part of its input is out: closing it would have Claude Code
+    run Write with half its arguments. The stream ends with an error instead (a 502 when
+    the backend's whole stream came in one read, before anything went out)."""
+    response = post(server, claude_code_request(model="unfinished-call"))
+    if response.status_code == 200:
+        events = events_of(response)
+        partial = [
+            e["delta"]["partial_json"] for e in events if "partial_json" in e.get("delta", {})
+        ]
+        assert partial == ['{"file_path":"/z"']  # what went out as it came: the key waits
+        error = events[-1]
+    else:
+        assert response.status_code == 502, response.text
+        error = response.json()
+    assert error["type"] == "error" and "partway through its arguments" in error["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -765,8 +765,7 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
 
 
 _NOT_JSON = (
-    "the backend's tool call %r is no whole JSON object, and part of its input was already "
-    "streamed to the client"
+    "the backend's tool call %r broke off, or stopped being JSON, partway through its arguments"
 )
 
 
