@@ -225,13 +225,13 @@ async def _primary_exposition(
         return made, (GzipHead(made) if gzip else None)
 
     if in_thread:
-        head, zipped = await trio.to_thread.run_sync(make, limiter=metrics_threads())
+        body, zipped = await trio.to_thread.run_sync(make, limiter=metrics_threads())
     else:
-        head, zipped = make()
-    primary.bodies[content_type] = head
+        body, zipped = make()
+    primary.bodies[content_type] = body
     if zipped is not None:
         primary.gzipped[content_type] = zipped
-    return head, zipped
+    return body, zipped
 
 
 # --------------------------------------------------------------------------- collector

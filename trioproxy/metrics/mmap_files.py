@@ -49,7 +49,8 @@ class SpaceReservedDict(mmap_dict.MmapedDict):
             self._reserved = _pages(self._used)  # pages written are allocated
             return
         # no room for even the file's first bytes: every value in memory
-        self._f = None
+        # MmapedDict's own close() sets None too: its attribute's inferred type misses it
+        self._f = None  # type: ignore[assignment]
         self._fname = filename
         self._positions = {}
         self._m = mmap.mmap(-1, mmap_dict._INITIAL_MMAP_SIZE)

@@ -32,7 +32,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import prometheus_client
 import psutil
@@ -249,25 +249,31 @@ def _ensure_multiprocess_value_class() -> None:
         _values.ValueClass = _values.MultiProcessValue()
 
 
-def _local(base: type) -> type:
+class _LocalValues(MetricWrapperBase):
     """A metric class whose values stay in this process even when the process runs in
     multiprocess mode (for private collectors, e.g. the benchmarks: they must not
-    write into, and clobber, the workers' shared files)."""
+    write into, and clobber, the workers' shared files). Mixed in before the metric's
+    class (``_LocalCounter``): ``super()`` is then that class's ``_metric_init``."""
 
-    def _metric_init(self: Any) -> None:
+    def _metric_init(self) -> None:
         saved = _values.ValueClass
         _values.ValueClass = _values.MutexValue
         try:
-            base._metric_init(self)
+            super()._metric_init()
         finally:
             _values.ValueClass = saved
 
-    return type(f"Local{base.__name__}", (base,), {"_metric_init": _metric_init})
+
+class _LocalCounter(_LocalValues, Counter):
+    pass
 
 
-_LocalCounter = _local(Counter)
-_LocalGauge = _local(Gauge)
-_LocalHistogram = _local(Histogram)
+class _LocalGauge(_LocalValues, Gauge):
+    pass
+
+
+class _LocalHistogram(_LocalValues, Histogram):
+    pass
 
 
 def mark_dead_workers(path: str) -> list[int]:
@@ -435,6 +441,12 @@ def claim_shared_files(owner: Any) -> bool:
 # --------------------------------------------------------------------------- primary series
 
 
+class _InRegistry(TypedDict):
+    """The keyword every series is made with (``**r``)."""
+
+    registry: CollectorRegistry | None
+
+
 class PrimaryMetrics:
     """The primary series and their hot-path update (``observe``)."""
 
@@ -454,7 +466,7 @@ class PrimaryMetrics:
             else:
                 counter, gauge, histogram = Counter, Gauge, Histogram
         self.registry = registry
-        r = {"registry": registry}
+        r: _InRegistry = {"registry": registry}
 
         self.requests = counter(
             "http_requests_total",
@@ -942,6 +954,7 @@ def _copy_metric(metric: MetricWrapperBase) -> _Copied:
     if kind is None:
         raise TypeError(f"no copy of {metric!r}")
     names = tuple(metric._labelnames)
+    children: list[tuple[Sequence[str], MetricWrapperBase]]
     if names:
         with metric._lock:
             children = list(metric._metrics.items())
@@ -960,7 +973,8 @@ def _copy_metric(metric: MetricWrapperBase) -> _Copied:
         for values, child in children:
             rows.append((values, _value(child._value)))  # type: ignore[attr-defined]
     return (
-        kind, metric._name, metric._documentation, metric._type, metric._unit, names,
+        # the kind is the metric's type (its class's ``_type``, typed as optional)
+        kind, metric._name, metric._documentation, kind, metric._unit, names,
         bounds, rows,
     )  # fmt: skip
 

@@ -64,7 +64,8 @@ class SharedReads:
         if running is None:
             # nothing running: start now (taking over a round whose readers all left, or
             # whose woken readers have not run yet: it starts after they all arrived)
-            return await self._run(key, self._next.pop(key, None) or _Round(), render)
+            waiting = self._next.pop(key, None)
+            return await self._run(key, waiting or _Round(), render)
         joined = self._next.get(key)
         if joined is None:
             joined = self._next[key] = _Round()

@@ -227,7 +227,8 @@ async def track_streaming_request(
             # the monitoring guide's recipe passes the generator function itself
             # (``wrapper(response_stream)``): its stream is what calling it gives
             stream = stream()
-        ts = TrackedStream(stream, m, first_token)
+        # an iterable by now: mypy narrows on hasattr, not on its negation
+        ts = TrackedStream(stream, m, first_token)  # type: ignore[arg-type]
         wrappers.append(ts)
         return ts
 
