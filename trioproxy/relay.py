@@ -68,9 +68,11 @@ class StreamObserver(TokenStats, Protocol):
     ended: bool  # the stream's last event is out (Responses streams have no [DONE])
     failed: bool  # the backend reported a failure in the stream
     finish_reason: str | None  # the stream's own, once it told one
-    must_end: bool  # a body ending before the stream's last event is a broken stream
     error: object  # what the backend said when it failed, if anything
     malformed: bool  # an event came that is no JSON at all
+
+    @property
+    def must_end(self) -> bool: ...  # a body ending before the stream's last event is broken
 
     @property
     def open_choices(self) -> int: ...  # choices asked for (``n``) without a finish_reason

@@ -25,7 +25,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # there; typeshed omits it
 from json.encoder import encode_basestring as _encode_str
 from typing import Any, Literal, TypeGuard
 
@@ -1053,7 +1053,7 @@ def _ollama_logprob(entry: object) -> JSONDict | None:
     out = _token_logprob(entry)
     if out is None:
         return None
-    top = entry.get("top_logprobs")  # type: ignore[union-attr]  # a dict: _token_logprob
+    top = entry.get("top_logprobs")  # type: ignore[attr-defined]  # a dict: _token_logprob
     if isinstance(top, list):
         alternatives = [alt for alt in map(_token_logprob, top) if alt is not None]
         if alternatives:
@@ -1716,8 +1716,9 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
         self.settled = False
         self._replayed = False
 
-    @property  # type: ignore[override]
-    def must_end(self) -> bool:
+    # read-only here (the relay only reads it), a class attribute in _StreamStats
+    @property
+    def must_end(self) -> bool:  # type: ignore[override]
         """A replay that began before the response's last event must reach it: a body
         that ends after some events but without the closing one is cut (the client must
         not take half a response for the whole). One with no event at all began after
@@ -1786,7 +1787,7 @@ class _HeldToolCalls(_StreamStats):
         """Take one tool-call delta; the slot of the call it belongs to (its place in
         ``_tool_calls``)."""
         index = delta.get("index")
-        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        function = f if isinstance(f := delta.get("function"), dict) else {}
         call_id = delta.get("id")
         name = function.get("name")
         calls = self._tool_calls
@@ -2192,7 +2193,7 @@ def _embedding_items(resp: JSONDict) -> list[JSONDict]:
     if not isinstance(data, list):
         return []
     items = [d for d in data if isinstance(d, dict)]
-    items.sort(key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+    items.sort(key=lambda d: i if isinstance(i := d.get("index"), int) else 0)
     return items
 
 
