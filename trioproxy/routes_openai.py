@@ -66,23 +66,24 @@ async def forward(
     body = await json_object(call)
     body = validated(tr.validate_openai_body, body, require_model=require_model)
     client_model = body.get("model")
-    backend_model = client_model
+    # nothing to rewrite: forward the client's bytes as they came
+    payload: bytes | None = call.body
+    rename: tuple[str, str] | None = None  # the backend's name and the client's, if they differ
     if client_model is not None:
         note_model(state, client_model)
         backend_model = await backend_name_for(call, client_model)
-    if backend_model == client_model:
-        # nothing to rewrite: forward the client's bytes as they came
-        payload = call.body
-    else:
-        payload = await encoded_for_backend(
-            call, tr.openai_passthrough_request(body, backend_model)
-        )
+        if backend_model != client_model:
+            rename = (backend_model, client_model)
+            payload = await encoded_for_backend(
+                call, tr.openai_passthrough_request(body, backend_model)
+            )
     if body.get("stream") is True:
         stream_opening(state, EVENT_STREAM, responses=creates_response)
         result = await open_stream(call, backend_path, payload)
         rewrite = None
-        if backend_model != client_model:
-            rewrite = _model_rewriter({backend_model: client_model})
+        if rename is not None:
+            backend_name, client_name = rename
+            rewrite = _model_rewriter({backend_name: client_name})
         watcher = observer()
         if isinstance(watcher, tr.OpenAIStreamObserver) and (n := _choices_asked(body)) > 1:
             watcher.expect_choices(n)
@@ -99,12 +100,12 @@ async def forward(
         await _owe_when_queued(app.ledger, content)
     if len(content) > OFF_LOOP_BYTES:
         asked = body if embeddings else None
-        content = await _large_answer_as_asked(content, asked, backend_model, client_model)
+        content = await _large_answer_as_asked(content, asked, rename)
         return _whole_reply(call, result, content)
     if embeddings:
         content = _embeddings_as_asked(content, body)
-    if backend_model != client_model:
-        content = _rewrite_model_json(content, backend_model, client_model)
+    if rename is not None:
+        content = _rewrite_model_json(content, *rename)
     return _whole_reply(call, result, content)
 
 
@@ -434,15 +435,14 @@ def _model_member(name: str, separator: str, ascii_only: bool = True) -> bytes:
 async def _large_answer_as_asked(
     content: bytes,
     embeddings: dict[str, Any] | None,
-    backend_model: str | None,
-    client_model: str | None,
+    rename: tuple[str, str] | None,
 ) -> bytes:
     """A non-stream answer over OFF_LOOP_BYTES as the client asked for it: the steps
     :func:`forward` takes on a smaller one (its embeddings as the request ``embeddings``
-    asked, if it is one; the backend's model name as the client's), in a JSON thread when
-    one of them decodes and encodes it whole."""
+    asked, if it is one; the backend's model name as the client's, ``rename``: see
+    :func:`_answer_as_asked`), in a JSON thread when one of them decodes and encodes it
+    whole."""
     conversion = _conversion_asked(content, embeddings) if embeddings is not None else None
-    rename = (backend_model, client_model) if backend_model != client_model else None
     if conversion is None and rename is None:
         return content  # as asked: relayed as it came, no thread
     # bytes in, bytes out: a client that leaves need not wait for it
