@@ -704,7 +704,7 @@ def _under_environment(
     return merged
 
 
-def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> dict[str, str] | None:
+def _dotenv(path: str | os.PathLike[str] | None, required: bool | None) -> _FileValues | None:
     """The known settings in the dotenv file; None when there is none to read."""
     if path is None:
         return None
@@ -1047,7 +1047,7 @@ def query_secrets(url: str) -> tuple[str, ...]:
     """The values of the credential parameters in ``url``'s query, as written and
     percent-decoded."""
     query = url.partition("?")[2].partition("#")[0]
-    values = []
+    values: list[str] = []
     for pair in query.split("&"):
         name, _, value = pair.partition("=")
         if value and _CREDENTIAL_QUERY.search(unquote(name)):

@@ -504,7 +504,7 @@ def _masked_at_boundaries(pattern: re.Pattern[Any], data: Any, stars: Any) -> An
     starts a character of the JSON string: a spelling found after an odd run of
     backslashes starts inside an escape (``\\\\u0073…`` is a backslash and ``u0073…``),
     and replacing it from there would leave a lone backslash, invalid JSON."""
-    out = []
+    out: list[Any] = []  # bytes or str, as ``data``
     pos = 0
     for match in _boundary_matches(pattern, data, 0, len(data)):
         out += (data[pos : match.start()], stars)

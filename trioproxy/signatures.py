@@ -211,10 +211,11 @@ def _canonical_arguments(arguments: object) -> str:
     """Arguments as one spelling: a JSON text read and written with sorted keys (the
     backend's string and the client's object, written again by the proxy, then agree)."""
     if isinstance(arguments, str):
+        text = arguments
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            arguments = json.loads(text) if text.strip() else {}
         except (ValueError, RecursionError):
-            return arguments
+            return text
     return _canonical(arguments)
 
 

@@ -905,7 +905,7 @@ def _done_reason(finish_reason: object) -> str:
     # answer cut by the backend's content filter says so (clients read done_reason as any
     # string), or a cut answer would read as a finished one
     if finish_reason in ("stop", "length", "content_filter"):
-        return finish_reason  # type: ignore[return-value]
+        return finish_reason
     return "stop"
 
 

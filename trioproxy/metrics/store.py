@@ -85,7 +85,7 @@ def stream_outcome(m: RequestMetrics) -> str:
     """The single terminal outcome of a stream (``m.streaming`` must be true)."""
     outcome = m.stream_outcome
     if outcome in _ABNORMAL_STATUS or outcome == "completed":
-        return outcome  # type: ignore[return-value]
+        return outcome
     if m.stream_cancelled:
         return "cancelled"
     if m.stream_timeout:
