@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart import Blueprint, Response, request
+from quart.typing import ResponseTypes
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
@@ -116,11 +117,14 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             # Quart answered a 404 for the path " " in Ollama's dialect, so a client whose
             # base URL lacks the mount point never learnt why; and "/llmapi/chat", which
             # only begins with "/llm", was served as "/api/chat"
-            self.scope[OUTSIDE_MOUNT] = self.scope["path"]  # as sent, if it holds a %2F
+            # as sent, if it holds a %2F; a key of the proxy's own (ASGI lets an app add
+            # some), which hypercorn's TypedDict of the scope cannot list
+            self.scope[OUTSIDE_MOUNT] = self.scope["path"]  # type: ignore[literal-required]
             self.scope["path"] = "/"  # outside too: a 404, which names the path as sent
         route = fastpath.fast_route(app, self.scope)
         if route is not None:
-            await fastpath.serve(app, self.scope, receive, send, *route)
+            # an http scope's receive (fastpath.HTTPReceive): hypercorn types every scope's
+            await fastpath.serve(app, self.scope, receive, send, *route)  # type: ignore[arg-type]
         else:
             await super().__call__(receive, send)
 
@@ -160,7 +164,7 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         nursery.cancel_scope.cancel()
 
     async def _send_kept_alive(
-        self, send: CountingSend, response: Response, nursery: trio.Nursery, keepalive: float
+        self, send: CountingSend, response: ResponseTypes, nursery: trio.Nursery, keepalive: float
     ) -> None:
         """A stream with keep-alive comments (STREAM_KEEPALIVE_SECONDS): their task in the
         request's nursery, stopped with the response."""
@@ -198,7 +202,8 @@ class RefusedWebsocket:
             record_protocol_refusal(
                 app.collector, app.settings.access_log, 403, "websocket", 0, self._address()
             )
-            await send({"type": "websocket.close", "code": 1003})  # a 403 before accepting
+            # a 403 before accepting (no reason: hypercorn's type requires the key)
+            await send({"type": "websocket.close", "code": 1003, "reason": None})
             return
         reply = error_reply(
             path, "this server speaks no WebSocket: send the request without Upgrade", 400
@@ -403,7 +408,9 @@ async def current_call() -> Call:
     coded = CodedRequestBody.refusing(request.headers.get("Content-Encoding"))
     if coded is not None:
         raise coded
-    return Call(request_app(), request_state(), request.path, await request.get_data())
+    # all three arguments: quart's overloads tell bytes only then (its defaults give bytes)
+    body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+    return Call(request_app(), request_state(), request.path, body)
 
 
 def answer_all_and_stop(app: ProxyApp) -> None:
@@ -487,7 +494,7 @@ async def _after(
             if call is None:
                 chunk = await anext(rest, None)
             else:
-                with call.app.in_progress.tracking() as scope:  # type: ignore[attr-defined]
+                with call.app.in_progress.tracking() as scope:
                     chunk = await anext(rest, None)
                 if scope.cancelled_caught:
                     if (reply.end is None or not reply.end.reached) and (
@@ -720,7 +727,8 @@ def _http_error_message(status: int, error: HTTPException) -> str:
 def request_app() -> ProxyApp:
     from quart import current_app
 
-    return current_app._get_current_object()  # type: ignore[return-value]
+    # a LocalProxy, which quart types as the Quart it stands for
+    return current_app._get_current_object()  # type: ignore[attr-defined]
 
 
 def _require_client_keys(app: ProxyApp, keys: ClientKeys) -> None:

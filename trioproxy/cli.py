@@ -249,7 +249,7 @@ async def serve_in_process(settings: Settings) -> None:
         await nursery.start(watch_signals, stop.set, stop_now)
         async with trio.open_nursery() as server:
             binds = await server.start(
-                partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+                partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)
             )
             # the real address, so ``--port 0`` is usable by tests and supervisors (not
             # when a signal held at start-up already stops it)
@@ -501,8 +501,8 @@ def _close_listeners_when_stopping(respawns: RespawnBudget) -> None:
     listeners: list[socket.socket] = []
     create_sockets = Config.create_sockets
 
-    def create_and_keep(config: Config) -> Sockets:
-        sockets = create_sockets(config)
+    def create_and_keep(self: Config) -> Sockets:
+        sockets = create_sockets(self)
         listeners.extend(sockets.secure_sockets + sockets.insecure_sockets)
         return sockets
 

@@ -239,11 +239,11 @@ class CountingSend:
 
     async def __call__(self, event: ASGISendEvent) -> None:
         if event["type"] == "http.response.body":
-            if not event.get("more_body", False):  # type: ignore[union-attr]
+            if not event.get("more_body", False):
                 self.finished = True
-            self.count(event.get("body", b""))  # type: ignore[union-attr]
+            self.count(event.get("body", b""))
         elif event["type"] == "http.response.start" and not self.status:
-            self.status = event["status"]  # type: ignore[typeddict-item]
+            self.status = event["status"]
         await self.server_send(event)
 
     def count(self, body: bytes) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import ASGISendCallable, HTTPDisconnectEvent, HTTPRequestEvent
 
 from .errors import CodedRequestBody, ProxyError, ServerBusy, body_too_large_message
 from .exchange import (
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from .metrics import RequestMetrics
 
 log = logging.getLogger("trioproxy")
+
+# An http scope's receive: ASGI gives it only these two events (hypercorn's type, one for
+# every scope, has the websocket's and lifespan's too).
+HTTPReceive = Callable[[], Awaitable[HTTPRequestEvent | HTTPDisconnectEvent]]
 
 _WANTED_HEADERS = frozenset(
     {
@@ -93,7 +97,7 @@ def fast_route(app: ProxyApp, scope: Any) -> tuple[str, Handler] | None:
 async def serve(
     app: ProxyApp,
     scope: Any,
-    receive: ASGIReceiveCallable,
+    receive: HTTPReceive,
     send: ASGISendCallable,
     path: str,
     handler: Handler,
@@ -230,7 +234,7 @@ class _ShutdownWhileReading(ProxyError):
     quiet = True  # counted (503), as the requests the shutdown answers while they wait
 
 
-async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str | None) -> bytes:
+async def _read_body(app: ProxyApp, receive: HTTPReceive, declared: str | None) -> bytes:
     limit = app.settings.max_request_bytes
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -255,7 +259,7 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
                 event = await receive()
                 if event["type"] == "http.disconnect":
                     raise ClientLeft
-                chunk = event.get("body", b"")  # type: ignore[union-attr]
+                chunk = event.get("body", b"")
                 if chunk:
                     size += len(chunk)
                     if size > limit:
@@ -263,7 +267,7 @@ async def _read_body(app: ProxyApp, receive: ASGIReceiveCallable, declared: str 
                     parts.append(chunk)
                     now = trio.current_time()
                     scope.deadline = min(whole_by, now + stall, in_progress.end_at)
-                if not event.get("more_body", False):  # type: ignore[union-attr]
+                if not event.get("more_body", False):
                     break
         finally:
             in_progress.discard(scope)
@@ -284,7 +288,7 @@ _DISCARD_SECONDS = 1.0
 
 
 async def _discard_body(
-    receive: ASGIReceiveCallable, declared: str | None, error: ProxyError, shutdown: InProgress
+    receive: HTTPReceive, declared: str | None, error: ProxyError, shutdown: InProgress
 ) -> bool:
     """Read and drop a refused request's small body; whether the connection can go on."""
     if (
@@ -303,7 +307,7 @@ async def _discard_body(
             event = await receive()
             if event["type"] == "http.disconnect":
                 return False
-            if not event.get("more_body", False):  # type: ignore[union-attr]
+            if not event.get("more_body", False):
                 return True
     return False
 
@@ -313,7 +317,7 @@ def _too_large(limit: int) -> ProxyError:
 
 
 async def _watch_disconnect(
-    receive: ASGIReceiveCallable, scope: trio.CancelScope, response: CountingSend
+    receive: HTTPReceive, scope: trio.CancelScope, response: CountingSend
 ) -> None:
     """Cancel the request when the client leaves before its response is complete."""
     while True:

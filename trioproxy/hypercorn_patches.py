@@ -516,7 +516,7 @@ async def _check_protocol(self: Any, event: h11.Request) -> None:
 
 async def _handle_http11_only(self: Any, event: Any) -> None:
     try:
-        return await self.protocol.handle(event)  # type: ignore[no-any-return]
+        return await self.protocol.handle(event)
     except _NoMoreReads:
         return  # the connection is closing: its reader finds the stream closed and ends
     except h11_protocol.H2ProtocolAssumedError:
@@ -658,7 +658,8 @@ def _context_init(self: Any, max_requests: int | None) -> None:
 
 
 MAX_EMPTY_LINES = 4
-_original_idle_client_reader = h11_readers.READERS[(h11.CLIENT, h11.IDLE)]
+# READERS[(CLIENT, IDLE)] by its name: READERS' values are typed as functions or dicts
+_original_idle_client_reader = h11_readers.maybe_read_from_IDLE_client
 
 
 _original_ws_handle = ws_stream.WSStream.handle

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 from .metrics.prom import MULTIPROC_ENV, WorkerRestarts, remove_live_gauges
 
@@ -57,12 +58,18 @@ class RespawnBudget:
         return True
 
 
+class JoinExited(Protocol):
+    """``hypercorn.run._join_exited``'s signature (its parameter by name too)."""
+
+    def __call__(self, processes: list[BaseProcess]) -> int: ...
+
+
 def join_exited_respawning(
     budget: RespawnBudget,
     log: logging.Logger,
     metrics_dir: str | None = None,
     count_restart: Callable[[int], None] | None = None,
-) -> Callable[[list[BaseProcess]], int]:
+) -> JoinExited:
     """A stand-in for ``hypercorn.run._join_exited``: removes the exited workers from
     ``processes`` and returns the status the server stops with (0: go on, and hypercorn
     starts workers until there are N again), a killed worker's being 0 while ``budget``
@@ -135,7 +142,7 @@ def respawn_killed_workers(budget: RespawnBudget) -> None:
     metrics_dir = os.environ.get(MULTIPROC_ENV)
     count_restart = _restart_counter(log) if metrics_dir else None
     join_exited = join_exited_respawning(budget, log, metrics_dir, count_restart)
-    hypercorn_run._join_exited = join_exited  # type: ignore[attr-defined]
+    hypercorn_run._join_exited = join_exited
 
 
 def _restart_counter(log: logging.Logger) -> Callable[[int], None] | None:

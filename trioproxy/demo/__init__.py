@@ -112,7 +112,7 @@ async def serve_demo(
     app = create_demo_app(settings)
     cfg = demo_config(host, port)
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, app, cfg, shutdown_trigger=shutdown_trigger)
-        )
+        # the demo's ASGI types are plain dicts, hypercorn's TypedDicts of the same shapes
+        serve = partial(hypercorn.trio.serve, app, cfg, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+        binds = await nursery.start(serve)
         task_status.started(f"{binds[0]}/v1")
