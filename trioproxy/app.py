@@ -85,7 +85,8 @@ log = logging.getLogger("trioproxy")
 
 
 def request_state() -> RequestState:
-    return request._get_current_object().trioproxy_state  # type: ignore[attr-defined]
+    state: RequestState = request._get_current_object().trioproxy_state  # type: ignore[attr-defined]
+    return state
 
 
 class TrackedHTTPConnection(TrioASGIHTTPConnection):
@@ -728,7 +729,8 @@ def request_app() -> ProxyApp:
     from quart import current_app
 
     # a LocalProxy, which quart types as the Quart it stands for
-    return current_app._get_current_object()  # type: ignore[attr-defined]
+    app: ProxyApp = current_app._get_current_object()  # type: ignore[attr-defined]
+    return app
 
 
 def _require_client_keys(app: ProxyApp, keys: ClientKeys) -> None:

@@ -507,7 +507,8 @@ def _close_listeners_when_stopping(respawns: RespawnBudget) -> None:
         return sockets
 
     Config.create_sockets = create_and_keep  # type: ignore[method-assign]
-    hypercorn_run.signal = _ListenersClosedOnStop(listeners, respawns)  # type: ignore[assignment]
+    # a patch of the module hypercorn.run imported (its signal.signal calls come here)
+    hypercorn_run.signal = _ListenersClosedOnStop(listeners, respawns)  # type: ignore[attr-defined, assignment]
 
 
 class _ListenersClosedOnStop:

@@ -566,7 +566,7 @@ def checked_upstream_headers(headers: Any) -> dict[str, str]:
     return out
 
 
-def _header_value(name: str, value: Any) -> str:
+def _header_value(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f'the value of {name!r} is not a JSON string (write "1", not 1)')
     value = value.strip()  # as the key's: the line end of a secret file pasted in

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AnyStr
 
 from .content_coding import codings_of
 from .jsonutil import loads
@@ -499,12 +499,12 @@ def _spelled_alternatives(texts: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(_spelling_source(text) for text in ordered))
 
 
-def _masked_at_boundaries(pattern: re.Pattern[Any], data: Any, stars: Any) -> Any:
+def _masked_at_boundaries(pattern: re.Pattern[AnyStr], data: AnyStr, stars: AnyStr) -> AnyStr:
     """``data`` (bytes or str) with ``pattern``'s spellings replaced by ``stars`` where one
     starts a character of the JSON string: a spelling found after an odd run of
     backslashes starts inside an escape (``\\\\u0073…`` is a backslash and ``u0073…``),
     and replacing it from there would leave a lone backslash, invalid JSON."""
-    out: list[Any] = []  # bytes or str, as ``data``
+    out: list[AnyStr] = []
     pos = 0
     for match in _boundary_matches(pattern, data, 0, len(data)):
         out += (data[pos : match.start()], stars)
@@ -516,8 +516,8 @@ def _masked_at_boundaries(pattern: re.Pattern[Any], data: Any, stars: Any) -> An
 
 
 def _boundary_matches(
-    pattern: re.Pattern[Any], data: Any, pos: int, end: int
-) -> Iterator[re.Match[Any]]:
+    pattern: re.Pattern[AnyStr], data: AnyStr, pos: int, end: int
+) -> Iterator[re.Match[AnyStr]]:
     """``pattern``'s matches in ``data[pos:]`` that start before ``end``, each at a
     character of the JSON string (:func:`_masked_at_boundaries`), leftmost first."""
     backslash = _BACKSLASH if isinstance(data, bytes) else "\\"

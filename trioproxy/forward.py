@@ -169,7 +169,9 @@ def _too_deep_to_forward() -> BadRequest:
     return BadRequest("invalid JSON in request body: nested too deeply to be forwarded")
 
 
-def validated(validator: Any, body: Any, **options: Any) -> dict[str, Any]:
+def validated(
+    validator: Callable[..., dict[str, Any]], body: Any, **options: Any
+) -> dict[str, Any]:
     try:
         return validator(body, **options)
     except RequestValidationError as exc:

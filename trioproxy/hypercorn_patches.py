@@ -516,7 +516,7 @@ async def _check_protocol(self: Any, event: h11.Request) -> None:
 
 async def _handle_http11_only(self: Any, event: Any) -> None:
     try:
-        return await self.protocol.handle(event)
+        await self.protocol.handle(event)
     except _NoMoreReads:
         return  # the connection is closing: its reader finds the stream closed and ends
     except h11_protocol.H2ProtocolAssumedError:

@@ -535,7 +535,7 @@ def _new_writer_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_writer_after_fork)
 
 
-class BackgroundStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class BackgroundStreamHandler(logging.StreamHandler[TextIO]):
     """A ``StreamHandler`` whose lines are written by the process's :class:`LineWriter`:
     logging never blocks the event loop."""
 

@@ -25,9 +25,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from json.decoder import scanstring  # type: ignore[attr-defined]  # there; typeshed omits it
 from json.encoder import encode_basestring as _encode_str
-from typing import Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from trioproxy.jsonutil import (
     NestedTooDeeply,
@@ -40,6 +39,13 @@ from trioproxy.jsonutil import (
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import DeclaredModel, ModelMapper, with_default_tag
 from trioproxy.sse import DEFAULT_MAX_LINE_BYTES
+
+if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
+
+    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
+
+else:
+    from json.decoder import scanstring
 
 __all__ = [
     "OllamaStreamTranslator",
@@ -840,7 +846,8 @@ def ollama_embed_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
 def ollama_embeddings_input(body: JSONDict) -> str | list[str]:
     """What a legacy ``/api/embeddings`` body asks to embed: ``prompt``, else ``input``."""
     if body.get("prompt") is not None:
-        return body["prompt"]
+        prompt: str = body["prompt"]  # validate_ollama_embeddings: a string
+        return prompt
     given = body.get("input")
     return "" if given is None else given
 

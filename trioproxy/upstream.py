@@ -588,7 +588,7 @@ class UpstreamPool:
             return retry_after
         if reason == "protocol" and attempt == 1:
             return 0.0  # a stale pooled connection: the fresh one should just work
-        base = self._settings.retry_backoff * (2 ** (attempt - 1))
+        base = self._settings.retry_backoff * (2.0 ** (attempt - 1))
         capped = min(self._settings.retry_backoff_max, base)
         return capped * random.uniform(0.5, 1.0)
 

@@ -255,7 +255,7 @@ def _pick_tool(tools: Any, tool_choice: Any) -> dict[str, Any] | None:
     """The function to call, honouring tool_choice ("none" or a named function)."""
     if not isinstance(tools, list) or not tools or tool_choice == "none":
         return None
-    functions = [
+    functions: list[dict[str, Any]] = [
         t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
     ]
     if isinstance(tool_choice, dict):

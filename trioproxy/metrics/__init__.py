@@ -670,12 +670,12 @@ class MetricsCollector:
             copied = self._window.copy()
             return await trio.to_thread.run_sync(read, copied, limiter=metrics_threads())
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
         t = self._totals()  # publishes the pending batch first
         return self._summary(t, self._system_block(), self._window)
 
-    async def read_summary(self) -> dict:
+    async def read_summary(self) -> dict[str, Any]:
         """:meth:`summary` for the monitoring endpoints: with ``--workers`` the workers'
         files are merged off the event loop, and concurrent reads share the merge; a
         large window is read off the loop (:meth:`_on_window`)."""
@@ -685,14 +685,16 @@ class MetricsCollector:
 
     async def _read_totals(self) -> Totals:
         self.publish()
-        snap = await self._reads.read(("totals",), self._prom.read_snapshot)
+        # SharedReads gives what the key's render gives (typed Any: one round, any key)
+        snap: Snapshot = await self._reads.read(("totals",), self._prom.read_snapshot)
         return snap.totals
 
     async def _read_counts(self) -> Totals:
         self.publish()
-        return await self._reads.read(("counts",), self._prom.read_counts)
+        counts: Totals = await self._reads.read(("counts",), self._prom.read_counts)
+        return counts
 
-    def _summary(self, t: Totals, system: dict[str, Any], window: WindowStore) -> dict:
+    def _summary(self, t: Totals, system: dict[str, Any], window: WindowStore) -> dict[str, Any]:
         success, client, cancelled, error = t.class_counts()
         total = success + client + cancelled + error
         rates = store.rates_from_counts(success, client, cancelled, error)
@@ -787,7 +789,7 @@ class MetricsCollector:
         endpoint_filter: str | None = None,
         time_range_minutes: float | None = None,
         include_system_metrics: bool = True,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Window figures for the requests matching the filters (this process's window)."""
         minutes = _time_range(time_range_minutes)
         t = self._count_totals()  # publishes the pending batch first
@@ -799,7 +801,7 @@ class MetricsCollector:
         endpoint_filter: str | None = None,
         time_range_minutes: float | None = None,
         include_system_metrics: bool = True,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """:meth:`filtered_summary` for the monitoring endpoints (see :meth:`read_summary`)."""
         minutes = _time_range(time_range_minutes)
         t = await self._read_counts()
@@ -815,7 +817,7 @@ class MetricsCollector:
         t: Totals,
         system: dict[str, Any] | None,
         window: WindowStore,
-    ) -> dict:
+    ) -> dict[str, Any]:
         entries = window.entries(endpoint_filter, time_range_minutes)
         success, client, cancelled, error = store.class_counts(entries)
         body: dict[str, Any] = {
@@ -845,16 +847,16 @@ class MetricsCollector:
             body["system"] = system
         return body
 
-    def health(self) -> tuple[dict, int]:
+    def health(self) -> tuple[dict[str, Any], int]:
         """Body and HTTP status of ``GET /v1/metrics/health`` (503 only when unhealthy)."""
         return self._health(self._count_totals(), self._window)
 
-    async def read_health(self) -> tuple[dict, int]:
+    async def read_health(self) -> tuple[dict[str, Any], int]:
         """:meth:`health` for the monitoring endpoints (see :meth:`read_summary`)."""
         t = await self._read_counts()
         return await self._on_window(lambda window: self._health(t, window))
 
-    def _health(self, t: Totals, window: WindowStore) -> tuple[dict, int]:
+    def _health(self, t: Totals, window: WindowStore) -> tuple[dict[str, Any], int]:
         # requests that ENDED in the health window: a timeout is recorded when it ends,
         # after waiting longer than any window might be
         cutoff = time.time() - self.health_window_seconds
@@ -1119,7 +1121,7 @@ def set_metrics_collector(collector: MetricsCollector | None) -> None:
 # async, as the guide's API is: under trio each reads as the monitoring endpoints do (a
 # large window from a copy, and with --workers large files merged, in a worker thread),
 # not on the loop; awaited under another event loop (asyncio) it reads in place, as before
-async def get_metrics_summary() -> dict:
+async def get_metrics_summary() -> dict[str, Any]:
     collector = get_metrics_collector()
     if trio.lowlevel.in_trio_task():
         return await collector.read_summary()
@@ -1130,7 +1132,7 @@ async def get_filtered_metrics_summary(
     endpoint_filter: str | None = None,
     time_range_minutes: float | None = None,
     include_system_metrics: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     collector = get_metrics_collector()
     if trio.lowlevel.in_trio_task():
         return await collector.read_filtered_summary(

@@ -209,4 +209,5 @@ def _pages(size: int) -> int:
 def install() -> None:
     """prometheus_client's multiprocess values use :class:`SpaceReservedDict` for their
     files (it names the class at call time: values created from now on)."""
-    values.MmapedDict = SpaceReservedDict  # type: ignore[misc]
+    # a patch of the name values imported, which it does not export
+    values.MmapedDict = SpaceReservedDict  # type: ignore[attr-defined]

@@ -363,7 +363,9 @@ def class_counts(entries: Iterable[WindowEntry]) -> list[int]:
     return counts
 
 
-def rates_from_counts(success: float, client: float, cancelled: float, error: float) -> dict:
+def rates_from_counts(
+    success: float, client: float, cancelled: float, error: float
+) -> dict[str, Any]:
     total = success + client + cancelled + error
     denom = total - cancelled
     return {
