@@ -37,7 +37,8 @@ def encode_event(event: JSONDict) -> bytes:
     """One named server-sent event, without the blank line that ends it (the relay joins
     events with a line end and ends the last one): the anthropic SDK skips an event
     without its ``event:`` name."""
-    return b"event: " + event["type"].encode() + b"\ndata: " + compact_json(event) + b"\n"
+    name: str = event["type"]
+    return b"event: " + name.encode() + b"\ndata: " + compact_json(event) + b"\n"
 
 
 # =============================================================================================
@@ -368,8 +369,8 @@ def _image_url(source: JSONDict) -> str | None:
         if isinstance(media, str) and media:
             return f"data:{media};base64,{source['data']}"
         return tr.image_data_url(source["data"])
-    if source.get("type") == "url" and isinstance(source.get("url"), str):
-        return source["url"]
+    if source.get("type") == "url" and isinstance(url := source.get("url"), str):
+        return url
     return None
 
 
@@ -378,8 +379,8 @@ def _document_text(block: JSONDict) -> str | None:
     source = block.get("source")
     if not isinstance(source, dict):
         return None
-    if source.get("type") == "text" and isinstance(source.get("data"), str):
-        return source["data"]
+    if source.get("type") == "text" and isinstance(data := source.get("data"), str):
+        return data
     if source.get("type") == "content" and isinstance(source.get("content"), str | list):
         inner = source["content"]
         if isinstance(inner, str):
@@ -458,7 +459,9 @@ def stop_reason(
         return "tool_use", None
     if finish_reason == "stop" and isinstance(matched, str) and stops and matched in stops:
         return "stop_sequence", matched
-    return _STOP_REASONS.get(finish_reason, "end_turn"), None  # type: ignore[arg-type]
+    if not isinstance(finish_reason, str):  # a backend's list or object is no key: a 500
+        return "end_turn", None
+    return _STOP_REASONS.get(finish_reason, "end_turn"), None
 
 
 def openai_to_message(
@@ -670,7 +673,7 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         if self._started:
             return
         self._started = True
-        message = {
+        message: JSONDict = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",
@@ -812,6 +815,7 @@ def context_overflow(message: str, body: bytes) -> str | None:
     if limit is None:
         return f"prompt is too long ({message})"
     context = int(limit[1])
+    completion: int | None
     if requested := _REQUESTED.search(message):
         prompt, completion = int(requested[1]), int(requested[2])
     elif found := _INPUT.search(message):
