@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from pydantic import TypeAdapter
 
 from trioproxy import anthropic as an
 from trioproxy.errors import error_body_for, is_anthropic_path, is_openai_path
-from trioproxy.translate import RequestValidationError, read_chunk
+from trioproxy.translate import RequestValidationError, StreamTooLarge, read_chunk
 
 EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
 OPENAI_MESSAGES: TypeAdapter[list[ChatCompletionMessageParam]] = TypeAdapter(
@@ -580,6 +581,40 @@ def test_interleaved_calls_become_blocks_one_after_another() -> None:
     # the first call went out before the second was whole
     first_stop = next(i for i, e in enumerate(events) if e["type"] == "content_block_stop")
     assert events[first_stop - 1]["delta"] == {"type": "input_json_delta", "partial_json": "}"}
+
+
+def text_chunk(text: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+
+def test_text_written_while_a_call_is_unfinished_waits_for_the_call() -> None:
+    """A backend that writes text (a line end) while a call's arguments are still coming:
+    the call's block cannot close unfinished, so the text follows it (the stream ended
+    with an error)."""
+    chunks = [
+        call_chunk(0, '{"path": "a', "read"),
+        text_chunk("\n"),
+        call_chunk(0, '.txt"}'),
+        text_chunk("done"),
+        finish_chunk("tool_calls"),
+    ]
+    events = fed_events(chunks)
+    message = accumulated(events)
+    assert message["content"] == [
+        {"type": "tool_use", "id": "call_0", "name": "read", "input": {"path": "a.txt"}},
+        {"type": "text", "text": "\ndone"},
+    ]
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_text_held_behind_a_call_is_bounded_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    held_in = sys.modules[an.tr._HeldToolCalls.__module__]  # the module that bounds them
+    monkeypatch.setattr(held_in, "MAX_HELD_TOOL_CALL_BYTES", 200)
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    translator.feed(call_chunk(0, '{"path": "a', "read"), 1)
+    with pytest.raises(StreamTooLarge):
+        for n in range(10):
+            translator.feed(text_chunk("x" * 30), n + 2)
 
 
 @pytest.mark.parametrize("arguments", ["", "not json", "[1, 2]", " "])

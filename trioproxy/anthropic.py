@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
@@ -555,11 +555,13 @@ class ToolInputNotJSON(tr.UntranslatableStream):
 class _CallStream:
     """Where the tool calls' stream stands: the call being sent (its slot in
     ``_tool_calls``), or the next one; how many of its pieces went out; its input so far
-    (None: no block of it is open)."""
+    (None: no block of it is open); text the backend wrote while a call's block was open,
+    held until it closes."""
 
     slot: int = 0
     taken: int = 0
     input: ObjectPrefix | None = None
+    text: list[str] = field(default_factory=list)
 
 
 class AnthropicStreamTranslator(tr._HeldToolCalls):
@@ -574,7 +576,8 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
     (``partial_json.ObjectPrefix``): the clients parse them as they come. Anthropic's
     blocks do not interleave, so calls go one after the other: a call's block closes once
     its object is whole and another call began (or at the end), and what a backend
-    writes of later calls meanwhile is held (MAX_HELD_TOOL_CALL_BYTES). Arguments that
+    writes of later calls meanwhile is held (MAX_HELD_TOOL_CALL_BYTES), and so is text it
+    writes while a call's block is open, sent after the calls. Arguments that
     never start an object (none, or no JSON) are ``{}``, as in a non-stream answer; a
     call cut by the token limit is closed where it stopped (``max_tokens``); one whose
     arguments turn into no JSON after they began to go out ends the stream with an error
@@ -633,7 +636,13 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         if thinking and self._show_thinking:
             self._delta(events, "thinking", {"type": "thinking_delta", "thinking": thinking})
         if content:
-            self._delta(events, "text", {"type": "text_delta", "text": content})
+            if self._open == "tool_use":
+                # blocks do not interleave, and a call cannot close before its input is
+                # whole: the text waits for the calls (bounded with them)
+                self._hold(len(content))
+                self._calls.text.append(content)
+            else:
+                self._delta(events, "text", {"type": "text_delta", "text": content})
         if calls:
             for delta in calls:
                 if isinstance(delta, dict):
@@ -643,6 +652,8 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             self._matched = choice.get("stop_reason")
             if self._tool_calls:
                 self._end_calls(events)
+        if self._calls.text and self._open != "tool_use":
+            self._send_held_text(events)
         return events
 
     def finish(self, now_ns: int) -> list[JSONDict]:
@@ -653,6 +664,8 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         events: list[JSONDict] = []
         if self._tool_calls:  # a stream that ended without its finish_reason
             self._end_calls(events)
+        if self._calls.text:
+            self._send_held_text(events)
         self._start(events)
         self._close(events)
         reason, sequence = stop_reason(self.finish_reason, self._matched, self._stops, self._called)
@@ -708,6 +721,11 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             if kind == "text":
                 self._text_head = _TEXT_HEAD % index
         events.append({"type": "content_block_delta", "index": self._blocks - 1, "delta": delta})
+
+    def _send_held_text(self, events: list[JSONDict]) -> None:
+        held = self._calls.text
+        self._delta(events, "text", {"type": "text_delta", "text": "".join(held)})
+        held.clear()
 
     def _send_calls(self, events: list[JSONDict], ending: bool = False) -> None:
         """Send what can go out of the calls so far: the call being sent, then the next
