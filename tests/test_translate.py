@@ -1107,12 +1107,55 @@ def test_stream_tool_calls_accumulated() -> None:
 
 def _calls_of(lines: list[dict]) -> list[dict]:
     """The tool calls of stream lines that each hold one, as Ollama writes them: a line
-    holding two made Haystack's streaming reader mix their names and arguments."""
+    holding two made Haystack's streaming reader mix their names and arguments. Each says
+    its ``index`` beside its ``id`` too (LiteLLM reads it there), dropped here."""
     calls = []
     for line in lines:
         (call,) = line["message"]["tool_calls"]
+        assert call.pop("index") == call["function"]["index"]
         calls.append(call)
     return calls
+
+
+def litellm_reads(lines: list[dict]) -> list[dict]:
+    """Stream lines' tool calls as LiteLLM's ollama_chat provider (1.110) gathers them: a
+    call is known by its ``index``, or, without one, by its place in its line (from 0);
+    arguments of one index run together, as its stream_chunk_builder joins them."""
+    calls: dict[int, dict] = {}
+    for line in lines:
+        for place, call in enumerate(line["message"].get("tool_calls") or []):
+            index = call.get("index", place)
+            arguments = json.dumps(call["function"]["arguments"])
+            if index in calls:
+                calls[index]["arguments"] += arguments
+            else:
+                calls[index] = {"name": call["function"]["name"], "arguments": arguments}
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_stream_tool_calls_say_their_index_for_litellm() -> None:
+    """A review with LiteLLM's ollama_chat provider: it numbers a line's calls from 0 by
+    their place unless a call says its ``index`` (OpenAI's chunks do, Ollama's lines do
+    not), so two parallel calls on lines of their own both read as call 0: one call, its
+    names and arguments run together, and the next turn failed on those arguments. Each
+    streamed call says its index beside its id (Ollama's clients ignore it)."""
+    t = _translator()
+    two = [
+        {"index": 0, "id": "c0", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+        {"index": 1, "id": "c1", "function": {"name": "time", "arguments": "{}"}},
+    ]
+    t.feed(_chunk({"tool_calls": two}), 1_100)
+    lines = t.feed(_chunk({}, finish="tool_calls"), 1_200)
+    assert litellm_reads(lines) == [
+        {"name": "weather", "arguments": '{"city": "Paris"}'},
+        {"name": "time", "arguments": "{}"},
+    ]
+    # without a finish reason the calls ride on the done line, said the same way
+    t = _translator()
+    t.feed(_chunk({"tool_calls": two}), 1_100)
+    final = t.finish(1_200)
+    assert [c["index"] for c in final["message"]["tool_calls"]] == [0, 1]
+    ChatResponse.model_validate(final)
 
 
 def test_stream_tool_calls_without_finish_reason_ride_on_final_line() -> None:
@@ -1129,7 +1172,7 @@ def test_stream_tool_calls_without_finish_reason_ride_on_final_line() -> None:
     final = t.finish(1_200)
     assert final["done"] is True
     assert final["message"]["tool_calls"] == [
-        {"function": {"index": 0, "name": "f", "arguments": {"a": 1}}}
+        {"function": {"index": 0, "name": "f", "arguments": {"a": 1}}, "index": 0}
     ]
     ChatResponse.model_validate(final)
 

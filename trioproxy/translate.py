@@ -1931,6 +1931,16 @@ class OllamaStreamTranslator(_HeldToolCalls):
         )
         self._text_tail = '},"done":false}' if kind == "chat" else ',"done":false}'
 
+    def _take_indexed_calls(self) -> list[JSONDict]:
+        """The held calls, each saying its ``function.index`` as ``index`` beside its ``id``
+        too, where OpenAI's chunks have it. Ollama's lines have no such member and its
+        clients ignore it; LiteLLM's ollama_chat numbers a line's calls from 0 without it,
+        so parallel calls on lines of their own all read as call 0 and ran together."""
+        calls = self._take_tool_calls()
+        for call in calls:
+            call["index"] = call["function"]["index"]
+        return calls
+
     # -- public API -----------------------------------------------------------------------
 
     def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
@@ -1964,7 +1974,7 @@ class OllamaStreamTranslator(_HeldToolCalls):
         if finish and self._tool_calls:
             # one line per call, as Ollama writes each call once it is whole: Haystack's
             # streaming reader takes a line's calls for one call (names and arguments mixed)
-            lines.extend(self._line("", "", [call]) for call in self._take_tool_calls())
+            lines.extend(self._line("", "", [call]) for call in self._take_indexed_calls())
         if self._held_logprobs is not None:
             self._place_logprobs(lines, [] if hidden or not choice else choice_logprobs(choice))
         return lines
@@ -2005,7 +2015,7 @@ class OllamaStreamTranslator(_HeldToolCalls):
         self._finished = self._unusual = True
         # what was held for a next line that never came: the first half of a pair alone
         # (written as its escape), log probabilities
-        line = self._line(*self._halves, self._take_tool_calls() if self._tool_calls else None)
+        line = self._line(*self._halves, self._take_indexed_calls() if self._tool_calls else None)
         if self._held_logprobs:
             line["logprobs"] = self._held_logprobs
             self._held_logprobs = []
