@@ -252,7 +252,7 @@ def test_logprobs_of_a_chunk_without_a_line_ride_on_the_next_one() -> None:
 def test_held_logprobs_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A backend streaming a long tool call with logprobs: past MAX_HELD_LOGPROBS, the
     held entries go out on a line of their own rather than piling up."""
-    monkeypatch.setattr(tr, "MAX_HELD_LOGPROBS", 3)
+    monkeypatch.setattr(tr.streams, "MAX_HELD_LOGPROBS", 3)
     t = translator()
     fragment = {"index": 0, "function": {"name": "f", "arguments": "x"}}
     chunks = [chunk({"tool_calls": [fragment]}, [entry(f"t{i}")]) for i in range(8)]

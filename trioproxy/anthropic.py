@@ -506,7 +506,7 @@ def thinking_block(thinking: str) -> JSONDict:
 
 
 def tool_use_block(call: JSONDict, number: int) -> JSONDict:
-    """An Ollama-shaped tool call (``translate._ollama_tool_calls``: arguments decoded, an
+    """An Ollama-shaped tool call (``translate.answer._ollama_tool_calls``: arguments decoded, an
     object) as a ``tool_use`` block; a call without an id gets one, for the result to name."""
     function = call["function"]
     call_id = _tool_use_id(call.get("id"), number)

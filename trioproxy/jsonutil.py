@@ -24,6 +24,9 @@ from typing import Any
 
 import orjson
 
+# a decoded JSON object, as the translation reads and builds them
+JSONDict = dict[str, Any]
+
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"))
 # the line ends of str.splitlines that JSON writes unescaped, in UTF-8 and as JSON escapes

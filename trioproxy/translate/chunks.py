@@ -1,0 +1,144 @@
+"""A backend stream's events read: the content-only chunk recognised without decoding it,
+every other event decoded in full."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from trioproxy.jsonutil import (
+    NestedTooDeeply,
+    loads,
+)
+
+if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
+
+    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
+
+else:
+    from json.decoder import scanstring
+from trioproxy.jsonutil import JSONDict
+
+# The content-only chunk, recognised without json.loads. Nearly every event of a chat stream is
+#   {"id":..,"object":..,"created":..,"model":..,"choices":[{"index":0,
+#    "delta":{"content":"tok"},"logprobs":null,"finish_reason":null}]}
+# and the stream consumers need only its content. The grammar below is a subset of JSON (a
+# match is always what json.loads would accept) in which every member the consumers read is
+# either absent, present once, or only ever null; so a match means: no usage, no finish_reason,
+# no reasoning, no tool calls, and choices[0].delta.content is the captured string (or absent).
+# Anything else (a second choice, nested values in other members, escaped member names, ...)
+# does not match and is decoded in full, so the results are always exact. tests/test_translate
+# compares both ways on generated streams.
+_WS = r"[ \t\n\r]*"  # JSON whitespace exactly (\s also matches other characters)
+_STR = r'"(?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+"'
+_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"  # [0-9]: \d is Unicode
+_SCALAR = rf"(?:{_STR}|{_NUM}|null|true|false)"
+_SEP = rf"{_WS},{_WS}"
+
+
+def _member(name: str, value: str) -> str:
+    return name + _WS + ":" + _WS + value
+
+
+def _other_member(read: str) -> str:
+    """A scalar member named none of ``read``; the name has no escapes, so it is literal."""
+    return _member(r'"(?!(?:' + read + r')")[^"\\\x00-\x1f]++"', _SCALAR)
+
+
+def _around(member: str, required: str) -> str:
+    """``required`` with any number of ``member`` before and after it, comma-separated."""
+    return rf"(?:{member}{_SEP})*+{required}(?:{_SEP}{member})*+"
+
+
+def _obj(body: str) -> str:
+    return r"\{" + _WS + body + _WS + r"\}"
+
+
+_DELTA_MEMBER = "(?:{}|{})".format(
+    _other_member("content|reasoning_content|reasoning|tool_calls|refusal"),
+    _member('"(?:reasoning_content|reasoning|tool_calls|refusal)"', "null"),
+)
+_CHOICE_MEMBER = "(?:{}|{})".format(
+    _other_member("delta|message|finish_reason"), _member('"finish_reason"', "null")
+)
+_TOP_MEMBER = "(?:{}|{})".format(
+    _other_member("choices|usage|error"), _member('"(?:usage|error)"', "null")
+)
+_DELTA = _obj(
+    "(?:"
+    + _around(_DELTA_MEMBER, _member('"content"', f"(?:(?P<content>{_STR})|null)"))
+    + f"|(?:{_DELTA_MEMBER}(?:{_SEP}{_DELTA_MEMBER})*+)?)"
+)
+_CHOICE = _obj(_around(_CHOICE_MEMBER, _member('"delta"', f"(?P<delta>{_DELTA})")))
+_CONTENT_CHUNK = re.compile(
+    _WS
+    + _obj(_around(_TOP_MEMBER, _member('"choices"', r"\[" + _WS + _CHOICE + _WS + r"\]")))
+    + _WS
+)
+_CONTENT_DELTA = re.compile(_DELTA)
+
+
+def _decode_str(literal: str) -> str:
+    """A JSON string literal matched by _STR, decoded (by json's own C scanner)."""
+    return scanstring(literal, 1)[0]
+
+
+# Full-chunk attempts that may fail in a row before a stream is taken to have another shape.
+_MAX_SHAPE_MISSES = 8
+
+
+class _ContentChunks:
+    """Finds content-only chunks in event texts (see the grammar above).
+
+    Every chunk of a stream repeats the text around its delta (id, created, model, the choice's
+    other members), so after one full match only the delta is matched while the text before and
+    after it stays the same. That is exact as well: swapping one JSON value (the delta object)
+    for another keeps a JSON document's structure everywhere else.
+    """
+
+    __slots__ = ("_head", "_misses", "_tail")
+
+    def __init__(self) -> None:
+        self._head: str | None = None
+        self._tail = ""
+        self._misses = 0
+
+    def content(self, data: str) -> str | None:
+        """The content's JSON string literal (``'""'`` when absent or null) if ``data`` is a
+        content-only chunk; ``None`` if it must be decoded in full."""
+        head = self._head
+        if head is not None and data.startswith(head) and data.endswith(self._tail):
+            match = _CONTENT_DELTA.fullmatch(data, len(head), len(data) - len(self._tail))
+            if match is not None:
+                return match["content"] or '""'
+        if self._misses >= _MAX_SHAPE_MISSES:
+            return None
+        match = _CONTENT_CHUNK.fullmatch(data)
+        if match is None:
+            self._misses += 1
+            return None
+        self._misses = 0
+        self._head, self._tail = data[: match.start("delta")], data[match.end("delta") :]
+        return match["content"] or '""'
+
+
+def parse_chunk(data: str) -> JSONDict | None:
+    """One event's JSON object; ``None`` for anything else (ignored, as keep-alive noise),
+    an event too deep to read included: the observers only watch a stream relayed as it
+    came, which its client may well read."""
+    try:
+        return read_chunk(data)
+    except NestedTooDeeply:
+        return None
+
+
+def read_chunk(data: str) -> JSONDict | None:
+    """:func:`parse_chunk`, but an event too deep to read raises :class:`NestedTooDeeply`:
+    for a stream translated to Ollama's, it may hold the answer, so it is not noise."""
+    try:
+        chunk = loads(data)
+    except NestedTooDeeply:
+        raise
+    except ValueError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
