@@ -7,20 +7,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
-from trioproxy.jsonutil import (
-    loads,
-    whole_number,
-)
-
-if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
-
-    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
-
-else:
-    pass
-from trioproxy.jsonutil import JSONDict
+from trioproxy.jsonutil import JSONDict, loads, whole_number
 
 from .validation import _is_finite_number, _is_number
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from trioproxy.jsonutil import (
-    NestedTooDeeply,
-    loads,
-)
+from trioproxy.jsonutil import JSONDict, NestedTooDeeply, loads
 
 if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
 
@@ -17,7 +14,6 @@ if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
 
 else:
     from json.decoder import scanstring
-from trioproxy.jsonutil import JSONDict
 
 # The content-only chunk, recognised without json.loads. Nearly every event of a chat stream is
 #   {"id":..,"object":..,"created":..,"model":..,"choices":[{"index":0,

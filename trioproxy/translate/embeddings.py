@@ -5,14 +5,8 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
-
-    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
-
-else:
-    pass
 from trioproxy.jsonutil import JSONDict
 
 from .answer import Timings, _usage_counts

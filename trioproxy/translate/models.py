@@ -6,18 +6,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
-from trioproxy.jsonutil import whole_number
+from trioproxy.jsonutil import JSONDict, whole_number
 from trioproxy.model_mapping import DeclaredModel, ModelMapper, with_default_tag
-
-if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
-
-    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
-
-else:
-    pass
-from trioproxy.jsonutil import JSONDict
 
 from .answer import _int, _rfc3339_seconds, utc_timestamp
 

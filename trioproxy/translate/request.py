@@ -7,17 +7,9 @@ import binascii
 import re
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trioproxy.jsonutil import compact_json_text
-
-if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
-
-    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
-
-else:
-    pass
-from trioproxy.jsonutil import JSONDict
+from trioproxy.jsonutil import JSONDict, compact_json_text
 
 from .validation import _NUMERIC_OPTIONS, _THINK_LEVELS, _is_number
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _encode_str
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from trioproxy.jsonutil import (
+    JSONDict,
     NestedTooDeeply,
     compact_json,
     compact_json_text,
@@ -19,14 +20,6 @@ from trioproxy.jsonutil import (
 )
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.sse import DEFAULT_MAX_LINE_BYTES
-
-if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
-
-    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
-
-else:
-    pass
-from trioproxy.jsonutil import JSONDict
 
 from .answer import (
     FINISHED_WITH_ERROR,

@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import math
 from json.encoder import encode_basestring as _encode_str
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TypeGuard
 
-if TYPE_CHECKING:  # json's C scanner: there at run time, left out of typeshed
-
-    def scanstring(s: str, end: int, strict: bool = True) -> tuple[str, int]: ...
-
-else:
-    pass
 from trioproxy.jsonutil import JSONDict
 
 # Ollama's think levels as OpenAI's reasoning_effort. "max" is "high": the highest effort
