@@ -1665,6 +1665,8 @@ _WRONG_SHAPES = {
     "html-page": "<html><body>Bad gateway</body></html>",
     "refuses-max-tokens": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
         "message": {"role": "assistant", "content": "thought it through"}}]}),
+    "mistral-ids": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "sunny"}}]}),
 }  # fmt: skip
 
 _COMPLETION = {
@@ -1736,6 +1738,8 @@ _STREAM_SHAPES = {
                                + "data: [DONE]\n\n"),
     "refuses-max-tokens": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
                            + "data: [DONE]\n\n"),
+    "mistral-ids": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
+                    + "data: [DONE]\n\n"),
 }  # fmt: skip
 # OpenAI's answer to max_tokens from one of its reasoning models
 _MAX_TOKENS_REFUSED = {
@@ -1747,6 +1751,16 @@ _MAX_TOKENS_REFUSED = {
         "code": "unsupported_parameter",
     }
 }
+
+
+def _not_mistral_id(request: dict[str, Any]) -> str | None:
+    """The first tool call id of ``request`` that Mistral's API refuses, if any."""
+    for message in request["messages"]:
+        ids = [c["id"] for c in message.get("tool_calls") or ()]
+        for call_id in [*ids, message.get("tool_call_id")]:
+            if call_id is not None and not re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
+                return str(call_id)
+    return None
 
 
 class _WrongShapeBackend(BaseHTTPRequestHandler):
@@ -1777,6 +1791,11 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
         if request["model"] == "refuses-max-tokens" and "max_tokens" in request:
             status, content_type = 400, "application/json"
             text = json.dumps(_MAX_TOKENS_REFUSED)
+        if request["model"] == "mistral-ids" and (refused := _not_mistral_id(request)):
+            status, content_type = 400, "application/json"  # as Mistral's API words it
+            text = json.dumps({"object": "error", "type": "invalid_request_message_error",
+                "message": f"Tool call id was {refused} but must be a-z, A-Z, 0-9, with a "
+                "length of 9."})  # fmt: skip
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -1897,6 +1916,34 @@ def test_a_completion_without_choices_or_with_an_error_is_a_502_not_an_empty_ans
                               timeout=10)  # fmt: skip
         assert response.status_code == 502, response.text
         assert words in response.json()["error"]
+
+
+def test_a_backend_that_takes_only_nine_character_call_ids_gets_them(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """Ollama providers that make up their own call ids (UUIDs: LiteLLM's ollama_chat,
+    ai-sdk-ollama) sent a history Mistral's API refuses (400, "must be a-z, A-Z, 0-9, with
+    a length of 9"): the request is sent again with the ids rewritten, a call and its
+    result still paired, and the model's later requests go so at once."""
+    sent = _WrongShapeBackend.requests
+    uuid = "3f2b6c1e-8d4a-4e7b-9a61-0c5d2e8f7b13"
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": uuid, "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": uuid, "content": "sunny"},
+    ]  # fmt: skip
+    for stream in (False, True, False):
+        sent.clear()
+        with httpx.Client(base_url=wrong_shape_proxy.url, timeout=10) as client:
+            answer = client.post(
+                "/api/chat", json={"model": "mistral-ids", "messages": history, "stream": stream}
+            )
+        assert answer.status_code == 200, answer.text
+        last = sent[-1]["messages"]
+        call_id = last[1]["tool_calls"][0]["id"]
+        assert re.fullmatch(r"[A-Za-z0-9]{9}", call_id) and last[2]["tool_call_id"] == call_id
+    assert len(sent) == 1  # remembered: the third request went rewritten at once
 
 
 def _ollama_stream(proxy: ServerProcess, model: str) -> tuple[list[str], BaseException | None]:

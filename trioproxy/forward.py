@@ -30,7 +30,7 @@ from .json_threads import OFF_LOOP_BYTES, off_loop
 from .jsonutil import NestedTooDeeply, compact_json, loads, whole_number
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
-from .translate import FINISHED_WITH_ERROR, RequestValidationError
+from .translate import FINISHED_WITH_ERROR, RequestValidationError, with_nine_character_ids
 from .upstream import UpstreamPool, UpstreamResult
 
 log = logging.getLogger("trioproxy.forward")
@@ -502,11 +502,36 @@ async def as_the_backend_takes(
     return await send(payload)
 
 
+# Mistral's API, and vLLM serving Mistral's models, refuse any other tool call id than
+# nine letters and digits: "Tool call id was call_… but must be a-z, A-Z, 0-9, with a
+# length of 9." The ids the proxy makes up are so; a client's own may not be.
+_REFUSES_CALL_IDS = re.compile(rb"a-z, ?A-Z, ?0-9,? with a length of 9", re.IGNORECASE)
+
+
+def refuses_tool_call_ids(error: UpstreamStatusError) -> bool:
+    """Whether a backend's 400/422 refuses a request's tool call ids for their shape."""
+    return error.status in (400, 422) and _REFUSES_CALL_IDS.search(error.body) is not None
+
+
+NINE_CHARACTER_CALL_IDS = FieldQuirk(
+    "tool_call_id",
+    refuses_tool_call_ids,
+    with_nine_character_ids,
+    "the backend takes only tool call ids of nine letters and digits for model %s "
+    "(Mistral's); its requests now have theirs rewritten so",
+    present=lambda payload: True,  # only a refusal tells: no scan of the messages
+)
+
+
 async def call_chat(call: Call, payload: dict[str, Any]) -> tuple[Any, UpstreamResult]:
     """``call_json`` for a chat completion the proxy wrote, its token limit as the backend
     takes it (``MAX_COMPLETION_TOKENS``)."""
     send = partial(call_json, call, "/chat/completions")
-    return await as_the_backend_takes(call, payload, MAX_COMPLETION_TOKENS, send)
+
+    async def with_call_ids_as_taken(sent: dict[str, Any]) -> tuple[Any, UpstreamResult]:
+        return await as_the_backend_takes(call, sent, NINE_CHARACTER_CALL_IDS, send)
+
+    return await as_the_backend_takes(call, payload, MAX_COMPLETION_TOKENS, with_call_ids_as_taken)
 
 
 async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResult:
@@ -514,10 +539,13 @@ async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResul
     ``stream_options`` (it asks for the token counts) as the backend takes them; streams
     without ``stream_options`` have their tokens counted from their chunks."""
 
-    async def without_stream_options_if_refused(sent: dict[str, Any]) -> UpstreamResult:
+    async def with_call_ids_as_taken(sent: dict[str, Any]) -> UpstreamResult:
         return await as_the_backend_takes(
-            call, sent, NO_STREAM_OPTIONS, partial(open_stream, call, "/chat/completions")
+            call, sent, NINE_CHARACTER_CALL_IDS, partial(open_stream, call, "/chat/completions")
         )
+
+    async def without_stream_options_if_refused(sent: dict[str, Any]) -> UpstreamResult:
+        return await as_the_backend_takes(call, sent, NO_STREAM_OPTIONS, with_call_ids_as_taken)
 
     return await as_the_backend_takes(
         call, payload, MAX_COMPLETION_TOKENS, without_stream_options_if_refused

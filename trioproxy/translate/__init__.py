@@ -70,6 +70,7 @@ from .request import (
     _generated_call_id,
     image_data_url,
     keep_alive_unloads,
+    nine_character_id,
     ollama_chat_to_openai,
     ollama_embed_to_openai,
     ollama_embeddings_input,
@@ -79,6 +80,7 @@ from .request import (
     openai_passthrough_request,
     think_extra_body,
     with_extra_body,
+    with_nine_character_ids,
 )
 from .streams import (
     MAX_HELD_TOOL_CALL_BYTES,
@@ -141,6 +143,7 @@ __all__ = [
     "keep_alive_unloads",
     "listed_capabilities",
     "model_family",
+    "nine_character_id",
     "ollama_chat_to_openai",
     "ollama_embed_to_openai",
     "ollama_embeddings_input",
@@ -170,4 +173,5 @@ __all__ = [
     "validate_ollama_generate",
     "validate_openai_body",
     "with_extra_body",
+    "with_nine_character_ids",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections import OrderedDict, deque
 from collections.abc import Mapping
@@ -256,6 +257,56 @@ def _generated_call_id(number: int) -> str:
         number, digit = divmod(number, 36)
         digits = _BASE36[digit] + digits
     return "call" + digits
+
+
+_NINE_LETTERS_AND_DIGITS = re.compile(r"[A-Za-z0-9]{9}")
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def nine_character_id(call_id: str) -> str:
+    """A tool call id as nine letters and digits, the one shape Mistral's models take: the
+    id itself when it is one, else nine base-62 digits of its SHA-256, so a call and the
+    result that names it still pair, and the same history gives the same request."""
+    if _NINE_LETTERS_AND_DIGITS.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode("utf-8", "replace")).digest()[:8])
+    digits = []
+    for _ in range(9):
+        number, digit = divmod(number, 62)
+        digits.append(_BASE62[digit])
+    return "".join(digits)
+
+
+def with_nine_character_ids(payload: JSONDict) -> None:
+    """A chat request's tool call ids (its assistant messages' calls and its results'
+    ``tool_call_id``) as :func:`nine_character_id` writes them, in messages copied where
+    one changes: a client's own ids (UUIDs from LiteLLM's or ai-sdk-ollama's Ollama
+    providers) are kept as sent unless a backend refuses them."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        payload["messages"] = [_with_nine_character_ids(m) for m in messages]
+
+
+def _with_nine_character_ids(message: object) -> object:
+    if not isinstance(message, dict):
+        return message
+    out = message
+    answered = message.get("tool_call_id")
+    if isinstance(answered, str) and (short := nine_character_id(answered)) != answered:
+        out = {**message, "tool_call_id": short}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        renamed = [_call_with_nine_character_id(call) for call in calls]
+        if any(new is not old for new, old in zip(renamed, calls, strict=True)):
+            out = {**out, "tool_calls": renamed}
+    return out
+
+
+def _call_with_nine_character_id(call: object) -> object:
+    if isinstance(call, dict) and isinstance(call_id := call.get("id"), str):
+        if (short := nine_character_id(call_id)) != call_id:
+            return {**call, "id": short}
+    return call
 
 
 class _ToolCallIds:
