@@ -225,6 +225,15 @@ def test_thinking(client: anthropic.Anthropic, streamed: bool) -> None:
             },
             "messages[0].content[0].text",
         ),
+        (  # an unhashable effort was looked up in the table of efforts: a 500
+            {
+                "model": "demo-chat",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "x"}],
+                "output_config": {"effort": ["high"]},
+            },
+            "output_config.effort",
+        ),
     ],
 )
 def test_client_mistakes_are_400s(

@@ -264,6 +264,7 @@ def test_conversation_with_tools_images_and_thinking() -> None:
         ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens"),
         ({"output_config": "fast"}, "output_config"),
         ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+        ({"output_config": {"effort": {"level": "high"}}}, "output_config.effort"),
     ],
 )
 def test_client_mistakes_name_the_field(change: dict[str, Any], field: str) -> None:

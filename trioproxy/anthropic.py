@@ -102,7 +102,8 @@ def _check_effort(config: object) -> None:
     if not isinstance(config, dict):
         raise RequestValidationError("output_config", "must be an object")
     effort = config.get("effort")
-    if effort is not None and effort not in _EFFORTS:
+    # a string first: a list or an object is no key of the table (a TypeError, a 500)
+    if effort is not None and (not isinstance(effort, str) or effort not in _EFFORTS):
         raise RequestValidationError("output_config.effort", f"must be one of {_EFFORT_NAMES}")
 
 
