@@ -14,7 +14,14 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from trioproxy.metrics.labels import loggable_path, loggable_query, loggable_text
+from trioproxy.config import query_secrets
+from trioproxy.metrics.labels import (
+    PATH_LIMIT,
+    clipped,
+    loggable_path,
+    loggable_query,
+    loggable_text,
+)
 
 from .conftest import ServerProcess
 
@@ -54,8 +61,16 @@ def test_loggable_path(path: str, logged: str) -> None:
         # credentials by their parameter's name, however it is spelled
         (b"key=AIzaSyA-1&alt=sse", "key=***&alt=sse"),
         (b"api_key=s1&API-KEY=s2&api%5Fkey=s3", "api_key=***&API-KEY=***&api%5Fkey=***"),
-        (b"access_token=t&X-Amz-Signature=a&pass=p", "access_token=***&X-Amz-Signature=***&pass=p"),
+        (
+            b"access_token=t&X-Amz-Signature=a&pass=p",
+            "access_token=***&X-Amz-Signature=***&pass=***",
+        ),
+        (b"session=s&code=c&encode=e", "session=***&code=***&encode=e"),
         (b"token=&monkey", "token=&monkey"),  # no value: nothing to hide
+        # ";" separates parameters for some servers: the value runs to "&" for the others
+        (b"alt=sse;key=s1;b=2&x=1", "alt=sse;key=***&x=1"),
+        (b"key=s1;b=2", "key=***"),
+        (b"a;b;token=s1", "a;b;token=***"),
         (b"q=a%20b", "q=a%20b"),  # as sent: its escapes stay
         (b"q=a\nb\x1b\xff", "q=a%0Ab%1B%FF"),
         (b"q=\r\n2026 INFO forged", "q=%0D%0A2026%20INFO%20forged"),
@@ -63,6 +78,31 @@ def test_loggable_path(path: str, logged: str) -> None:
 )
 def test_loggable_query(query: bytes, logged: str) -> None:
     assert loggable_query(query) == logged
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["key", "api_key", "token", "auth", "secret", "pass", "cookie", "session", "sig", "code"],
+)
+def test_a_query_name_the_backend_url_hides_is_hidden_on_access_lines(name: str) -> None:
+    """A name config.py reads as a credential in the backend's URL is one here too."""
+    assert query_secrets(f"http://b/v1?{name}=s3cr3t") == ("s3cr3t",)
+    assert loggable_query(f"{name}=s3cr3t".encode()) == f"{name}=***"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"key=" + b"x" * 5000 + b"&token=s3cr3t",  # a masked value shortens the line
+        b"q=" + b"a=1;" * 4000 + b"key=s3cr3t",  # names are read only where they show
+        b"a&" * 8000 + b"key=s3cr3t",
+        b"x=" + b"\xff" * 400 + b"&key=s3cr3t",  # escapes lengthen it
+    ],
+)
+def test_a_long_query_shows_no_credential(query: bytes) -> None:
+    line = clipped(f"/v1/messages?{loggable_query(query)}", PATH_LIMIT)
+    assert "s3cr3t" not in line, line
+    assert "=***" in line or line.endswith(" more bytes]"), line  # masked, or cut before it
 
 
 def test_loggable_text_keeps_one_line() -> None:

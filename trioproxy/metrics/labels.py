@@ -269,25 +269,57 @@ def loggable_path(path: str) -> str:
 _PLAIN_QUERY = re.compile(rb"[A-Za-z0-9/_.~:@!$&'()*+,;=?%-]*")
 _QUERY_SAFE = "/:@!$&'()*+,;=?%"
 # a query parameter whose name says it holds a credential (?key=, ?api_key=, ?token=,
-# ?access_token=, ?sig=, ?X-Amz-Signature=, ?password=): its value is never logged. Other
-# secrets the proxy knows (the backend's key, the client keys) are scrubbed from every line
-_CREDENTIAL_NAME = re.compile(rb"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
+# ?access_token=, ?sig=, ?X-Amz-Signature=, ?password=, ?pass=, ?session=, ?code=): its
+# value is never logged. The names config.py reads as credentials in the backend's URL,
+# and more. Other secrets the proxy knows (the backend's key, the client keys) are
+# scrubbed from every line
+_CREDENTIAL_NAME = re.compile(
+    rb"key|token|secret|pass|auth|sig|credential|cookie|session|^code$", re.IGNORECASE
+)
 MASKED = b"***"
 
 
 def loggable_query(query: bytes) -> str:
     """A request's query string (as sent) for its access line: the values of parameters
     named as credentials masked, percent-encoded where it holds anything but plain URL
-    characters (as :func:`loggable_path`), so it stays one line and one field."""
-    params = query.split(b"&")
-    for i, param in enumerate(params):
-        name, equals, value = param.partition(b"=")
-        if value and _CREDENTIAL_NAME.search(unquote_to_bytes(name)):
-            params[i] = name + equals + MASKED
-    text = b"&".join(params)
+    characters (as :func:`loggable_path`), so it stays one line and one field. Names are
+    read only in what the line can show (its first PATH_LIMIT characters: the rest is
+    cut), so a 16 KiB query of ``a=1;`` costs no more than a short one to mask."""
+    out: list[bytes] = []
+    at = size = 0
+    while size < PATH_LIMIT:
+        end = query.find(b"&", at)
+        if end < 0:
+            end = len(query)
+        param = _masked_param(query[at:end], PATH_LIMIT - size)
+        out.append(param)
+        size += len(param) + 1
+        at = end + 1
+        if at > len(query):
+            break
+    else:  # past what the line shows (encoding only lengthens it): cut, never read
+        out.append(query[at:])
+    text = b"&".join(out)
     if _PLAIN_QUERY.fullmatch(text):
         return text.decode("ascii")
     return quote_from_bytes(text, safe=_QUERY_SAFE)
+
+
+def _masked_param(param: bytes, shown: int) -> bytes:
+    """One ``&``-separated parameter, its value masked from the first credential name
+    on: the parameter's own, or one after a ``;`` (a separator some servers still read,
+    ``a=1;key=…``), whose value runs to the next ``&`` for the servers that do not. A name
+    starting past ``shown`` bytes is not read: its value is past the line's end."""
+    at = 0
+    while at < shown and (equals := param.find(b"=", at)) >= 0:
+        # pieces without "=" before it: the name is the last one's (each byte read once)
+        at = param.rfind(b";", at, equals) + 1 or at
+        if equals + 1 < len(param) and _CREDENTIAL_NAME.search(unquote_to_bytes(param[at:equals])):
+            return param[: equals + 1] + MASKED
+        at = param.find(b";", equals) + 1
+        if not at:
+            break
+    return param
 
 
 # A log line is written whole by one write(), and a pipe (the stderr of a container, which the
