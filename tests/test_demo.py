@@ -521,3 +521,13 @@ async def test_subprocess_reports_port_and_stops_on_sigterm() -> None:
 async def test_compact_refuses_an_input_of_the_wrong_type(http: httpx.AsyncClient) -> None:
     reply = await http.post("/v1/responses/compact", json={"model": "demo-chat", "input": 5})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "input"
+
+
+async def test_an_input_role_that_is_no_string_is_read_as_user(http: httpx.AsyncClient) -> None:
+    """The stored input's items looked a list role up in a set of roles: a 500."""
+    message = {"role": ["user"], "content": "hi"}
+    reply = await http.post("/v1/responses", json={"model": "demo-chat", "input": [message]})
+    assert reply.status_code == 200, reply.text
+    rid = reply.json()["id"]
+    (item,) = (await http.get(f"/v1/responses/{rid}/input_items")).json()["data"]
+    assert item["role"] == "user"

@@ -255,7 +255,7 @@ def input_items(value: Any, rid: str) -> list[dict[str, Any]]:
         if role == "assistant":
             content = [{"type": "output_text", "text": text, "annotations": []}]
         else:
-            role = role if role in _INPUT_ROLES else "user"
+            role = role if isinstance(role, str) and role in _INPUT_ROLES else "user"
             content = [{"type": "input_text", "text": text}]
         items.append(
             {
