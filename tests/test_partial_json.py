@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 from typing import Any
 
 import pytest
@@ -81,3 +83,216 @@ def test_what_follows_a_whole_object_is_ignored() -> None:
     prefix = ObjectPrefix()
     assert prefix.take('{"a": [1, {"b": null}]} and more') == '{"a":[1,{"b":null}]}'
     assert prefix.whole and prefix.take("}") == ""
+
+
+# -- adversarial properties ------------------------------------------------------------------
+# JSON objects spelled every way a backend may write them and cut anywhere (inside an
+# escape, a \uXXXX, a number, a literal, between a key and its colon): what goes out is read
+# at every piece as the anthropic SDK reads it, and ends as the object the whole text is.
+
+
+class _Number(str):
+    """A number as its text: spellings json.dumps never writes (1E+02, -0.0, 12e999)."""
+
+
+class _Object(list):  # type: ignore[type-arg]
+    """An object as its members, (key, value) pairs, in order (keys may repeat)."""
+
+
+_LONE = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff", "\ud83d"])
+_CHARS = st.text(
+    st.characters(codec="utf-8") | st.sampled_from('"\\/\b\f\n\r\t\x00\x1f\x7f\u2028é😀'),
+    max_size=5,
+)
+_STRINGS = st.lists(_CHARS | _LONE, max_size=3).map("".join)
+_NUMBERS = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,20})(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?", fullmatch=True
+).map(_Number)
+_TREES = st.recursive(
+    st.none() | st.booleans() | _STRINGS | _NUMBERS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.lists(st.tuples(_STRINGS, inner), max_size=3).map(_Object)
+    ),
+    max_leaves=8,
+)
+OBJECTS = st.lists(st.tuples(_STRINGS, _TREES), max_size=4).map(_Object)
+_SPACES = st.text(" \t\n\r", max_size=2)
+_SHORT = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n"}
+_SHORT |= {"\r": "\\r", "\t": "\\t"}
+_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf16(text: str) -> str:
+    """Surrogate halves side by side as the character they spell; a lone one, which has
+    no UTF-8 spelling (the SDK encodes each piece) and which jiter refuses as an escape,
+    as U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _spell_string(text: str, draw: st.DrawFn) -> tuple[str, str]:
+    """A string as JSON, each character raw or escaped any way JSON allows (an astral
+    one maybe as the two halves a backend that cuts by UTF-16 units writes); and what
+    goes out for it."""
+    text = _PAIR.sub(lambda m: _utf16(m[0]), text)  # halves in the value: one character
+    spelled, sent = ['"'], ['"']
+    for c in text:
+        units = c.encode("utf-16-be", "surrogatepass")
+        escape = "".join(f"\\u{units[k]:02x}{units[k + 1]:02x}" for k in range(0, len(units), 2))
+        ways = [(escape, escape), (escape.upper().replace("\\U", "\\u"),) * 2]
+        if c in _SHORT:
+            ways.append((_SHORT[c], _SHORT[c]))
+        if c >= " " and c not in '"\\':
+            ways.append((c, c))
+            if len(units) == 4:
+                ways.append((units.decode("utf-16-be", "surrogatepass"), c))
+        if _SURROGATE.match(c):  # lone: U+FFFD, spelled as it came
+            ways = [(way, "\\ufffd" if way.startswith("\\") else "\ufffd") for way, _ in ways]
+        way, out = draw(st.sampled_from(ways))
+        spelled.append(way)
+        sent.append(out)
+    return "".join(spelled) + '"', "".join(sent) + '"'
+
+
+def _spell(value: object, draw: st.DrawFn) -> tuple[str, str]:
+    """``value`` as JSON text with whitespace of every kind between its tokens; and what
+    goes out for it (no whitespace)."""
+    if isinstance(value, _Number):
+        return value, value
+    if isinstance(value, str):
+        return _spell_string(value, draw)
+    if not isinstance(value, list):
+        return json.dumps(value), json.dumps(value)
+    parts: list[tuple[str, str]] = []
+    if isinstance(value, _Object):
+        for key, member in value:
+            (k, k_sent), (v, v_sent) = _spell_string(key, draw), _spell(member, draw)
+            between = draw(_SPACES) + ":" + draw(_SPACES)
+            parts.append((k + between + v, k_sent + ":" + v_sent))
+        ends = "{}"
+    else:
+        parts = [_spell(member, draw) for member in value]
+        ends = "[]"
+    spelled = ",".join(draw(_SPACES) + part + draw(_SPACES) for part, _ in parts)
+    sent = ",".join(part for _, part in parts)
+    return ends[0] + spelled + draw(_SPACES) + ends[1], ends[0] + sent + ends[1]
+
+
+def _python(value: object) -> object:
+    if isinstance(value, _Number):
+        number = json.loads(value)
+        return number if math.isfinite(number) else 0  # json.dumps writes 1e999 as Infinity
+    if isinstance(value, _Object):
+        return {key: _python(member) for key, member in value}
+    if isinstance(value, list):
+        return [_python(member) for member in value]
+    return value
+
+
+def replaced(value: Any) -> Any:
+    """``value`` with its strings' lone surrogates as U+FFFD (see _utf16)."""
+    if isinstance(value, str):
+        return _utf16(value)
+    if isinstance(value, dict):
+        return {_utf16(key): replaced(member) for key, member in value.items()}
+    if isinstance(value, list):
+        return [replaced(member) for member in value]
+    return value
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values of equal types (1 is not 1.0 nor True, -0.0 is not 0.0), keys in order."""
+    return json.dumps(a) == json.dumps(b)
+
+
+def text_of(draw: st.DrawFn, tree: _Object, spelling: str) -> tuple[str, str]:
+    """The object's text as a backend writes it, and what goes out for it."""
+    if spelling == "spaced":
+        return _spell(tree, draw)
+    value = _python(tree)
+    ascii_only = spelling.endswith("ascii")
+    indent = {"dumps": None, "indent": 2, "tab": "\t"}[spelling.removesuffix("-ascii")]
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only, separators=(",", ": "))
+    if indent is None and draw(st.booleans()):
+        text = json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":"))
+    compact = json.dumps(value, ensure_ascii=ascii_only, separators=(",", ":"))
+    return text, _ESCAPES.sub(_lone_escape_replaced, _utf16(compact))
+
+
+# an escape (a surrogate pair's two first, so that a lone half is told from a paired one)
+_ESCAPES = re.compile(r"\\u[dD][89abAB]..\\u[dD][c-fC-F]..|\\u[dD][89a-fA-F]..|\\.")
+
+
+def _lone_escape_replaced(escape: re.Match[str]) -> str:
+    return "\\ufffd" if len(escape[0]) == 6 else escape[0]
+
+
+def pieces_of(draw: st.DrawFn, text: str) -> list[str]:
+    """``text`` cut anywhere: at a few places, or between every two characters."""
+    if draw(st.integers(0, 4)) == 0:
+        return list(text)
+    cuts = draw(st.lists(st.integers(0, len(text)), max_size=12))
+    points = sorted({0, len(text), *cuts})
+    return [text[a:b] for a, b in itertools.pairwise(points)]
+
+
+def _read_as_the_sdk_does(out: str, sent: str, closing: str) -> None:
+    """The SDK's accumulator encodes each piece as UTF-8 and parses the pieces so far with
+    jiter's partial mode; a block cut short (the token limit) ends with ``closing``."""
+    out.encode("utf-8")
+    if sent:
+        from_json(sent.encode(), partial_mode=True)
+        from_json(sent.encode(), partial_mode="trailing-strings")
+    closed = json.loads(sent + closing)
+    assert isinstance(closed, dict)
+    assert _same(from_json((sent + closing).encode()), closed)
+
+
+SPELLINGS = ["spaced", "dumps", "dumps-ascii", "indent", "indent-ascii", "tab", "tab-ascii"]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(data=st.data(), tree=OBJECTS, spelling=st.sampled_from(SPELLINGS))
+def test_any_object_cut_anywhere_goes_out_readable_and_ends_whole(
+    data: st.DataObject, tree: _Object, spelling: str
+) -> None:
+    text, expected = text_of(data.draw, tree, spelling)
+    prefix, sent = ObjectPrefix(), ""
+    for piece in pieces_of(data.draw, text):
+        out = prefix.take(piece)
+        sent += out
+        assert not prefix.broken
+        _read_as_the_sdk_does(out, sent, prefix.closing())
+    assert prefix.whole and prefix.closing() == ""
+    assert sent == expected  # nothing lost, nothing twice, only whitespace left out
+    assert _same(json.loads(sent), replaced(json.loads(text)))
+
+
+@pytest.mark.parametrize(
+    ("pieces", "sent"),
+    [
+        # an emoji's halves cut apart by a backend that cuts text by UTF-16 units
+        (['{"a": "x\ud83d', '\ude00"}'], ['{"a":"x', '😀"}']),
+        # an emoji's escaped halves cut apart: closed after the first, jiter refused it
+        (['{"a": "x\\ud83d', '\\ude00"}'], ['{"a":"x', '\\ud83d\\ude00"}']),
+        (['{"a": "x\\uD83D\\', "u", "DE00", '"}'], ['{"a":"x', "", "\\uD83D\\uDE00", '"}']),
+        # lone halves: raw (no UTF-8 spelling) or escaped (jiter refuses it)
+        (['{"a": "\\ud800"}'], ['{"a":"\\ufffd"}']),
+        (['{"a": "\\udc00\\n"}'], ['{"a":"\\ufffd\\n"}']),
+        (['{"a": "\\ud83d\\u00e9"}'], ['{"a":"\\ufffd\\u00e9"}']),
+        (['{"a": "x\ud800y\udc00"}'], ['{"a":"x\ufffdy\ufffd"}']),
+        (['{"a": "\udc00\ud800', '"}'], ['{"a":"\ufffd', '\ufffd"}']),
+        (['{"\\udbff": 1}'], ['{"\\ufffd":1}']),
+    ],
+)
+def test_surrogate_halves_go_out_as_the_sdk_can_read_them(
+    pieces: list[str], sent: list[str]
+) -> None:
+    """The anthropic SDK encodes each piece as UTF-8 and jiter refuses a lone half's
+    escape: either failed the client's stream (UnicodeEncodeError, ValueError)."""
+    prefix, joined, outs = ObjectPrefix(), "", []
+    for piece in pieces:
+        outs.append(prefix.take(piece))
+        joined += outs[-1]
+        _read_as_the_sdk_does(outs[-1], joined, prefix.closing())
+    assert outs == sent

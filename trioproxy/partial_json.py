@@ -15,9 +15,20 @@ from __future__ import annotations
 import re
 
 # a string's characters up to its end, an escape or where it is no longer JSON (a raw
-# control character, an unknown escape)
-_STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
-_ESCAPE_CUT = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?\Z")  # an escape the next piece ends
+# control character, an unknown escape), or a surrogate half that is not in a pair of
+# escapes (see _read_string)
+_STRING_BODY = re.compile(
+    r'(?:[^"\\\x00-\x1f\ud800-\udfff]+|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4}'
+    r"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})*"
+)
+# what the next piece may end: an escape, a surrogate pair's first half (an escape, maybe
+# with some of the second; or raw, as a backend that cuts text by UTF-16 units writes it)
+_CUT = re.compile(
+    r"(?:\\u[dD][89abAB][0-9a-fA-F]{2}(?:\\(?:u[0-9a-fA-F]{0,3})?)?"
+    r"|\\(?:u[0-9a-fA-F]{0,3})?|[\ud800-\udbff])\Z"
+)
+_RAW_HALVES = re.compile("[\ud800-\udfff]+")
+_ESCAPED_HALF = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _NUMBER_EXTENT = re.compile(r"[-+.eE0-9]*")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
 _LITERALS = {"t": "true", "f": "false", "n": "null"}
@@ -93,26 +104,32 @@ class ObjectPrefix:
     def _string_value(self, text: str, i: int, out: list[str]) -> int:
         j = _STRING_BODY.match(text, i).end()  # type: ignore[union-attr]  # matches ""
         out.append(text[i:j])
-        if j == len(text):
+        if j == len(text):  # most pieces: a string's characters, read in one match
             return j
+        read = _CLOSED
         if text[j] == '"':
+            j += 1
+        else:  # an escape cut short, a surrogate half, or no JSON
+            j, read = _read_string(text, j, out)
+        if read == _CLOSED:
             out.append('"')
             self._in_string = False
             self._expect = _AFTER
-            return j + 1
-        if _ESCAPE_CUT.match(text, j):
+            return j
+        if read == _CUT_SHORT:
             self._rest = text[j:]
-            return len(text)
-        self._expect = _BROKEN
+        else:
+            self._expect = _BROKEN
         return len(text)
 
     def _key(self, text: str, i: int) -> int:
-        j = _STRING_BODY.match(text, i + 1).end()  # type: ignore[union-attr]
-        if j < len(text) and text[j] == '"':
-            self._held += text[i : j + 1]
+        key: list[str] = ['"']
+        j, read = _read_string(text, i + 1, key)
+        if read == _CLOSED:
+            self._held += "".join(key) + '"'
             self._expect = _COLON
-            return j + 1
-        if j == len(text) or _ESCAPE_CUT.match(text, j):
+            return j
+        if read == _CUT_SHORT:
             self._rest = text[i:]  # a key is short: read whole with the next piece
         else:
             self._expect = _BROKEN
@@ -192,3 +209,46 @@ class ObjectPrefix:
         self._held = ""
         self._expect = _AFTER
         return i + len(token)
+
+
+# how _read_string stopped
+_CLOSED = 0  # at the string's end
+_CUT_SHORT = 1  # at the piece's end, or before what the next piece may end (_CUT)
+_NOT_JSON = 2
+
+
+def _read_string(text: str, i: int, out: list[str]) -> tuple[int, int]:
+    """A string's characters from ``i`` on, into ``out`` as they go out: where and how
+    it stopped (after its closing quote, where the next piece must go on, or where it is
+    no JSON).
+
+    Surrogate halves: the anthropic SDK encodes each piece as UTF-8 (a half has no UTF-8
+    spelling) and jiter refuses a half's escape alone, so either failed the client's
+    stream. Two raw halves side by side (a backend that cuts text by UTF-16 units sent
+    them in two pieces) go out as the one character they spell; a first half waits for
+    its second; a lone half, raw or escaped, goes out as U+FFFD, the replacement
+    character a UTF-8 decoder writes for it."""
+    end = len(text)
+    while True:
+        j = _STRING_BODY.match(text, i).end()  # type: ignore[union-attr]  # matches ""
+        if j > i:
+            out.append(text[i:j])
+        if j == end:
+            return j, _CUT_SHORT
+        c = text[j]
+        if c == '"':
+            return j + 1, _CLOSED
+        if _CUT.match(text, j):
+            return j, _CUT_SHORT
+        if "\ud800" <= c <= "\udfff":
+            i = _RAW_HALVES.match(text, j).end()  # type: ignore[union-attr]
+            if i == end and text[i - 1] <= "\udbff":
+                i -= 1  # a first half: waits for its second (_CUT, next round)
+            out.append(
+                text[j:i].encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+            )
+        elif _ESCAPED_HALF.match(text, j):
+            out.append("\\ufffd")
+            i = j + 6
+        else:
+            return j, _NOT_JSON
