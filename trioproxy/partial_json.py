@@ -38,12 +38,14 @@ _SPACE = " \t\n\r"
 _OBJECT = 0  # the object's "{" (only whitespace before it)
 _KEY_OR_END = 1  # after "{"
 _KEY = 2  # after a "," in an object
-_COLON = 3
-_VALUE = 4  # after ":" or a "," in an array
-_VALUE_OR_END = 5  # after "["
-_AFTER = 6  # after a value: "," or the container's end
-_WHOLE = 7  # the object ended: what follows is ignored
-_BROKEN = 8  # no JSON object any more: what follows is ignored
+_IN_KEY = 3  # a key's characters (``_in_string``), held
+_COLON = 4
+_VALUE = 5  # after ":" or a "," in an array
+_VALUE_OR_END = 6  # after "["
+_IN_NUMBER = 7  # a number's characters, held until what follows it shows its end
+_AFTER = 8  # after a value: "," or the container's end
+_WHOLE = 9  # the object ended: what follows is ignored
+_BROKEN = 10  # no JSON object any more: what follows is ignored
 
 
 class ObjectPrefix:
@@ -53,16 +55,21 @@ class ObjectPrefix:
     What goes out always stops where the object can be closed by ending an open string
     and the open containers: after ``{``, ``[``, a whole value, or inside a string value.
     Whitespace between tokens is left out. Text that is no JSON object (no ``{`` first,
-    an invalid character) makes the prefix :attr:`broken`: nothing more goes out."""
+    an invalid character) makes the prefix :attr:`broken`: nothing more goes out.
 
-    __slots__ = ("_closers", "_expect", "_held", "_in_string", "_rest", "sent")
+    Each character is read once, whatever the pieces: a key or a number a piece cuts
+    short is kept as far as it was read, and only an escape or a literal (a few
+    characters) is read again with the next piece."""
+
+    __slots__ = ("_closers", "_expect", "_held", "_in_string", "_number", "_rest", "sent")
 
     def __init__(self) -> None:
         self._closers: list[str] = []  # the open containers' ends, innermost last
         self._expect = _OBJECT
-        self._in_string = False  # inside a string value whose opening quote went out
-        self._held = ""  # read, but not yet safe to send: ``,"key":``
-        self._rest = ""  # a token the piece cut short: read again with the next
+        self._in_string = False  # inside a string: a key, or a value whose quote went out
+        self._held: list[str] = []  # read, but not yet safe to send: ``,"key":``
+        self._number: list[str] = []  # the number being read (_IN_NUMBER)
+        self._rest = ""  # an escape or literal the piece cut short: read again with the next
         self.sent = False  # something went out
 
     @property
@@ -77,7 +84,8 @@ class ObjectPrefix:
         """What ends what went out as a whole object (``{}`` when nothing did)."""
         if not self.sent:
             return "{}"
-        return ('"' if self._in_string else "") + "".join(reversed(self._closers))
+        in_value = self._in_string and self._expect != _IN_KEY
+        return ('"' if in_value else "") + "".join(reversed(self._closers))
 
     def take(self, piece: str) -> str:
         """What of ``piece`` (with what earlier pieces left) can go out now."""
@@ -88,50 +96,46 @@ class ObjectPrefix:
         i, end = 0, len(text)
         while i < end and self._expect < _WHOLE:
             if self._in_string:
-                i = self._string_value(text, i, out)
+                i = self._string(text, i, out)
+                continue
+            if self._expect == _IN_NUMBER:
+                i = self._digits(text, i, out)
                 continue
             c = text[i]
             if c in _SPACE:
                 i += 1
             elif self._expect in (_KEY_OR_END, _KEY) and c == '"':
-                i = self._key(text, i)
+                self._held.append(c)
+                self._in_string = True
+                self._expect = _IN_KEY
+                i += 1
             else:
                 i = self._token(text, i, c, out)
         if out:
             self.sent = True
         return "".join(out)
 
-    def _string_value(self, text: str, i: int, out: list[str]) -> int:
+    def _string(self, text: str, i: int, out: list[str]) -> int:
+        """A string's characters: a value's go out, a key's are held."""
+        sink = self._held if self._expect == _IN_KEY else out
         j = _STRING_BODY.match(text, i).end()  # type: ignore[union-attr]  # matches ""
-        out.append(text[i:j])
+        sink.append(text[i:j])
         if j == len(text):  # most pieces: a string's characters, read in one match
             return j
         read = _CLOSED
         if text[j] == '"':
             j += 1
         else:  # an escape cut short, a surrogate half, or no JSON
-            j, read = _read_string(text, j, out)
+            j, read = _read_string(text, j, sink)
         if read == _CLOSED:
-            out.append('"')
+            sink.append('"')
             self._in_string = False
-            self._expect = _AFTER
+            self._expect = _COLON if self._expect == _IN_KEY else _AFTER
             return j
         if read == _CUT_SHORT:
             self._rest = text[j:]
         else:
-            self._expect = _BROKEN
-        return len(text)
-
-    def _key(self, text: str, i: int) -> int:
-        key: list[str] = ['"']
-        j, read = _read_string(text, i + 1, key)
-        if read == _CLOSED:
-            self._held += "".join(key) + '"'
-            self._expect = _COLON
-            return j
-        if read == _CUT_SHORT:
-            self._rest = text[i:]  # a key is short: read whole with the next piece
-        else:
+            self._in_string = sink is out  # a key: nothing of it went out to close
             self._expect = _BROKEN
         return len(text)
 
@@ -146,7 +150,7 @@ class ObjectPrefix:
             if c != ":":
                 self._expect = _BROKEN
                 return len(text)
-            self._held += c
+            self._held.append(c)
             self._expect = _VALUE
             return i + 1
         if expect == _AFTER or (c in "}]" and expect in (_KEY_OR_END, _VALUE_OR_END)):
@@ -159,7 +163,7 @@ class ObjectPrefix:
     def _after_value(self, text: str, i: int, c: str, out: list[str]) -> int:
         closers = self._closers
         if c == "," and self._expect == _AFTER:
-            self._held = c
+            self._held = [c]
             self._expect = _KEY if closers[-1] == "}" else _VALUE
         elif c == closers[-1]:
             closers.pop()
@@ -171,8 +175,7 @@ class ObjectPrefix:
 
     def _value(self, text: str, i: int, c: str, out: list[str]) -> int:
         if c == '"':
-            out.append(self._held + c)
-            self._held = ""
+            self._send(c, out)
             self._in_string = True
             return i + 1
         if c == "{":
@@ -183,32 +186,46 @@ class ObjectPrefix:
             word = _LITERALS[c]
             token = text[i : i + len(word)]
             if token == word:
-                return self._scalar(token, i, out)
+                self._send(token, out)
+                self._expect = _AFTER
+                return i + len(token)
             if word.startswith(token) and i + len(token) == len(text):
                 self._rest = token
                 return len(text)
-        elif c == "-" or c.isdigit():
-            j = _NUMBER_EXTENT.match(text, i).end()  # type: ignore[union-attr]
-            if j == len(text):
-                self._rest = text[i:]  # the next piece may go on with it
-                return j
-            if _NUMBER.match(text[i:j]):
-                return self._scalar(text[i:j], i, out)
+        elif c == "-" or "0" <= c <= "9":
+            self._expect = _IN_NUMBER
+            return self._digits(text, i, out)
         self._expect = _BROKEN
         return len(text)
 
+    def _digits(self, text: str, i: int, out: list[str]) -> int:
+        """A number's characters: it goes out once what follows shows where it ends (the
+        next piece may go on with it)."""
+        j = _NUMBER_EXTENT.match(text, i).end()  # type: ignore[union-attr]
+        self._number.append(text[i:j])
+        if j == len(text):
+            return j
+        number = "".join(self._number)
+        self._number.clear()
+        if not _NUMBER.match(number):
+            self._expect = _BROKEN
+            return len(text)
+        self._send(number, out)
+        self._expect = _AFTER
+        return j
+
     def _open(self, c: str, closer: str, expect: int, out: list[str], i: int) -> int:
-        out.append(self._held + c)
-        self._held = ""
+        self._send(c, out)
         self._closers.append(closer)
         self._expect = expect
         return i + 1
 
-    def _scalar(self, token: str, i: int, out: list[str]) -> int:
-        out.append(self._held + token)
-        self._held = ""
-        self._expect = _AFTER
-        return i + len(token)
+    def _send(self, token: str, out: list[str]) -> None:
+        """``token`` goes out, after what was held for it (``,"key":``)."""
+        if self._held:
+            out.append("".join(self._held))
+            self._held.clear()
+        out.append(token)
 
 
 # how _read_string stopped
