@@ -190,15 +190,21 @@ def _python(value: object) -> object:
     return value
 
 
-def replaced(value: Any) -> Any:
-    """``value`` with its strings' lone surrogates as U+FFFD (see _utf16)."""
-    if isinstance(value, str):
-        return _utf16(value)
-    if isinstance(value, dict):
-        return {_utf16(key): replaced(member) for key, member in value.items()}
-    if isinstance(value, list):
-        return [replaced(member) for member in value]
-    return value
+def replaced_loads(text: str) -> Any:
+    """``json.loads``, its strings' lone surrogates as U+FFFD (see _utf16): keys replaced
+    as they are read, so that two that become one keep the later value, as in the text."""
+
+    def replaced(value: Any) -> Any:
+        if isinstance(value, str):
+            return _utf16(value)
+        if isinstance(value, list):
+            return [replaced(member) for member in value]
+        return value
+
+    def members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {_utf16(key): replaced(value) for key, value in pairs}
+
+    return replaced(json.loads(text, object_pairs_hook=members))
 
 
 def _same(a: object, b: object) -> bool:
@@ -267,7 +273,7 @@ def test_any_object_cut_anywhere_goes_out_readable_and_ends_whole(
         _read_as_the_sdk_does(out, sent, prefix.closing())
     assert prefix.whole and prefix.closing() == ""
     assert sent == expected  # nothing lost, nothing twice, only whitespace left out
-    assert _same(json.loads(sent), replaced(json.loads(text)))
+    assert _same(json.loads(sent), replaced_loads(text))
 
 
 @pytest.mark.parametrize(
@@ -321,3 +327,51 @@ def test_each_character_is_read_once_whatever_the_pieces(text: str) -> None:
         sent += prefix.take(c)
         assert len(prefix._rest) <= _MOST_READ_AGAIN
     assert prefix.whole and sent == text.replace(": ", ":")
+
+
+_JSONISH = st.text(st.sampled_from('{}[]:,"\\ \n\tuetrfalsn0123456789-+.eEaxdD\x01é\ud800😀'))
+
+
+@st.composite
+def _damaged(draw: st.DrawFn) -> str:
+    """Text that may be no JSON: JSON-like characters, or an object's text cut short,
+    with characters changed, left out or put in."""
+    if draw(st.booleans()):
+        return draw(_JSONISH)
+    text, _ = text_of(draw, draw(OBJECTS), draw(st.sampled_from(SPELLINGS)))
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(text)))
+        text = (
+            text[:at]
+            + draw(_JSONISH.filter(lambda t: len(t) < 3))
+            + text[at + draw(st.integers(0, 2)) :]
+        )
+    return text[: draw(st.integers(0, len(text)))]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(data=st.data(), text=_damaged())
+def test_any_text_cut_anywhere_goes_out_as_an_object_start(data: st.DataObject, text: str) -> None:
+    """No exception; what goes out is always the start of an object the SDK reads, and
+    closes as one; nothing more after it broke or ended; the same however it is cut."""
+    prefix, sent = ObjectPrefix(), ""
+    for piece in pieces_of(data.draw, text):
+        over = prefix.broken or prefix.whole
+        out = prefix.take(piece)
+        assert not (over and out)
+        sent += out
+        assert prefix.sent == bool(sent)
+        assert len(prefix._rest) <= _MOST_READ_AGAIN
+        _read_as_the_sdk_does(out, sent, prefix.closing())
+    whole = ObjectPrefix()
+    assert (whole.take(text), whole.closing(), whole.broken) == (
+        sent,
+        prefix.closing(),
+        prefix.broken,
+    )
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(value, dict):  # JSON already: whole, as it reads
+        assert prefix.whole and _same(json.loads(sent), replaced_loads(text))
