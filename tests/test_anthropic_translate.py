@@ -22,7 +22,10 @@ from pydantic import TypeAdapter
 
 from trioproxy import anthropic as an
 from trioproxy.errors import error_body_for, is_anthropic_path, is_openai_path
+from trioproxy.partial_json import ObjectPrefix
 from trioproxy.translate import RequestValidationError, StreamTooLarge, read_chunk
+
+from .test_partial_json import OBJECTS, SPELLINGS, pieces_of, replaced_loads, text_of
 
 EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
 OPENAI_MESSAGES: TypeAdapter[list[ChatCompletionMessageParam]] = TypeAdapter(
@@ -608,6 +611,32 @@ def test_text_written_while_a_call_is_unfinished_waits_for_the_call() -> None:
     assert message["stop_reason"] == "tool_use"
 
 
+def reasoning_chunk(text: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}]}
+
+
+@pytest.mark.parametrize("first", ["", '{"path": "a'])
+def test_thinking_written_while_a_call_is_unfinished_waits_for_the_call(first: str) -> None:
+    """Thinking closed the open call's block: a call not begun was {} and its arguments
+    were lost; one partly out ended the stream (ToolInputNotJSON)."""
+    rest = '{"path": "a.txt"}'[len(first) :]
+    chunks = [
+        call_chunk(0, first, "read"),
+        reasoning_chunk("hm"),
+        text_chunk("\n"),
+        reasoning_chunk("m"),
+        call_chunk(0, rest),
+        finish_chunk("tool_calls"),
+    ]
+    message = accumulated(fed_events(chunks))
+    assert message["content"] == [
+        {"type": "tool_use", "id": "call_0", "name": "read", "input": {"path": "a.txt"}},
+        {"type": "thinking", "thinking": "hm", "signature": ""},
+        {"type": "text", "text": "\n"},
+        {"type": "thinking", "thinking": "m", "signature": ""},
+    ]
+
+
 def test_text_held_behind_a_call_is_bounded_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
     held_in = sys.modules[an.tr._HeldToolCalls.__module__]  # the module that bounds them
     monkeypatch.setattr(held_in, "MAX_HELD_TOOL_CALL_BYTES", 200)
@@ -807,3 +836,112 @@ def call_delta_of(number: int, name: str) -> dict[str, Any]:
 def test_stream_translator_keeps_its_attributes_few() -> None:
     """Under CPython's 30 shared keys (see test_translate's test of the same)."""
     assert len(vars(an.AnthropicStreamTranslator("m", "msg_1", start_ns=0))) < 30
+
+
+# -- tool calls as they come, adversarially ----------------------------------------------------
+
+_NOT_OBJECTS = st.sampled_from(
+    ["", " ", "not json", "[1, 2]", "nul", '{"a": 1', '{"a": 1,', '{"a": tru', '{"a": "x\x01"}',
+     '{"a": "x\\q"}', '{"a": 1} and more', '{"a": 01}', "{"]
+)  # fmt: skip
+
+
+@st.composite
+def _call_arguments(draw: st.DrawFn) -> str:
+    if draw(st.integers(0, 3)) == 0:
+        return draw(_NOT_OBJECTS)
+    text, _ = text_of(draw, draw(OBJECTS), draw(st.sampled_from(SPELLINGS)))
+    return text
+
+
+def _expected_input(arguments: str, finish: str | None) -> dict[str, Any] | None:
+    """What a call's block reads as for the client, or None where the stream must end
+    with ToolInputNotJSON (part of its input out, the rest no JSON or never whole)."""
+    prefix = ObjectPrefix()
+    sent = prefix.take(arguments)
+    if not prefix.sent:
+        return {}  # never began an object: {}, as in a non-stream answer
+    if prefix.whole:
+        return replaced_loads(arguments[: arguments.rindex("}") + 1])  # type: ignore[no-any-return]
+    if prefix.broken or finish != "length":
+        return None
+    return json.loads(sent + prefix.closing())  # cut by the token limit where it stopped
+
+
+def _wire(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as the client reads it: encoded, sent, decoded."""
+    data = an.encode_event(event).split(b"\ndata: ", 1)[1]
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), _call_arguments()), max_size=3),
+    finish=st.sampled_from(["tool_calls", "length", "stop", None]),
+    show_thinking=st.booleans(),
+)
+def test_calls_written_at_once_come_out_as_blocks_of_their_inputs(
+    data: st.DataObject,
+    calls: list[tuple[str, str]],
+    finish: str | None,
+    show_thinking: bool,
+) -> None:
+    """Parallel calls, their pieces interleaved any way, text and thinking between them,
+    cut by the token limit or not: each call is a tool_use block of its arguments as
+    json.loads reads them (or {} for none), blocks one after another, indexes counting
+    up; or the stream ends with the error it documents. Read by the SDK as it comes."""
+    draw = data.draw
+    deltas: list[list[dict[str, Any]]] = []
+    for number, (name, arguments) in enumerate(calls):
+        pieces = pieces_of(draw, arguments) or [""]
+        if draw(st.booleans()):
+            pieces = ["", *pieces]  # the name first, alone (as OpenAI writes it)
+        head = call_chunk(number, pieces[0], name)
+        deltas.append([head] + [call_chunk(number, piece) for piece in pieces[1:]])
+    order = draw(st.permutations([n for n, pieces in enumerate(deltas) for _ in pieces]))
+    chunks = [deltas[n].pop(0) for n in order]
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["content", "reasoning_content"]))
+        said = {kind: draw(TEXT.filter(bool))}
+        at = draw(st.integers(0, len(chunks)))
+        chunks.insert(at, {"choices": [{"index": 0, "delta": said, "finish_reason": None}]})
+    texts = {
+        kind: "".join(d.get(kind, "") for d in map(delta, chunks))
+        for kind in ("content", "reasoning_content")
+    }
+    if finish is not None:
+        chunks.append(finish_chunk(finish))
+    expected = [_expected_input(arguments, finish) for _, arguments in calls]
+    starts = sorted(range(len(calls)), key=order.index)  # the calls in the order they began
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0, show_thinking=show_thinking)
+    events: list[dict[str, Any]] = []
+    try:
+        for now, chunk in enumerate(chunks, 1):
+            events += translator.feed(chunk, now)
+        events += translator.finish(len(chunks) + 1)
+    except an.ToolInputNotJSON:
+        assert None in expected
+        return
+    assert None not in expected
+    opened: list[int] = []
+    for event in events:  # one block at a time, their indexes counting up from 0
+        if event["type"] == "content_block_start":
+            assert event["index"] == len(opened)
+            opened.append(event["index"])
+        elif event["type"] in ("content_block_delta", "content_block_stop"):
+            assert event["index"] == opened[-1]
+    message = accumulated([_wire(event) for event in events])
+    blocks = message["content"]
+    assert [(b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"] == [
+        (calls[n][0], expected[n]) for n in starts
+    ]
+    out = {
+        kind: "".join(b[kind] for b in blocks if b["type"] == kind) for kind in ("text", "thinking")
+    }
+    assert out["text"] == texts["content"]
+    assert out["thinking"] == (texts["reasoning_content"] if show_thinking else "")
+    if finish == "length":
+        assert message["stop_reason"] == "max_tokens"
+    elif calls:
+        assert message["stop_reason"] == "tool_use"

@@ -10,10 +10,12 @@ named server-sent events (``message_start``, ``content_block_*``, ``message_delt
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _encode_str
+from operator import itemgetter
 from typing import Any
 
 from . import translate as tr
@@ -556,13 +558,13 @@ class ToolInputNotJSON(tr.UntranslatableStream):
 class _CallStream:
     """Where the tool calls' stream stands: the call being sent (its slot in
     ``_tool_calls``), or the next one; how many of its pieces went out; its input so far
-    (None: no block of it is open); text the backend wrote while a call's block was open,
-    held until it closes."""
+    (None: no block of it is open); text and thinking the backend wrote while a call's
+    block was open (each with its kind, "text" or "thinking"), held until it closes."""
 
     slot: int = 0
     taken: int = 0
     input: ObjectPrefix | None = None
-    text: list[str] = field(default_factory=list)
+    held: list[tuple[str, str]] = field(default_factory=list)
 
 
 class AnthropicStreamTranslator(tr._HeldToolCalls):
@@ -577,9 +579,9 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
     (``partial_json.ObjectPrefix``): the clients parse them as they come. Anthropic's
     blocks do not interleave, so calls go one after the other: a call's block closes once
     its object is whole and another call began (or at the end), and what a backend
-    writes of later calls meanwhile is held (MAX_HELD_TOOL_CALL_BYTES), and so is text it
-    writes while a call's block is open, sent after the calls. Arguments that
-    never start an object (none, or no JSON) are ``{}``, as in a non-stream answer; a
+    writes of later calls meanwhile is held (MAX_HELD_TOOL_CALL_BYTES), and so are text
+    and thinking it writes while a call's block is open, sent after the calls. Arguments
+    that never start an object (none, or no JSON) are ``{}``, as in a non-stream answer; a
     call cut by the token limit is closed where it stopped (``max_tokens``); one whose
     arguments turn into no JSON after they began to go out ends the stream with an error
     (:class:`ToolInputNotJSON`). ``finish`` closes the last block and sends
@@ -634,14 +636,15 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             raise RuntimeError("feed() after finish()")
         content, thinking, calls, choice = self._observe(chunk, now_ns)
         events: list[JSONDict] = []
+        # blocks do not interleave: text and thinking wait while a call's block is open
         if thinking and self._show_thinking:
-            self._delta(events, "thinking", {"type": "thinking_delta", "thinking": thinking})
+            if self._open == "tool_use":
+                self._hold_beside_call("thinking", thinking)
+            else:
+                self._delta(events, "thinking", {"type": "thinking_delta", "thinking": thinking})
         if content:
             if self._open == "tool_use":
-                # blocks do not interleave, and a call cannot close before its input is
-                # whole: the text waits for the calls (bounded with them)
-                self._hold(len(content))
-                self._calls.text.append(content)
+                self._hold_beside_call("text", content)
             else:
                 self._delta(events, "text", {"type": "text_delta", "text": content})
         if calls:
@@ -653,8 +656,8 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             self._matched = choice.get("stop_reason")
             if self._tool_calls:
                 self._end_calls(events)
-        if self._calls.text and self._open != "tool_use":
-            self._send_held_text(events)
+        if self._calls.held and self._open != "tool_use":
+            self._send_held(events)
         return events
 
     def finish(self, now_ns: int) -> list[JSONDict]:
@@ -665,8 +668,8 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         events: list[JSONDict] = []
         if self._tool_calls:  # a stream that ended without its finish_reason
             self._end_calls(events)
-        if self._calls.text:
-            self._send_held_text(events)
+        if self._calls.held:
+            self._send_held(events)
         self._start(events)
         self._close(events)
         reason, sequence = stop_reason(self.finish_reason, self._matched, self._stops, self._called)
@@ -723,9 +726,19 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
                 self._text_head = _TEXT_HEAD % index
         events.append({"type": "content_block_delta", "index": self._blocks - 1, "delta": delta})
 
-    def _send_held_text(self, events: list[JSONDict]) -> None:
-        held = self._calls.text
-        self._delta(events, "text", {"type": "text_delta", "text": "".join(held)})
+    def _hold_beside_call(self, kind: str, text: str) -> None:
+        """Text or thinking that came while a call's block is open: a call cannot close
+        before its input is whole, so it waits for the calls (bounded with them).
+        Thinking closed the block once: a call partly out ended the stream
+        (ToolInputNotJSON), one not yet begun was {} and its arguments were lost."""
+        self._hold(len(text))
+        self._calls.held.append((kind, text))
+
+    def _send_held(self, events: list[JSONDict]) -> None:
+        held = self._calls.held
+        for kind, run in itertools.groupby(held, key=itemgetter(0)):
+            text = "".join(text for _, text in run)
+            self._delta(events, kind, {"type": f"{kind}_delta", kind: text})
         held.clear()
 
     def _send_calls(self, events: list[JSONDict], ending: bool = False) -> None:
