@@ -11,6 +11,7 @@ import itertools
 import json
 import sys
 from typing import Any
+from unittest import mock
 
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
@@ -880,12 +881,14 @@ def _wire(event: dict[str, Any]) -> dict[str, Any]:
     calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), _call_arguments()), max_size=3),
     finish=st.sampled_from(["tool_calls", "length", "stop", None]),
     show_thinking=st.booleans(),
+    held_limit=st.sampled_from([None, 300]),  # a call holds 64 bytes besides its arguments
 )
 def test_calls_written_at_once_come_out_as_blocks_of_their_inputs(
     data: st.DataObject,
     calls: list[tuple[str, str]],
     finish: str | None,
     show_thinking: bool,
+    held_limit: int | None,
 ) -> None:
     """Parallel calls, their pieces interleaved any way, text and thinking between them,
     cut by the token limit or not: each call is a tool_use block of its arguments as
@@ -916,12 +919,18 @@ def test_calls_written_at_once_come_out_as_blocks_of_their_inputs(
     starts = sorted(range(len(calls)), key=order.index)  # the calls in the order they began
     translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0, show_thinking=show_thinking)
     events: list[dict[str, Any]] = []
+    held_in = sys.modules[an.tr._HeldToolCalls.__module__]
+    limit = held_in.MAX_HELD_TOOL_CALL_BYTES if held_limit is None else held_limit
     try:
-        for now, chunk in enumerate(chunks, 1):
-            events += translator.feed(chunk, now)
-        events += translator.finish(len(chunks) + 1)
+        with mock.patch.object(held_in, "MAX_HELD_TOOL_CALL_BYTES", limit):
+            for now, chunk in enumerate(chunks, 1):
+                events += translator.feed(chunk, now)
+            events += translator.finish(len(chunks) + 1)
     except an.ToolInputNotJSON:
         assert None in expected
+        return
+    except StreamTooLarge:
+        assert held_limit is not None  # what the backend wrote went past the bound
         return
     assert None not in expected
     opened: list[int] = []
