@@ -7,6 +7,7 @@ the rest run a real proxy against real sockets that refuse, hang up or never ans
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import trio
 
@@ -226,6 +228,25 @@ async def test_requests_that_reach_the_backend_clear_a_failed_check_in_health(
 class FakeBackend:
     url: str
     accepted: list[socket.socket]
+    # the process that opened each accepted connection (None: gone before it was read)
+    peers: list[int | None] = field(default_factory=list)
+
+    def accepted_from(self, server: ServerProcess) -> int:
+        """Connections ``server`` opened: in a full run, another test's proxy still
+        checking a backend that had this port before can connect here too."""
+        own = {server.process.pid}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            own.update(c.pid for c in psutil.Process(server.process.pid).children(True))
+        return sum(pid in own for pid in self.peers)
+
+
+def _peer_pid(conn: socket.socket) -> int | None:
+    """The pid of the process on the other end of a loopback connection."""
+    peer = conn.getpeername()
+    for c in psutil.net_connections("tcp"):
+        if c.laddr and (c.laddr.ip, c.laddr.port) == peer[:2] and c.pid:
+            return c.pid
+    return None
 
 
 @pytest.fixture
@@ -257,6 +278,7 @@ def _listener(*, keep: bool) -> Iterator[FakeBackend]:
             except OSError:
                 return
             backend.accepted.append(conn)
+            backend.peers.append(_peer_pid(conn))
             if not keep:
                 conn.close()
 
@@ -288,7 +310,7 @@ def test_probes_of_a_failing_backend_are_answered_from_the_cached_check(
     assert [a.status_code for a in answers] == [503] * 20
     assert "backend request failed" in answers[-1].json()["backend_error"]
     # one check at start, a single attempt; 20 probes with retries were 80 connections
-    assert len(hanging_up_backend.accepted) <= 2, len(hanging_up_backend.accepted)
+    assert hanging_up_backend.accepted_from(proxy) <= 2, hanging_up_backend.peers
     # checks are no request traffic: the UpstreamErrors alert does not see them
     reasons = ["connect", "other", "protocol", "status_4xx", "status_429", "status_5xx", "timeout"]
     zero = dict.fromkeys(reasons, 0)
@@ -315,7 +337,7 @@ def test_probes_of_a_silent_backend_answer_within_the_probe_timeout(
     assert max(took for _, took in first) < 3.0, first
     status, took = probe(0)
     assert status == 503 and took < 0.5, took  # the failure stands: no new check
-    assert len(hanging_backend.accepted) == 1  # the one check the probes shared
+    assert hanging_backend.accepted_from(proxy) == 1, hanging_backend.peers  # one shared check
     assert "did not answer" in httpx.get(f"{proxy.url}/ready").json()["backend_error"]
 
 
@@ -334,7 +356,7 @@ def test_probes_of_a_silent_backend_never_wait_for_the_next_check(
             assert http.get("/ready").status_code == 503
             took.append(time.monotonic() - started)
             time.sleep(0.05)
-    assert len(hanging_backend.accepted) >= 2  # checks did run meanwhile
+    assert hanging_backend.accepted_from(proxy) >= 2  # checks did run meanwhile
     assert max(took) < 0.3, sorted(took)[-5:]
 
 
