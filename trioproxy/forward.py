@@ -645,11 +645,20 @@ def extra_body_quirk(setting: str, added: tuple[str, ...]) -> FieldQuirk:
     )
 
 
+def optional_field(name: str, news: str | None = None) -> FieldQuirk:
+    """A field some backend models refuse (:func:`refuses_field`): such a model gets the
+    request again without it, and its later requests go without."""
+
+    def without(payload: dict[str, Any]) -> None:
+        payload.pop(name, None)
+
+    news = news or f"the backend refuses {name} for model %s; its requests now go without it"
+    return FieldQuirk(name, functools.partial(refuses_field, name=name), without, news)
+
+
 # Mistral's API refuses stream_options (422, extra_forbidden)
-NO_STREAM_OPTIONS = FieldQuirk(
+NO_STREAM_OPTIONS = optional_field(
     "stream_options",
-    refuses_stream_options,
-    lambda payload: payload.pop("stream_options", None),
     "the backend refuses stream_options for model %s; its streams now go without it, and "
     "their output tokens are counted from the chunks",
 )

@@ -31,7 +31,7 @@ from .forward import (
     note_model,
     note_usage,
     open_chat_stream,
-    refuses_field,
+    optional_field,
     validated,
 )
 from .json_threads import OFF_LOOP_BYTES
@@ -43,22 +43,11 @@ blueprint = Blueprint("anthropic", __name__)
 T = TypeVar("T")
 
 
-def _optional_field(name: str) -> FieldQuirk:
-    """A field some backend models refuse: such a model gets the request again without
-    it, and later ones go without."""
-
-    def without(payload: dict[str, Any]) -> None:
-        payload.pop(name, None)
-
-    news = f"the backend refuses {name} for model %s; its requests now go without it"
-    return FieldQuirk(name, functools.partial(refuses_field, name=name), without, news)
-
-
 # top_k is no OpenAI field: vLLM and llama.cpp's server take it, OpenAI's API refuses it
-NO_TOP_K = _optional_field("top_k")
+NO_TOP_K = optional_field("top_k")
 # reasoning_effort (the client's effort, or a small thinking budget): refused by models
 # that do not reason on OpenAI's API and by some gateways
-NO_REASONING_EFFORT = _optional_field("reasoning_effort")
+NO_REASONING_EFFORT = optional_field("reasoning_effort")
 
 
 async def messages(call: Call) -> Reply:
