@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioproxy")
 
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# whole, so none ends in a line end ("$" matches before a final "\n"): it is written on
+# every log line of its request and sent back as a header
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
 _OVERHEAD_HEADER_RAW = OVERHEAD_HEADER.lower().encode("latin-1")
 JSON = "application/json"
@@ -202,7 +204,7 @@ def new_state(
     request_id: str | None,
     content_length: str | None,
 ) -> RequestState:
-    if not request_id or not _REQUEST_ID_OK.match(request_id):
+    if not request_id or not _REQUEST_ID_OK.fullmatch(request_id):
         request_id = os.urandom(16).hex()  # uuid4's entropy in its hex form, at a fifth of its cost
     metric = None
     if collector.enabled and path not in UNTRACKED_PATHS:

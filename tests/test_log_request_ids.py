@@ -1,0 +1,258 @@
+"""Every log line written while a request is served carries its request id, the one its
+``X-Request-ID`` response header and its access line carry: in the task that serves it,
+and in the tasks it starts.
+Lines about no request (startup, the readiness checks) carry ``-``.
+
+The end-to-end tests run a real proxy (its own process) against a dead port, a scripted
+backend; the unit tests drive ``Tracked`` and the
+log handler in process. That identical lines with different ids still count as repeats
+is test_log_repeats.py's (``test_a_line_repeated_within_the_window_...``, and
+``test_a_dead_backend_is_one_warning_not_one_per_request`` in both formats).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import httpx
+import pytest
+import trio
+
+from trioproxy import logs
+from trioproxy.exchange import RequestState, Tracked, new_state
+from trioproxy.logs import (
+    TEXT_FORMAT,
+    BackgroundStreamHandler,
+    JsonFormatter,
+    RequestContextFilter,
+    TextFormatter,
+    request_id_var,
+)
+from trioproxy.metrics import MetricsCollector
+
+from .conftest import ServerProcess, closed_port_url
+from .fakes import FullLengthEmbeddings, serving
+
+StartProxy = Callable[..., ServerProcess]
+FORMATS = ["text", "json"]
+
+
+class Line(NamedTuple):
+    level: str
+    logger: str
+    request_id: str
+    message: str
+
+
+# "2026-01-02 10:11:12,345 WARNING trioproxy.relay [ID] message" (TEXT_FORMAT)
+_TEXT_LINE = re.compile(r"^\S+ \S+ (\w+) (\S+) \[([^\]]*)\] (.*)$")
+
+
+def parsed(log: str, fmt: str) -> list[Line]:
+    """The log's lines (a traceback's lines and the plain notices left out)."""
+    lines = []
+    for text in log.splitlines():
+        if fmt == "json":
+            if text.startswith("{"):
+                entry = json.loads(text)
+                lines.append(
+                    Line(entry["level"], entry["logger"], entry["request_id"], entry["message"])
+                )
+        elif (match := _TEXT_LINE.match(text)) is not None:
+            lines.append(Line(*match.groups()))
+    return lines
+
+
+def lines_of(
+    server: ServerProcess, request_id: str, fmt: str, last: str = "trioproxy.access"
+) -> list[Line]:
+    """The lines carrying ``request_id``, once one of logger ``last`` is out."""
+    deadline = time.monotonic() + 10
+    while True:
+        mine = [line for line in parsed(server.log(), fmt) if line.request_id == request_id]
+        if any(line.logger == last for line in mine):
+            return mine
+        assert time.monotonic() < deadline, f"no {last} line for {request_id}:\n{server.log()}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def dead_backend_proxy(request: pytest.FixtureRequest, start_proxy: StartProxy) -> Any:
+    fmt = request.param
+    proxy = start_proxy(
+        closed_port_url(),
+        MAX_RETRIES="0",
+        ACCESS_LOG="true",
+        LOG_FORMAT=fmt,
+        LOG_REPEAT_WINDOW_SECONDS="0",  # each request's failure is a line of its own
+    )
+    return proxy, fmt
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/chat", {"model": "m", "messages": [], "stream": False}),  # fast path
+        ("GET", "/api/tags", None),  # through Quart
+    ],
+)
+def test_a_warning_carries_the_id_of_its_access_line_and_response_header(
+    dead_backend_proxy: tuple[ServerProcess, str], method: str, path: str, body: Any
+) -> None:
+    """The client sends no id: the one the proxy makes up is on the response, on the
+    WARNING about the backend's failure and on the access line, in either format."""
+    proxy, fmt = dead_backend_proxy
+    answer = httpx.request(method, proxy.url + path, json=body, timeout=10)
+    assert answer.status_code == 502
+    request_id = answer.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    mine = lines_of(proxy, request_id, fmt)
+    assert [line.level for line in mine] == ["WARNING", "INFO"], mine
+    assert mine[0].message.startswith("backend request failed: cannot connect to 127.0.0.1:")
+    assert mine[1].logger == "trioproxy.access" and f"{method} {path} 502" in mine[1].message
+
+
+def test_a_background_line_carries_no_request_id(
+    dead_backend_proxy: tuple[ServerProcess, str],
+) -> None:
+    """The readiness check runs in the app's own task: its line is about no request,
+    though requests were served before and after it was written."""
+    proxy, fmt = dead_backend_proxy
+    httpx.get(proxy.url + "/api/tags", timeout=10)
+    ready = [line for line in parsed(proxy.log(), fmt) if line.logger == "trioproxy.ready"]
+    assert ready and ready[0].message.startswith("the backend is not reachable: "), proxy.log()
+    assert {line.request_id for line in ready} == {"-"}
+    startup = parsed(proxy.log(), fmt)[0]  # the first line the program wrote
+    assert startup.request_id == "-", proxy.log()
+
+
+def test_a_line_from_a_task_the_request_started_carries_its_id(
+    start_proxy: StartProxy,
+) -> None:
+    """2049 inputs are two batches, each asked for by a task of its own in the request's
+    nursery: the backend refusing ``dimensions`` is logged from one of them."""
+    FullLengthEmbeddings.refuses, FullLengthEmbeddings.asked = True, []
+    try:
+        with serving(FullLengthEmbeddings) as url:
+            proxy = start_proxy(url, MAX_RETRIES="0", ACCESS_LOG="true")
+            body = {"model": "demo-embed", "input": ["a"] * 2049, "dimensions": 4}
+            answer = httpx.post(
+                proxy.url + "/api/embed", json=body, headers={"X-Request-ID": "embed-1"}, timeout=10
+            )
+            assert answer.status_code == 200 and answer.headers["X-Request-ID"] == "embed-1"
+            mine = lines_of(proxy, "embed-1", "text")
+    finally:
+        FullLengthEmbeddings.refuses = False
+    assert len([body for body in FullLengthEmbeddings.asked if "dimensions" in body]) >= 2
+    (warning,) = [line for line in mine if line.level == "WARNING"]
+    assert warning.message.startswith("the backend refuses dimensions for model demo-embed")
+
+
+# -- in process ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sent", ["abc\n", "abc\r\n", "a b", "x" * 129, "", "é"])
+def test_a_client_id_that_could_break_a_log_line_is_replaced(sent: str) -> None:
+    """A client's id is written on every line of its request: one with a line end (which
+    ``$`` let through at the end) or a space would forge or shift a text line."""
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+    made = new_state(collector, "/api/chat", "POST", sent, None).request_id
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+
+
+def test_a_sane_client_id_is_kept() -> None:
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+    for sent in ["abc", "req_01J:9.x-Y", "x" * 128]:
+        assert new_state(collector, "/api/chat", "POST", sent, None).request_id == sent
+
+
+class Records(logging.Handler):
+    """The records a logger hands its handlers, request id filled in as configured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.addFilter(RequestContextFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[logging.Logger, Records]]:
+    logger = logging.getLogger("test-request-ids")
+    handler = Records()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def _ignore(event: Any) -> None:
+    pass
+
+
+def _tracked(request_id: str) -> Tracked:
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+    return Tracked(collector, RequestState(request_id, None), _ignore)
+
+
+async def test_tracked_gives_its_id_to_the_tasks_it_starts_and_takes_it_back(
+    captured: tuple[logging.Logger, Records],
+) -> None:
+    logger, handler = captured
+
+    async def child() -> None:
+        await trio.lowlevel.checkpoint()
+        logger.warning("from a child task")
+
+    async with _tracked("r1"), trio.open_nursery() as nursery:
+        logger.warning("from the request's task")
+        nursery.start_soon(child)
+    logger.warning("after the request")
+    with trio.move_on_after(0):  # a cancellation (a BaseException) ends it as well
+        async with _tracked("r2"):
+            await trio.sleep_forever()
+    logger.warning("after a cancelled request")
+    assert [(r.msg, r.request_id) for r in handler.records] == [  # type: ignore[attr-defined]
+        ("from the request's task", "r1"),
+        ("from a child task", "r1"),
+        ("after the request", "-"),
+        ("after a cancelled request", "-"),
+    ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_line_keeps_the_id_it_was_logged_with_whenever_it_is_written(fmt: str) -> None:
+    """The writer thread writes a line later; it must be the id of the moment it was
+    logged, not whatever the context holds by then."""
+    stream = io.StringIO()
+    handler = BackgroundStreamHandler(stream)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
+    logger = logging.getLogger("test-request-ids-written")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        token = request_id_var.set("r4")
+        try:
+            logger.warning("while serving")
+        finally:
+            request_id_var.reset(token)
+        logger.warning("after")
+        assert logs._writer.drain()
+    finally:
+        logger.removeHandler(handler)
+    lines = parsed(stream.getvalue(), fmt)
+    assert [(line.request_id, line.message) for line in lines] == [
+        ("r4", "while serving"),
+        ("-", "after"),
+    ]
