@@ -1,10 +1,10 @@
 """Every log line written while a request is served carries its request id, the one its
 ``X-Request-ID`` response header and its access line carry: in the task that serves it,
-and in the tasks it starts.
+in the tasks it starts, and on the server's own line about an error that escaped the app.
 Lines about no request (startup, the readiness checks) carry ``-``.
 
 The end-to-end tests run a real proxy (its own process) against a dead port, a scripted
-backend; the unit tests drive ``Tracked`` and the
+backend, or the demo with a fault injected; the unit tests drive ``Tracked`` and the
 log handler in process. That identical lines with different ids still count as repeats
 is test_log_repeats.py's (``test_a_line_repeated_within_the_window_...``, and
 ``test_a_dead_backend_is_one_warning_not_one_per_request`` in both formats).
@@ -36,7 +36,7 @@ from trioproxy.logs import (
 )
 from trioproxy.metrics import MetricsCollector
 
-from .conftest import ServerProcess, closed_port_url
+from .conftest import ServerProcess, _spawn, base_env, closed_port_url, wait_healthy
 from .fakes import FullLengthEmbeddings, serving
 
 StartProxy = Callable[..., ServerProcess]
@@ -154,6 +154,57 @@ def test_a_line_from_a_task_the_request_started_carries_its_id(
     assert warning.message.startswith("the backend refuses dimensions for model demo-embed")
 
 
+# Our own bug, injected: a stream's chunk holding the demo's fourth word fails its write.
+# The error escapes the app, and the server (hypercorn) logs it once the app has returned.
+_FAULTY = """
+from trioproxy import exchange
+original = exchange.CountingSend.count
+def count(self, body):
+    if b'"done":false' in body and b"trioproxy" in body:  # an /api/chat chunk mid-stream
+        raise RuntimeError("injected bug")
+    original(self, body)
+exchange.CountingSend.count = count
+from trioproxy._entry import main
+raise SystemExit(main())
+"""
+
+
+@pytest.fixture(params=FORMATS)
+def faulty_proxy(
+    request: pytest.FixtureRequest, demo_backend: ServerProcess
+) -> Iterator[tuple[ServerProcess, str]]:
+    fmt = request.param
+    env = base_env(OPENAI_API_BASE_URL=demo_backend.url, ACCESS_LOG="true", LOG_FORMAT=fmt)
+    args = ["-c", _FAULTY, "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
+    server = _spawn(args, env)
+    try:
+        wait_healthy(server.url)
+        yield server, fmt
+    finally:
+        server.stop()
+
+
+def test_the_servers_line_about_an_error_that_escaped_carries_the_id(
+    faulty_proxy: tuple[ServerProcess, str],
+) -> None:
+    """A stream cut by the proxy's own bug after its 200 went out: the traceback is
+    hypercorn's ``Error in ASGI Framework``, written in the request's task after the app
+    returned. It carried ``-``: the 500-class bug an operator looks for by the client's
+    id was the one line that did not name it."""
+    proxy, fmt = faulty_proxy
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi [[tokens=8]]"}]}
+    with httpx.stream("POST", proxy.url + "/api/chat", json=body, timeout=10) as answer:
+        request_id = answer.headers["X-Request-ID"]
+        with pytest.raises(httpx.RemoteProtocolError):
+            answer.read()  # cut: the chunked body never ends
+    mine = lines_of(proxy, request_id, fmt, last="hypercorn.error")
+    errors = [line for line in mine if line.level == "ERROR"]
+    assert [(e.logger, e.message) for e in errors] == [
+        ("hypercorn.error", "Error in ASGI Framework")
+    ], proxy.log()
+    assert "RuntimeError: injected bug" in proxy.log()
+
+
 # -- in process ------------------------------------------------------------------------
 
 
@@ -227,6 +278,27 @@ async def test_tracked_gives_its_id_to_the_tasks_it_starts_and_takes_it_back(
         ("from a child task", "r1"),
         ("after the request", "-"),
         ("after a cancelled request", "-"),
+    ]
+
+
+async def test_an_error_escaping_tracked_leaves_the_id_for_the_servers_line(
+    captured: tuple[logging.Logger, Records],
+) -> None:
+    logger, handler = captured
+
+    async def as_the_server_runs_the_app() -> None:  # in a task of its own, as hypercorn
+        try:
+            async with _tracked("r3"):
+                raise RuntimeError("bug")
+        except RuntimeError:
+            logger.exception("Error in ASGI Framework")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(as_the_server_runs_the_app)
+    logger.warning("in the task that started it")
+    assert [(r.msg, r.request_id) for r in handler.records] == [  # type: ignore[attr-defined]
+        ("Error in ASGI Framework", "r3"),
+        ("in the task that started it", "-"),
     ]
 
 

@@ -313,7 +313,12 @@ class Tracked:
                 self._collector.request_finished(metric)
             if self._access is not None:
                 self._access.write(self.status, self.send, metric, self.state.client)
-            request_id_var.reset(self._token)
+            # Kept when an error escapes (or the bookkeeping above raised): the server
+            # logs it in this task once the app returns ("Error in ASGI Framework"), and
+            # that line is about this request. The task is the request's own (the server
+            # starts one per request, with a copy of the context), so the id ends with it.
+            if error is None or not _server_logs(error):
+                request_id_var.reset(self._token)
 
     def _note_refusal(self, status: int | None) -> None:
         """The server answered the request itself (``status``, a malformed body: see
@@ -484,6 +489,14 @@ def stop_at_once() -> None:
     it cancels from now on were cut by the proxy (503), not left by their clients (499)."""
     global _stopped_at_once
     _stopped_at_once = True
+
+
+def _server_logs(error: BaseException) -> bool:
+    """Whether the server logs ``error`` escaping the app: an ``Exception`` (our bug),
+    alone or in a group; not a cancellation."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(Exception)[0] is not None
+    return isinstance(error, Exception)
 
 
 def _finish_metric(
