@@ -43,7 +43,13 @@ from .sse import (
     openai_error_event,
     responses_error_event,
 )
-from .translate import FINISHED_WITH_ERROR, UntranslatableStream, read_chunk
+from .translate import (
+    FINISHED_WITH_ERROR,
+    UntranslatableStream,
+    is_response,
+    read_chunk,
+    response_as_events,
+)
 from .upstream import forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
@@ -445,7 +451,7 @@ async def relay_openai(
                 data = await _telling_start(reader, data, response)
                 if _opens_json(data):
                     whole = await _rest_of_body(reader, data, settings.max_response_bytes)
-                    data, usage = _completion_as_events(whole, _asks_usage(stream_options))
+                    data, usage = _answer_as_events(whole, end, stream_options)
                     if usage is not None:  # counted, sent to the client or not
                         observer.feed_text(usage, time.perf_counter_ns())
                 elif not _looks_like_events(response, data):
@@ -803,6 +809,25 @@ def _is_choice(choice: object) -> bool:
 def _completion_as_chunk(whole: Any, translator: StreamTranslator) -> list[dict[str, Any]]:
     """A backend's JSON completion (it ignored ``stream``) as the lines of its one chunk."""
     return translator.feed(_completion(whole), time.perf_counter_ns())
+
+
+def _answer_as_events(
+    whole: Any, end: StreamEnd | None, stream_options: object
+) -> tuple[bytes, str | None]:
+    """A backend's JSON answer to a stream request as the events it would have sent, and
+    the usage to count beside them (:func:`_completion_as_events`). On a Responses API
+    stream a Response object becomes that API's events: the relay then observes them as
+    it observes a live stream's (the time to first token at its first delta, the usage
+    of its closing event, a failure as the closing event says); any other answer is read
+    as a completion (raises _NotAStream for what is none)."""
+    if _responses(end) and is_response(whole):
+        try:
+            return response_as_events(whole), None
+        except NestedTooDeeply:  # read, but nested too deeply to be written again
+            raise _NotAStream(
+                "the backend answered the stream with a response nested too deeply"
+            ) from None
+    return _completion_as_events(whole, _asks_usage(stream_options))
 
 
 def _completion_as_events(whole: Any, usage_asked: bool) -> tuple[bytes, str | None]:

@@ -24,6 +24,7 @@ __all__ = [
     "SSEProtocolError",
     "SSETooLarge",
     "encode_sse",
+    "encode_sse_event",
     "error_field_as_data",
     "error_fields_as_data",
     "openai_error_event",
@@ -303,6 +304,11 @@ def encode_sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + compact_json(obj) + b"\n\n"
 
 
+def encode_sse_event(name: str, obj: dict[str, Any]) -> bytes:
+    """:func:`encode_sse` with its ``event:`` line (the Responses API names each event)."""
+    return b"event: " + name.encode() + b"\n" + encode_sse(obj)
+
+
 def openai_error_event(
     message: str, type_: str = "api_error", code: str | int | None = None
 ) -> bytes:
@@ -324,4 +330,4 @@ def responses_error_event(
     error = {"type": type_, "code": code, "message": message, "param": param}
     event = {"type": "error", "sequence_number": 0, "code": code, "message": message}
     event |= {"param": param, "error": error}
-    return b"event: error\n" + encode_sse(event)
+    return encode_sse_event("error", event)

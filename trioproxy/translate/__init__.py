@@ -18,6 +18,7 @@ The package, in the order a request meets it (each module imports only those abo
 * :mod:`.chunks` — a backend stream's events read (the content-only chunk without decoding);
 * :mod:`.streams` — the stream state fed one event at a time: observers for the metrics and
   the stream's outcome, translators that build Ollama's lines;
+* :mod:`.responses` — a whole Responses API answer as the events of its stream;
 * :mod:`.embeddings` and :mod:`.models` — embeddings answers and model lists.
 """
 
@@ -82,6 +83,7 @@ from .request import (
     with_extra_body,
     with_nine_character_ids,
 )
+from .responses import is_response, response_as_events, response_events
 from .streams import (
     MAX_HELD_TOOL_CALL_BYTES,
     OllamaCompletionStreamTranslator,
@@ -139,6 +141,7 @@ __all__ = [
     "embedding_count",
     "image_data_url",
     "is_embedding_model",
+    "is_response",
     "joined_embeddings",
     "keep_alive_unloads",
     "listed_capabilities",
@@ -165,6 +168,8 @@ __all__ = [
     "parse_chunk",
     "parse_tool_arguments",
     "read_chunk",
+    "response_as_events",
+    "response_events",
     "think_extra_body",
     "utc_timestamp",
     "validate_ollama_chat",
