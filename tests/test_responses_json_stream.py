@@ -186,6 +186,7 @@ _ANSWERS: dict[str, dict[str, Any]] = {
     "cut-short": INCOMPLETE,
     "failed": response([], "failed", error=FAILED, usage=None),
     "failed-midway": response([message("Hel")], "failed", error=FAILED, usage=None),
+    "queued": response([], "queued", usage=None, background=True),
     "too-long": response([], "failed", usage=None,
                          error={"code": "context_length_exceeded", "message": "too long"}),
 }  # fmt: skip
@@ -194,14 +195,16 @@ _ANSWERS: dict[str, dict[str, Any]] = {
 class JSONResponses(ScriptedHandler):
     """Answers every ``POST /responses`` (streamed or not) with its model's Response
     object (``_ANSWERS``, as the backend names its model, with an id of its own: the
-    proxy's ledger keeps what it owes per id), and ``GET /responses/resp_text`` with the
-    completed ``text`` one; ``error-json`` is a 200 holding an error, not a Response."""
+    proxy's ledger keeps what it owes per id), and ``GET /responses/resp_{kind}`` with
+    that one completed; ``error-json`` is a 200 holding an error, not a Response."""
 
     asked: ClassVar[list[dict[str, Any]]] = []
 
     def do_GET(self) -> None:
-        if self.path.endswith("/responses/resp_text"):
-            self.answer(200, json.dumps(_answer("text", BACKEND_MODEL)).encode())
+        if "/responses/resp_" in self.path:  # retrieved: finished, with its usage
+            kind = self.path.rsplit("/resp_", 1)[1]
+            finished = {**_answer(kind, BACKEND_MODEL), "status": "completed", "usage": USAGE}
+            self.answer(200, json.dumps(finished).encode())
             return
         listed = [{"id": BACKEND_MODEL, "object": "model", "created": 1, "owned_by": "x"}]
         self.answer(200, json.dumps({"object": "list", "data": listed}).encode())
@@ -370,3 +373,31 @@ def test_a_plain_http_client_sees_event_lines(proxy: str) -> None:
         lines = [line for line in answer.iter_lines() if line]
     assert lines[0] == "event: response.created"
     assert lines[-2] == "event: response.completed"
+
+
+def test_a_queued_background_response_is_a_cut_stream_its_poll_counts(proxy: str) -> None:
+    """A background response answered still queued: its opening events, then the stream
+    is reported cut (it is not over: the client may resume it by id); its usage is owed,
+    and counted once, by the poll that finds it finished."""
+    before = scrape(proxy)
+    with openai.OpenAI(base_url=proxy + "/v1", api_key="x", max_retries=0) as sdk:
+        events: list[Any] = []
+        stream = sdk.responses.create(
+            model=CLIENT_MODEL,
+            input="hi",
+            stream=True,
+            background=True,
+            metadata={"kind": "queued"},
+        )
+        with pytest.raises(openai.APIError, match="ended before its last event"):
+            events.extend(stream)
+        assert [e.type for e in events] == ["response.created", "response.queued"]
+        assert events[0].response.id == "resp_queued"
+        _wait_for(lambda: _outcomes(proxy).get("error", 0) > 0)
+        sdk.responses.retrieve("resp_queued")
+        sdk.responses.retrieve("resp_queued")
+    after = scrape(proxy)
+    grew = total(after, "trioproxy_tokens_total", type="input") - total(
+        before, "trioproxy_tokens_total", type="input"
+    )
+    assert grew == USAGE["input_tokens"]

@@ -44,6 +44,15 @@ ANSWER = (
 )
 
 
+LATE_RESPONSE = {
+    "id": "resp_late", "object": "response", "created_at": 1, "status": "completed",
+    "model": "late-json-response", "parallel_tool_calls": True, "tool_choice": "auto",
+    "tools": [], "usage": {"input_tokens": 2, "output_tokens": 1, "total_tokens": 3},
+    "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "forty-two", "annotations": []}]}],
+}  # fmt: skip
+
+
 def _error(message: str, type_: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": None}}).encode()
 
@@ -81,6 +90,9 @@ class LateBackend(ScriptedHandler):
             self.answer(503, _error("loading the model", "server_error"))
         elif model == "never":
             self._wait_for_hang_up(model)
+        elif model == "late-json-response":  # ignores stream: one Response object, late
+            time.sleep(SILENCE)
+            self.answer(200, json.dumps(LATE_RESPONSE).encode())
         else:
             if model == "late-headers":
                 time.sleep(SILENCE)
@@ -258,6 +270,27 @@ def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_even
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError, match="the model crashed"):
         list(client.responses.create(model="late-500", input="q", stream=True))
+
+
+def test_a_late_json_response_comes_as_its_events_after_the_comments(
+    proxy: ServerProcess,
+) -> None:
+    """A backend that ignores ``stream`` on /v1/responses and answers one Response object
+    late: the response started early, so the Responses API's events follow the comments
+    (no second status line), and the stream counts as completed."""
+    before = _outcomes(proxy.url, "v1_responses")
+    body = {"model": "late-json-response", "input": "q", "stream": True}
+    with httpx.stream("POST", proxy.url + "/v1/responses", json=body, timeout=10) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    first_event = lines.index("event: response.created")
+    assert first_event >= 1 and all(line.startswith(":") for line in lines[:first_event]), lines
+    assert not any(line.startswith(":") for line in lines[first_event:]), lines
+    assert lines[-2] == "event: response.completed"
+    _wait_for_outcome(proxy.url, before, "completed", "v1_responses")
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with client.responses.stream(model="late-json-response", input="q") as stream:
+        assert stream.get_final_response().output_text == "forty-two"
 
 
 def test_a_late_429_is_the_anthropic_sdks_error(proxy: ServerProcess) -> None:
