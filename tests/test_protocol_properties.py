@@ -53,6 +53,7 @@ from trioproxy.translate import (
     openai_chat_to_ollama_generate,
     openai_completion_to_ollama_generate,
     read_chunk,
+    response_as_events,
     think_extra_body,
     validate_ollama_chat,
     validate_ollama_embed,
@@ -900,6 +901,66 @@ def test_a_json_answer_to_a_stream_becomes_events_or_the_backends_error(whole: A
     translator = OllamaStreamTranslator("chat", "m", start_ns=0)
     relay._completion_as_chunk(whole, translator)
     compact_json(translator.finish(1))
+
+
+# =============================================================================================
+# a Response object answered to a /v1/responses stream: always that API's events, in order
+# =============================================================================================
+
+_ODD_PART = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": _odd(st.sampled_from(["output_text", "refusal", "summary_text", "reasoning_text"])),
+        "text": _odd(st.sampled_from(["", "Hi", "\ud83d"])),
+        "refusal": _odd(st.just("no")),
+        "annotations": _odd(st.lists(_ANY_JSON, max_size=2)),
+        "logprobs": _odd(st.just([])),
+    },
+)
+_ODD_ITEM = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": _odd(
+            st.sampled_from(
+                ["message", "function_call", "custom_tool_call", "reasoning", "web_search_call"]
+            )
+        ),
+        "id": _odd(st.just("item_1")),
+        "call_id": _odd(st.just("call_1")),
+        "status": _odd(st.just("completed")),
+        "content": _odd(st.lists(_odd(_ODD_PART), max_size=2)),
+        "summary": _odd(st.lists(_odd(_ODD_PART), max_size=2)),
+        "arguments": _odd(st.just('{"a":1}')),
+        "input": _odd(st.just("x")),
+    },
+)
+_ODD_RESPONSE = st.fixed_dictionaries(
+    {"object": st.just("response")},
+    optional={
+        "id": _odd(st.just("resp_1")),
+        "status": _odd(st.sampled_from(["completed", "incomplete", "failed", "queued"])),
+        "output": _odd(st.lists(_odd(_ODD_ITEM), max_size=3)),
+        "usage": _odd(st.just({"input_tokens": 2, "output_tokens": 1})),
+    },
+)
+
+
+@FAST
+@given(_ODD_RESPONSE)
+def test_a_json_response_to_a_responses_stream_becomes_that_apis_events(whole: Any) -> None:
+    """Whatever a Response object holds, it becomes named events of JSON objects numbered
+    from 0, which the stream's observer reads without a stray exception; it ends the
+    stream exactly when its status is a finished one (none at all: completed)."""
+    parsed = SSEParser().feed(response_as_events(whole))
+    observer = ResponsesStreamObserver()
+    for number, event in enumerate(parsed):
+        data = loads(event.data)
+        assert isinstance(data, dict) and data["type"] == event.event
+        assert data["sequence_number"] == number
+        observer.feed_text(event.data, number)
+    status = whole.get("status") or "completed"
+    assert observer.ended == (status in ("completed", "incomplete", "failed"))
+    assert not observer.malformed
 
 
 # =============================================================================================
