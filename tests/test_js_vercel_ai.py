@@ -312,10 +312,16 @@ def _pairs(body: dict[str, Any]) -> tuple[list[str], list[str]]:
     return calls, [m["tool_call_id"] for m in messages if m["role"] == "tool"]
 
 
+# the model the Responses API answers with one JSON response, streamed or not
+JSON_ONLY = "tools-json"
+
+
 class ToolsBackend(ScriptedHandler):
     """Model ``tools``: asked with tools, two parallel calls (chat completions: streamed
     interleaved after reasoning and text, or whole; Responses API: function calls); asked
-    with their results, ANSWER. ``asked`` holds the bodies (path, body)."""
+    with their results, ANSWER. ``tools-json`` (JSON_ONLY) the same, but its Responses
+    API streams are one JSON response (a backend that ignores ``stream``). ``asked`` holds
+    the bodies (path, body)."""
 
     asked: ClassVar[list[tuple[str, dict[str, Any]]]] = []
 
@@ -345,7 +351,7 @@ class ToolsBackend(ScriptedHandler):
             message = {"type": "message", "id": "msg_1", "role": "assistant",
                        "status": "completed", "content": [part]}  # fmt: skip
             self.answer(200, json.dumps(_response("completed", [message])).encode())
-        elif body.get("stream"):
+        elif body.get("stream") and body["model"] != JSON_ONLY:
             self._events(_responses_events())
         else:
             self.answer(200, json.dumps(_responses_events()[-1]["response"]).encode())
@@ -373,11 +379,15 @@ def tools_proxy(
 def test_parallel_tool_calls_in_every_provider(tools_proxy: ServerProcess) -> None:
     """Two calls the backend streams interleaved, in fragments, after reasoning and text:
     every provider gets both, whole, with the backend's ids (ai-sdk-ollama makes its own),
-    the finish reason and the usage; their results go back paired with their calls."""
+    the finish reason and the usage; their results go back paired with their calls. The
+    Responses API's provider too when the backend answers its stream with one JSON
+    response (the proxy streams it as that API's events)."""
     ToolsBackend.asked.clear()
     out = scenario_runner(tools_proxy.url, SCRIPT)("parallel-tools")
     quiet(out)
-    for provider in ("compatible", "openaiChat", "openaiResponses", "ollamaV2", "aiSdkOllama"):
+    providers = ("compatible", "openaiChat", "openaiResponses", "openaiResponsesJson",
+                 "ollamaV2", "aiSdkOllama")  # fmt: skip
+    for provider in providers:
         stream = out[provider]["stream"]
         assert stream["errors"] == [], provider
         assert [c["input"] for c in stream["calls"]] == list(CALLS.values()), provider
@@ -395,7 +405,7 @@ def test_parallel_tool_calls_in_every_provider(tools_proxy: ServerProcess) -> No
             assert [c["id"] for c in value["calls"]] == list(CALLS), provider
     # each provider sent the results back, each answering its call, in order
     answers = [_pairs(body) for _, body in ToolsBackend.asked if _answered(body)]
-    assert len(answers) == 5
+    assert len(answers) == len(providers)
     for calls, results in answers:
         assert len(calls) == 2 and results == calls
     # reasoning beside the calls reaches the providers that read it

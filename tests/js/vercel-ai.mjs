@@ -287,6 +287,8 @@ async function parallelTools() {
     compatible: compatible("tools"),
     openaiChat: openai.chat("tools"),
     openaiResponses: openai("tools"),
+    // the same backend answering the Responses API with one JSON response, streamed or not
+    openaiResponsesJson: openai("tools-json"),
     ollamaV2: OLLAMA_PROVIDERS.v2()("tools"),
     aiSdkOllama: OLLAMA_PROVIDERS.sdk()("tools"),
   };
