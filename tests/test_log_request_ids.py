@@ -156,7 +156,7 @@ def test_a_line_from_a_task_the_request_started_carries_its_id(
 
 # Our own bug, injected: a stream's chunk holding the demo's fourth word fails its write.
 # The error escapes the app, and the server (hypercorn) logs it once the app has returned.
-_FAULTY = """
+FAULTY_PROXY_SCRIPT = """
 from trioproxy import exchange
 original = exchange.CountingSend.count
 def count(self, body):
@@ -175,7 +175,7 @@ def faulty_proxy(
 ) -> Iterator[tuple[ServerProcess, str]]:
     fmt = request.param
     env = base_env(OPENAI_API_BASE_URL=demo_backend.url, ACCESS_LOG="true", LOG_FORMAT=fmt)
-    args = ["-c", _FAULTY, "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
+    args = ["-c", FAULTY_PROXY_SCRIPT, "--host", "127.0.0.1", "--port", "0", "--env-file", ""]
     server = _spawn(args, env)
     try:
         wait_healthy(server.url)

@@ -481,6 +481,7 @@ def log_refused_connection(peer: tuple[str, int] | None, sent: int) -> None:
 
 
 STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping
+STATUS_OWN_ERROR = 500  # ... of one our own bug cut after its answer began
 _stopped_at_once = False
 
 
@@ -510,26 +511,39 @@ def _finish_metric(
     second signal or the end of a shutdown's grace period, not left by its client."""
     metric.response_size = sent
     metric.finish()
-    cut = error is None or isinstance(error, trio.Cancelled | BaseExceptionGroup)
+    # An Exception escaping (alone or in a nursery's group) is the proxy's own bug, never
+    # a client that left: counted as one (500, outcome error) so error alerts see it.
+    bug = error is not None and _server_logs(error)
     if metric.streaming:
         if metric.stream_outcome is None:
             if completed:
                 metric.stream_outcome = "completed"
-            elif cut and by_proxy:
+            elif bug:
+                _note_bug(metric, error)
+                metric.stream_outcome = "error"
+            elif by_proxy:
                 metric.status_code = STATUS_SHUT_DOWN
                 metric.stream_outcome = "error"
-            elif cut:
-                metric.stream_outcome = "cancelled"
             else:
-                metric.stream_outcome = "error"
+                metric.stream_outcome = "cancelled"
         metric.stream_cancelled = metric.stream_outcome == "cancelled"
         metric.stream_timeout = metric.stream_outcome == "timeout"
     elif not completed:
-        # the client went away while we waited (or while the body was being written), or
-        # the server was stopped at once
-        metric.status_code = STATUS_SHUT_DOWN if cut and by_proxy else STATUS_CLIENT_CLOSED
-        if error is not None and not cut:
-            metric.error = type(error).__name__
+        # our bug; the client went away while we waited (or while the body was being
+        # written); or the server was stopped at once
+        if bug:
+            _note_bug(metric, error)
+        else:
+            metric.status_code = STATUS_SHUT_DOWN if by_proxy else STATUS_CLIENT_CLOSED
+
+
+def _note_bug(metric: RequestMetrics, error: BaseException | None) -> None:
+    metric.status_code = STATUS_OWN_ERROR
+    if isinstance(error, BaseExceptionGroup):  # named by its first Exception
+        error = error.split(Exception)[0]
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    metric.error = type(error).__name__
 
 
 async def _run_cleanups(state: RequestState) -> None:
