@@ -327,6 +327,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         model_label_limit=settings.metrics_model_labels,
         system_interval=settings.system_metrics_interval,
         system_enabled=settings.system_metrics_enabled,
+        container_root=settings.system_metrics_fs_root,
         health_error_rate_degraded=settings.health_error_rate_degraded,
         health_error_rate_unhealthy=settings.health_error_rate_unhealthy,
         health_p95_degraded_seconds=settings.health_p95_degraded_seconds,

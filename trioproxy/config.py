@@ -107,6 +107,8 @@ class Settings:
     metrics_model_labels: int = 50
     system_metrics_enabled: bool = True
     system_metrics_interval: float = 5.0
+    # where /proc/self/cgroup, mountinfo and the cgroup mounts are read (tests, odd mounts)
+    system_metrics_fs_root: str = "/"
     health_error_rate_degraded: float = 0.1  # the guide's and the replaced proxy's
     health_error_rate_unhealthy: float = 0.25
     health_p95_degraded_seconds: float = 30.0
@@ -306,6 +308,13 @@ def _log_format(value: str) -> str:
 
 def _text(value: str) -> str:
     return value.strip()
+
+
+def _directory(value: str) -> str:
+    path = value.strip()
+    if not os.path.isdir(path):
+        raise ValueError(f"expected an existing directory, got {value!r}")
+    return path
 
 
 # path segments as RFC 3986 spells them, no percent-escapes: the prefix is compared with
@@ -656,6 +665,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_MODEL_LABELS": ("metrics_model_labels", _int_between(0, 10_000)),
     "SYSTEM_METRICS_ENABLED": ("system_metrics_enabled", _bool),
     "SYSTEM_METRICS_INTERVAL": ("system_metrics_interval", _positive_float),
+    "SYSTEM_METRICS_FS_ROOT": ("system_metrics_fs_root", _directory),
     "HEALTH_ERROR_RATE_DEGRADED": ("health_error_rate_degraded", _fraction),
     "HEALTH_ERROR_RATE_UNHEALTHY": ("health_error_rate_unhealthy", _fraction),
     "HEALTH_P95_DEGRADED_SECONDS": ("health_p95_degraded_seconds", _positive_float),

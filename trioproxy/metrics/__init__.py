@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import Metric
 
 from .. import __version__
 from . import labels, store
+from .container import ContainerReader, ContainerReading, unknown_container
 from .labels import (
     API_LABELS,
     UNTRACKED_PATHS,
@@ -52,7 +53,7 @@ from .prom import (
 from .reads import SharedReads
 from .request import RequestMetrics
 from .store import WindowEntry, WindowStore
-from .system import SystemSampler, read_io_counters, unmeasured_snapshot
+from .system import OFFLOAD_AFTER_SECONDS, SystemSampler, read_io_counters, unmeasured_snapshot
 from .threads import metrics_threads
 
 # what the store's int64 columns and a float64 counter hold exactly
@@ -270,6 +271,7 @@ class MetricsCollector:
         health_p95_degraded_seconds: float | None = None,
         health_min_requests: int | None = None,
         health_window_seconds: float | None = None,
+        container_root: str = "/",
     ) -> None:
         if max_metrics < 1:
             raise ValueError("max_metrics must be >= 1")
@@ -317,6 +319,10 @@ class MetricsCollector:
         self._sampler = SystemSampler(system_interval, on_sample=self._on_sample)
         if not system_enabled:
             self._sampler.snapshot = unmeasured_snapshot()  # never sampled: null, not 0
+        # the container's cgroup figures, read at scrape time (_read_container)
+        self._container = ContainerReader(container_root)
+        self._container_last: ContainerReading | None = None  # what stop() froze
+        self._container_offload = False
         self._sampling_stopped = False
         self.backend_reachable: bool | None = None
         self.backend_checked_at: float | None = None
@@ -625,7 +631,32 @@ class MetricsCollector:
             return read_io_counters()
         return snap["network_io"], snap["disk_io"]
 
-    def _system_block(self) -> dict[str, Any]:
+    def _container_reading(self) -> ContainerReading | None:
+        """The container's cgroup figures, read now (a few small files, about 0.1 ms):
+        the same for every worker, and the kernel's counters never go down whichever
+        worker answers. None when system metrics are disabled or no cgroup was found;
+        frozen with the sampler (:meth:`stop`)."""
+        if self.system_enabled and not self._sampling_stopped:
+            self._container_last = self._container.read()
+        return self._container_last
+
+    async def _read_container(self) -> ContainerReading | None:
+        """:meth:`_container_reading` for the monitoring endpoints: in a worker thread
+        from the first read that took longer than ``OFFLOAD_AFTER_SECONDS`` on (a cgroup
+        filesystem that stalls must not hold the event loop), as the sampler does."""
+        if not self._container_offload or not self.system_enabled or self._sampling_stopped:
+            reading = self._container_reading()
+            if self._container.last_read_seconds > OFFLOAD_AFTER_SECONDS:
+                self._container_offload = True
+            return reading
+        reading = await trio.to_thread.run_sync(
+            self._container.read, abandon_on_cancel=True, limiter=metrics_threads()
+        )
+        if not self._sampling_stopped:  # stop() may have come meanwhile: keep what it froze
+            self._container_last = reading
+        return self._container_last
+
+    def _system_block(self, container: ContainerReading | None) -> dict[str, Any]:
         snap = self._system_snapshot()
         network_io, disk_io = self._host_io(snap)
         window = self._window
@@ -639,6 +670,7 @@ class MetricsCollector:
         block["network_io"] = dict(network_io)
         block["disk_io"] = dict(disk_io)
         block["process"] = dict(snap["process"])
+        block["container"] = unknown_container() if container is None else container.as_json()
         block["sampler"] = {
             "enabled": self.system_enabled and not self._sampling_stopped,
             "running": self._sampler.running,
@@ -673,14 +705,14 @@ class MetricsCollector:
     def summary(self) -> dict[str, Any]:
         """Body of ``GET /v1/metrics``: all-time totals (aggregated) + window figures."""
         t = self._totals()  # publishes the pending batch first
-        return self._summary(t, self._system_block(), self._window)
+        return self._summary(t, self._system_block(self._container_reading()), self._window)
 
     async def read_summary(self) -> dict[str, Any]:
         """:meth:`summary` for the monitoring endpoints: with ``--workers`` the workers'
         files are merged off the event loop, and concurrent reads share the merge; a
         large window is read off the loop (:meth:`_on_window`)."""
         t = await self._read_totals()
-        system = self._system_block()
+        system = self._system_block(await self._read_container())
         return await self._on_window(lambda window: self._summary(t, system, window))
 
     async def _read_totals(self) -> Totals:
@@ -793,7 +825,7 @@ class MetricsCollector:
         """Window figures for the requests matching the filters (this process's window)."""
         minutes = _time_range(time_range_minutes)
         t = self._count_totals()  # publishes the pending batch first
-        system = self._system_block() if include_system_metrics else None
+        system = self._system_block(self._container_reading()) if include_system_metrics else None
         return self._filtered_summary(endpoint_filter, minutes, t, system, self._window)
 
     async def read_filtered_summary(
@@ -805,7 +837,9 @@ class MetricsCollector:
         """:meth:`filtered_summary` for the monitoring endpoints (see :meth:`read_summary`)."""
         minutes = _time_range(time_range_minutes)
         t = await self._read_counts()
-        system = self._system_block() if include_system_metrics else None
+        system = None
+        if include_system_metrics:
+            system = self._system_block(await self._read_container())
         return await self._on_window(
             lambda window: self._filtered_summary(endpoint_filter, minutes, t, system, window)
         )
@@ -957,7 +991,8 @@ class MetricsCollector:
         self.publish()
         self._publish_connections()
         durations = sorted(self._window.durations(self.percentile_window))
-        return self._with_derived(self._prom.snapshot(), system, durations)
+        container = self._container_reading()
+        return self._with_derived(self._prom.snapshot(), system, durations, container)
 
     async def _read_prometheus_families(self) -> tuple[Snapshot, list[Metric]]:
         """:meth:`_prometheus_families`, the workers' files merged as
@@ -968,14 +1003,21 @@ class MetricsCollector:
         primary = await self._prom.read_snapshot()
         last = self.percentile_window
         durations = await self._on_window(lambda window: sorted(window.durations(last)))
-        return self._with_derived(primary, system, durations)
+        container = await self._read_container()
+        return self._with_derived(primary, system, durations, container)
 
     def _with_derived(
-        self, primary: Snapshot, system: dict[str, Any], durations: list[float]
+        self,
+        primary: Snapshot,
+        system: dict[str, Any],
+        durations: list[float],
+        container: ContainerReading | None,
     ) -> tuple[Snapshot, list[Metric]]:
         host = system if self.system_enabled else None  # disabled: absent, not 0
         io = self._host_io(system) if host is not None else None
-        derived = derived_families(primary.totals, durations, host, self.uptime_seconds, io)
+        derived = derived_families(
+            primary.totals, durations, host, self.uptime_seconds, io, container
+        )
         return primary, derived
 
     async def read_prometheus(
@@ -1099,6 +1141,7 @@ def _collector_from_env() -> MetricsCollector:
         model_label_limit=_env_number("METRICS_MODEL_LABELS", 50, integer=True),
         system_interval=_env_number("SYSTEM_METRICS_INTERVAL", 5.0, minimum=0.001),
         system_enabled=_env_bool("SYSTEM_METRICS_ENABLED", True),
+        container_root=os.environ.get("SYSTEM_METRICS_FS_ROOT", "").strip() or "/",
     )
 
 

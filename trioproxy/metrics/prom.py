@@ -51,6 +51,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from . import mmap_files, store
+from .container import ContainerReading
 from .threads import metrics_threads
 
 log = logging.getLogger("trioproxy.metrics")
@@ -1426,11 +1427,13 @@ def derived_families(
     system: dict[str, Any] | None,
     uptime_s: float,
     io: tuple[dict[str, int], dict[str, int]] | None = None,
+    container: ContainerReading | None = None,
 ) -> list[Metric]:
     """The monitoring guide's families, computed from ``t`` (all-time, aggregated), the
     sorted window durations (this process), the sampler's latest snapshot (host gauges)
     and ``io``, the host's network and disk counters read for this scrape (else the
-    snapshot's). ``system`` None (system metrics disabled): no host families at all."""
+    snapshot's), and the container's cgroup figures read for it. ``system`` None (system
+    metrics disabled): no host or container families at all."""
     fams: list[Metric] = []
 
     def gauge(name: str, doc: str, value: float) -> None:
@@ -1538,6 +1541,8 @@ def derived_families(
     )
     if system is not None:
         fams += _host_families(system, io or (system["network_io"], system["disk_io"]))
+        if container is not None:
+            fams += container_families(container)
     return fams
 
 
@@ -1573,6 +1578,45 @@ def _host_families(
         GaugeMetricFamily(name, doc, value=float(value)) for name, doc, value in gauges
     ]
     fams += [CounterMetricFamily(name, doc, value=float(value)) for name, doc, value in counters]
+    return fams
+
+
+def container_families(c: ContainerReading) -> list[Metric]:
+    """The container's own figures (its cgroup's, read for this scrape: the same for every
+    worker), each family present only when the kernel reports it; the limits only when
+    there is one, so ``working_set / limit`` has no result, and no alert, without."""
+    gauges = (
+        ("trioproxy_container_memory_working_set_bytes", "Memory of the proxy's container "
+         "(cgroup) minus its inactive page cache: what the OOM killer goes by.",
+         c.memory_working_set_bytes),
+        ("trioproxy_container_memory_limit_bytes", "Memory limit of the proxy's container "
+         "(cgroup); absent without one.", c.memory_limit_bytes),
+        ("trioproxy_container_cpu_limit_cores", "CPU quota of the proxy's container "
+         "(cgroup) in cores (quota / period); absent without one.", c.cpu_limit_cores),
+    )  # fmt: skip
+    counters = (
+        ("trioproxy_container_cpu_usage_seconds_total", "CPU seconds used by the proxy's "
+         "container (cgroup).", c.cpu_usage_seconds),
+        ("trioproxy_container_cpu_periods_total", "CFS enforcement periods of the proxy's "
+         "container (cgroup) in which it could run.", c.cpu_periods),
+        ("trioproxy_container_cpu_throttled_periods_total", "Periods in which the proxy's "
+         "container (cgroup) used its whole CPU quota and was throttled.",
+         c.cpu_throttled_periods),
+        ("trioproxy_container_cpu_throttled_seconds_total", "Seconds the proxy's container "
+         "(cgroup) was held back by its CPU quota.", c.cpu_throttled_seconds),
+        ("trioproxy_container_oom_kills_total", "Processes of the proxy's container (cgroup) "
+         "killed by the OOM killer.", c.oom_kills),
+    )  # fmt: skip
+    fams: list[Metric] = [
+        GaugeMetricFamily(name, doc, value=float(value))
+        for name, doc, value in gauges
+        if value is not None
+    ]
+    fams += [
+        CounterMetricFamily(name, doc, value=float(value))
+        for name, doc, value in counters
+        if value is not None
+    ]
     return fams
 
 
