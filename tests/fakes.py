@@ -1,5 +1,5 @@
 """Small fakes for tests: an HTTP/1.1 handler that answers whatever a test scripts,
-serving one in a thread of its own, and a SOCKS5 proxy."""
+serving one in a thread of its own, a SOCKS5 proxy, and a cgroup filesystem tree."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 
@@ -171,3 +172,42 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
             raise OSError("the client closed the connection")
         data += piece
     return data
+
+
+# --------------------------------------------------------------------------- cgroups
+
+_MiB = 1024**2
+
+
+def v2_mount(root: str = "/", point: str = "/sys/fs/cgroup") -> str:
+    """A /proc/self/mountinfo line: ID PARENT MAJ:MIN ROOT POINT OPTIONS OPTIONAL - FSTYPE
+    SOURCE SUPER_OPTIONS."""
+    return f"29 23 0:26 {root} {point} rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+# a v2 cgroup with every figure: 200 MiB working set of 512 MiB, 1.5 cores, 30 % throttled
+V2_FILES = {
+    "memory.current": str(300 * _MiB),
+    "memory.max": str(512 * _MiB),
+    "memory.stat": f"anon 1\nfile 2\nactive_file 3\ninactive_file {100 * _MiB}\n",
+    "memory.events": "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n",
+    "cpu.max": "150000 100000",
+    "cpu.stat": (
+        "usage_usec 12500000\nuser_usec 1\nsystem_usec 2\n"
+        "nr_periods 1000\nnr_throttled 300\nthrottled_usec 2500000\n"
+    ),
+}
+
+
+def make_tree(root: Path, cgroup: str, mountinfo: str, dirs: dict[str, dict[str, str]]) -> Path:
+    """A fake filesystem: /proc/self/{cgroup,mountinfo} and ``dirs`` {path: {file: text}}."""
+    proc = root / "proc" / "self"
+    proc.mkdir(parents=True, exist_ok=True)
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text(mountinfo)
+    for directory, files in dirs.items():
+        d = root / directory.lstrip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name).write_text(text)
+    return root

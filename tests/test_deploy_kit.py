@@ -120,7 +120,19 @@ GUIDE_OTHER = {
     "disk_read_bytes_total",
     "disk_write_bytes_total",
 }
-EXPORTED = HISTOGRAMS | PRIMARY | PER_PROCESS_GAUGES | GUIDE_OTHER
+# The proxy's container (its cgroup), read at scrape time: the same whichever worker
+# answers. The limits are absent without one, the rest where the kernel has no figure.
+CONTAINER = {
+    "trioproxy_container_memory_working_set_bytes",
+    "trioproxy_container_memory_limit_bytes",
+    "trioproxy_container_cpu_limit_cores",
+    "trioproxy_container_cpu_usage_seconds_total",
+    "trioproxy_container_cpu_periods_total",
+    "trioproxy_container_cpu_throttled_periods_total",
+    "trioproxy_container_cpu_throttled_seconds_total",
+    "trioproxy_container_oom_kills_total",
+}
+EXPORTED = HISTOGRAMS | PRIMARY | PER_PROCESS_GAUGES | GUIDE_OTHER | CONTAINER
 # Counted by hypercorn's master of --workers N (trioproxy.respawn): absent in one process.
 WORKERS_ONLY = {"trioproxy_worker_restarts_total"}
 KNOWN_SERIES = (
@@ -129,6 +141,7 @@ KNOWN_SERIES = (
     | WORKERS_ONLY
     | PER_PROCESS_GAUGES
     | GUIDE_OTHER
+    | CONTAINER
     | {"up"}
 )
 
@@ -142,6 +155,9 @@ REQUIRED_ALERTS = {
     "HighStreamCancellationRate",
     "StreamTimeouts",
     "UpstreamErrors",
+    "ContainerMemoryNearLimit",
+    "ContainerCPUThrottled",
+    "ContainerOOMKilled",
 }
 
 
@@ -805,6 +821,7 @@ def test_dashboard_covers_the_metrics() -> None:
         "system_disk_usage_percent",
         "trioproxy_process_resident_memory_bytes",
         "trioproxy_process_cpu_seconds_total",
+        *CONTAINER - {"trioproxy_container_cpu_throttled_seconds_total"},
         "trioproxy_build_info",
         "up",
     }
@@ -1458,7 +1475,7 @@ def test_docs_cover_every_section_of_the_seed_guide() -> None:
         assert path in text and (ROOT / path).exists()
 
 
-def test_every_exported_family_has_a_row_in_the_docs_metric_tables() -> None:
+def test_every_exported_family_has_a_row_in_the_docs_metric_tables(tmp_path: Path) -> None:
     """The list above is what a scrape really exposes (a family added to the product
     must be added here too), and docs/monitoring.md's tables give each its row: the
     prose mentioning a name is not its description."""
@@ -1466,7 +1483,11 @@ def test_every_exported_family_has_a_row_in_the_docs_metric_tables() -> None:
 
     from trioproxy.metrics import MetricsCollector
 
-    collector = MetricsCollector(max_metrics=50, system_enabled=True)
+    from .fakes import V2_FILES, make_tree, v2_mount
+
+    # a container with every figure (limits included: absent without them)
+    tree = make_tree(tmp_path, "0::/\n", v2_mount(), {"/sys/fs/cgroup": V2_FILES})
+    collector = MetricsCollector(max_metrics=50, system_enabled=True, container_root=str(tree))
     collector.set_backend_status(True, 0.0)  # its gauge: made by the first readiness result
     body, _ = trio.run(collector.read_prometheus)
     scraped = set(re.findall(r"^# TYPE (\S+)", body.decode(), re.MULTILINE))

@@ -30,6 +30,7 @@ from trioproxy.metrics.container import (
 from trioproxy.metrics.system import OFFLOAD_AFTER_SECONDS
 
 from .conftest import ServerProcess
+from .fakes import V2_FILES, make_tree, v2_mount
 
 GiB = 1024**3
 MiB = 1024**2
@@ -47,10 +48,6 @@ def v1_mounts(root: str = "/", cpu_point: str = "/sys/fs/cgroup/cpu,cpuacct") ->
         + f"35 31 0:32 {root} /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
         + f"40 31 0:37 {root} /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n"
     )
-
-
-def v2_mount(root: str = "/", point: str = "/sys/fs/cgroup") -> str:
-    return f"29 23 0:26 {root} {point} rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
 def v1_cgroup(path: str) -> str:
@@ -80,17 +77,6 @@ V1_READING = ContainerReading(
     cpu_throttled_seconds=2.5,
     oom_kills=2,
 )
-V2_FILES = {
-    "memory.current": str(300 * MiB),
-    "memory.max": str(512 * MiB),
-    "memory.stat": f"anon 1\nfile 2\nactive_file 3\ninactive_file {100 * MiB}\n",
-    "memory.events": "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n",
-    "cpu.max": "150000 100000",
-    "cpu.stat": (
-        "usage_usec 12500000\nuser_usec 1\nsystem_usec 2\n"
-        "nr_periods 1000\nnr_throttled 300\nthrottled_usec 2500000\n"
-    ),
-}
 V2_READING = ContainerReading(
     cgroup_version=2,
     memory_working_set_bytes=200 * MiB,
@@ -102,20 +88,6 @@ V2_READING = ContainerReading(
     cpu_throttled_seconds=2.5,
     oom_kills=1,
 )
-
-
-def make_tree(root: Path, cgroup: str, mountinfo: str, dirs: dict[str, dict[str, str]]) -> Path:
-    """A fake filesystem: /proc/self/{cgroup,mountinfo} and ``dirs`` {path: {file: text}}."""
-    proc = root / "proc" / "self"
-    proc.mkdir(parents=True, exist_ok=True)
-    (proc / "cgroup").write_text(cgroup)
-    (proc / "mountinfo").write_text(mountinfo)
-    for directory, files in dirs.items():
-        d = root / directory.lstrip("/")
-        d.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (d / name).write_text(text)
-    return root
 
 
 def read(root: Path) -> ContainerReading | None:

@@ -32,6 +32,8 @@ import httpx
 import pytest
 import yaml
 
+from .fakes import V2_FILES, make_tree, v2_mount
+
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "trioproxy.json"
@@ -196,6 +198,15 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, PromAPI, list[subprocess.Popen[
 
     alertmanager = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
     proxy_port, prom_port, am_port = free_port(), free_port(), free_port()
+    # a container with limits, its memory near the limit: this machine's may have none,
+    # and every container panel and alert must have data
+    cgroup = make_tree(
+        tmp_path / "cgroup",
+        "0::/\n",
+        v2_mount(),
+        # 570 MiB used, 100 MiB of it inactive cache: 92 % of the 512 MiB limit
+        {"/sys/fs/cgroup": {**V2_FILES, "memory.current": str(570 * 1024**2)}},
+    )
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     env = {
         **os.environ,
@@ -206,6 +217,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, PromAPI, list[subprocess.Popen[
         "RETRY_BACKOFF": "0.05",
         "LOG_LEVEL": "WARNING",
         "ACCESS_LOG": "true",  # the bytes of each scrape Prometheus received
+        "SYSTEM_METRICS_FS_ROOT": str(cgroup),
     }
     for name in ("OPENAI_API_BASE_URL", "OPENAI_API_KEY", "PROXY_HOST", "PROXY_PORT"):
         env.pop(name, None)
@@ -472,7 +484,12 @@ def check_stack(proxy: str, prom: PromAPI, procs: list[subprocess.Popen[bytes]])
 
     # Every alert expression runs without error; its value side (before the threshold) has
     # data; the alerts this traffic must trigger do, and ServiceDown does not.
-    triggered = {"HighErrorRate", "StreamTimeouts", "HighStreamCancellationRate"}
+    triggered = {
+        "HighErrorRate",
+        "StreamTimeouts",
+        "HighStreamCancellationRate",
+        "ContainerMemoryNearLimit",
+    }
     for rule in alert_rules():
         result = prom.query(rule["expr"])
         if rule["alert"] in ALERTS_WITHOUT_DATA_IN_ONE_PROCESS:
