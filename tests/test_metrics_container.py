@@ -356,6 +356,10 @@ def test_this_machine_does_not_crash() -> None:
         return
     assert reading is not None and reading.cgroup_version in (1, 2)
     assert reading.cpu_usage_seconds is None or reading.cpu_usage_seconds > 0
+    dirs = ContainerReader().dirs()
+    assert dirs is not None
+    for found in (dirs.memory, dirs.cpu, dirs.cpuacct):
+        assert found is None or os.path.isdir(found), found
 
 
 # --------------------------------------------------------------------------- the collector

@@ -478,6 +478,8 @@ HOST_COUNTERS = (
     "network_bytes_recv_total",
     "disk_read_bytes_total",
     "disk_write_bytes_total",
+    # the container's (cgroup's), read at scrape time too; 0 where there is none
+    "trioproxy_container_cpu_usage_seconds_total",
 )
 
 
