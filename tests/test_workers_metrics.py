@@ -174,6 +174,7 @@ _TIMED = (
     "network_",
     "disk_",
     "trioproxy_process_",
+    "trioproxy_container_",  # the machine's cgroup, read at each scrape
     "trioproxy_connections_open",
     "http_request_duration_p",
     "http_request_duration_per_endpoint",
