@@ -365,6 +365,13 @@ def _holding(pid: int, port: int) -> int:
     )
 
 
+def _all_counted(scrape: Scrape, streams: int) -> bool:
+    return (
+        scrape.total("http_requests_active") == streams
+        and scrape.total("trioproxy_connections_open") >= streams
+    )
+
+
 def test_in_flight_gauges_are_the_sum_over_the_workers(demo_backend: ServerProcess) -> None:
     """Streams held open on both workers: every scrape, whichever worker answers, counts
     all of them in flight (each worker publishes its count within half a second); once
@@ -388,7 +395,9 @@ def test_in_flight_gauges_are_the_sum_over_the_workers(demo_backend: ServerProce
                 next(lines)  # the stream is running (kept: a dropped iterator closes it)
                 held.append((response, lines))
             streams = len(held)
-            _wait_for(lambda: _scrape(url).total("http_requests_active") == streams)
+            # the connection counts reach the other worker's scrapes when their worker
+            # publishes (every half second), the in-flight gauge at once: wait for both
+            _wait_for(lambda: _all_counted(_scrape(url), streams))
             for scrape in _scrapes_from_both_workers(url, at_least=4):
                 assert scrape.total("http_requests_active") == streams
                 assert scrape.summary["active_requests"] == streams
