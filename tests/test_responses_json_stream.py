@@ -25,6 +25,7 @@ from trioproxy.translate import is_response, response_as_events, response_events
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
 from .test_metrics_e2e import scrape, total
+from .test_responses_streams import RESPONSES_CUT
 
 StartProxy = Callable[..., ServerProcess]
 # each event's own model, by its type (the union has no discriminator pydantic reads: a
@@ -389,8 +390,9 @@ def test_a_queued_background_response_is_a_cut_stream_its_poll_counts(proxy: str
             background=True,
             metadata={"kind": "queued"},
         )
-        with pytest.raises(openai.APIError, match="ended before its last event"):
+        with pytest.raises(openai.APIError, match="ended before its last event") as cut:
             events.extend(stream)
+        assert RESPONSES_CUT in str(cut.value)  # no finish_reason, no [DONE] in this API
         assert [e.type for e in events] == ["response.created", "response.queued"]
         assert events[0].response.id == "resp_queued"
         _wait_for(lambda: _outcomes(proxy).get("error", 0) > 0)

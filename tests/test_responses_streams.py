@@ -14,6 +14,10 @@ import pytest
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
 
+# what a cut Responses stream's error says it lacked: that API's closing events, not chat's
+# finish_reason and [DONE]
+RESPONSES_CUT = "(no response.completed, response.incomplete or response.failed event)"
+
 StartProxy = Callable[..., ServerProcess]
 
 
@@ -142,7 +146,8 @@ def test_a_resumed_stream_cut_before_its_closing_event_is_reported_cut(
     after_the_end = replays.responses.retrieve("resp_1", stream=True, starting_after=2)
     assert list(after_the_end) == []
     types: list[str] = []
-    with pytest.raises(openai.APIError, match="ended before its last event"):
+    with pytest.raises(openai.APIError, match="ended before its last event") as cut:
         for event in replays.responses.retrieve("resp_cut", stream=True, starting_after=0):
             types.append(event.type)
     assert types == ["response.output_text.delta"]
+    assert RESPONSES_CUT in str(cut.value)  # in the Responses API's words, not chat's

@@ -45,6 +45,7 @@ from .sse import (
 )
 from .translate import (
     FINISHED_WITH_ERROR,
+    ResponsesStreamObserver,
     UntranslatableStream,
     is_response,
     read_chunk,
@@ -553,6 +554,11 @@ class _Unfinished(Exception):
     """The backend's body ended before its stream did."""
 
     DEFAULT = "the backend's stream ended before its last event (no finish_reason, no [DONE])"
+    # the Responses API has neither: its stream ends with its closing event
+    RESPONSES = (
+        "the backend's stream ended before its last event (no response.completed, "
+        "response.incomplete or response.failed event)"
+    )
 
     def __init__(self, message: str = DEFAULT) -> None:
         super().__init__(message)
@@ -569,6 +575,8 @@ def _unfinished(observer: StreamObserver) -> bool:
 
 
 def _unfinished_message(observer: StreamObserver) -> str:
+    if isinstance(observer, ResponsesStreamObserver):
+        return _Unfinished.RESPONSES
     if observer.finish_reason is None:
         return _Unfinished.DEFAULT
     return (
