@@ -142,6 +142,8 @@ def test_v1_host_path_below_the_mount(tmp_path: Path) -> None:
         f"/sys/fs/cgroup/memory{path}",
         f"/sys/fs/cgroup/cpu,cpuacct{path}",
         f"/sys/fs/cgroup/cpu,cpuacct{path}",
+        # whose CPU quota binds too, up to the mount
+        ("/sys/fs/cgroup/cpu,cpuacct/process_api", "/sys/fs/cgroup/cpu,cpuacct"),
     )
 
 
@@ -209,6 +211,64 @@ def test_escaped_mount_point(tmp_path: Path) -> None:
         tmp_path, "0::/\n", v2_mount(point="/sys/fs/my\\040cgroup"), {"/sys/fs/my cgroup": V2_FILES}
     )
     assert read(tree) == V2_READING
+
+
+def test_v2_limits_set_on_a_parent_slice_bind(tmp_path: Path) -> None:
+    """A systemd service whose limits are on its slice (``MemoryMax=`` / ``CPUQuota=`` of
+    trioproxy.slice), or a process in a child cgroup of its container (docker:dind's
+    ``/init``): the proxy's own cgroup says ``max``, the ancestor binds. The tightest
+    limit from the cgroup up to the mount counts, as the JVM reads it; above the mount
+    nothing is read."""
+    path = "/trioproxy.slice/trioproxy.service"
+    unlimited = dict(V2_FILES, **{"memory.max": "max\n", "cpu.max": "max 100000\n"})
+    slice_limits = {"memory.max": V2_FILES["memory.max"], "cpu.max": V2_FILES["cpu.max"]}
+    tree = make_tree(
+        tmp_path / "slice",
+        f"0::{path}\n",
+        v2_mount(),
+        {
+            "/sys/fs": {"memory.max": str(MiB), "cpu.max": "1000 100000"},  # not a cgroup
+            "/sys/fs/cgroup/trioproxy.slice": slice_limits,
+            f"/sys/fs/cgroup{path}": unlimited,
+        },
+    )
+    assert read(tree) == V2_READING
+    # the tightest of each wins, wherever it is
+    leaf = dict(V2_FILES, **{"memory.max": str(GiB), "cpu.max": "50000 100000"})
+    tree = make_tree(
+        tmp_path / "init",
+        "0::/init\n",
+        v2_mount(),
+        {"/sys/fs/cgroup": slice_limits, "/sys/fs/cgroup/init": leaf},
+    )
+    assert read(tree) == dataclasses.replace(V2_READING, cpu_limit_cores=0.5)
+
+
+def test_v1_limits_set_on_a_parent_bind(tmp_path: Path) -> None:
+    """v1: the memory controller's ``hierarchical_memory_limit`` is the tightest limit of
+    the cgroup and its ancestors (the kernel's, even above the mount); the CPU quota of an
+    ancestor within the mount is read as v2's."""
+    path = "/system.slice/trioproxy.service"
+    memory = dict(
+        V1_MEMORY,
+        **{
+            "memory.limit_in_bytes": V1_UNLIMITED,
+            "memory.stat": V1_MEMORY["memory.stat"] + f"hierarchical_memory_limit {512 * MiB}\n",
+        },
+    )
+    cpu = dict(V1_CPU, **{"cpu.cfs_quota_us": "-1"})
+    parent_cpu = {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"}
+    tree = make_tree(
+        tmp_path,
+        v1_cgroup(path),
+        v1_mounts(),
+        {
+            f"/sys/fs/cgroup/memory{path}": memory,
+            f"/sys/fs/cgroup/cpu,cpuacct{path}": cpu,
+            "/sys/fs/cgroup/cpu,cpuacct/system.slice": parent_cpu,
+        },
+    )
+    assert read(tree) == V1_READING
 
 
 def test_no_cgroup_is_none(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import posixpath
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,6 +36,9 @@ _MAX_FILE_BYTES = 64 * 1024
 # thousands of mounts; read once per process
 _MAX_MOUNTINFO_BYTES = 4 * 1024 * 1024
 _V1_CONTROLLERS = ("memory", "cpu", "cpuacct")
+# the ancestors whose limits are read (a systemd unit below two slices, a Kubernetes
+# container seen from the host: four); a bound against a path of a thousand parts
+_MAX_PARENTS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,11 @@ class CgroupDirs:
     memory: str | None
     cpu: str | None
     cpuacct: str | None  # v1's CPU time; v2 has it in the cpu directory's cpu.stat
+    # the directories above the one whose limits are read (v2's, v1's cpu directory), up
+    # to the mount point, nearest first: a limit there binds too (a systemd slice's, a
+    # container's when the process is in a child cgroup of it). v1's memory.stat says
+    # its hierarchy's memory limit itself (``hierarchical_memory_limit``)
+    parents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +163,19 @@ def cgroup_dir_candidates(mount: CgroupMount, path: str) -> tuple[str, ...]:
     return (point,)
 
 
+def parents_within(directory: str, mount_point: str) -> tuple[str, ...]:
+    """The directories above ``directory`` up to ``mount_point`` (a cgroup directory below
+    it, or the mount point itself: none), nearest first, at most ``_MAX_PARENTS``."""
+    inside = mount_point.rstrip("/") + "/"
+    parents: list[str] = []
+    while directory != mount_point and len(parents) < _MAX_PARENTS:
+        directory = posixpath.dirname(directory)
+        if directory != mount_point and not directory.startswith(inside):
+            break
+        parents.append(directory)
+    return tuple(parents)
+
+
 def locate(proc_cgroup: str, mountinfo: str, is_dir: Callable[[str], bool]) -> CgroupDirs | None:
     """The process's cgroup directories, from the texts of ``/proc/self/cgroup`` and
     ``/proc/self/mountinfo``; ``is_dir(path)`` says whether a directory exists. v1 when a
@@ -163,7 +184,8 @@ def locate(proc_cgroup: str, mountinfo: str, is_dir: Callable[[str], bool]) -> C
     paths = parse_proc_cgroup(proc_cgroup)
     mounts = parse_mountinfo(mountinfo)
 
-    def find(fstype: str, path: str | None, controller: str | None) -> str | None:
+    def find(fstype: str, path: str | None, controller: str | None) -> tuple[str, str] | None:
+        """The directory, and the mount point it is under."""
         if path is None:
             return None
         chosen = [
@@ -171,17 +193,22 @@ def locate(proc_cgroup: str, mountinfo: str, is_dir: Callable[[str], bool]) -> C
             for m in mounts
             if m.fstype == fstype and (controller is None or controller in m.options)
         ]
-        best_first = [c for m in chosen for c in cgroup_dir_candidates(m, path)[:-1]]
-        best_first += [m.mount_point for m in chosen]
-        return next((d for d in best_first if is_dir(d)), None)
+        best_first = [
+            (c, m.mount_point) for m in chosen for c in cgroup_dir_candidates(m, path)[:-1]
+        ]
+        best_first += [(m.mount_point, m.mount_point) for m in chosen]
+        return next((found for found in best_first if is_dir(found[0])), None)
 
     v1 = {c: find("cgroup", paths.get(c), c) for c in _V1_CONTROLLERS}
     if any(v1.values()):
-        return CgroupDirs(1, v1["memory"], v1["cpu"], v1["cpuacct"])
+        memory, cpu, cpuacct = (v1[c] for c in _V1_CONTROLLERS)
+        parents = parents_within(*cpu) if cpu else ()
+        return CgroupDirs(1, memory and memory[0], cpu and cpu[0], cpuacct and cpuacct[0], parents)
     unified = find("cgroup2", paths.get(""), None)
     if unified is None:
         return None
-    return CgroupDirs(2, unified, unified, unified)
+    directory = unified[0]
+    return CgroupDirs(2, directory, directory, directory, parents_within(*unified))
 
 
 def parse_int(text: str | None) -> int | None:
@@ -222,6 +249,18 @@ def parse_cpu_max(text: str | None) -> tuple[int, int] | None:
     return None if quota is None or period is None else (quota, period)
 
 
+def tightest_memory_limit(values: Iterable[int | None], host_memory_bytes: int) -> int | None:
+    """The least of the limits among ``values`` (:func:`memory_limit`), None without one."""
+    limits = (memory_limit(value, host_memory_bytes) for value in values)
+    return min((limit for limit in limits if limit is not None), default=None)
+
+
+def tightest_cpu_limit(quotas: Iterable[tuple[int | None, int | None]]) -> float | None:
+    """The least of the CPU limits among (quota, period) pairs, in cores; None without."""
+    cores = (cpu_limit_cores(quota, period) for quota, period in quotas)
+    return min((limit for limit in cores if limit is not None), default=None)
+
+
 def memory_limit(value: int | None, host_memory_bytes: int) -> int | None:
     """A limit, or None when there is none: v1 writes "none" as a page-rounded 2^63, and a
     limit at or above the host's memory binds nothing either (v2's ``max`` never parses)."""
@@ -257,19 +296,29 @@ def _seconds(value: int | None, per_second: float) -> float | None:
     return None if value is None else value / per_second
 
 
-def reading_v2(files: Mapping[str, str | None], host_memory_bytes: int) -> ContainerReading:
-    """The figures of a v2 cgroup from its files' texts (None: unreadable)."""
+def reading_v2(
+    files: Mapping[str, str | None],
+    host_memory_bytes: int,
+    parents: Sequence[Mapping[str, str | None]] = (),
+) -> ContainerReading:
+    """The figures of a v2 cgroup from its files' texts (None: unreadable); its limits
+    are the tightest of its own and its ``parents``' (their ``memory.max`` and
+    ``cpu.max``)."""
     stat = parse_keyed(files.get("memory.stat"))
     cpu = parse_keyed(files.get("cpu.stat"))
     events = parse_keyed(files.get("memory.events"))
-    quota = parse_cpu_max(files.get("cpu.max"))
+    levels = (files, *parents)
     return ContainerReading(
         cgroup_version=2,
         memory_working_set_bytes=working_set(
             _non_negative(parse_int(files.get("memory.current"))), stat.get("inactive_file")
         ),
-        memory_limit_bytes=memory_limit(parse_int(files.get("memory.max")), host_memory_bytes),
-        cpu_limit_cores=cpu_limit_cores(*quota) if quota else None,
+        memory_limit_bytes=tightest_memory_limit(
+            (parse_int(level.get("memory.max")) for level in levels), host_memory_bytes
+        ),
+        cpu_limit_cores=tightest_cpu_limit(
+            parse_cpu_max(level.get("cpu.max")) or (None, None) for level in levels
+        ),
         cpu_usage_seconds=_seconds(cpu.get("usage_usec"), 1e6),
         cpu_periods=_non_negative(cpu.get("nr_periods")),
         cpu_throttled_periods=_non_negative(cpu.get("nr_throttled")),
@@ -278,8 +327,15 @@ def reading_v2(files: Mapping[str, str | None], host_memory_bytes: int) -> Conta
     )
 
 
-def reading_v1(files: Mapping[str, str | None], host_memory_bytes: int) -> ContainerReading:
-    """The figures of v1 cgroups from their files' texts (None: unreadable)."""
+def reading_v1(
+    files: Mapping[str, str | None],
+    host_memory_bytes: int,
+    parents: Sequence[Mapping[str, str | None]] = (),
+) -> ContainerReading:
+    """The figures of v1 cgroups from their files' texts (None: unreadable); the memory
+    limit is the tightest of its own and its hierarchy's (``memory.stat``), the CPU
+    quota the tightest of its own and its ``parents``' (``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``)."""
     stat = parse_keyed(files.get("memory.stat"))
     cpu = parse_keyed(files.get("cpu.stat"))
     oom = parse_keyed(files.get("memory.oom_control"))  # oom_kill since Linux 4.13
@@ -289,11 +345,13 @@ def reading_v1(files: Mapping[str, str | None], host_memory_bytes: int) -> Conta
             _non_negative(parse_int(files.get("memory.usage_in_bytes"))),
             stat.get("total_inactive_file"),
         ),
-        memory_limit_bytes=memory_limit(
-            parse_int(files.get("memory.limit_in_bytes")), host_memory_bytes
+        memory_limit_bytes=tightest_memory_limit(
+            (parse_int(files.get("memory.limit_in_bytes")), stat.get("hierarchical_memory_limit")),
+            host_memory_bytes,
         ),
-        cpu_limit_cores=cpu_limit_cores(
-            parse_int(files.get("cpu.cfs_quota_us")), parse_int(files.get("cpu.cfs_period_us"))
+        cpu_limit_cores=tightest_cpu_limit(
+            (parse_int(level.get("cpu.cfs_quota_us")), parse_int(level.get("cpu.cfs_period_us")))
+            for level in (files, *parents)
         ),
         cpu_usage_seconds=_seconds(parse_int(files.get("cpuacct.usage")), 1e9),
         cpu_periods=_non_negative(cpu.get("nr_periods")),
@@ -312,6 +370,8 @@ _V1_FILES = {
 }  # fmt: skip
 _V2_FILES = ("memory.current", "memory.max", "memory.stat", "memory.events", "cpu.max",
              "cpu.stat")  # fmt: skip
+# ... of each parent directory (CgroupDirs.parents)
+_PARENT_FILES = {1: ("cpu.cfs_quota_us", "cpu.cfs_period_us"), 2: ("memory.max", "cpu.max")}
 
 
 # --------------------------------------------------------------------------- reading
@@ -384,9 +444,10 @@ class ContainerReader:
             dirs = self.dirs()
             if dirs is None:
                 return None
+            parents = [self._files([(d, _PARENT_FILES[dirs.version])]) for d in dirs.parents]
             if dirs.version == 2:
                 files = self._files([(dirs.memory, _V2_FILES)])
-                return reading_v2(files, self.host_memory)
+                return reading_v2(files, self.host_memory, parents)
             files = self._files(
                 [
                     (dirs.memory, _V1_FILES["memory"]),
@@ -394,7 +455,7 @@ class ContainerReader:
                     (dirs.cpuacct, _V1_FILES["cpuacct"]),
                 ]
             )
-            return reading_v1(files, self.host_memory)
+            return reading_v1(files, self.host_memory, parents)
         finally:
             self.last_read_seconds = time.perf_counter() - t0
 
