@@ -162,6 +162,8 @@ original = exchange.CountingSend.count
 def count(self, body):
     if b'"done":false' in body and b"trioproxy" in body:  # an /api/chat chunk mid-stream
         raise RuntimeError("injected bug")
+    if b'"type":"response.output_text.delta"' in body:  # a resumed stream's (through Quart)
+        raise RuntimeError("injected bug")
     original(self, body)
 exchange.CountingSend.count = count
 from trioproxy._entry import main
@@ -203,6 +205,29 @@ def test_the_servers_line_about_an_error_that_escaped_carries_the_id(
         ("hypercorn.error", "Error in ASGI Framework")
     ], proxy.log()
     assert "RuntimeError: injected bug" in proxy.log()
+
+
+def test_the_servers_line_carries_the_id_through_quart_too(
+    faulty_proxy: tuple[ServerProcess, str],
+) -> None:
+    """The same on a route Quart serves: a resumed Responses stream (``GET
+    /v1/responses/{id}?stream=true``) cut by the proxy's bug. Quart serves the request in
+    a task of its own, and the error reaches the server's task through Quart's nursery:
+    the id must be there too."""
+    proxy, fmt = faulty_proxy
+    created = httpx.post(
+        proxy.url + "/v1/responses", json={"model": "demo-chat", "input": "hi"}, timeout=10
+    )
+    assert created.status_code == 200, created.text
+    url = f"{proxy.url}/v1/responses/{created.json()['id']}?stream=true"
+    with httpx.stream("GET", url, timeout=10) as answer:
+        assert answer.status_code == 200
+        request_id = answer.headers["X-Request-ID"]
+        with pytest.raises(httpx.RemoteProtocolError):
+            answer.read()  # cut: the chunked body never ends
+    mine = lines_of(proxy, request_id, fmt, last="hypercorn.error")
+    errors = [(line.logger, line.message) for line in mine if line.level == "ERROR"]
+    assert ("hypercorn.error", "Error in ASGI Framework") in errors, proxy.log()
 
 
 # -- in process ------------------------------------------------------------------------

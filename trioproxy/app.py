@@ -61,6 +61,7 @@ from .exchange import (
     Tracked,
     error_reply,
     internal_error_reply,
+    keep_request_id,
     log_refused_connection,
     masked,
     new_state,
@@ -90,6 +91,8 @@ def request_state() -> RequestState:
 
 
 class TrackedHTTPConnection(TrioASGIHTTPConnection):
+    _request_id: str | None = None  # the request's, once handle_request has it
+
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         app: ProxyApp = self.app  # type: ignore[assignment]
         path = self.scope["path"]
@@ -127,7 +130,13 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             # an http scope's receive (fastpath.HTTPReceive): hypercorn types every scope's
             await fastpath.serve(app, self.scope, receive, send, *route)  # type: ignore[arg-type]
         else:
-            await super().__call__(receive, send)
+            try:
+                await super().__call__(receive, send)
+            except BaseException as error:
+                # Quart served the request in a task of its own; the server logs what
+                # escaped ("Error in ASGI Framework") here, once this returns
+                keep_request_id(error, self._request_id)
+                raise
 
     async def handle_request(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Any, send: ASGISendCallable
@@ -145,6 +154,7 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         if TRACEPARENT in headers:
             state.trace = trace_context(headers.getlist(TRACEPARENT), headers.getlist(TRACESTATE))
         request.trioproxy_state = state
+        self._request_id = state.request_id
         access = None
         if app.settings.access_log:
             access = AccessLine(

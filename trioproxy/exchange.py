@@ -492,6 +492,14 @@ def stop_at_once() -> None:
     _stopped_at_once = True
 
 
+def keep_request_id(error: BaseException, request_id: str | None) -> None:
+    """Set ``request_id`` for the server's line about ``error`` escaping the app, in the
+    task the server logs it in (the app's, which ends with it), when the request was
+    served in another task (Quart's), whose id that task does not see."""
+    if request_id is not None and _server_logs(error):
+        request_id_var.set(request_id)
+
+
 def _server_logs(error: BaseException) -> bool:
     """Whether the server logs ``error`` escaping the app: an ``Exception`` (our bug),
     alone or in a group; not a cancellation."""
