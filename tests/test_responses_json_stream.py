@@ -146,7 +146,10 @@ def test_calls_reasoning_and_refusals_stream_as_the_api_streams_them() -> None:
     (arguments,) = by_kind["response.function_call_arguments.delta"]
     assert arguments["delta"] == CALL["arguments"] and arguments["item_id"] == "fc_1"
     assert arguments["output_index"] == 1
-    assert by_kind["response.function_call_arguments.done"][0]["arguments"] == CALL["arguments"]
+    (done,) = by_kind["response.function_call_arguments.done"]
+    # OpenAI's event names the function too (its OpenAPI spec requires it: clients
+    # generated from it, Rust's and .NET's, refuse the event without)
+    assert (done["arguments"], done["name"]) == (CALL["arguments"], "weather")
     assert by_kind["response.output_item.added"][1]["item"]["arguments"] == ""
     # a hosted tool's call: added and done as it is, nothing between
     assert by_kind["response.output_item.added"][2]["item"] == SEARCH

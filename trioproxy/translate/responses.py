@@ -162,7 +162,9 @@ def _function_call(item: _Item, call: JSONDict) -> None:
     arguments = _str(call.get("arguments"))
     if arguments:
         item.add("response.function_call_arguments.delta", delta=arguments)
-    item.add("response.function_call_arguments.done", arguments=arguments)
+    # OpenAI's done event names the function (its OpenAPI spec requires it)
+    name = _str(call.get("name"))
+    item.add("response.function_call_arguments.done", arguments=arguments, name=name)
 
 
 def _custom_tool_call(item: _Item, call: JSONDict) -> None:
