@@ -504,6 +504,7 @@ async def test_a_slow_read_moves_later_reads_off_the_event_loop(
         return reading
 
     monkeypatch.setattr(reader, "read", slow_read)
+    reader.dirs()  # located already (the first read is in a thread anyway: below)
     loop = threading.get_ident()
     body, _ = await c.read_prometheus()
     assert b"trioproxy_container_oom_kills_total 1.0" in body
@@ -513,6 +514,29 @@ async def test_a_slow_read_moves_later_reads_off_the_event_loop(
     assert summary["system"]["container"] == V2_READING.as_json()
     assert len(threads) == 3 and loop not in threads[1:]
     await trio.lowlevel.checkpoint()
+
+
+async def test_the_first_read_parses_the_mount_table_off_the_event_loop(
+    v2_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first read finds the directories in ``/proc/self/mountinfo``: megabytes on a
+    node with thousands of mounts seen from a host-network pod."""
+    c = MetricsCollector(multiprocess=False, container_root=str(v2_tree))
+    reader = c._container
+    threads: list[int] = []
+    real_dirs = reader.dirs
+
+    def dirs() -> CgroupDirs | None:
+        threads.append(threading.get_ident())
+        return real_dirs()
+
+    monkeypatch.setattr(reader, "dirs", dirs)
+    loop = threading.get_ident()
+    await c.read_summary()
+    assert threads and threads[0] != loop
+    threads.clear()
+    await c.read_summary()  # found: later reads are quick, on the loop
+    assert set(threads) <= {loop}
 
 
 # --------------------------------------------------------------------------- a real proxy

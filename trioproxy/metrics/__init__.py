@@ -642,9 +642,12 @@ class MetricsCollector:
 
     async def _read_container(self) -> ContainerReading | None:
         """:meth:`_container_reading` for the monitoring endpoints: in a worker thread
-        from the first read that took longer than ``OFFLOAD_AFTER_SECONDS`` on (a cgroup
-        filesystem that stalls must not hold the event loop), as the sampler does."""
-        if not self._container_offload or not self.system_enabled or self._sampling_stopped:
+        the first read (it parses the mount table, which a node with thousands of mounts
+        makes megabytes long) and every read after one that took longer than
+        ``OFFLOAD_AFTER_SECONDS`` (a cgroup filesystem that stalls must not hold the event
+        loop), as the sampler does."""
+        in_thread = self._container_offload or not self._container.located
+        if not in_thread or not self.system_enabled or self._sampling_stopped:
             reading = self._container_reading()
             if self._container.last_read_seconds > OFFLOAD_AFTER_SECONDS:
                 self._container_offload = True
