@@ -77,7 +77,7 @@ def test_a_file_that_cannot_be_created_leaves_none_and_keeps_its_series_in_memor
 def test_multiprocess_values_use_the_reserving_files() -> None:
     from prometheus_client import values
 
-    import trioproxy.metrics.prom  # noqa: F401 (installs it)
+    import trioproxy.metrics.multiprocess  # noqa: F401 (installs it)
 
     assert values.MmapedDict is mmap_files.SpaceReservedDict
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from trioproxy.metrics import prom
+from trioproxy.metrics import multiprocess
 from trioproxy.metrics.labels import ModelLabels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +70,10 @@ def test_two_workers_cleaning_up_one_dead_worker_is_no_error(
         _plant(tmp_path, f"gauge_max_{DEAD}.db", "trioproxy_build_info", 1),
         _plant(tmp_path, f"gauge_livesum_{os.getpid()}.db", "http_requests_active", 0),
     ]
-    monkeypatch.setattr(prom.psutil, "pid_exists", lambda pid: pid != DEAD)
+    monkeypatch.setattr(multiprocess.psutil, "pid_exists", lambda pid: pid != DEAD)
     _removed_by_another_worker_first(monkeypatch)
 
-    assert prom.mark_dead_workers(str(tmp_path)) == [DEAD]
+    assert multiprocess.mark_dead_workers(str(tmp_path)) == [DEAD]
     assert not any(f.exists() for f in live)
     assert all(f.exists() for f in kept)  # a dead worker's counts still happened
 
@@ -81,8 +81,8 @@ def test_two_workers_cleaning_up_one_dead_worker_is_no_error(
 def test_no_dead_worker_no_removal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mine = _plant(tmp_path, f"gauge_livesum_{os.getpid()}.db", "http_requests_active", 1)
     odd = _plant(tmp_path, "gauge_livesum_notapid.db", "http_requests_active", 1)
-    monkeypatch.setattr(prom.psutil, "pid_exists", lambda pid: False)
-    assert prom.mark_dead_workers(str(tmp_path)) == []
+    monkeypatch.setattr(multiprocess.psutil, "pid_exists", lambda pid: False)
+    assert multiprocess.mark_dead_workers(str(tmp_path)) == []
     assert mine.exists() and odd.exists()
 
 
@@ -90,7 +90,7 @@ SCRAPE_DURING_CLEANUP = textwrap.dedent(
     """
     import os, sys
     from prometheus_client.mmap_dict import MmapedDict, mmap_key
-    from trioproxy.metrics import MetricsCollector, RequestMetrics, prom
+    from trioproxy.metrics import MetricsCollector, RequestMetrics, multiprocess
 
     DEAD = int(sys.argv[1])
     mp = os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -104,7 +104,7 @@ SCRAPE_DURING_CLEANUP = textwrap.dedent(
     # a worker starting right now: its file is created, not yet sized (no header)
     open(os.path.join(mp, "counter_4000002.db"), "wb").close()
 
-    prom.psutil.pid_exists = lambda pid: pid != DEAD
+    multiprocess.psutil.pid_exists = lambda pid: pid != DEAD
     real = os.remove
     def remove(target, *args, **kw):
         real(target)  # another worker's scrape removed it first

@@ -456,7 +456,7 @@ def test_a_fresh_worker_describes_every_family_as_one_process_does(tmp_path: Pat
     ],
 )  # fmt: skip
 def test_hypercorn_workers_from_a_command_line(argv: list[str], workers: int) -> None:
-    from trioproxy.metrics.prom import hypercorn_workers
+    from trioproxy.metrics.multiprocess import hypercorn_workers
 
     assert hypercorn_workers(argv) == workers
 
@@ -481,11 +481,11 @@ def _metrics_warnings() -> Iterator[list[str]]:
 def test_unshared_workers_are_warned_about_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """hypercorn --workers N without PROMETHEUS_MULTIPROC_DIR: every worker has its own
     registry and each scrape reports whichever answered (16, 16, 4, 16 requests...)."""
-    from trioproxy.metrics import prom
+    from trioproxy.metrics import multiprocess
 
-    monkeypatch.delenv(prom.MULTIPROC_ENV, raising=False)
-    monkeypatch.setattr(prom, "_workers_checked", False)
-    monkeypatch.setattr(prom, "_parent_hypercorn_workers", lambda: 2)
+    monkeypatch.delenv(multiprocess.MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(multiprocess, "_workers_checked", False)
+    monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", lambda: 2)
     with _metrics_warnings() as seen:
         MetricsCollector(system_enabled=False)
         MetricsCollector(system_enabled=False)
@@ -495,14 +495,14 @@ def test_unshared_workers_are_warned_about_once(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_no_warning_for_one_worker_or_an_explicit_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trioproxy.metrics import prom
+    from trioproxy.metrics import multiprocess
 
-    monkeypatch.delenv(prom.MULTIPROC_ENV, raising=False)
-    monkeypatch.setattr(prom, "_parent_hypercorn_workers", lambda: 1)
-    monkeypatch.setattr(prom, "_workers_checked", False)
+    monkeypatch.delenv(multiprocess.MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", lambda: 1)
+    monkeypatch.setattr(multiprocess, "_workers_checked", False)
     with _metrics_warnings() as seen:
         MetricsCollector(system_enabled=False)
-        monkeypatch.setattr(prom, "_parent_hypercorn_workers", lambda: 8)
-        monkeypatch.setattr(prom, "_workers_checked", False)
+        monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", lambda: 8)
+        monkeypatch.setattr(multiprocess, "_workers_checked", False)
         MetricsCollector(system_enabled=False, multiprocess=False)  # the benchmarks' choice
     assert not [message for message in seen if "PROMETHEUS_MULTIPROC_DIR" in message]

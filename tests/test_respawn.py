@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from trioproxy.metrics.prom import mark_dead_workers, merged_families, signal_label
+from trioproxy.metrics.multiprocess import mark_dead_workers, merged_families, signal_label
 from trioproxy.respawn import RespawnBudget, join_exited_respawning
 
 

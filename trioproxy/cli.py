@@ -266,7 +266,7 @@ def _keep_metrics_in_process() -> None:
     series there and report the sum of every file there, so another proxy using the same
     directory would report its requests too (counted twice in a fleet's sum), and a
     restart would carry on from the last run's counts. ``--workers N`` sets its own."""
-    from .metrics.prom import MULTIPROC_ENV
+    from .metrics.multiprocess import MULTIPROC_ENV
 
     inherited = os.environ.pop(MULTIPROC_ENV, None)
     if inherited:

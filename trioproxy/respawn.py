@@ -22,7 +22,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-from .metrics.prom import MULTIPROC_ENV, WorkerRestarts, remove_live_gauges
+from .metrics.multiprocess import MULTIPROC_ENV, WorkerRestarts, remove_live_gauges
 
 RESPAWN_LIMIT = 5
 RESPAWN_WINDOW_SECONDS = 60.0

@@ -33,6 +33,11 @@ from .labels import (
     loggable_text,
     method_label,
 )
+from .multiprocess import (
+    claim_shared_files,
+    multiprocess_dir_from_env,
+    warn_if_workers_share_nothing,
+)
 from .prom import (
     LOOP_COMPRESSED_BYTES,
     LOOP_ENCODED_SAMPLES,
@@ -43,12 +48,9 @@ from .prom import (
     Snapshot,
     Totals,
     aggregate,
-    claim_shared_files,
     derived_families,
     encode_head,
     exposition_format,
-    multiprocess_dir_from_env,
-    warn_if_workers_share_nothing,
 )
 from .reads import SharedReads
 from .request import RequestMetrics
