@@ -196,7 +196,7 @@ def test_a_compared_proxy_is_started_in_front_of_the_stream_backend(
 def test_the_scrape_probe_asks_for_what_prometheus_gets() -> None:
     """The scrape scenario measures what an operator's Prometheus is answered: gzipped
     OpenMetrics, negotiated from Prometheus' own default Accept."""
-    from trioproxy.metrics.prom import exposition_format
+    from trioproxy.metrics.exposition import exposition_format
 
     headers = scenarios.SCRAPER_HEADERS
     assert headers["Accept-Encoding"] == "gzip"

@@ -196,7 +196,7 @@ def test_openmetrics_for_prometheus_2_escapes_no_plain_name_per_character(
     from prometheus_client.exposition import choose_encoder
     from prometheus_client.openmetrics import exposition as om
 
-    from trioproxy.metrics.prom import exposition_format
+    from trioproxy.metrics.exposition import exposition_format
 
     primary, derived = busy_collector()._prometheus_families()
     families = [*primary.families(), *primary.sampled, *derived]
@@ -229,7 +229,7 @@ def test_names_that_need_escaping_are_escaped_as_prometheus_client_does(
     from prometheus_client.exposition import choose_encoder
     from prometheus_client.metrics_core import Metric
 
-    from trioproxy.metrics.prom import exposition_format
+    from trioproxy.metrics.exposition import exposition_format
 
     odd = Metric(sample_name, "odd", "gauge")
     odd.add_sample(sample_name, {label_name: "v"}, 1.0)

@@ -24,7 +24,7 @@ from prometheus_client.metrics import Histogram
 
 from trioproxy import metrics
 from trioproxy.config import Settings
-from trioproxy.metrics import MetricsCollector, RequestMetrics, prom
+from trioproxy.metrics import MetricsCollector, RequestMetrics, exposition, prom
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0"
 
@@ -59,7 +59,7 @@ class _Compressions:
         self.in_thread: list[bool] = []
         made = self.in_thread
 
-        class Counted(prom.GzipHead):
+        class Counted(exposition.GzipHead):
             __slots__ = ()
 
             def __init__(self, head: bytes) -> None:
@@ -131,7 +131,7 @@ class _Renderings:
         derived = metrics.derived_families
         collect = prom.PrimaryMetrics.collect
         copy = getattr(prom, "_copy_series", None)
-        choose = prom.choose_encoder
+        choose = exposition.choose_encoder
 
         def counted_derived(*args: Any) -> Any:
             self.renderings += 1
@@ -162,7 +162,7 @@ class _Renderings:
         monkeypatch.setattr(prom.PrimaryMetrics, "collect", counted_collect)
         if copy is not None:
             monkeypatch.setattr(prom, "_copy_series", counted_copy)
-        monkeypatch.setattr(prom, "choose_encoder", held)
+        monkeypatch.setattr(exposition, "choose_encoder", held)
         # these tests' expositions are small, which the event loop encodes itself: only
         # one encoded in the thread stays in progress while other scrapes arrive
         monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", -1)
@@ -327,8 +327,8 @@ async def test_a_shared_rendering_is_the_whole_exposition_byte_for_byte(
     stream.add_chunk(10, stream.start + 0.002)
     c.record(stream)
     c.upstream_retry("connect")
-    for per_part in (prom.SAMPLES_PER_PART, 3):  # encoded in parts: families split too
-        monkeypatch.setattr(prom, "SAMPLES_PER_PART", per_part)
+    for per_part in (exposition.SAMPLES_PER_PART, 3):  # encoded in parts: families split too
+        monkeypatch.setattr(exposition, "SAMPLES_PER_PART", per_part)
         c.upstream_retry("connect")  # a change: encoded anew
         for accept in (None, OPENMETRICS, "text/plain;version=0.0.4"):
             whole, content_type = c.render_prometheus(accept)

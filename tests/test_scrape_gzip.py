@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioproxy.metrics.prom import GZIP_LEVEL, GzipHead
+from trioproxy.metrics.exposition import GZIP_LEVEL, GzipHead
 
 from .conftest import ServerProcess
 from .test_metrics_prom import PROM2_ACCEPT, promtool_or_skip

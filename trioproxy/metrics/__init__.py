@@ -24,6 +24,13 @@ from prometheus_client.metrics_core import Metric
 from .. import __version__
 from . import labels, store
 from .container import ContainerReader, ContainerReading, unknown_container
+from .exposition import (
+    LOOP_COMPRESSED_BYTES,
+    LOOP_ENCODED_SAMPLES,
+    GzipHead,
+    encode_head,
+    exposition_format,
+)
 from .labels import (
     API_LABELS,
     UNTRACKED_PATHS,
@@ -39,18 +46,13 @@ from .multiprocess import (
     warn_if_workers_share_nothing,
 )
 from .prom import (
-    LOOP_COMPRESSED_BYTES,
-    LOOP_ENCODED_SAMPLES,
     NO_TOKEN_REASONS,
-    GzipHead,
     PrimaryMetrics,
     RequestSeries,
     Snapshot,
     Totals,
     aggregate,
     derived_families,
-    encode_head,
-    exposition_format,
 )
 from .reads import SharedReads
 from .request import RequestMetrics
@@ -1039,7 +1041,7 @@ class MetricsCollector:
           encoded (and compressed) in a worker thread, off the event loop, from a snapshot;
         * and it is kept with the snapshot, compressed too once a scraper asked for gzip:
           until a series changes (a request is counted), a scrape encodes and compresses
-          only the few families derived for it (:class:`~.prom.GzipHead`)."""
+          only the few families derived for it (:class:`~.exposition.GzipHead`)."""
         encode, content_type = exposition_format(accept)
 
         async def render() -> bytes:
