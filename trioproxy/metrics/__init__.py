@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import Metric
 from .. import __version__
 from . import labels, store
 from .container import ContainerReader, ContainerReading, unknown_container
+from .derived import Totals, aggregate, derived_families
 from .exposition import (
     LOOP_COMPRESSED_BYTES,
     LOOP_ENCODED_SAMPLES,
@@ -45,17 +46,10 @@ from .multiprocess import (
     multiprocess_dir_from_env,
     warn_if_workers_share_nothing,
 )
-from .prom import (
-    NO_TOKEN_REASONS,
-    PrimaryMetrics,
-    RequestSeries,
-    Snapshot,
-    Totals,
-    aggregate,
-    derived_families,
-)
+from .prom import PrimaryMetrics, RequestSeries, Snapshot
 from .reads import SharedReads
 from .request import RequestMetrics
+from .schema import NO_TOKEN_REASONS
 from .store import WindowEntry, WindowStore
 from .system import OFFLOAD_AFTER_SECONDS, SystemSampler, read_io_counters, unmeasured_snapshot
 from .threads import metrics_threads
