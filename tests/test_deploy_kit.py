@@ -1364,7 +1364,7 @@ def test_dockerignore_sends_what_pip_install_needs() -> None:
         "pyproject.toml",
         "trioproxy/__init__.py",
         "trioproxy/cli.py",
-        "trioproxy/metrics/prom.py",
+        "trioproxy/metrics/series.py",
     ]
     if isinstance(project.get("readme"), str):
         needed.append(project["readme"])

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
 from trioproxy.metrics import PUBLISH_AFTER_RECORDS, MetricsCollector, RequestMetrics
-from trioproxy.metrics.prom import observe_many
+from trioproxy.metrics.series import observe_many
 
 ROOT = Path(__file__).resolve().parent.parent
 

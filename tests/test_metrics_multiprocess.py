@@ -133,17 +133,17 @@ def test_a_scrape_survives_files_changing_under_it(tmp_path: Path) -> None:
 MERGED_OFF_THE_LOOP = textwrap.dedent(
     """
     import json, threading, trio
-    from trioproxy.metrics import MetricsCollector, RequestMetrics, prom
+    from trioproxy.metrics import MetricsCollector, RequestMetrics, series
 
     merged_on = []
-    merge = prom.merged_families
+    merge = series.merged_families
 
     def merged_families(*args):
         merged_on.append("loop" if threading.current_thread() is threading.main_thread()
                          else "thread")
         return merge(*args)
 
-    prom.merged_families = merged_families
+    series.merged_families = merged_families
     c = MetricsCollector(system_enabled=False)
     for status in (200, 200, 502):
         c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=status))
@@ -151,7 +151,7 @@ MERGED_OFF_THE_LOOP = textwrap.dedent(
     async def reads():
         out = {}
         for limit in (0, 10**9):  # every file larger than the limit / none
-            prom.LOOP_MERGED_BYTES = limit
+            series.LOOP_MERGED_BYTES = limit
             del merged_on[:]
             body, _ = await c.read_prometheus()
             summary = await c.read_summary()

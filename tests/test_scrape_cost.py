@@ -24,7 +24,7 @@ from prometheus_client.metrics import Histogram
 
 from trioproxy import metrics
 from trioproxy.config import Settings
-from trioproxy.metrics import MetricsCollector, RequestMetrics, exposition, prom
+from trioproxy.metrics import MetricsCollector, RequestMetrics, exposition, series
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0"
 
@@ -129,15 +129,15 @@ class _Renderings:
         self.collections = 0
         self._released = threading.Event()
         derived = metrics.derived_families
-        collect = prom.PrimaryMetrics.collect
-        copy = getattr(prom, "_copy_series", None)
+        collect = series.PrimaryMetrics.collect
+        copy = getattr(series, "_copy_series", None)
         choose = exposition.choose_encoder
 
         def counted_derived(*args: Any) -> Any:
             self.renderings += 1
             return derived(*args)
 
-        def counted_collect(primary: prom.PrimaryMetrics) -> Any:
+        def counted_collect(primary: series.PrimaryMetrics) -> Any:
             self.collections += 1
             return collect(primary)
 
@@ -159,9 +159,9 @@ class _Renderings:
             return encode, content_type
 
         monkeypatch.setattr(metrics, "derived_families", counted_derived)
-        monkeypatch.setattr(prom.PrimaryMetrics, "collect", counted_collect)
+        monkeypatch.setattr(series.PrimaryMetrics, "collect", counted_collect)
         if copy is not None:
-            monkeypatch.setattr(prom, "_copy_series", counted_copy)
+            monkeypatch.setattr(series, "_copy_series", counted_copy)
         monkeypatch.setattr(exposition, "choose_encoder", held)
         # these tests' expositions are small, which the event loop encodes itself: only
         # one encoded in the thread stays in progress while other scrapes arrive

@@ -46,10 +46,10 @@ from .multiprocess import (
     multiprocess_dir_from_env,
     warn_if_workers_share_nothing,
 )
-from .prom import PrimaryMetrics, RequestSeries, Snapshot
 from .reads import SharedReads
 from .request import RequestMetrics
 from .schema import NO_TOKEN_REASONS
+from .series import PrimaryMetrics, RequestSeries, Snapshot
 from .store import WindowEntry, WindowStore
 from .system import OFFLOAD_AFTER_SECONDS, SystemSampler, read_io_counters, unmeasured_snapshot
 from .threads import metrics_threads

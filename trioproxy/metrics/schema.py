@@ -2,7 +2,7 @@
 bucket bounds, and the fixed sets of some label values (upstream failure reasons, the
 reasons a stream had no first token).
 
-Both the code that declares and updates the series (:mod:`.prom`) and the code that
+Both the code that declares and updates the series (:mod:`.series`) and the code that
 reads them back into totals (:func:`.derived.aggregate`) go by these, so they live
 apart from both: neither of those modules imports the other for them.
 """

@@ -6,7 +6,7 @@ thread, so it needs no lock.  Recording keeps no object per request alive, only 
 in arrays and a reference to a shared :class:`RequestKind`; :class:`WindowEntry` objects
 are built when the window is read.  Summaries sort on read, never on record.
 
-Status semantics (shared by the counters in :mod:`.prom` and the window here):
+Status semantics (shared by the counters in :mod:`.series` and the window here):
 
 * **effective status** = ``status_code``, except streams that ended abnormally while the
   status line still said success (or no status was set): cancelled -> 499, timeout -> 504,

@@ -1,19 +1,16 @@
-"""Prometheus side of the metrics: the primary series, scrape-time aggregation, exposition.
+"""The primary series: the ``prometheus_client`` metrics every request updates, and their reads.
 
-* **Primary series** are ordinary ``prometheus_client`` metrics, updated in the request
-  hot path through cached ``.labels()`` children.  In a single process they live in a
-  private ``CollectorRegistry`` (one per collector, never the global ``REGISTRY``).  With
-  ``PROMETHEUS_MULTIPROC_DIR`` set they are prometheus_client's mmap-backed multiprocess
-  values (of one collector per process: :func:`claim_shared_files`) and every scrape
-  merges the files of all workers (:func:`merged_families`).
-* **Aggregation** (:func:`aggregate`) turns the collected primary families into
-  :class:`Totals`; the JSON summary and the derived Prometheus families are both computed
-  from it, so they agree with each other and, in multiprocess mode, across workers.
-* **Derived families** (the monitoring guide's names: rates, per-endpoint, streaming,
-  window percentiles, system) are built at scrape time; they cost nothing per request.
-
-No hand-written exposition: ``prometheus_client.exposition.choose_encoder`` picks text
-0.0.4 or OpenMetrics from the ``Accept`` header.
+* :class:`PrimaryMetrics` declares them (their labels and buckets: :mod:`.schema`). In a
+  single process they live in a private ``CollectorRegistry`` (one per collector, never
+  the global ``REGISTRY``); with ``PROMETHEUS_MULTIPROC_DIR`` set they are
+  prometheus_client's mmap-backed multiprocess values, whose files every read merges
+  (:mod:`.multiprocess`).
+* :class:`RequestSeries` is the hot path: a finished request is counted into a batch
+  with plain arithmetic, and the batch reaches prometheus_client once per counter and
+  histogram bucket (:func:`observe_many`).
+* :class:`Snapshot` is the series as one read sees them: their values copied on the
+  event loop, their totals (:func:`.derived.aggregate`), and their exposition kept until a
+  series changes (encoded by :mod:`.exposition`).
 """
 
 from __future__ import annotations
