@@ -371,10 +371,9 @@ def test_a_models_failures_on_another_worker_keep_its_label(tmp_path: Path) -> N
 # a worker of an earlier version of trioproxy: it counts one request and exits
 WORKER_OF_AN_OLDER_VERSION = textwrap.dedent(
     """
-    import trioproxy.metrics
-    from trioproxy.metrics import MetricsCollector, RequestMetrics
+    from trioproxy.metrics import MetricsCollector, RequestMetrics, collector
 
-    trioproxy.metrics.__version__ = "0.0.1-before-the-upgrade"
+    collector.__version__ = "0.0.1-before-the-upgrade"  # where the collector reads it
     c = MetricsCollector(system_enabled=False)
     c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200, model="m"))
     """

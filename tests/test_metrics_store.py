@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import trioproxy.metrics as metrics_pkg
 from trioproxy.metrics import MetricsCollector, RequestMetrics
+from trioproxy.metrics import collector as collector_mod
 from trioproxy.metrics import store as st_mod
 from trioproxy.metrics.store import WindowStore, percentile
 
@@ -512,7 +513,7 @@ async def test_a_large_window_is_read_off_the_event_loop(
     monkeypatch.setattr(WindowStore, "durations", durations_seen)
     reads = {}
     for limit in (10**6, 10):  # the window (40) is below / above the limit
-        monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", limit)
+        monkeypatch.setattr(collector_mod, "LOOP_WINDOW_ENTRIES", limit)
         del read_on[:]
         summary = await c.read_summary()
         health, _ = await c.read_health()
@@ -553,7 +554,7 @@ async def test_the_guide_api_reads_a_large_window_off_the_event_loop(
 
     monkeypatch.setattr(WindowStore, "entries", entries_seen)
     monkeypatch.setattr(WindowStore, "durations", durations_seen)
-    monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", 10)  # the window (40) is above
+    monkeypatch.setattr(collector_mod, "LOOP_WINDOW_ENTRIES", 10)  # the window (40) is above
     previous = metrics_pkg.get_metrics_collector()
     metrics_pkg.set_metrics_collector(c)
     try:
@@ -893,12 +894,12 @@ def test_a_stream_the_shutdown_cut_keeps_its_model_label() -> None:
 def test_many_request_kinds_keep_every_count() -> None:
     c = MetricsCollector(system_enabled=False, model_label_limit=3)
     c.request_started()
-    for i in range(metrics_pkg._KINDS_KEPT + 500):
+    for i in range(collector_mod._KINDS_KEPT + 500):
         c.request_started()
         c.request_finished(req(f"/nope/{i}", 404, 1.0, f"m{i}"))
-    assert len(c._kinds) <= metrics_pkg._KINDS_KEPT
+    assert len(c._kinds) <= collector_mod._KINDS_KEPT
     assert total(scrape(c), "http_requests_total", endpoint="other", model="other") == (
-        metrics_pkg._KINDS_KEPT + 500
+        collector_mod._KINDS_KEPT + 500
     )
 
 
@@ -1023,7 +1024,7 @@ def test_settings_out_of_the_proxys_range_are_ignored_from_env(
     monkeypatch.setenv("METRICS_MODEL_LABELS", "20000")
     monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "2")
     c = collector_from_env()
-    assert (c.max_metrics, c.model_labels._limit, c.health_error_rate_degraded) == (
+    assert (c.max_metrics, c.model_labels._limit, c.health_thresholds.error_rate_degraded) == (
         1000,
         50,
         0.1,
@@ -1031,7 +1032,8 @@ def test_settings_out_of_the_proxys_range_are_ignored_from_env(
     monkeypatch.setenv("HEALTH_ERROR_RATE_DEGRADED", "0.5")
     monkeypatch.setenv("HEALTH_ERROR_RATE_UNHEALTHY", "0.3")
     c = collector_from_env()
-    assert (c.health_error_rate_degraded, c.health_error_rate_unhealthy) == (0.1, 0.25)
+    thresholds = c.health_thresholds
+    assert (thresholds.error_rate_degraded, thresholds.error_rate_unhealthy) == (0.1, 0.25)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("METRICS_MAX_REQUESTS" in w for w in warnings), warnings
     assert any("HEALTH_ERROR_RATE_DEGRADED=0.5" in w for w in warnings), warnings
@@ -1069,7 +1071,7 @@ async def test_concurrent_reads_of_a_large_window_hold_few_copies(
     c = MetricsCollector(max_metrics=50, system_enabled=False)
     for i in range(40):
         c.record(req("/api/chat", 200, float(i + 1)))
-    monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", 10)
+    monkeypatch.setattr(collector_mod, "LOOP_WINDOW_ENTRIES", 10)
     held = [0, 0]  # copies not yet read through, the most at once
     lock = threading.Lock()
     copy, entries = WindowStore.copy, WindowStore.entries

@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-import trioproxy.metrics as metrics_pkg
 from trioproxy.metrics import MetricsCollector, RequestMetrics
+from trioproxy.metrics import collector as collector_mod
 
 
 def _finished(i: int) -> RequestMetrics:
@@ -42,8 +42,8 @@ async def test_reads_in_threads_need_none_of_the_default_threads(
     for i in range(40):
         collector.record(_finished(i))
     # the window read and the exposition encoded in threads, as for a large proxy
-    monkeypatch.setattr(metrics_pkg, "LOOP_WINDOW_ENTRIES", 10)
-    monkeypatch.setattr(metrics_pkg, "LOOP_ENCODED_SAMPLES", 10)
+    monkeypatch.setattr(collector_mod, "LOOP_WINDOW_ENTRIES", 10)
+    monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", 10)
     async with _default_threads_all_taken():
         # a bound, not a timing assert: before, each read waited for a default thread
         # for as long as the resolutions held them (here: for ever)

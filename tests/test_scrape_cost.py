@@ -22,9 +22,9 @@ import trio
 import trio.testing
 from prometheus_client.metrics import Histogram
 
-from trioproxy import metrics
 from trioproxy.config import Settings
 from trioproxy.metrics import MetricsCollector, RequestMetrics, exposition, series
+from trioproxy.metrics import collector as collector_mod
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0"
 
@@ -66,7 +66,7 @@ class _Compressions:
                 made.append(threading.current_thread() is not threading.main_thread())
                 super().__init__(head)
 
-        monkeypatch.setattr(metrics, "GzipHead", Counted)
+        monkeypatch.setattr(collector_mod, "GzipHead", Counted)
 
 
 def _hand_offs_to_threads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
@@ -75,7 +75,7 @@ def _hand_offs_to_threads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     run_sync = trio.to_thread.run_sync
 
     async def counted(fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        if getattr(fn, "__module__", None) == metrics.__name__:
+        if getattr(fn, "__module__", None) == collector_mod.__name__:
             handed.append(fn)
         return await run_sync(fn, *args, **kwargs)
 
@@ -128,7 +128,7 @@ class _Renderings:
         self.renderings = 0
         self.collections = 0
         self._released = threading.Event()
-        derived = metrics.derived_families
+        derived = collector_mod.derived_families
         collect = series.PrimaryMetrics.collect
         copy = getattr(series, "_copy_series", None)
         choose = exposition.choose_encoder
@@ -158,14 +158,14 @@ class _Renderings:
 
             return encode, content_type
 
-        monkeypatch.setattr(metrics, "derived_families", counted_derived)
+        monkeypatch.setattr(collector_mod, "derived_families", counted_derived)
         monkeypatch.setattr(series.PrimaryMetrics, "collect", counted_collect)
         if copy is not None:
             monkeypatch.setattr(series, "_copy_series", counted_copy)
         monkeypatch.setattr(exposition, "choose_encoder", held)
         # these tests' expositions are small, which the event loop encodes itself: only
         # one encoded in the thread stays in progress while other scrapes arrive
-        monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", -1)
+        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", -1)
 
     def release(self) -> None:
         self._released.set()
@@ -393,9 +393,9 @@ async def test_a_small_exposition_is_encoded_on_the_loop_a_large_one_in_a_thread
         client = app.test_client()
         app.collector.record(_finished())
         small = await (await client.get("/metrics")).get_data()
-        assert app.collector._prom.snapshot().samples <= metrics.LOOP_ENCODED_SAMPLES
+        assert app.collector._prom.snapshot().samples <= collector_mod.LOOP_ENCODED_SAMPLES
         assert handed == []
-        monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", 10)
+        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", 10)
         app.collector.record(_finished())
         large = await (await client.get("/metrics")).get_data()
         assert len(handed) == 1
@@ -511,7 +511,7 @@ async def test_a_large_head_is_compressed_in_a_thread_a_small_one_on_the_loop(
         collector.record(_finished())
         await _scrape(client, "gzip")
         assert (compressions.in_thread, handed) == ([False], [])
-        monkeypatch.setattr(metrics, "LOOP_ENCODED_SAMPLES", 10)
+        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", 10)
         collector.record(_finished())
         assert _requests_total(await _scrape(client, "gzip")) == 2
         assert (compressions.in_thread, len(handed)) == ([False, True], 1)
@@ -521,7 +521,7 @@ async def test_a_large_head_is_compressed_in_a_thread_a_small_one_on_the_loop(
         assert len(handed) == 2
         assert _requests_total(await _scrape(client, "gzip")) == 3
         assert (compressions.in_thread[-1], len(handed)) == (False, 2)
-        monkeypatch.setattr(metrics, "LOOP_COMPRESSED_BYTES", 10)
+        monkeypatch.setattr(collector_mod, "LOOP_COMPRESSED_BYTES", 10)
         collector.record(_finished())
         await _scrape(client)
         assert _requests_total(await _scrape(client, "gzip")) == 4

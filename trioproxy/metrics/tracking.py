@@ -33,7 +33,7 @@ from . import labels
 from .request import RequestMetrics
 
 if TYPE_CHECKING:
-    from . import MetricsCollector
+    from .collector import MetricsCollector
 
 
 def _collector(collector: MetricsCollector | None) -> MetricsCollector:
