@@ -376,6 +376,8 @@ WORKER_OF_AN_OLDER_VERSION = textwrap.dedent(
     collector.__version__ = "0.0.1-before-the-upgrade"  # where the collector reads it
     c = MetricsCollector(system_enabled=False)
     c.record(RequestMetrics(endpoint="/api/chat", method="POST", status_code=200, model="m"))
+    body, _ = c.render_prometheus(None)
+    print([line for line in body.decode().splitlines() if line.startswith("trioproxy_build_info")])
     """
 )
 
@@ -403,6 +405,7 @@ def test_build_info_names_the_versions_of_the_live_workers_only(tmp_path: Path) 
     counts stay (their requests happened); their build_info goes, as their other gauges."""
     from trioproxy import __version__
 
-    _in_a_worker(WORKER_OF_AN_OLDER_VERSION, tmp_path)
+    older = _in_a_worker(WORKER_OF_AN_OLDER_VERSION, tmp_path)
+    assert 'version="0.0.1-before-the-upgrade"' in older  # it ran as the older version
     now = json.loads(_in_a_worker(BUILD_INFO, tmp_path))
     assert now == {"build_info": [__version__], "requests": 1}

@@ -1097,4 +1097,4 @@ async def test_concurrent_reads_of_a_large_window_hold_few_copies(
             nursery.start_soon(c.read_health)
             nursery.start_soon(c.read_summary)
             nursery.start_soon(c.read_filtered_summary, "/api/chat")
-    assert held[1] <= 2, held[1]
+    assert 1 <= held[1] <= 2, held[1]  # copied (read in threads), two at the most

@@ -4,14 +4,16 @@ hold a scrape or a health check waiting for a thread."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 
 from trioproxy.metrics import MetricsCollector, RequestMetrics
 from trioproxy.metrics import collector as collector_mod
+from trioproxy.metrics.threads import metrics_threads
 
 
 def _finished(i: int) -> RequestMetrics:
@@ -44,6 +46,14 @@ async def test_reads_in_threads_need_none_of_the_default_threads(
     # the window read and the exposition encoded in threads, as for a large proxy
     monkeypatch.setattr(collector_mod, "LOOP_WINDOW_ENTRIES", 10)
     monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", 10)
+    limiters: list[object] = []  # of each hand-off to a thread
+    run_sync = trio.to_thread.run_sync
+
+    async def handed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        limiters.append(kwargs.get("limiter"))
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", handed)
     async with _default_threads_all_taken():
         # a bound, not a timing assert: before, each read waited for a default thread
         # for as long as the resolutions held them (here: for ever)
@@ -54,3 +64,6 @@ async def test_reads_in_threads_need_none_of_the_default_threads(
     assert status == 200 and health["window_requests"] == 40
     assert summary["total_requests"] == 40
     assert b"http_requests_total{" in body
+    # the health check's and the summary's windows and the exposition: each in a thread
+    assert limiters and limiters == [metrics_threads()] * len(limiters)
+    assert len(limiters) >= 3
