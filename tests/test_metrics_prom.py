@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -497,12 +497,23 @@ def test_unshared_workers_are_warned_about_once(monkeypatch: pytest.MonkeyPatch)
 def test_no_warning_for_one_worker_or_an_explicit_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     from trioproxy.metrics import multiprocess
 
+    workers_asked: list[int] = []
+
+    def hypercorn_workers(n: int) -> Callable[[], int]:
+        def asked() -> int:
+            workers_asked.append(n)
+            return n
+
+        return asked
+
     monkeypatch.delenv(multiprocess.MULTIPROC_ENV, raising=False)
-    monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", lambda: 1)
+    monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", hypercorn_workers(1))
     monkeypatch.setattr(multiprocess, "_workers_checked", False)
     with _metrics_warnings() as seen:
         MetricsCollector(system_enabled=False)
-        monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", lambda: 8)
+        assert workers_asked == [1]  # the check ran, and found one worker
+        monkeypatch.setattr(multiprocess, "_parent_hypercorn_workers", hypercorn_workers(8))
         monkeypatch.setattr(multiprocess, "_workers_checked", False)
         MetricsCollector(system_enabled=False, multiprocess=False)  # the benchmarks' choice
+    assert workers_asked == [1]  # an explicit choice needs no check
     assert not [message for message in seen if "PROMETHEUS_MULTIPROC_DIR" in message]
