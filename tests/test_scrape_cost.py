@@ -365,10 +365,17 @@ async def test_any_openmetrics_version_asked_is_one_of_two_kept_bodies(
     """A review: prometheus_client echoes any OpenMetrics version >= 1.0.0 a scraper asks
     for, and the kept bodies and shared renderings are keyed by Content-Type: 300 keyless
     Accept headers (1.0.1, 1.0.2, ...) kept 300 copies of the exposition."""
-    renderings = _Renderings(monkeypatch)
-    renderings.release()
+    encodings: list[str] = []  # the content type of each head encoded
+    encode_head = collector_mod.encode_head
+
+    def counted(encode: Any, content_type: str, *args: Any) -> bytes:
+        encodings.append(content_type)
+        return encode_head(encode, content_type, *args)
+
+    monkeypatch.setattr(collector_mod, "encode_head", counted)
     async with _app() as app:
         client = app.test_client()
+        await _backend_checked(app.collector)  # its result changes a series
         app.collector.record(_finished())
         types = set()
         for minor in range(1, 30):
@@ -381,6 +388,7 @@ async def test_any_openmetrics_version_asked_is_one_of_two_kept_bodies(
             "application/openmetrics-text; version=2.0.0; charset=utf-8; escaping=underscores",
         }
         assert len(app.collector._prom.snapshot().bodies) == 2
+        assert sorted(encodings) == sorted(types)  # 87 scrapes, each format encoded once
 
 
 async def test_a_small_exposition_is_encoded_on_the_loop_a_large_one_in_a_thread(
