@@ -112,34 +112,55 @@ def _rss_mb() -> float:
 
 
 async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
-    """Measure what the metrics layer adds; see the module docstring for the method."""
+    """Measure what the metrics layer adds; see the module docstring for the method.
+    One scenario after another, in this order; the tracked ones share a collector."""
     n = max(1, int(iterations))
     c = _collector()
     results: dict[str, Any] = {}
-
-    # -- baseline: the untracked request workload (one checkpoint) -----------------
-    async def plain() -> None:
-        await trio.lowlevel.checkpoint()
-
-    s, w, cpu = await _time_each(plain, n)
-    results["baseline"] = _result("baseline", n, s, w, cpu, None)
+    results["baseline"] = await _baseline(n)
     base_ms = results["baseline"]["avg_time_ms"]
-    results["baseline"]["overhead_percent"] = 0.0
-    results["baseline"]["baseline_avg_time_ms"] = base_ms
+    results["simple_tracking"] = await _simple_tracking(c, n, base_ms)
+    results["streaming_tracking"] = await _streaming_tracking(c, n)
+    results["concurrent_tracking"] = await _concurrent_tracking(c, n)
+    results["memory_stress"] = _memory_stress(n)
+    results["system_metrics"] = await _system_metrics(n)
+    results["summary"] = _summary(results)
+    return results
 
-    # -- simple tracking ---------------------------------------------------------
+
+async def _plain() -> None:
+    """The untracked request workload: one checkpoint."""
+    await trio.lowlevel.checkpoint()
+
+
+def _tracked(c: MetricsCollector) -> Callable[[], Awaitable[None]]:
+    """The same workload, tracked on ``c``."""
+
     async def tracked() -> None:
         async with track_request("/api/chat", "POST", "bench-model", collector=c) as m:
             await trio.lowlevel.checkpoint()
             m.status_code = 200
 
-    rss0 = _rss_mb()
-    s, w, cpu = await _time_each(tracked, n)
-    results["simple_tracking"] = _result(
-        "simple_tracking", n, s, w, cpu, base_ms, memory_mb=max(0.0, _rss_mb() - rss0)
-    )
+    return tracked
 
-    # -- streaming tracking (10 chunks), vs iterating the same stream untracked --
+
+async def _baseline(n: int) -> dict[str, Any]:
+    s, w, cpu = await _time_each(_plain, n)
+    result = _result("baseline", n, s, w, cpu, None)
+    result["overhead_percent"] = 0.0
+    result["baseline_avg_time_ms"] = result["avg_time_ms"]
+    return result
+
+
+async def _simple_tracking(c: MetricsCollector, n: int, base_ms: float) -> dict[str, Any]:
+    rss0 = _rss_mb()
+    s, w, cpu = await _time_each(_tracked(c), n)
+    return _result("simple_tracking", n, s, w, cpu, base_ms, memory_mb=max(0.0, _rss_mb() - rss0))
+
+
+async def _streaming_tracking(c: MetricsCollector, n: int) -> dict[str, Any]:
+    """A stream of 10 chunks, against iterating the same stream untracked."""
+
     async def stream_plain() -> None:
         async for _ in _chunks():
             pass
@@ -157,29 +178,29 @@ async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
     stream_base = _stats(s0)["avg_time_ms"]
     rss0 = _rss_mb()
     s, w, cpu = await _time_each(stream_tracked, n)
-    results["streaming_tracking"] = _result(
+    return _result(
         "streaming_tracking", n, s, w, cpu, stream_base, memory_mb=max(0.0, _rss_mb() - rss0)
     )
 
-    # -- concurrent tracking: batches of 10 in a nursery (fewer when n is smaller) -
+
+async def _concurrent_tracking(c: MetricsCollector, n: int) -> dict[str, Any]:
+    """Batches of 10 in a nursery (fewer when n is smaller), per-request figures."""
     size = min(BATCH, n)
     batches = max(1, n // size)
 
-    async def batch_plain() -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(size):
-                nursery.start_soon(plain)
+    def batch(workload: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(size):
+                    nursery.start_soon(workload)
 
-    async def batch_tracked() -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(size):
-                nursery.start_soon(tracked)
+        return run
 
-    s0, _, _ = await _time_each(batch_plain, batches)
+    s0, _, _ = await _time_each(batch(_plain), batches)
     batch_base = _stats([x // size for x in s0])["avg_time_ms"]
     rss0 = _rss_mb()
-    s, w, cpu = await _time_each(batch_tracked, batches)
-    results["concurrent_tracking"] = _result(
+    s, w, cpu = await _time_each(batch(_tracked(c)), batches)
+    return _result(
         "concurrent_tracking",
         batches * size,
         s,
@@ -190,48 +211,66 @@ async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
         per=size,
     )
 
-    # -- memory stress: n x 10 records (the window stays bounded) -----------------
+
+def _stress_record(i: int) -> RequestMetrics:
+    return RequestMetrics(
+        endpoint="/v1/chat/completions",
+        method="POST",
+        status_code=200,
+        duration_ms=1.0 + i % 50,
+        model=f"model-{i % 5}",
+    )
+
+
+def _memory_stress(n: int) -> dict[str, Any]:
+    """n x 10 records on a collector of their own (the window stays bounded): each
+    record's cost against making it alone, and the peak memory of a second pass."""
     records = n * 10
-    mc = _collector()
-    proto: dict[str, Any] = {
-        "endpoint": "/v1/chat/completions",
-        "method": "POST",
-        "status_code": 200,
-    }
-
-    def make(i: int) -> RequestMetrics:
-        return RequestMetrics(**proto, duration_ms=1.0 + i % 50, model=f"model-{i % 5}")
-
     clock = time.perf_counter_ns
     base_ns: list[int] = []
     for i in range(records):
         t0 = clock()
-        make(i)
+        _stress_record(i)
         base_ns.append(clock() - t0)
-    mem_base = _stats(base_ns)["avg_time_ms"]
+    mc = _collector()
     rec_ns: list[int] = []
     cpu0, wall0 = time.process_time(), clock()
     for i in range(records):
         t0 = clock()
-        mc.record(make(i))
+        mc.record(_stress_record(i))
         rec_ns.append(clock() - t0)
     wall = (clock() - wall0) / 1e9
     cpu_s = time.process_time() - cpu0
-    # a separate pass under tracemalloc (it slows every allocation down)
-    mc2 = _collector()
+    peak, window_size = _record_peak_memory(records)
+    result = _result(
+        "memory_stress",
+        records,
+        rec_ns,
+        wall,
+        cpu_s,
+        _stats(base_ns)["avg_time_ms"],
+        memory_mb=peak / (1024 * 1024),
+    )
+    result["window_size"] = window_size
+    return result
+
+
+def _record_peak_memory(records: int) -> tuple[int, int]:
+    """Peak bytes allocated recording ``records`` on a new collector, and its window's
+    size: a pass of its own, since tracemalloc slows every allocation down."""
+    mc = _collector()
     tracemalloc.start()
     try:
         for i in range(records):
-            mc2.record(make(i))
+            mc.record(_stress_record(i))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    results["memory_stress"] = _result(
-        "memory_stress", records, rec_ns, wall, cpu_s, mem_base, memory_mb=peak / (1024 * 1024)
-    )
-    results["memory_stress"]["window_size"] = len(mc2.window)
+    return peak, len(mc.window)
 
-    # -- system metrics: one psutil sample (no per-request baseline) --------------
+
+async def _system_metrics(n: int) -> dict[str, Any]:
+    """One psutil sample (no per-request baseline)."""
     sampler = SystemSampler(5.0)
     sys_n = min(n, 200)
 
@@ -239,17 +278,18 @@ async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
         sampler.sample_once()
 
     s, w, cpu = await _time_each(sample, sys_n)
-    results["system_metrics"] = _result("system_metrics", sys_n, s, w, cpu, None)
+    return _result("system_metrics", sys_n, s, w, cpu, None)
 
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
     tests = [v for v in results.values() if isinstance(v, dict)]
     simple_us = results["simple_tracking"]["overhead_per_request_us"]
     stream_us = results["streaming_tracking"]["overhead_per_request_us"]
-    total_mem = sum(t["memory_usage_mb"] for t in tests)
-    results["summary"] = {
+    return {
         "total_tests": len(tests),
         "max_overhead_percent": max(t["overhead_percent"] for t in tests),
-        "total_memory_usage_mb": total_mem,
-        "baseline_avg_time_ms": base_ms,
+        "total_memory_usage_mb": sum(t["memory_usage_mb"] for t in tests),
+        "baseline_avg_time_ms": results["baseline"]["avg_time_ms"],
         "overhead_per_request_us": simple_us,
         "streaming_overhead_per_request_us": stream_us,
         "acceptable_overhead_us": ACCEPTABLE_OVERHEAD_US,
@@ -258,4 +298,3 @@ async def run_performance_benchmarks(iterations: int = 1000) -> dict[str, Any]:
         "memory_efficient": results["memory_stress"]["memory_usage_mb"] < MEMORY_EFFICIENT_MB,
         "timestamp": datetime.now(UTC).isoformat(),
     }
-    return results
