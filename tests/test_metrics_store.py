@@ -110,7 +110,8 @@ def collector() -> MetricsCollector:
         (200, "timeout", 504),
         (200, "error", 502),
         (404, "cancelled", 404),
-        (404, "error", 502),
+        (404, "error", 404),  # a refusal after an early start (STREAM_KEEPALIVE_SECONDS)
+        (429, "timeout", 429),
         (503, "error", 503),
         (500, "timeout", 500),
         (499, None, 499),

@@ -402,7 +402,11 @@ class AccessLine:
         if send.status:
             # the status the client got, as a web server logs it: a stream that failed
             # after its 200 went out is "200 ... (error)", though the metrics count it
-            # by its outcome (502)
+            # by its outcome (502); one whose 200 went out before the backend's answer
+            # (STREAM_KEEPALIVE_SECONDS), which then failed, "(error: 429)": the status
+            # its failure had, which the metrics count (a refusal stays the client's)
+            if outcome and status != send.status:
+                outcome = f"{outcome}: {status}"
             status = send.status
         elif metric is not None and (metric.status_code or outcome):
             # no head went out (a stream its client left before the backend answered,

@@ -10,8 +10,10 @@ Status semantics (shared by the counters in :mod:`.series` and the window here):
 
 * **effective status** = ``status_code``, except streams that ended abnormally while the
   status line still said success (or no status was set): cancelled -> 499, timeout -> 504,
-  upstream error -> 502.  A stream whose status is already an error keeps it (the proxy
-  shutting down sets 503 itself, see ``fastpath``).
+  upstream error -> 502.  A stream whose status is already an error (>= 400) keeps it:
+  the proxy shutting down sets 503 itself, and a refusal after a response started early
+  (``keepalive.EarlyStart``) notes its own status (a backend's 429 stays a 429, a client
+  error, as it is without the early start), see ``fastpath``.
 * **classes**: success = 2xx/3xx; client_error = 4xx except 499, and 501 (a feature not
   offered, such as Ollama's model management: asking again cannot succeed, and nothing
   failed) and 505 (HTTP Version Not Supported: a client speaking HTTP/2's preface to the
@@ -102,11 +104,9 @@ def stream_outcome(m: RequestMetrics) -> str:
 
 def effective_status(code: int, outcome: str | None) -> int:
     """Status recorded for a request: see the module docstring for the table."""
-    if outcome is None or outcome == "completed":
+    if outcome is None or outcome == "completed" or code >= 400:
         return code
-    if outcome == "cancelled":
-        return code if code >= 400 else labels.STATUS_CLIENT_CLOSED
-    return code if code >= 500 else _ABNORMAL_STATUS[outcome]
+    return _ABNORMAL_STATUS[outcome]
 
 
 def transfer_seconds(m: RequestMetrics) -> float:
