@@ -57,12 +57,29 @@ def _error(message: str, type_: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "code": None}}).encode()
 
 
+CONTEXT_TOO_LONG = json.dumps({"error": {
+    "message": "This model's maximum context length is 8192 tokens",
+    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded",
+}}).encode()  # fmt: skip
+# vLLM's error body: no "error" object, so the proxy writes the client's in its dialect
+UNKNOWN_MODEL = json.dumps({
+    "object": "error", "message": "The model `late-404` does not exist.",
+    "type": "NotFoundError", "param": None, "code": 404,
+}).encode()  # fmt: skip
+
+
+# what the proxy passes on of a backend's stream head (X-Upstream-Request-ID, the rate limits)
+BACKEND_HEADERS = {"x-request-id": "req_backend_1", "x-ratelimit-remaining-requests": "41"}
+
+
 class LateBackend(ScriptedHandler):
     """What it does depends on the model asked for: ``late-headers`` is silent before
     its headers, ``late-event`` after them (before the first event); ``refuse`` answers
     400 at once, ``busy-once`` 429 at once the first time; ``late-500`` and ``late-429``
     fail after the silence; ``never`` waits until the proxy hangs up (noted in
-    ``hung_up``)."""
+    ``hung_up``); ``late-400`` (OpenAI's context length error), ``late-error-event``
+    (the same as the first event of a stream) and ``late-404`` (vLLM's error shape: no
+    ``error`` object) are refusals after the silence."""
 
     seen: dict[str, int] = {}
     hung_up: list[str] = []
@@ -81,6 +98,12 @@ class LateBackend(ScriptedHandler):
         elif model == "late-500":
             time.sleep(SILENCE)
             self.answer(500, _error("the model crashed", "server_error"))
+        elif model == "late-400":
+            time.sleep(SILENCE)
+            self.answer(400, CONTEXT_TOO_LONG)
+        elif model == "late-404":
+            time.sleep(SILENCE)
+            self.answer(404, UNKNOWN_MODEL)
         elif model == "late-429":  # (one the proxy may not retry: the client sees it)
             time.sleep(SILENCE)
             body = _error("queue full", "rate_limit_error")
@@ -99,11 +122,13 @@ class LateBackend(ScriptedHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
+            for name, value in BACKEND_HEADERS.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.flush()
-            if model == "late-event":
+            if model in ("late-event", "late-error-event"):
                 time.sleep(SILENCE)
-            self.wfile.write(ANSWER)
+            self.wfile.write(b"data: %s\n\n" % CONTEXT_TOO_LONG if "error" in model else ANSWER)
             self.wfile.flush()
             self.close_connection = True
 
@@ -160,6 +185,59 @@ def _wait_for_outcome(url: str, before: dict[str, float], outcome: str, endpoint
         time.sleep(0.05)
 
 
+def _requests(url: str, endpoint: str) -> dict[tuple[str, str], float]:
+    """``http_requests_total`` of ``endpoint`` by its (status, model) labels."""
+    counts: dict[tuple[str, str], float] = {}
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("http_requests_total{") and f'endpoint="{endpoint}"' in line:
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            counts[status, model] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _new_requests(url: str, endpoint: str, before: dict[tuple[str, str], float]) -> dict:
+    after = _requests(url, endpoint)
+    return {key: n - before.get(key, 0.0) for key, n in after.items() if n != before.get(key)}
+
+
+def _access_line(proxy: ServerProcess, path: str, seen: int) -> str:
+    """The access line of the request to ``path`` after the first ``seen`` ones (the
+    server's output is read by a thread: it may come a little after the metrics)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in proxy.log().splitlines() if f" POST {path} " in line]
+        if len(lines) > seen:
+            return lines[seen].split(f" POST {path}", 1)[1]
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.02)
+
+
+def _access_count(proxy: ServerProcess, path: str) -> int:
+    return sum(f" POST {path} " in line for line in proxy.log().splitlines())
+
+
+class _Counts:
+    """What the proxy had counted and logged for ``path`` before a request: then
+    :meth:`refusal_counted` checks how that request was."""
+
+    def __init__(self, proxy: ServerProcess, path: str, endpoint: str) -> None:
+        self.proxy, self.path, self.endpoint = proxy, path, endpoint
+        self.outcomes = _outcomes(proxy.url, endpoint)
+        self.requests = _requests(proxy.url, endpoint)
+        self.seen = _access_count(proxy, path)
+
+    def refusal_counted(self, status: int) -> None:
+        """A failed stream (outcome ``error``) counted with the refusal's ``status`` and
+        no model label of its own (a failing model mints none), logged as the 200 the
+        client got, the outcome and that status."""
+        _wait_for_outcome(self.proxy.url, self.outcomes, "error", self.endpoint)
+        counted = _new_requests(self.proxy.url, self.endpoint, self.requests)
+        assert counted == {(str(status), "other"): 1}
+        line = _access_line(self.proxy, self.path, self.seen)
+        assert line.startswith(" 200 ") and line.endswith(f" (error: {status})"), line
+
+
 @pytest.mark.parametrize("model", ["late-headers", "late-event"])
 def test_comments_come_before_a_late_first_event(proxy: ServerProcess, model: str) -> None:
     status, lines = _raw(proxy.url, model)
@@ -170,6 +248,33 @@ def test_comments_come_before_a_late_first_event(proxy: ServerProcess, model: st
     assert 2 <= len(comments) <= 4, lines
     assert set(comments) == {b": keep-alive"}
     assert lines[-1] == b"data: [DONE]" and any(b"forty-two" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("model", "backend_headers"), [("fast", True), ("late-event", True), ("late-headers", False)]
+)
+def test_an_early_start_has_the_backends_headers_when_they_came_before_it(
+    proxy: ServerProcess, model: str, backend_headers: bool
+) -> None:
+    """A backend that sends its head at once and its first event late (the prompt's
+    prefill after its headers): the early start sends the stream's own head, the
+    backend's request id and rate limits and X-Proxy-Overhead-Ms in it, as a stream that
+    did not start early has them. One whose head itself is late: the start has none of
+    them (they cannot follow a head), only the proxy's X-Request-ID."""
+    url = proxy.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=_body(model), timeout=10) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert (lines[0] == ": keep-alive") is (model != "fast"), lines
+    assert lines[-1] == "data: [DONE]"
+    head = response.headers
+    assert head["x-request-id"] and head["x-request-id"] != "req_backend_1"
+    passed = {
+        head.get("x-upstream-request-id"),
+        head.get("x-ratelimit-remaining-requests"),
+        "x-proxy-overhead-ms" in head,
+    }
+    assert passed == ({"req_backend_1", "41", True} if backend_headers else {None, False})
 
 
 def test_the_openai_sdk_reads_an_early_started_stream_whole(proxy: ServerProcess) -> None:
@@ -240,10 +345,36 @@ def test_a_failure_after_the_start_is_an_in_band_error(proxy: ServerProcess) -> 
     with pytest.raises(openai.APIError, match="the model crashed"):
         list(stream)
     _wait_for_outcome(proxy.url, before, "error", "v1_chat_completions")
-    # the access line has the 200 the client got, and how the stream ended; the metrics
-    # keep the failure's status (500)
-    line = proxy.log().rsplit("/v1/chat/completions", 1)[1].splitlines()[0]
-    assert line.startswith(" 200 ") and line.endswith(" (error)"), line
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "kind", "message"),
+    [
+        ("late-400", 400, "invalid_request_error", "maximum context length is 8192"),
+        # the same refusal as the first event of the backend's stream, after its 200
+        ("late-error-event", 400, "invalid_request_error", "maximum context length is 8192"),
+        ("late-404", 404, "invalid_request_error", "`late-404` does not exist"),
+        ("late-429", 429, "rate_limit_error", "queue full"),
+        ("late-500", 500, "server_error", "the model crashed"),
+    ],
+)
+def test_a_late_refusal_is_counted_as_the_same_refusal_without_the_early_start(
+    proxy: ServerProcess, model: str, status: int, kind: str, message: str
+) -> None:
+    """The backend refuses after the response started early (a context too long found
+    after a long prefill, an unknown model, a rate limit): the client gets the backend's
+    error (its message, the type of its status) as the stream's error event; the metrics
+    count the refusal's own status, as they would without the early start (a 4xx is a
+    client error, never in the 5xx error rate; a 500 no blanket 502), and a failing model
+    gets no label of its own; the access line has the 200 the client got, then the
+    stream's outcome and that status."""
+    counts = _Counts(proxy, "/v1/chat/completions", "v1_chat_completions")
+    code, lines = _raw(proxy.url, model)
+    assert code == 200 and lines[0] == b": keep-alive", lines  # started early
+    events = [json.loads(line[6:]) for line in lines if line.startswith(b"data: ")]
+    assert len(events) == 1 and events[0]["error"]["type"] == kind, lines
+    assert message in events[0]["error"]["message"]
+    counts.refusal_counted(status)
 
 
 def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_event(
@@ -252,7 +383,7 @@ def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_even
     """On /v1/responses the in-band error is the Responses API's ``error`` event, with the
     backend's message, type and code (the Vercel AI SDK's schema refuses chat
     completions' bare ``{"error": ...}`` there), which the openai SDK raises on too."""
-    before = _outcomes(proxy.url, "v1_response")
+    before = _outcomes(proxy.url, "v1_responses")
     body = {"model": "late-500", "input": "q", "stream": True}
     with httpx.stream("POST", proxy.url + "/v1/responses", json=body, timeout=10) as response:
         assert response.status_code == 200  # started early
@@ -270,6 +401,21 @@ def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_even
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError, match="the model crashed"):
         list(client.responses.create(model="late-500", input="q", stream=True))
+
+
+def test_a_late_refusal_of_a_responses_stream_keeps_its_type_code_and_status(
+    proxy: ServerProcess,
+) -> None:
+    counts = _Counts(proxy, "/v1/responses", "v1_responses")
+    body = {"model": "late-400", "input": "q", "stream": True}
+    with httpx.stream("POST", proxy.url + "/v1/responses", json=body, timeout=10) as response:
+        assert response.status_code == 200  # started early
+        lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
+    assert lines[0] == "event: error", lines
+    event = json.loads(lines[1].removeprefix("data: "))
+    assert event["code"] == "context_length_exceeded" and event["param"] == "messages"
+    assert event["error"]["type"] == "invalid_request_error", event
+    counts.refusal_counted(400)
 
 
 def test_a_late_json_response_comes_as_its_events_after_the_comments(
@@ -293,16 +439,29 @@ def test_a_late_json_response_comes_as_its_events_after_the_comments(
         assert stream.get_final_response().output_text == "forty-two"
 
 
-def test_a_late_429_is_the_anthropic_sdks_error(proxy: ServerProcess) -> None:
-    before = _outcomes(proxy.url, "v1_messages")
+@pytest.mark.parametrize(
+    ("model", "status", "kind", "message"),
+    [
+        ("late-429", 429, "rate_limit_error", "queue full"),
+        ("late-400", 400, "invalid_request_error", "maximum context length is 8192"),
+        ("late-500", 500, "api_error", "the model crashed"),
+    ],
+)
+def test_a_late_refusal_is_the_anthropic_sdks_error(
+    proxy: ServerProcess, model: str, status: int, kind: str, message: str
+) -> None:
+    """On /v1/messages the error event has Anthropic's type for the backend's status,
+    and the metrics count that status, as the same refusal before the start."""
+    counts = _Counts(proxy, "/v1/messages", "v1_messages")
     with anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0) as sdk:
         with pytest.raises(anthropic.APIStatusError) as raised:
             with sdk.messages.stream(
-                model="late-429", max_tokens=50, messages=[{"role": "user", "content": "q"}]
+                model=model, max_tokens=50, messages=[{"role": "user", "content": "q"}]
             ) as stream:
                 stream.get_final_message()
-    assert raised.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
-    _wait_for_outcome(proxy.url, before, "error", "v1_messages")
+    error = raised.value.body["error"]  # type: ignore[index]
+    assert error["type"] == kind and message in error["message"], error
+    counts.refusal_counted(status)
 
 
 def test_the_first_token_deadline_ends_an_early_started_stream(proxy: ServerProcess) -> None:
@@ -353,7 +512,7 @@ async def test_a_request_that_never_streams_builds_no_timer() -> None:
     request), and stopping one never opened sends nothing."""
     sent: list[object] = []
 
-    async def start(content_type: str) -> None:
+    async def start(content_type: str, head: object) -> None:
         sent.append(content_type)
 
     async with trio.open_nursery() as nursery:

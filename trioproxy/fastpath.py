@@ -155,6 +155,8 @@ async def serve(
             cors = app.cors_headers(headers.get("origin"))
             head = _head(reply, tracked, cors)  # X-Proxy-Overhead-Ms: up to the backend's headers
             if not isinstance(reply.body, bytes):
+                if early is not None and reply.content_type == early.content_type:
+                    early.head = head  # a start while the first event is awaited sends it
                 failed = await _first_chunk(reply, call, app.in_progress)
                 if failed is not None:
                     # the time a failure took is not the proxy's overhead: no such header
@@ -397,10 +399,11 @@ def _early_start(
     ``nursery``, the request's."""
     send = tracked.send
 
-    async def start(content_type: str) -> None:
-        reply = Reply(200, b"", content_type, dict(STREAM_HEADERS))
-        # no X-Proxy-Overhead-Ms: the backend has not answered (the metrics get it later)
-        head = _head(reply, tracked, app.cors_headers(headers.get("origin")), overhead=False)
+    async def start(content_type: str, head: list[Header] | None) -> None:
+        if head is None:  # the backend has not answered: none of its headers, and no
+            # X-Proxy-Overhead-Ms (the metrics get it later)
+            reply = Reply(200, b"", content_type, dict(STREAM_HEADERS))
+            head = _head(reply, tracked, app.cors_headers(headers.get("origin")), overhead=False)
         await send({"type": "http.response.start", "status": 200, "headers": head})
 
     return EarlyStart(app.settings.stream_keepalive_seconds, send.server_send, send, nursery, start)
@@ -447,9 +450,10 @@ async def _write_started(
 def _note_failed_after_start(tracked: Tracked, status: int) -> None:
     """A stream's failure after its response started early, recorded as one that broke
     mid-stream: its outcome (``timeout`` if a deadline ran out, else ``error``), and the
-    status its error reply had, which the metrics' effective status keeps when it is a
-    5xx (a backend's 4xx after the start is a failed stream: 502). The access log has
-    the 200 the client got, and the outcome."""
+    status its error reply had, which the metrics' effective status keeps (a backend's
+    429 counts as the 429 it is without the early start: a client error, not a 502 in
+    the 5xx error rate). The access log has the 200 the client got, the outcome and that
+    status (``(error: 429)``)."""
     tracked.status = status
     metric = tracked.state.metric
     if metric is None:

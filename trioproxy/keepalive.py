@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
     from .exchange import CountingSend, RequestState
 
+# a response head's header lines, as an ASGI response start carries them
+Head = list[tuple[bytes, bytes]]
+
 COMMENT = b": keep-alive\n\n"
 # Anthropic's own keep-alive, which its API sends in a stream's silences: both anthropic
 # SDKs drop ``ping`` events before they reach the caller (as they drop comments, at the
@@ -154,8 +157,9 @@ class EarlyStart:
     for it lasts ``interval`` (STREAM_KEEPALIVE_SECONDS): the route calls
     :func:`stream_opening` as the stream's request goes to the backend, which starts the
     timer, a task of the request's nursery; when it runs out, ``start`` writes the
-    response's head (status 200, the stream's headers) and ``keeper`` a comment, then
-    comments in the silence as usual. Whoever has the reply (or its failure) calls
+    response's head (status 200, the stream's headers: ``head``, the one the response
+    would have had, when the backend's headers were in by then) and ``keeper`` a comment,
+    then comments in the silence as usual. Whoever has the reply (or its failure) calls
     :meth:`stop_unless_started`: before the timer ran out, that stops it and nothing was
     sent; after, :meth:`settle`. Built for every fast-path request with the setting on,
     most of which never stream: the timer's scope and ``keeper`` come only with
@@ -170,6 +174,7 @@ class EarlyStart:
         "_started",
         "committed",
         "content_type",
+        "head",
         "interval",
         "keeper",
         "responses",
@@ -181,7 +186,7 @@ class EarlyStart:
         send: ASGISendCallable,
         counted: CountingSend,
         nursery: trio.Nursery,
-        start: Callable[[str], Awaitable[None]],
+        start: Callable[[str, Head | None], Awaitable[None]],
     ) -> None:
         self.interval = interval
         self._send = send  # the server's send and the counted one, for ``keeper``
@@ -194,6 +199,10 @@ class EarlyStart:
         self.committed = False  # the response has started: only in-band from here on
         self.content_type = ""
         self.responses = False  # the Responses API's stream: its error event is its own
+        # the stream's own head, once the backend's headers are in and the reply built (the
+        # backend's rate limits and request id, X-Proxy-Overhead-Ms): a start after that
+        # sends it; one before, a head without them (they cannot follow it)
+        self.head: Head | None = None
 
     def open(self, content_type: str, *, responses: bool = False) -> None:
         """The stream's request goes to the backend: the timer starts (once)."""
@@ -213,7 +222,7 @@ class EarlyStart:
         if not self.committed:
             return
         try:
-            await self._start(self.content_type)
+            await self._start(self.content_type, self.head)
             await keeper.begin()
         finally:
             started.set()
