@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
 from trioproxy.ledger import Counted, ResponsesLedger, finished_usage, pending_id
+from trioproxy.shared_ledger import SharedResponsesLedger
 from trioproxy.translate import ReplayedResponsesObserver
 
 
@@ -66,3 +77,151 @@ def test_a_replayed_stream_counts_only_what_is_owed_and_settles_it_at_once() -> 
     assert (owed.response_id, owed.response_model) == ("resp_1", "gpt-x")
     # settled the moment the closing event came: a poll at the same time counts nothing
     assert ledger.settle("resp_1", {"input_tokens": 5, "output_tokens": 40}) is None
+
+
+# ----------------------------------------------------------------------------- shared by workers
+# Two ledgers on one directory stand for two workers of ``--workers N``.
+
+
+def _two_workers(tmp_path: Path, **limits: int) -> tuple[SharedResponsesLedger, ...]:
+    return tuple(SharedResponsesLedger(str(tmp_path / "ledger"), **limits) for _ in range(2))
+
+
+def test_what_one_worker_owes_another_settles_once(tmp_path: Path) -> None:
+    first, second = _two_workers(tmp_path)
+    first.owe("resp_1", Counted(0, 12))
+    assert second.owed("resp_1") == Counted(0, 12) and len(second) == 1
+    usage = {"input_tokens": 5, "output_tokens": 40}
+    assert second.settle("resp_1", None) is None and first.owed("resp_1") is not None
+    assert second.settle("resp_1", usage) == (5, 28)
+    assert first.settle("resp_1", usage) is None and second.settle("resp_1", usage) is None
+    first.owe("resp_2", Counted())
+    second.forget("resp_2")  # deleted through the other worker
+    assert first.settle("resp_2", usage) is None and len(first) == 0
+
+
+def test_two_workers_settling_one_id_at_the_same_moment_count_it_once(tmp_path: Path) -> None:
+    ledgers = _two_workers(tmp_path)
+    usage = {"input_tokens": 3, "output_tokens": 4}
+    ids = [f"resp_{n}" for n in range(200)]
+    for response_id in ids:
+        ledgers[0].owe(response_id, Counted())
+    start = threading.Barrier(2)
+    settled: list[list[str]] = [[], []]
+
+    def settle_all(n: int) -> None:
+        start.wait()
+        for response_id in ids:
+            if ledgers[n].settle(response_id, usage) is not None:
+                settled[n].append(response_id)
+
+    threads = [threading.Thread(target=settle_all, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(settled[0] + settled[1]) == sorted(ids)  # each once, by one of them
+    assert len(ledgers[0]) == 0
+    assert not list((tmp_path / "ledger").rglob(".*_*"))  # no draft or claim left behind
+
+
+def test_the_shared_ledger_is_bounded_oldest_first_over_the_workers(tmp_path: Path) -> None:
+    first, second = _two_workers(tmp_path, limit=2, buckets=1)
+    first.owe("resp_0", Counted())
+    second.owe("resp_1", Counted())
+    first.owe("resp_2", Counted())
+    assert len(first) == 2 and second.owed("resp_0") is None
+    second.owe("resp_1", Counted(0, 1))  # owed again: the newest now
+    first.owe("resp_3", Counted())
+    assert second.owed("resp_2") is None and first.owed("resp_1") == Counted(0, 1)
+    many = SharedResponsesLedger(str(tmp_path / "many"), limit=20, buckets=4)
+    for n in range(100):
+        many.owe(f"resp_{n}", Counted())
+    assert len(many) <= 20 and many.owed("resp_99") is not None
+
+
+def test_ids_are_text_never_paths_and_too_long_ones_are_not_owed(tmp_path: Path) -> None:
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    hostile = ["../../escaped", "/tmp/escaped", "..", "a\x00b", "é" * 300, "\ud800"]
+    for response_id in hostile:
+        ledger.owe(response_id, Counted(0, 1))
+    ledger.owe("r" * 1025, Counted())  # no route takes it: never polled
+    ledger.owe("é" * 513, Counted())  # 1,026 bytes
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger"]
+    assert len(ledger) == len(hostile)
+    for response_id in hostile:
+        assert ledger.settle(response_id, {"input_tokens": 1, "output_tokens": 1}) == (1, 0)
+
+
+def test_an_entry_of_another_id_with_the_same_name_is_not_taken(tmp_path: Path) -> None:
+    """Entries are named by a hash of the id and hold the id: a collision (simulated here,
+    never seen with SHA-256) counts nothing and leaves the other id's entry owed."""
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    ledger.owe("resp_b", Counted(0, 2))
+    where_a, where_b = ledger._where("resp_a"), ledger._where("resp_b")
+    assert where_a is not None and where_b is not None
+    os.makedirs(where_a[0], exist_ok=True)
+    os.rename(where_b[1], where_a[1])  # resp_b's entry under resp_a's name
+    assert ledger.owed("resp_a") is None
+    assert ledger.settle("resp_a", {"input_tokens": 1, "output_tokens": 9}) is None
+    with open(where_a[1], "rb") as f:
+        assert f.read().endswith(b"\nresp_b")  # put back
+
+
+def test_an_unwritable_ledger_never_fails_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tokens are missed, never a request failed: a directory that cannot be made (a file
+    in its way; tests may run as root, who may write anywhere), a full disk, a read-only
+    one."""
+    (tmp_path / "file").write_bytes(b"")
+    usage = {"input_tokens": 1, "output_tokens": 1}
+    blocked = SharedResponsesLedger(str(tmp_path / "file" / "ledger"))
+    blocked.owe("resp_1", Counted())
+    blocked.owe("resp_2", Counted())
+    assert blocked.owed("resp_1") is None and blocked.settle("resp_1", usage) is None
+    blocked.forget("resp_1")
+    assert len(caplog.records) == 1 and "may be missed" in caplog.text  # once
+
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    ledger.owe("resp_1", Counted())
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", lambda fd, data: 0)  # ENOSPC after 0 bytes
+        ledger.owe("resp_2", Counted())
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", _fails(errno.ENOSPC))
+        ledger.owe("resp_3", Counted())
+    assert len(ledger) == 1 and not list((tmp_path / "ledger").rglob(".draft*"))
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "rename", _fails(errno.EROFS))
+        assert ledger.settle("resp_1", usage) is None
+    assert ledger.settle("resp_1", usage) == (1, 1)
+
+
+def _fails(code: int) -> Callable[..., Any]:
+    def fail(*args: object) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+def test_what_a_cut_stream_owes_is_written_by_the_writer_task(tmp_path: Path) -> None:
+    """A stream's end cannot wait for a file: it notes what is owed, at once settled
+    through this worker, and written in a thread for the other workers."""
+    first, second = _two_workers(tmp_path)
+    usage = {"input_tokens": 2, "output_tokens": 10}
+
+    async def main() -> None:
+        first.owe_soon("resp_1", Counted(0, 4))
+        first.owe_soon("resp_2", Counted(0, 6))
+        assert first.settle("resp_1", usage) == (2, 6)  # before it is written
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run_writer)
+            while second.owed("resp_2") is None:  # noqa: ASYNC110 (another worker: no event)
+                await trio.sleep(0.01)
+            first.owe_soon("resp_3", Counted())
+            nursery.cancel_scope.cancel()  # a stopping worker writes what is left
+
+    trio.run(main)
+    assert second.settle("resp_2", usage) == (2, 4)
+    assert second.owed("resp_3") == Counted() and second.owed("resp_1") is None

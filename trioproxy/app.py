@@ -73,13 +73,14 @@ from .exchange import (
     trace_context,
 )
 from .keepalive import KeepAlive, beat_for
-from .ledger import ResponsesLedger
+from .ledger import Ledger, ResponsesLedger
 from .limits import raise_open_files_limit
 from .logs import configure_logging
 from .metrics import MetricsCollector, set_metrics_collector
 from .metrics.labels import loggable_path
 from .model_mapping import ModelMapper
 from .relay import stream_end_error
+from .shared_ledger import SharedResponsesLedger
 from .upstream import UpstreamPool, check_client_environment
 
 log = logging.getLogger("trioproxy")
@@ -251,7 +252,7 @@ class ProxyApp(QuartTrio):
     cors_origins: frozenset[str] = frozenset()
     client_keys: ClientKeys | None = None
     client_addresses: ClientAddresses  # who the access log names as a request's client
-    ledger: ResponsesLedger  # Responses API usage still owed to the metrics
+    ledger: Ledger  # Responses API usage still owed to the metrics
 
     async def dispatch_request(self, request_context: Any = None) -> Any:
         """Quart's dispatch, ended with a 503 in the caller's dialect a little before
@@ -324,7 +325,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.client_addresses = ClientAddresses(settings.forwarded_allow_ips, settings.forwarded_header)
     hypercorn_patches.set_write_timeout(settings.client_write_timeout)
     hypercorn_patches.set_body_limit(settings.max_request_bytes)
-    app.ledger = ResponsesLedger()
     keys = ClientKeys(
         settings.proxy_api_keys,
         metrics_open=not settings.metrics_require_auth,
@@ -344,6 +344,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         health_min_requests=settings.health_min_requests,
         health_window_seconds=settings.health_window_seconds,
     )
+    app.ledger = _ledger(app.collector.multiprocess_dir)
     for client_name, backend_name in settings.model_mapping.items():
         app.collector.model_labels.allow(client_name)
         app.collector.model_labels.allow(backend_name)
@@ -588,6 +589,15 @@ def _settle_garbage_collector() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, 10, 100)
 
 
+def _ledger(shared_dir: str | None) -> Ledger:
+    """The Responses API ledger: the workers' own beside their metrics files when they
+    share them (``--workers N``), so that whichever worker a poll reaches counts what
+    another's request left owed; else this process's, in memory."""
+    if shared_dir is None:
+        return ResponsesLedger()
+    return SharedResponsesLedger(os.path.join(shared_dir, "responses_ledger"))
+
+
 async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """The app's own tasks (metrics publisher, sampler, readiness checks, backend read
     deadlines), owned by the lifespan nursery; and, while they run, the app hears when
@@ -618,6 +628,8 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
                 if app.pool is not None:
                     await nursery.start(app.pool.read_deadlines.run)
                     await nursery.start(app.pool.sweep_idle)
+                if isinstance(app.ledger, SharedResponsesLedger):
+                    await nursery.start(app.ledger.run_writer)
                 if os.environ.get(WORKER_VARIABLE) == "1":
                     await nursery.start(_answer_all_on_the_masters_word, app)
                 task_status.started()

@@ -7,15 +7,17 @@ it carried. Their usage arrives later, on a ``GET /v1/responses/{id}`` (or a res
 stream, or a cancel) once the response is finished. The ledger remembers what was counted
 for such ids, so that the later request counts the rest, once.
 
-Per worker and bounded (the oldest entries go first): a poll answered by another worker
-than the one that created the response counts nothing (tokens are missed, never doubled).
+Bounded (the oldest entries go first). One process keeps it in memory
+(:class:`ResponsesLedger`); the workers of ``--workers N`` share one in their run directory
+(:mod:`.shared_ledger`), so a poll answered by another worker than the one that created
+the response counts it too. Either way tokens can be missed, never counted twice.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from .jsonutil import whole_number
 
@@ -35,8 +37,30 @@ class Counted:
     output_tokens: int = 0
 
 
+class Ledger(Protocol):
+    """What the routes use of a ledger: the in-memory one or the workers' shared one."""
+
+    shared: ClassVar[bool]  # its ``owe`` writes files: await it in a thread where one can
+
+    def owe(self, response_id: str, counted: Counted) -> None: ...
+
+    def owe_soon(self, response_id: str, counted: Counted) -> None:
+        """``owe`` from code that cannot wait (a stream's end): never blocks."""
+
+    def owed(self, response_id: str) -> Counted | None: ...
+
+    def settle(self, response_id: str, usage: Any) -> tuple[int, int] | None: ...
+
+    def forget(self, response_id: str) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
 class ResponsesLedger:
+    """One process's ledger, in memory."""
+
     __slots__ = ("_limit", "_owed")
+    shared: ClassVar[bool] = False
 
     def __init__(self, limit: int = MAX_OWED) -> None:
         self._limit = limit
@@ -51,6 +75,8 @@ class ResponsesLedger:
         while len(self._owed) > self._limit:
             self._owed.popitem(last=False)
 
+    owe_soon = owe
+
     def owed(self, response_id: str) -> Counted | None:
         return self._owed.get(response_id)
 
@@ -60,6 +86,7 @@ class ResponsesLedger:
         counted = self._owed.get(response_id)
         if counted is None or not isinstance(usage, dict):
             return None
+        # as usage_totals and rest do, inline: one process's cost as it was
         total_in = whole_number(usage.get("input_tokens"))
         total_out = whole_number(usage.get("output_tokens"))
         if total_in is None or total_out is None:
@@ -72,6 +99,22 @@ class ResponsesLedger:
 
     def __len__(self) -> int:
         return len(self._owed)
+
+
+def usage_totals(usage: Any) -> tuple[int, int] | None:
+    """The input and output tokens a finished response's ``usage`` says, if it says both."""
+    if not isinstance(usage, dict):
+        return None
+    total_in = whole_number(usage.get("input_tokens"))
+    total_out = whole_number(usage.get("output_tokens"))
+    if total_in is None or total_out is None:
+        return None
+    return total_in, total_out
+
+
+def rest(counted: Counted, totals: tuple[int, int]) -> tuple[int, int]:
+    """What is left to count of ``totals`` once ``counted`` was (never below zero)."""
+    return max(totals[0] - counted.input_tokens, 0), max(totals[1] - counted.output_tokens, 0)
 
 
 def finished_usage(response: Any) -> tuple[str, Any] | None:

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import quote, quote_from_bytes, unquote
 
+import trio
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
@@ -39,7 +40,7 @@ from .forward import (
 from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
 from .jsonutil import loads, top_level_member
 from .keepalive import stream_opening
-from .ledger import MAX_ID_CHARS, Counted, ResponsesLedger, finished_usage, pending_id
+from .ledger import MAX_ID_CHARS, Counted, Ledger, finished_usage, pending_id
 from .relay import (
     EVENT_STREAM,
     STREAM_HEADERS,
@@ -274,23 +275,30 @@ async def by_id(
     return _whole_reply(call, result, content)
 
 
-async def _owe_when_queued(ledger: ResponsesLedger, content: bytes) -> None:
+async def _owe_when_queued(ledger: Ledger, content: bytes) -> None:
     """A queued background response's usage is owed (the ledger): its id read from the
     answer, decoded in a JSON thread past OFF_LOOP_BYTES (a queued response repeats the
     request's instructions and tools: a long system prompt makes it as long), bytes in,
-    a new object out, abandoned to a client that leaves; the ledger noted on the loop."""
+    a new object out, abandoned to a client that leaves; the ledger noted on the loop, or
+    the workers' shared one written in a thread before the client has the id (a poll
+    through another worker at once finds it)."""
     payload = await by_size(len(content), _json_object, content, abandon_on_cancel=True)
     response_id = pending_id(payload)
-    if response_id is not None:
+    if response_id is None:
+        return
+    if ledger.shared:
+        await trio.to_thread.run_sync(ledger.owe, response_id, Counted())
+    else:
         ledger.owe(response_id, Counted())
 
 
-def _owe_if_cut(ledger: ResponsesLedger, watcher: StreamObserver) -> None:
+def _owe_if_cut(ledger: Ledger, watcher: StreamObserver) -> None:
     """A stream that ended before its usage counted the tokens it carried: the rest is
-    owed (a resumed stream, or a poll, settles it)."""
+    owed (a resumed stream, or a poll, settles it). At the stream's end, which cannot
+    wait: the workers' shared ledger writes it in a thread of its own."""
     response_id = getattr(watcher, "response_id", None)
     if response_id is not None and watcher.completion_tokens is None:
-        ledger.owe(response_id, Counted(0, watcher.content_chunks))
+        ledger.owe_soon(response_id, Counted(0, watcher.content_chunks))
 
 
 def _note_streamed_model(call: Call, watcher: tr.ResponsesStreamObserver) -> None:
@@ -307,7 +315,7 @@ def _note_backend_model(call: Call, name: str) -> None:
     note_model(call.state, call.app.settings.backend_secrets.mask_text(name))
 
 
-def _settle(call: Call, ledger: ResponsesLedger, payload: dict[str, Any] | None) -> None:
+def _settle(call: Call, ledger: Ledger, payload: dict[str, Any] | None) -> None:
     """Count the usage a finished response still owes the metrics."""
     finished = finished_usage(payload)
     if finished is None:

@@ -18,7 +18,7 @@ from trioproxy.jsonutil import (
     loads,
     whole_number,
 )
-from trioproxy.ledger import ResponsesLedger
+from trioproxy.ledger import Ledger
 from trioproxy.sse import DEFAULT_MAX_LINE_BYTES
 
 from .answer import (
@@ -402,7 +402,7 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
     counts, the rest only, settled in the ledger the moment the closing event arrives, so
     a poll at the same time cannot count it too (``settled``)."""
 
-    def __init__(self, ledger: ResponsesLedger | None = None, response_id: str = "") -> None:
+    def __init__(self, ledger: Ledger | None = None, response_id: str = "") -> None:
         super().__init__()
         self._ledger = ledger
         self._owed_id = response_id

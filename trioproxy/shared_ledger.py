@@ -1,0 +1,260 @@
+"""The Responses API ledger (:mod:`.ledger`) shared by the workers of ``--workers N``.
+
+A response created through one worker is often polled, resumed or cancelled through
+another: what it still owes the metrics must be known to every worker, and counted once.
+The ledger is a directory beside the metrics files (the workers' run directory), one small
+file per response owed:
+
+* named after the SHA-256 of its id (the backend's text, never a path), in one of 100
+  bucket directories; the file holds the tokens counted and the id itself, so two ids of
+  one hash would be told apart;
+* written under a draft name, then renamed into place: it is there whole or not at all;
+* settled by renaming it to a name of the settling process's own: of two workers settling
+  one id at the same moment, one rename succeeds, and only that worker counts it;
+* bounded: a bucket keeps its newest 100 entries (10,000 in all, the oldest of a full
+  bucket go first), each a file of at most about 1 KiB (ids over 1,024 bytes are not owed).
+
+The event loop: settling is done in place (when nothing is owed, a hash and one rename
+that fails, about 6 us; when something is, a rename, a read and an unlink of one small
+file, about 25 us, once per response owed: ext4 and tmpfs alike); owing (a write, a
+rename, a listing of the bucket: about 25-40 us; and a stat of its 100 entries when it is
+full: about 330 us) goes to a thread: awaited where the caller can wait (a queued
+background response: the entry is there before the client has the id), else by this
+ledger's writer task (a stream cut before its end).
+
+A directory that cannot be written or read (a full or read-only disk, no file descriptor
+left) never fails a request: what cannot be written is not owed and what cannot be read
+is not counted (tokens missed, never doubled), and one WARNING says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import heapq
+import itertools
+import logging
+import os
+import time
+from contextlib import suppress
+from typing import Any, ClassVar
+
+import trio
+
+from .ledger import MAX_ID_CHARS, MAX_OWED, Counted, rest, usage_totals
+
+log = logging.getLogger("trioproxy.metrics")
+
+BUCKETS = 100
+# owed from a stream's end, not yet written by the writer task: past this many, dropped
+MAX_PENDING = 1024
+# a file holds two counts and an id of at most MAX_ID_CHARS bytes
+_MAX_FILE = MAX_ID_CHARS + 64
+
+
+class SharedResponsesLedger:
+    """The ledger in ``directory``, shared by every process that opens it there."""
+
+    __slots__ = ("_buckets", "_dir", "_names", "_pending", "_per_bucket", "_wake", "_warned")
+    shared: ClassVar[bool] = True
+
+    def __init__(self, directory: str, limit: int = MAX_OWED, buckets: int = BUCKETS) -> None:
+        self._dir = directory
+        self._buckets = max(1, min(buckets, limit))
+        self._per_bucket = -(-limit // self._buckets)
+        self._pending: dict[str, Counted] = {}
+        self._wake = trio.lowlevel.ParkingLot()
+        self._names = itertools.count()  # of this process's drafts and claims
+        self._warned = False
+
+    # ---------------------------------------------------------------- owing (blocking)
+
+    def owe(self, response_id: str, counted: Counted) -> None:
+        """Write that ``response_id``'s usage is still to come. Blocking: in a thread."""
+        where = self._where(response_id)
+        if where is None:
+            return
+        bucket, path, key = where
+        data = b"%d %d\n%s" % (counted.input_tokens, counted.output_tokens, key)
+        try:
+            self._write(bucket, path, data)
+            self._trim(bucket)
+        except OSError as error:
+            self._warn(error)
+
+    def _write(self, bucket: str, path: str, data: bytes) -> None:
+        draft = self._own_name(bucket, "draft")
+        try:
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # the bucket's first entry
+            os.makedirs(bucket, exist_ok=True)
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                # the age a full bucket evicts by: to the nanosecond (a write's own time
+                # can be as coarse as the kernel's tick)
+                now = time.time_ns()
+                os.utime(fd, ns=(now, now))
+            finally:
+                os.close(fd)
+            os.rename(draft, path)  # owed again: the newer replaces it
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(draft)
+            raise
+
+    def _trim(self, bucket: str) -> None:
+        """The oldest entries of ``bucket`` past its share of the limit, removed."""
+        names = [name for name in os.listdir(bucket) if not name.startswith(".")]
+        if len(names) <= self._per_bucket:
+            return
+        aged: list[tuple[int, str]] = []
+        for name in names:
+            with suppress(FileNotFoundError):  # settled since the listing
+                aged.append((os.stat(os.path.join(bucket, name)).st_mtime_ns, name))
+        for _, name in heapq.nsmallest(len(aged) - self._per_bucket, aged):
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(bucket, name))
+
+    # ---------------------------------------------------------------- on the event loop
+
+    def owe_soon(self, response_id: str, counted: Counted) -> None:
+        """``owe``, written by :meth:`run_writer` in a thread: for code that cannot wait."""
+        if len(self._pending) >= MAX_PENDING and response_id not in self._pending:
+            return  # a writer that cannot keep up: missed rather than held without bound
+        self._pending[response_id] = counted
+        self._wake.unpark()
+
+    async def run_writer(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Write what :meth:`owe_soon` noted, in a thread, for the worker's life."""
+        task_status.started()
+        batch: dict[str, Counted] = {}
+        try:
+            while True:
+                if not self._pending:
+                    await self._wake.park()
+                batch, self._pending = self._pending, {}
+                await trio.to_thread.run_sync(self._owe_all, batch)
+        finally:
+            # the worker stops: what is left is written now (blocking is fine by then),
+            # and what its thread did not write (never twice: another worker may have
+            # settled it since, and would count it again)
+            self._owe_all({**batch, **self._pending})
+            self._pending = {}
+
+    def _owe_all(self, batch: dict[str, Counted]) -> None:
+        """Write ``batch``, emptying it as it goes."""
+        for response_id in list(batch):
+            self.owe(response_id, batch.pop(response_id))
+
+    def owed(self, response_id: str) -> Counted | None:
+        if (counted := self._pending.get(response_id)) is not None:
+            return counted
+        where = self._where(response_id)
+        if where is None:
+            return None
+        try:
+            with open(where[1], "rb") as f:
+                return _parsed(f.read(_MAX_FILE), where[2])
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self._warn(error)
+            return None
+
+    def settle(self, response_id: str, usage: Any) -> tuple[int, int] | None:
+        """The tokens still to count for ``response_id`` given its final ``usage``
+        (input, output), once in all the workers; None if nothing is owed (or another
+        worker settled it first) or ``usage`` says nothing."""
+        totals = usage_totals(usage)
+        if totals is None:
+            return None
+        counted = self._take(response_id)
+        return None if counted is None else rest(counted, totals)
+
+    def forget(self, response_id: str) -> None:
+        self._take(response_id)
+
+    def _take(self, response_id: str) -> Counted | None:
+        """What ``response_id`` owed, no longer owed: this process's, or the one whose
+        rename of the entry succeeded."""
+        counted = self._pending.pop(response_id, None)
+        where = self._where(response_id)
+        if where is None:
+            return counted
+        bucket, path, key = where
+        claim = self._own_name(bucket, "claim")
+        try:
+            os.rename(path, claim)
+        except FileNotFoundError:  # nothing owed, or another worker took it first
+            return counted
+        except OSError as error:
+            self._warn(error)
+            return counted
+        taken = self._read_claim(claim, path, key)
+        return counted if counted is not None else taken
+
+    def _read_claim(self, claim: str, path: str, key: bytes) -> Counted | None:
+        """The entry renamed to ``claim``, removed; one that turns out to be another id's
+        (of the same hash) is put back, unless that id was owed anew meanwhile."""
+        counted: Counted | None = None
+        try:
+            with open(claim, "rb") as f:
+                data = f.read(_MAX_FILE)
+            counted = _parsed(data, key)
+            if counted is None and data.partition(b"\n")[2] != key:
+                with suppress(FileExistsError):
+                    os.link(claim, path)
+        except OSError as error:
+            self._warn(error)
+        finally:
+            with suppress(OSError):
+                os.unlink(claim)
+        return counted
+
+    def __len__(self) -> int:
+        """Entries owed in all the workers (reads every bucket: for tests)."""
+        count = len(self._pending)
+        for bucket in range(self._buckets):
+            with suppress(FileNotFoundError):
+                names = os.listdir(os.path.join(self._dir, f"{bucket:02d}"))
+                count += sum(not name.startswith(".") for name in names)
+        return count
+
+    # ---------------------------------------------------------------- names
+
+    def _where(self, response_id: str) -> tuple[str, str, bytes] | None:
+        """(bucket directory, entry path, id as bytes) of ``response_id``; None for an id
+        too long to be polled (never owed)."""
+        key = response_id.encode("utf-8", "surrogatepass")
+        if len(key) > MAX_ID_CHARS:
+            return None
+        digest = hashlib.sha256(key).hexdigest()
+        bucket = os.path.join(self._dir, f"{int(digest[:8], 16) % self._buckets:02d}")
+        return bucket, os.path.join(bucket, digest), key
+
+    def _own_name(self, bucket: str, kind: str) -> str:
+        """A name in ``bucket`` no other process or thread uses (dotted: not an entry)."""
+        return os.path.join(bucket, f".{kind}_{os.getpid()}_{next(self._names)}")
+
+    def _warn(self, error: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "metrics: the Responses API ledger shared by the workers in %s cannot be "
+                "used (%s): tokens of background responses and cut streams that a later "
+                "request would count may be missed",
+                self._dir,
+                error,
+            )
+
+
+def _parsed(data: bytes, key: bytes) -> Counted | None:
+    """The counts an entry holds, if it is ``key``'s and whole."""
+    head, _, owner = data.partition(b"\n")
+    counts = head.split(b" ")
+    if owner != key or len(counts) != 2 or not all(c.isdigit() for c in counts):
+        return None
+    return Counted(int(counts[0]), int(counts[1]))
