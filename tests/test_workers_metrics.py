@@ -11,6 +11,7 @@ kernel spreads them over both workers.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import time
@@ -28,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ServerProcess, _spawn, base_env, wait_healthy
+from .test_metrics_e2e import sse_data
 
 ROUNDS = 3  # of the workload: each kind of request this many times
 CLOSE = {"Connection": "close"}  # a new connection per request: the kernel picks a worker
@@ -438,3 +440,72 @@ def test_one_process_keeps_its_metrics_to_itself_with_an_inherited_multiprocess_
     first.stop()
     second.stop()
     assert "PROMETHEUS_MULTIPROC_DIR" in first.log() and str(shared) in first.log()
+
+
+def _one_client_per_worker(url: str, clients: list[httpx.Client]) -> tuple[httpx.Client, ...]:
+    """Two kept-alive clients whose connections two different workers serve (each
+    scrape's JSON names its worker's pid); every client opened is added to ``clients``."""
+    by_worker: dict[int, httpx.Client] = {}
+    while len(by_worker) < 2:
+        assert len(clients) < 40, "one worker took every connection"
+        client = httpx.Client(base_url=url, timeout=30)
+        clients.append(client)
+        by_worker.setdefault(client.get("/v1/metrics").json()["window"]["pid"], client)
+    return tuple(by_worker.values())
+
+
+def test_tokens_a_response_owes_are_counted_once_by_whichever_worker_settles_them(
+    demo_backend: ServerProcess,
+) -> None:
+    """The Responses API's ledger is the workers': a background response created through
+    one worker and polled through the other, and a stream cut on one and resumed on the
+    other, count their tokens once, on every scrape. A ledger per worker counted nothing
+    for them (the creating worker's ledger was never asked)."""
+    clients: list[httpx.Client] = []
+    with _two_workers(demo_backend) as server:
+        url = server.url
+
+        def tokens() -> list[tuple[float, float]]:
+            return [
+                (
+                    scrape.total("trioproxy_tokens_total", type="input"),
+                    scrape.total("trioproxy_tokens_total", type="output"),
+                )
+                for scrape in _scrapes_from_both_workers(url, at_least=2)
+            ]
+
+        try:
+            creator, poller = _one_client_per_worker(url, clients)
+            body = {"model": "demo-chat", "input": "one two three [[tokens=7]]", "background": True}
+            queued = creator.post("/v1/responses", json=body).json()
+            assert queued["status"] == "queued"
+            done = poller.get(f"/v1/responses/{queued['id']}").json()
+            assert done["status"] == "completed"
+            counted = (done["usage"]["input_tokens"], 7)
+            _wait_for(lambda: set(tokens()) == {counted})
+            for client in (creator, poller):  # polled again on both: nothing more
+                assert client.get(f"/v1/responses/{queued['id']}").status_code == 200
+            assert creator.post(f"/v1/responses/{queued['id']}/cancel").status_code == 200
+
+            # a stream the backend drops after some tokens (the proxy's error event ends
+            # it, the connection stays), resumed to its end through the other worker
+            cut = {"model": "demo-chat", "input": "cut [[tokens=40]] [[drop_after=6]]"}
+            streamed = creator.post("/v1/responses", json={**cut, "stream": True}).text
+            created = json.loads(sse_data(streamed)[0])["response"]
+            assert '"error"' in sse_data(streamed)[-1]
+            resumed_usage: dict[str, int] = {}
+
+            def resumed() -> bool:  # the ledger is written in a thread as the stream ends
+                replay = poller.get(f"/v1/responses/{created['id']}", params={"stream": "true"})
+                resumed_usage.update(json.loads(sse_data(replay.text)[-1])["response"]["usage"])
+                return tokens()[0][1] == counted[1] + 40
+
+            _wait_for(resumed)
+            whole = (counted[0] + resumed_usage["input_tokens"], counted[1] + 40)
+            _wait_for(lambda: set(tokens()) == {whole})
+            assert creator.get(f"/v1/responses/{created['id']}").status_code == 200
+            time.sleep(0.6)  # both workers have published (every 0.5 s): nothing more
+            assert set(tokens()) == {whole}
+        finally:
+            for client in clients:
+                client.close()
