@@ -215,9 +215,19 @@ EFFORT_REFUSED = {
 }
 
 
+# the backend's head on every answer, as OpenAI's API sends it: the proxy passes on its
+# rate limits and its request id (as x-upstream-request-id), nothing else of it
+BACKEND_HEADERS = {
+    "x-request-id": "req_backend_7",
+    "x-ratelimit-remaining-tokens": "8000",
+    "openai-organization": "org-private",
+    "set-cookie": "__cf_bm=abc; path=/; HttpOnly",
+}
+
+
 class Backend(ScriptedHandler):
     """Chat completions by model name: a stream of STREAMS, an error of ERRORS, else a
-    short non-stream answer. ``asked`` holds the bodies it was sent."""
+    short non-stream answer, with BACKEND_HEADERS. ``asked`` holds the bodies it was sent."""
 
     asked: ClassVar[list[dict[str, Any]]] = []
 
@@ -240,7 +250,7 @@ class Backend(ScriptedHandler):
             events = "".join(f"data: {json.dumps(c)}\n\n" for c in STREAMS[model])
             if model != "broken":
                 events += "data: [DONE]\n\n"
-            self.answer(200, events.encode(), "text/event-stream")
+            self.answer(200, events.encode(), "text/event-stream", headers=BACKEND_HEADERS)
         else:
             message = {"role": "assistant", "content": f"answer from {model}"}
             answer = {
@@ -251,7 +261,7 @@ class Backend(ScriptedHandler):
                 "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                 "usage": USAGE,
             }
-            self.answer(200, json.dumps(answer).encode())
+            self.answer(200, json.dumps(answer).encode(), headers=BACKEND_HEADERS)
 
 
 @pytest.fixture(scope="module")
@@ -751,6 +761,26 @@ def test_rate_limit_passes_the_backends_retry_advice(client: anthropic.Anthropic
         headers = caught.value.response.headers
         assert headers["retry-after"] == "7" and headers["x-should-retry"] == "true"
         assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+def test_an_answer_passes_the_backends_rate_limits_and_request_id(
+    client: anthropic.Anthropic,
+) -> None:
+    """The backend's rate limits and request id reach the SDK on /v1/messages as on every
+    /v1 route, streamed or not; its account and cookies do not."""
+    ask: dict[str, Any] = {"max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    raw = client.messages.with_raw_response.create(model="qwen3-coder", **ask)
+    assert raw.parse().content[0].text == "answer from qwen3-coder"  # type: ignore[union-attr]
+    with client.messages.with_streaming_response.create(
+        model="usage-in-finish", stream=True, **ask
+    ) as streamed:
+        assert "event: message_stop" in list(streamed.iter_lines())
+    for headers in (raw.headers, streamed.headers):
+        assert headers["x-ratelimit-remaining-tokens"] == "8000"
+        assert headers["x-upstream-request-id"] == "req_backend_7"
+        assert headers["x-request-id"] not in ("", "req_backend_7")
+        assert "x-proxy-overhead-ms" in headers
+        assert "openai-organization" not in headers and "set-cookie" not in headers
 
 
 def test_overloaded_backend_is_an_overloaded_error(client: anthropic.Anthropic) -> None:

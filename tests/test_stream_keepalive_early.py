@@ -250,9 +250,21 @@ def test_comments_come_before_a_late_first_event(proxy: ServerProcess, model: st
     assert lines[-1] == b"data: [DONE]" and any(b"forty-two" in line for line in lines)
 
 
-@pytest.mark.parametrize(
-    ("model", "backend_headers"), [("fast", True), ("late-event", True), ("late-headers", False)]
-)
+EARLY_HEADS = [("fast", True), ("late-event", True), ("late-headers", False)]
+
+
+def _passed_on(head: httpx.Headers) -> set[object]:
+    """Of a stream's head: the backend's request id and rate limit, and whether it has
+    X-Proxy-Overhead-Ms; the proxy's own X-Request-ID is always there."""
+    assert head["x-request-id"] and head["x-request-id"] != "req_backend_1"
+    return {
+        head.get("x-upstream-request-id"),
+        head.get("x-ratelimit-remaining-requests"),
+        "x-proxy-overhead-ms" in head,
+    }
+
+
+@pytest.mark.parametrize(("model", "backend_headers"), EARLY_HEADS)
 def test_an_early_start_has_the_backends_headers_when_they_came_before_it(
     proxy: ServerProcess, model: str, backend_headers: bool
 ) -> None:
@@ -267,14 +279,27 @@ def test_an_early_start_has_the_backends_headers_when_they_came_before_it(
         lines = [line for line in response.iter_lines() if line]
     assert (lines[0] == ": keep-alive") is (model != "fast"), lines
     assert lines[-1] == "data: [DONE]"
-    head = response.headers
-    assert head["x-request-id"] and head["x-request-id"] != "req_backend_1"
-    passed = {
-        head.get("x-upstream-request-id"),
-        head.get("x-ratelimit-remaining-requests"),
-        "x-proxy-overhead-ms" in head,
-    }
-    assert passed == ({"req_backend_1", "41", True} if backend_headers else {None, False})
+    assert _passed_on(response.headers) == (
+        {"req_backend_1", "41", True} if backend_headers else {None, False}
+    )
+
+
+@pytest.mark.parametrize(("model", "backend_headers"), EARLY_HEADS)
+def test_an_anthropic_stream_has_the_same_head(
+    proxy: ServerProcess, model: str, backend_headers: bool
+) -> None:
+    """/v1/messages passes on what the other /v1 streams do, started early or not, as the
+    anthropic SDK's raw response shows."""
+    with anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0) as sdk:
+        with sdk.messages.with_streaming_response.create(
+            model=model, max_tokens=50, messages=[{"role": "user", "content": "q"}], stream=True
+        ) as response:
+            lines = [line for line in response.iter_lines() if line]
+    assert (lines[0] == "event: ping") is (model != "fast"), lines
+    assert lines[-2:] == ["event: message_stop", 'data: {"type":"message_stop"}']
+    assert _passed_on(response.headers) == (
+        {"req_backend_1", "41", True} if backend_headers else {None, False}
+    )
 
 
 def test_the_openai_sdk_reads_an_early_started_stream_whole(proxy: ServerProcess) -> None:

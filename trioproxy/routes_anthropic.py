@@ -38,6 +38,7 @@ from .json_threads import OFF_LOOP_BYTES
 from .keepalive import stream_opening
 from .relay import STREAM_HEADERS, StreamEnd, dumps, relay_ollama
 from .routes_ollama import answer_reply_in_thread, as_taken, with_think_switch
+from .upstream import UpstreamResult, forwarded_headers
 
 blueprint = Blueprint("anthropic", __name__)
 T = TypeVar("T")
@@ -74,8 +75,11 @@ async def messages(call: Call) -> Reply:
         )
         note_usage(state, resp)
         if len(result.response.content) <= OFF_LOOP_BYTES:
-            return Reply(200, from_backend(call, dumps, out))
-        return await answer_reply_in_thread(call, out)
+            reply = Reply(200, from_backend(call, dumps, out))
+        else:
+            reply = await answer_reply_in_thread(call, out)
+        reply.headers = _backend_headers(call, result)
+        return reply
     start_ns = time.perf_counter_ns()
     # only pings if the response starts before the backend's first event: message_start
     # carries the prompt's token count, which comes with the backend's answer
@@ -100,7 +104,15 @@ async def messages(call: Call) -> Reply:
     # not stream, later tool calls held): Claude Code's byte watchdog and load balancers
     # count them as traffic
     keepalive = app.settings.stream_keepalive_seconds
-    return Reply(200, chunks, an.EVENT_STREAM, dict(STREAM_HEADERS), end=end, keepalive=keepalive)
+    headers = {**_backend_headers(call, result), **STREAM_HEADERS}
+    return Reply(200, chunks, an.EVENT_STREAM, headers, end=end, keepalive=keepalive)
+
+
+def _backend_headers(call: Call, result: UpstreamResult) -> dict[str, str]:
+    """What the other ``/v1`` routes pass on of the backend's head: its retry advice, its
+    rate limits (``x-ratelimit-*``: Anthropic's own are ``anthropic-ratelimit-*``, so no
+    client reads these as Anthropic's) and its request id as ``x-upstream-request-id``."""
+    return forwarded_headers(result.response.headers, call.app.settings.backend_secrets)
 
 
 async def _sent(
