@@ -101,6 +101,20 @@ def test_promtool_check_metrics_is_silent(busy: bool) -> None:
     assert res.stdout == b"" and res.stderr == b""
 
 
+def test_the_help_of_http_requests_total_says_a_failed_stream_keeps_an_error_status() -> None:
+    """As docs/metrics.md section 2 says: a broken stream's 499/504/502 replace only a
+    success status; one already >= 400 (a shutdown's 503, a refusal after an early start)
+    is kept. The HELP said every broken stream was one of four statuses."""
+    body, _ = MetricsCollector(system_enabled=False).render_prometheus(None)
+    (help_line,) = [
+        line
+        for line in body.decode().splitlines()
+        if line.startswith("# HELP http_requests_total ")
+    ]
+    assert all(status in help_line for status in ("499", "504", "502", "503", "500"))
+    assert "already >= 400 keeps it" in help_line
+
+
 def test_series_are_unique_and_families_complete() -> None:
     body, ctype = busy_collector().render_prometheus(None)
     assert ctype == "text/plain; version=0.0.4; charset=utf-8"

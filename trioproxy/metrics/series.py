@@ -97,8 +97,10 @@ class PrimaryMetrics:
         self.requests = counter(
             "http_requests_total",
             "HTTP requests handled by the proxy (monitoring endpoints excluded). status is "
-            "the effective status: streams that broke after the headers are 499 (client "
-            "cancelled), 504 (timeout), 502 (upstream error) or 503 (cut by a shutdown).",
+            "the effective status: a stream that broke after a success status is 499 "
+            "(client cancelled), 504 (timeout) or 502 (upstream error); one whose status "
+            "was already >= 400 keeps it (503 when cut by a shutdown, 500 for a fault in "
+            "the proxy, a backend's 4xx or 5xx after an early start).",
             REQUEST_LABELS,
             **r,
         )
