@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from .conftest import ServerProcess
@@ -151,3 +152,31 @@ def test_what_claude_code_reports_for_refusals(ask: Callable[..., dict[str, Any]
     assert unknown["is_error"] is True
     assert unknown["api_error_status"] == 404, unknown["_report"]
     assert "no-such-model" in unknown["result"]
+
+
+def test_a_stream_started_with_pings_before_message_start(
+    claude: Path,
+    demo_backend: ServerProcess,
+    start_proxy: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """STREAM_KEEPALIVE_SECONDS and a model slow to its first token: the response starts
+    with Anthropic's pings, before message_start (which comes with the first block).
+    Anthropic's API sends its first ping after the first content_block_start, but its
+    documented flow allows pings anywhere, and Claude Code (its SDK drops pings before
+    they reach its accumulator, as the Python SDK does) reads the answer whole."""
+    proxy = start_proxy(demo_backend.url, MAX_RETRIES="0", STREAM_KEEPALIVE_SECONDS="0.2")
+    prompt = "hello [[tokens=6]] [[first_delay=1]]"
+    body = {"model": "demo-chat", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    with httpx.stream("POST", f"{proxy.url}/v1/messages", json=body, timeout=10) as response:
+        names = [line for line in response.iter_lines() if line.startswith("event:")]
+    start = names.index("event: message_start")
+    assert start >= 1 and set(names[:start]) == {"event: ping"}, names
+    home = tmp_path / "home"
+    result = run_claude(
+        claude, home, proxy.url, prompt, "demo-chat", "", ANTHROPIC_AUTH_TOKEN="any"
+    )
+    assert result["is_error"] is False, result["_report"]
+    assert result["result"] == "Hello from the trioproxy demo backend!", result["_report"]
+    assert result["usage"]["output_tokens"] == 6
