@@ -409,3 +409,28 @@ def test_build_info_names_the_versions_of_the_live_workers_only(tmp_path: Path) 
     assert 'version="0.0.1-before-the-upgrade"' in older  # it ran as the older version
     now = json.loads(_in_a_worker(BUILD_INFO, tmp_path))
     assert now == {"build_info": [__version__], "requests": 1}
+
+
+# a worker's app owing a response, as a queued background answer makes it owe one
+WORKER_OWING_A_RESPONSE = textwrap.dedent(
+    """
+    import sys
+    from trioproxy.app import create_app
+    from trioproxy.ledger import Counted
+
+    app = create_app(upstream_url="http://127.0.0.1:9", metrics_enabled=sys.argv[1] == "on")
+    app.ledger.owe("resp_1", Counted())
+    """
+)
+
+
+@pytest.mark.parametrize("metrics", ["on", "off"])
+def test_the_workers_share_a_ledger_only_while_tokens_are_counted(
+    tmp_path: Path, metrics: str
+) -> None:
+    """The Responses API ledger says what a later request is to count. With request
+    metrics off nothing counts tokens: the workers write no ledger files (a thread and a
+    file per background response, a rename on the event loop per poll, for nothing)."""
+    _in_a_worker(WORKER_OWING_A_RESPONSE, tmp_path, metrics)
+    written = list((tmp_path / "prom" / "responses_ledger").rglob("*"))
+    assert bool(written) is (metrics == "on"), written

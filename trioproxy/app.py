@@ -344,7 +344,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
         health_min_requests=settings.health_min_requests,
         health_window_seconds=settings.health_window_seconds,
     )
-    app.ledger = _ledger(app.collector.multiprocess_dir)
+    # with request metrics off nothing counts tokens: nothing to share, no files to write
+    app.ledger = _ledger(app.collector.multiprocess_dir if app.collector.enabled else None)
     for client_name, backend_name in settings.model_mapping.items():
         app.collector.model_labels.allow(client_name)
         app.collector.model_labels.allow(backend_name)
