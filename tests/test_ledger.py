@@ -13,8 +13,11 @@ import pytest
 import trio
 
 from trioproxy.ledger import Counted, ResponsesLedger, finished_usage, pending_id
+from trioproxy.routes_openai import _owe_when_queued
 from trioproxy.shared_ledger import SharedResponsesLedger
 from trioproxy.translate import ReplayedResponsesObserver
+
+from .test_metrics_threads import _default_threads_all_taken
 
 
 def test_owed_usage_is_settled_once_for_the_rest_only() -> None:
@@ -225,3 +228,27 @@ def test_what_a_cut_stream_owes_is_written_by_the_writer_task(tmp_path: Path) ->
     trio.run(main)
     assert second.settle("resp_2", usage) == (2, 4)
     assert second.owed("resp_3") == Counted() and second.owed("resp_1") is None
+
+
+def test_the_shared_ledger_is_written_without_trios_default_threads(tmp_path: Path) -> None:
+    """A burst of slow name resolutions holds trio's 40 default threads (each new backend
+    connection resolves its host name in one): a queued background answer must not wait
+    for one to write what it owes, nor the writer task for a cut stream's (the metrics'
+    own threads, as their reads: tests/test_metrics_threads.py)."""
+    first, second = _two_workers(tmp_path)
+    queued = b'{"id": "resp_1", "object": "response", "status": "queued"}'
+
+    async def main() -> None:
+        async with _default_threads_all_taken(), trio.open_nursery() as nursery:
+            await nursery.start(first.run_writer)
+            first.owe_soon("resp_2", Counted(0, 3))
+            # a bound, not a timing assert: before, both waited for as long as the
+            # resolutions held the threads (here: for ever)
+            with trio.fail_after(30):
+                await _owe_when_queued(first, queued)
+                while second.owed("resp_2") is None:  # noqa: ASYNC110 (another worker)
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert second.owed("resp_1") == Counted() and second.owed("resp_2") == Counted(0, 3)

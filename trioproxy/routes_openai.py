@@ -41,6 +41,7 @@ from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
 from .jsonutil import loads, top_level_member
 from .keepalive import stream_opening
 from .ledger import MAX_ID_CHARS, Counted, Ledger, finished_usage, pending_id
+from .metrics.threads import metrics_threads
 from .relay import (
     EVENT_STREAM,
     STREAM_HEADERS,
@@ -287,7 +288,8 @@ async def _owe_when_queued(ledger: Ledger, content: bytes) -> None:
     if response_id is None:
         return
     if ledger.shared:
-        await trio.to_thread.run_sync(ledger.owe, response_id, Counted())
+        # not one of trio's default threads, which slow name resolutions may all hold
+        await trio.to_thread.run_sync(ledger.owe, response_id, Counted(), limiter=metrics_threads())
     else:
         ledger.owe(response_id, Counted())
 

@@ -18,9 +18,10 @@ The event loop: settling is done in place (when nothing is owed, a hash and one 
 that fails, about 6 us; when something is, a rename, a read and an unlink of one small
 file, about 25 us, once per response owed: ext4 and tmpfs alike); owing (a write, a
 rename, a listing of the bucket: about 25-40 us; and a stat of its 100 entries when it is
-full: about 330 us) goes to a thread: awaited where the caller can wait (a queued
-background response: the entry is there before the client has the id), else by this
-ledger's writer task (a stream cut before its end).
+full: about 330 us) goes to one of the metrics' threads (:mod:`.metrics.threads`, not
+trio's default ones, which slow name resolutions may all hold): awaited where the caller
+can wait (a queued background response: the entry is there before the client has the
+id), else by this ledger's writer task (a stream cut before its end).
 
 A directory that cannot be written or read (a full or read-only disk, no file descriptor
 left) never fails a request: what cannot be written is not owed and what cannot be read
@@ -42,6 +43,7 @@ from typing import Any, ClassVar
 import trio
 
 from .ledger import MAX_ID_CHARS, MAX_OWED, Counted, rest, usage_totals
+from .metrics.threads import metrics_threads
 
 log = logging.getLogger("trioproxy.metrics")
 
@@ -136,7 +138,8 @@ class SharedResponsesLedger:
                 if not self._pending:
                     await self._wake.park()
                 batch, self._pending = self._pending, {}
-                await trio.to_thread.run_sync(self._owe_all, batch)
+                # the metrics' threads: trio's default ones may all wait on name resolutions
+                await trio.to_thread.run_sync(self._owe_all, batch, limiter=metrics_threads())
         finally:
             # the worker stops: what is left is written now (blocking is fine by then),
             # and what its thread did not write (never twice: another worker may have

@@ -8,6 +8,8 @@ under a slow resolver held all 40 (measured: 168 connections at 2 s per resoluti
 a health check timed out for want of a thread. The metrics borrow from a limiter of their
 own instead: :data:`METRICS_THREADS` threads, beside trio's 40, and their reads (at most two
 renderings of a kind, two window copies) never take a thread from a resolution either.
+The workers' shared Responses API ledger writes in them too (``shared_ledger``): a queued
+background answer waits for its entry.
 """
 
 from __future__ import annotations
