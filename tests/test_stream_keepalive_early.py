@@ -126,9 +126,12 @@ class LateBackend(ScriptedHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.flush()
-            if model in ("late-event", "late-error-event"):
+            if model in ("late-event", "late-error-event", "late-event-cut"):
                 time.sleep(SILENCE)
-            self.wfile.write(b"data: %s\n\n" % CONTEXT_TOO_LONG if "error" in model else ANSWER)
+            if model == "late-event-cut":  # a token, then the connection closes: no end
+                self.wfile.write(_chunk({"role": "assistant", "content": "forty"}))
+            else:
+                self.wfile.write(b"data: %s\n\n" % CONTEXT_TOO_LONG if "error" in model else ANSWER)
             self.wfile.flush()
             self.close_connection = True
 
@@ -400,6 +403,22 @@ def test_a_late_refusal_is_counted_as_the_same_refusal_without_the_early_start(
     assert len(events) == 1 and events[0]["error"]["type"] == kind, lines
     assert message in events[0]["error"]["message"]
     counts.refusal_counted(status)
+
+
+def test_a_stream_that_breaks_after_the_backends_200_is_still_a_502(proxy: ServerProcess) -> None:
+    """Started early, then the backend's own 200 and a token, then its connection closes
+    before the stream's end: a broken stream (502, the 5xx error rate), as without the
+    early start; only a refusal keeps its own status. The access line: the 200, then
+    ``(error)``, no status of its own."""
+    counts = _Counts(proxy, "/v1/chat/completions", "v1_chat_completions")
+    code, lines = _raw(proxy.url, "late-event-cut")
+    assert code == 200 and lines[0] == b": keep-alive", lines  # started early
+    assert b"forty" in b"".join(lines) and b'"error"' in lines[-1], lines
+    _wait_for_outcome(proxy.url, counts.outcomes, "error", "v1_chat_completions")
+    counted = _new_requests(proxy.url, "v1_chat_completions", counts.requests)
+    assert [status for status, _ in counted] == ["502"], counted
+    line = _access_line(proxy, "/v1/chat/completions", counts.seen)
+    assert line.startswith(" 200 ") and line.endswith(" (error)"), line
 
 
 def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_event(
