@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
+from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trioproxy import jsonutil
 from trioproxy.jsonutil import (
     NestedTooDeeply,
     compact_json,
     compact_json_text,
     escape_line_separators,
     loads,
+    member_near_the_end,
     top_level_member,
     whole_number,
 )
@@ -127,11 +132,25 @@ TRICKY_VALUES = st.recursive(
 )
 
 
-@given(st.dictionaries(TRICKY_TEXT, TRICKY_VALUES, max_size=5) | TRICKY_VALUES, st.booleans())
-def test_top_level_member_agrees_with_decoding_the_whole_body(value: object, spaced: bool) -> None:
+@given(
+    st.dictionaries(TRICKY_TEXT, TRICKY_VALUES, max_size=5) | TRICKY_VALUES,
+    st.booleans(),
+    st.booleans(),
+)
+def test_top_level_member_agrees_with_decoding_the_whole_body(
+    value: object, spaced: bool, from_the_start: bool
+) -> None:
+    """``from_the_start``: a key with anything after it is read from what precedes it, as
+    one followed by more than 4 KiB is (these bodies are shorter)."""
     body = (json.dumps(value, indent=1) if spaced else json.dumps(value)).encode()
     expected = value.get("usage") if isinstance(value, dict) else None
-    assert top_level_member(body, "usage") == expected
+    with pytest.MonkeyPatch.context() as patch:
+        if from_the_start:
+            patch.setattr(jsonutil, "_LONG_TAIL", 0)
+        assert top_level_member(body, "usage") == expected
+        for within in (0, 8, len(body) // 2, len(body)):  # what it reads near the end too
+            found, usage = member_near_the_end(body, "usage", within)
+            assert usage == (expected if found else None)
 
 
 def test_top_level_member_reads_a_completion_and_tolerates_garbage() -> None:
@@ -148,6 +167,53 @@ def test_top_level_member_reads_a_completion_and_tolerates_garbage() -> None:
     assert top_level_member(b'[{"usage": 1}]', "usage") is None
     assert top_level_member(b'{"usage": 1', "usage") is None  # truncated
     assert top_level_member(b"not json", "usage") is None
+
+
+def _decoded_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of what ``top_level_member`` hands orjson from now on; the whole-body
+    fallback (``loads``) must not be reached."""
+    sizes: list[int] = []
+
+    def counted(data: bytes) -> Any:
+        sizes.append(len(data))
+        return orjson.loads(data)
+
+    def whole(data: bytes, **_: Any) -> Any:
+        raise AssertionError(f"the whole body decoded ({len(data)} bytes)")
+
+    fake = SimpleNamespace(loads=counted, JSONDecodeError=orjson.JSONDecodeError)
+    monkeypatch.setattr(jsonutil, "orjson", fake)
+    monkeypatch.setattr(jsonutil, "loads", whole)
+    return sizes
+
+
+@pytest.mark.parametrize("spaced", [False, True])
+def test_a_usage_written_before_the_data_is_read_without_decoding_the_data(
+    monkeypatch: pytest.MonkeyPatch, spaced: bool
+) -> None:
+    """llama.cpp's server writes ``usage`` before its embeddings: read from the members
+    before it and its own value, never the vectors (the tail from its key is the whole
+    body: a 32 MB answer took 60-330 ms to decode)."""
+    usage = {"prompt_tokens": 600, "total_tokens": 600}
+    data = [{"embedding": [0.25] * 1024, "index": i, "object": "embedding"} for i in range(200)]
+    answer = {"model": "nomic", "object": "list", "usage": usage, "data": data}
+    body = (json.dumps(answer, indent=1) if spaced else json.dumps(answer)).encode()
+    sizes = _decoded_sizes(monkeypatch)
+    assert top_level_member(body, "usage") == usage
+    assert max(sizes, default=0) < 100  # the members before it, "{model, object}"
+    assert top_level_member(b'{"usage": {"a": 1}, "data": [1, 2]}', "usage") == {"a": 1}
+
+
+def test_a_usage_near_the_start_that_is_no_top_level_member_is_not_taken() -> None:
+    for body, expected in [
+        (b'{"a": {"usage": 1}, "b": [' + b"2, " * 100 + b"3]}", None),  # nested
+        (b'{"a": ["x", "usage"], "b": [' + b"2, " * 100 + b"3]}", None),  # a string value
+        (b'{"a": "x", "usage": 1, "b": [' + b"2, " * 100 + b"3]}", 1),
+        (b'{"usage": 1, "usage": [' + b"2, " * 100 + b"3]}", [2] * 100 + [3]),  # the last
+        (b'{"a": "\\\\", "usage": 1, "b": [' + b"2, " * 100 + b"3]}", 1),  # a "\\"
+        (b'{"usage": 1 2, "b": [' + b"2, " * 100 + b"3]}", None),  # not JSON
+    ]:
+        assert top_level_member(body, "usage") == expected, body
 
 
 def test_a_whole_number_is_a_count_a_counter_holds() -> None:

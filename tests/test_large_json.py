@@ -37,7 +37,7 @@ from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
 from trioproxy.errors import BackendSecrets, BadUpstreamResponse
 from trioproxy.json_threads import JOIN_OFF_LOOP_BYTES, OFF_LOOP_BYTES, json_threads
-from trioproxy.jsonutil import compact_json
+from trioproxy.jsonutil import compact_json, top_level_member
 from trioproxy.ledger import ResponsesLedger
 from trioproxy.model_mapping import ModelMapper
 
@@ -599,32 +599,45 @@ async def test_a_client_that_leaves_mid_decode_is_let_go_and_the_backend_never_a
     request_id = "left-mid-decode-" + uuid.uuid4().hex
     body = json.dumps(_chat("/api/chat", LARGE_IMAGE)).encode()
     async with serving_proxy(demo_backend.url) as client:
-        port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1])
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        head = (
-            f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        await stream.send_all(head.encode() + body)
-        await held.wait_entered()
-        await stream.aclose()
-        with trio.fail_after(HOLD_SECONDS):  # seen while the thread is still held
-            while True:
-                scraped = await client.get("/v1/metrics/prometheus")
-                if _requests_with_status(scraped.text, "499") == 1:
-                    break
-                await trio.sleep(0.02)
-        assert not held.finished.is_set()
-        assert json_threads().borrowed_tokens == 1
-        held.release.set()
-        with trio.fail_after(HOLD_SECONDS):  # returned by the thread: there is no event
-            while json_threads().borrowed_tokens:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-        assert held.released == [True]
-        assert held.finished.is_set()
+        await _leave_while_held(client, held, "/api/chat", body, request_id)
         # the client's next request is served as ever
         assert (await client.post("/api/chat", json=_chat("/api/chat", None))).status_code == 200
     assert not [event for event in demo_events() if event.get("request_id") == request_id]
+
+
+async def _leave_while_held(
+    client: httpx.AsyncClient,
+    held: HeldDecoding | HeldLookup,
+    path: str,
+    body: bytes,
+    request_id: str = "left",
+) -> None:
+    """A client that sends ``body`` to ``path`` and leaves once ``held``'s thread work has
+    started: its request is counted a 499 while that thread still runs and keeps its
+    token (the bound holds); released, the thread returns the token."""
+    port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    await stream.send_all(head.encode() + body)
+    await held.wait_entered()
+    await stream.aclose()
+    with trio.fail_after(HOLD_SECONDS):  # seen while the thread is still held
+        while True:
+            scraped = await client.get("/v1/metrics/prometheus")
+            if _requests_with_status(scraped.text, "499") == 1:
+                break
+            await trio.sleep(0.02)
+    assert not held.finished.is_set()
+    assert json_threads().borrowed_tokens == 1
+    held.release.set()
+    with trio.fail_after(HOLD_SECONDS):  # returned by the thread: there is no event
+        while json_threads().borrowed_tokens:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert held.released == [True]
+    assert held.finished.is_set()
 
 
 # ---- errors of large bodies, in the caller's dialect (the proxy's own process) -------------
@@ -714,3 +727,152 @@ def test_the_body_limit_is_as_before_for_bodies_decoded_in_a_thread(
     too_large = _chat(path, image + "A" * LIMIT)
     response = httpx.post(limited_proxy.url + path, json=too_large, timeout=30)
     _assert_error(response, path, 413, f"larger than the limit of {LIMIT} bytes")
+
+
+# ---- the usage of a large answer relayed as it came -------------------------------------
+
+
+class UsageFirstEmbeddings(ScriptedHandler):
+    """Embeds each input as a vector of ``dimensions`` floats (8 if not asked) and writes
+    its answer as llama.cpp's server does, ``usage`` before the embeddings: ``{"model",
+    "object", "usage", "data"}``; its prompt tokens are 3 per input."""
+
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": [{"id": "demo-embed"}]}')
+
+    def do_POST(self) -> None:
+        asked = self.json_body()
+        vector = [0.001 * (i % 997) - 0.5 for i in range(asked.get("dimensions") or 8)]
+        data = [{"embedding": vector, "index": index, "object": "embedding"}
+                for index, _ in enumerate(asked["input"])]  # fmt: skip
+        tokens = 3 * len(data)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        answer = {"model": asked["model"], "object": "list", "usage": usage, "data": data}
+        self.answer(200, json.dumps(answer, separators=(",", ":")).encode())
+
+
+def _embed(inputs: int, dimensions: int = 8) -> dict[str, Any]:
+    return {"model": "demo-embed", "input": [f"text {i}" for i in range(inputs)],
+            "dimensions": dimensions}  # fmt: skip
+
+
+# 300 vectors of 1,024 floats: ~2 MB, its usage in its first 100 bytes
+LARGE_USAGE_FIRST = _embed(300, 1024)
+
+
+def _input_tokens(exposition: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == "trioproxy_tokens_total" and sample.labels.get("type") == "input"
+    )
+
+
+async def test_a_large_answers_usage_written_before_its_data_is_read_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/v1/embeddings`` relayed as it came: its usage, which llama.cpp's server writes
+    before the vectors, was read by decoding the whole answer on the loop (a 32 MB one
+    held it 60-330 ms); now a large answer's lookup goes to a JSON thread when its last
+    256 KiB do not hold the key, and reads only the member there. A small one is read on
+    the loop as before; both are counted."""
+    looked_up = Watched(monkeypatch, routes_openai, "top_level_member")
+    with serving(UsageFirstEmbeddings) as backend:
+        async with serving_proxy(backend) as client:
+            before = _input_tokens((await client.get("/v1/metrics/prometheus")).text)
+            small = await client.post("/v1/embeddings", json=_embed(2))
+            assert small.status_code == 200, small.text
+            assert looked_up.take() == [(len(small.content), True)]
+            large = await client.post("/v1/embeddings", json=LARGE_USAGE_FIRST)
+            assert large.status_code == 200, large.text
+            assert len(large.content) > 4 * OFF_LOOP_BYTES
+            assert large.content.index(b'"usage"') < 100
+            assert looked_up.take() == [(len(large.content), False)]
+            after = _input_tokens((await client.get("/v1/metrics/prometheus")).text)
+    assert after - before == 3 * 2 + 3 * 300
+
+
+async def test_a_large_answers_usage_at_its_end_is_read_on_the_loop_from_its_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where most backends write it, after the content: read from the answer's last
+    256 KiB on the loop, no thread (its round trip, and the wait behind another request's
+    JSON work, would cost more than decoding the tail)."""
+    looked_up = Watched(monkeypatch, routes_openai, "top_level_member")
+    handed = Watched(monkeypatch, routes_openai, "member_near_the_end")
+    monkeypatch.setattr(KeptBodies, "answer_chars", 2 * OFF_LOOP_BYTES)
+    monkeypatch.setattr(KeptBodies, "sent", [])
+    with serving(KeptBodies) as backend:
+        async with serving_proxy(backend) as client:
+            response = await client.post("/v1/chat/completions", json=_chat("/v1/x", None))
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["total_tokens"] == 5
+    assert looked_up.take() == []
+    assert handed.take() == [(len(response.content), True)]
+
+
+class HeldLookup:
+    """``routes_openai.top_level_member`` held, for a body over the threshold, until
+    :attr:`release` is set (at most HOLD_SECONDS); notes whether it was released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.released: list[bool] = []
+        self.finished = threading.Event()
+        original = top_level_member
+
+        def held(body: bytes, key: str) -> Any:
+            if len(body) > OFF_LOOP_BYTES:
+                self.entered.set()
+                self.released.append(self.release.wait(HOLD_SECONDS))
+                try:
+                    return original(body, key)
+                finally:
+                    self.finished.set()
+            return original(body, key)
+
+        monkeypatch.setattr(routes_openai, "top_level_member", held)
+
+    async def wait_entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.entered.wait, 2 * HOLD_SECONDS)
+
+
+async def test_requests_are_served_while_a_large_answers_usage_is_looked_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The usage lookup of a large answer is held until three small requests on the same
+    worker have been answered: on the loop, it would hold them all (and go on only after
+    HOLD_SECONDS, unreleased)."""
+    held = HeldLookup(monkeypatch)
+    answers: list[httpx.Response] = []
+    with serving(UsageFirstEmbeddings) as backend:
+        async with serving_proxy(backend) as client:
+
+            async def large_request() -> None:
+                answers.append(await client.post("/v1/embeddings", json=LARGE_USAGE_FIRST))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(large_request)
+                await held.wait_entered()
+                for _ in range(3):
+                    small = await client.post("/v1/embeddings", json=_embed(1))
+                    assert small.status_code == 200, small.text
+                held.release.set()
+    assert held.released == [True]
+    assert [answer.status_code for answer in answers] == [200]
+
+
+async def test_a_client_that_leaves_mid_usage_lookup_is_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lookup is abandoned to a client that leaves: its request ends (a 499) while
+    the thread still runs, the thread's token stays borrowed until it is done, and its
+    result goes nowhere; the next request is served as ever."""
+    held = HeldLookup(monkeypatch)
+    body = json.dumps(LARGE_USAGE_FIRST).encode()
+    with serving(UsageFirstEmbeddings) as backend:
+        async with serving_proxy(backend) as client:
+            await _leave_while_held(client, held, "/v1/embeddings", body)
+            assert (await client.post("/v1/embeddings", json=_embed(1))).status_code == 200

@@ -38,7 +38,7 @@ from .forward import (
     validated,
 )
 from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
-from .jsonutil import loads, top_level_member
+from .jsonutil import loads, member_near_the_end, top_level_member
 from .keepalive import stream_opening
 from .ledger import MAX_ID_CHARS, Counted, Ledger, finished_usage, pending_id
 from .metrics.threads import metrics_threads
@@ -97,7 +97,10 @@ async def forward(
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
     require_json_object(call, content, delimited=delimited_by_framing(result.response))
-    _note_usage(call, content)
+    if len(content) <= OFF_LOOP_BYTES:
+        _note_usage(call, content)
+    else:
+        await _note_large_usage(call, content)
     if creates_response and body.get("background") is True:
         await _owe_when_queued(app.ledger, content)
     if len(content) > OFF_LOOP_BYTES:
@@ -586,3 +589,17 @@ def _note_usage(call: Call, content: bytes) -> None:
     # the body is relayed as bytes: decode (the tail of) it only when metrics want usage
     if call.state.metric is not None:
         note_usage_counts(call.state, top_level_member(content, "usage"))
+
+
+async def _note_large_usage(call: Call, content: bytes) -> None:
+    """:func:`_note_usage` for a body over OFF_LOOP_BYTES: searched on the loop only in
+    its last OFF_LOOP_BYTES, where most backends write ``usage``; elsewhere (llama.cpp's
+    server writes it before the embeddings; a look-alike key after it makes the whole
+    body decoded) in a JSON thread, bytes in and a new object out, abandoned to a client
+    that leaves."""
+    if call.state.metric is None:
+        return
+    found, usage = member_near_the_end(content, "usage", OFF_LOOP_BYTES)
+    if not found:
+        usage = await off_loop(top_level_member, content, "usage", abandon_on_cancel=True)
+    note_usage_counts(call.state, usage)
