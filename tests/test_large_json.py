@@ -30,7 +30,7 @@ from hypercorn.trio import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loop_stall import model_list_body
-from trioproxy import catalog, forward, hypercorn_patches, routes_ollama, routes_openai
+from trioproxy import catalog, forward, hypercorn_patches, relay, routes_ollama, routes_openai
 from trioproxy import translate as tr
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
@@ -43,6 +43,7 @@ from trioproxy.model_mapping import ModelMapper
 
 from .conftest import ServerProcess
 from .fakes import FULL_LENGTH_VECTOR, FullLengthEmbeddings, ScriptedHandler, serving
+from .test_responses_json_stream import SizedAnswers
 
 LARGE_IMAGE = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 3000).decode()
 assert len(LARGE_IMAGE) > 2 * OFF_LOOP_BYTES  # a 1 MB body: checked, decoded in a thread
@@ -876,3 +877,31 @@ async def test_a_client_that_leaves_mid_usage_lookup_is_let_go(
         async with serving_proxy(backend) as client:
             await _leave_while_held(client, held, "/v1/embeddings", body)
             assert (await client.post("/v1/embeddings", json=_embed(1))).status_code == 200
+
+
+# ---- a JSON answer to a stream request ----------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions", "/api/chat"])
+async def test_a_large_json_answer_to_a_stream_is_decoded_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A backend that answers a stream request with one JSON body (it ignored ``stream``):
+    the body is decoded, and the events built from it written, in a JSON thread when it is
+    large (it was decoded on the loop, up to MAX_RESPONSE_BYTES), on the loop when small;
+    the client gets the whole text either way."""
+    decoded = Watched(monkeypatch, relay, "_decoded")
+    if path == "/v1/responses":
+        asked: dict[str, Any] = {"model": "demo-chat", "input": "hi", "stream": True}
+    else:
+        asked = {"model": "demo-chat", "stream": True,
+                 "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    with serving(SizedAnswers) as backend:
+        async with serving_proxy(backend) as client:
+            for size in (2000, 2 * OFF_LOOP_BYTES):
+                monkeypatch.setattr(SizedAnswers, "pad_to", size)
+                async with client.stream("POST", path, json=asked) as got:
+                    assert got.status_code == 200
+                    text = (await got.aread()).decode()
+                assert "x" * (size - 1000) in text
+                assert decoded.take() == [(size, size <= OFF_LOOP_BYTES)]

@@ -406,3 +406,101 @@ def test_a_queued_background_response_is_a_cut_stream_its_poll_counts(proxy: str
         before, "trioproxy_tokens_total", type="input"
     )
     assert grew == USAGE["input_tokens"]
+
+
+# ---- at MAX_RESPONSE_BYTES ----------------------------------------------------------------
+
+LIMIT = 64 * 1024  # the proxy's MAX_RESPONSE_BYTES below
+
+
+def _padded(answer: dict[str, Any], size: int, pad: Callable[[dict[str, Any], str], None]) -> bytes:
+    """``answer`` as compact JSON of exactly ``size`` bytes, ``pad`` putting the text that
+    makes it so in its place."""
+    pad(answer, "")
+    short = len(json.dumps(answer, separators=(",", ":")))
+    pad(answer, "x" * (size - short))
+    body = json.dumps(answer, separators=(",", ":")).encode()
+    assert len(body) == size
+    return body
+
+
+def _response_text(answer: dict[str, Any], text: str) -> None:
+    answer["output"][0]["content"][0]["text"] = text
+
+
+def _chat_text(answer: dict[str, Any], text: str) -> None:
+    answer["choices"][0]["message"]["content"] = text
+
+
+class SizedAnswers(ScriptedHandler):
+    """Answers every ``POST /responses`` and ``/chat/completions`` (a stream asked for or
+    not) with one JSON body of exactly ``pad_to`` bytes (the request's own field, else
+    the class's: ``/api/chat`` passes no field of its own)."""
+
+    pad_to: ClassVar[int] = 1000
+
+    def do_POST(self) -> None:
+        asked = self.json_body()
+        asked.setdefault("pad_to", self.pad_to)
+        if self.path.endswith("/responses"):
+            answer = response([message("")], model=asked["model"])
+            body = _padded(answer, asked["pad_to"], _response_text)
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": ""},
+                      "finish_reason": "stop"}  # fmt: skip
+            answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                      "model": asked["model"], "choices": [choice]}  # fmt: skip
+            body = _padded(answer, asked["pad_to"], _chat_text)
+        self.answer(200, body)
+
+
+@pytest.fixture(scope="module")
+def limited(start_proxy: StartProxy) -> Iterator[openai.OpenAI]:
+    with serving(SizedAnswers) as url:
+        proxy_url = start_proxy(url, MAX_RESPONSE_BYTES=str(LIMIT), MAX_RETRIES="0").url
+        with openai.OpenAI(base_url=proxy_url + "/v1", api_key="x", max_retries=0) as sdk:
+            yield sdk
+
+
+def test_a_response_of_the_largest_size_accepted_streams_whole(limited: openai.OpenAI) -> None:
+    """A JSON body of exactly MAX_RESPONSE_BYTES is accepted, so are the events built from
+    it: the closing one holds the whole response in its framing, some 60 bytes longer
+    (it was refused by the relay's own event limit: a 502)."""
+    events = list(limited.responses.create(model=BACKEND_MODEL, input="hi", stream=True,
+                                           extra_body={"pad_to": LIMIT}))  # fmt: skip
+    assert events[-1].type == "response.completed"
+    for event in events:
+        EVENT_MODELS[event.type].model_validate(event.model_dump())
+    with limited.responses.stream(model=BACKEND_MODEL, input="hi",
+                                  extra_body={"pad_to": LIMIT}) as stream:  # fmt: skip
+        final = stream.get_final_response()
+    assert len(final.output_text) > 60_000 and set(final.output_text) == {"x"}
+
+
+def test_a_completion_of_the_largest_size_accepted_streams_whole(limited: openai.OpenAI) -> None:
+    """The same for a chat completion: its one chunk holds the whole message, a few bytes
+    longer as a chunk (``chat.completion.chunk``) and an event."""
+    chunks = list(
+        limited.chat.completions.create(
+            model=BACKEND_MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_body={"pad_to": LIMIT},
+        )
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert len(text) > 60_000 and set(text) == {"x"}
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kind", ["responses", "chat"])
+def test_a_json_answer_one_byte_past_the_limit_is_a_502(limited: openai.OpenAI, kind: str) -> None:
+    with pytest.raises(openai.APIStatusError, match="MAX_RESPONSE_BYTES") as refused:
+        if kind == "responses":
+            list(limited.responses.create(model=BACKEND_MODEL, input="hi", stream=True,
+                                          extra_body={"pad_to": LIMIT + 1}))  # fmt: skip
+        else:
+            list(limited.chat.completions.create(model=BACKEND_MODEL, stream=True,
+                 messages=[{"role": "user", "content": "hi"}],
+                 extra_body={"pad_to": LIMIT + 1}))  # fmt: skip
+    assert refused.value.status_code == 502

@@ -28,6 +28,7 @@ from .errors import (
     scrub,
     upstream_error_message,
 )
+from .json_threads import by_size, joined
 from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream, body_reader
@@ -322,7 +323,9 @@ async def relay_ollama(
                     first = True
                     data = await _telling_start(reader, data, response)
                     if _opens_json(data):
-                        whole = await _rest_of_body(reader, data, settings.max_response_bytes)
+                        raw = await _rest_of_body(reader, data, settings.max_response_bytes)
+                        # bytes in, a new object out: abandoned to a client that leaves
+                        whole = await by_size(len(raw), _decoded, raw, abandon_on_cancel=True)
                         lines += map(encode, _completion_as_chunk(whole, translator))
                         done = True
                     elif not _looks_like_events(response, data):
@@ -451,10 +454,16 @@ async def relay_openai(
                 first = True
                 data = await _telling_start(reader, data, response)
                 if _opens_json(data):
-                    whole = await _rest_of_body(reader, data, settings.max_response_bytes)
-                    data, usage = _answer_as_events(whole, end, stream_options)
+                    data, usage = await _json_body_as_events(
+                        reader, data, settings.max_response_bytes, end, stream_options
+                    )
                     if usage is not None:  # counted, sent to the client or not
                         observer.feed_text(usage, time.perf_counter_ns())
+                    # the body was within the limit, so are the events built from it: one
+                    # event holds it whole, longer by its framing (and by the JSON written
+                    # again: U+2028 escaped, 1e2 as 100.0)
+                    limit = max(settings.max_response_bytes, len(data))
+                    parser = SSEParser(limit, strict_utf8=True)
                 elif not _looks_like_events(response, data):
                     raise _NotAStream(_not_a_stream(response))
             for event in parser.feed(data):
@@ -771,9 +780,9 @@ def _not_a_stream(response: httpx.Response) -> str:
     return f"the backend answered the stream with {content_type[:80]}, not an event stream"
 
 
-async def _rest_of_body(reader: _Reader, first: bytes, limit: int) -> Any:
-    """The whole body that began with ``first``, decoded; bounded like a non-stream answer
-    (MAX_RESPONSE_BYTES)."""
+async def _rest_of_body(reader: _Reader, first: bytes, limit: int) -> bytes:
+    """The whole body that began with ``first``; bounded like a non-stream answer
+    (MAX_RESPONSE_BYTES), joined in a thread past 1 MiB (:func:`joined`)."""
     parts, size = [first], len(first)
     while (more := await reader.read()) is not None:
         size += len(more)
@@ -783,8 +792,13 @@ async def _rest_of_body(reader: _Reader, first: bytes, limit: int) -> Any:
                 "(MAX_RESPONSE_BYTES)"
             )
         parts.append(more)
+    return await joined(parts, size)
+
+
+def _decoded(raw: bytes) -> Any:
+    """A JSON body answered to a stream, decoded (in a JSON thread when large)."""
     try:
-        return loads(b"".join(parts))
+        return loads(raw)
     except ValueError:
         raise _NotAStream("the backend answered the stream with a body that is not JSON") from None
 
@@ -819,23 +833,41 @@ def _completion_as_chunk(whole: Any, translator: StreamTranslator) -> list[dict[
     return translator.feed(_completion(whole), time.perf_counter_ns())
 
 
-def _answer_as_events(
-    whole: Any, end: StreamEnd | None, stream_options: object
+async def _json_body_as_events(
+    reader: _Reader, first: bytes, limit: int, end: StreamEnd | None, stream_options: object
 ) -> tuple[bytes, str | None]:
+    """The JSON body that began with ``first`` (:func:`_rest_of_body`) as the events it
+    stands for and the usage to count (:func:`_answer_as_events`), decoded and written in
+    a JSON thread when it is large; bytes in, bytes out: abandoned to a client that
+    leaves."""
+    raw = await _rest_of_body(reader, first, limit)
+    responses, usage_asked = _responses(end), _asks_usage(stream_options)
+    return await by_size(
+        len(raw), _body_as_events, raw, responses, usage_asked, abandon_on_cancel=True
+    )
+
+
+def _body_as_events(raw: bytes, responses: bool, usage_asked: bool) -> tuple[bytes, str | None]:
+    """:func:`_answer_as_events` of a JSON body answered to a stream: a pure function of
+    bytes, for a JSON thread when the body is large."""
+    return _answer_as_events(_decoded(raw), responses, usage_asked)
+
+
+def _answer_as_events(whole: Any, responses: bool, usage_asked: bool) -> tuple[bytes, str | None]:
     """A backend's JSON answer to a stream request as the events it would have sent, and
     the usage to count beside them (:func:`_completion_as_events`). On a Responses API
-    stream a Response object becomes that API's events: the relay then observes them as
-    it observes a live stream's (the time to first token at its first delta, the usage
-    of its closing event, a failure as the closing event says); any other answer is read
-    as a completion (raises _NotAStream for what is none)."""
-    if _responses(end) and is_response(whole):
+    stream (``responses``) a Response object becomes that API's events: the relay then
+    observes them as it observes a live stream's (the time to first token at its first
+    delta, the usage of its closing event, a failure as the closing event says); any
+    other answer is read as a completion (raises _NotAStream for what is none)."""
+    if responses and is_response(whole):
         try:
             return response_as_events(whole), None
         except NestedTooDeeply:  # read, but nested too deeply to be written again
             raise _NotAStream(
                 "the backend answered the stream with a response nested too deeply"
             ) from None
-    return _completion_as_events(whole, _asks_usage(stream_options))
+    return _completion_as_events(whole, usage_asked)
 
 
 def _completion_as_events(whole: Any, usage_asked: bool) -> tuple[bytes, str | None]:
