@@ -81,6 +81,11 @@ INCOMPLETE = response(
 FAILED = {"code": "server_error", "message": "the model crashed"}
 
 
+# the closing event of each finished status (the API has none for a cancelled response)
+CLOSING_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete",
+                  "failed": "response.failed", "cancelled": "response.incomplete"}  # fmt: skip
+
+
 def kinds(events: list[dict[str, Any]]) -> list[str]:
     return [event["type"] for event in events]
 
@@ -97,6 +102,8 @@ def kinds(events: list[dict[str, Any]]) -> list[str]:
         INCOMPLETE,
         response([message("Hel")], "failed", error=FAILED, usage=None),
         response([], "queued", usage=None, background=True),
+        response([message("Hel")], "cancelled", usage=None, background=True),
+        response([], "cancelled", usage=None, background=True),
     ],
 )
 def test_every_event_is_one_the_openai_sdk_reads(whole: dict[str, Any]) -> None:
@@ -112,8 +119,9 @@ def test_every_event_is_one_the_openai_sdk_reads(whole: dict[str, Any]) -> None:
     assert opening["output"] == [] and opening["usage"] is None
     assert opening["status"] == waiting
     if whole["status"] != "queued":
-        assert events[-1] == {"type": f"response.{whole['status']}",
-                              "sequence_number": len(events) - 1, "response": whole}  # fmt: skip
+        closing = CLOSING_EVENTS[whole["status"]]
+        assert events[-1] == {"type": closing, "sequence_number": len(events) - 1,
+                              "response": whole}  # fmt: skip
 
 
 def test_a_message_streams_its_text_whole_in_one_delta() -> None:
@@ -191,6 +199,8 @@ _ANSWERS: dict[str, dict[str, Any]] = {
     "failed": response([], "failed", error=FAILED, usage=None),
     "failed-midway": response([message("Hel")], "failed", error=FAILED, usage=None),
     "queued": response([], "queued", usage=None, background=True),
+    "cancelled": response([message("Hel")], "cancelled", usage=None, background=True),
+    "cancelled-at-once": response([], "cancelled", usage=None, background=True),
     "too-long": response([], "failed", usage=None,
                          error={"code": "context_length_exceeded", "message": "too long"}),
 }  # fmt: skip
@@ -327,6 +337,34 @@ def test_a_response_that_failed_before_any_output_gets_a_real_status(
     with pytest.raises(openai.APIStatusError) as failed:
         _stream(client, kind)
     assert failed.value.status_code == status
+
+
+@pytest.mark.parametrize("kind", ["cancelled", "cancelled-at-once"])
+def test_a_cancelled_response_ends_with_the_incomplete_event(proxy: str, kind: str) -> None:
+    """A background response cancelled by id, answered to a stream: the API has no closing
+    event for it, so it ends as a response cut short does (``response.incomplete``, its
+    response ``cancelled``), a whole stream rather than one reported cut; with no output
+    too (it is no failure of the backend's: no 502). Counted as a completed stream."""
+    before = _outcomes(proxy)
+    with openai.OpenAI(base_url=proxy + "/v1", api_key="x", max_retries=0) as sdk:
+        events = list(sdk.responses.create(model=CLIENT_MODEL, input="hi", stream=True,
+                                           background=True, metadata={"kind": kind}))  # fmt: skip
+        with sdk.responses.stream(model=CLIENT_MODEL, input="hi", background=True,
+                                  metadata={"kind": kind}) as stream:  # fmt: skip
+            helper_events = list(stream)
+            # the SDK's final response is a completed one's (as for an incomplete response)
+            with pytest.raises(RuntimeError, match=r"response\.completed"):
+                stream.get_final_response()
+    for event in events:
+        EVENT_MODELS[event.type].model_validate(event.model_dump())
+    expected = kinds(response_events(_ANSWERS[kind]))
+    assert [e.type for e in events] == [e.type for e in helper_events] == expected
+    assert expected[-1] == "response.incomplete"
+    assert events[-1].response.status == "cancelled"
+    assert events[-1].response.model == CLIENT_MODEL
+    text = "".join(e.delta for e in helper_events if e.type == "response.output_text.delta")
+    assert text == ("Hel" if kind == "cancelled" else "")
+    _wait_for(lambda: _outcomes(proxy).get("completed", 0) == before.get("completed", 0) + 2)
 
 
 def test_json_that_is_no_response_is_still_a_502(client: openai.OpenAI) -> None:

@@ -15,10 +15,18 @@ from typing import Any
 from trioproxy.jsonutil import JSONDict
 from trioproxy.sse import encode_sse_event
 
-# the closing event for each finished status; the event carries the whole response
+# the closing event for each finished status; the event carries the whole response.
+# The API has no closing event for a cancelled response (a background one, cancelled by
+# id): its stream ends as the stream of a response cut short does, with
+# ``response.incomplete``, whose response says ``cancelled``. Every client then sees the
+# stream end (openai-agents and the openai SDK's ``responses.stream()`` report it as
+# not completed, the Vercel AI SDK finishes it), where without a closing event it was
+# reported cut (an error) though nothing will follow; ``response.failed`` would make
+# the client's own cancellation the backend's failure (a 502 when there is no output)
 _CLOSING = {
     "completed": "response.completed",
     "incomplete": "response.incomplete",
+    "cancelled": "response.incomplete",
     "failed": "response.failed",
 }
 # what a finished response holds that the opening events' snapshot does not have yet
@@ -39,9 +47,10 @@ def response_events(response: JSONDict) -> list[JSONDict]:
     """The events of a stream that produced ``response``: ``response.created`` and
     ``response.in_progress`` (its snapshot with no output), each output item's events, then
     the closing event its ``status`` calls for (a response without one is taken as
-    completed). A response still queued or in progress (a background one) has only its
-    opening events: its stream is not over, and the relay reports it cut (the client may
-    resume it by id)."""
+    completed; a cancelled one closes as an incomplete one does: see ``_CLOSING``). A
+    response still queued or in progress (a background one) has only its opening events:
+    its stream is not over, and the relay reports it cut (the client may resume it by
+    id)."""
     events = _Events()
     status = response.get("status") or "completed"
     closing = _CLOSING.get(status) if isinstance(status, str) else None
