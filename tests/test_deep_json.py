@@ -47,6 +47,10 @@ ANSWERS: dict[str, bytes] = {
     "deep": DEEP_ANSWER,
     "bom": b"\xef\xbb\xbf" + json.dumps(COMPLETION).encode(),
     "ndjson": b'{"a":1}\n{"b":2}\n',
+    # read (1,024 levels), not written again (~900): a stream's one chunk cannot hold it
+    "deep-readable": json.dumps({**COMPLETION, "x": "@"})
+    .encode()
+    .replace(b'"@"', nested(1010).encode()),
 }
 
 
@@ -150,6 +154,19 @@ def test_a_backends_deep_answer_is_a_502_in_dialect(
     response = _post(proxy, path, _chat("deep", stream, extra))
     assert response.status_code == 502, response.text
     assert "JSON" in _error_message(response, path)
+
+
+def test_a_json_answer_to_a_stream_too_deep_to_write_again_is_a_502(
+    proxy: ServerProcess,
+) -> None:
+    """A backend that answers a /v1 stream request with one completion (it ignored
+    ``stream``) nested 1,010 levels deep: read, but its chunk, which holds it, cannot be
+    written for the client. That escaped the relay (a 500). (``/api/chat`` translates
+    the fields it knows, and answers.)"""
+    path = "/v1/chat/completions"
+    response = _post(proxy, path, _chat("deep-readable", True))
+    assert response.status_code == 502, response.text
+    assert "nested too deeply" in _error_message(response, path)
 
 
 def test_a_deep_v1_answer_is_relayed_as_it_came(proxy: ServerProcess) -> None:

@@ -860,14 +860,16 @@ def _answer_as_events(whole: Any, responses: bool, usage_asked: bool) -> tuple[b
     observes them as it observes a live stream's (the time to first token at its first
     delta, the usage of its closing event, a failure as the closing event says); any
     other answer is read as a completion (raises _NotAStream for what is none)."""
-    if responses and is_response(whole):
-        try:
+    as_response = responses and is_response(whole)
+    try:
+        if as_response:
             return response_as_events(whole), None
-        except NestedTooDeeply:  # read, but nested too deeply to be written again
-            raise _NotAStream(
-                "the backend answered the stream with a response nested too deeply"
-            ) from None
-    return _completion_as_events(whole, usage_asked)
+        return _completion_as_events(whole, usage_asked)
+    except NestedTooDeeply:  # read, but nested too deeply to be written again
+        kind = "response" if as_response else "completion"
+        raise _NotAStream(
+            f"the backend answered the stream with a {kind} nested too deeply"
+        ) from None
 
 
 def _completion_as_events(whole: Any, usage_asked: bool) -> tuple[bytes, str | None]:
