@@ -905,3 +905,52 @@ async def test_a_large_json_answer_to_a_stream_is_decoded_in_a_thread(
                     text = (await got.aread()).decode()
                 assert "x" * (size - 1000) in text
                 assert decoded.take() == [(size, size <= OFF_LOOP_BYTES)]
+
+
+# ---- an answer that ends where its connection does -------------------------------------
+
+
+class EndedByClose(ScriptedHandler):
+    """Answers a chat completion of ``chars`` characters with neither Content-Length nor
+    chunked framing (the body ends where the connection does); ``"cut"`` in the model's
+    name cuts it just after a ``}``."""
+
+    chars: ClassVar[int] = 10
+
+    def do_POST(self) -> None:
+        asked = self.json_body()
+        message = {"role": "assistant", "content": "y" * self.chars, "extra": {"a": 1}}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        answer = {"id": "c", "object": "chat.completion", "model": asked["model"],
+                  "choices": [choice]}  # fmt: skip
+        body = json.dumps(answer).encode()
+        if "cut" in asked["model"]:
+            body = body[: body.rindex(b"}", 0, -3) + 1]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("chars", [10, 2 * OFF_LOOP_BYTES])
+async def test_a_large_answer_ended_by_its_connection_is_decoded_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, chars: int
+) -> None:
+    """Only decoding a body that ended with its connection whole tells whether it was cut:
+    in a JSON thread when it is large (it was on the loop, however large), on the loop
+    when small; a cut one is the backend's 502 either way."""
+    decoded = Watched(monkeypatch, forward, "_decodes_whole")
+    monkeypatch.setattr(EndedByClose, "chars", chars)
+    asked = {"messages": [{"role": "user", "content": "hi"}]}
+    with serving(EndedByClose) as backend:
+        async with serving_proxy(backend) as client:
+            whole = await client.post("/v1/chat/completions", json={**asked, "model": "m"})
+            assert whole.status_code == 200, whole.text
+            assert whole.json()["choices"][0]["message"]["content"] == "y" * chars
+            assert decoded.take() == [(len(whole.content), chars < OFF_LOOP_BYTES)]
+            cut = await client.post("/v1/chat/completions", json={**asked, "model": "cut"})
+            assert cut.status_code == 502, cut.text
+            assert "not a JSON object" in cut.json()["error"]["message"]
+            assert [on_loop for _, on_loop in decoded.take()] == [chars < OFF_LOOP_BYTES]

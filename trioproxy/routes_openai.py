@@ -35,6 +35,7 @@ from .forward import (
     note_usage_counts,
     open_stream,
     require_json_object,
+    require_unframed_json_object,
     validated,
 )
 from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
@@ -96,7 +97,11 @@ async def forward(
         return _stream_reply(call, result, watcher, rewrite, on_finish, options)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
-    require_json_object(call, content, delimited=delimited_by_framing(result.response))
+    delimited = delimited_by_framing(result.response)
+    if delimited or len(content) <= OFF_LOOP_BYTES:
+        require_json_object(call, content, delimited=delimited)
+    else:  # only decoding it whole tells whether it was cut
+        await require_unframed_json_object(call, content)
     if len(content) <= OFF_LOOP_BYTES:
         _note_usage(call, content)
     else:
