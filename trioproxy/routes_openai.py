@@ -97,18 +97,19 @@ async def forward(
         return _stream_reply(call, result, watcher, rewrite, on_finish, options)
     result = await call_raw(call, backend_path, payload)
     content = result.response.content
+    large = len(content) > OFF_LOOP_BYTES
     delimited = delimited_by_framing(result.response)
-    if delimited or len(content) <= OFF_LOOP_BYTES:
+    if delimited or not large:
         require_json_object(call, content, delimited=delimited)
     else:  # only decoding it whole tells whether it was cut
         await require_unframed_json_object(call, content)
-    if len(content) <= OFF_LOOP_BYTES:
-        _note_usage(call, content)
-    else:
+    if large:
         await _note_large_usage(call, content)
+    else:
+        _note_usage(call, content)
     if creates_response and body.get("background") is True:
         await _owe_when_queued(app.ledger, content)
-    if len(content) > OFF_LOOP_BYTES:
+    if large:
         asked = body if embeddings else None
         content = await _large_answer_as_asked(content, asked, rename)
         return _whole_reply(call, result, content)
