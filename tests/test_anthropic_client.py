@@ -16,6 +16,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from prometheus_client.parser import text_string_to_metric_families
@@ -166,6 +167,20 @@ def test_tool_round_trip(client: anthropic.Anthropic, streamed: bool) -> None:
     second = create(messages=history)
     assert second.stop_reason == "end_turn"
     assert second.content[0].text.startswith("Thanks! The tool returned: sunny")  # type: ignore[union-attr]
+
+
+class City(pydantic.BaseModel):
+    name: str
+    population: int
+
+
+def test_parse_structured_output(client: anthropic.Anthropic) -> None:
+    """messages.parse with a pydantic model: the schema reaches the backend (the demo
+    answers with an example of it), the SDK reads the answer as the model."""
+    message = client.messages.parse(
+        model="demo-chat", max_tokens=100, messages=ask("a city"), output_format=City
+    )
+    assert message.parsed_output == City(name="demo", population=1)
 
 
 def test_tool_choice_none_sends_no_tools(client: anthropic.Anthropic) -> None:

@@ -269,6 +269,10 @@ def test_conversation_with_tools_images_and_thinking() -> None:
         ({"output_config": "fast"}, "output_config"),
         ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
         ({"output_config": {"effort": {"level": "high"}}}, "output_config.effort"),
+        ({"output_config": {"format": {"type": "json"}}}, "output_config.format.type"),
+        ({"output_config": {"format": "json"}}, "output_config.format.type"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+        ({"output_format": {"type": "json_schema", "schema": []}}, "output_format.schema"),
     ],
 )
 def test_client_mistakes_name_the_field(change: dict[str, Any], field: str) -> None:
@@ -276,6 +280,40 @@ def test_client_mistakes_name_the_field(change: dict[str, Any], field: str) -> N
     with pytest.raises(RequestValidationError) as caught:
         an.validate_messages(body)
     assert caught.value.field == field
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}},
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+
+def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "schema": schema}
+
+
+@pytest.mark.parametrize(
+    ("more", "schema", "strict"),
+    [
+        ({"output_config": {"format": json_schema(CITY_SCHEMA)}}, CITY_SCHEMA, True),
+        # strict mode would refuse an open object: sent without it
+        ({"output_config": {"format": json_schema({"type": "object"})}}, {"type": "object"}, False),
+        ({"output_format": json_schema(CITY_SCHEMA)}, CITY_SCHEMA, True),  # the beta's name
+    ],
+)
+def test_output_format_as_response_format(
+    more: dict[str, Any], schema: dict[str, Any], strict: bool
+) -> None:
+    """Structured outputs (the SDKs' ``messages.parse``, the AI SDK's ``Output.object``)
+    ask the backend for the schema, strict where OpenAI's strict mode takes it."""
+    wanted: dict[str, Any] = {"name": "response", "schema": schema}
+    if strict:
+        wanted["strict"] = True
+    out = translated(**more)
+    assert out["response_format"] == {"type": "json_schema", "json_schema": wanted}
+    assert "response_format" not in translated(output_config={"effort": "low"})
 
 
 def test_think_of() -> None:

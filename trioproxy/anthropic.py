@@ -84,7 +84,8 @@ def validate_messages(body: object) -> JSONDict:
     _check_tools(body.get("tools"))
     _check_choice(body.get("tool_choice"))
     _check_thinking(body.get("thinking"))
-    _check_effort(body.get("output_config"))
+    _check_output_config(body.get("output_config"))
+    _check_format(body.get("output_format"), "output_format")
     return body
 
 
@@ -98,7 +99,7 @@ def _check_thinking(thinking: object) -> None:
         raise RequestValidationError("thinking.budget_tokens", "must be an integer")
 
 
-def _check_effort(config: object) -> None:
+def _check_output_config(config: object) -> None:
     if config is None:
         return
     if not isinstance(config, dict):
@@ -107,6 +108,17 @@ def _check_effort(config: object) -> None:
     # a string first: a list or an object is no key of the table (a TypeError, a 500)
     if effort is not None and (not isinstance(effort, str) or effort not in _EFFORTS):
         raise RequestValidationError("output_config.effort", f"must be one of {_EFFORT_NAMES}")
+    _check_format(config.get("format"), "output_config.format")
+
+
+def _check_format(fmt: object, where: str) -> None:
+    """A structured output format: Anthropic's only kind is a JSON schema."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise RequestValidationError(f"{where}.type", "must be 'json_schema'")
+    if not isinstance(fmt.get("schema"), dict):
+        raise RequestValidationError(f"{where}.schema", "must be an object")
 
 
 def _check_type(body: JSONDict, key: str, kind: type, what: str) -> None:
@@ -244,6 +256,10 @@ def messages_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
             out[key] = body[key]  # top_k is no OpenAI field: vLLM and llama.cpp take it
     if body.get("stop_sequences"):
         out["stop"] = body["stop_sequences"]
+    if (fmt := _output_format(body)) is not None:
+        # as Ollama's ``format`` schema goes (strict where OpenAI's strict mode takes it):
+        # the SDKs' parse helpers and the AI SDK's structured output read the text as JSON
+        out["response_format"] = tr._response_format(fmt["schema"])
     tools = [_openai_tool(t) for t in body.get("tools") or () if _is_custom_tool(t)]
     choice = body.get("tool_choice")
     if tools and not (isinstance(choice, dict) and choice.get("type") == "none"):
@@ -256,6 +272,14 @@ def messages_to_openai(body: JSONDict, backend_model: str) -> JSONDict:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
     return out
+
+
+def _output_format(body: JSONDict) -> JSONDict | None:
+    """``output_config.format``, or ``output_format``: the structured outputs beta's
+    name for it, which the SDKs' beta namespaces still send."""
+    config = body.get("output_config")
+    fmt = config.get("format") if config is not None else None
+    return fmt if fmt is not None else body.get("output_format")
 
 
 def _openai_tool(tool: JSONDict) -> JSONDict:

@@ -69,6 +69,7 @@ from .models import (
 )
 from .request import (
     _generated_call_id,
+    _response_format,
     image_data_url,
     keep_alive_unloads,
     nine_character_id,
@@ -132,6 +133,7 @@ __all__ = [
     "_is_finite_number",
     "_message_tool_calls",
     "_refusal",
+    "_response_format",
     "_text",
     "_thinking",
     "_usage_counts",
