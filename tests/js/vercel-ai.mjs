@@ -2,115 +2,31 @@
 //
 //   node tests/js/vercel-ai.mjs http://127.0.0.1:PORT SCENARIO
 //
-// As clients.mjs: one scenario per run, ONE JSON object printed with what the SDK returned.
+// As clients.mjs: one scenario per run, ONE JSON object printed with what the SDK returned
+// (the helpers, ai-sdk.mjs, shared with anthropic.mjs).
 // A scenario covers one provider (or one backend) whole, so the whole module is a few node
 // processes. The SDK reports what it could not parse or refused as an "error" stream part or
 // a thrown error, both caught and reported; its warnings (AI_SDK_LOG_WARNINGS) and anything a
 // provider prints to the console are collected into the report too, not printed.
 
-import { randomUUID } from "node:crypto";
-
 import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
-import {
-  APICallError,
-  Output,
-  embed,
-  embedMany,
-  generateObject,
-  generateText,
-  stepCountIs,
-  streamText,
-  tool,
-} from "ai";
+import { Output, embed, embedMany, generateObject, generateText, stepCountIs } from "ai";
 import { createOllama as createSdkOllama } from "ai-sdk-ollama";
 import { createOllama as createOllamaV2 } from "ollama-ai-provider-v2";
-import { z } from "zod";
 
-const [baseUrl, scenario] = process.argv.slice(2);
+import {
+  CITY,
+  caught,
+  generated,
+  prompt,
+  runScenario,
+  streamed,
+  usageOf,
+  weather,
+} from "./ai-sdk.mjs";
 
-const warnings = [];
-globalThis.AI_SDK_LOG_WARNINGS = (logged) => warnings.push(...logged.warnings);
-const consoleLines = [];
-for (const level of ["log", "warn", "error", "info", "debug"]) {
-  console[level] = (...args) => consoleLines.push(args.map(String).join(" "));
-}
-
-const marker = () => randomUUID().slice(0, 12);
-const prompt = (text) => `${text} ${marker()}`;
-const WEATHER_INPUT = z.object({ city: z.string(), days: z.number().int() });
-const weather = (execute) =>
-  tool({ description: "Current weather for a city", inputSchema: WEATHER_INPUT, execute });
-const CITY = z.object({ name: z.string(), population: z.number() });
-
-function errorInfo(err) {
-  return {
-    name: err?.name ?? null,
-    message: String(err?.message ?? err),
-    isAPICallError: APICallError.isInstance(err),
-    statusCode: err?.statusCode ?? null,
-    responseBody: err?.responseBody ?? null,
-  };
-}
-
-async function caught(fn) {
-  try {
-    return { ok: true, value: await fn() };
-  } catch (err) {
-    return { ok: false, ...errorInfo(err) };
-  }
-}
-
-const usageOf = (u) => ({ input: u?.inputTokens ?? null, output: u?.outputTokens ?? null });
-
-// streamText whole: its parts (types in order; errors, calls and deltas in detail) and results
-async function streamed(options) {
-  const result = streamText({ maxRetries: 0, onError: () => {}, ...options });
-  const types = [];
-  const textDeltas = [];
-  const reasoningDeltas = [];
-  const errors = [];
-  const calls = [];
-  for await (const part of result.fullStream) {
-    types.push(part.type);
-    if (part.type === "text-delta") textDeltas.push(part.text);
-    else if (part.type === "reasoning-delta") reasoningDeltas.push(part.text);
-    else if (part.type === "error") errors.push(errorInfo(part.error));
-    else if (part.type === "tool-call") {
-      calls.push({
-        id: part.toolCallId,
-        name: part.toolName,
-        input: part.input,
-        invalid: !!part.invalid,
-      });
-    }
-  }
-  const settled = async (promise) => caught(() => promise);
-  const finish = await settled(result.finishReason);
-  const usage = await settled(result.totalUsage);
-  return {
-    types,
-    textDeltas,
-    text: textDeltas.join(""),
-    reasoning: reasoningDeltas.join(""),
-    errors,
-    calls,
-    finishReason: finish.ok ? finish.value : null,
-    usage: usage.ok ? usageOf(usage.value) : null,
-  };
-}
-
-async function generated(options) {
-  const r = await generateText({ maxRetries: 0, ...options });
-  return {
-    text: r.text,
-    reasoning: r.reasoningText ?? null,
-    finishReason: r.finishReason,
-    usage: usageOf(r.usage),
-    calls: r.toolCalls.map((c) => ({ id: c.toolCallId, name: c.toolName, input: c.input })),
-    steps: r.steps.length,
-  };
-}
+const [baseUrl] = process.argv.slice(2);
 
 // Two steps: the tool call, its result sent back, the model's answer to it.
 async function toolRoundTrip(model) {
@@ -331,11 +247,4 @@ const SCENARIOS = {
   "parallel-tools": parallelTools,
 };
 
-if (!baseUrl || !SCENARIOS[scenario]) {
-  process.stderr.write(
-    `usage: node vercel-ai.mjs BASE_URL {${Object.keys(SCENARIOS).join("|")}}\n`,
-  );
-  process.exit(2);
-}
-const result = await SCENARIOS[scenario]();
-process.stdout.write(`${JSON.stringify({ ...result, warnings, console: consoleLines })}\n`);
+await runScenario(SCENARIOS);
