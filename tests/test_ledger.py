@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from trioproxy import shared_ledger
 from trioproxy.ledger import Counted, ResponsesLedger, finished_usage, pending_id
 from trioproxy.routes_openai import _owe_when_queued
 from trioproxy.shared_ledger import SharedResponsesLedger
@@ -208,10 +211,22 @@ def _fails(code: int) -> Callable[..., Any]:
     return fail
 
 
-def test_what_a_cut_stream_owes_is_written_by_the_writer_task(tmp_path: Path) -> None:
+def test_what_a_cut_stream_owes_is_written_by_the_writer_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stream's end cannot wait for a file: it notes what is owed, at once settled
-    through this worker, and written in a thread for the other workers."""
+    through this worker, and written in a thread for the other workers; also what is left
+    when the worker stops (not on the event loop, which other apps' shutdowns share)."""
     first, second = _two_workers(tmp_path)
+    writers: dict[str, bool] = {}  # id: written on the event loop's thread
+    owe_all = SharedResponsesLedger._owe_all
+
+    def recorded(self: SharedResponsesLedger, batch: dict[str, Counted], *args: Any) -> None:
+        writers.update(dict.fromkeys(batch, threading.current_thread() is _loop_thread))
+        owe_all(self, batch, *args)
+
+    _loop_thread = threading.current_thread()
+    monkeypatch.setattr(SharedResponsesLedger, "_owe_all", recorded)
     usage = {"input_tokens": 2, "output_tokens": 10}
 
     async def main() -> None:
@@ -228,6 +243,70 @@ def test_what_a_cut_stream_owes_is_written_by_the_writer_task(tmp_path: Path) ->
     trio.run(main)
     assert second.settle("resp_2", usage) == (2, 4)
     assert second.owed("resp_3") == Counted() and second.owed("resp_1") is None
+    assert writers == {"resp_2": False, "resp_3": False}
+
+
+def test_what_a_stopping_worker_cannot_write_in_time_is_missed_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last writes are bounded (here: no time at all): the rest is missed, never
+    written later, and one WARNING says how many; the cancellation still propagates."""
+    monkeypatch.setattr(shared_ledger, "SHUTDOWN_WRITE_S", 0)
+    first, second = _two_workers(tmp_path)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run_writer)
+            first.owe_soon("resp_1", Counted())
+            first.owe_soon("resp_2", Counted())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(second) == 0
+    assert len(caplog.records) == 1 and "2 Responses API ledger entries" in caplog.text
+
+
+def test_drafts_and_claims_of_processes_gone_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed between writing a draft and renaming it (or claiming an entry and
+    removing it) leaves the file: the next write to its bucket removes it once its process
+    is gone, never a live process's file in use, a few per write."""
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    where = ledger._where("resp_1")
+    assert where is not None
+    bucket = Path(where[0])
+    bucket.mkdir(parents=True)
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    dead = killed.pid
+    gone = [
+        f".draft_{dead}_0123abcd_0",
+        f".claim_{dead}_0123abcd_1",
+        f".draft_{dead}_7",  # named by an earlier version
+        f".draft_{os.getpid()}_ffffffff_3",  # a former process of this pid
+    ]
+    in_use = Path(ledger._own_name(str(bucket), "draft")).name  # this process's
+    live = [in_use, f".claim_{os.getppid()}_0123abcd_0"]  # and another live one's
+    for name in gone + live:
+        (bucket / name).write_bytes(b"0 1\nresp_x")
+    ledger.owe("resp_1", Counted())
+    assert sorted(p.name for p in bucket.iterdir()) == sorted([*live, Path(where[1]).name])
+    # a pid reused by a live process: past an hour, its file is no write's any more
+    monkeypatch.setattr(shared_ledger, "_STALE_NS", -1)
+    ledger.owe("resp_1", Counted())
+    assert [p.name for p in bucket.iterdir()] == [Path(where[1]).name]
+    monkeypatch.undo()
+
+    many = [f".draft_{dead}_0123abcd_{n}" for n in range(20)]
+    for name in many:
+        (bucket / name).write_bytes(b"")
+    ledger.owe("resp_1", Counted())
+    assert len(list(bucket.iterdir())) == 1 + 20 - shared_ledger.SWEEP_PER_WRITE  # bounded
+    for _ in range(3):
+        ledger.owe("resp_1", Counted())
+    assert [p.name for p in bucket.iterdir()] == [Path(where[1]).name]
 
 
 def test_the_shared_ledger_is_written_without_trios_default_threads(tmp_path: Path) -> None:
@@ -252,3 +331,17 @@ def test_the_shared_ledger_is_written_without_trios_default_threads(tmp_path: Pa
 
     trio.run(main)
     assert second.owed("resp_1") == Counted() and second.owed("resp_2") == Counted(0, 3)
+
+
+def test_a_leftover_of_a_former_process_of_this_pid_blocks_no_write(tmp_path: Path) -> None:
+    """Pids are reused (a container's restarted workers get the same small ones): a draft
+    a killed process of this pid left under the name this one would take next (the old
+    naming, pid and a count from 0) made its write fail, and the entry was not owed."""
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    where = ledger._where("resp_1")
+    assert where is not None
+    os.makedirs(where[0])
+    for n in range(4):
+        Path(where[0], f".draft_{os.getpid()}_{n}").write_bytes(b"")
+    ledger.owe("resp_1", Counted(0, 1))
+    assert ledger.owed("resp_1") == Counted(0, 1)

@@ -12,7 +12,11 @@ file per response owed:
 * settled by renaming it to a name of the settling process's own: of two workers settling
   one id at the same moment, one rename succeeds, and only that worker counts it;
 * bounded: a bucket keeps its newest 100 entries (10,000 in all, the oldest of a full
-  bucket go first), each a file of at most about 1 KiB (ids over 1,024 bytes are not owed).
+  bucket go first), each a file of at most about 1 KiB (ids over 1,024 bytes are not owed);
+* swept: a draft or a claim is named after its process (pid and a random tag of the
+  process); one that a killed worker left between writing and renaming, or claiming and
+  removing, is removed when its bucket is next written to, once its process is gone (or is
+  another process of the same pid) or it is an hour old, a few per write.
 
 The event loop: settling is done in place (when nothing is owed, a hash and one rename
 that fails, about 6 us; when something is, a rename, a read and an unlink of one small
@@ -35,11 +39,15 @@ import hashlib
 import heapq
 import itertools
 import logging
+import math
 import os
+import random
+import secrets
 import time
 from contextlib import suppress
 from typing import Any, ClassVar
 
+import psutil
 import trio
 
 from .ledger import MAX_ID_CHARS, MAX_OWED, Counted, rest, usage_totals
@@ -52,12 +60,33 @@ BUCKETS = 100
 MAX_PENDING = 1024
 # a file holds two counts and an id of at most MAX_ID_CHARS bytes
 _MAX_FILE = MAX_ID_CHARS + 64
+# a stopping worker's last writes: what is not written by then is missed
+SHUTDOWN_WRITE_S = 0.5
+# a draft or claim left behind (a worker killed between its two steps): examined per write
+# to a bucket, and removed past this age even if a live process has its pid (pids are
+# reused: a container's restarted workers get the same small ones); one in use lives for
+# the microseconds of a write or a read
+SWEEP_PER_WRITE = 8
+_STALE_NS = 3600 * 10**9
+
+
+def _new_tag() -> None:
+    """This process's tag in its drafts' and claims' names: a former process of the same
+    pid (a reused pid) has another, so its leftovers neither collide with nor pass as ours."""
+    global _tag
+    _tag = secrets.token_hex(4)
+
+
+_tag = ""
+_new_tag()
+os.register_at_fork(after_in_child=_new_tag)
+_names = itertools.count()  # of this process's drafts and claims
 
 
 class SharedResponsesLedger:
     """The ledger in ``directory``, shared by every process that opens it there."""
 
-    __slots__ = ("_buckets", "_dir", "_names", "_pending", "_per_bucket", "_wake", "_warned")
+    __slots__ = ("_buckets", "_dir", "_pending", "_per_bucket", "_wake", "_warned")
     shared: ClassVar[bool] = True
 
     def __init__(self, directory: str, limit: int = MAX_OWED, buckets: int = BUCKETS) -> None:
@@ -66,7 +95,6 @@ class SharedResponsesLedger:
         self._per_bucket = -(-limit // self._buckets)
         self._pending: dict[str, Counted] = {}
         self._wake = trio.lowlevel.ParkingLot()
-        self._names = itertools.count()  # of this process's drafts and claims
         self._warned = False
 
     # ---------------------------------------------------------------- owing (blocking)
@@ -108,10 +136,20 @@ class SharedResponsesLedger:
             raise
 
     def _trim(self, bucket: str) -> None:
-        """The oldest entries of ``bucket`` past its share of the limit, removed."""
-        names = [name for name in os.listdir(bucket) if not name.startswith(".")]
-        if len(names) <= self._per_bucket:
-            return
+        """The oldest entries of ``bucket`` past its share of the limit, removed, and a few
+        drafts and claims left behind by processes gone."""
+        names: list[str] = []
+        own: list[str] = []
+        for name in os.listdir(bucket):
+            (own if name.startswith(".") else names).append(name)
+        if len(names) > self._per_bucket:
+            self._evict(bucket, names)
+        if own:  # after the bound is kept: a file that cannot be removed fails no eviction
+            # a sample: a few that cannot go yet never hide the others behind them
+            _sweep(bucket, random.sample(own, min(len(own), SWEEP_PER_WRITE)))
+
+    def _evict(self, bucket: str, names: list[str]) -> None:
+        """The oldest of ``names`` in ``bucket`` past its share of the limit, removed."""
         aged: list[tuple[int, str]] = []
         for name in names:
             with suppress(FileNotFoundError):  # settled since the listing
@@ -141,15 +179,35 @@ class SharedResponsesLedger:
                 # the metrics' threads: trio's default ones may all wait on name resolutions
                 await trio.to_thread.run_sync(self._owe_all, batch, limiter=metrics_threads())
         finally:
-            # the worker stops: what is left is written now (blocking is fine by then),
-            # and what its thread did not write (never twice: another worker may have
-            # settled it since, and would count it again)
-            self._owe_all({**batch, **self._pending})
+            # the worker stops: what is left is written now, and what its thread did not
+            # write (never twice: another worker may have settled it since, and would count
+            # it again)
+            left = {**batch, **self._pending}
             self._pending = {}
+            if left:
+                await self._owe_last(left)
 
-    def _owe_all(self, batch: dict[str, Counted]) -> None:
-        """Write ``batch``, emptying it as it goes."""
+    async def _owe_last(self, left: dict[str, Counted]) -> None:
+        """Write ``left`` in a thread, for about :data:`SHUTDOWN_WRITE_S` at most (the
+        write under way is finished: one small file), not on the event loop that other
+        tasks' shutdowns share; the rest is missed, and logged."""
+        until = time.monotonic() + SHUTDOWN_WRITE_S
+        # shielded: the cancellation stopping the worker is what brought us here; the
+        # thread is awaited (never left running), and stops itself at the bound
+        with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_WRITE_S):
+            await trio.to_thread.run_sync(self._owe_all, left, until, limiter=metrics_threads())
+        if left:
+            log.warning(
+                "metrics: %d Responses API ledger entries were not written as the worker "
+                "stopped: other workers will not count the rest of those responses' tokens",
+                len(left),
+            )
+
+    def _owe_all(self, batch: dict[str, Counted], until: float = math.inf) -> None:
+        """Write ``batch``, emptying it as it goes (until the monotonic clock's ``until``)."""
         for response_id in list(batch):
+            if time.monotonic() > until:
+                return
             self.owe(response_id, batch.pop(response_id))
 
     def owed(self, response_id: str) -> Counted | None:
@@ -240,7 +298,7 @@ class SharedResponsesLedger:
 
     def _own_name(self, bucket: str, kind: str) -> str:
         """A name in ``bucket`` no other process or thread uses (dotted: not an entry)."""
-        return os.path.join(bucket, f".{kind}_{os.getpid()}_{next(self._names)}")
+        return os.path.join(bucket, f".{kind}_{os.getpid()}_{_tag}_{next(_names)}")
 
     def _warn(self, error: OSError) -> None:
         if not self._warned:
@@ -252,6 +310,28 @@ class SharedResponsesLedger:
                 self._dir,
                 error,
             )
+
+
+def _sweep(bucket: str, names: list[str]) -> None:
+    """The drafts and claims among ``names`` that no process uses any more, removed."""
+    me = os.getpid()
+    now = time.time_ns()
+    for name in names:
+        _, _, rest_of_name = name.partition("_")
+        pid_text, _, rest_of_name = rest_of_name.partition("_")
+        pid = int(pid_text) if pid_text.isdigit() else None
+        path = os.path.join(bucket, name)
+        try:
+            if pid == me:
+                gone = not rest_of_name.startswith(_tag + "_")
+            else:
+                gone = pid is not None and not psutil.pid_exists(pid)
+            # a rename sets a claim's ctime (its mtime is its entry's, maybe hours old)
+            gone = gone or now - os.stat(path).st_ctime_ns > _STALE_NS
+            if gone:
+                os.unlink(path)
+        except FileNotFoundError:  # renamed or removed meanwhile (by its owner, a sweep)
+            pass
 
 
 def _parsed(data: bytes, key: bytes) -> Counted | None:
