@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 
 from .conftest import ServerProcess, demo_events_for
+from .test_access_addresses import access_lines
 from .test_metrics_e2e import wait_for
 
 WEATHER: Any = {
@@ -48,6 +49,7 @@ def server(demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess
         demo_backend.url,
         MAX_RETRIES="0",
         THINK_OFF_EXTRA_BODY='{"chat_template_kwargs": {"enable_thinking": false}}',
+        ACCESS_LOG="true",  # (its lines name the request ids the SDK reads)
     )
 
 
@@ -394,6 +396,90 @@ def test_client_leaving_mid_stream_is_cancelled(
     assert demo_events_for(demo_backend, request_id)[0]["tokens_sent"] < 200
 
 
+def proxy_id(server: ServerProcess, response: httpx.Response) -> str:
+    """The proxy's id of ``response``: its X-Request-ID, which its access line names."""
+    request_id = response.headers["x-request-id"]
+    assert access_lines(server, request_id)
+    return request_id
+
+
+def test_a_message_has_the_proxys_request_id(
+    server: ServerProcess, client: anthropic.Anthropic
+) -> None:
+    """The SDK reads a response's id from Anthropic's ``request-id`` header (and logs it,
+    and users quote it): the proxy's id, which its logs have, not None."""
+    raw = client.messages.with_raw_response.create(
+        model="demo-chat", max_tokens=10, messages=ask("[[tokens=2]]")
+    )
+    request_id = proxy_id(server, raw.http_response)
+    assert raw.parse()._request_id == raw.request_id == request_id
+
+
+def test_a_stream_has_the_proxys_request_id(
+    server: ServerProcess, client: anthropic.Anthropic
+) -> None:
+    with client.messages.stream(
+        model="demo-chat", max_tokens=10, messages=ask("[[tokens=2]]")
+    ) as stream:
+        stream.get_final_message()
+    assert stream.request_id == proxy_id(server, stream.response)
+
+
+def _read_stream(sdk: anthropic.Anthropic, prompt: str) -> Message:
+    with sdk.messages.stream(model="demo-chat", max_tokens=100, messages=ask(prompt)) as stream:
+        return stream.get_final_message()
+
+
+SDK_ERRORS: dict[str, Callable[[anthropic.Anthropic], object]] = {
+    "the proxy's 400": lambda sdk: sdk.post(
+        "/v1/messages", body={"model": "demo-chat", "messages": ask("x")}, cast_to=Message
+    ),
+    "the backend's 429": lambda sdk: sdk.messages.create(
+        model="demo-chat", max_tokens=10, messages=ask("[[status=429]]")
+    ),
+    "the backend's 429 to a stream": lambda sdk: sdk.messages.create(
+        model="demo-chat", max_tokens=10, messages=ask("[[status=429]]"), stream=True
+    ),
+    "an unknown model's 404": lambda sdk: sdk.messages.create(
+        model="no-such-model", max_tokens=10, messages=ask("x")
+    ),
+    "a failure mid-stream": lambda sdk: _read_stream(sdk, "[[tokens=20]] [[drop_after=3]]"),
+    # served through Quart, not the fast path
+    "count_tokens' 404": lambda sdk: sdk.messages.count_tokens(
+        model="demo-chat", messages=ask("x")
+    ),
+    "GET's 405": lambda sdk: sdk.get("/v1/messages", cast_to=Message),
+}
+
+
+@pytest.mark.parametrize("failing", SDK_ERRORS.values(), ids=SDK_ERRORS.keys())
+def test_an_error_has_the_proxys_request_id(
+    server: ServerProcess,
+    client: anthropic.Anthropic,
+    failing: Callable[[anthropic.Anthropic], object],
+) -> None:
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        failing(client)
+    assert caught.value.request_id == proxy_id(server, caught.value.response)
+
+
+@pytest.mark.parametrize(
+    ("path", "anthropic_id"),
+    [("/v1/messages", True), ("/v1/chat/completions", False), ("/api/chat", False)],
+)
+@pytest.mark.parametrize("prompt", ["hi [[tokens=2]]", "[[status=429]]"])
+def test_only_the_anthropic_route_sends_request_id(
+    server: ServerProcess, path: str, anthropic_id: bool, prompt: str
+) -> None:
+    """Anthropic's name for the id, on its route only: the openai SDKs read
+    ``x-request-id``, which every answer has."""
+    body = {"model": "demo-chat", "max_tokens": 10, "stream": False, "messages": ask(prompt)}
+    response = httpx.post(f"{server.url}{path}", json=body, timeout=10)
+    assert response.status_code == (429 if "status" in prompt else 200)
+    request_id = proxy_id(server, response)
+    assert response.headers.get("request-id") == (request_id if anthropic_id else None)
+
+
 def test_client_keys_as_x_api_key_or_bearer(
     demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
 ) -> None:
@@ -409,3 +495,5 @@ def test_client_keys_as_x_api_key_or_bearer(
         with pytest.raises(anthropic.AuthenticationError) as caught:
             sdk.messages.create(**args)
     assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    # refused before its body was read, with the id the SDK reads
+    assert caught.value.request_id == caught.value.response.headers["x-request-id"]

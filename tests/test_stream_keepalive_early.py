@@ -285,6 +285,7 @@ def test_an_early_start_has_the_backends_headers_when_they_came_before_it(
     assert _passed_on(response.headers) == (
         {"req_backend_1", "41", True} if backend_headers else {None, False}
     )
+    assert "request-id" not in response.headers  # Anthropic's name: /v1/messages only
 
 
 @pytest.mark.parametrize(("model", "backend_headers"), EARLY_HEADS)
@@ -303,6 +304,8 @@ def test_an_anthropic_stream_has_the_same_head(
     assert _passed_on(response.headers) == (
         {"req_backend_1", "41", True} if backend_headers else {None, False}
     )
+    # the proxy's id under Anthropic's name too, which the SDK reads, in the early head
+    assert response.request_id == response.headers["x-request-id"]
 
 
 def test_the_openai_sdk_reads_an_early_started_stream_whole(proxy: ServerProcess) -> None:
@@ -505,6 +508,7 @@ def test_a_late_refusal_is_the_anthropic_sdks_error(
                 stream.get_final_message()
     error = raised.value.body["error"]  # type: ignore[index]
     assert error["type"] == kind and message in error["message"], error
+    assert raised.value.request_id == raised.value.response.headers["x-request-id"]
     counts.refusal_counted(status)
 
 

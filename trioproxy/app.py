@@ -45,7 +45,13 @@ from .config import (
     load_settings,
     redact_url,
 )
-from .errors import CodedRequestBody, ProxyError, body_too_large_message, scrub
+from .errors import (
+    CodedRequestBody,
+    ProxyError,
+    body_too_large_message,
+    is_anthropic_path,
+    scrub,
+)
 from .exchange import (
     CLIENT_RETRIES_NAME,
     JSON,
@@ -156,12 +162,12 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
             state.trace = trace_context(headers.getlist(TRACEPARENT), headers.getlist(TRACESTATE))
         request.trioproxy_state = state
         self._request_id = state.request_id
+        shown = _shown_path(request)  # also the path whose dialect its errors speak
         access = None
         if app.settings.access_log:
-            access = AccessLine(
-                request.method, _shown_path(request), self.scope, app.client_addresses
-            )
-        tracked = Tracked(app.collector, state, send, access, self.scope)
+            access = AccessLine(request.method, shown, self.scope, app.client_addresses)
+        anthropic = is_anthropic_path(shown)
+        tracked = Tracked(app.collector, state, send, access, self.scope, anthropic)
         async with tracked as counting_send:
             response = await app.handle_request(request)
             for name, value in tracked.response_headers(response.status_code):
@@ -246,6 +252,7 @@ class ProxyApp(QuartTrio):
     mapper: ModelMapper
     pool: UpstreamPool | None
     fast_routes: dict[str, Handler]
+    anthropic_routes: frozenset[str] = frozenset()  # those of fast_routes on Anthropic's API
     in_progress: fastpath.InProgress
     admission: fastpath.Admission
     body_timeout: float = 300.0
@@ -376,6 +383,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.register_blueprint(openai_routes)
     app.register_blueprint(anthropic_routes)
     app.fast_routes = {**ollama_fast_routes, **openai_fast_routes, **anthropic_fast_routes}
+    app.anthropic_routes = frozenset(filter(is_anthropic_path, app.fast_routes))
     app.in_progress = fastpath.InProgress()
     app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)

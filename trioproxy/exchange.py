@@ -58,6 +58,10 @@ log = logging.getLogger("trioproxy")
 # every log line of its request and sent back as a header
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
+# Anthropic's name for a response's request id, which the anthropic SDKs read (a message's
+# ``_request_id``, an error's ``request_id``): sent beside X-Request-ID on /v1/messages only
+ANTHROPIC_REQUEST_ID = "request-id"
+_ANTHROPIC_REQUEST_ID_RAW = ANTHROPIC_REQUEST_ID.encode()
 _OVERHEAD_HEADER_RAW = OVERHEAD_HEADER.lower().encode("latin-1")
 JSON = "application/json"
 
@@ -267,7 +271,16 @@ class Tracked:
     request's cleanups run (shielded, bounded) and its metrics record is finished and
     handed to the collector once."""
 
-    __slots__ = ("_access", "_collector", "_scope", "_token", "send", "state", "status")
+    __slots__ = (
+        "_access",
+        "_anthropic",
+        "_collector",
+        "_scope",
+        "_token",
+        "send",
+        "state",
+        "status",
+    )
 
     def __init__(
         self,
@@ -276,6 +289,7 @@ class Tracked:
         send: ASGISendCallable,
         access: AccessLine | None = None,
         scope: Mapping[str, Any] | None = None,
+        anthropic: bool = False,
     ) -> None:
         self._collector = collector
         self.state = state
@@ -283,6 +297,9 @@ class Tracked:
         self._access = access
         self._scope = scope  # the request's ASGI scope, where the server notes a refusal
         self.status = 0
+        # an answer on the Anthropic route (``errors.is_anthropic_path``): its id goes out
+        # under Anthropic's name too. Decided by the caller, where the check is cheapest
+        self._anthropic = anthropic
 
     async def __aenter__(self) -> CountingSend:
         self._token = request_id_var.set(self.state.request_id)
@@ -331,6 +348,8 @@ class Tracked:
         """What every response gets: its request id and, when a backend answered, the
         time the proxy itself added. Also notes the status for the metrics."""
         headers = [("X-Request-ID", self.state.request_id)]
+        if self._anthropic:
+            headers.append((ANTHROPIC_REQUEST_ID, self.state.request_id))
         overhead = self._note_status(status)
         if overhead is not None:
             self._note_overhead(overhead)
@@ -341,7 +360,10 @@ class Tracked:
         self, status: int, *, overhead_header: bool = True
     ) -> list[tuple[bytes, bytes]]:
         """:meth:`response_headers`, encoded for an ASGI response start."""
-        headers = [(b"x-request-id", self.state.request_id.encode("latin-1"))]
+        request_id = self.state.request_id.encode("latin-1")
+        headers = [(b"x-request-id", request_id)]
+        if self._anthropic:
+            headers.append((_ANTHROPIC_REQUEST_ID_RAW, request_id))
         overhead = self._note_status(status)
         if overhead is not None and overhead_header:
             self._note_overhead(overhead)
