@@ -86,6 +86,8 @@ def sdk_error(result: Result, constructor: str, status: int | None, kind: str) -
     assert result["ok"] is False, result
     assert (result["constructor"], result["isAPIError"]) == (constructor, True), result
     assert result["status"] == status
+    # the id the SDK read (request-id, Anthropic's name), the proxy's X-Request-ID
+    assert result["requestID"] and result["requestID"] == result["proxyRequestID"], result
     body = result["error"]
     assert body["type"] == "error" and body["error"]["type"] == kind
     message: str = body["error"]["message"]
@@ -102,6 +104,14 @@ def test_sdk_create(sdk: Result) -> None:
     assert_message(sdk["systemBlocks"], text(2))
     assert sdk["systemBlocks"]["usage"] == sdk["create"]["usage"] | {"output_tokens": 2}
     assert_message(sdk["maxTokens"], text(3), stop="max_tokens")
+
+
+def test_sdk_reads_the_proxys_request_ids(sdk: Result) -> None:
+    """A message's ``_request_id``, the raw response's and a stream's ``request_id`` (the
+    errors' ``requestID``: ``sdk_error``): the proxy's X-Request-ID, not undefined."""
+    ids = sdk["requestIds"]
+    assert ids["proxy"] and ids["message"] == ids["response"] == ids["proxy"], ids
+    assert ids["streamProxy"] and ids["stream"] == ids["streamProxy"], ids
 
 
 def test_sdk_stream_text_events_and_final_message(sdk: Result) -> None:

@@ -64,6 +64,9 @@ const sdkCaught = (fn) =>
     message: String(err?.message ?? err),
     status: err?.status ?? null,
     error: err?.error ?? null,
+    // the id the SDK read (Anthropic's request-id header), and the proxy's X-Request-ID
+    requestID: err?.requestID ?? null,
+    proxyRequestID: err?.headers?.get("x-request-id") ?? null,
   }));
 
 function message(m) {
@@ -182,7 +185,24 @@ async function anthropicSdk() {
     if (event.type === "message_delta") rawUsage = { ...rawUsage, ...event.usage };
   }
   counted(rawUsage.input_tokens, rawUsage.output_tokens);
+  // the ids the SDK reads from request-id, beside the proxy's X-Request-ID
+  const created = await create({ messages: user("Hi [[tokens=2]]") }).withResponse();
+  message(created.data);
+  const streamed = client.messages.stream({
+    model: "demo-chat",
+    max_tokens: 10,
+    messages: user("Hi [[tokens=2]]"),
+  });
+  message(await streamed.finalMessage());
+  const requestIds = {
+    message: created.data._request_id ?? null,
+    response: created.request_id ?? null,
+    proxy: created.response.headers.get("x-request-id"),
+    stream: streamed.request_id ?? null,
+    streamProxy: (await streamed.withResponse()).response.headers.get("x-request-id"),
+  };
   return {
+    requestIds,
     create: message(await create({ system: "You are terse.", messages: user("Hi [[tokens=5]]") })),
     systemBlocks: message(
       await create({
