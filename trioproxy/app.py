@@ -53,6 +53,7 @@ from .errors import (
     scrub,
 )
 from .exchange import (
+    ANTHROPIC_REQUEST_ID,
     CLIENT_RETRIES_NAME,
     JSON,
     OVERHEAD_HEADER,
@@ -196,7 +197,8 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
 
 
 _EXPOSED_HEADERS = (
-    f"X-Request-ID, {OVERHEAD_HEADER}, Retry-After, retry-after-ms, x-should-retry, *"
+    f"X-Request-ID, {ANTHROPIC_REQUEST_ID}, {OVERHEAD_HEADER}, Retry-After, retry-after-ms, "
+    "x-should-retry, *"
 )
 
 
