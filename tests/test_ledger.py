@@ -309,6 +309,28 @@ def test_drafts_and_claims_of_processes_gone_are_swept(
     assert [p.name for p in bucket.iterdir()] == [Path(where[1]).name]
 
 
+def test_a_leftover_named_with_no_pid_fails_no_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dotted file whose pid part is digits but no pid (too many for the kernel's pid
+    type, or digits outside ASCII) was an OverflowError or ValueError out of every write
+    to its bucket; it is judged by its age, as a name without a pid is."""
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    where = ledger._where("resp_1")
+    assert where is not None
+    bucket = Path(where[0])
+    bucket.mkdir(parents=True)
+    odd = [".draft_99999999999999999999_0123abcd_0", ".claim_\u00b2_0123abcd_0"]
+    for name in odd:
+        (bucket / name).write_bytes(b"")
+    ledger.owe("resp_1", Counted(input_tokens=3))
+    assert ledger.owed("resp_1") == Counted(input_tokens=3)
+    assert sorted(p.name for p in bucket.iterdir()) == sorted([*odd, Path(where[1]).name])
+    monkeypatch.setattr(shared_ledger, "_STALE_NS", -1)  # an hour later
+    ledger.owe("resp_1", Counted())
+    assert [p.name for p in bucket.iterdir()] == [Path(where[1]).name]
+
+
 def test_the_shared_ledger_is_written_without_trios_default_threads(tmp_path: Path) -> None:
     """A burst of slow name resolutions holds trio's 40 default threads (each new backend
     connection resolves its host name in one): a queued background answer must not wait

@@ -319,7 +319,7 @@ def _sweep(bucket: str, names: list[str]) -> None:
     for name in names:
         _, _, rest_of_name = name.partition("_")
         pid_text, _, rest_of_name = rest_of_name.partition("_")
-        pid = int(pid_text) if pid_text.isdigit() else None
+        pid = _pid(pid_text)
         path = os.path.join(bucket, name)
         try:
             if pid == me:
@@ -332,6 +332,20 @@ def _sweep(bucket: str, names: list[str]) -> None:
                 os.unlink(path)
         except FileNotFoundError:  # renamed or removed meanwhile (by its owner, a sweep)
             pass
+
+
+def _pid(text: str) -> int | None:
+    """The pid a leftover's name gives, if it can be one: ASCII digits (``str.isdigit``
+    takes "²" too, which ``int`` refuses) few enough for the kernel's pid type (a longer
+    run made ``psutil.pid_exists`` an OverflowError out of every write to the bucket);
+    else None, and the file is judged by its age."""
+    if len(text) > _PID_DIGITS or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
+# Linux's pids stop at 2**22 (PID_MAX_LIMIT); a C int, which os.kill takes, holds 9 digits
+_PID_DIGITS = 9
 
 
 def _parsed(data: bytes, key: bytes) -> Counted | None:
