@@ -136,20 +136,30 @@ TRICKY_VALUES = st.recursive(
     st.dictionaries(TRICKY_TEXT, TRICKY_VALUES, max_size=5) | TRICKY_VALUES,
     st.booleans(),
     st.booleans(),
+    st.booleans(),
+    st.integers(1, 200),
+    st.integers(0, 400),
 )
 def test_top_level_member_agrees_with_decoding_the_whole_body(
-    value: object, spaced: bool, from_the_start: bool
+    value: object, spaced: bool, ascii_only: bool, from_the_start: bool, head: int, within: int
 ) -> None:
     """``from_the_start``: a key with anything after it is read from what precedes it, as
-    one followed by more than 4 KiB is (these bodies are shorter)."""
-    body = (json.dumps(value, indent=1) if spaced else json.dumps(value)).encode()
-    expected = value.get("usage") if isinstance(value, dict) else None
+    one followed by more than 4 KiB is (these bodies are shorter), its value from a
+    window of ``head`` bytes (64 KiB in use) that may cut it, or a character of it;
+    ``within``: the end searched (256 KiB in use) may cut the key."""
+    dumped = json.dumps(value, indent=1 if spaced else None, ensure_ascii=ascii_only)
+    body = dumped.encode("utf-8", "surrogatepass")
+    try:
+        expected = json.loads(body).get("usage") if isinstance(value, dict) else None
+    except UnicodeDecodeError:  # a lone surrogate written raw: no JSON body
+        return
     with pytest.MonkeyPatch.context() as patch:
         if from_the_start:
             patch.setattr(jsonutil, "_LONG_TAIL", 0)
+        patch.setattr(jsonutil, "_HEAD_BYTES", head)
         assert top_level_member(body, "usage") == expected
-        for within in (0, 8, len(body) // 2, len(body)):  # what it reads near the end too
-            found, usage = member_near_the_end(body, "usage", within)
+        for near in (0, 8, len(body) // 2, len(body), within):  # read near the end too
+            found, usage = member_near_the_end(body, "usage", near)
             assert usage == (expected if found else None)
 
 
