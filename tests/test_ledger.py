@@ -60,7 +60,10 @@ def test_finished_and_pending_responses() -> None:
     assert pending_id(done) is None and pending_id(None) is None
 
 
-def test_a_replayed_stream_counts_only_what_is_owed_and_settles_it_at_once() -> None:
+def test_a_replayed_stream_observer_only_keeps_its_closing_usage() -> None:
+    """Translation is pure: the observer of a resumed stream counts nothing and settles
+    nothing (settling the workers' ledger is a file's rename: I/O); it keeps the closing
+    event's usage for the route to settle once the stream is over."""
     closing = (
         '{"type":"response.completed","sequence_number":9,"response":{"status":"completed",'
         '"usage":{"input_tokens":5,"output_tokens":40}}}'
@@ -70,19 +73,15 @@ def test_a_replayed_stream_counts_only_what_is_owed_and_settles_it_at_once() -> 
         '"model":"gpt-x","status":"in_progress"}}'
     )
     delta = '{"type":"response.output_text.delta","sequence_number":3,"delta":"hi"}'
-    ledger = ResponsesLedger()
-    counted_before = ReplayedResponsesObserver(ledger, "resp_0")
-    ledger.owe("resp_1", Counted(0, 12))
-    owed = ReplayedResponsesObserver(ledger, "resp_1")
-    for watcher in (counted_before, owed):
-        for data in (created, delta, closing):
-            watcher.feed_text(data, 1)
-    assert counted_before.completion_tokens is None and not counted_before.settled
-    assert (owed.prompt_tokens, owed.completion_tokens, owed.settled) == (5, 28, True)
-    assert owed.content_chunks == 0 and owed.first_token_ns is None and owed.progressed
-    assert (owed.response_id, owed.response_model) == ("resp_1", "gpt-x")
-    # settled the moment the closing event came: a poll at the same time counts nothing
-    assert ledger.settle("resp_1", {"input_tokens": 5, "output_tokens": 40}) is None
+    watcher = ReplayedResponsesObserver()
+    assert watcher.final_usage is None
+    for data in (created, delta, closing):
+        watcher.feed_text(data, 1)
+    assert watcher.final_usage == {"input_tokens": 5, "output_tokens": 40}
+    assert watcher.prompt_tokens is None and watcher.completion_tokens is None
+    assert watcher.content_chunks == 0 and watcher.first_token_ns is None and watcher.progressed
+    assert (watcher.response_id, watcher.response_model) == ("resp_1", "gpt-x")
+    assert watcher.ended and not watcher.failed
 
 
 # ----------------------------------------------------------------------------- shared by workers

@@ -42,6 +42,7 @@ from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
 from .jsonutil import loads, member_near_the_end, top_level_member
 from .keepalive import stream_opening
 from .ledger import MAX_ID_CHARS, Counted, Ledger, finished_usage, pending_id
+from .metrics.request import RequestMetrics
 from .metrics.threads import metrics_threads
 from .relay import (
     EVENT_STREAM,
@@ -51,6 +52,7 @@ from .relay import (
     dumps,
     relay_openai,
 )
+from .shared_ledger import SharedResponsesLedger
 from .upstream import UpstreamResult, forwarded_headers
 
 blueprint = Blueprint("openai", __name__)
@@ -259,13 +261,13 @@ async def by_id(
         if head_only:
             return _stream_head(call, result)
         rewrite = _model_rewriter({b: mapper.to_client(b) for _, b in mapper.items()})
-        watcher = tr.ReplayedResponsesObserver(app.ledger, response_id)
-        named = partial(_note_streamed_model, call, watcher)
-        return _stream_reply(call, result, watcher, rewrite, named)
+        watcher = tr.ReplayedResponsesObserver()
+        ended = partial(_replay_ended, call, watcher, response_id)
+        return _stream_reply(call, result, watcher, rewrite, ended)
     result = await call_raw(call, backend_path, None, method=method)
     content = result.response.content
     if method == "DELETE":
-        app.ledger.forget(response_id)
+        _forget(call, response_id)
         return _whole_reply(call, result, content)
     large = len(content) > OFF_LOOP_BYTES  # a response with an image in base64, say
     # bytes in, a new object or bytes out: a client that leaves need not wait for them
@@ -274,7 +276,8 @@ async def by_id(
         if large
         else _json_object(content)
     )
-    _settle(call, app.ledger, payload)
+    if (finished := finished_usage(payload)) is not None:
+        _settle(call, *finished)
     model = payload.get("model") if payload is not None else None
     if isinstance(model, str):
         client_model = mapper.to_client(model)
@@ -318,6 +321,14 @@ def _note_streamed_model(call: Call, watcher: tr.ResponsesStreamObserver) -> Non
         _note_backend_model(call, call.app.mapper.to_client(watcher.response_model))
 
 
+def _replay_ended(call: Call, watcher: tr.ReplayedResponsesObserver, response_id: str) -> None:
+    """A resumed stream is over: its model named, and what its closing event's usage says
+    the response still owes counted (``_settle``)."""
+    _note_streamed_model(call, watcher)
+    if watcher.final_usage is not None:
+        _settle(call, response_id, watcher.final_usage, replayed=True)
+
+
 def _note_backend_model(call: Call, name: str) -> None:
     """A model named by the backend's answer, not the client, noted for the metrics with
     the backend's secrets masked as in the reply (keys of 12 characters or more): a backend
@@ -326,15 +337,46 @@ def _note_backend_model(call: Call, name: str) -> None:
     note_model(call.state, call.app.settings.backend_secrets.mask_text(name))
 
 
-def _settle(call: Call, ledger: Ledger, payload: dict[str, Any] | None) -> None:
-    """Count the usage a finished response still owes the metrics."""
-    finished = finished_usage(payload)
-    if finished is None:
+def _settle(call: Call, response_id: str, usage: Any, *, replayed: bool = False) -> None:
+    """Count what a finished response's ``usage`` says it still owes the metrics (the
+    ledger): at once from this process's ledger, in memory; from the workers' shared one
+    (files) in a metrics thread, as the request ends (a cleanup, after its reply), never
+    on the event loop. ``replayed``: a resumed stream's (``settle_off_loop``)."""
+    ledger = call.app.ledger
+    if not isinstance(ledger, SharedResponsesLedger):
+        _count_owed(call.state.metric, ledger.settle(response_id, usage))
         return
-    owed = ledger.settle(*finished)
-    metric = call.state.metric
+    settle = partial(_settle_shared, ledger, call.state.metric, response_id, usage, replayed)
+    call.state.cleanups.insert(0, settle)  # run last: after the backend's connection is let go
+
+
+async def _settle_shared(
+    ledger: SharedResponsesLedger,
+    metric: RequestMetrics | None,
+    response_id: str,
+    usage: Any,
+    replayed: bool,
+) -> None:
+    if metric is not None:
+        metric.finish()  # the request took until its reply was out, not this settling too
+    _count_owed(metric, await ledger.settle_off_loop(response_id, usage))
+
+
+def _count_owed(metric: RequestMetrics | None, owed: tuple[int, int] | None) -> None:
+    """The tokens ``owed`` (input, output) as the request's own: its usage, not counted."""
     if owed is not None and metric is not None:
         metric.input_tokens, metric.output_tokens = owed
+        metric.tokens_counted = False  # a replay's own (none) were counted from its deltas
+
+
+def _forget(call: Call, response_id: str) -> None:
+    """A deleted response owes nothing any more (in a metrics thread as the request ends
+    for the workers' shared ledger, as ``_settle``)."""
+    ledger = call.app.ledger
+    if isinstance(ledger, SharedResponsesLedger):
+        call.state.cleanups.insert(0, partial(ledger.forget_off_loop, response_id))
+    else:
+        ledger.forget(response_id)
 
 
 @blueprint.get("/v1/models")

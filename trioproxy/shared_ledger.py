@@ -18,14 +18,16 @@ file per response owed:
   removing, is removed when its bucket is next written to, once its process is gone (or is
   another process of the same pid) or it is an hour old, a few per write.
 
-The event loop: settling is done in place (when nothing is owed, a hash and one rename
-that fails, about 6 us; when something is, a rename, a read and an unlink of one small
-file, about 25 us, once per response owed: ext4 and tmpfs alike); owing (a write, a
-rename, a listing of the bucket: about 25-40 us; and a stat of its 100 entries when it is
-full: about 330 us) goes to one of the metrics' threads (:mod:`.metrics.threads`, not
-trio's default ones, which slow name resolutions may all hold): awaited where the caller
-can wait (a queued background response: the entry is there before the client has the
-id), else by this ledger's writer task (a stream cut before its end).
+Nothing here runs on the event loop but noting a cut stream's entry: settling (when
+nothing is owed, a hash and one rename that fails, about 6 us; when something is, a rename,
+a read and an unlink of one small file, about 25 us, once per response owed: ext4 and
+tmpfs alike) and owing (a write, a rename, a listing of the bucket: about 25-40 us; and a
+stat of its 100 entries when it is full: about 330 us) go to one of the metrics' threads
+(:mod:`.metrics.threads`, not trio's default ones, which slow name resolutions may all
+hold), abandoned to a cancellation (a hung disk holds no request, no shutdown): awaited
+where the caller can wait (a queued background response: the entry is there before the
+client has the id; a poll's or a resumed stream's settling, in the request's cleanups,
+after its reply), else by this ledger's writer task (a stream cut before its end).
 
 A directory that cannot be written or read (a full or read-only disk, no file descriptor
 left) never fails a request: what cannot be written is not owed and what cannot be read
@@ -44,8 +46,9 @@ import os
 import random
 import secrets
 import time
+from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import psutil
 import trio
@@ -77,6 +80,7 @@ def _new_tag() -> None:
     _tag = secrets.token_hex(4)
 
 
+T = TypeVar("T")
 _tag = ""
 _new_tag()
 os.register_at_fork(after_in_child=_new_tag)
@@ -209,6 +213,23 @@ class SharedResponsesLedger:
             if time.monotonic() > until:
                 return
             self.owe(response_id, batch.pop(response_id))
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in one of the metrics' threads (trio's default ones may all wait
+        on name resolutions), abandoned to a cancellation: a disk that hangs holds no
+        request and no shutdown (what the abandoned call would have done is missed)."""
+        return await trio.to_thread.run_sync(
+            fn, *args, abandon_on_cancel=True, limiter=metrics_threads()
+        )
+
+    # ---------------------------------------------------------------- settling (blocking)
+
+    async def settle_off_loop(self, response_id: str, usage: Any) -> tuple[int, int] | None:
+        """:meth:`settle` in a thread (:meth:`_in_thread`)."""
+        return await self._in_thread(self.settle, response_id, usage)
+
+    async def forget_off_loop(self, response_id: str) -> None:
+        await self._in_thread(self.forget, response_id)
 
     def owed(self, response_id: str) -> Counted | None:
         if (counted := self._pending.get(response_id)) is not None:

@@ -18,7 +18,6 @@ from trioproxy.jsonutil import (
     loads,
     whole_number,
 )
-from trioproxy.ledger import Ledger
 from trioproxy.sse import DEFAULT_MAX_LINE_BYTES
 
 from .answer import (
@@ -397,16 +396,16 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
     """Watches a resumed Responses stream (``GET /v1/responses/{id}?stream=true``): the
     backend replays the events of a response whose creating request counted it. Its end,
     failures and progress are watched as for a live stream, but its deltas are not counted
-    again, nor is a replayed delta a time to first token. Only usage the ``ledger`` says
-    is still owed for ``response_id`` (a background response, a stream cut before its end)
-    counts, the rest only, settled in the ledger the moment the closing event arrives, so
-    a poll at the same time cannot count it too (``settled``)."""
+    again, nor is a replayed delta a time to first token, nor its usage: the closing
+    event's ``usage`` is only kept (``final_usage``), for the route to settle with the
+    ledger once the stream is over (the part still owed counts: a background response, a
+    stream cut before its end). Settling may be a file's rename (the workers' shared
+    ledger): I/O, done by the route, never here."""
 
-    def __init__(self, ledger: Ledger | None = None, response_id: str = "") -> None:
+    final_usage: object = None  # the closing event's, as it came (a class default)
+
+    def __init__(self) -> None:
         super().__init__()
-        self._ledger = ledger
-        self._owed_id = response_id
-        self.settled = False
         self._replayed = False
 
     # read-only here (the relay only reads it), a class attribute in _StreamStats
@@ -418,10 +417,6 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
         the last event there is (``starting_after`` the closing one), and is whole."""
         return self._replayed
 
-    # as _StreamStats declares them (``_take_usage`` sets ints)
-    prompt_tokens: int | None
-    completion_tokens: int | None
-
     def feed_text(self, data: str, now_ns: int) -> None:
         self._replayed = True
         super().feed_text(data, now_ns)
@@ -430,12 +425,8 @@ class ReplayedResponsesObserver(ResponsesStreamObserver):
         self.progressed = True
 
     def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
-        if self._ledger is None or self.settled:
-            return
-        rest = self._ledger.settle(self._owed_id, usage)
-        if rest is not None:
-            self.prompt_tokens, self.completion_tokens = rest
-            self.settled = True
+        if self.final_usage is None:  # the first closing event's: the relay stops at it
+            self.final_usage = usage
 
 
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
