@@ -218,14 +218,14 @@ def test_what_a_cut_stream_owes_is_written_by_the_writer_task(
     when the worker stops (not on the event loop, which other apps' shutdowns share)."""
     first, second = _two_workers(tmp_path)
     writers: dict[str, bool] = {}  # id: written on the event loop's thread
-    owe_all = SharedResponsesLedger._owe_all
+    owe = SharedResponsesLedger.owe
 
-    def recorded(self: SharedResponsesLedger, batch: dict[str, Counted], *args: Any) -> None:
-        writers.update(dict.fromkeys(batch, threading.current_thread() is _loop_thread))
-        owe_all(self, batch, *args)
+    def recorded(self: SharedResponsesLedger, response_id: str, counted: Counted) -> None:
+        writers[response_id] = threading.current_thread() is _loop_thread
+        owe(self, response_id, counted)
 
     _loop_thread = threading.current_thread()
-    monkeypatch.setattr(SharedResponsesLedger, "_owe_all", recorded)
+    monkeypatch.setattr(SharedResponsesLedger, "owe", recorded)
     usage = {"input_tokens": 2, "output_tokens": 10}
 
     async def main() -> None:
@@ -366,3 +366,124 @@ def test_a_leftover_of_a_former_process_of_this_pid_blocks_no_write(tmp_path: Pa
         Path(where[0], f".draft_{os.getpid()}_{n}").write_bytes(b"")
     ledger.owe("resp_1", Counted(0, 1))
     assert ledger.owed("resp_1") == Counted(0, 1)
+
+
+# a held thread waits at most this long before it goes on by itself: on code that waits for
+# it, what the test checks happens only then, and the test fails instead of hanging
+HOLD_SECONDS = 5.0
+
+
+def test_a_write_stuck_on_a_hung_disk_holds_no_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopping worker's writer abandons a write stuck on the disk at the bound (before,
+    it awaited that thread for as long as the disk hung, and the worker with it): what
+    can still be written is written, and one WARNING counts the rest."""
+    monkeypatch.setattr(shared_ledger, "SHUTDOWN_WRITE_S", 0.2)
+    first, second = _two_workers(tmp_path)
+    stuck, release = threading.Event(), threading.Event()
+    write = SharedResponsesLedger._write
+
+    def hung(self: SharedResponsesLedger, bucket: str, path: str, data: bytes) -> None:
+        if data.endswith(b"\nresp_1"):
+            stuck.set()
+            release.wait(HOLD_SECONDS)
+        write(self, bucket, path, data)
+
+    monkeypatch.setattr(SharedResponsesLedger, "_write", hung)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run_writer)
+            first.owe_soon("resp_1", Counted())
+            await trio.to_thread.run_sync(stuck.wait, HOLD_SECONDS)
+            first.owe_soon("resp_2", Counted(0, 2))  # noted while the disk hangs
+            nursery.cancel_scope.cancel()
+
+    timer = threading.Timer(HOLD_SECONDS, release.set)
+    timer.start()
+    try:
+        trio.run(main)
+        held = release.is_set()  # the stop waited for the disk
+        assert second.owed("resp_1") is None and second.owed("resp_2") == Counted(0, 2)
+    finally:
+        timer.cancel()
+        release.set()
+    assert not held
+    assert "1 Responses API ledger entries were not written" in caplog.text
+
+
+def test_a_settle_while_its_entry_is_being_written_takes_it_from_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer task hands a batch of cut streams' entries to a thread: one settled
+    through this worker meanwhile is taken from the batch (counted now, never written);
+    before, it was in neither the pending entries nor a file yet, and counted nothing."""
+    first, second = _two_workers(tmp_path)
+    writing, release = threading.Event(), threading.Event()
+    first_written: list[str] = []
+    owe = SharedResponsesLedger.owe
+
+    def held(self: SharedResponsesLedger, response_id: str, counted: Counted) -> None:
+        if not first_written:
+            first_written.append(response_id)
+            writing.set()
+            release.wait(HOLD_SECONDS)
+        owe(self, response_id, counted)
+
+    monkeypatch.setattr(SharedResponsesLedger, "owe", held)
+    usage = {"input_tokens": 2, "output_tokens": 10}
+
+    async def main() -> tuple[int, int] | None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run_writer)
+            first.owe_soon("resp_1", Counted(0, 4))
+            first.owe_soon("resp_2", Counted(0, 6))
+            await trio.to_thread.run_sync(writing.wait, HOLD_SECONDS)
+            other = "resp_2" if first_written == ["resp_1"] else "resp_1"
+            owed = first.settle(other, usage)  # on this thread, as a test may
+            release.set()
+            while second.owed(first_written[0]) is None:  # noqa: ASYNC110 (another worker)
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        return owed
+
+    try:
+        owed = trio.run(main)
+    finally:
+        release.set()
+    other = "resp_2" if first_written == ["resp_1"] else "resp_1"
+    assert owed == (2, 10 - (4 if other == "resp_1" else 6))
+    assert second.owed(other) is None and len(second) == 1  # never written
+
+
+def test_a_queued_answer_whose_entry_is_stuck_on_a_hung_disk_lets_its_client_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queued answer waits for its entry; a client that leaves (or a stopping worker)
+    no longer waits for a write stuck on the disk: the thread is abandoned."""
+    ledger = SharedResponsesLedger(str(tmp_path / "ledger"))
+    stuck, release = threading.Event(), threading.Event()
+
+    def hung(self: SharedResponsesLedger, response_id: str, counted: Counted) -> None:
+        stuck.set()
+        release.wait(HOLD_SECONDS)
+
+    monkeypatch.setattr(SharedResponsesLedger, "owe", hung)
+    queued = b'{"id": "resp_1", "object": "response", "status": "queued"}'
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_owe_when_queued, ledger, queued)
+            await trio.to_thread.run_sync(stuck.wait, HOLD_SECONDS)
+            nursery.cancel_scope.cancel()  # the client left
+
+    timer = threading.Timer(HOLD_SECONDS, release.set)
+    timer.start()
+    try:
+        trio.run(main)
+        held = release.is_set()
+    finally:
+        timer.cancel()
+        release.set()
+    assert not held

@@ -300,8 +300,11 @@ async def _owe_when_queued(ledger: Ledger, content: bytes) -> None:
     if response_id is None:
         return
     if ledger.shared:
-        # not one of trio's default threads, which slow name resolutions may all hold
-        await trio.to_thread.run_sync(ledger.owe, response_id, Counted(), limiter=metrics_threads())
+        # not one of trio's default threads, which slow name resolutions may all hold;
+        # abandoned to a client that leaves (a hung disk must not hold its request)
+        await trio.to_thread.run_sync(
+            ledger.owe, response_id, Counted(), abandon_on_cancel=True, limiter=metrics_threads()
+        )
     else:
         ledger.owe(response_id, Counted())
 

@@ -90,7 +90,7 @@ _names = itertools.count()  # of this process's drafts and claims
 class SharedResponsesLedger:
     """The ledger in ``directory``, shared by every process that opens it there."""
 
-    __slots__ = ("_buckets", "_dir", "_pending", "_per_bucket", "_wake", "_warned")
+    __slots__ = ("_buckets", "_dir", "_pending", "_per_bucket", "_wake", "_warned", "_writing")
     shared: ClassVar[bool] = True
 
     def __init__(self, directory: str, limit: int = MAX_OWED, buckets: int = BUCKETS) -> None:
@@ -98,6 +98,7 @@ class SharedResponsesLedger:
         self._buckets = max(1, min(buckets, limit))
         self._per_bucket = -(-limit // self._buckets)
         self._pending: dict[str, Counted] = {}
+        self._writing = _Batch({})  # the writer task's batch in a thread
         self._wake = trio.lowlevel.ParkingLot()
         self._warned = False
 
@@ -174,45 +175,64 @@ class SharedResponsesLedger:
     async def run_writer(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Write what :meth:`owe_soon` noted, in a thread, for the worker's life."""
         task_status.started()
-        batch: dict[str, Counted] = {}
         try:
             while True:
                 if not self._pending:
                     await self._wake.park()
-                batch, self._pending = self._pending, {}
-                # the metrics' threads: trio's default ones may all wait on name resolutions
-                await trio.to_thread.run_sync(self._owe_all, batch, limiter=metrics_threads())
+                self._writing, self._pending = _Batch(self._pending), {}
+                # abandoned to the worker's stop (a write stuck on a hung disk must not hold
+                # it): the stop takes the batch over (_owe_last)
+                await self._in_thread(self._owe_all, self._writing)
         finally:
-            # the worker stops: what is left is written now, and what its thread did not
-            # write (never twice: another worker may have settled it since, and would count
-            # it again)
-            left = {**batch, **self._pending}
+            # the worker stops: what is left is written now, in a thread that joins the one
+            # abandoned (an entry is taken by one thread only: never written twice, which
+            # another worker may have settled since and would count again)
+            batches = [self._writing, _Batch(self._pending)]
             self._pending = {}
-            if left:
-                await self._owe_last(left)
+            await self._owe_last(batches)
 
-    async def _owe_last(self, left: dict[str, Counted]) -> None:
-        """Write ``left`` in a thread, for about :data:`SHUTDOWN_WRITE_S` at most (the
-        write under way is finished: one small file), not on the event loop that other
-        tasks' shutdowns share; the rest is missed, and logged."""
+    async def _owe_last(self, batches: list[_Batch]) -> None:
+        """Write what ``batches`` hold in a thread, for about :data:`SHUTDOWN_WRITE_S` at
+        most, not on the event loop that other tasks' shutdowns share; the thread is
+        abandoned at the bound (a write stuck on a hung disk with it), the rest is missed,
+        and logged."""
+        if not any(batch.left() for batch in batches):
+            return
         until = time.monotonic() + SHUTDOWN_WRITE_S
-        # shielded: the cancellation stopping the worker is what brought us here; the
-        # thread is awaited (never left running), and stops itself at the bound
+        for batch in batches:
+            batch.until = until  # a thread abandoned before stops taking entries then too
+        # shielded: the cancellation stopping the worker is what brought us here
         with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_WRITE_S):
-            await trio.to_thread.run_sync(self._owe_all, left, until, limiter=metrics_threads())
-        if left:
+            await self._in_thread(self._owe_each, batches)
+        missed = sum(batch.left() for batch in batches)
+        if missed:
             log.warning(
                 "metrics: %d Responses API ledger entries were not written as the worker "
                 "stopped: other workers will not count the rest of those responses' tokens",
-                len(left),
+                missed,
             )
 
-    def _owe_all(self, batch: dict[str, Counted], until: float = math.inf) -> None:
-        """Write ``batch``, emptying it as it goes (until the monotonic clock's ``until``)."""
-        for response_id in list(batch):
-            if time.monotonic() > until:
+    def _owe_each(self, batches: list[_Batch]) -> None:
+        for batch in batches:
+            self._owe_all(batch)
+        # then another thread's write (abandoned as the worker stopped): done in
+        # microseconds, or stuck on the disk until the bound
+        while any(batch.writing for batch in batches) and time.monotonic() <= batches[0].until:
+            time.sleep(0.001)
+
+    def _owe_all(self, batch: _Batch) -> None:
+        """Write ``batch``'s entries, each taken from it first, until its ``until``."""
+        entries = batch.entries
+        while time.monotonic() <= batch.until:
+            try:
+                response_id, counted = entries.popitem()
+            except KeyError:  # all written (or settled meanwhile)
                 return
-            self.owe(response_id, batch.pop(response_id))
+            batch.writing.add(response_id)
+            try:
+                self.owe(response_id, counted)
+            finally:
+                batch.writing.discard(response_id)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in one of the metrics' threads (trio's default ones may all wait
@@ -260,9 +280,12 @@ class SharedResponsesLedger:
         self._take(response_id)
 
     def _take(self, response_id: str) -> Counted | None:
-        """What ``response_id`` owed, no longer owed: this process's, or the one whose
-        rename of the entry succeeded."""
+        """What ``response_id`` owed, no longer owed: this process's (noted, or in the
+        writer's batch), or the one whose rename of the entry succeeded. Blocking (a rename),
+        and safe in any thread: the noted entries are taken as the writer takes them."""
         counted = self._pending.pop(response_id, None)
+        if counted is None:  # being written: taken first by whichever thread comes first
+            counted = self._writing.entries.pop(response_id, None)
         where = self._where(response_id)
         if where is None:
             return counted
@@ -331,6 +354,25 @@ class SharedResponsesLedger:
                 self._dir,
                 error,
             )
+
+
+class _Batch:
+    """Entries owed from streams' ends, handed to threads to write. Each is taken from
+    ``entries`` (one ``dict.popitem`` or ``dict.pop``, atomic under the GIL) by exactly one
+    of: a writing thread, or a settle or forget in any thread; so none is written twice, nor
+    written and counted too, however many threads work on one batch (a stopping worker's
+    joins one stuck on the disk)."""
+
+    __slots__ = ("entries", "until", "writing")
+
+    def __init__(self, entries: dict[str, Counted]) -> None:
+        self.entries = entries
+        self.until = math.inf  # on the monotonic clock: no entry is taken past it
+        self.writing: set[str] = set()  # taken, being written
+
+    def left(self) -> int:
+        """Entries not written (yet: a write stuck on the disk may end some day)."""
+        return len(self.entries) + len(self.writing)
 
 
 def _sweep(bucket: str, names: list[str]) -> None:
