@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -455,6 +456,57 @@ def test_a_settle_while_its_entry_is_being_written_takes_it_from_the_writer(
     other = "resp_2" if first_written == ["resp_1"] else "resp_1"
     assert owed == (2, 10 - (4 if other == "resp_1" else 6))
     assert second.owed(other) is None and len(second) == 1  # never written
+
+
+def test_a_stream_resumed_through_another_worker_before_its_entry_is_written_counts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut stream's entry is written in a thread just after its end: a resume through
+    another worker can settle before it is there (its worker's metrics threads busy,
+    say). The resumed stream looks once more after the write's window and counts it then;
+    before, it counted nothing (a later poll would have)."""
+    monkeypatch.setattr(shared_ledger, "PENDING_WRITE_S", 0)
+    first, second = _two_workers(tmp_path)
+    looked, written = threading.Event(), threading.Event()
+    owe, settle = SharedResponsesLedger.owe, SharedResponsesLedger.settle
+    looks: list[tuple[int, int] | None] = []
+
+    def late(self: SharedResponsesLedger, response_id: str, counted: Counted) -> None:
+        looked.wait(HOLD_SECONDS)  # the first worker's write, after the other's first look
+        owe(self, response_id, counted)
+        written.set()
+
+    def watched(self: SharedResponsesLedger, response_id: str, usage: Any) -> Any:
+        owed = settle(self, response_id, usage)
+        looks.append(owed)
+        if not looked.is_set():
+            looked.set()
+            written.wait(HOLD_SECONDS)
+        return owed
+
+    monkeypatch.setattr(SharedResponsesLedger, "owe", late)
+    monkeypatch.setattr(SharedResponsesLedger, "settle", watched)
+    usage = {"input_tokens": 2, "output_tokens": 40}
+
+    async def main() -> tuple[int, int] | None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run_writer)
+            first.owe_soon("resp_1", Counted(0, 6))  # cut on the first worker
+            owed = await second.settle_off_loop("resp_1", usage, recheck=True)  # resumed
+            nursery.cancel_scope.cancel()
+        return owed
+
+    try:
+        assert trio.run(main) == (2, 34)
+    finally:
+        looked.set()
+        written.set()
+    assert looks == [None, (2, 34)] and len(second) == 0
+    # a poll (no recheck) or a resume that finds nothing owed at all looks once, or twice
+    looks.clear()
+    assert trio.run(partial(second.settle_off_loop, "resp_1", usage)) is None
+    assert trio.run(partial(second.settle_off_loop, "resp_1", usage, recheck=True)) is None
+    assert looks == [None, None, None]
 
 
 def test_a_queued_answer_whose_entry_is_stuck_on_a_hung_disk_lets_its_client_go(

@@ -362,7 +362,7 @@ async def _settle_shared(
 ) -> None:
     if metric is not None:
         metric.finish()  # the request took until its reply was out, not this settling too
-    _count_owed(metric, await ledger.settle_off_loop(response_id, usage))
+    _count_owed(metric, await ledger.settle_off_loop(response_id, usage, recheck=replayed))
 
 
 def _count_owed(metric: RequestMetrics | None, owed: tuple[int, int] | None) -> None:

@@ -65,6 +65,9 @@ MAX_PENDING = 1024
 _MAX_FILE = MAX_ID_CHARS + 64
 # a stopping worker's last writes: what is not written by then is missed
 SHUTDOWN_WRITE_S = 0.5
+# a cut stream's entry is written this long after its end at most, but for a worker whose
+# metrics' threads are all busy: a resumed stream that finds nothing owed looks again then
+PENDING_WRITE_S = 0.25
 # a draft or claim left behind (a worker killed between its two steps): examined per write
 # to a bucket, and removed past this age even if a live process has its pid (pids are
 # reused: a container's restarted workers get the same small ones); one in use lives for
@@ -244,9 +247,18 @@ class SharedResponsesLedger:
 
     # ---------------------------------------------------------------- settling (blocking)
 
-    async def settle_off_loop(self, response_id: str, usage: Any) -> tuple[int, int] | None:
-        """:meth:`settle` in a thread (:meth:`_in_thread`)."""
-        return await self._in_thread(self.settle, response_id, usage)
+    async def settle_off_loop(
+        self, response_id: str, usage: Any, *, recheck: bool = False
+    ) -> tuple[int, int] | None:
+        """:meth:`settle` in a thread (:meth:`_in_thread`). ``recheck``, for a resumed
+        stream: a cut stream's entry is written in a thread just after its end (by the
+        worker that relayed it), so one resumed at once through another worker may find
+        nothing owed yet; it looks once more :data:`PENDING_WRITE_S` later."""
+        owed = await self._in_thread(self.settle, response_id, usage)
+        if owed is None and recheck and usage_totals(usage) is not None:
+            await trio.sleep(PENDING_WRITE_S)
+            owed = await self._in_thread(self.settle, response_id, usage)
+        return owed
 
     async def forget_off_loop(self, response_id: str) -> None:
         await self._in_thread(self.forget, response_id)
