@@ -86,7 +86,8 @@ def _headers(response: h11.Response) -> dict[bytes, bytes]:
     return {name: value for name, value in response.headers}
 
 
-def _assert_refusal(response: h11.Response, body: bytes, limit: int) -> None:
+def _assert_refusal(response: h11.Response, body: bytes, limit: int) -> str:
+    """Check the cap's 503; its request id (fresh: 32 hex digits)."""
     assert response.status_code == 503
     assert response.reason == b"Service Unavailable"
     headers = _headers(response)
@@ -97,6 +98,9 @@ def _assert_refusal(response: h11.Response, body: bytes, limit: int) -> None:
         "error": f"the proxy is holding its limit of {limit} open connections "
         "(MAX_CONNECTIONS); retry shortly"
     }
+    request_id = headers[b"x-request-id"].decode()
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id), headers
+    return request_id
 
 
 def _hold_served(
@@ -142,13 +146,13 @@ def test_past_the_cap_a_connection_gets_a_503_and_a_close(
         sixth = Client(proxy.url)
         held.append(sixth)
         sixth.send_request("/v1/models")
-        _assert_refusal(*sixth.read_response(), 5)
+        first_id = _assert_refusal(*sixth.read_response(), 5)
         assert sixth.closed_by_server()
         refused[0] += 1
-        # the 7th sends nothing: the same answer
+        # the 7th sends nothing: the same answer, with an id of its own
         seventh = Client(proxy.url)
         held.append(seventh)
-        _assert_refusal(*seventh.read_response(), 5)
+        assert _assert_refusal(*seventh.read_response(), 5) != first_id
         assert seventh.closed_by_server()
         refused[0] += 1
 
@@ -263,8 +267,9 @@ def test_a_refused_connection_has_its_access_line(
     demo_backend: ServerProcess, start_proxy: Callable[..., ServerProcess]
 ) -> None:
     """With ACCESS_LOG=true a connection refused at the cap is logged as every answer is:
-    the client's address, the 503 and the bytes of it sent, what refused it (operators
-    looking for a client's 503 find it there, not only in the counter)."""
+    the client's address, the 503 and the bytes of it sent, what refused it, and the
+    request id the 503 carries, a fresh one for each (operators looking for a client's 503
+    find it there by its id, not only in the counter)."""
     proxy = start_proxy(demo_backend.url, MAX_CONNECTIONS="2", ACCESS_LOG="true")
     with _clients() as held:
         _hold_served(held, proxy.url, 2)
@@ -272,13 +277,15 @@ def test_a_refused_connection_has_its_access_line(
         held.append(third)
         third.send_request("/v1/models")
         response, body = third.read_response()
-        _assert_refusal(response, body, 2)
         deadline = time.monotonic() + 5
         while "(refused: connection cap)" not in proxy.log() and time.monotonic() < deadline:
             time.sleep(0.02)
     lines = [line for line in proxy.log().splitlines() if "(refused: connection cap)" in line]
     assert len(lines) == 1, proxy.log()
-    match = re.search(r"trioproxy\.access\b.* 127\.0\.0\.1 - - 503 0\.0 ms (\d+) B ", lines[0])
-    assert match is not None, lines[0]
+    request_id = _assert_refusal(response, body, 2)
+    match = re.search(
+        r"trioproxy\.access \[(\w+)\] 127\.0\.0\.1 - - 503 0\.0 ms (\d+) B ", lines[0]
+    )
+    assert match is not None and match.group(1) == request_id, lines[0]
     head_and_body = len(body) + len(b"HTTP/1.1 503 Service Unavailable\r\n")
-    assert int(match.group(1)) > head_and_body  # the whole answer, headers included
+    assert int(match.group(2)) > head_and_body  # the whole answer, headers included

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -152,6 +153,92 @@ def test_a_line_from_a_task_the_request_started_carries_its_id(
     assert len([body for body in FullLengthEmbeddings.asked if "dimensions" in body]) >= 2
     (warning,) = [line for line in mine if line.level == "WARNING"]
     assert warning.message.startswith("the backend refuses dimensions for model demo-embed")
+
+
+def _answer_to(url: str, data: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lowercase) of the answer to ``data`` sent raw."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        received = b""
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    status_line, *lines = received.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), {name.lower(): value for name, value in headers.items()}
+
+
+# past h11's bound on a head still incomplete (16 KiB; a whole one that large is read)
+_HEAD_TOO_LARGE = b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Big: %s" % (b"a" * 20_000)
+# each a head the server answers itself, before the app sees a request; some name an id
+_REFUSED_HEADS = [
+    (b"NOT A REQUEST LINE\r\nX-Request-ID: mine-1\r\n\r\n", 400),
+    (
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-2\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (_HEAD_TOO_LARGE, 431),
+    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+]
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    _REFUSED_HEADS,
+    ids=["malformed", "both-lengths", "head-too-large", "unknown-coding", "http2-preface"],
+)
+def test_a_refusal_by_the_server_carries_a_fresh_id_its_access_line_has(
+    dead_backend_proxy: tuple[ServerProcess, str], head: bytes, status: int
+) -> None:
+    """A head the server refuses before the app sees it (malformed, both lengths, too
+    large, a transfer coding it does not speak, HTTP/2's preface) is answered with an id,
+    as every answer is, and its access line has it: a client's report of a 400 finds its
+    line. A fresh one, though the head named one: a head refused for how it was written
+    is not one whose headers can be trusted."""
+    proxy, fmt = dead_backend_proxy
+    answered, headers = _answer_to(proxy.url, head)
+    assert answered == status
+    request_id = headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id), headers
+    (line,) = lines_of(proxy, request_id, fmt)
+    assert line.message.endswith(f" - - {status} 0.0 ms 0 B (refused: malformed request)")
+
+
+def test_a_refused_websocket_handshake_carries_the_clients_id(
+    dead_backend_proxy: tuple[ServerProcess, str],
+) -> None:
+    """A WebSocket handshake the app refuses was read whole: the client's id is honoured,
+    on its 400 and its access line, as on any request."""
+    proxy, fmt = dead_backend_proxy
+    handshake = (
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"X-Request-ID: ws-%s\r\n\r\n" % fmt.encode()
+    )
+    status, headers = _answer_to(proxy.url, handshake)
+    assert status == 400 and headers["x-request-id"] == f"ws-{fmt}", headers
+    (line,) = lines_of(proxy, f"ws-{fmt}", fmt)
+    assert " - - 400 0.0 ms " in line.message and line.message.endswith("(refused: websocket)")
+
+
+def test_a_handshake_the_server_refuses_itself_carries_a_fresh_id(
+    dead_backend_proxy: tuple[ServerProcess, str],
+) -> None:
+    """An invalid WebSocket handshake (no key) is refused by the server before the app:
+    its 400 got no id and no access line (nor a count); now both, as the other
+    refusals before the app, with a fresh id."""
+    proxy, fmt = dead_backend_proxy
+    handshake = (
+        b"GET /api/tags HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"X-Request-ID: mine-3\r\n\r\n"
+    )
+    status, headers = _answer_to(proxy.url, handshake)
+    request_id = headers["x-request-id"]
+    assert status == 400 and re.fullmatch(r"[0-9a-f]{32}", request_id), headers
+    (line,) = lines_of(proxy, request_id, fmt)
+    assert line.message.endswith(" - - 400 0.0 ms 0 B (refused: websocket)"), line
 
 
 # Our own bug, injected: a stream's chunk holding the demo's fourth word fails its write.

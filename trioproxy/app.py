@@ -76,6 +76,7 @@ from .exchange import (
     primed,
     proxy_error_reply,
     record_protocol_refusal,
+    request_id_for,
     stop_at_once,
     trace_context,
 )
@@ -218,9 +219,17 @@ class RefusedWebsocket:
         root = self.scope.get("root_path", "").rstrip("/")
         if root:  # the dialect by the path below the mount point, as for HTTP
             path = path[len(root) :] if path.startswith(root + "/") else "/"
+        # its head was read whole: the client's id is honoured, as any request's
+        request_id = request_id_for(_header(self.scope, b"x-request-id"))
         if "websocket.http.response" not in self.scope.get("extensions", {}):
             record_protocol_refusal(
-                app.collector, app.settings.access_log, 403, "websocket", 0, self._address()
+                app.collector,
+                app.settings.access_log,
+                403,
+                request_id,
+                "websocket",
+                0,
+                self._address(),
             )
             # a 403 before accepting (no reason: hypercorn's type requires the key)
             await send({"type": "websocket.close", "code": 1003, "reason": None})
@@ -229,7 +238,11 @@ class RefusedWebsocket:
             path, "this server speaks no WebSocket: send the request without Upgrade", 400
         )
         body: bytes = reply.body  # type: ignore[assignment]
-        headers = [(b"content-type", JSON.encode()), (b"content-length", b"%d" % len(body))]
+        headers = [
+            (b"content-type", JSON.encode()),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request_id.encode()),
+        ]
         sent = 0
         try:
             await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
@@ -237,12 +250,26 @@ class RefusedWebsocket:
             sent = len(body)
         finally:  # counted whatever became of the answer
             record_protocol_refusal(
-                app.collector, app.settings.access_log, 400, "websocket", sent, self._address()
+                app.collector,
+                app.settings.access_log,
+                400,
+                request_id,
+                "websocket",
+                sent,
+                self._address(),
             )
 
     def _address(self) -> str:
         """The client's address for the access line (its handshake's headers were read)."""
         return self.app.client_addresses.of(self.scope) if self.app.settings.access_log else ""
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    """The first ``name`` header of an ASGI scope (names lowercase), as text."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 class ProxyApp(QuartTrio):
@@ -619,10 +646,12 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
         app.in_progress.begin_shutdown(grace)
         hypercorn_patches.end_writes_within(grace)
 
-    def refused(status: int, peer: tuple[str, int] | None) -> None:
+    def refused(status: int, peer: tuple[str, int] | None, request_id: str, reason: str) -> None:
         # the peer only: the head that would name a forwarded client was not understood
         address = peer_address(peer) if app.settings.access_log else ""
-        record_protocol_refusal(app.collector, app.settings.access_log, status, address=address)
+        record_protocol_refusal(
+            app.collector, app.settings.access_log, status, request_id, reason, address=address
+        )
 
     stop_listening = hypercorn_patches.on_shutdown(shutting_down)
     stop_hearing_refusals = hypercorn_patches.on_protocol_error(refused)

@@ -35,7 +35,7 @@ from .errors import (
 )
 from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut, write_cut_by_shutdown
 from .jsonutil import loads
-from .logs import ACCESS_LOGGER, REMOTE_ADDR_FIELD, request_id_var
+from .logs import ACCESS_LOGGER, REMOTE_ADDR_FIELD, fresh_request_id, request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import (
     METHOD_LIMIT,
@@ -217,6 +217,14 @@ def new_state(
         if content_length and content_length.isdigit():
             metric.request_size = int(content_length)
     return RequestState(request_id, metric)
+
+
+def request_id_for(sent: str | None) -> str:
+    """The id of a request that sent ``sent`` as its X-Request-ID: that one if it is fit
+    for a log line and a header, else a fresh one (as ``new_state``, which inlines it)."""
+    if sent and _REQUEST_ID_OK.fullmatch(sent):
+        return sent
+    return fresh_request_id()
 
 
 def note_client(state: RequestState, client: str | None) -> None:
@@ -467,6 +475,7 @@ def record_protocol_refusal(
     collector: MetricsCollector,
     access_log_on: bool,
     status: int,
+    request_id: str,
     reason: str = "malformed request",
     sent: int = 0,
     address: str = UNKNOWN_ADDRESS,
@@ -474,7 +483,8 @@ def record_protocol_refusal(
     """A request the server refused before the app saw it (a malformed head: see
     hypercorn_patches 9; a WebSocket handshake): counted and logged as one request to no
     known route, since its method and path are unknown or not to be trusted. ``sent``:
-    the body bytes of the refusal, where the app wrote it; ``address``: its peer's."""
+    the body bytes of the refusal, where the app wrote it; ``address``: its peer's;
+    ``request_id``: the one its answer carries, which its access line carries too."""
     if collector.enabled:
         metric = RequestMetrics("", "-")
         metric.status_code = status
@@ -483,6 +493,22 @@ def record_protocol_refusal(
         collector.request_started()
         collector.request_finished(metric)
     if access_log_on:
+        _log_refusal(request_id, address, status, sent, reason)
+
+
+def log_refused_connection(peer: tuple[str, int] | None, sent: int, request_id: str) -> None:
+    """The access line of a connection refused at MAX_CONNECTIONS: its 503, sent before
+    any request was read (so no method or path; counted in
+    ``trioproxy_connections_refused_total``, not as a request), with the request id the
+    503 carries."""
+    _log_refusal(request_id, peer_address(peer), 503, sent, "connection cap")
+
+
+def _log_refusal(request_id: str, address: str, status: int, sent: int, reason: str) -> None:
+    """The access line of an answer given before any request was served, with its id (it
+    is written in the server's task, not a request's: the id is set for this line only)."""
+    token = request_id_var.set(request_id)
+    try:
         access_log.info(
             "%s - - %d 0.0 ms %d B (refused: %s)",
             address,
@@ -491,19 +517,8 @@ def record_protocol_refusal(
             reason,
             extra={REMOTE_ADDR_FIELD: address},
         )
-
-
-def log_refused_connection(peer: tuple[str, int] | None, sent: int) -> None:
-    """The access line of a connection refused at MAX_CONNECTIONS: its 503, sent before
-    any request was read (so no method or path; counted in
-    ``trioproxy_connections_refused_total``, not as a request)."""
-    address = peer_address(peer)
-    access_log.info(
-        "%s - - 503 0.0 ms %d B (refused: connection cap)",
-        address,
-        sent,
-        extra={REMOTE_ADDR_FIELD: address},
-    )
+    finally:
+        request_id_var.reset(token)
 
 
 STATUS_SHUT_DOWN = 503  # the effective status of a request the proxy cut by stopping

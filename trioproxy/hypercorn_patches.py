@@ -63,12 +63,16 @@ request cancellation, and its cost per request.
 
 9. **Refusals below the app are heard.** A request hypercorn answers itself before the
    app sees it (h11's 400 for a malformed request line or header, 431 for a head over
-   h11's limit, and the 400 / 505 of patches 6 and 7) is reported to
+   h11's limit, 501 for a transfer coding it does not know, and the 400 / 505 of patches
+   6 and 7) is reported to
    ``on_protocol_error`` listeners, so the access log and the request metrics count it
-   like any other answer instead of never hearing of it. A protocol error in the middle
+   like any other answer instead of never hearing of it; its answer carries a fresh
+   ``X-Request-ID``, which its access line has (a head refused for how it was written
+   names no id that could be trusted). A protocol error in the middle
    of a request the app is serving (a malformed chunk of its body) is noted in that
    request's ASGI scope (``REFUSED_MID_REQUEST``) instead: the app records the request
-   with the status the client got, not as a client that left. A client that closes its
+   with the status the client got, not as a client that left (that 400 has no id: the
+   request's is the app's, which the server's task does not know). A client that closes its
    side mid-request is no refusal (h11 calls it a 400) and gets no answer: it left, a 499
    if the app was serving its request, nothing if its head was cut short.
 
@@ -99,7 +103,8 @@ request cancellation, and its cost per request.
 14. **A WebSocket handshake hypercorn refuses itself closes its connection.** An invalid
     handshake (no ``Sec-WebSocket-Key``, another version, a body) got hypercorn's bare
     400 with ``Connection: close``, and the connection then stayed open for ever: its
-    stream never said it had ended. (A valid one reaches the app, which refuses it:
+    stream never said it had ended. It is heard as patch 9's refusals are (counted,
+    logged, a fresh ``X-Request-ID``). (A valid one reaches the app, which refuses it:
     ``app.RefusedWebsocket``.)
 
 15. **A connection closed with its request body still arriving lingers.** An answer given
@@ -117,7 +122,8 @@ request cancellation, and its cost per request.
     (limits.py) nothing else bounded them: idle keep-alive connections (held 75 s, ~16 KiB
     each) held ~8 GiB per worker at 524,288. Past the cap a new connection is not served:
     its request is not read (its path, and so its dialect, is unknown), it gets a fixed
-    ``503`` with ``Connection: close``, ``Retry-After`` and ``{"error": "..."}`` (the shape
+    ``503`` with ``Connection: close``, ``Retry-After``, a fresh ``X-Request-ID`` (its
+    access line's) and ``{"error": "..."}`` (the shape
     both Ollama's clients and OpenAI's SDKs read), then a close. The 503, not a bare close,
     so a client reads why, and an SDK that retries a 503 waits as told; its sending side
     is closed and what the client still sends read and dropped for ``LINGER_SECONDS`` at
@@ -158,9 +164,10 @@ import hypercorn.protocol.ws_stream as ws_stream
 import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, RawData, Updated
-from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 
+from .logs import fresh_request_id
 from .netstream import send_what_fits
 
 _HELD_HEAD = "_trioproxy_held_head"
@@ -609,15 +616,16 @@ class _AnnouncedShutdown(EventWrapper):
                 listener()
 
 
-ProtocolErrorListener = Callable[[int, "tuple[str, int] | None"], None]
+ProtocolErrorListener = Callable[[int, "tuple[str, int] | None", str, str], None]
 _protocol_error_listeners: list[ProtocolErrorListener] = []
 
 
 def on_protocol_error(listener: ProtocolErrorListener) -> Callable[[], None]:
-    """Call ``listener(status, peer)`` (from hypercorn's task, so it must not block) when a
-    request is refused at the protocol level before the app saw it; ``peer`` is the
-    connection's (host, port), None on a unix socket. Returns the function that
-    unsubscribes it."""
+    """Call ``listener(status, peer, request_id, reason)`` (from hypercorn's task, so it
+    must not block) when a request is refused at the protocol level before the app saw
+    it; ``peer`` is the connection's (host, port), None on a unix socket; ``request_id``
+    the fresh id its answer carries (``X-Request-ID``); ``reason`` what was refused
+    (``malformed request``, ``websocket``). Returns the function that unsubscribes it."""
     _protocol_error_listeners.append(listener)
     return lambda: _protocol_error_listeners.remove(listener)
 
@@ -640,13 +648,55 @@ async def _send_error_response(self: Any, status_code: int) -> None:
         # request at all, as a connection closed before any byte is none.
         return
     if self.stream is None:
-        for listener in list(_protocol_error_listeners):
-            listener(status_code, self.client)
-    else:  # the app is serving the request and records it
-        scope = getattr(self.stream, "scope", None)
-        if scope is not None:
-            scope[REFUSED_MID_REQUEST] = status_code
+        # a fresh id, as every answer has one: a head that could not be parsed (or is
+        # refused for how it was framed) names no id of its own that could be trusted
+        request_id = _heard_refusal(status_code, self.client, "malformed request")
+        await _send_refusal(self, status_code, request_id)
+        return
+    # the app is serving the request and records it
+    scope = getattr(self.stream, "scope", None)
+    if scope is not None:
+        scope[REFUSED_MID_REQUEST] = status_code
     await _original_send_error_response(self, status_code)
+
+
+def _heard_refusal(status: int, peer: tuple[str, int] | None, reason: str) -> str:
+    """Tell the listeners of a refusal before the app; the fresh id its answer carries."""
+    request_id = fresh_request_id()
+    for listener in list(_protocol_error_listeners):
+        listener(status, peer, request_id, reason)
+    return request_id
+
+
+def _refusal_headers(request_id: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-length", b"0"),
+        (b"connection", b"close"),
+        (b"x-request-id", request_id.encode()),
+    ]
+
+
+async def _send_refusal(protocol: Any, status_code: int, request_id: str) -> None:
+    """hypercorn's bodyless error answer, with its request id."""
+    headers = _refusal_headers(request_id) + protocol.config.response_headers("h11")
+    await protocol._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await protocol._send_h11_event(h11.EndOfMessage())
+
+
+_original_ws_send_error_response = ws_stream.WSStream._send_error_response
+
+
+async def _ws_send_error_response(self: Any, status_code: int) -> None:
+    """hypercorn's answer to a WebSocket handshake it refuses itself (invalid: no key,
+    another version), heard and given an id as any refusal before the app; an answer
+    of the app's (a close before accepting) is the app's to record."""
+    if self.app_put is not None:
+        await _original_ws_send_error_response(self, status_code)
+        return
+    request_id = _heard_refusal(status_code, self.client, "websocket")
+    headers = _refusal_headers(request_id)
+    await self.send(Response(stream_id=self.stream_id, status_code=status_code, headers=headers))
+    await self.send(EndBody(stream_id=self.stream_id))
 
 
 _original_context_init = WorkerContext.__init__
@@ -720,9 +770,10 @@ class ConnectionCap:
         self._logged_at = -math.inf
         self._held_back = 0
         self.answer = _refusal(limit)
-        # told of each refused connection: its peer (host, port) or None, and the bytes
-        # of the answer it was sent (the access log's line; None: no one listens)
-        self.on_refused: Callable[[tuple[str, int] | None, int], None] | None = None
+        # told of each refused connection: its peer (host, port) or None, the bytes of
+        # the answer it was sent and that answer's request id (the access log's line;
+        # None: no one listens)
+        self.on_refused: Callable[[tuple[str, int] | None, int, str], None] | None = None
 
     def lower_to(self, limit: int) -> None:
         """Cap at ``limit`` from now on (what the open files limit leaves room for)."""
@@ -734,16 +785,18 @@ class ConnectionCap:
         self.refused += 1
         self._log_refusal()
         sent = 0
+        request_id = fresh_request_id()  # as every answer has (also one over TLS, unsent)
         try:
             if type(stream) is not trio.SocketStream:
                 return  # TLS: no handshake for a connection that will not be served
+            answer = _with_request_id(self.answer, request_id)
             if self._lingering >= MAX_LINGERING_REFUSALS:
-                sent = send_what_fits(stream.socket, self.answer)  # and the close at once
+                sent = send_what_fits(stream.socket, answer)  # and the close at once
                 return
             self._lingering += 1
             try:
                 with trio.move_on_after(LINGER_SECONDS):
-                    sent = await _answer(stream, self.answer)
+                    sent = await _answer(stream, answer)
                     await _drain(stream)
             finally:
                 self._lingering -= 1
@@ -751,7 +804,7 @@ class ConnectionCap:
             pass  # the client is gone already
         finally:
             if self.on_refused is not None:
-                self.on_refused(_peer_of(stream), sent)
+                self.on_refused(_peer_of(stream), sent, request_id)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -786,6 +839,12 @@ def _refusal(limit: int) -> bytes:
         b"Retry-After: %d\r\n"
         b"Connection: close\r\n\r\n%s"
     ) % (len(body), REFUSAL_RETRY_AFTER, body)
+
+
+def _with_request_id(answer: bytes, request_id: str) -> bytes:
+    """``answer`` (a whole HTTP/1.1 response, head and body) with an ``X-Request-ID``
+    header: its head is fixed, its id new for each refusal."""
+    return answer.replace(b"\r\n", b"\r\nX-Request-ID: %s\r\n" % request_id.encode(), 1)
 
 
 async def _answer(stream: trio.SocketStream, answer: bytes) -> int:
@@ -865,3 +924,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     h11_readers.READERS[(h11.CLIENT, h11.IDLE)] = _read_request_after_empty_lines
     h11_readers.READERS[(h11.CLIENT, h11.MUST_CLOSE)] = _nothing_after_close
     ws_stream.WSStream.handle = _ws_handle  # type: ignore[method-assign]
+    ws_stream.WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]

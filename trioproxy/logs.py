@@ -35,6 +35,13 @@ REMOTE_ADDR_FIELD = "remote_addr"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
+def fresh_request_id() -> str:
+    """A new request id, of the form ``exchange.new_state`` gives a request that brought
+    none (uuid4's entropy in hex): for the answers given before any request state exists
+    (a refusal by the server, a connection past MAX_CONNECTIONS). The hot path inlines it."""
+    return os.urandom(16).hex()
+
+
 class RequestContextFilter(logging.Filter):
     def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
