@@ -7,6 +7,7 @@ a client must not be able to end that line and forge another one.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -14,7 +15,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from trioproxy.client_address import NO_PROXIES, ClientAddresses
 from trioproxy.config import query_secrets
+from trioproxy.exchange import STATUS_SHUT_DOWN, AccessLine, CountingSend, _finish_metric
+from trioproxy.logs import ACCESS_LOGGER
+from trioproxy.metrics import RequestMetrics
 from trioproxy.metrics.labels import (
     PATH_LIMIT,
     clipped,
@@ -22,6 +27,7 @@ from trioproxy.metrics.labels import (
     loggable_query,
     loggable_text,
 )
+from trioproxy.metrics.store import effective_status
 
 from .conftest import ServerProcess
 
@@ -611,3 +617,138 @@ def test_a_stream_that_failed_after_its_200_logs_the_200_and_its_query(
     assert " POST /v1/messages?beta=true&key=*** 200 " in line, line
     assert line.endswith(" (error)") and "not-for-logs" not in line, line
     wait_for(lambda: total(scrape(proxy.url), "http_requests_total", status="502") == 1)
+
+
+def _access_line_of(
+    metric: RequestMetrics,
+    head: int,
+    completed: bool,
+    error: BaseException | None = None,
+    by_proxy: bool = False,
+) -> str:
+    """The access line ``Tracked`` writes of a request whose head (``head``: its status,
+    0 for none) went out, once the metrics record is finished as ``Tracked`` finishes it;
+    from its status on. The status ``Tracked`` noted is the record's before that (the
+    status of the reply whose head was built: after an early start, the failure's), but
+    for one the proxy set itself (503: a stream the shutdown ended in-band)."""
+    send = CountingSend(_no_send, metric)
+    send.status, send.finished = head, completed
+    noted = head if metric.status_code == STATUS_SHUT_DOWN else metric.status_code
+    _finish_metric(metric, completed, error, 0, by_proxy)
+    access = AccessLine("POST", "/v1/chat/completions", {}, ClientAddresses(NO_PROXIES))
+    logger = logging.getLogger(ACCESS_LOGGER)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        access.write(noted, send, metric)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (record,) = records
+    message = record.getMessage().split(" /v1/chat/completions ", 1)[1]
+    status, _, rest = message.partition(" ")
+    return f"{status} {rest.split(' B', 1)[1].strip()}".strip()
+
+
+async def _no_send(event: object) -> None:
+    pass
+
+
+def _stream(status: int, outcome: str | None = None) -> RequestMetrics:
+    metric = RequestMetrics("/v1/chat/completions", "POST", status_code=status)
+    metric.streaming, metric.stream_outcome = True, outcome
+    return metric
+
+
+@pytest.mark.parametrize(
+    ("metric", "head", "completed", "error", "by_proxy", "line"),
+    [
+        # a stream that failed after its 200: the outcome says the status counted
+        (_stream(200, "error"), 200, True, None, False, "200 (error)"),  # 502
+        (_stream(200, "timeout"), 200, True, None, False, "200 (timeout)"),  # 504
+        (_stream(200), 200, False, None, False, "200 (cancelled)"),  # 499
+        (_stream(200, "completed"), 200, True, None, False, "200 (completed)"),
+        # ... and where the metrics count another status, the line names it
+        (_stream(429, "error"), 200, True, None, False, "200 (error: 429)"),  # early start
+        (_stream(503, "error"), 200, True, None, False, "200 (error: 503)"),  # shutdown, in-band
+        (_stream(200), 200, False, None, True, "200 (error: 503)"),  # a write the shutdown cut
+        (_stream(200), 200, False, RuntimeError("bug"), False, "200 (error: 500)"),  # our bug
+        (_stream(504, "timeout"), 200, True, None, False, "200 (timeout)"),  # early start, 504
+        (_stream(502, "error"), 200, True, None, False, "200 (error)"),  # early start, 502
+        # no head went out: the status counted, whatever the outcome
+        (_stream(0), 0, False, None, False, "499 (cancelled)"),
+        # a reply that did not go out whole
+        (RequestMetrics("/api/tags", "GET", 200), 200, False, None, False, "200 (client left)"),
+        (
+            RequestMetrics("/api/tags", "GET", 200),
+            200,
+            False,
+            None,
+            True,
+            "200 (cut by the shutdown)",
+        ),
+        (
+            RequestMetrics("/api/tags", "GET", 200),
+            200,
+            False,
+            RuntimeError("bug"),
+            False,
+            "200 (error: 500)",
+        ),
+        (
+            RequestMetrics("/api/tags", "GET", 0),
+            0,
+            False,
+            RuntimeError("bug"),
+            False,
+            "500 (error)",
+        ),
+    ],
+    ids=[
+        "stream-error",
+        "stream-timeout",
+        "stream-cancelled",
+        "stream-completed",
+        "early-start-refusal",
+        "stream-ended-by-shutdown",
+        "stream-write-cut-by-shutdown",
+        "stream-cut-by-our-bug",
+        "early-start-timeout",
+        "early-start-502",
+        "stream-left-before-head",
+        "reply-left",
+        "reply-cut-by-shutdown",
+        "reply-cut-by-our-bug",
+        "our-bug-before-head",
+    ],
+)
+def test_the_access_line_has_the_status_the_metrics_count(
+    metric: RequestMetrics,
+    head: int,
+    completed: bool,
+    error: BaseException | None,
+    by_proxy: bool,
+    line: str,
+) -> None:
+    """The line has the status the client got (a stream's 200) and, where the metrics
+    count another, says which: its outcome alone where that is the outcome's own status
+    (``error`` 502, ``timeout`` 504, ``cancelled`` 499), else the outcome and the status
+    (``(error: 503)``: a stream the shutdown cut; ``(error: 500)``: our bug)."""
+    assert _access_line_of(metric, head, completed, error, by_proxy) == line
+    counted = effective_status(metric.status_code, metric.stream_outcome)
+    # as an operator reads the line: the status named, else one not 2xx, else the
+    # outcome's own (an unfinished 200 with no word of why: a client that left)
+    status, _, said = line.partition(" ")
+    implied = {"(error)": 502, "(timeout)": 504, "(cancelled)": 499, "(client left)": 499}
+    implied["(cut by the shutdown)"] = 503
+    if ": " in said:
+        read = int(said.rsplit(": ", 1)[1].rstrip(")"))
+    elif not status.startswith("2") or said == "(completed)":
+        read = int(status)
+    else:
+        read = implied[said]
+    assert read == counted, (line, counted)

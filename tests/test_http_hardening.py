@@ -629,9 +629,10 @@ class _SlowResponsesBackend(BaseHTTPRequestHandler):
 
 def test_a_quart_routed_stream_ends_in_band_at_shutdown(start_proxy: StartProxy) -> None:
     """Streams served through Quart (a resumed Responses stream) were cut mid-chunk when
-    GRACEFUL_TIMEOUT ran out; like the fast path's, they now end with an error event."""
+    GRACEFUL_TIMEOUT ran out; like the fast path's, they now end with an error event. Its
+    access line has the 200 it got and the 503 the metrics count."""
     with serving(_SlowResponsesBackend) as url:
-        proxy = start_proxy(url, GRACEFUL_TIMEOUT="1.5")
+        proxy = start_proxy(url, GRACEFUL_TIMEOUT="1.5", ACCESS_LOG="true")
         lines: list[str] = []
         problems: list[BaseException] = []
 
@@ -653,6 +654,10 @@ def test_a_quart_routed_stream_ends_in_band_at_shutdown(start_proxy: StartProxy)
         last = json.loads(lines[-1].removeprefix("data: "))
         assert "shutting down" in json.dumps(last), lines[-2:]
         assert len(lines) < 60  # ended by the shutdown, not by the backend's end
+    assert proxy.reader is not None
+    proxy.reader.join(timeout=5)
+    (access,) = [line for line in proxy.log().splitlines() if "GET /v1/responses/" in line]
+    assert " 200 " in access and access.endswith(" (error: 503)"), access
 
 
 class _HangingModels(ScriptedHandler):

@@ -315,6 +315,9 @@ def test_the_servers_line_carries_the_id_through_quart_too(
     mine = lines_of(proxy, request_id, fmt, last="hypercorn.error")
     errors = [(line.logger, line.message) for line in mine if line.level == "ERROR"]
     assert ("hypercorn.error", "Error in ASGI Framework") in errors, proxy.log()
+    # the 200 it got, and the 500 the metrics count for our bug
+    (access,) = [line for line in mine if line.logger == "trioproxy.access"]
+    assert " 200 " in access.message and access.message.endswith(" (error: 500)"), access
 
 
 # -- in process ------------------------------------------------------------------------

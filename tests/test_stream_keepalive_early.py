@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import select
+import signal
 import socket
 import threading
 import time
@@ -79,7 +80,9 @@ class LateBackend(ScriptedHandler):
     fail after the silence; ``never`` waits until the proxy hangs up (noted in
     ``hung_up``); ``late-400`` (OpenAI's context length error), ``late-error-event``
     (the same as the first event of a stream) and ``late-404`` (vLLM's error shape: no
-    ``error`` object) are refusals after the silence."""
+    ``error`` object) are refusals after the silence; ``late-then-hang`` (after the
+    silence) and ``then-hang`` (at once) send a token and then nothing until the proxy
+    hangs up."""
 
     seen: dict[str, int] = {}
     hung_up: list[str] = []
@@ -126,10 +129,14 @@ class LateBackend(ScriptedHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.flush()
-            if model in ("late-event", "late-error-event", "late-event-cut"):
+            if model in ("late-event", "late-error-event", "late-event-cut", "late-then-hang"):
                 time.sleep(SILENCE)
-            if model == "late-event-cut":  # a token, then the connection closes: no end
+            if model in ("late-event-cut", "late-then-hang", "then-hang"):
+                # a token, then the connection closes (no end), or nothing more comes
                 self.wfile.write(_chunk({"role": "assistant", "content": "forty"}))
+                self.wfile.flush()
+                if model != "late-event-cut":
+                    self._wait_for_hang_up(model)
             else:
                 self.wfile.write(b"data: %s\n\n" % CONTEXT_TOO_LONG if "error" in model else ANSWER)
             self.wfile.flush()
@@ -424,6 +431,36 @@ def test_a_stream_that_breaks_after_the_backends_200_is_still_a_502(proxy: Serve
     assert line.startswith(" 200 ") and line.endswith(" (error)"), line
 
 
+@pytest.mark.parametrize("model", ["late-then-hang", "then-hang"])  # started early, or not
+def test_a_stream_the_shutdown_cuts_logs_the_503_the_metrics_count(
+    late_backend: str, start_proxy: Callable[..., ServerProcess], model: str
+) -> None:
+    """A stream still going when the shutdown's grace period nears its end is ended
+    in-band by the proxy, counted as a 503 (the proxy's doing, not the backend's 502):
+    its access line said ``200 ... (error)``, which reads as that 502. It has the 200 the
+    client got and the 503 the metrics count, as a late refusal has its status."""
+    proxy = start_proxy(
+        late_backend, STREAM_KEEPALIVE_SECONDS=KEEPALIVE, GRACEFUL_TIMEOUT="1", ACCESS_LOG="true"
+    )
+    body = _body(model) | {"max_tokens": 9}
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(lines)
+        assert (first == ": keep-alive") is (model == "late-then-hang"), first  # started early
+        if not first.startswith("data: "):
+            first = next(line for line in lines if line.startswith("data: "))
+        assert "forty" in first, first
+        proxy.process.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert any("shutting down" in line for line in rest), rest
+    assert proxy.process.wait(timeout=10) == 0
+    assert proxy.reader is not None
+    proxy.reader.join(timeout=5)
+    line = _access_line(proxy, "/v1/chat/completions", 0)
+    assert line.startswith(" 200 ") and line.endswith(" (error: 503)"), line
+
+
 def test_a_failure_after_the_start_of_a_responses_stream_is_that_apis_error_event(
     proxy: ServerProcess,
 ) -> None:
@@ -513,19 +550,26 @@ def test_a_late_refusal_is_the_anthropic_sdks_error(
 
 
 def test_the_first_token_deadline_ends_an_early_started_stream(proxy: ServerProcess) -> None:
-    before = _outcomes(proxy.url)
+    """Counted as a timeout (504); the access line: the 200, then ``(timeout)``, which is
+    that 504 (no status of its own: the outcome's is the one counted)."""
+    counts = _Counts(proxy, "/v1/chat/completions", "v1_chat_completions")
     status, lines = _raw(proxy.url, "never")
     assert status == 200
     assert lines.count(b": keep-alive") >= 3, lines
     errors = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
     assert len(errors) == 1 and "error" in errors[0], lines
-    _wait_for_outcome(proxy.url, before, "timeout", "v1_chat_completions")
+    _wait_for_outcome(proxy.url, counts.outcomes, "timeout", "v1_chat_completions")
+    counted = _new_requests(proxy.url, "v1_chat_completions", counts.requests)
+    assert [status for status, _ in counted] == ["504"], counted
+    line = _access_line(proxy, "/v1/chat/completions", counts.seen)
+    assert line.startswith(" 200 ") and line.endswith(" (timeout)"), line
 
 
 def test_a_client_leaving_in_the_silence_cancels_the_backend_request(
     proxy: ServerProcess,
 ) -> None:
-    before = _outcomes(proxy.url)
+    counts = _Counts(proxy, "/v1/chat/completions", "v1_chat_completions")
+    before = counts.outcomes
     hung_up = len(LateBackend.hung_up)
     url = proxy.url + "/v1/chat/completions"
     with httpx.stream("POST", url, json=_body("never"), timeout=10) as response:
@@ -540,6 +584,11 @@ def test_a_client_leaving_in_the_silence_cancels_the_backend_request(
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert time.monotonic() - left_at < 1.2  # at once, not at the 1.5 s deadline
+    # counted 499; the access line has the 200 it got and ``(cancelled)``, that 499
+    counted = _new_requests(proxy.url, "v1_chat_completions", counts.requests)
+    assert [status for status, _ in counted] == ["499"], counted
+    line = _access_line(proxy, "/v1/chat/completions", counts.seen)
+    assert line.startswith(" 200 ") and line.endswith(" (cancelled)"), line
     log = proxy.log()
     assert "Traceback" not in log and "ERROR" not in log, log
 

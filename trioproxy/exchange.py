@@ -431,12 +431,15 @@ class AccessLine:
         outcome = metric.stream_outcome if metric is not None and metric.streaming else None
         if send.status:
             # the status the client got, as a web server logs it: a stream that failed
-            # after its 200 went out is "200 ... (error)", though the metrics count it
-            # by its outcome (502); one whose 200 went out before the backend's answer
-            # (STREAM_KEEPALIVE_SECONDS), which then failed, "(error: 429)": the status
-            # its failure had, which the metrics count (a refusal stays the client's)
-            if outcome and status != send.status:
-                outcome = f"{outcome}: {status}"
+            # after its 200 went out is "200 ... (error)", which the metrics count by its
+            # outcome (502; a timeout 504, a client that left 499). Where they count
+            # another status, the line says which: "(error: 429)" for a failure after an
+            # early start (STREAM_KEEPALIVE_SECONDS: a refusal stays the client's),
+            # "(error: 503)" for a stream the shutdown cut, "(error: 500)" for our bug
+            if outcome is not None and metric is not None:
+                counted = effective_status(metric.status_code, outcome)
+                if counted != effective_status(send.status, outcome):
+                    outcome = f"{outcome}: {counted}"
             status = send.status
         elif metric is not None and (metric.status_code or outcome):
             # no head went out (a stream its client left before the backend answered,
@@ -463,11 +466,16 @@ class AccessLine:
 
 
 def _unfinished(status: int, metric: RequestMetrics | None) -> str:
-    """How a reply that did not go out whole ended (a stream says it by its outcome)."""
+    """How a reply that did not go out whole ended (a stream says it by its outcome), as
+    the metrics count it (``_finish_metric``): cut by the shutdown (503), by our own bug
+    (500), else left by its client (499, whatever the reply)."""
     if not status:
         return "no response"
-    if metric is not None and metric.status_code == STATUS_SHUT_DOWN:
-        return "cut by the shutdown"  # (a client that left is a 499, whatever the reply)
+    counted = metric.status_code if metric is not None else 0
+    if counted == STATUS_SHUT_DOWN:
+        return "cut by the shutdown"
+    if counted == STATUS_OWN_ERROR:
+        return "error" if status == counted else f"error: {counted}"
     return "client left"
 
 
