@@ -20,6 +20,12 @@ clients at once):
   ``GET /v1/models``, of a backend (a stub process, :func:`model_list_body`) that lists
   760 models as OpenRouter does, ~2 MB (fetched and decoded every 5 s at most, answered
   from at each request);
+- ``answer-text``, ``answer-tool``, ``answer-logprobs``: ``POST /api/chat``, not streamed,
+  of the same stub backend, which answers with one large completion (:func:`chat_answer_body`):
+  30 MB of text, a tool call whose arguments are 30 MB of JSON (10,000 files' contents), or
+  17 MB of log probabilities (11,000 tokens with 20 alternatives each: about the most that stays
+  under the proxy's limit of 500,000 arrays and objects per answer); decoded, translated to
+  Ollama's shape and encoded for the client;
 - ``models-refetched``: ``GET /api/tags`` with the proxy's list cache at 0 s, so that each
   fetches the list again (as polls further apart than the cache's 5 s do);
 - ``chat-ollama-300k``: ``POST /api/chat``, a 300 KB body of one base64 image (past the
@@ -86,6 +92,9 @@ bodies = {
     "embed-openai": ("/v1/embeddings", {"model": "demo-embed", "input": inputs,
                                         "dimensions": 1024}),
 }
+for kind in ("text", "tool", "logprobs"):
+    bodies["answer-" + kind] = ("/api/chat", {"model": "answer-" + kind, "stream": False,
+        "logprobs": kind == "logprobs", "messages": [{"role": "user", "content": "hi"}]})
 gets = {"models-ollama": ["/api/tags", "/api/ps"], "models-openai": ["/v1/models"],
         "models-refetched": ["/api/tags"]}
 asks = ([("POST", bodies[scenario][0], json.dumps(bodies[scenario][1]).encode())]
@@ -106,14 +115,17 @@ for _ in range(rounds):
 print("end", time.monotonic(), flush=True)
 """
 
-# the stub backend of the model-list scenarios: its own process, stdlib and this module
-# only; answers GET /v1/models with model_list_body() and prints where it listens
+# the stub backend of the model-list and answer scenarios: its own process, stdlib and
+# this module only; answers GET /v1/models with model_list_body(), POST
+# /v1/chat/completions with chat_answer_body() for the model's kind, and prints where it
+# listens
 _LIST_BACKEND = r"""
-import sys
+import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, sys.argv[1])
-from bench.loop_stall import model_list_body
+from bench.loop_stall import chat_answer_body, model_list_body
 body = model_list_body()
+answers = {}
 
 class Models(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -122,6 +134,15 @@ class Models(BaseHTTPRequestHandler):
         found = self.path.rstrip("/") == "/v1/models"
         answer = body if found else b'{"error": "not found"}'
         self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+    def do_POST(self):
+        asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        kind = asked["model"].removeprefix("answer-")
+        answer = answers.get(kind) or answers.setdefault(kind, chat_answer_body(kind))
+        self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
@@ -176,6 +197,40 @@ def model_list_body(models: int = 760, seed: int = 7) -> bytes:
             }
         )  # fmt: skip
     return json.dumps({"data": data}).encode()
+
+
+def chat_answer_body(kind: str) -> bytes:
+    """A non-stream chat completion of ``kind``: ``text`` (30 MB of content), ``tool``
+    (a tool call whose arguments are 30 MB of JSON: 10,000 files of 3 KB each), or
+    ``logprobs`` (11,000 tokens, 20 alternatives each: ~17 MB, about the most under
+    the proxy's limit of 500,000 arrays and objects per answer)."""
+    words = " ".join(_WORDS)
+    message: dict[str, object] = {"role": "assistant", "content": ""}
+    choice: dict[str, object] = {"index": 0, "message": message, "finish_reason": "stop"}
+    if kind == "text":
+        message["content"] = (words + " ") * (30_000_000 // (len(words) + 1))
+    elif kind == "tool":
+        files = [{"path": f"src/file_{i}.txt", "content": words * 20} for i in range(10_000)]
+        function = {"name": "write_files", "arguments": json.dumps({"files": files})}
+        message["tool_calls"] = [{"id": "call_1", "type": "function", "function": function}]
+        choice["finish_reason"] = "tool_calls"
+    else:
+
+        def entry(token: str, logprob: float) -> dict[str, object]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        tokens = [_WORDS[i % len(_WORDS)] for i in range(11_000)]
+        content = [
+            {**entry(token, -0.25), "top_logprobs": [entry(w, -1.5 - j) for j, w in
+                                                     enumerate(_WORDS[:20])]}
+            for token in tokens
+        ]  # fmt: skip
+        message["content"] = " ".join(tokens)
+        choice["logprobs"] = {"content": content}
+    usage = {"prompt_tokens": 3, "completion_tokens": 11_000, "total_tokens": 11_003}
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000,
+              "model": "answer-" + kind, "choices": [choice], "usage": usage}  # fmt: skip
+    return json.dumps(answer).encode()
 
 
 class Ticker:
@@ -349,7 +404,14 @@ async def _run_against(
         backend.wait()
 
 
-LIST_SCENARIOS = ["models-ollama", "models-openai", "models-refetched"]
+LIST_SCENARIOS = [
+    "models-ollama",
+    "models-openai",
+    "models-refetched",
+    "answer-text",
+    "answer-tool",
+    "answer-logprobs",
+]
 SCENARIOS = [
     "chat-ollama",
     "chat-ollama-300k",

@@ -30,7 +30,15 @@ from hypercorn.trio import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loop_stall import model_list_body
-from trioproxy import catalog, forward, hypercorn_patches, relay, routes_ollama, routes_openai
+from trioproxy import (
+    catalog,
+    forward,
+    hypercorn_patches,
+    relay,
+    routes_anthropic,
+    routes_ollama,
+    routes_openai,
+)
 from trioproxy import translate as tr
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
@@ -174,32 +182,64 @@ async def test_a_large_embeddings_answer_is_decoded_and_encoded_in_a_thread(
         assert reply_bytes > OFF_LOOP_BYTES and not on_loop
 
 
-@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
-async def test_a_large_chat_answer_is_decoded_and_its_translation_encoded_in_a_thread(
-    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch, path: str
+# the translation each answers with, by the route (and ``raw``) asked
+TRANSLATIONS = {
+    ("/api/chat", False): "openai_chat_to_ollama_chat",
+    ("/api/generate", False): "openai_chat_to_ollama_generate",
+    ("/api/generate", True): "openai_completion_to_ollama_generate",
+}
+
+
+@pytest.mark.parametrize(("path", "raw"), list(TRANSLATIONS))
+async def test_a_large_chat_answer_is_decoded_translated_and_encoded_in_a_thread(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch, path: str, raw: bool
 ) -> None:
     """A non-stream ``/api/chat`` or ``/api/generate`` answer over the threshold (logprobs
-    with 20 alternatives for a few hundred tokens): decoded and its translation encoded for
-    the client in a thread, as embeddings are; a short answer on the loop."""
+    with 20 alternatives for 400 tokens, 5 for 8,000): decoded, translated to Ollama's shape
+    and encoded for the client in a thread, as embeddings are (the translation ran on the
+    loop: 0.2 s of it for a 30 MB answer's logprobs); a short answer on the loop."""
     answers = Watched(monkeypatch, forward, "json_answer", skip=_a_model_list)
+    translated = Watched(monkeypatch, tr, TRANSLATIONS[path, raw])
     replies = Watched(monkeypatch, routes_ollama, "dumps")
     async with serving_proxy(demo_backend.url) as client:
-        for tokens, large in ((3, False), (400, True)):
+        top = 5 if raw else 20  # a legacy completion's limit
+        for tokens, large in ((3, False), (400 if top == 20 else 8000, True)):
             asked: dict[str, Any] = {"model": "demo-chat", "stream": False, "logprobs": True}
-            asked["top_logprobs"] = 20
+            asked["top_logprobs"] = top
             prompt = f"say something [[tokens={tokens}]]"
             if path == "/api/chat":
                 asked["messages"] = [{"role": "user", "content": prompt}]
             else:
                 asked["prompt"] = prompt
+                asked["raw"] = raw
             response = await client.post(path, json=asked)
             assert response.status_code == 200, response.text
             assert len(response.json()["logprobs"]) == tokens
-            assert len(response.json()["logprobs"][0]["top_logprobs"]) == 20
+            assert len(response.json()["logprobs"][0]["top_logprobs"]) == top
             ((answer_bytes, answer_on_loop),) = answers.take()
+            ((_, translated_on_loop),) = translated.take()
             ((reply_bytes, reply_on_loop),) = replies.take()
             assert (answer_bytes > OFF_LOOP_BYTES) is large is (not answer_on_loop)
+            assert translated_on_loop is not large
             assert (reply_bytes > OFF_LOOP_BYTES) is large is (not reply_on_loop)
+
+
+async def test_a_large_messages_answer_is_translated_and_encoded_in_a_thread(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Anthropic Messages API's non-stream answer (``/v1/messages``), the same way: a
+    long text's answer translated to a ``message`` and encoded in a thread, a short one's
+    on the loop."""
+    translated = Watched(monkeypatch, routes_anthropic.an, "openai_to_message")
+    async with serving_proxy(demo_backend.url) as client:
+        for tokens, large in ((3, False), (60_000, True)):
+            message = {"role": "user", "content": f"hi [[tokens={tokens}]]"}
+            asked = {"model": "demo-chat", "max_tokens": 100_000, "messages": [message]}
+            response = await client.post("/v1/messages", json=asked)
+            assert response.status_code == 200, response.text
+            assert (len(response.content) > OFF_LOOP_BYTES) is large
+            assert response.json()["usage"]["output_tokens"] == tokens
+            assert [on_loop for _, on_loop in translated.take()] == [not large]
 
 
 async def test_a_large_answer_too_deep_to_write_again_is_the_backends_502() -> None:
@@ -213,10 +253,23 @@ async def test_a_large_answer_too_deep_to_write_again_is_the_backends_502() -> N
     for _ in range(5000):
         deep = [deep]
     with pytest.raises(BadUpstreamResponse, match="nested too deeply"):
-        await routes_ollama.answer_reply_in_thread(call, {"message": {"content": deep}})
+        await routes_ollama.answer_reply_in_thread(call, dict, {"message": {"content": deep}})
     assert errors == ["protocol"]
-    reply = await routes_ollama.answer_reply_in_thread(call, {"done": True})
+    reply = await routes_ollama.answer_reply_in_thread(call, dict, {"done": True})
     assert (reply.status, reply.body) == (200, b'{"done":true}')
+
+
+async def test_a_large_answer_of_another_shape_translated_in_a_thread_is_the_backends_502() -> None:
+    """A translation that fails in the thread (a completion without choices) is the
+    backend's 502 and a protocol error counted on the loop, as on the loop."""
+    errors: list[str] = []
+    collector = SimpleNamespace(upstream_error=errors.append)
+    call: Any = SimpleNamespace(app=SimpleNamespace(collector=collector))
+    timings = tr.Timings(total_ns=1, prompt_eval_ns=0, eval_ns=1)
+    translate = tr.openai_chat_to_ollama_chat
+    with pytest.raises(BadUpstreamResponse, match="unexpected shape"):
+        await routes_ollama.answer_reply_in_thread(call, translate, {}, "m", "t", timings)
+    assert errors == ["protocol"]
 
 
 async def test_a_large_openai_answer_rewritten_for_the_client_is_rewritten_in_a_thread(

@@ -66,18 +66,14 @@ async def messages(call: Call) -> Reply:
     message_id = an.new_message_id()
     if not payload.get("stream"):
         resp, result = await _sent(call, payload, switch, call_chat)
-        out = from_backend(
-            call,
-            functools.partial(an.openai_to_message, show_thinking=show_thinking, stops=stops),
-            resp,
-            client_model,
-            message_id,
-        )
-        note_usage(state, resp)
-        if len(result.response.content) <= OFF_LOOP_BYTES:
-            reply = Reply(200, from_backend(call, dumps, out))
+        convert = functools.partial(an.openai_to_message, show_thinking=show_thinking, stops=stops)
+        if len(result.response.content) > OFF_LOOP_BYTES:
+            note_usage(state, resp)
+            reply = await answer_reply_in_thread(call, convert, resp, client_model, message_id)
         else:
-            reply = await answer_reply_in_thread(call, out)
+            out = from_backend(call, convert, resp, client_model, message_id)
+            note_usage(state, resp)
+            reply = Reply(200, from_backend(call, dumps, out))
         reply.headers = _backend_headers(call, result)
         return reply
     start_ns = time.perf_counter_ns()

@@ -236,13 +236,17 @@ async def _generate_or_chat(
             show_thinking=show_thinking,
             logprobs=logprobs,
         )
+        if len(result.response.content) > OFF_LOOP_BYTES:
+            note_usage(state, resp)
+            created_at = tr.utc_timestamp()
+            return await answer_reply_in_thread(
+                call, convert, resp, client_model, created_at, timings
+            )
         out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
         # the backend's tool call arguments, read up to 1,024 levels deep, may be too deep
         # to write again (jsonutil): the backend's fault too
-        if len(result.response.content) <= OFF_LOOP_BYTES:
-            return Reply(200, from_backend(call, dumps, out))
-        return await answer_reply_in_thread(call, out)
+        return Reply(200, from_backend(call, dumps, out))
     with _model_not_found_as_ollama(client_model, backend_model):
         result = await as_taken(call, payload, switch, open_chat_stream)
     translator = tr.OllamaStreamTranslator(
@@ -301,9 +305,13 @@ async def _raw_generate(call: Call, body: dict[str, Any]) -> Reply:
             resp, result = await call_json(call, COMPLETIONS_PATH, payload)
         timings = _timings(start_ns, resp, result)
         convert = tr.openai_completion_to_ollama_generate
-        out = from_backend(
-            call, convert, resp, client_model, tr.utc_timestamp(), timings, top_logprobs
-        )
+        created_at = tr.utc_timestamp()
+        if len(result.response.content) > OFF_LOOP_BYTES:
+            note_usage(state, resp)
+            return await answer_reply_in_thread(
+                call, convert, resp, client_model, created_at, timings, top_logprobs
+            )
+        out = from_backend(call, convert, resp, client_model, created_at, timings, top_logprobs)
         note_usage(state, resp)
         return Reply(200, from_backend(call, dumps, out))
     send = functools.partial(open_stream, call, COMPLETIONS_PATH)
@@ -416,16 +424,22 @@ async def embeddings(call: Call) -> Reply:
     return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
 
 
-async def answer_reply_in_thread(call: Call, payload: Any) -> Reply:
-    """``Reply(200, from_backend(call, dumps, payload))`` for the translation of a chat or
-    generate answer over OFF_LOOP_BYTES (logprobs of hundreds of tokens, a long text),
-    encoded in a JSON thread and waited for (``payload`` is the request's own object); a
-    failure to write it is the backend's 502 as there, counted here on the loop (the
-    metrics are not the thread's to touch)."""
+async def answer_reply_in_thread(call: Call, translate: Callable[..., Any], *args: Any) -> Reply:
+    """``Reply(200, dumps(from_backend(call, translate, *args)))`` for a chat or generate
+    answer that came in a body over OFF_LOOP_BYTES (a long text, logprobs of thousands of
+    tokens, large tool call arguments): translated and encoded in one JSON thread hop, as
+    it was decoded, and waited for (``args`` hold the request's own answer object). A
+    failure of either is the backend's 502 as there, counted here on the loop (the metrics
+    are not the thread's to touch)."""
     try:
-        return Reply(200, await off_loop(dumps, payload))
-    except (ValueError, TypeError) as exc:  # NestedTooDeeply included
-        return from_backend(call, _raise, exc)
+        return Reply(200, await off_loop(_translated_json, translate, *args))
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        return from_backend(call, _raise, exc)  # NestedTooDeeply (a ValueError) included
+
+
+def _translated_json(translate: Callable[..., Any], *args: Any) -> bytes:
+    """``translate(*args)`` encoded: pure, for a JSON thread."""
+    return dumps(translate(*args))
 
 
 def _raise(exc: BaseException) -> NoReturn:
