@@ -203,6 +203,8 @@ _ANSWERS: dict[str, dict[str, Any]] = {
     "cancelled-at-once": response([], "cancelled", usage=None, background=True),
     "too-long": response([], "failed", usage=None,
                          error={"code": "context_length_exceeded", "message": "too long"}),
+    "no-ids": response([{k: v for k, v in item.items() if k != "id"} for item in
+                        (REASONING, message("Hello"), REASONING, message(" there"), CALL)]),
 }  # fmt: skip
 
 
@@ -292,6 +294,42 @@ def test_the_sdks_stream_helper_gets_the_final_response(client: openai.OpenAI) -
     assert final.usage is not None and final.usage.output_tokens == 7
     assert final.output[0].type == "reasoning"
     assert [s.text for s in final.output[0].summary] == ["The user greets.", "Greet back."]
+
+
+def test_items_without_ids_stream_to_the_sdks_stream_helper(client: openai.OpenAI) -> None:
+    """Two messages and two reasoning items without ``id`` (a gateway that writes none):
+    the SDK's accumulator tells items apart by type and id, and raised "conflicting
+    output identities" at the second of a kind; each gets an id of the API's shape."""
+    with client.responses.stream(model=CLIENT_MODEL, input="hi",
+                                 metadata={"kind": "no-ids"}) as stream:  # fmt: skip
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.output_text == "Hello there"
+    ids = [item.id for item in final.output]
+    assert [i.split("_")[0] for i in ids] == ["rs", "msg", "rs", "msg", "fc"]
+    assert len(set(ids)) == 5 and all(len(i.split("_")[1]) == 48 for i in ids)
+    added = [e.item.id for e in events if e.type == "response.output_item.added"]
+    deltas = [e.item_id for e in events if e.type == "response.output_text.delta"]
+    assert added == ids and deltas == [ids[1], ids[3]]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_item_ids_are_derived_from_the_response_id_and_place() -> None:
+    """The same response gives the same ids (a client that reads it twice sees the same
+    items); another response, other ids; an item with its own id keeps it, and the
+    response given is not changed."""
+    whole = _answer("no-ids", BACKEND_MODEL)
+    before = copy.deepcopy(whole)
+
+    def item_ids(answer: dict[str, Any]) -> list[str]:
+        return [item["id"] for item in response_events(answer)[-1]["response"]["output"]]
+
+    first = item_ids(whole)
+    assert whole == before
+    assert item_ids(whole) == first
+    assert set(item_ids({**whole, "id": "resp_other"})).isdisjoint(first)
+    with_one = {**whole, "output": [message("Hi"), *whole["output"][1:]]}
+    assert item_ids(with_one) == ["msg_1", *first[1:]]
 
 
 def test_a_function_call_streams_its_arguments(client: openai.OpenAI) -> None:

@@ -5,10 +5,16 @@ A backend that ignores ``stream`` answers ``POST /v1/responses`` with one Respon
 LiteLLM, mocks). Its client asked for events (the openai SDK's ``responses.stream()``,
 openai-agents, the Vercel AI SDK): it gets the events OpenAI sends, in OpenAI's order,
 each piece of output whole in one delta. ``sequence_number`` counts from 0.
+
+An output item without an ``id`` (a gateway that writes none) gets one derived from the
+response's id and its place (``msg_``, ``fc_``, ``rs_``... and 48 hex digits, the API's
+shape): the openai SDK's stream accumulator tells items apart by type and id, and raised
+on a second message or reasoning item without one ("conflicting output identities").
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +58,7 @@ def response_events(response: JSONDict) -> list[JSONDict]:
     its stream is not over, and the relay reports it cut (the client may resume it by
     id)."""
     events = _Events()
+    response = _with_item_ids(response)
     status = response.get("status") or "completed"
     closing = _CLOSING.get(status) if isinstance(status, str) else None
     opening = {**response, "status": "in_progress" if closing else status, "output": []}
@@ -68,6 +75,46 @@ def response_events(response: JSONDict) -> list[JSONDict]:
         _item_events(events, index, item)
     events.add(closing, response=response)
     return events.out
+
+
+# the prefix of an output item's id by its type, as the API spells them
+_ID_PREFIXES = {
+    "message": "msg",
+    "function_call": "fc",
+    "reasoning": "rs",
+    "custom_tool_call": "ctc",
+    "web_search_call": "ws",
+    "file_search_call": "fs",
+    "computer_call": "cu",
+    "image_generation_call": "ig",
+    "code_interpreter_call": "ci",
+    "mcp_call": "mcp",
+}
+
+
+def _with_item_ids(response: JSONDict) -> JSONDict:
+    """``response`` with an id for each output item that has none (a new object then; the
+    one given is not changed): the same ids for the same response id and places."""
+    output = response.get("output")
+    if not isinstance(output, list) or not any(map(_lacks_id, output)):
+        return response
+    response_id = response.get("id")
+    seed = response_id if isinstance(response_id, str) else ""
+    items = [
+        {**item, "id": _item_id_for(seed, index, item.get("type"))} if _lacks_id(item) else item
+        for index, item in enumerate(output)
+    ]
+    return {**response, "output": items}
+
+
+def _lacks_id(item: object) -> bool:
+    return isinstance(item, dict) and not isinstance(item.get("id"), str)
+
+
+def _item_id_for(response_id: str, index: int, kind: object) -> str:
+    prefix = _ID_PREFIXES.get(kind, "item") if isinstance(kind, str) else "item"
+    digest = hashlib.sha256(f"{response_id}\x00{index}".encode(errors="surrogatepass"))
+    return f"{prefix}_{digest.hexdigest()[:48]}"
 
 
 class _Events:
