@@ -22,6 +22,7 @@ from trioproxy import netstream, relay
 from trioproxy.config import Settings
 from trioproxy.errors import UpstreamTimeout
 from trioproxy.metrics import MetricsCollector, RequestMetrics
+from trioproxy.sse import SSEParser
 from trioproxy.translate import (
     OllamaStreamTranslator,
     OpenAIStreamObserver,
@@ -362,7 +363,11 @@ def text_delta(text: str) -> bytes:
     return responses_event("response.output_text.delta", delta=text, item_id="m")
 
 
-def observed(observer: Callable[[], object], metric: RequestMetrics | None = None) -> MakeRelay:
+def observed(
+    observer: Callable[[], object],
+    metric: RequestMetrics | None = None,
+    end: relay.StreamEnd | None = None,
+) -> MakeRelay:
     def make(
         response: httpx.Response, settings: Settings, collector: MetricsCollector
     ) -> AsyncIterator[bytes]:
@@ -373,6 +378,7 @@ def observed(observer: Callable[[], object], metric: RequestMetrics | None = Non
             metric=metric,
             sent_at=time.perf_counter(),
             collector=collector,
+            end=end,
         )
 
     return make
@@ -453,6 +459,52 @@ def test_a_responses_stream_ends_early_with_that_apis_error_event() -> None:
     assert failure is not None
     event = json.loads(failure.split(b"data: ", 1)[1])
     assert (event["code"], event["error"]["type"]) == ("429", "rate_limit_error")
+
+
+def _numbered(*events: bytes, first: int = 0) -> list[bytes]:
+    """Responses events (:func:`responses_event`) numbered from ``first`` on."""
+    return [
+        e.replace(b'"sequence_number": 0', b'"sequence_number": %d' % n)
+        for n, e in enumerate(events, first)
+    ]
+
+
+def _sequence_numbers(out: bytes) -> list[int]:
+    return [json.loads(e.data)["sequence_number"] for e in SSEParser().feed(out)]
+
+
+@pytest.mark.parametrize("first", [0, 7])
+@pytest.mark.parametrize("cut", ["ended", "silent"])
+async def test_the_error_event_of_a_cut_responses_stream_is_numbered_after_the_last(
+    first: int, cut: str
+) -> None:
+    """The proxy's ``error`` event that ends a Responses stream it cuts (the body ended
+    before the closing event, or the backend went silent) carries the number after the
+    last event relayed (it carried 0): the API numbers every event of a stream in order,
+    a replay resumed after event 6 from 7 on. A shutdown's error event, written after
+    the relay stopped, reads the same number from the relay's ``StreamEnd``."""
+    events = _numbered(CREATED, text_delta("a"), text_delta("b"), first=first)
+    script: Script = [(0, e) for e in events] + ([(0, None)] if cut == "silent" else [])
+    end = relay.StreamEnd()
+    end.responses = True
+    made = observed(ResponsesStreamObserver, end=end)
+    out, _, _ = await run_relay(script, made, stream_idle_timeout=0.2)
+    numbers = _sequence_numbers(out)
+    assert numbers == list(range(first, first + 4))
+    assert out.rsplit(b"\n\n", 2)[-2].startswith(b"event: error\n")
+    shutdown = relay.stream_end_error(relay.EVENT_STREAM, end, "shutting down", "x")
+    assert _sequence_numbers(shutdown or b"") == [first + 3]
+
+
+def test_the_next_sequence_number_is_read_from_the_last_event_relayed() -> None:
+    assert relay.next_sequence_number(b"") == 0
+    assert relay.next_sequence_number(b": keep-alive\n\n") == 0  # a backend numbering none
+    two = b'data: {"type":"a","sequence_number":4}\n\ndata: {"sequence_number" : 5}\n\n'
+    assert relay.next_sequence_number(two) == 6
+    # the key inside a string is escaped: not read
+    quoted = b'data: {"sequence_number":2,"delta":"\\"sequence_number\\":99"}\n\n'
+    assert relay.next_sequence_number(quoted) == 3
+    assert relay.next_sequence_number(b'{"sequence_number":null}') == 0
 
 
 async def test_a_resumed_responses_stream_is_watched_but_not_counted_again() -> None:

@@ -8,8 +8,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import openai
 import pytest
+
+from trioproxy.sse import SSEParser
 
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
@@ -151,3 +154,15 @@ def test_a_resumed_stream_cut_before_its_closing_event_is_reported_cut(
             types.append(event.type)
     assert types == ["response.output_text.delta"]
     assert RESPONSES_CUT in str(cut.value)  # in the Responses API's words, not chat's
+
+
+def test_the_error_event_of_a_cut_stream_is_numbered_after_its_last_event(
+    replays: openai.OpenAI,
+) -> None:
+    """The proxy's error event is numbered after the last event it relayed, as the API
+    numbers every event of a stream (it said 0 after a replay that began at 1)."""
+    url = f"{replays.base_url}responses/resp_cut?stream=true&starting_after=0"
+    with httpx.stream("GET", url, timeout=10) as response:
+        body = response.read()
+    events = [(e.event, json.loads(e.data)["sequence_number"]) for e in SSEParser().feed(body)]
+    assert events == [("response.output_text.delta", 1), ("error", 2)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -120,11 +121,14 @@ class StreamEnd:
     housekeeping that a shutdown may cut without telling the client anything.
     ``responses``: the stream is the Responses API's, whose error event is its own."""
 
-    __slots__ = ("reached", "responses")
+    __slots__ = ("reached", "relayed", "responses")
 
     def __init__(self) -> None:
         self.reached = False
         self.responses = False  # set by the route that knows (no keyword: 35 ns, not 100)
+        # the last chunk a relay gave the client, once it stopped: where the numbering of
+        # a Responses stream's events got to (:func:`next_sequence_number`)
+        self.relayed = b""
 
 
 class _Reader:
@@ -448,6 +452,7 @@ async def relay_openai(
     error_field = False
     held = _HeldEvent()
     held_whole = False
+    relayed = b""  # the last chunk given to the client
     try:
         while (data := await reader.read()) is not None:
             if not first:
@@ -506,6 +511,7 @@ async def relay_openai(
                 error_field = False
             if rewrite_model is not None:
                 data = rewrite_model(data)
+            relayed = data  # before: a chunk cut while sent counts as sent (numbers rise)
             yield data
             sent = True
             if finished:
@@ -535,11 +541,16 @@ async def relay_openai(
         _record_tokens(metric, observer)
         if on_finish is not None:
             on_finish()
+        if end is not None:  # for an error event written after it (a shutdown's)
+            end.relayed = relayed
     if held and held_whole:  # a last event without its blank line, completed
         last = held.completed()  # or the openai SDK would never dispatch it
         if error_field:
             last = error_fields_as_data(last)
-        yield rewrite_model(last) if rewrite_model is not None else last
+        relayed = rewrite_model(last) if rewrite_model is not None else last
+        if end is not None:
+            end.relayed = relayed
+        yield relayed
         sent = True
     if error is not None or observer.failed:  # a reported failure is relayed as it came
         _set_outcome(metric, "error")
@@ -549,9 +560,12 @@ async def relay_openai(
         log.warning("stream ended early: %s", error)
         code = "stream_timeout" if metric and metric.stream_outcome == "timeout" else None
         _reached(end)
-        yield (responses_error_event if _responses(end) else openai_error_event)(
-            error, "api_error", code
-        )
+        if _responses(end):
+            yield responses_error_event(
+                error, "api_error", code, None, next_sequence_number(relayed)
+            )
+        else:
+            yield openai_error_event(error, "api_error", code)
     if finished:
         # [DONE] is out: the openai SDK closes the response at it, and the stream counts
         # as completed though the drain below is cut short
@@ -997,19 +1011,24 @@ def ndjson_error(message: str) -> bytes:
 
 
 def in_band_error(
-    content_type: str, message: str, *, code: str | None = None, responses: bool = False
+    content_type: str,
+    message: str,
+    *,
+    code: str | None = None,
+    responses: bool = False,
+    sequence_number: int = 0,
 ) -> bytes | None:
     """The line that ends a stream of this content type early, in its dialect: what
     ollama clients raise as ``ResponseError``, the openai SDK as ``APIError`` (on a
     Responses API stream, ``responses``, that API's error event, which the openai SDK
-    raises on too)."""
+    raises on too, numbered ``sequence_number``)."""
     if content_type == NDJSON:
         return ndjson_error(message)
     if content_type == ANTHROPIC_EVENT_STREAM:  # the anthropic SDK raises on its error event
         return anthropic_error_event(message, 503 if code == "service_unavailable" else 500)
     if content_type == EVENT_STREAM:
         if responses:
-            return responses_error_event(message, "api_error", code)
+            return responses_error_event(message, "api_error", code, None, sequence_number)
         return openai_error_event(message, "api_error", code)
     return None
 
@@ -1047,12 +1066,32 @@ def in_band_failure(
 
 def stream_end_error(content_type: str, end: object, message: str, code: str) -> bytes | None:
     """:func:`in_band_error` for a stream whose reply has ``end`` (a :class:`StreamEnd`,
-    which says whether the stream is the Responses API's)."""
-    return in_band_error(content_type, message, code=code, responses=_responses(end))
+    which says whether the stream is the Responses API's, and what its relay gave the
+    client last: its error event comes next in the numbering)."""
+    if not _responses(end):
+        return in_band_error(content_type, message, code=code)
+    number = next_sequence_number(end.relayed)  # type: ignore[attr-defined]
+    return in_band_error(content_type, message, code=code, responses=True, sequence_number=number)
 
 
 def _responses(end: object) -> bool:
     return isinstance(end, StreamEnd) and end.responses
+
+
+_SEQUENCE_KEY = b'"sequence_number"'
+_SEQUENCE_VALUE = re.compile(rb'"sequence_number"[ \t\r\n]*:[ \t\r\n]*(\d{1,18})')
+
+
+def next_sequence_number(relayed: bytes) -> int:
+    """The ``sequence_number`` after the last one in ``relayed`` (the last chunk of a
+    Responses stream given to the client: whole events, its last event's number last), for
+    the proxy's own ``error`` event, so that the numbers keep rising as the API's do; 0
+    when it holds none (nothing relayed yet, a backend that numbers nothing). Read once,
+    when the stream is cut: no work per chunk. The key can only be a key there: inside a
+    JSON string its quotes are escaped."""
+    at = relayed.rfind(_SEQUENCE_KEY)
+    found = _SEQUENCE_VALUE.match(relayed, at) if at >= 0 else None
+    return int(found.group(1)) + 1 if found else 0
 
 
 def _stream_broke(

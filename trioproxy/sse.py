@@ -317,17 +317,23 @@ def openai_error_event(
 
 
 def responses_error_event(
-    message: str, type_: str = "api_error", code: object = None, param: object = None
+    message: str,
+    type_: str = "api_error",
+    code: object = None,
+    param: object = None,
+    sequence_number: int = 0,
 ) -> bytes:
     """The in-band error event of a Responses API stream: that API's own ``error`` event
     (``type``, ``code``, ``message``, ``param``, ``sequence_number``), which the Vercel AI
     SDK's schema requires (a bare ``{"error": ...}`` fails its validation, and the message
     is lost), with the error object beside them that the openai SDKs raise ``APIError``
-    from. ``code`` and ``param`` are strings or null there. The event is the proxy's, not
-    one of the response's: its ``sequence_number`` is 0, no place to resume from."""
+    from. ``code`` and ``param`` are strings or null there. ``sequence_number``: the
+    number after the last event relayed on the stream (0 before any), as the API numbers
+    every event of a stream in order; the event is the proxy's, not one of the
+    response's, so a client resuming the response names the last event before it."""
     code = None if code is None else str(code)
     param = param if isinstance(param, str) else None
     error = {"type": type_, "code": code, "message": message, "param": param}
-    event = {"type": "error", "sequence_number": 0, "code": code, "message": message}
-    event |= {"param": param, "error": error}
+    event = {"type": "error", "sequence_number": sequence_number}
+    event |= {"code": code, "message": message, "param": param, "error": error}
     return encode_sse_event("error", event)
