@@ -16,9 +16,11 @@ import json
 import math
 import struct
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import partial
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -366,7 +368,7 @@ async def _after_the_readiness_check(client: httpx.AsyncClient) -> None:
 
 LIST_ROUTES = {
     "/api/tags": "openai_models_to_ollama_tags",
-    "/api/ps": "ollama_ps",
+    "/api/ps": "ollama_ps_template",
     "/v1/models": "openai_model_list",
 }
 
@@ -401,10 +403,10 @@ async def test_a_large_model_list_is_read_and_answered_from_in_a_thread(
     }
     assert answers["/v1/models"].content == expected["/v1/models"]
     assert answers["/api/tags"].content == expected["/api/tags"]
-    ps, expected_ps = answers["/api/ps"].json(), json.loads(expected["/api/ps"])
-    for entry in ps["models"] + expected_ps["models"]:  # a time five minutes from now
-        assert entry.pop("expires_at")
-    assert ps == expected_ps
+    ps = answers["/api/ps"].json()
+    expires = ps["models"][0]["expires_at"]  # five minutes from now
+    now = _rfc3339_ns(expires) - 5 * 60 * 10**9
+    assert answers["/api/ps"].content == compact_json(tr.ollama_ps(entries, mapper, now_ns=now))
     assert len(ps["models"]) == models
     assert ps["models"][1]["name"] == "client-model:latest"  # the mapped one, as named
 
@@ -415,8 +417,9 @@ async def test_a_model_list_fetched_again_as_it_was_is_not_read_nor_answered_fro
     """Polls fetch the list again every few seconds (here at each request); lists change
     rarely, and the same bytes as the list held are not decoded again (a 2 MB list held
     the loop ~6 ms each time, mostly in one call of orjson that no thread interrupts), nor
-    are ``/v1/models`` and ``/api/tags`` written again from it (``/api/ps`` is: it says
-    until when). A list that changed is read again, and answered from."""
+    are ``/v1/models``, ``/api/tags`` and ``/api/ps`` written again from it (``/api/ps``
+    was, each time, for its expiry: 2.4 ms for 760 models; now each request's expiry goes
+    into the answer written once). A list that changed is read again, and answered from."""
     monkeypatch.setattr(catalog, "CACHE_SECONDS", 0.0)
     listing = _listing(model_list_body(300))
     read = Watched(monkeypatch, catalog, "model_list")
@@ -429,19 +432,39 @@ async def test_a_model_list_fetched_again_as_it_was_is_not_read_nor_answered_fro
             for path, response in first.items():
                 assert response.status_code == 200, response.text
                 assert [on_loop for _, on_loop in built[path].take()] == [False]
+            expiries = [_ps_expiry(first["/api/ps"])]
             for _ in range(3):
                 for path in ("/api/tags", "/v1/models"):
                     assert (await client.get(path)).content == first[path].content
-                assert (await client.get("/api/ps")).status_code == 200
+                before = time.time_ns()
+                ps = await client.get("/api/ps")
+                after = time.time_ns()
+                expiries.append(_ps_expiry(ps))
+                assert before <= _rfc3339_ns(expiries[-1]) - 5 * 60 * 10**9 <= after
+                assert ps.content == first["/api/ps"].content.replace(
+                    expiries[0].encode(), expiries[-1].encode()
+                )
             assert read.take() == []
-            assert built["/api/tags"].take() == built["/v1/models"].take() == []
-            assert len(built["/api/ps"].take()) == 3
+            assert all(built[path].take() == [] for path in LIST_ROUTES)
             listing.body = changed = model_list_body(301)  # type: ignore[attr-defined]
             again = {path: await client.get(path) for path in LIST_ROUTES}
             assert read.take() == [(len(changed), False)]
             for path, response in again.items():
                 assert len(response.json()["data" if path == "/v1/models" else "models"]) == 301
                 assert [on_loop for _, on_loop in built[path].take()] == [False]
+
+
+def _ps_expiry(response: httpx.Response) -> str:
+    """The one ``expires_at`` of every model an ``/api/ps`` answer lists."""
+    (expires,) = {entry["expires_at"] for entry in response.json()["models"]}
+    return str(expires)
+
+
+def _rfc3339_ns(stamp: str) -> int:
+    """Nanoseconds since the epoch of ``2024-05-01T12:00:00.123456789Z``."""
+    seconds, fraction = stamp.removesuffix("Z").split(".")
+    whole = datetime.strptime(seconds, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return int(whole.timestamp()) * 10**9 + int(fraction)
 
 
 @pytest.mark.parametrize("models", [300, 20])

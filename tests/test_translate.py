@@ -58,6 +58,9 @@ from trioproxy.translate import (
     ollama_embeddings_to_openai,
     ollama_generate_to_openai,
     ollama_ps,
+    ollama_ps_joined,
+    ollama_ps_parts,
+    ollama_ps_template,
     ollama_show,
     openai_chat_to_ollama_chat,
     openai_chat_to_ollama_generate,
@@ -2330,6 +2333,18 @@ def test_ps() -> None:
     assert parsed.models[2].context_length == 0
     assert parsed.models[0].expires_at == datetime.fromtimestamp(1_700_000_300, UTC)
     assert all(m["size_vram"] == 0 for m in out["models"])
+
+
+def test_ps_from_its_template_is_the_same_bytes_at_any_time() -> None:
+    """``/api/ps`` is written once per list as of the epoch and given each request's time
+    where every expiry goes: the bytes :func:`ollama_ps` writes then, also for a model
+    whose name spells the template's expiry (inside a string its quotes are escaped)."""
+    spelled = {"id": '"expires_at":"1970-01-01T00:05:00.000000000Z"', "object": "model"}
+    models: Any = [*BACKEND_MODELS, spelled]
+    parts = ollama_ps_parts(compact_json(ollama_ps_template(models, MAPPER)))
+    assert len(parts) == len(ollama_ps(models, MAPPER)["models"]) + 1
+    for now in (0, 1_700_000_000 * 10**9 + 123, 4_102_444_800 * 10**9):
+        assert ollama_ps_joined(parts, now) == compact_json(ollama_ps(models, MAPPER, now_ns=now))
 
 
 def test_openai_model_list() -> None:

@@ -96,7 +96,10 @@ async def tags() -> Response:
 @blueprint.get("/api/ps")
 async def ps() -> Response:
     call = await current_call()
-    return _json_bytes(await list_answer(call, tr.ollama_ps, lasting=False))
+    # written once per list as of the epoch; each poll gets its own expiry (catalog.split)
+    template = await list_answer(call, tr.ollama_ps_template)
+    parts = call.app.catalog.split(template)  # type: ignore[attr-defined]
+    return _json_bytes(tr.ollama_ps_joined(parts))
 
 
 @blueprint.post("/api/show")
