@@ -339,15 +339,15 @@ async def listed_entry(call: Call, name: str, *, counted: bool = True) -> dict[s
 
 async def list_answer(call: Call, build: ListAnswer) -> bytes:
     """``build(models, mapper)`` of the backend's list (:meth:`ModelCatalog.listed`) as
-    the client's JSON, which the same list and mapping always give the same bytes of
-    (/api/ps builds a template: ``ollama_ps_template``): written once per list, then
-    answered as written (the same bytes fetched again are the same list), as Open WebUI
-    polls every few seconds. Built and encoded in a JSON thread when the list came in a body over
-    OFF_LOOP_BYTES, on the loop below: OpenRouter's 1.7 MB list of 600 models took 2-3 ms
-    of the loop (``/v1/models`` writes it whole, ``/api/tags`` a digest per model). The
-    thread reads the list and the mapping, neither of which anyone changes (a new list
-    replaces the old one whole): waited for all the same, as the rule for objects a
-    request holds is (json_threads)."""
+    the client's JSON. The same list and mapping give the same bytes (``/api/ps`` builds
+    a template, its expiries put in per request: :meth:`ModelCatalog.split`), so it is
+    written once per list, then answered as written (the same bytes fetched again are the
+    same list), as Open WebUI polls every few seconds. Built and encoded in a JSON thread
+    when the list came in a body over OFF_LOOP_BYTES, on the loop below: OpenRouter's
+    1.7 MB list of 600 models took 2-3 ms of the loop (``/v1/models`` writes it whole,
+    ``/api/tags`` a digest per model). The thread reads the list and the mapping, neither
+    of which anyone changes (a new list replaces the old one whole): waited for all the
+    same, as the rule for objects a request holds is (json_threads)."""
     catalog: ModelCatalog = call.app.catalog  # type: ignore[attr-defined]
     models = await catalog.listed(call)
     if (body := catalog.written(build, models)) is not None:
