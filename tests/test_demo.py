@@ -234,6 +234,30 @@ async def test_tool_calls(sdk: openai.AsyncOpenAI, demo_url: str) -> None:
     assert "sunny, 21 degrees" in answer.choices[0].message.content
 
 
+async def test_a_system_message_after_the_prompt_is_passed_over(sdk: openai.AsyncOpenAI) -> None:
+    """Claude Code (2.1.332) appends its environment as a system message after the prompt
+    (the proxy keeps it where it stands): the demo answers the message before it, its
+    directives and a tool result alike, as a model answers the turn the system note follows."""
+    note: Any = {"role": "system", "content": "# Environment [[tokens=9]]"}
+    whole = await sdk.chat.completions.create(
+        model="demo-chat", messages=[*user("hello [[tokens=3]]"), note]
+    )
+    assert whole.choices[0].message.content == "".join(demo_script.passage_tokens(3))
+    call: Any = {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{}"}}  # fmt: skip
+    followup: Any = [
+        *user("weather?"),
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        note,
+    ]
+    answer = await sdk.chat.completions.create(
+        model="demo-chat", messages=followup, tools=[WEATHER_TOOL]
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert "sunny" in (answer.choices[0].message.content or "")
+
+
 async def test_reasoner_and_json_mode(sdk: openai.AsyncOpenAI, demo_url: str) -> None:
     chunks = await stream_chat(demo_url, model="demo-reasoner", messages=user("think"))
     reasoning = [getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks[1:]]

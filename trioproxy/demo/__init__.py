@@ -29,7 +29,8 @@ replays the events, ``POST …/cancel``, ``GET …/input_items``), ``POST
 Test hooks
 ----------
 The proxy forwards request bodies, so hooks travel inside them: write ``[[name=value]]`` or
-``[[name]]`` anywhere in the content of the LAST chat message (the prompt for /v1/completions, the
+``[[name]]`` anywhere in the content of the LAST chat message, system messages after it passed
+over (the prompt for /v1/completions, the
 first input for /v1/embeddings, the last input message for /v1/responses). Unknown or malformed
 directives are answered with HTTP 400.
 

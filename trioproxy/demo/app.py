@@ -497,9 +497,8 @@ class DemoApp:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty array", param="messages")
-        last = messages[-1]
         directives = _directives(
-            script.content_text(last.get("content")) if isinstance(last, dict) else ""
+            script.content_text(script.answered_message(messages).get("content"))
         )
         plan = _planned(script.plan_chat, body, messages, directives, self.settings.default_tokens)
         top = None  # the common request asks for none: no call for it

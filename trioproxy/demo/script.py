@@ -292,12 +292,24 @@ def _reasons(body: dict[str, Any]) -> bool:
     return not (isinstance(switches, dict) and switches.get("enable_thinking") is False)
 
 
+def answered_message(messages: list[Any]) -> dict[str, Any]:
+    """The message a reply answers: the last one, passing over system messages after it
+    (Claude Code appends its environment as one after the prompt, and a model answers the
+    turn such a note follows); ``{}`` when that is no object."""
+    for message in reversed(messages):
+        if not isinstance(message, dict):
+            return {}
+        if message.get("role") not in ("system", "developer"):
+            return message
+    return messages[-1] if messages and isinstance(messages[-1], dict) else {}
+
+
 def plan_chat(
     body: dict[str, Any], messages: list[Any], directives: Directives, default_tokens: int
 ) -> ChatPlan:
     """Decide the reply to a chat request (see the module docstring of trioproxy.demo)."""
     reasoning = REASONING_TOKENS if _reasons(body) else ()
-    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    last = answered_message(messages)
     if last.get("role") != "tool":
         fn = _pick_tool(body.get("tools"), body.get("tool_choice"))
         if fn is not None:
