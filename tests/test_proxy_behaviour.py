@@ -1667,6 +1667,10 @@ _WRONG_SHAPES = {
         "message": {"role": "assistant", "content": "thought it through"}}]}),
     "mistral-ids": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
         "message": {"role": "assistant", "content": "sunny"}}]}),
+    "system-first": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "sunny"}}]}),
+    "system-first-500": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "sunny"}}]}),
 }  # fmt: skip
 
 _COMPLETION = {
@@ -1740,6 +1744,10 @@ _STREAM_SHAPES = {
                            + "data: [DONE]\n\n"),
     "mistral-ids": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
                     + "data: [DONE]\n\n"),
+    "system-first": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
+                     + "data: [DONE]\n\n"),
+    "system-first-500": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
+                         + "data: [DONE]\n\n"),
 }  # fmt: skip
 # OpenAI's answer to max_tokens from one of its reasoning models
 _MAX_TOKENS_REFUSED = {
@@ -1761,6 +1769,13 @@ def _not_mistral_id(request: dict[str, Any]) -> str | None:
             if call_id is not None and not re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
                 return str(call_id)
     return None
+
+
+def _system_not_first(request: dict[str, Any]) -> bool:
+    """Whether a chat request has a system message that is not the first message, or
+    more than one (Qwen3.8's template refuses two even at the beginning)."""
+    roles = [message.get("role") for message in request["messages"]]
+    return roles.count("system") > 1 or ("system" in roles and roles[0] != "system")
 
 
 class _WrongShapeBackend(BaseHTTPRequestHandler):
@@ -1796,6 +1811,18 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
             text = json.dumps({"object": "error", "type": "invalid_request_message_error",
                 "message": f"Tool call id was {refused} but must be a-z, A-Z, 0-9, with a "
                 "length of 9."})  # fmt: skip
+        if request["model"].startswith("system-first") and _system_not_first(request):
+            # a Qwen3.5-style chat template: vLLM's 400, Ollama's (and llama.cpp's) 500
+            status, content_type = 400, "application/json"
+            text = json.dumps({"object": "error", "type": "BadRequestError", "code": 400,
+                               "message": "System message must be at the beginning."})  # fmt: skip
+            if request["model"].endswith("-500"):
+                status = 500
+                refusal = {
+                    "type": "api_error",
+                    "message": "system message must be at the beginning",
+                }
+                text = json.dumps({"error": refusal})
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -1944,6 +1971,48 @@ def test_a_backend_that_takes_only_nine_character_call_ids_gets_them(
         call_id = last[1]["tool_calls"][0]["id"]
         assert re.fullmatch(r"[A-Za-z0-9]{9}", call_id) and last[2]["tool_call_id"] == call_id
     assert len(sent) == 1  # remembered: the third request went rewritten at once
+
+
+@pytest.mark.parametrize("model", ["system-first", "system-first-500"])
+def test_a_backend_that_takes_one_system_message_first_gets_them_joined(
+    wrong_shape_proxy: ServerProcess, model: str
+) -> None:
+    """Claude Code (2.1.332) sends its environment as a system message after its prompt;
+    a chat template that takes one system message, at the beginning (Qwen3.5's on: vLLM's
+    400, Ollama's 500 "System message must be at the beginning"), refuses it: the request
+    is sent again with the system messages joined, first, in order, and the model's later
+    requests go so at once. The same for an Ollama client's system message late in a chat."""
+    sent = _WrongShapeBackend.requests
+    anthropic_body = {
+        "model": model, "max_tokens": 20, "system": "You are Claude Code.",
+        "messages": [{"role": "user", "content": "hello"},
+                     {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}],
+    }  # fmt: skip
+    ollama_body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                     {"role": "system", "content": "Answer in French."},
+                     {"role": "user", "content": "weather?"}],
+    }  # fmt: skip
+    joined = {
+        "/v1/messages": [{"role": "system", "content": "You are Claude Code.\n\n# Environment"},
+                         {"role": "user", "content": "hello"}],
+        "/api/chat": [{"role": "system", "content": "Answer in French."},
+                      *ollama_body["messages"][:2], ollama_body["messages"][3]],
+    }  # fmt: skip
+    refusals = 1
+    with httpx.Client(base_url=wrong_shape_proxy.url, timeout=10) as client:
+        for path, body in (("/v1/messages", anthropic_body), ("/api/chat", ollama_body)):
+            for stream in (False, True, False):
+                sent.clear()
+                answer = client.post(path, json={**body, "stream": stream})
+                assert answer.status_code == 200, answer.text
+                assert ("sunny" if not stream else "Hello") in answer.text
+                assert sent[-1]["messages"] == joined[path]
+                # the first request was refused and sent again; from then on the model's
+                # requests go joined at once
+                assert len(sent) == (2 if refusals else 1)
+                refusals = 0
 
 
 def _ollama_stream(proxy: ServerProcess, model: str) -> tuple[list[str], BaseException | None]:

@@ -80,6 +80,7 @@ from trioproxy.translate import (
     validate_ollama_generate,
     validate_openai_body,
     with_extra_body,
+    with_one_system_message,
 )
 
 CREATED = "2024-01-02T03:04:05.000000006Z"
@@ -683,6 +684,41 @@ def test_generated_tool_call_ids_are_nine_letters_and_digits(number: int, expect
     assert _generated_call_id(number) == expected
     if number < 36**5:
         assert re.fullmatch(r"[a-zA-Z0-9]{9}", expected)
+
+
+def _system(text: Any) -> dict[str, Any]:
+    return {"role": "system", "content": text}
+
+
+USER = {"role": "user", "content": "hi"}
+ANSWER = {"role": "assistant", "content": "hello"}
+
+
+@pytest.mark.parametrize(("messages", "expected"), [
+    # Claude Code 2.1.332: the top-level system, the prompt, its environment after it
+    ([_system("A"), USER, _system("B")], [_system("A\n\nB"), USER]),
+    ([USER, _system("B"), ANSWER, USER], [_system("B"), USER, ANSWER, USER]),
+    ([_system("A"), _system("B"), USER], [_system("A\n\nB"), USER]),  # Qwen3.8 refuses two
+    ([USER, _system([{"type": "text", "text": "B"}, {"type": "text", "text": "C"}])],
+     [_system("B\n\nC"), USER]),
+    ([_system(""), USER, _system(None), _system("B")], [_system("B"), USER]),
+])  # fmt: skip
+def test_system_messages_join_into_one_first(
+    messages: list[dict[str, Any]], expected: list[dict[str, Any]]
+) -> None:
+    """For a backend whose chat template takes one system message, at the beginning."""
+    payload = {"model": "m", "messages": messages}
+    with_one_system_message(payload)
+    assert payload == {"model": "m", "messages": expected}
+
+
+@pytest.mark.parametrize("messages", [[USER, ANSWER], [_system("A"), USER, ANSWER, USER]])
+def test_a_request_with_one_system_message_first_or_none_is_left_as_it_is(
+    messages: list[dict[str, Any]],
+) -> None:
+    payload = {"model": "m", "messages": messages}
+    with_one_system_message(payload)
+    assert payload["messages"] is messages
 
 
 def test_passthrough_request_maps_model_only() -> None:

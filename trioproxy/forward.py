@@ -30,7 +30,12 @@ from .json_threads import OFF_LOOP_BYTES, off_loop
 from .jsonutil import NestedTooDeeply, compact_json, loads, whole_number
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
-from .translate import FINISHED_WITH_ERROR, RequestValidationError, with_nine_character_ids
+from .translate import (
+    FINISHED_WITH_ERROR,
+    RequestValidationError,
+    with_nine_character_ids,
+    with_one_system_message,
+)
 from .upstream import UpstreamPool, UpstreamResult
 
 log = logging.getLogger("trioproxy.forward")
@@ -539,13 +544,39 @@ NINE_CHARACTER_CALL_IDS = FieldQuirk(
 )
 
 
+# A chat template that takes one system message, first (Qwen3.5's on; vLLM answers 400,
+# llama.cpp's server and Ollama 500), or alternating turns after it (Gemma 3's, Mistral's)
+_REFUSES_LATE_SYSTEM = re.compile(
+    rb"system message must be at the beginning|roles must alternate", re.IGNORECASE
+)
+
+
+def refuses_late_system(error: UpstreamStatusError) -> bool:
+    """Whether a backend's 400/422/500 is its chat template refusing a system message
+    that is not the first one (and only one)."""
+    return error.status in (400, 422, 500) and _REFUSES_LATE_SYSTEM.search(error.body) is not None
+
+
+ONE_SYSTEM_MESSAGE = FieldQuirk(
+    "system_messages",
+    refuses_late_system,
+    with_one_system_message,
+    "the backend takes only one system message, first, for model %s (its chat template); "
+    "its requests now have their system messages joined into one",
+    present=lambda payload: True,  # only a refusal tells: no scan of the messages
+)
+
+
 async def call_chat(call: Call, payload: dict[str, Any]) -> tuple[Any, UpstreamResult]:
     """``call_json`` for a chat completion the proxy wrote, its token limit as the backend
     takes it (``MAX_COMPLETION_TOKENS``)."""
     send = partial(call_json, call, "/chat/completions")
 
+    async def with_system_as_taken(sent: dict[str, Any]) -> tuple[Any, UpstreamResult]:
+        return await as_the_backend_takes(call, sent, ONE_SYSTEM_MESSAGE, send)
+
     async def with_call_ids_as_taken(sent: dict[str, Any]) -> tuple[Any, UpstreamResult]:
-        return await as_the_backend_takes(call, sent, NINE_CHARACTER_CALL_IDS, send)
+        return await as_the_backend_takes(call, sent, NINE_CHARACTER_CALL_IDS, with_system_as_taken)
 
     return await as_the_backend_takes(call, payload, MAX_COMPLETION_TOKENS, with_call_ids_as_taken)
 
@@ -555,10 +586,13 @@ async def open_chat_stream(call: Call, payload: dict[str, Any]) -> UpstreamResul
     ``stream_options`` (it asks for the token counts) as the backend takes them; streams
     without ``stream_options`` have their tokens counted from their chunks."""
 
-    async def with_call_ids_as_taken(sent: dict[str, Any]) -> UpstreamResult:
+    async def with_system_as_taken(sent: dict[str, Any]) -> UpstreamResult:
         return await as_the_backend_takes(
-            call, sent, NINE_CHARACTER_CALL_IDS, partial(open_stream, call, "/chat/completions")
+            call, sent, ONE_SYSTEM_MESSAGE, partial(open_stream, call, "/chat/completions")
         )
+
+    async def with_call_ids_as_taken(sent: dict[str, Any]) -> UpstreamResult:
+        return await as_the_backend_takes(call, sent, NINE_CHARACTER_CALL_IDS, with_system_as_taken)
 
     async def without_stream_options_if_refused(sent: dict[str, Any]) -> UpstreamResult:
         return await as_the_backend_takes(call, sent, NO_STREAM_OPTIONS, with_call_ids_as_taken)

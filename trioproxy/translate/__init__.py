@@ -86,6 +86,7 @@ from .request import (
     think_extra_body,
     with_extra_body,
     with_nine_character_ids,
+    with_one_system_message,
 )
 from .responses import is_response, response_as_events, response_events
 from .streams import (
@@ -187,4 +188,5 @@ __all__ = [
     "validate_openai_body",
     "with_extra_body",
     "with_nine_character_ids",
+    "with_one_system_message",
 ]

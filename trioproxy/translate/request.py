@@ -287,6 +287,34 @@ def with_nine_character_ids(payload: JSONDict) -> None:
         payload["messages"] = [_with_nine_character_ids(m) for m in messages]
 
 
+def with_one_system_message(payload: JSONDict) -> None:
+    """A chat request's system messages as one, first: their texts in order, a blank line
+    between. For chat templates that take one system message, at the beginning (Qwen3.5's
+    on: "System message must be at the beginning", as vLLM, llama.cpp's server and Ollama
+    render them), or user and assistant turns alternating after it (Gemma 3's, Mistral's),
+    which refuse the system messages Claude Code sends after its prompt. A request with
+    none, or with one first, is left as it is."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return
+    systems = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
+    if not systems or (len(systems) == 1 and messages[0] is systems[0]):
+        return
+    text = "\n\n".join(t for m in systems if (t := _system_text(m.get("content"))))
+    rest = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+    payload["messages"] = [{"role": "system", "content": text}, *rest]
+
+
+def _system_text(content: object) -> str:
+    """A system message's text: its string, or its text parts' joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict)]
+        return "\n\n".join(t for t in parts if isinstance(t, str) and t)
+    return ""
+
+
 def _with_nine_character_ids(message: object) -> object:
     if not isinstance(message, dict):
         return message
