@@ -1,4 +1,4 @@
-"""The LangChain integrations (``langchain-ollama`` 1.1.0, ``langchain-openai`` 1.7.4) against a
+"""The LangChain integrations (``langchain-ollama`` 1.1.0, ``langchain-openai`` 1.8.1) against a
 real proxy.
 
 Every test talks over real sockets to ``python -m trioproxy`` (the ``proxy`` fixture), which
@@ -551,8 +551,9 @@ def test_chat_openai_stream_usage(chat_openai: Callable[..., ChatOpenAI]) -> Non
 def test_chat_openai_max_tokens_sent_as_max_completion_tokens(
     chat_openai: Callable[..., ChatOpenAI], sent: Sent
 ) -> None:
-    """langchain-openai 1.7.4 turns max_tokens into max_completion_tokens; the proxy forwards it
-    as written and the demo honours it: the reply is cut at N tokens with finish_reason=length."""
+    """langchain-openai (1.7.4 on) turns max_tokens into max_completion_tokens; the proxy
+    forwards it as written and the demo honours it: the reply is cut at N tokens with
+    finish_reason=length."""
     llm = chat_openai(max_tokens=3)
     reply = llm.invoke("A long story [[tokens=30]]")
     (body,) = sent.bodies("/v1/chat/completions")
@@ -599,8 +600,15 @@ def test_chat_openai_bind_tools(chat_openai: Callable[..., ChatOpenAI], tool: An
     assert follow.content == f"{TOOL_REPLY_PREFIX} rain"
 
 
-def test_chat_openai_stream_tool_call(chat_openai: Callable[..., ChatOpenAI]) -> None:
-    llm = chat_openai().bind_tools([GetWeather])
+@pytest.mark.parametrize("responses_api", [False, True], ids=["chat", "responses"])
+def test_chat_openai_stream_tool_call(
+    chat_openai: Callable[..., ChatOpenAI], responses_api: bool
+) -> None:
+    """On the Responses API since langchain-openai 1.8.1 a
+    ``response.function_call_arguments.done`` whose arguments go past the deltas streamed
+    for its item (matched by ``item_id``, the added item's ``id``) adds the rest as one more
+    chunk: events naming the item inconsistently would double the arguments."""
+    llm = chat_openai(use_responses_api=responses_api).bind_tools([GetWeather])
     chunks = list(llm.stream("Weather in Paris?"))
     assert len([c for c in chunks if c.tool_call_chunks]) >= 2  # arguments arrive in fragments
     total = chunks[0]

@@ -17,6 +17,8 @@ import httpx
 import openai
 import pydantic
 import pytest
+from langchain_core.messages import AIMessageChunk
+from langchain_openai import ChatOpenAI
 from openai.types.responses import ResponseStreamEvent
 
 from trioproxy.sse import SSEParser
@@ -194,6 +196,7 @@ def test_only_a_response_object_is_a_response() -> None:
 _ANSWERS: dict[str, dict[str, Any]] = {
     "text": response([message("Hello there", [CITATION])]),
     "call": response([CALL]),
+    "call-without-id": response([{k: v for k, v in CALL.items() if k != "id"}]),
     "reasoning": response([REASONING, message("Hi")]),
     "cut-short": INCOMPLETE,
     "failed": response([], "failed", error=FAILED, usage=None),
@@ -342,6 +345,26 @@ def test_a_function_call_streams_its_arguments(client: openai.OpenAI) -> None:
     (call,) = final.output
     assert call.type == "function_call"
     assert (call.call_id, call.name, call.arguments) == ("call_1", "weather", CALL["arguments"])
+
+
+@pytest.mark.parametrize("kind", ["call", "call-without-id"])
+def test_langchain_gets_the_arguments_once(proxy: str, kind: str) -> None:
+    """langchain-openai (1.8.1 on) adds to an item's streamed argument deltas what its
+    ``function_call_arguments.done`` holds past them, matching the events by ``item_id``
+    (the added item's ``id``): the events made of a whole call name it alike throughout,
+    its ``call_id`` when it has no ``id``, so the arguments arrive once."""
+    with httpx.Client(timeout=30) as http:
+        llm = ChatOpenAI(model=CLIENT_MODEL, base_url=proxy + "/v1", api_key="x",  # type: ignore[arg-type]
+                         use_responses_api=True, max_retries=0, http_client=http,
+                         extra_body={"metadata": {"kind": kind}})  # fmt: skip
+        chunks = list(llm.stream("hi"))
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total += chunk
+    assert isinstance(total, AIMessageChunk)
+    (call,) = total.tool_calls
+    assert (call["name"], call["args"], call["id"]) == ("weather", {"city": "Paris"}, "call_1")
+    assert total.invalid_tool_calls == []
 
 
 def test_an_incomplete_response_ends_with_its_incomplete_event(client: openai.OpenAI) -> None:
