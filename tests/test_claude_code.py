@@ -50,11 +50,23 @@ if NPM is None or PLATFORM_PACKAGE is None:
 LABELS = {"api": "anthropic", "endpoint": "v1_messages"}
 
 
+def _installed_is_pinned() -> bool:
+    """Whether the platform package installed is the version package-lock.json pins (a
+    checkout whose lockfile moved on keeps the old binary otherwise)."""
+    name = f"node_modules/@anthropic-ai/{PLATFORM_PACKAGE}"
+    try:
+        pinned = json.loads((PACKAGE_DIR / "package-lock.json").read_text())["packages"][name]
+        installed = json.loads((PACKAGE_DIR / name / "package.json").read_text())
+        return bool(installed["version"] == pinned["version"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    """The CLI's binary, installed from the lockfile if missing."""
+    """The CLI's binary, installed from the lockfile if missing or not the version pinned."""
     binary = PACKAGE_DIR / "node_modules" / "@anthropic-ai" / str(PLATFORM_PACKAGE) / "claude"
-    if not binary.is_file():
+    if not binary.is_file() or not _installed_is_pinned():
         assert NPM is not None
         install = subprocess.run(
             [NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
