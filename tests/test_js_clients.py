@@ -1,5 +1,5 @@
 """The real JavaScript clients against a real proxy process: ``ollama`` (ollama-js) 0.6.4,
-``@langchain/ollama`` 1.3.0 and ``openai`` 6.49.0, the versions the API reference
+``@langchain/ollama`` 1.3.0 and ``openai`` 7.59.0, the versions the API reference
 (/work/shared/reference/ollama-and-openai-apis.md, sections 2.1-2.5) was verified with.
 
 Each test runs ``node tests/js/clients.mjs PROXY_URL SCENARIO``; the script drives the library over
