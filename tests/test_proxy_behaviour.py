@@ -1671,6 +1671,8 @@ _WRONG_SHAPES = {
         "message": {"role": "assistant", "content": "sunny"}}]}),
     "system-first-500": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
         "message": {"role": "assistant", "content": "sunny"}}]}),
+    "alternating": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "sunny"}}]}),
 }  # fmt: skip
 
 _COMPLETION = {
@@ -1771,6 +1773,14 @@ def _not_mistral_id(request: dict[str, Any]) -> str | None:
     return None
 
 
+def _not_alternating(request: dict[str, Any]) -> bool:
+    """Whether a chat request's turns after one system message, first, do not alternate
+    user, assistant, user... (Gemma 3's and Mistral's chat templates refuse them)."""
+    roles = [message.get("role") for message in request["messages"]]
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    return turns != [("user", "assistant")[i % 2] for i in range(len(turns))]
+
+
 def _system_not_first(request: dict[str, Any]) -> bool:
     """Whether a chat request has a system message that is not the first message, or
     more than one (Qwen3.8's template refuses two even at the beginning)."""
@@ -1823,6 +1833,11 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
                     "message": "system message must be at the beginning",
                 }
                 text = json.dumps({"error": refusal})
+        if request["model"] == "alternating" and _not_alternating(request):
+            status, content_type = 400, "application/json"  # as vLLM renders Gemma 3's
+            refusal = "Conversation roles must alternate user/assistant/user/assistant/..."
+            text = json.dumps({"object": "error", "type": "BadRequestError", "code": 400,
+                               "message": refusal})  # fmt: skip
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -2013,6 +2028,32 @@ def test_a_backend_that_takes_one_system_message_first_gets_them_joined(
                 # requests go joined at once
                 assert len(sent) == (2 if refusals else 1)
                 refusals = 0
+
+
+def test_a_refusal_joining_cannot_change_is_not_sent_again(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """Gemma 3's "roles must alternate" also refuses a chat with two user turns in a row
+    and no system message: joining system messages changes nothing there, so the request
+    is not sent again as it was (the backend's 400 is the client's at once), nor is the
+    model taken for one that wants its system messages joined: a later chat whose system
+    message is late is refused once, then sent joined."""
+    sent = _WrongShapeBackend.requests
+    with httpx.Client(base_url=wrong_shape_proxy.url, timeout=10) as client:
+        sent.clear()
+        users = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+        answer = client.post("/api/chat", json={"model": "alternating", "messages": users,
+                                                "stream": False})  # fmt: skip
+        assert answer.status_code == 400, answer.text
+        assert "roles must alternate" in answer.json()["error"]
+        assert len(sent) == 1  # not the same request twice
+        sent.clear()
+        late = [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}]
+        answer = client.post("/api/chat", json={"model": "alternating", "messages": late,
+                                                "stream": False})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert [m["role"] for m in sent[-1]["messages"]] == ["system", "user"]
+        assert len(sent) == 2  # refused, then joined: the model was not noted before
 
 
 def _ollama_stream(proxy: ServerProcess, model: str) -> tuple[list[str], BaseException | None]:

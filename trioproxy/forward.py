@@ -33,6 +33,7 @@ from .model_mapping import DEFAULT_TAG
 from .translate import (
     FINISHED_WITH_ERROR,
     RequestValidationError,
+    has_system_messages_to_join,
     with_nine_character_ids,
     with_one_system_message,
 )
@@ -468,6 +469,9 @@ class FieldQuirk:
     news: str  # logged once per model (``%s``: the model)
     # whether a request holds what the quirk is about (default: ``field`` among its keys)
     present: Callable[[dict[str, Any]], bool] | None = None
+    # whether ``adapt`` would change a refused request, asked after a refusal only (a
+    # refusal its words match for another cause is the client's, not sent again as it was)
+    adapts: Callable[[dict[str, Any]], bool] | None = None
 
     def applies(self, payload: dict[str, Any]) -> bool:
         return self.present(payload) if self.present is not None else self.field in payload
@@ -515,7 +519,7 @@ async def as_the_backend_takes(
     try:
         return await send(payload)
     except UpstreamStatusError as error:
-        if not quirk.refused(error):
+        if not quirk.refused(error) or (quirk.adapts is not None and not quirk.adapts(payload)):
             raise
     if quirks.note(quirk, model):
         log.warning(quirk.news, model)
@@ -564,6 +568,8 @@ ONE_SYSTEM_MESSAGE = FieldQuirk(
     "the backend takes only one system message, first, for model %s (its chat template); "
     "its requests now have their system messages joined into one",
     present=lambda payload: True,  # only a refusal tells: no scan of the messages
+    # "roles must alternate" is also two user turns in a row, which joining leaves as is
+    adapts=has_system_messages_to_join,
 )
 
 

@@ -73,6 +73,7 @@ from .models import (
 from .request import (
     _generated_call_id,
     _response_format,
+    has_system_messages_to_join,
     image_data_url,
     keep_alive_unloads,
     nine_character_id,
@@ -145,6 +146,7 @@ __all__ = [
     "cut_to_dimensions",
     "embed_batches",
     "embedding_count",
+    "has_system_messages_to_join",
     "image_data_url",
     "is_embedding_model",
     "is_response",

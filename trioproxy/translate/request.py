@@ -294,15 +294,30 @@ def with_one_system_message(payload: JSONDict) -> None:
     render them), or user and assistant turns alternating after it (Gemma 3's, Mistral's),
     which refuse the system messages Claude Code sends after its prompt. A request with
     none, or with one first, is left as it is."""
-    messages = payload.get("messages")
-    if not isinstance(messages, list):
+    systems = _systems_to_join(payload)
+    if not systems:
         return
-    systems = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
-    if not systems or (len(systems) == 1 and messages[0] is systems[0]):
-        return
+    messages = payload["messages"]
     text = "\n\n".join(t for m in systems if (t := _system_text(m.get("content"))))
     rest = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
     payload["messages"] = [{"role": "system", "content": text}, *rest]
+
+
+def has_system_messages_to_join(payload: JSONDict) -> bool:
+    """Whether :func:`with_one_system_message` would change ``payload``: a system message
+    that is not first, or more than one."""
+    return bool(_systems_to_join(payload))
+
+
+def _systems_to_join(payload: JSONDict) -> list[JSONDict]:
+    """A chat request's system messages, unless there are none or one, first."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return []
+    systems = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
+    if len(systems) == 1 and messages[0] is systems[0]:
+        return []
+    return systems
 
 
 def _system_text(content: object) -> str:
