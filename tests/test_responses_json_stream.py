@@ -208,6 +208,9 @@ _ANSWERS: dict[str, dict[str, Any]] = {
                          error={"code": "context_length_exceeded", "message": "too long"}),
     "no-ids": response([{k: v for k, v in item.items() if k != "id"} for item in
                         (REASONING, message("Hello"), REASONING, message(" there"), CALL)]),
+    # ids written empty, as one with none (the SDK's accumulator would match them alike)
+    "empty-ids": response([{**item, "id": ""} for item in
+                           (REASONING, message("Hello"), REASONING, message(" there"), CALL)]),
 }  # fmt: skip
 
 
@@ -299,12 +302,16 @@ def test_the_sdks_stream_helper_gets_the_final_response(client: openai.OpenAI) -
     assert [s.text for s in final.output[0].summary] == ["The user greets.", "Greet back."]
 
 
-def test_items_without_ids_stream_to_the_sdks_stream_helper(client: openai.OpenAI) -> None:
-    """Two messages and two reasoning items without ``id`` (a gateway that writes none):
-    the SDK's accumulator tells items apart by type and id, and raised "conflicting
-    output identities" at the second of a kind; each gets an id of the API's shape."""
+@pytest.mark.parametrize("kind", ["no-ids", "empty-ids"])
+def test_items_without_ids_stream_to_the_sdks_stream_helper(
+    client: openai.OpenAI, kind: str
+) -> None:
+    """Two messages and two reasoning items without ``id`` (a gateway that writes none,
+    or writes it empty): the SDK's accumulator tells items apart by type and id, and
+    raised "conflicting output identities" at the second of a kind; each gets an id of
+    the API's shape."""
     with client.responses.stream(model=CLIENT_MODEL, input="hi",
-                                 metadata={"kind": "no-ids"}) as stream:  # fmt: skip
+                                 metadata={"kind": kind}) as stream:  # fmt: skip
         events = list(stream)
         final = stream.get_final_response()
     assert final.output_text == "Hello there"

@@ -6,10 +6,11 @@ LiteLLM, mocks). Its client asked for events (the openai SDK's ``responses.strea
 openai-agents, the Vercel AI SDK): it gets the events OpenAI sends, in OpenAI's order,
 each piece of output whole in one delta. ``sequence_number`` counts from 0.
 
-An output item without an ``id`` (a gateway that writes none) gets one derived from the
-response's id and its place (``msg_``, ``fc_``, ``rs_``... and 48 hex digits, the API's
-shape): the openai SDK's stream accumulator tells items apart by type and id, and raised
-on a second message or reasoning item without one ("conflicting output identities").
+An output item without an ``id`` (a gateway that writes none, or writes it empty) gets
+one derived from the response's id and its place (``msg_``, ``fc_``, ``rs_``... and 48 hex
+digits, the API's shape): the openai SDK's stream accumulator tells items apart by type
+and id, and raised on a second message or reasoning item without one ("conflicting output
+identities").
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ def _with_item_ids(response: JSONDict) -> JSONDict:
 
 
 def _lacks_id(item: object) -> bool:
-    return isinstance(item, dict) and not isinstance(item.get("id"), str)
+    """An item with no id, or an empty one (which would match another's as none does)."""
+    if not isinstance(item, dict):
+        return False
+    item_id = item.get("id")
+    return not (isinstance(item_id, str) and item_id)
 
 
 def _item_id_for(response_id: str, index: int, kind: object) -> str:
