@@ -31,7 +31,7 @@ Script = Callable[[ScriptedHandler, int], None]
 Scripted = Callable[[Script], tuple[str, list[float]]]
 
 
-def _chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+def _chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
     event = {
         "id": "c1",
         "object": "chat.completion.chunk",

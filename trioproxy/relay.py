@@ -29,6 +29,7 @@ from .errors import (
     scrub,
     upstream_error_message,
 )
+from .hypercorn_patches import write_cut
 from .json_threads import by_size, joined
 from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
@@ -402,7 +403,7 @@ async def relay_ollama(
         yield last
         # the done line is out: a client that leaves now (ollama-js stops reading at it)
         # has the whole answer, whatever happens to the drain below
-        _set_outcome(metric, "completed")
+        _end_written(metric)
     if done or error is not None:
         await reader.drain()
 
@@ -569,7 +570,7 @@ async def relay_openai(
     if finished:
         # [DONE] is out: the openai SDK closes the response at it, and the stream counts
         # as completed though the drain below is cut short
-        _set_outcome(metric, "completed")
+        _end_written(metric)
         await reader.drain()
 
 
@@ -1112,6 +1113,18 @@ def _stream_broke(
     if isinstance(exc, SSEProtocolError):  # not UTF-8, an event that is not JSON
         return f"the backend's stream could not be relayed: {exc}"
     return f"the backend connection broke mid-stream: {type(exc).__name__}"
+
+
+def _end_written(metric: RequestMetrics | None) -> None:
+    """The stream's last line was handed to the server, whose send has returned (the relay
+    runs on in the task that sent it): the stream completed if the client's socket took
+    the line whole. The send returns normally also when it did not (a client gone, one
+    that made no room within CLIENT_WRITE_TIMEOUT, a write the shutdown's grace period
+    ended: ``write_cut``); the request's end then counts the stream as its client's
+    leaving (cancelled, 499) or the shutdown's cut (error, 503), not as completed. Bytes
+    the kernel took are as far as a server can know: they may still never be read."""
+    if not write_cut.get():
+        _set_outcome(metric, "completed")
 
 
 def _set_outcome(metric: RequestMetrics | None, outcome: str) -> None:
