@@ -457,12 +457,19 @@ class AccessLine:
             clipped(loggable_path(self.method), METHOD_LIMIT),
             clipped(target, PATH_LIMIT),  # the status after it is kept
             status or "-",
-            (time.perf_counter() - self.started) * 1000.0,
+            self._duration_ms(metric),
             send.sent,
             f" ({outcome})" if outcome else "",
             f" client={client}" if client else "",
             extra={REMOTE_ADDR_FIELD: address},
         )
+
+    def _duration_ms(self, metric: RequestMetrics | None) -> float:
+        # the metrics' own duration where there is one, so the line and the histogram
+        # agree: it ends at the reply, not at work after it (a Responses settle)
+        if metric is not None and metric.duration_ms:
+            return metric.duration_ms
+        return (time.perf_counter() - self.started) * 1000.0
 
 
 def _unfinished(status: int, metric: RequestMetrics | None) -> str:
