@@ -220,10 +220,52 @@ def test_thinking(client: anthropic.Anthropic, streamed: bool) -> None:
     assert [block.type for block in hidden.content] == ["text"]
 
 
+@pytest.mark.parametrize("kind", ["enabled", "adaptive"])
+def test_thinking_display_omitted(
+    server: ServerProcess, client: anthropic.Anthropic, kind: str
+) -> None:
+    """thinking.display "omitted" (Claude Code's on every request): the thinking block comes
+    without its text, in a stream without a thinking_delta; the answer and its token
+    counts are those of the thinking shown (the backend reasoned all the same)."""
+    thinking: Any = {"type": kind, "display": "omitted"}
+    if kind == "enabled":
+        thinking["budget_tokens"] = 1024
+    args: dict[str, Any] = {"model": "demo-reasoner", "max_tokens": 100, "thinking": thinking}
+    text = "think [[tokens=3]]"
+    whole = client.messages.create(messages=ask(text), **args)
+    with client.messages.stream(messages=ask(text), **args) as stream:
+        events = list(stream)
+        streamed = stream.get_final_message()
+    shown = client.messages.create(
+        messages=ask(text), **{**args, "thinking": {**thinking, "display": "summarized"}}
+    )
+    assert shown.content[0].thinking  # type: ignore[union-attr]
+    for message in (whole, streamed):
+        assert [block.type for block in message.content] == ["thinking", "text"]
+        assert message.content[0].thinking == ""  # type: ignore[union-attr]
+        assert message.content[0].signature == ""  # type: ignore[union-attr]
+        assert message.content[1].text == shown.content[1].text  # type: ignore[union-attr]
+        assert message.usage.output_tokens == shown.usage.output_tokens
+    assert "thinking" not in {event.type for event in events}  # the SDK's thinking_delta event
+    assert [e.content_block.type for e in events if e.type == "content_block_start"] == [
+        "thinking",
+        "text",
+    ]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
         ({"model": "demo-chat", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+        (
+            {
+                "model": "demo-chat",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "x"}],
+                "thinking": {"type": "adaptive", "display": 1},
+            },
+            "thinking.display",
+        ),
         ({"model": "demo-chat", "max_tokens": 10, "messages": []}, "messages"),
         ({"max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}, "model"),
         (

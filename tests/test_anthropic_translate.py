@@ -357,6 +357,7 @@ def completion(
     calls: list[tuple[str, str]] = (),  # type: ignore[assignment]
     finish: str = "stop",
     stop_reason: str | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning is not None:
@@ -375,7 +376,7 @@ def completion(
         "created": 1,
         "model": "backend-m",
         "choices": [choice],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        "usage": usage or {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
     }
 
 
@@ -396,10 +397,78 @@ def test_answer_as_message() -> None:
         ],
         "stop_reason": "tool_use",
         "stop_sequence": None,
-        "usage": {"input_tokens": 7, "output_tokens": 3},
+        "usage": {
+            "input_tokens": 7,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 3,
+        },
     }
     hidden = an.openai_to_message(resp, "m", "msg_1", show_thinking=False)
     assert [block["type"] for block in hidden["content"]] == ["text", "tool_use"]
+    # thinking.display "omitted": the block is there, its text is not
+    omitted = an.openai_to_message(resp, "m", "msg_1", omit_thinking=True)
+    assert omitted["content"][0] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert omitted["content"][1:] == out["content"][1:]
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        # OpenAI, vLLM, llama.cpp's server: cached_tokens, part of prompt_tokens
+        ({"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 60}}, (40, 0, 60)),
+        # OpenRouter: what it wrote to the cache too
+        (
+            {
+                "prompt_tokens": 100,
+                "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 30},
+            },
+            (60, 30, 10),
+        ),
+        ({"prompt_tokens": 100, "prompt_cache_hit_tokens": 64}, (36, 0, 64)),  # DeepSeek
+        ({"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": None}}, (100, 0, 0)),
+        ({"prompt_tokens": 100, "prompt_tokens_details": None}, (100, 0, 0)),
+        # more cached than the prompt (a backend's mistake): cut to it, the sum still holds
+        ({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}}, (0, 0, 5)),
+        ({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": -1}}, (5, 0, 0)),
+    ],
+)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_cached_prompt_tokens_as_anthropic_usage(
+    usage: dict[str, Any], expected: tuple[int, int, int], streamed: bool
+) -> None:
+    """Anthropic's input_tokens leave out the cached ones: the three add up to the prompt."""
+    resp = completion(usage={**usage, "completion_tokens": 3})
+    if streamed:
+        out = streamed_message(as_chunks(resp, [1], 1))
+    else:
+        out = an.openai_to_message(resp, "m", "msg_1")
+        Message.model_validate(out, strict=True)
+    got = out["usage"]
+    assert (
+        got["input_tokens"], got["cache_creation_input_tokens"], got["cache_read_input_tokens"]
+    ) == expected  # fmt: skip
+    assert got["output_tokens"] == 3
+
+
+def test_stream_cache_counts_from_usage_on_every_chunk() -> None:
+    """A backend that sends its usage on every chunk (vLLM's continuous usage): message_start
+    already splits the prompt; a later usage without details says nothing was cached."""
+    details = {
+        "prompt_tokens": 9,
+        "completion_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+    chunk = {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0)
+    start = translator.feed({**chunk, "usage": details}, 1)[0]
+    assert start["message"]["usage"] == {
+        "input_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4,
+        "output_tokens": 0,
+    }  # fmt: skip
+    translator.feed({**chunk, "usage": {"prompt_tokens": 9, "completion_tokens": 2}}, 2)
+    assert translator.finish(3)[-2]["usage"]["input_tokens"] == 9
+    assert translator.prompt_tokens == 9  # what the metrics count: the whole prompt
 
 
 @pytest.mark.parametrize(
@@ -495,6 +564,11 @@ def streamed_message(chunks: list[dict[str, Any]], **options: Any) -> dict[str, 
 
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+# thinking shown, omitted (thinking.display "omitted"), hidden (thinking disabled)
+THINKING: list[dict[str, bool]] = [
+    {}, {"omit_thinking": True}, {"show_thinking": False, "omit_thinking": True},
+    {"show_thinking": False},
+]  # fmt: skip
 ARGUMENTS = st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3).map(
         json.dumps
@@ -511,7 +585,8 @@ ARGUMENTS = st.one_of(
     finish=st.sampled_from(["stop", "length", "tool_calls", "content_filter"]),
     pieces=st.lists(st.integers(0, 40), max_size=5),
     calls_split=st.integers(1, 4),
-    show_thinking=st.booleans(),
+    thinking=st.sampled_from(THINKING),
+    cached=st.integers(0, 12),
 )
 def test_stream_accumulates_to_the_answer(
     content: str | None,
@@ -520,12 +595,15 @@ def test_stream_accumulates_to_the_answer(
     finish: str,
     pieces: list[int],
     calls_split: int,
-    show_thinking: bool,
+    thinking: dict[str, bool],
+    cached: int,
 ) -> None:
-    resp = completion(content, reasoning, calls, finish)
-    whole = an.openai_to_message(resp, "m", "msg_1", show_thinking=show_thinking)
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+    resp = completion(content, reasoning, calls, finish, usage=usage)
+    whole = an.openai_to_message(resp, "m", "msg_1", **thinking)
     Message.model_validate(whole, strict=True)
-    streamed = streamed_message(as_chunks(resp, pieces, calls_split), show_thinking=show_thinking)
+    streamed = streamed_message(as_chunks(resp, pieces, calls_split), **thinking)
     assert streamed == Message.model_validate(whole).model_dump(exclude_none=True)
 
 
@@ -556,7 +634,12 @@ def test_stream_counts_tokens_and_streams_calls_as_they_come() -> None:
     assert partial == ["{", '"a":1', ',"b":"xyz', '"}']
     assert translator.first_token_ns == 2 and translator.prompt_tokens == 7
     end = translator.finish(99)
-    assert end[-2]["usage"] == {"output_tokens": 3, "input_tokens": 7}
+    assert end[-2]["usage"] == {
+        "output_tokens": 3,
+        "input_tokens": 7,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
     assert end[-2]["delta"]["stop_reason"] == "tool_use"
     with pytest.raises(RuntimeError):
         translator.finish(100)
@@ -918,14 +1001,14 @@ def _wire(event: dict[str, Any]) -> dict[str, Any]:
     data=st.data(),
     calls=st.lists(st.tuples(st.sampled_from(["f", "g"]), _call_arguments()), max_size=3),
     finish=st.sampled_from(["tool_calls", "length", "stop", None]),
-    show_thinking=st.booleans(),
+    thinking=st.sampled_from(THINKING),
     held_limit=st.sampled_from([None, 300]),  # a call holds 64 bytes besides its arguments
 )
 def test_calls_written_at_once_come_out_as_blocks_of_their_inputs(
     data: st.DataObject,
     calls: list[tuple[str, str]],
     finish: str | None,
-    show_thinking: bool,
+    thinking: dict[str, bool],
     held_limit: int | None,
 ) -> None:
     """Parallel calls, their pieces interleaved any way, text and thinking between them,
@@ -955,7 +1038,7 @@ def test_calls_written_at_once_come_out_as_blocks_of_their_inputs(
         chunks.append(finish_chunk(finish))
     expected = [_expected_input(arguments, finish) for _, arguments in calls]
     starts = sorted(range(len(calls)), key=order.index)  # the calls in the order they began
-    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0, show_thinking=show_thinking)
+    translator = an.AnthropicStreamTranslator("m", "msg_1", start_ns=0, **thinking)
     events: list[dict[str, Any]] = []
     held_in = sys.modules[an.tr._HeldToolCalls.__module__]
     limit = held_in.MAX_HELD_TOOL_CALL_BYTES if held_limit is None else held_limit
@@ -987,7 +1070,14 @@ def test_calls_written_at_once_come_out_as_blocks_of_their_inputs(
         kind: "".join(b[kind] for b in blocks if b["type"] == kind) for kind in ("text", "thinking")
     }
     assert out["text"] == texts["content"]
-    assert out["thinking"] == (texts["reasoning_content"] if show_thinking else "")
+    shown = thinking.get("show_thinking", True) and not thinking.get("omit_thinking")
+    assert out["thinking"] == (texts["reasoning_content"] if shown else "")
+    # omitted: a block where the thinking was, never a delta of it
+    omitted = thinking == {"omit_thinking": True}
+    blocked = (omitted and texts["reasoning_content"]) or (shown and out["thinking"])
+    assert any(b["type"] == "thinking" for b in blocks) == bool(blocked)
+    deltas = [e["delta"]["type"] for e in events if e["type"] == "content_block_delta"]
+    assert shown or "thinking_delta" not in deltas
     if finish == "length":
         assert message["stop_reason"] == "max_tokens"
     elif calls:

@@ -302,7 +302,12 @@ def test_parallel_tool_calls(tools_proxy: ServerProcess) -> None:  # noqa: F811
         ),
     ]
     assert final["stop_reason"] == "tool_use"
-    assert final["usage"] == {"input_tokens": 12, "output_tokens": 9}
+    assert final["usage"] == {
+        "input_tokens": 12,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 9,
+    }
     assert out["sdk"]["stream"]["inputSnapshots"][-1] == CALLS["call_rome"]
     assert out["sdk"]["answer"]["content"] == [{"type": "text", "text": ANSWER}]
 

@@ -20,7 +20,13 @@ from typing import Any
 
 from . import translate as tr
 from .errors import anthropic_error_payload
-from .jsonutil import compact_json, compact_json_text, escape_line_separators, loads
+from .jsonutil import (
+    compact_json,
+    compact_json_text,
+    escape_line_separators,
+    loads,
+    whole_number,
+)
 from .partial_json import ObjectPrefix
 from .translate import JSONDict, RequestValidationError
 
@@ -52,6 +58,9 @@ def encode_event(event: JSONDict) -> bytes:
 _ROLES = ("user", "assistant", "system")
 _TOOL_CHOICES = ("auto", "any", "tool", "none")
 _THINKING_TYPES = ("enabled", "disabled", "adaptive")
+# thinking.display: "summarized" (the text) or "omitted" (blocks without it); another
+# string (a display a newer client knows) is read as the text shown, not refused
+OMITTED = "omitted"
 
 
 def validate_messages(body: object) -> JSONDict:
@@ -97,6 +106,9 @@ def _check_thinking(thinking: object) -> None:
     budget = thinking.get("budget_tokens")
     if budget is not None and type(budget) is not int:
         raise RequestValidationError("thinking.budget_tokens", "must be an integer")
+    display = thinking.get("display")
+    if display is not None and not isinstance(display, str):
+        raise RequestValidationError("thinking.display", "must be 'summarized' or 'omitted'")
 
 
 def _check_output_config(config: object) -> None:
@@ -210,6 +222,15 @@ def think_of(body: JSONDict) -> bool | None:
     if not isinstance(thinking, dict):
         return None
     return thinking.get("type") != "disabled"
+
+
+def thinking_omitted(body: JSONDict) -> bool:
+    """Whether the client asked for thinking blocks without their text (``thinking.display``
+    "omitted": Claude Code sends it on every request). Anthropic then sends each block with
+    an empty ``thinking`` and its signature, and a stream no ``thinking_delta``: the
+    reasoning is still done (and its tokens counted), only not sent."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("display") == OMITTED
 
 
 # Anthropic's efforts as OpenAI's reasoning_effort, step for step from each API's default:
@@ -497,15 +518,17 @@ def openai_to_message(
     message_id: str,
     *,
     show_thinking: bool = True,
+    omit_thinking: bool = False,
     stops: list[str] | None = None,
 ) -> JSONDict:
-    """A non-stream ``/chat/completions`` answer as a Messages API ``message``."""
+    """A non-stream ``/chat/completions`` answer as a Messages API ``message``; with
+    ``omit_thinking`` its thinking block is there without its text (:func:`thinking_omitted`)."""
     choice = tr._first_choice(resp)
     msg = choice.get("message") or {}
     content: list[JSONDict] = []
     thinking = tr._thinking(msg) if show_thinking else ""
     if thinking:
-        content.append(thinking_block(thinking))
+        content.append(thinking_block("" if omit_thinking else thinking))
     text = tr._text(msg.get("content")) + tr._refusal(msg)
     if text:
         content.append({"type": "text", "text": text})
@@ -515,6 +538,8 @@ def openai_to_message(
         choice.get("finish_reason"), choice.get("stop_reason"), stops, bool(calls)
     )
     prompt, completion = tr._usage_counts(resp)
+    usage = input_usage(prompt, cache_counts(resp.get("usage")))
+    usage["output_tokens"] = completion
     return {
         "id": message_id,
         "type": "message",
@@ -523,7 +548,38 @@ def openai_to_message(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": {"input_tokens": prompt, "output_tokens": completion},
+        "usage": usage,
+    }
+
+
+def cache_counts(usage: object) -> tuple[int, int]:
+    """The prompt tokens a backend's ``usage`` says it read from its prompt cache and wrote
+    to it: OpenAI's ``prompt_tokens_details.cached_tokens`` (also vLLM's, llama.cpp's
+    server's, xAI's, OpenRouter's), OpenRouter's ``cache_write_tokens`` beside it,
+    DeepSeek's ``prompt_cache_hit_tokens``; (0, 0) when it says nothing."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    details = usage.get("prompt_tokens_details")
+    read = written = None
+    if isinstance(details, dict):
+        read = whole_number(details.get("cached_tokens"))
+        written = whole_number(details.get("cache_write_tokens"))
+    if read is None:
+        read = whole_number(usage.get("prompt_cache_hit_tokens"))
+    return read or 0, written or 0
+
+
+def input_usage(prompt: int, cached: tuple[int, int]) -> JSONDict:
+    """A prompt's token count as Anthropic's usage splits it: ``input_tokens`` are those
+    neither read from the cache nor written to it, so that the three add up to the
+    backend's prompt count (what Claude Code adds up as the context's size). Counts the
+    backend got wrong (more cached than the prompt) are cut to the prompt."""
+    read = min(cached[0], prompt)
+    written = min(cached[1], prompt - read)
+    return {
+        "input_tokens": prompt - read - written,
+        "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": read,
     }
 
 
@@ -583,12 +639,14 @@ class _CallStream:
     """Where the tool calls' stream stands: the call being sent (its slot in
     ``_tool_calls``), or the next one; how many of its pieces went out; its input so far
     (None: no block of it is open); text and thinking the backend wrote while a call's
-    block was open (each with its kind, "text" or "thinking"), held until it closes."""
+    block was open (each with its kind, "text" or "thinking"), held until it closes;
+    whether a call's block went out at all (the stop reason is then ``tool_use``)."""
 
     slot: int = 0
     taken: int = 0
     input: ObjectPrefix | None = None
     held: list[tuple[str, str]] = field(default_factory=list)
+    called: bool = False
 
 
 class AnthropicStreamTranslator(tr._HeldToolCalls):
@@ -609,7 +667,12 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
     call cut by the token limit is closed where it stopped (``max_tokens``); one whose
     arguments turn into no JSON after they began to go out ends the stream with an error
     (:class:`ToolInputNotJSON`). ``finish`` closes the last block and sends
-    ``message_delta`` (stop reason, usage) and ``message_stop``.
+    ``message_delta`` (stop reason, usage) and ``message_stop``. With ``omit_thinking``
+    (:func:`thinking_omitted`) each run of thinking is a block without its text: its
+    start and its stop, no ``thinking_delta``.
+
+    Instances keep < 30 attributes (CPython's shared-key dicts; ``feed`` is per chunk):
+    what is not read per chunk goes in ``_calls``.
     """
 
     def __init__(
@@ -619,18 +682,23 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         *,
         start_ns: int,
         show_thinking: bool = True,
+        omit_thinking: bool = False,
         stops: list[str] | None = None,
     ) -> None:
         super().__init__(start_ns)
         self.model = model
         self.message_id = message_id
-        self._show_thinking = show_thinking
+        # True: thinking sent; None: its blocks sent without it; False: none. One attribute
+        # tested for truth: a shown thinking chunk costs what it did
+        self._show_thinking: bool | None = (
+            None if show_thinking and omit_thinking else show_thinking
+        )
+        self._cached = (0, 0)  # the prompt's tokens read from and written to the cache
         self._stops = stops
         self._started = False
         self._finished = False
         self._blocks = 0  # blocks started so far: the next one's index
         self._open: str | None = None  # the kind of the block open now
-        self._called = False  # a tool_use block went out
         self._calls = _CallStream()
         self._matched: object = None  # the stop sequence the backend says it met
         self._text_head = ""  # the open text block's delta event up to its text (feed_text)
@@ -661,11 +729,15 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         content, thinking, calls, choice = self._observe(chunk, now_ns)
         events: list[JSONDict] = []
         # blocks do not interleave: text and thinking wait while a call's block is open
-        if thinking and self._show_thinking:
-            if self._open == "tool_use":
-                self._hold_beside_call("thinking", thinking)
-            else:
-                self._delta(events, "thinking", {"type": "thinking_delta", "thinking": thinking})
+        if thinking:
+            if self._show_thinking:
+                if self._open == "tool_use":
+                    self._hold_beside_call("thinking", thinking)
+                else:
+                    delta = {"type": "thinking_delta", "thinking": thinking}
+                    self._delta(events, "thinking", delta)
+            elif self._show_thinking is None:
+                self._omitted_thinking(events)
         if content:
             if self._open == "tool_use":
                 self._hold_beside_call("text", content)
@@ -696,11 +768,13 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             self._send_held(events)
         self._start(events)
         self._close(events)
-        reason, sequence = stop_reason(self.finish_reason, self._matched, self._stops, self._called)
+        reason, sequence = stop_reason(
+            self.finish_reason, self._matched, self._stops, self._calls.called
+        )
         output = self.completion_tokens
         usage: JSONDict = {"output_tokens": output if output is not None else self.content_chunks}
         if self.prompt_tokens is not None:
-            usage["input_tokens"] = self.prompt_tokens
+            usage.update(input_usage(self.prompt_tokens, self._cached))
         delta = {"stop_reason": reason, "stop_sequence": sequence}
         events.append({"type": "message_delta", "delta": delta, "usage": usage})
         events.append({"type": "message_stop"})
@@ -722,7 +796,7 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": self.prompt_tokens or 0, "output_tokens": 0},
+            "usage": {**input_usage(self.prompt_tokens or 0, self._cached), "output_tokens": 0},
         }
         events.append({"type": "message_start", "message": message})
 
@@ -750,6 +824,22 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
                 self._text_head = _TEXT_HEAD % index
         events.append({"type": "content_block_delta", "index": self._blocks - 1, "delta": delta})
 
+    def _take_usage(self, usage: object, input_key: str, output_key: str) -> None:
+        if isinstance(usage, dict):  # (per chunk: the base's cost when there is none)
+            super()._take_usage(usage, input_key, output_key)
+            if whole_number(usage.get(input_key)) is not None:  # the prompt they part
+                self._cached = cache_counts(usage)
+
+    def _omitted_thinking(self, events: list[JSONDict]) -> None:
+        """Thinking not to be sent: a block of its own once, without its text (held as an
+        empty run beside a call's open block, one however many chunks)."""
+        if self._open == "tool_use":
+            held = self._calls.held
+            if not held or held[-1] != ("thinking", ""):
+                held.append(("thinking", ""))
+        elif self._open != "thinking":
+            self._open_block(events, "thinking", thinking_block(""))
+
     def _hold_beside_call(self, kind: str, text: str) -> None:
         """Text or thinking that came while a call's block is open: a call cannot close
         before its input is whole, so it waits for the calls (bounded with them).
@@ -762,7 +852,10 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         held = self._calls.held
         for kind, run in itertools.groupby(held, key=itemgetter(0)):
             text = "".join(text for _, text in run)
-            self._delta(events, kind, {"type": f"{kind}_delta", kind: text})
+            if kind == "thinking" and self._show_thinking is None:
+                self._omitted_thinking(events)
+            else:
+                self._delta(events, kind, {"type": f"{kind}_delta", kind: text})
         held.clear()
 
     def _send_calls(self, events: list[JSONDict], ending: bool = False) -> None:
@@ -791,7 +884,7 @@ class AnthropicStreamTranslator(tr._HeldToolCalls):
         self._open_block(events, "tool_use", block)
         self._calls.input = ObjectPrefix()
         self._calls.taken = 0
-        self._called = True
+        self._calls.called = True
 
     def _send_arguments(self, events: list[JSONDict], pending: tr._PendingToolCall) -> bool:
         """The call's pieces not yet taken, as far as they can go out; whether its object

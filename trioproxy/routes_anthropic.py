@@ -62,11 +62,17 @@ async def messages(call: Call) -> Reply:
     think = an.think_of(body)
     payload, switch = with_think_switch(call.app.settings, think, payload)
     show_thinking = think is not False
+    omit_thinking = an.thinking_omitted(body)
     stops = body.get("stop_sequences") or None
     message_id = an.new_message_id()
     if not payload.get("stream"):
         resp, result = await _sent(call, payload, switch, call_chat)
-        convert = functools.partial(an.openai_to_message, show_thinking=show_thinking, stops=stops)
+        convert = functools.partial(
+            an.openai_to_message,
+            show_thinking=show_thinking,
+            omit_thinking=omit_thinking,
+            stops=stops,
+        )
         if len(result.response.content) > OFF_LOOP_BYTES:
             note_usage(state, resp)
             reply = await answer_reply_in_thread(call, convert, resp, client_model, message_id)
@@ -82,7 +88,12 @@ async def messages(call: Call) -> Reply:
     stream_opening(state, an.EVENT_STREAM)
     result = await _sent(call, payload, switch, open_chat_stream)
     translator = an.AnthropicStreamTranslator(
-        client_model, message_id, start_ns=start_ns, show_thinking=show_thinking, stops=stops
+        client_model,
+        message_id,
+        start_ns=start_ns,
+        show_thinking=show_thinking,
+        omit_thinking=omit_thinking,
+        stops=stops,
     )
     app = call.app
     chunks = relay_ollama(
