@@ -40,6 +40,7 @@ from trioproxy import (
     routes_anthropic,
     routes_ollama,
     routes_openai,
+    signatures,
 )
 from trioproxy import translate as tr
 from trioproxy.app import create_app
@@ -1030,3 +1031,64 @@ async def test_a_large_answer_ended_by_its_connection_is_decoded_in_a_thread(
             assert cut.status_code == 502, cut.text
             assert "not a JSON object" in cut.json()["error"]["message"]
             assert [on_loop for _, on_loop in decoded.take()] == [chars < OFF_LOOP_BYTES]
+
+
+# a call's arguments that make its answer large: a file a model writes, say
+LARGE_ARGUMENTS = {"path": "notes.txt", "content": "a line of text\n" * 40_000}
+
+
+class _SigningBackend(ScriptedHandler):
+    """A Gemini 3-like backend: answers with a signed call to ``write``, of
+    LARGE_ARGUMENTS when the prompt says "large"; records the signatures sent back."""
+
+    received: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": [{"id": "gemini-3-pro"}]}')
+
+    def do_POST(self) -> None:
+        body = self.json_body()
+        sent = [c for m in body["messages"] for c in m.get("tool_calls") or []]
+        type(self).received += [c.get("extra_content", {}).get("google", {}).get(
+            "thought_signature") for c in sent]  # fmt: skip
+        arguments = LARGE_ARGUMENTS if "large" in body["messages"][0]["content"] else {"a": 1}
+        call = {"id": "fc-1", "type": "function", "extra_content": {"google": {
+            "thought_signature": "sig-" + body["messages"][0]["content"]}},
+            "function": {"name": "write", "arguments": json.dumps(arguments)}}  # fmt: skip
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+        self.answer(200, json.dumps({"id": "x", "object": "chat.completion",
+                                     "choices": [choice]}).encode())  # fmt: skip
+
+
+async def test_a_large_answers_thought_signatures_are_found_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/api/chat keeps Gemini's thought signature of each call it answers, found again by
+    its arguments, which it writes again with sorted keys and hashes: for a call of MBs of
+    arguments that held the loop. In a large answer's JSON thread hop now, a small answer's
+    on the loop, and the signature comes back on the next turn either way."""
+    _SigningBackend.received = []
+    hashed = Watched(monkeypatch, signatures, "_keys")
+    tools = [{"type": "function", "function": {"name": "write", "parameters": {}}}]
+    with serving(_SigningBackend) as url:
+        async with serving_proxy(url, max_retries=0) as client:
+            for prompt, large in (("small", False), ("large", True)):
+                asked = {"model": "gemini-3-pro", "stream": False, "tools": tools,
+                         "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+                response = await client.post("/api/chat", json=asked)
+                assert response.status_code == 200, response.text
+                assert (len(response.content) > OFF_LOOP_BYTES) is large
+                ((_, on_loop),) = hashed.take()
+                assert on_loop is not large
+                # the next turn: the call as an Ollama client sends it back, without its id
+                message = response.json()["message"]
+                call = {"function": message["tool_calls"][0]["function"]}
+                asked["messages"] += [
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": "done"},
+                ]
+                response = await client.post("/api/chat", json=asked)
+                assert response.status_code == 200, response.text
+                assert _SigningBackend.received[-1] == f"sig-{prompt}"
+                hashed.take()

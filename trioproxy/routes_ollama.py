@@ -233,7 +233,6 @@ async def _generate_or_chat(
         with _model_not_found_as_ollama(client_model, backend_model):
             resp, result = await as_taken(call, payload, switch, call_chat)
         timings = _timings(start_ns, resp, result)
-        signatures.remember_answer(conversation, backend_model, resp)
         convert = functools.partial(
             tr.openai_chat_to_ollama_chat if kind == "chat" else tr.openai_chat_to_ollama_generate,
             show_thinking=show_thinking,
@@ -242,9 +241,13 @@ async def _generate_or_chat(
         if len(result.response.content) > OFF_LOOP_BYTES:
             note_usage(state, resp)
             created_at = tr.utc_timestamp()
-            return await answer_reply_in_thread(
-                call, convert, resp, client_model, created_at, timings
+            remember = functools.partial(
+                signatures.remembering_answer, conversation, backend_model, resp
             )
+            return await answer_reply_in_thread(
+                call, convert, resp, client_model, created_at, timings, remember=remember
+            )
+        signatures.remember_answer(conversation, backend_model, resp)
         out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
         note_usage(state, resp)
         # the backend's tool call arguments, read up to 1,024 levels deep, may be too deep
@@ -427,22 +430,37 @@ async def embeddings(call: Call) -> Reply:
     return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
 
 
-async def answer_reply_in_thread(call: Call, translate: Callable[..., Any], *args: Any) -> Reply:
+async def answer_reply_in_thread(
+    call: Call,
+    translate: Callable[..., Any],
+    *args: Any,
+    remember: Callable[[], Callable[[], None]] | None = None,
+) -> Reply:
     """``Reply(200, dumps(from_backend(call, translate, *args)))`` for a chat or generate
     answer that came in a body over OFF_LOOP_BYTES (a long text, logprobs of thousands of
     tokens, large tool call arguments): translated and encoded in one JSON thread hop, as
     it was decoded, and waited for (``args`` hold the request's own answer object). A
     failure of either is the backend's 502 as there, counted here on the loop (the metrics
-    are not the thread's to touch)."""
+    are not the thread's to touch). ``remember`` (pure: the answer's thought signatures
+    found, ``ThoughtSignatures.remembering_answer``) runs in the same hop, and what it
+    returns (which holds them) on the loop after it."""
     try:
-        return Reply(200, await off_loop(_translated_json, translate, *args))
+        body, keep = await off_loop(_translated_json, translate, args, remember)
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
         return from_backend(call, _raise, exc)  # NestedTooDeeply (a ValueError) included
+    if keep is not None:
+        keep()
+    return Reply(200, body)
 
 
-def _translated_json(translate: Callable[..., Any], *args: Any) -> bytes:
-    """``translate(*args)`` encoded: pure, for a JSON thread."""
-    return dumps(translate(*args))
+def _translated_json(
+    translate: Callable[..., Any],
+    args: tuple[Any, ...],
+    remember: Callable[[], Callable[[], None]] | None,
+) -> tuple[bytes, Callable[[], None] | None]:
+    """``translate(*args)`` encoded, and what ``remember`` returns: pure, for a JSON thread."""
+    keep = remember() if remember is not None else None
+    return dumps(translate(*args)), keep
 
 
 def _raise(exc: BaseException) -> NoReturn:

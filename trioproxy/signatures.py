@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -42,6 +42,8 @@ _VALIDATING_MODELS = ("gemini-3",)  # models that refuse a call without its sign
 _MAX_MODELS_SEEN = 1024
 
 Key = tuple[str, ...]
+# a call's signature and the keys that find it again
+Signed = tuple[str, list[Key]]
 
 
 class ThoughtSignatures:
@@ -99,25 +101,29 @@ class ThoughtSignatures:
     def remember(self, conversation: str | None, model: str, calls: Iterable[object]) -> None:
         """The whole tool calls of a backend answer to the request that :meth:`attach`
         gave ``conversation`` (OpenAI's shape): their signatures."""
-        for call in calls:
-            signature = _signature_of(call) if isinstance(call, dict) else None
-            if signature is None:
-                continue
-            if len(self._signing_models) < _MAX_MODELS_SEEN:
-                self._signing_models.add(model)
-            if conversation is None:  # the model was not known to want them: from now on
-                continue
-            for key in _keys(conversation, call):  # type: ignore[arg-type]
-                self._hold(key, signature)
+        self._keep(model, _signed(conversation, calls))
 
     def remember_answer(self, conversation: str | None, model: str, answer: object) -> None:
         """:meth:`remember` for a non-streamed ``chat.completion``."""
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            message = choices[0].get("message")
-            calls = message.get("tool_calls") if isinstance(message, dict) else None
-            if isinstance(calls, list):
-                self.remember(conversation, model, calls)
+        if calls := _answer_calls(answer):  # (most answers have none: every /api/chat's)
+            self._keep(model, _signed(conversation, calls))
+
+    def remembering_answer(
+        self, conversation: str | None, model: str, answer: object
+    ) -> Callable[[], None]:
+        """:meth:`remember_answer` in two steps, for a large answer: this one, pure, for a
+        JSON thread (the calls' arguments written again with sorted keys and hashed: MBs
+        of them held the loop), returns the second, which holds what it found, for the
+        loop (it changes this object's state: no thread may)."""
+        found = _signed(conversation, _answer_calls(answer))
+        return lambda: self._keep(model, found)
+
+    def _keep(self, model: str, found: list[Signed]) -> None:
+        for signature, keys in found:
+            if len(self._signing_models) < _MAX_MODELS_SEEN:
+                self._signing_models.add(model)
+            for key in keys:
+                self._hold(key, signature)
 
     def _sign_calls(self, conversation: str, calls: object) -> None:
         if not isinstance(calls, list):
@@ -149,6 +155,29 @@ class ThoughtSignatures:
         while self._bytes > self._max_bytes and self._held:
             dropped_key, dropped = self._held.popitem(last=False)
             self._bytes -= _entry_bytes(dropped_key, dropped)
+
+
+def _answer_calls(answer: object) -> list[object]:
+    """A ``chat.completion``'s tool calls, as the backend wrote them."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list):
+            return calls
+    return []
+
+
+def _signed(conversation: str | None, calls: Iterable[object]) -> list[Signed]:
+    """The signed calls among ``calls`` and their keys (none when ``conversation`` is None:
+    the model was not known to want them, only that it signs from now on). Pure."""
+    found: list[Signed] = []
+    for call in calls:
+        signature = _signature_of(call) if isinstance(call, dict) else None
+        if signature is not None:
+            keys = _keys(conversation, call) if conversation is not None else []  # type: ignore[arg-type]
+            found.append((signature, keys))
+    return found
 
 
 def _starts_turn(message: dict[str, Any]) -> bool:
