@@ -11,12 +11,13 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from .conftest import ServerProcess
+from .fakes import QuietHTTPServer
 
 StartProxy = Callable[..., ServerProcess]
 
@@ -80,7 +81,7 @@ class _QuotingBackend(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def quoting_backend() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _QuotingBackend)
+    server = QuietHTTPServer(("127.0.0.1", 0), _QuotingBackend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -146,7 +147,7 @@ def test_a_model_list_that_quotes_the_credentials_is_masked(start_proxy: StartPr
     list quoted of our key or URL credentials, unmasked (replies to chat were masked); a
     second found a model named by a polled response (``GET /v1/responses/{id}``) made a
     metrics label, unmasked."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ListingBackend)
+    server = QuietHTTPServer(("127.0.0.1", 0), _ListingBackend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     key = "sk-backendSECRET-0123456789"
     try:
@@ -181,7 +182,7 @@ def test_a_placeholder_key_does_not_mangle_a_model_label(start_proxy: StartProxy
     """A review: scrubbing backend-named model labels of every key of 4+ characters made
     ``ollama/llama3`` (key ``ollama``, as local setups use) a second label ``***/llama3``.
     Labels are masked as replies are: keys of 12 characters or more."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ListingBackend)
+    server = QuietHTTPServer(("127.0.0.1", 0), _ListingBackend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -238,7 +239,7 @@ def test_a_key_spelled_in_json_escapes_is_masked(start_proxy: StartProxy) -> Non
     """A review: a backend that wrote our key in ``\\u`` escapes (all or some of its
     characters, hex in either case) had it relayed on /v1 unmasked, in an answer, in a
     stream and in an error: valid JSON that the client decodes to the key."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _EscapingBackend)
+    server = QuietHTTPServer(("127.0.0.1", 0), _EscapingBackend)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     key = "sk-backendSECRET-0123456789"
     try:

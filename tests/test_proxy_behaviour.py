@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from trioproxy import translate as tr
 
 from .conftest import ServerProcess, closed_port_url, demo_events_for
-from .fakes import ScriptedHandler, serving
+from .fakes import QuietHTTPServer, ScriptedHandler, serving
 
 # The issue's target: the backend request is closed within 50 ms of the client leaving. It is
 # asserted as is: measured 1-7 ms on 2 shared cores, even under load from other test processes.
@@ -1852,7 +1852,7 @@ class _WrongShapeBackend(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def wrong_shape_proxy(start_proxy: StartProxy) -> Iterator[ServerProcess]:
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), _WrongShapeBackend)
+    backend = QuietHTTPServer(("127.0.0.1", 0), _WrongShapeBackend)
     thread = threading.Thread(target=backend.serve_forever, daemon=True)
     thread.start()
     yield start_proxy(f"http://127.0.0.1:{backend.server_address[1]}/v1", MAX_RETRIES="0")
@@ -2239,7 +2239,7 @@ def test_the_backends_retry_advice_and_rate_limits_reach_the_client(
     by x-ratelimit-*: the proxy passes them on, and does not retry what the backend says
     a retry would not help (one failure used to become MAX_RETRIES+1 backend calls, times
     the SDK's own retries)."""
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), _RateLimitingBackend)
+    backend = QuietHTTPServer(("127.0.0.1", 0), _RateLimitingBackend)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{backend.server_address[1]}/v1"
