@@ -9,8 +9,9 @@ themselves (:mod:`.series`), so the request path reads none of it:
 * the value classes: switching to the multiprocess ones late, and local ones for private
   collectors (the benchmarks') that must not write into the workers' files;
 * dead workers' live gauges removed, and the master's ``trioproxy_worker_restarts_total``;
-* the files merged, sized (to merge large ones off the event loop) and claimed by one
-  collector per process (:func:`claim_shared_files`).
+* the files merged (kept between reads and brought up to date: :mod:`.shared_merge`),
+  sized (to merge large ones off the event loop) and claimed by one collector per
+  process (:func:`claim_shared_files`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import mmap_files
+from .shared_merge import SharedFilesMerge
 
 log = logging.getLogger("trioproxy.metrics")
 
@@ -283,11 +285,16 @@ def shared_files_size(path: str, kinds: tuple[str, ...] = SHARED_FILE_KINDS) -> 
     return total
 
 
-def merged_families(path: str, kinds: tuple[str, ...] = SHARED_FILE_KINDS) -> list[Metric]:
+def merged_families(
+    path: str, kinds: tuple[str, ...] = SHARED_FILE_KINDS, kept: SharedFilesMerge | None = None
+) -> list[Metric]:
     """The merge of every worker's files of ``kinds`` in ``path``, tolerant of the files
     changing under the scrape: a live gauge file removed by another worker's cleanup is
     skipped (by prometheus_client), and so is a file a starting worker has created but not
-    yet sized (it holds no value yet, and reading it would fail on its missing header)."""
+    yet sized (it holds no value yet, and reading it would fail on its missing header).
+
+    With ``kept`` (one per ``path`` and ``kinds``), the merge is brought up to date from
+    the last one instead of made anew: the same families, in a fraction of the time."""
     files: list[str] = []
     for f in _shared_files(path, kinds):
         try:
@@ -295,6 +302,8 @@ def merged_families(path: str, kinds: tuple[str, ...] = SHARED_FILE_KINDS) -> li
                 files.append(f)
         except FileNotFoundError:
             continue  # removed since the glob: a dead worker's live gauge
+    if kept is not None:
+        return kept.merge(files)
     return list(MultiProcessCollector.merge(files, accumulate=True))
 
 
