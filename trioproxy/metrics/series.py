@@ -304,6 +304,7 @@ class PrimaryMetrics:
             if self.rss is not None and self.cpu_seconds is not None
             else ()
         ) + (self.connections_open, self.connections_refused)
+        self._sampled_names = frozenset(d.name for m in self._sampled for d in m.describe())
 
         self._series: dict[tuple[str, str, str, str, str, str | None], RequestSeries] = {}
         self._touched: list[RequestSeries] = []
@@ -314,6 +315,9 @@ class PrimaryMetrics:
         # with --workers: the merge of the workers' files of each set of kinds read, kept
         # and brought up to date by each read (taken with setdefault: reads run in threads)
         self._shared_merges: dict[tuple[str, ...], SharedFilesMerge] = {}
+        # ... and its families but the sampler's, kept with their totals and encoding
+        # while the merge gives the same ones
+        self._kept_merge: _Kept | None = None
 
     def changed(self) -> None:
         """A series changed: snapshots taken before are out of date (call after every
@@ -445,7 +449,8 @@ class PrimaryMetrics:
         until a series changes (``version``), so a scrape of a proxy that counted nothing
         since the last one copies, builds and encodes nothing of it again; only the
         sampler's two series and the connection counts are copied anew each time. In
-        multiprocess mode other workers change the files: collected anew each time."""
+        multiprocess mode other workers change the files: merged at each read, and the
+        rest kept likewise while the merge gives the same families."""
         self.flush()
         if self.multiprocess_dir:
             return self._merged_snapshot()
@@ -467,8 +472,16 @@ class PrimaryMetrics:
         return Snapshot(aggregate(families), families=families)
 
     def _merged_snapshot(self) -> Snapshot:
-        families = tuple(self._merged())
-        return Snapshot(aggregate(families), families=families)
+        """The merge of the workers' files, its families but the sampler's kept with their
+        totals and encoding while the merge gives the same ones (a family that changed
+        is a new object: :mod:`.shared_merge`)."""
+        merged = self._merged()
+        sampled = tuple(m for m in merged if m.name in self._sampled_names)
+        families = tuple(m for m in merged if m.name not in self._sampled_names)
+        kept = self._kept_merge  # read once: another read may replace it meanwhile
+        if kept is None or kept.families is None or not _same_families(kept.families, families):
+            kept = self._kept_merge = _Kept(-1, aggregate(families), (), families)
+        return Snapshot.of_kept(kept, sampled)
 
     def collect_counts(self) -> list[Metric]:
         """Just the request counter and the in-flight gauge (what health and filtered
@@ -479,16 +492,45 @@ class PrimaryMetrics:
         return [*self.requests.collect(), *self.active.collect()]
 
 
+def _same_families(kept: tuple[Metric, ...], merged: tuple[Metric, ...]) -> bool:
+    """Whether a merge gave the families kept: the same objects (the kept merge builds a
+    family anew when it changed), or both without samples (a family no worker has a
+    series of yet is described anew at each read)."""
+    if len(kept) != len(merged):
+        return False
+    for old, new in zip(kept, merged, strict=True):
+        if old is new:
+            continue
+        if old.samples or new.samples:
+            return False
+        if (old.name, old.type, old.documentation, old.unit) != (
+            new.name,
+            new.type,
+            new.documentation,
+            new.unit,
+        ):
+            return False
+    return True
+
+
 class _Kept:
-    """The copied request series at one ``version``, their totals and their exposition
-    in each format asked for so far (shared by the snapshots of that version)."""
+    """The copied request series at one ``version`` (or, with ``--workers``, the merged
+    families), their totals and their exposition in each format asked for so far
+    (shared by the snapshots of that version)."""
 
-    __slots__ = ("bodies", "copied", "gzipped", "totals", "version")
+    __slots__ = ("bodies", "copied", "families", "gzipped", "totals", "version")
 
-    def __init__(self, version: int, totals: Totals, copied: tuple[_Copied, ...]) -> None:
+    def __init__(
+        self,
+        version: int,
+        totals: Totals,
+        copied: tuple[_Copied, ...],
+        families: tuple[Metric, ...] | None = None,
+    ) -> None:
         self.version = version
         self.totals = totals
         self.copied = copied
+        self.families = families
         self.bodies: dict[str, bytes] = {}
         self.gzipped: dict[str, GzipHead] = {}
 
@@ -528,7 +570,12 @@ class Snapshot:
             fresh = aggregate(sampled)
             totals.rss, totals.cpu_seconds = fresh.rss, fresh.cpu_seconds
         return cls(
-            totals, copied=kept.copied, bodies=kept.bodies, gzipped=kept.gzipped, sampled=sampled
+            totals,
+            families=kept.families,
+            copied=kept.copied,
+            bodies=kept.bodies,
+            gzipped=kept.gzipped,
+            sampled=sampled,
         )
 
     @property
