@@ -84,14 +84,15 @@ def start(upstream: str, workers: int, source: str | None) -> Server:
     """A proxy with ``workers`` workers, from ``source`` (another checkout) when given."""
     if source is None:
         return servers.start_proxy(upstream, workers=workers, name=f"proxy-{workers}w")
-    argv = [sys.executable, "-P", "-m", "trioproxy", "--host", "127.0.0.1", "--upstream"]
+    argv = [sys.executable, "-m", "trioproxy", "--host", "127.0.0.1", "--upstream"]
     argv += [upstream, "--env-file", ""]
     port = servers.free_port()
     argv += ["--port", str(port)] + (["--workers", str(workers)] if workers > 1 else [])
     url = f"http://127.0.0.1:{port}"
-    # -P: no script directory first on sys.path, so PYTHONPATH's checkout is imported
+    # run from the checkout: python -m and -c (hypercorn's master with --workers, whose
+    # workers inherit its path) put the working directory first on sys.path
     env = servers.clean_env(PYTHONPATH=source)
-    server = servers._spawn(f"base-{workers}w", argv, env, url=url)
+    server = servers._spawn(f"base-{workers}w", argv, env, url=url, cwd=source)
     servers._await_http(server, url + "/health", 30)
     deadline = time.monotonic() + 20
     while len(server.worker_pids()) < workers and time.monotonic() < deadline:

@@ -151,10 +151,11 @@ def _spawn(
     url: str | None = None,
     timeout: float = 30.0,
     tmpdir: str | None = None,
+    cwd: str | Path = ROOT,
 ) -> Server:
     process = subprocess.Popen(
         argv,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
