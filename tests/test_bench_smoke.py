@@ -205,6 +205,21 @@ def test_the_scrape_probe_asks_for_what_prometheus_gets() -> None:
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
 
 
+def test_the_workers_scrape_fill_sends_every_model_on_every_route() -> None:
+    """bench.scrape_workers fills the label series a busy proxy has: each model on each
+    route, plain, streamed and refused, each on a connection of its own (so every worker
+    of the proxy gets some)."""
+    from bench.scrape_workers import ROUTES, fill_requests
+
+    requests = fill_requests(3)
+    assert len(requests) == 3 * len(ROUTES) * 3
+    bodies = [json.loads(r["body"]) for r in requests]
+    assert {(r["path"], b["model"]) for r, b in zip(requests, bodies, strict=True)} == {
+        (route, f"bench-model-{i:03d}") for route in ROUTES for i in range(3)
+    }
+    assert all(r["headers"] == {"Connection": "close"} for r in requests)
+
+
 def test_percentiles() -> None:
     stats = percentiles([float(i) for i in range(1, 101)])
     assert stats["p50"] == pytest.approx(50.5) and stats["max"] == 100.0 and stats["n"] == 100
