@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -267,3 +269,23 @@ def test_a_scrape_with_workers_encodes_nothing_again_until_a_worker_counts(
         ["counted there", 1, 6.0],
         ["again", 0, 6.0],
     ]
+
+
+def test_a_read_that_failed_misses_no_change_afterwards(tmp_path: Path) -> None:
+    """A read that fails on one file (here one whose header claims more than it holds)
+    had already taken the values of the files before it: the next read found them
+    unchanged and kept their series' samples from before those writes, and a counter
+    stayed behind its file until it changed again."""
+    directory = str(tmp_path)
+    _write(directory, ("counter_101.db", "a", "", 1.0, 0.0))
+    _write(directory, ("counter_102.db", "b", "", 1.0, 0.0))  # a series of its own
+    first, broken = str(tmp_path / "counter_101.db"), str(tmp_path / "counter_102.db")
+    merge = SharedFilesMerge()
+    assert _kept(merge, [first, broken]) == _library([first, broken])
+    _write(directory, ("counter_101.db", "a", "", 5.0, 0.0))
+    with open(broken, "r+b") as f:
+        f.write((1 << 30).to_bytes(4, sys.byteorder))  # used: more than the file holds
+    with pytest.raises(RuntimeError):
+        merge.merge([first, broken])
+    os.remove(broken)  # gone (or mended): the reads go on without it
+    assert _kept(merge, [first]) == _library([first])

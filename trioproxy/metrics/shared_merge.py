@@ -201,20 +201,30 @@ class SharedFilesMerge:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.series_accumulated = 0  # for tests: series (or gauge families) merged anew
+        self._forget()
+
+    def _forget(self) -> None:
+        """Nothing kept: the next merge is made from nothing."""
         self._files: dict[str, _File] = {}
         self._order: list[str] = []
         self._keys: dict[str, _Entry] = {}
         self._families: dict[str, _Family] = {}
         # each file's entries -> the series (or whole family) they are samples of
         self._owners: dict[str, list[tuple[_Family, _Series]]] = {}
-        self.series_accumulated = 0  # for tests: series (or gauge families) merged anew
 
     def merge(self, files: Iterable[str]) -> list[Metric]:
         """The merged families of ``files`` (in this order), as
         ``MultiProcessCollector.merge(files, accumulate=True)`` makes them. A file gone
         since it was listed is skipped."""
         with self._lock:
-            return self._merge(list(files))
+            try:
+                return self._merge(list(files))
+            except BaseException:
+                # the files read before the failure were taken as read (their changes
+                # seen, so the next merge would find none): all of it is forgotten
+                self._forget()
+                raise
 
     def _merge(self, paths: list[str]) -> list[Metric]:
         changed: dict[str, set[int]] = {}
