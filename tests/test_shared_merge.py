@@ -12,12 +12,15 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 
 from trioproxy.metrics.shared_merge import SharedFilesMerge
 
@@ -289,3 +292,27 @@ def test_a_read_that_failed_misses_no_change_afterwards(tmp_path: Path) -> None:
         merge.merge([first, broken])
     os.remove(broken)  # gone (or mended): the reads go on without it
     assert _kept(merge, [first]) == _library([first])
+
+
+def test_a_histogram_series_a_worker_is_still_creating_is_left_out(tmp_path: Path) -> None:
+    """prometheus_client writes a new histogram series' entries one at a time (its sum,
+    then its buckets in order, +Inf last): a read meanwhile merged the series without its
+    +Inf bucket and count, an exposition OpenMetrics forbids. Such a series is left out
+    until a file holds it whole; one whole in any worker's file is there as always."""
+    directory = str(tmp_path)
+    _write(directory, ("histogram_101.db", "a", "duration", 1.0, 0.0))
+    made = MmapedDict(os.path.join(directory, "histogram_102.db"))
+    try:  # series b: its sum and first bucket so far; series a: whole in the other file
+        for series in ("b", "a"):
+            for key, _ in _keys("histogram_102.db", series, "duration")[:2]:
+                made.read_value(key)
+    finally:
+        made.close()
+    files = sorted(str(p) for p in tmp_path.glob("*.db"))
+    (family,) = SharedFilesMerge().merge(files)
+    assert {s.labels["model"] for s in family.samples} == {"a"}
+    assert next(s for s in family.samples if s.name == "duration_count").value == 1.0
+    exposed = openmetrics_latest(SimpleNamespace(collect=lambda: [family])).decode()
+    list(om_parse(exposed))  # valid OpenMetrics: every histogram has its +Inf and count
+    _write(directory, ("histogram_102.db", "b", "duration", 2.0, 0.0))  # now whole
+    assert _kept(SharedFilesMerge(), files) == _library(files)

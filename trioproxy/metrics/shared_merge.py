@@ -20,6 +20,8 @@ The merge is the library's in every respect a reader sees: the families in the o
 they first appear in the files (files in ``glob`` order), each family's help and type
 from its first entry, its series in the library's order, a gauge's samples accumulated by
 its mode (gauge families are accumulated whole: their series group differently by mode).
+But for one state of the files: a histogram series a worker is still adding (no ``+Inf``
+bucket yet) is left out, where the library gives it without its count (:func:`_being_made`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _COMPARED = 512  # values compared at once when looking for the changed ones
 class _Entry:
     """One parsed key of a file (shared by every file holding the same key)."""
 
-    __slots__ = ("help", "key", "labels", "metric", "name", "without_le")
+    __slots__ = ("help", "inf", "key", "labels", "metric", "name", "without_le")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -56,6 +58,7 @@ class _Entry:
         self.without_le: tuple[tuple[str, str], ...] | None = None
         if "le" in labels:
             self.without_le = tuple(lbl for lbl in self.labels if lbl[0] != "le")
+        self.inf = labels.get("le") == "+Inf"  # a histogram's last bucket (its count)
 
 
 class _File:
@@ -349,7 +352,10 @@ class SharedFilesMerge:
 
     @staticmethod
     def _accumulated(family: _Family, series: _Series) -> list[Sample]:
-        """prometheus_client's accumulation of the series' samples (in the files' order)."""
+        """prometheus_client's accumulation of the series' samples (in the files' order);
+        none for a histogram series a worker is still creating (see :func:`_being_made`)."""
+        if _being_made(family, series):
+            return []
         metric = Metric(family.name, family.help, family.typ)
         for file, index in series.refs:
             entry = file.entries[index]
@@ -364,3 +370,16 @@ class SharedFilesMerge:
             {family.name: metric}, True
         )
         return list(next(iter(merged)).samples)
+
+
+def _being_made(family: _Family, series: _Series) -> bool:
+    """Whether ``series`` is a histogram's that no file holds whole yet: prometheus_client
+    adds a new series' entries to a worker's file one at a time (its sum, then its
+    buckets up to ``+Inf``, all at 0 until the series is whole), and a merge reading the
+    file meanwhile gives a series without its ``+Inf`` bucket and count, which
+    OpenMetrics forbids (prometheus_client's own parser refuses the exposition). Left
+    out, as a read a moment earlier would have; the next read has it whole."""
+    if family.typ != "histogram" or family.whole:
+        return False
+    # from the end: in a whole series the last entry is one (+Inf comes last in a file)
+    return not any(file.entries[index].inf for file, index in reversed(series.refs))
