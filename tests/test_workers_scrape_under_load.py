@@ -114,6 +114,7 @@ def _scrape(url: str, accept: str, coding: str) -> dict[Key, float]:
         series.sort()
         values = [value for _, value in series]
         assert values == sorted(values), (name, labels, series)
+        # also of a series a worker is creating as the scrape reads its file (left out)
         assert series[-1] == (float("inf"), samples[f"{name}_count", labels]), (name, labels)
     return samples
 
@@ -125,6 +126,7 @@ class Scraper:
     url: str
     scrapes: int = 0
     errors: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)  # scrapes without an answer
     last: dict[Key, float] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -143,8 +145,10 @@ class Scraper:
             accept, coding = FORMATS[self.scrapes % len(FORMATS)]
             try:
                 self.check(_scrape(self.url, accept, coding))
-            except (AssertionError, httpx.HTTPError) as error:
+            except (AssertionError, ValueError) as error:  # ValueError: not OpenMetrics
                 self.errors.append(f"{accept} {coding}: {error!r}")
+            except httpx.HTTPError as error:
+                self.broken.append(f"{accept} {coding}: {error!r}")
 
     def once(self) -> dict[Key, float]:
         for accept, coding in FORMATS:
@@ -153,7 +157,9 @@ class Scraper:
 
 
 @contextlib.contextmanager
-def _scraping(url: str) -> Iterator[Scraper]:
+def _scraping(url: str, *, killing: bool = False) -> Iterator[Scraper]:
+    """A :class:`Scraper` at work meanwhile; ``killing``: a scrape the killed worker had
+    taken has no answer (no error)."""
     scraper = Scraper(url)
     thread = threading.Thread(target=scraper.run, daemon=True)
     thread.start()
@@ -163,6 +169,7 @@ def _scraping(url: str) -> Iterator[Scraper]:
         scraper.stop.set()
         thread.join(timeout=60)
     assert not scraper.errors, scraper.errors[:10]
+    assert killing or not scraper.broken, scraper.broken[:10]
 
 
 def _load(url: str, rounds: int, threads: int) -> subprocess.Popen[str]:
@@ -222,7 +229,7 @@ def test_scrapes_under_load_never_go_back_and_end_exact(proxy: ServerProcess) ->
 
 def test_a_worker_killed_mid_load_makes_nothing_go_back(proxy: ServerProcess) -> None:
     url = proxy.url
-    with _scraping(url) as scraper:
+    with _scraping(url, killing=True) as scraper:
         load = _load(url, rounds=12, threads=4)
         while scraper.scrapes < 3 or not _requests(scraper.last):
             assert load.poll() is None, "the load ended before the kill"
@@ -248,4 +255,20 @@ def test_a_worker_killed_mid_load_makes_nothing_go_back(proxy: ServerProcess) ->
         more = _answered(_load(url, rounds=3, threads=2))
         assert "broken" not in {status for _, status in more}, more
         _settled(scraper, lambda counted: counted == before + more)
+        restarts = ("trioproxy_worker_restarts_total", frozenset({("signal", "SIGKILL")}))
+        assert scraper.last[restarts] == 1
+        # the killed worker's in-flight requests left with it (its live gauges removed)
+        deadline = time.monotonic() + 20
+        while (active := _gauge(url, "http_requests_active")) != 0:
+            assert time.monotonic() < deadline, active
+            time.sleep(0.1)
     assert scraper.scrapes > len(FORMATS)
+
+
+def _gauge(url: str, name: str) -> float:
+    """A gauge family's samples summed, as one scrape (new connection) says."""
+    reply = httpx.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    families = [f for f in text_families(reply.text) if f.name == name]
+    assert families, name
+    return sum(sample.value for family in families for sample in family.samples)
