@@ -26,18 +26,15 @@ from .forward import (
     as_the_backend_takes,
     call_chat,
     for_backend,
-    from_backend,
     json_object,
     note_model,
-    note_usage,
     open_chat_stream,
     optional_field,
     validated,
 )
-from .json_threads import OFF_LOOP_BYTES
 from .keepalive import stream_opening
-from .relay import STREAM_HEADERS, StreamEnd, dumps, relay_ollama
-from .routes_ollama import answer_reply_in_thread, as_taken, with_think_switch
+from .relay import STREAM_HEADERS, StreamEnd, relay_ollama
+from .routes_ollama import answer_reply, as_taken, with_think_switch
 from .upstream import UpstreamResult, forwarded_headers
 
 blueprint = Blueprint("anthropic", __name__)
@@ -73,13 +70,7 @@ async def messages(call: Call) -> Reply:
             omit_thinking=omit_thinking,
             stops=stops,
         )
-        if len(result.response.content) > OFF_LOOP_BYTES:
-            note_usage(state, resp)
-            reply = await answer_reply_in_thread(call, convert, resp, client_model, message_id)
-        else:
-            out = from_backend(call, convert, resp, client_model, message_id)
-            note_usage(state, resp)
-            reply = Reply(200, from_backend(call, dumps, out))
+        reply = await answer_reply(call, result, convert, resp, client_model, message_id)
         reply.headers = _backend_headers(call, result)
         return reply
     start_ns = time.perf_counter_ns()

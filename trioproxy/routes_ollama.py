@@ -238,21 +238,13 @@ async def _generate_or_chat(
             show_thinking=show_thinking,
             logprobs=logprobs,
         )
-        if len(result.response.content) > OFF_LOOP_BYTES:
-            note_usage(state, resp)
-            created_at = tr.utc_timestamp()
-            remember = functools.partial(
-                signatures.remembering_answer, conversation, backend_model, resp
-            )
-            return await answer_reply_in_thread(
-                call, convert, resp, client_model, created_at, timings, remember=remember
-            )
-        signatures.remember_answer(conversation, backend_model, resp)
-        out = from_backend(call, convert, resp, client_model, tr.utc_timestamp(), timings)
-        note_usage(state, resp)
-        # the backend's tool call arguments, read up to 1,024 levels deep, may be too deep
-        # to write again (jsonutil): the backend's fault too
-        return Reply(200, from_backend(call, dumps, out))
+        remember = functools.partial(
+            signatures.remembering_answer, conversation, backend_model, resp
+        )
+        created_at = tr.utc_timestamp()
+        return await answer_reply(
+            call, result, convert, resp, client_model, created_at, timings, remember=remember
+        )
     with _model_not_found_as_ollama(client_model, backend_model):
         result = await as_taken(call, payload, switch, open_chat_stream)
     translator = tr.OllamaStreamTranslator(
@@ -311,15 +303,9 @@ async def _raw_generate(call: Call, body: dict[str, Any]) -> Reply:
             resp, result = await call_json(call, COMPLETIONS_PATH, payload)
         timings = _timings(start_ns, resp, result)
         convert = tr.openai_completion_to_ollama_generate
-        created_at = tr.utc_timestamp()
-        if len(result.response.content) > OFF_LOOP_BYTES:
-            note_usage(state, resp)
-            return await answer_reply_in_thread(
-                call, convert, resp, client_model, created_at, timings, top_logprobs
-            )
-        out = from_backend(call, convert, resp, client_model, created_at, timings, top_logprobs)
-        note_usage(state, resp)
-        return Reply(200, from_backend(call, dumps, out))
+        return await answer_reply(
+            call, result, convert, resp, client_model, tr.utc_timestamp(), timings, top_logprobs
+        )
     send = functools.partial(open_stream, call, COMPLETIONS_PATH)
     with _raw_prompts_served(), _model_not_found_as_ollama(client_model, backend_model):
         result = await as_the_backend_takes(call, payload, NO_STREAM_OPTIONS, send)
@@ -428,6 +414,31 @@ async def embeddings(call: Call) -> Reply:
     note_usage(call.state, resp)
     out = from_backend(call, tr.openai_embeddings_to_ollama_embeddings, resp)
     return _json_reply(out) if answered <= OFF_LOOP_BYTES else await _json_reply_in_thread(out)
+
+
+async def answer_reply(
+    call: Call,
+    result: UpstreamResult,
+    translate: Callable[..., Any],
+    *args: Any,
+    remember: Callable[[], Callable[[], None]] | None = None,
+) -> Reply:
+    """``Reply(200, dumps(from_backend(call, translate, *args)))`` for a chat or generate
+    answer (``args[0]``, the backend's, whose usage the metrics count), on the loop, or,
+    when it came in a body over OFF_LOOP_BYTES, in a JSON thread
+    (:func:`answer_reply_in_thread`). ``remember``: the answer's thought signatures found
+    (pure), then kept. The backend's tool call arguments, read up to 1,024 levels deep, may
+    be too deep to write again (jsonutil): the backend's fault too, a 502."""
+    if len(result.response.content) > OFF_LOOP_BYTES:
+        # counted before the hop: a client that leaves during it, or an answer that fails
+        # to translate, still counts its tokens
+        note_usage(call.state, args[0])
+        return await answer_reply_in_thread(call, translate, *args, remember=remember)
+    if remember is not None:
+        remember()()
+    out = from_backend(call, translate, *args)
+    note_usage(call.state, args[0])
+    return Reply(200, from_backend(call, dumps, out))
 
 
 async def answer_reply_in_thread(

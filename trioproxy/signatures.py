@@ -115,7 +115,9 @@ class ThoughtSignatures:
         JSON thread (the calls' arguments written again with sorted keys and hashed: MBs
         of them held the loop), returns the second, which holds what it found, for the
         loop (it changes this object's state: no thread may)."""
-        found = _signed(conversation, _answer_calls(answer))
+        if not (calls := _answer_calls(answer)):  # (most answers have none)
+            return _keep_nothing
+        found = _signed(conversation, calls)
         return lambda: self._keep(model, found)
 
     def _keep(self, model: str, found: list[Signed]) -> None:
@@ -155,6 +157,10 @@ class ThoughtSignatures:
         while self._bytes > self._max_bytes and self._held:
             dropped_key, dropped = self._held.popitem(last=False)
             self._bytes -= _entry_bytes(dropped_key, dropped)
+
+
+def _keep_nothing() -> None:
+    pass
 
 
 def _answer_calls(answer: object) -> list[object]:
