@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.loop_stall import model_list_body
 from trioproxy import (
     catalog,
+    errors,
     forward,
     hypercorn_patches,
     relay,
@@ -47,6 +48,7 @@ from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
 from trioproxy.errors import BackendSecrets, BadUpstreamResponse
+from trioproxy.exchange import MASKED_AT_ONCE_BYTES
 from trioproxy.json_threads import JOIN_OFF_LOOP_BYTES, OFF_LOOP_BYTES, json_threads
 from trioproxy.jsonutil import compact_json, top_level_member
 from trioproxy.ledger import ResponsesLedger
@@ -1092,3 +1094,65 @@ async def test_a_large_answers_thought_signatures_are_found_in_a_thread(
                 assert response.status_code == 200, response.text
                 assert _SigningBackend.received[-1] == f"sig-{prompt}"
                 hashed.take()
+
+
+# ---- the backend's key masked in a large answer -----------------------------------------------
+
+ECHOED_KEY = "sk-proj-echoed-by-the-backend-0123456789"
+
+
+class _KeyEchoingBackend(ScriptedHandler):
+    """Answers every chat with ~1 MB of text that quotes the proxy's key twice, written as
+    Python's JSON writes it (every character past ASCII as a ``\\u`` escape: the slowest
+    body to search for the key's spellings)."""
+
+    def do_GET(self) -> None:
+        self.answer(404, b'{"error": "not found"}')
+
+    def do_POST(self) -> None:
+        self.json_body()
+        text = f"café au lait, {ECHOED_KEY}, " + "un café noir. " * 70_000 + ECHOED_KEY
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        answer = {"id": "x", "object": "chat.completion", "choices": [choice]}
+        self.answer(200, json.dumps(answer).encode())
+
+
+async def test_a_large_answer_is_masked_in_pieces_while_the_loop_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-stream answer that quotes the backend's key gets it masked whole, as before,
+    but a large one in pieces with other tasks run between them: one search of the whole
+    body held the loop (a 30 MB answer 30-40 ms, 300 ms with ``\\u`` escapes), and no
+    thread would have let go of it during that one call into C."""
+    searches: list[tuple[int, int]] = []  # (bytes searched, loop turns taken by then)
+    turns = 0
+    search = errors._boundary_matches
+
+    def watched(pattern: Any, data: Any, pos: int, end: int) -> Any:
+        if isinstance(data, bytes) and len(data) > 1000:  # not a log line's scrub
+            searches.append((len(data) - pos, turns))
+        return search(pattern, data, pos, end)
+
+    async def turning() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(errors, "_boundary_matches", watched)
+    with serving(_KeyEchoingBackend) as url:
+        async with serving_proxy(url, api_key=ECHOED_KEY) as client:
+            asked = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(turning)
+                response = await client.post("/v1/chat/completions", json=asked)
+                nursery.cancel_scope.cancel()
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["message"]["content"]
+    assert ECHOED_KEY not in response.text and content.count("***") == 2
+    assert content.startswith("café au lait, ***, un café noir.") and content.endswith(". ***")
+    assert len(response.content) > 16 * MASKED_AT_ONCE_BYTES
+    assert searches, "the answer was not searched for the key's escaped spellings"
+    assert max(size for size, _ in searches) <= 2 * MASKED_AT_ONCE_BYTES
+    assert searches[-1][1] > searches[0][1] + 8  # the loop served between the pieces

@@ -14,6 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trioproxy import exchange
 from trioproxy.config import Settings, basic_credential
 from trioproxy.errors import BackendSecrets, SecretsMask
 from trioproxy.exchange import Reply, masked
@@ -282,3 +283,30 @@ def test_up_to_six_secrets_split_anyhow_mask_like_the_whole_body(
     assert b"".join([*out, rest]) == whole.mask_body(body)
     if b"*" not in rest:  # what was held could start a secret, and only that was
         assert not rest or any(s.startswith(rest) and s != rest for s in secrets)
+
+
+@given(
+    secrets=_SECRETS,
+    body=_ABC,
+    piece=st.integers(1, 9),
+    spelled=st.sampled_from([b"", b"\\u0061", b"\\\\", b"\\u0062\\u0063"]),
+)
+def test_a_large_reply_masked_in_pieces_is_what_masking_it_whole_gives(
+    secrets: list[bytes], body: bytes, piece: int, spelled: bytes
+) -> None:
+    """A reply body over MASKED_AT_ONCE_BYTES is masked in pieces, other tasks run between
+    them (``exchange.masked_in_pieces``): the same bytes as masking it whole, and the body
+    itself (not a copy) when nothing in it was masked. Secrets of up to 5 letters of 3
+    make matches across the pieces' ends frequent, and escapes send pieces the spellings'
+    way; ``MASKED_AT_ONCE_BYTES`` made a few bytes, so that a short body has pieces."""
+    whole = BackendSecrets(replies=tuple(secrets))
+    body = spelled + body + spelled
+
+    async def in_pieces() -> bytes:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(exchange, "MASKED_AT_ONCE_BYTES", piece)
+            return await exchange.masked_in_pieces(body, whole)
+
+    out = trio.run(in_pieces)
+    assert out == whole.mask_body(body)
+    assert (out is body) is (out == body)

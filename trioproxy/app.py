@@ -70,7 +70,7 @@ from .exchange import (
     internal_error_reply,
     keep_request_id,
     log_refused_connection,
-    masked,
+    masked_reply,
     new_state,
     note_client,
     primed,
@@ -511,7 +511,8 @@ def quart_route(blueprint: Blueprint, path: str, handler: Handler) -> None:
 async def served(call: Call, reply: Reply) -> Response:
     """A handler's reply as Quart's response: the backend key masked, a stream's first
     chunk read (so a failure before it gets a real status), its end in-band at shutdown."""
-    return reply_response(await primed(masked(reply, call.app.settings.backend_secrets)), call)
+    answer = await masked_reply(reply, call.app.settings.backend_secrets)
+    return reply_response(await primed(answer), call)
 
 
 def reply_response(reply: Reply, call: Call | None = None) -> Response:

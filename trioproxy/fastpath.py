@@ -25,6 +25,7 @@ from .errors import CodedRequestBody, ProxyError, ServerBusy, body_too_large_mes
 from .exchange import (
     CLIENT_RETRIES_HEADER,
     CLIENT_RETRIES_NAME,
+    MASKED_AT_ONCE_BYTES,
     TRACEPARENT,
     AccessLine,
     Call,
@@ -35,6 +36,7 @@ from .exchange import (
     error_reply,
     internal_error_reply,
     masked,
+    masked_in_pieces,
     new_state,
     note_client,
     proxy_error_reply,
@@ -334,7 +336,14 @@ async def _watch_disconnect(
 
 async def _run(handler: Handler, call: Call) -> Reply:
     try:
-        return masked(await handler(call), call.app.settings.backend_secrets)
+        reply = await handler(call)
+        secrets = call.app.settings.backend_secrets
+        body = reply.body
+        # exchange.masked_reply, inline: its coroutine cost 0.1 us a request
+        if secrets.replies and type(body) is bytes and len(body) > MASKED_AT_ONCE_BYTES:
+            reply.body = await masked_in_pieces(body, secrets)
+            return reply
+        return masked(reply, secrets)
     except ProxyError as error:
         return _failure(error, call)
     except Exception:
