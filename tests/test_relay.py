@@ -475,16 +475,23 @@ def _sequence_numbers(out: bytes) -> list[int]:
 
 @pytest.mark.parametrize("first", [0, 7])
 @pytest.mark.parametrize("cut", ["ended", "silent"])
+@pytest.mark.parametrize("after", [b"", b": keep-alive\n\n", b"\n"])
 async def test_the_error_event_of_a_cut_responses_stream_is_numbered_after_the_last(
-    first: int, cut: str
+    first: int, cut: str, after: bytes
 ) -> None:
     """The proxy's ``error`` event that ends a Responses stream it cuts (the body ended
     before the closing event, or the backend went silent) carries the number after the
     last event relayed (it carried 0): the API numbers every event of a stream in order,
     a replay resumed after event 6 from 7 on. A shutdown's error event, written after
-    the relay stopped, reads the same number from the relay's ``StreamEnd``."""
+    the relay stopped, reads the same number from the relay's ``StreamEnd``. A read
+    after the last event that numbers nothing (``after``: an SSE comment, as OpenRouter
+    sends to keep a stream alive, or a blank line, each its own read) changes nothing
+    (the error event was numbered 0 after one)."""
     events = _numbered(CREATED, text_delta("a"), text_delta("b"), first=first)
-    script: Script = [(0, e) for e in events] + ([(0, None)] if cut == "silent" else [])
+    script: Script = [(0, e) for e in events]
+    if after:
+        script += [(0.05, after), (0.05, after)]  # reads of their own
+    script += [(0, None)] if cut == "silent" else []
     end = relay.StreamEnd()
     end.responses = True
     made = observed(ResponsesStreamObserver, end=end)

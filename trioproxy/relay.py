@@ -127,8 +127,10 @@ class StreamEnd:
     def __init__(self) -> None:
         self.reached = False
         self.responses = False  # set by the route that knows (no keyword: 35 ns, not 100)
-        # the last chunk a relay gave the client, once it stopped: where the numbering of
-        # a Responses stream's events got to (:func:`next_sequence_number`)
+        # the last chunk carrying a ``sequence_number`` that a relay gave the client, once
+        # it stopped: where the numbering of a Responses stream's events got to
+        # (:func:`next_sequence_number`); a chunk after it that carries none (an SSE
+        # comment, a backend's keep-alive) does not reset the count to 0
         self.relayed = b""
 
 
@@ -453,7 +455,10 @@ async def relay_openai(
     error_field = False
     held = _HeldEvent()
     held_whole = False
-    relayed = b""  # the last chunk given to the client
+    # the last chunk given to the client that carries a sequence number: only a Responses
+    # stream's error event reads it (a chat stream pays a bool test per chunk, no search)
+    relayed = b""
+    numbered = _responses(end)
     try:
         while (data := await reader.read()) is not None:
             if not first:
@@ -512,7 +517,8 @@ async def relay_openai(
                 error_field = False
             if rewrite_model is not None:
                 data = rewrite_model(data)
-            relayed = data  # before: a chunk cut while sent counts as sent (numbers rise)
+            if numbered and data.find(_SEQUENCE_KEY) >= 0:  # 70 ns; `in` costs 130
+                relayed = data  # before: a chunk cut while sent counts as sent (numbers rise)
             yield data
             sent = True
             if finished:
@@ -548,10 +554,10 @@ async def relay_openai(
         last = held.completed()  # or the openai SDK would never dispatch it
         if error_field:
             last = error_fields_as_data(last)
-        relayed = rewrite_model(last) if rewrite_model is not None else last
-        if end is not None:
-            end.relayed = relayed
-        yield relayed
+        last = rewrite_model(last) if rewrite_model is not None else last
+        if end is not None and numbered and last.find(_SEQUENCE_KEY) >= 0:
+            relayed = end.relayed = last
+        yield last
         sent = True
     if error is not None or observer.failed:  # a reported failure is relayed as it came
         _set_outcome(metric, "error")
@@ -1085,11 +1091,12 @@ _SEQUENCE_VALUE = re.compile(rb'"sequence_number"[ \t\r\n]*:[ \t\r\n]*(\d{1,18})
 
 def next_sequence_number(relayed: bytes) -> int:
     """The ``sequence_number`` after the last one in ``relayed`` (the last chunk of a
-    Responses stream given to the client: whole events, its last event's number last), for
-    the proxy's own ``error`` event, so that the numbers keep rising as the API's do; 0
-    when it holds none (nothing relayed yet, a backend that numbers nothing). Read once,
-    when the stream is cut: no work per chunk. The key can only be a key there: inside a
-    JSON string its quotes are escaped."""
+    Responses stream given to the client that carries one: whole events, its last event's
+    number last), for the proxy's own ``error`` event, so that the numbers keep rising as
+    the API's do; 0 when it holds none (nothing relayed yet, a backend that numbers
+    nothing). Read once, when the stream is cut: per chunk the relay only tests whether
+    the key is there. The key can only be a key there: inside a JSON string its quotes
+    are escaped."""
     at = relayed.rfind(_SEQUENCE_KEY)
     found = _SEQUENCE_VALUE.match(relayed, at) if at >= 0 else None
     return int(found.group(1)) + 1 if found else 0
