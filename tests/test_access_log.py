@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -247,29 +248,60 @@ def test_requests_the_server_refuses_below_the_app_are_logged_and_counted(
     wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 4)
 
 
+def _send_in_two(url: str, first: bytes, second: bytes) -> bytes:
+    """``_send_raw`` of ``first + second``, the second part sent once the server has read
+    the first (and the app has started on the request)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(first)
+        time.sleep(0.2)
+        sock.sendall(second)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("in_two", [False, True])
 @pytest.mark.parametrize("path", ["/api/chat", "/api/show"])  # served below Quart / by Quart
 def test_a_body_the_server_refuses_midway_is_recorded_with_the_status_sent(
-    demo_backend: ServerProcess, start_proxy: StartProxy, path: str
+    demo_backend: ServerProcess, start_proxy: StartProxy, path: str, in_two: bool
 ) -> None:
     """A malformed chunk in a request's body: the server answers 400 while the app reads
     the body. The app sees only a disconnect, but the client got a 400, not a request it
-    left (499)."""
+    left (499). That 400 carries the request's id (it had none), the one its access line
+    has: the client's when it sent one, else the one the app gave it, whether the server
+    refused the body before the app's task started on it (all of it in one read) or after
+    (``in_two``: the malformed chunk comes later)."""
     from .test_metrics_e2e import scrape, total, wait_for
 
     proxy = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
-    malformed = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\nzz\r\n'
-    ).encode()
-    assert _send_raw(proxy.url, malformed).startswith(b"HTTP/1.1 400")
-    wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 1)
+    ids = []
+    for sent_id in ("", "X-Request-ID: client-id-1\r\n"):
+        malformed = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f'{sent_id}Transfer-Encoding: chunked\r\n\r\n5\r\n{{"a":\r\nzz\r\n'
+        ).encode()
+        at = malformed.index(b"zz")
+        if in_two:
+            answer = _send_in_two(proxy.url, malformed[:at], malformed[at:])
+        else:
+            answer = _send_raw(proxy.url, malformed)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        found = re.search(rb"\r\nx-request-id: ([^\r]+)\r\n", answer, re.IGNORECASE)
+        assert found is not None, answer
+        ids.append(found.group(1).decode())
+    assert ids[1] == "client-id-1" and re.fullmatch("[0-9a-f]{32}", ids[0]), ids
+    wait_for(lambda: total(scrape(proxy.url), "http_requests_total") == 2)
     samples = scrape(proxy.url)
-    assert total(samples, "http_requests_total", status="400") == 1
+    assert total(samples, "http_requests_total", status="400") == 2
     assert total(samples, "http_requests_total", status="499") == 0
     lines = [line for line in proxy.log().splitlines() if "trioproxy.access" in line]
     posts = [line for line in lines if " POST " in line]
-    assert len(posts) == 1 and f"POST {path} 400 " in posts[0], lines
-    assert "client left" not in posts[0]
+    assert len(posts) == 2, lines
+    for line, request_id in zip(posts, ids, strict=True):
+        assert f"POST {path} 400 " in line and request_id in line, (line, request_id)
+        assert "client left" not in line
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/show"])  # served below Quart / by Quart

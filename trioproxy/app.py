@@ -76,14 +76,13 @@ from .exchange import (
     primed,
     proxy_error_reply,
     record_protocol_refusal,
-    request_id_for,
     stop_at_once,
     trace_context,
 )
 from .keepalive import KeepAlive, beat_for
 from .ledger import Ledger, ResponsesLedger
 from .limits import raise_open_files_limit
-from .logs import configure_logging
+from .logs import configure_logging, scope_request_id
 from .metrics import MetricsCollector, set_metrics_collector
 from .metrics.labels import loggable_path
 from .model_mapping import ModelMapper
@@ -220,7 +219,7 @@ class RefusedWebsocket:
         if root:  # the dialect by the path below the mount point, as for HTTP
             path = path[len(root) :] if path.startswith(root + "/") else "/"
         # its head was read whole: the client's id is honoured, as any request's
-        request_id = request_id_for(_header(self.scope, b"x-request-id"))
+        request_id = scope_request_id(self.scope)
         if "websocket.http.response" not in self.scope.get("extensions", {}):
             record_protocol_refusal(
                 app.collector,
@@ -262,14 +261,6 @@ class RefusedWebsocket:
     def _address(self) -> str:
         """The client's address for the access line (its handshake's headers were read)."""
         return self.app.client_addresses.of(self.scope) if self.app.settings.access_log else ""
-
-
-def _header(scope: Any, name: bytes) -> str | None:
-    """The first ``name`` header of an ASGI scope (names lowercase), as text."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 class ProxyApp(QuartTrio):

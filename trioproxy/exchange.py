@@ -33,10 +33,15 @@ from .errors import (
     is_openai_path,
     scrub,
 )
-from .hypercorn_patches import REFUSED_MID_REQUEST, write_cut, write_cut_by_shutdown
+from .hypercorn_patches import (
+    REFUSED_MID_REQUEST,
+    REQUEST_ID_MID_REQUEST,
+    write_cut,
+    write_cut_by_shutdown,
+)
 from .json_threads import joined
 from .jsonutil import loads
-from .logs import ACCESS_LOGGER, REMOTE_ADDR_FIELD, fresh_request_id, request_id_var
+from .logs import ACCESS_LOGGER, REMOTE_ADDR_FIELD, REQUEST_ID_OK, request_id_var
 from .metrics import MetricsCollector, RequestMetrics
 from .metrics.labels import (
     METHOD_LIMIT,
@@ -55,9 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioproxy")
 
-# whole, so none ends in a line end ("$" matches before a final "\n"): it is written on
-# every log line of its request and sent back as a header
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
 # Anthropic's name for a response's request id, which the anthropic SDKs read (a message's
 # ``_request_id``, an error's ``request_id``): sent beside X-Request-ID on /v1/messages only
@@ -248,7 +250,7 @@ def new_state(
     request_id: str | None,
     content_length: str | None,
 ) -> RequestState:
-    if not request_id or not _REQUEST_ID_OK.fullmatch(request_id):
+    if not request_id or not REQUEST_ID_OK.fullmatch(request_id):
         request_id = os.urandom(16).hex()  # uuid4's entropy in its hex form, at a fifth of its cost
     metric = None
     if collector.enabled and path not in UNTRACKED_PATHS:
@@ -257,14 +259,6 @@ def new_state(
         if content_length and content_length.isdigit():
             metric.request_size = int(content_length)
     return RequestState(request_id, metric)
-
-
-def request_id_for(sent: str | None) -> str:
-    """The id of a request that sent ``sent`` as its X-Request-ID: that one if it is fit
-    for a log line and a header, else a fresh one (as ``new_state``, which inlines it)."""
-    if sent and _REQUEST_ID_OK.fullmatch(sent):
-        return sent
-    return fresh_request_id()
 
 
 def note_client(state: RequestState, client: str | None) -> None:
@@ -368,7 +362,7 @@ class Tracked:
                 self.send.finished = False  # handed to the server, but never delivered whole
             if self._scope is not None:
                 if not self.send.finished:
-                    self._note_refusal(self._scope.get(REFUSED_MID_REQUEST))
+                    self._note_refusal(self._scope)
                 if self._scope.get("method") == "HEAD":
                     self.send.sent = 0  # the server drops the body of a HEAD's answer
             metric = self.state.metric
@@ -385,12 +379,17 @@ class Tracked:
             if error is None or not _server_logs(error):
                 request_id_var.reset(self._token)
 
-    def _note_refusal(self, status: int | None) -> None:
-        """The server answered the request itself (``status``, a malformed body: see
-        hypercorn_patches 9) while the app read it: the client got that answer, whole."""
+    def _note_refusal(self, scope: Mapping[str, Any]) -> None:
+        """The server answered the request itself (a malformed body: see hypercorn_patches
+        9) while the app read it: the client got that answer, whole, under the id it
+        carries (the client's, or one the server made: the app's is only its own until
+        then, and costs nothing per request so), which the access line names too."""
+        status = scope.get(REFUSED_MID_REQUEST)
         if status is not None:
             self._note_status(status)
             self.send.finished = True
+            self.state.request_id = scope[REQUEST_ID_MID_REQUEST]
+            request_id_var.set(self.state.request_id)  # reset to before the request below
 
     def response_headers(self, status: int) -> list[tuple[str, str]]:
         """What every response gets: its request id and, when a backend answered, the

@@ -71,10 +71,11 @@ request cancellation, and its cost per request.
    names no id that could be trusted). A protocol error in the middle
    of a request the app is serving (a malformed chunk of its body) is noted in that
    request's ASGI scope (``REFUSED_MID_REQUEST``) instead: the app records the request
-   with the status the client got, not as a client that left (that 400 has no id: the
-   request's is the app's, which the server's task does not know). A client that closes its
-   side mid-request is no refusal (h11 calls it a 400) and gets no answer: it left, a 499
-   if the app was serving its request, nothing if its head was cut short.
+   with the status the client got, not as a client that left, under the id that 400
+   carries (``REQUEST_ID_MID_REQUEST``: the client's, if sane, else a fresh one). A
+   client that closes its side mid-request is no refusal (h11 calls it a 400) and gets no
+   answer: it left, a 499 if the app was serving its request, nothing if its head was cut
+   short.
 
 10. **A connection closing at shutdown does not hold it.** A request received behind the
     one answered (pipelined, or sent just as its response went out) made hypercorn's
@@ -167,7 +168,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 
-from .logs import fresh_request_id
+from .logs import fresh_request_id, scope_request_id
 from .netstream import send_what_fits
 
 _HELD_HEAD = "_trioproxy_held_head"
@@ -637,6 +638,11 @@ _original_send_error_response = h11_protocol.H11Protocol._send_error_response
 # (a malformed chunk in its body): the app sees only the disconnect that follows, and
 # records this status instead of a client that left (499)
 REFUSED_MID_REQUEST = "trioproxy.refused"
+# the ASGI scope's key for the id that answer carries: the client's X-Request-ID if it is
+# sane, else a fresh one; the app takes it for the request's access line. (The app's own
+# id is not stored for the server to find: that cost every request a store, for an answer
+# that almost none gets, and the server may refuse the body before the app's task ran.)
+REQUEST_ID_MID_REQUEST = "trioproxy.request_id"
 
 
 async def _send_error_response(self: Any, status_code: int) -> None:
@@ -653,10 +659,13 @@ async def _send_error_response(self: Any, status_code: int) -> None:
         request_id = _heard_refusal(status_code, self.client, "malformed request")
         await _send_refusal(self, status_code, request_id)
         return
-    # the app is serving the request and records it
+    # the app is serving the request and records it, under the id its answer carries
     scope = getattr(self.stream, "scope", None)
     if scope is not None:
+        request_id = scope[REQUEST_ID_MID_REQUEST] = scope_request_id(scope)
         scope[REFUSED_MID_REQUEST] = status_code
+        await _send_refusal(self, status_code, request_id)
+        return
     await _original_send_error_response(self, status_code)
 
 

@@ -25,7 +25,7 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from .metrics.labels import MESSAGE_LIMIT, clipped, loggable_text
 
@@ -40,6 +40,29 @@ def fresh_request_id() -> str:
     none (uuid4's entropy in hex): for the answers given before any request state exists
     (a refusal by the server, a connection past MAX_CONNECTIONS). The hot path inlines it."""
     return os.urandom(16).hex()
+
+
+# whole, so none ends in a line end ("$" matches before a final "\n"): it is written on
+# every log line of its request and sent back as a header
+REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_for(sent: str | None) -> str:
+    """The id of a request that sent ``sent`` as its X-Request-ID: that one if it is fit
+    for a log line and a header, else a fresh one (as ``exchange.new_state``, which
+    inlines it)."""
+    if sent and REQUEST_ID_OK.fullmatch(sent):
+        return sent
+    return fresh_request_id()
+
+
+def scope_request_id(scope: Any) -> str:
+    """:func:`request_id_for` the first X-Request-ID header of an ASGI scope (as the app's
+    routes read it), for an answer given outside the app's handling of the request."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"x-request-id":
+            return request_id_for(bytes(value).decode("latin-1"))
+    return fresh_request_id()
 
 
 class RequestContextFilter(logging.Filter):
