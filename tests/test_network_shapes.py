@@ -266,12 +266,17 @@ def test_base_urls_deployments_use_are_taken(url: str) -> None:
 class _Resolver(trio.abc.HostnameResolver):
     """Host names as a deployment's DNS or /etc/hosts may give them, without asking the
     network: ``dual.test`` is ::1 first, then 127.0.0.1 (``localhost`` on many systems);
-    ``gone.test`` does not exist."""
+    ``gone.test`` does not exist; ``flaky.test`` fails as a resolver that got no answer."""
+
+    lookups: list[str] = []  # every name asked, in order
 
     async def getaddrinfo(self, host: Any, port: Any, *args: Any) -> Any:
         name = host.decode() if isinstance(host, bytes) else host
+        self.lookups.append(name)
         if name == "gone.test":
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if name == "flaky.test":  # a DNS server that did not answer this time
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         if name == "dual.test":
             return [
                 (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
@@ -283,13 +288,28 @@ class _Resolver(trio.abc.HostnameResolver):
         raise NotImplementedError
 
 
-async def _ask(base_url: str) -> httpx.Response:
+class _Calls:
+    """An UpstreamPool's observer: the failed calls and the retries it counts."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.retries: list[str] = []
+
+    def upstream_error(self, reason: str) -> None:
+        self.errors.append(reason)
+
+    def upstream_retry(self, reason: str) -> None:
+        self.retries.append(reason)
+
+
+async def _ask(base_url: str, retries: int = 0, observer: _Calls | None = None) -> httpx.Response:
     trio.socket.set_custom_hostname_resolver(_Resolver())
     try:
         settings = load_settings(
-            {"OPENAI_API_BASE_URL": base_url, "MAX_RETRIES": "0"}, dotenv_path=None
+            {"OPENAI_API_BASE_URL": base_url, "MAX_RETRIES": str(retries), "RETRY_BACKOFF": "0"},
+            dotenv_path=None,
         )
-        pool = UpstreamPool(settings)
+        pool = UpstreamPool(settings, observer)
         try:
             return (await pool.request("GET", "/models")).response
         finally:
@@ -322,6 +342,71 @@ async def test_a_backend_host_that_does_not_resolve_is_named() -> None:
         "backend request failed: cannot resolve the backend's host name 'gone.test' "
         "(Name or service not known)"
     )
+
+
+@pytest.mark.parametrize(("host", "attempts"), [("gone.test", 1), ("flaky.test", 3)])
+async def test_a_backend_host_that_does_not_exist_is_not_asked_for_again(
+    host: str, attempts: int
+) -> None:
+    """A name the resolver says does not exist (EAI_NONAME) is a configuration error: it
+    was retried as a failure to connect, each retry after its backoff, to the same answer.
+    It fails at once, counted as the failed call it is (``connect``); a lookup that failed
+    this time (EAI_AGAIN: a DNS server that did not answer) is still retried."""
+    _Resolver.lookups.clear()
+    calls = _Calls()
+    with pytest.raises(UpstreamUnavailable) as failed:
+        await _ask(f"http://{host}:8000/v1", retries=2, observer=calls)
+    assert f"cannot resolve the backend's host name '{host}'" in str(failed.value)
+    assert _Resolver.lookups == [host] * attempts
+    assert calls.errors == ["connect"]
+    assert calls.retries == ["connect"] * (attempts - 1)
+
+
+def test_the_proxy_answers_a_backend_host_that_does_not_exist_at_once(
+    start_proxy: Callable[..., ServerProcess],
+) -> None:
+    """End to end, the name in the reserved ``.invalid`` domain (resolved by a stub in the
+    proxy's process: no query leaves the machine): each dialect's client gets the 502 in
+    its own shape, naming the host and not the credentials in the URL; the metrics count
+    one failed ``connect`` call per request and no retry (an Ollama client's request was
+    tried 1 + MAX_RETRIES times)."""
+    import anthropic
+
+    from .dns_stub import PROXY_WITH_STUB
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    base = "http://user:pass-word@no-such-host.invalid/v1"
+    server = _spawn(
+        [*PROXY_WITH_STUB, "--host", "127.0.0.1", "--port", "0", "--env-file", ""],
+        base_env(OPENAI_API_BASE_URL=base, MAX_RETRIES="3", RETRY_BACKOFF="0.01"),
+    )
+    try:
+        wait_healthy(server.url)
+        said = "cannot resolve the backend's host name 'no-such-host.invalid'"
+        messages = [{"role": "user", "content": "hi"}]
+        with (
+            ollama.Client(host=server.url, timeout=10) as by_ollama,
+            openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0) as by_openai,
+            anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0) as by_anthropic,
+        ):
+            with pytest.raises(ollama.ResponseError) as ollama_error:
+                by_ollama.chat(model="m", messages=messages)
+            with pytest.raises(openai.APIStatusError) as openai_error:
+                by_openai.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+            with pytest.raises(anthropic.APIStatusError) as anthropic_error:
+                by_anthropic.messages.create(model="m", max_tokens=8, messages=messages)  # type: ignore[arg-type]
+        assert ollama_error.value.status_code == 502 and said in ollama_error.value.error
+        assert openai_error.value.status_code == 502 and said in openai_error.value.message
+        assert openai_error.value.code == "upstream_unavailable"
+        assert anthropic_error.value.status_code == 502 and said in anthropic_error.value.message
+        assert anthropic_error.value.body["type"] == "error"  # type: ignore[index]
+        wait_for(lambda: total(scrape(server.url), "http_requests_total", status="502") == 3)
+        samples = scrape(server.url)
+        assert total(samples, "trioproxy_upstream_errors_total", reason="connect") == 3
+        assert total(samples, "trioproxy_upstream_retries_total") == 0
+        assert "pass-word" not in server.log()
+    finally:
+        server.stop()
 
 
 async def test_a_refused_connection_names_each_address_tried() -> None:

@@ -505,6 +505,11 @@ class UpstreamPool:
             return OutOfFiles(exhausted, open_files_limit())
         unavailable = UpstreamUnavailable(self._describe(exc))
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            if does_not_resolve(exc):
+                # a configuration error, not a passing one: asked again, the resolver gives
+                # the same answer (after the backoff that kept the client waiting)
+                self._observer.upstream_error("connect")
+                return unavailable
             return _Retryable("connect", unavailable)
         if body_started and not isinstance(exc, httpx.TimeoutException):
             # a body cut (reset, closed early) or unreadable (corrupt gzip): a broken
@@ -650,6 +655,36 @@ def connect_failure(exc: BaseException, url: httpx.URL) -> str | None:
             tried = "; ".join(f"{address or '?'}: {reason}" for address, reason in attempts)
             return f"cannot connect to {where} ({tried})"
     return None
+
+
+# getaddrinfo's answers that say the name has no address, and will not have one when asked
+# again: no such name (NXDOMAIN), a name with no address (of the family asked for); and
+# arguments the resolver refuses. EAI_AGAIN ("Temporary failure in name resolution": a DNS
+# server that did not answer or failed, SERVFAIL) and the rest (EAI_FAIL, EAI_SYSTEM,
+# EAI_MEMORY) may pass, and are retried as any failure to connect.
+_NO_SUCH_NAME = frozenset(
+    getattr(socket, name)
+    for name in (
+        "EAI_NONAME",
+        "EAI_NODATA",
+        "EAI_ADDRFAMILY",
+        "EAI_SERVICE",
+        "EAI_FAMILY",
+        "EAI_SOCKTYPE",
+        "EAI_BADFLAGS",
+    )
+    if hasattr(socket, name)  # EAI_NODATA, EAI_ADDRFAMILY: glibc's, not every platform's
+)
+
+
+def does_not_resolve(exc: BaseException) -> bool:
+    """Whether a failure to connect is a host name that has no address (the backend's,
+    or that of the proxy from the environment): a name the resolver says does not
+    exist, not one it could not look up this time (:data:`_NO_SUCH_NAME`)."""
+    return any(
+        isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME
+        for cause in _causes(exc)
+    )
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
