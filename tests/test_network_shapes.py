@@ -28,6 +28,7 @@ from trioproxy.upstream import UpstreamPool
 from .conftest import ROOT, ServerProcess, _spawn, base_env, closed_port_url, wait_healthy
 from .fakes import ScriptedHandler, serving
 from .test_cli_config import main_in_process, one_line
+from .test_upstream import _Observer
 
 # ---- listening: PROXY_HOST -------------------------------------------------------------------
 
@@ -288,21 +289,9 @@ class _Resolver(trio.abc.HostnameResolver):
         raise NotImplementedError
 
 
-class _Calls:
-    """An UpstreamPool's observer: the failed calls and the retries it counts."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.retries: list[str] = []
-
-    def upstream_error(self, reason: str) -> None:
-        self.errors.append(reason)
-
-    def upstream_retry(self, reason: str) -> None:
-        self.retries.append(reason)
-
-
-async def _ask(base_url: str, retries: int = 0, observer: _Calls | None = None) -> httpx.Response:
+async def _ask(
+    base_url: str, retries: int = 0, observer: _Observer | None = None
+) -> httpx.Response:
     trio.socket.set_custom_hostname_resolver(_Resolver())
     try:
         settings = load_settings(
@@ -353,7 +342,7 @@ async def test_a_backend_host_that_does_not_exist_is_not_asked_for_again(
     It fails at once, counted as the failed call it is (``connect``); a lookup that failed
     this time (EAI_AGAIN: a DNS server that did not answer) is still retried."""
     _Resolver.lookups.clear()
-    calls = _Calls()
+    calls = _Observer()
     with pytest.raises(UpstreamUnavailable) as failed:
         await _ask(f"http://{host}:8000/v1", retries=2, observer=calls)
     assert f"cannot resolve the backend's host name '{host}'" in str(failed.value)
