@@ -1671,6 +1671,8 @@ _WRONG_SHAPES = {
         "message": {"role": "assistant", "content": "sunny"}}]}),
     "system-first-500": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
         "message": {"role": "assistant", "content": "sunny"}}]}),
+    "system-first-openai": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "sunny"}}]}),
     "alternating": json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
         "message": {"role": "assistant", "content": "sunny"}}]}),
 }  # fmt: skip
@@ -1750,6 +1752,8 @@ _STREAM_SHAPES = {
                      + "data: [DONE]\n\n"),
     "system-first-500": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
                          + "data: [DONE]\n\n"),
+    "system-first-openai": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
+                            + "data: [DONE]\n\n"),
 }  # fmt: skip
 # OpenAI's answer to max_tokens from one of its reasoning models
 _MAX_TOKENS_REFUSED = {
@@ -2028,6 +2032,52 @@ def test_a_backend_that_takes_one_system_message_first_gets_them_joined(
                 # requests go joined at once
                 assert len(sent) == (2 if refusals else 1)
                 refusals = 0
+
+
+def test_a_chat_completion_whose_system_messages_the_backend_refuses_gets_them_joined(
+    wrong_shape_proxy: ServerProcess,
+) -> None:
+    """The same quirk on /v1/chat/completions, which relays the client's request as it
+    came: a conversation with a system message late (an agent's reminder) that the model's
+    chat template refuses (vLLM's 400 "System message must be at the beginning") failed
+    there, while the same conversation worked on /api/chat. It is sent again with the
+    system messages joined, first, streamed or not, and the model's later requests go so
+    at once; a request the template takes goes as the client wrote it."""
+    sent = _WrongShapeBackend.requests
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "system", "content": [{"type": "text", "text": "Answer in French."}]},
+        {"role": "user", "content": "weather?"},
+    ]
+    joined = [
+        {"role": "system", "content": "You are terse.\n\nAnswer in French."},
+        *messages[1:3],
+        messages[4],
+    ]
+    model = "system-first-openai"
+    with openai.OpenAI(
+        base_url=wrong_shape_proxy.url + "/v1", api_key="k", max_retries=0
+    ) as client:
+        for stream, refused in ((True, True), (False, False), (True, False)):
+            sent.clear()
+            if stream:
+                chunks = client.chat.completions.create(
+                    model=model,
+                    messages=messages,
+                    stream=True,  # type: ignore[arg-type]
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                assert text == "Hello"
+            else:
+                reply = client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+                assert reply.choices[0].message.content == "sunny"
+            assert sent[-1]["messages"] == joined
+            assert [m["messages"] for m in sent[:-1]] == ([messages] if refused else [])
+        sent.clear()  # one system message, first: as the client wrote it
+        client.chat.completions.create(model=model, messages=messages[:3])  # type: ignore[arg-type]
+        assert [m["messages"] for m in sent] == [messages[:3]]
 
 
 def test_a_refusal_joining_cannot_change_is_not_sent_again(

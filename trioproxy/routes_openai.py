@@ -12,7 +12,7 @@ import base64
 import json
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import quote, quote_from_bytes, unquote
@@ -27,6 +27,8 @@ from .catalog import backend_name_for, list_answer, listed_entry
 from .errors import BadRequest, NotFound, shown_name
 from .exchange import JSON, Call, Handler, Reply
 from .forward import (
+    ONE_SYSTEM_MESSAGE,
+    as_the_backend_takes,
     call_raw,
     delimited_by_framing,
     encoded_for_backend,
@@ -73,18 +75,21 @@ async def forward(
     client_model = body.get("model")
     # nothing to rewrite: forward the client's bytes as they came
     payload: bytes | None = call.body
+    sent = body  # what the payload holds
     rename: tuple[str, str] | None = None  # the backend's name and the client's, if they differ
     if client_model is not None:
         note_model(state, client_model)
         backend_model = await backend_name_for(call, client_model)
         if backend_model != client_model:
             rename = (backend_model, client_model)
-            payload = await encoded_for_backend(
-                call, tr.openai_passthrough_request(body, backend_model)
-            )
+            sent = tr.openai_passthrough_request(body, backend_model)
+            payload = await encoded_for_backend(call, sent)
     if body.get("stream") is True:
         stream_opening(state, EVENT_STREAM, responses=creates_response)
-        result = await open_stream(call, backend_path, payload)
+        if backend_path == _CHAT:
+            result = await _chat_as_taken(call, sent, payload, open_stream)
+        else:
+            result = await open_stream(call, backend_path, payload)
         rewrite = None
         if rename is not None:
             backend_name, client_name = rename
@@ -97,7 +102,10 @@ async def forward(
         on_finish = partial(_owe_if_cut, app.ledger, watcher) if stored else None
         options = body.get("stream_options")
         return _stream_reply(call, result, watcher, rewrite, on_finish, options)
-    result = await call_raw(call, backend_path, payload)
+    if backend_path == _CHAT:
+        result = await _chat_as_taken(call, sent, payload, call_raw)
+    else:
+        result = await call_raw(call, backend_path, payload)
     content = result.response.content
     large = len(content) > OFF_LOOP_BYTES
     delimited = delimited_by_framing(result.response)
@@ -122,6 +130,30 @@ async def forward(
     return _whole_reply(call, result, content)
 
 
+_CHAT = "/chat/completions"
+
+
+async def _chat_as_taken(
+    call: Call,
+    sent: dict[str, Any],
+    payload: bytes | None,
+    send: Callable[[Call, str, bytes | None], Awaitable[UpstreamResult]],
+) -> UpstreamResult:
+    """``send`` a chat completion (``payload``, the encoding of ``sent``) with its system
+    messages as the backend's model takes them (``forward.ONE_SYSTEM_MESSAGE``, as on
+    /api/chat and /v1/messages): a model whose chat template refused a system message
+    that is not first, or more than one, gets the request again with them joined into
+    one, first, and its later requests so at once. Otherwise the client's bytes go."""
+    messages = sent.get("messages")
+
+    async def as_taken(adapted: dict[str, Any]) -> UpstreamResult:
+        if adapted.get("messages") is messages:  # not joined (joining writes a new list)
+            return await send(call, _CHAT, payload)
+        return await send(call, _CHAT, await encoded_for_backend(call, adapted))
+
+    return await as_the_backend_takes(call, sent, ONE_SYSTEM_MESSAGE, as_taken)
+
+
 def _choices_asked(body: tr.JSONDict) -> int:
     """The choices a chat or text completion asks for (``n``): 1 unless it names more.
     An integral float counts as its integer (pydantic backends, vLLM's, take ``2.0``)."""
@@ -132,7 +164,7 @@ def _choices_asked(body: tr.JSONDict) -> int:
 
 
 FAST_ROUTES: dict[str, Handler] = {
-    "/v1/chat/completions": partial(forward, "/chat/completions"),
+    "/v1/chat/completions": partial(forward, _CHAT),
     "/v1/completions": partial(forward, "/completions"),
     "/v1/embeddings": partial(forward, "/embeddings", embeddings=True),
     # its events are not chat chunks: they get their own observer
