@@ -26,7 +26,9 @@ import httpx
 import trio
 
 import trioproxy.hypercorn_patches  # noqa: F401  (patches on import)
+from trioproxy.config import Settings
 from trioproxy.netstream import body_reader, install
+from trioproxy.upstream import ShardPicker
 
 from .bare_asgi import serve_until_signal
 
@@ -43,7 +45,8 @@ class Relay:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.raw = raw
-        self.client: httpx.AsyncClient | None = None
+        self.clients: list[httpx.AsyncClient] = []
+        self.picker = ShardPicker(1)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -67,26 +70,42 @@ class Relay:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                transport = httpx.AsyncHTTPTransport(
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=256)
-                )
-                install(transport)
-                self.client = httpx.AsyncClient(transport=transport, timeout=None)
+                self._open_clients()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.client is not None:
-                    await self.client.aclose()
+                for client in self.clients:
+                    await client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def _open_clients(self) -> None:
+        """The proxy's pool layout (``upstream.UpstreamPool``): its default number of
+        httpx clients, the keep-alive connections shared out among them, a request on the
+        least busy one. One client for every request would scan all its connections on
+        each assignment, a per-stream cost the proxy does not pay (docs/performance.md)."""
+        settings = Settings()
+        shards = settings.upstream_clients
+        keepalive = max(1, settings.upstream_max_keepalive // shards)
+        for _ in range(shards):
+            transport = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive)
+            )
+            install(transport)
+            self.clients.append(httpx.AsyncClient(transport=transport, timeout=None))
+        self.picker = ShardPicker(shards)
+
     async def _relay_httpx(self, body: bytes, send: Any) -> None:
-        assert self.client is not None
         url = f"http://{self.host}:{self.port}{CHAT}"
         headers = {"content-type": "application/json"}
-        async with self.client.stream("POST", url, content=body, headers=headers) as response:
-            next_part = body_reader(response)  # as the proxy reads a body
-            while (data := await next_part()) is not None:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+        shard = self.picker.acquire()
+        try:
+            client = self.clients[shard]
+            async with client.stream("POST", url, content=body, headers=headers) as response:
+                next_part = body_reader(response)  # as the proxy reads a body
+                while (data := await next_part()) is not None:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            self.picker.release(shard)
 
     async def _relay_raw(self, body: bytes, send: Any) -> None:
         sock = trio.socket.socket()
