@@ -30,7 +30,7 @@ from .errors import (
     upstream_error_message,
 )
 from .hypercorn_patches import write_cut
-from .json_threads import by_size, joined
+from .json_threads import OFF_LOOP_BYTES, by_size, joined, off_loop
 from .jsonutil import NestedTooDeeply, compact_json, loads
 from .metrics import MetricsCollector, RequestMetrics
 from .netstream import DirectTCPStream, body_reader
@@ -101,6 +101,8 @@ class StreamTranslator(TokenStats, Protocol):
     def feed(self, chunk: dict[str, Any], now_ns: int) -> list[dict[str, Any]]: ...
 
     def finish(self, now_ns: int) -> Any: ...
+
+    def tool_calls_told_later(self) -> Callable[[], None]: ...
 
 
 dumps = compact_json
@@ -346,16 +348,18 @@ async def relay_ollama(
                     done = True
                     break
                 now_ns = time.perf_counter_ns()
-                line = translator.feed_text(text, now_ns)  # the common chunk, cheaply
-                if line is None:
+                if len(text) > OFF_LOOP_BYTES:  # one large event: in a JSON thread
+                    failed, out = await _translated_apart(translator, text, now_ns, encode)
+                    if failed is not None:
+                        error = _reported(failed, sent or bool(lines), settings)
+                        break
+                    lines += out
+                elif (line := translator.feed_text(text, now_ns)) is None:  # the common chunk
                     chunk = read_chunk(text)
                     if chunk is None:
                         continue
                     if _reports_failure(chunk):  # its text is not part of the answer
-                        failure = chunk.get("error") or FINISHED_WITH_ERROR
-                        if not sent and not lines:
-                            raise _FailedAtOnce(failure)
-                        error = scrub(_error_text(failure), settings.backend_secrets)
+                        error = _reported(chunk, sent or bool(lines), settings)
                         break
                     lines += map(encode, translator.feed(chunk, now_ns))
                 elif line:
@@ -408,6 +412,45 @@ async def relay_ollama(
         _end_written(metric)
     if done or error is not None:
         await reader.drain()
+
+
+def _reported(chunk: dict[str, Any], answered: bool, settings: Settings) -> str:
+    """The error of a chunk that reports the backend's failure, for the stream's error
+    line; :class:`_FailedAtOnce` when nothing was ``answered`` yet."""
+    failure = chunk.get("error") or FINISHED_WITH_ERROR
+    if not answered:
+        raise _FailedAtOnce(failure)
+    return scrub(_error_text(failure), settings.backend_secrets)
+
+
+async def _translated_apart(
+    translator: StreamTranslator, text: str, now_ns: int, encode: Callable[[Any], bytes]
+) -> tuple[dict[str, Any] | None, list[bytes]]:
+    """One event over OFF_LOOP_BYTES (a whole answer in one chunk, a tool call's
+    arguments, thousands of log probabilities) decoded, translated and encoded in a JSON
+    thread, as a large non-stream answer is: the chunk if it reports a failure (not fed),
+    else the lines it gives. Waited for (the translator is the stream's own: no thread
+    may touch it after the relay moved on); the whole tool calls it completes are told
+    afterwards, here on the loop."""
+    told = translator.tool_calls_told_later()
+    try:
+        return await off_loop(_translated, translator, text, now_ns, encode)
+    finally:
+        told()
+
+
+def _translated(
+    translator: StreamTranslator, text: str, now_ns: int, encode: Callable[[Any], bytes]
+) -> tuple[dict[str, Any] | None, list[bytes]]:
+    """What relay_ollama does with an event on the loop, for :func:`_translated_apart`
+    (the content-only shortcut left out: its regular expression costs more than the
+    decoding of a large event)."""
+    chunk = read_chunk(text)
+    if chunk is None:
+        return None, []
+    if _reports_failure(chunk):
+        return chunk, []
+    return None, [encode(out) for out in translator.feed(chunk, now_ns)]
 
 
 def _encoded_end(out: Any, encode: Callable[[Any], bytes]) -> bytes:

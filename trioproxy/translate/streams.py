@@ -451,6 +451,10 @@ def _paired(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
 
 
+def _tell_nothing() -> None:
+    pass
+
+
 class _HeldToolCalls(_StreamStats):
     """A stream translator that holds the backend's tool calls until they are whole, as
     Ollama sends a call (the Ollama translator; the Anthropic one, ``anthropic``): the
@@ -518,6 +522,23 @@ class _HeldToolCalls(_StreamStats):
                 f"the backend's tool calls exceed {MAX_HELD_TOOL_CALL_BYTES} bytes before they "
                 "end (a backend that never finishes them?)"
             )
+
+    def tool_calls_told_later(self) -> Callable[[], None]:
+        """Until the function returned is called, whole calls are kept instead of told to
+        ``on_tool_calls``, which changes what the app holds (a feed in a JSON thread must
+        not): called, on the loop, it tells them, in order, and tells at once again."""
+        tell = self._on_tool_calls
+        if tell is None:
+            return _tell_nothing
+        kept: list[list[JSONDict]] = []
+        self._on_tool_calls = kept.append
+
+        def told() -> None:
+            self._on_tool_calls = tell
+            for calls in kept:
+                tell(calls)
+
+        return told
 
     def _take_tool_calls(self) -> list[JSONDict]:
         calls = [

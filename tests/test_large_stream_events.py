@@ -1,0 +1,201 @@
+"""One large event in a translated stream (a whole answer in one chunk, a tool call's
+arguments) does not hold the event loop: ``/api/chat`` and ``/v1/messages`` decode,
+translate and encode it in the JSON thread, in order, and the client gets what the
+translator gives on the loop. A relayed ``/v1`` stream passes such an event on as it came,
+counted. No wall-clock timing is asserted: the loop's freedom is shown by a thread held
+until the loop has served another client's stream to its end.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, ClassVar
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioproxy import relay
+from trioproxy import translate as tr
+from trioproxy.anthropic import AnthropicStreamTranslator, encode_event
+from trioproxy.json_threads import OFF_LOOP_BYTES
+from trioproxy.jsonutil import compact_json
+
+from .fakes import ScriptedHandler, serving
+from .test_large_json import HOLD_SECONDS, serving_proxy
+
+BIG = 3 * OFF_LOOP_BYTES  # past the threshold, a few MB at most
+# text with what makes finding a string's end hard: escaped quotes, a string that ends in
+# an escaped backslash, line ends, non-ASCII
+_TEXT = 'say "hi" to C:\\\\ then\n go on — ünïcode '
+
+
+def _long(chars: int = BIG) -> str:
+    return (_TEXT * (chars // len(_TEXT) + 1))[:chars]
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None, **top: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1,
+            "model": "demo-chat", "choices": [choice], **top}  # fmt: skip
+
+
+def _tool_delta(arguments: str) -> dict[str, Any]:
+    function = {"name": "write_file", "arguments": arguments}
+    return {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": function}]}
+
+
+# JSON in JSON, with quotes and backslashes in its text
+ARGUMENTS = json.dumps(
+    {"path": "C:\\dir\\", "content": _long().replace('"', "'"), "more": ['a"b\\', "c"]}
+)
+
+
+# ---- through the proxy: real sockets -----------------------------------------------------
+
+
+def _sse(events: list[Any]) -> bytes:
+    return b"".join(b"data: " + compact_json(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+LARGE_STREAM = [
+    _chunk({"role": "assistant", "content": ""}),
+    _chunk({"content": _long()}),
+    _chunk({"content": " and more"}),
+    _chunk(_tool_delta(ARGUMENTS)),
+    _chunk({}, "tool_calls"),
+    {**_chunk({}), "choices": [], "usage": {"prompt_tokens": 21, "completion_tokens": 34}},
+]
+SMALL_STREAM = [_chunk({"content": f"w{i} "}) for i in range(5)] + [_chunk({}, "stop")]
+
+
+class LargeEvents(ScriptedHandler):
+    """Streams LARGE_STREAM to a model named ``large``, SMALL_STREAM to any other."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": [{"id": "large"}, {"id": "small"}]}')
+
+    def do_POST(self) -> None:
+        asked = self.json_body()
+        body = _sse(LARGE_STREAM if asked["model"] == "large" else SMALL_STREAM)
+        type(self).bodies.append(body)
+        self.answer(200, body, "text/event-stream")
+
+
+def _tokens(exposition: str) -> dict[str, float]:
+    counted: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == "trioproxy_tokens_total":
+                kind = sample.labels["type"]
+                counted[kind] = counted.get(kind, 0) + sample.value
+    return counted
+
+
+async def test_a_relayed_stream_with_large_events_is_relayed_as_it_came_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/v1/chat/completions``: the client gets the backend's bytes; the tokens are
+    counted."""
+    monkeypatch.setattr(LargeEvents, "bodies", [])
+    asked = {"model": "large", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with serving(LargeEvents) as backend:
+        async with serving_proxy(backend) as client:
+            before = _tokens((await client.get("/v1/metrics/prometheus")).text)
+            async with client.stream("POST", "/v1/chat/completions", json=asked) as response:
+                assert response.status_code == 200
+                body = await response.aread()
+            after = _tokens((await client.get("/v1/metrics/prometheus")).text)
+    assert body == LargeEvents.bodies[-1]
+    assert after["input"] - before.get("input", 0) == 21
+    assert after["output"] - before.get("output", 0) == 34
+
+
+class HeldTranslation:
+    """``relay._translated`` (a large event's work in the JSON thread) held until
+    :attr:`release` is set (at most HOLD_SECONDS)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.released: list[bool] = []
+        self.threads: list[bool] = []
+        original = relay._translated
+
+        def held(*args: Any) -> Any:
+            self.threads.append(threading.current_thread() is threading.main_thread())
+            self.entered.set()
+            self.released.append(self.release.wait(HOLD_SECONDS))
+            return original(*args)
+
+        monkeypatch.setattr(relay, "_translated", held)
+
+
+def _expected(path: str, events: list[Any]) -> list[Any]:
+    """What the translator gives for ``events``, each decoded and fed on this thread."""
+    if path == "/api/chat":
+        translator: Any = tr.OllamaStreamTranslator("chat", "large", start_ns=0)
+    else:
+        translator = AnthropicStreamTranslator("large", "msg_x", start_ns=0)
+    out: list[Any] = []
+    for event in events:
+        out += translator.feed(event, 1)
+    end = translator.finish(2)
+    return out + (end if isinstance(end, list) else [end])
+
+
+def _comparable(path: str, item: Any) -> Any:
+    """A line or event without what differs from run to run (times, ids)."""
+    if isinstance(item, dict):
+        return {key: _comparable(path, value) for key, value in item.items()
+                if key not in ("created_at", "id") and not key.endswith("_duration")}  # fmt: skip
+    return item
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/messages"])
+async def test_a_large_event_is_translated_in_a_thread_while_other_streams_flow(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A translated stream's large events are decoded, translated and encoded in the JSON
+    thread: held there until another client's stream on the same worker has been read to
+    its end (on the loop, that stream could not move, and the hold would run out), and
+    the client gets what the translator gives on the loop, in order."""
+    held = HeldTranslation(monkeypatch)
+    messages = [{"role": "user", "content": "hi"}]
+    asked: dict[str, Any] = {"model": "large", "messages": messages, "stream": True}
+    if path == "/v1/messages":
+        asked["max_tokens"] = 100
+    small = {"model": "small", "messages": messages, "stream": True}
+    bodies: list[bytes] = []
+    with serving(LargeEvents) as backend:
+        async with serving_proxy(backend) as client:
+
+            async def large() -> None:
+                async with client.stream("POST", path, json=asked) as response:
+                    assert response.status_code == 200
+                    bodies.append(await response.aread())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(large)
+                assert await trio.to_thread.run_sync(held.entered.wait, 2 * HOLD_SECONDS)
+                other = await client.post("/api/chat", json=small)
+                assert other.status_code == 200, other.text
+                assert json.loads(other.text.splitlines()[-1])["done"] is True
+                held.release.set()
+    assert held.released == [True, True]  # the content chunk and the tool call's
+    assert held.threads == [False, False]
+    if path == "/api/chat":
+        got = [json.loads(line) for line in bodies[0].splitlines()]
+    else:
+        got = [
+            json.loads(line[6:]) for line in bodies[0].splitlines() if line.startswith(b"data: ")
+        ]
+    expected = [json.loads(compact_json(item)) for item in _expected(path, LARGE_STREAM)]
+    if path == "/v1/messages":  # as the relay encodes them
+        expected = [json.loads(encode_event(item).split(b"data: ")[1]) for item in expected]
+    assert [_comparable(path, item) for item in got] == [
+        _comparable(path, item) for item in expected
+    ]
