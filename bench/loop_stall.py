@@ -34,6 +34,10 @@ clients at once):
   answered from the model list held: beside another scenario, the list is held for the
   whole run, so the backend, busy with the other's answer, is not asked).
 
+The proxy has a backend key (``--api-key``, a fixed dummy one by default; the backends
+ignore it), as every real deployment does: what a backend sends is masked for it (a large
+answer in 64 KiB pieces), work that a keyless proxy never does.
+
 Prints, per scenario, the longest stall and the 99th percentile of the wake-ups while
 its requests ran, and the same for an idle second before them. ``--beside
 show-300k:300:0.02`` runs one more client (300 requests of that scenario, 20 ms apart)
@@ -63,6 +67,8 @@ from trioproxy.config import load_settings
 from trioproxy.json_threads import JSON_THREADS
 
 TICK = 0.001
+# the backend key the proxy is given unless --api-key says otherwise: masked in answers
+DUMMY_API_KEY = "sk-loop-stall-bench-0123456789abcdef"
 _ROOT = str(Path(__file__).resolve().parent.parent)  # for the stub backend's import
 _LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 
@@ -305,16 +311,18 @@ async def main(
     rounds: int,
     parallel: int = 1,
     beside: tuple[str, int, float] | None = None,
+    api_key: str = DUMMY_API_KEY,
 ) -> None:
     """Each backend's scenarios against a proxy of their own, in the order given (with a
-    client of ``beside`` beside each of the demo's)."""
+    client of ``beside`` beside each of the demo's); the proxies' backend key ``api_key``
+    (none if empty)."""
     demo = [s for s in scenarios if s not in LIST_SCENARIOS]
     listing = [s for s in scenarios if s in LIST_SCENARIOS]
     if demo:
-        await _run_against(_start_backend(), demo, rounds, parallel, beside)
+        await _run_against(_start_backend(), demo, rounds, parallel, beside, api_key)
     if listing:
         backend = _start_backend("-c", _LIST_BACKEND, _ROOT)
-        await _run_against(backend, listing, rounds, parallel)
+        await _run_against(backend, listing, rounds, parallel, None, api_key)
 
 
 async def _with_beside(
@@ -354,11 +362,12 @@ async def _run_against(
     rounds: int,
     parallel: int,
     beside: tuple[str, int, float] | None = None,
+    api_key: str = DUMMY_API_KEY,
 ) -> None:
     backend, upstream = started
     try:
         settings = load_settings(
-            environ={},
+            environ={"OPENAI_API_KEY": api_key} if api_key else {},
             dotenv_path=None,
             upstream_url=upstream,
             host="127.0.0.1",
@@ -438,10 +447,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--json-threads", type=int, default=JSON_THREADS, help="JSON threads per worker"
     )
+    parser.add_argument(
+        "--api-key",
+        default=DUMMY_API_KEY,
+        help="the proxy's backend key, masked in what the backend sends as in production "
+        "(a dummy one by default; '' for none, as before 2026-12-03)",
+    )
     args = parser.parse_args()
     json_threads.JSON_THREADS = args.json_threads
     beside = None
     if args.beside:
         name, beside_rounds, pause, *_ = [*args.beside.split(":"), "", ""]
         beside = (name, int(beside_rounds or args.rounds), float(pause or 0))
-    trio.run(main, args.only.split(","), args.rounds, args.clients, beside)
+    trio.run(main, args.only.split(","), args.rounds, args.clients, beside, args.api_key)
