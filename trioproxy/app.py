@@ -31,6 +31,7 @@ from . import (
     __version__,
     fastpath,
     hypercorn_patches,  # applies its fixes on import
+    responses_socket,
 )
 from .auth import ClientKeys
 from .client_address import X_FORWARDED_FOR, ClientAddresses, peer_address
@@ -202,8 +203,22 @@ _EXPOSED_HEADERS = (
 )
 
 
+class WebsocketConnection:
+    """A WebSocket handshake: the Responses API's WebSocket mode on ``/v1/responses``
+    (``responses_socket``); refused on every other path (``RefusedWebsocket``)."""
+
+    def __init__(self, app: ProxyApp, scope: Any) -> None:
+        self.app, self.scope = app, scope
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if responses_socket.serves(self.scope):
+            await responses_socket.ResponsesSocket(self.app, self.scope, receive, send).serve()
+        else:
+            await RefusedWebsocket(self.app, self.scope)(receive, send)
+
+
 class RefusedWebsocket:
-    """No route speaks WebSocket. hypercorn hands an upgrade request to Quart as a
+    """No other route speaks WebSocket. hypercorn hands an upgrade request to Quart as a
     websocket, and its error handling then failed outside a request context: a 500 and
     two tracebacks per handshake, with a key or without. The handshake is answered 400 in
     the caller's dialect (hypercorn's ``websocket.http.response``), counted and logged as
@@ -265,7 +280,7 @@ class RefusedWebsocket:
 
 class ProxyApp(QuartTrio):
     asgi_http_class = TrackedHTTPConnection
-    asgi_websocket_class = RefusedWebsocket  # type: ignore[assignment]
+    asgi_websocket_class = WebsocketConnection  # type: ignore[assignment]
 
     settings: Settings
     collector: MetricsCollector
@@ -280,6 +295,7 @@ class ProxyApp(QuartTrio):
     client_keys: ClientKeys | None = None
     client_addresses: ClientAddresses  # who the access log names as a request's client
     ledger: Ledger  # Responses API usage still owed to the metrics
+    open_sockets: responses_socket.OpenSockets  # the Responses API's WebSocket connections
 
     async def dispatch_request(self, request_context: Any = None) -> Any:
         """Quart's dispatch, ended with a 503 in the caller's dialect a little before
@@ -405,6 +421,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> ProxyApp:
     app.fast_routes = {**ollama_fast_routes, **openai_fast_routes, **anthropic_fast_routes}
     app.anthropic_routes = frozenset(filter(is_anthropic_path, app.fast_routes))
     app.in_progress = fastpath.InProgress()
+    app.open_sockets = responses_socket.OpenSockets()
     app.admission = fastpath.Admission(settings.max_concurrent_requests)
     _register_error_handlers(app)
     if app.client_keys is not None:
@@ -636,6 +653,7 @@ async def _background(app: ProxyApp, *, task_status: Any = trio.TASK_STATUS_IGNO
 
     def shutting_down() -> None:
         app.in_progress.begin_shutdown(grace)
+        app.open_sockets.begin_shutdown()
         hypercorn_patches.end_writes_within(grace)
 
     def refused(status: int, peer: tuple[str, int] | None, request_id: str, reason: str) -> None:

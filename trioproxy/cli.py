@@ -285,6 +285,9 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     config.bind = [_bind(settings.host, settings.port)]
     config.keep_alive_timeout = settings.keep_alive_timeout
+    # a Responses API WebSocket message (a response.create) is a request body: past the
+    # limit hypercorn closes the connection with 1009 (message too big)
+    config.websocket_max_message_size = settings.max_request_bytes
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
     config.root_path = settings.root_path

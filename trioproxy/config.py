@@ -120,6 +120,8 @@ class Settings:
     # 15 s): whoever closes an idle connection first must be the client, or a request it
     # sends as the server closes fails (a 502 from the load balancer)
     keep_alive_timeout: float = 75.0
+    # a Responses API WebSocket with no turn in progress (an agent's tool may run minutes)
+    websocket_idle_timeout: float = 300.0
     client_write_timeout: float = 60.0
     client_body_timeout: float = 30.0
     cors_origins: str = ""
@@ -673,6 +675,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "HEALTH_WINDOW_SECONDS": ("health_window_seconds", _positive_float),
     "GRACEFUL_TIMEOUT": ("graceful_timeout", _positive_float),
     "KEEP_ALIVE_TIMEOUT": ("keep_alive_timeout", _positive_float),
+    "WEBSOCKET_IDLE_TIMEOUT": ("websocket_idle_timeout", _positive_float),
     "CLIENT_WRITE_TIMEOUT": ("client_write_timeout", _positive_float),
     "CLIENT_BODY_TIMEOUT": ("client_body_timeout", _positive_float),
     "CORS_ORIGINS": ("cors_origins", _text),

@@ -1,0 +1,404 @@
+"""The Responses API's WebSocket mode: ``/v1/responses`` as a persistent connection.
+
+A client (the openai SDKs' ``responses.connect()``) opens ``ws(s)://HOST/v1/responses``
+with its key and sends ``response.create`` messages, each the body of a ``POST
+/v1/responses`` (``stream`` implicit). Each is served as one: a turn is a streamed POST
+handed to the fast path (``fastpath.serve``) with the route's own handler, so the model
+mapping, the relay and its deadlines, the ledger, the slots under
+``MAX_CONCURRENT_REQUESTS``, the metrics (endpoint ``v1_response``), the access log and
+the shutdown's in-band end are the POST route's, unchanged. The stream's SSE events go to
+the client one JSON message each; an answer that is an error is one ``error`` event.
+
+Turns run one after another, in the order sent (the API runs a connection's turns in
+order); a few may wait behind the one running (``MAX_QUEUED_TURNS``). A client that
+closes the socket mid-turn cancels it and its backend request (499), as a client that
+leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``; at
+shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
+after its turn, which the shutdown ends in-band as it ends a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPDisconnectEvent,
+    HTTPRequestEvent,
+)
+
+from . import fastpath
+from .errors import ProxyError, openai_error_type
+from .exchange import (
+    JSON,
+    AccessLine,
+    Tracked,
+    new_state,
+    proxy_error_reply,
+)
+from .json_threads import by_size
+from .jsonutil import compact_json, loads
+from .sse import SSE_DONE, SSEParser
+
+if TYPE_CHECKING:
+    from .app import ProxyApp
+
+log = logging.getLogger("trioproxy")
+
+PATH = "/v1/responses"
+# response.create messages that may wait behind the turn running; past them the client is
+# told with an error event (each holds up to MAX_REQUEST_BYTES)
+MAX_QUEUED_TURNS = 4
+# close codes (RFC 6455 7.4.1)
+NORMAL_CLOSURE = 1000
+GOING_AWAY = 1001  # the proxy is stopping: the openai SDKs reconnect on it
+# the headers of the handshake each turn's POST carries (its key for the client's slots,
+# its origin for CORS, its trace context); the request id is each turn's own
+_TURN_HEADERS = frozenset({b"authorization", b"x-api-key", b"origin", b"traceparent"})
+
+
+class ClientEventError(Exception):
+    """A client message that is no turn: told to the client as an ``error`` event."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
+
+
+def turn_body(message: str | bytes) -> bytes:
+    """The ``POST /v1/responses`` body of a client message (a ``response.create``): its
+    fields as they came, ``stream`` true, without the WebSocket's own (``type``,
+    ``stream_id``). Raises :class:`ClientEventError` for anything else. Pure."""
+    try:
+        event = loads(message)
+    except ValueError:
+        raise ClientEventError("the message is not valid JSON", code="invalid_json") from None
+    if not isinstance(event, dict):
+        raise ClientEventError("the message must be a JSON object with a 'type'", param="type")
+    kind = event.pop("type", None)
+    if kind != "response.create":
+        raise ClientEventError(_unknown_type_message(kind), code="unknown_event_type", param="type")
+    if event.get("background") is True:
+        raise ClientEventError(
+            "background responses are not supported over WebSocket: send them with "
+            "POST /v1/responses",
+            code="unsupported_parameter",
+            param="background",
+        )
+    # the lane is the WebSocket's: a backend's POST does not know it (every turn runs in
+    # order on this connection, whatever its lane)
+    event.pop("stream_id", None)
+    event["stream"] = True
+    try:
+        return compact_json(event)
+    except ValueError:
+        raise ClientEventError("the message is nested too deeply") from None
+
+
+def _unknown_type_message(kind: object) -> str:
+    if kind == "response.steer":
+        return "response.steer is not supported by this proxy: send a response.create"
+    if kind is None:
+        return 'the message has no \'type\': send {"type": "response.create", ...}'
+    shown = repr(kind)[:64] if isinstance(kind, str) else type(kind).__name__
+    return f"unknown event type {shown}: this endpoint takes 'response.create'"
+
+
+def client_error_event(error: ClientEventError) -> str:
+    """The ``error`` event that answers a client message which is no turn. Pure."""
+    return error_event(400, error.message, error.code, error.param)
+
+
+def error_event(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> str:
+    """An ``error`` event in the shape of the API's WebSocket mode. Pure."""
+    error = {"type": openai_error_type(status), "code": code, "message": message, "param": param}
+    return compact_json({"type": "error", "status": status, "error": error}).decode()
+
+
+def reply_error_event(status: int, body: bytes) -> str:
+    """The ``error`` event for a turn answered ``status`` with ``body`` (an OpenAI error
+    object, the proxy's or the backend's), its fields kept. Pure."""
+    try:
+        payload = loads(body)
+    except ValueError:
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        event = {"type": "error", "status": status, "error": error}
+        return compact_json(event).decode()
+    text = body.decode("utf-8", "replace").strip()[:1000] or f"the backend answered {status}"
+    return error_event(status, text)
+
+
+def stream_messages(parser: SSEParser, chunk: bytes) -> list[str]:
+    """The WebSocket messages of a chunk of a Responses stream (whole SSE events, as the
+    relay gives them): each event's data, keep-alive comments and ``[DONE]`` left out.
+    The proxy's own in-band ``error`` event already carries the ``error`` object the
+    WebSocket mode's has. Pure."""
+    return [event.data for event in parser.feed(chunk) if event.data and event.data != SSE_DONE]
+
+
+class OpenSockets:
+    """The app's open Responses sockets, told when the proxy begins to shut down."""
+
+    __slots__ = ("_sockets", "stopping")
+
+    def __init__(self) -> None:
+        self._sockets: set[ResponsesSocket] = set()
+        self.stopping = False
+
+    def add(self, socket: ResponsesSocket) -> None:
+        self._sockets.add(socket)
+
+    def discard(self, socket: ResponsesSocket) -> None:
+        self._sockets.discard(socket)
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def begin_shutdown(self) -> None:
+        self.stopping = True
+        for socket in list(self._sockets):
+            socket.stop_waiting()
+
+
+def serves(scope: Any) -> bool:
+    """Whether a WebSocket handshake is for this route (below the mount point, if any)."""
+    path: str = scope.get("path") or "/"
+    root: str = scope.get("root_path", "").rstrip("/")
+    if root:
+        if not path.startswith(root + "/"):
+            return False
+        path = path[len(root) :]
+    return "/" + path.lstrip("/") == PATH
+
+
+class ResponsesSocket:
+    """One client's WebSocket on ``/v1/responses``: the handshake (its key checked as
+    the POST route checks it), then its turns, one at a time."""
+
+    def __init__(
+        self, app: ProxyApp, scope: Any, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        self.app, self.scope = app, scope
+        self._receive, self._send = receive, send
+        self._headers = _handshake_headers(scope.get("headers", ()))
+        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](MAX_QUEUED_TURNS)
+        self._waiting: trio.CancelScope | None = None  # while no turn runs
+        self._turn: _Turn | None = None
+        self.closed = False  # the client closed the socket, or the server did
+
+    async def serve(self) -> None:
+        await self._receive()  # websocket.connect
+        refusal = self._refusal()
+        if refusal is not None:
+            await self._refuse(refusal)
+            return
+        await self._send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        sockets = self.app.open_sockets
+        sockets.add(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read)
+                await self._run_turns()
+                nursery.cancel_scope.cancel()
+        finally:
+            sockets.discard(self)
+
+    def stop_waiting(self) -> None:
+        """The proxy is stopping: an idle socket closes now, a busy one after its turn."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _refusal(self) -> ProxyError | None:
+        keys = self.app.client_keys
+        if keys is None:
+            return None
+        headers = self._headers
+        try:
+            keys.check("GET", PATH, headers.get("authorization"), headers.get("x-api-key"))
+        except ProxyError as error:
+            return error
+        return None
+
+    async def _refuse(self, error: ProxyError) -> None:
+        """The handshake answered with the POST route's refusal (a 401 in OpenAI's shape),
+        counted and logged as a request to the route."""
+        app = self.app
+        state = new_state(app.collector, PATH, "GET", self._headers.get("x-request-id"), None)
+        access = (
+            AccessLine("GET", PATH, self.scope, app.client_addresses)
+            if app.settings.access_log
+            else None
+        )
+        tracked = Tracked(app.collector, state, _HandshakeAnswer(self._send), access, self.scope)
+        async with tracked as send:
+            reply = proxy_error_reply(error, PATH, app.settings.backend_secrets, state)
+            body: bytes = reply.body  # type: ignore[assignment]
+            headers = [(b"content-type", JSON.encode()), (b"content-length", b"%d" % len(body))]
+            headers += [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()
+            ]
+            headers += tracked.raw_response_headers(reply.status)
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _read(self) -> None:
+        """The client's messages: each response.create queued for its turn, anything
+        else answered with an error event; the socket closing ends the turn running."""
+        try:
+            while True:
+                event = await self._receive()
+                if event["type"] != "websocket.receive":
+                    break  # websocket.disconnect
+                text = event.get("text")
+                await self._queue(event.get("bytes") or b"" if text is None else text)
+        finally:
+            self.closed = True
+            if self._turn is not None:
+                self._turn.over.set()  # the client left: the turn is cancelled
+            self._queue_in.close()
+
+    async def _queue(self, message: str | bytes) -> None:
+        try:
+            body = await by_size(len(message), turn_body, message)
+        except ClientEventError as error:
+            await self.send_text(client_error_event(error))
+            return
+        try:
+            self._queue_in.send_nowait(body)
+        except trio.WouldBlock:
+            text = (
+                f"too many response.create waiting: at most {MAX_QUEUED_TURNS} may wait "
+                "behind the response in progress on one connection"
+            )
+            await self.send_text(error_event(429, text, code="too_many_queued"))
+
+    async def _run_turns(self) -> None:
+        idle = self.app.settings.websocket_idle_timeout
+        sockets = self.app.open_sockets
+        while not sockets.stopping:
+            with trio.move_on_after(idle) as waiting:
+                self._waiting = waiting
+                try:
+                    body = await self._queue_out.receive()
+                except trio.EndOfChannel:
+                    return  # the client closed the socket
+                finally:
+                    self._waiting = None
+            if waiting.cancelled_caught:
+                if not sockets.stopping:
+                    await self._close(NORMAL_CLOSURE, f"idle for {idle:g} s")
+                    return
+                break
+            await self._run_turn(body)
+            if self.closed:
+                return
+        await self._close(GOING_AWAY, "the proxy is shutting down")
+
+    async def _run_turn(self, body: bytes) -> None:
+        turn = self._turn = _Turn(self, body)
+        try:
+            handler = self.app.fast_routes[PATH]
+            await fastpath.serve(self.app, turn.scope(), turn.receive, turn.send, PATH, handler)
+        finally:
+            self._turn = None
+
+    async def send_text(self, text: str) -> None:
+        if not self.closed:
+            await self._send({"type": "websocket.send", "bytes": None, "text": text})
+
+    async def _close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class _Turn:
+    """One response.create served as a streamed ``POST /v1/responses``: the ASGI
+    ``receive`` and ``send`` the fast path serves it with, in the socket's terms."""
+
+    __slots__ = ("_body", "_error", "_given", "_parser", "_socket", "over", "status")
+
+    def __init__(self, socket: ResponsesSocket, body: bytes) -> None:
+        self._socket, self._body = socket, body
+        self._given = False
+        self._parser = SSEParser(socket.app.settings.max_response_bytes)
+        self._error = bytearray()  # an error answer's body (whole, bounded by its route)
+        self.status = 0
+        # the turn's answer is out, or the client left: its POST's disconnect
+        self.over = trio.Event()
+
+    def scope(self) -> dict[str, Any]:
+        socket = self._socket
+        headers = [
+            (name, value)
+            for name, value in socket.scope.get("headers", ())
+            if name.lower() in _TURN_HEADERS
+        ]
+        headers.append((b"content-length", b"%d" % len(self._body)))
+        return {**socket.scope, "type": "http", "method": "POST", "headers": headers}
+
+    async def receive(self) -> HTTPRequestEvent | HTTPDisconnectEvent:
+        if not self._given:
+            self._given = True
+            return {"type": "http.request", "body": self._body, "more_body": False}
+        # as hypercorn tells a request whose response is complete, or whose client left
+        await self.over.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            return
+        body: bytes = message.get("body", b"")  # type: ignore[assignment]
+        socket = self._socket
+        if self.status == 200:
+            for text in stream_messages(self._parser, body):
+                await socket.send_text(text)
+        else:
+            self._error += body
+        if not message.get("more_body", False):
+            if self.status != 200:
+                await socket.send_text(reply_error_event(self.status, bytes(self._error)))
+            self.over.set()
+
+
+class _HandshakeAnswer:
+    """An HTTP answer's ASGI events as the refusal of a WebSocket handshake (hypercorn's
+    ``websocket.http.response`` extension)."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: ASGISendCallable) -> None:
+        self._send = send
+
+    async def __call__(self, message: Any) -> None:
+        kind = "websocket." + message["type"]
+        await self._send({**message, "type": kind})
+
+
+def _handshake_headers(raw: Any) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in raw:
+        found.setdefault(bytes(name).lower().decode("latin-1"), bytes(value).decode("latin-1"))
+    return found
+
+
+__all__ = [
+    "ClientEventError",
+    "OpenSockets",
+    "ResponsesSocket",
+    "client_error_event",
+    "error_event",
+    "reply_error_event",
+    "serves",
+    "stream_messages",
+    "turn_body",
+]
