@@ -1,0 +1,319 @@
+"""The Responses API's WebSocket mode on ``/v1/responses`` (``trioproxy.responses_socket``),
+driven by the official openai SDK's ``responses.connect()`` (sync and async) through a real
+proxy in front of the demo backend; the translation's pure functions on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from trioproxy.responses_socket import (
+    ClientEventError,
+    reply_error_event,
+    stream_messages,
+    turn_body,
+)
+from trioproxy.sse import SSEParser
+
+from .conftest import ServerProcess
+from .test_metrics_e2e import scrape, total, wait_for
+
+Start = Callable[..., ServerProcess]
+
+
+def create(text: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "response.create", "model": "demo-chat", "input": text, **fields}
+
+
+def client(proxy: ServerProcess, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key, max_retries=0)
+
+
+def ws_url(proxy: ServerProcess) -> str:
+    return proxy.url.replace("http://", "ws://") + "/v1/responses"
+
+
+def until_done(connection: Any) -> list[Any]:
+    """The events of one turn, up to its closing event (or an error event)."""
+    events = []
+    for event in connection:
+        events.append(event)
+        if event.type in ("response.completed", "response.failed", "error"):
+            return events
+    raise AssertionError(f"the connection closed mid-turn after {events}")
+
+
+def close_code(ws: Any) -> int | None:
+    """The code the server closed ``ws`` with, the messages before it read and dropped."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ws.recv(timeout=10)
+    return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+@pytest.fixture(scope="module")
+def socket_proxy(demo_backend: ServerProcess, start_proxy: Start) -> ServerProcess:
+    return start_proxy(demo_backend.url, MAX_RETRIES="0")
+
+
+def test_several_turns_and_a_continuation_on_one_connection(socket_proxy: ServerProcess) -> None:
+    with client(socket_proxy).responses.connect() as connection:
+        connection.send(create("hello [[tokens=3]]"))
+        first = until_done(connection)
+        assert [e.type for e in first[:2]] == ["response.created", "response.in_progress"]
+        assert first[-1].type == "response.completed"
+        text = "".join(e.delta for e in first if e.type == "response.output_text.delta")
+        assert text == first[-1].response.output[0].content[0].text
+        previous = first[-1].response.id
+        # the demo stores responses and answers an unknown previous_response_id 404: the
+        # continuation went to the backend with it
+        connection.send(create("and then? [[tokens=2]]", previous_response_id=previous))
+        second = until_done(connection)
+        assert second[-1].type == "response.completed"
+        connection.send(create("again [[tokens=2]]"))
+        assert until_done(connection)[-1].type == "response.completed"
+
+
+def test_the_async_client_is_served_too(socket_proxy: ServerProcess) -> None:
+    async def turns() -> list[str]:
+        api = openai.AsyncOpenAI(base_url=f"{socket_proxy.url}/v1", api_key="x", max_retries=0)
+        closing = []
+        async with api.responses.connect() as connection:
+            for text in ("one [[tokens=2]]", "two [[tokens=2]]"):
+                await connection.send(create(text))  # type: ignore[arg-type]
+                async for event in connection:
+                    if event.type == "response.completed":
+                        closing.append(event.response.status)
+                        break
+        return closing
+
+    assert asyncio.run(turns()) == ["completed", "completed"]
+
+
+def test_turns_sent_together_run_in_order(socket_proxy: ServerProcess) -> None:
+    """A response.create sent while a turn runs waits for it (the API runs a connection's
+    turns one after another); neither is refused."""
+    with client(socket_proxy).responses.connect() as connection:
+        connection.send(create("first [[tokens=3]]"))
+        connection.send(create("second [[tokens=2]]"))
+        first, second = until_done(connection), until_done(connection)
+    assert first[-1].type == second[-1].type == "response.completed"
+    assert first[-1].response.usage.output_tokens == 3
+    assert second[-1].response.usage.output_tokens == 2
+
+
+def test_a_backend_refusal_is_an_error_event_and_the_connection_goes_on(
+    socket_proxy: ServerProcess,
+) -> None:
+    with client(socket_proxy).responses.connect() as connection:
+        connection.send(create("hi", previous_response_id="resp_nobody_knows"))
+        (error,) = until_done(connection)
+        assert error.type == "error" and error.status == 404
+        assert error.error.param == "previous_response_id"
+        assert error.error.type == "invalid_request_error"
+        connection.send(create("still there? [[tokens=1]]"))
+        assert until_done(connection)[-1].type == "response.completed"
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "param"),
+    [
+        ("{not json", "invalid_json", None),
+        ('["response.create"]', None, "type"),
+        ('{"type": "session.update"}', "unknown_event_type", "type"),
+        ('{"model": "demo-chat"}', "unknown_event_type", "type"),
+        (
+            '{"type": "response.create", "model": "demo-chat", "input": "x", "background": true}',
+            "unsupported_parameter",
+            "background",
+        ),
+    ],
+)
+def test_a_message_that_is_no_turn_gets_an_error_event(
+    socket_proxy: ServerProcess, message: str, code: str | None, param: str | None
+) -> None:
+    with connect(ws_url(socket_proxy)) as ws:
+        ws.send(message)
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and event["status"] == 400
+        assert event["error"]["type"] == "invalid_request_error"
+        assert (event["error"]["code"], event["error"]["param"]) == (code, param)
+        ws.send(json.dumps(create("fine [[tokens=1]]")))  # the connection is still served
+        while (event := json.loads(ws.recv(timeout=10)))["type"] != "response.completed":
+            assert event["type"] != "error", event
+
+
+def test_a_client_error_answered_by_the_route_is_an_error_event(
+    socket_proxy: ServerProcess,
+) -> None:
+    """The POST route's own checks (a missing model) answer in the socket's terms."""
+    with connect(ws_url(socket_proxy)) as ws:
+        ws.send('{"type": "response.create", "input": "no model"}')
+        event = json.loads(ws.recv(timeout=10))
+    assert event["type"] == "error" and event["status"] == 400
+    assert event["error"]["param"] == "model"
+
+
+def test_other_paths_still_refuse_a_handshake(socket_proxy: ServerProcess) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(socket_proxy.url.replace("http://", "ws://") + "/v1/chat/completions")
+    assert refused.value.response.status_code == 400
+
+
+def test_the_key_is_required_as_for_the_post_route(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    guarded = start_proxy(demo_backend.url, PROXY_API_KEYS="team-a:sk-right")
+    with pytest.raises(InvalidStatus) as refused:
+        client(guarded, "sk-wrong").responses.connect().__enter__()
+    response = refused.value.response
+    assert response.status_code == 401
+    assert json.loads(response.body)["error"]["code"] == "invalid_api_key"
+    with pytest.raises(InvalidStatus):
+        connect(ws_url(guarded))  # no key at all
+    with client(guarded, "sk-right").responses.connect() as connection:
+        connection.send(create("hi [[tokens=1]]"))
+        assert until_done(connection)[-1].type == "response.completed"
+    samples = scrape(guarded.url)
+    # each refused handshake counted as a 401 of the route; the turn as a streamed POST
+    assert total(samples, "http_requests_total", endpoint="v1_responses", status="401") == 2
+    assert total(samples, "http_requests_total", endpoint="v1_responses", method="POST") == 1
+    assert total(samples, "trioproxy_client_requests_total", client="team-a") == 1
+
+
+def test_a_message_over_max_request_bytes_closes_with_1009(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    small = start_proxy(demo_backend.url, MAX_REQUEST_BYTES="4096")
+    with connect(ws_url(small)) as ws:
+        ws.send(json.dumps(create("x" * 5000)))
+        assert close_code(ws) == 1009
+
+
+def test_each_turn_counts_as_a_streamed_post(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    counted = start_proxy(demo_backend.url)
+    with client(counted).responses.connect() as connection:
+        for text in ("one [[tokens=3]]", "two [[tokens=4]]"):
+            connection.send(create(text))
+            assert until_done(connection)[-1].type == "response.completed"
+    samples = scrape(counted.url)
+    post = {"endpoint": "v1_responses", "method": "POST"}
+    assert total(samples, "http_requests_total", status="200", **post) == 2
+    assert total(samples, "trioproxy_streams_total", outcome="completed") == 2
+    assert total(samples, "trioproxy_time_to_first_token_seconds_count") == 2
+    assert total(samples, "trioproxy_tokens_total", type="output") == 7
+
+
+def test_a_client_closing_mid_turn_cancels_it_and_its_backend_request(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    counted = start_proxy(demo_backend.url)
+    event = create("long [[tokens=200]] [[delay=0.05]]")
+    backend_body = turn_body(json.dumps(event))
+    with connect(ws_url(counted)) as ws:
+        ws.send(json.dumps(event))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+    base = demo_backend.url.removesuffix("/v1")
+
+    def backend_saw_it_leave() -> bool:
+        entries = httpx.get(f"{base}/_demo/events", timeout=5).json()["events"]
+        digest = hashlib.sha256(backend_body).hexdigest()[:16]
+        return any(
+            e.get("body_hash") == digest and e.get("outcome") == "disconnected" for e in entries
+        )
+
+    wait_for(backend_saw_it_leave)
+    wait_for(
+        lambda: total(scrape(counted.url), "trioproxy_streams_total", outcome="cancelled") == 1
+    )
+    samples = scrape(counted.url)
+    assert total(samples, "http_requests_total", endpoint="v1_responses", status="499") == 1
+
+
+def test_an_idle_connection_closes_after_websocket_idle_timeout(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    quick = start_proxy(demo_backend.url, WEBSOCKET_IDLE_TIMEOUT="0.3")
+    with connect(ws_url(quick)) as ws:
+        assert close_code(ws) == 1000
+
+
+def test_shutdown_closes_an_idle_connection_with_going_away(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    stopping = start_proxy(demo_backend.url)
+    with connect(ws_url(stopping)) as ws:
+        ws.send(json.dumps(create("before [[tokens=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+            pass
+        stopping.process.send_signal(signal.SIGTERM)
+        assert close_code(ws) == 1001
+    assert stopping.process.wait(timeout=10) == 0
+
+
+def test_shutdown_ends_a_turn_in_progress_in_band(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    """As a stream cut by the shutdown: its error event, then the close (1001)."""
+    stopping = start_proxy(demo_backend.url, GRACEFUL_TIMEOUT="1")
+    with connect(ws_url(stopping)) as ws:
+        ws.send(json.dumps(create("long [[tokens=500]] [[delay=0.05]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+        stopping.process.send_signal(signal.SIGTERM)
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(ws.recv(timeout=10)))
+    assert events[-1]["type"] == "error", events[-3:]
+    assert "shutting down" in events[-1]["error"]["message"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+# the pure translation
+
+
+def test_turn_body_is_the_posts_body() -> None:
+    message = (
+        '{"type":"response.create","model":"m","input":"hi","stream_id":"lane","stream":false}'
+    )
+    assert json.loads(turn_body(message)) == {"model": "m", "input": "hi", "stream": True}
+    with pytest.raises(ClientEventError, match="steer"):
+        turn_body('{"type": "response.steer", "input": "x", "previous_response_id": "r"}')
+    with pytest.raises(ClientEventError):
+        turn_body(b"\xff")
+
+
+def test_stream_messages_are_the_events_data() -> None:
+    parser = SSEParser()
+    chunk = (
+        b'event: response.created\ndata: {"type":"response.created"}\n\n'
+        b": keep-alive\n\n"
+        b'event: response.completed\ndata: {"type":"response.completed"}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert stream_messages(parser, chunk) == [
+        '{"type":"response.created"}',
+        '{"type":"response.completed"}',
+    ]
+
+
+def test_reply_error_event_keeps_the_error_object() -> None:
+    body = b'{"error":{"message":"nope","type":"invalid_request_error","param":"x","code":"c"}}'
+    event = json.loads(reply_error_event(404, body))
+    assert event == {"type": "error", "status": 404, "error": json.loads(body)["error"]}
+    plain = json.loads(reply_error_event(502, b"Bad Gateway"))
+    assert plain["error"]["message"] == "Bad Gateway" and plain["error"]["type"] == "server_error"
