@@ -191,6 +191,22 @@ def test_the_key_is_required_as_for_the_post_route(
     assert total(samples, "trioproxy_client_requests_total", client="team-a") == 1
 
 
+def test_a_web_page_needs_its_origin_in_cors_origins(
+    socket_proxy: ServerProcess, demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    """A browser lets any page open a WebSocket to the proxy on localhost and read the
+    answers (CORS does not apply): a handshake naming an origin not allowed is a 403."""
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(socket_proxy), origin="https://elsewhere.example")  # type: ignore[arg-type]
+    assert refused.value.response.status_code == 403
+    assert json.loads(refused.value.response.body)["error"]["code"] == "origin_not_allowed"
+    allowing = start_proxy(demo_backend.url, CORS_ORIGINS="https://app.example")
+    with connect(ws_url(allowing), origin="https://app.example") as ws:  # type: ignore[arg-type]
+        ws.send(json.dumps(create("hi [[tokens=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+            pass
+
+
 def test_a_message_over_max_request_bytes_closes_with_1009(
     demo_backend: ServerProcess, start_proxy: Start
 ) -> None:

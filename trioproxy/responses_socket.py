@@ -14,7 +14,8 @@ order); a few may wait behind the one running (``MAX_QUEUED_TURNS``). A client t
 closes the socket mid-turn cancels it and its backend request (499), as a client that
 leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``; at
 shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
-after its turn, which the shutdown ends in-band as it ends a stream.
+after its turn, which the shutdown ends in-band as it ends a stream. A handshake from a
+web page (``Origin``) is refused unless ``CORS_ORIGINS`` allows its origin.
 """
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ class OpenSockets:
             socket.stop_waiting()
 
 
+def origin_allowed(allowed: frozenset[str], origin: str) -> bool:
+    """Whether a handshake that names the web page it comes from (``Origin``: browsers
+    send it, the SDKs do not) may open a socket. A browser lets any page open a WebSocket
+    to any host, the proxy on localhost included, and read what it answers, which CORS
+    does not prevent: only the origins of ``CORS_ORIGINS`` may. Pure."""
+    return "*" in allowed or origin in allowed
+
+
 def serves(scope: Any) -> bool:
     """Whether a WebSocket handshake is for this route (below the mount point, if any)."""
     path: str = scope.get("path") or "/"
@@ -217,10 +226,18 @@ class ResponsesSocket:
             self._waiting.cancel()
 
     def _refusal(self) -> ProxyError | None:
+        headers = self._headers
+        origin = headers.get("origin")
+        if origin is not None and not origin_allowed(self.app.cors_origins, origin):
+            return ProxyError(
+                f"WebSocket connections from the web page origin {origin[:200]!r} are not "
+                "allowed (CORS_ORIGINS)",
+                403,
+                code="origin_not_allowed",
+            )
         keys = self.app.client_keys
         if keys is None:
             return None
-        headers = self._headers
         try:
             keys.check("GET", PATH, headers.get("authorization"), headers.get("x-api-key"))
         except ProxyError as error:
