@@ -514,6 +514,16 @@ def test_openai_responses_api(run: RunScenario) -> None:
     assert out["finalUsage"]["output_tokens"] == 5
 
 
+def test_openai_responses_websocket(run: RunScenario) -> None:
+    """The SDK's ResponsesWS (the Responses API's WebSocket mode): turns on one
+    connection, a continuation, and an error event for a message that is no turn."""
+    out = run("openai-responses-socket")
+    first, second = out["turns"]
+    assert first["deltas"] == tokens(3) and first["outputTokens"] == 3
+    assert second["deltas"] == tokens(2) and second["status"] == "completed"
+    assert out["error"] == {"status": 400, "code": "invalid_json", "type": "invalid_request_error"}
+
+
 def test_openai_chat_stream_include_usage(run: RunScenario) -> None:
     out = run("openai-chat-stream")
     assert len(out["ids"]) == 1

@@ -12,6 +12,7 @@ import { ChatOllama, OllamaEmbeddings } from "@langchain/ollama";
 import { HumanMessage, ToolMessage } from "@langchain/core/messages";
 import { Ollama } from "ollama";
 import OpenAI from "openai";
+import { ResponsesWS } from "openai/resources/responses/ws";
 
 const [baseUrl, scenario] = process.argv.slice(2);
 
@@ -413,6 +414,39 @@ async function openaiResponses() {
   };
 }
 
+async function openaiResponsesSocket() {
+  // The Responses API's WebSocket mode (ResponsesWS, on the ws package): two turns on one
+  // connection, the second continuing the first, then an event that is no turn
+  const socket = new ResponsesWS(openai());
+  const turns = [];
+  let deltas = [];
+  let error = null;
+  socket.send({ type: "response.create", model: "demo-chat", input: "Hello [[tokens=3]]" });
+  for await (const item of socket.stream()) {
+    if (item.type === "error") {
+      // the server's error event, as the SDK hands it over (a WebSocketError)
+      const event = item.error.error;
+      error = { status: event?.status, code: event?.error.code, type: event?.error.type };
+      break;
+    }
+    if (item.type !== "message") continue;
+    const event = item.message;
+    if (event.type === "response.output_text.delta") deltas.push(event.delta);
+    if (event.type !== "response.completed") continue;
+    const { id, status, usage } = event.response;
+    turns.push({ id, status, outputTokens: usage.output_tokens, deltas });
+    deltas = [];
+    if (turns.length === 1) {
+      const more = { type: "response.create", model: "demo-chat", input: "More [[tokens=2]]" };
+      socket.send({ ...more, previous_response_id: id });
+    } else {
+      socket.sendRaw("{not json");
+    }
+  }
+  socket.close();
+  return { turns, error };
+}
+
 async function openaiTools() {
   // The SDK's own stream helper reassembles the argument fragments.
   const runner = openai().chat.completions.stream({
@@ -660,6 +694,7 @@ const SCENARIOS = {
   "openai-chat": openaiChat,
   "openai-chat-stream": openaiChatStream,
   "openai-responses": openaiResponses,
+  "openai-responses-socket": openaiResponsesSocket,
   "openai-tools": openaiTools,
   "openai-embeddings": openaiEmbeddings,
   "openai-models": openaiModels,
