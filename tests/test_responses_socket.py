@@ -19,6 +19,9 @@ from websockets.sync.client import connect
 
 from trioproxy.responses_socket import (
     ClientEventError,
+    Kept,
+    expanded,
+    kept_after,
     reply_error_event,
     stream_messages,
     turn_body,
@@ -110,6 +113,33 @@ def test_turns_sent_together_run_in_order(socket_proxy: ServerProcess) -> None:
     assert first[-1].type == second[-1].type == "response.completed"
     assert first[-1].response.usage.output_tokens == 3
     assert second[-1].response.usage.output_tokens == 2
+
+
+def test_a_store_false_response_is_continued_from_the_connections_memory(
+    socket_proxy: ServerProcess,
+) -> None:
+    """No backend kept it (the demo answers its id 404): the connection sends its items
+    instead of the id, as the API's WebSocket mode promises for store=false."""
+    with client(socket_proxy).responses.connect() as connection:
+        connection.send(create("one two [[tokens=3]]", store=False))
+        first = until_done(connection)[-1]
+        assert first.type == "response.completed"
+        connection.send(
+            create("three [[tokens=2]]", store=False, previous_response_id=first.response.id)
+        )
+        second = until_done(connection)[-1]
+        assert second.type == "response.completed", second
+        # its input: the first turn's input and output, then its own
+        words = len("one two [[tokens=3]]".split()) + 3 + len("three [[tokens=2]]".split())
+        assert second.response.usage.input_tokens == words
+        connection.send(
+            create("four [[tokens=1]]", store=False, previous_response_id=second.response.id)
+        )
+        assert until_done(connection)[-1].type == "response.completed"
+        # only the last one is kept: an older one is the backend's to know (404)
+        connection.send(create("five", store=False, previous_response_id=first.response.id))
+        (error,) = until_done(connection)
+        assert error.type == "error" and error.status == 404
 
 
 def test_a_backend_refusal_is_an_error_event_and_the_connection_goes_on(
@@ -311,6 +341,31 @@ def test_turn_body_is_the_posts_body() -> None:
         turn_body('{"type": "response.steer", "input": "x", "previous_response_id": "r"}')
     with pytest.raises(ClientEventError):
         turn_body(b"\xff")
+
+
+def test_a_continuation_of_the_kept_response_carries_its_items() -> None:
+    request = {"model": "m", "input": "hi", "store": False, "stream": True}
+    closing = json.dumps(
+        {"type": "response.completed", "response": {"id": "r1", "output": [{"type": "message"}]}}
+    )
+    kept = kept_after(request, closing, 1000)
+    user = {"type": "message", "role": "user", "content": "hi"}
+    assert kept == Kept("r1", [user, {"type": "message"}], kept.size if kept else 0)
+    later = {
+        "model": "m",
+        "input": [{"type": "function_call_output"}],
+        "previous_response_id": "r1",
+    }
+    assert expanded(later, kept) == {
+        "model": "m",
+        "input": [user, {"type": "message"}, {"type": "function_call_output"}],
+    }
+    other = {**later, "previous_response_id": "r0"}
+    assert expanded(other, kept) is other
+    assert kept_after({**request, "store": True}, closing, 1000) is None  # the backend has it
+    assert kept_after(request, closing, 10) is None  # over the limit: not kept
+    failed = json.dumps({"type": "response.failed", "response": {"id": "r1", "output": []}})
+    assert kept_after(request, failed, 1000) is None
 
 
 def test_stream_messages_are_the_events_data() -> None:

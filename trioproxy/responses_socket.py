@@ -14,14 +14,20 @@ order); a few may wait behind the one running (``MAX_QUEUED_TURNS``). A client t
 closes the socket mid-turn cancels it and its backend request (499), as a client that
 leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``; at
 shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
-after its turn, which the shutdown ends in-band as it ends a stream. A handshake from a
+after its turn, which the shutdown ends in-band as it ends a stream.
+
+A response created with ``store: false`` is kept by no backend, so its continuation
+(``previous_response_id``) could not be served: the connection keeps its last such
+response (its input and output items, at most ``MAX_REQUEST_BYTES``) and sends a
+continuation of it with those items before its own input, without the id, as the API's
+WebSocket mode promises. A handshake from a
 web page (``Origin``) is refused unless ``CORS_ORIGINS`` allows its origin.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 from hypercorn.typing import (
@@ -51,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioproxy")
 
 PATH = "/v1/responses"
+# a response.create waiting for its turn: its request and the bytes of its message
+Queued = tuple[dict[str, Any], int]
 # response.create messages that may wait behind the turn running; past them the client is
 # told with an error event (each holds up to MAX_REQUEST_BYTES)
 MAX_QUEUED_TURNS = 4
@@ -70,7 +78,7 @@ class ClientEventError(Exception):
         self.message, self.code, self.param = message, code, param
 
 
-def turn_body(message: str | bytes) -> bytes:
+def turn_request(message: str | bytes) -> dict[str, Any]:
     """The ``POST /v1/responses`` body of a client message (a ``response.create``): its
     fields as they came, ``stream`` true, without the WebSocket's own (``type``,
     ``stream_id``). Raises :class:`ClientEventError` for anything else. Pure."""
@@ -94,10 +102,73 @@ def turn_body(message: str | bytes) -> bytes:
     # order on this connection, whatever its lane)
     event.pop("stream_id", None)
     event["stream"] = True
+    return event
+
+
+def encoded(request: dict[str, Any]) -> bytes:
+    """A turn's request as the POST's body. Pure."""
     try:
-        return compact_json(event)
+        return compact_json(request)
     except ValueError:
         raise ClientEventError("the message is nested too deeply") from None
+
+
+def turn_body(message: str | bytes) -> bytes:
+    """:func:`turn_request` as the POST's body. Pure."""
+    return encoded(turn_request(message))
+
+
+class Kept(NamedTuple):
+    """The connection's last response created with ``store: false``: what a continuation
+    of it (``previous_response_id``) sends instead, since no backend kept it."""
+
+    response_id: str
+    items: list[Any]  # its input items (expanded, if it continued one) and output items
+    size: int  # bytes of ``items`` as JSON
+
+
+def input_items(value: object) -> list[Any]:
+    """A request's ``input`` as a list of items (a string is one user message). Pure."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    return []
+
+
+def expanded(request: dict[str, Any], kept: Kept | None) -> dict[str, Any]:
+    """``request``, if it continues the connection's kept response, with that response's
+    items before its own input instead of ``previous_response_id`` (what the API's
+    WebSocket mode does for ``store: false``); else as it is. Pure."""
+    if kept is None or request.get("previous_response_id") != kept.response_id:
+        return request
+    rest = {k: v for k, v in request.items() if k != "previous_response_id"}
+    rest["input"] = kept.items + input_items(request.get("input"))
+    return rest
+
+
+def kept_after(request: dict[str, Any], closing: str | None, limit: int) -> Kept | None:
+    """What to keep after a turn of ``request`` whose last event was ``closing`` (its
+    text): a completed response created with ``store: false``, if its items take at most
+    ``limit`` bytes; else None. Pure."""
+    if request.get("store") is not False or closing is None:
+        return None
+    try:
+        event = loads(closing)
+    except ValueError:
+        return None
+    response = event.get("response") if isinstance(event, dict) else None
+    if event.get("type") != "response.completed" or not isinstance(response, dict):
+        return None
+    response_id, output = response.get("id"), response.get("output")
+    if not isinstance(response_id, str) or not isinstance(output, list):
+        return None
+    items = input_items(request.get("input")) + output
+    try:
+        size = len(compact_json(items))
+    except ValueError:
+        return None
+    return Kept(response_id, items, size) if size <= limit else None
 
 
 def _unknown_type_message(kind: object) -> str:
@@ -198,7 +269,8 @@ class ResponsesSocket:
         self.app, self.scope = app, scope
         self._receive, self._send = receive, send
         self._headers = _handshake_headers(scope.get("headers", ()))
-        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](MAX_QUEUED_TURNS)
+        self._queue_in, self._queue_out = trio.open_memory_channel[Queued](MAX_QUEUED_TURNS)
+        self._kept: Kept | None = None  # the last store=false response, for its continuation
         self._waiting: trio.CancelScope | None = None  # while no turn runs
         self._turn: _Turn | None = None
         self.closed = False  # the client closed the socket, or the server did
@@ -284,12 +356,12 @@ class ResponsesSocket:
 
     async def _queue(self, message: str | bytes) -> None:
         try:
-            body = await by_size(len(message), turn_body, message)
+            request = await by_size(len(message), turn_request, message)
         except ClientEventError as error:
             await self.send_text(client_error_event(error))
             return
         try:
-            self._queue_in.send_nowait(body)
+            self._queue_in.send_nowait((request, len(message)))
         except trio.WouldBlock:
             text = (
                 f"too many response.create waiting: at most {MAX_QUEUED_TURNS} may wait "
@@ -304,7 +376,7 @@ class ResponsesSocket:
             with trio.move_on_after(idle) as waiting:
                 self._waiting = waiting
                 try:
-                    body = await self._queue_out.receive()
+                    queued = await self._queue_out.receive()
                 except trio.EndOfChannel:
                     return  # the client closed the socket
                 finally:
@@ -314,18 +386,31 @@ class ResponsesSocket:
                     await self._close(NORMAL_CLOSURE, f"idle for {idle:g} s")
                     return
                 break
-            await self._run_turn(body)
+            await self._run_turn(*queued)
             if self.closed:
                 return
         await self._close(GOING_AWAY, "the proxy is shutting down")
 
-    async def _run_turn(self, body: bytes) -> None:
+    async def _run_turn(self, request: dict[str, Any], size: int) -> None:
+        kept = self._kept
+        continued = expanded(request, kept)
+        if continued is not request and kept is not None:
+            request, size = continued, size + kept.size
+        try:
+            body = await by_size(size, encoded, request)
+        except ClientEventError as error:
+            await self.send_text(client_error_event(error))
+            return
         turn = self._turn = _Turn(self, body)
         try:
             handler = self.app.fast_routes[PATH]
             await fastpath.serve(self.app, turn.scope(), turn.receive, turn.send, PATH, handler)
         finally:
             self._turn = None
+        if request.get("store") is False and turn.last is not None:
+            limit = self.app.settings.max_request_bytes
+            kept = await by_size(size, kept_after, request, turn.last, limit)
+            self._kept = kept or self._kept
 
     async def send_text(self, text: str) -> None:
         if not self.closed:
@@ -341,7 +426,7 @@ class _Turn:
     """One response.create served as a streamed ``POST /v1/responses``: the ASGI
     ``receive`` and ``send`` the fast path serves it with, in the socket's terms."""
 
-    __slots__ = ("_body", "_error", "_given", "_parser", "_socket", "over", "status")
+    __slots__ = ("_body", "_error", "_given", "_parser", "_socket", "last", "over", "status")
 
     def __init__(self, socket: ResponsesSocket, body: bytes) -> None:
         self._socket, self._body = socket, body
@@ -349,6 +434,7 @@ class _Turn:
         self._parser = SSEParser(socket.app.settings.max_response_bytes)
         self._error = bytearray()  # an error answer's body (whole, bounded by its route)
         self.status = 0
+        self.last: str | None = None  # the stream's last event (its closing one, if it ended)
         # the turn's answer is out, or the client left: its POST's disconnect
         self.over = trio.Event()
 
@@ -378,6 +464,7 @@ class _Turn:
         socket = self._socket
         if self.status == 200:
             for text in stream_messages(self._parser, body):
+                self.last = text
                 await socket.send_text(text)
         else:
             self._error += body
@@ -410,12 +497,16 @@ def _handshake_headers(raw: Any) -> dict[str, str]:
 
 __all__ = [
     "ClientEventError",
+    "Kept",
     "OpenSockets",
     "ResponsesSocket",
     "client_error_event",
     "error_event",
+    "expanded",
+    "kept_after",
     "reply_error_event",
     "serves",
     "stream_messages",
     "turn_body",
+    "turn_request",
 ]
