@@ -289,6 +289,26 @@ def test_a_client_closing_mid_turn_cancels_it_and_its_backend_request(
     assert total(samples, "http_requests_total", endpoint="v1_responses", status="499") == 1
 
 
+def test_turns_still_waiting_when_the_client_leaves_are_not_sent(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    counted = start_proxy(demo_backend.url)
+    running, waiting = create("long [[tokens=200]] [[delay=0.05]]"), create("never sent")
+    with connect(ws_url(counted)) as ws:
+        ws.send(json.dumps(running))
+        ws.send(json.dumps(waiting))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+    wait_for(
+        lambda: total(scrape(counted.url), "trioproxy_streams_total", outcome="cancelled") == 1
+    )
+    counted.stop()  # whatever the proxy still had to do is done
+    digest = hashlib.sha256(turn_body(json.dumps(waiting))).hexdigest()[:16]
+    base = demo_backend.url.removesuffix("/v1")
+    entries = httpx.get(f"{base}/_demo/events", timeout=5).json()["events"]
+    assert not [e for e in entries if e.get("body_hash") == digest]
+
+
 def test_an_idle_connection_closes_after_websocket_idle_timeout(
     demo_backend: ServerProcess, start_proxy: Start
 ) -> None:

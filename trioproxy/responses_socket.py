@@ -386,6 +386,8 @@ class ResponsesSocket:
                     await self._close(NORMAL_CLOSURE, f"idle for {idle:g} s")
                     return
                 break
+            if self.closed:
+                return  # the client left with turns still waiting: none is served
             await self._run_turn(*queued)
             if self.closed:
                 return
@@ -401,7 +403,9 @@ class ResponsesSocket:
         except ClientEventError as error:
             await self.send_text(client_error_event(error))
             return
-        turn = self._turn = _Turn(self, body)
+        if self.closed:  # the client left while its body was written
+            return
+        turn = self._turn = _Turn(self, body)  # (no wait since the check: the reader sees it)
         try:
             handler = self.app.fast_routes[PATH]
             await fastpath.serve(self.app, turn.scope(), turn.receive, turn.send, PATH, handler)
