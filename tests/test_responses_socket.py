@@ -246,6 +246,29 @@ def test_a_message_over_max_request_bytes_closes_with_1009(
         assert close_code(ws) == 1009
 
 
+def test_a_socket_holds_its_connection_under_max_connections(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    capped = start_proxy(demo_backend.url, MAX_CONNECTIONS="1")
+    opened: list[Any] = []
+
+    def open_one() -> bool:  # once the start's health check has let its connection go
+        try:
+            opened.append(connect(ws_url(capped)))
+        except (InvalidStatus, ConnectionClosed):
+            return False
+        return True
+
+    wait_for(open_one)
+    with opened.pop() as ws:
+        assert httpx.get(f"{capped.url}/health", timeout=5).status_code == 503  # the cap's
+        ws.send(json.dumps(create("still served [[tokens=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+            pass
+    wait_for(open_one)  # its place is free again
+    opened.pop().close()
+
+
 def test_each_turn_counts_as_a_streamed_post(
     demo_backend: ServerProcess, start_proxy: Start
 ) -> None:
