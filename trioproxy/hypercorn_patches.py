@@ -105,8 +105,8 @@ request cancellation, and its cost per request.
     handshake (no ``Sec-WebSocket-Key``, another version, a body) got hypercorn's bare
     400 with ``Connection: close``, and the connection then stayed open for ever: its
     stream never said it had ended. It is heard as patch 9's refusals are (counted,
-    logged, a fresh ``X-Request-ID``). (A valid one reaches the app, which refuses it:
-    ``app.RefusedWebsocket``.)
+    logged, a fresh ``X-Request-ID``). (A valid one reaches the app, which serves it on
+    ``/v1/responses``, ``responses_socket``, and refuses it elsewhere: ``app.RefusedWebsocket``.)
 
 15. **A connection closed with its request body still arriving lingers.** An answer given
     before the body was read (a 413 for a declared body over MAX_REQUEST_BYTES) was
