@@ -221,6 +221,17 @@ def test_the_key_is_required_as_for_the_post_route(
     assert total(samples, "trioproxy_client_requests_total", client="team-a") == 1
 
 
+def test_messages_are_never_compressed(socket_proxy: ServerProcess) -> None:
+    """hypercorn_patches 17: an inflated message could hold MAX_REQUEST_BYTES for a
+    thousandth of it sent. A client offering permessage-deflate (websockets does by
+    default, browsers too) gets a socket without it, and is served."""
+    with connect(ws_url(socket_proxy), compression="deflate") as ws:
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        ws.send(json.dumps(create("plain [[tokens=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+            pass
+
+
 def test_a_web_page_needs_its_origin_in_cors_origins(
     socket_proxy: ServerProcess, demo_backend: ServerProcess, start_proxy: Start
 ) -> None:

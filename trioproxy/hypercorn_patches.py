@@ -137,6 +137,13 @@ request cancellation, and its cost per request.
     the app's (set by ``create_app``), so the demo backend, a hypercorn server in the same
     process, neither counts in it nor is capped.
 
+17. **No compressed WebSocket messages** (permessage-deflate, which browsers and the
+    websockets library offer; the openai SDKs do not). hypercorn accepted it, and inflated
+    each read before the message size limit saw it: 64 KiB of compressed zeros became
+    64 MiB held at once, so a client could make the proxy hold its whole MAX_REQUEST_BYTES
+    per connection, over and over, for a thousandth of it sent. The handshake is answered
+    without the extension; the client then sends its messages as they are.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed (one that has not sent a whole request head yet
 after ``FIRST_REQUEST_SECONDS`` at most); at shutdown an idle connection is closed at once and
@@ -152,7 +159,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
@@ -167,6 +174,7 @@ import trio
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
+from wsproto.connection import Connection
 
 from .logs import fresh_request_id, scope_request_id
 from .netstream import send_what_fits
@@ -708,6 +716,20 @@ async def _ws_send_error_response(self: Any, status_code: int) -> None:
     await self.send(EndBody(stream_id=self.stream_id))
 
 
+_original_ws_accept = ws_stream.Handshake.accept
+
+
+def _ws_accept_uncompressed(
+    self: ws_stream.Handshake,
+    subprotocol: str | None,
+    additional_headers: Iterable[tuple[bytes, bytes]],
+) -> tuple[int, list[tuple[bytes, bytes]], Connection]:
+    """hypercorn's acceptance of a WebSocket handshake, without permessage-deflate (patch
+    17): as if the client had offered no extension."""
+    self.extensions = None
+    return _original_ws_accept(self, subprotocol, additional_headers)
+
+
 _original_context_init = WorkerContext.__init__
 
 
@@ -934,3 +956,4 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     h11_readers.READERS[(h11.CLIENT, h11.MUST_CLOSE)] = _nothing_after_close
     ws_stream.WSStream.handle = _ws_handle  # type: ignore[method-assign]
     ws_stream.WSStream._send_error_response = _ws_send_error_response  # type: ignore[method-assign]
+    ws_stream.Handshake.accept = _ws_accept_uncompressed  # type: ignore[method-assign]
