@@ -19,7 +19,6 @@ from websockets.sync.client import connect
 
 from trioproxy.responses_socket import (
     ClientEventError,
-    Kept,
     expanded,
     kept_after,
     reply_error_event,
@@ -140,6 +139,42 @@ def test_a_store_false_response_is_continued_from_the_connections_memory(
         connection.send(create("five", store=False, previous_response_id=first.response.id))
         (error,) = until_done(connection)
         assert error.type == "error" and error.status == 404
+
+
+@pytest.fixture(scope="module")
+def impatient_proxy(demo_backend: ServerProcess, start_proxy: Start) -> ServerProcess:
+    """A stalled stream ends after 1 s (STREAM_IDLE_TIMEOUT); messages of 8 KiB at most."""
+    return start_proxy(demo_backend.url, STREAM_IDLE_TIMEOUT="1", MAX_REQUEST_BYTES="8192")
+
+
+def served_behind_a_stall(proxy: ServerProcess, texts: list[str]) -> tuple[int, int]:
+    """How many of ``texts`` (turns sent at once behind one whose stream stalls until the
+    proxy's idle deadline ends it) are refused (``too_many_queued``) and how many served."""
+    with connect(ws_url(proxy)) as ws:
+        ws.send(json.dumps(create("stall [[stall_after=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+        for text in texts:
+            ws.send(json.dumps(create(text)))
+        refused = completed = 0
+        while refused + completed < len(texts):
+            event = json.loads(ws.recv(timeout=10))
+            if event["type"] == "response.completed":
+                completed += 1
+            elif event["type"] == "error" and event["error"]["code"] == "too_many_queued":
+                assert event["status"] == 429
+                refused += 1
+    return refused, completed
+
+
+def test_at_most_four_turns_wait(impatient_proxy: ServerProcess) -> None:
+    texts = [f"turn {n} [[tokens=1]]" for n in range(5)]
+    assert served_behind_a_stall(impatient_proxy, texts) == (1, 4)
+
+
+def test_waiting_turns_hold_max_request_bytes_at_most(impatient_proxy: ServerProcess) -> None:
+    texts = [f"turn {n} [[tokens=1]] " + "x" * 3000 for n in range(3)]  # 9 KiB together
+    assert served_behind_a_stall(impatient_proxy, texts) == (1, 2)
 
 
 def test_a_backend_refusal_is_an_error_event_and_the_connection_goes_on(
@@ -404,7 +439,8 @@ def test_a_continuation_of_the_kept_response_carries_its_items() -> None:
     )
     kept = kept_after(request, closing, 1000)
     user = {"type": "message", "role": "user", "content": "hi"}
-    assert kept == Kept("r1", [user, {"type": "message"}], kept.size if kept else 0)
+    assert kept is not None and kept.response_id == "r1"
+    assert json.loads(kept.items) == [user, {"type": "message"}]
     later = {
         "model": "m",
         "input": [{"type": "function_call_output"}],
@@ -417,7 +453,7 @@ def test_a_continuation_of_the_kept_response_carries_its_items() -> None:
     other = {**later, "previous_response_id": "r0"}
     assert expanded(other, kept) is other
     assert kept_after({**request, "store": True}, closing, 1000) is None  # the backend has it
-    assert kept_after(request, closing, 10) is None  # over the limit: not kept
+    assert kept_after(request, closing, len(kept.items) - 1) is None  # over the limit
     failed = json.dumps({"type": "response.failed", "response": {"id": "r1", "output": []}})
     assert kept_after(request, failed, 1000) is None
 

@@ -10,7 +10,8 @@ the shutdown's in-band end are the POST route's, unchanged. The stream's SSE eve
 the client one JSON message each; an answer that is an error is one ``error`` event.
 
 Turns run one after another, in the order sent (the API runs a connection's turns in
-order); a few may wait behind the one running (``MAX_QUEUED_TURNS``). A client that
+order); a few messages may wait behind the one running, as they came (``MAX_QUEUED_TURNS``,
+``MAX_REQUEST_BYTES`` together), each read in its turn. A client that
 closes the socket mid-turn cancels it and its backend request (499), as a client that
 leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``; at
 shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioproxy")
 
 PATH = "/v1/responses"
-# a response.create waiting for its turn: its request and the bytes of its message
-Queued = tuple[dict[str, Any], int]
 # response.create messages that may wait behind the turn running; past them the client is
 # told with an error event (each holds up to MAX_REQUEST_BYTES)
 MAX_QUEUED_TURNS = 4
@@ -123,8 +122,10 @@ class Kept(NamedTuple):
     of it (``previous_response_id``) sends instead, since no backend kept it."""
 
     response_id: str
-    items: list[Any]  # its input items (expanded, if it continued one) and output items
-    size: int  # bytes of ``items`` as JSON
+    # its input items (expanded, if it continued one) and output items, as a JSON array:
+    # held between turns, so as compact as they come (decoded, values take several times
+    # their bytes)
+    items: bytes
 
 
 def input_items(value: object) -> list[Any]:
@@ -143,8 +144,15 @@ def expanded(request: dict[str, Any], kept: Kept | None) -> dict[str, Any]:
     if kept is None or request.get("previous_response_id") != kept.response_id:
         return request
     rest = {k: v for k, v in request.items() if k != "previous_response_id"}
-    rest["input"] = kept.items + input_items(request.get("input"))
+    rest["input"] = loads(kept.items) + input_items(request.get("input"))
     return rest
+
+
+def _turn_of(message: str | bytes, kept: Kept | None) -> tuple[dict[str, Any], bytes]:
+    """A message's request, expanded if it continues the kept response, and its POST's
+    body (in a JSON thread for a large one). Pure."""
+    request = expanded(turn_request(message), kept)
+    return request, encoded(request)
 
 
 def kept_after(request: dict[str, Any], closing: str | None, limit: int) -> Kept | None:
@@ -163,12 +171,11 @@ def kept_after(request: dict[str, Any], closing: str | None, limit: int) -> Kept
     response_id, output = response.get("id"), response.get("output")
     if not isinstance(response_id, str) or not isinstance(output, list):
         return None
-    items = input_items(request.get("input")) + output
     try:
-        size = len(compact_json(items))
+        items = compact_json(input_items(request.get("input")) + output)
     except ValueError:
         return None
-    return Kept(response_id, items, size) if size <= limit else None
+    return Kept(response_id, items) if len(items) <= limit else None
 
 
 def _unknown_type_message(kind: object) -> str:
@@ -269,7 +276,10 @@ class ResponsesSocket:
         self.app, self.scope = app, scope
         self._receive, self._send = receive, send
         self._headers = _handshake_headers(scope.get("headers", ()))
-        self._queue_in, self._queue_out = trio.open_memory_channel[Queued](MAX_QUEUED_TURNS)
+        # the messages waiting for their turn, as they came (decoded when it comes: a
+        # decoded body takes several times its bytes), at most MAX_REQUEST_BYTES together
+        self._queue_in, self._queue_out = trio.open_memory_channel[str | bytes](MAX_QUEUED_TURNS)
+        self._queued_bytes = 0
         self._kept: Kept | None = None  # the last store=false response, for its continuation
         self._waiting: trio.CancelScope | None = None  # while no turn runs
         self._turn: _Turn | None = None
@@ -355,19 +365,24 @@ class ResponsesSocket:
             self._queue_in.close()
 
     async def _queue(self, message: str | bytes) -> None:
-        try:
-            request = await by_size(len(message), turn_request, message)
-        except ClientEventError as error:
-            await self.send_text(client_error_event(error))
-            return
-        try:
-            self._queue_in.send_nowait((request, len(message)))
-        except trio.WouldBlock:
-            text = (
-                f"too many response.create waiting: at most {MAX_QUEUED_TURNS} may wait "
-                "behind the response in progress on one connection"
-            )
-            await self.send_text(error_event(429, text, code="too_many_queued"))
+        """A message for its turn; past the queue's bounds, an error event instead (one
+        message is bounded by the server: MAX_REQUEST_BYTES)."""
+        size = len(message)
+        limit = self.app.settings.max_request_bytes
+        over = self._queued_bytes > 0 and self._queued_bytes + size > limit
+        if not over:
+            try:
+                self._queue_in.send_nowait(message)
+            except trio.WouldBlock:
+                over = True
+            else:
+                self._queued_bytes += size
+                return
+        text = (
+            f"too many response.create waiting: at most {MAX_QUEUED_TURNS} messages of "
+            "MAX_REQUEST_BYTES together may wait behind the response in progress"
+        )
+        await self.send_text(error_event(429, text, code="too_many_queued"))
 
     async def _run_turns(self) -> None:
         idle = self.app.settings.websocket_idle_timeout
@@ -376,7 +391,7 @@ class ResponsesSocket:
             with trio.move_on_after(idle) as waiting:
                 self._waiting = waiting
                 try:
-                    queued = await self._queue_out.receive()
+                    message = await self._queue_out.receive()
                 except trio.EndOfChannel:
                     return  # the client closed the socket
                 finally:
@@ -388,18 +403,18 @@ class ResponsesSocket:
                 break
             if self.closed:
                 return  # the client left with turns still waiting: none is served
-            await self._run_turn(*queued)
+            self._queued_bytes -= len(message)
+            await self._run_turn(message)
             if self.closed:
                 return
         await self._close(GOING_AWAY, "the proxy is shutting down")
 
-    async def _run_turn(self, request: dict[str, Any], size: int) -> None:
-        kept = self._kept
-        continued = expanded(request, kept)
-        if continued is not request and kept is not None:
-            request, size = continued, size + kept.size
+    async def _run_turn(self, message: str | bytes) -> None:
+        kept, size = self._kept, len(message)
+        if kept is not None:
+            size += len(kept.items)
         try:
-            body = await by_size(size, encoded, request)
+            request, body = await by_size(size, _turn_of, message, kept)
         except ClientEventError as error:
             await self.send_text(client_error_event(error))
             return
