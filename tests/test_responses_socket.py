@@ -418,6 +418,26 @@ def test_shutdown_ends_a_turn_in_progress_in_band(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
 
 
+async def test_a_server_without_http_answers_to_handshakes_gets_a_close() -> None:
+    """A server without ASGI's websocket.http.response extension: the refusal is a close."""
+    from trioproxy.app import create_app
+    from trioproxy.config import Settings
+    from trioproxy.responses_socket import ResponsesSocket
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:1/v1", proxy_api_keys=("k",)))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/responses", "headers": []}
+    await ResponsesSocket(app, scope, receive, send).serve()  # type: ignore[arg-type]
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": None}]
+
+
 # the pure translation
 
 

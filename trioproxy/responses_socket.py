@@ -5,29 +5,28 @@ with its key and sends ``response.create`` messages, each the body of a ``POST
 /v1/responses`` (``stream`` implicit). Each is served as one: a turn is a streamed POST
 handed to the fast path (``fastpath.serve``) with the route's own handler, so the model
 mapping, the relay and its deadlines, the ledger, the slots under
-``MAX_CONCURRENT_REQUESTS``, the metrics (endpoint ``v1_response``), the access log and
+``MAX_CONCURRENT_REQUESTS``, the metrics (endpoint ``v1_responses``), the access log and
 the shutdown's in-band end are the POST route's, unchanged. The stream's SSE events go to
 the client one JSON message each; an answer that is an error is one ``error`` event.
 
 Turns run one after another, in the order sent (the API runs a connection's turns in
-order); a few messages may wait behind the one running, as they came (``MAX_QUEUED_TURNS``,
-``MAX_REQUEST_BYTES`` together), each read in its turn. A client that
-closes the socket mid-turn cancels it and its backend request (499), as a client that
-leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``; at
-shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
+order); a few messages may wait behind the one running, as they came
+(``MAX_QUEUED_TURNS``, ``MAX_REQUEST_BYTES`` together), each read in its turn. A client
+that closes the socket mid-turn cancels it and its backend request (499), as a client
+that leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``;
+at shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
 after its turn, which the shutdown ends in-band as it ends a stream.
 
 A response created with ``store: false`` is kept by no backend, so its continuation
 (``previous_response_id``) could not be served: the connection keeps its last such
 response (its input and output items, at most ``MAX_REQUEST_BYTES``) and sends a
 continuation of it with those items before its own input, without the id, as the API's
-WebSocket mode promises. A handshake from a
-web page (``Origin``) is refused unless ``CORS_ORIGINS`` allows its origin.
+WebSocket mode promises. A handshake from a web page (``Origin``) is refused unless
+``CORS_ORIGINS`` allows its origin.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -54,8 +53,6 @@ from .sse import SSE_DONE, SSEParser
 
 if TYPE_CHECKING:
     from .app import ProxyApp
-
-log = logging.getLogger("trioproxy")
 
 PATH = "/v1/responses"
 # response.create messages that may wait behind the turn running; past them the client is
@@ -238,9 +235,6 @@ class OpenSockets:
     def discard(self, socket: ResponsesSocket) -> None:
         self._sockets.discard(socket)
 
-    def __len__(self) -> int:
-        return len(self._sockets)
-
     def begin_shutdown(self) -> None:
         self.stopping = True
         for socket in list(self._sockets):
@@ -330,6 +324,10 @@ class ResponsesSocket:
         """The handshake answered with the POST route's refusal (a 401 in OpenAI's shape),
         counted and logged as a request to the route."""
         app = self.app
+        if "websocket.http.response" not in self.scope.get("extensions", {}):
+            # a server that cannot answer a handshake over HTTP: its bare 403
+            await self._send({"type": "websocket.close", "code": 1008, "reason": None})
+            return
         state = new_state(app.collector, PATH, "GET", self._headers.get("x-request-id"), None)
         access = (
             AccessLine("GET", PATH, self.scope, app.client_addresses)
@@ -508,24 +506,8 @@ class _HandshakeAnswer:
 
 
 def _handshake_headers(raw: Any) -> dict[str, str]:
+    """A handshake's headers by lowercase name, the first of each, as text."""
     found: dict[str, str] = {}
     for name, value in raw:
         found.setdefault(bytes(name).lower().decode("latin-1"), bytes(value).decode("latin-1"))
     return found
-
-
-__all__ = [
-    "ClientEventError",
-    "Kept",
-    "OpenSockets",
-    "ResponsesSocket",
-    "client_error_event",
-    "error_event",
-    "expanded",
-    "kept_after",
-    "reply_error_event",
-    "serves",
-    "stream_messages",
-    "turn_body",
-    "turn_request",
-]
