@@ -12,7 +12,6 @@ import { ChatOllama, OllamaEmbeddings } from "@langchain/ollama";
 import { HumanMessage, ToolMessage } from "@langchain/core/messages";
 import { Ollama } from "ollama";
 import OpenAI from "openai";
-import { ResponsesWS } from "openai/resources/responses/ws";
 
 const [baseUrl, scenario] = process.argv.slice(2);
 
@@ -416,7 +415,9 @@ async function openaiResponses() {
 
 async function openaiResponsesSocket() {
   // The Responses API's WebSocket mode (ResponsesWS, on the ws package): two turns on one
-  // connection, the second continuing the first, then an event that is no turn
+  // connection, the second continuing the first, then an event that is no turn. Imported
+  // here: the other scenarios do not need the ws package
+  const { ResponsesWS } = await import("openai/resources/responses/ws");
   const socket = new ResponsesWS(openai());
   const turns = [];
   let deltas = [];
