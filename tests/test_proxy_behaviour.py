@@ -1754,6 +1754,8 @@ _STREAM_SHAPES = {
                          + "data: [DONE]\n\n"),
     "system-first-openai": ("text/event-stream", _HELLO + _chunk_event({}, finish="stop")
                             + "data: [DONE]\n\n"),
+    **{f"system-first-counted-{n}-500": ("text/event-stream", _HELLO
+        + _chunk_event({}, finish="stop") + "data: [DONE]\n\n") for n in (2, 3)},
 }  # fmt: skip
 # OpenAI's answer to max_tokens from one of its reasoning models
 _MAX_TOKENS_REFUSED = {
@@ -2569,3 +2571,39 @@ def test_a_backend_that_refuses_stream_options_still_streams_to_ollama_clients(
     # per model: another one behind the same backend still gets its token counts
     _ollama_stream(wrong_shape_proxy, "full-json")
     assert "stream_options" in sent[-1]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_stream_sent_again_with_its_system_messages_joined_counts_as_the_stream_it_is(
+    wrong_shape_proxy: ServerProcess, path: str
+) -> None:
+    """A stream whose first sending the backend refused with a 500 (Ollama's, llama.cpp's
+    "system message must be at the beginning") and that went through sent again with its
+    system messages joined is one completed stream: the refusal's account of the request
+    (a stream that failed, answered plainly) was kept, so the stream the client read whole
+    counted as an error (and the 5xx error rate's)."""
+    from .test_metrics_e2e import scrape, total, wait_for
+
+    model = f"system-first-counted-{path.count('/')}-500"  # the quirk is not known yet
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "weather?"},
+    ]
+    before = scrape(wrong_shape_proxy.url)
+    sent = _WrongShapeBackend.requests
+    sent.clear()
+    answer = httpx.post(
+        wrong_shape_proxy.url + path,
+        json={"model": model, "messages": messages, "stream": True},
+        timeout=10,
+    )
+    assert answer.status_code == 200 and "Hello" in answer.text, answer.text
+    assert len(sent) == 2  # refused, then sent again joined
+
+    def streams(outcome: str) -> float:
+        now = total(scrape(wrong_shape_proxy.url), "trioproxy_streams_total", outcome=outcome)
+        return now - total(before, "trioproxy_streams_total", outcome=outcome)
+
+    wait_for(lambda: streams("completed") + streams("error") >= 1)
+    assert (streams("completed"), streams("error")) == (1, 0)

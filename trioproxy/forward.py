@@ -424,8 +424,12 @@ async def open_stream(
     metric = state.metric
     if metric is not None:
         # a stream from the start: one that times out, fails or is left by its client
-        # before the backend's headers is a stream that got no first token, too
+        # before the backend's headers is a stream that got no first token, too. A
+        # request sent again (as_the_backend_takes, after a refusal its quirk explains)
+        # is this stream, not the refused one: its 500's account of it is dropped
         metric.streaming = True
+        metric.stream_outcome = None
+        metric.answered_plainly = False
     try:
         result = await pool(call).request(
             method,
