@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -19,11 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from trioproxy import relay
 from trioproxy import translate as tr
 from trioproxy.anthropic import AnthropicStreamTranslator, encode_event
+from trioproxy.errors import ProxyError
 from trioproxy.json_threads import OFF_LOOP_BYTES
 from trioproxy.jsonutil import compact_json
 
 from .fakes import ScriptedHandler, serving
 from .test_large_json import HOLD_SECONDS, serving_proxy
+from .test_relay import DONE, ROLE, Script, last_error, ollama, run_relay, token
 
 BIG = 3 * OFF_LOOP_BYTES  # past the threshold, a few MB at most
 # text with what makes finding a string's end hard: escaped quotes, a string that ends in
@@ -199,3 +202,80 @@ async def test_a_large_event_is_translated_in_a_thread_while_other_streams_flow(
     assert [_comparable(path, item) for item in got] == [
         _comparable(path, item) for item in expected
     ]
+
+
+# ---- the relay's own account: what the loop would have given -----------------------------
+
+
+def _large_error(at_first: bool) -> Script:
+    """A stream whose backend reports its failure in an event past OFF_LOOP_BYTES (a
+    message quoting a whole prompt), first or after a token."""
+    failure = json.dumps({"error": {"message": "prompt too long: " + "x" * BIG}}).encode()
+    script: Script = [(0, ROLE)] if at_first else [(0, ROLE), (0, token("a"))]
+    return [*script, (0, b"data: " + failure + b"\n\n"), (0, DONE)]
+
+
+async def _relayed_or_refused(script: Script) -> tuple[bytes, str]:
+    """What the relay sent, or how it refused the request (its start: it is long)."""
+    out, refused = b"", ""
+    try:
+        out, _, _ = await run_relay(script, ollama)
+    except* ProxyError as group:
+        error = group.exceptions[0]
+        refused = f"{type(error).__name__}: {str(error)[:40]}"
+    return out, refused
+
+
+@pytest.mark.parametrize("at_first", [True, False])
+async def test_a_large_event_reporting_a_failure_ends_the_stream_as_a_small_one_does(
+    monkeypatch: pytest.MonkeyPatch, at_first: bool
+) -> None:
+    """A backend's failure reported in one large event (read in the JSON thread) is not fed
+    to the translator: the request is refused with the backend's error when nothing was
+    sent yet, else the stream ends with it in its error line, as on the loop."""
+    script = _large_error(at_first)
+    apart = await _relayed_or_refused(script)
+    monkeypatch.setattr(relay, "OFF_LOOP_BYTES", 100 * BIG)  # the same event on the loop
+    assert apart == await _relayed_or_refused(script)
+    out, refused = apart
+    if at_first:
+        assert refused.startswith("ProxyError: prompt too long: xxx"), refused
+    else:
+        assert last_error(out).startswith("prompt too long: xxx")
+        assert json.loads(out.splitlines()[0])["message"]["content"] == "a"
+
+
+async def test_whole_tool_calls_a_large_event_completes_are_told_on_the_loop_after_it() -> None:
+    """The whole calls a translator completes with a large event (fed in the JSON thread)
+    reach ``on_tool_calls`` (the thought-signature cache, which the app holds) on the
+    loop's thread, once the event's work is done, in order, and later ones at once."""
+    told: list[tuple[str, bool]] = []
+
+    def on_tool_calls(calls: list[dict[str, Any]]) -> None:
+        for call in calls:
+            on_loop = threading.current_thread() is threading.main_thread()
+            told.append((call["function"]["name"], on_loop))
+
+    def calling(response: Any, settings: Any, collector: Any) -> Any:
+        translator = tr.OllamaStreamTranslator(
+            "chat", "m", start_ns=0, created_at=lambda: "T", on_tool_calls=on_tool_calls
+        )
+        return relay.relay_ollama(
+            response, translator, settings=settings, metric=None, sent_at=time.perf_counter(),
+            collector=collector,
+        )  # fmt: skip
+
+    def call(name: str, arguments: str, index: int) -> bytes:
+        """A whole call in one event, finished in it (as a backend that does not stream
+        its calls writes them): its event completes it."""
+        function = {"name": name, "arguments": arguments}
+        delta = {"tool_calls": [{"index": index, "id": f"call_{name}", "function": function}]}
+        return b"data: " + compact_json(_chunk(delta, "tool_calls")) + b"\n\n"
+
+    script: Script = [(0, ROLE), (0, call("large", ARGUMENTS, 0))]
+    script += [(0, call("small", "{}", 1)), (0, DONE)]
+    out, _, _ = await run_relay(script, calling)
+    lines = [json.loads(line) for line in out.splitlines()]
+    sent = [c["function"]["name"] for line in lines for c in line["message"].get("tool_calls", ())]
+    assert sent == ["large", "small"]
+    assert told == [("large", True), ("small", True)]
