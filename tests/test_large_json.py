@@ -1106,20 +1106,30 @@ class _KeyEchoingBackend(ScriptedHandler):
     Python's JSON writes it (every character past ASCII as a ``\\u`` escape: the slowest
     body to search for the key's spellings)."""
 
+    TEXT = f"café au lait, {ECHOED_KEY}, " + "un café noir. " * 70_000 + ECHOED_KEY
+
     def do_GET(self) -> None:
-        self.answer(404, b'{"error": "not found"}')
+        if not self.path.startswith("/v1/responses/"):
+            self.answer(404, b'{"error": "not found"}')
+            return
+        # a stored response retrieved by its id (a route Quart serves, not the fast path)
+        part = {"type": "output_text", "text": self.TEXT, "annotations": []}
+        item = {"type": "message", "id": "msg_1", "role": "assistant", "content": [part]}
+        answer = {"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+                  "output": [item]}  # fmt: skip
+        self.answer(200, json.dumps(answer).encode())
 
     def do_POST(self) -> None:
         self.json_body()
-        text = f"café au lait, {ECHOED_KEY}, " + "un café noir. " * 70_000 + ECHOED_KEY
-        message = {"role": "assistant", "content": text}
+        message = {"role": "assistant", "content": self.TEXT}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         answer = {"id": "x", "object": "chat.completion", "choices": [choice]}
         self.answer(200, json.dumps(answer).encode())
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses/resp_1"])
 async def test_a_large_answer_is_masked_in_pieces_while_the_loop_serves(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """A non-stream answer that quotes the backend's key gets it masked whole, as before,
     but a large one in pieces with other tasks run between them: one search of the whole
@@ -1146,10 +1156,16 @@ async def test_a_large_answer_is_masked_in_pieces_while_the_loop_serves(
             asked = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(turning)
-                response = await client.post("/v1/chat/completions", json=asked)
+                if path.startswith("/v1/responses/"):  # served by Quart (app.served)
+                    response = await client.get(path)
+                else:
+                    response = await client.post(path, json=asked)
                 nursery.cancel_scope.cancel()
     assert response.status_code == 200, response.text
-    content = response.json()["choices"][0]["message"]["content"]
+    if path.startswith("/v1/responses/"):
+        content = response.json()["output"][0]["content"][0]["text"]
+    else:
+        content = response.json()["choices"][0]["message"]["content"]
     assert ECHOED_KEY not in response.text and content.count("***") == 2
     assert content.startswith("café au lait, ***, un café noir.") and content.endswith(". ***")
     assert len(response.content) > 16 * MASKED_AT_ONCE_BYTES
