@@ -270,6 +270,7 @@ class _Resolver(trio.abc.HostnameResolver):
     ``gone.test`` does not exist; ``flaky.test`` fails as a resolver that got no answer."""
 
     lookups: list[str] = []  # every name asked, in order
+    gone = 0  # how many lookups of restarting.test find no such name
 
     async def getaddrinfo(self, host: Any, port: Any, *args: Any) -> Any:
         name = host.decode() if isinstance(host, bytes) else host
@@ -278,6 +279,11 @@ class _Resolver(trio.abc.HostnameResolver):
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         if name == "flaky.test":  # a DNS server that did not answer this time
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if name == "restarting.test":  # gone while its container restarts (Docker's DNS)
+            if self.gone:
+                type(self).gone -= 1
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
         if name == "dual.test":
             return [
                 (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
@@ -349,6 +355,43 @@ async def test_a_backend_host_that_does_not_exist_is_not_asked_for_again(
     assert _Resolver.lookups == [host] * attempts
     assert calls.errors == ["connect"]
     assert calls.retries == ["connect"] * (attempts - 1)
+
+
+class _ClosingModels(ScriptedHandler):
+    """Closes each connection after its answer: every request resolves the name again."""
+
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": []}', headers={"Connection": "close"})
+
+
+async def test_a_backend_host_that_resolved_before_and_is_gone_is_asked_for_again() -> None:
+    """A name that resolved since the start and that the resolver now says does not exist
+    is passing (a backend container restarting, a headless Kubernetes service without a
+    ready pod: NXDOMAIN for a while; macOS says so without a network), not the
+    configuration error it is at the start: it is retried as a failure to connect."""
+    calls = _Observer()
+    trio.socket.set_custom_hostname_resolver(_Resolver())
+    try:
+        with serving(_ClosingModels) as url:
+            port = httpx.URL(url).port
+            settings = load_settings(
+                {"OPENAI_API_BASE_URL": f"http://restarting.test:{port}/v1",
+                 "MAX_RETRIES": "2", "RETRY_BACKOFF": "0"},
+                dotenv_path=None,
+            )  # fmt: skip
+            pool = UpstreamPool(settings, calls)
+            try:
+                assert (await pool.request("GET", "/models")).response.status_code == 200
+                _Resolver.lookups.clear()
+                _Resolver.gone = 1
+                assert (await pool.request("GET", "/models")).response.status_code == 200
+            finally:
+                await pool.aclose()
+    finally:
+        _Resolver.gone = 0
+        trio.socket.set_custom_hostname_resolver(None)
+    assert _Resolver.lookups == ["restarting.test"] * 2
+    assert calls.retries == ["connect"] and calls.errors == []
 
 
 def test_the_proxy_answers_a_backend_host_that_does_not_exist_at_once(

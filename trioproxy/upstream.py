@@ -293,6 +293,9 @@ class UpstreamPool:
             settings.request_timeout, connect=settings.connect_timeout, pool=None
         ).as_dict()
         self._picker = ShardPicker(shards)
+        # the backend has answered since the start: its host name resolved then, so a
+        # name the resolver now says does not exist is passing (does_not_resolve)
+        self._reached = False
 
     @property
     def base_url(self) -> str:
@@ -450,6 +453,7 @@ class UpstreamPool:
             stale = _on_a_stale_connection(exc, time.perf_counter() - sent_at)
             raise self._transport_failure(exc, stale=stale) from None
         headers_at = time.perf_counter()
+        self._reached = True
         if response.status_code >= 400:
             if response.status_code > MAX_HTTP_STATUS:
                 await self._refuse_status(response)
@@ -505,9 +509,12 @@ class UpstreamPool:
             return OutOfFiles(exhausted, open_files_limit())
         unavailable = UpstreamUnavailable(self._describe(exc))
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            if does_not_resolve(exc):
+            if not self._reached and does_not_resolve(exc):
                 # a configuration error, not a passing one: asked again, the resolver gives
-                # the same answer (after the backoff that kept the client waiting)
+                # the same answer (after the backoff that kept the client waiting). Once
+                # the name resolved, its absence passes: a backend container restarting
+                # (Docker's DNS), a headless Kubernetes service without a ready pod
+                # (NXDOMAIN both), macOS without a network (EAI_NONAME there)
                 self._observer.upstream_error("connect")
                 return unavailable
             return _Retryable("connect", unavailable)
@@ -680,7 +687,8 @@ _NO_SUCH_NAME = frozenset(
 def does_not_resolve(exc: BaseException) -> bool:
     """Whether a failure to connect is a host name that has no address (the backend's,
     or that of the proxy from the environment): a name the resolver says does not
-    exist, not one it could not look up this time (:data:`_NO_SUCH_NAME`)."""
+    exist, not one it could not look up this time (:data:`_NO_SUCH_NAME`). Final only
+    until the backend first answered (``UpstreamPool._reached``)."""
     return any(
         isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME
         for cause in _causes(exc)
