@@ -310,3 +310,29 @@ def test_a_large_reply_masked_in_pieces_is_what_masking_it_whole_gives(
     out = trio.run(in_pieces)
     assert out == whole.mask_body(body)
     assert (out is body) is (out == body)
+
+
+def test_a_large_reply_with_nothing_to_mask_is_not_copied_while_masked_in_pieces() -> None:
+    """The usual large answer quotes no secret: masking it in pieces keeps none of them
+    (the body holds those bytes), so it costs no second copy of the body (a 40 MB answer
+    held 40 MB more until its last piece was searched); one that has something masked
+    is copied from there on only."""
+    import tracemalloc
+
+    secrets = BackendSecrets(replies=(b"sk-secret-key-0123456789",))
+    body = b'{"text": "' + b"plain words " * 400_000 + b'"}'  # ~4.8 MB
+
+    async def in_pieces(body: bytes) -> tuple[bytes, int]:
+        tracemalloc.start()
+        try:
+            out = await exchange.masked_in_pieces(body, secrets)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    out, peak = trio.run(in_pieces, body)
+    assert out is body
+    assert peak < 4 * exchange.MASKED_AT_ONCE_BYTES, peak  # a piece or two at a time
+    quoting = body[:-2] + b' sk-secret-key-0123456789"}'  # masked at its very end
+    out, _ = trio.run(in_pieces, quoting)
+    assert out == secrets.mask_body(quoting) and out.endswith(b' ***"}')

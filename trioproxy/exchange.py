@@ -196,20 +196,26 @@ async def masked_in_pieces(body: bytes, secrets: BackendSecrets) -> bytes:
     to it) over pieces of MASKED_AT_ONCE_BYTES with a checkpoint between them: each
     search is one call into C, which a thread would not interrupt either (it keeps the
     GIL), so it is the pieces that let the loop serve. The body itself when nothing was
-    masked (the usual answer): not joined again."""
+    masked (the usual answer): not joined again, and no piece of it kept meanwhile (a
+    comparison, no copy: a second copy of a 40 MB answer held until its last piece)."""
     mask = secrets.stream_mask()
-    parts: list[bytes] = []
-    size = 0
-    same = True  # what went out so far is the body's start (a comparison, no copy)
+    parts: list[bytes] = []  # what went out, once it is no longer the body's start
+    size = 0  # bytes that went out
     for at in range(0, len(body), MASKED_AT_ONCE_BYTES):
         await trio.lowlevel.checkpoint()
         out = mask.feed(body[at : at + MASKED_AT_ONCE_BYTES])
-        same = same and body.startswith(out, size)
+        if not parts:
+            if body.startswith(out, size):
+                size += len(out)
+                continue
+            parts.append(body[:size])  # the start that went out as it was
         parts.append(out)
         size += len(out)
     rest = mask.flush()
-    if same and size + len(rest) == len(body) and body.startswith(rest, size):
-        return body
+    if not parts:
+        if size + len(rest) == len(body) and body.startswith(rest, size):
+            return body
+        parts.append(body[:size])
     parts.append(rest)
     return await joined(parts, size + len(rest))
 
