@@ -47,8 +47,7 @@ from trioproxy import translate as tr
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
-from trioproxy.errors import BackendSecrets, BadUpstreamResponse
-from trioproxy.exchange import MASKED_AT_ONCE_BYTES
+from trioproxy.errors import MASKED_AT_ONCE_BYTES, BackendSecrets, BadUpstreamResponse
 from trioproxy.json_threads import JOIN_OFF_LOOP_BYTES, OFF_LOOP_BYTES, json_threads
 from trioproxy.jsonutil import compact_json, top_level_member
 from trioproxy.ledger import ResponsesLedger

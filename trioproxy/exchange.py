@@ -26,8 +26,10 @@ from hypercorn.typing import ASGISendCallable, ASGISendEvent
 from .client_address import UNKNOWN as UNKNOWN_ADDRESS
 from .client_address import ClientAddresses, peer_address
 from .errors import (
+    MASKED_AT_ONCE_BYTES,
     BackendSecrets,
     ProxyError,
+    SecretsMask,
     UpstreamStatusError,
     error_body_for,
     is_openai_path,
@@ -175,9 +177,10 @@ async def primed(reply: Reply) -> Reply:
     return reply
 
 
-MASKED_AT_ONCE_BYTES = 64 * 1024
-"""A reply body up to this size is masked in one go (:func:`masked`); a larger one in
-pieces of this size, other tasks run between them (:func:`masked_in_pieces`)."""
+# (errors.MASKED_AT_ONCE_BYTES) a reply body up to this size is masked in one go
+# (:func:`masked`); a larger one in pieces of this size, other tasks run between them
+# (:func:`masked_in_pieces`); a stream's chunk so when it holds a backslash
+# (:func:`fed_in_pieces`)
 
 
 async def masked_reply(reply: Reply, secrets: BackendSecrets) -> Reply:
@@ -196,21 +199,9 @@ async def masked_in_pieces(body: bytes, secrets: BackendSecrets) -> bytes:
     to it) over pieces of MASKED_AT_ONCE_BYTES with a checkpoint between them: each
     search is one call into C, which a thread would not interrupt either (it keeps the
     GIL), so it is the pieces that let the loop serve. The body itself when nothing was
-    masked (the usual answer): not joined again, and no piece of it kept meanwhile (a
-    comparison, no copy: a second copy of a 40 MB answer held until its last piece)."""
+    masked (the usual answer): not joined again."""
     mask = secrets.stream_mask()
-    parts: list[bytes] = []  # what went out, once it is no longer the body's start
-    size = 0  # bytes that went out
-    for at in range(0, len(body), MASKED_AT_ONCE_BYTES):
-        await trio.lowlevel.checkpoint()
-        out = mask.feed(body[at : at + MASKED_AT_ONCE_BYTES])
-        if not parts:
-            if body.startswith(out, size):
-                size += len(out)
-                continue
-            parts.append(body[:size])  # the start that went out as it was
-        parts.append(out)
-        size += len(out)
+    parts, size = await _fed(mask, body)
     rest = mask.flush()
     if not parts:
         if size + len(rest) == len(body) and body.startswith(rest, size):
@@ -218,6 +209,34 @@ async def masked_in_pieces(body: bytes, secrets: BackendSecrets) -> bytes:
         parts.append(body[:size])
     parts.append(rest)
     return await joined(parts, size + len(rest))
+
+
+async def fed_in_pieces(mask: SecretsMask, data: bytes) -> bytes:
+    """``mask.feed(data)`` for a chunk the mask would not search in one call (its None),
+    in pieces of MASKED_AT_ONCE_BYTES with a checkpoint between them."""
+    parts, size = await _fed(mask, data)
+    return await joined(parts, size) if parts else data[:size]
+
+
+async def _fed(mask: SecretsMask, data: bytes) -> tuple[list[bytes], int]:
+    """``data`` fed to ``mask`` in pieces of MASKED_AT_ONCE_BYTES, the loop serving
+    between them: what went out (``size`` bytes) in parts, none while it is ``data``'s
+    own start (a comparison, no copy: a second copy of a 40 MB answer was kept until its
+    last piece)."""
+    parts: list[bytes] = []
+    size = 0
+    for at in range(0, len(data), MASKED_AT_ONCE_BYTES):
+        await trio.lowlevel.checkpoint()
+        out = mask.feed(data[at : at + MASKED_AT_ONCE_BYTES])
+        assert out is not None  # (a piece is never too large)
+        if not parts:
+            if data.startswith(out, size):
+                size += len(out)
+                continue
+            parts.append(data[:size])  # the start that went out as it was
+        parts.append(out)
+        size += len(out)
+    return parts, size
 
 
 def masked(reply: Reply, secrets: BackendSecrets) -> Reply:
@@ -244,6 +263,8 @@ async def _masked_chunks(
             out = mask.feed(chunk)
             if out:
                 yield out
+            elif out is None and (out := await fed_in_pieces(mask, chunk)):
+                yield out  # too large to search at once (tested only when out is falsy)
     rest = mask.flush()
     if rest:
         yield rest

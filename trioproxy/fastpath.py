@@ -21,11 +21,16 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.typing import ASGISendCallable, HTTPDisconnectEvent, HTTPRequestEvent
 
-from .errors import CodedRequestBody, ProxyError, ServerBusy, body_too_large_message
+from .errors import (
+    MASKED_AT_ONCE_BYTES,
+    CodedRequestBody,
+    ProxyError,
+    ServerBusy,
+    body_too_large_message,
+)
 from .exchange import (
     CLIENT_RETRIES_HEADER,
     CLIENT_RETRIES_NAME,
-    MASKED_AT_ONCE_BYTES,
     TRACEPARENT,
     AccessLine,
     Call,
