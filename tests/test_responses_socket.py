@@ -19,10 +19,12 @@ from websockets.sync.client import connect
 
 from trioproxy.responses_socket import (
     ClientEventError,
+    client_error_event,
     expanded,
     kept_after,
     reply_error_event,
     stream_messages,
+    tagged,
     turn_body,
 )
 from trioproxy.sse import SSEParser
@@ -498,3 +500,68 @@ def test_reply_error_event_keeps_the_error_object() -> None:
     assert event == {"type": "error", "status": 404, "error": json.loads(body)["error"]}
     plain = json.loads(reply_error_event(502, b"Bad Gateway"))
     assert plain["error"]["message"] == "Bad Gateway" and plain["error"]["type"] == "server_error"
+
+
+def test_lanes_get_their_events_by_stream_id(socket_proxy: ServerProcess) -> None:
+    """The openai SDK's ResponsesWebSocketSession routes each event to its lane by the
+    event's ``stream_id`` (the API echoes the create's on every event of its response):
+    a named lane whose events came untagged never got its response."""
+    from openai.lib.responses_websocket import (
+        ResponsesWebSocketLimits,
+        ResponsesWebSocketSession,
+    )
+
+    limits = ResponsesWebSocketLimits(
+        max_lanes=4,
+        max_events_per_lane=256,
+        max_events=512,
+        max_bytes_per_lane=1 << 20,
+        max_bytes=1 << 21,
+    )
+    with (
+        client(socket_proxy).responses.connect() as connection,
+        ResponsesWebSocketSession(connection, limits=limits) as session,
+    ):
+        one, two = session.lane("one"), session.lane("two.b")
+        one.send(create("first [[tokens=3]]"))  # type: ignore[arg-type]
+        two.send(create("second [[tokens=2]]"))  # type: ignore[arg-type]
+        assert two.get_final_response(timeout=10).usage.output_tokens == 2  # type: ignore[union-attr]
+        assert one.get_final_response(timeout=10).usage.output_tokens == 3  # type: ignore[union-attr]
+        # an answer that is an error reaches its lane too
+        two.send(create("hi", previous_response_id="resp_nobody_knows"))  # type: ignore[arg-type]
+        with pytest.raises(Exception, match="error") as failed:
+            two.get_final_response(timeout=10)
+        assert getattr(failed.value, "event", None) is not None
+        assert failed.value.event.stream_id == "two.b"  # type: ignore[attr-defined]
+        # the default lane's events carry none
+        session.default.send(create("plain [[tokens=1]]"))  # type: ignore[arg-type]
+        assert session.default.get_final_response(timeout=10).status == "completed"
+
+
+def test_a_refused_message_on_a_lane_tells_that_lane(socket_proxy: ServerProcess) -> None:
+    with connect(ws_url(socket_proxy)) as ws:
+        ws.send(json.dumps(create("x", background=True, stream_id="lane-1")))
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and event["stream_id"] == "lane-1"
+        ws.send('{"type": "response.create", "stream_id": "lane-2", "input": "no model"}')
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error" and event["stream_id"] == "lane-2"
+
+
+def test_events_on_a_lane_carry_its_stream_id() -> None:
+    assert json.loads(tagged('{"type":"a","n":1}', "l.1")) == {
+        "type": "a",
+        "n": 1,
+        "stream_id": "l.1",
+    }
+    assert json.loads(tagged("{ }\n", "l")) == {"stream_id": "l"}
+    assert tagged('{"type":"a"}', None) == '{"type":"a"}'
+    assert tagged("not json", "l") == "not json"
+    for lane in ("", "a b", "x" * 257, 7, '"}'):
+        message = json.dumps(create("x", stream_id=lane))
+        with pytest.raises(ClientEventError) as refused:
+            turn_body(message)
+        assert refused.value.code == "invalid_stream_id" and refused.value.stream_id is None
+    with pytest.raises(ClientEventError) as refused:
+        turn_body(json.dumps({"type": "response.steer", "stream_id": "s"}))
+    assert json.loads(client_error_event(refused.value))["stream_id"] == "s"

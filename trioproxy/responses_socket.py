@@ -27,6 +27,7 @@ WebSocket mode promises. A handshake from a web page (``Origin``) is refused unl
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -67,17 +68,37 @@ _TURN_HEADERS = frozenset({b"authorization", b"x-api-key", b"origin", b"tracepar
 
 
 class ClientEventError(Exception):
-    """A client message that is no turn: told to the client as an ``error`` event."""
+    """A client message that is no turn: told to the client as an ``error`` event (on the
+    message's lane, ``stream_id``, if it named a valid one)."""
 
     def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message, self.code, self.param = message, code, param
+        self.stream_id: str | None = None
 
 
-def turn_request(message: str | bytes) -> dict[str, Any]:
+# a lane's name, as the API and the openai SDK's ResponsesWebSocketSession take it: so it
+# needs no escaping in JSON, and an event can be tagged with it as text
+_STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,256}")
+
+
+def _lane(value: object) -> str | None:
+    """A message's ``stream_id`` (None: the default lane). Raises
+    :class:`ClientEventError` for one that is no lane's name. Pure."""
+    if value is None or (isinstance(value, str) and _STREAM_ID.fullmatch(value)):
+        return value
+    raise ClientEventError(
+        "stream_id must be 1-256 ASCII letters, digits, '_', '-' or '.'",
+        code="invalid_stream_id",
+        param="stream_id",
+    )
+
+
+def turn_request(message: str | bytes) -> tuple[dict[str, Any], str | None]:
     """The ``POST /v1/responses`` body of a client message (a ``response.create``): its
     fields as they came, ``stream`` true, without the WebSocket's own (``type``,
-    ``stream_id``). Raises :class:`ClientEventError` for anything else. Pure."""
+    ``stream_id``); and its lane, ``stream_id``, which every event of its answer echoes.
+    Raises :class:`ClientEventError` for anything else. Pure."""
     try:
         event = loads(message)
     except ValueError:
@@ -85,20 +106,50 @@ def turn_request(message: str | bytes) -> dict[str, Any]:
     if not isinstance(event, dict):
         raise ClientEventError("the message must be a JSON object with a 'type'", param="type")
     kind = event.pop("type", None)
-    if kind != "response.create":
-        raise ClientEventError(_unknown_type_message(kind), code="unknown_event_type", param="type")
-    if event.get("background") is True:
-        raise ClientEventError(
-            "background responses are not supported over WebSocket: send them with "
-            "POST /v1/responses",
-            code="unsupported_parameter",
-            param="background",
-        )
     # the lane is the WebSocket's: a backend's POST does not know it (every turn runs in
     # order on this connection, whatever its lane)
-    event.pop("stream_id", None)
+    lane = _lane(event.pop("stream_id", None))
+    try:
+        if kind != "response.create":
+            raise ClientEventError(
+                _unknown_type_message(kind), code="unknown_event_type", param="type"
+            )
+        if event.get("background") is True:
+            raise ClientEventError(
+                "background responses are not supported over WebSocket: send them with "
+                "POST /v1/responses",
+                code="unsupported_parameter",
+                param="background",
+            )
+    except ClientEventError as error:
+        error.stream_id = lane
+        raise
     event["stream"] = True
-    return event
+    return event, lane
+
+
+def lane_of(message: str | bytes) -> str | None:
+    """The lane a client message names, if it is a JSON object naming a valid one. Pure."""
+    try:
+        event = loads(message)
+        return _lane(event.get("stream_id")) if isinstance(event, dict) else None
+    except (ValueError, ClientEventError):
+        return None
+
+
+def tagged(text: str, lane: str | None) -> str:
+    """An event (a JSON object's text) on ``lane``: with its ``stream_id``, as the API
+    tags every event of a response whose create named one (the openai SDK routes events
+    to lanes by it); as it is on the default lane. A lane's name needs no escaping; the
+    field goes last, so it wins over any the text had. Pure."""
+    if lane is None:
+        return text
+    body = text.rstrip()
+    if not body.endswith("}"):
+        return text  # no JSON object: nothing to tag
+    head = body[:-1].rstrip()
+    separator = "" if head.endswith("{") else ","
+    return f'{head}{separator}"stream_id":"{lane}"}}'
 
 
 def encoded(request: dict[str, Any]) -> bytes:
@@ -111,7 +162,7 @@ def encoded(request: dict[str, Any]) -> bytes:
 
 def turn_body(message: str | bytes) -> bytes:
     """:func:`turn_request` as the POST's body. Pure."""
-    return encoded(turn_request(message))
+    return encoded(turn_request(message)[0])
 
 
 class Kept(NamedTuple):
@@ -145,11 +196,24 @@ def expanded(request: dict[str, Any], kept: Kept | None) -> dict[str, Any]:
     return rest
 
 
-def _turn_of(message: str | bytes, kept: Kept | None) -> tuple[dict[str, Any], bytes]:
-    """A message's request, expanded if it continues the kept response, and its POST's
-    body (in a JSON thread for a large one). Pure."""
-    request = expanded(turn_request(message), kept)
-    return request, encoded(request)
+class TurnOf(NamedTuple):
+    """What a ``response.create`` asks for."""
+
+    request: dict[str, Any]  # expanded, if it continues the kept response
+    lane: str | None  # its stream_id
+    body: bytes  # the POST's
+
+
+def _turn_of(message: str | bytes, kept: Kept | None) -> TurnOf:
+    """A message's request, expanded if it continues the kept response, its lane and its
+    POST's body (in a JSON thread for a large one). Pure."""
+    request, lane = turn_request(message)
+    request = expanded(request, kept)
+    try:
+        return TurnOf(request, lane, encoded(request))
+    except ClientEventError as error:
+        error.stream_id = lane
+        raise
 
 
 def kept_after(request: dict[str, Any], closing: str | None, limit: int) -> Kept | None:
@@ -186,7 +250,7 @@ def _unknown_type_message(kind: object) -> str:
 
 def client_error_event(error: ClientEventError) -> str:
     """The ``error`` event that answers a client message which is no turn. Pure."""
-    return error_event(400, error.message, error.code, error.param)
+    return tagged(error_event(400, error.message, error.code, error.param), error.stream_id)
 
 
 def error_event(
@@ -380,7 +444,8 @@ class ResponsesSocket:
             f"too many response.create waiting: at most {MAX_QUEUED_TURNS} messages of "
             "MAX_REQUEST_BYTES together may wait behind the response in progress"
         )
-        await self.send_text(error_event(429, text, code="too_many_queued"))
+        lane = await by_size(size, lane_of, message)  # its lane is told, not another
+        await self.send_text(tagged(error_event(429, text, code="too_many_queued"), lane))
 
     async def _run_turns(self) -> None:
         idle = self.app.settings.websocket_idle_timeout
@@ -412,13 +477,13 @@ class ResponsesSocket:
         if kept is not None:
             size += len(kept.items)
         try:
-            request, body = await by_size(size, _turn_of, message, kept)
+            request, lane, body = await by_size(size, _turn_of, message, kept)
         except ClientEventError as error:
             await self.send_text(client_error_event(error))
             return
         if self.closed:  # the client left while its body was written
             return
-        turn = self._turn = _Turn(self, body)  # (no wait since the check: the reader sees it)
+        turn = self._turn = _Turn(self, body, lane)  # (no wait since the check: the reader sees it)
         try:
             handler = self.app.fast_routes[PATH]
             await fastpath.serve(self.app, turn.scope(), turn.receive, turn.send, PATH, handler)
@@ -443,10 +508,20 @@ class _Turn:
     """One response.create served as a streamed ``POST /v1/responses``: the ASGI
     ``receive`` and ``send`` the fast path serves it with, in the socket's terms."""
 
-    __slots__ = ("_body", "_error", "_given", "_parser", "_socket", "last", "over", "status")
+    __slots__ = (
+        "_body",
+        "_error",
+        "_given",
+        "_lane",
+        "_parser",
+        "_socket",
+        "last",
+        "over",
+        "status",
+    )
 
-    def __init__(self, socket: ResponsesSocket, body: bytes) -> None:
-        self._socket, self._body = socket, body
+    def __init__(self, socket: ResponsesSocket, body: bytes, lane: str | None) -> None:
+        self._socket, self._body, self._lane = socket, body, lane
         self._given = False
         self._parser = SSEParser(socket.app.settings.max_response_bytes)
         self._error = bytearray()  # an error answer's body (whole, bounded by its route)
@@ -482,12 +557,13 @@ class _Turn:
         if self.status == 200:
             for text in stream_messages(self._parser, body):
                 self.last = text
-                await socket.send_text(text)
+                await socket.send_text(tagged(text, self._lane))
         else:
             self._error += body
         if not message.get("more_body", False):
             if self.status != 200:
-                await socket.send_text(reply_error_event(self.status, bytes(self._error)))
+                error = reply_error_event(self.status, bytes(self._error))
+                await socket.send_text(tagged(error, self._lane))
             self.over.set()
 
 
