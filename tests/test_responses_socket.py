@@ -565,3 +565,34 @@ def test_events_on_a_lane_carry_its_stream_id() -> None:
     with pytest.raises(ClientEventError) as refused:
         turn_body(json.dumps({"type": "response.steer", "stream_id": "s"}))
     assert json.loads(client_error_event(refused.value))["stream_id"] == "s"
+
+
+def test_kept_output_items_are_sent_back_as_a_store_false_client_sends_them() -> None:
+    """Without the ids the backend never stored (OpenAI answers an item id it did not keep
+    404, "Items are not persisted when store is set to false"), and without a reasoning
+    item that has no encrypted_content (nothing of it can be replayed); an incomplete
+    response can be continued too."""
+    request = {"model": "m", "input": [{"type": "message", "role": "user", "content": "q"}]}
+    request["store"] = False
+    output = [
+        {"id": "rs_1", "type": "reasoning", "summary": []},
+        {"id": "rs_2", "type": "reasoning", "summary": [], "encrypted_content": "e"},
+        {"id": "fc_1", "type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"id": "msg_1", "type": "message", "role": "assistant", "content": []},
+    ]
+    for kind in ("response.completed", "response.incomplete"):
+        closing = json.dumps({"type": kind, "response": {"id": "r1", "output": output}})
+        kept = kept_after(request, closing, 10_000)
+        assert kept is not None and kept.response_id == "r1"
+        assert json.loads(kept.items) == [
+            request["input"][0],  # type: ignore[index]
+            {"type": "reasoning", "summary": [], "encrypted_content": "e"},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "message", "role": "assistant", "content": []},
+        ]
+
+
+@pytest.mark.parametrize("closing", ["42", '"text"', "[1]", '{"type": "response.completed"}'])
+def test_a_closing_event_that_is_no_response_keeps_nothing(closing: str) -> None:
+    """The last event is the backend's: whatever it is, the connection goes on."""
+    assert kept_after({"store": False, "input": "x"}, closing, 1000) is None

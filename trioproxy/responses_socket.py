@@ -216,27 +216,53 @@ def _turn_of(message: str | bytes, kept: Kept | None) -> TurnOf:
         raise
 
 
+# the closing events of a response that can be continued
+_CONTINUABLE = frozenset({"response.completed", "response.incomplete"})
+
+
 def kept_after(request: dict[str, Any], closing: str | None, limit: int) -> Kept | None:
     """What to keep after a turn of ``request`` whose last event was ``closing`` (its
-    text): a completed response created with ``store: false``, if its items take at most
-    ``limit`` bytes; else None. Pure."""
+    text): a completed (or incomplete) response created with ``store: false``, if its
+    items take at most ``limit`` bytes; else None. Pure."""
     if request.get("store") is not False or closing is None:
         return None
     try:
         event = loads(closing)
     except ValueError:
         return None
-    response = event.get("response") if isinstance(event, dict) else None
-    if event.get("type") != "response.completed" or not isinstance(response, dict):
+    if not isinstance(event, dict) or event.get("type") not in _CONTINUABLE:
+        return None
+    response = event.get("response")
+    if not isinstance(response, dict):
         return None
     response_id, output = response.get("id"), response.get("output")
     if not isinstance(response_id, str) or not isinstance(output, list):
         return None
+    replayed = [replayable(item) for item in output if _replayable(item)]
     try:
-        items = compact_json(input_items(request.get("input")) + output)
+        items = compact_json(input_items(request.get("input")) + replayed)
     except ValueError:
         return None
     return Kept(response_id, items) if len(items) <= limit else None
+
+
+def _replayable(item: object) -> bool:
+    # a reasoning item is replayed by its encrypted_content, the only part of it the
+    # backend can take back without having stored it
+    return not (
+        isinstance(item, dict)
+        and item.get("type") == "reasoning"
+        and not item.get("encrypted_content")
+    )
+
+
+def replayable(item: Any) -> Any:
+    """An output item as a ``store: false`` client sends it back as input (as Codex does):
+    without its ``id``, which names an item the backend did not keep (OpenAI answers such
+    an id 404: "Items are not persisted when store is set to false"). Pure."""
+    if isinstance(item, dict) and "id" in item:
+        return {k: v for k, v in item.items() if k != "id"}
+    return item
 
 
 def _unknown_type_message(kind: object) -> str:
