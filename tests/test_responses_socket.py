@@ -30,6 +30,7 @@ from trioproxy.responses_socket import (
 from trioproxy.sse import SSEParser
 
 from .conftest import ServerProcess
+from .test_access_addresses import address_of
 from .test_metrics_e2e import scrape, total, wait_for
 
 Start = Callable[..., ServerProcess]
@@ -596,3 +597,25 @@ def test_kept_output_items_are_sent_back_as_a_store_false_client_sends_them() ->
 def test_a_closing_event_that_is_no_response_keeps_nothing(closing: str) -> None:
     """The last event is the backend's: whatever it is, the connection goes on."""
     assert kept_after({"store": False, "input": "x"}, closing, 1000) is None
+
+
+def test_behind_a_trusted_proxy_each_turn_logs_the_forwarded_client(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    """A turn's access line names the client its handshake came from, as a POST's does."""
+    trusting = start_proxy(
+        demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO", FORWARDED_ALLOW_IPS="127.0.0.1"
+    )
+    with connect(ws_url(trusting), additional_headers={"X-Forwarded-For": "203.0.113.7"}) as ws:
+        ws.send(json.dumps(create("hi [[tokens=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+            pass
+
+    def turn_lines() -> list[str]:
+        log = trusting.log().splitlines()
+        return [
+            line for line in log if "trioproxy.access" in line and " POST /v1/responses " in line
+        ]
+
+    wait_for(lambda: bool(turn_lines()))
+    assert [address_of(line) for line in turn_lines()] == ["203.0.113.7"]

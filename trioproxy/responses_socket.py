@@ -63,8 +63,20 @@ MAX_QUEUED_TURNS = 4
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # the proxy is stopping: the openai SDKs reconnect on it
 # the headers of the handshake each turn's POST carries (its key for the client's slots,
-# its origin for CORS, its trace context); the request id is each turn's own
-_TURN_HEADERS = frozenset({b"authorization", b"x-api-key", b"origin", b"traceparent"})
+# its origin for CORS, its trace context, the client a trusted proxy in front names for
+# the access line); the request id is each turn's own
+_TURN_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"x-api-key",
+        b"origin",
+        b"traceparent",
+        b"tracestate",
+        b"x-forwarded-for",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
 
 
 class ClientEventError(Exception):
