@@ -180,6 +180,22 @@ def test_waiting_turns_hold_max_request_bytes_at_most(impatient_proxy: ServerPro
     assert served_behind_a_stall(impatient_proxy, texts) == (1, 2)
 
 
+def test_a_served_turn_no_longer_counts_as_waiting(impatient_proxy: ServerProcess) -> None:
+    """Turns served one after another take MAX_REQUEST_BYTES several times over on one
+    connection: a message waiting later still has its room."""
+    with connect(ws_url(impatient_proxy)) as ws:
+        for n in range(4):  # 12 KB together, one at a time
+            ws.send(json.dumps(create(f"turn {n} [[tokens=1]] " + "x" * 3000)))
+            while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
+                pass
+        ws.send(json.dumps(create("stall [[stall_after=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+        ws.send(json.dumps(create("behind it [[tokens=1]] " + "x" * 3000)))
+        while (event := json.loads(ws.recv(timeout=10)))["type"] != "response.completed":
+            assert event.get("error", {}).get("code") != "too_many_queued", event
+
+
 def test_a_backend_refusal_is_an_error_event_and_the_connection_goes_on(
     socket_proxy: ServerProcess,
 ) -> None:
