@@ -437,6 +437,29 @@ def test_shutdown_ends_a_turn_in_progress_in_band(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
 
 
+def test_shutdown_answers_the_turns_still_waiting(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    """Each with an error event on its lane before the close: the openai SDK's session
+    holds a lane busy (no other create) until its create is answered."""
+    stopping = start_proxy(demo_backend.url, GRACEFUL_TIMEOUT="1")
+    with connect(ws_url(stopping)) as ws:
+        ws.send(json.dumps(create("long [[tokens=500]] [[delay=0.05]]", stream_id="a")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+        ws.send(json.dumps(create("waiting [[tokens=1]]", stream_id="b")))
+        ws.send(json.dumps(create("waiting too [[tokens=1]]")))
+        stopping.process.send_signal(signal.SIGTERM)
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(json.loads(ws.recv(timeout=10)))
+    # the running turn's in-band end (a stream's: no status), then each waiting one's
+    errors = [(e.get("stream_id"), e.get("status")) for e in events if e["type"] == "error"]
+    assert errors == [("a", None), ("b", 503), (None, 503)], events[-3:]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
 async def test_a_server_without_http_answers_to_handshakes_gets_a_close() -> None:
     """A server without ASGI's websocket.http.response extension: the refusal is a close."""
     from trioproxy.app import create_app

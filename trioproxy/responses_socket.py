@@ -79,6 +79,9 @@ _TURN_HEADERS = frozenset(
 )
 
 
+_UNSERVED = "the proxy is shutting down; this response.create was not served: send it again"
+
+
 class ClientEventError(Exception):
     """A client message that is no turn: told to the client as an ``error`` event (on the
     message's lane, ``stream_id``, if it named a valid one)."""
@@ -508,7 +511,20 @@ class ResponsesSocket:
             await self._run_turn(message)
             if self.closed:
                 return
+        await self._answer_unserved()
         await self._close(GOING_AWAY, "the proxy is shutting down")
+
+    async def _answer_unserved(self) -> None:
+        """The proxy is stopping: the messages still waiting (as many as may wait, not
+        what keeps arriving) are each answered with an error event on their lane, for the
+        openai SDK's session holds a lane busy until its create is answered."""
+        for _ in range(MAX_QUEUED_TURNS):
+            try:
+                message = self._queue_out.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            lane = await by_size(len(message), lane_of, message)
+            await self.send_text(tagged(error_event(503, _UNSERVED, "service_unavailable"), lane))
 
     async def _run_turn(self, message: str | bytes) -> None:
         kept, size = self._kept, len(message)
