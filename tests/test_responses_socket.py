@@ -18,7 +18,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from trioproxy.responses_socket import (
+    MAX_KEPT,
     ClientEventError,
+    Kept,
+    KeptResponses,
     client_error_event,
     expanded,
     kept_after,
@@ -138,10 +141,36 @@ def test_a_store_false_response_is_continued_from_the_connections_memory(
             create("four [[tokens=1]]", store=False, previous_response_id=second.response.id)
         )
         assert until_done(connection)[-1].type == "response.completed"
-        # only the last one is kept: an older one is the backend's to know (404)
-        connection.send(create("five", store=False, previous_response_id=first.response.id))
+        # an older one is still kept (a fork of it)
+        connection.send(
+            create("five [[tokens=1]]", store=False, previous_response_id=first.response.id)
+        )
+        assert until_done(connection)[-1].type == "response.completed"
+    with client(socket_proxy).responses.connect() as connection:
+        # another connection's is the backend's to know (404)
+        connection.send(create("six", store=False, previous_response_id=first.response.id))
         (error,) = until_done(connection)
         assert error.type == "error" and error.status == 404
+
+
+def test_store_false_chains_on_two_lanes_are_both_continued(socket_proxy: ServerProcess) -> None:
+    """The API keeps a connection's recent responses, not only its last: two
+    conversations on one connection (lanes), each store=false, continue in turn."""
+    with connect(ws_url(socket_proxy)) as ws:
+
+        def turn(text: str, lane: str, **fields: Any) -> dict[str, Any]:
+            ws.send(json.dumps(create(text, store=False, stream_id=lane, **fields)))
+            while (event := json.loads(ws.recv(timeout=10)))["type"] != "response.completed":
+                assert event["type"] != "error", event
+            return event["response"]  # type: ignore[no-any-return]
+
+        a, b = turn("a one [[tokens=2]]", "a"), turn("b one two [[tokens=3]]", "b")
+        a2 = turn("a two [[tokens=1]]", "a", previous_response_id=a["id"])
+        assert a2["usage"]["input_tokens"] == 3 + 2 + 3
+        b2 = turn("b three [[tokens=1]]", "b", previous_response_id=b["id"])
+        assert b2["usage"]["input_tokens"] == 4 + 3 + 3
+        # a fork: the same parent continued again, on another lane
+        assert turn("fork [[tokens=1]]", "c", previous_response_id=a["id"])["status"] == "completed"
 
 
 @pytest.fixture(scope="module")
@@ -658,3 +687,18 @@ def test_behind_a_trusted_proxy_each_turn_logs_the_forwarded_client(
 
     wait_for(lambda: bool(turn_lines()))
     assert [address_of(line) for line in turn_lines()] == ["203.0.113.7"]
+
+
+def test_kept_responses_are_bounded_by_bytes_and_count() -> None:
+    kept = KeptResponses(100)
+    for n in range(3):
+        kept.add(Kept(f"r{n}", b"x" * 40))
+    assert kept.get("r0") is None and kept.get("r2") is not None and kept.bytes == 80
+    kept.add(Kept("r2", b"y" * 10))  # the same id again replaces it
+    assert kept.bytes == 50 and kept.get("r2") == Kept("r2", b"y" * 10)
+    assert kept.get(None) is None and kept.get(["r1"]) is None
+    many = KeptResponses(10**6)
+    for n in range(MAX_KEPT + 5):
+        many.add(Kept(f"r{n}", b"[]"))
+    assert many.get("r4") is None and many.get("r5") is not None
+    assert many.bytes == 2 * MAX_KEPT

@@ -9,19 +9,20 @@ mapping, the relay and its deadlines, the ledger, the slots under
 the shutdown's in-band end are the POST route's, unchanged. The stream's SSE events go to
 the client one JSON message each; an answer that is an error is one ``error`` event.
 
-Turns run one after another, in the order sent (the API runs a connection's turns in
-order); a few messages may wait behind the one running, as they came
-(``MAX_QUEUED_TURNS``, ``MAX_REQUEST_BYTES`` together), each read in its turn. A client
+Turns run one after another, in the order sent, whatever their lanes (``stream_id``,
+which every event of a turn echoes: the API runs lanes in parallel, each in order); a
+few messages may wait behind the one running, as they came (``MAX_QUEUED_TURNS``,
+``MAX_REQUEST_BYTES`` together), each read in its turn. A client
 that closes the socket mid-turn cancels it and its backend request (499), as a client
 that leaves a stream. A connection with no turn closes after ``WEBSOCKET_IDLE_TIMEOUT``;
 at shutdown an idle one closes at once (1001, which the SDK reconnects on) and a busy one
 after its turn, which the shutdown ends in-band as it ends a stream.
 
 A response created with ``store: false`` is kept by no backend, so its continuation
-(``previous_response_id``) could not be served: the connection keeps its last such
-response (its input and output items, at most ``MAX_REQUEST_BYTES``) and sends a
-continuation of it with those items before its own input, without the id, as the API's
-WebSocket mode promises. A handshake from a web page (``Origin``) is refused unless
+(``previous_response_id``) could not be served: the connection keeps its recent such
+responses (their input and output items, at most ``MAX_REQUEST_BYTES`` together) and
+sends a continuation of one with its items before its own input, without the id, as the
+API's WebSocket mode promises. A handshake from a web page (``Origin``) is refused unless
 ``CORS_ORIGINS`` allows its origin.
 """
 
@@ -59,6 +60,9 @@ PATH = "/v1/responses"
 # response.create messages that may wait behind the turn running; past them the client is
 # told with an error event (each holds up to MAX_REQUEST_BYTES)
 MAX_QUEUED_TURNS = 4
+# store=false responses a connection keeps for their continuations (each up to
+# MAX_REQUEST_BYTES, and all of them together)
+MAX_KEPT = 16
 # close codes (RFC 6455 7.4.1)
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # the proxy is stopping: the openai SDKs reconnect on it
@@ -200,10 +204,38 @@ def input_items(value: object) -> list[Any]:
     return []
 
 
+class KeptResponses:
+    """The connection's recent responses created with ``store: false``, by id, oldest
+    first: the API keeps a connection's recent responses (two conversations on its
+    lanes, a fork of one), not only its last. At most ``limit`` bytes of items together
+    and ``MAX_KEPT`` responses; the oldest go first."""
+
+    __slots__ = ("_by_id", "bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self._by_id: dict[str, Kept] = {}
+        self.bytes = 0
+        self.limit = limit
+
+    def get(self, response_id: object) -> Kept | None:
+        return self._by_id.get(response_id) if isinstance(response_id, str) else None
+
+    def add(self, kept: Kept) -> None:
+        by_id = self._by_id
+        replaced = by_id.pop(kept.response_id, None)  # a backend that repeats its ids
+        if replaced is not None:
+            self.bytes -= len(replaced.items)
+        by_id[kept.response_id] = kept
+        self.bytes += len(kept.items)
+        while self.bytes > self.limit or len(by_id) > MAX_KEPT:
+            oldest = next(iter(by_id))
+            self.bytes -= len(by_id.pop(oldest).items)
+
+
 def expanded(request: dict[str, Any], kept: Kept | None) -> dict[str, Any]:
-    """``request``, if it continues the connection's kept response, with that response's
-    items before its own input instead of ``previous_response_id`` (what the API's
-    WebSocket mode does for ``store: false``); else as it is. Pure."""
+    """``request``, if it continues the kept response, with that response's items before
+    its own input instead of ``previous_response_id`` (what the API's WebSocket mode does
+    for ``store: false``); else as it is. Pure."""
     if kept is None or request.get("previous_response_id") != kept.response_id:
         return request
     rest = {k: v for k, v in request.items() if k != "previous_response_id"}
@@ -219,11 +251,11 @@ class TurnOf(NamedTuple):
     body: bytes  # the POST's
 
 
-def _turn_of(message: str | bytes, kept: Kept | None) -> TurnOf:
-    """A message's request, expanded if it continues the kept response, its lane and its
-    POST's body (in a JSON thread for a large one). Pure."""
+def _turn_of(message: str | bytes, kept: KeptResponses) -> TurnOf:
+    """A message's request, expanded if it continues a kept response, its lane and its
+    POST's body (in a JSON thread for a large one: ``kept`` is not changed meanwhile)."""
     request, lane = turn_request(message)
-    request = expanded(request, kept)
+    request = expanded(request, kept.get(request.get("previous_response_id")))
     try:
         return TurnOf(request, lane, encoded(request))
     except ClientEventError as error:
@@ -379,7 +411,8 @@ class ResponsesSocket:
         # decoded body takes several times its bytes), at most MAX_REQUEST_BYTES together
         self._queue_in, self._queue_out = trio.open_memory_channel[str | bytes](MAX_QUEUED_TURNS)
         self._queued_bytes = 0
-        self._kept: Kept | None = None  # the last store=false response, for its continuation
+        # the recent store=false responses, for their continuations
+        self._kept = KeptResponses(app.settings.max_request_bytes)
         self._waiting: trio.CancelScope | None = None  # while no turn runs
         self._turn: _Turn | None = None
         self.closed = False  # the client closed the socket, or the server did
@@ -527,9 +560,8 @@ class ResponsesSocket:
             await self.send_text(tagged(error_event(503, _UNSERVED, "service_unavailable"), lane))
 
     async def _run_turn(self, message: str | bytes) -> None:
-        kept, size = self._kept, len(message)
-        if kept is not None:
-            size += len(kept.items)
+        kept = self._kept
+        size = len(message) + kept.bytes  # at most: one of them is sent
         try:
             request, lane, body = await by_size(size, _turn_of, message, kept)
         except ClientEventError as error:
@@ -545,8 +577,10 @@ class ResponsesSocket:
             self._turn = None
         if request.get("store") is False and turn.last is not None:
             limit = self.app.settings.max_request_bytes
-            kept = await by_size(size, kept_after, request, turn.last, limit)
-            self._kept = kept or self._kept
+            work = len(turn.last) + len(body)  # its closing event decoded, its items encoded
+            last = await by_size(work, kept_after, request, turn.last, limit)
+            if last is not None:
+                kept.add(last)
 
     async def send_text(self, text: str) -> None:
         if not self.closed:
