@@ -87,6 +87,8 @@ PRIMARY = {
     "trioproxy_backend_up",  # a state, not a per-process figure: the max over workers
     "trioproxy_connections_open",  # summed over live workers
     "trioproxy_connections_refused_total",
+    "trioproxy_websockets_open",  # summed over live workers
+    "trioproxy_websockets_closed_total",
 }
 # Figures computed per process at scrape time: not aggregatable (rates since start,
 # window percentiles, averages). Fine to look at, wrong to alert or chart fleets on.

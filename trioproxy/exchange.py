@@ -530,6 +530,23 @@ class AccessLine:
             extra={REMOTE_ADDR_FIELD: address},
         )
 
+    def write_socket(self, sent: int, detail: str, client: str = "") -> None:
+        """The line of a WebSocket served on this path, when it closes: its handshake's
+        101, its whole life, the bytes of the messages it sent (text as characters) and
+        ``detail`` (its turns, why it closed). Its turns have lines of their own."""
+        address = self._addresses.of(self._scope)
+        access_log.info(
+            "%s %s %s 101 %.1f ms %d B (%s)%s",
+            address,
+            self.method,
+            clipped(loggable_path(self.path), PATH_LIMIT),
+            (time.perf_counter() - self.started) * 1000.0,
+            sent,
+            detail,
+            f" client={client}" if client else "",
+            extra={REMOTE_ADDR_FIELD: address},
+        )
+
     def _duration_ms(self, metric: RequestMetrics | None) -> float:
         # the metrics' own duration where there is one, so the line and the histogram
         # agree: it ends at the reply, not at work after it (a Responses settle)

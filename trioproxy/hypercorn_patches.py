@@ -144,6 +144,11 @@ request cancellation, and its cost per request.
     per connection, over and over, for a thousandth of it sent. The handshake is answered
     without the extension; the client then sends its messages as they are.
 
+18. **The app hears why hypercorn closed a WebSocket.** A message over its size limit
+    (MAX_REQUEST_BYTES) was closed with 1009, and the app then told ``websocket.disconnect``
+    with 1006, as for a client that went away: the proxy could not count it apart. The
+    disconnect now carries 1009 (``trioproxy_websockets_closed_total{reason="too_big"}``).
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed (one that has not sent a whole request head yet
 after ``FIRST_REQUEST_SECONDS`` at most); at shutdown an idle connection is closed at once and
@@ -175,6 +180,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from wsproto.connection import Connection
+from wsproto.connection import ConnectionState as WSConnectionState
 
 from .logs import fresh_request_id, scope_request_id
 from .netstream import send_what_fits
@@ -747,11 +753,40 @@ _original_ws_handle = ws_stream.WSStream.handle
 
 
 async def _ws_handle(self: Any, event: Any) -> None:
+    if type(event) is StreamClosed and getattr(self, _TOO_BIG, False) and not self.closed:
+        # the app is told what the client was told (patch 18)
+        self.closed = True
+        await self.app_put({"type": "websocket.disconnect", "code": 1009})
+        return
     closed = self.closed
+    connected = type(event) is not StreamClosed and _ws_open(self)
     await _original_ws_handle(self, event)
+    if connected and _ws_closing_itself(self):
+        setattr(self, _TOO_BIG, True)
     if self.closed and not closed and type(event) is not StreamClosed:
         # hypercorn answered the handshake itself (400/404) and stopped there
         await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+# set on a WSStream hypercorn closed for a message over its size limit (patch 18)
+_TOO_BIG = "_trioproxy_too_big"
+
+
+def _ws_open(stream: Any) -> bool:
+    """Whether the app accepted ``stream`` and neither side has begun to close it."""
+    return (
+        stream.state is ws_stream.ASGIWebsocketState.CONNECTED
+        and stream.connection.state is WSConnectionState.OPEN
+    )
+
+
+def _ws_closing_itself(stream: Any) -> bool:
+    """Whether hypercorn began to close ``stream`` (it sent a close the app did not ask
+    for, the client has not answered): while reading, only for a message too big."""
+    return (
+        stream.state is ws_stream.ASGIWebsocketState.CONNECTED
+        and stream.connection.state is WSConnectionState.LOCAL_CLOSING
+    )
 
 
 def _nothing_after_close(buf: Any) -> None:

@@ -470,6 +470,16 @@ class MetricsCollector:
                 m.duration_ms,
             )
 
+    def websocket_opened(self) -> None:
+        """A Responses API WebSocket was accepted (``trioproxy_websockets_open``)."""
+        if self.enabled:
+            self._prom.websocket_opened()
+
+    def websocket_closed(self, reason: str) -> None:
+        """It closed, for ``reason`` (:data:`.schema.WEBSOCKET_CLOSE_REASONS`)."""
+        if self.enabled:
+            self._prom.websocket_closed(reason)
+
     def upstream_error(self, reason: str) -> None:
         if self.enabled:
             self._prom.upstream_error(reason)

@@ -94,6 +94,18 @@ UPSTREAM_REASONS: tuple[str, ...] = (
     "other",
 )
 
+# why a Responses API WebSocket closed: its client closed it (or went away), it idled
+# past WEBSOCKET_IDLE_TIMEOUT, the proxy stopped, a message was over MAX_REQUEST_BYTES
+# (1009), it sent messages faster than they were answered (1008), a fault in the proxy
+WEBSOCKET_CLOSE_REASONS: tuple[str, ...] = (
+    "client",
+    "idle",
+    "shutdown",
+    "too_big",
+    "flood",
+    "error",
+)
+
 REQUEST_LABELS = ("api", "endpoint", "method", "model", "status")
 DURATION_LABELS = ("api", "endpoint", "model")
 # whether the request was a stream ("true"/"false"): a stream is timed to its last token,

@@ -59,6 +59,7 @@ from .schema import (
     TOKEN_GAP_BUCKETS,
     TOKEN_LABELS,
     UPSTREAM_REASONS,
+    WEBSOCKET_CLOSE_REASONS,
 )
 from .shared_merge import SharedFilesMerge
 from .threads import metrics_threads
@@ -254,6 +255,26 @@ class PrimaryMetrics:
             **r,
         )
         self.connections_open.set(0)
+        # the Responses API's WebSockets (responses_socket): few and long, so updated as
+        # each opens and closes, never per message
+        self.websockets_open = gauge(
+            "trioproxy_websockets_open",
+            "Responses API WebSockets open (/v1/responses), sum over live workers; each "
+            "also holds one of trioproxy_connections_open.",
+            multiprocess_mode="livesum",
+            **r,
+        )
+        self.websockets_closed = counter(
+            "trioproxy_websockets_closed_total",
+            "Responses API WebSockets closed, by reason (client|idle|shutdown|too_big|"
+            "flood|error).",
+            ("reason",),
+            **r,
+        )
+        self.websockets_open.set(0)
+        self._websocket_closed_children = {
+            k: self.websockets_closed.labels(k) for k in WEBSOCKET_CLOSE_REASONS
+        }
         # created by the first readiness result (set_backend_up): an unknown state must
         # not read as a backend that is down
         self._new_gauge, self._registry_kw = gauge, r
@@ -375,6 +396,16 @@ class PrimaryMetrics:
             self.client_tokens.labels(client, "input").inc(input_tokens)
         if output_tokens:
             self.client_tokens.labels(client, "output").inc(output_tokens)
+
+    def websocket_opened(self) -> None:
+        self.version += 1
+        self.websockets_open.inc()
+
+    def websocket_closed(self, reason: str) -> None:
+        self.version += 1
+        self.websockets_open.dec()
+        children = self._websocket_closed_children
+        children.get(reason, children["error"]).inc()
 
     def upstream_error(self, reason: str) -> None:
         self.version += 1
