@@ -69,6 +69,18 @@ def close_code(ws: Any) -> int | None:
     return closed.value.rcvd.code if closed.value.rcvd is not None else None
 
 
+def closed_total(proxy: ServerProcess, reason: str) -> float:
+    return total(scrape(proxy.url), "trioproxy_websockets_closed_total", reason=reason)
+
+
+def socket_lines(proxy: ServerProcess) -> list[str]:
+    return [
+        line
+        for line in proxy.log().splitlines()
+        if "trioproxy.access" in line and " GET /v1/responses 101 " in line
+    ]
+
+
 @pytest.fixture(scope="module")
 def socket_proxy(demo_backend: ServerProcess, start_proxy: Start) -> ServerProcess:
     return start_proxy(demo_backend.url, MAX_RETRIES="0")
@@ -338,6 +350,9 @@ def test_a_message_over_max_request_bytes_closes_with_1009(
     with connect(ws_url(small)) as ws:
         ws.send(json.dumps(create("x" * 5000)))
         assert close_code(ws) == 1009
+    # counted apart from a client that left (hypercorn_patches 18)
+    wait_for(lambda: closed_total(small, "too_big") == 1)
+    assert closed_total(small, "client") == 0
 
 
 def test_a_socket_holds_its_connection_under_max_connections(
@@ -432,12 +447,14 @@ def test_an_idle_connection_closes_after_websocket_idle_timeout(
     quick = start_proxy(demo_backend.url, WEBSOCKET_IDLE_TIMEOUT="0.3")
     with connect(ws_url(quick)) as ws:
         assert close_code(ws) == 1000
+    wait_for(lambda: closed_total(quick, "idle") == 1)
+    assert total(scrape(quick.url), "trioproxy_websockets_open") == 0
 
 
 def test_shutdown_closes_an_idle_connection_with_going_away(
     demo_backend: ServerProcess, start_proxy: Start
 ) -> None:
-    stopping = start_proxy(demo_backend.url)
+    stopping = start_proxy(demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO")
     with connect(ws_url(stopping)) as ws:
         ws.send(json.dumps(create("before [[tokens=1]]")))
         while json.loads(ws.recv(timeout=10))["type"] != "response.completed":
@@ -445,6 +462,8 @@ def test_shutdown_closes_an_idle_connection_with_going_away(
         stopping.process.send_signal(signal.SIGTERM)
         assert close_code(ws) == 1001
     assert stopping.process.wait(timeout=10) == 0
+    (line,) = socket_lines(stopping)  # its access line says why it closed
+    assert line.endswith("(websocket: 1 turns, closed: shutdown)"), line
 
 
 def test_shutdown_ends_a_turn_in_progress_in_band(
@@ -702,3 +721,140 @@ def test_kept_responses_are_bounded_by_bytes_and_count() -> None:
         many.add(Kept(f"r{n}", b"[]"))
     assert many.get("r4") is None and many.get("r5") is not None
     assert many.bytes == 2 * MAX_KEPT
+
+
+# operators: the sockets in the metrics and the access log
+
+
+def test_open_sockets_are_a_gauge_and_each_close_is_counted_and_logged(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    watched = start_proxy(
+        demo_backend.url, ACCESS_LOG="true", LOG_LEVEL="INFO", PROXY_API_KEYS="team-a:sk-a"
+    )
+    with client(watched, "sk-a").responses.connect() as connection:
+        samples = scrape(watched.url)
+        assert total(samples, "trioproxy_websockets_open") == 1
+        assert total(samples, "trioproxy_websockets_closed_total") == 0
+        for text in ("one [[tokens=2]]", "two [[tokens=1]]"):
+            connection.send(create(text))
+            assert until_done(connection)[-1].type == "response.completed"
+    wait_for(lambda: closed_total(watched, "client") == 1)
+    assert total(scrape(watched.url), "trioproxy_websockets_open") == 0
+    wait_for(lambda: bool(socket_lines(watched)))
+    (line,) = socket_lines(watched)
+    assert line.endswith("(websocket: 2 turns, closed: client) client=team-a"), line
+    sent = int(line.split(" B (")[0].rsplit(" ", 1)[1])
+    assert sent > 1000  # the turns' events
+
+
+# generate: false (a warm-up)
+
+
+def test_a_warm_up_is_answered_by_the_proxy_and_continued(
+    demo_backend: ServerProcess, start_proxy: Start
+) -> None:
+    """``generate: false`` prepares state without output (WebSocket mode only: a
+    backend's POST does not take it): answered without the backend, an empty completed
+    response whose continuation carries the warm-up's items."""
+    counted = start_proxy(demo_backend.url)
+    with client(counted).responses.connect() as connection:
+        connection.send(create("you are terse", store=False, generate=False))
+        events = until_done(connection)
+        assert [e.type for e in events] == ["response.created", "response.completed"]
+        warm = events[-1].response
+        assert warm.status == "completed" and warm.output == [] and warm.model == "demo-chat"
+        assert warm.id.startswith("resp_")
+        connection.send(
+            create("hello there [[tokens=2]]", store=False, previous_response_id=warm.id)
+        )
+        done = until_done(connection)[-1]
+        assert done.type == "response.completed", done
+        assert done.response.usage.input_tokens == 3 + 3  # the warm-up's words, then its own
+    samples = scrape(counted.url)
+    assert total(samples, "http_requests_total", endpoint="v1_responses") == 1  # no warm-up
+
+
+def test_a_warm_up_of_a_stored_response_continues_it(socket_proxy: ServerProcess) -> None:
+    """A warm-up continuing a response the backend keeps: its continuation names that
+    one to the backend, with the warm-up's items before its own input."""
+    with client(socket_proxy).responses.connect() as connection:
+        connection.send(create("one two [[tokens=3]]"))
+        first = until_done(connection)[-1].response
+        connection.send(
+            create("tools ready", generate=False, previous_response_id=first.id, stream_id="w")
+        )
+        warm = until_done(connection)[-1]
+        assert warm.stream_id == "w" and warm.response.previous_response_id == first.id
+        connection.send(create("go [[tokens=1]]", previous_response_id=warm.response.id))
+        done = until_done(connection)[-1]
+        assert done.type == "response.completed", done
+        # the warm-up's words and its own; the first turn's id went to the demo, which
+        # knew it (an unknown one is a 404)
+        assert done.response.usage.input_tokens == 2 + 2
+
+
+def test_generate_true_is_not_sent_to_the_backend() -> None:
+    from trioproxy.responses_socket import generates
+
+    request = {"model": "m", "generate": True}
+    assert generates(request) and request == {"model": "m"}
+    assert generates({"model": "m"})
+    assert not generates({"generate": False})
+    with pytest.raises(ClientEventError, match="generate"):
+        generates({"generate": "no"})
+
+
+# a client that sends without reading its answers
+
+REFUSALS_WAITING = 16  # responses_socket.MAX_REFUSALS_WAITING
+
+
+async def test_the_reader_never_waits_on_a_write_and_a_flood_closes_with_1008() -> None:
+    """hypercorn reads ahead into its queue (10 messages) while the app does not take
+    them: a reader that waited on a write (a refusal's error event to a client that does
+    not read) let a connection hold a dozen messages of MAX_REQUEST_BYTES. It takes every
+    message as it comes, and past what may wait (turns, then refusals) closes (1008)."""
+    import trio
+
+    from trioproxy.app import create_app
+    from trioproxy.config import Settings
+    from trioproxy.responses_socket import MAX_QUEUED_TURNS, ResponsesSocket
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:1/v1"))
+    messages = ["{not json"] + [json.dumps(create(f"m{n}")) for n in range(60)]
+    taken = trio.Event()  # every message taken from the server
+    reading = trio.Event()  # the client reads again
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if sent == []:
+            return {"type": "websocket.connect"}
+        if messages:
+            return {"type": "websocket.receive", "text": messages.pop(0), "bytes": None}
+        taken.set()
+        await reading.wait()
+        await trio.sleep_forever()  # the client reads but sends nothing more
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.send":
+            await reading.wait()  # the client does not read
+        sent.append(message)
+
+    async def release() -> None:
+        await taken.wait()
+        reading.set()
+
+    scope = {"type": "websocket", "path": "/v1/responses", "headers": []}
+    with trio.fail_after(10):  # the old reader waited on its write for ever
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release)
+            await ResponsesSocket(app, scope, receive, send).serve()  # type: ignore[arg-type]
+    assert sent[-1] == {
+        "type": "websocket.close",
+        "code": 1008,
+        "reason": "messages sent faster than answered",
+    }
+    refused = [m for m in sent if "too_many_queued" in str(m.get("text"))]
+    assert len(refused) <= REFUSALS_WAITING + 1
+    assert len(sent) < 2 + MAX_QUEUED_TURNS + REFUSALS_WAITING + 4

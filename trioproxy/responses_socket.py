@@ -22,13 +22,20 @@ A response created with ``store: false`` is kept by no backend, so its continuat
 (``previous_response_id``) could not be served: the connection keeps its recent such
 responses (their input and output items, at most ``MAX_REQUEST_BYTES`` together) and
 sends a continuation of one with its items before its own input, without the id, as the
-API's WebSocket mode promises. A handshake from a web page (``Origin``) is refused unless
-``CORS_ORIGINS`` allows its origin.
+API's WebSocket mode promises; a warm-up (``generate: false``) is answered by the proxy
+with an empty response whose items are kept likewise (no backend takes the field). The
+reader takes every message as it arrives, never behind a write, so hypercorn's
+read-ahead stays empty; a client that sends more than may wait for its answers is
+closed (1008). Each socket is in ``trioproxy_websockets_open`` while open, its close
+counted by reason and, with ``ACCESS_LOG``, logged. A handshake from a web page
+(``Origin``) is refused unless ``CORS_ORIGINS`` allows its origin.
 """
 
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -51,6 +58,7 @@ from .exchange import (
 )
 from .json_threads import by_size
 from .jsonutil import compact_json, loads
+from .logs import request_id_var, scope_request_id
 from .sse import SSE_DONE, SSEParser
 
 if TYPE_CHECKING:
@@ -60,12 +68,18 @@ PATH = "/v1/responses"
 # response.create messages that may wait behind the turn running; past them the client is
 # told with an error event (each holds up to MAX_REQUEST_BYTES)
 MAX_QUEUED_TURNS = 4
+# refused messages (too_many_queued) that may wait for their error event (each held until
+# its lane is read, all of them at most MAX_REQUEST_BYTES): past them the client sends
+# faster than it reads its answers, and the socket closes (1008)
+MAX_REFUSALS_WAITING = 16
 # store=false responses a connection keeps for their continuations (each up to
 # MAX_REQUEST_BYTES, and all of them together)
 MAX_KEPT = 16
 # close codes (RFC 6455 7.4.1)
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # the proxy is stopping: the openai SDKs reconnect on it
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009  # hypercorn closed it: a message over MAX_REQUEST_BYTES
 # the headers of the handshake each turn's POST carries (its key for the client's slots,
 # its origin for CORS, its trace context, the client a trusted proxy in front names for
 # the access line); the request id is each turn's own
@@ -193,6 +207,9 @@ class Kept(NamedTuple):
     # held between turns, so as compact as they come (decoded, values take several times
     # their bytes)
     items: bytes
+    # the response it continues that the connection does not keep (a backend's): a warm-up
+    # (``generate: false``) of one, which its continuation continues in its place
+    previous: str | None = None
 
 
 def input_items(value: object) -> list[Any]:
@@ -239,8 +256,63 @@ def expanded(request: dict[str, Any], kept: Kept | None) -> dict[str, Any]:
     if kept is None or request.get("previous_response_id") != kept.response_id:
         return request
     rest = {k: v for k, v in request.items() if k != "previous_response_id"}
+    if kept.previous is not None:
+        rest["previous_response_id"] = kept.previous
     rest["input"] = loads(kept.items) + input_items(request.get("input"))
     return rest
+
+
+def generates(request: dict[str, Any]) -> bool:
+    """Whether a ``response.create`` asks for output, its ``generate`` (WebSocket mode's
+    own field, which a backend's POST does not take) taken out of it. Raises
+    :class:`ClientEventError` for one that is no boolean. Pure but for that."""
+    generate = request.pop("generate", None)
+    if generate is None or isinstance(generate, bool):
+        return generate is not False
+    raise ClientEventError("generate must be a boolean", param="generate")
+
+
+def warm_up_events(request: dict[str, Any], response_id: str, asked: object) -> list[str]:
+    """What the API answers a ``response.create`` with ``generate: false`` (a warm-up:
+    request state prepared, no output): its response created, then completed empty.
+    ``asked``: the ``previous_response_id`` it named. Pure but for the clock."""
+    now = int(time.time())
+    response = {
+        "id": response_id,
+        "object": "response",
+        "created_at": now,
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.get("instructions"),
+        "metadata": request.get("metadata") or {},
+        "model": request.get("model"),
+        "output": [],
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
+        "previous_response_id": asked if isinstance(asked, str) else None,
+        "store": request.get("store", True),
+        "tool_choice": request.get("tool_choice", "auto"),
+        "tools": request.get("tools") or [],
+        "usage": None,
+    }
+    created = {"type": "response.created", "sequence_number": 0, "response": response}
+    done = {**response, "status": "completed", "completed_at": now}
+    completed = {"type": "response.completed", "sequence_number": 1, "response": done}
+    return [compact_json(created).decode(), compact_json(completed).decode()]
+
+
+def kept_warm_up(request: dict[str, Any], response_id: str, limit: int) -> Kept | None:
+    """What the connection keeps of a warm-up: its input items (expanded, if it continued
+    a kept response), and the backend's response it continues, if any; None if they take
+    over ``limit`` bytes. Pure."""
+    try:
+        items = compact_json(input_items(request.get("input")))
+    except ValueError:
+        return None
+    previous = request.get("previous_response_id")
+    previous = previous if isinstance(previous, str) else None
+    return Kept(response_id, items, previous) if len(items) <= limit else None
 
 
 class TurnOf(NamedTuple):
@@ -248,16 +320,19 @@ class TurnOf(NamedTuple):
 
     request: dict[str, Any]  # expanded, if it continues the kept response
     lane: str | None  # its stream_id
-    body: bytes  # the POST's
+    body: bytes  # the POST's (empty for a warm-up, which none is sent for)
+    asked: object  # the previous_response_id it named
 
 
 def _turn_of(message: str | bytes, kept: KeptResponses) -> TurnOf:
     """A message's request, expanded if it continues a kept response, its lane and its
     POST's body (in a JSON thread for a large one: ``kept`` is not changed meanwhile)."""
     request, lane = turn_request(message)
-    request = expanded(request, kept.get(request.get("previous_response_id")))
+    asked = request.get("previous_response_id")
     try:
-        return TurnOf(request, lane, encoded(request))
+        generate = generates(request)
+        request = expanded(request, kept.get(asked))
+        return TurnOf(request, lane, encoded(request) if generate else b"", asked)
     except ClientEventError as error:
         error.stream_id = lane
         raise
@@ -411,11 +486,25 @@ class ResponsesSocket:
         # decoded body takes several times its bytes), at most MAX_REQUEST_BYTES together
         self._queue_in, self._queue_out = trio.open_memory_channel[str | bytes](MAX_QUEUED_TURNS)
         self._queued_bytes = 0
+        # the messages refused (too many waiting), each until its error event is out: the
+        # reader never waits on a write, so the server's read-ahead (hypercorn's queue of
+        # 10 messages) stays empty, and a client that does not read its answers is closed
+        # (1008) instead of holding a dozen messages of MAX_REQUEST_BYTES
+        self._refused_in, self._refused_out = trio.open_memory_channel[str | bytes](
+            MAX_REFUSALS_WAITING
+        )
+        self._refused_bytes = 0
         # the recent store=false responses, for their continuations
         self._kept = KeptResponses(app.settings.max_request_bytes)
         self._waiting: trio.CancelScope | None = None  # while no turn runs
         self._turn: _Turn | None = None
         self.closed = False  # the client closed the socket, or the server did
+        # for the operators: why it closed (metrics.schema.WEBSOCKET_CLOSE_REASONS, None
+        # while open: the client's doing unless the proxy's), turns and warm-ups served,
+        # bytes of the messages sent (text as characters), its client's name
+        self.ending: str | None = None
+        self.turns = self.warm_ups = self.sent = 0
+        self._client = ""
 
     async def serve(self) -> None:
         await self._receive()  # websocket.connect
@@ -424,15 +513,41 @@ class ResponsesSocket:
             await self._refuse(refusal)
             return
         await self._send({"type": "websocket.accept", "subprotocol": None, "headers": []})
-        sockets = self.app.open_sockets
+        app = self.app
+        sockets = app.open_sockets
         sockets.add(self)
+        app.collector.websocket_opened()
+        line = AccessLine("GET", PATH, self.scope, app.client_addresses)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read)
+                nursery.start_soon(self._answer_refusals)
                 await self._run_turns()
+                if self.ending == "flood":
+                    await self._close(POLICY_VIOLATION, "messages sent faster than answered")
                 nursery.cancel_scope.cancel()
+        except BaseException:
+            # cancelled: the server cut it at the end of its shutdown's grace period
+            self.ending = self.ending or ("shutdown" if sockets.stopping else "error")
+            raise
         finally:
             sockets.discard(self)
+            self._closed_for_operators(line)
+
+    def _closed_for_operators(self, line: AccessLine) -> None:
+        """Its close counted (``trioproxy_websockets_*``) and, with ACCESS_LOG, its line."""
+        app, reason = self.app, self.ending or "client"
+        app.collector.websocket_closed(reason)
+        if not app.settings.access_log:
+            return
+        detail = f"websocket: {self.turns} turns"
+        if self.warm_ups:
+            detail += f", {self.warm_ups} warm-ups"
+        token = request_id_var.set(scope_request_id(self.scope))  # the handshake's
+        try:
+            line.write_socket(self.sent, f"{detail}, closed: {reason}", self._client)
+        finally:
+            request_id_var.reset(token)
 
     def stop_waiting(self) -> None:
         """The proxy is stopping: an idle socket closes now, a busy one after its turn."""
@@ -453,9 +568,10 @@ class ResponsesSocket:
         if keys is None:
             return None
         try:
-            keys.check("GET", PATH, headers.get("authorization"), headers.get("x-api-key"))
+            name = keys.check("GET", PATH, headers.get("authorization"), headers.get("x-api-key"))
         except ProxyError as error:
             return error
+        self._client = name or ""
         return None
 
     async def _refuse(self, error: ProxyError) -> None:
@@ -485,41 +601,57 @@ class ResponsesSocket:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _read(self) -> None:
-        """The client's messages: each response.create queued for its turn, anything
-        else answered with an error event; the socket closing ends the turn running."""
+        """The client's messages, taken as they come and never behind a write: each
+        response.create queued for its turn, past the queue's bounds one refused; past
+        those, the socket is to close (1008) and what else comes is dropped. The socket
+        closing ends the turn running."""
         try:
             while True:
                 event = await self._receive()
                 if event["type"] != "websocket.receive":
+                    if event.get("code") == MESSAGE_TOO_BIG:  # hypercorn_patches 18
+                        self.ending = self.ending or "too_big"
                     break  # websocket.disconnect
                 text = event.get("text")
-                await self._queue(event.get("bytes") or b"" if text is None else text)
+                if self.ending is None:
+                    self._queue(event.get("bytes") or b"" if text is None else text)
         finally:
             self.closed = True
             if self._turn is not None:
                 self._turn.over.set()  # the client left: the turn is cancelled
             self._queue_in.close()
+            self._refused_in.close()
 
-    async def _queue(self, message: str | bytes) -> None:
-        """A message for its turn; past the queue's bounds, an error event instead (one
-        message is bounded by the server: MAX_REQUEST_BYTES)."""
+    def _queue(self, message: str | bytes) -> None:
+        """A message for its turn; past the queue's bounds, for its error event; past
+        theirs, the socket is to close (one message is bounded by the server:
+        MAX_REQUEST_BYTES)."""
         size = len(message)
         limit = self.app.settings.max_request_bytes
-        over = self._queued_bytes > 0 and self._queued_bytes + size > limit
-        if not over:
-            try:
-                self._queue_in.send_nowait(message)
-            except trio.WouldBlock:
-                over = True
-            else:
-                self._queued_bytes += size
-                return
+        if _put(self._queue_in, message, self._queued_bytes, limit):
+            self._queued_bytes += size
+            return
+        if _put(self._refused_in, message, self._refused_bytes, limit):
+            self._refused_bytes += size
+            return
+        # the client does not read what it is answered: no turn is served any more
+        self.ending = "flood"
+        if self._turn is not None:
+            self._turn.over.set()
+        self._queue_in.close()
+
+    async def _answer_refusals(self) -> None:
+        """The error event of each refused message, on its lane, in order."""
         text = (
             f"too many response.create waiting: at most {MAX_QUEUED_TURNS} messages of "
             "MAX_REQUEST_BYTES together may wait behind the response in progress"
         )
-        lane = await by_size(size, lane_of, message)  # its lane is told, not another
-        await self.send_text(tagged(error_event(429, text, code="too_many_queued"), lane))
+        async for message in self._refused_out:
+            size = len(message)
+            lane = await by_size(size, lane_of, message)  # its lane is told, not another
+            del message
+            self._refused_bytes -= size
+            await self.send_text(tagged(error_event(429, text, code="too_many_queued"), lane))
 
     async def _run_turns(self) -> None:
         idle = self.app.settings.websocket_idle_timeout
@@ -535,15 +667,17 @@ class ResponsesSocket:
                     self._waiting = None
             if waiting.cancelled_caught:
                 if not sockets.stopping:
+                    self.ending = "idle"
                     await self._close(NORMAL_CLOSURE, f"idle for {idle:g} s")
                     return
                 break
-            if self.closed:
+            if self.closed or self.ending is not None:
                 return  # the client left with turns still waiting: none is served
             self._queued_bytes -= len(message)
             await self._run_turn(message)
-            if self.closed:
+            if self.closed or self.ending is not None:
                 return
+        self.ending = "shutdown"
         await self._answer_unserved()
         await self._close(GOING_AWAY, "the proxy is shutting down")
 
@@ -563,12 +697,16 @@ class ResponsesSocket:
         kept = self._kept
         size = len(message) + kept.bytes  # at most: one of them is sent
         try:
-            request, lane, body = await by_size(size, _turn_of, message, kept)
+            request, lane, body, asked = await by_size(size, _turn_of, message, kept)
         except ClientEventError as error:
             await self.send_text(client_error_event(error))
             return
-        if self.closed:  # the client left while its body was written
+        if self.closed or self.ending is not None:  # the client left meanwhile
             return
+        if not body:
+            await self._warm_up(request, lane, asked, size)
+            return
+        self.turns += 1
         turn = self._turn = _Turn(self, body, lane)  # (no wait since the check: the reader sees it)
         try:
             handler = self.app.fast_routes[PATH]
@@ -582,8 +720,25 @@ class ResponsesSocket:
             if last is not None:
                 kept.add(last)
 
+    async def _warm_up(
+        self, request: dict[str, Any], lane: str | None, asked: object, size: int
+    ) -> None:
+        """A ``response.create`` with ``generate: false``: the API prepares the request's
+        state and answers with an empty response that later turns continue. No backend
+        takes the field (nor has a warm-up to give): the proxy answers it, and keeps its
+        items as it keeps a store=false response's, so a continuation of it sends them."""
+        self.warm_ups += 1
+        response_id = f"resp_{uuid.uuid4().hex}"
+        limit = self.app.settings.max_request_bytes
+        kept = await by_size(size, kept_warm_up, request, response_id, limit)
+        if kept is not None:
+            self._kept.add(kept)
+        for text in warm_up_events(request, response_id, asked):
+            await self.send_text(tagged(text, lane))
+
     async def send_text(self, text: str) -> None:
         if not self.closed:
+            self.sent += len(text)
             await self._send({"type": "websocket.send", "bytes": None, "text": text})
 
     async def _close(self, code: int, reason: str) -> None:
@@ -667,6 +822,20 @@ class _HandshakeAnswer:
     async def __call__(self, message: Any) -> None:
         kind = "websocket." + message["type"]
         await self._send({**message, "type": kind})
+
+
+def _put(
+    channel: trio.MemorySendChannel[str | bytes], message: str | bytes, held: int, limit: int
+) -> bool:
+    """Whether ``message`` went into ``channel``, which holds ``held`` bytes of messages:
+    one always may (a message is bounded by the server), more up to ``limit`` together."""
+    if held and held + len(message) > limit:
+        return False
+    try:
+        channel.send_nowait(message)
+    except trio.WouldBlock:
+        return False
+    return True
 
 
 def _handshake_headers(raw: Any) -> dict[str, str]:
