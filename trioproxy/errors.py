@@ -16,6 +16,7 @@ from typing import Any, AnyStr
 
 from .content_coding import codings_of
 from .jsonutil import loads
+from .metrics.labels import clipped
 
 # the types OpenAI's API itself writes (a wrong key and an unknown model are
 # invalid_request_error there, told apart by their code)
@@ -172,6 +173,26 @@ def shown_name(name: str) -> str:
     return f"{name[:_SHOWN_NAME_CHARS]}… ({len(name):,} characters)"
 
 
+# The most of a message an error the proxy writes holds, in bytes of UTF-8: a backend's
+# error message (a stream's error event may be hundreds of MB) or an exception's words
+# that quote what it sent are cut there, with a "... [N more bytes]" note. The message's
+# start, which says what went wrong, is kept; a backend's own error object relayed on
+# /v1/* is bounded by MAX_ERROR_BODY (upstream.py) instead.
+MESSAGE_BYTES = 4096
+_NOTE_ROOM = 64  # left for the note, so that a message cut once is never cut again
+
+
+def bounded(message: str) -> str:
+    """``message`` cut to MESSAGE_BYTES, never inside a character or a ``***``. Cut after
+    the backend's secrets are scrubbed from it, never before: a secret the cut splits
+    would keep its first half, which no scrubbing finds any more."""
+    if len(message) <= MESSAGE_BYTES // 4:  # no character takes more than 4 bytes
+        return message
+    if clipped(message, MESSAGE_BYTES) is message:
+        return message
+    return clipped(message, MESSAGE_BYTES - _NOTE_ROOM)
+
+
 def body_too_large_message(limit: int | None) -> str:
     return f"request body is larger than the limit of {limit} bytes"
 
@@ -185,6 +206,7 @@ def openai_error_type(status: int) -> str:
 def ollama_error_body(message: str) -> bytes:
     # a lone surrogate (a client's "\ud800" quoted back in the message) has no UTF-8
     # spelling: it is kept as the JSON escape it came as, never a 500
+    message = bounded(message)
     try:
         return json.dumps({"error": message}, ensure_ascii=False).encode()
     except UnicodeEncodeError:
@@ -196,7 +218,7 @@ def openai_error_payload(
 ) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            "message": bounded(message),
             "type": openai_error_type(status),
             "param": param,
             "code": code,
@@ -246,7 +268,7 @@ def anthropic_error_payload(message: str, status: int) -> dict[str, Any]:
     kind = ANTHROPIC_ERROR_TYPES.get(status)
     if kind is None:
         kind = "api_error" if status >= 500 else "invalid_request_error"
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"type": "error", "error": {"type": kind, "message": bounded(message)}}
 
 
 def _utf8_json(payload: Any) -> bytes:
@@ -285,8 +307,10 @@ def upstream_error_message(body: bytes, status: int) -> str:
         if isinstance(message, list | dict):
             message = _as_text(message)
     if not message:
+        # whole: cut before the caller scrubs it, a key across the cut would keep its start
+        # (every message the proxy writes is bounded after the scrubbing)
         text = body.decode("utf-8", "replace").strip()
-        message = text[:500] if text else f"backend returned HTTP {status}"
+        message = text or f"backend returned HTTP {status}"
     return f"{message}"
 
 

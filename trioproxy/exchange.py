@@ -31,6 +31,7 @@ from .errors import (
     ProxyError,
     SecretsMask,
     UpstreamStatusError,
+    bounded,
     error_body_for,
     is_openai_path,
     scrub,
@@ -726,7 +727,7 @@ def error_reply(
 def proxy_error_reply(
     error: ProxyError, path: str, secrets: BackendSecrets, state: RequestState
 ) -> Reply:
-    message = scrub(error.message, secrets)
+    message = bounded(scrub(error.message, secrets))  # scrubbed whole, then cut: in the log too
     if state.metric is not None and state.metric.error is None:
         state.metric.error = message[:200]
     if isinstance(error, UpstreamStatusError):

@@ -26,6 +26,7 @@ from .errors import (
     ProxyError,
     UpstreamStatusError,
     UpstreamTimeout,
+    bounded,
     scrub,
     upstream_error_message,
 )
@@ -54,7 +55,7 @@ from .translate import (
     read_chunk,
     response_as_events,
 )
-from .upstream import forwarded_headers
+from .upstream import MAX_ERROR_BODY, forwarded_headers
 
 log = logging.getLogger("trioproxy.relay")
 
@@ -699,9 +700,12 @@ def _error_body(error: object) -> bytes:
     if not isinstance(error, dict):
         return b""
     try:
-        return compact_json({"error": error})
+        body = compact_json({"error": error})
     except NestedTooDeeply:
         return b""
+    # no larger than a status error's body is read: the proxy's own body, its message
+    # bounded, for a larger one (an event's may be hundreds of MB)
+    return body if len(body) <= MAX_ERROR_BODY else b""
 
 
 def _client_status(error: object) -> int | None:
@@ -1057,7 +1061,7 @@ def _failed_before_the_first_byte(
 
 def ndjson_error(message: str) -> bytes:
     """The line ollama clients raise as ``ResponseError`` mid-stream."""
-    return dumps({"error": message}) + b"\n"
+    return dumps({"error": bounded(message)}) + b"\n"
 
 
 def in_band_error(

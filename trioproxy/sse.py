@@ -13,6 +13,7 @@ import codecs
 import re
 from typing import Any, NamedTuple
 
+from .errors import bounded
 from .jsonutil import compact_json, compact_json_text, loads
 
 __all__ = [
@@ -312,8 +313,10 @@ def encode_sse_event(name: str, obj: dict[str, Any]) -> bytes:
 def openai_error_event(
     message: str, type_: str = "api_error", code: str | int | None = None
 ) -> bytes:
-    """The in-band error event the openai SDK turns into ``APIError`` mid-stream."""
-    return encode_sse({"error": {"message": message, "type": type_, "param": None, "code": code}})
+    """The in-band error event the openai SDK turns into ``APIError`` mid-stream (its
+    message :func:`~trioproxy.errors.bounded`)."""
+    error = {"message": bounded(message), "type": type_, "param": None, "code": code}
+    return encode_sse({"error": error})
 
 
 def responses_error_event(
@@ -333,6 +336,7 @@ def responses_error_event(
     response's, so a client resuming the response names the last event before it."""
     code = None if code is None else str(code)
     param = param if isinstance(param, str) else None
+    message = bounded(message)
     error = {"type": type_, "code": code, "message": message, "param": param}
     event = {"type": "error", "sequence_number": sequence_number}
     event |= {"code": code, "message": message, "param": param, "error": error}

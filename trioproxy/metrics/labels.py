@@ -339,11 +339,27 @@ def clipped(text: str, limit: int = MESSAGE_LIMIT) -> str:
     data = text.encode("utf-8", "surrogatepass")
     if len(data) <= limit:
         return text
+    end = _cut_at(data, limit)
+    kept = data[:end].decode("utf-8", "surrogatepass")
+    return f"{kept}... [{len(data) - end} more bytes]"
+
+
+_STAR = ord("*")
+
+
+def _cut_at(data: bytes, limit: int) -> int:
+    """Where ``data``, longer than ``limit`` bytes, is cut: at ``limit`` or before it, never
+    inside a character, nor inside a run of ``*`` (the ``***`` a secret is masked with:
+    ``**`` would look like text the backend sent), unless the run starts the text."""
     end = limit
     while end and data[end] & 0xC0 == 0x80:  # not inside a character: cut before it
         end -= 1
-    kept = data[:end].decode("utf-8", "surrogatepass")
-    return f"{kept}... [{len(data) - end} more bytes]"
+    if end and data[end - 1] == _STAR and data[end] == _STAR:
+        run = end - 1
+        while run and data[run - 1] == _STAR:
+            run -= 1
+        end = run or end
+    return end
 
 
 def loggable_text(text: str) -> str:
