@@ -200,3 +200,82 @@ def test_a_text_error_body_is_scrubbed_before_it_is_cut(proxy: ServerProcess, pa
     assert message.startswith("bad request: xxx"), message[:100]
     assert KEY[:4] not in message
     assert "x*** ***" in message
+
+
+# a message of MBs (an error event may take MAX_RESPONSE_BYTES): scrubbed in its first
+# part only, so the loop is not held for the whole of it, and no part of a key shown
+
+HUGE = 10_000_000
+
+
+class _Counted(BackendSecrets):
+    """The key's secrets, the characters each scrub was given noted."""
+
+    def __init__(self, key: str, seen: list[int]) -> None:
+        super().__init__(BackendSecrets.of(key).texts, BackendSecrets.of(key).replies)
+        object.__setattr__(self, "seen", seen)
+
+    def scrub(self, text: str) -> str:
+        self.seen.append(len(text))  # type: ignore[attr-defined]
+        return super().scrub(text)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 7, len(KEY) - 1, 2 * len(KEY) + 3])
+def test_a_huge_message_is_scrubbed_in_its_first_part_only(offset: int) -> None:
+    """The message is cut before it is scrubbed, past a margin, and again after: every
+    key in what is kept is scrubbed, a key the first cut split is not kept in part, and
+    the note counts every byte cut off."""
+    from trioproxy.errors import SCRUBBED_WHOLE, scrub
+
+    seen: list[int] = []
+    secrets = _Counted(KEY, seen)
+    # keys packed up to and across the first cut, wherever it falls in one
+    start = "k=" + f"{KEY};" * ((SCRUBBED_WHOLE + secrets.margin) // (len(KEY) + 1) + 2)
+    text = "a" * offset + start + "y" * HUGE
+    shown = scrub(text, secrets)
+    assert max(seen) < 2 * SCRUBBED_WHOLE  # not the 10 MB
+    assert KEY[:4] not in shown and KEY[-4:] not in shown
+    assert not re.search(r"[^*]\*{1,2}\.\.\. \[", shown)  # no *** cut in two
+    kept, more = re.fullmatch(r"(.*)\.\.\. \[(\d+) more bytes\]", shown, re.S).groups()  # type: ignore[union-attr]
+    assert text.replace(KEY, "***").startswith(kept)
+    assert len(kept) + int(more) == len(text.replace(KEY, "***")) or int(more) > HUGE
+    message = bounded(shown)  # then cut to what is shown: the count goes on
+    assert len(message.encode()) <= MESSAGE_BYTES
+    told = int(re.search(r"\[(\d+) more bytes\]$", message)[1])  # type: ignore[index]
+    assert told > HUGE and told <= len(text)
+
+
+def test_a_huge_log_message_is_scrubbed_and_escaped_in_its_first_part_only() -> None:
+    """The log filter (the secrets of a line) and the formatters (its line ends escaped,
+    its length measured) work on the message's first part: a 10 MB message held the loop
+    50-450 ms before its line was cut at MESSAGE_LIMIT."""
+    import logging
+
+    from trioproxy.logs import JsonFormatter, RequestContextFilter, TextFormatter
+
+    seen: list[int] = []
+
+    class Filter(RequestContextFilter):
+        def _scrubbed(self, text: str) -> str:
+            seen.append(len(text))
+            return super()._scrubbed(text)
+
+    text = f"start {KEY} %2F\n" + "y" * HUGE
+    record = logging.LogRecord("x", logging.WARNING, "f", 1, "failed: %s", (text,), None)
+    Filter((KEY,)).filter(record)
+    assert max(seen) < 100_000
+    for formatter in (TextFormatter("%(message)s"), JsonFormatter()):
+        line = formatter.format(record)
+        assert len(line.encode()) <= 4096 and KEY[:4] not in line
+        told = int(re.search(r"\[(\d+) more bytes\]", line)[1])  # type: ignore[index]
+        assert HUGE - 4096 < told <= len(text)
+
+
+def test_a_message_cut_before_is_bounded_with_its_note() -> None:
+    """A message :func:`scrub` cut (its note at the end) whose text fits but for the
+    note: still cut within MESSAGE_BYTES, the note counting both cuts."""
+    body = "a" * (MESSAGE_BYTES - 16)
+    shown = bounded(body + "... [100 more bytes]")
+    assert len(shown.encode()) <= MESSAGE_BYTES
+    kept = shown[: shown.rindex("... [")]
+    assert shown == kept + f"... [{len(body) - len(kept) + 100} more bytes]"

@@ -16,7 +16,7 @@ from typing import Any, AnyStr
 
 from .content_coding import codings_of
 from .jsonutil import loads
-from .metrics.labels import clipped
+from .metrics.labels import clipped, scrubbed_head
 
 # the types OpenAI's API itself writes (a wrong key and an unknown model are
 # invalid_request_error there, told apart by their code)
@@ -188,8 +188,9 @@ def bounded(message: str) -> str:
     would keep its first half, which no scrubbing finds any more."""
     if len(message) <= MESSAGE_BYTES // 4:  # no character takes more than 4 bytes
         return message
-    if clipped(message, MESSAGE_BYTES) is message:
-        return message
+    message = scrubbed_head(message, str, 0, 2 * MESSAGE_BYTES)  # not encoded whole
+    if len(message.encode("utf-8", "surrogatepass")) <= MESSAGE_BYTES:
+        return message  # (a note included: clipped counts none)
     return clipped(message, MESSAGE_BYTES - _NOTE_ROOM)
 
 
@@ -351,6 +352,9 @@ class BackendSecrets:
     # every JSON spelling of the replies (None without replies), and of the texts
     spelled: Spellings | None = field(init=False, default=None, compare=False)
     spelled_texts: re.Pattern[str] | None = field(init=False, default=None, compare=False)
+    # the most characters a text's spelling takes (each character at most 14: a surrogate
+    # pair's escapes, escaped again): how far past a cut the whole of one may reach
+    margin: int = field(init=False, default=0, compare=False)
 
     def __post_init__(self) -> None:
         # frozen: set once, here
@@ -360,6 +364,7 @@ class BackendSecrets:
             object.__setattr__(self, "spelled", Spellings.of(self.replies))
         if self.texts:
             object.__setattr__(self, "spelled_texts", _spelled_alternatives(self.texts))
+            object.__setattr__(self, "margin", 16 * max(map(len, self.texts)))
 
     @classmethod
     def of(cls, *secrets: str) -> BackendSecrets:
@@ -646,9 +651,16 @@ def _ends_inside(data: bytes, at: int, chars: tuple[_CharSpellings, ...]) -> boo
     return False  # a whole spelling: the pattern's to find
 
 
+# the characters of a text :func:`scrub` scrubs whole: more than any body it scrubs that
+# is relayed whole (a status error's, MAX_ERROR_BODY), far more than any message shows
+SCRUBBED_WHOLE = 256 * 1024
+
+
 def scrub(text: str, secrets: BackendSecrets) -> str:
-    """Remove the backend's secrets from any text that leaves the process."""
-    return secrets.scrub(text)
+    """Remove the backend's secrets from any text that leaves the process: a text longer
+    than SCRUBBED_WHOLE (a backend's error event of MBs) cut first, with the note of a cut
+    (:func:`~trioproxy.metrics.labels.scrubbed_head`), so its scrubbing is bounded."""
+    return scrubbed_head(text, secrets.scrub, secrets.margin, SCRUBBED_WHOLE)
 
 
 def _masked_spellings(data: bytes, spelled: Spellings) -> tuple[bytes, bytes]:
