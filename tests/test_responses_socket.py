@@ -794,6 +794,28 @@ def test_a_warm_up_of_a_stored_response_continues_it(socket_proxy: ServerProcess
         assert done.response.usage.input_tokens == 2 + 2
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({}, "field 'model' is required"), ({"model": 7}, "field 'model' must be a string")],
+)
+def test_a_warm_up_names_its_model_as_a_turn_must(
+    socket_proxy: ServerProcess, fields: dict[str, Any], message: str
+) -> None:
+    """The response a warm-up is answered with names its model: one without a model (or
+    with one that is no string) is refused as the POST route refuses a turn's, on its
+    lane, not answered with a response whose model is null."""
+    with connect(ws_url(socket_proxy)) as ws:
+        warm_up = {"type": "response.create", "input": "x", "generate": False, **fields}
+        ws.send(json.dumps({**warm_up, "stream_id": "w"}))
+        event = json.loads(ws.recv(timeout=10))
+        assert event["type"] == "error", event
+        assert event["status"] == 400 and event["stream_id"] == "w"
+        assert event["error"]["message"] == message and event["error"]["param"] == "model"
+        ws.send(json.dumps(create("still served [[tokens=1]]")))  # the connection goes on
+        while (event := json.loads(ws.recv(timeout=10)))["type"] != "response.completed":
+            assert event["type"] != "error", event
+
+
 def test_generate_true_is_not_sent_to_the_backend() -> None:
     from trioproxy.responses_socket import generates
 

@@ -60,6 +60,7 @@ from .json_threads import by_size
 from .jsonutil import compact_json, loads
 from .logs import request_id_var, scope_request_id
 from .sse import SSE_DONE, SSEParser
+from .translate.validation import RequestValidationError, validate_openai_body
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -331,11 +332,22 @@ def _turn_of(message: str | bytes, kept: KeptResponses) -> TurnOf:
     asked = request.get("previous_response_id")
     try:
         generate = generates(request)
+        if not generate:
+            _check_warm_up(request)
         request = expanded(request, kept.get(asked))
         return TurnOf(request, lane, encoded(request) if generate else b"", asked)
     except ClientEventError as error:
         error.stream_id = lane
         raise
+
+
+def _check_warm_up(request: dict[str, Any]) -> None:
+    """A warm-up's ``model`` checked as the POST route checks a turn's (required, a
+    string): the response the proxy answers names it. Raises :class:`ClientEventError`."""
+    try:
+        validate_openai_body(request)
+    except RequestValidationError as error:
+        raise ClientEventError(error.message, code="invalid_request", param=error.field) from None
 
 
 # the closing events of a response that can be continued
