@@ -82,7 +82,7 @@ class LateBackend(ScriptedHandler):
     (the same as the first event of a stream) and ``late-404`` (vLLM's error shape: no
     ``error`` object) are refusals after the silence; ``late-then-hang`` (after the
     silence) and ``then-hang`` (at once) send a token and then nothing until the proxy
-    hangs up."""
+    hangs up; ``late-long-429`` is ``late-429`` with a message of 60 KB."""
 
     seen: dict[str, int] = {}
     hung_up: list[str] = []
@@ -110,6 +110,11 @@ class LateBackend(ScriptedHandler):
         elif model == "late-429":  # (one the proxy may not retry: the client sees it)
             time.sleep(SILENCE)
             body = _error("queue full", "rate_limit_error")
+            self.answer(429, body, headers={"x-should-retry": "false"})
+        elif model == "late-long-429":
+            # a message of 60 KB (a status error's body is read up to 64 KiB)
+            time.sleep(SILENCE)
+            body = _error("queue full: " + "q" * 60_000, "rate_limit_error")
             self.answer(429, body, headers={"x-should-retry": "false"})
         elif model == "late-503-once" and count % 2 == 1:
             time.sleep(SILENCE / 2)  # past the start, the retry within the first-token deadline
@@ -500,6 +505,22 @@ def test_a_late_refusal_of_a_responses_stream_keeps_its_type_code_and_status(
     assert event["code"] == "context_length_exceeded" and event["param"] == "messages"
     assert event["error"]["type"] == "invalid_request_error", event
     counts.refusal_counted(400)
+
+
+def test_a_late_refusals_long_message_is_bounded_in_the_responses_error_event(
+    proxy: ServerProcess,
+) -> None:
+    """The error event the proxy writes holds the backend's message bounded (4 KiB, the
+    errors' MESSAGE_BYTES), its start and its type kept, the rest counted in a note."""
+    body = {"model": "late-long-429", "input": "q", "stream": True}
+    with httpx.stream("POST", proxy.url + "/v1/responses", json=body, timeout=10) as response:
+        assert response.status_code == 200  # started early
+        lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
+    event = json.loads(lines[1].removeprefix("data: "))
+    message = event["error"]["message"]
+    assert event["message"] == message and event["error"]["type"] == "rate_limit_error"
+    assert message.startswith("queue full: qqq") and len(message.encode()) <= 4096
+    assert message.endswith(" more bytes]"), message[-60:]
 
 
 def test_a_late_json_response_comes_as_its_events_after_the_comments(
