@@ -237,6 +237,24 @@ def test_a_served_turn_no_longer_counts_as_waiting(impatient_proxy: ServerProces
             assert event.get("error", {}).get("code") != "too_many_queued", event
 
 
+def test_refusals_answered_free_their_room(impatient_proxy: ServerProcess) -> None:
+    """A client that reads its refusals may be refused any number of times: only those
+    waiting for their error event count against MAX_REQUEST_BYTES (then it is a flood)."""
+    with connect(ws_url(impatient_proxy)) as ws:
+        ws.send(json.dumps(create("stall [[stall_after=1]]")))
+        while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+            pass
+        for n in range(4):  # the turns that may wait
+            ws.send(json.dumps(create(f"turn {n} [[tokens=1]]")))
+        for n in range(10):  # 30 KB refused in all, one at a time
+            ws.send(json.dumps(create(f"refused {n} " + "x" * 3000)))
+            event = json.loads(ws.recv(timeout=10))
+            assert event["error"]["code"] == "too_many_queued", event
+        completed = 0
+        while completed < 4:  # the waiting turns, served: no 1008 closed the socket
+            completed += json.loads(ws.recv(timeout=10))["type"] == "response.completed"
+
+
 def test_a_backend_refusal_is_an_error_event_and_the_connection_goes_on(
     socket_proxy: ServerProcess,
 ) -> None:
