@@ -825,6 +825,9 @@ def test_dashboard_covers_the_metrics() -> None:
         "trioproxy_process_cpu_seconds_total",
         *CONTAINER - {"trioproxy_container_cpu_throttled_seconds_total"},
         "trioproxy_build_info",
+        "trioproxy_connections_open",
+        "trioproxy_websockets_open",
+        "trioproxy_websockets_closed_total",
         "up",
     }
     assert wanted <= used, f"not charted: {sorted(wanted - used)}"
