@@ -18,6 +18,7 @@ from trioproxy.errors import MESSAGE_BYTES, BackendSecrets, bounded
 
 from .conftest import ServerProcess
 from .fakes import ScriptedHandler, serving
+from .test_metrics_e2e import wait_for
 
 StartProxy = Callable[..., ServerProcess]
 
@@ -103,8 +104,9 @@ def _assert_told(message: str) -> None:
 
 def _assert_logged(proxy: ServerProcess) -> None:
     """Lines that quote the backend are bounded too (each a single write to a pipe)."""
+    # written by the handler's thread after the answer: waited for
+    wait_for(lambda: any(START in line for line in proxy.output))
     lines = [line for line in proxy.output if START in line]
-    assert lines
     for line in lines:
         assert len(line.encode()) <= 4096, len(line.encode())
         assert KEY[:4] not in line
