@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -1247,3 +1248,129 @@ def test_relay_openai_relays_a_responses_stream_whole_to_its_closing_event(
     assert events == expected
     if closed:
         assert (observer.prompt_tokens, observer.completion_tokens) == (3, 4)
+
+
+# =============================================================================================
+# the read of one whole event (SSEParser.lone_event, the relay's common read) is read as the
+# general parser reads it: the same events, the same state after, the same bytes relayed
+# =============================================================================================
+
+_LONE_EVENT_TEXT = st.one_of(
+    st.builds(
+        lambda content: compact_json(
+            {"id": "c", "model": "backend/m", "choices": [{"index": 0, "delta": content}]}
+        ).decode(),
+        st.one_of(
+            st.builds(lambda text: {"content": text}, _PIECES),
+            st.just({"role": "assistant", "content": ""}),
+            st.just({}),
+            st.builds(lambda text: {"reasoning_content": text}, _PIECES),
+        ),
+    ),
+    st.just('{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'),
+    st.just('{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'),
+    st.just('{"error":{"message":"boom"}}'),
+    st.just(SSE_DONE),
+    st.just("not json"),
+    st.just(""),
+)
+# a read: one whole event (most of them), or any other piece of a stream
+_LONE_READ = st.one_of(
+    st.builds(lambda text: f"data: {text}\n\n".encode(), _LONE_EVENT_TEXT),
+    st.builds(lambda text: f"data: {text}\n\n".encode(), _LONE_EVENT_TEXT),
+    st.builds(lambda text, eol: f"data:{text}{eol}{eol}".encode(), _LONE_EVENT_TEXT, _SSE_EOL),
+    st.builds(lambda text: f"data: {text}\r\n\r\n".encode(), _LONE_EVENT_TEXT),
+    st.builds(lambda text: f"data: {text}\n\n".encode()[:-1], _LONE_EVENT_TEXT),
+    st.builds(lambda text: f"data: {text}\n\ndata: x\n\n".encode(), _LONE_EVENT_TEXT),
+    st.builds(lambda line, eol: (line + eol).encode(), _SSE_LINE, _SSE_EOL),
+    st.sampled_from([b"\n", b"\r", b"\xef\xbb\xbf", b"\xc3", b"\xa9", b"\xff", b": ping\n\n"]),
+)
+
+
+@st.composite
+def lone_event_reads(draw: st.DrawFn) -> list[bytes]:
+    """Reads of a stream, most of them one whole ``data:`` event each, among pieces cut
+    anywhere (a CR before an LF, a UTF-8 character, a BOM, a line not ended yet)."""
+    return draw(st.lists(_LONE_READ, max_size=12))
+
+
+def _parsed_both_ways(reads: list[bytes], strict: bool) -> None:
+    general, fused = SSEParser(strict_utf8=strict), SSEParser(strict_utf8=strict)
+    for data in reads:
+        try:
+            expected: list[SSEEvent] | type[Exception] = general.feed(data)
+        except ValueError as exc:
+            expected = type(exc)
+        try:
+            text = fused.lone_event(data)
+            got: list[SSEEvent] | type[Exception] = (
+                fused.feed(data) if text is None else [SSEEvent(text, None, fused._id)]
+            )
+        except ValueError as exc:
+            got = type(exc)
+        assert got == expected
+        if not isinstance(expected, list):
+            return
+        assert (fused.mid_event, fused.reads_in_line) == (general.mid_event, general.reads_in_line)
+    assert _closed(fused) == _closed(general)
+
+
+def _closed(parser: SSEParser) -> list[SSEEvent] | type[Exception]:
+    try:
+        return parser.close()
+    except ValueError as exc:
+        return type(exc)
+
+
+@FAST
+@given(lone_event_reads(), st.booleans())
+@example([b"data: a\r", b"data: b\n\n"], True)
+@example([b"data: a\n\n", b"\xc3", b"data: b\n\n"], True)
+@example([b"data: a\n\n", b"\xc3", b"data: b\n\n"], False)
+@example([b"\xc3"], True)
+def test_a_read_of_one_whole_event_is_read_as_the_general_parser_reads_it(
+    reads: list[bytes], strict: bool
+) -> None:
+    _parsed_both_ways(reads, strict)
+
+
+def _observed(observer: OpenAIStreamObserver) -> tuple[Any, ...]:
+    return (
+        observer.content_chunks,
+        observer.first_token_ns is None,
+        observer.finish_reason,
+        observer.prompt_tokens,
+        observer.completion_tokens,
+        observer.failed,
+        observer.error,
+        observer.malformed,
+        observer.ended,
+    )
+
+
+# a stream the relay ends early (an event that is no JSON, bytes that are no UTF-8) leaves
+# the mocked body's reads unfinished: httpx's generators then (a live body is closed)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@STREAMS
+@given(st.one_of(lone_event_reads(), backend_streams().map(lambda case: case[0])))
+@example([b"data: [DONE]\n\n", b'data: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n'])
+@example([b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'])
+@example([b"data: not json\n\n"])
+def test_relay_openai_relays_and_counts_the_same_with_and_without_the_lone_event_read(
+    reads: list[bytes],
+) -> None:
+    """Whatever the reads (whole events one by one, the usual case, or cut anywhere), the
+    client gets the same bytes and the metrics the same counts when the common read skips
+    the general parser as when every read goes through it."""
+    # (a first event with output: a failure before any would be refused with a status)
+    reads = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', *reads]
+    fused = OpenAIStreamObserver()
+    relayed = _relayed(reads, fused)
+    general = OpenAIStreamObserver()
+    original = SSEParser.lone_event
+    SSEParser.lone_event = lambda self, data: None  # type: ignore[method-assign]
+    try:
+        assert _relayed(reads, general) == relayed
+    finally:
+        SSEParser.lone_event = original  # type: ignore[method-assign]
+    assert _observed(fused) == _observed(general)

@@ -521,15 +521,21 @@ async def relay_openai(
                     parser = SSEParser(limit, strict_utf8=True)
                 elif not _looks_like_events(response, data):
                     raise _NotAStream(_not_a_stream(response))
-            for event in parser.feed(data):
-                if event.data != SSE_DONE:
-                    observer.feed_text(event.data, time.perf_counter_ns())
-                    if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
-                        error_field = True
+            if (text := parser.lone_event(data)) is not None:  # the common read
+                if text != SSE_DONE:
+                    observer.feed_text(text, time.perf_counter_ns())
                 else:
                     finished = True
-            if parser.reads_in_line and reader.token_seen:
-                reader.line_dragging(parser.reads_in_line)
+            else:
+                for event in parser.feed(data):
+                    if event.data != SSE_DONE:
+                        observer.feed_text(event.data, time.perf_counter_ns())
+                        if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
+                            error_field = True
+                    else:
+                        finished = True
+                if parser.reads_in_line and reader.token_seen:
+                    reader.line_dragging(parser.reads_in_line)
             if observer.malformed:
                 # not relayed: the client's SDK would fail on it with a JSON error of its
                 # own (what came before it in this read is lost with it)
