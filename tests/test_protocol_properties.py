@@ -1284,6 +1284,7 @@ _LONE_READ = st.one_of(
     st.builds(lambda text: f"data: {text}\n\ndata: x\n\n".encode(), _LONE_EVENT_TEXT),
     st.builds(lambda line, eol: (line + eol).encode(), _SSE_LINE, _SSE_EOL),
     st.sampled_from([b"\n", b"\r", b"\xef\xbb\xbf", b"\xc3", b"\xa9", b"\xff", b": ping\n\n"]),
+    st.sampled_from([b"data: \xc3x\n\n", b"data: x\xe4\xb8\n\n", b"data: \n\n", b"data:\n\n"]),
 )
 
 

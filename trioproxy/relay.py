@@ -184,6 +184,11 @@ class _Reader:
 
     async def read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end; raises StreamTimeout."""
+        if self._by_transport and self.token_seen:  # most reads: the read timeout is the limit
+            try:
+                return await self._next_part()
+            except httpx.ReadTimeout:
+                raise StreamTimeout(self.describe(by_transport=True)) from None
         deadline = self._deadline()
         try:
             if deadline == math.inf:
@@ -558,7 +563,8 @@ async def relay_openai(
             finished = finished or observer.ended
             if finished:
                 _reached(end)
-            if held or parser.mid_event:
+            # (a lone event was read between events: nothing is held, nothing is left)
+            if text is None and (held or parser.mid_event):
                 data = held.whole_events(data, parser.mid_event)
                 if not data:
                     continue

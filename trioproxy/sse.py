@@ -144,7 +144,7 @@ class SSEParser:
         # data, no event type, no CR whose LF may follow, no bytes of a UTF-8 character):
         # then a read that is one whole ``data:`` event is read by :meth:`lone_event`
         self._between = False
-        # a read of at most this many bytes holds no line past the limit (see _feed_text)
+        # a line shorter than this holds no line or event past the limit (see _feed_text)
         self._lone_max = max_line_bytes >> 2
         # how many reads in a row ended no line but added to one (0: the last one ended a
         # line): a backend sending a line a few bytes at a time makes progress the reader
@@ -188,18 +188,20 @@ class SSEParser:
         ``data: `` line (no CR, no other line end) and its blank line, read between
         events; None for anything else, which is then :meth:`feed`'s. The same data and
         the same state after as :meth:`feed` (its id is the last one, as there): the
-        common read of a chat stream, without decoding it line by line (1.2 µs -> 0.3)."""
+        common read of a chat stream, without decoding it line by line (17 500 machine
+        instructions -> 6 300)."""
+        end = len(data) - 2  # where its line ends
         if not (
             self._between
             and data.startswith(b"data: ")
-            and data.find(b"\n") == len(data) - 2
-            and data.endswith(b"\n\n")
+            and data.find(b"\n") == end
+            and data[-1] == 10  # (b"\n")
             and data.find(b"\r") < 0
-            and len(data) <= self._lone_max
+            and end < self._lone_max
         ):
             return None
         try:
-            text = data[6:-2].decode("utf-8", self._errors)
+            text = data[6:end].decode("utf-8", self._errors)
         except UnicodeDecodeError:
             raise SSEProtocolError("the event stream is not valid UTF-8") from None
         self.reads_in_line = 0
