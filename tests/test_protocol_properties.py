@@ -1375,3 +1375,32 @@ def test_relay_openai_relays_and_counts_the_same_with_and_without_the_lone_event
     finally:
         SSEParser.lone_event = original  # type: ignore[method-assign]
     assert _observed(fused) == _observed(general)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (as above)
+@STREAMS
+@given(st.one_of(lone_event_reads(), backend_streams().map(lambda case: case[0])))
+@example([b"data: [DONE]\n\n", b'data: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n'])
+@example([b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'])
+def test_relay_ollama_translates_the_same_with_and_without_the_lone_event_read(
+    reads: list[bytes],
+) -> None:
+    """The same for the translated relay: the same lines (their text, the done line's
+    counts and reason, an error line) whatever the reads."""
+    reads = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', *reads]
+    translated = _untimed(_relayed_ollama(reads, "chat", "text/event-stream"))
+    original = SSEParser.lone_event
+    SSEParser.lone_event = lambda self, data: None  # type: ignore[method-assign]
+    try:
+        assert _untimed(_relayed_ollama(reads, "chat", "text/event-stream")) == translated
+    finally:
+        SSEParser.lone_event = original  # type: ignore[method-assign]
+
+
+def _untimed(lines: bytes) -> list[dict[str, Any]]:
+    """Ollama's lines without their durations (the clock's, which differ run to run)."""
+    out = []
+    for line in lines.splitlines():
+        fields = json.loads(line)
+        out.append({key: value for key, value in fields.items() if "duration" not in key})
+    return out

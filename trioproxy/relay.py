@@ -39,6 +39,7 @@ from .sse import (
     ERROR_FIELD_EVENT,
     SSE_DONE,
     SSE_DONE_BYTES,
+    SSEEvent,
     SSEParser,
     SSEProtocolError,
     SSETooLarge,
@@ -345,7 +346,12 @@ async def relay_ollama(
                         done = True
                     elif not _looks_like_events(response, data):
                         raise _NotAStream(_not_a_stream(response))
-                events = [] if done else parser.feed(data)
+                if done:
+                    events = []
+                elif (lone := parser.lone_event(data)) is not None:  # the common read
+                    events = [SSEEvent(lone)]
+                else:
+                    events = parser.feed(data)
                 if parser.reads_in_line and reader.token_seen:
                     reader.line_dragging(parser.reads_in_line)
             for event in events:
