@@ -2021,6 +2021,42 @@ def test_near_misses_of_the_content_chunk_are_decoded_in_full(text: str) -> None
     assert _ContentChunks().content(text) is None
 
 
+_COMPACT_HEAD = _HEAD + '"index":0,"delta":'
+_COMPACT_TAIL = ',"finish_reason":null}]}'
+# deltas of the plain shape ({"content": a string}, as most backends write it) that the
+# plain pattern tried first must read as json.loads does: some are no JSON at all
+_PLAIN_DELTAS = [
+    '{"content":"a"}',
+    '{"content":""}',
+    '{"content":"a\\"b"}',
+    '{"content":"a\\\\"}',
+    '{"content":"\\u00e9\\ud83d\\ude00"}',
+    '{"content":"a\x01"}',
+    '{"content":"a\\x41"}',
+    '{"content":"a\\u12"}',
+    '{"content":"a"b"}',
+    '{"content":"a"}}',
+    '{"content":null}',
+    '{"content":"a","role":"assistant"}',
+]
+
+
+@pytest.mark.parametrize("delta", _PLAIN_DELTAS)
+def test_plain_deltas_read_as_decoding_reads_them(delta: str) -> None:
+    warm = _COMPACT_HEAD + '{"content":"warm"}' + _COMPACT_TAIL  # remembers head and tail
+    text = _COMPACT_HEAD + delta + _COMPACT_TAIL
+    fast, full = OpenAIStreamObserver(start_ns=0), OpenAIStreamObserver(start_ns=0)
+    for now, event in enumerate([warm, text, warm], 1):
+        fast.feed_text(event, now)
+        chunk = parse_chunk(event)
+        if chunk is not None:
+            full.feed(chunk, now)
+        else:
+            full.malformed = full.malformed or not event.startswith("[DONE]")
+        assert _stats(fast) == _stats(full)
+        assert fast.malformed == full.malformed
+
+
 def test_feed_text_defers_other_chunks() -> None:
     t = _translator()
     finish = json.dumps(_chunk({}, finish="stop"))
