@@ -2011,14 +2011,21 @@ _NEAR_MISSES = [
 @pytest.mark.parametrize("text", _NEAR_MISSES)
 def test_near_misses_of_the_content_chunk_are_decoded_in_full(text: str) -> None:
     content = json.dumps(_chunk({"content": "warm"}))  # remembers the text around a delta
+    _observed_as_decoded([content, text, content])
+    assert _ContentChunks().content(text) is None
+
+
+def _observed_as_decoded(events: list[str]) -> None:
+    """``feed_text`` of each event observes what ``feed`` of it decoded does."""
     fast, full = OpenAIStreamObserver(start_ns=0), OpenAIStreamObserver(start_ns=0)
-    for now, event in enumerate([content, text, content], 1):
+    for now, event in enumerate(events, 1):
         fast.feed_text(event, now)
         chunk = parse_chunk(event)
         if chunk is not None:
             full.feed(chunk, now)
-        assert _stats(fast) == _stats(full)
-    assert _ContentChunks().content(text) is None
+        else:  # (no JSON at all: what feed_text notes)
+            full.malformed = full.malformed or not event.startswith("[DONE]")
+        assert (*_stats(fast), fast.malformed) == (*_stats(full), full.malformed)
 
 
 _COMPACT_HEAD = _HEAD + '"index":0,"delta":'
@@ -2044,17 +2051,7 @@ _PLAIN_DELTAS = [
 @pytest.mark.parametrize("delta", _PLAIN_DELTAS)
 def test_plain_deltas_read_as_decoding_reads_them(delta: str) -> None:
     warm = _COMPACT_HEAD + '{"content":"warm"}' + _COMPACT_TAIL  # remembers head and tail
-    text = _COMPACT_HEAD + delta + _COMPACT_TAIL
-    fast, full = OpenAIStreamObserver(start_ns=0), OpenAIStreamObserver(start_ns=0)
-    for now, event in enumerate([warm, text, warm], 1):
-        fast.feed_text(event, now)
-        chunk = parse_chunk(event)
-        if chunk is not None:
-            full.feed(chunk, now)
-        else:
-            full.malformed = full.malformed or not event.startswith("[DONE]")
-        assert _stats(fast) == _stats(full)
-        assert fast.malformed == full.malformed
+    _observed_as_decoded([warm, _COMPACT_HEAD + delta + _COMPACT_TAIL, warm])
 
 
 def test_feed_text_defers_other_chunks() -> None:
