@@ -890,11 +890,12 @@ async def test_the_reader_never_waits_on_a_write_and_a_flood_closes_with_1008() 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(release)
             await ResponsesSocket(app, scope, receive, send).serve()  # type: ignore[arg-type]
-    assert sent[-1] == {
-        "type": "websocket.close",
-        "code": 1008,
-        "reason": "messages sent faster than answered",
-    }
+    # refusals whose writes were already waiting for the client may land after the close
+    # in this fake (its send appends when the write is done)
+    closes = [m for m in sent if m["type"] == "websocket.close"]
+    assert closes == [
+        {"type": "websocket.close", "code": 1008, "reason": "messages sent faster than answered"}
+    ]
     refused = [m for m in sent if "too_many_queued" in str(m.get("text"))]
     assert len(refused) <= REFUSALS_WAITING + 1
     assert len(sent) < 2 + MAX_QUEUED_TURNS + REFUSALS_WAITING + 4
