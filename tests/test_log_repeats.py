@@ -442,10 +442,15 @@ def test_the_count_comes_out_after_the_window_while_the_proxy_runs(
     while True:  # however the 50 fell into windows, every one is accounted for
         found = _failures(proxy.log())
         counted = _accounted(found)
-        if counted == REQUESTS:
+        if counted >= REQUESTS:
             break
-        assert counted < REQUESTS and time.monotonic() < deadline, proxy.log()
+        assert time.monotonic() < deadline, proxy.log()
         time.sleep(0.05)
+    time.sleep(1.5)  # a window more: a count still due is written by then
+    found = _failures(proxy.log())
+    # the proxy's own readiness probe may fail the same way once or twice meanwhile (its
+    # line or its share of a count); nothing is counted twice, nothing lost
+    assert REQUESTS <= _accounted(found) <= REQUESTS + 2, proxy.log()
     assert proxy.process.poll() is None
     # a count on a line of its own (id "-"), written while no request came: the timer's
     assert any(request_id == "-" for request_id, _ in found) and len(found) < REQUESTS, found
