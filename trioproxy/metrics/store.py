@@ -182,6 +182,13 @@ def _floats(size: int) -> array[float]:
     return array("d", bytes(8 * size))
 
 
+def _nans(size: int) -> array[float]:
+    return array("d", _NAN_BYTES) * size
+
+
+_NAN_BYTES = array("d", [math.nan]).tobytes()
+
+
 def _ints(size: int) -> array[int]:
     return array("q", bytes(8 * size))
 
@@ -192,7 +199,12 @@ def _optional(value: float) -> float | None:
 
 class WindowStore:
     """Ring buffer of the last ``max_size`` requests of this process, one column per
-    field (a missing first byte or first token is stored as NaN)."""
+    field (a missing first byte or first token is stored as NaN).
+
+    A slot whose request was no stream (or that holds none) has the stream columns at
+    what a request without a stream gives them (no first byte, token or gap, no chunk,
+    byte or transfer time): :meth:`append_plain` writes only the other columns unless
+    the slot held a stream, about half the stores of an :meth:`append`."""
 
     __slots__ = (
         "_bytes", "_chunks", "_duration", "_first_byte", "_first_token", "_input",
@@ -209,15 +221,20 @@ class WindowStore:
         self._kind: list[RequestKind | None] = [None] * max_size
         self._timestamp = _floats(max_size)
         self._duration = _floats(max_size)
-        self._first_byte = _floats(max_size)
-        self._first_token = _floats(max_size)
-        self._transfer = _floats(max_size)
-        self._chunks = _ints(max_size)
-        self._bytes = _ints(max_size)
         self._input = _ints(max_size)
         self._output = _ints(max_size)
-        self._token_gap = _floats(max_size)
         self._replayed = bytearray(max_size)
+        self._no_streams()
+
+    def _no_streams(self) -> None:
+        """The stream columns as no slot holds a stream (see the class doc)."""
+        size = self.max_size
+        self._first_byte = _nans(size)
+        self._first_token = _nans(size)
+        self._transfer = _floats(size)
+        self._chunks = _ints(size)
+        self._bytes = _ints(size)
+        self._token_gap = _nans(size)
 
     def append(
         self,
@@ -235,7 +252,8 @@ class WindowStore:
         replayed: bool = False,
     ) -> None:
         """Record one request (``first_byte_ms``/``first_token_ms``/``token_gap_ms``, the
-        time per output token: NaN when none)."""
+        time per output token: NaN when none). A request that was no stream gives its
+        stream columns what :meth:`append_plain` leaves in them (see the class doc)."""
         i = self._next
         self._kind[i] = kind
         self._timestamp[i] = timestamp
@@ -248,6 +266,34 @@ class WindowStore:
         self._input[i] = input_tokens
         self._output[i] = output_tokens
         self._token_gap[i] = token_gap_ms
+        self._replayed[i] = replayed
+        i += 1
+        self._next = 0 if i == self.max_size else i
+        if self._size < self.max_size:
+            self._size += 1
+
+    def append_plain(
+        self,
+        kind: RequestKind,
+        timestamp: float,
+        duration_ms: float,
+        input_tokens: int,
+        output_tokens: int,
+        replayed: bool = False,
+    ) -> None:
+        """:meth:`append` for a request that was no stream (``kind.streaming`` false):
+        its stream columns are written only when the slot held a stream."""
+        i = self._next
+        before = self._kind[i]
+        if before is not None and before.streaming:
+            self._first_byte[i] = self._first_token[i] = self._token_gap[i] = math.nan
+            self._chunks[i] = self._bytes[i] = 0
+            self._transfer[i] = 0.0
+        self._kind[i] = kind
+        self._timestamp[i] = timestamp
+        self._duration[i] = duration_ms
+        self._input[i] = input_tokens
+        self._output[i] = output_tokens
         self._replayed[i] = replayed
         i += 1
         self._next = 0 if i == self.max_size else i
@@ -269,6 +315,7 @@ class WindowStore:
         self._next = 0
         self._size = 0
         self._kind = [None] * self.max_size
+        self._no_streams()  # no slot holds a stream now (append_plain)
 
     def __len__(self) -> int:
         return self._size
