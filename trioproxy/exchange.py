@@ -456,7 +456,8 @@ class Tracked:
         upstream = metric.upstream_first_byte_ms if metric.streaming else metric.upstream_ms
         if upstream is None:
             return None
-        overhead = metric.elapsed_ms() - upstream - metric.body_wait_ms
+        # metric.elapsed_ms(), inline: a call less per request with metrics on
+        overhead = (time.perf_counter() - metric.start) * 1000.0 - upstream - metric.body_wait_ms
         return overhead if overhead > 0.0 else 0.0
 
     def _note_overhead(self, overhead: float) -> None:
@@ -658,7 +659,8 @@ def _finish_metric(
     """``by_proxy``: what was cut (not completed) was cut by the proxy stopping, a
     second signal or the end of a shutdown's grace period, not left by its client."""
     metric.response_size = sent
-    metric.finish()
+    if not metric.duration_ms:  # metric.finish(), inline: two calls less per request
+        metric.duration_ms = (time.perf_counter() - metric.start) * 1000.0
     # An Exception escaping (alone or in a nursery's group) is the proxy's own bug, never
     # a client that left: counted as one (500, outcome error) so error alerts see it.
     bug = error is not None and _server_logs(error)

@@ -27,7 +27,7 @@ from .errors import (
 )
 from .exchange import Call, RequestState
 from .json_threads import OFF_LOOP_BYTES, off_loop
-from .jsonutil import NestedTooDeeply, compact_json, loads, whole_number
+from .jsonutil import WHOLE_NUMBER_LIMIT, NestedTooDeeply, compact_json, loads, whole_number
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
 from .translate import (
@@ -40,6 +40,7 @@ from .translate import (
 from .upstream import UpstreamPool, UpstreamResult
 
 log = logging.getLogger("trioproxy.forward")
+_ABSENT = object()
 T = TypeVar("T")
 
 
@@ -201,10 +202,22 @@ def note_usage_counts(state: RequestState, usage: Any) -> None:
     metric = state.metric
     if metric is None or not isinstance(usage, dict):
         return
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    metric.input_tokens = whole_number(prompt)
-    metric.output_tokens = whole_number(completion)
+    # the other name is looked up only when the first is absent (a present null counts)
+    prompt = usage.get("prompt_tokens", _ABSENT)
+    if prompt is _ABSENT:
+        prompt = usage.get("input_tokens")
+    completion = usage.get("completion_tokens", _ABSENT)
+    if completion is _ABSENT:
+        completion = usage.get("output_tokens")
+    # whole_number, its common case (a count as a JSON integer) inline: per request
+    metric.input_tokens = (
+        prompt if type(prompt) is int and 0 <= prompt < WHOLE_NUMBER_LIMIT
+        else whole_number(prompt)
+    )  # fmt: skip
+    metric.output_tokens = (
+        completion if type(completion) is int and 0 <= completion < WHOLE_NUMBER_LIMIT
+        else whole_number(completion)
+    )  # fmt: skip
 
 
 async def call_json(
