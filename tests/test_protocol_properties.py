@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from openai._streaming import SSEDecoder
 
 from trioproxy import relay
 from trioproxy.config import Settings
+from trioproxy.errors import ProxyError
 from trioproxy.jsonutil import NestedTooDeeply, compact_json, loads
 from trioproxy.metrics import MetricsCollector
 from trioproxy.routes_openai import _model_rewriter
@@ -63,6 +65,7 @@ from trioproxy.translate import (
     validate_openai_body,
     with_extra_body,
 )
+from trioproxy.translate.chunks import _TEXT_DELTA, _TEXT_DELTA_BYTES
 
 
 def _examples(default: int) -> settings:
@@ -1274,8 +1277,35 @@ _LONE_EVENT_TEXT = st.one_of(
     st.just("not json"),
     st.just(""),
 )
+# bytes at the edges: no UTF-8 (an overlong form, a surrogate, a character cut short, one
+# past U+10FFFF), no JSON (a raw control character, escapes cut short), and text (an
+# emoji, U+2028, DEL)
+_NOT_TEXT = [b"\xc0\x80", b"\xed\xa0\x80", b"\xe4\xb8", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80"]
+_NOT_TEXT += [b"\x01", b"\r", b"\\u12", b"\\ud83d", b"\xf0\x9f\x98\x80", b"\xe2\x80\xa8", b"\x7f"]
+# the bytes of a delta's content (between its quotes) as a backend may send them: text,
+# escapes, and what is no JSON string or no UTF-8
+_CONTENT_BYTES = st.lists(
+    st.one_of(
+        _PIECES.map(lambda text: text.encode()),
+        _PIECES.map(lambda text: json.dumps(text)[1:-1].encode()),
+        st.binary(max_size=3),
+        st.sampled_from(_NOT_TEXT),
+    ),
+    max_size=4,
+).map(b"".join)
+
+
+def _token_read(content: bytes) -> bytes:
+    """A token's chunk as most of a stream's reads are, its content any bytes."""
+    head = b'data: {"id":"c","model":"backend/m","choices":[{"index":0,"delta":{"content":"'
+    return head + content + b'"}}]}\n\n'
+
+
+_TOKEN_READ = _CONTENT_BYTES.map(_token_read)
 # a read: one whole event (most of them), or any other piece of a stream
 _LONE_READ = st.one_of(
+    _TOKEN_READ,
+    _TOKEN_READ,
     st.builds(lambda text: f"data: {text}\n\n".encode(), _LONE_EVENT_TEXT),
     st.builds(lambda text: f"data: {text}\n\n".encode(), _LONE_EVENT_TEXT),
     st.builds(lambda text, eol: f"data:{text}{eol}{eol}".encode(), _LONE_EVENT_TEXT, _SSE_EOL),
@@ -1313,7 +1343,31 @@ def _parsed_both_ways(reads: list[bytes], strict: bool) -> None:
         if not isinstance(expected, list):
             return
         assert (fused.mid_event, fused.reads_in_line) == (general.mid_event, general.reads_in_line)
+        assert fused.lone_room == general.lone_room
+        assert not (fused.lone_room and fused.reads_in_line)  # what the relay relies on
     assert _closed(fused) == _closed(general)
+
+
+@FAST
+@given(_CONTENT_BYTES)
+@example(b"\xed\x9f\xbf\xee\x80\x80")  # the last character before the surrogates, the first after
+@example(b"")
+@example(b"\xed\xa0\x80")  # a surrogate
+def test_a_plain_delta_read_at_its_bytes_is_the_one_its_decoded_text_reads(
+    content: bytes,
+) -> None:
+    """The relay's common read matches a delta's bytes exactly when their strict UTF-8
+    decoding is a plain delta with content, to the same literal."""
+    delta = b'{"content":"' + content + b'"}'
+    try:
+        text = delta.decode()
+    except UnicodeDecodeError:
+        expected = None
+    else:
+        match = _TEXT_DELTA.fullmatch(text)
+        expected = match["content"] if match and match["content"] != '""' else None
+    got = _TEXT_DELTA_BYTES.fullmatch(delta)
+    assert (got["content"].decode() if got else None) == expected
 
 
 def _closed(parser: SSEParser) -> list[SSEEvent] | type[Exception]:
@@ -1338,7 +1392,8 @@ def test_a_read_of_one_whole_event_is_read_as_the_general_parser_reads_it(
 def _observed(observer: OpenAIStreamObserver) -> tuple[Any, ...]:
     return (
         observer.content_chunks,
-        observer.first_token_ns is None,
+        observer.first_token_ns,
+        observer.last_token_ns,
         observer.finish_reason,
         observer.prompt_tokens,
         observer.completion_tokens,
@@ -1349,32 +1404,66 @@ def _observed(observer: OpenAIStreamObserver) -> tuple[Any, ...]:
     )
 
 
+_FIRST_OUTPUT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+_ROLE_READ = _token_read(b"").replace(b'{"content"', b'{"role":"assistant","content"')
+_TWO_LINES = b'data: {"id":"c",\ndata: "choices":[{"index":0,"delta":{"content":"y"}}]}\n\n'
+
+
 # a stream the relay ends early (an event that is no JSON, bytes that are no UTF-8) leaves
 # the mocked body's reads unfinished: httpx's generators then (a live body is closed)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @STREAMS
-@given(st.one_of(lone_event_reads(), backend_streams().map(lambda case: case[0])))
-@example([b"data: [DONE]\n\n", b'data: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n'])
-@example([b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'])
-@example([b"data: not json\n\n"])
+@given(
+    st.sampled_from([_FIRST_OUTPUT, _ROLE_READ]),
+    st.one_of(lone_event_reads(), backend_streams().map(lambda case: case[0])),
+)
+@example(_FIRST_OUTPUT, [b"data: [DONE]\n\n", _FIRST_OUTPUT])
+@example(_FIRST_OUTPUT, [b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'])
+@example(_FIRST_OUTPUT, [b"data: not json\n\n"])
+@example(_ROLE_READ, [_token_read(b"x"), _token_read(b""), _token_read(b"y"), _token_read(b"\xff")])
+@example(_ROLE_READ, [_token_read(b"x"), _token_read(b"\xed\xa0\x80"), _token_read(b"a\nb")])
+# (a chunk written on two data lines: the text around its delta has a line end, so no
+# single line is a chunk of that shape; this one is two lines, the second no data)
+@example(_FIRST_OUTPUT, [_TWO_LINES, _TWO_LINES.replace(b"\ndata: ", b"\n")])
 def test_relay_openai_relays_and_counts_the_same_with_and_without_the_lone_event_read(
-    reads: list[bytes],
+    first: bytes, reads: list[bytes]
 ) -> None:
     """Whatever the reads (whole events one by one, the usual case, or cut anywhere), the
-    client gets the same bytes and the metrics the same counts when the common read skips
-    the general parser as when every read goes through it."""
-    # (a first event with output: a failure before any would be refused with a status)
-    reads = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', *reads]
+    client gets the same bytes (or the same refusal) and the metrics the same counts and
+    token times (each event's clock read the same) when the common read skips the general
+    parser (a whole event: ``SSEParser.lone_event``; a token's chunk read at its bytes:
+    ``OpenAIStreamObserver.count_lone_token``) as when every read goes through it."""
+    # (first: output, or the role chunk of the token chunks after it, which may be the
+    # first output, or a failure, refused with a status)
+    reads = [first, *reads]
     fused = OpenAIStreamObserver()
-    relayed = _relayed(reads, fused)
+    relayed = _relayed_in_counted_time(reads, fused)
     general = OpenAIStreamObserver()
-    original = SSEParser.lone_event
+    lone_event, lone_token = SSEParser.lone_event, OpenAIStreamObserver.count_lone_token
     SSEParser.lone_event = lambda self, data: None  # type: ignore[method-assign]
+    OpenAIStreamObserver.count_lone_token = lambda self, data, clock: False  # type: ignore[method-assign]
     try:
-        assert _relayed(reads, general) == relayed
+        assert _relayed_in_counted_time(reads, general) == relayed
     finally:
-        SSEParser.lone_event = original  # type: ignore[method-assign]
+        SSEParser.lone_event = lone_event  # type: ignore[method-assign]
+        OpenAIStreamObserver.count_lone_token = lone_token  # type: ignore[method-assign]
     assert _observed(fused) == _observed(general)
+
+
+def _relayed_in_counted_time(reads: list[bytes], observer: OpenAIStreamObserver) -> bytes:
+    """:func:`_relayed` with the relay's ns clock counting its reads (1, 2, ...): two
+    relays that read it for the same events note the same token times."""
+    clock = itertools.count(1)
+    real = relay.time
+    relay.time = types.SimpleNamespace(  # type: ignore[assignment]
+        perf_counter=time.perf_counter, perf_counter_ns=lambda: next(clock)
+    )
+    try:
+        return _relayed(reads, observer)
+    except ProxyError as refused:
+        return repr((refused.status, str(refused))).encode()
+    finally:
+        relay.time = real
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (as above)

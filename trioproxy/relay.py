@@ -50,6 +50,7 @@ from .sse import (
 )
 from .translate import (
     FINISHED_WITH_ERROR,
+    OpenAIStreamObserver,
     ResponsesStreamObserver,
     UntranslatableStream,
     is_response,
@@ -514,6 +515,9 @@ async def relay_openai(
     # stream's error event reads it (a chat stream pays a bool test per chunk, no search)
     relayed = b""
     numbered = _responses(end)
+    # a chat stream's common read, a token's chunk, fed from its bytes (None: not chat's)
+    lone_token = observer.count_lone_token if isinstance(observer, OpenAIStreamObserver) else None
+    clock = time.perf_counter_ns
     try:
         while (data := await reader.read()) is not None:
             if not first:
@@ -532,48 +536,51 @@ async def relay_openai(
                     parser = SSEParser(limit, strict_utf8=True)
                 elif not _looks_like_events(response, data):
                     raise _NotAStream(_not_a_stream(response))
-            if (text := parser.lone_event(data)) is not None:  # the common read
-                if text != SSE_DONE:
-                    observer.feed_text(text, time.perf_counter_ns())
-                else:
-                    finished = True
+            if lone_token is not None and len(data) < parser.lone_room and lone_token(data, clock):
+                pass  # the common read: a token's chunk, counted (see count_lone_token)
             else:
-                for event in parser.feed(data):
-                    if event.data != SSE_DONE:
-                        observer.feed_text(event.data, time.perf_counter_ns())
-                        if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
-                            error_field = True
+                if (text := parser.lone_event(data)) is not None:  # the common read
+                    if text != SSE_DONE:
+                        observer.feed_text(text, time.perf_counter_ns())
                     else:
                         finished = True
-                if parser.reads_in_line and reader.token_seen:
-                    reader.line_dragging(parser.reads_in_line)
-            if observer.malformed:
-                # not relayed: the client's SDK would fail on it with a JSON error of its
-                # own (what came before it in this read is lost with it)
-                raise SSEProtocolError("the backend sent an event that is not JSON")
-            if observer.failed:
-                if not sent and observer.first_token_ns is None:
-                    raise _FailedAtOnce(observer.error)  # its first word was the failure
-                # the client learns of it with this read and may leave at once (the openai
-                # SDK raises and closes): the outcome must not wait for the end
-                _set_outcome(metric, "error")
-                if not failure_logged:
-                    failure_logged = True
-                    failure = _error_text(observer.error or FINISHED_WITH_ERROR)
-                    log.warning(
-                        "stream failed: the backend reported: %s",
-                        scrub(failure, settings.backend_secrets),
-                    )
-            if observer.progressed and not reader.token_seen:
-                reader.saw_token()
-            finished = finished or observer.ended
-            if finished:
-                _reached(end)
-            # (a lone event was read between events: nothing is held, nothing is left)
-            if text is None and (held or parser.mid_event):
-                data = held.whole_events(data, parser.mid_event)
-                if not data:
-                    continue
+                else:
+                    for event in parser.feed(data):
+                        if event.data != SSE_DONE:
+                            observer.feed_text(event.data, time.perf_counter_ns())
+                            if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
+                                error_field = True
+                        else:
+                            finished = True
+                    if parser.reads_in_line and reader.token_seen:
+                        reader.line_dragging(parser.reads_in_line)
+                if observer.malformed:
+                    # not relayed: the client's SDK would fail on it with a JSON error of its
+                    # own (what came before it in this read is lost with it)
+                    raise SSEProtocolError("the backend sent an event that is not JSON")
+                if observer.failed:
+                    if not sent and observer.first_token_ns is None:
+                        raise _FailedAtOnce(observer.error)  # its first word was the failure
+                    # the client learns of it with this read and may leave at once (the openai
+                    # SDK raises and closes): the outcome must not wait for the end
+                    _set_outcome(metric, "error")
+                    if not failure_logged:
+                        failure_logged = True
+                        failure = _error_text(observer.error or FINISHED_WITH_ERROR)
+                        log.warning(
+                            "stream failed: the backend reported: %s",
+                            scrub(failure, settings.backend_secrets),
+                        )
+                if observer.progressed and not reader.token_seen:
+                    reader.saw_token()
+                finished = finished or observer.ended
+                if finished:
+                    _reached(end)
+                # (a lone event was read between events: nothing is held, nothing is left)
+                if text is None and (held or parser.mid_event):
+                    data = held.whole_events(data, parser.mid_event)
+                    if not data:
+                        continue
             if error_field:
                 data = error_fields_as_data(data)
                 error_field = False

@@ -113,7 +113,6 @@ class SSEParser:
     """
 
     __slots__ = (
-        "_between",
         "_data",
         "_data_size",
         "_decoder",
@@ -126,6 +125,7 @@ class SSEParser:
         "_pending_bytes",
         "_skip_lf",
         "_started",
+        "lone_room",
         "reads_in_line",
     )
 
@@ -140,12 +140,15 @@ class SSEParser:
         errors = "strict" if strict_utf8 else "replace"
         self._errors = errors
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-        # whether what was fed so far ends between events, with nothing held (no line, no
-        # data, no event type, no CR whose LF may follow, no bytes of a UTF-8 character):
-        # then a read that is one whole ``data:`` event is read by :meth:`lone_event`
-        self._between = False
         # a line shorter than this holds no line or event past the limit (see _feed_text)
         self._lone_max = max_line_bytes >> 2
+        # _lone_max while what was fed so far ends between events, with nothing held (no
+        # line, no data, no event type, no CR whose LF may follow, no bytes of a UTF-8
+        # character), else 0: a read shorter than this that is one whole ``data:`` event
+        # is read by :meth:`lone_event` (or by the relay's own common read, which reads
+        # this one number for both checks). Read-only outside the parser. While it is not
+        # 0, reads_in_line is 0 (the last read ended a line).
+        self.lone_room = 0
         # how many reads in a row ended no line but added to one (0: the last one ended a
         # line): a backend sending a line a few bytes at a time makes progress the reader
         # cannot see (see relay's idle limit)
@@ -166,7 +169,7 @@ class SSEParser:
         """Consume one read's worth of bytes; return the events it completed."""
         if not data:
             return []
-        self._between = False
+        self.lone_room = 0
         try:
             text = self._decoder.decode(data)
         except UnicodeDecodeError:
@@ -174,13 +177,14 @@ class SSEParser:
         events = self._feed_text(text)
         # a read ending in an ASCII byte leaves no part of a UTF-8 character in the
         # decoder (and, being text, has ``_started`` set)
-        self._between = (
+        if (
             data[-1] < 0x80
             and not self._skip_lf
             and not self._pending
             and not self._data
             and self._event is None
-        )
+        ):
+            self.lone_room = self._lone_max
         return events
 
     def lone_event(self, data: bytes) -> str | None:
@@ -192,12 +196,11 @@ class SSEParser:
         instructions -> 6 300)."""
         end = len(data) - 2  # where its line ends
         if not (
-            self._between
+            end < self.lone_room  # between events, and short enough
             and data.startswith(b"data: ")
             and data.find(b"\n") == end
             and data[-1] == 10  # (b"\n")
             and data.find(b"\r") < 0
-            and end < self._lone_max
         ):
             return None
         try:
@@ -223,7 +226,7 @@ class SSEParser:
             text = self._decoder.decode(b"", True)
         except UnicodeDecodeError:
             raise SSEProtocolError("the event stream ends inside a UTF-8 character") from None
-        self._between = False
+        self.lone_room = 0
         events = self._feed_text(text)
         if self._pending:
             line = "".join(self._pending)

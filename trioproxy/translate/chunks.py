@@ -77,6 +77,21 @@ _CONTENT_DELTA = re.compile(_DELTA)
 # match costs two thirds of _DELTA's (3 700 machine instructions against 5 600 on a
 # token's delta); a delta of another shape fails it at its first member's name.
 _TEXT_DELTA = re.compile(r'\{"content":(?P<content>' + _STR + r")\}")
+# _TEXT_DELTA with content, as the bytes of a relayed event, so that the relay's common
+# read needs no decoding: what decodes (strict UTF-8, the relay's) to a match of it with a
+# content literal other than '""'. A string's character is an ASCII one _STR allows, a
+# well-formed UTF-8 sequence (exactly what a strict decoder accepts: no overlong form, no
+# surrogate, nothing past U+10FFFF) or an escape; bytes that are not UTF-8 do not match.
+_UTF8_CHAR = (
+    rb"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    rb"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}"
+    rb"|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
+_TEXT_DELTA_BYTES = re.compile(
+    rb'\{"content":(?P<content>"(?:[ !#-\[\]-\x7f]++|'
+    + _UTF8_CHAR
+    + rb'|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))++")\}'
+)
 
 
 def _decode_str(literal: str) -> str:
@@ -97,13 +112,17 @@ class _ContentChunks:
     for another keeps a JSON document's structure everywhere else.
     """
 
-    __slots__ = ("_head", "_misses", "_plain", "_tail")
+    __slots__ = ("_event_head", "_event_tail", "_head", "_misses", "_plain", "_tail")
 
     def __init__(self) -> None:
         self._head: str | None = None
         self._tail = ""
         self._misses = 0
         self._plain = True  # whether the deltas so far were _TEXT_DELTA's
+        # the whole relayed event around the delta, as bytes (``data: `` and head, tail
+        # and the blank line), while the deltas are plain: see :meth:`lone_text`
+        self._event_head: bytes | None = None
+        self._event_tail = b""
 
     def content(self, data: str) -> str | None:
         """The content's JSON string literal (``'""'`` when absent or null) if ``data`` is a
@@ -116,6 +135,7 @@ class _ContentChunks:
                 # a stream whose deltas have other members (Ollama's repeat the role) stops
                 # trying the plain one: a failed try cost 1 500 instructions a chunk
                 self._plain = False
+                self._event_head = None
                 match = _CONTENT_DELTA.fullmatch(data, start, stop)
             if match is not None:
                 return match["content"] or '""'
@@ -127,7 +147,33 @@ class _ContentChunks:
             return None
         self._misses = 0
         self._head, self._tail = data[: match.start("delta")], data[match.end("delta") :]
+        if self._plain:
+            self._event_head, self._event_tail = _event_around(self._head, self._tail)
         return match["content"] or '""'
+
+    def lone_text(self, data: bytes) -> re.Match[bytes] | None:
+        """The plain delta with content (its ``content`` group the literal, as bytes) when
+        ``data`` is one whole relayed event, ``data: `` then a chunk of the stream's shape
+        and a blank line (``\\n\\n``), read between events: what :meth:`content` gives the
+        same literal for (other than ``'""'``) once the event's data is decoded (strict
+        UTF-8); ``None`` for anything else. The relay's common read, at one regular
+        expression on the bytes (no framing checks, no decoding)."""
+        head = self._event_head
+        if head is not None and data.startswith(head) and data.endswith(self._event_tail):
+            return _TEXT_DELTA_BYTES.fullmatch(data, len(head), len(data) - len(self._event_tail))
+        return None
+
+
+def _event_around(head: str, tail: str) -> tuple[bytes | None, bytes]:
+    """The bytes of a whole event before a delta (None when there can be none: the text
+    around it has a line end, so such an event is no single line, or is not Unicode text,
+    a lone surrogate, which a decoded event never has) and after it."""
+    if "\n" in head or "\r" in head or "\n" in tail or "\r" in tail:
+        return None, b""
+    try:
+        return b"data: " + head.encode(), tail.encode() + b"\n\n"
+    except UnicodeEncodeError:
+        return None, b""
 
 
 def parse_chunk(data: str) -> JSONDict | None:

@@ -300,6 +300,20 @@ class OpenAIStreamObserver(_StreamStats):
         elif literal != '""':
             self._count_token(now_ns)
 
+    def count_lone_token(self, data: bytes, clock: Callable[[], int]) -> bool:
+        """:meth:`feed_text` for the relay's common read, at the bytes: whether ``data`` is
+        one whole ``data:`` event (the caller knows the stream so far ends between events)
+        whose chunk is content-only, with text, after the first token; then it is counted
+        as ``feed_text`` counts it, at ``clock()``. False for anything else, not fed: the
+        caller reads it as before. The same results as reading the event and feeding its
+        text (tests/test_protocol_properties), without the framing checks, the decoding
+        and the general relay's checks after (nothing but a token's count can change)."""
+        if self.first_token_ns is None or self._shapes.lone_text(data) is None:
+            return False
+        self.content_chunks += 1  # what _count_token does once the first token is known
+        self.last_token_ns = clock()
+        return True
+
     def _observe_choices(self, chunk: JSONDict, now_ns: int) -> None:
         """A chunk of a stream that asked for several choices, after ``_observe`` took its
         first: each choice's ``finish_reason`` ends that choice, and each choice after the
