@@ -157,16 +157,19 @@ class _Reader:
     :meth:`release` gives it back however the stream ends.
 
     Methods, not an async generator: one generator layer less per chunk, and no cancel scope
-    can ever be held open across the relay's ``yield``.
+    can ever be held open across the relay's ``yield``. Once the read timeout is the only
+    limit (``direct``), a relay awaits ``next_part`` itself, one coroutine less per chunk
+    (1 400 machine instructions), and reports what stopped it as :meth:`broke` says.
     """
 
     __slots__ = (
         "_by_transport",
         "_held",
         "_line_since",
-        "_next_part",
+        "direct",
         "first_token_at",
         "idle",
+        "next_part",
         "token_seen",
     )
 
@@ -176,27 +179,29 @@ class _Reader:
         self.idle = settings.stream_idle_timeout
         self.token_seen = False
         self._by_transport = _idle_as_read_timeout(response, self.idle)
+        # the next read has no deadline but the body's read timeout, the idle limit
+        self.direct = False
         stream = response.extensions.get("network_stream")
         self._held: DirectTCPStream | None = None
         if self._by_transport and isinstance(stream, DirectTCPStream):
             stream.hold_read_timeout()
             self._held = stream
-        self._next_part = body_reader(response)
+        self.next_part = body_reader(response)
         self._line_since: float | None = None
 
     async def read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end; raises StreamTimeout."""
-        if self._by_transport and self.token_seen:  # most reads: the read timeout is the limit
+        if self.direct:  # most reads: the read timeout is the limit
             try:
-                return await self._next_part()
+                return await self.next_part()
             except httpx.ReadTimeout:
                 raise StreamTimeout(self.describe(by_transport=True)) from None
         deadline = self._deadline()
         try:
             if deadline == math.inf:
-                return await self._next_part()
+                return await self.next_part()
             with trio.CancelScope(deadline=deadline) as scope:
-                chunk = await self._next_part()
+                chunk = await self.next_part()
         except httpx.ReadTimeout:
             if not self._by_transport:
                 raise  # not our idle limit: a transport failure like any other
@@ -222,7 +227,16 @@ class _Reader:
     def saw_token(self) -> None:
         """The first token (or other progress) came: the idle limit applies from now on."""
         self.token_seen = True
+        self.direct = self._by_transport
         self.release()
+
+    def broke(self, exc: Exception) -> Exception:
+        """What stopped a relay's reading, as it reports it: the read timeout of a read
+        it awaited itself (``direct``) is the idle limit, as :meth:`read` raises it (no
+        other read timeout can come then: reads are all the I/O there is after the first)."""
+        if self.direct and isinstance(exc, httpx.ReadTimeout):
+            return StreamTimeout(self.describe(by_transport=True))
+        return exc
 
     def release(self) -> None:
         """Give the connection its read timeout back (it goes back to the pool)."""
@@ -234,7 +248,7 @@ class _Reader:
         """Read the rest of the body, briefly (see DRAIN_SECONDS); failures don't matter now."""
         with trio.move_on_after(DRAIN_SECONDS):
             try:
-                while await self._next_part() is not None:
+                while await self.next_part() is not None:
                     pass
             except httpx.HTTPError:
                 pass
@@ -327,9 +341,10 @@ async def relay_ollama(
     error: str | None = None
     done = first = False
     sent = timed_out = False
+    next_part = reader.next_part  # awaited directly once the read timeout is the limit
     try:
         while True:
-            data = await reader.read()
+            data = await (next_part() if reader.direct else reader.read())
             lines: list[bytes] = []
             if data is None:
                 # a last event without its blank line was still meant (it may hold the
@@ -397,8 +412,9 @@ async def relay_ollama(
         _NotAStream,
         NestedTooDeeply,  # an event, or what it becomes for Ollama's clients
     ) as exc:
-        error = _stream_broke(exc, metric, collector, settings)
-        timed_out = isinstance(exc, StreamTimeout)
+        broke = reader.broke(exc)
+        error = _stream_broke(broke, metric, collector, settings)
+        timed_out = isinstance(broke, StreamTimeout)
     except _FailedAtOnce as failure:
         raise _refused(failure.error, metric, settings, response) from None
     finally:
@@ -518,8 +534,9 @@ async def relay_openai(
     # a chat stream's common read, a token's chunk, fed from its bytes (None: not chat's)
     lone_token = observer.count_lone_token if isinstance(observer, OpenAIStreamObserver) else None
     clock = time.perf_counter_ns
+    next_part = reader.next_part  # awaited directly once the read timeout is the limit
     try:
-        while (data := await reader.read()) is not None:
+        while (data := await (next_part() if reader.direct else reader.read())) is not None:
             if not first:
                 first = True
                 data = await _telling_start(reader, data, response)
@@ -607,8 +624,9 @@ async def relay_openai(
             if not held_whole:
                 raise _Unfinished("the backend's stream ended inside an event")
     except (StreamTimeout, httpx.HTTPError, SSEProtocolError, _Unfinished, _NotAStream) as exc:
-        error = _stream_broke(exc, metric, collector, settings)
-        timed_out = isinstance(exc, StreamTimeout)
+        broke = reader.broke(exc)
+        error = _stream_broke(broke, metric, collector, settings)
+        timed_out = isinstance(broke, StreamTimeout)
     except _FailedAtOnce as failure:
         raise _refused(failure.error, metric, settings, response) from None
     finally:
