@@ -20,7 +20,7 @@ import os
 import re
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -1406,6 +1406,7 @@ def _observed(observer: OpenAIStreamObserver) -> tuple[Any, ...]:
 
 _FIRST_OUTPUT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
 _ROLE_READ = _token_read(b"").replace(b'{"content"', b'{"role":"assistant","content"')
+_STOP_READ = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
 _TWO_LINES = b'data: {"id":"c",\ndata: "choices":[{"index":0,"delta":{"content":"y"}}]}\n\n'
 
 
@@ -1437,29 +1438,30 @@ def test_relay_openai_relays_and_counts_the_same_with_and_without_the_lone_event
     # first output, or a failure, refused with a status)
     reads = [first, *reads]
     fused = OpenAIStreamObserver()
-    relayed = _relayed_in_counted_time(reads, fused)
+    relayed = _in_counted_time(lambda: _relayed(reads, fused))
     general = OpenAIStreamObserver()
     lone_event, lone_token = SSEParser.lone_event, OpenAIStreamObserver.count_lone_token
     SSEParser.lone_event = lambda self, data: None  # type: ignore[method-assign]
     OpenAIStreamObserver.count_lone_token = lambda self, data, clock: False  # type: ignore[method-assign]
     try:
-        assert _relayed_in_counted_time(reads, general) == relayed
+        assert _in_counted_time(lambda: _relayed(reads, general)) == relayed
     finally:
         SSEParser.lone_event = lone_event  # type: ignore[method-assign]
         OpenAIStreamObserver.count_lone_token = lone_token  # type: ignore[method-assign]
     assert _observed(fused) == _observed(general)
 
 
-def _relayed_in_counted_time(reads: list[bytes], observer: OpenAIStreamObserver) -> bytes:
-    """:func:`_relayed` with the relay's ns clock counting its reads (1, 2, ...): two
-    relays that read it for the same events note the same token times."""
+def _in_counted_time(relayed: Callable[[], bytes]) -> bytes:
+    """What ``relayed`` relays with the relay's ns clock counting its reads (1, 2, ...):
+    two relays that read it for the same events note the same token times; a refusal
+    (a failure before the stream's first byte) as its status and message."""
     clock = itertools.count(1)
     real = relay.time
     relay.time = types.SimpleNamespace(  # type: ignore[assignment]
         perf_counter=time.perf_counter, perf_counter_ns=lambda: next(clock)
     )
     try:
-        return _relayed(reads, observer)
+        return relayed()
     except ProxyError as refused:
         return repr((refused.status, str(refused))).encode()
     finally:
@@ -1468,22 +1470,38 @@ def _relayed_in_counted_time(reads: list[bytes], observer: OpenAIStreamObserver)
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (as above)
 @STREAMS
-@given(st.one_of(lone_event_reads(), backend_streams().map(lambda case: case[0])))
-@example([b"data: [DONE]\n\n", b'data: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n'])
-@example([b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'])
+@given(
+    st.sampled_from([_FIRST_OUTPUT, _ROLE_READ]),
+    st.one_of(lone_event_reads(), backend_streams().map(lambda case: case[0])),
+)
+@example(_FIRST_OUTPUT, [b"data: [DONE]\n\n", _FIRST_OUTPUT])
+@example(_FIRST_OUTPUT, [b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'])
+@example(_ROLE_READ, [_token_read(b"x"), _token_read(b""), _token_read(b"y"), _token_read(b"\xff")])
+@example(_ROLE_READ, [_token_read(b"x"), _token_read(b"\\ud83d"), _token_read(b"\\ude00")])
+@example(_ROLE_READ, [_token_read(b"x"), _token_read(b"y"), _STOP_READ, b"data: [DONE]\n\n"])
+@example(_FIRST_OUTPUT, [_TWO_LINES, _TWO_LINES.replace(b"\ndata: ", b"\n")])
 def test_relay_ollama_translates_the_same_with_and_without_the_lone_event_read(
-    reads: list[bytes],
+    first: bytes, reads: list[bytes]
 ) -> None:
-    """The same for the translated relay: the same lines (their text, the done line's
-    counts and reason, an error line) whatever the reads."""
-    reads = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n', *reads]
-    translated = _untimed(_relayed_ollama(reads, "chat", "text/event-stream"))
-    original = SSEParser.lone_event
+    """The same for the translated relay: the same lines, byte for byte (each event's
+    clock read the same: the same durations), or the same refusal, whatever the reads,
+    when the common read skips the general parser (``SSEParser.lone_event``) and the
+    translation of a decoded event (``OllamaStreamTranslator.lone_line``) as when every
+    read goes through them."""
+    reads = [first, *reads]
+
+    def translated() -> bytes:
+        return _in_counted_time(lambda: _relayed_ollama(reads, "chat", "text/event-stream"))
+
+    fused = translated()
+    lone_event, lone_line = SSEParser.lone_event, OllamaStreamTranslator.lone_line
     SSEParser.lone_event = lambda self, data: None  # type: ignore[method-assign]
+    OllamaStreamTranslator.lone_line = lambda self, data, clock: None  # type: ignore[method-assign]
     try:
-        assert _untimed(_relayed_ollama(reads, "chat", "text/event-stream")) == translated
+        assert translated() == fused
     finally:
-        SSEParser.lone_event = original  # type: ignore[method-assign]
+        SSEParser.lone_event = lone_event  # type: ignore[method-assign]
+        OllamaStreamTranslator.lone_line = lone_line  # type: ignore[method-assign]
 
 
 def _untimed(lines: bytes) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ from .sse import (
 )
 from .translate import (
     FINISHED_WITH_ERROR,
+    OllamaStreamTranslator,
     OpenAIStreamObserver,
     ResponsesStreamObserver,
     UntranslatableStream,
@@ -342,9 +343,23 @@ async def relay_ollama(
     done = first = False
     sent = timed_out = False
     next_part = reader.next_part  # awaited directly once the read timeout is the limit
+    # a chat stream's common read, a token's chunk, translated from its bytes
+    lone_line = translator.lone_line if isinstance(translator, OllamaStreamTranslator) else None
+    clock = time.perf_counter_ns
     try:
         while True:
             data = await (next_part() if reader.direct else reader.read())
+            if (
+                lone_line is not None
+                and data is not None
+                and len(data) < parser.lone_room
+                and len(data) <= OFF_LOOP_BYTES
+                and (line := lone_line(data, clock)) is not None
+            ):
+                if line:  # (none: half a surrogate pair held for the next piece)
+                    yield line + b"\n"  # (see OllamaStreamTranslator.lone_line)
+                    sent = True
+                continue
             lines: list[bytes] = []
             if data is None:
                 # a last event without its blank line was still meant (it may hold the

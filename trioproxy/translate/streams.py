@@ -705,7 +705,25 @@ class OllamaStreamTranslator(_HeldToolCalls):
         if literal == '""':
             return b""
         self._count_token(now_ns)
-        content = _decode_str(literal)
+        return self._content_line(_decode_str(literal))
+
+    def lone_line(self, data: bytes, clock: Callable[[], int]) -> bytes | None:
+        """:meth:`feed_text` for the relay's common read, at the bytes: the line of
+        ``data`` when it is one whole ``data:`` event (the caller knows the stream so far
+        ends between events) whose chunk is content-only, with text, after the first
+        token, counted as ``feed_text`` counts it (at ``clock()``); None for anything
+        else, not fed: the caller reads it as before (tests/test_protocol_properties)."""
+        if self._unusual or self.first_token_ns is None:
+            return None
+        match = self._shapes.lone_text(data)
+        if match is None:
+            return None
+        self.content_chunks += 1  # what _count_token does once the first token is known
+        self.last_token_ns = clock()
+        return self._content_line(_decode_str(match["content"].decode()))
+
+    def _content_line(self, content: str) -> bytes:
+        """The line of a content-only chunk's text."""
         created_at = self._created_at()
         if isinstance(created_at, str):  # only a str is encoded like _encode_str does
             text = (
@@ -882,7 +900,7 @@ class OllamaCompletionStreamTranslator(OllamaStreamTranslator):
         self._top_logprobs = top_logprobs or 0
 
     def feed_text(self, data: str, now_ns: int) -> bytes | None:
-        return None  # decoded and passed to feed
+        return None  # decoded and passed to feed (so lone_line never knows a chunk's shape)
 
     def feed(self, chunk: JSONDict, now_ns: int) -> list[JSONDict]:
         if self._held_logprobs is not None:
