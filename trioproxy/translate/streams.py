@@ -705,7 +705,7 @@ class OllamaStreamTranslator(_HeldToolCalls):
         if literal == '""':
             return b""
         self._count_token(now_ns)
-        return self._content_line(_decode_str(literal))
+        return self._literal_line(literal)
 
     def lone_line(self, data: bytes, clock: Callable[[], int]) -> bytes | None:
         """:meth:`feed_text` for the relay's common read, at the bytes: the line of
@@ -720,24 +720,29 @@ class OllamaStreamTranslator(_HeldToolCalls):
             return None
         self.content_chunks += 1  # what _count_token does once the first token is known
         self.last_token_ns = clock()
-        return self._content_line(_decode_str(match["content"].decode()))
+        return self._literal_line(match["content"].decode())
 
-    def _content_line(self, content: str) -> bytes:
-        """The line of a content-only chunk's text."""
+    def _literal_line(self, literal: str) -> bytes:
+        """The line of a content-only chunk, from its content's JSON string literal. One
+        without escapes is what _encode_str writes for its text, character for character
+        (it escapes nothing a literal holds raw: no quote, backslash or control
+        character), so it is written as it came, not decoded and encoded again."""
+        if "\\" in literal:
+            literal = _encode_str(_decode_str(literal))
         created_at = self._created_at()
         if isinstance(created_at, str):  # only a str is encoded like _encode_str does
             text = (
                 self._text_head
                 + _encode_str(created_at)
                 + self._text_middle
-                + _encode_str(content)
+                + literal
                 + self._text_tail
             )
             try:
                 return escape_line_separators(text.encode())
             except UnicodeEncodeError:  # half a surrogate pair (an emoji cut in two)
                 pass
-        return self._unusual_line(content, created_at)
+        return self._unusual_line(_decode_str(literal), created_at)
 
     def finish(self, now_ns: int) -> JSONDict:
         if self._finished:
