@@ -46,6 +46,7 @@ from trioproxy.translate import (
     RequestValidationError,
     ResponsesStreamObserver,
     Timings,
+    _ContentChunks,
     keep_alive_unloads,
     ollama_chat_to_openai,
     ollama_embed_to_openai,
@@ -65,7 +66,7 @@ from trioproxy.translate import (
     validate_openai_body,
     with_extra_body,
 )
-from trioproxy.translate.chunks import _TEXT_DELTA, _TEXT_DELTA_BYTES
+from trioproxy.translate.chunks import _TEXT_DELTA
 
 
 def _examples(default: int) -> settings:
@@ -1353,21 +1354,32 @@ def _parsed_both_ways(reads: list[bytes], strict: bool) -> None:
 @example(b"\xed\x9f\xbf\xee\x80\x80")  # the last character before the surrogates, the first after
 @example(b"")
 @example(b"\xed\xa0\x80")  # a surrogate
-def test_a_plain_delta_read_at_its_bytes_is_the_one_its_decoded_text_reads(
-    content: bytes,
-) -> None:
-    """The relay's common read matches a delta's bytes exactly when their strict UTF-8
-    decoding is a plain delta with content, to the same literal."""
-    delta = b'{"content":"' + content + b'"}'
+@example(b"\xc2\xa0\x7f\\n")  # text that is not printable, an escape
+@example(b"a\x01")
+@example(b'a"b')
+@example(b'a","role":"x')
+def test_a_token_read_at_its_bytes_is_the_one_its_decoded_text_reads(content: bytes) -> None:
+    """The relay's common read (``_ContentChunks.lone_text``) reads a token's chunk at
+    its bytes only as the content-only shortcut reads the chunk's text (decoded strictly,
+    as the relay decodes it): the same literal. It leaves other deltas to it (a role
+    beside the content), but never a plain one with text."""
+    warm = _token_read(b"warm")[6:-2].decode()
+    bytewise, textwise = _ContentChunks(), _ContentChunks()
+    bytewise.content(warm)  # (the text around a delta, learnt)
+    textwise.content(warm)
+    event = _token_read(content)
+    body = bytewise.lone_text(event)
     try:
-        text = delta.decode()
+        text = event[6:-2].decode()
     except UnicodeDecodeError:
-        expected = None
-    else:
-        match = _TEXT_DELTA.fullmatch(text)
-        expected = match["content"] if match and match["content"] != '""' else None
-    got = _TEXT_DELTA_BYTES.fullmatch(delta)
-    assert (got["content"].decode() if got else None) == expected
+        assert body is None
+        return
+    literal = textwise.content(text)
+    if body is not None:
+        assert f'"{body}"' == literal
+    before = text.index('{"content"')  # (its delta, where the first one's was)
+    plain = _TEXT_DELTA.fullmatch(text, before, len(text) - len("}]}"))
+    assert (body is not None) == (plain is not None and plain["content"] != '""')
 
 
 def _closed(parser: SSEParser) -> list[SSEEvent] | type[Exception]:

@@ -715,12 +715,12 @@ class OllamaStreamTranslator(_HeldToolCalls):
         else, not fed: the caller reads it as before (tests/test_protocol_properties)."""
         if self._unusual or self.first_token_ns is None:
             return None
-        match = self._shapes.lone_text(data)
-        if match is None:
+        body = self._shapes.lone_text(data)
+        if body is None:
             return None
         self.content_chunks += 1  # what _count_token does once the first token is known
         self.last_token_ns = clock()
-        return self._literal_line(match["content"].decode())
+        return self._literal_line(f'"{body}"')
 
     def _literal_line(self, literal: str) -> bytes:
         """The line of a content-only chunk, from its content's JSON string literal. One
