@@ -613,3 +613,167 @@ async def test_a_failed_read_says_which_request_failed() -> None:
         assert failure.value.request is request
 
     await _with_backend(backend, run)
+
+
+# -- httpcore's connection locks and request writes ------------------------------------------
+
+
+async def test_a_free_connection_lock_is_taken_without_a_scheduler_round() -> None:
+    """httpcore's ``AsyncLock`` (a connection's request and state locks): three per
+    proxied request, each a full scheduler round with trio's ``Lock``."""
+    lock = httpcore._synchronization.AsyncLock()
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # runs at the next scheduler round
+        async with lock:
+            pass
+        async with lock:  # (set up on the first use: the second takes the short way too)
+            pass
+        assert ran == []
+
+
+async def test_a_connection_lock_is_still_a_cancellation_point() -> None:
+    lock = httpcore._synchronization.AsyncLock()
+    entered = False
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with lock:
+            entered = True
+    assert scope.cancelled_caught and not entered
+
+
+async def test_a_held_connection_lock_is_waited_for_in_turn() -> None:
+    lock = httpcore._synchronization.AsyncLock()
+    order: list[str] = []
+    release = trio.Event()
+
+    async def holder(task_status: trio.TaskStatus[None]) -> None:
+        async with lock:
+            task_status.started()
+            await release.wait()
+            order.append("holder done")
+
+    async def waiter(name: str) -> None:
+        async with lock:
+            order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(holder)
+        nursery.start_soon(waiter, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []  # both wait
+        release.set()
+    assert order == ["holder done", "first", "second"]
+
+
+def _recording_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    from trioproxy import netstream
+
+    writes: list[bytes] = []
+
+    def send_what_fits(socket: trio.socket.SocketType, data: bytes) -> int:
+        writes.append(bytes(data))
+        return original(socket, data)
+
+    original = netstream.send_what_fits
+    monkeypatch.setattr(netstream, "send_what_fits", send_what_fits)
+    return writes
+
+
+async def test_a_small_request_body_goes_out_with_its_head_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes = _recording_writes(monkeypatch)
+    received: list[bytes] = []
+    body = b'{"model": "m"}'
+
+    async def handler(stream: trio.SocketStream) -> None:
+        while data := await _read_head(stream):
+            rest = data.partition(b"\r\n\r\n")[2]
+            while len(rest) < len(body):
+                rest += await stream.receive_some(65536)
+            received.append(rest)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    transport = _transport()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        for _ in range(2):  # the connection goes on after such a request
+            request = httpx.Request("POST", url, content=body)
+            response = await transport.handle_async_request(request)
+            assert await response.aread() == b"ok"
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert received == [body, body]
+    assert len(writes) == 2  # one per request
+    assert all(write.startswith(b"POST / HTTP/1.1\r\n") for write in writes)
+    assert all(write.endswith(b"\r\n\r\n" + body) for write in writes)
+    assert all(b"\r\nContent-Length: 14\r\n" in write for write in writes)
+
+
+async def test_a_large_request_body_is_not_copied_to_join_its_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trioproxy.netstream import COALESCED_BODY_BYTES
+
+    writes = _recording_writes(monkeypatch)
+    body = b"x" * (COALESCED_BODY_BYTES + 1)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = await _read_head(stream)
+        rest = data.partition(b"\r\n\r\n")[2]
+        while len(rest) < len(body):
+            rest += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    request = httpx.Request("POST", "http://backend.test/", content=body)
+    request.extensions["timeout"] = httpx.Timeout(5.0).as_dict()
+    response = await _exchange(handler, request)
+    assert response.status_code == 204
+    assert writes[0].endswith(b"\r\n\r\n") and writes[1].startswith(b"x")
+
+
+class _RefusingStream(httpcore.AsyncNetworkStream):
+    """A connection whose writes fail, after which the backend's answer is read."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        answer, self._answer = self._answer, b""
+        return answer
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        raise httpcore.WriteError("broken pipe")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_request_whose_write_failed_does_not_leave_its_connection_pooled() -> None:
+    """httpcore reads the backend's answer after a failed write (a server may refuse a
+    request before reading it); a request written with its body in one write that failed
+    must still close the connection after that answer, as a failed body write did."""
+    from httpcore._async.http11 import AsyncHTTP11Connection
+
+    answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\nno"
+    origin = httpcore.Origin(b"http", b"backend.test", 80)
+    connection = AsyncHTTP11Connection(origin, _RefusingStream(answer))
+    headers = [(b"Host", b"backend.test"), (b"Content-Length", b"2")]
+    request = httpcore.Request(
+        "POST", "http://backend.test/", headers=headers, content=httpx.ByteStream(b"{}")
+    )
+    response = await connection.handle_async_request(request)
+    assert response.status == 413
+    assert await response.aread() == b"no"
+    await response.aclose()
+    assert connection.is_closed()
