@@ -86,6 +86,51 @@ async def test_requests_carry_the_headers_and_timeouts_the_client_used_to_add() 
     assert streamed.extensions["timeout"]["read"] is None
 
 
+_TRACE = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "tracestate": "a=b"}
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"api_key": "sk-test-1234"},
+    {"api_key": "k", "api_key_header": "api-key", "upstream_headers": {"X-Title": "app"}},
+    {"upstream": "http://us%40er:p%3Ass@backend.test:8080/v1?api-version=1"},
+    {"upstream_headers": {"User-Agent": "mine", "Accept": "application/json"}},
+    {"upstream_headers": {"Content-Type": "text/plain"}},  # (refused in the configuration)
+])  # fmt: skip
+@pytest.mark.parametrize("trace", [None, _TRACE])
+@pytest.mark.parametrize("path", ["/chat/completions", "/responses/resp_1"])
+def test_a_request_is_built_as_httpx_builds_it(
+    extra: dict[str, Any], trace: dict[str, str] | None, path: str
+) -> None:
+    """``_build`` passes httpx's header merging by for a body to a fixed path: the
+    request must be the one httpx builds, headers in the same order, body read."""
+    pool = UpstreamPool(_settings(**{"upstream": "http://backend.test/v1", **extra}))
+    # the quick way, unless a default header is one httpx or the pool sets per request
+    assert (pool._head is None) == ("Content-Type" in extra.get("upstream_headers", {}))
+    headers = {"X-Request-ID": "abc", **(trace or {}), "Content-Type": "application/json"}
+    body = b'{"model": "m"}'
+    for stream in (False, True):
+        built = pool._build("POST", path, body, headers, stream)
+        expected = httpx.Request(
+            "POST",
+            pool._url(path),
+            headers=pool._default_headers,
+            content=body,
+            extensions={"timeout": built.extensions["timeout"]},
+        )
+        expected.headers.update(headers)
+        assert built.headers.raw == expected.headers.raw
+        assert (built.method, built.url, built.content) == (
+            expected.method,
+            expected.url,
+            expected.content,
+        )
+        assert type(built.stream) is type(expected.stream)
+        assert list(built.stream) == list(expected.stream)  # type: ignore[call-overload]
+        assert built.extensions == {"timeout": upstream._stream_timeouts(pool._settings)
+                                    if stream else pool._timeouts}  # fmt: skip
+
+
 @pytest.mark.parametrize(("api_key", "expected"), [
     (None, "Basic " + base64.b64encode(b"us@er:p:ss").decode()),
     ("sk-test-1234", "Bearer sk-test-1234"),  # the API key wins; the URL's pair is dropped

@@ -108,6 +108,20 @@ _FIXED_PATHS = frozenset(
 )
 
 
+# what ``request`` sets per request (and httpx per body): a default header of one of these
+# names would be replaced, so such defaults leave requests to httpx (``_quick_head``)
+_PER_REQUEST_HEADERS = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"x-request-id",
+        b"content-type",
+        b"traceparent",
+        b"tracestate",
+    }
+)
+
+
 class UpstreamObserver(Protocol):
     def upstream_error(self, reason: str) -> None: ...
     def upstream_retry(self, reason: str) -> None: ...
@@ -293,6 +307,7 @@ class UpstreamPool:
             settings.request_timeout, connect=settings.connect_timeout, pool=None
         ).as_dict()
         self._picker = ShardPicker(shards)
+        self._head = self._quick_head()
         # the backend has answered since the start: its host name resolved then, so a
         # name the resolver now says does not exist is passing (does_not_resolve)
         self._reached = False
@@ -338,6 +353,23 @@ class UpstreamPool:
         self, method: str, path: str, body: bytes | None, headers: dict[str, str], stream: bool
     ) -> httpx.Request:
         timeouts = _stream_timeouts(self._settings) if stream else self._timeouts
+        head = self._head
+        if body and head is not None and path in _FIXED_PATHS:
+            # what httpx builds below, without its header merging (a third of a request's
+            # own CPU in the pool): the same headers in the same order (_quick_head)
+            raw = [*head, (b"Content-Length", b"%d" % len(body))]
+            raw += [
+                (name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()
+            ]
+            quick = httpx.Request(
+                method,
+                self._url(path),
+                headers=raw,
+                stream=httpx.ByteStream(body),
+                extensions={"timeout": timeouts},
+            )
+            quick._content = body  # as httpx's read() of a body given whole leaves it
+            return quick
         req = httpx.Request(
             method,
             self._url(path),
@@ -347,6 +379,22 @@ class UpstreamPool:
         )
         req.headers.update(headers)
         return req
+
+    def _quick_head(self) -> list[tuple[bytes, bytes]] | None:
+        """The headers httpx gives a request with a body to one of our fixed paths before
+        its Content-Length and our own per-request headers (``_build``), read off a
+        request httpx builds here: None (httpx builds every request) when the operator's
+        headers hold one that httpx or ``request`` would have set or replaced."""
+        # the fixed paths are below the base URL: the same Host
+        sample = httpx.Request("POST", self._base_url, headers=self._default_headers, content=b"{}")
+        raw = sample.headers.raw
+        *head, length = raw
+        if (
+            length != (b"Content-Length", b"2")
+            or {name.lower() for name, _ in head} & _PER_REQUEST_HEADERS
+        ):
+            return None
+        return head
 
     async def aclose(self) -> None:
         for client in self._clients:
