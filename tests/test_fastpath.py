@@ -6,6 +6,7 @@ answer alike."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -427,6 +428,26 @@ async def test_a_shutdown_answers_requests_still_waiting_for_the_backend(
     assert message == fastpath.SHUTDOWN_WAITING_MESSAGE
     assert [(m.status_code, m.streaming) for m in finished] == [(503, False)]
     assert len(app.in_progress) == 0
+
+
+async def test_a_tracked_phase_ends_at_the_shutdown_s_deadline_and_is_forgotten(
+    autojump_clock: object,
+) -> None:
+    """``InProgress.tracking``: the scope of a phase in progress gets the shutdown's
+    deadline, ends it there (swallowing its own cancellation, so the caller goes on to
+    answer), and is no longer tracked once it is over, however it ended."""
+    streams = fastpath.InProgress()
+    with streams.tracking() as scope:
+        assert len(streams) == 1 and scope.deadline == math.inf
+        streams.begin_shutdown(10.0)
+        assert scope.deadline == trio.current_time() + 10.0 - fastpath.SHUTDOWN_MARGIN
+        await trio.sleep_forever()
+    assert scope.cancelled_caught and len(streams) == 0
+    later = streams.tracking()  # a phase begun during the shutdown has its deadline at once
+    with pytest.raises(ZeroDivisionError), later as scope:
+        assert len(streams) == 1 and scope.deadline == streams.end_at
+        1 / 0  # noqa: B018
+    assert len(streams) == 0
 
 
 async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> None:

@@ -490,10 +490,12 @@ async def _send_request_headers(self: Any, request: httpcore.Request) -> None:
         await _original_send_request_headers(self, request)
         return
     timeout = request.extensions.get("timeout", {}).get("write", None)
-    with httpcore._exceptions.map_exceptions({h11.LocalProtocolError: httpcore.LocalProtocolError}):
+    try:  # httpcore's map_exceptions, without a generator's context manager
         event = h11.Request(
             method=request.method, target=request.url.target, headers=request.headers
         )
+    except h11.LocalProtocolError as exc:
+        raise httpcore.LocalProtocolError(exc) from exc
     state: h11.Connection = self._h11_state
     head = state.send(event) or b""
     data = state.send(h11.Data(data=body)) or b""
