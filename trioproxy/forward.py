@@ -27,7 +27,7 @@ from .errors import (
 )
 from .exchange import Call, RequestState
 from .json_threads import OFF_LOOP_BYTES, off_loop
-from .jsonutil import WHOLE_NUMBER_LIMIT, NestedTooDeeply, compact_json, loads, whole_number
+from .jsonutil import NestedTooDeeply, compact_json, loads, whole_number
 from .metrics.request import RequestMetrics
 from .model_mapping import DEFAULT_TAG
 from .translate import (
@@ -209,15 +209,8 @@ def note_usage_counts(state: RequestState, usage: Any) -> None:
     completion = usage.get("completion_tokens", _ABSENT)
     if completion is _ABSENT:
         completion = usage.get("output_tokens")
-    # whole_number, its common case (a count as a JSON integer) inline: per request
-    metric.input_tokens = (
-        prompt if type(prompt) is int and 0 <= prompt < WHOLE_NUMBER_LIMIT
-        else whole_number(prompt)
-    )  # fmt: skip
-    metric.output_tokens = (
-        completion if type(completion) is int and 0 <= completion < WHOLE_NUMBER_LIMIT
-        else whole_number(completion)
-    )  # fmt: skip
+    metric.input_tokens = whole_number(prompt)
+    metric.output_tokens = whole_number(completion)
 
 
 async def call_json(
