@@ -27,6 +27,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from trioproxy.metrics.archive import ARCHIVED_KINDS
 from trioproxy.respawn import RESPAWN_LIMIT
 
 from .conftest import ServerProcess, wait_healthy
@@ -125,6 +126,63 @@ def test_a_killed_worker_is_started_again_while_the_others_serve_on() -> None:
         assert "Traceback" not in log
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=20) == 0, server.log()
+    finally:
+        _kill(descendants)
+        server.stop()
+
+
+def _chats_counted(url: str) -> float:
+    """http_requests_total of /api/chat, as one scrape (a new connection) says."""
+    reply = httpx.get(f"{url}/metrics", timeout=10)
+    assert reply.status_code == 200, reply.text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(reply.text)
+        if family.name == "http_requests"
+        for sample in family.samples
+        if sample.name == "http_requests_total" and sample.labels["endpoint"] == "api_chat"
+    )
+
+
+def test_killed_workers_files_are_folded_in_and_their_counts_kept() -> None:
+    """Workers killed again and again (each replaced): their counter and histogram files
+    were kept beside the live workers' for the proxy's life, and every scrape merged
+    more of them. Now a scrape folds them into one archive per type: the directory holds
+    the live processes' files and the archives, and the totals never move."""
+    server = _start_demo_proxy(2, LOG_LEVEL="INFO")
+    descendants: list[psutil.Process] = []
+    try:
+        workers = _wait_for_workers(server, 2)
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        directory = Path(workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+        sent, killed = 0, []
+        for kills in range(1, 4):
+            for _ in range(4):
+                assert chat(server.url).status_code == 200
+                sent += 1
+            deadline = time.monotonic() + 10
+            while _chats_counted(server.url) != sent:  # counted by whichever worker
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.05)
+            killed.append(workers[0].pid)
+            workers[0].send_signal(signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while _running_on(server) < 2 + kills:  # the new worker serves
+                assert time.monotonic() < deadline, server.log()
+                assert server.process.poll() is None, server.log()
+                time.sleep(0.05)
+            tree = psutil.Process(server.process.pid).children(recursive=True)
+            descendants += tree
+            workers = [p for p in tree if _is_worker(p)]
+            for _ in range(4):  # scrapes on new connections: each worker answers some
+                assert _chats_counted(server.url) == sent
+        names = {p.name for p in directory.glob("*.db")}
+        assert not {n for n in names if n.rpartition("_")[2][:-3] in map(str, killed)}, names
+        # each live worker's counter, histogram and two live gauge files, the master's
+        # counter, and the archives
+        assert len(names) <= 2 * 4 + 1 + len(ARCHIVED_KINDS), sorted(names)
+        assert {"counter_archive.db", "histogram_archive.db"} <= names
+        assert "Traceback" not in server.log()
     finally:
         _kill(descendants)
         server.stop()

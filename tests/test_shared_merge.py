@@ -7,6 +7,7 @@ this process: the merge reads files only."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+from prometheus_client.samples import Sample
 
 from trioproxy.metrics.shared_merge import SharedFilesMerge
 
@@ -98,7 +100,20 @@ def _write(directory: str, write: tuple[str, str, str, float, float]) -> None:
 
 
 def _library(files: list[str]) -> list[tuple[str, str, str, list[object]]]:
-    merged = MultiProcessCollector.merge(files, accumulate=True)
+    """prometheus_client's merge, but for one thing: a sample's values across the files
+    (of a counter or histogram) added exactly, not by ``+=`` in the files' order (what
+    keeps a total still when dead workers' files are folded into an archive)."""
+    metrics = MultiProcessCollector._read_metrics(files)
+    for metric in metrics.values():
+        if metric.type != "gauge":
+            summed: dict[tuple[str, object], list[float]] = {}
+            for sample in metric.samples:
+                summed.setdefault((sample.name, sample.labels), []).append(sample.value)
+            metric.samples = [
+                Sample(name, labels, math.fsum(values))  # type: ignore[arg-type]
+                for (name, labels), values in summed.items()
+            ]
+    merged = MultiProcessCollector._accumulate_metrics(metrics, True)
     return [(m.name, m.type, m.documentation, m.samples) for m in merged]
 
 

@@ -8,7 +8,8 @@ themselves (:mod:`.series`), so the request path reads none of it:
 * whether this process is one of several hypercorn workers sharing nothing (a warning);
 * the value classes: switching to the multiprocess ones late, and local ones for private
   collectors (the benchmarks') that must not write into the workers' files;
-* dead workers' live gauges removed, and the master's ``trioproxy_worker_restarts_total``;
+* dead workers' live gauges removed, their counter and histogram files folded into one
+  archive per type (:mod:`.archive`), and the master's ``trioproxy_worker_restarts_total``;
 * the files merged (kept between reads and brought up to date: :mod:`.shared_merge`),
   sized (to merge large ones off the event loop) and claimed by one collector per
   process (:func:`claim_shared_files`).
@@ -33,7 +34,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import mmap_files
+from . import archive, mmap_files
 from .shared_merge import SharedFilesMerge
 
 log = logging.getLogger("trioproxy.metrics")
@@ -163,7 +164,8 @@ class LocalHistogram(_LocalValues, Histogram):
 def mark_dead_workers(path: str) -> list[int]:
     """Drop the live-gauge files of workers that no longer exist (hypercorn has no
     child-exit hook), so in-flight and RSS gauges only sum live processes.  Counter and
-    histogram files of dead workers stay: their counts still happened.
+    histogram files of dead workers stay until a read in a worker thread folds them into
+    the archives (:func:`compact_dead_workers`): their counts still happened.
 
     Every worker scrapes, so two may clean up the same dead worker at once: the files are
     removed here, a file the other worker removed first is no error (prometheus_client's
@@ -210,11 +212,11 @@ class WorkerRestarts:
 
     A multiprocess counter in the workers' shared directory, in the master's own file
     (``counter_<master pid>.db``): every worker's scrape merges it with the workers' files
-    (:func:`merged_families` reads every file there, and no clean-up removes a counter
-    file), so whichever worker answers reports it. Its SIGKILL series is there, at 0, from
-    before the first worker starts: ``increase()`` sees the first kill. No worker declares
-    the family, so a plain hypercorn (which replaces no worker) and one process (no
-    master) have no such series."""
+    (:func:`merged_families` reads every file there; a counter file leaves only for the
+    archive, once its process is gone), so whichever worker answers reports it. Its
+    SIGKILL series is there, at 0, from before the first worker starts: ``increase()``
+    sees the first kill. No worker declares the family, so a plain hypercorn (which
+    replaces no worker) and one process (no master) have no such series."""
 
     def __init__(self) -> None:
         ensure_multiprocess_value_class()
@@ -292,19 +294,55 @@ def merged_families(
     changing under the scrape: a live gauge file removed by another worker's cleanup is
     skipped (by prometheus_client), and so is a file a starting worker has created but not
     yet sized (it holds no value yet, and reading it would fail on its missing header).
+    Dead workers' files folded into an archive meanwhile (:mod:`.archive`) are counted
+    once: the files the archive read names are skipped, and a read during which an
+    archive was replaced is made again (under the compactors' lock after a few tries).
 
     With ``kept`` (one per ``path`` and ``kinds``), the merge is brought up to date from
     the last one instead of made anew: the same families, in a fraction of the time."""
+    for _ in range(_MERGE_TRIES):
+        seen = archive.versions(path, kinds)
+        try:
+            merged = _merged_once(path, kinds, kept, archive.skipped(seen))
+        except FileNotFoundError:
+            continue  # the library's read of a file folded in since the glob
+        if archive.unchanged(path, seen):
+            return merged
+    with archive.shared_lock(path):  # no compaction now: waits for one to end (ms)
+        return _merged_once(path, kinds, kept, archive.skipped(archive.versions(path, kinds)))
+
+
+_MERGE_TRIES = 4  # compactions run once per dead worker: a second try is already rare
+
+
+def _merged_once(
+    path: str,
+    kinds: tuple[str, ...],
+    kept: SharedFilesMerge | None,
+    skipped: frozenset[tuple[str, int]],
+) -> list[Metric]:
     files: list[str] = []
     for f in _shared_files(path, kinds):
         try:
-            if os.stat(f).st_size >= _MMAP_HEADER:
-                files.append(f)
+            st = os.stat(f)
         except FileNotFoundError:
             continue  # removed since the glob: a dead worker's live gauge
+        if st.st_size >= _MMAP_HEADER and (os.path.basename(f), st.st_ino) not in skipped:
+            files.append(f)
     if kept is not None:
         return kept.merge(files)
     return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+def compact_dead_workers(path: str) -> int:
+    """Fold dead workers' counter and histogram files into the archives (:mod:`.archive`);
+    blocking file I/O, for a worker thread."""
+    return archive.compact(path)
+
+
+def compaction_due(path: str) -> bool:
+    """Whether a dead worker's counter or histogram files wait to be folded in."""
+    return bool(archive.dead_files(path))
 
 
 _writer: weakref.ref[Any] | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,8 @@ from .multiprocess import (
     LocalCounter,
     LocalGauge,
     LocalHistogram,
+    compact_dead_workers,
+    compaction_due,
     ensure_multiprocess_value_class,
     mark_dead_workers,
     merged_families,
@@ -425,12 +428,18 @@ class PrimaryMetrics:
         assert self.registry is not None
         return list(self.registry.collect())
 
-    def _merged(self, kinds: tuple[str, ...] = SHARED_FILE_KINDS) -> list[Metric]:
+    def _merged(
+        self, kinds: tuple[str, ...] = SHARED_FILE_KINDS, compact: bool = False
+    ) -> list[Metric]:
         """The merge of the workers' files of ``kinds`` (all: every family) after a
         :meth:`flush`; reads files only (and this object's fixed family list), so it may
-        run in a worker thread while the event loop writes this process's file."""
+        run in a worker thread while the event loop writes this process's file. With
+        ``compact`` (in a worker thread only: it writes files and takes a lock), dead
+        workers' counter and histogram files are first folded into the archives."""
         assert self.multiprocess_dir is not None
         mark_dead_workers(self.multiprocess_dir)
+        if compact:
+            compact_dead_workers(self.multiprocess_dir)
         kept = self._shared_merges.get(kinds) or self._shared_merges.setdefault(
             kinds, SharedFilesMerge()
         )
@@ -453,9 +462,14 @@ class PrimaryMetrics:
         self.flush()
         if not self.multiprocess_dir:
             return self.snapshot()
-        if shared_files_size(self.multiprocess_dir) <= LOOP_MERGED_BYTES:
+        if (
+            not self._compaction_due()
+            and shared_files_size(self.multiprocess_dir) <= LOOP_MERGED_BYTES
+        ):
             return self._merged_snapshot()
-        return await trio.to_thread.run_sync(self._merged_snapshot, limiter=metrics_threads())
+        return await trio.to_thread.run_sync(
+            functools.partial(self._merged_snapshot, compact=True), limiter=metrics_threads()
+        )
 
     async def read_counts(self) -> Totals:
         """Totals with only ``requests`` and ``active`` filled in (:meth:`collect_counts`),
@@ -464,11 +478,18 @@ class PrimaryMetrics:
         if not self.multiprocess_dir:
             return aggregate(self.collect_counts())
         kinds = (_COUNTER, _GAUGE)  # not the histograms: most of the files
-        if shared_files_size(self.multiprocess_dir, kinds) <= LOOP_MERGED_BYTES:
+        if not self._compaction_due() and (
+            shared_files_size(self.multiprocess_dir, kinds) <= LOOP_MERGED_BYTES
+        ):
             return aggregate(self._merged(kinds))
         return await trio.to_thread.run_sync(
-            lambda: aggregate(self._merged(kinds)), limiter=metrics_threads()
+            lambda: aggregate(self._merged(kinds, compact=True)), limiter=metrics_threads()
         )
+
+    def _compaction_due(self) -> bool:
+        """A dead worker's files wait to be folded in (done in a thread, with the read)."""
+        assert self.multiprocess_dir is not None
+        return compaction_due(self.multiprocess_dir)
 
     def snapshot(self) -> Snapshot:
         """The primary series as they are now, for a scrape or a summary.
@@ -502,11 +523,11 @@ class PrimaryMetrics:
         families = tuple(self.collect())
         return Snapshot(aggregate(families), families=families)
 
-    def _merged_snapshot(self) -> Snapshot:
+    def _merged_snapshot(self, compact: bool = False) -> Snapshot:
         """The merge of the workers' files, its families but the sampler's kept with their
         totals and encoding while the merge gives the same ones (a family that changed
-        is a new object: :mod:`.shared_merge`)."""
-        merged = self._merged()
+        is a new object: :mod:`.shared_merge`); ``compact``: as :meth:`_merged`."""
+        merged = self._merged(compact=compact)
         sampled = tuple(m for m in merged if m.name in self._sampled_names)
         families = tuple(m for m in merged if m.name not in self._sampled_names)
         kept = self._kept_merge  # read once: another read may replace it meanwhile

@@ -37,6 +37,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 
+from .archive import exact_sum
+
 _HEADER = 8  # a file starts with its used size (4 bytes) and 4 of padding
 _USED = struct.Struct("i")
 _COMPARED = 512  # values compared at once when looking for the changed ones
@@ -357,6 +359,7 @@ class SharedFilesMerge:
         if _being_made(family, series):
             return []
         metric = Metric(family.name, family.help, family.typ)
+        summed: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
         for file, index in series.refs:
             entry = file.entries[index]
             value, timestamp = file.values[2 * index], file.values[2 * index + 1]
@@ -365,7 +368,11 @@ class SharedFilesMerge:
                 labels = (*entry.labels, ("pid", file.pid))
                 metric.add_sample(entry.name, labels, value, timestamp)  # type: ignore[arg-type]
             else:
-                metric.add_sample(entry.name, entry.labels, value)  # type: ignore[arg-type]
+                summed.setdefault((entry.name, entry.labels), []).append(value)
+        # a sample's values across the files added exactly (the library's += in the
+        # files' order may round one unit lower once an archive took some in: a drop)
+        for (name, labels), values in summed.items():
+            metric.add_sample(name, labels, exact_sum(values))  # type: ignore[arg-type]
         merged: Any = MultiProcessCollector._accumulate_metrics(  # type: ignore[no-untyped-call]
             {family.name: metric}, True
         )
