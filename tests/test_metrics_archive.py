@@ -348,3 +348,28 @@ def test_a_fold_that_cannot_be_written_leaves_every_file_as_it_was(
     assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
     assert archive.compact(directory) == 2
     assert _ours(directory, SharedFilesMerge()) == expected
+
+
+def test_a_kept_merge_reads_a_new_archive_that_took_the_old_ones_inode(tmp_path: Path) -> None:
+    """The next archive may get the inode the last one freed (ext4 reuses them): the kept
+    merge, which knows a worker's file by its inode, must not take the new archive for
+    the old one grown (its entries are laid out anew), here the new one written over the
+    old in place, the same inode."""
+    directory = str(tmp_path)
+    _write_worker(directory, LIVE, [("a", 0.5)])
+    _write_worker(directory, DEAD_FROM, [("a", 0.25)])
+    archive.compact(directory)
+    kept = SharedFilesMerge()
+    _ours(directory, kept)
+    # a's sum now two partials: every entry after it moves
+    _write_worker(directory, DEAD_FROM + 1, [("a", 1e17), ("b", 2.0)])
+    expected = _ours(directory, SharedFilesMerge())
+    for kind in ("counter", "histogram"):  # the next fold, in place
+        target = archive.archive_path(directory, kind)
+        entries, _, generation = archive._current(target)
+        dead = Path(directory, f"{kind}_{DEAD_FROM + 1}.db").read_bytes()
+        folded = archive._folded([*entries, *archive._read_entries(dead)])
+        with open(target, "r+b") as file:
+            file.write(archive._encoded(folded, frozenset(), generation + 1))
+        os.unlink(Path(directory, f"{kind}_{DEAD_FROM + 1}.db"))
+    assert _ours(directory, kept) == expected

@@ -23,7 +23,9 @@ the files it took in, and the archive names those files (name and inode, after t
 library's data: no reader of the library looks there), so a reader never counts a dead
 worker twice (it skips the files its archive names) nor misses it (a reader whose
 archive was replaced while it read reads again: :func:`versions`, :func:`unchanged`).
-Readers take no lock. Gauges are left as they are: trioproxy's are all ``live*`` (a dead
+Readers take no lock. Each archive carries a generation (one more than the last one's,
+in the header's padding) so that a kept merge never takes a new archive that got the
+old one's inode for the old one. Gauges are left as they are: trioproxy's are all ``live*`` (a dead
 worker's are removed), and the other modes keep a dead process's value by design.
 """
 
@@ -43,6 +45,7 @@ log = logging.getLogger("trioproxy.metrics")
 
 ARCHIVED_KINDS: tuple[str, ...] = ("counter", "histogram", "summary")  # summed types
 ARCHIVE_PID = "archive"  # in place of a pid: ``counter_archive.db``
+ARCHIVE_SUFFIX = f"_{ARCHIVE_PID}.db"
 LOCK_NAME = ".archive.lock"
 _TMP_SUFFIX = ".archive-tmp"  # not ``.db``: no reader globs it
 
@@ -57,7 +60,7 @@ Absorbed = frozenset[tuple[str, int]]  # files an archive took in: (name, inode)
 
 
 def archive_path(directory: str, kind: str) -> str:
-    return os.path.join(directory, f"{kind}_{ARCHIVE_PID}.db")
+    return os.path.join(directory, kind + ARCHIVE_SUFFIX)
 
 
 def _dead_pid(filename: str) -> int | None:
@@ -155,10 +158,20 @@ def _read_entries(data: bytes) -> list[tuple[str, float, float]]:
     return out
 
 
-def _encoded(entries: Iterable[tuple[str, float, float]], absorbed: Absorbed) -> bytes:
+def archive_generation(data: bytes) -> int:
+    """An archive's generation, from its first bytes: one more than the archive before
+    it (kept in the header's padding, which prometheus_client neither reads nor writes)."""
+    generation: int = _INT.unpack_from(data, 4)[0]
+    return generation
+
+
+def _encoded(
+    entries: Iterable[tuple[str, float, float]], absorbed: Absorbed, generation: int
+) -> bytes:
     """A file in prometheus_client's ``MmapedDict`` format holding ``entries`` (a key may
     repeat: readers add the entries up), then the names of the files it took in."""
     body = bytearray(_HEADER)
+    _INT.pack_into(body, 4, generation)
     for key, value, timestamp in entries:
         encoded = key.encode("utf-8")
         padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
@@ -297,7 +310,7 @@ def _remove_temporaries(directory: str) -> None:
 
 def _compact_kind(directory: str, kind: str) -> int:
     target = archive_path(directory, kind)
-    entries, absorbed = _current(target)
+    entries, absorbed, generation = _current(target)
     # files the archive took in but its compactor could not remove: counted there already
     leftovers = _remove_absorbed(directory, absorbed)
     dead = [
@@ -320,7 +333,8 @@ def _compact_kind(directory: str, kind: str) -> int:
     tmp = os.path.join(directory, f".{kind}_{os.getpid()}{_TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as out:
-            out.write(_encoded(_folded(entries), frozenset(taken)))
+            next_generation = (generation + 1) % (1 << 31)
+            out.write(_encoded(_folded(entries), frozenset(taken), next_generation))
         os.replace(tmp, target)  # readers see the old archive or the new one, whole
     except BaseException:
         with contextlib.suppress(OSError):
@@ -332,14 +346,15 @@ def _compact_kind(directory: str, kind: str) -> int:
     return leftovers + removed
 
 
-def _current(target: str) -> tuple[list[tuple[str, float, float]], Absorbed]:
+def _current(target: str) -> tuple[list[tuple[str, float, float]], Absorbed, int]:
+    """The archive's entries, the files it took in, its generation (0: no archive)."""
     try:
         with open(target, "rb") as file:
             data = file.read()
             absorbed = _absorbed_in(file.fileno(), len(data))
     except FileNotFoundError:
-        return [], frozenset()
-    return _read_entries(data), absorbed
+        return [], frozenset(), 0
+    return _read_entries(data), absorbed, archive_generation(data)
 
 
 def _remove_absorbed(directory: str, absorbed: Absorbed) -> int:

@@ -37,7 +37,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 
-from .archive import exact_sum
+from .archive import ARCHIVE_SUFFIX, archive_generation, exact_sum
 
 _HEADER = 8  # a file starts with its used size (4 bytes) and 4 of padding
 _USED = struct.Struct("i")
@@ -68,7 +68,7 @@ class _File:
 
     __slots__ = ("entries", "ident", "mode", "pid", "typ", "unpack", "used", "values")
 
-    def __init__(self, path: str, ident: tuple[int, int]) -> None:
+    def __init__(self, path: str, ident: tuple[int, int, int]) -> None:
         parts = os.path.basename(path).split("_")
         self.typ = parts[0]
         # a gauge's mode and pid come from its name, as prometheus_client reads them
@@ -274,9 +274,14 @@ class SharedFilesMerge:
         if len(data) < used:
             raise RuntimeError("Read beyond file size detected, file is corrupted.")
         file = self._files.get(path)
-        new = file is None or file.ident != (ident.st_dev, ident.st_ino) or used < file.used
+        # a worker's file is the same while its inode is; an archive, written whole and
+        # never changed, by its generation too: the next one may get the inode the last
+        # one freed (ext4 reuses them)
+        made = archive_generation(data) if path.endswith(ARCHIVE_SUFFIX) else 0
+        same = (ident.st_dev, ident.st_ino, made)
+        new = file is None or file.ident != same or used < file.used
         if new:
-            file = self._files[path] = _File(path, (ident.st_dev, ident.st_ino))
+            file = self._files[path] = _File(path, same)
         assert file is not None
         return file, data, new
 
