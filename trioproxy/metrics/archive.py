@@ -55,7 +55,7 @@ _DOUBLES = struct.Struct("dd")
 _TRAILER = struct.Struct("=8sI")  # after the last byte: magic and the names' length
 _MAGIC = b"TPXARCH1"
 
-Ident = tuple[int, int]  # a file's inode and ctime: which file a name is at the moment
+Ident = tuple[int, int]  # an archive's inode and generation: which one a name is now
 Absorbed = frozenset[tuple[str, int]]  # files an archive took in: (name, inode)
 
 
@@ -195,8 +195,10 @@ def _absorbed_in(fd: int, size: int) -> Absorbed:
 # -------------------------------------------------------------------------- readers
 
 
-def _ident(st: os.stat_result) -> Ident:
-    return st.st_ino, st.st_ctime_ns
+def _ident(fd: int) -> Ident:
+    """Which archive ``fd`` is: its inode, and its generation (an inode freed by the
+    last archive may be the next one's)."""
+    return os.fstat(fd).st_ino, archive_generation(os.pread(fd, _HEADER, 0).ljust(_HEADER, b"\0"))
 
 
 def versions(directory: str, kinds: Iterable[str]) -> dict[str, tuple[Ident, Absorbed] | None]:
@@ -212,8 +214,7 @@ def versions(directory: str, kinds: Iterable[str]) -> dict[str, tuple[Ident, Abs
             out[kind] = None
             continue
         try:
-            st = os.fstat(fd)
-            out[kind] = (_ident(st), _absorbed_in(fd, st.st_size))
+            out[kind] = (_ident(fd), _absorbed_in(fd, os.fstat(fd).st_size))
         finally:
             os.close(fd)
     return out
@@ -224,9 +225,14 @@ def unchanged(directory: str, seen: dict[str, tuple[Ident, Absorbed] | None]) ->
     removed a file that the archive read did not hold."""
     for kind, version in seen.items():
         try:
-            now: Ident | None = _ident(os.stat(archive_path(directory, kind)))
+            fd = os.open(archive_path(directory, kind), os.O_RDONLY)
         except FileNotFoundError:
-            now = None
+            now: Ident | None = None
+        else:
+            try:
+                now = _ident(fd)
+            finally:
+                os.close(fd)
         if now != (version[0] if version is not None else None):
             return False
     return True
