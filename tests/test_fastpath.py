@@ -485,6 +485,38 @@ async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> 
     assert metric.stream_outcome == "completed" and metric.status_code != 503
 
 
+async def test_a_request_s_cleanups_run_shielded_and_bounded(autojump_clock: object) -> None:
+    """Closing the backend's response (a request's cleanups) happens though the request
+    is being cancelled, and within ``_CLEANUP_SECONDS``, in one scope: the shield keeps
+    out the cancellation from outside, not its own deadline's."""
+    from trioproxy import exchange
+
+    ran: list[str] = []
+
+    async def closes() -> None:
+        await trio.sleep(1.0)
+        ran.append("closed")
+
+    async def hangs() -> None:
+        ran.append("hanging")
+        await trio.sleep_forever()
+
+    state = exchange.RequestState("r1", None)
+    state.cleanups += [closes, hangs]  # run last first
+    started = trio.current_time()
+    with trio.CancelScope() as outer:
+        outer.cancel()
+        await exchange._run_cleanups(state)
+    assert ran == ["hanging"]  # the hanging cleanup, cut at the bound, ended them all
+    assert trio.current_time() - started == exchange._CLEANUP_SECONDS
+    assert not state.cleanups
+    state.cleanups.append(closes)
+    with trio.CancelScope() as outer:
+        outer.cancel()
+        await exchange._run_cleanups(state)
+    assert ran == ["hanging", "closed"]  # shielded: its one-second wait was not cut
+
+
 async def test_a_query_a_url_cannot_hold_is_forwarded_encoded_not_a_500(app: ProxyApp) -> None:
     """HTTP/2 lets control bytes through in a query; the by-id routes put the query into
     the backend's URL, which must not fail on them."""
