@@ -316,6 +316,31 @@ async def test_without_the_task_reads_time_themselves(autojump_clock: object) ->
         assert deadlines.waiting() == 0
 
 
+@pytest.mark.parametrize("task", [False, True], ids=["reads-time-themselves", "task"])
+async def test_a_held_read_times_out_at_the_hold_s_deadline(
+    autojump_clock: object, task: bool
+) -> None:
+    """``hold_read_timeout(until)``: reads ignore httpcore's timeout and time out at
+    ``until`` (a stream's first-token deadline, a drain's end), kept by the deadline task
+    when it runs; once ``until`` has passed, a read times out at once, data or not."""
+    deadlines = ReadDeadlines()
+    async with trio.open_nursery() as nursery:
+        if task:
+            await nursery.start(deadlines.run)
+        with _Pair(deadlines) as pair:
+            pair.stream.hold_read_timeout(trio.current_time() + 3.0)
+            assert await _timed_read(pair.stream, 60.0) == pytest.approx(3.0, abs=1e-6)
+        with _Pair(deadlines) as pair:  # (a timed-out read may have closed the socket)
+            pair.stream.hold_read_timeout(trio.current_time())
+            await pair.backend.send(b"late")
+            with pytest.raises(httpcore.ReadTimeout):
+                await pair.stream.read(100, timeout=60.0)
+            pair.stream.release_read_timeout()
+            assert await pair.stream.read(100, timeout=60.0) == b"late"
+            assert await _timed_read(pair.stream, 2.0) == pytest.approx(2.0, abs=1e-6)
+        nursery.cancel_scope.cancel()
+
+
 # -- H11Body: a response body read straight off httpcore's h11 state -------------------
 
 
@@ -405,6 +430,23 @@ async def test_a_chunked_body_is_read_part_by_part_and_the_connection_pooled() -
 
     assert await _with_backend(backend, run) == [[b"data: 1\n\n", b"data: 2\n\n"], [b"again"]]
     assert backend.connections == 1  # the first response left its connection reusable
+
+
+async def test_a_held_read_timeout_ends_with_its_response() -> None:
+    """A hold is one response's: when the response closes, before its connection goes
+    back to the pool, the next request's reads have their own timeout again."""
+    backend = _Backend([_chunked(b"abc")])
+
+    async def run(transport: httpx.AsyncHTTPTransport) -> None:
+        response, body = await _direct(transport, backend)
+        stream = response.extensions["network_stream"]
+        assert isinstance(stream, DirectTCPStream)
+        stream.hold_read_timeout(trio.current_time() + 30.0)
+        assert await body.read() == b"abc" and stream._held
+        assert await body.read() is None
+        assert not stream._held
+
+    await _with_backend(backend, run)
 
 
 async def test_a_body_with_a_length_ends_at_its_length() -> None:

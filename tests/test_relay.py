@@ -105,28 +105,44 @@ async def run_relay(
     *,
     header_delay: float = 0.0,
     gzip: bool = False,
+    deadlines: bool = False,
     **timeouts: float,
 ) -> tuple[bytes, float, httpx.Request]:
-    """Everything the relay sent, how long it took, and the backend request."""
+    """Everything the relay sent, how long it took, and the backend request. With
+    ``deadlines``, the pool's read deadlines are kept by their task, as in the app."""
     async with backend(script, header_delay, gzip) as url:
         settings = Settings(upstream_url=url, max_retries=0, **timeouts)  # type: ignore[arg-type]
-        collector = MetricsCollector(enabled=False, system_enabled=False)
         pool = UpstreamPool(settings)
-        started = time.monotonic()
-        try:
-            result = await pool.request(
-                "POST",
-                "/chat/completions",
-                body=b"{}",
-                stream=True,
-                header_timeout=settings.stream_first_token_timeout,
-            )
-            with trio.fail_after(10):
-                out = b"".join([c async for c in make(result.response, settings, collector)])
-            await result.response.aclose()
-        finally:
-            await pool.aclose()
-        return out, time.monotonic() - started, result.response.request
+        if not deadlines:
+            return await _relayed(pool, make, settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.read_deadlines.run)
+            try:
+                return await _relayed(pool, make, settings)
+            finally:
+                nursery.cancel_scope.cancel()
+    raise AssertionError("unreachable")
+
+
+async def _relayed(
+    pool: UpstreamPool, make: MakeRelay, settings: Settings
+) -> tuple[bytes, float, httpx.Request]:
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+    started = time.monotonic()
+    try:
+        result = await pool.request(
+            "POST",
+            "/chat/completions",
+            body=b"{}",
+            stream=True,
+            header_timeout=settings.stream_first_token_timeout,
+        )
+        with trio.fail_after(10):
+            out = b"".join([c async for c in make(result.response, settings, collector)])
+        await result.response.aclose()
+    finally:
+        await pool.aclose()
+    return out, time.monotonic() - started, result.response.request
 
 
 def openai(
@@ -215,6 +231,71 @@ async def test_before_the_first_token_only_its_own_deadline_applies() -> None:
     )
     assert "STREAM_FIRST_TOKEN_TIMEOUT" in last_error(out)
     assert 0.9 < elapsed < 3  # the first-token deadline, not the 0.3 s idle limit
+
+
+@pytest.mark.parametrize("deadlines", [False, True], ids=["reads-time-themselves", "task"])
+async def test_the_first_token_deadline_is_the_held_read_timeout_s(deadlines: bool) -> None:
+    """Before the first token a read times out at the first-token deadline through the
+    connection's held read timeout (kept by the pool's deadline task in the app), not a
+    cancel scope of the relay's; a role chunk does not move it, a token ends it."""
+    silent: Script = [(0, ROLE), (0, None)]
+    out, elapsed, _ = await run_relay(
+        silent, openai, stream_idle_timeout=0.3, stream_first_token_timeout=1.0, deadlines=deadlines
+    )
+    assert "STREAM_FIRST_TOKEN_TIMEOUT" in last_error(out)
+    assert 0.9 < elapsed < 3  # the first-token deadline, not the 0.3 s idle limit
+    thinking: Script = [(0, ROLE), (0.6, token("a")), (0, None)]
+    out, elapsed, _ = await run_relay(
+        thinking, openai, stream_idle_timeout=0.3, stream_first_token_timeout=5, deadlines=deadlines
+    )
+    assert "STREAM_IDLE_TIMEOUT" in last_error(out)  # the idle limit again after a token
+    assert 0.85 < elapsed < 3
+
+
+def _scopes_entered_by_the_relay(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Line numbers in relay.py where a cancel scope was entered."""
+    import sys
+
+    lines: list[int] = []
+    original = trio.CancelScope.__enter__
+
+    def enter(self: trio.CancelScope) -> trio.CancelScope:
+        caller = sys._getframe(1)
+        if caller.f_code.co_filename == relay.__file__:
+            lines.append(caller.f_lineno)
+        return original(self)
+
+    monkeypatch.setattr(trio.CancelScope, "__enter__", enter)
+    return lines
+
+
+async def test_a_stream_s_deadlines_take_no_cancel_scope_of_the_relay_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the pool's deadline task (the app's way), neither the reads before the first
+    token nor the drain after [DONE] enter a cancel scope (about 50 000 machine
+    instructions each, three per stream before)."""
+    scopes = _scopes_entered_by_the_relay(monkeypatch)
+    script: Script = [(0, ROLE), (0, token("a")), (0, token("b")), (0, event(b"{}")), (0, DONE)]
+    for make in (openai, ollama):
+        out, _, _ = await run_relay(
+            script, make, stream_idle_timeout=5, stream_first_token_timeout=5, deadlines=True
+        )
+        assert b"error" not in out
+    assert scopes == []
+
+
+@pytest.mark.parametrize("deadlines", [False, True], ids=["reads-time-themselves", "task"])
+async def test_the_drain_after_the_last_event_is_brief(deadlines: bool) -> None:
+    """A backend that never ends its body after [DONE]: the drain gives up after
+    DRAIN_SECONDS (not the idle limit), and the stream is complete."""
+    script: Script = [(0, ROLE), (0, token("a")), (0, DONE), (0, None)]
+    for make in (openai, ollama):
+        out, elapsed, _ = await run_relay(
+            script, make, stream_idle_timeout=5, stream_first_token_timeout=5, deadlines=deadlines
+        )
+        assert b"error" not in out
+        assert relay.DRAIN_SECONDS <= elapsed < 2
 
 
 async def test_the_idle_limit_applies_again_from_the_first_token_on() -> None:
