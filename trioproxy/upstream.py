@@ -488,18 +488,20 @@ class UpstreamPool:
     ) -> tuple[httpx.Response, float]:
         sent_at = time.perf_counter()
         try:
-            with trio.fail_at(headers_by) if header_timeout else _no_deadline():
+            # a plain scope, not trio.fail_at: its generator context manager cost ~11k
+            # machine instructions per stream
+            with trio.CancelScope(deadline=headers_by) if header_timeout else _NO_DEADLINE as scope:
                 response = await transport.handle_async_request(req)
                 response.request = req
-        except trio.TooSlowError:
+        except httpx.HTTPError as exc:
+            stale = _on_a_stale_connection(exc, time.perf_counter() - sent_at)
+            raise self._transport_failure(exc, stale=stale) from None
+        if scope is not None and scope.cancelled_caught:
             self._observer.upstream_error("timeout")
             raise UpstreamTimeout(
                 f"the backend did not start answering within {header_timeout:g} s "
                 "(STREAM_FIRST_TOKEN_TIMEOUT)"
-            ) from None
-        except httpx.HTTPError as exc:
-            stale = _on_a_stale_connection(exc, time.perf_counter() - sent_at)
-            raise self._transport_failure(exc, stale=stale) from None
+            )
         headers_at = time.perf_counter()
         self._reached = True
         if response.status_code >= 400:
@@ -819,12 +821,15 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-class _no_deadline:
+class _NoDeadline:
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+_NO_DEADLINE = _NoDeadline()
 
 
 def _stream_timeouts(settings: Settings) -> dict[str, float | None]:
