@@ -485,6 +485,61 @@ async def test_a_stream_whose_last_line_is_out_is_not_marked_by_a_shutdown() -> 
     assert metric.stream_outcome == "completed" and metric.status_code != 503
 
 
+@pytest.mark.parametrize("phase", ["waiting", "first chunk"])
+async def test_a_shutdown_ends_the_wait_for_the_backend_and_for_the_first_chunk_alike(
+    autojump_clock: object, phase: str
+) -> None:
+    """``_answer``: the wait for the backend's answer and for a stream's first chunk are
+    one tracked scope (not one each); a shutdown in the first is a 503 saying the backend
+    did not answer, in the second one saying the stream ended, its body closed and its
+    metric an error, and neither has X-Proxy-Overhead-Ms when the stream had started."""
+    from trioproxy.exchange import Call, RequestState, Tracked
+    from trioproxy.metrics import MetricsCollector, RequestMetrics
+
+    streams = fastpath.InProgress()
+    metric = RequestMetrics("/v1/chat/completions", "POST", streaming=True)
+    state = RequestState("r1", metric)
+    seen: list[set[trio.CancelScope]] = []
+    closed: list[bool] = []
+
+    async def body() -> Any:
+        try:
+            seen.append(set(streams._scopes))
+            streams.begin_shutdown(2.0)
+            await trio.sleep_forever()
+            yield b""
+        finally:
+            closed.append(True)
+
+    async def handler(call: Any) -> fastpath.Reply:
+        seen.append(set(streams._scopes))
+        if phase == "waiting":
+            streams.begin_shutdown(2.0)
+            await trio.sleep_forever()
+        return fastpath.Reply(200, body(), "text/event-stream")
+
+    class App:
+        settings = Settings()
+
+    collector = MetricsCollector(enabled=False, system_enabled=False)
+
+    async def send(event: Any) -> None:
+        pass
+
+    tracked = Tracked(collector, state, send)
+    call = Call(App(), state, "/v1/chat/completions", b"{}")  # type: ignore[arg-type]
+    reply, head = await fastpath._answer(handler, call, streams, tracked, [], None)
+    assert reply.status == 503 and isinstance(reply.body, bytes)
+    message = json.loads(reply.body)["error"]["message"]
+    if phase == "waiting":
+        assert message == fastpath.SHUTDOWN_WAITING_MESSAGE and seen[0]
+    else:
+        assert message == fastpath.SHUTDOWN_MESSAGE and closed == [True]
+        assert seen[0] == seen[1] and len(seen[0]) == 1  # the same scope in both phases
+        assert not any(name == b"x-proxy-overhead-ms" for name, _ in head)
+    assert metric.stream_outcome == "error" and len(streams) == 0
+
+
 async def test_a_request_s_cleanups_run_shielded_and_bounded(autojump_clock: object) -> None:
     """Closing the backend's response (a request's cleanups) happens though the request
     is being cancelled, and within ``_CLEANUP_SECONDS``, in one scope: the shield keeps
