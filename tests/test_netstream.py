@@ -335,6 +335,8 @@ async def test_a_held_read_times_out_at_the_hold_s_deadline(
             await pair.backend.send(b"late")
             with pytest.raises(httpcore.ReadTimeout):
                 await pair.stream.read(100, timeout=60.0)
+            pair.stream.release_read_timeout(trio.current_time() + 1.0)  # another's hold
+            assert pair.stream._held
             pair.stream.release_read_timeout()
             assert await pair.stream.read(100, timeout=60.0) == b"late"
             assert await _timed_read(pair.stream, 2.0) == pytest.approx(2.0, abs=1e-6)

@@ -1,6 +1,7 @@
 """The relay's stream deadlines against a real socket: the idle limit is enforced by the body's
-read timeout (kept by the backend stream, ``trioproxy.netstream``), the first-token limit by a
-cancel scope of ours, and neither cuts the wait for the response headers or a healthy stream."""
+read timeout (kept by the backend stream, ``trioproxy.netstream``), the first-token limit by
+that read timeout held at its deadline (a cancel scope of ours where the stream cannot hold
+it), and neither cuts the wait for the response headers or a healthy stream."""
 
 from __future__ import annotations
 

@@ -160,8 +160,12 @@ class DirectTCPStream(httpcore.AsyncNetworkStream):
         self._held = True
         self._until = until
 
-    def release_read_timeout(self) -> None:
-        self._held = False
+    def release_read_timeout(self, until: float | None = None) -> None:
+        """End the hold; with ``until``, only a hold with that deadline: a holder that lets
+        go after its response ended must not end the hold of the next response on the
+        connection."""
+        if until is None or until == self._until:
+            self._held = False
 
     def _held_timeout(self) -> float | None:
         """A held read's timeout: what is left until the hold's deadline, ``None`` for

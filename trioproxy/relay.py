@@ -252,7 +252,7 @@ class _Reader:
     def release(self) -> None:
         """Give the connection its read timeout back (it goes back to the pool)."""
         if self._held is not None:
-            self._held.release_read_timeout()
+            self._held.release_read_timeout(self.first_token_at)
             self._held = None
 
     async def drain(self) -> None:
@@ -263,15 +263,15 @@ class _Reader:
             # cancel scope (about 50 000 machine instructions per stream). The hold ends
             # with the response (netstream._response_closed), before its connection is
             # pooled again, and here however the drain ends
-            now = trio.current_time()
-            stream.hold_read_timeout(now + min(DRAIN_SECONDS, self.idle))
+            until = trio.current_time() + min(DRAIN_SECONDS, self.idle)
+            stream.hold_read_timeout(until)
             try:
                 while await self.next_part() is not None:
                     pass
             except httpx.HTTPError:
                 pass
             finally:
-                stream.release_read_timeout()
+                stream.release_read_timeout(until)
             return
         with trio.move_on_after(DRAIN_SECONDS):
             try:
