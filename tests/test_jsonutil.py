@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trioproxy import jsonutil
@@ -20,6 +20,7 @@ from trioproxy.jsonutil import (
     escape_line_separators,
     loads,
     member_near_the_end,
+    plain_usage_counts,
     top_level_member,
     whole_number,
 )
@@ -232,3 +233,90 @@ def test_a_whole_number_is_a_count_a_counter_holds() -> None:
     for absurd in (-1, -0.5, 2**53, 10**400, math.inf, -math.inf, math.nan, True, None):
         assert whole_number(absurd) is None, absurd
     assert whole_number(loads(b"1e400")) is None and whole_number(loads(b"NaN")) is None
+
+
+# what a usage's counts may be written as: plain ones the shortcut reads, and every kind it
+# must leave to the general way (a leading zero or a sign is no JSON number, 16 digits may
+# be past what a counter holds exactly, a string or a fraction is no count)
+COUNT_TEXT = st.integers(0, 10**15 - 1).map(str) | st.sampled_from(
+    ["0", "00", "07", "-1", "-0", "1.5", "1e3", "null", '"9"', str(10**15), str(2**53), str(2**64)]
+)
+PLAIN_BODY = b'{"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":7,'
+
+
+def _usage_body(
+    before: dict[str, Any],
+    counts: tuple[str, str, str],
+    spaced: bool,
+    extra_inside: bool,
+    after: bytes,
+    escaped: bool,
+) -> bytes:
+    prompt, completion, total = counts
+    comma, colon = (", ", ": ") if spaced else (",", ":")
+    members = [f'"prompt_tokens"{colon}{prompt}', f'"completion_tokens"{colon}{completion}']
+    members.append(f'"total_tokens"{colon}{total}')
+    if extra_inside:
+        members.append(f'"prompt_tokens_details"{colon}{{"cached_tokens"{colon}0}}')
+    usage = f'"usage"{colon}{{{comma.join(members)}}}'.encode()
+    head = compact_json(before)[:-1]
+    head += b"," if len(head) > 1 else b""
+    if escaped:  # the key's quote escaped: a key 'x"usage' (no usage), or no JSON
+        head += b'"x\\'
+    return head + usage + b"}" + after
+
+
+@settings(max_examples=400)
+@given(
+    st.dictionaries(TRICKY_TEXT, TRICKY_VALUES, max_size=3),
+    st.tuples(COUNT_TEXT, COUNT_TEXT, COUNT_TEXT),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([b"", b"", b"\n", b" \r\n\t", b"}", b",", b" x", b'"usage":1}']),
+    st.booleans(),
+)
+def test_plain_usage_counts_are_what_the_general_way_reads(
+    before: dict[str, Any],
+    counts: tuple[str, str, str],
+    spaced: bool,
+    extra_inside: bool,
+    after: bytes,
+    escaped: bool,
+) -> None:
+    """The shortcut's counts are the general way's (``top_level_member``, then
+    ``note_usage_counts``' ``whole_number``), and it reads every plain usage it is for."""
+    body = _usage_body(before, counts, spaced, extra_inside, after, escaped)
+    read = plain_usage_counts(body)
+    usage = top_level_member(body, "usage")
+    if read is not None:
+        assert isinstance(usage, dict)
+        general = (
+            whole_number(usage.get("prompt_tokens")),
+            whole_number(usage.get("completion_tokens")),
+        )
+        assert read == general and all(type(count) is int for count in read)
+    plain = all(c.isdigit() and (c == "0" or c[0] != "0") and len(c) <= 15 for c in counts)
+    if plain and not (spaced or extra_inside or escaped) and after.strip() == b"":
+        assert read is not None  # the shortcut is not lost to a change
+
+
+def test_plain_usage_counts_read_the_usual_completion_and_leave_the_rest() -> None:
+    assert plain_usage_counts(PLAIN_BODY + b'"total_tokens":16}}') == (9, 7)
+    assert plain_usage_counts(PLAIN_BODY + b'"total_tokens":16}}\n') == (9, 7)
+    for other in (
+        PLAIN_BODY + b'"total_tokens":16}',  # cut
+        PLAIN_BODY + b'"total_tokens":16,"x":{}}}',  # a member after it
+        PLAIN_BODY.replace(b'"usage"', b'\\"usage"') + b'"total_tokens":16}}',  # escaped
+        b'{"a":{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}}',  # nested
+        b"{}",
+        b"",
+    ):
+        assert plain_usage_counts(other) is None, other
+    # the key itself at the start of the body, as top_level_member reads it
+    alone = b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}'
+    assert plain_usage_counts(alone) == (1, 2)
+    assert top_level_member(alone, "usage") == {
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+    }

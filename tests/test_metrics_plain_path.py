@@ -8,12 +8,15 @@ random sequences of streams and plain requests that wrap the window around."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trioproxy import routes_openai
+from trioproxy.exchange import RequestState
 from trioproxy.metrics import MetricsCollector, RequestMetrics
 from trioproxy.metrics import series as series_module
 from trioproxy.metrics.series import RequestSeries
@@ -154,3 +157,40 @@ def test_a_plain_request_in_a_slot_a_stream_held_reads_as_no_stream() -> None:
     assert entry.duration_ms == 5.0 and not entry.streaming
     assert (entry.chunks, entry.stream_bytes, entry.first_byte_ms) == (0, 0, None)
     assert (entry.first_token_ms, entry.time_per_output_token_ms) == (None, None)
+
+
+_ANSWER = b'{"id":"c","object":"chat.completion","choices":[],"usage":'
+_USAGES = [
+    b'{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16}}',
+    b'{"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}',
+    b'{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16,"x":{"y":1}}}',
+    b'{"prompt_tokens":9.5,"completion_tokens":-7,"total_tokens":16}}',
+    b'{"input_tokens":9,"output_tokens":7}}',
+    b"null}",
+]
+
+
+def _noted(content: bytes) -> tuple[int | None, int | None]:
+    metric = RequestMetrics("/v1/chat/completions", "POST")
+    routes_openai._note_usage(SimpleNamespace(state=RequestState("r", metric)), content)  # type: ignore[arg-type]
+    return metric.input_tokens, metric.output_tokens
+
+
+@pytest.mark.parametrize("usage", _USAGES)
+def test_a_relayed_answers_usage_is_noted_as_the_general_way_notes_it(
+    usage: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_note_usage`` reads the plainest usage without decoding (``plain_usage_counts``):
+    the counts it notes are those of ``top_level_member`` and ``note_usage_counts``."""
+    content = _ANSWER + usage
+    quick = _noted(content)
+    monkeypatch.setattr(routes_openai, "plain_usage_counts", lambda _: None)
+    assert quick == _noted(content)
+
+
+def test_the_plainest_usage_is_noted_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def decoded(*_: Any) -> Any:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(routes_openai, "top_level_member", decoded)
+    assert _noted(_ANSWER + _USAGES[0]) == (9, 7)

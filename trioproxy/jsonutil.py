@@ -159,6 +159,30 @@ def top_level_member(body: bytes, key: str) -> Any:
     return whole.get(key) if isinstance(whole, dict) else None
 
 
+# the usage most backends end a completion with (vLLM's, llama.cpp's, Ollama's, LiteLLM's
+# compact JSON): counts of up to 15 digits, which are whole numbers below
+# WHOLE_NUMBER_LIMIT (no leading zero: that would be no JSON number); its key not after a
+# backslash (the lookbehind sees the bytes before the match's start)
+_COUNT = rb"(0|[1-9][0-9]{0,14})"
+_PLAIN_USAGE = re.compile(
+    rb'(?<!\\)"usage":\{"prompt_tokens":' + _COUNT + rb',"completion_tokens":' + _COUNT
+    + rb',"total_tokens":(?:0|[1-9][0-9]{0,14})\}\}[ \t\r\n]*'
+)  # fmt: skip
+_USAGE_BEFORE_BRACE = len(b'"usage":')
+
+
+def plain_usage_counts(body: bytes) -> tuple[int, int] | None:
+    """``prompt_tokens`` and ``completion_tokens`` of ``top_level_member(body, "usage")``
+    when the body ends with that usage in its plainest form (``_PLAIN_USAGE``), without
+    decoding anything; None when only :func:`top_level_member` can tell. The body's last
+    ``{`` opens such a usage, whose key is then the last ``"usage"`` in the body: the
+    member ``top_level_member`` reads, from the same tail, under the same condition (not
+    after a backslash)."""
+    at = body.rfind(b"{") - _USAGE_BEFORE_BRACE  # one byte's search: memrchr
+    found = _PLAIN_USAGE.fullmatch(body, at) if at >= 0 else None
+    return None if found is None else (int(found[1]), int(found[2]))
+
+
 def member_near_the_end(body: bytes, key: str, within: int) -> tuple[bool, Any]:
     """:func:`top_level_member`'s cheap part for a large body: ``(True, value)`` when the
     key's last occurrence lies in the last ``within`` bytes and :func:`_member_at` reads

@@ -41,7 +41,7 @@ from .forward import (
     validated,
 )
 from .json_threads import OFF_LOOP_BYTES, by_size, off_loop
-from .jsonutil import loads, member_near_the_end, top_level_member
+from .jsonutil import loads, member_near_the_end, plain_usage_counts, top_level_member
 from .keepalive import stream_opening
 from .ledger import MAX_ID_CHARS, Counted, Ledger, finished_usage, pending_id
 from .metrics.request import RequestMetrics
@@ -670,8 +670,14 @@ def _encode_vector(item: Any) -> bool:
 
 def _note_usage(call: Call, content: bytes) -> None:
     # the body is relayed as bytes: decode (the tail of) it only when metrics want usage
-    if call.state.metric is not None:
+    metric = call.state.metric
+    if metric is None:
+        return
+    counts = plain_usage_counts(content)  # the common usage, read without decoding
+    if counts is None:
         note_usage_counts(call.state, top_level_member(content, "usage"))
+    else:  # (whole numbers below WHOLE_NUMBER_LIMIT: as note_usage_counts would keep them)
+        metric.input_tokens, metric.output_tokens = counts
 
 
 async def _note_large_usage(call: Call, content: bytes) -> None:
