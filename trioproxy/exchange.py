@@ -425,9 +425,8 @@ class Tracked:
         headers = [("X-Request-ID", self.state.request_id)]
         if self._anthropic:
             headers.append((ANTHROPIC_REQUEST_ID, self.state.request_id))
-        overhead = self._note_status(status)
+        overhead = self._note_status(status, overhead_shown=True)
         if overhead is not None:
-            self._note_overhead(overhead)
             headers.append((OVERHEAD_HEADER, f"{overhead:.3f}"))
         return headers
 
@@ -439,15 +438,16 @@ class Tracked:
         headers = [(b"x-request-id", request_id)]
         if self._anthropic:
             headers.append((_ANTHROPIC_REQUEST_ID_RAW, request_id))
-        overhead = self._note_status(status)
+        overhead = self._note_status(status, overhead_shown=overhead_header)
         if overhead is not None and overhead_header:
-            self._note_overhead(overhead)
             headers.append((_OVERHEAD_HEADER_RAW, b"%.3f" % overhead))
         return headers
 
-    def _note_status(self, status: int) -> float | None:
+    def _note_status(self, status: int, *, overhead_shown: bool = False) -> float | None:
         """Note the status for the metrics; the time the proxy added (ms), if a backend
-        answered."""
+        answered. ``overhead_shown``: it goes out in the response's head, where a stream's
+        overhead is fixed: what it waits for after (the first token) is the model's time,
+        not the proxy's (noted here, not by a call of its own: a call less per request)."""
         self.status = status
         metric = self.state.metric
         if metric is None:
@@ -458,14 +458,11 @@ class Tracked:
             return None
         # metric.elapsed_ms(), inline: a call less per request with metrics on
         overhead = (time.perf_counter() - metric.start) * 1000.0 - upstream - metric.body_wait_ms
-        return overhead if overhead > 0.0 else 0.0
-
-    def _note_overhead(self, overhead: float) -> None:
-        """A stream's overhead is fixed when its head goes out: what it waits for after
-        (the first token) is the model's time, not the proxy's."""
-        metric = self.state.metric
-        if metric is not None and metric.streaming:
+        if not overhead > 0.0:  # (-0.0 too: "0.000", never "-0.000")
+            overhead = 0.0
+        if overhead_shown and metric.streaming:
             metric.overhead_ms = overhead
+        return overhead
 
 
 access_log = logging.getLogger(ACCESS_LOGGER)
