@@ -9,16 +9,20 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
+from hypercorn.trio import serve
 
-from trioproxy import fastpath
+from trioproxy import fastpath, hypercorn_patches
 from trioproxy.app import ProxyApp, create_app
+from trioproxy.cli import hypercorn_config
 from trioproxy.config import Settings
 
 from .conftest import ServerProcess
+from .test_proxy_behaviour import chat_body, rid, wait_for_events
 
 ALLOWED = "http://ui.example"
 CHAT = [{"role": "user", "content": "hi [[tokens=3]]"}]
@@ -581,3 +585,74 @@ async def test_a_query_a_url_cannot_hold_is_forwarded_encoded_not_a_500(app: Pro
     )
     assert sent[0]["status"] == 404  # the demo backend's "no such response", not our 500
     assert app.pool is not None and set(app.pool._urls) <= {"/models", "/responses"}
+
+
+async def _leave_while_the_backend_thinks(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], list[Any], dict[str, Any]]:
+    """A real hypercorn server in this run, the demo backend sitting on a non-stream
+    request (30 s) when its client closes the connection: how the request learnt of it
+    (``close_hook`` or the watcher task), the request's metrics, the backend's event."""
+    app = create_app(Settings(upstream_url=demo_backend.url, host="127.0.0.1", port=0))
+    finished: list[Any] = []
+    monkeypatch.setattr(app.collector, "request_finished", finished.append)
+    how: list[str] = []
+    real_hook, real_watch = fastpath.cancel_on_close, fastpath._watch_disconnect
+
+    def hooked(*args: Any) -> None:
+        how.append("hook")
+        real_hook(*args)
+
+    async def watched(*args: Any) -> None:
+        how.append("watcher")
+        await real_watch(*args)
+
+    monkeypatch.setattr(fastpath, "cancel_on_close", hooked)
+    monkeypatch.setattr(fastpath, "_watch_disconnect", watched)
+    request_id = rid()
+    payload = json.dumps(chat_body(f"[[first_delay=30]] {rid()}", stream=False)).encode()
+    head = (
+        f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n"
+        f"X-Request-ID: {request_id}\r\n\r\n"
+    ).encode()
+    hypercorn_patches._writes_end_at = math.inf  # (an earlier in-process server's end)
+    with trio.fail_after(15):  # the backend answers after 30 s: a request not cancelled fails
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+            config = hypercorn_config(app.settings)
+            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+            host, port = binds[0].removeprefix("http://").split(":")
+            client = await trio.open_tcp_stream(host, int(port))
+            await client.send_all(head + payload)
+            # the backend has the request
+            await trio.to_thread.run_sync(wait_for_events, demo_backend, request_id, bool)
+            await client.aclose()
+            while not finished:  # noqa: ASYNC110  (the collector's call is what ends it)
+                await trio.sleep(0.01)
+            stop.set()
+    (event,) = await trio.to_thread.run_sync(
+        wait_for_events, demo_backend, request_id, lambda ev: ev[0]["ended"] is not None
+    )
+    return how, finished, event
+
+
+async def test_a_client_leaving_cancels_the_backend_call_through_hypercorn_s_stream(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under hypercorn (patched: ``hypercorn_patches.cancel_on_close``) the stream's close
+    cancels the request: no watcher task, no nursery."""
+    how, finished, event = await _leave_while_the_backend_thinks(demo_backend, monkeypatch)
+    assert how == ["hook"]
+    assert [m.status_code for m in finished] == [499]
+    assert event["outcome"] == "disconnected"
+
+
+async def test_without_the_stream_s_hook_a_watcher_task_cancels_the_backend_call(
+    demo_backend: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another server (or a wrapped send): ``receive()``'s http.disconnect, as before."""
+    monkeypatch.setattr(fastpath, "close_hook", lambda send: None)
+    how, finished, event = await _leave_while_the_backend_thinks(demo_backend, monkeypatch)
+    assert how == ["watcher"]
+    assert [m.status_code for m in finished] == [499]
+    assert event["outcome"] == "disconnected"

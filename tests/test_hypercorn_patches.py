@@ -628,3 +628,55 @@ def test_bytes_after_a_request_that_said_close_are_no_request(proxy: ServerProce
     head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
     answer = _exchange(proxy.url, head + body + b"\r\n")  # as some older clients send
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"chat.completion" in answer
+
+
+class _Stream:
+    """What ``_close_stream`` needs of hypercorn's HTTPStream: ``closed`` and ``handle``."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.events: list[object] = []
+
+    async def handle(self, event: object) -> None:
+        self.events.append(event)
+        self.closed = True
+
+
+@pytest.mark.parametrize("finished", [False, True])
+async def test_a_stream_closing_cancels_the_scope_handed_to_it_unless_the_response_finished(
+    finished: bool,
+) -> None:
+    stream = _Stream()
+    scope = trio.CancelScope()
+    hypercorn_patches.cancel_on_close(stream, scope, SimpleNamespace(finished=finished))
+    protocol = SimpleNamespace(stream=stream)
+    await hypercorn_patches._close_stream(protocol)
+    assert scope.cancel_called is not finished
+    assert [type(e) for e in stream.events] == [StreamClosed]  # the disconnect still queued
+    assert protocol.stream is None
+    assert stream._trioproxy_on_close is None  # type: ignore[attr-defined]  (no cycle kept)
+
+
+@pytest.mark.parametrize("finished", [False, True])
+async def test_a_scope_handed_to_a_stream_already_closed_is_cancelled_at_once(
+    finished: bool,
+) -> None:
+    """The client left while the body was being joined (before the app handed its scope)."""
+    stream = _Stream()
+    stream.closed = True
+    scope = trio.CancelScope()
+    hypercorn_patches.cancel_on_close(stream, scope, SimpleNamespace(finished=finished))
+    assert scope.cancel_called is not finished
+
+
+def test_only_hypercorn_s_http11_streams_report_their_close() -> None:
+    assert hypercorn_patches.close_hook(lambda event: None) is None
+    from hypercorn.config import Config
+    from hypercorn.protocol.http_stream import HTTPStream
+
+    protocol, _ = _protocol_with_request(b"POST")
+    send = protocol.stream_send  # type: ignore[attr-defined]
+    stream = HTTPStream(None, Config(), None, None, False, None, None, send, 1)  # type: ignore[arg-type]
+    assert hypercorn_patches.close_hook(stream.app_send) is stream
+    stream.send = _Stream().handle  # (an HTTP/2 or HTTP/3 stream's protocol)
+    assert hypercorn_patches.close_hook(stream.app_send) is None
