@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -21,6 +22,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from trioproxy import hypercorn_patches
+
+
+@pytest.fixture(autouse=True)
+def _writes_unbounded_after_each_test() -> Iterator[None]:
+    """A server run in the test process that shut down leaves hypercorn_patches' end of
+    writes (its grace period, on that run's trio clock) behind: a later test's writes in
+    another trio run, whose clock starts elsewhere, were cut by it at random."""
+    yield
+    hypercorn_patches._writes_end_at = math.inf
+
 
 ROOT = Path(__file__).resolve().parent.parent
 # an IPv4 address, or an IPv6 one in brackets ("http://[::1]:PORT")
