@@ -384,6 +384,11 @@ def test_a_socket_holds_its_connection_under_max_connections(
             opened.append(connect(ws_url(capped)))
         except (InvalidStatus, ConnectionClosed):
             return False
+        except AssertionError:
+            # websockets' sync client, refused by the cap's 503 and close while it still
+            # sends its handshake, can trip its own internal assertion (send_context's
+            # close_deadline): a refused attempt all the same
+            return False
         return True
 
     wait_for(open_one)
