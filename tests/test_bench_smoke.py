@@ -388,3 +388,47 @@ def test_a_compared_proxy_that_does_not_start_fails_the_run(tmp_path: Path) -> N
     summary = (tmp_path / "summary.md").read_text()
     assert "note: could not start typo for comparison" in summary
     assert "targets met" in summary
+
+
+def test_loop_steps_tells_a_held_loop_from_a_preempted_one() -> None:
+    """bench.loop_steps times each task step by the wall clock and by the loop thread's
+    CPU: a step that computes is listed as holding the loop, one whose thread was off the
+    CPU (a blocking sleep stands in for the kernel's preemption) is long only by the wall
+    clock."""
+    import trio
+
+    from bench.loop_steps import BOUNDS_MS, StepClock
+
+    def bucket_of(ms: float) -> int:
+        return next(i for i, bound in enumerate(BOUNDS_MS) if ms <= bound)
+
+    async def computes() -> None:
+        end = time.thread_time() + 0.004
+        while time.thread_time() < end:
+            pass
+        await trio.lowlevel.checkpoint()
+
+    def blocked() -> None:  # the thread off the CPU inside a step, as when preempted
+        time.sleep(0.006)
+
+    async def off_cpu() -> None:
+        blocked()
+        await trio.lowlevel.checkpoint()
+
+    clock = StepClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(computes, name="computes")
+            nursery.start_soon(off_cpu, name="off_cpu")
+
+    trio.run(main, instruments=[clock])
+    # other steps may be preempted on a busy machine, so only these two are pinned
+    assert sum(clock.cpu[bucket_of(4.0) :]) >= 1
+    assert sum(clock.wall[bucket_of(6.0) :]) >= 1
+    long = [name for _, _, name, _ in clock.long]
+    assert "computes" in long
+    assert "off_cpu" not in long
+    assert clock.others["computes"][2] >= 4.0
+    assert clock.others["off_cpu"][2] < 1.0
+    assert sum(clock.batches) >= 1
