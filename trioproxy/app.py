@@ -1,7 +1,8 @@
 """Where a request enters: the Quart-Trio app, its lifecycle, and the measuring connection.
 
 ``TrackedHTTPConnection`` is the ASGI entry of every HTTP request. ``POST`` to a proxy
-route goes to ``fastpath`` (the handlers served from ASGI events, below Quart); every
+route goes to ``fastpath`` (the handlers served from ASGI events, below Quart), a
+Prometheus scrape to ``scrape`` (the same, for ``GET``/``HEAD`` of the exposition); every
 other request goes through Quart as usual. Either way ``exchange.Tracked`` sees the
 request from its first byte in to its last byte out (or the moment the client went away):
 request id, timing, bytes sent, cleanups, and the metrics record handed over once.
@@ -32,6 +33,7 @@ from . import (
     fastpath,
     hypercorn_patches,  # applies its fixes on import
     responses_socket,
+    scrape,
 )
 from .auth import ClientKeys
 from .client_address import X_FORWARDED_FOR, ClientAddresses, peer_address
@@ -138,6 +140,8 @@ class TrackedHTTPConnection(TrioASGIHTTPConnection):
         if route is not None:
             # an http scope's receive (fastpath.HTTPReceive): hypercorn types every scope's
             await fastpath.serve(app, self.scope, receive, send, *route)  # type: ignore[arg-type]
+        elif (scraped := scrape.scrape_route(self.scope)) is not None:
+            await scrape.serve(app, self.scope, receive, send, scraped)
         else:
             try:
                 await super().__call__(receive, send)

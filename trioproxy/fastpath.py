@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from hypercorn.typing import ASGISendCallable, HTTPDisconnectEvent, HTTPRequestEvent
@@ -77,6 +77,7 @@ _WANTED_HEADERS = frozenset(
 )
 _WATCHER_GRACE_SECONDS = 1.0
 Header = tuple[bytes, bytes]
+_Route = TypeVar("_Route")
 
 
 class ClientLeft(Exception):
@@ -88,18 +89,23 @@ def fast_route(app: ProxyApp, scope: Any) -> tuple[str, Handler] | None:
     point (``root_path``) the route is the path below it, as Quart routes it."""
     if scope["method"] != "POST":
         return None
+    return routed(app.fast_routes, scope)
+
+
+def routed(routes: Mapping[str, _Route], scope: Any) -> tuple[str, _Route] | None:
+    """The route path (below the mount point) and what ``routes`` has for it, else None."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "").rstrip("/")
     if root:
         if not path.startswith(root + "/"):
             return None  # outside the mount point: Quart answers 404 (app.OUTSIDE_MOUNT)
         path = path[len(root) :]
-    handler = app.fast_routes.get(path)
+    handler = routes.get(path)
     if handler is None:
         # werkzeug routes "//api/chat" (or "api/chat" below "/llm/") as "/api/chat": so
         # must we, or such a request would be served through Quart, past our bounds
         path = "/" + path.lstrip("/")
-        handler = app.fast_routes.get(path)
+        handler = routes.get(path)
     return None if handler is None else (path, handler)
 
 
@@ -271,13 +277,15 @@ class Admission:
         self.in_flight -= 1
 
 
-def _wanted_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The headers the proxy routes read, each the first of its name, as Quart's routes
-    read them (two X-Request-IDs were the last one here, the first there)."""
+def _wanted_headers(
+    raw: list[tuple[bytes, bytes]], wanted: frozenset[bytes] = _WANTED_HEADERS
+) -> dict[str, str]:
+    """The headers the proxy routes read (``wanted``), each the first of its name, as
+    Quart's routes read them (two X-Request-IDs were the last one here, the first there)."""
     found: dict[str, str] = {}
     for name, value in raw:
         name = name.lower()
-        if name in _WANTED_HEADERS:
+        if name in wanted:
             found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return found
 

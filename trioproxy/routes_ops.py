@@ -11,7 +11,6 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from .limits import open_files_limit, out_of_files
 from .logs import EVERY_TIME
 from .metrics import MetricsCollector
 from .relay import dumps
+from .scrape import VARY, exposition
 from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
@@ -348,34 +348,22 @@ async def metrics_json() -> Response:
     )
 
 
+# GET and HEAD are served below Quart (``scrape``); this view answers the same, for a
+# client of the app that is not its ASGI entry (and Quart's rule gives other methods their
+# 405 and a preflight its answer)
 @blueprint.get("/v1/metrics/prometheus")
 @blueprint.get("/api/metrics/prometheus")
 @blueprint.get("/metrics")
 async def metrics_prometheus() -> Response:
-    # concurrent scrapes share renderings, encoded off the event loop (docs/metrics.md)
-    collector = request_app().collector
-    gzip = _gzip_wanted(request.accept_encodings)
-    body, content_type = await collector.read_prometheus(request.headers.get("Accept"), gzip=gzip)
+    headers = request.headers
+    body, content_type, gzip = await exposition(
+        request_app().collector, headers.get("Accept"), headers.get("Accept-Encoding")
+    )
     response = Response(body, content_type=content_type)
-    # the format follows Accept and the coding Accept-Encoding: a cache must not hand
-    # one scraper's answer to another
-    response.vary.update(("Accept", "Accept-Encoding"))
+    response.headers["Vary"] = VARY
     if gzip:
         response.content_encoding = "gzip"
     return response
-
-
-def _gzip_wanted(accepted: Iterable[tuple[str, float]]) -> bool:
-    """Whether a scrape is answered in gzip, from its ``Accept-Encoding`` (parsed by
-    werkzeug: entries with their q-values). As RFC 9110 (12.5.3) reads it: ``gzip`` (or
-    ``x-gzip``, the same coding) is acceptable at its q-value, else at that of ``*``, and
-    ``q=0`` refuses it; it is chosen unless ``identity`` (named, or as ``*``) is preferred.
-    No header, or an empty one, is identity, as Prometheus' own exporters answer it; so
-    is a header that refuses every coding we have, identity included (the one to send)."""
-    named = {coding.lower(): quality for coding, quality in accepted}
-    anything = named.get("*", 0.0)
-    gzip = named.get("gzip", named.get("x-gzip", anything))
-    return gzip > 0 and gzip >= named.get("identity", anything)
 
 
 @blueprint.get("/v1/metrics/health")
