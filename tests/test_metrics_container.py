@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioproxy.metrics import MetricsCollector
+from trioproxy.metrics import MetricsCollector, container
 from trioproxy.metrics.container import (
     CgroupDirs,
     ContainerReader,
@@ -458,6 +458,31 @@ def test_collector_exposes_the_container(v2_tree: Path) -> None:
     # the files are read at every scrape: counters move with the kernel's
     (v2_tree / "sys/fs/cgroup/memory.events").write_text("oom_kill 3\n")
     assert families(c)["trioproxy_container_oom_kills_total"] == 3.0
+
+
+def test_limits_are_read_again_once_a_minute_usage_every_time(
+    v2_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape read every file; the limits change only when someone changes them, so they
+    are kept for LIMITS_SECONDS (a limit set meanwhile shows within that bound)."""
+    now = [1000.0]
+    monkeypatch.setattr(container.time, "perf_counter", lambda: now[0])
+    reader = ContainerReader(str(v2_tree), host_memory=64 << 30)
+    first = reader.read()
+    assert first is not None and first.memory_limit_bytes == 512 * MiB
+    cgroup = v2_tree / "sys/fs/cgroup"
+    (cgroup / "memory.max").write_text(str(1024 * MiB))
+    (cgroup / "cpu.max").write_text("max 100000")
+    (cgroup / "memory.current").write_text(str(400 * MiB))
+    now[0] += container.LIMITS_SECONDS - 1
+    kept = reader.read()
+    assert kept is not None
+    assert (kept.memory_limit_bytes, kept.cpu_limit_cores) == (512 * MiB, 1.5)
+    assert kept.memory_working_set_bytes == 300 * MiB  # usage: read now
+    now[0] += 1
+    fresh = reader.read()
+    assert fresh is not None
+    assert (fresh.memory_limit_bytes, fresh.cpu_limit_cores) == (1024 * MiB, None)
 
 
 def test_collector_without_limits_has_no_limit_families(v2_tree: Path) -> None:

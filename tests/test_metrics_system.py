@@ -147,13 +147,15 @@ def _growing_kernel_counters(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, 
         n = next(reads) * 1000
         return SimpleNamespace(bytes_sent=n, bytes_recv=n, packets_sent=n, packets_recv=n)
 
-    def disk(*_a: Any, **kw: Any) -> SimpleNamespace:
+    def disk(*_a: Any, **kw: Any) -> dict[str, SimpleNamespace]:
         calls.append(kw)
         n = next(reads) * 1000
-        return SimpleNamespace(read_bytes=n, write_bytes=n, read_count=n, write_count=n)
+        return {"sda": SimpleNamespace(read_bytes=n, write_bytes=n, read_count=n, write_count=n)}
 
     monkeypatch.setattr(psutil, "net_io_counters", net)
     monkeypatch.setattr(psutil, "disk_io_counters", disk)
+    monkeypatch.setattr(system_mod, "_disk_kinds", system_mod._DiskKinds())
+    monkeypatch.setattr(system_mod, "_is_whole_disk", lambda name: True)
     return calls
 
 
@@ -252,3 +254,56 @@ async def test_every_worker_samples_from_its_start(metrics_enabled: bool) -> Non
     async with app.test_app():
         assert app.collector.sampler.running
         assert app.collector.sampler.samples == 1
+
+
+# ----------------------------------------------------------------------------- disk kinds
+
+
+def _disks(*names: str) -> dict[str, SimpleNamespace]:
+    return {
+        name: SimpleNamespace(read_bytes=1000, write_bytes=100, read_count=10, write_count=1)
+        for name in names
+    }
+
+
+def test_disk_io_is_the_whole_disks_sum_and_their_kinds_are_kept_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partition's I/O is its disk's too: only whole disks are summed, as psutil's own
+    total does; which names are whole disks (a /sys/block lookup each, psutil's per line
+    at every scrape) is looked up once per name, and all again after DISK_KINDS_SECONDS."""
+    devices = ["sda", "sda1", "sda2", "nvme0n1", "nvme0n1p1"]
+    monkeypatch.setattr(psutil, "disk_io_counters", lambda *a, **kw: _disks(*devices))
+    looked_up: list[str] = []
+
+    def whole(name: str) -> bool:
+        looked_up.append(name)
+        return name in ("sda", "sdb", "nvme0n1")
+
+    now = [1000.0]
+    monkeypatch.setattr(system_mod, "_is_whole_disk", whole)
+    monkeypatch.setattr(system_mod.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(system_mod, "_disk_kinds", system_mod._DiskKinds())
+    expected = {"read_bytes": 2000, "write_bytes": 200, "read_count": 20, "write_count": 2}
+    assert system_mod.read_io_counters()[1] == expected
+    assert sorted(looked_up) == sorted(devices)
+    looked_up.clear()
+    devices.append("sdb")  # a disk plugged in counts from the first read that sees it
+    now[0] += system_mod.DISK_KINDS_SECONDS - 1
+    assert system_mod.read_io_counters()[1]["read_bytes"] == 3000
+    assert looked_up == ["sdb"]
+    looked_up.clear()
+    now[0] += 1  # and every name is looked up again once the kinds are that old
+    system_mod.read_io_counters()
+    assert sorted(looked_up) == sorted(devices)
+
+
+def test_disk_io_is_psutils_own_total_on_this_machine() -> None:
+    total = psutil.disk_io_counters(nowrap=False)
+    ours = system_mod.read_io_counters()[1]
+    if total is None:
+        assert ours == system_mod._empty_disk_io()
+        return
+    # the kernel's counters may move between the two reads: never back, and only a little
+    assert 0 <= ours["read_count"] - total.read_count < 1000
+    assert 0 <= ours["write_bytes"] - total.write_bytes < 1 << 30

@@ -10,8 +10,9 @@ which this module reads as the kubelet (cAdvisor) and the JVM do:
   container has its own cgroup namespace, the container's path when it sees the host's);
   the cgroup's directory is the mount point plus the path below that root, or the mount
   point itself when that directory is not there (:func:`locate`). Found once per process.
-* what: the few small files of the memory and CPU controllers, at every read (a scrape):
-  memory usage minus the inactive page cache (the *working set*, what
+* what: the few small files of the memory and CPU controllers, at every read (a scrape;
+  the limits' files at most every ``LIMITS_SECONDS``, a minute): memory usage minus the
+  inactive page cache (the *working set*, what
   ``container_memory_working_set_bytes`` reports and the OOM killer goes by), the memory
   limit, the CPU quota, CPU time, CFS periods and throttling, and OOM kills.
 
@@ -22,6 +23,7 @@ cgroup at all (macOS, a ``/proc`` without cgroups) makes the whole reading ``Non
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import time
@@ -372,6 +374,12 @@ _V2_FILES = ("memory.current", "memory.max", "memory.stat", "memory.events", "cp
              "cpu.stat")  # fmt: skip
 # ... of each parent directory (CgroupDirs.parents)
 _PARENT_FILES = {1: ("cpu.cfs_quota_us", "cpu.cfs_period_us"), 2: ("memory.max", "cpu.max")}
+# the limits, which change only when someone changes them (``docker update``, a pod
+# resized in place): read again once they are this old; usage and counters at every read
+LIMITS_SECONDS = 60.0
+_LIMIT_FILES = frozenset(
+    ("memory.limit_in_bytes", "cpu.cfs_quota_us", "cpu.cfs_period_us", "memory.max", "cpu.max")
+)
 
 
 # --------------------------------------------------------------------------- reading
@@ -409,7 +417,8 @@ def host_memory_bytes() -> int:
 
 class ContainerReader:
     """Reads the container's figures: the directories are found at the first read and kept
-    (the process's cgroup does not change under it), the files are read every time.
+    (the process's cgroup does not change under it), the limits' files once a minute
+    (:data:`LIMITS_SECONDS`) and the others every time.
 
     ``root`` is the directory ``/proc/self/...`` and the cgroup mounts are looked up under
     (``/``; a fake tree in tests). ``host_memory`` (default: this machine's) is the size at
@@ -422,6 +431,8 @@ class ContainerReader:
         self._dirs: CgroupDirs | None = None
         self._located = False
         self.last_read_seconds = 0.0
+        self._limits: dict[str, str | None] = {}  # path -> text, read at _limits_at
+        self._limits_at = -math.inf
 
     @property
     def located(self) -> bool:
@@ -450,6 +461,8 @@ class ContainerReader:
             dirs = self.dirs()
             if dirs is None:
                 return None
+            if t0 - self._limits_at >= LIMITS_SECONDS:
+                self._limits, self._limits_at = {}, t0
             parents = [self._files([(d, _PARENT_FILES[dirs.version])]) for d in dirs.parents]
             if dirs.version == 2:
                 files = self._files([(dirs.memory, _V2_FILES)])
@@ -467,8 +480,15 @@ class ContainerReader:
 
     def _files(self, where: list[tuple[str | None, tuple[str, ...]]]) -> dict[str, str | None]:
         files: dict[str, str | None] = {}
+        limits = self._limits
         for directory, names in where:
             if directory is not None:
                 for name in names:
-                    files[name] = _read_text(self._path(posixpath.join(directory, name)))
+                    path = self._path(posixpath.join(directory, name))
+                    if name not in _LIMIT_FILES:
+                        files[name] = _read_text(path)
+                    elif path in limits:
+                        files[name] = limits[path]
+                    else:
+                        files[name] = limits[path] = _read_text(path)
         return files

@@ -17,9 +17,11 @@ worker answers (a sample of each worker's own would).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psutil
@@ -99,19 +101,63 @@ def _read_network_io() -> dict[str, int]:
     }
 
 
+# how long which of /proc/diskstats' names are whole disks (not partitions) is kept: a
+# name's kind changes only when its device goes and another comes under the same name
+DISK_KINDS_SECONDS = 60.0
+
+
+class _DiskKinds:
+    """Which block device names are whole disks, as psutil's own total decides it
+    (``is_storage_device``: a ``/sys/block`` lookup per name, about 10 us each, which
+    psutil made for every line of ``/proc/diskstats`` at every scrape): a name is looked
+    up the first time it is seen, and all again every :data:`DISK_KINDS_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._whole: dict[str, bool] = {}
+        self._since = -math.inf
+
+    def whole(self, names: Iterable[str]) -> list[str]:
+        now = time.monotonic()
+        if now - self._since >= DISK_KINDS_SECONDS:
+            self._whole, self._since = {}, now
+        known = self._whole
+        found = []
+        for name in names:
+            whole = known.get(name)
+            if whole is None:
+                whole = known[name] = _is_whole_disk(name)
+            if whole:
+                found.append(name)
+        return found
+
+
+def _is_whole_disk(name: str) -> bool:
+    if not sys.platform.startswith("linux"):
+        return True  # (psutil's per-disk figures elsewhere name no partitions)
+    from psutil._pslinux import is_storage_device
+
+    return bool(is_storage_device(name))
+
+
+_disk_kinds = _DiskKinds()
+
+
 def _read_disk_io() -> dict[str, int]:
     try:
-        dio = psutil.disk_io_counters(nowrap=False)  # None in some containers
+        # per disk, then summed over the whole disks (a partition's I/O is its disk's too)
+        disks = psutil.disk_io_counters(perdisk=True, nowrap=False)  # {} in some containers
     except (psutil.Error, OSError):
-        dio = None
-    if dio is None:
+        disks = {}
+    if not disks:
         return _empty_disk_io()
-    return {
-        "read_bytes": dio.read_bytes,
-        "write_bytes": dio.write_bytes,
-        "read_count": dio.read_count,
-        "write_count": dio.write_count,
-    }
+    totals = _empty_disk_io()
+    for name in _disk_kinds.whole(disks):
+        dio = disks[name]
+        totals["read_bytes"] += dio.read_bytes
+        totals["write_bytes"] += dio.write_bytes
+        totals["read_count"] += dio.read_count
+        totals["write_count"] += dio.write_count
+    return totals
 
 
 class SystemSampler:
