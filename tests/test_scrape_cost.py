@@ -534,3 +534,80 @@ async def test_a_large_head_is_compressed_in_a_thread_a_small_one_on_the_loop(
         await _scrape(client)
         assert _requests_total(await _scrape(client, "gzip")) == 4
         assert (compressions.in_thread[-1], len(handed)) == (True, 4)
+
+
+# ----------------------------------------------------------------------------- the tail
+
+
+def _family(name: str, *values: float, exemplar: bool = False) -> Any:
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.samples import Exemplar
+
+    if exemplar:
+        family: Any = CounterMetricFamily(name, "a counter", labels=["kind"])
+        for n, value in enumerate(values):
+            family.add_metric([str(n)], value)
+        family.samples = [
+            s._replace(exemplar=Exemplar({"trace_id": "ab"}, 1.0)) for s in family.samples
+        ]
+        return family
+    family = GaugeMetricFamily(name, "a gauge\nwith a newline", labels=["kind"])
+    for n, value in enumerate(values):
+        family.add_metric([f"k{n}"], value)
+    return family
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [None, "application/openmetrics-text;version=1.0.0", "application/openmetrics-text"],
+)
+def test_the_tail_is_encoded_as_a_whole_and_only_its_changed_families_again(
+    accept: str | None,
+) -> None:
+    """A scrape's tail (derived and sampled families, built anew for each scrape) encoded
+    family by family, each reused while its samples are the same: the same bytes as
+    prometheus_client encoding the list at once, through values that compare equal but
+    are written apart (0.0 and -0.0, 1 and 1.0), NaN, and exemplars."""
+    encode, content_type = exposition.exposition_format(accept)
+    encoded: list[str] = []
+
+    def counting(families: Any) -> bytes:
+        encoded.extend(f.name for f in families)
+        return encode(families)
+
+    tails = exposition.TailEncodings()
+    scrapes = [
+        [_family("a", 1.0, 2.0), _family("b", 0.0), _family("c", float("nan")), _family("d", 1.0)],
+        [_family("a", 1.0, 2.0), _family("b", -0.0), _family("c", float("nan")), _family("d", 1)],
+        [_family("a", 1.0, 3.0), _family("b", -0.0), _family("e", 5.0, exemplar=True)],
+        [_family("a", 1.0, 3.0), _family("b", -0.0), _family("e", 5.0, exemplar=True)],
+        [],
+    ]
+    for families in scrapes:
+        assert tails.encode(counting, content_type, families) == encode(families)
+    # the first scrape encodes all; then only what changed (NaN, compared by its repr, is
+    # the same; exemplars are encoded every time)
+    assert encoded == ["a", "b", "c", "d", "b", "d", "a", "e", "e"]
+
+
+async def test_a_scrape_encodes_only_the_changed_families_of_its_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = MetricsCollector(multiprocess=False)
+    calls: list[int] = []
+    real = exposition.TailEncodings.encode
+
+    def spy(self: Any, encode: Any, content_type: str, families: Any) -> bytes:
+        def counted(listed: Any) -> bytes:
+            calls.append(len(listed))
+            return encode(listed)
+
+        return real(self, counted, content_type, families)
+
+    monkeypatch.setattr(exposition.TailEncodings, "encode", spy)
+    first, _ = await c.read_prometheus(None)
+    everything = len(calls)
+    calls.clear()
+    second, _ = await c.read_prometheus(None)
+    assert 0 < len(calls) < everything / 2  # uptime, the host's counters: not the rest
+    assert first.count(b"\n") == second.count(b"\n")

@@ -30,6 +30,7 @@ from .exposition import (
     LOOP_COMPRESSED_BYTES,
     LOOP_ENCODED_SAMPLES,
     GzipHead,
+    TailEncodings,
     encode_head,
     exposition_format,
 )
@@ -263,6 +264,7 @@ class MetricsCollector:
         self._container = ContainerReader(container_root)
         self._container_last: ContainerReading | None = None  # what stop() froze
         self._container_offload = False
+        self._tails = TailEncodings()  # a scrape's tail: only the changed families encoded
         self._sampling_stopped = False
         self.backend_reachable: bool | None = None
         self.backend_checked_at: float | None = None
@@ -767,7 +769,7 @@ class MetricsCollector:
             # counts what finished before any checkpoint
             primary, derived = await self._read_prometheus_families()
             head, zipped = await _primary_exposition(primary, encode, content_type, gzip=gzip)
-            tail = encode([*primary.sampled, *derived])
+            tail = self._tails.encode(encode, content_type, [*primary.sampled, *derived])
             return head + tail if zipped is None else zipped.finish(tail)
 
         body = await self._reads.read(("prometheus", content_type, gzip), render)
