@@ -2,13 +2,14 @@
 the proxy routes.
 
 Through Quart a scrape built a werkzeug request and response, pushed an app and request
-context, routed, ran the hooks and a task reading the request's events: about 0.8 ms of a
-scrape's ~2 ms of CPU in process (docs/performance.md, "scrape cost"), paid again by every
-scraper every scrape interval. ``GET`` and ``HEAD`` on the exposition's paths are answered
-here with what Quart answered, header for header: the client key check
-(``METRICS_REQUIRE_AUTH``), errors in the path's dialect, CORS, the request id, the access
-line, and the shutdown's 503 for a read still waiting when the grace period runs out. Other
-methods on these paths (405, CORS preflight) go through Quart, as does every other route.
+context, routed, ran the hooks and a task reading the request's events: about 0.6 ms of a
+scrape's 1.7 ms of CPU in process (docs/performance.md, "twenty-ninth session: scrape
+cost"), paid again by every scraper every scrape interval. ``GET`` and ``HEAD`` on the
+exposition's paths are answered here with what Quart answered, header for header: the
+client key check (``METRICS_REQUIRE_AUTH``), errors in the path's dialect, CORS, the
+request id, the access line, and the shutdown's 503 for a read still waiting when the
+grace period runs out. Other methods on these paths (405, CORS preflight) go through
+Quart, as does every other route.
 """
 
 from __future__ import annotations
