@@ -139,6 +139,17 @@ class OutOfFiles(ProxyError):
         )
 
 
+class MetricsUnavailable(ProxyError):
+    """A metrics read whose shared rendering ran past its bound (``metrics/reads.py``):
+    the proxy's own monitoring is slow or stuck, not the request wrong: a 503 to retry."""
+
+    status = 503
+    code = "metrics_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"

@@ -25,7 +25,7 @@ from .limits import open_files_limit, out_of_files
 from .logs import EVERY_TIME
 from .metrics import MetricsCollector
 from .relay import dumps
-from .scrape import VARY, exposition
+from .scrape import VARY, exposition, rendering_in_time
 from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
@@ -337,15 +337,16 @@ async def metrics_json() -> Response:
     endpoint = args.get("endpoint") or args.get("endpoint_filter")
     minutes = _positive_number(args.get("time_range_minutes") or args.get("minutes"))
     include_system = _flag(args.get("include_system") or args.get("include_system_metrics"))
-    if endpoint is None and minutes is None and include_system is None:
-        return _json(await collector.read_summary())
-    return _json(
-        await collector.read_filtered_summary(
-            endpoint_filter=endpoint,
-            time_range_minutes=minutes,
-            include_system_metrics=True if include_system is None else include_system,
+    with rendering_in_time():
+        if endpoint is None and minutes is None and include_system is None:
+            return _json(await collector.read_summary())
+        return _json(
+            await collector.read_filtered_summary(
+                endpoint_filter=endpoint,
+                time_range_minutes=minutes,
+                include_system_metrics=True if include_system is None else include_system,
+            )
         )
-    )
 
 
 # GET and HEAD are served below Quart (``scrape``); this view answers the same, for a
@@ -369,7 +370,8 @@ async def metrics_prometheus() -> Response:
 @blueprint.get("/v1/metrics/health")
 @blueprint.get("/api/metrics/health")
 async def metrics_health() -> Response:
-    body, status = await request_app().collector.read_health()
+    with rendering_in_time():
+        body, status = await request_app().collector.read_health()
     return _json(body, status)
 
 

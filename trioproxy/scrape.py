@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -23,7 +25,7 @@ from hypercorn.typing import ASGISendCallable
 from werkzeug.http import parse_accept_header
 
 from . import fastpath
-from .errors import ProxyError
+from .errors import MetricsUnavailable, ProxyError
 from .exchange import (
     CLIENT_RETRIES_HEADER,
     CLIENT_RETRIES_NAME,
@@ -41,6 +43,7 @@ from .exchange import (
 )
 from .hypercorn_patches import cancel_on_close, close_hook
 from .metrics.labels import loggable_path
+from .metrics.reads import SharedRenderingTimedOut
 
 if TYPE_CHECKING:
     from .app import ProxyApp
@@ -84,8 +87,19 @@ async def exposition(
     and whether the body is gzipped. Concurrent scrapes share renderings, encoded off the
     event loop (docs/metrics.md)."""
     gzip = gzip_wanted(accept_encoding)
-    body, content_type = await collector.read_prometheus(accept, gzip=gzip)
+    with rendering_in_time():
+        body, content_type = await collector.read_prometheus(accept, gzip=gzip)
     return body, content_type, gzip
+
+
+@contextmanager
+def rendering_in_time() -> Iterator[None]:
+    """A read whose shared rendering was given up at its bound answers 503 in the caller's
+    dialect (the error handler's), not a 500 for an unhandled error."""
+    try:
+        yield
+    except SharedRenderingTimedOut as exc:
+        raise MetricsUnavailable(f"{exc}; retry shortly") from exc
 
 
 @functools.lru_cache(maxsize=64)

@@ -172,7 +172,10 @@ async def _primary_exposition(
         return made, (GzipHead(made) if gzip else None)
 
     if in_thread:
-        body, zipped = await trio.to_thread.run_sync(make, limiter=metrics_threads())
+        # abandoned at the shared rendering's bound (.reads): it reads only its snapshot
+        body, zipped = await trio.to_thread.run_sync(
+            make, abandon_on_cancel=True, limiter=metrics_threads()
+        )
     else:
         body, zipped = make()
     primary.bodies[content_type] = body

@@ -14,6 +14,15 @@ shielded from that reader's cancellation (a reader whose client left still finis
 rendering the others wait for; the cancellation reaches it at its next checkpoint, right
 after). A reader that is cancelled while it waits just leaves; the next waiter to wake
 starts the rendering it joined.
+
+The shield has a deadline, :data:`RENDER_BOUND_SECONDS` from the rendering's start: a
+rendering stuck past it (a worker thread that does not return, a file read that hangs) is
+cancelled, and it fails for its reader and every reader sharing it with
+:class:`SharedRenderingTimedOut` (the monitoring endpoints answer 503). So neither a
+reader whose client left nor the server's shutdown waits for it longer than that. The
+render's waits must give way to that cancellation: its worker threads are started with
+``abandon_on_cancel=True`` (a stuck thread is left to itself and keeps its place in the
+metrics' limiter, :mod:`.threads`, until it returns; nothing waits for it).
 """
 
 from __future__ import annotations
@@ -23,9 +32,21 @@ from typing import Any
 
 import trio
 
+RENDER_BOUND_SECONDS = 10.0
+"""Longest a rendering may run (shielded) before it is given up. A scrape's legitimate
+worst case is far below it: a full label budget renders in ~130 ms of a worker thread in
+one process, and merging two workers' files from nothing (12.7 MB) takes ~300 ms
+(docs/metrics.md, "What a scrape costs"); 10 s is also Prometheus' default
+``scrape_timeout``, past which no scraper at its defaults still waits for the answer."""
+
 
 class SharedRenderingFailed(RuntimeError):
     """The rendering a read shared ended without a result (its error is the cause)."""
+
+
+class SharedRenderingTimedOut(SharedRenderingFailed):
+    """The rendering a read shared ran past its bound (:data:`RENDER_BOUND_SECONDS`) and
+    was given up."""
 
 
 class _Round:
@@ -42,6 +63,9 @@ class _Round:
     def outcome(self) -> Any:
         if self.ok:
             return self.result
+        if isinstance(self.error, SharedRenderingTimedOut):
+            # each reader its own exception: a raised one takes the raising task's traceback
+            raise SharedRenderingTimedOut(*self.error.args)
         raise SharedRenderingFailed("the shared metrics rendering failed") from self.error
 
 
@@ -52,7 +76,8 @@ class SharedReads:
     snapshot what it reads before its first checkpoint (so the rendering includes what
     finished before it started)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bound: float | None = None) -> None:
+        self.bound = RENDER_BOUND_SECONDS if bound is None else bound
         self._running: dict[Hashable, _Round] = {}
         self._next: dict[Hashable, _Round] = {}
         self.renderings = 0  # renderings started, for tests and curious operators
@@ -85,14 +110,22 @@ class SharedReads:
         self._running[key] = rnd
         self.renderings += 1
         try:
-            # others wait for this round: it ends even if this reader's client left
-            with trio.CancelScope(shield=True):
+            # others wait for this round: it ends even if this reader's client left, and
+            # within its bound even if the render is stuck
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.bound):
                 rnd.result = await render()
-            rnd.ok = True
+                rnd.ok = True
         except BaseException as exc:
             rnd.error = exc
             raise
         finally:
+            if not rnd.ok and rnd.error is None:  # the bound's cancellation, caught above
+                rnd.error = SharedRenderingTimedOut(
+                    f"the metrics rendering ran past its {self.bound:g} s bound and was given up"
+                )
             del self._running[key]
             rnd.done.set()
-        return rnd.result
+        if not rnd.ok:
+            # a reader whose client left meanwhile just leaves
+            await trio.lowlevel.checkpoint_if_cancelled()
+        return rnd.outcome()
