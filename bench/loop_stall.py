@@ -26,6 +26,10 @@ clients at once):
   17 MB of log probabilities (11,000 tokens with 20 alternatives each: about the most that stays
   under the proxy's limit of 500,000 arrays and objects per answer); decoded, translated to
   Ollama's shape and encoded for the client;
+- ``stream-text``, ``stream-tool``, ``stream-logprobs``: ``POST /v1/chat/completions``,
+  streamed, of the same stub backend, which sends the same answers as one large event of
+  a ``/v1`` stream (:func:`chat_stream_body`), relayed as it came and observed for the
+  metrics (decoded: its tokens, finish and usage);
 - ``models-refetched``: ``GET /api/tags`` with the proxy's list cache at 0 s, so that each
   fetches the list again (as polls further apart than the cache's 5 s do);
 - ``chat-ollama-300k``: ``POST /api/chat``, a 300 KB body of one base64 image (past the
@@ -101,6 +105,8 @@ bodies = {
 for kind in ("text", "tool", "logprobs"):
     bodies["answer-" + kind] = ("/api/chat", {"model": "answer-" + kind, "stream": False,
         "logprobs": kind == "logprobs", "messages": [{"role": "user", "content": "hi"}]})
+    bodies["stream-" + kind] = ("/v1/chat/completions", {"model": "answer-" + kind,
+        "stream": True, "messages": [{"role": "user", "content": "hi"}]})
 gets = {"models-ollama": ["/api/tags", "/api/ps"], "models-openai": ["/v1/models"],
         "models-refetched": ["/api/tags"]}
 asks = ([("POST", bodies[scenario][0], json.dumps(bodies[scenario][1]).encode())]
@@ -129,7 +135,7 @@ _LIST_BACKEND = r"""
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, sys.argv[1])
-from bench.loop_stall import chat_answer_body, model_list_body
+from bench.loop_stall import chat_answer_body, chat_stream_body, model_list_body
 body = model_list_body()
 answers = {}
 
@@ -147,9 +153,12 @@ class Models(BaseHTTPRequestHandler):
     def do_POST(self):
         asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         kind = asked["model"].removeprefix("answer-")
-        answer = answers.get(kind) or answers.setdefault(kind, chat_answer_body(kind))
+        streamed = asked.get("stream") is True
+        made = chat_stream_body if streamed else chat_answer_body
+        key = (kind, streamed)
+        answer = answers.get(key) or answers.setdefault(key, made(kind))
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/event-stream" if streamed else "application/json")
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
@@ -237,6 +246,31 @@ def chat_answer_body(kind: str) -> bytes:
     answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000,
               "model": "answer-" + kind, "choices": [choice], "usage": usage}  # fmt: skip
     return json.dumps(answer).encode()
+
+
+def chat_stream_body(kind: str) -> bytes:
+    """:func:`chat_answer_body` as a ``/v1`` stream (Server-Sent Events) whose one large
+    event carries the whole message (and its log probabilities): a role chunk, that
+    chunk, a finish chunk with the usage, ``[DONE]``."""
+    answer = json.loads(chat_answer_body(kind))
+    choice = answer["choices"][0]
+    message = choice["message"]
+    delta: dict[str, object] = {"content": message["content"]}
+    if "tool_calls" in message:
+        delta["tool_calls"] = [{"index": 0, **call} for call in message["tool_calls"]]
+    head = {key: answer[key] for key in ("id", "created", "model")}
+    head["object"] = "chat.completion.chunk"
+
+    def event(delta: dict[str, object], finish: object = None, **extra: object) -> bytes:
+        chosen = {"index": 0, "delta": delta, **extra, "finish_reason": finish}
+        chunk = {**head, "choices": [chosen]}
+        if finish is not None:
+            chunk["usage"] = answer["usage"]
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    role = event({"role": "assistant", "content": ""})
+    large = event(delta, logprobs=choice.get("logprobs"))
+    return role + large + event({}, choice["finish_reason"]) + b"data: [DONE]\n\n"
 
 
 class Ticker:
@@ -420,6 +454,9 @@ LIST_SCENARIOS = [
     "answer-text",
     "answer-tool",
     "answer-logprobs",
+    "stream-text",
+    "stream-tool",
+    "stream-logprobs",
 ]
 SCENARIOS = [
     "chat-ollama",
