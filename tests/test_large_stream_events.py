@@ -117,16 +117,16 @@ async def test_a_relayed_stream_with_large_events_is_relayed_as_it_came_and_coun
     assert after["output"] - before.get("output", 0) == 34
 
 
-class HeldTranslation:
-    """``relay._translated`` (a large event's work in the JSON thread) held until
-    :attr:`release` is set (at most HOLD_SECONDS)."""
+class HeldInThread:
+    """``relay.<name>`` (a large event's work in the JSON thread: ``_translated``,
+    ``_observed``) held until :attr:`release` is set (at most HOLD_SECONDS)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.released: list[bool] = []
-        self.threads: list[bool] = []
-        original = relay._translated
+        self.threads: list[bool] = []  # whether each call ran on the loop's thread
+        original = getattr(relay, name)
 
         def held(*args: Any) -> Any:
             self.threads.append(threading.current_thread() is threading.main_thread())
@@ -134,7 +134,31 @@ class HeldTranslation:
             self.released.append(self.release.wait(HOLD_SECONDS))
             return original(*args)
 
-        monkeypatch.setattr(relay, "_translated", held)
+        monkeypatch.setattr(relay, name, held)
+
+
+async def _large_while_another_flows(
+    client: Any, path: str, asked: dict[str, Any], held: HeldInThread
+) -> bytes:
+    """The body of a stream of large events on ``path``, whose work ``held`` holds in
+    the JSON thread until another client's stream (``/api/chat`` of the small model) has
+    been read to its end."""
+    bodies: list[bytes] = []
+    small = {"model": "small", "messages": asked["messages"], "stream": True}
+
+    async def large() -> None:
+        async with client.stream("POST", path, json=asked) as response:
+            assert response.status_code == 200
+            bodies.append(await response.aread())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(large)
+        assert await trio.to_thread.run_sync(held.entered.wait, 2 * HOLD_SECONDS)
+        other = await client.post("/api/chat", json=small)
+        assert other.status_code == 200, other.text
+        assert json.loads(other.text.splitlines()[-1])["done"] is True
+        held.release.set()
+    return bodies[0]
 
 
 def _expected(path: str, events: list[Any]) -> list[Any]:
@@ -166,28 +190,15 @@ async def test_a_large_event_is_translated_in_a_thread_while_other_streams_flow(
     thread: held there until another client's stream on the same worker has been read to
     its end (on the loop, that stream could not move, and the hold would run out), and
     the client gets what the translator gives on the loop, in order."""
-    held = HeldTranslation(monkeypatch)
+    held = HeldInThread(monkeypatch, "_translated")
     messages = [{"role": "user", "content": "hi"}]
     asked: dict[str, Any] = {"model": "large", "messages": messages, "stream": True}
     if path == "/v1/messages":
         asked["max_tokens"] = 100
-    small = {"model": "small", "messages": messages, "stream": True}
     bodies: list[bytes] = []
     with serving(LargeEvents) as backend:
         async with serving_proxy(backend) as client:
-
-            async def large() -> None:
-                async with client.stream("POST", path, json=asked) as response:
-                    assert response.status_code == 200
-                    bodies.append(await response.aread())
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(large)
-                assert await trio.to_thread.run_sync(held.entered.wait, 2 * HOLD_SECONDS)
-                other = await client.post("/api/chat", json=small)
-                assert other.status_code == 200, other.text
-                assert json.loads(other.text.splitlines()[-1])["done"] is True
-                held.release.set()
+            bodies.append(await _large_while_another_flows(client, path, asked, held))
     assert held.released == [True, True]  # the content chunk and the tool call's
     assert held.threads == [False, False]
     if path == "/api/chat":
@@ -202,6 +213,89 @@ async def test_a_large_event_is_translated_in_a_thread_while_other_streams_flow(
     assert [_comparable(path, item) for item in got] == [
         _comparable(path, item) for item in expected
     ]
+
+
+async def test_a_relayed_large_event_is_observed_in_a_thread_while_other_streams_flow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/v1/chat/completions``: a large event is relayed as it came but decoded for the
+    metrics (its tokens, usage, finish) in the JSON thread: held there until another
+    client's stream on the same worker has been read to its end (on the loop, that stream
+    could not move, and the hold would run out). The client gets the backend's bytes, and
+    the stream is counted as on the loop."""
+    monkeypatch.setattr(LargeEvents, "bodies", [])
+    held = HeldInThread(monkeypatch, "_observed")
+    messages = [{"role": "user", "content": "hi"}]
+    asked = {"model": "large", "stream": True, "messages": messages}
+    bodies: list[bytes] = []
+    with serving(LargeEvents) as backend:
+        async with serving_proxy(backend) as client:
+            before = _tokens((await client.get("/v1/metrics/prometheus")).text)
+
+            path = "/v1/chat/completions"
+            bodies.append(await _large_while_another_flows(client, path, asked, held))
+            after = _tokens((await client.get("/v1/metrics/prometheus")).text)
+            outcomes = (await client.get("/v1/metrics/prometheus")).text
+    assert held.released == [True, True]  # the content chunk and the tool call's
+    assert held.threads == [False, False]
+    assert bodies[0] == LargeEvents.bodies[0]
+    assert after["input"] - before.get("input", 0) == 21
+    # the small stream's tokens besides (no usage: one per content chunk)
+    assert after["output"] - before.get("output", 0) == 34 + 5
+    assert 'outcome="completed"' in outcomes and 'outcome="error"' not in outcomes
+
+
+async def test_a_relayed_large_event_gives_the_observer_what_the_loop_gives() -> None:
+    """The relay's account of a stream whose events are large (a content chunk, a tool
+    call's arguments, a failure's message): the same relayed bytes, tokens, first token,
+    finish reason, usage and failure as each event fed to an observer on the loop."""
+    failure = json.dumps({"error": {"message": "too long: " + "x" * BIG}}).encode()
+    script: Script = [(0, ROLE)]
+    script += [(0, b"data: " + compact_json(event) + b"\n\n") for event in LARGE_STREAM]
+    script += [(0, b"data: " + failure + b"\n\n"), (0, DONE)]
+    expected = tr.OpenAIStreamObserver()
+    for _, event in script:
+        if event != DONE:
+            expected.feed_text(event[6:-2].decode(), 1)
+    observed: list[Watched] = []
+
+    class Watched(tr.OpenAIStreamObserver):
+        """Notes where each large event is fed."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.large_on_loop: list[bool] = []
+
+        def _note(self, data: str) -> None:
+            if len(data) > OFF_LOOP_BYTES:
+                on_loop = threading.current_thread() is threading.main_thread()
+                self.large_on_loop.append(on_loop)
+
+        def feed_text(self, data: str, now_ns: int) -> None:
+            self._note(data)
+            super().feed_text(data, now_ns)
+
+        def feed_decoded(self, data: str, now_ns: int) -> None:
+            self._note(data)
+            super().feed_decoded(data, now_ns)
+
+    def relayed(response: Any, settings: Any, collector: Any) -> Any:
+        observer = Watched()
+        observed.append(observer)
+        return relay.relay_openai(
+            response, observer, settings=settings, metric=None, sent_at=time.perf_counter(),
+            collector=collector,
+        )  # fmt: skip
+
+    out, _, _ = await run_relay(script, relayed)
+    got = observed[0]
+    assert got.large_on_loop == [False, False, False]  # content, tool call, failure
+    assert out == b"".join(event for _, event in script)
+    assert got.content_chunks == expected.content_chunks == 3
+    assert got.first_token_ns is not None
+    assert (got.prompt_tokens, got.completion_tokens) == (21, 34)
+    assert got.finish_reason == expected.finish_reason == "tool_calls"
+    assert got.failed and expected.failed and got.error == expected.error
 
 
 # ---- the relay's own account: what the loop would have given -----------------------------

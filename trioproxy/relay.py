@@ -596,14 +596,19 @@ async def relay_openai(
                 pass  # the common read: a token's chunk, counted (see count_lone_token)
             else:
                 if (text := parser.lone_event(data)) is not None:  # the common read
-                    if text != SSE_DONE:
-                        observer.feed_text(text, time.perf_counter_ns())
-                    else:
+                    if text == SSE_DONE:
                         finished = True
+                    elif len(text) > OFF_LOOP_BYTES:  # one large event: in a JSON thread
+                        await _observed_apart(observer, text, time.perf_counter_ns())
+                    else:
+                        observer.feed_text(text, time.perf_counter_ns())
                 else:
                     for event in parser.feed(data):
                         if event.data != SSE_DONE:
-                            observer.feed_text(event.data, time.perf_counter_ns())
+                            if len(event.data) > OFF_LOOP_BYTES:
+                                await _observed_apart(observer, event.data, time.perf_counter_ns())
+                            else:
+                                observer.feed_text(event.data, time.perf_counter_ns())
                             if event.event == ERROR_FIELD_EVENT:  # llama.cpp before 2025-10
                                 error_field = True
                         else:
@@ -652,6 +657,9 @@ async def relay_openai(
             for event in parser.close():  # a last event without its blank line: still meant
                 if event.data == SSE_DONE:
                     finished = True
+                elif len(event.data) > OFF_LOOP_BYTES:
+                    await _observed_apart(observer, event.data, time.perf_counter_ns())
+                    error_field = error_field or event.event == ERROR_FIELD_EVENT
                 else:
                     observer.feed_text(event.data, time.perf_counter_ns())
                     error_field = error_field or event.event == ERROR_FIELD_EVENT
@@ -704,6 +712,25 @@ async def relay_openai(
         # as completed though the drain below is cut short
         _end_written(metric)
         await reader.drain()
+
+
+async def _observed_apart(observer: StreamObserver, text: str, now_ns: int) -> None:
+    """One event over OFF_LOOP_BYTES of a stream relayed as it came (a whole answer in one
+    chunk, thousands of log probabilities, a Responses API image) observed in a JSON
+    thread: its decoding and the freeing of what was decoded leave the loop, which gets
+    its turns between them. Waited for, in
+    order (the observer is the stream's own: no thread may touch it after the relay
+    moved on)."""
+    await off_loop(_observed, observer, text, now_ns)
+
+
+def _observed(observer: StreamObserver, text: str, now_ns: int) -> None:
+    """What the relay does with an event on the loop, for :func:`_observed_apart` (a chat
+    chunk decoded without trying the content-only shortcut: see ``feed_decoded``)."""
+    if isinstance(observer, OpenAIStreamObserver):
+        observer.feed_decoded(text, now_ns)
+    else:
+        observer.feed_text(text, now_ns)
 
 
 class _Unfinished(Exception):
