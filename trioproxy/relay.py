@@ -718,9 +718,8 @@ async def _observed_apart(observer: StreamObserver, text: str, now_ns: int) -> N
     """One event over OFF_LOOP_BYTES of a stream relayed as it came (a whole answer in one
     chunk, thousands of log probabilities, a Responses API image) observed in a JSON
     thread: its decoding and the freeing of what was decoded leave the loop, which gets
-    its turns between them. Waited for, in
-    order (the observer is the stream's own: no thread may touch it after the relay
-    moved on)."""
+    its turns between them. Waited for, in order (the observer is the stream's own: no
+    thread may touch it after the relay moved on)."""
     await off_loop(_observed, observer, text, now_ns)
 
 
