@@ -414,3 +414,49 @@ async def test_a_large_event_with_escapes_is_masked_in_pieces(
     else:  # the same lines as without the watch (the times aside)
         lines = [[_comparable(path, json.loads(line)) for line in b.splitlines()] for b in bodies]
         assert lines[0] == lines[1] and len(lines[0]) > 3
+
+
+async def test_a_relayed_large_responses_event_is_observed_in_a_thread_as_on_the_loop() -> None:
+    """``/v1/responses``: its closing event carries the whole response (an image in
+    base64: several MB); observed in the JSON thread, it ends the stream with its usage
+    and status as on the loop."""
+    image = "A" * BIG
+    completed = {
+        "type": "response.completed",
+        "response": {
+            "id": "resp_1", "model": "m", "status": "completed",
+            "output": [{"type": "image_generation_call", "result": image}],
+            "usage": {"input_tokens": 5, "output_tokens": 7},
+        },
+    }  # fmt: skip
+    delta = {"type": "response.output_text.delta", "delta": "hi"}
+    script: Script = [
+        (0, b"data: " + compact_json(event) + b"\n\n") for event in (delta, completed)
+    ]
+    on_loop: list[bool] = []
+
+    class Watched(tr.ResponsesStreamObserver):
+        def feed_text(self, data: str, now_ns: int) -> None:
+            if len(data) > OFF_LOOP_BYTES:
+                on_loop.append(threading.current_thread() is threading.main_thread())
+            super().feed_text(data, now_ns)
+
+    observed: list[Watched] = []
+
+    def relayed(response: Any, settings: Any, collector: Any) -> Any:
+        observer = Watched()
+        observed.append(observer)
+        end = relay.StreamEnd()
+        end.responses = True
+        return relay.relay_openai(
+            response, observer, settings=settings, metric=None, sent_at=time.perf_counter(),
+            collector=collector, end=end,
+        )  # fmt: skip
+
+    out, _, _ = await run_relay(script, relayed)
+    got = observed[0]
+    assert on_loop == [False]
+    assert out == b"".join(event for _, event in script)
+    assert got.ended and not got.failed
+    assert (got.prompt_tokens, got.completion_tokens) == (5, 7)
+    assert (got.finish_reason, got.response_id, got.content_chunks) == ("completed", "resp_1", 1)
