@@ -1,5 +1,6 @@
-"""A request without a stream is counted its own, shorter way (``MetricsCollector._count``:
-``RequestSeries.add_plain``, ``WindowStore.append_plain``, and histograms bucketed by
+"""A request without a stream is counted its own, shorter way
+(``MetricsCollector._count_batch``: its series' batch written in the batch's loop, its
+window row by column, ``WindowStore.append_plain_rows``, and histograms bucketed by
 sorting, ``observe_many``). What it counts must be exactly what the general way counts:
 compared here with a collector that takes the general way for every request (full
 window rows, every stream argument passed, each value's bucket found one by one), over
@@ -7,7 +8,6 @@ random sequences of streams and plain requests that wrap the window around."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,8 +19,6 @@ from trioproxy import routes_openai
 from trioproxy.exchange import RequestState
 from trioproxy.metrics import MetricsCollector, RequestMetrics
 from trioproxy.metrics import series as series_module
-from trioproxy.metrics.series import RequestSeries
-from trioproxy.metrics.store import WindowStore
 
 _WINDOW = 7  # small: the sequences overwrite stream slots with plain requests and back
 
@@ -31,34 +29,13 @@ def _tallied(child: Any, values: list[float]) -> None:
     series_module._observe_each(child._upper_bounds, child._buckets, values)
 
 
-def _general_add_plain(
-    self: RequestSeries,
-    duration_s: float,
-    input_tokens: int,
-    output_tokens: int,
-    upstream_s: float | None,
-    overhead_s: float | None,
-    estimated: bool = False,
+def _general_count_batch(
+    self: MetricsCollector, pending: list[RequestMetrics], debug: bool
 ) -> None:
-    self.add(
-        duration_s, None, None, 0, 0, 0.0, input_tokens, output_tokens, upstream_s,
-        overhead_s, None, False, estimated,
-    )  # fmt: skip
-
-
-def _general_append_plain(
-    self: WindowStore,
-    kind: Any,
-    timestamp: float,
-    duration_ms: float,
-    input_tokens: int,
-    output_tokens: int,
-    replayed: bool = False,
-) -> None:
-    self.append(
-        kind, timestamp, duration_ms, math.nan, math.nan, 0, 0, 0.0, input_tokens,
-        output_tokens, math.nan, replayed,
-    )  # fmt: skip
+    """Every record the general way, one call each (``_count``: every stream argument
+    passed, a full window row)."""
+    for m in pending:
+        self._count(m, debug)
 
 
 _records = st.lists(
@@ -131,8 +108,7 @@ def test_plain_requests_are_counted_as_the_general_way_counts_them(
     got = _readings(fast)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(series_module, "observe_many", _tallied)
-        patch.setattr(RequestSeries, "add_plain", _general_add_plain)
-        patch.setattr(WindowStore, "append_plain", _general_append_plain)
+        patch.setattr(MetricsCollector, "_count_batch", _general_count_batch)
         general = MetricsCollector(max_metrics=_WINDOW, system_enabled=False, multiprocess=False)
         _feed(general, specs)
         expected = _readings(general)

@@ -52,7 +52,7 @@ from .multiprocess import (
 from .reads import SharedReads
 from .request import RequestMetrics
 from .series import PrimaryMetrics, RequestSeries, Snapshot
-from .store import WindowStore
+from .store import RequestKind, WindowStore
 from .summary import CollectorView, filtered_summary_body, summary_body, time_range
 from .system import OFFLOAD_AFTER_SECONDS, SystemSampler, read_io_counters, unmeasured_snapshot
 from .threads import metrics_threads
@@ -93,6 +93,13 @@ def _api_for(path: str, endpoint: str) -> str:
     if endpoint.startswith("v1_"):
         return "openai"
     return labels.OTHER
+
+
+def _token_count(count: int | None) -> int:
+    """A record's token count as counted: none below zero, nor one past what the store's
+    int64 and a float64 counter hold exactly (the Python API takes counts from anyone)."""
+    count = count or 0
+    return int(count) if 0 <= count < _TOKEN_COUNT_LIMIT else 0
 
 
 def _time_per_output_token(
@@ -353,51 +360,99 @@ class MetricsCollector:
         self._pending = []
         if self._kinds_labelled != self.model_labels.size:
             self._forget_kinds()  # a model was allowed in since: its label may have changed
-        debug = log.isEnabledFor(logging.DEBUG)
-        for m in pending:
-            self._count(m, debug)
+        self._count_batch(pending, log.isEnabledFor(logging.DEBUG))
         self._prom.flush()
 
+    def _count_batch(self, pending: list[RequestMetrics], debug: bool) -> None:
+        """Count a batch of records: their series and window entries, in order.
+
+        A request without a stream, most of them, is counted here, in this loop, not by a
+        call per record: each call with its arguments cost ~650 machine instructions of a
+        record's few thousand (docs/performance.md). Its series' batch is written in
+        place (what ``RequestSeries.add`` does with no stream figures) and its window
+        row goes into columns, written by :meth:`WindowStore.append_plain_rows` in C. A
+        stream goes the general way, :meth:`_count`, once the plain rows before it are
+        in the window."""
+        kinds = self._kinds
+        find = kinds.get
+        touched = self._prom.touched
+        run: list[RequestKind] = []
+        stamps: list[float] = []
+        durations: list[float] = []
+        inputs: list[int] = []
+        outputs: list[int] = []
+        replays: list[bool] = []
+        for m in pending:
+            if m.streaming:
+                if run:
+                    self._window.append_plain_rows(run, stamps, durations, inputs, outputs, replays)
+                    run, stamps, durations, inputs, outputs, replays = [], [], [], [], [], []
+                self._count(m, debug)
+                continue
+            raw = (m.endpoint, m.api, m.method, m.model, m.status_code, None, m.started_status)
+            known = find(raw)
+            kind, series = known if known is not None else self._new_kind(raw)
+            duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
+            inp = m.input_tokens
+            if type(inp) is not int or not 0 <= inp < _TOKEN_COUNT_LIMIT:
+                inp = _token_count(inp)
+            out = m.output_tokens
+            if type(out) is not int or not 0 <= out < _TOKEN_COUNT_LIMIT:
+                out = _token_count(out)
+            if not series.count:
+                touched(series)
+            series.count += 1
+            series.durations.append(duration_ms / 1000.0)
+            series.input_tokens += inp
+            series.output_tokens += out
+            if m.tokens_counted:
+                series.estimated_tokens += out
+            up_ms = m.upstream_ms
+            if up_ms is not None:
+                # the client's upload time is not the proxy's, as in X-Proxy-Overhead-Ms
+                own_ms = duration_ms - up_ms - m.body_wait_ms
+                series.upstreams.append((up_ms if up_ms > 0.0 else 0.0) / 1000.0)
+                series.overheads.append((own_ms if own_ms > 0.0 else 0.0) / 1000.0)
+            if m.client:
+                self._prom.count_client(m.client, inp, out)
+            run.append(kind)
+            stamps.append(m.timestamp)
+            durations.append(duration_ms)
+            inputs.append(inp)
+            outputs.append(out)
+            replays.append(m.replayed)
+            if debug:
+                _log_recorded(kind, duration_ms, 0)
+        if run:
+            self._window.append_plain_rows(run, stamps, durations, inputs, outputs, replays)
+
     def _count(self, m: RequestMetrics, debug: bool) -> None:
-        """Count one record: its series and its window entry. One function on purpose:
-        it runs per request, and each call it made would add about 50 ns to its ~2 us
-        (docs/performance.md); a request without a stream, most of them, goes its own
-        shorter way (no stream figures to derive, pass or store)."""
+        """Count one record the general way: its series (every figure passed) and its full
+        window row. Streams are counted so; a record without a stream is counted by
+        :meth:`_count_batch`, to the same effect (tests/test_metrics_plain_path.py)."""
         streaming = m.streaming
         outcome = store.stream_outcome(m) if streaming else None
         raw = (m.endpoint, m.api, m.method, m.model, m.status_code, outcome, m.started_status)
         known = self._kinds.get(raw)
         kind, series = known if known is not None else self._new_kind(raw)
         duration_ms = m.duration_ms if m.duration_ms > 0.0 else 0.0
-        inp = m.input_tokens or 0
-        out = m.output_tokens or 0
-        # no count below zero, nor one past what the store's int64 and a float64 counter
-        # hold exactly (the Python API takes counts from anyone): counted as none
-        inp = int(inp) if 0 <= inp < _TOKEN_COUNT_LIMIT else 0
-        out = int(out) if 0 <= out < _TOKEN_COUNT_LIMIT else 0
+        inp = _token_count(m.input_tokens)
+        out = _token_count(m.output_tokens)
         up_ms = m.upstream_ms
-        if not streaming:
-            if up_ms is None:
-                up_s = overhead_s = None
-            else:
-                # the client's upload time is not the proxy's, as in X-Proxy-Overhead-Ms
-                own_ms = duration_ms - up_ms - m.body_wait_ms
-                up_s = (up_ms if up_ms > 0.0 else 0.0) / 1000.0
-                overhead_s = (own_ms if own_ms > 0.0 else 0.0) / 1000.0
-            series.add_plain(duration_ms / 1000.0, inp, out, up_s, overhead_s, m.tokens_counted)
-            if m.client:
-                self._prom.count_client(m.client, inp, out)
-            self._window.append_plain(kind, m.timestamp, duration_ms, inp, out, m.replayed)
-            if debug:
-                _log_recorded(kind, duration_ms, 0)
-            return
-        fb = m.first_byte_time_ms
-        ft = m.first_token_time_ms
-        token_gap_s = _time_per_output_token(ft, m.last_token_time_ms, m.token_chunks)
-        transfer_s = store.transfer_seconds(m)
-        chunks = m.total_chunks
-        nbytes = m.stream_bytes
-        overhead_ms = m.overhead_ms
+        if streaming:
+            fb = m.first_byte_time_ms
+            ft = m.first_token_time_ms
+            token_gap_s = _time_per_output_token(ft, m.last_token_time_ms, m.token_chunks)
+            transfer_s = store.transfer_seconds(m)
+            chunks = m.total_chunks
+            nbytes = m.stream_bytes
+            overhead_ms = m.overhead_ms
+        else:
+            fb = ft = token_gap_s = None
+            transfer_s = 0.0
+            chunks = nbytes = 0
+            # the client's upload time is not the proxy's, as in X-Proxy-Overhead-Ms
+            overhead_ms = None if up_ms is None else duration_ms - up_ms - m.body_wait_ms
         series.add(
             duration_ms / 1000.0,
             fb / 1000.0 if fb is not None else None,
@@ -412,7 +467,7 @@ class MetricsCollector:
             if overhead_ms is not None
             else None,
             token_gap_s,
-            ft is None and not m.replayed,
+            streaming and ft is None and not m.replayed,
             m.tokens_counted,
         )
         if m.client:

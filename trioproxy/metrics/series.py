@@ -853,7 +853,9 @@ class RequestSeries:
     ) -> None:
         """Count one finished request into the current batch (``token_gap_s``: a stream's
         time per output token; ``no_first_token``: a stream that ended without one;
-        ``estimated``: its output tokens were counted from chunks, not reported)."""
+        ``estimated``: its output tokens were counted from chunks, not reported). A
+        request without a stream is counted into the batch by the collector itself, in
+        its batch's loop (``MetricsCollector._count_batch``): no call per record."""
         if not self.count:
             self._metrics.touched(self)
         self.count += 1
@@ -870,30 +872,6 @@ class RequestSeries:
             self.chunks += chunks
             self.nbytes += nbytes
             self.transfer += transfer_s
-        self.input_tokens += input_tokens  # never negative: the collector clamps them
-        self.output_tokens += output_tokens
-        if estimated:
-            self.estimated_tokens += output_tokens
-        if upstream_s is not None:
-            self.upstreams.append(upstream_s)
-        if overhead_s is not None:
-            self.overheads.append(overhead_s)
-
-    def add_plain(
-        self,
-        duration_s: float,
-        input_tokens: int,
-        output_tokens: int,
-        upstream_s: float | None,
-        overhead_s: float | None,
-        estimated: bool = False,
-    ) -> None:
-        """:meth:`add` for a request that was no stream: no first byte or token, chunks,
-        bytes or transfer time (a third of the arguments to pass and test)."""
-        if not self.count:
-            self._metrics.touched(self)
-        self.count += 1
-        self.durations.append(duration_s)
         self.input_tokens += input_tokens  # never negative: the collector clamps them
         self.output_tokens += output_tokens
         if estimated:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
+import struct
 import time
 from array import array
 from collections.abc import Iterable, Sequence
@@ -187,10 +189,21 @@ def _nans(size: int) -> array[float]:
 
 
 _NAN_BYTES = array("d", [math.nan]).tobytes()
+_STREAMING = operator.attrgetter("streaming")
 
 
 def _ints(size: int) -> array[int]:
     return array("q", bytes(8 * size))
+
+
+def _packed_floats(values: list[float], start: int, end: int) -> array[float]:
+    """``values[start:end]`` as an array, converted by ``struct`` (``PyFloat_AsDouble``
+    per value) rather than by ``array``'s own item parsing."""
+    return array("d", struct.pack(f"{end - start}d", *values[start:end]))
+
+
+def _packed_ints(values: list[int], start: int, end: int) -> array[int]:
+    return array("q", struct.pack(f"{end - start}q", *values[start:end]))
 
 
 def _optional(value: float) -> float | None:
@@ -203,8 +216,8 @@ class WindowStore:
 
     A slot whose request was no stream (or that holds none) has the stream columns at
     what a request without a stream gives them (no first byte, token or gap, no chunk,
-    byte or transfer time): :meth:`append_plain` writes only the other columns unless
-    the slot held a stream, about half the stores of an :meth:`append`."""
+    byte or transfer time): :meth:`append_plain_rows` writes only the other columns
+    unless the slot held a stream."""
 
     __slots__ = (
         "_bytes", "_chunks", "_duration", "_first_byte", "_first_token", "_input",
@@ -253,7 +266,7 @@ class WindowStore:
     ) -> None:
         """Record one request (``first_byte_ms``/``first_token_ms``/``token_gap_ms``, the
         time per output token: NaN when none). A request that was no stream gives its
-        stream columns what :meth:`append_plain` leaves in them (see the class doc)."""
+        stream columns what :meth:`append_plain_rows` leaves in them (see the class doc)."""
         i = self._next
         self._kind[i] = kind
         self._timestamp[i] = timestamp
@@ -272,33 +285,52 @@ class WindowStore:
         if self._size < self.max_size:
             self._size += 1
 
-    def append_plain(
+    def append_plain_rows(
         self,
-        kind: RequestKind,
-        timestamp: float,
-        duration_ms: float,
-        input_tokens: int,
-        output_tokens: int,
-        replayed: bool = False,
+        kinds: list[RequestKind],
+        timestamps: list[float],
+        durations_ms: list[float],
+        input_tokens: list[int],
+        output_tokens: list[int],
+        replayed: list[bool],
     ) -> None:
-        """:meth:`append` for a request that was no stream (``kind.streaming`` false):
-        its stream columns are written only when the slot held a stream."""
-        i = self._next
-        before = self._kind[i]
-        if before is not None and before.streaming:
-            self._first_byte[i] = self._first_token[i] = self._token_gap[i] = math.nan
-            self._chunks[i] = self._bytes[i] = 0
-            self._transfer[i] = 0.0
-        self._kind[i] = kind
-        self._timestamp[i] = timestamp
-        self._duration[i] = duration_ms
-        self._input[i] = input_tokens
-        self._output[i] = output_tokens
-        self._replayed[i] = replayed
-        i += 1
-        self._next = 0 if i == self.max_size else i
-        if self._size < self.max_size:
-            self._size += 1
+        """:meth:`append` for a run of requests that were no stream, given by column (row
+        ``r`` of each list is one request; ``kind.streaming`` false): each column is
+        written with slice stores in C, not item by item (an ``array`` item store parses
+        its value with ``PyArg_Parse``: ~300 machine instructions each). A slot's stream
+        columns are written only when it held a stream (see the class doc)."""
+        count = len(kinds)
+        size = self.max_size
+        start = 0
+        if count > size:  # only the last ``size`` rows stay; the others would be overwritten
+            start = count - size
+            self._next = (self._next + start) % size
+        while start < count:
+            i = self._next
+            end = min(count, start + size - i)  # up to the end of the ring, then from 0
+            j = i + end - start
+            before = self._kind[i:j]
+            if any(map(_STREAMING, filter(None, before))):  # in C: no bytecode per slot
+                self._clear_streams(i, before)
+            self._kind[i:j] = kinds[start:end]
+            self._timestamp[i:j] = _packed_floats(timestamps, start, end)
+            self._duration[i:j] = _packed_floats(durations_ms, start, end)
+            self._input[i:j] = _packed_ints(input_tokens, start, end)
+            self._output[i:j] = _packed_ints(output_tokens, start, end)
+            self._replayed[i:j] = replayed[start:end]
+            self._next = 0 if j == size else j
+            start = end
+        self._size = min(self._size + count, size)
+
+    def _clear_streams(self, first: int, before: list[RequestKind | None]) -> None:
+        """The stream columns of the slots from ``first`` that held a stream, as a request
+        without one gives them."""
+        for offset, kind in enumerate(before):
+            if kind is not None and kind.streaming:
+                i = first + offset
+                self._first_byte[i] = self._first_token[i] = self._token_gap[i] = math.nan
+                self._chunks[i] = self._bytes[i] = 0
+                self._transfer[i] = 0.0
 
     def copy(self) -> WindowStore:
         """A copy of the window as it is now (its columns copied whole: a few ms for a
@@ -315,7 +347,7 @@ class WindowStore:
         self._next = 0
         self._size = 0
         self._kind = [None] * self.max_size
-        self._no_streams()  # no slot holds a stream now (append_plain)
+        self._no_streams()  # no slot holds a stream now (append_plain_rows)
 
     def __len__(self) -> int:
         return self._size
