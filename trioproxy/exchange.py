@@ -395,8 +395,17 @@ class Tracked:
                     self.send.sent = 0  # the server drops the body of a HEAD's answer
             metric = self.state.metric
             if metric is not None:
-                by_proxy = _stopped_at_once or write_cut_by_shutdown.get()
-                _finish_metric(metric, self.send.finished, error, self.send.sent, by_proxy)
+                send = self.send
+                if send.finished and not metric.streaming:
+                    # all _finish_metric does for an answer without a stream sent whole,
+                    # inline: its call, five arguments and the context read cost ~1.4k
+                    # machine instructions of the ~20k metrics add to a request
+                    metric.response_size = send.sent
+                    if not metric.duration_ms:
+                        metric.duration_ms = (time.perf_counter() - metric.start) * 1000.0
+                else:
+                    by_proxy = _stopped_at_once or write_cut_by_shutdown.get()
+                    _finish_metric(metric, send.finished, error, send.sent, by_proxy)
                 self._collector.request_finished(metric)
             if self._access is not None:
                 self._access.write(self.status, self.send, metric, self.state.client)

@@ -317,9 +317,18 @@ class MetricsCollector:
         self._inflight += 1
 
     def request_finished(self, m: RequestMetrics) -> None:
+        """The request is no longer in flight; :meth:`record` it (its body, inline: a
+        call less per request)."""
         if self._inflight > 0:
             self._inflight -= 1
-        self.record(m)
+        if not self.enabled or m.endpoint in UNTRACKED_PATHS:
+            return
+        if not m.duration_ms:
+            m.finish()  # the duration ends now, not when the batch is counted
+        pending = self._pending
+        pending.append(m)
+        if self._inflight == 0 or len(pending) >= PUBLISH_AFTER_RECORDS:
+            self.publish()
 
     def record(self, m: RequestMetrics) -> None:
         """Count one finished request: counters, histograms, the window.
