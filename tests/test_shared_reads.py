@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioproxy.metrics import RequestMetrics, exposition, reads
+from trioproxy.metrics import RequestMetrics, exposition, reads, series
 from trioproxy.metrics import collector as collector_mod
 from trioproxy.metrics.reads import SharedReads, SharedRenderingFailed, SharedRenderingTimedOut
 
@@ -177,3 +177,28 @@ async def test_a_scrape_whose_rendering_hangs_is_a_503_in_the_callers_dialect(
             assert b"http_requests_total{" in await reply.get_data()
     finally:
         released.set()
+
+
+@pytest.mark.parametrize("read", ["read_snapshot", "read_counts"])
+async def test_a_hung_merge_of_the_workers_files_lets_its_reader_go(
+    read: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--workers`` the files are merged in a worker thread: one that hangs (a file
+    read on a stuck disk) must not hold the reader that gave up, nor so the shutdown."""
+    primary = series.PrimaryMetrics(multiprocess_dir=None, version="test")
+    primary.multiprocess_dir = str(tmp_path)  # the threaded merge, without the global mode
+    release = threading.Event()
+    monkeypatch.setattr(primary, "_compaction_due", lambda: True)
+    monkeypatch.setattr(primary, "_merged_snapshot", lambda compact: release.wait())
+    monkeypatch.setattr(primary, "_merged", lambda kinds, compact: release.wait())
+    # the old, waited-for thread would return only at this release, after the assertion
+    releaser = threading.Timer(5.0, release.set)
+    releaser.start()
+    try:
+        started = trio.current_time()
+        with trio.move_on_after(0.2):
+            await getattr(primary, read)()
+        assert trio.current_time() - started < 2.0
+    finally:
+        release.set()
+        releaser.cancel()

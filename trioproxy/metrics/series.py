@@ -467,8 +467,13 @@ class PrimaryMetrics:
             and shared_files_size(self.multiprocess_dir) <= LOOP_MERGED_BYTES
         ):
             return self._merged_snapshot()
+        # abandoned when its reader is cancelled (a bounded shared rendering, a shutdown):
+        # a hung file read must not hold either; the merge's own lock keeps a later one
+        # from running beside it
         return await trio.to_thread.run_sync(
-            functools.partial(self._merged_snapshot, compact=True), limiter=metrics_threads()
+            functools.partial(self._merged_snapshot, compact=True),
+            limiter=metrics_threads(),
+            abandon_on_cancel=True,
         )
 
     async def read_counts(self) -> Totals:
@@ -483,7 +488,9 @@ class PrimaryMetrics:
         ):
             return aggregate(self._merged(kinds))
         return await trio.to_thread.run_sync(
-            lambda: aggregate(self._merged(kinds, compact=True)), limiter=metrics_threads()
+            lambda: aggregate(self._merged(kinds, compact=True)),
+            limiter=metrics_threads(),
+            abandon_on_cancel=True,  # as read_snapshot's
         )
 
     def _compaction_due(self) -> bool:
