@@ -366,13 +366,13 @@ async def test_any_openmetrics_version_asked_is_one_of_two_kept_bodies(
     for, and the kept bodies and shared renderings are keyed by Content-Type: 300 keyless
     Accept headers (1.0.1, 1.0.2, ...) kept 300 copies of the exposition."""
     encodings: list[str] = []  # the content type of each head encoded
-    encode_head = collector_mod.encode_head
+    encode_head = series.Snapshot.encode
 
-    def counted(encode: Any, content_type: str, *args: Any) -> bytes:
+    def counted(snapshot: Any, encode: Any, content_type: str, *args: Any) -> bytes:
         encodings.append(content_type)
-        return encode_head(encode, content_type, *args)
+        return encode_head(snapshot, encode, content_type, *args)
 
-    monkeypatch.setattr(collector_mod, "encode_head", counted)
+    monkeypatch.setattr(series.Snapshot, "encode", counted)
     async with _app() as app:
         client = app.test_client()
         await _backend_checked(app.collector)  # its result changes a series
@@ -611,3 +611,98 @@ async def test_a_scrape_encodes_only_the_changed_families_of_its_tail(
     second, _ = await c.read_prometheus(None)
     assert 0 < len(calls) < everything / 2  # uptime, the host's counters: not the rest
     assert first.count(b"\n") == second.count(b"\n")
+
+
+_FORMATS = [
+    None,
+    OPENMETRICS,
+    "application/openmetrics-text;version=2.0.0",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8",
+]
+
+
+@pytest.mark.parametrize("accept", _FORMATS)
+def test_a_head_encodes_only_new_series_and_is_the_whole_encoding_byte_for_byte(
+    accept: str | None,
+) -> None:
+    """The primary families' head made from a copy reuses each unchanged series' lines
+    and writes a changed one's from its kept lines: the bytes of encoding the families
+    whole, through random updates (new series, label values to escape, values written
+    apart though equal: 0.0 and -0.0; NaN, infinities, Go's exponents), while the
+    library's encoder sees only series it never encoded before."""
+    import random
+
+    encode, content_type = exposition.exposition_format(accept)
+    library: list[int] = []  # samples the library's encoder was given, per call
+
+    def counting(families: Any) -> bytes:
+        library.append(sum(len(f.samples) for f in families))
+        return encode(families)
+
+    m = series.PrimaryMetrics(multiprocess_dir=None, version="t", process_metrics=False)
+    encodings = series.SeriesEncodings()
+    rng = random.Random(7)
+    models = ["m", 'q"u\\o{te}', "new\nline", "ünï", "x"]
+    values = [0.0, -0.0, 1.0, 2.5, 1e21, 1234567.0, float("nan"), float("inf"), -3.0]
+    seen: set[tuple[str, ...]] = set()
+    for step in range(60):
+        for _ in range(rng.randrange(4)):
+            model = rng.choice(models)
+            m.requests.labels("openai", "v1_chat", "POST", model, "200").inc(rng.choice([1, 2.5]))
+            m.duration.labels("openai", "v1_chat", model, "false").observe(rng.choice(values))
+            m.tokens.labels("openai", model, "output").inc(rng.choice([0, 3, 1e21]))
+        m.active.set(rng.choice(values))  # a gauge: -0.0 after 0.0 is a change
+        if step % 17 == 16:
+            m.tokens.clear()  # series that go away: not kept, new when they come back
+            seen = {key for key in seen if key[0] != "trioproxy_tokens"}
+        copied = series._copy_series(m._families)
+        assert copied is not None
+        whole = exposition.encode_head(encode, content_type, map(series._build_family, copied))
+        library.clear()
+        assert encodings.encode(counting, content_type, copied) == whole
+        # the library encoded comment lines (first encodings) and new series only
+        fresh = {(c[1], *values_) for c in copied for values_, *_ in c[7]} - seen
+        per_series = {c[1]: len(c[6]) + 2 if c[6] else 1 for c in copied}
+        assert sum(library) == sum(per_series[name] for name, *_ in fresh)
+        seen |= fresh
+    assert seen  # the loop went through series
+
+
+async def test_a_scrape_under_load_encodes_no_series_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With requests counted between scrapes, a scrape's head is written from the lines
+    kept (the library encodes only the tail): before, every family of the head was
+    encoded again."""
+    monkeypatch.setattr(MetricsCollector, "uptime_seconds", property(lambda self: 12.5))
+    encoded: list[str] = []
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+    for accept in (None, OPENMETRICS):
+        for gzip in (False, True):
+            c.record(_finished())
+            c.record(_finished(model="other", status=503))
+            await c.read_prometheus(accept, gzip=gzip)
+    real = exposition.exposition_format
+
+    def spied(accept: str | None) -> Any:
+        encode, content_type = real(accept)
+
+        def counted(families: Any) -> bytes:
+            encoded.extend(f.name for f in families)
+            return encode(families)
+
+        return counted, content_type
+
+    monkeypatch.setattr(collector_mod, "exposition_format", spied)
+    scraped: list[str] = []
+    for accept in (None, OPENMETRICS):
+        for gzip in (False, True):
+            c.record(_finished())
+            c.record(_finished(model="other", status=503))
+            body, _ = await c.read_prometheus(accept, gzip=gzip)
+            scraped.extend(encoded)
+            whole, _ = c.render_prometheus(accept)  # every family encoded at once
+            encoded.clear()
+            assert (_gunzip(body) if gzip else body) == whole
+    primary = {f.name for f in c._prom.collect()}
+    assert scraped and not primary & set(scraped)

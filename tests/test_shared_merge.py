@@ -227,17 +227,17 @@ SCRAPES_ENCODING = textwrap.dedent(
     """
     import json, os, trio, zlib
     from prometheus_client.mmap_dict import MmapedDict, mmap_key
-    from trioproxy.metrics import MetricsCollector, RequestMetrics, collector
+    from trioproxy.metrics import MetricsCollector, RequestMetrics, series
 
     c = MetricsCollector()  # its sampler's series change at every tick: never kept
     encoded = []
-    encode_head = collector.encode_head
+    encode_head = series.Snapshot.encode
 
     def counted(*args, **kwargs):
         encoded.append(1)
         return encode_head(*args, **kwargs)
 
-    collector.encode_head = counted
+    series.Snapshot.encode = counted
 
     def other_worker_counts(n):
         # another worker's request, written as prometheus_client writes it

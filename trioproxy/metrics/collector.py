@@ -31,7 +31,6 @@ from .exposition import (
     LOOP_ENCODED_SAMPLES,
     GzipHead,
     TailEncodings,
-    encode_head,
     exposition_format,
 )
 from .health import HealthThresholds, health_body, health_thresholds
@@ -155,7 +154,7 @@ async def _primary_exposition(
     *,
     gzip: bool,
 ) -> tuple[bytes, GzipHead | None]:
-    """The primary families encoded as the head of an exposition (:func:`encode_head`)
+    """The primary families encoded as the head of an exposition (:meth:`Snapshot.encode`)
     and, for ``gzip``, compressed (:class:`GzipHead`): taken from the snapshot when it
     holds them (kept until a series changes), else made and kept there. A head of more
     than :data:`LOOP_ENCODED_SAMPLES` samples is encoded in a worker thread, and
@@ -175,7 +174,7 @@ async def _primary_exposition(
         between_parts = _yield_gil if in_thread else None
         made = encoded
         if made is None:
-            made = encode_head(encode, content_type, primary.families(), between_parts)
+            made = primary.encode(encode, content_type, between_parts)
         return made, (GzipHead(made) if gzip else None)
 
     if in_thread:

@@ -182,6 +182,18 @@ def encode_head(
     return b"".join(out)
 
 
+def encode_apart(
+    encode: Callable[[Sequence[Metric]], bytes], content_type: str, family: Metric
+) -> tuple[bytes, bytes]:
+    """``family`` encoded as part of an exposition (:func:`encode_head`), its comment
+    lines (HELP, TYPE, UNIT) and its sample lines apart."""
+    body = encode([family])
+    if content_type.startswith("application/openmetrics-text"):
+        body = _without_eof(body)
+    samples = _without_header(body)
+    return body[: len(body) - len(samples)], samples
+
+
 def _without_eof(body: bytes) -> bytes:
     if not body.endswith(_OPENMETRICS_EOF):
         raise ValueError("an OpenMetrics exposition without its # EOF")

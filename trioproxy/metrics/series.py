@@ -18,9 +18,10 @@ from __future__ import annotations
 import bisect
 import copy
 import functools
+import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypedDict
 
 import prometheus_client
@@ -33,7 +34,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from .derived import Totals, aggregate
-from .exposition import GzipHead
+from .exposition import SAMPLES_PER_PART, GzipHead, encode_apart, encode_head
 from .multiprocess import (
     LOOP_MERGED_BYTES,
     SHARED_FILE_KINDS,
@@ -336,6 +337,8 @@ class PrimaryMetrics:
         # kept part of a snapshot was taken at
         self.version = 0
         self._kept: _Kept | None = None
+        # the copied series' lines as last encoded, reused by the next copy's encoding
+        self._encodings = SeriesEncodings()
         # with --workers: the merge of the workers' files of each set of kinds read, kept
         # and brought up to date by each read (taken with setdefault: reads run in threads)
         self._shared_merges: dict[tuple[str, ...], SharedFilesMerge] = {}
@@ -524,7 +527,7 @@ class PrimaryMetrics:
         else:
             sampled = _copy_series(self._sampled)
             assert sampled is not None  # the same kinds of series were copied before
-        return Snapshot.of_kept(kept, tuple(_build_family(c) for c in sampled))
+        return Snapshot.of_kept(kept, tuple(_build_family(c) for c in sampled), self._encodings)
 
     def _collected_snapshot(self) -> Snapshot:
         families = tuple(self.collect())
@@ -610,10 +613,12 @@ class Snapshot:
         bodies: dict[str, bytes] | None = None,
         gzipped: dict[str, GzipHead] | None = None,
         sampled: tuple[Metric, ...] = (),
+        encodings: SeriesEncodings | None = None,
     ) -> None:
         self.totals = totals  # shared by the reads of this snapshot: never changed
         self._families = families
         self._copied = copied
+        self._encodings = encodings
         # Content-Type -> the families encoded (encode_head), kept while the series are
         self.bodies: dict[str, bytes] = {} if bodies is None else bodies
         # Content-Type -> that encoding gzipped, for scrapers that accept gzip (likewise)
@@ -621,7 +626,12 @@ class Snapshot:
         self.sampled = sampled
 
     @classmethod
-    def of_kept(cls, kept: _Kept, sampled: tuple[Metric, ...]) -> Snapshot:
+    def of_kept(
+        cls,
+        kept: _Kept,
+        sampled: tuple[Metric, ...],
+        encodings: SeriesEncodings | None = None,
+    ) -> Snapshot:
         totals = kept.totals
         if sampled:
             # a shallow copy: the kept totals are shared by other reads, never changed
@@ -635,6 +645,7 @@ class Snapshot:
             bodies=kept.bodies,
             gzipped=kept.gzipped,
             sampled=sampled,
+            encodings=encodings,
         )
 
     @property
@@ -646,6 +657,18 @@ class Snapshot:
         # a histogram series: a sample per bucket, its count and its sum
         return sum(len(rows) * (len(bounds) + 2 if bounds else 1)
                    for *_, bounds, rows in self._copied)  # fmt: skip
+
+    def encode(
+        self,
+        encode: Callable[[Sequence[Metric]], bytes],
+        content_type: str,
+        between_parts: Callable[[], object] | None = None,
+    ) -> bytes:
+        """The families encoded as the head of an exposition (:func:`encode_head`): of a
+        copy, only the series that changed since the last encoding (:class:`SeriesEncodings`)."""
+        if self._copied is not None and self._encodings is not None:
+            return self._encodings.encode(encode, content_type, self._copied, between_parts)
+        return encode_head(encode, content_type, self.families(), between_parts)
 
     def families(self) -> Iterator[Metric]:
         """The families, one at a time: built from the copy as they are asked for and
@@ -749,6 +772,163 @@ def _build_family(copied: _Copied, *, buckets: bool = True) -> Metric:
         if with_sum:
             add(Sample(total, dict(labels), sum_value))
     return family
+
+
+_Encoded = tuple[Any, bytes, "tuple[str, ...] | None"]
+"""A series as last encoded: the copied row, its lines, and each line without its value
+(None: its lines are not the library's ``prefix value\\n``, so it is encoded whole)."""
+
+
+class SeriesEncodings:
+    """Each copied series' lines of the exposition as last encoded, by format, so that a
+    head (:func:`~.exposition.encode_head`) made from a new copy costs the library's
+    encoder only the series it never encoded before.
+
+    * A series whose values did not change since (a model nobody asked for in a scrape
+      interval) reuses its lines, without building its samples.
+    * One that changed (under load, every series a request touched: its counter, its
+      histograms' buckets and sum, its tokens) is written from its lines as the library
+      wrote them, each ``name{labels} value``: the part before the value kept, the value
+      formatted by the library's own ``floatToGoString``, as its encoders do (a sample
+      of the proxy's has no timestamp, exemplar or native histogram). A line that is not
+      kept part + formatted value when first encoded marks its series for the library's
+      encoder every time.
+    * A new series is encoded by the library (the changed ones of a family at once).
+
+    The same bytes as encoding the families whole (tested): each sample is one line
+    standing alone, a family's samples are its series' in the copy's order, and a
+    series' lines depend on its label values and its row only.
+
+    Safe to use from several threads at once (renderings of one format, gzipped or not):
+    an entry is replaced whole, never changed, and reused only for a row equal to the
+    one it was encoded from."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        # (Content-Type, family name) -> its shape, encoded comment lines and series
+        self._last: dict[
+            tuple[str, str], tuple[tuple[Any, ...], bytes, dict[tuple[str, ...], _Encoded]]
+        ] = {}
+
+    def encode(
+        self,
+        encode: Callable[[Sequence[Metric]], bytes],
+        content_type: str,
+        copied: Sequence[_Copied],
+        between_parts: Callable[[], object] | None = None,
+    ) -> bytes:
+        """The families of ``copied`` encoded as :func:`~.exposition.encode_head` does."""
+        out: list[bytes] = []
+        for family in copied:
+            out.extend(self._family(encode, content_type, family, between_parts))
+        return b"".join(out)
+
+    def _family(
+        self,
+        encode: Callable[[Sequence[Metric]], bytes],
+        content_type: str,
+        copied: _Copied,
+        between_parts: Callable[[], object] | None,
+    ) -> list[bytes]:
+        kind, name, documentation, typ, unit, names, bounds, rows = copied
+        shape = (documentation, typ, unit, names, bounds)
+        slot = (content_type, name)
+        kept = self._last.get(slot)
+        last: dict[tuple[str, ...], _Encoded] = {}
+        fresh = kept is None or kept[0] != shape
+        if kept is not None and not fresh:
+            header, last = kept[1], kept[2]
+        else:
+            header = encode_apart(encode, content_type, Metric(name, documentation, typ, unit))[0]
+        encoded: list[_Encoded] = []
+        new: list[int] = []
+        for row in rows:
+            hit = last.get(row[0])
+            if hit is None or hit[2] is None:
+                new.append(len(encoded))
+                encoded.append((row, b"", None))
+            elif _same_row(hit[0], row):
+                encoded.append(hit)
+            else:
+                prefixes = hit[2]
+                lines = map("{}{}\n".format, prefixes, _row_values(kind, bounds, row))
+                encoded.append((row, "".join(lines).encode(), prefixes))
+        # a series' lines: one per sample (_build_family's)
+        per = 1
+        if kind == _HISTOGRAM:
+            per = len(bounds) + (2 if bounds and bounds[0] >= 0 else 1)
+        step = max(1, SAMPLES_PER_PART // per)
+        for start in range(0, len(new), step):
+            chunk = new[start : start + step]
+            part = _build_family((*copied[:7], [rows[i] for i in chunk]))
+            blocks = _blocks(encode_apart(encode, content_type, part)[1], per, len(chunk))
+            if blocks is None:  # not a line per sample: encoded whole, kept by nothing
+                return [encode_head(encode, content_type, [_build_family(copied)])]
+            for index, block in zip(chunk, blocks, strict=True):
+                row = rows[index]
+                encoded[index] = (row, block, _prefixes(block, _row_values(kind, bounds, row)))
+            if between_parts is not None:
+                between_parts()
+        if fresh or len(last) != len(rows) or any(e is not last.get(e[0][0]) for e in encoded):
+            self._last[slot] = (shape, header, {e[0][0]: e for e in encoded})
+        return [header, *[e[1] for e in encoded]]
+
+
+def _row_values(kind: str, bounds: tuple[float, ...], row: Any) -> list[str]:
+    """A copied row's sample values as the library writes them, in
+    :func:`_build_family`'s order and arithmetic."""
+    if kind != _HISTOGRAM:
+        return [floatToGoString(row[1])]
+    _, counts, sum_value = row
+    values: list[float] = []
+    acc = 0.0
+    for n in counts:
+        acc += n
+        values.append(acc)
+    values.append(acc)
+    if bounds and bounds[0] >= 0:
+        values.append(sum_value)
+    return [floatToGoString(v) for v in values]
+
+
+def _prefixes(block: bytes, values: list[str]) -> tuple[str, ...] | None:
+    """Each of ``block``'s lines without its value (``values``: as written), or None
+    when one is not its part before the value, a space, the value and a newline."""
+    lines = block.decode().split("\n")
+    if len(lines) != len(values) + 1 or lines[-1]:
+        return None
+    prefixes = []
+    for line, value in zip(lines, values, strict=False):
+        if not line.endswith(" " + value):
+            return None
+        prefixes.append(line[: len(line) - len(value)])
+    return tuple(prefixes)
+
+
+def _same_row(old: Any, new: Any) -> bool:
+    """Whether a series' copied row encodes as ``old`` did: equal values, and a value
+    (or histogram sum) of 0 of the same sign (0.0 == -0.0, written apart; NaN is equal
+    only to itself, the same object: encoded anew otherwise)."""
+    if old != new:
+        return False
+    last = new[-1]
+    return last != 0.0 or math.copysign(1.0, old[-1]) == math.copysign(1.0, last)
+
+
+def _blocks(body: bytes, per: int, count: int) -> list[bytes] | None:
+    """``body`` cut into ``count`` runs of ``per`` lines, None when it is not that."""
+    blocks: list[bytes] = []
+    at = 0
+    for _ in range(count):
+        end = at
+        for _ in range(per):
+            end = body.find(b"\n", end) + 1
+            if not end:
+                return None
+        blocks.append(body[at:end])
+        at = end
+    return blocks if at == len(body) else None
 
 
 class RequestSeries:
