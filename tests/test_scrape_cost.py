@@ -642,7 +642,7 @@ def test_a_head_encodes_only_new_series_and_is_the_whole_encoding_byte_for_byte(
     m = series.PrimaryMetrics(multiprocess_dir=None, version="t", process_metrics=False)
     encodings = series.SeriesEncodings()
     rng = random.Random(7)
-    models = ["m", 'q"u\\o{te}', "new\nline", "ünï", "x"]
+    models = ["m", 'q"u\\o{te}', "new\nline", "ünï", "car\rriage\u2028", "x"]
     values = [0.0, -0.0, 1.0, 2.5, 1e21, 1234567.0, float("nan"), float("inf"), -3.0]
     seen: set[tuple[str, ...]] = set()
     for step in range(60):

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import prometheus_client
 import trio
@@ -758,25 +758,34 @@ def _build_family(copied: _Copied, *, buckets: bool = True) -> Metric:
         for values, value in rows:
             add(Sample(sample, dict(zip(names, values, strict=True)), value))
         return family
-    les = [floatToGoString(b) for b in bounds]
+    # formatted only for the buckets: the totals' copy (no buckets) is made at every change
+    les = [floatToGoString(b) for b in bounds] if buckets else []
     bucket, count, total = f"{name}_bucket", f"{name}_count", f"{name}_sum"
     with_sum = bool(bounds) and bounds[0] >= 0
     for values, counts, sum_value in rows:
         labels = dict(zip(names, values, strict=True))
         acc = 0.0
-        for le, n in zip(les, counts, strict=True):
-            acc += n
-            if buckets:
+        if buckets:
+            for le, n in zip(les, counts, strict=True):
+                acc += n
                 add(Sample(bucket, {**labels, "le": le}, acc))
+        else:
+            for n in counts:  # the count as the buckets add up to it
+                acc += n
         add(Sample(count, labels, acc))
         if with_sum:
             add(Sample(total, dict(labels), sum_value))
     return family
 
 
-_Encoded = tuple[Any, bytes, "tuple[str, ...] | None"]
-"""A series as last encoded: the copied row, its lines, and each line without its value
-(None: its lines are not the library's ``prefix value\\n``, so it is encoded whole)."""
+class _Encoded(NamedTuple):
+    """A series as last encoded."""
+
+    row: Any  # the copied row it was encoded from
+    block: bytes  # its lines
+    values: list[float]  # its samples' values (:func:`_row_values`)
+    lines: list[str] | None  # its lines apart; None: not written from kept parts
+    prefixes: list[str] | None  # each line without its value
 
 
 class SeriesEncodings:
@@ -788,11 +797,11 @@ class SeriesEncodings:
       interval) reuses its lines, without building its samples.
     * One that changed (under load, every series a request touched: its counter, its
       histograms' buckets and sum, its tokens) is written from its lines as the library
-      wrote them, each ``name{labels} value``: the part before the value kept, the value
-      formatted by the library's own ``floatToGoString``, as its encoders do (a sample
-      of the proxy's has no timestamp, exemplar or native histogram). A line that is not
-      kept part + formatted value when first encoded marks its series for the library's
-      encoder every time.
+      wrote them, each ``name{labels} value``: a line whose value changed is its part
+      before the value, kept, and the value formatted by the library's own
+      ``floatToGoString``, as its encoders do (a sample of the proxy's has no timestamp,
+      exemplar or native histogram); the others are reused. A series with a line that
+      is not that when first encoded goes to the library's encoder every time.
     * A new series is encoded by the library (the changed ones of a family at once).
 
     The same bytes as encoding the families whole (tested): each sample is one line
@@ -845,15 +854,13 @@ class SeriesEncodings:
         new: list[int] = []
         for row in rows:
             hit = last.get(row[0])
-            if hit is None or hit[2] is None:
+            if hit is None or hit.prefixes is None:
                 new.append(len(encoded))
-                encoded.append((row, b"", None))
-            elif _same_row(hit[0], row):
+                encoded.append(_Encoded(row, b"", [], None, None))
+            elif _same_row(hit.row, row):
                 encoded.append(hit)
             else:
-                prefixes = hit[2]
-                lines = map("{}{}\n".format, prefixes, _row_values(kind, bounds, row))
-                encoded.append((row, "".join(lines).encode(), prefixes))
+                encoded.append(_rewritten(hit, _row_values(kind, bounds, row), row))
         # a series' lines: one per sample (_build_family's)
         per = 1
         if kind == _HISTOGRAM:
@@ -866,20 +873,18 @@ class SeriesEncodings:
             if blocks is None:  # not a line per sample: encoded whole, kept by nothing
                 return [encode_head(encode, content_type, [_build_family(copied)])]
             for index, block in zip(chunk, blocks, strict=True):
-                row = rows[index]
-                encoded[index] = (row, block, _prefixes(block, _row_values(kind, bounds, row)))
+                encoded[index] = _split(rows[index], block, _row_values(kind, bounds, rows[index]))
             if between_parts is not None:
                 between_parts()
-        if fresh or len(last) != len(rows) or any(e is not last.get(e[0][0]) for e in encoded):
-            self._last[slot] = (shape, header, {e[0][0]: e for e in encoded})
-        return [header, *[e[1] for e in encoded]]
+        if fresh or len(last) != len(rows) or any(e is not last.get(e.row[0]) for e in encoded):
+            self._last[slot] = (shape, header, {e.row[0]: e for e in encoded})
+        return [header, *[e.block for e in encoded]]
 
 
-def _row_values(kind: str, bounds: tuple[float, ...], row: Any) -> list[str]:
-    """A copied row's sample values as the library writes them, in
-    :func:`_build_family`'s order and arithmetic."""
+def _row_values(kind: str, bounds: tuple[float, ...], row: Any) -> list[float]:
+    """A copied row's sample values, in :func:`_build_family`'s order and arithmetic."""
     if kind != _HISTOGRAM:
-        return [floatToGoString(row[1])]
+        return [row[1]]
     _, counts, sum_value = row
     values: list[float] = []
     acc = 0.0
@@ -889,31 +894,49 @@ def _row_values(kind: str, bounds: tuple[float, ...], row: Any) -> list[str]:
     values.append(acc)
     if bounds and bounds[0] >= 0:
         values.append(sum_value)
-    return [floatToGoString(v) for v in values]
+    return values
 
 
-def _prefixes(block: bytes, values: list[str]) -> tuple[str, ...] | None:
-    """Each of ``block``'s lines without its value (``values``: as written), or None
-    when one is not its part before the value, a space, the value and a newline."""
-    lines = block.decode().split("\n")
-    if len(lines) != len(values) + 1 or lines[-1]:
-        return None
+def _split(row: Any, block: bytes, values: list[float]) -> _Encoded:
+    """A series' lines as the library encoded them, with each line's part before its
+    value when every line is that part, a space, the value as the library writes it
+    (``floatToGoString``) and a newline."""
+    # not splitlines: a label value may hold "\r" or "\u2028", written as they are
+    *ended, rest = block.decode().split("\n")
+    lines = [f"{line}\n" for line in ended]
+    if rest or len(lines) != len(values):
+        return _Encoded(row, block, values, None, None)
     prefixes = []
-    for line, value in zip(lines, values, strict=False):
-        if not line.endswith(" " + value):
-            return None
-        prefixes.append(line[: len(line) - len(value)])
-    return tuple(prefixes)
+    for line, value in zip(lines, values, strict=True):
+        written = f" {floatToGoString(value)}\n"
+        if not line.endswith(written):
+            return _Encoded(row, block, values, None, None)
+        prefixes.append(line[: len(line) - len(written) + 1])
+    return _Encoded(row, block, values, lines, prefixes)
+
+
+def _rewritten(before: _Encoded, values: list[float], row: Any) -> _Encoded:
+    """``before``'s series with new ``values``: the lines of the values that changed
+    written anew, the others' reused."""
+    assert before.lines is not None and before.prefixes is not None
+    lines = before.lines.copy()
+    for i, (value, old) in enumerate(zip(values, before.values, strict=True)):
+        if not _same_value(old, value):
+            lines[i] = f"{before.prefixes[i]}{floatToGoString(value)}\n"
+    return _Encoded(row, "".join(lines).encode(), values, lines, before.prefixes)
+
+
+def _same_value(old: float, new: float) -> bool:
+    """Whether ``new`` is written as ``old`` was: 0.0 == -0.0, written apart; NaN,
+    never equal, is written anew."""
+    return old == new and (new != 0.0 or math.copysign(1.0, old) == math.copysign(1.0, new))
 
 
 def _same_row(old: Any, new: Any) -> bool:
     """Whether a series' copied row encodes as ``old`` did: equal values, and a value
-    (or histogram sum) of 0 of the same sign (0.0 == -0.0, written apart; NaN is equal
-    only to itself, the same object: encoded anew otherwise)."""
-    if old != new:
-        return False
-    last = new[-1]
-    return last != 0.0 or math.copysign(1.0, old[-1]) == math.copysign(1.0, last)
+    (or histogram sum) of 0 of the same sign (bucket counts are never -0.0: they add
+    whole numbers to 0.0). NaN is equal only to itself, the same object."""
+    return old == new and _same_value(old[-1], new[-1])
 
 
 def _blocks(body: bytes, per: int, count: int) -> list[bytes] | None:
