@@ -62,9 +62,9 @@ class _Compressions:
         class Counted(exposition.GzipHead):
             __slots__ = ()
 
-            def __init__(self, head: bytes) -> None:
+            def __init__(self, head: bytes, *, ready: bool = True) -> None:
                 made.append(threading.current_thread() is not threading.main_thread())
-                super().__init__(head)
+                super().__init__(head, ready=ready)
 
         monkeypatch.setattr(collector_mod, "GzipHead", Counted)
 
@@ -706,3 +706,20 @@ async def test_a_scrape_under_load_encodes_no_series_again(
             assert (_gunzip(body) if gzip else body) == whole
     primary = {f.name for f in c._prom.collect()}
     assert scraped and not primary & set(scraped)
+
+
+async def test_a_gzip_head_used_once_is_compressed_with_its_tail_in_one_go() -> None:
+    """Under load each scrape's head is new and used once: compressed with its tail as
+    one stream (the bytes of compressing the whole at once), not flushed and copied for
+    reuse; a head used again is compressed for itself then, and still the exposition."""
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+    for _ in range(3):
+        c.record(_finished())
+        body, _ = await c.read_prometheus(OPENMETRICS, gzip=True)
+        whole = zlib.compressobj(exposition.GZIP_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        assert body == whole.compress(_gunzip(body)) + whole.flush()
+    kept = c._prom.snapshot().gzipped
+    assert kept and all(head._state is None for head in kept.values())
+    again, _ = await c.read_prometheus(OPENMETRICS, gzip=True)
+    assert _gunzip(again).startswith(_gunzip(body)[:1000])
+    assert all(head._state is not None for head in kept.values())

@@ -209,11 +209,13 @@ def test_cors_keeps_the_scrape_varying_by_coding(
     assert headers["vary"] == "Origin"
 
 
-def test_a_gzip_head_finished_by_any_tail_is_one_gzip_member() -> None:
+@pytest.mark.parametrize("ready", [True, False])
+def test_a_gzip_head_finished_by_any_tail_is_one_gzip_member(ready: bool) -> None:
     """Each scrape finishes a copy of the kept compressor: the kept state never changes,
-    so finishing it twice, or with another tail, gives each its own whole body."""
+    so finishing it twice, or with another tail, gives each its own whole body (a head
+    not ``ready`` is compressed with its first tail, and for itself at its second)."""
     head = b"".join(b'http_requests_total{model="m%d"} %d.0\n' % (i, i) for i in range(5000))
-    zipped = GzipHead(head)
+    zipped = GzipHead(head, ready=ready)
     for tail in (b"", b"system_uptime_seconds 1.5\n", b"x 2.0\n" * 10_000, b""):
         body = zipped.finish(tail)
         assert gunzip(body) == head + tail

@@ -175,7 +175,8 @@ async def _primary_exposition(
         made = encoded
         if made is None:
             made = primary.encode(encode, content_type, between_parts)
-        return made, (GzipHead(made) if gzip else None)
+        # on the loop, compressed at its first use, with that scrape's tail
+        return made, (GzipHead(made, ready=in_thread) if gzip else None)
 
     if in_thread:
         # abandoned at the shared rendering's bound (.reads): it reads only its snapshot
