@@ -403,7 +403,8 @@ async def test_a_small_exposition_is_encoded_on_the_loop_a_large_one_in_a_thread
         small = await (await client.get("/metrics")).get_data()
         assert app.collector._prom.snapshot().samples <= collector_mod.LOOP_ENCODED_SAMPLES
         assert handed == []
-        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", 10)
+        # any head over the budget (a changed one's kept lines count a tenth)
+        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", -1)
         app.collector.record(_finished())
         large = await (await client.get("/metrics")).get_data()
         assert len(handed) == 1
@@ -443,6 +444,40 @@ async def test_a_few_models_exposition_is_encoded_in_a_thread(
         assert _requests_total(await _scrape(client, "gzip")) == 27
         assert 500 < collector._prom.snapshot().samples < 4000
         assert len(handed) == 1
+
+
+async def test_a_few_models_exposition_once_encoded_stays_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its lines kept, a few models' head (here ~800 samples) costs a tenth of
+    encoding it or less once encoded: a scrape after a few requests encodes it on the
+    event loop, without waiting for a worker thread (and the GIL the loop holds) twice;
+    a new series' samples count in full."""
+    handed = _hand_offs_to_threads(monkeypatch)
+    c = MetricsCollector(system_enabled=False, multiprocess=False)
+
+    def count(model: str) -> None:
+        for endpoint in ("/api/chat", "/v1/chat/completions", "/api/generate"):
+            c.record(RequestMetrics(endpoint=endpoint, method="POST", status_code=200,
+                                    duration_ms=5, model=model))  # fmt: skip
+
+    for model in range(12):
+        count(f"model-{model}")
+    first, _ = await c.read_prometheus(OPENMETRICS, gzip=True)
+    assert c._prom.snapshot().samples > 600 and len(handed) == 1
+    count("model-1")
+    count("model-2")
+    again, _ = await c.read_prometheus(OPENMETRICS, gzip=True)
+    assert len(handed) == 1  # on the loop
+    assert _requests_total(_gunzip(again)) == _requests_total(_gunzip(first)) + 6
+    budget = c._prom.snapshot().samples // 10 + 10  # the kept lines fit, not 3 new series
+    monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", budget)
+    count("model-1")
+    await c.read_prometheus(OPENMETRICS, gzip=True)
+    assert len(handed) == 1
+    count("model-new")  # its series are new: encoded by the library, in the thread
+    await c.read_prometheus(OPENMETRICS, gzip=True)
+    assert len(handed) == 2
 
 
 async def test_a_gzip_scrape_compresses_nothing_again_until_a_series_changes(
@@ -519,7 +554,8 @@ async def test_a_large_head_is_compressed_in_a_thread_a_small_one_on_the_loop(
         collector.record(_finished())
         await _scrape(client, "gzip")
         assert (compressions.in_thread, handed) == ([False], [])
-        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", 10)
+        # any head over the budget (a changed one's kept lines count a tenth)
+        monkeypatch.setattr(collector_mod, "LOOP_ENCODED_SAMPLES", -1)
         collector.record(_finished())
         assert _requests_total(await _scrape(client, "gzip")) == 2
         assert (compressions.in_thread, len(handed)) == ([False, True], 1)

@@ -156,16 +156,17 @@ async def _primary_exposition(
 ) -> tuple[bytes, GzipHead | None]:
     """The primary families encoded as the head of an exposition (:meth:`Snapshot.encode`)
     and, for ``gzip``, compressed (:class:`GzipHead`): taken from the snapshot when it
-    holds them (kept until a series changes), else made and kept there. A head of more
-    than :data:`LOOP_ENCODED_SAMPLES` samples is encoded in a worker thread, and
-    compressed there too; one already encoded is compressed in a thread when it is over
-    :data:`LOOP_COMPRESSED_BYTES`."""
+    holds them (kept until a series changes), else made and kept there. A head costing
+    more than :data:`LOOP_ENCODED_SAMPLES` samples (:meth:`Snapshot.encoding_load`) is
+    encoded in a worker thread, and compressed there too; one already encoded is
+    compressed in a thread when it is over :data:`LOOP_COMPRESSED_BYTES`."""
     head = primary.bodies.get(content_type)
     zipped = primary.gzipped.get(content_type) if gzip else None
     if head is not None and (zipped is not None or not gzip):
         return head, zipped
     if head is None:
-        in_thread = primary.samples > LOOP_ENCODED_SAMPLES
+        # a few models' head, its lines kept, costs little once encoded: on the loop
+        in_thread = primary.encoding_load(content_type) > LOOP_ENCODED_SAMPLES
     else:
         in_thread = len(head) > LOOP_COMPRESSED_BYTES
     encoded = head
