@@ -852,13 +852,15 @@ class SeriesEncodings:
 
     def unencoded(self, content_type: str, copied: Sequence[_Copied]) -> int:
         """How many of ``copied``'s samples are in series with no lines kept for
-        ``content_type`` (what the library's encoder will be given)."""
-        last = self._last
+        ``content_type`` to rewrite (what the library's encoder will be given)."""
         count = 0
         for kind, name, _doc, _typ, _unit, _names, bounds, rows in copied:
-            kept = last.get((content_type, name))
-            lines = kept[2] if kept is not None else {}
-            new = sum(1 for row in rows if row[0] not in lines)
+            kept = self._last.get((content_type, name))
+            series = kept[2] if kept is not None else {}
+            new = 0
+            for row in rows:
+                hit = series.get(row[0])
+                new += hit is None or hit.prefixes is None
             count += new * (len(bounds) + 2 if kind == _HISTOGRAM else 1)
         return count
 
