@@ -680,3 +680,132 @@ def test_only_hypercorn_s_http11_streams_report_their_close() -> None:
     assert hypercorn_patches.close_hook(stream.app_send) is stream
     stream.send = _Stream().handle  # (an HTTP/2 or HTTP/3 stream's protocol)
     assert hypercorn_patches.close_hook(stream.app_send) is None
+
+
+class _Served:
+    """A streamed response on hypercorn's own send path: an HTTPStream on an H11Protocol
+    writing through a TCPServer to a real socket pair (the client's end to read)."""
+
+    def __init__(self, method: str = "POST") -> None:
+        from hypercorn.config import Config
+        from hypercorn.protocol.h11 import H11Protocol
+        from hypercorn.protocol.http_stream import HTTPStream
+        from hypercorn.trio.tcp_server import TCPServer
+        from hypercorn.trio.worker_context import WorkerContext
+
+        server_end, self.client = socket.socketpair()
+        self.client.setblocking(False)
+        context = WorkerContext(None)
+        config = Config()
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(server_end))
+        self.server = TCPServer(None, config, context, None, stream)  # type: ignore[arg-type]
+        protocol = H11Protocol(
+            None, config, context, None, None, False, None, None, self.server.protocol_send
+        )  # type: ignore[arg-type]
+        self.server.protocol = protocol  # type: ignore[assignment]  (what a close is told to)
+        protocol.connection.receive_data(method.encode() + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert isinstance(protocol.connection.next_event(), h11.Request)
+        self.stream = HTTPStream(
+            None, config, context, None, False, None, None, protocol.stream_send, 1
+        )  # type: ignore[arg-type]
+        self.stream.scope = {"method": method, "http_version": "1.1"}  # type: ignore[typeddict-item]
+        self.stream.start_time = 0.0  # (set by the request event, which is left out here)
+
+    async def start(self, status: int = 200) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await self.stream.app_send(
+            {"type": "http.response.start", "status": status, "headers": headers}
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stream.socket.close()
+
+    async def received(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                data += self.client.recv(65536)
+            except BlockingIOError:
+                return data
+
+
+_CHUNKS = [b"data: 1\n\n", b"", b"data: " + b"x" * 20_000 + b"\n\n", bytearray(b"data: 2\n\n")]
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD"])
+async def test_a_chunk_sent_past_hypercorn_s_layers_is_written_as_its_body_event_is(
+    method: str,
+) -> None:
+    """The same bytes on the wire (chunked framing, an empty chunk skipped, a chunk larger
+    than one write, a HEAD's body suppressed) with and without ``chunk_sender``."""
+    wires = []
+    for direct in (False, True):
+        served = _Served(method)
+        await served.start()
+        if direct:
+            send_chunk = hypercorn_patches.chunk_sender(served.stream.app_send)
+        else:
+
+            async def send_chunk(chunk: bytes, served: _Served = served) -> None:
+                event = {"type": "http.response.body", "body": chunk, "more_body": True}
+                await served.stream.app_send(event)  # type: ignore[arg-type]
+
+        wire = b""
+        for chunk in _CHUNKS:
+            await send_chunk(chunk)
+            wire += await served.received()
+        wires.append(wire)
+        served.close()
+    assert wires[0] == wires[1]
+    assert (b"x" * 20_000 in wires[1]) is (method == "POST")
+
+
+async def test_a_chunk_sender_skips_hypercorn_s_events_only_where_it_may() -> None:
+    sent: list[object] = []
+
+    async def other_servers_send(event: object) -> None:
+        sent.append(event)
+
+    await hypercorn_patches.chunk_sender(other_servers_send)(b"data: 1\n\n")
+    assert sent == [{"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}]
+
+    served = _Served()
+    send_chunk = hypercorn_patches.chunk_sender(served.stream.app_send)
+    await served.start()
+    events: list[object] = []
+    served.stream.send = _spy(served.stream.send, events)  # type: ignore[method-assign]
+    await send_chunk(b"data: 1\n\n")
+    assert events == [] and (await served.received()).endswith(b"9\r\ndata: 1\n\n\r\n")
+    served.close()
+
+
+def _spy(send: Callable[[object], object], events: list[object]) -> Callable[[object], object]:
+    async def spied(event: object) -> None:
+        events.append(event)
+        await send(event)  # type: ignore[misc]
+
+    return spied
+
+
+async def test_a_chunk_for_a_client_gone_ends_as_its_body_event_does() -> None:
+    outcomes = []
+    for direct in (False, True):
+        served = _Served()
+        await served.start()
+        await served.received()
+        served.client.close()
+        send_chunk = hypercorn_patches.chunk_sender(served.stream.app_send)
+        cut = hypercorn_patches.write_cut.set(False)
+        try:
+            if direct:
+                await send_chunk(b"data: 1\n\n")
+            else:
+                await served.stream.app_send(
+                    {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}
+                )
+            outcomes.append(hypercorn_patches.write_cut.get())
+        finally:
+            hypercorn_patches.write_cut.reset(cut)
+            served.close()
+    assert outcomes == [True, True]

@@ -48,7 +48,7 @@ from .exchange import (
     proxy_error_reply,
     trace_context_of_raw,
 )
-from .hypercorn_patches import cancel_on_close, close_hook
+from .hypercorn_patches import cancel_on_close, chunk_sender, close_hook
 from .json_threads import joined
 from .keepalive import EarlyStart, KeepAlive, beat_for
 from .relay import STREAM_HEADERS, in_band_failure, stream_end_error
@@ -602,8 +602,9 @@ async def _stream(
     """A stream's body after its head: ``_write``'s, or with the comments of ``keeper``
     (already running) after an early start."""
     body: AsyncIterator[bytes] = reply.body  # type: ignore[assignment]
-    # the chunks (never the last body event) go to the server directly, counted on the way
-    count, server_send = send.count, send.server_send
+    # the chunks (never the last body event) go to the server directly, counted on the way;
+    # on hypercorn's HTTP/1.1 streams past its event layers (patch 20)
+    count, send_chunk = send.count, chunk_sender(send.server_send)
     with streams.tracking() as scope:
         async with aclosing(body) as chunks:  # type: ignore[type-var]
             if keeper is not None:
@@ -613,14 +614,10 @@ async def _stream(
             else:
                 if reply.first is not None:
                     count(reply.first)
-                    await server_send(
-                        {"type": "http.response.body", "body": reply.first, "more_body": True}
-                    )
+                    await send_chunk(reply.first)
                 async for chunk in chunks:
                     count(chunk)
-                    await server_send(
-                        {"type": "http.response.body", "body": chunk, "more_body": True}
-                    )
+                    await send_chunk(chunk)
     ended = reply.end is not None and reply.end.reached
     if scope.cancelled_caught and not ended:  # shutting down: end in-band, not mid-chunk
         end = stream_end_error(
