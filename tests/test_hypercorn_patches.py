@@ -780,6 +780,28 @@ async def test_a_chunk_sender_skips_hypercorn_s_events_only_where_it_may() -> No
     served.close()
 
 
+async def test_a_chunk_sender_behind_a_wrapped_server_send_sends_body_events() -> None:
+    """A protocol whose ``send`` is not the TCP server's own (a wrapper in between) gets
+    no shortcut: the chunk goes as the ASGI body event it stands for."""
+    served = _Served()
+    protocol = served.stream.send.__self__  # type: ignore[attr-defined]
+    server_send = protocol.send
+    passed: list[object] = []
+
+    async def wrapped(event: object) -> None:
+        passed.append(event)
+        await server_send(event)
+
+    protocol.send = wrapped
+    send_chunk = hypercorn_patches.chunk_sender(served.stream.app_send)
+    await served.start()
+    await served.received()
+    await send_chunk(b"data: 1\n\n")
+    assert (await served.received()).endswith(b"9\r\ndata: 1\n\n\r\n")
+    assert len(passed) == 2  # the head's and the chunk's, both through the wrapper
+    served.close()
+
+
 def _spy(send: Callable[[object], object], events: list[object]) -> Callable[[object], object]:
     async def spied(event: object) -> None:
         events.append(event)

@@ -653,17 +653,17 @@ def chunk_sender(send: Any) -> Callable[[bytes], Awaitable[None]]:
     send): as ``send({"type": "http.response.body", "body": chunk, "more_body": True})``
     does, and for an HTTP/1.1 stream of hypercorn's (``close_hook``'s) whose response head
     is out, straight to its h11 connection and socket (patch 20)."""
+
+    async def send_event(chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
     stream = close_hook(send)
     if stream is None:
-
-        async def send_event(chunk: bytes) -> None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
         return send_event
     protocol = stream.send.__self__
     server = getattr(protocol.send, "__self__", None)
     if type(server) is not tcp_server.TCPServer:  # a wrapped send: no shortcut
-        return stream.app_send  # type: ignore[no-any-return]
+        return send_event
 
     async def send_chunk(chunk: bytes) -> None:
         if (
