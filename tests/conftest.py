@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import re
@@ -217,3 +219,16 @@ def demo_events_for(demo_backend: ServerProcess, request_id: str) -> list[dict]:
     base = demo_backend.url.removesuffix("/v1")
     events = httpx.get(f"{base}/_demo/events", timeout=5).json()["events"]
     return [e for e in events if e.get("request_id") == request_id]
+
+
+@contextlib.contextmanager
+def install_lock(directory: Path) -> Iterator[None]:
+    """Held while one test process checks and installs *directory*'s node modules: under
+    pytest-xdist two workers' fixtures otherwise run ``npm ci`` in the same folder at once,
+    and one deletes node_modules while the other installs into it."""
+    with open(directory / ".install.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)

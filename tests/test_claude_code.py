@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ServerProcess
+from .conftest import ServerProcess, install_lock
 from .test_anthropic_client import _total
 from .test_metrics_e2e import wait_for
 
@@ -66,17 +66,18 @@ def _installed_is_pinned() -> bool:
 def claude() -> Path:
     """The CLI's binary, installed from the lockfile if missing or not the version pinned."""
     binary = PACKAGE_DIR / "node_modules" / "@anthropic-ai" / str(PLATFORM_PACKAGE) / "claude"
-    if not binary.is_file() or not _installed_is_pinned():
-        assert NPM is not None
-        install = subprocess.run(
-            [NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-            cwd=PACKAGE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "npm_config_update_notifier": "false"},
-        )
-        assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
+    with install_lock(PACKAGE_DIR):
+        if not binary.is_file() or not _installed_is_pinned():
+            assert NPM is not None
+            install = subprocess.run(
+                [NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+                cwd=PACKAGE_DIR,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "npm_config_update_notifier": "false"},
+            )
+            assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
     assert binary.is_file(), f"npm ci installed no {binary}"
     return binary
 

@@ -35,7 +35,7 @@ from trioproxy.demo.script import (
     passage_tokens,
 )
 
-from .conftest import ServerProcess, demo_events_for
+from .conftest import ServerProcess, demo_events_for, install_lock
 from .fakes import (
     LLAMA_CPP_META,
     FullLengthEmbeddings,
@@ -135,17 +135,18 @@ def node_modules() -> Path:
     version = subprocess.run([NODE, "--version"], capture_output=True, text=True, check=True)
     major = int(re.match(r"v(\d+)", version.stdout.strip()).group(1))  # type: ignore[union-attr]
     assert major >= 20, f"the JS client tests need node >= 20, found {version.stdout.strip()}"
-    if not _installed_matches_lockfile():
-        install = subprocess.run(
-            [NPM, "ci", "--no-audit", "--no-fund"],
-            cwd=JS_DIR,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "npm_config_update_notifier": "false"},
-        )
-        assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
-        assert _installed_matches_lockfile(), "npm ci did not install what package-lock.json pins"
+    with install_lock(JS_DIR):
+        if not _installed_matches_lockfile():
+            install = subprocess.run(
+                [NPM, "ci", "--no-audit", "--no-fund"],
+                cwd=JS_DIR,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "npm_config_update_notifier": "false"},
+            )
+            assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
+            assert _installed_matches_lockfile(), "npm ci installed other versions than pinned"
     return JS_DIR / "node_modules"
 
 
