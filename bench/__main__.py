@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
             "to the bare ASGI app and says so) and matplotlib for the plots (the 'bench' extra)."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="short cells; 10k requests for 3f")
+    parser.add_argument("--quick", action="store_true", help="short cells; 3f: 10k requests or 6 s")
     parser.add_argument(
         "--out",
         type=Path,

@@ -477,7 +477,8 @@ class Closed:
             self.loop.add(c)
             self._fire(c, start)
         rec_at = start + warmup
-        end_at = rec_at + duration if not self.count else float("inf")
+        # a counted run ends at its count, or at `duration` if one is given first
+        end_at = rec_at + duration if duration or not self.count else float("inf")
         cpu0 = cpu1 = 0.0
         t_rec = t_end = 0.0
         loop = self.loop

@@ -106,6 +106,8 @@ class Plan:
     onoff_rounds: int = 3
     onoff_cell: float = 2.0
     drift_requests: int = 100_000
+    drift_seconds: float = 0.0  # 0: as long as the requests take
+    drift_warmup: float = 2.0
     drift_conc: int = 16
     scrape_cell: float = 15.0
     scrape_conc: int = 4
@@ -121,18 +123,22 @@ class Plan:
             return cls(quick=False, cell=5.0, warmup=1.0)
         return cls(
             quick=True,
-            cell=1.0,
+            cell=0.8,
             warmup=0.3,
-            stream_cell=1.5,
+            stream_cell=1.0,
             ttfb_cell=0.8,
             disconnects=40,
             hold_seconds=1.0,
             rounds=2,
             round_cell=1.0,
             onoff_pairs=2,
-            onoff_rounds=3,
+            onoff_rounds=2,
             onoff_cell=1.0,
+            # at most 10k requests, and no more than 6 s of them: the quick run stays
+            # under 2 minutes on a machine ~2x slower than a normal one
             drift_requests=10_000,
+            drift_seconds=6.0,
+            drift_warmup=1.0,
             scrape_cell=2.5,
             # 4 rounds of 0.5 s rather than 1 s split: a spread of two rounds says little,
             # and an odd number lets one side lead more often
@@ -365,12 +371,12 @@ STEPS_FULL = [
 STEPS_QUICK = [
     ("start", 8),
     ("ceiling", 3),
-    ("nonstream", 30),
-    ("stream", 15),
+    ("nonstream", 24),
+    ("stream", 13),
     ("disconnect", 5),
-    ("metrics_onoff", 20),
+    ("metrics_onoff", 16),
     ("scrape", 4),
-    ("drift", 17),
+    ("drift", 10),
     ("workers", 8),
     ("hold", 14),
 ]
@@ -924,15 +930,15 @@ class Bench:
         plan = self.plan
         pid = self.proxy.pid
         # warm-up: the earlier scenarios already sent tens of thousands of requests
-        closed(self.proxy, [NONSTREAM[V1], NONSTREAM[OLLAMA]], plan.drift_conc, duration=2.0,
-               warmup=0.2)  # fmt: skip
+        closed(self.proxy, [NONSTREAM[V1], NONSTREAM[OLLAMA]], plan.drift_conc,
+               duration=plan.drift_warmup, warmup=0.2)  # fmt: skip
         time.sleep(1.0)
         before = rss_of([pid])
         r = closed(
             self.proxy,
             [NONSTREAM[V1], NONSTREAM[OLLAMA]],
             plan.drift_conc,
-            duration=0,
+            duration=plan.drift_seconds,
             warmup=0.0,
             count=plan.drift_requests,
             watch=[pid],

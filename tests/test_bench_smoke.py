@@ -72,6 +72,26 @@ def test_closed_loop_against_demo(demo: servers.Server) -> None:
     assert 0 < result["cpu_s"] < 3 and result["rss_end"] > 10 * 1024 * 1024
 
 
+def test_a_counted_run_ends_at_its_count_or_its_duration_first(demo: servers.Server) -> None:
+    """3f counts requests; a quick run caps them by time too (it must stay under 2 minutes
+    on a slow machine): a count out of reach ends at the duration, one within it at the
+    count."""
+    base = {
+        "host": demo.host,
+        "port": demo.port,
+        "conc": 2,
+        "warmup": 0.0,
+        "requests": [scenarios.NONSTREAM[scenarios.V1]],
+    }
+    capped = run_loadgen({**base, "count": 10_000_000, "duration": 0.5})
+    assert capped["errors"] == 0
+    assert 0.4 < capped["seconds"] < 1.5
+    assert 0 < capped["completed"] < 10_000_000
+    counted = run_loadgen({**base, "count": 40, "duration": 0})
+    assert counted["errors"] == 0
+    assert 40 <= counted["completed"] <= 42  # those in flight at the count may finish too
+
+
 def test_streams_count_chunks(demo: servers.Server) -> None:
     req = scenarios.chat_request(
         scenarios.V1, stream=True, directives="[[tokens=20]][[delay=0.002]]"
