@@ -541,6 +541,37 @@ async def test_a_slow_read_moves_later_reads_off_the_event_loop(
     await trio.lowlevel.checkpoint()
 
 
+async def test_reads_come_back_to_the_loop_after_quick_ones_in_the_thread(
+    v2_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read held up (a stalled filesystem, or only another process holding the CPU)
+    moves reads to a thread; a run of quick reads there brings them back to the loop,
+    and a slow one in the run starts it over."""
+    from trioproxy.metrics import collector
+
+    monkeypatch.setattr(collector, "FAST_READS_TO_RETURN", 3)
+    c = MetricsCollector(multiprocess=False, container_root=str(v2_tree))
+    reader = c._container
+    reader.dirs()  # located: the first read is on the loop
+    seconds = iter([OFFLOAD_AFTER_SECONDS * 2, 0.001, 0.001, 0.5, 0.001, 0.001, 0.001, 0.001])
+    threads: list[int] = []
+    real_read = reader.read
+
+    def read() -> ContainerReading | None:
+        threads.append(threading.get_ident())
+        reading = real_read()
+        reader.last_read_seconds = next(seconds)
+        return reading
+
+    monkeypatch.setattr(reader, "read", read)
+    loop = threading.get_ident()
+    for _ in range(8):
+        assert (await c.read_summary())["system"]["container"] == V2_READING.as_json()
+    on_loop = [thread == loop for thread in threads]
+    # slow on the loop; 2 quick, 1 slow (starts over), 3 quick in the thread; the loop
+    assert on_loop == [True, False, False, False, False, False, False, True]
+
+
 async def test_the_first_read_parses_the_mount_table_off_the_event_loop(
     v2_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

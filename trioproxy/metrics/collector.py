@@ -73,6 +73,10 @@ PUBLISH_AFTER_RECORDS = 64
 """Largest batch of finished requests counted together (see ``MetricsCollector.record``)."""
 PUBLISH_WITHIN_SECONDS = 0.5
 """Longest a finished request waits to be counted while its worker stays busy."""
+# container reads moved to a thread by one slow read come back to the event loop after
+# this many in a row took at most FAST_READ_SECONDS each (measured in the thread)
+FAST_READS_TO_RETURN = 30
+FAST_READ_SECONDS = 0.005
 
 # what a finished record says about its kind: path, api, method, model, status, outcome,
 # and the status its stream started with (0: none, or not a stream)
@@ -275,6 +279,7 @@ class MetricsCollector:
         self._container = ContainerReader(container_root)
         self._container_last: ContainerReading | None = None  # what stop() froze
         self._container_offload = False
+        self._container_fast_reads = 0  # in a row, in the thread: see _read_container
         self._tails = TailEncodings()  # a scrape's tail: only the changed families encoded
         self._sampling_stopped = False
         self.backend_reachable: bool | None = None
@@ -641,18 +646,28 @@ class MetricsCollector:
     async def _read_container(self) -> ContainerReading | None:
         """:meth:`_container_reading` for the monitoring endpoints: in a worker thread
         the first read (it parses the mount table, which a node with thousands of mounts
-        makes megabytes long) and every read after one that took longer than
+        makes megabytes long) and the reads after one that took longer than
         ``OFFLOAD_AFTER_SECONDS`` (a cgroup filesystem that stalls must not hold the event
-        loop), as the sampler does."""
-        in_thread = self._container_offload or not self._container.located
+        loop), as the sampler does. A read held up once only because the machine ran
+        another process meanwhile looks the same; so after ``FAST_READS_TO_RETURN`` quick
+        reads in a row in the thread they come back to the loop, where one costs less."""
+        reader = self._container
+        in_thread = self._container_offload or not reader.located
         if not in_thread or not self.system_enabled or self._sampling_stopped:
             reading = self._container_reading()
-            if self._container.last_read_seconds > OFFLOAD_AFTER_SECONDS:
+            if reader.last_read_seconds > OFFLOAD_AFTER_SECONDS:
                 self._container_offload = True
+                self._container_fast_reads = 0
             return reading
         reading = await trio.to_thread.run_sync(
-            self._container.read, abandon_on_cancel=True, limiter=metrics_threads()
+            reader.read, abandon_on_cancel=True, limiter=metrics_threads()
         )
+        if reader.last_read_seconds > FAST_READ_SECONDS:
+            self._container_fast_reads = 0
+        else:
+            self._container_fast_reads += 1
+            if self._container_fast_reads >= FAST_READS_TO_RETURN:
+                self._container_offload = False
         if not self._sampling_stopped:  # stop() may have come meanwhile: keep what it froze
             self._container_last = reading
         return self._container_last
