@@ -13,6 +13,7 @@ import fcntl
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,3 +233,19 @@ def install_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def npm_ci(directory: Path, *flags: str, timeout: float) -> None:
+    """``npm ci`` in *directory* (call it holding :func:`install_lock`); fails the test
+    with npm's output if it fails."""
+    npm = shutil.which("npm")
+    assert npm is not None
+    install = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", *flags],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "npm_config_update_notifier": "false"},
+    )
+    assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ServerProcess, install_lock
+from .conftest import ServerProcess, install_lock, npm_ci
 from .test_anthropic_client import _total
 from .test_metrics_e2e import wait_for
 
@@ -68,16 +68,7 @@ def claude() -> Path:
     binary = PACKAGE_DIR / "node_modules" / "@anthropic-ai" / str(PLATFORM_PACKAGE) / "claude"
     with install_lock(PACKAGE_DIR):
         if not binary.is_file() or not _installed_is_pinned():
-            assert NPM is not None
-            install = subprocess.run(
-                [NPM, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-                cwd=PACKAGE_DIR,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                env={**os.environ, "npm_config_update_notifier": "false"},
-            )
-            assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
+            npm_ci(PACKAGE_DIR, "--ignore-scripts", timeout=600)
     assert binary.is_file(), f"npm ci installed no {binary}"
     return binary
 

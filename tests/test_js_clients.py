@@ -15,7 +15,6 @@ skipped.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ from trioproxy.demo.script import (
     passage_tokens,
 )
 
-from .conftest import ServerProcess, demo_events_for, install_lock
+from .conftest import ServerProcess, demo_events_for, install_lock, npm_ci
 from .fakes import (
     LLAMA_CPP_META,
     FullLengthEmbeddings,
@@ -137,15 +136,7 @@ def node_modules() -> Path:
     assert major >= 20, f"the JS client tests need node >= 20, found {version.stdout.strip()}"
     with install_lock(JS_DIR):
         if not _installed_matches_lockfile():
-            install = subprocess.run(
-                [NPM, "ci", "--no-audit", "--no-fund"],
-                cwd=JS_DIR,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env={**os.environ, "npm_config_update_notifier": "false"},
-            )
-            assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
+            npm_ci(JS_DIR, timeout=300)
             assert _installed_matches_lockfile(), "npm ci installed other versions than pinned"
     return JS_DIR / "node_modules"
 
