@@ -99,6 +99,7 @@ class Plan:
     hold_delay: float = 1.0
     rounds: int = 4  # 1 vs 2 workers, alternated
     round_cell: float = 4.0
+    workers_warmup: float = 1.0  # each side's pools and caches, before its rounds
     # metrics on/off: fresh twin pairs, each measured in alternated rounds. Identical twins
     # differ by 1-3 % here even with one hash seed, so pairs count more than rounds: 12
     # pairs bring the median's error to about 1 %, against a 3 % target
@@ -109,6 +110,7 @@ class Plan:
     drift_seconds: float = 0.0  # 0: as long as the requests take
     drift_warmup: float = 2.0
     drift_conc: int = 16
+    drift_settle: float = 1.0  # quiet before each RSS reading
     scrape_cell: float = 15.0
     scrape_conc: int = 4
     # --compare: trioproxy's /v1 cell and each compared proxy's, in alternated rounds
@@ -131,6 +133,7 @@ class Plan:
             hold_seconds=1.0,
             rounds=2,
             round_cell=1.0,
+            workers_warmup=0.5,
             onoff_pairs=2,
             onoff_rounds=2,
             onoff_cell=1.0,
@@ -139,6 +142,7 @@ class Plan:
             drift_requests=10_000,
             drift_seconds=6.0,
             drift_warmup=1.0,
+            drift_settle=0.5,
             scrape_cell=2.5,
             # 4 rounds of 0.5 s rather than 1 s split: a spread of two rounds says little,
             # and an odd number lets one side lead more often
@@ -513,12 +517,15 @@ class Bench:
         except RuntimeError as exc:
             self.note(f"nginx did not start ({exc}); using the bare ASGI app instead")
             self.fixed = None
-        self.bare = self.start(servers.start_bare_asgi())
+        # launched side by side, each known to stop_all from its first moment; the stream
+        # proxy's backend, the demo, names its address once it answers
+        self.demo = self.start(servers.launch_demo(token_delay=0.005))
+        self.bare = self.start(servers.launch_bare_asgi())
         # the same app on hypercorn with trioproxy's patches: shown next to the ceiling so
         # the share of the proxy's gain that comes from the server layer is visible
-        self.bare_patched = self.start(servers.start_bare_asgi(with_trioproxy_patches=True))
+        self.bare_patched = self.start(servers.launch_bare_asgi(with_trioproxy_patches=True))
         if self.fixed is None:
-            self.fixed = self.bare
+            self.fixed = self.bare.ready()
             self.fixed_kind = "bare-asgi (nginx not installed: FALLBACK)"
             self.note(
                 "nginx is not installed: the fixed backend is the bare ASGI app, which is "
@@ -526,11 +533,12 @@ class Bench:
             )
         else:
             self.fixed_kind = self.fixed.note or "nginx"
-        self.demo = self.start(servers.start_demo(token_delay=0.005))
-        self.proxy = self.start(servers.start_proxy(self.fixed.url + "/v1", name="proxy"))
+        self.proxy = self.start(servers.launch_proxy(self.fixed.url + "/v1", name="proxy"))
+        self.demo.ready()
         self.proxy_stream = self.start(
-            servers.start_proxy(self.demo.url + "/v1", name="proxy-stream")
+            servers.launch_proxy(self.demo.url + "/v1", name="proxy-stream")
         )
+        servers.ready_all([self.bare, self.bare_patched, self.proxy, self.proxy_stream])
         for name, command in self.compare.items():
             try:
                 self.others[name] = self.start(
@@ -665,9 +673,10 @@ class Bench:
         # stack's floor for a relay (bench/relay_floor.py): hypercorn and httpx with nothing
         # between them, and hypercorn over a raw socket
         floors = {
-            "floor_httpx": self.start(servers.start_relay_floor(self.demo.url)),
-            "floor_raw": self.start(servers.start_relay_floor(self.demo.url, raw=True)),
+            "floor_httpx": self.start(servers.launch_relay_floor(self.demo.url)),
+            "floor_raw": self.start(servers.launch_relay_floor(self.demo.url, raw=True)),
         }
+        servers.ready_all(list(floors.values()))
         compared = self._compared_relays()
         floors.update(compared)
         for name, server in floors.items():
@@ -823,11 +832,12 @@ class Bench:
             seed = str(pair + 1)
             procs = {}
             try:
-                for name, env in twins:
-                    proxy = servers.start_proxy(
+                for name, env in twins:  # launched in this order, started side by side
+                    proxy = servers.launch_proxy(
                         upstream, name=f"proxy-metrics-{name}", PYTHONHASHSEED=seed, **env
                     )
                     procs[name] = self.start(proxy)
+                servers.ready_all(list(procs.values()))
                 for i in range(plan.onoff_rounds):
                     order = ["on", "off"] if (pair + i) % 2 == 0 else ["off", "on"]
                     row: dict[str, Any] = {"pair": pair}
@@ -932,7 +942,7 @@ class Bench:
         # warm-up: the earlier scenarios already sent tens of thousands of requests
         closed(self.proxy, [NONSTREAM[V1], NONSTREAM[OLLAMA]], plan.drift_conc,
                duration=plan.drift_warmup, warmup=0.2)  # fmt: skip
-        time.sleep(1.0)
+        time.sleep(plan.drift_settle)
         before = rss_of([pid])
         r = closed(
             self.proxy,
@@ -945,7 +955,7 @@ class Bench:
             rss_interval=0.5,
             keep_samples=True,
         )
-        time.sleep(1.0)
+        time.sleep(plan.drift_settle)
         after = rss_of([pid])
         self.put(
             "drift",
@@ -968,14 +978,15 @@ class Bench:
         plan = self.plan
         # both sides fresh: the shared proxy has served every earlier scenario, and an aged
         # process measured slower than a fresh one (see 3e), which would flatter the ratio
-        one = self.start(servers.start_proxy(self.fixed.url + "/v1", name="proxy-1w"))
-        two = self.start(servers.start_proxy(self.fixed.url + "/v1", workers=2, name="proxy-2w"))
+        one = self.start(servers.launch_proxy(self.fixed.url + "/v1", name="proxy-1w"))
+        two = self.start(servers.launch_proxy(self.fixed.url + "/v1", workers=2, name="proxy-2w"))
         reqs = [NONSTREAM[V1], NONSTREAM[OLLAMA]]
         rounds = []
         try:
+            servers.ready_all([one, two])
             workers = two.worker_pids()
             for server in (one, two):  # warm-up: every worker's pools and caches
-                closed(server, reqs, 64, duration=1.0, warmup=0.5)
+                closed(server, reqs, 64, duration=plan.workers_warmup, warmup=0.5)
             for i in range(plan.rounds):
                 order = [("1", one, [one.pid]), ("2", two, workers)]
                 if i % 2:

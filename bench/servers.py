@@ -5,6 +5,11 @@ excepted) in a session of its own, and stopped with SIGTERM to that whole proces
 (SIGKILL after 10 s): a proxy started through a wrapper (``sh -c``, ``env``) or one that
 starts workers leaves nothing behind. A reader thread drains the merged stdout/stderr so a
 chatty server can never block on a full pipe; ``Server.log()`` returns it.
+
+``launch_*`` spawns a server and returns at once, ``Server.ready()`` waits until it answers:
+servers launched together start side by side (a proxy's start is ~1 s of imports), and
+each is known to its caller, to be stopped, from the moment its process exists.
+``start_*`` is both in one.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .bare_asgi import FIXED_BODY
 
@@ -42,6 +49,8 @@ class Server:
     reader: threading.Thread | None = None
     tmpdir: str | None = None
     note: str = ""
+    # what ready() still has to wait for: set by launch_*, None once it answered
+    pending: Callable[[], None] | None = None
 
     @property
     def host(self) -> str:
@@ -80,6 +89,18 @@ class Server:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def ready(self) -> Server:
+        """Wait until a launched server answers; it is stopped if it never does, or if
+        the wait is interrupted. At once for a server that answered already."""
+        wait, self.pending = self.pending, None
+        if wait is not None:
+            try:
+                wait()
+            except BaseException:
+                self.stop()
+                raise
+        return self
 
     def stop(self) -> None:
         """SIGTERM to the server's process group, SIGKILL to what is left after 10 s."""
@@ -142,7 +163,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _spawn(
+def _spawn(name: str, argv: list[str], env: dict[str, str], **options: Any) -> Server:
+    """:func:`_launch` (``options`` are its own), ready: with ``wait_line``, its default,
+    once it wrote the line that names its address."""
+    return _launch(name, argv, env, **options).ready()
+
+
+def _launch(
     name: str,
     argv: list[str],
     env: dict[str, str],
@@ -153,6 +180,8 @@ def _spawn(
     tmpdir: str | None = None,
     cwd: str | Path = ROOT,
 ) -> Server:
+    """The server's process, started; with ``wait_line`` its ``ready()`` waits for the line
+    that names its address (and takes the URL from it)."""
     process = subprocess.Popen(
         argv,
         cwd=cwd,
@@ -182,17 +211,28 @@ def _spawn(
     reader = threading.Thread(target=pump, daemon=True, name=f"bench-{name}-log")
     reader.start()
     server = Server(name, process, url or "", output, reader, tmpdir)
-    if wait_line:
-        try:
-            started = found.wait(timeout) and bool(box)
-        except BaseException:  # Ctrl-C while it starts: nobody else knows of it yet
-            server.stop()
-            raise
-        if not started:
-            server.stop()
+
+    def listening() -> None:
+        if not (found.wait(timeout) and box):
             raise RuntimeError(f"{name} did not start: {argv}\n{''.join(output)[-3000:]}")
         if not server.url:
             server.url = box[0]
+
+    if wait_line:
+        server.pending = listening
+    return server
+
+
+def _then(server: Server, step: Callable[[], None]) -> Server:
+    """``step`` added to what the launched ``server``'s ``ready()`` waits for."""
+    before = server.pending
+
+    def both() -> None:
+        if before is not None:
+            before()
+        step()
+
+    server.pending = both
     return server
 
 
@@ -265,37 +305,40 @@ def start_nginx() -> Server | None:
 
 
 def start_bare_asgi(*, with_trioproxy_patches: bool = False) -> Server:
+    return launch_bare_asgi(with_trioproxy_patches=with_trioproxy_patches).ready()
+
+
+def launch_bare_asgi(*, with_trioproxy_patches: bool = False) -> Server:
     argv = [sys.executable, "-m", "bench.bare_asgi"]
     if with_trioproxy_patches:
         argv.append("--with-trioproxy-patches")
-    server = _spawn("bare-asgi", argv, clean_env())
-    _await_http(server, server.url + "/v1/models", 15)
-    return server
+    return _answering(_launch("bare-asgi", argv, clean_env()), "/v1/models", 15)
 
 
 def start_demo(token_delay: float = 0.005) -> Server:
-    server = _spawn(
-        "demo",
-        [
-            sys.executable,
-            "-m",
-            "trioproxy.demo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--token-delay",
-            str(token_delay),
-        ],
-        clean_env(),
-    )
-    _await_http(server, server.url + "/v1/models", 15)
-    return server
+    return launch_demo(token_delay).ready()
+
+
+def launch_demo(token_delay: float = 0.005) -> Server:
+    argv = [sys.executable, "-m", "trioproxy.demo", "--host", "127.0.0.1", "--port", "0",
+            "--token-delay", str(token_delay)]  # fmt: skip
+    return _answering(_launch("demo", argv, clean_env()), "/v1/models", 15)
+
+
+def _answering(server: Server, path: str, timeout: float) -> Server:
+    """The launched ``server`` is ready once ``path`` answers (after its listening line,
+    which names its URL)."""
+    return _then(server, lambda: wait_http(server.url + path, timeout, server.process))
 
 
 def start_proxy(upstream: str, *, workers: int = 1, name: str = "proxy", **env: str) -> Server:
     """``python -m trioproxy`` against *upstream* (a base URL ending in /v1), default settings
     except what *env* sets."""
+    return launch_proxy(upstream, workers=workers, name=name, **env).ready()
+
+
+def launch_proxy(upstream: str, *, workers: int = 1, name: str = "proxy", **env: str) -> Server:
+    """:func:`start_proxy` without the wait: call ``ready()`` on it."""
     argv = [
         sys.executable,
         "-m",
@@ -315,14 +358,21 @@ def start_proxy(upstream: str, *, workers: int = 1, name: str = "proxy", **env: 
         url = f"http://127.0.0.1:{port}"
     else:
         argv += ["--port", "0"]
-    server = _spawn(name, argv, clean_env(**env), url=url)
-    _await_http(server, server.url + "/health", 30)
+    server = _answering(_launch(name, argv, clean_env(**env), url=url), "/health", 30)
     if workers > 1:
         # every worker must be up before it is measured: wait for the process tree
-        deadline = time.monotonic() + 20
-        while len(server.worker_pids()) < workers and time.monotonic() < deadline:
-            time.sleep(0.1)
+        def every_worker() -> None:
+            deadline = time.monotonic() + 20
+            while len(server.worker_pids()) < workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+        _then(server, every_worker)
     return server
+
+
+def ready_all(launched: list[Server]) -> list[Server]:
+    """Each launched server, ready (see :meth:`Server.ready`), in their order."""
+    return [server.ready() for server in launched]
 
 
 def _version(argv: list[str]) -> str:
@@ -356,9 +406,12 @@ EXTERNAL_START_SECONDS = 60.0
 
 def start_relay_floor(upstream: str, *, raw: bool = False) -> Server:
     """``bench.relay_floor`` in front of *upstream* (a base URL without /v1)."""
+    return launch_relay_floor(upstream, raw=raw).ready()
+
+
+def launch_relay_floor(upstream: str, *, raw: bool = False) -> Server:
     argv = [sys.executable, "-m", "bench.relay_floor", "--upstream", upstream]
     if raw:
         argv.append("--raw")
-    server = _spawn("relay-floor-raw" if raw else "relay-floor", argv, clean_env())
-    _await_http(server, server.url + "/", 15)
-    return server
+    server = _launch("relay-floor-raw" if raw else "relay-floor", argv, clean_env())
+    return _answering(server, "/", 15)

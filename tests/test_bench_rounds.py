@@ -6,7 +6,7 @@ ratio of each round. Pure: the generator is replaced by a recorder, no servers."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -116,6 +116,7 @@ def test_paired_ratios_are_taken_round_by_round() -> None:
 class FakeServer:
     name: str
     pid: int
+    url: str = "http://127.0.0.1:9"
 
     def pids(self) -> list[int]:
         return [self.pid]
@@ -283,3 +284,69 @@ def test_the_report_shows_the_rounds_spread_and_paired_ratios() -> None:
     )
     assert "CPU/chunk 0.50 (0.50–0.50) (median (min–max) of the rounds' ratios)" in table
     assert "alternated rounds" in report.markdown_table(results)
+
+
+# --------------------------------------------------------------------------- the starts
+
+
+@dataclass(eq=False)
+class LaunchedServer(FakeServer):
+    """A server as ``servers.launch_proxy`` returns it: its wait for readiness, its stop
+    and its launch noted in one list, in order."""
+
+    events: list[tuple[str, str]] = field(default_factory=list)
+
+    def ready(self) -> LaunchedServer:
+        self.events.append(("ready", self.name))
+        return self
+
+    def stop(self) -> None:
+        self.events.append(("stop", self.name))
+
+    def log(self) -> str:
+        return ""
+
+    def worker_pids(self) -> list[int]:
+        return [self.pid]
+
+
+class Launches:
+    """Stands in for ``servers.launch_proxy``."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def __call__(self, upstream: str, *, workers: int = 1, name: str = "proxy",
+                 **env: str) -> LaunchedServer:  # fmt: skip
+        self.events.append(("launch", name))
+        return LaunchedServer(name, 300 + len(self.events), events=self.events)
+
+
+def test_the_metrics_twins_start_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both twins of a pair are launched before either is waited for (a proxy's start is
+    ~1 s of imports: the quick run's 2-minute budget), the first launched taking turns."""
+    bench, _ = fake_bench(monkeypatch, ())
+    launches = Launches()
+    monkeypatch.setattr(scenarios.servers, "launch_proxy", launches)
+    bench.s_metrics_onoff()
+    on, off = "proxy-metrics-on", "proxy-metrics-off"
+    pairs = [launches.events[i : i + 6] for i in range(0, len(launches.events), 6)]
+    assert len(pairs) == bench.plan.onoff_pairs
+    for index, pair in enumerate(pairs):
+        first, second = (on, off) if index % 2 == 0 else (off, on)
+        assert pair[:4] == [("launch", first), ("launch", second),
+                            ("ready", first), ("ready", second)]  # fmt: skip
+        assert sorted(pair[4:]) == [("stop", off), ("stop", on)]
+
+
+def test_the_one_and_two_worker_proxies_start_side_by_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench, recorder = fake_bench(monkeypatch, ())
+    launches = Launches()
+    monkeypatch.setattr(scenarios.servers, "launch_proxy", launches)
+    bench.s_workers()
+    assert launches.events[:4] == [("launch", "proxy-1w"), ("launch", "proxy-2w"),
+                                   ("ready", "proxy-1w"), ("ready", "proxy-2w")]  # fmt: skip
+    warmups = recorder.calls[:2]
+    assert [c["duration"] for c in warmups] == [bench.plan.workers_warmup] * 2

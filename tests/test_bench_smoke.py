@@ -280,6 +280,29 @@ def test_a_server_started_through_a_wrapper_is_stopped_whole() -> None:
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in inner)
 
 
+def test_a_launched_server_is_ready_once_it_answers(demo: servers.Server) -> None:
+    """``launch_*`` returns with the process started and nothing waited for; ``ready()``
+    waits until it answers, once."""
+    floor = servers.launch_relay_floor(demo.url)
+    try:
+        assert floor.alive() and floor.pending is not None
+        assert floor.ready() is floor and floor.pending is None
+        with urllib.request.urlopen(floor.url + "/", timeout=10) as answer:
+            assert answer.status < 500
+        assert floor.ready() is floor  # at once now
+    finally:
+        floor.stop()
+
+
+def test_a_launched_server_that_never_answers_is_stopped_by_its_wait() -> None:
+    code = "import time; time.sleep(600)"  # never names its address
+    server = servers._launch("silent", [sys.executable, "-c", code], servers.clean_env(),
+                             timeout=0.5)  # fmt: skip
+    with pytest.raises(RuntimeError, match="silent did not start"):
+        server.ready()
+    assert not server.alive()
+
+
 def test_failed_requests_are_shown_and_fail_their_target() -> None:
     """The generator leaves failed requests out of rates and latencies: a proxy answering
     503 to most of the load must not look fast, nor a target pass on what worked."""
@@ -452,3 +475,4 @@ def test_loop_steps_tells_a_held_loop_from_a_preempted_one() -> None:
     assert clock.others["computes"][2] >= 4.0
     assert clock.others["off_cpu"][2] < 1.0
     assert sum(clock.batches) >= 1
+
