@@ -25,34 +25,26 @@ call counts per token are the difference of two runs' counts over the tokens add
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import sys
 from functools import partial
 
 import trio
 
+from bench.in_process import ROUTES, measured, raw_post, run_against, serving_proxy
 from bench.servers import start_demo
-
-ROUTES = {"v1": "/v1/chat/completions", "ollama": "/api/chat"}
 
 
 def _request(path: str, tokens: int, first_delay: float) -> bytes:
     directives = f"[[tokens={tokens}]]" + (
         f" [[first_delay={first_delay:g}]]" if first_delay else ""
     )
-    body = json.dumps(
+    return raw_post(
+        path,
         {
             "model": "demo-chat",
             "messages": [{"role": "user", "content": f"Say hello. {directives}"}],
             "stream": True,
-        }
-    ).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        },
     )
-    return head.encode() + body
 
 
 async def _stream(sock: trio.SocketStream, request: bytes) -> int:
@@ -80,60 +72,27 @@ def _system_calls() -> tuple[int, int]:
 
 
 async def _main(args: argparse.Namespace, upstream: str) -> None:
-    from hypercorn.trio import serve
-
-    from trioproxy.app import create_app
-    from trioproxy.cli import hypercorn_config
-    from trioproxy.config import Settings
-
-    # no system sampler or readiness checks: periodic work that is no stream's
-    settings = Settings(
-        upstream_url=upstream,
-        host="127.0.0.1",
-        port=0,
-        access_log=False,
-        system_metrics_enabled=False,
-        ready_check_interval=3600.0,
-    )
-    app = create_app(settings)
-    config = hypercorn_config(settings)
-    config.bind = ["127.0.0.1:0"]
-    stop = trio.Event()
     # every run as long as one of --pad-to tokens: what the proxy does per second whatever
     # it relays (the metrics' publisher, timers) then cancels out of the difference
     pad = max(0, args.pad_to - args.tokens) * args.delay
     request = _request(ROUTES[args.route], args.tokens, pad)
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
-        host, port = binds[0].removeprefix("http://").rsplit(":", 1)
-        sock = await trio.open_tcp_stream(host, int(port))
+    async with serving_proxy(upstream) as address:
+        sock = await trio.open_tcp_stream(*address)
         for _ in range(args.warmup):
             await _stream(sock, request)
-        # as the proxy does after start-up (app.py): no full collection re-scans imports
-        gc.collect()
-        gc.freeze()
-        profiler = None
-        if args.profile:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
         reads = 0
-        calls = _system_calls()
-        for _ in range(args.streams):
-            reads += await _stream(sock, request)
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(args.profile)
-        read_calls, write_calls = (
-            after - before for after, before in zip(_system_calls(), calls, strict=True)
-        )
+        with measured(args.profile):
+            calls = _system_calls()
+            for _ in range(args.streams):
+                reads += await _stream(sock, request)
+            read_calls, write_calls = (
+                after - before for after, before in zip(_system_calls(), calls, strict=True)
+            )
         await sock.aclose()
         print(
             f"{args.route} {args.streams} streams of {args.tokens} tokens: the client's reads"
             f" {reads}, the process's read / write system calls {read_calls} / {write_calls}"
         )
-        stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,12 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profile", help="write a cProfile of the measured streams here")
     args = parser.parse_args(argv)
-    demo = start_demo(token_delay=args.delay)
-    try:
-        trio.run(_main, args, demo.url + "/v1")
-    finally:
-        demo.stop()
-    sys.stdout.flush()
+    run_against(start_demo(token_delay=args.delay), partial(_main, args))
 
 
 if __name__ == "__main__":

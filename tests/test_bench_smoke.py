@@ -476,3 +476,31 @@ def test_loop_steps_tells_a_held_loop_from_a_preempted_one() -> None:
     assert clock.others["off_cpu"][2] < 1.0
     assert sum(clock.batches) >= 1
 
+
+@pytest.mark.parametrize(
+    ("module", "args", "said"),
+    [
+        ("bench.chunk_instructions",
+         ["--tokens", "3", "--streams", "2", "--warmup", "1", "--delay", "0.002", "--pad-to", "3"],
+         "v1 2 streams of 3 tokens"),
+        ("bench.request_instructions",
+         ["--requests", "40", "--warmup", "8", "--concurrency", "4", "--metrics", "off",
+          "--route", "ollama"],
+         "ollama 40 requests at concurrency 4, metrics off"),
+    ],
+)  # fmt: skip
+def test_the_in_process_harnesses_serve_what_they_count(
+    tmp_path: Path, module: str, args: list[str], said: str
+) -> None:
+    """The harnesses run under valgrind by hand: each serves its requests through the
+    proxy in process (a failed one raises) and writes its profile when asked."""
+    profile = tmp_path / "profile"
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args, "--profile", str(profile)],
+        capture_output=True, text=True, cwd=servers.ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert said in out.stdout
+    import pstats
+
+    assert pstats.Stats(str(profile)).total_calls > 0
