@@ -538,15 +538,16 @@ class Bench:
         self.proxy_stream = self.start(
             servers.launch_proxy(self.demo.url + "/v1", name="proxy-stream")
         )
+        # compared proxies start alongside (LiteLLM's takes 10-30 s)
+        launched = self._launch_compared(self.fixed.url + "/v1")
         servers.ready_all([self.bare, self.bare_patched, self.proxy, self.proxy_stream])
-        for name, command in self.compare.items():
-            try:
-                self.others[name] = self.start(
-                    servers.start_external(name, command, self.fixed.url + "/v1")
-                )
-            except Exception as exc:
+        for name, server in launched.items():
+            ready = self._ready_compared(server)
+            if isinstance(ready, Exception):
                 self.unstarted.add(name)
-                self.note(f"could not start {name} for comparison: {exc}")
+                self.note(f"could not start {name} for comparison: {ready}")
+            else:
+                self.others[name] = ready
         self.results["servers"] = {
             "fixed_backend": self.fixed_kind,
             "demo_backend": "trioproxy.demo (hypercorn trio worker)",
@@ -676,8 +677,8 @@ class Bench:
             "floor_httpx": self.start(servers.launch_relay_floor(self.demo.url)),
             "floor_raw": self.start(servers.launch_relay_floor(self.demo.url, raw=True)),
         }
+        compared = self._compared_relays()  # launched and waited for as the floors start
         servers.ready_all(list(floors.values()))
-        compared = self._compared_relays()
         floors.update(compared)
         for name, server in floors.items():
             # a compared proxy may run workers or sit behind a wrapper: its whole tree
@@ -720,16 +721,37 @@ class Bench:
         """The proxies given with --compare, each started again in front of the demo
         backend, so their /v1 stream relay is measured like trioproxy's."""
         started = {}
+        for name, server in self._launch_compared(self.demo.url + "/v1").items():
+            ready = self._ready_compared(server)
+            if isinstance(ready, Exception):
+                self.note(f"could not start {name} for the stream relay: {ready}")
+            else:
+                started[name] = ready
+        return started
+
+    def _launch_compared(self, upstream: str) -> dict[str, Server | Exception]:
+        """Every compared proxy that has not failed to start before, launched in front of
+        ``upstream`` (or the exception its launch raised: no such program, say)."""
+        launched: dict[str, Server | Exception] = {}
         for name, command in self.compare.items():
             if name in self.unstarted:
                 continue  # it did not start for 3a: not another minute of waiting
             try:
-                server = servers.start_external(name, command, self.demo.url + "/v1")
+                launched[name] = self.start(servers.launch_external(name, command, upstream))
             except Exception as exc:
-                self.note(f"could not start {name} for the stream relay: {exc}")
-                continue
-            started[name] = self.start(server)
-        return started
+                launched[name] = exc
+        return launched
+
+    def _ready_compared(self, launched: Server | Exception) -> Server | Exception:
+        """The launched compared proxy once it answers, or why it did not start (then it
+        is stopped, by its wait, and forgotten)."""
+        if isinstance(launched, Exception):
+            return launched
+        try:
+            return launched.ready()
+        except Exception as exc:
+            self.started.remove(launched)
+            return exc
 
     def _relay_cells(
         self, reqs: dict[str, Any], relay: dict[str, Any], alternated: tuple[str, ...] = ()

@@ -387,16 +387,25 @@ def start_external(name: str, command: str, upstream: str) -> Server:
     """Another proxy to compare, started from a command line with ``{upstream}`` (the
     fixed backend's base URL, ending in /v1) and ``{port}`` filled in; it must serve
     ``POST /v1/chat/completions`` on 127.0.0.1:{port}."""
+    return launch_external(name, command, upstream).ready()
+
+
+def launch_external(name: str, command: str, upstream: str) -> Server:
+    """:func:`start_external` without the wait: call ``ready()`` on it."""
     port = free_port()
     argv = [
         a.replace("{upstream}", upstream).replace("{port}", str(port)) for a in shlex.split(command)
     ]
     url = f"http://127.0.0.1:{port}"
-    server = _spawn(name, argv, clean_env(), wait_line=False, url=url)
-    try:
-        _await_http(server, url + "/", EXTERNAL_START_SECONDS)
-    except RuntimeError as exc:
-        raise RuntimeError(f"{name} did not start: {exc}\n{server.log()[-2000:]}") from None
+    server = _launch(name, argv, clean_env(), wait_line=False, url=url)
+
+    def answering() -> None:
+        try:
+            wait_http(url + "/", EXTERNAL_START_SECONDS, server.process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name} did not start: {exc}\n{server.log()[-2000:]}") from None
+
+    server.pending = answering
     return server
 
 

@@ -295,6 +295,7 @@ class LaunchedServer(FakeServer):
     and its launch noted in one list, in order."""
 
     events: list[tuple[str, str]] = field(default_factory=list)
+    note: str = ""
 
     def ready(self) -> LaunchedServer:
         self.events.append(("ready", self.name))
@@ -350,3 +351,37 @@ def test_the_one_and_two_worker_proxies_start_side_by_side(
                                    ("ready", "proxy-1w"), ("ready", "proxy-2w")]  # fmt: skip
     warmups = recorder.calls[:2]
     assert [c["duration"] for c in warmups] == [bench.plan.workers_warmup] * 2
+
+
+def test_compared_proxies_start_alongside_the_bench_servers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A compared proxy (LiteLLM's takes 10-30 s to start) is launched before the bench's
+    own servers are waited for, and one whose launch fails is a note, not a failed step."""
+    events: list[tuple[str, str]] = []
+
+    def launcher(kind: str) -> Any:
+        def launch(*args: Any, name: str | None = None, **kwargs: Any) -> LaunchedServer:
+            events.append(("launch", name or kind))
+            return LaunchedServer(name or kind, 400 + len(events), events=events)
+
+        return launch
+
+    def external(name: str, command: str, upstream: str) -> LaunchedServer:
+        if command == "missing":
+            raise FileNotFoundError(command)
+        return launcher(name)()
+
+    monkeypatch.setattr(scenarios.servers, "nginx_path", lambda: "/usr/sbin/nginx")
+    monkeypatch.setattr(scenarios.servers, "start_nginx", launcher("nginx"))
+    for kind in ("demo", "bare_asgi", "proxy"):
+        monkeypatch.setattr(scenarios.servers, f"launch_{kind}", launcher(kind))
+    monkeypatch.setattr(scenarios.servers, "launch_external", external)
+    compare = {"other": "cmd", "typo": "missing"}
+    bench = scenarios.Bench(scenarios.Plan.make(quick=True),
+                            scenarios.Progress([], enabled=False), compare=compare)  # fmt: skip
+    bench._start_servers()
+    assert events.index(("launch", "other")) < events.index(("ready", "proxy"))
+    assert ("ready", "other") in events and list(bench.others) == ["other"]
+    assert bench.unstarted == {"typo"}
+    assert any("could not start typo for comparison" in note for note in bench.notes)
