@@ -82,7 +82,7 @@ class Relay:
         """The proxy's pool layout (``upstream.UpstreamPool``): its default number of
         httpx clients, the keep-alive connections shared out among them, a request on the
         least busy one. One client for every request would scan all its connections on
-        each assignment, a per-stream cost the proxy does not pay (docs/performance.md)."""
+        each assignment, a per-stream cost the proxy does not pay (docs/performance-history.md)."""
         settings = Settings()
         shards = settings.upstream_clients
         keepalive = max(1, settings.upstream_max_keepalive // shards)

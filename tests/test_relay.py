@@ -688,7 +688,7 @@ async def test_a_body_is_read_off_the_connection_and_a_gzipped_one_decoded_by_us
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Guards the per-chunk saving of ``netstream.H11Body`` (about 12 µs of CPU per relayed
-    chunk, docs/performance.md): an httpx or httpcore upgrade that changed the classes it
+    chunk, docs/performance-history.md): an httpx or httpcore upgrade that changed the classes it
     recognises would silently send every stream back through httpx's generators. A gzipped
     body is read the same way, raw, and decoded in bounded pieces (``DecodedBody``), not
     by httpx's decoders, which unpack a read whole."""

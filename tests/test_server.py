@@ -51,7 +51,7 @@ async def test_app_disables_quart_response_timeout() -> None:
 async def test_start_up_heap_is_frozen_out_of_the_collectors_sight() -> None:
     """Full collections re-scanning the import-time heap were the latency tail (27 ms per
     pause under load, 225 ms with 1,000 open streams), and young collections at the
-    default threshold cost 21 µs per proxied request (docs/performance.md)."""
+    default threshold cost 21 µs per proxied request (docs/performance-history.md)."""
     import gc
 
     from trioproxy.app import create_app

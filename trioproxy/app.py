@@ -628,7 +628,7 @@ def _warn_unread_forwarded_header(settings: Settings) -> None:
 
 def _settle_garbage_collector() -> None:
     """Move start-up objects out of the collector's sight and collect less often.
-    Measured (docs/performance.md): full collections scanning the import-time heap paused
+    Measured (docs/performance-history.md): full collections scanning the import-time heap paused
     the loop 27 ms each under load and up to 225 ms with 1,000 open streams; after the
     freeze, 14 ms at most, and scrape p99 under load fell from 14 to 5 ms. The young
     generation is collected when tracked objects grow by 10,000 instead of 700: at the

@@ -3,7 +3,7 @@
 ``POST`` to a proxy route (chat, completions, embeddings, in both dialects) is the hot
 path: per request Quart built a werkzeug request and response, pushed an app and request
 context, routed, and ran its hooks — about a fifth of the CPU a proxied request cost
-(docs/performance.md). Here the same handlers (``Call`` in, ``Reply`` out) are served
+(docs/performance-history.md). Here the same handlers (``Call`` in, ``Reply`` out) are served
 from the ASGI scope directly, with the same guarantees: the body is bounded and timed,
 a client that disconnects cancels the work (and so the backend request) at once, errors
 come in the caller's dialect, and ``Tracked`` does the bookkeeping. Every other request,

@@ -4,7 +4,7 @@ request cancellation, and its cost per request.
 1. **One keep-alive timer per connection whose deadline moves** (``IdleTimer``), in place of
    hypercorn's ``TrioSingleTask``, which started a new timer task after every response and
    cancelled it when the next request arrived. That spawn and cancel was about a tenth of
-   the CPU a proxied request costs (docs/performance.md). It also fixes stack notes P1:
+   the CPU a proxied request costs (docs/performance-history.md). It also fixes stack notes P1:
    quart-trio ends a request by cancelling its nursery, the stock restart ran inside that
    cancelled scope and raised ``Cancelled``, so an idle keep-alive connection was never
    closed. Moving a deadline never awaits, so it cannot be cancelled. The timer ends when
@@ -25,7 +25,7 @@ request cancellation, and its cost per request.
    does not take (a slow reader, a full buffer) goes hypercorn's way from a view of the
    bytes (not a copy of the rest), shielded, so a cancellation can never cut a response
    in the middle of its framing. Paired A/B: 175-200 µs less CPU per proxied request at
-   32-64 concurrent requests (docs/performance.md).
+   32-64 concurrent requests (docs/performance-history.md).
    Such a wait is bounded (``set_write_timeout``, CLIENT_WRITE_TIMEOUT): hypercorn's was
    not, so a client that stopped reading held its request, its slot under
    MAX_CONCURRENT_REQUESTS and its backend connection for ever. The limit is on a stall

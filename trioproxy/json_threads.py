@@ -13,7 +13,7 @@ A thread does not free the loop during one call into C: orjson, ``bytes.count`` 
 thread hands the GIL over once it runs Python code again and the loop has waited
 ``sys.getswitchinterval()``, 5 ms), so its longest stall falls from the sum of the steps
 to about the longest single one: measured with ``python -m bench.loop_stall``
-(docs/performance.md), 50-60 ms to 20-30 ms for the 10 MB body, 350-450 ms to 160-240 ms
+(docs/performance-history.md), 50-60 ms to 20-30 ms for the 10 MB body, 350-450 ms to 160-240 ms
 for the 40 MB answer, whose decoding alone is one orjson call of 120-230 ms.
 
 One such thread at a time (:data:`JSON_THREADS`), from a limiter of its own (not trio's
@@ -22,7 +22,7 @@ would not finish the work sooner, and it is one more holder the loop waits behin
 clients at once: the loop's longest stall 44 ms with two threads, 28-34 ms with one, for
 10 MB bodies). A request waiting for it waits without holding the loop, first come first
 served; measured again with a 300 KB body beside 40 MB answers, a second thread made no
-difference beyond the noise (docs/performance.md): what the waiting request waits for is
+difference beyond the noise (docs/performance-history.md): what the waiting request waits for is
 mostly the other's one long orjson call, which holds the GIL for every thread.
 
 A body read in parts is joined before any of that (:func:`joined`): past 1 MiB in a thread

@@ -5,7 +5,7 @@ httpcore's trio stream wraps every socket read in an exception-mapping context m
 on a connection waiting for the backend fails with ``EAGAIN`` before it waits. Every write
 goes through ``send_all`` and two scheduler yields, though a socket with room takes the
 bytes in one call. Per proxied request that was about 55 µs of CPU, and 7 µs per relayed
-stream chunk (docs/performance.md).
+stream chunk (docs/performance-history.md).
 
 ``DirectTCPBackend`` wraps the network backend of an httpcore pool (httpx's transport has
 no public way to pass one in). Streams it opens read by waiting for readability first and
@@ -19,7 +19,7 @@ then, which ends that read with ``ReadTimeout``. Without the task, reads use a s
 
 ``H11Body`` reads a plain HTTP/1.1 response body the way httpcore's iterator does, on
 the same h11 state, without the generator layers between it and the caller: about 12 µs
-of CPU per relayed stream chunk (docs/performance.md). ``body_reader`` picks it or httpx,
+of CPU per relayed stream chunk (docs/performance-history.md). ``body_reader`` picks it or httpx,
 and decodes an encoded body in bounded pieces (``DecodedBody``).
 
 One fix to httpcore's HTTP/1.1 connection comes with it: a backend that sends bytes past
@@ -316,7 +316,7 @@ class H11Body:
     its connection's h11 state directly: what httpcore's body iterator does per read,
     without the five generator layers (httpx's ``aiter_raw`` and response stream,
     httpcore's pool, connection and body streams) and two exception-mapping context
-    managers that cost about a sixth of relaying a stream chunk (docs/performance.md).
+    managers that cost about a sixth of relaying a stream chunk (docs/performance-history.md).
 
     As with ``aiter_raw``: errors are the ones httpx raises (mapped on the way out
     only); at the end of the body the response is closed (its connection goes back to

@@ -3,7 +3,7 @@ the proxy routes.
 
 Through Quart a scrape built a werkzeug request and response, pushed an app and request
 context, routed, ran the hooks and a task reading the request's events: about 0.6 ms of a
-scrape's 1.7 ms of CPU in process (docs/performance.md, "twenty-ninth session: scrape
+scrape's 1.7 ms of CPU in process (docs/performance-history.md, "twenty-ninth session: scrape
 cost"), paid again by every scraper every scrape interval. ``GET`` and ``HEAD`` on the
 exposition's paths are answered here with what Quart answered, header for header: the
 client key check (``METRICS_REQUIRE_AUTH``), errors in the path's dialect, CORS, the

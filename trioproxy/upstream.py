@@ -8,7 +8,7 @@ an idle HTTP/1.1 connection to every request that asks before the first one has 
 on it; all but one then fail with ``ConnectionNotAvailable`` and go round again
 (encode/httpcore#822, #1110). At 64 concurrent requests over 8 round-robin clients, 54 %
 of requests went round at least once and the slowest 1 % four times, which tripled the
-p99 (docs/performance.md). Retries happen only before anything reached the client:
+p99 (docs/performance-history.md). Retries happen only before anything reached the client:
 ``send`` returns once the backend's headers (streams) or whole body (non-streams) are in
 hand, and a caller never calls it again for the same client request once it has sent
 bytes, so a stream is never replayed.
@@ -18,7 +18,7 @@ pool, with any ``HTTPS_PROXY`` from the environment already applied), not throug
 ``AsyncClient.send``: the client layers add nothing a proxy wants (redirects are not
 followed, auth is a fixed header) and one is harmful: a shared cookie jar would carry a
 ``Set-Cookie`` from one user's reply into every later user's request. Skipping them also
-skips ~10 % of the CPU per request (URL merge, cookie extraction; docs/performance.md).
+skips ~10 % of the CPU per request (URL merge, cookie extraction; docs/performance-history.md).
 """
 
 from __future__ import annotations

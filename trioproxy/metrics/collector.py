@@ -343,7 +343,7 @@ class MetricsCollector:
         While requests are in flight, records are counted in batches (see
         :data:`PUBLISH_AFTER_RECORDS`): counting many records in a row costs far less than
         counting each as it comes, because the counting code and its series stay in
-        the CPU's caches (docs/performance.md). Every read of this collector publishes
+        the CPU's caches (docs/performance-history.md). Every read of this collector publishes
         first, so what this process reports is always exact; other workers see a
         record once it is published: when its worker goes idle, after
         :data:`PUBLISH_AFTER_RECORDS` records, or within :data:`PUBLISH_WITHIN_SECONDS`.
@@ -383,7 +383,7 @@ class MetricsCollector:
 
         A request without a stream, most of them, is counted here, in this loop, not by a
         call per record: each call with its arguments cost ~650 machine instructions of a
-        record's few thousand (docs/performance.md). Its series' batch is written in
+        record's few thousand (docs/performance-history.md). Its series' batch is written in
         place (what ``RequestSeries.add`` does with no stream figures) and its window
         row goes into columns, written by :meth:`WindowStore.append_plain_rows` in C. A
         stream goes the general way, :meth:`_count`, once the plain rows before it are

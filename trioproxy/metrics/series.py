@@ -1203,7 +1203,7 @@ def observe_many(child: Any, values: list[float]) -> None:
     The values are sorted (in C: a float comparison costs list.sort a few instructions)
     and each bucket touched takes its run of them with two bisections: per value, no
     Python bytecode at all. Counting them one by one in a loop cost ~1,800 instructions
-    per value and histogram, most of what a batch cost (docs/performance.md)."""
+    per value and histogram, most of what a batch cost (docs/performance-history.md)."""
     bounds = getattr(child, "_upper_bounds", None)
     buckets = getattr(child, "_buckets", None)
     total = getattr(child, "_sum", None)
