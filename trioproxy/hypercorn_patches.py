@@ -166,6 +166,17 @@ request cancellation, and its cost per request.
     function instead: the same h11 event, the same write (``_send_data``, patch 4), the
     same outcome for a closed connection; anything else takes ``app_send`` as before.
 
+21. **The client's bytes are read without a timeout scope or a failed read first.** The
+    reader entered ``trio.fail_after`` for every read, also without a read timeout (an
+    infinite one, as the proxy runs: long streams), and trio's ``receive_some`` first
+    tried a read that, on a connection whose request was just handed on, found nothing
+    and raised before it waited: both once per request. A plain TCP connection without a
+    read timeout now waits for the socket to be readable and then reads what is there
+    (``_received``, as the backend's reads in netstream); TLS, or a read timeout, reads
+    as before. A new connection's first read is tried at once (its request is usually
+    there). ~95k machine instructions less per proxied request, ~3 %
+    (docs/performance-history.md).
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed (one that has not sent a whole request head yet
 after ``FIRST_REQUEST_SECONDS`` at most); at shutdown an idle connection is closed at once and
@@ -179,6 +190,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -305,12 +317,23 @@ async def _read_data(self: Any) -> None:
 
 async def _read_until_closed(server: Any) -> None:
     """hypercorn's reader, except that once the connection lingers (patch 15) what
-    arrives is dropped, not handed to the protocol."""
+    arrives is dropped, not handed to the protocol; and a plain TCP connection without a
+    read timeout is read by :func:`_received` (patch 21)."""
     config = server.config
+    stream = server.stream
+    direct = type(stream) is trio.SocketStream and not config.read_timeout
+    first = True
     while True:
         try:
-            with trio.fail_after(config.read_timeout or math.inf):
-                data = await server.stream.receive_some(tcp_server.MAX_RECV)
+            if direct:
+                # a new connection's request is usually there already (a client writes
+                # it as soon as it connected): read first, not after a scheduler round
+                # that, with the loop busy, is a whole batch of every other task's steps
+                data = await _received(stream.socket, wait_first=not first)
+                first = False
+            else:
+                with trio.fail_after(config.read_timeout or math.inf):
+                    data = await stream.receive_some(tcp_server.MAX_RECV)
         except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
             break
         if server.lingering:
@@ -322,6 +345,27 @@ async def _read_until_closed(server: Any) -> None:
             break
     if not server.lingering:
         await server.protocol.handle(Closed())
+
+
+async def _received(sock: trio.socket.SocketType, *, wait_first: bool = True) -> bytes:
+    """What the client sent next (b"" once it closed its side), as ``receive_some`` gives
+    it, with its errors as the stream's: waiting for the socket to be readable (first,
+    unless ``wait_first`` is false), then reading what is there in one call."""
+    try:
+        while True:
+            if sock.fileno() < 0:  # closed here (a response that closed the connection)
+                raise trio.ClosedResourceError("the connection is closed")
+            # waiting first saves the read that finds nothing yet: the usual case, as the
+            # reader asks again as soon as it handed a request on
+            if wait_first:
+                await trio.lowlevel.wait_readable(sock)
+            wait_first = True
+            try:
+                return os.read(sock.fileno(), tcp_server.MAX_RECV)
+            except BlockingIOError:
+                continue
+    except OSError as exc:  # EBADF: closed under us; ECONNRESET and the like: broken
+        raise trio.BrokenResourceError(str(exc)) from exc
 
 
 # how long a connection closed with its request body still arriving keeps reading it
