@@ -174,7 +174,7 @@ request cancellation, and its cost per request.
     read timeout now waits for the socket to be readable and then reads what is there
     (``_received``, as the backend's reads in netstream); TLS, or a read timeout, reads
     as before. A new connection's first read is tried at once (its request is usually
-    there). ~95k machine instructions less per proxied request, ~3 %
+    there). ~103k machine instructions less per proxied request, 3.5 %
     (docs/performance-history.md).
 
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
