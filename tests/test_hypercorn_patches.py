@@ -132,6 +132,38 @@ async def test_a_closed_connection_ends_the_timer_without_closing_again(
     assert server.closed_at == []
 
 
+async def test_arming_the_timer_of_a_new_connection_takes_no_scheduler_round() -> None:
+    # the connection reads its first request right after: each round before that is a
+    # batch of every other task's step when the loop is busy
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        timer = IdleTimer(server)
+        with trio.testing.assert_no_checkpoints():
+            await timer.restart(FakeTaskGroup(nursery))
+        timer.connection_closed()
+    assert server.closed_at == []
+
+
+async def test_a_connection_closed_before_its_timer_runs_is_not_closed_again() -> None:
+    server = FakeServer()
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            timer = IdleTimer(server)
+            await timer.restart(FakeTaskGroup(nursery))
+            timer.connection_closed()  # before the watcher task had its first step
+    assert server.closed_at == []
+
+
+async def test_a_deadline_passed_before_the_timer_runs_still_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer()
+    server.config.keep_alive_timeout = 0  # the deadline is now: passed on the first step
+    async with trio.open_nursery() as nursery:
+        await IdleTimer(server).restart(FakeTaskGroup(nursery))
+    assert server.closed_at == [0.0]
+
+
 async def test_empty_writes_are_not_sent_and_others_are() -> None:
     sent: list[object] = []
 
