@@ -9,11 +9,13 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypercorn.trio import serve
 
 from trioproxy import fastpath, hypercorn_patches
@@ -309,6 +311,59 @@ async def test_a_client_gone_before_its_body_ended_gets_nothing_and_counts_as_cl
     ]
     assert await _serve_raw(app, _scope(), events) == []
     assert [(m.endpoint, m.status_code) for m in finished] == [("/api/chat", 499)]
+
+
+def _queued(*events: dict[str, Any]) -> tuple[Any, Any]:
+    """hypercorn's queue of a request's events (a trio channel) holding ``events``."""
+    sender, receiver = trio.open_memory_channel[Any](10)
+    for event in events:
+        sender.send_nowait(event)
+    return sender, receiver
+
+
+def _part(body: bytes, more: bool = True) -> dict[str, Any]:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+async def test_a_body_already_queued_is_read_without_a_scheduler_round(app: ProxyApp) -> None:
+    # hypercorn queues a body sent with its head before the app runs: taking it needs no
+    # wait (a round, when the loop is busy, is a batch of every other task's step)
+    sender, receiver = _queued(_part(b'{"a":'), _part(b"1}"), _part(b"", more=False))
+    with sender, receiver, trio.testing.assert_no_checkpoints():
+        assert await fastpath._read_body(app, receiver.receive, None) == b'{"a":1}'
+
+
+async def test_what_follows_a_queued_body_stays_queued(app: ProxyApp) -> None:
+    sender, receiver = _queued(_part(b"{}", more=False), {"type": "http.disconnect"})
+    with sender, receiver:
+        assert await fastpath._read_body(app, receiver.receive, None) == b"{}"
+        assert receiver.receive_nowait() == {"type": "http.disconnect"}  # the watcher's
+
+
+async def test_a_body_partly_queued_waits_for_the_rest(app: ProxyApp) -> None:
+    sender, receiver = _queued(_part(b'{"a":'))
+    with sender, receiver:
+        async with trio.open_nursery() as nursery:
+
+            async def rest() -> None:
+                await trio.sleep(0.01)
+                await sender.send(_part(b"2}", more=False))
+
+            nursery.start_soon(rest)
+            assert await fastpath._read_body(app, receiver.receive, None) == b'{"a":2}'
+
+
+async def test_a_queued_body_is_bounded_and_a_queued_disconnect_heard(
+    app: ProxyApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "settings", replace(app.settings, max_request_bytes=4))
+    sender, receiver = _queued(_part(b"{}"), _part(b"{}"), _part(b"{", more=False))
+    with sender, receiver, pytest.raises(fastpath.ProxyError) as refused:
+        await fastpath._read_body(app, receiver.receive, None)
+    assert refused.value.status == 413
+    sender, receiver = _queued(_part(b"{"), {"type": "http.disconnect"})
+    with sender, receiver, pytest.raises(fastpath.ClientLeft):
+        await fastpath._read_body(app, receiver.receive, None)
 
 
 async def _serve_answered(

@@ -11,14 +11,17 @@ import socket
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import h11
 import psutil
 import pytest
 import trio
 import trio.testing
+from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import EventWrapper
 
 from trioproxy import hypercorn_patches
@@ -162,6 +165,45 @@ async def test_a_deadline_passed_before_the_timer_runs_still_closes(
     async with trio.open_nursery() as nursery:
         await IdleTimer(server).restart(FakeTaskGroup(nursery))
     assert server.closed_at == [0.0]
+
+
+def _queue_of(size: int) -> Config:
+    config = Config()
+    config.max_app_queue_size = size
+    return config
+
+
+async def _ignored(event: Any) -> None:
+    pass
+
+
+async def test_a_request_event_enters_the_app_queue_without_a_scheduler_round() -> None:
+    received: list[Any] = []
+
+    async def app(scope: Any, receive: Any, *_: Any) -> None:
+        received.extend([await receive(), await receive()])
+
+    async with TaskGroup() as group:
+        # as a request's stream gets it: the put into its app's queue of events
+        put = await group.spawn_app(app, _queue_of(10), {"type": "http"}, _ignored)
+        with trio.testing.assert_no_checkpoints():
+            await put({"type": "http.request", "body": b"{}", "more_body": True})
+            await put({"type": "http.request", "body": b"", "more_body": False})
+    assert [event["more_body"] for event in received] == [True, False]
+
+
+async def test_a_full_app_queue_still_holds_the_reader_back() -> None:
+    async def app(*_: Any) -> None:
+        await trio.sleep_forever()  # takes nothing from its queue
+
+    async with TaskGroup() as group:
+        put = await group.spawn_app(app, _queue_of(1), {"type": "http"}, _ignored)
+        await put({"type": "http.request", "body": b"{", "more_body": True})
+        with trio.move_on_after(0.05) as waited:
+            await put({"type": "http.request", "body": b"}", "more_body": True})
+        assert waited.cancelled_caught
+        assert group._nursery is not None
+        group._nursery.cancel_scope.cancel()
 
 
 async def test_empty_writes_are_not_sent_and_others_are() -> None:

@@ -61,7 +61,8 @@ log = logging.getLogger("trioproxy")
 
 # An http scope's receive: ASGI gives it only these two events (hypercorn's type, one for
 # every scope, has the websocket's and lifespan's too).
-HTTPReceive = Callable[[], Awaitable[HTTPRequestEvent | HTTPDisconnectEvent]]
+HTTPReceiveEvent = HTTPRequestEvent | HTTPDisconnectEvent
+HTTPReceive = Callable[[], Awaitable[HTTPReceiveEvent]]
 
 _WANTED_HEADERS = frozenset(
     {
@@ -296,12 +297,41 @@ class _ShutdownWhileReading(ProxyError):
     quiet = True  # counted (503), as the requests the shutdown answers while they wait
 
 
+class _Body:
+    """A request body as its ``http.request`` events arrive, bounded by ``limit``."""
+
+    __slots__ = ("limit", "parts", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, event: HTTPReceiveEvent) -> bool:
+        """Take one event: True once the body is whole, ClientLeft on a disconnect."""
+        if event["type"] == "http.disconnect":
+            raise ClientLeft
+        chunk = event.get("body", b"")
+        if chunk:
+            self.size += len(chunk)
+            if self.size > self.limit:
+                raise _too_large(self.limit)
+            self.parts.append(chunk)
+        return not event.get("more_body", False)
+
+    async def whole(self) -> bytes:
+        # a small body comes in one part: no coroutine for it (~55 ns)
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else await joined(parts, self.size)
+
+
 async def _read_body(app: ProxyApp, receive: HTTPReceive, declared: str | None) -> bytes:
     limit = app.settings.max_request_bytes
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    parts: list[bytes] = []
-    size = 0
+    body = _Body(limit)
+    if _took_queued(receive, body):
+        return await body.whole()
     # the whole body within body_timeout, and no stall longer than CLIENT_BODY_TIMEOUT: a
     # request holds its slot under MAX_CONCURRENT_REQUESTS while its body is awaited, so
     # headers alone must not hold one for the whole body timeout
@@ -317,19 +347,10 @@ async def _read_body(app: ProxyApp, receive: HTTPReceive, declared: str | None) 
     ) as scope:
         in_progress.add(scope)
         try:
-            while True:
-                event = await receive()
-                if event["type"] == "http.disconnect":
-                    raise ClientLeft
-                chunk = event.get("body", b"")
-                if chunk:
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_large(limit)
-                    parts.append(chunk)
-                if not event.get("more_body", False):
-                    break
-                if chunk:  # the stall's deadline moves; not after the last part (~1.5 µs)
+            seen = body.size
+            while not body.add(await receive()):
+                if body.size > seen:  # bytes came: the stall's deadline moves (~1.5 µs)
+                    seen = body.size
                     now = trio.current_time()
                     scope.deadline = min(whole_by, now + stall, in_progress.end_at)
         finally:
@@ -340,8 +361,23 @@ async def _read_body(app: ProxyApp, receive: HTTPReceive, declared: str | None) 
         if trio.current_time() >= whole_by:
             raise ProxyError(f"the request body did not arrive within {app.body_timeout:g} s", 408)
         raise ProxyError(f"the request body stalled: no bytes for {stall:g} s", 408)
-    # a small body comes in one part: no coroutine for it (~55 ns)
-    return parts[0] if len(parts) == 1 else await joined(parts, size)
+    return await body.whole()
+
+
+def _took_queued(receive: HTTPReceive, body: _Body) -> bool:
+    """Give ``body`` the events already in the server's queue (hypercorn's ``receive``
+    is a trio channel's), without a scheduler round or a cancel scope each: True when
+    they hold the whole body, as they usually do for a body sent with its head."""
+    take = getattr(getattr(receive, "__self__", None), "receive_nowait", None)
+    if take is None:  # another server: every event awaited
+        return False
+    while True:
+        try:
+            event = take()
+        except trio.WouldBlock:
+            return False
+        if body.add(event):
+            return True
 
 
 # a refused request's body up to this size is read and dropped, so its connection serves

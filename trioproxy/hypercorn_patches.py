@@ -185,6 +185,13 @@ request cancellation, and its cost per request.
     step, so a burst of fresh connections waited that many batches with its requests
     unread.
 
+23. **A request's events enter the app's queue without a scheduler round.** hypercorn
+    put each one (the body, its end) with the trio channel's ``send``, which yields to
+    the scheduler even with room in the queue. They are put with ``send_nowait`` now,
+    and only a full queue waits (its bound, ``max_app_queue_size``, still holds the
+    reader back). With the proxy's routes taking a body already queued without a round
+    (``fastpath``), a request's head and body reach the route in one step.
+
 The semantics of the keep-alive timer are hypercorn's: a connection idle for
 ``keep_alive_timeout`` seconds is closed (one that has not sent a whole request head yet
 after ``FIRST_REQUEST_SECONDS`` at most); at shutdown an idle connection is closed at once and
@@ -211,6 +218,7 @@ import h11._readers as h11_readers
 import hypercorn.protocol as protocol_wrapper
 import hypercorn.protocol.h11 as h11_protocol
 import hypercorn.protocol.ws_stream as ws_stream
+import hypercorn.trio.task_group as hypercorn_task_group
 import hypercorn.trio.tcp_server as tcp_server
 import trio
 from hypercorn.events import Closed, RawData, Updated
@@ -1119,6 +1127,24 @@ def connection_cap(app: Any) -> ConnectionCap | None:
     return getattr(app, _CAP_ATTRIBUTE, None)
 
 
+_original_spawn_app = hypercorn_task_group.TaskGroup.spawn_app
+
+
+async def _spawn_app(self: Any, *args: Any, **kwargs: Any) -> Callable[[Any], Awaitable[None]]:
+    put = await _original_spawn_app(self, *args, **kwargs)
+    queue = getattr(put, "__self__", None)
+    if type(queue) is not trio.MemorySendChannel:  # not the version this was written for
+        return put
+
+    async def put_in_queue(event: Any) -> None:
+        try:
+            queue.send_nowait(event)
+        except trio.WouldBlock:  # the queue is full: wait for the app to take one
+            await queue.send(event)
+
+    return put_in_queue
+
+
 _original_run = tcp_server.TCPServer.run
 
 
@@ -1143,6 +1169,7 @@ if not getattr(tcp_server.TCPServer.__init__, "_trioproxy_patched", False):
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
     tcp_server.TCPServer.run = _run_within_cap  # type: ignore[method-assign]
+    hypercorn_task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     h11_protocol.H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     h11_protocol.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     h11_protocol.H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]
