@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 SCENARIOS = ("ceiling", "nonstream", "stream", "disconnect", "metrics_onoff", "scrape", "drift",
              "workers", "hold")  # fmt: skip
@@ -65,17 +64,6 @@ def raise_nofile() -> int:
     return want
 
 
-def _interrupted(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (timeout, a CI cancel, docker stop) unwinds like Ctrl-C: every server the
-    # bench started is stopped on the way out, and a second signal does not cut that short
-    # (each server is a process group of its own: one not stopped would outlive the bench)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
-
-
 def _usable_out(out: Path) -> str | None:
     """Why results could not be written to ``out`` (checked before a run of minutes)."""
     try:
@@ -87,10 +75,9 @@ def _usable_out(out: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import report, scenarios
+    from . import interrupts, report, scenarios
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupted)
+    interrupts.install()
     nofile = raise_nofile()  # 1,000 streams need ~2,000 fds per process; children inherit
     plan = scenarios.Plan.make(args.quick)
     mode = "quick" if args.quick else "full"

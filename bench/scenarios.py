@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import servers
+from . import interrupts, servers
 from .report import WORKERS_BUSY_CORES
 from .rounds import median, merge_rounds, paired_ratios, ratio, rotated_orders, run_rounds
 from .servers import ROOT, Server
@@ -76,10 +76,6 @@ NONSTREAM = {
 
 
 # --------------------------------------------------------------------------- plan
-
-
-# the signals that stop a run; the cleanup does not heed them again
-_STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -407,7 +403,10 @@ class Bench:
             self.log(text)
 
     def start(self, server: Server) -> Server:
-        self.started.append(server)
+        """``server``, to be stopped by stop_all (in the list already if launched while
+        the run tracks its servers)."""
+        if server not in self.started:
+            self.started.append(server)
         return server
 
     def _check_log(self, server: Server) -> None:
@@ -428,8 +427,9 @@ class Bench:
         """Stop every server, deaf to a second Ctrl-C or SIGTERM meanwhile: each server is
         a process group of its own, so one left behind by an interrupted cleanup would
         outlive the bench."""
-        deaf = threading.current_thread() is threading.main_thread()
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOPS} if deaf else {}
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in interrupts.STOPS}
         try:
             for server in reversed(self.started):
                 try:
@@ -469,24 +469,25 @@ class Bench:
         self.results["mode"] = "quick" if self.plan.quick else "full"
         self.results["plan"] = self.plan.__dict__.copy()
         self.progress.start()
-        try:
-            self.step("start", self._start_servers, "starting nginx, demo, bare ASGI, proxies")
-            for name, fn, label in (
-                ("ceiling", self.s_ceiling, "generator ceiling (direct to the backend)"),
-                ("nonstream", self.s_nonstream, "3a/3i non-streaming, c=1..64"),
-                ("stream", self.s_stream, "3b streaming relay"),
-                ("disconnect", self.s_disconnect, "3d client disconnect"),
-                ("metrics_onoff", self.s_metrics_onoff, "3e metrics on vs off"),
-                ("scrape", self.s_scrape, "3g scrape under load"),
-                ("drift", self.s_drift, f"3f RSS drift, {self.plan.drift_requests} requests"),
-                ("workers", self.s_workers, "3h 1 vs 2 workers"),
-                ("hold", self.s_hold, f"3c {self.plan.hold_streams} open streams"),
-            ):
-                if self.fixed is not None and (not self.only or name in self.only):
-                    self.step(name, fn, label)
-        finally:
-            self.stop_all()
-            self.progress.close()
+        with servers.tracked(self.started):
+            try:
+                self.step("start", self._start_servers, "starting nginx, demo, bare ASGI, proxies")
+                for name, fn, label in (
+                    ("ceiling", self.s_ceiling, "generator ceiling (direct to the backend)"),
+                    ("nonstream", self.s_nonstream, "3a/3i non-streaming, c=1..64"),
+                    ("stream", self.s_stream, "3b streaming relay"),
+                    ("disconnect", self.s_disconnect, "3d client disconnect"),
+                    ("metrics_onoff", self.s_metrics_onoff, "3e metrics on vs off"),
+                    ("scrape", self.s_scrape, "3g scrape under load"),
+                    ("drift", self.s_drift, f"3f RSS drift, {self.plan.drift_requests} requests"),
+                    ("workers", self.s_workers, "3h 1 vs 2 workers"),
+                    ("hold", self.s_hold, f"3c {self.plan.hold_streams} open streams"),
+                ):
+                    if self.fixed is not None and (not self.only or name in self.only):
+                        self.step(name, fn, label)
+            finally:
+                self.stop_all()
+                self.progress.close()
         busy1, _ = _cpu_busy_jiffies()
         elapsed = time.monotonic() - t0
         ours = _own_cpu() - self_cpu0
@@ -1150,13 +1151,14 @@ class Profiler(Bench):
             self.results["notes"] = self.notes
             return self.results
         self.progress.start()
-        try:
-            self.step("start", self._start_servers, "starting servers")
-            for name, label in PROFILE_CASES:
-                self.step(name, lambda n=name: self._profile(spy, n), label)
-        finally:
-            self.stop_all()
-            self.progress.close()
+        with servers.tracked(self.started):
+            try:
+                self.step("start", self._start_servers, "starting servers")
+                for name, label in PROFILE_CASES:
+                    self.step(name, lambda n=name: self._profile(spy, n), label)
+            finally:
+                self.stop_all()
+                self.progress.close()
         self.results["notes"] = self.notes
         return self.results
 

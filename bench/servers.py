@@ -7,9 +7,10 @@ starts workers leaves nothing behind. A reader thread drains the merged stdout/s
 chatty server can never block on a full pipe; ``Server.log()`` returns it.
 
 ``launch_*`` spawns a server and returns at once, ``Server.ready()`` waits until it answers:
-servers launched together start side by side (a proxy's start is ~1 s of imports), and
-each is known to its caller, to be stopped, from the moment its process exists.
-``start_*`` is both in one.
+servers launched together start side by side (a proxy's start is ~1 s of imports).
+``start_*`` is both in one. Inside :func:`tracked`, every server is in the caller's list,
+to be stopped, from the moment its process exists: a Ctrl-C or SIGTERM in between is held
+back until it is (``bench.interrupts``).
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
 from .bare_asgi import FIXED_BODY
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_LINE = re.compile(r"listening on (http://[0-9.]+:\d+)")
 NGINX_CONF = Path(__file__).with_name("nginx.conf")
+
+_tracking: list[Server] | None = None  # where tracked() puts each server launched
 
 
 @dataclass
@@ -182,35 +186,28 @@ def _launch(
 ) -> Server:
     """The server's process, started; with ``wait_line`` its ``ready()`` waits for the line
     that names its address (and takes the URL from it)."""
-    process = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        start_new_session=True,  # a process group of its own, stopped as a whole
-    )
     output: list[str] = []
     found = threading.Event()
     box: list[str] = []
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if len(output) < 5000:
-                output.append(line)
-            m = LISTEN_LINE.search(line)
-            if m and not found.is_set() and "demo backend at" not in line:
-                box.append(m.group(1))
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=pump, daemon=True, name=f"bench-{name}-log")
-    reader.start()
-    server = Server(name, process, url or "", output, reader, tmpdir)
+    with interrupts.deferred():
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # a process group of its own, stopped as a whole
+        )
+        reader = threading.Thread(
+            target=_pump, args=(process, output, found, box), daemon=True, name=f"bench-{name}-log"
+        )
+        reader.start()
+        server = Server(name, process, url or "", output, reader, tmpdir)
+        if _tracking is not None:
+            _tracking.append(server)
 
     def listening() -> None:
         if not (found.wait(timeout) and box):
@@ -221,6 +218,34 @@ def _launch(
     if wait_line:
         server.pending = listening
     return server
+
+
+def _pump(
+    process: subprocess.Popen, output: list[str], found: threading.Event, box: list[str]
+) -> None:
+    """Drain the server's output; the first listening line's URL goes into ``box``."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        if len(output) < 5000:
+            output.append(line)
+        m = LISTEN_LINE.search(line)
+        if m and not found.is_set() and "demo backend at" not in line:
+            box.append(m.group(1))
+            found.set()
+    found.set()
+
+
+@contextlib.contextmanager
+def tracked(into: list[Server]) -> Iterator[list[Server]]:
+    """Within, every server launched is appended to ``into`` as its process starts, no
+    signal between: the caller's cleanup stops what it lists, even a server whose launch
+    a Ctrl-C interrupted."""
+    global _tracking
+    before, _tracking = _tracking, into
+    try:
+        yield into
+    finally:
+        _tracking = before
 
 
 def _then(server: Server, step: Callable[[], None]) -> Server:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -407,6 +408,70 @@ def test_sigterm_stops_every_server_the_bench_started(tmp_path: Path) -> None:
         if bench.poll() is None:
             bench.kill()
         bench.wait(timeout=30)  # reaped here, not warned about in a later test
+
+
+# The bench, run with a SIGTERM sent to itself the moment the stream proxy's log reader
+# starts: inside the launch, after the process exists and before the bench had it in its
+# list. On the way out it waits until each process it spawned has ended or listens (a
+# stray that dies writing its first line into the closed pipe would not be seen), then
+# prints their pids.
+_SIGTERM_MID_LAUNCH = """
+import os, signal, subprocess, sys, threading, time
+import psutil
+from bench.__main__ import main
+
+spawned = []
+popen_init, thread_start = subprocess.Popen.__init__, threading.Thread.start
+
+def recording_init(self, *args, **kwargs):
+    popen_init(self, *args, **kwargs)
+    spawned.append(self.pid)
+
+def start_then_terminated(self):
+    thread_start(self)
+    if self.name == "bench-proxy-stream-log":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def settled(pid):
+    try:
+        process = psutil.Process(pid)
+        return process.status() == psutil.STATUS_ZOMBIE or any(
+            c.status == psutil.CONN_LISTEN for c in process.net_connections("tcp"))
+    except psutil.NoSuchProcess:
+        return True
+
+subprocess.Popen.__init__ = recording_init
+threading.Thread.start = start_then_terminated
+try:
+    main(sys.argv[1:])
+finally:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(settled(pid) for pid in spawned):
+        time.sleep(0.05)
+    print(*spawned, flush=True)
+"""
+
+
+def test_a_sigterm_while_a_server_is_launched_stops_it_too(tmp_path: Path) -> None:
+    """A signal raised inside a launch (Popen, the log reader's start) used to leave that
+    server, a session of its own, running after the bench: a stray proxy or demo holding
+    a port and a core. Now the signal waits until the bench knows the server."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_MID_LAUNCH, "--quick", "--only", "ceiling",
+         "--no-progress", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=servers.ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-2000:]
+    pids = [int(pid) for pid in out.stdout.split()]
+    assert len(pids) >= 4, out.stdout  # nginx or the bare app, the demo, proxies
+    spawned = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            spawned.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(spawned, timeout=5)
+    for process in alive:  # a stray must not outlive the test either
+        process.kill()
+    assert not alive, [_cmdline(p) for p in alive]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
