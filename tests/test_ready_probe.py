@@ -23,6 +23,7 @@ import psutil
 import pytest
 import trio
 
+from trioproxy import routes_ops
 from trioproxy.catalog import ModelCatalog
 from trioproxy.config import Settings
 from trioproxy.errors import OutOfFiles
@@ -30,6 +31,7 @@ from trioproxy.metrics import MetricsCollector
 from trioproxy.routes_ops import CHECK_TIMEOUT_SECONDS, ReadinessChecker
 
 from .conftest import ServerProcess
+from .fakes import ScriptedHandler, serving
 
 StartProxy = Callable[..., ServerProcess]
 
@@ -358,6 +360,34 @@ def test_probes_of_a_silent_backend_never_wait_for_the_next_check(
             time.sleep(0.05)
     assert hanging_backend.accepted_from(proxy) >= 2  # checks did run meanwhile
     assert max(took) < 0.3, sorted(took)[-5:]
+
+
+class _ModelsBackend(ScriptedHandler):
+    def do_GET(self) -> None:
+        self.answer(200, b'{"object": "list", "data": [{"id": "m"}]}')
+
+
+async def test_the_checks_pool_is_built_before_the_backend_is_timed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Building the checks' pool loads the CA bundle (in a thread): on a busy machine that
+    took longer than a short READY_CHECK_INTERVAL, and the first check blamed the backend
+    ("did not answer within 0.2 s"; the test suite's descriptor test failed so once)."""
+    build = routes_ops.UpstreamPool
+
+    def slow_build(settings: Settings) -> Any:
+        time.sleep(0.5)  # past the 0.2 s the check gives the backend
+        return build(settings)
+
+    monkeypatch.setattr(routes_ops, "UpstreamPool", slow_build)
+    with serving(_ModelsBackend) as url:
+        checker = ReadinessChecker(Settings(upstream_url=url, ready_check_interval=0.2))
+        app = FakeApp(MetricsCollector(system_enabled=False))
+        try:
+            await checker.check(app)
+            assert (checker.reachable, checker.last_error) == (True, None)
+        finally:
+            await checker._close()
 
 
 def test_ready_when_the_backend_answers(proxy: ServerProcess) -> None:

@@ -175,22 +175,33 @@ class ReadinessChecker:
         """``GET /models`` once: None if the backend answered (any status below 500; one
         without the route, or refusing our key, is up), else why not. The list it answers
         goes to the ``catalog``: no request has to fetch one for Ollama's name rules."""
+        try:
+            # built before the clock starts: loading the CA bundle is the proxy's time,
+            # not the backend's (on a busy machine it took longer than a short interval)
+            pool = await self._check_pool()
+        except Exception as exc:
+            return self._why_unreachable(exc)
         timeout = self.timeout
         with trio.move_on_after(timeout):
             asked_at = _now()
             try:
-                result = await (await self._check_pool()).request("GET", "/models")
+                result = await pool.request("GET", "/models")
             except UpstreamStatusError as exc:
                 return None if exc.status < 500 else exc.message[:200]
             except OutOfFiles:
                 raise
             except Exception as exc:  # unreachable, for whatever reason: say why
-                if (exhausted := out_of_files(exc)) is not None:  # building the pool
-                    raise OutOfFiles(exhausted, open_files_limit()) from exc
-                return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
+                return self._why_unreachable(exc)
             await catalog.take(result.response.content, self._settings.backend_secrets, asked_at)
             return None
         return f"the backend did not answer within {timeout:g} s"
+
+    def _why_unreachable(self, exc: Exception) -> str:
+        """Why a check could not reach the backend, secrets scrubbed; OutOfFiles raised
+        instead when it was the proxy's own descriptors that ran out."""
+        if (exhausted := out_of_files(exc)) is not None:
+            raise OutOfFiles(exhausted, open_files_limit()) from exc
+        return scrub(str(exc) or type(exc).__name__, self._settings.backend_secrets)[:200]
 
     async def _check_pool(self) -> UpstreamPool:
         """The checks' own pool: one client, one kept connection, one attempt, bounded
