@@ -55,6 +55,7 @@ class Server:
     note: str = ""
     # what ready() still has to wait for: set by launch_*, None once it answered
     pending: Callable[[], None] | None = None
+    stopped: bool = False  # its group is not signalled again: the id may be another's by then
 
     @property
     def host(self) -> str:
@@ -107,7 +108,10 @@ class Server:
         return self
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL to what is left after 10 s."""
+        """SIGTERM to the server's process group, SIGKILL to what is left after 10 s; once
+        (a server whose start failed is stopped there, and again by the run's cleanup)."""
+        if self.stopped:
+            return
         group = self.process.pid  # its own session: the group is everything it started
         _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -125,6 +129,7 @@ class Server:
                 self.process.stdout.close()
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self.stopped = True  # at the end: an interrupted stop is done again by the cleanup
 
     def log(self) -> str:
         return "".join(self.output)

@@ -304,6 +304,19 @@ def test_a_launched_server_that_never_answers_is_stopped_by_its_wait() -> None:
     assert not server.alive()
 
 
+def test_a_stopped_server_is_not_signalled_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose start failed is stopped there and again by the run's cleanup; by then
+    its process group's id may be another's."""
+    server = servers._launch("idle", [sys.executable, "-c", "import time; time.sleep(600)"],
+                             servers.clean_env(), wait_line=False)  # fmt: skip
+    server.stop()
+    assert not server.alive()
+    signalled: list[tuple[int, int]] = []
+    monkeypatch.setattr(servers, "_signal_group", lambda group, sig: signalled.append((group, sig)))
+    server.stop()
+    assert signalled == []
+
+
 def test_failed_requests_are_shown_and_fail_their_target() -> None:
     """The generator leaves failed requests out of rates and latencies: a proxy answering
     503 to most of the load must not look fast, nor a target pass on what worked."""
