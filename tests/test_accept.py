@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -66,6 +67,25 @@ async def test_one_accept_takes_at_most_the_burst(monkeypatch: pytest.MonkeyPatc
                 with trio.testing.assert_checkpoints():
                     streams.append(await listener.accept())  # the fifth: a new wait
                 streams.append(await listener.accept())
+            finally:
+                await _closed_all(streams)
+
+
+async def test_a_worker_sharing_its_socket_takes_one_connection_per_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's workers (multiprocessing children) share one listening socket: a burst
+    taken whole by one left the other idle for as long as its clients kept their
+    connections (bench 3h: one core of two in two rounds of eight)."""
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    async with _listener() as (listener, port):
+        with _clients(port, 3):
+            streams = [await listener.accept()]
+            try:
+                for _ in range(2):
+                    with trio.testing.assert_checkpoints():
+                        streams.append(await listener.accept())
+                assert not getattr(listener, accept._QUEUED, None)
             finally:
                 await _closed_all(streams)
 
