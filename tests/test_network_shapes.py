@@ -136,6 +136,68 @@ def test_no_ipv6_on_the_machine_is_one_line_not_a_traceback(
     assert str(failed.value) == "cannot listen on [::]:0: Address family not supported by protocol"
 
 
+def _resolving(monkeypatch: pytest.MonkeyPatch, name: str, addresses: list[str]) -> None:
+    """``name`` resolves to ``addresses``, in that order (every other name as usual)."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != name:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))
+            if ":" in address
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+            for address in addresses
+        ]
+
+    monkeypatch.setattr(cli.socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_host_name_with_ipv6_addresses_only_is_bound_at_its_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bound as an IPv4 name, one with IPv6 addresses only (``ip6-localhost``, a host of
+    an IPv6-only network) failed: "Address family for hostname not supported"."""
+    _resolving(monkeypatch, "v6only.test", ["::1"])
+    listener = cli.listen("v6only.test", 0)
+    try:
+        address, port = listener.getsockname()[:2]
+        assert (listener.family, address) == (socket.AF_INET6, "::1")
+        assert _reaches("::1", port)
+        assert not _reaches("127.0.0.1", port)
+    finally:
+        listener.close()
+
+
+def test_a_host_name_with_both_families_is_bound_at_its_ipv4_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As Go's net.Listen (Ollama's) takes such a name (``localhost`` where /etc/hosts lists
+    ::1 first): one address, IPv4's."""
+    _resolving(monkeypatch, "dual.test", ["::1", "127.0.0.1"])
+    listener = cli.listen("dual.test", 0)
+    try:
+        assert (listener.family, listener.getsockname()[0]) == (socket.AF_INET, "127.0.0.1")
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_host_name_that_does_not_resolve_is_one_line(tmp_path: Path, workers: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "trioproxy", "--host", "no-such-host.invalid", "--port", "0",
+            "--workers", workers, "--upstream", "http://127.0.0.1:1/v1", "--env-file", "",
+        ],
+        cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith(
+        "trioproxy: error: cannot listen on no-such-host.invalid:0: cannot resolve the host name ("
+    ), line
+
+
 @pytest.fixture
 def proxies() -> Iterator[list[ServerProcess]]:
     started: list[ServerProcess] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -322,10 +323,9 @@ def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound here rather than by hypercorn: a port in use is
     one clear line instead of a traceback, and with ``--port 0`` the real port is known
     before any worker starts."""
-    # the address family follows the host's spelling, as hypercorn's own binding does
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock: socket.socket | None = None
     try:
+        family, address = _bind_target(host, port)
         # IPv6 may be off (a container without it): that too is one line, not a traceback
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -333,15 +333,42 @@ def listen(host: str, port: int) -> socket.socket:
             # "::" is every address, IPv4 too (as Ollama, a Go server, takes it), not
             # only IPv6's where the system's default is v6-only (net.ipv6.bindv6only=1)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as exc:
         if sock is not None:
             sock.close()
         reason = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve the host name ({reason})"
         raise ListenFailed(f"cannot listen on {_bind(host, port)}: {reason}") from None
     sock.listen(LISTEN_BACKLOG)  # connections queue from now on, before any worker runs
     sock.set_inheritable(True)
     return sock
+
+
+def _bind_target(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The family and socket address ``host`` is bound at. An address as written (the
+    family follows its spelling, as hypercorn's own binding does); a host name's first
+    IPv4 address, or its first IPv6 one when it has none, as Go's ``net.Listen``
+    (Ollama's) binds one address of a name: bound as IPv4, a name with IPv6 addresses
+    only (``ip6-localhost``, a host in an IPv6-only network) could not be bound at all.
+    A name that does not resolve raises ``socket.gaierror`` (an ``OSError``)."""
+    if _is_address(host):
+        return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for each_family, _, _, _, address in found:
+            if each_family == family:
+                return family, address
+    raise OSError(errno.EAFNOSUPPORT, "the host name has no IPv4 or IPv6 address")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _every_address(host: str) -> bool:
