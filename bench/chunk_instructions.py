@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profile", help="write a cProfile of the measured streams here")
     args = parser.parse_args(argv)
-    run_against(start_demo(token_delay=args.delay), partial(_main, args))
+    run_against(partial(start_demo, token_delay=args.delay), partial(_main, args))
 
 
 if __name__ == "__main__":

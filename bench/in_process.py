@@ -21,13 +21,18 @@ if TYPE_CHECKING:
 ROUTES = {"v1": "/v1/chat/completions", "ollama": "/api/chat"}
 
 
-def run_against(backend: Server, main: Callable[[str], Awaitable[object]]) -> None:
-    """``main`` run by trio with the backend's base URL (ending in /v1); the backend
-    stopped after, however it ends."""
-    try:
-        trio.run(main, backend.url + "/v1")
-    finally:
-        backend.stop()
+def run_against(
+    start_backend: Callable[[], Server], main: Callable[[str], Awaitable[object]]
+) -> None:
+    """``main`` run by trio with the base URL (ending in /v1) of the backend
+    ``start_backend`` launches; the backend stopped after, however it ends: Ctrl-C, or a
+    SIGTERM (``timeout``, a CI cancel), which cancels the run and exits 143."""
+    from bench import interrupts, servers
+
+    interrupts.install_sigterm()
+    with servers.stopped_after():
+        backend = start_backend()
+        interrupts.run_trio(main, backend.url + "/v1")
     sys.stdout.flush()
 
 

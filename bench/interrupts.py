@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
+from typing import Any
+
+import trio
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
 
@@ -25,6 +28,40 @@ def install() -> None:
     SystemExit(143) in the main thread, each once."""
     for sig in STOPS:
         signal.signal(sig, _interrupted)
+
+
+def install_sigterm() -> None:
+    """For the bench's development tools (``bench.request_instructions`` and the like):
+    SIGTERM raises SystemExit(143) in the main thread, so their cleanup runs, and inside
+    :func:`run_trio` it cancels the run first. Ctrl-C stays Python's KeyboardInterrupt,
+    which trio delivers itself."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+def run_trio(async_fn: Callable[..., Awaitable[object]], *args: Any, **run_options: Any) -> None:
+    """``trio.run(async_fn, *args, **run_options)`` where a SIGTERM cancels the run (its
+    tasks' ``finally`` blocks run, their servers stop) and is then raised as
+    SystemExit(143). Raised from the signal handler, it would have hit trio's scheduler
+    anywhere."""
+    received: list[int] = []
+
+    async def until_stopped() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_first, signals, nursery.cancel_scope, received)
+                await async_fn(*args)
+                nursery.cancel_scope.cancel()
+
+    trio.run(until_stopped, **run_options)
+    if received:
+        _unwind(received[0])
+
+
+async def _cancel_on_first(signals: Any, scope: trio.CancelScope, received: list[int]) -> None:
+    async for signum in signals:
+        received.append(signum)
+        scope.cancel()
+        return
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:

@@ -64,6 +64,7 @@ from pathlib import Path
 
 import trio
 
+from bench import interrupts
 from trioproxy import catalog, json_threads
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
@@ -496,4 +497,5 @@ if __name__ == "__main__":
     if args.beside:
         name, beside_rounds, pause, *_ = [*args.beside.split(":"), "", ""]
         beside = (name, int(beside_rounds or args.rounds), float(pause or 0))
-    trio.run(main, args.only.split(","), args.rounds, args.clients, beside, args.api_key)
+    interrupts.install_sigterm()  # a SIGTERM cancels the run: its backends are stopped
+    interrupts.run_trio(main, args.only.split(","), args.rounds, args.clients, beside, args.api_key)

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from bench import servers
+from bench import interrupts, servers
 from bench.scenarios import NONSTREAM, OLLAMA, V1, loadgen
 from trioproxy.app import create_app
 from trioproxy.cli import hypercorn_config
@@ -166,12 +166,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per route and round")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    nginx = servers.start_nginx()
-    if nginx is None:
-        sys.exit("nginx is not installed")
-    clock = StepClock()
-    try:
-        trio.run(
+    interrupts.install_sigterm()
+    with servers.stopped_after():
+        nginx = servers.start_nginx()
+        if nginx is None:
+            sys.exit("nginx is not installed")
+        clock = StepClock()
+        interrupts.run_trio(
             _measure,
             clock,
             nginx.url + "/v1",
@@ -180,8 +181,6 @@ def main() -> None:
             args.rounds,
             instruments=[clock],
         )
-    finally:
-        nginx.stop()
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", choices=("on", "off"), default="on")
     parser.add_argument("--profile", help="write a cProfile of the measured requests here")
     args = parser.parse_args(argv)
-    run_against(_backend(), partial(_main, args))
+    run_against(_backend, partial(_main, args))
 
 
 if __name__ == "__main__":

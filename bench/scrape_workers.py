@@ -28,7 +28,7 @@ import time
 import urllib.request
 from typing import Any
 
-from . import servers
+from . import interrupts, servers
 from .scenarios import NONSTREAM, OLLAMA, PROM, SCRAPER_HEADERS, V1, closed
 from .servers import Server
 
@@ -153,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     sources: list[tuple[str, str | None]] = [("new", None)]
     if args.baseline:
         sources.insert(0, ("old", args.baseline))
-    backend = servers.start_bare_asgi()
+    interrupts.install_sigterm()
     proxies: dict[str, Server] = {}
-    try:
+    with servers.stopped_after():  # a SIGTERM (timeout, a CI cancel) stops them too
+        backend = servers.start_bare_asgi()
         for tag, source in sources:
             for n in counts:
                 proxies[f"{tag}-{n}w"] = start(backend.url + "/v1", n, source)
@@ -167,10 +168,6 @@ def main(argv: list[str] | None = None) -> int:
                 order.reverse()
             for name in order:
                 rounds[name].append(measure(proxies[name], args.cell, args.idle_scrapes))
-    finally:
-        for server in proxies.values():
-            server.stop()
-        backend.stop()
     for name, rows in rounds.items():
         keys = [k for k in rows[0] if isinstance(rows[0][k], int | float)]
         medians = {k: statistics.median(r[k] for r in rows if r[k] is not None) for k in keys}

@@ -253,6 +253,21 @@ def tracked(into: list[Server]) -> Iterator[list[Server]]:
         _tracking = before
 
 
+@contextlib.contextmanager
+def stopped_after() -> Iterator[list[Server]]:
+    """Every server launched within is stopped on the way out, however the block ends (a
+    SIGTERM too, after ``interrupts.install_sigterm``), a signal meanwhile held until the
+    stops are done: the cleanup of the bench's development tools."""
+    launched: list[Server] = []
+    try:
+        with tracked(launched):
+            yield launched
+    finally:
+        with interrupts.deferred():
+            for server in reversed(launched):
+                server.stop()
+
+
 def _then(server: Server, step: Callable[[], None]) -> Server:
     """``step`` added to what the launched ``server``'s ``ready()`` waits for."""
     before = server.pending

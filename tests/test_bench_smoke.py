@@ -423,6 +423,48 @@ def test_sigterm_stops_every_server_the_bench_started(tmp_path: Path) -> None:
         bench.wait(timeout=30)  # reaped here, not warned about in a later test
 
 
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["bench.request_instructions", "--requests", "10000000", "--warmup", "0"],
+        ["bench.chunk_instructions", "--streams", "100000", "--warmup", "0"],
+    ],
+    ids=["request_instructions", "chunk_instructions"],
+)
+def test_sigterm_stops_a_dev_tools_backend(tool: list[str]) -> None:
+    """The in-process tools' backends (nginx, the demo: sessions of their own) outlived
+    a SIGTERM, which ended the tool at once without its cleanup. Now it cancels the run,
+    stops the backend and exits 143."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *tool],
+        cwd=servers.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not children:
+            time.sleep(0.1)
+            children = psutil.Process(process.pid).children(recursive=True)
+        assert children, "the backend started"
+        time.sleep(1.5)  # into the trio run: the proxy serving, the requests going
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.01)  # a second signal must not cut the cleanup short
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, [_cmdline(p) for p in alive]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        if process.stderr is not None:
+            process.stderr.close()
+        for stray in children:  # none must outlive the test, whatever failed
+            with contextlib.suppress(psutil.NoSuchProcess):
+                stray.kill()
+
+
 # The bench, run with a SIGTERM sent to itself the moment the stream proxy's log reader
 # starts: inside the launch, after the process exists and before the bench had it in its
 # list. On the way out it waits until each process it spawned has ended or listens (a
