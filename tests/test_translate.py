@@ -282,6 +282,11 @@ def test_embed_validation() -> None:
         body = validate_ollama_embed({"model": "m", "input": "x", "dimensions": unset})
         assert "dimensions" not in ollama_embed_to_openai(body, "b")
     assert _err(validate_ollama_embed, {"input": "x"}).field == "model"
+    # truncate: a boolean, as Ollama decodes it, and never sent (the OpenAI API has none)
+    for truncate in (True, False):
+        body = validate_ollama_embed({"model": "m", "input": "x", "truncate": truncate})
+        assert "truncate" not in ollama_embed_to_openai(body, "b")
+    assert _err(validate_ollama_embed, {"model": "m", "truncate": "yes"}).field == "truncate"
 
 
 def test_embeddings_validation() -> None:
